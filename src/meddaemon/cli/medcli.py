@@ -1,0 +1,82 @@
+"""``medcli``: the tools around the daemon (scans, the database; training and audits grow here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from sqlalchemy import select
+
+from meddaemon import __version__
+from meddaemon.cli.common import build_settings, echo_json, handle_errors, settings_options
+from meddaemon.db.engine import create_db_engine, session_factory
+from meddaemon.db.migrate import current_revision, head_revision, upgrade
+from meddaemon.db.models import Scan
+from meddaemon.engine.decode import decodable_transfer_syntaxes
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="medcli")
+def cli() -> None:
+    """Tools for the scans, models and database of a meddaemon installation."""
+
+
+@cli.group()
+def db() -> None:
+    """The database schema."""
+
+
+@db.command("upgrade")
+@settings_options
+@handle_errors
+def db_upgrade(config_file: Path | None, **flags: object) -> None:
+    """Create the schema or bring it to the latest revision (the daemon also does this at start)."""
+    settings = build_settings(config_file, **flags)
+    engine = create_db_engine(settings.db_url, settings.busy_timeout)
+    before = current_revision(engine)
+    upgrade(engine)
+    click.echo(f"schema at revision {head_revision()} (was {before or 'empty'})")
+
+
+@cli.command()
+@settings_options
+@click.option("--state", help="Only scans in this state (e.g. failed, waiting_model).")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def scans(config_file: Path | None, state: str | None, limit: int, as_json: bool, **flags: object) -> None:
+    """List the latest scans: id, state, task, reason, name as received (no patient data)."""
+    settings = build_settings(config_file, **flags)
+    engine = create_db_engine(settings.db_url, settings.busy_timeout)
+    upgrade(engine)
+    query = select(Scan).order_by(Scan.id.desc()).limit(limit)
+    if state:
+        query = query.where(Scan.state == state)
+    with session_factory(engine)() as session:
+        rows = [
+            {"id": s.id, "state": s.state, "task": s.task_name, "reason": s.failure_reason,
+             "source_name": s.source_name, "sha256": s.sha256, "modality": s.modality, "format": s.format,
+             "registered_at": s.registered_at, "stored_path": s.stored_path}
+            for s in session.scalars(query)
+        ]
+    if as_json:
+        echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['id']:>6}  {r['state']:<14} {r['task'] or '-':<15} {r['reason'] or '':<24} {r['source_name']}")
+
+
+@cli.command("decoders")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def decoders(as_json: bool) -> None:
+    """Which DICOM transfer syntaxes this installation can decode, and with which plugin."""
+    support = decodable_transfer_syntaxes()
+    if as_json:
+        echo_json([{"uid": s.uid, "name": s.name, "decodable": s.decodable, "plugins": list(s.plugins)} for s in support])
+        return
+    for s in support:
+        click.echo(f"{'yes' if s.decodable else 'no ':<4} {s.name:<50} {', '.join(s.plugins)}")
+
+
+def main() -> None:
+    cli(prog_name="medcli")

@@ -1,0 +1,225 @@
+"""Effective settings: built-in defaults < TOML file < ``MEDDAEMON_*`` environment < command-line flags.
+
+``load_settings`` is the one place that merges them; every value remembers where it came from so
+``meddaemon config show`` can say why a setting has the value it has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MEDDAEMON_"
+CONFIG_ENV = "MEDDAEMON_CONFIG"
+OBSERVERS = ("native", "polling")
+FRAME_POLICIES = ("key", "all")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the daemon cannot use; the message names the key and its source."""
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    """Send DICOM scans whose attributes match to ``task``. An empty tuple matches anything."""
+
+    task: str
+    modality: tuple[str, ...] = ()
+    body_part: tuple[str, ...] = ()
+    view_position: tuple[str, ...] = ()
+    manufacturer: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    watch: Path = Path("inbox")
+    state_dir: Path = Path(".meddaemon")
+    db: str = ""
+    stable_seconds: float = 2.0
+    rescan_seconds: float = 30.0
+    observer: str = "native"
+    batch_size: int = 64
+    workers: int = 2
+    ignore: tuple[str, ...] = ("*.part", "*.partial", "*.tmp", "*.temp", "*.crdownload", "*.swp", "*~")
+    max_pixels: int = 100_000_000
+    frame_policy: str = "key"
+    default_task: str = ""
+    busy_timeout: float = 5.0
+    log_level: str = "INFO"
+    route: tuple[RouteRule, ...] = ()
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def db_url(self) -> str:
+        return self.db or f"sqlite:///{(self.state_dir / 'meddaemon.db').resolve()}"
+
+    @property
+    def work_dir(self) -> Path:
+        """Registered scans in flight, named by SHA-256, until they are archived or fail."""
+        return self.state_dir / "work"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.state_dir / "archive"
+
+    @property
+    def failed_dir(self) -> Path:
+        return self.state_dir / "failed"
+
+    def public_dict(self) -> dict[str, Any]:
+        """Every setting as plain data (for ``config show`` and ``--json``)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "sources":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif f.name == "route":
+                value = [_route_as_dict(r) for r in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        out["db_url"] = self.db_url
+        return out
+
+
+SETTING_NAMES = tuple(f.name for f in dataclasses.fields(Settings) if f.name != "sources")
+_PATH_KEYS = {"watch", "state_dir"}
+
+
+def default_config_text() -> str:
+    """The commented default config shipped in ``templates/`` (what ``config init`` writes)."""
+    return resources.files("meddaemon.templates").joinpath("default_config.toml").read_text("utf-8")
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge the layers; ``flags`` holds only the options the user actually gave (None = not given)."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    for key, value in _defaults_from_template().items():
+        raw[key], sources[key] = value, "default"
+
+    if config_file is None and env.get(CONFIG_ENV):
+        config_file = Path(env[CONFIG_ENV])
+    if config_file is not None:
+        for key, value in _read_toml(config_file).items():
+            if key in _PATH_KEYS:
+                value = str((config_file.parent / value))
+            raw[key], sources[key] = value, f"file {config_file}"
+
+    for key in SETTING_NAMES:
+        env_key = ENV_PREFIX + key.upper()
+        if key != "route" and env_key in env:
+            raw[key], sources[key] = env[env_key], f"env {env_key}"
+
+    for key, value in (flags or {}).items():
+        if value is not None:
+            raw[key], sources[key] = value, "flag"
+
+    return _build(raw, sources)
+
+
+def _defaults_from_template() -> dict[str, Any]:
+    """The shipped TOML is the single statement of the defaults, so the docs cannot drift from them."""
+    return tomllib.loads(default_config_text())
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(data) - set(SETTING_NAMES))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown keys {unknown}; known keys are {list(SETTING_NAMES)}")
+    return data
+
+
+def _build(raw: dict[str, Any], sources: dict[str, str]) -> Settings:
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        if f.name == "sources":
+            continue
+        try:
+            values[f.name] = _coerce(f.name, raw[f.name])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"setting {f.name!r} from {sources.get(f.name)}: {exc}") from exc
+    settings = Settings(**values, sources=dict(sources))
+    _validate(settings)
+    return settings
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name in _PATH_KEYS:
+        return Path(value)
+    if name in {"stable_seconds", "rescan_seconds", "busy_timeout"}:
+        return float(value)
+    if name in {"batch_size", "workers", "max_pixels"}:
+        return int(value)
+    if name == "ignore":
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part]
+        return tuple(str(v) for v in value)
+    if name == "route":
+        return tuple(_route_from_dict(r) for r in value)
+    return str(value)
+
+
+def _route_from_dict(data: Mapping[str, Any]) -> RouteRule:
+    allowed = {f.name for f in dataclasses.fields(RouteRule)}
+    unknown = set(data) - allowed
+    if unknown:
+        raise ValueError(f"route has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    if "task" not in data:
+        raise ValueError("route needs a task")
+
+    def as_tuple(key: str) -> tuple[str, ...]:
+        value = data.get(key, ())
+        return (value,) if isinstance(value, str) else tuple(value)
+
+    return RouteRule(
+        task=str(data["task"]),
+        modality=as_tuple("modality"),
+        body_part=as_tuple("body_part"),
+        view_position=as_tuple("view_position"),
+        manufacturer=as_tuple("manufacturer"),
+    )
+
+
+def _route_as_dict(rule: RouteRule) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(rule).items() if v}
+
+
+def _validate(s: Settings) -> None:
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"setting {key!r} from {s.sources.get(key)}: {why}")
+
+    if s.observer not in OBSERVERS:
+        fail("observer", f"{s.observer!r} is not one of {OBSERVERS}")
+    if s.frame_policy not in FRAME_POLICIES:
+        fail("frame_policy", f"{s.frame_policy!r} is not one of {FRAME_POLICIES}")
+    if s.stable_seconds < 0:
+        fail("stable_seconds", "must be >= 0")
+    if s.rescan_seconds <= 0:
+        fail("rescan_seconds", "must be > 0")
+    if s.batch_size < 1:
+        fail("batch_size", "must be >= 1")
+    if s.workers < 0:
+        fail("workers", "must be >= 0")
+    if s.max_pixels < 1:
+        fail("max_pixels", "must be >= 1")

@@ -1,0 +1,243 @@
+"""The database side of intake: one transaction turns a batch of read files into rows.
+
+Nothing here touches the inbox. It decides, for each file, its row and where the file must go, and
+returns those moves for the caller to carry out after the commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from meddaemon import __version__
+from meddaemon.config import RouteRule
+from meddaemon.daemon import filing
+from meddaemon.daemon.intake import Intake
+from meddaemon.daemon.router import route_scan
+from meddaemon.daemon.stability import StableFile
+from meddaemon.db.models import METADATA_COLUMNS, DuplicateArrival, ModelVersion, Scan, ScanEvent, Task, utcnow
+from meddaemon.engine.tasks import BUILTIN_TASKS
+from meddaemon.failures import FailureReason, ScanFailure
+from meddaemon.states import ScanState
+
+
+@dataclass(frozen=True)
+class Destinations:
+    work_dir: Path
+    archive_dir: Path
+    failed_dir: Path
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    rules: Sequence[RouteRule]
+    known_tasks: Collection[str]
+    default_task: str = ""
+
+
+@dataclass
+class PlannedMove:
+    """A committed move still to carry out (``kind`` is ``scan`` or ``duplicate``)."""
+
+    kind: str
+    row_id: int
+    source: Path
+    target: Path
+    reason_document: dict[str, object] | None = None
+
+
+@dataclass
+class IntakeOutcome:
+    """What happened to one file, for the log line."""
+
+    source_name: str
+    state: str
+    sha256: str | None = None
+    size: int = 0
+    task: str | None = None
+    detail: str = ""
+    reason: str | None = None
+    target: Path | None = None
+
+
+@dataclass
+class BatchRecord:
+    moves: list[PlannedMove] = field(default_factory=list)
+    outcomes: list[IntakeOutcome] = field(default_factory=list)
+
+
+def ensure_tasks(session: Session, names: Collection[str]) -> None:
+    existing = set(session.scalars(select(Task.name)))
+    for name in sorted(set(names) - existing):
+        spec = BUILTIN_TASKS.get(name)
+        session.add(Task(name=name, description=spec.description if spec else ""))
+
+
+def active_model_tasks(session: Session) -> set[str]:
+    return set(session.scalars(select(ModelVersion.task_name).where(ModelVersion.status == "active")))
+
+
+def record_batch(
+    session: Session,
+    files: Sequence[tuple[StableFile, PurePosixPath, Intake]],
+    destinations: Destinations,
+    policy: RoutingPolicy,
+) -> BatchRecord:
+    shas = {intake.sha256 for _, _, intake in files if intake.sha256}
+    known: dict[str, Scan] = {
+        scan.sha256: scan for scan in session.scalars(select(Scan).where(Scan.sha256.in_(shas)))  # type: ignore[misc]
+    } if shas else {}
+    with_models = active_model_tasks(session)
+    failed_taken: set[Path] = set()
+    record = BatchRecord()
+    now = utcnow()
+
+    for stable, name, intake in files:
+        if intake.sha256 and intake.sha256 in known:
+            _record_duplicate(session, record, stable, name, intake, known[intake.sha256], destinations, now)
+            continue
+        scan = Scan(
+            sha256=intake.sha256,
+            state=ScanState.REGISTERED,
+            source_name=str(name),
+            size_bytes=intake.size if intake.sha256 else None,
+            discovered_at=stable.discovered_at,
+            stable_at=stable.stable_at,
+            registered_at=now,
+        )
+        if intake.metadata is not None:
+            for column in METADATA_COLUMNS:
+                setattr(scan, column, getattr(intake.metadata, column))
+        session.add(scan)
+        if intake.sha256:
+            known[intake.sha256] = scan
+        _event(scan, ScanState.REGISTERED, None, now)
+
+        failure = intake.failure
+        route = None
+        if failure is None and intake.metadata is not None:
+            route = route_scan(name, intake.metadata, policy.rules, policy.known_tasks, policy.default_task)
+            if route.task is None:
+                failure = ScanFailure(FailureReason.UNROUTABLE, route.why)
+        if failure is not None:
+            _fail(session, record, scan, stable.path, name, failure, destinations, failed_taken, now)
+            continue
+
+        assert route is not None and route.task is not None and intake.sha256
+        scan.task_name, scan.routed_at = route.task, now
+        scan.state = ScanState.ROUTED
+        _event(scan, ScanState.ROUTED, f"{route.task} ({route.why})", now)
+        if route.task not in with_models:
+            scan.state = ScanState.WAITING_MODEL
+            _event(scan, ScanState.WAITING_MODEL, f"no active model for task {route.task}", now)
+        target = filing.work_path(destinations.work_dir, intake.sha256, name)
+        scan.stored_path, scan.pending_move_from = str(target), str(stable.path)
+        session.flush()
+        record.moves.append(PlannedMove("scan", scan.id, stable.path, target))
+        record.outcomes.append(
+            IntakeOutcome(str(name), scan.state, intake.sha256, intake.size, route.task, route.why, target=target)
+        )
+    return record
+
+
+def _record_duplicate(
+    session: Session,
+    record: BatchRecord,
+    stable: StableFile,
+    name: PurePosixPath,
+    intake: Intake,
+    original: Scan,
+    destinations: Destinations,
+    now: datetime,
+) -> None:
+    assert intake.sha256
+    target = filing.archive_path(destinations.archive_dir / "duplicates", name, intake.sha256, now)
+    arrival = DuplicateArrival(
+        scan=original,
+        source_name=str(name),
+        stored_path=str(target),
+        pending_move_from=str(stable.path),
+        size_bytes=intake.size,
+        arrived_at=now,
+    )
+    session.add(arrival)
+    session.flush()
+    record.moves.append(PlannedMove("duplicate", arrival.id, stable.path, target))
+    record.outcomes.append(
+        IntakeOutcome(
+            str(name), "duplicate", intake.sha256, intake.size, original.task_name,
+            f"same bytes as scan {original.id} ({original.source_name})", target=target,
+        )
+    )
+
+
+def _fail(
+    session: Session,
+    record: BatchRecord,
+    scan: Scan,
+    source: Path,
+    name: PurePosixPath,
+    failure: ScanFailure,
+    destinations: Destinations,
+    taken: set[Path],
+    now: datetime,
+) -> None:
+    scan.state = ScanState.FAILED
+    scan.failure_reason, scan.failure_message = failure.reason.value, failure.message
+    _event(scan, ScanState.FAILED, f"{failure.reason.value}: {failure.message}", now)
+    target = None
+    if failure.reason is not FailureReason.VANISHED:
+        target = filing.failed_path(destinations.failed_dir, name, taken)
+        scan.stored_path, scan.pending_move_from = str(target), str(source)
+    session.flush()
+    if target is not None:
+        record.moves.append(PlannedMove("scan", scan.id, source, target, reason_document(scan)))
+    record.outcomes.append(
+        IntakeOutcome(str(name), ScanState.FAILED, scan.sha256, scan.size_bytes or 0, None,
+                      failure.message, failure.reason.value, target)
+    )
+
+
+def reason_document(scan: Scan) -> dict[str, object]:
+    """The contents of ``failed/<name>.reason.json``: enough to act on without opening the DB."""
+    return {
+        "scan_id": scan.id,
+        "source_name": scan.source_name,
+        "reason": scan.failure_reason,
+        "message": scan.failure_message,
+        "sha256": scan.sha256,
+        "size_bytes": scan.size_bytes,
+        "failed_at": scan.updated_at or utcnow(),
+        "meddaemon_version": __version__,
+    }
+
+
+def _event(scan: Scan, state: ScanState, detail: str | None, at: datetime) -> None:
+    scan.events.append(ScanEvent(state=state.value, detail=detail, at=at))
+
+
+def clear_pending(session: Session, moves: Sequence[PlannedMove]) -> None:
+    """Mark moves as done, so recovery leaves them alone."""
+    for kind, model in (("scan", Scan), ("duplicate", DuplicateArrival)):
+        ids = [m.row_id for m in moves if m.kind == kind]
+        if ids:
+            session.execute(update(model).where(model.id.in_(ids)).values(pending_move_from=None))
+
+
+def pending_moves(session: Session) -> list[PlannedMove]:
+    """Moves committed but maybe not carried out: the journal recovery replays after a crash."""
+    moves = [
+        PlannedMove("scan", s.id, Path(s.pending_move_from), Path(s.stored_path),  # type: ignore[arg-type]
+                    reason_document(s) if s.state == ScanState.FAILED else None)
+        for s in session.scalars(select(Scan).where(Scan.pending_move_from.is_not(None)))
+    ]
+    moves += [
+        PlannedMove("duplicate", d.id, Path(d.pending_move_from), Path(d.stored_path))  # type: ignore[arg-type]
+        for d in session.scalars(select(DuplicateArrival).where(DuplicateArrival.pending_move_from.is_not(None)))
+    ]
+    return moves

@@ -1,0 +1,59 @@
+"""What in the inbox is a candidate scan, and the full scan that finds every one of them.
+
+Watch events are hints; ``scan_inbox`` is the guarantee, run at start, periodically and after an
+event overflow.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
+
+
+class Inbox:
+    def __init__(self, root: Path, ignore: Iterable[str], exclude: Iterable[Path] = ()) -> None:
+        self.root = root.resolve()
+        self.ignore = tuple(ignore)
+        self._exclude = tuple(p.resolve() for p in exclude)
+
+    def relative_name(self, path: Path) -> PurePosixPath | None:
+        """The path inside the inbox, or None if the path is not in it."""
+        try:
+            return PurePosixPath(Path(os.path.abspath(path)).relative_to(self.root).as_posix())
+        except ValueError:
+            return None
+
+    def is_candidate(self, path: Path) -> bool:
+        """A name the daemon may read: in the inbox, not in an excluded folder, not work in progress.
+
+        Dotfiles (rsync's ``.name.XXXXXX``) and names matching ``ignore`` (``*.part``...) wait for
+        the rename that gives them their final name.
+        """
+        rel = self.relative_name(path)
+        if rel is None or not rel.parts:
+            return False
+        absolute = self.root / rel
+        if any(absolute == ex or ex in absolute.parents for ex in self._exclude):
+            return False
+        if any(part.startswith(".") for part in rel.parts):
+            return False
+        return not any(fnmatch.fnmatchcase(rel.name, pattern) for pattern in self.ignore)
+
+    def scan(self) -> Iterator[Path]:
+        """Every candidate file below the root. Symlinks are yielded (and refused later), never followed."""
+        stack = [self.root]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                path = Path(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    if self.is_candidate(path):
+                        stack.append(path)
+                elif self.is_candidate(path):
+                    yield path

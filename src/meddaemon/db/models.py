@@ -1,0 +1,178 @@
+"""The schema: scans and their history, duplicate arrivals, tasks, model versions and results.
+
+Alembic migrations in ``db/migrations`` create and upgrade it; ``tests/db`` checks that the
+migrations and these classes agree on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("task_name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_name: Mapped[str] = mapped_column(ForeignKey("tasks.name"), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    architecture: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="registered")
+    manifest: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    promoted_at: Mapped[datetime | None]
+    retired_at: Mapped[datetime | None]
+
+
+class Scan(Base):
+    """One row per distinct file content (SHA-256), from registration to its terminal state.
+
+    ``stored_path`` is where the file is (work/, archive/ or failed/); while ``pending_move_from``
+    is set the move there has been committed but may not have happened yet, and recovery finishes it.
+    """
+
+    __tablename__ = "scans"
+    __table_args__ = (Index("ix_scans_state_task", "state", "task_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
+    state: Mapped[str] = mapped_column(String(32))
+    task_name: Mapped[str | None] = mapped_column(ForeignKey("tasks.name"))
+    source_name: Mapped[str] = mapped_column(Text)
+    stored_path: Mapped[str | None] = mapped_column(Text)
+    pending_move_from: Mapped[str | None] = mapped_column(Text)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    failure_reason: Mapped[str | None] = mapped_column(String(64), index=True)
+    failure_message: Mapped[str | None] = mapped_column(Text)
+    discovered_at: Mapped[datetime | None]
+    stable_at: Mapped[datetime | None]
+    registered_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    routed_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    # metadata (DESIGN.md section 4); patient_* and accession_number are PHI: never logged
+    format: Mapped[str | None] = mapped_column(String(16))
+    rows: Mapped[int | None]
+    columns: Mapped[int | None]
+    frames: Mapped[int | None]
+    samples_per_pixel: Mapped[int | None]
+    photometric_interpretation: Mapped[str | None] = mapped_column(String(32))
+    bits_stored: Mapped[int | None]
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(Text)
+    patient_birth_date: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(64))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+    patient_age: Mapped[str | None] = mapped_column(String(16))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    manufacturer: Mapped[str | None] = mapped_column(Text)
+    view_position: Mapped[str | None] = mapped_column(String(16))
+
+    events: Mapped[list[ScanEvent]] = relationship(back_populates="scan", order_by="ScanEvent.id")
+    duplicates: Mapped[list[DuplicateArrival]] = relationship(back_populates="scan")
+
+
+#: Scan columns filled from ``ScanMetadata`` of the same names.
+METADATA_COLUMNS = (
+    "format", "rows", "columns", "frames", "samples_per_pixel", "photometric_interpretation",
+    "bits_stored", "transfer_syntax_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid",
+    "sop_instance_uid", "patient_id", "patient_name", "patient_birth_date", "accession_number",
+    "patient_sex", "patient_age", "modality", "body_part", "manufacturer", "view_position",
+)
+
+
+class ScanEvent(Base):
+    """Every state a scan passed through, with when and why: the history ``status`` reads."""
+
+    __tablename__ = "scan_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scan_id: Mapped[int] = mapped_column(ForeignKey("scans.id", ondelete="CASCADE"), index=True)
+    state: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+    scan: Mapped[Scan] = relationship(back_populates="events")
+
+
+class DuplicateArrival(Base):
+    """A file whose bytes were already registered: recorded, archived, never processed again."""
+
+    __tablename__ = "duplicate_arrivals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scan_id: Mapped[int] = mapped_column(ForeignKey("scans.id", ondelete="CASCADE"), index=True)
+    source_name: Mapped[str] = mapped_column(Text)
+    stored_path: Mapped[str] = mapped_column(Text)
+    pending_move_from: Mapped[str | None] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    arrived_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    scan: Mapped[Scan] = relationship(back_populates="duplicates")
+
+
+class Result(Base):
+    """One label's output for one scan under one model version: tidy rows a query can aggregate."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("scan_id", "model_version_id", "label"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scan_id: Mapped[int] = mapped_column(ForeignKey("scans.id", ondelete="CASCADE"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    positive: Mapped[bool] = mapped_column(Boolean)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,77 @@
+"""Read-side questions the CLI asks: how many scans in each state, what failed lately, how fast."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from meddaemon.db.models import DuplicateArrival, Scan, utcnow
+
+
+@dataclass
+class RecentFailure:
+    at: datetime
+    source_name: str
+    reason: str
+    message: str
+
+
+@dataclass
+class StatusSummary:
+    states: dict[str, int]
+    duplicates: int
+    failures_by_reason: dict[str, int]
+    last_failures: list[RecentFailure]
+    registered_last_minute: int
+    registered_last_hour: int
+    pending_moves: int
+    first_registered_at: datetime | None = None
+    last_registered_at: datetime | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.states.values())
+
+    def as_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["total"] = self.total
+        return data
+
+
+def status_summary(session: Session, recent: int = 10, now: datetime | None = None) -> StatusSummary:
+    now = now or utcnow()
+    states = dict(session.execute(select(Scan.state, func.count()).group_by(Scan.state)).all())
+    reasons = dict(
+        session.execute(
+            select(Scan.failure_reason, func.count()).where(Scan.failure_reason.is_not(None)).group_by(Scan.failure_reason)
+        ).all()
+    )
+    failures = [
+        RecentFailure(s.updated_at, s.source_name, s.failure_reason or "", s.failure_message or "")
+        for s in session.scalars(
+            select(Scan).where(Scan.state == "failed").order_by(Scan.updated_at.desc(), Scan.id.desc()).limit(recent)
+        )
+    ]
+    first, last = session.execute(select(func.min(Scan.registered_at), func.max(Scan.registered_at))).one()
+
+    def registered_since(delta: timedelta) -> int:
+        return session.scalar(select(func.count()).where(Scan.registered_at >= now - delta)) or 0
+
+    pending = (session.scalar(select(func.count()).where(Scan.pending_move_from.is_not(None))) or 0) + (
+        session.scalar(select(func.count()).where(DuplicateArrival.pending_move_from.is_not(None))) or 0
+    )
+    return StatusSummary(
+        states={str(k): int(v) for k, v in states.items()},
+        duplicates=session.scalar(select(func.count()).select_from(DuplicateArrival)) or 0,
+        failures_by_reason={str(k): int(v) for k, v in reasons.items()},
+        last_failures=failures,
+        registered_last_minute=registered_since(timedelta(minutes=1)),
+        registered_last_hour=registered_since(timedelta(hours=1)),
+        pending_moves=pending,
+        first_registered_at=first,
+        last_registered_at=last,
+    )

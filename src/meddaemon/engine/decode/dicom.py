@@ -1,0 +1,456 @@
+"""DICOM decoding with pydicom 3 and its plugins (pylibjpeg-libjpeg/-openjpeg/-rle, gdcm, pyjpegls).
+
+Grey images go through Modality LUT -> VOI LUT or window -> MONOCHROME1 inversion and end as
+float32 in [0, 1], 1.0 brightest. Colour images (RGB, YBR_*, PALETTE COLOR) end as RGB in [0, 1].
+
+pydicom's configuration is global and is never changed here. Every dataset is read into its own
+objects, so decoding different files in different threads shares nothing but pydicom's plugin
+registry; pydicom's own warnings about odd values go through :mod:`warnings` and its logger.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space, get_decoder
+from pydicom.pixels.utils import get_expected_length
+from pydicom.uid import (
+    UID,
+    AllTransferSyntaxes,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MediaStorageDirectoryStorage,
+)
+from pydicom.valuerep import VR
+
+from meddaemon.engine.decode.types import DecodedScan, DecodeOptions, ScanMetadata
+from meddaemon.failures import FailureReason, ScanFailure
+
+DICM_OFFSET = 128
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: (7FE0,0010), (7FE0,0008), (7FE0,0009) as they appear little- and big-endian in a file.
+_PIXEL_TAG_BYTES = tuple(
+    struct.pack(order + "HH", 0x7FE0, element) for element in (0x0010, 0x0008, 0x0009) for order in "<>"
+)
+_VR_BYTES = frozenset(vr.value.encode("ascii") for vr in VR if len(vr.value) == 2)
+_GREY = frozenset({"MONOCHROME1", "MONOCHROME2"})
+_YBR = frozenset({"YBR_FULL", "YBR_FULL_422"})
+#: What can be turned into grey or RGB: YBR_ICT/RCT only occur in JPEG 2000, whose decoders
+#: return RGB; YBR_PARTIAL_* only in MPEG, for which no decoder exists.
+_SUPPORTED_PHOTOMETRIC = _GREY | _YBR | {"RGB", "PALETTE COLOR", "YBR_ICT", "YBR_RCT"}
+_MAX_ERROR_CHARS = 300
+
+
+@dataclass(frozen=True)
+class TransferSyntaxSupport:
+    """Whether pixel data in one transfer syntax can be decoded with the plugins installed.
+
+    ``plugins`` names the installed plugins able to decode it; it is empty for the native
+    (uncompressed, deflated) syntaxes, which pydicom decodes itself without any plugin.
+    """
+
+    uid: str
+    name: str
+    decodable: bool
+    plugins: tuple[str, ...]
+
+
+def decodable_transfer_syntaxes() -> list[TransferSyntaxSupport]:
+    """Every transfer syntax pydicom knows, with whether it can be decoded here and by what."""
+    support = []
+    for uid in AllTransferSyntaxes:
+        try:
+            decoder = get_decoder(uid)
+        except NotImplementedError:
+            support.append(TransferSyntaxSupport(str(uid), uid.name, False, ()))
+            continue
+        plugins = tuple(decoder.available_plugins)
+        support.append(TransferSyntaxSupport(str(uid), uid.name, decoder.is_available, plugins))
+    return support
+
+
+def has_dicom_signature(head: bytes) -> bool:
+    """The Part 10 form: a 128-byte preamble then ``DICM``."""
+    return head[DICM_OFFSET : DICM_OFFSET + 4] == b"DICM"
+
+
+def looks_like_bare_dicom(head: bytes) -> bool:
+    """Whether ``head`` could start a DICOM stream without the preamble.
+
+    Such streams begin with the file meta group (0002) or, with no meta at all, with group 0008,
+    as an explicit-VR element (a known VR follows the tag) or an implicit-VR one (a sane length
+    follows). This only gates the costlier parse; :func:`decode_dicom` still demands a plausible
+    dataset, since random bytes still pass here about once in 10^7.
+    """
+    if len(head) < 8:
+        return False
+    for order in "<>":
+        (group,) = struct.unpack(order + "H", head[:2])
+        if group not in (0x0002, 0x0008):
+            continue
+        if head[4:6] in _VR_BYTES:
+            return True
+        (length,) = struct.unpack(order + "I", head[4:8])
+        if order == "<" and length < 0x10000:
+            return True
+    return False
+
+
+def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> DecodedScan:
+    """Decode one DICOM file held in ``data``; raise :class:`ScanFailure` with a named reason."""
+    signed = has_dicom_signature(data)
+    ds = _read(data, signed=signed)
+    header = ds if _has_pixels(ds) else _read_header(data, fallback=ds)
+    if not _is_plausible(header):
+        if signed:
+            raise ScanFailure(FailureReason.CORRUPT_IMAGE, "the file has a DICOM signature but no dataset")
+        raise ScanFailure(FailureReason.UNRECOGNISED_FORMAT, "the bytes do not hold a DICOM dataset")
+    _refuse_dicomdir(header)
+    pixel_keyword = _pixel_keyword(ds, header, data)
+    metadata = read_metadata(ds)
+    notes: list[str] = []
+    if metadata.rows <= 0 or metadata.columns <= 0:
+        raise ScanFailure(FailureReason.CORRUPT_IMAGE, "the pixel data has no valid Rows and Columns")
+    _check_pixel_count(metadata, options)
+
+    transfer_syntax = _transfer_syntax(ds, pixel_keyword, notes)
+    metadata.transfer_syntax_uid = str(transfer_syntax)
+    decoder = _decoder_for(transfer_syntax)
+    photometric = _photometric(ds, metadata, notes)
+    if not transfer_syntax.is_encapsulated:
+        _check_native_length(ds, pixel_keyword, transfer_syntax)
+
+    index = _frame_index(ds, metadata.frames, options, notes)
+    arr, decoded_as = _decode_pixels(decoder, ds, index, transfer_syntax)
+    frames = _to_unit(arr, ds, decoded_as, photometric, notes)
+    return DecodedScan(frames=frames, metadata=metadata, notes=notes)
+
+
+def _read(data: bytes, *, signed: bool) -> Dataset:
+    try:
+        return dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:
+        if signed:
+            raise ScanFailure(
+                FailureReason.CORRUPT_IMAGE,
+                f"the file has a DICOM signature but its dataset cannot be parsed ({type(exc).__name__})",
+            ) from exc
+        raise ScanFailure(FailureReason.UNRECOGNISED_FORMAT, "the bytes do not hold a DICOM dataset") from exc
+
+
+def _read_header(data: bytes, *, fallback: Dataset) -> Dataset:
+    """The elements before the pixel data: pydicom discards a whole dataset whose encapsulated
+    pixel data never reaches its closing delimiter, but stopping before the pixels keeps them."""
+    try:
+        return dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+    except Exception:
+        return fallback
+
+
+def _has_pixels(ds: Dataset) -> bool:
+    return any(keyword in ds for keyword in _PIXEL_KEYWORDS)
+
+
+def _is_plausible(ds: Dataset) -> bool:
+    """Whether a parse produced a real object: it names its SOP class or holds pixel data.
+    (pydicom with ``force=True`` returns a dataset, often empty, for almost any bytes.)"""
+    try:
+        meta = getattr(ds, "file_meta", None) or {}
+        return "MediaStorageSOPClassUID" in meta or "SOPClassUID" in ds or _has_pixels(ds)
+    except Exception:
+        return False
+
+
+def _refuse_dicomdir(ds: Dataset) -> None:
+    meta = getattr(ds, "file_meta", None) or {}
+    if meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
+        raise ScanFailure(
+            FailureReason.DICOMDIR, "the file is a DICOMDIR (an index of a file set), not an image"
+        )
+
+
+def _pixel_keyword(ds: Dataset, header: Dataset, data: bytes) -> str:
+    """The pixel element's keyword. Without one, an object that is an image (it has Rows, or an
+    image SOP class) was cut short; anything else (SR, RT plan, waveform) never had pixels."""
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in ds:
+            return keyword
+    if "Rows" in header or "Image Storage" in _sop_class_name(header):
+        where = "inside" if any(tag in data for tag in _PIXEL_TAG_BYTES) else "before"
+        raise ScanFailure(
+            FailureReason.TRUNCATED_PIXEL_DATA,
+            f"the header describes an image but the file ends {where} its pixel data",
+        )
+    raise ScanFailure(
+        FailureReason.NO_PIXEL_DATA, f"the DICOM object ({_sop_class_name(header)}) has no pixel data"
+    )
+
+
+def _sop_class_name(ds: Dataset) -> str:
+    try:
+        uid = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+        return UID(uid).name if uid else "no SOP class"
+    except Exception:
+        return "unknown SOP class"
+
+
+def _check_pixel_count(metadata: ScanMetadata, options: DecodeOptions) -> None:
+    count = metadata.rows * metadata.columns * metadata.frames
+    if count > options.max_pixels:
+        raise ScanFailure(
+            FailureReason.TOO_MANY_PIXELS,
+            f"{metadata.rows}x{metadata.columns}x{metadata.frames} = {count} pixels exceeds the "
+            f"limit of {options.max_pixels}",
+        )
+
+
+def _transfer_syntax(ds: Dataset, pixel_keyword: str, notes: list[str]) -> UID:
+    """The file's transfer syntax; for a file without one, the encoding it was read in."""
+    if getattr(ds, "file_meta", None) is None:
+        ds.file_meta = FileMetaDataset()
+    declared = ds.file_meta.get("TransferSyntaxUID")
+    if declared:
+        return UID(declared)
+    if ds[pixel_keyword].is_undefined_length:
+        raise ScanFailure(
+            FailureReason.UNSUPPORTED_TRANSFER_SYNTAX,
+            "the pixel data is encapsulated but the file names no transfer syntax",
+        )
+    implicit, little = ds.original_encoding
+    if implicit or implicit is None:
+        inferred = ImplicitVRLittleEndian
+    else:
+        inferred = ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian
+    ds.file_meta.TransferSyntaxUID = inferred
+    notes.append(f"no transfer syntax in the file: read as {inferred.name}")
+    return inferred
+
+
+def _decoder_for(transfer_syntax: UID) -> Any:
+    try:
+        decoder = get_decoder(transfer_syntax)
+    except NotImplementedError:
+        raise ScanFailure(
+            FailureReason.UNSUPPORTED_TRANSFER_SYNTAX,
+            f"no decoder exists for transfer syntax {transfer_syntax} ({transfer_syntax.name})",
+        ) from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies)
+        raise ScanFailure(
+            FailureReason.UNSUPPORTED_TRANSFER_SYNTAX,
+            f"transfer syntax {transfer_syntax} ({transfer_syntax.name}) needs a plugin that is not "
+            f"installed ({missing})",
+        )
+    return decoder
+
+
+def _photometric(ds: Dataset, metadata: ScanMetadata, notes: list[str]) -> str:
+    photometric = (metadata.photometric_interpretation or "").upper()
+    if not photometric and metadata.samples_per_pixel == 1:
+        ds.PhotometricInterpretation = photometric = "MONOCHROME2"
+        notes.append("no Photometric Interpretation: read as MONOCHROME2")
+    if photometric not in _SUPPORTED_PHOTOMETRIC:
+        raise ScanFailure(
+            FailureReason.UNSUPPORTED_PHOTOMETRIC,
+            f"photometric interpretation {photometric or '(none)'} is not supported",
+        )
+    return photometric
+
+
+def _check_native_length(ds: Dataset, pixel_keyword: str, transfer_syntax: UID) -> None:
+    try:
+        expected = int(get_expected_length(ds, unit="bytes"))
+    except Exception as exc:
+        raise ScanFailure(
+            FailureReason.CORRUPT_IMAGE, f"the image pixel module is incomplete ({type(exc).__name__})"
+        ) from exc
+    actual = len(ds[pixel_keyword].value or b"")
+    if actual < expected:
+        raise ScanFailure(
+            FailureReason.TRUNCATED_PIXEL_DATA,
+            f"{transfer_syntax.name} pixel data holds {actual} bytes, the header needs {expected}",
+        )
+
+
+def key_frame_index(ds: Dataset, frames: int) -> tuple[int, str]:
+    """The frame shown for a multi-frame object: RepresentativeFrameNumber (1-based) if valid,
+    otherwise the middle one (``frames // 2``, so the later of the two middles of an even count)."""
+    try:
+        representative = int(ds.get("RepresentativeFrameNumber") or 0)
+    except (TypeError, ValueError):
+        representative = 0
+    if 1 <= representative <= frames:
+        return representative - 1, "RepresentativeFrameNumber"
+    return frames // 2, "middle frame"
+
+
+def _frame_index(ds: Dataset, frames: int, options: DecodeOptions, notes: list[str]) -> int | None:
+    if frames <= 1:
+        return 0
+    if options.frame_policy == "all":
+        notes.append(f"all {frames} frames decoded")
+        return None
+    index, why = key_frame_index(ds, frames)
+    notes.append(f"frame {index + 1} of {frames} decoded ({why})")
+    return index
+
+
+def _decode_pixels(decoder: Any, ds: Dataset, index: int | None, transfer_syntax: UID) -> tuple[np.ndarray, dict]:
+    """Decode with pydicom's own colour handling: YBR_FULL(_422) comes back as RGB whether the
+    codec (JPEG baseline) or pydicom converted it; the returned dict says what the array holds."""
+    try:
+        arr, decoded_as = decoder.as_array(ds, index=index, raw=False, as_rgb=True)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:_MAX_ERROR_CHARS]
+        raise ScanFailure(
+            FailureReason.PIXEL_DECODE_ERROR,
+            f"{transfer_syntax.name} pixel data could not be decoded: {type(exc).__name__}: {detail}",
+        ) from exc
+    return arr, decoded_as
+
+
+def _to_unit(
+    arr: np.ndarray, ds: Dataset, decoded_as: dict, photometric: str, notes: list[str]
+) -> np.ndarray:
+    """Frames as float32 in [0, 1]: (N, H, W) grey or (N, H, W, 3) RGB."""
+    decoded_photometric = str(decoded_as.get("photometric_interpretation", photometric)).upper()
+    samples = int(decoded_as.get("samples_per_pixel", 1))
+    if arr.ndim == (2 if samples == 1 else 3):
+        arr = arr[np.newaxis]
+    if decoded_photometric in _GREY:
+        return grey_to_unit(arr, ds, notes)
+    if decoded_photometric == "PALETTE COLOR":
+        return _palette_to_unit(arr, ds)
+    if decoded_photometric in _YBR:
+        arr = convert_color_space(arr, decoded_photometric, "RGB", per_frame=True)
+        notes.append(f"{decoded_photometric} converted to RGB")
+    if decoded_photometric in _YBR or decoded_photometric == "RGB":
+        bits = int(decoded_as.get("bits_stored") or 8 * arr.dtype.itemsize)
+        return _scaled(arr, 0.0, float(2**bits - 1))
+    raise ScanFailure(
+        FailureReason.UNSUPPORTED_PHOTOMETRIC,
+        f"decoded pixel data is {decoded_photometric}, which cannot be shown as grey or RGB",
+    )
+
+
+def grey_to_unit(arr: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
+    """Modality LUT -> VOI LUT or first window (else min-max) -> [0, 1] -> MONOCHROME1 inversion."""
+    values = apply_modality_lut(arr, ds)
+    windowed, low, high = _apply_voi(values, ds, notes)
+    unit = _scaled(windowed, low, high)
+    if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
+        np.subtract(1.0, unit, out=unit)
+    return unit
+
+
+def _has_voi_lut(ds: Dataset) -> bool:
+    """The test ``apply_voi_lut`` itself uses to prefer the VOI LUT Sequence over a window."""
+    items = ds.get("VOILUTSequence")
+    return bool(items) and None not in (items[0].get("LUTDescriptor"), items[0].get("LUTData"))
+
+
+def _has_window(ds: Dataset) -> bool:
+    return ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, "")
+
+
+def _apply_voi(values: np.ndarray, ds: Dataset, notes: list[str]) -> tuple[np.ndarray, float, float]:
+    """Apply the first VOI transform; return it with the output range that maps to [0, 1].
+
+    The range is found by running pydicom's own transform over its extreme inputs (the whole LUT,
+    or -inf and +inf for a window), so it always agrees with how pydicom windowed the pixels.
+    """
+    try:
+        if _has_voi_lut(ds):
+            if not np.issubdtype(values.dtype, np.integer):
+                values = np.rint(values).astype(np.int64)
+            descriptor = ds.VOILUTSequence[0].LUTDescriptor
+            first, entries = int(descriptor[1]), int(descriptor[0]) or 2**16
+            table = apply_voi_lut(np.arange(first, first + entries), ds, index=0)
+            notes.append("VOI LUT applied")
+            return apply_voi_lut(values, ds, index=0), float(table.min()), float(table.max())
+        if _has_window(ds):
+            ends = apply_voi_lut(np.array([-np.inf, np.inf]), ds, index=0)
+            windowed = apply_voi_lut(values, ds, index=0)
+            notes.append("first window applied")
+            return windowed, float(ends[0]), float(ends[1])
+    except Exception as exc:
+        notes.append(f"VOI transform unusable ({type(exc).__name__}): min-max used instead")
+    else:
+        notes.append("no VOI LUT or window: min-max used")
+    return values, float(np.min(values)), float(np.max(values))
+
+
+def _palette_to_unit(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    try:
+        rgb = apply_color_lut(arr, ds)
+    except Exception as exc:
+        raise ScanFailure(
+            FailureReason.PIXEL_DECODE_ERROR,
+            f"the PALETTE COLOR lookup tables are missing or invalid ({type(exc).__name__})",
+        ) from exc
+    return _scaled(rgb, 0.0, float(np.iinfo(rgb.dtype).max))
+
+
+def _scaled(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map [low, high] linearly to [0, 1] (clipped), float32; a flat range gives zeros."""
+    if not np.isfinite(low) or not np.isfinite(high) or high == low:
+        return np.zeros(values.shape, dtype=np.float32)
+    unit = (values.astype(np.float32) - np.float32(low)) / np.float32(high - low)
+    return np.clip(unit, 0.0, 1.0, out=unit)
+
+
+def read_metadata(ds: Dataset) -> ScanMetadata:
+    """The per-scan facts of DESIGN.md section 4; a field that is absent or unreadable is None."""
+    meta = getattr(ds, "file_meta", None) or {}
+    return ScanMetadata(
+        format="dicom",
+        rows=_int(ds, "Rows", 0),
+        columns=_int(ds, "Columns", 0),
+        frames=max(1, _int(ds, "NumberOfFrames", 1)),
+        samples_per_pixel=_int(ds, "SamplesPerPixel", 1),
+        photometric_interpretation=_text(ds, "PhotometricInterpretation"),
+        bits_stored=_int(ds, "BitsStored", 0) or None,
+        transfer_syntax_uid=_text(meta, "TransferSyntaxUID"),
+        sop_class_uid=_text(ds, "SOPClassUID") or _text(meta, "MediaStorageSOPClassUID"),
+        study_instance_uid=_text(ds, "StudyInstanceUID"),
+        series_instance_uid=_text(ds, "SeriesInstanceUID"),
+        sop_instance_uid=_text(ds, "SOPInstanceUID") or _text(meta, "MediaStorageSOPInstanceUID"),
+        patient_id=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName"),
+        patient_birth_date=_text(ds, "PatientBirthDate"),
+        accession_number=_text(ds, "AccessionNumber"),
+        patient_sex=_text(ds, "PatientSex"),
+        patient_age=_text(ds, "PatientAge"),
+        modality=_text(ds, "Modality"),
+        body_part=_text(ds, "BodyPartExamined"),
+        manufacturer=_text(ds, "Manufacturer"),
+        view_position=_text(ds, "ViewPosition"),
+    )
+
+
+def _text(ds: Any, keyword: str) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return None
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _int(ds: Dataset, keyword: str, default: int) -> int:
+    try:
+        value = ds.get(keyword)
+        return default if value in (None, "") else int(value)
+    except Exception:
+        return default

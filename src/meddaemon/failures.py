@@ -1,0 +1,45 @@
+"""Why a scan failed: the named reasons every stage reports, and the one exception that carries them.
+
+A reason is a stable code (stored in the DB, written to ``failed/<name>.reason.json``, counted by
+``meddaemon status``); the message is a sentence for a person. Messages never contain PHI.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class FailureReason(StrEnum):
+    # the file itself
+    EMPTY_FILE = "empty_file"
+    UNREADABLE = "unreadable"
+    VANISHED = "vanished"
+    SYMLINK_NOT_FOLLOWED = "symlink_not_followed"
+    # its format
+    UNRECOGNISED_FORMAT = "unrecognised_format"
+    CORRUPT_IMAGE = "corrupt_image"
+    TRUNCATED_IMAGE = "truncated_image"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    # DICOM specifics
+    DICOMDIR = "dicomdir"
+    NO_PIXEL_DATA = "no_pixel_data"
+    TRUNCATED_PIXEL_DATA = "truncated_pixel_data"
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
+    UNSUPPORTED_PHOTOMETRIC = "unsupported_photometric"
+    PIXEL_DECODE_ERROR = "pixel_decode_error"
+    # after decoding
+    UNROUTABLE = "unroutable"
+    DECODER_CRASHED = "decoder_crashed"
+    INTERNAL_ERROR = "internal_error"
+
+
+class ScanFailure(Exception):
+    """A scan cannot go on: ``reason`` says why in a code, ``message`` in words."""
+
+    def __init__(self, reason: FailureReason, message: str) -> None:
+        super().__init__(f"{reason.value}: {message}")
+        self.reason = reason
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[ScanFailure], tuple[FailureReason, str]]:
+        return (type(self), (self.reason, self.message))

@@ -1,0 +1,510 @@
+"""DICOM decoding: what a scan looks like after decode_bytes, and how bad DICOM input is named.
+
+Expected pixels are computed here independently, from pydicom's own ``pixel_array`` and LUT
+functions plus numpy, or from the very array written for lossless syntaxes.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space, get_encoder
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for dicom_factory
+
+from dicom_factory import (  # noqa: E402
+    gradient,
+    synthetic_frames,
+    truncate_pixel_data,
+    write_dicom,
+    write_dicomdir,
+    write_structured_report,
+)
+
+from meddaemon.engine.decode import DecodeOptions, decodable_transfer_syntaxes, decode_bytes  # noqa: E402
+from meddaemon.failures import FailureReason, ScanFailure  # noqa: E402
+
+LOSSLESS_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    RLELossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+]
+BUNDLED_DIR = Path(pydicom.data.__file__).parent / "test_files"
+
+
+def bundled(name: str) -> Path:
+    """A test file shipped inside pydicom, by name; never one that would be downloaded."""
+    if not any(BUNDLED_DIR.rglob(name)):
+        pytest.skip(f"{name} is not bundled with this pydicom")
+    return Path(get_testdata_file(name))
+
+
+def decode(path: Path, **options: object):
+    return decode_bytes(path.read_bytes(), DecodeOptions(**options))
+
+
+def failure(path: Path, **options: object) -> ScanFailure:
+    with pytest.raises(ScanFailure) as caught:
+        decode(path, **options)
+    return caught.value
+
+
+def require_encoder(transfer_syntax: str) -> None:
+    try:
+        available = get_encoder(transfer_syntax).is_available
+    except NotImplementedError:
+        available = True  # native and deflated syntaxes need no pixel encoder
+    if not available:
+        pytest.skip(f"no encoder installed for {transfer_syntax}")
+
+
+def min_max(values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float64)
+    return (values - values.min()) / (values.max() - values.min())
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, atol: float = 1e-6) -> None:
+    assert actual.dtype == np.float32
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, atol=atol, rtol=0)
+
+
+# --- pydicom's bundled files -------------------------------------------------------------------
+
+
+def test_bundled_ct_without_window_is_min_max_of_its_hounsfield_units():
+    path = bundled("CT_small.dcm")
+    ds = dcmread(path)
+    assert "WindowCenter" not in ds
+    hounsfield = apply_modality_lut(ds.pixel_array, ds)
+
+    assert_close(decode(path).frames, min_max(hounsfield)[np.newaxis])
+
+
+def test_bundled_mr_is_shown_through_its_first_window():
+    path = bundled("MR_small.dcm")
+    ds = dcmread(path)
+    windowed = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds, index=0)
+    top = 2**ds.BitsStored - 1 if ds.PixelRepresentation == 0 else None
+    low, high = (0, top) if top else (-(2 ** (ds.BitsStored - 1)), 2 ** (ds.BitsStored - 1) - 1)
+
+    assert_close(decode(path).frames, ((windowed - low) / (high - low))[np.newaxis])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_expb.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+    ],
+)
+def test_bundled_mr_in_every_lossless_syntax_decodes_like_the_uncompressed_one(name):
+    reference = decode(bundled("MR_small.dcm")).frames
+
+    assert_close(decode(bundled(name)).frames, reference)
+
+
+def test_bundled_rgb_file_is_scaled_to_unit_rgb():
+    path = bundled("SC_rgb_rle.dcm")
+    expected = dcmread(path).pixel_array / 255.0
+
+    decoded = decode(path)
+
+    assert decoded.channels == 3
+    assert_close(decoded.frames, expected[np.newaxis])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "SC_ybr_full_422_uncompressed.dcm",
+        "SC_rgb_dcmtk_+eb+cy+np.dcm",
+        "SC_rgb_dcmtk_+eb+cy+n1.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+    ],
+)
+def test_bundled_ybr_files_come_out_as_the_same_rgb_picture_converted_once(name):
+    """The same colour bars stored as RGB: YBR left unconverted or converted twice differs by ~0.36."""
+    reference = decode(bundled("SC_rgb_rle.dcm")).frames
+
+    decoded = decode(bundled(name)).frames
+
+    assert float(np.abs(decoded - reference).mean()) < 0.02
+
+
+def test_bundled_palette_colour_file_is_expanded_through_its_lookup_tables():
+    path = bundled("examples_palette.dcm")
+    ds = dcmread(path)
+    rgb = apply_color_lut(ds.pixel_array, ds)
+
+    assert_close(decode(path).frames, (rgb / np.iinfo(rgb.dtype).max)[np.newaxis])
+
+
+def test_bundled_jpeg2000_colour_with_reversible_transform_comes_out_as_rgb():
+    path = bundled("examples_jpeg2k.dcm")
+    assert dcmread(path).PhotometricInterpretation == "YBR_RCT"
+
+    decoded = decode(path)
+
+    assert decoded.frames.shape == (1, 480, 640, 3)
+    assert_close(decoded.frames, dcmread(path).pixel_array[np.newaxis] / 255.0)
+
+
+def test_bundled_multiframe_key_policy_decodes_the_middle_frame():
+    path = bundled("rtdose.dcm")
+    ds = dcmread(path)
+    frames = apply_modality_lut(ds.pixel_array, ds)
+    middle = ds.NumberOfFrames // 2
+
+    assert_close(decode(path).frames, min_max(frames[middle])[np.newaxis])
+
+
+@pytest.mark.parametrize("name", ["rtplan.dcm", "test-SR.dcm", "waveform_ecg.dcm"])
+def test_bundled_objects_without_pixels_are_named_no_pixel_data(name):
+    assert failure(bundled(name)).reason is FailureReason.NO_PIXEL_DATA
+
+
+def test_bundled_dicomdir_is_named_dicomdir():
+    assert failure(bundled("DICOMDIR")).reason is FailureReason.DICOMDIR
+
+
+def test_bundled_truncated_mr_is_named_truncated_pixel_data():
+    assert failure(bundled("MR_truncated.dcm")).reason is FailureReason.TRUNCATED_PIXEL_DATA
+
+
+def test_bundled_broken_jpeg_stream_is_named_pixel_decode_error():
+    """pydicom's JPEG-lossy.dcm has a misplaced marker that no installed JPEG plugin accepts."""
+    assert failure(bundled("JPEG-lossy.dcm")).reason is FailureReason.PIXEL_DECODE_ERROR
+
+
+# --- files written here ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transfer_syntax", LOSSLESS_SYNTAXES, ids=lambda uid: uid.name)
+def test_grey_in_each_lossless_syntax_decodes_to_the_written_pixels(tmp_path, transfer_syntax):
+    require_encoder(transfer_syntax)
+    pixels = gradient()
+    path = write_dicom(tmp_path / "scan.dcm", pixels=pixels, transfer_syntax=transfer_syntax)
+
+    decoded = decode(path)
+
+    assert decoded.metadata.transfer_syntax_uid == transfer_syntax
+    assert_close(decoded.frames, min_max(pixels)[np.newaxis])
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax", [ExplicitVRBigEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless], ids=lambda u: u.name
+)
+def test_rgb_in_each_lossless_syntax_decodes_to_the_written_pixels(tmp_path, transfer_syntax):
+    require_encoder(transfer_syntax)
+    rgb = np.random.default_rng(1).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    path = write_dicom(tmp_path / "rgb.dcm", pixels=rgb, photometric="RGB", transfer_syntax=transfer_syntax)
+
+    assert_close(decode(path).frames, rgb[np.newaxis] / 255.0)
+
+
+def test_monochrome1_is_inverted_so_that_one_is_brightest(tmp_path):
+    pixels = gradient()
+    path = write_dicom(tmp_path / "m1.dcm", pixels=pixels, photometric="MONOCHROME1")
+
+    assert_close(decode(path).frames, 1.0 - min_max(pixels)[np.newaxis])
+
+
+def test_monochrome1_is_inverted_after_its_window(tmp_path):
+    pixels = gradient(top=4095)
+    path = write_dicom(tmp_path / "m1w.dcm", pixels=pixels, photometric="MONOCHROME1", window=(2048, 1024))
+    ds = dcmread(path)
+    windowed = apply_voi_lut(pixels, ds)
+
+    assert_close(decode(path).frames, 1.0 - (windowed / 65535.0)[np.newaxis])
+
+
+def test_window_maps_its_output_range_to_unit_interval(tmp_path):
+    pixels = gradient(top=4095)
+    path = write_dicom(tmp_path / "w.dcm", pixels=pixels, window=(1000, 400), bits_stored=12)
+    ds = dcmread(path)
+    center, width = 1000 - 0.5, 400 - 1  # PS3.3 C.11.2.1.2.1, LINEAR
+    expected = np.clip((pixels - center) / width + 0.5, 0, 1)
+
+    assert_close(decode(path).frames, expected[np.newaxis], atol=1e-5)
+    assert_close(decode(path).frames, (apply_voi_lut(pixels, ds) / 4095.0)[np.newaxis], atol=1e-5)
+
+
+def test_first_of_several_windows_is_used(tmp_path):
+    pixels = gradient(top=4095)
+    path = write_dicom(
+        tmp_path / "w2.dcm",
+        pixels=pixels,
+        bits_stored=12,
+        extra={"WindowCenter": [1000, 3000], "WindowWidth": [400, 200]},
+    )
+    expected = np.clip((pixels - 999.5) / 399 + 0.5, 0, 1)
+
+    assert_close(decode(path).frames, expected[np.newaxis], atol=1e-5)
+
+
+def test_signed_pixels_go_through_rescale_then_window(tmp_path):
+    stored = (gradient(top=4000).astype(np.int32) - 2000).astype(np.int16)
+    path = write_dicom(tmp_path / "ct.dcm", pixels=stored, modality="CT", rescale=(2.0, -1024.0), window=(40, 400))
+    ds = dcmread(path)
+    hounsfield = stored * 2.0 - 1024.0
+    low, high = -32768 * 2.0 - 1024.0, 32767 * 2.0 - 1024.0
+    windowed = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)
+    assert np.array_equal(apply_modality_lut(ds.pixel_array, ds), hounsfield)
+
+    assert_close(decode(path).frames, ((windowed - low) / (high - low))[np.newaxis], atol=1e-5)
+
+
+def test_signed_big_endian_pixels_without_window_are_min_max_of_rescaled_values(tmp_path):
+    stored = (gradient(top=4000).astype(np.int32) - 2000).astype(np.int16)
+    path = write_dicom(
+        tmp_path / "be.dcm", pixels=stored, rescale=(1.0, -1024.0), transfer_syntax=ExplicitVRBigEndian
+    )
+
+    assert_close(decode(path).frames, min_max(stored.astype(np.float64) - 1024.0)[np.newaxis])
+
+
+def test_voi_lut_sequence_is_applied_and_spans_its_table(tmp_path):
+    pixels = gradient(top=255).astype(np.uint16)
+    table = (255 - np.arange(256)).astype(np.uint16)  # an inverting 256-entry LUT, 8-bit output
+    item = Dataset()
+    item.LUTDescriptor = [256, 0, 8]
+    item.LUTData = table.astype("<u2").tobytes()
+    path = write_dicom(tmp_path / "lut.dcm", pixels=pixels, bits_stored=8, extra={"VOILUTSequence": Sequence([item])})
+
+    assert_close(decode(path).frames, (table[pixels] / 255.0)[np.newaxis])
+
+
+def test_palette_colour_is_expanded_to_rgb(tmp_path):
+    indices = gradient(top=255, dtype=np.uint8)
+    path = write_dicom(tmp_path / "pal.dcm", pixels=indices, photometric="PALETTE COLOR")
+    ds = dcmread(path)
+    expected = apply_color_lut(indices, ds) / 65535.0
+
+    decoded = decode(path)
+
+    assert decoded.channels == 3
+    assert_close(decoded.frames, expected[np.newaxis])
+
+
+def test_ybr_full_is_converted_to_rgb(tmp_path):
+    rgb = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    path = write_dicom(tmp_path / "ybr.dcm", pixels=ybr, photometric="YBR_FULL")
+    expected = convert_color_space(ybr, "YBR_FULL", "RGB") / 255.0
+
+    decoded = decode(path)
+
+    assert_close(decoded.frames, expected[np.newaxis])
+    assert float(np.abs(decoded.frames[0] - rgb / 255.0).max()) <= 2 / 255
+
+
+def test_multiframe_key_policy_decodes_only_the_middle_frame(tmp_path):
+    frames = synthetic_frames(5)
+    path = write_dicom(tmp_path / "cine.dcm", pixels=frames, modality="US", frames=5)
+
+    decoded = decode(path, frame_policy="key")
+
+    assert decoded.metadata.frames == 5
+    assert_close(decoded.frames, min_max(frames[2])[np.newaxis])
+
+
+def test_multiframe_key_policy_honours_representative_frame_number(tmp_path):
+    frames = synthetic_frames(5)
+    path = write_dicom(tmp_path / "cine.dcm", pixels=frames, extra={"RepresentativeFrameNumber": 4})
+
+    assert_close(decode(path).frames, min_max(frames[3])[np.newaxis])
+
+
+def test_multiframe_all_policy_decodes_every_frame_with_one_scale(tmp_path):
+    frames = synthetic_frames(4)
+    path = write_dicom(tmp_path / "cine.dcm", pixels=frames, transfer_syntax=RLELossless)
+
+    assert_close(decode(path, frame_policy="all").frames, min_max(frames))
+
+
+def test_file_meta_without_preamble_still_decodes(tmp_path):
+    pixels = gradient()
+    path = write_dicom(tmp_path / "nopre.dcm", pixels=pixels, preamble=False)
+    assert path.read_bytes()[:2] == b"\x02\x00"
+
+    assert_close(decode(path).frames, min_max(pixels)[np.newaxis])
+
+
+def test_bare_dataset_without_preamble_or_file_meta_still_decodes(tmp_path):
+    pixels = gradient()
+    path = write_dicom(
+        tmp_path / "bare.dcm", pixels=pixels, preamble=False, with_file_meta=False,
+        transfer_syntax=ImplicitVRLittleEndian,
+    )
+    assert path.read_bytes()[:2] == b"\x08\x00"
+
+    decoded = decode(path)
+
+    assert_close(decoded.frames, min_max(pixels)[np.newaxis])
+    assert decoded.metadata.modality == "CR"
+
+
+def test_metadata_is_read_from_the_dataset(tmp_path):
+    path = write_dicom(
+        tmp_path / "meta.dcm",
+        modality="DX",
+        body_part="HAND",
+        patient_name="SYNTHETIC^META",
+        patient_id="SYNTH-42",
+        extra={"ViewPosition": "PA"},
+    )
+    ds = dcmread(path)
+
+    metadata = decode(path).metadata
+
+    assert metadata.format == "dicom"
+    assert (metadata.study_instance_uid, metadata.series_instance_uid, metadata.sop_instance_uid) == (
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+    )
+    assert metadata.sop_class_uid == ds.SOPClassUID
+    assert (metadata.patient_name, metadata.patient_id) == ("SYNTHETIC^META", "SYNTH-42")
+    assert (metadata.patient_birth_date, metadata.patient_sex, metadata.patient_age) == ("19700101", "O", "054Y")
+    assert metadata.accession_number == "SYNTHACC01"
+    assert (metadata.modality, metadata.body_part, metadata.view_position) == ("DX", "HAND", "PA")
+    assert metadata.manufacturer == "SYNTHETIC"
+    assert (metadata.rows, metadata.columns, metadata.frames, metadata.samples_per_pixel) == (64, 64, 1, 1)
+    assert (metadata.photometric_interpretation, metadata.bits_stored) == ("MONOCHROME2", 16)
+    assert metadata.transfer_syntax_uid == ExplicitVRLittleEndian
+    assert "patient_name" not in metadata.without_phi()
+
+
+# --- bad DICOM ---------------------------------------------------------------------------------
+
+
+def test_structured_report_is_named_no_pixel_data(tmp_path):
+    assert failure(write_structured_report(tmp_path / "sr.dcm")).reason is FailureReason.NO_PIXEL_DATA
+
+
+def test_written_dicomdir_is_named_dicomdir(tmp_path):
+    assert failure(write_dicomdir(tmp_path / "DICOMDIR")).reason is FailureReason.DICOMDIR
+
+
+def test_native_pixel_data_cut_short_is_named_truncated_pixel_data(tmp_path):
+    whole = write_dicom(tmp_path / "whole.dcm")
+
+    caught = failure(truncate_pixel_data(whole, tmp_path / "cut.dcm", keep_fraction=0.5))
+
+    assert caught.reason is FailureReason.TRUNCATED_PIXEL_DATA
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
+@pytest.mark.parametrize("transfer_syntax", [RLELossless, JPEG2000Lossless], ids=lambda u: u.name)
+def test_compressed_pixel_data_cut_short_is_named_truncated_pixel_data(tmp_path, transfer_syntax):
+    require_encoder(transfer_syntax)
+    whole = write_dicom(tmp_path / "whole.dcm", transfer_syntax=transfer_syntax)
+
+    caught = failure(truncate_pixel_data(whole, tmp_path / "cut.dcm", keep_fraction=0.5))
+
+    assert caught.reason is FailureReason.TRUNCATED_PIXEL_DATA
+
+
+def test_corrupt_compressed_stream_is_named_pixel_decode_error(tmp_path):
+    require_encoder(JPEG2000Lossless)
+    path = write_dicom(tmp_path / "j2k.dcm", transfer_syntax=JPEG2000Lossless)
+    raw = bytearray(path.read_bytes())
+    codestream = raw.find(b"\xff\x4f\xff\x51")  # J2K SOC + SIZ markers
+    raw[codestream + 4 : codestream + 40] = b"\xff" * 36
+    path.write_bytes(bytes(raw))
+
+    assert failure(path).reason is FailureReason.PIXEL_DECODE_ERROR
+
+
+def test_transfer_syntax_without_decoder_is_named_and_named_in_the_message(tmp_path):
+    path = write_dicom(tmp_path / "mpeg.dcm")
+    ds = dcmread(path)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 Main Profile / Main Level
+    ds["PixelData"].is_undefined_length = True
+    ds.PixelData = pydicom.encaps.encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 60])
+    ds.save_as(path, enforce_file_format=True)
+
+    caught = failure(path)
+
+    assert caught.reason is FailureReason.UNSUPPORTED_TRANSFER_SYNTAX
+    assert "1.2.840.10008.1.2.4.100" in caught.message and "MPEG2" in caught.message
+
+
+def test_unsupported_photometric_is_named(tmp_path):
+    path = write_dicom(tmp_path / "hsv.dcm", extra={"PhotometricInterpretation": "HSV"})
+
+    assert failure(path).reason is FailureReason.UNSUPPORTED_PHOTOMETRIC
+
+
+def test_too_many_pixels_is_refused_from_the_header_before_decoding(tmp_path):
+    """The header claims 40000x40000x100 pixels over 8 KiB of data: a truncation check or a decode
+    would come first and fail differently, or allocate gigabytes."""
+    path = write_dicom(tmp_path / "bomb.dcm", extra={"Rows": 40000, "Columns": 40000, "NumberOfFrames": 100})
+
+    caught = failure(path)
+
+    assert caught.reason is FailureReason.TOO_MANY_PIXELS
+
+
+def test_pixel_limit_counts_every_frame(tmp_path):
+    path = write_dicom(tmp_path / "cine.dcm", frames=5)  # 5 x 32 x 32 = 5120 pixels
+
+    assert failure(path, max_pixels=5000).reason is FailureReason.TOO_MANY_PIXELS
+    assert decode(path, max_pixels=5120).frames.shape == (1, 32, 32)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dicom_signature_over_garbage_is_named_corrupt_image(tmp_path):
+    path = tmp_path / "garbage.dcm"
+    path.write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\xff\xff" + b"\x01" * 20)
+
+    assert failure(path).reason is FailureReason.CORRUPT_IMAGE
+
+
+def test_image_cut_before_its_pixel_data_is_named_truncated_pixel_data(tmp_path):
+    whole = write_dicom(tmp_path / "whole.dcm").read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole[: whole.rfind(b"\xe0\x7f\x10\x00")])
+
+    assert failure(cut).reason is FailureReason.TRUNCATED_PIXEL_DATA
+
+
+# --- what this installation can decode ----------------------------------------------------------
+
+
+def test_decodable_transfer_syntaxes_include_the_common_ones():
+    decodable = {support.uid for support in decodable_transfer_syntaxes() if support.decodable}
+
+    assert {ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, JPEG2000Lossless} <= decodable
+
+
+def test_decodable_transfer_syntaxes_name_their_plugins_and_the_gaps():
+    support = {entry.uid: entry for entry in decodable_transfer_syntaxes()}
+
+    assert support[JPEG2000Lossless].plugins
+    assert support[JPEG2000Lossless].name == "JPEG 2000 Image Compression (Lossless Only)"
+    assert support["1.2.840.10008.1.2.4.100"].decodable is False
