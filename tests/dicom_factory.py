@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.fileset import FileSet
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     UID,
     BasicTextSRStorage,
     ComputedRadiographyImageStorage,
@@ -33,7 +34,6 @@ from pydicom.uid import (
     MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
     MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
     MultiFrameTrueColorSecondaryCaptureImageStorage,
-    PYDICOM_IMPLEMENTATION_UID,
     SecondaryCaptureImageStorage,
     UltrasoundMultiFrameImageStorage,
     generate_uid,
@@ -80,9 +80,7 @@ def _sop_class(modality: str, frames: int, arr: np.ndarray, photometric: str) ->
     return SecondaryCaptureImageStorage
 
 
-def _base_dataset(
-    sop_class: UID, *, modality: str, patient_name: str, patient_id: str
-) -> Dataset:
+def _base_dataset(sop_class: UID, *, modality: str, patient_name: str, patient_id: str) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class
@@ -206,9 +204,7 @@ def write_dicom(
     ds.BodyPartExamined = body_part
     if modality == "SC" or ds.SOPClassUID == SecondaryCaptureImageStorage:
         ds.ConversionType = "WSD"
-    ds.set_pixel_data(
-        arr, photometric, bits_stored or _bits_stored(arr), generate_instance_uid=False
-    )
+    ds.set_pixel_data(arr, photometric, bits_stored or _bits_stored(arr), generate_instance_uid=False)
     if n_frames > 1:
         ds.FrameIncrementPointer = 0x00181063
         ds.FrameTime = 33.3

@@ -6,7 +6,6 @@ functions plus numpy, or from the very array written for lossless syntaxes.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space, get_encoder
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    convert_color_space,
+    get_encoder,
+)
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -27,9 +32,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for dicom_factory
-
-from dicom_factory import (  # noqa: E402
+from dicom_factory import (
     gradient,
     synthetic_frames,
     truncate_pixel_data,
@@ -38,8 +41,8 @@ from dicom_factory import (  # noqa: E402
     write_structured_report,
 )
 
-from meddaemon.engine.decode import DecodeOptions, decodable_transfer_syntaxes, decode_bytes  # noqa: E402
-from meddaemon.failures import FailureReason, ScanFailure  # noqa: E402
+from meddaemon.engine.decode import DecodeOptions, decodable_transfer_syntaxes, decode_bytes
+from meddaemon.failures import FailureReason, ScanFailure
 
 LOSSLESS_SYNTAXES = [
     ExplicitVRLittleEndian,
@@ -218,7 +221,9 @@ def test_grey_in_each_lossless_syntax_decodes_to_the_written_pixels(tmp_path, tr
 
 
 @pytest.mark.parametrize(
-    "transfer_syntax", [ExplicitVRBigEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless], ids=lambda u: u.name
+    "transfer_syntax",
+    [ExplicitVRBigEndian, RLELossless, JPEGLSLossless, JPEG2000Lossless],
+    ids=lambda u: u.name,
 )
 def test_rgb_in_each_lossless_syntax_decodes_to_the_written_pixels(tmp_path, transfer_syntax):
     require_encoder(transfer_syntax)
@@ -270,7 +275,9 @@ def test_first_of_several_windows_is_used(tmp_path):
 
 def test_signed_pixels_go_through_rescale_then_window(tmp_path):
     stored = (gradient(top=4000).astype(np.int32) - 2000).astype(np.int16)
-    path = write_dicom(tmp_path / "ct.dcm", pixels=stored, modality="CT", rescale=(2.0, -1024.0), window=(40, 400))
+    path = write_dicom(
+        tmp_path / "ct.dcm", pixels=stored, modality="CT", rescale=(2.0, -1024.0), window=(40, 400)
+    )
     ds = dcmread(path)
     hounsfield = stored * 2.0 - 1024.0
     low, high = -32768 * 2.0 - 1024.0, 32767 * 2.0 - 1024.0
@@ -295,7 +302,9 @@ def test_voi_lut_sequence_is_applied_and_spans_its_table(tmp_path):
     item = Dataset()
     item.LUTDescriptor = [256, 0, 8]
     item.LUTData = table.astype("<u2").tobytes()
-    path = write_dicom(tmp_path / "lut.dcm", pixels=pixels, bits_stored=8, extra={"VOILUTSequence": Sequence([item])})
+    path = write_dicom(
+        tmp_path / "lut.dcm", pixels=pixels, bits_stored=8, extra={"VOILUTSequence": Sequence([item])}
+    )
 
     assert_close(decode(path).frames, (table[pixels] / 255.0)[np.newaxis])
 
@@ -359,7 +368,10 @@ def test_file_meta_without_preamble_still_decodes(tmp_path):
 def test_bare_dataset_without_preamble_or_file_meta_still_decodes(tmp_path):
     pixels = gradient()
     path = write_dicom(
-        tmp_path / "bare.dcm", pixels=pixels, preamble=False, with_file_meta=False,
+        tmp_path / "bare.dcm",
+        pixels=pixels,
+        preamble=False,
+        with_file_meta=False,
         transfer_syntax=ImplicitVRLittleEndian,
     )
     assert path.read_bytes()[:2] == b"\x08\x00"
@@ -385,11 +397,17 @@ def test_metadata_is_read_from_the_dataset(tmp_path):
 
     assert metadata.format == "dicom"
     assert (metadata.study_instance_uid, metadata.series_instance_uid, metadata.sop_instance_uid) == (
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
+        ds.StudyInstanceUID,
+        ds.SeriesInstanceUID,
+        ds.SOPInstanceUID,
     )
     assert metadata.sop_class_uid == ds.SOPClassUID
     assert (metadata.patient_name, metadata.patient_id) == ("SYNTHETIC^META", "SYNTH-42")
-    assert (metadata.patient_birth_date, metadata.patient_sex, metadata.patient_age) == ("19700101", "O", "054Y")
+    assert (metadata.patient_birth_date, metadata.patient_sex, metadata.patient_age) == (
+        "19700101",
+        "O",
+        "054Y",
+    )
     assert metadata.accession_number == "SYNTHACC01"
     assert (metadata.modality, metadata.body_part, metadata.view_position) == ("DX", "HAND", "PA")
     assert metadata.manufacturer == "SYNTHETIC"

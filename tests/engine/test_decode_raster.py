@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import io
-import sys
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for dicom_factory
+from dicom_factory import gradient, write_blank_png, write_png
 
-from dicom_factory import gradient, write_blank_png, write_png  # noqa: E402
-
-from meddaemon.engine.decode import DecodeOptions, decode_bytes  # noqa: E402
-from meddaemon.failures import FailureReason, ScanFailure  # noqa: E402
+from meddaemon.engine.decode import DecodeOptions, decode_bytes
+from meddaemon.failures import FailureReason, ScanFailure
 
 RNG = np.random.default_rng(7)
 NOISE = RNG.integers(0, 256, (48, 64), dtype=np.uint8)

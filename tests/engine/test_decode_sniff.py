@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import io
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for dicom_factory
+from dicom_factory import gradient, write_dicom, write_png
 
-from dicom_factory import gradient, write_dicom, write_png  # noqa: E402
-
-from meddaemon.engine.decode import SNIFF_BYTES, decode_bytes, sniff_format  # noqa: E402
-from meddaemon.failures import FailureReason, ScanFailure  # noqa: E402
+from meddaemon.engine.decode import SNIFF_BYTES, decode_bytes, sniff_format
+from meddaemon.failures import FailureReason, ScanFailure
 
 
 def saved(image: Image.Image, fmt: str) -> bytes:
@@ -30,9 +26,7 @@ def reason(data: bytes) -> FailureReason:
     return caught.value.reason
 
 
-@pytest.mark.parametrize(
-    ("fmt", "expected"), [("PNG", "png"), ("JPEG", "jpeg"), ("TIFF", "tiff")]
-)
+@pytest.mark.parametrize(("fmt", "expected"), [("PNG", "png"), ("JPEG", "jpeg"), ("TIFF", "tiff")])
 def test_raster_formats_are_told_by_their_signature(fmt, expected):
     data = saved(Image.fromarray(gradient(16, 16, dtype=np.uint8, top=255)), fmt)
 

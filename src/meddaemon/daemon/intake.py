@@ -7,9 +7,11 @@ takes and returns plain picklable data and touches neither the database nor the 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import signal
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +95,14 @@ def _points_outside(link: Path) -> bool:
     return link.parent.resolve() not in target.parents
 
 
-def ignore_sigint() -> None:
+def quiet_pydicom() -> None:
+    """pydicom's warnings and log lines quote element values, patient names among them: PHI stays out."""
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    warnings.filterwarnings("ignore", category=UserWarning, message=r".*(VR|value|Invalid|Expected).*")
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+
+
+def init_worker() -> None:
     """Worker initialiser: Ctrl-C goes to the daemon, which stops its workers in order."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quiet_pydicom()

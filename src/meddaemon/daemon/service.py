@@ -27,7 +27,7 @@ from meddaemon.config import Settings
 from meddaemon.daemon import bookkeeper, filing
 from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, PlannedMove, RoutingPolicy
 from meddaemon.daemon.inbox import Inbox
-from meddaemon.daemon.intake import Intake, ignore_sigint, read_file
+from meddaemon.daemon.intake import Intake, init_worker, quiet_pydicom, read_file
 from meddaemon.daemon.stability import Signature, StabilityTracker, StableFile
 from meddaemon.daemon.watcher import Hint, install_overflow_alarm, start_observer
 from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
@@ -80,6 +80,7 @@ class Daemon:
         """Folders, schema, tasks, and an account of what can be decoded."""
         for folder in (self.settings.watch, self.settings.state_dir, *vars(self.destinations).values()):
             Path(folder).mkdir(parents=True, exist_ok=True)
+        quiet_pydicom()
         upgrade(self.engine)
         with_lock_retry(self._ensure_tasks, self._log_lock_wait, self.stop_requested.is_set)
         self._log_decoders()
@@ -87,7 +88,7 @@ class Daemon:
     def run(self, once: bool = False) -> RunStats:
         """Process the inbox until stopped (SIGTERM/SIGINT), or, with ``once``, until it is drained."""
         self.prepare()
-        self._install_signal_handlers()
+        previous_handlers = self._install_signal_handlers()
         alarm = install_overflow_alarm()
         observer = None if once else start_observer(self.settings.watch, self.hints, self.settings.observer)
         self.pool = self._make_pool()
@@ -128,6 +129,8 @@ class Daemon:
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
             self.engine.dispose()
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
         log.info(
             "stopped: %d registered, %d duplicates, %d failed in %.1f s",
             self.stats.registered, self.stats.duplicates, self.stats.failed, time.monotonic() - self.stats.started,
@@ -261,13 +264,14 @@ class Daemon:
             return None
         context = multiprocessing.get_context("forkserver")
         return ProcessPoolExecutor(
-            self.settings.workers, mp_context=context, initializer=ignore_sigint, max_tasks_per_child=2000
+            self.settings.workers, mp_context=context, initializer=init_worker, max_tasks_per_child=2000
         )
 
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.request_stop)
-            signal.signal(signal.SIGINT, self.request_stop)
+    def _install_signal_handlers(self) -> dict[int, object]:
+        """SIGTERM and SIGINT ask for a graceful stop; returns the handlers to restore afterwards."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {signum: signal.signal(signum, self.request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def _log_lock_wait(self, attempt: int, exc: BaseException) -> None:
         if attempt == 1 or attempt % 10 == 0:

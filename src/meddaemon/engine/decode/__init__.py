@@ -79,5 +79,6 @@ def decode_bytes(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
         ) from exc
     except Exception as exc:
         raise ScanFailure(
-            FailureReason.INTERNAL_ERROR, f"decoding the {fmt} file failed unexpectedly ({type(exc).__name__})"
+            FailureReason.INTERNAL_ERROR,
+            f"decoding the {fmt} file failed unexpectedly ({type(exc).__name__})",
         ) from exc

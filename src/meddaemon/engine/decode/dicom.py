@@ -3,9 +3,10 @@
 Grey images go through Modality LUT -> VOI LUT or window -> MONOCHROME1 inversion and end as
 float32 in [0, 1], 1.0 brightest. Colour images (RGB, YBR_*, PALETTE COLOR) end as RGB in [0, 1].
 
-pydicom's configuration is global and is never changed here. Every dataset is read into its own
-objects, so decoding different files in different threads shares nothing but pydicom's plugin
-registry; pydicom's own warnings about odd values go through :mod:`warnings` and its logger.
+pydicom's configuration is global and is never changed here; each call reads its own dataset.
+pydicom reports odd values through :mod:`warnings` and its ``pydicom`` logger, and those messages
+can quote element values (names, IDs): keep them out of any log that must be free of PHI.
+Failure messages raised here never quote element values.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space, get_decoder
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    convert_color_space,
+    get_decoder,
+)
 from pydicom.pixels.utils import get_expected_length
 from pydicom.uid import (
     UID,
@@ -302,7 +309,9 @@ def _frame_index(ds: Dataset, frames: int, options: DecodeOptions, notes: list[s
     return index
 
 
-def _decode_pixels(decoder: Any, ds: Dataset, index: int | None, transfer_syntax: UID) -> tuple[np.ndarray, dict]:
+def _decode_pixels(
+    decoder: Any, ds: Dataset, index: int | None, transfer_syntax: UID
+) -> tuple[np.ndarray, dict]:
     """Decode with pydicom's own colour handling: YBR_FULL(_422) comes back as RGB whether the
     codec (JPEG baseline) or pydicom converted it; the returned dict says what the array holds."""
     try:

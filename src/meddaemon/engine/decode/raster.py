@@ -80,15 +80,20 @@ def _check_pixel_count(image: Image.Image, options: DecodeOptions) -> None:
 def _load(image: Image.Image) -> list[str]:
     """Decode every pixel now, so a truncated or broken stream fails here and not later."""
     notes = []
-    if getattr(image, "n_frames", 1) > 1:
-        notes.append(f"first of {image.n_frames} frames decoded")
+    frames = int(getattr(image, "n_frames", 1))
+    if frames > 1:
+        notes.append(f"first of {frames} frames decoded")
     try:
         image.load()
     except Image.DecompressionBombError as exc:
-        raise ScanFailure(FailureReason.TOO_MANY_PIXELS, f"Pillow refused a decompression bomb: {exc}") from exc
+        raise ScanFailure(
+            FailureReason.TOO_MANY_PIXELS, f"Pillow refused a decompression bomb: {exc}"
+        ) from exc
     except (OSError, EOFError) as exc:
         if isinstance(exc, EOFError) or "truncated" in str(exc).lower():
-            raise ScanFailure(FailureReason.TRUNCATED_IMAGE, "the image data ends before its last pixel") from exc
+            raise ScanFailure(
+                FailureReason.TRUNCATED_IMAGE, "the image data ends before its last pixel"
+            ) from exc
         raise ScanFailure(
             FailureReason.CORRUPT_IMAGE, f"the image data cannot be decoded ({type(exc).__name__}: {exc})"
         ) from exc

@@ -1,0 +1,169 @@
+"""Bad input never stops the daemon: each file ends in `failed` with a named reason, the original
+kept byte for byte in failed/ beside a .reason.json, and the good files around it are processed."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dicom_factory import truncate_pixel_data, write_blank_png, write_dicom, write_dicomdir, write_png, write_structured_report
+from sqlalchemy import select
+
+from meddaemon.daemon.service import Daemon
+from meddaemon.daemon.stability import StableFile, signature
+from meddaemon.db.models import Scan, utcnow
+
+
+def synthetic_png(path: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    return write_png(path, rng.integers(0, 255, (32, 32), dtype=np.uint8))
+
+
+def truncated_png(path: Path) -> Path:
+    full = synthetic_png(path.with_suffix(".full"), seed=1).read_bytes()
+    path.write_bytes(full[: len(full) // 2])
+    path.with_suffix(".full").unlink()
+    return path
+
+
+def truncated_dicom(path: Path) -> Path:
+    whole = write_dicom(path.with_suffix(".whole"), pixels=np.arange(128 * 128, dtype=np.uint16).reshape(128, 128))
+    truncate_pixel_data(whole, path)
+    whole.unlink()
+    return path
+
+
+def random_bytes(path: Path) -> Path:
+    path.write_bytes(np.random.default_rng(len(path.name)).bytes(4096))
+    return path
+
+
+BAD_FILES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
+    "empty": ("busi/empty.png", lambda p: (p.write_bytes(b""), p)[1], "empty_file"),
+    "truncated png": ("busi/truncated.png", truncated_png, "truncated_image"),
+    "truncated dicom pixel data": ("truncated.dcm", truncated_dicom, "truncated_pixel_data"),
+    "random bytes named .dcm": ("busi/random.dcm", random_bytes, "unrecognised_format"),
+    "random bytes named .png": ("busi/random.png", random_bytes, "unrecognised_format"),
+    "structured report": ("busi/report.dcm", write_structured_report, "no_pixel_data"),
+    "dicomdir": ("busi/DICOMDIR", write_dicomdir, "dicomdir"),
+    "decompression bomb": ("busi/bomb.png", lambda p: write_blank_png(p, 30000, 30000), "too_many_pixels"),
+    "unreadable": ("busi/mode000.png", lambda p: (synthetic_png(p, 7), os.chmod(p, 0), p)[2], "unreadable"),
+    "unroutable": ("loose.png", lambda p: synthetic_png(p, 8), "unroutable"),
+}
+
+
+def run_once(settings) -> Daemon:
+    daemon = Daemon(settings)
+    daemon.run(once=True)
+    return daemon
+
+
+def scans_by_name(daemon: Daemon) -> dict[str, Scan]:
+    with daemon.sessions() as session:
+        return {s.source_name: s for s in session.scalars(select(Scan))}
+
+
+@pytest.mark.parametrize("case", BAD_FILES, ids=list(BAD_FILES))
+def test_bad_file_fails_with_its_reason_and_is_kept(case: str, make_settings, tmp_path: Path):
+    name, make, reason = BAD_FILES[case]
+    settings = make_settings()
+    bad = tmp_path / "inbox" / name
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    make(bad)
+    original = bad.read_bytes()
+    good = synthetic_png(tmp_path / "inbox" / "busi" / "synthetic_good.png")
+
+    daemon = run_once(settings)
+
+    scans = scans_by_name(daemon)
+    failed = scans[name]
+    assert (failed.state, failed.failure_reason) == ("failed", reason)
+    assert failed.failure_message
+    kept = Path(failed.stored_path)
+    assert kept == settings.failed_dir / name
+    os.chmod(kept, 0o600)
+    assert kept.read_bytes() == original
+    document = json.loads(kept.with_name(kept.name + ".reason.json").read_text())
+    assert document["reason"] == reason and document["source_name"] == name
+    assert scans["busi/synthetic_good.png"].state == "waiting_model"
+    assert not bad.exists() and not good.exists()
+
+
+def test_dicom_without_preamble_is_read(make_settings, tmp_path: Path):
+    write_dicom(tmp_path / "inbox" / "no_preamble.dcm", preamble=False, modality="DX", body_part="CHEST")
+    scan = scans_by_name(run_once(make_settings()))["no_preamble.dcm"]
+    assert (scan.state, scan.task_name, scan.format, scan.modality) == ("waiting_model", "chestxray14", "dicom", "DX")
+
+
+def test_a_symlink_out_of_the_inbox_is_not_followed(make_settings, tmp_path: Path):
+    secret = synthetic_png(tmp_path / "outside" / "synthetic_secret.png")
+    (tmp_path / "inbox" / "busi").mkdir(parents=True)
+    os.symlink(secret, tmp_path / "inbox" / "busi" / "link.png")
+    settings = make_settings()
+
+    scan = scans_by_name(run_once(settings))["busi/link.png"]
+
+    assert (scan.failure_reason, scan.sha256) == ("symlink_not_followed", None)
+    assert "outside" in scan.failure_message
+    kept = settings.failed_dir / "busi" / "link.png"
+    assert kept.is_symlink() and os.readlink(kept) == str(secret)
+    assert secret.exists()
+
+
+@pytest.mark.parametrize("name", ["busi/with space.png", "busi/ünïcødé 医学.png", "busi/new\nline.png"])
+def test_awkward_file_names_are_processed_and_kept_as_they_were(name: str, make_settings, tmp_path: Path):
+    synthetic_png(tmp_path / "inbox" / name)
+    scan = scans_by_name(run_once(make_settings()))[name]
+    assert scan.state == "waiting_model" and Path(scan.stored_path).exists()
+
+
+def test_a_directory_named_like_a_dicom_file_is_a_folder_and_its_files_are_processed(make_settings, tmp_path: Path):
+    folder = tmp_path / "inbox" / "busi" / "x.dcm"
+    folder.mkdir(parents=True)
+    write_dicom(folder / "inside.dcm")
+    daemon = run_once(make_settings())
+    assert scans_by_name(daemon)["busi/x.dcm/inside.dcm"].state == "waiting_model"
+    assert folder.is_dir()
+
+
+def test_a_file_deleted_between_discovery_and_reading_is_recorded_as_vanished(make_settings, tmp_path: Path):
+    settings = make_settings()
+    path = synthetic_png(tmp_path / "inbox" / "busi" / "synthetic_gone.png")
+    daemon = Daemon(settings)
+    daemon.prepare()
+    stable = StableFile(path, signature(path), utcnow(), utcnow())
+    path.unlink()
+
+    daemon.process([stable])
+
+    scan = scans_by_name(daemon)["busi/synthetic_gone.png"]
+    assert (scan.state, scan.failure_reason, scan.stored_path) == ("failed", "vanished", None)
+
+
+def test_the_same_bytes_under_two_names_are_processed_once_and_recorded_as_a_duplicate(make_settings, tmp_path: Path):
+    first = synthetic_png(tmp_path / "inbox" / "busi" / "synthetic_a.png")
+    (tmp_path / "inbox" / "busi" / "copy of a.png").write_bytes(first.read_bytes())
+    settings = make_settings()
+    daemon = run_once(settings)
+
+    with daemon.sessions() as session:
+        [scan] = session.scalars(select(Scan)).all()
+        [duplicate] = scan.duplicates
+    assert {scan.source_name, duplicate.source_name} == {"busi/synthetic_a.png", "busi/copy of a.png"}
+    assert Path(duplicate.stored_path).is_relative_to(settings.archive_dir / "duplicates")
+    assert Path(duplicate.stored_path).read_bytes() == Path(scan.stored_path).read_bytes()
+
+
+def test_files_arriving_later_with_known_bytes_are_duplicates_too(make_settings, tmp_path: Path):
+    settings = make_settings()
+    data = synthetic_png(tmp_path / "inbox" / "busi" / "synthetic_a.png").read_bytes()
+    run_once(settings)
+    (tmp_path / "inbox" / "busi" / "synthetic_a.png").write_bytes(data)
+    daemon = run_once(settings)
+    with daemon.sessions() as session:
+        [scan] = session.scalars(select(Scan)).all()
+        assert len(scan.duplicates) == 1

@@ -1,0 +1,90 @@
+"""Moves that recovery can repeat: every partial state of a move ends with the file at its target."""
+
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+from meddaemon.daemon import filing
+from meddaemon.daemon.filing import MoveOutcome, finish_move
+
+
+def test_a_move_puts_the_file_at_the_target_creating_folders(tmp_path: Path):
+    src = tmp_path / "inbox" / "a.png"
+    src.parent.mkdir()
+    src.write_bytes(b"synthetic")
+    target = tmp_path / "state" / "work" / "ab" / "a.png"
+    assert finish_move(src, target) is MoveOutcome.MOVED
+    assert target.read_bytes() == b"synthetic" and not src.exists()
+
+
+def test_repeating_a_finished_move_changes_nothing(tmp_path: Path):
+    target = tmp_path / "t.png"
+    target.write_bytes(b"synthetic")
+    assert finish_move(tmp_path / "gone.png", target) is MoveOutcome.ALREADY_DONE
+    assert target.read_bytes() == b"synthetic"
+
+
+def test_a_file_at_neither_end_is_reported_lost(tmp_path: Path):
+    assert finish_move(tmp_path / "a", tmp_path / "b") is MoveOutcome.LOST
+
+
+def test_a_different_file_at_the_target_is_never_overwritten(tmp_path: Path):
+    (tmp_path / "src").write_bytes(b"one")
+    (tmp_path / "dst").write_bytes(b"other bytes")
+    with pytest.raises(FileExistsError):
+        finish_move(tmp_path / "src", tmp_path / "dst")
+    assert (tmp_path / "dst").read_bytes() == b"other bytes" and (tmp_path / "src").exists()
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second filesystem (tmpfs at /dev/shm)")
+def test_a_move_across_filesystems_copies_then_removes_the_source(tmp_path: Path):
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        src = Path(other) / "scan.dcm"
+        src.write_bytes(b"synthetic" * 1000)
+        target = tmp_path / "archive" / "scan.dcm"
+        assert os.stat(other).st_dev != os.stat(tmp_path).st_dev
+        assert finish_move(src, target) is MoveOutcome.MOVED
+        assert target.read_bytes() == b"synthetic" * 1000 and not src.exists()
+        assert not list(target.parent.glob(".*.partial"))
+
+
+def test_a_cross_device_copy_interrupted_before_the_unlink_is_finished(tmp_path: Path):
+    (tmp_path / "src").write_bytes(b"same")
+    (tmp_path / "dst").write_bytes(b"same")
+    assert finish_move(tmp_path / "src", tmp_path / "dst") is MoveOutcome.ALREADY_DONE
+    assert not (tmp_path / "src").exists()
+
+
+def test_failed_names_keep_the_folder_and_are_numbered_on_collision(tmp_path: Path):
+    taken: set[Path] = set()
+    first = filing.failed_path(tmp_path, PurePosixPath("busi/bad scan.png"), taken)
+    second = filing.failed_path(tmp_path, PurePosixPath("busi/bad scan.png"), taken)
+    assert first == tmp_path / "busi" / "bad scan.png"
+    assert second == tmp_path / "busi" / "bad scan__2.png"
+
+
+def test_work_names_are_content_addressed_and_keep_a_real_extension_only():
+    sha = "ab" + "0" * 62
+    assert filing.work_path(Path("/w"), sha, PurePosixPath("x/y.dcm")) == Path(f"/w/ab/{sha}.dcm")
+    assert filing.work_path(Path("/w"), sha, PurePosixPath("1.2.840.113619.2")) == Path(f"/w/ab/{sha}")
+
+
+def test_archive_names_are_dated_and_disambiguated_by_hash(tmp_path: Path):
+    day = datetime(2026, 11, 22)
+    first = filing.archive_path(tmp_path, PurePosixPath("a.png"), "1" * 64, day)
+    assert first == tmp_path / "2026-11-22" / "a.png"
+    first.parent.mkdir(parents=True)
+    first.write_bytes(b"x")
+    assert filing.archive_path(tmp_path, PurePosixPath("a.png"), "2" * 64, day).name == "a__222222222222.png"
+
+
+def test_the_reason_file_is_complete_json(tmp_path: Path):
+    failed = tmp_path / "failed" / "x.dcm"
+    filing.write_reason(failed, {"reason": "truncated_pixel_data", "message": "cut"})
+    document = json.loads((tmp_path / "failed" / "x.dcm.reason.json").read_text())
+    assert document == {"reason": "truncated_pixel_data", "message": "cut"}
+    assert [p.name for p in failed.parent.iterdir()] == ["x.dcm.reason.json"]

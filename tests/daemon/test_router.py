@@ -1,0 +1,51 @@
+"""Routing: a task folder, else the DICOM rules, else the default task, else unroutable."""
+
+from pathlib import PurePosixPath
+
+from meddaemon.config import RouteRule, load_settings
+from meddaemon.daemon.router import route_scan
+from meddaemon.engine.decode.types import ScanMetadata
+from meddaemon.engine.tasks import BUILTIN_TASKS
+
+RULES = load_settings(env={}).route
+TASKS = set(BUILTIN_TASKS)
+
+
+def dicom(**kw) -> ScanMetadata:
+    return ScanMetadata(format="dicom", rows=8, columns=8, **kw)
+
+
+def test_a_task_folder_wins_over_everything():
+    route = route_scan(PurePosixPath("covid/a.dcm"), dicom(modality="US", body_part="BREAST"), RULES, TASKS, "busi")
+    assert route.task == "covid"
+
+
+def test_a_file_at_the_top_is_not_in_a_task_folder_even_if_named_like_one():
+    assert route_scan(PurePosixPath("busi"), dicom(), RULES, TASKS).task is None
+
+
+def test_breast_ultrasound_goes_to_busi_and_chest_radiographs_to_chestxray14():
+    assert route_scan(PurePosixPath("a.dcm"), dicom(modality="US", body_part="BREAST"), RULES, TASKS).task == "busi"
+    for modality in ("CR", "DX"):
+        assert route_scan(PurePosixPath("a.dcm"), dicom(modality=modality, body_part="chest "), RULES, TASKS).task == "chestxray14"
+
+
+def test_rules_apply_to_dicom_only():
+    png = ScanMetadata(format="png", rows=8, columns=8, modality="US", body_part="BREAST")
+    assert route_scan(PurePosixPath("a.png"), png, RULES, TASKS).task is None
+
+
+def test_an_unknown_folder_falls_through_to_the_default_task():
+    assert route_scan(PurePosixPath("misc/a.png"), ScanMetadata("png", 8, 8), RULES, TASKS, "covid").task == "covid"
+
+
+def test_no_folder_no_rule_no_default_is_unroutable_with_the_reason():
+    route = route_scan(PurePosixPath("a.dcm"), dicom(modality="MR", body_part="HEAD"), RULES, TASKS)
+    assert route.task is None and "no matching routing rule" in route.why
+
+
+def test_first_matching_rule_wins_and_omitted_keys_match_anything():
+    rules = (RouteRule("covid", modality=("DX",), view_position=("PA",)), RouteRule("chestxray14", modality=("DX",)))
+    assert route_scan(PurePosixPath("a"), dicom(modality="DX", view_position="PA"), rules, TASKS).task == "covid"
+    assert route_scan(PurePosixPath("a"), dicom(modality="DX", view_position="AP"), rules, TASKS).task == "chestxray14"
+    assert route_scan(PurePosixPath("a"), dicom(modality="DX"), rules, TASKS).task == "chestxray14"
