@@ -41,7 +41,7 @@ log = logging.getLogger("meddaemon.daemon")
 
 @dataclass
 class RunStats:
-    registered: int = 0
+    routed: int = 0
     duplicates: int = 0
     failed: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -53,7 +53,7 @@ class RunStats:
             elif outcome.state == "failed":
                 self.failed += 1
             else:
-                self.registered += 1
+                self.routed += 1
 
 
 class Daemon:
@@ -132,8 +132,8 @@ class Daemon:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
         log.info(
-            "stopped: %d registered, %d duplicates, %d failed in %.1f s",
-            self.stats.registered, self.stats.duplicates, self.stats.failed, time.monotonic() - self.stats.started,
+            "stopped: %d routed, %d duplicates, %d failed in %.1f s",
+            self.stats.routed, self.stats.duplicates, self.stats.failed, time.monotonic() - self.stats.started,
         )
         return self.stats
 

@@ -1,0 +1,105 @@
+"""The command line: help that explains, --json for scripts, exit codes that mean something."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from dicom_factory import write_png
+from sqlalchemy import text
+
+from meddaemon.cli.daemon import cli as meddaemon
+from meddaemon.cli.medcli import cli as medcli
+from meddaemon.db.engine import create_db_engine
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> list[str]:
+    return ["--watch", str(tmp_path / "inbox"), "--state-dir", str(tmp_path / "state")]
+
+
+def test_the_console_scripts_are_installed_and_explain_themselves():
+    bindir = Path(sys.executable).parent
+    out = subprocess.run([bindir / "meddaemon", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "Watch a folder" in out and "start" in out and "status" in out
+    out = subprocess.run([bindir / "medcli", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "scans" in out and "decoders" in out
+
+
+def test_start_help_documents_every_option(runner: CliRunner):
+    out = runner.invoke(meddaemon, ["start", "--help"]).output
+    for option in ("--watch", "--once", "--stable-seconds", "--workers", "--db", "--config", "--json"):
+        assert option in out
+
+
+def test_config_show_says_where_each_value_comes_from(runner: CliRunner, tmp_path: Path):
+    config = tmp_path / "c.toml"
+    config.write_text("batch_size = 8\n")
+    result = runner.invoke(
+        meddaemon, ["config", "show", "--json", "--config", str(config), "--state-dir", str(tmp_path)],
+        env={"MEDDAEMON_WORKERS": "3"},
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["settings"]["batch_size"] == 8 and data["sources"]["batch_size"] == f"file {config}"
+    assert data["settings"]["workers"] == 3 and data["sources"]["workers"] == "env MEDDAEMON_WORKERS"
+    assert data["sources"]["state_dir"] == "flag"
+    assert data["settings"]["db_url"].endswith("meddaemon.db")
+
+
+def test_config_default_prints_a_file_that_loads(runner: CliRunner, tmp_path: Path):
+    text_ = runner.invoke(meddaemon, ["config", "default"]).output
+    (tmp_path / "c.toml").write_text(text_)
+    assert runner.invoke(meddaemon, ["config", "show", "--config", str(tmp_path / "c.toml")]).exit_code == 0
+
+
+def test_a_bad_setting_exits_2_with_the_key_named(runner: CliRunner, dirs: list[str]):
+    result = runner.invoke(meddaemon, ["start", *dirs, "--once"], env={"MEDDAEMON_OBSERVER": "carrier-pigeon"})
+    assert result.exit_code == 2
+    assert "observer" in result.output and "MEDDAEMON_OBSERVER" in result.output
+
+
+def test_start_once_then_status_report_the_same_counts(runner: CliRunner, dirs: list[str], tmp_path: Path):
+    for i in range(3):
+        write_png(tmp_path / "inbox" / "busi" / f"synthetic_{i}.png", np.full((8, 8), i, np.uint8))
+    (tmp_path / "inbox" / "busi" / "bad.png").write_bytes(b"")
+    result = runner.invoke(meddaemon, ["start", *dirs, "--once", "--json", "--stable-seconds", "0", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"routed": 3, "duplicates": 0, "failed": 1}
+
+    status = json.loads(runner.invoke(meddaemon, ["status", *dirs, "--json"]).stdout)
+    assert status["states"] == {"waiting_model": 3, "failed": 1}
+    assert status["failures_by_reason"] == {"empty_file": 1}
+    assert status["last_failures"][0]["source_name"] == "busi/bad.png"
+    assert status["extra"]["inbox_waiting"] == 0
+
+    human = runner.invoke(meddaemon, ["status", *dirs]).output
+    assert "waiting_model" in human and "empty_file" in human
+
+    scans = json.loads(runner.invoke(medcli, ["scans", "--state-dir", dirs[3], "--json", "--state", "failed"]).stdout)
+    assert [s["reason"] for s in scans] == ["empty_file"]
+
+
+def test_a_database_from_a_newer_version_exits_3(runner: CliRunner, dirs: list[str], tmp_path: Path):
+    assert runner.invoke(medcli, ["db", "upgrade", "--state-dir", dirs[3]]).exit_code == 0
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'state' / 'meddaemon.db'}")
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'ffff'"))
+    engine.dispose()
+    result = runner.invoke(meddaemon, ["status", *dirs])
+    assert result.exit_code == 3 and "upgrade meddaemon" in result.output
+
+
+def test_decoders_lists_transfer_syntaxes(runner: CliRunner):
+    rows = json.loads(runner.invoke(medcli, ["decoders", "--json"]).stdout)
+    by_uid = {r["uid"]: r for r in rows}
+    assert by_uid["1.2.840.10008.1.2.5"]["decodable"]  # RLE Lossless
+    assert by_uid["1.2.840.10008.1.2.4.90"]["decodable"]  # JPEG 2000 Lossless

@@ -1,0 +1,68 @@
+"""The DB is the journal: a move committed but not carried out (a crash between the two) is finished
+by the next start, and nothing is read twice."""
+
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from dicom_factory import write_png
+from sqlalchemy import func, select
+
+from meddaemon.daemon import bookkeeper
+from meddaemon.daemon.intake import read_file
+from meddaemon.daemon.service import Daemon
+from meddaemon.daemon.stability import StableFile, signature
+from meddaemon.db.engine import transaction
+from meddaemon.db.models import DuplicateArrival, Scan, utcnow
+
+
+def commit_without_moving(daemon: Daemon, paths: list[Path]) -> bookkeeper.BatchRecord:
+    """What a daemon killed right after its commit leaves behind."""
+    batch = []
+    for path in paths:
+        stable = StableFile(path, signature(path), utcnow(), utcnow())
+        batch.append((stable, daemon.inbox.relative_name(path), read_file(path, stable.signature, daemon.decode_options)))
+    with transaction(daemon.sessions) as session:
+        return bookkeeper.record_batch(session, batch, daemon.destinations, daemon.policy)
+
+
+def test_a_restart_finishes_committed_moves_and_reads_nothing_twice(make_settings, tmp_path: Path):
+    inbox = tmp_path / "inbox" / "busi"
+    good = write_png(inbox / "synthetic_a.png", np.full((16, 16), 7, np.uint8))
+    copy = inbox / "synthetic_copy.png"
+    copy.write_bytes(good.read_bytes())
+    bad = inbox / "synthetic_bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    settings = make_settings()
+    crashed = Daemon(settings)
+    crashed.prepare()
+    record = commit_without_moving(crashed, [good, copy, bad])
+    assert len(record.moves) == 3 and all(p.exists() for p in (good, copy, bad))
+
+    restarted = Daemon(settings)
+    restarted.run(once=True)
+
+    assert not any(p.exists() for p in (good, copy, bad))
+    with restarted.sessions() as session:
+        scans = session.scalars(select(Scan)).all()
+        assert sorted(s.source_name for s in scans) == ["busi/synthetic_a.png", "busi/synthetic_bad.png"]
+        assert session.scalar(select(func.count()).select_from(DuplicateArrival)) == 1
+        assert all(s.pending_move_from is None and Path(s.stored_path).exists() for s in scans)
+    assert (settings.failed_dir / "busi" / "synthetic_bad.png.reason.json").exists()
+
+
+def test_a_move_already_done_before_the_crash_is_only_marked_done(make_settings, tmp_path: Path):
+    path = write_png(tmp_path / "inbox" / "busi" / "synthetic_b.png", np.zeros((8, 8), np.uint8))
+    settings = make_settings()
+    crashed = Daemon(settings)
+    crashed.prepare()
+    [move] = commit_without_moving(crashed, [path]).moves
+    move.target.parent.mkdir(parents=True)
+    path.rename(move.target)
+
+    restarted = Daemon(settings)
+    restarted.run(once=True)
+
+    with restarted.sessions() as session:
+        [scan] = session.scalars(select(Scan)).all()
+    assert scan.pending_move_from is None and Path(scan.stored_path).exists()
+    assert scan.source_name == str(PurePosixPath("busi/synthetic_b.png"))

@@ -1,0 +1,601 @@
+"""Reliability of the real daemon (DESIGN.md section 3), run as a subprocess and abused.
+
+Each test starts ``meddaemon start`` on an inbox under ``tmp_path`` and checks what the database and
+the file system say afterwards: kill -9 at random moments, a frozen watcher, files dropped while the
+daemon is down, slow writers, duplicates, a database locked by someone else, SIGTERM.
+
+Every file written here is synthetic (``synthetic_*`` names, pixels from a seeded generator).
+The daemon's stderr goes to ``tmp_path/logs/``; the tail of every log is printed when a test fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+try:
+    from dicom_factory import write_png
+except ImportError:  # the factory is written by someone else; Pillow is enough for PNGs
+    from PIL import Image
+
+    def write_png(path: str | Path, array: np.ndarray) -> Path:  # type: ignore[misc]
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
+        return path
+
+
+pytestmark = pytest.mark.slow
+
+MEDDAEMON = Path(sys.executable).parent / "meddaemon"
+TASK = "busi"  # a first-level folder named after a task routes its files there
+
+
+# -- synthetic files ---------------------------------------------------------------------------
+
+
+def synthetic_png(folder: Path, index: int, size: int = 8, channels: int = 0) -> bytes:
+    """The bytes of a small synthetic PNG unique to ``index`` (written once under ``folder``)."""
+    rng = np.random.default_rng(index)
+    shape = (size, size, channels) if channels else (size, size)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    path = write_png(folder / f"synthetic_{index:06d}.png", pixels)
+    return path.read_bytes()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def drop(inbox: Path, name: str, data: bytes, *, rename: bool) -> Path:
+    """Put a file in the inbox: renamed into place from ``.name.part``, or written directly."""
+    target = inbox / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if rename:
+        part = target.with_name(f".{target.name}.part")
+        part.write_bytes(data)
+        os.rename(part, target)
+    else:
+        target.write_bytes(data)
+    return target
+
+
+def files_under(*folders: Path) -> list[Path]:
+    return sorted(p for folder in folders if folder.exists() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+# -- the daemon as a subprocess ------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    root: Path
+    inbox: Path = field(init=False)
+    state: Path = field(init=False)
+    logs: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inbox = self.root / "inbox"
+        self.state = self.root / "state"
+        self.logs = self.root / "logs"
+        for folder in (self.inbox / TASK, self.logs):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def db(self) -> Path:
+        return self.state / "meddaemon.db"
+
+    def stored_files(self) -> list[Path]:
+        """Every file the daemon has put away (work/, archive/, failed/), ``.reason.json`` excluded."""
+        return [
+            p for p in files_under(self.state / "work", self.state / "archive", self.state / "failed")
+            if not p.name.endswith(".reason.json")
+        ]
+
+    def inbox_files(self) -> list[Path]:
+        return files_under(self.inbox)
+
+
+class RunningDaemon:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the daemon has its schema and watches the inbox (its "watching ..." log line)."""
+        wait_until(lambda: "meddaemon.daemon: watching " in self.log_text(), timeout, "the daemon to start", self)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the daemon did not exit within {timeout} s; its log ends:\n{self.tail()}")
+
+    def kill_hard(self) -> None:
+        """kill -9 of the daemon; its decoding workers, orphaned, go too (same process group)."""
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait(10)
+        kill_group(self.pid)
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def daemon_env() -> dict[str, str]:
+    """The environment without MEDDAEMON_* settings, so only the flags given here count."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Daemons:
+    """Starts daemons (and helper processes) in their own process groups; kills whatever is left."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.started: list[RunningDaemon] = []
+        self.helpers: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self,
+        *,
+        once: bool = False,
+        stable: float = 0.3,
+        rescan: float = 2.0,
+        workers: int = 0,
+        batch_size: int | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> RunningDaemon:
+        log = self.layout.logs / f"daemon-{len(self.started) + 1:02d}.log"
+        cmd = [
+            str(MEDDAEMON), "start",
+            "--watch", str(self.layout.inbox),
+            "--state-dir", str(self.layout.state),
+            "--stable-seconds", str(stable),
+            "--rescan-seconds", str(rescan),
+            "--workers", str(workers),
+            *(["--batch-size", str(batch_size)] if batch_size else []),
+            *(["--once"] if once else []),
+            *extra,
+        ]
+        with log.open("wb") as err:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=daemon_env(), start_new_session=True,
+                cwd=self.layout.root,
+            )
+        daemon = RunningDaemon(proc, log)
+        self.started.append(daemon)
+        return daemon
+
+    def helper(self, *args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
+        self.helpers.append(proc)
+        return proc
+
+    def run_once(self, timeout: float = 90.0, **options: object) -> RunningDaemon:
+        daemon = self.start(once=True, **options)  # type: ignore[arg-type]
+        rc = daemon.wait(timeout)
+        assert rc == 0, f"--once exited {rc}; its log ends:\n{daemon.tail()}"
+        return daemon
+
+    def cleanup(self) -> None:
+        for proc in [d.proc for d in self.started] + self.helpers:
+            if proc.poll() is None:
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)  # a stopped daemon must be able to die
+                except ProcessLookupError:
+                    pass
+            kill_group(proc.pid)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def logs(self) -> str:
+        parts = []
+        for daemon in self.started:
+            parts.append(f"===== {daemon.log.name} (pid {daemon.pid}, exit {daemon.proc.returncode}) =====")
+            parts.append(daemon.tail(60))
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Layout:
+    return Layout(tmp_path)
+
+
+@pytest.fixture
+def daemons(layout: Layout, request: pytest.FixtureRequest) -> Iterator[Daemons]:
+    failed_before = request.session.testsfailed
+    farm = Daemons(layout)
+    try:
+        yield farm
+    finally:
+        farm.cleanup()
+        if request.session.testsfailed > failed_before:
+            capture = request.config.pluginmanager.getplugin("capturemanager")
+            with capture.global_and_fixture_disabled():
+                sys.stderr.write(f"\n--- daemon logs of {request.node.name} ---\n{farm.logs()}\n")
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, daemon: RunningDaemon | None = None, every: float = 0.1
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if daemon is not None and not daemon.alive() and not predicate():
+            pytest.fail(f"the daemon exited ({daemon.proc.returncode}) while waiting for {what}:\n{daemon.tail()}")
+        if time.monotonic() > deadline:
+            log = f"; the daemon's log ends:\n{daemon.tail()}" if daemon else ""
+            pytest.fail(f"timed out after {timeout} s waiting for {what}{log}")
+        time.sleep(every)
+
+
+# -- reading the database ------------------------------------------------------------------------
+
+
+def query(db: Path, sql: str, params: tuple[object, ...] = ()) -> list[tuple]:
+    if not db.exists():
+        return []
+    try:
+        with closing(sqlite3.connect(db, timeout=30)) as conn:
+            return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # the daemon has not created its schema yet
+            return []
+        raise
+
+
+def count(db: Path, table: str) -> int:
+    rows = query(db, f"SELECT count(*) FROM {table}")
+    return rows[0][0] if rows else 0
+
+
+def scan_rows(db: Path) -> list[dict[str, object]]:
+    columns = ("id", "sha256", "state", "task_name", "source_name", "stored_path", "pending_move_from",
+               "failure_reason", "size_bytes")
+    return [dict(zip(columns, row)) for row in query(db, f"SELECT {', '.join(columns)} FROM scans ORDER BY id")]
+
+
+def duplicate_rows(db: Path) -> list[dict[str, object]]:
+    columns = ("id", "scan_id", "source_name", "stored_path", "pending_move_from")
+    return [dict(zip(columns, row)) for row in query(db, f"SELECT {', '.join(columns)} FROM duplicate_arrivals")]
+
+
+def assert_nothing_half_done(layout: Layout) -> None:
+    """Every row's file is where the row says, and no committed move is left to finish."""
+    scans, duplicates = scan_rows(layout.db), duplicate_rows(layout.db)
+    assert [r for r in scans if r["pending_move_from"]] == []
+    assert [r for r in duplicates if r["pending_move_from"]] == []
+    missing = [r["stored_path"] for r in scans + duplicates if r["stored_path"] and not Path(str(r["stored_path"])).exists()]
+    assert missing == []
+    assert query(layout.db, "PRAGMA integrity_check") == [("ok",)]
+
+
+# -- the specification ---------------------------------------------------------------------------
+
+
+def test_kill_9_at_random_moments_loses_no_file_and_doubles_no_row(layout: Layout, daemons: Daemons, tmp_path: Path):
+    """300 distinct PNGs, a few byte-identical copies and a few bad files stream into inbox/busi/
+    while the daemon is killed with SIGKILL at random moments and restarted, five times; a final
+    ``--once`` run drains. Then every content has exactly one scan row, every extra copy one
+    duplicate row, the inbox is empty, every row's file is where the row says, and the files put
+    away are exactly the files written."""
+    rng = random.Random(20240611)
+    made = tmp_path / "made"
+    distinct = [(f"synthetic_{i:04d}.png", synthetic_png(made, i)) for i in range(300)]
+    copied = rng.sample(range(300), 6)
+    copies = [(f"synthetic_copy_{k:02d}.png", distinct[i][1]) for k, i in enumerate(copied + copied[:1])]
+    truncated = synthetic_png(made, 10_000, size=64)
+    bad = [
+        ("synthetic_bad_empty.png", b""),
+        ("synthetic_bad_noise.png", rng.randbytes(3000)),
+        ("synthetic_bad_truncated.png", truncated[: len(truncated) // 2]),
+        ("synthetic_bad_text.dcm", b"SYNTHETIC: this is not DICOM at all\n"),
+    ]
+    stream = distinct + copies + bad
+    rng.shuffle(stream)
+    names_by_sha: dict[str, list[str]] = {}
+    for name, data in stream:
+        names_by_sha.setdefault(sha(data), []).append(name)
+
+    writer_error: list[BaseException] = []
+
+    def writer() -> None:
+        wrng = random.Random(7)
+        try:
+            for name, data in stream:
+                drop(layout.inbox / TASK, name, data, rename=wrng.random() < 0.6)
+                time.sleep(wrng.uniform(0.0, 0.06))
+        except BaseException as exc:  # pragma: no cover - reported by the assertion below
+            writer_error.append(exc)
+
+    thread = threading.Thread(target=writer, name="synthetic-writer")
+    thread.start()
+    try:
+        for round_ in range(5):
+            daemon = daemons.start(workers=2 if round_ % 2 else 0, stable=0.3, rescan=1.0)
+            time.sleep(rng.uniform(0.5, 4.0))
+            assert daemon.alive(), f"round {round_}: the daemon died by itself:\n{daemon.tail()}"
+            daemon.kill_hard()
+    finally:
+        thread.join()
+    assert writer_error == []
+
+    daemons.run_once(workers=0, stable=0.3)
+
+    assert layout.inbox_files() == []
+    scans = scan_rows(layout.db)
+    by_sha = Counter(r["sha256"] for r in scans)
+    assert set(by_sha) == set(names_by_sha), "every distinct content, and only those, is a scan"
+    assert [s for s, n in by_sha.items() if n != 1] == [], "one row per content, however often it was killed"
+    duplicates = duplicate_rows(layout.db)
+    sha_of_scan = {r["id"]: r["sha256"] for r in scans}
+    dup_count = Counter(sha_of_scan[d["scan_id"]] for d in duplicates)
+    assert dup_count == Counter({s: len(n) - 1 for s, n in names_by_sha.items() if len(n) > 1})
+    assert {str(r["source_name"]) for r in scans} | {str(d["source_name"]) for d in duplicates} == {
+        f"{TASK}/{name}" for name, _ in stream
+    }
+
+    bad_shas = {sha(data) for _, data in bad}
+    failed = [r for r in scans if r["state"] == "failed"]
+    assert {r["sha256"] for r in failed} == bad_shas
+    assert all(r["failure_reason"] for r in failed)
+    assert all(Path(f"{r['stored_path']}.reason.json").exists() for r in failed)
+    assert {r["state"] for r in scans if r["sha256"] not in bad_shas} == {"waiting_model"}
+    assert {r["task_name"] for r in scans if r["sha256"] not in bad_shas} == {TASK}
+
+    assert_nothing_half_done(layout)
+    stored = layout.stored_files()
+    assert len(stored) == len(stream), "the files put away are exactly the files written"
+    for row in scans + duplicates:
+        expected = row.get("sha256") or sha_of_scan[row["scan_id"]]
+        assert sha(Path(str(row["stored_path"])).read_bytes()) == expected, f"{row['stored_path']} was altered"
+
+
+def test_a_frozen_watcher_catches_up_with_2000_files(layout: Layout, daemons: Daemons, tmp_path: Path):
+    """SIGSTOP freezes the daemon (its watcher thread included) while 2,000 files arrive; after
+    SIGCONT every one of them is registered within the timeout, by events or by the rescan."""
+    daemon = daemons.start(workers=2, stable=0.3, rescan=2.0)
+    daemon.wait_ready()
+    made = tmp_path / "made"
+    payloads = [synthetic_png(made, i) for i in range(2000)]
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        for i, data in enumerate(payloads):
+            drop(layout.inbox / TASK, f"synthetic_{i:04d}.png", data, rename=i % 2 == 0)
+        assert count(layout.db, "scans") == 0
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+
+    wait_until(lambda: count(layout.db, "scans") == 2000, 90, "2,000 scan rows", daemon, every=0.5)
+    wait_until(lambda: layout.inbox_files() == [], 10, "an empty inbox", daemon)
+    assert daemon.alive()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    assert {r["sha256"] for r in scan_rows(layout.db)} == {sha(p) for p in payloads}
+    assert count(layout.db, "duplicate_arrivals") == 0
+    assert_nothing_half_done(layout)
+    assert len(layout.stored_files()) == 2000
+
+
+def test_files_dropped_while_the_daemon_is_down_are_processed_at_its_start(
+    layout: Layout, daemons: Daemons, tmp_path: Path
+):
+    """Files that arrive while no daemon runs are found by the startup scan (the periodic rescan is
+    an hour away here); work in progress (``.part``, ``.tmp``, dotfiles) is left alone."""
+    first = daemons.start(rescan=3600)
+    first.wait_ready()
+    first.signal(signal.SIGTERM)
+    assert first.wait(30) == 0
+
+    made = tmp_path / "made"
+    payloads = [synthetic_png(made, i) for i in range(25)]
+    for i, data in enumerate(payloads):
+        drop(layout.inbox / TASK, f"synthetic_{i:04d}.png", data, rename=i % 3 == 0)
+    in_progress = [
+        drop(layout.inbox / TASK, name, synthetic_png(made, 100 + k), rename=False)
+        for k, name in enumerate(["synthetic_upload.png.part", "synthetic_copying.png.tmp", ".synthetic_rsync.aB3xYz"])
+    ]
+
+    second = daemons.start(rescan=3600)
+    wait_until(lambda: count(layout.db, "scans") == 25, 30, "25 scan rows", second)
+    time.sleep(1.0)  # were anything else to be registered, it would be by now
+    assert {r["sha256"] for r in scan_rows(layout.db)} == {sha(p) for p in payloads}
+    assert {r["state"] for r in scan_rows(layout.db)} == {"waiting_model"}
+    assert layout.inbox_files() == sorted(in_progress), "work in progress waits for its rename"
+    second.signal(signal.SIGTERM)
+    assert second.wait(30) == 0
+    assert_nothing_half_done(layout)
+
+
+def test_a_slow_writer_is_never_read_before_its_file_is_complete(layout: Layout, daemons: Daemons, tmp_path: Path):
+    """A file growing in chunks for 3 s (pauses of 0.1 s, a fifth of the 0.5 s window) is read
+    once, whole: its row has the SHA-256 of the complete file. A file written slowly under
+    ``x.png.part`` and renamed to ``x.png`` is registered exactly once, never under its .part name."""
+    daemon = daemons.start(stable=0.5, rescan=1.0)
+    daemon.wait_ready()
+    made = tmp_path / "made"
+    growing = synthetic_png(made, 1, size=256, channels=3)
+    renamed = synthetic_png(made, 2, size=256, channels=3)
+    assert len(growing) > 100_000
+
+    def write_slowly(path: Path, data: bytes, chunks: int = 30, pause: float = 0.1) -> None:
+        step = -(-len(data) // chunks)
+        with path.open("wb") as out:
+            for start in range(0, len(data), step):
+                out.write(data[start : start + step])
+                out.flush()
+                time.sleep(pause)
+
+    inbox = layout.inbox / TASK
+    part = inbox / "synthetic_renamed.png.part"
+    other = threading.Thread(target=lambda: (write_slowly(part, renamed), os.rename(part, inbox / "synthetic_renamed.png")))
+    other.start()
+    write_slowly(inbox / "synthetic_growing.png", growing)
+    other.join()
+
+    wait_until(lambda: count(layout.db, "scans") >= 2, 20, "both files registered", daemon)
+    time.sleep(2.5)  # two more rescans: nothing may be registered twice
+    rows = {r["source_name"]: r for r in scan_rows(layout.db)}
+    assert set(rows) == {f"{TASK}/synthetic_growing.png", f"{TASK}/synthetic_renamed.png"}
+    assert rows[f"{TASK}/synthetic_growing.png"]["sha256"] == sha(growing)
+    assert rows[f"{TASK}/synthetic_growing.png"]["size_bytes"] == len(growing)
+    assert rows[f"{TASK}/synthetic_renamed.png"]["sha256"] == sha(renamed)
+    assert {r["state"] for r in rows.values()} == {"waiting_model"}
+    assert count(layout.db, "duplicate_arrivals") == 0
+    assert layout.inbox_files() == []
+    assert_nothing_half_done(layout)
+
+
+def test_the_same_bytes_under_two_names_are_one_scan_and_one_duplicate(
+    layout: Layout, daemons: Daemons, tmp_path: Path
+):
+    """Two names, the same bytes: one scan row, one duplicate row pointing at it; a third copy
+    arriving later (a later batch) is one more duplicate, still never a second scan."""
+    data = synthetic_png(tmp_path / "made", 42)
+    daemon = daemons.start()
+    daemon.wait_ready()
+    drop(layout.inbox / TASK, "synthetic_a.png", data, rename=False)
+    drop(layout.inbox / TASK, "synthetic_b.png", data, rename=True)
+    wait_until(lambda: count(layout.db, "scans") + count(layout.db, "duplicate_arrivals") == 2, 20, "two arrivals", daemon)
+
+    [scan] = scan_rows(layout.db)
+    [duplicate] = duplicate_rows(layout.db)
+    assert scan["sha256"] == sha(data) and scan["state"] == "waiting_model"
+    assert duplicate["scan_id"] == scan["id"]
+    assert {scan["source_name"], duplicate["source_name"]} == {f"{TASK}/synthetic_a.png", f"{TASK}/synthetic_b.png"}
+    assert "archive/duplicates" in Path(str(duplicate["stored_path"])).as_posix()
+
+    drop(layout.inbox / TASK, "synthetic_c.png", data, rename=True)
+    wait_until(lambda: count(layout.db, "duplicate_arrivals") == 2, 20, "the third copy", daemon)
+    assert count(layout.db, "scans") == 1
+    assert {d["scan_id"] for d in duplicate_rows(layout.db)} == {scan["id"]}
+    assert len(files_under(layout.state / "work")) == 1
+    assert len(files_under(layout.state / "archive" / "duplicates")) == 2
+    assert layout.inbox_files() == []
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    assert_nothing_half_done(layout)
+
+
+LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+print("released", flush=True)
+"""
+
+
+def test_a_database_locked_by_another_process_for_10_s_delays_but_loses_nothing(
+    layout: Layout, daemons: Daemons, tmp_path: Path
+):
+    """Another process holds ``BEGIN EXCLUSIVE`` on the SQLite file for 10 s (longer than the 5 s
+    busy timeout) while 40 files arrive: the daemon waits and retries, stays alive, commits
+    nothing meanwhile, and registers all 40 once the lock is released."""
+    daemon = daemons.start(stable=0.3, rescan=1.0)
+    daemon.wait_ready()
+    locker = daemons.helper("-c", LOCKER, str(layout.db), "10")
+    assert locker.stdout is not None and locker.stdout.readline().strip() == b"locked"
+    locked_at = time.monotonic()
+
+    made = tmp_path / "made"
+    payloads = [synthetic_png(made, i) for i in range(40)]
+    for i, data in enumerate(payloads):
+        drop(layout.inbox / TASK, f"synthetic_{i:04d}.png", data, rename=i % 2 == 0)
+        time.sleep(0.05)
+    while time.monotonic() - locked_at < 9.0:
+        assert daemon.alive(), f"the daemon died while the database was locked:\n{daemon.tail()}"
+        time.sleep(0.25)
+    assert count(layout.db, "scans") == 0, "nothing can be committed while the lock is held"
+    assert locker.wait(15) == 0, locker.stderr.read() if locker.stderr else ""
+
+    wait_until(lambda: count(layout.db, "scans") == 40, 30, "40 scan rows after the lock", daemon)
+    wait_until(lambda: layout.inbox_files() == [], 10, "an empty inbox", daemon)
+    assert daemon.alive()
+    assert "database is locked by another process" in daemon.log_text()
+    assert {r["sha256"] for r in scan_rows(layout.db)} == {sha(p) for p in payloads}
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    assert_nothing_half_done(layout)
+    assert len(layout.stored_files()) == 40
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_mid_stream_exits_0_with_nothing_half_done(
+    layout: Layout, daemons: Daemons, tmp_path: Path, signum: int
+):
+    """Stopped while it works through 400 files, the daemon finishes the batch in hand and exits 0:
+    no committed move left unfinished, no worker process left behind, every file either still in
+    the inbox or put away; a ``--once`` run then registers the rest."""
+    made = tmp_path / "made"
+    payloads = [synthetic_png(made, i) for i in range(400)]
+    for i, data in enumerate(payloads):
+        drop(layout.inbox / TASK, f"synthetic_{i:04d}.png", data, rename=False)
+
+    daemon = daemons.start(workers=2, stable=0.2, batch_size=16)
+    wait_until(lambda: count(layout.db, "scans") >= 16, 60, "the first batches", daemon, every=0.05)
+    workers = psutil.Process(daemon.pid).children(recursive=True)
+    daemon.signal(signum)
+    assert daemon.wait(30) == 0
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == [], "the decoding workers stop with the daemon"
+    assert "finishing the batch in hand" in daemon.log_text()
+
+    assert_nothing_half_done(layout)
+    registered = count(layout.db, "scans")
+    assert registered < 400, "the stop came mid-stream (make the stream longer if this fails)"
+    assert len(layout.inbox_files()) + len(layout.stored_files()) == 400
+    assert len(layout.inbox_files()) == 400 - registered
+
+    daemons.run_once(workers=0, stable=0.2)
+    assert {r["sha256"] for r in scan_rows(layout.db)} == {sha(p) for p in payloads}
+    assert layout.inbox_files() == []
+    assert_nothing_half_done(layout)
