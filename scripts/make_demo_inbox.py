@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from dicom_factory import write_dicom, write_png, write_structured_report  # noqa: E402
-from pydicom.uid import ExplicitVRBigEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless  # noqa: E402
+from dicom_factory import write_dicom, write_png, write_structured_report
+from pydicom.uid import ExplicitVRBigEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 
 def main(inbox: Path) -> None:

@@ -117,7 +117,7 @@ def load_settings(
     if config_file is not None:
         for key, value in _read_toml(config_file).items():
             if key in _PATH_KEYS:
-                value = str((config_file.parent / value))
+                value = str(config_file.parent / value)
             raw[key], sources[key] = value, f"file {config_file}"
 
     for key in SETTING_NAMES:

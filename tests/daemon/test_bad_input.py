@@ -10,7 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_factory import truncate_pixel_data, write_blank_png, write_dicom, write_dicomdir, write_png, write_structured_report
+from dicom_factory import (
+    truncate_pixel_data,
+    write_blank_png,
+    write_dicom,
+    write_dicomdir,
+    write_png,
+    write_structured_report,
+)
 from sqlalchemy import select
 
 from meddaemon.daemon.service import Daemon
@@ -167,3 +174,15 @@ def test_files_arriving_later_with_known_bytes_are_duplicates_too(make_settings,
     with daemon.sessions() as session:
         [scan] = session.scalars(select(Scan)).all()
         assert len(scan.duplicates) == 1
+
+
+def test_every_scan_keeps_the_history_of_its_states(make_settings, tmp_path: Path):
+    synthetic_png(tmp_path / "inbox" / "busi" / "synthetic_ok.png")
+    (tmp_path / "inbox" / "busi" / "synthetic_empty.png").write_bytes(b"")
+    daemon = run_once(make_settings())
+    with daemon.sessions() as session:
+        history = {s.source_name: [e.state for e in s.events] for s in session.scalars(select(Scan))}
+    assert history == {
+        "busi/synthetic_ok.png": ["registered", "routed", "waiting_model"],
+        "busi/synthetic_empty.png": ["registered", "failed"],
+    }

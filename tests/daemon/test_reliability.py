@@ -306,6 +306,27 @@ def duplicate_rows(db: Path) -> list[dict[str, object]]:
     return [dict(zip(columns, row)) for row in query(db, f"SELECT {', '.join(columns)} FROM duplicate_arrivals")]
 
 
+def wait_for_committed_moves(db: Path, deadline: float) -> bool:
+    """Poll (as fast as SQLite answers) until a row has a committed move not yet finished."""
+    sql = ("SELECT EXISTS (SELECT 1 FROM scans WHERE pending_move_from IS NOT NULL)"
+           " OR EXISTS (SELECT 1 FROM duplicate_arrivals WHERE pending_move_from IS NOT NULL)")
+    conn: sqlite3.Connection | None = None
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if conn is None and db.exists():
+                    conn = sqlite3.connect(db, timeout=0.05)
+                if conn is not None and conn.execute(sql).fetchone()[0]:
+                    return True
+            except sqlite3.OperationalError:  # no schema yet, or busy for a moment
+                pass
+            time.sleep(0.0005)
+        return False
+    finally:
+        if conn is not None:
+            conn.close()
+
+
 def assert_nothing_half_done(layout: Layout) -> None:
     """Every row's file is where the row says, and no committed move is left to finish."""
     scans, duplicates = scan_rows(layout.db), duplicate_rows(layout.db)
@@ -356,15 +377,22 @@ def test_kill_9_at_random_moments_loses_no_file_and_doubles_no_row(layout: Layou
 
     thread = threading.Thread(target=writer, name="synthetic-writer")
     thread.start()
+    caught_mid_move = 0
     try:
         for round_ in range(5):
-            daemon = daemons.start(workers=2 if round_ % 2 else 0, stable=0.3, rescan=1.0)
-            time.sleep(rng.uniform(0.5, 4.0))
+            daemon = daemons.start(workers=2 if round_ % 2 else 0, stable=0.3, rescan=1.0, batch_size=16)
+            deadline = time.monotonic() + rng.uniform(0.5, 4.0)
+            if round_ % 2:
+                # aim at the narrowest window: rows committed, their files not yet moved
+                caught_mid_move += wait_for_committed_moves(layout.db, deadline + 2.0)
+            else:
+                time.sleep(max(0.0, deadline - time.monotonic()))
             assert daemon.alive(), f"round {round_}: the daemon died by itself:\n{daemon.tail()}"
             daemon.kill_hard()
     finally:
         thread.join()
     assert writer_error == []
+    print(f"{caught_mid_move} of 2 aimed kills landed between a commit and its moves")
 
     daemons.run_once(workers=0, stable=0.3)
 

@@ -5,7 +5,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from meddaemon.db.engine import create_db_engine
 from meddaemon.db.migrate import SchemaTooNew, current_revision, head_revision, upgrade
 from meddaemon.db.models import Base
 

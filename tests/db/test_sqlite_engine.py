@@ -27,9 +27,8 @@ def test_the_database_folder_is_created_and_the_journal_is_wal(sqlite_engine):
 
 
 def test_foreign_keys_are_enforced(sqlite_engine):
-    with pytest.raises(IntegrityError):
-        with sqlite_engine.begin() as conn:
-            conn.execute(text("INSERT INTO scan_events (scan_id, state, at) VALUES (999, 'registered', '2026-01-01')"))
+    with pytest.raises(IntegrityError), sqlite_engine.begin() as conn:
+        conn.execute(text("INSERT INTO scan_events (scan_id, state, at) VALUES (999, 'registered', '2026-01-01')"))
 
 
 def test_a_transaction_takes_the_write_lock_at_begin(sqlite_engine):
@@ -38,9 +37,8 @@ def test_a_transaction_takes_the_write_lock_at_begin(sqlite_engine):
     holder.begin()
     try:
         start = time.monotonic()
-        with pytest.raises(OperationalError) as info:
-            with sqlite_engine.begin() as conn:
-                conn.execute(text("SELECT 1"))
+        with pytest.raises(OperationalError) as info, sqlite_engine.begin() as conn:
+            conn.execute(text("SELECT 1"))
         assert is_lock_error(info.value)
         assert time.monotonic() - start >= 0.15  # it waited the busy timeout first
     finally:

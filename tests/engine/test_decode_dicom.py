@@ -11,6 +11,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_factory import (
+    gradient,
+    synthetic_frames,
+    truncate_pixel_data,
+    write_dicom,
+    write_dicomdir,
+    write_structured_report,
+)
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -30,15 +38,6 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
-)
-
-from dicom_factory import (
-    gradient,
-    synthetic_frames,
-    truncate_pixel_data,
-    write_dicom,
-    write_dicomdir,
-    write_structured_report,
 )
 
 from meddaemon.engine.decode import DecodeOptions, decodable_transfer_syntaxes, decode_bytes

@@ -8,9 +8,8 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from dicom_factory import gradient, write_blank_png, write_png
+from PIL import Image
 
 from meddaemon.engine.decode import DecodeOptions, decode_bytes
 from meddaemon.failures import FailureReason, ScanFailure

@@ -6,9 +6,8 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from dicom_factory import gradient, write_dicom, write_png
+from PIL import Image
 
 from meddaemon.engine.decode import SNIFF_BYTES, decode_bytes, sniff_format
 from meddaemon.failures import FailureReason, ScanFailure

@@ -10,7 +10,12 @@ import click
 
 from meddaemon import __version__
 from meddaemon.cli.common import (
-    EXIT_OK, build_settings, echo_json, handle_errors, settings_options, setup_logging,
+    EXIT_OK,
+    build_settings,
+    echo_json,
+    handle_errors,
+    settings_options,
+    setup_logging,
 )
 from meddaemon.config import default_config_text
 from meddaemon.daemon.inbox import Inbox

@@ -23,7 +23,7 @@ from meddaemon.daemon.stability import StableFile
 from meddaemon.db.models import METADATA_COLUMNS, DuplicateArrival, ModelVersion, Scan, ScanEvent, Task, utcnow
 from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.failures import FailureReason, ScanFailure
-from meddaemon.states import ScanState
+from meddaemon.states import ScanState, check_transition
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def record_batch(
             continue
         scan = Scan(
             sha256=intake.sha256,
-            state=ScanState.REGISTERED,
+            state=ScanState.STABLE,
             source_name=str(name),
             size_bytes=intake.size if intake.sha256 else None,
             discovered_at=stable.discovered_at,
@@ -116,7 +116,7 @@ def record_batch(
         session.add(scan)
         if intake.sha256:
             known[intake.sha256] = scan
-        _event(scan, ScanState.REGISTERED, None, now)
+        _advance(scan, ScanState.REGISTERED, None, now)
 
         failure = intake.failure
         route = None
@@ -130,11 +130,9 @@ def record_batch(
 
         assert route is not None and route.task is not None and intake.sha256
         scan.task_name, scan.routed_at = route.task, now
-        scan.state = ScanState.ROUTED
-        _event(scan, ScanState.ROUTED, f"{route.task} ({route.why})", now)
+        _advance(scan, ScanState.ROUTED, f"{route.task} ({route.why})", now)
         if route.task not in with_models:
-            scan.state = ScanState.WAITING_MODEL
-            _event(scan, ScanState.WAITING_MODEL, f"no active model for task {route.task}", now)
+            _advance(scan, ScanState.WAITING_MODEL, f"no active model for task {route.task}", now)
         target = filing.work_path(destinations.work_dir, intake.sha256, name)
         scan.stored_path, scan.pending_move_from = str(target), str(stable.path)
         session.flush()
@@ -187,9 +185,8 @@ def _fail(
     taken: set[Path],
     now: datetime,
 ) -> None:
-    scan.state = ScanState.FAILED
     scan.failure_reason, scan.failure_message = failure.reason.value, failure.message
-    _event(scan, ScanState.FAILED, f"{failure.reason.value}: {failure.message}", now)
+    _advance(scan, ScanState.FAILED, f"{failure.reason.value}: {failure.message}", now)
     target = None
     if failure.reason is not FailureReason.VANISHED:
         target = filing.failed_path(destinations.failed_dir, name, taken)
@@ -217,7 +214,10 @@ def reason_document(scan: Scan) -> dict[str, object]:
     }
 
 
-def _event(scan: Scan, state: ScanState, detail: str | None, at: datetime) -> None:
+def _advance(scan: Scan, state: ScanState, detail: str | None, at: datetime) -> None:
+    """Move a scan along the state machine and record the step in its history."""
+    check_transition(ScanState(scan.state), state)
+    scan.state = state.value
     scan.events.append(ScanEvent(state=state.value, detail=detail, at=at))
 
 

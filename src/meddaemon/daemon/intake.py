@@ -15,10 +15,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from meddaemon.daemon.stability import Signature
 from meddaemon.engine.decode import DecodeOptions, decode_bytes
 from meddaemon.engine.decode.types import ScanMetadata
 from meddaemon.failures import FailureReason, ScanFailure
-from meddaemon.daemon.stability import Signature
 
 
 @dataclass
