@@ -88,35 +88,24 @@ def record_batch(
     destinations: Destinations,
     policy: RoutingPolicy,
 ) -> BatchRecord:
+    """Rows for a batch of read files, flushed once (a flush per file cost 70% of ingest time)."""
     shas = {intake.sha256 for _, _, intake in files if intake.sha256}
-    known: dict[str, Scan] = {
-        scan.sha256: scan for scan in session.scalars(select(Scan).where(Scan.sha256.in_(shas)))  # type: ignore[misc]
-    } if shas else {}
+    known: dict[str, Scan] = (
+        {s.sha256: s for s in session.scalars(select(Scan).where(Scan.sha256.in_(shas))) if s.sha256}
+        if shas else {}
+    )
     with_models = active_model_tasks(session)
     failed_taken: set[Path] = set()
-    record = BatchRecord()
+    staged: list[_Staged] = []
     now = utcnow()
 
     for stable, name, intake in files:
         if intake.sha256 and intake.sha256 in known:
-            _record_duplicate(session, record, stable, name, intake, known[intake.sha256], destinations, now)
+            staged.append(_duplicate(session, stable, name, intake, known[intake.sha256], destinations, now))
             continue
-        scan = Scan(
-            sha256=intake.sha256,
-            state=ScanState.STABLE,
-            source_name=str(name),
-            size_bytes=intake.size if intake.sha256 else None,
-            discovered_at=stable.discovered_at,
-            stable_at=stable.stable_at,
-            registered_at=now,
-        )
-        if intake.metadata is not None:
-            for column in METADATA_COLUMNS:
-                setattr(scan, column, getattr(intake.metadata, column))
-        session.add(scan)
+        scan = _register(session, stable, name, intake, now)
         if intake.sha256:
             known[intake.sha256] = scan
-        _advance(scan, ScanState.REGISTERED, None, now)
 
         failure = intake.failure
         route = None
@@ -125,7 +114,7 @@ def record_batch(
             if route.task is None:
                 failure = ScanFailure(FailureReason.UNROUTABLE, route.why)
         if failure is not None:
-            _fail(session, record, scan, stable.path, name, failure, destinations, failed_taken, now)
+            staged.append(_fail(scan, stable.path, name, failure, destinations, failed_taken, now))
             continue
 
         assert route is not None and route.task is not None and intake.sha256
@@ -135,24 +124,66 @@ def record_batch(
             _advance(scan, ScanState.WAITING_MODEL, f"no active model for task {route.task}", now)
         target = filing.work_path(destinations.work_dir, intake.sha256, name)
         scan.stored_path, scan.pending_move_from = str(target), str(stable.path)
-        session.flush()
-        record.moves.append(PlannedMove("scan", scan.id, stable.path, target))
-        record.outcomes.append(
-            IntakeOutcome(str(name), scan.state, intake.sha256, intake.size, route.task, route.why, target=target)
-        )
-    return record
+        outcome = IntakeOutcome(str(name), scan.state, intake.sha256, intake.size, route.task, route.why, target=target)
+        staged.append(_Staged(scan, stable.path, target, outcome))
+
+    session.flush()
+    return BatchRecord(
+        moves=[st.planned_move() for st in staged if st.target is not None],
+        outcomes=[st.finished_outcome() for st in staged],
+    )
 
 
-def _record_duplicate(
+@dataclass
+class _Staged:
+    """A row added to the session whose id (and so its move) is known only after the flush."""
+
+    row: Scan | DuplicateArrival
+    source: Path
+    target: Path | None
+    outcome: IntakeOutcome
+
+    def planned_move(self) -> PlannedMove:
+        assert self.target is not None
+        if isinstance(self.row, DuplicateArrival):
+            return PlannedMove("duplicate", self.row.id, self.source, self.target)
+        failed = self.row.state == ScanState.FAILED
+        return PlannedMove("scan", self.row.id, self.source, self.target, reason_document(self.row) if failed else None)
+
+    def finished_outcome(self) -> IntakeOutcome:
+        if isinstance(self.row, DuplicateArrival):
+            self.outcome.detail = f"same bytes as scan {self.row.scan.id} ({self.row.scan.source_name})"
+        return self.outcome
+
+
+def _register(session: Session, stable: StableFile, name: PurePosixPath, intake: Intake, now: datetime) -> Scan:
+    scan = Scan(
+        sha256=intake.sha256,
+        state=ScanState.STABLE,
+        source_name=str(name),
+        size_bytes=intake.size if intake.sha256 else None,
+        discovered_at=stable.discovered_at,
+        stable_at=stable.stable_at,
+        registered_at=now,
+        updated_at=now,
+    )
+    if intake.metadata is not None:
+        for column in METADATA_COLUMNS:
+            setattr(scan, column, getattr(intake.metadata, column))
+    session.add(scan)
+    _advance(scan, ScanState.REGISTERED, None, now)
+    return scan
+
+
+def _duplicate(
     session: Session,
-    record: BatchRecord,
     stable: StableFile,
     name: PurePosixPath,
     intake: Intake,
     original: Scan,
     destinations: Destinations,
     now: datetime,
-) -> None:
+) -> _Staged:
     assert intake.sha256
     target = filing.archive_path(destinations.archive_dir / "duplicates", name, intake.sha256, now)
     arrival = DuplicateArrival(
@@ -164,19 +195,11 @@ def _record_duplicate(
         arrived_at=now,
     )
     session.add(arrival)
-    session.flush()
-    record.moves.append(PlannedMove("duplicate", arrival.id, stable.path, target))
-    record.outcomes.append(
-        IntakeOutcome(
-            str(name), "duplicate", intake.sha256, intake.size, original.task_name,
-            f"same bytes as scan {original.id} ({original.source_name})", target=target,
-        )
-    )
+    outcome = IntakeOutcome(str(name), "duplicate", intake.sha256, intake.size, original.task_name, target=target)
+    return _Staged(arrival, stable.path, target, outcome)
 
 
 def _fail(
-    session: Session,
-    record: BatchRecord,
     scan: Scan,
     source: Path,
     name: PurePosixPath,
@@ -184,20 +207,17 @@ def _fail(
     destinations: Destinations,
     taken: set[Path],
     now: datetime,
-) -> None:
+) -> _Staged:
     scan.failure_reason, scan.failure_message = failure.reason.value, failure.message
     _advance(scan, ScanState.FAILED, f"{failure.reason.value}: {failure.message}", now)
     target = None
     if failure.reason is not FailureReason.VANISHED:
         target = filing.failed_path(destinations.failed_dir, name, taken)
         scan.stored_path, scan.pending_move_from = str(target), str(source)
-    session.flush()
-    if target is not None:
-        record.moves.append(PlannedMove("scan", scan.id, source, target, reason_document(scan)))
-    record.outcomes.append(
-        IntakeOutcome(str(name), ScanState.FAILED, scan.sha256, scan.size_bytes or 0, None,
-                      failure.message, failure.reason.value, target)
+    outcome = IntakeOutcome(
+        str(name), ScanState.FAILED, scan.sha256, scan.size_bytes or 0, None, failure.message, failure.reason.value, target
     )
+    return _Staged(scan, source, target, outcome)
 
 
 def reason_document(scan: Scan) -> dict[str, object]:
