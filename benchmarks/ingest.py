@@ -25,6 +25,7 @@ Every file is synthetic (``synthetic_*`` names, ``SYNTHETIC^`` patient names, se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -99,11 +100,15 @@ def make_corpus(
     rng = np.random.default_rng(20240611)
     files = []
     trickle = [
-        write_png(folder / f"busi__synthetic_trickle_{i:03d}.png", rng.integers(0, 256, (png_size, png_size), dtype=np.uint8))
+        write_png(
+            folder / f"busi__synthetic_trickle_{i:03d}.png", rng.integers(0, 256, (png_size, png_size), dtype=np.uint8)
+        )
         for i in range(n_trickle)
     ]
     warmup = [
-        write_png(folder / f"busi__synthetic_warmup_{i:03d}.png", rng.integers(0, 256, (png_size, png_size), dtype=np.uint8))
+        write_png(
+            folder / f"busi__synthetic_warmup_{i:03d}.png", rng.integers(0, 256, (png_size, png_size), dtype=np.uint8)
+        )
         for i in range(WARMUP)
     ]
     for i in range(n_png):
@@ -114,10 +119,17 @@ def make_corpus(
         label, syntax = TRANSFER_SYNTAXES[i % len(TRANSFER_SYNTAXES)]
         modality, body_part = DICOM_KINDS[i % len(DICOM_KINDS)]
         pixels = (ramp + rng.integers(0, 64, (dicom_size, dicom_size), dtype=np.uint16)).astype(np.uint16)
-        files.append(write_dicom(
-            folder / f"synthetic_{i:05d}_{label}.dcm", pixels=pixels, modality=modality, body_part=body_part,
-            transfer_syntax=syntax, bits_stored=12, patient_name=f"SYNTHETIC^BENCH{i:05d}",
-        ))
+        files.append(
+            write_dicom(
+                folder / f"synthetic_{i:05d}_{label}.dcm",
+                pixels=pixels,
+                modality=modality,
+                body_part=body_part,
+                transfer_syntax=syntax,
+                bits_stored=12,
+                patient_name=f"SYNTHETIC^BENCH{i:05d}",
+            )
+        )
     return files, trickle, warmup
 
 
@@ -129,10 +141,8 @@ def tree_rss(pid: int) -> int:
         return 0
     total = 0
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total
 
 
@@ -163,7 +173,12 @@ def parse_time(text: str) -> datetime:
 
 
 def run_once(
-    corpus: list[Path], trickle: list[Path], warmup: list[Path], workdir: Path, workers: int, stable: float,
+    corpus: list[Path],
+    trickle: list[Path],
+    warmup: list[Path],
+    workdir: Path,
+    workers: int,
+    stable: float,
     batch_size: int | None,
 ) -> Result:
     inbox, state, staging = workdir / "inbox", workdir / "state", workdir / "inbox" / ".staging"
@@ -184,8 +199,18 @@ def run_once(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
     log = workdir / "daemon.log"
     cmd = [
-        str(MEDDAEMON), "start", "--watch", str(inbox), "--state-dir", str(state), "--workers", str(workers),
-        "--stable-seconds", str(stable), "--rescan-seconds", "30",
+        str(MEDDAEMON),
+        "start",
+        "--watch",
+        str(inbox),
+        "--state-dir",
+        str(state),
+        "--workers",
+        str(workers),
+        "--stable-seconds",
+        str(stable),
+        "--rescan-seconds",
+        "30",
         *(["--batch-size", str(batch_size)] if batch_size else []),
     ]
     with log.open("wb") as err:
@@ -246,13 +271,24 @@ def run_once(
         ).fetchall()
         states = dict(conn.execute("SELECT state, count(*) FROM scans GROUP BY state").fetchall())
     latencies = [(parse_time(r) - parse_time(d)).total_seconds() * 1000 for d, r in rows]
-    return Result(workers, len(moves), t_done - t_first, t_done - t_last, t_last - t_first, latencies, trickle_ms,
-                  rss_before, max(peak[0], rss_after), rss_after, states)
+    return Result(
+        workers,
+        len(moves),
+        t_done - t_first,
+        t_done - t_last,
+        t_last - t_first,
+        latencies,
+        trickle_ms,
+        rss_before,
+        max(peak[0], rss_after),
+        rss_after,
+        states,
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def table(results: list[Result]) -> str:
@@ -289,23 +325,32 @@ def main() -> None:
     top = Path(tempfile.mkdtemp(prefix="meddaemon-bench-"))
     try:
         t0 = time.monotonic()
-        corpus, trickle, warmup = make_corpus(top / "corpus", args.png, args.dicom, args.png_size, args.dicom_size, args.trickle)
+        corpus, trickle, warmup = make_corpus(
+            top / "corpus", args.png, args.dicom, args.png_size, args.dicom_size, args.trickle
+        )
         size = sum(p.stat().st_size for p in corpus)
-        print(f"corpus: {args.png} PNGs {args.png_size}x{args.png_size} 8-bit + {args.dicom} DICOMs "
-              f"{args.dicom_size}x{args.dicom_size} 12-bit in {len(TRANSFER_SYNTAXES)} transfer syntaxes "
-              f"({', '.join(label for label, _ in TRANSFER_SYNTAXES)}), {size / 1e6:.1f} MB, "
-              f"made in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        print(
+            f"corpus: {args.png} PNGs {args.png_size}x{args.png_size} 8-bit + {args.dicom} DICOMs "
+            f"{args.dicom_size}x{args.dicom_size} 12-bit in {len(TRANSFER_SYNTAXES)} transfer syntaxes "
+            f"({', '.join(label for label, _ in TRANSFER_SYNTAXES)}), {size / 1e6:.1f} MB, "
+            f"made in {time.monotonic() - t0:.1f} s",
+            file=sys.stderr,
+        )
         results = []
         for workers in (int(w) for w in args.workers.split(",")):
             result = run_once(
                 corpus, trickle, warmup, top / f"workers-{workers}", workers, args.stable_seconds, args.batch_size
             )
-            print(f"workers={workers}: {result.files} files in {result.wall_s:.2f} s, states {result.states}",
-                  file=sys.stderr)
+            print(
+                f"workers={workers}: {result.files} files in {result.wall_s:.2f} s, states {result.states}",
+                file=sys.stderr,
+            )
             results.append(result)
-        print(f"\nmeddaemon ingest, {platform.python_implementation()} {platform.python_version()}, "
-              f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-              f"rename-in drop, stable-seconds {args.stable_seconds}\n")
+        print(
+            f"\nmeddaemon ingest, {platform.python_implementation()} {platform.python_version()}, "
+            f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+            f"rename-in drop, stable-seconds {args.stable_seconds}\n"
+        )
         print(table(results))
     finally:
         if args.keep:

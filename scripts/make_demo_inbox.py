@@ -24,8 +24,12 @@ def main(inbox: Path) -> None:
         pixels = rng.integers(0, 4095, (128, 128), dtype=np.uint16)
         kwargs = {"transfer_syntax": syntax} if syntax else {}
         write_dicom(inbox / f"synthetic_chest_{i:02d}.dcm", pixels=pixels, modality="DX", body_part="CHEST", **kwargs)
-    write_dicom(inbox / "synthetic_breast_us.dcm", pixels=rng.integers(0, 255, (96, 96), dtype=np.uint8),
-                modality="US", body_part="BREAST")
+    write_dicom(
+        inbox / "synthetic_breast_us.dcm",
+        pixels=rng.integers(0, 255, (96, 96), dtype=np.uint8),
+        modality="US",
+        body_part="BREAST",
+    )
     (inbox / "busi" / "synthetic_copy_of_00.png").write_bytes((inbox / "busi" / "synthetic_busi_00.png").read_bytes())
     (inbox / "synthetic_empty.png").write_bytes(b"")
     write_structured_report(inbox / "synthetic_report_no_pixels.dcm")

@@ -304,12 +304,7 @@ def write_png(path: str | Path, array: np.ndarray) -> Path:
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return (
-        struct.pack(">I", len(payload))
-        + kind
-        + payload
-        + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
-    )
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
 
 
 def write_blank_png(path: str | Path, width: int, height: int, *, bit_depth: int = 8) -> Path:

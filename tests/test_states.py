@@ -1,5 +1,7 @@
 """The life of a scan: which states follow which (DESIGN.md section 3)."""
 
+import itertools
+
 import pytest
 
 from meddaemon.states import PERSISTED, SETTLED, IllegalTransition, ScanState, check_transition
@@ -16,7 +18,7 @@ S = ScanState
     ],
 )
 def test_the_documented_lives_of_a_scan_are_legal(path):
-    for current, new in zip(path, path[1:]):
+    for current, new in itertools.pairwise(path):
         check_transition(current, new)
 
 

@@ -44,7 +44,8 @@ def test_config_show_says_where_each_value_comes_from(runner: CliRunner, tmp_pat
     config = tmp_path / "c.toml"
     config.write_text("batch_size = 8\n")
     result = runner.invoke(
-        meddaemon, ["config", "show", "--json", "--config", str(config), "--state-dir", str(tmp_path)],
+        meddaemon,
+        ["config", "show", "--json", "--config", str(config), "--state-dir", str(tmp_path)],
         env={"MEDDAEMON_WORKERS": "3"},
     )
     assert result.exit_code == 0, result.output

@@ -20,7 +20,9 @@ def commit_without_moving(daemon: Daemon, paths: list[Path]) -> bookkeeper.Batch
     batch = []
     for path in paths:
         stable = StableFile(path, signature(path), utcnow(), utcnow())
-        batch.append((stable, daemon.inbox.relative_name(path), read_file(path, stable.signature, daemon.decode_options)))
+        batch.append(
+            (stable, daemon.inbox.relative_name(path), read_file(path, stable.signature, daemon.decode_options))
+        )
     with transaction(daemon.sessions) as session:
         return bookkeeper.record_batch(session, batch, daemon.destinations, daemon.policy)
 

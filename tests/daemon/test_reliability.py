@@ -10,6 +10,7 @@ The daemon's stderr goes to ``tmp_path/logs/``; the tail of every log is printed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -21,7 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +78,9 @@ def drop(inbox: Path, name: str, data: bytes, *, rename: bool) -> Path:
 
 
 def files_under(*folders: Path) -> list[Path]:
-    return sorted(p for folder in folders if folder.exists() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+    return sorted(
+        p for folder in folders if folder.exists() for p in folder.rglob("*") if p.is_file() or p.is_symlink()
+    )
 
 
 # -- the daemon as a subprocess ------------------------------------------------------------------
@@ -104,7 +107,8 @@ class Layout:
     def stored_files(self) -> list[Path]:
         """Every file the daemon has put away (work/, archive/, failed/), ``.reason.json`` excluded."""
         return [
-            p for p in files_under(self.state / "work", self.state / "archive", self.state / "failed")
+            p
+            for p in files_under(self.state / "work", self.state / "archive", self.state / "failed")
             if not p.name.endswith(".reason.json")
         ]
 
@@ -155,10 +159,8 @@ class RunningDaemon:
 
 
 def kill_group(pgid: int) -> None:
-    try:
+    with suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def daemon_env() -> dict[str, str]:
@@ -188,19 +190,30 @@ class Daemons:
     ) -> RunningDaemon:
         log = self.layout.logs / f"daemon-{len(self.started) + 1:02d}.log"
         cmd = [
-            str(MEDDAEMON), "start",
-            "--watch", str(self.layout.inbox),
-            "--state-dir", str(self.layout.state),
-            "--stable-seconds", str(stable),
-            "--rescan-seconds", str(rescan),
-            "--workers", str(workers),
+            str(MEDDAEMON),
+            "start",
+            "--watch",
+            str(self.layout.inbox),
+            "--state-dir",
+            str(self.layout.state),
+            "--stable-seconds",
+            str(stable),
+            "--rescan-seconds",
+            str(rescan),
+            "--workers",
+            str(workers),
             *(["--batch-size", str(batch_size)] if batch_size else []),
             *(["--once"] if once else []),
             *extra,
         ]
         with log.open("wb") as err:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=daemon_env(), start_new_session=True,
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                env=daemon_env(),
+                start_new_session=True,
                 cwd=self.layout.root,
             )
         daemon = RunningDaemon(proc, log)
@@ -223,15 +236,11 @@ class Daemons:
     def cleanup(self) -> None:
         for proc in [d.proc for d in self.started] + self.helpers:
             if proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGCONT)  # a stopped daemon must be able to die
-                except ProcessLookupError:
-                    pass
             kill_group(proc.pid)
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
 
     def logs(self) -> str:
         parts = []
@@ -296,20 +305,33 @@ def count(db: Path, table: str) -> int:
 
 
 def scan_rows(db: Path) -> list[dict[str, object]]:
-    columns = ("id", "sha256", "state", "task_name", "source_name", "stored_path", "pending_move_from",
-               "failure_reason", "size_bytes")
-    return [dict(zip(columns, row)) for row in query(db, f"SELECT {', '.join(columns)} FROM scans ORDER BY id")]
+    columns = (
+        "id",
+        "sha256",
+        "state",
+        "task_name",
+        "source_name",
+        "stored_path",
+        "pending_move_from",
+        "failure_reason",
+        "size_bytes",
+    )
+    rows = query(db, f"SELECT {', '.join(columns)} FROM scans ORDER BY id")
+    return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
 def duplicate_rows(db: Path) -> list[dict[str, object]]:
     columns = ("id", "scan_id", "source_name", "stored_path", "pending_move_from")
-    return [dict(zip(columns, row)) for row in query(db, f"SELECT {', '.join(columns)} FROM duplicate_arrivals")]
+    rows = query(db, f"SELECT {', '.join(columns)} FROM duplicate_arrivals")
+    return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
 def wait_for_committed_moves(db: Path, deadline: float) -> bool:
     """Poll (as fast as SQLite answers) until a row has a committed move not yet finished."""
-    sql = ("SELECT EXISTS (SELECT 1 FROM scans WHERE pending_move_from IS NOT NULL)"
-           " OR EXISTS (SELECT 1 FROM duplicate_arrivals WHERE pending_move_from IS NOT NULL)")
+    sql = (
+        "SELECT EXISTS (SELECT 1 FROM scans WHERE pending_move_from IS NOT NULL)"
+        " OR EXISTS (SELECT 1 FROM duplicate_arrivals WHERE pending_move_from IS NOT NULL)"
+    )
     conn: sqlite3.Connection | None = None
     try:
         while time.monotonic() < deadline:
@@ -332,7 +354,9 @@ def assert_nothing_half_done(layout: Layout) -> None:
     scans, duplicates = scan_rows(layout.db), duplicate_rows(layout.db)
     assert [r for r in scans if r["pending_move_from"]] == []
     assert [r for r in duplicates if r["pending_move_from"]] == []
-    missing = [r["stored_path"] for r in scans + duplicates if r["stored_path"] and not Path(str(r["stored_path"])).exists()]
+    missing = [
+        r["stored_path"] for r in scans + duplicates if r["stored_path"] and not Path(str(r["stored_path"])).exists()
+    ]
     assert missing == []
     assert query(layout.db, "PRAGMA integrity_check") == [("ok",)]
 
@@ -502,7 +526,9 @@ def test_a_slow_writer_is_never_read_before_its_file_is_complete(layout: Layout,
 
     inbox = layout.inbox / TASK
     part = inbox / "synthetic_renamed.png.part"
-    other = threading.Thread(target=lambda: (write_slowly(part, renamed), os.rename(part, inbox / "synthetic_renamed.png")))
+    other = threading.Thread(
+        target=lambda: (write_slowly(part, renamed), os.rename(part, inbox / "synthetic_renamed.png"))
+    )
     other.start()
     write_slowly(inbox / "synthetic_growing.png", growing)
     other.join()
@@ -530,7 +556,9 @@ def test_the_same_bytes_under_two_names_are_one_scan_and_one_duplicate(
     daemon.wait_ready()
     drop(layout.inbox / TASK, "synthetic_a.png", data, rename=False)
     drop(layout.inbox / TASK, "synthetic_b.png", data, rename=True)
-    wait_until(lambda: count(layout.db, "scans") + count(layout.db, "duplicate_arrivals") == 2, 20, "two arrivals", daemon)
+    wait_until(
+        lambda: count(layout.db, "scans") + count(layout.db, "duplicate_arrivals") == 2, 20, "two arrivals", daemon
+    )
 
     [scan] = scan_rows(layout.db)
     [duplicate] = duplicate_rows(layout.db)
@@ -613,7 +641,7 @@ def test_sigterm_mid_stream_exits_0_with_nothing_half_done(
     workers = psutil.Process(daemon.pid).children(recursive=True)
     daemon.signal(signum)
     assert daemon.wait(30) == 0
-    gone, alive = psutil.wait_procs(workers, timeout=10)
+    _gone, alive = psutil.wait_procs(workers, timeout=10)
     assert alive == [], "the decoding workers stop with the daemon"
     assert "finishing the batch in hand" in daemon.log_text()
 

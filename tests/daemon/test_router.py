@@ -27,7 +27,10 @@ def test_a_file_at_the_top_is_not_in_a_task_folder_even_if_named_like_one():
 def test_breast_ultrasound_goes_to_busi_and_chest_radiographs_to_chestxray14():
     assert route_scan(PurePosixPath("a.dcm"), dicom(modality="US", body_part="BREAST"), RULES, TASKS).task == "busi"
     for modality in ("CR", "DX"):
-        assert route_scan(PurePosixPath("a.dcm"), dicom(modality=modality, body_part="chest "), RULES, TASKS).task == "chestxray14"
+        assert (
+            route_scan(PurePosixPath("a.dcm"), dicom(modality=modality, body_part="chest "), RULES, TASKS).task
+            == "chestxray14"
+        )
 
 
 def test_rules_apply_to_dicom_only():

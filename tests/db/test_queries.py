@@ -19,10 +19,23 @@ def test_status_counts_states_reasons_duplicates_and_recent_throughput(migrated_
         s.flush()
         s.add_all([_scan(i, "waiting_model", task_name="busi", registered_at=now) for i in range(3)])
         s.add(_scan(10, "failed", failure_reason="truncated_image", failure_message="cut short", registered_at=now))
-        s.add(_scan(11, "failed", failure_reason="truncated_image", failure_message="cut short",
-                    registered_at=now - timedelta(hours=2)))
-        old = _scan(12, "failed", failure_reason="empty_file", failure_message="0 bytes",
-                    registered_at=now - timedelta(minutes=30), pending_move_from="/inbox/x")
+        s.add(
+            _scan(
+                11,
+                "failed",
+                failure_reason="truncated_image",
+                failure_message="cut short",
+                registered_at=now - timedelta(hours=2),
+            )
+        )
+        old = _scan(
+            12,
+            "failed",
+            failure_reason="empty_file",
+            failure_message="0 bytes",
+            registered_at=now - timedelta(minutes=30),
+            pending_move_from="/inbox/x",
+        )
         s.add(old)
         s.flush()
         s.add(DuplicateArrival(scan_id=old.id, source_name="copy.png", stored_path="/a/copy.png", size_bytes=1))

@@ -274,9 +274,7 @@ def test_first_of_several_windows_is_used(tmp_path):
 
 def test_signed_pixels_go_through_rescale_then_window(tmp_path):
     stored = (gradient(top=4000).astype(np.int32) - 2000).astype(np.int16)
-    path = write_dicom(
-        tmp_path / "ct.dcm", pixels=stored, modality="CT", rescale=(2.0, -1024.0), window=(40, 400)
-    )
+    path = write_dicom(tmp_path / "ct.dcm", pixels=stored, modality="CT", rescale=(2.0, -1024.0), window=(40, 400))
     ds = dcmread(path)
     hounsfield = stored * 2.0 - 1024.0
     low, high = -32768 * 2.0 - 1024.0, 32767 * 2.0 - 1024.0
@@ -288,9 +286,7 @@ def test_signed_pixels_go_through_rescale_then_window(tmp_path):
 
 def test_signed_big_endian_pixels_without_window_are_min_max_of_rescaled_values(tmp_path):
     stored = (gradient(top=4000).astype(np.int32) - 2000).astype(np.int16)
-    path = write_dicom(
-        tmp_path / "be.dcm", pixels=stored, rescale=(1.0, -1024.0), transfer_syntax=ExplicitVRBigEndian
-    )
+    path = write_dicom(tmp_path / "be.dcm", pixels=stored, rescale=(1.0, -1024.0), transfer_syntax=ExplicitVRBigEndian)
 
     assert_close(decode(path).frames, min_max(stored.astype(np.float64) - 1024.0)[np.newaxis])
 
@@ -301,9 +297,7 @@ def test_voi_lut_sequence_is_applied_and_spans_its_table(tmp_path):
     item = Dataset()
     item.LUTDescriptor = [256, 0, 8]
     item.LUTData = table.astype("<u2").tobytes()
-    path = write_dicom(
-        tmp_path / "lut.dcm", pixels=pixels, bits_stored=8, extra={"VOILUTSequence": Sequence([item])}
-    )
+    path = write_dicom(tmp_path / "lut.dcm", pixels=pixels, bits_stored=8, extra={"VOILUTSequence": Sequence([item])})
 
     assert_close(decode(path).frames, (table[pixels] / 255.0)[np.newaxis])
 

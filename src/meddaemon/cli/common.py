@@ -29,10 +29,14 @@ def settings_options(func: F) -> F:
     """--config, --state-dir and --db: enough to find the database of a daemon."""
     func = click.option("--db", help="SQLAlchemy URL (default: SQLite under the state directory).")(func)
     func = click.option(
-        "--state-dir", type=click.Path(path_type=Path, file_okay=False), help="Folder for the database, work/, archive/, failed/."
+        "--state-dir",
+        type=click.Path(path_type=Path, file_okay=False),
+        help="Folder for the database, work/, archive/, failed/.",
     )(func)
     func = click.option(
-        "--config", "config_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+        "--config",
+        "config_file",
+        type=click.Path(path_type=Path, dir_okay=False, exists=True),
         help="TOML configuration file (default: $MEDDAEMON_CONFIG if set).",
     )(func)
     return func

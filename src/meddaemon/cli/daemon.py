@@ -60,7 +60,9 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
 
 
 @cli.command()
-@click.option("--watch", type=click.Path(path_type=Path, file_okay=False), help="Inbox folder (to count waiting files).")
+@click.option(
+    "--watch", type=click.Path(path_type=Path, file_okay=False), help="Inbox folder (to count waiting files)."
+)
 @settings_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--recent", default=10, show_default=True, help="How many of the latest failures to list.")
@@ -77,12 +79,16 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
     if as_json:
         echo_json(summary.as_dict())
         return
-    click.echo(f"scans: {summary.total}   duplicates: {summary.duplicates}   "
-               f"files waiting in the inbox: {summary.extra['inbox_waiting']}")
+    click.echo(
+        f"scans: {summary.total}   duplicates: {summary.duplicates}   "
+        f"files waiting in the inbox: {summary.extra['inbox_waiting']}"
+    )
     for state, count in sorted(summary.states.items()):
         click.echo(f"  {state:<14} {count}")
-    click.echo(f"throughput: {summary.registered_last_minute} registered in the last minute, "
-               f"{summary.registered_last_hour} in the last hour")
+    click.echo(
+        f"throughput: {summary.registered_last_minute} registered in the last minute, "
+        f"{summary.registered_last_hour} in the last hour"
+    )
     if summary.pending_moves:
         click.echo(f"moves still to finish: {summary.pending_moves}")
     if summary.failures_by_reason:
@@ -135,5 +141,3 @@ def _toml_value(value: object) -> str:
 
 def main() -> None:
     cli(prog_name="meddaemon")
-
-

@@ -54,9 +54,18 @@ def scans(config_file: Path | None, state: str | None, limit: int, as_json: bool
         query = query.where(Scan.state == state)
     with session_factory(engine)() as session:
         rows = [
-            {"id": s.id, "state": s.state, "task": s.task_name, "reason": s.failure_reason,
-             "source_name": s.source_name, "sha256": s.sha256, "modality": s.modality, "format": s.format,
-             "registered_at": s.registered_at, "stored_path": s.stored_path}
+            {
+                "id": s.id,
+                "state": s.state,
+                "task": s.task_name,
+                "reason": s.failure_reason,
+                "source_name": s.source_name,
+                "sha256": s.sha256,
+                "modality": s.modality,
+                "format": s.format,
+                "registered_at": s.registered_at,
+                "stored_path": s.stored_path,
+            }
             for s in session.scalars(query)
         ]
     if as_json:
@@ -72,7 +81,9 @@ def decoders(as_json: bool) -> None:
     """Which DICOM transfer syntaxes this installation can decode, and with which plugin."""
     support = decodable_transfer_syntaxes()
     if as_json:
-        echo_json([{"uid": s.uid, "name": s.name, "decodable": s.decodable, "plugins": list(s.plugins)} for s in support])
+        echo_json(
+            [{"uid": s.uid, "name": s.name, "decodable": s.decodable, "plugins": list(s.plugins)} for s in support]
+        )
         return
     for s in support:
         click.echo(f"{'yes' if s.decodable else 'no ':<4} {s.name:<50} {', '.join(s.plugins)}")

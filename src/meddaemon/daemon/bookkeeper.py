@@ -91,8 +91,7 @@ def record_batch(
     """Rows for a batch of read files, flushed once (a flush per file cost 70% of ingest time)."""
     shas = {intake.sha256 for _, _, intake in files if intake.sha256}
     known: dict[str, Scan] = (
-        {s.sha256: s for s in session.scalars(select(Scan).where(Scan.sha256.in_(shas))) if s.sha256}
-        if shas else {}
+        {s.sha256: s for s in session.scalars(select(Scan).where(Scan.sha256.in_(shas))) if s.sha256} if shas else {}
     )
     with_models = active_model_tasks(session)
     failed_taken: set[Path] = set()
@@ -215,7 +214,14 @@ def _fail(
         target = filing.failed_path(destinations.failed_dir, name, taken)
         scan.stored_path, scan.pending_move_from = str(target), str(source)
     outcome = IntakeOutcome(
-        str(name), ScanState.FAILED, scan.sha256, scan.size_bytes or 0, None, failure.message, failure.reason.value, target
+        str(name),
+        ScanState.FAILED,
+        scan.sha256,
+        scan.size_bytes or 0,
+        None,
+        failure.message,
+        failure.reason.value,
+        target,
     )
     return _Staged(scan, source, target, outcome)
 
@@ -252,8 +258,13 @@ def clear_pending(session: Session, moves: Sequence[PlannedMove]) -> None:
 def pending_moves(session: Session) -> list[PlannedMove]:
     """Moves committed but maybe not carried out: the journal recovery replays after a crash."""
     moves = [
-        PlannedMove("scan", s.id, Path(s.pending_move_from), Path(s.stored_path),  # type: ignore[arg-type]
-                    reason_document(s) if s.state == ScanState.FAILED else None)
+        PlannedMove(
+            "scan",
+            s.id,
+            Path(s.pending_move_from),
+            Path(s.stored_path),  # type: ignore[arg-type]
+            reason_document(s) if s.state == ScanState.FAILED else None,
+        )
         for s in session.scalars(select(Scan).where(Scan.pending_move_from.is_not(None)))
     ]
     moves += [

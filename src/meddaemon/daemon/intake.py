@@ -47,7 +47,8 @@ def _read(path: Path, expected: Signature | None, options: DecodeOptions) -> Int
     if stat.S_ISLNK(st.st_mode):
         where = "outside" if _points_outside(path) else "inside"
         raise ScanFailure(
-            FailureReason.SYMLINK_NOT_FOLLOWED, f"symbolic links are not followed (this one points {where} the inbox folder)"
+            FailureReason.SYMLINK_NOT_FOLLOWED,
+            f"symbolic links are not followed (this one points {where} the inbox folder)",
         )
     if not stat.S_ISREG(st.st_mode):
         raise ScanFailure(FailureReason.UNREADABLE, "not a regular file")

@@ -94,7 +94,9 @@ class Daemon:
         self.pool = self._make_pool()
         log.info(
             "watching %s (state in %s, database %s, %s workers)",
-            self.settings.watch, self.settings.state_dir, self.engine.url.render_as_string(hide_password=True),
+            self.settings.watch,
+            self.settings.state_dir,
+            self.engine.url.render_as_string(hide_password=True),
             self.settings.workers or "no",
         )
         try:
@@ -133,7 +135,10 @@ class Daemon:
                 signal.signal(signum, handler)
         log.info(
             "stopped: %d routed, %d duplicates, %d failed in %.1f s",
-            self.stats.routed, self.stats.duplicates, self.stats.failed, time.monotonic() - self.stats.started,
+            self.stats.routed,
+            self.stats.duplicates,
+            self.stats.failed,
+            time.monotonic() - self.stats.started,
         )
         return self.stats
 
@@ -163,7 +168,7 @@ class Daemon:
     def process(self, ready: list[StableFile]) -> BatchRecord:
         intakes = self._read(ready)
         batch: list[tuple[StableFile, PurePosixPath, Intake]] = []
-        for stable, intake in zip(ready, intakes):
+        for stable, intake in zip(ready, intakes, strict=False):
             name = self.inbox.relative_name(stable.path)
             if intake.changed:
                 self.tracker.observe(stable.path)
@@ -222,11 +227,17 @@ class Daemon:
                 self.blocked.add(move.source)
                 continue
             if outcome is filing.MoveOutcome.LOST:
-                log.error("%s is neither at %s nor at %s: it was removed by someone else", move.source.name, move.source, move.target)
+                log.error(
+                    "%s is neither at %s nor at %s: it was removed by someone else",
+                    move.source.name,
+                    move.source,
+                    move.target,
+                )
             self.blocked.discard(move.source)
             self.tracker.forget(move.source)
             done.append(move)
         if done:
+
             def clear() -> None:
                 with transaction(self.sessions) as session:
                     bookkeeper.clear_pending(session, done)
@@ -267,7 +278,7 @@ class Daemon:
             self.settings.workers, mp_context=context, initializer=init_worker, max_tasks_per_child=2000
         )
 
-    def _install_signal_handlers(self) -> dict[int, object]:
+    def _install_signal_handlers(self) -> dict[int, signal._HANDLER]:
         """SIGTERM and SIGINT ask for a graceful stop; returns the handlers to restore afterwards."""
         if threading.current_thread() is not threading.main_thread():
             return {}
@@ -280,21 +291,43 @@ class Daemon:
     def _log_decoders(self) -> None:
         support = decodable_transfer_syntaxes()
         able = [s for s in support if s.decodable]
-        log.info("DICOM decoding: %d of %d transfer syntaxes decodable: %s", len(able), len(support),
-                 "; ".join(s.name for s in able))
+        log.info(
+            "DICOM decoding: %d of %d transfer syntaxes decodable: %s",
+            len(able),
+            len(support),
+            "; ".join(s.name for s in able),
+        )
         for s in support:
-            log.debug("  %-4s %s (%s)%s", "yes" if s.decodable else "no", s.name, s.uid,
-                     f" via {', '.join(s.plugins)}" if s.plugins else "")
+            log.debug(
+                "  %-4s %s (%s)%s",
+                "yes" if s.decodable else "no",
+                s.name,
+                s.uid,
+                f" via {', '.join(s.plugins)}" if s.plugins else "",
+            )
 
 
 def _log_outcome(outcome: bookkeeper.IntakeOutcome) -> None:
     sha = (outcome.sha256 or "-")[:12]
     if outcome.state == "failed":
-        log.warning("%s -> failed: %s (%s); kept at %s", outcome.source_name, outcome.reason, outcome.detail,
-                    outcome.target or "nowhere: the file is gone")
+        log.warning(
+            "%s -> failed: %s (%s); kept at %s",
+            outcome.source_name,
+            outcome.reason,
+            outcome.detail,
+            outcome.target or "nowhere: the file is gone",
+        )
     elif outcome.state == "duplicate":
-        log.info("%s (sha256 %s) -> duplicate: %s; kept at %s", outcome.source_name, sha, outcome.detail, outcome.target)
+        log.info(
+            "%s (sha256 %s) -> duplicate: %s; kept at %s", outcome.source_name, sha, outcome.detail, outcome.target
+        )
     else:
-        log.info("%s (sha256 %s, %d bytes) -> %s, task %s by %s", outcome.source_name, sha, outcome.size,
-                 outcome.state, outcome.task, outcome.detail)
-
+        log.info(
+            "%s (sha256 %s, %d bytes) -> %s, task %s by %s",
+            outcome.source_name,
+            sha,
+            outcome.size,
+            outcome.state,
+            outcome.task,
+            outcome.detail,
+        )

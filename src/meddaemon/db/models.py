@@ -40,7 +40,7 @@ def utcnow() -> datetime:
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+    type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}  # noqa: RUF012
 
 
 class Task(Base):
@@ -124,10 +124,28 @@ class Scan(Base):
 
 #: Scan columns filled from ``ScanMetadata`` of the same names.
 METADATA_COLUMNS = (
-    "format", "rows", "columns", "frames", "samples_per_pixel", "photometric_interpretation",
-    "bits_stored", "transfer_syntax_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid",
-    "sop_instance_uid", "patient_id", "patient_name", "patient_birth_date", "accession_number",
-    "patient_sex", "patient_age", "modality", "body_part", "manufacturer", "view_position",
+    "format",
+    "rows",
+    "columns",
+    "frames",
+    "samples_per_pixel",
+    "photometric_interpretation",
+    "bits_stored",
+    "transfer_syntax_uid",
+    "sop_class_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "patient_id",
+    "patient_name",
+    "patient_birth_date",
+    "accession_number",
+    "patient_sex",
+    "patient_age",
+    "modality",
+    "body_part",
+    "manufacturer",
+    "view_position",
 )
 
 

@@ -47,7 +47,9 @@ def status_summary(session: Session, recent: int = 10, now: datetime | None = No
     states = dict(session.execute(select(Scan.state, func.count()).group_by(Scan.state)).all())
     reasons = dict(
         session.execute(
-            select(Scan.failure_reason, func.count()).where(Scan.failure_reason.is_not(None)).group_by(Scan.failure_reason)
+            select(Scan.failure_reason, func.count())
+            .where(Scan.failure_reason.is_not(None))
+            .group_by(Scan.failure_reason)
         ).all()
     )
     failures = [

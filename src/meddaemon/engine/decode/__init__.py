@@ -74,9 +74,7 @@ def decode_bytes(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
     except ScanFailure:
         raise
     except MemoryError as exc:
-        raise ScanFailure(
-            FailureReason.TOO_MANY_PIXELS, f"memory ran out while decoding the {fmt} image"
-        ) from exc
+        raise ScanFailure(FailureReason.TOO_MANY_PIXELS, f"memory ran out while decoding the {fmt} image") from exc
     except Exception as exc:
         raise ScanFailure(
             FailureReason.INTERNAL_ERROR,

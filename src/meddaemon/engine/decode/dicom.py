@@ -178,9 +178,7 @@ def _is_plausible(ds: Dataset) -> bool:
 def _refuse_dicomdir(ds: Dataset) -> None:
     meta = getattr(ds, "file_meta", None) or {}
     if meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
-        raise ScanFailure(
-            FailureReason.DICOMDIR, "the file is a DICOMDIR (an index of a file set), not an image"
-        )
+        raise ScanFailure(FailureReason.DICOMDIR, "the file is a DICOMDIR (an index of a file set), not an image")
 
 
 def _pixel_keyword(ds: Dataset, header: Dataset, data: bytes) -> str:
@@ -195,9 +193,7 @@ def _pixel_keyword(ds: Dataset, header: Dataset, data: bytes) -> str:
             FailureReason.TRUNCATED_PIXEL_DATA,
             f"the header describes an image but the file ends {where} its pixel data",
         )
-    raise ScanFailure(
-        FailureReason.NO_PIXEL_DATA, f"the DICOM object ({_sop_class_name(header)}) has no pixel data"
-    )
+    raise ScanFailure(FailureReason.NO_PIXEL_DATA, f"the DICOM object ({_sop_class_name(header)}) has no pixel data")
 
 
 def _sop_class_name(ds: Dataset) -> str:
@@ -309,9 +305,7 @@ def _frame_index(ds: Dataset, frames: int, options: DecodeOptions, notes: list[s
     return index
 
 
-def _decode_pixels(
-    decoder: Any, ds: Dataset, index: int | None, transfer_syntax: UID
-) -> tuple[np.ndarray, dict]:
+def _decode_pixels(decoder: Any, ds: Dataset, index: int | None, transfer_syntax: UID) -> tuple[np.ndarray, dict]:
     """Decode with pydicom's own colour handling: YBR_FULL(_422) comes back as RGB whether the
     codec (JPEG baseline) or pydicom converted it; the returned dict says what the array holds."""
     try:
@@ -327,9 +321,7 @@ def _decode_pixels(
     return arr, decoded_as
 
 
-def _to_unit(
-    arr: np.ndarray, ds: Dataset, decoded_as: dict, photometric: str, notes: list[str]
-) -> np.ndarray:
+def _to_unit(arr: np.ndarray, ds: Dataset, decoded_as: dict, photometric: str, notes: list[str]) -> np.ndarray:
     """Frames as float32 in [0, 1]: (N, H, W) grey or (N, H, W, 3) RGB."""
     decoded_photometric = str(decoded_as.get("photometric_interpretation", photometric)).upper()
     samples = int(decoded_as.get("samples_per_pixel", 1))

@@ -86,14 +86,10 @@ def _load(image: Image.Image) -> list[str]:
     try:
         image.load()
     except Image.DecompressionBombError as exc:
-        raise ScanFailure(
-            FailureReason.TOO_MANY_PIXELS, f"Pillow refused a decompression bomb: {exc}"
-        ) from exc
+        raise ScanFailure(FailureReason.TOO_MANY_PIXELS, f"Pillow refused a decompression bomb: {exc}") from exc
     except (OSError, EOFError) as exc:
         if isinstance(exc, EOFError) or "truncated" in str(exc).lower():
-            raise ScanFailure(
-                FailureReason.TRUNCATED_IMAGE, "the image data ends before its last pixel"
-            ) from exc
+            raise ScanFailure(FailureReason.TRUNCATED_IMAGE, "the image data ends before its last pixel") from exc
         raise ScanFailure(
             FailureReason.CORRUPT_IMAGE, f"the image data cannot be decoded ({type(exc).__name__}: {exc})"
         ) from exc
