@@ -11,7 +11,7 @@ def test_defaults_come_from_the_shipped_template():
     settings = load_settings(env={})
     assert settings.stable_seconds == 2.0
     assert settings.observer == "native"
-    assert RouteRule("busi", ("US",), ("BREAST",)) in settings.route
+    assert RouteRule("busi", ("US",), ("BREAST",)) in settings.routing_rules
     assert settings.sources["stable_seconds"] == "default"
 
 
@@ -50,7 +50,7 @@ def test_lists_from_the_environment_are_comma_separated():
 def test_routing_rules_from_a_file_replace_the_default_rules(tmp_path: Path):
     config = tmp_path / "c.toml"
     config.write_text('[[route]]\ntask = "covid"\nmodality = "DX"\n')
-    assert load_settings(config, env={}).route == (RouteRule("covid", ("DX",)),)
+    assert load_settings(config, env={}).routing_rules == (RouteRule("covid", ("DX",)),)
 
 
 def test_database_defaults_to_sqlite_in_the_state_dir(tmp_path: Path):
@@ -86,3 +86,33 @@ def test_a_bad_environment_value_names_the_variable():
 def test_a_missing_config_file_is_an_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml", env={})
+
+
+def test_custom_tasks_come_from_tasks_tables_and_can_be_routed_to(tmp_path: Path):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[tasks.knee]\nlabels = ["normal", "oa"]\nkind = "binary"\n'
+        'contract = { channels = 1, height = 128, width = 128, modalities = ["DX"] }\n'
+        '[[route]]\ntask = "knee"\nmodality = "DX"\n'
+    )
+    settings = load_settings(config, env={})
+    knee = settings.task_specs["knee"]
+    assert (knee.kind, knee.labels, knee.num_outputs, knee.contract.height) == ("binary", ("normal", "oa"), 1, 128)
+    assert knee.contract.mean == (0.449,)
+    assert {"busi", "chestxray14", "covid", "histopathology", "knee"} <= set(settings.task_specs)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('[tasks.knee]\nlabels = ["a", "b"]\nkind = "ordinal"\ncontract = { channels = 1 }\n', "kind must be one of"),
+        ('[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\n', "task 'knee': missing or invalid field"),
+        ('[[route]]\ntask = "nonexistent"\n', "unknown task 'nonexistent'"),
+        ('default_task = "nonexistent"\n', "unknown task 'nonexistent'"),
+    ],
+)
+def test_bad_custom_tasks_and_routes_to_unknown_tasks_are_refused(tmp_path: Path, content: str, message: str):
+    config = tmp_path / "c.toml"
+    config.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config, env={})

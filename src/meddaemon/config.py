@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from meddaemon.engine.tasks import TaskSpec, all_tasks, task_from_dict
+
 ENV_PREFIX = "MEDDAEMON_"
 CONFIG_ENV = "MEDDAEMON_CONFIG"
 OBSERVERS = ("native", "polling")
@@ -52,12 +54,34 @@ class Settings:
     default_task: str = ""
     busy_timeout: float = 5.0
     log_level: str = "INFO"
+    max_batch: int = 16
+    max_wait_ms: float = 50.0
+    device: str = "auto"
+    heatmaps: bool = True
+    model_poll_seconds: float = 2.0
     route: tuple[RouteRule, ...] = ()
+    tasks: Mapping[str, TaskSpec] = field(default_factory=dict)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def db_url(self) -> str:
         return self.db or f"sqlite:///{(self.state_dir / 'meddaemon.db').resolve()}"
+
+    @property
+    def task_specs(self) -> dict[str, TaskSpec]:
+        """The presets plus the custom tasks of the config."""
+        return all_tasks(self.tasks)
+
+    @property
+    def routing_rules(self) -> tuple[RouteRule, ...]:
+        """The config's [[route]] rules, or else the presets' own."""
+        if self.route:
+            return self.route
+        return tuple(
+            RouteRule(t.name, t.route_modality, t.route_body_part)
+            for t in self.task_specs.values()
+            if t.route_modality or t.route_body_part
+        )
 
     @property
     def work_dir(self) -> Path:
@@ -72,6 +96,15 @@ class Settings:
     def failed_dir(self) -> Path:
         return self.state_dir / "failed"
 
+    @property
+    def models_dir(self) -> Path:
+        """The model registry: ``<task>/<version>/`` with model.safetensors and manifest.json."""
+        return self.state_dir / "models"
+
+    @property
+    def heatmaps_dir(self) -> Path:
+        return self.state_dir / "heatmaps"
+
     def public_dict(self) -> dict[str, Any]:
         """Every setting as plain data (for ``config show`` and ``--json``)."""
         out: dict[str, Any] = {}
@@ -83,10 +116,13 @@ class Settings:
                 value = str(value)
             elif f.name == "route":
                 value = [_route_as_dict(r) for r in value]
+            elif f.name == "tasks":
+                value = sorted(value)
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
         out["db_url"] = self.db_url
+        out["routing_rules"] = [_route_as_dict(r) for r in self.routing_rules]
         return out
 
 
@@ -109,6 +145,8 @@ def load_settings(
     raw: dict[str, Any] = {}
     sources: dict[str, str] = {}
 
+    raw.update(route=[], tasks={})
+    sources.update(route="default (the task presets' rules)", tasks="default (presets only)")
     for key, value in _defaults_from_template().items():
         raw[key], sources[key] = value, "default"
 
@@ -122,7 +160,7 @@ def load_settings(
 
     for key in SETTING_NAMES:
         env_key = ENV_PREFIX + key.upper()
-        if key != "route" and env_key in env:
+        if key not in ("route", "tasks") and env_key in env:
             raw[key], sources[key] = env[env_key], f"env {env_key}"
 
     for key, value in (flags or {}).items():
@@ -167,10 +205,16 @@ def _build(raw: dict[str, Any], sources: dict[str, str]) -> Settings:
 def _coerce(name: str, value: Any) -> Any:
     if name in _PATH_KEYS:
         return Path(value)
-    if name in {"stable_seconds", "rescan_seconds", "busy_timeout"}:
+    if name in {"stable_seconds", "rescan_seconds", "busy_timeout", "max_wait_ms", "model_poll_seconds"}:
         return float(value)
-    if name in {"batch_size", "workers", "max_pixels"}:
+    if name in {"batch_size", "workers", "max_pixels", "max_batch"}:
         return int(value)
+    if name == "heatmaps":
+        return value if isinstance(value, bool) else str(value).strip().lower() in {"1", "true", "yes", "on"}
+    if name == "tasks":
+        if not isinstance(value, Mapping):
+            raise ValueError("tasks must be a table of [tasks.NAME] tables")
+        return {task: task_from_dict(task, spec) for task, spec in value.items()}
     if name == "ignore":
         if isinstance(value, str):
             value = [part for part in value.split(",") if part]
@@ -223,3 +267,15 @@ def _validate(s: Settings) -> None:
         fail("workers", "must be >= 0")
     if s.max_pixels < 1:
         fail("max_pixels", "must be >= 1")
+    if s.max_batch < 1:
+        fail("max_batch", "must be >= 1")
+    if s.max_wait_ms < 0:
+        fail("max_wait_ms", "must be >= 0")
+    if s.device not in ("auto", "cpu") and not s.device.startswith("cuda"):
+        fail("device", f"{s.device!r} is not auto, cpu or cuda[:N]")
+    known = s.task_specs
+    for rule in s.routing_rules:
+        if rule.task not in known:
+            fail("route", f"routes to unknown task {rule.task!r}; known tasks: {sorted(known)}")
+    if s.default_task and s.default_task not in known:
+        fail("default_task", f"unknown task {s.default_task!r}; known tasks: {sorted(known)}")

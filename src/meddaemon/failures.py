@@ -29,6 +29,8 @@ class FailureReason(StrEnum):
     PIXEL_DECODE_ERROR = "pixel_decode_error"
     # after decoding
     UNROUTABLE = "unroutable"
+    CONTRACT_MISMATCH = "contract_mismatch"
+    NON_FINITE_OUTPUT = "non_finite_output"
     DECODER_CRASHED = "decoder_crashed"
     INTERNAL_ERROR = "internal_error"
 

@@ -7,7 +7,7 @@ from meddaemon.daemon.router import route_scan
 from meddaemon.engine.decode.types import ScanMetadata
 from meddaemon.engine.tasks import BUILTIN_TASKS
 
-RULES = load_settings(env={}).route
+RULES = load_settings(env={}).routing_rules
 TASKS = set(BUILTIN_TASKS)
 
 

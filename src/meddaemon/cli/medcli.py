@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -73,6 +74,24 @@ def scans(config_file: Path | None, state: str | None, limit: int, as_json: bool
         return
     for r in rows:
         click.echo(f"{r['id']:>6}  {r['state']:<14} {r['task'] or '-':<15} {r['reason'] or '':<24} {r['source_name']}")
+
+
+@cli.command()
+@settings_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every field of every task).")
+def tasks(config_file: Path | None, as_json: bool, **flags: object) -> None:
+    """The tasks: the four seed presets and the custom tasks of the config."""
+    settings = build_settings(config_file, **flags)
+    specs = settings.task_specs
+    if as_json:
+        echo_json({name: dataclasses.asdict(spec) for name, spec in specs.items()})
+        return
+    for spec in specs.values():
+        c = spec.contract
+        click.echo(
+            f"{spec.name:<15} {spec.kind:<10} {len(spec.labels):>2} labels  {spec.architecture:<17} "
+            f"{c.channels}x{c.height}x{c.width}  {spec.description}"
+        )
 
 
 @cli.command("decoders")

@@ -6,7 +6,7 @@ returns those moves for the caller to carry out after the commit.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -21,7 +21,7 @@ from meddaemon.daemon.intake import Intake
 from meddaemon.daemon.router import route_scan
 from meddaemon.daemon.stability import StableFile
 from meddaemon.db.models import METADATA_COLUMNS, DuplicateArrival, ModelVersion, Scan, ScanEvent, Task, utcnow
-from meddaemon.engine.tasks import BUILTIN_TASKS
+from meddaemon.engine.tasks import TaskSpec
 from meddaemon.failures import FailureReason, ScanFailure
 from meddaemon.states import ScanState, check_transition
 
@@ -71,11 +71,10 @@ class BatchRecord:
     outcomes: list[IntakeOutcome] = field(default_factory=list)
 
 
-def ensure_tasks(session: Session, names: Collection[str]) -> None:
+def ensure_tasks(session: Session, specs: Mapping[str, TaskSpec]) -> None:
     existing = set(session.scalars(select(Task.name)))
-    for name in sorted(set(names) - existing):
-        spec = BUILTIN_TASKS.get(name)
-        session.add(Task(name=name, description=spec.description if spec else ""))
+    for name in sorted(set(specs) - existing):
+        session.add(Task(name=name, description=specs[name].description))
 
 
 def active_model_tasks(session: Session) -> set[str]:

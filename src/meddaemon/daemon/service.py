@@ -33,7 +33,6 @@ from meddaemon.daemon.watcher import Hint, install_overflow_alarm, start_observe
 from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
 from meddaemon.db.migrate import upgrade
 from meddaemon.engine.decode import DecodeOptions, decodable_transfer_syntaxes
-from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.failures import FailureReason, ScanFailure
 
 log = logging.getLogger("meddaemon.daemon")
@@ -65,8 +64,7 @@ class Daemon:
         self.tracker = StabilityTracker(settings.stable_seconds)
         self.hints: queue.SimpleQueue[Hint] = queue.SimpleQueue()
         self.destinations = Destinations(settings.work_dir, settings.archive_dir, settings.failed_dir)
-        known = set(BUILTIN_TASKS)
-        self.policy = RoutingPolicy(settings.route, known, settings.default_task)
+        self.policy = RoutingPolicy(settings.routing_rules, set(settings.task_specs), settings.default_task)
         self.decode_options = DecodeOptions(frame_policy=settings.frame_policy, max_pixels=settings.max_pixels)  # type: ignore[arg-type]
         self.engine = create_db_engine(settings.db_url, settings.busy_timeout)
         self.sessions: sessionmaker[Session] = session_factory(self.engine)
@@ -250,7 +248,7 @@ class Daemon:
 
     def _ensure_tasks(self) -> None:
         with transaction(self.sessions) as session:
-            bookkeeper.ensure_tasks(session, self.policy.known_tasks)
+            bookkeeper.ensure_tasks(session, self.settings.task_specs)
 
     def _drain_hints(self) -> None:
         for _ in range(100_000):

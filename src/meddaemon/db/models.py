@@ -194,3 +194,22 @@ class Result(Base):
     positive: Mapped[bool] = mapped_column(Boolean)
     latency_ms: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    heatmap: Mapped[Heatmap | None] = relationship(back_populates="result")
+
+
+class Heatmap(Base):
+    """Where the model looked for one result: the map as an array (.npy) and an overlay image."""
+
+    __tablename__ = "heatmaps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), unique=True)
+    method: Mapped[str] = mapped_column(String(16))
+    array_path: Mapped[str] = mapped_column(Text)
+    overlay_path: Mapped[str] = mapped_column(Text)
+    height: Mapped[int]
+    width: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    result: Mapped[Result] = relationship(back_populates="heatmap")

@@ -87,7 +87,9 @@ def build_model(
     if architecture == "small_cnn":
         if init == "imagenet":
             raise ValueError("small_cnn has no ImageNet weights; use init='scratch'")
-        return ClassifierNet(architecture, small_cnn_features(in_channels), GlobalPoolLinearHead(nn.Linear(256, num_outputs)))
+        return ClassifierNet(
+            architecture, small_cnn_features(in_channels), GlobalPoolLinearHead(nn.Linear(256, num_outputs))
+        )
     backbone = _TORCHVISION[architecture](weights=None)
     if init == "imagenet":
         backbone.load_state_dict(_load_imagenet_state(architecture, imagenet_weights))
@@ -165,8 +167,14 @@ def _adapt_first_conv(features: nn.Module, in_channels: int) -> None:
     """Replace the first convolution for ``in_channels``; pretrained RGB filters are summed for grey."""
     parent, name, conv = _first_conv(features)
     new = nn.Conv2d(
-        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, conv.bias is not None,
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
     )
     with torch.no_grad():
         if in_channels == 1:

@@ -1,9 +1,65 @@
-"""The tasks scans are routed to. The four presets are the classifiers of the seed projects
-(DESIGN.md section 5); custom tasks come from configuration."""
+"""The tasks scans are routed to: the four classifiers of the seed projects (DESIGN.md section 5)
+as presets, and custom tasks from the ``[tasks.NAME]`` tables of the TOML config with the same fields.
+
+A task says what a model for it must look like (labels, kind, input contract) and how to train one
+(architecture, recipe, dataset layout); a model version (``engine/registry.py``) carries its own
+copy of the contract it was trained with.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = ("multiclass", "binary", "multilabel")
+GREY_MEAN, GREY_STD = (0.449,), (0.226,)  # ImageNet statistics averaged over RGB, for 1-channel inputs
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class InputContract:
+    """What a scan must be to go into the model, and how it is turned into a tensor."""
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    #: DICOM modalities accepted; empty accepts any (PNG has no modality and is always accepted).
+    modalities: tuple[str, ...] = ()
+    #: Smaller images are refused rather than blown up (contract_mismatch).
+    min_size: int = 32
+    #: Longer side over shorter side; beyond this the image is not what the model was trained on.
+    max_aspect: float = 4.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> InputContract:
+        values = dict(data)
+        for key in ("mean", "std", "modalities"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """A seed's training recipe; every value can be overridden by ``medcli retrain`` flags."""
+
+    loss: str
+    optimizer: str
+    learning_rate: float
+    batch_size: int
+    epochs: int
+    scheduler: Mapping[str, Any] = field(default_factory=dict)
+    early_stopping_patience: int | None = None
+    class_weighting: bool = False
+    augmentation: tuple[str, ...] = ()
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
 
 
 @dataclass(frozen=True)
@@ -12,34 +68,173 @@ class TaskSpec:
     description: str
     labels: tuple[str, ...]
     kind: str
+    architecture: str
+    alternatives: tuple[str, ...]
+    contract: InputContract
+    recipe: TrainingRecipe
+    dataset_layout: str = "folder-per-class"
+    #: DICOM attributes that route a scan here (used when the config names no routing rules).
+    route_modality: tuple[str, ...] = ()
+    route_body_part: tuple[str, ...] = ()
+    seed: str = ""
 
+    @property
+    def num_outputs(self) -> int:
+        """Logits of the model head: one for binary (sigmoid of the positive class), else one per label."""
+        return 1 if self.kind == "binary" else len(self.labels)
+
+
+NIH_FINDINGS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)  # fmt: skip
 
 BUILTIN_TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec("busi", "breast ultrasound", ("benign", "malignant", "normal"), "multiclass"),
         TaskSpec(
-            "chestxray14",
-            "chest X-ray, the 14 NIH ChestX-ray14 findings",
-            (
-                "Atelectasis",
-                "Cardiomegaly",
-                "Effusion",
-                "Infiltration",
-                "Mass",
-                "Nodule",
-                "Pneumonia",
-                "Pneumothorax",
-                "Consolidation",
-                "Edema",
-                "Emphysema",
-                "Fibrosis",
-                "Pleural_Thickening",
-                "Hernia",
+            name="busi",
+            description="breast ultrasound: benign, malignant or normal (BUSI)",
+            labels=("benign", "malignant", "normal"),
+            kind="multiclass",
+            architecture="mobilenet_v2",
+            alternatives=("resnet18", "vgg16", "small_cnn"),
+            contract=InputContract(1, 224, 224, GREY_MEAN, GREY_STD, modalities=("US",)),
+            recipe=TrainingRecipe(
+                loss="cross_entropy",
+                optimizer="adam",
+                learning_rate=2e-4,
+                batch_size=16,
+                epochs=30,
+                scheduler={"name": "step", "step_size": 10, "gamma": 0.6},
+                early_stopping_patience=8,
+                class_weighting=True,
+                augmentation=("hflip", "rotate10", "brightness_contrast"),
             ),
-            "multilabel",
+            dataset_layout="busi",
+            route_modality=("US",),
+            route_body_part=("BREAST",),
+            seed="001 (MobileNetV2 1-channel, 3 classes: acc 89.74%, ROC-AUC 0.9548); 000 (small CNN, Adam 2e-4, StepLR)",
         ),
-        TaskSpec("covid", "COVID-19 chest X-ray", ("normal", "covid"), "binary"),
-        TaskSpec("histopathology", "breast histopathology patches (IDC)", ("idc_negative", "idc_positive"), "binary"),
+        TaskSpec(
+            name="chestxray14",
+            description="chest X-ray: the 14 NIH ChestX-ray14 findings",
+            labels=NIH_FINDINGS,
+            kind="multilabel",
+            architecture="densenet121",
+            alternatives=("resnet18", "mobilenet_v2"),
+            contract=InputContract(1, 320, 320, GREY_MEAN, GREY_STD, modalities=("CR", "DX")),
+            recipe=TrainingRecipe(
+                loss="weighted_bce",
+                optimizer="adam",
+                learning_rate=1e-4,
+                batch_size=16,
+                epochs=20,
+                scheduler={"name": "plateau", "factor": 0.1, "patience": 1},
+                early_stopping_patience=4,
+                class_weighting=True,
+                augmentation=("hflip",),
+            ),
+            dataset_layout="nih-chestxray14",
+            route_modality=("CR", "DX"),
+            route_body_part=("CHEST",),
+            seed="003 (CheXNet-style DenseNet-121, 14 sigmoid outputs, imbalance-weighted loss, Grad-CAM)",
+        ),
+        TaskSpec(
+            name="covid",
+            description="COVID-19 on chest X-ray: covid or normal",
+            labels=("normal", "covid"),
+            kind="binary",
+            architecture="mobilenet_v2",
+            alternatives=("resnet18", "resnet34", "densenet121"),
+            contract=InputContract(1, 224, 224, GREY_MEAN, GREY_STD, modalities=("CR", "DX")),
+            recipe=TrainingRecipe(
+                loss="bce",
+                optimizer="adam",
+                learning_rate=1e-4,
+                batch_size=16,
+                epochs=25,
+                scheduler={"name": "plateau", "factor": 0.3, "patience": 3},
+                early_stopping_patience=6,
+                class_weighting=True,
+                augmentation=("rotate10", "brightness_contrast"),
+            ),
+            dataset_layout="covid-chestxray",
+            seed="004 (342 COVID / 193 healthy; MobileNetV2 best, 80% validation accuracy)",
+        ),
+        TaskSpec(
+            name="histopathology",
+            description="breast histopathology patches: invasive ductal carcinoma (IDC) or not",
+            labels=("idc_negative", "idc_positive"),
+            kind="binary",
+            architecture="efficientnet_v2_s",
+            alternatives=("resnet18", "mobilenet_v2"),
+            contract=InputContract(3, 384, 384, IMAGENET_MEAN, IMAGENET_STD),
+            recipe=TrainingRecipe(
+                loss="bce_with_logits",
+                optimizer="nadam",
+                learning_rate=2e-3,
+                batch_size=16,
+                epochs=60,
+                scheduler={"name": "plateau", "factor": 0.3, "patience": 7},
+                early_stopping_patience=12,
+                augmentation=("hflip", "vflip", "rotate90"),
+                split=(0.7, 0.2, 0.1),
+            ),
+            dataset_layout="idc",
+            seed="002 (EfficientNetV2-S, BCEWithLogits, NAdam 0.002, ReduceLROnPlateau 0.3/7, early stop 12)",
+        ),
     )
 }
+
+
+class TaskError(ValueError):
+    pass
+
+
+def task_from_dict(name: str, data: Mapping[str, Any]) -> TaskSpec:
+    """A custom task from its ``[tasks.NAME]`` table; errors name the task and the field."""
+    try:
+        kind = str(data["kind"])
+        if kind not in KINDS:
+            raise TaskError(f"kind must be one of {KINDS}, not {kind!r}")
+        labels = tuple(str(x) for x in data["labels"])
+        if len(labels) < 2:
+            raise TaskError("a task needs at least two labels")
+        contract = data["contract"]
+        channels = int(contract.get("channels", 1))
+        defaults = (
+            {"mean": GREY_MEAN, "std": GREY_STD} if channels == 1 else {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        )
+        recipe = dict(data.get("recipe", {}))
+        return TaskSpec(
+            name=name,
+            description=str(data.get("description", "")),
+            labels=labels,
+            kind=kind,
+            architecture=str(data.get("architecture", "resnet18")),
+            alternatives=tuple(data.get("alternatives", ())),
+            contract=InputContract.from_dict({**defaults, **contract}),
+            recipe=TrainingRecipe(
+                loss=str(recipe.get("loss", "cross_entropy" if kind == "multiclass" else "bce_with_logits")),
+                optimizer=str(recipe.get("optimizer", "adam")),
+                learning_rate=float(recipe.get("learning_rate", 1e-4)),
+                batch_size=int(recipe.get("batch_size", 16)),
+                epochs=int(recipe.get("epochs", 20)),
+                scheduler=dict(recipe.get("scheduler", {})),
+                early_stopping_patience=recipe.get("early_stopping_patience"),
+                class_weighting=bool(recipe.get("class_weighting", False)),
+                augmentation=tuple(recipe.get("augmentation", ())),
+            ),
+            dataset_layout=str(data.get("dataset_layout", "folder-per-class")),
+            route_modality=tuple(data.get("route_modality", ())),
+            route_body_part=tuple(data.get("route_body_part", ())),
+        )
+    except TaskError as exc:
+        raise TaskError(f"task {name!r}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TaskError(f"task {name!r}: missing or invalid field {exc}") from None
+
+
+def all_tasks(custom: Mapping[str, TaskSpec] | None = None) -> dict[str, TaskSpec]:
+    return {**BUILTIN_TASKS, **(custom or {})}
