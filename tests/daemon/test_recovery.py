@@ -20,11 +20,10 @@ def commit_without_moving(daemon: Daemon, paths: list[Path]) -> bookkeeper.Batch
     batch = []
     for path in paths:
         stable = StableFile(path, signature(path), utcnow(), utcnow())
-        batch.append(
-            (stable, daemon.inbox.relative_name(path), read_file(path, stable.signature, daemon.decode_options))
-        )
+        name = daemon.inbox.relative_name(path)
+        batch.append((stable, name, read_file(path, name, stable.signature, daemon.intake_context())))
     with transaction(daemon.sessions) as session:
-        return bookkeeper.record_batch(session, batch, daemon.destinations, daemon.policy)
+        return bookkeeper.record_batch(session, batch, daemon.destinations, served_tasks=set())
 
 
 def test_a_restart_finishes_committed_moves_and_reads_nothing_twice(make_settings, tmp_path: Path):

@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from meddaemon import __version__
 from meddaemon.cli.common import build_settings, echo_json, handle_errors, settings_options
+from meddaemon.cli.models import models
 from meddaemon.db.engine import create_db_engine, session_factory
 from meddaemon.db.migrate import current_revision, head_revision, upgrade
 from meddaemon.db.models import Scan
@@ -106,6 +107,9 @@ def decoders(as_json: bool) -> None:
         return
     for s in support:
         click.echo(f"{'yes' if s.decodable else 'no ':<4} {s.name:<50} {', '.join(s.plugins)}")
+
+
+cli.add_command(models)
 
 
 def main() -> None:

@@ -15,12 +15,20 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from meddaemon import __version__
-from meddaemon.config import RouteRule
 from meddaemon.daemon import filing
 from meddaemon.daemon.intake import Intake
-from meddaemon.daemon.router import route_scan
 from meddaemon.daemon.stability import StableFile
-from meddaemon.db.models import METADATA_COLUMNS, DuplicateArrival, ModelVersion, Scan, ScanEvent, Task, utcnow
+from meddaemon.db.models import (
+    METADATA_COLUMNS,
+    DuplicateArrival,
+    Heatmap,
+    ModelVersion,
+    Result,
+    Scan,
+    ScanEvent,
+    Task,
+    utcnow,
+)
 from meddaemon.engine.tasks import TaskSpec
 from meddaemon.failures import FailureReason, ScanFailure
 from meddaemon.states import ScanState, check_transition
@@ -31,13 +39,6 @@ class Destinations:
     work_dir: Path
     archive_dir: Path
     failed_dir: Path
-
-
-@dataclass(frozen=True)
-class RoutingPolicy:
-    rules: Sequence[RouteRule]
-    known_tasks: Collection[str]
-    default_task: str = ""
 
 
 @dataclass
@@ -63,6 +64,7 @@ class IntakeOutcome:
     detail: str = ""
     reason: str | None = None
     target: Path | None = None
+    scan_id: int | None = None
 
 
 @dataclass
@@ -77,22 +79,21 @@ def ensure_tasks(session: Session, specs: Mapping[str, TaskSpec]) -> None:
         session.add(Task(name=name, description=specs[name].description))
 
 
-def active_model_tasks(session: Session) -> set[str]:
-    return set(session.scalars(select(ModelVersion.task_name).where(ModelVersion.status == "active")))
-
-
 def record_batch(
     session: Session,
     files: Sequence[tuple[StableFile, PurePosixPath, Intake]],
     destinations: Destinations,
-    policy: RoutingPolicy,
+    served_tasks: Collection[str],
 ) -> BatchRecord:
-    """Rows for a batch of read files, flushed once (a flush per file cost 70% of ingest time)."""
+    """Rows for a batch of read files, flushed once (a flush per file cost 70% of ingest time).
+
+    Routed scans whose task has a served model stay ``routed`` (the caller queues them for
+    inference); the others wait in ``waiting_model``.
+    """
     shas = {intake.sha256 for _, _, intake in files if intake.sha256}
     known: dict[str, Scan] = (
         {s.sha256: s for s in session.scalars(select(Scan).where(Scan.sha256.in_(shas))) if s.sha256} if shas else {}
     )
-    with_models = active_model_tasks(session)
     failed_taken: set[Path] = set()
     staged: list[_Staged] = []
     now = utcnow()
@@ -105,20 +106,15 @@ def record_batch(
         if intake.sha256:
             known[intake.sha256] = scan
 
-        failure = intake.failure
-        route = None
-        if failure is None and intake.metadata is not None:
-            route = route_scan(name, intake.metadata, policy.rules, policy.known_tasks, policy.default_task)
-            if route.task is None:
-                failure = ScanFailure(FailureReason.UNROUTABLE, route.why)
-        if failure is not None:
-            staged.append(_fail(scan, stable.path, name, failure, destinations, failed_taken, now))
+        if intake.failure is not None:
+            staged.append(_fail(scan, stable.path, name, intake.failure, destinations, failed_taken, now))
             continue
 
+        route = intake.route
         assert route is not None and route.task is not None and intake.sha256
         scan.task_name, scan.routed_at = route.task, now
         _advance(scan, ScanState.ROUTED, f"{route.task} ({route.why})", now)
-        if route.task not in with_models:
+        if route.task not in served_tasks:
             _advance(scan, ScanState.WAITING_MODEL, f"no active model for task {route.task}", now)
         target = filing.work_path(destinations.work_dir, intake.sha256, name)
         scan.stored_path, scan.pending_move_from = str(target), str(stable.path)
@@ -151,6 +147,8 @@ class _Staged:
     def finished_outcome(self) -> IntakeOutcome:
         if isinstance(self.row, DuplicateArrival):
             self.outcome.detail = f"same bytes as scan {self.row.scan.id} ({self.row.scan.source_name})"
+        else:
+            self.outcome.scan_id = self.row.id
         return self.outcome
 
 
@@ -271,3 +269,126 @@ def pending_moves(session: Session) -> list[PlannedMove]:
         for d in session.scalars(select(DuplicateArrival).where(DuplicateArrival.pending_move_from.is_not(None)))
     ]
     return moves
+
+
+@dataclass
+class HeatmapFile:
+    label_index: int
+    array_path: Path
+    overlay_path: Path
+    height: int
+    width: int
+    method: str
+
+
+@dataclass
+class InferenceOutcome:
+    """What the engine produced for one queued scan, with its heatmap files already written."""
+
+    scan_id: int
+    probabilities: Sequence[float]
+    positive: Sequence[bool]
+    failure: ScanFailure | None = None
+    heatmaps: list[HeatmapFile] = field(default_factory=list)
+    latency_ms: float | None = None
+
+
+def record_results(
+    session: Session,
+    model: ModelVersion,
+    outcomes: Sequence[InferenceOutcome],
+    destinations: Destinations,
+) -> BatchRecord:
+    """Tidy result rows (one per label) and heatmaps; ``routed`` -> ``inferred``, or ``failed``.
+
+    A scan no longer ``routed`` (done by an earlier run, or failed meanwhile) is left alone, so
+    replaying a batch after a crash never doubles a result.
+    """
+    now = utcnow()
+    labels = list(model.manifest["labels"])
+    thresholds = model.manifest.get("thresholds", {})
+    scans = {s.id: s for s in session.scalars(select(Scan).where(Scan.id.in_([o.scan_id for o in outcomes])))}
+    staged: list[_Staged] = []
+    for outcome in outcomes:
+        scan = scans.get(outcome.scan_id)
+        if scan is None or scan.state != ScanState.ROUTED:
+            continue
+        if outcome.failure is not None:
+            assert scan.stored_path is not None
+            name = PurePosixPath(scan.source_name)
+            staged.append(_fail(scan, Path(scan.stored_path), name, outcome.failure, destinations, set(), now))
+            continue
+        maps = {h.label_index: h for h in outcome.heatmaps}
+        for index, label in enumerate(labels):
+            result = Result(
+                scan_id=scan.id,
+                model_version_id=model.id,
+                label=label,
+                probability=float(outcome.probabilities[index]),
+                threshold=float(thresholds.get(label, 0.5)),
+                positive=bool(outcome.positive[index]),
+                latency_ms=outcome.latency_ms,
+                created_at=now,
+            )
+            if index in maps:
+                h = maps[index]
+                result.heatmap = Heatmap(
+                    method=h.method,
+                    array_path=str(h.array_path),
+                    overlay_path=str(h.overlay_path),
+                    height=h.height,
+                    width=h.width,
+                    created_at=now,
+                )
+            session.add(result)
+        top = labels[int(max(range(len(labels)), key=lambda i: outcome.probabilities[i]))]
+        _advance(scan, ScanState.INFERRED, f"{model.task_name} {model.version}: top {top}", now)
+        staged.append(
+            _Staged(
+                scan,
+                Path(),
+                None,
+                IntakeOutcome(
+                    scan.source_name, ScanState.INFERRED, scan.sha256, 0, model.task_name, f"{model.version}, top {top}"
+                ),
+            )
+        )
+    session.flush()
+    return BatchRecord(
+        moves=[st.planned_move() for st in staged if st.target is not None],
+        outcomes=[st.finished_outcome() for st in staged],
+    )
+
+
+@dataclass(frozen=True)
+class ScanToInfer:
+    scan_id: int
+    task: str
+    stored_path: Path
+    discovered_at: datetime | None
+
+
+def claim_for_inference(
+    session: Session, tasks: Collection[str], exclude: Collection[int], limit: int
+) -> list[ScanToInfer]:
+    """Registered scans whose task now has a served model: after a restart, or a model's promotion."""
+    if not tasks or limit <= 0:
+        return []
+    query = (
+        select(Scan)
+        .where(Scan.state.in_([ScanState.ROUTED, ScanState.WAITING_MODEL]), Scan.task_name.in_(list(tasks)))
+        .where(Scan.pending_move_from.is_(None))
+        .order_by(Scan.id)
+        .limit(limit + len(exclude))
+    )
+    now = utcnow()
+    claimed: list[ScanToInfer] = []
+    for scan in session.scalars(query):
+        if scan.id in exclude or scan.stored_path is None:
+            continue
+        if scan.state == ScanState.WAITING_MODEL:
+            _advance(scan, ScanState.ROUTED, f"a model for {scan.task_name} is now served", now)
+        claimed.append(ScanToInfer(scan.id, scan.task_name or "", Path(scan.stored_path), scan.discovered_at))
+        if len(claimed) >= limit:
+            break
+    return claimed

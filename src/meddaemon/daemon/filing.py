@@ -106,3 +106,18 @@ def _suffix(name: PurePosixPath) -> str:
 def _stem(name: PurePosixPath) -> str:
     suffix = _suffix(name)
     return name.name[: len(name.name) - len(suffix)] if suffix else name.name
+
+
+def heatmap_paths(heatmaps_dir: Path, sha256: str, version_id: int, label: str) -> tuple[Path, Path]:
+    """``heatmaps/<sha[:2]>/<sha>/v<version id>_<label>.npy`` and ``.jpg``: named by what they are, so a
+    replay after a crash overwrites instead of adding."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+    base = heatmaps_dir / sha256[:2] / sha256 / f"v{version_id}_{safe}"
+    return base.with_suffix(".npy"), base.with_suffix(".jpg")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,7 +1,9 @@
-"""Reading one stable file: identity (SHA-256), decoding and metadata, or the named reason it fails.
+"""Reading one stable file: identity (SHA-256), decoding, metadata, its task and, when a model for
+that task is served, the model's input tensor; or the named reason it fails.
 
 Runs in worker processes (pydicom's configuration is process-global and not thread-safe), so it
 takes and returns plain picklable data and touches neither the database nor the inbox layout.
+The daemon's loop keeps running batches through the model meanwhile.
 """
 
 from __future__ import annotations
@@ -12,13 +14,27 @@ import os
 import signal
 import stat
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
+import numpy as np
+
+from meddaemon.daemon.router import Route, RoutingPolicy, route_scan
 from meddaemon.daemon.stability import Signature
 from meddaemon.engine.decode import DecodeOptions, decode_bytes
-from meddaemon.engine.decode.types import ScanMetadata
+from meddaemon.engine.decode.types import DecodedScan, ScanMetadata
+from meddaemon.engine.preprocess import to_model_input
+from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import FailureReason, ScanFailure
+
+
+@dataclass(frozen=True)
+class IntakeContext:
+    decode: DecodeOptions
+    routing: RoutingPolicy
+    #: input contracts of the models being served, by task
+    contracts: Mapping[str, InputContract]
 
 
 @dataclass
@@ -27,16 +43,53 @@ class Intake:
     size: int = 0
     sha256: str | None = None
     metadata: ScanMetadata | None = None
+    route: Route | None = None
+    #: float32 (N, C, H, W) for the served model of the scan's task; None when no model is served
+    model_input: np.ndarray | None = None
     failure: ScanFailure | None = None
     #: The file changed while it was read: not complete after all, back to the stability tracker.
     changed: bool = False
+    decoded: DecodedScan | None = field(default=None, repr=False)
 
 
-def read_file(path: Path, expected: Signature | None, options: DecodeOptions) -> Intake:
+def read_file(path: Path, name: PurePosixPath, expected: Signature | None, context: IntakeContext) -> Intake:
     try:
-        return _read(path, expected, options)
+        intake = _read(path, expected, context.decode)
     except ScanFailure as failure:
         return Intake(path, failure=failure)
+    if intake.failure is None and intake.metadata is not None and intake.decoded is not None:
+        _route_and_prepare(intake, name, intake.decoded, context)
+    intake.decoded = None  # pixels stay in the worker; only the model input travels
+    return intake
+
+
+def prepare_stored(path: Path, contract: InputContract, options: DecodeOptions) -> np.ndarray | ScanFailure:
+    """The model input of a registered scan, read again from work/ (after a restart or a promotion)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        return to_model_input(decode_bytes(data, options), contract)
+    except ScanFailure as failure:
+        return failure
+    except FileNotFoundError:
+        return ScanFailure(FailureReason.VANISHED, f"the registered copy {path.name} is missing")
+    except Exception as exc:
+        return ScanFailure(FailureReason.INTERNAL_ERROR, f"preparing the input raised {type(exc).__name__}")
+
+
+def _route_and_prepare(intake: Intake, name: PurePosixPath, decoded: DecodedScan, context: IntakeContext) -> None:
+    policy = context.routing
+    assert intake.metadata is not None
+    intake.route = route_scan(name, intake.metadata, policy.rules, policy.known_tasks, policy.default_task)
+    if intake.route.task is None:
+        intake.failure = ScanFailure(FailureReason.UNROUTABLE, intake.route.why)
+        return
+    contract = context.contracts.get(intake.route.task)
+    if contract is not None:
+        try:
+            intake.model_input = to_model_input(decoded, contract)
+        except ScanFailure as failure:
+            intake.failure = failure
 
 
 def _read(path: Path, expected: Signature | None, options: DecodeOptions) -> Intake:
@@ -63,7 +116,8 @@ def _read(path: Path, expected: Signature | None, options: DecodeOptions) -> Int
         intake.failure = ScanFailure(FailureReason.EMPTY_FILE, "the file is empty (0 bytes)")
         return intake
     try:
-        intake.metadata = decode_bytes(data, options).metadata
+        intake.decoded = decode_bytes(data, options)
+        intake.metadata = intake.decoded.metadata
     except ScanFailure as failure:
         intake.failure = failure
     except MemoryError:

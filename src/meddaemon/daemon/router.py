@@ -11,6 +11,13 @@ from meddaemon.engine.decode.types import ScanMetadata
 
 
 @dataclass(frozen=True)
+class RoutingPolicy:
+    rules: Sequence[RouteRule]
+    known_tasks: Collection[str]
+    default_task: str = ""
+
+
+@dataclass(frozen=True)
 class Route:
     task: str | None
     why: str

@@ -15,19 +15,23 @@ import queue
 import signal
 import threading
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import FrameType
+from typing import TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
 from meddaemon.daemon import bookkeeper, filing
-from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, PlannedMove, RoutingPolicy
+from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, PlannedMove
 from meddaemon.daemon.inbox import Inbox
-from meddaemon.daemon.intake import Intake, init_worker, quiet_pydicom, read_file
+from meddaemon.daemon.inference import InferenceStage
+from meddaemon.daemon.intake import Intake, IntakeContext, init_worker, quiet_pydicom, read_file
+from meddaemon.daemon.router import RoutingPolicy
 from meddaemon.daemon.stability import Signature, StabilityTracker, StableFile
 from meddaemon.daemon.watcher import Hint, install_overflow_alarm, start_observer
 from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
@@ -36,6 +40,17 @@ from meddaemon.engine.decode import DecodeOptions, decodable_transfer_syntaxes
 from meddaemon.failures import FailureReason, ScanFailure
 
 log = logging.getLogger("meddaemon.daemon")
+
+
+T = TypeVar("T")
+
+
+@dataclass
+class _ReadGroup:
+    """Files handed to the workers together, recorded together in one transaction."""
+
+    files: list[tuple[StableFile, PurePosixPath]]
+    futures: list[Future]
 
 
 @dataclass
@@ -71,6 +86,11 @@ class Daemon:
         #: inbox files whose committed move failed: not to be read again while they wait for it
         self.blocked: set[Path] = set()
         self.pool: Executor | None = None
+        self.reading: list[_ReadGroup] = []
+        self.stage = InferenceStage(
+            settings, self.sessions, self.destinations, self.decode_options, self._submit, self._commit
+        )
+        self.stage.after_store = self._after_store  # type: ignore[method-assign]
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -98,30 +118,42 @@ class Daemon:
             self.settings.workers or "no",
         )
         try:
+            self.stage.refresh_models()
             self.recover()
             self.rescan()
-            next_rescan = time.monotonic() + self.settings.rescan_seconds
+            now = time.monotonic()
+            next_rescan, next_poll = now + self.settings.rescan_seconds, now
             while not self.stop_requested.is_set():
                 self._drain_hints()
-                if alarm.raised.is_set() or time.monotonic() >= next_rescan:
+                now = time.monotonic()
+                if alarm.raised.is_set() or now >= next_rescan:
                     if alarm.raised.is_set():
                         log.warning("watch events were lost (queue overflow): rescanning the inbox")
                     alarm.raised.clear()
                     self.recover()
                     self.rescan()
-                    next_rescan = time.monotonic() + self.settings.rescan_seconds
+                    next_rescan = now + self.settings.rescan_seconds
+                if now >= next_poll:
+                    self.stage.refresh_models()
+                    self.stage.sweep()
+                    next_poll = now + self.settings.model_poll_seconds
                 if observer is not None and not observer.is_alive():
                     log.error("the file watcher stopped; restarting it (rescans continue meanwhile)")
                     observer = start_observer(self.settings.watch, self.hints, self.settings.observer)
-                ready = self.tracker.pop_stable(self.settings.batch_size)
-                if ready:
-                    self.process(ready)
-                    continue
-                if once and len(self.tracker) == 0:
-                    if self.rescan() == 0:
+                room = 2 * self.settings.batch_size - sum(len(g.files) for g in self.reading)
+                if room > 0:
+                    self._submit_reads(self.tracker.pop_stable(min(room, self.settings.batch_size)))
+                progressed = self._harvest_reads()
+                self.stage.harvest_prepared()
+                draining = once and not self.reading and len(self.tracker) == 0
+                progressed += self.stage.run_ready(flush=draining)
+                if draining and self.stage.idle():
+                    if self.rescan() == 0 and self.stage.sweep() == 0:
                         break
                     continue
-                self._wait_for_work(next_rescan)
+                if not progressed:
+                    self._wait_for_work(min(next_rescan, next_poll))
+            self._finish_in_hand()
         finally:
             if observer is not None:
                 observer.stop()
@@ -132,8 +164,9 @@ class Daemon:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
         log.info(
-            "stopped: %d routed, %d duplicates, %d failed in %.1f s",
+            "stopped: %d routed, %d inferred, %d duplicates, %d failed in %.1f s",
             self.stats.routed,
+            self.stage.inferred,
             self.stats.duplicates,
             self.stats.failed,
             time.monotonic() - self.stats.started,
@@ -164,49 +197,108 @@ class Daemon:
             self._carry_out(moves)
 
     def process(self, ready: list[StableFile]) -> BatchRecord:
-        intakes = self._read(ready)
+        """Read, record and file a batch of stable files, waiting for the reads (tests, ``--once``)."""
+        self._submit_reads(ready)
+        records = []
+        while self.reading:
+            records.append(self._harvest_group(self.reading.pop(0), block=True))
+        merged = BatchRecord()
+        for record in records:
+            merged.moves += record.moves
+            merged.outcomes += record.outcomes
+        return merged
+
+    # -- reading in workers --------------------------------------------------------------------
+
+    def _submit_reads(self, ready: list[StableFile]) -> None:
+        files = [(f, name) for f in ready if (name := self.inbox.relative_name(f.path)) is not None]
+        if not files:
+            return
+        context = self.intake_context()
+        futures = [self._submit(read_file, f.path, name, f.signature, context) for f, name in files]
+        self.reading.append(_ReadGroup(files, futures))
+
+    def _harvest_reads(self) -> int:
+        """Record every group of reads that has finished, oldest first; returns files recorded."""
+        recorded = 0
+        while self.reading and all(f.done() for f in self.reading[0].futures):
+            group = self.reading.pop(0)
+            recorded += len(self._harvest_group(group, block=False).outcomes)
+        return recorded
+
+    def _harvest_group(self, group: _ReadGroup, block: bool) -> BatchRecord:
+        try:
+            intakes = [future.result() for future in group.futures]
+        except BrokenProcessPool:
+            log.error("a decoding worker died; reading this batch again one file at a time to find the culprit")
+            intakes = [self._read_alone(f.path, name, f.signature) for f, name in group.files]
         batch: list[tuple[StableFile, PurePosixPath, Intake]] = []
-        for stable, intake in zip(ready, intakes, strict=False):
-            name = self.inbox.relative_name(stable.path)
+        for (stable, name), intake in zip(group.files, intakes, strict=True):
             if intake.changed:
                 self.tracker.observe(stable.path)
-            elif name is not None:
+            else:
                 batch.append((stable, name, intake))
         if not batch:
             return BatchRecord()
+        served = set(self.stage.served)
 
-        def commit() -> BatchRecord:
-            with transaction(self.sessions) as session:
-                return bookkeeper.record_batch(session, batch, self.destinations, self.policy)
+        def record(session: Session) -> BatchRecord:
+            return bookkeeper.record_batch(session, batch, self.destinations, served)
 
-        record = with_lock_retry(commit, self._log_lock_wait)
-        self._carry_out(record.moves)
-        self.stats.count(record)
-        for outcome in record.outcomes:
+        record_ = self._commit(record)
+        self._carry_out(record_.moves)
+        self.stats.count(record_)
+        by_name = {str(name): intake for _, name, intake in batch}
+        for outcome in record_.outcomes:
             _log_outcome(outcome)
-        return record
+            intake = by_name.get(outcome.source_name)
+            if outcome.state == "routed" and outcome.scan_id is not None and intake and intake.model_input is not None:
+                stable = next(s for s, n, _ in batch if str(n) == outcome.source_name)
+                self.stage.enqueue(outcome.scan_id, outcome.task or "", intake.model_input, stable.discovered_at)
+        return record_
 
-    # -- helpers -------------------------------------------------------------------------------
-
-    def _read(self, ready: list[StableFile]) -> list[Intake]:
-        args = [(f.path, f.signature, self.decode_options) for f in ready]
-        if self.pool is None:
-            return [read_file(*a) for a in args]
-        try:
-            return [future.result() for future in [self.pool.submit(read_file, *a) for a in args]]
-        except BrokenProcessPool:
-            log.error("a decoding worker died; reading this batch again one file at a time to find the culprit")
-        return [self._read_alone(*a) for a in args]
-
-    def _read_alone(self, path: Path, expected: Signature, options: DecodeOptions) -> Intake:
+    def _read_alone(self, path: Path, name: PurePosixPath, expected: Signature) -> Intake:
         """Read one file in a fresh worker; a file that kills its worker fails as ``decoder_crashed``."""
         self._replace_pool()
-        assert self.pool is not None
         try:
-            return self.pool.submit(read_file, path, expected, options).result()
+            return self._submit(read_file, path, name, expected, self.intake_context()).result()
         except BrokenProcessPool:
             self._replace_pool()
             return Intake(path, failure=ScanFailure(FailureReason.DECODER_CRASHED, "the decoder crashed on this file"))
+
+    def intake_context(self) -> IntakeContext:
+        return IntakeContext(self.decode_options, self.policy, self.stage.contracts())
+
+    def _submit(self, fn: Callable[..., object], *args: object) -> Future:
+        """Run ``fn`` in a decoding worker, or right here (as a finished future) with ``workers = 0``."""
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def _commit(self, work: Callable[[Session], T]) -> T:
+        """One transaction, retried past locks held by other processes."""
+
+        def attempt() -> T:
+            with transaction(self.sessions) as session:
+                return work(session)
+
+        return with_lock_retry(attempt, self._log_lock_wait)
+
+    def _after_store(self, record: BatchRecord) -> None:
+        self._carry_out(record.moves)
+        for outcome in record.outcomes:
+            _log_outcome(outcome)
+
+    def _finish_in_hand(self) -> None:
+        """On a stop request: record the reads in flight and run what is queued, then return."""
+        while self.reading:
+            self._harvest_group(self.reading.pop(0), block=True)
+        while self.stage.preparing:
+            self.stage.harvest_prepared()
+            time.sleep(0.01)
+        self.stage.run_ready(flush=True)
 
     def _replace_pool(self) -> None:
         if self.pool is not None:
@@ -259,9 +351,11 @@ class Daemon:
             if hint.path not in self.blocked and self.inbox.is_candidate(hint.path) and not hint.path.is_dir():
                 self.tracker.observe(hint.path, complete=hint.renamed_in)
 
-    def _wait_for_work(self, next_rescan: float) -> None:
-        deadline = min(next_rescan, self.tracker.next_deadline() or next_rescan)
-        timeout = max(0.0, min(deadline - time.monotonic(), 0.5))
+    def _wait_for_work(self, next_event: float) -> None:
+        deadlines = [next_event, self.tracker.next_deadline(), self.stage.next_deadline()]
+        deadline = min(d for d in deadlines if d is not None)
+        busy = self.reading or self.stage.preparing
+        timeout = max(0.0, min(deadline - time.monotonic(), 0.005 if busy else 0.5))
         try:
             hint = self.hints.get(timeout=timeout)
         except queue.Empty:

@@ -114,7 +114,8 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
             dataset_layout="busi",
             route_modality=("US",),
             route_body_part=("BREAST",),
-            seed="001 (MobileNetV2 1-channel, 3 classes: acc 89.74%, ROC-AUC 0.9548); 000 (small CNN, Adam 2e-4, StepLR)",
+            seed="001 (MobileNetV2 1-channel, 3 classes: acc 89.74%, ROC-AUC 0.9548); "
+            "000 (small CNN, Adam 2e-4, StepLR)",
         ),
         TaskSpec(
             name="chestxray14",

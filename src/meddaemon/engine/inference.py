@@ -1,0 +1,131 @@
+"""Running a verified model over a batch: probabilities, calls at the manifest's thresholds, heatmaps.
+
+CUDA when present (autocast, channels_last, pinned memory, non-blocking copies), the CPU otherwise.
+An out-of-memory error halves the batch and retries; no scan is dropped. A row with a NaN or
+infinite output is an error for that scan, never a result.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from meddaemon.engine.heatmaps import compute_heatmaps, labels_over, positive_class, predicted_class
+from meddaemon.engine.registry import LoadedModel, probabilities
+from meddaemon.engine.tasks import InputContract
+from meddaemon.failures import FailureReason, ScanFailure
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    """One scan's output under one model."""
+
+    probabilities: np.ndarray
+    positive: np.ndarray
+    #: (label index, float32 map in [0, 1] of the model input's size)
+    heatmaps: list[tuple[int, np.ndarray]] = field(default_factory=list)
+    failure: ScanFailure | None = None
+
+
+def pick_device(setting: str = "auto") -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+class ServedModel:
+    """A model version loaded, verified and placed on its device, ready for batches."""
+
+    def __init__(self, version_id: int, loaded: LoadedModel, device: torch.device, heatmaps: bool = True) -> None:
+        self.version_id = version_id
+        self.manifest = loaded.manifest
+        self.device = device
+        self.labels = list(self.manifest.labels)
+        self.kind = self.manifest.kind
+        self.contract = InputContract.from_dict(self.manifest.input_contract)
+        self.thresholds = np.array([self.manifest.thresholds.get(label, 0.5) for label in self.labels], np.float32)
+        self.heatmaps = heatmaps and self.manifest.heatmaps
+        self.model = loaded.model.eval().to(device)
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.chunk = 1 << 30  # the largest batch known to fit; lowered by out-of-memory errors
+
+    @property
+    def name(self) -> str:
+        return f"{self.manifest.task}/{self.manifest.version}"
+
+    def predict(self, inputs: np.ndarray) -> list[Prediction]:
+        """Predictions for (B, C, H, W) normalised inputs, in order."""
+        out: list[Prediction] = []
+        start = 0
+        while start < len(inputs):
+            size = min(self.chunk, len(inputs) - start)
+            try:
+                out += self._predict_chunk(inputs[start : start + size])
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                self.chunk = max(1, size // 2)
+                log.warning("%s: out of memory at batch %d; retrying at %d", self.name, size, self.chunk)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            start += size
+        return out
+
+    def _predict_chunk(self, inputs: np.ndarray) -> list[Prediction]:
+        x = self._to_device(inputs)
+        with self._autocast():
+            if self.heatmaps:
+                batch = compute_heatmaps(self.model, x, self._chooser())
+                logits, maps = batch.logits, batch.maps
+            else:
+                with torch.inference_mode():
+                    logits = self.model(x)
+                maps = [[] for _ in range(len(inputs))]
+        probs = probabilities(logits.float(), self.kind).cpu().numpy()
+        return [self._prediction(row, row_maps) for row, row_maps in zip(probs, maps, strict=True)]
+
+    def _prediction(self, probs: np.ndarray, maps: list[tuple[int, np.ndarray]]) -> Prediction:
+        if not np.all(np.isfinite(probs)):
+            return Prediction(
+                probs,
+                np.zeros(len(probs), bool),
+                failure=ScanFailure(FailureReason.NON_FINITE_OUTPUT, "the model gave a NaN or infinite output"),
+            )
+        label_of = (lambda _: 1) if self.kind == "binary" else (lambda index: index)
+        return Prediction(probs, self.calls(probs), [(label_of(i), m) for i, m in maps])
+
+    def calls(self, probs: np.ndarray) -> np.ndarray:
+        """Per label, positive or not: the top class (multiclass), else the manifest's thresholds."""
+        if self.kind == "multiclass":
+            return np.arange(len(probs)) == int(np.argmax(probs))
+        if self.kind == "binary":
+            call = bool(probs[1] >= self.thresholds[1])
+            return np.array([not call, call])
+        return probs >= self.thresholds
+
+    def _chooser(self) -> Callable[[torch.Tensor], list[list[int]]]:
+        if self.kind == "multiclass":
+            return predicted_class()
+        if self.kind == "binary":
+            return positive_class()
+        return labels_over(self.thresholds.tolist())
+
+    def _to_device(self, inputs: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+        if self.device.type != "cuda":
+            return x
+        return x.pin_memory().to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+
+    def _autocast(self) -> torch.autocast:
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cpu", enabled=False)

@@ -1,0 +1,143 @@
+"""End to end: scans dropped into the inbox come out as stored results and heatmaps, with a model
+the test trains nothing for but writes, imports and promotes through the real registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dicom_factory import write_dicom, write_png
+from sqlalchemy import select
+
+from meddaemon.daemon.service import Daemon
+from meddaemon.db.engine import transaction
+from meddaemon.db.models import Heatmap, Result, Scan
+from meddaemon.engine import registry
+from meddaemon.engine.architectures import build_model
+from meddaemon.engine.tasks import BUILTIN_TASKS, InputContract
+
+CONTRACT = InputContract(1, 32, 32, (0.449,), (0.226,), modalities=("US",))
+
+
+def write_model(folder: Path, task: str = "busi", version: str = "v1", architecture: str = "small_cnn") -> Path:
+    """A randomly initialised (SYNTHETIC, untrained) model in the registry's format."""
+    spec = BUILTIN_TASKS[task]
+    torch.manual_seed(0)
+    model = build_model(architecture, 1, spec.num_outputs)
+    registry.save_version(
+        model, task=task, version=version, labels=spec.labels, kind=spec.kind, architecture=architecture,
+        input_contract=CONTRACT, out_dir=folder, training_data_fingerprint="synthetic",
+    )
+    return folder
+
+
+def promote(daemon: Daemon, folder: Path) -> None:
+    with transaction(daemon.sessions) as session:
+        row = registry.import_version(session, folder, daemon.settings.models_dir)
+        registry.promote(session, row.task_name, row.version)
+
+
+def drop_scans(inbox: Path) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        write_png(inbox / "busi" / f"synthetic_{i}.png", rng.integers(0, 255, (48, 64), dtype=np.uint8))
+    write_dicom(inbox / "synthetic_us.dcm", pixels=rng.integers(0, 255, (40, 40), dtype=np.uint8),
+                modality="US", body_part="BREAST")
+
+
+@pytest.fixture
+def daemon(make_settings, tmp_path: Path) -> Daemon:
+    d = Daemon(make_settings(max_wait_ms=10))
+    d.prepare()
+    return d
+
+
+def test_scans_get_a_result_per_label_and_a_heatmap_for_the_predicted_class(daemon: Daemon, tmp_path: Path):
+    promote(daemon, write_model(tmp_path / "model"))
+    drop_scans(daemon.settings.watch)
+
+    daemon.run(once=True)
+
+    with daemon.sessions() as session:
+        scans = session.scalars(select(Scan)).all()
+        assert len(scans) == 4 and {s.state for s in scans} == {"inferred"}
+        for scan in scans:
+            results = session.scalars(select(Result).where(Result.scan_id == scan.id)).all()
+            assert [r.label for r in results] == ["benign", "malignant", "normal"]
+            assert sum(r.probability for r in results) == pytest.approx(1.0, abs=1e-5)
+            [top] = [r for r in results if r.positive]
+            assert top.probability == max(r.probability for r in results)
+            assert top.heatmap is not None and all(r.heatmap is None for r in results if not r.positive)
+            array = np.load(top.heatmap.array_path)
+            assert array.shape == (32, 32) and 0 <= array.min() and array.max() <= 1
+            assert Path(top.heatmap.overlay_path).read_bytes()[:2] == b"\xff\xd8"  # JPEG
+            assert top.latency_ms is not None and top.latency_ms > 0
+
+
+def test_waiting_scans_run_once_a_model_is_promoted(daemon: Daemon, tmp_path: Path):
+    drop_scans(daemon.settings.watch)
+    daemon.run(once=True)
+    with daemon.sessions() as session:
+        assert {s.state for s in session.scalars(select(Scan))} == {"waiting_model"}
+
+    promote(daemon, write_model(tmp_path / "model"))
+    Daemon(daemon.settings).run(once=True)
+
+    with daemon.sessions() as session:
+        assert {s.state for s in session.scalars(select(Scan))} == {"inferred"}
+        assert session.scalar(select(Heatmap.id).limit(1)) is not None
+
+
+def test_a_scan_outside_the_models_contract_fails_with_contract_mismatch(daemon: Daemon, tmp_path: Path):
+    promote(daemon, write_model(tmp_path / "model"))
+    write_png(daemon.settings.watch / "busi" / "synthetic_tiny.png", np.zeros((16, 16), np.uint8))
+    write_dicom(daemon.settings.watch / "busi" / "synthetic_ct.dcm", modality="CT", body_part="CHEST")
+    daemon.run(once=True)
+    with daemon.sessions() as session:
+        reasons = {s.source_name: (s.state, s.failure_reason) for s in session.scalars(select(Scan))}
+    assert reasons == {
+        "busi/synthetic_tiny.png": ("failed", "contract_mismatch"),
+        "busi/synthetic_ct.dcm": ("failed", "contract_mismatch"),
+    }
+    assert (daemon.settings.failed_dir / "busi" / "synthetic_tiny.png.reason.json").exists()
+
+
+def test_a_model_damaged_after_promotion_is_refused_and_its_scans_wait(daemon: Daemon, tmp_path: Path, caplog):
+    promote(daemon, write_model(tmp_path / "model"))
+    stored = daemon.settings.models_dir / "busi" / "v1" / "model.safetensors"
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0x01
+    stored.write_bytes(bytes(data))
+    drop_scans(daemon.settings.watch)
+
+    daemon.run(once=True)
+
+    with daemon.sessions() as session:
+        assert {s.state for s in session.scalars(select(Scan))} == {"waiting_model"}
+        assert session.scalar(select(Result.id).limit(1)) is None
+    assert "refusing model busi/v1: hash_mismatch" in caplog.text
+
+
+def test_multilabel_and_binary_tasks_store_every_label(daemon: Daemon, tmp_path: Path):
+    promote(daemon, write_model(tmp_path / "cxr", task="chestxray14", architecture="resnet18"))
+    promote(daemon, write_model(tmp_path / "covid", task="covid", architecture="mobilenet_v2"))
+    rng = np.random.default_rng(3)
+    write_png(daemon.settings.watch / "chestxray14" / "synthetic_cxr.png", rng.integers(0, 255, (40, 40), np.uint8))
+    write_png(daemon.settings.watch / "covid" / "synthetic_cov.png", rng.integers(0, 255, (40, 40), np.uint8))
+    daemon.run(once=True)
+    with daemon.sessions() as session:
+        by_task: dict[str, list[Result]] = {}
+        for scan in session.scalars(select(Scan)):
+            assert scan.state == "inferred"
+            by_task[scan.task_name] = session.scalars(select(Result).where(Result.scan_id == scan.id)).all()
+        assert len(by_task["chestxray14"]) == 14
+        for r in by_task["chestxray14"]:
+            assert r.positive == (r.probability >= r.threshold)
+            assert (r.heatmap is not None) == r.positive
+        normal, covid = by_task["covid"]
+        assert (normal.label, covid.label) == ("normal", "covid")
+        assert normal.probability + covid.probability == pytest.approx(1.0, abs=1e-6)
+        assert covid.positive == (covid.probability >= 0.5) and normal.positive != covid.positive
+        assert covid.heatmap is not None and normal.heatmap is None  # binary: the positive label's map

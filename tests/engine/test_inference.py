@@ -1,0 +1,101 @@
+"""Serving a verified model: calls at the manifest's thresholds, errors for non-finite outputs,
+and out-of-memory that halves the batch instead of dropping scans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from meddaemon.engine import registry
+from meddaemon.engine.architectures import build_model
+from meddaemon.engine.inference import ServedModel, pick_device
+from meddaemon.engine.tasks import BUILTIN_TASKS, InputContract
+from meddaemon.failures import FailureReason
+
+CONTRACT = InputContract(1, 32, 32, (0.5,), (0.25,))
+
+
+def served(tmp_path: Path, task: str = "busi", heatmaps: bool = True, thresholds=None) -> ServedModel:
+    spec = BUILTIN_TASKS[task]
+    torch.manual_seed(1)
+    model = build_model("small_cnn", 1, spec.num_outputs)
+    registry.save_version(
+        model, task=task, version="v1", labels=spec.labels, kind=spec.kind, architecture="small_cnn",
+        input_contract=CONTRACT, out_dir=tmp_path / task, thresholds=thresholds,
+    )
+    return ServedModel(1, registry.load_version(tmp_path / task), pick_device("cpu"), heatmaps=heatmaps)
+
+
+def inputs(n: int) -> np.ndarray:
+    return np.random.default_rng(n).standard_normal((n, 1, 32, 32)).astype(np.float32)
+
+
+def test_predictions_match_the_models_own_forward(tmp_path: Path):
+    model = served(tmp_path)
+    x = inputs(5)
+    predictions = model.predict(x)
+    with torch.no_grad():
+        expected = torch.softmax(model.model(torch.from_numpy(x)), dim=1).numpy()
+    np.testing.assert_allclose(np.stack([p.probabilities for p in predictions]), expected, atol=1e-6)
+    for p in predictions:
+        assert p.positive.sum() == 1 and p.positive[np.argmax(p.probabilities)]
+        [(label, heatmap)] = p.heatmaps
+        assert label == np.argmax(p.probabilities) and heatmap.shape == (32, 32)
+
+
+def test_multilabel_calls_use_each_labels_threshold(tmp_path: Path):
+    labels = BUILTIN_TASKS["chestxray14"].labels
+    thresholds = {label: (0.0 if i % 2 else 1.0) for i, label in enumerate(labels)}
+    [p] = served(tmp_path, "chestxray14", thresholds=thresholds).predict(inputs(1))
+    assert p.positive.tolist() == [bool(i % 2) for i in range(14)]
+    assert sorted(label for label, _ in p.heatmaps) == [i for i in range(14) if i % 2]
+
+
+def test_binary_calls_use_the_threshold_and_the_heatmap_is_always_the_positive_labels(tmp_path: Path):
+    for threshold, called in ((0.0, True), (1.0, False)):
+        model = served(tmp_path / str(threshold), "covid", thresholds={"normal": 0.5, "covid": threshold})
+        [p] = model.predict(inputs(1))
+        assert p.positive.tolist() == [not called, called]
+        assert [label for label, _ in p.heatmaps] == [1]
+
+
+def test_a_nan_output_is_an_error_for_that_scan_not_a_result(tmp_path: Path):
+    model = served(tmp_path, heatmaps=False)
+    with torch.no_grad():
+        model.model.head.linear.bias.fill_(float("nan"))
+    for p in model.predict(inputs(3)):
+        assert p.failure is not None and p.failure.reason is FailureReason.NON_FINITE_OUTPUT
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_every_scan(tmp_path: Path, caplog):
+    """No GPU here: the model is wrapped to raise the real torch.OutOfMemoryError above 3 inputs."""
+    model = served(tmp_path, heatmaps=False)
+    inner = model.model.forward
+
+    def forward_with_limit(x):
+        if x.shape[0] > 3:
+            raise torch.OutOfMemoryError("SYNTHETIC: CUDA out of memory")
+        return inner(x)
+
+    model.model.forward = forward_with_limit
+    x = inputs(10)
+    predictions = model.predict(x)
+    assert len(predictions) == 10 and model.chunk == 2
+    model.model.forward = inner
+    np.testing.assert_allclose(
+        [p.probabilities for p in predictions], [p.probabilities for p in model.predict(x)], atol=1e-6
+    )
+    assert "out of memory at batch 10; retrying at 5" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (an accelerator machine)")
+def test_cuda_predictions_agree_with_cpu(tmp_path: Path):
+    cpu = served(tmp_path / "cpu")
+    gpu = ServedModel(1, registry.load_version(tmp_path / "cpu" / "busi"), torch.device("cuda"))
+    x = inputs(8)
+    np.testing.assert_allclose(
+        [p.probabilities for p in cpu.predict(x)], [p.probabilities for p in gpu.predict(x)], atol=2e-2
+    )
