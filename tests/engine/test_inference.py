@@ -18,13 +18,15 @@ from meddaemon.failures import FailureReason
 CONTRACT = InputContract(1, 32, 32, (0.5,), (0.25,))
 
 
-def served(tmp_path: Path, task: str = "busi", heatmaps: bool = True, thresholds=None) -> ServedModel:
+def served(
+    tmp_path: Path, task: str = "busi", heatmaps: bool = True, thresholds=None, arch="small_cnn", backend="auto"
+) -> ServedModel:
     spec = BUILTIN_TASKS[task]
     torch.manual_seed(1)
-    model = build_model("small_cnn", 1, spec.num_outputs)
+    model = build_model(arch, 1, spec.num_outputs)
     registry.save_version(
-        model, task=task, version="v1", labels=spec.labels, kind=spec.kind, architecture="small_cnn",
-        input_contract=CONTRACT, out_dir=tmp_path / task, thresholds=thresholds,
+        model, task=task, version="v1", labels=spec.labels, kind=spec.kind, architecture=arch,
+        input_contract=CONTRACT, out_dir=tmp_path / task, thresholds=thresholds, backend=backend,
     )
     return ServedModel(1, registry.load_version(tmp_path / task), pick_device("cpu"), heatmaps=heatmaps)
 
@@ -99,3 +101,28 @@ def test_cuda_predictions_agree_with_cpu(tmp_path: Path):
     np.testing.assert_allclose(
         [p.probabilities for p in cpu.predict(x)], [p.probabilities for p in gpu.predict(x)], atol=2e-2
     )
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "mobilenet_v2", "densenet121"])
+def test_onnx_runtime_gives_the_same_probabilities_and_heatmaps_as_eager(tmp_path: Path, arch: str):
+    eager = served(tmp_path / "eager", arch=arch, backend="eager")
+    onnx = served(tmp_path / "onnx", arch=arch, backend="onnx")
+    assert eager.choose_backend(4) == "eager" and onnx.choose_backend(4) == "onnx"
+    x = inputs(4)
+    for a, b in zip(eager.predict(x), onnx.predict(x), strict=True):
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-4)
+        assert [label for label, _ in a.heatmaps] == [label for label, _ in b.heatmaps]
+        for (_, map_a), (_, map_b) in zip(a.heatmaps, b.heatmaps, strict=True):
+            np.testing.assert_allclose(map_a, map_b, atol=1e-3)
+
+
+def test_auto_measures_both_backends_and_keeps_the_faster(tmp_path: Path):
+    model = served(tmp_path, arch="mobilenet_v2")
+    backend = model.choose_backend(4)
+    assert set(model.speeds) == {"eager", "onnx"}
+    assert backend == max(model.speeds, key=model.speeds.get)
+
+
+def test_models_whose_heatmaps_need_the_gradient_stay_eager(tmp_path: Path):
+    model = served(tmp_path, arch="vgg16", backend="onnx")
+    assert model.choose_backend(2) == "eager"

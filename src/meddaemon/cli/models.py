@@ -33,7 +33,7 @@ def models() -> None:
 
 
 def _registry() -> ModuleType:
-    from meddaemon.engine import registry  # noqa: PLC0415 (imports torch)
+    from meddaemon.engine import registry
 
     return registry
 
@@ -58,8 +58,7 @@ def _in_transaction(settings: Settings, work: Callable[[Session], T]) -> T:
 
 def _line(s: dict[str, Any]) -> str:
     return (
-        f"{s['task']:<15} {s['version']:<20} {s['status']:<10} {s['architecture']:<17} "
-        f"{s['sha256'][:12]}  {s['path']}"
+        f"{s['task']:<15} {s['version']:<20} {s['status']:<10} {s['architecture']:<17} {s['sha256'][:12]}  {s['path']}"
     )
 
 
@@ -72,9 +71,7 @@ def list_cmd(config_file: Path | None, task: str | None, as_json: bool, **flags:
     """Every registered version: task, version, status, architecture, SHA-256, folder."""
     settings = build_settings(config_file, **flags)
     registry = _registry()
-    rows = _in_transaction(
-        settings, lambda s: [registry.version_summary(r) for r in registry.list_versions(s, task)]
-    )
+    rows = _in_transaction(settings, lambda s: [registry.version_summary(r) for r in registry.list_versions(s, task)])
     if as_json:
         echo_json(rows)
         return

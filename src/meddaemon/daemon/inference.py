@@ -16,8 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -107,10 +107,18 @@ class InferenceStage:
                     refusal.message,
                 )
                 continue
-            self.served[task] = ServedModel(row.id, loaded, self.device, heatmaps=self.settings.heatmaps)
+            model = ServedModel(row.id, loaded, self.device, heatmaps=self.settings.heatmaps)
+            backend = model.choose_backend(self.settings.max_batch)
+            self.served[task] = model
             self.rows[row.id] = row
             log.info(
-                "serving %s/%s (%s, sha256 %s) on %s", task, row.version, row.architecture, row.sha256[:12], self.device
+                "serving %s/%s (%s, sha256 %s) on %s with %s",
+                task,
+                row.version,
+                row.architecture,
+                row.sha256[:12],
+                self.device,
+                backend,
             )
 
     # -- feeding the queues --------------------------------------------------------------------

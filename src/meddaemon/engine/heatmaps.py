@@ -125,14 +125,25 @@ def compute_heatmaps(model: ClassifierNet, x: Tensor, choose: Chooser) -> Heatma
     if linear is not None:
         with torch.no_grad():
             activation, logits = model.forward_features(x)
-            targets = _validated(choose(logits), logits)
-            img, cls = _pairs(targets, x.device)
-            with _float32(x):
-                weights = linear.weight.detach().float()[cls] / (activation.shape[2] * activation.shape[3])
-                raw = torch.einsum("nk,nkhw->nhw", weights, activation.float()[img]) if len(img) else None
-    else:
-        logits, targets, raw = _gradient_cams(model, x, choose)
+        return cams_from_features(activation, logits, linear.weight, choose, (x.shape[2], x.shape[3]))
+    logits, targets, raw = _gradient_cams(model, x, choose)
     return HeatmapBatch(logits=logits.detach(), maps=_assemble(targets, raw, tuple(x.shape[2:])))
+
+
+def cams_from_features(
+    activation: Tensor, logits: Tensor, weight: Tensor, choose: Chooser, size: tuple[int, int]
+) -> HeatmapBatch:
+    """CAM from a forward pass's own features and the head's Linear weight: no model call, no backward.
+
+    Shared by the eager path and any backend that returns the activation beside the logits (ONNX Runtime).
+    """
+    with torch.no_grad():
+        targets = _validated(choose(logits), logits)
+        img, cls = _pairs(targets, activation.device)
+        with _float32(activation):
+            weights = weight.detach().float()[cls] / (activation.shape[2] * activation.shape[3])
+            raw = torch.einsum("nk,nkhw->nhw", weights, activation.float()[img]) if len(img) else None
+    return HeatmapBatch(logits=logits.detach(), maps=_assemble(targets, raw, size))
 
 
 def _float32(x: Tensor) -> torch.autocast:

@@ -1,6 +1,7 @@
 """Running a verified model over a batch: probabilities, calls at the manifest's thresholds, heatmaps.
 
-CUDA when present (autocast, channels_last, pinned memory, non-blocking copies), the CPU otherwise.
+CUDA when present (autocast, channels_last, pinned memory, non-blocking copies), the CPU otherwise,
+with the faster of eager PyTorch and ONNX Runtime (``engine/onnx_backend.py``).
 An out-of-memory error halves the batch and retries; no scan is dropped. A row with a NaN or
 infinite output is an error for that scan, never a result.
 """
@@ -14,8 +15,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from meddaemon.engine.heatmaps import compute_heatmaps, labels_over, positive_class, predicted_class
-from meddaemon.engine.registry import LoadedModel, probabilities
+from meddaemon.engine.heatmaps import (
+    cams_from_features,
+    compute_heatmaps,
+    labels_over,
+    positive_class,
+    predicted_class,
+)
+from meddaemon.engine.onnx_backend import BackendUnavailable, OnnxRunner, agrees_with_eager, images_per_second
+from meddaemon.engine.registry import LoadedModel, probabilities, self_test_input
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import FailureReason, ScanFailure
 
@@ -55,6 +63,48 @@ class ServedModel:
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.chunk = 1 << 30  # the largest batch known to fit; lowered by out-of-memory errors
+        self.onnx: OnnxRunner | None = None
+        self.backend = "cuda" if device.type == "cuda" else "eager"
+        self.speeds: dict[str, float] = {}
+
+    def choose_backend(self, batch: int) -> str:
+        """On the CPU, measure eager PyTorch and ONNX Runtime on one batch and keep the faster
+        (the manifest's ``backend`` can pin either); returns the backend in use."""
+        wanted = self.manifest.backend
+        if self.device.type != "cpu" or wanted == "eager":
+            return self.backend
+        gradient_heatmaps = self.heatmaps and self.model.cam_linear is None
+        if gradient_heatmaps:
+            log.info("%s: eager PyTorch (its heatmaps need the gradient)", self.name)
+            return self.backend
+        sample = self_test_input(self.contract, seed=0, batch=batch)
+        try:
+            runner = OnnxRunner(self.model, sample, with_activation=self.heatmaps)
+        except BackendUnavailable as exc:
+            log.warning("%s: ONNX Runtime unavailable (%s); eager PyTorch", self.name, exc)
+            return self.backend
+        if not agrees_with_eager(runner, self.model, sample):
+            log.warning("%s: the ONNX graph disagrees with the model; eager PyTorch", self.name)
+            return self.backend
+        if wanted == "onnx":
+            self.onnx, self.backend = runner, "onnx"
+            return self.backend
+        x = sample.numpy()
+        self.speeds = {
+            "eager": images_per_second(lambda: self._predict_chunk(x), batch),
+            "onnx": images_per_second(lambda: self._run_onnx(runner, x), batch),
+        }
+        if self.speeds["onnx"] > self.speeds["eager"]:
+            self.onnx, self.backend = runner, "onnx"
+        log.info(
+            "%s: %s chosen (eager %.0f, ONNX Runtime %.0f images/s at batch %d)",
+            self.name,
+            self.backend,
+            self.speeds["eager"],
+            self.speeds["onnx"],
+            batch,
+        )
+        return self.backend
 
     @property
     def name(self) -> str:
@@ -80,6 +130,8 @@ class ServedModel:
         return out
 
     def _predict_chunk(self, inputs: np.ndarray) -> list[Prediction]:
+        if self.onnx is not None:
+            return self._run_onnx(self.onnx, inputs)
         x = self._to_device(inputs)
         with self._autocast():
             if self.heatmaps:
@@ -90,6 +142,17 @@ class ServedModel:
                     logits = self.model(x)
                 maps = [[] for _ in range(len(inputs))]
         probs = probabilities(logits.float(), self.kind).cpu().numpy()
+        return [self._prediction(row, row_maps) for row, row_maps in zip(probs, maps, strict=True)]
+
+    def _run_onnx(self, runner: OnnxRunner, inputs: np.ndarray) -> list[Prediction]:
+        activation, logits = runner.run(inputs)
+        if activation is not None and self.model.cam_linear is not None:
+            size = (inputs.shape[2], inputs.shape[3])
+            batch = cams_from_features(activation, logits, self.model.cam_linear.weight, self._chooser(), size)
+            maps = batch.maps
+        else:
+            maps = [[] for _ in range(len(inputs))]
+        probs = probabilities(logits.float(), self.kind).numpy()
         return [self._prediction(row, row_maps) for row, row_maps in zip(probs, maps, strict=True)]
 
     def _prediction(self, probs: np.ndarray, maps: list[tuple[int, np.ndarray]]) -> Prediction:

@@ -465,7 +465,7 @@ def save_version(
     if not torch.isfinite(probs).all():
         raise ValueError(f"cannot save {task}/{version}: the model gives NaN or infinite outputs on the self-test")
 
-    from safetensors.torch import save  # noqa: PLC0415 (heavy import, only here and in load)
+    from safetensors.torch import save
 
     data = save(state, metadata={"format": "pt", "task": task, "version": version, "architecture": architecture})
     fields["sha256"] = sha256_bytes(data)
@@ -623,7 +623,7 @@ def _parse_safetensors(data: bytes, path: Path) -> dict[str, Tensor]:
             "unreadable_weights",
             f"{path} is not a safetensors file (no valid header; pickled .pt/.pth checkpoints are never loaded)",
         )
-    from safetensors.torch import load  # noqa: PLC0415
+    from safetensors.torch import load
 
     try:
         state = load(data)

@@ -1,0 +1,94 @@
+"""ONNX Runtime on the CPU: often 1.5-3x faster than eager PyTorch for these models (DESIGN.md
+section 6), so the engine measures both per model and keeps the faster, unless the manifest pins one.
+
+The exported graph returns the heatmap activation beside the logits, so CAM maps come from the same
+pass (``heatmaps.cams_from_features``). Models whose heatmaps need the gradient (VGG16) stay eager.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from meddaemon.engine.architectures import ClassifierNet
+
+log = logging.getLogger(__name__)
+
+#: Largest difference in logits tolerated between the exported graph and the eager model.
+AGREEMENT_ATOL = 1e-3
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+class _FeaturesAndLogits(nn.Module):
+    def __init__(self, model: ClassifierNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.forward_features(x)
+
+
+class OnnxRunner:
+    """An ONNX Runtime session for one model: ``run(x) -> (activation | None, logits)``."""
+
+    def __init__(self, model: ClassifierNet, sample: Tensor, with_activation: bool) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # an optional speed-up, never a requirement
+            raise BackendUnavailable("onnxruntime is not installed") from exc
+        self.with_activation = with_activation
+        module = (_FeaturesAndLogits(model) if with_activation else model).eval()
+        outputs = ["activation", "logits"] if with_activation else ["logits"]
+        buffer = io.BytesIO()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    module,
+                    (sample[:1],),
+                    buffer,
+                    dynamo=False,
+                    opset_version=17,
+                    input_names=["x"],
+                    output_names=outputs,
+                    dynamic_axes={name: {0: "batch"} for name in ["x", *outputs]},
+                )
+        except Exception as exc:
+            raise BackendUnavailable(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def run(self, x: np.ndarray) -> tuple[Tensor | None, Tensor]:
+        outputs = self.session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})
+        if self.with_activation:
+            return torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1])
+        return None, torch.from_numpy(outputs[0])
+
+
+def agrees_with_eager(runner: OnnxRunner, model: ClassifierNet, sample: Tensor) -> bool:
+    with torch.inference_mode():
+        expected = model(sample)
+    _, logits = runner.run(sample.numpy())
+    return bool(torch.allclose(logits, expected, atol=AGREEMENT_ATOL, rtol=0))
+
+
+def images_per_second(run: Callable[[], object], batch: int, repeats: int = 3) -> float:
+    run()  # warm-up: allocations, kernel selection
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        timings.append(time.perf_counter() - start)
+    return batch / float(np.median(timings))
