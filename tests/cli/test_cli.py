@@ -104,3 +104,14 @@ def test_decoders_lists_transfer_syntaxes(runner: CliRunner):
     by_uid = {r["uid"]: r for r in rows}
     assert by_uid["1.2.840.10008.1.2.5"]["decodable"]  # RLE Lossless
     assert by_uid["1.2.840.10008.1.2.4.90"]["decodable"]  # JPEG 2000 Lossless
+
+
+def test_tasks_lists_the_four_seed_presets_with_their_contracts(runner: CliRunner):
+    tasks = json.loads(runner.invoke(medcli, ["tasks", "--json"]).stdout)
+    assert set(tasks) == {"busi", "chestxray14", "covid", "histopathology"}
+    assert tasks["busi"]["labels"] == ["benign", "malignant", "normal"]
+    assert tasks["chestxray14"]["kind"] == "multilabel" and len(tasks["chestxray14"]["labels"]) == 14
+    assert tasks["histopathology"]["contract"]["channels"] == 3
+    assert tasks["covid"]["architecture"] == "mobilenet_v2"
+    human = runner.invoke(medcli, ["tasks"]).output
+    assert "densenet121" in human and "1x320x320" in human

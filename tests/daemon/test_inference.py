@@ -10,7 +10,9 @@ import pytest
 import torch
 from dicom_factory import write_dicom, write_png
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
+from meddaemon.config import load_settings
 from meddaemon.daemon.service import Daemon
 from meddaemon.db.engine import transaction
 from meddaemon.db.models import Heatmap, Result, Scan
@@ -141,3 +143,64 @@ def test_multilabel_and_binary_tasks_store_every_label(daemon: Daemon, tmp_path:
         assert normal.probability + covid.probability == pytest.approx(1.0, abs=1e-6)
         assert covid.positive == (covid.probability >= 0.5) and normal.positive != covid.positive
         assert covid.heatmap is not None and normal.heatmap is None  # binary: the positive label's map
+
+
+def test_a_nan_output_fails_that_scan_and_keeps_its_file(daemon: Daemon, tmp_path: Path):
+    promote(daemon, write_model(tmp_path / "model"))
+    daemon.stage.refresh_models()
+    with torch.no_grad():
+        daemon.stage.served["busi"].model.head.linear.bias.fill_(float("nan"))
+    daemon.stage.served["busi"].onnx = None  # the poisoned eager model is the one that runs
+    write_png(daemon.settings.watch / "busi" / "synthetic_nan.png", np.full((40, 40), 9, np.uint8))
+    daemon.run(once=True)
+    with daemon.sessions() as session:
+        [scan] = session.scalars(select(Scan)).all()
+        assert (scan.state, scan.failure_reason) == ("failed", "non_finite_output")
+        assert session.scalar(select(Result.id).limit(1)) is None
+    assert (daemon.settings.failed_dir / "busi" / "synthetic_nan.png").exists()
+
+
+@pytest.mark.slow
+def test_the_running_daemon_picks_up_a_promoted_model_without_a_restart(tmp_path: Path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bindir = Path(sys.executable).parent
+    state, inbox = tmp_path / "state", tmp_path / "inbox"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
+    env["MEDDAEMON_MODEL_POLL_SECONDS"] = "0.5"
+    log = (tmp_path / "daemon.log").open("w")
+    daemon = subprocess.Popen(
+        [bindir / "meddaemon", "start", "--watch", inbox, "--state-dir", state, "--stable-seconds", "0.2",
+         "--workers", "0"], stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    try:
+        drop_scans(inbox)
+        sessions = Daemon(load_settings(env={}, flags={"watch": inbox, "state_dir": state})).sessions
+
+        def states() -> set[str]:
+            try:
+                with sessions() as session:
+                    return {s.state for s in session.scalars(select(Scan))}
+            except OperationalError:  # the daemon has not created the schema yet
+                return set()
+
+        deadline = time.monotonic() + 60
+        while states() != {"waiting_model"} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert states() == {"waiting_model"}
+
+        folder = write_model(tmp_path / "model")
+        for args in (["import", folder], ["promote", "busi", "v1"]):
+            subprocess.run([bindir / "medcli", "models", *args, "--state-dir", state], check=True, env=env)
+
+        while states() != {"inferred"} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert states() == {"inferred"}, (tmp_path / "daemon.log").read_text()[-3000:]
+        assert daemon.poll() is None
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0

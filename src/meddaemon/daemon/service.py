@@ -105,8 +105,12 @@ class Daemon:
 
     def run(self, once: bool = False) -> RunStats:
         """Process the inbox until stopped (SIGTERM/SIGINT), or, with ``once``, until it is drained."""
-        self.prepare()
-        previous_handlers = self._install_signal_handlers()
+        previous_handlers = self._install_signal_handlers()  # first: a SIGTERM during start-up stops cleanly too
+        try:
+            self.prepare()
+        except BaseException:
+            self._restore_signal_handlers(previous_handlers)
+            raise
         alarm = install_overflow_alarm()
         observer = None if once else start_observer(self.settings.watch, self.hints, self.settings.observer)
         self.pool = self._make_pool()
@@ -161,8 +165,7 @@ class Daemon:
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
             self.engine.dispose()
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
+            self._restore_signal_handlers(previous_handlers)
         log.info(
             "stopped: %d routed, %d inferred, %d duplicates, %d failed in %.1f s",
             self.stats.routed,
@@ -375,6 +378,11 @@ class Daemon:
         if threading.current_thread() is not threading.main_thread():
             return {}
         return {signum: signal.signal(signum, self.request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    @staticmethod
+    def _restore_signal_handlers(handlers: dict[int, signal._HANDLER]) -> None:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
     def _log_lock_wait(self, attempt: int, exc: BaseException) -> None:
         if attempt == 1 or attempt % 10 == 0:
