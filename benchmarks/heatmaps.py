@@ -1,15 +1,18 @@
 """Heatmap benchmark: what a Grad-CAM map costs on top of inference, ours against pytorch-grad-cam.
 
 For each architecture, on one seeded random batch (randomly initialised model, eval mode, same
-process, same threads), three things are timed, interleaved repeat by repeat so that drifts in the
-machine's speed hit all three alike:
+process, same threads), these are timed, interleaved round by round (the order rotating every
+round) so that drifts in the machine's speed hit all alike:
 
 * **inference**: ``model(x)`` under ``torch.no_grad()``;
 * **ours**: ``compute_heatmaps(model, x, predicted_class())``: logits and the predicted class's map
   for every image, post-processed and resized to the input, as numpy;
 * **grad-cam**: pytorch-grad-cam's ``GradCAM(model, target_layers=[model.features[-1]])`` called on
   the same batch with ``targets=None`` (the predicted class), hooks registered and released inside
-  the timed call as a user would (``with GradCAM(...) as cam``).
+  the timed call as a user would (``with GradCAM(...) as cam``);
+* **maps only** (CAM path): the part of ours after the forward pass (choosing, weighing the
+  activation, post-processing, copying to numpy) on a precomputed activation: the overhead alone,
+  which a busy machine's noise cannot hide in.
 
 The times are medians over ``--repeats`` after ``--warmup`` untimed rounds. The ratios are the medians
 of the per-round ratios (each method over the inference of the same round), which shrugs off a
@@ -34,6 +37,7 @@ from collections.abc import Callable
 import torch
 from pytorch_grad_cam import GradCAM
 
+from meddaemon.engine import heatmaps
 from meddaemon.engine.architectures import build_model
 from meddaemon.engine.heatmaps import compute_heatmaps, predicted_class
 
@@ -43,6 +47,10 @@ def _load() -> str:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def _ms(seconds: float) -> str:
+    return "n/a" if seconds != seconds else f"{seconds * 1e3:.1f}"  # NaN: not measured
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -72,10 +80,27 @@ def bench(
         model.zero_grad(set_to_none=True)
 
     methods = {"inference": inference, "ours": ours, "grad-cam": gradcam}
+    linear = model.cam_linear
+    if linear is not None:
+        with torch.no_grad():
+            activation, logits = model.forward_features(x)
+
+        def maps_only() -> None:
+            """The CAM path's work after the forward pass: choose, weigh, post-process, to numpy."""
+            with torch.no_grad():
+                targets = predicted_class()(logits)
+                img, cls = heatmaps._pairs(targets, x.device)
+                weights = linear.weight[cls] / (activation.shape[2] * activation.shape[3])
+                raw = torch.einsum("nk,nkhw->nhw", weights, activation[img])
+                heatmaps._assemble(targets, raw, (size, size))
+
+        methods["maps only"] = maps_only
     times: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
     for round_ in range(warmup + repeats):
-        for name, fn in methods.items():
-            elapsed = _timed(fn)
+        # rotate the order every round: no method always follows grad-cam's big allocations
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            elapsed = _timed(methods[name])
             if round_ >= warmup:
                 times[name].append(elapsed)
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -83,6 +108,7 @@ def bench(
         name: statistics.median(t / i for t, i in zip(values, times["inference"], strict=True))
         for name, values in times.items()
     }
+    medians.setdefault("maps only", float("nan"))
     return medians, ratios
 
 
@@ -109,14 +135,17 @@ def main() -> None:
         f"input {args.channels}x{args.size}x{args.size}, median of {args.repeats} after {args.warmup} warm-up"
     )
     print()
-    print("| model | path | batch | inference (ms) | ours (ms) | grad-cam (ms) | ours / inf. | grad-cam / inf. |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| model | path | batch | inference (ms) | ours (ms) | grad-cam (ms) | ours / inf. | grad-cam / inf. "
+        "| maps only (ms) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for arch, batch in runs:
         t, r = bench(arch, batch, args.size, args.channels, args.repeats, args.warmup)
         path = "gradient" if arch == "vgg16" else "CAM"
         print(
             f"| {arch} | {path} | {batch} | {t['inference'] * 1e3:.0f} | {t['ours'] * 1e3:.0f} | "
-            f"{t['grad-cam'] * 1e3:.0f} | {r['ours']:.2f} | {r['grad-cam']:.2f} |",
+            f"{t['grad-cam'] * 1e3:.0f} | {r['ours']:.2f} | {r['grad-cam']:.2f} | {_ms(t['maps only'])} |",
             flush=True,
         )
     print()

@@ -95,8 +95,8 @@ def labels_over(thresholds: Sequence[float] | float) -> Chooser:
 
     def choose(logits: Tensor) -> list[list[int]]:
         probs = torch.sigmoid(logits.detach().float())
-        if isinstance(thresholds, int | float):
-            limit = torch.full((probs.shape[1],), float(thresholds), device=probs.device)
+        if np.ndim(thresholds) == 0:  # one number (Python or numpy) for every label
+            limit = torch.full((probs.shape[1],), float(thresholds), device=probs.device)  # type: ignore[arg-type]
         else:
             if len(thresholds) != probs.shape[1]:
                 raise ValueError(f"{len(thresholds)} thresholds for {probs.shape[1]} labels")
