@@ -29,8 +29,15 @@ def write_model(folder: Path, task: str = "busi", version: str = "v1", architect
     torch.manual_seed(0)
     model = build_model(architecture, 1, spec.num_outputs)
     registry.save_version(
-        model, task=task, version=version, labels=spec.labels, kind=spec.kind, architecture=architecture,
-        input_contract=CONTRACT, out_dir=folder, training_data_fingerprint="synthetic",
+        model,
+        task=task,
+        version=version,
+        labels=spec.labels,
+        kind=spec.kind,
+        architecture=architecture,
+        input_contract=CONTRACT,
+        out_dir=folder,
+        training_data_fingerprint="synthetic",
     )
     return folder
 
@@ -45,8 +52,12 @@ def drop_scans(inbox: Path) -> None:
     rng = np.random.default_rng(0)
     for i in range(3):
         write_png(inbox / "busi" / f"synthetic_{i}.png", rng.integers(0, 255, (48, 64), dtype=np.uint8))
-    write_dicom(inbox / "synthetic_us.dcm", pixels=rng.integers(0, 255, (40, 40), dtype=np.uint8),
-                modality="US", body_part="BREAST")
+    write_dicom(
+        inbox / "synthetic_us.dcm",
+        pixels=rng.integers(0, 255, (40, 40), dtype=np.uint8),
+        modality="US",
+        body_part="BREAST",
+    )
 
 
 @pytest.fixture
@@ -174,8 +185,21 @@ def test_the_running_daemon_picks_up_a_promoted_model_without_a_restart(tmp_path
     env["MEDDAEMON_MODEL_POLL_SECONDS"] = "0.5"
     log = (tmp_path / "daemon.log").open("w")
     daemon = subprocess.Popen(
-        [bindir / "meddaemon", "start", "--watch", inbox, "--state-dir", state, "--stable-seconds", "0.2",
-         "--workers", "0"], stdout=log, stderr=subprocess.STDOUT, env=env,
+        [
+            bindir / "meddaemon",
+            "start",
+            "--watch",
+            inbox,
+            "--state-dir",
+            state,
+            "--stable-seconds",
+            "0.2",
+            "--workers",
+            "0",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     try:
         drop_scans(inbox)

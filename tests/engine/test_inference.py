@@ -25,8 +25,16 @@ def served(
     torch.manual_seed(1)
     model = build_model(arch, 1, spec.num_outputs)
     registry.save_version(
-        model, task=task, version="v1", labels=spec.labels, kind=spec.kind, architecture=arch,
-        input_contract=CONTRACT, out_dir=tmp_path / task, thresholds=thresholds, backend=backend,
+        model,
+        task=task,
+        version="v1",
+        labels=spec.labels,
+        kind=spec.kind,
+        architecture=arch,
+        input_contract=CONTRACT,
+        out_dir=tmp_path / task,
+        thresholds=thresholds,
+        backend=backend,
     )
     return ServedModel(1, registry.load_version(tmp_path / task), pick_device("cpu"), heatmaps=heatmaps)
 

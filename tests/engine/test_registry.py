@@ -316,9 +316,7 @@ def test_the_marker_payload_is_live(tmp_path: Path):
     assert probe.exists()
 
 
-def test_a_pickle_named_model_safetensors_is_refused_and_never_unpickled(
-    tmp_path: Path, v1: Path, no_unpickling: None
-):
+def test_a_pickle_named_model_safetensors_is_refused_and_never_unpickled(tmp_path: Path, v1: Path, no_unpickling: None):
     marker = tmp_path / "pwned"
     (v1 / "model.safetensors").write_bytes(pickle.dumps({"state_dict": MarkerPayload(marker)}))
     assert refusal(v1).reason == "hash_mismatch"
