@@ -211,11 +211,6 @@ class PeakSampler:
         self._thread.join()
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 # -- the model and the files -----------------------------------------------------------------------
 
 

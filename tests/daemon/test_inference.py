@@ -84,7 +84,7 @@ def test_scans_get_a_result_per_label_and_a_heatmap_for_the_predicted_class(daem
             assert top.probability == max(r.probability for r in results)
             assert top.heatmap is not None and all(r.heatmap is None for r in results if not r.positive)
             array = np.load(top.heatmap.array_path)
-            assert array.shape == (32, 32) and 0 <= array.min() and array.max() <= 1
+            assert array.shape == (32, 32) and array.min() >= 0 and array.max() <= 1
             assert Path(top.heatmap.overlay_path).read_bytes()[:2] == b"\xff\xd8"  # JPEG
             assert top.latency_ms is not None and top.latency_ms > 0
 

@@ -370,7 +370,11 @@ class Daemon:
             return None
         context = multiprocessing.get_context("forkserver")
         return ProcessPoolExecutor(
-            self.settings.workers, mp_context=context, initializer=init_worker, max_tasks_per_child=2000
+            # no max_tasks_per_child: on Python 3.11 a retired worker is not replaced while work is
+            # queued (CPython gh-115634), and the pool stalls after workers x limit files
+            self.settings.workers,
+            mp_context=context,
+            initializer=init_worker,
         )
 
     def _install_signal_handlers(self) -> dict[int, signal._HANDLER]:
