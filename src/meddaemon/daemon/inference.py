@@ -58,6 +58,7 @@ class InferenceStage:
         decode_options: DecodeOptions,
         submit: Submit,
         commit: Commit,
+        after_store: Callable[[BatchRecord], None] = lambda record: None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -65,6 +66,8 @@ class InferenceStage:
         self.decode_options = decode_options
         self.submit = submit
         self.commit = commit
+        #: the daemon carries out the moves of failed scans and logs every outcome
+        self.after_store = after_store
         self.device = pick_device(settings.device)
         self.served: dict[str, ServedModel] = {}
         self.rows: dict[int, ModelVersion] = {}
@@ -248,9 +251,6 @@ class InferenceStage:
             self.in_flight.discard(outcome.scan_id)
         self.inferred += sum(1 for o in record.outcomes if o.state == "inferred")
         self.after_store(record)
-
-    def after_store(self, record: BatchRecord) -> None:
-        """Set by the daemon: carry out the moves of failed scans and log every outcome."""
 
     def _shas(self, ids: list[int]) -> dict[int, str]:
         with self.sessions() as session:

@@ -88,9 +88,14 @@ class Daemon:
         self.pool: Executor | None = None
         self.reading: list[_ReadGroup] = []
         self.stage = InferenceStage(
-            settings, self.sessions, self.destinations, self.decode_options, self._submit, self._commit
+            settings,
+            self.sessions,
+            self.destinations,
+            self.decode_options,
+            self._submit,
+            self._commit,
+            after_store=self._after_store,
         )
-        self.stage.after_store = self._after_store  # type: ignore[method-assign]
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -251,12 +256,11 @@ class Daemon:
         record_ = self._commit(record)
         self._carry_out(record_.moves)
         self.stats.count(record_)
-        by_name = {str(name): intake for _, name, intake in batch}
+        by_name = {str(name): (stable, intake) for stable, name, intake in batch}
         for outcome in record_.outcomes:
             _log_outcome(outcome)
-            intake = by_name.get(outcome.source_name)
-            if outcome.state == "routed" and outcome.scan_id is not None and intake and intake.model_input is not None:
-                stable = next(s for s, n, _ in batch if str(n) == outcome.source_name)
+            stable, intake = by_name[outcome.source_name]
+            if outcome.state == "routed" and outcome.scan_id is not None and intake.model_input is not None:
                 self.stage.enqueue(outcome.scan_id, outcome.task or "", intake.model_input, stable.discovered_at)
         return record_
 

@@ -98,9 +98,10 @@ def labels_over(thresholds: Sequence[float] | float) -> Chooser:
         if np.ndim(thresholds) == 0:  # one number (Python or numpy) for every label
             limit = torch.full((probs.shape[1],), float(thresholds), device=probs.device)  # type: ignore[arg-type]
         else:
-            if len(thresholds) != probs.shape[1]:
-                raise ValueError(f"{len(thresholds)} thresholds for {probs.shape[1]} labels")
-            limit = torch.tensor([float(t) for t in thresholds], dtype=torch.float32, device=probs.device)
+            values = [float(t) for t in np.ravel(thresholds)]
+            if len(values) != probs.shape[1]:
+                raise ValueError(f"{len(values)} thresholds for {probs.shape[1]} labels")
+            limit = torch.tensor(values, dtype=torch.float32, device=probs.device)
         over = (probs >= limit).cpu()
         return [torch.nonzero(row).flatten().tolist() for row in over]
 
