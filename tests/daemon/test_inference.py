@@ -171,6 +171,32 @@ def test_a_nan_output_fails_that_scan_and_keeps_its_file(daemon: Daemon, tmp_pat
     assert (daemon.settings.failed_dir / "busi" / "synthetic_nan.png").exists()
 
 
+def test_scans_whose_heatmaps_cannot_be_written_stay_routed_and_run_again(make_settings, tmp_path: Path, caplog):
+    """A full or broken disk under heatmaps/: no result row without its files, the scans wait."""
+    settings = make_settings(max_wait_ms=10, rescan_seconds=0.2)
+    daemon = Daemon(settings)
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "model"))
+    settings.heatmaps_dir.parent.mkdir(parents=True, exist_ok=True)
+    settings.heatmaps_dir.write_bytes(b"a file where the heatmaps folder should be")  # every write fails
+    drop_scans(settings.watch)
+
+    daemon.run(once=True)
+
+    with daemon.sessions() as session:
+        assert {s.state for s in session.scalars(select(Scan))} == {"routed"}
+        assert session.scalar(select(Result.id).limit(1)) is None
+    assert "could not write its heatmap files" in caplog.text and "stays routed" in caplog.text
+
+    settings.heatmaps_dir.unlink()
+    Daemon(settings).run(once=True)
+
+    with daemon.sessions() as session:
+        assert {s.state for s in session.scalars(select(Scan))} == {"inferred"}
+        heatmaps = session.scalars(select(Heatmap)).all()
+        assert len(heatmaps) == 4 and all(Path(h.overlay_path).exists() for h in heatmaps)
+
+
 @pytest.mark.slow
 def test_the_running_daemon_picks_up_a_promoted_model_without_a_restart(tmp_path: Path):
     import os

@@ -5,6 +5,10 @@ the database sweep (``routed`` scans after a restart, ``waiting_model`` scans on
 their task is promoted), whose inputs are prepared again from work/ in the decoding workers.
 A promoted model is picked up without a restart; a model that fails verification is refused with
 a clear message and never produces a result.
+
+Heatmap files (the map as ``.npy``, the overlay as JPEG) are written by a small thread pool while the
+main loop goes on to the next forward pass; a batch's results are committed once its files exist, so
+a row never points at a file that is not there.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import io
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,11 +46,30 @@ Submit = Callable[..., Future]
 Commit = Callable[[Callable[[Session], Any]], Any]
 
 
+#: threads writing heatmap files: numpy, the JPEG encoder and file writes release the GIL
+HEATMAP_WRITERS = 2
+#: how often the main loop looks for batches whose heatmap files are written (s)
+STORE_POLL = 0.005
+
+
 @dataclass
 class _Preparing:
     future: Future
     scan: ScanToInfer
     version_id: int
+
+
+@dataclass
+class _Storing:
+    """A forwarded batch waiting for its heatmap files before its results are committed."""
+
+    version_id: int
+    outcomes: list[InferenceOutcome]
+    #: (scan id, the writing of that scan's heatmap files)
+    writes: list[tuple[int, Future]]
+
+    def written(self) -> bool:
+        return all(future.done() for _, future in self.writes)
 
 
 class InferenceStage:
@@ -74,8 +97,16 @@ class InferenceStage:
         self.refused: set[int] = set()
         self.queue: BatchQueue[int] = BatchQueue(settings.max_batch, settings.max_wait_ms / 1000)
         self.preparing: list[_Preparing] = []
+        self.storing: list[_Storing] = []
+        self.writer = ThreadPoolExecutor(HEATMAP_WRITERS, thread_name_prefix="heatmap-writer")
         self.in_flight: set[int] = set()
+        #: scans whose heatmap files could not be written, left alone until the time given (monotonic)
+        self.resting: dict[int, float] = {}
         self.inferred = 0
+
+    def close(self) -> None:
+        """Stop the writer threads; batches not yet committed stay ``routed`` and run again at start."""
+        self.writer.shutdown(wait=True)
 
     # -- models --------------------------------------------------------------------------------
 
@@ -139,8 +170,12 @@ class InferenceStage:
         if not self.served or budget <= 0:
             return 0
 
+        now = time.monotonic()
+        self.resting = {scan_id: until for scan_id, until in self.resting.items() if until > now}
+        exclude = self.in_flight | set(self.resting)
+
         def claim(session: Session) -> list[ScanToInfer]:
-            return bookkeeper.claim_for_inference(session, list(self.served), self.in_flight, budget)
+            return bookkeeper.claim_for_inference(session, list(self.served), exclude, budget)
 
         claimed: list[ScanToInfer] = self.commit(claim)
         for scan in claimed:
@@ -173,8 +208,10 @@ class InferenceStage:
     # -- running batches -----------------------------------------------------------------------
 
     def run_ready(self, flush: bool = False) -> int:
-        """Forward every batch that is full or has waited long enough; returns scans done."""
+        """Forward every batch that is full or has waited long enough, and commit the results of
+        batches whose heatmap files are written (all of them with ``flush``); returns scans forwarded."""
         done = 0
+        self.store_written()
         for version_id, items in self.queue.take_ready(flush):
             model = next((m for m in self.served.values() if m.version_id == version_id), None)
             if model is None:
@@ -185,25 +222,33 @@ class InferenceStage:
             inputs = np.concatenate([item.inputs for item in items])
             predictions = model.predict(inputs)
             forward_s = time.perf_counter() - started
-            outcomes = self._outcomes(model, items, predictions)
-            self._store(version_id, outcomes)
+            self.storing.append(self._outcomes(model, items, predictions))
             done += len(items)
             log.debug(
                 "%s: batch of %d scans (%d inputs) in %.0f ms", model.name, len(items), len(inputs), forward_s * 1000
             )
+        self.store_written(wait_for_files=flush)
         return done
 
+    def store_written(self, wait_for_files: bool = False) -> None:
+        """Commit, oldest first, the batches whose heatmap files are all written."""
+        while self.storing and (wait_for_files or self.storing[0].written()):
+            batch = self.storing.pop(0)
+            wait([future for _, future in batch.writes])
+            self._store(batch.version_id, self._without_unwritten(batch))
+
     def idle(self) -> bool:
-        return not self.preparing and len(self.queue) == 0
+        return not self.preparing and not self.storing and len(self.queue) == 0
 
     def next_deadline(self) -> float | None:
+        if self.storing:
+            return time.monotonic() + STORE_POLL
         return self.queue.next_deadline()
 
-    def _outcomes(
-        self, model: ServedModel, items: list[QueuedScan], predictions: list[Prediction]
-    ) -> list[InferenceOutcome]:
+    def _outcomes(self, model: ServedModel, items: list[QueuedScan], predictions: list[Prediction]) -> _Storing:
         shas = self._shas([item.scan_id for item in items])
         outcomes: list[InferenceOutcome] = []
+        writes: list[tuple[int, Future]] = []
         row = 0
         now = utcnow()
         for item in items:
@@ -218,27 +263,40 @@ class InferenceStage:
             probs = np.mean([p.probabilities for p in rows], axis=0)
             positive = model.calls(probs)
             key = item.size // 2  # heatmaps of the key frame when all frames were run
-            heatmaps = self._write_heatmaps(model, shas[item.scan_id], inputs[key], rows[key])
-            outcomes.append(InferenceOutcome(item.scan_id, probs.tolist(), positive.tolist(), None, heatmaps, latency))
-        return outcomes
+            files = self._heatmap_files(model, shas[item.scan_id], rows[key])
+            if files:
+                maps = [heatmap for _, heatmap in rows[key].heatmaps]
+                writes.append(
+                    (item.scan_id, self.writer.submit(write_heatmap_files, files, maps, inputs[key], model.contract))
+                )
+            outcomes.append(InferenceOutcome(item.scan_id, probs.tolist(), positive.tolist(), None, files, latency))
+        return _Storing(model.version_id, outcomes, writes)
 
-    def _write_heatmaps(
-        self, model: ServedModel, sha: str, model_input: np.ndarray, prediction: Prediction
-    ) -> list[HeatmapFile]:
-        files: list[HeatmapFile] = []
-        if not prediction.heatmaps:
-            return files
-        view = model_view(model_input, model.contract)
+    def _heatmap_files(self, model: ServedModel, sha: str, prediction: Prediction) -> list[HeatmapFile]:
         method = "cam" if model.model.cam_linear is not None else "gradcam"
+        files: list[HeatmapFile] = []
         for label_index, heatmap in prediction.heatmaps:
             array_path, overlay_path = filing.heatmap_paths(
                 self.settings.heatmaps_dir, sha, model.version_id, model.labels[label_index]
             )
-            filing.write_atomically(array_path, _npy_bytes(heatmap.astype(np.float16)))
-            filing.write_atomically(overlay_path, jpeg_bytes(overlay(view, heatmap)))
             height, width = heatmap.shape
             files.append(HeatmapFile(label_index, array_path, overlay_path, height, width, method))
         return files
+
+    def _without_unwritten(self, batch: _Storing) -> list[InferenceOutcome]:
+        """The batch's outcomes less the scans whose heatmap files could not be written (a full disk):
+        those stay ``routed`` and the sweep runs them again after ``rescan_seconds``."""
+        unwritten: set[int] = set()
+        for scan_id, future in batch.writes:
+            error = future.exception()
+            if error is not None:
+                unwritten.add(scan_id)
+                self.in_flight.discard(scan_id)
+                self.resting[scan_id] = time.monotonic() + self.settings.rescan_seconds
+                log.error(
+                    "scan %d: could not write its heatmap files (%s); it stays routed and is retried later", scan_id, error
+                )
+        return [outcome for outcome in batch.outcomes if outcome.scan_id not in unwritten]
 
     def _store(self, version_id: int, outcomes: list[InferenceOutcome]) -> None:
         row = self.rows[version_id]
@@ -255,6 +313,16 @@ class InferenceStage:
     def _shas(self, ids: list[int]) -> dict[int, str]:
         with self.sessions() as session:
             return dict(session.execute(select(Scan.id, Scan.sha256).where(Scan.id.in_(ids))).all())  # type: ignore[arg-type]
+
+
+def write_heatmap_files(
+    files: list[HeatmapFile], maps: list[np.ndarray], model_input: np.ndarray, contract: InputContract
+) -> None:
+    """Each map as float16 ``.npy`` and as a JPEG overlay on the image the model saw (in a writer thread)."""
+    view = model_view(model_input, contract)
+    for file, heatmap in zip(files, maps, strict=True):
+        filing.write_atomically(file.array_path, _npy_bytes(heatmap.astype(np.float16)))
+        filing.write_atomically(file.overlay_path, jpeg_bytes(overlay(view, heatmap)))
 
 
 def _aware(moment: datetime) -> datetime:

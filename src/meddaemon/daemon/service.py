@@ -169,6 +169,7 @@ class Daemon:
                 observer.join(timeout=5)
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
+            self.stage.close()
             self.engine.dispose()
             self._restore_signal_handlers(previous_handlers)
         log.info(
