@@ -59,6 +59,10 @@ class Settings:
     device: str = "auto"
     heatmaps: bool = True
     model_poll_seconds: float = 2.0
+    reports: bool = True
+    reports_with_phi: bool = False
+    reports_font: str = ""
+    reports_nice: int = 10
     route: tuple[RouteRule, ...] = ()
     tasks: Mapping[str, TaskSpec] = field(default_factory=dict)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -104,6 +108,11 @@ class Settings:
     @property
     def heatmaps_dir(self) -> Path:
         return self.state_dir / "heatmaps"
+
+    @property
+    def reports_dir(self) -> Path:
+        """PDF reports: ``scans/<sha[:2]>/<sha>.pdf``, ``studies/<uid hash>.pdf``, ``summaries/``."""
+        return self.state_dir / "reports"
 
     def public_dict(self) -> dict[str, Any]:
         """Every setting as plain data (for ``config show`` and ``--json``)."""
@@ -207,9 +216,9 @@ def _coerce(name: str, value: Any) -> Any:
         return Path(value)
     if name in {"stable_seconds", "rescan_seconds", "busy_timeout", "max_wait_ms", "model_poll_seconds"}:
         return float(value)
-    if name in {"batch_size", "workers", "max_pixels", "max_batch"}:
+    if name in {"batch_size", "workers", "max_pixels", "max_batch", "reports_nice"}:
         return int(value)
-    if name == "heatmaps":
+    if name in {"heatmaps", "reports", "reports_with_phi"}:
         return value if isinstance(value, bool) else str(value).strip().lower() in {"1", "true", "yes", "on"}
     if name == "tasks":
         if not isinstance(value, Mapping):
@@ -271,6 +280,10 @@ def _validate(s: Settings) -> None:
         fail("max_batch", "must be >= 1")
     if s.max_wait_ms < 0:
         fail("max_wait_ms", "must be >= 0")
+    if not 0 <= s.reports_nice <= 19:
+        fail("reports_nice", "must be between 0 and 19")
+    if s.reports_font and not Path(s.reports_font).is_file():
+        fail("reports_font", f"{s.reports_font} is not a font file")
     if s.device not in ("auto", "cpu") and not s.device.startswith("cuda"):
         fail("device", f"{s.device!r} is not auto, cpu or cuda[:N]")
     known = s.task_specs

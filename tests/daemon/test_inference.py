@@ -14,55 +14,13 @@ from sqlalchemy.exc import OperationalError
 
 from meddaemon.config import load_settings
 from meddaemon.daemon.service import Daemon
-from meddaemon.db.engine import transaction
 from meddaemon.db.models import Heatmap, Result, Scan
-from meddaemon.engine import registry
-from meddaemon.engine.architectures import build_model
-from meddaemon.engine.tasks import BUILTIN_TASKS, InputContract
-
-CONTRACT = InputContract(1, 32, 32, (0.449,), (0.226,), modalities=("US",))
-
-
-def write_model(folder: Path, task: str = "busi", version: str = "v1", architecture: str = "small_cnn") -> Path:
-    """A randomly initialised (SYNTHETIC, untrained) model in the registry's format."""
-    spec = BUILTIN_TASKS[task]
-    torch.manual_seed(0)
-    model = build_model(architecture, 1, spec.num_outputs)
-    registry.save_version(
-        model,
-        task=task,
-        version=version,
-        labels=spec.labels,
-        kind=spec.kind,
-        architecture=architecture,
-        input_contract=CONTRACT,
-        out_dir=folder,
-        training_data_fingerprint="synthetic",
-    )
-    return folder
-
-
-def promote(daemon: Daemon, folder: Path) -> None:
-    with transaction(daemon.sessions) as session:
-        row = registry.import_version(session, folder, daemon.settings.models_dir)
-        registry.promote(session, row.task_name, row.version)
-
-
-def drop_scans(inbox: Path) -> None:
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        write_png(inbox / "busi" / f"synthetic_{i}.png", rng.integers(0, 255, (48, 64), dtype=np.uint8))
-    write_dicom(
-        inbox / "synthetic_us.dcm",
-        pixels=rng.integers(0, 255, (40, 40), dtype=np.uint8),
-        modality="US",
-        body_part="BREAST",
-    )
+from model_factory import drop_scans, promote, write_model
 
 
 @pytest.fixture
 def daemon(make_settings, tmp_path: Path) -> Daemon:
-    d = Daemon(make_settings(max_wait_ms=10))
+    d = Daemon(make_settings(max_wait_ms=10, reports=False))  # reports: tests/daemon/test_reporter.py
     d.prepare()
     return d
 
@@ -173,7 +131,7 @@ def test_a_nan_output_fails_that_scan_and_keeps_its_file(daemon: Daemon, tmp_pat
 
 def test_scans_whose_heatmaps_cannot_be_written_stay_routed_and_run_again(make_settings, tmp_path: Path, caplog):
     """A full or broken disk under heatmaps/: no result row without its files, the scans wait."""
-    settings = make_settings(max_wait_ms=10, rescan_seconds=0.2)
+    settings = make_settings(max_wait_ms=10, rescan_seconds=0.2, reports=False)
     daemon = Daemon(settings)
     daemon.prepare()
     promote(daemon, write_model(tmp_path / "model"))
@@ -209,6 +167,7 @@ def test_the_running_daemon_picks_up_a_promoted_model_without_a_restart(tmp_path
     state, inbox = tmp_path / "state", tmp_path / "inbox"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
     env["MEDDAEMON_MODEL_POLL_SECONDS"] = "0.5"
+    env["MEDDAEMON_REPORTS"] = "false"
     log = (tmp_path / "daemon.log").open("w")
     daemon = subprocess.Popen(
         [

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from meddaemon import __version__
 from meddaemon.cli.common import build_settings, echo_json, handle_errors, settings_options
 from meddaemon.cli.models import models
+from meddaemon.cli.report import report
 from meddaemon.db.engine import create_db_engine, session_factory
 from meddaemon.db.migrate import current_revision, head_revision, upgrade
 from meddaemon.db.models import Scan
@@ -110,6 +111,7 @@ def decoders(as_json: bool) -> None:
 
 
 cli.add_command(models)
+cli.add_command(report)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, PlannedMove
 from meddaemon.daemon.inbox import Inbox
 from meddaemon.daemon.inference import InferenceStage
 from meddaemon.daemon.intake import Intake, IntakeContext, init_worker, quiet_pydicom, read_file
+from meddaemon.daemon.reporter import Reporter, ReporterProcess
 from meddaemon.daemon.router import RoutingPolicy
 from meddaemon.daemon.stability import Signature, StabilityTracker, StableFile
 from meddaemon.daemon.watcher import Hint, install_overflow_alarm, start_observer
@@ -86,6 +87,7 @@ class Daemon:
         #: inbox files whose committed move failed: not to be read again while they wait for it
         self.blocked: set[Path] = set()
         self.pool: Executor | None = None
+        self.reporter: ReporterProcess | None = None
         self.reading: list[_ReadGroup] = []
         self.stage = InferenceStage(
             settings,
@@ -128,6 +130,8 @@ class Daemon:
         )
         try:
             self.stage.refresh_models()
+            if not once:
+                self._keep_reporter()
             self.recover()
             self.rescan()
             now = time.monotonic()
@@ -146,6 +150,8 @@ class Daemon:
                     self.stage.refresh_models()
                     self.stage.sweep()
                     next_poll = now + self.settings.model_poll_seconds
+                    if not once:
+                        self._keep_reporter()
                 if observer is not None and not observer.is_alive():
                     log.error("the file watcher stopped; restarting it (rescans continue meanwhile)")
                     observer = start_observer(self.settings.watch, self.hints, self.settings.observer)
@@ -163,7 +169,12 @@ class Daemon:
                 if not progressed:
                     self._wait_for_work(min(next_rescan, next_poll))
             self._finish_in_hand()
+            if self.settings.reports and once and not self.stop_requested.is_set():
+                # --once: the reports after the drain, here (no batch is left to stall)
+                Reporter(self.settings, self.sessions).drain(self.stop_requested.is_set)
         finally:
+            if self.reporter is not None:
+                self.reporter.stop()
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
@@ -307,6 +318,17 @@ class Daemon:
             self.stage.harvest_prepared()
             time.sleep(0.01)
         self.stage.run_ready(flush=True)
+
+    def _keep_reporter(self) -> None:
+        """The report process (daemon/reporter.py): started once a model is served, restarted if it died."""
+        if not self.settings.reports or (self.reporter is None and not self.stage.served):
+            return
+        if self.reporter is not None:
+            if self.reporter.alive():
+                return
+            log.error("the report process exited (code %s); restarting it", self.reporter.process.exitcode)
+        self.reporter = ReporterProcess(self.settings)
+        self.reporter.start()
 
     def _replace_pool(self) -> None:
         if self.pool is not None:

@@ -213,3 +213,25 @@ class Heatmap(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     result: Mapped[Result] = relationship(back_populates="heatmap")
+
+
+class Report(Base):
+    """A PDF written for a scan, a study or a period (``kind``): where it is and the SHA-256 of its bytes.
+
+    ``path`` is unique: rebuilding a report overwrites its file and updates its row, so a replay
+    after a crash never adds a second row for the same document.
+    """
+
+    __tablename__ = "reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    scan_id: Mapped[int | None] = mapped_column(ForeignKey("scans.id", ondelete="CASCADE"), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    pages: Mapped[int]
+    with_phi: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+

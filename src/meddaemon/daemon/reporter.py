@@ -1,0 +1,286 @@
+"""The report stage: ``inferred`` scans get their PDF and become ``reported``, off the inference path.
+
+It runs in a process of its own (``ReporterProcess``), at a lower CPU priority (``reports_nice``):
+reportlab is pure Python, so in a thread it would hold the GIL against the main loop, and in the
+main loop a slow report would stall a batch. On a busy machine it yields the CPU to inference and
+catches up when the inbox is quiet. ``meddaemon start --once`` writes the reports in its own
+process after the inbox is drained (there are no batches left to stall then).
+
+Crash safety: each PDF is written to a temporary name, fsynced and renamed; its row and the
+``inferred -> reported`` step are committed together afterwards. A crash before the commit leaves
+the scan ``inferred`` (the report is written again, to the same name); temporaries a killed writer
+left are removed at start. A full or read-only disk (any ``OSError``) leaves no file behind and the
+scan ``inferred``, retried after ``RETRY_SECONDS``.
+
+Study reports: a study with two or more reported scans gets (again) a study report whenever one of
+its scan reports is newer than its study report, so a crash between the two is repaired later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from multiprocessing.synchronize import Event as EventType
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select, true
+from sqlalchemy.orm import Session, sessionmaker
+
+from meddaemon.config import Settings
+from meddaemon.db.engine import create_db_engine, session_factory, with_lock_retry
+from meddaemon.db.models import Report, Scan
+from meddaemon.report import output
+from meddaemon.states import ScanState
+
+log = logging.getLogger("meddaemon.reporter")
+
+#: A report that failed on a disk error (full, read-only) is tried again after this long.
+RETRY_SECONDS = 30.0
+#: A report that failed otherwise (a bug, an unreadable overlay) waits longer: the log says why.
+ERROR_RETRY_SECONDS = 300.0
+#: Scans claimed per round; between rounds a stop request is honoured.
+CLAIM = 16
+POLL_SECONDS = 0.5
+
+
+@dataclass
+class ReportStats:
+    scans: int = 0
+    studies: int = 0
+    errors: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Reporter:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        from meddaemon.report.builder import ReportBuilder  # reportlab: only in the process that reports
+
+        self.builder = ReportBuilder(settings, sessions)
+        self.stats = ReportStats()
+        #: scan id -> monotonic time before which it is not tried again
+        self.retry_after: dict[int, float] = {}
+        self.studies_checked = False
+        self.started = False
+
+    def start(self) -> None:
+        """Once per reporter: remove the temporaries an earlier, killed writer left."""
+        if self.started:
+            return
+        self.started = True
+        removed = output.remove_stale_temporaries(self.settings.reports_dir)
+        if removed:
+            log.info("removed %d unfinished report files left by an earlier run", removed)
+
+    def round(self) -> int:
+        """Report up to ``CLAIM`` scans, then the studies that need it; returns the reports attempted."""
+        now = time.monotonic()
+        self.retry_after = {k: v for k, v in self.retry_after.items() if v > now}
+        ids = self._claim(set(self.retry_after))
+        studies = {uid for scan_id in ids if (uid := self._report_scan(scan_id))}
+        attempted = len(ids)
+        if studies or not self.studies_checked:
+            # every study at the first round (to repair a crash between a scan and its study
+            # report), then only the studies of the scans just reported
+            for uid in self._stale_studies(studies if self.studies_checked else None):
+                attempted += 1
+                self._report_study(uid)
+            self.studies_checked = True
+        return attempted
+
+    def drain(self, should_stop: Any = lambda: False) -> None:
+        """Report until nothing is left but scans waiting to be retried (``--once``)."""
+        self.start()
+        while not should_stop() and self.round():
+            pass
+
+    def serve(self, stop: threading.Event | EventType) -> None:
+        """Report until ``stop`` is set: the loop of the report process."""
+        self.start()
+        while not stop.is_set():
+            if not self.round():
+                stop.wait(POLL_SECONDS)
+
+    # -- one report ----------------------------------------------------------------------------
+
+    def _report_scan(self, scan_id: int) -> str | None:
+        """Report one scan; returns its Study Instance UID when it was reported and has one."""
+        from meddaemon.report.content import NoResult
+
+        try:
+            written = self.builder.scan_report(scan_id)
+        except NoResult as exc:
+            log.error("scan %d: %s; not reported", scan_id, exc)
+            self._retry(scan_id, ERROR_RETRY_SECONDS)
+        except OSError as exc:
+            self.stats.errors += 1
+            log.error(
+                "scan %d: could not write its report (%s); it stays inferred and is retried in %.0f s",
+                scan_id,
+                exc.strerror or type(exc).__name__,
+                RETRY_SECONDS,
+            )
+            self._retry(scan_id, RETRY_SECONDS)
+        except Exception as exc:
+            self.stats.errors += 1
+            log.error(
+                "scan %d: building its report failed (%s); retried in %.0f s",
+                scan_id,
+                _where(exc),
+                ERROR_RETRY_SECONDS,
+            )
+            self._retry(scan_id, ERROR_RETRY_SECONDS)
+        else:
+            self.stats.scans += 1
+            log.info("scan %d: report written, %d page(s), sha256 %s", scan_id, written.pages, written.sha256[:12])
+            return written.study_instance_uid
+        return None
+
+    def _report_study(self, uid: str) -> None:
+        try:
+            written = self.builder.study_report(uid)
+        except OSError as exc:
+            self.stats.errors += 1
+            log.error("a study report could not be written (%s); retried later", exc.strerror or type(exc).__name__)
+        except Exception as exc:
+            self.stats.errors += 1
+            log.error("building a study report failed (%s)", _where(exc))
+        else:
+            self.stats.studies += 1
+            log.info("study report %s, %d page(s)", written.path.name, written.pages)
+
+    def _retry(self, scan_id: int, seconds: float) -> None:
+        self.retry_after[scan_id] = time.monotonic() + seconds
+
+    # -- the database --------------------------------------------------------------------------
+
+    def _claim(self, exclude: set[int]) -> list[int]:
+        def read() -> list[int]:
+            with self.sessions() as session:
+                query = (
+                    select(Scan.id)
+                    .where(Scan.state == ScanState.INFERRED, Scan.pending_move_from.is_(None))
+                    .order_by(Scan.id)
+                    .limit(CLAIM + len(exclude))
+                )
+                return [i for i in session.scalars(query) if i not in exclude][:CLAIM]
+
+        return with_lock_retry(read)
+
+    def _stale_studies(self, among: set[str] | None) -> list[str]:
+        """Studies (all, or those ``among``) of 2+ reported scans whose study report is missing or
+        older than one of their scan reports."""
+        phi = self.settings.reports_with_phi
+
+        def read() -> list[str]:
+            with self.sessions() as session:
+                scans = session.execute(
+                    select(Scan.study_instance_uid, func.max(Report.created_at))
+                    .join(Report, Report.scan_id == Scan.id)
+                    .where(Report.kind == "scan", Report.with_phi == phi, Scan.study_instance_uid.is_not(None))
+                    .where(Scan.study_instance_uid.in_(sorted(among)) if among is not None else true())
+                    .group_by(Scan.study_instance_uid)
+                    .having(func.count(func.distinct(Scan.id)) >= 2)
+                ).all()
+                if not scans:
+                    return []
+                studies = dict(
+                    session.execute(
+                        select(Report.study_instance_uid, Report.created_at)
+                        .where(Report.kind == "study", Report.with_phi == phi)
+                        .where(Report.study_instance_uid.in_([uid for uid, _ in scans]))
+                    ).all()
+                )
+            return [uid for uid, latest in scans if uid and (uid not in studies or _utc(studies[uid]) < _utc(latest))]
+
+        return with_lock_retry(read)
+
+
+def _where(exc: BaseException) -> str:
+    """The exception's type and where it was raised, without its message: a reportlab message can
+    quote the text of a cell, and with PHI in the report that text may be a patient's name."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    place = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}{place}"
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+# -- the process ---------------------------------------------------------------------------------
+
+
+class ReporterProcess:
+    """The report stage in a child process: the daemon starts it once a model is served, restarts it
+    if it dies, and stops it at shutdown."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        context = multiprocessing.get_context("forkserver")
+        self.stop_event = context.Event()
+        self.process = context.Process(
+            target=_process_main,
+            args=(settings, self.stop_event),
+            name="meddaemon-reporter",
+            daemon=False,
+        )
+
+    def start(self) -> None:
+        self.process.start()
+        log.info("report process started (pid %s, nice %d)", self.process.pid, self.settings.reports_nice)
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask it to finish the report in hand and exit; kill it if it does not within ``timeout``
+        (a killed writer leaves at most a temporary file, removed at the next start)."""
+        if self.process.pid is None:
+            return
+        self.stop_event.set()
+        self.process.join(timeout)
+        if self.process.is_alive():
+            log.warning("the report process did not stop within %.0f s; killing it", timeout)
+            self.process.kill()
+            self.process.join()
+
+
+def _process_main(settings: Settings, stop: EventType) -> None:
+    # the daemon stops this process through ``stop``: a Ctrl-C or SIGTERM sent to the whole
+    # process group must not interrupt a report half-way
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from meddaemon.cli.common import setup_logging
+
+    setup_logging(settings.log_level)
+    with contextlib.suppress(OSError):
+        os.nice(settings.reports_nice)
+    import torch  # preprocessing the model's view uses torch: one thread, as in the decoding workers
+
+    torch.set_num_threads(1)
+    watchdog = threading.Thread(target=_watch_parent, args=(stop,), daemon=True)
+    watchdog.start()
+    engine = create_db_engine(settings.db_url, settings.busy_timeout)
+    try:
+        Reporter(settings, session_factory(engine)).serve(stop)
+    finally:
+        engine.dispose()
+
+
+def _watch_parent(stop: EventType) -> None:
+    """Stop when the daemon is gone (killed with -9: nobody would set ``stop``)."""
+    parent = multiprocessing.parent_process()
+    while parent is not None and not stop.wait(0.5):
+        if not parent.is_alive():
+            stop.set()

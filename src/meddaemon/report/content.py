@@ -1,0 +1,233 @@
+"""What a report says, gathered from the database into plain dataclasses (no reportlab here).
+
+Patient fields are read only when a report with PHI is asked for: a de-identified report's data
+never holds them, so no layout mistake can print them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from meddaemon.db.models import ModelVersion, Result, Scan
+from meddaemon.engine.tasks import InputContract, TaskSpec
+
+
+class NoResult(LookupError):
+    """The scan has no stored result to report (not inferred yet, or failed)."""
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    label: str
+    probability: float
+    threshold: float
+    positive: bool
+    #: the stored heatmap overlay (JPEG) of this label, when one was made
+    overlay_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    task: str
+    version: str
+    architecture: str
+    sha256: str
+    kind: str
+    contract: InputContract | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.version}"
+
+
+@dataclass(frozen=True)
+class PatientInfo:
+    """PHI: present only in reports written with ``--with-phi`` (or ``reports_with_phi``)."""
+
+    name: str | None
+    patient_id: str | None
+    birth_date: str | None
+    sex: str | None
+    age: str | None
+    accession_number: str | None
+
+
+@dataclass(frozen=True)
+class ScanReportData:
+    scan_id: int
+    sha256: str
+    task: str
+    description: str
+    source_name: str
+    model: ModelInfo
+    results: list[LabelResult]
+    #: (name, value) pairs shown in the "Scan" section, in order, values already strings
+    metadata: list[tuple[str, str]]
+    discovered_at: datetime | None
+    registered_at: datetime | None
+    result_at: datetime | None
+    latency_ms: float | None
+    study_instance_uid: str | None
+    stored_path: Path | None
+    patient: PatientInfo | None = None
+
+    @property
+    def with_phi(self) -> bool:
+        return self.patient is not None
+
+    @property
+    def heatmaps(self) -> list[LabelResult]:
+        return [r for r in self.results if r.overlay_path is not None]
+
+
+@dataclass(frozen=True)
+class StudyReportData:
+    study_instance_uid: str
+    scans: list[ScanReportData]
+    patient: PatientInfo | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def study_key(self) -> str:
+        return study_key(self.study_instance_uid)
+
+    @property
+    def with_phi(self) -> bool:
+        return self.patient is not None
+
+
+def study_key(study_instance_uid: str) -> str:
+    """A stable name for a study that is not its UID: for file names and de-identified reports."""
+    return hashlib.sha256(study_instance_uid.encode()).hexdigest()[:16]
+
+
+def transfer_syntax_name(uid: str | None) -> str:
+    if not uid:
+        return ""
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return f"{name} ({uid})" if name and name != uid else uid
+
+
+def find_scan(session: Session, key: str) -> Scan | None:
+    """A scan by its id, its full SHA-256, or a unique SHA-256 prefix of at least 8 characters."""
+    key = key.strip().lower()
+    if key.isdigit() and len(key) < 12:
+        return session.get(Scan, int(key))
+    if len(key) == 64:
+        return session.scalar(select(Scan).where(Scan.sha256 == key))
+    if len(key) >= 8 and all(c in "0123456789abcdef" for c in key):
+        found = session.scalars(select(Scan).where(Scan.sha256.like(f"{key}%")).limit(2)).all()
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def scan_report_data(
+    session: Session, scan: Scan, specs: Mapping[str, TaskSpec], with_phi: bool = False
+) -> ScanReportData:
+    """Everything a scan report shows, from the results of the latest model version that ran on it."""
+    latest = session.scalar(
+        select(Result.model_version_id).where(Result.scan_id == scan.id).order_by(Result.id.desc()).limit(1)
+    )
+    if latest is None or scan.sha256 is None:
+        raise NoResult(f"scan {scan.id} has no result to report (state {scan.state})")
+    model_row = session.get(ModelVersion, latest)
+    assert model_row is not None
+    rows = session.scalars(
+        select(Result).where(Result.scan_id == scan.id, Result.model_version_id == latest).order_by(Result.id)
+    ).all()
+    manifest = model_row.manifest or {}
+    spec = specs.get(model_row.task_name)
+    contract_data = manifest.get("input_contract")
+    contract = InputContract.from_dict(contract_data) if contract_data else (spec.contract if spec else None)
+    model = ModelInfo(
+        task=model_row.task_name,
+        version=model_row.version,
+        architecture=model_row.architecture,
+        sha256=model_row.sha256,
+        kind=str(manifest.get("kind") or (spec.kind if spec else "multiclass")),
+        contract=contract,
+    )
+    results = [
+        LabelResult(
+            r.label,
+            r.probability,
+            r.threshold,
+            r.positive,
+            Path(r.heatmap.overlay_path) if r.heatmap is not None else None,
+        )
+        for r in rows
+    ]
+    return ScanReportData(
+        scan_id=scan.id,
+        sha256=scan.sha256,
+        task=model_row.task_name,
+        description=spec.description if spec else "",
+        source_name=scan.source_name,
+        model=model,
+        results=results,
+        metadata=_metadata(scan),
+        discovered_at=scan.discovered_at,
+        registered_at=scan.registered_at,
+        result_at=max((r.created_at for r in rows), default=None),
+        latency_ms=next((r.latency_ms for r in rows if r.latency_ms is not None), None),
+        study_instance_uid=scan.study_instance_uid,
+        stored_path=Path(scan.stored_path) if scan.stored_path else None,
+        patient=patient_info(scan) if with_phi else None,
+    )
+
+
+def patient_info(scan: Scan) -> PatientInfo:
+    return PatientInfo(
+        scan.patient_name,
+        scan.patient_id,
+        scan.patient_birth_date,
+        scan.patient_sex,
+        scan.patient_age,
+        scan.accession_number,
+    )
+
+
+def _metadata(scan: Scan) -> list[tuple[str, str]]:
+    size = ""
+    if scan.columns and scan.rows:
+        size = f"{scan.columns} x {scan.rows} px"
+        if scan.frames and scan.frames > 1:
+            size += f", {scan.frames} frames"
+    pairs = [
+        ("Modality", scan.modality or ""),
+        ("Body part", scan.body_part or ""),
+        ("View", scan.view_position or ""),
+        ("Manufacturer", scan.manufacturer or ""),
+        ("Size", size),
+        ("Format", (scan.format or "").upper()),
+        ("Transfer syntax", transfer_syntax_name(scan.transfer_syntax_uid)),
+        ("Photometric", scan.photometric_interpretation or ""),
+    ]
+    return [(name, value or "-") for name, value in pairs]
+
+
+def reportable_study_scans(session: Session, study_instance_uid: str) -> list[Scan]:
+    """The scans of a study that have a result, oldest first."""
+    has_result = select(Result.id).where(Result.scan_id == Scan.id).exists()
+    return list(
+        session.scalars(select(Scan).where(Scan.study_instance_uid == study_instance_uid, has_result).order_by(Scan.id))
+    )
+
+
+def study_report_data(
+    session: Session, study_instance_uid: str, specs: Mapping[str, TaskSpec], with_phi: bool = False
+) -> StudyReportData:
+    scans = reportable_study_scans(session, study_instance_uid)
+    if not scans:
+        raise NoResult("no scan of this study has a result")
+    data = [scan_report_data(session, s, specs, with_phi) for s in scans]
+    return StudyReportData(study_instance_uid, data, patient_info(scans[0]) if with_phi else None)

@@ -1,0 +1,497 @@
+"""Scan and study reports laid out with reportlab (platypus), from ``content`` data and a template.
+
+Pure: data and JPEG bytes in, PDF bytes out. The wording comes from the per-task template; every
+value that came from a file goes through ``text.markup`` (cleaned, truncated visibly, escaped).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from xml.sax.saxutils import escape
+
+from reportlab import rl_config
+from reportlab.lib import colors
+from reportlab.lib.enums import TA_CENTER
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.styles import ParagraphStyle
+from reportlab.lib.units import mm
+from reportlab.pdfgen.canvas import Canvas
+from reportlab.platypus import (
+    CondPageBreak,
+    Flowable,
+    Image,
+    KeepTogether,
+    Paragraph,
+    SimpleDocTemplate,
+    Spacer,
+    Table,
+    TableStyle,
+)
+
+from meddaemon import __version__
+from meddaemon.report.content import LabelResult, PatientInfo, ScanReportData, StudyReportData
+from meddaemon.report.fonts import Fonts
+from meddaemon.report.templates import ReportTemplate
+from meddaemon.report.text import clean, markup, person_name, visual_order
+
+# reportlab wraps every stream (the JPEGs included) in ASCII85 by default, in pure Python when its C
+# accelerator is absent (as here): 85% of the time of a page with images. PDF is a binary format.
+rl_config.useA85 = 0
+
+PAGE_WIDTH, PAGE_HEIGHT = A4
+MARGIN = 15 * mm
+BODY_WIDTH = PAGE_WIDTH - 2 * MARGIN - 12  # the frame keeps 6 pt of padding on each side
+IMAGE_SIZE = 62 * mm
+HALF = BODY_WIDTH / 2 - 3 * mm
+POSITIVE = colors.HexColor("#b3261e")
+GREY = colors.HexColor("#555555")
+RULE = colors.HexColor("#cccccc")
+
+
+@dataclass(frozen=True)
+class ScanImages:
+    """JPEG bytes for one scan: the model's view (None if unreadable) and each stored overlay."""
+
+    model_view: bytes | None
+    overlays: dict[str, bytes | None] = field(default_factory=dict)
+    colour_scale: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Rendered:
+    data: bytes
+    pages: int
+
+
+@dataclass(frozen=True)
+class Styles:
+    title: ParagraphStyle
+    subtitle: ParagraphStyle
+    heading: ParagraphStyle
+    body: ParagraphStyle
+    small: ParagraphStyle
+    finding: ParagraphStyle
+    finding_positive: ParagraphStyle
+    caption: ParagraphStyle
+    cell: ParagraphStyle
+    cell_bold: ParagraphStyle
+    cell_positive: ParagraphStyle
+    fonts: Fonts
+
+
+@functools.lru_cache(maxsize=4)
+def styles(fonts: Fonts) -> Styles:
+    def style(name: str, size: float, bold: bool = False, **kw: object) -> ParagraphStyle:
+        return ParagraphStyle(
+            name, fontName=fonts.bold if bold else fonts.regular, fontSize=size, leading=size * 1.25, **kw
+        )
+
+    return Styles(
+        title=style("title", 16, True, spaceAfter=2),
+        subtitle=style("subtitle", 9.5, textColor=GREY, spaceAfter=4),
+        heading=style("heading", 11, True, spaceBefore=8, spaceAfter=3),
+        body=style("body", 9.5),
+        small=style("small", 8, textColor=GREY),
+        finding=style("finding", 12, True, spaceBefore=2, spaceAfter=2),
+        finding_positive=style("finding_positive", 12, True, textColor=POSITIVE, spaceBefore=2, spaceAfter=2),
+        caption=style("caption", 8, textColor=GREY, alignment=TA_CENTER),
+        cell=style("cell", 9),
+        cell_bold=style("cell_bold", 9, True),
+        cell_positive=style("cell_positive", 9, True, textColor=POSITIVE),
+        fonts=fonts,
+    )
+
+
+# -- words ---------------------------------------------------------------------------------------
+
+
+def top_finding(data: ScanReportData, template: ReportTemplate) -> tuple[str, bool]:
+    """The top finding as a sentence of the template, and whether it is a positive call to highlight
+    (binary and multilabel; a multiclass reading is never highlighted)."""
+    results = data.results
+    best = max(results, key=lambda r: r.probability)
+    kind = data.model.kind
+    if kind == "binary":
+        target = results[-1]  # the positive class of a binary task is its last label
+        key = "binary_positive" if target.positive else "binary_negative"
+        return _finding(template, key, target), target.positive
+    if kind == "multilabel":
+        positives = sorted((r for r in results if r.positive), key=lambda r: -r.probability)
+        if positives:
+            names = ", ".join(template.label(r.label) for r in positives)
+            return _finding(template, "multilabel_positive", best, labels=names, count=len(positives)), True
+        return _finding(template, "multilabel_negative", best), False
+    return _finding(template, "multiclass", best), False  # a class, not an alarm: shown in black
+
+
+def _finding(template: ReportTemplate, key: str, result: LabelResult, labels: str = "", count: int = 0) -> str:
+    return template.finding[key].format(
+        label=template.label(result.label),
+        probability=result.probability,
+        threshold=result.threshold,
+        labels=labels,
+        count=count,
+    )
+
+
+def heatmap_note(data: ScanReportData, template: ReportTemplate) -> str | None:
+    """Why the report has no overlay, or None when it has one."""
+    if data.heatmaps:
+        return None
+    if data.model.kind == "multilabel" and not any(r.positive for r in data.results):
+        return template.word("no_positive_heatmap")
+    return template.word("no_heatmap")
+
+
+def when(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- building blocks -----------------------------------------------------------------------------
+
+
+def _p(text: str, style: ParagraphStyle) -> Paragraph:
+    """A paragraph of template text (trusted wording, escaped; no values from files)."""
+    return Paragraph(markup(text, limit=2000), style)
+
+
+#: Values up to this long go into table cells as plain strings: a Paragraph (markup parsing, line
+#: breaking) costs about 10x more, and most values are short.
+SHORT = 30
+
+
+def _v(value: object, style: ParagraphStyle, limit: int = 120) -> Paragraph | str:
+    """A value that came from a file or the database, cleaned and cut: a plain string when short
+    (drawn in the cell's font), else an escaped paragraph that wraps."""
+    text = visual_order(clean(value, limit)) or "-"
+    return text if len(text) <= SHORT else Paragraph(escape(text), style)
+
+
+def _kv_table(rows: Sequence[tuple[str, Paragraph | str]], st: Styles, width: float = HALF) -> Table:
+    table = Table([[k, v] for k, v in rows], colWidths=[32 * mm, width - 32 * mm])
+    table.setStyle(
+        TableStyle(
+            [
+                ("FONT", (0, 0), (0, -1), st.fonts.bold, 9),
+                ("FONT", (1, 0), (1, -1), st.fonts.regular, 9),
+                ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                ("LINEBELOW", (0, 0), (-1, -1), 0.25, RULE),
+                ("TOPPADDING", (0, 0), (-1, -1), 1.5),
+                ("BOTTOMPADDING", (0, 0), (-1, -1), 1.5),
+            ]
+        )
+    )
+    return table
+
+
+def _image(jpeg: bytes, size: float) -> Image:
+    image = Image(io.BytesIO(jpeg))
+    scale = size / max(image.imageWidth, image.imageHeight)
+    image.drawWidth, image.drawHeight = image.imageWidth * scale, image.imageHeight * scale
+    return image
+
+
+def _figure(jpeg: bytes | None, caption: str, missing: str, st: Styles, size: float = IMAGE_SIZE) -> list[Flowable]:
+    if jpeg is None:
+        return [_p(missing, st.small), _p(caption, st.caption)]
+    return [_image(jpeg, size), Spacer(1, 1.5 * mm), _p(caption, st.caption)]
+
+
+def images_section(data: ScanReportData, images: ScanImages, template: ReportTemplate, st: Styles) -> list[Flowable]:
+    """The model's view beside the first overlay, further overlays two to a row, and the colour scale."""
+    cells: list[list[Flowable]] = [
+        _figure(images.model_view, template.word("model_view"), template.word("no_image"), st)
+    ]
+    for result in data.heatmaps:
+        label = template.label(result.label)
+        cells.append(
+            _figure(
+                images.overlays.get(result.label),
+                template.word("overlay", label=label),
+                template.word("missing_overlay"),
+                st,
+            )
+        )
+    out: list[Flowable] = []
+    note = heatmap_note(data, template)
+    if len(cells) == 1:
+        cells.append([_p(note or "", st.body)])
+    rows = [cells[i : i + 2] for i in range(0, len(cells), 2)]
+    if len(rows[-1]) == 1:
+        rows[-1].append([])
+    grid = Table(rows, colWidths=[BODY_WIDTH / 2] * 2)
+    grid.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "MIDDLE"), ("ALIGN", (0, 0), (-1, -1), "CENTER")]))
+    out.append(grid)
+    if data.heatmaps and images.colour_scale is not None:
+        scale = Image(io.BytesIO(images.colour_scale), width=60 * mm, height=3.5 * mm)
+        legend = Table(
+            [
+                [_p("low", st.small), scale, _p("high", st.small)],
+                ["", _p(template.word("colour_scale"), st.caption), ""],
+            ],
+            colWidths=[14 * mm, 62 * mm, 14 * mm],
+        )
+        legend.setStyle(TableStyle([("ALIGN", (0, 0), (-1, -1), "CENTER"), ("VALIGN", (0, 0), (-1, -1), "MIDDLE")]))
+        out += [Spacer(1, 2 * mm), legend]
+    return out
+
+
+def labels_section(data: ScanReportData, template: ReportTemplate, st: Styles) -> list[Flowable]:
+    rows: list[list[Paragraph | str]] = [["Label", "Probability", "Threshold", "Call"]]
+    commands: list[tuple[object, ...]] = [
+        ("FONT", (0, 0), (-1, 0), st.fonts.bold, 9),
+        ("FONT", (0, 1), (-1, -1), st.fonts.regular, 9),
+        ("LINEBELOW", (0, 0), (-1, 0), 0.6, colors.black),
+        ("LINEBELOW", (0, 1), (-1, -1), 0.25, RULE),
+        ("VALIGN", (0, 0), (-1, -1), "MIDDLE"),
+        ("TOPPADDING", (0, 0), (-1, -1), 1.2),
+        ("BOTTOMPADDING", (0, 0), (-1, -1), 1.2),
+    ]
+    for row, r in enumerate(data.results, start=1):
+        style = st.cell_positive if r.positive else st.cell
+        call = template.word("positive") if r.positive else template.word("negative")
+        rows.append([_v(template.label(r.label), style, 60), f"{r.probability:.3f}", f"{r.threshold:.2f}", call])
+        if r.positive:
+            commands += [("FONT", (0, row), (-1, row), st.fonts.bold, 9), ("TEXTCOLOR", (0, row), (-1, row), POSITIVE)]
+    table = Table(rows, colWidths=[70 * mm, 35 * mm, 35 * mm, BODY_WIDTH - 140 * mm], repeatRows=1)
+    table.setStyle(TableStyle(commands))
+    return [table]
+
+
+def model_section(data: ScanReportData, st: Styles) -> list[Flowable]:
+    m = data.model
+    return [
+        _kv_table(
+            [
+                ("Model", _v(m.name, st.cell)),
+                ("Architecture", _v(m.architecture, st.cell)),
+                ("Kind", _v(m.kind, st.cell)),
+                ("SHA-256", _v(m.sha256[:16], st.cell)),
+            ],
+            st,
+        )
+    ]
+
+
+def scan_section(data: ScanReportData, st: Styles) -> list[Flowable]:
+    rows = [("Scan", _v(f"{data.scan_id} (sha256 {data.sha256[:16]})", st.cell))]
+    rows += [(name, _v(value, st.cell)) for name, value in data.metadata]
+    return [_kv_table(rows, st)]
+
+
+def times_section(data: ScanReportData, st: Styles) -> list[Flowable]:
+    latency = f"{data.latency_ms / 1000:.2f} s" if data.latency_ms is not None else "-"
+    return [
+        _kv_table(
+            [
+                ("Arrived", _v(when(data.discovered_at), st.cell)),
+                ("Registered", _v(when(data.registered_at), st.cell)),
+                ("Result", _v(when(data.result_at), st.cell)),
+                ("Arrival to result", _v(latency, st.cell)),
+            ],
+            st,
+        )
+    ]
+
+
+def patient_section(patient: PatientInfo, st: Styles) -> list[Flowable]:
+    return [
+        _kv_table(
+            [
+                ("Name", Paragraph(markup(person_name(patient.name), 200) or "-", st.cell)),
+                ("Patient ID", _v(patient.patient_id, st.cell, 64)),
+                ("Birth date", _v(patient.birth_date, st.cell, 16)),
+                ("Sex", _v(patient.sex, st.cell, 16)),
+                ("Age", _v(patient.age, st.cell, 16)),
+                ("Accession number", _v(patient.accession_number, st.cell, 64)),
+            ],
+            st,
+        )
+    ]
+
+
+def scan_body(data: ScanReportData, images: ScanImages, template: ReportTemplate, st: Styles) -> list[Flowable]:
+    """The sections of one scan, in the template's order (the study report reuses them).
+
+    Consecutive key-value sections (model, scan, times, patient) share two columns: the first,
+    third... on the left, the second, fourth... on the right.
+    """
+    story: list[Flowable] = []
+    pending: list[list[Flowable]] = []
+
+    def flush() -> None:
+        if pending:
+            left = [f for block in pending[0::2] for f in block]
+            right = [f for block in pending[1::2] for f in block]
+            grid = Table([[left, right]], colWidths=[BODY_WIDTH / 2] * 2)
+            grid.setStyle(
+                TableStyle(
+                    [
+                        ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                        ("LEFTPADDING", (0, 0), (-1, -1), 0),
+                        ("RIGHTPADDING", (0, 0), (-1, -1), 0),
+                    ]
+                )
+            )
+            story.append(grid)
+            pending.clear()
+
+    blocks = {
+        "model": lambda: model_section(data, st),
+        "scan": lambda: scan_section(data, st),
+        "times": lambda: times_section(data, st),
+    }
+    for section in template.sections:
+        if section == "patient" and data.patient is None:
+            continue
+        heading = _p(template.word(f"heading_{section}"), st.heading)
+        if section in blocks or section == "patient":
+            body = patient_section(data.patient, st) if data.patient is not None and section == "patient" else None
+            pending.append([heading, *(body or blocks[section]())])
+            continue
+        flush()
+        if section == "finding":
+            sentence, positive = top_finding(data, template)
+            story.append(KeepTogether([heading, _p(sentence, st.finding_positive if positive else st.finding)]))
+        elif section == "images":
+            story += [heading, *images_section(data, images, template, st)]
+        elif section == "labels":
+            story += [heading, *labels_section(data, template, st)]
+    flush()
+    return story
+
+
+def _disclaimer(template: ReportTemplate, st: Styles) -> Table:
+    box = Table([[_p(template.disclaimer, st.body)]], colWidths=[BODY_WIDTH])
+    box.setStyle(
+        TableStyle(
+            [
+                ("BOX", (0, 0), (-1, -1), 0.8, POSITIVE),
+                ("BACKGROUND", (0, 0), (-1, -1), colors.HexColor("#fdf3f2")),
+                ("TOPPADDING", (0, 0), (-1, -1), 3),
+                ("BOTTOMPADDING", (0, 0), (-1, -1), 3),
+            ]
+        )
+    )
+    return box
+
+
+def _footer(text: str, st: Styles) -> Callable[[Canvas, SimpleDocTemplate], None]:
+    line = clean(text, 150)
+
+    def draw(canvas: Canvas, doc: SimpleDocTemplate) -> None:
+        canvas.saveState()
+        canvas.setFont(st.fonts.regular, 7.5)
+        canvas.setFillColor(GREY)
+        canvas.drawString(MARGIN, 9 * mm, line)
+        canvas.drawRightString(PAGE_WIDTH - MARGIN, 9 * mm, f"page {doc.page}")
+        canvas.restoreState()
+
+    return draw
+
+
+def build(story: list[Flowable], title: str, subject: str, footer: str, st: Styles) -> Rendered:
+    """Lay out ``story`` on A4; the PDF metadata hold only ``title`` and ``subject`` (never PHI)."""
+    buffer = io.BytesIO()
+    doc = SimpleDocTemplate(
+        buffer,
+        pagesize=A4,
+        leftMargin=MARGIN,
+        rightMargin=MARGIN,
+        topMargin=MARGIN,
+        bottomMargin=16 * mm,
+        title=title,
+        subject=subject,
+        author="meddaemon",
+        creator=f"meddaemon {__version__}",
+        keywords="",
+    )
+    on_page = _footer(footer, st)
+    doc.build(story, onFirstPage=on_page, onLaterPages=on_page)
+    return Rendered(buffer.getvalue(), doc.page)
+
+
+# -- the reports ---------------------------------------------------------------------------------
+
+
+def render_scan(data: ScanReportData, images: ScanImages, template: ReportTemplate, fonts: Fonts) -> Rendered:
+    st = styles(fonts)
+    story: list[Flowable] = [
+        _p(template.title, st.title),
+        _p(template.subtitle.format(task=data.task, description=data.description), st.subtitle),
+        _disclaimer(template, st),
+    ]
+    if not data.with_phi:
+        story.append(_p(template.word("deidentified"), st.small))
+    story += scan_body(data, images, template, st)
+    footer = template.word("footer", scan_id=data.scan_id, sha=data.sha256[:16])
+    return build(story, f"Scan report {data.scan_id}", f"{data.model.name} result for scan {data.scan_id}", footer, st)
+
+
+def render_study(
+    data: StudyReportData,
+    images: Sequence[ScanImages],
+    templates: Callable[[str], ReportTemplate],
+    fonts: Fonts,
+) -> Rendered:
+    """A summary table of every scan of the study, then each scan's own sections."""
+    st = styles(fonts)
+    first = templates(data.scans[0].task)
+    words = first.study
+    name = data.study_instance_uid if data.with_phi else f"study {data.study_key}"
+    story: list[Flowable] = [
+        _p(words["title"], st.title),
+        Paragraph(markup(name, 90), st.subtitle),
+        _disclaimer(first, st),
+    ]
+    if not data.with_phi:
+        story.append(_p(words["deidentified"], st.small))
+    story += [Spacer(1, 2 * mm), _p(words["intro"].format(count=len(data.scans)), st.body)]
+    rows: list[list[Flowable]] = [[_p(h, st.cell_bold) for h in ("Scan", "Task", "Model", "Top finding")]]
+    for scan in data.scans:
+        sentence, positive = top_finding(scan, templates(scan.task))
+        style = st.cell_bold if positive else st.cell
+        rows.append(
+            [
+                _v(f"{scan.scan_id} ({scan.sha256[:8]})", st.cell),
+                _v(scan.task, st.cell),
+                _v(scan.model.name, st.cell),
+                _p(sentence, style),
+            ]
+        )
+    table = Table(rows, colWidths=[28 * mm, 28 * mm, 30 * mm, BODY_WIDTH - 86 * mm], repeatRows=1)
+    table.setStyle(
+        TableStyle(
+            [
+                ("FONT", (0, 0), (-1, -1), st.fonts.regular, 9),
+                ("LINEBELOW", (0, 0), (-1, 0), 0.6, colors.black),
+                ("LINEBELOW", (0, 1), (-1, -1), 0.25, RULE),
+                ("VALIGN", (0, 0), (-1, -1), "TOP"),
+            ]
+        )
+    )
+    story += [Spacer(1, 3 * mm), table]
+    if data.patient is not None:
+        story += [_p(first.word("heading_patient"), st.heading), *patient_section(data.patient, st)]
+    for scan, scan_images in zip(data.scans, images, strict=True):
+        template = templates(scan.task)
+        body = [s for s in template.sections if s != "patient"]
+        story += [CondPageBreak(90 * mm), _p(f"Scan {scan.scan_id}: {template.title}", st.heading)]
+        story += scan_body(_without_patient(scan), scan_images, _with_sections(template, body), st)
+    footer = f"meddaemon study report - {name}"[:150] if data.with_phi else f"meddaemon study {data.study_key}"
+    return build(story, f"Study report {data.study_key}", f"{len(data.scans)} scans", footer, st)
+
+
+def _without_patient(scan: ScanReportData) -> ScanReportData:
+    return replace(scan, patient=None)
+
+
+def _with_sections(template: ReportTemplate, sections: list[str]) -> ReportTemplate:
+    return replace(template, sections=tuple(sections))

@@ -1,0 +1,81 @@
+"""``medcli report``: rebuild a scan's or a study's report, the summary of a period; exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from meddaemon.cli.medcli import cli as medcli
+from meddaemon.daemon.service import Daemon
+from meddaemon.db.models import Report, Scan
+from model_factory import PHI_STRINGS, STUDY_UID, read_pdf, reported_state
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Daemon:
+    return reported_state(tmp_path_factory.mktemp("cli"))
+
+
+def run(state: Daemon, *args: str, code: int = 0) -> str:
+    result = CliRunner().invoke(medcli, [*args, "--state-dir", str(state.settings.state_dir)])
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def a_scan(state: Daemon, name: str) -> Scan:
+    with state.sessions() as session:
+        scan = session.scalar(select(Scan).where(Scan.source_name == name))
+    assert scan is not None
+    return scan
+
+
+def test_report_help_names_the_three_reports(state: Daemon):
+    out = CliRunner().invoke(medcli, ["report", "--help"]).output
+    assert "SCAN_ID|SHA256" in out and "scan" in out and "study" in out and "summary" in out
+
+
+def test_a_scan_report_is_rebuilt_by_id_or_sha256_in_place_with_its_row_updated(state: Daemon):
+    scan = a_scan(state, "synthetic_study_0.dcm")
+    assert scan.sha256 is not None
+    by_id = json.loads(run(state, "report", str(scan.id), "--json"))
+    by_sha = json.loads(run(state, "report", "scan", scan.sha256, "--json"))
+    by_prefix = json.loads(run(state, "report", scan.sha256[:10], "--json"))
+    assert by_id["path"] == by_sha["path"] == by_prefix["path"]
+    assert by_id["scan_id"] == scan.id and by_id["with_phi"] is False
+    with state.sessions() as session:
+        rows = session.scalars(select(Report).where(Report.path == by_id["path"])).all()
+    assert len(rows) == 1 and rows[0].sha256 == hashlib.sha256(Path(by_id["path"]).read_bytes()).hexdigest()
+
+
+def test_with_phi_and_out_write_elsewhere_with_the_patient_fields(state: Daemon, tmp_path: Path):
+    scan = a_scan(state, "synthetic_study_1.dcm")
+    out = tmp_path / "with_phi.pdf"
+    line = run(state, "report", str(scan.id), "--with-phi", "--out", str(out))
+    assert str(out) in line and "with PHI" in line
+    text, *_ = read_pdf(out)
+    assert all(phi in text for phi in PHI_STRINGS)
+
+
+def test_a_study_report_and_errors_for_what_has_no_result(state: Daemon):
+    written = json.loads(run(state, "report", "study", STUDY_UID, "--json"))
+    assert written["kind"] == "study" and Path(written["path"]).exists()
+    assert "no scan '999999'" in run(state, "report", "999999", code=1)
+    empty = a_scan(state, "synthetic_empty.png")
+    assert "has no result" in run(state, "report", str(empty.id), code=1)
+    assert "no scan of this study" in run(state, "report", "study", "1.2.3.999", code=1)
+
+
+def test_the_summary_as_json_and_as_a_pdf(state: Daemon, tmp_path: Path):
+    figures = json.loads(run(state, "report", "summary", "--since", "24h", "--json"))
+    assert figures["scans"] == 8 and figures["failures_by_reason"] == {"empty_file": 1}
+    assert figures["report"] is None and set(figures["tasks"]) == {"busi", "chestxray14", "(unrouted)"}
+    out = tmp_path / "day.pdf"
+    lines = run(state, "report", "summary", "--since", "2020-01-01", "--out", str(out))
+    assert "8 scans" in lines and str(out) in lines
+    assert read_pdf(out)[1] == 1
+    assert "neither a duration" in run(state, "report", "summary", "--since", "soon", code=2)

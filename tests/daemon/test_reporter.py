@@ -1,0 +1,176 @@
+"""The report stage end to end: scans in, ``reported`` scans out with their PDFs and hashes; a full
+disk, a crash and a stop leave no partial PDF and no doubled row."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from meddaemon.config import load_settings
+from meddaemon.daemon.reporter import Reporter
+from meddaemon.daemon.service import Daemon
+from meddaemon.db.models import Report, Scan, ScanEvent
+from meddaemon.report.output import scan_report_path, temporary_path
+from model_factory import STUDY_UID, drop_scans, promote, read_pdf, reported_state, write_model
+
+
+def scan_states(daemon: Daemon) -> dict[str, str]:
+    with daemon.sessions() as session:
+        return {s.source_name: s.state for s in session.scalars(select(Scan))}
+
+
+def leftovers(reports_dir: Path) -> list[Path]:
+    return [p for p in reports_dir.rglob("*") if p.is_file() and not p.name.endswith(".pdf")]
+
+
+def check_reports(daemon: Daemon) -> list[Report]:
+    """One scan report per reported scan, each file whole and matching its stored hash."""
+    with daemon.sessions() as session:
+        reported = set(session.scalars(select(Scan.id).where(Scan.state == "reported")))
+        rows = session.scalars(select(Report).where(Report.kind == "scan")).all()
+    assert sorted(r.scan_id for r in rows) == sorted(reported)
+    for row in rows:
+        data = Path(row.path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row.sha256 and len(data) == row.size_bytes
+        assert read_pdf(data)[1] == row.pages >= 1
+    assert leftovers(daemon.settings.reports_dir) == []
+    return list(rows)
+
+
+def test_once_reports_every_inferred_scan_and_the_study_of_two(tmp_path: Path):
+    daemon = reported_state(tmp_path)
+    states = scan_states(daemon)
+    assert states.pop("synthetic_empty.png") == "failed"
+    assert set(states.values()) == {"reported"} and len(states) == 7  # DICOM and PNG
+    rows = check_reports(daemon)
+    with daemon.sessions() as session:
+        study = session.scalars(select(Report).where(Report.kind == "study")).all()
+        history = session.scalars(select(ScanEvent).where(ScanEvent.state == "reported")).all()
+    assert [s.study_instance_uid for s in study] == [STUDY_UID]
+    text, pages, images, _ = read_pdf(Path(study[0].path))
+    assert pages >= 2 and "2 scans of this study" in text and images >= 4
+    assert len(history) == 7 and all(e.detail and e.detail.endswith(".pdf") for e in history)
+    assert all(Path(r.path).is_relative_to(daemon.settings.reports_dir.absolute()) for r in rows)
+
+
+def test_a_full_disk_leaves_no_partial_pdf_and_the_scan_inferred_until_a_retry(make_settings, tmp_path: Path):
+    daemon = Daemon(make_settings(max_wait_ms=10, reports=False))
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "model"))
+    drop_scans(daemon.settings.watch)
+    daemon.run(once=True)
+    with daemon.sessions() as session:
+        victim = session.scalars(select(Scan).order_by(Scan.id)).first()
+    assert victim is not None and victim.sha256 is not None
+    target = scan_report_path(daemon.settings.reports_dir, victim.sha256, with_phi=False)
+    reporter = Reporter(daemon.settings, daemon.sessions)
+    reporter.start()  # (which removes what looks like a killed writer's temporary)
+    target.parent.mkdir(parents=True)
+    temporary_path(target).symlink_to("/dev/full")  # this scan's report meets ENOSPC, a real one
+
+    reporter.drain()
+
+    states = scan_states(daemon)
+    assert states.pop(victim.source_name) == "inferred"
+    assert set(states.values()) == {"reported"}
+    assert list(target.parent.iterdir()) == []  # neither a PDF nor its temporary
+    with daemon.sessions() as session:
+        assert session.scalar(select(func.count()).where(Report.scan_id == victim.id)) == 0
+
+    Reporter(daemon.settings, daemon.sessions).drain()  # the disk has room again: retried
+    assert set(scan_states(daemon).values()) == {"reported"}
+    check_reports(daemon)
+
+
+def test_the_running_daemon_reports_in_its_own_process_and_stops_it(make_settings, tmp_path: Path):
+    daemon = Daemon(make_settings(max_wait_ms=10, model_poll_seconds=0.2))
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "model"))
+    drop_scans(daemon.settings.watch)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while set(scan_states(daemon).values()) != {"reported"} and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert set(scan_states(daemon).values()) == {"reported"}
+    finally:
+        daemon.request_stop()
+        runner.join(60)
+    assert daemon.reporter is not None and daemon.reporter.process.exitcode == 0
+    assert daemon.reporter.process.pid != os.getpid()
+    check_reports(daemon)
+
+
+@pytest.mark.slow
+def test_kill_9_while_reporting_leaves_no_partial_pdf_and_no_doubled_row(tmp_path: Path):
+    """SIGKILL to the whole daemon (report process included) at two moments, then a restart."""
+    import numpy as np
+    from dicom_factory import write_png
+
+    bindir = Path(sys.executable).parent
+    inbox, state = tmp_path / "inbox", tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
+    env["MEDDAEMON_REPORTS_NICE"] = "0"
+    settings = load_settings(env={}, flags={"watch": inbox, "state_dir": state})
+    setup = Daemon(settings)
+    setup.prepare()
+    promote(setup, write_model(tmp_path / "model"))
+    rng = np.random.default_rng(5)
+    for i in range(24):
+        write_png(inbox / "busi" / f"synthetic_{i:02d}.png", rng.integers(0, 255, (48, 48), dtype=np.uint8))
+    args = ["start", "--watch", inbox, "--state-dir", state, "--stable-seconds", "0", "--workers", "0"]
+
+    def reported() -> int:
+        with setup.sessions() as session:
+            return session.scalar(select(func.count()).where(Scan.state == "reported")) or 0
+
+    log = (tmp_path / "daemon.log").open("w")
+    for kill_at in (2, 10):  # reports done when the daemon is killed
+        proc = subprocess.Popen(
+            [bindir / "meddaemon", *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        deadline = time.monotonic() + 90
+        while reported() < kill_at and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 0 < reported() < 24, (tmp_path / "daemon.log").read_text()[-2000:]
+
+    done = subprocess.run(
+        [bindir / "meddaemon", *args, "--once"], stdout=log, stderr=subprocess.STDOUT, env=env, timeout=180
+    )
+    assert done.returncode == 0, (tmp_path / "daemon.log").read_text()[-2000:]
+    assert set(scan_states(setup).values()) == {"reported"}
+    assert len(check_reports(setup)) == 24
+
+
+def test_a_report_that_fails_to_build_leaves_the_scan_inferred_and_no_phi_in_the_log(
+    make_settings, tmp_path: Path, caplog, monkeypatch
+):
+    daemon = Daemon(make_settings(max_wait_ms=10, reports=False))
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "model"))
+    drop_scans(daemon.settings.watch)
+    daemon.run(once=True)
+    reporter = Reporter(daemon.settings, daemon.sessions)
+
+    def broken(data: object) -> object:
+        raise ValueError("cell text SYNTHETIC^PHIFAMILY")  # as a reportlab error may quote a name
+
+    monkeypatch.setattr(reporter.builder, "render_scan", broken)
+    reporter.drain()
+
+    assert set(scan_states(daemon).values()) == {"inferred"}
+    assert "building its report failed (ValueError at test_reporter.py" in caplog.text
+    assert "PHIFAMILY" not in caplog.text
+    assert leftovers(daemon.settings.reports_dir) == [] and reporter.stats.errors == 4

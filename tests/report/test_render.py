@@ -1,0 +1,177 @@
+"""Scan and study reports rendered from hand-made data and read back: text, pages, images."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meddaemon.engine.overlay import jpeg_bytes
+from meddaemon.engine.tasks import BUILTIN_TASKS, NIH_FINDINGS
+from meddaemon.report.content import LabelResult, ModelInfo, PatientInfo, ScanReportData, StudyReportData
+from meddaemon.report.fonts import report_fonts
+from meddaemon.report.images import colour_scale_jpeg
+from meddaemon.report.render import ScanImages, render_scan, render_study
+from meddaemon.report.templates import TemplateError, _check, load_template
+from model_factory import read_pdf
+
+_SEEDS = iter(range(10**6))
+
+
+def jpeg() -> bytes:
+    """A distinct JPEG each time (reportlab embeds identical images once)."""
+    return jpeg_bytes(np.random.default_rng(next(_SEEDS)).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+
+AT = datetime(2026, 11, 23, 8, 30, tzinfo=UTC)
+
+
+def scan_data(task: str = "busi", positives: set[str] | None = None, heatmaps: bool = True, **kw) -> ScanReportData:
+    spec = BUILTIN_TASKS[task]
+    labels = spec.labels
+    if positives is None:
+        positives = {labels[-1]}
+    results = [
+        LabelResult(
+            label,
+            0.9 if label in positives else 0.1,
+            0.5,
+            label in positives,
+            Path(f"/nowhere/{label}.jpg") if heatmaps and label in positives else None,
+        )
+        for label in labels
+    ]
+    values = {
+        "scan_id": 42,
+        "sha256": "ab" * 32,
+        "task": task,
+        "description": spec.description,
+        "source_name": f"{task}/synthetic.png",
+        "model": ModelInfo(task, "v7", spec.architecture, "cd" * 32, spec.kind, spec.contract),
+        "results": results,
+        "metadata": [("Modality", "US"), ("Manufacturer", "SYNTHETIC-VENDOR"), ("Size", "64 x 64 px")],
+        "discovered_at": AT,
+        "registered_at": AT,
+        "result_at": AT,
+        "latency_ms": 120.0,
+        "study_instance_uid": None,
+        "stored_path": None,
+    }
+    values.update(kw)
+    return ScanReportData(**values)
+
+
+def images_for(data: ScanReportData, model_view: bool = True) -> ScanImages:
+    return ScanImages(jpeg() if model_view else None, {r.label: jpeg() for r in data.heatmaps}, colour_scale_jpeg())
+
+
+def render(data: ScanReportData, images: ScanImages | None = None) -> tuple[str, int, int, dict[str, str]]:
+    rendered = render_scan(data, images or images_for(data), load_template(data.task), report_fonts())
+    result = read_pdf(rendered.data)
+    assert result[1] == rendered.pages
+    return result
+
+
+def test_a_scan_report_has_the_images_the_calls_the_model_and_the_disclaimer():
+    text, pages, images, metadata = render(scan_data())
+    assert pages == 1
+    assert images == 3  # the model's view, the overlay, the colour scale
+    assert "Breast ultrasound: classifier result" in text  # busi.toml's title
+    assert "Normal tissue (probability 90%)" in text  # the top finding in the template's words
+    assert "not a diagnosis" in text
+    assert "busi/v7" in text and "cdcdcdcdcdcdcdcd" in text and "mobilenet_v2" in text
+    assert "SYNTHETIC-VENDOR" in text and "2026-11-23 08:30:00" in text
+    assert "De-identified report" in text and "Patient (PHI)" not in text
+    assert metadata["/Title"] == "Scan report 42" and metadata["/Author"] == "meddaemon"
+
+
+def test_multilabel_has_one_overlay_per_positive_label():
+    positives = {"Effusion", "Mass", "Hernia"}
+    text, _, images, _ = render(scan_data("chestxray14", positives))
+    assert images == 1 + len(positives) + 1
+    for label in positives:
+        assert f"Where the model looked for {label}" in text
+    assert "3 of 14 findings over threshold" in text
+    assert len(NIH_FINDINGS) == 14
+
+
+def test_a_result_without_a_heatmap_says_so_and_has_no_overlay():
+    text, _, images, _ = render(scan_data(heatmaps=False))
+    assert images == 1  # the model's view only: no overlay, no colour scale
+    assert "No heatmap: none was stored for this result" in text
+
+
+def test_multilabel_without_positive_labels_explains_the_missing_heatmap():
+    text, _, images, _ = render(scan_data("chestxray14", positives=set()))
+    assert images == 1
+    assert "no label is over its threshold" in text and "None of the 14 findings" in text
+
+
+def test_a_missing_overlay_file_or_unreadable_scan_is_stated_not_fatal():
+    data = scan_data("covid")
+    text, _, images, _ = render(data, ScanImages(None, {"covid": None}, colour_scale_jpeg()))
+    assert images == 1  # the colour scale
+    assert "could not be read again" in text and "overlay file is missing" in text
+    assert "COVID-19 pattern: POSITIVE" in text
+
+
+NAMES = {
+    "unicode": "SYNTHETIC^Ωμέγα^Ковалёва",
+    "rtl": "SYNTHETIC^שלום^مريم",
+    "long": "SYNTHETIC^" + "X" * 500,
+    "control": "SYNTHETIC\x00^EVIL\x1b[31m\u202eNAME\x07",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NAMES))
+def test_hostile_patient_names_render_or_are_cut_visibly(kind: str):
+    patient = PatientInfo(NAMES[kind], "PID\x00\x01" + "9" * 300, "19700101", "O", "054Y", "ACC\n1")
+    text, pages, _, metadata = render(scan_data(patient=patient))
+    assert pages >= 1 and "Patient (PHI)" in text
+    assert not any(ord(c) < 32 for c in text)
+    assert all(NAMES[kind] not in value for value in metadata.values())
+    if kind == "long":
+        packed = text.replace(" ", "")
+        assert "X" * 40 in packed and "X\u2026" in packed and "X" * 80 not in packed
+    if kind == "unicode":
+        assert "Ωμέγα" in text and "Ковалёва" in text
+    if kind == "rtl":
+        assert "SYNTHETIC" in text and ("שלום" in text or "םולש" in text)
+    if kind == "control":
+        assert "EVIL" in text and "NAME" in text and "\u202e" not in text
+
+
+def test_a_study_report_lists_every_scan_then_each_scans_sections():
+    first = scan_data(scan_id=1, study_instance_uid="1.2.3")
+    second = scan_data("busi", {"malignant"}, scan_id=2, sha256="ef" * 32, study_instance_uid="1.2.3")
+    study = StudyReportData("1.2.3", [first, second])
+    rendered = render_study(study, [images_for(first), images_for(second)], load_template, report_fonts())
+    text, pages, images, metadata = read_pdf(rendered.data)
+    assert pages == rendered.pages >= 2
+    assert images == 6
+    assert "Study summary" in text and "2 scans of this study" in text
+    assert "Malignant lesion" in text and "Normal tissue" in text
+    assert "1.2.3" not in text.replace(study.study_key, "")  # de-identified: named by a hash of its UID
+    assert study.study_key in metadata["/Title"]
+
+
+@pytest.mark.parametrize("task", [*sorted(BUILTIN_TASKS), "a_custom_task"])
+def test_every_template_loads_and_words_every_finding(task: str):
+    template = load_template(task)
+    for key in template.finding:
+        assert template.finding[key].format(label="L", probability=0.5, threshold=0.5, labels="L", count=1)
+    assert template.disclaimer and template.sections[0] == "finding"
+
+
+def test_a_template_with_an_unknown_field_is_refused_with_its_key():
+    with pytest.raises(TemplateError, match=r"finding\.multiclass"):
+        _check("broken", {"finding": {"multiclass": "{no_such_field}"}})
+
+
+def test_the_report_of_a_custom_task_uses_the_default_template():
+    data = replace(scan_data(), task="a_custom_task")
+    text, *_ = render(data)
+    assert "Classifier result" in text

@@ -1,0 +1,64 @@
+"""The summary of a period: the figures from the database, and the PDF they make."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from meddaemon.daemon.service import Daemon
+from meddaemon.report.fonts import report_fonts
+from meddaemon.report.summary import parse_since, render_summary, summarise
+from model_factory import PHI_STRINGS, read_pdf
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("24h", NOW - timedelta(hours=24)),
+        ("7d", NOW - timedelta(days=7)),
+        ("90m", NOW - timedelta(minutes=90)),
+        ("2026-11-20", datetime(2026, 11, 20, tzinfo=UTC)),
+        ("2026-11-20T06:30:00+01:00", datetime(2026, 11, 20, 5, 30, tzinfo=UTC)),
+    ],
+)
+def test_since_takes_a_duration_or_an_iso_date(text: str, expected: datetime):
+    assert parse_since(text, NOW) == expected
+
+
+def test_since_refuses_anything_else():
+    with pytest.raises(ValueError, match="neither a duration"):
+        parse_since("yesterday", NOW)
+
+
+def test_the_summary_counts_calls_failures_latency_and_probabilities_per_task(reported: Daemon):
+    with reported.sessions() as session:
+        figures = summarise(session, parse_since("24h"))
+        nothing = summarise(session, parse_since("48h"), parse_since("24h"))
+    assert figures.scans == 8 and figures.states == {"reported": 7, "failed": 1}
+    assert figures.failures_by_reason == {"empty_file": 1}
+    busi, cxr = figures.tasks["busi"], figures.tasks["chestxray14"]
+    assert (busi.scans, busi.kind, cxr.scans, cxr.kind) == (6, "multiclass", 1, "multilabel")
+    assert sum(busi.top_label.values()) == 6
+    assert set(busi.labels) == {"benign", "malignant", "normal"}
+    for entry in busi.labels.values():
+        assert entry.n == 6 and sum(entry.histogram) == 6
+    assert sum(e.positive for e in busi.labels.values()) == 6  # multiclass: one call per scan
+    assert len(cxr.labels) == 14
+    assert busi.latency_ms["n"] == 6 and 0 < busi.latency_ms["p50"] <= busi.latency_ms["max"]
+    assert nothing.scans == 0 and nothing.tasks == {}
+
+
+def test_the_summary_pdf_shows_the_figures_and_no_patient_data(reported: Daemon):
+    with reported.sessions() as session:
+        figures = summarise(session, parse_since("24h"))
+    rendered = render_summary(figures, report_fonts())
+    text, pages, _, metadata = read_pdf(rendered.data)
+    assert pages == rendered.pages == 1
+    assert "Daily summary" in text and "Task busi (multiclass): 6 scans" in text
+    assert "Task chestxray14 (multilabel): 1 scans" in text and "Pleural thickening" in text
+    assert "reported 7" in text.replace("reported 6", "") and "empty_file 1" in text
+    assert not any(phi in text for phi in PHI_STRINGS)
+    assert metadata["/Title"] == "meddaemon summary"

@@ -1,0 +1,32 @@
+"""Untrusted strings into a PDF: control characters dropped, long values cut visibly, RTL reordered."""
+
+from meddaemon.report.text import ELLIPSIS, clean, markup, person_name, visual_order
+
+
+def test_control_and_bidi_override_characters_are_dropped_and_whitespace_folded():
+    assert clean("A\x00B\x1b[1mC\u202eD\tE\nF\u200bG") == "AB[1mCD E FG"
+
+
+def test_long_values_are_cut_with_a_visible_ellipsis():
+    cut = clean("N" * 500, limit=64)
+    assert len(cut) == 64 and cut.endswith(ELLIPSIS) and cut.startswith("N" * 63)
+    assert clean("short", limit=64) == "short"
+
+
+def test_person_names_show_their_components():
+    assert person_name("DOE^JANE^^DR") == "DOE JANE DR"
+    assert person_name("Yamada^Tarou=山田^太郎") == "Yamada Tarou = 山田 太郎"
+    assert person_name(None) == ""
+
+
+def test_right_to_left_runs_are_put_in_visual_order():
+    assert visual_order("abc") == "abc"
+    assert visual_order("שלום") == "םולש"
+    # a left-to-right line keeps its order; the Hebrew word inside is reversed in place
+    assert visual_order("DOE שלום 12") == "DOE םולש 12"
+    # a right-to-left line lays its runs out from the right; digits keep their own order
+    assert visual_order("שלום 12") == "12 םולש"
+
+
+def test_markup_escapes_what_a_paragraph_would_parse():
+    assert markup("<b>&x</b>") == "&lt;b&gt;&amp;x&lt;/b&gt;"
