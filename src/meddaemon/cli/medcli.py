@@ -9,6 +9,7 @@ import click
 from sqlalchemy import select
 
 from meddaemon import __version__
+from meddaemon.cli.audit import audit
 from meddaemon.cli.common import build_settings, echo_json, handle_errors, settings_options
 from meddaemon.cli.models import models
 from meddaemon.cli.report import report
@@ -111,6 +112,7 @@ def decoders(as_json: bool) -> None:
 
 
 cli.add_command(models)
+cli.add_command(audit)
 cli.add_command(report)
 
 

@@ -235,3 +235,26 @@ class Report(Base):
     with_phi: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+
+class Audit(Base):
+    """One ``medcli audit`` run: what went in (hashes of the labels and of the predictions joined),
+    how it was asked (``parameters``), and what came out (``results``, the JSON it printed).
+
+    ``passed`` is the verdict of ``--require``; None when no criterion was given.
+    """
+
+    __tablename__ = "audits"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_name: Mapped[str] = mapped_column(ForeignKey("tasks.name"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    compare_model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    labels_path: Mapped[str] = mapped_column(Text)
+    labels_sha256: Mapped[str] = mapped_column(String(64))
+    labels_format: Mapped[str] = mapped_column(String(16))
+    predictions_sha256: Mapped[str] = mapped_column(String(64))
+    matched: Mapped[int]
+    parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    results: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    passed: Mapped[bool | None] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

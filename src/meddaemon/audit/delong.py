@@ -1,0 +1,130 @@
+"""ROC AUC with its DeLong variance, O(n log n): the fast algorithm of Sun & Xu (2014).
+
+DeLong's placement values come from one sort and the counts of each tie group (what Sun & Xu's
+three midrank vectors encode) instead of the O(m*n) pairwise kernel; the AUC equals the
+Mann-Whitney statistic (and scikit-learn's ``roc_auc_score``). The 95% interval is built on the logit scale
+and transformed back, so it stays inside [0, 1] and is asymmetric near the edges; at an AUC of
+exactly 0 or 1 (variance 0) it is the point itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import expit, logit
+from scipy.stats import norm
+
+Z95 = float(norm.ppf(0.975))
+
+
+@dataclass(frozen=True)
+class DeLong:
+    """AUCs of one or more score vectors on the same cases, and the covariance of those AUCs."""
+
+    aucs: np.ndarray
+    covariance: np.ndarray
+    positives: int
+    negatives: int
+
+    @property
+    def auc(self) -> float:
+        return float(self.aucs[0])
+
+    @property
+    def variance(self) -> float:
+        return float(self.covariance[0, 0])
+
+
+def placements(y_true: np.ndarray, scores: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """DeLong's placement values in the original order: for a positive, the share of negatives it
+    outranks (ties count half), V10; for a negative, the share of positives that outrank it, V01.
+
+    One sort (``order``: the ascending argsort of ``scores``, if the caller has it) and tie-group
+    counts replace the three midrank vectors of Sun & Xu; the values are the same.
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if order is None:
+        order = np.argsort(s, kind="stable")
+    ys = y[order]
+    ss = s[order]
+    m = int(ys.sum())
+    n = len(ys) - m
+    group = np.concatenate(([0], np.cumsum(ss[1:] != ss[:-1])))
+    pos_in = np.bincount(group, weights=ys)
+    neg_in = np.bincount(group, weights=~ys)
+    neg_below = np.cumsum(neg_in) - neg_in
+    pos_above = m - np.cumsum(pos_in)
+    v10 = (neg_below + 0.5 * neg_in) / n
+    v01 = (pos_above + 0.5 * pos_in) / m
+    sorted_values = np.where(ys, v10[group], v01[group])
+    out = np.empty_like(sorted_values)
+    out[order] = sorted_values
+    return out
+
+
+def delong(y_true: np.ndarray, *scores: np.ndarray, order: np.ndarray | None = None) -> DeLong:
+    """DeLong AUCs and covariance of ``scores`` (each of the shape of ``y_true``, 1 = positive).
+
+    Needs at least one positive and one negative; the caller reports the undefined case.
+    ``order`` (one score only): its ascending argsort, when the caller already sorted it.
+    """
+    y = np.asarray(y_true).astype(bool)
+    m, n = int(y.sum()), int((~y).sum())
+    if m == 0 or n == 0:
+        raise ValueError(f"DeLong needs both classes (positives={m}, negatives={n})")
+    values = np.stack([placements(y, s, order if len(scores) == 1 else None) for s in scores])
+    v10, v01 = values[:, y], values[:, ~y]
+    aucs = v10.mean(axis=1)
+    if len(scores) == 1:
+        s10 = np.array([[np.var(v10[0], ddof=1) if m > 1 else 0.0]])
+        s01 = np.array([[np.var(v01[0], ddof=1) if n > 1 else 0.0]])
+    else:
+        s10 = np.atleast_2d(np.cov(v10)) if m > 1 else np.zeros((len(scores),) * 2)
+        s01 = np.atleast_2d(np.cov(v01)) if n > 1 else np.zeros((len(scores),) * 2)
+    return DeLong(aucs=aucs, covariance=s10 / m + s01 / n, positives=m, negatives=n)
+
+
+def auc_interval(auc: float, variance: float, z: float = Z95) -> tuple[float, float]:
+    """The logit-scale normal interval of an AUC, back on [0, 1]."""
+    if variance <= 0.0 or auc <= 0.0 or auc >= 1.0:
+        return (auc, auc)
+    se_logit = np.sqrt(variance) / (auc * (1.0 - auc))
+    centre = logit(auc)
+    return float(expit(centre - z * se_logit)), float(expit(centre + z * se_logit))
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """DeLong's test that two correlated AUCs (same cases, two models) are equal."""
+
+    auc_a: float
+    auc_b: float
+    difference: float
+    lower: float
+    upper: float
+    z: float
+    p_value: float
+
+
+def paired_test(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> PairedTest:
+    """Two-sided p-value and 95% interval of AUC(a) - AUC(b) from the DeLong covariance."""
+    result = delong(y_true, scores_a, scores_b)
+    a, b = result.aucs
+    cov = result.covariance
+    var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
+    diff = float(a - b)
+    if var <= 0.0:
+        return PairedTest(float(a), float(b), diff, diff, diff, 0.0 if diff == 0 else np.inf, 1.0 if diff == 0 else 0.0)
+    se = np.sqrt(var)
+    z = diff / se
+    return PairedTest(
+        auc_a=float(a),
+        auc_b=float(b),
+        difference=diff,
+        lower=diff - Z95 * se,
+        upper=diff + Z95 * se,
+        z=float(z),
+        p_value=float(2.0 * norm.sf(abs(z))),
+    )

@@ -1,0 +1,210 @@
+"""Reading the truth: a simple labels CSV, NIH ChestX-ray14's ``Data_Entry_2017.csv``, or BUSI folders.
+
+Every format becomes a :class:`LabelTable`: one row per labelled file (with the line it came from),
+the labels that are positive, the labels whose value is known, and the other columns passed
+through untouched as attributes (for subgroups). A problem in a file raises :class:`LabelFileError`
+naming the file, the line and column, and what was expected there.
+
+Simple CSV: a key column (``file``, ``sop_instance_uid`` or ``sha256``), then either a ``label``
+column (one class, or labels joined by ``|``; empty or ``No Finding`` means none) or one column per
+label with 0/1 (also true/false, yes/no, positive/negative; empty means not known).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KEY_COLUMNS = ("file", "sop_instance_uid", "sha256")
+NO_FINDING = "No Finding"
+TRUE_VALUES = frozenset({"1", "true", "yes", "positive", "pos", "y", "t"})
+FALSE_VALUES = frozenset({"0", "false", "no", "negative", "neg", "n", "f"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".bmp"})
+#: NIH columns renamed to the attribute names subgroups use.
+NIH_ATTRIBUTES = {"Patient ID": "patient_id", "Patient Age": "age", "Patient Gender": "sex", "View Position": "view"}
+
+
+class LabelFileError(ValueError):
+    """A labels file that cannot be read as the truth; the message says where and what was expected."""
+
+    def __init__(self, path: Path | str, message: str, line: int | None = None, column: str | None = None) -> None:
+        where = str(path) + (f", line {line}" if line is not None else "")
+        where += f", column {column!r}" if column is not None else ""
+        super().__init__(f"{where}: {message}")
+        self.path = str(path)
+        self.line = line
+        self.column = column
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    key: str
+    line: int
+    positives: frozenset[str]
+    #: Labels whose value this row states; ``None``: every label of the task (absent ones are negative).
+    known: frozenset[str] | None
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LabelTable:
+    path: str
+    sha256: str
+    format: str  # "csv-label", "csv-columns", "nih", "folders"
+    key_kind: str  # one of KEY_COLUMNS
+    rows: list[LabelRow]
+    label_columns: tuple[str, ...]
+    attribute_columns: tuple[str, ...]
+    task_hint: str | None = None
+
+    def labels_mentioned(self) -> set[str]:
+        seen: set[str] = set(self.label_columns)
+        for row in self.rows:
+            seen |= row.positives
+        return seen
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
+    """Read a labels CSV (simple or NIH); ``vocabulary``: every label name of every task."""
+    words = set(vocabulary)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                raise LabelFileError(path, "the file is empty; expected a header line") from None
+            records = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as exc:
+        raise LabelFileError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise LabelFileError(path, f"not a readable CSV: {exc}") from None
+    except OSError as exc:
+        raise LabelFileError(path, f"cannot be read: {exc.strerror}") from None
+    sha = file_sha256(path)
+    if "Image Index" in header and "Finding Labels" in header:
+        return _nih(path, sha, header, records, words)
+    return _simple(path, sha, header, records, words)
+
+
+def _cells(path: Path, header: list[str], line: int, row: list[str]) -> dict[str, str]:
+    if len(row) > len(header) and any(c.strip() for c in row[len(header) :]):
+        raise LabelFileError(path, f"{len(row)} values but the header has {len(header)} columns", line)
+    return {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header) if h}
+
+
+def _split_labels(path: Path, value: str, words: set[str], line: int, column: str) -> frozenset[str]:
+    names = {v.strip() for v in value.split("|") if v.strip()} - {NO_FINDING}
+    unknown = sorted(names - words)
+    if unknown:
+        raise LabelFileError(
+            path, f"unknown label {unknown[0]!r}; expected one of: {', '.join(sorted(words))}", line, column
+        )
+    return frozenset(names)
+
+
+def _simple(
+    path: Path, sha: str, header: list[str], records: list[tuple[int, list[str]]], words: set[str]
+) -> LabelTable:
+    if len(set(header)) != len(header):
+        dup = next(h for h in header if header.count(h) > 1)
+        raise LabelFileError(path, "duplicate column name", 1, dup)
+    key = next((k for k in KEY_COLUMNS if k in header), None)
+    if key is None:
+        raise LabelFileError(
+            path, f"no key column: expected one of {', '.join(KEY_COLUMNS)}; found {', '.join(header)}", 1
+        )
+    if "label" in header:
+        label_columns: tuple[str, ...] = ()
+        fmt = "csv-label"
+    else:
+        label_columns = tuple(h for h in header if h in words)
+        fmt = "csv-columns"
+        if not label_columns:
+            raise LabelFileError(
+                path,
+                "no label column: expected a 'label' column or one 0/1 column per label "
+                f"({', '.join(sorted(words))}); found {', '.join(header)}",
+                1,
+            )
+    reserved = {key, "label", "task", *label_columns}
+    attribute_columns = tuple(h for h in header if h and h not in reserved)
+    tasks: set[str] = set()
+    rows = []
+    for line, raw in records:
+        cells = _cells(path, header, line, raw)
+        if not cells[key]:
+            raise LabelFileError(path, f"empty {key}", line, key)
+        if cells.get("task"):
+            tasks.add(cells["task"])
+        if fmt == "csv-label":
+            if not cells["label"]:
+                raise LabelFileError(path, "empty label (write 'No Finding' for none)", line, "label")
+            positives = _split_labels(path, cells["label"], words, line, "label")
+            known: frozenset[str] | None = None
+        else:
+            pos: set[str] = set()
+            stated: set[str] = set()
+            for col in label_columns:
+                value = cells[col].lower()
+                if value in TRUE_VALUES:
+                    pos.add(col)
+                elif value not in FALSE_VALUES and value != "":
+                    raise LabelFileError(path, f"{cells[col]!r} is not 0/1 (or empty for unknown)", line, col)
+                if value:
+                    stated.add(col)
+            positives, known = frozenset(pos), frozenset(stated)
+        rows.append(LabelRow(cells[key], line, positives, known, {a: cells[a] for a in attribute_columns}))
+    if len(tasks) > 1:
+        raise LabelFileError(path, f"one task per audit; the file names {sorted(tasks)}", column="task")
+    return LabelTable(
+        str(path), sha, fmt, key, rows, label_columns, attribute_columns, task_hint=next(iter(tasks), None)
+    )
+
+
+def _nih(path: Path, sha: str, header: list[str], records: list[tuple[int, list[str]]], words: set[str]) -> LabelTable:
+    passed = tuple(NIH_ATTRIBUTES.get(h, h) for h in header if h and h not in ("Image Index", "Finding Labels"))
+    rows = []
+    for line, raw in records:
+        cells = _cells(path, header, line, raw)
+        if not cells["Image Index"]:
+            raise LabelFileError(path, "empty Image Index", line, "Image Index")
+        positives = _split_labels(path, cells["Finding Labels"], words, line, "Finding Labels")
+        attrs = {NIH_ATTRIBUTES.get(h, h): v for h, v in cells.items() if h not in ("Image Index", "Finding Labels")}
+        rows.append(LabelRow(cells["Image Index"], line, positives, None, attrs))
+    return LabelTable(str(path), sha, "nih", "file", rows, (), passed, task_hint="chestxray14")
+
+
+def read_label_folders(root: Path, classes: Iterable[str]) -> LabelTable:
+    """BUSI's layout: ``root/<class>/<image>``; ``*_mask*`` images (ground-truth masks) are not scans."""
+    if not root.is_dir():
+        raise LabelFileError(root, "not a folder; expected one sub-folder per class")
+    wanted = set(classes)
+    rows: list[LabelRow] = []
+    listing = hashlib.sha256()
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    unknown = [f.name for f in folders if f.name not in wanted]
+    if unknown or not folders:
+        raise LabelFileError(
+            root, f"sub-folders must be classes ({', '.join(sorted(wanted))}); found {[f.name for f in folders]}"
+        )
+    for folder in folders:
+        for image in sorted(folder.iterdir()):
+            if image.suffix.lower() not in IMAGE_SUFFIXES or "_mask" in image.stem or not image.is_file():
+                continue
+            listing.update(f"{folder.name}/{image.name}\n".encode())
+            rows.append(LabelRow(image.name, len(rows) + 1, frozenset({folder.name}), None, {}))
+    if not rows:
+        raise LabelFileError(root, "no images in the class folders")
+    return LabelTable(str(root), listing.hexdigest(), "folders", "file", rows, (), (), task_hint=None)

@@ -1,0 +1,129 @@
+"""Subgroups: the same metrics within each level of a column (sex, age band, manufacturer, view, site...).
+
+A grouping column comes from the labels file first (any of its columns), else from the stored
+DICOM metadata (``sex``, ``age``, ``manufacturer``, ``view``, ``modality``, ``body_part``).
+``age_band`` is derived from an ``age`` column or the DICOM age (``045Y``, ``006M``). A level with
+fewer than ``min_n`` labelled scans is reported as insufficient, with its counts, not as a number.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from meddaemon.audit.join import Cohort
+from meddaemon.audit.metrics import LabelMetrics, label_metrics
+from meddaemon.audit.predictions import AuditInputError
+from meddaemon.audit.values import Undefined
+
+MISSING = "(missing)"
+AGE_BANDS = ((0, 18, "0-17"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 200, "80+"))
+_DICOM_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([YMWD]?)\s*$", re.IGNORECASE)
+_AGE_UNIT_YEARS = {"": 1.0, "Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+
+
+def age_band(value: str | None) -> str:
+    """The band of an age in years (``58``) or in DICOM's AS form (``058Y``, ``006M``)."""
+    match = _DICOM_AGE.match(value or "")
+    if not match:
+        return MISSING
+    years = float(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).upper()]
+    return next((name for lo, hi, name in AGE_BANDS if lo <= years < hi), MISSING)
+
+
+def available_columns(cohort: Cohort) -> list[str]:
+    names = [*cohort.label_attributes, *(k for k in cohort.scan_attributes if k != "patient_id"), "age_band"]
+    return sorted(set(names))
+
+
+def grouping_values(cohort: Cohort, name: str) -> np.ndarray:
+    """The level of every scan of the cohort for the grouping column ``name``."""
+    if name in cohort.label_attributes:
+        raw: list[str | None] = list(cohort.label_attributes[name])
+    elif name == "age_band":
+        source = cohort.label_attributes.get("age") or cohort.scan_attributes["age"]
+        distinct, inverse = np.unique(np.array([v or "" for v in source], dtype=object), return_inverse=True)
+        return np.array([age_band(v) for v in distinct], dtype=object)[inverse]
+    elif name in cohort.scan_attributes and name != "patient_id":
+        raw = list(cohort.scan_attributes[name])
+    else:
+        raise AuditInputError(
+            f"no column {name!r} to group by in the labels file or the stored metadata; "
+            f"available: {', '.join(available_columns(cohort))}"
+        )
+    distinct, inverse = np.unique(np.array([v or "" for v in raw], dtype=object), return_inverse=True)
+    return np.array([v.strip() or MISSING for v in distinct], dtype=object)[inverse]
+
+
+@dataclass(frozen=True)
+class Subgroup:
+    by: str
+    level: str
+    label: str
+    n: int
+    positives: int
+    negatives: int
+    metrics: LabelMetrics | None
+    insufficient: Undefined | None
+    rows: np.ndarray  # indices into the cohort (labelled scans of this level and label)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "by": self.by,
+            "level": self.level,
+            "label": self.label,
+            "n": self.n,
+            "positives": self.positives,
+            "negatives": self.negatives,
+        }
+        if self.insufficient is not None:
+            out["insufficient"] = self.insufficient.as_dict()
+        if self.metrics is not None:
+            m = self.metrics.as_dict()
+            m.pop("calibration", None)
+            out["metrics"] = m
+        return out
+
+
+def subgroups(cohort: Cohort, by: list[str], min_n: int = 30, at_sensitivity: float = 0.9) -> list[Subgroup]:
+    out: list[Subgroup] = []
+    orders = [np.argsort(cohort.probabilities[:, j], kind="stable") for j in range(len(cohort.labels))]
+    position = np.full(cohort.n, -1, dtype=np.int64)
+    for name in by:
+        values = grouping_values(cohort, name)
+        for level in sorted(set(values.tolist())):
+            in_level = values == level
+            for j, label in enumerate(cohort.labels):
+                rows = np.flatnonzero(in_level & (cohort.y[:, j] >= 0))
+                y = cohort.y[rows, j]
+                n, pos = len(rows), int(y.sum())
+                counts = {"n": n, "positives": pos, "negatives": n - pos, "min_n": min_n}
+                if n < min_n:
+                    reason = f"insufficient: {n} labelled scans, fewer than the minimum {min_n}"
+                    out.append(Subgroup(name, level, label, n, pos, n - pos, None, Undefined(reason, counts), rows))
+                    continue
+                metrics = label_metrics(
+                    label,
+                    y,
+                    cohort.probabilities[rows, j],
+                    cohort.calls[rows, j],
+                    float(cohort.thresholds[j]),
+                    at_sensitivity=at_sensitivity,
+                    with_curves=False,
+                    order=_sub_order(orders[j], rows, position),
+                )
+                out.append(Subgroup(name, level, label, n, pos, n - pos, metrics, None, rows))
+    return out
+
+
+def _sub_order(order: np.ndarray, rows: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """The ascending order of the subset ``rows`` (sorted cohort indices), read off the whole
+    cohort's ``order`` in O(n) instead of sorting again; ``position`` is scratch space of length n."""
+    position[rows] = np.arange(len(rows))
+    picked = position[order]
+    position[rows] = -1
+    sub: np.ndarray = picked[picked >= 0]
+    return sub

@@ -1,0 +1,96 @@
+"""Predictions joined to labels: what matched, what did not, conflicts, and the truth per task kind."""
+
+import numpy as np
+import pytest
+
+from audit_factory import label_table as table
+from audit_factory import stored_predictions as predictions
+from meddaemon.audit.join import join
+from meddaemon.audit.labels import LabelFileError
+from meddaemon.audit.predictions import AuditInputError
+
+
+def test_the_join_report_counts_every_kind_of_mismatch():
+    preds = predictions("busi", ["busi/a.png", "busi/b.png", "busi/c.png", "x/d.png", "y/d.png", "busi/e.png"])
+    t = table([
+        ("a.png", {"benign"}, None, {}),
+        ("a.png", {"benign"}, None, {}),  # identical duplicate: counted once
+        ("b.png", {"normal"}, None, {}),
+        ("b.png", {"malignant"}, None, {}),  # conflict: b is left out
+        ("busi/c.png", {"normal"}, None, {}),
+        ("d.png", {"normal"}, None, {}),  # two scans named d.png: ambiguous
+        ("zzz.png", {"normal"}, None, {}),  # no prediction
+    ])  # fmt: skip
+    cohort, report = join(preds, t)
+    assert report.matched == 2 and cohort.n == 2
+    assert report.identical_duplicates == 1
+    assert [c.key for c in report.conflicts] == ["b.png"] and report.conflicts[0].lines == (4, 5)
+    assert report.ambiguous == ["d.png"]
+    assert report.labels_without_prediction == ["zzz.png"]
+    assert report.predictions_without_label == 4
+    assert set(report.predictions_without_label_examples) == {"busi/b.png", "x/d.png", "y/d.png", "busi/e.png"}
+    assert cohort.truth_class.tolist() == [0, 2]  # benign, normal
+
+
+def test_two_keys_for_the_same_scan_with_different_labels_conflict():
+    preds = predictions("busi", ["busi/a.png", "busi/b.png"])
+    t = table([("a.png", {"benign"}, None, {}), ("busi/a.png", {"normal"}, None, {}), ("b.png", {"normal"}, None, {})])
+    cohort, report = join(preds, t)
+    assert cohort.n == 1 and len(report.conflicts) == 1
+    assert "same scan" in report.conflicts[0].detail
+
+
+def test_binary_truth_from_either_label_and_only_the_positive_label_reported():
+    preds = predictions("covid", ["a.png", "b.png", "c.png"])
+    t = table(
+        [("a.png", {"covid"}, None, {}), ("b.png", {"normal"}, None, {}), ("c.png", set(), frozenset({"normal"}), {})]
+    )
+    cohort, _ = join(preds, t)
+    assert cohort.labels == ("covid",)
+    assert cohort.y[:, 0].tolist() == [1, 0, 1]
+    np.testing.assert_array_equal(cohort.probabilities[:, 0], preds.probabilities[:, 1])
+
+
+def test_multilabel_unknown_values_stay_unknown():
+    preds = predictions("chestxray14", ["a.png"])
+    t = table([("a.png", {"Mass"}, frozenset({"Mass", "Effusion"}), {})])
+    cohort, _ = join(preds, t)
+    row = dict(zip(cohort.labels, cohort.y[0].tolist(), strict=True))
+    assert row["Mass"] == 1 and row["Effusion"] == 0 and row["Hernia"] == -1
+
+
+def test_a_multiclass_row_without_exactly_one_class_names_its_line():
+    preds = predictions("busi", ["a.png"])
+    with pytest.raises(LabelFileError, match=r"labels.csv, line 2: a multiclass scan has exactly one class"):
+        join(preds, table([("a.png", {"benign", "normal"}, None, {})]))
+
+
+def test_a_label_of_another_task_names_its_line():
+    preds = predictions("busi", ["a.png"])
+    with pytest.raises(LabelFileError, match=r"line 2: 'Mass' is not a label of this task"):
+        join(preds, table([("a.png", {"Mass"}, None, {})]))
+
+
+def test_nothing_matched_is_an_error_not_an_empty_audit():
+    with pytest.raises(AuditInputError, match=r"no label row of labels\.csv matched"):
+        join(predictions("busi", ["a.png"]), table([("b.png", {"benign"}, None, {})]))
+
+
+def test_join_by_sha256_and_sop_instance_uid():
+    preds = predictions("busi", ["a.png", "b.png"])
+    by_sha, _ = join(preds, table([(f"{1:064X}", {"normal"}, None, {})], key="sha256"))
+    assert by_sha.scan_ids.tolist() == [2]
+    by_uid, _ = join(preds, table([("1.2.0", {"normal"}, None, {})], key="sop_instance_uid"))
+    assert by_uid.scan_ids.tolist() == [1]
+
+
+def test_patients_from_the_labels_file_first_then_the_stored_patient_id():
+    preds = predictions("busi", ["a.png", "b.png", "c.png", "d.png"], patients=["S1", "S1", None, None])
+    t = table(
+        [(k, {"benign"}, None, {"patient_id": p}) for k, p in (("a.png", ""), ("b.png", ""), ("c.png", "L1"),
+                                                               ("d.png", "L1"))],
+        attributes=("patient_id",),
+    )  # fmt: skip
+    cohort, _ = join(preds, t)
+    assert cohort.n_clusters == 2
+    assert cohort.clusters[0] == cohort.clusters[1] and cohort.clusters[2] == cohort.clusters[3]

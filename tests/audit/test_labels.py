@@ -1,0 +1,97 @@
+"""The label formats, and the errors a bad labels file gets: file, line, column and what was expected."""
+
+import pytest
+
+from meddaemon.audit.labels import LabelFileError, read_label_folders, read_labels
+from meddaemon.engine.tasks import BUILTIN_TASKS
+
+VOCABULARY = {label for t in BUILTIN_TASKS.values() for label in t.labels}
+
+
+def write(tmp_path, text, name="labels.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_label_column_with_one_class_or_pipe_joined_findings(tmp_path):
+    t = read_labels(write(tmp_path, "file,label,site\na.png,malignant,north\nb.png,Effusion|Mass,south\n"), VOCABULARY)
+    assert t.format == "csv-label" and t.key_kind == "file"
+    assert [r.positives for r in t.rows] == [{"malignant"}, {"Effusion", "Mass"}]
+    assert t.rows[0].known is None
+    assert t.attribute_columns == ("site",)
+    assert t.rows[1].attributes == {"site": "south"} and t.rows[1].line == 3
+    assert len(t.sha256) == 64
+
+
+def test_one_column_per_label_with_unknown_values_left_unknown(tmp_path):
+    t = read_labels(write(tmp_path, "sop_instance_uid,Effusion,Mass,sex\n1.2.3,1,,F\n1.2.4,no,yes,M\n"), VOCABULARY)
+    assert t.format == "csv-columns" and t.key_kind == "sop_instance_uid"
+    assert t.label_columns == ("Effusion", "Mass")
+    assert t.rows[0].positives == {"Effusion"} and t.rows[0].known == {"Effusion"}
+    assert t.rows[1].positives == {"Mass"} and t.rows[1].known == {"Effusion", "Mass"}
+
+
+def test_nih_data_entry_as_published(tmp_path):
+    text = (
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+        "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],\n"
+        "00000001_000.png,Cardiomegaly,0,1,58,M,PA,2682,2749,0.143,0.143,\n"
+        "00000001_001.png,Cardiomegaly|Emphysema,1,1,58,M,PA,2894,2729,0.143,0.143,\n"
+        "00000002_000.png,No Finding,0,2,81,M,PA,2500,2048,0.171,0.171,\n"
+    )
+    t = read_labels(write(tmp_path, text, "Data_Entry_2017.csv"), VOCABULARY)
+    assert t.format == "nih" and t.task_hint == "chestxray14"
+    assert [r.positives for r in t.rows] == [{"Cardiomegaly"}, {"Cardiomegaly", "Emphysema"}, set()]
+    assert t.rows[0].attributes["patient_id"] == "1"
+    assert t.rows[2].attributes["sex"] == "M" and t.rows[2].attributes["view"] == "PA"
+    assert t.rows[2].attributes["age"] == "81"
+
+
+def test_busi_folders_skip_masks(tmp_path):
+    for cls, names in {"benign": ["benign (1).png", "benign (1)_mask.png"], "normal": ["normal (1).png",
+                       "normal (1)_mask_1.png"], "malignant": []}.items():  # fmt: skip
+        (tmp_path / cls).mkdir()
+        for name in names:
+            (tmp_path / cls / name).write_bytes(b"SYNTHETIC")
+    t = read_label_folders(tmp_path, BUILTIN_TASKS["busi"].labels)
+    assert [(r.key, set(r.positives)) for r in t.rows] == [
+        ("benign (1).png", {"benign"}),
+        ("normal (1).png", {"normal"}),
+    ]
+
+
+def test_busi_folders_must_be_classes(tmp_path):
+    (tmp_path / "maybe").mkdir()
+    with pytest.raises(LabelFileError, match="sub-folders must be classes"):
+        read_label_folders(tmp_path, BUILTIN_TASKS["busi"].labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column", "expected"),
+    [
+        ("name,label\na.png,benign\n", 1, None, "no key column: expected one of file, sop_instance_uid, sha256"),
+        ("file,colour\na.png,red\n", 1, None, "no label column: expected a 'label' column"),
+        ("file,label\na.png,benign\nb.png,cancerous\n", 3, "label", "unknown label 'cancerous'; expected one of"),
+        ("file,Effusion\na.png,1\nb.png,maybe\n", 3, "Effusion", "'maybe' is not 0/1"),
+        ("file,label\n,benign\n", 2, "file", "empty file"),
+        ("file,label\na.png,benign,extra\n", 2, None, "3 values but the header has 2 columns"),
+        ("file,label,label\na.png,benign,normal\n", 1, "label", "duplicate column name"),
+        ("", None, None, "the file is empty"),
+    ],
+)
+def test_bad_files_are_refused_with_where_and_what(tmp_path, text, line, column, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(LabelFileError) as info:
+        read_labels(path, VOCABULARY)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    assert expected in message
+    assert info.value.line == line and info.value.column == column
+
+
+def test_a_binary_file_is_refused_as_not_utf8(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"file,label\n\xff\xfe\x00")
+    with pytest.raises(LabelFileError, match="not UTF-8"):
+        read_labels(path, VOCABULARY)

@@ -1,0 +1,63 @@
+"""Subgroups: levels from the labels file or the stored metadata, age bands, insufficient levels."""
+
+import numpy as np
+import pytest
+
+from audit_factory import label_table as table
+from audit_factory import stored_predictions as predictions
+from meddaemon.audit.join import join
+from meddaemon.audit.predictions import AuditInputError
+from meddaemon.audit.subgroups import age_band, grouping_values, subgroups
+from meddaemon.audit.values import Undefined
+
+
+@pytest.mark.parametrize(
+    ("value", "band"),
+    [("58", "40-59"), ("058Y", "40-59"), ("006M", "0-17"), ("17", "0-17"), ("18", "18-39"), ("080Y", "80+"),
+     ("", "(missing)"), (None, "(missing)"), ("old", "(missing)")],
+)  # fmt: skip
+def test_age_bands_from_years_or_dicom_ages(value, band):
+    assert age_band(value) == band
+
+
+def cohort(n=200, seed=0):
+    rng = np.random.default_rng(seed)
+    names = [f"s{i}.png" for i in range(n)]
+    y = rng.random(n) < 0.4
+    probs = np.stack([1 - y * 0.6 - rng.random(n) * 0.4, y * 0.6 + rng.random(n) * 0.4], axis=1)
+    preds = predictions("covid", names, probs=probs)
+    sites = ["north" if i < 170 else "south" for i in range(n)]
+    t = table(
+        [(nm, {"covid" if yy else "normal"}, None, {"site": s}) for nm, yy, s in zip(names, y, sites, strict=True)],
+        attributes=("site",),
+    )
+    return join(preds, t)[0]
+
+
+def test_each_level_gets_metrics_and_small_levels_are_insufficient():
+    groups = subgroups(cohort(), ["site"], min_n=40)
+    by_level = {g.level: g for g in groups}
+    assert by_level["north"].n == 170 and by_level["north"].metrics is not None
+    south = by_level["south"]
+    assert south.metrics is None and isinstance(south.insufficient, Undefined)
+    assert south.insufficient.reason.startswith("insufficient: 30 labelled scans, fewer than the minimum 40")
+    assert south.insufficient.counts["n"] == 30
+
+
+def test_subgroup_metrics_are_the_metrics_of_that_subset():
+    c = cohort()
+    groups = subgroups(c, ["site"], min_n=10)
+    north = next(g for g in groups if g.level == "north")
+    from sklearn.metrics import roc_auc_score
+
+    assert north.metrics.auc.value == pytest.approx(roc_auc_score(c.y[:170, 0], c.probabilities[:170, 0]))
+
+
+def test_stored_metadata_is_used_when_the_labels_file_has_no_such_column():
+    values = grouping_values(cohort(), "sex")
+    assert set(values.tolist()) == {"F"}
+
+
+def test_an_unknown_column_names_what_is_available():
+    with pytest.raises(AuditInputError, match=r"no column 'scanner' to group by.*available: .*site"):
+        grouping_values(cohort(), "scanner")

@@ -1,0 +1,239 @@
+"""``medcli audit`` end to end: SYNTHETIC stored predictions in a real SQLite/PostgreSQL database,
+label files written by the test, the CLI through click's CliRunner, the PDF read back with pypdf."""
+
+import csv
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from pypdf import PdfReader
+from sklearn.metrics import roc_auc_score
+from sqlalchemy import select
+
+from audit_factory import add_version, synthetic_cohort, synthetic_scores, write_predictions
+from meddaemon.cli.medcli import cli
+from meddaemon.db.engine import session_factory
+from meddaemon.db.models import Audit
+from meddaemon.engine.tasks import NIH_FINDINGS
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, ["audit", *args], catch_exceptions=False)
+    return result
+
+
+def busi_labels(tmp_path, cohort, name="labels.csv"):
+    path = tmp_path / name
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label", "sex", "patient_id", "site"])
+        for i, n in enumerate(cohort.names):
+            w.writerow([n.split("/")[-1], cohort.labels[cohort.truth[i]], cohort.sexes[i], cohort.patient_ids[i],
+                        "north" if i % 4 else "south"])  # fmt: skip
+    return path
+
+
+@pytest.fixture
+def busi(migrated_engine, db_url, tmp_path):
+    cohort = synthetic_cohort(migrated_engine, "busi", 240, seed=1)
+    return db_url, busi_labels(tmp_path, cohort), cohort, migrated_engine
+
+
+def test_audit_json_csv_pdf_and_the_stored_row(busi, tmp_path):
+    db_url, labels, cohort, engine = busi
+    pdf, tidy = tmp_path / "audit.pdf", tmp_path / "audit.csv"
+    result = run("--db", db_url, "--labels", str(labels), "--by", "sex,site", "--bootstrap", "100",
+                 "--json", "--csv", str(tidy), "--pdf", str(pdf))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["task"] == "busi" and data["join"]["matched"] == 240 and data["passed"] is None
+    assert data["patients"] == len(set(cohort.patient_ids))
+    for j, entry in enumerate(data["labels"]):
+        assert entry["auc"]["value"] == pytest.approx(roc_auc_score(cohort.truth == j, cohort.probabilities[:, j]))
+        assert entry["auc"]["ci_method"].startswith("cluster-bootstrap-percentile (B=100")
+    assert (
+        data["multiclass"]["confusion_matrix"]
+        == np.bincount(cohort.truth * 3 + cohort.probabilities.argmax(axis=1), minlength=9).reshape(3, 3).tolist()
+    )
+    levels = {(g["by"], g["level"]) for g in data["subgroups"]}
+    assert levels == {("sex", "F"), ("sex", "M"), ("site", "north"), ("site", "south")}
+
+    rows = list(csv.DictReader(tidy.open()))
+    overall_auc = [r for r in rows if r["scope"] == "overall" and r["metric"] == "auc"]
+    assert [r["label"] for r in overall_auc] == ["benign", "malignant", "normal"]
+    assert float(overall_auc[0]["value"]) == pytest.approx(data["labels"][0]["auc"]["value"])
+
+    reader = PdfReader(str(pdf))
+    assert len(reader.pages) == 5  # summary, ROC, reliability, forest, confusion matrix
+    text = "\n".join(page.extract_text() for page in reader.pages)
+    for expected in ("Audit: busi (multiclass)", "ROC curves", "Reliability diagrams", "Subgroup forest plot",
+                     "Confusion matrix", "malignant"):  # fmt: skip
+        assert expected in text
+
+    with session_factory(engine)() as session:
+        stored = session.scalars(select(Audit)).one()
+    assert stored.id == data["audit_id"]
+    assert stored.labels_sha256 == hashlib.sha256(labels.read_bytes()).hexdigest()
+    assert stored.parameters["by"] == ["sex", "site"] and stored.parameters["bootstrap"] == 100
+    assert stored.results["labels"][0]["auc"]["value"] == pytest.approx(data["labels"][0]["auc"]["value"])
+    assert stored.predictions_sha256 == data["inputs"]["predictions_sha256"]
+
+
+def test_patients_with_several_scans_get_the_clustered_bootstrap_by_default(busi):
+    db_url, labels, cohort, _ = busi
+    result = run("--db", db_url, "--labels", str(labels), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["bootstrap_resamples"] == 2000
+    assert data["labels"][0]["sensitivity"]["ci_method"] == "cluster-bootstrap-percentile (B=2000)"
+    patients = len(set(cohort.patient_ids))
+    assert patients < 240
+    assert any(f"2000 resamples of {patients} patients" in note for note in data["notes"])
+
+
+def test_require_exits_1_when_a_lower_bound_fails_and_0_when_all_hold(busi):
+    db_url, labels, _, engine = busi
+    ok = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--require", "auc>=0.6,sensitivity>=0.3")
+    assert ok.exit_code == 0, ok.output
+    assert "PASS auc>=0.6 [benign]" in ok.stdout and "FAIL" not in ok.stdout
+    bad = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--require", "auc>=0.6,sensitivity>=0.99")
+    assert bad.exit_code == 1
+    assert "FAIL sensitivity>=0.99 [benign]" in bad.stdout
+    with session_factory(engine)() as session:
+        assert [a.passed for a in session.scalars(select(Audit).order_by(Audit.id))] == [True, False]
+
+
+def test_the_terminal_table_and_the_patient_note(busi):
+    db_url, labels, _, _ = busi
+    result = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0")
+    assert result.exit_code == 0, result.output
+    assert "Metrics (95% intervals)" in result.stdout and "benign" in result.stdout
+    assert "patients have several scans" in result.stdout
+    assert "audit 1 stored" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name,label\nx.png,benign\n", "line 1: no key column: expected one of file, sop_instance_uid, sha256"),
+        (
+            "file,label\nsynthetic_0.png,benign\nsynthetic_1.png,tumour\n",
+            "line 3, column 'label': unknown label 'tumour'",
+        ),
+        ("file,label\nnot_stored.png,benign\n", "no label row of"),
+    ],
+)
+def test_a_bad_labels_file_exits_2_naming_the_file_and_line(busi, tmp_path, text, expected):
+    db_url = busi[0]
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    result = run("--db", db_url, "--labels", str(path), "--task", "busi")
+    assert result.exit_code == 2
+    assert str(path) in result.stderr and expected in result.stderr
+
+
+def test_conflicts_and_missing_predictions_are_reported_not_fatal(busi, tmp_path):
+    db_url, labels, _, _ = busi
+    path = tmp_path / "messy.csv"
+    lines = labels.read_text().splitlines()
+    extra = ["synthetic_0.png,normal,F,P0,north", "ghost.png,benign,F,PX,north"]
+    first = lines[1].split(",")
+    if first[1] == "normal":
+        extra[0] = extra[0].replace("normal", "benign")
+    path.write_text("\n".join([*lines, *extra]) + "\n")
+    result = run("--db", db_url, "--labels", str(path), "--bootstrap", "0", "--json")
+    assert result.exit_code == 0, result.output
+    join = json.loads(result.stdout)["join"]
+    assert join["matched"] == 239 and join["predictions_without_label"] == 1
+    assert join["labels_without_prediction_examples"] == ["ghost.png"]
+    assert join["conflicts"][0]["key"] == "synthetic_0.png" and join["conflicts"][0]["lines"] == [2, 242]
+
+
+def test_unknown_group_column_and_bad_criteria_exit_2(busi):
+    db_url, labels, _, _ = busi
+    result = run("--db", db_url, "--labels", str(labels), "--by", "scanner")
+    assert result.exit_code == 2 and "no column 'scanner'" in result.stderr
+    result = run("--db", db_url, "--labels", str(labels), "--require", "auc=0.9")
+    assert result.exit_code == 2 and "cannot read criterion" in result.stderr
+
+
+def test_compare_and_time_windows(busi):
+    db_url, labels, cohort, engine = busi
+    _, probs, calls = synthetic_scores("busi", 240, seed=9, separation=0.3)
+    vid = add_version(engine, "busi", "v2", status="registered")
+    write_predictions(engine, "busi", vid, cohort.names, probs, calls)
+    result = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--compare", "v2", "--json",
+                 "--cohort-a", "2026-01-01..2026-01-31", "--cohort-b", "2026-02-01..2026-03-31")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    benign = data["comparison"][0]
+    assert benign["n"] == 240 and benign["auc_b"] == pytest.approx(roc_auc_score(cohort.truth == 0, probs[:, 0]))
+    assert benign["difference"]["value"] > 0 and benign["p_value"] < 0.05
+    assert data["shift"]["a"] == "2026-01-01..2026-01-31"
+    assert data["shift"]["labels"][0]["a"]["n"] + data["shift"]["labels"][0]["b"]["n"] == 240
+
+
+def test_nih_data_entry_with_an_undefined_label(migrated_engine, db_url, tmp_path):
+    n = 150
+    truth, probs, calls = synthetic_scores("chestxray14", n, seed=4)
+    truth[:, NIH_FINDINGS.index("Hernia")] = 0
+    names = [f"chestxray14/{i:08d}_000.png" for i in range(n)]
+    vid = add_version(migrated_engine, "chestxray14", "d1")
+    write_predictions(migrated_engine, "chestxray14", vid, names, probs, calls)
+    path = tmp_path / "Data_Entry_2017.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        header = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+        w.writerow([*header.split(",")[:-1], "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]", ""])
+        for i in range(n):
+            found = "|".join(f for f, t in zip(NIH_FINDINGS, truth[i], strict=True) if t) or "No Finding"
+            w.writerow([f"{i:08d}_000.png", found, 0, i, 30 + i % 50, "MF"[i % 2], "PA", 2048, 2048, 0.14, 0.14, ""])
+    pdf = tmp_path / "audit.pdf"
+    result = run("--db", db_url, "--labels", str(path), "--bootstrap", "0", "--json", "--by", "sex,age_band",
+                 "--pdf", str(pdf))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = "\n".join(page.extract_text() for page in PdfReader(str(pdf)).pages)
+    assert "Audit: chestxray14 (multilabel)" in text and "Pleural_Thickening" in text
+    assert "AUC undefined" in text  # Hernia's ROC panel
+    data = json.loads(result.stdout)
+    assert data["task"] == "chestxray14" and len(data["labels"]) == 14
+    hernia = next(entry for entry in data["labels"] if entry["label"] == "Hernia")
+    assert hernia["auc"] == {"value": None, "undefined": "one class only: no positives",
+                             "counts": {"n": n, "positives": 0, "negatives": n}}  # fmt: skip
+    assert hernia["auprc"]["undefined"] == "no positives" and hernia["sensitivity"]["undefined"] == "no positives"
+    mass = next(entry for entry in data["labels"] if entry["label"] == "Mass")
+    j = NIH_FINDINGS.index("Mass")
+    assert mass["auc"]["value"] == pytest.approx(roc_auc_score(truth[:, j], probs[:, j]))
+    assert {g["by"] for g in data["subgroups"]} == {"sex", "age_band"}
+
+
+def test_busi_folders(migrated_engine, db_url, tmp_path):
+    cohort = synthetic_cohort(migrated_engine, "busi", 60, seed=2)
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    for cls in cohort.labels:
+        (root / cls).mkdir(parents=True)
+    for i, name in enumerate(cohort.names):
+        base = name.split("/")[-1]
+        (root / cohort.labels[cohort.truth[i]] / base).write_bytes(b"SYNTHETIC")
+        (root / cohort.labels[cohort.truth[i]] / base.replace(".png", "_mask.png")).write_bytes(b"SYNTHETIC")
+    result = run("--db", db_url, "--labels-from-folders", str(root), "--bootstrap", "0", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["inputs"]["labels_format"] == "folders" and data["join"]["matched"] == 60
+
+
+def test_database_unavailable_exits_3(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("file,label\na.png,benign\n")
+    result = run("--db", "postgresql+psycopg://nobody@127.0.0.1:1/none", "--labels", str(path))
+    assert result.exit_code == 3 and "database unavailable" in result.stderr
+
+
+def test_help_explains_every_option():
+    result = CliRunner().invoke(cli, ["audit", "--help"])
+    assert result.exit_code == 0
+    for option in ("--labels", "--labels-from-folders", "--by", "--min-n", "--at-sensitivity", "--bootstrap",
+                   "--compare", "--cohort-a", "--cohort-b", "--require", "--json", "--csv", "--pdf"):  # fmt: skip
+        assert option in result.output
