@@ -11,8 +11,10 @@ from sqlalchemy import select
 from meddaemon import __version__
 from meddaemon.cli.audit import audit
 from meddaemon.cli.common import build_settings, echo_json, handle_errors, settings_options
+from meddaemon.cli.dataset import dataset
 from meddaemon.cli.models import models
 from meddaemon.cli.report import report
+from meddaemon.cli.synth import synth
 from meddaemon.db.engine import create_db_engine, session_factory
 from meddaemon.db.migrate import current_revision, head_revision, upgrade
 from meddaemon.db.models import Scan
@@ -112,6 +114,8 @@ def decoders(as_json: bool) -> None:
 
 
 cli.add_command(models)
+cli.add_command(synth)
+cli.add_command(dataset)
 cli.add_command(audit)
 cli.add_command(report)
 

@@ -1,0 +1,66 @@
+"""``medcli dataset inspect``: what a dataset folder holds, read as ``medcli retrain`` will read it,
+and the leak-free split it would get. Thin: ``meddaemon.training`` does the work."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from meddaemon.cli.common import EXIT_FAILURE, echo_json
+from meddaemon.engine.tasks import BUILTIN_TASKS
+from meddaemon.training.datasets import DatasetError, DatasetIndex, load_dataset
+from meddaemon.training.splits import SplitConfig, make_split
+
+
+@click.group()
+def dataset() -> None:
+    """Datasets for retraining: their layout, labels, patients and split."""
+
+
+@dataset.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.option("--task", type=click.Choice(sorted(BUILTIN_TASKS)), help="Label the images with this task's labels.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the split.")
+@click.option("--no-split", is_flag=True, help="Only read the dataset (no perceptual hashing, no split).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(path: Path, task: str | None, seed: int, no_split: bool, as_json: bool) -> None:
+    """Detect the layout of PATH (a folder, or a CSV manifest), count images per label and
+    patients, list what was skipped and why, and show the split: what was merged (a patient, a
+    group of near-duplicate images) and what was dropped."""
+    spec = BUILTIN_TASKS[task] if task else None
+    try:
+        index = load_dataset(path, spec)
+    except DatasetError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_FAILURE) from None
+    split = None if no_split else make_split(index, SplitConfig(spec.recipe.split if spec else (0.7, 0.15, 0.15), seed))
+    if as_json:
+        echo_json({**_summary(index), "split": None if split is None else asdict(split.report)})
+        return
+    summary = _summary(index)
+    click.echo(f"{summary['layout']} dataset at {index.root}: {summary['images']} images, {summary['kind']}")
+    click.echo("  " + "  ".join(f"{label} {n}" for label, n in index.counts().items()))
+    click.echo(f"  patients: {summary['patients'] if summary['patients'] is not None else 'not given'}")
+    for skipped in index.skipped:
+        click.echo(f"  skipped {index.relative(skipped.path)}: {skipped.reason}")
+    for warning in index.warnings:
+        click.echo(f"  warning: {warning}")
+    if split is not None:
+        click.echo("split:")
+        for line in split.report.lines():
+            click.echo(f"  {line}")
+
+
+def _summary(index: DatasetIndex) -> dict[str, object]:
+    return {
+        "layout": index.layout,
+        "root": str(index.root),
+        "kind": index.kind,
+        "images": len(index.samples),
+        "counts": index.counts(),
+        "patients": index.patients(),
+        "skipped": [{"path": index.relative(s.path), "reason": s.reason} for s in index.skipped],
+        "warnings": index.warnings,
+    }

@@ -1,0 +1,87 @@
+"""A folder per class (any task), and BUSI, which is one with masks beside its images."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from meddaemon.engine.tasks import TaskSpec
+from meddaemon.training.datasets.index import DatasetError, DatasetIndex, Sample, kind_for, require_every_label
+from meddaemon.training.images import image_files
+
+BUSI_CLASSES = ("benign", "malignant", "normal")
+#: ``benign (1)_mask.png``, ``benign (1)_mask_1.png``: BUSI's masks, named after their image.
+BUSI_MASK = re.compile(r"^(?P<image>.+)_mask(?:_\d+)?\.png$", re.IGNORECASE)
+
+
+def class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_folder_per_class(root: Path, task: TaskSpec | None = None, layout: str = "folder-per-class") -> DatasetIndex:
+    """``root/<class>/**/<image>``: the folder names are the classes (the task's labels, any case)."""
+    folders = class_folders(root)
+    labels = _labels(root, folders, task, default=tuple(f.name for f in folders))
+    by_name = {label.lower(): label for label in labels}
+    samples: list[Sample] = []
+    for folder in folders:
+        label = by_name[folder.name.lower()]
+        images = list(image_files(folder))
+        if not images:
+            raise DatasetError(
+                folder, f"the class folder {folder.name!r} holds no images", "PNG, JPEG, TIFF or DICOM files"
+            )
+        samples.extend(Sample(path, (label,)) for path in images)
+    index = DatasetIndex(layout, root, labels, kind_for(labels), samples)
+    require_every_label(index, root, f"a folder per class: {', '.join(labels)}")
+    return index
+
+
+def read_busi(root: Path, task: TaskSpec | None = None) -> DatasetIndex:
+    """Dataset_BUSI_with_GT: ``<class>/<class> (N).png`` with ``<class> (N)_mask.png`` and sometimes
+    ``_mask_1.png``. Masks are ground truth for localisation, never inputs."""
+    folders = class_folders(root)
+    present = tuple(c for c in BUSI_CLASSES if any(f.name.lower() == c for f in folders))
+    labels = _labels(root, folders, task, default=present)
+    by_name = {label.lower(): label for label in labels}
+    samples: list[Sample] = []
+    index = DatasetIndex("busi", root, labels, kind_for(labels), samples)
+    for folder in folders:
+        label = by_name[folder.name.lower()]
+        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+        masks: dict[str, list[Path]] = {}
+        for path in files:
+            match = BUSI_MASK.match(path.name)
+            if match:
+                masks.setdefault(match["image"], []).append(path)
+        readable = set(image_files(folder))
+        images = sorted(p for p in files if p in readable and not BUSI_MASK.match(p.name))
+        if not images:
+            raise DatasetError(
+                folder, f"the class folder {folder.name!r} holds no images", "BUSI's '<class> (N).png' files"
+            )
+        for path in images:
+            samples.append(Sample(path, (label,), masks=tuple(sorted(masks.pop(path.stem, [])))))
+        for stem, orphans in sorted(masks.items()):
+            index.warnings.append(
+                f"{folder.name}/: mask(s) {', '.join(p.name for p in orphans)} without an image {stem}.png"
+            )
+    require_every_label(index, root, f"BUSI's class folders {', '.join(labels)}")
+    return index
+
+
+def _labels(root: Path, folders: list[Path], task: TaskSpec | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    if not folders:
+        raise DatasetError(root, "has no class folders", "a folder per class holding its images")
+    if task is None:
+        if len(default) < 2:
+            raise DatasetError(root, f"has {len(default)} class folder(s)", "at least two classes")
+        return default
+    known = {label.lower() for label in task.labels}
+    strangers = [f.name for f in folders if f.name.lower() not in known]
+    if strangers:
+        raise DatasetError(
+            root, f"folder(s) {', '.join(strangers)} are not labels of task {task.name!r}",
+            f"one folder per label: {', '.join(task.labels)}",
+        )  # fmt: skip
+    return task.labels

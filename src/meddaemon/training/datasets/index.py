@@ -1,0 +1,150 @@
+"""What an adapter returns: a typed index of a dataset's samples, and the errors it raises."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from meddaemon.failures import ScanFailure
+from meddaemon.training.images import read_image
+
+#: Above this fraction of unreadable images the dataset is refused rather than trained on.
+DEFAULT_MAX_BAD_FRACTION = 0.05
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read: where (``path``), what is wrong, and what was expected."""
+
+    def __init__(self, path: Path, problem: str, expected: str = "") -> None:
+        self.path = path
+        self.problem = problem
+        self.expected = expected
+        super().__init__(f"{path}: {problem}" + (f"; expected {expected}" if expected else ""))
+
+
+@dataclass(frozen=True)
+class FindingBox:
+    """A finding's bounding box in pixels of the image as published (NIH's ``BBox_List_2017.csv``)."""
+
+    label: str
+    x: float
+    y: float
+    w: float
+    h: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its positive labels (exactly one for multiclass and binary tasks, any number, none
+    meaning "No Finding", for multilabel ones), its patient when the dataset says, and its ground
+    truth for localisation (BUSI masks, NIH boxes)."""
+
+    path: Path
+    labels: tuple[str, ...]
+    patient_id: str | None = None
+    masks: tuple[Path, ...] = ()
+    boxes: tuple[FindingBox, ...] = ()
+    extra: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def label(self) -> str:
+        """The class of a single-label sample."""
+        if len(self.labels) != 1:
+            raise ValueError(f"{self.path} has labels {self.labels}, not exactly one")
+        return self.labels[0]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An image or row left out of the index, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class DatasetIndex:
+    layout: str
+    root: Path
+    labels: tuple[str, ...]
+    kind: str
+    samples: list[Sample]
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    #: The images of the dataset's official test list (NIH ``test_list.txt``), when it has one.
+    official_test: frozenset[Path] | None = None
+
+    def label_matrix(self) -> np.ndarray:
+        """(samples, labels) of 0/1: one-hot for single-label tasks, multi-hot for multilabel."""
+        column = {label: i for i, label in enumerate(self.labels)}
+        matrix = np.zeros((len(self.samples), len(self.labels)), dtype=np.int8)
+        for row, sample in enumerate(self.samples):
+            for label in sample.labels:
+                matrix[row, column[label]] = 1
+        return matrix
+
+    def counts(self) -> dict[str, int]:
+        """Images per label; for multilabel tasks also "No Finding" (no positive label)."""
+        counter = Counter(label for s in self.samples for label in s.labels)
+        counts = {label: counter.get(label, 0) for label in self.labels}
+        if self.kind == "multilabel":
+            counts["No Finding"] = sum(1 for s in self.samples if not s.labels)
+        return counts
+
+    def patients(self) -> int | None:
+        ids = {s.patient_id for s in self.samples if s.patient_id is not None}
+        return len(ids) if ids else None
+
+    def relative(self, path: Path) -> str:
+        """``path`` as it is named in a saved split: relative to the dataset root, with ``/``."""
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+
+def kind_for(labels: tuple[str, ...], multilabel: bool = False) -> str:
+    if multilabel:
+        return "multilabel"
+    return "binary" if len(labels) == 2 else "multiclass"
+
+
+def drop_unreadable(index: DatasetIndex, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> DatasetIndex:
+    """Decode every image; the unreadable ones are skipped and listed with their reason, and more
+    than ``max_bad_fraction`` of them refuses the dataset."""
+    readable: list[Sample] = []
+    bad: list[Skipped] = []
+    for sample in index.samples:
+        try:
+            read_image(sample.path)
+        except ScanFailure as failure:
+            bad.append(Skipped(sample.path, f"unreadable image ({failure.reason.value}: {failure.message})"))
+            continue
+        readable.append(sample)
+    total = len(index.samples)
+    if total and len(bad) / total > max_bad_fraction:
+        shown = "; ".join(f"{index.relative(b.path)}: {b.reason}" for b in bad[:5])
+        raise DatasetError(
+            index.root,
+            f"{len(bad)} of {total} images cannot be read ({shown}{'; ...' if len(bad) > 5 else ''})",
+            f"at most {max_bad_fraction:.0%} unreadable images",
+        )
+    index.samples = readable
+    index.skipped.extend(bad)
+    return index
+
+
+def require_every_label(index: DatasetIndex, where: Path, what: str) -> None:
+    """An empty class is an error for single-label tasks and a warning for multilabel ones (a subset
+    of ChestX-ray14 often has no Hernia)."""
+    for label, count in index.counts().items():
+        if count or label == "No Finding":
+            continue
+        if index.kind == "multilabel":
+            index.warnings.append(f"no image is labelled {label}")
+        else:
+            raise DatasetError(where, f"class {label!r} has no images", what)

@@ -1,0 +1,34 @@
+"""A CSV manifest for any task: ``path,label[,patient_id]``; paths relative to the CSV's folder,
+labels joined by ``|`` for multilabel tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from meddaemon.engine.tasks import TaskSpec
+from meddaemon.training.datasets.index import DatasetError, DatasetIndex, Sample, kind_for, require_every_label
+from meddaemon.training.datasets.tables import read_table, require_existing
+
+COLUMNS = ("path", "label", "patient_id")
+
+
+def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
+    rows = read_table(table, COLUMNS[:2], allowed=COLUMNS)
+    if not rows:
+        raise DatasetError(table, "has no rows", "one row per image: path,label[,patient_id]")
+    multilabel = (task is not None and task.kind == "multilabel") or any("|" in r["label"] for r in rows)
+    parsed = [tuple(x for x in r["label"].split("|") if x) if multilabel else (r["label"],) for r in rows]
+    labels = task.labels if task is not None else tuple(sorted({x for p in parsed for x in p}))
+    samples: list[Sample] = []
+    named: list[tuple[int, Path]] = []
+    for row_number, (row, row_labels) in enumerate(zip(rows, parsed, strict=True), start=2):
+        strangers = [x for x in row_labels if x not in labels]
+        if strangers or (not multilabel and not row_labels[0]):
+            raise DatasetError(table, f"row {row_number} has label {row['label']!r}", f"one of {', '.join(labels)}")
+        path = (table.parent / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"])
+        named.append((row_number, path))
+        samples.append(Sample(path, row_labels, row.get("patient_id") or None))
+    require_existing(table, named)
+    index = DatasetIndex("manifest", table.parent.resolve(), labels, kind_for(labels, multilabel), samples)
+    require_every_label(index, table, f"rows for every label: {', '.join(labels)}")
+    return index

@@ -1,0 +1,318 @@
+"""Train/validation/test splits that do not leak: stratified by label, with every patient and every
+group of near-duplicate images kept on one side (union-find over both), reproducible from a seed,
+saved as JSON next to the model, with a report of what was merged or dropped and why.
+
+ChestX-ray14's official ``test_list.txt`` is honoured: its images are the test set, the rest is
+split into train and validation, and a train image that is a near-duplicate of a test image (or
+belongs to a test patient) is dropped rather than let leak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meddaemon.failures import ScanFailure
+from meddaemon.training.datasets import DatasetIndex, Sample
+from meddaemon.training.nearduplicates import DEFAULT_MAX_DISTANCE, hash_files, near_duplicate_groups
+from meddaemon.training.unionfind import DisjointSets
+
+SPLITS = ("train", "val", "test")
+SPLIT_FILE = "split.json"
+FORMAT = "meddaemon-split/1"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+    max_hash_distance: int = DEFAULT_MAX_DISTANCE
+
+
+@dataclass(frozen=True)
+class Dropped:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Merged:
+    """Images kept on one side together: one patient's, or a near-duplicate group's."""
+
+    why: str
+    members: tuple[str, ...]
+
+
+@dataclass
+class SplitReport:
+    dropped: list[Dropped] = field(default_factory=list)
+    merged: list[Merged] = field(default_factory=list)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    groups: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """The report in sentences, for a person."""
+        out = [f"{self.groups} groups split; " + ", ".join(f"{s}: {sum(c.values())}" for s, c in self.counts.items())]
+        for split, counts in self.counts.items():
+            out.append(f"  {split:<5} " + "  ".join(f"{label} {n}" for label, n in counts.items()))
+        patients = sum(1 for m in self.merged if m.why == "patient")
+        near = [m for m in self.merged if m.why == "near-duplicate"]
+        out.append(f"merged: {patients} patients with several images, {len(near)} near-duplicate groups")
+        out.extend(f"  near-duplicates kept together: {', '.join(m.members)}" for m in near)
+        out.append(f"dropped: {len(self.dropped)}")
+        out.extend(f"  {d.path}: {d.reason}" for d in self.dropped)
+        out.extend(f"warning: {w}" for w in self.warnings)
+        return out
+
+
+@dataclass
+class DatasetSplit:
+    """Which side each image (named relative to the dataset root) is on, and how it came to be."""
+
+    layout: str
+    labels: tuple[str, ...]
+    config: SplitConfig
+    assignments: dict[str, str]
+    report: SplitReport
+
+    def names(self, split: str) -> list[str]:
+        return sorted(name for name, side in self.assignments.items() if side == split)
+
+    def samples(self, index: DatasetIndex, split: str) -> list[Sample]:
+        return [s for s in index.samples if self.assignments.get(index.relative(s.path)) == split]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "layout": self.layout,
+            "labels": list(self.labels),
+            "config": asdict(self.config),
+            "assignments": dict(sorted(self.assignments.items())),
+            "report": asdict(self.report),
+        }
+
+
+def make_split(
+    index: DatasetIndex, config: SplitConfig = SplitConfig(), hashes: Mapping[Path, int] | None = None
+) -> DatasetSplit:
+    """Split ``index``; ``hashes`` (pHash per path) are computed when not given."""
+    _check_fractions(config.fractions)
+    report = SplitReport(dropped=[Dropped(index.relative(s.path), s.reason) for s in index.skipped])
+    samples = _without_identical_files(index, report)
+    if hashes is None:
+        hashes, samples = _hash_readable(index, samples, report)
+    samples, near_duplicates = _merge_near_duplicates(index, samples, hashes, config.max_hash_distance, report)
+    groups = _groups(index, samples, near_duplicates, report)
+    assignments = _assign(index, groups, config, report)
+    report.groups = len(groups)
+    report.counts = _counts(index, samples, assignments)
+    _warn_about(report, index)
+    return DatasetSplit(index.layout, index.labels, config, assignments, report)
+
+
+def _check_fractions(fractions: tuple[float, float, float]) -> None:
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, not {fractions}")
+
+
+def _without_identical_files(index: DatasetIndex, report: SplitReport) -> list[Sample]:
+    """Byte-identical files: the first is kept, the copies are dropped (all, if labelled differently)."""
+    by_digest: dict[str, list[Sample]] = {}
+    for sample in index.samples:
+        by_digest.setdefault(hashlib.sha256(sample.path.read_bytes()).hexdigest(), []).append(sample)
+    kept: set[Path] = set()
+    for copies in by_digest.values():
+        first = copies[0]
+        if len({c.labels for c in copies}) > 1:
+            names = ", ".join(index.relative(c.path) for c in copies)
+            report.dropped.extend(Dropped(index.relative(c.path), f"identical files labelled differently: {names}")
+                                  for c in copies)  # fmt: skip
+            continue
+        kept.add(first.path)
+        report.dropped.extend(
+            Dropped(index.relative(c.path), f"the same bytes as {index.relative(first.path)}") for c in copies[1:]
+        )
+    return [s for s in index.samples if s.path in kept]
+
+
+def _hash_readable(
+    index: DatasetIndex, samples: list[Sample], report: SplitReport
+) -> tuple[dict[Path, int], list[Sample]]:
+    """pHash of every image; one that cannot be decoded (an index read without ``check_images``) is dropped."""
+    hashes: dict[Path, int] = {}
+    for sample in samples:
+        try:
+            hashes.update(hash_files([sample.path]))
+        except ScanFailure as failure:
+            report.dropped.append(Dropped(index.relative(sample.path), f"unreadable image ({failure.message})"))
+    return hashes, [s for s in samples if s.path in hashes]
+
+
+def _merge_near_duplicates(
+    index: DatasetIndex, samples: list[Sample], hashes: Mapping[Path, int], max_distance: int, report: SplitReport
+) -> tuple[list[Sample], list[tuple[Path, ...]]]:
+    """Near-duplicate groups are recorded (and kept together by :func:`_groups`); a group whose
+    images carry different classes is dropped whole: the same picture cannot teach two answers."""
+    by_path = {s.path: s for s in samples}
+    dropped: set[Path] = set()
+    kept_together: list[tuple[Path, ...]] = []
+    for group in near_duplicate_groups({p: hashes[p] for p in by_path}, max_distance):
+        members = [by_path[p] for p in group.members]
+        names = tuple(index.relative(p) for p in group.members)
+        if index.kind != "multilabel" and len({m.labels for m in members}) > 1:
+            classes = ", ".join(f"{index.relative(m.path)} ({m.label})" for m in members)
+            report.dropped.extend(Dropped(n, f"near-duplicates labelled differently: {classes}") for n in names)
+            dropped.update(group.members)
+            continue
+        report.merged.append(Merged("near-duplicate", names))
+        kept_together.append(group.members)
+    return [s for s in samples if s.path not in dropped], kept_together
+
+
+def _groups(
+    index: DatasetIndex, samples: list[Sample], near_duplicates: list[tuple[Path, ...]], report: SplitReport
+) -> list[list[Sample]]:
+    """Union-find over "same patient" and "near-duplicates": the units a split may not cut."""
+    position = {s.path: i for i, s in enumerate(samples)}
+    sets = DisjointSets(len(samples))
+    by_patient: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        if sample.patient_id is not None:
+            by_patient.setdefault(sample.patient_id, []).append(i)
+    for patient_members in by_patient.values():
+        sets.union(patient_members)
+        if len(patient_members) > 1:
+            report.merged.append(Merged("patient", tuple(index.relative(samples[i].path) for i in patient_members)))
+    for members in near_duplicates:
+        sets.union(position[path] for path in members)
+    return [[samples[i] for i in members] for members in sets.groups()]
+
+
+def _label_columns(index: DatasetIndex, group: list[Sample]) -> np.ndarray:
+    """Per-label counts of a group; multilabel tasks get a last column for "No Finding"."""
+    column = {label: i for i, label in enumerate(index.labels)}
+    counts = np.zeros(len(index.labels) + 1, dtype=np.float64)
+    for sample in group:
+        for label in sample.labels:
+            counts[column[label]] += 1
+        if not sample.labels:
+            counts[-1] += 1
+    return counts
+
+
+def _assign(
+    index: DatasetIndex, groups: list[list[Sample]], config: SplitConfig, report: SplitReport
+) -> dict[str, str]:
+    fractions = np.array(config.fractions, dtype=np.float64)
+    assignments: dict[str, str] = {}
+    open_splits = [0, 1, 2]
+    if index.official_test is not None:
+        groups = _honour_official_test(index, groups, assignments, report)
+        fractions = np.array([fractions[0], fractions[1], 0.0]) / max(fractions[0] + fractions[1], 1e-9)
+        open_splits = [0, 1]
+    rng = np.random.default_rng(config.seed)
+    order = sorted(rng.permutation(len(groups)).tolist(), key=lambda g: -len(groups[g]))
+    vectors = [_label_columns(index, g) for g in groups]
+    totals = np.maximum(np.sum(vectors, axis=0), 1.0) if vectors else np.ones(len(index.labels) + 1)
+    size_total = max(sum(len(g) for g in groups), 1)
+    current = np.zeros((3, len(totals)))
+    sizes = np.zeros(3)
+    for g in order:
+        vector, size = vectors[g], len(groups[g])
+        deficits = [
+            float(np.sum(vector * (fractions[s] * totals - current[s]) / totals))
+            + size * (fractions[s] * size_total - sizes[s]) / size_total
+            for s in open_splits
+        ]
+        side = open_splits[int(np.argmax(deficits))]
+        current[side] += vector
+        sizes[side] += size
+        for sample in groups[g]:
+            assignments[index.relative(sample.path)] = SPLITS[side]
+    return assignments
+
+
+def _honour_official_test(
+    index: DatasetIndex, groups: list[list[Sample]], assignments: dict[str, str], report: SplitReport
+) -> list[list[Sample]]:
+    """Groups touching the official test list go to test; their other images are dropped."""
+    official = index.official_test or frozenset()
+    rest: list[list[Sample]] = []
+    for group in groups:
+        tested = [s for s in group if s.path in official]
+        if not tested:
+            rest.append(group)
+            continue
+        for sample in group:
+            name = index.relative(sample.path)
+            if sample.path in official:
+                assignments[name] = "test"
+            else:
+                why = f"shares a patient or near-duplicate with official test image {index.relative(tested[0].path)}"
+                report.dropped.append(Dropped(name, why))
+    return rest
+
+
+def _counts(index: DatasetIndex, samples: list[Sample], assignments: dict[str, str]) -> dict[str, dict[str, int]]:
+    counts = {split: dict.fromkeys(index.labels, 0) for split in SPLITS}
+    for sample in samples:
+        side = assignments.get(index.relative(sample.path))
+        if side is None:
+            continue
+        for label in sample.labels:
+            counts[side][label] += 1
+        if index.kind == "multilabel" and not sample.labels:
+            counts[side]["No Finding"] = counts[side].get("No Finding", 0) + 1
+    return counts
+
+
+def _warn_about(report: SplitReport, index: DatasetIndex) -> None:
+    total = sum(sum(c.values()) for c in report.counts.values()) or 1
+    for label in index.labels:
+        everywhere = sum(c.get(label, 0) for c in report.counts.values())
+        missing = [s for s in SPLITS if everywhere >= 3 and report.counts[s].get(label, 0) == 0]
+        if missing:
+            report.warnings.append(f"no {label} image in {', '.join(missing)} ({everywhere} in all)")
+    largest = max((len(m.members) for m in report.merged), default=0)
+    if largest > 0.2 * total:
+        report.warnings.append(f"one group holds {largest} of {total} images; the split cannot be balanced well")
+
+
+def save_split(split: DatasetSplit, where: Path) -> Path:
+    """Write ``split.json`` into the folder ``where`` (or to ``where`` if it names a .json file)."""
+    path = where if where.suffix == ".json" else where / SPLIT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(split.as_dict(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+    return path
+
+
+def load_split(where: Path) -> DatasetSplit:
+    path = where if where.suffix == ".json" else where / SPLIT_FILE
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a meddaemon split (format {data.get('format')!r}, expected {FORMAT})")
+    config = data["config"]
+    report = data["report"]
+    return DatasetSplit(
+        layout=data["layout"],
+        labels=tuple(data["labels"]),
+        config=SplitConfig(tuple(config["fractions"]), config["seed"], config["max_hash_distance"]),  # type: ignore[arg-type]
+        assignments=dict(data["assignments"]),
+        report=SplitReport(
+            dropped=[Dropped(**d) for d in report["dropped"]],
+            merged=[Merged(m["why"], tuple(m["members"])) for m in report["merged"]],
+            counts=report["counts"],
+            groups=report["groups"],
+            warnings=list(report["warnings"]),
+        ),
+    )

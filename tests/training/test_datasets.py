@@ -1,0 +1,166 @@
+"""Dataset adapters: the published quirks are read as published, DICOM reads like PNG, and every
+bad input is a DatasetError that names the path and what was expected."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dicom_factory import write_dicom, write_png
+
+from meddaemon.engine.tasks import BUILTIN_TASKS
+from meddaemon.training.datasets import DatasetError, detect_layout, load_dataset
+from meddaemon.training.phantoms import PhantomSet
+
+ENTRY_HEADER = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n"
+#: Data_Entry_2017.csv as first published: bracketed names cut by their commas, a trailing comma.
+ENTRY_HEADER_2017 = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],\n"
+)
+
+
+def pixels(seed: int, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, size=(size, size), dtype=np.uint8)
+
+
+def test_busi_names_with_spaces_and_parentheses_keep_their_masks_and_second_masks(tmp_path: Path) -> None:
+    for cls in ("benign", "malignant"):
+        for n in (1, 2):
+            write_png(tmp_path / cls / f"{cls} ({n}).png", pixels(n))
+            write_png(tmp_path / cls / f"{cls} ({n})_mask.png", pixels(9))
+    write_png(tmp_path / "benign" / "benign (2)_mask_1.png", pixels(9))
+    index = load_dataset(tmp_path, check_images=False)
+    assert index.layout == "busi" and index.labels == ("benign", "malignant")
+    second = next(s for s in index.samples if s.path.name == "benign (2).png")
+    assert [m.name for m in second.masks] == ["benign (2)_mask.png", "benign (2)_mask_1.png"]
+    assert len(index.samples) == 4
+
+
+def test_nih_labels_are_split_on_bars_and_no_finding_has_none(tmp_path: Path) -> None:
+    for name in ("00000001_000.png", "00000001_001.png", "00000002_000.png"):
+        write_png(tmp_path / "images_001" / "images" / name, pixels(1))  # Kaggle's folders
+    (tmp_path / "Data_Entry_2017.csv").write_text(
+        ENTRY_HEADER_2017 + "00000001_000.png,Cardiomegaly|Effusion,0,1,58,M,PA,2682,2749,0.143,0.143,\n"
+        "00000001_001.png,No Finding,1,1,58,M,PA,2894,2729,0.143,0.143,\n"
+        "00000002_000.png,Hernia,0,2,81,F,AP,2500,2048,0.168,0.168,\n"
+    )
+    index = load_dataset(tmp_path, BUILTIN_TASKS["chestxray14"])
+    assert [s.labels for s in index.samples] == [("Cardiomegaly", "Effusion"), (), ("Hernia",)]
+    assert [s.patient_id for s in index.samples] == ["1", "1", "2"]
+    assert index.label_matrix().sum(axis=0).tolist()[:3] == [0, 1, 1]
+    assert index.samples[0].extra["View Position"] == "PA"
+    assert index.official_test is None
+    assert "no image is labelled Mass" in index.warnings
+
+
+def test_a_folder_of_dicom_files_per_class_is_read(tmp_path: Path) -> None:
+    for label, level in (("normal", 500), ("covid", 3000)):
+        for n in range(3):
+            arr = np.full((40, 40), level + 10 * n, dtype=np.uint16)
+            arr[:4] = 0
+            write_dicom(tmp_path / label / (f"IM{n:04d}" if n else f"scan{n}.dcm"), pixels=arr)
+    (tmp_path / "normal" / "notes.txt").write_text("not an image")
+    assert detect_layout(tmp_path) == "folder-per-class"
+    index = load_dataset(tmp_path, BUILTIN_TASKS["covid"])
+    assert index.counts() == {"normal": 3, "covid": 3}
+    assert {p.path.name for p in index.samples} >= {"IM0001", "scan0.dcm"}
+
+
+def test_a_csv_manifest_reads_paths_labels_and_patients(tmp_path: Path) -> None:
+    for n in range(4):
+        write_png(tmp_path / "img" / f"{n}.png", pixels(n))
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label,patient_id\nimg/0.png,a,p1\nimg/1.png,a,p1\nimg/2.png,b,p2\nimg/3.png,b,\n")
+    index = load_dataset(manifest)
+    assert index.layout == "manifest" and index.labels == ("a", "b")
+    assert [s.patient_id for s in index.samples] == ["p1", "p1", "p2", None]
+
+
+def test_a_folder_that_matches_no_layout_says_what_was_expected(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DatasetError, match="matches no dataset layout") as caught:
+        load_dataset(tmp_path)
+    assert caught.value.path == tmp_path
+    assert "Data_Entry_2017.csv" in str(caught.value) and "folder per class" in str(caught.value)
+
+
+def test_a_folder_wrapping_a_dataset_names_the_dataset_root(phantoms: dict[str, PhantomSet], tmp_path: Path) -> None:
+    shutil.copytree(phantoms["busi"].root, tmp_path / "Dataset_BUSI_with_GT")
+    with pytest.raises(DatasetError, match="holds one folder, Dataset_BUSI_with_GT, which is a busi dataset"):
+        detect_layout(tmp_path)
+
+
+def test_an_empty_class_folder_is_named(tmp_path: Path) -> None:
+    write_png(tmp_path / "covid" / "a.png", pixels(1))
+    (tmp_path / "normal").mkdir()
+    with pytest.raises(DatasetError, match="'normal' holds no images") as caught:
+        load_dataset(tmp_path, BUILTIN_TASKS["covid"])
+    assert caught.value.path == tmp_path / "normal"
+
+
+def test_a_task_label_without_a_folder_is_an_empty_class(tmp_path: Path) -> None:
+    write_png(tmp_path / "covid" / "a.png", pixels(1))
+    write_png(tmp_path / "covid" / "b.png", pixels(2))
+    with pytest.raises(DatasetError, match="class 'normal' has no images"):
+        load_dataset(tmp_path, BUILTIN_TASKS["covid"])
+
+
+def test_a_folder_that_is_not_a_label_of_the_task_is_named(tmp_path: Path) -> None:
+    for label in ("covid", "normal", "pneumonia"):
+        write_png(tmp_path / label / "a.png", pixels(1))
+    with pytest.raises(DatasetError, match="pneumonia are not labels of task 'covid'"):
+        load_dataset(tmp_path, BUILTIN_TASKS["covid"])
+
+
+def test_a_manifest_with_unknown_columns_lists_them(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,site\na.png,x,1\n")
+    with pytest.raises(DatasetError, match="unknown column") as caught:
+        load_dataset(manifest)
+    assert caught.value.path == manifest and "site" in str(caught.value)
+    assert "path, label, patient_id" in caught.value.expected
+
+
+def test_a_label_file_missing_a_required_column_names_it(tmp_path: Path) -> None:
+    (tmp_path / "metadata.csv").write_text("patientid,filename\n1,a.png\n")
+    with pytest.raises(DatasetError, match=r"missing column.*finding") as caught:
+        load_dataset(tmp_path)
+    assert caught.value.path == tmp_path / "metadata.csv"
+
+
+def test_label_rows_naming_images_that_do_not_exist_are_listed(tmp_path: Path) -> None:
+    write_png(tmp_path / "images" / "00000001_000.png", pixels(1))
+    (tmp_path / "Data_Entry_2017.csv").write_text(
+        ENTRY_HEADER + "00000001_000.png,No Finding,0,1,58,M,PA\n00000009_000.png,Mass,0,9,40,F,PA\n"
+    )
+    with pytest.raises(DatasetError, match="do not exist") as caught:
+        load_dataset(tmp_path)
+    assert caught.value.path == tmp_path / "Data_Entry_2017.csv"
+    assert "row 3" in str(caught.value) and "00000009_000.png" in str(caught.value)
+
+
+def _copy_with_corrupt_images(phantom: PhantomSet, where: Path, corrupt: int) -> Path:
+    root = shutil.copytree(phantom.root, where)
+    images = [p for p in sorted(root.glob("normal/normal (*).png")) if "_mask" not in p.name]
+    for path in images[:corrupt]:
+        path.write_bytes(path.read_bytes()[:60])
+    return root
+
+
+def test_corrupt_images_are_skipped_and_listed_under_the_threshold(
+    phantoms: dict[str, PhantomSet], tmp_path: Path
+) -> None:
+    root = _copy_with_corrupt_images(phantoms["busi"], tmp_path / "busi", corrupt=1)
+    index = load_dataset(root, BUILTIN_TASKS["busi"])
+    assert len(index.samples) == phantoms["busi"].images - 1
+    assert len(index.skipped) == 1 and "unreadable image" in index.skipped[0].reason
+
+
+def test_corrupt_images_over_the_threshold_refuse_the_dataset(phantoms: dict[str, PhantomSet], tmp_path: Path) -> None:
+    root = _copy_with_corrupt_images(phantoms["busi"], tmp_path / "busi", corrupt=6)
+    with pytest.raises(DatasetError, match="cannot be read") as caught:
+        load_dataset(root, BUILTIN_TASKS["busi"], max_bad_fraction=0.05)
+    assert "at most 5% unreadable" in str(caught.value)

@@ -1,0 +1,132 @@
+"""Splits: no patient and no near-duplicate group on two sides (these tests fail if the grouping
+breaks), stratified within tolerance, the same for the same seed, NIH's official test list kept,
+saved and loaded as JSON, and a report of what was merged or dropped and why."""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from meddaemon.engine.tasks import BUILTIN_TASKS
+from meddaemon.training.datasets import DatasetIndex, load_dataset
+from meddaemon.training.phantoms import PhantomSet
+from meddaemon.training.splits import SPLITS, DatasetSplit, SplitConfig, load_split, make_split, save_split
+
+
+def load(phantoms: dict[str, PhantomSet], task: str) -> DatasetIndex:
+    return load_dataset(phantoms[task].root, BUILTIN_TASKS[task], check_images=False)
+
+
+def sides_by_patient(index: DatasetIndex, split: DatasetSplit) -> dict[str, set[str]]:
+    sides: dict[str, set[str]] = defaultdict(set)
+    for sample in index.samples:
+        side = split.assignments.get(index.relative(sample.path))
+        if side is not None and sample.patient_id is not None:
+            sides[sample.patient_id].add(side)
+    return sides
+
+
+@pytest.mark.parametrize("task", ["chestxray14", "covid", "histopathology"])
+def test_no_patient_lands_on_two_sides(phantoms: dict[str, PhantomSet], task: str) -> None:
+    index = load(phantoms, task)
+    split = make_split(index, SplitConfig(seed=1))
+    sides = sides_by_patient(index, split)
+    assert len(sides) == index.patients()
+    assert {p: s for p, s in sides.items() if len(s) > 1} == {}
+    assert len({side for s in sides.values() for side in s}) == 3
+
+
+def test_no_near_duplicate_lands_on_two_sides(phantoms: dict[str, PhantomSet]) -> None:
+    written = phantoms["busi"]
+    index = load(phantoms, "busi")
+    for seed in range(5):
+        split = make_split(index, SplitConfig(seed=seed))
+        kept = [(a, b) for a, b in written.near_duplicates if a in split.assignments and b in split.assignments]
+        assert kept, "some planted pairs share a class and must stay in the split"
+        assert [(a, b) for a, b in kept if split.assignments[a] != split.assignments[b]] == []
+
+
+def test_near_duplicates_labelled_differently_are_dropped_and_reported(phantoms: dict[str, PhantomSet]) -> None:
+    split = make_split(load(phantoms, "busi"))
+    crossed = [(a, b) for a, b in phantoms["busi"].near_duplicates if a.split("/")[0] != b.split("/")[0]]
+    assert crossed
+    dropped = {d.path: d.reason for d in split.report.dropped}
+    for a, b in crossed:
+        assert a not in split.assignments and b not in split.assignments
+        assert "labelled differently" in dropped[a] and b in dropped[a]
+    assert any(m.why == "near-duplicate" for m in split.report.merged)
+    assert any("near-duplicates kept together" in line for line in split.report.lines())
+
+
+def test_identical_files_are_kept_once_or_dropped_when_labelled_differently(
+    phantoms: dict[str, PhantomSet], tmp_path: Path
+) -> None:
+    root = shutil.copytree(phantoms["covid"].root, tmp_path / "covid")
+    index = load_dataset(root, BUILTIN_TASKS["covid"], check_images=False)
+    covid = next(s.path for s in index.samples if s.labels == ("covid",))
+    normal = next(s.path for s in index.samples if s.labels == ("normal",))
+    (root / "normal").mkdir()
+    shutil.copy(covid, root / "normal" / "copy_of_covid.png")
+    shutil.copy(normal, root / "normal" / "copy_of_normal.png")
+    split = make_split(load_dataset(root, BUILTIN_TASKS["covid"], check_images=False))
+    covid_name, normal_name = index.relative(covid), index.relative(normal)
+    left_out = {index.relative(s.path) for s in index.skipped}
+    assert {d.path: d.reason for d in split.report.dropped if d.path not in left_out} == {
+        covid_name: f"identical files labelled differently: {covid_name}, normal/copy_of_covid.png",
+        "normal/copy_of_covid.png": f"identical files labelled differently: {covid_name}, normal/copy_of_covid.png",
+        "normal/copy_of_normal.png": f"the same bytes as {normal_name}",
+    }
+    assert normal_name in split.assignments
+
+
+def test_classes_are_stratified_within_tolerance(phantoms: dict[str, PhantomSet]) -> None:
+    index = load(phantoms, "busi")
+    config = SplitConfig(fractions=(0.6, 0.2, 0.2), seed=3)
+    split = make_split(index, config)
+    for label in index.labels:
+        total = sum(split.report.counts[s][label] for s in SPLITS)
+        for side, fraction in zip(SPLITS, config.fractions, strict=True):
+            assert abs(split.report.counts[side][label] / total - fraction) <= 0.12, (label, side)
+
+
+def test_the_same_seed_gives_the_same_split_and_another_seed_another(phantoms: dict[str, PhantomSet]) -> None:
+    index = load(phantoms, "covid")
+    first = make_split(index, SplitConfig(seed=11))
+    assert make_split(index, SplitConfig(seed=11)).assignments == first.assignments
+    assert make_split(index, SplitConfig(seed=12)).assignments != first.assignments
+
+
+def test_the_official_nih_test_list_is_the_test_set(phantoms: dict[str, PhantomSet]) -> None:
+    index = load(phantoms, "chestxray14")
+    split = make_split(index)
+    official = {index.relative(p) for p in index.official_test or ()}
+    assert set(split.names("test")) == official
+    assert split.names("train") and split.names("val")
+
+
+def test_a_split_is_saved_next_to_a_model_and_loaded_back(phantoms: dict[str, PhantomSet], tmp_path: Path) -> None:
+    index = load(phantoms, "histopathology")
+    split = make_split(index, SplitConfig(seed=5))
+    path = save_split(split, tmp_path / "model")
+    assert path == tmp_path / "model" / "split.json"
+    loaded = load_split(tmp_path / "model")
+    assert loaded.as_dict() == split.as_dict()
+    assert [s.path for s in loaded.samples(index, "test")] == [s.path for s in split.samples(index, "test")]
+
+
+def test_an_image_that_cannot_be_decoded_is_dropped_from_the_split(
+    phantoms: dict[str, PhantomSet], tmp_path: Path
+) -> None:
+    root = shutil.copytree(phantoms["histopathology"].root, tmp_path / "idc")
+    broken = next(root.glob("*/1/*.png"))
+    broken.write_bytes(b"not a png")
+    index = load_dataset(root, BUILTIN_TASKS["histopathology"], check_images=False)
+    split = make_split(index)
+    name = index.relative(broken)
+    assert name not in split.assignments
+    assert [d.reason for d in split.report.dropped if d.path == name] == [
+        "unreadable image (the bytes are not DICOM, PNG, JPEG or TIFF)"
+    ]
