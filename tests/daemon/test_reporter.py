@@ -19,7 +19,8 @@ from meddaemon.config import load_settings
 from meddaemon.daemon.reporter import Reporter
 from meddaemon.daemon.service import Daemon
 from meddaemon.db.models import Report, Scan, ScanEvent
-from meddaemon.report.output import scan_report_path, temporary_path
+from meddaemon.files import temporary_path
+from meddaemon.report.output import scan_report_path
 from model_factory import STUDY_UID, drop_scans, promote, read_pdf, reported_state, write_model
 
 

@@ -11,7 +11,8 @@ from sqlalchemy import func, select
 
 from meddaemon.db.engine import session_factory, transaction
 from meddaemon.db.models import Report
-from meddaemon.report.output import record_report, remove_stale_temporaries, temporary_path, write_pdf
+from meddaemon.files import temporary_path
+from meddaemon.report.output import record_report, remove_stale_temporaries, write_pdf
 
 
 def test_a_write_the_file_size_limit_stops_leaves_no_partial_file(tmp_path: Path):

@@ -114,10 +114,3 @@ def heatmap_paths(heatmaps_dir: Path, sha256: str, version_id: int, label: str) 
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
     base = heatmaps_dir / sha256[:2] / sha256 / f"v{version_id}_{safe}"
     return base.with_suffix(".npy"), base.with_suffix(".jpg")
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

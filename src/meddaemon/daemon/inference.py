@@ -39,6 +39,7 @@ from meddaemon.engine.overlay import jpeg_bytes, model_view, overlay
 from meddaemon.engine.registry import ModelRefused, load_version
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import ScanFailure
+from meddaemon.files import write_atomically
 
 log = logging.getLogger("meddaemon.inference")
 
@@ -294,7 +295,9 @@ class InferenceStage:
                 self.in_flight.discard(scan_id)
                 self.resting[scan_id] = time.monotonic() + self.settings.rescan_seconds
                 log.error(
-                    "scan %d: could not write its heatmap files (%s); it stays routed and is retried later", scan_id, error
+                    "scan %d: could not write its heatmap files (%s); it stays routed and is retried later",
+                    scan_id,
+                    error,
                 )
         return [outcome for outcome in batch.outcomes if outcome.scan_id not in unwritten]
 
@@ -321,8 +324,8 @@ def write_heatmap_files(
     """Each map as float16 ``.npy`` and as a JPEG overlay on the image the model saw (in a writer thread)."""
     view = model_view(model_input, contract)
     for file, heatmap in zip(files, maps, strict=True):
-        filing.write_atomically(file.array_path, _npy_bytes(heatmap.astype(np.float16)))
-        filing.write_atomically(file.overlay_path, jpeg_bytes(overlay(view, heatmap)))
+        write_atomically(file.array_path, _npy_bytes(heatmap.astype(np.float16)))
+        write_atomically(file.overlay_path, jpeg_bytes(overlay(view, heatmap)))
 
 
 def _aware(moment: datetime) -> datetime:

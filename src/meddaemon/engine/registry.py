@@ -50,6 +50,7 @@ from meddaemon import __version__
 from meddaemon.db.models import ModelVersion, Task, utcnow
 from meddaemon.engine.architectures import ARCHITECTURES, build_model
 from meddaemon.engine.tasks import BUILTIN_TASKS, KINDS, InputContract, TaskSpec
+from meddaemon.files import fsync_dir, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -476,35 +477,9 @@ def save_version(
     if not overwrite and ((out / WEIGHTS_FILE).exists() or (out / MANIFEST_FILE).exists()):
         raise FileExistsError(f"{out} already holds a model version; pass overwrite=True to replace it")
     # weights first: a manifest on disk always describes the weights beside it (or fails their hash)
-    _atomic_write(out / WEIGHTS_FILE, data)
-    _atomic_write(out / MANIFEST_FILE, manifest.to_json().encode("utf-8"))
+    write_atomically(out / WEIGHTS_FILE, data, durable=True)
+    write_atomically(out / MANIFEST_FILE, manifest.to_json().encode("utf-8"), durable=True)
     return manifest
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read_manifest(folder: Path | str) -> Manifest:
@@ -774,7 +749,7 @@ def _copy_into_registry(source: Path, target: Path, manifest: Manifest) -> None:
             log.warning("replacing %s, left by an import that did not commit", target)
             shutil.rmtree(target)
         os.rename(staging, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from datetime import datetime
 from pathlib import Path
 
@@ -17,8 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from meddaemon.db.models import Report, utcnow
-
-TMP_SUFFIX = ".tmp"
+from meddaemon.files import TMP_SUFFIX, write_atomically
 
 
 def scan_report_path(reports_dir: Path, sha256: str, with_phi: bool) -> Path:
@@ -34,24 +32,9 @@ def summary_report_path(reports_dir: Path, since: datetime, until: datetime) -> 
     return reports_dir / "summaries" / f"summary_{since:%Y%m%dT%H%M}_{until:%Y%m%dT%H%M}.pdf"
 
 
-def temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
-
-
 def write_pdf(path: Path, data: bytes) -> str:
-    """Write ``data`` to ``path`` atomically; returns its SHA-256. On any error nothing is left behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """Write ``data`` to ``path`` atomically and durably; returns its SHA-256."""
+    write_atomically(path, data, durable=True)
     return hashlib.sha256(data).hexdigest()
 
 
