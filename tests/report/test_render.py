@@ -88,6 +88,13 @@ def test_a_scan_report_has_the_images_the_calls_the_model_and_the_disclaimer():
     assert metadata["/Title"] == "Scan report 42" and metadata["/Author"] == "meddaemon"
 
 
+def test_the_call_rule_is_the_top_class_for_multiclass_and_the_threshold_otherwise():
+    multiclass, *_ = render(scan_data("busi"))
+    binary, *_ = render(scan_data("covid", positives={"covid"}))
+    assert "Call rule" in multiclass and "top class" in multiclass and "Threshold" not in multiclass
+    assert "Threshold" in binary and "0.50" in binary and "top class" not in binary
+
+
 def test_multilabel_has_one_overlay_per_positive_label():
     positives = {"Effusion", "Mass", "Hernia"}
     text, _, images, _ = render(scan_data("chestxray14", positives))

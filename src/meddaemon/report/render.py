@@ -244,7 +244,8 @@ def images_section(data: ScanReportData, images: ScanImages, template: ReportTem
 
 
 def labels_section(data: ScanReportData, template: ReportTemplate, st: Styles) -> list[Flowable]:
-    rows: list[list[Paragraph | str]] = [["Label", "Probability", "Threshold", "Call"]]
+    multiclass = data.model.kind == "multiclass"  # the call is the top class: no threshold applies
+    rows: list[list[Paragraph | str]] = [["Label", "Probability", "Call rule" if multiclass else "Threshold", "Call"]]
     commands: list[tuple[object, ...]] = [
         ("FONT", (0, 0), (-1, 0), st.fonts.bold, 9),
         ("FONT", (0, 1), (-1, -1), st.fonts.regular, 9),
@@ -257,7 +258,8 @@ def labels_section(data: ScanReportData, template: ReportTemplate, st: Styles) -
     for row, r in enumerate(data.results, start=1):
         style = st.cell_positive if r.positive else st.cell
         call = template.word("positive") if r.positive else template.word("negative")
-        rows.append([_v(template.label(r.label), style, 60), f"{r.probability:.3f}", f"{r.threshold:.2f}", call])
+        rule = "top class" if multiclass else f"{r.threshold:.2f}"
+        rows.append([_v(template.label(r.label), style, 60), f"{r.probability:.3f}", rule, call])
         if r.positive:
             commands += [("FONT", (0, row), (-1, row), st.fonts.bold, 9), ("TEXTCOLOR", (0, row), (-1, row), POSITIVE)]
     table = Table(rows, colWidths=[70 * mm, 35 * mm, 35 * mm, BODY_WIDTH - 140 * mm], repeatRows=1)
