@@ -17,8 +17,9 @@ figures are about speed only), measured in one run on one machine:
    imported and promoted before it starts), warmed up with one batch, then N synthetic 256x256 grey
    PNGs renamed from ``inbox/.staging/`` into ``inbox/busi/``; timed from the first rename until every
    scan is ``inferred`` in SQLite (polled every 20 ms). Once per configuration (``--workers``,
-   heatmaps on or off with ``MEDDAEMON_HEATMAPS=false``). Ratios: daemon / raw (goal >= 0.85) and
-   daemon / seed loop (goal >= 4).
+   heatmaps on or off with ``MEDDAEMON_HEATMAPS=false``; PDF reports off, ``MEDDAEMON_REPORTS=false``,
+   so scans stop at ``inferred``: ``benchmarks/reports.py`` measures what reports cost). Ratios:
+   daemon / raw (goal >= 0.85) and daemon / seed loop (goal >= 4).
 4. **latency**: then, the daemon idle, single PNGs renamed in one at a time (0.4 s apart), each
    timed until its scan is ``inferred`` (polled every 2 ms): p50 / max against the goal
    ``max_wait_ms + one forward of a batch of 1 (measured, backend in use) + 0.5 s``.
@@ -383,6 +384,7 @@ class DaemonRun:
             engine.dispose()
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
         env["MEDDAEMON_HEATMAPS"] = "true" if heatmaps else "false"
+        env["MEDDAEMON_REPORTS"] = "false"  # the inference path alone; benchmarks/reports.py measures reports on/off
         cmd = [
             str(MEDDAEMON), "start", "--watch", str(self.inbox), "--state-dir", str(self.state),
             "--workers", str(workers), "--rescan-seconds", "30",
@@ -684,7 +686,7 @@ def tables(bases: dict[str, Baseline], results: list[DaemonResult], rss: list[Rs
     out.append("|---|---|---|---|---|---|")
     for b in bases.values():
 
-        def spread(backend: str) -> str:
+        def spread(backend: str, b: Baseline = b) -> str:
             values = [r[backend].ips for r in b.raws if backend in r]
             if not values:
                 return "-"
