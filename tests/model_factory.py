@@ -90,8 +90,8 @@ def drop_study(inbox: Path, count: int = 2, study_uid: str = STUDY_UID) -> None:
 
 def reported_state(root: Path, **flags: object) -> Daemon:
     """A model per task, a two-scan DICOM study with patient fields, busi PNGs and DICOM, a chestxray14
-    PNG and an empty file, run through the real daemon once (``--once``: every scan but the empty file ends
-    ``reported``)."""
+    PNG and an empty file, run through the real daemon once (``--once``: every scan but the empty file is
+    reported, then archived)."""
     settings = load_settings(
         env={},
         flags={

@@ -16,8 +16,10 @@ import pytest
 from sqlalchemy import func, select
 
 from meddaemon.config import load_settings
+from meddaemon.daemon import bookkeeper
 from meddaemon.daemon.reporter import Reporter
 from meddaemon.daemon.service import Daemon
+from meddaemon.db.engine import transaction
 from meddaemon.db.models import Report, Scan, ScanEvent
 from meddaemon.files import temporary_path
 from meddaemon.report.output import scan_report_path
@@ -36,7 +38,7 @@ def leftovers(reports_dir: Path) -> list[Path]:
 def check_reports(daemon: Daemon) -> list[Report]:
     """One scan report per reported scan, each file whole and matching its stored hash."""
     with daemon.sessions() as session:
-        reported = set(session.scalars(select(Scan.id).where(Scan.state == "reported")))
+        reported = set(session.scalars(select(Scan.id).where(Scan.state.in_(["reported", "archived"]))))
         rows = session.scalars(select(Report).where(Report.kind == "scan")).all()
     assert sorted(r.scan_id for r in rows) == sorted(reported)
     for row in rows:
@@ -47,11 +49,11 @@ def check_reports(daemon: Daemon) -> list[Report]:
     return list(rows)
 
 
-def test_once_reports_every_inferred_scan_and_the_study_of_two(tmp_path: Path):
+def test_once_reports_every_inferred_scan_and_the_study_of_two_then_archives_them(tmp_path: Path):
     daemon = reported_state(tmp_path)
     states = scan_states(daemon)
     assert states.pop("synthetic_empty.png") == "failed"
-    assert set(states.values()) == {"reported"} and len(states) == 7  # DICOM and PNG
+    assert set(states.values()) == {"archived"} and len(states) == 7  # DICOM and PNG, reported first
     rows = check_reports(daemon)
     with daemon.sessions() as session:
         study = session.scalars(select(Report).where(Report.kind == "study")).all()
@@ -61,6 +63,22 @@ def test_once_reports_every_inferred_scan_and_the_study_of_two(tmp_path: Path):
     assert pages >= 2 and "2 scans of this study" in text and images >= 4
     assert len(history) == 7 and all(e.detail and e.detail.endswith(".pdf") for e in history)
     assert all(Path(r.path).is_relative_to(daemon.settings.reports_dir.absolute()) for r in rows)
+
+
+def test_reported_scans_move_from_work_to_the_archive_under_their_received_names(tmp_path: Path):
+    daemon = reported_state(tmp_path)
+    with daemon.sessions() as session:
+        archived = session.scalars(select(Scan).where(Scan.state == "archived")).all()
+        steps = {s.id: [e.state for e in s.events] for s in archived}
+    assert len(archived) == 7
+    for scan in archived:
+        stored = Path(scan.stored_path or "")
+        assert stored.is_relative_to(daemon.settings.archive_dir) and stored.name.startswith(
+            Path(scan.source_name).stem
+        )
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == scan.sha256 and scan.pending_move_from is None
+        assert steps[scan.id][-2:] == ["reported", "archived"]
+    assert [p for p in daemon.settings.work_dir.rglob("*") if p.is_file()] == []
 
 
 def test_a_full_disk_leaves_no_partial_pdf_and_the_scan_inferred_until_a_retry(make_settings, tmp_path: Path):
@@ -101,9 +119,9 @@ def test_the_running_daemon_reports_in_its_own_process_and_stops_it(make_setting
     runner.start()
     try:
         deadline = time.monotonic() + 60
-        while set(scan_states(daemon).values()) != {"reported"} and time.monotonic() < deadline:
+        while set(scan_states(daemon).values()) != {"archived"} and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert set(scan_states(daemon).values()) == {"reported"}
+        assert set(scan_states(daemon).values()) == {"archived"}
     finally:
         daemon.request_stop()
         runner.join(60)
@@ -133,7 +151,7 @@ def test_kill_9_while_reporting_leaves_no_partial_pdf_and_no_doubled_row(tmp_pat
 
     def reported() -> int:
         with setup.sessions() as session:
-            return session.scalar(select(func.count()).where(Scan.state == "reported")) or 0
+            return session.scalar(select(func.count()).where(Scan.state.in_(["reported", "archived"]))) or 0
 
     log = (tmp_path / "daemon.log").open("w")
     for kill_at in (2, 10):  # reports done when the daemon is killed
@@ -151,8 +169,9 @@ def test_kill_9_while_reporting_leaves_no_partial_pdf_and_no_doubled_row(tmp_pat
         [bindir / "meddaemon", *args, "--once"], stdout=log, stderr=subprocess.STDOUT, env=env, timeout=180
     )
     assert done.returncode == 0, (tmp_path / "daemon.log").read_text()[-2000:]
-    assert set(scan_states(setup).values()) == {"reported"}
+    assert set(scan_states(setup).values()) == {"archived"}
     assert len(check_reports(setup)) == 24
+    assert len([p for p in settings.archive_dir.rglob("*.png") if p.is_file()]) == 24
 
 
 def test_a_report_that_fails_to_build_leaves_the_scan_inferred_and_no_phi_in_the_log(
@@ -175,3 +194,29 @@ def test_a_report_that_fails_to_build_leaves_the_scan_inferred_and_no_phi_in_the
     assert "building its report failed (ValueError at test_reporter.py" in caplog.text
     assert "PHIFAMILY" not in caplog.text
     assert leftovers(daemon.settings.reports_dir) == [] and reporter.stats.errors == 4
+
+
+def test_an_archive_move_cut_off_after_its_commit_is_finished_by_recovery(make_settings, tmp_path: Path):
+    """The crash window of archiving: the rows say archived, the file is still in work/."""
+    daemon = Daemon(make_settings(max_wait_ms=10))
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "model"))
+    drop_scans(daemon.settings.watch)
+    daemon.run(once=True)
+    with transaction(daemon.sessions) as session:  # put one scan back in work/, reported
+        scan = session.scalars(select(Scan).where(Scan.state == "archived")).first()
+        assert scan is not None and scan.stored_path is not None
+        work = daemon.settings.work_dir / Path(scan.stored_path).name
+        Path(scan.stored_path).rename(work)
+        scan.state, scan.stored_path, scan_id = "reported", str(work), scan.id
+    with transaction(daemon.sessions) as session:
+        [move] = bookkeeper.claim_for_archive(session, daemon.destinations, limit=10)  # committed, not carried out
+    assert move.source == work and work.exists()
+
+    restarted = Daemon(daemon.settings)
+    restarted.recover()
+
+    with daemon.sessions() as session:
+        scan = session.get(Scan, scan_id)
+        assert scan is not None and scan.state == "archived" and scan.pending_move_from is None
+        assert Path(scan.stored_path or "").exists() and not work.exists()

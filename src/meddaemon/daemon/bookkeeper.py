@@ -389,6 +389,29 @@ def _insert_results(
         session.execute(insert(Heatmap), heatmap_rows)
 
 
+def claim_for_archive(session: Session, destinations: Destinations, limit: int) -> list[PlannedMove]:
+    """Reported scans whose file is still in work/: ``archived`` in this transaction, with the move
+    to ``archive/<day>/<name as received>`` journalled, to be carried out after the commit."""
+    now = utcnow()
+    taken: set[Path] = set()
+    moves: list[PlannedMove] = []
+    query = (
+        select(Scan)
+        .where(Scan.state == ScanState.REPORTED, Scan.pending_move_from.is_(None), Scan.stored_path.is_not(None))
+        .order_by(Scan.id)
+        .limit(limit)
+    )
+    for scan in session.scalars(query):
+        source = Path(scan.stored_path)  # type: ignore[arg-type]
+        target = filing.archive_path(
+            destinations.archive_dir, PurePosixPath(scan.source_name), scan.sha256 or "", now, taken
+        )
+        scan.pending_move_from, scan.stored_path = str(source), str(target)
+        _advance(scan, ScanState.ARCHIVED, None, now)
+        moves.append(PlannedMove("scan", scan.id, source, target))
+    return moves
+
+
 @dataclass(frozen=True)
 class ScanToInfer:
     scan_id: int

@@ -26,11 +26,16 @@ def work_path(work_dir: Path, sha256: str, source_name: PurePosixPath) -> Path:
     return work_dir / sha256[:2] / f"{sha256}{_suffix(source_name)}"
 
 
-def archive_path(archive_dir: Path, source_name: PurePosixPath, sha256: str, day: datetime) -> Path:
-    """``archive/<YYYY-MM-DD>/<name as received>``; the SHA-256 prefix keeps same-named files apart."""
+def archive_path(
+    archive_dir: Path, source_name: PurePosixPath, sha256: str, day: datetime, taken: set[Path] | None = None
+) -> Path:
+    """``archive/<YYYY-MM-DD>/<name as received>``; the SHA-256 prefix keeps same-named files apart,
+    on disk and among the ``taken`` targets of the same transaction."""
     target = archive_dir / day.strftime("%Y-%m-%d") / source_name
-    if target.exists() or target.is_symlink():
+    if target.exists() or target.is_symlink() or (taken is not None and target in taken):
         target = target.with_name(f"{_stem(source_name)}__{sha256[:12]}{_suffix(source_name)}")
+    if taken is not None:
+        taken.add(target)
     return target
 
 

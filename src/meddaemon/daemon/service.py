@@ -150,6 +150,7 @@ class Daemon:
                     self.stage.refresh_models()
                     self.stage.sweep()
                     next_poll = now + self.settings.model_poll_seconds
+                    self.archive_reported()
                     if not once:
                         self._keep_reporter()
                 if observer is not None and not observer.is_alive():
@@ -172,6 +173,8 @@ class Daemon:
             if self.settings.reports and once and not self.stop_requested.is_set():
                 # --once: the reports after the drain, here (no batch is left to stall)
                 Reporter(self.settings, self.sessions).drain(self.stop_requested.is_set)
+                while self.archive_reported():
+                    pass
         finally:
             if self.reporter is not None:
                 self.reporter.stop()
@@ -363,6 +366,18 @@ class Daemon:
                     bookkeeper.clear_pending(session, done)
 
             with_lock_retry(clear, self._log_lock_wait)
+
+    def archive_reported(self) -> int:
+        """Move up to a batch of reported scans from work/ to archive/ (commit, then move); returns how many."""
+
+        def claim(session: Session) -> list[PlannedMove]:
+            return bookkeeper.claim_for_archive(session, self.destinations, self.settings.batch_size)
+
+        moves = self._commit(claim)
+        if moves:
+            self._carry_out(moves)
+            log.info("archived %d reported scans", len(moves))
+        return len(moves)
 
     def _pending_moves(self) -> list[PlannedMove]:
         with transaction(self.sessions) as session:
