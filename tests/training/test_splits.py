@@ -107,6 +107,14 @@ def test_the_official_nih_test_list_is_the_test_set(phantoms: dict[str, PhantomS
     assert split.names("train") and split.names("val")
 
 
+def test_the_report_counts_images_per_side_not_labels(phantoms: dict[str, PhantomSet]) -> None:
+    split = make_split(load(phantoms, "chestxray14"))  # multilabel: an image may carry several labels
+    images = {side: len(split.names(side)) for side in SPLITS}
+    assert split.report.images == images
+    assert sum(images.values()) < sum(sum(c.values()) for c in split.report.counts.values())
+    assert split.report.lines()[0].endswith(", ".join(f"{side}: {n}" for side, n in images.items()))
+
+
 def test_a_split_is_saved_next_to_a_model_and_loaded_back(phantoms: dict[str, PhantomSet], tmp_path: Path) -> None:
     index = load(phantoms, "histopathology")
     split = make_split(index, SplitConfig(seed=5))

@@ -14,6 +14,7 @@ from meddaemon.cli.common import build_settings, echo_json, handle_errors, setti
 from meddaemon.cli.dataset import dataset
 from meddaemon.cli.models import models
 from meddaemon.cli.report import report
+from meddaemon.cli.retrain import retrain
 from meddaemon.cli.synth import synth
 from meddaemon.db.engine import create_db_engine, session_factory
 from meddaemon.db.migrate import current_revision, head_revision, upgrade
@@ -118,6 +119,7 @@ cli.add_command(synth)
 cli.add_command(dataset)
 cli.add_command(audit)
 cli.add_command(report)
+cli.add_command(retrain)
 
 
 def main() -> None:

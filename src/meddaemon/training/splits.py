@@ -54,13 +54,16 @@ class Merged:
 class SplitReport:
     dropped: list[Dropped] = field(default_factory=list)
     merged: list[Merged] = field(default_factory=list)
+    #: per side, how many images carry each label (a multilabel image counts once per label)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: per side, how many images
+    images: dict[str, int] = field(default_factory=dict)
     groups: int = 0
     warnings: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         """The report in sentences, for a person."""
-        out = [f"{self.groups} groups split; " + ", ".join(f"{s}: {sum(c.values())}" for s, c in self.counts.items())]
+        out = [f"{self.groups} groups split; images " + ", ".join(f"{s}: {n}" for s, n in self.images.items())]
         for split, counts in self.counts.items():
             out.append(f"  {split:<5} " + "  ".join(f"{label} {n}" for label, n in counts.items()))
         patients = sum(1 for m in self.merged if m.why == "patient")
@@ -114,6 +117,7 @@ def make_split(
     assignments = _assign(index, groups, config, report)
     report.groups = len(groups)
     report.counts = _counts(index, samples, assignments)
+    report.images = {side: sum(1 for s in assignments.values() if s == side) for side in SPLITS}
     _warn_about(report, index)
     return DatasetSplit(index.layout, index.labels, config, assignments, report)
 
@@ -312,6 +316,7 @@ def load_split(where: Path) -> DatasetSplit:
             dropped=[Dropped(**d) for d in report["dropped"]],
             merged=[Merged(m["why"], tuple(m["members"])) for m in report["merged"]],
             counts=report["counts"],
+            images=report.get("images", {}),
             groups=report["groups"],
             warnings=list(report["warnings"]),
         ),

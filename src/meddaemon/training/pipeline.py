@@ -1,0 +1,215 @@
+"""``medcli retrain`` end to end: read the dataset as published, split it without leaks, train,
+choose thresholds on validation, score the test set, write a model version (weights, manifest,
+the split it was trained on, a model card) and register it.
+
+A run works in ``workdir`` (checkpoints, so ``--resume`` finds them); the version is written to
+``workdir/versions/<version>/`` and then copied into the registry by ``import_version``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meddaemon.engine.registry import Manifest, save_version
+from meddaemon.engine.tasks import TaskSpec
+from meddaemon.training.datasets import DatasetError, DatasetIndex, load_dataset
+from meddaemon.training.evaluate import choose_thresholds, flags_for, score_test_set
+from meddaemon.training.splits import SPLIT_FILE, DatasetSplit, SplitConfig, load_split, make_split, save_split
+from meddaemon.training.train import ScanDataset, TrainConfig, TrainResult, evaluate, make_loader, make_loss, train
+
+MODEL_CARD = "MODEL_CARD.md"
+
+
+@dataclass
+class RetrainOutcome:
+    version_dir: Path
+    manifest: Manifest
+    metrics: dict[str, Any]
+    flags: list[str]
+    result: TrainResult
+    split: DatasetSplit
+    index: DatasetIndex
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "task": self.manifest.task,
+            "version": self.manifest.version,
+            "folder": str(self.version_dir),
+            "architecture": self.manifest.architecture,
+            "input_contract": self.manifest.input_contract,
+            "thresholds": self.manifest.thresholds,
+            "metrics": self.metrics,
+            "flags": self.flags,
+            "training_data_fingerprint": self.manifest.training_data_fingerprint,
+        }
+
+
+def default_version() -> str:
+    return datetime.now(UTC).strftime("r%Y%m%d-%H%M%S")
+
+
+def retrain(
+    spec: TaskSpec,
+    data: Path,
+    config: TrainConfig,
+    workdir: Path,
+    *,
+    version: str | None = None,
+    resume: bool = False,
+    show_progress: bool = False,
+    log: Callable[[str], None] = lambda _line: None,
+) -> RetrainOutcome:
+    """Train a model for ``spec`` on the dataset at ``data`` and write it as a version folder.
+
+    Raises :class:`DatasetError` for a dataset that cannot be trained on (no split side may be empty).
+    """
+    index = load_dataset(data, spec)
+    split = make_split(index, SplitConfig(spec.recipe.split, config.seed))
+    train_samples, val_samples, test_samples = (split.samples(index, side) for side in ("train", "val", "test"))
+    for side, samples in (("train", train_samples), ("validation", val_samples), ("test", test_samples)):
+        if not samples:
+            raise DatasetError(data, f"the {side} split is empty ({len(index.samples)} images)", "more images")
+    log(f"{index.layout} dataset: {len(index.samples)} images; " + "; ".join(split.report.lines()[:1]))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if resume and (workdir / SPLIT_FILE).is_file() and load_split(workdir).assignments != split.assignments:
+        raise ValueError(f"the dataset or its split changed since the checkpoint in {workdir}; cannot resume")
+    split_path = save_split(split, workdir / SPLIT_FILE)
+
+    result = train(
+        spec, train_samples, val_samples, config, workdir, resume=resume, show_progress=show_progress, log=log
+    )
+
+    val = result.validation
+    thresholds = choose_thresholds(spec.kind, spec.labels, val.probabilities, val.truth)
+    test_set = ScanDataset(test_samples, spec.labels, spec.kind, result.contract)
+    loss_fn = make_loss(spec.kind, test_set.targets, len(spec.labels), False)
+    device = torch.device(config.device)
+    test = evaluate(result.model, loss_fn, make_loader(test_set, config, shuffle=False), device, spec.kind)
+    test_metrics = score_test_set(spec.kind, spec.labels, test.probabilities, test.truth, thresholds)
+    flags = flags_for(spec.kind, spec.labels, val.probabilities, val.truth, thresholds, test_metrics)
+    metrics = {
+        "test": test_metrics,
+        "validation": {"roc_auc": _none_if_nan(val.auc), "loss": val.loss, "n": len(val_samples)},
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "stopped_early": result.stopped_early,
+        "split_counts": split.report.counts,
+        "flags": flags,
+        "synthetic": _is_synthetic(index.root),
+    }
+
+    version = version or default_version()
+    out = workdir / "versions" / version
+    manifest = save_version(
+        result.model.to("cpu"),
+        task=spec.name,
+        version=version,
+        labels=spec.labels,
+        kind=spec.kind,
+        architecture=config.architecture,
+        input_contract=result.contract,
+        out_dir=out,
+        preprocessing={"function": "meddaemon.engine.preprocess.to_model_input", "training": config.as_dict()},
+        thresholds=thresholds,
+        training_data_fingerprint=fingerprint(split_path, index),
+        metrics=metrics,
+    )
+    (out / SPLIT_FILE).write_bytes(split_path.read_bytes())
+    outcome = RetrainOutcome(out, manifest, metrics, flags, result, split, index)
+    (out / MODEL_CARD).write_text(model_card(outcome, spec, data), encoding="utf-8")
+    return outcome
+
+
+def fingerprint(split_path: Path, index: DatasetIndex) -> str:
+    """SHA-256 over the split JSON and every image's relative name and SHA-256."""
+    digest = hashlib.sha256(split_path.read_bytes())
+    for sample in sorted(index.samples, key=lambda s: index.relative(s.path)):
+        digest.update(index.relative(sample.path).encode("utf-8") + b"\0")
+        digest.update(hashlib.sha256(sample.path.read_bytes()).digest())
+    return "sha256:" + digest.hexdigest()
+
+
+def _is_synthetic(root: Path) -> bool:
+    readme = root / "README.txt"
+    return readme.is_file() and "SYNTHETIC" in readme.read_text(encoding="utf-8", errors="replace")
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if x != x else x
+
+
+def model_card(outcome: RetrainOutcome, spec: TaskSpec, data: Path) -> str:
+    """A short markdown card: data, split, recipe, metrics, flags, limits."""
+    m, metrics, config = outcome.manifest, outcome.metrics, outcome.result.config
+    test = metrics["test"]
+    c = m.input_contract
+    lines = [
+        f"# {m.task} {m.version}",
+        "",
+        f"{spec.description}. {m.kind}, labels: {', '.join(m.labels)}.",
+        f"Architecture {m.architecture} ({outcome.result.init}), input {c['channels']}x{c['height']}x{c['width']}; "
+        f"weights sha256 `{m.sha256[:16]}`; created {m.created} by meddaemon {m.code_version}.",
+        "",
+        "## Data",
+        "",
+        f"- `{data}` ({outcome.index.layout} layout, {len(outcome.index.samples)} images"
+        + (", **SYNTHETIC phantoms, not patient data**)" if metrics["synthetic"] else ")"),
+        f"- fingerprint `{m.training_data_fingerprint}` (split in `{SPLIT_FILE}` beside this card)",
+        "",
+        "| split | " + " | ".join(m.labels) + " |",
+        "|---|" + "---|" * len(m.labels),
+    ]
+    for side, counts in metrics["split_counts"].items():
+        lines.append(f"| {side} | " + " | ".join(str(counts.get(label, 0)) for label in m.labels) + " |")
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        f"{config.optimizer} lr {config.lr:g}, batch {config.batch_size}, {config.epochs} epochs max "
+        f"(ran {metrics['epochs_run']}, best {metrics['best_epoch']}), scheduler {dict(config.scheduler) or 'none'}, "
+        f"class weighting {'on' if config.class_weighting else 'off'}, augmentation "
+        f"{'on' if config.augmentation else 'off'}, patience {config.patience}, seed {config.seed}.",
+        "",
+        "## Metrics (test set)",
+        "",
+        f"- n {test['n']}, accuracy {_fmt(test['accuracy'])}, macro ROC-AUC {_fmt(test['roc_auc'])}; "
+        f"validation ROC-AUC {_fmt(metrics['validation']['roc_auc'])}",
+        f"- thresholds (chosen on validation): {_thresholds(m.kind, m.thresholds)}",
+        "",
+        "| label | precision | recall | F1 | ROC-AUC | support |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, row in test["per_label"].items():
+        lines.append(
+            f"| {label} | {_fmt(row['precision'])} | {_fmt(row['recall'])} | {_fmt(row['f1'])} | "
+            f"{_fmt(row['roc_auc'])} | {row['support']} |"
+        )
+    lines += ["", f"Confusion matrix (rows truth, columns prediction): `{json.dumps(test['confusion_matrix'])}`", ""]
+    lines += ["## Flags", ""] + ([f"- **{f}**" for f in outcome.flags] or ["- none"])
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "- Metrics come from one small held-out split; they carry wide uncertainty (see `medcli audit`).",
+        "- Decision support only, not a diagnosis; validate on local data before promoting.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _thresholds(kind: str, thresholds: Mapping[str, float]) -> str:
+    if kind == "multiclass":
+        return "none (the top class is called)"
+    return ", ".join(f"{k} {v:.3f}" for k, v in thresholds.items())

@@ -1,0 +1,628 @@
+"""Training a task's classifier, read top to bottom (in the style of torchvision's
+``references/classification/train.py``):
+
+1. :class:`TrainConfig`: every knob, its defaults taken from the task's recipe (``engine/tasks.py``).
+2. :class:`ScanDataset`: a sample is decoded by the daemon's decoder and preprocessed by the daemon's
+   :func:`~meddaemon.engine.preprocess.to_model_input`, so that served predictions match training.
+3. :func:`make_loss`, :func:`make_optimizer`, :func:`make_scheduler`: loss per kind, with class weights.
+4. :func:`train_one_epoch` and :func:`evaluate` (validation loss and macro ROC-AUC).
+5. :func:`train`: the epoch loop; the best epoch by validation metric is kept, early stopping after
+   ``patience`` epochs without improvement, a checkpoint after every epoch, ``resume`` from it.
+
+Checkpoints are ``checkpoint.safetensors`` (model, best model and optimiser tensors, the RNG state)
+plus ``checkpoint.json`` (epoch, optimiser and scheduler scalars, history): nothing is pickled, and
+nothing is ever unpickled. On the CPU a run is deterministic: shuffling and augmentation are seeded
+from (seed, epoch), so a resumed run gives the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from meddaemon.engine.architectures import Init, build_model, imagenet_cache_path
+from meddaemon.engine.decode import decode_bytes
+from meddaemon.engine.preprocess import to_model_input
+from meddaemon.engine.registry import probabilities
+from meddaemon.engine.tasks import InputContract, TaskSpec
+from meddaemon.files import write_atomically
+from meddaemon.training.datasets import Sample
+
+CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
+CHECKPOINT_STATE = "checkpoint.json"
+OPTIMIZERS = ("adam", "adamw", "nadam", "sgd")
+SCHEDULERS = ("none", "step", "plateau", "cosine")
+#: Preprocessed images are kept in memory when the whole set fits in this (small datasets).
+CACHE_LIMIT_BYTES = 1 << 30
+
+
+# --------------------------------------------------------------------------------------------
+# 1. the configuration
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train; :meth:`from_task` fills it from the task's recipe, any field can be overridden."""
+
+    architecture: str
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adam"
+    #: {"name": "step"|"plateau"|"cosine"|"none", ...} as in ``TrainingRecipe.scheduler``
+    scheduler: Mapping[str, Any] = field(default_factory=dict)
+    class_weighting: bool = True
+    augmentation: bool = True
+    #: Epochs without a better validation metric before stopping; None trains every epoch.
+    patience: int | None = None
+    seed: int = 0
+    #: Square input size; None keeps the task contract's height and width.
+    image_size: int | None = None
+    device: str = "cpu"
+    num_workers: int = 0
+    weight_decay: float = 0.0
+    #: "auto": ImageNet weights when torchvision's file is in the local cache, else from scratch.
+    init: str = "auto"
+
+    @classmethod
+    def from_task(cls, spec: TaskSpec, **overrides: Any) -> TrainConfig:
+        recipe = spec.recipe
+        config = cls(
+            architecture=spec.architecture,
+            epochs=recipe.epochs,
+            batch_size=recipe.batch_size,
+            lr=recipe.learning_rate,
+            optimizer=recipe.optimizer,
+            scheduler=dict(recipe.scheduler),
+            class_weighting=recipe.class_weighting,
+            augmentation=bool(recipe.augmentation),
+            patience=recipe.early_stopping_patience,
+        )
+        return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+    def contract(self, spec: TaskSpec) -> InputContract:
+        """The task's input contract at this run's image size (the version registers this one)."""
+        if self.image_size is None:
+            return spec.contract
+        return replace(spec.contract, height=self.image_size, width=self.image_size)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["scheduler"] = dict(self.scheduler)
+        return data
+
+
+# --------------------------------------------------------------------------------------------
+# 2. the data
+
+
+def targets_for(samples: Sequence[Sample], labels: Sequence[str], kind: str) -> Tensor:
+    """multiclass: class indices (long); binary: 1.0 for ``labels[1]`` (N, 1); multilabel: multi-hot (N, L)."""
+    column = {label: i for i, label in enumerate(labels)}
+    if kind == "multiclass":
+        return torch.tensor([column[s.label] for s in samples], dtype=torch.long)
+    if kind == "binary":
+        return torch.tensor([[1.0 if s.label == labels[1] else 0.0] for s in samples])
+    hot = torch.zeros(len(samples), len(labels))
+    for row, sample in enumerate(samples):
+        for label in sample.labels:
+            hot[row, column[label]] = 1.0
+    return hot
+
+
+def one_hot(targets: Tensor, n_labels: int, kind: str) -> np.ndarray:
+    """Targets as (N, L) 0/1, the shape of the probabilities (binary: [negative, positive])."""
+    if kind == "multiclass":
+        return F.one_hot(targets, n_labels).numpy()
+    if kind == "binary":
+        positive = targets[:, 0].numpy()
+        return np.stack([1 - positive, positive], axis=1)
+    return targets.numpy()
+
+
+class ScanDataset(Dataset[tuple[Tensor, Tensor]]):
+    """Samples decoded like the daemon decodes a scan and preprocessed by ``to_model_input``.
+
+    Preprocessed images are cached in memory when they fit (they are the same every epoch);
+    augmentation is applied after, on training sets only, seeded from (seed, epoch, index) so that
+    every run sees the same.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        labels: Sequence[str],
+        kind: str,
+        contract: InputContract,
+        *,
+        augment: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.samples = list(samples)
+        self.contract = contract
+        self.targets = targets_for(self.samples, labels, kind)
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self._cache: dict[int, Tensor] = {}
+        size = len(self.samples) * contract.channels * contract.height * contract.width * 4
+        self.cache = size <= CACHE_LIMIT_BYTES
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def image(self, i: int) -> Tensor:
+        if i in self._cache:
+            return self._cache[i]
+        scan = decode_bytes(self.samples[i].path.read_bytes())
+        x = torch.from_numpy(to_model_input(scan, self.contract)[0])
+        if self.cache:
+            self._cache[i] = x
+        return x
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x = self.image(i)
+        if self.augment:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + i)
+            x = augment(x, generator)
+        return x, self.targets[i]
+
+
+def augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Light augmentation of a (C, H, W) normalised image: a horizontal flip half the time, then a
+    small affine (rotation up to 10 degrees, shift up to 5 %, scale 0.95-1.05), borders by reflection."""
+    r = torch.rand(5, generator=generator)
+    if r[0] < 0.5:
+        x = x.flip(-1)
+    angle = math.radians((float(r[1]) * 2 - 1) * 10)
+    scale = 1 + (float(r[2]) * 2 - 1) * 0.05
+    tx, ty = (float(r[3]) * 2 - 1) * 0.05 * 2, (float(r[4]) * 2 - 1) * 0.05 * 2
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=x.dtype).unsqueeze(0)
+    grid = F.affine_grid(theta, [1, *x.shape], align_corners=False)
+    return F.grid_sample(x.unsqueeze(0), grid, padding_mode="reflection", align_corners=False)[0]
+
+
+def make_loader(dataset: ScanDataset, config: TrainConfig, *, shuffle: bool, epoch: int = 0) -> DataLoader[Any]:
+    """A loader whose shuffling is seeded from (seed, epoch): the same order on a resumed run."""
+    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=config.num_workers,
+        pin_memory=config.device.startswith("cuda"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 3. loss, optimiser, scheduler
+
+
+def make_loss(kind: str, targets: Tensor, n_labels: int, class_weighting: bool) -> nn.Module:
+    """multiclass: CrossEntropy weighted by inverse class frequency; binary and multilabel:
+    BCEWithLogits with ``pos_weight`` = negatives / positives per output."""
+    if kind == "multiclass":
+        if not class_weighting:
+            return nn.CrossEntropyLoss()
+        counts = torch.bincount(targets, minlength=n_labels).float().clamp(min=1)
+        return nn.CrossEntropyLoss(weight=counts.sum() / (n_labels * counts))
+    if not class_weighting:
+        return nn.BCEWithLogitsLoss()
+    positives = targets.sum(dim=0)
+    return nn.BCEWithLogitsLoss(pos_weight=(len(targets) - positives).clamp(min=1) / positives.clamp(min=1))
+
+
+def make_optimizer(name: str, params: Iterator[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "nadam":
+        return torch.optim.NAdam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, spec: Mapping[str, Any], epochs: int) -> Scheduler | None:
+    name = spec.get("name", "none")
+    if name == "none":
+        return None
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, int(spec.get("step_size", 10)), float(spec.get("gamma", 0.1)))
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=float(spec.get("factor", 0.1)), patience=int(spec.get("patience", 3))
+        )
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. one epoch of training, and evaluation
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision (bf16) on CUDA only; fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[Any],
+    device: torch.device,
+    *,
+    label: str = "train",
+    show_progress: bool = False,
+) -> float:
+    """One pass over ``loader``; the mean training loss."""
+    model.train()
+    total, count = 0.0, 0
+    bar: Any = (
+        click.progressbar(length=len(loader), label=label, item_show_func=lambda s: s, file=sys.stderr)
+        if show_progress
+        else contextlib.nullcontext()
+    )
+    with bar:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with _autocast(device):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(x)
+            count += len(x)
+            if show_progress:
+                bar.update(1, f"loss {total / count:.4f}")
+    return total / max(count, 1)
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    #: (N, L) probabilities as the daemon computes them (``registry.probabilities``)
+    probabilities: np.ndarray
+    #: (N, L) 0/1 truth in the same columns
+    truth: np.ndarray
+    auc: float
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loss_fn: nn.Module, loader: DataLoader[Any], device: torch.device, kind: str
+) -> Evaluation:
+    """Loss, probabilities and macro ROC-AUC over ``loader`` (in eval mode)."""
+    model.eval()
+    losses, probs, targets = [], [], []
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with _autocast(device):
+            logits = model(x)
+        logits = logits.float()
+        losses.append(float(loss_fn(logits, y)) * len(x))
+        probs.append(probabilities(logits, kind).cpu())
+        targets.append(y.cpu())
+    n_labels = probs[0].shape[1] if probs else 0
+    p = torch.cat(probs).numpy() if probs else np.zeros((0, n_labels))
+    truth = one_hot(torch.cat(targets), n_labels, kind) if targets else np.zeros((0, n_labels))
+    loss = sum(losses) / max(len(p), 1)
+    return Evaluation(loss, p, truth, macro_auc(truth, p, kind))
+
+
+def macro_auc(truth: np.ndarray, probs: np.ndarray, kind: str) -> float:
+    """Macro ROC-AUC (one-vs-rest for multiclass, the positive class for binary); NaN when undefined."""
+    columns = [1] if kind == "binary" else range(truth.shape[1])
+    aucs = [float(roc_auc_score(truth[:, j], probs[:, j])) for j in columns if 0 < truth[:, j].sum() < len(truth)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# 5. the epoch loop, checkpoints and resume
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    config: TrainConfig
+    contract: InputContract
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, float]]
+    validation: Evaluation
+    init: Init = "scratch"
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+@contextlib.contextmanager
+def _deterministic() -> Iterator[None]:
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def train(
+    spec: TaskSpec,
+    train_samples: Sequence[Sample],
+    val_samples: Sequence[Sample],
+    config: TrainConfig,
+    workdir: Path,
+    *,
+    resume: bool = False,
+    show_progress: bool = False,
+    log: Callable[[str], None] = lambda _line: None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train ``config.architecture`` for ``spec`` on ``train_samples``; keep the best epoch on
+    ``val_samples``. A checkpoint is written to ``workdir`` after every epoch; ``resume`` continues
+    from it. ``stop_after`` ends the run after that many epochs (as if interrupted; for tests)."""
+    device = torch.device(config.device)
+    contract = config.contract(spec)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with _deterministic():
+        _seed_everything(config.seed)
+        init = resolve_init(config, log)
+        model = build_model(config.architecture, contract.channels, spec.num_outputs, init=init)
+        model.to(device)
+        train_set = ScanDataset(
+            train_samples, spec.labels, spec.kind, contract, augment=config.augmentation, seed=config.seed
+        )
+        val_set = ScanDataset(val_samples, spec.labels, spec.kind, contract)
+        loss_fn = make_loss(spec.kind, train_set.targets, len(spec.labels), config.class_weighting).to(device)
+        optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
+        scheduler = make_scheduler(optimizer, config.scheduler, config.epochs)
+
+        state = _TrainingState()
+        best_weights = _cpu_state(model)
+        if resume:
+            state, best_weights = load_checkpoint(workdir, model, optimizer, scheduler, config)
+            log(f"resumed from {workdir / CHECKPOINT_WEIGHTS} after epoch {state.epoch}")
+
+        while state.epoch < config.epochs and not state.stopped_early:
+            epoch = state.epoch
+            _seed_everything(config.seed * 1000 + epoch)  # dropout: the same on a resumed run
+            train_set.set_epoch(epoch)
+            loader = make_loader(train_set, config, shuffle=True, epoch=epoch)
+            train_loss = train_one_epoch(
+                model, loss_fn, optimizer, loader, device, label=f"epoch {epoch + 1}/{config.epochs}",
+                show_progress=show_progress,
+            )  # fmt: skip
+            recalibrate_batchnorm(model, make_loader(train_set, config, shuffle=False), device)
+            val = evaluate(model, loss_fn, make_loader(val_set, config, shuffle=False), device, spec.kind)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(val.loss)
+            elif scheduler is not None:
+                scheduler.step()
+            score = _score(val)
+            improved = state.best_score is None or score > state.best_score
+            improved = improved or (score == state.best_score and val.loss < state.best_loss)
+            if improved:
+                state.best_score, state.best_loss, state.best_epoch, state.since_best = score, val.loss, epoch + 1, 0
+                best_weights = _cpu_state(model)
+            else:
+                state.since_best += 1
+            state.history.append(
+                {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val.loss, "val_auc": val.auc,
+                 "lr": optimizer.param_groups[0]["lr"]}
+            )  # fmt: skip
+            log(
+                f"epoch {epoch + 1}/{config.epochs}: train loss {train_loss:.4f}  val loss {val.loss:.4f}  "
+                f"val ROC-AUC {val.auc:.4f}{'  (best)' if improved else ''}"
+            )
+            state.epoch = epoch + 1
+            if config.patience is not None and state.since_best >= config.patience:
+                state.stopped_early = True
+                log(f"early stop: no better validation metric for {config.patience} epochs")
+            save_checkpoint(workdir, model, best_weights, optimizer, scheduler, config, state)
+            if stop_after is not None and state.epoch >= stop_after:
+                break
+
+        model.load_state_dict(best_weights)
+        val = evaluate(model, loss_fn, make_loader(val_set, config, shuffle=False), device, spec.kind)
+    return TrainResult(
+        model=model,
+        config=config,
+        contract=contract,
+        best_epoch=state.best_epoch,
+        epochs_run=state.epoch,
+        stopped_early=state.stopped_early,
+        history=state.history,
+        validation=val,
+        init=init,
+    )
+
+
+def resolve_init(config: TrainConfig, log: Callable[[str], None]) -> Init:
+    """ImageNet initialisation only from a file already on this machine; nothing is downloaded."""
+    if config.init in ("scratch", "imagenet"):
+        return "scratch" if config.init == "scratch" else "imagenet"
+    if config.init != "auto":
+        raise ValueError(f"init must be auto, scratch or imagenet, not {config.init!r}")
+    if config.architecture != "small_cnn" and imagenet_cache_path(config.architecture).is_file():
+        log(f"starting from the ImageNet weights in {imagenet_cache_path(config.architecture)}")
+        return "imagenet"
+    if config.architecture != "small_cnn":
+        log(f"training {config.architecture} from scratch: no ImageNet weights on this machine")
+    return "scratch"
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: DataLoader[Any], device: torch.device) -> None:
+    """Recompute BatchNorm running statistics as exact averages over the training set with this
+    epoch's final weights ("precise BN"). With few batches per epoch, the moving averages lag the
+    weights so far that eval mode can call one class for every image; this keeps eval honest."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for x, _ in loader:
+        with _autocast(device):
+            model(x.to(device))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+
+
+def _score(val: Evaluation) -> float:
+    """The validation metric (macro ROC-AUC), or minus the loss where the AUC is undefined."""
+    return val.auc if math.isfinite(val.auc) else -val.loss
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+
+
+@dataclass
+class _TrainingState:
+    epoch: int = 0
+    best_epoch: int = 0
+    best_score: float | None = None
+    best_loss: float = math.inf
+    since_best: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def save_checkpoint(
+    workdir: Path,
+    model: nn.Module,
+    best_weights: Mapping[str, Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Scheduler | None,
+    config: TrainConfig,
+    state: _TrainingState,
+) -> None:
+    """``checkpoint.safetensors`` (tensors) and ``checkpoint.json`` (everything else): no pickle.
+
+    The optimiser's per-parameter state is flattened: tensors to ``optimizer.<param>.<name>``,
+    scalars to the JSON. The JSON is written last and names the weights' epoch, so a crash between
+    the two files is seen at resume.
+    """
+    from safetensors.torch import save
+
+    tensors: dict[str, Tensor] = {}
+    for k, v in model.state_dict().items():
+        tensors[f"model.{k}"] = v.detach().to("cpu").contiguous()
+    for k, v in best_weights.items():
+        tensors[f"best.{k}"] = v.contiguous()
+    optim = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for param, values in optim["state"].items():
+        for name, value in values.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{param}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(param), {})[name] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "format": "meddaemon-checkpoint/1",
+        "epoch": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_score": state.best_score,
+        "best_loss": state.best_loss,
+        "since_best": state.since_best,
+        "stopped_early": state.stopped_early,
+        "history": state.history,
+        "config": config.as_dict(),
+        "optimizer": {"param_groups": optim["param_groups"], "scalars": scalars},
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+    }
+    data = save(tensors, metadata={"epoch": str(state.epoch)})
+    write_atomically(workdir / CHECKPOINT_WEIGHTS, data)
+    write_atomically(workdir / CHECKPOINT_STATE, json.dumps(meta, indent=1, default=_jsonable).encode("utf-8"))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def load_checkpoint(
+    workdir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Scheduler | None,
+    config: TrainConfig,
+) -> tuple[_TrainingState, dict[str, Tensor]]:
+    """Restore what :func:`save_checkpoint` wrote; a checkpoint of another configuration is refused."""
+    from safetensors.torch import load_file
+
+    weights, state_file = workdir / CHECKPOINT_WEIGHTS, workdir / CHECKPOINT_STATE
+    if not weights.is_file() or not state_file.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint to resume from in {workdir} ({CHECKPOINT_WEIGHTS} + {CHECKPOINT_STATE})"
+        )
+    meta = json.loads(state_file.read_text(encoding="utf-8"))
+    tensors = load_file(str(weights))
+    saved = {k: v for k, v in meta["config"].items() if k not in ("epochs", "patience", "device", "num_workers")}
+    current = {k: v for k, v in config.as_dict().items() if k in saved}
+    if json.loads(json.dumps(current)) != saved:
+        changed = sorted(k for k in saved if json.loads(json.dumps(current.get(k))) != saved[k])
+        raise ValueError(
+            f"the checkpoint in {workdir} was made with other settings ({', '.join(changed)}); cannot resume"
+        )
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    best = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
+    per_param: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, param, name = key.split(".", 2)
+            per_param.setdefault(int(param), {})[name] = value
+    for param, values in meta["optimizer"]["scalars"].items():
+        per_param.setdefault(int(param), {}).update(values)
+    optimizer.load_state_dict({"state": per_param, "param_groups": meta["optimizer"]["param_groups"]})
+    if scheduler is not None and meta["scheduler"] is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    state = _TrainingState(
+        epoch=meta["epoch"],
+        best_epoch=meta["best_epoch"],
+        best_score=meta["best_score"],
+        best_loss=meta["best_loss"],
+        since_best=meta["since_best"],
+        stopped_early=meta["stopped_early"],
+        history=meta["history"],
+    )
+    return state, best

@@ -1,0 +1,196 @@
+"""Training on SYNTHETIC BUSI phantoms at 64x64: a small seeded CNN reaches the issue's bar (test
+ROC-AUC >= 0.95), the version it registers loads and passes its self-test, a resumed run ends with
+the same weights as an uninterrupted one, and a model that learnt nothing is flagged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from meddaemon.engine.registry import load_version
+from meddaemon.engine.tasks import BUILTIN_TASKS
+from meddaemon.training.datasets import load_dataset
+from meddaemon.training.evaluate import choose_thresholds, flags_for, score_test_set
+from meddaemon.training.phantoms import write_phantoms
+from meddaemon.training.pipeline import MODEL_CARD, RetrainOutcome, retrain
+from meddaemon.training.splits import SPLIT_FILE, SplitConfig, make_split
+from meddaemon.training.train import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, TrainConfig, train
+
+BUSI = BUILTIN_TASKS["busi"]
+
+
+def small(**overrides: object) -> TrainConfig:
+    values: dict[str, object] = {
+        "architecture": "small_cnn", "epochs": 10, "batch_size": 16, "lr": 1e-3, "image_size": 64, "seed": 0,
+    }  # fmt: skip
+    return TrainConfig.from_task(BUSI, **{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def busi_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_phantoms("busi", tmp_path_factory.mktemp("busi") / "busi", count=30, size=64, seed=7).root
+
+
+@pytest.fixture(scope="module")
+def trained(busi_root: Path, tmp_path_factory: pytest.TempPathFactory) -> RetrainOutcome:
+    return retrain(BUSI, busi_root, small(), tmp_path_factory.mktemp("run"), version="t1")
+
+
+def test_config_defaults_come_from_the_recipe_and_can_be_overridden() -> None:
+    config = TrainConfig.from_task(BUSI)
+    assert (config.architecture, config.epochs, config.batch_size, config.lr) == ("mobilenet_v2", 30, 16, 2e-4)
+    assert config.scheduler["name"] == "step" and config.patience == 8 and config.class_weighting
+    assert config.contract(BUSI) == BUSI.contract
+    tuned = TrainConfig.from_task(BUSI, epochs=3, lr=None, image_size=64)
+    assert tuned.epochs == 3 and tuned.lr == 2e-4
+    assert (tuned.contract(BUSI).height, tuned.contract(BUSI).width) == (64, 64)
+
+
+def test_a_small_cnn_reaches_the_bar_and_registers_a_loadable_version(trained: RetrainOutcome) -> None:
+    test = trained.metrics["test"]
+    assert test["n"] >= 10
+    assert test["roc_auc"] >= 0.95, trained.metrics
+    assert len(test["confusion_matrix"]) == 3 and set(test["per_label"]) == set(BUSI.labels)
+    assert not [f for f in trained.flags if f.startswith("COLLAPSE")]
+
+    loaded = load_version(trained.version_dir)  # hash, architecture and self-test verified
+    manifest = loaded.manifest
+    assert (manifest.task, manifest.version, manifest.architecture) == ("busi", "t1", "small_cnn")
+    assert (manifest.input_contract["height"], manifest.input_contract["width"]) == (64, 64)
+    assert manifest.labels == list(BUSI.labels) and manifest.kind == "multiclass"
+    assert manifest.training_data_fingerprint.startswith("sha256:")
+    assert manifest.metrics["test"]["roc_auc"] == test["roc_auc"]
+    assert manifest.metrics["synthetic"] is True
+    assert (trained.version_dir / SPLIT_FILE).is_file()
+    card = (trained.version_dir / MODEL_CARD).read_text()
+    assert "SYNTHETIC" in card and "ROC-AUC" in card and "| test |" in card
+    for flag in trained.flags:
+        assert flag in card
+
+
+def test_served_preprocessing_gives_the_training_probabilities(trained: RetrainOutcome) -> None:
+    """The daemon's path (decode + to_model_input + the registered model) reproduces validation outputs."""
+    from meddaemon.engine.decode import decode_bytes
+    from meddaemon.engine.preprocess import to_model_input
+    from meddaemon.engine.registry import probabilities
+
+    loaded = load_version(trained.version_dir)
+    samples = trained.split.samples(trained.index, "val")
+    x = np.concatenate([to_model_input(decode_bytes(s.path.read_bytes()), loaded.manifest.contract) for s in samples])
+    with torch.no_grad():
+        probs = probabilities(loaded.model(torch.from_numpy(x)), "multiclass").numpy()
+    np.testing.assert_allclose(probs, trained.result.validation.probabilities, atol=1e-5)
+
+
+def test_the_fingerprint_depends_on_the_data(trained: RetrainOutcome, busi_root: Path, tmp_path: Path) -> None:
+    from meddaemon.training.pipeline import fingerprint
+    from meddaemon.training.splits import save_split
+
+    split_path = save_split(trained.split, tmp_path / SPLIT_FILE)
+    assert fingerprint(split_path, trained.index) == trained.manifest.training_data_fingerprint
+    index = load_dataset(busi_root, BUSI)
+    index.samples = index.samples[1:]
+    assert fingerprint(split_path, index) != trained.manifest.training_data_fingerprint
+
+
+def test_resume_from_a_checkpoint_gives_the_same_weights(busi_root: Path, tmp_path: Path) -> None:
+    index = load_dataset(busi_root, BUSI)
+    split = make_split(index, SplitConfig(BUSI.recipe.split, 0))
+    train_samples, val_samples = split.samples(index, "train")[:24], split.samples(index, "val")
+    config = small(epochs=3, image_size=32, scheduler={"name": "step", "step_size": 1, "gamma": 0.5})
+
+    whole = train(BUSI, train_samples, val_samples, config, tmp_path / "whole")
+    interrupted = train(BUSI, train_samples, val_samples, config, tmp_path / "resumed", stop_after=1)
+    assert interrupted.epochs_run == 1
+    assert (tmp_path / "resumed" / CHECKPOINT_WEIGHTS).is_file() and (tmp_path / "resumed" / CHECKPOINT_STATE).is_file()
+    resumed = train(BUSI, train_samples, val_samples, config, tmp_path / "resumed", resume=True)
+
+    assert resumed.epochs_run == 3 and resumed.best_epoch == whole.best_epoch
+    assert [h["val_loss"] for h in resumed.history] == pytest.approx([h["val_loss"] for h in whole.history], abs=1e-6)
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key].float(), b[key].float(), atol=1e-6, rtol=0, msg=key)
+
+    other = small(epochs=3, image_size=32, lr=5e-3)
+    with pytest.raises(ValueError, match="other settings"):
+        train(BUSI, train_samples, val_samples, other, tmp_path / "resumed", resume=True)
+
+
+def write_flat_dataset(root: Path, per_class: int = 14) -> Path:
+    """Three class folders of flat grey images with a grey level of noise: nothing to learn (SYNTHETIC)."""
+    rng = np.random.default_rng(3)
+    for label in BUSI.labels:
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (128 + rng.integers(-1, 2, (48, 48))).astype(np.uint8)
+            Image.fromarray(pixels).save(root / label / f"synthetic_flat_{i}.png")
+    return root
+
+
+def test_a_model_that_learnt_nothing_is_flagged(tmp_path: Path) -> None:
+    root = write_flat_dataset(tmp_path / "flat")
+    outcome = retrain(BUSI, root, small(epochs=2, image_size=32), tmp_path / "run", version="flat")
+    assert any(f.startswith("COLLAPSE") for f in outcome.flags), outcome.flags
+    assert outcome.manifest.metrics["flags"] == outcome.flags
+    assert "COLLAPSE" in (outcome.version_dir / MODEL_CARD).read_text()
+
+
+def test_flags_for_collapse_and_implausible_scores() -> None:
+    labels = ("a", "b", "c")
+    truth = np.eye(3)[[0, 1, 2, 0, 1, 2]]
+    constant = np.tile([0.2, 0.5, 0.3], (6, 1))
+    perfect = truth * 0.8 + 0.1
+    test = score_test_set("multiclass", labels, perfect, truth, None)
+    assert test["roc_auc"] == 1.0 and test["accuracy"] == 1.0
+    flags = flags_for("multiclass", labels, constant, truth, None, test)
+    assert any(f.startswith("COLLAPSE") for f in flags)
+    assert any(f.startswith("IMPLAUSIBLE") for f in flags)
+    assert flags_for("multiclass", labels, perfect, truth, None, {**test, "n": 500}) == []
+
+
+def test_binary_thresholds_are_youden_on_validation() -> None:
+    labels = ("normal", "covid")
+    p = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.9])
+    truth = np.array([0, 0, 0, 1, 1, 1])
+    probs, hot = np.stack([1 - p, p], axis=1), np.stack([1 - truth, truth], axis=1)
+    thresholds = choose_thresholds("binary", labels, probs, hot)
+    assert thresholds is not None and thresholds["covid"] == pytest.approx(0.35)
+    assert thresholds["normal"] == pytest.approx(0.65)
+    test = score_test_set("binary", labels, probs, hot, thresholds)
+    assert test["accuracy"] == 1.0 and test["confusion_matrix"] == [[3, 0], [0, 3]]
+
+
+@pytest.mark.parametrize(("task", "count"), [("covid", 16), ("chestxray14", 60)])
+def test_binary_and_multilabel_tasks_train_and_register(task: str, count: int, tmp_path: Path) -> None:
+    spec = BUILTIN_TASKS[task]
+    root = write_phantoms(task, tmp_path / task, count=count, size=64, seed=7).root
+    config = TrainConfig.from_task(spec, architecture="small_cnn", epochs=2, lr=1e-3, image_size=32)
+    outcome = retrain(spec, root, config, tmp_path / "run", version="k1")
+    manifest = load_version(outcome.version_dir).manifest
+    assert manifest.kind == spec.kind and set(manifest.thresholds) == set(spec.labels)
+    assert all(0.0 <= t <= 1.0 for t in manifest.thresholds.values())
+    if spec.kind == "binary":
+        assert manifest.thresholds[spec.labels[0]] == pytest.approx(1 - manifest.thresholds[spec.labels[1]])
+    assert outcome.metrics["test"]["n"] == len(outcome.split.samples(outcome.index, "test")) > 0
+    assert len(outcome.metrics["test"]["per_label"]) == len(spec.labels)
+
+
+def test_imagenet_weights_only_from_a_local_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from meddaemon.engine.architectures import imagenet_cache_path
+    from meddaemon.training.train import resolve_init
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    said: list[str] = []
+    config = TrainConfig.from_task(BUSI)
+    assert config.init == "auto" and config.architecture == "mobilenet_v2"
+    assert resolve_init(config, said.append) == "scratch"
+    assert "from scratch" in said[-1]
+    imagenet_cache_path("mobilenet_v2").parent.mkdir(parents=True)
+    imagenet_cache_path("mobilenet_v2").write_bytes(b"")
+    assert resolve_init(config, said.append) == "imagenet"
+    assert resolve_init(small(), said.append) == "scratch"
