@@ -153,6 +153,20 @@ def test_flags_for_collapse_and_implausible_scores() -> None:
     assert flags_for("multiclass", labels, perfect, truth, None, {**test, "n": 500}) == []
 
 
+def test_a_class_the_model_never_calls_is_flagged_even_when_its_ranking_is_perfect() -> None:
+    """The trap of a partial collapse: every 'c' image scores higher on c than the others do (AUC 1.0),
+    yet b always wins the argmax for it, so 'c' is never the call."""
+    labels = ("a", "b", "c")
+    truth = np.eye(3)[[0, 1, 2, 0, 1, 2]]
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.5, 0.4]] * 2)
+    test = score_test_set("multiclass", labels, probs, truth, None)
+    assert test["roc_auc"] == 1.0 and test["accuracy"] < 0.7
+    flags = flags_for("multiclass", labels, probs, truth, None, {**test, "n": 500})
+    assert flags == [
+        "NEVER CALLED: 'c' present in validation but never the model's call; its images all go to other classes"
+    ]
+
+
 def test_binary_thresholds_are_youden_on_validation() -> None:
     labels = ("normal", "covid")
     p = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.9])

@@ -117,6 +117,12 @@ def flags_for(
             flags.append(
                 f"COLLAPSE: the model predicts {only!r} for every validation image; it has learnt nothing useful"
             )
+        elif never := sorted(present - predicted):
+            names = ", ".join(repr(labels[j]) for j in never)
+            flags.append(
+                f"NEVER CALLED: {names} present in validation but never the model's call; its images all go "
+                "to other classes"
+            )
     elif len(calls):
         constant = [labels[j] for j in range(len(labels)) if calls[:, j].min() == calls[:, j].max()]
         if len(constant) == len(labels):
