@@ -124,3 +124,7 @@ cli.add_command(retrain)
 
 def main() -> None:
     cli(prog_name="medcli")
+
+
+if __name__ == "__main__":
+    main()

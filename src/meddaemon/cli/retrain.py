@@ -1,5 +1,11 @@
 """``medcli retrain TASK --data PATH``: train a task's model on a dataset as published and register
-it. Thin: ``meddaemon.training.pipeline`` does the work; torch is imported only when it runs."""
+it. Thin: ``meddaemon.training.pipeline`` does the work; torch is imported only when it runs.
+
+Under ``torchrun --nproc-per-node N -m meddaemon.cli.medcli retrain ...`` each process joins the
+process group (``training/distributed.py``) and trains with DistributedDataParallel; rank 0 runs the
+whole pipeline (split, training, evaluation, version folder) and registers, the other ranks only
+train their shard and then wait at a barrier for it.
+"""
 
 from __future__ import annotations
 
@@ -65,12 +71,16 @@ def retrain(
     Thresholds are chosen on validation, metrics are measured on test; a collapsed model or an
     implausibly perfect score is flagged loudly. The version (weights, manifest, split.json,
     MODEL_CARD.md) is registered but not served unless --promote. Bad data exits 2.
+
+    Several processes (DistributedDataParallel): `torchrun --nproc-per-node N -m meddaemon.cli.medcli
+    retrain ...`; --batch-size is per process (the global batch is N times it).
     """
     import torch
 
     from meddaemon.db.engine import create_db_engine, session_factory, transaction
     from meddaemon.db.migrate import upgrade
     from meddaemon.engine import registry
+    from meddaemon.training import distributed
     from meddaemon.training.datasets import DatasetError
     from meddaemon.training.pipeline import retrain as run_retrain
     from meddaemon.training.train import TrainConfig
@@ -94,6 +104,12 @@ def retrain(
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     workdir = out or settings.state_dir / "training" / task
+    distributed.setup(config.device)  # under torchrun: join the process group (a no-op otherwise)
+    click.get_current_context().call_on_close(distributed.teardown)
+    if not distributed.is_main():
+        _train_shard(spec, data, config, workdir, resume)
+        distributed.barrier()  # rank 0 evaluates, writes and registers the version
+        return
     say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     try:
         outcome = run_retrain(
@@ -119,6 +135,7 @@ def retrain(
         sys.exit(EXIT_FAILURE)
     finally:
         engine.dispose()
+    distributed.barrier()
 
     summary = {**outcome.summary(), "registered": registered}
     for flag in outcome.flags:
@@ -134,6 +151,17 @@ def retrain(
     click.echo(f"model card: {outcome.version_dir / 'MODEL_CARD.md'}")
     if not promote:
         click.echo(f"serve it with: medcli models promote {task} {registered['version']}")
+
+
+def _train_shard(spec: Any, data: Path, config: Any, workdir: Path, resume: bool) -> None:
+    """A rank other than 0: the same dataset and split as rank 0's pipeline, training only."""
+    from meddaemon.training.datasets import load_dataset
+    from meddaemon.training.splits import SplitConfig, make_split
+    from meddaemon.training.train import train
+
+    index = load_dataset(data, spec)
+    split = make_split(index, SplitConfig(spec.recipe.split, config.seed))
+    train(spec, split.samples(index, "train"), split.samples(index, "val"), config, workdir, resume=resume)
 
 
 def _fmt(x: float | None) -> str:

@@ -278,29 +278,31 @@ def _write_busi_image(root: Path, name: str, pixels: np.ndarray, masks: list[np.
 
 @dataclass(frozen=True)
 class FindingSite:
-    """Where a finding is drawn (fractions of the image side) and how: its radius and brightness."""
+    """Where a finding is drawn (fractions of the image side), how big and bright, and its sign:
+    the local appearance a reader (and a small CNN, which pools away position) tells it apart by."""
 
     y: float
     x: float
     radius: float
     amplitude: float
+    sign: str = "haze"
 
 
 NIH_SITES: dict[str, FindingSite] = {
-    "Atelectasis": FindingSite(0.62, 0.30, 0.05, 0.28),
+    "Atelectasis": FindingSite(0.62, 0.30, 0.07, 0.4, "plate"),
     "Cardiomegaly": FindingSite(0.64, 0.58, 0.0, 0.0),
-    "Effusion": FindingSite(0.74, 0.27, 0.07, 0.35),
-    "Infiltration": FindingSite(0.45, 0.68, 0.06, 0.22),
-    "Mass": FindingSite(0.40, 0.33, 0.06, 0.4),
-    "Nodule": FindingSite(0.33, 0.70, 0.03, 0.45),
-    "Pneumonia": FindingSite(0.54, 0.36, 0.07, 0.25),
-    "Pneumothorax": FindingSite(0.24, 0.28, 0.07, -0.18),
-    "Consolidation": FindingSite(0.62, 0.69, 0.06, 0.32),
-    "Edema": FindingSite(0.46, 0.40, 0.09, 0.16),
-    "Emphysema": FindingSite(0.22, 0.71, 0.07, -0.12),
-    "Fibrosis": FindingSite(0.30, 0.36, 0.05, 0.22),
-    "Pleural_Thickening": FindingSite(0.46, 0.20, 0.035, 0.3),
-    "Hernia": FindingSite(0.76, 0.50, 0.05, 0.3),
+    "Effusion": FindingSite(0.74, 0.27, 0.08, 0.45, "meniscus"),
+    "Infiltration": FindingSite(0.45, 0.68, 0.08, 0.5, "patchy"),
+    "Mass": FindingSite(0.40, 0.33, 0.07, 0.5, "disc"),
+    "Nodule": FindingSite(0.33, 0.70, 0.035, 0.7, "dot"),
+    "Pneumonia": FindingSite(0.54, 0.36, 0.08, 0.4, "lobar"),
+    "Pneumothorax": FindingSite(0.24, 0.28, 0.08, -0.3, "pleural_line"),
+    "Consolidation": FindingSite(0.62, 0.69, 0.07, 0.5, "bronchogram"),
+    "Edema": FindingSite(0.46, 0.40, 0.1, 0.4, "septal_lines"),
+    "Emphysema": FindingSite(0.22, 0.71, 0.08, -0.3, "bullae"),
+    "Fibrosis": FindingSite(0.30, 0.36, 0.07, 0.4, "reticular"),
+    "Pleural_Thickening": FindingSite(0.46, 0.20, 0.05, 0.45, "rind"),
+    "Hernia": FindingSite(0.76, 0.50, 0.06, 0.45, "ring"),
 }
 #: How often each finding is drawn in an abnormal phantom, roughly as common as in NIH's data.
 NIH_WEIGHTS = dict(zip(NIH_FINDINGS, (11, 3, 13, 20, 6, 6, 2, 5, 5, 3, 3, 2, 3, 0.8), strict=True))
@@ -326,23 +328,90 @@ def _chest(rng: np.random.Generator, size: int, big_heart: bool = False) -> Ches
         cy, cx = (0.47 + rng.uniform(-0.04, 0.04)) * s + dy, 0.5 * s + dx + side * rng.uniform(0.15, 0.22) * s * build
         image[_ellipse(size, cy, cx, ry, rx)] = rng.uniform(0.15, 0.28)
     image[:, int(0.47 * s + dx) : int(0.53 * s + dx) + 1] += 0.2
-    heart_ry, heart_rx = 0.1 * s * build, 0.12 * s * build * (1.45 if big_heart else 1.0)
+    heart_ry, heart_rx = 0.1 * s * build * (1.2 if big_heart else 1.0), 0.12 * s * build * (1.7 if big_heart else 1.0)
     heart_cy, heart_cx = 0.64 * s + dy, 0.56 * s + dx + (0.03 * s if big_heart else 0.0)
     image[_ellipse(size, heart_cy, heart_cx, heart_ry, heart_rx)] = 0.62
     image = _blur(image, s / 64) + 0.16 * _smooth_field(rng, size, 3) + 0.1 * _smooth_field(rng, size, 6)
+    yy, xx = _grid(size)
+    tilt_y, tilt_x = rng.uniform(-0.12, 0.12, 2)  # uneven exposure across the film
+    image = image + tilt_y * (yy / s - 0.5) + tilt_x * (xx / s - 0.5)
     ribs = 0.03 * np.sin(np.linspace(0, rng.uniform(16, 22), size, dtype=np.float32))[:, None]
     image = image + ribs + rng.normal(0, 0.015, size=(size, size)).astype(np.float32)
     box = (heart_cx - heart_rx, heart_cy - heart_ry, 2 * heart_rx, 2 * heart_ry)
     return Chest(image, box)
 
 
+def _finding_sign(
+    rng: np.random.Generator, size: int, cy: float, cx: float, radius: float, sign: str
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """The finding's opacity (about 0 to 1; the site's amplitude scales it) and its half height and
+    width: a soft blob ("haze") or a sign of its own, each a few pixels across even at 64x64."""
+    yy, xx = _grid(size)
+    dy, dx = (yy - cy) / radius, (xx - cx) / radius
+    r2 = dy**2 + dx**2
+    soft = np.exp(-r2 / 0.5)
+    period = max(3.0, size / 16)
+    if sign == "disc":  # well-defined, round, dense
+        return _blur((r2 <= 1).astype(np.float32), 0.6), (radius, radius)
+    if sign == "dot":  # a small, sharp, very dense nodule with a faint halo
+        return np.clip((r2 <= 1).astype(np.float32) + 0.3 * np.exp(-r2 / 4), 0, 1), (radius, radius)
+    if sign == "septal_lines":  # perihilar haze crossed by short horizontal septal (Kerley B) lines
+        lines = (np.abs(np.sin(math.pi * yy / period)) < 0.3) & (np.abs(dx) < 1.4) & (np.abs(dy) < 1.2)
+        return 0.4 * soft + 0.8 * lines.astype(np.float32), (1.2 * radius, 1.4 * radius)
+    if sign == "plate":  # plate-like: a thin horizontal band
+        band = (dy / 0.3) ** 2 + (dx / 1.8) ** 2 <= 1
+        return _blur(band.astype(np.float32), 0.6), (0.3 * radius, 1.8 * radius)
+    if sign == "meniscus":  # a basal opacity whose upper edge curves up towards the chest wall
+        edge = dy > -0.2 - 0.8 * np.clip(-dx, 0, None) ** 2
+        return _blur((edge & (dy < 1) & (np.abs(dx) < 1.3)).astype(np.float32), 0.8), (radius, 1.3 * radius)
+    if sign == "patchy":  # ill-defined mottled patches
+        spots = _smooth_field(rng, size, max(4, size // 5)) > 0.3
+        return soft * _blur(spots.astype(np.float32), 0.7) * 1.5, (radius, radius)
+    if sign == "lobar":  # a dense, wedge-shaped lobar opacity with a straight fissure above
+        wedge = (dy > -0.9) & (dy < 1) & (np.abs(dx) < 1.0 - 0.3 * dy)
+        return _blur(wedge.astype(np.float32), 0.8) * (0.8 + 0.2 * soft), (radius, 1.2 * radius)
+    if sign == "pleural_line":  # a lucent rim with no lung markings, edged by a bright pleural line
+        lucent = _blur((r2 <= 1).astype(np.float32), 0.6)
+        line = _blur(((r2 > 1) & (r2 <= 1.6)).astype(np.float32), 0.5)
+        return lucent - 1.2 * line, (radius, radius)
+    if sign == "bronchogram":  # dense opacity crossed by dark branching air bronchograms
+        angle = rng.uniform(0, math.pi)
+        along = dx * math.cos(angle) + dy * math.sin(angle)
+        across = -dx * math.sin(angle) + dy * math.cos(angle)
+        tubes = (np.abs(across) < 0.14) | (np.abs(across - 0.5 * along) < 0.14)
+        dense = (r2 <= 1) & ~(tubes & (along > -0.8))
+        return _blur(dense.astype(np.float32), 0.6), (radius, radius)
+    if sign == "bullae":  # clustered lucent bullae, each with a thin bright wall
+        out: np.ndarray = np.zeros((size, size), dtype=np.float32)
+        for _ in range(4):
+            by, bx = rng.uniform(-0.6, 0.6, 2)
+            d2 = (dy - by) ** 2 + (dx - bx) ** 2
+            out += (d2 <= 0.16).astype(np.float32) - 0.8 * ((d2 > 0.16) & (d2 <= 0.3)).astype(np.float32)
+        return _blur(np.clip(out, -0.8, 1.0), 0.5), (radius, radius)
+    if sign == "reticular":  # a net of fine lines
+        net = (np.abs(np.sin(math.pi * yy / period)) < 0.35) | (np.abs(np.sin(math.pi * (xx + yy) / period)) < 0.35)
+        return soft * net.astype(np.float32) * 1.4, (radius, radius)
+    if sign == "rind":  # a thin bright band along the lateral chest wall
+        rind = (dy / 2.0) ** 2 + (dx / 0.35) ** 2 <= 1
+        return _blur(rind.astype(np.float32), 0.6), (2.0 * radius, 0.35 * radius)
+    if sign == "ring":  # a round bright-walled shadow with a gas lucency inside (hiatus hernia)
+        wall = ((r2 > 0.35) & (r2 <= 1)).astype(np.float32) - 0.8 * (r2 <= 0.25).astype(np.float32)
+        return _blur(wall, 0.6), (radius, radius)
+    return soft * (1 + 0.3 * _smooth_field(rng, size, 12)), (radius, radius)
+
+
 def _draw_finding(rng: np.random.Generator, image: np.ndarray, site: FindingSite) -> tuple[float, float, float, float]:
+    """Add the finding to ``image`` in place; its box (x, y, w, h) in pixels."""
     size = image.shape[0]
     cy, cx = (np.array([site.y, site.x]) + rng.uniform(-0.03, 0.03, 2)) * size
     radius = site.radius * size * rng.uniform(0.85, 1.2)
-    texture = 1 + 0.3 * _smooth_field(rng, size, 12)
-    image += site.amplitude * _blob(size, cy, cx, 2 * radius) * texture
-    return (cx - radius, cy - radius, 2 * radius, 2 * radius)
+    if site.sign == "haze":  # the original soft blob (COVID's ground glass, Edema)
+        texture = 1 + 0.3 * _smooth_field(rng, size, 12)
+        image += site.amplitude * _blob(size, cy, cx, 2 * radius) * texture
+        return (cx - radius, cy - radius, 2 * radius, 2 * radius)
+    opacity, (half_h, half_w) = _finding_sign(rng, size, cy, cx, radius, site.sign)
+    image += site.amplitude * opacity.astype(np.float32)
+    return (cx - half_w, cy - half_h, 2 * half_w, 2 * half_h)
 
 
 def _nih_findings(rng: np.random.Generator, forced: str | None) -> list[str]:
@@ -373,9 +442,8 @@ def write_chestxray14(root: Path, *, count: int, size: int, seed: int) -> Phanto
     for i in range(count):
         patient = i % patients + 1
         name = f"{patient:08d}_{follow_up[patient]:03d}.png"
-        forced = (
-            NIH_FINDINGS[i // 2] if count >= 4 * len(NIH_FINDINGS) and i % 2 and i // 2 < len(NIH_FINDINGS) else None
-        )
+        # every fourth image has one finding in turn, so the rare ones are not too rare to learn
+        forced = NIH_FINDINGS[(i // 4) % len(NIH_FINDINGS)] if i % 4 == 1 else None
         findings = _nih_findings(rng, forced)
         chest = _chest(rng, size, big_heart="Cardiomegaly" in findings)
         for finding in findings:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from meddaemon.engine.registry import Manifest, save_version
 from meddaemon.engine.tasks import TaskSpec
 from meddaemon.training.datasets import DatasetError, DatasetIndex, load_dataset
 from meddaemon.training.evaluate import choose_thresholds, flags_for, score_test_set
+from meddaemon.training.figures import GRID_IMAGES, write_figures
 from meddaemon.training.splits import SPLIT_FILE, DatasetSplit, SplitConfig, load_split, make_split, save_split
 from meddaemon.training.train import ScanDataset, TrainConfig, TrainResult, evaluate, make_loader, make_loss, train
 
@@ -37,6 +38,8 @@ class RetrainOutcome:
     result: TrainResult
     split: DatasetSplit
     index: DatasetIndex
+    #: figure file (beside the card) -> caption
+    figures: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -123,7 +126,19 @@ def retrain(
         metrics=metrics,
     )
     (out / SPLIT_FILE).write_bytes(split_path.read_bytes())
-    outcome = RetrainOutcome(out, manifest, metrics, flags, result, split, index)
+    figures = write_figures(
+        out,
+        kind=spec.kind,
+        labels=spec.labels,
+        history=result.history,
+        probabilities=test.probabilities,
+        truth=test.truth,
+        thresholds=thresholds,
+        model=result.model,
+        images=[test_set.image(i) for i in range(min(GRID_IMAGES, len(test_set)))],
+        contract=result.contract,
+    )
+    outcome = RetrainOutcome(out, manifest, metrics, flags, result, split, index, figures)
     (out / MODEL_CARD).write_text(model_card(outcome, spec, data), encoding="utf-8")
     return outcome
 
@@ -147,7 +162,7 @@ def _none_if_nan(x: float) -> float | None:
 
 
 def model_card(outcome: RetrainOutcome, spec: TaskSpec, data: Path) -> str:
-    """A short markdown card: data, split, recipe, metrics, flags, limits."""
+    """A short markdown card: data, split, recipe, metrics, figures, flags, limits."""
     m, metrics, config = outcome.manifest, outcome.metrics, outcome.result.config
     test = metrics["test"]
     c = m.input_contract
@@ -193,6 +208,10 @@ def model_card(outcome: RetrainOutcome, spec: TaskSpec, data: Path) -> str:
             f"{_fmt(row['roc_auc'])} | {row['support']} |"
         )
     lines += ["", f"Confusion matrix (rows truth, columns prediction): `{json.dumps(test['confusion_matrix'])}`", ""]
+    if outcome.figures:
+        lines += ["## Figures", ""]
+        for name, caption in outcome.figures.items():
+            lines += [f"![{caption}]({name})", ""]
     lines += ["## Flags", ""] + ([f"- **{f}**" for f in outcome.flags] or ["- none"])
     lines += [
         "",

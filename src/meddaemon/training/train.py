@@ -9,6 +9,13 @@
 5. :func:`train`: the epoch loop; the best epoch by validation metric is kept, early stopping after
    ``patience`` epochs without improvement, a checkpoint after every epoch, ``resume`` from it.
 
+Under ``torchrun --nproc-per-node N`` (``training/distributed.py``) the model is wrapped in
+DistributedDataParallel and each process trains on its shard of the training set (a seeded
+``DistributedSampler``): ``batch_size`` is per process, the global batch is ``batch_size x N``.
+Rank 0 alone recalibrates BatchNorm (then broadcasts the statistics), evaluates, and checkpoints;
+its validation loss and ROC-AUC are broadcast so that every process takes the same best-epoch and
+early-stopping decisions.
+
 Checkpoints are ``checkpoint.safetensors`` (model, best model and optimiser tensors, the RNG state)
 plus ``checkpoint.json`` (epoch, optimiser and scheduler scalars, history): nothing is pickled, and
 nothing is ever unpickled. On the CPU a run is deterministic: shuffling and augmentation are seeded
@@ -33,6 +40,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from meddaemon.engine.architectures import Init, build_model, imagenet_cache_path
 from meddaemon.engine.decode import decode_bytes
@@ -40,6 +48,7 @@ from meddaemon.engine.preprocess import to_model_input
 from meddaemon.engine.registry import probabilities
 from meddaemon.engine.tasks import InputContract, TaskSpec
 from meddaemon.files import write_atomically
+from meddaemon.training import distributed
 from meddaemon.training.datasets import Sample
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
@@ -201,12 +210,20 @@ def augment(x: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def make_loader(dataset: ScanDataset, config: TrainConfig, *, shuffle: bool, epoch: int = 0) -> DataLoader[Any]:
-    """A loader whose shuffling is seeded from (seed, epoch): the same order on a resumed run."""
+    """A loader whose shuffling is seeded from (seed, epoch): the same order on a resumed run.
+    Under DDP a shuffled loader gives this process its shard (``DistributedSampler``, same seeds)."""
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    sampler: DistributedSampler[Any] | None = None
+    if shuffle and distributed.world_size() > 1:
+        sampler = DistributedSampler(
+            dataset, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=True, seed=config.seed
+        )
+        sampler.set_epoch(epoch)
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         generator=generator,
         num_workers=config.num_workers,
         pin_memory=config.device.startswith("cuda"),
@@ -391,8 +408,14 @@ def train(
 ) -> TrainResult:
     """Train ``config.architecture`` for ``spec`` on ``train_samples``; keep the best epoch on
     ``val_samples``. A checkpoint is written to ``workdir`` after every epoch; ``resume`` continues
-    from it. ``stop_after`` ends the run after that many epochs (as if interrupted; for tests)."""
-    device = torch.device(config.device)
+    from it. ``stop_after`` ends the run after that many epochs (as if interrupted; for tests).
+
+    Under torchrun (the process group set up by :func:`distributed.setup`) every process calls this;
+    only rank 0 evaluates and writes checkpoints, and only its result's ``validation`` is meaningful."""
+    device = torch.device(distributed.setup(config.device))
+    main = distributed.is_main()
+    if not main:
+        log, show_progress = (lambda _line: None), False
     contract = config.contract(spec)
     workdir.mkdir(parents=True, exist_ok=True)
     with _deterministic():
@@ -413,18 +436,25 @@ def train(
         if resume:
             state, best_weights = load_checkpoint(workdir, model, optimizer, scheduler, config)
             log(f"resumed from {workdir / CHECKPOINT_WEIGHTS} after epoch {state.epoch}")
+        val = Evaluation(math.nan, np.zeros((0, 0)), np.zeros((0, 0)), math.nan)  # rank 0 evaluates
+        net = distributed.wrap(model, device)  # DDP: rank 0's weights on every process, gradients averaged
 
         while state.epoch < config.epochs and not state.stopped_early:
             epoch = state.epoch
-            _seed_everything(config.seed * 1000 + epoch)  # dropout: the same on a resumed run
+            # dropout: the same on a resumed run (and different on each process)
+            _seed_everything(config.seed * 1000 + epoch + 1_000_003 * distributed.rank())
             train_set.set_epoch(epoch)
             loader = make_loader(train_set, config, shuffle=True, epoch=epoch)
             train_loss = train_one_epoch(
-                model, loss_fn, optimizer, loader, device, label=f"epoch {epoch + 1}/{config.epochs}",
+                net, loss_fn, optimizer, loader, device, label=f"epoch {epoch + 1}/{config.epochs}",
                 show_progress=show_progress,
             )  # fmt: skip
-            recalibrate_batchnorm(model, make_loader(train_set, config, shuffle=False), device)
-            val = evaluate(model, loss_fn, make_loader(val_set, config, shuffle=False), device, spec.kind)
+            train_loss = distributed.mean(train_loss, device)
+            if main:  # the whole training set and the whole validation set, on rank 0 alone
+                recalibrate_batchnorm(model, make_loader(train_set, config, shuffle=False), device)
+                val = evaluate(model, loss_fn, make_loader(val_set, config, shuffle=False), device, spec.kind)
+            distributed.broadcast_buffers(model)  # rank 0's BatchNorm statistics
+            val.loss, val.auc = distributed.broadcast_floats([val.loss, val.auc], device)  # rank 0's decision
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 scheduler.step(val.loss)
             elif scheduler is not None:
@@ -449,12 +479,14 @@ def train(
             if config.patience is not None and state.since_best >= config.patience:
                 state.stopped_early = True
                 log(f"early stop: no better validation metric for {config.patience} epochs")
-            save_checkpoint(workdir, model, best_weights, optimizer, scheduler, config, state)
+            if main:
+                save_checkpoint(workdir, model, best_weights, optimizer, scheduler, config, state)
             if stop_after is not None and state.epoch >= stop_after:
                 break
 
         model.load_state_dict(best_weights)
-        val = evaluate(model, loss_fn, make_loader(val_set, config, shuffle=False), device, spec.kind)
+        if main:
+            val = evaluate(model, loss_fn, make_loader(val_set, config, shuffle=False), device, spec.kind)
     return TrainResult(
         model=model,
         config=config,

@@ -1,0 +1,105 @@
+"""Data-parallel training across processes started by ``torchrun`` (DistributedDataParallel).
+
+``torchrun --nproc-per-node N`` sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` in each process;
+:func:`setup` joins the process group (nccl on CUDA, one GPU per process; gloo on the CPU). Without
+those variables (or with ``WORLD_SIZE=1``) every function here is a no-op on one process, so the
+single-process loop is unchanged. Rank 0 is the main process: it alone evaluates, checkpoints,
+writes the version and registers it; the others train their shard and wait at :func:`barrier`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def requested() -> bool:
+    """Whether torchrun asked for more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if active() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup(device: str) -> str:
+    """Join torchrun's process group when it started several processes; the device this process
+    trains on (``cuda`` becomes ``cuda:<LOCAL_RANK>``)."""
+    if not requested() or active():
+        return _local_device(device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return _local_device(device)
+
+
+def _local_device(device: str) -> str:
+    if active() and device == "cuda":
+        return f"cuda:{local_rank()}"
+    return device
+
+
+def teardown() -> None:
+    if active():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model in DistributedDataParallel (gradients averaged across processes), or itself."""
+    if not active():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def broadcast_floats(values: Sequence[float], device: torch.device) -> list[float]:
+    """Rank 0's ``values`` on every process (the others pass placeholders of the same length)."""
+    if not active():
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return [float(v) for v in tensor.cpu()]
+
+
+def mean(value: float, device: torch.device) -> float:
+    """The mean of ``value`` over the processes."""
+    if not active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return float(tensor) / world_size()
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every process."""
+    if not active():
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)

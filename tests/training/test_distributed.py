@@ -1,0 +1,59 @@
+"""DistributedDataParallel under torchrun: a real 2-process gloo training on the CPU of SYNTHETIC BUSI
+phantoms registers a version whose test ROC-AUC matches a 1-process run of the same global batch
+(16 = 2 processes x 8, against 1 x 16) within TOLERANCE."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meddaemon.training.phantoms import write_phantoms
+
+TOLERANCE = 0.05
+FAST = ["--arch", "small_cnn", "--image-size", "64", "--epochs", "10", "--lr", "1e-3", "--device", "cpu", "--json"]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_retrain(launcher: list[str], data: Path, state: Path, batch_size: int, version: str) -> dict[str, object]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [*launcher, "-m", "meddaemon.cli.medcli", "retrain", "busi", "--data", str(data)]
+    command += ["--state-dir", str(state), *FAST, "--batch-size", str(batch_size), "--version", version]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary: dict[str, object] = json.loads(done.stdout[done.stdout.index("{") :])
+    return summary
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun is not installed beside this Python")
+def test_two_gloo_processes_give_the_metrics_of_one(tmp_path: Path) -> None:
+    data = write_phantoms("busi", tmp_path / "busi", count=30, size=64, seed=7).root
+    torchrun = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port"]
+    two = run_retrain([*torchrun, str(free_port())], data, tmp_path / "two", 8, "d2")
+    one = run_retrain([sys.executable], data, tmp_path / "one", 16, "d1")
+
+    for summary, version in ((two, "d2"), (one, "d1")):
+        registered = summary["registered"]
+        assert isinstance(registered, dict) and registered["status"] == "registered"
+        assert registered["version"] == version
+        assert not [f for f in summary["flags"] if f.startswith("COLLAPSE")], summary["flags"]  # type: ignore[union-attr]
+    assert (tmp_path / "two" / "models" / "busi" / "d2" / "model.safetensors").is_file()
+    # one process wrote the version and the checkpoints: no other rank's leftovers
+    assert sorted(p.name for p in (tmp_path / "two" / "training" / "busi" / "versions").iterdir()) == ["d2"]
+
+    auc_two = two["metrics"]["test"]["roc_auc"]  # type: ignore[index]
+    auc_one = one["metrics"]["test"]["roc_auc"]  # type: ignore[index]
+    assert auc_one >= 0.9 and auc_two >= 0.9, (auc_one, auc_two)
+    assert abs(auc_two - auc_one) <= TOLERANCE, (auc_one, auc_two)
