@@ -18,11 +18,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meddaemon.training.datasets.folders import BUSI_MASK
+from meddaemon.training.images import is_image_file
+
 KEY_COLUMNS = ("file", "sop_instance_uid", "sha256")
 NO_FINDING = "No Finding"
 TRUE_VALUES = frozenset({"1", "true", "yes", "positive", "pos", "y", "t"})
 FALSE_VALUES = frozenset({"0", "false", "no", "negative", "neg", "n", "f"})
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".bmp"})
 #: NIH columns renamed to the attribute names subgroups use.
 NIH_ATTRIBUTES = {"Patient ID": "patient_id", "Patient Age": "age", "Patient Gender": "sex", "View Position": "view"}
 
@@ -187,7 +189,8 @@ def _nih(path: Path, sha: str, header: list[str], records: list[tuple[int, list[
 
 
 def read_label_folders(root: Path, classes: Iterable[str]) -> LabelTable:
-    """BUSI's layout: ``root/<class>/<image>``; ``*_mask*`` images (ground-truth masks) are not scans."""
+    """BUSI's layout: ``root/<class>/<image>``; the ground-truth masks (``_mask.png``, ``_mask_1.png``) are
+    not scans. An image and a mask are what ``medcli retrain`` reads the same layout by."""
     if not root.is_dir():
         raise LabelFileError(root, "not a folder; expected one sub-folder per class")
     wanted = set(classes)
@@ -201,7 +204,7 @@ def read_label_folders(root: Path, classes: Iterable[str]) -> LabelTable:
         )
     for folder in folders:
         for image in sorted(folder.iterdir()):
-            if image.suffix.lower() not in IMAGE_SUFFIXES or "_mask" in image.stem or not image.is_file():
+            if BUSI_MASK.match(image.name) or not is_image_file(image):
                 continue
             listing.update(f"{folder.name}/{image.name}\n".encode())
             rows.append(LabelRow(image.name, len(rows) + 1, frozenset({folder.name}), None, {}))
