@@ -10,11 +10,13 @@ import torch
 from dicom_factory import write_dicom, write_png
 
 from meddaemon.config import load_settings
+from meddaemon.daemon import bookkeeper
 from meddaemon.daemon.service import Daemon
-from meddaemon.db.engine import transaction
+from meddaemon.db.engine import create_db_engine, session_factory, transaction
+from meddaemon.db.migrate import upgrade
 from meddaemon.engine import registry
 from meddaemon.engine.architectures import build_model
-from meddaemon.engine.tasks import BUILTIN_TASKS, InputContract
+from meddaemon.engine.tasks import BUILTIN_TASKS, InputContract, all_tasks
 
 CONTRACT = InputContract(1, 32, 32, (0.449,), (0.226,), modalities=("US",))
 
@@ -42,6 +44,22 @@ def promote(daemon: Daemon, folder: Path) -> None:
     with transaction(daemon.sessions) as session:
         row = registry.import_version(session, folder, daemon.settings.models_dir)
         registry.promote(session, row.task_name, row.version)
+
+
+def promote_into(db_url: str, models_dir: Path, folder: Path) -> None:
+    """Import and promote the model in ``folder`` in the database at ``db_url`` (migrated, with the
+    task presets), as ``medcli models import`` then ``promote`` do, before any daemon starts."""
+    engine = create_db_engine(db_url)
+    try:
+        upgrade(engine)
+        sessions = session_factory(engine)
+        with transaction(sessions) as session:
+            bookkeeper.ensure_tasks(session, all_tasks({}))
+        with transaction(sessions) as session:
+            row = registry.import_version(session, folder, models_dir)
+            registry.promote(session, row.task_name, row.version)
+    finally:
+        engine.dispose()
 
 
 def drop_scans(inbox: Path) -> None:

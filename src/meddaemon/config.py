@@ -57,12 +57,17 @@ class Settings:
     max_batch: int = 16
     max_wait_ms: float = 50.0
     device: str = "auto"
+    inference_threads: int = 0
     heatmaps: bool = True
     model_poll_seconds: float = 2.0
     reports: bool = True
     reports_with_phi: bool = False
     reports_font: str = ""
     reports_nice: int = 10
+    node: str = ""
+    lease_seconds: float = 30.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 0
     route: tuple[RouteRule, ...] = ()
     tasks: Mapping[str, TaskSpec] = field(default_factory=dict)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -137,6 +142,8 @@ class Settings:
 
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(Settings) if f.name != "sources")
 _PATH_KEYS = {"watch", "state_dir"}
+_INT_KEYS = {"batch_size", "workers", "max_pixels", "max_batch", "reports_nice", "metrics_port", "inference_threads"}
+_FLOAT_KEYS = {"stable_seconds", "rescan_seconds", "busy_timeout", "max_wait_ms", "model_poll_seconds", "lease_seconds"}
 
 
 def default_config_text() -> str:
@@ -214,9 +221,9 @@ def _build(raw: dict[str, Any], sources: dict[str, str]) -> Settings:
 def _coerce(name: str, value: Any) -> Any:
     if name in _PATH_KEYS:
         return Path(value)
-    if name in {"stable_seconds", "rescan_seconds", "busy_timeout", "max_wait_ms", "model_poll_seconds"}:
+    if name in _FLOAT_KEYS:
         return float(value)
-    if name in {"batch_size", "workers", "max_pixels", "max_batch", "reports_nice"}:
+    if name in _INT_KEYS:
         return int(value)
     if name in {"heatmaps", "reports", "reports_with_phi"}:
         return value if isinstance(value, bool) else str(value).strip().lower() in {"1", "true", "yes", "on"}
@@ -280,6 +287,12 @@ def _validate(s: Settings) -> None:
         fail("max_batch", "must be >= 1")
     if s.max_wait_ms < 0:
         fail("max_wait_ms", "must be >= 0")
+    if s.inference_threads < 0:
+        fail("inference_threads", "must be >= 0 (0: one per core)")
+    if s.lease_seconds < 1:
+        fail("lease_seconds", "must be >= 1 (heartbeats go every quarter of it)")
+    if not 0 <= s.metrics_port <= 65535:
+        fail("metrics_port", "must be a TCP port (0: no metrics endpoint)")
     if not 0 <= s.reports_nice <= 19:
         fail("reports_nice", "must be between 0 and 19")
     if s.reports_font and not Path(s.reports_font).is_file():

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from meddaemon.db.engine import session_factory, transaction
 from meddaemon.db.models import Report
-from meddaemon.files import temporary_path
+from meddaemon.files import HOST_TAG, temporary_path
 from meddaemon.report.output import record_report, remove_stale_temporaries, write_pdf
 
 
@@ -60,13 +60,27 @@ def test_a_written_report_replaces_the_old_one_whole_and_returns_its_hash(tmp_pa
 
 
 def test_temporaries_left_by_a_killed_writer_are_removed(tmp_path: Path):
-    (tmp_path / "scans" / "ab").mkdir(parents=True)
-    left = tmp_path / "scans" / "ab" / ".abcd.pdf.1234.tmp"
+    folder = tmp_path / "scans" / "ab"
+    folder.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = temporary_path(folder / "abcd.pdf").with_name(f".abcd.pdf.{HOST_TAG}-{dead.pid}.tmp")
     left.write_bytes(b"%PDF-1.4 half")
-    kept = tmp_path / "scans" / "ab" / "abcd.pdf"
+    kept = folder / "abcd.pdf"
     kept.write_bytes(b"%PDF-1.4 whole")
     assert remove_stale_temporaries(tmp_path) == 1
     assert not left.exists() and kept.exists()
+
+
+def test_temporaries_of_live_writers_here_or_on_other_hosts_sharing_the_folder_stay(tmp_path: Path):
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    live_here = temporary_path(folder / "x.pdf")
+    elsewhere = folder / ".y.pdf.otherhost-1.tmp"  # pid 1 there may be anything: not ours to judge
+    for tmp in (live_here, elsewhere):
+        tmp.write_bytes(b"%PDF-1.4 being written")
+    assert remove_stale_temporaries(tmp_path) == 0
+    assert live_here.exists() and elsewhere.exists()
 
 
 def test_writing_the_same_report_again_updates_its_row(migrated_engine, tmp_path: Path):

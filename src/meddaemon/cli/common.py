@@ -21,6 +21,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_DATABASE = 3
+#: another daemon sharing the database declared this one lost (it stalled past its lease); a
+#: supervisor (systemd's Restart=on-failure) starts it again as a new member
+EXIT_LEASE_LOST = 4
 
 F = TypeVar("F", bound=Callable[..., Any])
 

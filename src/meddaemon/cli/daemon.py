@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import faulthandler
+import io
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import click
 
 from meddaemon import __version__
 from meddaemon.cli.common import (
+    EXIT_LEASE_LOST,
     EXIT_OK,
     build_settings,
     echo_json,
@@ -17,9 +22,10 @@ from meddaemon.cli.common import (
     settings_options,
     setup_logging,
 )
+from meddaemon.cli.health import health
 from meddaemon.config import default_config_text
 from meddaemon.daemon.inbox import Inbox
-from meddaemon.daemon.service import Daemon
+from meddaemon.daemon.service import Daemon, LeaseLost
 from meddaemon.db.engine import create_db_engine, session_factory
 from meddaemon.db.migrate import upgrade
 from meddaemon.db.queries import status_summary
@@ -53,7 +59,12 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
     """Start the daemon on an inbox (stops cleanly on SIGTERM or Ctrl-C, exit code 0)."""
     settings = build_settings(config_file, **flags)
     setup_logging(settings.log_level)
-    stats = Daemon(settings).run(once=once)
+    _dump_stacks_on_sigusr1()
+    try:
+        stats = Daemon(settings).run(once=once)
+    except LeaseLost as exc:
+        click.echo(f"error: {exc}; its work was taken over, exiting to be restarted", err=True)
+        sys.exit(EXIT_LEASE_LOST)
     if once and as_json:
         echo_json({k: v for k, v in dataclasses.asdict(stats).items() if k != "started"})
     sys.exit(EXIT_OK)
@@ -139,5 +150,15 @@ def _toml_value(value: object) -> str:
     return str(value)
 
 
+def _dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` writes every thread's stack to stderr: what a daemon that hangs is doing.
+    Not where stderr is no real file (Click's test runner)."""
+    with contextlib.suppress(io.UnsupportedOperation, AttributeError, ValueError):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def main() -> None:
     cli(prog_name="meddaemon")
+
+
+cli.add_command(health)

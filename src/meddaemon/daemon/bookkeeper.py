@@ -6,16 +6,17 @@ returns those moves for the caller to carry out after the commit.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session, object_session
 
 from meddaemon import __version__
-from meddaemon.daemon import filing
+from meddaemon.daemon import claims, filing
 from meddaemon.daemon.intake import Intake
 from meddaemon.daemon.stability import StableFile
 from meddaemon.db.models import (
@@ -84,11 +85,12 @@ def record_batch(
     files: Sequence[tuple[StableFile, PurePosixPath, Intake]],
     destinations: Destinations,
     served_tasks: Collection[str],
+    claimed_by: int | None = None,
 ) -> BatchRecord:
     """Rows for a batch of read files, flushed once (a flush per file cost 70% of ingest time).
 
-    Routed scans whose task has a served model stay ``routed`` (the caller queues them for
-    inference); the others wait in ``waiting_model``.
+    Routed scans whose task has a served model stay ``routed``, claimed by the daemon ``claimed_by``
+    (the caller queues them for inference); the others wait in ``waiting_model``, claimed by nobody.
     """
     shas = {intake.sha256 for _, _, intake in files if intake.sha256}
     known: dict[str, Scan] = (
@@ -107,14 +109,16 @@ def record_batch(
             known[intake.sha256] = scan
 
         if intake.failure is not None:
-            staged.append(_fail(scan, stable.path, name, intake.failure, destinations, failed_taken, now))
+            staged.append(_fail(session, scan, stable.path, name, intake.failure, destinations, failed_taken, now))
             continue
 
         route = intake.route
         assert route is not None and route.task is not None and intake.sha256
         scan.task_name, scan.routed_at = route.task, now
         _advance(scan, ScanState.ROUTED, f"{route.task} ({route.why})", now)
-        if route.task not in served_tasks:
+        if route.task in served_tasks:
+            scan.claimed_by = claimed_by
+        else:
             _advance(scan, ScanState.WAITING_MODEL, f"no active model for task {route.task}", now)
         target = filing.work_path(destinations.work_dir, intake.sha256, name)
         scan.stored_path, scan.pending_move_from = str(target), str(stable.path)
@@ -196,6 +200,7 @@ def _duplicate(
 
 
 def _fail(
+    session: Session,
     scan: Scan,
     source: Path,
     name: PurePosixPath,
@@ -208,7 +213,7 @@ def _fail(
     _advance(scan, ScanState.FAILED, f"{failure.reason.value}: {failure.message}", now)
     target = None
     if failure.reason is not FailureReason.VANISHED:
-        target = filing.failed_path(destinations.failed_dir, name, taken)
+        target = free_target(session, partial(filing.failed_path, destinations.failed_dir, name), taken)
         scan.stored_path, scan.pending_move_from = str(target), str(source)
     outcome = IntakeOutcome(
         str(name),
@@ -221,6 +226,20 @@ def _fail(
         target,
     )
     return _Staged(scan, source, target, outcome)
+
+
+def free_target(session: Session, pick: Callable[[set[Path]], Path], taken: set[Path]) -> Path:
+    """The first name ``pick`` offers that no scan row has yet. The disk alone cannot say: another
+    daemon's move to that name may be committed and not yet done. (Two transactions choosing the
+    same name at the same moment are kept apart by the unique ``scans.stored_path``: the second
+    fails, and its retry sees the first.)"""
+    offered: set[Path] = set()
+    while True:
+        target = pick(taken)
+        if target in offered or session.scalar(select(Scan.id).where(Scan.stored_path == str(target))) is None:
+            return target
+        offered.add(target)
+        taken.add(target)
 
 
 def reason_document(scan: Scan) -> dict[str, object]:
@@ -255,11 +274,13 @@ def _advance(scan: Scan, state: ScanState, detail: str | None, at: datetime) -> 
 
 
 def clear_pending(session: Session, moves: Sequence[PlannedMove]) -> None:
-    """Mark moves as done, so recovery leaves them alone."""
+    """Mark moves as done, so recovery leaves them alone; the files they took out of the inbox are
+    no longer claimed."""
     for kind, model in (("scan", Scan), ("duplicate", DuplicateArrival)):
         ids = [m.row_id for m in moves if m.kind == kind]
         if ids:
             session.execute(update(model).where(model.id.in_(ids)).values(pending_move_from=None))
+    claims.finish_inbox_files(session, [m.source for m in moves])
 
 
 def pending_moves(session: Session) -> list[PlannedMove]:
@@ -308,16 +329,19 @@ def record_results(
     model: ModelVersion,
     outcomes: Sequence[InferenceOutcome],
     destinations: Destinations,
+    daemon_id: int | None = None,
 ) -> BatchRecord:
     """Tidy result rows (one per label) and heatmaps; ``routed`` -> ``inferred``, or ``failed``.
 
-    A scan no longer ``routed`` (done by an earlier run, or failed meanwhile) is left alone, so
-    replaying a batch after a crash never doubles a result.
+    Only scans still ``routed`` and still held by ``daemon_id`` are stored (rows locked meanwhile):
+    a scan done by an earlier run, failed meanwhile, or taken over by another daemon after this one
+    was declared lost is left alone, so no result is ever doubled. Stored scans are free again
+    for the next stage.
     """
     now = utcnow()
     labels = list(model.manifest["labels"])
     thresholds = model.manifest.get("thresholds", {})
-    scans = {s.id: s for s in session.scalars(select(Scan).where(Scan.id.in_([o.scan_id for o in outcomes])))}
+    scans = claims.scans_held(session, daemon_id, [o.scan_id for o in outcomes])
     staged: list[_Staged] = []
     result_rows: list[dict[str, object]] = []
     heatmap_of_row: list[HeatmapFile | None] = []
@@ -325,10 +349,11 @@ def record_results(
         scan = scans.get(outcome.scan_id)
         if scan is None or scan.state != ScanState.ROUTED:
             continue
+        scan.claimed_by = None
         if outcome.failure is not None:
             assert scan.stored_path is not None
             name = PurePosixPath(scan.source_name)
-            staged.append(_fail(scan, Path(scan.stored_path), name, outcome.failure, destinations, set(), now))
+            staged.append(_fail(session, scan, Path(scan.stored_path), name, outcome.failure, destinations, set(), now))
             continue
         for index, label in enumerate(labels):
             result_rows.append(
@@ -345,7 +370,8 @@ def record_results(
             )
             heatmap_of_row.append(next((h for h in outcome.heatmaps if h.label_index == index), None))
         top = labels[int(max(range(len(labels)), key=lambda i: outcome.probabilities[i]))]
-        _advance(scan, ScanState.INFERRED, f"{model.task_name} {model.version}: top {top}", now)
+        by = f" by daemon {daemon_id}" if daemon_id is not None else ""
+        _advance(scan, ScanState.INFERRED, f"{model.task_name} {model.version}: top {top}{by}", now)
         staged.append(
             _Staged(
                 scan,
@@ -400,11 +426,13 @@ def claim_for_archive(session: Session, destinations: Destinations, limit: int) 
         .where(Scan.state == ScanState.REPORTED, Scan.pending_move_from.is_(None), Scan.stored_path.is_not(None))
         .order_by(Scan.id)
         .limit(limit)
+        .with_for_update(of=Scan, skip_locked=True)
     )
     for scan in session.scalars(query):
         source = Path(scan.stored_path)  # type: ignore[arg-type]
-        target = filing.archive_path(
-            destinations.archive_dir, PurePosixPath(scan.source_name), scan.sha256 or "", now, taken
+        name = PurePosixPath(scan.source_name)
+        target = free_target(
+            session, partial(filing.archive_path, destinations.archive_dir, name, scan.sha256 or "", now), taken
         )
         scan.pending_move_from, scan.stored_path = str(source), str(target)
         _advance(scan, ScanState.ARCHIVED, None, now)
@@ -421,17 +449,20 @@ class ScanToInfer:
 
 
 def claim_for_inference(
-    session: Session, tasks: Collection[str], exclude: Collection[int], limit: int
+    session: Session, tasks: Collection[str], exclude: Collection[int], limit: int, daemon_id: int | None = None
 ) -> list[ScanToInfer]:
-    """Registered scans whose task now has a served model: after a restart, or a model's promotion."""
+    """Registered scans whose task now has a served model (after a restart, a model's promotion, or
+    taken over from a lost daemon), claimed by ``daemon_id``; rows other daemons are claiming at
+    this moment are skipped, not waited for."""
     if not tasks or limit <= 0:
         return []
     query = (
         select(Scan)
         .where(Scan.state.in_([ScanState.ROUTED, ScanState.WAITING_MODEL]), Scan.task_name.in_(list(tasks)))
-        .where(Scan.pending_move_from.is_(None))
+        .where(Scan.pending_move_from.is_(None), claims.claimable_by(daemon_id))
         .order_by(Scan.id)
         .limit(limit + len(exclude))
+        .with_for_update(of=Scan, skip_locked=True)
     )
     now = utcnow()
     claimed: list[ScanToInfer] = []
@@ -440,6 +471,7 @@ def claim_for_inference(
             continue
         if scan.state == ScanState.WAITING_MODEL:
             _advance(scan, ScanState.ROUTED, f"a model for {scan.task_name} is now served", now)
+        scan.claimed_by = daemon_id
         claimed.append(ScanToInfer(scan.id, scan.task_name or "", Path(scan.stored_path), scan.discovered_at))
         if len(claimed) >= limit:
             break

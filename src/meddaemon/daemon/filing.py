@@ -8,6 +8,7 @@ after; ``finish_move`` is idempotent, so recovery after a crash simply calls it 
 from __future__ import annotations
 
 import errno
+import filecmp
 import json
 import os
 import shutil
@@ -73,13 +74,18 @@ def finish_move(source: Path, target: Path) -> MoveOutcome:
         return MoveOutcome.LOST
     if target_there:
         # a cross-device copy that completed its rename but not the unlink of its source
-        if _same_size(source, target):
+        if _same_bytes(source, target):
             os.unlink(source)
             return MoveOutcome.ALREADY_DONE
         raise FileExistsError(errno.EEXIST, "a different file already has the target name", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(source, target)
+    except FileNotFoundError:
+        # another daemon finishing the same committed move (recovery) got there first
+        if os.path.lexists(target) and not os.path.lexists(source):
+            return MoveOutcome.ALREADY_DONE
+        raise
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
@@ -88,7 +94,7 @@ def finish_move(source: Path, target: Path) -> MoveOutcome:
 
 
 def _copy_across_devices(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.partial")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
     if source.is_symlink():
         os.symlink(os.readlink(source), tmp)
     else:
@@ -99,8 +105,11 @@ def _copy_across_devices(source: Path, target: Path) -> None:
     os.unlink(source)
 
 
-def _same_size(a: Path, b: Path) -> bool:
-    return os.lstat(a).st_size == os.lstat(b).st_size
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Compared byte for byte: a same-sized different file must never cost the source its life."""
+    if os.path.islink(a) or os.path.islink(b):
+        return os.path.islink(a) and os.path.islink(b) and os.readlink(a) == os.readlink(b)
+    return filecmp.cmp(a, b, shallow=False)
 
 
 def _suffix(name: PurePosixPath) -> str:

@@ -31,10 +31,11 @@ from meddaemon.config import Settings
 from meddaemon.daemon import bookkeeper, filing
 from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, HeatmapFile, InferenceOutcome, ScanToInfer
 from meddaemon.daemon.intake import prepare_stored
+from meddaemon.daemon.metrics import DaemonMetrics
 from meddaemon.db.models import ModelVersion, Scan, utcnow
 from meddaemon.engine.batching import BatchQueue, QueuedScan
 from meddaemon.engine.decode import DecodeOptions
-from meddaemon.engine.inference import Prediction, ServedModel, pick_device
+from meddaemon.engine.inference import Prediction, ServedModel, limit_threads, pick_device
 from meddaemon.engine.overlay import jpeg_bytes, model_view, overlay
 from meddaemon.engine.registry import ModelRefused, load_version
 from meddaemon.engine.tasks import InputContract
@@ -83,6 +84,7 @@ class InferenceStage:
         submit: Submit,
         commit: Commit,
         after_store: Callable[[BatchRecord], None] = lambda record: None,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -92,6 +94,8 @@ class InferenceStage:
         self.commit = commit
         #: the daemon carries out the moves of failed scans and logs every outcome
         self.after_store = after_store
+        self.metrics = metrics or DaemonMetrics()
+        limit_threads(settings.inference_threads)
         self.device = pick_device(settings.device)
         self.served: dict[str, ServedModel] = {}
         self.rows: dict[int, ModelVersion] = {}
@@ -104,6 +108,8 @@ class InferenceStage:
         #: scans whose heatmap files could not be written, left alone until the time given (monotonic)
         self.resting: dict[int, float] = {}
         self.inferred = 0
+        #: this daemon's id among those sharing the database (``lease.register``), set at start
+        self.daemon_id: int | None = None
 
     def close(self) -> None:
         """Stop the writer threads; batches not yet committed stay ``routed`` and run again at start."""
@@ -176,7 +182,7 @@ class InferenceStage:
         exclude = self.in_flight | set(self.resting)
 
         def claim(session: Session) -> list[ScanToInfer]:
-            return bookkeeper.claim_for_inference(session, list(self.served), exclude, budget)
+            return bookkeeper.claim_for_inference(session, list(self.served), exclude, budget, self.daemon_id)
 
         claimed: list[ScanToInfer] = self.commit(claim)
         for scan in claimed:
@@ -305,12 +311,16 @@ class InferenceStage:
         row = self.rows[version_id]
 
         def store(session: Session) -> BatchRecord:
-            return bookkeeper.record_results(session, session.merge(row, load=False), outcomes, self.destinations)
+            return bookkeeper.record_results(
+                session, session.merge(row, load=False), outcomes, self.destinations, self.daemon_id
+            )
 
         record = self.commit(store)
         for outcome in outcomes:
             self.in_flight.discard(outcome.scan_id)
         self.inferred += sum(1 for o in record.outcomes if o.state == "inferred")
+        stored = {o.scan_id for o in record.outcomes if o.state == "inferred"}
+        self.metrics.results_stored(len(stored), [o.latency_ms for o in outcomes if o.scan_id in stored])
         self.after_store(record)
 
     def _shas(self, ids: list[int]) -> dict[int, str]:

@@ -32,11 +32,12 @@ from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, true
+from sqlalchemy import func, select, true, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
-from meddaemon.db.engine import create_db_engine, session_factory, with_lock_retry
+from meddaemon.daemon import claims
+from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
 from meddaemon.db.models import Report, Scan
 from meddaemon.report import output
 from meddaemon.states import ScanState
@@ -61,9 +62,11 @@ class ReportStats:
 
 
 class Reporter:
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], daemon_id: int | None = None) -> None:
         self.settings = settings
         self.sessions = sessions
+        #: the daemon this reporter works for: it claims scans in that daemon's name
+        self.daemon_id = daemon_id
         from meddaemon.report.builder import ReportBuilder  # reportlab: only in the process that reports
 
         self.builder = ReportBuilder(settings, sessions)
@@ -165,17 +168,24 @@ class Reporter:
     # -- the database --------------------------------------------------------------------------
 
     def _claim(self, exclude: set[int]) -> list[int]:
-        def read() -> list[int]:
-            with self.sessions() as session:
+        """Up to ``CLAIM`` inferred scans no other daemon is reporting, claimed for this one."""
+
+        def claim() -> list[int]:
+            with transaction(self.sessions) as session:
                 query = (
                     select(Scan.id)
                     .where(Scan.state == ScanState.INFERRED, Scan.pending_move_from.is_(None))
+                    .where(claims.claimable_by(self.daemon_id))
                     .order_by(Scan.id)
                     .limit(CLAIM + len(exclude))
+                    .with_for_update(of=Scan, skip_locked=True)
                 )
-                return [i for i in session.scalars(query) if i not in exclude][:CLAIM]
+                ids = [i for i in session.scalars(query) if i not in exclude][:CLAIM]
+                if ids and self.daemon_id is not None:
+                    session.execute(update(Scan).where(Scan.id.in_(ids)).values(claimed_by=self.daemon_id))
+                return ids
 
-        return with_lock_retry(read)
+        return with_lock_retry(claim)
 
     def _stale_studies(self, among: set[str] | None) -> list[str]:
         """Studies (all, or those ``among``) of 2+ reported scans whose study report is missing or
@@ -225,13 +235,13 @@ class ReporterProcess:
     """The report stage in a child process: the daemon starts it once a model is served, restarts it
     if it dies, and stops it at shutdown."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, daemon_id: int | None = None) -> None:
         self.settings = settings
         context = multiprocessing.get_context("forkserver")
         self.stop_event = context.Event()
         self.process = context.Process(
             target=_process_main,
-            args=(settings, self.stop_event),
+            args=(settings, self.stop_event, daemon_id),
             name="meddaemon-reporter",
             daemon=False,
         )
@@ -256,7 +266,7 @@ class ReporterProcess:
             self.process.join()
 
 
-def _process_main(settings: Settings, stop: EventType) -> None:
+def _process_main(settings: Settings, stop: EventType, daemon_id: int | None) -> None:
     # the daemon stops this process through ``stop``: a Ctrl-C or SIGTERM sent to the whole
     # process group must not interrupt a report half-way
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -273,7 +283,7 @@ def _process_main(settings: Settings, stop: EventType) -> None:
     watchdog.start()
     engine = create_db_engine(settings.db_url, settings.busy_timeout)
     try:
-        Reporter(settings, session_factory(engine)).serve(stop)
+        Reporter(settings, session_factory(engine), daemon_id).serve(stop)
     finally:
         engine.dispose()
 

@@ -23,16 +23,19 @@ from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import TypeVar
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
-from meddaemon.daemon import bookkeeper, filing
+from meddaemon.daemon import bookkeeper, claims, filing, lease
 from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, PlannedMove
 from meddaemon.daemon.inbox import Inbox
 from meddaemon.daemon.inference import InferenceStage
 from meddaemon.daemon.intake import Intake, IntakeContext, init_worker, quiet_pydicom, read_file
+from meddaemon.daemon.metrics import DaemonMetrics, MetricsServer, start_metrics_server
 from meddaemon.daemon.reporter import Reporter, ReporterProcess
 from meddaemon.daemon.router import RoutingPolicy
+from meddaemon.daemon.sdnotify import Watchdog
 from meddaemon.daemon.stability import Signature, StabilityTracker, StableFile
 from meddaemon.daemon.watcher import Hint, install_overflow_alarm, start_observer
 from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
@@ -43,7 +46,16 @@ from meddaemon.failures import FailureReason, ScanFailure
 log = logging.getLogger("meddaemon.daemon")
 
 
+class LeaseLost(RuntimeError):
+    """Another daemon declared this one lost (it stalled past its lease) and took over its work."""
+
+
 T = TypeVar("T")
+
+#: batches of reported scans archived per poll at most, before the loop turns to new files again
+ARCHIVE_BATCHES_PER_POLL = 8
+#: retries of a transaction that met a row another daemon committed meanwhile (same SHA-256)
+UNIQUE_RETRIES = 3
 
 
 @dataclass
@@ -87,8 +99,15 @@ class Daemon:
         #: inbox files whose committed move failed: not to be read again while they wait for it
         self.blocked: set[Path] = set()
         self.pool: Executor | None = None
+        #: this daemon's place among those sharing the database (registered by ``prepare``)
+        self.member: lease.Member | None = None
+        self.lease: lease.LeaseKeeper | None = None
         self.reporter: ReporterProcess | None = None
         self.reading: list[_ReadGroup] = []
+        self.metrics = DaemonMetrics()
+        self.metrics_server: MetricsServer | None = None
+        #: systemd's notifications (READY, the watchdog's keep-alives); silent outside systemd
+        self.watchdog = Watchdog()
         self.stage = InferenceStage(
             settings,
             self.sessions,
@@ -97,18 +116,38 @@ class Daemon:
             self._submit,
             self._commit,
             after_store=self._after_store,
+            metrics=self.metrics,
         )
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """Folders, schema, tasks, and an account of what can be decoded."""
+        """Folders, schema, tasks, this daemon's registration, and an account of what can be decoded."""
         for folder in (self.settings.watch, self.settings.state_dir, *vars(self.destinations).values()):
             Path(folder).mkdir(parents=True, exist_ok=True)
         quiet_pydicom()
         upgrade(self.engine)
         with_lock_retry(self._ensure_tasks, self._log_lock_wait, self.stop_requested.is_set)
+        self._join()
         self._log_decoders()
+
+    def _join(self) -> None:
+        """Register among the daemons sharing the database; take over from those found lost."""
+
+        def join(session: Session) -> tuple[lease.Member, list[lease.LostDaemon]]:
+            member = lease.register(session, lease.node_name(self.settings.node), self.settings.lease_seconds)
+            return member, lease.release_lost(session, member)
+
+        self.member, found = self._commit(join)
+        self.stage.daemon_id = self.member.daemon_id
+        lease.log_lost(found)
+        log.info(
+            "daemon %d on node %s (pid %d, lease %.0f s)",
+            self.member.daemon_id,
+            self.member.node,
+            self.member.pid,
+            self.member.lease_seconds,
+        )
 
     def run(self, once: bool = False) -> RunStats:
         """Process the inbox until stopped (SIGTERM/SIGINT), or, with ``once``, until it is drained."""
@@ -118,9 +157,21 @@ class Daemon:
         except BaseException:
             self._restore_signal_handlers(previous_handlers)
             raise
+        if self.settings.metrics_port and not once:
+            self.metrics_server = start_metrics_server(
+                self.settings.metrics_host,
+                self.settings.metrics_port,
+                self.engine,
+                self.metrics,
+                busy_timeout=self.settings.busy_timeout,
+            )
+            log.info("metrics on %s", self.metrics_server.url)
         alarm = install_overflow_alarm()
         observer = None if once else start_observer(self.settings.watch, self.hints, self.settings.observer)
         self.pool = self._make_pool()
+        assert self.member is not None
+        self.lease = lease.LeaseKeeper(self.sessions, self.member)
+        self.lease.start()
         log.info(
             "watching %s (state in %s, database %s, %s workers)",
             self.settings.watch,
@@ -134,9 +185,14 @@ class Daemon:
                 self._keep_reporter()
             self.recover()
             self.rescan()
+            self.watchdog.ready(f"watching {self.settings.watch}")
             now = time.monotonic()
             next_rescan, next_poll = now + self.settings.rescan_seconds, now
             while not self.stop_requested.is_set():
+                self.lease.tick()
+                self.watchdog.tick()
+                if self.lease.lost.is_set():
+                    raise LeaseLost(f"daemon {self.member.daemon_id} was declared lost by another daemon")
                 self._drain_hints()
                 now = time.monotonic()
                 if alarm.raised.is_set() or now >= next_rescan:
@@ -150,7 +206,9 @@ class Daemon:
                     self.stage.refresh_models()
                     self.stage.sweep()
                     next_poll = now + self.settings.model_poll_seconds
-                    self.archive_reported()
+                    for _ in range(ARCHIVE_BATCHES_PER_POLL):
+                        if self.archive_reported() < self.settings.batch_size:
+                            break
                     if not once:
                         self._keep_reporter()
                 if observer is not None and not observer.is_alive():
@@ -168,14 +226,19 @@ class Daemon:
                         break
                     continue
                 if not progressed:
+                    self.metrics.inbox_waiting(len(self.tracker) + sum(len(g.files) for g in self.reading))
                     self._wait_for_work(min(next_rescan, next_poll))
+            self.watchdog.stopping()
             self._finish_in_hand()
             if self.settings.reports and once and not self.stop_requested.is_set():
                 # --once: the reports after the drain, here (no batch is left to stall)
-                Reporter(self.settings, self.sessions).drain(self.stop_requested.is_set)
+                Reporter(self.settings, self.sessions, self.member.daemon_id).drain(self.stop_requested.is_set)
                 while self.archive_reported():
                     pass
         finally:
+            if self.metrics_server is not None:
+                self.metrics_server.stop()
+            self.lease.stop()
             if self.reporter is not None:
                 self.reporter.stop()
             if observer is not None:
@@ -184,6 +247,8 @@ class Daemon:
             if self.pool is not None:
                 self.pool.shutdown(wait=True, cancel_futures=True)
             self.stage.close()
+            if not self.lease.lost.is_set():
+                self._sign_off()
             self.engine.dispose()
             self._restore_signal_handlers(previous_handlers)
         log.info(
@@ -237,6 +302,10 @@ class Daemon:
         files = [(f, name) for f in ready if (name := self.inbox.relative_name(f.path)) is not None]
         if not files:
             return
+        mine = self._claim_inbox_files([f for f, _ in files])
+        files = [(f, name) for f, name in files if f.path in mine]
+        if not files:
+            return
         context = self.intake_context()
         futures = [self._submit(read_file, f.path, name, f.signature, context) for f, name in files]
         self.reading.append(_ReadGroup(files, futures))
@@ -256,21 +325,35 @@ class Daemon:
             log.error("a decoding worker died; reading this batch again one file at a time to find the culprit")
             intakes = [self._read_alone(f.path, name, f.signature) for f, name in group.files]
         batch: list[tuple[StableFile, PurePosixPath, Intake]] = []
+        changed: list[Path] = []
         for (stable, name), intake in zip(group.files, intakes, strict=True):
             if intake.changed:
-                self.tracker.observe(stable.path)
+                changed.append(stable.path)
             else:
                 batch.append((stable, name, intake))
-        if not batch:
-            return BatchRecord()
         served = set(self.stage.served)
+        assert self.member is not None
+        me = self.member.daemon_id
 
         def record(session: Session) -> BatchRecord:
-            return bookkeeper.record_batch(session, batch, self.destinations, served)
+            """The batch's rows, for the files this daemon still holds; claims end for the files
+            that are not leaving the inbox (changed while read, vanished)."""
+            held = claims.held_inbox_files(session, me, [stable.path for stable, _, _ in batch])
+            kept = [item for item in batch if str(item[0].path) in held]
+            record_ = bookkeeper.record_batch(session, kept, self.destinations, served, claimed_by=me)
+            leaving = {str(move.source) for move in record_.moves}
+            claims.release_inbox_files(
+                session, [*changed, *(stable.path for stable, _, _ in kept if str(stable.path) not in leaving)]
+            )
+            return record_
 
         record_ = self._commit(record)
+        for path in changed:
+            self.tracker.observe(path)
         self._carry_out(record_.moves)
         self.stats.count(record_)
+        for outcome in record_.outcomes:
+            self.metrics.files_recorded(outcome.state, outcome.reason)
         by_name = {str(name): (stable, intake) for stable, name, intake in batch}
         for outcome in record_.outcomes:
             _log_outcome(outcome)
@@ -299,13 +382,34 @@ class Daemon:
         future.set_result(fn(*args))
         return future
 
+    def _claim_inbox_files(self, files: list[StableFile]) -> set[Path]:
+        """The files this daemon may read: those no other daemon sharing the database holds.
+        The others are left to their holder (a rescan finds them again if it dies)."""
+        assert self.member is not None
+        me = self.member.daemon_id
+        return self._commit(lambda session: claims.claim_inbox_files(session, me, files))
+
+    def _sign_off(self) -> None:
+        assert self.member is not None
+        member = self.member
+        try:
+            self._commit(lambda session: lease.sign_off(session, member))
+        except Exception as exc:  # the database is away: the lease runs out instead
+            log.warning("could not sign off (%s); the other daemons take over after the lease", exc)
+
     def _commit(self, work: Callable[[Session], T]) -> T:
-        """One transaction, retried past locks held by other processes."""
+        """One transaction, retried past locks held by other processes, and again when another
+        daemon registered the same bytes at the same moment (the retry sees its scan: a duplicate)."""
 
         def attempt() -> T:
             with transaction(self.sessions) as session:
                 return work(session)
 
+        for _ in range(UNIQUE_RETRIES):
+            try:
+                return with_lock_retry(attempt, self._log_lock_wait)
+            except IntegrityError as exc:
+                log.info("another daemon recorded the same row first (%s); recording again", type(exc.orig).__name__)
         return with_lock_retry(attempt, self._log_lock_wait)
 
     def _after_store(self, record: BatchRecord) -> None:
@@ -330,7 +434,7 @@ class Daemon:
             if self.reporter.alive():
                 return
             log.error("the report process exited (code %s); restarting it", self.reporter.process.exitcode)
-        self.reporter = ReporterProcess(self.settings)
+        self.reporter = ReporterProcess(self.settings, self.member.daemon_id if self.member else None)
         self.reporter.start()
 
     def _replace_pool(self) -> None:

@@ -55,9 +55,10 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 def is_lock_error(exc: BaseException) -> bool:
-    """SQLite's "database is locked"/"busy": another process holds the write lock."""
+    """Another transaction stood in the way: SQLite's "database is locked"/"busy" (another process
+    holds the write lock), PostgreSQL's "deadlock detected" (it rolled this transaction back)."""
     text = str(getattr(exc, "orig", exc)).lower()
-    return isinstance(exc, OperationalError) and ("locked" in text or "busy" in text)
+    return isinstance(exc, OperationalError) and ("locked" in text or "busy" in text or "deadlock" in text)
 
 
 def with_lock_retry(

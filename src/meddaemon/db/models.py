@@ -83,7 +83,7 @@ class Scan(Base):
     state: Mapped[str] = mapped_column(String(32))
     task_name: Mapped[str | None] = mapped_column(ForeignKey("tasks.name"))
     source_name: Mapped[str] = mapped_column(Text)
-    stored_path: Mapped[str | None] = mapped_column(Text)
+    stored_path: Mapped[str | None] = mapped_column(Text, unique=True, index=True)
     pending_move_from: Mapped[str | None] = mapped_column(Text)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     failure_reason: Mapped[str | None] = mapped_column(String(64), index=True)
@@ -118,6 +118,9 @@ class Scan(Base):
     manufacturer: Mapped[str | None] = mapped_column(Text)
     view_position: Mapped[str | None] = mapped_column(String(16))
 
+    #: the daemon working on the scan's next stage (inference, report); None: free for any daemon
+    claimed_by: Mapped[int | None] = mapped_column(ForeignKey("daemons.id", ondelete="SET NULL"), index=True)
+
     events: Mapped[list[ScanEvent]] = relationship(back_populates="scan", order_by="ScanEvent.id")
     duplicates: Mapped[list[DuplicateArrival]] = relationship(back_populates="scan")
 
@@ -147,6 +150,49 @@ METADATA_COLUMNS = (
     "manufacturer",
     "view_position",
 )
+
+
+class DaemonInstance(Base):
+    """One run of a daemon process, on one node, sharing the database with the others.
+
+    Times are seconds since the epoch *by the database's clock* (``db.clock.db_clock``): a node whose
+    own clock is wrong can neither keep a dead daemon alive nor declare a live one lost. A daemon is
+    ``running`` while ``heartbeat_at + lease_seconds`` lies ahead of the database's clock; past it any
+    other daemon marks it ``lost`` and releases its claims (``daemon/lease.py``).
+    """
+
+    __tablename__ = "daemons"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int]
+    version: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    lease_seconds: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[float | None] = mapped_column(Float)
+
+
+class InboxClaim(Base):
+    """An inbox file one daemon is reading and recording; no other daemon reads it meanwhile.
+
+    The claim lasts until the file has left the inbox (its move is carried out); then ``done_at`` is
+    set and the row stays a while as a tombstone: a daemon that looked at the file just before it
+    left (same size, mtime and inode) cannot claim it again. ``daemon_id`` is None when its daemon
+    was lost after committing the move: the claim then waits for recovery to finish that move.
+    Times are by the database's clock.
+    """
+
+    __tablename__ = "inbox_claims"
+
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    daemon_id: Mapped[int | None] = mapped_column(ForeignKey("daemons.id", ondelete="SET NULL"), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    inode: Mapped[int] = mapped_column(BigInteger)
+    claimed_at: Mapped[float] = mapped_column(Float)
+    done_at: Mapped[float | None] = mapped_column(Float)
 
 
 class ScanEvent(Base):

@@ -41,6 +41,14 @@ class Prediction:
     failure: ScanFailure | None = None
 
 
+def limit_threads(threads: int) -> None:
+    """CPU threads for the forward pass (PyTorch's, and ONNX Runtime's, which follows it); 0 keeps
+    PyTorch's default, one per core. Daemons sharing a machine each need their share: OpenMP threads
+    spin while they wait, so two daemons with a thread per core each run several times slower."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def pick_device(setting: str = "auto") -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

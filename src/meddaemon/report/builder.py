@@ -146,8 +146,9 @@ class ReportBuilder:
 def mark_reported(session: Session, scan_id: int, path: Path) -> bool:
     """``inferred`` -> ``reported`` with the report's path in the scan's history; False if the scan
     was not ``inferred`` (already reported by an earlier attempt, or rebuilt on demand later)."""
-    scan = session.get(Scan, scan_id)
+    scan = session.get(Scan, scan_id, with_for_update=True)
     if scan is None or scan.state != ScanState.INFERRED:
         return False
     _advance(scan, ScanState.REPORTED, f"report {path.name}", utcnow())
+    scan.claimed_by = None
     return True

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from meddaemon.db.models import Report, utcnow
-from meddaemon.files import TMP_SUFFIX, write_atomically
+from meddaemon.files import TMP_SUFFIX, left_by_dead_writer, write_atomically
 
 
 def scan_report_path(reports_dir: Path, sha256: str, with_phi: bool) -> Path:
@@ -39,11 +39,14 @@ def write_pdf(path: Path, data: bytes) -> str:
 
 
 def remove_stale_temporaries(reports_dir: Path) -> int:
-    """Delete the temporary files a killed report writer left (``.<name>.pdf.<pid>.tmp``)."""
+    """Delete the temporary files a killed report writer of this host left (``.<name>.pdf.<host>-<pid>.tmp``);
+    those of live writers, here or on other hosts sharing the folder, stay."""
     removed = 0
     if not reports_dir.is_dir():
         return 0
     for tmp in reports_dir.rglob(f".*.pdf.*{TMP_SUFFIX}"):
+        if not left_by_dead_writer(tmp):
+            continue
         with contextlib.suppress(OSError):
             tmp.unlink()
             removed += 1

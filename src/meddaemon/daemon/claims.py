@@ -1,0 +1,161 @@
+"""Who holds which work, so that daemons sharing a database never do the same work twice.
+
+- An inbox file is claimed (a row in ``inbox_claims``, keyed by its path) before it is read; the
+  claim holds until the file has left the inbox, and a while after as a tombstone against daemons
+  that saw the file just before it left. ``INSERT ... ON CONFLICT`` makes the claim atomic on
+  PostgreSQL and SQLite alike.
+- A scan's next stage (inference, report) is claimed by setting ``scans.claimed_by``, choosing the
+  rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent daemons take disjoint sets without
+  waiting for each other. SQLite drops ``SKIP LOCKED`` silently; there ``BEGIN IMMEDIATE`` already
+  serialises every writer, which gives the same result on one host.
+- Storing the outcome of a claimed stage is fenced: it only counts if the claim is still the
+  daemon's (``held_inbox_files``, ``scans_held``), so a daemon declared lost that wakes up later
+  cannot store a second result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import and_, delete, or_, select, union, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from meddaemon.daemon.stability import StableFile
+from meddaemon.db.clock import db_clock
+from meddaemon.db.models import DuplicateArrival, InboxClaim, Scan
+
+#: how long the claim of a file that left the inbox stays, refusing that same file (seconds)
+TOMBSTONE_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class Released:
+    scans: int = 0
+    inbox_files: int = 0
+    kept_for_moves: int = 0
+
+
+def claim_inbox_files(session: Session, daemon_id: int, files: Iterable[StableFile]) -> set[Path]:
+    """Claim the files no other daemon holds; returns the paths this daemon got.
+
+    A path whose claim ended (the file left the inbox) can be claimed again only by a different file:
+    another size, mtime or inode. The same file seen a moment before it left is refused, so it is
+    never read after another daemon moved it away.
+    """
+    wanted = {str(f.path): f for f in files}
+    if not wanted:
+        return set()
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    rows = [
+        {
+            "path": path,
+            "daemon_id": daemon_id,
+            "size": f.signature.size,
+            "mtime_ns": f.signature.mtime_ns,
+            "inode": f.signature.inode,
+            "claimed_at": db_clock(),
+            "done_at": None,
+        }
+        for path, f in sorted(wanted.items())  # one order for every daemon: no lock cycles between them
+    ]
+    statement = insert(InboxClaim).values(rows)
+    new = statement.excluded
+    another_file = or_(InboxClaim.size != new.size, InboxClaim.mtime_ns != new.mtime_ns, InboxClaim.inode != new.inode)
+    won = session.scalars(
+        statement.on_conflict_do_update(
+            index_elements=["path"],
+            set_={
+                column: new[column] for column in ("daemon_id", "size", "mtime_ns", "inode", "claimed_at", "done_at")
+            },
+            where=and_(InboxClaim.done_at.is_not(None), another_file),
+        ).returning(InboxClaim.path)
+    ).all()
+    return {wanted[p].path for p in won}
+
+
+def held_inbox_files(session: Session, daemon_id: int, paths: Iterable[Path]) -> set[str]:
+    """Of ``paths``, those this daemon still holds, locked until the transaction ends."""
+    names = [str(p) for p in paths]
+    if not names:
+        return set()
+    query = (
+        select(InboxClaim.path)
+        .where(InboxClaim.daemon_id == daemon_id, InboxClaim.done_at.is_(None), InboxClaim.path.in_(names))
+        .order_by(InboxClaim.path)
+        .with_for_update()
+    )
+    return set(session.scalars(query))
+
+
+def release_inbox_files(session: Session, paths: Iterable[Path | str]) -> None:
+    """Drop the claims on files that stay in the inbox after all (changed while read, or gone)."""
+    for chunk in _chunks(paths):
+        session.execute(delete(InboxClaim).where(InboxClaim.path.in_(chunk), InboxClaim.done_at.is_(None)))
+
+
+def finish_inbox_files(session: Session, paths: Iterable[Path | str]) -> None:
+    """The files left the inbox: their claims become tombstones (see ``claim_inbox_files``)."""
+    for chunk in _chunks(paths):
+        session.execute(
+            update(InboxClaim)
+            .where(InboxClaim.path.in_(chunk), InboxClaim.done_at.is_(None))
+            .values(done_at=db_clock(), daemon_id=None)
+        )
+
+
+def forget_finished(session: Session, older_than: float = TOMBSTONE_SECONDS) -> int:
+    """Delete the tombstones of files that left the inbox more than ``older_than`` seconds ago."""
+    gone = session.execute(delete(InboxClaim).where(InboxClaim.done_at < db_clock() - older_than))
+    return gone.rowcount  # type: ignore[attr-defined,no-any-return]
+
+
+def _chunks(paths: Iterable[Path | str], size: int = 500) -> Iterator[list[str]]:
+    names = sorted({str(p) for p in paths})
+    for start in range(0, len(names), size):
+        yield names[start : start + size]
+
+
+def claimable_by(daemon_id: int | None):  # type: ignore[no-untyped-def]
+    """Scans free for this daemon's next stage: nobody's, or already its own."""
+    if daemon_id is None:
+        return Scan.claimed_by.is_(None)
+    return or_(Scan.claimed_by.is_(None), Scan.claimed_by == daemon_id)
+
+
+def scans_held(session: Session, daemon_id: int | None, scan_ids: Collection[int]) -> dict[int, Scan]:
+    """The scans among ``scan_ids`` this daemon still holds, locked (in id order, so two
+    transactions never wait on each other in a circle) until the transaction ends."""
+    if not scan_ids:
+        return {}
+    query = (
+        select(Scan)
+        .where(Scan.id.in_(list(scan_ids)), claimable_by(daemon_id))
+        .order_by(Scan.id)
+        .with_for_update(of=Scan)
+    )
+    return {scan.id: scan for scan in session.scalars(query)}
+
+
+def release_daemons(session: Session, daemon_ids: Collection[int]) -> Released:
+    """Give back what stopped or lost daemons held: their scans, and their inbox claims, except the
+    claims of files whose move out of the inbox is committed and not yet done (those stay, held by
+    nobody, until recovery finishes the move)."""
+    ids = list(daemon_ids)
+    if not ids:
+        return Released()
+    scans = session.execute(update(Scan).where(Scan.claimed_by.in_(ids)).values(claimed_by=None))
+    moving = union(
+        select(Scan.pending_move_from).where(Scan.pending_move_from.is_not(None)),
+        select(DuplicateArrival.pending_move_from).where(DuplicateArrival.pending_move_from.is_not(None)),
+    ).subquery()
+    kept = session.execute(
+        update(InboxClaim)
+        .where(InboxClaim.daemon_id.in_(ids), InboxClaim.done_at.is_(None), InboxClaim.path.in_(select(moving.c[0])))
+        .values(daemon_id=None)
+    )
+    dropped = session.execute(delete(InboxClaim).where(InboxClaim.daemon_id.in_(ids), InboxClaim.done_at.is_(None)))
+    return Released(scans.rowcount, dropped.rowcount, kept.rowcount)  # type: ignore[attr-defined]

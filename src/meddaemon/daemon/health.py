@@ -1,0 +1,310 @@
+"""Is the service healthy? A few checks, each ok, degraded or down, for ``meddaemon health``.
+
+Meant for supervisors and probes (a systemd timer, Docker's HEALTHCHECK, a load balancer): it reads
+the shared database through a read-only engine (``db.readonly``) and writes nothing, not even a
+schema upgrade; a schema that is behind is reported, not fixed. Daemon liveness is judged by the
+database's clock (``db.clock``), as the daemons judge each other, so a node with a wrong clock
+reports what the other daemons see. Other row times (``registered_at``, ``updated_at``) were written
+by the nodes' own clocks and are compared with this node's.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from meddaemon.config import Settings
+from meddaemon.daemon.lease import node_name
+from meddaemon.db.clock import db_clock
+from meddaemon.db.migrate import alembic_config, current_revision, head_revision
+from meddaemon.db.models import DaemonInstance, Scan, utcnow
+
+Status = Literal["ok", "degraded", "down"]
+OK: Status = "ok"
+DEGRADED: Status = "degraded"
+DOWN: Status = "down"
+_RANK = {OK: 0, DEGRADED: 1, DOWN: 2}
+#: Exit codes of ``meddaemon health`` by the report's overall status.
+EXIT_CODES = {OK: 0, DEGRADED: 1, DOWN: 2}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    checks: list[Check]
+
+    @property
+    def status(self) -> Status:
+        return max((c.status for c in self.checks), key=_RANK.__getitem__, default=OK)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+    def check(self, name: str) -> Check:
+        return next(c for c in self.checks if c.name == name)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "exit_code": self.exit_code, "checks": [asdict(c) for c in self.checks]}
+
+
+@dataclass(frozen=True)
+class HealthLimits:
+    """Where healthy ends. The defaults suit a daemon that keeps up with its inbox."""
+
+    #: require a live daemon on this node (None: any node will do)
+    node: str | None = None
+    #: a scan waiting in routed (or inferred, when reports are on) longer than this: a stuck queue
+    stuck_seconds: float = 600.0
+    #: free space on the state directory's file system below this: degraded
+    min_free_bytes: int = 1024**3
+    #: of the scans registered in the last ``failure_window_seconds``, a failed fraction above this
+    failure_window_seconds: float = 900.0
+    max_failure_fraction: float = 0.5
+    #: ... judged only once at least this many scans were registered in the window
+    min_scans_for_failure_rate: int = 10
+    #: a daemon declared lost within this long ago is reported
+    lost_window_seconds: float = 3600.0
+
+
+def this_node(settings: Settings) -> str:
+    """The node name a daemon started with these settings registers under."""
+    return node_name(settings.node)
+
+
+def check_health(
+    engine: Engine,
+    settings: Settings,
+    limits: HealthLimits | None = None,
+    disk_usage: Callable[[Path], Any] = shutil.disk_usage,
+) -> HealthReport:
+    """Run every check; ``engine`` should be read-only (``db.readonly.read_only_engine``)."""
+    limits = limits or HealthLimits()
+    database = _database(engine)
+    checks = [database]
+    if database.status == DOWN:
+        checks.append(Check("daemons", DOWN, "cannot tell whether any daemon is alive: the database is down"))
+    else:
+        daemons = _guarded("daemons", engine, lambda s: _daemons(s, limits))
+        checks += [
+            daemons,
+            _guarded("lost_daemons", engine, lambda s: _lost(s, limits)),
+            _guarded("queue", engine, lambda s: _queue(s, settings, limits, daemons.details.get("alive", 0))),
+            _guarded("failures", engine, lambda s: _failures(s, limits)),
+        ]
+    checks.append(_disk(settings.state_dir, limits.min_free_bytes, disk_usage))
+    return HealthReport(checks)
+
+
+def _guarded(name: str, engine: Engine, check: Callable[[Session], Check]) -> Check:
+    """One check in a read-only transaction of its own; a query that fails degrades only that check."""
+    try:
+        with Session(engine) as session, session.begin():
+            return check(session)
+    except Exception as exc:
+        return Check(name, DEGRADED, f"could not be checked: {_one_line(exc)}")
+
+
+def _database(engine: Engine) -> Check:
+    head = head_revision()
+    try:
+        current = current_revision(engine)
+    except Exception as exc:
+        return Check("database", DOWN, f"the database is unreachable: {_one_line(exc)}", {"head": head})
+    details = {"revision": current, "head": head}
+    if current is None:
+        return Check("database", DOWN, "the database has no meddaemon schema (no daemon ever started on it)", details)
+    if current == head:
+        return Check("database", OK, f"reachable, schema at {head} (this meddaemon's head)", details)
+    if _is_older(current, head):
+        return Check(
+            "database",
+            DEGRADED,
+            f"schema at {current}, behind this meddaemon's {head}: `medcli db upgrade` or a daemon start upgrades it",
+            details,
+        )
+    return Check(
+        "database",
+        DOWN,
+        f"schema at {current}, unknown to this meddaemon ({head}): upgrade meddaemon",
+        details,
+    )
+
+
+def _is_older(current: str, head: str) -> bool:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    try:
+        return any(rev.revision == current for rev in script.iterate_revisions(head, "base"))
+    except Exception:
+        return False
+
+
+def _daemons(session: Session, limits: HealthLimits) -> Check:
+    rows = session.execute(
+        select(
+            DaemonInstance.id,
+            DaemonInstance.node,
+            DaemonInstance.pid,
+            DaemonInstance.lease_seconds,
+            (db_clock() - DaemonInstance.heartbeat_at).label("age"),
+        )
+        .where(DaemonInstance.state == "running")
+        .order_by(DaemonInstance.id)
+    ).all()
+    alive = [r for r in rows if r.age < r.lease_seconds]
+    expired = [r for r in rows if r.age >= r.lease_seconds]
+    details: dict[str, Any] = {
+        "alive": len(alive),
+        "expired": len(expired),
+        "nodes": sorted({r.node for r in alive}),
+        "daemons": [
+            {"id": r.id, "node": r.node, "pid": r.pid, "heartbeat_age": round(r.age, 3), "lease": r.lease_seconds}
+            for r in rows
+        ],
+    }
+    if limits.node is not None:
+        details["node"] = limits.node
+        on_node = [r for r in alive if r.node == limits.node]
+        if not on_node:
+            elsewhere = f" ({len(alive)} alive on other nodes)" if alive else ""
+            return Check("daemons", DOWN, f"no daemon alive on node {limits.node}{elsewhere}", details)
+    if not alive:
+        if expired:
+            newest = min(r.age for r in expired)
+            message = (
+                f"no daemon alive: {len(expired)} marked running, all past their lease "
+                f"(the newest heartbeat is {newest:.0f} s old)"
+            )
+        else:
+            message = "no daemon alive: none is running"
+        return Check("daemons", DOWN, message, details)
+    summary = f"{len(alive)} alive on {_plural(len(details['nodes']), 'node')} ({', '.join(details['nodes'])})"
+    if expired:
+        return Check(
+            "daemons",
+            DEGRADED,
+            f"{summary}; {len(expired)} past their lease, not yet declared lost: "
+            + ", ".join(f"{r.id} on {r.node}" for r in expired),
+            details,
+        )
+    return Check("daemons", OK, summary, details)
+
+
+def _lost(session: Session, limits: HealthLimits) -> Check:
+    since = db_clock() - limits.lost_window_seconds
+    rows = session.execute(
+        select(DaemonInstance.id, DaemonInstance.node, DaemonInstance.pid)
+        .where(DaemonInstance.state == "lost")
+        .where(func.coalesce(DaemonInstance.stopped_at, DaemonInstance.heartbeat_at) >= since)
+        .order_by(DaemonInstance.id)
+    ).all()
+    window = _duration(limits.lost_window_seconds)
+    details = {"lost": [{"id": r.id, "node": r.node, "pid": r.pid} for r in rows]}
+    if rows:
+        names = ", ".join(f"{r.id} (node {r.node}, pid {r.pid})" for r in rows)
+        return Check(
+            "lost_daemons", DEGRADED, f"{_plural(len(rows), 'daemon')} lost in the last {window}: {names}", details
+        )
+    return Check("lost_daemons", OK, f"no daemon lost in the last {window}", details)
+
+
+def _queue(session: Session, settings: Settings, limits: HealthLimits, alive: int) -> Check:
+    # with reports off, inferred is where scans rest: only routed is a queue then
+    states: Sequence[str] = ("routed", "inferred") if settings.reports else ("routed",)
+    rows = session.execute(
+        select(Scan.state, func.count(), func.min(Scan.updated_at)).where(Scan.state.in_(states)).group_by(Scan.state)
+    ).all()
+    now = utcnow()
+    waiting = {str(state): int(count) for state, count, _ in rows}
+    oldest = {str(state): (now - _aware(first)).total_seconds() for state, _, first in rows if first is not None}
+    details: dict[str, Any] = {"waiting": waiting, "oldest_seconds": {k: round(v, 1) for k, v in oldest.items()}}
+    if not oldest:
+        return Check("queue", OK, "nothing waiting for inference or a report", details)
+    state, age = max(oldest.items(), key=lambda kv: kv[1])
+    total = sum(waiting.values())
+    if age > limits.stuck_seconds and alive:
+        return Check(
+            "queue",
+            DEGRADED,
+            f"stuck: the oldest {state} scan has waited {_duration(age)} (limit {_duration(limits.stuck_seconds)}) "
+            f"with {_plural(alive, 'daemon')} alive",
+            details,
+        )
+    return Check("queue", OK, f"{_plural(total, 'scan')} waiting, the oldest for {_duration(age)}", details)
+
+
+def _failures(session: Session, limits: HealthLimits) -> Check:
+    since = utcnow() - timedelta(seconds=limits.failure_window_seconds)
+    total, failed = session.execute(
+        select(func.count(), func.count().filter(Scan.state == "failed")).where(Scan.registered_at >= since)
+    ).one()
+    total, failed = int(total or 0), int(failed or 0)
+    window = _duration(limits.failure_window_seconds)
+    details = {"registered": total, "failed": failed, "window_seconds": limits.failure_window_seconds}
+    if total == 0:
+        return Check("failures", OK, f"no scan registered in the last {window}", details)
+    fraction = failed / total
+    details["fraction"] = round(fraction, 4)
+    message = f"{failed} of {total} scans registered in the last {window} failed ({fraction:.0%})"
+    if total >= limits.min_scans_for_failure_rate and fraction > limits.max_failure_fraction:
+        return Check("failures", DEGRADED, f"{message}, over {limits.max_failure_fraction:.0%}", details)
+    return Check("failures", OK, message, details)
+
+
+def _disk(state_dir: Path, min_free_bytes: int, disk_usage: Callable[[Path], Any]) -> Check:
+    folder = Path(state_dir).resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # not created yet: the file system it will be created on
+    try:
+        usage = disk_usage(folder)
+    except OSError as exc:
+        return Check("disk", DEGRADED, f"cannot read the free space of {folder}: {exc}")
+    details = {"path": str(folder), "free_bytes": int(usage.free), "total_bytes": int(usage.total)}
+    message = f"{_size(usage.free)} free of {_size(usage.total)} under {folder}"
+    if usage.free < min_free_bytes:
+        return Check("disk", DEGRADED, f"{message}, under the {_size(min_free_bytes)} minimum", details)
+    return Check("disk", OK, message, details)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)  # SQLite: naive UTC
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return " ".join(text.split())[:300]

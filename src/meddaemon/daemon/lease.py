@@ -1,0 +1,218 @@
+"""Daemons sharing one database: who is running, kept alive by heartbeats in database time.
+
+Each daemon process registers a row in ``daemons`` at start and refreshes ``heartbeat_at`` from a
+thread every quarter of its lease. Any daemon may declare another ``lost`` and release its claims
+(``claims.release_daemons``) once that daemon's heartbeat is older than its lease *by the database's
+clock*, so a node with a wrong clock cannot steal live work or keep dead work. On its own node a
+daemon needs no lease to see that another has died: a row whose process is gone (killed with -9,
+or this very process started a daemon before) is lost at once, so a restart takes over without
+waiting.
+
+A daemon that finds itself declared lost (it stalled past its lease: a frozen VM, a long swap)
+must stop: its claims now belong to others. ``LeaseKeeper.lost`` tells the main loop so; every
+commit is also fenced by the claims, so work it finishes meanwhile is not stored twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from meddaemon import __version__
+from meddaemon.daemon import claims
+from meddaemon.db.clock import db_clock
+from meddaemon.db.engine import transaction, with_lock_retry
+from meddaemon.db.models import DaemonInstance
+
+log = logging.getLogger("meddaemon.lease")
+
+RUNNING, STOPPED, LOST = "running", "stopped", "lost"
+#: heartbeats per lease: a daemon survives three missed beats before it can be declared lost
+BEATS_PER_LEASE = 4
+
+
+@dataclass(frozen=True)
+class Member:
+    """This daemon's registration."""
+
+    daemon_id: int
+    node: str
+    pid: int
+    lease_seconds: float
+
+
+@dataclass(frozen=True)
+class LostDaemon:
+    daemon_id: int
+    node: str
+    pid: int
+    why: str
+    released: claims.Released
+
+
+def node_name(configured: str = "") -> str:
+    """The name daemons on one machine share: the ``node`` setting, else the host name."""
+    return configured or socket.gethostname()
+
+
+def register(session: Session, node: str, lease_seconds: float, pid: int | None = None) -> Member:
+    pid = os.getpid() if pid is None else pid
+    daemon_id = session.scalar(
+        insert(DaemonInstance)
+        .values(
+            node=node,
+            pid=pid,
+            version=__version__,
+            state=RUNNING,
+            lease_seconds=lease_seconds,
+            started_at=db_clock(),
+            heartbeat_at=db_clock(),
+        )
+        .returning(DaemonInstance.id)
+    )
+    assert daemon_id is not None
+    return Member(daemon_id, node, pid, lease_seconds)
+
+
+def heartbeat(session: Session, member: Member) -> bool:
+    """Renew the lease; False when this daemon has been declared lost (or stopped) meanwhile."""
+    renewed = session.execute(
+        update(DaemonInstance)
+        .where(DaemonInstance.id == member.daemon_id, DaemonInstance.state == RUNNING)
+        .values(heartbeat_at=db_clock())
+    )
+    return renewed.rowcount == 1  # type: ignore[attr-defined]
+
+
+def sign_off(session: Session, member: Member) -> None:
+    """A clean stop: the claims go back at once, nobody has to wait for the lease."""
+    session.execute(
+        update(DaemonInstance)
+        .where(DaemonInstance.id == member.daemon_id, DaemonInstance.state == RUNNING)
+        .values(state=STOPPED, stopped_at=db_clock())
+    )
+    claims.release_daemons(session, [member.daemon_id])
+
+
+def release_lost(session: Session, member: Member, pid_alive: Callable[[int], bool] | None = None) -> list[LostDaemon]:
+    """Declare lost every running daemon whose lease has run out by the database's clock, and those
+    on this node whose process is gone; release what they held. Rows another daemon is checking
+    right now are skipped (``SKIP LOCKED``), never waited for."""
+    pid_alive = pid_alive or process_alive
+    expired = DaemonInstance.heartbeat_at + DaemonInstance.lease_seconds < db_clock()
+    same_node = and_(DaemonInstance.node == member.node, DaemonInstance.id != member.daemon_id)
+    candidates = session.execute(
+        select(DaemonInstance.id, DaemonInstance.node, DaemonInstance.pid, expired.label("expired"))
+        .where(DaemonInstance.state == RUNNING, DaemonInstance.id != member.daemon_id)
+        .where(or_(expired, same_node))
+        .with_for_update(skip_locked=True)
+    ).all()
+    lost: list[tuple[int, str, int, str]] = []
+    for daemon_id, node, pid, is_expired in candidates:
+        if is_expired:
+            lost.append((daemon_id, node, pid, "its lease ran out"))
+        elif pid == member.pid or not pid_alive(pid):
+            lost.append((daemon_id, node, pid, f"process {pid} on this node is gone"))
+    if not lost:
+        return []
+    session.execute(
+        update(DaemonInstance)
+        .where(DaemonInstance.id.in_([d[0] for d in lost]), DaemonInstance.state == RUNNING)
+        .values(state=LOST, stopped_at=db_clock())
+    )
+    return [
+        LostDaemon(daemon_id, node, pid, why, claims.release_daemons(session, [daemon_id]))
+        for daemon_id, node, pid, why in lost
+    ]
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def log_lost(found: list[LostDaemon]) -> None:
+    for daemon in found:
+        log.warning(
+            "daemon %d (node %s, pid %d) is lost: %s; released %d scans and %d inbox files "
+            "(%d kept for their committed moves)",
+            daemon.daemon_id,
+            daemon.node,
+            daemon.pid,
+            daemon.why,
+            daemon.released.scans,
+            daemon.released.inbox_files,
+            daemon.released.kept_for_moves,
+        )
+
+
+class LeaseKeeper:
+    """The heartbeat thread: renews the lease every ``lease / BEATS_PER_LEASE`` seconds while the
+    main loop shows it is alive (``tick``), and releases the claims of lost daemons.
+
+    A main loop that stops ticking for ``stall_seconds`` (stuck: a hung mount, a deadlock) stops the
+    heartbeats too: its work is then taken over instead of being held forever. The heartbeats are
+    not tied to each turn of the loop, so a long model load or forward pass does not lose the lease.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], member: Member, stall_seconds: float = 300.0) -> None:
+        self.sessions = sessions
+        self.member = member
+        self.stall_seconds = max(stall_seconds, member.lease_seconds)
+        self.lost = threading.Event()
+        self.stop_requested = threading.Event()
+        self.last_tick = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name="meddaemon-lease", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def tick(self) -> None:
+        self.last_tick = time.monotonic()
+
+    def stop(self) -> None:
+        self.stop_requested.set()
+        self.thread.join(timeout=10)
+
+    def beat(self) -> None:
+        """One heartbeat and one look for lost daemons (the thread's step; tests call it directly)."""
+        if time.monotonic() - self.last_tick > self.stall_seconds:
+            log.error("the main loop has not moved for %.0f s: heartbeats paused", self.stall_seconds)
+            return
+
+        def step() -> tuple[bool, list[LostDaemon]]:
+            with transaction(self.sessions) as session:
+                if not heartbeat(session, self.member):
+                    return False, []
+                claims.forget_finished(session)
+                return True, release_lost(session, self.member)
+
+        alive, found = with_lock_retry(step, should_stop=self.stop_requested.is_set)
+        log_lost(found)
+        if not alive:
+            log.error(
+                "this daemon (%d) was declared lost by another: its claims are gone; stopping",
+                self.member.daemon_id,
+            )
+            self.lost.set()
+
+    def _run(self) -> None:
+        interval = self.member.lease_seconds / BEATS_PER_LEASE
+        while not self.stop_requested.wait(interval) and not self.lost.is_set():
+            try:
+                self.beat()
+            except Exception as exc:  # the database away for a moment: try again at the next beat
+                log.warning("heartbeat failed (%s); retrying in %.1f s", type(exc).__name__, interval)

@@ -1,0 +1,433 @@
+"""A Prometheus endpoint: what the database says about all the daemons, and what this daemon did.
+
+Two sources, one registry per server (never the process-wide default, so that two servers in one
+process, as in the tests, do not collide):
+
+- ``DatabaseCollector`` reads the shared database on every scrape, in one short read-only session
+  (``db.readonly``): scans per state (the queue depth of each stage), failed scans by reason, the
+  active model versions, the daemons and the age of their heartbeats by the database's clock,
+  throughput over the last minute and latency quantiles over recent results. Every daemon exposes
+  the same numbers: aggregate these with ``max``, never ``sum``. A database that cannot be read
+  gives ``meddaemon_database_up 0`` and a 200, so the scrape itself still tells what is wrong.
+- ``DaemonMetrics``: counters this daemon updates as it works (files recorded by outcome, scans
+  inferred, their latencies, files waiting in the inbox); these are per daemon and sum across them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import URL, Engine, distinct, func, select
+from sqlalchemy.orm import Session
+
+from meddaemon.db.clock import db_clock
+from meddaemon.db.models import DaemonInstance, InboxClaim, ModelVersion, Report, Result, Scan, utcnow
+from meddaemon.db.readonly import read_only_engine
+from meddaemon.states import PERSISTED
+
+log = logging.getLogger("meddaemon.metrics")
+
+#: Drop-to-result latency buckets, in seconds: an idle daemon answers in well under a second, a
+#: backlog in minutes.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+QUANTILES = (0.5, 0.9, 0.99)
+#: States a scan waits in for a daemon to act on it; their oldest member's age shows a stuck stage.
+WAITING_STATES = ("registered", "routed", "inferred", "reported")
+#: Time windows over results and reports look at most this many of their latest rows (by id): neither
+#: table has an index on ``created_at``, and a scrape must not scan them whole. 200,000 result rows
+#: are over 14,000 scans of the 14-label task, far more than a minute's work.
+RECENT_ROWS = 200_000
+
+
+class DaemonMetrics:
+    """What one daemon counts as it works; the daemon calls these from its main loop."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._files = Counter(
+            "meddaemon_files_recorded",
+            "Inbox files this daemon recorded, by outcome (the state the scan was recorded in, 'duplicate', "
+            "or 'failed') and failure reason ('' when it did not fail).",
+            ["outcome", "reason"],
+            registry=self.registry,
+        )
+        self._inferred = Counter(
+            "meddaemon_scans_inferred",
+            "Scans this daemon ran through a model and stored results for.",
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "meddaemon_inference_latency_seconds",
+            "Time from a scan's discovery in the inbox to its stored result, for scans this daemon inferred.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._waiting = Gauge(
+            "meddaemon_inbox_waiting_files",
+            "Files this daemon has seen in the inbox but not yet read (waiting to be complete or for a worker).",
+            registry=self.registry,
+        )
+
+    def files_recorded(self, state: str, reason: str | None = None) -> None:
+        self._files.labels(outcome=state, reason=reason or "").inc()
+
+    def results_stored(self, count: int, latencies_ms: Sequence[float | None] = ()) -> None:
+        """``count`` scans got their results; ``latencies_ms`` are their drop-to-result times (None: unknown)."""
+        if count:
+            self._inferred.inc(count)
+        for latency in latencies_ms:
+            if latency is not None:
+                self._latency.observe(latency / 1000.0)
+
+    def inbox_waiting(self, n: int) -> None:
+        self._waiting.set(n)
+
+
+@dataclass
+class DaemonRow:
+    id: int
+    node: str
+    pid: int
+    version: str
+    lease_seconds: float
+    heartbeat_age: float
+
+
+@dataclass
+class DatabaseSnapshot:
+    """Everything one scrape reads, in one read-only transaction."""
+
+    states: dict[str, int]
+    failures_by_reason: dict[str, int]
+    active_models: list[tuple[str, str, str, str]]
+    daemons_by_state: dict[str, int]
+    running: list[DaemonRow]
+    inbox_claims: int
+    throughput: dict[str, float]
+    latency_quantiles: dict[float, float]
+    latency_sample: int
+    oldest_waiting: dict[str, float] = field(default_factory=dict)
+
+
+def read_snapshot(
+    session: Session, window_seconds: float = 60.0, latency_window_seconds: float = 600.0, latency_limit: int = 10_000
+) -> DatabaseSnapshot:
+    """Read the numbers a scrape exposes; ``session`` should be read-only (nothing here writes).
+
+    Row times (``registered_at``, ``created_at``) are written by each node's own clock, so windows
+    over them use this node's clock; daemon heartbeats use the database's.
+    """
+    now = utcnow()
+    states = {state.value: 0 for state in sorted(PERSISTED)}
+    for state, count in session.execute(select(Scan.state, func.count()).group_by(Scan.state)):
+        states[str(state)] = int(count)
+    failures = {
+        str(reason or "unknown"): int(count)
+        for reason, count in session.execute(
+            select(Scan.failure_reason, func.count()).where(Scan.state == "failed").group_by(Scan.failure_reason)
+        )
+    }
+    models = [
+        (str(t), str(v), str(a), str(s))
+        for t, v, a, s in session.execute(
+            select(ModelVersion.task_name, ModelVersion.version, ModelVersion.architecture, ModelVersion.sha256)
+            .where(ModelVersion.status == "active")
+            .order_by(ModelVersion.task_name)
+        )
+    ]
+    daemons_by_state = {"running": 0, "stopped": 0, "lost": 0}
+    for state, count in session.execute(select(DaemonInstance.state, func.count()).group_by(DaemonInstance.state)):
+        daemons_by_state[str(state)] = int(count)
+    running = [
+        DaemonRow(int(i), str(n), int(p), str(v), float(lease), float(age))
+        for i, n, p, v, lease, age in session.execute(
+            select(
+                DaemonInstance.id,
+                DaemonInstance.node,
+                DaemonInstance.pid,
+                DaemonInstance.version,
+                DaemonInstance.lease_seconds,
+                db_clock() - DaemonInstance.heartbeat_at,
+            )
+            .where(DaemonInstance.state == "running")
+            .order_by(DaemonInstance.id)
+        )
+    ]
+    claims = session.scalar(select(func.count()).select_from(InboxClaim).where(InboxClaim.done_at.is_(None))) or 0
+
+    since = now - timedelta(seconds=window_seconds)
+    registered = session.scalar(select(func.count()).where(Scan.registered_at >= since)) or 0
+    recent_results = Result.id > _recent_floor(Result.id)  # created_at has no index: bound the rows by id
+    inferred = (
+        session.scalar(select(func.count(distinct(Result.scan_id))).where(recent_results, Result.created_at >= since))
+        or 0
+    )
+    reported = (
+        session.scalar(
+            select(func.count()).where(
+                Report.id > _recent_floor(Report.id), Report.kind == "scan", Report.created_at >= since
+            )
+        )
+        or 0
+    )
+    throughput = {
+        "registered": registered / window_seconds,
+        "inferred": inferred / window_seconds,
+        "reported": reported / window_seconds,
+    }
+
+    # one latency per inference call (a scan's labels share it), the most recent first
+    latency = func.max(Result.latency_ms)
+    latencies = [
+        float(v)  # type: ignore[arg-type]  # the query keeps rows with a latency only
+        for (v,) in session.execute(
+            select(latency)
+            .where(recent_results, Result.created_at >= now - timedelta(seconds=latency_window_seconds))
+            .where(Result.latency_ms.is_not(None))
+            .group_by(Result.scan_id, Result.model_version_id)
+            .order_by(func.max(Result.created_at).desc())
+            .limit(latency_limit)
+        )
+    ]
+    oldest: dict[str, float] = {}
+    for state, first in session.execute(
+        select(Scan.state, func.min(Scan.updated_at)).where(Scan.state.in_(WAITING_STATES)).group_by(Scan.state)
+    ):
+        if first is not None:
+            oldest[str(state)] = max(0.0, (now - _aware(first)).total_seconds())
+    return DatabaseSnapshot(
+        states=states,
+        failures_by_reason=failures,
+        active_models=models,
+        daemons_by_state=daemons_by_state,
+        running=running,
+        inbox_claims=int(claims),
+        throughput=throughput,
+        latency_quantiles={q: quantile(latencies, q) / 1000.0 for q in QUANTILES} if latencies else {},
+        latency_sample=len(latencies),
+        oldest_waiting=oldest,
+    )
+
+
+def _recent_floor(column: Any) -> Any:
+    """``max(id) - RECENT_ROWS``: rows above it are the latest, found through the primary key."""
+    return select(func.coalesce(func.max(column), 0) - RECENT_ROWS).scalar_subquery()
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile by linear interpolation between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they were written in UTC (``models.utcnow``)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class DatabaseCollector(Collector):
+    """Reads the shared database on each scrape; see the module docstring."""
+
+    def __init__(self, engine: Engine, window_seconds: float = 60.0, latency_window_seconds: float = 600.0) -> None:
+        self.engine = engine
+        self.window_seconds = window_seconds
+        self.latency_window_seconds = latency_window_seconds
+        self._lock = threading.Lock()  # one scrape at a time: no pile-up of sessions on a slow database
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # families are dynamic; registering must not read the database
+
+    def collect(self) -> Iterator[Metric]:
+        started = time.perf_counter()
+        with self._lock:
+            try:
+                with Session(self.engine) as session, session.begin():
+                    snapshot = read_snapshot(session, self.window_seconds, self.latency_window_seconds)
+            except Exception as exc:  # any failure to read is "down", reported in the scrape
+                log.warning("metrics: cannot read the database: %s", _one_line(exc))
+                snapshot = None
+        up = GaugeMetricFamily("meddaemon_database_up", "1 when the last scrape could read the database, else 0.")
+        up.add_metric([], 0.0 if snapshot is None else 1.0)
+        yield up
+        duration = GaugeMetricFamily(
+            "meddaemon_database_scrape_seconds", "How long reading the database for this scrape took."
+        )
+        duration.add_metric([], time.perf_counter() - started)
+        yield duration
+        if snapshot is not None:
+            yield from self._families(snapshot)
+
+    def _families(self, snap: DatabaseSnapshot) -> Iterator[Metric]:
+        scans = GaugeMetricFamily(
+            "meddaemon_scans",
+            "Scans in the database by state: the queue depth of each stage (routed: waiting for inference, "
+            "inferred: waiting for a report, reported: waiting to be archived, waiting_model: no active model).",
+            labels=["state"],
+        )
+        for state, count in sorted(snap.states.items()):
+            scans.add_metric([state], count)
+        yield scans
+
+        failed = CounterMetricFamily(
+            "meddaemon_scans_failed",
+            "Failed scans in the database by reason code (failed is final: this only grows).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(snap.failures_by_reason.items()):
+            failed.add_metric([reason], count)
+        yield failed
+
+        models = GaugeMetricFamily(
+            "meddaemon_model_info",
+            "The active model version of each task (value 1); its labels say which weights answer.",
+            labels=["task", "version", "architecture", "sha256"],
+        )
+        for row in snap.active_models:
+            models.add_metric(list(row), 1.0)
+        yield models
+
+        daemons = GaugeMetricFamily(
+            "meddaemon_daemons",
+            "Daemon runs recorded in the database by state (running, stopped, lost).",
+            labels=["state"],
+        )
+        for state, count in sorted(snap.daemons_by_state.items()):
+            daemons.add_metric([state], count)
+        yield daemons
+
+        alive = GaugeMetricFamily(
+            "meddaemon_daemons_alive",
+            "Running daemons whose heartbeat is within their lease by the database's clock.",
+        )
+        alive.add_metric([], sum(1 for d in snap.running if d.heartbeat_age < d.lease_seconds))
+        yield alive
+
+        labels = ["daemon", "node", "pid", "version"]
+        age = GaugeMetricFamily(
+            "meddaemon_daemon_heartbeat_age_seconds",
+            "Seconds since each running daemon's last heartbeat, by the database's clock "
+            "(past meddaemon_daemon_lease_seconds it counts as lost).",
+            labels=labels,
+        )
+        lease = GaugeMetricFamily(
+            "meddaemon_daemon_lease_seconds", "How long each running daemon's heartbeat stays valid.", labels=labels
+        )
+        for d in snap.running:
+            values = [str(d.id), d.node, str(d.pid), d.version]
+            age.add_metric(values, d.heartbeat_age)
+            lease.add_metric(values, d.lease_seconds)
+        yield age
+        yield lease
+
+        claims = GaugeMetricFamily(
+            "meddaemon_inbox_claims", "Inbox files a daemon has claimed and is reading or moving right now."
+        )
+        claims.add_metric([], snap.inbox_claims)
+        yield claims
+
+        throughput = GaugeMetricFamily(
+            "meddaemon_throughput_scans_per_second",
+            f"Scans per second over the last {self.window_seconds:g} s, all daemons together, by stage "
+            "(registered, inferred, reported).",
+            labels=["stage"],
+        )
+        for stage, rate in sorted(snap.throughput.items()):
+            throughput.add_metric([stage], rate)
+        yield throughput
+
+        latency = GaugeMetricFamily(
+            "meddaemon_recent_latency_seconds",
+            f"Drop-to-result latency quantiles over the results of the last {self.latency_window_seconds:g} s, "
+            "all daemons together (absent when there were none).",
+            labels=["quantile"],
+        )
+        for q, value in sorted(snap.latency_quantiles.items()):
+            latency.add_metric([f"{q:g}"], value)
+        yield latency
+        sample = GaugeMetricFamily(
+            "meddaemon_recent_latency_scans", "How many inference results the latency quantiles were computed over."
+        )
+        sample.add_metric([], snap.latency_sample)
+        yield sample
+
+        oldest = GaugeMetricFamily(
+            "meddaemon_oldest_waiting_seconds",
+            "Age of the oldest scan waiting in each stage's input state (a growing value: a stuck stage).",
+            labels=["state"],
+        )
+        for state in WAITING_STATES:
+            oldest.add_metric([state], snap.oldest_waiting.get(state, 0.0))
+        yield oldest
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return " ".join(text.split())[:300]
+
+
+class MetricsServer:
+    """A running endpoint: ``port`` is the one bound (useful with port 0); ``stop()`` shuts it down."""
+
+    def __init__(
+        self, server: Any, thread: threading.Thread, registry: CollectorRegistry, collector: DatabaseCollector
+    ) -> None:
+        self._server = server
+        self._thread = thread
+        self._registry = registry
+        self._collector = collector
+        self.host = str(server.server_address[0])
+        self.port = int(server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        self._registry.unregister(self._collector)
+        self._collector.engine.dispose()
+
+
+def start_metrics_server(
+    host: str,
+    port: int,
+    engine: Engine | URL | str,
+    metrics: DaemonMetrics | None = None,
+    window_seconds: float = 60.0,
+    busy_timeout: float = 5.0,
+) -> MetricsServer:
+    """Serve ``/metrics`` on ``host:port`` (0: any free port) from a thread of its own.
+
+    The collector reads through a read-only engine of its own on the same database as ``engine``
+    (the daemon's engine takes SQLite's write lock at every BEGIN; a scrape must not).
+    """
+    url = engine.url if isinstance(engine, Engine) else engine
+    reader = read_only_engine(url, busy_timeout=busy_timeout)
+    registry = metrics.registry if metrics is not None else CollectorRegistry()
+    collector = DatabaseCollector(reader, window_seconds=window_seconds)
+    registry.register(collector)
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except BaseException:
+        registry.unregister(collector)
+        reader.dispose()
+        raise
+    thread.name = "meddaemon-metrics"
+    handle = MetricsServer(server, thread, registry, collector)
+    log.info("metrics on %s", handle.url)
+    return handle

@@ -1,0 +1,64 @@
+"""Read-only connections for the observers of a database: the metrics endpoint and ``meddaemon health``.
+
+They must never write, and on SQLite they must not take the write lock either: the daemon's engine
+(``db.engine.create_db_engine``) opens every transaction with ``BEGIN IMMEDIATE``, so a scrape through
+it would queue behind, and stall, the batches it is measuring. SQLite is therefore opened with
+``mode=ro`` (a missing file is an error instead of a new empty database) and a deferred ``BEGIN``,
+which gives each session one consistent snapshot without the write lock; PostgreSQL sessions run as
+``READ ONLY`` transactions.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import URL, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+
+def read_only_engine(url: str | URL, busy_timeout: float = 5.0, connect_timeout: float = 5.0) -> Engine:
+    """An engine on the database at ``url`` that cannot change it.
+
+    ``connect_timeout`` bounds how long a server that does not answer holds up a caller (a health
+    check, a scrape) before it is reported down.
+    """
+    url = make_url(url)
+    if url.get_backend_name() == "sqlite":
+        return _sqlite_read_only(url, busy_timeout)
+    connect_args: dict[str, Any] = {}
+    if url.get_backend_name() == "postgresql":
+        connect_args["connect_timeout"] = max(1, int(connect_timeout))
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=1,
+        max_overflow=2,
+        connect_args=connect_args,
+        execution_options={"postgresql_readonly": True} if url.get_backend_name() == "postgresql" else {},
+    )
+
+
+def _sqlite_read_only(url: URL, busy_timeout: float) -> Engine:
+    database = url.database
+    if not database or database == ":memory:":
+        raise ValueError("an in-memory SQLite database cannot be observed from another connection")
+    uri = Path(database).resolve().as_uri() + "?mode=ro"
+
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(uri, uri=True, timeout=busy_timeout, check_same_thread=False)
+
+    engine = create_engine("sqlite://", creator=connect)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        dbapi_connection.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+        dbapi_connection.execute("PRAGMA query_only=ON")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
+        connection.exec_driver_sql("BEGIN")  # deferred: a snapshot for reading, no write lock
+
+    return engine

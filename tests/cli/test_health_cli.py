@@ -1,0 +1,121 @@
+"""`meddaemon health`: exit 0 healthy, 1 degraded, 2 down, a JSON report for machines; it writes nothing."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy.orm import Session
+
+from meddaemon.cli.daemon import cli as meddaemon
+from meddaemon.db.clock import read_db_clock
+from meddaemon.db.models import DaemonInstance
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def add_daemon(engine, node: str, age: float, state: str = "running", stopped_ago: float | None = None) -> None:
+    with Session(engine) as s, s.begin():
+        clock = read_db_clock(s)
+        s.add(
+            DaemonInstance(
+                node=node,
+                pid=1234,
+                version="0.1.0",
+                state=state,
+                lease_seconds=30.0,
+                started_at=clock - age - 10,
+                heartbeat_at=clock - age,
+                stopped_at=None if stopped_ago is None else clock - stopped_ago,
+            )
+        )
+
+
+def health(runner: CliRunner, db_url: str, tmp_path: Path, *args: str):
+    return runner.invoke(
+        meddaemon,
+        ["health", "--db", db_url, "--state-dir", str(tmp_path / "state"), "--min-free-mb", "0", *args],
+        env={"MEDDAEMON_CONFIG": None},
+    )
+
+
+def test_health_is_listed_and_explains_its_exit_codes(runner):
+    assert "health" in runner.invoke(meddaemon, ["--help"]).output
+    out = runner.invoke(meddaemon, ["health", "--help"]).output
+    for text in ("--node", "--this-node", "--stuck-minutes", "--min-free-mb", "--json", "degraded", "down"):
+        assert text in out
+
+
+def test_a_live_daemon_exits_0_with_a_line_per_check(runner, migrated_engine, db_url, tmp_path):
+    add_daemon(migrated_engine, "node-a", age=1)
+    result = health(runner, db_url, tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line.split()[:2] for line in lines[:-1]] == [
+        ["ok", "database"],
+        ["ok", "daemons"],
+        ["ok", "lost_daemons"],
+        ["ok", "queue"],
+        ["ok", "failures"],
+        ["ok", "disk"],
+    ]
+    assert lines[-1] == "health: ok"
+
+
+def test_json_reports_every_check_and_a_recently_lost_daemon_exits_1(runner, migrated_engine, db_url, tmp_path):
+    add_daemon(migrated_engine, "node-a", age=1)
+    add_daemon(migrated_engine, "node-b", age=120, state="lost", stopped_ago=60)
+    result = health(runner, db_url, tmp_path, "--json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.output)
+    assert (report["status"], report["exit_code"]) == ("degraded", 1)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["lost_daemons"]["status"] == "degraded"
+    assert "node node-b" in checks["lost_daemons"]["message"]
+    assert checks["daemons"]["details"]["nodes"] == ["node-a"]
+
+
+def test_only_stale_heartbeats_exit_2(runner, migrated_engine, db_url, tmp_path):
+    add_daemon(migrated_engine, "node-a", age=300)
+    result = health(runner, db_url, tmp_path, "--json")
+    assert result.exit_code == 2, result.output
+    assert json.loads(result.output)["status"] == "down"
+
+
+def test_node_and_this_node_require_a_daemon_on_that_machine(runner, migrated_engine, db_url, tmp_path):
+    add_daemon(migrated_engine, "node-a", age=1)
+    assert health(runner, db_url, tmp_path, "--node", "node-a").exit_code == 0
+    assert health(runner, db_url, tmp_path, "--node", "node-z").exit_code == 2
+    here = socket.gethostname()
+    assert health(runner, db_url, tmp_path, "--this-node").exit_code == (0 if here == "node-a" else 2)
+    add_daemon(migrated_engine, here, age=1)
+    assert health(runner, db_url, tmp_path, "--this-node").exit_code == 0
+
+
+def test_low_disk_space_exits_1(runner, migrated_engine, db_url, tmp_path):
+    add_daemon(migrated_engine, "node-a", age=1)
+    result = health(runner, db_url, tmp_path, "--min-free-mb", str(2**40), "--json")
+    assert result.exit_code == 1, result.output
+    assert {c["name"]: c["status"] for c in json.loads(result.output)["checks"]}["disk"] == "degraded"
+
+
+def test_a_database_that_is_down_exits_2_without_creating_anything(runner, tmp_path):
+    result = runner.invoke(
+        meddaemon, ["health", "--state-dir", str(tmp_path / "state"), "--json"], env={"MEDDAEMON_CONFIG": None}
+    )
+    assert result.exit_code == 2, result.output
+    report = json.loads(result.output)
+    assert [c["status"] for c in report["checks"][:2]] == ["down", "down"]
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_bad_option_is_a_usage_error(runner, tmp_path):
+    result = runner.invoke(meddaemon, ["health", "--max-failure-fraction", "2"])
+    assert result.exit_code == 2
+    assert "--max-failure-fraction" in result.output

@@ -1,0 +1,230 @@
+"""Claims: daemons sharing a database take disjoint work and never store a result twice, on SQLite
+and PostgreSQL (where several transactions really run at once).
+
+Every scan row here is SYNTHETIC (made-up hashes and names); no image is read.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from daemon_rows import add_scan, inbox_file, join, look_for_lost
+from meddaemon.daemon import bookkeeper, claims
+from meddaemon.daemon.bookkeeper import Destinations, InferenceOutcome
+from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
+from meddaemon.db.migrate import upgrade
+from meddaemon.db.models import InboxClaim, ModelVersion, Result, Scan
+from meddaemon.engine.tasks import all_tasks
+from meddaemon.states import ScanState
+
+BUSI_LABELS = ["benign", "malignant", "normal"]
+
+
+def destinations(tmp_path: Path) -> Destinations:
+    return Destinations(tmp_path / "work", tmp_path / "archive", tmp_path / "failed")
+
+
+def model_row(session) -> ModelVersion:  # type: ignore[no-untyped-def]
+    row = ModelVersion(
+        task_name="busi",
+        version="synthetic",
+        architecture="small_cnn",
+        sha256="0" * 64,
+        path="/synthetic",
+        status="active",
+        manifest={"labels": BUSI_LABELS, "thresholds": {}},
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def store(sessions, daemon_id: int, scan_id: int, tmp_path: Path) -> list[str]:  # type: ignore[no-untyped-def]
+    """Store a result for ``scan_id`` as daemon ``daemon_id`` would; returns the outcomes' states."""
+    with transaction(sessions) as session:
+        model = session.scalar(select(ModelVersion))
+        outcome = InferenceOutcome(scan_id, [0.7, 0.2, 0.1], [True, False, False])
+        record = bookkeeper.record_results(session, model, [outcome], destinations(tmp_path), daemon_id)
+    return [o.state for o in record.outcomes]
+
+
+def test_an_inbox_file_is_claimed_by_one_daemon_until_it_leaves_the_inbox(sessions):
+    a, b = join(sessions, "node-a"), join(sessions, "node-b")
+    files = [inbox_file(Path(f"/inbox/busi/synthetic_{i}.png")) for i in range(6)]
+    paths = [f.path for f in files]
+    with transaction(sessions) as session:
+        got_a = claims.claim_inbox_files(session, a.daemon_id, files[:4])
+    with transaction(sessions) as session:
+        got_b = claims.claim_inbox_files(session, b.daemon_id, files[2:])
+    assert got_a == set(paths[:4]) and got_b == set(paths[4:])
+
+    with transaction(sessions) as session:
+        claims.release_inbox_files(session, paths[:1])  # changed while read: it stays in the inbox
+        claims.finish_inbox_files(session, paths[1:2])  # moved out of the inbox
+    with transaction(sessions) as session:
+        assert claims.claim_inbox_files(session, b.daemon_id, files) == {paths[0]}
+
+
+def test_a_file_seen_just_before_it_left_cannot_be_claimed_but_a_new_file_of_that_name_can(sessions):
+    a, b = join(sessions, "node-a"), join(sessions, "node-b")
+    moved = inbox_file(Path("/inbox/busi/synthetic_same_name.png"), inode=11)
+    with transaction(sessions) as session:
+        claims.claim_inbox_files(session, a.daemon_id, [moved])
+    with transaction(sessions) as session:
+        claims.finish_inbox_files(session, [moved.path])
+
+    with transaction(sessions) as session:  # b's tracker stat the file a moment before a moved it
+        assert claims.claim_inbox_files(session, b.daemon_id, [moved]) == set()
+    dropped_again = inbox_file(moved.path, inode=12)
+    with transaction(sessions) as session:
+        assert claims.claim_inbox_files(session, b.daemon_id, [dropped_again]) == {moved.path}
+
+
+def test_tombstones_of_files_that_left_are_forgotten_after_a_while(sessions):
+    a = join(sessions)
+    with transaction(sessions) as session:
+        claims.claim_inbox_files(session, a.daemon_id, [inbox_file(Path("/inbox/synthetic_old.png"))])
+        claims.finish_inbox_files(session, [Path("/inbox/synthetic_old.png")])
+    with transaction(sessions) as session:
+        assert claims.forget_finished(session, older_than=60) == 0
+    time.sleep(0.05)
+    with transaction(sessions) as session:
+        assert claims.forget_finished(session, older_than=0.01) == 1
+
+
+def test_concurrent_daemons_split_the_routed_scans_between_them(sessions):
+    with transaction(sessions) as session:
+        for n in range(200):
+            add_scan(session, n)
+    members = [join(sessions, f"node-{i}") for i in range(4)]
+    taken: dict[int, list[int]] = {m.daemon_id: [] for m in members}
+    start = threading.Barrier(len(members))
+
+    def work(daemon_id: int) -> None:
+        start.wait()
+        while True:
+
+            def claim() -> list[int]:
+                with transaction(sessions) as session:
+                    return [
+                        s.scan_id
+                        for s in bookkeeper.claim_for_inference(session, ["busi"], set(taken[daemon_id]), 7, daemon_id)
+                    ]
+
+            got = with_lock_retry(claim)
+            if not got:
+                return
+            taken[daemon_id] += got
+            time.sleep(0.001)  # the work itself
+
+    threads = [threading.Thread(target=work, args=(m.daemon_id,)) for m in members]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    everything = [scan_id for got in taken.values() for scan_id in got]
+    assert len(everything) == len(set(everything)) == 200, "each scan claimed exactly once"
+    with sessions() as session:
+        owners = dict(session.execute(select(Scan.id, Scan.claimed_by)).all())
+    assert all(owners[scan_id] == daemon_id for daemon_id, got in taken.items() for scan_id in got)
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_claim_skips_rows_another_transaction_holds_instead_of_waiting(postgres_url, tmp_path):
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    factory = session_factory(engine)
+    with transaction(factory) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(factory) as session:
+        for n in range(10):
+            add_scan(session, n)
+    a, b = join(factory, "node-a"), join(factory, "node-b")
+    holding = factory()
+    holding.begin()
+    first = bookkeeper.claim_for_inference(holding, ["busi"], (), 4, a.daemon_id)  # not committed yet
+    started = time.monotonic()
+    with transaction(factory) as session:
+        second = bookkeeper.claim_for_inference(session, ["busi"], (), 10, b.daemon_id)
+    assert time.monotonic() - started < 1.0
+    holding.commit()
+    holding.close()
+    assert {s.scan_id for s in first}.isdisjoint({s.scan_id for s in second})
+    assert len(first) + len(second) == 10
+    engine.dispose()
+
+
+def test_a_daemon_declared_lost_cannot_store_a_result_for_a_scan_taken_over(sessions, tmp_path):
+    slow = join(sessions, "node-slow", lease_seconds=1.0)
+    with transaction(sessions) as session:
+        model_row(session)
+        scan_id = add_scan(session, 1).id
+    with transaction(sessions) as session:
+        [claimed] = bookkeeper.claim_for_inference(session, ["busi"], (), 5, slow.daemon_id)
+    assert claimed.scan_id == scan_id
+
+    time.sleep(1.3)  # the slow daemon stalls past its lease; another takes its scan over
+    other = join(sessions, "node-other")
+    look_for_lost(sessions, other)
+    with transaction(sessions) as session:
+        assert [s.scan_id for s in bookkeeper.claim_for_inference(session, ["busi"], (), 5, other.daemon_id)] == [
+            scan_id
+        ]
+
+    assert store(sessions, slow.daemon_id, scan_id, tmp_path) == []  # the stalled daemon wakes up: fenced
+    assert store(sessions, other.daemon_id, scan_id, tmp_path) == ["inferred"]
+    assert store(sessions, other.daemon_id, scan_id, tmp_path) == []  # a replay stores nothing either
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Result)) == len(BUSI_LABELS)
+        scan = session.get(Scan, scan_id)
+        assert scan.state == ScanState.INFERRED and scan.claimed_by is None
+
+
+def test_the_claim_on_a_file_whose_move_is_committed_outlives_its_lost_daemon(sessions, tmp_path):
+    source = tmp_path / "inbox" / "busi" / "synthetic_1.png"
+    crashed = join(sessions, "node-a", lease_seconds=1.0)
+    with transaction(sessions) as session:
+        claims.claim_inbox_files(session, crashed.daemon_id, [inbox_file(source)])
+        scan = add_scan(session, 1, pending_move_from=str(source))
+        move = bookkeeper.PlannedMove("scan", scan.id, source, Path(scan.stored_path))
+
+    time.sleep(1.3)
+    other = join(sessions, "node-b")
+    [lost] = look_for_lost(sessions, other)
+    assert lost.released.kept_for_moves == 1
+    with transaction(sessions) as session:
+        assert claims.claim_inbox_files(session, other.daemon_id, [inbox_file(source, inode=2)]) == set(), (
+            "while its move is pending, the file is not a new arrival"
+        )
+    with transaction(sessions) as session:
+        bookkeeper.clear_pending(session, [move])  # recovery carried the move out
+        [claim] = session.scalars(select(InboxClaim)).all()
+        assert claim.done_at is not None and claim.daemon_id is None
+
+
+def test_two_scans_of_one_name_are_archived_under_two_names_before_either_file_moved(sessions, tmp_path):
+    with transaction(sessions) as session:
+        for n in (1, 2):
+            add_scan(session, n, state=ScanState.REPORTED, source_name="busi/synthetic_same.png")
+    targets = []
+    for _ in range(2):  # one scan per transaction, as two daemons would; no file is moved in between
+        with transaction(sessions) as session:
+            [move] = bookkeeper.claim_for_archive(session, destinations(tmp_path), limit=1)
+            targets.append(move.target)
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert targets[0] == tmp_path / "archive" / day / "busi" / "synthetic_same.png"
+    assert targets[1].name == f"synthetic_same__{2:064x}"[:28] + ".png"
+
+
+def test_the_database_refuses_two_scans_filed_under_one_path(sessions):
+    with pytest.raises(IntegrityError), transaction(sessions) as session:
+        add_scan(session, 1, stored_path="/synthetic/archive/one.png")
+        add_scan(session, 2, stored_path="/synthetic/archive/one.png")

@@ -1,0 +1,59 @@
+"""Rows for the tests of daemons sharing a database: members registered, lost daemons looked for,
+SYNTHETIC scan rows (made-up hashes and names, no image behind them)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from meddaemon.daemon import lease
+from meddaemon.daemon.stability import Signature, StableFile
+from meddaemon.db.engine import transaction
+from meddaemon.db.models import DaemonInstance, Scan
+from meddaemon.states import ScanState
+
+
+def join(sessions, node: str = "node-a", lease_seconds: float = 30.0, pid: int | None = None) -> lease.Member:  # type: ignore[no-untyped-def]
+    with transaction(sessions) as session:
+        return lease.register(session, node, lease_seconds, pid)
+
+
+def look_for_lost(sessions, member: lease.Member) -> list[lease.LostDaemon]:  # type: ignore[no-untyped-def]
+    with transaction(sessions) as session:
+        return lease.release_lost(session, member)
+
+
+def daemon_row(sessions, member: lease.Member) -> DaemonInstance:  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        return session.get(DaemonInstance, member.daemon_id)
+
+
+def add_scan(session: Session, n: int, state: ScanState = ScanState.ROUTED, **columns: object) -> Scan:
+    """A SYNTHETIC scan row, number ``n``, of task busi; ``columns`` override the defaults."""
+    values: dict[str, object] = {
+        "sha256": f"{n:064x}",
+        "state": state,
+        "task_name": "busi",
+        "source_name": f"busi/synthetic_{n}.png",
+        "stored_path": f"/synthetic/work/{n}.png",
+    }
+    scan = Scan(**{**values, **columns})
+    session.add(scan)
+    session.flush()
+    return scan
+
+
+def inbox_file(path: Path, inode: int = 1) -> StableFile:
+    """A stable inbox file as the tracker hands it over (SYNTHETIC: nothing on disk)."""
+    now = datetime.now(UTC)
+    return StableFile(path, Signature(100, 1_700_000_000_000_000_000, inode), now, now)
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid

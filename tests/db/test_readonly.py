@@ -1,0 +1,44 @@
+"""The observers' engine (metrics, health) reads the database and cannot change it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from meddaemon.db.models import Task
+from meddaemon.db.readonly import read_only_engine
+
+
+def test_it_reads_what_the_daemon_wrote_and_refuses_to_write(migrated_engine, db_url):
+    with Session(migrated_engine) as s, s.begin():
+        s.add(Task(name="busi", description=""))
+    reader = read_only_engine(db_url)
+    try:
+        with Session(reader) as s, s.begin():
+            assert s.scalar(select(func.count()).select_from(Task)) == 1
+        with pytest.raises(DBAPIError, match=r"(?i)read-?only"), Session(reader) as s, s.begin():
+            s.execute(text("INSERT INTO tasks (name, description, created_at) VALUES ('covid', '', '2026-01-01')"))
+    finally:
+        reader.dispose()
+    with Session(migrated_engine) as s:
+        assert s.scalar(select(func.count()).select_from(Task)) == 1
+
+
+def test_a_missing_sqlite_file_is_an_error_not_a_new_database(tmp_path: Path):
+    path = tmp_path / "state" / "meddaemon.db"
+    reader = read_only_engine(f"sqlite:///{path}")
+    try:
+        with pytest.raises(DBAPIError), reader.connect():
+            pass
+    finally:
+        reader.dispose()
+    assert not path.exists() and not path.parent.exists()
+
+
+def test_an_in_memory_sqlite_database_cannot_be_observed():
+    with pytest.raises(ValueError):
+        read_only_engine("sqlite://")

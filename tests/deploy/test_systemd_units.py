@@ -1,0 +1,98 @@
+"""The systemd units in deploy/: the directives the daemon's design relies on, and real commands."""
+
+from __future__ import annotations
+
+import configparser
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from meddaemon.cli.common import EXIT_USAGE
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+UNITS = ("meddaemon.service", "meddaemon-health.service", "meddaemon-health.timer")
+
+
+def read_unit(name: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None, comment_prefixes=("#", ";"))
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys are case-sensitive
+    parser.read_string((DEPLOY / name).read_text())
+    return parser
+
+
+def test_the_daemon_unit_notifies_systemd_and_is_restarted_on_failure():
+    service = read_unit("meddaemon.service")["Service"]
+    assert service["Type"] == "notify"
+    assert service["NotifyAccess"] == "main"
+    assert service["WatchdogSec"] == "60"
+    assert service["Restart"] == "on-failure"
+    assert float(service["RestartSec"]) > 0
+    # bad configuration: a restart cannot help
+    assert service["RestartPreventExitStatus"].split() == [str(EXIT_USAGE)]
+
+
+def test_the_daemon_unit_stops_gracefully():
+    service = read_unit("meddaemon.service")["Service"]
+    assert service["KillMode"] == "mixed"
+    assert service["KillSignal"] == "SIGTERM"
+    assert int(service["TimeoutStopSec"]) >= 120  # long enough to finish and commit a batch
+
+
+def test_the_daemon_runs_unprivileged_on_a_read_only_system_with_writable_inbox_and_state():
+    service = read_unit("meddaemon.service")["Service"]
+    assert service["User"] == "meddaemon"
+    assert service["NoNewPrivileges"] == "yes"
+    assert service["ProtectSystem"] == "strict"
+    writable = service["ReadWritePaths"].split()
+    assert "/srv/meddaemon/inbox" in writable and "/var/lib/meddaemon" in writable
+    assert service["CapabilityBoundingSet"] == ""
+    assert "AF_UNIX" in service["RestrictAddressFamilies"].split()  # the notify socket
+    unit = read_unit("meddaemon.service")["Unit"]
+    assert set(unit["RequiresMountsFor"].split()) == {"/srv/meddaemon/inbox", "/var/lib/meddaemon"}
+
+
+def test_exec_start_is_meddaemon_start_with_the_config_file(real_command):
+    argv = shlex.split(read_unit("meddaemon.service")["Service"]["ExecStart"])
+    assert argv[1:] == ["start", "--config", "/etc/meddaemon/config.toml"]
+    assert real_command(argv).name == "start"
+
+
+def test_the_health_units_run_the_health_command_every_minute(real_command):
+    health = read_unit("meddaemon-health.service")["Service"]
+    assert health["Type"] == "oneshot"
+    command = real_command(health["ExecStart"])
+    assert command.name == "health"
+    timer = read_unit("meddaemon-health.timer")["Timer"]
+    assert timer["OnUnitActiveSec"] == "1min"
+
+
+def test_the_executable_is_the_console_script_pyproject_installs():
+    scripts = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    for name in ("meddaemon.service", "meddaemon-health.service"):
+        executable = shlex.split(read_unit(name)["Service"]["ExecStart"])[0]
+        assert Path(executable).name in scripts
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_verify_accepts_the_units(tmp_path: Path):
+    # verify insists that ExecStart's program exists: point it at this environment's meddaemon
+    installed = str(Path(sys.executable).parent / "meddaemon")
+    assert Path(installed).exists()
+    for name in UNITS:
+        text = (DEPLOY / name).read_text().replace("/opt/meddaemon/.venv/bin/meddaemon", installed)
+        (tmp_path / name).write_text(text)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *(f"./{name}" for name in UNITS)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    # unknown keys and bad values are only warnings to verify: there must be none
+    assert result.stderr.strip() == "", result.stderr
