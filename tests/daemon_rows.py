@@ -17,9 +17,11 @@ from meddaemon.db.models import DaemonInstance, Scan
 from meddaemon.states import ScanState
 
 
-def join(sessions, node: str = "node-a", lease_seconds: float = 30.0, pid: int | None = None) -> lease.Member:  # type: ignore[no-untyped-def]
+def join(  # type: ignore[no-untyped-def]
+    sessions, node: str = "node-a", lease_seconds: float = 30.0, pid: int | None = None, namespace: str | None = None
+) -> lease.Member:
     with transaction(sessions) as session:
-        return lease.register(session, node, lease_seconds, pid)
+        return lease.register(session, node, lease_seconds, pid, namespace)
 
 
 def look_for_lost(sessions, member: lease.Member) -> list[lease.LostDaemon]:  # type: ignore[no-untyped-def]

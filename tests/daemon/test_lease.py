@@ -71,11 +71,13 @@ def test_on_its_own_node_a_daemon_whose_process_is_gone_is_lost_at_once(sessions
     gone = dead_pid()
     crashed = join(sessions, "node-a", pid=gone)
     elsewhere = join(sessions, "node-b", pid=gone)  # the same number on another node means nothing here
+    container = join(sessions, "node-a", pid=gone, namespace="pid:[1]")  # nor in another PID namespace
     restarted = join(sessions, "node-a")
 
     [lost] = look_for_lost(sessions, restarted)
     assert lost.daemon_id == crashed.daemon_id and "is gone" in lost.why
     assert daemon_row(sessions, elsewhere).state == "running"
+    assert daemon_row(sessions, container).state == "running"
 
 
 def test_an_earlier_daemon_of_this_very_process_is_lost_when_it_registers_again(sessions):

@@ -47,6 +47,7 @@ class Member:
     node: str
     pid: int
     lease_seconds: float
+    pid_namespace: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,26 @@ def node_name(configured: str = "") -> str:
     return configured or socket.gethostname()
 
 
-def register(session: Session, node: str, lease_seconds: float, pid: int | None = None) -> Member:
+def pid_namespace() -> str | None:
+    """This process's PID namespace (``pid:[4026531836]``), None where there is no such thing."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def register(
+    session: Session, node: str, lease_seconds: float, pid: int | None = None, namespace: str | None = None
+) -> Member:
+    """``pid`` and ``namespace`` default to this process's (tests name other ones)."""
     pid = os.getpid() if pid is None else pid
+    namespace = pid_namespace() if namespace is None else namespace
     daemon_id = session.scalar(
         insert(DaemonInstance)
         .values(
             node=node,
             pid=pid,
+            pid_namespace=namespace,
             version=__version__,
             state=RUNNING,
             lease_seconds=lease_seconds,
@@ -79,7 +93,7 @@ def register(session: Session, node: str, lease_seconds: float, pid: int | None 
         .returning(DaemonInstance.id)
     )
     assert daemon_id is not None
-    return Member(daemon_id, node, pid, lease_seconds)
+    return Member(daemon_id, node, pid, lease_seconds, namespace)
 
 
 def heartbeat(session: Session, member: Member) -> bool:
@@ -104,11 +118,15 @@ def sign_off(session: Session, member: Member) -> None:
 
 def release_lost(session: Session, member: Member, pid_alive: Callable[[int], bool] | None = None) -> list[LostDaemon]:
     """Declare lost every running daemon whose lease has run out by the database's clock, and those
-    on this node whose process is gone; release what they held. Rows another daemon is checking
-    right now are skipped (``SKIP LOCKED``), never waited for."""
+    on this node (and in this PID namespace) whose process is gone; release what they held. Rows
+    another daemon is checking right now are skipped (``SKIP LOCKED``), never waited for."""
     pid_alive = pid_alive or process_alive
     expired = DaemonInstance.heartbeat_at + DaemonInstance.lease_seconds < db_clock()
-    same_node = and_(DaemonInstance.node == member.node, DaemonInstance.id != member.daemon_id)
+    same_node = and_(
+        DaemonInstance.node == member.node,
+        DaemonInstance.pid_namespace == member.pid_namespace,  # NULL (unknown) never matches
+        DaemonInstance.id != member.daemon_id,
+    )
     candidates = session.execute(
         select(DaemonInstance.id, DaemonInstance.node, DaemonInstance.pid, expired.label("expired"))
         .where(DaemonInstance.state == RUNNING, DaemonInstance.id != member.daemon_id)

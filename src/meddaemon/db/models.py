@@ -166,6 +166,9 @@ class DaemonInstance(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     node: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int]
+    #: the process-ID namespace the pid belongs to (Linux: ``/proc/self/ns/pid``); containers
+    #: sharing a host name have their own
+    pid_namespace: Mapped[str | None] = mapped_column(String(64))
     version: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16), index=True)
     lease_seconds: Mapped[float] = mapped_column(Float)
