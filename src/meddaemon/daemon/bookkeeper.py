@@ -333,7 +333,7 @@ def record_results(
 ) -> BatchRecord:
     """Tidy result rows (one per label) and heatmaps; ``routed`` -> ``inferred``, or ``failed``.
 
-    Only scans still ``routed`` and still held by ``daemon_id`` are stored (rows locked meanwhile):
+    Only scans still ``routed`` and held by ``daemon_id`` or by nobody are stored (rows locked meanwhile):
     a scan done by an earlier run, failed meanwhile, or taken over by another daemon after this one
     was declared lost is left alone, so no result is ever doubled. Stored scans are free again
     for the next stage.
