@@ -36,13 +36,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from inference import MEDDAEMON, SPEC, TASK, make_pngs, write_model  # noqa: E402
 
-from meddaemon.daemon import bookkeeper  # noqa: E402
 from meddaemon.db.clock import read_db_clock  # noqa: E402
-from meddaemon.db.engine import create_db_engine, session_factory, transaction  # noqa: E402
+from meddaemon.db.engine import create_db_engine, session_factory  # noqa: E402
 from meddaemon.db.migrate import upgrade  # noqa: E402
 from meddaemon.db.models import DaemonInstance, DuplicateArrival, InboxClaim, Result, Scan, ScanEvent  # noqa: E402
-from meddaemon.engine import registry  # noqa: E402
-from meddaemon.engine.tasks import all_tasks  # noqa: E402
+from model_factory import promote_into  # noqa: E402 (tests/, put on the path by inference)
 
 ADMIN_URL = os.environ.get("MEDDAEMON_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 WARMUP_PER_DAEMON = 16
@@ -97,11 +95,7 @@ class Farm:
         self.staging.mkdir()
         self.workers, self.lease = workers, lease
         self.procs: list[subprocess.Popen[bytes]] = []
-        with transaction(db.sessions) as session:
-            bookkeeper.ensure_tasks(session, all_tasks({}))
-        with transaction(db.sessions) as session:
-            row = registry.import_version(session, model, self.state / "models")
-            registry.promote(session, row.task_name, row.version)
+        promote_into(db.url, self.state / "models", model)
 
     def start(self, n: int, threads: int) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
