@@ -10,7 +10,7 @@ on the arrays (``meddaemon.audit.run.analyse``: the database and the label file 
 * **bootstrap**: the same plus the patient-clustered percentile bootstrap (``--resamples``) of
   AUC, sensitivity, specificity, PPV and NPV, overall and in every subgroup level.
 
-DESIGN.md's goals: analytic < 5 s, bootstrap of 2,000 resamples < 60 s on 2 cores. The load
+docs/design.md's goals: analytic < 5 s, bootstrap of 2,000 resamples < 60 s on 2 cores. The load
 average is printed before and after: on a shared machine, compare runs with a quiet load only.
 
     .venv/bin/python benchmarks/audit.py

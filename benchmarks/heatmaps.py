@@ -18,7 +18,7 @@ The times are medians over ``--repeats`` after ``--warmup`` untimed rounds. The 
 of the per-round ratios (each method over the inference of the same round), which shrugs off a
 neighbour process stealing a core for a few seconds better than a ratio of medians does. The load
 average is printed before and after: on a shared machine, compare runs with a quiet load only.
-DESIGN.md's goal: ours <= 1.3x inference.
+docs/design.md's goal: ours <= 1.3x inference.
 
     .venv/bin/python benchmarks/heatmaps.py                            # mobilenet_v2, densenet121, vgg16
     .venv/bin/python benchmarks/heatmaps.py --arch densenet121 --batch 8 --repeats 9

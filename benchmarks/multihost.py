@@ -7,6 +7,7 @@ SYNTHETIC (seeded grey noise PNGs, 256x256) and the model is an untrained SYNTHE
 
     .venv/bin/python benchmarks/multihost.py                      # 1,500 files; 1, 2, 3 daemons; kill run
     .venv/bin/python benchmarks/multihost.py --files 300 --daemons 1,3 --kill-files 0
+    .venv/bin/python benchmarks/multihost.py --files 600 --daemons 1,3 --kill-files 0 --cold 1
 
 On a machine with 2 cores the daemons share those cores: more daemons cannot add compute, only
 overlap (one daemon's database round trips and file moves with another's forward passes).
@@ -58,6 +59,7 @@ class Run:
     killed: str = ""
     takeover_s: float | None = None
     exactly_once: str = ""
+    cold: int = 0
 
 
 class Database:
@@ -97,10 +99,11 @@ class Farm:
         self.procs: list[subprocess.Popen[bytes]] = []
         promote_into(db.url, self.state / "models", model)
 
-    def start(self, n: int, threads: int) -> None:
+    def start(self, n: int, threads: int, first: int = 0) -> None:
+        """Start daemons ``first + 1`` to ``first + n`` (their node names and log files)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
         env["MEDDAEMON_INFERENCE_THREADS"] = str(threads)
-        for i in range(n):
+        for i in range(first, first + n):
             log = (self.workdir / f"daemon-{i + 1}.log").open("wb")
             cmd = [str(MEDDAEMON), "start", "--watch", str(self.inbox), "--state-dir", str(self.state)]
             cmd += ["--db", self.db.url, "--workers", str(self.workers), "--rescan-seconds", "5"]
@@ -169,10 +172,12 @@ def run(n: int, burst: list[Path], model: Path, top: Path, args: argparse.Namesp
     farm = Farm(top / f"run-{n}{'-kill' if kill else ''}", db, model, args.workers, args.lease)
     try:
         threads = max(1, (os.cpu_count() or 1) // n) if args.threads == "share" else int(args.threads)
-        farm.start(n, threads)
-        warm_up(farm, n, top / "corpus")
+        cold = min(args.cold, n - 1)
+        farm.start(n - cold, threads)
+        warm_up(farm, n - cold, top / "corpus")
         before = farm.count(*DONE)
         started = time.monotonic()
+        farm.start(cold, threads, first=n - cold)  # cold: the burst arrives while they load and fork
         farm.drop(burst)
         total = before + len(burst)
         killed, takeover = "", None
@@ -184,7 +189,7 @@ def run(n: int, burst: list[Path], model: Path, top: Path, args: argparse.Namesp
         archived = time.monotonic() - started
         farm.stop()
         check = exactly_once(db, total)
-        return Run(n, threads, len(burst), inferred, archived, farm.split(), killed, takeover, check)
+        return Run(n, threads, len(burst), inferred, archived, farm.split(), killed, takeover, check, cold)
     finally:
         farm.stop()
         db.drop()
@@ -249,6 +254,13 @@ def main() -> None:
         help="inference_threads per daemon: 'share' (cores / daemons, the advice for daemons sharing a machine) "
         "or a number (0: one per core in every daemon)",
     )
+    parser.add_argument(
+        "--cold",
+        type=int,
+        default=0,
+        help="daemons of each run (never all of them) started only as the burst is dropped: no model "
+        "loaded, no decoding worker started, no warm-up",
+    )
     parser.add_argument("--lease", type=float, default=10.0, help="lease_seconds of every daemon")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = parser.parse_args()
@@ -271,15 +283,15 @@ def main() -> None:
         f"lease {args.lease:.0f} s; load average {os.getloadavg()[0]:.2f} at the end; "
         f"{time.monotonic() - started:.0f} s in all\n"
     )
-    columns = ["daemons", "threads each", "files", "drop to all inferred (s)", "files/s"]
+    columns = ["daemons", "cold", "threads each", "files", "drop to all inferred (s)", "files/s"]
     columns += ["drop to all archived (s)", "files/s"]
     columns += ["inferred by", "SIGKILL", "takeover after kill (s)", "exactly once"]
     print("| " + " | ".join(columns) + " |")
-    print("|" + "---:|" * 7 + "---|---|---:|---|")
+    print("|" + "---:|" * 8 + "---|---|---:|---|")
     for r in runs:
         split = ", ".join(f"{k}: {v}" for k, v in r.split.items())
         takeover = f"{r.takeover_s:.1f}" if r.takeover_s is not None else ""
-        cells = [r.daemons, r.threads or "1 per core", r.files]
+        cells = [r.daemons, r.cold, r.threads or "1 per core", r.files]
         cells += [f"{r.to_inferred_s:.1f}", f"{r.files / r.to_inferred_s:.1f}"]
         cells += [f"{r.to_archived_s:.1f}", f"{r.files / r.to_archived_s:.1f}", split, r.killed or "-"]
         cells += [takeover, r.exactly_once]

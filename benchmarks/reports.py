@@ -20,11 +20,18 @@
    ``--files`` 256x256 PNGs are renamed into the inbox and timed until every scan has its result
    (``inferred`` or ``reported``). Reports on: also the time until every scan is ``reported``.
 
+4. **model card figures**: ``training.figures.write_figures`` (the four PNGs beside ``MODEL_CARD.md``)
+   for the run the model-card tests make: a 3-epoch small CNN on 12 SYNTHETIC BUSI phantoms (48 px,
+   trained at 32 px), multiclass with its 12 test images (as ``medcli retrain`` writes them); and a
+   SYNTHETIC 14-label multilabel set of 20 rows with 5 images. Median and slowest of ``--card-repeats``
+   after one warm-up (tests/training/test_model_card.py checks what they draw, not how fast).
+
 Every figure records the load of other processes meanwhile (the machine is shared).
 
     .venv/bin/python benchmarks/reports.py                  # about 4 minutes on 2 cores
     .venv/bin/python benchmarks/reports.py --files 800 --rounds 2 --configs on,off,on-nice0
     .venv/bin/python benchmarks/reports.py --files 0 --repeats 10   # time per page and placement only
+    .venv/bin/python benchmarks/reports.py --files 0 --repeats 0 --placement 0   # model card figures only
 """
 
 from __future__ import annotations
@@ -69,6 +76,10 @@ from meddaemon.report.fonts import report_fonts  # noqa: E402
 from meddaemon.report.render import render_scan, render_study  # noqa: E402
 from meddaemon.report.summary import parse_since, render_summary, summarise  # noqa: E402
 from meddaemon.report.templates import load_template  # noqa: E402
+from meddaemon.training.figures import write_figures  # noqa: E402
+from meddaemon.training.phantoms import write_phantoms  # noqa: E402
+from meddaemon.training.pipeline import retrain  # noqa: E402
+from meddaemon.training.train import ScanDataset, TrainConfig  # noqa: E402
 from model_factory import drop_study, read_pdf  # noqa: E402
 
 DONE_SQL = "SELECT count(*) FROM scans WHERE state IN ('inferred', 'reported')"
@@ -101,7 +112,13 @@ def seed_sized_model(folder: Path, task: str) -> Path:
 def make_state(root: Path) -> Daemon:
     settings = load_settings(
         env={},
-        flags={"watch": root / "inbox", "state_dir": root / "state", "stable_seconds": 0.0, "workers": 0},
+        flags={
+            "watch": root / "inbox",
+            "state_dir": root / "state",
+            "create_watch": True,
+            "stable_seconds": 0.0,
+            "workers": 0,
+        },
     )
     daemon = Daemon(settings)
     daemon.prepare()
@@ -150,7 +167,7 @@ def per_page(root: Path, repeats: int) -> list[tuple[str, int, float, float]]:
     with daemon.sessions() as session:
         uid = session.scalar(select(Scan.study_instance_uid).where(Scan.study_instance_uid.is_not(None)))
         assert uid
-        study = study_report_data(session, uid, daemon.settings.task_specs)
+        study = study_report_data(session, uid, daemon.settings.task_specs, state_dir=daemon.settings.state_dir)
     study_images = [builder.images(s) for s in study.scans]
     render_ms, pages = median_ms(lambda: render_study(study, study_images, load_template, fonts).pages, repeats)
     e2e_ms, _ = median_ms(lambda: builder.study_report(uid, out=out / "study.pdf").pages, repeats)
@@ -339,6 +356,51 @@ def throughput(
     return results
 
 
+# -- 4. the model card's figures ---------------------------------------------------------------------
+
+
+def card_figures(root: Path, repeats: int) -> list[tuple[str, int, float, float]]:
+    """(figure set, images in the grid, median s, slowest s) of ``write_figures``, as in the module docstring."""
+    busi = BUILTIN_TASKS["busi"]
+    data = write_phantoms("busi", root / "busi", count=12, size=48, seed=5).root
+    config = TrainConfig.from_task(
+        busi, architecture="small_cnn", epochs=3, batch_size=16, lr=1e-3, image_size=32, seed=0
+    )
+    run = retrain(busi, data, config, root / "run", version="card")
+    dataset = ScanDataset(run.split.samples(run.index, "test"), busi.labels, busi.kind, run.result.contract)
+    images = [dataset.image(i) for i in range(min(12, len(dataset)))]
+    validation = run.result.validation
+    rng = np.random.default_rng(0)
+    labels = tuple(f"finding{j}" for j in range(14))
+    truth14 = (rng.random((20, 14)) < 0.3).astype(np.int64)
+    probs14 = np.clip(truth14 * 0.5 + rng.random((20, 14)) * 0.5, 0, 1)
+    sets = {
+        "busi (multiclass), 3 epochs": dict(
+            kind="multiclass", labels=busi.labels, probabilities=validation.probabilities, truth=validation.truth,
+            thresholds=None, model=run.result.model, images=images,
+        ),
+        "14 labels (multilabel), 20 rows": dict(
+            kind="multilabel", labels=labels, probabilities=probs14, truth=truth14,
+            thresholds=dict.fromkeys(labels, 0.5), model=build_model("small_cnn", 1, 14).eval(), images=images[:5],
+        ),
+    }  # fmt: skip
+    rows = []
+    for name, figure_set in sets.items():
+
+        def draw(figure_set: dict = figure_set) -> int:
+            write_figures(root / "figures", history=run.result.history, contract=run.result.contract, **figure_set)
+            return len(figure_set["images"])
+
+        draw()  # warm-up: matplotlib's fonts and caches
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            draw()
+            times.append(time.perf_counter() - t0)
+        rows.append((name, len(figure_set["images"]), statistics.median(times), max(times)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed builds of each report kind (20)")
@@ -347,15 +409,17 @@ def main() -> None:
     parser.add_argument("--configs", default="on,off", help=f"throughput configurations, of {list(CONFIGS)} (on,off)")
     parser.add_argument("--quiet-wait", type=float, default=10.0, help="max s to wait for a quiet machine (10)")
     parser.add_argument("--placement", type=float, default=5.0, help="s per placement measurement (0: skip)")
+    parser.add_argument("--card-repeats", type=int, default=5, help="timed model card figure sets (5; 0: skip)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
     top = Path(tempfile.mkdtemp(prefix="meddaemon-reportbench-"))
     load = os.getloadavg()
     try:
-        pages = per_page(top / "pages", args.repeats)
+        pages = per_page(top / "pages", args.repeats) if args.repeats else []
         places = placement(top, args.placement) if args.placement else []
         configs = [c for c in args.configs.split(",") if c]
         runs = throughput(top / "load", args.files, args.rounds, args.quiet_wait, configs) if args.files else []
+        cards = card_figures(top / "card", args.card_repeats) if args.card_repeats else []
     finally:
         if not args.keep:
             shutil.rmtree(top, ignore_errors=True)
@@ -365,10 +429,11 @@ def main() -> None:
         f"Python {platform.python_version()}; load average at start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}, "
         f"at end {os.getloadavg()[0]:.2f}"
     )
-    print("\n| report | pages | render (ms/page) | end to end (ms/page) | goal <= 50 ms |")
-    print("|---|---:|---:|---:|---|")
-    for kind, n, render_ms, e2e_ms in pages:
-        print(f"| {kind} | {n} | {render_ms:.1f} | {e2e_ms:.1f} | {'met' if e2e_ms <= 50 else 'NOT met'} |")
+    if pages:
+        print("\n| report | pages | render (ms/page) | end to end (ms/page) | goal <= 50 ms |")
+        print("|---|---:|---:|---:|---|")
+        for kind, n, render_ms, e2e_ms in pages:
+            print(f"| {kind} | {n} | {render_ms:.1f} | {e2e_ms:.1f} | {'met' if e2e_ms <= 50 else 'NOT met'} |")
     if places:
         print("\n| the stand-in main loop (pure Python) | rows/s | against alone |")
         print("|---|---:|---:|")
@@ -386,6 +451,11 @@ def main() -> None:
         for config, ips in medians.items():
             change = f": {100 * (ips - off) / off:+.1f}% against off (goal >= -5%)" if off and config != "off" else ""
             print(f"median files/s, {config}: {ips:.1f}{change}")
+    if cards:
+        print(f"\n| model card figures (4 PNGs) | grid images | median s | slowest s (of {args.card_repeats}) |")
+        print("|---|---:|---:|---:|")
+        for name, n, median_s, slowest_s in cards:
+            print(f"| {name} | {n} | {median_s:.2f} | {slowest_s:.2f} |")
 
 
 if __name__ == "__main__":

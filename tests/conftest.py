@@ -1,19 +1,36 @@
-"""Shared fixtures: real databases (SQLite file, PostgreSQL server) and settings for a tmp inbox."""
+"""Shared fixtures: real databases (SQLite file, PostgreSQL server) and settings for a tmp inbox.
+
+A migrated database is a copy of one migrated by Alembic once per session (``migrated_template``):
+the migrations themselves are specified by ``tests/db/test_migrations.py``; running them again for
+every test that only needs the schema cost a second or so each."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, make_url, text
 
 from meddaemon.config import Settings, load_settings
 from meddaemon.db.engine import create_db_engine
 from meddaemon.db.migrate import upgrade
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One OpenMP thread per process, for pytest and every daemon and CLI it starts (they inherit
+    the environment), set before PyTorch is imported. The tests run several processes at once on a
+    small machine (pytest, a daemon, its report and decoding processes): with a team of one thread
+    per core in each, the teams wait at every operator for threads that are not running (the seeds'
+    importer tests took 283 s with two threads on a loaded machine, 68 s with one). No result
+    depends on it: the tests' tolerances hold for any thread count."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 POSTGRES_ADMIN_URL = os.environ.get("MEDDAEMON_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -41,11 +58,17 @@ def postgres_admin() -> Iterator[Engine]:
 
 
 @pytest.fixture
-def postgres_url(postgres_admin: Engine) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+def postgres_url(postgres_admin: Engine, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh PostgreSQL database for one test, dropped afterwards: empty, or, for a test that uses
+    ``migrated_engine``, created as a copy of the session's migrated template (one CREATE DATABASE)."""
     name = f"meddaemon_test_{uuid.uuid4().hex[:12]}"
+    if "migrated_engine" in request.fixturenames:
+        template = request.getfixturevalue("migrated_template").postgres_template(postgres_admin)
+        create = f'CREATE DATABASE "{name}" TEMPLATE "{template}"'
+    else:
+        create = f'CREATE DATABASE "{name}"'
     with postgres_admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        conn.execute(text(create))
     url = postgres_admin.url.set(database=name).render_as_string(hide_password=False)
     yield url
     with postgres_admin.connect() as conn:
@@ -59,12 +82,83 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("postgres_url")
 
 
+def _sqlite_file(url: str) -> Path | None:
+    parsed = make_url(url)
+    return Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
+
+
+class MigratedTemplate:
+    """A database Alembic upgraded to head once per session, per backend, for copies: a SQLite file
+    (copied with SQLite's backup API), a PostgreSQL database (``CREATE DATABASE ... TEMPLATE``)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.sqlite_file: Path | None = None
+        self.postgres_name: str | None = None
+
+    def copy_to_sqlite(self, path: Path) -> None:
+        """The SQLite database ``path``, not yet written, becomes a copy of the template."""
+        assert not path.exists() or path.stat().st_size == 0, f"{path} is not a new database"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(self._sqlite())) as source, closing(sqlite3.connect(path)) as target:
+            source.backup(target)
+
+    def _sqlite(self) -> Path:
+        if self.sqlite_file is None:
+            path = self.folder / "meddaemon.db"
+            engine = create_db_engine(f"sqlite:///{path}")
+            upgrade(engine)
+            engine.dispose()
+            self.sqlite_file = path
+        return self.sqlite_file
+
+    def postgres_template(self, admin: Engine) -> str:
+        """The name of the migrated template database on ``admin``'s server (made on first use)."""
+        if self.postgres_name is None:
+            name = f"meddaemon_template_{uuid.uuid4().hex[:12]}"
+            with admin.connect() as conn:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+            self.postgres_name = name
+            engine = create_db_engine(admin.url.set(database=name).render_as_string(hide_password=False))
+            upgrade(engine)
+            engine.dispose()  # a template cannot be copied while anyone is connected to it
+        return self.postgres_name
+
+    def drop(self) -> None:
+        if self.postgres_name is None:
+            return
+        engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.postgres_name}" WITH (FORCE)'))
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MigratedTemplate]:
+    template = MigratedTemplate(tmp_path_factory.mktemp("template"))
+    yield template
+    template.drop()
+
+
 @pytest.fixture
-def migrated_engine(db_url: str) -> Iterator[Engine]:
+def migrated_engine(db_url: str, migrated_template: MigratedTemplate) -> Iterator[Engine]:
+    """The database of ``db_url`` with the schema at head: a copy of the session's migrated template
+    (``postgres_url`` creates a PostgreSQL one as that copy)."""
+    path = _sqlite_file(db_url)
+    if path is not None:
+        migrated_template.copy_to_sqlite(path)
     engine = create_db_engine(db_url)
-    upgrade(engine)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def reported_states(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """``reported_states.copy(root, ...)``: a copy of a state ``model_factory.reported_state`` made once
+    this session (see ``model_factory.ReportedStates``)."""
+    from model_factory import ReportedStates
+
+    return ReportedStates(tmp_path_factory.mktemp("reported_states"))
 
 
 @pytest.fixture
@@ -75,6 +169,7 @@ def make_settings(tmp_path: Path):  # type: ignore[no-untyped-def]
         base: dict[str, Any] = {
             "watch": tmp_path / "inbox",
             "state_dir": tmp_path / "state",
+            "create_watch": True,
             "stable_seconds": 0.0,
             "workers": 0,
             "rescan_seconds": 30.0,

@@ -25,6 +25,8 @@ import pytest
 from dicom_factory import write_png
 from prometheus_client.parser import text_string_to_metric_families
 
+from meddaemon.stored_paths import stored_file
+
 MEDDAEMON = Path(sys.executable).parent / "meddaemon"
 TASK = "busi"  # a first-level folder named after a task routes its files there
 
@@ -84,6 +86,10 @@ class Layout:
     @property
     def db(self) -> Path:
         return self.state / "meddaemon.db"
+
+    def stored_file(self, stored: object) -> Path:
+        """The file a row's stored path names (relative to the state dir, or absolute)."""
+        return stored_file(str(stored), self.state)
 
     def stored_files(self) -> list[Path]:
         """Every file the daemon has put away (work/, archive/, failed/), ``.reason.json`` excluded."""
@@ -146,6 +152,19 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+#: ``python -c SQLITE_LOCKER DB SECONDS``: another process holding SQLite's write lock (``BEGIN
+#: EXCLUSIVE``) for SECONDS; prints "locked" once it holds it and "released" after
+SQLITE_LOCKER = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+print("released", flush=True)
+"""
+
+
 def daemon_env() -> dict[str, str]:
     """The environment without MEDDAEMON_* settings, so only the flags given here count."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
@@ -171,14 +190,16 @@ class Daemons:
         batch_size: int | None = None,
         extra: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        watch: str | None = None,
     ) -> RunningDaemon:
-        """A daemon on the layout's inbox and state dir; ``env`` adds settings (``MEDDAEMON_*``)."""
+        """A daemon on the layout's inbox and state dir; ``env`` adds settings (``MEDDAEMON_*``);
+        ``watch`` spells the inbox another way (relative to the layout's root, the daemon's cwd)."""
         log = self.layout.logs / f"daemon-{len(self.started) + 1:02d}.log"
         cmd = [
             str(MEDDAEMON),
             "start",
             "--watch",
-            str(self.layout.inbox),
+            watch or str(self.layout.inbox),
             "--state-dir",
             str(self.layout.state),
             "--stable-seconds",

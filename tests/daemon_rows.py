@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from meddaemon.daemon import lease
 from meddaemon.daemon.stability import Signature, StableFile
 from meddaemon.db.engine import transaction
-from meddaemon.db.models import DaemonInstance, Scan
+from meddaemon.db.models import DaemonInstance, Scan, ScanEvent
 from meddaemon.states import ScanState
 
 
@@ -59,3 +61,12 @@ def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+def stages_run_twice(session: Session) -> list[tuple[int, str]]:
+    """The (scan, state) steps recorded more than once. A scan read while its task's model was still
+    loading is routed, waits (``waiting_model``) and is routed again once the model is served: that
+    second ``routed`` is the one repeat allowed."""
+    steps = Counter(session.execute(select(ScanEvent.scan_id, ScanEvent.state)).all())
+    waited = {(scan_id, ScanState.ROUTED.value) for scan_id, state in steps if state == ScanState.WAITING_MODEL}
+    return [step for step, n in steps.items() if n > 1 and not (n == 2 and step in waited)]

@@ -47,6 +47,13 @@ _NATIVE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
 #: Native pixel data in a dataset that pydicom deflates as a whole when writing.
 _WRITTEN_AS_IS = _NATIVE | {DeflatedExplicitVRLittleEndian}
 _PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
+_PALETTE_DATA_KEYWORDS = tuple(
+    f"{prefix}{colour}PaletteColorLookupTableData"
+    for prefix in ("", "Segmented")
+    for colour in ("Red", "Green", "Blue", "Alpha")
+)
+#: Sequences whose items hold a LUT Descriptor and LUT Data (US or OW).
+_LUT_SEQUENCE_KEYWORDS = ("ModalityLUTSequence", "VOILUTSequence")
 
 
 def gradient(rows: int = 64, columns: int = 64, *, dtype: Any = np.uint16, top: int = 4095) -> np.ndarray:
@@ -114,6 +121,8 @@ def _encode(ds: Dataset, transfer_syntax: UID, arr: np.ndarray) -> None:
         if arr.dtype.itemsize > 1:
             ds.PixelData = arr.astype(arr.dtype.newbyteorder(">")).tobytes()
             ds["PixelData"].VR = "OW"
+        _palette_words_to_big_endian(ds)
+        _lut_sequence_words_to_big_endian(ds)
         return
     if transfer_syntax in _WRITTEN_AS_IS:
         ds.file_meta.TransferSyntaxUID = transfer_syntax
@@ -122,8 +131,9 @@ def _encode(ds: Dataset, transfer_syntax: UID, arr: np.ndarray) -> None:
 
 
 def _add_palette(ds: Dataset, extra: Mapping[str, Any] | None) -> None:
-    """A default 8-bit-entry palette (red ramp, green inverse ramp, blue constant) unless given."""
-    if extra and "RedPaletteColorLookupTableData" in extra:
+    """A default 256-entry palette of 16-bit entries (red ramp, green inverse ramp, blue constant)
+    unless ``extra`` gives one, plain or segmented."""
+    if extra and any(keyword in extra for keyword in _PALETTE_DATA_KEYWORDS):
         return
     entries = 256
     ramp = np.linspace(0, 65535, entries).astype("<u2")
@@ -131,6 +141,29 @@ def _add_palette(ds: Dataset, extra: Mapping[str, Any] | None) -> None:
     for colour, lut in luts.items():
         setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [entries, 0, 16])
         setattr(ds, f"{colour}PaletteColorLookupTableData", lut.tobytes())
+
+
+def _palette_words_to_big_endian(ds: Dataset) -> None:
+    """Swap every (segmented) palette LUT's 16-bit words, given little endian, to big endian.
+
+    pydicom writes OW values as the bytes it holds, so a big-endian file needs them swapped first;
+    8-bit entries packed two to a word are swapped with their word, as any big-endian writer does.
+    """
+    for keyword in _PALETTE_DATA_KEYWORDS:
+        if keyword in ds:
+            words = bytes(ds[keyword].value)
+            words += b"\x00" * (len(words) % 2)
+            ds[keyword].value = np.frombuffer(words, "<u2").astype(">u2").tobytes()
+
+
+def _lut_sequence_words_to_big_endian(ds: Dataset) -> None:
+    """Swap the 16-bit words of every Modality and VOI LUT Sequence item's LUT Data given as
+    little-endian bytes (written as OW) to big endian; LUT Data given as numbers (US) is left to
+    pydicom, which writes numbers in the file's byte order."""
+    for keyword in _LUT_SEQUENCE_KEYWORDS:
+        for item in ds.get(keyword) or ():
+            if "LUTData" in item and isinstance(item.LUTData, bytes):
+                item.LUTData = np.frombuffer(item.LUTData, "<u2").astype(">u2").tobytes()
 
 
 def _save(path: Path, ds: Dataset, *, preamble: bool, with_file_meta: bool) -> Path:

@@ -3,13 +3,19 @@ promoted through the real registry, and a few synthetic scans for the inbox."""
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from dicom_factory import write_dicom, write_png
+from sqlalchemy.orm import Session, sessionmaker
 
-from meddaemon.config import load_settings
+from meddaemon.config import Settings, load_settings
 from meddaemon.daemon import bookkeeper
 from meddaemon.daemon.service import Daemon
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
@@ -21,11 +27,17 @@ from meddaemon.engine.tasks import BUILTIN_TASKS, InputContract, all_tasks
 CONTRACT = InputContract(1, 32, 32, (0.449,), (0.226,), modalities=("US",))
 
 
-def write_model(folder: Path, task: str = "busi", version: str = "v1", architecture: str = "small_cnn") -> Path:
+def write_model(
+    folder: Path,
+    task: str = "busi",
+    version: str = "v1",
+    architecture: str = "small_cnn",
+    contract: InputContract = CONTRACT,
+) -> Path:
     """A randomly initialised (SYNTHETIC, untrained) model in the registry's format."""
     spec = BUILTIN_TASKS[task]
     torch.manual_seed(0)
-    model = build_model(architecture, 1, spec.num_outputs)
+    model = build_model(architecture, contract.channels, spec.num_outputs)
     registry.save_version(
         model,
         task=task,
@@ -33,7 +45,7 @@ def write_model(folder: Path, task: str = "busi", version: str = "v1", architect
         labels=spec.labels,
         kind=spec.kind,
         architecture=architecture,
-        input_contract=CONTRACT,
+        input_contract=contract,
         out_dir=folder,
         training_data_fingerprint="synthetic",
     )
@@ -46,20 +58,43 @@ def promote(daemon: Daemon, folder: Path) -> None:
         registry.promote(session, row.task_name, row.version)
 
 
-def promote_into(db_url: str, models_dir: Path, folder: Path) -> None:
-    """Import and promote the model in ``folder`` in the database at ``db_url`` (migrated, with the
-    task presets), as ``medcli models import`` then ``promote`` do, before any daemon starts."""
+@contextmanager
+def prepared_database(db_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the database at ``db_url``, migrated and with the task presets, as before any daemon
+    starts; the engine is disposed of afterwards."""
     engine = create_db_engine(db_url)
     try:
         upgrade(engine)
         sessions = session_factory(engine)
         with transaction(sessions) as session:
             bookkeeper.ensure_tasks(session, all_tasks({}))
-        with transaction(sessions) as session:
-            row = registry.import_version(session, folder, models_dir)
-            registry.promote(session, row.task_name, row.version)
+        yield sessions
     finally:
         engine.dispose()
+
+
+def promote_into(db_url: str, models_dir: Path, folder: Path) -> None:
+    """Import and promote the model in ``folder`` in the database at ``db_url``, as ``medcli models
+    import`` then ``promote`` do, before any daemon starts."""
+    with prepared_database(db_url) as sessions, transaction(sessions) as session:
+        row = registry.import_version(session, folder, models_dir)
+        registry.promote(session, row.task_name, row.version)
+
+
+def import_files_into(db_url: str, models_dir: Path, files: Sequence[tuple[Path, Any]]) -> dict[str, str]:
+    """Convert, register and promote trained model FILES (each with its ``engine.importers.ImportOptions``)
+    in the database at ``db_url``, as ``medcli models import FILE`` then ``promote`` do, before any
+    daemon starts; returns each task's version folder."""
+    from meddaemon.engine import importers
+
+    folders = {}
+    with prepared_database(db_url) as sessions:
+        for path, options in files:
+            with transaction(sessions) as session:
+                row = importers.import_file(session, path, options, models_dir)
+                registry.promote(session, row.task_name, row.version)
+                folders[row.task_name] = row.path
+    return folders
 
 
 def drop_scans(inbox: Path) -> None:
@@ -106,21 +141,27 @@ def drop_study(inbox: Path, count: int = 2, study_uid: str = STUDY_UID) -> None:
         )
 
 
-def reported_state(root: Path, **flags: object) -> Daemon:
-    """A model per task, a two-scan DICOM study with patient fields, busi PNGs and DICOM, a chestxray14
-    PNG and an empty file, run through the real daemon once (``--once``: every scan but the empty file is
-    reported, then archived)."""
-    settings = load_settings(
+def reported_settings(root: Path, **flags: object) -> Settings:
+    """The settings ``reported_state`` runs its daemon with: inbox and state dir under ``root``."""
+    return load_settings(
         env={},
         flags={
             "watch": root / "inbox",
             "state_dir": root / "state",
+            "create_watch": True,
             "stable_seconds": 0.0,
             "workers": 0,
             "max_wait_ms": 10,
             **flags,
         },
     )
+
+
+def reported_state(root: Path, **flags: object) -> Daemon:
+    """A model per task, a two-scan DICOM study with patient fields, busi PNGs and DICOM, a chestxray14
+    PNG and an empty file, run through the real daemon once (``--once``: every scan but the empty file is
+    reported, then archived)."""
+    settings = reported_settings(root, **flags)
     daemon = Daemon(settings)
     daemon.prepare()
     promote(daemon, write_model(root / "busi_model"))
@@ -132,6 +173,66 @@ def reported_state(root: Path, **flags: object) -> Daemon:
     (settings.watch / "synthetic_empty.png").write_bytes(b"")  # fails as empty_file
     daemon.run(once=True)
     return daemon
+
+
+class ReportedStates:
+    """``reported_state`` run once per session for each kind of state, then copied for each test that
+    asks for one: a daemon run takes seconds (two models written, imported, promoted and loaded, seven
+    scans inferred and reported); a copy takes milliseconds.
+
+    A copy is the template's folder tree (files, mtimes), its SQLite database copied with SQLite's backup
+    API, and, in that database, every absolute path under the template's root (inbox claims, model
+    folders) moved under the copy's root: what the same run under the copy's root would have written.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.templates: dict[tuple[object, ...], Path] = {}
+
+    def copy(self, root: Path, inbox: Callable[[Path], None] | None = None, **flags: object) -> Daemon:
+        """The state ``reported_state(root, **flags)`` leaves, with ``inbox(root / "inbox")`` called
+        first (files of its own for the run); returns a daemon (not started) on the copy's settings."""
+        key = (inbox, *sorted((name, repr(value)) for name, value in flags.items()))
+        template = self.templates.get(key)
+        if template is None:
+            template = self.folder / f"reported{len(self.templates)}"
+            if inbox is not None:
+                inbox(template / "inbox")
+            reported_state(template, **flags).engine.dispose()
+            self.templates[key] = template
+        copy_state(template, root)
+        return Daemon(reported_settings(root, **flags))
+
+
+def copy_state(template: Path, root: Path) -> None:
+    """``template``'s tree under ``root`` (made if missing), its database moved there (see ``ReportedStates``)."""
+    database = Path("state") / "meddaemon.db"
+    sqlite_files = {database, database.with_name("meddaemon.db-wal"), database.with_name("meddaemon.db-shm")}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return {n for n in names if (Path(folder) / n).relative_to(template) in sqlite_files}
+
+    shutil.copytree(template, root, ignore=ignore, dirs_exist_ok=True)
+    with closing(sqlite3.connect(template / database)) as source, closing(sqlite3.connect(root / database)) as target:
+        source.backup(target)
+        move_paths(target, str(template), str(root))
+        target.commit()
+
+
+def move_paths(conn: sqlite3.Connection, old: str, new: str) -> None:
+    """Every text value that is ``old`` or starts with ``old/``, in every table, made ``new``'s."""
+    tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    for table in tables:
+        for _cid, column, kind, *_ in conn.execute(f'PRAGMA table_info("{table}")').fetchall():
+            if not any(t in kind.upper() for t in ("CHAR", "TEXT", "CLOB", "JSON")):
+                continue
+            conn.execute(
+                f'UPDATE "{table}" SET "{column}" = ? || substr("{column}", ?)'
+                f' WHERE "{column}" = ? OR substr("{column}", 1, ?) = ?',
+                (new, len(old) + 1, old, len(old) + 1, old + "/"),
+            )
+            left = conn.execute(f'SELECT count(*) FROM "{table}" WHERE instr("{column}", ?) > 0', (old,)).fetchone()
+            assert left[0] == 0, f"{table}.{column} holds {old} inside a value: teach move_paths to move it"
 
 
 def read_pdf(data: bytes | Path) -> tuple[str, int, int, dict[str, str]]:
@@ -146,3 +247,14 @@ def read_pdf(data: bytes | Path) -> tuple[str, int, int, dict[str, str]]:
     images = sum(len(page.images) for page in reader.pages)
     metadata = {str(k): str(v) for k, v in (reader.metadata or {}).items()}
     return text, len(reader.pages), images, metadata
+
+
+def import_and_promote(daemon: Daemon, path: Path, options: Any) -> str:
+    """Convert a trained model FILE (``engine.importers.ImportOptions``) into a version, register and
+    promote it, as ``medcli models import FILE`` then ``promote`` do; returns the version's folder."""
+    from meddaemon.engine import importers
+
+    with transaction(daemon.sessions) as session:
+        row = importers.import_file(session, path, options, daemon.settings.models_dir, daemon.settings.task_specs)
+        registry.promote(session, row.task_name, row.version)
+        return row.path

@@ -1,10 +1,11 @@
 """Settings: defaults < TOML file < MEDDAEMON_* environment < flags, each value knowing its source."""
 
+import logging
 from pathlib import Path
 
 import pytest
 
-from meddaemon.config import ConfigError, RouteRule, load_settings
+from meddaemon.config import ConfigError, RouteRule, load_settings, prepare_state_dir
 
 
 def test_defaults_come_from_the_shipped_template():
@@ -39,8 +40,35 @@ def test_relative_paths_in_a_config_file_are_relative_to_that_file(tmp_path: Pat
     config.parent.mkdir()
     config.write_text('watch = "../inbox"\nstate_dir = "/var/lib/meddaemon"\n')
     settings = load_settings(config, env={})
-    assert settings.watch == tmp_path / "etc" / ".." / "inbox"
+    assert settings.watch == (tmp_path / "inbox").resolve()
     assert settings.state_dir == Path("/var/lib/meddaemon")
+
+
+def test_watch_and_state_dir_are_made_absolute_and_resolved_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    real = tmp_path / "real"
+    (real / "inbox").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "link")
+    settings = load_settings(env={"MEDDAEMON_STATE_DIR": "state"}, flags={"watch": Path("inbox")})
+    assert settings.watch == real.resolve() / "inbox"
+    assert settings.state_dir == real.resolve() / "state"
+
+
+def test_stored_paths_are_relative_to_the_state_dir_and_read_back_from_anywhere(tmp_path: Path):
+    settings = load_settings(env={}, flags={"state_dir": tmp_path / "state"})
+    stored = settings.stored_name(settings.archive_dir / "2026-01-02" / "busi" / "a.png")
+    assert stored == "archive/2026-01-02/busi/a.png"
+    assert settings.stored_file(stored) == settings.state_dir / "archive" / "2026-01-02" / "busi" / "a.png"
+    assert settings.stored_name(tmp_path / "inbox" / "a.png") == str(tmp_path / "inbox" / "a.png")
+    assert settings.stored_file("/old/absolute/work/ab/x.png") == Path("/old/absolute/work/ab/x.png")
+
+
+def test_create_watch_is_off_unless_asked_for(tmp_path: Path):
+    assert load_settings(env={}).create_watch is False
+    config = tmp_path / "c.toml"
+    config.write_text("create_watch = true\n")
+    assert load_settings(config, env={}).create_watch is True
+    assert load_settings(env={}, flags={"create_watch": True}).create_watch is True
 
 
 def test_lists_from_the_environment_are_comma_separated():
@@ -81,6 +109,79 @@ def test_a_bad_config_file_names_the_key_and_the_file(tmp_path: Path, content: s
 def test_a_bad_environment_value_names_the_variable():
     with pytest.raises(ConfigError, match="MEDDAEMON_BATCH_SIZE"):
         load_settings(env={"MEDDAEMON_BATCH_SIZE": "lots"})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MEDDAEMON_HEATMAPS", "maybe"),
+        ("MEDDAEMON_REPORTS", ""),
+        ("MEDDAEMON_WORKERS", "2.5"),
+        ("MEDDAEMON_METRICS_PORT", "0x50"),
+        ("MEDDAEMON_STABLE_SECONDS", "soon"),
+        ("MEDDAEMON_LEASE_SECONDS", "nan"),
+        ("MEDDAEMON_RESCAN_SECONDS", "inf"),
+        ("MEDDAEMON_LOG_LEVEL", "verbose"),
+    ],
+)
+def test_environment_values_are_parsed_strictly(variable: str, value: str):
+    with pytest.raises(ConfigError, match=variable):
+        load_settings(env={variable: value})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("yes", True), ("On", True), ("1", True), ("false", False), ("0", False), ("no", False)]
+)
+def test_booleans_from_the_environment(value: str, expected: bool):
+    assert load_settings(env={"MEDDAEMON_HEATMAPS": value}).heatmaps is expected
+
+
+def test_numbers_and_log_levels_from_the_environment():
+    settings = load_settings(
+        env={"MEDDAEMON_WORKERS": " 3 ", "MEDDAEMON_BUSY_TIMEOUT": "1.5e1", "MEDDAEMON_LOG_LEVEL": "debug"}
+    )
+    assert (settings.workers, settings.busy_timeout, settings.log_level) == (3, 15.0, "DEBUG")
+
+
+def test_a_fraction_for_a_whole_number_in_a_file_is_refused(tmp_path: Path):
+    config = tmp_path / "c.toml"
+    config.write_text("workers = 2.7\n")
+    with pytest.raises(ConfigError, match=r"'workers'.*not a whole number"):
+        load_settings(config, env={})
+
+
+def test_an_unknown_key_in_a_file_suggests_the_closest(tmp_path: Path):
+    config = tmp_path / "c.toml"
+    config.write_text("heatmap = false\n")
+    with pytest.raises(ConfigError, match=r"did you mean heatmaps\?"):
+        load_settings(config, env={})
+
+
+def test_an_unknown_environment_variable_is_warned_about_with_the_closest_name(caplog: pytest.LogCaptureFixture):
+    env = {
+        "MEDDAEMON_HEATMAP": "0",
+        "MEDDAEMON_CONFIG_": "x",
+        "MEDDAEMON_TEST_POSTGRES": "url",
+        "MEDDAEMON_WORKERS": "1",
+    }
+    with caplog.at_level(logging.WARNING, logger="meddaemon.config"):
+        settings = load_settings(env=env)
+    assert settings.heatmaps is True  # ignored, not half-applied
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [
+        "environment variable MEDDAEMON_CONFIG_ is not a setting and is ignored (did you mean MEDDAEMON_CONFIG?)",
+        "environment variable MEDDAEMON_HEATMAP is not a setting and is ignored (did you mean MEDDAEMON_HEATMAPS?)",
+    ]
+
+
+def test_the_state_dir_must_be_writable(tmp_path: Path):
+    (tmp_path / "a_file").write_text("")
+    for state_dir in (tmp_path / "a_file" / "state", Path("/proc/meddaemon-state")):
+        settings = load_settings(env={}, flags={"state_dir": state_dir})
+        with pytest.raises(ConfigError, match=f"'state_dir' from flag: {state_dir} cannot be used"):
+            prepare_state_dir(settings)
+    prepare_state_dir(load_settings(env={}, flags={"state_dir": tmp_path / "new"}))
+    assert [p.name for p in (tmp_path / "new").iterdir()] == []
 
 
 def test_a_missing_config_file_is_an_error(tmp_path: Path):

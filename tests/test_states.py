@@ -1,4 +1,4 @@
-"""The life of a scan: which states follow which (DESIGN.md section 3)."""
+"""The life of a scan: which states follow which (docs/design.md section 3)."""
 
 import itertools
 

@@ -7,7 +7,12 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
+import math
 import os
+import re
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,11 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from meddaemon.engine.tasks import TaskSpec, all_tasks, task_from_dict
+from meddaemon.stored_paths import stored_file, stored_name
 
 ENV_PREFIX = "MEDDAEMON_"
 CONFIG_ENV = "MEDDAEMON_CONFIG"
+#: variables of the test suite (``MEDDAEMON_TEST_POSTGRES``), not settings
+TEST_ENV_PREFIX = "MEDDAEMON_TEST_"
 OBSERVERS = ("native", "polling")
 FRAME_POLICIES = ("key", "all")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -38,9 +52,48 @@ class RouteRule:
     manufacturer: tuple[str, ...] = ()
 
 
+#: the inbox folder the DICOM receiver writes to (``Settings.received_dir``)
+RECEIVED_FOLDER = "dicom"
+#: an AE title: 1 to 16 characters, no backslash nor control character, not only spaces
+_AE_TITLE = re.compile(r"(?=.*[^ ])[^\\\x00-\x1f]{1,16}")
+
+#: the DICOM objects a scan's results can be written as (``meddaemon.dicom``)
+DICOM_OUTPUT_KINDS = ("sr", "pmap", "sc", "pdf")
+DESTINATION_KINDS = ("dicom", "dicomweb", "folder")
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """A ``[[destination]]`` table: where the DICOM outputs of some tasks are delivered.
+
+    ``dicom``: a DICOM node (``ae_title``, ``host``, ``port``; C-STORE, as ``calling_ae_title``);
+    ``dicomweb``: a DICOMweb server (``url``, STOW-RS); ``folder``: files under ``path``.
+    ``tasks`` and ``outputs`` narrow what it receives (empty: every task, every output of the task).
+    """
+
+    name: str
+    kind: str
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    calling_ae_title: str = "MEDDAEMON"
+    url: str = ""
+    path: str = ""
+    tasks: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    timeout_seconds: float = 30.0
+
+    def receives(self, task: str, kind: str) -> bool:
+        return (not self.tasks or task in self.tasks) and (not self.outputs or kind in self.outputs)
+
+
 @dataclass(frozen=True)
 class Settings:
+    """The daemon's settings. ``load_settings`` makes ``watch`` and ``state_dir`` absolute and
+    resolved (symlinks followed), once: every path derived from them has one spelling."""
+
     watch: Path = Path("inbox")
+    create_watch: bool = False
     state_dir: Path = Path(".meddaemon")
     db: str = ""
     stable_seconds: float = 2.0
@@ -64,12 +117,48 @@ class Settings:
     reports_with_phi: bool = False
     reports_font: str = ""
     reports_nice: int = 10
+    #: processes that write the reports ``--once`` leaves after its drain, when the cores are idle
+    #: (0: one per core); a handful of reports are written in the daemon's own process
+    report_workers: int = 0
     node: str = ""
     lease_seconds: float = 30.0
+    db_lock_timeout_seconds: float = 5.0
+    db_idle_in_transaction_seconds: float = 30.0
+    db_keepalive_seconds: float = 10.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 0
+    db_outage_seconds: float = 120.0
+    claim_unread_seconds: float = 30.0
+    #: the web console (``meddaemon web``; served by the daemon from a thread when web_port is not 0)
+    web_host: str = "127.0.0.1"
+    web_port: int = 0
+    #: a header set by a trusted reverse proxy that names the signed-in user ("" : none is trusted)
+    web_proxy_header: str = ""
+    #: [web_users.NAME] tables: role (viewer, clinician, admin) and password_hash (``meddaemon web --hash-password``)
+    web_users: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     route: tuple[RouteRule, ...] = ()
     tasks: Mapping[str, TaskSpec] = field(default_factory=dict)
+    # -- DICOM results out (meddaemon.dicom) --
+    dicom_outputs: tuple[str, ...] = DICOM_OUTPUT_KINDS
+    task_dicom_outputs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    dicom_uid_root: str = "1.2.826.0.1.3680043.8.498."
+    destination: tuple[DestinationConfig, ...] = ()
+    outbox_max_attempts: int = 10
+    outbox_retry_seconds: float = 5.0
+    outbox_max_retry_seconds: float = 600.0
+    # -- DICOM network in (meddaemon.dicom.receiver) --
+    #: the C-STORE/C-ECHO SCP's TCP port; 0: the daemon receives no DICOM over the network
+    dicom_port: int = 0
+    dicom_host: str = "127.0.0.1"
+    ae_title: str = "MEDDAEMON"
+    #: calling AE titles allowed to associate (empty: any)
+    dicom_allowed_callers: tuple[str, ...] = ()
+    dicom_max_associations: int = 10
+    dicom_min_free_bytes: int = 1024**3
+    dicom_tls_cert: str = ""
+    dicom_tls_key: str = ""
+    dicom_tls_ca: str = ""
+    series_quiet_seconds: float = 60.0
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -91,6 +180,20 @@ class Settings:
             for t in self.task_specs.values()
             if t.route_modality or t.route_body_part
         )
+
+    def dicom_outputs_for(self, task: str) -> tuple[str, ...]:
+        """The DICOM objects written for a task's scans: its own list, else ``dicom_outputs``."""
+        return self.task_dicom_outputs.get(task, self.dicom_outputs)
+
+    @property
+    def dicom_dir(self) -> Path:
+        """DICOM outputs: ``<sha[:2]>/<sha>/<object>.dcm``, kept until delivered (``meddaemon.dicom``)."""
+        return self.state_dir / "dicom"
+
+    @property
+    def received_dir(self) -> Path:
+        """Where the DICOM receiver writes the instances it accepts: a folder of the inbox."""
+        return self.watch / RECEIVED_FOLDER
 
     @property
     def work_dir(self) -> Path:
@@ -119,6 +222,14 @@ class Settings:
         """PDF reports: ``scans/<sha[:2]>/<sha>.pdf``, ``studies/<uid hash>.pdf``, ``summaries/``."""
         return self.state_dir / "reports"
 
+    def stored_name(self, path: Path) -> str:
+        """How ``path`` is written in the database (see ``meddaemon.stored_paths``)."""
+        return stored_name(path, self.state_dir)
+
+    def stored_file(self, stored: str) -> Path:
+        """The file a path read from the database names, wherever this process runs."""
+        return stored_file(stored, self.state_dir)
+
     def public_dict(self) -> dict[str, Any]:
         """Every setting as plain data (for ``config show`` and ``--json``)."""
         out: dict[str, Any] = {}
@@ -130,8 +241,16 @@ class Settings:
                 value = str(value)
             elif f.name == "route":
                 value = [_route_as_dict(r) for r in value]
+            elif f.name == "destination":
+                value = [
+                    {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(d).items()} for d in value
+                ]
+            elif f.name == "task_dicom_outputs":
+                value = {task: list(kinds) for task, kinds in value.items()}
             elif f.name == "tasks":
                 value = sorted(value)
+            elif f.name == "web_users":  # never the password hashes
+                value = {name: {"role": user.get("role", "")} for name, user in value.items()}
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -142,8 +261,38 @@ class Settings:
 
 SETTING_NAMES = tuple(f.name for f in dataclasses.fields(Settings) if f.name != "sources")
 _PATH_KEYS = {"watch", "state_dir"}
-_INT_KEYS = {"batch_size", "workers", "max_pixels", "max_batch", "reports_nice", "metrics_port", "inference_threads"}
-_FLOAT_KEYS = {"stable_seconds", "rescan_seconds", "busy_timeout", "max_wait_ms", "model_poll_seconds", "lease_seconds"}
+_INT_KEYS = {
+    "batch_size",
+    "workers",
+    "max_pixels",
+    "max_batch",
+    "reports_nice",
+    "report_workers",
+    "metrics_port",
+    "inference_threads",
+    "web_port",
+    "outbox_max_attempts",
+    "dicom_port",
+    "dicom_max_associations",
+    "dicom_min_free_bytes",
+}
+_FLOAT_KEYS = {
+    "stable_seconds",
+    "rescan_seconds",
+    "busy_timeout",
+    "max_wait_ms",
+    "model_poll_seconds",
+    "lease_seconds",
+    "outbox_retry_seconds",
+    "outbox_max_retry_seconds",
+}
+_BOOL_KEYS = {"heatmaps", "reports", "reports_with_phi", "create_watch"}
+_FLOAT_KEYS |= {"db_lock_timeout_seconds", "db_idle_in_transaction_seconds", "db_keepalive_seconds"}
+_FLOAT_KEYS |= {"db_outage_seconds", "claim_unread_seconds", "series_quiet_seconds"}
+#: lists: a TOML list, or comma-separated text (environment, flags)
+_LIST_KEYS = {"ignore", "dicom_allowed_callers"}
+#: settings that only a TOML file can give (tables)
+_FILE_ONLY_KEYS = {"route", "tasks", "web_users", "destination", "task_dicom_outputs"}
 
 
 def default_config_text() -> str:
@@ -161,8 +310,14 @@ def load_settings(
     raw: dict[str, Any] = {}
     sources: dict[str, str] = {}
 
-    raw.update(route=[], tasks={})
-    sources.update(route="default (the task presets' rules)", tasks="default (presets only)")
+    raw.update(route=[], tasks={}, web_users={}, destination=[], task_dicom_outputs={})
+    sources.update(
+        route="default (the task presets' rules)",
+        tasks="default (presets only)",
+        web_users="default (none)",
+        destination="default (none)",
+        task_dicom_outputs="default (dicom_outputs for every task)",
+    )
     for key, value in _defaults_from_template().items():
         raw[key], sources[key] = value, "default"
 
@@ -176,8 +331,10 @@ def load_settings(
 
     for key in SETTING_NAMES:
         env_key = ENV_PREFIX + key.upper()
-        if key not in ("route", "tasks") and env_key in env:
+        if key not in _FILE_ONLY_KEYS and env_key in env:
             raw[key], sources[key] = env[env_key], f"env {env_key}"
+    for name in unknown_env_variables(env):
+        log.warning("environment variable %s is not a setting and is ignored%s", name, _did_you_mean(name, ENV_NAMES))
 
     for key, value in (flags or {}).items():
         if value is not None:
@@ -200,8 +357,35 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     unknown = sorted(set(data) - set(SETTING_NAMES))
     if unknown:
-        raise ConfigError(f"config file {path}: unknown keys {unknown}; known keys are {list(SETTING_NAMES)}")
+        hints = "".join(_did_you_mean(key, SETTING_NAMES) for key in unknown)
+        raise ConfigError(f"config file {path}: unknown keys {unknown}{hints}; known keys are {list(SETTING_NAMES)}")
     return data
+
+
+#: the variables that set a setting, and the one that names the config file
+ENV_NAMES = (*(ENV_PREFIX + key.upper() for key in SETTING_NAMES if key not in _FILE_ONLY_KEYS), CONFIG_ENV)
+
+
+def unknown_env_variables(env: Mapping[str, str]) -> list[str]:
+    """``MEDDAEMON_*`` variables that set nothing: most likely a misspelt setting."""
+    return sorted(
+        name
+        for name in env
+        if name.startswith(ENV_PREFIX) and name not in ENV_NAMES and not name.startswith(TEST_ENV_PREFIX)
+    )
+
+
+def _did_you_mean(name: str, known: tuple[str, ...]) -> str:
+    """`` (did you mean X?)`` for the closest known name, or nothing when none is close."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def canonical_path(path: Path) -> Path:
+    """Absolute, ``~`` expanded, symlinks resolved: a relative ``--watch inbox`` and a symlink to the
+    inbox must name its files as the scan, the watcher, the stability tracker and the inbox claims
+    all do, or one file is recorded twice (issue 12)."""
+    return path.expanduser().resolve()
 
 
 def _build(raw: dict[str, Any], sources: dict[str, str]) -> Settings:
@@ -220,24 +404,69 @@ def _build(raw: dict[str, Any], sources: dict[str, str]) -> Settings:
 
 def _coerce(name: str, value: Any) -> Any:
     if name in _PATH_KEYS:
-        return Path(value)
+        return canonical_path(Path(value))
     if name in _FLOAT_KEYS:
-        return float(value)
+        return _parse_float(value)
     if name in _INT_KEYS:
-        return int(value)
-    if name in {"heatmaps", "reports", "reports_with_phi"}:
-        return value if isinstance(value, bool) else str(value).strip().lower() in {"1", "true", "yes", "on"}
+        return _parse_int(value)
+    if name in _BOOL_KEYS:
+        return _parse_bool(value)
+    if name == "log_level":
+        return str(value).strip().upper()
     if name == "tasks":
         if not isinstance(value, Mapping):
             raise ValueError("tasks must be a table of [tasks.NAME] tables")
         return {task: task_from_dict(task, spec) for task, spec in value.items()}
-    if name == "ignore":
+    if name == "destination":
+        return tuple(_destination_from_dict(d) for d in value)
+    if name == "task_dicom_outputs":
+        if not isinstance(value, Mapping):
+            raise ValueError("task_dicom_outputs must be a table: task = [outputs]")
+        return {str(task): _dicom_kinds(kinds) for task, kinds in value.items()}
+    if name == "dicom_outputs":
+        return _dicom_kinds(value)
+    if name in _LIST_KEYS:
         if isinstance(value, str):
-            value = [part for part in value.split(",") if part]
+            value = [part.strip() for part in value.split(",") if part.strip()]
         return tuple(str(v) for v in value)
     if name == "route":
         return tuple(_route_from_dict(r) for r in value)
+    if name == "web_users":
+        return _web_users(value)
     return str(value)
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{value!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        return int(value)
+    raise ValueError(f"{value!r} is not a whole number")
+
+
+def _parse_float(value: Any) -> float:
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"{value!r} is not a number")
+    return number
 
 
 def _route_from_dict(data: Mapping[str, Any]) -> RouteRule:
@@ -261,6 +490,66 @@ def _route_from_dict(data: Mapping[str, Any]) -> RouteRule:
     )
 
 
+WEB_ROLES = ("viewer", "clinician", "admin")
+
+
+def _web_users(value: Any) -> dict[str, dict[str, str]]:
+    if not isinstance(value, Mapping):
+        raise ValueError("web_users must be a table of [web_users.NAME] tables")
+    users: dict[str, dict[str, str]] = {}
+    for name, user in value.items():
+        if not isinstance(user, Mapping):
+            raise ValueError(f"web_users.{name} must be a table with role and password_hash")
+        unknown = sorted(set(user) - {"role", "password_hash"})
+        if unknown:
+            raise ValueError(f"web_users.{name} has unknown keys {unknown}; allowed: ['password_hash', 'role']")
+        role = str(user.get("role", ""))
+        if role not in WEB_ROLES:
+            raise ValueError(f"web_users.{name}: role {role!r} is not one of {list(WEB_ROLES)}")
+        users[str(name)] = {"role": role, "password_hash": str(user.get("password_hash", ""))}
+    return users
+
+
+def _dicom_kinds(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    kinds = tuple(str(v) for v in value)
+    unknown = [k for k in kinds if k not in DICOM_OUTPUT_KINDS]
+    if unknown:
+        raise ValueError(f"unknown DICOM outputs {unknown}; known: {list(DICOM_OUTPUT_KINDS)}")
+    return kinds
+
+
+def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
+    allowed = {f.name for f in dataclasses.fields(DestinationConfig)}
+    unknown = set(data) - allowed
+    if unknown:
+        raise ValueError(f"destination has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    name, kind = str(data.get("name", "")), str(data.get("kind", ""))
+    if not name:
+        raise ValueError("a destination needs a name")
+    if kind not in DESTINATION_KINDS:
+        raise ValueError(f"destination {name!r}: kind {kind!r} is not one of {DESTINATION_KINDS}")
+    needed = {"dicom": ("ae_title", "host", "port"), "dicomweb": ("url",), "folder": ("path",)}[kind]
+    missing = [key for key in needed if not data.get(key)]
+    if missing:
+        raise ValueError(f"destination {name!r} ({kind}) needs {missing}")
+    tasks = data.get("tasks", ())
+    return DestinationConfig(
+        name=name,
+        kind=kind,
+        ae_title=str(data.get("ae_title", "")),
+        host=str(data.get("host", "")),
+        port=_parse_int(data.get("port", 0)),
+        calling_ae_title=str(data.get("calling_ae_title", "MEDDAEMON")),
+        url=str(data.get("url", "")),
+        path=str(data.get("path", "")),
+        tasks=(tasks,) if isinstance(tasks, str) else tuple(str(t) for t in tasks),
+        outputs=_dicom_kinds(data.get("outputs", ())),
+        timeout_seconds=_parse_float(data.get("timeout_seconds", 30.0)),
+    )
+
+
 def _route_as_dict(rule: RouteRule) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(rule).items() if v}
 
@@ -271,6 +560,8 @@ def _validate(s: Settings) -> None:
 
     if s.observer not in OBSERVERS:
         fail("observer", f"{s.observer!r} is not one of {OBSERVERS}")
+    if s.log_level not in LOG_LEVELS:
+        fail("log_level", f"{s.log_level!r} is not one of {LOG_LEVELS}")
     if s.frame_policy not in FRAME_POLICIES:
         fail("frame_policy", f"{s.frame_policy!r} is not one of {FRAME_POLICIES}")
     if s.stable_seconds < 0:
@@ -291,17 +582,85 @@ def _validate(s: Settings) -> None:
         fail("inference_threads", "must be >= 0 (0: one per core)")
     if s.lease_seconds < 1:
         fail("lease_seconds", "must be >= 1 (heartbeats go every quarter of it)")
+    for key in ("db_lock_timeout_seconds", "db_idle_in_transaction_seconds", "db_keepalive_seconds"):
+        if getattr(s, key) < 0:
+            fail(key, "must be >= 0 (0: no limit)")
+    if s.db_outage_seconds < 0:
+        fail("db_outage_seconds", "must be >= 0 (0: exit at the first failed connection)")
+    if s.claim_unread_seconds <= 0:
+        fail("claim_unread_seconds", "must be > 0")
     if not 0 <= s.metrics_port <= 65535:
         fail("metrics_port", "must be a TCP port (0: no metrics endpoint)")
+    if not 0 <= s.web_port <= 65535:
+        fail("web_port", "must be a TCP port (0: the daemon serves no web console)")
     if not 0 <= s.reports_nice <= 19:
         fail("reports_nice", "must be between 0 and 19")
+    if s.report_workers < 0:
+        fail("report_workers", "must be 0 (one per core) or more")
     if s.reports_font and not Path(s.reports_font).is_file():
         fail("reports_font", f"{s.reports_font} is not a font file")
     if s.device not in ("auto", "cpu") and not s.device.startswith("cuda"):
         fail("device", f"{s.device!r} is not auto, cpu or cuda[:N]")
     known = s.task_specs
+    _validate_dicom_out(s, known, fail)
+    _validate_dicom_in(s, fail)
     for rule in s.routing_rules:
         if rule.task not in known:
             fail("route", f"routes to unknown task {rule.task!r}; known tasks: {sorted(known)}")
     if s.default_task and s.default_task not in known:
         fail("default_task", f"unknown task {s.default_task!r}; known tasks: {sorted(known)}")
+
+
+def _validate_dicom_out(s: Settings, known: Mapping[str, TaskSpec], fail: Any) -> None:
+    if s.outbox_max_attempts < 1:
+        fail("outbox_max_attempts", "must be >= 1")
+    if s.outbox_retry_seconds <= 0 or s.outbox_max_retry_seconds < s.outbox_retry_seconds:
+        fail("outbox_retry_seconds", "must be > 0 and at most outbox_max_retry_seconds")
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)*\.?", s.dicom_uid_root) or len(s.dicom_uid_root) > 30:
+        fail("dicom_uid_root", f"{s.dicom_uid_root!r} is not a UID root of at most 30 characters")
+    for task in s.task_dicom_outputs:
+        if task not in known:
+            fail("task_dicom_outputs", f"unknown task {task!r}; known tasks: {sorted(known)}")
+    names = [d.name for d in s.destination]
+    if len(set(names)) != len(names):
+        fail("destination", f"destination names must differ: {names}")
+    for d in s.destination:
+        for task in d.tasks:
+            if task not in known:
+                fail("destination", f"destination {d.name!r} names unknown task {task!r}; known: {sorted(known)}")
+
+
+def _validate_dicom_in(s: Settings, fail: Any) -> None:
+    if not 0 <= s.dicom_port <= 65535:
+        fail("dicom_port", "must be a TCP port (0: the daemon receives no DICOM over the network)")
+    for key, titles in (("ae_title", (s.ae_title,)), ("dicom_allowed_callers", s.dicom_allowed_callers)):
+        for title in titles:
+            if not _AE_TITLE.fullmatch(title):
+                fail(key, f"{title!r} is not an AE title (1 to 16 characters, no backslash, not only spaces)")
+    if s.dicom_max_associations < 1:
+        fail("dicom_max_associations", "must be >= 1")
+    if s.dicom_min_free_bytes < 0:
+        fail("dicom_min_free_bytes", "must be >= 0")
+    if s.series_quiet_seconds < 0:
+        fail("series_quiet_seconds", "must be >= 0")
+    if bool(s.dicom_tls_cert) != bool(s.dicom_tls_key):
+        fail("dicom_tls_cert", "TLS needs both dicom_tls_cert and dicom_tls_key")
+    if s.dicom_tls_ca and not s.dicom_tls_cert:
+        fail("dicom_tls_ca", "a CA for the callers' certificates needs dicom_tls_cert and dicom_tls_key")
+    for key in ("dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca"):
+        path = getattr(s, key)
+        if path and not Path(path).is_file():
+            fail(key, f"{path} is not a file")
+
+
+def prepare_state_dir(settings: Settings) -> None:
+    """Create the state directory and prove that files can be written in it, or raise a
+    ``ConfigError`` naming it: a daemon that cannot keep its state must not start."""
+    folder = settings.state_dir
+    where = f"setting 'state_dir' from {settings.sources.get('state_dir')}: {folder}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".meddaemon-write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be used: {exc.strerror or exc}") from exc

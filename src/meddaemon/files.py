@@ -1,4 +1,5 @@
-"""Writing a file so that it appears whole or not at all: one way for heatmaps, reports and models."""
+"""Files read and written whole: one way to read a scan's bytes (the daemon's inbox, an evaluation's
+cohort), and one to write a file so that it appears whole or not at all (heatmaps, reports, models)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import contextlib
 import os
 import socket
 from pathlib import Path
+
+from meddaemon.failures import FailureReason, ScanFailure
 
 TMP_SUFFIX = ".tmp"
 #: this host in temporary names, without the dots and dashes that separate their parts
@@ -35,11 +38,13 @@ def left_by_dead_writer(tmp: Path) -> bool:
     return False
 
 
-def write_atomically(path: Path, data: bytes, durable: bool = False) -> None:
+def write_atomically(path: Path, data: bytes, durable: bool = False, sync_folder: bool = True) -> None:
     """Write ``data`` to a temporary name and rename it to ``path``; on any error nothing is left.
 
     ``durable`` also fsyncs the file and its folder, so the file survives a power cut once this
     returns (models, reports); heatmaps skip it: a lost one is rewritten when its scan runs again.
+    ``sync_folder=False`` leaves the folder's fsync to a caller writing several files into it,
+    which calls ``fsync_dir`` once after the last (the renames are durable only then).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
@@ -54,7 +59,7 @@ def write_atomically(path: Path, data: bytes, durable: bool = False) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    if durable:
+    if durable and sync_folder:
         fsync_dir(path.parent)
 
 
@@ -70,3 +75,43 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_whole(
+    path: Path | str, *, follow_symlinks: bool = False, keep_atime: bool = False
+) -> tuple[bytes, os.stat_result]:
+    """The bytes of ``path`` and the status of the file they came from (``fstat`` of the open file,
+    to compare with what was seen before), or a ScanFailure with the daemon's reason code.
+
+    Opened read-only and non-blocking (a FIFO in the tree does not hang the reader), never locked.
+    The inbox follows no symbolic link; a dataset is the user's own tree and does. ``keep_atime``
+    leaves the access time alone where the system allows it (``O_NOATIME`` needs the file's owner).
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = _open_keeping_atime(path, flags) if keep_atime else os.open(path, flags)
+    except FileNotFoundError:
+        raise ScanFailure(FailureReason.VANISHED, "the file was deleted before it could be read") from None
+    except PermissionError:
+        raise ScanFailure(FailureReason.UNREADABLE, "permission denied") from None
+    except OSError as exc:
+        raise ScanFailure(FailureReason.UNREADABLE, f"cannot open the file: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read(), os.fstat(handle.fileno())
+    except IsADirectoryError:
+        raise ScanFailure(FailureReason.UNREADABLE, "not a regular file") from None
+    except OSError as exc:
+        raise ScanFailure(FailureReason.UNREADABLE, f"cannot read the file: {exc.strerror}") from None
+
+
+def _open_keeping_atime(path: Path | str, flags: int) -> int:
+    noatime = getattr(os, "O_NOATIME", 0)
+    if noatime:
+        try:
+            return os.open(path, flags | noatime)
+        except PermissionError:
+            pass
+    return os.open(path, flags)

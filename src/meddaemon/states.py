@@ -1,4 +1,4 @@
-"""The life of a scan (DESIGN.md section 3) as a state machine.
+"""The life of a scan (docs/design.md section 3) as a state machine.
 
 ``discovered`` and ``stable`` live in the daemon's memory: until a file is registered, the file in
 the inbox is its own durable record, and a restart rediscovers it. From ``registered`` on, the row in
@@ -20,6 +20,9 @@ class ScanState(StrEnum):
     REPORTED = "reported"
     ARCHIVED = "archived"
     FAILED = "failed"
+    #: read in place by ``medcli evaluate`` and scored there: never in the daemon's pipeline (no
+    #: report, no archive; ``stored_path`` is None and ``source_path`` says where the file lies)
+    EVALUATED = "evaluated"
 
 
 S = ScanState
@@ -34,10 +37,11 @@ TRANSITIONS: dict[ScanState, frozenset[ScanState]] = {
     S.REPORTED: frozenset({S.ARCHIVED}),
     S.ARCHIVED: frozenset(),
     S.FAILED: frozenset(),
+    S.EVALUATED: frozenset(),
 }
 
 #: States a scan rests in: nothing more happens to it without an outside change.
-SETTLED = frozenset({S.ARCHIVED, S.FAILED, S.WAITING_MODEL})
+SETTLED = frozenset({S.ARCHIVED, S.FAILED, S.WAITING_MODEL, S.EVALUATED})
 #: States stored in the database.
 PERSISTED = frozenset(ScanState) - {S.DISCOVERED, S.STABLE}
 

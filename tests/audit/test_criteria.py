@@ -51,3 +51,19 @@ def test_an_undefined_metric_fails_with_its_reason_and_labels_are_selected():
     assert [v.passed for v in verdicts] == [True, False]
     assert "no positives" in verdicts[1].basis
     assert [v.label for v in evaluate(parse_criteria("auc[Mass]>=0.5"), [ok, empty])] == ["Mass"]
+
+
+def test_a_perfect_auc_on_two_positives_does_not_pass_a_high_auc_gate():
+    y = np.r_[np.ones(2), np.zeros(60)].astype(int)
+    p = np.r_[0.9, 0.95, np.linspace(0.0, 0.6, 60)]
+    m = label_metrics("Hernia", y, p, p >= 0.5, 0.5)
+    assert m.auc.value == 1.0
+    [v] = evaluate(parse_criteria("auc>=0.99"), [m])
+    assert not v.passed and v.judged == pytest.approx(0.025**0.5) and v.basis == "lower 95% bound"
+
+
+def test_a_perfect_auc_on_many_cases_still_passes():
+    y = np.r_[np.ones(1500), np.zeros(1500)].astype(int)
+    p = np.r_[np.linspace(0.7, 1.0, 1500), np.linspace(0.0, 0.3, 1500)]
+    [v] = evaluate(parse_criteria("auc>=0.99"), [label_metrics("Effusion", y, p, p >= 0.5, 0.5)])
+    assert v.passed and v.judged > 0.997

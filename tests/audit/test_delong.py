@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 from confidenceinterval.delong import delong_roc_variance
+from scipy.stats import beta as beta_dist
 from sklearn.metrics import roc_auc_score
+from statsmodels.stats.proportion import proportion_confint
 
 from meddaemon.audit.delong import auc_interval, delong, paired_test
 
@@ -76,12 +78,53 @@ def test_paired_test_uses_the_covariance_and_is_two_sided():
 
 
 def test_logit_interval_contains_the_auc_and_stays_in_the_unit_interval():
-    lo, hi = auc_interval(0.98, 0.0004)
-    assert 0 < lo < 0.98 < hi < 1
+    lo, hi, method = auc_interval(0.98, 0.0004, 100, 100)
+    assert 0 < lo < 0.98 < hi < 1 and method == "delong-logit"
     assert (0.98 - lo) > (hi - 0.98)  # asymmetric towards the open side
-    assert auc_interval(1.0, 0.0) == (1.0, 1.0)
 
 
 def test_one_class_is_refused_not_nan():
     with pytest.raises(ValueError, match="positives=0"):
         delong(np.zeros(10), np.arange(10.0))
+
+
+def clopper_pearson(successes, trials):
+    """The oracle: statsmodels' exact binomial interval (method "beta")."""
+    return proportion_confint(successes, trials, alpha=0.05, method="beta")
+
+
+@pytest.mark.parametrize(("positives", "negatives"), [(2, 50), (50, 3), (1, 1)])
+def test_a_perfect_auc_with_few_cases_gets_the_exact_bound_of_the_smaller_class(positives, negatives):
+    lo, hi, method = auc_interval(1.0, 0.0, positives, negatives)
+    k = min(positives, negatives)
+    assert (lo, hi) == pytest.approx(clopper_pearson(k, k), abs=1e-12)
+    assert lo == pytest.approx(0.025 ** (1 / k))  # k disjoint pairs all concordant: probability auc**k
+    assert method == "clopper-pearson of auc*k in k = min(positives, negatives)"
+    assert lo < 0.99
+
+
+def test_an_auc_of_zero_is_the_mirror_image():
+    lo, hi, _ = auc_interval(0.0, 0.0, 2, 50)
+    assert (lo, hi) == pytest.approx(clopper_pearson(0, 2), abs=1e-12)
+    assert hi > 0.8
+
+
+def test_a_zero_variance_inside_the_unit_interval_gets_the_count_bound():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    d = delong(y, np.full(6, 0.5))  # every score tied: AUC 0.5, DeLong variance 0
+    assert d.auc == 0.5 and d.variance == 0.0
+    lo, hi, method = auc_interval(d.auc, d.variance, 3, 3)
+    assert (lo, hi) == pytest.approx((beta_dist.ppf(0.025, 1.5, 2.5), beta_dist.ppf(0.975, 2.5, 1.5)), abs=1e-12)
+    assert method.startswith("clopper-pearson")
+
+
+def test_a_large_sample_at_or_near_one_keeps_a_narrow_interval():
+    lo, hi, _ = auc_interval(1.0, 0.0, 2000, 3000)
+    assert lo > 0.998 and hi == 1.0
+    rng = np.random.default_rng(11)
+    y = np.r_[np.ones(2000), np.zeros(3000)].astype(int)
+    s = np.where(y == 1, rng.normal(4.5, 1, 5000), rng.normal(0, 1, 5000))
+    d = delong(y, s)
+    assert 0.99 < d.auc < 1.0
+    lo, hi, method = auc_interval(d.auc, d.variance, 2000, 3000)
+    assert method == "delong-logit" and lo < d.auc < hi and hi - lo < 0.005

@@ -2,7 +2,7 @@
 
 import pytest
 
-from meddaemon.audit.labels import LabelFileError, read_label_folders, read_labels
+from meddaemon.audit.labels import LabelFileError, check_label_columns, read_label_folders, read_labels
 from meddaemon.engine.tasks import BUILTIN_TASKS
 
 VOCABULARY = {label for t in BUILTIN_TASKS.values() for label in t.labels}
@@ -95,3 +95,52 @@ def test_a_binary_file_is_refused_as_not_utf8(tmp_path):
     path.write_bytes(b"file,label\n\xff\xfe\x00")
     with pytest.raises(LabelFileError, match="not UTF-8"):
         read_labels(path, VOCABULARY)
+
+
+NIH_WIDE_HEADER = "file,Atelectasis,Effusion,Pneumothoraxx,Patient ID,Patient Gender\n"
+
+
+def test_a_0_1_column_named_like_a_label_but_not_one_is_refused_with_the_close_label(tmp_path):
+    path = write(tmp_path, NIH_WIDE_HEADER + "a.png,0,1,0,1,M\nb.png,1,0,1,2,F\n")
+    with pytest.raises(LabelFileError) as info:
+        read_labels(path, VOCABULARY)
+    assert info.value.line == 1 and info.value.column == "Pneumothoraxx"
+    assert "holds 0/1 values but is not a label" in str(info.value)
+    assert "did you mean 'Pneumothorax'?" in str(info.value)
+
+
+def test_the_same_column_in_a_label_file_is_refused_too(tmp_path):
+    path = write(tmp_path, "file,label,pneumothorax\na.png,Effusion,1\nb.png,No Finding,0\n")
+    with pytest.raises(LabelFileError, match="did you mean 'Pneumothorax'") as info:
+        read_labels(path, VOCABULARY)
+    assert info.value.column == "pneumothorax"
+
+
+def test_a_0_1_column_unlike_any_label_stays_an_attribute(tmp_path):
+    t = read_labels(write(tmp_path, "file,Effusion,icu,sex\na.png,1,0,F\nb.png,0,1,M\n"), VOCABULARY)
+    assert t.label_columns == ("Effusion",) and t.attribute_columns == ("icu", "sex")
+
+
+def test_an_encoding_error_names_its_line(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes("file,label,site\na.png,benign,north\nb.png,normal,Mal\xf6\n".encode("latin-1"))
+    with pytest.raises(LabelFileError) as info:
+        read_labels(path, VOCABULARY)
+    assert info.value.line == 3
+    assert str(info.value).startswith(f"{path}, line 3: not UTF-8 text")
+
+
+def test_an_encoding_error_after_a_byte_order_mark_names_its_line(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes(b"\xef\xbb\xbffile,label\na.png,benign\n\n\xff.png,normal\n")
+    with pytest.raises(LabelFileError) as info:
+        read_labels(path, VOCABULARY)
+    assert info.value.line == 4
+
+
+def test_a_label_column_of_another_task_is_refused_once_the_task_is_known(tmp_path):
+    t = read_labels(write(tmp_path, "file,Effusion,covid\na.png,1,0\n"), VOCABULARY)
+    nih = BUILTIN_TASKS["chestxray14"]
+    with pytest.raises(LabelFileError, match="a 0/1 label column, but not a label of task chestxray14") as info:
+        check_label_columns(t, nih.name, nih.labels)
+    assert info.value.line == 1 and info.value.column == "covid"

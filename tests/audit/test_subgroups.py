@@ -61,3 +61,23 @@ def test_stored_metadata_is_used_when_the_labels_file_has_no_such_column():
 def test_an_unknown_column_names_what_is_available():
     with pytest.raises(AuditInputError, match=r"no column 'scanner' to group by.*available: .*site"):
         grouping_values(cohort(), "scanner")
+
+
+def nih_cohort():
+    names = [f"{i:08d}_000.png" for i in range(40)]
+    rows = [(nm, {"Effusion"} if i % 3 == 0 else set(), None, {"sex": "MF"[i % 2], "view": "PA"})
+            for i, nm in enumerate(names)]  # fmt: skip
+    return join(predictions("chestxray14", names), table(rows, attributes=("sex", "view")))[0]
+
+
+@pytest.mark.parametrize("name", ["Patient Gender", "sex", "SEX", "patient_gender", "View Position"])
+def test_a_column_is_found_by_its_name_in_the_file_or_its_normalised_name(name):
+    groups = subgroups(nih_cohort(), [name], min_n=1)
+    expected = "view" if name == "View Position" else "sex"
+    assert {g.by for g in groups} == {expected}
+    assert {g.level for g in groups} == ({"PA"} if expected == "view" else {"F", "M"})
+
+
+def test_an_unknown_column_suggests_the_close_one():
+    with pytest.raises(AuditInputError, match=r"no column 'Patient Gendr'.*did you mean 'Patient Gender'"):
+        grouping_values(nih_cohort(), "Patient Gendr")

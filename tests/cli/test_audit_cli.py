@@ -15,7 +15,7 @@ from sqlalchemy import select
 from audit_factory import add_version, synthetic_cohort, synthetic_scores, write_predictions
 from meddaemon.cli.medcli import cli
 from meddaemon.db.engine import session_factory
-from meddaemon.db.models import Audit
+from meddaemon.db.models import Audit, AuditPdf
 from meddaemon.engine.tasks import NIH_FINDINGS
 
 
@@ -79,6 +79,10 @@ def test_audit_json_csv_pdf_and_the_stored_row(busi, tmp_path):
     assert stored.parameters["by"] == ["sex", "site"] and stored.parameters["bootstrap"] == 100
     assert stored.results["labels"][0]["auc"]["value"] == pytest.approx(data["labels"][0]["auc"]["value"])
     assert stored.predictions_sha256 == data["inputs"]["predictions_sha256"]
+    with session_factory(engine)() as session:
+        kept = session.get(AuditPdf, stored.id)
+    assert kept is not None and kept.data == pdf.read_bytes()  # the PDF is kept with the audit, for the console
+    assert (kept.pages, kept.size_bytes, kept.sha256) == (5, pdf.stat().st_size, hashlib.sha256(kept.data).hexdigest())
 
 
 def test_patients_with_several_scans_get_the_clustered_bootstrap_by_default(busi):
@@ -87,19 +91,19 @@ def test_patients_with_several_scans_get_the_clustered_bootstrap_by_default(busi
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["bootstrap_resamples"] == 2000
-    assert data["labels"][0]["sensitivity"]["ci_method"] == "cluster-bootstrap-percentile (B=2000)"
+    assert data["labels"][0]["sensitivity"]["ci_method"] == "cluster-bootstrap-percentile (B=2000) union wilson"
     patients = len(set(cohort.patient_ids))
     assert patients < 240
     assert any(f"2000 resamples of {patients} patients" in note for note in data["notes"])
 
 
-def test_require_exits_1_when_a_lower_bound_fails_and_0_when_all_hold(busi):
+def test_require_exits_5_when_a_lower_bound_fails_and_0_when_all_hold(busi):
     db_url, labels, _, engine = busi
     ok = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--require", "auc>=0.6,sensitivity>=0.3")
     assert ok.exit_code == 0, ok.output
     assert "PASS auc>=0.6 [benign]" in ok.stdout and "FAIL" not in ok.stdout
     bad = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--require", "auc>=0.6,sensitivity>=0.99")
-    assert bad.exit_code == 1
+    assert bad.exit_code == 5
     assert "FAIL sensitivity>=0.99 [benign]" in bad.stdout
     with session_factory(engine)() as session:
         assert [a.passed for a in session.scalars(select(Audit).order_by(Audit.id))] == [True, False]
@@ -109,7 +113,10 @@ def test_the_terminal_table_and_the_patient_note(busi):
     db_url, labels, _, _ = busi
     result = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0")
     assert result.exit_code == 0, result.output
-    assert "Metrics (95% intervals)" in result.stdout and "benign" in result.stdout
+    assert (
+        "Metrics (95% intervals; AUPRC, Brier and ECE: point values, no interval)" in result.stdout
+        and "benign" in result.stdout
+    )
     assert "patients have several scans" in result.stdout
     assert "audit 1 stored" in result.stdout
 
@@ -237,3 +244,40 @@ def test_help_explains_every_option():
     for option in ("--labels", "--labels-from-folders", "--by", "--min-n", "--at-sensitivity", "--bootstrap",
                    "--compare", "--cohort-a", "--cohort-b", "--require", "--json", "--csv", "--pdf"):  # fmt: skip
         assert option in result.output
+
+
+def test_ece_brier_and_auprc_are_said_to_have_no_interval_everywhere(busi, tmp_path):
+    db_url, labels, _, _ = busi
+    pdf, tidy = tmp_path / "audit.pdf", tmp_path / "audit.csv"
+    result = run("--db", db_url, "--labels", str(labels), "--bootstrap", "50", "--json", "--csv", str(tidy),
+                 "--pdf", str(pdf))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for entry in json.loads(result.stdout)["labels"]:
+        assert entry["ece"]["lower"] is None and entry["ece"]["upper"] is None and entry["ece"]["ci_method"] is None
+        assert entry["ece"]["method"] == "10 equal-width bins on [0, 1]"
+        assert entry["brier"]["ci_method"] is None and entry["auc"]["lower"] < entry["auc"]["upper"]
+    ece_rows = [r for r in csv.DictReader(tidy.open()) if r["metric"] == "ece"]
+    assert ece_rows and all(r["lower"] == r["upper"] == r["ci_method"] == "" for r in ece_rows)
+    summary = PdfReader(str(pdf)).pages[0].extract_text()
+    assert "AUPRC, Brier and ECE (10 equal-width bins): point values, no interval" in " ".join(summary.split())
+    table = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0")
+    assert "AUPRC, Brier and ECE: point values" in table.stdout
+
+
+def test_a_misspelt_label_column_exits_2_naming_it(busi, tmp_path):
+    db_url = busi[0]
+    path = tmp_path / "wide.csv"
+    path.write_text("file,benign,malignnt,normal\nsynthetic_0.png,1,0,0\n")
+    result = run("--db", db_url, "--labels", str(path))
+    assert result.exit_code == 2
+    assert f"{path}, line 1, column 'malignnt': holds 0/1 values but is not a label" in result.stderr
+    assert "did you mean 'malignant'?" in result.stderr
+
+
+def test_by_takes_a_column_as_spelt_in_the_file(busi, tmp_path):
+    db_url, labels, _, _ = busi
+    spelt = tmp_path / "spelt.csv"
+    spelt.write_text(labels.read_text().replace("file,label,sex,", "file,label,Patient Sex,", 1))
+    result = run("--db", db_url, "--labels", str(spelt), "--bootstrap", "0", "--json", "--by", "patient sex")
+    assert result.exit_code == 0, result.output
+    assert {g["level"] for g in json.loads(result.stdout)["subgroups"]} == {"F", "M"}

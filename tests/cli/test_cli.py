@@ -14,6 +14,7 @@ from sqlalchemy import text
 from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.db.engine import create_db_engine
+from meddaemon.engine.tasks import BUILTIN_TASKS
 
 
 @pytest.fixture
@@ -68,6 +69,24 @@ def test_a_bad_setting_exits_2_with_the_key_named(runner: CliRunner, dirs: list[
     assert "observer" in result.output and "MEDDAEMON_OBSERVER" in result.output
 
 
+def test_start_refuses_a_missing_watch_folder_with_exit_2_naming_it(runner: CliRunner, dirs: list[str], tmp_path: Path):
+    result = runner.invoke(meddaemon, ["start", *dirs, "--once", "--workers", "0"])
+    assert result.exit_code == 2, result.output
+    assert f"the watch folder {(tmp_path / 'inbox').resolve()} does not exist" in result.output
+    assert "--create-watch" in result.output and not (tmp_path / "inbox").exists()
+
+
+def test_start_creates_a_missing_watch_folder_when_asked(runner: CliRunner, dirs: list[str], tmp_path: Path):
+    result = runner.invoke(meddaemon, ["start", *dirs, "--create-watch", "--once", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "inbox").is_dir()
+    config = tmp_path / "c.toml"
+    config.write_text(f'create_watch = true\nwatch = "{tmp_path / "other"}"\n')
+    result = runner.invoke(meddaemon, ["start", "--config", str(config), *dirs[2:], "--once", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "other").is_dir()
+
+
 def test_start_once_then_status_report_the_same_counts(runner: CliRunner, dirs: list[str], tmp_path: Path):
     for i in range(3):
         write_png(tmp_path / "inbox" / "busi" / f"synthetic_{i}.png", np.full((8, 8), i, np.uint8))
@@ -75,15 +94,19 @@ def test_start_once_then_status_report_the_same_counts(runner: CliRunner, dirs: 
     result = runner.invoke(meddaemon, ["start", *dirs, "--once", "--json", "--stable-seconds", "0", "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {"routed": 3, "duplicates": 0, "failed": 1}
+    assert "4 of 4 files" in result.stderr
+    assert f"no active model for {len(BUILTIN_TASKS)} task(s)" in result.output and "busi (0 waiting)" in result.output
 
     status = json.loads(runner.invoke(meddaemon, ["status", *dirs, "--json"]).stdout)
     assert status["states"] == {"waiting_model": 3, "failed": 1}
     assert status["failures_by_reason"] == {"empty_file": 1}
     assert status["last_failures"][0]["source_name"] == "busi/bad.png"
     assert status["extra"]["inbox_waiting"] == 0
+    assert status["waiting_model"] == {task: 3 if task == "busi" else 0 for task in BUILTIN_TASKS}
 
     human = runner.invoke(meddaemon, ["status", *dirs]).output
     assert "waiting_model" in human and "empty_file" in human
+    assert "tasks without an active model (scans waiting for one):\n  busi           3\n" in human
 
     scans = json.loads(runner.invoke(medcli, ["scans", "--state-dir", dirs[3], "--json", "--state", "failed"]).stdout)
     assert [s["reason"] for s in scans] == ["empty_file"]
@@ -106,9 +129,9 @@ def test_decoders_lists_transfer_syntaxes(runner: CliRunner):
     assert by_uid["1.2.840.10008.1.2.4.90"]["decodable"]  # JPEG 2000 Lossless
 
 
-def test_tasks_lists_the_four_seed_presets_with_their_contracts(runner: CliRunner):
+def test_tasks_lists_the_seed_presets_with_their_contracts(runner: CliRunner):
     tasks = json.loads(runner.invoke(medcli, ["tasks", "--json"]).stdout)
-    assert set(tasks) == {"busi", "chestxray14", "covid", "histopathology"}
+    assert set(tasks) == {"busi", "busi_binary", "chestxray14", "covid", "histopathology"}
     assert tasks["busi"]["labels"] == ["benign", "malignant", "normal"]
     assert tasks["chestxray14"]["kind"] == "multilabel" and len(tasks["chestxray14"]["labels"]) == 14
     assert tasks["histopathology"]["contract"]["channels"] == 3

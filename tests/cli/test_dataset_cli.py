@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from click.testing import CliRunner
+from dicom_factory import write_png
+from PIL import Image
 
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.training.phantoms import write_phantoms
@@ -31,8 +34,36 @@ def test_inspect_prints_the_split_report(tmp_path: Path) -> None:
     assert "near-duplicates labelled differently" in result.output
 
 
-def test_inspect_names_a_folder_that_is_no_dataset(tmp_path: Path) -> None:
+def test_inspect_names_a_folder_that_is_no_dataset_and_exits_2(tmp_path: Path) -> None:
     (tmp_path / "readme.md").write_text("nothing here")
     result = CliRunner().invoke(medcli, ["dataset", "inspect", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad input, like retrain's bad data
     assert f"error: {tmp_path}: matches no dataset layout" in result.output
+
+
+def test_inspect_shows_progress_on_stderr_and_hashes_in_workers_like_one_by_one(tmp_path: Path) -> None:
+    root = write_phantoms("busi", tmp_path / "busi", count=12, size=48, seed=2).root
+    runner = CliRunner()
+
+    parallel = runner.invoke(medcli, ["dataset", "inspect", str(root), "--workers", "2"], env={"TTY_COMPATIBLE": "1"})
+    serial = runner.invoke(medcli, ["dataset", "inspect", str(root), "--workers", "1"])
+
+    assert parallel.exit_code == 0 and serial.exit_code == 0, parallel.output + serial.output
+    assert "decoding and hashing" in parallel.stderr and "36/36" in parallel.stderr
+    assert parallel.stdout == serial.stdout
+
+
+def test_inspect_warns_on_stderr_when_more_than_five_percent_is_dropped(tmp_path: Path) -> None:
+    rng = np.random.default_rng(21)
+    for label in ("a", "b"):
+        for k in range(10):
+            write_png(tmp_path / "ds" / label / f"{label}_{k}.png", rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    pixels = np.asarray(Image.open(tmp_path / "ds" / "a" / "a_0.png")).copy()
+    pixels[0, 0] ^= 1  # other bytes, the same picture, under the other class
+    write_png(tmp_path / "ds" / "b" / "copy_of_a_0.png", pixels)
+
+    result = CliRunner().invoke(medcli, ["dataset", "inspect", str(tmp_path / "ds")])
+
+    assert result.exit_code == 0, result.output
+    assert "WARNING: 2 of 21 images (9.5%) are dropped, more than 5%" in result.stderr
+    assert "b/copy_of_a_0.png: near-duplicates labelled differently" in result.stdout

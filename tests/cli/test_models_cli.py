@@ -1,14 +1,16 @@
-"""``medcli models``: import, list, show, promote, retire; refusals exit 1 with their reason."""
+"""``medcli models``: import, list, show, promote, retire; refusals exit 1 with their reason, unknown versions 2."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from click.testing import CliRunner
+from sqlalchemy import Engine
 
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.engine.architectures import build_model
@@ -28,7 +30,7 @@ def save(folder: Path, version: str, seed: int) -> Path:
 
 
 @pytest.fixture
-def run(tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
+def run(tmp_path: Path, db_url: str, migrated_engine: Engine):  # type: ignore[no-untyped-def]
     runner = CliRunner()
     where = ["--state-dir", str(tmp_path / "state"), "--db", db_url]
 
@@ -89,9 +91,72 @@ def test_a_refused_import_exits_1_with_its_reason(run, tmp_path: Path):  # type:
     assert as_json(run("list", "--json")) == []
 
 
-def test_duplicates_and_unknown_versions_exit_1(run, tmp_path: Path):  # type: ignore[no-untyped-def]
+def test_a_duplicate_exits_1_and_an_unknown_version_is_a_usage_error(run, tmp_path: Path):  # type: ignore[no-untyped-def]
     folder = save(tmp_path / "src" / "v1", "v1", 1)
     run("import", str(folder))
     assert "duplicate_version" in run("import", str(folder), code=1).stderr
-    assert "unknown_version" in run("show", "busi", "nope", code=1).stderr
-    assert "unknown_version" in run("promote", "busi", "nope", code=1).stderr
+    assert "unknown_version" in run("show", "busi", "nope", code=2).stderr
+    assert "unknown_version" in run("promote", "busi", "nope", code=2).stderr
+    assert "unknown_version" in run("retire", "busi", "nope", code=2).stderr
+
+
+def test_a_model_file_is_converted_and_registered_with_its_provenance(run, tmp_path: Path):  # type: ignore[no-untyped-def]
+    torch.manual_seed(3)
+    state = build_model("small_cnn", 1, 3).state_dict()
+    checkpoint = tmp_path / "best_model.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, checkpoint)
+
+    data = as_json(
+        run(
+            "import", str(checkpoint), "--task", "busi", "--arch", "small_cnn", "--image-size", "48",
+            "--version", "seed000", "--threshold", "malignant=0.3", "--json",
+        )
+    )  # fmt: skip
+    assert (data["task"], data["version"], data["architecture"]) == ("busi", "seed000", "small_cnn")
+    assert data["provenance"]["source_file"] == "best_model.pth" and data["provenance"]["format"] == "torch"
+    manifest = as_json(run("show", "busi", "seed000", "--json"))["manifest"]
+    assert manifest["input_contract"]["height"] == 48 and manifest["thresholds"]["malignant"] == 0.3
+    assert "'module.' prefix stripped" in manifest["provenance"]["conversion"]
+
+
+def test_a_model_file_needs_a_task_and_a_pickled_model_is_refused(run, tmp_path: Path):  # type: ignore[no-untyped-def]
+    checkpoint = tmp_path / "whole.pt"
+    torch.save(build_model("small_cnn", 1, 3), checkpoint)
+    assert "--task" in run("import", str(checkpoint), code=2).output
+    result = run("import", str(checkpoint), "--task", "busi", code=1)
+    assert "refused (needs_code)" in result.stderr and "state_dict()" in result.stderr
+    assert as_json(run("list", "--json")) == []
+
+
+def test_an_onnx_model_without_a_cam_tensor_says_it_has_no_heatmaps(run, tmp_path: Path):  # type: ignore[no-untyped-def]
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)
+    ).eval()
+    graph = tmp_path / "tiny.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 1, 40, 40),),
+            str(graph),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+        )
+
+    out = run("import", str(graph), "--task", "busi", "--image-size", "40", "--version", "tiny").stdout
+    assert "registered busi/tiny (onnx" in out and "heatmaps: none" in out
+    shown = run("show", "busi", "tiny").stdout
+    assert "heatmaps: none - this ONNX model exposes no feature map" in shown and "--cam-tensor" in shown
+    assert "backend                    onnx (ONNX Runtime, CPUExecutionProvider)" in shown
+    assert "eager" not in shown
+    assert as_json(run("show", "busi", "tiny", "--json"))["backend"] == "onnx (ONNX Runtime, CPUExecutionProvider)"
+
+
+def test_file_options_on_a_version_folder_are_a_usage_error(run, tmp_path: Path):  # type: ignore[no-untyped-def]
+    folder = save(tmp_path / "src" / "v1", "v1", 1)
+    result = run("import", str(folder), "--task", "covid", "--image-size", "64", code=2)
+    assert "--task, --image-size apply to a model FILE" in result.output
+    assert as_json(run("list", "--json")) == []

@@ -13,12 +13,12 @@ from sqlalchemy import select
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.daemon.service import Daemon
 from meddaemon.db.models import Report, Scan
-from model_factory import PHI_STRINGS, STUDY_UID, read_pdf, reported_state
+from model_factory import PHI_STRINGS, STUDY_UID, ReportedStates, read_pdf
 
 
 @pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Daemon:
-    return reported_state(tmp_path_factory.mktemp("cli"))
+def state(tmp_path_factory: pytest.TempPathFactory, reported_states: ReportedStates) -> Daemon:
+    return reported_states.copy(tmp_path_factory.mktemp("cli"))
 
 
 def run(state: Daemon, *args: str, code: int = 0) -> str:
@@ -48,7 +48,9 @@ def test_a_scan_report_is_rebuilt_by_id_or_sha256_in_place_with_its_row_updated(
     assert by_id["path"] == by_sha["path"] == by_prefix["path"]
     assert by_id["scan_id"] == scan.id and by_id["with_phi"] is False
     with state.sessions() as session:
-        rows = session.scalars(select(Report).where(Report.path == by_id["path"])).all()
+        rows = session.scalars(
+            select(Report).where(Report.path == state.settings.stored_name(Path(by_id["path"])))
+        ).all()
     assert len(rows) == 1 and rows[0].sha256 == hashlib.sha256(Path(by_id["path"]).read_bytes()).hexdigest()
 
 
@@ -64,10 +66,10 @@ def test_with_phi_and_out_write_elsewhere_with_the_patient_fields(state: Daemon,
 def test_a_study_report_and_errors_for_what_has_no_result(state: Daemon):
     written = json.loads(run(state, "report", "study", STUDY_UID, "--json"))
     assert written["kind"] == "study" and Path(written["path"]).exists()
-    assert "no scan '999999'" in run(state, "report", "999999", code=1)
+    assert "no scan '999999'" in run(state, "report", "999999", code=2)
     empty = a_scan(state, "synthetic_empty.png")
-    assert "has no result" in run(state, "report", str(empty.id), code=1)
-    assert "no scan of this study" in run(state, "report", "study", "1.2.3.999", code=1)
+    assert "has no result" in run(state, "report", str(empty.id), code=2)
+    assert "no scan of this study" in run(state, "report", "study", "1.2.3.999", code=2)
 
 
 def test_the_summary_as_json_and_as_a_pdf(state: Daemon, tmp_path: Path):

@@ -1,18 +1,41 @@
 """``medcli retrain``: trains on SYNTHETIC BUSI phantoms and registers a version that
-``medcli models list`` shows; bad data exits 2 with a clear message."""
+``medcli models list`` shows; bad data exits 2 with a clear message; without --data it says where
+the dataset is published; a flagged model is not promoted unless --force; the commands it prints
+can be run as printed; Ctrl-C says how to resume."""
 
 from __future__ import annotations
 
 import json
+import os
+import pty
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from meddaemon.cli.common import EXIT_USAGE
 from meddaemon.cli.medcli import cli as medcli
+from meddaemon.engine.tasks import BUILTIN_TASKS
+from meddaemon.training.datasets import load_dataset
+from meddaemon.training.figures import FIGURES
 from meddaemon.training.phantoms import write_phantoms
+from meddaemon.training.splits import SplitConfig, load_split, make_split
 
+#: on these phantoms (count 12, size 48, seed 5) two or three epochs give a model that calls 'benign'
+#: for every validation image: flagged COLLAPSE
 FAST = ["--arch", "small_cnn", "--image-size", "32", "--epochs", "2", "--batch-size", "16", "--lr", "1e-3"]
+
+
+def upgraded(state_dir: Path) -> list[str]:
+    """``--state-dir`` of a database made by ``medcli db upgrade``: retrain never creates one."""
+    result = CliRunner().invoke(medcli, ["db", "upgrade", "--state-dir", str(state_dir)])
+    assert result.exit_code == 0, result.output
+    return ["--state-dir", str(state_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -22,21 +45,24 @@ def busi(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_retrain_registers_a_version_that_models_list_shows(busi: Path, tmp_path: Path) -> None:
     runner = CliRunner()
-    state = ["--state-dir", str(tmp_path / "state")]
+    state = upgraded(tmp_path / "state")
     result = runner.invoke(medcli, ["retrain", "busi", "--data", str(busi), *state, *FAST, "--version", "c1", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["registered"]["status"] == "registered"
     assert summary["input_contract"]["height"] == 32
     assert (tmp_path / "state" / "training" / "busi" / "versions" / "c1" / "MODEL_CARD.md").is_file()
-    assert (tmp_path / "state" / "models" / "busi" / "c1" / "model.safetensors").is_file()
+    registered = tmp_path / "state" / "models" / "busi" / "c1"
+    assert (registered / "model.safetensors").is_file()
+    assert {p.name for p in registered.iterdir()} >= {"MODEL_CARD.md", *FIGURES}  # the card came along
 
     listed = runner.invoke(medcli, ["models", "list", "--json", *state])
     assert listed.exit_code == 0, listed.output
     assert [(r["task"], r["version"], r["status"]) for r in json.loads(listed.stdout)] == [("busi", "c1", "registered")]
 
     again = runner.invoke(
-        medcli, ["retrain", "busi", "--data", str(busi), *state, *FAST, "--epochs", "3", "--resume", "--promote"]
+        medcli,
+        ["retrain", "busi", "--data", str(busi), *state, *FAST, "--epochs", "3", "--resume", "--promote", "--force"],
     )
     assert again.exit_code == 0, again.output
     assert "resumed from" in again.output and "active" in again.output
@@ -44,13 +70,55 @@ def test_retrain_registers_a_version_that_models_list_shows(busi: Path, tmp_path
     assert [r["status"] for r in rows] == ["registered", "active"]
 
 
+def test_dropping_more_than_five_percent_is_warned_about_on_stderr_before_training(busi: Path, tmp_path: Path) -> None:
+    """These phantoms file one lesion under two classes, as BUSI does: 2 of their 36 images are dropped."""
+    result = CliRunner().invoke(
+        medcli, ["retrain", "busi", "--data", str(busi), *upgraded(tmp_path / "state"), *FAST, "--workers", "2"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "WARNING: 2 of 36 images (5.6%) are dropped, more than 5%: 2 near-duplicates labelled differently" in (
+        result.stderr
+    )
+    assert "WARNING" not in result.stdout
+    assert "dropped: 2; 2 near-duplicates labelled differently" in result.stdout
+    assert result.stdout.index("dropped: 2") < result.stdout.index("epoch 1")
+    [saved] = load_split(tmp_path / "state" / "training" / "busi").report.warnings
+    assert f"WARNING: {saved}\n" in result.stderr and saved.endswith("listed in the split report")
+
+
+def test_the_split_trained_on_is_the_one_an_image_by_image_read_gives(tmp_path: Path) -> None:
+    """Decoding each image once, in worker processes, changes nothing: the same images, the same
+    split as checking the images first and hashing them one at a time; and no warning under 5%."""
+    data = write_phantoms("busi", tmp_path / "busi", count=20, size=48, seed=5).root
+    result = CliRunner().invoke(
+        medcli, ["retrain", "busi", "--data", str(data), *upgraded(tmp_path / "state"), *FAST, "--workers", "2"]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "are dropped" not in result.stderr  # the model's own flags may still be warned about
+    spec = BUILTIN_TASKS["busi"]
+    one_by_one = make_split(load_dataset(data, spec), SplitConfig(spec.recipe.split, 0))
+    trained_on = load_split(tmp_path / "state" / "training" / "busi")
+    assert trained_on.assignments == one_by_one.assignments
+    assert trained_on.report == one_by_one.report
+    assert len(trained_on.report.dropped) == 2 and len(trained_on.assignments) == 58
+
+
 def test_bad_data_exits_2_with_a_message(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    result = CliRunner().invoke(
-        medcli, ["retrain", "busi", "--data", str(tmp_path / "empty"), "--state-dir", str(tmp_path / "s"), *FAST]
-    )
+    state = upgraded(tmp_path / "s")
+    result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(tmp_path / "empty"), *state, *FAST])
     assert result.exit_code == 2, result.output
     assert "bad dataset" in result.output and "matches no dataset layout" in result.output
+
+
+def test_no_database_exits_3_before_training_and_creates_none(busi: Path, tmp_path: Path) -> None:
+    typo = tmp_path / "stat"
+    result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(busi), "--state-dir", str(typo), *FAST])
+    assert result.exit_code == 3, result.output
+    assert f"no meddaemon database at {typo / 'meddaemon.db'}" in result.output
+    assert not typo.exists()  # neither a database nor a training folder: nothing was trained
 
 
 def test_help_explains_the_command() -> None:
@@ -66,7 +134,7 @@ def test_resume_refuses_a_dataset_that_changed(busi: Path, tmp_path: Path) -> No
     data = tmp_path / "busi"
     shutil.copytree(busi, data)
     runner = CliRunner()
-    state = ["--state-dir", str(tmp_path / "state")]
+    state = upgraded(tmp_path / "state")
     first = runner.invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--epochs", "1"])
     assert first.exit_code == 0, first.output
     (data / "benign" / "benign (1).png").unlink()
@@ -74,3 +142,155 @@ def test_resume_refuses_a_dataset_that_changed(busi: Path, tmp_path: Path) -> No
     again = runner.invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--resume"])
     assert again.exit_code == 1, again.output
     assert "changed since the checkpoint" in again.output
+
+
+@pytest.mark.parametrize("task", sorted(BUILTIN_TASKS))
+def test_without_data_it_says_where_the_dataset_is_published_and_how_to_try_phantoms(task: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(medcli, ["retrain", task, "--state-dir", str(tmp_path / "s")])
+    assert result.exit_code == EXIT_USAGE, result.output
+    source = BUILTIN_TASKS[task].dataset
+    assert source is not None
+    for fact in (source.name, source.publisher, source.published, source.licence):
+        assert fact in result.output
+    assert f"medcli synth {task} --out DIR" in result.output and "SYNTHETIC" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()  # nothing trained, nothing created
+
+
+def test_a_custom_task_without_data_says_which_layouts_are_read(tmp_path: Path) -> None:
+    config = tmp_path / "meddaemon.toml"
+    config.write_text(
+        '[tasks.knee]\ndescription = "knee"\nlabels = ["ok", "torn"]\nkind = "binary"\n'
+        'architecture = "small_cnn"\n[tasks.knee.contract]\nchannels = 1\nheight = 64\nwidth = 64\n'
+    )
+    result = CliRunner().invoke(medcli, ["retrain", "knee", "--config", str(config)])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "custom task" in result.output and "a folder per class or a CSV manifest" in result.output
+
+
+def test_promote_refuses_a_collapsed_model_but_registers_it_unless_forced(busi: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    state = upgraded(tmp_path / "state")
+    refused = runner.invoke(
+        medcli, ["retrain", "busi", "--data", str(busi), *state, *FAST, "--version", "c1", "--promote", "--json"]
+    )
+    assert refused.exit_code == EXIT_USAGE, refused.output
+    summary = json.loads(refused.stdout)
+    assert any(flag.startswith("COLLAPSE") for flag in summary["flags"])  # what this dataset and recipe give
+    assert summary["registered"]["status"] == "registered"
+    assert summary["promotion_refused"] and summary["promotion_refused"][0].startswith("COLLAPSE")
+    assert "not promoted: the model is flagged COLLAPSE" in refused.stderr
+    assert f"medcli models promote busi c1 --state-dir {tmp_path / 'state'}" in refused.stderr
+
+    forced = runner.invoke(
+        medcli, ["retrain", "busi", "--data", str(busi), *state, *FAST, "--version", "c2", "--promote", "--force"]
+    )
+    assert forced.exit_code == 0, forced.output
+    assert "WARNING: COLLAPSE" in forced.output  # still said loudly
+    rows = json.loads(runner.invoke(medcli, ["models", "list", "--json", *state]).stdout)
+    assert [(r["version"], r["status"]) for r in rows] == [("c1", "registered"), ("c2", "active")]
+
+
+def test_the_closing_hint_can_be_run_as_printed(busi: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the default state dir (.meddaemon) would be another, empty one
+    config = tmp_path / "site.toml"
+    config.write_text('state_dir = "elsewhere"\n')
+    state = tmp_path / "state"
+    upgraded(state)
+    runner = CliRunner()
+    result = runner.invoke(
+        medcli,
+        ["retrain", "busi", "--config", str(config), "--data", str(busi), "--state-dir", str(state), *FAST,
+         "--version", "h1"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    hint = next(line for line in result.output.splitlines() if line.startswith("serve it with: "))
+    argv = shlex.split(hint.removeprefix("serve it with: "))
+    assert argv == ["medcli", "models", "promote", "busi", "h1", "--config", str(config), "--state-dir", str(state)]
+    promoted = runner.invoke(medcli, argv[1:])
+    assert promoted.exit_code == 0, promoted.output
+    rows = json.loads(runner.invoke(medcli, ["models", "list", "--json", "--state-dir", str(state)]).stdout)
+    assert [(r["version"], r["status"]) for r in rows] == [("h1", "active")]
+
+
+def test_off_a_terminal_it_prints_a_plain_line_per_epoch_and_no_progress_bar(busi: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(busi), *upgraded(tmp_path), *FAST])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
+    assert all("train loss" in line for line in lines if line.startswith("epoch "))  # no bar's label
+
+
+def _options(argv: list[str]) -> dict[str, object]:
+    """``--name value`` pairs (the last value of each); numbers compared as numbers (1e-3 == 0.001)."""
+
+    def value(text: str) -> object:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    return {name: value(text) for name, text in zip(argv[::2], argv[1::2], strict=True)}
+
+
+def _medcli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meddaemon.cli.medcli", *args]
+
+
+def test_on_a_terminal_it_shows_a_progress_bar(busi: Path, tmp_path: Path) -> None:
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        _medcli("retrain", "busi", "--data", str(busi), *upgraded(tmp_path), *FAST),
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert process.wait(timeout=120) == 0, output.decode(errors="replace")
+    text = output.decode(errors="replace")
+    assert "epoch 1/2: train loss" in text  # the line per epoch
+    assert "%" in text and "loss " in text.replace("train loss", "")  # the bar: percentage and running loss
+
+
+def test_ctrl_c_exits_130_and_prints_the_command_that_resumes(busi: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    upgraded(state)
+    args = ["retrain", "busi", "--data", str(busi), "--state-dir", str(state), *FAST, "--epochs", "500"]
+    process = subprocess.Popen(
+        _medcli(*args, "--patience", "500"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 120
+    for line in process.stdout:
+        if line.startswith("epoch 2/500:") or time.monotonic() > deadline:
+            break  # epoch 1's checkpoint is written before epoch 2 starts
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr
+    message = next((line for line in stderr.splitlines() if line.startswith("interrupted: ")), stderr)
+    assert f"is in {state / 'training' / 'busi'}" in message
+    command = shlex.split(message.split("continue with: ", 1)[1])
+    assert command[:2] == ["medcli", "retrain"] and command[-1] == "--resume"
+    assert command[2] == "busi"
+    given = [*args[2:], "--patience", "500"]  # every option the user gave, the last value of each
+    assert _options(command[3:-1]) == _options(given)
+
+    command[command.index("--epochs") + 1] = "3"  # resume, but stop sooner
+    resumed = CliRunner().invoke(medcli, command[1:])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from" in resumed.output

@@ -90,7 +90,7 @@ def test_bad_file_fails_with_its_reason_and_is_kept(case: str, make_settings, tm
     failed = scans[name]
     assert (failed.state, failed.failure_reason) == ("failed", reason)
     assert failed.failure_message
-    kept = Path(failed.stored_path)
+    kept = settings.stored_file(failed.stored_path)
     assert kept == settings.failed_dir / name
     os.chmod(kept, 0o600)
     assert kept.read_bytes() == original
@@ -124,8 +124,9 @@ def test_a_symlink_out_of_the_inbox_is_not_followed(make_settings, tmp_path: Pat
 @pytest.mark.parametrize("name", ["busi/with space.png", "busi/ünïcødé 医学.png", "busi/new\nline.png"])
 def test_awkward_file_names_are_processed_and_kept_as_they_were(name: str, make_settings, tmp_path: Path):
     synthetic_png(tmp_path / "inbox" / name)
-    scan = scans_by_name(run_once(make_settings()))[name]
-    assert scan.state == "waiting_model" and Path(scan.stored_path).exists()
+    settings = make_settings()
+    scan = scans_by_name(run_once(settings))[name]
+    assert scan.state == "waiting_model" and settings.stored_file(scan.stored_path).exists()
 
 
 def test_a_directory_named_like_a_dicom_file_is_a_folder_and_its_files_are_processed(make_settings, tmp_path: Path):
@@ -161,8 +162,9 @@ def test_the_same_bytes_under_two_names_are_processed_once_and_recorded_as_a_dup
         [scan] = session.scalars(select(Scan)).all()
         [duplicate] = scan.duplicates
     assert {scan.source_name, duplicate.source_name} == {"busi/synthetic_a.png", "busi/copy of a.png"}
-    assert Path(duplicate.stored_path).is_relative_to(settings.archive_dir / "duplicates")
-    assert Path(duplicate.stored_path).read_bytes() == Path(scan.stored_path).read_bytes()
+    kept = settings.stored_file(duplicate.stored_path)
+    assert kept.is_relative_to(settings.archive_dir / "duplicates")
+    assert kept.read_bytes() == settings.stored_file(scan.stored_path).read_bytes()
 
 
 def test_files_arriving_later_with_known_bytes_are_duplicates_too(make_settings, tmp_path: Path):

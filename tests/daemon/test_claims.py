@@ -87,6 +87,50 @@ def test_a_file_seen_just_before_it_left_cannot_be_claimed_but_a_new_file_of_tha
         assert claims.claim_inbox_files(session, b.daemon_id, [dropped_again]) == {moved.path}
 
 
+def test_a_file_claimed_but_not_recorded_past_the_deadline_is_taken_over_and_its_first_holder_fenced(sessions):
+    slow, peer = join(sessions, "node-slow"), join(sessions, "node-peer")
+    stale, fresh = (inbox_file(Path(f"/inbox/busi/synthetic_{n}.png")) for n in ("stale", "fresh"))
+    with transaction(sessions) as session:
+        claims.claim_inbox_files(session, slow.daemon_id, [stale])
+    time.sleep(0.3)
+    with transaction(sessions) as session:
+        claims.claim_inbox_files(session, slow.daemon_id, [fresh])
+
+    with transaction(sessions) as session:  # a peer without a deadline leaves both alone
+        assert claims.claim_inbox_files(session, peer.daemon_id, [stale, fresh]) == set()
+    with transaction(sessions) as session:
+        assert claims.claim_inbox_files(session, peer.daemon_id, [stale, fresh], unread_after=0.2) == {stale.path}
+    with transaction(sessions) as session:  # the slow daemon's reads come back: it records only what it holds
+        assert claims.held_inbox_files(session, slow.daemon_id, [stale.path, fresh.path]) == {str(fresh.path)}
+        assert claims.held_inbox_files(session, peer.daemon_id, [stale.path]) == {str(stale.path)}
+
+
+def test_recording_renews_a_claim_so_a_file_being_recorded_is_not_taken_over(sessions):
+    holder, peer = join(sessions, "node-a"), join(sessions, "node-b")
+    f = inbox_file(Path("/inbox/busi/synthetic_recorded.png"))
+    with transaction(sessions) as session:
+        claims.claim_inbox_files(session, holder.daemon_id, [f])
+    time.sleep(0.3)
+    with transaction(sessions) as session:
+        assert claims.held_inbox_files(session, holder.daemon_id, [f.path]) == {str(f.path)}
+    with transaction(sessions) as session:
+        assert claims.claim_inbox_files(session, peer.daemon_id, [f], unread_after=0.2) == set()
+
+
+def test_a_stale_claim_is_not_taken_over_from_a_committed_move_nor_by_its_own_holder(sessions):
+    holder, peer = join(sessions, "node-a"), join(sessions, "node-b")
+    moving = inbox_file(Path("/inbox/busi/synthetic_moving.png"))
+    reread = inbox_file(Path("/inbox/busi/synthetic_reread.png"))
+    with transaction(sessions) as session:
+        claims.claim_inbox_files(session, holder.daemon_id, [moving, reread])
+        add_scan(session, 1, pending_move_from=str(moving.path))  # recorded, its move not carried out yet
+    time.sleep(0.3)
+    with transaction(sessions) as session:
+        assert claims.claim_inbox_files(session, peer.daemon_id, [moving], unread_after=0.2) == set()
+    with transaction(sessions) as session:  # a rescan handed the holder its own file again while it reads it
+        assert claims.claim_inbox_files(session, holder.daemon_id, [reread], unread_after=0.2) == set()
+
+
 def test_tombstones_of_files_that_left_are_forgotten_after_a_while(sessions):
     a = join(sessions)
     with transaction(sessions) as session:

@@ -88,3 +88,34 @@ def test_the_reason_file_is_complete_json(tmp_path: Path):
     document = json.loads((tmp_path / "failed" / "x.dcm.reason.json").read_text())
     assert document == {"reason": "truncated_pixel_data", "message": "cut"}
     assert [p.name for p in failed.parent.iterdir()] == ["x.dcm.reason.json"]
+
+
+def test_an_emptied_work_shard_is_removed_and_a_shard_still_holding_files_is_kept(tmp_path: Path):
+    work = tmp_path / "work"
+    (work / "ab").mkdir(parents=True)
+    (work / "cd").mkdir()
+    (work / "cd" / "cd12.png").write_bytes(b"x")
+    assert filing.remove_emptied_shard(work / "ab", work) and not (work / "ab").exists()
+    assert not filing.remove_emptied_shard(work / "cd", work) and (work / "cd" / "cd12.png").exists()
+    assert not filing.remove_emptied_shard(work, tmp_path) and work.is_dir()  # only shards right below the root
+
+
+def test_a_move_into_a_shard_removed_between_its_mkdir_and_its_rename_makes_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    source = tmp_path / "inbox" / "a.png"
+    source.parent.mkdir()
+    source.write_bytes(b"scan")
+    target = tmp_path / "work" / "ab" / "ab12.png"
+    rename = os.rename
+    raced: list[Path] = []
+
+    def rename_after_another_daemon_emptied_the_shard(src: object, dst: object) -> None:
+        if not raced:
+            raced.append(target.parent)
+            filing.remove_emptied_shard(target.parent, target.parent.parent)
+        rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", rename_after_another_daemon_emptied_the_shard)
+    assert finish_move(source, target) is MoveOutcome.MOVED
+    assert raced and target.read_bytes() == b"scan" and not source.exists()

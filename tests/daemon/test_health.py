@@ -83,6 +83,7 @@ def test_one_daemon_with_a_fresh_heartbeat_is_healthy(migrated_engine, reader, d
         "lost_daemons": "ok",
         "queue": "ok",
         "failures": "ok",
+        "outbox": "ok",
         "disk": "ok",
     }
     assert (report.status, report.exit_code) == ("ok", 0)

@@ -3,19 +3,30 @@ the test trains nothing for but writes, imports and promotes through the real re
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from dicom_factory import write_dicom, write_png
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from meddaemon.config import load_settings
+from meddaemon.daemon.bookkeeper import HeatmapFile
+from meddaemon.daemon.inference import write_heatmap_files
 from meddaemon.daemon.service import Daemon
 from meddaemon.db.models import Heatmap, Result, Scan
-from model_factory import drop_scans, promote, write_model
+from meddaemon.engine import registry
+from meddaemon.engine.decode import decode_bytes
+from meddaemon.engine.overlay import jpeg_bytes, model_view, overlay
+from meddaemon.engine.preprocess import to_model_input
+from meddaemon.overlays import ViewSource, overlay_jpeg
+from model_factory import CONTRACT, drop_scans, promote, write_model
 
 
 @pytest.fixture
@@ -41,10 +52,74 @@ def test_scans_get_a_result_per_label_and_a_heatmap_for_the_predicted_class(daem
             [top] = [r for r in results if r.positive]
             assert top.probability == max(r.probability for r in results)
             assert top.heatmap is not None and all(r.heatmap is None for r in results if not r.positive)
-            array = np.load(top.heatmap.array_path)
+            array = np.load(daemon.settings.stored_file(top.heatmap.array_path))
             assert array.shape == (32, 32) and array.min() >= 0 and array.max() <= 1
-            assert Path(top.heatmap.overlay_path).read_bytes()[:2] == b"\xff\xd8"  # JPEG
+            assert not daemon.settings.stored_file(top.heatmap.overlay_path).exists()  # drawn on first use
             assert top.latency_ms is not None and top.latency_ms > 0
+
+
+def test_stored_heatmap_is_float32_and_equals_pytorch_grad_cams_map(daemon: Daemon, tmp_path: Path):
+    promote(daemon, write_model(tmp_path / "model"))
+    source = write_png(
+        tmp_path / "synthetic_source.png", np.random.default_rng(11).integers(0, 255, (40, 56), np.uint8)
+    )
+    model_input = to_model_input(decode_bytes(source.read_bytes()), CONTRACT)
+    (daemon.settings.watch / "busi").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, daemon.settings.watch / "busi" / "synthetic_heat.png")
+
+    daemon.run(once=True)
+
+    with daemon.sessions() as session:
+        [top] = session.scalars(select(Result).where(Result.positive)).all()
+        stored = np.load(daemon.settings.stored_file(top.heatmap.array_path))
+        label = top.label
+    loaded = registry.load_version(daemon.settings.models_dir / "busi" / "v1")
+    model = loaded.model
+    with GradCAM(model=model, target_layers=[model.features[-1]]) as cam:
+        [reference] = cam(
+            input_tensor=torch.from_numpy(model_input),
+            targets=[ClassifierOutputTarget(loaded.manifest.labels.index(label))],
+        )
+    assert stored.dtype == np.float32
+    assert stored.shape == reference.shape == (32, 32)
+    assert float(np.abs(stored - reference).max()) <= 1e-4
+    assert float(reference.max() - reference.min()) > 0.5
+
+
+def test_the_overlay_is_drawn_from_the_stored_map_on_first_use_as_the_inference_stage_drew_it(
+    daemon: Daemon, tmp_path: Path
+):
+    """Issue 16: the inference stage writes the map only; the first reader draws the overlay from the
+    map and the stored scan, byte for byte the JPEG the inference stage wrote before, and keeps it."""
+    promote(daemon, write_model(tmp_path / "model"))
+    source = write_png(
+        tmp_path / "synthetic_source.png", np.random.default_rng(12).integers(0, 255, (40, 56), np.uint8)
+    )
+    (daemon.settings.watch / "busi").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, daemon.settings.watch / "busi" / "synthetic_heat.png")
+
+    daemon.run(once=True)
+
+    with daemon.sessions() as session:
+        [top] = session.scalars(select(Result).where(Result.positive)).all()
+        array_path = daemon.settings.stored_file(top.heatmap.array_path)
+        overlay_path = daemon.settings.stored_file(top.heatmap.overlay_path)
+        stored = daemon.settings.stored_file(session.get(Scan, top.scan_id).stored_path)
+    assert not overlay_path.exists() and sorted(p.suffix for p in array_path.parent.iterdir()) == [".npy"]
+    model_input = to_model_input(decode_bytes(source.read_bytes()), CONTRACT)[0]
+    before = jpeg_bytes(overlay(model_view(model_input, CONTRACT), np.load(array_path)))  # the old writer's JPEG
+
+    assert overlay_jpeg(array_path, overlay_path, ViewSource(stored=stored, contract=CONTRACT)) == before
+    assert overlay_path.read_bytes() == before  # kept: the next reader reads it, drawing nothing
+    stored.unlink()
+    assert overlay_jpeg(array_path, overlay_path, ViewSource(stored=stored, contract=CONTRACT)) == before
+
+    # the same scan run again by the same version (a replay after a crash): its old overlay goes
+    write_heatmap_files(
+        [HeatmapFile(0, array_path, overlay_path, 32, 32, "gradcam")], [np.load(array_path)], model_input, CONTRACT
+    )
+    assert not overlay_path.exists()
+    assert overlay_jpeg(array_path, overlay_path, ViewSource(stored=stored, contract=CONTRACT)) is None  # no view
 
 
 def test_waiting_scans_run_once_a_model_is_promoted(daemon: Daemon, tmp_path: Path):
@@ -117,6 +192,7 @@ def test_multilabel_and_binary_tasks_store_every_label(daemon: Daemon, tmp_path:
 def test_a_nan_output_fails_that_scan_and_keeps_its_file(daemon: Daemon, tmp_path: Path):
     promote(daemon, write_model(tmp_path / "model"))
     daemon.stage.refresh_models()
+    daemon.stage.wait_for_loads()
     with torch.no_grad():
         daemon.stage.served["busi"].model.head.linear.bias.fill_(float("nan"))
     daemon.stage.served["busi"].onnx = None  # the poisoned eager model is the one that runs
@@ -152,7 +228,7 @@ def test_scans_whose_heatmaps_cannot_be_written_stay_routed_and_run_again(make_s
     with daemon.sessions() as session:
         assert {s.state for s in session.scalars(select(Scan))} == {"inferred"}
         heatmaps = session.scalars(select(Heatmap)).all()
-        assert len(heatmaps) == 4 and all(Path(h.overlay_path).exists() for h in heatmaps)
+        assert len(heatmaps) == 4 and all(settings.stored_file(h.array_path).exists() for h in heatmaps)
 
 
 @pytest.mark.slow
@@ -175,6 +251,7 @@ def test_the_running_daemon_picks_up_a_promoted_model_without_a_restart(tmp_path
             "start",
             "--watch",
             inbox,
+            "--create-watch",
             "--state-dir",
             state,
             "--stable-seconds",
@@ -213,3 +290,15 @@ def test_the_running_daemon_picks_up_a_promoted_model_without_a_restart(tmp_path
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(30) == 0
+
+
+def test_the_inferred_log_line_names_the_model_and_claims_no_size(
+    daemon: Daemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.INFO, logger="meddaemon.daemon")
+    promote(daemon, write_model(tmp_path / "model"))
+    drop_scans(daemon.settings.watch)
+    daemon.run(once=True)
+    inferred = [r.getMessage() for r in caplog.records if "-> inferred" in r.getMessage()]
+    assert len(inferred) == 4
+    assert all("0 bytes" not in line and "task busi, model v1, top " in line for line in inferred)

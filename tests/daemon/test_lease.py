@@ -10,13 +10,17 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from daemon_rows import add_scan, daemon_row, dead_pid, inbox_file, join, look_for_lost
-from meddaemon.daemon import claims, lease
+from meddaemon.daemon import bookkeeper, claims, lease
 from meddaemon.db.clock import read_db_clock
-from meddaemon.db.engine import transaction
+from meddaemon.db.engine import ConnectionLimits, create_db_engine, session_factory, transaction
+from meddaemon.db.migrate import upgrade
 from meddaemon.db.models import InboxClaim, Scan
+from meddaemon.engine.tasks import all_tasks
 
 
 def test_a_daemon_registers_and_beats_in_database_time(sessions):
@@ -119,3 +123,90 @@ def test_the_lease_keeper_reports_that_its_daemon_was_declared_lost(sessions):
     keeper = lease.LeaseKeeper(sessions, member)
     keeper.beat()
     assert keeper.lost.is_set()
+
+
+@pytest.mark.postgres
+def test_a_daemon_frozen_inside_a_claiming_transaction_is_declared_lost_once_the_server_cuts_it_off(
+    postgres_url: str,
+):
+    """The frozen daemon holds FOR KEY SHARE on its own row (a claim's foreign key) and a scan row:
+    the peer's look for lost daemons is not blocked by the first and waits at most the lock timeout
+    on the second, its own heartbeat goes on meanwhile, and once the server has ended the frozen
+    session (idle in transaction) the peer declares it lost and takes its scan."""
+    setup = create_db_engine(postgres_url)
+    upgrade(setup)
+    setup.dispose()
+    frozen_engine = create_db_engine(postgres_url, limits=ConnectionLimits(lock_timeout=1.0, idle_in_transaction=3.0))
+    peer_engine = create_db_engine(postgres_url, limits=ConnectionLimits(lock_timeout=1.0))
+    frozen_sessions, peer_sessions = session_factory(frozen_engine), session_factory(peer_engine)
+    frozen = join(peer_sessions, "node-frozen", lease_seconds=1.0)
+    with transaction(peer_sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(peer_sessions) as session:
+        scan_id = add_scan(session, 1, claimed_by=frozen.daemon_id).id
+
+    stuck = frozen_sessions()
+    stuck.begin()
+    assert claims.scans_held(stuck, frozen.daemon_id, [scan_id])  # the scan row locked FOR UPDATE
+    claims.claim_inbox_files(stuck, frozen.daemon_id, [inbox_file(Path("/inbox/busi/synthetic_7.png"))])
+    # ... and the daemon freezes here, its transaction open
+
+    watcher = join(peer_sessions, "node-b")
+    keeper = lease.LeaseKeeper(peer_sessions, watcher)
+    time.sleep(1.3)
+    beat_before = daemon_row(peer_sessions, watcher).heartbeat_at
+    started = time.monotonic()
+    keeper.beat()
+    assert time.monotonic() - started < 2.5, "waited no longer than the lock timeout"
+    assert daemon_row(peer_sessions, watcher).heartbeat_at > beat_before, "its own heartbeat went on"
+
+    deadline = time.monotonic() + 10
+    while daemon_row(peer_sessions, frozen).state == "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        keeper.beat()
+    assert daemon_row(peer_sessions, frozen).state == "lost"
+    assert not keeper.lost.is_set()
+    with peer_sessions() as session:
+        assert session.get(Scan, scan_id).claimed_by is None
+    with pytest.raises(DBAPIError):  # the frozen daemon wakes up: its session is gone
+        claims.claim_inbox_files(stuck, frozen.daemon_id, [inbox_file(Path("/inbox/busi/synthetic_8.png"))])
+    stuck.close()
+    frozen_engine.dispose()
+    peer_engine.dispose()
+
+
+def test_the_lease_keeper_asks_for_a_rescan_when_it_releases_a_lost_daemons_inbox_files(sessions):
+    silent = join(sessions, "node-a", lease_seconds=1.0)
+    watcher = join(sessions, "node-b")
+    keeper = lease.LeaseKeeper(sessions, watcher)
+    keeper.beat()
+    assert not keeper.inbox_released.is_set()
+    with transaction(sessions) as session:
+        claims.claim_inbox_files(session, silent.daemon_id, [inbox_file(Path("/inbox/busi/synthetic_9.png"))])
+    time.sleep(1.3)
+    keeper.beat()
+    assert keeper.inbox_released.is_set()
+
+
+@pytest.mark.postgres
+def test_a_daemon_holding_a_claim_transaction_open_is_still_judged_by_its_lease(postgres_url: str):
+    """A claim's foreign key takes FOR KEY SHARE on the claiming daemon's row; the look for lost
+    daemons locks rows in a mode that does not conflict with it, so it does not skip that daemon."""
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    factory = session_factory(engine)
+    frozen = join(factory, "node-frozen", lease_seconds=1.0)
+    stuck = factory()
+    stuck.begin()
+    claims.claim_inbox_files(stuck, frozen.daemon_id, [inbox_file(Path("/inbox/busi/synthetic_7.png"))])
+    try:
+        watcher = join(factory, "node-b")
+        time.sleep(1.3)
+        started = time.monotonic()
+        assert [d.daemon_id for d in look_for_lost(factory, watcher)] == [frozen.daemon_id]
+        assert time.monotonic() - started < 1.0
+        assert daemon_row(factory, frozen).state == "lost"
+    finally:
+        stuck.rollback()
+        stuck.close()
+        engine.dispose()

@@ -260,3 +260,12 @@ def test_time_windows_look_only_at_the_latest_result_rows(migrated_engine, serve
     assert one(m, "meddaemon_recent_latency_scans") == 1  # the other of the two is an hour old
     assert one(m, "meddaemon_recent_latency_seconds", quantile="0.5") == pytest.approx(0.3)
     assert one(m, "meddaemon_throughput_scans_per_second", stage="inferred") == pytest.approx(1 / 60)
+
+
+def test_a_daemon_waiting_out_a_database_outage_reports_the_database_down(migrated_engine, server):
+    """Its own transactions fail (the outage guard says so) even when the scrape's read gets through."""
+    handle, metrics = server
+    metrics.database_reachable(False)
+    assert one(scrape(handle.url), "meddaemon_database_up") == 0
+    metrics.database_reachable(True)
+    assert one(scrape(handle.url), "meddaemon_database_up") == 1

@@ -1,4 +1,4 @@
-"""Several daemons on one PostgreSQL database and one inbox (DESIGN.md section 9), as real processes.
+"""Several daemons on one PostgreSQL database and one inbox (docs/design.md section 9), as real processes.
 
 Three daemons, each under its own node name as if on three hosts, share the inbox, the state
 directory and the database. One is killed with SIGKILL while it holds work; the others take that
@@ -14,18 +14,23 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from dicom_factory import write_png
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from daemon_harness import TASK, Daemons, Layout, RunningDaemon, files_under, wait_until
-from meddaemon.db.engine import create_db_engine, session_factory
+from daemon_harness import TASK, Daemons, Layout, RunningDaemon, files_under, sha, wait_until
+from daemon_rows import dead_pid, inbox_file, stages_run_twice
+from meddaemon.daemon import claims, lease
+from meddaemon.db.engine import create_db_engine, session_factory, transaction
 from meddaemon.db.models import DaemonInstance, DuplicateArrival, InboxClaim, Report, Result, Scan, ScanEvent
 from model_factory import promote_into, write_model
+from tcp_proxy import tcp_proxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -53,17 +58,28 @@ def fill_inbox(inbox: Path, count: int) -> list[str]:
     return names
 
 
-def start_farm(daemons: Daemons, url: str, count: int) -> list[RunningDaemon]:
+def start_farm(
+    daemons: Daemons,
+    url: str,
+    count: int,
+    lease: float = LEASE_SECONDS,
+    rescan: float = 1.0,
+    first_node: int = 1,
+    **env: str,
+) -> list[RunningDaemon]:
+    """``count`` daemons on the shared inbox and database, nodes ``node-1``...; ``env`` adds
+    settings (``db_lock_timeout_seconds="1"``: ``MEDDAEMON_DB_LOCK_TIMEOUT_SECONDS=1``)."""
+    settings = {f"MEDDAEMON_{key.upper()}": value for key, value in env.items()}
     return [
         daemons.start(
             stable=0.3,
-            rescan=1.0,
+            rescan=rescan,
             workers=0,
             batch_size=16,
             extra=("--db", url),
-            env={"MEDDAEMON_NODE": f"node-{i + 1}", "MEDDAEMON_LEASE_SECONDS": str(LEASE_SECONDS)},
+            env={"MEDDAEMON_NODE": f"node-{i}", "MEDDAEMON_LEASE_SECONDS": str(lease), **settings},
         )
-        for i in range(count)
+        for i in range(first_node, first_node + count)
     ]
 
 
@@ -127,11 +143,11 @@ def test_three_daemons_process_every_file_once_and_take_over_from_one_killed(
         assert session.scalar(select(func.count()).select_from(Result)) == FILES * BUSI_LABELS
         assert session.scalar(select(func.count()).select_from(Report).where(Report.kind == "scan")) == FILES
         steps = Counter(session.execute(select(ScanEvent.scan_id, ScanEvent.state)).all())
+        assert stages_run_twice(session) == [], "no stage of any scan ran twice"
         inferred_by = Counter(
             detail.rsplit(" ", 1)[-1]
             for detail in session.scalars(select(ScanEvent.detail).where(ScanEvent.state == "inferred"))
         )
-        assert set(steps.values()) == {1}, "no stage of any scan ran twice"
         assert all(steps[(s.id, "inferred")] == 1 for s in scans)
         assert all(s.claimed_by is None and s.pending_move_from is None for s in scans)
         assert all(c.done_at is not None for c in session.scalars(select(InboxClaim))), "no claim left open"
@@ -151,3 +167,218 @@ def test_three_daemons_process_every_file_once_and_take_over_from_one_killed(
     archived = [p for p in files_under(layout.state / "archive") if p.suffix == ".png"]
     assert len(archived) == FILES and files_under(layout.inbox) == []
     assert files_under(layout.state / "work") == []
+
+
+# -- a daemon that freezes: past its lease, inside a transaction; a lost daemon's unread files ------
+
+SMALL = 60
+#: short bounds for the frozen-daemon scenarios: a lease of 2 s, lock waits of 1 s, and the server
+#: ending a session idle inside a transaction after 3 s
+TIGHT = {"db_lock_timeout_seconds": "1", "db_idle_in_transaction_seconds": "3"}
+TIGHT_LEASE = 2.0
+
+
+def assert_each_file_once(sessions: sessionmaker[Session], layout: Layout, names: list[str]) -> None:
+    """One scan per distinct content, each stage once, one report per scan whose PDF is the one its
+    row and history name, every claim closed, nothing left in the inbox or in work/."""
+    with sessions() as session:
+        scans = session.scalars(select(Scan)).all()
+        assert sorted(s.source_name for s in scans) == names
+        assert len({s.sha256 for s in scans}) == len(names)
+        assert {s.state for s in scans} == {"archived"}
+        assert session.scalar(select(func.count()).select_from(Result)) == len(names) * BUSI_LABELS
+        assert stages_run_twice(session) == [], "no stage of any scan ran twice"
+        reported = select(ScanEvent.scan_id, ScanEvent.at).where(ScanEvent.state == "reported")
+        reported_at = {scan_id: at for scan_id, at in session.execute(reported)}
+        reports = session.scalars(select(Report).where(Report.kind == "scan")).all()
+        assert sorted(r.scan_id for r in reports) == sorted(s.id for s in scans), "one report per scan"
+        for report in reports:
+            pdf = layout.stored_file(report.path)
+            assert sha(pdf.read_bytes()) == report.sha256, "the PDF is the one its row names"
+            written_apart = abs((report.created_at - reported_at[report.scan_id]).total_seconds())
+            assert written_apart < 1.0, f"scan {report.scan_id}: its report was rewritten after it was reported"
+        assert all(s.claimed_by is None and s.pending_move_from is None for s in scans)
+        assert all(c.done_at is not None and c.daemon_id is None for c in session.scalars(select(InboxClaim)))
+    assert files_under(layout.inbox) == [] and files_under(layout.state / "work") == []
+    assert len([p for p in files_under(layout.state / "archive") if p.suffix == ".png"]) == len(names)
+    assert [p for p in files_under(layout.state / "reports") if p.suffix != ".pdf"] == []
+
+
+def daemon_id_of(sessions: sessionmaker[Session], daemon: RunningDaemon) -> int:
+    wait_until(
+        lambda: scalar(sessions, select(DaemonInstance.id).where(DaemonInstance.pid == daemon.pid)) is not None,
+        60,
+        "the daemon to register",
+        daemon,
+    )
+    return scalar(sessions, select(DaemonInstance.id).where(DaemonInstance.pid == daemon.pid))
+
+
+def freeze_when(victim: RunningDaemon, holding: Callable[[], bool], what: str, timeout: float = 60) -> float:
+    """SIGSTOP the victim's process group at a moment ``holding`` is true while it is stopped (tried
+    again and again: stop, look, go on); returns the time.monotonic() it was frozen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        os.killpg(victim.pid, signal.SIGSTOP)
+        if holding():
+            return time.monotonic()
+        os.killpg(victim.pid, signal.SIGCONT)
+        time.sleep(0.02)
+    pytest.fail(f"the victim never was {what}; its log ends:\n{victim.tail()}")
+
+
+def finish_and_stop(
+    farm: list[RunningDaemon],
+    victim: RunningDaemon,
+    sessions: sessionmaker[Session],
+    count: int,
+    wake: Callable[[], None] | None = None,
+) -> int:
+    """Wait for the others to declare the victim lost and archive every scan, wake the victim up
+    (``wake``; SIGCONT by default), and stop them all; returns the victim's exit code."""
+    survivor = next(d for d in farm if d is not victim)
+    victim_state = select(DaemonInstance.state).where(DaemonInstance.pid == victim.pid)
+    wait_until(lambda: scalar(sessions, victim_state) == "lost", 60, "the victim to be declared lost", survivor)
+    wait_until(
+        lambda: scalar(sessions, select(func.count()).select_from(Scan).where(Scan.state == "archived")) == count,
+        120,
+        f"all {count} scans to be archived by the others",
+        survivor,
+    )
+    if wake is not None:
+        wake()
+    os.killpg(victim.pid, signal.SIGCONT)
+    code = victim.wait(60)
+    for daemon in farm:
+        if daemon is not victim:
+            daemon.signal(signal.SIGTERM)
+    assert [d.wait(60) for d in farm if d is not victim] == [0] * (len(farm) - 1)
+    return code
+
+
+def test_a_daemon_stopped_past_its_lease_wakes_up_and_writes_nothing_for_the_scans_taken_over(
+    layout: Layout, daemons: Daemons, shared_db: sessionmaker[Session], postgres_url: str
+):
+    """SIGSTOP while its report process holds scans to report, SIGCONT after the others have
+    reported and archived them: no report row, PDF, result or move of it counts, and it exits 4."""
+    sessions = shared_db
+    names = fill_inbox(layout.inbox, SMALL)
+    farm = start_farm(daemons, postgres_url, 3, lease=TIGHT_LEASE, **TIGHT)
+    victim = farm[1]
+    victim_id = daemon_id_of(sessions, victim)
+
+    def reporting() -> bool:
+        held = select(func.count()).select_from(Scan).where(Scan.claimed_by == victim_id, Scan.state == "inferred")
+        return (scalar(sessions, held) or 0) > 0
+
+    freeze_when(victim, reporting, "holding scans to report")
+    code = finish_and_stop(farm, victim, sessions, SMALL)
+
+    assert code == 4, victim.tail()
+    assert scalar(sessions, select(DaemonInstance.state).where(DaemonInstance.id == victim_id)) == "lost"
+    assert_each_file_once(sessions, layout, names)
+
+
+def test_a_daemon_frozen_inside_a_transaction_is_declared_lost_within_its_lease_and_the_timeouts(
+    layout: Layout, daemons: Daemons, shared_db: sessionmaker[Session], postgres_url: str
+):
+    """SIGSTOP at a moment its connection is idle inside a transaction that wrote (and so holds
+    FOR KEY SHARE on its daemon row): the server ends that session after the idle timeout, the
+    others declare it lost after its lease and finish every file; woken up, it exits 4."""
+    sessions = shared_db
+    names = fill_inbox(layout.inbox, SMALL)
+    farm = start_farm(daemons, postgres_url, 3, lease=TIGHT_LEASE, **TIGHT)
+    victim = farm[0]
+    victim_id = daemon_id_of(sessions, victim)
+    in_transaction = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"
+        " AND state = 'idle in transaction' AND backend_xid IS NOT NULL"
+    )
+
+    def inside_a_transaction() -> bool:
+        with sessions() as session:
+            return bool(session.scalar(in_transaction, {"name": f"meddaemon[{victim.pid}]"}))
+
+    frozen_at = freeze_when(victim, inside_a_transaction, "inside a transaction that wrote")
+    wait_until(
+        lambda: scalar(sessions, select(DaemonInstance.state).where(DaemonInstance.id == victim_id)) == "lost",
+        30,
+        "the frozen daemon to be declared lost",
+        farm[1],
+    )
+    declared_after = time.monotonic() - frozen_at
+    bound = TIGHT_LEASE + float(TIGHT["db_idle_in_transaction_seconds"]) + float(TIGHT["db_lock_timeout_seconds"])
+    assert declared_after < bound + 3.0, f"declared lost {declared_after:.1f} s after it froze"
+    with sessions() as session:
+        assert not session.scalar(in_transaction, {"name": f"meddaemon[{victim.pid}]"}), "the server ended it"
+
+    code = finish_and_stop(farm, victim, sessions, SMALL)
+
+    assert code == 4, victim.tail()
+    assert_each_file_once(sessions, layout, names)
+
+
+def test_a_lost_daemons_unread_inbox_files_are_taken_at_once_not_at_the_next_rescan(
+    layout: Layout, daemons: Daemons, shared_db: sessionmaker[Session], postgres_url: str
+):
+    """A daemon (a row here) claimed files and was lost before reading them; the daemon that
+    declares it lost rescans the inbox then, although its rescans are 300 s apart."""
+    sessions = shared_db
+    names = fill_inbox(layout.inbox, 12)
+    with transaction(sessions) as session:
+        ghost = lease.register(session, "node-ghost", lease_seconds=TIGHT_LEASE, pid=dead_pid())
+        claims.claim_inbox_files(session, ghost.daemon_id, [inbox_file(layout.inbox / name) for name in names])
+    [daemon] = start_farm(daemons, postgres_url, 1, lease=TIGHT_LEASE, rescan=300.0)
+    ready_since = None  # the ghost beats until the daemon has found the files held, then falls silent
+    while ready_since is None or time.monotonic() - ready_since < 1.5:
+        with transaction(sessions) as session:
+            assert lease.heartbeat(session, ghost), daemon.tail()
+        if ready_since is None and "report process started" in daemon.log_text():  # then its first rescan
+            ready_since = time.monotonic()
+        time.sleep(0.2)
+    assert scalar(sessions, select(func.count()).select_from(Scan)) == 0, "the files were all held"
+    started = time.monotonic()
+
+    wait_until(
+        lambda: scalar(sessions, select(func.count()).select_from(Scan).where(Scan.state == "archived")) == len(names),
+        60,
+        "the lost daemon's files to be processed",
+        daemon,
+    )
+    assert time.monotonic() - started < 60 < 300
+    assert "rescanning the inbox now" in daemon.log_text()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0
+    assert_each_file_once(sessions, layout, names)
+
+
+def test_a_daemon_cut_off_by_a_silent_partition_is_declared_lost_and_writes_nothing_when_it_returns(
+    layout: Layout, daemons: Daemons, shared_db: sessionmaker[Session], postgres_url: str
+):
+    """One daemon reaches the database through a TCP proxy that is frozen (no reset, no FIN) while
+    the daemon holds work: the others declare it lost after its lease and finish every file; when
+    the network comes back it finds itself lost, writes nothing for the scans taken over, exits 4."""
+    sessions = shared_db
+    names = fill_inbox(layout.inbox, SMALL)
+    database = make_url(postgres_url)
+    with tcp_proxy((database.host or "127.0.0.1", database.port or 5432)) as proxy:
+        through_proxy = database.set(port=proxy.port).render_as_string(hide_password=False)
+        victim = start_farm(daemons, through_proxy, 1, lease=TIGHT_LEASE, **TIGHT)[0]
+        farm = [victim, *start_farm(daemons, postgres_url, 2, lease=TIGHT_LEASE, first_node=2, **TIGHT)]
+        victim_id = daemon_id_of(sessions, victim)
+
+        def holding_work() -> bool:
+            proxy.freeze()
+            time.sleep(0.2)  # a commit the proxy forwarded just before lands first (it may release the scans)
+            held = select(func.count()).select_from(Scan).where(Scan.claimed_by == victim_id)
+            if (scalar(sessions, held) or 0) > 0:
+                return True
+            proxy.thaw()
+            return False
+
+        wait_until(holding_work, 60, "the victim to hold scans", victim, every=0.02)
+        code = finish_and_stop(farm, victim, sessions, SMALL, wake=proxy.thaw)
+
+    assert code == 4, victim.tail()
+    assert scalar(sessions, select(DaemonInstance.state).where(DaemonInstance.id == victim_id)) == "lost"
+    assert_each_file_once(sessions, layout, names)

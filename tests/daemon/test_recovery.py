@@ -1,18 +1,26 @@
 """The DB is the journal: a move committed but not carried out (a crash between the two) is finished
-by the next start, and nothing is read twice."""
+by the next start, and nothing is read twice. The start itself waits out a lock or an outage."""
 
+import logging
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import pytest
 from dicom_factory import write_png
 from sqlalchemy import func, select
 
+from daemon_harness import SQLITE_LOCKER
 from meddaemon.daemon import bookkeeper
 from meddaemon.daemon.intake import read_file
 from meddaemon.daemon.service import Daemon
 from meddaemon.daemon.stability import StableFile, signature
 from meddaemon.db.engine import transaction
 from meddaemon.db.models import DuplicateArrival, Scan, utcnow
+from pg_proxy import pg_proxy
 
 
 def commit_without_moving(daemon: Daemon, paths: list[Path]) -> bookkeeper.BatchRecord:
@@ -47,7 +55,7 @@ def test_a_restart_finishes_committed_moves_and_reads_nothing_twice(make_setting
         scans = session.scalars(select(Scan)).all()
         assert sorted(s.source_name for s in scans) == ["busi/synthetic_a.png", "busi/synthetic_bad.png"]
         assert session.scalar(select(func.count()).select_from(DuplicateArrival)) == 1
-        assert all(s.pending_move_from is None and Path(s.stored_path).exists() for s in scans)
+        assert all(s.pending_move_from is None and settings.stored_file(s.stored_path).exists() for s in scans)
     assert (settings.failed_dir / "busi" / "synthetic_bad.png.reason.json").exists()
 
 
@@ -65,5 +73,53 @@ def test_a_move_already_done_before_the_crash_is_only_marked_done(make_settings,
 
     with restarted.sessions() as session:
         [scan] = session.scalars(select(Scan)).all()
-    assert scan.pending_move_from is None and Path(scan.stored_path).exists()
+    assert scan.pending_move_from is None and settings.stored_file(scan.stored_path).exists()
     assert scan.source_name == str(PurePosixPath("busi/synthetic_b.png"))
+
+
+def test_a_lock_taken_between_registration_and_recovery_is_waited_out(
+    make_settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """Another process takes SQLite's write lock just after the daemon registered and before its
+    stages recover (the models stage reads the active versions first), for longer than the busy
+    timeout: the start waits for it instead of ending with "database is locked"."""
+    settings = make_settings(busy_timeout=0.2, reports=False)
+    daemon = Daemon(settings)
+    registered = daemon.prepare
+    lockers: list[subprocess.Popen[bytes]] = []
+
+    def prepare_then_lock() -> None:
+        registered()
+        database = str(settings.state_dir / "meddaemon.db")
+        locker = subprocess.Popen([sys.executable, "-c", SQLITE_LOCKER, database, "1.5"], stdout=subprocess.PIPE)
+        lockers.append(locker)
+        assert locker.stdout is not None and locker.stdout.readline().strip() == b"locked"
+
+    monkeypatch.setattr(daemon, "prepare", prepare_then_lock)
+    with caplog.at_level(logging.WARNING, "meddaemon.daemon"):
+        daemon.run(once=True)
+    assert lockers[0].wait(10) == 0
+    assert "database is locked by another process; waiting" in caplog.text
+
+
+@pytest.mark.postgres
+def test_an_outage_between_registration_and_recovery_is_waited_out(
+    make_settings, postgres_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """The PostgreSQL server goes away just after the daemon registered and comes back 2 s later:
+    the start waits for it (``db_outage_seconds``) instead of ending with "database unavailable"."""
+    with pg_proxy(postgres_url) as proxy:
+        daemon = Daemon(make_settings(db=proxy.url(postgres_url), reports=False))
+        registered = daemon.prepare
+
+        def prepare_then_cut() -> None:
+            registered()
+            proxy.cut()
+            threading.Timer(2.0, proxy.restore).start()
+
+        monkeypatch.setattr(daemon, "prepare", prepare_then_cut)
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, "meddaemon.daemon"):
+            daemon.run(once=True)
+    assert time.monotonic() - started >= 2.0
+    assert "database unreachable" in caplog.text and "database back after" in caplog.text

@@ -1,4 +1,4 @@
-"""Reliability of the real daemon (DESIGN.md section 3), run as a subprocess and abused.
+"""Reliability of the real daemon (docs/design.md section 3), run as a subprocess and abused.
 
 Each test starts ``meddaemon start`` on an inbox under ``tmp_path`` and checks what the database and
 the file system say afterwards: kill -9 at random moments, a frozen watcher, files dropped while the
@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon_harness import TASK, Daemons, Layout, drop, files_under, sha, synthetic_png, wait_until
+from daemon_harness import SQLITE_LOCKER, TASK, Daemons, Layout, drop, files_under, sha, synthetic_png, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +99,9 @@ def assert_nothing_half_done(layout: Layout) -> None:
     assert [r for r in scans if r["pending_move_from"]] == []
     assert [r for r in duplicates if r["pending_move_from"]] == []
     missing = [
-        r["stored_path"] for r in scans + duplicates if r["stored_path"] and not Path(str(r["stored_path"])).exists()
+        r["stored_path"]
+        for r in scans + duplicates
+        if r["stored_path"] and not layout.stored_file(r["stored_path"]).exists()
     ]
     assert missing == []
     assert query(layout.db, "PRAGMA integrity_check") == [("ok",)]
@@ -181,7 +183,7 @@ def test_kill_9_at_random_moments_loses_no_file_and_doubles_no_row(layout: Layou
     failed = [r for r in scans if r["state"] == "failed"]
     assert {r["sha256"] for r in failed} == bad_shas
     assert all(r["failure_reason"] for r in failed)
-    assert all(Path(f"{r['stored_path']}.reason.json").exists() for r in failed)
+    assert all(Path(f"{layout.stored_file(r['stored_path'])}.reason.json").exists() for r in failed)
     assert {r["state"] for r in scans if r["sha256"] not in bad_shas} == {"waiting_model"}
     assert {r["task_name"] for r in scans if r["sha256"] not in bad_shas} == {TASK}
 
@@ -190,7 +192,7 @@ def test_kill_9_at_random_moments_loses_no_file_and_doubles_no_row(layout: Layou
     assert len(stored) == len(stream), "the files put away are exactly the files written"
     for row in scans + duplicates:
         expected = row.get("sha256") or sha_of_scan[row["scan_id"]]
-        assert sha(Path(str(row["stored_path"])).read_bytes()) == expected, f"{row['stored_path']} was altered"
+        assert sha(layout.stored_file(row["stored_path"]).read_bytes()) == expected, f"{row['stored_path']} was altered"
 
 
 def test_a_frozen_watcher_catches_up_with_2000_files(layout: Layout, daemons: Daemons, tmp_path: Path):
@@ -323,17 +325,6 @@ def test_the_same_bytes_under_two_names_are_one_scan_and_one_duplicate(
     assert_nothing_half_done(layout)
 
 
-LOCKER = """
-import sqlite3, sys, time
-conn = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
-conn.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
-conn.execute("COMMIT")
-print("released", flush=True)
-"""
-
-
 def test_a_database_locked_by_another_process_for_10_s_delays_but_loses_nothing(
     layout: Layout, daemons: Daemons, tmp_path: Path
 ):
@@ -342,7 +333,7 @@ def test_a_database_locked_by_another_process_for_10_s_delays_but_loses_nothing(
     nothing meanwhile, and registers all 40 once the lock is released."""
     daemon = daemons.start(stable=0.3, rescan=1.0)
     daemon.wait_ready()
-    locker = daemons.helper("-c", LOCKER, str(layout.db), "10")
+    locker = daemons.helper("-c", SQLITE_LOCKER, str(layout.db), "10")
     assert locker.stdout is not None and locker.stdout.readline().strip() == b"locked"
     locked_at = time.monotonic()
 

@@ -20,10 +20,10 @@ from meddaemon.daemon import bookkeeper
 from meddaemon.daemon.reporter import Reporter
 from meddaemon.daemon.service import Daemon
 from meddaemon.db.engine import transaction
-from meddaemon.db.models import Report, Scan, ScanEvent
+from meddaemon.db.models import Report, Result, Scan, ScanEvent
 from meddaemon.files import temporary_path
 from meddaemon.report.output import scan_report_path
-from model_factory import STUDY_UID, drop_scans, promote, read_pdf, reported_state, write_model
+from model_factory import STUDY_UID, ReportedStates, drop_scans, promote, read_pdf, write_model
 
 
 def scan_states(daemon: Daemon) -> dict[str, str]:
@@ -42,15 +42,17 @@ def check_reports(daemon: Daemon) -> list[Report]:
         rows = session.scalars(select(Report).where(Report.kind == "scan")).all()
     assert sorted(r.scan_id for r in rows) == sorted(reported)
     for row in rows:
-        data = Path(row.path).read_bytes()
+        data = daemon.settings.stored_file(row.path).read_bytes()
         assert hashlib.sha256(data).hexdigest() == row.sha256 and len(data) == row.size_bytes
         assert read_pdf(data)[1] == row.pages >= 1
     assert leftovers(daemon.settings.reports_dir) == []
     return list(rows)
 
 
-def test_once_reports_every_inferred_scan_and_the_study_of_two_then_archives_them(tmp_path: Path):
-    daemon = reported_state(tmp_path)
+def test_once_reports_every_inferred_scan_and_the_study_of_two_then_archives_them(
+    tmp_path: Path, reported_states: ReportedStates
+):
+    daemon = reported_states.copy(tmp_path)  # reported_state's, run once per session
     states = scan_states(daemon)
     assert states.pop("synthetic_empty.png") == "failed"
     assert set(states.values()) == {"archived"} and len(states) == 7  # DICOM and PNG, reported first
@@ -59,25 +61,28 @@ def test_once_reports_every_inferred_scan_and_the_study_of_two_then_archives_the
         study = session.scalars(select(Report).where(Report.kind == "study")).all()
         history = session.scalars(select(ScanEvent).where(ScanEvent.state == "reported")).all()
     assert [s.study_instance_uid for s in study] == [STUDY_UID]
-    text, pages, images, _ = read_pdf(Path(study[0].path))
+    text, pages, images, _ = read_pdf(daemon.settings.stored_file(study[0].path))
     assert pages >= 2 and "2 scans of this study" in text and images >= 4
     assert len(history) == 7 and all(e.detail and e.detail.endswith(".pdf") for e in history)
-    assert all(Path(r.path).is_relative_to(daemon.settings.reports_dir.absolute()) for r in rows)
+    assert all(r.path.startswith("reports/") for r in rows)  # relative to the state dir
 
 
-def test_reported_scans_move_from_work_to_the_archive_under_their_received_names(tmp_path: Path):
-    daemon = reported_state(tmp_path)
+def test_reported_scans_move_from_work_to_the_archive_under_their_received_names(
+    tmp_path: Path, reported_states: ReportedStates
+):
+    daemon = reported_states.copy(tmp_path)  # reported_state's, run once per session
     with daemon.sessions() as session:
         archived = session.scalars(select(Scan).where(Scan.state == "archived")).all()
         steps = {s.id: [e.state for e in s.events] for s in archived}
     assert len(archived) == 7
     for scan in archived:
-        stored = Path(scan.stored_path or "")
+        stored = daemon.settings.stored_file(scan.stored_path or "")
         assert stored.is_relative_to(daemon.settings.archive_dir) and stored.name.startswith(
             Path(scan.source_name).stem
         )
         assert hashlib.sha256(stored.read_bytes()).hexdigest() == scan.sha256 and scan.pending_move_from is None
         assert steps[scan.id][-2:] == ["reported", "archived"]
+    assert list(daemon.settings.work_dir.iterdir()) == []  # no emptied work/<xx>/ shard is left behind
     assert [p for p in daemon.settings.work_dir.rglob("*") if p.is_file()] == []
 
 
@@ -140,7 +145,7 @@ def test_kill_9_while_reporting_leaves_no_partial_pdf_and_no_doubled_row(tmp_pat
     inbox, state = tmp_path / "inbox", tmp_path / "state"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
     env["MEDDAEMON_REPORTS_NICE"] = "0"
-    settings = load_settings(env={}, flags={"watch": inbox, "state_dir": state})
+    settings = load_settings(env={}, flags={"watch": inbox, "state_dir": state, "create_watch": True})
     setup = Daemon(settings)
     setup.prepare()
     promote(setup, write_model(tmp_path / "model"))
@@ -207,8 +212,8 @@ def test_an_archive_move_cut_off_after_its_commit_is_finished_by_recovery(make_s
         scan = session.scalars(select(Scan).where(Scan.state == "archived")).first()
         assert scan is not None and scan.stored_path is not None
         work = daemon.settings.work_dir / Path(scan.stored_path).name
-        Path(scan.stored_path).rename(work)
-        scan.state, scan.stored_path, scan_id = "reported", str(work), scan.id
+        daemon.settings.stored_file(scan.stored_path).rename(work)
+        scan.state, scan.stored_path, scan_id = "reported", daemon.settings.stored_name(work), scan.id
     with transaction(daemon.sessions) as session:
         [move] = bookkeeper.claim_for_archive(session, daemon.destinations, limit=10)  # committed, not carried out
     assert move.source == work and work.exists()
@@ -219,4 +224,57 @@ def test_an_archive_move_cut_off_after_its_commit_is_finished_by_recovery(make_s
     with daemon.sessions() as session:
         scan = session.get(Scan, scan_id)
         assert scan is not None and scan.state == "archived" and scan.pending_move_from is None
-        assert Path(scan.stored_path or "").exists() and not work.exists()
+        assert daemon.settings.stored_file(scan.stored_path or "").exists() and not work.exists()
+
+
+def test_the_report_embeds_the_model_view_written_beside_the_heatmaps_without_decoding_the_scan_again(
+    make_settings, tmp_path: Path
+):
+    """Issue 16: the inference stage, which holds the model's input, writes the scan as the model saw
+    it beside the heatmaps; the report embeds that JPEG instead of decoding the stored scan again."""
+    from meddaemon.daemon import filing
+    from meddaemon.report.builder import ReportBuilder
+
+    daemon = Daemon(make_settings(max_wait_ms=10))  # the view is kept only with reports on
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "model"))
+    drop_scans(daemon.settings.watch)
+    daemon.run(once=True)
+    with daemon.sessions() as session:
+        scan = session.scalars(select(Scan).where(Scan.source_name == "busi/synthetic_0.png")).one()
+        version_id = session.scalar(select(func.max(Result.model_version_id)))
+    assert scan.sha256 is not None and version_id is not None
+    view = filing.view_path(daemon.settings.heatmaps_dir, scan.sha256, version_id)
+    assert view.read_bytes()[:2] == b"\xff\xd8"
+    daemon.settings.stored_file(scan.stored_path or "").unlink()  # archived by --once; nothing to decode again
+
+    written = ReportBuilder(daemon.settings, daemon.sessions).scan_report(scan.id)
+
+    _, _, images, _ = read_pdf(written.path)
+    assert images == 3  # the model's view, the overlay, the colour scale
+
+
+def test_once_writes_its_reports_in_report_workers_processes_each_scan_once(make_settings, tmp_path: Path, caplog):
+    """Issue 16: after ``--once`` drains the inbox the cores are idle; the reports left are shared out
+    by scan id among ``report_workers`` processes, none written twice."""
+    import logging
+
+    import numpy as np
+    from dicom_factory import write_png
+
+    caplog.set_level(logging.INFO, logger="meddaemon")
+    daemon = Daemon(make_settings(max_wait_ms=10, report_workers=2))
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "model"))
+    rng = np.random.default_rng(16)
+    for i in range(34):
+        write_png(daemon.settings.watch / "busi" / f"synthetic_{i:02d}.png", rng.integers(0, 255, (40, 48), np.uint8))
+
+    daemon.run(once=True)
+
+    assert "writing 34 reports in 2 processes" in caplog.text
+    assert set(scan_states(daemon).values()) == {"archived"}
+    assert len(check_reports(daemon)) == 34
+    with daemon.sessions() as session:
+        steps = session.scalar(select(func.count()).where(ScanEvent.state == "reported"))
+    assert steps == 34

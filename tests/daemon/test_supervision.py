@@ -73,6 +73,7 @@ def test_the_daemon_notifies_systemd_and_serves_its_metrics_while_it_works(
         url = f"http://127.0.0.1:{port}/metrics"
 
         def all_inferred() -> bool:
+            notify.drain()  # as systemd does: a full socket would block the daemon's next keep-alive
             try:
                 return scrape(url)["meddaemon_scans_inferred_total"][()] == SCANS
             except (OSError, KeyError):
@@ -84,7 +85,10 @@ def test_the_daemon_notifies_systemd_and_serves_its_metrics_while_it_works(
         [(model_labels, served)] = metrics["meddaemon_model_info"].items()
         assert (dict(model_labels)["task"], dict(model_labels)["version"], served) == ("busi", "v1", 1)
         assert one(metrics, "meddaemon_daemons_alive") == 1
-        assert one(metrics, "meddaemon_files_recorded_total", outcome="routed", reason="") == SCANS
+        recorded = metrics["meddaemon_files_recorded_total"]
+        # routed, or waiting_model when read while the model was still loading in the background
+        routed = sum(recorded.get((("outcome", state), ("reason", "")), 0) for state in ("routed", "waiting_model"))
+        assert routed == SCANS
         assert metrics["meddaemon_inference_latency_seconds_count"][()] == SCANS
 
         ready_at = next(t for t, m in notify.messages if m.startswith("READY=1"))

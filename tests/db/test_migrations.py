@@ -4,8 +4,19 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import IntegrityError
 
-from meddaemon.db.migrate import SchemaTooNew, current_revision, head_revision, upgrade
+from meddaemon.db.engine import create_db_engine
+from meddaemon.db.migrate import (
+    DatabaseMissing,
+    SchemaTooNew,
+    SchemaTooOld,
+    current_revision,
+    head_revision,
+    open_current,
+    require_current,
+    upgrade,
+)
 from meddaemon.db.models import Base
 
 
@@ -31,3 +42,63 @@ def test_a_database_from_a_newer_meddaemon_is_refused(migrated_engine):
         conn.execute(text("UPDATE alembic_version SET version_num = 'from_the_future'"))
     with pytest.raises(SchemaTooNew, match="from_the_future"):
         upgrade(migrated_engine)
+
+
+def test_the_same_bytes_can_be_failed_any_number_of_times_but_live_only_once(migrated_engine):
+    """``uq_scans_sha256_live``, as the migrations build it: a retry's new attempt sits beside the
+    failed ones, a second live scan of the same bytes is refused."""
+    insert = text(
+        "INSERT INTO scans (sha256, state, source_name, registered_at, updated_at) "
+        "VALUES (:sha, :state, 'synthetic.png', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+    )
+    with migrated_engine.begin() as conn:
+        for state in ("failed", "failed", "routed"):
+            conn.execute(insert, {"sha": "ab" * 32, "state": state})
+    with pytest.raises(IntegrityError), migrated_engine.begin() as conn:
+        conn.execute(insert, {"sha": "ab" * 32, "state": "waiting_model"})
+
+
+def test_open_current_opens_a_database_at_head(migrated_engine, db_url):
+    engine = open_current(db_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.scalar(text("SELECT count(*) FROM scans")) == 0
+    finally:
+        engine.dispose()
+
+
+def test_open_current_never_creates_a_sqlite_file_nor_its_folder(tmp_path):
+    missing = tmp_path / "typo" / "meddaemon.db"
+    with pytest.raises(DatabaseMissing, match=f"no meddaemon database at {missing}"):
+        open_current(f"sqlite:///{missing}")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_database_without_a_schema_is_missing_and_stays_empty(db_url):
+    engine = create_db_engine(db_url)
+    with engine.begin() as conn:  # the file (SQLite) or the database (PostgreSQL) exists, empty
+        conn.execute(text("CREATE TABLE unrelated (id INTEGER)"))
+    engine.dispose()
+    with pytest.raises(DatabaseMissing, match="run `medcli db upgrade` or start the daemon"):
+        open_current(db_url)
+    engine = create_db_engine(db_url)
+    assert set(inspect(engine).get_table_names()) == {"unrelated"}
+    engine.dispose()
+
+
+def test_an_older_schema_is_refused_and_left_as_it_is(db_url):
+    engine = create_db_engine(db_url)
+    upgrade(engine, "0004")
+    with pytest.raises(SchemaTooOld, match="schema is older than this meddaemon"):
+        require_current(engine)
+    assert current_revision(engine) == "0004"
+    upgrade(engine)
+    require_current(engine)
+    engine.dispose()
+
+
+def test_a_newer_schema_is_refused_by_require_current(migrated_engine):
+    with migrated_engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'from_the_future'"))
+    with pytest.raises(SchemaTooNew, match="upgrade meddaemon"):
+        require_current(migrated_engine)

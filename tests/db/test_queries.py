@@ -3,7 +3,7 @@
 from datetime import timedelta
 
 from meddaemon.db.engine import session_factory, transaction
-from meddaemon.db.models import DuplicateArrival, Scan, Task, utcnow
+from meddaemon.db.models import DuplicateArrival, ModelVersion, Scan, Task, utcnow
 from meddaemon.db.queries import status_summary
 
 
@@ -58,3 +58,29 @@ def test_status_of_an_empty_database_is_all_zero(migrated_engine):
     with session_factory(migrated_engine)() as s:
         summary = status_summary(s)
     assert (summary.total, summary.duplicates, summary.last_failures) == (0, 0, [])
+
+
+def test_status_names_the_tasks_without_an_active_model_and_the_scans_waiting_for_each(migrated_engine):
+    factory = session_factory(migrated_engine)
+    with transaction(factory) as s:
+        s.add_all([Task(name=name, description=name) for name in ("busi", "chestxray14", "covid")])
+        s.flush()
+        s.add(ModelVersion(task_name="covid", version="v1", architecture="small_cnn", sha256="0" * 64, path="/m"))
+        s.add(
+            ModelVersion(
+                task_name="chestxray14",
+                version="v2",
+                architecture="small_cnn",
+                sha256="1" * 64,
+                path="/m2",
+                status="active",
+            )
+        )
+        s.add_all([_scan(i, "waiting_model", task_name="busi") for i in range(3)])
+        s.add(_scan(3, "waiting_model", task_name="covid"))
+        s.add(_scan(4, "routed", task_name="busi"))
+
+    with factory() as s:
+        summary = status_summary(s)
+    assert summary.waiting_model == {"busi": 3, "covid": 1}
+    assert summary.as_dict()["waiting_model"] == {"busi": 3, "covid": 1}

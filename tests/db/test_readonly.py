@@ -42,3 +42,39 @@ def test_a_missing_sqlite_file_is_an_error_not_a_new_database(tmp_path: Path):
 def test_an_in_memory_sqlite_database_cannot_be_observed():
     with pytest.raises(ValueError):
         read_only_engine("sqlite://")
+
+
+STRESS = """
+import sqlite3, sys, threading
+from sqlalchemy import text
+from meddaemon.db.readonly import read_only_engine
+path = sys.argv[1]
+sqlite3.connect(path).execute("CREATE TABLE t (x)").connection.commit()
+engine = read_only_engine(f"sqlite:///{path}")
+errors = []
+def work():
+    try:
+        for _ in range(200):
+            with engine.connect() as conn:
+                conn.execute(text("SELECT count(*) FROM t")).scalar()
+    except Exception as exc:
+        errors.append(exc)
+threads = [threading.Thread(target=work) for _ in range(12)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(type(engine.pool).__name__, len(errors))
+sys.exit(1 if errors else 0)
+"""
+
+
+def test_many_threads_share_a_sqlite_read_only_engine_safely(tmp_path: Path):
+    """More than five threads (the web console's pool, the metrics server's) once made SQLAlchemy's
+    SingletonThreadPool close other threads' connections under them: errors, then a segfault."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", STRESS, str(tmp_path / "stress.db")], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["QueuePool", "0"]

@@ -96,21 +96,58 @@ def test_settings_come_from_the_environment_and_name_real_keys():
     assert str(settings.watch) == "/inbox"
     assert str(settings.state_dir) == "/var/lib/meddaemon"
     assert settings.metrics_host == "0.0.0.0"
+    assert settings.dicom_host == "0.0.0.0"  # reachable from outside the container once a port is set
+    assert settings.dicom_port == 0  # the receiver is off unless asked for
 
 
-def test_inbox_and_state_are_volumes_and_the_metrics_port_is_exposed():
+def test_inbox_and_state_are_volumes_and_the_metrics_and_dicom_ports_are_exposed():
     volumes = exec_form(only("VOLUME"))
     values = env()
     assert sorted(volumes) == sorted([values["MEDDAEMON_WATCH"], values["MEDDAEMON_STATE_DIR"]])
-    assert only("EXPOSE").split() == [values["MEDDAEMON_METRICS_PORT"]]
+    metrics, dicom = only("EXPOSE").split()
+    assert metrics == values["MEDDAEMON_METRICS_PORT"]
+    # the DICOM port exposed is the one the deploy README's docker run sets and publishes
+    guide = (ROOT / "deploy" / "README.md").read_text()
+    assert f"-e MEDDAEMON_DICOM_PORT={dicom} " in guide and f"-p {dicom}:{dicom} " in guide
 
 
-def test_the_entrypoint_starts_the_daemon(real_command):
+def test_the_entrypoint_starts_the_daemon_under_debians_tini(real_command):
     entrypoint = exec_form(only("ENTRYPOINT"))
-    assert entrypoint == ["meddaemon", "start"]
-    assert real_command(entrypoint).name == "start"
+    assert entrypoint[:2] == ["/usr/bin/tini", "--"]  # where Debian's tini package installs it
+    daemon = entrypoint[2:]
+    assert daemon == ["meddaemon", "start"]
+    assert real_command(daemon).name == "start"
     # the arguments the header suggests appending to `docker run IMAGE`
-    assert real_command([*entrypoint, "--observer", "polling"]).name == "start"
+    assert real_command([*daemon, "--observer", "polling"]).name == "start"
+    installs = [args for kw, args in instructions() if kw == "RUN" and "apt-get install" in args]
+    assert any("tini" in shlex.split(args.split("apt-get install", 1)[1].split("&&")[0]) for args in installs)
+
+
+def docker_exec_lines(text: str) -> list[list[str]]:
+    """The ``docker exec CONTAINER medcli ...`` commands in a text, as the argv run in the container."""
+    commands = []
+    for line in text.splitlines():
+        if not line.lstrip("# ").startswith("docker exec "):
+            continue
+        words = shlex.split(line.lstrip("# "))
+        if words[:2] == ["docker", "exec"]:
+            commands.append(words[3:])
+    return commands
+
+
+def test_models_get_in_with_medcli_models_import_from_a_read_only_mount(real_command):
+    for document in (DOCKERFILE, ROOT / "deploy" / "README.md"):
+        text = document.read_text()
+        commands = docker_exec_lines(text)
+        imports = [c for c in commands if c[:3] == ["medcli", "models", "import"]]
+        assert imports, f"{document.name} does not show how a model gets in"
+        for command in commands:
+            real_command(command)
+        assert all(c[3].startswith("/models/") for c in imports)
+        assert re.search(r"-v \S+:/models:ro\b", text), f"{document.name}: /models is not mounted read-only"
+        assert any(c[:3] == ["medcli", "models", "promote"] for c in commands)
+    # the import copies into the state directory, which is a volume: models survive a new container
+    assert env()["MEDDAEMON_STATE_DIR"] in exec_form(only("VOLUME"))
 
 
 def test_the_healthcheck_runs_meddaemon_health_and_is_unhealthy_only_when_down(real_command):

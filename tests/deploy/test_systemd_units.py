@@ -58,7 +58,7 @@ def test_the_daemon_runs_unprivileged_on_a_read_only_system_with_writable_inbox_
 
 def test_exec_start_is_meddaemon_start_with_the_config_file(real_command):
     argv = shlex.split(read_unit("meddaemon.service")["Service"]["ExecStart"])
-    assert argv[1:] == ["start", "--config", "/etc/meddaemon/config.toml"]
+    assert argv[1:] == ["start", "--config", "/etc/meddaemon/meddaemon.toml"]
     assert real_command(argv).name == "start"
 
 
@@ -76,6 +76,34 @@ def test_the_executable_is_the_console_script_pyproject_installs():
     for name in ("meddaemon.service", "meddaemon-health.service"):
         executable = shlex.split(read_unit(name)["Service"]["ExecStart"])[0]
         assert Path(executable).name in scripts
+
+
+def installed_files() -> dict[str, Path]:
+    """What the install steps of deploy/README.md put in place: ``install -D -m MODE SOURCE DEST`` lines."""
+    readme = (DEPLOY / "README.md").read_text()
+    placed: dict[str, Path] = {}
+    for line in readme.splitlines():
+        if not line.lstrip().startswith(("sudo install ", "install ")):
+            continue
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["sudo"]:
+            words = words[1:]
+        if words[:2] == ["install", "-D"]:
+            source, destination = words[-2:]
+            placed[destination] = DEPLOY.parent / source
+    return placed
+
+
+@pytest.mark.parametrize("name", ["meddaemon.service", "meddaemon-health.service"])
+def test_the_documentation_the_units_name_is_installed_by_the_documented_steps(name: str):
+    documentation = read_unit(name)["Unit"]["Documentation"].split()
+    placed = installed_files()
+    assert documentation
+    for uri in documentation:
+        assert uri.startswith("file:///"), f"{uri}: not a local file (unreachable offline)"
+        path = uri.removeprefix("file://")
+        assert path in placed, f"{path}: no step of deploy/README.md installs it"
+        assert placed[path].is_file(), f"{placed[path]}: the source of {path} is not in the repository"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")

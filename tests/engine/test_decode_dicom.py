@@ -302,6 +302,64 @@ def test_voi_lut_sequence_is_applied_and_spans_its_table(tmp_path):
     assert_close(decode(path).frames, (table[pixels] / 255.0)[np.newaxis])
 
 
+def lut_item(first: int, table: np.ndarray) -> Dataset:
+    """A Modality or VOI LUT Sequence item of 16-bit entries, its LUT Data as little-endian OW
+    bytes (the factory swaps them for a big-endian file)."""
+    item = Dataset()
+    item.LUTDescriptor = [len(table), first, 16]
+    item.LUTData = table.astype("<u2").tobytes()
+    return item
+
+
+def through_luts(pixels: np.ndarray, luts: dict[str, tuple[int, np.ndarray]]) -> np.ndarray:
+    """What the decoder should show, by numpy alone: Modality LUT, then VOI LUT scaled over its
+    whole table (or min-max without one); inputs outside a table take its end entries."""
+    values = pixels.astype(np.int64)
+    for keyword in ("ModalityLUTSequence", "VOILUTSequence"):
+        if keyword in luts:
+            first, table = luts[keyword]
+            values = table[np.clip(values - first, 0, len(table) - 1)].astype(np.int64)
+    if "VOILUTSequence" in luts:
+        low, high = float(luts["VOILUTSequence"][1].min()), float(luts["VOILUTSequence"][1].max())
+    else:
+        low, high = float(values.min()), float(values.max())
+    return ((values - low) / (high - low))[np.newaxis]
+
+
+@pytest.mark.parametrize(
+    "sequences",
+    [("VOILUTSequence",), ("ModalityLUTSequence",), ("ModalityLUTSequence", "VOILUTSequence")],
+    ids=["VOI LUT", "Modality LUT", "both"],
+)
+def test_big_endian_lut_sequences_decode_like_their_little_endian_twin(tmp_path, sequences):
+    """16-bit LUT entries stored as OW in Explicit VR Big Endian: most words have distinct high
+    and low bytes, so reading them in the wrong byte order changes the picture."""
+    pixels = np.random.default_rng(7).integers(0, 4096, (40, 48), dtype=np.uint16)
+    all_luts = {
+        "ModalityLUTSequence": (100, np.rint(np.linspace(300, 3900, 3900)).astype(np.uint16)),
+        "VOILUTSequence": (0, np.rint(np.linspace(61000, 257, 4096)).astype(np.uint16)),
+    }
+    luts = {keyword: all_luts[keyword] for keyword in sequences}
+    extra = {keyword: Sequence([lut_item(first, table)]) for keyword, (first, table) in luts.items()}
+    written = {
+        syntax: write_dicom(
+            tmp_path / f"{syntax.name}.dcm", pixels=pixels, bits_stored=12, transfer_syntax=syntax, extra=extra
+        )
+        for syntax in (ExplicitVRLittleEndian, ExplicitVRBigEndian)
+    }
+    big_endian_file = written[ExplicitVRBigEndian].read_bytes()
+    for keyword, (_, table) in luts.items():
+        assert dcmread(written[ExplicitVRBigEndian])[keyword][0]["LUTData"].VR == "OW"
+        assert table.astype(">u2").tobytes() in big_endian_file
+        assert table.astype("<u2").tobytes() not in big_endian_file
+
+    little, big = (decode(written[syntax]) for syntax in (ExplicitVRLittleEndian, ExplicitVRBigEndian))
+
+    assert dcmread(written[ExplicitVRBigEndian]).file_meta.TransferSyntaxUID == ExplicitVRBigEndian
+    assert_close(little.frames, through_luts(pixels, luts))
+    assert_close(big.frames, little.frames, atol=0)
+
+
 def test_palette_colour_is_expanded_to_rgb(tmp_path):
     indices = gradient(top=255, dtype=np.uint8)
     path = write_dicom(tmp_path / "pal.dcm", pixels=indices, photometric="PALETTE COLOR")
@@ -312,6 +370,87 @@ def test_palette_colour_is_expanded_to_rgb(tmp_path):
 
     assert decoded.channels == 3
     assert_close(decoded.frames, expected[np.newaxis])
+
+
+def palette(entry_bits: int, layout: str) -> tuple[dict[str, object], np.ndarray, float]:
+    """A 256-entry SYNTHETIC palette: the ``extra`` keywords that write it (little-endian words,
+    which the factory swaps for a big-endian file), its (256, 3) table, and its full scale.
+
+    ``layout`` is "word" (one entry per 16-bit word) or "packed" (8-bit entries two to a word)."""
+    full_scale = float(2**entry_bits - 1)
+    ramp = np.rint(np.linspace(0, full_scale, 256)).astype(np.uint16)
+    table = np.stack([ramp, ramp[::-1], np.full(256, int(full_scale) // 2 + 1, np.uint16)], axis=-1)
+    extra: dict[str, object] = {}
+    for channel, colour in enumerate(("Red", "Green", "Blue")):
+        data = table[:, channel].astype("<u2" if layout == "word" else "u1").tobytes()
+        extra[f"{colour}PaletteColorLookupTableDescriptor"] = [256, 0, entry_bits]
+        extra[f"{colour}PaletteColorLookupTableData"] = data
+    return extra, table, full_scale
+
+
+@pytest.mark.parametrize(
+    ("entry_bits", "layout"),
+    [(16, "word"), (8, "word"), (8, "packed")],
+    ids=["16-bit entries", "8-bit entries in 16-bit words", "8-bit entries packed"],
+)
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ExplicitVRBigEndian], ids=["LE", "BE"])
+def test_palette_colour_goes_through_its_tables_in_either_byte_order(tmp_path, transfer_syntax, entry_bits, layout):
+    indices = gradient(top=255, dtype=np.uint8)
+    extra, table, full_scale = palette(entry_bits, layout)
+    path = write_dicom(
+        tmp_path / "pal.dcm", pixels=indices, photometric="PALETTE COLOR", transfer_syntax=transfer_syntax, extra=extra
+    )
+
+    decoded = decode(path)
+
+    assert dcmread(path).file_meta.TransferSyntaxUID == transfer_syntax
+    assert_close(decoded.frames, (table[indices] / full_scale)[np.newaxis])
+    assert float(decoded.frames.mean()) > 0.3
+
+
+def test_big_endian_palette_colour_decodes_like_its_little_endian_twin(tmp_path):
+    indices = np.random.default_rng(12).integers(0, 256, (48, 40), dtype=np.uint8)
+    dark = np.rint(np.linspace(0, 6553, 256)).astype("<u2")  # a dim palette: mean about 0.05
+    extra: dict[str, object] = {}
+    for colour, lut in (("Red", dark), ("Green", dark[::-1]), ("Blue", dark)):
+        extra[f"{colour}PaletteColorLookupTableDescriptor"] = [256, 0, 16]
+        extra[f"{colour}PaletteColorLookupTableData"] = lut.tobytes()
+    twins = {
+        syntax: decode(
+            write_dicom(
+                tmp_path / f"{syntax.name}.dcm",
+                pixels=indices,
+                photometric="PALETTE COLOR",
+                transfer_syntax=syntax,
+                extra=extra,
+            )
+        ).frames
+        for syntax in (ExplicitVRLittleEndian, ExplicitVRBigEndian)
+    }
+
+    little, big = twins[ExplicitVRLittleEndian], twins[ExplicitVRBigEndian]
+    assert 0.03 < float(little.mean()) < 0.07
+    assert_close(big, little, atol=0)
+
+
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ExplicitVRBigEndian], ids=["LE", "BE"])
+def test_segmented_palette_colour_is_expanded_in_either_byte_order(tmp_path, transfer_syntax):
+    indices = gradient(top=255, dtype=np.uint8)
+    rising = np.array([0, 1, 0, 1, 255, 65535], "<u2").tobytes()  # discrete 0, then linear to 65535
+    falling = np.array([0, 1, 65535, 1, 255, 0], "<u2").tobytes()
+    extra: dict[str, object] = {}
+    for colour, segments in (("Red", rising), ("Green", falling), ("Blue", rising)):
+        extra[f"{colour}PaletteColorLookupTableDescriptor"] = [256, 0, 16]
+        extra[f"Segmented{colour}PaletteColorLookupTableData"] = segments
+    path = write_dicom(
+        tmp_path / "seg.dcm", pixels=indices, photometric="PALETTE COLOR", transfer_syntax=transfer_syntax, extra=extra
+    )
+    ramp = np.linspace(0, 1, 256)
+
+    decoded = decode(path)
+
+    expected = np.stack([ramp, ramp[::-1], ramp], axis=-1)[indices]
+    assert_close(decoded.frames, expected[np.newaxis], atol=1 / 65535)
 
 
 def test_ybr_full_is_converted_to_rgb(tmp_path):

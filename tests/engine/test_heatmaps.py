@@ -313,3 +313,22 @@ def test_works_under_autocast() -> None:
         result = compute_heatmaps(model, x, predicted_class())
     assert_valid_maps(result, x)
     assert all(float(m.max()) > 0.5 for row in result.maps for _, m in row)
+
+
+def test_the_overlay_blends_jet_colours_by_the_square_root_of_the_map_within_two_levels():
+    """The overlay the daemon writes for every heatmap is computed from tables in fixed point (issue
+    16); it stays within two levels (of 255) of the exact blend, and a cold pixel keeps the scan's."""
+    from meddaemon.engine.overlay import jet, overlay
+
+    rng = np.random.default_rng(16)
+    view = rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    heatmap = rng.random((40, 56), dtype=np.float32)
+    heatmap[0, 0], heatmap[0, 1] = 0.0, 1.0
+    weight = 0.45 * np.sqrt(heatmap)[..., None]
+    exact = view * (1 - weight) + jet(heatmap).astype(np.float32) * weight
+
+    blended = overlay(view, heatmap)
+
+    assert blended.dtype == np.uint8 and blended.shape == view.shape
+    assert np.abs(blended.astype(np.float32) - exact).max() <= 2.0
+    assert (blended[0, 0] == view[0, 0]).all()

@@ -466,6 +466,39 @@ def test_import_promote_retire(factory, tmp_path: Path):  # type: ignore[no-unty
     assert info.value.reason == "unknown_version"
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # file copying: one database is enough
+def test_the_model_card_and_the_figures_it_links_are_registered_with_the_version(factory, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Only the card and the PNG/JPEG files it links by a plain name, present, regular and really
+    pictures, come along: not a file beside them it does not link, a path outside, a URL, a symlink."""
+    import io
+
+    from PIL import Image
+
+    picture = io.BytesIO()
+    Image.new("L", (8, 8), 128).save(picture, format="PNG")  # SYNTHETIC figure
+    source = tmp_path / "src" / "v1"
+    save_small(source)
+    (source / "MODEL_CARD.md").write_text(
+        "# busi v1 (SYNTHETIC)\n\n![training curves](curves.png)\n\n![outside](../outside.png)\n"
+        "![remote](http://example.org/roc.png)\n![missing](roc.png)\n![not a picture](confusion.png)\n"
+        "![a link](grid.png)\n"
+    )
+    (source / "curves.png").write_bytes(picture.getvalue())
+    (source / "confusion.png").write_bytes(b"SYNTHETIC: not a picture")
+    (source / "unlinked.png").write_bytes(picture.getvalue())
+    (tmp_path / "src" / "outside.png").write_bytes(picture.getvalue())
+    (source / "grid.png").symlink_to(tmp_path / "src" / "outside.png")
+
+    with transaction(factory) as session:
+        import_version(session, source, tmp_path / "registry")
+
+    target = tmp_path / "registry" / "busi" / "v1"
+    copied = sorted(p.name for p in target.iterdir())
+    assert copied == ["MODEL_CARD.md", "curves.png", "manifest.json", "model.safetensors"]
+    assert (target / "MODEL_CARD.md").read_bytes() == (source / "MODEL_CARD.md").read_bytes()
+    assert (target / "curves.png").read_bytes() == picture.getvalue()
+
+
 def test_promote_reverifies_the_registered_copy(factory, tmp_path: Path):  # type: ignore[no-untyped-def]
     root = tmp_path / "registry"
     save_small(tmp_path / "src")
@@ -494,3 +527,14 @@ def test_import_checks_the_task(factory, tmp_path: Path):  # type: ignore[no-unt
     with factory() as session:
         assert session.get(Task, "thyroid") is not None
         assert [r.version for r in list_versions(session)] == ["v1"]
+
+
+def test_a_manifest_written_before_resize_and_normalisation_existed_loads_unchanged(v1: Path):
+    data = json.loads((v1 / "manifest.json").read_text())
+    for key in ("resize", "normalisation"):
+        data["input_contract"].pop(key, None)
+    data.pop("provenance")
+    (v1 / "manifest.json").write_text(json.dumps(data))
+    loaded = load_version(v1)
+    assert loaded.manifest.contract.resize == "stretch" and loaded.manifest.contract.normalisation == "fixed"
+    assert loaded.manifest.provenance == {}

@@ -38,10 +38,10 @@ def test_the_daemons_reports_of_a_dicom_with_patient_fields_hold_none_of_them(re
     assert len(rows) == 2 and not any(r.with_phi for r in rows)
     assert len(study) == 1 and study[0].study_instance_uid == STUDY_UID
     for row in [*rows, *study]:
-        pdf = Path(row.path)
+        pdf = reported.settings.stored_file(row.path)
         assert hashlib.sha256(pdf.read_bytes()).hexdigest() == row.sha256
         assert_no_phi(pdf)
-    text, *_ = read_pdf(Path(study[0].path))
+    text, *_ = read_pdf(reported.settings.stored_file(study[0].path))
     assert STUDY_UID not in text and "SYNTHETIC-VENDOR" in text
 
 

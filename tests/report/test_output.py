@@ -88,8 +88,31 @@ def test_writing_the_same_report_again_updates_its_row(migrated_engine, tmp_path
     for digest in ("a" * 64, "b" * 64):
         with transaction(sessions) as session:
             record_report(
-                session, kind="summary", path=tmp_path / "s.pdf", sha256=digest, size=10, pages=1, with_phi=False
+                session,
+                kind="summary",
+                path=tmp_path / "s.pdf",
+                state_dir=tmp_path,
+                sha256=digest,
+                size=10,
+                pages=1,
+                with_phi=False,
             )
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Report)) == 1
         assert session.scalar(select(Report.sha256)) == "b" * 64
+
+
+def test_a_report_row_names_its_file_relative_to_the_state_dir_or_absolute_outside_it(migrated_engine, tmp_path: Path):
+    sessions = session_factory(migrated_engine)
+    state = tmp_path / "state"
+    old = state / "reports" / "summaries" / "old.pdf"
+    with transaction(sessions) as session:
+        session.add(Report(kind="summary", path=str(old), sha256="a" * 64, size_bytes=1, pages=1, with_phi=False))
+    with transaction(sessions) as session:
+        for digest, path in (("b", old), ("c", state / "reports" / "summaries" / "new.pdf"), ("d", tmp_path / "x.pdf")):
+            record_report(
+                session, kind="summary", path=path, state_dir=state, sha256=digest * 64, size=1, pages=1, with_phi=False
+            )
+    with sessions() as session:
+        rows = {r.sha256[0]: r.path for r in session.scalars(select(Report))}
+    assert rows == {"b": str(old), "c": "reports/summaries/new.pdf", "d": str(tmp_path / "x.pdf")}

@@ -111,6 +111,14 @@ def test_a_result_without_a_heatmap_says_so_and_has_no_overlay():
     assert "No heatmap: none was stored for this result" in text
 
 
+def test_a_model_that_makes_no_heatmaps_is_named_as_the_reason():
+    """An imported ONNX graph without a CAM feature map: the report says the model makes none."""
+    data = scan_data(heatmaps=False)
+    text, _, images, _ = render(replace(data, model=replace(data.model, heatmaps=False)))
+    assert images == 1
+    assert "No heatmap: this model makes none (it exposes no feature map for CAM" in text
+
+
 def test_multilabel_without_positive_labels_explains_the_missing_heatmap():
     text, _, images, _ = render(scan_data("chestxray14", positives=set()))
     assert images == 1

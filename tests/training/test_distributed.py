@@ -28,6 +28,8 @@ def free_port() -> int:
 
 def run_retrain(launcher: list[str], data: Path, state: Path, batch_size: int, version: str) -> dict[str, object]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    upgrade = [sys.executable, "-m", "meddaemon.cli.medcli", "db", "upgrade", "--state-dir", str(state)]
+    subprocess.run(upgrade, capture_output=True, env=env, timeout=120, check=True)  # retrain creates no database
     command = [*launcher, "-m", "meddaemon.cli.medcli", "retrain", "busi", "--data", str(data)]
     command += ["--state-dir", str(state), *FAST, "--batch-size", str(batch_size), "--version", version]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, check=False)

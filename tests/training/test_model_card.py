@@ -4,7 +4,6 @@ test images with their calls and heatmaps as PNGs beside MODEL_CARD.md, and the 
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -61,18 +60,17 @@ def test_the_grid_shows_up_to_twelve_test_images(run: RetrainOutcome) -> None:
     assert abs(width / height - (2.3 * columns) / (2.6 * rows)) < 0.1
 
 
-def test_figures_are_fast_and_handle_multilabel(run: RetrainOutcome, tmp_path: Path) -> None:
-    """Redrawn from the run in under 2 s; a 14-label multilabel set (one label never positive) draws too."""
+def test_figures_are_redrawn_from_the_run_and_handle_multilabel(run: RetrainOutcome, tmp_path: Path) -> None:
+    """Redrawn from the run; a 14-label multilabel set (one label never positive) draws too. How long
+    drawing takes is measured by benchmarks/reports.py (model card figures), not here."""
     test_set_images = _test_images(run)
     probs = run.result.validation.probabilities
     truth = run.result.validation.truth
-    started = time.perf_counter()
     written = write_figures(
         tmp_path / "again", kind="multiclass", labels=BUSI.labels, history=run.result.history,
         probabilities=probs, truth=truth, thresholds=None, model=run.result.model,
         images=test_set_images, contract=run.result.contract,
     )  # fmt: skip
-    assert time.perf_counter() - started < 2.0
     assert written == FIGURES
 
     rng = np.random.default_rng(0)

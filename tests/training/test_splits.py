@@ -8,7 +8,10 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
+from dicom_factory import write_png
+from PIL import Image
 
 from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.training.datasets import DatasetIndex, load_dataset
@@ -138,3 +141,37 @@ def test_an_image_that_cannot_be_decoded_is_dropped_from_the_split(
     assert [d.reason for d in split.report.dropped if d.path == name] == [
         "unreadable image (the bytes are not DICOM, PNG, JPEG or TIFF)"
     ]
+
+
+def folder_per_class(root: Path, conflicts: int) -> DatasetIndex:
+    """SYNTHETIC noise images, 20 per class, and ``conflicts`` images of class a copied into class b
+    with one pixel changed (other bytes, the same picture)."""
+    rng = np.random.default_rng(21)
+    for label in ("a", "b"):
+        for k in range(20):
+            write_png(root / label / f"{label}_{k:02d}.png", rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    for k in range(conflicts):
+        pixels = np.asarray(Image.open(root / "a" / f"a_{k:02d}.png")).copy()
+        pixels[0, 0] ^= 1
+        write_png(root / "b" / f"copy_of_a_{k:02d}.png", pixels)
+    return load_dataset(root, None, check_images=False)
+
+
+def test_dropping_more_than_five_percent_of_the_images_is_warned_about(tmp_path: Path) -> None:
+    split = make_split(folder_per_class(tmp_path / "ds", conflicts=2))
+
+    assert len(split.report.dropped) == 4
+    assert split.report.dropped_by_cause() == {"near-duplicates labelled differently": 4}
+    [warning] = [w for w in split.report.warnings if "dropped" in w]
+    assert warning.startswith("4 of 42 images (9.5%) are dropped, more than 5%")
+    assert "4 near-duplicates labelled differently" in warning
+    lines = split.report.lines()
+    assert "dropped: 4; 4 near-duplicates labelled differently" in lines
+    assert any(line.startswith("  b/copy_of_a_01.png: near-duplicates labelled differently") for line in lines)
+
+
+def test_dropping_five_percent_or_fewer_is_not_warned_about(tmp_path: Path) -> None:
+    split = make_split(folder_per_class(tmp_path / "ds", conflicts=1))
+
+    assert len(split.report.dropped) == 2
+    assert not [w for w in split.report.warnings if "dropped" in w]

@@ -14,11 +14,11 @@ from PIL import Image
 from meddaemon.engine.registry import load_version
 from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.training.datasets import load_dataset
-from meddaemon.training.evaluate import choose_thresholds, flags_for, score_test_set
+from meddaemon.training.evaluate import choose_thresholds, flags_for, promotion_blockers, score_test_set
 from meddaemon.training.phantoms import write_phantoms
 from meddaemon.training.pipeline import MODEL_CARD, RetrainOutcome, retrain
 from meddaemon.training.splits import SPLIT_FILE, SplitConfig, make_split
-from meddaemon.training.train import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, TrainConfig, train
+from meddaemon.training.train import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, TrainConfig, checkpoint_epoch, train
 
 BUSI = BUILTIN_TASKS["busi"]
 
@@ -104,8 +104,10 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(busi_root: Path, tmp_pa
     config = small(epochs=3, image_size=32, scheduler={"name": "step", "step_size": 1, "gamma": 0.5})
 
     whole = train(BUSI, train_samples, val_samples, config, tmp_path / "whole")
+    assert checkpoint_epoch(tmp_path / "resumed") is None
     interrupted = train(BUSI, train_samples, val_samples, config, tmp_path / "resumed", stop_after=1)
     assert interrupted.epochs_run == 1
+    assert checkpoint_epoch(tmp_path / "resumed") == 1  # what `medcli retrain` says after Ctrl-C
     assert (tmp_path / "resumed" / CHECKPOINT_WEIGHTS).is_file() and (tmp_path / "resumed" / CHECKPOINT_STATE).is_file()
     resumed = train(BUSI, train_samples, val_samples, config, tmp_path / "resumed", resume=True)
 
@@ -151,6 +153,20 @@ def test_flags_for_collapse_and_implausible_scores() -> None:
     assert any(f.startswith("COLLAPSE") for f in flags)
     assert any(f.startswith("IMPLAUSIBLE") for f in flags)
     assert flags_for("multiclass", labels, perfect, truth, None, {**test, "n": 500}) == []
+
+
+def test_collapse_and_implausible_scores_block_promotion_a_class_never_called_does_not() -> None:
+    labels = ("a", "b", "c")
+    truth = np.eye(3)[[0, 1, 2, 0, 1, 2]]
+    constant = np.tile([0.2, 0.5, 0.3], (6, 1))
+    perfect = truth * 0.8 + 0.1
+    test = score_test_set("multiclass", labels, perfect, truth, None)
+    flags = flags_for("multiclass", labels, constant, truth, None, test)
+    assert [f.split(":")[0] for f in promotion_blockers(flags)] == [f.split(":")[0] for f in flags]
+    assert {f.split(":")[0] for f in flags} == {"COLLAPSE", "IMPLAUSIBLE"}
+    never = "NEVER CALLED: 'c' present in validation but never the model's call; its images all go to other classes"
+    assert promotion_blockers([never]) == []
+    assert promotion_blockers([]) == []
 
 
 def test_a_class_the_model_never_calls_is_flagged_even_when_its_ranking_is_perfect() -> None:

@@ -1,10 +1,12 @@
 """``--require "auc>=0.90,sensitivity[Effusion]>=0.85"``: pass/fail criteria on the interval bounds.
 
 A lower limit (``>=``, ``>``) must hold for the lower 95% bound, an upper limit (``<=``, ``<``,
-e.g. ``ece<=0.05``) for the upper bound: a criterion passes only when the data are convincing.
-A metric without an interval (macro-F1, MCC, kappa, Brier, ECE without ``--bootstrap``) is judged
-on its point value, and says so. An undefined metric fails. Without ``[label]`` a criterion
-applies to every reported label.
+e.g. ``prevalence<=0.2``) for the upper bound: a criterion passes only when the data are convincing.
+A metric without an interval (AUPRC, macro-F1, MCC, kappa, Brier, ECE: none gets one, with or
+without ``--bootstrap``) is judged on its point value (``ece<=0.05``: the ECE itself), and says so.
+An interval never degenerates to a point where the counts are few (a proportion's is at least its
+Wilson interval, an AUC at 1 gets the count bound of ``delong.py``). An undefined metric fails.
+Without ``[label]`` a criterion applies to every reported label.
 """
 
 from __future__ import annotations

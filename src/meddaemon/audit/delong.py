@@ -3,8 +3,16 @@
 DeLong's placement values come from one sort and the counts of each tie group (what Sun & Xu's
 three midrank vectors encode) instead of the O(m*n) pairwise kernel; the AUC equals the
 Mann-Whitney statistic (and scikit-learn's ``roc_auc_score``). The 95% interval is built on the logit scale
-and transformed back, so it stays inside [0, 1] and is asymmetric near the edges; at an AUC of
-exactly 0 or 1 (variance 0) it is the point itself.
+and transformed back, so it stays inside [0, 1] and is asymmetric near the edges.
+
+Where that interval degenerates (an AUC of exactly 0 or 1, where the DeLong variance is 0 and the
+logit is infinite, or a variance of 0 from ties) the interval comes from the counts instead:
+``count_interval``, a Clopper-Pearson interval that treats the AUC as a proportion of
+k = min(positives, negatives) trials. Two facts make that conservative: the variance of the AUC is
+at most AUC(1 - AUC)/k (van Dantzig's bound on the Mann-Whitney statistic), and at AUC 1 its lower
+bound (0.025 ** (1/k)) is exact: k disjoint positive-negative pairs are each concordant with
+probability AUC, independently, so all m*n pairs are concordant with probability at most AUC ** k.
+Two positives with AUC 1 thus get [0.158, 1]; 2,000 positives and negatives get [0.998, 1].
 """
 
 from __future__ import annotations
@@ -13,9 +21,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import expit, logit
-from scipy.stats import norm
+from scipy.stats import beta, norm
 
 Z95 = float(norm.ppf(0.975))
+DELONG_LOGIT = "delong-logit"
+COUNT_BOUND = "clopper-pearson of auc*k in k = min(positives, negatives)"
 
 
 @dataclass(frozen=True)
@@ -86,13 +96,26 @@ def delong(y_true: np.ndarray, *scores: np.ndarray, order: np.ndarray | None = N
     return DeLong(aucs=aucs, covariance=s10 / m + s01 / n, positives=m, negatives=n)
 
 
-def auc_interval(auc: float, variance: float, z: float = Z95) -> tuple[float, float]:
-    """The logit-scale normal interval of an AUC, back on [0, 1]."""
-    if variance <= 0.0 or auc <= 0.0 or auc >= 1.0:
-        return (auc, auc)
-    se_logit = np.sqrt(variance) / (auc * (1.0 - auc))
-    centre = logit(auc)
-    return float(expit(centre - z * se_logit)), float(expit(centre + z * se_logit))
+def auc_interval(
+    auc: float, variance: float, positives: int, negatives: int, z: float = Z95
+) -> tuple[float, float, str]:
+    """The 95% interval of an AUC and the method that gave it: the logit-scale DeLong interval,
+    or ``count_interval`` where that degenerates (variance 0, or an AUC of 0 or 1)."""
+    if variance > 0.0 and 0.0 < auc < 1.0:
+        se_logit = np.sqrt(variance) / (auc * (1.0 - auc))
+        centre = logit(auc)
+        return float(expit(centre - z * se_logit)), float(expit(centre + z * se_logit)), DELONG_LOGIT
+    lower, upper = count_interval(auc, min(positives, negatives), z)
+    return lower, upper, COUNT_BOUND
+
+
+def count_interval(auc: float, k: int, z: float = Z95) -> tuple[float, float]:
+    """Clopper-Pearson interval of ``auc * k`` successes in ``k`` trials (not necessarily a whole number)."""
+    tail = float(norm.sf(z))
+    x = auc * k
+    lower = 0.0 if x <= 0.0 else float(beta.ppf(tail, x, k - x + 1.0))
+    upper = 1.0 if x >= k else float(beta.ppf(1.0 - tail, x + 1.0, k - x))
+    return lower, upper
 
 
 @dataclass(frozen=True)

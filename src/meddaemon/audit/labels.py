@@ -12,8 +12,12 @@ label with 0/1 (also true/false, yes/no, positive/negative; empty means not know
 
 from __future__ import annotations
 
+import codecs
 import csv
+import difflib
 import hashlib
+import io
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,35 +73,89 @@ class LabelTable:
         return seen
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
     """Read a labels CSV (simple or NIH); ``vocabulary``: every label name of every task."""
     words = set(vocabulary)
     try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            try:
-                header = [h.strip() for h in next(reader)]
-            except StopIteration:
-                raise LabelFileError(path, "the file is empty; expected a header line") from None
-            records = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
-    except UnicodeDecodeError as exc:
-        raise LabelFileError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except csv.Error as exc:
-        raise LabelFileError(path, f"not a readable CSV: {exc}") from None
+        raw = path.read_bytes()
     except OSError as exc:
         raise LabelFileError(path, f"cannot be read: {exc.strerror}") from None
-    sha = file_sha256(path)
+    reader = csv.reader(io.StringIO(_decode(path, raw), newline=""))
+    try:
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise LabelFileError(path, "the file is empty; expected a header line") from None
+        records = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except csv.Error as exc:
+        raise LabelFileError(path, f"not a readable CSV: {exc}", reader.line_num) from None
+    sha = hashlib.sha256(raw).hexdigest()
     if "Image Index" in header and "Finding Labels" in header:
+        _refuse_misspelt_labels(path, header, records, words, ("Image Index", "Finding Labels"))
         return _nih(path, sha, header, records, words)
+    _refuse_misspelt_labels(path, header, records, words, (*KEY_COLUMNS, "label", "task"))
     return _simple(path, sha, header, records, words)
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """The file as text (UTF-8, with or without a byte order mark); an error names the line."""
+    body = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = body.rfind(b"\n", 0, exc.start) + 1
+        raise LabelFileError(
+            path,
+            f"not UTF-8 text ({exc.reason}: byte 0x{body[exc.start]:02x}, byte {exc.start - line_start + 1} of "
+            "the line); save the file as UTF-8",
+            body.count(b"\n", 0, exc.start) + 1,
+        ) from None
+
+
+def normal_name(name: str) -> str:
+    """A column or label name compared without case, spaces, underscores or hyphens mattering."""
+    return re.sub(r"[\s_-]+", "_", name.strip().lower())
+
+
+def closest_name(name: str, names: Iterable[str]) -> str | None:
+    """The one of ``names`` that ``name`` most likely means (a typo, another case or spacing), if one is close."""
+    by_normal = {normal_name(n): n for n in names}
+    found = difflib.get_close_matches(normal_name(name), list(by_normal), n=1, cutoff=0.8)
+    return by_normal[found[0]] if found else None
+
+
+def _refuse_misspelt_labels(
+    path: Path, header: list[str], records: list[tuple[int, list[str]]], words: set[str], reserved: Iterable[str]
+) -> None:
+    """A 0/1 column whose name is close to a label but is not one (``Pneumothoraxx``) would be taken
+    for an attribute and the label it meant left unknown: refuse it, naming the label it is close to."""
+    skip = set(reserved) | words
+    for index, name in enumerate(header):
+        if not name or name in skip:
+            continue
+        meant = closest_name(name, words)
+        if meant is None:
+            continue
+        values = {row[index].strip().lower() for _, row in records if index < len(row)} - {""}
+        if values and values <= TRUE_VALUES | FALSE_VALUES:
+            raise LabelFileError(
+                path, f"holds 0/1 values but is not a label of any task; did you mean {meant!r}?", 1, name
+            )
+
+
+def check_label_columns(table: LabelTable, task: str, task_labels: Iterable[str]) -> None:
+    """Every 0/1 label column of ``table`` is a label of the audited task."""
+    labels = tuple(task_labels)
+    for column in table.label_columns:
+        if column not in labels:
+            meant = closest_name(column, labels)
+            raise LabelFileError(
+                table.path,
+                f"a 0/1 label column, but not a label of task {task} ({', '.join(labels)})"
+                + (f"; did you mean {meant!r}?" if meant else ""),
+                1,
+                column,
+            )
 
 
 def _cells(path: Path, header: list[str], line: int, row: list[str]) -> dict[str, str]:

@@ -275,8 +275,7 @@ def label_metrics(
             order = np.argsort(p, kind="stable")
         d = delong(y, p, order=order)
         variance = d.variance
-        lo, hi = auc_interval(d.auc, d.variance)
-        auc = Estimate(d.auc, lo, hi, "delong-logit")
+        auc = Estimate(d.auc, *auc_interval(d.auc, d.variance, pos, neg))
         s = sorted_scores(y, p, order)
         auprc = Estimate(average_precision(s))
         tpr = s.tps / pos

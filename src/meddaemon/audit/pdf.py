@@ -59,9 +59,14 @@ def _summary(result: AuditResult) -> Figure:
         f"join: {j.matched} matched / {j.label_rows} label rows / {j.predictions} predictions; "
         f"{len(j.labels_without_prediction)} labels without prediction, {j.predictions_without_label} "
         f"predictions without label, {len(j.conflicts)} conflicts; {result.cohort.n_clusters} patients",
-        "95% intervals: AUC DeLong (logit), proportions Wilson"
-        + (f", or patient-clustered bootstrap (B={result.analysis.resamples})" if result.analysis.resamples else "")
-        + "; ECE over 10 equal-width bins",
+        "95% intervals: AUC DeLong (logit; Clopper-Pearson on min(pos, neg) where DeLong degenerates), "
+        "proportions Wilson"
+        + (
+            f", united with a patient-clustered bootstrap (B={result.analysis.resamples})"
+            if result.analysis.resamples
+            else ""
+        ),
+        "AUPRC, Brier and ECE (10 equal-width bins): point values, no interval",
     ]
     mc = result.analysis.multiclass
     if mc is not None:

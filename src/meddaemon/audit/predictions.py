@@ -9,7 +9,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from meddaemon.db.models import ModelVersion, Result, Scan
+from meddaemon.db.models import EvaluationFile, ModelVersion, Result, Scan
 
 #: Scan columns an audit can group by (under these names) or cluster on.
 SCAN_ATTRIBUTES = {
@@ -66,16 +66,21 @@ def find_version(session: Session, task: str, version: str | None) -> ModelVersi
     return row
 
 
-def load_predictions(session: Session, version: ModelVersion, kind: str) -> Predictions:
+def load_predictions(
+    session: Session, version: ModelVersion, kind: str, evaluation_id: int | None = None
+) -> Predictions:
+    """The version's results, of every scan or (``evaluation_id``) of the scans of one evaluation."""
     labels = tuple(version.manifest.get("labels") or ())
     if not labels:
         raise AuditInputError(f"model version {version.task_name}/{version.version} has no labels in its manifest")
     label_index = {name: i for i, name in enumerate(labels)}
-    rows = session.execute(
-        select(Result.scan_id, Result.label, Result.probability, Result.threshold, Result.positive)
-        .where(Result.model_version_id == version.id)
-        .order_by(Result.scan_id)
-    ).all()
+    query = select(Result.scan_id, Result.label, Result.probability, Result.threshold, Result.positive).where(
+        Result.model_version_id == version.id
+    )
+    if evaluation_id is not None:
+        of_evaluation = select(EvaluationFile.scan_id).where(EvaluationFile.evaluation_id == evaluation_id)
+        query = query.where(Result.scan_id.in_(of_evaluation))
+    rows = session.execute(query.order_by(Result.scan_id)).all()
     if not rows:
         raise AuditInputError(f"model version {version.task_name}/{version.version} has no stored results")
     scan_col = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))

@@ -20,11 +20,12 @@ from meddaemon.audit.bootstrap import Interval, Target, bootstrap
 from meddaemon.audit.compare import Shift, VersionComparison, Window, compare_versions, shift
 from meddaemon.audit.criteria import Criterion, Verdict, evaluate, parse_criteria
 from meddaemon.audit.join import Cohort, JoinReport, join
-from meddaemon.audit.labels import LabelTable, read_label_folders, read_labels
+from meddaemon.audit.labels import LabelTable, check_label_columns, read_label_folders, read_labels
 from meddaemon.audit.metrics import Agreement, LabelMetrics, agreement, label_metrics
-from meddaemon.audit.predictions import AuditInputError, find_version, load_predictions
+from meddaemon.audit.predictions import AuditInputError, Predictions, find_version, load_predictions
 from meddaemon.audit.subgroups import Subgroup, subgroups
 from meddaemon.audit.values import Estimate
+from meddaemon.db.models import ModelVersion
 from meddaemon.engine.tasks import TaskSpec
 
 AUTO_RESAMPLES = 2000
@@ -46,6 +47,8 @@ class AuditRequest:
     cohort_a: str | None = None
     cohort_b: str | None = None
     require: str | None = None
+    #: the evaluation (name or id) whose dataset's own labels are the truth (``evaluate/truth.py``)
+    evaluation: str | None = None
 
     def parameters(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -108,8 +111,8 @@ def analyse(
             on_bootstrap_start(resamples)
         overall, groups = _with_bootstrap(cohort, overall, groups, resamples, seed, progress)
         notes.append(
-            f"intervals of AUC, sensitivity, specificity, PPV and NPV: percentile bootstrap, {resamples} "
-            f"resamples of {cohort.n_clusters} patients (clustered: all scans of a patient together)"
+            "intervals of AUC, sensitivity, specificity, PPV and NPV: union of Wilson/DeLong and a patient-"
+            f"clustered percentile bootstrap ({resamples} resamples of {cohort.n_clusters} patients)"
         )
     return Analysis(overall, multiclass, groups, resamples, notes)
 
@@ -152,6 +155,8 @@ def _target(cohort: Cohort, key: tuple[str, ...], rows: np.ndarray, j: int) -> T
 
 
 def _apply(m: LabelMetrics, intervals: dict[str, Interval]) -> LabelMetrics:
+    """Each metric's bootstrap interval, united with the interval it had (Wilson, DeLong or the count
+    bound): a percentile bootstrap of a proportion at 0 or 1, or of an AUC at 1, has width zero."""
     changes: dict[str, Any] = {}
     for name, iv in intervals.items():
         value = getattr(m, name)
@@ -159,7 +164,12 @@ def _apply(m: LabelMetrics, intervals: dict[str, Interval]) -> LabelMetrics:
             method = f"cluster-bootstrap-percentile (B={iv.resamples}" + (
                 f", undefined in {iv.undefined})" if iv.undefined else ")"
             )
-            changes[name] = value.with_interval(iv.lower, iv.upper, method)
+            lower, upper = iv.lower, iv.upper
+            if value.has_interval:
+                assert value.lower is not None and value.upper is not None
+                lower, upper = min(lower, value.lower), max(upper, value.upper)
+                method += f" union {value.method}"
+            changes[name] = value.with_interval(lower, upper, method)
     return dataclasses.replace(m, **changes)
 
 
@@ -243,7 +253,9 @@ def read_truth(request: AuditRequest, tasks: Mapping[str, TaskSpec]) -> tuple[La
     assert request.labels is not None
     vocabulary = {label for t in tasks.values() for label in t.labels}
     table = read_labels(request.labels, vocabulary)
-    return table, resolve_task(table, tasks, request.task)
+    spec = resolve_task(table, tasks, request.task)
+    check_label_columns(table, spec.name, spec.labels)
+    return table, spec
 
 
 def predictions_digest(cohort: Cohort) -> str:
@@ -262,14 +274,40 @@ def run_audit(
 ) -> AuditResult:
     """Read the labels, join them to the stored predictions of the task's model, and compute the audit."""
     criteria = parse_criteria(request.require) if request.require else []
-    if (request.cohort_a is None) != (request.cohort_b is None):
-        raise AuditInputError("--cohort-a and --cohort-b go together")
-    windows = None
-    if request.cohort_a is not None and request.cohort_b is not None:
-        windows = (Window.parse(request.cohort_a), Window.parse(request.cohort_b))
+    windows = _windows(request)
     table, spec = read_truth(request, tasks)
     version = find_version(session, spec.name, request.model_version)
     predictions = load_predictions(session, version, spec.kind)
+    return audit_predictions(
+        session, request, table, spec, version, predictions, criteria, windows, progress, on_bootstrap_start
+    )
+
+
+def _windows(request: AuditRequest) -> tuple[Window, Window] | None:
+    if (request.cohort_a is None) != (request.cohort_b is None):
+        raise AuditInputError("--cohort-a and --cohort-b go together")
+    if request.cohort_a is not None and request.cohort_b is not None:
+        return (Window.parse(request.cohort_a), Window.parse(request.cohort_b))
+    return None
+
+
+def audit_predictions(
+    session: Session,
+    request: AuditRequest,
+    table: LabelTable,
+    spec: TaskSpec,
+    version: ModelVersion,
+    predictions: Predictions,
+    criteria: list[Criterion] | None = None,
+    windows: tuple[Window, Window] | None = None,
+    progress: ProgressFn | None = None,
+    on_bootstrap_start: Callable[[int], None] | None = None,
+) -> AuditResult:
+    """The audit of ``predictions`` against the truth ``table`` (from a labels file, or from the
+    dataset layout of an evaluation: ``evaluate/truth.py``)."""
+    if criteria is None:
+        criteria = parse_criteria(request.require) if request.require else []
+        windows = _windows(request)
     cohort, report = join(predictions, table)
     if criteria:
         criteria = parse_criteria(request.require or "", cohort.labels)

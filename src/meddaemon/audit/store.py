@@ -1,14 +1,18 @@
-"""The audit row: inputs' hashes, parameters and results, so an audit can be found and re-checked later."""
+"""The audit row: inputs' hashes, parameters and results, so an audit can be found and re-checked later;
+and the audit's PDF, when one was written, kept with it (``audit_pdfs``) for the web console."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.audit.run import AuditResult
-from meddaemon.db.models import Audit
+from meddaemon.db.engine import transaction
+from meddaemon.db.models import Audit, AuditPdf
 
 
 def json_safe(data: Any) -> Any:
@@ -39,3 +43,24 @@ def save_audit(session: Session, result: AuditResult) -> Audit:
     session.add(row)
     session.flush()
     return row
+
+
+def save_pdf(session: Session, audit_id: int, data: bytes, pages: int) -> AuditPdf:
+    """Keep the PDF of audit ``audit_id`` (written by ``audit.pdf.write_pdf``) with it; a second one replaces it."""
+    row = session.get(AuditPdf, audit_id) or AuditPdf(audit_id=audit_id)
+    row.data, row.pages = data, pages
+    row.sha256, row.size_bytes = hashlib.sha256(data).hexdigest(), len(data)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def write_and_keep_pdf(sessions: sessionmaker[Session], audit_id: int, result: AuditResult, path: Path) -> int:
+    """Write the audit's PDF to ``path``, then keep it with audit ``audit_id`` in a transaction of its
+    own (the drawing takes seconds: no transaction is held open meanwhile); returns its pages."""
+    from meddaemon.audit.pdf import write_pdf
+
+    pages = write_pdf(result, path)
+    with transaction(sessions) as session:
+        save_pdf(session, audit_id, path.read_bytes(), pages)
+    return pages

@@ -2,7 +2,9 @@
 
 A grouping column comes from the labels file first (any of its columns), else from the stored
 DICOM metadata (``sex``, ``age``, ``manufacturer``, ``view``, ``modality``, ``body_part``).
-``age_band`` is derived from an ``age`` column or the DICOM age (``045Y``, ``006M``). A level with
+``age_band`` is derived from an ``age`` column or the DICOM age (``045Y``, ``006M``). A column is
+named as in the file (``Patient Gender``) or as the audit names it (``sex``), in any case and
+spacing (``patient_gender``). A level with
 fewer than ``min_n`` labelled scans is reported as insufficient, with its counts, not as a number.
 """
 
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from meddaemon.audit.join import Cohort
+from meddaemon.audit.labels import NIH_ATTRIBUTES, closest_name, normal_name
 from meddaemon.audit.metrics import LabelMetrics, label_metrics
 from meddaemon.audit.predictions import AuditInputError
 from meddaemon.audit.values import Undefined
@@ -39,21 +42,43 @@ def available_columns(cohort: Cohort) -> list[str]:
     return sorted(set(names))
 
 
+def _spellings(name: str) -> set[str]:
+    """``name`` and its NIH file/audit counterpart (``Patient Gender``, ``sex``), normalised."""
+    counterparts = {NIH_ATTRIBUTES.get(name), *(k for k, v in NIH_ATTRIBUTES.items() if v == name)}
+    return {normal_name(n) for n in (name, *counterparts) if n}
+
+
+def resolve_column(cohort: Cohort, name: str) -> str:
+    """The cohort's column that ``name`` (as in the file, or normalised) names."""
+    available = available_columns(cohort)
+    if name in available:
+        return name
+    wanted = _spellings(name)
+    found = [column for column in available if _spellings(column) & wanted]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise AuditInputError(f"--by {name!r} could be any of the columns {', '.join(found)}: give one as spelt")
+    spellings = [*available, *(k for k, v in NIH_ATTRIBUTES.items() if v in available)]
+    meant = closest_name(name, spellings)
+    raise AuditInputError(
+        f"no column {name!r} to group by in the labels file or the stored metadata"
+        + (f"; did you mean {meant!r}?" if meant else "")
+        + f"; available: {', '.join(available)}"
+    )
+
+
 def grouping_values(cohort: Cohort, name: str) -> np.ndarray:
-    """The level of every scan of the cohort for the grouping column ``name``."""
+    """The level of every scan of the cohort for the grouping column ``name`` (see ``resolve_column``)."""
+    name = resolve_column(cohort, name)
     if name in cohort.label_attributes:
         raw: list[str | None] = list(cohort.label_attributes[name])
     elif name == "age_band":
         source = cohort.label_attributes.get("age") or cohort.scan_attributes["age"]
         distinct, inverse = np.unique(np.array([v or "" for v in source], dtype=object), return_inverse=True)
         return np.array([age_band(v) for v in distinct], dtype=object)[inverse]
-    elif name in cohort.scan_attributes and name != "patient_id":
-        raw = list(cohort.scan_attributes[name])
     else:
-        raise AuditInputError(
-            f"no column {name!r} to group by in the labels file or the stored metadata; "
-            f"available: {', '.join(available_columns(cohort))}"
-        )
+        raw = list(cohort.scan_attributes[name])
     distinct, inverse = np.unique(np.array([v or "" for v in raw], dtype=object), return_inverse=True)
     return np.array([v.strip() or MISSING for v in distinct], dtype=object)[inverse]
 
@@ -92,7 +117,7 @@ def subgroups(cohort: Cohort, by: list[str], min_n: int = 30, at_sensitivity: fl
     out: list[Subgroup] = []
     orders = [np.argsort(cohort.probabilities[:, j], kind="stable") for j in range(len(cohort.labels))]
     position = np.full(cohort.n, -1, dtype=np.int64)
-    for name in by:
+    for name in (resolve_column(cohort, given) for given in by):
         values = grouping_values(cohort, name)
         for level in sorted(set(values.tolist())):
             in_level = values == level

@@ -10,6 +10,7 @@ from meddaemon.audit.run import AuditResult
 from meddaemon.audit.values import Estimate, Undefined, Value
 
 HEADLINE = ("auc", "auprc", "sensitivity", "specificity", "ppv", "npv", "brier", "ece")
+INTERVALS = "95% intervals; AUPRC, Brier and ECE: point values, no interval"
 
 
 def cell(value: Value) -> Text:
@@ -34,7 +35,7 @@ def render(result: AuditResult) -> Group:
             f"duplicates, {len(j.ambiguous)} ambiguous keys; {result.cohort.n_clusters} patients"
         ),
     ]
-    metrics = Table(title="Metrics (95% intervals)", show_lines=False)
+    metrics = Table(title=f"Metrics ({INTERVALS})", show_lines=False)
     for name in ("label", "n", "pos", "thr", *HEADLINE):
         metrics.add_column(name, overflow="fold")
     for m in result.analysis.overall:

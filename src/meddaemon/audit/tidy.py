@@ -19,7 +19,9 @@ COLUMNS = (
 def _row(scope: str, by: str, level: str, label: str, metric: str, value: Value, counts: dict[str, int]) -> dict:
     out: dict[str, Any] = {"scope": scope, "by": by, "level": level, "label": label, "metric": metric, **counts}
     if isinstance(value, Estimate):
-        out.update(value=value.value, lower=value.lower, upper=value.upper, ci_method=value.method)
+        out.update(value=value.value, lower=value.lower, upper=value.upper)
+        if value.has_interval:
+            out["ci_method"] = value.method
     else:
         out["undefined_reason"] = value.reason
     return out

@@ -27,7 +27,10 @@ class Undefined:
 
 @dataclass(frozen=True)
 class Estimate:
-    """A point value, with a 95% interval when one was computed and the method that gave it."""
+    """A point value, with a 95% interval when one was computed and the method that gave it.
+
+    Without an interval, ``method`` says how the point was computed (ECE: its binning), not an interval.
+    """
 
     value: float
     lower: float | None = None
@@ -42,9 +45,13 @@ class Estimate:
         return Estimate(self.value, lower, upper, method)
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"value": self.value}
+        """With an interval: its bounds and ``ci_method``; without: ``null`` bounds and ``ci_method``,
+        and ``method`` for how the point was computed (ECE: its binning)."""
         if self.has_interval:
-            out.update(lower=self.lower, upper=self.upper, ci_method=self.method)
+            return {"value": self.value, "lower": self.lower, "upper": self.upper, "ci_method": self.method}
+        out: dict[str, Any] = {"value": self.value, "lower": None, "upper": None, "ci_method": None}
+        if self.method:
+            out["method"] = self.method
         return out
 
     def __str__(self) -> str:

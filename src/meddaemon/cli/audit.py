@@ -1,11 +1,12 @@
-"""``medcli audit``: cohort metrics of a task's model against a labels file (DESIGN.md section 8).
+"""``medcli audit``: cohort metrics of a task's model against a labels file (docs/design.md section 8).
 
 Thin: parse the options, call ``meddaemon.audit.run.run_audit`` in one transaction that also
-stores the audit row, then print (rich tables, ``--json``) and write (``--csv``, ``--pdf``).
+stores the audit row, write the PDF (``--pdf``, kept with the row in a second transaction), then
+print (rich tables, ``--json``) and write the CSV (``--csv``).
 The statistics stack (scipy, matplotlib) is imported only when ``audit`` runs, so the rest of
 ``medcli`` starts fast.
-Exit codes: 0 every ``--require`` criterion holds (or none given), 1 a criterion fails,
-2 bad usage or a bad labels file, 3 database unavailable.
+Exit codes: 0 every ``--require`` criterion holds (or none given), 5 a criterion fails,
+2 bad usage, a bad labels file or an unknown model version, 3 no usable database.
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ from typing import TYPE_CHECKING
 import click
 
 from meddaemon.cli.common import (
-    EXIT_FAILURE,
+    EXIT_CRITERIA_FAILED,
     EXIT_OK,
     EXIT_USAGE,
     build_settings,
     echo_json,
     handle_errors,
+    open_database,
     settings_options,
 )
-from meddaemon.db.engine import create_db_engine, session_factory, transaction
-from meddaemon.db.migrate import upgrade
+from meddaemon.db.engine import session_factory, transaction
 
 if TYPE_CHECKING:
     from meddaemon.audit.run import AuditResult
@@ -50,6 +51,11 @@ def _columns(value: str | None) -> tuple[str, ...]:
     "--labels-from-folders",
     type=click.Path(path_type=Path, file_okay=False, exists=True),
     help="The truth as BUSI's layout: DIR/<class>/<image> (masks are skipped); key: the file name.",
+)
+@click.option(
+    "--evaluation",
+    metavar="RUN",
+    help="The truth as the dataset of a medcli evaluate run carries it (its name or id): that run's scans only.",
 )
 @click.option("--task", help="The task audited (default: told by the labels file, e.g. NIH -> chestxray14).")
 @click.option("--model-version", help="The version audited (default: the task's active one).")
@@ -92,7 +98,7 @@ def _columns(value: str | None) -> tuple[str, ...]:
     "--require",
     metavar="CRITERIA",
     help='Pass/fail criteria, e.g. "auc>=0.90,sensitivity>=0.85" or "ppv[covid]>0.5"; judged on the '
-    "lower 95% bound (upper for <=); exit 1 if one fails.",
+    "lower 95% bound (upper for <=); exit 5 if one fails.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the whole audit as JSON instead of tables.")
 @click.option(
@@ -105,13 +111,15 @@ def _columns(value: str | None) -> tuple[str, ...]:
     "--pdf",
     "pdf_path",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Write the audit PDF (ROC curves, reliability, forest plot, confusion matrices).",
+    help="Write the audit PDF (ROC curves, reliability, forest plot, confusion matrices); it is also "
+    "kept with the stored audit, for the web console.",
 )
 @handle_errors
 def audit(
     config_file: Path | None,
     labels: Path | None,
     labels_from_folders: Path | None,
+    evaluation: str | None,
     task: str | None,
     model_version: str | None,
     by: str | None,
@@ -143,7 +151,7 @@ def audit(
     from meddaemon.audit.labels import LabelFileError
     from meddaemon.audit.predictions import AuditInputError
     from meddaemon.audit.run import AuditRequest, run_audit
-    from meddaemon.audit.store import save_audit
+    from meddaemon.audit.store import save_audit, write_and_keep_pdf
 
     settings = build_settings(config_file, **flags)
     request = AuditRequest(
@@ -152,9 +160,8 @@ def audit(
         compare=compare, cohort_a=cohort_a, cohort_b=cohort_b, require=require,
     )  # fmt: skip
     err = Console(stderr=True)
-    engine = create_db_engine(settings.db_url, settings.busy_timeout)
+    engine = open_database(settings)
     try:
-        upgrade(engine)
         with Progress(
             TextColumn("bootstrap"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             console=err, transient=True, disable=as_json or not err.is_terminal,
@@ -169,15 +176,24 @@ def audit(
 
             try:
                 with transaction(session_factory(engine)) as session:
-                    result = run_audit(session, request, settings.task_specs, advance, started)
+                    if evaluation is not None:
+                        from meddaemon.evaluate.truth import audit_evaluation
+
+                        if labels or labels_from_folders:
+                            raise AuditInputError("--evaluation takes the truth from the dataset: no --labels")
+                        result = audit_evaluation(session, evaluation, request, settings.task_specs, advance, started)
+                    else:
+                        result = run_audit(session, request, settings.task_specs, advance, started)
                     audit_id = save_audit(session, result).id
             except (LabelFileError, AuditInputError, CriteriaError) as exc:
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_USAGE)
+        if pdf_path:
+            write_and_keep_pdf(session_factory(engine), audit_id, result, pdf_path)
     finally:
         engine.dispose()
     _outputs(result, audit_id, as_json, csv_path, pdf_path)
-    sys.exit(EXIT_FAILURE if result.passed is False else EXIT_OK)
+    sys.exit(EXIT_CRITERIA_FAILED if result.passed is False else EXIT_OK)
 
 
 def _outputs(result: AuditResult, audit_id: int, as_json: bool, csv_path: Path | None, pdf_path: Path | None) -> None:
@@ -186,10 +202,6 @@ def _outputs(result: AuditResult, audit_id: int, as_json: bool, csv_path: Path |
 
     if csv_path:
         write_csv(csv_path, tidy_rows(result))
-    if pdf_path:
-        from meddaemon.audit.pdf import write_pdf
-
-        write_pdf(result, pdf_path)
     if as_json:
         echo_json({"audit_id": audit_id, **result.as_dict()})
         return

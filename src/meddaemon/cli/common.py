@@ -1,29 +1,52 @@
-"""What both command groups share: settings from --config/env/flags, logging, exit codes."""
+"""What both command groups share: settings from --config/env/flags, the database, logging, exit codes.
+
+Heavy modules (torch, the registry, the statistics stack) are never imported here nor at the top of
+a command module: ``meddaemon --help``, ``meddaemon health`` and ``medcli --help`` must start fast.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
-from meddaemon.config import ConfigError, Settings, load_settings
-from meddaemon.db.migrate import SchemaTooNew
+from meddaemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
+from meddaemon.db.migrate import SchemaError, open_current
 
-#: Exit codes, documented in the README.
+if TYPE_CHECKING:
+    from meddaemon.training.nearduplicates import HashProgress
+
+#: Exit codes: each means one thing, the same for every command; the README's "Exit codes" table.
 EXIT_OK = 0
+#: an unexpected error, or work the command could not do (a model the registry refused, a file it
+#: could not write)
 EXIT_FAILURE = 1
+#: bad usage, configuration or input: an unknown task, model version, scan or column, a bad file
 EXIT_USAGE = 2
+#: no database where the settings point, its schema behind or ahead of this meddaemon, or unreachable
 EXIT_DATABASE = 3
 #: another daemon sharing the database declared this one lost (it stalled past its lease); a
 #: supervisor (systemd's Restart=on-failure) starts it again as a new member
 EXIT_LEASE_LOST = 4
+#: ``medcli audit --require``: the audit ran and a criterion does not hold
+EXIT_CRITERIA_FAILED = 5
+#: stopped by Ctrl-C (128 + SIGINT, the shell's convention): `medcli retrain` says how to --resume
+EXIT_INTERRUPTED = 130
+
+#: The configuration both ``meddaemon`` and ``medcli`` read when neither ``--config`` nor
+#: ``$MEDDAEMON_CONFIG`` names one, if it exists: the commands find the daemon's database with no flags.
+DEFAULT_CONFIG_FILE = Path("/etc/meddaemon/meddaemon.toml")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,16 +63,38 @@ def settings_options(func: F) -> F:
         "--config",
         "config_file",
         type=click.Path(path_type=Path, dir_okay=False, exists=True),
-        help="TOML configuration file (default: $MEDDAEMON_CONFIG if set).",
+        help=f"TOML configuration file (default: $MEDDAEMON_CONFIG, else {DEFAULT_CONFIG_FILE} if it exists).",
     )(func)
     return func
 
 
+def config_file_to_read(given: Path | None, env: Mapping[str, str] | None = None) -> Path | None:
+    """``--config``, else none here when ``$MEDDAEMON_CONFIG`` is set (``load_settings`` reads it),
+    else ``DEFAULT_CONFIG_FILE`` when it exists."""
+    env = os.environ if env is None else env
+    if given is not None or env.get(CONFIG_ENV):
+        return given
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
 def build_settings(config_file: Path | None, **flags: Any) -> Settings:
+    """The effective settings; a bad one is a one-line error and exit 2."""
     try:
-        return load_settings(config_file, flags=flags)
+        return load_settings(config_file_to_read(config_file), flags=flags)
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
+        _fail(str(exc), EXIT_USAGE)
+
+
+def open_database(settings: Settings) -> Engine:
+    """The database of the settings as it is, for every command but ``start`` and ``db upgrade``:
+    never created nor migrated (``SchemaError``, exit 3 through ``handle_errors``, when it is not
+    there or not at this meddaemon's schema)."""
+    return open_current(settings.db_url, settings.busy_timeout)
+
+
+def _fail(message: str, code: int) -> Any:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
 
 
 def handle_errors(func: F) -> F:
@@ -59,12 +104,12 @@ def handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except SchemaTooNew as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_DATABASE)
+        except ConfigError as exc:
+            _fail(str(exc), EXIT_USAGE)
+        except SchemaError as exc:
+            _fail(str(exc), EXIT_DATABASE)
         except OperationalError as exc:
-            click.echo(f"error: database unavailable: {exc.orig}", err=True)
-            sys.exit(EXIT_DATABASE)
+            _fail(f"database unavailable: {exc.orig}", EXIT_DATABASE)
 
     return wrapper  # type: ignore[return-value]
 
@@ -81,5 +126,49 @@ def setup_logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def json_value(value: object) -> object:
+    """What ``json`` cannot write itself: a timestamp as ISO 8601 in UTC with its offset (a naive one,
+    as SQLite returns them, is UTC: the daemon stores UTC), a date as ISO 8601, anything else as text."""
+    if isinstance(value, datetime):
+        aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return aware.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    return str(value)
+
+
 def echo_json(data: object) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=json_value))
+
+
+def hash_workers_option(func: F) -> F:
+    """--workers: the processes that decode and pHash a dataset's images (``dataset inspect``, ``retrain``)."""
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=os.cpu_count() or 1,
+        show_default="the number of cores",
+        help="Processes decoding and hashing the images.",
+    )(func)
+
+
+@contextmanager
+def hashing_progress(*, disable: bool) -> Iterator[HashProgress]:
+    """A rich progress bar on stderr (when it is a terminal) fed by ``(done, total)`` calls."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    err = Console(stderr=True)
+    columns = (TextColumn("decoding and hashing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True, disable=disable or not err.is_terminal) as bar:
+        task = bar.add_task("hashing", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield progress
+
+
+def echo_warning(warning: str) -> None:
+    """A warning a person must not miss: ``WARNING: ...`` on stderr, bold."""
+    click.secho(f"WARNING: {warning}", err=True, fg="yellow", bold=True)

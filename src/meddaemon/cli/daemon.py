@@ -6,29 +6,40 @@ import contextlib
 import dataclasses
 import faulthandler
 import io
+import logging
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from meddaemon import __version__
 from meddaemon.cli.common import (
+    EXIT_DATABASE,
     EXIT_LEASE_LOST,
     EXIT_OK,
+    EXIT_USAGE,
     build_settings,
     echo_json,
     handle_errors,
+    open_database,
     settings_options,
     setup_logging,
 )
 from meddaemon.cli.health import health
-from meddaemon.config import default_config_text
-from meddaemon.daemon.inbox import Inbox
-from meddaemon.daemon.service import Daemon, LeaseLost
-from meddaemon.db.engine import create_db_engine, session_factory
-from meddaemon.db.migrate import upgrade
+from meddaemon.cli.web import web
+from meddaemon.config import Settings, default_config_text, prepare_state_dir
+from meddaemon.daemon.inbox import WatchFolderMissing
+from meddaemon.daemon.outage import DatabaseUnavailable
+from meddaemon.daemon.progress import ProgressLines
+from meddaemon.db.engine import session_factory
 from meddaemon.db.queries import status_summary
+
+if TYPE_CHECKING:
+    from meddaemon.daemon.service import Daemon
+    from meddaemon.web.server import WebServer
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,6 +55,12 @@ def cli() -> None:
 
 @cli.command()
 @click.option("--watch", type=click.Path(path_type=Path, file_okay=False), help="Inbox folder to watch.")
+@click.option(
+    "--create-watch",
+    is_flag=True,
+    default=None,
+    help="Create the inbox folder if it is missing (otherwise a missing inbox is an error, exit 2).",
+)
 @settings_options
 @click.option("--once", is_flag=True, help="Process what is in the inbox, wait for it to settle, and exit.")
 @click.option("--stable-seconds", type=float, help="How long size and mtime must hold still before a file is read.")
@@ -53,21 +70,72 @@ def cli() -> None:
 @click.option("--default-task", help="Task for scans no folder or rule routes.")
 @click.option("--observer", type=click.Choice(["native", "polling"]), help="Event source; polling for network shares.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--dicom-port",
+    type=click.IntRange(0, 65535),
+    help="Receive DICOM (C-STORE, C-ECHO) on this TCP port; 0: no DICOM receiver (config: dicom_port).",
+)
+@click.option(
+    "--dicom-host", help="Address the DICOM receiver listens on (default 127.0.0.1; 0.0.0.0: every interface)."
+)
+@click.option("--ae-title", help="The DICOM receiver's AE title, which senders call (default MEDDAEMON).")
 @click.option("--json", "as_json", is_flag=True, help="With --once: print a JSON summary on stdout at the end.")
 @handle_errors
 def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) -> None:
-    """Start the daemon on an inbox (stops cleanly on SIGTERM or Ctrl-C, exit code 0)."""
+    """Start the daemon on an inbox (stops cleanly on SIGTERM or Ctrl-C, exit code 0).
+
+    With --dicom-port the daemon is also a DICOM node: modalities and PACS push instances to it
+    (C-STORE, calling --ae-title), which land in <inbox>/dicom/ and go the way of every inbox file.
+    Which calling AE titles may send is dicom_allowed_callers in the config (empty: any).
+    """
+    from meddaemon.daemon.service import Daemon, LeaseLost
+
     settings = build_settings(config_file, **flags)
+    prepare_state_dir(settings)
     setup_logging(settings.log_level)
     _dump_stacks_on_sigusr1()
+    progress = ProgressLines(sys.stderr) if once else None
+    daemon = Daemon(settings)
+    web_console = _start_web_console(settings) if settings.web_port and not once else None
     try:
-        stats = Daemon(settings).run(once=once)
+        stats = daemon.run(once=once, progress=progress.update if progress else None)
+    except WatchFolderMissing as exc:
+        click.echo(f"error: {exc}", err=True)
+        _exit(daemon, EXIT_USAGE)
     except LeaseLost as exc:
         click.echo(f"error: {exc}; its work was taken over, exiting to be restarted", err=True)
-        sys.exit(EXIT_LEASE_LOST)
+        _exit(daemon, EXIT_LEASE_LOST)
+    except DatabaseUnavailable as exc:
+        click.echo(f"error: {exc}", err=True)
+        _exit(daemon, EXIT_DATABASE)
+    finally:
+        if web_console is not None:
+            web_console.stop()
+    if progress is not None:
+        progress.finish(stats.files, stats.files)
     if once and as_json:
         echo_json({k: v for k, v in dataclasses.asdict(stats).items() if k != "started"})
-    sys.exit(EXIT_OK)
+    _exit(daemon, EXIT_OK)
+
+
+def _exit(daemon: Daemon, code: int) -> NoReturn:
+    """Exit with ``code``; at once (``os._exit``) when a model load was left running in its thread,
+    which Python's shutdown would otherwise turn into an abort (exit 134)."""
+    if daemon.stage.loader.alive():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _start_web_console(settings: Settings) -> WebServer:
+    """The web console from a thread of the daemon's process (``web_port``); its own database engines."""
+    from meddaemon.web.server import start_in_thread
+
+    server = start_in_thread(settings)
+    logging.getLogger("meddaemon.web").info("web console on %s", server.url)
+    return server
 
 
 @cli.command()
@@ -80,11 +148,15 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
 @handle_errors
 def status(config_file: Path | None, as_json: bool, recent: int, **flags: object) -> None:
     """Scans per state, failures by reason, the latest failures and throughput."""
+    from meddaemon.daemon.inbox import Inbox
+
     settings = build_settings(config_file, **flags)
-    engine = create_db_engine(settings.db_url, settings.busy_timeout)
-    upgrade(engine)
-    with session_factory(engine)() as session:
-        summary = status_summary(session, recent=recent)
+    engine = open_database(settings)
+    try:
+        with session_factory(engine)() as session:
+            summary = status_summary(session, recent=recent)
+    finally:
+        engine.dispose()
     inbox = Inbox(settings.watch, settings.ignore, exclude=[settings.state_dir])
     summary.extra["inbox_waiting"] = sum(1 for _ in inbox.scan()) if settings.watch.is_dir() else 0
     if as_json:
@@ -102,6 +174,10 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
     )
     if summary.pending_moves:
         click.echo(f"moves still to finish: {summary.pending_moves}")
+    if summary.waiting_model:
+        click.echo("tasks without an active model (scans waiting for one):")
+        for task, count in summary.waiting_model.items():
+            click.echo(f"  {task:<14} {count}")
     if summary.failures_by_reason:
         click.echo("failures by reason:")
         for reason, count in sorted(summary.failures_by_reason.items(), key=lambda kv: -kv[1]):
@@ -162,3 +238,4 @@ def main() -> None:
 
 
 cli.add_command(health)
+cli.add_command(web)

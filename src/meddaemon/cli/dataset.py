@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from meddaemon.cli.common import EXIT_FAILURE, echo_json
+from meddaemon.cli.common import EXIT_USAGE, echo_json, echo_warning, hash_workers_option, hashing_progress
 from meddaemon.engine.tasks import BUILTIN_TASKS
-from meddaemon.training.datasets import DatasetError, DatasetIndex, load_dataset
-from meddaemon.training.splits import SplitConfig, make_split
+
+if TYPE_CHECKING:
+    from meddaemon.training.datasets import DatasetIndex
 
 
 @click.group()
@@ -24,18 +26,26 @@ def dataset() -> None:
 @click.option("--task", type=click.Choice(sorted(BUILTIN_TASKS)), help="Label the images with this task's labels.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the split.")
 @click.option("--no-split", is_flag=True, help="Only read the dataset (no perceptual hashing, no split).")
+@hash_workers_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(path: Path, task: str | None, seed: int, no_split: bool, as_json: bool) -> None:
+def inspect(path: Path, task: str | None, seed: int, no_split: bool, workers: int, as_json: bool) -> None:
     """Detect the layout of PATH (a folder, or a CSV manifest), count images per label and
     patients, list what was skipped and why, and show the split: what was merged (a patient, a
-    group of near-duplicate images) and what was dropped."""
+    group of near-duplicate images) and what was dropped. A progress bar on stderr counts the
+    images decoded and hashed."""
+    from meddaemon.training.datasets import DatasetError
+    from meddaemon.training.splits import SplitConfig, load_hashed_dataset, make_split
+
     spec = BUILTIN_TASKS[task] if task else None
     try:
-        index = load_dataset(path, spec)
+        with hashing_progress(disable=as_json) as progress:
+            loaded = load_hashed_dataset(path, spec, workers=workers, progress=progress)
     except DatasetError as exc:
         click.echo(f"error: {exc}", err=True)
-        raise SystemExit(EXIT_FAILURE) from None
-    split = None if no_split else make_split(index, SplitConfig(spec.recipe.split if spec else (0.7, 0.15, 0.15), seed))
+        raise SystemExit(EXIT_USAGE) from None
+    index = loaded.index
+    fractions = spec.recipe.split if spec else (0.7, 0.15, 0.15)
+    split = None if no_split else make_split(index, SplitConfig(fractions, seed), loaded.hashes)
     if as_json:
         echo_json({**_summary(index), "split": None if split is None else asdict(split.report)})
         return
@@ -51,6 +61,8 @@ def inspect(path: Path, task: str | None, seed: int, no_split: bool, as_json: bo
         click.echo("split:")
         for line in split.report.lines():
             click.echo(f"  {line}")
+        for warning in split.report.warnings:
+            echo_warning(warning)
 
 
 def _summary(index: DatasetIndex) -> dict[str, object]:

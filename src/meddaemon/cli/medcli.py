@@ -10,16 +10,19 @@ from sqlalchemy import select
 
 from meddaemon import __version__
 from meddaemon.cli.audit import audit
-from meddaemon.cli.common import build_settings, echo_json, handle_errors, settings_options
+from meddaemon.cli.common import build_settings, echo_json, handle_errors, open_database, settings_options
 from meddaemon.cli.dataset import dataset
+from meddaemon.cli.evaluate import evaluate
 from meddaemon.cli.models import models
+from meddaemon.cli.outbox import outbox
 from meddaemon.cli.report import report
 from meddaemon.cli.retrain import retrain
+from meddaemon.cli.retry import retry
 from meddaemon.cli.synth import synth
 from meddaemon.db.engine import create_db_engine, session_factory
 from meddaemon.db.migrate import current_revision, head_revision, upgrade
 from meddaemon.db.models import Scan
-from meddaemon.engine.decode import decodable_transfer_syntaxes
+from meddaemon.states import PERSISTED
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,39 +50,50 @@ def db_upgrade(config_file: Path | None, **flags: object) -> None:
 
 @cli.command()
 @settings_options
-@click.option("--state", help="Only scans in this state (e.g. failed, waiting_model).")
+@click.option("--state", type=click.Choice(sorted(s.value for s in PERSISTED)), help="Only scans in this state.")
 @click.option("--limit", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def scans(config_file: Path | None, state: str | None, limit: int, as_json: bool, **flags: object) -> None:
-    """List the latest scans: id, state, task, reason, name as received (no patient data)."""
+    """List the latest scans: id, state, task, reason, name as received (no patient data), and for
+    scans received over DICOM the sender (calling AE @ address) and, when an instance was received
+    with different contents, which version of it the scan is."""
+    from meddaemon.dicom.provenance import provenance
+
     settings = build_settings(config_file, **flags)
-    engine = create_db_engine(settings.db_url, settings.busy_timeout)
-    upgrade(engine)
+    engine = open_database(settings)
     query = select(Scan).order_by(Scan.id.desc()).limit(limit)
     if state:
         query = query.where(Scan.state == state)
-    with session_factory(engine)() as session:
-        rows = [
-            {
-                "id": s.id,
-                "state": s.state,
-                "task": s.task_name,
-                "reason": s.failure_reason,
-                "source_name": s.source_name,
-                "sha256": s.sha256,
-                "modality": s.modality,
-                "format": s.format,
-                "registered_at": s.registered_at,
-                "stored_path": s.stored_path,
-            }
-            for s in session.scalars(query)
-        ]
+    try:
+        with session_factory(engine)() as session:
+            found = list(session.scalars(query))
+            senders = provenance(session, [s.sha256 for s in found if s.sha256])
+            rows = [
+                {
+                    "id": s.id,
+                    "state": s.state,
+                    "task": s.task_name,
+                    "reason": s.failure_reason,
+                    "source_name": s.source_name,
+                    "sha256": s.sha256,
+                    "modality": s.modality,
+                    "format": s.format,
+                    "registered_at": s.registered_at,
+                    "stored_path": str(settings.stored_file(s.stored_path)) if s.stored_path else None,
+                    "received": senders[s.sha256].as_dict() if s.sha256 in senders else None,
+                }
+                for s in found
+            ]
+    finally:
+        engine.dispose()
     if as_json:
         echo_json(rows)
         return
     for r in rows:
-        click.echo(f"{r['id']:>6}  {r['state']:<14} {r['task'] or '-':<15} {r['reason'] or '':<24} {r['source_name']}")
+        sender = f"  {senders[r['sha256']].describe()}" if r["sha256"] in senders else ""
+        line = f"{r['id']:>6}  {r['state']:<14} {r['task'] or '-':<15} {r['reason'] or '':<24} {r['source_name']}"
+        click.echo(line + sender)
 
 
 @cli.command()
@@ -104,6 +118,8 @@ def tasks(config_file: Path | None, as_json: bool, **flags: object) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def decoders(as_json: bool) -> None:
     """Which DICOM transfer syntaxes this installation can decode, and with which plugin."""
+    from meddaemon.engine.decode import decodable_transfer_syntaxes
+
     support = decodable_transfer_syntaxes()
     if as_json:
         echo_json(
@@ -120,6 +136,9 @@ cli.add_command(dataset)
 cli.add_command(audit)
 cli.add_command(report)
 cli.add_command(retrain)
+cli.add_command(retry)
+cli.add_command(outbox)
+cli.add_command(evaluate)
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """``medcli models``: the model registry (import, list, show, promote, retire).
 
 Thin: each command parses, calls ``meddaemon.engine.registry`` in one transaction, and prints.
-A refused model exits 1 with its reason code and message; a database problem exits 3.
+A refused model exits 1 with its reason code and message, an unknown version 2, a database problem 3.
 The registry (and torch with it) is imported only when a ``models`` command runs, so the rest of
 ``medcli`` starts fast.
 """
@@ -17,10 +17,17 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy.orm import Session
 
-from meddaemon.cli.common import EXIT_FAILURE, build_settings, echo_json, handle_errors, settings_options
+from meddaemon.cli.common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    build_settings,
+    echo_json,
+    handle_errors,
+    open_database,
+    settings_options,
+)
 from meddaemon.config import Settings
-from meddaemon.db.engine import create_db_engine, session_factory, transaction
-from meddaemon.db.migrate import upgrade
+from meddaemon.db.engine import session_factory, transaction
 
 T = TypeVar("T")
 
@@ -40,9 +47,8 @@ def _registry() -> ModuleType:
 
 def _in_transaction(settings: Settings, work: Callable[[Session], T]) -> T:
     registry = _registry()
-    engine = create_db_engine(settings.db_url, settings.busy_timeout)
+    engine = open_database(settings)
     try:
-        upgrade(engine)
         try:
             with transaction(session_factory(engine)) as session:
                 return work(session)
@@ -51,7 +57,7 @@ def _in_transaction(settings: Settings, work: Callable[[Session], T]) -> T:
             sys.exit(EXIT_FAILURE)
         except registry.RegistryError as exc:
             click.echo(f"error ({exc.reason}): {exc.message}", err=True)
-            sys.exit(EXIT_FAILURE)
+            sys.exit(EXIT_USAGE if exc.reason == "unknown_version" else EXIT_FAILURE)
     finally:
         engine.dispose()
 
@@ -97,46 +103,189 @@ def show_cmd(config_file: Path | None, task: str, version: str, as_json: bool, *
         return {**registry.version_summary(row), "manifest": row.manifest}
 
     data = _in_transaction(settings, work)
+    data["backend"] = _backend(data["manifest"], settings)
     if as_json:
         echo_json(data)
         return
     manifest = data.pop("manifest")
     for key, value in data.items():
         click.echo(f"{key:<26} {value if value is not None else '-'}")
+    note = _heatmap_note(manifest)
+    if note:
+        click.echo(note)
     click.echo("manifest:")
     for key in sorted(manifest):
         value = manifest[key]
         if key == "self_test":
             value = {k: v for k, v in value.items() if k != "expected_probabilities"}
+        if key == "backend" and manifest.get("architecture") == "onnx":
+            value = data["backend"]
         click.echo(f"  {key:<24} {value}")
+
+
+def _backend(manifest: dict[str, Any], settings: Settings) -> str:
+    """What runs the version here: ONNX Runtime and its providers for an imported ONNX graph (on the
+    configured device), else the manifest's backend (auto: the faster of eager PyTorch and ONNX Runtime)."""
+    if manifest.get("architecture") != "onnx":
+        return str(manifest.get("backend", "auto"))
+    from meddaemon.engine.importers.onnx_model import served_backend
+    from meddaemon.engine.inference import pick_device
+
+    return served_backend(pick_device(settings.device))
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def _thresholds(values: tuple[str, ...]) -> dict[str, float] | None:
+    out: dict[str, float] = {}
+    for value in values:
+        label, sep, number = value.partition("=")
+        try:
+            out[label] = float(number)
+        except ValueError:
+            sep = ""
+        if not sep or not label:
+            raise click.BadParameter(f"{value!r} is not LABEL=PROBABILITY", param_hint="--threshold")
+    return out or None
 
 
 @models.command("import")
 @settings_options
-@click.argument("folder", type=click.Path(path_type=Path, exists=True))
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@click.option("--task", help="The task the model is for (a FILE only; a folder's manifest names it).")
+@click.option("--arch", "architecture", help="The network in the file (default: the task's).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["auto", "torch", "keras-h5", "onnx"]), default="auto", show_default=True
+)
+@click.option("--version", "version", help="Version name (default: the file's name and SHA-256 prefix).")
+@click.option("--labels", help="The file's outputs in order, comma-separated, when not the task's order.")
+@click.option("--image-size", type=click.IntRange(min=8), help="Input height and width in pixels.")
+@click.option("--channels", type=click.Choice(["1", "3"]), help="Input channels (default: the task's).")
+@click.option("--mean", help="Per-channel normalisation mean, comma-separated.")
+@click.option("--std", help="Per-channel normalisation std, comma-separated.")
+@click.option(
+    "--resize-then-crop/--stretch",
+    "resize_then_crop",
+    default=None,
+    help="Resize the shorter side then centre-crop, or stretch to the size (default: the task's).",
+)
+@click.option(
+    "--per-image-normalisation/--fixed-normalisation",
+    "per_image",
+    default=None,
+    help="Normalise each image by its own mean and std (Keras samplewise), or by --mean/--std.",
+)
+@click.option("--outputs", type=click.Choice(["logits", "probabilities"]), default="logits", show_default=True)
+@click.option("--threshold", "thresholds", multiple=True, help="LABEL=PROBABILITY (repeatable; default 0.5).")
+@click.option("--cam-tensor", help="ONNX: the last feature map, for CAM heatmaps.")
 @json_option
 @handle_errors
-def import_cmd(config_file: Path | None, folder: Path, as_json: bool, **flags: object) -> None:
-    """Verify FOLDER (model.safetensors + manifest.json) and register a copy of it.
+def import_cmd(
+    config_file: Path | None,
+    path: Path,
+    task: str | None,
+    architecture: str | None,
+    fmt: str,
+    version: str | None,
+    labels: str | None,
+    image_size: int | None,
+    channels: str | None,
+    mean: str | None,
+    std: str | None,
+    resize_then_crop: bool | None,
+    per_image: bool | None,
+    outputs: str,
+    thresholds: tuple[str, ...],
+    cam_tensor: str | None,
+    as_json: bool,
+    **flags: object,
+) -> None:
+    """Verify a model and register a copy of it.
 
+    PATH is a meddaemon version folder (model.safetensors + manifest.json), or a trained model FILE
+    to convert: a PyTorch state dict (.pt/.pth), Keras .h5 weights or an ONNX graph, with --task.
     The SHA-256, the architecture and the self-test are checked first; a refused model is not
     registered (exit 1, with the reason). The new version is 'registered': promote it to serve it.
     """
     settings = build_settings(config_file, **flags)
     registry = _registry()
-    data = _in_transaction(
-        settings,
-        lambda s: registry.version_summary(
-            registry.import_version(s, folder, settings.models_dir, tasks=settings.task_specs)
-        ),
-    )
+    if path.is_dir():
+        file_options = {
+            "--task": task, "--arch": architecture, "--version": version, "--labels": labels,
+            "--image-size": image_size, "--channels": channels, "--mean": mean, "--std": std,
+            "--resize-then-crop/--stretch": resize_then_crop, "--per-image-normalisation": per_image,
+            "--threshold": thresholds or None, "--cam-tensor": cam_tensor,
+            "--format": None if fmt == "auto" else fmt, "--outputs": None if outputs == "logits" else outputs,
+        }  # fmt: skip
+        given = [name for name, value in file_options.items() if value is not None]
+        if given:
+            raise click.UsageError(
+                f"{', '.join(given)} apply to a model FILE; the version folder {path} carries its own manifest"
+            )
+
+        def work(session: Session) -> Any:
+            return registry.import_version(session, path, settings.models_dir, tasks=settings.task_specs)
+
+    else:
+        if task is None:
+            raise click.UsageError("importing a model file needs --task (the folder of a version names its own)")
+        from meddaemon.engine import importers
+
+        options = importers.ImportOptions(
+            task=task,
+            architecture=architecture,
+            format=fmt,
+            version=version,
+            labels=tuple(x.strip() for x in labels.split(",")) if labels else None,
+            image_size=image_size,
+            channels=int(channels) if channels else None,
+            mean=_floats(mean),
+            std=_floats(std),
+            resize_then_crop=resize_then_crop,
+            per_image_normalisation=per_image,
+            outputs=outputs,
+            thresholds=_thresholds(thresholds),
+            cam_tensor=cam_tensor,
+        )
+
+        def work(session: Session) -> Any:
+            return importers.import_file(session, path, options, settings.models_dir, tasks=settings.task_specs)
+
+    def summary(session: Session) -> dict[str, Any]:
+        row = work(session)
+        return {**registry.version_summary(row), "manifest": row.manifest}
+
+    data = _in_transaction(settings, summary)
+    manifest = data.pop("manifest")
     if as_json:
-        echo_json(data)
+        echo_json({**data, "provenance": manifest.get("provenance", {}), "heatmaps": manifest.get("heatmaps", True)})
         return
     click.echo(
         f"registered {data['task']}/{data['version']} ({data['architecture']}, "
         f"sha256 {data['sha256'][:12]}) in {data['path']}"
     )
+    note = _heatmap_note(manifest)
+    if note:
+        click.echo(note)
+
+
+def _heatmap_note(manifest: dict[str, Any]) -> str | None:
+    """A sentence when the version makes no heatmaps, so nobody looks for a map that never comes."""
+    if manifest.get("heatmaps", True):
+        return None
+    if manifest.get("architecture") == "onnx":
+        return (
+            "heatmaps: none - this ONNX model exposes no feature map for CAM (import it with --cam-tensor "
+            "naming the last feature map before global pooling); its results and reports have no heatmap"
+        )
+    return "heatmaps: disabled for this version; its results and reports have no heatmap"
 
 
 @models.command("promote")

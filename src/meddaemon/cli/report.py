@@ -1,7 +1,8 @@
 """``medcli report``: rebuild a scan's or a study's PDF on demand, and the summary of a period.
 
 Thin: parse, call ``meddaemon.report``, print. ``medcli report 42`` is short for
-``medcli report scan 42``. A scan or study without a result exits 1; a database problem exits 3.
+``medcli report scan 42``. An unknown scan, or a scan or study without a result, exits 2; a report
+that cannot be written 1; a database problem 3.
 """
 
 from __future__ import annotations
@@ -15,10 +16,17 @@ from typing import Any, TypeVar
 import click
 from sqlalchemy.orm import Session, sessionmaker
 
-from meddaemon.cli.common import EXIT_FAILURE, build_settings, echo_json, handle_errors, settings_options
+from meddaemon.cli.common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    build_settings,
+    echo_json,
+    handle_errors,
+    open_database,
+    settings_options,
+)
 from meddaemon.config import Settings
-from meddaemon.db.engine import create_db_engine, session_factory
-from meddaemon.db.migrate import upgrade
+from meddaemon.db.engine import session_factory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,17 +55,16 @@ def _report_options(func: F) -> F:
 
 @contextmanager
 def _sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    engine = create_db_engine(settings.db_url, settings.busy_timeout)
+    engine = open_database(settings)
     try:
-        upgrade(engine)
         yield session_factory(engine)
     finally:
         engine.dispose()
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = EXIT_FAILURE) -> None:
     click.echo(f"error: {message}", err=True)
-    sys.exit(EXIT_FAILURE)
+    sys.exit(code)
 
 
 def _print(written: Any, as_json: bool) -> None:
@@ -94,12 +101,12 @@ def scan_cmd(
             row = find_scan(session, scan)
             scan_id = row.id if row is not None else None
         if scan_id is None:
-            _fail(f"no scan {scan!r} (give its id, its SHA-256 or a unique prefix of 8+ characters)")
+            _fail(f"no scan {scan!r} (give its id, its SHA-256 or a unique prefix of 8+ characters)", EXIT_USAGE)
         assert scan_id is not None
         try:
             written = ReportBuilder(settings, sessions).scan_report(scan_id, with_phi, out)
         except NoResult as exc:
-            _fail(str(exc))
+            _fail(str(exc), EXIT_USAGE)
         except OSError as exc:
             _fail(f"could not write the report: {exc.strerror or exc}")
     _print(written, as_json)
@@ -121,7 +128,7 @@ def study_cmd(
         try:
             written = ReportBuilder(settings, sessions).study_report(study_uid, with_phi, out)
         except NoResult as exc:
-            _fail(f"study {study_uid}: {exc}")
+            _fail(f"study {study_uid}: {exc}", EXIT_USAGE)
         except OSError as exc:
             _fail(f"could not write the report: {exc.strerror or exc}")
     _print(written, as_json)
@@ -168,6 +175,7 @@ def summary_cmd(
                         session,
                         kind="summary",
                         path=path,
+                        state_dir=settings.state_dir,
                         sha256=sha,
                         size=len(rendered.data),
                         pages=rendered.pages,

@@ -15,19 +15,41 @@ from typing import Any
 
 import click
 
-from meddaemon.cli.common import EXIT_FAILURE, EXIT_USAGE, build_settings, echo_json, handle_errors, settings_options
+from meddaemon.cli.common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    build_settings,
+    echo_json,
+    echo_warning,
+    handle_errors,
+    hash_workers_option,
+    hashing_progress,
+    open_database,
+    settings_options,
+)
+from meddaemon.cli.hints import SETTINGS_PARAMS, command_line, given_options
 
 
 @click.command()
 @settings_options
 @click.argument("task")
 @click.option(
-    "--data", required=True, type=click.Path(path_type=Path, exists=True), help="Dataset folder or CSV manifest."
+    "--data",
+    type=click.Path(path_type=Path, exists=True),
+    help="Dataset folder or CSV manifest, as published (without it: where the task's dataset is published).",
 )
 @click.option("--epochs", type=int, help="Most epochs (default: the task's recipe).")
 @click.option("--batch-size", type=int, help="Batch size (default: the recipe's).")
 @click.option("--lr", type=float, help="Learning rate (default: the recipe's).")
 @click.option("--arch", help="Architecture (default: the task's, e.g. mobilenet_v2; small_cnn, resnet18, ...).")
+@click.option(
+    "--from",
+    "from_version",
+    metavar="VERSION",
+    help="Start from the weights of this registered version of TASK (an imported one too), on its "
+    "architecture and input contract; the new version's provenance names it.",
+)
 @click.option("--image-size", type=int, help="Square input size in pixels (default: the task's contract).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split, the weights and the order.")
 @click.option("--patience", type=int, help="Early stopping after N epochs without improvement (default: recipe).")
@@ -36,21 +58,24 @@ from meddaemon.cli.common import EXIT_FAILURE, EXIT_USAGE, build_settings, echo_
 @click.option("--version", "version_name", help="Name of the new version (default: r<UTC date-time>).")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 @click.option("--promote", is_flag=True, help="Make the new version the task's active model.")
+@click.option("--force", is_flag=True, help="Promote even a model flagged COLLAPSE or IMPLAUSIBLE.")
 @click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
     help="Working folder: checkpoints, split.json, versions/<version>/ (default: <state-dir>/training/<task>).",
 )
+@hash_workers_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @handle_errors
 def retrain(
     config_file: Path | None,
     task: str,
-    data: Path,
+    data: Path | None,
     epochs: int | None,
     batch_size: int | None,
     lr: float | None,
     arch: str | None,
+    from_version: str | None,
     image_size: int | None,
     seed: int,
     patience: int | None,
@@ -59,7 +84,9 @@ def retrain(
     version_name: str | None,
     resume: bool,
     promote: bool,
+    force: bool,
     out: Path | None,
+    workers: int,
     as_json: bool,
     **flags: Any,
 ) -> None:
@@ -70,19 +97,28 @@ def retrain(
     near-duplicates kept on one side). Defaults come from the task's recipe (`medcli tasks`).
     Thresholds are chosen on validation, metrics are measured on test; a collapsed model or an
     implausibly perfect score is flagged loudly. The version (weights, manifest, split.json,
-    MODEL_CARD.md) is registered but not served unless --promote. Bad data exits 2.
+    MODEL_CARD.md) is registered but not served unless --promote; a model flagged COLLAPSE or
+    IMPLAUSIBLE is registered but not promoted (exit 2) unless --force. Bad data exits 2; Ctrl-C
+    exits 130 and says how to continue with --resume.
+
+    --from VERSION fine-tunes a registered version of TASK (e.g. one imported with `medcli models
+    import FILE`): its weights (hash-checked, safetensors) are where training starts, and its
+    architecture and input contract (size, channels, normalisation, resize) are kept. An unknown
+    version, one of another task, an ONNX graph, or an --arch or --image-size that contradicts it
+    exits 2; a version whose files fail verification exits 1.
 
     Several processes (DistributedDataParallel): `torchrun --nproc-per-node N -m meddaemon.cli.medcli
     retrain ...`; --batch-size is per process (the global batch is N times it).
     """
     import torch
 
-    from meddaemon.db.engine import create_db_engine, session_factory, transaction
-    from meddaemon.db.migrate import upgrade
+    from meddaemon.db.engine import session_factory, transaction
     from meddaemon.engine import registry
     from meddaemon.training import distributed
     from meddaemon.training.datasets import DatasetError
+    from meddaemon.training.evaluate import promotion_blockers
     from meddaemon.training.pipeline import retrain as run_retrain
+    from meddaemon.training.pipeline import split_dataset
     from meddaemon.training.train import TrainConfig
 
     settings = build_settings(config_file, **flags)
@@ -91,6 +127,11 @@ def retrain(
         raise click.BadParameter(
             f"unknown task {task!r}; known: {', '.join(sorted(settings.task_specs))}", param_hint="TASK"
         )
+    if data is None:
+        click.echo(_where_to_get_data(spec), err=True)
+        sys.exit(EXIT_USAGE)
+    open_database(settings).dispose()  # the version is registered there: find out now, not after training
+    parent = None if from_version is None else _parent(settings, spec, from_version, arch, image_size)
     config = TrainConfig.from_task(
         spec,
         epochs=epochs,
@@ -107,14 +148,30 @@ def retrain(
     distributed.setup(config.device)  # under torchrun: join the process group (a no-op otherwise)
     click.get_current_context().call_on_close(distributed.teardown)
     if not distributed.is_main():
-        _train_shard(spec, data, config, workdir, resume)
+        _train_shard(spec, data, config, workdir, resume, max(1, workers // distributed.world_size()), parent)
         distributed.barrier()  # rank 0 evaluates, writes and registers the version
         return
     say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
+    ctx = click.get_current_context()
     try:
+        with hashing_progress(disable=not _wants_bar(as_json)) as progress:
+            split_data = split_dataset(spec, data, config.seed, workers=workers, progress=progress)
         outcome = run_retrain(
-            spec, data, config, workdir, version=version_name, resume=resume, show_progress=not as_json, log=say
+            spec,
+            data,
+            config,
+            workdir,
+            version=version_name,
+            resume=resume,
+            show_progress=_wants_bar(as_json),
+            split_data=split_data,
+            log=say,
+            warn=echo_warning,
+            parent=parent,
         )
+    except KeyboardInterrupt:
+        click.echo(_how_to_resume(ctx, task, workdir), err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except DatasetError as exc:
         click.echo(f"error: bad dataset: {exc}", err=True)
         sys.exit(EXIT_USAGE)
@@ -122,12 +179,12 @@ def retrain(
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILURE)
 
-    engine = create_db_engine(settings.db_url, settings.busy_timeout)
+    blockers = promotion_blockers(outcome.flags) if promote and not force else []
+    engine = open_database(settings)
     try:
-        upgrade(engine)
         with transaction(session_factory(engine)) as session:
             row = registry.import_version(session, outcome.version_dir, settings.models_dir, tasks=settings.task_specs)
-            if promote:
+            if promote and not blockers:
                 row = registry.promote(session, row.task_name, row.version)
             registered = registry.version_summary(row)
     except registry.RegistryError as exc:
@@ -137,31 +194,102 @@ def retrain(
         engine.dispose()
     distributed.barrier()
 
-    summary = {**outcome.summary(), "registered": registered}
+    summary = {**outcome.summary(), "registered": registered, "promotion_refused": blockers}
     for flag in outcome.flags:
         click.secho(f"WARNING: {flag}", fg="red", bold=True, err=True)
+    promote_line = command_line("models", "promote", task, registered["version"], *given_options(ctx, SETTINGS_PARAMS))
+    if blockers:
+        click.secho(
+            f"not promoted: the model is flagged {', '.join(sorted({b.split(':', 1)[0] for b in blockers}))}; "
+            f"it is registered, not served. Read the model card, then serve it anyway with: {promote_line}",
+            fg="red",
+            bold=True,
+            err=True,
+        )
     if as_json:
         echo_json(summary)
-        return
-    test = outcome.metrics["test"]
-    click.echo(
-        f"{task}/{registered['version']}: test accuracy {_fmt(test['accuracy'])}, ROC-AUC {_fmt(test['roc_auc'])} "
-        f"on {test['n']} images; {registered['status']} in {registered['path']}"
+    else:
+        test = outcome.metrics["test"]
+        click.echo(
+            f"{task}/{registered['version']}: test accuracy {_fmt(test['accuracy'])}, "
+            f"ROC-AUC {_fmt(test['roc_auc'])} on {test['n']} images; {registered['status']} in {registered['path']}"
+        )
+        click.echo(f"model card: {outcome.version_dir / 'MODEL_CARD.md'}")
+        if not promote:
+            click.echo(f"serve it with: {promote_line}")
+    if blockers:
+        sys.exit(EXIT_USAGE)
+
+
+def _parent(settings: Any, spec: Any, reference: str, arch: str | None, image_size: int | None) -> Any:
+    """The ``--from`` version, verified; exits 2 (it cannot be trained from) or 1 (its files are refused)."""
+    from meddaemon.db.engine import session_factory, transaction
+    from meddaemon.engine.registry import ModelRefused
+    from meddaemon.training.parent import ParentRefused, resolve_parent
+
+    engine = open_database(settings)
+    try:
+        with transaction(session_factory(engine)) as session:
+            return resolve_parent(session, spec, reference, architecture=arch, image_size=image_size)
+    except ParentRefused as exc:
+        click.echo(f"error ({exc.reason}): --from {reference}: {exc.message}", err=True)
+        sys.exit(EXIT_USAGE)
+    except ModelRefused as exc:
+        click.echo(f"refused ({exc.reason}): --from {reference}: {exc.message}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        engine.dispose()
+
+
+def _where_to_get_data(spec: Any) -> str:
+    """Why --data is needed, where the task's dataset is published, and how to try without it."""
+    lines = [f"error: medcli retrain {spec.name} needs --data PATH: a dataset in its published layout."]
+    if spec.dataset is not None:
+        lines += [f"{spec.name} is trained on:", *spec.dataset.lines()]
+    else:
+        lines.append(f"{spec.name} is a custom task: a folder per class or a CSV manifest (path,label[,patient_id]).")
+    lines += [
+        f"To try the pipeline first: {command_line('synth', spec.name, '--out', 'DIR')} writes SYNTHETIC phantoms "
+        f"in that layout; then {command_line('retrain', spec.name, '--data', 'DIR')}",
+    ]
+    return "\n".join(lines)
+
+
+def _how_to_resume(ctx: click.Context, task: str, workdir: Path) -> str:
+    """After Ctrl-C: the epoch the checkpoint holds and the command that continues from it."""
+    from meddaemon.training.train import checkpoint_epoch
+
+    epoch = checkpoint_epoch(workdir)
+    again = given_options(ctx, drop=("resume",))
+    if epoch is None:
+        return "interrupted before the first epoch finished: nothing to resume; start again with: " + command_line(
+            "retrain", task, *again
+        )
+    return f"interrupted: the checkpoint after epoch {epoch} is in {workdir}; continue with: " + command_line(
+        "retrain", task, *again, "--resume"
     )
-    click.echo(f"model card: {outcome.version_dir / 'MODEL_CARD.md'}")
-    if not promote:
-        click.echo(f"serve it with: medcli models promote {task} {registered['version']}")
 
 
-def _train_shard(spec: Any, data: Path, config: Any, workdir: Path, resume: bool) -> None:
-    """A rank other than 0: the same dataset and split as rank 0's pipeline, training only."""
-    from meddaemon.training.datasets import load_dataset
-    from meddaemon.training.splits import SplitConfig, make_split
+def _wants_bar(as_json: bool) -> bool:
+    """A progress bar (on stderr) only on a terminal; elsewhere the plain line per epoch is enough."""
+    return not as_json and sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def _train_shard(
+    spec: Any, data: Path, config: Any, workdir: Path, resume: bool, workers: int, parent: Any = None
+) -> None:
+    """A rank other than 0: the same dataset, split and starting weights as rank 0's pipeline, training only."""
+    from meddaemon.training.pipeline import split_dataset
     from meddaemon.training.train import train
 
-    index = load_dataset(data, spec)
-    split = make_split(index, SplitConfig(spec.recipe.split, config.seed))
-    train(spec, split.samples(index, "train"), split.samples(index, "val"), config, workdir, resume=resume)
+    if parent is not None:
+        config = parent.apply(config)
+    split_data = split_dataset(spec, data, config.seed, workers=workers)
+    index, split = split_data.index, split_data.split
+    train(
+        spec, split.samples(index, "train"), split.samples(index, "val"), config, workdir, resume=resume,
+        initial_weights=None if parent is None else parent.weights,
+    )  # fmt: skip
 
 
 def _fmt(x: float | None) -> str:

@@ -6,6 +6,7 @@ returns those moves for the caller to carry out after the commit.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,9 +31,11 @@ from meddaemon.db.models import (
     Task,
     utcnow,
 )
+from meddaemon.dicom import outbox
 from meddaemon.engine.tasks import TaskSpec
 from meddaemon.failures import FailureReason, ScanFailure
 from meddaemon.states import ScanState, check_transition
+from meddaemon.stored_paths import stored_file, stored_name, stored_spellings
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,20 @@ class Destinations:
     work_dir: Path
     archive_dir: Path
     failed_dir: Path
+    #: paths under it are stored relative to it (``meddaemon.stored_paths``); None: all absolute
+    state_dir: Path | None = None
+
+    def stored(self, path: Path) -> str:
+        """``path`` as a row keeps it."""
+        return stored_name(path, self.state_dir) if self.state_dir is not None else str(Path(os.path.abspath(path)))
+
+    def file(self, stored: str) -> Path:
+        """The file a row's path names."""
+        return stored_file(stored, self.state_dir) if self.state_dir is not None else Path(stored)
+
+    def spellings(self, path: Path) -> tuple[str, ...]:
+        """Every way a row may hold ``path`` (older rows: absolute)."""
+        return stored_spellings(path, self.state_dir) if self.state_dir is not None else (self.stored(path),)
 
 
 @dataclass
@@ -87,49 +104,245 @@ def record_batch(
     served_tasks: Collection[str],
     claimed_by: int | None = None,
 ) -> BatchRecord:
-    """Rows for a batch of read files, flushed once (a flush per file cost 70% of ingest time).
+    """Rows for a batch of read files: a few multi-row statements, whatever the batch's size.
 
     Routed scans whose task has a served model stay ``routed``, claimed by the daemon ``claimed_by``
     (the caller queues them for inference); the others wait in ``waiting_model``, claimed by nobody.
+    SQLAlchemy Core, not ORM objects: the unit of work cost about 0.8 ms of CPU per file, most of
+    the transaction (benchmarks/README.md, issue 16). Rows are inserted in the batch's order.
     """
-    shas = {intake.sha256 for _, _, intake in files if intake.sha256}
-    known: dict[str, Scan] = (
-        {s.sha256: s for s in session.scalars(select(Scan).where(Scan.sha256.in_(shas))) if s.sha256} if shas else {}
-    )
+    known, failed_before = _scans_of(session, {intake.sha256 for _, _, intake in files if intake.sha256})
     failed_taken: set[Path] = set()
-    staged: list[_Staged] = []
+    entries: list[_NewScan | _NewArrival] = []
+    fresh: dict[str, _NewScan] = {}
     now = utcnow()
 
     for stable, name, intake in files:
-        if intake.sha256 and intake.sha256 in known:
-            staged.append(_duplicate(session, stable, name, intake, known[intake.sha256], destinations, now))
+        sha = intake.sha256
+        original = (known.get(sha) or fresh.get(sha)) if sha else None
+        if original is not None:
+            entries.append(_arrival(stable, name, intake, original, destinations, now))
             continue
-        scan = _register(session, stable, name, intake, now)
-        if intake.sha256:
-            known[intake.sha256] = scan
-
+        scan = _new_scan(stable, name, intake, now, failed_before.get(sha or ""))
+        entries.append(scan)
         if intake.failure is not None:
-            staged.append(_fail(session, scan, stable.path, name, intake.failure, destinations, failed_taken, now))
+            _fail_new(session, scan, name, intake.failure, destinations, failed_taken)
             continue
-
         route = intake.route
-        assert route is not None and route.task is not None and intake.sha256
-        scan.task_name, scan.routed_at = route.task, now
-        _advance(scan, ScanState.ROUTED, f"{route.task} ({route.why})", now)
+        assert route is not None and route.task is not None and sha
+        fresh[sha] = scan
+        scan.values.update(task_name=route.task, routed_at=now)
+        scan.step(ScanState.ROUTED, f"{route.task} ({route.why})")
         if route.task in served_tasks:
-            scan.claimed_by = claimed_by
+            scan.values["claimed_by"] = claimed_by
         else:
-            _advance(scan, ScanState.WAITING_MODEL, f"no active model for task {route.task}", now)
-        target = filing.work_path(destinations.work_dir, intake.sha256, name)
-        scan.stored_path, scan.pending_move_from = str(target), str(stable.path)
-        outcome = IntakeOutcome(str(name), scan.state, intake.sha256, intake.size, route.task, route.why, target=target)
-        staged.append(_Staged(scan, stable.path, target, outcome))
+            scan.step(ScanState.WAITING_MODEL, f"no active model for task {route.task}")
+        scan.target = filing.work_path(destinations.work_dir, sha, name)
+        scan.values.update(
+            stored_path=destinations.stored(scan.target), pending_move_from=destinations.stored(stable.path)
+        )
+        scan.outcome = IntakeOutcome(str(name), scan.state, sha, intake.size, route.task, route.why, target=scan.target)
 
-    session.flush()
+    _insert_new(session, [e for e in entries if isinstance(e, _NewScan)], now)
+    _insert_arrivals(session, [e for e in entries if isinstance(e, _NewArrival)])
     return BatchRecord(
-        moves=[st.planned_move() for st in staged if st.target is not None],
-        outcomes=[st.finished_outcome() for st in staged],
+        moves=[e.planned_move() for e in entries if e.target is not None],
+        outcomes=[e.finished_outcome() for e in entries],
     )
+
+
+@dataclass(frozen=True)
+class _KnownScan:
+    id: int
+    source_name: str
+    task_name: str | None
+    failure_reason: str | None
+
+
+@dataclass
+class _NewScan:
+    """A scan row to insert (``values``), the states it passes through, and where its file goes."""
+
+    values: dict[str, object]
+    source: Path
+    outcome: IntakeOutcome
+    steps: list[tuple[ScanState, str | None]] = field(default_factory=list)
+    target: Path | None = None
+    id: int = 0
+
+    @property
+    def state(self) -> str:
+        return str(self.values["state"])
+
+    @property
+    def task_name(self) -> str | None:
+        return self.values["task_name"]  # type: ignore[return-value]
+
+    @property
+    def source_name(self) -> str:
+        return str(self.values["source_name"])
+
+    def step(self, state: ScanState, detail: str | None) -> None:
+        check_transition(ScanState(self.state), state)
+        self.values["state"] = state.value
+        self.steps.append((state, detail))
+
+    def planned_move(self) -> PlannedMove:
+        assert self.target is not None
+        reason = None
+        if self.state == ScanState.FAILED:
+            v = self.values
+            reason = _reason(
+                self.id, v["source_name"], v["failure_reason"], v["failure_message"], v["sha256"], v["size_bytes"],
+                v["updated_at"],
+            )  # fmt: skip
+        return PlannedMove("scan", self.id, self.source, self.target, reason)
+
+    def finished_outcome(self) -> IntakeOutcome:
+        self.outcome.scan_id = self.id
+        return self.outcome
+
+
+@dataclass
+class _NewArrival:
+    """A duplicate arrival to insert, of a scan already stored or new in the same batch."""
+
+    values: dict[str, object]
+    original: _KnownScan | _NewScan
+    source: Path
+    target: Path
+    outcome: IntakeOutcome
+    id: int = 0
+
+    def planned_move(self) -> PlannedMove:
+        return PlannedMove("duplicate", self.id, self.source, self.target)
+
+    def finished_outcome(self) -> IntakeOutcome:
+        self.outcome.detail = f"same bytes as scan {self.original.id} ({self.original.source_name})"
+        return self.outcome
+
+
+def _scans_of(session: Session, shas: Collection[str]) -> tuple[dict[str, _KnownScan], dict[str, _KnownScan]]:
+    """The scans of these contents: the one a new arrival is a duplicate of (not failed; at most one,
+    ``uq_scans_sha256_live``), and the latest failed attempt, which a new arrival tries again."""
+    if not shas:
+        return {}, {}
+    live: dict[str, _KnownScan] = {}
+    failed: dict[str, _KnownScan] = {}
+    query = (
+        select(Scan.id, Scan.sha256, Scan.state, Scan.source_name, Scan.task_name, Scan.failure_reason)
+        .where(Scan.sha256.in_(shas))
+        .order_by(Scan.id)
+    )
+    for row in session.execute(query):
+        known = _KnownScan(row.id, row.source_name, row.task_name, row.failure_reason)
+        (failed if row.state == ScanState.FAILED else live)[row.sha256] = known
+    return live, failed
+
+
+def _new_scan(
+    stable: StableFile, name: PurePosixPath, intake: Intake, now: datetime, failed_before: _KnownScan | None
+) -> _NewScan:
+    metadata = intake.metadata
+    values: dict[str, object] = {
+        "sha256": intake.sha256,
+        "state": ScanState.STABLE.value,
+        "source_name": str(name),
+        "size_bytes": intake.size if intake.sha256 else None,
+        "discovered_at": stable.discovered_at,
+        "stable_at": stable.stable_at,
+        "registered_at": now,
+        "updated_at": now,
+        "task_name": None,
+        "routed_at": None,
+        "claimed_by": None,
+        "stored_path": None,
+        "pending_move_from": None,
+        "failure_reason": None,
+        "failure_message": None,
+        **{column: getattr(metadata, column) if metadata is not None else None for column in METADATA_COLUMNS},
+    }
+    scan = _NewScan(values, stable.path, IntakeOutcome(str(name), ScanState.STABLE))
+    again = None
+    if failed_before is not None:
+        again = f"a new attempt: scan {failed_before.id} of the same bytes failed ({failed_before.failure_reason})"
+    scan.step(ScanState.REGISTERED, again)
+    return scan
+
+
+def _fail_new(
+    session: Session,
+    scan: _NewScan,
+    name: PurePosixPath,
+    failure: ScanFailure,
+    destinations: Destinations,
+    taken: set[Path],
+) -> None:
+    scan.values.update(failure_reason=failure.reason.value, failure_message=failure.message)
+    scan.step(ScanState.FAILED, f"{failure.reason.value}: {failure.message}")
+    if failure.reason is not FailureReason.VANISHED:  # a vanished file has no copy to keep
+        scan.target = free_target(
+            session, partial(filing.failed_path, destinations.failed_dir, name), taken, destinations
+        )
+        scan.values.update(
+            stored_path=destinations.stored(scan.target), pending_move_from=destinations.stored(scan.source)
+        )
+    v = scan.values
+    scan.outcome = IntakeOutcome(
+        str(name),
+        ScanState.FAILED,
+        v["sha256"],  # type: ignore[arg-type]
+        v["size_bytes"] or 0,  # type: ignore[arg-type]
+        None,
+        failure.message,
+        failure.reason.value,
+        scan.target,
+    )
+
+
+def _arrival(
+    stable: StableFile,
+    name: PurePosixPath,
+    intake: Intake,
+    original: _KnownScan | _NewScan,
+    destinations: Destinations,
+    now: datetime,
+) -> _NewArrival:
+    assert intake.sha256
+    target = filing.archive_path(destinations.archive_dir / "duplicates", name, intake.sha256, now)
+    values: dict[str, object] = {
+        "source_name": str(name),
+        "stored_path": destinations.stored(target),
+        "pending_move_from": destinations.stored(stable.path),
+        "size_bytes": intake.size,
+        "arrived_at": now,
+    }
+    outcome = IntakeOutcome(str(name), "duplicate", intake.sha256, intake.size, original.task_name, target=target)
+    return _NewArrival(values, original, stable.path, target, outcome)
+
+
+def _insert_new(session: Session, scans: list[_NewScan], now: datetime) -> None:
+    """The scans as one multi-row INSERT (ids back in order), then their history as another."""
+    if not scans:
+        return
+    statement = insert(Scan).returning(Scan.id, sort_by_parameter_order=True)
+    for scan, scan_id in zip(scans, session.scalars(statement, [s.values for s in scans]).all(), strict=True):
+        scan.id = scan_id
+    events = [
+        {"scan_id": scan.id, "state": state.value, "detail": detail, "at": now}
+        for scan in scans
+        for state, detail in scan.steps
+    ]
+    session.execute(insert(ScanEvent), events)
+
+
+def _insert_arrivals(session: Session, arrivals: list[_NewArrival]) -> None:
+    if not arrivals:
+        return
+    rows = [{**a.values, "scan_id": a.original.id} for a in arrivals]
+    statement = insert(DuplicateArrival).returning(DuplicateArrival.id, sort_by_parameter_order=True)
+    for arrival, arrival_id in zip(arrivals, session.scalars(statement, rows).all(), strict=True):
+        arrival.id = arrival_id
 
 
 @dataclass
@@ -156,49 +369,6 @@ class _Staged:
         return self.outcome
 
 
-def _register(session: Session, stable: StableFile, name: PurePosixPath, intake: Intake, now: datetime) -> Scan:
-    scan = Scan(
-        sha256=intake.sha256,
-        state=ScanState.STABLE,
-        source_name=str(name),
-        size_bytes=intake.size if intake.sha256 else None,
-        discovered_at=stable.discovered_at,
-        stable_at=stable.stable_at,
-        registered_at=now,
-        updated_at=now,
-    )
-    if intake.metadata is not None:
-        for column in METADATA_COLUMNS:
-            setattr(scan, column, getattr(intake.metadata, column))
-    session.add(scan)
-    _advance(scan, ScanState.REGISTERED, None, now)
-    return scan
-
-
-def _duplicate(
-    session: Session,
-    stable: StableFile,
-    name: PurePosixPath,
-    intake: Intake,
-    original: Scan,
-    destinations: Destinations,
-    now: datetime,
-) -> _Staged:
-    assert intake.sha256
-    target = filing.archive_path(destinations.archive_dir / "duplicates", name, intake.sha256, now)
-    arrival = DuplicateArrival(
-        scan=original,
-        source_name=str(name),
-        stored_path=str(target),
-        pending_move_from=str(stable.path),
-        size_bytes=intake.size,
-        arrived_at=now,
-    )
-    session.add(arrival)
-    outcome = IntakeOutcome(str(name), "duplicate", intake.sha256, intake.size, original.task_name, target=target)
-    return _Staged(arrival, stable.path, target, outcome)
-
-
 def _fail(
     session: Session,
     scan: Scan,
@@ -212,9 +382,11 @@ def _fail(
     scan.failure_reason, scan.failure_message = failure.reason.value, failure.message
     _advance(scan, ScanState.FAILED, f"{failure.reason.value}: {failure.message}", now)
     target = None
-    if failure.reason is not FailureReason.VANISHED:
-        target = free_target(session, partial(filing.failed_path, destinations.failed_dir, name), taken)
-        scan.stored_path, scan.pending_move_from = str(target), str(source)
+    if failure.reason is FailureReason.VANISHED:
+        scan.stored_path = None  # the copy in work/ is gone; its name is a new attempt's to take
+    else:
+        target = free_target(session, partial(filing.failed_path, destinations.failed_dir, name), taken, destinations)
+        scan.stored_path, scan.pending_move_from = destinations.stored(target), destinations.stored(source)
     outcome = IntakeOutcome(
         str(name),
         ScanState.FAILED,
@@ -228,7 +400,9 @@ def _fail(
     return _Staged(scan, source, target, outcome)
 
 
-def free_target(session: Session, pick: Callable[[set[Path]], Path], taken: set[Path]) -> Path:
+def free_target(
+    session: Session, pick: Callable[[set[Path]], Path], taken: set[Path], destinations: Destinations
+) -> Path:
     """The first name ``pick`` offers that no scan row has yet. The disk alone cannot say: another
     daemon's move to that name may be committed and not yet done. (Two transactions choosing the
     same name at the same moment are kept apart by the unique ``scans.stored_path``: the second
@@ -236,7 +410,8 @@ def free_target(session: Session, pick: Callable[[set[Path]], Path], taken: set[
     offered: set[Path] = set()
     while True:
         target = pick(taken)
-        if target in offered or session.scalar(select(Scan.id).where(Scan.stored_path == str(target))) is None:
+        spellings = destinations.spellings(target)
+        if target in offered or session.scalar(select(Scan.id).where(Scan.stored_path.in_(spellings))) is None:
             return target
         offered.add(target)
         taken.add(target)
@@ -244,14 +419,23 @@ def free_target(session: Session, pick: Callable[[set[Path]], Path], taken: set[
 
 def reason_document(scan: Scan) -> dict[str, object]:
     """The contents of ``failed/<name>.reason.json``: enough to act on without opening the DB."""
+    return _reason(
+        scan.id, scan.source_name, scan.failure_reason, scan.failure_message, scan.sha256, scan.size_bytes,
+        scan.updated_at,
+    )  # fmt: skip
+
+
+def _reason(
+    scan_id: int, source_name: object, reason: object, message: object, sha256: object, size: object, at: object
+) -> dict[str, object]:
     return {
-        "scan_id": scan.id,
-        "source_name": scan.source_name,
-        "reason": scan.failure_reason,
-        "message": scan.failure_message,
-        "sha256": scan.sha256,
-        "size_bytes": scan.size_bytes,
-        "failed_at": scan.updated_at or utcnow(),
+        "scan_id": scan_id,
+        "source_name": source_name,
+        "reason": reason,
+        "message": message,
+        "sha256": sha256,
+        "size_bytes": size,
+        "failed_at": at or utcnow(),
         "meddaemon_version": __version__,
     }
 
@@ -273,30 +457,79 @@ def _advance(scan: Scan, state: ScanState, detail: str | None, at: datetime) -> 
         session.add(event)
 
 
-def clear_pending(session: Session, moves: Sequence[PlannedMove]) -> None:
+def clear_pending(session: Session, moves: Sequence[PlannedMove], daemon_id: int | None = None) -> None:
     """Mark moves as done, so recovery leaves them alone; the files they took out of the inbox are
-    no longer claimed."""
-    for kind, model in (("scan", Scan), ("duplicate", DuplicateArrival)):
-        ids = [m.row_id for m in moves if m.kind == kind]
-        if ids:
-            session.execute(update(model).where(model.id.in_(ids)).values(pending_move_from=None))
+    no longer claimed, and archived scans are nobody's any more. Fenced like results: the moves of
+    scans another daemon holds (taken over after this one was declared lost) are not touched."""
+    scan_ids = [m.row_id for m in moves if m.kind == "scan"]
+    if scan_ids:
+        fence = claims.claimable_by(daemon_id)
+        session.execute(update(Scan).where(Scan.id.in_(scan_ids), fence).values(pending_move_from=None))
+        session.execute(
+            update(Scan)
+            .where(Scan.id.in_(scan_ids), Scan.state == ScanState.ARCHIVED, Scan.claimed_by == daemon_id)
+            .values(claimed_by=None)
+        )
+    duplicate_ids = [m.row_id for m in moves if m.kind == "duplicate"]
+    if duplicate_ids:
+        session.execute(
+            update(DuplicateArrival).where(DuplicateArrival.id.in_(duplicate_ids)).values(pending_move_from=None)
+        )
     claims.finish_inbox_files(session, [m.source for m in moves])
 
 
-def pending_moves(session: Session) -> list[PlannedMove]:
-    """Moves committed but maybe not carried out: the journal recovery replays after a crash."""
+def moves_still_due(
+    session: Session, moves: Sequence[PlannedMove], destinations: Destinations, daemon_id: int | None = None
+) -> list[PlannedMove]:
+    """Of ``moves``, those still journalled as they are (same source, same target) and, for scans,
+    held by ``daemon_id`` or by nobody: the ones this daemon may carry out. A daemon declared lost
+    that wakes up finds its moves done or taken over by another, and moves nothing."""
+    scan_ids = [m.row_id for m in moves if m.kind == "scan"]
+    duplicate_ids = [m.row_id for m in moves if m.kind == "duplicate"]
+    rows: list[tuple[str, int, str, str]] = []
+    if scan_ids:
+        rows += [
+            ("scan", *row)
+            for row in session.execute(
+                select(Scan.id, Scan.pending_move_from, Scan.stored_path).where(
+                    Scan.id.in_(scan_ids), Scan.pending_move_from.is_not(None), claims.claimable_by(daemon_id)
+                )
+            )
+        ]
+    if duplicate_ids:
+        rows += [
+            ("duplicate", *row)
+            for row in session.execute(
+                select(DuplicateArrival.id, DuplicateArrival.pending_move_from, DuplicateArrival.stored_path).where(
+                    DuplicateArrival.id.in_(duplicate_ids), DuplicateArrival.pending_move_from.is_not(None)
+                )
+            )
+        ]
+    due = {(kind, i, destinations.file(source), destinations.file(target)) for kind, i, source, target in rows}
+    return [m for m in moves if (m.kind, m.row_id, _absolute(m.source), _absolute(m.target)) in due]
+
+
+def _absolute(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+def pending_moves(session: Session, destinations: Destinations, daemon_id: int | None = None) -> list[PlannedMove]:
+    """Moves committed but maybe not carried out: the journal recovery replays after a crash. The
+    moves of scans a live peer holds (its archive moves in flight) are left to it."""
     moves = [
         PlannedMove(
             "scan",
             s.id,
-            Path(s.pending_move_from),  # type: ignore[arg-type]
-            Path(s.stored_path),  # type: ignore[arg-type]
+            destinations.file(s.pending_move_from),  # type: ignore[arg-type]
+            destinations.file(s.stored_path),  # type: ignore[arg-type]
             reason_document(s) if s.state == ScanState.FAILED else None,
         )
-        for s in session.scalars(select(Scan).where(Scan.pending_move_from.is_not(None)))
+        for s in session.scalars(
+            select(Scan).where(Scan.pending_move_from.is_not(None), claims.claimable_by(daemon_id))
+        )
     ]
     moves += [
-        PlannedMove("duplicate", d.id, Path(d.pending_move_from), Path(d.stored_path))  # type: ignore[arg-type]
+        PlannedMove("duplicate", d.id, destinations.file(d.pending_move_from), destinations.file(d.stored_path))  # type: ignore[arg-type]
         for d in session.scalars(select(DuplicateArrival).where(DuplicateArrival.pending_move_from.is_not(None)))
     ]
     return moves
@@ -337,23 +570,34 @@ def record_results(
     a scan done by an earlier run, failed meanwhile, or taken over by another daemon after this one
     was declared lost is left alone, so no result is ever doubled. Stored scans are free again
     for the next stage.
+
+    SQLAlchemy Core on the way every batch takes (one SELECT, one UPDATE, three multi-row INSERTs);
+    the ORM only for the rare failed scan, whose move and reason file need the whole row.
     """
     now = utcnow()
     labels = list(model.manifest["labels"])
     thresholds = model.manifest.get("thresholds", {})
-    scans = claims.scans_held(session, daemon_id, [o.scan_id for o in outcomes])
+    held = _held_routed(session, daemon_id, [o.scan_id for o in outcomes])
+    failed = {o.scan_id for o in outcomes if o.failure is not None and o.scan_id in held}
+    failing = claims.scans_held(session, daemon_id, failed) if failed else {}
     staged: list[_Staged] = []
+    inferred: list[IntakeOutcome] = []
+    events: list[dict[str, object]] = []
     result_rows: list[dict[str, object]] = []
     heatmap_of_row: list[HeatmapFile | None] = []
+    by = f" by daemon {daemon_id}" if daemon_id is not None else ""
+    check_transition(ScanState.ROUTED, ScanState.INFERRED)
     for outcome in outcomes:
-        scan = scans.get(outcome.scan_id)
-        if scan is None or scan.state != ScanState.ROUTED:
+        scan = held.get(outcome.scan_id)
+        if scan is None:
             continue
-        scan.claimed_by = None
         if outcome.failure is not None:
-            assert scan.stored_path is not None
-            name = PurePosixPath(scan.source_name)
-            staged.append(_fail(session, scan, Path(scan.stored_path), name, outcome.failure, destinations, set(), now))
+            row = failing[outcome.scan_id]
+            row.claimed_by = None
+            assert row.stored_path is not None
+            source = destinations.file(row.stored_path)
+            name = PurePosixPath(row.source_name)
+            staged.append(_fail(session, row, source, name, outcome.failure, destinations, set(), now))
             continue
         for index, label in enumerate(labels):
             result_rows.append(
@@ -370,40 +614,84 @@ def record_results(
             )
             heatmap_of_row.append(next((h for h in outcome.heatmaps if h.label_index == index), None))
         top = labels[int(max(range(len(labels)), key=lambda i: outcome.probabilities[i]))]
-        by = f" by daemon {daemon_id}" if daemon_id is not None else ""
-        _advance(scan, ScanState.INFERRED, f"{model.task_name} {model.version}: top {top}{by}", now)
-        staged.append(
-            _Staged(
-                scan,
-                Path(),
-                None,
-                IntakeOutcome(
-                    scan.source_name, ScanState.INFERRED, scan.sha256, 0, model.task_name, f"{model.version}, top {top}"
-                ),
+        detail = f"{model.task_name} {model.version}: top {top}{by}"
+        events.append({"scan_id": scan.id, "state": ScanState.INFERRED.value, "detail": detail, "at": now})
+        inferred.append(
+            IntakeOutcome(
+                scan.source_name,
+                ScanState.INFERRED,
+                scan.sha256,
+                0,
+                model.task_name,
+                f"{model.version}, top {top}",
+                scan_id=scan.id,
             )
         )
-    _insert_results(session, result_rows, heatmap_of_row, now)
+    if events:
+        session.execute(
+            update(Scan)
+            .where(Scan.id.in_([e["scan_id"] for e in events]))
+            .values(state=ScanState.INFERRED.value, claimed_by=None, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        session.execute(insert(ScanEvent), events)
+    insert_results(session, result_rows, heatmap_of_row, now, destinations.stored)
     session.flush()
+    failures = [st.finished_outcome() for st in staged]
     return BatchRecord(
         moves=[st.planned_move() for st in staged if st.target is not None],
-        outcomes=[st.finished_outcome() for st in staged],
+        outcomes=_in_order(outcomes, [*inferred, *failures]),
     )
 
 
-def _insert_results(
-    session: Session, rows: list[dict[str, object]], heatmaps: list[HeatmapFile | None], now: datetime
+@dataclass(frozen=True)
+class _HeldScan:
+    id: int
+    sha256: str | None
+    source_name: str
+
+
+def _held_routed(session: Session, daemon_id: int | None, scan_ids: Sequence[int]) -> dict[int, _HeldScan]:
+    """Of ``scan_ids``, the scans still ``routed`` and held by ``daemon_id`` or by nobody, locked
+    (in id order) until the transaction ends; ``claims.scans_held`` without loading whole rows."""
+    if not scan_ids:
+        return {}
+    query = (
+        select(Scan.id, Scan.sha256, Scan.source_name)
+        .where(Scan.id.in_(list(scan_ids)), claims.claimable_by(daemon_id), Scan.state == ScanState.ROUTED)
+        .order_by(Scan.id)
+        .with_for_update(of=Scan)
+    )
+    return {row.id: _HeldScan(row.id, row.sha256, row.source_name) for row in session.execute(query)}
+
+
+def _in_order(outcomes: Sequence[InferenceOutcome], done: list[IntakeOutcome]) -> list[IntakeOutcome]:
+    position = {outcome.scan_id: i for i, outcome in enumerate(outcomes)}
+    return sorted(done, key=lambda o: position.get(o.scan_id or 0, 0))
+
+
+def insert_results(
+    session: Session,
+    rows: Sequence[Mapping[str, object]],
+    heatmaps: Sequence[HeatmapFile | None],
+    now: datetime,
+    stored: Callable[[Path], str],
 ) -> None:
-    """Results and their heatmaps as two multi-row INSERTs: a batch of 16 scans x 14 labels is one
-    statement, not 224 ORM objects flushed one by one."""
+    """Results and their heatmaps (``heatmaps[i]`` is the map of ``rows[i]``, or None) as two
+    multi-row INSERTs: a batch of 16 scans x 14 labels is one statement, not 224 ORM objects
+    flushed one by one. ``stored`` writes a heatmap's path as rows keep it (``stored_paths``)."""
     if not rows:
+        return
+    if not any(heatmaps):
+        session.execute(insert(Result), rows)
         return
     ids = session.scalars(insert(Result).returning(Result.id, sort_by_parameter_order=True), rows).all()
     heatmap_rows = [
         {
             "result_id": result_id,
             "method": h.method,
-            "array_path": str(h.array_path),
-            "overlay_path": str(h.overlay_path),
+            "array_path": stored(h.array_path),
+            "overlay_path": stored(h.overlay_path),
             "height": h.height,
             "width": h.width,
             "created_at": now,
@@ -415,26 +703,36 @@ def _insert_results(
         session.execute(insert(Heatmap), heatmap_rows)
 
 
-def claim_for_archive(session: Session, destinations: Destinations, limit: int) -> list[PlannedMove]:
-    """Reported scans whose file is still in work/: ``archived`` in this transaction, with the move
-    to ``archive/<day>/<name as received>`` journalled, to be carried out after the commit."""
+def claim_for_archive(
+    session: Session, destinations: Destinations, limit: int, daemon_id: int | None = None
+) -> list[PlannedMove]:
+    """Reported scans whose file is still in work/ and whose DICOM outputs are no longer pending
+    (delivered or dead): ``archived`` in this transaction, with the move to
+    ``archive/<day>/<name as received>`` journalled, to be carried out after the commit by the
+    daemon ``daemon_id``, which holds the scans until then (``clear_pending``)."""
     now = utcnow()
     taken: set[Path] = set()
     moves: list[PlannedMove] = []
     query = (
         select(Scan)
         .where(Scan.state == ScanState.REPORTED, Scan.pending_move_from.is_(None), Scan.stored_path.is_not(None))
+        .where(claims.claimable_by(daemon_id))
+        .where(outbox.nothing_pending(Scan.id))  # DICOM outputs delivered or dead first (issue 14)
         .order_by(Scan.id)
         .limit(limit)
         .with_for_update(of=Scan, skip_locked=True)
     )
     for scan in session.scalars(query):
-        source = Path(scan.stored_path)  # type: ignore[arg-type]
+        source = destinations.file(scan.stored_path)  # type: ignore[arg-type]
         name = PurePosixPath(scan.source_name)
         target = free_target(
-            session, partial(filing.archive_path, destinations.archive_dir, name, scan.sha256 or "", now), taken
+            session,
+            partial(filing.archive_path, destinations.archive_dir, name, scan.sha256 or "", now),
+            taken,
+            destinations,
         )
-        scan.pending_move_from, scan.stored_path = str(source), str(target)
+        scan.pending_move_from, scan.stored_path = destinations.stored(source), destinations.stored(target)
+        scan.claimed_by = daemon_id
         _advance(scan, ScanState.ARCHIVED, None, now)
         moves.append(PlannedMove("scan", scan.id, source, target))
     return moves
@@ -446,10 +744,16 @@ class ScanToInfer:
     task: str
     stored_path: Path
     discovered_at: datetime | None
+    sha256: str | None = None
 
 
 def claim_for_inference(
-    session: Session, tasks: Collection[str], exclude: Collection[int], limit: int, daemon_id: int | None = None
+    session: Session,
+    tasks: Collection[str],
+    exclude: Collection[int],
+    limit: int,
+    daemon_id: int | None = None,
+    destinations: Destinations | None = None,
 ) -> list[ScanToInfer]:
     """Registered scans whose task now has a served model (after a restart, a model's promotion, or
     taken over from a lost daemon), claimed by ``daemon_id``; rows other daemons are claiming at
@@ -472,7 +776,8 @@ def claim_for_inference(
         if scan.state == ScanState.WAITING_MODEL:
             _advance(scan, ScanState.ROUTED, f"a model for {scan.task_name} is now served", now)
         scan.claimed_by = daemon_id
-        claimed.append(ScanToInfer(scan.id, scan.task_name or "", Path(scan.stored_path), scan.discovered_at))
+        stored = destinations.file(scan.stored_path) if destinations is not None else Path(scan.stored_path)
+        claimed.append(ScanToInfer(scan.id, scan.task_name or "", stored, scan.discovered_at, scan.sha256))
         if len(claimed) >= limit:
             break
     return claimed

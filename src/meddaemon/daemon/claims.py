@@ -3,14 +3,17 @@
 - An inbox file is claimed (a row in ``inbox_claims``, keyed by its path) before it is read; the
   claim holds until the file has left the inbox, and a while after as a tombstone against daemons
   that saw the file just before it left. ``INSERT ... ON CONFLICT`` makes the claim atomic on
-  PostgreSQL and SQLite alike.
+  PostgreSQL and SQLite alike. A claim left unrecorded past a deadline (a daemon whose workers are
+  slow to start, or stuck) may be taken over by another daemon; recording renews it
+  (``held_inbox_files``), and the first holder's late record is fenced like a lost daemon's.
 - A scan's next stage (inference, report) is claimed by setting ``scans.claimed_by``, choosing the
   rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` so concurrent daemons take disjoint sets without
   waiting for each other. SQLite drops ``SKIP LOCKED`` silently; there ``BEGIN IMMEDIATE`` already
   serialises every writer, which gives the same result on one host.
 - Storing the outcome of a claimed stage is fenced: it only counts if the claim is still the
   daemon's (``held_inbox_files``, ``scans_held``), so a daemon declared lost that wakes up later
-  cannot store a second result.
+  cannot store a second result, write a second report (``report.builder.claimed_scan_report``)
+  or carry out a move another daemon took over (``bookkeeper.moves_still_due``).
 """
 
 from __future__ import annotations
@@ -38,12 +41,17 @@ class Released:
     kept_for_moves: int = 0
 
 
-def claim_inbox_files(session: Session, daemon_id: int, files: Iterable[StableFile]) -> set[Path]:
+def claim_inbox_files(
+    session: Session, daemon_id: int, files: Iterable[StableFile], unread_after: float | None = None
+) -> set[Path]:
     """Claim the files no other daemon holds; returns the paths this daemon got.
 
     A path whose claim ended (the file left the inbox) can be claimed again only by a different file:
     another size, mtime or inode. The same file seen a moment before it left is refused, so it is
     never read after another daemon moved it away.
+
+    With ``unread_after`` (seconds), a file another daemon claimed longer ago than that and has not
+    recorded (its claim neither renewed by a record nor kept for a committed move) is taken over.
     """
     wanted = {str(f.path): f for f in files}
     if not wanted:
@@ -71,14 +79,34 @@ def claim_inbox_files(session: Session, daemon_id: int, files: Iterable[StableFi
             set_={
                 column: new[column] for column in ("daemon_id", "size", "mtime_ns", "inode", "claimed_at", "done_at")
             },
-            where=and_(InboxClaim.done_at.is_not(None), another_file),
+            where=or_(
+                and_(InboxClaim.done_at.is_not(None), another_file),
+                *([_held_unread(daemon_id, unread_after)] if unread_after is not None else []),
+            ),
         ).returning(InboxClaim.path)
     ).all()
     return {wanted[p].path for p in won}
 
 
+def _held_unread(daemon_id: int, older_than: float):  # type: ignore[no-untyped-def]
+    """An open claim of another daemon, neither renewed for ``older_than`` seconds nor kept for a
+    committed move out of the inbox."""
+    moving = or_(
+        select(Scan.id).where(Scan.pending_move_from == InboxClaim.path).exists(),
+        select(DuplicateArrival.id).where(DuplicateArrival.pending_move_from == InboxClaim.path).exists(),
+    )
+    return and_(
+        InboxClaim.done_at.is_(None),
+        InboxClaim.daemon_id.is_not(None),
+        InboxClaim.daemon_id != daemon_id,
+        InboxClaim.claimed_at < db_clock() - older_than,
+        ~moving,
+    )
+
+
 def held_inbox_files(session: Session, daemon_id: int, paths: Iterable[Path]) -> set[str]:
-    """Of ``paths``, those this daemon still holds, locked until the transaction ends."""
+    """Of ``paths``, those this daemon still holds, locked until the transaction ends, their claims
+    renewed: a daemon that records a file has read it, and no other may take it over now."""
     names = [str(p) for p in paths]
     if not names:
         return set()
@@ -88,7 +116,10 @@ def held_inbox_files(session: Session, daemon_id: int, paths: Iterable[Path]) ->
         .order_by(InboxClaim.path)
         .with_for_update()
     )
-    return set(session.scalars(query))
+    held = set(session.scalars(query))
+    for chunk in _chunks(held):
+        session.execute(update(InboxClaim).where(InboxClaim.path.in_(chunk)).values(claimed_at=db_clock()))
+    return held
 
 
 def release_inbox_files(session: Session, paths: Iterable[Path | str]) -> None:

@@ -7,6 +7,7 @@ after; ``finish_move`` is idempotent, so recovery after a crash simply calls it 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import filecmp
 import json
@@ -15,6 +16,9 @@ import shutil
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
+
+#: times ``finish_move`` makes the target's folder again when it was removed as empty meanwhile
+SHARD_RACE_RETRIES = 3
 
 
 class MoveOutcome(StrEnum):
@@ -51,6 +55,40 @@ def failed_path(failed_dir: Path, source_name: PurePosixPath, taken: set[Path]) 
     return target
 
 
+def inbox_return_path(watch: Path, source_name: PurePosixPath, scan_id: int, attempt: int = 1) -> Path:
+    """Where a failed scan's original goes back into the inbox (``medcli retry``): the name it arrived
+    with, so a task folder routes it the same way; ``<stem>__retry<scan id>[_<n>]`` when the ``attempt``
+    before found that name taken."""
+    relative = PurePosixPath(*(part for part in source_name.parts if part not in ("", ".", "..", "/")))
+    if attempt <= 1:
+        return watch / relative
+    number = "" if attempt == 2 else f"_{attempt - 1}"
+    return watch / relative.parent / f"{_stem(relative)}__retry{scan_id}{number}{_suffix(relative)}"
+
+
+def place_new_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` as a new file (new inode, mtime now: no inbox claim's tombstone
+    mistakes it for the file that left), written under a dot name and linked into place whole; never
+    replaces a file already at ``target`` (``FileExistsError``)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.retry")
+    try:
+        shutil.copyfile(source, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: a rename, after a last look
+            if os.path.lexists(target):
+                raise FileExistsError(errno.EEXIST, "a file already has the name", str(target)) from None
+            os.rename(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def reason_path(failed_file: Path) -> Path:
     return failed_file.with_name(failed_file.name + ".reason.json")
 
@@ -78,19 +116,40 @@ def finish_move(source: Path, target: Path) -> MoveOutcome:
             os.unlink(source)
             return MoveOutcome.ALREADY_DONE
         raise FileExistsError(errno.EEXIST, "a different file already has the target name", str(target))
-    target.parent.mkdir(parents=True, exist_ok=True)
+    retries = 0
+    while True:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            # another daemon finishing the same committed move (recovery) got there first
+            if os.path.lexists(target) and not os.path.lexists(source):
+                return MoveOutcome.ALREADY_DONE
+            # or the target's shard was emptied and removed between the mkdir and the rename
+            retries += 1
+            if retries > SHARD_RACE_RETRIES or not os.path.lexists(source) or target.parent.is_dir():
+                raise
+            continue
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_across_devices(source, target)
+        return MoveOutcome.MOVED
+
+
+def remove_emptied_shard(folder: Path, root: Path) -> bool:
+    """Remove the shard ``folder`` (``work/<xx>/``, right below ``root``) once its last file has left.
+
+    ``os.rmdir`` removes only an empty folder, so a file another writer put there meanwhile keeps it;
+    a writer whose folder vanished between its mkdir and its rename makes it again (``finish_move``).
+    """
+    if folder.parent != root:
+        return False
     try:
-        os.rename(source, target)
-    except FileNotFoundError:
-        # another daemon finishing the same committed move (recovery) got there first
-        if os.path.lexists(target) and not os.path.lexists(source):
-            return MoveOutcome.ALREADY_DONE
-        raise
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        _copy_across_devices(source, target)
-    return MoveOutcome.MOVED
+        os.rmdir(folder)
+    except OSError:  # not empty, already gone
+        return False
+    return True
 
 
 def _copy_across_devices(source: Path, target: Path) -> None:
@@ -128,3 +187,10 @@ def heatmap_paths(heatmaps_dir: Path, sha256: str, version_id: int, label: str) 
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
     base = heatmaps_dir / sha256[:2] / sha256 / f"v{version_id}_{safe}"
     return base.with_suffix(".npy"), base.with_suffix(".jpg")
+
+
+def view_path(heatmaps_dir: Path, sha256: str, version_id: int) -> Path:
+    """``heatmaps/<sha[:2]>/<sha>/v<version id>.view.jpg``: the scan as that version saw it, beside its
+    heatmaps, for the report (which would otherwise decode the scan again). The dot keeps it apart
+    from every label's files."""
+    return heatmaps_dir / sha256[:2] / sha256 / f"v{version_id}.view.jpg"

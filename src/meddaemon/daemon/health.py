@@ -92,8 +92,10 @@ def check_health(
     settings: Settings,
     limits: HealthLimits | None = None,
     disk_usage: Callable[[Path], Any] = shutil.disk_usage,
+    echo: Callable[[Settings], Any] | None = None,
 ) -> HealthReport:
-    """Run every check; ``engine`` should be read-only (``db.readonly.read_only_engine``)."""
+    """Run every check; ``engine`` should be read-only (``db.readonly.read_only_engine``). With a
+    ``dicom_port``, the DICOM receiver is probed with a C-ECHO (``echo``: ``dicom.receiver.echo``)."""
     limits = limits or HealthLimits()
     database = _database(engine)
     checks = [database]
@@ -106,7 +108,10 @@ def check_health(
             _guarded("lost_daemons", engine, lambda s: _lost(s, limits)),
             _guarded("queue", engine, lambda s: _queue(s, settings, limits, daemons.details.get("alive", 0))),
             _guarded("failures", engine, lambda s: _failures(s, limits)),
+            _guarded("outbox", engine, lambda s: _outbox(s, limits)),
         ]
+    if settings.dicom_port:
+        checks.append(_dicom(engine, settings, echo))
     checks.append(_disk(settings.state_dir, limits.min_free_bytes, disk_usage))
     return HealthReport(checks)
 
@@ -246,6 +251,61 @@ def _queue(session: Session, settings: Settings, limits: HealthLimits, alive: in
             details,
         )
     return Check("queue", OK, f"{_plural(total, 'scan')} waiting, the oldest for {_duration(age)}", details)
+
+
+def _outbox(session: Session, limits: HealthLimits) -> Check:
+    """The DICOM outputs waiting for their destinations (issue 14): degraded when the oldest has
+    waited past ``stuck_seconds`` (a destination down for that long)."""
+    from meddaemon.dicom.outbox import summary
+
+    queue = summary(session)
+    details: dict[str, Any] = queue.as_dict()
+    counts, oldest = queue.counts, queue.oldest_pending_seconds
+    dead = f"; {_plural(counts['dead'], 'object')} dead (medcli outbox list --status dead)" if counts["dead"] else ""
+    if oldest is None:
+        return Check("outbox", OK, f"no DICOM output waiting{dead}", details)
+    if oldest > limits.stuck_seconds:
+        return Check(
+            "outbox",
+            DEGRADED,
+            f"{_plural(counts['pending'], 'DICOM output')} waiting, the oldest for {_duration(oldest)} "
+            f"(limit {_duration(limits.stuck_seconds)}): is a destination down?{dead}",
+            details,
+        )
+    return Check(
+        "outbox",
+        OK,
+        f"{_plural(counts['pending'], 'DICOM output')} waiting, the oldest for {_duration(oldest)}{dead}",
+        details,
+    )
+
+
+def _dicom(engine: Engine, settings: Settings, echo: Callable[[Settings], Any] | None) -> Check:
+    """The DICOM receiver (issue 18): down when nothing answers a C-ECHO on its port; what it
+    received lately, and the studies still arriving, in the details."""
+    from meddaemon.dicom.completeness import arrival_summary
+
+    if echo is None:
+        from meddaemon.dicom.receiver import echo
+    try:
+        answer = echo(settings)
+    except Exception as exc:
+        return Check("dicom", DOWN, f"the DICOM receiver could not be probed: {_one_line(exc)}")
+    details: dict[str, Any] = {"ae_title": settings.ae_title, "port": settings.dicom_port, "probe": answer.outcome}
+    received = ""
+    try:
+        with Session(engine) as session, session.begin():
+            summary = arrival_summary(session, settings.series_quiet_seconds)
+        details.update(asdict(summary))
+        received = f"; {_plural(summary.instances_last_hour, 'instance')} received in the last hour"
+        if summary.studies_arriving:
+            n = summary.studies_arriving
+            received += f", {n} {'study' if n == 1 else 'studies'} still arriving"
+    except Exception as exc:
+        details["received"] = f"could not be read: {_one_line(exc)}"
+    if answer.outcome == "none":
+        return Check("dicom", DOWN, f"{answer.message}: is the daemon's DICOM receiver running?{received}", details)
+    return Check("dicom", OK, answer.message + received, details)
 
 
 def _failures(session: Session, limits: HealthLimits) -> Check:

@@ -6,6 +6,7 @@ event overflow.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 from collections.abc import Iterable, Iterator
@@ -19,11 +20,21 @@ class Inbox:
         self._exclude = tuple(p.resolve() for p in exclude)
 
     def relative_name(self, path: Path) -> PurePosixPath | None:
-        """The path inside the inbox, or None if the path is not in it."""
-        try:
-            return PurePosixPath(Path(os.path.abspath(path)).relative_to(self.root).as_posix())
-        except ValueError:
-            return None
+        """The path inside the inbox, or None if the path is not in it. A path spelled through a
+        symlinked folder counts (its folder is resolved; the file itself, maybe a symlink, is not)."""
+        absolute = Path(os.path.abspath(path))
+        with contextlib.suppress(ValueError):
+            return PurePosixPath(absolute.relative_to(self.root).as_posix())
+        with contextlib.suppress(ValueError):
+            resolved = Path(os.path.realpath(absolute.parent)) / absolute.name
+            return PurePosixPath(resolved.relative_to(self.root).as_posix())
+        return None
+
+    def canonical(self, path: Path) -> Path | None:
+        """The one spelling of an inbox file the daemon keys on (tracker, claims, rows): the
+        resolved root joined with the name inside it; None outside the inbox."""
+        rel = self.relative_name(path)
+        return None if rel is None else self.root / rel
 
     def is_candidate(self, path: Path) -> bool:
         """A name the daemon may read: in the inbox, not in an excluded folder, not work in progress.
@@ -57,3 +68,21 @@ class Inbox:
                         stack.append(path)
                 elif self.is_candidate(path):
                     yield path
+
+
+class WatchFolderMissing(FileNotFoundError):
+    """The inbox does not exist: an unmounted share would otherwise look like an empty inbox."""
+
+
+def ensure_watch_folder(folder: Path, create: bool) -> None:
+    """Check that the inbox is a folder; make it only when ``create`` (``--create-watch``) asks."""
+    if folder.is_dir():
+        return
+    if folder.exists():
+        raise WatchFolderMissing(f"the watch folder {folder} is not a folder")
+    if not create:
+        raise WatchFolderMissing(
+            f"the watch folder {folder} does not exist (is its share mounted?); "
+            "create it, or pass --create-watch (config: create_watch = true) to have it made"
+        )
+    folder.mkdir(parents=True, exist_ok=True)

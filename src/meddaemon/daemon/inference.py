@@ -1,14 +1,23 @@
 """The inference stage: served models, their batch queues, and results into the database.
 
+Claims: the scans it runs (``bookkeeper.claim_for_inference``: routed and waiting scans of served
+tasks, under this daemon's id) until their results are committed. Cadence: every turn of the loop
+(batches that are full or have waited ``max_wait_ms``); the database sweep runs when a model is
+adopted and every ``model_poll_seconds`` (``serving.ModelStage``). Recovery: scans a stopped or lost
+daemon held stay ``routed`` and the sweep claims them again. Stop: the queued batches are run and
+their results committed (``finish``); a model load in progress is not waited for.
+
 Scans reach it two ways: straight from intake (the worker already built the model input), or from
 the database sweep (``routed`` scans after a restart, ``waiting_model`` scans once a model for
 their task is promoted), whose inputs are prepared again from work/ in the decoding workers.
-A promoted model is picked up without a restart; a model that fails verification is refused with
-a clear message and never produces a result.
+A promoted model is picked up without a restart: it is loaded in a background thread
+(``daemon/loader.py``) while the version it replaces keeps serving its task; a model that fails
+verification is refused with a clear message and never produces a result.
 
-Heatmap files (the map as ``.npy``, the overlay as JPEG) are written by a small thread pool while the
-main loop goes on to the next forward pass; a batch's results are committed once its files exist, so
-a row never points at a file that is not there.
+Heatmap files (the map as ``.npy``; with reports on, the scan as the model saw it and the overlay
+JPEG) are written by a small thread pool while the main loop goes on to the next forward pass; a
+batch's results are committed once its files exist, so a row never points at a map that is not
+there. With reports off the overlay is drawn when first shown (``meddaemon.overlays``).
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import select
@@ -29,18 +38,24 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
 from meddaemon.daemon import bookkeeper, filing
+from meddaemon.daemon import loader as model_loader
 from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, HeatmapFile, InferenceOutcome, ScanToInfer
 from meddaemon.daemon.intake import prepare_stored
 from meddaemon.daemon.metrics import DaemonMetrics
+from meddaemon.daemon.stages import Stage
 from meddaemon.db.models import ModelVersion, Scan, utcnow
 from meddaemon.engine.batching import BatchQueue, QueuedScan
 from meddaemon.engine.decode import DecodeOptions
-from meddaemon.engine.inference import Prediction, ServedModel, limit_threads, pick_device
 from meddaemon.engine.overlay import jpeg_bytes, model_view, overlay
-from meddaemon.engine.registry import ModelRefused, load_version
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import ScanFailure
 from meddaemon.files import write_atomically
+from meddaemon.states import ScanState
+
+if TYPE_CHECKING:  # torch: imported when the first model is loaded (``_engine``), not at start
+    import torch
+
+    from meddaemon.engine.inference import Prediction, ServedModel
 
 log = logging.getLogger("meddaemon.inference")
 
@@ -48,10 +63,16 @@ Submit = Callable[..., Future]
 Commit = Callable[[Callable[[Session], Any]], Any]
 
 
+#: largest model view kept for the reports (``report.images.MAX_SIDE``); a larger one is resized there
+REPORT_VIEW_MAX_SIDE = 512
 #: threads writing heatmap files: numpy, the JPEG encoder and file writes release the GIL
 HEATMAP_WRITERS = 2
-#: how often the main loop looks for batches whose heatmap files are written (s)
+#: how often the main loop looks for inputs prepared and batches whose heatmap files are written (s)
 STORE_POLL = 0.005
+#: how often the main loop looks for finished model loads while one is in progress (s)
+LOAD_POLL = 0.1
+#: a version whose load failed for another reason than its verification is tried again after (s)
+LOAD_RETRY_SECONDS = 300.0
 
 
 @dataclass
@@ -74,7 +95,9 @@ class _Storing:
         return all(future.done() for _, future in self.writes)
 
 
-class InferenceStage:
+class InferenceStage(Stage):
+    name = "inference"
+
     def __init__(
         self,
         settings: Settings,
@@ -95,11 +118,15 @@ class InferenceStage:
         #: the daemon carries out the moves of failed scans and logs every outcome
         self.after_store = after_store
         self.metrics = metrics or DaemonMetrics()
-        limit_threads(settings.inference_threads)
-        self.device = pick_device(settings.device)
+        #: where models run; chosen with the first load (``_engine``)
+        self.device: torch.device | None = None
         self.served: dict[str, ServedModel] = {}
         self.rows: dict[int, ModelVersion] = {}
-        self.refused: set[int] = set()
+        #: each task's active version, as last read from the database
+        self.wanted: dict[str, ModelVersion] = {}
+        #: versions whose load failed: not asked for again before the time given (monotonic; inf: refused)
+        self.failed_loads: dict[int, float] = {}
+        self.loader = model_loader.ModelLoader(self._load)
         self.queue: BatchQueue[int] = BatchQueue(settings.max_batch, settings.max_wait_ms / 1000)
         self.preparing: list[_Preparing] = []
         self.storing: list[_Storing] = []
@@ -110,66 +137,179 @@ class InferenceStage:
         self.inferred = 0
         #: this daemon's id among those sharing the database (``lease.register``), set at start
         self.daemon_id: int | None = None
+        #: with ``load_when``: whether files wait in the inbox (a model is loaded only when there is work)
+        self.files_waiting: Callable[[], bool] | None = None
+
+    def load_when(self, files_waiting: Callable[[], bool]) -> None:
+        """Load a task's model only once there is work for it: files in the inbox (``files_waiting``)
+        or scans of the task waiting in the database. ``--once`` on an empty inbox then ends in about
+        a second instead of loading, verifying and warming every active model for nothing."""
+        self.files_waiting = files_waiting
 
     def close(self) -> None:
-        """Stop the writer threads; batches not yet committed stay ``routed`` and run again at start."""
+        """Stop the writer threads; batches not yet committed stay ``routed`` and run again at start.
+        A model load in progress is not waited for."""
+        self.loader.close()
         self.writer.shutdown(wait=True)
 
+    # -- the stage -------------------------------------------------------------------------------
+
+    def tick(self, now: float, flush: bool) -> bool:
+        self.harvest_prepared()
+        return self.run_ready(flush=flush) > 0
+
+    def look_again(self) -> int:
+        return self.sweep()
+
+    def finish(self) -> None:
+        """Run what is queued, once the inputs being prepared are back, and commit the results."""
+        while self.preparing:
+            self.harvest_prepared()
+            time.sleep(0.01)
+        self.run_ready(flush=True)
+
     # -- models --------------------------------------------------------------------------------
+
+    def start_engine(self) -> None:
+        """Import torch and set up its threads and device now: a live daemon does it at start-up, so
+        that the first promotion does not stall the loop (and its watchdog) for a torch import."""
+        self._engine()
+
+    def _engine(self) -> torch.device:
+        """Torch's threads and the device, set up by the main thread before the first load."""
+        if self.device is None:
+            from meddaemon.engine.inference import limit_threads, pick_device
+
+            limit_threads(self.settings.inference_threads)
+            self.device = pick_device(self.settings.device)
+        return self.device
+
+    def _load(self, request: model_loader.LoadRequest) -> ServedModel:
+        assert self.device is not None
+        return model_loader.load_and_time(
+            request, device=self.device, heatmaps=self.settings.heatmaps, batch=self.settings.max_batch
+        )
 
     def contracts(self) -> dict[str, InputContract]:
         return {task: model.contract for task, model in self.served.items()}
 
     def refresh_models(self) -> None:
-        """Serve each task's active version; load newly promoted ones, drop retired ones."""
+        """Ask the loader for each task's active version; stop serving tasks without one.
+
+        A task keeps being served by the version it has until the newly promoted one is loaded
+        (:meth:`adopt_loaded`); a task without an active version stops being served at once."""
         with self.sessions() as session:
-            active = {
+            self.wanted = {
                 row.task_name: row
                 for row in session.scalars(select(ModelVersion).where(ModelVersion.status == "active"))
             }
+            idle = self._tasks_without_work(session) if self.files_waiting is not None else set()
         for task, model in list(self.served.items()):
-            if task not in active or active[task].id != model.version_id:
-                log.info("no longer serving %s", model.name)
-                del self.served[task]
-                for item in self.queue.drop(model.version_id):
-                    self.in_flight.discard(item.scan_id)
-        for task, row in active.items():
-            if task in self.served or row.id in self.refused:
+            if task not in self.wanted:
+                log.info("no longer serving %s: the task has no active version", model.name)
+                self._stop_serving(task)
+        now = time.monotonic()
+        pending = self.loader.pending()
+        for task, row in self.wanted.items():
+            model = self.served.get(task)
+            if (model is not None and model.version_id == row.id) or row.id in pending:
                 continue
-            try:
-                loaded = load_version(Path(row.path), device="cpu")
-            except ModelRefused as refusal:
-                self.refused.add(row.id)
-                log.error(
-                    "refusing model %s/%s: %s (%s); its scans keep waiting",
-                    task,
-                    row.version,
-                    refusal.reason,
-                    refusal.message,
-                )
+            if self.failed_loads.get(row.id, 0.0) > now or task in idle:
                 continue
-            model = ServedModel(row.id, loaded, self.device, heatmaps=self.settings.heatmaps)
-            backend = model.choose_backend(self.settings.max_batch)
-            self.served[task] = model
+            self._engine()
+            self.loader.request(model_loader.LoadRequest(task, row.version, row.id, Path(row.path)))
+        self.adopt_loaded()
+
+    def _tasks_without_work(self, session: Session) -> set[str]:
+        """Tasks with an active version and nothing for it to do (``load_when``)."""
+        assert self.files_waiting is not None
+        unserved = set(self.wanted) - set(self.served)
+        if not unserved or self.files_waiting():
+            return set()
+        waiting = set(
+            session.scalars(
+                select(Scan.task_name)
+                .where(Scan.state.in_([ScanState.ROUTED, ScanState.WAITING_MODEL]), Scan.task_name.in_(unserved))
+                .distinct()
+            )
+        )
+        return unserved - waiting
+
+    def adopt_loaded(self, timeout: float = 0.0) -> int:
+        """Serve the versions whose load finished (if they are still the active ones); returns how many."""
+        adopted = 0
+        for result in self.loader.finished(timeout):
+            request = result.request
+            row = self.wanted.get(request.task)
+            current = self.served.get(request.task)
+            keeps = f"{current.name} keeps serving" if current is not None else "its scans keep waiting"
+            if result.model is None:
+                self._log_failed_load(result, keeps)
+                continue
+            if row is None or row.id != request.version_id:
+                log.info("loaded %s, which is no longer the active version: not serving it", request.name)
+                continue
+            if current is not None:
+                log.info("no longer serving %s: %s replaces it", current.name, request.name)
+                self._stop_serving(request.task)
+            model = result.model
+            self.served[request.task] = model
             self.rows[row.id] = row
+            adopted += 1
             log.info(
-                "serving %s/%s (%s, sha256 %s) on %s with %s",
-                task,
+                "serving %s/%s (%s, sha256 %s) on %s with %s (loaded in %.1f s)",
+                request.task,
                 row.version,
                 row.architecture,
                 row.sha256[:12],
                 self.device,
-                backend,
+                model.backend,
+                result.seconds,
             )
+        return adopted
+
+    def wait_for_loads(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Wait until every requested load has finished and been adopted (``--once`` at start)."""
+        while self.loader.busy() and not stop():
+            self.adopt_loaded(timeout=0.2)
+
+    def _stop_serving(self, task: str) -> None:
+        model = self.served.pop(task)
+        for item in self.queue.drop(model.version_id):
+            self.in_flight.discard(item.scan_id)
+
+    def _log_failed_load(self, result: model_loader.LoadResult, keeps: str) -> None:
+        request = result.request
+        if result.refusal is not None:
+            self.failed_loads[request.version_id] = float("inf")
+            log.error(
+                "refusing model %s: %s (%s); %s",
+                request.name,
+                result.refusal.reason,
+                result.refusal.message,
+                keeps,
+            )
+            return
+        self.failed_loads[request.version_id] = time.monotonic() + LOAD_RETRY_SECONDS
+        log.error(
+            "could not load model %s: %s; %s; trying again in %.0f s",
+            request.name,
+            result.error,
+            keeps,
+            LOAD_RETRY_SECONDS,
+        )
 
     # -- feeding the queues --------------------------------------------------------------------
 
-    def enqueue(self, scan_id: int, task: str, inputs: np.ndarray, discovered_at: datetime | None) -> None:
+    def enqueue(
+        self, scan_id: int, task: str, inputs: np.ndarray, discovered_at: datetime | None, sha256: str | None = None
+    ) -> None:
+        """Queue a scan read by intake (``sha256``: its content hash, which names its heatmap files)."""
         model = self.served.get(task)
         if model is None:
             return  # the model went away meanwhile: the sweep picks the scan up again
         self.in_flight.add(scan_id)
-        self.queue.put(model.version_id, QueuedScan(scan_id, inputs, discovered_at))
+        self.queue.put(model.version_id, QueuedScan(scan_id, inputs, discovered_at, sha256=sha256))
 
     def sweep(self) -> int:
         """Claim routed and waiting scans of served tasks from the database and prepare their inputs."""
@@ -182,7 +322,9 @@ class InferenceStage:
         exclude = self.in_flight | set(self.resting)
 
         def claim(session: Session) -> list[ScanToInfer]:
-            return bookkeeper.claim_for_inference(session, list(self.served), exclude, budget, self.daemon_id)
+            return bookkeeper.claim_for_inference(
+                session, list(self.served), exclude, budget, self.daemon_id, self.destinations
+            )
 
         claimed: list[ScanToInfer] = self.commit(claim)
         for scan in claimed:
@@ -206,7 +348,9 @@ class InferenceStage:
                     InferenceOutcome(item.scan.scan_id, [], [], failure=result)
                 )
             elif model is not None and model.version_id == item.version_id:
-                self.queue.put(item.version_id, QueuedScan(item.scan.scan_id, result, item.scan.discovered_at))
+                scan = item.scan
+                queued = QueuedScan(scan.scan_id, result, scan.discovered_at, sha256=scan.sha256)
+                self.queue.put(item.version_id, queued)
                 continue
             self.in_flight.discard(item.scan.scan_id)
         for version_id, outcomes in failures.items():
@@ -245,15 +389,21 @@ class InferenceStage:
             self._store(batch.version_id, self._without_unwritten(batch))
 
     def idle(self) -> bool:
-        return not self.preparing and not self.storing and len(self.queue) == 0
+        return not self.preparing and not self.storing and len(self.queue) == 0 and not self.loader.busy()
 
     def next_deadline(self) -> float | None:
+        now = time.monotonic()
         if self.storing:
-            return time.monotonic() + STORE_POLL
-        return self.queue.next_deadline()
+            return now + STORE_POLL
+        deadline = now + LOAD_POLL if self.loader.busy() else self.queue.next_deadline()
+        if self.preparing:  # inputs coming back from the decoding workers
+            return min(now + STORE_POLL, deadline if deadline is not None else now + STORE_POLL)
+        return deadline
 
     def _outcomes(self, model: ServedModel, items: list[QueuedScan], predictions: list[Prediction]) -> _Storing:
-        shas = self._shas([item.scan_id for item in items])
+        shas = {item.scan_id: item.sha256 for item in items if item.sha256}
+        if model.heatmaps and len(shas) < len(items):  # scans from the sweep of an older daemon's rows
+            shas |= self._shas([item.scan_id for item in items if item.scan_id not in shas])
         outcomes: list[InferenceOutcome] = []
         writes: list[tuple[int, Future]] = []
         row = 0
@@ -270,18 +420,28 @@ class InferenceStage:
             probs = np.mean([p.probabilities for p in rows], axis=0)
             positive = model.calls(probs)
             key = item.size // 2  # heatmaps of the key frame when all frames were run
-            files = self._heatmap_files(model, shas[item.scan_id], rows[key])
+            files = self._heatmap_files(model, shas.get(item.scan_id), rows[key])
             if files:
                 maps = [heatmap for _, heatmap in rows[key].heatmaps]
-                writes.append(
-                    (item.scan_id, self.writer.submit(write_heatmap_files, files, maps, inputs[key], model.contract))
+                view = self._view_path(model, shas[item.scan_id])
+                write = self.writer.submit(
+                    write_heatmap_files, files, maps, inputs[key], model.contract, view, self.settings.reports
                 )
+                writes.append((item.scan_id, write))
             outcomes.append(InferenceOutcome(item.scan_id, probs.tolist(), positive.tolist(), None, files, latency))
         return _Storing(model.version_id, outcomes, writes)
 
-    def _heatmap_files(self, model: ServedModel, sha: str, prediction: Prediction) -> list[HeatmapFile]:
+    def _view_path(self, model: ServedModel, sha: str) -> Path | None:
+        """Where the scan as the model saw it goes for its report; None with reports off (a JPEG
+        encode and a file per scan that nothing would read)."""
+        return filing.view_path(self.settings.heatmaps_dir, sha, model.version_id) if self.settings.reports else None
+
+    def _heatmap_files(self, model: ServedModel, sha: str | None, prediction: Prediction) -> list[HeatmapFile]:
         method = "cam" if model.model.cam_linear is not None else "gradcam"
         files: list[HeatmapFile] = []
+        if not prediction.heatmaps:
+            return files
+        assert sha is not None
         for label_index, heatmap in prediction.heatmaps:
             array_path, overlay_path = filing.heatmap_paths(
                 self.settings.heatmaps_dir, sha, model.version_id, model.labels[label_index]
@@ -324,18 +484,38 @@ class InferenceStage:
         self.after_store(record)
 
     def _shas(self, ids: list[int]) -> dict[int, str]:
-        with self.sessions() as session:
+        """Through ``commit``: a database outage here is waited out, not a lost batch of predictions."""
+
+        def read(session: Session) -> dict[int, str]:
             return dict(session.execute(select(Scan.id, Scan.sha256).where(Scan.id.in_(ids))).all())  # type: ignore[arg-type]
+
+        return self.commit(read)
 
 
 def write_heatmap_files(
-    files: list[HeatmapFile], maps: list[np.ndarray], model_input: np.ndarray, contract: InputContract
+    files: list[HeatmapFile],
+    maps: list[np.ndarray],
+    model_input: np.ndarray,
+    contract: InputContract,
+    view_path: Path | None = None,
+    overlays: bool = False,
 ) -> None:
-    """Each map as float16 ``.npy`` and as a JPEG overlay on the image the model saw (in a writer thread)."""
-    view = model_view(model_input, contract)
+    """Each map as float32 ``.npy`` (in a writer thread); with ``view_path``, the image the model saw
+    too, as the report embeds it (``report.images``). ``overlays`` also writes each map's overlay
+    JPEG: with reports on (every overlay is read by its report, and drawing it here, from the view
+    in hand, cost half of drawing it in the report stage) and in ``medcli evaluate`` (which keeps no
+    copy of the scan to draw it from later). Without, the first reader draws it from these
+    (``meddaemon.overlays``), and an overlay left from an earlier run of the same version is
+    removed so that none is older than its map."""
+    view = model_view(model_input, contract) if overlays or view_path is not None else None
     for file, heatmap in zip(files, maps, strict=True):
-        write_atomically(file.array_path, _npy_bytes(heatmap.astype(np.float16)))
-        write_atomically(file.overlay_path, jpeg_bytes(overlay(view, heatmap)))
+        write_atomically(file.array_path, _npy_bytes(heatmap.astype(np.float32)))
+        if view is not None and overlays:
+            write_atomically(file.overlay_path, jpeg_bytes(overlay(view, heatmap)))
+        else:
+            file.overlay_path.unlink(missing_ok=True)
+    if view is not None and view_path is not None and max(view.shape[:2]) <= REPORT_VIEW_MAX_SIDE:
+        write_atomically(view_path, jpeg_bytes(view))
 
 
 def _aware(moment: datetime) -> datetime:

@@ -24,9 +24,9 @@ from meddaemon.daemon.router import Route, RoutingPolicy, route_scan
 from meddaemon.daemon.stability import Signature
 from meddaemon.engine.decode import DecodeOptions, decode_bytes
 from meddaemon.engine.decode.types import DecodedScan, ScanMetadata
-from meddaemon.engine.preprocess import to_model_input
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import FailureReason, ScanFailure
+from meddaemon.files import read_whole
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def prepare_stored(path: Path, contract: InputContract, options: DecodeOptions) 
     try:
         with open(path, "rb") as handle:
             data = handle.read()
-        return to_model_input(decode_bytes(data, options), contract)
+        return _to_model_input(decode_bytes(data, options), contract)
     except ScanFailure as failure:
         return failure
     except FileNotFoundError:
@@ -87,9 +87,17 @@ def _route_and_prepare(intake: Intake, name: PurePosixPath, decoded: DecodedScan
     contract = context.contracts.get(intake.route.task)
     if contract is not None:
         try:
-            intake.model_input = to_model_input(decoded, contract)
+            intake.model_input = _to_model_input(decoded, contract)
         except ScanFailure as failure:
             intake.failure = failure
+
+
+def _to_model_input(decoded: DecodedScan, contract: InputContract) -> np.ndarray:
+    """``engine.preprocess.to_model_input``, imported on first use: it needs torch, and a daemon with
+    no model to serve (``--once`` on an empty inbox) never imports torch."""
+    from meddaemon.engine import preprocess
+
+    return preprocess.to_model_input(decoded, contract)
 
 
 def _read(path: Path, expected: Signature | None, options: DecodeOptions) -> Intake:
@@ -108,7 +116,7 @@ def _read(path: Path, expected: Signature | None, options: DecodeOptions) -> Int
     if st.st_mode & 0o444 == 0:
         raise ScanFailure(FailureReason.UNREADABLE, "the file has no read permission (mode 000)")
 
-    data, after = _read_bytes(path)
+    data, after = read_whole(path)
     if expected is not None and Signature.of(after) != expected:
         return Intake(path, changed=True)
     intake = Intake(path, size=len(data), sha256=hashlib.sha256(data).hexdigest())
@@ -125,24 +133,6 @@ def _read(path: Path, expected: Signature | None, options: DecodeOptions) -> Int
     except Exception as exc:  # a decoder bug must not take the daemon down
         intake.failure = ScanFailure(FailureReason.INTERNAL_ERROR, f"decoder raised {type(exc).__name__}")
     return intake
-
-
-def _read_bytes(path: Path) -> tuple[bytes, os.stat_result]:
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise ScanFailure(FailureReason.VANISHED, "the file was deleted before it could be read") from None
-    except PermissionError:
-        raise ScanFailure(FailureReason.UNREADABLE, "permission denied") from None
-    except OSError as exc:
-        raise ScanFailure(FailureReason.UNREADABLE, f"cannot open the file: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "rb") as handle:
-            data = handle.read()
-            return data, os.fstat(handle.fileno())
-    except OSError as exc:
-        raise ScanFailure(FailureReason.UNREADABLE, f"cannot read the file: {exc.strerror}") from None
 
 
 def _points_outside(link: Path) -> bool:

@@ -24,12 +24,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon import __version__
+from meddaemon.config import Settings
 from meddaemon.daemon import claims
+from meddaemon.daemon.outage import OutageGuard, is_outage
 from meddaemon.db.clock import db_clock
-from meddaemon.db.engine import transaction, with_lock_retry
+from meddaemon.db.engine import ConnectionLimits, is_lock_error, transaction, with_lock_retry
 from meddaemon.db.models import DaemonInstance
 
 log = logging.getLogger("meddaemon.lease")
@@ -57,6 +60,15 @@ class LostDaemon:
     pid: int
     why: str
     released: claims.Released
+
+
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The bounds on the waits of a daemon's PostgreSQL connections (``db_*_seconds`` settings)."""
+    return ConnectionLimits(
+        lock_timeout=settings.db_lock_timeout_seconds,
+        idle_in_transaction=settings.db_idle_in_transaction_seconds,
+        keepalive=settings.db_keepalive_seconds,
+    )
 
 
 def node_name(configured: str = "") -> str:
@@ -106,6 +118,10 @@ def heartbeat(session: Session, member: Member) -> bool:
     return renewed.rowcount == 1  # type: ignore[attr-defined]
 
 
+def declared_lost(session: Session, member: Member) -> bool:
+    return session.scalar(select(DaemonInstance.state).where(DaemonInstance.id == member.daemon_id)) == LOST
+
+
 def sign_off(session: Session, member: Member) -> None:
     """A clean stop: the claims go back at once, nobody has to wait for the lease."""
     session.execute(
@@ -119,7 +135,11 @@ def sign_off(session: Session, member: Member) -> None:
 def release_lost(session: Session, member: Member, pid_alive: Callable[[int], bool] | None = None) -> list[LostDaemon]:
     """Declare lost every running daemon whose lease has run out by the database's clock, and those
     on this node (and in this PID namespace) whose process is gone; release what they held. Rows
-    another daemon is checking right now are skipped (``SKIP LOCKED``), never waited for."""
+    another daemon is checking right now are skipped (``SKIP LOCKED``), never waited for.
+
+    The rows are locked ``FOR NO KEY UPDATE``, which does not conflict with the ``FOR KEY SHARE``
+    that every claim of a daemon takes on its row (the foreign keys to ``daemons``): a daemon frozen
+    inside a claiming transaction is judged like any other, not skipped for as long as it is frozen."""
     pid_alive = pid_alive or process_alive
     expired = DaemonInstance.heartbeat_at + DaemonInstance.lease_seconds < db_clock()
     same_node = and_(
@@ -131,7 +151,7 @@ def release_lost(session: Session, member: Member, pid_alive: Callable[[int], bo
         select(DaemonInstance.id, DaemonInstance.node, DaemonInstance.pid, expired.label("expired"))
         .where(DaemonInstance.state == RUNNING, DaemonInstance.id != member.daemon_id)
         .where(or_(expired, same_node))
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, key_share=True)
     ).all()
     lost: list[tuple[int, str, int, str]] = []
     for daemon_id, node, pid, is_expired in candidates:
@@ -186,11 +206,22 @@ class LeaseKeeper:
     not tied to each turn of the loop, so a long model load or forward pass does not lose the lease.
     """
 
-    def __init__(self, sessions: sessionmaker[Session], member: Member, stall_seconds: float = 300.0) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        member: Member,
+        stall_seconds: float = 300.0,
+        outage: OutageGuard | None = None,
+    ) -> None:
         self.sessions = sessions
+        #: the daemon's view of the database: heartbeats that fail for want of it are reported there
+        #: (logged once per outage, not at every beat)
+        self.outage = outage
         self.member = member
         self.stall_seconds = max(stall_seconds, member.lease_seconds)
         self.lost = threading.Event()
+        #: set when lost daemons' inbox files were released: the main loop rescans the inbox at once
+        self.inbox_released = threading.Event()
         self.stop_requested = threading.Event()
         self.last_tick = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="meddaemon-lease", daemon=True)
@@ -211,21 +242,35 @@ class LeaseKeeper:
             log.error("the main loop has not moved for %.0f s: heartbeats paused", self.stall_seconds)
             return
 
-        def step() -> tuple[bool, list[LostDaemon]]:
+        def renew() -> bool:
             with transaction(self.sessions) as session:
-                if not heartbeat(session, self.member):
-                    return False, []
-                claims.forget_finished(session)
-                return True, release_lost(session, self.member)
+                return heartbeat(session, self.member)
 
-        alive, found = with_lock_retry(step, should_stop=self.stop_requested.is_set)
-        log_lost(found)
-        if not alive:
+        def look_for_lost() -> list[LostDaemon]:
+            with transaction(self.sessions) as session:
+                claims.forget_finished(session)
+                return release_lost(session, self.member)
+
+        # two transactions: a release that waits on the rows of a peer frozen mid-transaction (until
+        # the lock timeout, again at each beat until the server cuts that peer off) never holds
+        # back this daemon's own heartbeat
+        if not with_lock_retry(renew, should_stop=self.stop_requested.is_set):
             log.error(
                 "this daemon (%d) was declared lost by another: its claims are gone; stopping",
                 self.member.daemon_id,
             )
             self.lost.set()
+            return
+        try:
+            found = look_for_lost()
+        except OperationalError as exc:
+            if not is_lock_error(exc):
+                raise
+            log.info("looking for lost daemons met a lock held elsewhere; again at the next heartbeat")
+            return
+        log_lost(found)
+        if any(d.released.inbox_files for d in found):
+            self.inbox_released.set()
 
     def _run(self) -> None:
         interval = self.member.lease_seconds / BEATS_PER_LEASE
@@ -233,4 +278,10 @@ class LeaseKeeper:
             try:
                 self.beat()
             except Exception as exc:  # the database away for a moment: try again at the next beat
-                log.warning("heartbeat failed (%s); retrying in %.1f s", type(exc).__name__, interval)
+                if self.outage is not None and is_outage(exc):
+                    self.outage.failed(exc)
+                else:
+                    log.warning("heartbeat failed (%s); retrying in %.1f s", type(exc).__name__, interval)
+            else:
+                if self.outage is not None:
+                    self.outage.succeeded()

@@ -10,7 +10,8 @@ process, as in the tests, do not collide):
   the same numbers: aggregate these with ``max``, never ``sum``. A database that cannot be read
   gives ``meddaemon_database_up 0`` and a 200, so the scrape itself still tells what is wrong.
 - ``DaemonMetrics``: counters this daemon updates as it works (files recorded by outcome, scans
-  inferred, their latencies, files waiting in the inbox); these are per daemon and sum across them.
+  inferred, their latencies, files waiting in the inbox) and those of its DICOM receiver
+  (associations, instances stored or refused, bytes); these are per daemon and sum across them.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ from prometheus_client.registry import Collector
 from sqlalchemy import URL, Engine, distinct, func, select
 from sqlalchemy.orm import Session
 
+from meddaemon.daemon.stages import Stage
 from meddaemon.db.clock import db_clock
 from meddaemon.db.models import DaemonInstance, InboxClaim, ModelVersion, Report, Result, Scan, utcnow
 from meddaemon.db.readonly import read_only_engine
+from meddaemon.dicom.outbox import QueueSummary
+from meddaemon.dicom.outbox import summary as outbox_summary
+from meddaemon.dicom.receiver import ReceiverStats
 from meddaemon.states import PERSISTED
 
 log = logging.getLogger("meddaemon.metrics")
@@ -71,11 +76,19 @@ class DaemonMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        #: this daemon's own view of the database (``daemon.outage``): False while it waits out an outage
+        self.database_up = True
         self._waiting = Gauge(
             "meddaemon_inbox_waiting_files",
             "Files this daemon has seen in the inbox but not yet read (waiting to be complete or for a worker).",
             registry=self.registry,
         )
+        self._receiver = ReceiverCollector()
+        self.registry.register(self._receiver)
+
+    def watch_receiver(self, stats: ReceiverStats) -> None:
+        """Expose the counters of this daemon's DICOM receiver (``dicom.receiver``)."""
+        self._receiver.stats = stats
 
     def files_recorded(self, state: str, reason: str | None = None) -> None:
         self._files.labels(outcome=state, reason=reason or "").inc()
@@ -90,6 +103,56 @@ class DaemonMetrics:
 
     def inbox_waiting(self, n: int) -> None:
         self._waiting.set(n)
+
+    def database_reachable(self, up: bool) -> None:
+        self.database_up = up
+
+
+class ReceiverCollector(Collector):
+    """The DICOM receiver's counters, read from the memory its process shares with the daemon."""
+
+    def __init__(self) -> None:
+        self.stats: ReceiverStats | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        if self.stats is None:
+            return
+        s = self.stats.snapshot()
+        up = GaugeMetricFamily(
+            "meddaemon_dicom_receiver_up", "1 while this daemon's DICOM receiver (C-STORE SCP) listens, else 0."
+        )
+        up.add_metric([], s["up"])
+        yield up
+        active = GaugeMetricFamily("meddaemon_dicom_associations_open", "DICOM associations open now.")
+        active.add_metric([], s["active"])
+        yield active
+        associations = CounterMetricFamily(
+            "meddaemon_dicom_associations",
+            "DICOM associations by outcome: accepted, rejected (calling_ae not allowed, called_ae not ours, "
+            "limit reached) and aborted (of those accepted).",
+            labels=["outcome"],
+        )
+        for outcome in ("accepted", "rejected_calling_ae", "rejected_called_ae", "rejected_limit", "aborted"):
+            associations.add_metric([outcome], s[outcome])
+        yield associations
+        instances = CounterMetricFamily(
+            "meddaemon_dicom_instances",
+            "C-STORE requests by answer: stored (0x0000, the file durable in the inbox), out_of_resources "
+            "(0xA700: low disk, database unavailable), does_not_match (0xA900: not the instance the request names), "
+            "cannot_understand (0xC000), processing_failure (0x0110).",
+            labels=["status"],
+        )
+        for status in ("stored", "out_of_resources", "does_not_match", "cannot_understand", "processing_failure"):
+            instances.add_metric([status], s[status])
+        yield instances
+        received = CounterMetricFamily(
+            "meddaemon_dicom_received_bytes", "Bytes of the instances stored (File Meta included)."
+        )
+        received.add_metric([], s["bytes"])
+        yield received
 
 
 @dataclass
@@ -116,6 +179,8 @@ class DatabaseSnapshot:
     latency_quantiles: dict[float, float]
     latency_sample: int
     oldest_waiting: dict[str, float] = field(default_factory=dict)
+    #: the DICOM outbox (issue 14): items per status and the oldest pending one's age
+    outbox: QueueSummary | None = None
 
 
 def read_snapshot(
@@ -215,6 +280,7 @@ def read_snapshot(
         latency_quantiles={q: quantile(latencies, q) / 1000.0 for q in QUANTILES} if latencies else {},
         latency_sample=len(latencies),
         oldest_waiting=oldest,
+        outbox=outbox_summary(session),
     )
 
 
@@ -240,8 +306,15 @@ def _aware(value: datetime) -> datetime:
 class DatabaseCollector(Collector):
     """Reads the shared database on each scrape; see the module docstring."""
 
-    def __init__(self, engine: Engine, window_seconds: float = 60.0, latency_window_seconds: float = 600.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        window_seconds: float = 60.0,
+        latency_window_seconds: float = 600.0,
+        daemon: DaemonMetrics | None = None,
+    ) -> None:
         self.engine = engine
+        self.daemon = daemon
         self.window_seconds = window_seconds
         self.latency_window_seconds = latency_window_seconds
         self._lock = threading.Lock()  # one scrape at a time: no pile-up of sessions on a slow database
@@ -258,8 +331,13 @@ class DatabaseCollector(Collector):
             except Exception as exc:  # any failure to read is "down", reported in the scrape
                 log.warning("metrics: cannot read the database: %s", _one_line(exc))
                 snapshot = None
-        up = GaugeMetricFamily("meddaemon_database_up", "1 when the last scrape could read the database, else 0.")
-        up.add_metric([], 0.0 if snapshot is None else 1.0)
+        up = GaugeMetricFamily(
+            "meddaemon_database_up",
+            "1 when the last scrape could read the database and this daemon's transactions get through "
+            "(it is not waiting out an outage), else 0.",
+        )
+        daemon_up = self.daemon is None or self.daemon.database_up
+        up.add_metric([], 1.0 if snapshot is not None and daemon_up else 0.0)
         yield up
         duration = GaugeMetricFamily(
             "meddaemon_database_scrape_seconds", "How long reading the database for this scrape took."
@@ -370,6 +448,24 @@ class DatabaseCollector(Collector):
         for state in WAITING_STATES:
             oldest.add_metric([state], snap.oldest_waiting.get(state, 0.0))
         yield oldest
+        if snap.outbox is not None:
+            yield from _outbox_families(snap.outbox)
+
+
+def _outbox_families(queue: QueueSummary) -> Iterator[Metric]:
+    items = GaugeMetricFamily(
+        "meddaemon_outbox_items",
+        "DICOM outputs in the outbox, per status (pending, delivered, dead).",
+        labels=["status"],
+    )
+    for status, count in sorted(queue.counts.items()):
+        items.add_metric([status], count)
+    yield items
+    oldest = GaugeMetricFamily(
+        "meddaemon_outbox_oldest_pending_seconds", "Age of the oldest DICOM output not yet delivered (0: none)."
+    )
+    oldest.add_metric([], queue.oldest_pending_seconds or 0.0)
+    yield oldest
 
 
 def _one_line(exc: BaseException) -> str:
@@ -419,7 +515,7 @@ def start_metrics_server(
     url = engine.url if isinstance(engine, Engine) else engine
     reader = read_only_engine(url, busy_timeout=busy_timeout)
     registry = metrics.registry if metrics is not None else CollectorRegistry()
-    collector = DatabaseCollector(reader, window_seconds=window_seconds)
+    collector = DatabaseCollector(reader, window_seconds=window_seconds, daemon=metrics)
     registry.register(collector)
     try:
         server, thread = start_http_server(port, addr=host, registry=registry)
@@ -431,3 +527,29 @@ def start_metrics_server(
     handle = MetricsServer(server, thread, registry, collector)
     log.info("metrics on %s", handle.url)
     return handle
+
+
+class MetricsStage(Stage):
+    """The endpoint as a stage of the daemon (``metrics_port``, not with ``--once``): served from a
+    thread of its own from start to close. Claims nothing and has no cadence: a scrape reads the
+    database then."""
+
+    name = "metrics"
+
+    def __init__(self, host: str, port: int, engine: Engine, metrics: DaemonMetrics, busy_timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.engine = engine
+        self.metrics = metrics
+        self.busy_timeout = busy_timeout
+        self.server: MetricsServer | None = None
+
+    def start(self) -> None:
+        self.server = start_metrics_server(
+            self.host, self.port, self.engine, self.metrics, busy_timeout=self.busy_timeout
+        )
+        logging.getLogger("meddaemon.daemon").info("metrics on %s", self.server.url)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()

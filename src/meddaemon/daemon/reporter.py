@@ -6,19 +6,24 @@ main loop a slow report would stall a batch. On a busy machine it yields the CPU
 catches up when the inbox is quiet. ``meddaemon start --once`` writes the reports in its own
 process after the inbox is drained (there are no batches left to stall then).
 
-Crash safety: each PDF is written to a temporary name, fsynced and renamed; its row and the
-``inferred -> reported`` step are committed together afterwards. A crash before the commit leaves
+Crash safety: each PDF is written to a temporary name and fsynced; its row, the ``inferred ->
+reported`` step and the rename into place are done in one transaction, fenced by the claim (a
+daemon declared lost that wakes up writes no row and leaves the PDF in place alone). A crash before the commit leaves
 the scan ``inferred`` (the report is written again, to the same name); temporaries a killed writer
 left are removed at start. A full or read-only disk (any ``OSError``) leaves no file behind and the
 scan ``inferred``, retried after ``RETRY_SECONDS``.
 
 Study reports: a study with two or more reported scans gets (again) a study report whenever one of
-its scan reports is newer than its study report, so a crash between the two is repaired later.
+its scan reports is newer than its study report, so a crash between the two is repaired later. A
+study received over DICOM waits until it is complete (``dicom.completeness``: no instance of any of
+its series arrived for ``series_quiet_seconds``), so that it is reported once, whole; it is looked
+at again when its quiet time has passed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -26,21 +31,29 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select, true, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
 from meddaemon.daemon import claims
+from meddaemon.daemon.lease import connection_limits
+from meddaemon.daemon.outage import OutageGuard, is_outage
+from meddaemon.daemon.stages import ChildProcessStage
 from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
 from meddaemon.db.models import Report, Scan
+from meddaemon.dicom.completeness import studies_still_arriving
 from meddaemon.report import output
 from meddaemon.states import ScanState
+
+if TYPE_CHECKING:
+    from meddaemon.report.builder import ReportBuilder
 
 log = logging.getLogger("meddaemon.reporter")
 
@@ -62,19 +75,35 @@ class ReportStats:
 
 
 class Reporter:
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], daemon_id: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        daemon_id: int | None = None,
+        share: tuple[int, int] | None = None,
+    ) -> None:
         self.settings = settings
         self.sessions = sessions
         #: the daemon this reporter works for: it claims scans in that daemon's name
         self.daemon_id = daemon_id
-        from meddaemon.report.builder import ReportBuilder  # reportlab: only in the process that reports
-
-        self.builder = ReportBuilder(settings, sessions)
+        #: (k, n): one of n reporters of the same daemon, which reports the scans whose id is k modulo
+        #: n (claims in the daemon's name cannot keep its own reporters apart); only k = 0 does studies
+        self.share = share
         self.stats = ReportStats()
         #: scan id -> monotonic time before which it is not tried again
         self.retry_after: dict[int, float] = {}
         self.studies_checked = False
+        #: study UID -> monotonic time to look again: studies whose instances are still arriving
+        self.studies_arriving: dict[str, float] = {}
         self.started = False
+
+    @functools.cached_property
+    def builder(self) -> ReportBuilder:
+        """Built with the first report: reportlab and the decoders are imported only by a reporter
+        that has something to report (``--once`` on an empty inbox does not)."""
+        from meddaemon.report.builder import ReportBuilder
+
+        return ReportBuilder(self.settings, self.sessions)
 
     def start(self) -> None:
         """Once per reporter: remove the temporaries an earlier, killed writer left."""
@@ -91,15 +120,45 @@ class Reporter:
         self.retry_after = {k: v for k, v in self.retry_after.items() if v > now}
         ids = self._claim(set(self.retry_after))
         studies = {uid for scan_id in ids if (uid := self._report_scan(scan_id))}
+        studies |= self._quiet_now(now)
         attempted = len(ids)
+        if self.share is not None and self.share[0] != 0:
+            return attempted
         if studies or not self.studies_checked:
             # every study at the first round (to repair a crash between a scan and its study
-            # report), then only the studies of the scans just reported
-            for uid in self._stale_studies(studies if self.studies_checked else None):
+            # report), then only the studies of the scans just reported or gone quiet
+            stale = self._stale_studies(studies if self.studies_checked else None)
+            arriving = self._still_arriving(stale)
+            for uid in stale:
+                if uid in arriving:
+                    self.studies_arriving[uid] = now + arriving[uid]
+                    continue
                 attempted += 1
                 self._report_study(uid)
             self.studies_checked = True
         return attempted
+
+    def _quiet_now(self, now: float) -> set[str]:
+        """The studies that were still arriving and whose quiet time has passed since."""
+        due = {uid for uid, at in self.studies_arriving.items() if at <= now}
+        for uid in due:
+            del self.studies_arriving[uid]
+        return due
+
+    def _still_arriving(self, studies: list[str]) -> dict[str, float]:
+        """Of these studies, those received over DICOM and not complete yet: UID -> seconds to wait."""
+        if not studies:
+            return {}
+
+        def read() -> dict[str, float]:
+            with self.sessions() as session:
+                return studies_still_arriving(session, studies, self.settings.series_quiet_seconds)
+
+        arriving = with_lock_retry(read)
+        for uid, wait in arriving.items():
+            if uid not in self.studies_arriving:
+                log.info("a study report waits: its series are still arriving (%.0f s more at least)", wait)
+        return arriving
 
     def drain(self, should_stop: Any = lambda: False) -> None:
         """Report until nothing is left but scans waiting to be retried (``--once``)."""
@@ -108,10 +167,18 @@ class Reporter:
             pass
 
     def serve(self, stop: threading.Event | EventType) -> None:
-        """Report until ``stop`` is set: the loop of the report process."""
+        """Report until ``stop`` is set: the loop of the report process. A database outage is
+        waited out as the daemon waits it out (``daemon.outage``), for up to ``db_outage_seconds``."""
         self.start()
+        outage = OutageGuard(self.settings.db_outage_seconds, sleep=stop.wait, logger=log)
         while not stop.is_set():
-            if not self.round():
+            try:
+                reported = outage.run(self.round, stop.is_set)
+            except Exception as exc:
+                if stop.is_set() and is_outage(exc):
+                    return  # asked to stop while the database is away: nothing is half-done
+                raise
+            if not reported:
                 stop.wait(POLL_SECONDS)
 
     # -- one report ----------------------------------------------------------------------------
@@ -121,7 +188,7 @@ class Reporter:
         from meddaemon.report.content import NoResult
 
         try:
-            written = self.builder.scan_report(scan_id)
+            written = self.builder.claimed_scan_report(scan_id, self.daemon_id)
         except NoResult as exc:
             log.error("scan %d: %s; not reported", scan_id, exc)
             self._retry(scan_id, ERROR_RETRY_SECONDS)
@@ -144,6 +211,9 @@ class Reporter:
             )
             self._retry(scan_id, ERROR_RETRY_SECONDS)
         else:
+            if written is None:
+                log.warning("scan %d: no longer this daemon's to report (taken over); its report discarded", scan_id)
+                return None
             self.stats.scans += 1
             log.info("scan %d: report written, %d page(s), sha256 %s", scan_id, written.pages, written.sha256[:12])
             return written.study_instance_uid
@@ -176,6 +246,7 @@ class Reporter:
                     select(Scan.id)
                     .where(Scan.state == ScanState.INFERRED, Scan.pending_move_from.is_(None))
                     .where(claims.claimable_by(self.daemon_id))
+                    .where(Scan.id % self.share[1] == self.share[0] if self.share is not None else true())
                     .order_by(Scan.id)
                     .limit(CLAIM + len(exclude))
                     .with_for_update(of=Scan, skip_locked=True)
@@ -228,6 +299,55 @@ def _utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+# -- the --once drain ------------------------------------------------------------------------------
+
+
+def drain(
+    settings: Settings, sessions: sessionmaker[Session], daemon_id: int | None, should_stop: Any = lambda: False
+) -> None:
+    """Write every report ``--once`` leaves after its drain: in ``report_workers`` processes (one per
+    core by default) when there are several rounds' worth, as the cores are idle then; a few in this
+    process (starting a process costs more than a few reports)."""
+    with sessions() as session:
+        waiting = session.scalar(select(func.count()).where(Scan.state == ScanState.INFERRED)) or 0
+    workers = min(settings.report_workers or os.cpu_count() or 1, waiting // CLAIM)
+    if workers < 2:
+        Reporter(settings, sessions, daemon_id).drain(should_stop)
+        return
+    context = multiprocessing.get_context("forkserver")
+    processes = [
+        context.Process(target=_drain_main, args=(settings, daemon_id, (k, workers)), name=f"meddaemon-report-{k}")
+        for k in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    log.info("writing %d reports in %d processes", waiting, workers)
+    for process in processes:
+        while process.is_alive():
+            process.join(0.2)
+            if should_stop():
+                process.terminate()  # a killed writer leaves at most a temporary, removed at the next start
+        if process.exitcode not in (0, -signal.SIGTERM):
+            log.error("report process %s exited with code %s", process.name, process.exitcode)
+    # what a process could not finish (it died, or a scan failed): here, as without processes
+    Reporter(settings, sessions, daemon_id).drain(should_stop)
+
+
+def _drain_main(settings: Settings, daemon_id: int | None, share: tuple[int, int]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon stops its report processes itself
+    from meddaemon.cli.common import setup_logging
+
+    setup_logging(settings.log_level)
+    # one torch thread, as in the decoding workers, should a model view be decoded again; set before
+    # torch is imported, which most reports never need (the view is kept beside the heatmaps)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    engine = create_db_engine(settings.db_url, settings.busy_timeout, connection_limits(settings))
+    try:
+        Reporter(settings, session_factory(engine), daemon_id, share).drain()
+    finally:
+        engine.dispose()
+
+
 # -- the process ---------------------------------------------------------------------------------
 
 
@@ -266,6 +386,40 @@ class ReporterProcess:
             self.process.join()
 
 
+class ReportStage(ChildProcessStage):
+    """The report stage as the daemon's loop sees it. Claims: the ``inferred`` scans the report process
+    is writing reports for, under this daemon's id. Cadence: the process has its own loop; the daemon
+    starts it once a model is served and looks every ``model_poll_seconds`` whether it died (then it
+    is restarted). Recovery: temporaries a killed writer left are removed when the process starts,
+    and a scan whose report was not committed is still ``inferred``. Stop: the report in hand is
+    finished (``ReporterProcess.stop``). With ``--once``: the reports are written here (``drain``)."""
+
+    name = "reports"
+    label = "the report process"
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        daemon_id: int | None,
+        should_stop: Callable[[], bool],
+        once: bool,
+        served: Callable[[], bool],
+    ) -> None:
+        super().__init__(settings, sessions, daemon_id, should_stop, once)
+        #: whether a model is served: the process is started only then
+        self.served = served
+
+    def wanted(self) -> bool:
+        return self.served()
+
+    def make_child(self) -> ReporterProcess:
+        return ReporterProcess(self.settings, self.daemon_id)
+
+    def drain(self) -> None:
+        drain(self.settings, self.sessions, self.daemon_id, self.should_stop)
+
+
 def _process_main(settings: Settings, stop: EventType, daemon_id: int | None) -> None:
     # the daemon stops this process through ``stop``: a Ctrl-C or SIGTERM sent to the whole
     # process group must not interrupt a report half-way
@@ -281,7 +435,7 @@ def _process_main(settings: Settings, stop: EventType, daemon_id: int | None) ->
     torch.set_num_threads(1)
     watchdog = threading.Thread(target=_watch_parent, args=(stop,), daemon=True)
     watchdog.start()
-    engine = create_db_engine(settings.db_url, settings.busy_timeout)
+    engine = create_db_engine(settings.db_url, settings.busy_timeout, connection_limits(settings))
     try:
         Reporter(settings, session_factory(engine), daemon_id).serve(stop)
     finally:

@@ -5,21 +5,21 @@ feed it hints, worker processes only read files. Order of effects for every batc
 (and the moves they imply), then move the files, then mark the moves done. A crash anywhere leaves
 either an untouched file in the inbox (rediscovered at start) or a committed move that recovery
 finishes.
+
+The loop turns a list of stages (``Daemon._stages``; the interface is ``daemon/stages.py``, the
+list is in the package docstring). What they share lives here: the database through the outage
+guard, the lease among daemons, the decoding workers, the moves of files, signals and the stop
+request, and the wait for file events between turns.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import queue
 import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
 from types import FrameType
 from typing import TypeVar
 
@@ -27,21 +27,29 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
-from meddaemon.daemon import bookkeeper, claims, filing, lease
+from meddaemon.daemon import bookkeeper, filing, lease
+from meddaemon.daemon.archiving import ArchiveStage
 from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, PlannedMove
-from meddaemon.daemon.inbox import Inbox
+from meddaemon.daemon.inbox import ensure_watch_folder
 from meddaemon.daemon.inference import InferenceStage
-from meddaemon.daemon.intake import Intake, IntakeContext, init_worker, quiet_pydicom, read_file
-from meddaemon.daemon.metrics import DaemonMetrics, MetricsServer, start_metrics_server
-from meddaemon.daemon.reporter import Reporter, ReporterProcess
-from meddaemon.daemon.router import RoutingPolicy
+from meddaemon.daemon.intake import IntakeContext, quiet_pydicom
+from meddaemon.daemon.intake_stage import IntakeStage, RescanTrigger, RunStats, log_outcome
+from meddaemon.daemon.metrics import DaemonMetrics, MetricsStage
+from meddaemon.daemon.outage import OutageGuard
+from meddaemon.daemon.outbox_stage import OutboxStage
+from meddaemon.daemon.receiver_stage import ReceiverStage
+from meddaemon.daemon.reporter import ReportStage
 from meddaemon.daemon.sdnotify import Watchdog
-from meddaemon.daemon.stability import Signature, StabilityTracker, StableFile
-from meddaemon.daemon.watcher import Hint, install_overflow_alarm, start_observer
+from meddaemon.daemon.serving import ModelStage
+from meddaemon.daemon.stability import StableFile
+from meddaemon.daemon.stages import ChildProcess, Stage, log_lock_wait
+from meddaemon.daemon.watcher import WatcherStage
+from meddaemon.daemon.workers import DecodingPool
 from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
 from meddaemon.db.migrate import upgrade
 from meddaemon.engine.decode import DecodeOptions, decodable_transfer_syntaxes
-from meddaemon.failures import FailureReason, ScanFailure
+
+__all__ = ["Daemon", "LeaseLost", "RunStats"]
 
 log = logging.getLogger("meddaemon.daemon")
 
@@ -52,82 +60,91 @@ class LeaseLost(RuntimeError):
 
 T = TypeVar("T")
 
-#: batches of reported scans archived per poll at most, before the loop turns to new files again
-ARCHIVE_BATCHES_PER_POLL = 8
 #: retries of a transaction that met a row another daemon committed meanwhile (same SHA-256)
 UNIQUE_RETRIES = 3
-
-
-@dataclass
-class _ReadGroup:
-    """Files handed to the workers together, recorded together in one transaction."""
-
-    files: list[tuple[StableFile, PurePosixPath]]
-    futures: list[Future]
-
-
-@dataclass
-class RunStats:
-    routed: int = 0
-    duplicates: int = 0
-    failed: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    def count(self, record: BatchRecord) -> None:
-        for outcome in record.outcomes:
-            if outcome.state == "duplicate":
-                self.duplicates += 1
-            elif outcome.state == "failed":
-                self.failed += 1
-            else:
-                self.routed += 1
+#: the longest wait for a file event between two turns of the loop (s)
+IDLE_WAIT = 0.5
+OVERFLOW_RESCAN = "watch events were lost (queue overflow): rescanning the inbox"
+RELEASED_RESCAN = "a lost daemon's inbox files were released: rescanning the inbox now"
 
 
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.stop_requested = threading.Event()
-        self.stats = RunStats()
-        self.inbox = Inbox(settings.watch, settings.ignore, exclude=[settings.state_dir])
-        self.tracker = StabilityTracker(settings.stable_seconds)
-        self.hints: queue.SimpleQueue[Hint] = queue.SimpleQueue()
-        self.destinations = Destinations(settings.work_dir, settings.archive_dir, settings.failed_dir)
-        self.policy = RoutingPolicy(settings.routing_rules, set(settings.task_specs), settings.default_task)
+        self.destinations = Destinations(
+            settings.work_dir, settings.archive_dir, settings.failed_dir, state_dir=settings.state_dir
+        )
         self.decode_options = DecodeOptions(frame_policy=settings.frame_policy, max_pixels=settings.max_pixels)  # type: ignore[arg-type]
-        self.engine = create_db_engine(settings.db_url, settings.busy_timeout)
+        self.engine = create_db_engine(settings.db_url, settings.busy_timeout, lease.connection_limits(settings))
         self.sessions: sessionmaker[Session] = session_factory(self.engine)
-        #: inbox files whose committed move failed: not to be read again while they wait for it
-        self.blocked: set[Path] = set()
-        self.pool: Executor | None = None
+        #: the decoding workers (started by ``run``; until then reads are done in this process)
+        self.workers = DecodingPool(settings.workers)
         #: this daemon's place among those sharing the database (registered by ``prepare``)
         self.member: lease.Member | None = None
         self.lease: lease.LeaseKeeper | None = None
-        self.reporter: ReporterProcess | None = None
-        self.reading: list[_ReadGroup] = []
         self.metrics = DaemonMetrics()
-        self.metrics_server: MetricsServer | None = None
         #: systemd's notifications (READY, the watchdog's keep-alives); silent outside systemd
         self.watchdog = Watchdog()
+        #: the database's reachability: every transaction of the loop waits out an outage through it
+        self.outage = OutageGuard(
+            settings.db_outage_seconds, on_change=self.metrics.database_reachable, while_waiting=self._keep_alive
+        )
         self.stage = InferenceStage(
             settings,
             self.sessions,
             self.destinations,
             self.decode_options,
-            self._submit,
+            self.workers.submit,
             self._commit,
             after_store=self._after_store,
             metrics=self.metrics,
         )
+        self.intake = IntakeStage(
+            settings,
+            self.destinations,
+            self.decode_options,
+            self.stage,
+            self.workers,
+            self.sessions,
+            self.outage,
+            self.stop_requested.is_set,
+            self._commit,
+            self._carry_out,
+            self.recover,
+            self.metrics,
+        )
+        # the intake's, shared with the moves (a file moved is forgotten; one whose move failed is blocked)
+        self.inbox = self.intake.inbox
+        self.tracker = self.intake.tracker
+        self.hints = self.intake.hints
+        self.blocked = self.intake.blocked
+        self.stats: RunStats = self.intake.stats
+        #: the stages of the current (or last) run, in the order they turn
+        self.stages: list[Stage] = []
+        self.reports: ReportStage | None = None
+
+    @property
+    def reporter(self) -> ChildProcess | None:
+        """The report process of the current (or last) run, if one was started."""
+        return self.reports.child if self.reports is not None else None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def prepare(self) -> None:
         """Folders, schema, tasks, this daemon's registration, and an account of what can be decoded."""
-        for folder in (self.settings.watch, self.settings.state_dir, *vars(self.destinations).values()):
-            Path(folder).mkdir(parents=True, exist_ok=True)
+        ensure_watch_folder(self.inbox.root, self.settings.create_watch)
+        destinations = self.destinations
+        for folder in (
+            self.settings.state_dir,
+            destinations.work_dir,
+            destinations.archive_dir,
+            destinations.failed_dir,
+        ):
+            folder.mkdir(parents=True, exist_ok=True)
         quiet_pydicom()
         upgrade(self.engine)
-        with_lock_retry(self._ensure_tasks, self._log_lock_wait, self.stop_requested.is_set)
+        with_lock_retry(self._ensure_tasks, log_lock_wait, self.stop_requested.is_set)
         self._join()
         self._log_decoders()
 
@@ -139,7 +156,7 @@ class Daemon:
             return member, lease.release_lost(session, member)
 
         self.member, found = self._commit(join)
-        self.stage.daemon_id = self.member.daemon_id
+        self.stage.daemon_id = self.intake.daemon_id = self.member.daemon_id
         lease.log_lost(found)
         log.info(
             "daemon %d on node %s (pid %d, lease %.0f s)",
@@ -149,104 +166,97 @@ class Daemon:
             self.member.lease_seconds,
         )
 
-    def run(self, once: bool = False) -> RunStats:
-        """Process the inbox until stopped (SIGTERM/SIGINT), or, with ``once``, until it is drained."""
+    def _stages(self, once: bool) -> list[Stage]:
+        """The stages of a run, in the order they start, turn, finish and drain (closed in reverse).
+        Adding a stage is one line here."""
+        assert self.member is not None and self.lease is not None
+        settings, me, stop, live = self.settings, self.member.daemon_id, self.stop_requested.is_set, not once
+        watcher = WatcherStage(self.inbox.root, self.hints, settings.observer) if live else None
+
+        def served() -> bool:
+            return bool(self.stage.served)
+
+        self.reports = ReportStage(settings, self.sessions, me, stop, once, served) if settings.reports else None
+        stages = [
+            MetricsStage(settings.metrics_host, settings.metrics_port, self.engine, self.metrics, settings.busy_timeout)
+            if settings.metrics_port and live
+            else None,
+            ModelStage(self.stage, self.sessions, self.guarded, stop, settings.model_poll_seconds, once),
+            ReceiverStage(settings, self.member.node, self.metrics) if settings.dicom_port and live else None,
+            watcher,
+            self.intake,
+            self.stage,
+            self.reports,
+            OutboxStage(settings, self.sessions, me, stop, once) if settings.destination else None,
+            ArchiveStage(
+                self.destinations,
+                settings.batch_size,
+                self._commit,
+                self._carry_out,
+                me,
+                settings.model_poll_seconds,
+                after_reports=settings.reports,
+            ),
+        ]
+        overflow = [] if watcher is None else [RescanTrigger(watcher.alarm.raised, logging.WARNING, OVERFLOW_RESCAN)]
+        self.intake.rescan_triggers = [
+            *overflow,
+            RescanTrigger(self.lease.inbox_released, logging.INFO, RELEASED_RESCAN),
+        ]
+        return [stage for stage in stages if stage is not None]
+
+    def run(self, once: bool = False, progress: Callable[[int, int], None] | None = None) -> RunStats:
+        """Process the inbox until stopped (SIGTERM/SIGINT), or, with ``once``, until it is drained.
+
+        ``progress`` is told (files recorded, files recorded + files seen and not yet recorded) as
+        the loop goes.
+        """
         previous_handlers = self._install_signal_handlers()  # first: a SIGTERM during start-up stops cleanly too
         try:
             self.prepare()
         except BaseException:
             self._restore_signal_handlers(previous_handlers)
             raise
-        if self.settings.metrics_port and not once:
-            self.metrics_server = start_metrics_server(
-                self.settings.metrics_host,
-                self.settings.metrics_port,
-                self.engine,
-                self.metrics,
-                busy_timeout=self.settings.busy_timeout,
-            )
-            log.info("metrics on %s", self.metrics_server.url)
-        alarm = install_overflow_alarm()
-        observer = None if once else start_observer(self.settings.watch, self.hints, self.settings.observer)
-        self.pool = self._make_pool()
         assert self.member is not None
-        self.lease = lease.LeaseKeeper(self.sessions, self.member)
+        self.workers.start()
+        self.lease = lease.LeaseKeeper(self.sessions, self.member, outage=self.outage)
         self.lease.start()
-        log.info(
-            "watching %s (state in %s, database %s, %s workers)",
-            self.settings.watch,
-            self.settings.state_dir,
-            self.engine.url.render_as_string(hide_password=True),
-            self.settings.workers or "no",
-        )
+        self.stages = self._stages(once)
+        self.intake.progress = progress
+        if once:  # no model is loaded for an empty inbox
+            self.stage.load_when(lambda: next(iter(self.inbox.scan()), None) is not None)
         try:
-            self.stage.refresh_models()
-            if not once:
-                self._keep_reporter()
-            self.recover()
-            self.rescan()
+            for stage in self.stages:
+                stage.start()
+            log.info(
+                "watching %s (state in %s, database %s, %s workers)",
+                self.inbox.root,
+                self.settings.state_dir,
+                self.engine.url.render_as_string(hide_password=True),
+                self.settings.workers or "no",
+            )
+            for stage in self.stages:
+                stage.recover()
             self.watchdog.ready(f"watching {self.settings.watch}")
-            now = time.monotonic()
-            next_rescan, next_poll = now + self.settings.rescan_seconds, now
-            while not self.stop_requested.is_set():
-                self.lease.tick()
-                self.watchdog.tick()
-                if self.lease.lost.is_set():
-                    raise LeaseLost(f"daemon {self.member.daemon_id} was declared lost by another daemon")
-                self._drain_hints()
-                now = time.monotonic()
-                if alarm.raised.is_set() or now >= next_rescan:
-                    if alarm.raised.is_set():
-                        log.warning("watch events were lost (queue overflow): rescanning the inbox")
-                    alarm.raised.clear()
-                    self.recover()
-                    self.rescan()
-                    next_rescan = now + self.settings.rescan_seconds
-                if now >= next_poll:
-                    self.stage.refresh_models()
-                    self.stage.sweep()
-                    next_poll = now + self.settings.model_poll_seconds
-                    for _ in range(ARCHIVE_BATCHES_PER_POLL):
-                        if self.archive_reported() < self.settings.batch_size:
-                            break
-                    if not once:
-                        self._keep_reporter()
-                if observer is not None and not observer.is_alive():
-                    log.error("the file watcher stopped; restarting it (rescans continue meanwhile)")
-                    observer = start_observer(self.settings.watch, self.hints, self.settings.observer)
-                room = 2 * self.settings.batch_size - sum(len(g.files) for g in self.reading)
-                if room > 0:
-                    self._submit_reads(self.tracker.pop_stable(min(room, self.settings.batch_size)))
-                progressed = self._harvest_reads()
-                self.stage.harvest_prepared()
-                draining = once and not self.reading and len(self.tracker) == 0
-                progressed += self.stage.run_ready(flush=draining)
-                if draining and self.stage.idle():
-                    if self.rescan() == 0 and self.stage.sweep() == 0:
-                        break
-                    continue
-                if not progressed:
-                    self.metrics.inbox_waiting(len(self.tracker) + sum(len(g.files) for g in self.reading))
-                    self._wait_for_work(min(next_rescan, next_poll))
+            self._turn(once)
             self.watchdog.stopping()
-            self._finish_in_hand()
-            if self.settings.reports and once and not self.stop_requested.is_set():
-                # --once: the reports after the drain, here (no batch is left to stall)
-                Reporter(self.settings, self.sessions, self.member.daemon_id).drain(self.stop_requested.is_set)
-                while self.archive_reported():
-                    pass
+            for stage in self.stages:
+                stage.finish()
+            if once and not self.stop_requested.is_set():
+                for stage in self.stages:
+                    stage.drain()
+        except Exception as exc:
+            if not isinstance(exc, LeaseLost) and self._declared_lost():
+                self.lease.lost.set()
+                raise LeaseLost(
+                    f"daemon {self.member.daemon_id} was declared lost by another daemon "
+                    f"(found on waking up, after {type(exc).__name__})"
+                ) from exc
+            raise
         finally:
-            if self.metrics_server is not None:
-                self.metrics_server.stop()
+            self._close_stages()
             self.lease.stop()
-            if self.reporter is not None:
-                self.reporter.stop()
-            if observer is not None:
-                observer.stop()
-                observer.join(timeout=5)
-            if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
-            self.stage.close()
+            self.workers.shutdown()
             if not self.lease.lost.is_set():
                 self._sign_off()
             self.engine.dispose()
@@ -261,190 +271,93 @@ class Daemon:
         )
         return self.stats
 
+    def _turn(self, once: bool) -> None:
+        """Turn the stages until a stop is asked, or with ``once`` until none holds or finds work.
+
+        Each turn: keep the lease and the watchdog fed (and stop if another daemon declared this one
+        lost), tick every stage in order, and wait for a file event until the earliest deadline
+        when no stage moved work along."""
+        assert self.lease is not None and self.member is not None
+        while not self.stop_requested.is_set():
+            self._keep_alive()
+            if self.lease.lost.is_set():
+                raise LeaseLost(f"daemon {self.member.daemon_id} was declared lost by another daemon")
+            now = time.monotonic()
+            progressed = False
+            idle_so_far = once  # --once: every stage before the next one holds nothing
+            for stage in self.stages:
+                progressed = stage.tick(now, flush=idle_so_far) or progressed
+                idle_so_far = idle_so_far and stage.idle()
+            if idle_so_far:
+                if not any(stage.look_again() for stage in self.stages):
+                    return
+                continue
+            if not progressed:
+                self._wait_for_work()
+
+    def _wait_for_work(self, next_event: float | None = None) -> None:
+        """Wait for a file event (a hint) until ``next_event`` or the earliest stage deadline, and
+        never longer than ``IDLE_WAIT``; the hint is left in the queue for the intake."""
+        deadlines = [d for d in (next_event, *(stage.next_deadline() for stage in self.stages)) if d is not None]
+        now = time.monotonic()
+        timeout = max(0.0, min(min(deadlines, default=now + IDLE_WAIT) - now, IDLE_WAIT))
+        try:
+            hint = self.hints.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self.hints.put(hint)
+
+    def _close_stages(self) -> None:
+        """Close every stage, the last first; one that fails to close does not keep the others open."""
+        for stage in reversed(self.stages):
+            try:
+                stage.close()
+            except Exception:
+                log.exception("closing the %s stage failed", stage.name)
+
     def request_stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         if signum is not None:
             log.info("received %s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
         self.stop_requested.set()
 
-    # -- the stages ----------------------------------------------------------------------------
+    # -- the intake's, for tests and tools ---------------------------------------------------------
 
     def rescan(self) -> int:
         """Find every candidate file; returns how many are new to the tracker."""
-        new = 0
-        for path in self.inbox.scan():
-            if path not in self.tracker and path not in self.blocked:
-                self.tracker.observe(path)
-                new += path in self.tracker
-        return new
+        return self.intake.rescan()
+
+    def process(self, ready: list[StableFile]) -> BatchRecord:
+        """Read, record and file a batch of stable files, waiting for the reads (tests)."""
+        return self.intake.process(ready)
+
+    def intake_context(self) -> IntakeContext:
+        return self.intake.intake_context()
+
+    # -- what the stages share: the database, the moves ------------------------------------------
 
     def recover(self) -> None:
         """Finish the moves that were committed but not carried out (after a crash or a failed move)."""
-        moves = with_lock_retry(self._pending_moves, self._log_lock_wait, self.stop_requested.is_set)
+        moves = self.outage.run(
+            lambda: with_lock_retry(self._pending_moves, log_lock_wait, self.stop_requested.is_set),
+            self.stop_requested.is_set,
+        )
         if moves:
             log.info("recovery: finishing %d committed moves", len(moves))
             self._carry_out(moves)
 
-    def process(self, ready: list[StableFile]) -> BatchRecord:
-        """Read, record and file a batch of stable files, waiting for the reads (tests, ``--once``)."""
-        self._submit_reads(ready)
-        records = []
-        while self.reading:
-            records.append(self._harvest_group(self.reading.pop(0), block=True))
-        merged = BatchRecord()
-        for record in records:
-            merged.moves += record.moves
-            merged.outcomes += record.outcomes
-        return merged
-
-    # -- reading in workers --------------------------------------------------------------------
-
-    def _submit_reads(self, ready: list[StableFile]) -> None:
-        files = [(f, name) for f in ready if (name := self.inbox.relative_name(f.path)) is not None]
-        if not files:
-            return
-        mine = self._claim_inbox_files([f for f, _ in files])
-        files = [(f, name) for f, name in files if f.path in mine]
-        if not files:
-            return
-        context = self.intake_context()
-        futures = [self._submit(read_file, f.path, name, f.signature, context) for f, name in files]
-        self.reading.append(_ReadGroup(files, futures))
-
-    def _harvest_reads(self) -> int:
-        """Record every group of reads that has finished, oldest first; returns files recorded."""
-        recorded = 0
-        while self.reading and all(f.done() for f in self.reading[0].futures):
-            group = self.reading.pop(0)
-            recorded += len(self._harvest_group(group, block=False).outcomes)
-        return recorded
-
-    def _harvest_group(self, group: _ReadGroup, block: bool) -> BatchRecord:
-        try:
-            intakes = [future.result() for future in group.futures]
-        except BrokenProcessPool:
-            log.error("a decoding worker died; reading this batch again one file at a time to find the culprit")
-            intakes = [self._read_alone(f.path, name, f.signature) for f, name in group.files]
-        batch: list[tuple[StableFile, PurePosixPath, Intake]] = []
-        changed: list[Path] = []
-        for (stable, name), intake in zip(group.files, intakes, strict=True):
-            if intake.changed:
-                changed.append(stable.path)
-            else:
-                batch.append((stable, name, intake))
-        served = set(self.stage.served)
-        assert self.member is not None
-        me = self.member.daemon_id
-
-        def record(session: Session) -> BatchRecord:
-            """The batch's rows, for the files this daemon still holds; claims end for the files
-            that are not leaving the inbox (changed while read, vanished)."""
-            held = claims.held_inbox_files(session, me, [stable.path for stable, _, _ in batch])
-            kept = [item for item in batch if str(item[0].path) in held]
-            record_ = bookkeeper.record_batch(session, kept, self.destinations, served, claimed_by=me)
-            leaving = {str(move.source) for move in record_.moves}
-            claims.release_inbox_files(
-                session, [*changed, *(stable.path for stable, _, _ in kept if str(stable.path) not in leaving)]
-            )
-            return record_
-
-        record_ = self._commit(record)
-        for path in changed:
-            self.tracker.observe(path)
-        self._carry_out(record_.moves)
-        self.stats.count(record_)
-        for outcome in record_.outcomes:
-            self.metrics.files_recorded(outcome.state, outcome.reason)
-        by_name = {str(name): (stable, intake) for stable, name, intake in batch}
-        for outcome in record_.outcomes:
-            _log_outcome(outcome)
-            stable, intake = by_name[outcome.source_name]
-            if outcome.state == "routed" and outcome.scan_id is not None and intake.model_input is not None:
-                self.stage.enqueue(outcome.scan_id, outcome.task or "", intake.model_input, stable.discovered_at)
-        return record_
-
-    def _read_alone(self, path: Path, name: PurePosixPath, expected: Signature) -> Intake:
-        """Read one file in a fresh worker; a file that kills its worker fails as ``decoder_crashed``."""
-        self._replace_pool()
-        try:
-            return self._submit(read_file, path, name, expected, self.intake_context()).result()
-        except BrokenProcessPool:
-            self._replace_pool()
-            return Intake(path, failure=ScanFailure(FailureReason.DECODER_CRASHED, "the decoder crashed on this file"))
-
-    def intake_context(self) -> IntakeContext:
-        return IntakeContext(self.decode_options, self.policy, self.stage.contracts())
-
-    def _submit(self, fn: Callable[..., object], *args: object) -> Future:
-        """Run ``fn`` in a decoding worker, or right here (as a finished future) with ``workers = 0``."""
-        if self.pool is not None:
-            return self.pool.submit(fn, *args)
-        future: Future = Future()
-        future.set_result(fn(*args))
-        return future
-
-    def _claim_inbox_files(self, files: list[StableFile]) -> set[Path]:
-        """The files this daemon may read: those no other daemon sharing the database holds.
-        The others are left to their holder (a rescan finds them again if it dies)."""
-        assert self.member is not None
-        me = self.member.daemon_id
-        return self._commit(lambda session: claims.claim_inbox_files(session, me, files))
-
-    def _sign_off(self) -> None:
-        assert self.member is not None
-        member = self.member
-        try:
-            self._commit(lambda session: lease.sign_off(session, member))
-        except Exception as exc:  # the database is away: the lease runs out instead
-            log.warning("could not sign off (%s); the other daemons take over after the lease", exc)
-
-    def _commit(self, work: Callable[[Session], T]) -> T:
-        """One transaction, retried past locks held by other processes, and again when another
-        daemon registered the same bytes at the same moment (the retry sees its scan: a duplicate)."""
-
-        def attempt() -> T:
-            with transaction(self.sessions) as session:
-                return work(session)
-
-        for _ in range(UNIQUE_RETRIES):
-            try:
-                return with_lock_retry(attempt, self._log_lock_wait)
-            except IntegrityError as exc:
-                log.info("another daemon recorded the same row first (%s); recording again", type(exc.orig).__name__)
-        return with_lock_retry(attempt, self._log_lock_wait)
-
-    def _after_store(self, record: BatchRecord) -> None:
-        self._carry_out(record.moves)
-        for outcome in record.outcomes:
-            _log_outcome(outcome)
-
-    def _finish_in_hand(self) -> None:
-        """On a stop request: record the reads in flight and run what is queued, then return."""
-        while self.reading:
-            self._harvest_group(self.reading.pop(0), block=True)
-        while self.stage.preparing:
-            self.stage.harvest_prepared()
-            time.sleep(0.01)
-        self.stage.run_ready(flush=True)
-
-    def _keep_reporter(self) -> None:
-        """The report process (daemon/reporter.py): started once a model is served, restarted if it died."""
-        if not self.settings.reports or (self.reporter is None and not self.stage.served):
-            return
-        if self.reporter is not None:
-            if self.reporter.alive():
-                return
-            log.error("the report process exited (code %s); restarting it", self.reporter.process.exitcode)
-        self.reporter = ReporterProcess(self.settings, self.member.daemon_id if self.member else None)
-        self.reporter.start()
-
-    def _replace_pool(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = self._make_pool()
-
     def _carry_out(self, moves: list[PlannedMove]) -> None:
-        done: list[PlannedMove] = []
+        """Carry out committed moves, then mark them done; only those still due and this daemon's
+        (``bookkeeper.moves_still_due``): one declared lost that wakes up moves nothing another took over."""
+        if not moves:
+            return
+        me = self.member.daemon_id if self.member else None
+        due = self._commit(lambda session: bookkeeper.moves_still_due(session, moves, self.destinations, me))
         for move in moves:
+            if move not in due:
+                log.info("move of %s to %s: no longer this daemon's to make; skipped", move.source.name, move.target)
+                self.tracker.forget(move.source)
+        done: list[PlannedMove] = []
+        for move in due:
             try:
                 if move.reason_document is not None:
                     filing.write_reason(move.target, move.reason_document)
@@ -462,66 +375,72 @@ class Daemon:
                 )
             self.blocked.discard(move.source)
             self.tracker.forget(move.source)
+            filing.remove_emptied_shard(move.source.parent, self.destinations.work_dir)
             done.append(move)
         if done:
 
             def clear() -> None:
                 with transaction(self.sessions) as session:
-                    bookkeeper.clear_pending(session, done)
+                    bookkeeper.clear_pending(session, done, me)
 
-            with_lock_retry(clear, self._log_lock_wait)
+            self.guarded(clear)
 
-    def archive_reported(self) -> int:
-        """Move up to a batch of reported scans from work/ to archive/ (commit, then move); returns how many."""
+    def _after_store(self, record: BatchRecord) -> None:
+        self._carry_out(record.moves)
+        for outcome in record.outcomes:
+            log_outcome(outcome)
 
-        def claim(session: Session) -> list[PlannedMove]:
-            return bookkeeper.claim_for_archive(session, self.destinations, self.settings.batch_size)
+    def _commit(self, work: Callable[[Session], T]) -> T:
+        """One transaction, retried past locks held by other processes, and again when another
+        daemon registered the same bytes at the same moment (the retry sees its scan: a duplicate)."""
 
-        moves = self._commit(claim)
-        if moves:
-            self._carry_out(moves)
-            log.info("archived %d reported scans", len(moves))
-        return len(moves)
+        def attempt() -> T:
+            with transaction(self.sessions) as session:
+                return work(session)
+
+        for _ in range(UNIQUE_RETRIES):
+            try:
+                return self.guarded(attempt)
+            except IntegrityError as exc:
+                log.info("another daemon recorded the same row first (%s); recording again", type(exc.orig).__name__)
+        return self.guarded(attempt)
+
+    def guarded(self, work: Callable[[], T]) -> T:
+        """``work`` (one whole transaction or read), tried again past other processes' locks and
+        while the database is unreachable (``OutageGuard``): the one way the loop touches the database."""
+        return self.outage.run(lambda: with_lock_retry(work, log_lock_wait), self.stop_requested.is_set)
+
+    def _keep_alive(self) -> None:
+        """While the loop waits out a database outage: it is alive, not stuck (lease, watchdog)."""
+        if self.lease is not None:
+            self.lease.tick()
+        self.watchdog.tick()
 
     def _pending_moves(self) -> list[PlannedMove]:
         with transaction(self.sessions) as session:
-            return bookkeeper.pending_moves(session)
+            return bookkeeper.pending_moves(session, self.destinations, self.member.daemon_id if self.member else None)
 
     def _ensure_tasks(self) -> None:
         with transaction(self.sessions) as session:
             bookkeeper.ensure_tasks(session, self.settings.task_specs)
 
-    def _drain_hints(self) -> None:
-        for _ in range(100_000):
-            try:
-                hint = self.hints.get_nowait()
-            except queue.Empty:
-                return
-            if hint.path not in self.blocked and self.inbox.is_candidate(hint.path) and not hint.path.is_dir():
-                self.tracker.observe(hint.path, complete=hint.renamed_in)
-
-    def _wait_for_work(self, next_event: float) -> None:
-        deadlines = [next_event, self.tracker.next_deadline(), self.stage.next_deadline()]
-        deadline = min(d for d in deadlines if d is not None)
-        busy = self.reading or self.stage.preparing
-        timeout = max(0.0, min(deadline - time.monotonic(), 0.005 if busy else 0.5))
+    def _declared_lost(self) -> bool:
+        """Whether another daemon declared this one lost: what a database error met on waking up
+        from a freeze (the server ended the session meanwhile) most likely means."""
+        assert self.member is not None
         try:
-            hint = self.hints.get(timeout=timeout)
-        except queue.Empty:
-            return
-        self.hints.put(hint)
+            with self.sessions() as session:
+                return lease.declared_lost(session, self.member)
+        except Exception:
+            return False
 
-    def _make_pool(self) -> Executor | None:
-        if self.settings.workers == 0:
-            return None
-        context = multiprocessing.get_context("forkserver")
-        return ProcessPoolExecutor(
-            # no max_tasks_per_child: on Python 3.11 a retired worker is not replaced while work is
-            # queued (CPython gh-115634), and the pool stalls after workers x limit files
-            self.settings.workers,
-            mp_context=context,
-            initializer=init_worker,
-        )
+    def _sign_off(self) -> None:
+        assert self.member is not None
+        member = self.member
+        try:
+            self._commit(lambda session: lease.sign_off(session, member))
+        except Exception as exc:  # the database is away: the lease runs out instead
+            log.warning("could not sign off (%s); the other daemons take over after the lease", exc)
 
     def _install_signal_handlers(self) -> dict[int, signal._HANDLER]:
         """SIGTERM and SIGINT ask for a graceful stop; returns the handlers to restore afterwards."""
@@ -533,10 +452,6 @@ class Daemon:
     def _restore_signal_handlers(handlers: dict[int, signal._HANDLER]) -> None:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-
-    def _log_lock_wait(self, attempt: int, exc: BaseException) -> None:
-        if attempt == 1 or attempt % 10 == 0:
-            log.warning("database is locked by another process; waiting (attempt %d)", attempt)
 
     def _log_decoders(self) -> None:
         support = decodable_transfer_syntaxes()
@@ -555,29 +470,3 @@ class Daemon:
                 s.uid,
                 f" via {', '.join(s.plugins)}" if s.plugins else "",
             )
-
-
-def _log_outcome(outcome: bookkeeper.IntakeOutcome) -> None:
-    sha = (outcome.sha256 or "-")[:12]
-    if outcome.state == "failed":
-        log.warning(
-            "%s -> failed: %s (%s); kept at %s",
-            outcome.source_name,
-            outcome.reason,
-            outcome.detail,
-            outcome.target or "nowhere: the file is gone",
-        )
-    elif outcome.state == "duplicate":
-        log.info(
-            "%s (sha256 %s) -> duplicate: %s; kept at %s", outcome.source_name, sha, outcome.detail, outcome.target
-        )
-    else:
-        log.info(
-            "%s (sha256 %s, %d bytes) -> %s, task %s by %s",
-            outcome.source_name,
-            sha,
-            outcome.size,
-            outcome.state,
-            outcome.task,
-            outcome.detail,
-        )

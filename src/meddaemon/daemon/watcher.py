@@ -3,6 +3,10 @@
 The handler only enqueues paths, so an exception can never reach (and kill) the observer thread.
 A kernel event-queue overflow is announced by watchdog only in its log; ``OverflowAlarm`` listens
 there and asks the loop for a full rescan.
+
+``WatcherStage`` runs the observer for the daemon (not with ``--once``, where the rescans alone find
+the files). Claims nothing; checked at every turn of the loop and restarted if its thread died
+(the rescans go on meanwhile); stopped and joined at close.
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from meddaemon.daemon.stages import Stage
+
 log = logging.getLogger(__name__)
+#: the daemon's log, where the loop's own events are told
+daemon_log = logging.getLogger("meddaemon.daemon")
+#: where watchdog announces a lost event
+WATCHDOG_LOG = "watchdog.observers"
 
 
 @dataclass(frozen=True)
@@ -29,7 +39,7 @@ class Hint:
 
 
 class HintHandler(FileSystemEventHandler):
-    def __init__(self, hints: queue.SimpleQueue[Hint]) -> None:
+    def __init__(self, hints: queue.Queue[Hint]) -> None:
         self.hints = hints
 
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -58,7 +68,7 @@ class OverflowAlarm(logging.Handler):
             self.raised.set()
 
 
-def start_observer(root: Path, hints: queue.SimpleQueue[Hint], kind: str, poll_seconds: float = 1.0) -> BaseObserver:
+def start_observer(root: Path, hints: queue.Queue[Hint], kind: str, poll_seconds: float = 1.0) -> BaseObserver:
     observer: BaseObserver = PollingObserver(timeout=poll_seconds) if kind == "polling" else Observer()
     observer.schedule(HintHandler(hints), str(root), recursive=True)
     observer.daemon = True
@@ -66,7 +76,29 @@ def start_observer(root: Path, hints: queue.SimpleQueue[Hint], kind: str, poll_s
     return observer
 
 
-def install_overflow_alarm() -> OverflowAlarm:
-    alarm = OverflowAlarm()
-    logging.getLogger("watchdog.observers").addHandler(alarm)
-    return alarm
+class WatcherStage(Stage):
+    name = "watcher"
+
+    def __init__(self, root: Path, hints: queue.Queue[Hint], kind: str) -> None:
+        self.root = root
+        self.hints = hints
+        self.kind = kind
+        #: raised on a lost event: the intake stage rescans (one of its ``rescan_triggers``)
+        self.alarm = OverflowAlarm()
+        self.observer: BaseObserver | None = None
+
+    def start(self) -> None:
+        logging.getLogger(WATCHDOG_LOG).addHandler(self.alarm)
+        self.observer = start_observer(self.root, self.hints, self.kind)
+
+    def tick(self, now: float, flush: bool) -> bool:
+        if self.observer is not None and not self.observer.is_alive():
+            daemon_log.error("the file watcher stopped; restarting it (rescans continue meanwhile)")
+            self.observer = start_observer(self.root, self.hints, self.kind)
+        return False
+
+    def close(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=5)
+        logging.getLogger(WATCHDOG_LOG).removeHandler(self.alarm)

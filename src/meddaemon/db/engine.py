@@ -7,9 +7,11 @@ half-way when a second writer appears.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,9 +27,54 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def create_db_engine(url: str, busy_timeout: float = 5.0) -> Engine:
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Bounds on every wait of a daemon's PostgreSQL connections (0 turns one off), so a peer frozen
+    inside a transaction or cut off by the network holds nobody up for long:
+
+    - ``lock_timeout``: a statement waiting for a row lock longer than this fails (and is retried:
+      ``is_lock_error``) instead of waiting for as long as the holder is frozen;
+    - ``idle_in_transaction``: the server ends the session of a client that sits inside an open
+      transaction longer than this (a SIGSTOPped or frozen daemon), which frees its locks;
+    - ``keepalive``: TCP keepalives on both ends (idle this long, then three probes a third of it
+      apart) and a TCP user timeout of twice it, so a host that vanished without a reset is dropped
+      in about twice this, not after the kernel's two hours.
+    """
+
+    lock_timeout: float = 5.0
+    idle_in_transaction: float = 30.0
+    keepalive: float = 10.0
+    application_name: str = "meddaemon"
+
+    def connect_args(self) -> dict[str, object]:
+        """libpq parameters (psycopg passes them through) and server settings (``options``)."""
+        server = {"lock_timeout": self.lock_timeout, "idle_in_transaction_session_timeout": self.idle_in_transaction}
+        options = [f"-c {name}={int(seconds * 1000)}" for name, seconds in server.items()]
+        args: dict[str, object] = {"application_name": f"{self.application_name}[{os.getpid()}]"}
+        if self.keepalive > 0:
+            idle, interval = max(1, round(self.keepalive)), max(1, round(self.keepalive / 3))
+            user_timeout_ms = int(2 * self.keepalive * 1000)
+            args.update(
+                keepalives=1,
+                keepalives_idle=idle,
+                keepalives_interval=interval,
+                keepalives_count=3,
+                tcp_user_timeout=user_timeout_ms,
+            )
+            options += [
+                f"-c tcp_keepalives_idle={idle}",
+                f"-c tcp_keepalives_interval={interval}",
+                "-c tcp_keepalives_count=3",
+                f"-c tcp_user_timeout={user_timeout_ms}",
+            ]
+        args["options"] = " ".join(options)
+        return args
+
+
+def create_db_engine(url: str, busy_timeout: float = 5.0, limits: ConnectionLimits | None = None) -> Engine:
+    """``limits`` apply to PostgreSQL only (SQLite's waits are bounded by ``busy_timeout``)."""
     if not is_sqlite(url):
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, connect_args=limits.connect_args() if limits else {})
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -56,9 +103,17 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
 
 def is_lock_error(exc: BaseException) -> bool:
     """Another transaction stood in the way: SQLite's "database is locked"/"busy" (another process
-    holds the write lock), PostgreSQL's "deadlock detected" (it rolled this transaction back)."""
+    holds the write lock), PostgreSQL's "deadlock detected" (it rolled this transaction back) and
+    "canceling statement due to lock timeout" (``ConnectionLimits.lock_timeout``)."""
     text = str(getattr(exc, "orig", exc)).lower()
-    return isinstance(exc, OperationalError) and ("locked" in text or "busy" in text or "deadlock" in text)
+    return isinstance(exc, OperationalError) and any(
+        sign in text for sign in ("locked", "busy", "deadlock", "lock timeout")
+    )
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """PostgreSQL gave up waiting for a lock after ``lock_timeout``."""
+    return isinstance(exc, OperationalError) and "lock timeout" in str(getattr(exc, "orig", exc)).lower()
 
 
 def with_lock_retry(
@@ -66,8 +121,10 @@ def with_lock_retry(
     on_wait: Callable[[int, BaseException], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     backoff_max: float = 2.0,
+    retry_lock_timeouts: bool = True,
 ) -> T:
-    """Run ``work`` (one whole transaction) until it gets past a lock held elsewhere.
+    """Run ``work`` (one whole transaction) until it gets past a lock held elsewhere (with
+    ``retry_lock_timeouts`` False, a lock timeout is the caller's to handle).
 
     Nothing is moved on disk before a commit, so retrying a transaction is always safe.
     """
@@ -76,7 +133,7 @@ def with_lock_retry(
         try:
             return work()
         except OperationalError as exc:
-            if not is_lock_error(exc) or should_stop():
+            if not is_lock_error(exc) or should_stop() or (not retry_lock_timeouts and is_lock_timeout(exc)):
                 raise
             attempt += 1
             if on_wait:

@@ -1,4 +1,9 @@
-"""Create and upgrade the schema with Alembic, from code (the daemon upgrades at start)."""
+"""Create and upgrade the schema with Alembic, from code.
+
+Only ``meddaemon start`` and ``medcli db upgrade`` change the schema (``upgrade``). Every other
+command opens the database as it is (``open_current``): a mistyped ``--state-dir`` must not leave a
+new empty database behind, and a newer ``medcli`` must not upgrade a database under running daemons.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,28 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, inspect
+from sqlalchemy.engine import make_url
+
+from meddaemon.db.engine import create_db_engine, is_sqlite
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
 
-class SchemaTooNew(RuntimeError):
+class SchemaError(RuntimeError):
+    """The database cannot be used as it is by this meddaemon (it is missing, behind or ahead)."""
+
+
+class SchemaTooNew(SchemaError):
     """The database was upgraded by a newer meddaemon than this one."""
+
+
+class DatabaseMissing(SchemaError):
+    """There is no meddaemon database where the settings point (no file, or no schema in it)."""
+
+
+class SchemaTooOld(SchemaError):
+    """The schema is behind this meddaemon's: it needs ``medcli db upgrade`` (or a daemon start)."""
 
 
 def alembic_config(url: str) -> Config:
@@ -48,6 +68,62 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+def database_location(url: str) -> str:
+    """Where a database is, for messages: the SQLite file, or the URL without its password."""
+    parsed = make_url(url)
+    if is_sqlite(url) and parsed.database:
+        return str(Path(parsed.database))
+    return parsed.render_as_string(hide_password=True)
+
+
+def open_current(url: str, busy_timeout: float = 5.0) -> Engine:
+    """An engine on the existing database at ``url`` whose schema is this meddaemon's head.
+
+    Nothing is created: a SQLite file that does not exist is ``DatabaseMissing`` before any
+    connection is made (connecting would create it, and its folder).
+    """
+    database = make_url(url).database
+    if is_sqlite(url) and database and database != ":memory:" and not Path(database).is_file():
+        raise _missing(url)
+    engine = create_db_engine(url, busy_timeout)
+    try:
+        require_current(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
+def require_current(engine: Engine) -> None:
+    """Raise a ``SchemaError`` unless the schema of ``engine``'s database is at this meddaemon's head."""
+    url = engine.url.render_as_string(hide_password=False)
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            raise _missing(url)
+        current = MigrationContext.configure(conn).get_current_revision()
+    head = head_revision()
+    if current == head:
+        return
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    if current is None:
+        raise _missing(url)
+    if not _known(script, current):
+        raise SchemaTooNew(
+            f"database schema at {database_location(url)} is at revision {current}, which this meddaemon "
+            "does not know; upgrade meddaemon before using this database"
+        )
+    raise SchemaTooOld(
+        f"schema is older than this meddaemon: the database at {database_location(url)} is at revision "
+        f"{current}, this meddaemon needs {head}; run `medcli db upgrade` or start the daemon"
+    )
+
+
+def _missing(url: str) -> DatabaseMissing:
+    return DatabaseMissing(
+        f"no meddaemon database at {database_location(url)} (run `medcli db upgrade` or start the daemon)"
+    )
 
 
 def _known(script: ScriptDirectory, revision: str) -> bool:

@@ -18,10 +18,12 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -68,18 +70,33 @@ class ModelVersion(Base):
     retired_at: Mapped[datetime | None]
 
 
+#: Scans that still count for de-duplication: a failed scan steps aside, so the same bytes arriving
+#: again (``medcli retry``, or moved back by hand) are a new attempt, not a duplicate.
+NOT_FAILED = text("state != 'failed'")
+
+
 class Scan(Base):
-    """One row per distinct file content (SHA-256), from registration to its terminal state.
+    """One attempt at one file content (SHA-256), from registration to its terminal state.
+
+    At most one scan per content is not failed (the partial unique index ``uq_scans_sha256_live``);
+    failed attempts of the same bytes stay beside it with their history.
 
     ``stored_path`` is where the file is (work/, archive/ or failed/); while ``pending_move_from``
     is set the move there has been committed but may not have happened yet, and recovery finishes it.
+    ``retried_at``: when the kept original of a failed scan was sent back to the inbox (``daemon/retry.py``).
     """
 
     __tablename__ = "scans"
-    __table_args__ = (Index("ix_scans_state_task", "state", "task_name"),)
+    __table_args__ = (
+        Index("ix_scans_state_task", "state", "task_name"),
+        # the web console's worklist: newest first within a state or a task (keyset pagination by id)
+        Index("ix_scans_state_id", "state", "id"),
+        Index("ix_scans_task_id", "task_name", "id"),
+        Index("uq_scans_sha256_live", "sha256", unique=True, sqlite_where=NOT_FAILED, postgresql_where=NOT_FAILED),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
     state: Mapped[str] = mapped_column(String(32))
     task_name: Mapped[str | None] = mapped_column(ForeignKey("tasks.name"))
     source_name: Mapped[str] = mapped_column(Text)
@@ -92,9 +109,10 @@ class Scan(Base):
     stable_at: Mapped[datetime | None]
     registered_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     routed_at: Mapped[datetime | None]
+    retried_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
-    # metadata (DESIGN.md section 4); patient_* and accession_number are PHI: never logged
+    # metadata (docs/design.md section 4); patient_* and accession_number are PHI: never logged
     format: Mapped[str | None] = mapped_column(String(16))
     rows: Mapped[int | None]
     columns: Mapped[int | None]
@@ -120,6 +138,11 @@ class Scan(Base):
 
     #: the daemon working on the scan's next stage (inference, report); None: free for any daemon
     claimed_by: Mapped[int | None] = mapped_column(ForeignKey("daemons.id", ondelete="SET NULL"), index=True)
+
+    #: a scan read in place by ``medcli evaluate`` (state ``evaluated``): the file's absolute path
+    #: when it was read, and the evaluation that first read it
+    source_path: Mapped[str | None] = mapped_column(Text)
+    evaluation_id: Mapped[int | None] = mapped_column(ForeignKey("evaluations.id", ondelete="SET NULL"), index=True)
 
     events: Mapped[list[ScanEvent]] = relationship(back_populates="scan", order_by="ScanEvent.id")
     duplicates: Mapped[list[DuplicateArrival]] = relationship(back_populates="scan")
@@ -199,9 +222,13 @@ class InboxClaim(Base):
 
 
 class ScanEvent(Base):
-    """Every state a scan passed through, with when and why: the history ``status`` reads."""
+    """Every state a scan passed through, with when and why: the history ``status`` reads.
+
+    ``(state, at)`` is indexed for the console's throughput: scans inferred per hour.
+    """
 
     __tablename__ = "scan_events"
+    __table_args__ = (Index("ix_scan_events_state_at", "state", "at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     scan_id: Mapped[int] = mapped_column(ForeignKey("scans.id", ondelete="CASCADE"), index=True)
@@ -307,3 +334,165 @@ class Audit(Base):
     results: Mapped[dict[str, Any]] = mapped_column(default=dict)
     passed: Mapped[bool | None] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class AuditPdf(Base):
+    """The PDF ``medcli audit --pdf`` wrote, kept with its audit so the web console can show it.
+
+    The bytes live in the database, not beside it: the console may run on another machine than the
+    command, over the same database. An audit PDF is small (its curves are thinned to a few hundred
+    points), and a table of its own keeps the bytes out of every query of ``audits``.
+    """
+
+    __tablename__ = "audit_pdfs"
+
+    audit_id: Mapped[int] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    pages: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebAction(Base):
+    """Something a person did through the web console (``web/``): who, in which role, what, when, how it went.
+
+    ``target`` names what was acted on (``scan 42``, ``reason unroutable``, ``busi/v2``) and
+    ``detail`` what came of it; neither ever holds patient data.
+    """
+
+    __tablename__ = "web_actions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    user: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(Text)
+    #: done, refused (the library said no) or failed (an error)
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class OutboxItem(Base):
+    """One DICOM object of a scan for one destination (``meddaemon.dicom.outbox``).
+
+    Added in the transaction of the state step that makes the object due (``inferred -> reported``);
+    ``pending`` until the destination acknowledged it (``delivered``) or it was given up on
+    (``dead``, after ``outbox_max_attempts`` failures or a permanent refusal, ``last_error`` saying
+    what the peer answered). A scan is archived only once none of its items is pending. Times are
+    by the database's clock.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("scan_id", "object_key", "destination"),
+        Index("ix_outbox_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scan_id: Mapped[int] = mapped_column(ForeignKey("scans.id", ondelete="CASCADE"), index=True)
+    #: the object: ``sr``, ``pdf``, or ``pmap:<label>`` / ``sc:<label>``
+    object_key: Mapped[str] = mapped_column(String(96))
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    #: the object's file, stored as ``meddaemon.stored_paths`` says; None when it could not be made
+    path: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    delivered_at: Mapped[float | None] = mapped_column(Float)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    #: the daemon sending it now; None: free for any daemon's sender
+    claimed_by: Mapped[int | None] = mapped_column(ForeignKey("daemons.id", ondelete="SET NULL"), index=True)
+
+
+class Evaluation(Base):
+    """One ``medcli evaluate`` run over a cohort read in place: self-describing, so a page can show it
+    without the command line that made it.
+
+    ``name`` is unique: running the same command again continues (or refreshes) the same
+    evaluation. ``dataset_fingerprint`` is the SHA-256 of the sorted ``relative path, SHA-256`` lines
+    of the files read: the same bytes under the same names give the same fingerprint. ``state``:
+    ``running``, ``completed``, ``interrupted`` (Ctrl-C; a killed run stays ``running``) or
+    ``stopped`` (too many unreadable files, a model refused on a node: ``message`` says why).
+    """
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    task_name: Mapped[str] = mapped_column(ForeignKey("tasks.name"), index=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    dataset_path: Mapped[str] = mapped_column(Text)
+    dataset_layout: Mapped[str] = mapped_column(String(32))
+    dataset_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    engine: Mapped[str] = mapped_column(String(16))
+    parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    message: Mapped[str | None] = mapped_column(Text)
+    files_total: Mapped[int] = mapped_column(Integer, default=0)
+    scored: Mapped[int] = mapped_column(Integer, default=0)
+    reused: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    #: failed files per reason code (``failures.FailureReason``)
+    failures: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    images_per_second: Mapped[float | None] = mapped_column(Float)
+    meddaemon_version: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class EvaluationFile(Base):
+    """One file of an evaluation, by its path relative to the dataset root: the scan its bytes are
+    (``outcome`` ``scored`` this run, ``reused`` when that model version had scored the bytes
+    before) or why it could not be read (``failed``, with the daemon's reason code)."""
+
+    __tablename__ = "evaluation_files"
+    __table_args__ = (UniqueConstraint("evaluation_id", "path"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    scan_id: Mapped[int | None] = mapped_column(ForeignKey("scans.id", ondelete="SET NULL"), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    failure_reason: Mapped[str | None] = mapped_column(String(64))
+    failure_message: Mapped[str | None] = mapped_column(Text)
+
+
+class ReceivedInstance(Base):
+    """One DICOM instance a sender pushed to the daemon's C-STORE SCP (``meddaemon.dicom.receiver``):
+    who sent it, over which association, and the file it became.
+
+    ``sha256`` is that file's (File Meta + the dataset as received) and so the identity its scan is
+    registered under: it survives the intake's moves and joins this row to the scan, or to the
+    duplicate arrival when the same bytes were sent again. The same ``sop_instance_uid`` with
+    another ``sha256`` is a new version of that instance. ``received_at`` is by the database's clock
+    (the series' quiet timer, ``dicom.completeness``); ``association_at`` by the receiving node's.
+    """
+
+    __tablename__ = "received_instances"
+    __table_args__ = (Index("ix_received_instances_study_received", "study_instance_uid", "received_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    #: the name the file was written under in the inbox (its scan's ``source_name``)
+    file_name: Mapped[str] = mapped_column(Text)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    called_ae: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str] = mapped_column(String(255))
+    peer_port: Mapped[int] = mapped_column(Integer)
+    association_at: Mapped[datetime]
+    received_at: Mapped[float] = mapped_column(Float)
+    #: the node whose receiver wrote the file
+    node: Mapped[str] = mapped_column(String(255))

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from meddaemon.db.models import DuplicateArrival, Scan, utcnow
+from meddaemon.db.models import DuplicateArrival, ModelVersion, Scan, Task, utcnow
 
 
 @dataclass
@@ -30,6 +30,8 @@ class StatusSummary:
     pending_moves: int
     first_registered_at: datetime | None = None
     last_registered_at: datetime | None = None
+    #: the tasks without an active model version, each with how many scans wait for one
+    waiting_model: dict[str, int] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -76,4 +78,20 @@ def status_summary(session: Session, recent: int = 10, now: datetime | None = No
         pending_moves=pending,
         first_registered_at=first,
         last_registered_at=last,
+        waiting_model=tasks_without_model(session),
     )
+
+
+def tasks_without_model(session: Session) -> dict[str, int]:
+    """Every task (of the tasks table or of a scan) with no active model version, and how many
+    scans wait in ``waiting_model`` for it: what a new user must promote a model for."""
+    active = set(session.scalars(select(ModelVersion.task_name).where(ModelVersion.status == "active")))
+    waiting = dict(
+        session.execute(
+            select(Scan.task_name, func.count())
+            .where(Scan.state == "waiting_model", Scan.task_name.is_not(None))
+            .group_by(Scan.task_name)
+        ).all()
+    )
+    tasks = set(session.scalars(select(Task.name))) | set(waiting)
+    return {str(task): int(waiting.get(task, 0)) for task in sorted(tasks - active)}

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import QueuePool
 
 
 def read_only_engine(url: str | URL, busy_timeout: float = 5.0, connect_timeout: float = 5.0) -> Engine:
@@ -49,7 +50,10 @@ def _sqlite_read_only(url: URL, busy_timeout: float) -> Engine:
     def connect() -> sqlite3.Connection:
         return sqlite3.connect(uri, uri=True, timeout=busy_timeout, check_same_thread=False)
 
-    engine = create_engine("sqlite://", creator=connect)
+    # a plain pool: for "sqlite://" SQLAlchemy would pick SingletonThreadPool, which closes the
+    # connections of other threads once more than five threads have used it (the web console's
+    # thread pool does), under their feet
+    engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool, pool_size=4, max_overflow=8)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

@@ -4,7 +4,9 @@ Every model is ``features`` (image -> the activation heatmaps are taken from) th
 (activation -> logits). When the head is global average pooling, optional dropout and one Linear
 (ResNet, MobileNetV2, DenseNet, EfficientNetV2, the small CNN), ``cam_linear`` is that Linear and
 Grad-CAM reduces to CAM computed from the forward pass's own features (``engine/heatmaps.py``).
-VGG16's head has three Linear layers: its heatmaps need the gradient.
+VGG16's head has three Linear layers, and ``efficientnet_v2_s_selu`` (seed 002's head:
+``Sequential(Dropout, SELU, Linear(1280, 1))``) has a nonlinearity after the pooling: their heatmaps
+need the gradient.
 
 No weights are ever downloaded. ImageNet initialisation reads torchvision's file from a path or
 from torch's local cache, or fails with a message that says where to put it.
@@ -21,7 +23,16 @@ import torch
 from torch import Tensor, nn
 from torchvision import models
 
-ARCHITECTURES = ("small_cnn", "resnet18", "resnet34", "vgg16", "mobilenet_v2", "densenet121", "efficientnet_v2_s")
+ARCHITECTURES = (
+    "small_cnn",
+    "resnet18",
+    "resnet34",
+    "vgg16",
+    "mobilenet_v2",
+    "densenet121",
+    "efficientnet_v2_s",
+    "efficientnet_v2_s_selu",
+)
 
 Init = Literal["scratch", "imagenet"]
 
@@ -39,6 +50,22 @@ class GlobalPoolLinearHead(nn.Module):
 
     def forward(self, activation: Tensor) -> Tensor:
         return self.linear(self.dropout(torch.flatten(self.pool(activation), 1)))
+
+
+class GlobalPoolSeluLinearHead(nn.Module):
+    """Seed 002's EfficientNetV2-S classifier after the pooling: dropout, SELU, then one Linear.
+
+    Not a CAM head (the SELU between pooling and Linear breaks CAM's equality with Grad-CAM)."""
+
+    def __init__(self, linear: nn.Linear, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.selu = nn.SELU()
+        self.linear = linear
+
+    def forward(self, activation: Tensor) -> Tensor:
+        return self.linear(self.selu(self.dropout(torch.flatten(self.pool(activation), 1))))
 
 
 class ClassifierNet(nn.Module):
@@ -100,6 +127,7 @@ def build_model(
 
 
 _TORCHVISION: dict[str, Callable[..., nn.Module]] = {
+    "efficientnet_v2_s_selu": models.efficientnet_v2_s,
     "resnet18": models.resnet18,
     "resnet34": models.resnet34,
     "vgg16": models.vgg16,
@@ -109,6 +137,7 @@ _TORCHVISION: dict[str, Callable[..., nn.Module]] = {
 }
 
 _WEIGHTS = {
+    "efficientnet_v2_s_selu": models.EfficientNet_V2_S_Weights.IMAGENET1K_V1,
     "resnet18": models.ResNet18_Weights.IMAGENET1K_V1,
     "resnet34": models.ResNet34_Weights.IMAGENET1K_V1,
     "vgg16": models.VGG16_Weights.IMAGENET1K_V1,
@@ -151,6 +180,9 @@ def _split(architecture: str, net: nn.Module, num_outputs: int) -> tuple[nn.Modu
     if architecture == "efficientnet_v2_s":
         linear = net.classifier[-1]
         return net.features, GlobalPoolLinearHead(nn.Linear(linear.in_features, num_outputs), dropout=0.2)
+    if architecture == "efficientnet_v2_s_selu":
+        linear = net.classifier[-1]
+        return net.features, GlobalPoolSeluLinearHead(nn.Linear(linear.in_features, num_outputs), dropout=0.2)
     if architecture == "densenet121":
         # torchvision applies F.relu(inplace=True) after features[-1]; an explicit, non-in-place ReLU
         # keeps the activation heatmaps are taken from intact.

@@ -22,6 +22,8 @@ class QueuedScan:
     inputs: np.ndarray
     discovered_at: datetime | None
     enqueued: float = field(default_factory=time.monotonic)
+    #: the scan's content hash when the caller knows it (its outputs are named by it)
+    sha256: str | None = None
 
     @property
     def size(self) -> int:

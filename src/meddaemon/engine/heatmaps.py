@@ -1,4 +1,4 @@
-"""Grad-CAM heatmaps at the cost of inference (DESIGN.md section 6).
+"""Grad-CAM heatmaps at the cost of inference (docs/design.md section 6).
 
 The target activation ``A`` (B, K, h, w) is the output of ``model.features``; maps are taken for the
 classes a *chooser* picks from the logits (multiclass: the predicted class, binary: the positive

@@ -1,7 +1,8 @@
 """Running a verified model over a batch: probabilities, calls at the manifest's thresholds, heatmaps.
 
 CUDA when present (autocast, channels_last, pinned memory, non-blocking copies), the CPU otherwise,
-with the faster of eager PyTorch and ONNX Runtime (``engine/onnx_backend.py``).
+with the faster of eager PyTorch and ONNX Runtime (``engine/onnx_backend.py``), measured once per
+version and machine (``engine/backend_cache.py``).
 An out-of-memory error halves the batch and retries; no scan is dropped. A row with a NaN or
 infinite output is an error for that scan, never a result.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from meddaemon.engine.backend_cache import BackendCache, BackendChoice, BackendKey, GraphCache
 from meddaemon.engine.heatmaps import (
     cams_from_features,
     compute_heatmaps,
@@ -23,7 +25,7 @@ from meddaemon.engine.heatmaps import (
     predicted_class,
 )
 from meddaemon.engine.onnx_backend import BackendUnavailable, OnnxRunner, agrees_with_eager, images_per_second
-from meddaemon.engine.registry import LoadedModel, probabilities, self_test_input
+from meddaemon.engine.registry import ONNX_ARCHITECTURE, LoadedModel, probabilities, self_test_input
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import FailureReason, ScanFailure
 
@@ -68,51 +70,110 @@ class ServedModel:
         self.thresholds = np.array([self.manifest.thresholds.get(label, 0.5) for label in self.labels], np.float32)
         self.heatmaps = heatmaps and self.manifest.heatmaps
         self.model = loaded.model.eval().to(device)
+        #: an imported ONNX graph is served by ONNX Runtime as it is: CUDA when onnxruntime has it
+        self.imported_onnx = self.manifest.architecture == ONNX_ARCHITECTURE
+        if self.imported_onnx:
+            self.model.place(device)
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         self.chunk = 1 << 30  # the largest batch known to fit; lowered by out-of-memory errors
         self.onnx: OnnxRunner | None = None
-        self.backend = "cuda" if device.type == "cuda" else "eager"
+        self.backend = self.model.backend if self.imported_onnx else "cuda" if device.type == "cuda" else "eager"
         self.speeds: dict[str, float] = {}
+        #: whether ``choose_backend`` timed the backends (False when it used a cached choice)
+        self.measured = False
+        #: where exported ONNX graphs are kept (the version's folder, from ``choose_backend``'s cache)
+        self.graphs: GraphCache | None = None
 
-    def choose_backend(self, batch: int) -> str:
+    def choose_backend(self, batch: int, cache: BackendCache | None = None) -> str:
         """On the CPU, measure eager PyTorch and ONNX Runtime on one batch and keep the faster
-        (the manifest's ``backend`` can pin either); returns the backend in use."""
+        (the manifest's ``backend`` can pin either); returns the backend in use. An imported ONNX
+        graph is not timed: ONNX Runtime runs it, on the providers its device gets.
+
+        With ``cache``, a choice measured before for the same weights, versions, threads, batch
+        and CPU is used without timing, and a new measurement is remembered there."""
         wanted = self.manifest.backend
+        if self.imported_onnx:
+            log.info("%s: %s (an imported ONNX graph is served as it is)", self.name, self.backend)
+            return self.backend
         if self.device.type != "cpu" or wanted == "eager":
             return self.backend
-        gradient_heatmaps = self.heatmaps and self.model.cam_linear is None
-        if gradient_heatmaps:
+        if self.heatmaps and self.model.cam_linear is None:
             log.info("%s: eager PyTorch (its heatmaps need the gradient)", self.name)
             return self.backend
+        key = self.backend_key(batch) if cache is not None and wanted == "auto" else None
+        cached = cache.get(key) if cache is not None and key is not None else None
+        self.graphs = GraphCache(cache.folder) if cache is not None else None
+        if cached is not None:
+            return self._use_cached(cached, batch)
+        choice = self._measure(batch, wanted)
+        if cache is not None and key is not None:
+            cache.put(key, choice)
+        return self.backend
+
+    def backend_key(self, batch: int) -> BackendKey:
+        return BackendKey(self.manifest.sha256, self.device.type, torch.get_num_threads(), batch, self.heatmaps)
+
+    def _measure(self, batch: int, wanted: str) -> BackendChoice:
         sample = self_test_input(self.contract, seed=0, batch=batch)
-        try:
-            runner = OnnxRunner(self.model, sample, with_activation=self.heatmaps)
-        except BackendUnavailable as exc:
-            log.warning("%s: ONNX Runtime unavailable (%s); eager PyTorch", self.name, exc)
-            return self.backend
-        if not agrees_with_eager(runner, self.model, sample):
-            log.warning("%s: the ONNX graph disagrees with the model; eager PyTorch", self.name)
-            return self.backend
+        runner, note = self._onnx_runner(sample)
+        if runner is None:
+            return BackendChoice("eager", {}, note)
         if wanted == "onnx":
             self.onnx, self.backend = runner, "onnx"
-            return self.backend
+            return BackendChoice("onnx", {}, "pinned by the manifest")
         x = sample.numpy()
         self.speeds = {
             "eager": images_per_second(lambda: self._predict_chunk(x), batch),
             "onnx": images_per_second(lambda: self._run_onnx(runner, x), batch),
         }
+        self.measured = True
         if self.speeds["onnx"] > self.speeds["eager"]:
             self.onnx, self.backend = runner, "onnx"
         log.info(
-            "%s: %s chosen (eager %.0f, ONNX Runtime %.0f images/s at batch %d)",
+            "%s: %s chosen (measured: eager %.0f, ONNX Runtime %.0f images/s at batch %d)",
             self.name,
             self.backend,
             self.speeds["eager"],
             self.speeds["onnx"],
             batch,
         )
+        return BackendChoice(self.backend, dict(self.speeds))
+
+    def _use_cached(self, cached: BackendChoice, batch: int) -> str:
+        self.speeds = dict(cached.speeds)
+        if cached.backend == "onnx":
+            runner, _ = self._onnx_runner(self_test_input(self.contract, seed=0, batch=batch))
+            if runner is not None:
+                self.onnx, self.backend = runner, "onnx"
+        if self.speeds:
+            why = (
+                ", ".join(f"{name} {speed:.0f}" for name, speed in self.speeds.items()) + f" images/s at batch {batch}"
+            )
+        else:
+            why = cached.note
+        log.info(
+            "%s: %s (cached choice for these weights on this machine: %s; not measured again)",
+            self.name,
+            self.backend,
+            why,
+        )
         return self.backend
+
+    def _onnx_runner(self, sample: torch.Tensor) -> tuple[OnnxRunner | None, str]:
+        """The ONNX Runtime session for this model, checked against eager; (None, why) when unusable."""
+        try:
+            runner = OnnxRunner(
+                self.model, sample, self.heatmaps, graphs=self.graphs, weights_sha256=self.manifest.sha256
+            )
+        except BackendUnavailable as exc:
+            log.warning("%s: ONNX Runtime unavailable (%s); eager PyTorch", self.name, exc)
+            return None, f"ONNX Runtime unavailable: {exc}"
+        # a graph kept from an earlier start is checked on a small batch: it was checked in full when exported
+        if not agrees_with_eager(runner, self.model, sample[:2] if runner.cached else sample):
+            log.warning("%s: the ONNX graph disagrees with the model; eager PyTorch", self.name)
+            return None, "the ONNX graph disagrees with the model"
+        return runner, ""
 
     @property
     def name(self) -> str:

@@ -1,4 +1,4 @@
-"""ONNX Runtime on the CPU: often 1.5-3x faster than eager PyTorch for these models (DESIGN.md
+"""ONNX Runtime on the CPU: often 1.5-3x faster than eager PyTorch for these models (docs/design.md
 section 6), so the engine measures both per model and keeps the faster, unless the manifest pins one.
 
 The exported graph returns the heatmap activation beside the logits, so CAM maps come from the same
@@ -18,9 +18,12 @@ import torch
 from torch import Tensor, nn
 
 from meddaemon.engine.architectures import ClassifierNet
+from meddaemon.engine.backend_cache import GraphCache, GraphKey
 
 log = logging.getLogger(__name__)
 
+#: ONNX opset of the exported graphs
+OPSET = 17
 #: Largest difference in logits tolerated between the exported graph and the eager model.
 AGREEMENT_ATOL = 1e-3
 
@@ -41,40 +44,62 @@ class _FeaturesAndLogits(nn.Module):
 class OnnxRunner:
     """An ONNX Runtime session for one model: ``run(x) -> (activation | None, logits)``."""
 
-    def __init__(self, model: ClassifierNet, sample: Tensor, with_activation: bool) -> None:
+    def __init__(
+        self,
+        model: ClassifierNet,
+        sample: Tensor,
+        with_activation: bool,
+        graphs: GraphCache | None = None,
+        weights_sha256: str = "",
+    ) -> None:
+        """With ``graphs`` (and the weights' ``weights_sha256``), the graph exported by an earlier
+        start is used, and a new export is kept there."""
         try:
             import onnxruntime as ort
         except ImportError as exc:  # an optional speed-up, never a requirement
             raise BackendUnavailable("onnxruntime is not installed") from exc
         self.with_activation = with_activation
-        module = (_FeaturesAndLogits(model) if with_activation else model).eval()
-        outputs = ["activation", "logits"] if with_activation else ["logits"]
-        buffer = io.BytesIO()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    module,
-                    (sample[:1],),
-                    buffer,
-                    dynamo=False,
-                    opset_version=17,
-                    input_names=["x"],
-                    output_names=outputs,
-                    dynamic_axes={name: {0: "batch"} for name in ["x", *outputs]},
-                )
-        except Exception as exc:
-            raise BackendUnavailable(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
+        key = GraphKey(weights_sha256, with_activation, OPSET) if graphs is not None and weights_sha256 else None
+        graph = graphs.get(key) if graphs is not None and key is not None else None
+        #: whether the graph came from the cache (not exported by this process)
+        self.cached = graph is not None
+        if graph is None:
+            graph = _export(model, sample, with_activation)
+            if graphs is not None and key is not None:
+                graphs.put(key, graph)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
     def run(self, x: np.ndarray) -> tuple[Tensor | None, Tensor]:
         outputs = self.session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})
         if self.with_activation:
             return torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1])
         return None, torch.from_numpy(outputs[0])
+
+
+def _export(model: ClassifierNet, sample: Tensor, with_activation: bool) -> bytes:
+    """The graph of ``model`` (logits, and the heatmap activation first when asked), as ONNX bytes."""
+    module = (_FeaturesAndLogits(model) if with_activation else model).eval()
+    outputs = ["activation", "logits"] if with_activation else ["logits"]
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (sample[:1],),
+                buffer,
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["x"],
+                output_names=outputs,
+                dynamic_axes={name: {0: "batch"} for name in ["x", *outputs]},
+            )
+    except Exception as exc:
+        raise BackendUnavailable(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
+    return buffer.getvalue()
 
 
 def agrees_with_eager(runner: OnnxRunner, model: ClassifierNet, sample: Tensor) -> bool:

@@ -26,8 +26,12 @@ def check_contract(scan: DecodedScan, contract: InputContract) -> None:
         _mismatch(f"{width}x{height} pixels is smaller than the {contract.min_size}-pixel minimum")
     if max(height, width) / min(height, width) > contract.max_aspect:
         _mismatch(f"aspect ratio {max(height, width) / min(height, width):.1f} exceeds {contract.max_aspect}")
-    if contract.channels == 1 and scan.channels == 3 and not _is_grey(scan.frames):
-        _mismatch("a colour image for a model of grey images")
+    if contract.channels == 1 and scan.channels == 3:
+        colour = _declared_colour(scan)
+        if colour is not None:
+            _mismatch(f"a colour image ({colour}) for a model of grey images")
+        if not _is_grey(scan.frames):
+            _mismatch("a colour image for a model of grey images")
 
 
 def to_model_input(scan: DecodedScan, contract: InputContract) -> np.ndarray:
@@ -39,13 +43,57 @@ def to_model_input(scan: DecodedScan, contract: InputContract) -> np.ndarray:
         x = x.mean(dim=1, keepdim=True)
     elif x.shape[1] == 1 and contract.channels == 3:
         x = x.expand(-1, 3, -1, -1)
-    if tuple(x.shape[2:]) != (contract.height, contract.width):
-        x = F.interpolate(
-            x, size=(contract.height, contract.width), mode="bilinear", align_corners=False, antialias=True
-        )
+    return normalise(resize(x, contract), contract).contiguous().numpy()
+
+
+def resize(x: torch.Tensor, contract: InputContract) -> torch.Tensor:
+    """(N, C, h, w) to the contract's H x W: stretched, or the shorter side resized then the centre
+    cropped (torchvision's ``Resize(min(H, W))`` then ``CenterCrop((H, W))``); bilinear, antialiased."""
+    size = (contract.height, contract.width)
+    if contract.resize == "resize_then_crop":
+        height, width = x.shape[2:]
+        short = min(size)
+        long = int(short * max(height, width) / min(height, width))
+        scaled = (short, long) if height <= width else (long, short)
+        x = _interpolate(x, scaled)
+        top = round((scaled[0] - size[0]) / 2.0)
+        left = round((scaled[1] - size[1]) / 2.0)
+        return x[:, :, top : top + size[0], left : left + size[1]]
+    return _interpolate(x, size)
+
+
+def _interpolate(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+#: Keras's samplewise_std_normalization adds this to the std
+PER_IMAGE_EPSILON = 1e-6
+
+
+def normalise(x: torch.Tensor, contract: InputContract) -> torch.Tensor:
+    """(N, C, H, W) on [0, 1] into the model's input space: the contract's mean and std per channel, or
+    each image's own mean and std over all its pixels and channels (Keras samplewise)."""
+    if contract.normalisation == "per_image":
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        return (x - mean) / (std + PER_IMAGE_EPSILON)
     mean = torch.tensor(contract.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(contract.std, dtype=torch.float32).view(1, -1, 1, 1)
-    return ((x - mean) / std).contiguous().numpy()
+    return (x - mean) / std
+
+
+def _declared_colour(scan: DecodedScan) -> str | None:
+    """A DICOM file's colour photometric interpretation (RGB, YBR_*, PALETTE COLOR), else None.
+
+    A file that says it is colour is refused by a grey model whatever its pixels look like (a
+    misread palette is dark and grey-looking); only formats that declare nothing (PNG, JPEG) are
+    judged by their pixels."""
+    if scan.metadata.format != "dicom":
+        return None
+    photometric = (scan.metadata.photometric_interpretation or "").strip().upper()
+    return None if photometric in ("", "MONOCHROME1", "MONOCHROME2") else photometric
 
 
 def _is_grey(frames: np.ndarray) -> bool:

@@ -1,4 +1,4 @@
-"""Model versions on disk and in the database (DESIGN.md section 6).
+"""Model versions on disk and in the database (docs/design.md section 6).
 
 A model version is a folder with exactly two files that matter:
 
@@ -13,7 +13,8 @@ A model version is a folder with exactly two files that matter:
 :func:`load_version` refuses a version (:class:`ModelRefused`, with a stable ``reason`` code) unless
 the weights file has the manifest's SHA-256 (checked *before* the file is parsed), parses as
 safetensors, matches the declared architecture key for key and shape for shape, and reproduces the
-self-test probabilities within the manifest's tolerance in fp32.
+self-test probabilities within the manifest's tolerance in fp32. A ``MODEL_CARD.md`` and the figures
+it links may sit beside them (``engine/card.py``): documents, copied with the version, never verified.
 
 The database side keeps the registry under ``Settings.models_dir`` (``<state_dir>/models``) as
 ``<task>/<version>/``; a version is ``registered`` when imported, ``active`` when promoted (at most
@@ -49,6 +50,8 @@ from torch import Tensor, nn
 from meddaemon import __version__
 from meddaemon.db.models import ModelVersion, Task, utcnow
 from meddaemon.engine.architectures import ARCHITECTURES, build_model
+from meddaemon.engine.card import card_files
+from meddaemon.engine.preprocess import normalise
 from meddaemon.engine.tasks import BUILTIN_TASKS, KINDS, InputContract, TaskSpec
 from meddaemon.files import fsync_dir, write_atomically
 
@@ -56,6 +59,9 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
+#: An imported ONNX graph takes the place of the safetensors weights; its manifest's architecture is "onnx".
+ONNX_FILE = "model.onnx"
+ONNX_ARCHITECTURE = "onnx"
 BACKENDS = ("auto", "eager", "onnx")
 STATUSES = ("registered", "active", "retired")
 #: Files that look like model weights in a format that is never loaded (pickle-based).
@@ -79,6 +85,12 @@ REFUSAL_REASONS = (
     "non_finite_output",
     "unknown_task",
     "task_mismatch",
+    # converting a foreign file (engine/importers/)
+    "needs_code",
+    "class_count_mismatch",
+    "contract_conflict",
+    "non_finite_weights",
+    "unsupported_onnx",
 )
 
 
@@ -129,6 +141,15 @@ class Manifest:
     self_test: dict[str, Any]
     backend: str = "auto"
     heatmaps: bool = True
+    #: where an imported version came from: {source_file, sha256, format, conversion, ...}; empty when
+    #: meddaemon trained it
+    provenance: dict[str, Any] = field(default_factory=dict)
+    #: ONNX versions only: {input, logits, single_image, outputs[, activation, cam_weight, cam_weight_transposed]}
+    onnx: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights_file(self) -> str:
+        return ONNX_FILE if self.architecture == ONNX_ARCHITECTURE else WEIGHTS_FILE
 
     @property
     def num_outputs(self) -> int:
@@ -197,8 +218,14 @@ def _validated(v: dict[str, Any]) -> dict[str, Any]:
         fail("labels", f"has duplicates: {labels}")
     if kind == "binary" and len(labels) != 2:
         fail("labels", f"a binary model has exactly two labels [negative, positive], not {len(labels)}")
-    if v["architecture"] not in ARCHITECTURES:
-        fail("architecture", f"{v['architecture']!r} is not one of {list(ARCHITECTURES)}")
+    if v["architecture"] not in (*ARCHITECTURES, ONNX_ARCHITECTURE):
+        fail("architecture", f"{v['architecture']!r} is not one of {[*ARCHITECTURES, ONNX_ARCHITECTURE]}")
+    onnx_info = v.get("onnx", {})
+    if not isinstance(onnx_info, Mapping):
+        fail("onnx", "must be an object")
+    if v["architecture"] == ONNX_ARCHITECTURE and not {"input", "logits"} <= set(onnx_info):
+        fail("onnx", "an ONNX version names its graph's 'input' and 'logits'")
+    out["onnx"] = dict(onnx_info)
     out["input_contract"] = _validated_contract(v["input_contract"])
     if not isinstance(v["preprocessing"], Mapping):
         fail("preprocessing", "must be an object")
@@ -233,6 +260,9 @@ def _validated(v: dict[str, Any]) -> dict[str, Any]:
         fail("backend", f"{v['backend']!r} is not one of {list(BACKENDS)}")
     if not isinstance(v.get("heatmaps", True), bool):
         fail("heatmaps", "must be true or false")
+    if not isinstance(v.get("provenance", {}), Mapping):
+        fail("provenance", "must be an object")
+    out["provenance"] = dict(v.get("provenance", {}))
     out["self_test"] = _validated_self_test(v["self_test"], len(labels))
     return out
 
@@ -345,14 +375,13 @@ def self_test_input(contract: InputContract | Mapping[str, Any], seed: int, batc
     """A deterministic (batch, C, H, W) float32 input in the model's normalised input space.
 
     Pixel values are drawn uniformly in [0, 1] by a CPU ``torch.Generator`` seeded with ``seed`` (the
-    same numbers on every machine), then normalised with the contract's mean and std, as a real scan is.
+    same numbers on every machine), then normalised as the contract says (``preprocess.normalise``),
+    as a real scan is.
     """
     c = contract if isinstance(contract, InputContract) else InputContract.from_dict(contract)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     pixels = torch.rand((batch, c.channels, c.height, c.width), generator=generator, dtype=torch.float32)
-    mean = torch.tensor(c.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(c.std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (pixels - mean) / std
+    return normalise(pixels, c)
 
 
 @contextmanager
@@ -409,6 +438,7 @@ def save_version(
     metrics: Mapping[str, Any] | None = None,
     backend: str = "auto",
     heatmaps: bool = True,
+    provenance: Mapping[str, Any] | None = None,
     self_test_seed: int = 0,
     self_test_batch: int = 2,
     self_test_atol: float = DEFAULT_SELF_TEST_ATOL,
@@ -451,6 +481,7 @@ def save_version(
         },
         "backend": backend,
         "heatmaps": heatmaps,
+        "provenance": dict(provenance or {}),
     }
     try:
         draft = Manifest.from_dict(fields)  # every field checked before anything is written
@@ -517,33 +548,26 @@ def load_version(folder: Path | str, device: str | torch.device = "cpu") -> Load
         raise ModelRefused(
             "unsupported_format",
             f"{folder} is a file; a model version is a folder with {WEIGHTS_FILE} and {MANIFEST_FILE} "
-            "(pickled checkpoints such as .pt/.pth/.ckpt are never loaded; save the state dict with safetensors)",
+            "(a trained model file, .pt/.pth/.h5/.onnx, is converted by `medcli models import FILE --task T`)",
         )
     if not folder.is_dir():
         raise ModelRefused("missing_file", f"{folder} does not exist or is not a folder")
     weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file() and (folder / ONNX_FILE).is_file():
+        return _load_onnx_version(folder, device)
     if not weights_path.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
             raise ModelRefused(
                 "unsupported_format",
-                f"{weights_path} does not exist; {', '.join(pickles)} in {folder} would need unpickling, which "
-                f"is never done: convert the state dict to {WEIGHTS_FILE} (safetensors.torch.save_file)",
+                f"{weights_path} does not exist; {', '.join(pickles)} in {folder} is not a version: convert a "
+                "state dict with `medcli models import FILE --task T` (read with torch.load(weights_only=True))",
             )
         raise ModelRefused("missing_file", f"{weights_path} does not exist; a model version needs {WEIGHTS_FILE}")
     manifest = read_manifest(folder)
-
-    try:
-        data = weights_path.read_bytes()
-    except OSError as exc:
-        raise ModelRefused("missing_file", f"{weights_path} cannot be read: {exc.strerror or exc}") from None
-    actual = sha256_bytes(data)
-    if actual != manifest.sha256:
-        raise ModelRefused(
-            "hash_mismatch",
-            f"{weights_path} has SHA-256 {actual} ({len(data)} bytes) but {folder / MANIFEST_FILE} says "
-            f"{manifest.sha256}: the file is damaged, truncated or not the one the manifest describes",
-        )
+    if manifest.architecture == ONNX_ARCHITECTURE:
+        raise ModelRefused("missing_file", f"{folder / ONNX_FILE} does not exist; an ONNX version needs it")
+    data = _verified_bytes(weights_path, manifest, folder)
     state = _parse_safetensors(data, weights_path)
 
     try:
@@ -563,7 +587,43 @@ def load_version(folder: Path | str, device: str | torch.device = "cpu") -> Load
         raise ModelRefused("wrong_architecture", f"{weights_path}: {exc}") from None
     del state, data
     model.to(device).eval()
+    _check_self_test(model, manifest, weights_path, device)
+    return LoadedModel(manifest=manifest, model=model, folder=folder)
 
+
+def _verified_bytes(path: Path, manifest: Manifest, folder: Path) -> bytes:
+    """The file's bytes, once their SHA-256 is the manifest's (before anything parses them)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelRefused("missing_file", f"{path} cannot be read: {exc.strerror or exc}") from None
+    actual = sha256_bytes(data)
+    if actual != manifest.sha256:
+        raise ModelRefused(
+            "hash_mismatch",
+            f"{path} has SHA-256 {actual} ({len(data)} bytes) but {folder / MANIFEST_FILE} says "
+            f"{manifest.sha256}: the file is damaged, truncated or not the one the manifest describes",
+        )
+    return data
+
+
+def _load_onnx_version(folder: Path, device: torch.device) -> LoadedModel:
+    """An imported ONNX graph: hash, ``onnx.checker``, ONNX Runtime session, self-test."""
+    from meddaemon.engine.importers import onnx_model
+
+    manifest = read_manifest(folder)
+    path = folder / ONNX_FILE
+    if manifest.architecture != ONNX_ARCHITECTURE:
+        raise ModelRefused(
+            "wrong_architecture", f"{path} is an ONNX graph but {MANIFEST_FILE} says {manifest.architecture}"
+        )
+    data = _verified_bytes(path, manifest, folder)
+    model = onnx_model.load(data, manifest)
+    _check_self_test(model, manifest, path, device)
+    return LoadedModel(manifest=manifest, model=model, folder=folder)
+
+
+def _check_self_test(model: nn.Module, manifest: Manifest, weights_path: Path, device: torch.device) -> None:
     got = _run_self_test(model, manifest.to_dict(), device)
     if not torch.isfinite(got).all():
         raise ModelRefused(
@@ -585,7 +645,6 @@ def load_version(folder: Path | str, device: str | torch.device = "cpu") -> Load
             f"(tolerance {st['atol']:g}) on {device.type}: the weights, the architecture code or the numerics "
             "are not those the version was saved with",
         )
-    return LoadedModel(manifest=manifest, model=model, folder=folder)
 
 
 def _parse_safetensors(data: bytes, path: Path) -> dict[str, Tensor]:
@@ -669,9 +728,10 @@ def import_version(
     task must be one of them (``unknown_task``); a known task's labels and kind must be the manifest's
     (``task_mismatch``; without ``tasks`` this is checked for the built-in tasks only). A version
     already registered for the task raises :class:`RegistryError` ``duplicate_version``. Only
-    ``model.safetensors`` and ``manifest.json`` are copied (to a staging folder, hash-checked, then
-    renamed into place); the Task row is created if needed; the new row is ``registered`` and flushed,
-    and the caller commits. A folder left by an import whose transaction did not commit is replaced.
+    the weights, ``manifest.json`` and, when there, the model card with the figures it links
+    (``engine/card.py``) are copied (to a staging folder, hash-checked, then renamed into place);
+    nothing else of the folder. The Task row is created if needed; the new row is ``registered`` and
+    flushed, and the caller commits. A folder left by an import whose transaction did not commit is replaced.
     """
     source = Path(source_folder)
     loaded = load_version(source)
@@ -733,14 +793,15 @@ def _copy_into_registry(source: Path, target: Path, manifest: Manifest) -> None:
     staging = target.parent / f".staging-{manifest.version}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        for name in (WEIGHTS_FILE, MANIFEST_FILE):
+        for name in (manifest.weights_file, MANIFEST_FILE, *card_files(source)):
             shutil.copyfile(source / name, staging / name)
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
-        copied = sha256_bytes((staging / WEIGHTS_FILE).read_bytes())
+        copied = sha256_bytes((staging / manifest.weights_file).read_bytes())
         if copied != manifest.sha256:
             raise ModelRefused(
-                "hash_mismatch", f"{source / WEIGHTS_FILE} changed while it was imported (sha256 now {copied})"
+                "hash_mismatch",
+                f"{source / manifest.weights_file} changed while it was imported (sha256 now {copied})",
             )
         copied_manifest = read_manifest(staging)
         if copied_manifest != manifest:

@@ -1,4 +1,4 @@
-"""The tasks scans are routed to: the four classifiers of the seed projects (DESIGN.md section 5)
+"""The tasks scans are routed to: the four classifiers of the seed projects (docs/design.md section 5)
 as presets, and custom tasks from the ``[tasks.NAME]`` tables of the TOML config with the same fields.
 
 A task says what a model for it must look like (labels, kind, input contract) and how to train one
@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("multiclass", "binary", "multilabel")
+#: stretch: straight to height x width; resize_then_crop: the shorter side to the target, then the centre
+RESIZES = ("stretch", "resize_then_crop")
+#: fixed: (x - mean) / std per channel; per_image: the image's own mean and std (Keras samplewise_center
+#: + samplewise_std_normalization, as seed 003's course trained)
+NORMALISATIONS = ("fixed", "per_image")
 GREY_MEAN, GREY_STD = (0.449,), (0.226,)  # ImageNet statistics averaged over RGB, for 1-channel inputs
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -33,6 +38,14 @@ class InputContract:
     min_size: int = 32
     #: Longer side over shorter side; beyond this the image is not what the model was trained on.
     max_aspect: float = 4.0
+    resize: str = "stretch"
+    normalisation: str = "fixed"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZES:
+            raise ValueError(f"resize must be one of {list(RESIZES)}, not {self.resize!r}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {list(NORMALISATIONS)}, not {self.normalisation!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -63,6 +76,25 @@ class TrainingRecipe:
 
 
 @dataclass(frozen=True)
+class DatasetSource:
+    """Where a preset's seed dataset is published and under which terms: the one place the CLI's
+    hints and the README's Datasets table take it from (nothing is ever downloaded)."""
+
+    name: str
+    publisher: str
+    #: where to get it (a DOI or the publisher's page; mirrors in brackets)
+    published: str
+    #: the licence as the publisher states it; the user checks the publisher's terms before use
+    licence: str
+    citation: str = ""
+
+    def lines(self) -> list[str]:
+        """The source as a few indented lines of text (for ``medcli`` messages)."""
+        lines = [f"  {self.name}, {self.publisher}", f"  published: {self.published}", f"  licence: {self.licence}"]
+        return [*lines, f"  cite: {self.citation}"] if self.citation else lines
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     name: str
     description: str
@@ -77,12 +109,46 @@ class TaskSpec:
     route_modality: tuple[str, ...] = ()
     route_body_part: tuple[str, ...] = ()
     seed: str = ""
+    #: where the seed dataset of a preset is published (None for custom tasks)
+    dataset: DatasetSource | None = None
 
     @property
     def num_outputs(self) -> int:
         """Logits of the model head: one for binary (sigmoid of the positive class), else one per label."""
         return 1 if self.kind == "binary" else len(self.labels)
 
+
+BUSI_SOURCE = DatasetSource(
+    name="Breast Ultrasound Images Dataset (BUSI, Dataset_BUSI_with_GT)",
+    publisher="Al-Dhabyani, Gomaa, Khaled and Fahmy (Cairo University, Baheya Hospital)",
+    published="https://scholar.cu.edu.eg/?q=afahmy/pages/dataset, the page the article names "
+    "(doi:10.1016/j.dib.2019.104863); also mirrored on Kaggle",
+    licence="CC BY 4.0 per the Data in Brief article; check the publisher's terms",
+    citation="Al-Dhabyani W et al. Dataset of breast ultrasound images. Data in Brief 28 (2020) 104863",
+)
+NIH_SOURCE = DatasetSource(
+    name="NIH ChestX-ray14 (ChestX-ray8)",
+    publisher="NIH Clinical Center",
+    published="https://nihcc.app.box.com/v/ChestXray-NIHCC (also mirrored on Kaggle)",
+    licence="public; the NIH Clinical Center asks for a citation and an acknowledgement; check the publisher's terms",
+    citation="Wang X et al. ChestX-ray8: hospital-scale chest X-ray database and benchmarks. CVPR 2017",
+)
+COVID_SOURCE = DatasetSource(
+    name="COVID-19 image data collection (covid-chestxray-dataset)",
+    publisher="Cohen, Morrison, Dao et al. (ieee8023)",
+    published="https://github.com/ieee8023/covid-chestxray-dataset",
+    licence="per image: the license column of metadata.csv (a mix of CC BY, CC BY-NC-SA, Apache 2.0 and others); "
+    "check each image's terms",
+    citation="Cohen JP et al. COVID-19 image data collection. arXiv:2006.11988 (2020)",
+)
+IDC_SOURCE = DatasetSource(
+    name="Breast histopathology images: invasive ductal carcinoma (IDC) patches",
+    publisher="Janowczyk and Madabhushi (Case Western Reserve University)",
+    published="doi:10.4103/2153-3539.186902 (use case 6); the 50x50 patches on Kaggle as breast-histopathology-images",
+    licence="CC0 1.0 on Kaggle; check the publisher's terms",
+    citation="Janowczyk A, Madabhushi A. Deep learning for digital pathology image analysis. "
+    "J Pathol Inform 7:29 (2016)",
+)
 
 NIH_FINDINGS = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
@@ -92,6 +158,27 @@ NIH_FINDINGS = (
 BUILTIN_TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
+        TaskSpec(
+            name="busi_binary",
+            description="breast ultrasound: benign or malignant (normal left out; seed 000)",
+            labels=("benign", "malignant"),
+            kind="binary",
+            architecture="small_cnn",
+            alternatives=("mobilenet_v2", "resnet18"),
+            contract=InputContract(1, 100, 100, GREY_MEAN, GREY_STD, modalities=("US",)),
+            recipe=TrainingRecipe(
+                loss="bce",
+                optimizer="adam",
+                learning_rate=2e-4,
+                batch_size=4,
+                epochs=30,
+                scheduler={"name": "step", "step_size": 10, "gamma": 0.6},
+                augmentation=("hflip", "rotate10"),
+            ),
+            dataset_layout="busi",
+            dataset=BUSI_SOURCE,
+            seed="000 (small CNN at 100x100, benign 0 / malignant 1, BCELoss, Adam 2e-4, StepLR 10/0.6, threshold 0.5)",
+        ),
         TaskSpec(
             name="busi",
             description="breast ultrasound: benign, malignant or normal (BUSI)",
@@ -112,6 +199,7 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
                 augmentation=("hflip", "rotate10", "brightness_contrast"),
             ),
             dataset_layout="busi",
+            dataset=BUSI_SOURCE,
             route_modality=("US",),
             route_body_part=("BREAST",),
             seed="001 (MobileNetV2 1-channel, 3 classes: acc 89.74%, ROC-AUC 0.9548); "
@@ -137,6 +225,7 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
                 augmentation=("hflip",),
             ),
             dataset_layout="nih-chestxray14",
+            dataset=NIH_SOURCE,
             route_modality=("CR", "DX"),
             route_body_part=("CHEST",),
             seed="003 (CheXNet-style DenseNet-121, 14 sigmoid outputs, imbalance-weighted loss, Grad-CAM)",
@@ -161,6 +250,7 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
                 augmentation=("rotate10", "brightness_contrast"),
             ),
             dataset_layout="covid-chestxray",
+            dataset=COVID_SOURCE,
             seed="004 (342 COVID / 193 healthy; MobileNetV2 best, 80% validation accuracy)",
         ),
         TaskSpec(
@@ -183,6 +273,7 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
                 split=(0.7, 0.2, 0.1),
             ),
             dataset_layout="idc",
+            dataset=IDC_SOURCE,
             seed="002 (EfficientNetV2-S, BCEWithLogits, NAdam 0.002, ReduceLROnPlateau 0.3/7, early stop 12)",
         ),
     )

@@ -15,8 +15,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from meddaemon.db.models import ModelVersion, Result, Scan
+from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan
 from meddaemon.engine.tasks import InputContract, TaskSpec
+from meddaemon.stored_paths import stored_file
 
 
 class NoResult(LookupError):
@@ -29,8 +30,11 @@ class LabelResult:
     probability: float
     threshold: float
     positive: bool
-    #: the stored heatmap overlay (JPEG) of this label, when one was made
+    #: where the heatmap overlay (JPEG) of this label is kept, when it has a heatmap: drawn on first
+    #: use from ``array_path`` (``meddaemon.overlays``)
     overlay_path: Path | None = None
+    #: the stored map (``.npy``)
+    array_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,10 @@ class ModelInfo:
     sha256: str
     kind: str
     contract: InputContract | None
+    #: whether the version makes heatmaps at all (an imported ONNX graph without a CAM feature map does not)
+    heatmaps: bool = True
+    #: the version's row id (names the files the inference stage wrote for it)
+    version_id: int | None = None
 
     @property
     def name(self) -> str:
@@ -118,31 +126,47 @@ def transfer_syntax_name(uid: str | None) -> str:
 
 
 def find_scan(session: Session, key: str) -> Scan | None:
-    """A scan by its id, its full SHA-256, or a unique SHA-256 prefix of at least 8 characters."""
+    """A scan by its id, its full SHA-256, or a unique SHA-256 prefix of at least 8 characters; by
+    hash, the latest attempt (failed attempts of the same bytes come before it)."""
     key = key.strip().lower()
     if key.isdigit() and len(key) < 12:
         return session.get(Scan, int(key))
     if len(key) == 64:
-        return session.scalar(select(Scan).where(Scan.sha256 == key))
+        return session.scalar(select(Scan).where(Scan.sha256 == key).order_by(Scan.id.desc()).limit(1))
     if len(key) >= 8 and all(c in "0123456789abcdef" for c in key):
-        found = session.scalars(select(Scan).where(Scan.sha256.like(f"{key}%")).limit(2)).all()
-        return found[0] if len(found) == 1 else None
+        found = session.scalars(select(Scan).where(Scan.sha256.like(f"{key}%")).order_by(Scan.id.desc())).all()
+        return found[0] if len({s.sha256 for s in found}) == 1 else None
     return None
 
 
 def scan_report_data(
-    session: Session, scan: Scan, specs: Mapping[str, TaskSpec], with_phi: bool = False
+    session: Session, scan: Scan, specs: Mapping[str, TaskSpec], with_phi: bool = False, *, state_dir: Path
 ) -> ScanReportData:
-    """Everything a scan report shows, from the results of the latest model version that ran on it."""
-    latest = session.scalar(
-        select(Result.model_version_id).where(Result.scan_id == scan.id).order_by(Result.id.desc()).limit(1)
+    """Everything a scan report shows, from the results of the latest model version that ran on it;
+    the stored files (scan, overlays) found under ``state_dir`` wherever this process runs."""
+    model_row = session.scalar(  # the version of the latest result, in one query
+        select(ModelVersion)
+        .join(Result, Result.model_version_id == ModelVersion.id)
+        .where(Result.scan_id == scan.id)
+        .order_by(Result.id.desc())
+        .limit(1)
     )
-    if latest is None or scan.sha256 is None:
+    if model_row is None or scan.sha256 is None:
         raise NoResult(f"scan {scan.id} has no result to report (state {scan.state})")
-    model_row = session.get(ModelVersion, latest)
-    assert model_row is not None
-    rows = session.scalars(
-        select(Result).where(Result.scan_id == scan.id, Result.model_version_id == latest).order_by(Result.id)
+    rows = session.execute(  # every label with its heatmap's files, in one query: plain rows, no ORM objects
+        select(
+            Result.label,
+            Result.probability,
+            Result.threshold,
+            Result.positive,
+            Result.created_at,
+            Result.latency_ms,
+            Heatmap.overlay_path,
+            Heatmap.array_path,
+        )
+        .outerjoin(Heatmap, Heatmap.result_id == Result.id)
+        .where(Result.scan_id == scan.id, Result.model_version_id == model_row.id)
+        .order_by(Result.id)
     ).all()
     manifest = model_row.manifest or {}
     spec = specs.get(model_row.task_name)
@@ -155,6 +179,8 @@ def scan_report_data(
         sha256=model_row.sha256,
         kind=str(manifest.get("kind") or (spec.kind if spec else "multiclass")),
         contract=contract,
+        heatmaps=bool(manifest.get("heatmaps", True)),
+        version_id=model_row.id,
     )
     results = [
         LabelResult(
@@ -162,7 +188,8 @@ def scan_report_data(
             r.probability,
             r.threshold,
             r.positive,
-            Path(r.heatmap.overlay_path) if r.heatmap is not None else None,
+            stored_file(r.overlay_path, state_dir) if r.overlay_path is not None else None,
+            stored_file(r.array_path, state_dir) if r.array_path is not None else None,
         )
         for r in rows
     ]
@@ -180,7 +207,7 @@ def scan_report_data(
         result_at=max((r.created_at for r in rows), default=None),
         latency_ms=next((r.latency_ms for r in rows if r.latency_ms is not None), None),
         study_instance_uid=scan.study_instance_uid,
-        stored_path=Path(scan.stored_path) if scan.stored_path else None,
+        stored_path=stored_file(scan.stored_path, state_dir) if scan.stored_path else None,
         patient=patient_info(scan) if with_phi else None,
     )
 
@@ -224,10 +251,15 @@ def reportable_study_scans(session: Session, study_instance_uid: str) -> list[Sc
 
 
 def study_report_data(
-    session: Session, study_instance_uid: str, specs: Mapping[str, TaskSpec], with_phi: bool = False
+    session: Session,
+    study_instance_uid: str,
+    specs: Mapping[str, TaskSpec],
+    with_phi: bool = False,
+    *,
+    state_dir: Path,
 ) -> StudyReportData:
     scans = reportable_study_scans(session, study_instance_uid)
     if not scans:
         raise NoResult("no scan of this study has a result")
-    data = [scan_report_data(session, s, specs, with_phi) for s in scans]
+    data = [scan_report_data(session, s, specs, with_phi, state_dir=state_dir) for s in scans]
     return StudyReportData(study_instance_uid, data, patient_info(scans[0]) if with_phi else None)

@@ -1,7 +1,8 @@
 """The pictures a report embeds, as JPEG bytes (a PNG made a page about 5x slower to build).
 
-The overlays are the heatmap stage's own JPEGs, embedded as they are; the scan as the model saw it
-is decoded again from ``work/`` and put through the model's own input contract.
+The overlays are drawn from the stored maps when first asked for (``meddaemon.overlays``) and
+embedded as they are; the scan as the model saw it, when the inference stage kept none, is decoded
+again from ``work/`` and put through the model's own input contract.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import numpy as np
 from PIL import Image
 
 from meddaemon.engine.decode import DecodeOptions
-from meddaemon.engine.overlay import jet, jpeg_bytes, model_view
+from meddaemon.engine.overlay import jet, jpeg_bytes
 from meddaemon.engine.tasks import InputContract
+from meddaemon.overlays import stored_model_view
 
 #: Longest side of an embedded image: enough for a 75 mm wide picture at about 170 dpi.
 MAX_SIDE = 512
@@ -22,23 +24,8 @@ MAX_SIDE = 512
 
 def model_view_jpeg(stored_path: Path | None, contract: InputContract | None, options: DecodeOptions) -> bytes | None:
     """The stored scan, preprocessed as for the model and de-normalised; None if it cannot be read."""
-    if stored_path is None or contract is None:
-        return None
-    from meddaemon.daemon.intake import prepare_stored  # the decoders: only where a report is built
-
-    inputs = prepare_stored(stored_path, contract, options)
-    if not isinstance(inputs, np.ndarray):
-        return None
-    view = model_view(inputs[len(inputs) // 2], contract)
-    return jpeg_bytes(_fit(view))
-
-
-def overlay_jpeg(path: Path) -> bytes | None:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    return data if data[:2] == b"\xff\xd8" else None
+    view = stored_model_view(stored_path, contract, options)
+    return None if view is None else jpeg_bytes(_fit(view))
 
 
 @functools.lru_cache(maxsize=1)

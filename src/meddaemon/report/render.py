@@ -142,6 +142,8 @@ def heatmap_note(data: ScanReportData, template: ReportTemplate) -> str | None:
     """Why the report has no overlay, or None when it has one."""
     if data.heatmaps:
         return None
+    if not data.model.heatmaps:
+        return template.word("model_without_heatmaps")
     if data.model.kind == "multilabel" and not any(r.positive for r in data.results):
         return template.word("no_positive_heatmap")
     return template.word("no_heatmap")

@@ -21,6 +21,8 @@ from sklearn.metrics import (
 #: Below this many test images a perfect score is more likely luck or a leak than skill.
 SMALL_TEST_SET = 200
 IMPLAUSIBLE_ACCURACY = 0.99
+#: flags that keep a version from being promoted unless the user insists (``medcli retrain --force``)
+BLOCKING_FLAGS = ("COLLAPSE", "IMPLAUSIBLE")
 
 
 def youden_threshold(truth: np.ndarray, scores: np.ndarray) -> float:
@@ -142,6 +144,11 @@ def flags_for(
                 "data too easy before trusting it"
             )
     return flags
+
+
+def promotion_blockers(flags: Sequence[str]) -> list[str]:
+    """The flags among ``flags`` (as :func:`flags_for` words them) that make promoting the model unsafe."""
+    return [flag for flag in flags if flag.split(":", 1)[0] in BLOCKING_FLAGS]
 
 
 def _finite_or_none(x: float) -> float | None:

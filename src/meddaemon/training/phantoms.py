@@ -1,4 +1,4 @@
-"""SYNTHETIC phantoms in each seed dataset's published layout (DESIGN.md section 5), for the demo and
+"""SYNTHETIC phantoms in each seed dataset's published layout (docs/design.md section 5), for the demo and
 the tests: nothing here is patient data, and every dataset says so (a ``README.txt`` at its root,
 a ``Comment`` text chunk in every PNG, ``synthetic_`` file names and notes where the layout leaves
 names free).

@@ -18,15 +18,26 @@ from typing import Any
 
 import torch
 
+from meddaemon.engine.card import CARD_FILE
 from meddaemon.engine.registry import Manifest, save_version
 from meddaemon.engine.tasks import TaskSpec
-from meddaemon.training.datasets import DatasetError, DatasetIndex, load_dataset
+from meddaemon.training.datasets import DatasetError, DatasetIndex
 from meddaemon.training.evaluate import choose_thresholds, flags_for, score_test_set
 from meddaemon.training.figures import GRID_IMAGES, write_figures
-from meddaemon.training.splits import SPLIT_FILE, DatasetSplit, SplitConfig, load_split, make_split, save_split
+from meddaemon.training.nearduplicates import HashProgress
+from meddaemon.training.parent import ParentVersion
+from meddaemon.training.splits import (
+    SPLIT_FILE,
+    DatasetSplit,
+    SplitConfig,
+    load_hashed_dataset,
+    load_split,
+    make_split,
+    save_split,
+)
 from meddaemon.training.train import ScanDataset, TrainConfig, TrainResult, evaluate, make_loader, make_loss, train
 
-MODEL_CARD = "MODEL_CARD.md"
+MODEL_CARD = CARD_FILE
 
 
 @dataclass
@@ -52,11 +63,30 @@ class RetrainOutcome:
             "metrics": self.metrics,
             "flags": self.flags,
             "training_data_fingerprint": self.manifest.training_data_fingerprint,
+            "parent": self.manifest.provenance.get("parent"),
         }
 
 
 def default_version() -> str:
     return datetime.now(UTC).strftime("r%Y%m%d-%H%M%S")
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """A dataset as read for training and the split it is trained on."""
+
+    index: DatasetIndex
+    split: DatasetSplit
+
+
+def split_dataset(
+    spec: TaskSpec, data: Path, seed: int, *, workers: int = 1, progress: HashProgress | None = None
+) -> SplitData:
+    """The dataset at ``data`` and its split, as ``medcli dataset inspect`` shows them: each image
+    decoded once, in up to ``workers`` processes, to skip the unreadable ones and to pHash the rest
+    for near-duplicates."""
+    loaded = load_hashed_dataset(data, spec, workers=workers, progress=progress)
+    return SplitData(loaded.index, make_split(loaded.index, SplitConfig(spec.recipe.split, seed), loaded.hashes))
 
 
 def retrain(
@@ -68,27 +98,47 @@ def retrain(
     version: str | None = None,
     resume: bool = False,
     show_progress: bool = False,
+    split_data: SplitData | None = None,
     log: Callable[[str], None] = lambda _line: None,
+    warn: Callable[[str], None] = lambda _warning: None,
+    parent: ParentVersion | None = None,
 ) -> RetrainOutcome:
     """Train a model for ``spec`` on the dataset at ``data`` and write it as a version folder.
 
-    Raises :class:`DatasetError` for a dataset that cannot be trained on (no split side may be empty).
+    With ``parent`` (``--from``) training starts from its weights, on its architecture and input
+    contract, and the new manifest's provenance names it.
+
+    ``split_data`` is the dataset already read and split (by :func:`split_dataset` with
+    ``config.seed``); without it the images are decoded here, one process. Every warning of the
+    split report (a label missing from a side, a group too large, too many images dropped) goes
+    to ``warn`` before training starts. Raises :class:`DatasetError` for a dataset that cannot be
+    trained on (no split side may be empty).
     """
-    index = load_dataset(data, spec)
-    split = make_split(index, SplitConfig(spec.recipe.split, config.seed))
+    if parent is not None:
+        config = parent.apply(config)
+    split_data = split_data or split_dataset(spec, data, config.seed)
+    index, split = split_data.index, split_data.split
+    if split.config.seed != config.seed:
+        raise ValueError(f"the split was made with seed {split.config.seed}, the training uses {config.seed}")
+    report_lines = split.report.lines()
+    log(f"{index.layout} dataset: {len(index.samples)} images; {report_lines[0]}")
+    log(next(line for line in report_lines if line.startswith("dropped: ")))
+    for warning in split.report.warnings:
+        warn(warning)
     train_samples, val_samples, test_samples = (split.samples(index, side) for side in ("train", "val", "test"))
     for side, samples in (("train", train_samples), ("validation", val_samples), ("test", test_samples)):
         if not samples:
             raise DatasetError(data, f"the {side} split is empty ({len(index.samples)} images)", "more images")
-    log(f"{index.layout} dataset: {len(index.samples)} images; " + "; ".join(split.report.lines()[:1]))
     workdir.mkdir(parents=True, exist_ok=True)
     if resume and (workdir / SPLIT_FILE).is_file() and load_split(workdir).assignments != split.assignments:
         raise ValueError(f"the dataset or its split changed since the checkpoint in {workdir}; cannot resume")
     split_path = save_split(split, workdir / SPLIT_FILE)
+    log(f"split report (what was merged and dropped, and why): {split_path}")
 
     result = train(
-        spec, train_samples, val_samples, config, workdir, resume=resume, show_progress=show_progress, log=log
-    )
+        spec, train_samples, val_samples, config, workdir, resume=resume, show_progress=show_progress, log=log,
+        initial_weights=None if parent is None else parent.weights,
+    )  # fmt: skip
 
     val = result.validation
     thresholds = choose_thresholds(spec.kind, spec.labels, val.probabilities, val.truth)
@@ -124,6 +174,7 @@ def retrain(
         thresholds=thresholds,
         training_data_fingerprint=fingerprint(split_path, index),
         metrics=metrics,
+        provenance=None if parent is None else {"parent": parent.record()},
     )
     (out / SPLIT_FILE).write_bytes(split_path.read_bytes())
     figures = write_figures(
@@ -172,6 +223,7 @@ def model_card(outcome: RetrainOutcome, spec: TaskSpec, data: Path) -> str:
         f"{spec.description}. {m.kind}, labels: {', '.join(m.labels)}.",
         f"Architecture {m.architecture} ({outcome.result.init}), input {c['channels']}x{c['height']}x{c['width']}; "
         f"weights sha256 `{m.sha256[:16]}`; created {m.created} by meddaemon {m.code_version}.",
+        *_parent_lines(m.provenance.get("parent")),
         "",
         "## Data",
         "",
@@ -222,6 +274,20 @@ def model_card(outcome: RetrainOutcome, spec: TaskSpec, data: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _parent_lines(parent: Mapping[str, Any] | None) -> list[str]:
+    """The card's sentence on the version training started from, and where that one came from."""
+    if not parent:
+        return []
+    line = (
+        f"Trained from {parent['task']}/{parent['version']} (sha256 `{parent['sha256'][:16]}`): its weights, "
+        "architecture and input contract"
+    )
+    source = parent.get("provenance", {}).get("source_file")
+    if source:
+        line += f"; it was imported from `{source}` ({parent['provenance'].get('format', '?')})"
+    return [line + "."]
 
 
 def _fmt(x: float | None) -> str:

@@ -19,9 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from meddaemon.failures import ScanFailure
-from meddaemon.training.datasets import DatasetIndex, Sample
-from meddaemon.training.nearduplicates import DEFAULT_MAX_DISTANCE, hash_files, near_duplicate_groups
+from meddaemon.engine.tasks import TaskSpec
+from meddaemon.training.datasets import DatasetIndex, Sample, load_dataset
+from meddaemon.training.datasets.index import drop_unreadable
+from meddaemon.training.nearduplicates import (
+    DEFAULT_MAX_DISTANCE,
+    HashProgress,
+    hash_images,
+    near_duplicate_groups,
+)
 from meddaemon.training.unionfind import DisjointSets
 
 SPLITS = ("train", "val", "test")
@@ -36,10 +42,27 @@ class SplitConfig:
     max_hash_distance: int = DEFAULT_MAX_DISTANCE
 
 
+#: Above this share of a dataset's images dropped, the split report warns.
+DROPPED_WARNING_FRACTION = 0.05
+
+
 @dataclass(frozen=True)
 class Dropped:
     path: str
     reason: str
+    #: what kind of reason, one of ``DROP_CAUSES`` (empty in splits saved before it was recorded)
+    cause: str = ""
+
+
+#: Why images leave a split, as the report counts them.
+DROP_CAUSES = {
+    "skipped": "skipped when the dataset was read",
+    "identical-conflict": "identical files labelled differently",
+    "identical-copy": "byte-identical copies",
+    "unreadable": "unreadable",
+    "near-duplicate-conflict": "near-duplicates labelled differently",
+    "official-test": "sharing a patient or near-duplicate with an official test image",
+}
 
 
 @dataclass(frozen=True)
@@ -70,10 +93,20 @@ class SplitReport:
         near = [m for m in self.merged if m.why == "near-duplicate"]
         out.append(f"merged: {patients} patients with several images, {len(near)} near-duplicate groups")
         out.extend(f"  near-duplicates kept together: {', '.join(m.members)}" for m in near)
-        out.append(f"dropped: {len(self.dropped)}")
+        out.append(
+            f"dropped: {len(self.dropped)}" + "".join(f"; {n} {why}" for why, n in self.dropped_by_cause().items())
+        )
         out.extend(f"  {d.path}: {d.reason}" for d in self.dropped)
         out.extend(f"warning: {w}" for w in self.warnings)
         return out
+
+    def dropped_by_cause(self) -> dict[str, int]:
+        """How many images were dropped for each kind of reason, in words."""
+        counts: dict[str, int] = {}
+        for dropped in self.dropped:
+            why = DROP_CAUSES.get(dropped.cause, "other")
+            counts[why] = counts.get(why, 0) + 1
+        return counts
 
 
 @dataclass
@@ -103,12 +136,30 @@ class DatasetSplit:
         }
 
 
+@dataclass
+class HashedDataset:
+    """A dataset index whose unreadable images are skipped, with the pHash of every other one."""
+
+    index: DatasetIndex
+    hashes: dict[Path, int]
+
+
+def load_hashed_dataset(
+    path: Path, task: TaskSpec | None = None, *, workers: int = 1, progress: HashProgress | None = None
+) -> HashedDataset:
+    """The dataset as :func:`load_dataset` reads it, each image decoded once (in up to ``workers``
+    processes) both to find the unreadable ones and for its pHash; ``make_split`` takes the hashes."""
+    index = load_dataset(path, task, check_images=False)
+    hashed = hash_images([s.path for s in index.samples], workers=workers, progress=progress)
+    return HashedDataset(drop_unreadable(index, failures=hashed.unreadable), hashed.hashes)
+
+
 def make_split(
     index: DatasetIndex, config: SplitConfig = SplitConfig(), hashes: Mapping[Path, int] | None = None
 ) -> DatasetSplit:
     """Split ``index``; ``hashes`` (pHash per path) are computed when not given."""
     _check_fractions(config.fractions)
-    report = SplitReport(dropped=[Dropped(index.relative(s.path), s.reason) for s in index.skipped])
+    report = SplitReport(dropped=[Dropped(index.relative(s.path), s.reason, "skipped") for s in index.skipped])
     samples = _without_identical_files(index, report)
     if hashes is None:
         hashes, samples = _hash_readable(index, samples, report)
@@ -119,6 +170,7 @@ def make_split(
     report.counts = _counts(index, samples, assignments)
     report.images = {side: sum(1 for s in assignments.values() if s == side) for side in SPLITS}
     _warn_about(report, index)
+    _warn_about_dropped(report, len(index.samples) + len(index.skipped))
     return DatasetSplit(index.layout, index.labels, config, assignments, report)
 
 
@@ -137,12 +189,15 @@ def _without_identical_files(index: DatasetIndex, report: SplitReport) -> list[S
         first = copies[0]
         if len({c.labels for c in copies}) > 1:
             names = ", ".join(index.relative(c.path) for c in copies)
-            report.dropped.extend(Dropped(index.relative(c.path), f"identical files labelled differently: {names}")
-                                  for c in copies)  # fmt: skip
+            report.dropped.extend(
+                Dropped(index.relative(c.path), f"identical files labelled differently: {names}", "identical-conflict")
+                for c in copies
+            )
             continue
         kept.add(first.path)
         report.dropped.extend(
-            Dropped(index.relative(c.path), f"the same bytes as {index.relative(first.path)}") for c in copies[1:]
+            Dropped(index.relative(c.path), f"the same bytes as {index.relative(first.path)}", "identical-copy")
+            for c in copies[1:]
         )
     return [s for s in index.samples if s.path in kept]
 
@@ -151,13 +206,10 @@ def _hash_readable(
     index: DatasetIndex, samples: list[Sample], report: SplitReport
 ) -> tuple[dict[Path, int], list[Sample]]:
     """pHash of every image; one that cannot be decoded (an index read without ``check_images``) is dropped."""
-    hashes: dict[Path, int] = {}
-    for sample in samples:
-        try:
-            hashes.update(hash_files([sample.path]))
-        except ScanFailure as failure:
-            report.dropped.append(Dropped(index.relative(sample.path), f"unreadable image ({failure.message})"))
-    return hashes, [s for s in samples if s.path in hashes]
+    hashed = hash_images([s.path for s in samples])
+    for path, failure in hashed.unreadable.items():
+        report.dropped.append(Dropped(index.relative(path), f"unreadable image ({failure.message})", "unreadable"))
+    return hashed.hashes, [s for s in samples if s.path in hashed.hashes]
 
 
 def _merge_near_duplicates(
@@ -173,7 +225,8 @@ def _merge_near_duplicates(
         names = tuple(index.relative(p) for p in group.members)
         if index.kind != "multilabel" and len({m.labels for m in members}) > 1:
             classes = ", ".join(f"{index.relative(m.path)} ({m.label})" for m in members)
-            report.dropped.extend(Dropped(n, f"near-duplicates labelled differently: {classes}") for n in names)
+            why = f"near-duplicates labelled differently: {classes}"
+            report.dropped.extend(Dropped(n, why, "near-duplicate-conflict") for n in names)
             dropped.update(group.members)
             continue
         report.merged.append(Merged("near-duplicate", names))
@@ -261,7 +314,7 @@ def _honour_official_test(
                 assignments[name] = "test"
             else:
                 why = f"shares a patient or near-duplicate with official test image {index.relative(tested[0].path)}"
-                report.dropped.append(Dropped(name, why))
+                report.dropped.append(Dropped(name, why, "official-test"))
     return rest
 
 
@@ -288,6 +341,15 @@ def _warn_about(report: SplitReport, index: DatasetIndex) -> None:
     largest = max((len(m.members) for m in report.merged), default=0)
     if largest > 0.2 * total:
         report.warnings.append(f"one group holds {largest} of {total} images; the split cannot be balanced well")
+
+
+def _warn_about_dropped(report: SplitReport, images: int) -> None:
+    if images and len(report.dropped) > DROPPED_WARNING_FRACTION * images:
+        causes = ", ".join(f"{n} {why}" for why, n in report.dropped_by_cause().items())
+        report.warnings.append(
+            f"{len(report.dropped)} of {images} images ({len(report.dropped) / images:.1%}) are dropped, more than "
+            f"{DROPPED_WARNING_FRACTION:.0%}: {causes}; the dropped files are listed in the split report"
+        )
 
 
 def save_split(split: DatasetSplit, where: Path) -> Path:

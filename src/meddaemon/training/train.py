@@ -86,6 +86,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     #: "auto": ImageNet weights when torchvision's file is in the local cache, else from scratch.
     init: str = "auto"
+    #: The input contract trained on; None takes the task's (``--from``: the parent version's).
+    input_contract: InputContract | None = None
+    #: ``task/version@sha256:...`` of the registered version training starts from (``--from``), or "".
+    parent: str = ""
 
     @classmethod
     def from_task(cls, spec: TaskSpec, **overrides: Any) -> TrainConfig:
@@ -104,14 +108,16 @@ class TrainConfig:
         return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
     def contract(self, spec: TaskSpec) -> InputContract:
-        """The task's input contract at this run's image size (the version registers this one)."""
+        """The input contract (the task's, or the parent's) at this run's image size; the version registers it."""
+        base = self.input_contract or spec.contract
         if self.image_size is None:
-            return spec.contract
-        return replace(spec.contract, height=self.image_size, width=self.image_size)
+            return base
+        return replace(base, height=self.image_size, width=self.image_size)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["scheduler"] = dict(self.scheduler)
+        data["input_contract"] = None if self.input_contract is None else self.input_contract.as_dict()
         return data
 
 
@@ -376,7 +382,8 @@ class TrainResult:
     stopped_early: bool
     history: list[dict[str, float]]
     validation: Evaluation
-    init: Init = "scratch"
+    #: "scratch", "imagenet", or "from <task>/<version>@sha256:..." (``config.parent``)
+    init: str = "scratch"
 
 
 def _seed_everything(seed: int) -> None:
@@ -405,10 +412,12 @@ def train(
     show_progress: bool = False,
     log: Callable[[str], None] = lambda _line: None,
     stop_after: int | None = None,
+    initial_weights: Mapping[str, Tensor] | None = None,
 ) -> TrainResult:
     """Train ``config.architecture`` for ``spec`` on ``train_samples``; keep the best epoch on
     ``val_samples``. A checkpoint is written to ``workdir`` after every epoch; ``resume`` continues
     from it. ``stop_after`` ends the run after that many epochs (as if interrupted; for tests).
+    ``initial_weights`` (a parent version's, ``config.parent`` naming it) are where training starts.
 
     Under torchrun (the process group set up by :func:`distributed.setup`) every process calls this;
     only rank 0 evaluates and writes checkpoints, and only its result's ``validation`` is meaningful."""
@@ -420,8 +429,11 @@ def train(
     workdir.mkdir(parents=True, exist_ok=True)
     with _deterministic():
         _seed_everything(config.seed)
-        init = resolve_init(config, log)
+        init: Init = "scratch" if initial_weights is not None else resolve_init(config, log)
         model = build_model(config.architecture, contract.channels, spec.num_outputs, init=init)
+        if initial_weights is not None:
+            model.load_state_dict(initial_weights, strict=True)
+            log(f"starting from the weights of {config.parent or 'the given version'}")
         model.to(device)
         train_set = ScanDataset(
             train_samples, spec.labels, spec.kind, contract, augment=config.augmentation, seed=config.seed
@@ -496,7 +508,7 @@ def train(
         stopped_early=state.stopped_early,
         history=state.history,
         validation=val,
-        init=init,
+        init=f"from {config.parent}" if initial_weights is not None else init,
     )
 
 
@@ -609,6 +621,17 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def checkpoint_epoch(workdir: Path) -> int | None:
+    """The epoch the checkpoint in ``workdir`` was written after (``--resume`` continues from it), or None."""
+    state_file = workdir / CHECKPOINT_STATE
+    if not (workdir / CHECKPOINT_WEIGHTS).is_file() or not state_file.is_file():
+        return None
+    try:
+        return int(json.loads(state_file.read_text(encoding="utf-8"))["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_checkpoint(

@@ -1,4 +1,4 @@
-"""Decoding: bytes in, display-ready pixels and metadata out (DESIGN.md section 4).
+"""Decoding: bytes in, display-ready pixels and metadata out (docs/design.md section 4).
 
 The format is told from the content, never from the file name. Every failure is a
 :class:`~meddaemon.failures.ScanFailure` with a named reason; nothing else escapes.

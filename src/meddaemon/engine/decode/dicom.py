@@ -136,7 +136,7 @@ def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
 
     index = _frame_index(ds, metadata.frames, options, notes)
     arr, decoded_as = _decode_pixels(decoder, ds, index, transfer_syntax)
-    frames = _to_unit(arr, ds, decoded_as, photometric, notes)
+    frames = _to_unit(arr, ds, decoded_as, photometric, transfer_syntax.is_little_endian, notes)
     return DecodedScan(frames=frames, metadata=metadata, notes=notes)
 
 
@@ -321,7 +321,9 @@ def _decode_pixels(decoder: Any, ds: Dataset, index: int | None, transfer_syntax
     return arr, decoded_as
 
 
-def _to_unit(arr: np.ndarray, ds: Dataset, decoded_as: dict, photometric: str, notes: list[str]) -> np.ndarray:
+def _to_unit(
+    arr: np.ndarray, ds: Dataset, decoded_as: dict, photometric: str, little_endian: bool, notes: list[str]
+) -> np.ndarray:
     """Frames as float32 in [0, 1]: (N, H, W) grey or (N, H, W, 3) RGB."""
     decoded_photometric = str(decoded_as.get("photometric_interpretation", photometric)).upper()
     samples = int(decoded_as.get("samples_per_pixel", 1))
@@ -330,7 +332,7 @@ def _to_unit(arr: np.ndarray, ds: Dataset, decoded_as: dict, photometric: str, n
     if decoded_photometric in _GREY:
         return grey_to_unit(arr, ds, notes)
     if decoded_photometric == "PALETTE COLOR":
-        return _palette_to_unit(arr, ds)
+        return _palette_to_unit(arr, ds, little_endian)
     if decoded_photometric in _YBR:
         arr = convert_color_space(arr, decoded_photometric, "RGB", per_frame=True)
         notes.append(f"{decoded_photometric} converted to RGB")
@@ -390,15 +392,71 @@ def _apply_voi(values: np.ndarray, ds: Dataset, notes: list[str]) -> tuple[np.nd
     return values, float(np.min(values)), float(np.max(values))
 
 
-def _palette_to_unit(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+@dataclass(frozen=True)
+class PaletteTables:
+    """The Palette Color LUTs as PS3.3 C.7.6.3.1.5 describes them, read with the file's byte order.
+
+    ``tables`` is (entries, 3) RGB; index ``i`` holds the colour of stored value ``first + i``;
+    ``full_scale`` is the largest value an entry can take (255 or 65535).
+    """
+
+    first: int
+    tables: np.ndarray
+    full_scale: float
+
+    def apply(self, indices: np.ndarray) -> np.ndarray:
+        """Values below ``first`` take the first entry, values past the last entry the last one."""
+        rows = np.clip(indices.astype(np.int64) - self.first, 0, len(self.tables) - 1)
+        return self.tables[rows]
+
+
+def _palette_to_unit(arr: np.ndarray, ds: Dataset, little_endian: bool) -> np.ndarray:
     try:
-        rgb = apply_color_lut(arr, ds)
+        palette = read_palette(ds, little_endian=little_endian)
     except Exception as exc:
         raise ScanFailure(
             FailureReason.PIXEL_DECODE_ERROR,
             f"the PALETTE COLOR lookup tables are missing or invalid ({type(exc).__name__})",
         ) from exc
-    return _scaled(rgb, 0.0, float(np.iinfo(rgb.dtype).max))
+    return _scaled(palette.apply(arr), 0.0, palette.full_scale)
+
+
+def read_palette(ds: Dataset, *, little_endian: bool) -> PaletteTables:
+    """The dataset's Palette Color LUTs (alpha ignored).
+
+    pydicom 3.0's ``apply_color_lut`` reads plain (non-segmented) LUT data in the machine's byte
+    order, so a big-endian file came out near black: plain tables are read here in the file's
+    order. Segmented tables, which pydicom reads in the file's order, are expanded by pydicom.
+    """
+    descriptor = [int(value) for value in ds.RedPaletteColorLookupTableDescriptor]
+    entries, first, bits = descriptor[0] or 2**16, descriptor[1], descriptor[2]
+    if "RedPaletteColorLookupTableData" in ds:
+        channels = [
+            _lut_entries(bytes(ds[f"{colour}PaletteColorLookupTableData"].value), entries, little_endian)
+            for colour in ("Red", "Green", "Blue")
+        ]
+        tables = np.stack(channels, axis=-1)
+    elif "SegmentedRedPaletteColorLookupTableData" in ds:
+        tables = np.asarray(apply_color_lut(np.arange(first, first + entries), ds))[..., :3]
+    else:
+        raise ValueError("no Palette Color Lookup Table Data")
+    tables = tables.astype(np.uint16)
+    full_scale = 2**bits - 1 if bits in (8, 16) else 65535
+    if int(tables.max(initial=0)) > full_scale:
+        full_scale = 65535  # 16-bit entries under a descriptor that says 8, as some writers do
+    return PaletteTables(first=first, tables=tables, full_scale=float(full_scale))
+
+
+def _lut_entries(data: bytes, entries: int, little_endian: bool) -> np.ndarray:
+    """One LUT's entries from its OW value: one entry per 16-bit word, or 8-bit entries packed
+    two to a word (the first entry in the low byte, as dcmtk reads them)."""
+    words = np.frombuffer(data[: len(data) - len(data) % 2], dtype="<u2" if little_endian else ">u2")
+    if len(words) >= entries:
+        return words[:entries]
+    packed = np.stack([words & 0xFF, words >> 8], axis=-1).reshape(-1)
+    if len(packed) >= entries:
+        return packed[:entries]
+    raise ValueError(f"a LUT of {entries} entries holds {len(data)} bytes")
 
 
 def _scaled(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -410,7 +468,7 @@ def _scaled(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def read_metadata(ds: Dataset) -> ScanMetadata:
-    """The per-scan facts of DESIGN.md section 4; a field that is absent or unreadable is None."""
+    """The per-scan facts of docs/design.md section 4; a field that is absent or unreadable is None."""
     meta = getattr(ds, "file_meta", None) or {}
     return ScanMetadata(
         format="dicom",

@@ -23,7 +23,7 @@ class DecodeOptions:
 
 @dataclass
 class ScanMetadata:
-    """Per-scan facts kept in the DB (DESIGN.md section 4). DICOM fills most; PNG only size and format."""
+    """Per-scan facts kept in the DB (docs/design.md section 4). DICOM fills most; PNG only size and format."""
 
     format: ImageFormat
     rows: int

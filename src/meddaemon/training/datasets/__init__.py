@@ -1,5 +1,5 @@
 """Dataset adapters: what layout a folder is in (:func:`detect_layout`), and an index of its samples
-read as the dataset is published (:func:`load_dataset`). DESIGN.md section 5 lists the layouts."""
+read as the dataset is published (:func:`load_dataset`). docs/design.md section 5 lists the layouts."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ __all__ = [
     "DatasetError",
     "DatasetIndex",
     "FindingBox",
+    "NestedDataset",
     "Sample",
     "Skipped",
     "detect_layout",
@@ -50,6 +51,11 @@ EXPECTED = (
     "metadata.csv (covid-chestxray-dataset), <patient>/0/ and <patient>/1/ folders (IDC), "
     "benign/malignant/normal folders with _mask.png files (BUSI), or a folder per class"
 )
+
+
+class NestedDataset(DatasetError):
+    """``path`` holds nothing but a dataset one level down (``Downloads/Dataset_BUSI_with_GT/``):
+    the user meant that dataset, not a folder of images holding it."""
 
 
 def detect_layout(path: Path) -> str:
@@ -83,7 +89,7 @@ def _refuse_wrapper_folder(path: Path, only: Path) -> None:
         inner = detect_layout(only)
     except DatasetError:
         return
-    raise DatasetError(path, f"holds one folder, {only.name}, which is a {inner} dataset", f"the dataset root {only}")
+    raise NestedDataset(path, f"holds one folder, {only.name}, which is a {inner} dataset", f"the dataset root {only}")
 
 
 def _is_busi(folders: list[Path]) -> bool:

@@ -113,15 +113,20 @@ def kind_for(labels: tuple[str, ...], multilabel: bool = False) -> str:
     return "binary" if len(labels) == 2 else "multiclass"
 
 
-def drop_unreadable(index: DatasetIndex, max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> DatasetIndex:
+def drop_unreadable(
+    index: DatasetIndex,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    *,
+    failures: Mapping[Path, ScanFailure] | None = None,
+) -> DatasetIndex:
     """Decode every image; the unreadable ones are skipped and listed with their reason, and more
-    than ``max_bad_fraction`` of them refuses the dataset."""
+    than ``max_bad_fraction`` of them refuses the dataset. ``failures``, when given, are the images
+    already found unreadable (every other one decoded), and nothing is decoded again."""
     readable: list[Sample] = []
     bad: list[Skipped] = []
     for sample in index.samples:
-        try:
-            read_image(sample.path)
-        except ScanFailure as failure:
+        failure = _decode_failure(sample.path) if failures is None else failures.get(sample.path)
+        if failure is not None:
             bad.append(Skipped(sample.path, f"unreadable image ({failure.reason.value}: {failure.message})"))
             continue
         readable.append(sample)
@@ -136,6 +141,14 @@ def drop_unreadable(index: DatasetIndex, max_bad_fraction: float = DEFAULT_MAX_B
     index.samples = readable
     index.skipped.extend(bad)
     return index
+
+
+def _decode_failure(path: Path) -> ScanFailure | None:
+    try:
+        read_image(path)
+    except ScanFailure as failure:
+        return failure
+    return None
 
 
 def require_every_label(index: DatasetIndex, where: Path, what: str) -> None:

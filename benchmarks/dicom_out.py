@@ -1,0 +1,376 @@
+"""DICOM results out benchmark: objects written and sent per second, and what DICOM outputs cost the
+daemon's end-to-end throughput.
+
+1. **written**: a state directory made by the real daemon (``--once``, no destination) from
+   ``--files`` SYNTHETIC breast ultrasound DICOMs (a randomly initialised, untrained small CNN on
+   ``busi``: per scan an SR, a Parametric Map, a Secondary Capture and the Encapsulated PDF).
+   Then, in this process, ``DicomOutputs.prepare`` (read the rows and source header, build, write
+   with fsync) for every scan (set back to ``inferred`` for it: prepare writes nothing for a scan
+   already reported): objects per second, and the build CPU time of each kind (median ms).
+2. **sent**: those objects queued for Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``, started
+   here on loopback) by C-STORE and by STOW-RS, and sent by the outbox sender (``drain``): objects
+   per second per protocol. Skipped when Orthanc is not installed.
+3. **end to end**: ``meddaemon start`` (a subprocess, ``--workers 2``, reports on) without
+   destinations, then with all four outputs for Orthanc by C-STORE (a folder without Orthanc);
+   each run warmed up (the model served, the report process started), then ``--files`` DICOMs
+   renamed into the inbox and timed until every scan is archived (with outputs: delivered first).
+   Scans per second, and the cost of the outputs. Alternated ``--rounds`` times.
+4. **CPU per scan** (``--cpu``, instead of 1 to 3): ``Daemon.run(once=True)`` in this process
+   (``workers = 0``: decoding here too; 16 scans or fewer: the reports too) over ``--files`` DICOMs,
+   after a one-scan warm-up, without destinations and then with all four outputs for a folder: the
+   process's CPU time (user + system, not wall time: it does not grow with others' load) per scan,
+   alternated ``--rounds`` times; ``--cprofile DIR`` writes a cProfile (CPU-time clock) of each run.
+
+Every figure records the load of other processes meanwhile (the machine is shared).
+
+    .venv/bin/python benchmarks/dicom_out.py                 # about a minute on 2 cores
+    .venv/bin/python benchmarks/dicom_out.py --files 64 --rounds 2
+    .venv/bin/python benchmarks/dicom_out.py --end-to-end-only --arch mobilenet_v2   # a seed-sized model
+    .venv/bin/python benchmarks/dicom_out.py --cpu --files 16 --rounds 3               # about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from dicom_factory import write_dicom  # noqa: E402
+from sqlalchemy import select, update  # noqa: E402
+
+from meddaemon.config import load_settings  # noqa: E402
+from meddaemon.daemon.service import Daemon  # noqa: E402
+from meddaemon.db.engine import transaction  # noqa: E402
+from meddaemon.db.models import Scan  # noqa: E402
+from meddaemon.dicom import outbox  # noqa: E402
+from meddaemon.dicom.content import scan_facts  # noqa: E402
+from meddaemon.dicom.writer import DicomOutputs, build_objects  # noqa: E402
+from meddaemon.report.output import scan_report_path  # noqa: E402
+from meddaemon.states import ScanState  # noqa: E402
+from model_factory import promote, promote_into, write_model  # noqa: E402
+from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc  # noqa: E402
+
+MEDDAEMON = Path(sys.executable).parent / "meddaemon"
+STUDY = "1.2.826.0.1.3680043.8.498.2024001"
+
+
+def others_load() -> float:
+    """CPU seconds per second used by processes other than this one and its children, over 1 s."""
+    mine = {os.getpid(), *(c.pid for c in psutil.Process().children(recursive=True))}
+    before = psutil.cpu_times()
+    time.sleep(1.0)
+    after = psutil.cpu_times()
+    busy = (after.user - before.user) + (after.system - before.system)
+    own = sum(p.cpu_percent(None) for p in psutil.process_iter() if p.pid in mine) / 100
+    return max(0.0, busy - own)
+
+
+def drop_dicoms(inbox: Path, count: int, offset: int = 0) -> None:
+    rng = np.random.default_rng(offset)
+    staging = inbox.parent / "staging"
+    for i in range(offset, offset + count):
+        path = write_dicom(
+            staging / f"synthetic_{i:04d}.dcm",
+            pixels=rng.integers(0, 255, (64, 64), dtype=np.uint8),
+            modality="US",
+            body_part="BREAST",
+            extra={"StudyInstanceUID": STUDY},
+        )
+        (inbox / "busi").mkdir(parents=True, exist_ok=True)
+        os.rename(path, inbox / "busi" / path.name)
+
+
+# -- 1. written ------------------------------------------------------------------------------------
+
+
+def written(root: Path, files: int) -> tuple[Daemon, float, int, dict[str, float]]:
+    settings = load_settings(
+        env={},
+        flags={
+            "watch": root / "inbox",
+            "state_dir": root / "state",
+            "create_watch": True,
+            "stable_seconds": 0.0,
+            "workers": 0,
+            "destination": [{"name": "share", "kind": "folder", "path": str(root / "share")}],
+        },
+    )
+    daemon = Daemon(settings)
+    daemon.prepare()
+    promote(daemon, write_model(root / "model"))
+    drop_dicoms(settings.watch, files)
+    daemon.run(once=True)
+    with daemon.sessions() as session:
+        ids = list(session.scalars(select(Scan.id).where(Scan.format == "dicom")))
+        shas = dict(session.execute(select(Scan.id, Scan.sha256).where(Scan.id.in_(ids))).all())
+    with transaction(daemon.sessions) as session:  # prepare writes the objects of inferred scans only
+        session.execute(update(Scan).where(Scan.id.in_(ids)).values(state=ScanState.INFERRED))
+    outputs = DicomOutputs(settings)
+    t0 = time.perf_counter()
+    objects = 0
+    for scan_id in ids:
+        pdf = scan_report_path(settings.reports_dir, shas[scan_id], False).read_bytes()
+        objects += len(outputs.prepare(daemon.sessions, scan_id, pdf).objects)
+    elapsed = time.perf_counter() - t0
+    with transaction(daemon.sessions) as session:
+        session.execute(update(Scan).where(Scan.id.in_(ids)).values(state=ScanState.ARCHIVED))
+    per_kind: dict[str, list[float]] = {}
+    with daemon.sessions() as session:
+        facts = [scan_facts(session, i, settings.state_dir, settings.dicom_uid_root) for i in ids[:8]]
+    for f in facts:
+        for kind in ("sr", "pmap", "sc", "pdf"):
+            t = time.process_time()
+            build_objects(f, (kind,), b"%PDF-1.4\n" + b"0" * 60_000, False)
+            per_kind.setdefault(kind, []).append((time.process_time() - t) * 1000)
+    return daemon, objects / elapsed, objects, {k: statistics.median(v) for k, v in per_kind.items()}
+
+
+# -- 2. sent ---------------------------------------------------------------------------------------
+
+
+def sent(daemon: Daemon, root: Path) -> dict[str, float]:
+    server = Orthanc(root / "orthanc")
+    server.start()
+    try:
+        rates = {}
+        for name, kind in (("pacs", "dicom"), ("web", "dicomweb")):
+            settings = load_settings(
+                env={},
+                flags={
+                    "watch": daemon.settings.watch,
+                    "state_dir": daemon.settings.state_dir,
+                    "destination": [server.destination(name, kind)],
+                },
+            )
+            with transaction(daemon.sessions) as session:
+                rows = session.execute(
+                    select(outbox.OutboxItem).where(outbox.OutboxItem.destination == "share")
+                ).scalars()
+                items = {}
+                for row in rows:
+                    items.setdefault(row.scan_id, []).append(
+                        outbox.NewItem(row.object_key, name, row.sop_class_uid, row.sop_instance_uid, row.path)
+                    )
+                count = sum(outbox.enqueue(session, scan_id, new) for scan_id, new in items.items())
+            t0 = time.perf_counter()
+            outbox.OutboxSender(settings, daemon.sessions, None).drain()
+            rates[f"{kind} ({count} objects)"] = count / (time.perf_counter() - t0)
+        return rates
+    finally:
+        server.stop()
+
+
+# -- 3. end to end ---------------------------------------------------------------------------------
+
+
+def seed_sized_model(folder: Path, architecture: str) -> Path:
+    """An untrained (SYNTHETIC) ``busi`` model at the preset's own input contract (224 x 224)."""
+    import torch
+
+    from meddaemon.engine import registry
+    from meddaemon.engine.architectures import build_model
+    from meddaemon.engine.tasks import BUILTIN_TASKS
+
+    spec = BUILTIN_TASKS["busi"]
+    torch.manual_seed(0)
+    registry.save_version(
+        build_model(architecture, spec.contract.channels, spec.num_outputs),
+        task="busi",
+        version="v1",
+        labels=spec.labels,
+        kind=spec.kind,
+        architecture=architecture,
+        input_contract=spec.contract,
+        out_dir=folder,
+        training_data_fingerprint="synthetic: random initialisation, untrained (benchmark)",
+    )
+    return folder
+
+
+def end_to_end(root: Path, files: int, destination: str | None, architecture: str) -> tuple[float, float]:
+    """Scans per second from the inbox to ``reported`` (the daemon's own work: inference, the report
+    and, with destinations, the DICOM objects) and to ``archived`` (with destinations: delivered
+    first), the daemon warmed up first."""
+    shutil.rmtree(root, ignore_errors=True)
+    inbox, state = root / "inbox", root / "state"
+    (inbox / "busi").mkdir(parents=True)
+    model = write_model(root / "model") if architecture == "tiny" else seed_sized_model(root / "model", architecture)
+    promote_into(f"sqlite:///{state / 'meddaemon.db'}", state / "models", model)
+    config = root / "meddaemon.toml"
+    config.write_text(destination or "")
+    log = (root / "daemon.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            str(MEDDAEMON),
+            "start",
+            *("--config", str(config), "--watch", str(inbox), "--state-dir", str(state)),
+            *("--stable-seconds", "0.2", "--workers", "2", "--rescan-seconds", "5"),
+        ],
+        stdout=log,
+        stderr=log,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")},
+        start_new_session=True,
+    )
+    db = sqlite3.connect(state / "meddaemon.db", timeout=30)
+
+    def count(states: str) -> int:
+        return int(db.execute(f"SELECT count(*) FROM scans WHERE state IN ({states})").fetchone()[0])
+
+    def wait(n: int, states: str = "'archived'", timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        while count(states) < n:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon stopped or stalled; see {root / 'daemon.log'}")
+            time.sleep(0.05)
+
+    try:
+        drop_dicoms(inbox, 2, offset=10_000)
+        wait(2)
+        t0 = time.perf_counter()
+        drop_dicoms(inbox, files)
+        wait(files + 2, "'reported', 'archived'")
+        reported = time.perf_counter() - t0
+        wait(files + 2)
+        return files / reported, files / (time.perf_counter() - t0)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        db.close()
+        log.close()
+
+
+# -- 4. CPU per scan --------------------------------------------------------------------------------
+
+
+def cpu_per_scan(root: Path, files: int, outputs: bool, cprofile: Path | None) -> float:
+    """CPU seconds per scan of a ``--once`` run over ``files`` DICOMs, the daemon warmed up first."""
+    import cProfile
+
+    flags: dict[str, object] = {
+        "watch": root / "inbox",
+        "state_dir": root / "state",
+        "create_watch": True,
+        "stable_seconds": 0.0,
+        "workers": 0,
+    }
+    if outputs:
+        flags["destination"] = [{"name": "share", "kind": "folder", "path": str(root / "share")}]
+    settings = load_settings(env={}, flags=flags)
+    warm = Daemon(settings)
+    warm.prepare()
+    promote(warm, write_model(root / "model"))
+    drop_dicoms(settings.watch, 1, offset=5000)
+    warm.run(once=True)
+    warm.engine.dispose()
+    daemon = Daemon(settings)
+    drop_dicoms(settings.watch, files)
+    profile = cProfile.Profile(time.process_time) if cprofile else None
+    before = os.times()
+    if profile is not None:
+        profile.enable()
+    daemon.run(once=True)
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(cprofile / f"once_{'with' if outputs else 'without'}_outputs.prof")
+    after = os.times()
+    daemon.engine.dispose()
+    return (after.user - before.user + after.system - before.system) / files
+
+
+def main_cpu(files: int, rounds: int, cprofile: Path | None) -> None:
+    runs: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        load = others_load()
+        for outputs in (False, True):
+            with tempfile.TemporaryDirectory(prefix="meddaemon-dicom-cpu-") as tmp:
+                runs[outputs].append(cpu_per_scan(Path(tmp), files, outputs, cprofile))
+        print(
+            f"  round (others' load {load:.2f} cores): without outputs {runs[False][-1] * 1000:.0f} ms, "
+            f"with {runs[True][-1] * 1000:.0f} ms CPU per scan"
+        )
+    without, with_ = statistics.median(runs[False]), statistics.median(runs[True])
+    print(
+        f"CPU per scan, --once over {files} scans: without outputs {without * 1000:.0f} ms, with all four "
+        f"to a folder {with_ * 1000:.0f} ms: the outputs cost {(with_ - without) * 1000:.0f} ms a scan"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--arch",
+        default="tiny",
+        help="end to end: 'tiny' (the small CNN at 32 x 32: reports dominate) or an architecture at busi's 224 x 224",
+    )
+    parser.add_argument("--end-to-end-only", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="only the CPU time per scan of --once runs (4.)")
+    parser.add_argument("--cprofile", type=Path, help="with --cpu: write a cProfile of each run here")
+    args = parser.parse_args()
+    if args.cpu:
+        main_cpu(args.files, args.rounds, args.cprofile)
+        return
+    have_orthanc = ORTHANC.exists() and DICOMWEB_PLUGIN.exists()
+    print(f"# {platform.node()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    with tempfile.TemporaryDirectory(prefix="meddaemon-dicom-out-") as tmp:
+        root = Path(tmp)
+        if not args.end_to_end_only:
+            daemon, rate, objects, per_kind = written(root / "written", args.files)
+            print(f"written: {objects} objects for {args.files} scans, {rate:.1f} objects/s (build + fsync'd write)")
+            print("  build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in per_kind.items()))
+            if have_orthanc:
+                for kind, r in sent(daemon, root).items():
+                    print(f"sent to Orthanc by {kind}: {r:.1f} objects/s")
+            else:
+                print("sent: skipped (Orthanc not installed)")
+            daemon.engine.dispose()
+        if have_orthanc:
+            pacs = Orthanc(root / "orthanc-e2e")
+            pacs.start()
+            d = pacs.destination("pacs", "dicom")
+            table = f'[[destination]]\nname = "pacs"\nkind = "dicom"\nae_title = "{d["ae_title"]}"\n'
+            table += f'host = "127.0.0.1"\nport = {d["port"]}\n'
+        else:
+            pacs = None
+            table = f'[[destination]]\nname = "share"\nkind = "folder"\npath = "{root / "share-e2e"}"\n'
+        try:
+            off, on = [], []
+            for _ in range(args.rounds):
+                load = others_load()
+                off.append(end_to_end(root / "e2e", args.files, None, args.arch))
+                on.append(end_to_end(root / "e2e", args.files, table, args.arch))
+                print(
+                    f"  round (others' load {load:.2f} cores): to reported off {off[-1][0]:.2f}, on {on[-1][0]:.2f}; "
+                    f"to archived off {off[-1][1]:.2f}, on {on[-1][1]:.2f} scans/s"
+                )
+        finally:
+            if pacs is not None:
+                pacs.stop()
+        where = "Orthanc by C-STORE" if have_orthanc else "a folder"
+        for i, stage in enumerate(("reported", "archived")):
+            without, with_ = statistics.median(r[i] for r in off), statistics.median(r[i] for r in on)
+            print(
+                f"end to end ({args.arch}), inbox to {stage}, {args.files} scans: "
+                f"without outputs {without:.2f} scans/s, "
+                f"with all four to {where} {with_:.2f} scans/s: cost {1 - with_ / without:.0%}"
+            )
+
+
+if __name__ == "__main__":
+    main()

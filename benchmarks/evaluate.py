@@ -1,0 +1,305 @@
+"""``medcli evaluate`` benchmark: the evaluator against what it must keep up with, side by side in one run.
+
+On SYNTHETIC files only (``synthetic_*`` 256x256 grey noise PNGs, seeded) and a randomly initialised
+``busi`` model (3 labels, 1x224x224 input; SYNTHETIC weights: the figures are about speed only):
+
+1. **raw**: the same model's batched forward as the evaluator serves it (``ServedModel.predict``,
+   the backend ``choose_backend`` picks: eager PyTorch or ONNX Runtime on the CPU), inputs already in
+   memory, batch ``--batch-size``; images/s.
+2. **local**: ``run_evaluation`` (the local engine), heatmaps off then on, a fresh database each:
+   images/s *streaming* (files written between the first and the last write of results, over that
+   time: the pipeline's pace once it runs: decoding processes, forward, bulk writes) and over the
+   *whole call* (also cohort listing, model loading and verification, the decoding processes'
+   start-up, the backend choice). Ratio to raw (goal >= 0.9 heatmaps off) on the streaming figure.
+3. **rerun**: the same command again on the same database: only hashing (every file reused).
+4. **DataLoader**: the script a user would write instead: a ``torch.utils.data.Dataset`` that
+   opens each PNG with PIL, ``convert("L")``, resizes to 224x224, ``ToTensor`` and ``Normalize``, a
+   ``DataLoader(batch_size, num_workers=--workers)``, eager PyTorch under ``inference_mode``,
+   softmax, rows written to a CSV; images/s. Ratio local / DataLoader (goal >= 1.0).
+5. **daemon**: ``meddaemon start --once`` (a process of its own, as a user runs it) over a copy of the
+   same files in its inbox (copied before the clock starts), reports off, heatmaps off then on as
+   the row says, the same model, ``--workers`` decoding processes, ``max_batch`` the evaluator's
+   batch; a fresh state directory each. Images/s over the whole process (start-up, model load,
+   every file read, scored and archived) and *streaming* (scans whose results were written after
+   the first batch's, over the time from the first batch's results to the last). Ratios local /
+   daemon, heatmaps off and on.
+6. **ray**: ``run_evaluation(engine="ray")`` with a local Ray (``ray.init(address="local")``, this
+   machine's cores) started and stopped inside the call; streaming and whole-call images/s. Ratio
+   to local (goal >= 0.8), whole calls.
+7. **RSS**: the local engine over ``--rss-files`` SYNTHETIC 64x64 PNGs (20,000 by default) with a
+   64x64 small_cnn model; the resident set size of this process and its decoding processes (psutil)
+   at each progress report: first quarter against last quarter.
+
+    .venv/bin/python benchmarks/evaluate.py     # 800 files, mobilenet_v2; 20,000 for RSS: about 10 minutes on 2 cores
+    .venv/bin/python benchmarks/evaluate.py --files 2000 --rss-files 5000 --skip ray,daemon
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from dicom_factory import write_png  # noqa: E402
+
+from meddaemon.config import load_settings  # noqa: E402
+from meddaemon.daemon import bookkeeper  # noqa: E402
+from meddaemon.db.engine import create_db_engine, session_factory, transaction  # noqa: E402
+from meddaemon.db.migrate import upgrade  # noqa: E402
+from meddaemon.engine import registry  # noqa: E402
+from meddaemon.engine.architectures import build_model  # noqa: E402
+from meddaemon.engine.inference import ServedModel, pick_device  # noqa: E402
+from meddaemon.engine.tasks import BUILTIN_TASKS, GREY_MEAN, GREY_STD, InputContract, all_tasks  # noqa: E402
+from meddaemon.evaluate.pipeline import EvaluationRequest, Progress, run_evaluation  # noqa: E402
+
+
+def write_cohort(folder: Path, count: int, size: int) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        write_png(folder / f"synthetic_{i:06d}.png", rng.integers(0, 255, (size, size), dtype=np.uint8))
+    return folder
+
+
+def write_model(folder: Path, architecture: str, side: int) -> Path:
+    spec = BUILTIN_TASKS["busi"]
+    torch.manual_seed(0)
+    model = build_model(architecture, 1, spec.num_outputs)
+    registry.save_version(
+        model, task="busi", version="bench", labels=spec.labels, kind=spec.kind, architecture=architecture,
+        input_contract=InputContract(1, side, side, GREY_MEAN, GREY_STD), out_dir=folder,
+        training_data_fingerprint="synthetic",
+    )  # fmt: skip
+    return folder
+
+
+def fresh_database(root: Path, name: str, model: Path):  # type: ignore[no-untyped-def]
+    settings = load_settings(env={}, flags={"state_dir": root / name, "watch": root / f"{name}_inbox"})
+    engine = create_db_engine(settings.db_url)
+    upgrade(engine)
+    sessions = session_factory(engine)
+    with transaction(sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(sessions) as session:
+        row = registry.import_version(session, model, settings.models_dir)
+        registry.promote(session, row.task_name, row.version)
+    return settings, engine
+
+
+def raw_forward(model_dir: Path, batch: int, total: int) -> tuple[float, str]:
+    loaded = registry.load_version(model_dir)
+    served = ServedModel(1, loaded, pick_device("cpu"), heatmaps=False)
+    backend = served.choose_backend(batch)
+    x = np.random.default_rng(1).standard_normal((batch, 1, 224, 224)).astype(np.float32)
+    served.predict(x)
+    start = time.perf_counter()
+    done = 0
+    while done < total:
+        served.predict(x)
+        done += batch
+    return done / (time.perf_counter() - start), backend
+
+
+def evaluate(settings, db, cohort: Path, **options) -> tuple[float, float, dict]:  # type: ignore[no-untyped-def]
+    """images/s streaming (from the first write of results to the last: the pipeline's pace once
+    it runs), images/s over the whole call, and the run's summary."""
+    reports: list[tuple[float, int]] = []
+
+    def progress(p: Progress) -> None:
+        reports.append((time.perf_counter(), p.done))
+
+    start = time.perf_counter()
+    outcome = run_evaluation(db, settings, EvaluationRequest(cohort, "busi", **options), progress)
+    seconds = time.perf_counter() - start
+    (t0, d0), (t1, d1) = reports[0], reports[-1]
+    streaming = (d1 - d0) / (t1 - t0) if t1 > t0 else float("nan")
+    return streaming, outcome.summary["files"] / seconds, outcome.summary
+
+
+class PngFolder(Dataset):
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+        self.transform = transforms.Compose(
+            [transforms.Resize((224, 224)), transforms.ToTensor(), transforms.Normalize(GREY_MEAN, GREY_STD)]
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        with Image.open(self.files[i]) as image:
+            return self.transform(image.convert("L")), self.files[i].name
+
+
+def dataloader_script(model_dir: Path, cohort: Path, batch: int, workers: int, out: Path) -> float:
+    """What a user writes: DataLoader, eager forward, CSV."""
+    start = time.perf_counter()
+    model = registry.load_version(model_dir).model.eval()
+    loader = DataLoader(PngFolder(sorted(cohort.glob("*.png"))), batch_size=batch, num_workers=workers)
+    count = 0
+    with out.open("w", newline="") as handle, torch.inference_mode():
+        writer = csv.writer(handle)
+        for x, names in loader:
+            probs = torch.softmax(model(x), dim=1).numpy()
+            writer.writerows([name, *row] for name, row in zip(names, probs.tolist(), strict=True))
+            count += len(names)
+    return count / (time.perf_counter() - start)
+
+
+def daemon_run(root: Path, name: str, model: Path, cohort: Path, heatmaps: bool, workers: int, batch: int) -> dict:
+    """``meddaemon start --once`` over a copy of ``cohort`` in its inbox: images/s over the whole
+    process and streaming (from the first batch's results to the last), and its JSON summary."""
+    settings, engine = fresh_database(root, name, model)
+    engine.dispose()
+    inbox = settings.watch / "busi"
+    inbox.mkdir(parents=True)
+    files = sorted(cohort.glob("*.png"))
+    for path in files:
+        shutil.copyfile(path, inbox / path.name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
+    env |= {"PYTHONPATH": str(ROOT / "src"), "MEDDAEMON_REPORTS": "false", "MEDDAEMON_HEATMAPS": str(heatmaps).lower()}
+    env |= {"MEDDAEMON_MAX_BATCH": str(batch)}
+    command = [str(Path(sys.executable).parent / "meddaemon"), "start", "--once", "--json", "--stable-seconds", "0"]
+    command += ["--watch", str(settings.watch), "--state-dir", str(settings.state_dir), "--workers", str(workers)]
+    start = time.perf_counter()
+    run = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        raise RuntimeError(f"meddaemon start --once exited {run.returncode}: {run.stderr[-2000:]}")
+    summary = json.loads(run.stdout[run.stdout.index("{") :])
+    with sqlite3.connect(settings.state_dir / "meddaemon.db") as db:
+        stamps = sorted(
+            datetime.fromisoformat(t) for (t,) in db.execute("SELECT MIN(created_at) FROM results GROUP BY scan_id")
+        )
+    if len(stamps) != len(files):
+        raise RuntimeError(f"the daemon stored results for {len(stamps)} of {len(files)} files")
+    first_batch = sum(1 for t in stamps if t == stamps[0])
+    span = (stamps[-1] - stamps[0]).total_seconds()
+    streaming = (len(stamps) - first_batch) / span if span > 0 else float("nan")
+    return {"streaming": streaming, "whole": len(files) / seconds, "summary": summary}
+
+
+def rss_run(root: Path, files: int, workers: int) -> list[tuple[int, float]]:
+    cohort = write_cohort(root / "rss_cohort", files, 64)
+    model = write_model(root / "rss_model", "small_cnn", 64)
+    settings, engine = fresh_database(root, "rss_state", model)
+    me = psutil.Process()
+    samples: list[tuple[int, float]] = []
+
+    def sample(progress: Progress) -> None:
+        rss = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
+        samples.append((progress.done, rss / 2**20))
+
+    run_evaluation(engine, settings, EvaluationRequest(cohort, "busi", workers=workers, batch_size=64), sample)
+    engine.dispose()
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--files", type=int, default=800)
+    parser.add_argument("--arch", default="mobilenet_v2")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--rss-files", type=int, default=20000)
+    parser.add_argument("--skip", default="", help="comma-separated: heatmaps, dataloader, daemon, ray, rss")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    root = Path(tempfile.mkdtemp(prefix="evaluate-bench-"))
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch {torch.__version__}; {args.files} files, "
+          f"{args.arch}, batch {args.batch_size}, workers {args.workers}")  # fmt: skip
+    try:
+        cohort = write_cohort(root / "cohort", args.files, 256)
+        model = write_model(root / "model", args.arch, 224)
+        figures: dict[str, float] = {}
+        raw_images = max(args.files // 2, 4 * args.batch_size)
+        raws = [raw_forward(model, args.batch_size, raw_images)]
+        print(f"raw forward ({raws[0][1]}): {raws[0][0]:.1f} images/s")
+
+        common = {"workers": args.workers, "batch_size": args.batch_size}
+        settings, engine = fresh_database(root, "local", model)
+        figures["local"], wall, summary = evaluate(settings, engine, cohort, **common)
+        figures["local_wall"] = wall
+        print(f"local engine, heatmaps off: {figures['local']:.1f} images/s streaming "
+              f"({wall:.1f} over the whole call; {summary['scored']} scored)")  # fmt: skip
+        _, figures["rerun"], summary = evaluate(settings, engine, cohort, **common)
+        print(f"rerun (hashing only): {figures['rerun']:.1f} images/s over the whole call ({summary['reused']} reused)")
+        engine.dispose()
+        if "heatmaps" not in skip:
+            settings, engine = fresh_database(root, "heatmaps", model)
+            figures["heatmaps"], wall, _ = evaluate(settings, engine, cohort, heatmaps=True, **common)
+            figures["heatmaps_wall"] = wall
+            engine.dispose()
+            print(f"local engine, heatmaps on: {figures['heatmaps']:.1f} images/s streaming ({wall:.1f} whole call)")
+        if "dataloader" not in skip:
+            figures["dataloader"] = dataloader_script(model, cohort, args.batch_size, args.workers, root / "out.csv")
+            print(f"DataLoader script (num_workers={args.workers}): {figures['dataloader']:.1f} images/s")
+        if "daemon" not in skip:
+            for maps in (False, True):
+                key = "daemon_heatmaps" if maps else "daemon"
+                run = daemon_run(root, key, model, cohort, maps, args.workers, args.batch_size)
+                figures[key], figures[f"{key}_wall"] = run["streaming"], run["whole"]
+                print(f"daemon --once, heatmaps {'on' if maps else 'off'}, reports off: {run['streaming']:.1f} "
+                      f"images/s streaming ({run['whole']:.1f} over the whole process; {run['summary']})")  # fmt: skip
+        if "ray" not in skip:
+            settings, engine = fresh_database(root, "ray", model)
+            figures["ray"], wall, _ = evaluate(settings, engine, cohort, engine="ray", **common)
+            figures["ray_wall"] = wall
+            engine.dispose()
+            print(f"ray engine, one machine: {figures['ray']:.1f} images/s streaming ({wall:.1f} whole call)")
+        raws.append(raw_forward(model, args.batch_size, raw_images))
+        print(f"raw forward again ({raws[1][1]}): {raws[1][0]:.1f} images/s")
+        figures["raw"] = float(np.mean([r for r, _ in raws]))
+        print("ratios (raw: the mean of both measurements; the machine's load drifts):")
+        print(f"  local streaming / raw forward  {figures['local'] / figures['raw']:.2f}  (goal >= 0.9)")
+        print(f"  local whole call / raw forward {figures['local_wall'] / figures['raw']:.2f}")
+        if "heatmaps" in figures:
+            print(f"  local with heatmaps / raw      {figures['heatmaps'] / figures['raw']:.2f}  (streaming)")
+        if "dataloader" in figures:
+            ratio = figures["local_wall"] / figures["dataloader"]
+            print(f"  local / DataLoader script      {ratio:.2f}  (goal >= 1.0; both whole calls)")
+        if "daemon" in figures:
+            print(f"  local / daemon, heatmaps off   {figures['local_wall'] / figures['daemon_wall']:.2f} whole calls, "
+                  f"{figures['local'] / figures['daemon']:.2f} streaming")  # fmt: skip
+        if "daemon_heatmaps" in figures and "heatmaps" in figures:
+            print(f"  local / daemon, heatmaps on    {figures['heatmaps_wall'] / figures['daemon_heatmaps_wall']:.2f} "
+                  f"whole calls, {figures['heatmaps'] / figures['daemon_heatmaps']:.2f} streaming")  # fmt: skip
+        if "ray" in figures:
+            ratio = figures["ray_wall"] / figures["local_wall"]
+            print(f"  ray / local                    {ratio:.2f}  (goal >= 0.8; both whole calls: Ray returns its")
+            print("                                        results in large blocks, its streaming figure means little)")
+        print(f"  rerun / local                  {figures['rerun'] / figures['local_wall']:.2f}  (whole calls)")
+        if "rss" not in skip and args.rss_files:
+            samples = rss_run(root, args.rss_files, args.workers)
+            quarter = max(1, len(samples) // 4)
+            first = max(r for _, r in samples[:quarter])
+            last = max(r for _, r in samples[-quarter:])
+            print(f"RSS over {args.rss_files} files (driver + decoding processes): first quarter peak "
+                  f"{first:.0f} MiB, last quarter peak {last:.0f} MiB ({len(samples)} samples)")  # fmt: skip
+        print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""The daemon against what a user would run instead, side by side (issue 16), and the goal checks.
+
+Every contender classifies the same SYNTHETIC 256x256 grey-noise PNGs with the same SYNTHETIC,
+untrained model (busi, 1x224x224, randomly initialised: speed figures only), in one run, the rounds
+interleaved (contender order rotates every round), and the median of the rounds is reported:
+
+* **raw ONNX Runtime / raw eager, bs 16**: the forward pass alone, in this process, over
+  ``files / 16`` batches of the same model as the daemon loads it (the limit: no file is read);
+* **DataLoader script**: what a user writes instead, a whole process: ``torch.utils.data.DataLoader``
+  (2 workers, batch 16; PIL, resize, normalise), eager PyTorch, probabilities to a CSV;
+* **seed loop**: the seeds' one-image loop, a whole process: PIL, resize, normalise, ``model(x[None])``;
+* **meddaemon --once**: ``meddaemon start --once`` over the inbox, a whole process, heatmaps on and
+  reports off, then with PDF reports and archiving. Each round starts from a copy of a state
+  directory in which the model was imported, promoted and loaded once (its backend choice and
+  ONNX graph kept beside it, as after any first start).
+
+Goal checks: ``--once`` on an empty inbox with the model served (whole process); CPU per scan
+outside the forward pass (``stage_profile.py``, heatmaps on, reports off, ``--workers 0``); a
+warmed daemon in continuous mode (``meddaemon start``) per architecture, against the raw forward of
+the backend it serves with.
+
+    PYTHONPATH=$PWD/src .venv/bin/python benchmarks/speed.py                      # 800 files, 3 rounds
+    PYTHONPATH=$PWD/src .venv/bin/python benchmarks/speed.py --files 200 --rounds 1 --continuous mobilenet_v2=200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import stage_profile  # noqa: E402
+from inference import MEDDAEMON, TASK, DaemonRun, Forwards, make_pngs, write_model  # noqa: E402
+
+from meddaemon.engine.tasks import GREY_MEAN, GREY_STD, InputContract  # noqa: E402
+
+SIZE = 224
+BATCH = 16
+CONTRACT = InputContract(1, SIZE, SIZE, (0.449,), (0.226,), modalities=("US",))
+
+#: the scripts a user would write instead (run as whole processes: python, torch, the model, the files)
+USER_PRELUDE = textwrap.dedent(
+    f"""
+    import csv, sys, time
+    from pathlib import Path
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+    from meddaemon.engine.registry import load_version
+    model = load_version(Path(sys.argv[1])).model.eval()
+    files = sorted(Path(sys.argv[2]).glob("*.png"))
+    preprocess = transforms.Compose([
+        transforms.Resize(({SIZE}, {SIZE})), transforms.ToTensor(), transforms.Normalize({GREY_MEAN}, {GREY_STD})
+    ])
+    """
+)
+DATALOADER = USER_PRELUDE + textwrap.dedent(
+    f"""
+    class Files(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(files)
+        def __getitem__(self, i):
+            return preprocess(Image.open(files[i]).convert("L")), str(files[i].name)
+    if __name__ == "__main__":
+        loader = torch.utils.data.DataLoader(Files(), batch_size={BATCH}, num_workers=2)
+        with open(sys.argv[3], "w", newline="") as out, torch.inference_mode():
+            writer = csv.writer(out)
+            for x, names in loader:
+                for name, p in zip(names, torch.softmax(model(x), dim=1).tolist()):
+                    writer.writerow([name, *p])
+    """
+)
+SEED_LOOP = USER_PRELUDE + textwrap.dedent(
+    """
+    with torch.no_grad():
+        for path in files:
+            x = preprocess(Image.open(path).convert("L"))
+            torch.softmax(model(x[None]), dim=1)
+    """
+)
+
+
+@dataclass
+class Contender:
+    name: str
+    run: Callable[[], float]  # seconds for the files
+    seconds: list[float] = field(default_factory=list)
+
+
+def load_average() -> str:
+    return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def whole_process(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> float:
+    started = time.perf_counter()
+    with (log or Path(os.devnull)).open("ab") as out:
+        subprocess.run(cmd, check=True, stdout=out, stderr=out, env=env, stdin=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+class StateTemplate:
+    """A state directory with the model imported, promoted and loaded once (backend choice and ONNX
+    graph kept in its version folder); each round runs in a fresh copy of it."""
+
+    def __init__(self, base: Path, model: Path, warmup_png: Path) -> None:
+        self.root = base / "template"
+        inbox, state = stage_profile.prepare_run(base, model, [], "template")
+        os.link(warmup_png, inbox / TASK / warmup_png.name)
+        env = daemon_env(reports=False)
+        whole_process(once_cmd(inbox, state), env, base / "template.log")
+        self.inbox, self.state = inbox, state
+
+    def copy(self, dest: Path) -> tuple[Path, Path]:
+        shutil.copytree(self.root, dest)
+        return dest / "inbox", dest / "state"
+
+
+def daemon_env(reports: bool, heatmaps: bool = True) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
+    env["MEDDAEMON_HEATMAPS"] = "true" if heatmaps else "false"
+    env["MEDDAEMON_REPORTS"] = "true" if reports else "false"
+    return env
+
+
+def once_cmd(inbox: Path, state: Path) -> list[str]:
+    return [str(MEDDAEMON), "start", "--once", "--watch", str(inbox), "--state-dir", str(state)]
+
+
+def once_over(template: StateTemplate, files: list[Path], dest: Path, reports: bool) -> float:
+    inbox, state = template.copy(dest)
+    for source in files:
+        os.link(source, inbox / TASK / source.name)
+    seconds = whole_process(once_cmd(inbox, state), daemon_env(reports), dest.with_suffix(".log"))
+    left = sum(1 for _ in (inbox / TASK).iterdir())
+    if left:
+        raise RuntimeError(f"{left} files left in the inbox after --once; see {dest.with_suffix('.log')}")
+    shutil.rmtree(dest, ignore_errors=True)
+    return seconds
+
+
+def raw_forward(forwards: Forwards, backend: str, files: int) -> float:
+    run = forwards._onnx(forwards.x) if backend == "onnx" else forwards._eager(forwards.x)
+    run()
+    started = time.perf_counter()
+    for _ in range(max(1, files // BATCH)):
+        run()
+    return (time.perf_counter() - started) * files / (max(1, files // BATCH) * BATCH)
+
+
+def continuous(arch: str, files: int, base: Path) -> tuple[float, float, str]:
+    """A warmed daemon (``meddaemon start``, default settings, reports off) over ``files`` PNGs
+    renamed in at once; returns (daemon img/s, raw img/s of the backend it serves with, backend)."""
+    model = write_model(base / f"model-{arch}", arch, CONTRACT)
+    burst = make_pngs(base / f"burst-{arch}", "burst", files, 256, seed=161)
+    warm = make_pngs(base / f"warm-{arch}", "warm", BATCH, 256, seed=162)
+    forwards = Forwards(model, SIZE, arch)
+    run = DaemonRun(base / f"continuous-{arch}", model, workers=2, heatmaps=True)
+    try:
+        backend, _ = run.started()
+        run.drop(run.stage(warm), 600, "the warm-up")
+        _, wall = run.drop(run.stage(burst), 3600, "the burst")
+        run.check_no_failures()
+    finally:
+        run.stop()
+    raw = forwards.batched()
+    key = backend if backend in raw else "eager"
+    return files / wall, raw[key].ips, backend
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", type=int, default=800)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--arch", default="mobilenet_v2", help="architecture of the side-by-side table")
+    parser.add_argument(
+        "--continuous",
+        default="densenet121=200,mobilenet_v2=800",
+        help="ARCH=FILES,... for the warmed continuous daemon ('' skips it)",
+    )
+    parser.add_argument("--profile-files", type=int, default=800, help="files of the CPU-per-scan check (0 skips)")
+    parser.add_argument("--keep", action="store_true")
+    args = parser.parse_args()
+
+    base = Path(tempfile.mkdtemp(prefix="speed-"))
+    print(f"load average at the start: {load_average()}", file=sys.stderr)
+    try:
+        model = write_model(base / "model", args.arch, CONTRACT)
+        pngs = make_pngs(base / "pngs", "synthetic", args.files, 256, seed=16)
+        warm = make_pngs(base / "warm", "warm", 1, 256, seed=17)[0]
+        template = StateTemplate(base, model, warm)
+        forwards = Forwards(model, SIZE, args.arch)
+        python = sys.executable
+        scripts = {"dataloader": base / "dataloader.py", "seed": base / "seed_loop.py"}
+        scripts["dataloader"].write_text(DATALOADER)
+        scripts["seed"].write_text(SEED_LOOP)
+        counter = iter(range(1_000_000))
+        contenders = [
+            Contender("raw batched forward, ONNX Runtime, bs 16", lambda: raw_forward(forwards, "onnx", args.files)),
+            Contender("raw batched forward, eager PyTorch, bs 16", lambda: raw_forward(forwards, "eager", args.files)),
+            Contender(
+                "a DataLoader script (2 workers, bs 16, eager, CSV out)",
+                lambda: whole_process(
+                    [python, str(scripts["dataloader"]), str(model), str(pngs[0].parent), str(base / "out.csv")]
+                ),
+            ),
+            Contender(
+                "the seeds' one-image loop (PIL, resize, normalise, `model(x[None])`)",
+                lambda: whole_process([python, str(scripts["seed"]), str(model), str(pngs[0].parent)]),
+            ),
+            Contender(
+                "`meddaemon start --once`, heatmaps on, reports off",
+                lambda: once_over(template, pngs, base / f"once-{next(counter)}", reports=False),
+            ),
+            Contender(
+                "`meddaemon start --once`, heatmaps, PDF reports, archive",
+                lambda: once_over(template, pngs, base / f"once-{next(counter)}", reports=True),
+            ),
+        ]
+        empty: list[float] = []
+        loads = []
+        for round_ in range(args.rounds):
+            order = contenders[round_ % len(contenders) :] + contenders[: round_ % len(contenders)]
+            for contender in order:
+                loads.append(os.getloadavg()[0])
+                contender.seconds.append(contender.run())
+                print(f"  round {round_ + 1}: {contender.name}: {contender.seconds[-1]:.1f} s", file=sys.stderr)
+            inbox, state = template.copy(base / f"empty-{round_}")
+            empty.append(whole_process(once_cmd(inbox, state), daemon_env(reports=True), base / "empty.log"))
+            shutil.rmtree(base / f"empty-{round_}", ignore_errors=True)
+
+        speeds = {c.name: args.files / statistics.median(c.seconds) for c in contenders}
+        limit = speeds[contenders[0].name]
+        print(f"\n{args.files} SYNTHETIC 256x256 PNGs, {args.arch} (busi, 1x{SIZE}x{SIZE}, untrained), "
+              f"median of {args.rounds} round(s); load average (1 min) during the runs "
+              f"{min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores\n")  # fmt: skip
+        print("| contender | images/s | / raw ONNX Runtime forward |\n|---|---:|---:|")
+        for contender in contenders:
+            print(f"| {contender.name} | {speeds[contender.name]:.1f} | {speeds[contender.name] / limit:.2f} |")
+
+        once_off, once_on = speeds[contenders[4].name], speeds[contenders[5].name]
+        checks = [
+            ("`--once` on an empty inbox, model served (s)", f"{statistics.median(empty):.2f}", "<= 2 s"),
+            ("--once (reports off) / raw ONNX Runtime forward", f"{once_off / limit:.2f}", ">= 0.6"),
+            ("--once (reports off) / DataLoader script", f"{once_off / speeds[contenders[2].name]:.2f}", ">= 2"),
+            ("--once with PDF reports and archive / without", f"{once_on / once_off:.2f}", ">= 0.5"),
+        ]
+        if args.profile_files:
+            files = pngs[: args.profile_files]
+            inbox, state = stage_profile.prepare_run(base, model, files, "profile")
+            raw = stage_profile.run_child(inbox, state, files, "noreports", 0, base / "profile.json", None)
+            measured = {k: raw[k] for k in ("wall", "process", "children", "main", "cpu")}
+            profiled = stage_profile.StageRun("noreports", len(files), **measured)
+            per_scan = f"{profiled.outside_forward() * 1000 / len(files):.2f}"
+            checks.append(("CPU per scan outside the forward pass, heatmaps on, reports off (ms)", per_scan, "<= 2 ms"))
+        for item in filter(None, args.continuous.split(",")):
+            arch, _, count = item.partition("=")
+            ips, raw_ips, backend = continuous(arch, int(count or 200), base)
+            goal = ">= 0.85" if arch == "densenet121" else ">= 0.7"
+            what = f"warmed continuous daemon / raw forward ({backend}), {arch}: {ips:.1f} / {raw_ips:.1f} img/s"
+            checks.append((what, f"{ips / raw_ips:.2f}", goal))
+        print("\n| goal check | measured | goal |\n|---|---:|---|")
+        for name, value, goal in checks:
+            print(f"| {name} | {value} | {goal} |")
+        print(f"\nload average at the end: {load_average()}")
+    finally:
+        if args.keep:
+            print(f"kept {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

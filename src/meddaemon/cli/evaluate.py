@@ -1,0 +1,189 @@
+"""``medcli evaluate``: score a cohort where it lies, optionally audit it against its own labels.
+
+Thin: parse, call ``meddaemon.evaluate.pipeline.run_evaluation`` (and ``evaluate.truth`` for
+``--audit``), print. A progress bar (images/s, ETA) goes to stderr when it is a terminal.
+Exit codes: 0 done, 2 bad usage (``--device cuda`` without a GPU, ``--audit`` of a folder without
+labels, a folder holding only a dataset) or a dataset over 5% unreadable, 3 no usable
+database, 1 a model refused, 5 an ``--audit --require`` criterion fails, 130 Ctrl-C (run it again
+to resume).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from meddaemon.cli.common import (
+    EXIT_CRITERIA_FAILED,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    build_settings,
+    echo_json,
+    handle_errors,
+    open_database,
+    settings_options,
+)
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
+@settings_options
+@click.option("--task", required=True, help="The task whose model scores the cohort.")
+@click.option("--model", "model_version", help="The model version (default: the task's active one).")
+@click.option("--name", help="The evaluation's name (default: <dataset folder>-<task>-<version>); reruns resume it.")
+@click.option("--heatmaps", is_flag=True, help="Also write heatmaps, as the daemon does.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
+@click.option("--workers", type=click.IntRange(0), help="Decoding processes (default: cores - 1; 0: none).")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the model runs: cuda is this machine's GPU (local engine) or one GPU per Ray actor.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: decoding processes and the model on this machine; ray: Ray Data (pip install 'meddaemon[ray]').",
+)
+@click.option(
+    "--ray-address", help="A Ray cluster to join ('auto': the one this node belongs to); default: a local Ray."
+)
+@click.option("--audit", "with_audit", is_flag=True, help="Then audit against the labels the dataset layout carries.")
+@click.option("--require", metavar="CRITERIA", help='With --audit: criteria as for medcli audit, e.g. "auc>=0.85".')
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def evaluate(
+    path: Path,
+    config_file: Path | None,
+    task: str,
+    model_version: str | None,
+    name: str | None,
+    heatmaps: bool,
+    batch_size: int,
+    workers: int | None,
+    device: str,
+    engine: str,
+    ray_address: str | None,
+    with_audit: bool,
+    require: str | None,
+    as_json: bool,
+    **flags: object,
+) -> None:
+    """Score every image of PATH in place with a task's model: a dataset as published (BUSI, NIH
+    ChestX-ray14, COVID, IDC, folder per class, CSV manifest) or any folder of images.
+
+    Nothing under PATH is written, moved or locked. Results go to the database as the daemon's do
+    (scans by SHA-256, a result per label); bytes the model version scored before are not scored
+    again, so an interrupted run resumes and a rerun costs only the hashing. Unreadable files are
+    listed with their reason; more than 5% of them stops the run.
+    """
+    from rich.console import Console
+
+    from meddaemon.evaluate.pipeline import EvaluationRequest, EvaluationStopped, TooManyUnreadable, run_evaluation
+    from meddaemon.evaluate.store import EvaluationError
+    from meddaemon.training.datasets import DatasetError
+
+    settings = build_settings(config_file, **flags)
+    options: dict[str, Any] = {"workers": workers} if workers is not None else {}
+    request = EvaluationRequest(
+        path=path, task=task, model_version=model_version, name=name, heatmaps=heatmaps, batch_size=batch_size,
+        device=device, engine=engine, ray_address=ray_address, audit=with_audit, **options,
+    )  # fmt: skip
+    err = Console(stderr=True)
+    db = open_database(settings)
+    try:
+        with _progress_bar(err, disable=as_json or not err.is_terminal) as progress:
+            try:
+                outcome = run_evaluation(db, settings, request, progress)
+            except (EvaluationError, DatasetError) as exc:
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(EXIT_USAGE)
+            except TooManyUnreadable as exc:
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(EXIT_USAGE)
+            except EvaluationStopped as exc:
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(EXIT_FAILURE)
+            except KeyboardInterrupt:
+                click.echo("interrupted: what was scored is stored; run the same command again to resume", err=True)
+                sys.exit(EXIT_INTERRUPTED)
+        audit = None
+        if with_audit:
+            audit = _audit(db, settings, outcome.name, require)
+    finally:
+        db.dispose()
+    summary = outcome.summary
+    if as_json:
+        echo_json({**summary, "audit": audit.as_dict() if audit else None})
+    else:
+        _print(summary)
+        if audit is not None:
+            from meddaemon.audit.table import print_audit
+
+            print_audit(audit)
+    sys.exit(EXIT_CRITERIA_FAILED if audit is not None and audit.passed is False else EXIT_OK)
+
+
+def _audit(db: Any, settings: Any, name: str, require: str | None) -> Any:
+    from meddaemon.audit.criteria import CriteriaError
+    from meddaemon.audit.labels import LabelFileError
+    from meddaemon.audit.predictions import AuditInputError
+    from meddaemon.audit.run import AuditRequest
+    from meddaemon.audit.store import save_audit
+    from meddaemon.db.engine import session_factory, transaction
+    from meddaemon.evaluate.truth import audit_evaluation
+
+    try:
+        with transaction(session_factory(db)) as session:
+            result = audit_evaluation(session, name, AuditRequest(require=require), settings.task_specs)
+            save_audit(session, result)
+    except (LabelFileError, AuditInputError, CriteriaError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    return result
+
+
+class _progress_bar:
+    """A rich progress bar fed by the pipeline's progress callback (images/s and ETA)."""
+
+    def __init__(self, console: Any, disable: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} images/s"),
+            TimeRemainingColumn(), console=console, transient=True, disable=disable,
+        )  # fmt: skip
+        self.task = self.bar.add_task("evaluate", total=None, rate="-")
+
+    def __enter__(self) -> Any:
+        self.bar.__enter__()
+
+        def update(progress: Any) -> None:
+            rate = f"{progress.images_per_second:.0f}"
+            self.bar.update(self.task, completed=progress.done, total=progress.total, rate=rate)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)  # type: ignore[arg-type]
+
+
+def _print(summary: dict[str, Any]) -> None:
+    click.echo(
+        f"evaluation {summary['evaluation_id']} ({summary['name']}): {summary['state']}; "
+        f"{summary['files']} files: {summary['scored']} scored, {summary['reused']} already scored, "
+        f"{summary['failed']} unreadable"
+        + (f"; {summary['images_per_second']:.1f} images/s" if summary["images_per_second"] else "")
+    )
+    for item in summary["unreadable"][:20]:
+        click.echo(f"  unreadable {item['path']}: {item['reason']} ({item['message']})")
+    if len(summary["unreadable"]) > 20:
+        click.echo(f"  ... and {len(summary['unreadable']) - 20} more (--json lists them all)")

@@ -1,0 +1,112 @@
+"""``medcli outbox``: the DICOM objects waiting for, given up on, or past delivery (``dicom/outbox.py``)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import click
+
+from meddaemon.cli.common import build_settings, echo_json, handle_errors, open_database, settings_options
+from meddaemon.db.engine import session_factory, transaction
+
+
+@click.group()
+def outbox() -> None:
+    """The DICOM outputs queued for their destinations: list, retry the dead, purge the done."""
+
+
+@outbox.command("list")
+@settings_options
+@click.option("--status", type=click.Choice(["pending", "delivered", "dead"]), help="Only items in this status.")
+@click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def list_(config_file: Path | None, status: str | None, limit: int, as_json: bool, **flags: object) -> None:
+    """The latest items (no patient data) and the queue: counts per status, the oldest pending."""
+    from meddaemon.dicom import outbox as box
+
+    settings = build_settings(config_file, **flags)
+    engine = open_database(settings)
+    try:
+        with session_factory(engine)() as session:
+            rows = [
+                {
+                    "id": i.id,
+                    "scan_id": i.scan_id,
+                    "object": i.object_key,
+                    "destination": i.destination,
+                    "status": i.status,
+                    "attempts": i.attempts,
+                    "last_error": i.last_error,
+                    "sop_instance_uid": i.sop_instance_uid,
+                }
+                for i in box.list_items(session, status, limit)
+            ]
+            queue = box.summary(session)
+    finally:
+        engine.dispose()
+    if as_json:
+        echo_json({"items": rows, "queue": queue.as_dict()})
+        return
+    for r in rows:
+        error = f"  {r['last_error']}" if r["last_error"] else ""
+        click.echo(
+            f"{r['id']:>6}  scan {r['scan_id']:<6} {r['object']:<24} -> {r['destination']:<12} "
+            f"{r['status']:<9} {r['attempts']} attempt(s){error}"
+        )
+    oldest = queue.oldest_pending_seconds
+    click.echo(
+        ", ".join(f"{n} {s}" for s, n in queue.counts.items())
+        + (f"; oldest pending waits {oldest:.0f} s" if oldest is not None else "")
+    )
+
+
+@outbox.command()
+@settings_options
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all-dead", is_flag=True, help="Every dead item (whose object was written).")
+@handle_errors
+def retry(config_file: Path | None, ids: tuple[int, ...], all_dead: bool, **flags: object) -> None:
+    """Dead items pending again, due now, their attempts counted afresh (the daemon sends them)."""
+    from meddaemon.dicom import outbox as box
+
+    if not ids and not all_dead:
+        raise click.UsageError("name item ids or --all-dead")
+    settings = build_settings(config_file, **flags)
+    engine = open_database(settings)
+    try:
+        with transaction(session_factory(engine)) as session:
+            count = box.retry(session, ids, all_dead)
+    finally:
+        engine.dispose()
+    click.echo(f"{count} item(s) pending again")
+
+
+@outbox.command()
+@settings_options
+@click.option(
+    "--status",
+    "statuses",
+    type=click.Choice(["delivered", "dead"]),
+    multiple=True,
+    default=("delivered",),
+    show_default=True,
+)
+@click.option("--older-than-days", type=float, default=0.0, show_default=True)
+@handle_errors
+def purge(config_file: Path | None, statuses: tuple[str, ...], older_than_days: float, **flags: object) -> None:
+    """Forget delivered (or dead) items and remove their object files; pending ones are never purged."""
+    from meddaemon.dicom import outbox as box
+
+    settings = build_settings(config_file, **flags)
+    engine = open_database(settings)
+    try:
+        with transaction(session_factory(engine)) as session:
+            unreferenced = box.purge(session, statuses, older_than_days * 86400.0)
+    finally:
+        engine.dispose()
+    for stored in unreferenced:
+        with contextlib.suppress(FileNotFoundError):
+            settings.stored_file(stored).unlink()
+    click.echo(f"purged; {len(unreferenced)} object file(s) removed")

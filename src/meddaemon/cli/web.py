@@ -1,0 +1,54 @@
+"""``meddaemon web``: the web console over the daemon's database (the work is in ``meddaemon.web``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from meddaemon.cli.common import EXIT_OK, EXIT_USAGE, build_settings, handle_errors, settings_options, setup_logging
+
+
+@click.command()
+@settings_options
+@click.option(
+    "--host", help="Address to listen on (default: web_host, 127.0.0.1). Beyond loopback, sign-in is required."
+)
+@click.option("--port", type=int, help="Port to listen on (default: web_port, else 8080).")
+@click.option(
+    "--watch",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="The inbox Retry sends failed scans back to (default: the configured watch folder).",
+)
+@click.option("--hash-password", is_flag=True, help="Read a password (prompted, or stdin) and print its password_hash.")
+@handle_errors
+def web(config_file: Path | None, host: str | None, port: int | None, hash_password: bool, **flags: object) -> None:
+    """Serve the web console: overview, worklist, scans with their heatmaps, failures, models, audits.
+
+    Pages read the database without writing; Retry, Promote and Retire (admins only) do what
+    `medcli retry` and `medcli models promote/retire` do, and are recorded in web_actions.
+    """
+    if hash_password:
+        from meddaemon.web.auth import hash_password as make_hash
+
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True) if sys.stdin.isatty() else (
+            sys.stdin.readline().rstrip("\n"))  # fmt: skip
+        if not password:
+            click.echo("error: an empty password", err=True)
+            sys.exit(EXIT_USAGE)
+        click.echo(make_hash(password))
+        sys.exit(EXIT_OK)
+    from meddaemon.web.auth import AuthError
+    from meddaemon.web.server import serve
+
+    settings = build_settings(config_file, **{k: v for k, v in flags.items() if v is not None})
+    setup_logging(settings.log_level)
+    host = host or settings.web_host
+    port = port if port is not None else (settings.web_port or 8080)
+    try:
+        serve(settings, host, port)
+    except AuthError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    sys.exit(EXIT_OK)

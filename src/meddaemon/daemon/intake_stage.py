@@ -1,0 +1,367 @@
+"""The intake stage: inbox files found (watch hints, rescans), followed until stable, read in the
+decoding workers (``intake.read_file``), then recorded in one transaction per group and moved
+(commit, then move, then mark the move done: ``Daemon._carry_out``).
+
+Claims: the inbox files it reads (``claims.claim_inbox_files``, under this daemon's id) from before
+their read until their group is recorded; files another daemon holds are left to it. Cadence: a
+full rescan every ``rescan_seconds``, at once after a watch-queue overflow or when a lost daemon's
+files are released (``rescan_triggers``); a file is read once its stability window has passed or
+as soon as it is renamed into place. Recovery: the committed moves a previous run did not carry out
+are finished (``Daemon.recover``) before the first rescan and before every rescan. Stop: the reads
+in flight are recorded (``finish``); a file not yet claimed stays in the inbox for the next run.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from meddaemon.config import Settings
+from meddaemon.daemon import bookkeeper, claims
+from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, PlannedMove
+from meddaemon.daemon.inbox import Inbox
+from meddaemon.daemon.inference import Commit, InferenceStage
+from meddaemon.daemon.intake import Intake, IntakeContext, read_file
+from meddaemon.daemon.metrics import DaemonMetrics
+from meddaemon.daemon.outage import OutageGuard
+from meddaemon.daemon.router import RoutingPolicy
+from meddaemon.daemon.stability import Signature, StabilityTracker, StableFile
+from meddaemon.daemon.stages import BUSY_POLL, Cadence, Stage, log_lock_wait
+from meddaemon.daemon.watcher import Hint
+from meddaemon.daemon.workers import DecodingPool
+from meddaemon.db.engine import is_lock_timeout, transaction, with_lock_retry
+from meddaemon.engine.decode import DecodeOptions
+from meddaemon.failures import FailureReason, ScanFailure
+
+log = logging.getLogger("meddaemon.daemon")
+
+#: files claimed but not yet read, per warm decoding worker: what the workers start on at once. Until
+#: the pool has proved warm (its first read back), one per worker: a cold daemon holds nothing it
+#: cannot start, and its peers read the rest meanwhile
+READ_AHEAD_PER_WORKER = 16
+
+
+@dataclass
+class RunStats:
+    routed: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def files(self) -> int:
+        """Files taken from the inbox and recorded, whatever became of them."""
+        return self.routed + self.duplicates + self.failed
+
+    def count(self, record: BatchRecord) -> None:
+        for outcome in record.outcomes:
+            if outcome.state == "duplicate":
+                self.duplicates += 1
+            elif outcome.state == "failed":
+                self.failed += 1
+            else:
+                self.routed += 1
+
+
+@dataclass
+class _ReadGroup:
+    """Files handed to the workers together, recorded together in one transaction."""
+
+    files: list[tuple[StableFile, PurePosixPath]]
+    futures: list[Future]
+
+
+@dataclass(frozen=True)
+class RescanTrigger:
+    """An event that calls for a full rescan at the next turn (then cleared), and what to log."""
+
+    event: threading.Event
+    level: int
+    message: str
+
+
+class IntakeStage(Stage):
+    name = "intake"
+
+    def __init__(
+        self,
+        settings: Settings,
+        destinations: Destinations,
+        decode_options: DecodeOptions,
+        inference: InferenceStage,
+        workers: DecodingPool,
+        sessions: sessionmaker[Session],
+        outage: OutageGuard,
+        should_stop: Callable[[], bool],
+        commit: Commit,
+        carry_out: Callable[[list[PlannedMove]], None],
+        recover: Callable[[], None],
+        metrics: DaemonMetrics,
+    ) -> None:
+        self.settings = settings
+        self.inbox = Inbox(settings.watch, settings.ignore, exclude=[settings.state_dir])
+        self.tracker = StabilityTracker(settings.stable_seconds)
+        # queue.Queue, not SimpleQueue: on CPython 3.11 a SimpleQueue.get(timeout) that a signal
+        # interrupts near its deadline blocks until the next put (the loop then missed SIGTERM)
+        self.hints: queue.Queue[Hint] = queue.Queue()
+        #: inbox files whose committed move failed: not to be read again while they wait for it
+        self.blocked: set[Path] = set()
+        self.policy = RoutingPolicy(settings.routing_rules, set(settings.task_specs), settings.default_task)
+        self.destinations = destinations
+        self.decode_options = decode_options
+        self.inference = inference
+        self.workers = workers
+        self.sessions = sessions
+        self.outage = outage
+        self.should_stop = should_stop
+        self.commit = commit
+        self.carry_out = carry_out
+        self.recover_moves = recover
+        self.metrics = metrics
+        self.stats = RunStats()
+        self.reading: list[_ReadGroup] = []
+        self.rescans = Cadence(settings.rescan_seconds)
+        self.rescan_triggers: list[RescanTrigger] = []
+        #: told (files recorded, files recorded + files seen and not yet recorded) at every turn
+        self.progress: Callable[[int, int], None] | None = None
+        #: this daemon's id among those sharing the database (``lease.register``), set at start
+        self.daemon_id: int | None = None
+
+    # -- the stage -------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        self.recover_moves()
+        self.rescan()
+        self.rescans.done(time.monotonic())
+
+    def tick(self, now: float, flush: bool) -> bool:
+        self._drain_hints()
+        fired = [trigger for trigger in self.rescan_triggers if trigger.event.is_set()]
+        if fired or self.rescans.due(now):
+            for trigger in fired:
+                log.log(trigger.level, trigger.message)
+            for trigger in self.rescan_triggers:
+                trigger.event.clear()
+            self.recover_moves()
+            self.rescan()
+            self.rescans.done(now)
+        room = self._read_room()
+        if room > 0:
+            self._submit_reads(self.tracker.pop_stable(min(room, self.settings.batch_size)))
+        recorded = self._harvest_reads()
+        in_hand = self.files_in_hand()
+        if self.progress is not None:
+            self.progress(self.stats.files, self.stats.files + in_hand)
+        self.metrics.inbox_waiting(in_hand)
+        return recorded > 0
+
+    def next_deadline(self) -> float | None:
+        reads = time.monotonic() + BUSY_POLL if self.reading else None
+        deadlines = [d for d in (self.tracker.next_deadline(), self.rescans.next, reads) if d is not None]
+        return min(deadlines, default=None)
+
+    def idle(self) -> bool:
+        return not self.reading and len(self.tracker) == 0
+
+    def look_again(self) -> int:
+        return self.rescan()
+
+    def finish(self) -> None:
+        while self.reading:
+            self._harvest_group(self.reading.pop(0), block=True)
+
+    # -- finding files ---------------------------------------------------------------------------
+
+    def rescan(self) -> int:
+        """Find every candidate file; returns how many are new to the tracker."""
+        new = 0
+        for path in self.inbox.scan():
+            if path not in self.tracker and path not in self.blocked:
+                self.tracker.observe(path)
+                new += path in self.tracker
+        return new
+
+    def files_in_hand(self) -> int:
+        """Files seen in the inbox and not recorded yet: waiting to settle, or being read."""
+        return len(self.tracker) + sum(len(g.files) for g in self.reading)
+
+    def _drain_hints(self) -> None:
+        for _ in range(100_000):
+            try:
+                hint = self.hints.get_nowait()
+            except queue.Empty:
+                return
+            path = self.inbox.canonical(hint.path)
+            if path is not None and path not in self.blocked and self.inbox.is_candidate(path) and not path.is_dir():
+                self.tracker.observe(path, complete=hint.renamed_in)
+
+    # -- reading in workers ----------------------------------------------------------------------
+
+    def process(self, ready: list[StableFile]) -> BatchRecord:
+        """Read, record and file a batch of stable files, waiting for the reads (tests)."""
+        self._submit_reads(ready)
+        records = []
+        while self.reading:
+            records.append(self._harvest_group(self.reading.pop(0), block=True))
+        merged = BatchRecord()
+        for record in records:
+            merged.moves += record.moves
+            merged.outcomes += record.outcomes
+        return merged
+
+    def intake_context(self) -> IntakeContext:
+        return IntakeContext(self.decode_options, self.policy, self.inference.contracts())
+
+    def _submit_reads(self, ready: list[StableFile]) -> None:
+        files = [(f, name) for f in ready if (name := self.inbox.relative_name(f.path)) is not None]
+        if not files:
+            return
+        mine = self._claim_inbox_files([f for f, _ in files])
+        files = [(f, name) for f, name in files if f.path in mine]
+        if not files:
+            return
+        context = self.intake_context()
+        futures = [self.workers.submit(read_file, f.path, name, f.signature, context) for f, name in files]
+        self.reading.append(_ReadGroup(files, futures))
+
+    def _read_room(self) -> int:
+        """How many more inbox files to claim now: two batches in hand at most, and no more unread
+        than the decoding workers can start on (``READ_AHEAD_PER_WORKER``; one each while cold)."""
+        room = 2 * self.settings.batch_size - sum(len(g.files) for g in self.reading)
+        if self.workers.executor is None:
+            return room
+        futures = [f for g in self.reading for f in g.futures]
+        self.workers.warm = self.workers.warm or any(f.done() for f in futures)
+        per_worker = READ_AHEAD_PER_WORKER if self.workers.warm else 1
+        unread = sum(not f.done() for f in futures)
+        return min(room, self.settings.workers * per_worker - unread)
+
+    def _claim_inbox_files(self, files: list[StableFile]) -> set[Path]:
+        """The files this daemon may read: those no other daemon sharing the database holds.
+        The others are left to their holder (a rescan finds them again if it dies, at once when
+        this daemon is the one that declares it lost).
+        The claim does not wait for a peer frozen in the middle of claiming the same files: past
+        the lock timeout they go back to the tracker, to be tried again once stable."""
+        assert self.daemon_id is not None
+        me = self.daemon_id
+        unread_after = self.settings.claim_unread_seconds
+
+        def claim() -> set[Path]:
+            with transaction(self.sessions) as session:
+                return claims.claim_inbox_files(session, me, files, unread_after)
+
+        def claim_without_waiting() -> set[Path]:
+            return with_lock_retry(claim, log_lock_wait, lambda: False, retry_lock_timeouts=False)
+
+        try:
+            return self.outage.run(claim_without_waiting, self.should_stop)
+        except OperationalError as exc:
+            if not is_lock_timeout(exc):
+                raise
+            log.info("claiming %d inbox files waited past the lock timeout; trying again later", len(files))
+            for stable in files:
+                self.tracker.observe(stable.path)
+            return set()
+
+    def _harvest_reads(self) -> int:
+        """Record every group of reads that has finished, oldest first; returns files recorded."""
+        recorded = 0
+        while self.reading and all(f.done() for f in self.reading[0].futures):
+            group = self.reading.pop(0)
+            recorded += len(self._harvest_group(group, block=False).outcomes)
+        return recorded
+
+    def _harvest_group(self, group: _ReadGroup, block: bool) -> BatchRecord:
+        try:
+            intakes = [future.result() for future in group.futures]
+        except BrokenProcessPool:
+            log.error("a decoding worker died; reading this batch again one file at a time to find the culprit")
+            intakes = [self._read_alone(f.path, name, f.signature) for f, name in group.files]
+        batch: list[tuple[StableFile, PurePosixPath, Intake]] = []
+        changed: list[Path] = []
+        for (stable, name), intake in zip(group.files, intakes, strict=True):
+            if intake.changed:
+                changed.append(stable.path)
+            else:
+                batch.append((stable, name, intake))
+        served = set(self.inference.served)
+        assert self.daemon_id is not None
+        me = self.daemon_id
+
+        def record(session: Session) -> BatchRecord:
+            """The batch's rows, for the files this daemon still holds; claims end for the files
+            that are not leaving the inbox (changed while read, vanished)."""
+            held = claims.held_inbox_files(session, me, [stable.path for stable, _, _ in batch])
+            kept = [item for item in batch if str(item[0].path) in held]
+            record_ = bookkeeper.record_batch(session, kept, self.destinations, served, claimed_by=me)
+            leaving = {str(move.source) for move in record_.moves}
+            claims.release_inbox_files(
+                session, [*changed, *(stable.path for stable, _, _ in kept if str(stable.path) not in leaving)]
+            )
+            return record_
+
+        record_ = self.commit(record)
+        for path in changed:
+            self.tracker.observe(path)
+        self.carry_out(record_.moves)
+        self.stats.count(record_)
+        for outcome in record_.outcomes:
+            self.metrics.files_recorded(outcome.state, outcome.reason)
+        by_name = {str(name): (stable, intake) for stable, name, intake in batch}
+        for outcome in record_.outcomes:
+            log_outcome(outcome)
+            stable, intake = by_name[outcome.source_name]
+            if outcome.state == "routed" and outcome.scan_id is not None and intake.model_input is not None:
+                self.inference.enqueue(
+                    outcome.scan_id, outcome.task or "", intake.model_input, stable.discovered_at, outcome.sha256
+                )
+        return record_
+
+    def _read_alone(self, path: Path, name: PurePosixPath, expected: Signature) -> Intake:
+        """Read one file in a fresh worker; a file that kills its worker fails as ``decoder_crashed``."""
+        self.workers.replace()
+        try:
+            return self.workers.submit(read_file, path, name, expected, self.intake_context()).result()
+        except BrokenProcessPool:
+            self.workers.replace()
+            return Intake(path, failure=ScanFailure(FailureReason.DECODER_CRASHED, "the decoder crashed on this file"))
+
+
+def log_outcome(outcome: bookkeeper.IntakeOutcome) -> None:
+    sha = (outcome.sha256 or "-")[:12]
+    if outcome.state == "failed":
+        log.warning(
+            "%s -> failed: %s (%s); kept at %s",
+            outcome.source_name,
+            outcome.reason,
+            outcome.detail,
+            outcome.target or "nowhere: the file is gone",
+        )
+    elif outcome.state == "duplicate":
+        log.info(
+            "%s (sha256 %s) -> duplicate: %s; kept at %s", outcome.source_name, sha, outcome.detail, outcome.target
+        )
+    elif outcome.state == "inferred":
+        log.info(
+            "%s (sha256 %s) -> inferred, task %s, model %s", outcome.source_name, sha, outcome.task, outcome.detail
+        )
+    else:
+        log.info(
+            "%s (sha256 %s, %d bytes) -> %s, task %s by %s",
+            outcome.source_name,
+            sha,
+            outcome.size,
+            outcome.state,
+            outcome.task,
+            outcome.detail,
+        )

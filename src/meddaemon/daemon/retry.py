@@ -1,0 +1,256 @@
+"""Sending failed scans back through the inbox, once their cause is fixed (``medcli retry``).
+
+The kept original (``failed/<name>``) is copied back into the watch folder under the name it
+arrived with (so a task folder routes it the same way), whole (a dot name linked into place). The
+failed scan stays failed, with ``retried_at`` and a step in its history saying where its file went;
+the daemon then records the arrival as a new attempt (new arrivals are not de-duplicated against
+failed scans, ``bookkeeper.record_batch``).
+
+Each scan is one transaction: its row locked and marked, the copy placed in the inbox, the commit,
+then the original and its ``.reason.json`` removed from ``failed/``. A crash before the commit leaves
+the original in ``failed/`` and at worst a copy in the inbox (a new attempt; a second retry of the
+same scan then arrives as its duplicate); nothing is ever lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from meddaemon.config import Settings
+from meddaemon.daemon import filing
+from meddaemon.db.engine import transaction, with_lock_retry
+from meddaemon.db.models import Scan, ScanEvent, utcnow
+from meddaemon.failures import FailureReason
+from meddaemon.states import ScanState
+
+#: names tried in the inbox before giving up (the name it arrived with, then ``__retry<id>[_n]``)
+NAME_ATTEMPTS = 100
+
+
+class Refusal(StrEnum):
+    UNKNOWN_SCAN = "unknown_scan"
+    UNKNOWN_REASON = "unknown_reason"
+    NOT_FAILED = "not_failed"
+    ALREADY_RETRIED = "already_retried"
+    ORIGINAL_GONE = "original_gone"
+    MOVE_PENDING = "move_pending"
+    INBOX_MISSING = "inbox_missing"
+    INBOX_UNWRITABLE = "inbox_unwritable"
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which failed scans to retry: one scan (``scan``: its id or SHA-256), those that failed with one
+    reason code (``reason``), or all of them (``all_failed``). Exactly one is given."""
+
+    scan: str | None = None
+    reason: str | None = None
+    all_failed: bool = False
+
+    def __post_init__(self) -> None:
+        given = (self.scan is not None) + (self.reason is not None) + self.all_failed
+        if given != 1:
+            raise ValueError("give exactly one of a scan (id or SHA-256), a reason code, or all_failed")
+
+
+@dataclass(frozen=True)
+class Requeued:
+    scan_id: int
+    source_name: str
+    failure_reason: str | None
+    #: where the kept original was (failed/) and where its copy now is (the inbox)
+    original: Path
+    inbox_path: Path
+
+
+@dataclass(frozen=True)
+class Refused:
+    code: Refusal
+    message: str
+    scan_id: int | None = None
+
+
+@dataclass
+class RetryResult:
+    requeued: list[Requeued] = field(default_factory=list)
+    refused: list[Refused] = field(default_factory=list)
+    #: failed scans a bulk selection left alone: their file was never kept (``vanished``)
+    without_original: int = 0
+    dry_run: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Everything selected was requeued (or, with ``dry_run``, would be)."""
+        return not self.refused
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "ok": self.ok,
+            "dry_run": self.dry_run,
+            "requeued": [
+                {
+                    "scan_id": r.scan_id,
+                    "source_name": r.source_name,
+                    "failure_reason": r.failure_reason,
+                    "original": str(r.original),
+                    "inbox_path": str(r.inbox_path),
+                }
+                for r in self.requeued
+            ],
+            "refused": [{"scan_id": r.scan_id, "code": r.code.value, "message": r.message} for r in self.refused],
+            "without_original": self.without_original,
+        }
+
+
+def retry_failed(
+    sessions: sessionmaker[Session], settings: Settings, selector: Selector, dry_run: bool = False
+) -> RetryResult:
+    """Send the failed scans ``selector`` names back into ``settings.watch``; with ``dry_run``, only
+    say what would happen. Scans that cannot be retried are refused with a named reason."""
+    result = RetryResult(dry_run=dry_run)
+    with sessions() as session:
+        scan_ids = _select(session, selector, result)
+    for scan_id in scan_ids:
+        outcome = with_lock_retry(lambda scan_id=scan_id: _requeue(sessions, settings, scan_id, dry_run))
+        (result.requeued if isinstance(outcome, Requeued) else result.refused).append(outcome)  # type: ignore[arg-type]
+    return result
+
+
+def _select(session: Session, selector: Selector, result: RetryResult) -> list[int]:
+    """The ids to try; a selection that names nothing retryable is refused here."""
+    if selector.scan is not None:
+        return _select_scan(session, selector.scan.strip().lower(), result)
+    bulk = select(Scan.id, Scan.stored_path).where(Scan.state == ScanState.FAILED, Scan.retried_at.is_(None))
+    if selector.reason is not None:
+        if selector.reason not in {r.value for r in FailureReason}:
+            result.refused.append(
+                Refused(Refusal.UNKNOWN_REASON, f"no failure reason {selector.reason!r} (see `meddaemon status`)")
+            )
+            return []
+        if selector.reason == FailureReason.VANISHED:
+            result.refused.append(
+                Refused(Refusal.ORIGINAL_GONE, "scans that failed as vanished keep no file to send back")
+            )
+            return []
+        bulk = bulk.where(Scan.failure_reason == selector.reason)
+    rows = session.execute(bulk.order_by(Scan.id)).all()
+    result.without_original = sum(1 for _, stored in rows if stored is None)
+    return [scan_id for scan_id, stored in rows if stored is not None]
+
+
+def _select_scan(session: Session, key: str, result: RetryResult) -> list[int]:
+    if key.isdigit() and len(key) < 12:
+        if session.get(Scan, int(key)) is None:
+            result.refused.append(Refused(Refusal.UNKNOWN_SCAN, f"no scan {key}"))
+            return []
+        return [int(key)]
+    if len(key) == 64 and all(c in "0123456789abcdef" for c in key):
+        attempts = session.scalars(select(Scan).where(Scan.sha256 == key).order_by(Scan.id)).all()
+        if not attempts:
+            result.refused.append(Refused(Refusal.UNKNOWN_SCAN, f"no scan with SHA-256 {key}"))
+            return []
+        waiting = [s.id for s in attempts if s.state == ScanState.FAILED and s.retried_at is None]
+        # none waiting: the latest attempt says why (it is live, or already retried)
+        return waiting or [attempts[-1].id]
+    result.refused.append(Refused(Refusal.UNKNOWN_SCAN, f"{key!r} is neither a scan id nor a SHA-256"))
+    return []
+
+
+def _requeue(sessions: sessionmaker[Session], settings: Settings, scan_id: int, dry_run: bool) -> Requeued | Refused:
+    watch = settings.watch
+    placed: Path | None = None
+    try:
+        with transaction(sessions) as session:
+            scan = session.scalar(select(Scan).where(Scan.id == scan_id).with_for_update())
+            assert scan is not None
+            refusal = _why_not(scan)
+            if refusal is not None:
+                return refusal
+            original = _kept_original(scan, settings)
+            if not os.path.isfile(original):
+                return Refused(Refusal.ORIGINAL_GONE, f"scan {scan.id}: its kept original {original} is gone", scan.id)
+            if not watch.is_dir():  # an unmounted share: never made up here
+                return Refused(Refusal.INBOX_MISSING, f"the watch folder {watch} does not exist", scan.id)
+            name = PurePosixPath(scan.source_name)
+            if dry_run:
+                return Requeued(
+                    scan.id, scan.source_name, scan.failure_reason, original, _free_name(watch, name, scan.id)
+                )
+            try:
+                placed = _place(original, watch, name, scan.id)
+            except OSError as exc:
+                return Refused(
+                    Refusal.INBOX_UNWRITABLE,
+                    f"scan {scan.id}: cannot write into {watch}: {exc.strerror or exc}",
+                    scan.id,
+                )
+            now = utcnow()
+            scan.retried_at, scan.stored_path = now, None
+            detail = f"sent for retry: {original} copied back into the inbox as {placed.relative_to(watch).as_posix()}"
+            session.add(ScanEvent(scan_id=scan.id, state=ScanState.FAILED.value, detail=detail, at=now))
+            requeued = Requeued(scan.id, scan.source_name, scan.failure_reason, original, placed)
+    except BaseException:
+        if placed is not None:  # not committed: the copy goes (unless the daemon has taken it already)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(placed)
+        raise
+    for leftover in (original, filing.reason_path(original)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(leftover)
+    return requeued
+
+
+def _why_not(scan: Scan) -> Refused | None:
+    if scan.state != ScanState.FAILED:
+        return Refused(Refusal.NOT_FAILED, f"scan {scan.id} is {scan.state}, not failed", scan.id)
+    if scan.retried_at is not None:
+        return Refused(
+            Refusal.ALREADY_RETRIED,
+            f"scan {scan.id} was sent for retry at {scan.retried_at:%Y-%m-%d %H:%M:%S}",
+            scan.id,
+        )
+    if scan.stored_path is None:
+        return Refused(
+            Refusal.ORIGINAL_GONE, f"scan {scan.id} failed as {scan.failure_reason}: no file of it was kept", scan.id
+        )
+    if scan.pending_move_from is not None:
+        return Refused(
+            Refusal.MOVE_PENDING,
+            f"scan {scan.id}: its move into failed/ is not done yet (the daemon finishes it)",
+            scan.id,
+        )
+    return None
+
+
+def _kept_original(scan: Scan, settings: Settings) -> Path:
+    """Where the failed scan's file is: the one place this module reads ``stored_path``."""
+    assert scan.stored_path is not None
+    return settings.stored_file(scan.stored_path)
+
+
+def _free_name(watch: Path, name: PurePosixPath, scan_id: int) -> Path:
+    for attempt in range(1, NAME_ATTEMPTS + 1):
+        target = filing.inbox_return_path(watch, name, scan_id, attempt)
+        if not os.path.lexists(target):
+            return target
+    raise FileExistsError(f"{NAME_ATTEMPTS} names for {name} are taken in {watch}")
+
+
+def _place(original: Path, watch: Path, name: PurePosixPath, scan_id: int) -> Path:
+    for attempt in range(1, NAME_ATTEMPTS + 1):
+        target = filing.inbox_return_path(watch, name, scan_id, attempt)
+        if os.path.lexists(target):
+            continue
+        try:
+            filing.place_new_file(original, target)
+        except FileExistsError:
+            continue
+        return target
+    raise FileExistsError(f"{NAME_ATTEMPTS} names for {name} are taken in {watch}")

@@ -1,0 +1,148 @@
+"""What the DICOM objects of one scan are made of: its stored result rows, heatmap files and source
+header, read once; the builders (``sr``, ``pmap``, ``sc``, ``pdf``) are pure functions of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from meddaemon import __version__
+from meddaemon.daemon.filing import view_path
+from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan
+from meddaemon.engine.tasks import InputContract
+from meddaemon.overlays import ViewSource
+from meddaemon.stored_paths import stored_file
+
+#: type-2 attributes of the Patient and General Study modules: present, empty when the source had none
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+#: what a source must have for its results to join its study; without one the outputs fail by name
+REQUIRED_SOURCE = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+MANUFACTURER = "meddaemon"
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS: research software output"
+
+
+class OutputRefused(Exception):
+    """A scan's DICOM outputs cannot be made; ``reason`` is a short code, the message a sentence."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class LabelResult:
+    label: str
+    probability: float
+    threshold: float
+    positive: bool
+    heatmap_path: Path | None = None
+    overlay_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class ScanFacts:
+    """One inferred scan: its result under one model version, and its source DICOM header."""
+
+    scan_id: int
+    sha256: str
+    task: str
+    model_version: str
+    architecture: str
+    results: tuple[LabelResult, ...]
+    source: Dataset
+    uid_root: str
+    #: the scan as the model saw it, for overlays drawn on first use (``meddaemon.overlays``)
+    view: ViewSource = field(default_factory=ViewSource)
+
+    @property
+    def algorithm_name(self) -> str:
+        return f"meddaemon {self.task} ({self.architecture})"
+
+    @property
+    def software_version(self) -> str:
+        return f"model {self.model_version}; meddaemon {__version__}"
+
+    def heatmaps(self) -> list[LabelResult]:
+        return [r for r in self.results if r.heatmap_path is not None]
+
+
+def scan_facts(session: Session, scan_id: int, state_dir: Path, uid_root: str) -> ScanFacts:
+    """The facts of a DICOM scan with results; ``OutputRefused`` when it has none to give."""
+    scan = session.get(Scan, scan_id)
+    if scan is None:
+        raise LookupError(f"no scan {scan_id}")
+    if scan.format != "dicom" or scan.sha256 is None or scan.stored_path is None:
+        raise OutputRefused("not_dicom", "the scan did not arrive as DICOM: there is no study to join")
+    version_id = session.scalar(select(func.max(Result.model_version_id)).where(Result.scan_id == scan_id))
+    if version_id is None:
+        raise OutputRefused("no_result", "the scan has no stored result")
+    model = session.get(ModelVersion, version_id)
+    assert model is not None
+    rows = session.execute(
+        select(Result, Heatmap)
+        .outerjoin(Heatmap, Heatmap.result_id == Result.id)
+        .where(Result.scan_id == scan_id, Result.model_version_id == version_id)
+        .order_by(Result.id)
+    ).all()
+    results = tuple(
+        LabelResult(
+            r.label,
+            r.probability,
+            r.threshold,
+            r.positive,
+            stored_file(h.array_path, state_dir) if h is not None else None,
+            stored_file(h.overlay_path, state_dir) if h is not None else None,
+        )
+        for r, h in rows
+    )
+    stored = stored_file(scan.stored_path, state_dir)
+    source = read_source(stored)
+    contract = (model.manifest or {}).get("input_contract")
+    maps = [r.heatmap_path for r in results if r.heatmap_path is not None]
+    view = ViewSource(
+        view_path(maps[0].parents[2], scan.sha256, version_id) if maps else None,
+        stored,
+        InputContract.from_dict(contract) if contract else None,
+    )
+    return ScanFacts(
+        scan.id, scan.sha256, model.task_name, model.version, model.architecture, results, source, uid_root, view
+    )
+
+
+def read_source(path: Path) -> Dataset:
+    """The source's header (no pixel data), with the empty type-2 patient and study attributes the
+    standard allows where it had none; ``OutputRefused`` when it lacks what a study needs."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, force=True)
+    except Exception as exc:
+        raise OutputRefused("source_unreadable", f"the source DICOM cannot be read ({type(exc).__name__})") from None
+    missing = [keyword for keyword in REQUIRED_SOURCE if not ds.get(keyword)]
+    if missing:
+        raise OutputRefused(
+            "source_without_study", f"the source lacks {', '.join(missing)}: its results cannot join its study"
+        )
+    for keyword in TYPE2_PATIENT_STUDY:
+        if keyword not in ds:
+            setattr(ds, keyword, None)
+    return ds
+
+
+def load_heatmap(result: LabelResult) -> np.ndarray:
+    assert result.heatmap_path is not None
+    return np.load(result.heatmap_path, allow_pickle=False).astype(np.float32, copy=False)

@@ -1,0 +1,446 @@
+"""The outbox: one row per DICOM object and destination, and what became of its delivery.
+
+- Rows are added in the transaction of the state step that makes their object due (``enqueue``).
+- A sender claims due rows (``claim_due``: pending, their time come, held by nobody, by itself, or
+  by a daemon no longer running), sends, and records the answer in a transaction of its own:
+  ``delivered`` once the peer acknowledged, never sent again after that commit; a failure counts an
+  attempt and sets the next one after an exponential backoff with jitter; ``dead`` after
+  ``max_attempts`` failures or a permanent refusal, with what the peer said.
+- A crash between the acknowledgement and its commit sends the object again: the same bytes, the
+  same SOP Instance UID, which a PACS stores once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import random
+import signal
+import threading
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from meddaemon.config import Settings
+from meddaemon.db.clock import db_clock, read_db_clock
+from meddaemon.db.engine import transaction, with_lock_retry
+from meddaemon.db.models import DaemonInstance, OutboxItem
+from meddaemon.dicom.senders import Delivery, Sender, make_sender
+from meddaemon.stored_paths import stored_file
+
+log = logging.getLogger("meddaemon.outbox")
+T = TypeVar("T")
+#: how long an idle sender waits before looking for due rows again (s)
+POLL_SECONDS = 0.25
+
+PENDING, DELIVERED, DEAD = "pending", "delivered", "dead"
+STATUSES = (PENDING, DELIVERED, DEAD)
+
+
+@dataclass(frozen=True)
+class NewItem:
+    object_key: str
+    destination: str
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    path: str | None = None
+    #: set for an object that could not be made: the row is born ``dead`` with this reason
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Backoff:
+    base_seconds: float
+    max_seconds: float
+    max_attempts: int
+
+    def delay(self, attempts: int, rng: random.Random | None = None) -> float:
+        """Seconds before attempt ``attempts + 1``: base x 2^(attempts-1), capped, times 0.5-1.5."""
+        raw = min(self.max_seconds, self.base_seconds * 2 ** max(0, attempts - 1))
+        return raw * (0.5 + (rng or random).random())
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: int
+    scan_id: int
+    object_key: str
+    destination: str
+    sop_class_uid: str | None
+    sop_instance_uid: str | None
+    path: str
+    attempts: int
+
+
+def enqueue(session: Session, scan_id: int, items: Collection[NewItem]) -> int:
+    """Add the rows not there yet (a replay adds nothing); returns how many were added."""
+    have = set(
+        session.execute(
+            select(OutboxItem.object_key, OutboxItem.destination).where(OutboxItem.scan_id == scan_id)
+        ).all()
+    )
+    now = read_db_clock(session)
+    added = 0
+    for item in items:
+        if (item.object_key, item.destination) in have:
+            continue
+        have.add((item.object_key, item.destination))
+        session.add(
+            OutboxItem(
+                scan_id=scan_id,
+                object_key=item.object_key,
+                destination=item.destination,
+                sop_class_uid=item.sop_class_uid,
+                sop_instance_uid=item.sop_instance_uid,
+                path=item.path,
+                status=DEAD if item.error else PENDING,
+                attempts=0,
+                created_at=now,
+                next_attempt_at=now,
+                last_error=item.error,
+            )
+        )
+        added += 1
+    session.flush()
+    return added
+
+
+def _claimable(daemon_id: int | None) -> Any:
+    running = select(DaemonInstance.id).where(DaemonInstance.state == "running")
+    if daemon_id is None:
+        return or_(OutboxItem.claimed_by.is_(None), OutboxItem.claimed_by.not_in(running))
+    return or_(
+        OutboxItem.claimed_by.is_(None), OutboxItem.claimed_by == daemon_id, OutboxItem.claimed_by.not_in(running)
+    )
+
+
+def claim_due(
+    session: Session, daemon_id: int | None, limit: int, destinations: Collection[str] | None = None
+) -> list[Claimed]:
+    """Up to ``limit`` pending rows whose time has come, oldest first, claimed for ``daemon_id``."""
+    query = (
+        select(OutboxItem)
+        .where(OutboxItem.status == PENDING, OutboxItem.next_attempt_at <= db_clock(), _claimable(daemon_id))
+        .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    if destinations is not None:
+        query = query.where(OutboxItem.destination.in_(list(destinations)))
+    claimed = []
+    for row in session.scalars(query):
+        row.claimed_by = daemon_id
+        claimed.append(
+            Claimed(
+                row.id,
+                row.scan_id,
+                row.object_key,
+                row.destination,
+                row.sop_class_uid,
+                row.sop_instance_uid,
+                row.path or "",
+                row.attempts,
+            )
+        )
+    return claimed
+
+
+def record_delivered(session: Session, item_id: int, detail: str | None = None) -> bool:
+    """The peer acknowledged the object: ``delivered``, whoever held the claim (it arrived)."""
+    done = session.execute(
+        update(OutboxItem)
+        .where(OutboxItem.id == item_id, OutboxItem.status == PENDING)
+        .values(
+            status=DELIVERED,
+            delivered_at=db_clock(),
+            attempts=OutboxItem.attempts + 1,
+            claimed_by=None,
+            last_error=detail,
+        )
+    )
+    return bool(done.rowcount)  # type: ignore[attr-defined]
+
+
+def record_failure(
+    session: Session, item_id: int, error: str, permanent: bool, backoff: Backoff, rng: random.Random | None = None
+) -> str | None:
+    """One failed attempt: ``dead`` when refused for good or out of attempts, else pending again after
+    a backoff. Returns the new status (None when the row was no longer pending)."""
+    row = session.get(OutboxItem, item_id, with_for_update=True)
+    if row is None or row.status != PENDING:
+        return None
+    row.attempts += 1
+    row.last_error = error[:2000]
+    row.claimed_by = None
+    if permanent or row.attempts >= backoff.max_attempts:
+        row.status = DEAD
+    else:
+        row.next_attempt_at = read_db_clock(session) + backoff.delay(row.attempts, rng)
+    return row.status
+
+
+def release(session: Session, item_ids: Collection[int]) -> None:
+    """Give back claimed rows not attempted (a stop request came first)."""
+    if item_ids:
+        session.execute(update(OutboxItem).where(OutboxItem.id.in_(list(item_ids))).values(claimed_by=None))
+
+
+# -- what `medcli outbox` and health/metrics read and do -----------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueSummary:
+    counts: dict[str, int]
+    #: seconds the oldest pending row has waited (None: nothing pending)
+    oldest_pending_seconds: float | None
+    #: seconds until the earliest pending row is due (<= 0: due now)
+    next_due_seconds: float | None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "counts": self.counts,
+            "oldest_pending_seconds": self.oldest_pending_seconds,
+            "next_due_seconds": self.next_due_seconds,
+        }
+
+
+def summary(session: Session) -> QueueSummary:
+    counts = {status: 0 for status in STATUSES}
+    counts.update(dict(session.execute(select(OutboxItem.status, func.count()).group_by(OutboxItem.status)).all()))
+    now = read_db_clock(session)
+    oldest, due = session.execute(
+        select(func.min(OutboxItem.created_at), func.min(OutboxItem.next_attempt_at)).where(
+            OutboxItem.status == PENDING
+        )
+    ).one()
+    return QueueSummary(
+        counts,
+        None if oldest is None else max(0.0, now - oldest),
+        None if due is None else due - now,
+    )
+
+
+def list_items(session: Session, status: str | None = None, limit: int = 100) -> list[OutboxItem]:
+    query = select(OutboxItem).order_by(OutboxItem.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(OutboxItem.status == status)
+    return list(session.scalars(query))
+
+
+def retry(session: Session, ids: Collection[int] = (), all_dead: bool = False) -> int:
+    """Dead rows (those of ``ids``, or all) pending again, due now, with their attempts reset.
+    Rows born dead (the object could not be made) have no file and stay dead."""
+    query = update(OutboxItem).where(OutboxItem.status == DEAD, OutboxItem.path.is_not(None))
+    if not all_dead:
+        query = query.where(OutboxItem.id.in_(list(ids)))
+    done = session.execute(query.values(status=PENDING, attempts=0, next_attempt_at=db_clock(), claimed_by=None))
+    return done.rowcount  # type: ignore[attr-defined,no-any-return]
+
+
+def purge(session: Session, statuses: Collection[str] = (DELIVERED,), older_than_seconds: float = 0.0) -> list[str]:
+    """Delete rows in ``statuses`` (never pending ones) created more than ``older_than_seconds`` ago;
+    returns the object files no remaining row names (the caller removes them after the commit)."""
+    kept = [s for s in statuses if s != PENDING]
+    if not kept:
+        return []
+    gone = OutboxItem.status.in_(kept), OutboxItem.created_at <= db_clock() - older_than_seconds
+    paths = set(session.scalars(select(OutboxItem.path).where(*gone, OutboxItem.path.is_not(None))))
+    session.execute(delete(OutboxItem).where(*gone))
+    still = set(session.scalars(select(OutboxItem.path).where(OutboxItem.path.in_(sorted(paths))))) if paths else set()
+    return sorted(p for p in paths if p is not None and p not in still)
+
+
+def nothing_pending(scan_id_column: Any) -> Any:
+    """True for scans with no object still pending: the archive waits for the others."""
+    return ~select(OutboxItem.id).where(OutboxItem.scan_id == scan_id_column, OutboxItem.status == PENDING).exists()
+
+
+# -- the sender ------------------------------------------------------------------------------------
+
+
+class OutboxSender:
+    """Empties the outbox: a thread of the daemon (``start``/``stop``), or ``drain`` for ``--once``.
+
+    Each round claims up to ``batch`` due rows, sends them grouped by destination (one association
+    or session per group), and records every answer in one transaction per group.
+    """
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], daemon_id: int | None, batch: int = 32):
+        self.settings = settings
+        self.sessions = sessions
+        self.daemon_id = daemon_id
+        self.batch = batch
+        self.backoff = Backoff(
+            settings.outbox_retry_seconds, settings.outbox_max_retry_seconds, settings.outbox_max_attempts
+        )
+        self.destinations = {d.name: d for d in settings.destination}
+        self.senders: dict[str, Sender] = {}
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.delivered = 0
+        self.failed = 0
+
+    def round(self) -> int:
+        """One claim, send, record; returns the rows attempted."""
+        me = self.daemon_id
+
+        def claim() -> list[Claimed]:
+            with transaction(self.sessions) as session:
+                return claim_due(session, me, self.batch)
+
+        claimed = with_lock_retry(claim)
+        groups: dict[str, list[Claimed]] = {}
+        for item in claimed:
+            groups.setdefault(item.destination, []).append(item)
+        for name, items in groups.items():
+            if self.stop_event.is_set():
+                self._commit(lambda session, ids=[i.id for i in items]: release(session, ids))
+                continue
+            self._deliver(name, items)
+        return len(claimed)
+
+    def _deliver(self, name: str, items: list[Claimed]) -> None:
+        destination = self.destinations.get(name)
+        answers: list[Delivery]
+        if destination is None:
+            answers = [Delivery(False, f"destination {name!r} is not configured", True)] * len(items)
+        else:
+            sender = self.senders.get(name)
+            if sender is None:
+                sender = self.senders[name] = make_sender(destination)
+            paths = [stored_file(i.path, self.settings.state_dir) for i in items]
+            try:
+                answers = sender.send(paths)
+            except Exception as exc:  # a bug or an unexpected library error: retried like a peer failure
+                log.exception("sending to %s failed", name)
+                answers = [Delivery(False, f"{type(exc).__name__} in the sender")] * len(items)
+
+        def record(session: Session) -> list[str | None]:
+            outcomes = []
+            for item, answer in zip(items, answers, strict=True):
+                if answer.acknowledged:
+                    record_delivered(session, item.id, answer.detail or None)
+                    outcomes.append(DELIVERED)
+                else:
+                    outcomes.append(record_failure(session, item.id, answer.detail, answer.permanent, self.backoff))
+            return outcomes
+
+        outcomes = self._commit(record)
+        for item, answer, status in zip(items, answers, outcomes, strict=True):
+            if answer.acknowledged:
+                self.delivered += 1
+                log.info("scan %d: %s delivered to %s", item.scan_id, item.object_key, name)
+            else:
+                self.failed += 1
+                log.warning(
+                    "scan %d: %s not delivered to %s (attempt %d): %s%s",
+                    item.scan_id,
+                    item.object_key,
+                    name,
+                    item.attempts + 1,
+                    answer.detail,
+                    "; given up (dead)" if status == DEAD else "; will retry",
+                )
+
+    def _commit(self, work: Callable[[Session], T]) -> T:
+        def attempt() -> T:
+            with transaction(self.sessions) as session:
+                return work(session)
+
+        return with_lock_retry(attempt, should_stop=lambda: False)
+
+    def drain(self, should_stop: Callable[[], bool] = lambda: False) -> None:
+        """Send until nothing is due now (``--once``; rows backing off wait for the next run)."""
+        while not should_stop() and self.round():
+            pass
+
+    def serve(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                attempted = self.round()
+            except Exception:
+                log.exception("the outbox sender failed a round; trying again shortly")
+                attempted = 0
+            if not attempted:
+                self.stop_event.wait(POLL_SECONDS)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.serve, name="outbox-sender", daemon=True)
+        self.thread.start()
+        log.info("outbox sender started: %s", ", ".join(f"{d.name} ({d.kind})" for d in self.destinations.values()))
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.stop_event.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+        for sender in self.senders.values():
+            sender.close()
+
+
+class OutboxProcess:
+    """The sender in a child process of the daemon, at the report stage's niceness: pynetdicom polls
+    its sockets in tight loops, which in a thread would take the GIL from the daemon's main loop.
+    Started with the daemon when destinations are configured, stopped with it; a child whose daemon
+    was killed with -9 notices and exits (its claims are then taken over)."""
+
+    def __init__(self, settings: Settings, daemon_id: int | None) -> None:
+        self.settings = settings
+        context = multiprocessing.get_context("forkserver")
+        self.stop_event = context.Event()
+        self.process = context.Process(
+            target=_process_main, args=(settings, self.stop_event, daemon_id), name="meddaemon-outbox", daemon=False
+        )
+
+    def start(self) -> None:
+        self.process.start()
+        log.info(
+            "outbox sender process started (pid %s): %s",
+            self.process.pid,
+            ", ".join(f"{d.name} ({d.kind})" for d in self.settings.destination),
+        )
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.process.pid is None:
+            return
+        self.stop_event.set()
+        self.process.join(timeout)
+        if self.process.is_alive():
+            log.warning("the outbox sender did not stop within %.0f s; killing it", timeout)
+            self.process.kill()
+            self.process.join()
+
+
+def _process_main(settings: Settings, stop: Any, daemon_id: int | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon stops it through ``stop``
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from meddaemon.cli.common import setup_logging
+    from meddaemon.db.engine import create_db_engine, session_factory
+
+    setup_logging(settings.log_level)
+    with contextlib.suppress(OSError):
+        os.nice(settings.reports_nice)
+    engine = create_db_engine(settings.db_url, settings.busy_timeout)
+    sender = OutboxSender(settings, session_factory(engine), daemon_id)
+    parent = multiprocessing.parent_process()
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            if parent is not None and not parent.is_alive():
+                stop.set()
+        sender.stop_event.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        sender.serve()
+    finally:
+        for each in sender.senders.values():
+            each.close()
+        engine.dispose()

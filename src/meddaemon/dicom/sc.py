@@ -1,0 +1,111 @@
+"""A heatmap burned into the image as a Secondary Capture, for viewers without Parametric Maps:
+the overlay the report shows (the scan as the model saw it, the map in the jet scale), enlarged,
+with a caption band saying what it is and, in capitals, that it is not for diagnosis."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import io
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+
+from meddaemon.dicom import uids
+from meddaemon.dicom.content import MANUFACTURER, NOT_FOR_DIAGNOSIS, LabelResult, ScanFacts
+from meddaemon.dicom.equipment import contributing_equipment, copy_laterality
+from meddaemon.overlays import overlay_jpeg
+
+KIND = "sc"
+SERIES_NUMBER = 9903
+#: the shorter side of the picture: a 32 x 32 model view must still be legible beside its caption
+MIN_SIDE = 512
+CAPTION_LINES = 3
+
+
+def object_key(label: str) -> str:
+    return f"{KIND}:{label}"
+
+
+def caption(facts: ScanFacts, result: LabelResult) -> list[str]:
+    call = "called" if result.positive else "not called"
+    return [
+        NOT_FOR_DIAGNOSIS,
+        f"{facts.algorithm_name}, model {facts.model_version}",
+        f"Grad-CAM of {result.label}: p = {result.probability:.3f}, {call}",
+    ]
+
+
+def picture(facts: ScanFacts, result: LabelResult) -> np.ndarray:
+    """uint8 RGB (rows, columns, 3): the overlay enlarged, with the caption band below it."""
+    assert result.overlay_path is not None
+    drawn = overlay_jpeg(result.heatmap_path, result.overlay_path, facts.view)
+    if drawn is None:  # an OSError: the report stage tries again later (``writer.DicomOutputs``)
+        raise FileNotFoundError(f"the overlay of {result.label} cannot be drawn from its stored map")
+    with Image.open(io.BytesIO(drawn)) as image:
+        overlay = image.convert("RGB")
+    scale = max(1.0, MIN_SIDE / min(overlay.size))
+    overlay = overlay.resize((round(overlay.width * scale), round(overlay.height * scale)), Image.Resampling.BILINEAR)
+    font = _font(max(12, overlay.width // 40))
+    line_height = int(font.size * 1.4)
+    band = line_height * CAPTION_LINES + line_height // 2
+    canvas = Image.new("RGB", (overlay.width, overlay.height + band), (0, 0, 0))
+    canvas.paste(overlay, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(caption(facts, result)):
+        colour = (255, 255, 0) if i == 0 else (255, 255, 255)
+        draw.text((line_height // 4, overlay.height + line_height // 4 + i * line_height), line, fill=colour, font=font)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Dataset:
+    source = facts.source
+    pixels = picture(facts, result)
+    sc = hd.sc.SCImage(
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        study_instance_uid=source.StudyInstanceUID,
+        series_instance_uid=uids.series_uid(facts.uid_root, facts.sha256, facts.model_version, KIND),
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=uids.instance_uid(facts.uid_root, facts.sha256, facts.model_version, object_key(result.label)),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        patient_id=source.PatientID,
+        patient_name=source.PatientName,
+        patient_birth_date=source.PatientBirthDate,
+        patient_sex=source.PatientSex,
+        accession_number=source.AccessionNumber,
+        study_id=source.StudyID,
+        study_date=source.StudyDate,
+        study_time=source.StudyTime,
+        referring_physician_name=source.ReferringPhysicianName,
+        patient_orientation=("L", "F"),  # highdicom insists; replaced by the source's (or empty) below
+        contributing_equipment=[contributing_equipment(facts)],
+        series_description=f"AI overlay: {facts.task} {result.label}"[:64],
+    )
+    copy_laterality(source, sc)
+    sc.PatientOrientation = source.get("PatientOrientation") or None
+    sc.BurnedInAnnotation = "YES"
+    sc.ImageComments = NOT_FOR_DIAGNOSIS
+    sc.DerivationDescription = f"Grad-CAM of {result.label} over the scan as {facts.algorithm_name} saw it"[:1024]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    return sc
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans (matplotlib ships it, as for the reports), else Pillow's own font."""
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+        if path.is_file():
+            return ImageFont.truetype(str(path), size)
+    return ImageFont.load_default(size)

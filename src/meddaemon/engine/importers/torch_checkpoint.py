@@ -1,0 +1,182 @@
+"""PyTorch checkpoints (``torch.save``): read with ``torch.load(weights_only=True)`` only.
+
+``weights_only`` unpickles tensors and plain containers and nothing else: a whole pickled
+``nn.Module`` (or any ``__reduce__`` payload) is refused by torch's restricted unpickler before a
+single object is built, so no code from the file ever runs (``needs_code``). A state dict is taken
+bare, from ``{"state_dict": ...}`` or ``{"model_state_dict": ...}``, with DataParallel's ``module.``
+(or Lightning's ``model.``) prefix stripped, and mapped from torchvision's key layout onto
+meddaemon's (``features`` + ``head``, :mod:`meddaemon.engine.architectures`).
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from meddaemon.engine.architectures import build_model
+from meddaemon.engine.importers.base import ConvertedWeights
+from meddaemon.engine.registry import ModelRefused
+
+WRAPPER_KEYS = ("state_dict", "model_state_dict")
+WRAPPER_PREFIXES = ("module.", "model.")
+
+_RESNET = (
+    ("conv1.", "features.0."),
+    ("bn1.", "features.1."),
+    ("layer1.", "features.4."),
+    ("layer2.", "features.5."),
+    ("layer3.", "features.6."),
+    ("layer4.", "features.7."),
+)
+#: torchvision's backbone key prefixes -> meddaemon's, per architecture
+BACKBONE_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "resnet18": _RESNET,
+    "resnet34": _RESNET,
+    "vgg16": (("features.", "features."), ("classifier.", "head.2.")),
+    "mobilenet_v2": (("features.", "features."),),
+    "densenet121": (("features.", "features.0."),),
+    "efficientnet_v2_s": (("features.", "features."),),
+    "efficientnet_v2_s_selu": (("features.", "features."),),
+    "small_cnn": (("features.", "features."),),
+}
+#: where a network's final classifier usually lives (torchvision: ``fc`` or ``classifier``)
+HEAD_PREFIXES = ("fc.", "classifier.", "head.", "linear.", "out.", "output.")
+SINGLE_LINEAR_HEAD = "head.linear"
+#: where torchvision's (and the seeds') final Linear sits, per architecture: a Linear elsewhere means
+#: a head with other layers before it, which the architecture would silently leave out
+HEAD_LINEAR_AT: dict[str, tuple[str, ...]] = {
+    "resnet18": ("fc",),
+    "resnet34": ("fc",),
+    "mobilenet_v2": ("classifier.1", "classifier"),
+    "densenet121": ("classifier",),
+    "efficientnet_v2_s": ("classifier.1", "classifier"),
+    "efficientnet_v2_s_selu": ("classifier.2",),
+}
+
+SAVE_A_STATE_DICT = (
+    "save the weights alone instead, where the model's code is: torch.save(model.state_dict(), 'weights.pt')"
+)
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, Tensor], list[str]]:
+    """The file's state dict (unwrapped, prefixes stripped) and what was done to get it."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f"an object of {found.group(1)}" if found else "objects other than tensors"
+        raise ModelRefused(
+            "needs_code",
+            f"{path.name} holds {what}, which needs code to unpickle; it is never run and the file is not "
+            f"imported. A whole pickled model cannot be imported: {SAVE_A_STATE_DICT}",
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as exc:
+        raise ModelRefused(
+            "unreadable_weights",
+            f"{path.name} is truncated, damaged or not a PyTorch checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
+        ) from None
+    return unwrap(loaded, path.name)
+
+
+def unwrap(loaded: Any, name: str) -> tuple[dict[str, Tensor], list[str]]:
+    steps: list[str] = []
+    if isinstance(loaded, Mapping):
+        for key in WRAPPER_KEYS:
+            if isinstance(loaded.get(key), Mapping):
+                loaded = loaded[key]
+                steps.append(f"state dict taken from {key!r}")
+                break
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise ModelRefused(
+            "unreadable_weights",
+            f"{name} holds a {type(loaded).__name__}, not a state dict of tensors; {SAVE_A_STATE_DICT}",
+        )
+    others = sorted(str(k) for k, v in loaded.items() if not isinstance(v, Tensor))
+    if others:
+        raise ModelRefused(
+            "unreadable_weights",
+            f"{name} is not a state dict: {', '.join(others[:6])} are not tensors (a checkpoint dict holds its "
+            f"weights under {' or '.join(repr(k) for k in WRAPPER_KEYS)})",
+        )
+    state = {str(k): v for k, v in loaded.items()}
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+            steps.append(f"{prefix!r} prefix stripped")
+    return state, steps
+
+
+def to_meddaemon_layout(
+    state: Mapping[str, Tensor], architecture: str, channels: int, outputs: int
+) -> ConvertedWeights:
+    """Rename ``state`` from torchvision's layout (or meddaemon's own) to ``architecture``'s keys.
+
+    Keys that match nothing stay as they are, to be named by the strict load. The one Linear of a
+    single-Linear head is found under any of :data:`HEAD_PREFIXES` whatever its index (seed heads
+    are often ``Sequential(Dropout, Linear)`` or ``Sequential(Dropout, SELU, Linear)``).
+    """
+    expected = build_model(architecture, channels, outputs).state_dict()
+    if set(state) <= set(expected):
+        return ConvertedWeights(architecture, dict(state), {k: k for k in state}, ["meddaemon layout"])
+    out: dict[str, Tensor] = {}
+    source: dict[str, str] = {}
+    head: dict[str, Tensor] = {}
+    for key, value in state.items():
+        target = _backbone_key(key, architecture)
+        if target is not None and target in expected:
+            out[target], source[target] = value, key
+        elif key.startswith(HEAD_PREFIXES):
+            head[key] = value
+        else:
+            out[key], source[key] = value, key
+    hints: list[str] = []
+    if f"{SINGLE_LINEAR_HEAD}.weight" in expected:
+        linears = [k[: -len(".weight")] for k, v in head.items() if k.endswith(".weight") and v.ndim == 2]
+        misplaced = _misplaced_head(linears[0], architecture) if len(linears) == 1 else None
+        if misplaced:
+            hints.append(misplaced)
+        elif len(linears) == 1:
+            for part in ("weight", "bias"):
+                key = f"{linears[0]}.{part}"
+                if key in head:
+                    out[f"{SINGLE_LINEAR_HEAD}.{part}"], source[f"{SINGLE_LINEAR_HEAD}.{part}"] = head.pop(key), key
+    for key, value in head.items():  # not a head meddaemon has: reported as unmatched
+        out[key], source[key] = value, key
+    conversion = [f"torchvision {architecture} layout mapped onto meddaemon's"]
+    return ConvertedWeights(architecture, out, source, conversion, hints)
+
+
+def _misplaced_head(linear: str, architecture: str) -> str | None:
+    """Why the file's one head Linear is not where ``architecture`` has it (a head with other layers
+    before it, which would be silently left out), or None."""
+    expected = HEAD_LINEAR_AT.get(architecture)
+    if expected is None or linear in expected:
+        return None
+    hint = ""
+    if architecture == "efficientnet_v2_s" and linear == "classifier.2":
+        hint = " (seed 002's Sequential(Dropout, SELU, Linear) head is --arch efficientnet_v2_s_selu)"
+    return (
+        f"the file's final Linear is {linear}, where {architecture}'s is {' or '.join(expected)}: its head has "
+        f"layers {architecture} does not have{hint}"
+    )
+
+
+def _backbone_key(key: str, architecture: str) -> str | None:
+    for prefix, target in BACKBONE_PREFIXES.get(architecture, ()):
+        if key.startswith(prefix):
+            return target + key[len(prefix) :]
+    return None
+
+
+def convert(path: Path, architecture: str, channels: int, outputs: int) -> ConvertedWeights:
+    state, steps = read_state_dict(path)
+    converted = to_meddaemon_layout(state, architecture, channels, outputs)
+    converted.conversion[:0] = steps
+    return converted

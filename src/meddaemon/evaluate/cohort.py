@@ -1,0 +1,66 @@
+"""What an evaluation reads: the image files of a dataset in any layout the training adapters know,
+or of any folder of images, with the labels the layout carries (for ``--audit``).
+
+Listing never opens an image (no decoding: that is the pipeline's work) and never writes anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from meddaemon.engine.tasks import TaskSpec
+from meddaemon.training.datasets import DatasetError, DatasetIndex, NestedDataset, detect_layout, load_dataset
+from meddaemon.training.images import image_files
+
+#: The layout name of a folder of images that carries no labels.
+PLAIN_IMAGES = "images"
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The files of one evaluation: absolute paths under ``root`` (relative names are the keys)."""
+
+    root: Path
+    layout: str
+    files: list[Path]
+    #: the dataset's index, with its labels; None for a folder of images without a known layout
+    index: DatasetIndex | None
+    #: why the folder carries no labels (the adapter's message), when ``index`` is None
+    unlabelled_because: str | None = None
+
+    def unlabelled(self) -> str:
+        """Why this cohort cannot be audited against its own labels, and what to do instead."""
+        return (
+            f"{self.root} is a folder of images without labels ({self.unlabelled_because}); "
+            "audit it with medcli audit --labels FILE"
+        )
+
+    def relative(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+
+def read_cohort(path: Path, task: TaskSpec) -> Cohort:
+    """The cohort at ``path``: a dataset layout (labels with it) or a folder of images (none).
+
+    A CSV manifest lists files that may lie anywhere; their root is the manifest's folder. A folder
+    holding nothing but a dataset is refused (the user meant the dataset, masks are no inputs)."""
+    path = path.absolute()
+    try:
+        layout = detect_layout(path)
+        index = load_dataset(path, task, layout=layout, check_images=False)
+    except NestedDataset:
+        raise
+    except DatasetError as exc:
+        if not path.is_dir():
+            raise
+        files = list(image_files(path))
+        if not files:
+            raise DatasetError(path, "holds no image files", "a dataset layout or a folder of images") from None
+        return Cohort(path, PLAIN_IMAGES, files, None, str(exc))
+    root = path.parent if path.is_file() else path
+    files = list(dict.fromkeys(sample.path.absolute() for sample in index.samples))
+    return Cohort(root, layout, files, index)

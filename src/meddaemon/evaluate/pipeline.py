@@ -1,0 +1,445 @@
+"""``medcli evaluate``: a cohort read in place, scored by a model version, written in bulk.
+
+The local engine streams: decoding processes read chunks of files (at most ``2 x workers`` chunks
+in flight, so memory stays bounded whatever the cohort's size), the driver gathers their model
+inputs into large batches for the model (the faster of eager PyTorch and ONNX Runtime on the CPU,
+CUDA when asked), and every second or so writes what is done in one transaction. What is written
+stays written: a run stopped by Ctrl-C or killed resumes, file by file, where it stopped, because
+bytes a model version scored before are never scored again (only hashed).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from meddaemon.config import Settings
+from meddaemon.db.engine import session_factory, transaction
+from meddaemon.db.models import Evaluation, ModelVersion
+from meddaemon.engine.decode import DecodeOptions
+from meddaemon.engine.inference import ServedModel, limit_threads, pick_device
+from meddaemon.engine.tasks import InputContract
+from meddaemon.evaluate import store
+from meddaemon.evaluate.cohort import Cohort, read_cohort
+from meddaemon.evaluate.reading import FileRead, init_reader, prefixes, read_chunk, read_file
+from meddaemon.evaluate.scoring import outcomes_of, stack
+from meddaemon.evaluate.store import FileOutcome
+from meddaemon.training.datasets import DEFAULT_MAX_BAD_FRACTION
+
+log = logging.getLogger("meddaemon.evaluate")
+
+ENGINES = ("local", "ray")
+#: seconds between two writes of what is done (and two progress updates)
+FLUSH_SECONDS = 1.0
+#: the batch eager PyTorch and ONNX Runtime are timed at to choose between them: at the run's batch
+#: (64, 256) the three timed passes of each cost as much as scoring a few thousand images
+BACKEND_PROBE_BATCH = 16
+
+
+class EvaluationStopped(RuntimeError):
+    """The run stopped before the end: too many unreadable files, a model refused. Done work is kept."""
+
+
+class TooManyUnreadable(EvaluationStopped):
+    """More of the dataset's files than ``max_bad_fraction`` cannot be read: the dataset is at fault."""
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    path: Path
+    task: str
+    model_version: str | None = None
+    name: str | None = None
+    heatmaps: bool = False
+    batch_size: int = 64
+    #: decoding processes; 0 decodes in the driver (slow; for tests and debugging)
+    workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1))
+    device: str = "auto"
+    engine: str = "local"
+    ray_address: str | None = None
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
+    #: the run is to be audited against its layout's labels: a cohort without any is refused first
+    audit: bool = False
+
+    def parameters(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int
+    total: int
+    images_per_second: float
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass
+class EvaluationOutcome:
+    evaluation_id: int
+    name: str
+    state: str
+    summary: dict[str, Any]
+
+
+@dataclass
+class Prepared:
+    """Everything an engine needs: the cohort, the verified model, the scored set, the run's row."""
+
+    request: EvaluationRequest
+    settings: Settings
+    cohort: Cohort
+    version: ModelVersion
+    model: ServedModel
+    scored: np.ndarray
+    evaluation_id: int
+    decode_options: DecodeOptions
+
+    @property
+    def paths(self) -> list[str]:
+        return [str(p) for p in self.cohort.files]
+
+
+def run_evaluation(
+    db: Engine, settings: Settings, request: EvaluationRequest, progress: ProgressFn | None = None
+) -> EvaluationOutcome:
+    """Evaluate ``request.path``; raises EvaluationStopped (after recording why), KeyboardInterrupt
+    (after recording the run as interrupted), store.EvaluationError for bad usage."""
+    check_request(request)
+    specs = settings.task_specs
+    if request.task not in specs:
+        raise store.EvaluationError(f"unknown task {request.task!r}; tasks: {', '.join(sorted(specs))}")
+    cohort = read_cohort(request.path, specs[request.task])
+    if request.audit and cohort.index is None:
+        raise store.EvaluationError(cohort.unlabelled())
+    sessions = session_factory(db)
+    with sessions() as session:
+        version = find_model_version(session, request.task, request.model_version)
+        scored = prefixes(store.scored_shas(session, version.id))
+        session.expunge(version)
+    options = DecodeOptions(frame_policy=settings.frame_policy, max_pixels=settings.max_pixels)  # type: ignore[arg-type]
+    decoders = None
+    if request.engine == "local":
+        # started first: their start-up (torch, the decoders) overlaps the model's verification
+        contract = InputContract.from_dict(version.manifest["input_contract"])
+        decoders = Decoders(cohort.files, contract, options, scored, request.workers, request.batch_size)
+    try:
+        model = _serve(settings, request, version)
+        prepared = Prepared(request, settings, cohort, version, model, scored, 0, options)
+        return _run(sessions, prepared, decoders, progress)
+    finally:
+        if decoders is not None:
+            decoders.close()
+
+
+def check_request(request: EvaluationRequest) -> None:
+    """Refuse, before anything starts, what this request asks and no engine here can do."""
+    if request.engine not in ENGINES:
+        raise store.EvaluationError(f"unknown engine {request.engine!r}; one of {', '.join(ENGINES)}")
+    if request.engine == "local" and request.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise store.EvaluationError(
+                f"--device {request.device}: no CUDA device is available here; use --device cpu or auto"
+            )
+
+
+def _serve(settings: Settings, request: EvaluationRequest, version: ModelVersion) -> ServedModel:
+    from meddaemon.engine.registry import ModelRefused, load_version
+
+    try:
+        loaded = load_version(Path(version.path), device="cpu")
+    except ModelRefused as refusal:
+        raise EvaluationStopped(
+            f"model {version.task_name}/{version.version} refused: {refusal.reason} ({refusal.message})"
+        ) from None
+    limit_threads(settings.inference_threads)
+    # with Ray the driver's copy only scores the odd file again: the actors hold the GPUs
+    wanted = request.device if request.device != "auto" else settings.device
+    device = pick_device("cpu" if request.engine == "ray" else wanted)
+    return ServedModel(version.id, loaded, device, heatmaps=request.heatmaps)
+
+
+def _run(
+    sessions: sessionmaker[Session], prepared: Prepared, decoders: Decoders | None, progress: ProgressFn | None
+) -> EvaluationOutcome:
+    request, cohort, version = prepared.request, prepared.cohort, prepared.version
+    name = request.name or default_name(cohort, version)
+    with transaction(sessions) as session:
+        evaluation = store.open_evaluation(
+            session, name=name, version=version, dataset_path=request.path.absolute(), layout=cohort.layout,
+            engine=request.engine, files_total=len(cohort.files), parameters=request.parameters(),
+        )  # fmt: skip
+        prepared.evaluation_id = evaluation_id = evaluation.id
+    log.info(
+        "evaluation %d (%s): %d files of %s, model %s",
+        evaluation_id, name, len(cohort.files), cohort.root, prepared.model.name,
+    )  # fmt: skip
+    writer = Writer(sessions, prepared, progress)
+    state, message = store.COMPLETED, None
+    outcomes: Iterator[tuple[FileOutcome, Future | None]] | None = None
+    try:
+        if decoders is None:
+            from meddaemon.evaluate.ray_engine import ray_outcomes
+
+            outcomes = ray_outcomes(prepared)
+        else:
+            outcomes = local_outcomes(prepared, decoders)
+        for outcome, write in outcomes:
+            writer.add(outcome, write)
+        writer.flush(final=True)
+    except KeyboardInterrupt:
+        state, message = store.INTERRUPTED, "stopped by Ctrl-C; run the same command again to resume"
+        writer.flush(final=True, check=False)
+        raise
+    except EvaluationStopped as exc:
+        state, message = store.STOPPED, str(exc)
+        writer.flush(final=True, check=False)
+        raise
+    except Exception as exc:
+        state, message = store.STOPPED, f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if outcomes is not None:
+            outcomes.close()  # stops the decoding processes, or the Ray run, before the row says how it ended
+        if decoders is not None:
+            decoders.close()
+        writer.close()
+        with transaction(sessions) as session:
+            row = session.get(Evaluation, evaluation_id)
+            assert row is not None
+            store.finish_evaluation(session, row, state, message, writer.images_per_second())
+    with sessions() as session:
+        row = session.get(Evaluation, evaluation_id)
+        assert row is not None
+        return EvaluationOutcome(evaluation_id, row.name, row.state, store.evaluation_summary(session, row))
+
+
+def find_model_version(session: Session, task: str, version: str | None) -> ModelVersion:
+    from meddaemon.audit.predictions import AuditInputError, find_version
+
+    try:
+        return find_version(session, task, version)
+    except AuditInputError as exc:
+        raise store.EvaluationError(str(exc)) from None
+
+
+def default_name(cohort: Cohort, version: ModelVersion) -> str:
+    """``<dataset folder>-<task>-<version>``: the same command names the same evaluation, so running
+    it again resumes or refreshes it."""
+    return f"{cohort.root.name}-{version.task_name}-{version.version}"
+
+
+class Writer:
+    """The driver's side: outcomes gathered and written in one transaction every ``FLUSH_SECONDS``
+    (heatmap files first), progress reported, the unreadable fraction watched."""
+
+    def __init__(self, sessions: sessionmaker[Session], prepared: Prepared, progress: ProgressFn | None) -> None:
+        self.sessions = sessions
+        self.prepared = prepared
+        self.progress = progress
+        self.total = len(prepared.cohort.files)
+        self.pending: list[tuple[FileOutcome, Future | None]] = []
+        self.done = 0
+        self.failed = 0
+        self.started = time.monotonic()
+        self.last_flush = self.started
+        self.ended: float | None = None
+
+    def add(self, outcome: FileOutcome, write: Future | None = None) -> None:
+        self.pending.append((outcome, write))
+        if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self, final: bool = False, check: bool = True) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, []
+            unwritten = self._unwritten(batch)
+            outcomes = [o for o, _ in batch if o.read.path not in unwritten]
+            with transaction(self.sessions) as session:
+                evaluation = session.get(Evaluation, self.prepared.evaluation_id)
+                version = session.get(ModelVersion, self.prepared.version.id)
+                assert evaluation is not None and version is not None
+                counts = store.record_chunk(session, evaluation, version, outcomes, self.prepared.settings.state_dir)
+            self.done += len(outcomes) - len(counts.redo)
+            self.failed += counts.failed
+            self.last_flush = time.monotonic()
+            if counts.redo:
+                self.pending += score_in_driver(self.prepared, counts.redo)
+            if check:
+                self._check_unreadable()
+            self._report()
+            if not final:
+                break
+        if final:
+            self.ended = time.monotonic()
+
+    def close(self) -> None:
+        if self.ended is None:
+            self.ended = time.monotonic()
+
+    def images_per_second(self) -> float | None:
+        seconds = (self.ended or time.monotonic()) - self.started
+        return self.done / seconds if seconds > 0 else None
+
+    def _unwritten(self, batch: Sequence[tuple[FileOutcome, Future | None]]) -> set[str]:
+        """Files whose heatmaps could not be written (a full disk): left out, scored again next run."""
+        futures = [w for _, w in batch if w is not None]
+        wait(futures)
+        unwritten = set()
+        for outcome, write in batch:
+            if write is not None and write.exception() is not None:
+                log.error("%s: heatmap files not written (%s)", outcome.read.path, write.exception())
+                unwritten.add(outcome.read.path)
+        return unwritten
+
+    def _check_unreadable(self) -> None:
+        limit = self.prepared.request.max_bad_fraction
+        if self.total and self.failed / self.total > limit:
+            raise TooManyUnreadable(
+                f"{self.failed} of {self.total} files cannot be read (more than {limit:.0%}); "
+                "see the evaluation's unreadable files (medcli evaluate ... --json) and fix the dataset"
+            )
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            self.progress(Progress(self.done, self.total, self.images_per_second() or 0.0))
+
+
+def score_in_driver(prepared: Prepared, reads: Sequence[FileRead]) -> list[tuple[FileOutcome, Future | None]]:
+    """Decode and score a few files in the driver (known bytes whose scan lost its results)."""
+    empty = np.zeros(0, dtype=np.uint64)
+    contract = prepared.model.contract
+    root = prepared.cohort.root
+    fresh = relative_names(
+        root, [read_file(str(root / r.path), contract, prepared.decode_options, empty) for r in reads]
+    )
+    failed: list[tuple[FileOutcome, Future | None]] = [(FileOutcome(r), None) for r in fresh if r.inputs is None]
+    ready = [r for r in fresh if r.inputs is not None]
+    if not ready:
+        return failed
+    return failed + outcomes_of(prepared.model, ready, prepared.model.predict(stack(ready)))
+
+
+class Decoders:
+    """The decoding processes and the chunks of files they read: at most two chunks per process in
+    flight, so memory stays bounded whatever the cohort's size. With no process (``workers`` 0)
+    the files are read in the driver, one chunk at a time."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        contract: InputContract,
+        options: DecodeOptions,
+        scored: np.ndarray,
+        workers: int,
+        batch_size: int,
+    ) -> None:
+        per_task = max(4, min(32, batch_size // max(1, workers)))
+        paths = [str(p) for p in files]
+        self.chunks = iter([paths[i : i + per_task] for i in range(0, len(paths), per_task)])
+        self.contract, self.options, self.scored = contract, options, scored
+        self.window: deque[Future] = deque()
+        self.limit = 2 * workers
+        self.pool: ProcessPoolExecutor | None = None
+        if workers:
+            context = multiprocessing.get_context("forkserver")
+            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_reader, initargs=(scored,))
+            self._fill()
+
+    def __iter__(self) -> Iterator[list[FileRead]]:
+        if self.pool is None:
+            for chunk in self.chunks:
+                yield read_chunk(chunk, self.contract, self.options, self.scored)
+            return
+        while self.window:
+            reads = self.window.popleft().result()
+            self._fill()
+            yield reads
+
+    def _fill(self) -> None:
+        assert self.pool is not None
+        while len(self.window) < self.limit:
+            chunk = next(self.chunks, None)
+            if chunk is None:
+                return
+            self.window.append(self.pool.submit(read_chunk, chunk, self.contract, self.options))
+
+    def close(self) -> None:
+        for future in self.window:
+            future.cancel()
+        self.window.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+def local_outcomes(prepared: Prepared, decoders: Decoders) -> Iterator[tuple[FileOutcome, Future | None]]:
+    """The local engine: decoding processes feed large batches to the model in this process."""
+    request = prepared.request
+    heatmaps_dir = prepared.settings.heatmaps_dir if request.heatmaps else None
+    writers = ThreadPoolExecutor(2, thread_name_prefix="heatmap-writer") if heatmaps_dir else None
+    batch = _Batcher(prepared, heatmaps_dir, writers)
+    try:
+        for reads in decoders:
+            yield from batch.take(relative_names(prepared.cohort.root, reads))
+        yield from batch.drain()
+    finally:
+        if writers is not None:
+            writers.shutdown(wait=True)
+
+
+def relative_names(root: Path, reads: list[FileRead]) -> list[FileRead]:
+    """Files are named relative to the dataset root in the database (a manifest's may lie elsewhere)."""
+    for read in reads:
+        path = Path(read.path)
+        read.path = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+    return reads
+
+
+class _Batcher:
+    """Decoded files gathered until a batch is full; failed and known files pass straight through."""
+
+    def __init__(self, prepared: Prepared, heatmaps_dir: Path | None, writers: ThreadPoolExecutor | None) -> None:
+        self.model = prepared.model
+        self.size = prepared.request.batch_size
+        self.heatmaps_dir = heatmaps_dir
+        self.writers = writers
+        self.waiting: list[FileRead] = []
+        self.rows = 0
+        self.backend_chosen = False
+
+    def take(self, reads: Iterable[FileRead]) -> Iterator[tuple[FileOutcome, Future | None]]:
+        for read in reads:
+            if read.inputs is None:
+                yield FileOutcome(read), None
+                continue
+            self.waiting.append(read)
+            self.rows += int(read.inputs.shape[0])
+            if self.rows >= self.size:
+                yield from self.drain()
+
+    def drain(self) -> Iterator[tuple[FileOutcome, Future | None]]:
+        if not self.waiting:
+            return
+        reads, self.waiting, self.rows = self.waiting, [], 0
+        if not self.backend_chosen:  # measured only when something is to be scored (a rerun never is)
+            self.model.choose_backend(min(self.size, BACKEND_PROBE_BATCH))
+            self.backend_chosen = True
+        predictions = self.model.predict(stack(reads))
+        submit = self.writers.submit if self.writers is not None else None
+        yield from outcomes_of(self.model, reads, predictions, self.heatmaps_dir, submit)

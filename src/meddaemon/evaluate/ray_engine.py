@@ -1,0 +1,330 @@
+"""The Ray engine (``pip install meddaemon[ray]``; docs/design.md section 14): Ray Data reads the
+file list, decodes in CPU tasks, runs the model in an actor pool (``map_batches`` with a callable
+class, one GPU per actor on GPU nodes) and streams the outcomes back to the driver, which writes
+them to the database in bulk like the local engine. With heatmaps, each actor computes them with the
+served model as the local engine does (eager PyTorch when they need the gradient) and returns the
+key frame's maps; the driver writes their files beside the daemon's.
+
+The model travels to the actors as its version folder's path: each actor loads it with the
+registry's verification (the weights' SHA-256, safetensors only, the self-test), so a node whose
+copy differs refuses it by name; nothing of it is pickled. Files must be readable at the same path
+on every node (a shared mount). A lost worker's tasks are retried by Ray, and when Ray gives up on
+a run (an actor lost with its node before it could start) the driver runs the files not yet returned
+again; it writes each file once whatever comes back twice, and bytes already scored are reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from meddaemon.engine.decode import DecodeOptions
+from meddaemon.engine.decode.types import ScanMetadata
+from meddaemon.engine.tasks import InputContract
+from meddaemon.evaluate.pipeline import BACKEND_PROBE_BATCH, EvaluationStopped, Prepared, relative_names
+from meddaemon.evaluate.reading import FileRead, read_file
+from meddaemon.evaluate.scoring import with_heatmaps
+from meddaemon.evaluate.store import EvaluationError, FileOutcome
+from meddaemon.failures import FailureReason, ScanFailure
+
+log = logging.getLogger("meddaemon.evaluate")
+
+#: files per decoding task
+DECODE_BATCH = 16
+#: Ray runs over the files not yet returned, when one fails (an actor lost with its node before
+#: Ray Data could restart it): the files already written are not run again
+RAY_ATTEMPTS = 3
+#: memory a decoding task reserves (bytes): 16 decoded images and their model inputs, with room
+DECODE_MEMORY = 768 * 2**20
+#: marks a model refused on a node in the error Ray passes back to the driver
+REFUSED = "meddaemon-model-refused"
+#: Ray's authentication mode, an environment variable of the process (``ray_session``)
+AUTH_MODE = "RAY_AUTH_MODE"
+
+
+def ray_outcomes(prepared: Prepared) -> Iterator[tuple[FileOutcome, Future | None]]:
+    try:
+        import ray
+    except ImportError:
+        raise EvaluationStopped("the Ray engine needs Ray: pip install 'meddaemon[ray]'") from None
+    seen: set[str] = set()
+    writers = ThreadPoolExecutor(2, thread_name_prefix="heatmap-writer") if prepared.request.heatmaps else None
+    try:
+        with ray_session(ray, prepared.request.ray_address):
+            for attempt in range(1, RAY_ATTEMPTS + 1):
+                remaining = [str(p) for p in prepared.cohort.files if str(p) not in seen]
+                if not remaining:
+                    return
+                try:
+                    yield from _run(ray, prepared, remaining, seen, writers)
+                    return
+                except ray.exceptions.RayError as exc:
+                    if attempt == RAY_ATTEMPTS:
+                        raise
+                    first_line = str(exc).splitlines()[0] if str(exc) else ""
+                    left = len(prepared.cohort.files) - len(seen)
+                    log.warning("the Ray run failed (%s: %s); running the %d files not yet returned again",
+                                type(exc).__name__, first_line, left)  # fmt: skip
+    finally:
+        if writers is not None:
+            writers.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def ray_session(ray: Any, address: str | None) -> Iterator[None]:
+    """Ray for one run, left as it was found: the cluster at ``address``, else a new local Ray on
+    this machine's cores (``address="local"``: never a cluster that ``RAY_ADDRESS`` or the last
+    ``ray start`` here names); a process already connected keeps its own Ray.
+
+    A local start turns Ray's token authentication on for the whole process (``RAY_AUTH_MODE``);
+    left on, a later run in the same process could not start its actors on a cluster without
+    tokens, so the mode is put back when the run leaves."""
+    if ray.is_initialized():
+        yield
+        return
+    auth_mode = os.environ.get(AUTH_MODE)
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    try:
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            ray.init(address="local", include_dashboard=False, **quiet)
+        yield
+    finally:
+        ray.shutdown()
+        _restore_auth_mode(auth_mode)
+
+
+def _restore_auth_mode(mode: str | None) -> None:
+    if os.environ.get(AUTH_MODE) == mode:
+        return
+    if mode is None:
+        os.environ.pop(AUTH_MODE, None)
+    else:
+        os.environ[AUTH_MODE] = mode
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+    # as Ray's own tests reset it: the configuration read again, then the cached token dropped
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _run(
+    ray: Any, prepared: Prepared, paths: list[str], seen: set[str], writers: ThreadPoolExecutor | None
+) -> Iterator[tuple[FileOutcome, Future | None]]:
+    """One Ray Data run over ``paths``; what comes back is added to ``seen`` (absolute paths). With
+    ``writers``, the heatmaps the actors return are written in them."""
+    request = prepared.request
+    contract = prepared.model.contract
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    plan = plan_actors(ray.cluster_resources(), nodes, request.device)
+    # a context of its own: Ray Data keeps one per process, with state of the cluster it last ran on
+    context = ray.data.DataContext()
+    ray.data.DataContext._set_current(context)
+    context.enable_progress_bars = False
+    context.verbose_stats_logs = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    items = [{"path": p} for p in paths]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // DECODE_BATCH))
+    decoded = dataset.map_batches(
+        decode_batch,
+        batch_size=DECODE_BATCH,
+        batch_format="numpy",
+        fn_kwargs={
+            "contract": contract.as_dict(),
+            "options": asdict(prepared.decode_options),
+            "scored": prepared.scored,
+        },
+        num_cpus=1,
+        # resources of their own keep decoding in CPU tasks, not fused into the model's actors (which
+        # would then decode one batch at a time beside the forward)
+        memory=DECODE_MEMORY,
+    )
+    scored = decoded.map_batches(
+        ModelActor,
+        batch_size=request.batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs={
+            "folder": prepared.version.path,
+            "version_id": prepared.version.id,
+            "device": "cuda" if plan.gpu else "cpu",
+            "threads": plan.threads,
+            "batch": request.batch_size,
+            "heatmaps": request.heatmaps,
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
+        num_gpus=1 if plan.gpu else 0,
+        num_cpus=0 if plan.gpu else 1,
+    )
+    root, model, heatmaps_dir = prepared.cohort.root, prepared.model, prepared.settings.heatmaps_dir
+    try:
+        for batch in scored.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=2):
+            for outcome, maps in _outcomes(batch):
+                if outcome.read.path in seen:
+                    continue
+                seen.add(outcome.read.path)
+                relative_names(root, [outcome.read])
+                write = None
+                if maps and writers is not None:
+                    heatmaps, model_input = _unpack_maps(maps)
+                    write = with_heatmaps(model, heatmaps_dir, writers.submit, outcome, heatmaps, model_input)
+                yield outcome, write
+    except Exception as exc:
+        text = str(exc)
+        if REFUSED in text:
+            line = next((part for part in text.splitlines() if REFUSED in part), text)
+            raise EvaluationStopped(line.split(REFUSED + ": ", 1)[-1].strip()) from None
+        raise
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    gpu: bool
+    #: the most model actors at once: one per GPU, else one per two CPUs (the rest decode)
+    actors: int
+    #: torch threads of an actor's forward: its share of a node's cores, as the local engine's uses them all
+    threads: int
+
+
+def plan_actors(resources: Mapping[str, float], nodes: int, device: str) -> ActorPlan:
+    """The model actors for a cluster of ``resources`` over ``nodes`` live nodes. ``--device cuda``
+    on a cluster without a GPU is refused (Ray would wait for one forever)."""
+    gpus, cpus, nodes = int(resources.get("GPU", 0)), int(resources.get("CPU", 1)), max(1, nodes)
+    if device == "cuda" and not gpus:
+        raise EvaluationError("--device cuda: the Ray cluster has no GPU; use --device cpu or auto")
+    gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    actors = max(1, gpus) if gpu else max(1, cpus // 2)
+    return ActorPlan(gpu, actors, max(1, cpus // nodes // max(1, -(-actors // nodes))))
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray], contract: dict[str, Any], options: dict[str, Any], scored: np.ndarray
+) -> dict[str, np.ndarray]:
+    """A Ray task: read, hash and decode a batch of files (``reading.read_file``) into plain columns."""
+    from meddaemon.daemon.intake import quiet_pydicom
+
+    quiet_pydicom()
+    terms = InputContract.from_dict(contract)
+    decode = DecodeOptions(**options)
+    reads = [read_file(str(p), terms, decode, scored) for p in batch["path"]]
+    return {
+        "path": np.array([r.path for r in reads], dtype=object),
+        "sha256": np.array([r.sha256 or "" for r in reads], dtype=object),
+        "size": np.array([r.size for r in reads], dtype=np.int64),
+        "known": np.array([r.known for r in reads], dtype=bool),
+        "reason": np.array([r.failure.reason.value if r.failure else "" for r in reads], dtype=object),
+        "message": np.array([r.failure.message if r.failure else "" for r in reads], dtype=object),
+        "metadata": np.array([json.dumps(r.metadata.as_dict()) if r.metadata else "" for r in reads], dtype=object),
+        "inputs": np.array([_npy(r.inputs) for r in reads], dtype=object),
+    }
+
+
+class ModelActor:
+    """A Ray actor: the model version loaded once from its folder and verified on this node."""
+
+    def __init__(
+        self, folder: str, version_id: int, device: str, threads: int = 0, batch: int = 64, heatmaps: bool = False
+    ) -> None:
+        import torch
+
+        from meddaemon.engine.inference import ServedModel
+        from meddaemon.engine.registry import ModelRefused, load_version
+
+        try:
+            loaded = load_version(folder, device="cpu")
+        except ModelRefused as refusal:
+            raise RuntimeError(
+                f"{REFUSED}: model refused on node {socket.gethostname()}: {refusal.reason} ({refusal.message})"
+            ) from None
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.model = ServedModel(version_id, loaded, torch.device(device), heatmaps=heatmaps)
+        self.model.choose_backend(min(batch, BACKEND_PROBE_BATCH))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        labels = len(self.model.labels)
+        rows = len(batch["path"])
+        probabilities = np.full((rows, labels), np.nan)
+        positive = np.zeros((rows, labels), dtype=bool)
+        reasons, messages = batch["reason"].copy(), batch["message"].copy()
+        maps = np.full(rows, b"", dtype=object)
+        inputs = {i: _array(blob) for i, blob in enumerate(batch["inputs"]) if blob}
+        if inputs:
+            order = list(inputs)
+            sizes = [inputs[i].shape[0] for i in order]
+            predictions = self.model.predict(np.concatenate([inputs[i] for i in order]))
+            start = 0
+            for i, size in zip(order, sizes, strict=True):
+                rows_of = predictions[start : start + size]
+                start += size
+                failure = next((p.failure for p in rows_of if p.failure is not None), None)
+                if failure is not None:
+                    reasons[i], messages[i] = failure.reason.value, failure.message
+                    continue
+                probs = np.mean([p.probabilities for p in rows_of], axis=0)
+                probabilities[i], positive[i] = probs, self.model.calls(probs)
+                key = size // 2  # the key frame's maps, as the local engine keeps them
+                if rows_of[key].heatmaps:
+                    maps[i] = _pack_maps(rows_of[key].heatmaps, inputs[i][key])
+        out = {k: v for k, v in batch.items() if k != "inputs"}
+        return out | {
+            "reason": reasons, "message": messages, "probabilities": probabilities, "positive": positive, "maps": maps,
+        }  # fmt: skip
+
+
+def _outcomes(batch: dict[str, np.ndarray]) -> Iterator[tuple[FileOutcome, bytes]]:
+    """Each file's outcome, with its packed heatmaps (empty without)."""
+    for i, path in enumerate(batch["path"]):
+        read = FileRead(str(path), sha256=str(batch["sha256"][i]) or None, size=int(batch["size"][i]))
+        read.known = bool(batch["known"][i])
+        if batch["reason"][i]:
+            read.failure = ScanFailure(FailureReason(str(batch["reason"][i])), str(batch["message"][i]))
+            yield FileOutcome(read), b""
+            continue
+        if batch["metadata"][i]:
+            read.metadata = ScanMetadata(**json.loads(str(batch["metadata"][i])))
+        probs = batch["probabilities"][i]
+        if read.known or np.isnan(probs).any():
+            yield FileOutcome(read), b""
+            continue
+        yield FileOutcome(read, probs.tolist(), batch["positive"][i].tolist()), batch["maps"][i]
+
+
+def _pack_maps(maps: list[tuple[int, np.ndarray]], model_input: np.ndarray) -> bytes:
+    """A scan's key-frame maps (by label index) and that frame's model input (for the overlays)."""
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        labels=np.array([label for label, _ in maps], dtype=np.int64),
+        maps=np.stack([heatmap.astype(np.float32) for _, heatmap in maps]),
+        model_input=np.ascontiguousarray(model_input, dtype=np.float32),
+    )
+    return buffer.getvalue()
+
+
+def _unpack_maps(blob: bytes) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as packed:
+        maps = [(int(label), heatmap) for label, heatmap in zip(packed["labels"], packed["maps"], strict=True)]
+        return maps, packed["model_input"]
+
+
+def _npy(array: np.ndarray | None) -> bytes:
+    if array is None:
+        return b""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _array(blob: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(blob), allow_pickle=False)

@@ -1,0 +1,343 @@
+"""The database side of an evaluation: its row, the scored set, and each chunk of files written in
+one transaction with multi-row INSERTs (scans, their history, results, heatmaps, the file rows).
+
+Identity is SHA-256, as in the daemon: bytes already held by a live scan (the daemon's or an earlier
+evaluation's) are that scan; the evaluation adds its model's results to it when they are missing.
+A scan the daemon is still working on (registered, routed, waiting for a model) is left to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.orm import Session
+
+from meddaemon import __version__
+from meddaemon.daemon.bookkeeper import HeatmapFile, insert_results
+from meddaemon.db.models import (
+    METADATA_COLUMNS,
+    Evaluation,
+    EvaluationFile,
+    ModelVersion,
+    Result,
+    Scan,
+    ScanEvent,
+    utcnow,
+)
+from meddaemon.evaluate.reading import FileRead
+from meddaemon.states import ScanState
+from meddaemon.stored_paths import stored_name
+
+#: Live scans of the daemon that it will still run through its own model: the evaluation leaves them.
+DAEMON_BUSY = frozenset({ScanState.REGISTERED, ScanState.ROUTED, ScanState.WAITING_MODEL})
+#: ``evaluation_files.outcome`` values.
+SCORED, REUSED, FAILED, SKIPPED = "scored", "reused", "failed", "skipped"
+#: ``evaluations.state`` values.
+RUNNING, COMPLETED, INTERRUPTED, STOPPED = "running", "completed", "interrupted", "stopped"
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot run as asked (a name taken by another cohort or model)."""
+
+
+@dataclass
+class FileOutcome:
+    """One file ready to be written: a failure, known bytes, or the model's output."""
+
+    read: FileRead
+    probabilities: Sequence[float] | None = None
+    positive: Sequence[bool] | None = None
+    heatmaps: list[HeatmapFile] = field(default_factory=list)
+
+
+@dataclass
+class ChunkCounts:
+    scored: int = 0
+    reused: int = 0
+    failed: int = 0
+    skipped: int = 0
+    failures: Counter[str] = field(default_factory=Counter)
+    #: known bytes whose scan holds no results of the version after all (a 64-bit prefix collision,
+    #: or the scan was deleted): not written, to be decoded and scored
+    redo: list[FileRead] = field(default_factory=list)
+
+
+def open_evaluation(
+    session: Session,
+    *,
+    name: str,
+    version: ModelVersion,
+    dataset_path: Path,
+    layout: str,
+    engine: str,
+    files_total: int,
+    parameters: dict[str, Any],
+) -> Evaluation:
+    """The evaluation ``name``: created, or continued when it is the same cohort and model version
+    (a rerun or a resumed run); counts start again, files already scored are reused."""
+    row = session.scalars(select(Evaluation).where(Evaluation.name == name).with_for_update()).one_or_none()
+    if row is not None and (row.model_version_id != version.id or row.dataset_path != str(dataset_path)):
+        raise EvaluationError(
+            f"evaluation {name!r} is of {row.dataset_path} with model version id {row.model_version_id}; "
+            "give another --name"
+        )
+    if row is None:
+        row = Evaluation(name=name, task_name=version.task_name, model_version_id=version.id)
+        session.add(row)
+    row.dataset_path, row.dataset_layout, row.engine = str(dataset_path), layout, engine
+    row.parameters, row.state, row.message = parameters, RUNNING, None
+    row.files_total, row.scored, row.reused, row.failed, row.failures = files_total, 0, 0, 0, {}
+    row.images_per_second, row.meddaemon_version = None, __version__
+    row.started_at, row.finished_at = utcnow(), None
+    session.flush()
+    return row
+
+
+def scored_shas(session: Session, version_id: int) -> list[str]:
+    """SHA-256 of every scan that has results of this model version."""
+    query = select(Scan.sha256).distinct().join(Result, Result.scan_id == Scan.id)
+    return [s for s in session.scalars(query.where(Result.model_version_id == version_id)) if s]
+
+
+def scans_with_results(session: Session, version_id: int, shas: Iterable[str]) -> dict[str, int]:
+    """Of these contents, the live scans holding results of the version: SHA-256 -> scan id."""
+    found: dict[str, int] = {}
+    for chunk in _chunks(sorted(set(shas))):
+        query = (
+            select(Scan.sha256, Scan.id)
+            .join(Result, Result.scan_id == Scan.id)
+            .where(Scan.sha256.in_(chunk), Scan.state != ScanState.FAILED, Result.model_version_id == version_id)
+        )
+        found.update({sha: scan_id for sha, scan_id in session.execute(query) if sha})
+    return found
+
+
+def record_chunk(
+    session: Session,
+    evaluation: Evaluation,
+    version: ModelVersion,
+    outcomes: Sequence[FileOutcome],
+    state_dir: Path,
+) -> ChunkCounts:
+    """Write one chunk: new scans (state ``evaluated``), their results and heatmaps (paths under
+    ``state_dir`` stored relative to it), and a row per file; the evaluation's counts go up by the
+    chunk's. Known bytes that turn out to hold no results of the version are not written: they come
+    back in ``redo``, to be decoded and scored."""
+    now = utcnow()
+    counts = ChunkCounts()
+    shas = {o.read.sha256 for o in outcomes if o.read.sha256 and o.read.failure is None}
+    done = scans_with_results(session, version.id, shas)
+    live = _live_scans(session, shas)
+    new_scans: dict[str, FileOutcome] = {}
+    result_for: dict[str, FileOutcome] = {}
+    file_rows: list[dict[str, Any]] = []
+    scan_of_file: list[str | None] = []
+    for outcome in outcomes:
+        read = outcome.read
+        row: dict[str, Any] = {"evaluation_id": evaluation.id, "path": read.path, "sha256": read.sha256}
+        row |= {"size_bytes": read.size or None, "scan_id": None, "failure_reason": None, "failure_message": None}
+        sha = read.sha256
+        if read.failure is not None or sha is None:
+            assert read.failure is not None
+            row |= {"outcome": FAILED, "failure_reason": read.failure.reason.value}
+            row["failure_message"] = read.failure.message
+            counts.failed += 1
+            counts.failures[read.failure.reason.value] += 1
+        elif sha in done or sha in result_for:
+            row["outcome"] = REUSED
+            counts.reused += 1
+        elif read.known or outcome.probabilities is None:
+            counts.redo.append(read)
+            continue
+        elif sha in live and live[sha][1] in DAEMON_BUSY:
+            row |= {"outcome": SKIPPED, "failure_message": "the daemon is still working on these bytes"}
+            counts.skipped += 1
+            sha = None
+        else:
+            row["outcome"] = SCORED
+            counts.scored += 1
+            result_for[sha] = outcome
+            if sha not in live:
+                new_scans[sha] = outcome
+        file_rows.append(row)
+        scan_of_file.append(sha if row["outcome"] in (SCORED, REUSED) else None)
+
+    ids = {sha: scan_id for sha, (scan_id, _) in live.items()} | done
+    ids |= _insert_scans(session, evaluation, list(new_scans.values()), now)
+    _insert_results(session, version, [(ids[sha], o) for sha, o in result_for.items()], now, state_dir)
+    for row, sha in zip(file_rows, scan_of_file, strict=True):
+        row["scan_id"] = ids.get(sha) if sha else None
+    paths = [r["path"] for r in file_rows]
+    for chunk in _chunks(paths):
+        session.execute(
+            delete(EvaluationFile).where(EvaluationFile.evaluation_id == evaluation.id, EvaluationFile.path.in_(chunk))
+        )
+    if file_rows:
+        session.execute(insert(EvaluationFile), file_rows)
+    evaluation.scored += counts.scored
+    evaluation.reused += counts.reused
+    evaluation.failed += counts.failed
+    evaluation.failures = dict(Counter(evaluation.failures or {}) + counts.failures)
+    session.flush()
+    return counts
+
+
+def finish_evaluation(
+    session: Session, evaluation: Evaluation, state: str, message: str | None, images_per_second: float | None
+) -> None:
+    evaluation.state, evaluation.message = state, message
+    evaluation.images_per_second = images_per_second
+    evaluation.finished_at = utcnow()
+    evaluation.dataset_fingerprint = fingerprint(session, evaluation.id) if state == COMPLETED else None
+    session.flush()
+
+
+def fingerprint(session: Session, evaluation_id: int) -> str:
+    """SHA-256 of the sorted ``path<TAB>sha256`` lines of the evaluation's files (unreadable ones
+    with an empty hash): the same bytes under the same names, the same fingerprint."""
+    digest = hashlib.sha256()
+    query = (
+        select(EvaluationFile.path, EvaluationFile.sha256)
+        .where(EvaluationFile.evaluation_id == evaluation_id)
+        .order_by(EvaluationFile.path)
+    )
+    for path, sha in session.execute(query):
+        digest.update(f"{path}\t{sha or ''}\n".encode())
+    return digest.hexdigest()
+
+
+def find_evaluation(session: Session, name_or_id: str) -> Evaluation | None:
+    row = session.scalars(select(Evaluation).where(Evaluation.name == name_or_id)).one_or_none()
+    if row is None and name_or_id.isdigit():
+        row = session.get(Evaluation, int(name_or_id))
+    return row
+
+
+def evaluation_summary(session: Session, evaluation: Evaluation) -> dict[str, Any]:
+    """The evaluation as plain data (``--json``, the console): self-describing, failures listed."""
+    version = session.get(ModelVersion, evaluation.model_version_id)
+    failed = session.execute(
+        select(EvaluationFile.path, EvaluationFile.failure_reason, EvaluationFile.failure_message)
+        .where(EvaluationFile.evaluation_id == evaluation.id, EvaluationFile.outcome == FAILED)
+        .order_by(EvaluationFile.path)
+    ).all()
+    skipped = session.scalar(
+        select(func.count())
+        .select_from(EvaluationFile)
+        .where(EvaluationFile.evaluation_id == evaluation.id, EvaluationFile.outcome == SKIPPED)
+    )
+    seconds = None
+    if evaluation.finished_at is not None:
+        seconds = (evaluation.finished_at - evaluation.started_at).total_seconds()
+    return {
+        "evaluation_id": evaluation.id,
+        "name": evaluation.name,
+        "task": evaluation.task_name,
+        "model": {"version": version.version if version else None, "id": evaluation.model_version_id},
+        "dataset": {
+            "path": evaluation.dataset_path,
+            "layout": evaluation.dataset_layout,
+            "fingerprint": evaluation.dataset_fingerprint,
+        },
+        "engine": evaluation.engine,
+        "parameters": evaluation.parameters,
+        "state": evaluation.state,
+        "message": evaluation.message,
+        "files": evaluation.files_total,
+        "scored": evaluation.scored,
+        "reused": evaluation.reused,
+        "failed": evaluation.failed,
+        #: files whose bytes the daemon is still working on: left to it, scored by a later run
+        "skipped": int(skipped or 0),
+        "failures_by_reason": evaluation.failures,
+        "unreadable": [{"path": p, "reason": r, "message": m} for p, r, m in failed],
+        "images_per_second": evaluation.images_per_second,
+        "started_at": evaluation.started_at,
+        "finished_at": evaluation.finished_at,
+        "seconds": seconds,
+        "meddaemon_version": evaluation.meddaemon_version,
+    }
+
+
+def _live_scans(session: Session, shas: Iterable[str]) -> dict[str, tuple[int, str]]:
+    found: dict[str, tuple[int, str]] = {}
+    for chunk in _chunks(sorted(set(shas))):
+        query = select(Scan.sha256, Scan.id, Scan.state).where(Scan.sha256.in_(chunk), Scan.state != ScanState.FAILED)
+        found.update({sha: (scan_id, state) for sha, scan_id, state in session.execute(query) if sha})
+    return found
+
+
+def _insert_scans(
+    session: Session, evaluation: Evaluation, outcomes: Sequence[FileOutcome], now: datetime
+) -> dict[str, int]:
+    if not outcomes:
+        return {}
+    root = Path(evaluation.dataset_path)
+    root = root.parent if root.is_file() else root
+    rows = []
+    for outcome in outcomes:
+        read = outcome.read
+        row: dict[str, Any] = {
+            "sha256": read.sha256,
+            "state": ScanState.EVALUATED.value,
+            "task_name": evaluation.task_name,
+            "source_name": read.path,
+            "source_path": str(root / read.path),
+            "stored_path": None,
+            "size_bytes": read.size,
+            "registered_at": now,
+            "routed_at": now,
+            "updated_at": now,
+            "evaluation_id": evaluation.id,
+        }
+        for column in METADATA_COLUMNS:
+            row[column] = getattr(read.metadata, column) if read.metadata is not None else None
+        rows.append(row)
+    ids = session.scalars(insert(Scan).returning(Scan.id, sort_by_parameter_order=True), rows).all()
+    detail = f"read in place by evaluation {evaluation.id} ({evaluation.name})"
+    session.execute(
+        insert(ScanEvent),
+        [{"scan_id": i, "state": ScanState.EVALUATED.value, "at": now, "detail": detail} for i in ids],
+    )
+    return {o.read.sha256: scan_id for o, scan_id in zip(outcomes, ids, strict=True)}  # type: ignore[misc]
+
+
+def _insert_results(
+    session: Session, version: ModelVersion, scored: Sequence[tuple[int, FileOutcome]], now: datetime, state_dir: Path
+) -> None:
+    """The daemon's rows for these outcomes, written as the daemon writes them (heatmap paths
+    relative to the state directory, ``stored_paths``)."""
+    labels = list(version.manifest["labels"])
+    thresholds = version.manifest.get("thresholds", {})
+    rows: list[dict[str, Any]] = []
+    maps: list[HeatmapFile | None] = []
+    for scan_id, outcome in scored:
+        assert outcome.probabilities is not None and outcome.positive is not None
+        for index, label in enumerate(labels):
+            rows.append(
+                {
+                    "scan_id": scan_id,
+                    "model_version_id": version.id,
+                    "label": label,
+                    "probability": float(outcome.probabilities[index]),
+                    "threshold": float(thresholds.get(label, 0.5)),
+                    "positive": bool(outcome.positive[index]),
+                    "latency_ms": None,
+                    "created_at": now,
+                }
+            )
+            maps.append(next((h for h in outcome.heatmaps if h.label_index == index), None))
+    insert_results(session, rows, maps, now, partial(stored_name, state_dir=state_dir))
+
+
+def _chunks(items: Sequence[str], size: int = 500) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])

@@ -1,0 +1,83 @@
+"""The truth an evaluation's dataset carries (BUSI folders, NIH's Data_Entry, COVID metadata, IDC
+folders, a manifest's label column) as the audit's :class:`LabelTable`, keyed by SHA-256, so that
+``--audit`` is the audit of ``medcli audit`` (audit/run.py) on exactly the evaluation's scans."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from meddaemon.audit.labels import LabelRow, LabelTable
+from meddaemon.audit.predictions import AuditInputError, load_predictions
+from meddaemon.audit.run import AuditRequest, AuditResult, audit_predictions
+from meddaemon.db.models import Evaluation, EvaluationFile, ModelVersion
+from meddaemon.engine.tasks import TaskSpec
+from meddaemon.evaluate.cohort import read_cohort
+from meddaemon.evaluate.store import FAILED, find_evaluation
+
+
+def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelTable:
+    """A label row per readable file of the evaluation whose layout labels it, keyed by its SHA-256;
+    the patient (when the layout names one) and the layout's other columns ride along."""
+    cohort = read_cohort(Path(evaluation.dataset_path), spec)
+    if cohort.index is None:
+        raise AuditInputError(cohort.unlabelled())
+    sha_of = dict(
+        session.execute(
+            select(EvaluationFile.path, EvaluationFile.sha256).where(
+                EvaluationFile.evaluation_id == evaluation.id, EvaluationFile.outcome != FAILED
+            )
+        ).all()
+    )
+    rows: list[LabelRow] = []
+    attribute_columns: dict[str, None] = {}
+    for sample in cohort.index.samples:
+        sha = sha_of.get(cohort.relative(sample.path.absolute()))
+        if not sha:
+            continue
+        attributes = dict(sample.extra)
+        if sample.patient_id is not None:
+            attributes["patient_id"] = sample.patient_id
+        attribute_columns.update(dict.fromkeys(attributes))
+        rows.append(LabelRow(sha, len(rows) + 1, frozenset(sample.labels), None, attributes))
+    if not rows:
+        raise AuditInputError(f"evaluation {evaluation.name!r} has no scored file with a label")
+    return LabelTable(
+        path=evaluation.dataset_path,
+        sha256=evaluation.dataset_fingerprint or "",
+        format=f"layout:{cohort.layout}",
+        key_kind="sha256",
+        rows=rows,
+        label_columns=(),
+        attribute_columns=tuple(attribute_columns),
+        task_hint=spec.name,
+    )
+
+
+def audit_evaluation(
+    session: Session,
+    name: str,
+    request: AuditRequest,
+    tasks: Mapping[str, TaskSpec],
+    progress: Callable[[int], None] | None = None,
+    on_bootstrap_start: Callable[[int], None] | None = None,
+) -> AuditResult:
+    """The audit of evaluation ``name`` (or id) against the labels of its dataset's layout."""
+    evaluation = find_evaluation(session, name)
+    if evaluation is None:
+        raise AuditInputError(f"no evaluation named {name!r}")
+    spec = tasks.get(evaluation.task_name)
+    if spec is None:
+        raise AuditInputError(f"evaluation {name!r} is of task {evaluation.task_name!r}, which is not configured")
+    version = session.get(ModelVersion, evaluation.model_version_id)
+    assert version is not None
+    request = dataclasses.replace(request, evaluation=evaluation.name, task=spec.name, model_version=version.version)
+    table = truth_of(session, evaluation, spec)
+    predictions = load_predictions(session, version, spec.kind, evaluation_id=evaluation.id)
+    return audit_predictions(
+        session, request, table, spec, version, predictions, progress=progress, on_bootstrap_start=on_bootstrap_start
+    )

@@ -1,0 +1,1 @@
+"""The web console (``meddaemon web``): server-rendered pages over the daemon's database (docs/design.md section 15)."""

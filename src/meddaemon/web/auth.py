@@ -1,0 +1,176 @@
+"""Who is looking, and what they may do: users and roles, password hashes, signed session cookies, CSRF.
+
+- Roles: ``viewer`` (every page, no patient data), ``clinician`` (patient data too), ``admin``
+  (patient data, and the actions: retry, promote, retire).
+- On loopback with no ``[web_users]`` the person at the machine is its operator: ``admin``, as
+  ``medcli`` would let them be. Any other bind needs users (a login form, passwords checked against
+  scrypt hashes) or ``web_proxy_header``, a header a trusted reverse proxy on this host sets to
+  the signed-in user's name; it is believed only from a loopback peer.
+- The session is a cookie signed with HMAC-SHA256 under a key made when the app starts (a restart
+  signs everyone out). It carries the user, the role and a CSRF token; every POST must send that
+  token back in a form field or the ``X-CSRF-Token`` header, else 403 and nothing is done.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from meddaemon.config import WEB_ROLES, ConfigError, Settings
+
+COOKIE = "meddaemon_session"
+CSRF_FIELD = "csrf"
+CSRF_HEADER = "x-csrf-token"
+#: a session lasts this long after sign-in (seconds)
+SESSION_SECONDS = 12 * 3600
+LOCAL_OPERATOR = "local operator"
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+
+
+class AuthError(ConfigError):
+    """The console cannot be served safely with these settings."""
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """``scrypt$N$r$p$<salt hex>$<hash hex>``: what ``password_hash`` in ``[web_users.NAME]`` holds."""
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, **_SCRYPT, dklen=32)
+    return f"scrypt${_SCRYPT['n']}${_SCRYPT['r']}${_SCRYPT['p']}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, expected = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        digest = hashlib.scrypt(
+            password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32, maxmem=2**27
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(digest.hex(), expected)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str
+
+    @property
+    def sees_patient_data(self) -> bool:
+        return self.role in ("clinician", "admin")
+
+    @property
+    def may_act(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    """How people are recognised: by password (``users``), a proxy header, or not at all (loopback)."""
+
+    users: Mapping[str, Mapping[str, str]]
+    proxy_header: str
+    #: anyone who reaches the server is the operator (loopback bind, no users)
+    open_local: bool
+
+    @classmethod
+    def from_settings(cls, settings: Settings, host: str) -> AuthPolicy:
+        """The policy for serving on ``host``; an unauthenticated bind beyond loopback is refused."""
+        users = dict(settings.web_users)
+        proxy = settings.web_proxy_header.strip().lower()
+        if not users and not proxy:
+            if not is_loopback(host):
+                raise AuthError(
+                    f"the web console would serve {host} without authentication: add [web_users.NAME] tables "
+                    "(role and password_hash from `meddaemon web --hash-password`) or web_proxy_header, "
+                    "or bind to 127.0.0.1"
+                )
+            return cls({}, "", open_local=True)
+        if proxy:
+            for name, user in users.items():
+                if user.get("role") not in WEB_ROLES:
+                    raise AuthError(f"web_users.{name}: role {user.get('role')!r} is not one of {list(WEB_ROLES)}")
+        return cls(users, proxy, open_local=False)
+
+    @property
+    def uses_login(self) -> bool:
+        return not self.open_local and not self.proxy_header
+
+    def login(self, name: str, password: str) -> User | None:
+        user = self.users.get(name)
+        if user is None or not user.get("password_hash"):
+            verify_password(password, hash_password("x", b"0" * 16))  # the same time either way
+            return None
+        return User(name, user["role"]) if verify_password(password, user["password_hash"]) else None
+
+    def from_proxy(self, header_value: str | None, peer: str | None) -> User | None:
+        if not header_value or peer is None or not is_loopback(peer):
+            return None
+        user = self.users.get(header_value)
+        return None if user is None else User(header_value, user["role"])
+
+
+@dataclass(frozen=True)
+class Session:
+    user: User | None
+    csrf: str
+    issued: float
+
+
+class SessionSigner:
+    """Session cookies signed with HMAC-SHA256 under a key of its own."""
+
+    def __init__(self, key: bytes | None = None, max_age: float = SESSION_SECONDS) -> None:
+        self.key = key or secrets.token_bytes(32)
+        self.max_age = max_age
+
+    def new(self, user: User | None) -> Session:
+        return Session(user, secrets.token_urlsafe(24), time.time())
+
+    def dump(self, session: Session) -> str:
+        body = {"c": session.csrf, "t": session.issued}
+        if session.user is not None:
+            body.update(u=session.user.name, r=session.user.role)
+        payload = base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode().rstrip("=")
+        return f"{payload}.{self._sign(payload)}"
+
+    def load(self, cookie: str | None) -> Session | None:
+        if not cookie or "." not in cookie:
+            return None
+        payload, signature = cookie.rsplit(".", 1)
+        if not hmac.compare_digest(signature, self._sign(payload)):
+            return None
+        try:
+            body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            issued = float(body["t"])
+            csrf = str(body["c"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        if time.time() - issued > self.max_age:
+            return None
+        user = User(str(body["u"]), str(body["r"])) if "u" in body and body.get("r") in WEB_ROLES else None
+        return Session(user, csrf, issued)
+
+    def _sign(self, payload: str) -> str:
+        return hmac.new(self.key, payload.encode(), hashlib.sha256).hexdigest()
+
+
+def csrf_ok(session: Session | None, sent: str | None) -> bool:
+    return session is not None and bool(sent) and hmac.compare_digest(session.csrf, str(sent))

@@ -1,0 +1,131 @@
+"""The pictures of the console: the scan as stored, its heatmaps as transparent colour layers, thumbnails.
+
+The scan page stacks the heatmap layer (a jet-coloured PNG whose alpha grows with the map, as in
+the overlay JPEGs of ``meddaemon.overlays``) over the scan resized to the map's grid, which is the
+geometry the model saw (``engine/preprocess.py`` resizes without cropping); the opacity slider
+changes the layer's CSS opacity. The decoders are imported when a picture is first asked for.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from meddaemon.engine.overlay import jet
+
+if TYPE_CHECKING:
+    from meddaemon.config import Settings
+    from meddaemon.web.queries import HeatmapFiles
+
+#: longest side of a picture on the scan page, and of a thumbnail
+VIEW_SIDE = 512
+THUMB_SIDE = 96
+
+
+class NoPicture(LookupError):
+    """The file behind a picture is gone or cannot be decoded."""
+
+
+def scan_png(path: Path, size: tuple[int, int] | None = None, side: int = VIEW_SIDE) -> bytes:
+    """The stored scan (its key frame) as an 8-bit PNG: resized to ``size`` (width, height) when given,
+    then fitted within ``side`` pixels."""
+    from meddaemon.engine.decode import DecodeOptions, decode_bytes  # the decoders, on first use
+
+    try:
+        decoded = decode_bytes(path.read_bytes(), DecodeOptions())
+    except Exception as exc:  # a file gone, or one the daemon failed: the page shows none
+        raise NoPicture(f"cannot show {path.name}: {type(exc).__name__}") from None
+    frames = np.asarray(decoded.frames)  # (N, H, W) or (N, H, W, 3)
+    pixels = frames[len(frames) // 2]
+    image = Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8))
+    if size is not None:  # the map's aspect (the model's input), at the page's size: not the map's coarse grid
+        image = image.resize(_fitted(size, side), Image.Resampling.BILINEAR)
+        return _png(image)
+    return _png(_fit(image, side))
+
+
+def heatmap_png(array_path: Path, side: int = VIEW_SIDE) -> bytes:
+    """The map as an RGBA layer: jet colours, alpha rising with the map (low values see-through)."""
+    try:
+        heatmap = np.load(array_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise NoPicture(f"cannot read the heatmap {array_path.name}: {type(exc).__name__}") from None
+    values = np.clip(np.nan_to_num(heatmap.astype(np.float32)), 0.0, 1.0)
+    size = _fitted((values.shape[1], values.shape[0]), side)
+    values = np.clip(np.asarray(Image.fromarray(values, "F").resize(size, Image.Resampling.BILINEAR)), 0.0, 1.0)
+    rgba = np.dstack([jet(values), (np.sqrt(values) * 255).astype(np.uint8)])
+    return _png(Image.fromarray(rgba, "RGBA"))
+
+
+def heatmap_shape(array_path: Path) -> tuple[int, int] | None:
+    """(width, height) of a stored map (memory-mapped: only the header is read)."""
+    try:
+        shape = np.load(array_path, mmap_mode="r", allow_pickle=False).shape
+    except (OSError, ValueError):
+        return None
+    return (int(shape[1]), int(shape[0])) if len(shape) == 2 else None
+
+
+def heatmap_overlay(settings: Settings, files: HeatmapFiles) -> bytes:
+    """The overlay JPEG of a stored heatmap, drawn from its map on first use (``meddaemon.overlays``)."""
+    from meddaemon.daemon.filing import view_path
+    from meddaemon.engine.decode import DecodeOptions
+    from meddaemon.engine.tasks import InputContract
+    from meddaemon.overlays import ViewSource, overlay_jpeg
+
+    array_path = settings.stored_file(files.array_path)
+    source = ViewSource(
+        view_path(settings.heatmaps_dir, files.sha256, files.model_version_id) if files.sha256 else None,
+        settings.stored_file(files.stored_path) if files.stored_path else None,
+        InputContract.from_dict(files.contract) if files.contract else None,
+        DecodeOptions(frame_policy=settings.frame_policy, max_pixels=settings.max_pixels),  # type: ignore[arg-type]
+    )
+    drawn = overlay_jpeg(array_path, settings.stored_file(files.overlay_path), source)
+    if drawn is None:
+        raise NoPicture(f"cannot draw the overlay of {array_path.name}")
+    return drawn
+
+
+def thumbnail_jpeg(path: Path, side: int = THUMB_SIDE) -> bytes:
+    """A small JPEG of a stored scan."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise NoPicture(f"cannot show {path.name}: {type(exc).__name__}") from None
+    if data[:2] == b"\xff\xd8":
+        return thumbnail_of(data, side)
+    return thumbnail_of(scan_png(path, side=side), side)
+
+
+def thumbnail_of(data: bytes, side: int = THUMB_SIDE) -> bytes:
+    """A small JPEG of a picture's bytes (JPEG or PNG)."""
+    image = Image.open(io.BytesIO(data))
+    image.thumbnail((side, side))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()
+
+
+def _fitted(size: tuple[int, int], side: int) -> tuple[int, int]:
+    """``size`` (width, height) scaled so that its longer side is ``side``."""
+    scale = side / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def _fit(image: Image.Image, side: int) -> Image.Image:
+    """Small scans are scaled up (nearest) so the page shows them at a useful size; large ones down."""
+    scale = side / max(image.size)
+    if abs(scale - 1) < 1e-6:
+        return image
+    resample = Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), resample)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,800 @@
+"""What the console's pages show, read in one read-only session per page (``db.readonly``).
+
+Every query here is bounded: the worklist pages by keyset (``id < after``, newest first, on the
+``ix_scans_state_id`` / ``ix_scans_task_id`` indexes), counts run on indexed columns, and per-scan
+details are fetched only for the scans of the page. Patient fields are returned only when the
+caller asks for them (``with_phi``): a viewer's pages never hold them, not even hidden.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, func, not_, or_, select
+from sqlalchemy.orm import Session
+
+from meddaemon.db.clock import db_clock
+from meddaemon.db.models import (
+    Audit,
+    AuditPdf,
+    DaemonInstance,
+    DuplicateArrival,
+    Heatmap,
+    ModelVersion,
+    Report,
+    Result,
+    Scan,
+    ScanEvent,
+    Task,
+    WebAction,
+    utcnow,
+)
+from meddaemon.states import ScanState
+
+#: States a scan waits in for a daemon (or a model) to act on it.
+WAITING_STATES = (ScanState.ROUTED, ScanState.WAITING_MODEL, ScanState.INFERRED)
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+CALLS = ("positive", "negative")
+_HEX = re.compile(r"^[0-9a-f]{6,64}$")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
+
+
+def aware(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; the daemon stores UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# -- overview -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HourCount:
+    start: datetime
+    count: int
+
+
+@dataclass(frozen=True)
+class DaemonAlive:
+    id: int
+    node: str
+    pid: int
+    heartbeat_age: float
+
+
+@dataclass(frozen=True)
+class OldestWaiting:
+    scan_id: int
+    state: str
+    since: datetime
+    age_seconds: float
+
+
+@dataclass
+class Overview:
+    states: dict[str, int]
+    total: int
+    registered_per_hour: list[HourCount]
+    #: throughput: scans the daemons inferred in each of those hours
+    inferred_per_hour: list[HourCount]
+    failures_by_reason: list[tuple[str, int]]
+    daemons: list[DaemonAlive]
+    active_models: dict[str, str]
+    tasks: list[str]
+    oldest_waiting: OldestWaiting | None
+
+
+def overview(session: Session, hours: int = 12, now: datetime | None = None) -> Overview:
+    now = now or utcnow()
+    states = {str(k): int(v) for k, v in session.execute(select(Scan.state, func.count()).group_by(Scan.state))}
+    starts = hour_starts(now, hours)
+    reasons = session.execute(
+        select(Scan.failure_reason, func.count())
+        .where(Scan.failure_reason.is_not(None))
+        .group_by(Scan.failure_reason)
+        .order_by(func.count().desc())
+    ).all()
+    daemons = [
+        DaemonAlive(r.id, r.node, r.pid, float(r.age))
+        for r in session.execute(
+            select(
+                DaemonInstance.id,
+                DaemonInstance.node,
+                DaemonInstance.pid,
+                DaemonInstance.lease_seconds,
+                (db_clock() - DaemonInstance.heartbeat_at).label("age"),
+            )
+            .where(DaemonInstance.state == "running")
+            .order_by(DaemonInstance.id)
+        )
+        if r.age < r.lease_seconds
+    ]
+    active = dict(
+        session.execute(
+            select(ModelVersion.task_name, ModelVersion.version).where(ModelVersion.status == "active")
+        ).all()
+    )
+    tasks = sorted({*active, *session.scalars(select(ModelVersion.task_name).distinct())})
+    # the first-registered scan of each waiting state, on the (state, id) index: sorting every
+    # waiting scan by updated_at would read them all
+    firsts = [
+        session.execute(
+            select(Scan.id, Scan.state, Scan.updated_at).where(Scan.state == state.value).order_by(Scan.id).limit(1)
+        ).first()
+        for state in WAITING_STATES
+    ]
+    oldest_row = min((r for r in firsts if r is not None), key=lambda r: (aware(r.updated_at), r.id), default=None)
+    oldest = None
+    if oldest_row is not None:
+        since = aware(oldest_row.updated_at)
+        assert since is not None
+        oldest = OldestWaiting(oldest_row.id, oldest_row.state, since, max(0.0, (now - since).total_seconds()))
+    return Overview(
+        states=states,
+        total=sum(states.values()),
+        registered_per_hour=per_hour(session, starts, Scan.registered_at),
+        inferred_per_hour=inferred_per_hour(session, starts),
+        failures_by_reason=[(str(r), int(n)) for r, n in reasons],
+        daemons=daemons,
+        active_models={str(k): str(v) for k, v in active.items()},
+        tasks=tasks,
+        oldest_waiting=oldest,
+    )
+
+
+def hour_starts(now: datetime, hours: int) -> list[datetime]:
+    """The starts of the last ``hours`` whole hours, the current one included."""
+    top = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    return [top - timedelta(hours=h) for h in range(hours, 0, -1)]
+
+
+def per_hour(session: Session, starts: list[datetime], at: Any, *where: Any) -> list[HourCount]:
+    """The rows (matching ``where``) whose time ``at`` falls in the hour from each of ``starts``."""
+    hour = timedelta(hours=1)
+    return [
+        HourCount(start, int(session.scalar(select(func.count()).where(*where, at >= start, at < start + hour)) or 0))
+        for start in starts
+    ]
+
+
+def inferred_per_hour(session: Session, starts: list[datetime]) -> list[HourCount]:
+    """The throughput: scans inferred in each hour, on the ``(state, at)`` index of ``scan_events``."""
+    return per_hour(session, starts, ScanEvent.at, ScanEvent.state == ScanState.INFERRED.value)
+
+
+# -- worklist -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    """The worklist's filters, as the query string gives them ('' : not filtered)."""
+
+    state: str = ""
+    task: str = ""
+    label: str = ""
+    call: str = ""
+    since: date | None = None
+    until: date | None = None
+    q: str = ""
+
+    def query_params(self) -> dict[str, str]:
+        values = {
+            "state": self.state,
+            "task": self.task,
+            "label": self.label,
+            "call": self.call,
+            "since": self.since.isoformat() if self.since else "",
+            "until": self.until.isoformat() if self.until else "",
+            "q": self.q,
+        }
+        return {k: v for k, v in values.items() if v}
+
+
+@dataclass(frozen=True)
+class TopCall:
+    label: str
+    probability: float
+    positive: bool
+
+
+@dataclass(frozen=True)
+class WorklistRow:
+    id: int
+    source_name: str
+    task: str | None
+    state: str
+    registered_at: datetime | None
+    updated_at: datetime | None
+    failure_reason: str | None
+    top: TopCall | None
+    #: the heatmap of the top call, for the thumbnail (None: a rendering of the scan)
+    heatmap_id: int | None
+    patient_name: str | None = None
+
+
+@dataclass
+class WorklistPage:
+    rows: list[WorklistRow]
+    #: the id to pass as ``after`` for the next page (None: this is the last one)
+    next_after: int | None
+
+
+def _filtered(f: WorklistFilter) -> list[Any]:
+    conditions: list[Any] = []
+    if f.state:
+        conditions.append(Scan.state == f.state)
+    if f.task:
+        conditions.append(Scan.task_name == f.task)
+    if f.since:
+        conditions.append(Scan.registered_at >= datetime.combine(f.since, time(), UTC))
+    if f.until:
+        conditions.append(Scan.registered_at < datetime.combine(f.until + timedelta(days=1), time(), UTC))
+    if f.label or f.call:
+        result = select(Result.id).where(Result.scan_id == Scan.id)
+        if f.label:
+            result = result.where(Result.label == f.label)
+        if f.call == "negative" and not f.label:  # results, none of them positive
+            conditions.append(exists(result))
+            conditions.append(not_(exists(result.where(Result.positive.is_(True)))))
+        else:
+            if f.call:
+                result = result.where(Result.positive.is_(f.call == "positive"))
+            conditions.append(exists(result))
+    if f.q:
+        conditions.append(_search(f.q.strip()))
+    return conditions
+
+
+def _search(q: str) -> Any:
+    """A file name that contains ``q``, a SHA-256 that starts with it, or the study whose UID it is."""
+    key = q.lower()
+    options: list[Any] = [Scan.source_name.contains(q, autoescape=True)]
+    if _HEX.match(key):
+        # a range, not LIKE: SQLite's LIKE is case-insensitive and then skips the index
+        options.append(and_(Scan.sha256 >= key, Scan.sha256 < key + "g"))
+    if _UID.match(q):
+        options.append(Scan.study_instance_uid == q)
+    return or_(*options)
+
+
+def worklist(
+    session: Session, f: WorklistFilter, after: int | None = None, limit: int = PAGE_SIZE, with_phi: bool = False
+) -> WorklistPage:
+    """A page of scans, newest first, after the scan id ``after`` (keyset: as fast on page 1,000 as on page 1)."""
+    limit = max(1, min(limit, MAX_PAGE_SIZE))
+    columns = [
+        Scan.id,
+        Scan.source_name,
+        Scan.task_name,
+        Scan.state,
+        Scan.registered_at,
+        Scan.updated_at,
+        Scan.failure_reason,
+    ]
+    if with_phi:
+        columns.append(Scan.patient_name)
+    query = select(*columns).where(*_filtered(f))
+    if after is not None:
+        query = query.where(Scan.id < after)
+    rows = session.execute(query.order_by(Scan.id.desc()).limit(limit + 1)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    tops = top_calls(session, [r.id for r in rows])
+    page = [
+        WorklistRow(
+            id=r.id,
+            source_name=r.source_name,
+            task=r.task_name,
+            state=r.state,
+            registered_at=aware(r.registered_at),
+            updated_at=aware(r.updated_at),
+            failure_reason=r.failure_reason,
+            top=tops[r.id][0] if r.id in tops else None,
+            heatmap_id=tops[r.id][1] if r.id in tops else None,
+            patient_name=r.patient_name if with_phi else None,
+        )
+        for r in rows
+    ]
+    return WorklistPage(page, rows[-1].id if more and rows else None)
+
+
+def top_calls(session: Session, scan_ids: Sequence[int]) -> dict[int, tuple[TopCall, int | None]]:
+    """Each scan's top call under the latest model version that ran on it: the most probable positive
+    label, else the most probable label; with the id of its heatmap, or any of the scan's."""
+    if not scan_ids:
+        return {}
+    rows = session.execute(
+        select(Result.scan_id, Result.model_version_id, Result.label, Result.probability, Result.positive, Heatmap.id)
+        .outerjoin(Heatmap, Heatmap.result_id == Result.id)
+        .where(Result.scan_id.in_(scan_ids))
+    ).all()
+    latest: dict[int, int] = {}
+    for r in rows:
+        latest[r.scan_id] = max(latest.get(r.scan_id, r.model_version_id), r.model_version_id)
+    best: dict[int, tuple[tuple[bool, float], TopCall, int | None]] = {}
+    any_map: dict[int, int] = {}
+    for r in rows:
+        if r.model_version_id != latest[r.scan_id]:
+            continue
+        if r.id is not None:
+            any_map.setdefault(r.scan_id, r.id)
+        rank = (bool(r.positive), float(r.probability))
+        if r.scan_id not in best or rank > best[r.scan_id][0]:
+            best[r.scan_id] = (rank, TopCall(r.label, float(r.probability), bool(r.positive)), r.id)
+    return {sid: (top, heatmap or any_map.get(sid)) for sid, (_, top, heatmap) in best.items()}
+
+
+# -- one scan -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelCall:
+    label: str
+    probability: float
+    threshold: float
+    positive: bool
+    heatmap_id: int | None
+
+
+@dataclass
+class VersionResults:
+    model_version_id: int
+    task: str
+    version: str
+    created_at: datetime | None
+    latency_ms: float | None
+    calls: list[LabelCall]
+    #: False for a version that makes none (an ONNX graph imported without a CAM feature map)
+    makes_heatmaps: bool = True
+
+    @property
+    def maps(self) -> list[LabelCall]:
+        """One map per positive label (a label with a map but no positive call is shown on its own)."""
+        with_map = [c for c in self.calls if c.heatmap_id is not None]
+        positive = [c for c in with_map if c.positive]
+        return positive or with_map
+
+
+@dataclass(frozen=True)
+class TimelineStep:
+    state: str
+    at: datetime | None
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class ReportFile:
+    id: int
+    kind: str
+    with_phi: bool
+    pages: int
+    created_at: datetime | None
+
+
+@dataclass
+class ScanDetail:
+    id: int
+    sha256: str | None
+    source_name: str
+    task: str | None
+    state: str
+    failure_reason: str | None
+    failure_message: str | None
+    registered_at: datetime | None
+    retried_at: datetime | None
+    has_file: bool
+    study_instance_uid: str | None
+    metadata: list[tuple[str, str]]
+    results: list[VersionResults]
+    timeline: list[TimelineStep]
+    reports: list[ReportFile]
+    duplicates: int
+    patient: dict[str, str] = field(default_factory=dict)
+
+
+#: DICOM metadata shown to every role, (label, column)
+METADATA = (
+    ("Format", "format"),
+    ("Modality", "modality"),
+    ("Body part", "body_part"),
+    ("View", "view_position"),
+    ("Manufacturer", "manufacturer"),
+    ("Rows", "rows"),
+    ("Columns", "columns"),
+    ("Frames", "frames"),
+    ("Samples per pixel", "samples_per_pixel"),
+    ("Photometric", "photometric_interpretation"),
+    ("Bits stored", "bits_stored"),
+    ("Transfer syntax", "transfer_syntax_uid"),
+    ("SOP class", "sop_class_uid"),
+    ("Series", "series_instance_uid"),
+    ("SOP instance", "sop_instance_uid"),
+)
+#: patient data, for clinicians and admins only
+PATIENT = (
+    ("Patient name", "patient_name"),
+    ("Patient ID", "patient_id"),
+    ("Birth date", "patient_birth_date"),
+    ("Sex", "patient_sex"),
+    ("Age", "patient_age"),
+    ("Accession number", "accession_number"),
+)
+
+
+def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanDetail | None:
+    scan = session.get(Scan, scan_id)
+    if scan is None:
+        return None
+    rows = session.execute(
+        select(Result, ModelVersion.task_name, ModelVersion.version, ModelVersion.manifest, Heatmap.id)
+        .join(ModelVersion, ModelVersion.id == Result.model_version_id)
+        .outerjoin(Heatmap, Heatmap.result_id == Result.id)
+        .where(Result.scan_id == scan_id)
+        .order_by(Result.model_version_id.desc(), Result.id)
+    ).all()
+    by_version: dict[int, VersionResults] = {}
+    for result, task, version, manifest, heatmap_id in rows:
+        group = by_version.setdefault(
+            result.model_version_id,
+            VersionResults(
+                result.model_version_id,
+                task,
+                version,
+                aware(result.created_at),
+                result.latency_ms,
+                [],
+                makes_heatmaps=bool((manifest or {}).get("heatmaps", True)),
+            ),
+        )
+        group.calls.append(LabelCall(result.label, result.probability, result.threshold, result.positive, heatmap_id))
+    events = session.scalars(select(ScanEvent).where(ScanEvent.scan_id == scan_id).order_by(ScanEvent.id)).all()
+    reports = session.scalars(
+        select(Report).where(Report.scan_id == scan_id, Report.kind == "scan").order_by(Report.id)
+    ).all()
+    duplicates = session.scalar(select(func.count()).where(DuplicateArrival.scan_id == scan_id)) or 0
+    metadata = [(name, str(getattr(scan, col))) for name, col in METADATA if getattr(scan, col) not in (None, "")]
+    patient = {}
+    if with_phi:
+        patient = {name: str(getattr(scan, col)) for name, col in PATIENT if getattr(scan, col) not in (None, "")}
+    return ScanDetail(
+        id=scan.id,
+        sha256=scan.sha256,
+        source_name=scan.source_name,
+        task=scan.task_name,
+        state=scan.state,
+        failure_reason=scan.failure_reason,
+        failure_message=scan.failure_message,
+        registered_at=aware(scan.registered_at),
+        retried_at=aware(scan.retried_at),
+        has_file=scan.stored_path is not None,
+        study_instance_uid=scan.study_instance_uid,
+        metadata=metadata,
+        results=list(by_version.values()),
+        timeline=[TimelineStep(e.state, aware(e.at), e.detail) for e in events],
+        reports=[ReportFile(r.id, r.kind, r.with_phi, r.pages, aware(r.created_at)) for r in reports],
+        duplicates=int(duplicates),
+        patient=patient,
+    )
+
+
+def stored_path(session: Session, scan_id: int) -> tuple[str | None, str | None] | None:
+    """(stored path, task) of a scan; None when there is no such scan."""
+    row = session.execute(select(Scan.stored_path, Scan.task_name).where(Scan.id == scan_id)).first()
+    return None if row is None else (row.stored_path, row.task_name)
+
+
+@dataclass(frozen=True)
+class HeatmapFiles:
+    scan_id: int
+    array_path: str
+    overlay_path: str
+    model_version_id: int
+    #: the scan's hash and stored file, and the model's input contract: what its overlay is drawn from
+    sha256: str | None = None
+    stored_path: str | None = None
+    contract: dict[str, Any] | None = None
+
+
+def heatmap_files(session: Session, heatmap_id: int) -> HeatmapFiles | None:
+    row = session.execute(
+        select(
+            Result.scan_id,
+            Heatmap.array_path,
+            Heatmap.overlay_path,
+            Result.model_version_id,
+            Scan.sha256,
+            Scan.stored_path,
+            ModelVersion.manifest,
+        )
+        .join(Result, Result.id == Heatmap.result_id)
+        .join(Scan, Scan.id == Result.scan_id)
+        .join(ModelVersion, ModelVersion.id == Result.model_version_id)
+        .where(Heatmap.id == heatmap_id)
+    ).first()
+    if row is None:
+        return None
+    contract = (row.manifest or {}).get("input_contract")
+    return HeatmapFiles(
+        row.scan_id, row.array_path, row.overlay_path, row.model_version_id, row.sha256, row.stored_path, contract
+    )
+
+
+def model_contract(session: Session, model_version_id: int) -> dict[str, Any] | None:
+    manifest = session.scalar(select(ModelVersion.manifest).where(ModelVersion.id == model_version_id))
+    return (manifest or {}).get("input_contract")
+
+
+def report_file(session: Session, report_id: int) -> tuple[int | None, str, bool] | None:
+    row = session.execute(select(Report.scan_id, Report.path, Report.with_phi).where(Report.id == report_id)).first()
+    return None if row is None else (row.scan_id, row.path, bool(row.with_phi))
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FailedScan:
+    id: int
+    source_name: str
+    updated_at: datetime | None
+    message: str
+    retryable: bool
+
+
+@dataclass
+class FailureGroup:
+    reason: str
+    count: int
+    #: failed scans not yet retried whose file was kept
+    retryable: int
+    #: the sentence of the latest failure with this reason
+    sentence: str
+    latest: list[FailedScan]
+
+
+def failures(session: Session, per_reason: int = 20) -> list[FailureGroup]:
+    """Failed scans not yet sent for retry, by reason, the most frequent first."""
+    # failure_reason IS NOT NULL lets SQLite range-scan its index instead of walking every scan's entry
+    not_retried = and_(
+        Scan.state == ScanState.FAILED.value, Scan.retried_at.is_(None), Scan.failure_reason.is_not(None)
+    )
+    counts = session.execute(
+        select(
+            Scan.failure_reason,
+            func.count(),
+            func.count(Scan.stored_path),
+        )
+        .where(not_retried)
+        .group_by(Scan.failure_reason)
+        .order_by(func.count().desc())
+    ).all()
+    groups = []
+    for reason, count, kept in counts:
+        scans = session.execute(
+            select(Scan.id, Scan.source_name, Scan.updated_at, Scan.failure_message, Scan.stored_path)
+            .where(not_retried, Scan.failure_reason == reason)
+            .order_by(Scan.id.desc())
+            .limit(per_reason)
+        ).all()
+        latest = [
+            FailedScan(s.id, s.source_name, aware(s.updated_at), s.failure_message or "", s.stored_path is not None)
+            for s in scans
+        ]
+        groups.append(
+            FailureGroup(str(reason or "unknown"), int(count), int(kept), latest[0].message if latest else "", latest)
+        )
+    return groups
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelRow:
+    id: int
+    task: str
+    version: str
+    status: str
+    architecture: str
+    sha256: str
+    created_at: datetime | None
+    promoted_at: datetime | None
+    retired_at: datetime | None
+    manifest: dict[str, Any]
+    results: int
+    #: the version's folder in the registry, as stored (its card and figures are there)
+    path: str = ""
+
+    @property
+    def metrics(self) -> list[tuple[str, str]]:
+        """The manifest's figures, flattened one level for a table."""
+        out: list[tuple[str, str]] = []
+        for key, value in sorted((self.manifest.get("metrics") or {}).items()):
+            if isinstance(value, dict):
+                out += [(f"{key} {k}", _figure(v)) for k, v in sorted(value.items())]
+            else:
+                out.append((key, _figure(value)))
+        return out
+
+
+def _figure(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and len(str(value)) > 120:
+        return str(value)[:117] + "..."
+    return str(value)
+
+
+def model_versions(session: Session) -> dict[str, list[ModelRow]]:
+    counts = dict(
+        session.execute(
+            select(Result.model_version_id, func.count(func.distinct(Result.scan_id))).group_by(Result.model_version_id)
+        ).all()
+    )
+    out: dict[str, list[ModelRow]] = {}
+    for row in session.scalars(select(ModelVersion).order_by(ModelVersion.task_name, ModelVersion.id.desc())):
+        out.setdefault(row.task_name, []).append(
+            ModelRow(
+                row.id,
+                row.task_name,
+                row.version,
+                row.status,
+                row.architecture,
+                row.sha256,
+                aware(row.created_at),
+                aware(row.promoted_at),
+                aware(row.retired_at),
+                dict(row.manifest or {}),
+                int(counts.get(row.id, 0)),
+                row.path,
+            )
+        )
+    return out
+
+
+def model_version(session: Session, task: str, version: str) -> ModelRow | None:
+    return next((r for r in model_versions(session).get(task, []) if r.version == version), None)
+
+
+# -- audits ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class AuditRow:
+    id: int
+    task: str
+    model_version: str
+    compare_version: str | None
+    labels_path: str
+    labels_format: str
+    matched: int
+    passed: bool | None
+    created_at: datetime | None
+    parameters: dict[str, Any]
+    results: dict[str, Any]
+    #: pages of the PDF kept with the audit (``medcli audit --pdf``); None: none was written
+    pdf_pages: int | None = None
+
+
+def audits(session: Session, limit: int = 200) -> list[AuditRow]:
+    return [_audit_row(session, a) for a in session.scalars(select(Audit).order_by(Audit.id.desc()).limit(limit))]
+
+
+def audit(session: Session, audit_id: int) -> AuditRow | None:
+    row = session.get(Audit, audit_id)
+    return None if row is None else _audit_row(session, row)
+
+
+def audit_pdf(session: Session, audit_id: int) -> bytes | None:
+    return session.scalar(select(AuditPdf.data).where(AuditPdf.audit_id == audit_id))
+
+
+def _audit_row(session: Session, a: Audit) -> AuditRow:
+    def version(vid: int | None) -> str | None:
+        return None if vid is None else session.scalar(select(ModelVersion.version).where(ModelVersion.id == vid))
+
+    pages = session.scalar(select(AuditPdf.pages).where(AuditPdf.audit_id == a.id))
+    return AuditRow(
+        a.id,
+        a.task_name,
+        version(a.model_version_id) or "?",
+        version(a.compare_model_version_id),
+        a.labels_path,
+        a.labels_format,
+        a.matched,
+        a.passed,
+        aware(a.created_at),
+        dict(a.parameters or {}),
+        dict(a.results or {}),
+        pages,
+    )
+
+
+#: the scalar metrics of a stored audit's per-label tables, in the order the CLI prints them
+AUDIT_METRICS = (
+    "auc", "auprc", "sensitivity", "specificity", "ppv", "npv", "prevalence",
+    "balanced_accuracy", "f1_macro", "mcc", "kappa", "brier", "ece",
+)  # fmt: skip
+
+
+def audit_table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tidy rows (scope, by, level, label, metric, value, lower, upper, ci_method, undefined) of a stored audit."""
+    rows: list[dict[str, Any]] = []
+
+    def add(scope: str, by: str, level: str, metrics: dict[str, Any]) -> None:
+        for name in AUDIT_METRICS:
+            value = metrics.get(name)
+            if not isinstance(value, dict):
+                continue
+            rows.append(
+                {
+                    "scope": scope,
+                    "by": by,
+                    "level": level,
+                    "label": metrics.get("label", ""),
+                    "metric": name,
+                    "value": value.get("value"),
+                    "lower": value.get("lower"),
+                    "upper": value.get("upper"),
+                    "ci_method": value.get("ci_method") or "",
+                    "undefined": value.get("undefined") or "",
+                    "n": metrics.get("n"),
+                }
+            )
+
+    for m in results.get("labels") or []:
+        add("overall", "", "", m)
+    for g in results.get("subgroups") or []:
+        if isinstance(g.get("metrics"), dict):
+            add("subgroup", str(g.get("by", "")), str(g.get("level", "")), {**g["metrics"], "n": g.get("n")})
+    return rows
+
+
+# -- actions --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActionRecord:
+    id: int
+    at: datetime | None
+    user: str
+    role: str
+    action: str
+    target: str
+    outcome: str
+    detail: str
+
+
+def _action_record(a: WebAction) -> ActionRecord:
+    return ActionRecord(a.id, aware(a.at), a.user, a.role, a.action, a.target, a.outcome, a.detail)
+
+
+def action(session: Session, action_id: int) -> ActionRecord | None:
+    row = session.get(WebAction, action_id)
+    return None if row is None else _action_record(row)
+
+
+def recent_actions(session: Session, limit: int = 20) -> list[ActionRecord]:
+    return [_action_record(a) for a in session.scalars(select(WebAction).order_by(WebAction.id.desc()).limit(limit))]
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What the worklist's filter menus offer: the tasks and labels the database knows."""
+
+    tasks: list[str]
+    labels: list[str]
+
+
+def overview_choices(session: Session) -> Choices:
+    tasks = sorted(str(t) for t in session.scalars(select(Task.name)))
+    labels: set[str] = set()
+    for manifest in session.scalars(select(ModelVersion.manifest)):
+        labels.update(str(x) for x in (manifest or {}).get("labels", []))
+    return Choices(tasks, sorted(labels))

@@ -1,0 +1,64 @@
+"""Failures by reason, with the sentence; Retry one scan or a whole reason (``retry_failed``, as ``medcli retry``)."""
+
+from __future__ import annotations
+
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from meddaemon.failures import FailureReason
+from meddaemon.web import actions, queries
+from meddaemon.web.app import Console, render
+
+
+def failures_page(request: Request) -> Response:
+    console: Console = request.app.state.console
+    done = request.query_params.get("action", "")
+
+    def read(session):  # type: ignore[no-untyped-def]
+        action = queries.action(session, int(done)) if done.isdigit() else None
+        return queries.failures(session), action
+
+    groups, action = console.read(read)
+    return render(request, "failures.html", title="Failures", groups=groups, action=action)
+
+
+async def retry(request: Request) -> Response:
+    user, form = await actions.admin_form(request)
+    scan, reason = str(form.get("scan", "")).strip(), str(form.get("reason", "")).strip()
+    if bool(scan) == bool(reason):
+        raise HTTPException(400, "Retry one scan (its id) or one reason, not both.")
+    if scan and not scan.isdigit():
+        raise HTTPException(400, "A scan is retried by its id.")
+    if reason and reason not in {r.value for r in FailureReason}:
+        raise HTTPException(400, f"There is no failure reason {reason!r}.")
+    console: Console = request.app.state.console
+
+    def work() -> int:
+        from meddaemon.daemon.retry import Selector, retry_failed
+
+        target = f"scan {scan}" if scan else f"reason {reason}"
+        try:
+            result = retry_failed(
+                console.writer(), console.settings, Selector(scan=scan or None, reason=reason or None)
+            )
+        except Exception as exc:
+            return actions.record(request, user, "retry", target, actions.FAILED, f"{type(exc).__name__}: {exc}")
+        parts = [f"sent back {len(result.requeued)} scan(s)" + (
+            ": " + ", ".join(str(r.scan_id) for r in result.requeued[:50]) if result.requeued else "")]  # fmt: skip
+        parts += [f"refused ({r.code.value}): {r.message}" for r in result.refused[:20]]
+        if result.without_original:
+            parts.append(f"{result.without_original} kept no file (vanished)")
+        outcome = actions.DONE if result.ok and result.requeued else actions.REFUSED
+        return actions.record(request, user, "retry", target, outcome, "; ".join(parts))
+
+    action_id = await run_in_threadpool(work)
+    return RedirectResponse(f"/failures?action={action_id}", status_code=303)
+
+
+routes = [
+    Route("/failures", failures_page),
+    Route("/failures/retry", retry, methods=["POST"]),
+]

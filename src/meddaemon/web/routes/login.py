@@ -1,0 +1,55 @@
+"""Signing in and out (only when the console uses passwords: ``[web_users]`` without a proxy header)."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from meddaemon.web import auth
+from meddaemon.web.app import Console, render
+
+log = logging.getLogger("meddaemon.web")
+
+
+async def login_page(request: Request) -> Response:
+    console: Console = request.app.state.console
+    if not console.policy.uses_login:
+        return RedirectResponse("/", status_code=303)
+    if request.method == "GET":
+        return render(request, "login.html", title="Sign in", error="")
+    form = await request.form()
+    session: auth.Session | None = request.state.session
+    sent = form.get(auth.CSRF_FIELD)
+    if not auth.csrf_ok(session, sent if isinstance(sent, str) else None):
+        raise HTTPException(403, "This form is out of date (CSRF check failed): load the sign-in page again.")
+    name, password = str(form.get("user", "")), str(form.get("password", ""))
+    user = await run_in_threadpool(console.policy.login, name, password)
+    if user is None:
+        log.warning("a sign-in failed")  # the name typed may be anything: not logged
+        return render(request, "login.html", 401, title="Sign in", error="Unknown user or wrong password.")
+    log.info("%s signed in (%s)", user.name, user.role)
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(auth.COOKIE, console.signer.dump(console.signer.new(user)), httponly=True, samesite="strict")
+    return response
+
+
+async def logout(request: Request) -> Response:
+    console: Console = request.app.state.console
+    form = await request.form()
+    sent = form.get(auth.CSRF_FIELD)
+    if not auth.csrf_ok(request.state.session, sent if isinstance(sent, str) else None):
+        raise HTTPException(403, "This form is out of date (CSRF check failed).")
+    response = RedirectResponse("/login" if console.policy.uses_login else "/", status_code=303)
+    response.delete_cookie(auth.COOKIE)
+    return response
+
+
+routes = [
+    Route("/login", login_page, methods=["GET", "POST"]),
+    Route("/logout", logout, methods=["POST"]),
+]

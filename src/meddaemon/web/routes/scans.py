@@ -1,0 +1,127 @@
+"""One scan: its picture with each heatmap over it, calls, history, report and metadata; and the pictures."""
+
+from __future__ import annotations
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from meddaemon.web import images, queries
+from meddaemon.web.app import Console, render
+
+NOT_FOUND = "There is no scan {id}."
+
+
+def _sees_phi(request: Request) -> bool:
+    user = request.state.session.user
+    return bool(user and user.sees_patient_data)
+
+
+def scan_page(request: Request) -> Response:
+    console: Console = request.app.state.console
+    scan_id: int = request.path_params["scan_id"]
+    detail = console.read(lambda s: queries.scan_detail(s, scan_id, with_phi=_sees_phi(request)))
+    if detail is None:
+        raise HTTPException(404, NOT_FOUND.format(id=scan_id))
+    reports = [r for r in detail.reports if _sees_phi(request) or not r.with_phi]
+    report = next((r for r in reports if r.with_phi), None) or (reports[0] if reports else None)
+    return render(request, "scan.html", title=f"Scan {scan_id}", scan=detail, report=report)
+
+
+def _png(data: bytes) -> Response:
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+def _jpeg(data: bytes) -> Response:
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+
+
+def scan_image(request: Request) -> Response:
+    """The stored scan; with ``?map=ID`` resized to that heatmap's grid, so the layer lies over it exactly."""
+    console: Console = request.app.state.console
+    scan_id: int = request.path_params["scan_id"]
+    found = console.read(lambda s: queries.stored_path(s, scan_id))
+    if found is None:
+        raise HTTPException(404, NOT_FOUND.format(id=scan_id))
+    path, _ = found
+    if path is None:
+        raise HTTPException(404, f"No file of scan {scan_id} was kept.")
+    size = None
+    map_id = request.query_params.get("map", "")
+    if map_id.isdigit():
+        files = console.read(lambda s: queries.heatmap_files(s, int(map_id)))
+        if files is not None and files.scan_id == scan_id:
+            size = images.heatmap_shape(console.settings.stored_file(files.array_path))
+    try:
+        return _png(images.scan_png(console.settings.stored_file(path), size))
+    except images.NoPicture as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+def scan_thumbnail(request: Request) -> Response:
+    console: Console = request.app.state.console
+    scan_id: int = request.path_params["scan_id"]
+    found = console.read(lambda s: queries.stored_path(s, scan_id))
+    if found is None or found[0] is None:
+        raise HTTPException(404, NOT_FOUND.format(id=scan_id))
+    try:
+        return _jpeg(images.thumbnail_jpeg(console.settings.stored_file(found[0])))
+    except images.NoPicture as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+def _heatmap(request: Request) -> queries.HeatmapFiles:
+    console: Console = request.app.state.console
+    heatmap_id: int = request.path_params["heatmap_id"]
+    files = console.read(lambda s: queries.heatmap_files(s, heatmap_id))
+    if files is None:
+        raise HTTPException(404, f"There is no heatmap {heatmap_id}.")
+    return files
+
+
+def heatmap_layer(request: Request) -> Response:
+    console: Console = request.app.state.console
+    try:
+        return _png(images.heatmap_png(console.settings.stored_file(_heatmap(request).array_path)))
+    except images.NoPicture as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+def heatmap_thumbnail(request: Request) -> Response:
+    """The heatmap's overlay JPEG (the report's; drawn and kept here if nothing drew it yet), made small."""
+    console: Console = request.app.state.console
+    try:
+        return _jpeg(images.thumbnail_of(images.heatmap_overlay(console.settings, _heatmap(request))))
+    except images.NoPicture as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+def report_pdf(request: Request) -> Response:
+    """A scan's PDF, inline; one with patient data only for those who may see it."""
+    console: Console = request.app.state.console
+    report_id: int = request.path_params["report_id"]
+    found = console.read(lambda s: queries.report_file(s, report_id))
+    if found is None:
+        raise HTTPException(404, f"There is no report {report_id}.")
+    _, stored, with_phi = found
+    if with_phi and not _sees_phi(request):
+        raise HTTPException(403, "This report holds patient data, which your role does not show.")
+    path = console.settings.stored_file(stored)
+    if not path.is_file():
+        raise HTTPException(404, f"The file of report {report_id} is gone.")
+    return FileResponse(
+        path,
+        media_type="application/pdf",
+        headers={"Content-Disposition": f'inline; filename="report-{report_id}.pdf"', "Cache-Control": "no-store"},
+    )
+
+
+routes = [
+    Route("/scans/{scan_id:int}", scan_page),
+    Route("/scans/{scan_id:int}/image.png", scan_image),
+    Route("/scans/{scan_id:int}/thumb.jpg", scan_thumbnail),
+    Route("/heatmaps/{heatmap_id:int}.png", heatmap_layer),
+    Route("/heatmaps/{heatmap_id:int}/thumb.jpg", heatmap_thumbnail),
+    Route("/reports/{report_id:int}.pdf", report_pdf),
+]

@@ -1,0 +1,80 @@
+"""The worklist: scans newest first with their top call, filtered, searched, paged by keyset."""
+
+from __future__ import annotations
+
+from datetime import date
+from urllib.parse import urlencode
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from meddaemon.states import PERSISTED
+from meddaemon.web import queries
+from meddaemon.web.app import Console, render
+
+
+def parse_filter(request: Request) -> tuple[queries.WorklistFilter, int | None]:
+    """The filters and the keyset position of the query string; a value that makes no sense is a 400."""
+    params = request.query_params
+
+    def day(name: str) -> date | None:
+        value = params.get(name, "").strip()
+        if not value:
+            return None
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            raise HTTPException(400, f"{name} must be a date as YYYY-MM-DD") from None
+
+    state = params.get("state", "").strip()
+    if state and state not in {s.value for s in PERSISTED}:
+        raise HTTPException(400, f"there is no state {state!r}")
+    call = params.get("call", "").strip()
+    if call and call not in queries.CALLS:
+        raise HTTPException(400, "call must be positive or negative")
+    after_text = params.get("after", "").strip()
+    if after_text and not after_text.isdigit():
+        raise HTTPException(400, "after must be a scan id")
+    f = queries.WorklistFilter(
+        state=state,
+        task=params.get("task", "").strip()[:64],
+        label=params.get("label", "").strip()[:64],
+        call=call,
+        since=day("since"),
+        until=day("until"),
+        q=params.get("q", "").strip()[:200],
+    )
+    return f, int(after_text) if after_text else None
+
+
+def worklist(request: Request) -> Response:
+    console: Console = request.app.state.console
+    f, after = parse_filter(request)
+    user = request.state.session.user
+    with_phi = bool(user and user.sees_patient_data)
+
+    def read(session):  # type: ignore[no-untyped-def]
+        page = queries.worklist(session, f, after, with_phi=with_phi)
+        return page, queries.overview_choices(session)
+
+    page, choices = console.read(read)
+    base = f.query_params()
+    next_url = f"/worklist?{urlencode({**base, 'after': page.next_after})}" if page.next_after else None
+    template = "worklist_rows.html" if request.headers.get("hx-request") and after else "worklist.html"
+    return render(
+        request,
+        template,
+        title="Worklist",
+        page=page,
+        f=f,
+        choices=choices,
+        states=sorted(s.value for s in PERSISTED),
+        first_url=f"/worklist?{urlencode(base)}" if after else None,
+        next_url=next_url,
+        with_phi=with_phi,
+    )
+
+
+routes = [Route("/worklist", worklist)]

@@ -1,0 +1,56 @@
+"""Serving the console with uvicorn: in the foreground (``meddaemon web``) or from a daemon's thread (``web_port``)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+
+from meddaemon.config import Settings
+from meddaemon.web.app import create_app
+
+log = logging.getLogger("meddaemon.web")
+
+
+def _server(settings: Settings, host: str, port: int) -> uvicorn.Server:
+    app = create_app(settings, host)
+    # no access log: request lines would carry the worklist's search text
+    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None, lifespan="off")
+    return uvicorn.Server(config)
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    """Serve until SIGTERM or Ctrl-C."""
+    server = _server(settings, host, port)
+    log.info("web console on http://%s:%d/", host, port)
+    server.run()
+
+
+@dataclass
+class WebServer:
+    server: uvicorn.Server
+    thread: threading.Thread
+    url: str
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def start_in_thread(settings: Settings, host: str | None = None, port: int | None = None) -> WebServer:
+    """The console served from a daemon thread (the daemon's own ``web_host``/``web_port`` by default)."""
+    host = host or settings.web_host
+    port = settings.web_port if port is None else port
+    server = _server(settings, host, port)
+    thread = threading.Thread(target=server.run, name="web-console", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not server.started:
+        raise RuntimeError(f"the web console could not listen on {host}:{port}")
+    bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
+    return WebServer(server, thread, f"http://{host}:{bound}/")

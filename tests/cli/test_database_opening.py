@@ -1,0 +1,101 @@
+"""Only ``meddaemon start`` and ``medcli db upgrade`` create or migrate the database; every other
+command opens it as it is and exits 3 when it is missing or its schema is behind (SQLite and
+PostgreSQL, the real CLI through click's CliRunner)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import inspect
+
+from meddaemon.cli.daemon import cli as meddaemon
+from meddaemon.cli.medcli import cli as medcli
+from meddaemon.db.engine import create_db_engine, is_sqlite
+from meddaemon.db.migrate import current_revision, head_revision, upgrade
+
+#: the commands that read (or add rows to) an existing database, with their arguments
+READING_COMMANDS: list[tuple[click.Group, list[str]]] = [
+    (meddaemon, ["status"]),
+    (medcli, ["scans"]),
+    (medcli, ["models", "list"]),
+    (medcli, ["models", "show", "busi", "v1"]),
+    (medcli, ["report", "1"]),
+    (medcli, ["report", "summary", "--json"]),
+    (medcli, ["audit", "--labels", "LABELS"]),
+]
+
+
+@pytest.fixture
+def labels(tmp_path: Path) -> Path:
+    path = tmp_path / "labels.csv"
+    path.write_text("file,label\nsynthetic_1.png,benign\n")
+    return path
+
+
+def invoke(group: click.Group, args: list[str], db_url: str, tmp_path: Path, labels: Path) -> Result:
+    args = [str(labels) if a == "LABELS" else a for a in args]
+    where = ["--state-dir", str(tmp_path / "state"), "--db", db_url]
+    return CliRunner().invoke(group, [*args, *where], catch_exceptions=False)
+
+
+def tables(db_url: str) -> set[str]:
+    engine = create_db_engine(db_url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(("group", "args"), READING_COMMANDS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_no_database_exits_3_and_creates_nothing(group, args, db_url: str, tmp_path: Path, labels: Path):
+    result = invoke(group, args, db_url, tmp_path, labels)
+    assert result.exit_code == 3, result.output
+    assert "no meddaemon database at" in result.stderr
+    assert "run `medcli db upgrade` or start the daemon" in result.stderr
+    assert "Traceback" not in result.output
+    if is_sqlite(db_url):
+        assert not Path(db_url.removeprefix("sqlite:///")).exists()
+    else:
+        assert tables(db_url) == set()
+
+
+def test_a_mistyped_state_dir_leaves_nothing_behind(tmp_path: Path):
+    typo = tmp_path / "stat"
+    for group, args in ((meddaemon, ["status"]), (medcli, ["scans"]), (medcli, ["models", "list"])):
+        result = CliRunner().invoke(group, [*args, "--state-dir", str(typo)])
+        assert result.exit_code == 3, result.output
+        assert f"no meddaemon database at {typo / 'meddaemon.db'}" in result.stderr
+    assert not typo.exists()
+
+
+@pytest.mark.parametrize(("group", "args"), READING_COMMANDS, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_an_older_schema_exits_3_and_is_not_upgraded(group, args, db_url: str, tmp_path: Path, labels: Path):
+    engine = create_db_engine(db_url)
+    upgrade(engine, "0004")
+    result = invoke(group, args, db_url, tmp_path, labels)
+    assert result.exit_code == 3, result.output
+    assert "schema is older than this meddaemon" in result.stderr
+    assert current_revision(engine) == "0004"
+    engine.dispose()
+
+
+def test_db_upgrade_creates_and_upgrades_and_then_the_commands_work(db_url: str, tmp_path: Path, labels: Path):
+    engine = create_db_engine(db_url)
+    upgrade(engine, "0004")
+    upgraded = CliRunner().invoke(medcli, ["db", "upgrade", "--db", db_url])
+    assert upgraded.exit_code == 0, upgraded.output
+    assert f"schema at revision {head_revision()} (was 0004)" in upgraded.output
+    assert current_revision(engine) == head_revision()
+    engine.dispose()
+    assert invoke(medcli, ["scans"], db_url, tmp_path, labels).exit_code == 0
+    assert invoke(meddaemon, ["status"], db_url, tmp_path, labels).exit_code == 0
+
+
+def test_db_upgrade_creates_a_new_sqlite_database(tmp_path: Path):
+    result = CliRunner().invoke(medcli, ["db", "upgrade", "--state-dir", str(tmp_path / "new")])
+    assert result.exit_code == 0, result.output
+    assert "(was empty)" in result.output
+    assert (tmp_path / "new" / "meddaemon.db").is_file()

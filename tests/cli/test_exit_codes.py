@@ -1,0 +1,101 @@
+"""Exit codes mean one thing each, the same for every command (the README's "Exit codes" table):
+0 done, 1 failed, 2 bad usage/configuration/input, 3 no usable database, 5 an audit criterion fails.
+(4, a daemon declared lost by the others, is covered by the lease tests.)"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import Engine
+
+from audit_factory import SyntheticCohort, synthetic_cohort
+from meddaemon.cli import common
+from meddaemon.cli.daemon import cli as meddaemon
+from meddaemon.cli.medcli import cli as medcli
+
+
+@pytest.fixture
+def cohort(migrated_engine: Engine) -> SyntheticCohort:
+    """SYNTHETIC stored predictions of busi/v1 for 60 scans."""
+    return synthetic_cohort(migrated_engine, "busi", 60, seed=3)
+
+
+@pytest.fixture
+def labels(tmp_path: Path, cohort: SyntheticCohort) -> Path:
+    path = tmp_path / "labels.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "label"])
+        for name, truth in zip(cohort.names, cohort.truth, strict=True):
+            writer.writerow([name.split("/")[-1], cohort.labels[truth]])
+    return path
+
+
+def run(group: click.Group, *args: str, env: dict[str, str] | None = None) -> Result:
+    result = CliRunner().invoke(group, list(args), env=env, catch_exceptions=False)
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_the_constants_are_the_documented_codes():
+    codes = (common.EXIT_OK, common.EXIT_FAILURE, common.EXIT_USAGE, common.EXIT_DATABASE)
+    assert codes == (0, 1, 2, 3)
+    assert (common.EXIT_LEASE_LOST, common.EXIT_CRITERIA_FAILED, common.EXIT_INTERRUPTED) == (4, 5, 130)
+    section = (Path(__file__).parents[2] / "README.md").read_text().split("### Exit codes", 1)[1].split("\n#", 1)[0]
+    cells = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")]
+    documented = [int(cell) for cell in cells if cell.isdigit()]
+    assert documented == [0, 1, 2, 3, 4, 5, 130]
+
+
+def test_0_done(db_url: str, migrated_engine: Engine):
+    assert run(medcli, "scans", "--db", db_url).exit_code == 0
+
+
+def test_1_a_model_the_registry_refuses(db_url: str, migrated_engine: Engine, tmp_path: Path):
+    (tmp_path / "not_a_model").mkdir()
+    result = run(medcli, "models", "import", str(tmp_path / "not_a_model"), "--db", db_url)
+    assert result.exit_code == 1 and "refused (missing_file)" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["show", "promote", "retire"])
+def test_2_an_unknown_model_version(db_url: str, cohort: SyntheticCohort, command: str):
+    result = run(medcli, "models", command, "busi", "nosuch", "--db", db_url)
+    assert result.exit_code == 2 and "no model version busi/nosuch" in result.stderr
+
+
+def test_2_an_unknown_scan(db_url: str, migrated_engine: Engine):
+    result = run(medcli, "report", "999999", "--db", db_url)
+    assert result.exit_code == 2 and "no scan '999999'" in result.stderr
+
+
+def test_2_an_unknown_version_to_compare_with(db_url: str, labels: Path):
+    result = run(medcli, "audit", "--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--compare", "nosuch")
+    assert result.exit_code == 2 and "no model version 'nosuch'" in result.stderr
+
+
+def test_2_an_unknown_scan_state(db_url: str, migrated_engine: Engine):
+    result = run(medcli, "scans", "--state", "bogus", "--db", db_url)
+    assert result.exit_code == 2
+    assert "'bogus' is not one of" in result.output and "waiting_model" in result.output
+
+
+def test_2_a_bad_setting(tmp_path: Path):
+    result = run(meddaemon, "config", "show", env={"MEDDAEMON_WORKERS": "two"})
+    assert result.exit_code == 2 and "MEDDAEMON_WORKERS" in result.stderr
+
+
+def test_3_no_database(tmp_path: Path):
+    result = run(medcli, "scans", "--state-dir", str(tmp_path / "nowhere"))
+    assert result.exit_code == 3 and "no meddaemon database" in result.stderr
+
+
+def test_5_an_audit_criterion_that_fails_and_0_when_it_holds(db_url: str, labels: Path):
+    audit = ["audit", "--db", db_url, "--labels", str(labels), "--bootstrap", "0"]
+    failed = run(medcli, *audit, "--require", "sensitivity>=0.999")
+    assert failed.exit_code == 5, failed.output
+    assert "FAIL sensitivity>=0.999" in failed.stdout
+    assert run(medcli, *audit, "--require", "auc>=0.01").exit_code == 0

@@ -1,0 +1,97 @@
+"""``medcli retry``: failed scans back through the inbox from the command line, exit 0 when all went,
+2 with a named reason when something was refused."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from dicom_factory import write_png
+
+from meddaemon.cli.daemon import cli as meddaemon
+from meddaemon.cli.medcli import cli as medcli
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> list[str]:
+    return ["--watch", str(tmp_path / "inbox"), "--state-dir", str(tmp_path / "state")]
+
+
+def start_once(runner: CliRunner, dirs: list[str], **env: str) -> None:
+    result = runner.invoke(meddaemon, ["start", *dirs, "--once", "--stable-seconds", "0", "--workers", "0"], env=env)
+    assert result.exit_code == 0, result.output
+
+
+def failed_scans(runner: CliRunner, dirs: list[str]) -> list[dict]:
+    out = runner.invoke(medcli, ["scans", "--state", "failed", "--json", *dirs[2:]]).stdout
+    return json.loads(out)
+
+
+@pytest.fixture
+def unroutable(runner: CliRunner, dirs: list[str], tmp_path: Path) -> int:
+    """A PNG at the inbox root with no default task: failed as unroutable by a real daemon run."""
+    write_png(tmp_path / "inbox" / "synthetic.png", np.full((40, 40), 90, np.uint8))
+    start_once(runner, dirs)
+    [scan] = failed_scans(runner, dirs)
+    assert scan["reason"] == "unroutable"
+    return scan["id"]
+
+
+def retry(runner: CliRunner, dirs: list[str], *args: str):  # type: ignore[no-untyped-def]
+    return runner.invoke(medcli, ["retry", *dirs, *args])
+
+
+def test_retry_sends_the_file_back_and_the_daemon_records_a_new_attempt(
+    runner: CliRunner, dirs: list[str], tmp_path: Path, unroutable: int
+):
+    result = retry(runner, dirs, str(unroutable), "--json")
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ok"] and [r["scan_id"] for r in data["requeued"]] == [unroutable]
+    assert data["requeued"][0]["inbox_path"] == str(tmp_path / "inbox" / "synthetic.png")
+    start_once(runner, dirs, MEDDAEMON_DEFAULT_TASK="busi")
+    scans = json.loads(runner.invoke(medcli, ["scans", "--json", *dirs[2:]]).stdout)
+    assert [(s["id"], s["state"], s["task"]) for s in scans] == [
+        (unroutable + 1, "waiting_model", "busi"),
+        (unroutable, "failed", None),
+    ]
+
+
+def test_a_refused_retry_exits_2_and_names_why(runner: CliRunner, dirs: list[str], unroutable: int):
+    assert retry(runner, dirs, str(unroutable)).exit_code == 0
+    again = retry(runner, dirs, str(unroutable))
+    assert again.exit_code == 2 and "refused (already_retried)" in again.output
+    unknown = retry(runner, dirs, "999999")
+    assert unknown.exit_code == 2 and "refused (unknown_scan)" in unknown.output
+    reason = retry(runner, dirs, "--reason", "no_such_reason", "--json")
+    assert reason.exit_code == 2 and json.loads(reason.stdout)["refused"][0]["code"] == "unknown_reason"
+
+
+def test_reason_all_failed_and_dry_run(runner: CliRunner, dirs: list[str], tmp_path: Path, unroutable: int):
+    dry = retry(runner, dirs, "--all-failed", "--dry-run")
+    assert dry.exit_code == 0 and "would send back" in dry.output
+    assert not (tmp_path / "inbox" / "synthetic.png").exists()
+
+    assert retry(runner, dirs, "--reason", "empty_file").output.strip() == "no failed scans to retry"
+    result = retry(runner, dirs, "--reason", "unroutable")
+    assert result.exit_code == 0 and f"scan {unroutable} (unroutable): sent back as" in result.output
+    assert (tmp_path / "inbox" / "synthetic.png").exists()
+
+
+def test_exactly_one_selection_is_required(runner: CliRunner, dirs: list[str]):
+    assert retry(runner, dirs).exit_code == 2
+    assert retry(runner, dirs, "1", "--all-failed").exit_code == 2
+
+
+def test_retry_does_not_create_or_migrate_a_database(runner: CliRunner, dirs: list[str], tmp_path: Path):
+    result = retry(runner, dirs, "--all-failed")
+    assert result.exit_code == 3, result.output
+    assert "no meddaemon database at" in result.output
+    assert not (tmp_path / "state" / "meddaemon.db").exists()

@@ -1,0 +1,264 @@
+"""Failed scans can be tried again: their kept original goes back through the inbox once the cause is
+fixed, the daemon records a new attempt, and the failed scan keeps its history (issue 12, fault 5)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dicom_factory import write_dicom, write_png
+from sqlalchemy import select
+
+from daemon_rows import add_scan
+from meddaemon.daemon.retry import Refusal, RetryResult, Selector, retry_failed
+from meddaemon.daemon.service import Daemon
+from meddaemon.db.engine import transaction
+from meddaemon.db.models import DuplicateArrival, Scan
+from meddaemon.states import ScanState
+from model_factory import promote, write_model
+
+#: a breast-ultrasound DICOM of the ABDOMEN at the inbox root: no task folder, no routing rule
+UNROUTABLE = "synthetic_us_abdomen.dcm"
+
+
+@pytest.fixture
+def daemon(make_settings, tmp_path: Path) -> Daemon:
+    """A daemon with a busi model and no default task, after one run that failed an unroutable DICOM."""
+    d = Daemon(make_settings(max_wait_ms=10, reports=False))
+    d.prepare()
+    promote(d, write_model(tmp_path / "model"))
+    rng = np.random.default_rng(5)
+    write_dicom(
+        d.settings.watch / UNROUTABLE,
+        pixels=rng.integers(0, 255, (40, 40), dtype=np.uint8),
+        modality="US",
+        body_part="ABDOMEN",
+    )
+    d.run(once=True)
+    return d
+
+
+def scans_by_id(daemon: Daemon) -> list[Scan]:
+    with daemon.sessions() as session:
+        scans = session.scalars(select(Scan).order_by(Scan.id)).all()
+        for scan in scans:
+            scan.events  # noqa: B018 (loaded before the session closes)
+        return list(scans)
+
+
+def history(scan: Scan) -> list[tuple[str, str | None]]:
+    return [(e.state, e.detail) for e in scan.events]
+
+
+def test_the_fixture_scan_failed_as_unroutable_and_its_file_was_kept(daemon: Daemon):
+    [scan] = scans_by_id(daemon)
+    assert (scan.state, scan.failure_reason) == ("failed", "unroutable")
+    assert daemon.settings.stored_file(scan.stored_path) == daemon.settings.failed_dir / UNROUTABLE
+    assert daemon.settings.stored_file(scan.stored_path).is_file()
+
+
+def test_a_retried_scan_is_a_new_attempt_that_gets_inferred_and_the_failed_scan_keeps_its_history(
+    daemon: Daemon, make_settings
+):
+    [failed] = scans_by_id(daemon)
+    kept = daemon.settings.stored_file(failed.stored_path)
+    data = kept.read_bytes()
+    settings = make_settings(max_wait_ms=10, reports=False, default_task="busi")
+
+    result = retry_failed(daemon.sessions, settings, Selector(scan=str(failed.id)))
+
+    assert result.ok and [r.scan_id for r in result.requeued] == [failed.id]
+    back = settings.watch / UNROUTABLE
+    assert result.requeued[0].inbox_path == back and back.read_bytes() == data
+    assert not kept.exists() and not (kept.parent / f"{UNROUTABLE}.reason.json").exists()
+    assert not [p for p in settings.watch.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+    Daemon(settings).run(once=True)
+
+    old, new = scans_by_id(daemon)
+    assert (old.id, old.state, old.failure_reason, old.stored_path) == (failed.id, "failed", "unroutable", None)
+    assert old.retried_at is not None
+    assert history(old)[:-1] == history(failed)
+    state, detail = history(old)[-1]
+    assert state == "failed" and detail.startswith("sent for retry:") and detail.endswith(f"as {UNROUTABLE}")
+    assert (new.sha256, new.state, new.task_name, new.source_name) == (old.sha256, "inferred", "busi", UNROUTABLE)
+    assert history(new)[0] == ("registered", f"a new attempt: scan {old.id} of the same bytes failed (unroutable)")
+    with daemon.sessions() as session:
+        assert session.scalar(select(DuplicateArrival.id)) is None
+    assert not back.exists()
+
+
+def test_bytes_of_a_failed_scan_moved_back_by_hand_are_a_new_attempt_not_a_duplicate(daemon: Daemon):
+    [failed] = scans_by_id(daemon)
+    (daemon.settings.watch / "busi").mkdir()
+    kept = daemon.settings.stored_file(failed.stored_path)
+    (daemon.settings.watch / "busi" / UNROUTABLE).write_bytes(kept.read_bytes())
+
+    Daemon(daemon.settings).run(once=True)
+
+    old, new = scans_by_id(daemon)
+    assert (old.state, new.state, new.task_name) == ("failed", "inferred", "busi")
+    assert new.sha256 == old.sha256
+    with daemon.sessions() as session:
+        assert session.scalar(select(DuplicateArrival.id)) is None
+
+    again = daemon.settings.stored_file(new.stored_path)
+    (daemon.settings.watch / "busi" / "synthetic_copy.dcm").write_bytes(again.read_bytes())
+    Daemon(daemon.settings).run(once=True)
+
+    assert len(scans_by_id(daemon)) == 2, "a copy of a scan that did not fail is a duplicate, as ever"
+    with daemon.sessions() as session:
+        assert session.scalars(select(DuplicateArrival.scan_id)).all() == [new.id]
+
+
+def test_a_file_that_came_through_a_task_folder_goes_back_into_it(make_settings, tmp_path: Path):
+    d = Daemon(make_settings(max_wait_ms=10, reports=False))
+    d.prepare()
+    promote(d, write_model(tmp_path / "model"))
+    write_png(d.settings.watch / "busi" / "synthetic_tiny.png", np.zeros((16, 16), np.uint8))
+    d.run(once=True)
+    [failed] = scans_by_id(d)
+    assert (failed.failure_reason, failed.source_name) == ("contract_mismatch", "busi/synthetic_tiny.png")
+
+    result = retry_failed(d.sessions, d.settings, Selector(scan=failed.sha256))
+
+    assert [r.inbox_path for r in result.requeued] == [d.settings.watch / "busi" / "synthetic_tiny.png"]
+    Daemon(d.settings).run(once=True)  # nothing fixed: it fails again, a second failed attempt beside the first
+    first, second = scans_by_id(d)
+    assert (first.state, second.state, second.failure_reason) == ("failed", "failed", "contract_mismatch")
+    assert second.sha256 == first.sha256 and d.settings.stored_file(second.stored_path).is_file()
+
+
+@pytest.fixture
+def three_failures(daemon: Daemon) -> Daemon:
+    """The unroutable DICOM, an empty file and a PNG outside the busi model's contract, all failed."""
+    (daemon.settings.watch / "synthetic_empty.png").write_bytes(b"")
+    write_png(daemon.settings.watch / "busi" / "synthetic_tiny.png", np.zeros((16, 16), np.uint8))
+    Daemon(daemon.settings).run(once=True)
+    reasons = {s.source_name: s.failure_reason for s in scans_by_id(daemon)}
+    assert reasons == {
+        UNROUTABLE: "unroutable",
+        "synthetic_empty.png": "empty_file",
+        "busi/synthetic_tiny.png": "contract_mismatch",
+    }
+    return daemon
+
+
+def requeued_names(result: RetryResult) -> set[str]:
+    return {r.source_name for r in result.requeued}
+
+
+def test_reason_selects_the_failed_scans_of_that_reason_only(three_failures: Daemon):
+    d = three_failures
+    result = retry_failed(d.sessions, d.settings, Selector(reason="empty_file"))
+    assert result.ok and requeued_names(result) == {"synthetic_empty.png"}
+    assert sorted(p.name for p in d.settings.watch.rglob("*") if p.is_file()) == ["synthetic_empty.png"]
+
+
+def test_all_failed_selects_every_failed_scan_not_yet_retried(three_failures: Daemon):
+    d = three_failures
+    retry_failed(d.sessions, d.settings, Selector(reason="unroutable"))
+    with transaction(d.sessions) as session:  # a vanished scan: no file was ever kept
+        add_scan(session, 99, ScanState.FAILED, failure_reason="vanished", stored_path=None, task_name=None)
+
+    result = retry_failed(d.sessions, d.settings, Selector(all_failed=True))
+
+    assert result.ok and requeued_names(result) == {"synthetic_empty.png", "busi/synthetic_tiny.png"}
+    assert result.without_original == 1
+
+
+def test_dry_run_says_what_would_go_back_and_changes_nothing(three_failures: Daemon):
+    d = three_failures
+    before = [(s.id, s.stored_path, s.retried_at, len(s.events)) for s in scans_by_id(d)]
+
+    result = retry_failed(d.sessions, d.settings, Selector(all_failed=True), dry_run=True)
+
+    assert result.ok and result.dry_run and len(result.requeued) == 3
+    assert [(s.id, s.stored_path, s.retried_at, len(s.events)) for s in scans_by_id(d)] == before
+    assert not [p for p in d.settings.watch.rglob("*") if p.is_file()]
+
+
+def test_a_name_taken_in_the_inbox_meanwhile_is_not_overwritten(daemon: Daemon):
+    [failed] = scans_by_id(daemon)
+    (daemon.settings.watch / UNROUTABLE).write_bytes(b"another sender's file, same name")
+
+    [requeued] = retry_failed(daemon.sessions, daemon.settings, Selector(scan=str(failed.id))).requeued
+
+    assert requeued.inbox_path == daemon.settings.watch / f"synthetic_us_abdomen__retry{failed.id}.dcm"
+    assert (daemon.settings.watch / UNROUTABLE).read_bytes() == b"another sender's file, same name"
+
+
+def refusal(result: RetryResult) -> Refusal:
+    assert not result.ok and not result.requeued
+    [refused] = result.refused
+    return refused.code
+
+
+def test_what_cannot_be_retried_is_refused_with_a_named_reason(daemon: Daemon, make_settings):
+    [failed] = scans_by_id(daemon)
+    settings = make_settings(max_wait_ms=10, reports=False, default_task="busi")
+
+    def retry(**selector: object) -> RetryResult:
+        return retry_failed(daemon.sessions, settings, Selector(**selector))  # type: ignore[arg-type]
+
+    assert refusal(retry(scan="424242")) is Refusal.UNKNOWN_SCAN
+    assert refusal(retry(scan="ab" * 32)) is Refusal.UNKNOWN_SCAN
+    assert refusal(retry(scan="not-a-scan")) is Refusal.UNKNOWN_SCAN
+    assert refusal(retry(reason="no_such_reason")) is Refusal.UNKNOWN_REASON
+    assert refusal(retry(reason="vanished")) is Refusal.ORIGINAL_GONE
+
+    assert retry(scan=str(failed.id)).ok
+    assert refusal(retry(scan=str(failed.id))) is Refusal.ALREADY_RETRIED
+    Daemon(settings).run(once=True)
+    [_, new] = scans_by_id(daemon)
+    assert refusal(retry(scan=str(new.id))) is Refusal.NOT_FAILED
+    assert refusal(retry(scan=failed.sha256)) is Refusal.NOT_FAILED  # its latest attempt is inferred
+
+
+def test_a_failed_scan_whose_kept_file_was_deleted_is_refused(daemon: Daemon):
+    [failed] = scans_by_id(daemon)
+    daemon.settings.stored_file(failed.stored_path).unlink()
+
+    result = retry_failed(daemon.sessions, daemon.settings, Selector(scan=str(failed.id)))
+
+    assert refusal(result) is Refusal.ORIGINAL_GONE
+    [after] = scans_by_id(daemon)
+    assert after.retried_at is None and len(after.events) == len(failed.events)
+
+
+def test_a_missing_watch_folder_is_refused_not_created(daemon: Daemon, make_settings, tmp_path: Path):
+    [failed] = scans_by_id(daemon)
+    unmounted = make_settings(watch=tmp_path / "unmounted_share")
+
+    result = retry_failed(daemon.sessions, unmounted, Selector(scan=str(failed.id)))
+
+    assert refusal(result) is Refusal.INBOX_MISSING
+    assert not (tmp_path / "unmounted_share").exists() and daemon.settings.stored_file(failed.stored_path).is_file()
+
+
+def test_two_retries_of_one_scan_at_once_send_it_back_once(migrated_engine, sessions, make_settings, tmp_path: Path):
+    settings = make_settings(db=str(migrated_engine.url.render_as_string(hide_password=False)))
+    kept = settings.failed_dir / "busi" / "synthetic_race.png"
+    kept.parent.mkdir(parents=True)
+    settings.watch.mkdir()
+    kept.write_bytes(b"SYNTHETIC bytes of a failed scan")
+    with transaction(sessions) as session:
+        scan_id = add_scan(session, 1, ScanState.FAILED, failure_reason="unroutable", stored_path=str(kept)).id
+    start = threading.Barrier(2)
+    results: list[RetryResult] = []
+
+    def retry() -> None:
+        start.wait()
+        results.append(retry_failed(sessions, settings, Selector(scan=str(scan_id))))
+
+    threads = [threading.Thread(target=retry) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+
+    assert sorted(len(r.requeued) for r in results) == [0, 1]
+    assert [refusal(r) for r in results if not r.ok] == [Refusal.ALREADY_RETRIED]
+    assert [p.name for p in settings.watch.rglob("*") if p.is_file()] == ["synthetic_1.png"]

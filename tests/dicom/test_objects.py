@@ -1,0 +1,371 @@
+"""The DICOM objects a scan's results are written as: valid IODs (dciodvfy), in the source's study,
+holding exactly what the database holds, with UIDs that a rebuild gives again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from dicom_factory import write_dicom
+from PIL import Image
+from sqlalchemy import select
+
+from dicom_checks import dciodvfy_errors
+from meddaemon.daemon import bookkeeper
+from meddaemon.daemon.service import Daemon
+from meddaemon.db.engine import create_db_engine, session_factory, transaction
+from meddaemon.db.migrate import upgrade
+from meddaemon.db.models import Heatmap, ModelVersion, OutboxItem, Report, Result, Scan
+from meddaemon.dicom import pdf, pmap, sc, sr, uids
+from meddaemon.dicom.content import NOT_FOR_DIAGNOSIS, LabelResult, OutputRefused, ScanFacts, read_source, scan_facts
+from meddaemon.dicom.writer import DicomOutputs, build_objects
+from meddaemon.engine.tasks import all_tasks
+
+PROBABILITY_OF = "Probability of "
+#: the outbox rows of a scan's own objects (the study report's rows belong to the study's first scan)
+SCAN_OBJECTS = (OutboxItem.object_key.not_like(f"{pdf.STUDY_KIND}:%"),)
+
+
+def written(daemon: Daemon) -> dict[int, dict[str, pydicom.Dataset]]:
+    """{scan id: {object key: dataset}} for every object of a scan in the outbox (not the study report's)."""
+    out: dict[int, dict[str, pydicom.Dataset]] = {}
+    with daemon.sessions() as session:
+        for item in session.scalars(select(OutboxItem).where(*SCAN_OBJECTS).order_by(OutboxItem.id)):
+            assert item.path is not None
+            out.setdefault(item.scan_id, {})[item.object_key] = pydicom.dcmread(daemon.settings.stored_file(item.path))
+    return out
+
+
+def source_of(daemon: Daemon, scan_id: int) -> pydicom.Dataset:
+    with daemon.sessions() as session:
+        scan = session.get(Scan, scan_id)
+        assert scan is not None and scan.stored_path is not None
+        return pydicom.dcmread(daemon.settings.stored_file(scan.stored_path), stop_before_pixels=True)
+
+
+def test_every_dicom_scan_gets_an_sr_a_parametric_map_a_secondary_capture_and_its_pdf(delivered: Daemon):
+    objects = written(delivered)
+    with delivered.sessions() as session:
+        dicom_scans = set(session.scalars(select(Scan.id).where(Scan.format == "dicom")))
+    assert set(objects) == dicom_scans and len(dicom_scans) == 3  # the PNG scans get none
+    with delivered.sessions() as session:  # --once: sent to the folder after the reports, then archived
+        assert set(session.scalars(select(OutboxItem.status))) == {"delivered"}
+        assert set(session.scalars(select(Scan.state).where(Scan.id.in_(dicom_scans)))) == {"archived"}
+    share = delivered.settings.watch.parent / "share"
+    study_report = 1  # the two-scan study's report, once it is complete
+    assert len(list(share.rglob("*.dcm"))) == sum(len(by_key) for by_key in objects.values()) + study_report
+    for by_key in objects.values():
+        kinds = sorted(key.split(":")[0] for key in by_key)
+        assert kinds == ["pdf", "pmap", "sc", "sr"]
+        assert str(by_key["sr"].SOPClassUID) == pydicom.uid.ComprehensiveSRStorage
+        assert str(by_key["pdf"].SOPClassUID) == "1.2.840.10008.5.1.4.1.1.104.1"
+
+
+def test_every_object_written_passes_dciodvfy_with_no_errors(delivered: Daemon):
+    with delivered.sessions() as session:
+        paths = [delivered.settings.stored_file(p) for p in session.scalars(select(OutboxItem.path))]
+    assert len(paths) == 13  # three DICOM scans' four kinds, and the two-scan study's report
+    for path in paths:
+        assert dciodvfy_errors(path) == [], path.name
+
+
+def test_each_object_is_a_new_series_in_the_source_study_with_its_patient_module(delivered: Daemon):
+    for scan_id, by_key in written(delivered).items():
+        source = source_of(delivered, scan_id)
+        series = {str(ds.SeriesInstanceUID) for ds in by_key.values()}
+        kinds = {key.split(":")[0] for key in by_key}
+        assert len(series) == len(kinds) and str(source.SeriesInstanceUID) not in series
+        for ds in by_key.values():
+            assert ds.StudyInstanceUID == source.StudyInstanceUID
+            assert (ds.PatientID, str(ds.PatientName)) == (source.PatientID, str(source.PatientName))
+            equipment = {
+                (e.Manufacturer, e.PurposeOfReferenceCodeSequence[0].CodeValue)
+                for e in ds.ContributingEquipmentSequence
+            }
+            assert ("meddaemon", "109102") in equipment  # the algorithm, as "Processing Equipment"
+
+
+def test_the_sr_holds_the_stored_probabilities_and_calls_and_references_the_source(delivered: Daemon):
+    for scan_id, by_key in written(delivered).items():
+        with delivered.sessions() as session:
+            stored = {r.label: r for r in session.scalars(select(Result).where(Result.scan_id == scan_id))}
+        report = hd.sr.ComprehensiveSR.from_dataset(by_key["sr"])
+        assert len(report.content.get_planar_roi_measurement_groups()) == 0
+        probabilities, calls = {}, {}
+        for item in _content_items(by_key["sr"]):
+            meaning = item.ConceptNameCodeSequence[0].CodeMeaning
+            if item.ValueType == "NUM" and meaning.startswith(PROBABILITY_OF):
+                probabilities[meaning.removeprefix(PROBABILITY_OF)] = float(item.MeasuredValueSequence[0].NumericValue)
+            if item.ValueType == "CODE" and meaning in stored:
+                calls[meaning] = item.ConceptCodeSequence[0].CodeMeaning
+        assert probabilities == pytest.approx({label: r.probability for label, r in stored.items()}, abs=1e-12)
+        assert calls == {label: ("Present" if r.positive else "Absent") for label, r in stored.items()}
+        source = source_of(delivered, scan_id)
+        evidence = by_key["sr"].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        algorithm = [i for i in _content_items(by_key["sr"]) if i.ConceptNameCodeSequence[0].CodeValue == "111001"]
+        assert algorithm and algorithm[0].TextValue.startswith("meddaemon busi")
+
+
+def _content_items(ds: pydicom.Dataset):  # type: ignore[no-untyped-def]
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
+def test_the_parametric_map_equals_the_stored_heatmap_and_references_the_source(delivered: Daemon):
+    for scan_id, by_key in written(delivered).items():
+        with delivered.sessions() as session:
+            maps = {
+                label: delivered.settings.stored_file(path)
+                for label, path in session.execute(
+                    select(Result.label, Heatmap.array_path)
+                    .join(Heatmap, Heatmap.result_id == Result.id)
+                    .where(Result.scan_id == scan_id)
+                )
+            }
+        keys = [k for k in by_key if k.startswith("pmap:")]
+        assert sorted(keys) == sorted(f"pmap:{label}" for label in maps)
+        source = source_of(delivered, scan_id)
+        for key in keys:
+            ds = by_key[key]
+            stored = np.load(maps[key.removeprefix("pmap:")])
+            assert stored.dtype == np.float32 and ds.pixel_array.dtype == np.float32
+            assert np.array_equal(ds.pixel_array, stored)
+            assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+            referenced = ds.ReferencedSeriesSequence[0]
+            assert referenced.SeriesInstanceUID == source.SeriesInstanceUID
+            assert referenced.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_the_secondary_capture_burns_in_the_overlay_and_a_not_for_diagnosis_caption(delivered: Daemon):
+    for scan_id, by_key in written(delivered).items():
+        source = source_of(delivered, scan_id)
+        for key in (k for k in by_key if k.startswith("sc:")):
+            ds = by_key[key]
+            assert ds.BurnedInAnnotation == "YES" and ds.ImageComments == NOT_FOR_DIAGNOSIS
+            assert ds.PhotometricInterpretation == "RGB" and min(ds.Rows, ds.Columns) >= sc.MIN_SIDE
+            caption_band = ds.pixel_array[ds.Columns :]
+            assert (caption_band == [255, 255, 0]).all(axis=-1).any()  # the yellow warning line is drawn
+            assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_the_encapsulated_pdf_is_the_scan_report_without_phi_by_default(delivered: Daemon):
+    for scan_id, by_key in written(delivered).items():
+        with delivered.sessions() as session:
+            report = session.scalars(select(Report).where(Report.scan_id == scan_id, Report.kind == "scan")).one()
+        ds = by_key["pdf"]
+        document = bytes(ds.EncapsulatedDocument)[: ds.EncapsulatedDocumentLength]
+        assert document == delivered.settings.stored_file(report.path).read_bytes()
+        assert not report.with_phi and ds.MIMETypeOfEncapsulatedDocument == "application/pdf"
+        assert ds.SourceInstanceSequence[0].ReferencedSOPInstanceUID == source_of(delivered, scan_id).SOPInstanceUID
+
+
+def test_the_complete_study_gets_its_study_report_as_an_encapsulated_pdf(delivered: Daemon):
+    with delivered.sessions() as session:
+        items = list(session.scalars(select(OutboxItem).where(OutboxItem.object_key.like(f"{pdf.STUDY_KIND}:%"))))
+        study = session.scalars(select(Report).where(Report.kind == "study")).one()
+        scans = list(
+            session.scalars(
+                select(Scan.id).where(Scan.study_instance_uid == study.study_instance_uid).order_by(Scan.id)
+            )
+        )
+    assert len(items) == 1 and len(scans) == 2 and items[0].scan_id == scans[0] and items[0].status == "delivered"
+    path = delivered.settings.stored_file(items[0].path or "")
+    assert dciodvfy_errors(path) == []
+    ds = pydicom.dcmread(path)
+    document = delivered.settings.stored_file(study.path).read_bytes()
+    assert bytes(ds.EncapsulatedDocument)[: ds.EncapsulatedDocumentLength] == document
+    assert ds.StudyInstanceUID == study.study_instance_uid and ds.BurnedInAnnotation == "NO" and not study.with_phi
+    assert (
+        ds.SOPInstanceUID
+        == items[0].sop_instance_uid
+        == uids.study_object_uid(
+            delivered.settings.dicom_uid_root, study.study_instance_uid, study.sha256, pdf.STUDY_KIND
+        )
+    )
+    sources = [source_of(delivered, scan_id) for scan_id in scans]
+    assert [r.ReferencedSOPInstanceUID for r in ds.SourceInstanceSequence] == [s.SOPInstanceUID for s in sources]
+    assert (ds.PatientID, str(ds.PatientName)) == (sources[0].PatientID, str(sources[0].PatientName))
+    scan_series = {s.SeriesInstanceUID for by_key in written(delivered).values() for s in by_key.values()}
+    assert ds.SeriesInstanceUID not in scan_series
+    share = delivered.settings.watch.parent / "share"
+    assert any(p.read_bytes() == path.read_bytes() for p in share.rglob("*.dcm"))
+
+
+def test_a_newer_study_report_is_a_new_instance_of_the_same_series_and_a_resend_the_same(delivered: Daemon):
+    settings = delivered.settings
+    with delivered.sessions() as session:
+        study = session.scalars(select(Report).where(Report.kind == "study")).one()
+        first = session.scalars(
+            select(Scan.id).where(Scan.study_instance_uid == study.study_instance_uid).order_by(Scan.id)
+        ).first()
+        assert first is not None
+        facts = [scan_facts(session, first, settings.state_dir, settings.dicom_uid_root)]
+    old, same, newer = (pdf.build_study(facts, data, False) for data in (b"%PDF-1 a", b"%PDF-1 a", b"%PDF-1 b"))
+    assert old.SOPInstanceUID == same.SOPInstanceUID != newer.SOPInstanceUID
+    assert old.SeriesInstanceUID == newer.SeriesInstanceUID
+    assert pdf.build_study(facts, b"%PDF-1 a", True).BurnedInAnnotation == "YES"
+
+
+#: set when the object is built: differ between two builds of the same object
+BUILD_TIMES = {"ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "ContributionDateTime"}
+
+
+def _elements(ds: pydicom.Dataset) -> list[str]:
+    return [str(e) for e in ds.iterall() if e.keyword not in BUILD_TIMES]
+
+
+def test_the_sr_is_the_document_highdicom_builds_from_the_whole_content_tree(delivered: Daemon):
+    settings = delivered.settings
+    for scan_id in written(delivered):
+        with delivered.sessions() as session:
+            facts = scan_facts(session, scan_id, settings.state_dir, settings.dicom_uid_root)
+        plain = hd.sr.ComprehensiveSR(
+            evidence=[facts.source], content=sr.measurement_report(facts), **sr.document_attributes(facts)
+        )
+        built = sr.build(facts)
+        assert len(built.ContentSequence) > 0 and _elements(built) == _elements(plain)
+
+
+def test_the_remembered_iod_lookups_answer_as_highdicom_does():
+    import highdicom.base
+    import highdicom.base_content
+
+    lookup, pixel_data = highdicom.base.is_attribute_in_iod, highdicom.base_content.does_iod_have_pixel_data
+    assert hasattr(lookup, "uncached") and hasattr(pixel_data, "cache_info")  # equipment.py replaced them
+    parametric_map = "1.2.840.10008.5.1.4.1.1.30"
+    for sop_class in (pydicom.uid.ComprehensiveSRStorage, parametric_map, pydicom.uid.UltrasoundImageStorage):
+        for attribute in ("ContentDate", "PixelData", "FloatPixelData", "NoSuchAttribute"):
+            assert lookup(attribute, sop_class) == lookup.uncached(attribute, sop_class)
+            assert lookup(attribute, sop_class) == lookup(attribute, sop_class)
+        assert pixel_data(sop_class) == pixel_data.__wrapped__(sop_class)
+
+
+def test_building_the_objects_again_gives_the_same_uids(delivered: Daemon):
+    settings = delivered.settings
+    for scan_id, by_key in written(delivered).items():
+        with delivered.sessions() as session:
+            facts = scan_facts(session, scan_id, settings.state_dir, settings.dicom_uid_root)
+        again = dict(build_objects(facts, ("sr", "pmap", "sc", "pdf"), b"%PDF-1.4\n%%EOF\n", False))
+        assert sorted(again) == sorted(by_key)
+        for key, ds in again.items():
+            assert (ds.SOPInstanceUID, ds.SeriesInstanceUID) == (
+                by_key[key].SOPInstanceUID,
+                by_key[key].SeriesInstanceUID,
+            )
+
+
+# -- sources that lack what a study needs ----------------------------------------------------------
+
+
+@pytest.fixture
+def label_files(tmp_path: Path) -> LabelResult:
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "map.npy", rng.random((32, 32)).astype(np.float32))
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "overlay.jpg")
+    return LabelResult("malignant", 0.75, 0.5, True, tmp_path / "map.npy", tmp_path / "overlay.jpg")
+
+
+def test_a_source_without_patient_and_study_modules_gives_valid_objects_with_empty_type_2_values(
+    tmp_path: Path, label_files: LabelResult
+):
+    bare = tmp_path / "bare.dcm"
+    write_dicom(bare, pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(bare)
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "PatientAge",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "AccessionNumber",
+    ):
+        delattr(ds, keyword)
+    ds.save_as(bare)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(bare), "1.2.3.")
+    for key, built in build_objects(facts, ("sr", "pmap", "sc", "pdf"), b"%PDF-1.4\n%%EOF\n", False):
+        path = tmp_path / f"{key.replace(':', '_')}.dcm"
+        built.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], key
+        back = pydicom.dcmread(path)
+        assert back.PatientName == "" and back.PatientID == "" and back.StudyInstanceUID == ds.StudyInstanceUID
+
+
+def test_a_source_without_a_study_instance_uid_is_refused_by_name(tmp_path: Path):
+    path = write_dicom(tmp_path / "nostudy.dcm", modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    del ds.StudyInstanceUID
+    ds.save_as(path)
+    with pytest.raises(OutputRefused) as refused:
+        read_source(path)
+    assert refused.value.reason == "source_without_study" and "StudyInstanceUID" in str(refused.value)
+
+
+def test_the_kinds_have_distinct_series_numbers():
+    numbers = {sr.SERIES_NUMBER, pmap.SERIES_NUMBER, sc.SERIES_NUMBER, pdf.SERIES_NUMBER, pdf.STUDY_SERIES_NUMBER}
+    assert len(numbers) == 5
+
+
+def test_a_scan_whose_source_lacks_a_study_gets_dead_outbox_rows_naming_why_and_keeps_its_result(
+    make_settings, tmp_path: Path
+):
+    settings = make_settings(destination=[{"name": "share", "kind": "folder", "path": str(tmp_path / "share")}])
+    source = write_dicom(settings.work_dir / "nostudy.dcm", modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(source)
+    del ds.StudyInstanceUID
+    ds.save_as(source)
+    engine = create_db_engine(settings.db_url)
+    upgrade(engine)
+    sessions = session_factory(engine)
+    with transaction(sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(sessions) as session:
+        model = ModelVersion(task_name="busi", version="v1", architecture="small_cnn", sha256="0" * 64, path="/m")
+        scan = Scan(sha256="ab" * 32, state="inferred", task_name="busi", source_name="nostudy.dcm", format="dicom")
+        scan.stored_path = settings.stored_name(source)
+        session.add_all([model, scan])
+        session.flush()
+        session.add(
+            Result(
+                scan_id=scan.id,
+                model_version_id=model.id,
+                label="benign",
+                probability=0.7,
+                threshold=0.5,
+                positive=True,
+            )
+        )
+        scan_id = scan.id
+    outputs = DicomOutputs(settings)
+    prepared = outputs.prepare(sessions, scan_id, None)
+    with transaction(sessions) as session:
+        outputs.enqueue(session, prepared)
+    with sessions() as session:
+        rows = {r.object_key: (r.status, r.last_error) for r in session.scalars(select(OutboxItem))}
+        result = session.scalars(select(Result).where(Result.scan_id == scan_id)).one()
+    engine.dispose()
+    assert prepared.objects == [] and set(prepared.refused) == {"sr", "pmap", "sc", "pdf"}
+    assert set(rows) == {"sr", "pmap", "sc", "pdf"}
+    assert all(status == "dead" and error.startswith("source_without_study:") for status, error in rows.values())
+    assert (result.probability, result.positive) == (0.7, True)
+
+
+def test_a_multi_frame_source_gets_its_other_objects_and_a_dead_parametric_map_naming_why(
+    tmp_path: Path, label_files: LabelResult
+):
+    source = read_source(write_dicom(tmp_path / "frames.dcm", frames=4, modality="US", body_part="BREAST"))
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), source, "1.2.3.")
+    with pytest.raises(OutputRefused) as refused:
+        build_objects(facts, ("pmap",), None, False)
+    assert refused.value.reason == "multiframe_source"
+    for key, built in build_objects(facts, ("sr", "sc", "pdf"), b"%PDF-1.4\n%%EOF\n", False):
+        path = tmp_path / f"{key.replace(':', '_')}.dcm"
+        built.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], key

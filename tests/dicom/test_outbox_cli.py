@@ -1,0 +1,62 @@
+"""``medcli outbox list | retry | purge``: the queue seen and handled from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from daemon_rows import add_scan
+from meddaemon.cli.medcli import cli as medcli
+from meddaemon.db.engine import create_db_engine, session_factory, transaction
+from meddaemon.dicom import outbox
+from meddaemon.dicom.outbox import NewItem
+from meddaemon.states import ScanState
+
+
+def test_list_shows_each_item_with_the_peers_answer_retry_revives_the_dead_and_purge_removes_the_done(
+    tmp_path: Path,
+):
+    state = tmp_path / "state"
+    dirs = ["--state-dir", str(state)]
+    runner = CliRunner()
+    assert runner.invoke(medcli, ["db", "upgrade", *dirs]).exit_code == 0
+    (state / "dicom").mkdir()
+    (state / "dicom" / "sr.dcm").write_bytes(b"SYNTHETIC")
+    engine = create_db_engine(f"sqlite:///{state / 'meddaemon.db'}")
+    sessions = session_factory(engine)
+    with transaction(sessions) as session:
+        from meddaemon.daemon.bookkeeper import ensure_tasks
+        from meddaemon.engine.tasks import all_tasks
+
+        ensure_tasks(session, all_tasks({}))
+    with transaction(sessions) as session:
+        scan = add_scan(session, 1, ScanState.REPORTED, format="dicom")
+        outbox.enqueue(
+            session, scan.id, [NewItem("sr", "pacs", path="dicom/sr.dcm"), NewItem("pdf", "pacs", path="dicom/pdf.dcm")]
+        )
+        sr, pdf = outbox.claim_due(session, None, 2)
+        outbox.record_delivered(session, sr.id)
+        outbox.record_failure(session, pdf.id, "C-STORE status 0xA900", True, outbox.Backoff(1, 1, 3))
+    engine.dispose()
+
+    listed = runner.invoke(medcli, ["outbox", "list", "--json", *dirs])
+    assert listed.exit_code == 0, listed.output
+    data = json.loads(listed.stdout)
+    assert {(i["object"], i["status"], i["last_error"]) for i in data["items"]} == {
+        ("sr", "delivered", None),
+        ("pdf", "dead", "C-STORE status 0xA900"),
+    }
+    assert data["queue"]["counts"] == {"pending": 0, "delivered": 1, "dead": 1}
+    text = runner.invoke(medcli, ["outbox", "list", *dirs]).stdout
+    assert "dead" in text and "0xA900" in text and "1 delivered, 1 dead" in text
+
+    assert runner.invoke(medcli, ["outbox", "retry", *dirs]).exit_code == 2  # nothing named
+    revived = runner.invoke(medcli, ["outbox", "retry", "--all-dead", *dirs])
+    assert revived.exit_code == 0 and "1 item(s) pending again" in revived.stdout
+    purged = runner.invoke(medcli, ["outbox", "purge", *dirs])
+    assert purged.exit_code == 0 and "1 object file(s) removed" in purged.stdout
+    assert not (state / "dicom" / "sr.dcm").exists()
+    after = json.loads(runner.invoke(medcli, ["outbox", "list", "--json", *dirs]).stdout)
+    assert [(i["object"], i["status"]) for i in after["items"]] == [("pdf", "pending")]

@@ -1,0 +1,58 @@
+"""The outbox as health and metrics report it: items per status, and how long the oldest pending one
+has waited (a destination down shows as a growing age, then a degraded health check)."""
+
+from __future__ import annotations
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from daemon_rows import add_scan
+from meddaemon.daemon.health import HealthLimits, check_health
+from meddaemon.daemon.metrics import DatabaseCollector, read_snapshot
+from meddaemon.db.clock import read_db_clock
+from meddaemon.db.engine import transaction
+from meddaemon.db.models import OutboxItem
+from meddaemon.db.readonly import read_only_engine
+from meddaemon.dicom import outbox
+from meddaemon.dicom.outbox import NewItem
+from meddaemon.states import ScanState
+
+
+def queue_one_waiting_for(sessions, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    with transaction(sessions) as session:
+        scan = add_scan(session, 1, ScanState.REPORTED, format="dicom")
+        outbox.enqueue(
+            session,
+            scan.id,
+            [
+                NewItem("sr", "pacs", path="dicom/sr.dcm"),
+                NewItem("pdf", "pacs", error="source_without_study: SYNTHETIC"),
+            ],
+        )
+        session.execute(update(OutboxItem).values(created_at=read_db_clock(session) - seconds))
+
+
+def test_health_degrades_when_the_oldest_pending_object_waits_past_the_limit(sessions, db_url, make_settings):
+    queue_one_waiting_for(sessions, 1200)
+    reader = read_only_engine(db_url)
+    try:
+        settings = make_settings(db=db_url)
+        ok = check_health(reader, settings, HealthLimits(min_free_bytes=0, stuck_seconds=3600)).check("outbox")
+        stuck = check_health(reader, settings, HealthLimits(min_free_bytes=0, stuck_seconds=600)).check("outbox")
+    finally:
+        reader.dispose()
+    assert ok.status == "ok" and ok.message.startswith("1 DICOM output waiting, the oldest for 20 min; 1 object dead")
+    assert stuck.status == "degraded" and "is a destination down?" in stuck.message
+    assert stuck.details["counts"] == {"pending": 1, "delivered": 0, "dead": 1}
+
+
+def test_metrics_expose_the_queue_per_status_and_the_oldest_pending_age(sessions, migrated_engine):
+    queue_one_waiting_for(sessions, 90)
+    with Session(migrated_engine) as session:
+        snapshot = read_snapshot(session)
+    assert snapshot.outbox is not None and snapshot.outbox.counts["pending"] == 1
+    families = {m.name: m for m in DatabaseCollector(migrated_engine).collect()}
+    items = {s.labels["status"]: s.value for s in families["meddaemon_outbox_items"].samples}
+    assert items == {"pending": 1, "delivered": 0, "dead": 1}
+    (oldest,) = families["meddaemon_outbox_oldest_pending_seconds"].samples
+    assert 89 <= oldest.value < 150

@@ -1,0 +1,410 @@
+"""The DICOM receiver (docs/design.md section 11), in this process, against real senders.
+
+Specified here: an instance pushed by pynetdicom's SCU or dcmtk's storescu (one association per
+file, several files per association, compressed proposals) becomes a file of the inbox whose
+dataset is byte for byte the one sent, behind its File Meta, with a row saying who sent it; the same
+instance sent again is a new file of the same bytes, never an overwrite. Refused, with nothing
+written: a calling AE off the allow-list and a wrong called AE (at association), low disk (0xA700),
+a dataset that is not the instance its request names (0xA900), an association cut off in the middle
+of an instance. The association limit holds under many simultaneous callers, and every instance an
+accepted association sent is kept. TLS when configured. A file the disk fails to make durable is
+refused, its row forgotten. The folder fsync after the renames is shared by the associations that
+wait at once, and never ends a wait before a rename it must cover.
+
+Every instance sent is SYNTHETIC (``dicom_senders``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, JPEGLSLossless
+from sqlalchemy import select
+
+from dicom_senders import (
+    cut_off_store,
+    dataset_bytes,
+    dcmtk,
+    pynetdicom_send,
+    require_dcmtk,
+    storescu,
+    synthetic_instances,
+)
+from meddaemon.config import load_settings
+from meddaemon.db.engine import create_db_engine, session_factory
+from meddaemon.db.migrate import upgrade
+from meddaemon.db.models import ReceivedInstance
+from meddaemon.dicom.receiver import FolderSync, Receiver, accepted_transfer_syntaxes
+
+StartReceiver = Callable[..., Receiver]
+
+
+@pytest.fixture
+def receive(tmp_path: Path) -> Iterator[StartReceiver]:
+    """Start a receiver on a free port, its inbox and SQLite database under tmp_path."""
+    started: list[tuple[Receiver, object]] = []
+
+    def start(**flags: object) -> Receiver:
+        settings = load_settings(
+            env={},
+            flags={
+                "watch": tmp_path / "inbox",
+                "state_dir": tmp_path / "state",
+                "dicom_min_free_bytes": 0,
+                **flags,
+            },
+        )
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        settings.watch.mkdir(parents=True, exist_ok=True)
+        engine = create_db_engine(settings.db_url)
+        upgrade(engine)
+        receiver = Receiver(settings, session_factory(engine), "test-node")
+        receiver.start()
+        started.append((receiver, engine))
+        return receiver
+
+    yield start
+    for receiver, engine in started:
+        receiver.stop(grace=1.0)
+        engine.dispose()  # type: ignore[attr-defined]
+
+
+def port(receiver: Receiver) -> int:
+    return receiver.address[1]
+
+
+def written(receiver: Receiver) -> list[Path]:
+    """Every file under the receiver's folder, the hidden temporaries included."""
+    return sorted(p for p in receiver.root.rglob("*") if p.is_file())
+
+
+def rows(receiver: Receiver) -> list[ReceivedInstance]:
+    with receiver.sessions() as session:
+        return list(session.scalars(select(ReceivedInstance).order_by(ReceivedInstance.id)))
+
+
+def by_dataset(files: list[Path]) -> dict[bytes, Path]:
+    return {dataset_bytes(p.read_bytes()): p for p in files}
+
+
+def test_instances_from_pynetdicom_are_written_as_received_behind_their_file_meta_with_their_sender(
+    receive: StartReceiver, tmp_path: Path
+):
+    receiver = receive()
+    sent = synthetic_instances(tmp_path / "sent", 2)
+    assert pynetdicom_send(port(receiver), sent) == [0x0000, 0x0000]
+    assert pynetdicom_send(port(receiver), sent[:1]) == [0x0000]  # the same instance again
+
+    files = written(receiver)
+    assert len(files) == 3 and not any(p.name.startswith(".") for p in files)
+    assert sorted(dataset_bytes(p.read_bytes()) for p in files) == sorted(
+        dataset_bytes(p.read_bytes()) for p in [*sent, sent[0]]
+    )
+    again = [p for p in files if dataset_bytes(p.read_bytes()) == dataset_bytes(sent[0].read_bytes())]
+    assert len({p.name for p in again}) == 2 and again[0].read_bytes() == again[1].read_bytes()
+    for path in files:
+        meta = dcmread(path, stop_before_pixels=True).file_meta
+        assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert meta.MediaStorageSOPInstanceUID == dcmread(path, stop_before_pixels=True).SOPInstanceUID
+
+    recorded = rows(receiver)
+    assert sorted(r.file_name for r in recorded) == sorted(f"dicom/{p.name}" for p in files)
+    source = dcmread(sent[1])
+    row = next(r for r in recorded if r.sop_instance_uid == source.SOPInstanceUID)
+    assert (row.calling_ae, row.called_ae, row.peer_address, row.node) == (
+        "PYNETDICOM",
+        "MEDDAEMON",
+        "127.0.0.1",
+        "test-node",
+    )
+    assert (row.study_instance_uid, row.series_instance_uid) == (source.StudyInstanceUID, source.SeriesInstanceUID)
+    stored = receiver.settings.watch / row.file_name
+    assert row.sha256 == hashlib.sha256(stored.read_bytes()).hexdigest() and row.size_bytes == stored.stat().st_size
+
+
+def test_storescu_one_association_per_file_and_many_files_per_association(receive: StartReceiver, tmp_path: Path):
+    receiver = receive()
+    sent = synthetic_instances(tmp_path / "sent", 5, seed=1)
+    for one in sent[:2]:
+        assert storescu(port(receiver), [one]).returncode == 0
+    run = storescu(port(receiver), sent[2:])
+    assert run.returncode == 0, run.stderr
+
+    assert by_dataset(written(receiver)).keys() == by_dataset(sent).keys()
+    associations = [(r.peer_port, r.association_at) for r in rows(receiver)]
+    assert len(set(associations[:2])) == 2 and len(set(associations[2:])) == 1
+    assert {r.calling_ae for r in rows(receiver)} == {"STORESCU"}
+
+
+@pytest.mark.parametrize(
+    ("proposal", "compress", "syntax"),
+    [
+        ("-xs", ["dcmcjpeg", "+e1"], JPEGLosslessSV1),  # JPEG lossless, first-order prediction
+        ("-xt", ["dcmcjpls"], JPEGLSLossless),
+    ],
+)
+def test_a_compressed_proposal_is_accepted_and_the_compressed_bytes_are_kept(
+    receive: StartReceiver, tmp_path: Path, proposal: str, compress: list[str], syntax: str
+):
+    require_dcmtk()
+    assert syntax in accepted_transfer_syntaxes()
+    receiver = receive()
+    [plain] = synthetic_instances(tmp_path / "sent", 1, seed=2)
+    compressed = tmp_path / "compressed.dcm"
+    tool, *flags = compress
+    subprocess.run([dcmtk(tool), *flags, str(plain), str(compressed)], check=True, capture_output=True, timeout=60)
+    assert dcmread(compressed).file_meta.TransferSyntaxUID == syntax
+
+    run = storescu(port(receiver), [compressed], options=(proposal,))
+    assert run.returncode == 0, run.stderr
+    [stored] = written(receiver)
+    assert dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID == syntax
+    assert dataset_bytes(stored.read_bytes()) == dataset_bytes(compressed.read_bytes())
+    assert [r.transfer_syntax_uid for r in rows(receiver)] == [syntax]
+
+
+def test_a_calling_ae_off_the_allow_list_or_a_wrong_called_ae_is_rejected_and_nothing_is_written(
+    receive: StartReceiver, tmp_path: Path
+):
+    receiver = receive(dicom_allowed_callers="MODALITY,PACS")
+    sent = synthetic_instances(tmp_path / "sent", 1, seed=3)
+    assert pynetdicom_send(port(receiver), sent, calling="INTRUDER") == [None]
+    assert storescu(port(receiver), sent, calling="MODALITY", called="SOMEONE").returncode != 0
+    assert written(receiver) == [] and rows(receiver) == []
+    stats = receiver.stats.snapshot()
+    assert (stats["rejected_calling_ae"], stats["rejected_called_ae"], stats["accepted"]) == (1, 1, 0)
+
+    assert pynetdicom_send(port(receiver), sent, calling="MODALITY") == [0x0000]
+    assert len(written(receiver)) == 1
+
+
+def test_an_association_cut_off_in_the_middle_of_an_instance_leaves_nothing_and_the_receiver_goes_on(
+    receive: StartReceiver, tmp_path: Path
+):
+    receiver = receive()
+    [big] = synthetic_instances(tmp_path / "sent", 1, seed=4, size=128)  # 32 KiB of pixels: 9 fragments
+    cut_off_store(port(receiver), big, fragments_sent=3)
+    _wait(lambda: receiver.stats.snapshot()["aborted"] == 1, "the abort to be handled")
+    assert written(receiver) == [] and rows(receiver) == []
+
+    assert pynetdicom_send(port(receiver), [big]) == [0x0000]
+    assert len(written(receiver)) == 1
+
+
+def test_low_free_disk_is_answered_out_of_resources_and_nothing_is_written(receive: StartReceiver, tmp_path: Path):
+    receiver = receive(dicom_min_free_bytes=2**62)
+    assert pynetdicom_send(port(receiver), synthetic_instances(tmp_path / "sent", 2, seed=5)) == [0xA700, 0xA700]
+    assert written(receiver) == [] and rows(receiver) == []
+    assert receiver.stats.snapshot()["out_of_resources"] == 2
+
+
+def test_a_file_that_cannot_be_made_durable_is_refused_and_its_row_forgotten(
+    receive: StartReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The file's fdatasync runs while its row commits: when the disk fails it (EIO, injected: no
+    real disk here fails on demand) the committed row goes too, the temporary is removed, and the
+    sender is told 0x0110; the next instance, on a disk that works again, is kept."""
+    import errno
+    import os
+
+    receiver = receive()
+    first, second = synthetic_instances(tmp_path / "sent", 2, seed=8)
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error (injected)")
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    assert pynetdicom_send(port(receiver), [first]) == [0x0110]
+    assert written(receiver) == [] and rows(receiver) == []
+    monkeypatch.setattr(os, "fdatasync", real)
+    assert pynetdicom_send(port(receiver), [second]) == [0x0000]
+    assert [r.sop_instance_uid for r in rows(receiver)] == [str(dcmread(second).SOPInstanceUID)]
+    assert len(written(receiver)) == 1
+
+
+def test_a_dataset_that_is_not_the_instance_its_request_names_is_refused_and_nothing_is_written(
+    receive: StartReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """pynetdicom sends the dataset of a file as it is, under the UIDs of its File Meta: here
+    garbage behind a valid File Meta."""
+    from pynetdicom import _config
+
+    receiver = receive()
+    [good] = synthetic_instances(tmp_path / "sent", 1, seed=6)
+    data = good.read_bytes()
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(data[: len(data) - len(dataset_bytes(data))] + b"SYNTHETIC garbage, not a dataset" * 8)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    from pynetdicom import AE
+
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(dcmread(good).SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON")
+    try:
+        assert int(assoc.send_c_store(garbage).Status) == 0xA900
+        assoc.release()
+    finally:
+        ae.shutdown()
+    assert written(receiver) == [] and rows(receiver) == []
+
+
+def test_the_association_limit_holds_under_many_simultaneous_callers_and_no_accepted_instance_is_lost(
+    receive: StartReceiver, tmp_path: Path
+):
+    """12 callers associate at once against a limit of 3; each holds its association until all
+    have tried, then sends two instances. No more than 3 are let in, the others are refused (told
+    so, not left hanging), and every instance sent on an accepted association is kept."""
+    from pynetdicom import AE
+
+    receiver = receive(dicom_max_associations=3)
+    sent = synthetic_instances(tmp_path / "sent", 2, seed=7)
+    datasets = [dcmread(p) for p in sent]
+    callers = 12
+    everyone_tried = threading.Barrier(callers, timeout=60)
+    outcomes: dict[int, object] = {}
+
+    def call(i: int) -> None:
+        ae = AE(ae_title=f"CALLER{i}")
+        ae.add_requested_context(datasets[0].SOPClassUID, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON")
+        everyone_tried.wait()
+        if assoc.is_established:
+            outcomes[i] = [int(assoc.send_c_store(ds).Status) for ds in datasets]
+            assoc.release()
+        else:
+            outcomes[i] = "rejected" if assoc.is_rejected else "no answer"
+        ae.shutdown()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+
+    accepted = [o for o in outcomes.values() if isinstance(o, list)]
+    assert len(outcomes) == callers and 1 <= len(accepted) <= 3
+    assert all(o == [0, 0] for o in accepted) and list(outcomes.values()).count("rejected") == callers - len(accepted)
+    assert len(written(receiver)) == len(rows(receiver)) == 2 * len(accepted)
+    assert receiver.stats.snapshot()["rejected_limit"] == callers - len(accepted)
+
+
+def test_with_tls_only_callers_speaking_tls_get_through(receive: StartReceiver, tmp_path: Path):
+    import ssl
+
+    from pynetdicom import AE
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key)]
+    subprocess.run(
+        ["openssl", "req", "-x509", *new_key, "-days", "1", "-subj", "/CN=localhost", "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    receiver = receive(dicom_tls_cert=str(cert), dicom_tls_key=str(key))
+    [sent] = synthetic_instances(tmp_path / "sent", 1, seed=8)
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    client.check_hostname = False
+    ae = AE(ae_title="TLSCALLER")
+    ae.add_requested_context(dcmread(sent).SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON", tls_args=(client, None))
+    try:
+        assert int(assoc.send_c_store(dcmread(sent)).Status) == 0x0000
+        assoc.release()
+    finally:
+        ae.shutdown()
+    assert pynetdicom_send(port(receiver), [sent]) == [None]  # in the clear: no association
+    assert len(written(receiver)) == 1
+
+
+def _wait(predicate: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_health_reports_the_receiver_down_when_nothing_answers_its_c_echo(receive: StartReceiver):
+    import dataclasses
+    import socket
+
+    from meddaemon.daemon.health import DOWN, OK, HealthLimits, check_health
+
+    def dicom_check(receiver: Receiver, port: int):  # type: ignore[no-untyped-def]
+        settings = dataclasses.replace(receiver.settings, dicom_port=port)
+        engine = create_db_engine(settings.db_url)
+        try:
+            return check_health(engine, settings, HealthLimits(min_free_bytes=0)).check("dicom")
+        finally:
+            engine.dispose()
+
+    answering = receive()
+    check = dicom_check(answering, port(answering))
+    assert (check.status, check.details["probe"]) == (OK, "echoed")
+    refusing = receive(dicom_allowed_callers="MODALITY")  # the probe calls as MEDDAEMON: refused, yet it answers
+    check = dicom_check(refusing, port(refusing))
+    assert (check.status, check.details["probe"]) == (OK, "refused")
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        check = dicom_check(answering, unused.getsockname()[1])
+    assert (check.status, check.details["probe"]) == (DOWN, "none")
+    assert "does not answer" in check.message or "no DICOM answer" in check.message
+
+
+class HeldFolderSync(FolderSync):
+    """A real folder fsync, the first of which is held until ``release`` is set (a slow disk, the
+    moment the other associations arrive); when each ran is kept."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self.runs: list[tuple[float, float]] = []
+
+    def _fsync(self) -> None:
+        began = time.monotonic()
+        if not self.runs:
+            self.holding.set()
+            assert self.release.wait(30)
+        super()._fsync()
+        self.runs.append((began, time.monotonic()))
+
+
+def test_renames_waiting_together_share_one_folder_fsync_begun_after_each_of_them(tmp_path: Path):
+    """One association's fsync runs (held) while eleven others ask: they do not return with it
+    (it may have begun before their renames), and one more fsync covers all eleven."""
+    sync = HeldFolderSync(tmp_path)
+    calls: list[tuple[float, float]] = []
+
+    def rename_made() -> None:
+        asked = time.monotonic()
+        sync.sync()
+        calls.append((asked, time.monotonic()))
+
+    first = threading.Thread(target=rename_made)
+    first.start()
+    assert sync.holding.wait(30)
+    others = [threading.Thread(target=rename_made) for _ in range(11)]
+    for thread in others:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while sync._asked < 12 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert calls == []  # nobody returns while the fsync that began before them runs
+    sync.release.set()
+    for thread in [first, *others]:
+        thread.join(30)
+    assert len(calls) == 12
+    assert len(sync.runs) == 2  # one for the first, one shared by the eleven
+    for asked, returned in calls:
+        assert any(asked <= began and ended <= returned for began, ended in sync.runs)

@@ -1,0 +1,117 @@
+"""The outbox sender against peers that refuse: nothing is lost, every refusal is retried (and
+visible in ``medcli outbox list`` meanwhile) until the peer stores the object, once; a permanent
+refusal is dead at once with the peer's status."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from click.testing import CliRunner
+from dicom_factory import write_dicom
+from sqlalchemy import select
+
+from daemon_rows import add_scan
+from dicom_peers import DROP, ScriptedScp, ScriptedStow
+from meddaemon.cli.medcli import cli as medcli
+from meddaemon.config import Settings
+from meddaemon.daemon import bookkeeper
+from meddaemon.db.engine import create_db_engine, session_factory, transaction
+from meddaemon.db.migrate import upgrade
+from meddaemon.db.models import OutboxItem
+from meddaemon.dicom import outbox
+from meddaemon.dicom.outbox import DEAD, DELIVERED, PENDING, NewItem, OutboxSender
+from meddaemon.engine.tasks import all_tasks
+from meddaemon.states import ScanState
+
+
+def queued(settings: Settings, objects: int, destinations: list[str]):  # type: ignore[no-untyped-def]
+    """A migrated database with one reported SYNTHETIC scan whose ``objects`` DICOM files are queued
+    for each of ``destinations``; returns (sessions, SOP Instance UIDs)."""
+    engine = create_db_engine(settings.db_url)
+    upgrade(engine)
+    sessions = session_factory(engine)
+    rng = np.random.default_rng(2)
+    uids = []
+    with transaction(sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(sessions) as session:
+        scan = add_scan(session, 1, ScanState.REPORTED, format="dicom")
+        items = []
+        for i in range(objects):
+            path = write_dicom(settings.dicom_dir / f"synthetic_{i}.dcm", pixels=rng.integers(0, 255, (8, 8), np.uint8))
+            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+            uids.append(uid)
+            items += [NewItem(f"sc:{i}", d, None, uid, settings.stored_name(path)) for d in destinations]
+        outbox.enqueue(session, scan.id, items)
+    return sessions, uids
+
+
+def statuses(sessions) -> dict[tuple[str, str], str]:  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        return {(r.object_key, r.destination): r.status for r in session.scalars(select(OutboxItem))}
+
+
+def drain(sender: OutboxSender, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sender.sessions() as session:
+            if outbox.summary(session).counts[PENDING] == 0:
+                return
+        sender.round()
+        time.sleep(0.02)
+    raise AssertionError("the outbox did not empty")
+
+
+def test_refusals_and_drops_are_retried_until_each_object_is_stored_once_and_shown_meanwhile(make_settings):
+    scp = ScriptedScp([0xA700, 0xC000, DROP])
+    stow = ScriptedStow([409, 500])
+    try:
+        settings = make_settings(
+            destination=[{**scp.destination("pacs"), "timeout_seconds": 3.0}, stow.destination("web")],
+            outbox_retry_seconds=0.05,
+            outbox_max_retry_seconds=0.2,
+        )
+        sessions, uids = queued(settings, 3, ["pacs", "web"])
+        sender = OutboxSender(settings, sessions, None)
+        sender.round()
+
+        listed = CliRunner().invoke(medcli, ["outbox", "list", "--json", "--state-dir", str(settings.state_dir)])
+        items = json.loads(listed.stdout)["items"]
+        errors = {i["last_error"] for i in items if i["status"] == PENDING}
+        assert {"C-STORE status 0xA700", "STOW-RS HTTP 409"} <= errors
+
+        drain(sender)
+    finally:
+        scp.stop()
+        stow.stop()
+    assert set(statuses(sessions).values()) == {DELIVERED}
+    assert sorted(scp.stored) == sorted(uids)  # each stored once: a refused send stores nothing
+    assert stow.stored == 3 and stow.requests == 5
+    with sessions() as session:
+        attempts = {(r.object_key, r.destination): r.attempts for r in session.scalars(select(OutboxItem))}
+    assert sum(attempts.values()) == 6 + 3 + 2  # one success each, plus every refusal
+
+
+def test_a_permanent_refusal_is_dead_at_once_with_the_peers_status(make_settings):
+    scp = ScriptedScp([0xA900])
+    try:
+        settings = make_settings(destination=[scp.destination("pacs")], outbox_retry_seconds=0.05)
+        sessions, _ = queued(settings, 2, ["pacs"])
+        sender = OutboxSender(settings, sessions, None)
+        drain(sender)
+    finally:
+        scp.stop()
+    with sessions() as session:
+        rows = {r.object_key: (r.status, r.attempts, r.last_error) for r in session.scalars(select(OutboxItem))}
+    assert rows == {"sc:0": (DEAD, 1, "C-STORE status 0xA900"), "sc:1": (DELIVERED, 1, None)}
+
+
+def test_rows_for_a_destination_no_longer_configured_are_dead_not_stuck(make_settings, tmp_path: Path):
+    settings = make_settings(destination=[{"name": "share", "kind": "folder", "path": str(tmp_path / "share")}])
+    sessions, _ = queued(settings, 1, ["share", "gone"])
+    drain(OutboxSender(settings, sessions, None))
+    assert statuses(sessions) == {("sc:0", "share"): DELIVERED, ("sc:0", "gone"): DEAD}

@@ -1,0 +1,103 @@
+"""Each sender against a real peer: Orthanc stores what C-STORE and STOW-RS send; scripted peers
+refuse (0xA700 out of resources, 0xC000 cannot understand, 0xA900 wrong SOP class), drop the
+association, or answer STOW-RS with 409/500/400, and each answer is classified as the outbox needs:
+acknowledged, worth retrying, or refused for good."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_factory import write_dicom
+
+from dicom_peers import DROP, ScriptedScp, ScriptedStow
+from meddaemon.config import DestinationConfig
+from meddaemon.dicom.senders import Delivery, DimseSender, FolderSender, StowSender
+from orthanc import Orthanc
+
+
+@pytest.fixture
+def objects(tmp_path: Path) -> list[Path]:
+    rng = np.random.default_rng(5)
+    return [
+        write_dicom(tmp_path / f"synthetic_{i}.dcm", pixels=rng.integers(0, 255, (16, 16), dtype=np.uint8))
+        for i in range(3)
+    ]
+
+
+def uids(paths: list[Path]) -> list[str]:
+    return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths]
+
+
+def test_c_store_and_stow_rs_to_orthanc_are_acknowledged_and_stored(orthanc: Orthanc, objects: list[Path]):
+    dimse = DimseSender(DestinationConfig(**orthanc.destination("pacs", "dicom")))  # type: ignore[arg-type]
+    stow = StowSender(DestinationConfig(**orthanc.destination("web", "dicomweb")))  # type: ignore[arg-type]
+    assert [d.acknowledged for d in dimse.send(objects[:2])] == [True, True]
+    assert [d.acknowledged for d in stow.send(objects[2:])] == [True]
+    stow.close()
+    assert sorted(orthanc.sop_instance_uids()) == sorted(uids(objects))
+
+
+def test_a_stopped_pacs_is_a_failure_worth_retrying(orthanc: Orthanc, objects: list[Path]):
+    orthanc.stop()
+    dimse = DimseSender(DestinationConfig(**orthanc.destination("pacs", "dicom")))  # type: ignore[arg-type]
+    stow = StowSender(DestinationConfig(**orthanc.destination("web", "dicomweb")))  # type: ignore[arg-type]
+    for answer in [*dimse.send(objects[:1]), *stow.send(objects[:1])]:
+        assert not answer.acknowledged and not answer.permanent, answer
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (0xA700, Delivery(False, "C-STORE status 0xA700")),
+        (0xC000, Delivery(False, "C-STORE status 0xC000")),
+        (0xA900, Delivery(False, "C-STORE status 0xA900", permanent=True)),
+        (0xB007, Delivery(True, "C-STORE status 0xB007")),  # stored, with a warning
+    ],
+)
+def test_c_store_statuses_are_classified(objects: list[Path], status: int, expected: Delivery):
+    scp = ScriptedScp([status])
+    try:
+        sender = DimseSender(DestinationConfig(**scp.destination()))  # type: ignore[arg-type]
+        first, second = sender.send(objects[:2])
+    finally:
+        scp.stop()
+    assert first == expected
+    assert second == Delivery(True)  # the same association goes on
+    assert scp.received == uids(objects[:2])
+
+
+def test_a_dropped_association_fails_what_was_in_flight_and_what_was_left(objects: list[Path]):
+    scp = ScriptedScp([0x0000, DROP])
+    try:
+        destination = DestinationConfig(**{**scp.destination(), "timeout_seconds": 3.0})  # type: ignore[arg-type]
+        answers = DimseSender(destination).send(objects)
+    finally:
+        scp.stop()
+    assert [a.acknowledged for a in answers] == [True, False, False]
+    assert not any(a.permanent for a in answers)
+
+
+@pytest.mark.parametrize(
+    ("status", "permanent"), [(409, False), (500, False), (503, False), (429, False), (400, True), (415, True)]
+)
+def test_stow_rs_http_statuses_are_classified(objects: list[Path], status: int, permanent: bool):
+    stow = ScriptedStow([status])
+    try:
+        sender = StowSender(DestinationConfig(**stow.destination()))  # type: ignore[arg-type]
+        first, second = sender.send(objects[:2])
+    finally:
+        stow.stop()
+    assert first == Delivery(False, f"STOW-RS HTTP {status}", permanent)
+    assert second.acknowledged and stow.requests == 2  # no retry inside dicomweb-client: the outbox retries
+
+
+def test_a_folder_destination_files_by_study_series_and_instance(tmp_path: Path, objects: list[Path]):
+    sender = FolderSender(DestinationConfig("share", "folder", path=str(tmp_path / "share")))
+    assert all(d.acknowledged for d in sender.send(objects + objects))  # a resend replaces the same file
+    files = sorted((tmp_path / "share").rglob("*.dcm"))
+    assert sorted(f.stem for f in files) == sorted(uids(objects))
+    ds = pydicom.dcmread(files[0])
+    assert files[0].parent.name == ds.SeriesInstanceUID and files[0].parent.parent.name == ds.StudyInstanceUID

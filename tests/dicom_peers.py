@@ -1,0 +1,101 @@
+"""Peers that misbehave on purpose, for the delivery tests: a pynetdicom C-STORE SCP whose answers
+are scripted (a status per request, or a dropped association), and a STOW-RS endpoint whose HTTP
+statuses are scripted. Both are real servers on loopback; every request they receive is recorded."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+#: an answer of the scripted SCP that aborts the association instead of answering
+DROP = -1
+
+
+@dataclass
+class ScriptedScp:
+    """Answers the C-STORE requests with ``script`` in turn, then with 0x0000 (stored) for ever."""
+
+    script: list[int] = field(default_factory=list)
+    received: list[str] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)
+    port: int = 0
+    ae_title: str = "SCRIPTED"
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ae = AE(ae_title=self.ae_title)
+        self.ae.supported_contexts = AllStoragePresentationContexts
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
+        self.port = self.server.server_address[1]
+
+    def _store(self, event: evt.Event) -> int | Dataset:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        with self._lock:
+            self.received.append(uid)
+            answer = self.script.pop(0) if self.script else 0x0000
+            if answer == 0x0000:
+                self.stored.append(uid)
+        if answer == DROP:
+            event.assoc.abort()
+            return 0xC000
+        return answer
+
+    def destination(self, name: str = "scripted") -> dict[str, object]:
+        return {"name": name, "kind": "dicom", "ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.ae.shutdown()
+
+
+class _StowHandler(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        stow: ScriptedStow = self.server.stow  # type: ignore[attr-defined]
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with stow.lock:
+            stow.requests += 1
+            status = stow.script.pop(0) if stow.script else 200
+            if status == 200:
+                stow.stored += 1
+        body = b"{}"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@dataclass
+class ScriptedStow:
+    """A STOW-RS endpoint answering ``script``'s HTTP statuses in turn, then 200."""
+
+    script: list[int] = field(default_factory=list)
+    requests: int = 0
+    stored: int = 0
+
+    def __post_init__(self) -> None:
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _StowHandler)
+        self.httpd.stow = self  # type: ignore[attr-defined]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/dicom-web"
+
+    def destination(self, name: str = "stow") -> dict[str, object]:
+        return {"name": name, "kind": "dicomweb", "url": self.url}
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

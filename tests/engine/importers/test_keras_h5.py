@@ -1,0 +1,119 @@
+"""Seed 003's format beyond the served file (tests/engine/importers/test_served_imports.py serves seed
+003's ``.h5`` through the daemon and compares it with Keras): the same weights in Keras 2.1.6's layout
+import the same, compared with Keras 3 on its torch backend loading the file (probabilities within 1e-4),
+and damaged or foreign files are refused by name. SYNTHETIC weights; the image is small (64 px) so two
+cores cope; the architecture is the real one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from meddaemon.engine.importers import ImportOptions, convert_file
+from meddaemon.engine.preprocess import normalise
+from meddaemon.engine.registry import ModelRefused, load_version, probabilities
+from meddaemon.engine.tasks import BUILTIN_TASKS
+from seed_models import keras_probabilities
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Keras's torch backend and numpy 2
+
+TOLERANCE = 1e-4
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def keras_file(seed003_h5: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """(the .h5, NCHW normalised inputs, Keras's probabilities for them after loading the file afresh)."""
+    pixels = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    contract = BUILTIN_TASKS["chestxray14"].contract
+    x = normalise(pixels, type(contract)(3, SIZE, SIZE, (0, 0, 0), (1, 1, 1), normalisation="per_image")).numpy()
+    return seed003_h5, x, keras_probabilities(seed003_h5, x)
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def keras2_layout(source: Path, target: Path) -> Path:
+    """The same weights as Keras 2.1.6 wrote them: ``conv1/conv`` layer names, ``kernel:0`` weight names."""
+    with h5py.File(source, "r") as src, h5py.File(target, "w") as dst:
+        names = []
+        for raw in src.attrs["layer_names"]:
+            name = text(raw)
+            old = name.replace("conv1_", "conv1/") if name.startswith("conv1_") else name
+            names.append(old.encode())
+            group = dst.create_group(old)
+            weight_names = []
+            for w in src[name].attrs["weight_names"]:
+                role = text(w).rsplit("/", 1)[-1]
+                new = f"{old}/{role}:0"
+                group.create_dataset(new, data=np.asarray(src[name][text(w)]))
+                weight_names.append(new.encode())
+            group.attrs["weight_names"] = weight_names
+        dst.attrs["layer_names"] = names
+        dst.attrs["keras_version"] = b"2.1.6"
+        dst.attrs["backend"] = b"tensorflow"
+    return target
+
+
+def test_the_keras2_layout_of_the_same_weights_imports_the_same(
+    keras_file: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+):
+    path, x, expected = keras_file
+    old = keras2_layout(path, tmp_path / "densenet_keras2.h5")
+    convert_file(old, ImportOptions(task="chestxray14", image_size=SIZE), tmp_path / "version")
+    with torch.no_grad():
+        got = probabilities(load_version(tmp_path / "version").model(torch.from_numpy(x)), "multilabel").numpy()
+    assert float(np.abs(got - expected).max()) <= TOLERANCE
+
+
+def edited(source: Path, target: Path, edit: Any) -> Path:
+    shutil.copyfile(source, target)
+    with h5py.File(target, "r+") as f:
+        edit(f)
+    return target
+
+
+def refused(path: Path, tmp_path: Path, **options: Any) -> ModelRefused:
+    with pytest.raises(ModelRefused) as info:
+        convert_file(path, ImportOptions(**{"task": "chestxray14", "image_size": SIZE, **options}), tmp_path / "v")
+    assert not (tmp_path / "v" / "manifest.json").exists()
+    return info.value
+
+
+def test_damaged_or_foreign_keras_files_are_refused_by_name(
+    keras_file: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+):
+    path = keras_file[0]
+    truncated = tmp_path / "cut.h5"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    assert refused(truncated, tmp_path).reason == "unreadable_weights"
+
+    assert refused(path, tmp_path, architecture="resnet18").reason == "wrong_architecture"
+
+    def drop_layer(f: h5py.File) -> None:
+        del f["conv3_block2_1_conv"]
+        f.attrs["layer_names"] = [n for n in f.attrs["layer_names"] if text(n) != "conv3_block2_1_conv"]
+
+    error = refused(edited(path, tmp_path / "missing.h5", drop_layer), tmp_path)
+    assert error.reason == "wrong_architecture" and "conv3_block2_1_conv" in error.message
+
+    def three_findings(f: h5py.File) -> None:
+        del f["dense/dense/kernel"], f["dense/dense/bias"]
+        f["dense"].create_dataset("dense/kernel", data=np.zeros((1024, 3), np.float32))
+        f["dense"].create_dataset("dense/bias", data=np.zeros(3, np.float32))
+
+    error = refused(edited(path, tmp_path / "three.h5", three_findings), tmp_path)
+    assert error.reason == "class_count_mismatch" and "dense/kernel" in error.message
+
+    def nan_gamma(f: h5py.File) -> None:
+        f["bn/bn/gamma"][0] = np.nan
+
+    error = refused(edited(path, tmp_path / "nan.h5", nan_gamma), tmp_path)
+    assert error.reason == "non_finite_weights" and "bn/gamma" in error.message

@@ -1,0 +1,364 @@
+"""ONNX graphs exported from torchvision models and from the small CNN (SYNTHETIC weights): served by
+ONNX Runtime with the eager model's probabilities (1e-4), CAM through ``--cam-tensor`` equal to
+pytorch-grad-cam on the eager model (1e-4), and graphs the contract cannot take refused by name."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from sqlalchemy import Engine
+from torch import nn
+from torchvision import models
+
+from meddaemon.db.engine import session_factory, transaction
+from meddaemon.engine.heatmaps import compute_heatmaps, positive_class, predicted_class
+from meddaemon.engine.importers import ImportOptions, convert_file, import_file
+from meddaemon.engine.importers.onnx_model import choose_providers
+from meddaemon.engine.inference import ServedModel
+from meddaemon.engine.registry import ModelRefused, load_version, probabilities
+
+TOLERANCE = 1e-4
+SIZE = 64
+
+
+def settled(model: nn.Module, channels: int, size: int = SIZE) -> nn.Module:
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(4, channels, size, size, generator=generator))
+    return model.eval()
+
+
+def resnet18_grey() -> nn.Module:
+    torch.manual_seed(11)
+    m = models.resnet18(weights=None)
+    m.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    m.fc = nn.Linear(512, 3)
+    return settled(m, 1)
+
+
+class SmallCnn(nn.Module):
+    """Seed 000's small CNN with a sigmoid at the end, as it was trained (BCELoss)."""
+
+    def __init__(self, hidden: bool = False) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 1
+        for i, out in enumerate((8, 16, 32)):
+            layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
+            if i < 2:
+                layers.append(nn.MaxPool2d(2))
+            channels = out
+        self.features = nn.Sequential(*layers)
+        head: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        head += [nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1)] if hidden else [nn.Linear(32, 1)]
+        self.classifier = nn.Sequential(*head, nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def export(
+    model: nn.Module, path: Path, channels: int, size: int = SIZE, dynamic: dict[int, str] | None = None
+) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, channels, size, size),),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["image"],
+            output_names=["scores"],
+            dynamic_axes={"image": dynamic or {0: "batch"}, "scores": {0: "batch"}},
+        )
+    return path
+
+
+def pooled_tensor(path: Path) -> str:
+    """The feature map the exported graph pools: what a user finds in Netron and passes as --cam-tensor."""
+    graph = onnx.load(str(path)).graph
+    return next(n.input[0] for n in graph.node if n.op_type in ("GlobalAveragePool", "ReduceMean"))
+
+
+def inputs(channels: int, batch: int = 3, size: int = SIZE) -> torch.Tensor:
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(5))
+
+
+def gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor, classes: list[int]) -> np.ndarray:
+    with GradCAM(model=model, target_layers=[layer]) as cam:
+        return cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])
+
+
+def test_torchvision_resnet18_onnx_equals_eager_and_its_cam_equals_gradcam(tmp_path: Path):
+    original = resnet18_grey()
+    path = export(original, tmp_path / "resnet18.onnx", 1)
+    options = ImportOptions(task="busi", image_size=SIZE, cam_tensor=pooled_tensor(path))
+
+    manifest = convert_file(path, options, tmp_path / "version")
+    loaded = load_version(tmp_path / "version")
+
+    assert manifest.architecture == "onnx" and manifest.heatmaps and manifest.onnx["input"] == "image"
+    assert sorted(p.name for p in (tmp_path / "version").iterdir()) == ["manifest.json", "model.onnx"]
+    x = inputs(1)
+    with torch.no_grad():
+        expected = torch.softmax(original(x), dim=1)
+    got = probabilities(loaded.model(x), "multiclass")
+    assert float((got - expected).abs().max()) <= TOLERANCE
+    result = compute_heatmaps(loaded.model, x, predicted_class())
+    classes = [c for row in result.maps for c, _ in row]
+    assert classes == expected.argmax(dim=1).tolist()
+    ours = np.stack([m for row in result.maps for _, m in row])
+    reference = gradcam(original, original.layer4, x, classes)
+    assert float(np.abs(ours - reference).max()) <= TOLERANCE
+
+
+def test_small_cnn_onnx_with_a_sigmoid_output_on_busi_binary(tmp_path: Path):
+    torch.manual_seed(3)
+    original = settled(SmallCnn(), 1, 100)
+    path = export(original, tmp_path / "small.onnx", 1, size=100)
+    options = ImportOptions(task="busi_binary", outputs="probabilities", cam_tensor=pooled_tensor(path))
+
+    convert_file(path, options, tmp_path / "version")
+    loaded = load_version(tmp_path / "version")
+
+    x = inputs(1, size=100)
+    with torch.no_grad():
+        expected = original(x)[:, 0]
+    got = probabilities(loaded.model(x), "binary")[:, 1]
+    assert float((got - expected).abs().max()) <= TOLERANCE
+    result = compute_heatmaps(loaded.model, x, positive_class())
+    ours = np.stack([m for row in result.maps for _, m in row])
+
+    class Logit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seed = original
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.seed.classifier[:-1](self.seed.features(x))
+
+    reference = gradcam(Logit(), original.features, x, [0] * len(x))
+    assert float(np.abs(ours - reference).max()) <= TOLERANCE
+
+
+def test_without_a_cam_head_the_model_has_no_heatmaps_and_says_why(tmp_path: Path):
+    torch.manual_seed(4)
+    original = settled(SmallCnn(hidden=True), 1, 100)
+    path = export(original, tmp_path / "hidden.onnx", 1, size=100)
+
+    manifest = convert_file(
+        path,
+        ImportOptions(task="busi_binary", outputs="probabilities", cam_tensor=pooled_tensor(path)),
+        tmp_path / "v1",
+    )
+    assert not manifest.heatmaps and "is not what gives the output 'scores'" in manifest.provenance["heatmaps"]
+    manifest = convert_file(path, ImportOptions(task="busi_binary", outputs="probabilities"), tmp_path / "v2")
+    assert not manifest.heatmaps and "no --cam-tensor" in manifest.provenance["heatmaps"]
+
+    served = ServedModel(1, load_version(tmp_path / "v2"), torch.device("cpu"))
+    assert not served.heatmaps
+    x = inputs(1, size=100).numpy()
+    predictions = served.predict(x)
+    with torch.no_grad():
+        expected = original(torch.from_numpy(x))[:, 0].numpy()
+    assert [p.heatmaps for p in predictions] == [[], [], []]
+    np.testing.assert_allclose([p.probabilities[1] for p in predictions], expected, atol=TOLERANCE)
+
+
+def test_the_daemon_engine_serves_an_onnx_version_with_cam_maps(tmp_path: Path):
+    original = resnet18_grey()
+    path = export(original, tmp_path / "resnet18.onnx", 1)
+    convert_file(path, ImportOptions(task="busi", image_size=SIZE, cam_tensor=pooled_tensor(path)), tmp_path / "v")
+    served = ServedModel(1, load_version(tmp_path / "v"), torch.device("cpu"))
+    # the graph itself runs, in ONNX Runtime; nothing is re-exported
+    assert served.choose_backend(2) == served.backend == "onnx (ONNX Runtime, CPUExecutionProvider)"
+    x = inputs(1)
+    predictions = served.predict(x.numpy())
+    with torch.no_grad():
+        expected = torch.softmax(original(x), dim=1).numpy()
+    np.testing.assert_allclose(np.stack([p.probabilities for p in predictions]), expected, atol=TOLERANCE)
+    classes = expected.argmax(axis=1).tolist()
+    reference = gradcam(original, original.layer4, x, classes)
+    for prediction, cls, ref in zip(predictions, classes, reference, strict=True):
+        (label, heatmap), *_ = prediction.heatmaps
+        assert label == cls and float(np.abs(heatmap - ref).max()) <= TOLERANCE
+
+
+# ------------------------------------------------------------------------------------------ label order
+
+
+class TinyNet(nn.Module):
+    """A conv layer, global pooling and one Linear: small enough to export in a blink."""
+
+    def __init__(self, outputs: int, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_an_onnx_graph_in_another_label_order_gives_each_label_its_own_probability_and_map(tmp_path: Path):
+    """busi's labels are (benign, malignant, normal); the file's outputs are (malignant, normal, benign)."""
+    logits = TinyNet(3, seed=8).eval()
+    path = export(nn.Sequential(logits, nn.Softmax(dim=1)).eval(), tmp_path / "reordered.onnx", 1)
+    file_order = ["malignant", "normal", "benign"]
+    options = ImportOptions(
+        task="busi", image_size=SIZE, labels=tuple(file_order), outputs="probabilities",
+        cam_tensor=pooled_tensor(path), thresholds={"malignant": 0.3},
+    )  # fmt: skip
+
+    manifest = convert_file(path, options, tmp_path / "version")
+    loaded = load_version(tmp_path / "version")
+
+    assert "reordered from the file's ['malignant', 'normal', 'benign']" in manifest.provenance["conversion"]
+    assert manifest.thresholds["malignant"] == 0.3  # thresholds are by label name: they follow
+    x = inputs(1)
+    with torch.no_grad():
+        theirs = torch.softmax(logits(x), dim=1)
+    ours = probabilities(loaded.model(x), "multiclass")
+    for label in file_order:
+        column = theirs[:, file_order.index(label)]
+        assert float((ours[:, manifest.labels.index(label)] - column).abs().max()) <= TOLERANCE
+    result = compute_heatmaps(loaded.model, x, predicted_class())
+    called = [manifest.labels[c] for row in result.maps for c, _ in row]
+    reference = gradcam(logits, logits.features, x, [file_order.index(label) for label in called])
+    ours_maps = np.stack([m for row in result.maps for _, m in row])
+    assert float(np.abs(ours_maps - reference).max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("head", ["one logit of the negative class", "two-column softmax"])
+def test_a_binary_graph_of_the_other_label_order_is_served_as_the_tasks_positive_class(tmp_path: Path, head: str):
+    """covid's labels are (normal, covid); the file's are (covid, normal), as seed 004's: its single
+    sigmoid is P(normal), or its softmax columns are (P(covid), P(normal))."""
+    two = head == "two-column softmax"
+    logits = TinyNet(2 if two else 1, seed=9).eval()
+    activation = nn.Softmax(dim=1) if two else nn.Sigmoid()
+    path = export(nn.Sequential(logits, activation).eval(), tmp_path / "binary.onnx", 1)
+    options = ImportOptions(task="covid", image_size=SIZE, labels=("covid", "normal"), outputs="probabilities")
+
+    manifest = convert_file(path, options, tmp_path / "version")
+    got = probabilities(load_version(tmp_path / "version").model(inputs(1)), "binary")
+
+    with torch.no_grad():
+        theirs = activation(logits(inputs(1)))
+    p_covid = theirs[:, 0] if two else 1 - theirs[:, 0]
+    assert manifest.labels == ["normal", "covid"]
+    assert float((got[:, 1] - p_covid).abs().max()) <= TOLERANCE
+    assert ("folded" if two else "negated") in manifest.provenance["conversion"]
+
+
+# ------------------------------------------------------------------------------------------ providers
+
+
+def test_cuda_gets_onnx_runtimes_cuda_provider_when_it_has_one_and_the_cpu_otherwise():
+    with_cuda = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers(with_cuda, "cuda") == (
+        [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"],
+        None,
+    )
+    assert choose_providers(with_cuda, torch.device("cuda:1"))[0][0] == ("CUDAExecutionProvider", {"device_id": 1})
+    assert choose_providers(with_cuda, "cpu") == (["CPUExecutionProvider"], None)
+    providers, why = choose_providers(["AzureExecutionProvider", "CPUExecutionProvider"], "cuda")
+    assert providers == ["CPUExecutionProvider"]
+    assert why is not None and "no CUDAExecutionProvider" in why and "on the CPU" in why
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+def refused(path: Path, tmp_path: Path, **options: Any) -> ModelRefused:
+    with pytest.raises(ModelRefused) as info:
+        convert_file(path, ImportOptions(**{"task": "busi", "image_size": SIZE, **options}), tmp_path / "version")
+    assert not (tmp_path / "version" / "manifest.json").exists()
+    return info.value
+
+
+@pytest.fixture(scope="module")
+def small_graph(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    return export(model, tmp_path_factory.mktemp("graphs") / "tiny.onnx", 1)
+
+
+def test_a_fixed_size_other_than_the_contracts_names_both(small_graph: Path, tmp_path: Path):
+    error = refused(small_graph, tmp_path, image_size=96)
+    assert error.reason == "contract_conflict" and "height 64" in error.message and "has 96" in error.message
+
+
+def test_a_dynamic_channel_axis_is_refused(tmp_path: Path):
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 3)).eval()
+    path = export(model, tmp_path / "dyn.onnx", 1, dynamic={0: "batch", 1: "channels"})
+    error = refused(path, tmp_path)
+    assert error.reason == "unsupported_onnx" and "dynamic channel axis" in error.message
+
+
+def test_an_unsupported_opset_is_refused(small_graph: Path, tmp_path: Path):
+    graph = onnx.load(str(small_graph))
+    graph.opset_import[0].version = 99
+    path = tmp_path / "future.onnx"
+    onnx.save(graph, str(path))
+    error = refused(path, tmp_path)
+    assert error.reason == "unsupported_onnx" and "opset 99" in error.message
+
+
+def test_a_truncated_graph_and_a_class_count_mismatch_are_refused(small_graph: Path, tmp_path: Path):
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes(small_graph.read_bytes()[:-40])
+    assert refused(truncated, tmp_path).reason in ("unreadable_weights", "unsupported_onnx")
+    error = refused(small_graph, tmp_path, task="covid")
+    assert error.reason == "class_count_mismatch" and "'scores' has 3 classes" in error.message
+
+
+def test_an_input_that_is_not_float32_is_refused(tmp_path: Path):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double().eval()
+    path = tmp_path / "double.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 1, SIZE, SIZE, dtype=torch.float64),), str(path), dynamo=False,
+                          input_names=["image"], output_names=["scores"])  # fmt: skip
+    error = refused(path, tmp_path)
+    assert error.reason == "unsupported_onnx" and "'image' has element type 11, not float32" in error.message
+
+
+def test_nan_weights_in_a_graph_are_refused(small_graph: Path, tmp_path: Path):
+    graph = onnx.load(str(small_graph))
+    weight = next(i for i in graph.graph.initializer if len(i.dims) == 4)
+    array = onnx.numpy_helper.to_array(weight).copy()
+    array.flat[0] = np.nan
+    weight.CopyFrom(onnx.numpy_helper.from_array(array, weight.name))
+    path = tmp_path / "nan.onnx"
+    onnx.save(graph, str(path))
+    error = refused(path, tmp_path)
+    assert error.reason == "non_finite_weights" and weight.name in error.message
+
+
+def test_an_onnx_version_is_registered_and_verified_like_any_other(migrated_engine: Engine, tmp_path: Path):
+    factory = session_factory(migrated_engine)
+    original = resnet18_grey()
+    path = export(original, tmp_path / "resnet18.onnx", 1)
+    root = tmp_path / "registry"
+    with transaction(factory) as session:
+        row = import_file(session, path, ImportOptions(task="busi", image_size=SIZE, version="onnx1"), root)
+        assert (row.architecture, row.status) == ("onnx", "registered")
+    folder = root / "busi" / "onnx1"
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.onnx"]
+    data = bytearray((folder / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (folder / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ModelRefused) as info:
+        load_version(folder)
+    assert info.value.reason == "hash_mismatch"

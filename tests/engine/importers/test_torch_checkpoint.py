@@ -1,0 +1,242 @@
+"""PyTorch checkpoints of the seeds, built as their READMEs describe (SYNTHETIC weights, tests/seed_models.py),
+saved as the seeds would (plain, ``module.``-prefixed, wrapped in a dict), converted, and compared with
+the original module: probabilities within 1e-5, heatmaps within 1e-4 of pytorch-grad-cam on the original;
+and the checkpoints that are refused, by name, with nothing registered and no payload run.
+
+Seed 000's small CNN, seed 001's MobileNetV2, seed 002's EfficientNetV2-S with its SELU head and seed
+004's binary MobileNetV2 are served through the daemon end to end in test_served_imports.py, which
+checks their probabilities, maps and manifests; this module converts the other architectures and
+wrappers of seed 001 and the label orders and head shapes the seeds do not cover."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sqlalchemy import Engine
+from torch import nn
+from torchvision import models
+
+from meddaemon.db.engine import session_factory, transaction
+from meddaemon.engine.heatmaps import compute_heatmaps, predicted_class
+from meddaemon.engine.importers import ImportOptions, convert_file, import_file
+from meddaemon.engine.registry import ModelRefused, list_versions, load_version, probabilities
+from seed_models import SIZE, gradcam, save_as, seed001, seed002, seed004, settle_batchnorm
+
+PROBABILITY_TOLERANCE = 1e-5
+HEATMAP_TOLERANCE = 1e-4
+
+
+def inputs(channels: int, batch: int = 3, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, channels, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    ("architecture", "how"),
+    [("resnet18", "plain"), ("resnet18", "module."), ("vgg16", "model_state_dict")],
+)
+def test_seed001_checkpoints_give_the_original_probabilities_and_gradcam_maps(
+    tmp_path: Path, architecture: str, how: str
+):
+    original, layer = seed001(architecture)
+    path = save_as(original, tmp_path / f"best_{architecture}.pth", how)
+
+    manifest = convert_file(
+        path, ImportOptions(task="busi", architecture=architecture, image_size=SIZE), tmp_path / "version"
+    )
+    loaded = load_version(tmp_path / "version")
+
+    assert manifest.architecture == architecture and manifest.input_contract["channels"] == 1
+    assert manifest.provenance["source_file"] == path.name and manifest.provenance["format"] == "torch"
+    x = inputs(1)
+    with torch.no_grad():
+        expected = torch.softmax(original(x), dim=1)
+        got = probabilities(loaded.model(x), "multiclass")
+    assert float((got - expected).abs().max()) <= PROBABILITY_TOLERANCE
+    result = compute_heatmaps(loaded.model, x, predicted_class())
+    classes = [c for row in result.maps for c, _ in row]
+    assert classes == expected.argmax(dim=1).tolist()
+    reference = gradcam(original, layer, x, classes)
+    ours = np.stack([m for row in result.maps for _, m in row])
+    assert float(np.abs(ours - reference).max()) <= HEATMAP_TOLERANCE
+
+
+def test_a_multiclass_head_in_another_label_order_is_permuted(tmp_path: Path):
+    original, _ = seed001("resnet18")
+    path = save_as(original, tmp_path / "r18.pt", "plain")
+    options = ImportOptions(
+        task="busi", architecture="resnet18", image_size=SIZE, labels=("normal", "benign", "malignant")
+    )
+    convert_file(path, options, tmp_path / "version")
+    x = inputs(1)
+    with torch.no_grad():
+        theirs = torch.softmax(original(x), dim=1)
+        ours = probabilities(load_version(tmp_path / "version").model(x), "multiclass")
+    assert float((ours - theirs[:, [1, 2, 0]]).abs().max()) <= PROBABILITY_TOLERANCE
+
+
+def test_two_logit_softmax_binary_head_is_folded_into_one(tmp_path: Path):
+    torch.manual_seed(5)
+    original = models.mobilenet_v2(weights=None)
+    original.features[0][0] = nn.Conv2d(1, 32, 3, 2, 1, bias=False)
+    original.classifier[1] = nn.Linear(original.last_channel, 2)
+    original = settle_batchnorm(original, 1)
+    path = save_as(original, tmp_path / "two.pt", "plain")
+    convert_file(path, ImportOptions(task="covid", image_size=SIZE), tmp_path / "version")
+    x = inputs(1)
+    with torch.no_grad():
+        theirs = torch.softmax(original(x), dim=1)
+        ours = probabilities(load_version(tmp_path / "version").model(x), "binary")
+    assert float((ours - theirs).abs().max()) <= PROBABILITY_TOLERANCE
+
+
+# ------------------------------------------------------------------------------------------ refusals
+
+
+class MarkerPayload:
+    """Unpickling this creates ``path``: proof that code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (str(self.path), "w"))
+
+
+def refused(path: Path, tmp_path: Path, **options: Any) -> ModelRefused:
+    with pytest.raises(ModelRefused) as info:
+        convert_file(path, ImportOptions(**{"task": "busi", "image_size": SIZE, **options}), tmp_path / "version")
+    assert not (tmp_path / "version" / "manifest.json").exists()
+    return info.value
+
+
+def test_the_marker_payload_is_live(tmp_path: Path):
+    """Control for the payload test: unpickling it without weights_only does create the marker."""
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(MarkerPayload(probe)))
+    assert probe.exists()
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_reduce_payload_is_refused_and_never_runs(tmp_path: Path, wrapped: bool):
+    marker = tmp_path / "pwned"
+    payload = {"state_dict": MarkerPayload(marker)} if wrapped else MarkerPayload(marker)
+    path = tmp_path / "evil.pt"
+    torch.save(payload, path)
+    error = refused(path, tmp_path)
+    assert error.reason == "needs_code" and "open" in error.message
+    assert not marker.exists()
+
+
+def test_a_whole_pickled_model_is_refused_with_how_to_save_a_state_dict(tmp_path: Path):
+    model, _ = seed001("mobilenet_v2")
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    error = refused(path, tmp_path, architecture="mobilenet_v2")
+    assert error.reason == "needs_code"
+    assert "MobileNetV2" in error.message and "torch.save(model.state_dict()" in error.message
+
+
+def test_a_truncated_checkpoint_is_refused(tmp_path: Path):
+    model, _ = seed001("resnet18")
+    path = save_as(model, tmp_path / "r18.pt", "plain")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    error = refused(path, tmp_path, architecture="resnet18")
+    assert error.reason == "unreadable_weights" and "truncated" in error.message
+
+
+def test_a_class_count_that_contradicts_the_task_names_both(tmp_path: Path):
+    model, _ = seed001("resnet18")  # 3 classes
+    path = save_as(model, tmp_path / "r18.pt", "plain")
+    error = refused(path, tmp_path, task="covid", architecture="resnet18")
+    assert error.reason == "class_count_mismatch"
+    assert "fc.weight" in error.message and "3 output(s)" in error.message and "'covid'" in error.message
+
+
+def test_channels_that_contradict_the_contract_name_both(tmp_path: Path):
+    path = save_as(seed004(), tmp_path / "rgb.pt", "plain")  # 3 channels; the covid preset is grey
+    error = refused(path, tmp_path, task="covid")
+    assert error.reason == "contract_conflict"
+    assert "features.0.0.weight" in error.message and "3 input channel(s)" in error.message
+    assert "has 1" in error.message and "--channels 3" in error.message
+
+
+def test_nan_weights_are_refused_naming_the_tensor(tmp_path: Path):
+    model, _ = seed001("resnet18")
+    state = model.state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save(state, path)
+    error = refused(path, tmp_path, architecture="resnet18")
+    assert error.reason == "non_finite_weights" and "layer2.0.conv1.weight" in error.message
+
+
+def test_a_state_dict_of_another_architecture_names_the_keys(tmp_path: Path):
+    model, _ = seed001("resnet18")
+    path = save_as(model, tmp_path / "r18.pt", "plain")
+    error = refused(path, tmp_path, architecture="mobilenet_v2")
+    assert error.reason == "wrong_architecture"
+    assert "122 unmatched key(s) in the file: bn1.bias" in error.message
+    assert "missing from the file" in error.message and "features." in error.message
+
+
+def test_mis_shaped_keys_are_named(tmp_path: Path):
+    model, _ = seed001("resnet18")
+    state = model.state_dict()
+    state["layer3.0.conv2.weight"] = torch.zeros(256, 256, 1, 1)
+    path = tmp_path / "shape.pt"
+    torch.save(state, path)
+    error = refused(path, tmp_path, architecture="resnet18")
+    assert error.reason == "wrong_architecture"
+    assert "mis-shaped" in error.message and "layer3.0.conv2.weight (256, 256, 1, 1)" in error.message
+
+
+def test_something_that_is_not_a_state_dict_is_refused(tmp_path: Path):
+    path = tmp_path / "list.pt"
+    torch.save({"epoch": 3, "weights": [torch.zeros(2)]}, path)
+    error = refused(path, tmp_path, architecture="resnet18")
+    assert error.reason == "unreadable_weights" and "epoch" in error.message
+
+
+# ------------------------------------------------------------------------------------------ registering
+
+
+def test_a_converted_file_is_registered_with_its_provenance_and_a_refused_one_is_not(
+    migrated_engine: Engine, tmp_path: Path
+):
+    factory = session_factory(migrated_engine)
+    original, _ = seed001("mobilenet_v2")
+    path = save_as(original, tmp_path / "best.pth", "module.")
+    root = tmp_path / "registry"
+    options = ImportOptions(task="busi", architecture="mobilenet_v2", image_size=SIZE, version="seed001")
+    with transaction(factory) as session:
+        row = import_file(session, path, options, root)
+        assert (row.task_name, row.version, row.status) == ("busi", "seed001", "registered")
+    registered = load_version(root / "busi" / "seed001")
+    provenance = registered.manifest.provenance
+    assert provenance["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert "'module.' prefix stripped" in provenance["conversion"]
+    assert sorted(p.name for p in (root / "busi" / "seed001").iterdir()) == ["manifest.json", "model.safetensors"]
+
+    bad = tmp_path / "whole.pt"
+    torch.save(original, bad)
+    with pytest.raises(ModelRefused), transaction(factory) as session:
+        import_file(session, bad, ImportOptions(task="busi", version="bad"), root)
+    with factory() as session:
+        assert [r.version for r in list_versions(session)] == ["seed001"]
+    assert not (root / "busi" / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------ seed 002
+
+
+def test_seed002_as_plain_efficientnet_is_refused_rather_than_dropping_the_selu(tmp_path: Path):
+    path = save_as(seed002(settled=False), tmp_path / "efficientnet.pt", "plain")
+    error = refused(path, tmp_path, task="histopathology")
+    assert error.reason == "wrong_architecture"
+    assert "classifier.2" in error.message and "efficientnet_v2_s_selu" in error.message

@@ -1,0 +1,152 @@
+"""``medcli evaluate``: one command from a dataset as published to stored results and an audit with
+confidence intervals; every dataset layout read in place and audited against its own labels;
+``medcli audit --evaluation`` audits a run again; usage errors (an unknown
+task or model, a device this machine lacks) exit 2 with a message that says why."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from evaluate_factory import LAYOUT_CASES, listing, read_only
+from meddaemon.cli.common import EXIT_USAGE
+from meddaemon.cli.medcli import cli as medcli
+from meddaemon.db.engine import session_factory
+from meddaemon.db.models import Scan
+from meddaemon.engine.tasks import BUILTIN_TASKS
+from model_factory import CONTRACT, promote_into, write_model
+
+
+def state_flags(world) -> list[str]:  # type: ignore[no-untyped-def]
+    return ["--state-dir", str(world.settings.state_dir), "--db", world.db_url]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_one_command_from_a_busi_dataset_to_metrics_with_confidence_intervals(world, busi_phantoms: Path) -> None:
+    args = ["evaluate", str(busi_phantoms), "--task", "busi", "--workers", "1", "--audit", "--json"]
+    result = CliRunner().invoke(medcli, [*args, *state_flags(world)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["state"] == "completed" and report["scored"] == 24 and report["failed"] == 0
+    audit = report["audit"]
+    assert audit["join"]["matched"] == 24 and audit["join"]["predictions_without_label"] == 0
+    assert audit["inputs"]["labels_format"] == "layout:busi" and audit["inputs"]["key"] == "sha256"
+    assert [m["label"] for m in audit["labels"]] == ["benign", "malignant", "normal"]
+    auc = audit["labels"][0]["auc"]
+    assert auc["lower"] <= auc["value"] <= auc["upper"] and "delong" in auc["ci_method"].lower()
+    assert sum(map(sum, audit["multiclass"]["confusion_matrix"])) == 24
+
+    again = CliRunner().invoke(medcli, ["audit", "--evaluation", report["name"], "--json", *state_flags(world)])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["labels"] == audit["labels"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("layout", LAYOUT_CASES)
+def test_every_dataset_layout_is_scored_in_place_and_audited_against_its_own_labels(
+    world, tmp_path: Path, layout: str
+) -> None:
+    """SYNTHETIC data in each layout the training adapters read, on a read-only tree: the files the
+    layout names are scored, and the audit counts each label as the layout carries it."""
+    case = LAYOUT_CASES[layout](tmp_path / "data")
+    if case.task != "busi" or case.contract != CONTRACT:
+        model = write_model(tmp_path / "layout_model", task=case.task, version="v2", contract=case.contract)
+        promote_into(world.db_url, world.settings.models_dir, model)
+    args = ["evaluate", str(case.path), "--task", case.task, "--workers", "0", "--audit", "--json"]
+    with read_only(case.tree):
+        before = listing(case.tree)
+        result = CliRunner().invoke(medcli, [*args, *state_flags(world)])
+        assert listing(case.tree) == before  # nothing created, removed, renamed or modified
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dataset"]["layout"] == layout and report["failed"] == 0
+    scored = scan_names(world, report["evaluation_id"])
+    assert report["scored"] == len(scored) == len(case.files) and set(scored) == case.files
+    audit = report["audit"]
+    assert audit["inputs"]["labels_format"] == f"layout:{layout}" and audit["inputs"]["key"] == "sha256"
+    assert audit["join"]["matched"] == len(case.files) and audit["join"]["predictions_without_label"] == 0
+    assert label_counts(audit, case.task) == case.positives
+    if case.patients is not None:
+        assert audit["patients"] == case.patients
+
+
+def label_counts(audit: dict, task: str) -> dict[str, int]:
+    """Files per label as the audit counted them: a binary audit reports its positive label, whose
+    negatives carry the task's other label."""
+    counts = {m["label"]: m["positives"] for m in audit["labels"]}
+    if audit["kind"] == "binary":
+        [entry] = audit["labels"]
+        [negative] = set(BUILTIN_TASKS[task].labels) - {entry["label"]}
+        counts[negative] = entry["negatives"]
+    return counts
+
+
+def scan_names(world, evaluation_id: int | None = None) -> list[str]:  # type: ignore[no-untyped-def]
+    """The source names of the stored scans (of one evaluation when given)."""
+    query = select(Scan.source_name)
+    if evaluation_id is not None:
+        query = query.where(Scan.evaluation_id == evaluation_id)
+    engine = world.engine()
+    try:
+        with session_factory(engine)() as session:
+            return list(session.scalars(query).all())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_folder_without_labels_is_evaluated_but_its_audit_refused_before_anything_is_scored(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for image in sorted(busi_phantoms.glob("benign/*).png"))[:3]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    args = ["evaluate", str(folder), "--task", "busi", "--workers", "0", *state_flags(world)]
+    audited = CliRunner().invoke(medcli, [*args, "--audit"])
+    assert audited.exit_code == EXIT_USAGE
+    assert "without labels" in audited.stderr and "--labels" in audited.stderr
+    assert scan_names(world) == []
+    plain = CliRunner().invoke(medcli, [*args, "--json"])
+    assert plain.exit_code == 0, plain.output
+    assert json.loads(plain.stdout)["dataset"]["layout"] == "images" and len(scan_names(world)) == 3
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_folder_holding_only_a_dataset_is_refused_with_the_dataset_root(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """Not scored as a folder of images: BUSI's masks are no inputs, and the labels are one level down."""
+    dataset = tmp_path / "Downloads" / "Dataset_BUSI_with_GT"
+    shutil.copytree(busi_phantoms, dataset)
+    args = ["evaluate", str(dataset.parent), "--task", "busi", "--workers", "0", *state_flags(world)]
+    result = CliRunner().invoke(medcli, args)
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert f"expected the dataset root {dataset}" in result.stderr
+    assert scan_names(world) == []
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_usage_errors_exit_2_with_one_line(world, busi_phantoms: Path) -> None:
+    runner = CliRunner()
+    unknown_task = runner.invoke(medcli, ["evaluate", str(busi_phantoms), "--task", "nope", *state_flags(world)])
+    assert unknown_task.exit_code == EXIT_USAGE and "unknown task 'nope'" in unknown_task.stderr
+    unknown_model = runner.invoke(
+        medcli, ["evaluate", str(busi_phantoms), "--task", "busi", "--model", "v9", *state_flags(world)]
+    )
+    assert unknown_model.exit_code == EXIT_USAGE and "v9" in unknown_model.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_device_cuda_without_a_gpu_is_a_usage_error_that_says_why(world, busi_phantoms: Path) -> None:
+    args = ["evaluate", str(busi_phantoms), "--task", "busi", "--device", "cuda", "--workers", "0"]
+    result = CliRunner().invoke(medcli, [*args, *state_flags(world)])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "no CUDA device" in result.stderr and "--device cpu" in result.stderr

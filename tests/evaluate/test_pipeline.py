@@ -1,0 +1,185 @@
+"""The local engine: a cohort read in place, every image scored once, results where the audit finds
+them, bad files listed with the daemon's reason codes, reruns and resumed runs cost only hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from unittest.mock import patch
+
+import numpy as np
+import pytest
+from dicom_factory import write_png
+from sqlalchemy import func, select
+
+from evaluate_factory import listing, read_only
+from meddaemon.db.engine import session_factory
+from meddaemon.db.models import Evaluation, EvaluationFile, Heatmap, Result, Scan
+from meddaemon.evaluate.pipeline import EvaluationRequest, EvaluationStopped, Progress, run_evaluation
+from meddaemon.states import ScanState
+
+
+def evaluate(world, path: Path, **options):  # type: ignore[no-untyped-def]
+    options.setdefault("workers", 1)
+    options.setdefault("batch_size", 8)
+    engine = world.engine()
+    try:
+        return run_evaluation(engine, world.settings, EvaluationRequest(path=path, task="busi", **options))
+    finally:
+        engine.dispose()
+
+
+def stored(world) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    """source_name -> probabilities in label order, for every evaluated scan."""
+    engine = world.engine()
+    try:
+        with session_factory(engine)() as session:
+            rows = session.execute(
+                select(Scan.source_name, Result.label, Result.probability)
+                .join(Result, Result.scan_id == Scan.id)
+                .order_by(Scan.id, Result.id)
+            ).all()
+    finally:
+        engine.dispose()
+    out: dict[str, list[float]] = {}
+    for name, _, probability in rows:
+        out.setdefault(name, []).append(probability)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def test_a_busi_dataset_is_scored_in_place_image_by_image(world, busi_phantoms: Path) -> None:
+    outcome = evaluate(world, busi_phantoms)
+    images = sorted(p for p in busi_phantoms.rglob("*.png") if "_mask" not in p.name)
+    assert outcome.state == "completed"
+    assert outcome.summary["files"] == len(images) == outcome.summary["scored"]
+    assert outcome.summary["failed"] == 0 and outcome.summary["dataset"]["layout"] == "busi"
+    assert len(outcome.summary["dataset"]["fingerprint"]) == 64
+    probabilities = stored(world)
+    assert sorted(probabilities) == sorted(p.relative_to(busi_phantoms).as_posix() for p in images)
+    for row in probabilities.values():
+        assert row.shape == (3,) and abs(row.sum() - 1) < 1e-5
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        scans = session.scalars(select(Scan)).all()
+        assert {s.state for s in scans} == {ScanState.EVALUATED}
+        assert all(s.stored_path is None and Path(s.source_path).is_file() for s in scans)
+        assert all(s.evaluation_id == outcome.evaluation_id for s in scans)
+    engine.dispose()
+
+
+def test_a_read_only_tree_is_read_and_left_exactly_as_it_was(world, busi_phantoms: Path, tmp_path: Path) -> None:
+    tree = tmp_path / "readonly" / "Dataset_BUSI_with_GT"
+    shutil.copytree(busi_phantoms, tree)
+    with read_only(tree.parent):
+        before = listing(tree.parent)
+        outcome = evaluate(world, tree, heatmaps=True)
+        assert outcome.state == "completed" and outcome.summary["failed"] == 0
+        assert listing(tree.parent) == before  # nothing created, removed, renamed or modified
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_heatmaps_are_found_after_the_state_directory_moves(
+    world, busi_phantoms: Path, make_settings, tmp_path: Path
+) -> None:
+    """Heatmap paths are stored as the daemon stores them: relative to the state directory."""
+    evaluate(world, busi_phantoms, heatmaps=True, workers=0)
+    moved = tmp_path / "mounted_elsewhere" / "state"
+    moved.parent.mkdir()
+    world.settings.state_dir.rename(moved)
+    settings = make_settings(db=world.db_url, state_dir=moved)
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        maps = session.execute(select(Heatmap.array_path, Heatmap.overlay_path)).all()
+    engine.dispose()
+    assert len(maps) == 24  # the top label's map of each scan
+    for array_path, overlay_path in maps:
+        assert settings.stored_file(overlay_path).is_file()
+        assert np.load(settings.stored_file(array_path), allow_pickle=False).ndim == 2
+
+
+def test_a_second_run_scores_nothing_again(world, busi_phantoms: Path) -> None:
+    first = evaluate(world, busi_phantoms)
+    again = evaluate(world, busi_phantoms)
+    assert again.evaluation_id == first.evaluation_id
+    assert again.summary["scored"] == 0 and again.summary["reused"] == first.summary["files"]
+    assert again.summary["dataset"]["fingerprint"] == first.summary["dataset"]["fingerprint"]
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        assert session.scalar(select(func.count()).select_from(Scan)) == first.summary["files"]
+        assert session.scalar(select(func.count()).select_from(Result)) == 3 * first.summary["files"]
+        assert session.scalar(select(func.count()).select_from(EvaluationFile)) == first.summary["files"]
+    engine.dispose()
+
+
+def test_unreadable_files_are_listed_with_reasons_and_the_run_goes_on(world, tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        write_png(folder / f"ok_{i:02}.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    outcome = evaluate(world, folder, workers=0)
+    assert outcome.state == "completed" and outcome.summary["dataset"]["layout"] == "images"
+    assert outcome.summary["scored"] == 40 and outcome.summary["failed"] == 1
+    [bad] = outcome.summary["unreadable"]
+    assert bad["path"] == "broken.png" and bad["reason"] in ("corrupt_image", "truncated_image")
+
+
+def test_more_than_five_percent_unreadable_stops_with_a_message(world, tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(2)
+    for i in range(10):
+        write_png(folder / f"ok_{i:02}.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    (folder / "empty.png").write_bytes(b"")
+    with pytest.raises(EvaluationStopped, match="1 of 11 files cannot be read"):
+        evaluate(world, folder, workers=0)
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        [row] = session.scalars(select(Evaluation)).all()
+        assert row.state == "stopped" and "cannot be read" in (row.message or "")
+        assert row.failures == {"empty_file": 1}
+    engine.dispose()
+
+
+def test_progress_is_reported_with_images_per_second_up_to_the_whole_cohort(world, busi_phantoms: Path) -> None:
+    seen: list[Progress] = []
+    engine = world.engine()
+    request = EvaluationRequest(path=busi_phantoms, task="busi", workers=0, batch_size=4)
+    with patch("meddaemon.evaluate.pipeline.FLUSH_SECONDS", 0.0):  # a write (and a report) per batch
+        run_evaluation(engine, world.settings, request, seen.append)
+    engine.dispose()
+    done = [p.done for p in seen]
+    assert len(seen) > 2 and done == sorted(done) and done[-1] == seen[-1].total == 24
+    assert all(p.images_per_second > 0 for p in seen)
+
+
+def test_scans_the_daemon_is_still_working_on_are_left_to_it(world, busi_phantoms: Path) -> None:
+    from meddaemon.db.engine import transaction
+
+    image = next(busi_phantoms.glob("benign/*).png"))
+    sha = hashlib.sha256(image.read_bytes()).hexdigest()
+    engine = world.engine()
+    with transaction(session_factory(engine)) as session:
+        session.add(Scan(sha256=sha, state="routed", task_name="busi", source_name="inbox/busi/x.png"))
+    outcome = run_evaluation(engine, world.settings, EvaluationRequest(busi_phantoms, "busi", workers=0))
+    with session_factory(engine)() as session:
+        [row] = session.scalars(select(EvaluationFile).where(EvaluationFile.sha256 == sha)).all()
+        assert row.outcome == "skipped" and row.scan_id is None
+        assert session.scalar(select(func.count()).select_from(Scan).where(Scan.sha256 == sha)) == 1
+        assert session.scalar(select(func.count()).select_from(Result)) == 3 * 23
+    engine.dispose()
+    assert outcome.summary["scored"] == 23 and outcome.summary["skipped"] == 1
+
+
+def test_an_unexpected_error_leaves_the_run_marked_stopped_with_its_message(world, busi_phantoms: Path) -> None:
+    def broken(self, inputs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("SYNTHETIC fault in the forward pass")
+
+    engine = world.engine()
+    with patch("meddaemon.engine.inference.ServedModel.predict", broken), pytest.raises(RuntimeError):
+        run_evaluation(engine, world.settings, EvaluationRequest(busi_phantoms, "busi", workers=0))
+    with session_factory(engine)() as session:
+        [row] = session.scalars(select(Evaluation)).all()
+        assert row.state == "stopped" and "SYNTHETIC fault" in (row.message or "")
+        assert row.finished_at is not None and row.dataset_fingerprint is None
+    engine.dispose()

@@ -1,0 +1,347 @@
+"""The Ray engine: the same probabilities as the local engine (within 1e-6) on the same files, run
+after run in one process (a local Ray, then a cluster); a real two-node cluster on this machine that
+loses a worker node mid-run and still scores every file exactly once; Grad-CAM heatmaps computed by
+the actors equal the local engine's; usage it cannot serve refused."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from dicom_factory import write_png
+from sqlalchemy import func, select
+
+from meddaemon.db.engine import create_db_engine, session_factory
+from meddaemon.db.models import EvaluationFile, Heatmap, Result, Scan
+from meddaemon.engine.tasks import InputContract
+from meddaemon.evaluate.pipeline import EvaluationOutcome, EvaluationRequest, run_evaluation
+from model_factory import promote_into, write_model
+
+ray = pytest.importorskip("ray")
+
+
+def probabilities(db_url: str) -> dict[str, np.ndarray]:
+    engine = create_db_engine(db_url)
+    with session_factory(engine)() as session:
+        rows = session.execute(
+            select(Scan.sha256, Result.probability).join(Result, Result.scan_id == Scan.id).order_by(Result.id)
+        ).all()
+    engine.dispose()
+    out: dict[str, list[float]] = {}
+    for sha, p in rows:
+        out.setdefault(sha, []).append(p)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def heatmaps(db_url: str, settings) -> dict[tuple[str, str], tuple[str, np.ndarray]]:  # type: ignore[no-untyped-def]
+    """(SHA-256, label) -> (method, map) for every stored heatmap; each overlay is on disk."""
+    engine = create_db_engine(db_url)
+    with session_factory(engine)() as session:
+        rows = session.execute(
+            select(Scan.sha256, Result.label, Heatmap.method, Heatmap.array_path, Heatmap.overlay_path)
+            .join(Result, Result.scan_id == Scan.id)
+            .join(Heatmap, Heatmap.result_id == Result.id)
+        ).all()
+    engine.dispose()
+    assert all(settings.stored_file(overlay).is_file() for *_, overlay in rows)
+    return {(sha, label): (method, np.load(settings.stored_file(array))) for sha, label, method, array, _ in rows}
+
+
+# -- real clusters on this machine -----------------------------------------------------------------
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+RAY = Path(sys.executable).parent / "ray"
+FILES = 800
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+#: set in the environment of every process of a test cluster, to find them all again
+MARKER = "EVALUATE_RAY_TEST_CLUSTER"
+
+
+def processes_of(marker: str) -> list[psutil.Process]:
+    """Processes of this test's cluster and their descendants: Ray's services name the cluster's
+    folder in their command line or carry ``MARKER`` in their environment; its agents and workers
+    rename themselves, so they are found as children."""
+    found: dict[int, psutil.Process] = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            ours = any(marker in part for part in proc.info["cmdline"] or ())
+            if ours or proc.environ().get(MARKER) == marker:
+                found[proc.pid] = proc
+                for child in proc.children(recursive=True):
+                    found[child.pid] = child
+    return list(found.values())
+
+
+@dataclass
+class Cluster:
+    address: str
+    temp: Path
+    worker_port: int
+    #: processes of a killed node, left to themselves: the teardown kills them too
+    orphans: list[psutil.Process] = field(default_factory=list)
+
+    def worker_raylet(self) -> psutil.Process:
+        for proc in processes_of(str(self.temp)):
+            with contextlib.suppress(psutil.Error):
+                cmdline = " ".join(proc.cmdline())
+                if "raylet" in cmdline and f"--node_manager_port={self.worker_port}" in cmdline:
+                    return proc
+        raise AssertionError("the worker node's raylet is not running")
+
+
+@contextlib.contextmanager
+def ray_cluster(worker_nodes: int) -> Iterator[Cluster]:
+    """``ray start --head`` plus ``worker_nodes`` ``ray start --address`` nodes with CPUs of their
+    own, without token authentication (as on a machine where no Ray token was ever made); every
+    process of it is killed by pid on the way out (never ``ray stop``, which would stop others')."""
+    # a short folder: Ray's socket paths under pytest's tmp_path would pass the 107-byte limit
+    temp = Path(tempfile.mkdtemp(prefix="rayev", dir="/tmp"))
+    port, worker_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env |= {MARKER: str(temp), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env |= {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
+    common = ["--include-dashboard=false", "--disable-usage-stats"]
+    cluster = Cluster(f"127.0.0.1:{port}", temp, worker_port)
+    try:
+        subprocess.run(
+            [str(RAY), "start", "--head", "--port", str(port), "--num-cpus", "2", "--temp-dir", str(temp), *common],
+            env=env, check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        for _ in range(worker_nodes):
+            subprocess.run(
+                [str(RAY), "start", "--address", cluster.address, "--num-cpus", "2",
+                 "--node-manager-port", str(worker_port), "--disable-usage-stats"],
+                env=env, check=True, capture_output=True, timeout=60,
+            )  # fmt: skip
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        procs = processes_of(str(temp)) + cluster.orphans
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(procs, timeout=10)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def two_node_cluster() -> Iterator[Cluster]:
+    with ray_cluster(worker_nodes=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def one_node_cluster() -> Iterator[Cluster]:
+    with ray_cluster(worker_nodes=0) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cohort") / "synthetic_images"
+    rng = np.random.default_rng(3)
+    for i in range(FILES):
+        write_png(folder / f"synthetic_{i:05}.png", rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    return folder
+
+
+def written(db_url: str) -> int:
+    engine = create_db_engine(db_url)
+    try:
+        with session_factory(engine)() as session:
+            return int(session.scalar(select(func.count()).select_from(EvaluationFile)) or 0)
+    finally:
+        engine.dispose()
+
+
+def evaluate_into(db_url: str, settings, path: Path, **options) -> EvaluationOutcome:  # type: ignore[no-untyped-def]
+    engine = create_db_engine(db_url)
+    try:
+        return run_evaluation(engine, settings, EvaluationRequest(path, "busi", batch_size=8, **options))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_ray_runs_one_after_another_in_a_process_give_the_local_engines_probabilities_and_heatmaps(
+    world, busi_phantoms: Path, make_settings, tmp_path: Path, one_node_cluster: Cluster
+) -> None:
+    """A local Ray first (no address, with heatmaps), then a cluster in the same process: the local
+    start turns Ray's token authentication on for the process, and the cluster has none."""
+    auth_mode = os.environ.get("RAY_AUTH_MODE")
+    local = evaluate_into(world.db_url, world.settings, busi_phantoms, workers=1, heatmaps=True)
+    runs = {}
+    for name, address, maps in [("local_ray", None, True), ("cluster", one_node_cluster.address, False)]:
+        db_url = f"sqlite:///{tmp_path / name}.db"
+        settings = make_settings(db=db_url, state_dir=tmp_path / name)
+        promote_into(db_url, settings.models_dir, write_model(tmp_path / f"{name}_model", version="v1"))
+        outcome = evaluate_into(db_url, settings, busi_phantoms, engine="ray", ray_address=address, heatmaps=maps)
+        runs[name] = (outcome, db_url, settings)
+
+    by_local = probabilities(world.db_url)
+    assert local.summary["scored"] == 24 and len(by_local) == 24
+    for outcome, db_url, _ in runs.values():
+        assert outcome.state == "completed" and outcome.summary["scored"] == 24
+        by_ray = probabilities(db_url)
+        assert by_ray.keys() == by_local.keys()
+        assert max(float(np.abs(by_ray[s] - by_local[s]).max()) for s in by_local) <= 1e-6
+    maps_local = heatmaps(world.db_url, world.settings)
+    maps_ray = heatmaps(runs["local_ray"][1], runs["local_ray"][2])
+    assert len(maps_local) == 24 and maps_ray.keys() == maps_local.keys()  # the top label's map of each scan
+    for key, (method, heatmap) in maps_ray.items():
+        assert method == maps_local[key][0] and float(np.abs(heatmap - maps_local[key][1]).max()) <= 1e-5
+    assert heatmaps(runs["cluster"][1], runs["cluster"][2]) == {}
+    assert os.environ.get("RAY_AUTH_MODE") == auth_mode, "the process's Ray settings are left as they were"
+
+
+def test_an_actor_computes_the_local_engines_grad_cam_heatmaps(busi_phantoms: Path, tmp_path: Path) -> None:
+    """A head with a nonlinearity after the pooling (seed 002's): Grad-CAM needs the gradient, so the
+    actor serves it in eager PyTorch, as the local engine does, and returns each scan's key-frame maps
+    with that frame's input for the driver to write (the Ray plumbing: the test above)."""
+    from meddaemon.engine.decode import DecodeOptions
+    from meddaemon.engine.inference import ServedModel
+    from meddaemon.engine.registry import load_version
+    from meddaemon.evaluate.ray_engine import ModelActor, _outcomes, _unpack_maps, decode_batch
+
+    contract = InputContract(1, 64, 64, (0.449,), (0.226,))
+    folder = write_model(tmp_path / "gradcam", architecture="efficientnet_v2_s_selu", contract=contract)
+    paths = sorted(str(p) for p in busi_phantoms.glob("*/*).png"))[::4]
+    options = {"frame_policy": DecodeOptions().frame_policy, "max_pixels": DecodeOptions().max_pixels}
+    decoded = decode_batch({"path": np.array(paths, dtype=object)}, contract.as_dict(), options, np.zeros(0, np.uint64))
+    actor = ModelActor(str(folder), 1, "cpu", heatmaps=True)
+    assert actor.model.backend == "eager"
+    returned = list(_outcomes(actor(decoded)))
+
+    local = ServedModel(1, load_version(folder, device="cpu"), torch.device("cpu"), heatmaps=True)
+    expected = local.predict(np.concatenate([np.load(io.BytesIO(blob)) for blob in decoded["inputs"]]))
+    assert len(returned) == len(expected) == 6
+    for (outcome, packed), prediction in zip(returned, expected, strict=True):
+        assert np.abs(np.array(outcome.probabilities) - prediction.probabilities).max() <= 1e-6
+        maps, model_input = _unpack_maps(packed)
+        assert [label for label, _ in maps] == [label for label, _ in prediction.heatmaps] and len(maps) == 1
+        assert maps[0][1].shape == (64, 64) and np.abs(maps[0][1] - prediction.heatmaps[0][1]).max() <= 1e-5
+        assert model_input.shape == (1, 64, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_worker_node_lost_mid_run_still_scores_every_file_exactly_once(
+    world, many_images: Path, two_node_cluster: Cluster
+) -> None:
+    killed: dict[str, int] = {}
+
+    def kill_worker_node_once_results_arrive() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not written(world.db_url):
+            time.sleep(0.05)
+        raylet = two_node_cluster.worker_raylet()
+        two_node_cluster.orphans += raylet.children(recursive=True)
+        killed["workers"] = len(two_node_cluster.orphans)
+        killed["at"] = written(world.db_url)
+        raylet.kill()
+
+    killer = threading.Thread(target=kill_worker_node_once_results_arrive, daemon=True)
+    killer.start()
+    # medcli in a process of its own, as a user runs it (and Ray's driver state stays out of pytest's)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
+    env |= {"PYTHONPATH": str(SRC), "RAY_AUTH_MODE": "disabled"}
+    args = [str(Path(sys.executable).parent / "medcli"), "evaluate", str(many_images), "--task", "busi"]
+    args += ["--engine", "ray", "--ray-address", two_node_cluster.address, "--batch-size", "16", "--json"]
+    args += ["--state-dir", str(world.settings.state_dir), "--db", world.db_url]
+    run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=180)
+    killer.join(10)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # Ray's driver prints the lost node's raylet notice to stdout ahead of the JSON
+    summary = json.loads(run.stdout[run.stdout.index("{\n") :])
+
+    assert killed and killed["at"] < FILES, "the worker node must die in the middle of the run"
+    assert killed["workers"] > 0, "the worker node had Ray workers when it died"
+    assert summary["state"] == "completed" and summary["failed"] == 0
+    assert summary["scored"] == FILES
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        assert session.scalar(select(func.count()).select_from(Scan)) == FILES
+        assert session.scalar(select(func.count()).select_from(Result)) == 3 * FILES
+        per_file = session.execute(
+            select(EvaluationFile.path, func.count()).group_by(EvaluationFile.path).having(func.count() > 1)
+        ).all()
+        assert per_file == []
+    engine.dispose()
+
+
+def test_a_model_that_fails_verification_on_a_node_names_the_node_and_the_reason(tmp_path: Path) -> None:
+    from meddaemon.evaluate.ray_engine import REFUSED, ModelActor
+
+    folder = write_model(tmp_path / "model", version="v1")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # this node's copy differs
+    with pytest.raises(RuntimeError) as refused:
+        ModelActor(str(folder), 1, "cpu")
+    message = str(refused.value)
+    assert message.startswith(REFUSED) and socket.gethostname() in message and "hash_mismatch" in message
+
+
+def test_a_ray_run_that_fails_is_run_again_over_the_files_not_yet_returned(tmp_path: Path) -> None:
+    """Ray Data can give up on a run (an actor lost with its node before it started): the driver
+    runs the files not yet returned again, and none twice."""
+    from types import SimpleNamespace
+    from unittest.mock import patch
+
+    from meddaemon.evaluate import ray_engine
+    from meddaemon.evaluate.reading import FileRead
+    from meddaemon.evaluate.store import FileOutcome
+
+    files = [tmp_path / f"synthetic_{i}.png" for i in range(10)]
+    request = SimpleNamespace(ray_address=None, heatmaps=False)
+    prepared = SimpleNamespace(cohort=SimpleNamespace(files=files), request=request)
+    calls: list[list[str]] = []
+
+    def flaky_run(_ray, _prepared, paths, seen, _writers):  # type: ignore[no-untyped-def]
+        calls.append(list(paths))
+        for n, path in enumerate(paths):
+            if len(calls) == 1 and n == 4:
+                raise ray.exceptions.ActorDiedError()
+            seen.add(path)
+            yield FileOutcome(FileRead(path)), None
+
+    with patch.object(ray_engine, "_run", flaky_run), patch.object(ray, "is_initialized", lambda: True):
+        returned = [outcome.read.path for outcome, _ in ray_engine.ray_outcomes(prepared)]  # type: ignore[arg-type]
+    assert returned == [str(f) for f in files]
+    assert calls == [[str(f) for f in files], [str(f) for f in files[4:]]]
+
+
+def test_device_cuda_on_a_ray_cluster_without_a_gpu_is_refused_rather_than_waited_for() -> None:
+    from meddaemon.evaluate.ray_engine import plan_actors
+    from meddaemon.evaluate.store import EvaluationError
+
+    with pytest.raises(EvaluationError, match="the Ray cluster has no GPU"):
+        plan_actors({"CPU": 4.0}, 2, "cuda")
+    on_gpus = plan_actors({"CPU": 32.0, "GPU": 4.0}, 2, "auto")
+    assert on_gpus.gpu and on_gpus.actors == 4
+    on_cpus = plan_actors({"CPU": 4.0}, 2, "auto")
+    assert not on_cpus.gpu and on_cpus.actors == 2 and on_cpus.threads == 2

@@ -1,0 +1,105 @@
+"""An evaluation stopped by SIGKILL or Ctrl-C resumes where it stopped: what was written stays,
+the rest is scored on the next run, and every file ends up scored exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dicom_factory import write_png
+from sqlalchemy import func, select
+
+from meddaemon.cli.common import EXIT_INTERRUPTED
+from meddaemon.db.engine import session_factory
+from meddaemon.db.models import Evaluation, EvaluationFile, Result, Scan
+from meddaemon.evaluate.pipeline import EvaluationRequest, run_evaluation
+
+MEDCLI = Path(sys.executable).parent / "medcli"
+FILES = 1500
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SYNTHETIC PNGs, enough for a run of a few seconds."""
+    folder = tmp_path_factory.mktemp("cohort") / "synthetic_images"
+    rng = np.random.default_rng(7)
+    for i in range(FILES):
+        write_png(folder / f"synthetic_{i:05}.png", rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    return folder
+
+
+def start(world, folder: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
+    args = [str(MEDCLI), "evaluate", str(folder), "--task", "busi", "--workers", "0", "--batch-size", "4", "--heatmaps"]
+    args += ["--state-dir", str(world.settings.state_dir), "--db", world.db_url]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+
+
+def written(world) -> int:  # type: ignore[no-untyped-def]
+    engine = world.engine()
+    try:
+        with session_factory(engine)() as session:
+            return int(session.scalar(select(func.count()).select_from(EvaluationFile)) or 0)
+    except Exception:
+        return 0
+    finally:
+        engine.dispose()
+
+
+def wait_for_first_write(world, proc: subprocess.Popen[bytes]) -> int:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        count = written(world)
+        if count:
+            return count
+        time.sleep(0.05)
+    raise AssertionError(f"nothing written before the run ended: {proc.communicate()[1].decode()[-2000:]}")
+
+
+def counts(world) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        scans = session.scalar(select(func.count()).select_from(Scan))
+        results = session.scalar(select(func.count()).select_from(Result))
+        distinct = session.scalar(select(func.count(func.distinct(Scan.sha256))))
+    engine.dispose()
+    return int(scans or 0), int(results or 0), int(distinct or 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+def test_a_stopped_run_resumes_and_scores_every_file_exactly_once(world, many_images: Path, stop: int) -> None:
+    proc = start(world, many_images)
+    try:
+        wait_for_first_write(world, proc)
+        os.kill(proc.pid, stop)
+        rc = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    before, _, _ = counts(world)
+    assert 0 < before < FILES, "the run must be stopped in the middle"
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        [row] = session.scalars(select(Evaluation)).all()
+        if stop == signal.SIGINT:
+            assert rc == EXIT_INTERRUPTED and row.state == "interrupted"
+        else:
+            assert rc == -signal.SIGKILL and row.state == "running"
+    engine.dispose()
+
+    engine = world.engine()
+    request = EvaluationRequest(path=many_images, task="busi", workers=1, batch_size=32)
+    resumed = run_evaluation(engine, world.settings, request)
+    engine.dispose()
+    assert resumed.state == "completed" and resumed.summary["failed"] == 0
+    assert resumed.summary["reused"] >= before and resumed.summary["scored"] == FILES - resumed.summary["reused"]
+    assert counts(world) == (FILES, 3 * FILES, FILES)

@@ -1,0 +1,124 @@
+"""The actions do what ``medcli retry`` and ``medcli models promote/retire`` do, through the same
+library functions, and each is recorded (who, in which role, what, when, how it went)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
+
+from meddaemon.db.engine import create_db_engine, session_factory, transaction
+from meddaemon.db.models import ModelVersion, Scan, WebAction
+from meddaemon.engine import registry
+from meddaemon.web.app import create_app
+from model_factory import write_model
+from web_factory import UNROUTABLE, csrf_of, rerun, signed_in, web_settings
+
+
+def rows(root: Path, query):  # type: ignore[no-untyped-def]
+    engine = create_db_engine(web_settings(root).db_url)
+    try:
+        with session_factory(engine)() as session:
+            return list(session.scalars(query))
+    finally:
+        engine.dispose()
+
+
+def register(root: Path, version: str) -> Path:
+    """A second busi version imported (registered, not active); returns its folder in the registry."""
+    settings = web_settings(root)
+    engine = create_db_engine(settings.db_url)
+    try:
+        with transaction(session_factory(engine)) as session:
+            row = registry.import_version(
+                session, write_model(root / f"model_{version}", version=version), settings.models_dir
+            )
+            return Path(row.path)
+    finally:
+        engine.dispose()
+
+
+def admin(root: Path, **flags):  # type: ignore[no-untyped-def]
+    client = signed_in(create_app(web_settings(root, **flags)), "admin")
+    return client, csrf_of(client.get("/failures").text)
+
+
+def test_retry_of_one_scan_sends_it_back_and_the_next_run_completes_it(fresh_root):
+    [failed] = rows(fresh_root, select(Scan).where(Scan.source_name == UNROUTABLE))
+    client, csrf = admin(fresh_root, default_task="busi")
+    page = client.get("/failures").text
+    assert f'id="retry-{failed.id}"' in page
+
+    response = client.post("/failures/retry", data={"scan": str(failed.id), "csrf": csrf})
+
+    assert response.status_code == 200 and 'id="action-result"' in response.text
+    assert "done" in response.text and f"sent back 1 scan(s): {failed.id}" in response.text
+    assert (fresh_root / "inbox" / UNROUTABLE).is_file()
+    rerun(fresh_root, default_task="busi", reports=False)
+    attempts = rows(fresh_root, select(Scan).where(Scan.sha256 == failed.sha256).order_by(Scan.id))
+    assert [(s.state, s.retried_at is not None) for s in attempts] == [("failed", True), ("inferred", False)]
+    [action] = rows(fresh_root, select(WebAction))
+    assert (action.user, action.role, action.action, action.target, action.outcome) == (
+        "admin", "admin", "retry", f"scan {failed.id}", "done",
+    )  # fmt: skip
+    assert action.at is not None
+
+
+def test_retry_of_a_reason_sends_back_every_kept_scan_of_it_and_refusals_are_shown(fresh_root):
+    client, csrf = admin(fresh_root)
+    client.post("/failures/retry", data={"reason": "unroutable", "csrf": csrf})
+    assert (fresh_root / "inbox" / UNROUTABLE).is_file()
+    [failed] = rows(fresh_root, select(Scan).where(Scan.source_name == UNROUTABLE))
+    again = client.post("/failures/retry", data={"scan": str(failed.id), "csrf": csrf})
+    assert "refused (already_retried)" in again.text
+    assert [a.outcome for a in rows(fresh_root, select(WebAction).order_by(WebAction.id))] == ["done", "refused"]
+
+
+def test_promote_after_its_confirmation_switches_the_active_model(fresh_root):
+    register(fresh_root, "v2")
+    client, csrf = admin(fresh_root)
+    assert 'id="promote-busi-v2"' in client.get("/models").text
+    confirm = client.get("/models/busi/v2/promote")
+    assert confirm.status_code == 200 and "v1 goes back to registered" in confirm.text
+    unconfirmed = client.post("/models/busi/v2/promote", data={"csrf": csrf})
+    assert unconfirmed.status_code == 400
+
+    done = client.post("/models/busi/v2/promote", data={"csrf": csrf, "confirm": "busi/v2"})
+
+    assert "busi/v2 is the active model of busi" in done.text
+    status = {
+        m.version: m.status for m in rows(fresh_root, select(ModelVersion).where(ModelVersion.task_name == "busi"))
+    }
+    assert status == {"v1": "registered", "v2": "active"}
+    [action] = rows(fresh_root, select(WebAction))
+    assert (action.action, action.target, action.outcome) == ("promote", "busi/v2", "done")
+
+
+def test_promote_of_a_version_that_fails_verification_is_refused_with_the_reason(fresh_root):
+    folder = register(fresh_root, "v2")
+    weights = folder / registry.WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # damaged after the import
+    weights.write_bytes(bytes(data))
+    client, csrf = admin(fresh_root)
+
+    response = client.post("/models/busi/v2/promote", data={"csrf": csrf, "confirm": "busi/v2"})
+
+    assert response.status_code == 200 and "refused (hash_mismatch)" in response.text
+    status = {
+        m.version: m.status for m in rows(fresh_root, select(ModelVersion).where(ModelVersion.task_name == "busi"))
+    }
+    assert status == {"v1": "active", "v2": "registered"}
+    [action] = rows(fresh_root, select(WebAction))
+    assert action.outcome == "refused" and "hash_mismatch" in action.detail
+
+
+def test_retire_takes_a_version_out_of_service(fresh_root):
+    client, csrf = admin(fresh_root)
+    confirm = client.get("/models/chestxray14/v1/retire").text
+    assert "it is the active model" in confirm
+    done = client.post("/models/chestxray14/v1/retire", data={"csrf": csrf, "confirm": "chestxray14/v1"})
+    assert "chestxray14/v1 is retired" in done.text
+    [row] = rows(fresh_root, select(ModelVersion).where(ModelVersion.task_name == "chestxray14"))
+    assert row.status == "retired"
+    assert client.get("/models/nope/v9/retire").status_code == 404

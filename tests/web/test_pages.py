@@ -1,0 +1,257 @@
+"""Every page of the console renders over a database a real daemon filled from SYNTHETIC scans."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from datetime import timedelta
+
+import numpy as np
+from PIL import Image
+from sqlalchemy import delete, select
+
+from meddaemon.daemon import filing
+from meddaemon.db.engine import create_db_engine, session_factory, transaction
+from meddaemon.db.models import AuditPdf, Heatmap, Report, Result, Scan
+from meddaemon.engine import registry
+from meddaemon.web.app import create_app
+from model_factory import PHI_STRINGS, read_pdf, write_model
+from web_factory import UNROUTABLE, signed_in, store_audit, web_settings, write_card
+
+
+def scans(root) -> list[Scan]:  # type: ignore[no-untyped-def]
+    engine = create_db_engine(web_settings(root).db_url)
+    try:
+        with session_factory(engine)() as session:
+            return list(session.scalars(select(Scan).order_by(Scan.id)))
+    finally:
+        engine.dispose()
+
+
+def test_the_overview_counts_states_failures_models_and_the_hourly_chart(console, filled_root):
+    page = console("viewer").get("/")
+    assert page.status_code == 200
+    html = page.text
+    states = {s.state for s in scans(filled_root)}
+    assert "archived" in states and "failed" in states
+    assert '<table class="compact" id="states">' in html
+    assert "unroutable" in html and "empty_file" in html  # failures by reason
+    assert "<svg" in html and "scans registered and inferred per hour" in html
+    inferred = sum(1 for s in scans(filled_root) if s.state == "archived")  # each was inferred, minutes ago
+    assert sum(int(n) for n in re.findall(r"<title>inferred: (\d+)</title>", html)) == inferred
+    assert "busi</td><td>v1" in html and "chestxray14</td><td>v1" in html  # the active model per task
+    assert 'id="no-daemon"' in html  # the --once daemon has stopped
+
+
+def test_the_overview_refreshes_itself_with_htmx_from_the_vendored_script(console):
+    client = console("viewer")
+    html = client.get("/").text
+    assert '<script src="/static/htmx.min.js"' in html and 'hx-get="/" hx-trigger="every 10s"' in html
+    fragment = client.get("/", headers={"HX-Request": "true"})
+    assert fragment.status_code == 200 and "<html" not in fragment.text and 'id="states"' in fragment.text
+    script = client.get("/static/htmx.min.js")
+    assert script.status_code == 200 and script.text.startswith("var htmx=function()")
+
+
+def test_the_worklist_lists_every_scan_newest_first_with_its_top_call(console, filled_root):
+    html = console("viewer").get("/worklist").text
+    rows = scans(filled_root)
+    ids = [int(part.split('"')[0]) for part in html.split('<tr class="scan" data-id="')[1:]]
+    assert ids == sorted((s.id for s in rows), reverse=True)
+    archived = next(s for s in rows if s.state == "archived")
+    assert f'href="/scans/{archived.id}"' in html and "/thumb.jpg" in html
+    assert 'class="pos"' in html or 'class="neg"' in html
+
+
+def test_the_worklist_filters_by_state_task_label_call_and_searches(console, filled_root):
+    client = console("viewer")
+    rows = scans(filled_root)
+
+    def listed(query: str) -> set[int]:
+        page = client.get(f"/worklist?{query}")
+        assert page.status_code == 200, page.text
+        return {int(part.split('"')[0]) for part in page.text.split('<tr class="scan" data-id="')[1:]}
+
+    assert listed("state=failed") == {s.id for s in rows if s.state == "failed"}
+    assert listed("task=chestxray14") == {s.id for s in rows if s.task_name == "chestxray14"}
+    assert listed(f"q={UNROUTABLE}") == {s.id for s in rows if s.source_name == UNROUTABLE}
+    some = rows[0]
+    assert listed(f"q={some.sha256[:10]}") == {some.id}
+    study = next(s for s in rows if s.study_instance_uid)
+    assert listed(f"q={study.study_instance_uid}") == {
+        s.id for s in rows if s.study_instance_uid == study.study_instance_uid
+    }
+    engine = create_db_engine(web_settings(filled_root).db_url)
+    with session_factory(engine)() as session:
+        positive = set(session.scalars(select(Result.scan_id).where(Result.positive.is_(True))))
+        by_label = set(
+            session.scalars(select(Result.scan_id).where(Result.label == "benign", Result.positive.is_(True)))
+        )
+        scored = set(session.scalars(select(Result.scan_id)))
+    engine.dispose()
+    assert listed("call=positive") == positive
+    assert listed("call=negative") == scored - positive
+    assert listed("label=benign&call=positive") == by_label
+    first = min(s.registered_at.date() for s in rows)
+    assert listed(f"since={first}&until={first}") == {s.id for s in rows if s.registered_at.date() == first}
+    assert listed(f"until={first - timedelta(days=1)}") == set()
+    assert client.get("/worklist?state=nonsense").status_code == 400
+    assert client.get("/worklist?since=yesterday").status_code == 400
+
+
+def test_a_scan_page_shows_each_map_over_the_scan_calls_history_report_and_metadata(console, filled_root):
+    scan = next(s for s in scans(filled_root) if s.state == "archived" and s.task_name == "busi")
+    client = console("viewer")
+    page = client.get(f"/scans/{scan.id}")
+    assert page.status_code == 200
+    html = page.text
+    engine = create_db_engine(web_settings(filled_root).db_url)
+    with session_factory(engine)() as session:
+        maps = list(session.scalars(select(Heatmap.id).join(Result).where(Result.scan_id == scan.id)))
+        report = session.scalar(select(Report.id).where(Report.scan_id == scan.id))
+    engine.dispose()
+    assert maps and all(f'src="/heatmaps/{m}.png"' in html for m in maps)
+    assert f'src="/scans/{scan.id}/image.png?map={maps[0]}"' in html
+    assert 'id="opacity"' in html and "data-opacity" in html
+    assert 'id="timeline"' in html and "registered" in html and "archived" in html
+    assert f'data="/reports/{report}.pdf"' in html
+    assert 'id="metadata"' in html
+    layer = Image.open(io.BytesIO(client.get(f"/heatmaps/{maps[0]}.png").content))
+    base = Image.open(io.BytesIO(client.get(f"/scans/{scan.id}/image.png?map={maps[0]}").content))
+    assert layer.mode == "RGBA" and layer.size == base.size  # the layer lies exactly over the scan
+    pdf = client.get(f"/reports/{report}.pdf")
+    assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
+    assert pdf.headers["content-disposition"].startswith("inline")
+
+    study = next(s for s in scans(filled_root) if s.study_instance_uid)
+    metadata = client.get(f"/scans/{study.id}").text.split('id="metadata"')[1].split("</table>")[0]
+    assert "<th>Modality</th><td>US</td>" in metadata and f"<td>{study.sop_instance_uid}</td>" in metadata
+
+
+def test_a_heatmap_thumbnail_draws_the_overlay_from_the_stored_map_when_none_was_kept(fresh_root):
+    """Issue 16: the daemon keeps no overlay JPEG per map; the worklist's thumbnail draws it from the
+    map and the stored scan (no view kept either) and keeps it for the next reader."""
+    settings = web_settings(fresh_root)
+    engine = create_db_engine(settings.db_url)
+    with session_factory(engine)() as session:
+        heatmap_id, array_path, overlay_path, version_id, sha = session.execute(
+            select(Heatmap.id, Heatmap.array_path, Heatmap.overlay_path, Result.model_version_id, Scan.sha256)
+            .join(Result, Result.id == Heatmap.result_id)
+            .join(Scan, Scan.id == Result.scan_id)
+            .where(Scan.task_name == "busi", Scan.state == "archived")
+            .limit(1)
+        ).one()
+    engine.dispose()
+    overlay_file = settings.stored_file(overlay_path)
+    overlay_file.unlink(missing_ok=True)
+    filing.view_path(settings.heatmaps_dir, sha, version_id).unlink(missing_ok=True)
+    app = create_app(settings)
+    try:
+        thumb = signed_in(app, "viewer").get(f"/heatmaps/{heatmap_id}/thumb.jpg")
+    finally:
+        app.state.console.dispose()
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 96
+    drawn = Image.open(overlay_file)  # kept beside the map, the map's size, in colour where the map is hot
+    heatmap = np.load(settings.stored_file(array_path))
+    assert drawn.format == "JPEG" and drawn.size == (heatmap.shape[1], heatmap.shape[0])
+    pixels = np.asarray(drawn.convert("RGB"), dtype=np.int16)
+    hot = heatmap > 0.7
+    assert hot.any() and (pixels[hot][:, 0] - pixels[hot][:, 2]).mean() > 40  # red over the hot part
+
+
+def test_a_multilabel_scan_shows_one_map_per_positive_label_and_none_for_the_others(console, filled_root):
+    cxr = next(s for s in scans(filled_root) if s.task_name == "chestxray14" and s.state == "archived")
+    engine = create_db_engine(web_settings(filled_root).db_url)
+    with session_factory(engine)() as session:
+        positive = set(session.scalars(select(Result.label).where(Result.scan_id == cxr.id, Result.positive.is_(True))))
+    engine.dispose()
+    html = console("viewer").get(f"/scans/{cxr.id}").text
+    shown = {part.split('"')[0] for part in html.split('<figure class="overlay" id="map-')[1:]}
+    assert len(positive) > 1 and shown == positive
+
+
+def test_a_scan_that_does_not_exist_is_a_404_page_not_a_traceback(console):
+    client = console("viewer")
+    for url in ("/scans/999999", "/scans/999999/image.png", "/heatmaps/999999.png", "/reports/999999.pdf", "/nowhere"):
+        page = client.get(url)
+        assert page.status_code == 404, url
+        assert "Traceback" not in page.text
+    page = client.get("/scans/999999")
+    assert "There is no scan 999999." in page.text and "<html" in page.text
+
+
+def test_the_failures_page_groups_by_reason_with_the_sentence(console, filled_root):
+    html = console("viewer").get("/failures").text
+    failed = [s for s in scans(filled_root) if s.state == "failed"]
+    for scan in failed:
+        assert f'id="{scan.failure_reason}"' in html and scan.failure_message in html
+    assert "Retry" not in html.split("<main>")[1].split("Retry sends")[1]  # a viewer gets no buttons
+
+
+def test_the_models_page_shows_each_version_with_its_card_and_the_card_s_figures(console, filled_root):
+    settings = web_settings(filled_root)
+    source = write_model(filled_root / "model_v2", version="v2")
+    figures = write_card(source)
+    engine = create_db_engine(settings.db_url)
+    with transaction(session_factory(engine)) as session:
+        registry.import_version(session, source, settings.models_dir)  # the card comes with it
+    engine.dispose()
+    client = console("viewer")
+    html = client.get("/models").text
+    assert 'id="model-busi-v1"' in html and 'id="model-chestxray14-v1"' in html and 'id="model-busi-v2"' in html
+    assert "active" in html and "small_cnn" in html and "resnet18" in html
+    assert "Promote" not in html and "Retire" not in html  # not for viewers
+    card = html.split('id="card-busi-v2"')[1].split("</section>")[0]
+    assert "<h3>busi v2</h3>" in card and "SYNTHETIC: a card" in card and "<table>" in card
+    for name, caption in figures.items():
+        assert f'<img src="/models/busi/v2/card/{name}" alt="{caption}" loading="lazy"' in card
+        figure = client.get(f"/models/busi/v2/card/{name}")
+        assert figure.status_code == 200 and figure.headers["content-type"] == "image/png"
+        assert figure.content == (settings.models_dir / "busi" / "v2" / name).read_bytes()
+    assert 'id="card-busi-v1"' not in html  # v1 was imported without a card: the page says so
+    for name in ("manifest.json", "model.safetensors", "MODEL_CARD.md", "nothing.png"):
+        assert client.get(f"/models/busi/v2/card/{name}").status_code == 404
+    assert client.get("/models/busi/v9/card/roc.png").status_code == 404
+
+
+def test_the_audits_page_lists_stored_audits_with_tables_figures_and_downloads(console, filled_root):
+    audit_id = store_audit(filled_root, pdf="plain")
+    client = console("viewer")
+    listing = client.get("/audits").text
+    assert f'href="/audits/{audit_id}"' in listing and f'href="/audits/{audit_id}.pdf"' in listing
+    page = client.get(f"/audits/{audit_id}")
+    assert page.status_code == 200 and 'id="overall"' in page.text and "auc" in page.text
+    assert f'data="/audits/{audit_id}.pdf"' in page.text  # its figures: the PDF kept with it, inline
+    assert f'href="/audits/{audit_id}.pdf" download="audit-{audit_id}.pdf"' in page.text
+    pdf = client.get(f"/audits/{audit_id}.pdf")
+    assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+    assert pdf.headers["content-disposition"] == f'inline; filename="audit-{audit_id}.pdf"'
+    text, pages, _, _ = read_pdf(pdf.content)
+    assert pages == 1 and f"SYNTHETIC stand-in for the PDF of audit {audit_id}" in text
+    data = json.loads(client.get(f"/audits/{audit_id}.json").text)
+    assert data["id"] == audit_id and data["results"]["labels"]
+    csv_text = client.get(f"/audits/{audit_id}.csv").text
+    header, *lines = csv_text.splitlines()
+    assert header.startswith("scope,by,level,label,metric,value,lower,upper") and any(",auc," in x for x in lines)
+    assert client.get("/audits/999999").status_code == 404
+    assert client.get("/audits/999999.pdf").status_code == 404
+
+    engine = create_db_engine(web_settings(filled_root).db_url)
+    with transaction(session_factory(engine)) as session:
+        session.execute(delete(AuditPdf).where(AuditPdf.audit_id == audit_id))  # as an audit run without --pdf
+    engine.dispose()
+    assert 'id="no-pdf"' in client.get(f"/audits/{audit_id}").text
+    missing = client.get(f"/audits/{audit_id}.pdf")
+    assert missing.status_code == 404 and "--pdf" in missing.text
+
+
+def test_a_viewer_never_sees_patient_data_a_clinician_does(console, filled_root):
+    study_scan = next(s for s in scans(filled_root) if s.patient_name)
+    viewer, clinician = console("viewer"), console("clinician")
+    for url in ("/", "/worklist", f"/scans/{study_scan.id}", "/failures", "/models"):
+        html = viewer.get(url).text
+        assert not any(phi in html for phi in PHI_STRINGS), url
+    assert "PHIFAMILY" in clinician.get(f"/scans/{study_scan.id}").text
+    assert "PHIFAMILY" in clinician.get("/worklist").text

@@ -1,0 +1,115 @@
+"""The overview's figures from SYNTHETIC rows: states, hourly registrations and inferences (the throughput),
+failures, the oldest waiting scan."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from daemon_rows import add_scan
+from meddaemon.daemon import bookkeeper
+from meddaemon.db.engine import session_factory, transaction
+from meddaemon.db.models import ModelVersion, Result, ScanEvent
+from meddaemon.engine.tasks import all_tasks
+from meddaemon.states import ScanState
+from meddaemon.web import queries
+
+NOW = datetime(2026, 11, 30, 12, 30, tzinfo=UTC)
+
+
+def add_version(session: Session, version: str, heatmaps: bool) -> ModelVersion:
+    """A SYNTHETIC busi version row (no files behind it) whose manifest says whether it makes heatmaps."""
+    row = ModelVersion(task_name="busi", version=version, architecture="onnx", sha256="0" * 64,
+                       path=f"/synthetic/models/{version}", manifest={"heatmaps": heatmaps})  # fmt: skip
+    session.add(row)
+    session.flush()
+    return row
+
+
+def add_result(session: Session, scan_id: int, version: ModelVersion) -> None:
+    for label, probability in (("benign", 0.7), ("malignant", 0.2), ("normal", 0.1)):
+        session.add(Result(scan_id=scan_id, model_version_id=version.id, label=label, probability=probability,
+                           threshold=0.5, positive=label == "benign"))  # fmt: skip
+
+
+def test_the_overview_counts_and_finds_the_scan_that_waited_longest(migrated_engine):
+    sessions = session_factory(migrated_engine)
+    with transaction(sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(sessions) as session:
+        add_scan(session, 1, ScanState.ARCHIVED, registered_at=NOW - timedelta(hours=3), updated_at=NOW)
+        add_scan(
+            session, 2, ScanState.ROUTED, registered_at=NOW - timedelta(hours=2), updated_at=NOW - timedelta(hours=2)
+        )
+        add_scan(session, 3, ScanState.WAITING_MODEL, registered_at=NOW - timedelta(minutes=90),
+                 updated_at=NOW - timedelta(minutes=80))  # fmt: skip
+        add_scan(session, 4, ScanState.ROUTED, registered_at=NOW - timedelta(minutes=10), updated_at=NOW)
+        for n in (5, 6):
+            add_scan(session, n, ScanState.FAILED, registered_at=NOW - timedelta(minutes=5), updated_at=NOW,
+                     failure_reason="unroutable", failure_message="SYNTHETIC")  # fmt: skip
+        for scan_id, state, ago in ((1, "inferred", 170), (1, "archived", 160), (2, "routed", 100), (3, "inferred", 75),
+                                    (4, "inferred", 20), (5, "inferred", 15), (6, "inferred", 600)):  # fmt: skip
+            session.add(ScanEvent(scan_id=scan_id, state=state, at=NOW - timedelta(minutes=ago)))
+    with sessions() as session:
+        data = queries.overview(session, hours=4, now=NOW)
+    assert data.states == {"archived": 1, "routed": 2, "waiting_model": 1, "failed": 2} and data.total == 6
+    assert [(h.start.hour, h.count) for h in data.registered_per_hour] == [(9, 1), (10, 1), (11, 1), (12, 3)]
+    assert [(h.start.hour, h.count) for h in data.inferred_per_hour] == [(9, 1), (10, 0), (11, 1), (12, 2)]
+    assert data.failures_by_reason == [("unroutable", 2)]
+    assert data.oldest_waiting is not None
+    assert (data.oldest_waiting.state, round(data.oldest_waiting.age_seconds)) == ("routed", 7200)
+    assert data.daemons == [] and data.active_models == {}
+
+
+def test_every_page_renders_over_sqlite_and_postgresql(migrated_engine, db_url, tmp_path):
+    from starlette.testclient import TestClient
+
+    from meddaemon.config import load_settings
+    from meddaemon.db.readonly import read_only_engine
+    from meddaemon.web.app import create_app
+
+    sessions = session_factory(migrated_engine)
+    with transaction(sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(sessions) as session:
+        for n, state in enumerate((ScanState.ARCHIVED, ScanState.ROUTED, ScanState.FAILED), start=1):
+            add_scan(session, n, state, failure_reason="unroutable" if state == "failed" else None)
+        add_scan(session, 4, ScanState.ARCHIVED)
+        add_result(session, 1, add_version(session, "onnx_without_cam", heatmaps=False))
+        add_result(session, 4, add_version(session, "v1", heatmaps=True))  # a result stored without its map
+    settings = load_settings(env={}, flags={"db": db_url, "state_dir": tmp_path, "watch": tmp_path / "inbox"})
+    app = create_app(settings, reader=read_only_engine(db_url))
+    client = TestClient(app, base_url="http://127.0.0.1")
+    for url in ("/", "/worklist", "/worklist?state=failed&q=synthetic&call=negative&since=2020-01-01",
+                "/scans/1", "/scans/3", "/failures", "/models", "/audits"):  # fmt: skip
+        assert client.get(url).status_code == 200, url
+    assert client.get("/scans/99").status_code == 404
+    # why a scan page shows no heatmap: the model makes none (as the PDF report says), none was stored, no result
+    assert "no heatmap: this model makes none" in client.get("/scans/1").text
+    without_map = client.get("/scans/4").text
+    assert "no heatmap for this result" in without_map and "makes none" not in without_map
+    assert "no result yet" in client.get("/scans/2").text
+    app.state.console.dispose()
+
+
+def test_the_hourly_inferred_count_reads_only_its_index_on_sqlite(tmp_path):
+    from sqlalchemy import text
+
+    from meddaemon.db.engine import create_db_engine
+    from meddaemon.db.migrate import upgrade
+
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    upgrade(engine)
+    with engine.connect() as conn:
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute(
+                text(
+                    "EXPLAIN QUERY PLAN SELECT count(*) FROM scan_events WHERE state = 'inferred' "
+                    "AND at >= '2026-11-30 11:00:00' AND at < '2026-11-30 12:00:00'"
+                )
+            )
+        )
+    engine.dispose()
+    assert "COVERING INDEX ix_scan_events_state_at" in plan

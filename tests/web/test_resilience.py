@@ -1,0 +1,65 @@
+"""A database that is missing or down: the page says so (503, no traceback) and the console comes
+back by itself once the database does."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+from starlette.testclient import TestClient
+
+from meddaemon.config import load_settings
+from meddaemon.db.engine import create_db_engine
+from meddaemon.db.migrate import upgrade
+from meddaemon.web.app import DOWN_RETRY_SECONDS, create_app
+
+
+def client_for(db_url: str, tmp_path) -> TestClient:  # type: ignore[no-untyped-def]
+    settings = load_settings(env={}, flags={"db": db_url, "state_dir": tmp_path, "watch": tmp_path / "inbox"})
+    return TestClient(create_app(settings), base_url="http://127.0.0.1", raise_server_exceptions=False)
+
+
+def assert_down(response) -> None:  # type: ignore[no-untyped-def]
+    assert response.status_code == 503
+    assert 'id="database-down"' in response.text and "Traceback" not in response.text
+    assert f'http-equiv="refresh" content="{DOWN_RETRY_SECONDS}"' in response.text  # it tries again by itself
+    assert response.headers["retry-after"] == str(DOWN_RETRY_SECONDS)
+
+
+def test_a_missing_sqlite_database_is_reported_and_the_console_recovers_when_it_appears(tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'meddaemon.db'}"
+    client = client_for(db_url, tmp_path)
+    for url in ("/", "/worklist", "/scans/1", "/failures", "/models", "/audits"):
+        assert_down(client.get(url))
+    assert not (tmp_path / "meddaemon.db").exists()  # the console never creates it
+
+    engine = create_db_engine(db_url)
+    upgrade(engine)
+    engine.dispose()
+
+    assert client.get("/").status_code == 200
+    assert client.get("/scans/1").status_code == 404
+
+
+@pytest.mark.postgres
+def test_a_postgresql_server_that_refuses_connections_is_reported_and_the_console_recovers(
+    postgres_url, postgres_admin, tmp_path
+):
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    engine.dispose()
+    name = postgres_url.rsplit("/", 1)[1]
+    client = client_for(postgres_url, tmp_path)
+    assert client.get("/").status_code == 200
+
+    with postgres_admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
+    try:
+        assert_down(client.get("/"))
+        assert_down(client.get("/worklist"))
+    finally:
+        with postgres_admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+
+    assert client.get("/").status_code == 200
+    assert client.get("/worklist").status_code == 200

@@ -1,0 +1,170 @@
+"""Who may see and do what: loopback by default, sign-in beyond it, roles, CSRF on every action,
+no patient data in URLs or logs, and tampered forms refused with nothing changed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from sqlalchemy import select
+from starlette.testclient import TestClient
+
+from meddaemon.db.engine import create_db_engine, session_factory
+from meddaemon.db.models import ModelVersion, Scan, WebAction
+from meddaemon.web import auth
+from meddaemon.web.app import create_app
+from model_factory import PHI_STRINGS
+from web_factory import PASSWORD, csrf_of, signed_in, web_settings
+
+
+def read(root, query):  # type: ignore[no-untyped-def]
+    engine = create_db_engine(web_settings(root).db_url)
+    try:
+        with session_factory(engine)() as session:
+            return list(session.execute(query).all())
+    finally:
+        engine.dispose()
+
+
+def test_a_password_hash_verifies_its_password_only():
+    stored = auth.hash_password("synthetic secret")
+    assert stored.startswith("scrypt$") and "synthetic secret" not in stored
+    assert auth.verify_password("synthetic secret", stored)
+    assert not auth.verify_password("synthetic secreT", stored)
+    assert not auth.verify_password("synthetic secret", "garbage")
+
+
+def test_a_bind_beyond_loopback_without_users_or_a_proxy_header_is_refused(tmp_path):
+    settings = web_settings(tmp_path).__class__(state_dir=tmp_path)  # no users
+    with pytest.raises(auth.AuthError, match="without authentication"):
+        create_app(settings, host="0.0.0.0")
+    create_app(settings, host="127.0.0.1").state.console.dispose()
+    create_app(settings, host="::1").state.console.dispose()
+
+
+def test_on_loopback_without_users_the_operator_is_admin(filled_root):
+    settings = web_settings(filled_root).__class__(state_dir=filled_root / "state")
+    client = TestClient(create_app(settings), base_url="http://127.0.0.1")
+    html = client.get("/models").text
+    assert "local operator" in html and "admin" in html and 'id="retire-busi-v1"' in html
+
+
+def test_with_users_every_page_needs_a_sign_in(filled_root):
+    client = TestClient(create_app(web_settings(filled_root)), base_url="http://127.0.0.1")
+    for url in ("/", "/worklist", "/scans/1", "/failures", "/models", "/audits", "/heatmaps/1.png"):
+        response = client.get(url, follow_redirects=False)
+        assert response.status_code == 303 and response.headers["location"] == "/login", url
+    login = client.get("/login")
+    wrong = client.post("/login", data={"user": "admin", "password": "nope", "csrf": csrf_of(login.text)})
+    assert wrong.status_code == 401 and "wrong password" in wrong.text
+    no_token = client.post("/login", data={"user": "admin", "password": PASSWORD})
+    assert no_token.status_code == 403
+
+
+def test_a_forged_or_expired_session_cookie_is_not_a_sign_in():
+    signer = auth.SessionSigner(max_age=60)
+    cookie = signer.dump(signer.new(auth.User("viewer", "viewer")))
+    assert signer.load(cookie).user == auth.User("viewer", "viewer")
+    _, signature = cookie.rsplit(".", 1)
+    promoted = signer.dump(signer.new(auth.User("viewer", "admin"))).rsplit(".", 1)[0]
+    assert signer.load(f"{promoted}.{signature}") is None  # a payload made an admin, the old signature
+    assert auth.SessionSigner().load(cookie) is None  # another key
+    assert auth.SessionSigner(signer.key, max_age=-1).load(cookie) is None
+
+
+def test_a_trusted_proxy_header_names_the_user_only_from_a_loopback_peer(filled_root, tmp_path):
+    config = tmp_path / "proxy.toml"
+    config.write_text('web_proxy_header = "X-Remote-User"\n[web_users.clinician]\nrole = "clinician"\n', "utf-8")
+    from meddaemon.config import load_settings
+
+    settings = load_settings(config, env={}, flags={"state_dir": filled_root / "state"})
+    app = create_app(settings, host="0.0.0.0")
+    local = TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000))
+    assert local.get("/", headers={"X-Remote-User": "clinician"}).status_code == 200
+    assert local.get("/").status_code == 401
+    assert local.get("/", headers={"X-Remote-User": "mallory"}).status_code == 401
+    remote = TestClient(app, base_url="http://127.0.0.1", client=("203.0.113.9", 50000))
+    assert remote.get("/", headers={"X-Remote-User": "clinician"}).status_code == 401
+
+
+@pytest.mark.parametrize("role", ["viewer", "clinician"])
+def test_a_non_admin_posting_an_admin_action_gets_403_and_nothing_changes(filled_root, role):
+    client = signed_in(create_app(web_settings(filled_root)), role)
+    csrf = csrf_of(client.get("/worklist").text)
+    before = read(filled_root, select(Scan.id, Scan.state, Scan.retried_at, Scan.stored_path).order_by(Scan.id))
+    models_before = read(filled_root, select(ModelVersion.id, ModelVersion.status).order_by(ModelVersion.id))
+    actions_before = read(filled_root, select(WebAction.id))
+    for url, data in (
+        ("/failures/retry", {"reason": "unroutable"}),
+        ("/failures/retry", {"scan": "1"}),
+        ("/models/busi/v1/retire", {"confirm": "busi/v1"}),
+        ("/models/busi/v1/promote", {"confirm": "busi/v1"}),
+    ):
+        response = client.post(url, data={**data, "csrf": csrf})
+        assert response.status_code == 403, url
+        assert "Traceback" not in response.text
+    assert client.get("/models/busi/v1/retire").status_code == 403
+    assert read(filled_root, select(Scan.id, Scan.state, Scan.retried_at, Scan.stored_path).order_by(Scan.id)) == before
+    assert read(filled_root, select(ModelVersion.id, ModelVersion.status).order_by(ModelVersion.id)) == models_before
+    assert read(filled_root, select(WebAction.id)) == actions_before
+
+
+@pytest.mark.parametrize("token", [None, "", "forged-token"])
+def test_an_admin_action_without_the_session_csrf_token_gets_403_and_nothing_changes(filled_root, token):
+    client = signed_in(create_app(web_settings(filled_root)), "admin")
+    before = read(filled_root, select(ModelVersion.id, ModelVersion.status).order_by(ModelVersion.id))
+    data = {"confirm": "busi/v1"} | ({} if token is None else {"csrf": token})
+    response = client.post("/models/busi/v1/retire", data=data)
+    assert response.status_code == 403 and "CSRF" in response.text
+    assert read(filled_root, select(ModelVersion.id, ModelVersion.status).order_by(ModelVersion.id)) == before
+
+
+def test_the_csrf_token_of_another_session_is_refused(filled_root):
+    app = create_app(web_settings(filled_root))
+    mine, theirs = signed_in(app, "admin"), signed_in(app, "admin")
+    response = mine.post("/models/busi/v1/retire", data={"confirm": "busi/v1", "csrf": csrf_of(theirs.get("/").text)})
+    assert response.status_code == 403
+
+
+def test_pages_carry_no_patient_data_in_urls_and_the_console_logs_none(filled_root, caplog):
+    client = signed_in(create_app(web_settings(filled_root)), "clinician")
+    caplog.set_level(logging.DEBUG)
+    [(study_scan,)] = read(filled_root, select(Scan.id).where(Scan.patient_name.is_not(None)).limit(1))
+    html = client.get(f"/scans/{study_scan}").text + client.get("/worklist").text
+    assert "PHIFAMILY" in html  # a clinician sees the name...
+    links = [part.split('"')[0] for part in html.replace("src=", "href=").split('href="')[1:]]
+    assert links and not any(phi in link for link in links for phi in PHI_STRINGS)  # ...never in a link
+    assert not any(phi in record.getMessage() for record in caplog.records for phi in PHI_STRINGS)
+
+
+def test_responses_forbid_caching_and_framing_elsewhere(console):
+    response = console("viewer").get("/")
+    assert response.headers["cache-control"] == "no-store"
+    assert "frame-ancestors 'self'" in response.headers["content-security-policy"]
+    cookie = response.headers.get("set-cookie", "") or ""
+    assert "password" not in cookie
+
+
+def test_a_report_with_patient_data_is_refused_to_a_viewer_and_served_to_a_clinician(filled_root):
+    from meddaemon.db.engine import transaction
+    from meddaemon.db.models import Report
+
+    settings = web_settings(filled_root)
+    engine = create_db_engine(settings.db_url)
+    with transaction(session_factory(engine)) as session:
+        plain = session.scalars(select(Report).where(Report.kind == "scan").limit(1)).one()
+        phi_path = settings.stored_file(plain.path).with_suffix(".phi.pdf")
+        # SYNTHETIC: a copy standing for a --with-phi PDF
+        phi_path.write_bytes(settings.stored_file(plain.path).read_bytes())
+        row = Report(kind="scan", scan_id=plain.scan_id, path=str(phi_path), sha256=plain.sha256,
+                     size_bytes=plain.size_bytes, pages=plain.pages, with_phi=True)  # fmt: skip
+        session.add(row)
+        session.flush()
+        phi_id, scan_id = row.id, plain.scan_id
+    engine.dispose()
+    app = create_app(web_settings(filled_root))
+    viewer, clinician = signed_in(app, "viewer"), signed_in(app, "clinician")
+    assert viewer.get(f"/reports/{phi_id}.pdf").status_code == 403
+    assert f"/reports/{phi_id}.pdf" not in viewer.get(f"/scans/{scan_id}").text
+    assert clinician.get(f"/reports/{phi_id}.pdf").status_code == 200
+    assert f'data="/reports/{phi_id}.pdf"' in clinician.get(f"/scans/{scan_id}").text

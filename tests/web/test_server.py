@@ -1,0 +1,69 @@
+"""The console served for real: by ``meddaemon start`` from a thread (``web_port``), and by
+``meddaemon web``, which refuses a bind beyond loopback without authentication (exit 2)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+
+import pytest
+
+from daemon_harness import MEDDAEMON, daemon_env, daemons, layout, wait_until  # noqa: F401 (fixtures)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def status_of(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+@pytest.mark.slow
+def test_a_daemon_with_web_port_serves_the_console_and_stops_it_on_sigterm(daemons):  # noqa: F811
+    port = free_port()
+    daemon = daemons.start(env={"MEDDAEMON_WEB_PORT": str(port)})
+    wait_until(lambda: status_of(f"http://127.0.0.1:{port}/") == 200, 60, "the console", daemon)
+    assert status_of(f"http://127.0.0.1:{port}/worklist") == 200
+    assert status_of(f"http://127.0.0.1:{port}/scans/424242") == 404
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    assert status_of(f"http://127.0.0.1:{port}/") == 0
+
+
+def test_meddaemon_web_refuses_an_open_bind_without_users(tmp_path):
+    result = subprocess.run(
+        [str(MEDDAEMON), "web", "--state-dir", str(tmp_path), "--host", "0.0.0.0", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        env=daemon_env(),
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "without authentication" in result.stderr
+
+
+def test_meddaemon_web_hash_password_prints_a_hash_that_verifies():
+    from meddaemon.web.auth import verify_password
+
+    result = subprocess.run(
+        [str(MEDDAEMON), "web", "--hash-password"],
+        input="synthetic secret\n",
+        capture_output=True,
+        text=True,
+        env=daemon_env(),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert verify_password("synthetic secret", result.stdout.strip())

@@ -1,0 +1,116 @@
+"""Keyset pagination of the worklist: every matching scan exactly once, newest first, however many
+arrive while someone pages; on SQLite and PostgreSQL, on the indexes of migration 0009."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from starlette.testclient import TestClient
+
+from daemon_rows import add_scan
+from meddaemon.config import load_settings
+from meddaemon.daemon import bookkeeper
+from meddaemon.db.engine import session_factory, transaction
+from meddaemon.db.readonly import read_only_engine
+from meddaemon.engine.tasks import all_tasks
+from meddaemon.states import ScanState
+from meddaemon.web import queries
+from meddaemon.web.app import create_app
+
+STATES = (ScanState.ARCHIVED, ScanState.FAILED, ScanState.ROUTED, ScanState.INFERRED)
+
+
+def fill(engine, n: int, start: int = 0) -> None:  # type: ignore[no-untyped-def]
+    """``n`` SYNTHETIC scan rows, states and tasks in turn."""
+    with transaction(session_factory(engine)) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(session_factory(engine)) as session:
+        for i in range(start, start + n):
+            add_scan(session, i, STATES[i % 4], task_name="busi" if i % 3 else "covid", stored_path=None)
+
+
+def flat(pages: list[list[int]]) -> list[int]:
+    return [scan_id for page in pages for scan_id in page]
+
+
+def pages(session_maker, f: queries.WorklistFilter, limit: int, between=None) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    out: list[list[int]] = []
+    after = None
+    while True:
+        with session_maker() as session:
+            page = queries.worklist(session, f, after, limit=limit)
+        out.append([r.id for r in page.rows])
+        if between:
+            between()
+        if page.next_after is None:
+            return out
+        after = page.next_after
+
+
+def test_paging_visits_every_matching_scan_once_newest_first(migrated_engine):
+    fill(migrated_engine, 237)
+    sessions = session_factory(migrated_engine)
+    with sessions() as session:
+        everything = [r[0] for r in session.execute(text("SELECT id FROM scans ORDER BY id DESC"))]
+        failed_busi = [
+            r[0]
+            for r in session.execute(
+                text("SELECT id FROM scans WHERE state = 'failed' AND task_name = 'busi' ORDER BY id DESC")
+            )
+        ]
+    all_pages = pages(sessions, queries.WorklistFilter(), 20)
+    assert [len(p) for p in all_pages] == [20] * 11 + [17]
+    assert flat(all_pages) == everything
+    assert flat(pages(sessions, queries.WorklistFilter(state="failed", task="busi"), 7)) == failed_busi
+    assert pages(sessions, queries.WorklistFilter(state="failed", task="nothing"), 7) == [[]]
+
+
+def test_scans_that_arrive_while_paging_neither_repeat_nor_hide_a_row(migrated_engine):
+    fill(migrated_engine, 100)
+    sessions = session_factory(migrated_engine)
+    with sessions() as session:
+        before = [r[0] for r in session.execute(text("SELECT id FROM scans ORDER BY id DESC"))]
+    arrivals = iter(range(1000, 1100, 10))
+
+    def arrive() -> None:
+        start = next(arrivals, None)
+        if start is not None:
+            fill(migrated_engine, 10, start)
+
+    seen = flat(pages(sessions, queries.WorklistFilter(), 15, between=arrive))
+    assert seen == before  # the newcomers are above page one: the next visit of page one shows them
+
+
+def test_the_pages_link_to_the_next_one_through_http(migrated_engine, db_url, tmp_path):
+    fill(migrated_engine, 120)
+    settings = load_settings(env={}, flags={"db": db_url, "state_dir": tmp_path, "watch": tmp_path / "inbox"})
+    app = create_app(settings, reader=read_only_engine(db_url))
+    client = TestClient(app, base_url="http://127.0.0.1")
+    url, seen = "/worklist?state=archived", []
+    while url:
+        html = client.get(url).text
+        seen += [int(part.split('"')[0]) for part in html.split('<tr class="scan" data-id="')[1:]]
+        url = (
+            html.split('id="next-page" hx-get="')[1].split('"')[0].replace("&amp;", "&") if "next-page" in html else ""
+        )
+    assert len(seen) == 30 and seen == sorted(seen, reverse=True) and len(set(seen)) == 30
+    app.state.console.dispose()
+
+
+def test_a_state_filter_pages_on_its_index_on_sqlite(tmp_path):
+    from meddaemon.db.engine import create_db_engine
+    from meddaemon.db.migrate import upgrade
+
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'm.db'}")
+    upgrade(engine)
+    with engine.connect() as conn:
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute(
+                text(
+                    "EXPLAIN QUERY PLAN SELECT id FROM scans WHERE state = 'failed' AND id < 500 "
+                    "ORDER BY id DESC LIMIT 51"
+                )
+            )
+        )
+    engine.dispose()
+    assert "ix_scans_state_id" in plan and "TEMP B-TREE" not in plan
