@@ -20,3 +20,18 @@ def test_a_hash_with_a_failed_attempt_and_a_new_one_finds_the_new_one(migrated_e
         new = add_scan(session, 2, ScanState.INFERRED, sha256=sha).id
     with sessions() as session:
         assert [find_scan(session, key).id for key in (sha, sha[:8], str(failed))] == [new, new, failed]
+
+
+def test_a_prefix_of_digits_only_is_a_prefix_when_no_scan_has_that_id(migrated_engine):
+    sessions = session_factory(migrated_engine)
+    sha = "7597604971" + "ab" * 27
+    with transaction(sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(sessions) as session:
+        scan = add_scan(session, 1, ScanState.INFERRED, sha256=sha).id
+    with sessions() as session:
+        assert find_scan(session, sha[:10]).id == scan
+        assert find_scan(session, sha[:8]).id == scan
+        assert find_scan(session, str(scan)).id == scan
+        assert find_scan(session, "1234567") is None
+        assert find_scan(session, "9" * 11) is None  # past an INTEGER key: no id, and no such prefix

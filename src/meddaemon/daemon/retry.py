@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from meddaemon.config import Settings
 from meddaemon.daemon import filing
 from meddaemon.db.engine import transaction, with_lock_retry
-from meddaemon.db.models import Scan, ScanEvent, utcnow
+from meddaemon.db.models import Scan, ScanEvent, row_id, utcnow
 from meddaemon.failures import FailureReason
 from meddaemon.states import ScanState
 
@@ -146,11 +146,12 @@ def _select(session: Session, selector: Selector, result: RetryResult) -> list[i
 
 
 def _select_scan(session: Session, key: str, result: RetryResult) -> list[int]:
-    if key.isdigit() and len(key) < 12:
-        if session.get(Scan, int(key)) is None:
+    scan_id = row_id(key)
+    if scan_id is not None:
+        if session.get(Scan, scan_id) is None:
             result.refused.append(Refused(Refusal.UNKNOWN_SCAN, f"no scan {key}"))
             return []
-        return [int(key)]
+        return [scan_id]
     if len(key) == 64 and all(c in "0123456789abcdef" for c in key):
         attempts = session.scalars(select(Scan).where(Scan.sha256 == key).order_by(Scan.id)).all()
         if not attempts:

@@ -73,6 +73,13 @@ class ModelVersion(Base):
 #: Scans that still count for de-duplication: a failed scan steps aside, so the same bytes arriving
 #: again (``medcli retry``, or moved back by hand) are a new attempt, not a duplicate.
 NOT_FAILED = text("state != 'failed'")
+#: the largest id an INTEGER key holds (PostgreSQL refuses a larger value in a comparison with one)
+MAX_ROW_ID = 2**31 - 1
+
+
+def row_id(key: str) -> int | None:
+    """``key`` as a row id, if it is one: digits, within an INTEGER key's range."""
+    return int(key) if key.isdigit() and int(key) <= MAX_ROW_ID else None
 
 
 class Scan(Base):

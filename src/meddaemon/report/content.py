@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan
+from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan, row_id
 from meddaemon.engine.tasks import InputContract, TaskSpec
 from meddaemon.stored_paths import stored_file
 
@@ -127,10 +127,15 @@ def transfer_syntax_name(uid: str | None) -> str:
 
 def find_scan(session: Session, key: str) -> Scan | None:
     """A scan by its id, its full SHA-256, or a unique SHA-256 prefix of at least 8 characters; by
-    hash, the latest attempt (failed attempts of the same bytes come before it)."""
+    hash, the latest attempt (failed attempts of the same bytes come before it). Digits are an id
+    first: a prefix that happens to be all digits (one in 43 of 8 characters) is a prefix when no
+    scan has that id."""
     key = key.strip().lower()
-    if key.isdigit() and len(key) < 12:
-        return session.get(Scan, int(key))
+    scan_id = row_id(key)
+    if scan_id is not None:
+        by_id = session.get(Scan, scan_id)
+        if by_id is not None or len(key) < 8:
+            return by_id
     if len(key) == 64:
         return session.scalar(select(Scan).where(Scan.sha256 == key).order_by(Scan.id.desc()).limit(1))
     if len(key) >= 8 and all(c in "0123456789abcdef" for c in key):
