@@ -24,15 +24,11 @@ from typing import Any
 
 import pytest
 
+from ports import free_port
+
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 AE_TITLE = "ORTHANC"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def require_orthanc() -> None:
@@ -123,6 +119,7 @@ class Orthanc:
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             time.sleep(0.1)
+        self.stop()  # not left running, holding its ports, for the tests after this one
         raise RuntimeError(f"Orthanc did not start within {timeout} s:\n{self.log_tail()}")
 
     def _accepts_dicom(self) -> bool:

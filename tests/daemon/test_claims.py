@@ -12,12 +12,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from daemon_rows import add_scan, inbox_file, join, look_for_lost
 from meddaemon.daemon import bookkeeper, claims
 from meddaemon.daemon.bookkeeper import Destinations, InferenceOutcome
+from meddaemon.db.clock import db_clock
 from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
 from meddaemon.db.migrate import upgrade
 from meddaemon.db.models import InboxClaim, ModelVersion, Result, Scan
@@ -44,6 +45,18 @@ def model_row(session) -> ModelVersion:  # type: ignore[no-untyped-def]
     session.add(row)
     session.flush()
     return row
+
+
+#: ``claim_inbox_files``'s deadline in these tests; claims are made stale by dating them back past it,
+#: never by sleeping: a claim made a moment ago must stay fresh however slowly the next statement runs
+UNREAD_AFTER = 30.0
+
+
+def claimed_ago(sessions, path: Path, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    """The open claim on ``path`` dated ``seconds`` back, by the database's clock: a daemon holding it
+    that long without recording it."""
+    with transaction(sessions) as session:
+        session.execute(update(InboxClaim).where(InboxClaim.path == str(path)).values(claimed_at=db_clock() - seconds))
 
 
 def store(sessions, daemon_id: int, scan_id: int, tmp_path: Path) -> list[str]:  # type: ignore[no-untyped-def]
@@ -91,15 +104,13 @@ def test_a_file_claimed_but_not_recorded_past_the_deadline_is_taken_over_and_its
     slow, peer = join(sessions, "node-slow"), join(sessions, "node-peer")
     stale, fresh = (inbox_file(Path(f"/inbox/busi/synthetic_{n}.png")) for n in ("stale", "fresh"))
     with transaction(sessions) as session:
-        claims.claim_inbox_files(session, slow.daemon_id, [stale])
-    time.sleep(0.3)
-    with transaction(sessions) as session:
-        claims.claim_inbox_files(session, slow.daemon_id, [fresh])
+        claims.claim_inbox_files(session, slow.daemon_id, [stale, fresh])
+    claimed_ago(sessions, stale.path, UNREAD_AFTER + 30)
 
     with transaction(sessions) as session:  # a peer without a deadline leaves both alone
         assert claims.claim_inbox_files(session, peer.daemon_id, [stale, fresh]) == set()
     with transaction(sessions) as session:
-        assert claims.claim_inbox_files(session, peer.daemon_id, [stale, fresh], unread_after=0.2) == {stale.path}
+        assert claims.claim_inbox_files(session, peer.daemon_id, [stale, fresh], UNREAD_AFTER) == {stale.path}
     with transaction(sessions) as session:  # the slow daemon's reads come back: it records only what it holds
         assert claims.held_inbox_files(session, slow.daemon_id, [stale.path, fresh.path]) == {str(fresh.path)}
         assert claims.held_inbox_files(session, peer.daemon_id, [stale.path]) == {str(stale.path)}
@@ -110,11 +121,11 @@ def test_recording_renews_a_claim_so_a_file_being_recorded_is_not_taken_over(ses
     f = inbox_file(Path("/inbox/busi/synthetic_recorded.png"))
     with transaction(sessions) as session:
         claims.claim_inbox_files(session, holder.daemon_id, [f])
-    time.sleep(0.3)
+    claimed_ago(sessions, f.path, UNREAD_AFTER + 30)
     with transaction(sessions) as session:
         assert claims.held_inbox_files(session, holder.daemon_id, [f.path]) == {str(f.path)}
     with transaction(sessions) as session:
-        assert claims.claim_inbox_files(session, peer.daemon_id, [f], unread_after=0.2) == set()
+        assert claims.claim_inbox_files(session, peer.daemon_id, [f], UNREAD_AFTER) == set()
 
 
 def test_a_stale_claim_is_not_taken_over_from_a_committed_move_nor_by_its_own_holder(sessions):
@@ -124,11 +135,12 @@ def test_a_stale_claim_is_not_taken_over_from_a_committed_move_nor_by_its_own_ho
     with transaction(sessions) as session:
         claims.claim_inbox_files(session, holder.daemon_id, [moving, reread])
         add_scan(session, 1, pending_move_from=str(moving.path))  # recorded, its move not carried out yet
-    time.sleep(0.3)
+    for f in (moving, reread):
+        claimed_ago(sessions, f.path, UNREAD_AFTER + 30)
     with transaction(sessions) as session:
-        assert claims.claim_inbox_files(session, peer.daemon_id, [moving], unread_after=0.2) == set()
+        assert claims.claim_inbox_files(session, peer.daemon_id, [moving], UNREAD_AFTER) == set()
     with transaction(sessions) as session:  # a rescan handed the holder its own file again while it reads it
-        assert claims.claim_inbox_files(session, holder.daemon_id, [reread], unread_after=0.2) == set()
+        assert claims.claim_inbox_files(session, holder.daemon_id, [reread], UNREAD_AFTER) == set()
 
 
 def test_tombstones_of_files_that_left_are_forgotten_after_a_while(sessions):
@@ -254,7 +266,10 @@ def test_the_claim_on_a_file_whose_move_is_committed_outlives_its_lost_daemon(se
         assert claim.done_at is not None and claim.daemon_id is None
 
 
-def test_two_scans_of_one_name_are_archived_under_two_names_before_either_file_moved(sessions, tmp_path):
+def test_two_scans_of_one_name_are_archived_under_two_names_before_either_file_moved(sessions, tmp_path, monkeypatch):
+    """The archive's day is fixed: on the real clock, midnight between the two claims would file the
+    second scan under the next day's folder, by its own name."""
+    monkeypatch.setattr(bookkeeper, "utcnow", lambda: datetime(2026, 1, 2, 23, 59, 59, tzinfo=UTC))
     with transaction(sessions) as session:
         for n in (1, 2):
             add_scan(session, n, state=ScanState.REPORTED, source_name="busi/synthetic_same.png")
@@ -263,8 +278,7 @@ def test_two_scans_of_one_name_are_archived_under_two_names_before_either_file_m
         with transaction(sessions) as session:
             [move] = bookkeeper.claim_for_archive(session, destinations(tmp_path), limit=1)
             targets.append(move.target)
-    day = datetime.now(UTC).strftime("%Y-%m-%d")
-    assert targets[0] == tmp_path / "archive" / day / "busi" / "synthetic_same.png"
+    assert targets[0] == tmp_path / "archive" / "2026-01-02" / "busi" / "synthetic_same.png"
     assert targets[1].name == f"synthetic_same__{2:064x}"[:28] + ".png"
 
 

@@ -6,6 +6,7 @@ Every scan row here is SYNTHETIC (made-up hashes and names); no image is read.
 
 from __future__ import annotations
 
+import itertools
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -173,6 +174,44 @@ def test_a_daemon_frozen_inside_a_claiming_transaction_is_declared_lost_once_the
     stuck.close()
     frozen_engine.dispose()
     peer_engine.dispose()
+
+
+@pytest.mark.postgres
+def test_heartbeats_keep_their_pace_while_each_look_for_lost_daemons_waits_out_the_lock_timeout(postgres_url: str):
+    """A peer frozen inside a transaction that locked its scan row makes every look for lost daemons
+    wait the lock timeout (1 s) once the peer's lease has run out. The heartbeats of a 4 s lease (a
+    quarter apart: 1 s) then come that wait apart, not the wait and a whole interval more (2 s)."""
+    setup = create_db_engine(postgres_url)
+    upgrade(setup)
+    setup.dispose()
+    engine = create_db_engine(postgres_url, limits=ConnectionLimits(lock_timeout=1.0))
+    sessions = session_factory(engine)
+    frozen = join(sessions, "node-frozen", lease_seconds=1.0)
+    with transaction(sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(sessions) as session:
+        scan_id = add_scan(session, 1, claimed_by=frozen.daemon_id).id
+    stuck = sessions()
+    stuck.begin()
+    assert claims.scans_held(stuck, frozen.daemon_id, [scan_id])  # locked until the end of the test
+    watcher = join(sessions, "node-b", lease_seconds=4.0)
+    keeper = lease.LeaseKeeper(sessions, watcher)
+    time.sleep(1.3)  # the frozen peer's lease has run out: each look now waits on its scan row
+    beats = set()
+    try:
+        keeper.start()
+        deadline = time.monotonic() + 4.6
+        while time.monotonic() < deadline:
+            beats.add(daemon_row(sessions, watcher).heartbeat_at)
+            time.sleep(0.05)
+    finally:
+        keeper.stop()
+        stuck.rollback()
+        stuck.close()
+        engine.dispose()
+    renewed = sorted(beats)[1:]  # the registration's stamp left out
+    gaps = [later - earlier for earlier, later in itertools.pairwise(renewed)]
+    assert len(gaps) >= 2 and max(gaps) < 1.5, f"seconds between heartbeats: {gaps}"
 
 
 def test_the_lease_keeper_asks_for_a_rescan_when_it_releases_a_lost_daemons_inbox_files(sessions):

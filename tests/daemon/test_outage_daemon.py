@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -154,10 +155,17 @@ def test_an_outage_longer_than_db_outage_seconds_ends_the_daemon_with_exit_3_and
     proxy.cut()
     cut_at = time.monotonic()
     assert daemon.wait(40) == 3
-    assert time.monotonic() - cut_at >= 4.0
+    waited = time.monotonic() - cut_at
+    assert waited >= 4.0
     errors = [line for line in daemon.log_text().splitlines() if line.startswith("error:")]
     assert len(errors) == 1
-    assert errors[0].startswith("error: the database has been unreachable for 4 s, longer than db_outage_seconds (4 s)")
+    # the time it says is the time it was down: 4 s on a quiet machine, more when its last try comes
+    # late (5 to 7 s with the machine's load at 6 on 2 cores), never more than the test waited; that
+    # no wait runs past the limit is test_outage.py's, on a fake clock
+    said = re.match(
+        r"error: the database has been unreachable for (\d+) s, longer than db_outage_seconds \(4 s\)", errors[0]
+    )
+    assert said is not None and 4 <= int(said[1]) <= waited + 0.5, errors[0]
     assert "Traceback" not in daemon.log_text()
 
 

@@ -19,16 +19,11 @@ from dicom_factory import write_png
 
 from daemon_harness import TASK, Daemons, Layout, one, scrape, wait_until
 from model_factory import promote_into, write_model
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 
 SCANS = 6
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class NotifySocket:

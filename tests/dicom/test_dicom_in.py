@@ -30,7 +30,8 @@ from daemon_harness import Daemons, Layout, RunningDaemon, one, scrape, wait_unt
 from dicom_senders import dataset_bytes, pynetdicom_send, storescu, synthetic_instances
 from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.cli.medcli import cli as medcli
-from orthanc import Orthanc, free_port, require_orthanc
+from orthanc import Orthanc, require_orthanc
+from ports import free_port
 
 pytestmark = pytest.mark.slow
 

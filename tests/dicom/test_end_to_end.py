@@ -46,9 +46,9 @@ def pacs(tmp_path: Path):  # type: ignore[no-untyped-def]
     object sent twice to either would show in its count)."""
     require_orthanc()
     servers = {"dimse": Orthanc(tmp_path / "orthanc-dimse"), "web": Orthanc(tmp_path / "orthanc-web")}
-    for server in servers.values():
-        server.start()
     try:
+        for server in servers.values():
+            server.start()
         yield servers
     finally:
         for server in servers.values():

@@ -32,6 +32,7 @@ from meddaemon.db.models import EvaluationFile, Heatmap, Result, Scan
 from meddaemon.engine.tasks import InputContract
 from meddaemon.evaluate.pipeline import EvaluationOutcome, EvaluationRequest, run_evaluation
 from model_factory import promote_into, write_model
+from ports import free_port
 
 ray = pytest.importorskip("ray")
 
@@ -68,12 +69,6 @@ def heatmaps(db_url: str, settings) -> dict[tuple[str, str], tuple[str, np.ndarr
 SRC = Path(__file__).resolve().parents[2] / "src"
 RAY = Path(sys.executable).parent / "ray"
 FILES = 800
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 #: set in the environment of every process of a test cluster, to find them all again
@@ -119,21 +114,23 @@ def ray_cluster(worker_nodes: int) -> Iterator[Cluster]:
     process of it is killed by pid on the way out (never ``ray stop``, which would stop others')."""
     # a short folder: Ray's socket paths under pytest's tmp_path would pass the 107-byte limit
     temp = Path(tempfile.mkdtemp(prefix="rayev", dir="/tmp"))
-    port, worker_port = free_port(), free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     env |= {MARKER: str(temp), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env |= {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
     common = ["--include-dashboard=false", "--disable-usage-stats"]
-    cluster = Cluster(f"127.0.0.1:{port}", temp, worker_port)
+    cluster = Cluster(f"127.0.0.1:{port}", temp, worker_port=0)
     try:
         subprocess.run(
             [str(RAY), "start", "--head", "--port", str(port), "--num-cpus", "2", "--temp-dir", str(temp), *common],
             env=env, check=True, capture_output=True, timeout=60,
         )  # fmt: skip
         for _ in range(worker_nodes):
+            # chosen once the head holds its ports: the head draws several free ones of its own
+            cluster.worker_port = free_port()
             subprocess.run(
                 [str(RAY), "start", "--address", cluster.address, "--num-cpus", "2",
-                 "--node-manager-port", str(worker_port), "--disable-usage-stats"],
+                 "--node-manager-port", str(cluster.worker_port), "--disable-usage-stats"],
                 env=env, check=True, capture_output=True, timeout=60,
             )  # fmt: skip
         yield cluster

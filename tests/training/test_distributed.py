@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,16 +13,11 @@ from pathlib import Path
 import pytest
 
 from meddaemon.training.phantoms import write_phantoms
+from ports import free_port
 
 TOLERANCE = 0.05
 FAST = ["--arch", "small_cnn", "--image-size", "64", "--epochs", "10", "--lr", "1e-3", "--device", "cpu", "--json"]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_retrain(launcher: list[str], data: Path, state: Path, batch_size: int, version: str) -> dict[str, object]:

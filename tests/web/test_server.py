@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -12,12 +11,7 @@ import urllib.request
 import pytest
 
 from daemon_harness import MEDDAEMON, daemon_env, daemons, layout, wait_until  # noqa: F401 (fixtures)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from ports import free_port
 
 
 def status_of(url: str) -> int:
