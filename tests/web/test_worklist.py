@@ -114,3 +114,14 @@ def test_a_state_filter_pages_on_its_index_on_sqlite(tmp_path):
         )
     engine.dispose()
     assert "ix_scans_state_id" in plan and "TEMP B-TREE" not in plan
+
+
+def test_numbers_past_an_integer_key_are_refused_or_ignored_not_a_server_error(migrated_engine, db_url, tmp_path):
+    settings = load_settings(env={}, flags={"db": db_url, "state_dir": tmp_path, "watch": tmp_path / "inbox"})
+    app = create_app(settings, reader=read_only_engine(db_url))
+    client = TestClient(app, base_url="http://127.0.0.1")
+    huge = "99999999999"  # PostgreSQL refused it in a comparison with an INTEGER key: a 500
+    assert client.get(f"/worklist?after={huge}").status_code == 400
+    assert client.get(f"/failures?action={huge}").status_code == 200
+    assert client.get(f"/models?action={huge}").status_code == 200
+    app.state.console.dispose()

@@ -30,6 +30,7 @@ from meddaemon.db.models import (
     Result,
     Scan,
     ScanEvent,
+    row_id,
     utcnow,
 )
 from meddaemon.evaluate.reading import FileRead
@@ -216,8 +217,9 @@ def fingerprint(session: Session, evaluation_id: int) -> str:
 
 def find_evaluation(session: Session, name_or_id: str) -> Evaluation | None:
     row = session.scalars(select(Evaluation).where(Evaluation.name == name_or_id)).one_or_none()
-    if row is None and name_or_id.isdigit():
-        row = session.get(Evaluation, int(name_or_id))
+    evaluation_id = row_id(name_or_id)
+    if row is None and evaluation_id is not None:
+        row = session.get(Evaluation, evaluation_id)
     return row
 
 

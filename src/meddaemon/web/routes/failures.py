@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
+from meddaemon.db.models import row_id
 from meddaemon.failures import FailureReason
 from meddaemon.web import actions, queries
 from meddaemon.web.app import Console, render
@@ -18,7 +19,7 @@ def failures_page(request: Request) -> Response:
     done = request.query_params.get("action", "")
 
     def read(session):  # type: ignore[no-untyped-def]
-        action = queries.action(session, int(done)) if done.isdigit() else None
+        action = queries.action(session, action_id) if (action_id := row_id(done)) is not None else None
         return queries.failures(session), action
 
     groups, action = console.read(read)

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from meddaemon.db.models import row_id
 from meddaemon.engine.card import figure_type, read_card
 from meddaemon.web import actions, queries
 from meddaemon.web.app import Console, render
@@ -30,7 +31,7 @@ def models_page(request: Request) -> Response:
     done = request.query_params.get("action", "")
 
     def read(session):  # type: ignore[no-untyped-def]
-        action = queries.action(session, int(done)) if done.isdigit() else None
+        action = queries.action(session, action_id) if (action_id := row_id(done)) is not None else None
         return queries.model_versions(session), action
 
     versions, action = console.read(read)

@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from meddaemon.db.models import row_id
 from meddaemon.web import images, queries
 from meddaemon.web.app import Console, render
 
@@ -49,8 +50,9 @@ def scan_image(request: Request) -> Response:
         raise HTTPException(404, f"No file of scan {scan_id} was kept.")
     size = None
     map_id = request.query_params.get("map", "")
-    if map_id.isdigit():
-        files = console.read(lambda s: queries.heatmap_files(s, int(map_id)))
+    heatmap_id = row_id(map_id)
+    if heatmap_id is not None:
+        files = console.read(lambda s: queries.heatmap_files(s, heatmap_id))
         if files is not None and files.scan_id == scan_id:
             size = images.heatmap_shape(console.settings.stored_file(files.array_path))
     try:

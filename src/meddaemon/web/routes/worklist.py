@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from meddaemon.db.models import row_id
 from meddaemon.states import PERSISTED
 from meddaemon.web import queries
 from meddaemon.web.app import Console, render
@@ -35,7 +36,7 @@ def parse_filter(request: Request) -> tuple[queries.WorklistFilter, int | None]:
     if call and call not in queries.CALLS:
         raise HTTPException(400, "call must be positive or negative")
     after_text = params.get("after", "").strip()
-    if after_text and not after_text.isdigit():
+    if after_text and row_id(after_text) is None:
         raise HTTPException(400, "after must be a scan id")
     f = queries.WorklistFilter(
         state=state,
