@@ -328,10 +328,12 @@ def test_the_same_bytes_under_two_names_are_one_scan_and_one_duplicate(
 def test_a_database_locked_by_another_process_for_10_s_delays_but_loses_nothing(
     layout: Layout, daemons: Daemons, tmp_path: Path
 ):
-    """Another process holds ``BEGIN EXCLUSIVE`` on the SQLite file for 10 s (longer than the 5 s
-    busy timeout) while 40 files arrive: the daemon waits and retries, stays alive, commits
-    nothing meanwhile, and registers all 40 once the lock is released."""
-    daemon = daemons.start(stable=0.3, rescan=1.0)
+    """Another process holds ``BEGIN EXCLUSIVE`` on the SQLite file for 10 s (longer than the
+    daemon's busy timeout) while 40 files arrive: the daemon waits and retries, stays alive, commits
+    nothing meanwhile, and registers all 40 once the lock is released. The busy timeout is 2 s here
+    (5 s by default) so that a first write tried as late as 8 s into the lock, on a slow machine,
+    still runs into it and retries."""
+    daemon = daemons.start(stable=0.3, rescan=1.0, env={"MEDDAEMON_BUSY_TIMEOUT": "2"})
     daemon.wait_ready()
     locker = daemons.helper("-c", SQLITE_LOCKER, str(layout.db), "10")
     assert locker.stdout is not None and locker.stdout.readline().strip() == b"locked"
