@@ -75,8 +75,8 @@ STAGES = [
 ]
 #: (qualified name of a frame on the stack, stage) for transactions, nearest frame first
 TX_OWNERS = [
-    ("Daemon._claim_inbox_files", "tx: claim inbox files"),
-    ("Daemon._harvest_group", "tx: record batch (register, route)"),
+    ("IntakeStage._claim_inbox_files", "tx: claim inbox files"),
+    ("IntakeStage._harvest_group", "tx: record batch (register, route)"),
     ("Daemon._carry_out.<locals>.clear", "tx: moves done"),
     ("Daemon._carry_out", "tx: moves still due"),
     ("Daemon.archive_reported", "tx: archive claim"),
@@ -157,7 +157,7 @@ def _tx_owner() -> str:
 
 def instrument(clock: StageClock) -> None:
     """Wrap the daemon's stage functions (before the daemon is built: some are bound at construction)."""
-    from meddaemon.daemon import filing, intake, reporter, service
+    from meddaemon.daemon import filing, intake, intake_stage, reporter, service
     from meddaemon.daemon import inference as daemon_inference
     from meddaemon.daemon import loader as model_loader
     from meddaemon.engine import inference as engine_inference
@@ -170,7 +170,7 @@ def instrument(clock: StageClock) -> None:
 
     wrapped = preprocess if not hasattr(intake, "to_model_input") else intake  # imported on first use since issue 16
     clock.wrap(wrapped, "to_model_input", "preprocessing")
-    for module in (service, reporter, builder):
+    for module in (service, intake_stage, reporter, builder):
         clock.wrap_context(module, "transaction", _tx_owner)
     for attribute in ("finish_move", "write_reason", "remove_emptied_shard"):
         clock.wrap(filing, attribute, "moves (rename, fsync, reason files)")

@@ -6,9 +6,13 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from meddaemon.failures import FailureReason, ScanFailure
+
+#: what ``write_atomically`` writes: bytes or any object exposing its memory (a numpy array's)
+Buffer = bytes | bytearray | memoryview
 
 TMP_SUFFIX = ".tmp"
 #: this host in temporary names, without the dots and dashes that separate their parts
@@ -38,9 +42,13 @@ def left_by_dead_writer(tmp: Path) -> bool:
     return False
 
 
-def write_atomically(path: Path, data: bytes, durable: bool = False, sync_folder: bool = True) -> None:
+def write_atomically(
+    path: Path, data: Buffer | Sequence[Buffer], durable: bool = False, sync_folder: bool = True
+) -> None:
     """Write ``data`` to a temporary name and rename it to ``path``; on any error nothing is left.
 
+    ``data`` is the bytes, or several buffers written one after the other in one system call (a
+    header and an array's own memory, without joining them into a copy first).
     ``durable`` also fsyncs the file and its folder, so the file survives a power cut once this
     returns (models, reports); heatmaps skip it: a lost one is rewritten when its scan runs again.
     ``sync_folder=False`` leaves the folder's fsync to a caller writing several files into it,
@@ -49,11 +57,13 @@ def write_atomically(path: Path, data: bytes, durable: bool = False, sync_folder
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, [data] if isinstance(data, bytes | bytearray | memoryview) else data)
             if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -61,6 +71,22 @@ def write_atomically(path: Path, data: bytes, durable: bool = False, sync_folder
         raise
     if durable and sync_folder:
         fsync_dir(path.parent)
+
+
+def _write_all(fd: int, buffers: Sequence[Buffer]) -> None:
+    """Every byte of ``buffers``, in order, with ``writev`` (again from where a short write stopped)."""
+    views = [_bytes_view(memoryview(buffer)) for buffer in buffers]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if views:
+            views[0] = views[0][written:]
+
+
+def _bytes_view(view: memoryview) -> memoryview:
+    """``view`` as flat bytes, so that its length counts bytes (``cast`` refuses an empty array's view)."""
+    return view if view.ndim == 1 and view.format == "B" else view.cast("B")
 
 
 def fsync_dir(path: Path) -> None:

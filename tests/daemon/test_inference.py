@@ -302,3 +302,24 @@ def test_the_inferred_log_line_names_the_model_and_claims_no_size(
     inferred = [r.getMessage() for r in caplog.records if "-> inferred" in r.getMessage()]
     assert len(inferred) == 4
     assert all("0 bytes" not in line and "task busi, model v1, top " in line for line in inferred)
+
+
+def test_heatmap_arrays_are_the_files_np_save_writes(tmp_path: Path):
+    """The map's ``.npy`` is written from the array's memory in one call: the stored file stays what
+    ``np.save`` writes of the map as a C-ordered float32 array, whatever the map given (SYNTHETIC)."""
+    rng = np.random.default_rng(16)
+    batch = rng.random((3, 32, 32), dtype=np.float32)
+    maps = [batch[1], rng.random((32, 32)), batch[2].T, np.zeros((0, 32), np.float32)]
+    files = [
+        HeatmapFile(0, tmp_path / f"synthetic_{i}.npy", tmp_path / f"synthetic_{i}.jpg", 32, 32, "cam")
+        for i in range(len(maps))
+    ]
+
+    write_heatmap_files(files, maps, np.zeros((1, 32, 32), np.float32), CONTRACT)
+
+    for file, heatmap in zip(files, maps, strict=True):
+        expected = tmp_path / "expected.npy"
+        np.save(expected, np.ascontiguousarray(heatmap, dtype=np.float32), allow_pickle=False)
+        assert file.array_path.read_bytes() == expected.read_bytes()
+        assert np.array_equal(np.load(file.array_path), heatmap.astype(np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left

