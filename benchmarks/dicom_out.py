@@ -20,6 +20,10 @@ daemon's end-to-end throughput.
    after a one-scan warm-up, without destinations and then with all four outputs for a folder: the
    process's CPU time (user + system, not wall time: it does not grow with others' load) per scan,
    alternated ``--rounds`` times; ``--cprofile DIR`` writes a cProfile (CPU-time clock) of each run.
+   The cost fraction is outputs CPU / (daemon CPU + outputs CPU). ``--task chestxray14`` measures it
+   with that preset's architecture (DenseNet-121, SYNTHETIC random weights, never downloaded) at its
+   320 x 320 input, on SYNTHETIC 320 x 320 DX chest DICOMs: a multilabel model, with a Parametric Map
+   and a Secondary Capture for every label over its threshold.
 
 Every figure records the load of other processes meanwhile (the machine is shared).
 
@@ -27,6 +31,7 @@ Every figure records the load of other processes meanwhile (the machine is share
     .venv/bin/python benchmarks/dicom_out.py --files 64 --rounds 2
     .venv/bin/python benchmarks/dicom_out.py --end-to-end-only --arch mobilenet_v2   # a seed-sized model
     .venv/bin/python benchmarks/dicom_out.py --cpu --files 16 --rounds 3               # about a minute
+    .venv/bin/python benchmarks/dicom_out.py --cpu --task chestxray14 --files 6        # about 3 minutes
 """
 
 from __future__ import annotations

@@ -288,6 +288,8 @@ def test_text_in_a_sequence_is_encoded_in_the_character_set_of_its_object(tmp_pa
     item = pydicom.Dataset()
     item.PatientName = "Müller^Zoë"
     item.CodeMeaning = "Größe"
+    item.CodeValue = "odd"  # ASCII, padded with a space
+    item.ReferencedSOPInstanceUID = "1.2.345"  # padded with a NUL
     inner = pydicom.Dataset()
     inner.TextValue = "é" * 3
     inner.is_undefined_length_sequence_item = True

@@ -7,9 +7,10 @@ did not read, each item runs the ambiguous-VR correction over its whole subtree 
 ``d`` levels deep is corrected ``d`` times), and each element converts its character sets anew
 inside an exception context. An SR's content tree is nearly all items: that was most of its
 encoding time. Here the correction runs once over the whole object, each item's character sets
-are converted once, and each value is still encoded by pydicom's own writer for its VR; the
-sequences go to ``dcmwrite`` encoded (as raw elements), which writes the file meta and the
-top-level elements as before. Anything unusual (a value too long for its VR's length field, an
+are converted once, a single ASCII string (most of an SR's values: codes, UIDs) is written as
+pydicom's ``write_string`` and ``write_text`` write it, and every other value by pydicom's own
+writer for its VR; the sequences go to ``dcmwrite`` encoded (as raw elements), which writes the
+file meta and the top-level elements as before. Anything unusual (a value too long for its VR's length field, an
 undefined length, a buffered value) is left to pydicom's ``write_data_element`` whole.
 """
 
@@ -28,6 +29,9 @@ from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_32, VR
 _ITEM = b"\xfe\xff\x00\xe0"
 _HEADER_16 = struct.Struct("<HH2sH")
 _HEADER_32 = struct.Struct("<HH2s2xL")
+#: the VRs whose single ASCII string pydicom writes as it is, padded to an even length with this byte
+_ASCII_PADDING = {vr: b" " for vr in (VR.AE, VR.AS, VR.CS, VR.UR, VR.LO, VR.LT, VR.SH, VR.ST, VR.UC, VR.UT)}
+_ASCII_PADDING[VR.UI] = b"\0"
 
 
 def encode(ds: Dataset) -> bytes:
@@ -82,7 +86,11 @@ def _dataset_bytes(ds: Dataset, parent: list[str]) -> bytes:
 
 def _element_bytes(element: DataElement, encodings: list[str]) -> bytes:
     vr = element.VR
-    if vr == VR.SQ and not element.is_undefined_length:
+    padding = _ASCII_PADDING.get(vr)
+    text = element.value if padding is not None else None
+    if isinstance(text, str) and text.isascii():  # what pydicom's write_string and write_text write
+        value = text.encode() + (padding if len(text) % 2 else b"")  # type: ignore[operator]
+    elif vr == VR.SQ and not element.is_undefined_length:
         value = _sequence_value(element, encodings)
     elif element.is_undefined_length or element.is_buffered or vr not in writers or len(vr) != 2:
         return _pydicom_element_bytes(element, encodings)
