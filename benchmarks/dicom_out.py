@@ -350,13 +350,17 @@ def main_cpu(files: int, rounds: int, cprofile: Path | None, task: str) -> None:
             f"with {runs[True][-1] * 1000:.0f} ms CPU per scan, of which prepare {prepared * 1000:.0f} ms"
         )
     without, with_ = statistics.median(runs[False]), statistics.median(runs[True])
-    cost = with_ - without
+    cost, prepared = with_ - without, statistics.median(prepares)
+    # the difference of two runs is as noisy as the daemon's own CPU time (tens of ms with a large
+    # model); prepare's own CPU time is a part of the outputs' cost, so a floor of the fraction
+    floor = prepared / (without + prepared)
+    met = max(cost / with_, floor) <= 0.10
     print(
         f"CPU per scan ({task}), --once over {files} scans: without outputs {without * 1000:.0f} ms, with all "
         f"four to a folder {with_ * 1000:.0f} ms ({objects} objects, the warm-up scan's included): "
-        f"the outputs cost {cost * 1000:.0f} ms a scan, {cost / with_:.0%} of the CPU "
-        f"(goal: at most 10%: {'met' if cost / with_ <= 0.10 else 'not met'}); "
-        f"DicomOutputs.prepare alone {statistics.median(prepares) * 1000:.0f} ms a scan"
+        f"the outputs cost {cost * 1000:.0f} ms a scan, {cost / with_:.0%} of the CPU; "
+        f"DicomOutputs.prepare alone {prepared * 1000:.0f} ms a scan, at least {floor:.0%} "
+        f"(goal: at most 10%: {'met' if met else 'not met'})"
     )
 
 
