@@ -3,6 +3,8 @@ holding exactly what the database holds, with UIDs that a rebuild gives again.""
 
 from __future__ import annotations
 
+import copy
+import io
 from pathlib import Path
 
 import highdicom as hd
@@ -19,7 +21,7 @@ from meddaemon.daemon.service import Daemon
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
 from meddaemon.db.migrate import upgrade
 from meddaemon.db.models import Heatmap, ModelVersion, OutboxItem, Report, Result, Scan
-from meddaemon.dicom import pdf, pmap, sc, sr, uids
+from meddaemon.dicom import encoding, pdf, pmap, sc, sr, uids
 from meddaemon.dicom.content import NOT_FOR_DIAGNOSIS, LabelResult, OutputRefused, ScanFacts, read_source, scan_facts
 from meddaemon.dicom.writer import DicomOutputs, build_objects
 from meddaemon.engine.tasks import all_tasks
@@ -257,6 +259,49 @@ def test_building_the_objects_again_gives_the_same_uids(delivered: Daemon):
                 by_key[key].SOPInstanceUID,
                 by_key[key].SeriesInstanceUID,
             )
+
+
+def pydicom_bytes(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_each_object_is_encoded_to_the_bytes_pydicom_writes(delivered: Daemon):
+    settings = delivered.settings
+    kinds = set()
+    for scan_id in written(delivered):
+        with delivered.sessions() as session:
+            facts = scan_facts(session, scan_id, settings.state_dir, settings.dicom_uid_root)
+        source = copy.deepcopy(facts.source)
+        for key, ds in build_objects(facts, ("sr", "pmap", "sc", "pdf"), b"%PDF-1.4\n%%EOF\n", False):
+            ours = encoding.encode(copy.deepcopy(ds))  # before pydicom corrects ambiguous VRs in place
+            assert ours == pydicom_bytes(ds), key
+            kinds.add(key.split(":")[0])
+        assert facts.source == source  # the objects share its elements, never change them
+    assert kinds == {"sr", "pmap", "sc", "pdf"}
+
+
+def test_text_in_a_sequence_is_encoded_in_the_character_set_of_its_object(tmp_path: Path):
+    source = tmp_path / "latin.dcm"
+    write_dicom(source, pixels=np.zeros((8, 8), np.uint8), extra={"SpecificCharacterSet": "ISO_IR 100"})
+    item = pydicom.Dataset()
+    item.PatientName = "Müller^Zoë"
+    item.CodeMeaning = "Größe"
+    item.CodeValue = "odd"  # ASCII, padded with a space
+    item.ReferencedSOPInstanceUID = "1.2.345"  # padded with a NUL
+    inner = pydicom.Dataset()
+    inner.TextValue = "é" * 3
+    inner.is_undefined_length_sequence_item = True
+    item.ContentSequence = [inner]
+    ds = pydicom.dcmread(source)
+    ds.SourceImageSequence = [item]
+    ds.ContentSequence = []
+    ours = encoding.encode(copy.deepcopy(ds))
+    assert ours == pydicom_bytes(ds)
+    back = pydicom.dcmread(io.BytesIO(ours))
+    assert back.SourceImageSequence[0].PatientName == "Müller^Zoë"
+    assert back.SourceImageSequence[0].ContentSequence[0].TextValue == "ééé"
 
 
 # -- sources that lack what a study needs ----------------------------------------------------------

@@ -10,8 +10,6 @@ of the sizes.
 
 from __future__ import annotations
 
-import copy
-
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
@@ -87,16 +85,20 @@ def _source_spacing(source: Dataset) -> tuple[float, float]:
 
 
 def _with_frame_of_reference(source: Dataset, facts: ScanFacts, spacing: tuple[float, float]) -> Dataset:
-    """The source header as highdicom reads it; given a frame of reference of its own when it has none
-    (the copy only: the source file is never changed)."""
-    if source.get("FrameOfReferenceUID") and "ImagePositionPatient" in source and "ImageOrientationPatient" in source:
-        placed = copy.deepcopy(source)
-    else:
-        placed = copy.deepcopy(source)
-        placed.FrameOfReferenceUID = uids.derived_uid(facts.uid_root, facts.sha256, "frame-of-reference")
-        placed.ImagePositionPatient = [0.0, 0.0, 0.0]
-        placed.ImageOrientationPatient = list(AXIAL)
-    placed.PixelSpacing = list(spacing)
-    if "SliceThickness" not in placed or placed.SliceThickness is None:
-        placed.SliceThickness = 1.0
+    """The source header as highdicom reads it; given a frame of reference of its own when it has none.
+
+    A new dataset holding the source's elements, the ones set here new elements (the source is never
+    changed): a deep copy of the header cost about a sixth of the map's build."""
+    placed = Dataset()
+    for element in source:
+        placed.add(element)
+    placed_already = "ImagePositionPatient" in source and "ImageOrientationPatient" in source
+    if not (source.get("FrameOfReferenceUID") and placed_already):
+        frame = uids.derived_uid(facts.uid_root, facts.sha256, "frame-of-reference")
+        placed.add_new("FrameOfReferenceUID", "UI", frame)
+        placed.add_new("ImagePositionPatient", "DS", [0.0, 0.0, 0.0])
+        placed.add_new("ImageOrientationPatient", "DS", list(AXIAL))
+    placed.add_new("PixelSpacing", "DS", list(spacing))
+    if placed.get("SliceThickness") is None:
+        placed.add_new("SliceThickness", "DS", 1.0)
     return placed

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
-import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from meddaemon.config import DestinationConfig, Settings
 from meddaemon.db.models import Result, Scan
 from meddaemon.dicom import outbox, pdf, pmap, sc, sr
 from meddaemon.dicom.content import OutputRefused, ScanFacts, scan_facts
+from meddaemon.dicom.encoding import encode
 from meddaemon.files import fsync_dir, write_atomically
 from meddaemon.states import ScanState
 from meddaemon.stored_paths import stored_name
@@ -66,12 +66,6 @@ def object_path(dicom_dir: Path, sha256: str, object_key: str) -> Path:
 def study_object_path(dicom_dir: Path, study_instance_uid: str, object_key: str) -> Path:
     folder = hashlib.sha256(study_instance_uid.encode()).hexdigest()[:16]
     return dicom_dir / "studies" / folder / f"{object_key.replace(':', '_')}.dcm"
-
-
-def encode(ds: Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def build_objects(

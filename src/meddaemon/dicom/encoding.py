@@ -1,0 +1,122 @@
+"""A built object as the bytes of a DICOM file (Explicit VR Little Endian), the same bytes pydicom's
+``dcmwrite`` gives, with less of its per-element work where the objects have most elements: in
+their sequences.
+
+pydicom encodes every item of every sequence with its generic ``write_dataset``: for a dataset it
+did not read, each item runs the ambiguous-VR correction over its whole subtree again (so an item
+``d`` levels deep is corrected ``d`` times), and each element converts its character sets anew
+inside an exception context. An SR's content tree is nearly all items: that was most of its
+encoding time. Here the correction runs once over the whole object, each item's character sets
+are converted once, a single ASCII string (most of an SR's values: codes, UIDs) is written as
+pydicom's ``write_string`` and ``write_text`` write it, and every other value by pydicom's own
+writer for its VR; the sequences go to ``dcmwrite`` encoded (as raw elements), which writes the
+file meta and the top-level elements as before. Anything unusual (a value too long for its VR's length field, an
+undefined length, a buffered value) is left to pydicom's ``write_data_element`` whole.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr, dcmwrite, write_data_element, writers
+from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_32, VR
+
+_ITEM = b"\xfe\xff\x00\xe0"
+_HEADER_16 = struct.Struct("<HH2sH")
+_HEADER_32 = struct.Struct("<HH2s2xL")
+#: the VRs whose single ASCII string pydicom writes as it is, padded to an even length with this byte
+_ASCII_PADDING = {vr: b" " for vr in (VR.AE, VR.AS, VR.CS, VR.UR, VR.LO, VR.LT, VR.SH, VR.ST, VR.UC, VR.UT)}
+_ASCII_PADDING[VR.UI] = b"\0"
+
+
+def encode(ds: Dataset) -> bytes:
+    """``ds`` as a DICOM file: preamble, file meta and data set, as ``ds.save_as(..,
+    enforce_file_format=True)`` writes it; the ambiguous VRs of ``ds`` are resolved in place."""
+    correct_ambiguous_vr(ds, True)
+    encodings = _encodings(ds, default_encoding)
+    shell = Dataset()
+    if hasattr(ds, "file_meta"):
+        shell.file_meta = ds.file_meta
+    if hasattr(ds, "preamble"):
+        shell.preamble = ds.preamble
+    for element in ds:  # in tag order, raw elements converted
+        if element.VR == VR.SQ and not element.is_undefined_length:
+            value = _sequence_value(element, encodings)
+            shell[element.tag] = RawDataElement(element.tag, "SQ", len(value), value, 0, False, True)
+        else:
+            shell[element.tag] = element
+    # what pydicom would correct at the top level is corrected above; raw elements are written as they are
+    shell.set_original_encoding(False, True, shell._character_set)
+    buffer = io.BytesIO()
+    dcmwrite(buffer, shell, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _encodings(ds: Dataset, parent: str | list[str]) -> list[str]:
+    return convert_encodings(ds.get("SpecificCharacterSet", parent) or [default_encoding])
+
+
+def _sequence_value(element: DataElement, encodings: list[str]) -> bytes:
+    out = bytearray()
+    for item in element.value:
+        body = _dataset_bytes(item, encodings)
+        if getattr(item, "is_undefined_length_sequence_item", False):
+            out += _ITEM + b"\xff\xff\xff\xff" + body + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+        else:
+            out += _ITEM + struct.pack("<L", len(body)) + body
+    return bytes(out)
+
+
+def _dataset_bytes(ds: Dataset, parent: list[str]) -> bytes:
+    """An item's elements in tag order, as pydicom's ``write_dataset`` encodes them."""
+    encodings = _encodings(ds, parent)
+    out = bytearray()
+    for tag in sorted(ds.keys()):
+        if tag.element == 0 and tag.group > 6:  # retired group lengths are not written (PS3.5 7.2)
+            continue
+        element = ds[tag]
+        out += _element_bytes(element, encodings)
+    return bytes(out)
+
+
+def _element_bytes(element: DataElement, encodings: list[str]) -> bytes:
+    vr = element.VR
+    padding = _ASCII_PADDING.get(vr)
+    text = element.value if padding is not None else None
+    if isinstance(text, str) and text.isascii():  # what pydicom's write_string and write_text write
+        value = text.encode() + (padding if len(text) % 2 else b"")  # type: ignore[operator]
+    elif vr == VR.SQ and not element.is_undefined_length:
+        value = _sequence_value(element, encodings)
+    elif element.is_undefined_length or element.is_buffered or vr not in writers or len(vr) != 2:
+        return _pydicom_element_bytes(element, encodings)
+    elif element.is_empty:
+        value = b""
+    else:
+        fn, param = writers[vr]
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, False
+        if vr in CUSTOMIZABLE_CHARSET_VR:
+            fn(buffer, element, encodings=encodings)
+        elif param is not None:
+            fn(buffer, element, param)
+        else:
+            fn(buffer, element)
+        value = buffer.getvalue()
+    tag = element.tag
+    if vr in EXPLICIT_VR_LENGTH_32:
+        return _HEADER_32.pack(tag.group, tag.element, vr.encode(), len(value)) + value
+    if len(value) > 0xFFFF:  # pydicom writes it as UN, with a warning
+        return _pydicom_element_bytes(element, encodings)
+    return _HEADER_16.pack(tag.group, tag.element, vr.encode(), len(value)) + value
+
+
+def _pydicom_element_bytes(element: DataElement, encodings: list[str]) -> bytes:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_data_element(buffer, element, encodings)
+    return buffer.getvalue()
