@@ -113,13 +113,15 @@ def whole_process(cmd: list[str], env: dict[str, str] | None = None, log: Path |
 
 class StateTemplate:
     """A state directory with the model imported, promoted and loaded once (backend choice and ONNX
-    graph kept in its version folder); each round runs in a fresh copy of it."""
+    graph kept in its version folder); each round runs in a fresh copy of it. The warm-up scan is
+    taken all the way (reported, archived), so that nothing waits in the copies: the check on an
+    empty inbox measured 2.66 s while it also wrote that scan's report (1.1 s without it)."""
 
     def __init__(self, base: Path, model: Path, warmup_png: Path) -> None:
         self.root = base / "template"
         inbox, state = stage_profile.prepare_run(base, model, [], "template")
         os.link(warmup_png, inbox / TASK / warmup_png.name)
-        env = daemon_env(reports=False)
+        env = daemon_env(reports=True)
         whole_process(once_cmd(inbox, state), env, base / "template.log")
         self.inbox, self.state = inbox, state
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from meddaemon.daemon.service import Daemon
 from meddaemon.db.models import Heatmap, Result, Scan
 from meddaemon.engine import registry
 from meddaemon.engine.decode import decode_bytes
+from meddaemon.engine.inference import ServedModel
 from meddaemon.engine.overlay import jpeg_bytes, model_view, overlay
 from meddaemon.engine.preprocess import to_model_input
 from meddaemon.overlays import ViewSource, overlay_jpeg
@@ -232,6 +236,54 @@ def test_scans_whose_heatmaps_cannot_be_written_stay_routed_and_run_again(make_s
 
 
 @pytest.mark.slow
+def test_a_file_arriving_during_a_forward_pass_is_recorded_before_the_pass_ends(
+    make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The forward pass runs in a thread of its own: the loop goes on recording files (and storing
+    results, feeding the workers) while a batch is in the model."""
+    daemon = Daemon(make_settings(max_wait_ms=10, reports=False, model_poll_seconds=0.2))
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "model"))
+    release = threading.Event()
+    forward_threads: list[str] = []
+    predict = ServedModel.predict
+
+    def held(self: ServedModel, inputs: np.ndarray) -> list:
+        forward_threads.append(threading.current_thread().name)
+        assert release.wait(60)
+        return predict(self, inputs)
+
+    monkeypatch.setattr(ServedModel, "predict", held)
+
+    def states() -> dict[str, str]:
+        with daemon.sessions() as session:
+            return {s.source_name: s.state for s in session.scalars(select(Scan))}
+
+    def wait_until(condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline and runner.is_alive(), f"gave up waiting for {what}: {states()}"
+            time.sleep(0.05)
+
+    drop_scans(daemon.settings.watch)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        wait_until(lambda: bool(forward_threads), "a batch in the forward pass")
+        write_png(daemon.settings.watch / "busi" / "synthetic_late.png", np.full((48, 64), 7, np.uint8))
+        wait_until(lambda: states().get("busi/synthetic_late.png") == "routed", "the late file recorded")
+        assert "inferred" not in states().values() and not release.is_set()
+
+        release.set()
+        wait_until(lambda: set(states().values()) == {"inferred"} and len(states()) == 5, "every scan inferred")
+    finally:
+        release.set()
+        daemon.request_stop()
+        runner.join(60)
+    assert not runner.is_alive()
+    assert set(forward_threads) == {"forward_0"}
+
+
 def test_the_running_daemon_picks_up_a_promoted_model_without_a_restart(tmp_path: Path):
     import os
     import signal

@@ -30,6 +30,18 @@ def test_a_full_batch_goes_at_once_and_the_rest_waits():
     assert len(queue) == 0
 
 
+def test_a_limit_takes_that_many_batches_and_the_rest_keeps_filling():
+    clock = Clock()
+    queue: BatchQueue[str] = BatchQueue(max_batch=2, max_wait=0.05, clock=clock)
+    for i in range(5):
+        queue.put("m", item(i, clock))
+    [(_, batch)] = queue.take_ready(limit=1)
+    assert [i.scan_id for i in batch] == [0, 1]
+    queue.put("m", item(5, clock))
+    assert [[i.scan_id for i in b] for _, b in queue.take_ready(limit=2)] == [[2, 3], [4, 5]]
+    assert queue.take_ready(limit=0) == [] and len(queue) == 0
+
+
 def test_a_partial_batch_goes_when_its_oldest_scan_has_waited_max_wait():
     clock = Clock()
     queue: BatchQueue[str] = BatchQueue(max_batch=16, max_wait=0.1, clock=clock)

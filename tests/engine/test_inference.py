@@ -124,6 +124,13 @@ def test_onnx_runtime_gives_the_same_probabilities_and_heatmaps_as_eager(tmp_pat
             np.testing.assert_allclose(map_a, map_b, atol=1e-3)
 
 
+def test_onnx_runtime_threads_sleep_while_they_wait_leaving_the_cores_to_the_daemons_other_work(tmp_path: Path):
+    model = served(tmp_path, arch="small_cnn", backend="onnx")
+    assert model.choose_backend(4) == "onnx" and model.onnx is not None
+    options = model.onnx.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_auto_measures_both_backends_and_keeps_the_faster(tmp_path: Path):
     model = served(tmp_path, arch="mobilenet_v2")
     backend = model.choose_backend(4)

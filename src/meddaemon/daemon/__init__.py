@@ -16,7 +16,7 @@ models     serving.py             the active version of each task, polled and lo
 receiver   receiver_stage.py      the DICOM C-STORE SCP (``dicom_port``; not ``--once``), in a child process
 watcher    watcher.py             filesystem events as hints (not ``--once``: rescans find the files)
 intake     intake_stage.py        inbox files: stable, claimed, read in the workers, recorded, moved
-inference  inference.py           batches through the served models, results and heatmaps stored
+inference  inference.py           batches in a forward thread; results and heatmaps stored
 reports    reporter.py            PDF reports, in a child process (``--once``: after the drain)
 outbox     outbox_stage.py        DICOM results to the destinations, in a child process
 archive    archiving.py           reported scans from work/ to archive/

@@ -14,6 +14,12 @@ A promoted model is picked up without a restart: it is loaded in a background th
 (``daemon/loader.py``) while the version it replaces keeps serving its task; a model that fails
 verification is refused with a clear message and never produces a result.
 
+The forward pass runs in a thread of its own (ONNX Runtime and torch release the GIL while they
+compute), two batches at a time, one running and one waiting behind it: the loop meanwhile records
+the next files, stores the last batch's results and keeps the decoding workers fed, instead of the
+cores idling in turn (measured in ``benchmarks/README.md``, issue 16). The results of a batch are
+taken back, turned into outcomes and stored by the loop, in the order the batches were handed over.
+
 Heatmap files (the map as ``.npy``; with reports on, the scan as the model saw it and the overlay
 JPEG) are written by a small thread pool while the main loop goes on to the next forward pass; a
 batch's results are committed once its files exist, so a row never points at a map that is not
@@ -68,7 +74,10 @@ Commit = Callable[[Callable[[Session], Any]], Any]
 REPORT_VIEW_MAX_SIDE = 512
 #: threads writing heatmap files: numpy, the JPEG encoder and file writes release the GIL
 HEATMAP_WRITERS = 2
-#: how often the main loop looks for inputs prepared and batches whose heatmap files are written (s)
+#: batches handed to the forward thread and not yet taken back: one running, one waiting behind it,
+#: so that the thread never waits for the loop while the queue goes on filling the next full batch
+FORWARDS_AHEAD = 2
+#: how often the main loop looks for inputs prepared, batches forwarded, and batches whose heatmap files are written (s)
 STORE_POLL = 0.005
 #: how often the main loop looks for finished model loads while one is in progress (s)
 LOAD_POLL = 0.1
@@ -81,6 +90,15 @@ class _Preparing:
     future: Future
     scan: ScanToInfer
     version_id: int
+
+
+@dataclass
+class _Forwarding:
+    """A batch handed to the forward thread: ``future`` gives (its predictions, seconds)."""
+
+    model: ServedModel
+    items: list[QueuedScan]
+    future: Future
 
 
 @dataclass
@@ -130,7 +148,9 @@ class InferenceStage(Stage):
         self.loader = model_loader.ModelLoader(self._load)
         self.queue: BatchQueue[int] = BatchQueue(settings.max_batch, settings.max_wait_ms / 1000)
         self.preparing: list[_Preparing] = []
+        self.forwarding: list[_Forwarding] = []
         self.storing: list[_Storing] = []
+        self.forwarder = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self.writer = ThreadPoolExecutor(HEATMAP_WRITERS, thread_name_prefix="heatmap-writer")
         self.in_flight: set[int] = set()
         #: scans whose heatmap files could not be written, left alone until the time given (monotonic)
@@ -148,9 +168,10 @@ class InferenceStage(Stage):
         self.files_waiting = files_waiting
 
     def close(self) -> None:
-        """Stop the writer threads; batches not yet committed stay ``routed`` and run again at start.
-        A model load in progress is not waited for."""
+        """Stop the forward and writer threads; batches not yet committed stay ``routed`` and run
+        again at start. A model load in progress is not waited for."""
         self.loader.close()
+        self.forwarder.shutdown(wait=True, cancel_futures=True)
         self.writer.shutdown(wait=True)
 
     # -- the stage -------------------------------------------------------------------------------
@@ -360,26 +381,42 @@ class InferenceStage(Stage):
     # -- running batches -----------------------------------------------------------------------
 
     def run_ready(self, flush: bool = False) -> int:
-        """Forward every batch that is full or has waited long enough, and commit the results of
-        batches whose heatmap files are written (all of them with ``flush``); returns scans forwarded."""
-        done = 0
+        """Take back the batches forwarded, hand the forward thread every batch that is full or has
+        waited long enough (while fewer than ``FORWARDS_AHEAD`` are there), and commit the results
+        of batches whose heatmap files are written. ``flush``: every queued batch, waited for, and
+        every result committed. Returns the scans taken back from the forward thread."""
         self.store_written()
-        for version_id, items in self.queue.take_ready(flush):
+        done = self.take_forwarded()
+        room = None if flush else FORWARDS_AHEAD - len(self.forwarding)
+        for version_id, items in self.queue.take_ready(flush, limit=room):
             model = next((m for m in self.served.values() if m.version_id == version_id), None)
             if model is None:
                 for item in items:
                     self.in_flight.discard(item.scan_id)
                 continue
-            started = time.perf_counter()
-            inputs = np.concatenate([item.inputs for item in items])
-            predictions = model.predict(inputs)
-            forward_s = time.perf_counter() - started
-            self.storing.append(self._outcomes(model, items, predictions))
-            done += len(items)
-            log.debug(
-                "%s: batch of %d scans (%d inputs) in %.0f ms", model.name, len(items), len(inputs), forward_s * 1000
-            )
+            self.forwarding.append(_Forwarding(model, items, self.forwarder.submit(forward, model, items)))
+        if flush:
+            done += self.take_forwarded(wait=True)
         self.store_written(wait_for_files=flush)
+        return done
+
+    def take_forwarded(self, wait: bool = False) -> int:
+        """Turn the batches the forward thread has finished (all of them with ``wait``), oldest first,
+        into outcomes whose heatmap files are being written; returns their scans. A forward pass that
+        raised raises here, in the loop, as when it ran there."""
+        done = 0
+        while self.forwarding and (wait or self.forwarding[0].future.done()):
+            batch = self.forwarding.pop(0)
+            predictions, seconds = batch.future.result()
+            self.storing.append(self._outcomes(batch.model, batch.items, predictions))
+            done += len(batch.items)
+            log.debug(
+                "%s: batch of %d scans (%d inputs) in %.0f ms",
+                batch.model.name,
+                len(batch.items),
+                sum(item.size for item in batch.items),
+                seconds * 1000,
+            )
         return done
 
     def store_written(self, wait_for_files: bool = False) -> None:
@@ -390,11 +427,17 @@ class InferenceStage(Stage):
             self._store(batch.version_id, self._without_unwritten(batch))
 
     def idle(self) -> bool:
-        return not self.preparing and not self.storing and len(self.queue) == 0 and not self.loader.busy()
+        return (
+            not self.preparing
+            and not self.forwarding
+            and not self.storing
+            and len(self.queue) == 0
+            and not self.loader.busy()
+        )
 
     def next_deadline(self) -> float | None:
         now = time.monotonic()
-        if self.storing:
+        if self.storing or self.forwarding:
             return now + STORE_POLL
         deadline = now + LOAD_POLL if self.loader.busy() else self.queue.next_deadline()
         if self.preparing:  # inputs coming back from the decoding workers
@@ -491,6 +534,13 @@ class InferenceStage(Stage):
             return dict(session.execute(select(Scan.id, Scan.sha256).where(Scan.id.in_(ids))).all())  # type: ignore[arg-type]
 
         return self.commit(read)
+
+
+def forward(model: ServedModel, items: list[QueuedScan]) -> tuple[list[Prediction], float]:
+    """One batch through the model (in the forward thread): its predictions, and the seconds taken."""
+    started = time.perf_counter()
+    predictions = model.predict(np.concatenate([item.inputs for item in items]))
+    return predictions, time.perf_counter() - started
 
 
 def write_heatmap_files(

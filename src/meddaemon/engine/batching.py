@@ -43,13 +43,16 @@ class BatchQueue(Generic[K]):
     def put(self, key: K, item: QueuedScan) -> None:
         self._queues.setdefault(key, deque()).append(item)
 
-    def take_ready(self, flush: bool = False) -> list[tuple[K, list[QueuedScan]]]:
-        """Full batches, and partial ones whose oldest scan has waited long enough (or all, with ``flush``)."""
+    def take_ready(self, flush: bool = False, limit: int | None = None) -> list[tuple[K, list[QueuedScan]]]:
+        """Full batches, and partial ones whose oldest scan has waited long enough (or all, with
+        ``flush``); at most ``limit`` batches (the rest stay queued and keep filling)."""
         now = self.clock()
         batches: list[tuple[K, list[QueuedScan]]] = []
         for key, queue in self._queues.items():
-            while queue and (
-                flush or sum(i.size for i in queue) >= self.max_batch or now - queue[0].enqueued >= self.max_wait
+            while (
+                queue
+                and (limit is None or len(batches) < limit)
+                and (flush or sum(i.size for i in queue) >= self.max_batch or now - queue[0].enqueued >= self.max_wait)
             ):
                 batch: list[QueuedScan] = []
                 rows = 0

@@ -70,6 +70,10 @@ class OnnxRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.log_severity_level = 3
+        # the pool's threads sleep while they wait instead of spinning: in the daemon they share the
+        # cores with the decoding workers and the loop, and a spinning thread takes the core a worker
+        # needs; alone, the forward is as fast either way (benchmarks/README.md, issue 16's fourth pass)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
     def run(self, x: np.ndarray) -> tuple[Tensor | None, Tensor]:
