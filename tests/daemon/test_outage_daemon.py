@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from daemon_harness import MEDDAEMON, TASK, Daemons, Layout, RunningDaemon, daemon_env, files_under, wait_until
 from daemon_rows import stages_run_twice
+from meddaemon.daemon.intake_stage import READ_AHEAD_PER_WORKER
 from meddaemon.db.engine import create_db_engine, session_factory
 from meddaemon.db.models import DaemonInstance, DuplicateArrival, InboxClaim, Report, Scan, ScanEvent
 from model_factory import promote_into, write_model
@@ -169,21 +170,24 @@ def test_an_outage_longer_than_db_outage_seconds_ends_the_daemon_with_exit_3_and
     assert "Traceback" not in daemon.log_text()
 
 
-def test_a_cold_daemon_claims_no_more_inbox_files_than_its_starting_workers_can_read(
+def test_a_daemon_claims_no_more_inbox_files_than_its_workers_can_start_on(
     layout: Layout, daemons: Daemons, shared_db: sessionmaker[Session], postgres_url: str
 ):
+    """One file per worker until they have answered, then 16 per worker (tests/daemon/test_workers.py
+    holds the cold half: the daemon now starts its workers before it claims, so they are warm here)."""
     sessions = shared_db
-    names = drop_pngs(layout.inbox, 0, 30)  # more than a batch (16): all of it claimed at once before
+    names = drop_pngs(layout.inbox, 0, 40)  # more than two workers start on at once: all of it claimed before
     daemon = start(daemons, postgres_url, workers=2)
     open_claims = select(func.count()).select_from(InboxClaim).where(InboxClaim.done_at.is_(None))
     first_claimed = 0
     deadline = time.monotonic() + 60
-    while not first_claimed:  # the daemon's first claim: its decoding workers are only starting then
+    while not first_claimed:
         first_claimed = count(sessions, open_claims)
         assert time.monotonic() < deadline and daemon.alive(), daemon.tail()
         time.sleep(0.01)
-    assert first_claimed <= 2, f"a cold daemon with 2 workers claimed {first_claimed} files at once"
-    wait_until(lambda: archived(sessions) == 30, 90, "all archived", daemon)
+    limit = 2 * READ_AHEAD_PER_WORKER
+    assert first_claimed <= limit, f"a daemon with 2 workers claimed {first_claimed} files at once"
+    wait_until(lambda: archived(sessions) == 40, 90, "all archived", daemon)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(60) == 0
     assert_processed_exactly_once(sessions, layout, names)

@@ -14,10 +14,13 @@ import signal
 import time
 
 import pytest
+from sqlalchemy import func, select
 
 from meddaemon.config import Settings
 from meddaemon.daemon.service import Daemon
 from meddaemon.daemon.stages import Stage
+from meddaemon.db.models import Scan
+from model_factory import drop_scans
 
 
 class Probe(Stage):
@@ -109,6 +112,27 @@ def test_once_starts_recovers_ticks_finishes_drains_and_closes_every_stage_the_l
         "archive",
         "probe",
     ]
+
+
+def test_files_waiting_at_start_are_tracked_before_any_stage_recovers_and_read_after(settings):
+    """Their stability window runs while the stages recover (the models' load takes seconds), and
+    none is read before the moves a previous run left are finished (the intake's ``recover``)."""
+    calls: list[tuple[str, str]] = []
+    seen: list[tuple[int, int]] = []
+
+    class Looking(Probe):
+        def recover(self) -> None:
+            super().recover()
+            with daemon.sessions() as session:
+                seen.append((len(daemon.tracker), session.scalar(select(func.count()).select_from(Scan)) or 0))
+
+    drop_scans(settings.watch)
+    daemon = ProbedDaemon(settings, Looking("first", calls), Probe("last", calls))
+
+    daemon.run(once=True)
+
+    assert seen == [(4, 0)]
+    assert daemon.stats.files == 4
 
 
 def test_once_turns_until_every_stage_is_idle_and_flush_waits_for_the_stages_before(settings):

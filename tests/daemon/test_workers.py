@@ -1,17 +1,20 @@
-"""The decoding workers: processes whose results (a model input is 196 KiB) outgrow a pipe's
-default 64 KiB."""
+"""The decoding workers: started ahead of the first read, and results (a model input is 196 KiB)
+that outgrow a pipe's default 64 KiB."""
 
 from __future__ import annotations
 
 import fcntl
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from meddaemon.daemon.intake_stage import READ_AHEAD_PER_WORKER
+from meddaemon.daemon.service import Daemon
 from meddaemon.daemon.workers import RESULT_PIPE_BYTES, DecodingPool
 
-pytestmark = pytest.mark.skipif(
+wide_pipes = pytest.mark.skipif(
     int(Path("/proc/sys/fs/pipe-max-size").read_text()) < RESULT_PIPE_BYTES,
     reason=f"/proc/sys/fs/pipe-max-size is below {RESULT_PIPE_BYTES}: the result pipe keeps its default",
 )
@@ -27,6 +30,7 @@ def result_pipe_bytes(pool: DecodingPool) -> int:
     return fcntl.fcntl(reader.fileno(), fcntl.F_GETPIPE_SZ)
 
 
+@wide_pipes
 def test_the_result_pipe_holds_a_model_input_and_results_come_back_whole():
     pool = DecodingPool(2)
     pool.start()
@@ -39,6 +43,7 @@ def test_the_result_pipe_holds_a_model_input_and_results_come_back_whole():
         pool.shutdown()
 
 
+@wide_pipes
 def test_a_pool_replaced_after_a_worker_died_has_the_wide_pipe_too():
     pool = DecodingPool(1)
     pool.start()
@@ -48,3 +53,45 @@ def test_a_pool_replaced_after_a_worker_died_has_the_wide_pipe_too():
         assert result_pipe_bytes(pool) == RESULT_PIPE_BYTES
     finally:
         pool.shutdown()
+
+
+def test_a_warmed_up_pool_starts_every_process_before_the_first_read():
+    pool = DecodingPool(2)
+    pool.start(warm_up=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not pool.warm:
+            assert time.monotonic() < deadline, "the workers never answered"
+            time.sleep(0.05)
+        assert len(pool.executor._processes) == 2  # type: ignore[union-attr]
+    finally:
+        pool.shutdown()
+
+
+def test_a_pool_started_cold_has_no_process_until_its_first_read():
+    """``--once`` on an empty inbox: no worker is started (each would import torch for nothing)."""
+    pool = DecodingPool(2)
+    pool.start()
+    try:
+        time.sleep(0.5)
+        assert not pool.warm and not pool.executor._processes  # type: ignore[union-attr]
+        np.testing.assert_array_equal(pool.submit(model_input, 1).result(60), model_input(1))
+    finally:
+        pool.shutdown()
+
+
+def test_reads_are_handed_one_per_worker_until_the_workers_answer_then_sixteen_each(make_settings):
+    """A cold daemon holds no file it cannot start on: its peers read the rest meanwhile."""
+    daemon = Daemon(make_settings(workers=2, reports=False))
+    daemon.workers.start()
+    try:
+        assert daemon.intake._read_room() == 2
+        daemon.workers.warm_up()
+        deadline = time.monotonic() + 60
+        while not daemon.workers.warm:
+            assert time.monotonic() < deadline, "the workers never answered"
+            time.sleep(0.05)
+        assert daemon.intake._read_room() == 2 * READ_AHEAD_PER_WORKER
+    finally:
+        daemon.workers.shutdown()
+        daemon.engine.dispose()

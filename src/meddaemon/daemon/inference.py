@@ -77,7 +77,8 @@ HEATMAP_WRITERS = 2
 #: batches handed to the forward thread and not yet taken back: one running, one waiting behind it,
 #: so that the thread never waits for the loop while the queue goes on filling the next full batch
 FORWARDS_AHEAD = 2
-#: how often the main loop looks for inputs prepared, batches forwarded, and batches whose heatmap files are written (s)
+#: how often the main loop looks for inputs prepared, batches forwarded and batches whose heatmap
+#: files are written (s)
 STORE_POLL = 0.005
 #: how often the main loop looks for finished model loads while one is in progress (s)
 LOAD_POLL = 0.1

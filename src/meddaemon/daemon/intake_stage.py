@@ -46,8 +46,8 @@ from meddaemon.failures import FailureReason, ScanFailure
 log = logging.getLogger("meddaemon.daemon")
 
 #: files claimed but not yet read, per warm decoding worker: what the workers start on at once. Until
-#: the pool has proved warm (its first read back), one per worker: a cold daemon holds nothing it
-#: cannot start, and its peers read the rest meanwhile
+#: the pool has proved warm (its workers answered, or a read came back), one per worker: a cold
+#: daemon holds nothing it cannot start, and its peers read the rest meanwhile
 READ_AHEAD_PER_WORKER = 16
 
 
@@ -139,8 +139,16 @@ class IntakeStage(Stage):
 
     # -- the stage -------------------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Note the files already waiting, so that their stability window runs while the stages
+        after this one start and the model stage loads (seconds: torch, the model); nothing is read
+        before ``recover`` has finished the moves a previous run left."""
+        self.rescan()
+
     def recover(self) -> None:
         self.recover_moves()
+        for path in self.blocked:  # a committed move that failed again: never read meanwhile
+            self.tracker.forget(path)
         self.rescan()
         self.rescans.done(time.monotonic())
 

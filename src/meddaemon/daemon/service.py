@@ -218,13 +218,18 @@ class Daemon:
             self._restore_signal_handlers(previous_handlers)
             raise
         assert self.member is not None
-        self.workers.start()
+
+        def files_waiting() -> bool:
+            return next(iter(self.inbox.scan()), None) is not None
+
+        # --once on an empty inbox starts no worker process and loads no model
+        self.workers.start(warm_up=not once or files_waiting())
         self.lease = lease.LeaseKeeper(self.sessions, self.member, outage=self.outage)
         self.lease.start()
         self.stages = self._stages(once)
         self.intake.progress = progress
-        if once:  # no model is loaded for an empty inbox
-            self.stage.load_when(lambda: next(iter(self.inbox.scan()), None) is not None)
+        if once:
+            self.stage.load_when(files_waiting)
         try:
             for stage in self.stages:
                 stage.start()

@@ -24,11 +24,32 @@ class DecodingPool:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.executor: Executor | None = None
-        #: whether a read came back from the current pool (its workers are started)
+        #: whether the current pool's workers are started: they answered ``warm_up``, or a read came back
         self.warm = False
 
-    def start(self) -> None:
+    def start(self, warm_up: bool = False) -> None:
+        """Make the pool; with ``warm_up``, start its processes now (``warm_up``)."""
         self.executor = self._make()
+        if warm_up:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Start every worker process now rather than at the first read: each imports torch (2 to 3 s
+        on a small machine), which then overlaps the daemon's own start (its torch import, the model's
+        load, the files' stability window) instead of following it. The pool counts as warm once
+        every worker has answered."""
+        if self.executor is None:
+            return
+        executor = self.executor
+        started = [executor.submit(_started) for _ in range(self.workers)]
+
+        def answered(_: Future) -> None:
+            """In the pool's thread; a pool replaced meanwhile cancels these, and stays cold."""
+            if self.executor is executor and all(f.done() and not f.cancelled() for f in started):
+                self.warm = True
+
+        for future in started:
+            future.add_done_callback(answered)
 
     def submit(self, fn: Callable[..., object], *args: object) -> Future:
         """Run ``fn`` in a worker, or right here (as a finished future) without workers."""
@@ -74,3 +95,7 @@ def widen_result_pipe(executor: ProcessPoolExecutor, size: int = RESULT_PIPE_BYT
     with contextlib.suppress(OSError):
         fcntl.fcntl(reader.fileno(), fcntl.F_SETPIPE_SZ, size)
     return fcntl.fcntl(reader.fileno(), fcntl.F_GETPIPE_SZ)
+
+
+def _started() -> None:
+    """A worker's first task (``DecodingPool.warm_up``): nothing, once its initialiser has run."""
