@@ -25,6 +25,13 @@ def model_input(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 1, 224, 224), dtype=np.float32)
 
 
+def wait_until_warm(pool: DecodingPool) -> None:
+    deadline = time.monotonic() + 60
+    while not pool.warm:
+        assert time.monotonic() < deadline, "the workers never answered"
+        time.sleep(0.05)
+
+
 def result_pipe_bytes(pool: DecodingPool) -> int:
     reader = pool.executor._result_queue._reader  # type: ignore[union-attr]
     return fcntl.fcntl(reader.fileno(), fcntl.F_GETPIPE_SZ)
@@ -59,10 +66,7 @@ def test_a_warmed_up_pool_starts_every_process_before_the_first_read():
     pool = DecodingPool(2)
     pool.start(warm_up=True)
     try:
-        deadline = time.monotonic() + 60
-        while not pool.warm:
-            assert time.monotonic() < deadline, "the workers never answered"
-            time.sleep(0.05)
+        wait_until_warm(pool)
         assert len(pool.executor._processes) == 2  # type: ignore[union-attr]
     finally:
         pool.shutdown()
@@ -87,10 +91,7 @@ def test_reads_are_handed_one_per_worker_until_the_workers_answer_then_sixteen_e
     try:
         assert daemon.intake._read_room() == 2
         daemon.workers.warm_up()
-        deadline = time.monotonic() + 60
-        while not daemon.workers.warm:
-            assert time.monotonic() < deadline, "the workers never answered"
-            time.sleep(0.05)
+        wait_until_warm(daemon.workers)
         assert daemon.intake._read_room() == 2 * READ_AHEAD_PER_WORKER
     finally:
         daemon.workers.shutdown()

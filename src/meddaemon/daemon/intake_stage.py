@@ -6,8 +6,9 @@ Claims: the inbox files it reads (``claims.claim_inbox_files``, under this daemo
 their read until their group is recorded; files another daemon holds are left to it. Cadence: a
 full rescan every ``rescan_seconds``, at once after a watch-queue overflow or when a lost daemon's
 files are released (``rescan_triggers``); a file is read once its stability window has passed or
-as soon as it is renamed into place. Recovery: the committed moves a previous run did not carry out
-are finished (``Daemon.recover``) before the first rescan and before every rescan. Stop: the reads
+as soon as it is renamed into place. Recovery: the files waiting are noted at ``start`` (one scan of
+the inbox), and the committed moves a previous run did not carry out are finished
+(``Daemon.recover``) before the first read and before every later rescan. Stop: the reads
 in flight are recorded (``finish``); a file not yet claimed stays in the inbox for the next run.
 """
 
@@ -146,10 +147,11 @@ class IntakeStage(Stage):
         self.rescan()
 
     def recover(self) -> None:
+        """Finish the moves a previous run left (a file moved is forgotten by the tracker); the inbox
+        was scanned at ``start``, and what arrives later comes as a hint or with the next rescan."""
         self.recover_moves()
         for path in self.blocked:  # a committed move that failed again: never read meanwhile
             self.tracker.forget(path)
-        self.rescan()
         self.rescans.done(time.monotonic())
 
     def tick(self, now: float, flush: bool) -> bool:

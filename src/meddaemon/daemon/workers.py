@@ -28,7 +28,7 @@ class DecodingPool:
         self.warm = False
 
     def start(self, warm_up: bool = False) -> None:
-        """Make the pool; with ``warm_up``, start its processes now (``warm_up``)."""
+        """Make the pool; with ``warm_up``, start its processes now rather than at the first read."""
         self.executor = self._make()
         if warm_up:
             self.warm_up()
@@ -85,16 +85,14 @@ class DecodingPool:
         return executor
 
 
-def widen_result_pipe(executor: ProcessPoolExecutor, size: int = RESULT_PIPE_BYTES) -> int | None:
-    """Ask for a ``size``-byte result pipe (``RESULT_PIPE_BYTES``); returns the capacity it has, or
-    None where it cannot be changed (not Linux, or an executor without the pipe CPython has had
-    since 3.3). A refusal (a lower ``pipe-max-size``) leaves the default: slower, never wrong."""
+def widen_result_pipe(executor: ProcessPoolExecutor) -> None:
+    """Ask for a ``RESULT_PIPE_BYTES`` result pipe, where there is one to change (Linux, and the pipe
+    CPython's executor has had since 3.3). A refusal (a lower ``pipe-max-size``) leaves the default:
+    slower, never wrong."""
     reader = getattr(getattr(executor, "_result_queue", None), "_reader", None)
-    if reader is None or not hasattr(fcntl, "F_SETPIPE_SZ"):
-        return None
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(reader.fileno(), fcntl.F_SETPIPE_SZ, size)
-    return fcntl.fcntl(reader.fileno(), fcntl.F_GETPIPE_SZ)
+    if reader is not None and hasattr(fcntl, "F_SETPIPE_SZ"):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(reader.fileno(), fcntl.F_SETPIPE_SZ, RESULT_PIPE_BYTES)
 
 
 def _started() -> None:
