@@ -63,3 +63,29 @@ def test_a_postgresql_server_that_refuses_connections_is_reported_and_the_consol
 
     assert client.get("/").status_code == 200
     assert client.get("/worklist").status_code == 200
+
+
+@pytest.mark.postgres
+def test_an_id_past_any_integer_key_is_a_404_on_postgresql_not_a_database_error(postgres_url, tmp_path):
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    engine.dispose()
+    client = client_for(postgres_url, tmp_path)
+    past = 2**31  # one past PostgreSQL's INTEGER, which would refuse to compare a key with it
+    for url in (
+        f"/scans/{past}",
+        f"/scans/{past}/image.png",
+        f"/scans/{past}/thumb.jpg",
+        f"/heatmaps/{past}.png",
+        f"/heatmaps/{past}/thumb.jpg",
+        f"/reports/{past}.pdf",
+        f"/audits/{past}",
+        f"/audits/{past}.json",
+        f"/audits/{past}.csv",
+        f"/audits/{past}.pdf",
+    ):
+        page = client.get(url)
+        assert page.status_code == 404, url
+        assert "Traceback" not in page.text
+    assert f"There is no scan {past}." in client.get(f"/scans/{past}").text
+    assert client.get(f"/scans/{past - 1}").status_code == 404  # the largest key is still looked up

@@ -35,6 +35,7 @@ from starlette.templating import Jinja2Templates
 
 from meddaemon import __version__
 from meddaemon.config import Settings
+from meddaemon.db.models import MAX_ROW_ID
 from meddaemon.db.readonly import read_only_engine
 from meddaemon.web import auth
 
@@ -157,6 +158,16 @@ def render(request: Request, name: str, status_code: int = 200, **context: Any) 
         },
         status_code=status_code,
     )
+
+
+def path_row_id(request: Request, name: str, missing: str) -> int:
+    """The path's integer ``name`` (a ``{name:int}`` route), or a 404 saying ``missing`` (``{id}`` in it
+    is the number) for one past any row's id: the database would refuse to compare an INTEGER key
+    with it (PostgreSQL: out of range), which is a 500 otherwise."""
+    value: int = request.path_params[name]
+    if value > MAX_ROW_ID:
+        raise HTTPException(404, missing.format(id=value))
+    return value
 
 
 class SessionMiddleware(BaseHTTPMiddleware):

@@ -13,9 +13,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from meddaemon.web import queries
-from meddaemon.web.app import Console, render
+from meddaemon.web.app import Console, path_row_id, render
 
 CSV_COLUMNS = ("scope", "by", "level", "label", "metric", "value", "lower", "upper", "ci_method", "undefined", "n")
+NO_AUDIT = "There is no audit {id}."
 
 
 def audits_page(request: Request) -> Response:
@@ -25,10 +26,10 @@ def audits_page(request: Request) -> Response:
 
 def _audit(request: Request) -> queries.AuditRow:
     console: Console = request.app.state.console
-    audit_id: int = request.path_params["audit_id"]
+    audit_id = path_row_id(request, "audit_id", NO_AUDIT)
     row = console.read(lambda s: queries.audit(s, audit_id))
     if row is None:
-        raise HTTPException(404, f"There is no audit {audit_id}.")
+        raise HTTPException(404, NO_AUDIT.format(id=audit_id))
     return row
 
 
@@ -60,7 +61,7 @@ def audit_csv(request: Request) -> Response:
 def audit_pdf(request: Request) -> Response:
     """The PDF kept with the audit, inline (the page shows it; ``download`` on a link saves it)."""
     console: Console = request.app.state.console
-    audit_id: int = request.path_params["audit_id"]
+    audit_id = path_row_id(request, "audit_id", NO_AUDIT)
     data = console.read(lambda s: queries.audit_pdf(s, audit_id))
     if data is None:
         _audit(request)  # 404 for an audit that does not exist

@@ -9,9 +9,11 @@ from starlette.routing import Route
 
 from meddaemon.db.models import row_id
 from meddaemon.web import images, queries
-from meddaemon.web.app import Console, render
+from meddaemon.web.app import Console, path_row_id, render
 
 NOT_FOUND = "There is no scan {id}."
+NO_HEATMAP = "There is no heatmap {id}."
+NO_REPORT = "There is no report {id}."
 
 
 def _sees_phi(request: Request) -> bool:
@@ -21,7 +23,7 @@ def _sees_phi(request: Request) -> bool:
 
 def scan_page(request: Request) -> Response:
     console: Console = request.app.state.console
-    scan_id: int = request.path_params["scan_id"]
+    scan_id = path_row_id(request, "scan_id", NOT_FOUND)
     detail = console.read(lambda s: queries.scan_detail(s, scan_id, with_phi=_sees_phi(request)))
     if detail is None:
         raise HTTPException(404, NOT_FOUND.format(id=scan_id))
@@ -41,7 +43,7 @@ def _jpeg(data: bytes) -> Response:
 def scan_image(request: Request) -> Response:
     """The stored scan; with ``?map=ID`` resized to that heatmap's grid, so the layer lies over it exactly."""
     console: Console = request.app.state.console
-    scan_id: int = request.path_params["scan_id"]
+    scan_id = path_row_id(request, "scan_id", NOT_FOUND)
     found = console.read(lambda s: queries.stored_path(s, scan_id))
     if found is None:
         raise HTTPException(404, NOT_FOUND.format(id=scan_id))
@@ -63,7 +65,7 @@ def scan_image(request: Request) -> Response:
 
 def scan_thumbnail(request: Request) -> Response:
     console: Console = request.app.state.console
-    scan_id: int = request.path_params["scan_id"]
+    scan_id = path_row_id(request, "scan_id", NOT_FOUND)
     found = console.read(lambda s: queries.stored_path(s, scan_id))
     if found is None or found[0] is None:
         raise HTTPException(404, NOT_FOUND.format(id=scan_id))
@@ -75,10 +77,10 @@ def scan_thumbnail(request: Request) -> Response:
 
 def _heatmap(request: Request) -> queries.HeatmapFiles:
     console: Console = request.app.state.console
-    heatmap_id: int = request.path_params["heatmap_id"]
+    heatmap_id = path_row_id(request, "heatmap_id", NO_HEATMAP)
     files = console.read(lambda s: queries.heatmap_files(s, heatmap_id))
     if files is None:
-        raise HTTPException(404, f"There is no heatmap {heatmap_id}.")
+        raise HTTPException(404, NO_HEATMAP.format(id=heatmap_id))
     return files
 
 
@@ -102,10 +104,10 @@ def heatmap_thumbnail(request: Request) -> Response:
 def report_pdf(request: Request) -> Response:
     """A scan's PDF, inline; one with patient data only for those who may see it."""
     console: Console = request.app.state.console
-    report_id: int = request.path_params["report_id"]
+    report_id = path_row_id(request, "report_id", NO_REPORT)
     found = console.read(lambda s: queries.report_file(s, report_id))
     if found is None:
-        raise HTTPException(404, f"There is no report {report_id}.")
+        raise HTTPException(404, NO_REPORT.format(id=report_id))
     _, stored, with_phi = found
     if with_phi and not _sees_phi(request):
         raise HTTPException(403, "This report holds patient data, which your role does not show.")
