@@ -4,6 +4,7 @@ holding exactly what the database holds, with UIDs that a rebuild gives again.""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 from pathlib import Path
 
@@ -233,12 +234,76 @@ def test_the_sr_is_the_document_highdicom_builds_from_the_whole_content_tree(del
         assert len(built.ContentSequence) > 0 and _elements(built) == _elements(plain)
 
 
+#: what highdicom draws anew at each build: the times, and a UID of the map's dimension organisation
+DRAWN_PER_BUILD = BUILD_TIMES | {"DateOfSecondaryCapture", "TimeOfSecondaryCapture", "DimensionOrganizationUID"}
+
+
+def with_other_labels(facts: ScanFacts, folder: Path, labels: tuple[str, ...]) -> ScanFacts:
+    """``facts`` with more called labels, each with a heatmap of its own (the first one's, flipped)
+    and an overlay not drawn yet: what a multilabel scan (the chestxray14 preset) has."""
+    first = facts.heatmaps()[0]
+    assert first.heatmap_path is not None
+    extra = []
+    for axis, label in enumerate(labels):
+        heatmap, overlay = folder / f"{label}.npy", folder / f"{label}.jpg"
+        np.save(heatmap, np.flip(np.load(first.heatmap_path), axis % 2).copy())
+        extra.append(dataclasses.replace(first, label=label, heatmap_path=heatmap, overlay_path=overlay))
+    return dataclasses.replace(facts, results=(*facts.results, *extra))
+
+
+def test_a_multilabel_scan_s_maps_and_captures_after_the_first_are_the_ones_highdicom_builds(
+    delivered: Daemon, tmp_path: Path
+):
+    settings = delivered.settings
+    scan_id = next(iter(written(delivered)))
+    with delivered.sessions() as session:
+        facts = with_other_labels(
+            scan_facts(session, scan_id, settings.state_dir, settings.dicom_uid_root), tmp_path, ("Second", "Third")
+        )
+    labels = [r.label for r in facts.heatmaps()]
+    built = dict(build_objects(facts, ("pmap", "sc"), None, False))
+    assert sorted(built) == sorted(f"{kind}:{label}" for kind in ("pmap", "sc") for label in labels)
+
+    def elements(ds: pydicom.Dataset) -> list[str]:
+        return [str(e) for e in ds.iterall() if e.keyword not in DRAWN_PER_BUILD]
+
+    for number, result in enumerate(facts.heatmaps(), 1):
+        for kind, module in (("pmap", pmap), ("sc", sc)):
+            ours = built[f"{kind}:{result.label}"]
+            assert elements(ours) == elements(module.build(facts, result, number)), (kind, result.label)
+            assert ours.file_meta.MediaStorageSOPInstanceUID == ours.SOPInstanceUID
+            path = tmp_path / f"{kind}_{result.label}.dcm"
+            path.write_bytes(encoding.encode(ours))
+            assert dciodvfy_errors(path) == [], path.name
+        stored = np.load(result.heatmap_path)
+        assert np.array_equal(pydicom.dcmread(tmp_path / f"pmap_{result.label}.dcm").pixel_array, stored)
+    assert len({str(ds.SOPInstanceUID) for ds in built.values()}) == len(built)
+
+
+def test_a_code_hashes_as_highdicom_hashes_it():
+    from meddaemon.dicom import hot_paths
+
+    concept = hd.sr.CodedConcept
+    assert concept.__hash__ is hot_paths._code_hash  # writer.py applied it
+    codes = [
+        concept("52101004", "SCT", "Present"),
+        concept("x" * 20, "99MEDDAEMON", "a long code value"),
+        concept("urn:oid:1.2.840.10008.1.2.3", "99MEDDAEMON", "a URN code value"),
+        concept("1", "UCUM", "no units", scheme_version="1.4"),
+    ]
+    assert [c.value for c in codes[1:3]] == ["x" * 20, "urn:oid:1.2.840.10008.1.2.3"]
+    assert "LongCodeValue" in codes[1] and "URNCodeValue" in codes[2]
+    for code in codes:
+        assert hash(code) == hot_paths._code_hash.original(code)
+    assert len({codes[0], concept("52101004", "SCT", "Present, again")}) == 1  # meaning is not part of it
+
+
 def test_the_remembered_iod_lookups_answer_as_highdicom_does():
     import highdicom.base
     import highdicom.base_content
 
     lookup, pixel_data = highdicom.base.is_attribute_in_iod, highdicom.base_content.does_iod_have_pixel_data
-    assert hasattr(lookup, "uncached") and hasattr(pixel_data, "cache_info")  # equipment.py replaced them
+    assert hasattr(lookup, "uncached") and hasattr(pixel_data, "cache_info")  # hot_paths.py replaced them
     parametric_map = "1.2.840.10008.5.1.4.1.1.30"
     for sop_class in (pydicom.uid.ComprehensiveSRStorage, parametric_map, pydicom.uid.UltrasoundImageStorage):
         for attribute in ("ContentDate", "PixelData", "FloatPixelData", "NoSuchAttribute"):

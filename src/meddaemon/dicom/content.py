@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -34,6 +37,7 @@ TYPE2_PATIENT_STUDY = (
 #: what a source must have for its results to join its study; without one the outputs fail by name
 REQUIRED_SOURCE = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 MANUFACTURER = "meddaemon"
+MEDIA_STORAGE_SOP_INSTANCE_UID = 0x00020003
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS: research software output"
 
 
@@ -146,3 +150,25 @@ def read_source(path: Path) -> Dataset:
 def load_heatmap(result: LabelResult) -> np.ndarray:
     assert result.heatmap_path is not None
     return np.load(result.heatmap_path, allow_pickle=False).astype(np.float32, copy=False)
+
+
+def sibling(first: Dataset, **values: Any) -> Dataset:
+    """A dataset holding ``first``'s elements (and file meta, and preamble) but for ``values``
+    (keyword: value, each an element ``first`` has), which are new elements of the same VR (a new
+    SOP Instance UID in the file meta too): ``first`` never changes (pydicom sets a value on the
+    element a dataset holds, which a sibling shares)."""
+    ds = Dataset()
+    for element in first:
+        ds.add(element)
+    if hasattr(first, "file_meta"):
+        ds.file_meta = FileMetaDataset()
+        for element in first.file_meta:
+            ds.file_meta.add(element)
+    if hasattr(first, "preamble"):
+        ds.preamble = first.preamble
+    for keyword, value in values.items():
+        tag = tag_for_keyword(keyword)
+        ds.add(DataElement(tag, first[tag].VR, value))
+    if "SOPInstanceUID" in values and hasattr(ds, "file_meta"):
+        ds.file_meta.add(DataElement(MEDIA_STORAGE_SOP_INSTANCE_UID, "UI", values["SOPInstanceUID"]))
+    return ds

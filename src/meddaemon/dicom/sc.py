@@ -1,6 +1,9 @@
 """A heatmap burned into the image as a Secondary Capture, for viewers without Parametric Maps:
 the overlay the report shows (the scan as the model saw it, the map in the jet scale), enlarged,
-with a caption band saying what it is and, in capitals, that it is not for diagnosis."""
+with a caption band saying what it is and, in capitals, that it is not for diagnosis.
+
+As for the Parametric Maps (``pmap``), a multilabel scan's captures after the first are made from
+the first (``for_label``): only their label's parts differ."""
 
 from __future__ import annotations
 
@@ -15,7 +18,13 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
 from meddaemon.dicom import uids
-from meddaemon.dicom.content import MANUFACTURER, NOT_FOR_DIAGNOSIS, LabelResult, ScanFacts
+from meddaemon.dicom.content import (
+    MANUFACTURER,
+    NOT_FOR_DIAGNOSIS,
+    LabelResult,
+    ScanFacts,
+    sibling,
+)
 from meddaemon.dicom.equipment import contributing_equipment, copy_laterality
 from meddaemon.overlays import overlay_jpeg
 
@@ -61,6 +70,17 @@ def picture(facts: ScanFacts, result: LabelResult) -> np.ndarray:
     return np.asarray(canvas, dtype=np.uint8)
 
 
+def build_all(facts: ScanFacts, results: list[LabelResult]) -> list[tuple[str, Dataset]]:
+    """(object key, capture) for each of ``results`` that has an overlay, numbered by its place in ``results``."""
+    built: list[tuple[str, Dataset]] = []
+    for number, result in enumerate(results, 1):
+        if not result.overlay_path:
+            continue
+        ds = for_label(built[0][1], facts, result, number) if built else build(facts, result, number)
+        built.append((object_key(result.label), ds))
+    return built
+
+
 def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Dataset:
     source = facts.source
     pixels = picture(facts, result)
@@ -72,7 +92,7 @@ def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Da
         study_instance_uid=source.StudyInstanceUID,
         series_instance_uid=uids.series_uid(facts.uid_root, facts.sha256, facts.model_version, KIND),
         series_number=SERIES_NUMBER,
-        sop_instance_uid=uids.instance_uid(facts.uid_root, facts.sha256, facts.model_version, object_key(result.label)),
+        sop_instance_uid=_instance_uid(facts, result),
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
         patient_id=source.PatientID,
@@ -86,18 +106,48 @@ def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Da
         referring_physician_name=source.ReferringPhysicianName,
         patient_orientation=("L", "F"),  # highdicom insists; replaced by the source's (or empty) below
         contributing_equipment=[contributing_equipment(facts)],
-        series_description=f"AI overlay: {facts.task} {result.label}"[:64],
+        series_description=_series_description(facts, result),
     )
     copy_laterality(source, sc)
     sc.PatientOrientation = source.get("PatientOrientation") or None
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = NOT_FOR_DIAGNOSIS
-    sc.DerivationDescription = f"Grad-CAM of {result.label} over the scan as {facts.algorithm_name} saw it"[:1024]
+    sc.DerivationDescription = _derivation(facts, result)
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
     sc.SourceImageSequence = [reference]
     return sc
+
+
+def for_label(first: Dataset, facts: ScanFacts, result: LabelResult, instance_number: int) -> Dataset:
+    """The capture of ``result`` made from ``first``, another label's capture of the same scan: a new
+    dataset sharing ``first``'s elements except the label's (UID, number, descriptions, pixels); what
+    ``build`` gives but for the creation times (a test compares the two). A picture of another size
+    is built in full."""
+    pixels = picture(facts, result)
+    if pixels.shape != (int(first.Rows), int(first.Columns), int(first.SamplesPerPixel)):
+        return build(facts, result, instance_number)
+    return sibling(
+        first,
+        SOPInstanceUID=_instance_uid(facts, result),
+        InstanceNumber=instance_number,
+        SeriesDescription=_series_description(facts, result),
+        DerivationDescription=_derivation(facts, result),
+        PixelData=np.ascontiguousarray(pixels).tobytes(),
+    )
+
+
+def _instance_uid(facts: ScanFacts, result: LabelResult) -> str:
+    return uids.instance_uid(facts.uid_root, facts.sha256, facts.model_version, object_key(result.label))
+
+
+def _series_description(facts: ScanFacts, result: LabelResult) -> str:
+    return f"AI overlay: {facts.task} {result.label}"[:64]
+
+
+def _derivation(facts: ScanFacts, result: LabelResult) -> str:
+    return f"Grad-CAM of {result.label} over the scan as {facts.algorithm_name} saw it"[:1024]
 
 
 @functools.lru_cache(maxsize=8)

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from meddaemon.config import DestinationConfig, Settings
 from meddaemon.db.models import Result, Scan
-from meddaemon.dicom import outbox, pdf, pmap, sc, sr
+from meddaemon.dicom import hot_paths, outbox, pdf, pmap, sc, sr
 from meddaemon.dicom.content import OutputRefused, ScanFacts, scan_facts
 from meddaemon.dicom.encoding import encode
 from meddaemon.files import fsync_dir, write_atomically
@@ -35,6 +35,7 @@ from meddaemon.states import ScanState
 from meddaemon.stored_paths import stored_name
 
 log = logging.getLogger("meddaemon.dicom")
+hot_paths.apply()
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,9 @@ def build_objects(
         built.append((sr.KIND, sr.build(facts)))
     heatmaps = facts.heatmaps()
     if "pmap" in kinds:
-        built += [(pmap.object_key(r.label), pmap.build(facts, r, i)) for i, r in enumerate(heatmaps, 1)]
+        built += pmap.build_all(facts, heatmaps)
     if "sc" in kinds:
-        built += [(sc.object_key(r.label), sc.build(facts, r, i)) for i, r in enumerate(heatmaps, 1) if r.overlay_path]
+        built += sc.build_all(facts, heatmaps)
     if "pdf" in kinds and pdf_bytes is not None:
         built.append((pdf.KIND, pdf.build(facts, pdf_bytes, with_phi)))
     return built
