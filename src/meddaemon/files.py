@@ -26,6 +26,22 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{HOST_TAG}-{os.getpid()}{TMP_SUFFIX}")
 
 
+def remove_stale_temporaries(folder: Path, recursive: bool = True) -> int:
+    """Delete the temporaries (``temporary_path``'s names) that writers of this host, killed while
+    writing, left in ``folder`` (and below it, with ``recursive``); those of live writers, here or on
+    other hosts sharing the folder, stay. Returns how many were removed."""
+    if not folder.is_dir():
+        return 0
+    pattern = f".*{TMP_SUFFIX}"
+    removed = 0
+    for tmp in folder.rglob(pattern) if recursive else folder.glob(pattern):
+        if left_by_dead_writer(tmp):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
 def left_by_dead_writer(tmp: Path) -> bool:
     """Whether the temporary ``tmp`` was left by a process of this host that is gone. Another host's
     temporaries are never judged: their writer may be alive there."""

@@ -21,7 +21,7 @@ from meddaemon.daemon.reporter import Reporter
 from meddaemon.daemon.service import Daemon
 from meddaemon.db.engine import transaction
 from meddaemon.db.models import Report, Result, Scan, ScanEvent
-from meddaemon.files import temporary_path
+from meddaemon.files import HOST_TAG, temporary_path
 from meddaemon.report.output import scan_report_path
 from model_factory import STUDY_UID, ReportedStates, drop_scans, promote, read_pdf, write_model
 
@@ -278,3 +278,49 @@ def test_once_writes_its_reports_in_report_workers_processes_each_scan_once(make
     with daemon.sessions() as session:
         steps = session.scalar(select(func.count()).where(ScanEvent.state == "reported"))
     assert steps == 34
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from meddaemon.files import HOST_TAG, temporary_path
+for target in map(Path, sys.argv[1:]):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary_path(target).write_bytes(b"half of it")
+print("writing", flush=True)
+time.sleep(60)
+"""
+
+
+def writing(targets: list[Path]) -> subprocess.Popen[str]:
+    """A process in the middle of writing ``targets`` whole (their temporaries half written)."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, *map(str, targets)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+    return writer
+
+
+def test_the_reporter_removes_what_writers_killed_while_writing_left_and_keeps_live_writers_files(make_settings):
+    daemon = Daemon(make_settings())
+    daemon.prepare()
+    settings, sha = daemon.settings, "ab" * 32
+    killed_targets = [
+        settings.heatmaps_dir / sha[:2] / sha / "v1.benign.npy",
+        settings.heatmaps_dir / sha[:2] / sha / "v1.view.jpg",
+        settings.dicom_dir / sha[:2] / sha / "pmap_benign.dcm",
+        settings.models_dir / "busi" / "v7" / "model.safetensors",
+        scan_report_path(settings.reports_dir, sha, with_phi=False),
+    ]
+    killed = writing(killed_targets)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    live = writing([settings.heatmaps_dir / "cd" / ("cd" * 32) / "v1.benign.npy"])
+    whole = settings.heatmaps_dir / sha[:2] / sha / "v1.normal.npy"
+    whole.write_bytes(b"a whole map")
+    try:
+        Reporter(settings, daemon.sessions).start()
+        left = sorted(p.name for p in settings.state_dir.rglob(".*.tmp"))
+        assert left == [f".v1.benign.npy.{HOST_TAG}-{live.pid}.tmp"]  # the live writer's alone
+        assert whole.read_bytes() == b"a whole map"
+    finally:
+        live.kill()
+        live.wait()

@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 
 from meddaemon.db.engine import session_factory, transaction
 from meddaemon.db.models import Report
-from meddaemon.files import HOST_TAG, temporary_path
-from meddaemon.report.output import record_report, remove_stale_temporaries, write_pdf
+from meddaemon.files import temporary_path
+from meddaemon.report.output import record_report, write_pdf
 
 
 def test_a_write_the_file_size_limit_stops_leaves_no_partial_file(tmp_path: Path):
@@ -57,30 +57,6 @@ def test_a_written_report_replaces_the_old_one_whole_and_returns_its_hash(tmp_pa
     assert target.read_bytes() == b"new"
     assert digest == "11507a0e2f5e69d5dfa40a62a1bd7b6ee57e6bcd85c67c9b8431b36fff21c437"
     assert [p.name for p in target.parent.iterdir()] == ["b.pdf"]
-
-
-def test_temporaries_left_by_a_killed_writer_are_removed(tmp_path: Path):
-    folder = tmp_path / "scans" / "ab"
-    folder.mkdir(parents=True)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    left = temporary_path(folder / "abcd.pdf").with_name(f".abcd.pdf.{HOST_TAG}-{dead.pid}.tmp")
-    left.write_bytes(b"%PDF-1.4 half")
-    kept = folder / "abcd.pdf"
-    kept.write_bytes(b"%PDF-1.4 whole")
-    assert remove_stale_temporaries(tmp_path) == 1
-    assert not left.exists() and kept.exists()
-
-
-def test_temporaries_of_live_writers_here_or_on_other_hosts_sharing_the_folder_stay(tmp_path: Path):
-    folder = tmp_path / "studies"
-    folder.mkdir()
-    live_here = temporary_path(folder / "x.pdf")
-    elsewhere = folder / ".y.pdf.otherhost-1.tmp"  # pid 1 there may be anything: not ours to judge
-    for tmp in (live_here, elsewhere):
-        tmp.write_bytes(b"%PDF-1.4 being written")
-    assert remove_stale_temporaries(tmp_path) == 0
-    assert live_here.exists() and elsewhere.exists()
 
 
 def test_writing_the_same_report_again_updates_its_row(migrated_engine, tmp_path: Path):

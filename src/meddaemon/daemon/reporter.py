@@ -8,10 +8,11 @@ process after the inbox is drained (there are no batches left to stall then).
 
 Crash safety: each PDF is written to a temporary name and fsynced; its row, the ``inferred ->
 reported`` step and the rename into place are done in one transaction, fenced by the claim (a
-daemon declared lost that wakes up writes no row and leaves the PDF in place alone). A crash before the commit leaves
-the scan ``inferred`` (the report is written again, to the same name); temporaries a killed writer
-left are removed at start. A full or read-only disk (any ``OSError``) leaves no file behind and the
-scan ``inferred``, retried after ``RETRY_SECONDS``.
+daemon declared lost that wakes up writes no row and leaves the PDF in place alone). A crash before
+the commit leaves the scan ``inferred`` (the report is written again, to the same name); the
+temporaries that killed writers left (of reports, heatmaps, DICOM outputs, models) are removed at
+start. A full or read-only disk (any ``OSError``) leaves no file behind and the scan ``inferred``,
+retried after ``RETRY_SECONDS``.
 
 Study reports: a study with two or more reported scans gets (again) a study report whenever one of
 its scan reports is newer than its study report, so a crash between the two is repaired later. A
@@ -49,7 +50,7 @@ from meddaemon.daemon.stages import ChildProcessStage
 from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
 from meddaemon.db.models import Report, Scan
 from meddaemon.dicom.completeness import studies_still_arriving
-from meddaemon.report import output
+from meddaemon.files import remove_stale_temporaries
 from meddaemon.states import ScanState
 
 if TYPE_CHECKING:
@@ -106,13 +107,22 @@ class Reporter:
         return ReportBuilder(self.settings, self.sessions)
 
     def start(self) -> None:
-        """Once per reporter: remove the temporaries an earlier, killed writer left."""
+        """Once per reporter: remove the temporaries that writers of this host, killed while writing,
+        left in the state folders written whole (reports; heatmaps, overlays and views, written by the
+        inference stage; DICOM outputs; models). Here, because the reporter runs off the inference
+        path: listing a folder of every scan's heatmaps takes a while."""
         if self.started:
             return
         self.started = True
-        removed = output.remove_stale_temporaries(self.settings.reports_dir)
-        if removed:
-            log.info("removed %d unfinished report files left by an earlier run", removed)
+        for what, folder in (
+            ("report", self.settings.reports_dir),
+            ("heatmap", self.settings.heatmaps_dir),
+            ("DICOM output", self.settings.dicom_dir),
+            ("model", self.settings.models_dir),
+        ):
+            removed = remove_stale_temporaries(folder)
+            if removed:
+                log.info("removed %d unfinished %s files left by an earlier run", removed, what)
 
     def round(self) -> int:
         """Report up to ``CLAIM`` scans, then the studies that need it; returns the reports attempted."""

@@ -73,7 +73,7 @@ from meddaemon.db.clock import db_clock
 from meddaemon.db.engine import ConnectionLimits, transaction, with_lock_retry
 from meddaemon.db.models import ReceivedInstance, utcnow
 from meddaemon.dicom.senders import no_delay
-from meddaemon.files import left_by_dead_writer, temporary_path
+from meddaemon.files import remove_stale_temporaries, temporary_path
 
 log = logging.getLogger("meddaemon.receiver")
 # pynetdicom logs every association at INFO and whole PDUs at DEBUG; the receiver logs what matters
@@ -262,7 +262,7 @@ class Receiver:
         from pynetdicom import evt
 
         self.root.mkdir(parents=True, exist_ok=True)
-        removed = remove_stale_temporaries(self.root)
+        removed = remove_stale_temporaries(self.root, recursive=False)
         if removed:
             log.info("removed %d unfinished received files left by an earlier receiver", removed)
         handlers = [
@@ -592,19 +592,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 def _safe(ae_title: str) -> str:
     """An AE title as a file-name part (AE titles may hold spaces, dots, slashes)."""
     return _UNSAFE.sub("-", ae_title).strip("-") or "AE"
-
-
-def remove_stale_temporaries(folder: Path) -> int:
-    """Remove the temporaries of a receiver that was killed while writing (this host's, writer gone)."""
-    removed = 0
-    if not folder.is_dir():
-        return 0
-    for entry in folder.iterdir():
-        if entry.name.startswith(".") and left_by_dead_writer(entry):
-            with contextlib.suppress(OSError):
-                entry.unlink()
-                removed += 1
-    return removed
 
 
 def server_tls(settings: Settings) -> ssl.SSLContext | None:

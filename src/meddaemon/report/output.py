@@ -25,7 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from meddaemon.db.models import Report, utcnow
-from meddaemon.files import TMP_SUFFIX, fsync_dir, left_by_dead_writer, temporary_path, write_atomically
+from meddaemon.files import fsync_dir, temporary_path, write_atomically
 from meddaemon.stored_paths import stored_name, stored_spellings
 
 
@@ -85,21 +85,6 @@ def write_pdf_aside(path: Path, data: bytes) -> PdfAside:
             tmp.unlink()
         raise
     return PdfAside(tmp, path, hashlib.sha256(data).hexdigest())
-
-
-def remove_stale_temporaries(reports_dir: Path) -> int:
-    """Delete the temporary files a killed report writer of this host left (``.<name>.pdf.<host>-<pid>.tmp``);
-    those of live writers, here or on other hosts sharing the folder, stay."""
-    removed = 0
-    if not reports_dir.is_dir():
-        return 0
-    for tmp in reports_dir.rglob(f".*.pdf.*{TMP_SUFFIX}"):
-        if not left_by_dead_writer(tmp):
-            continue
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-            removed += 1
-    return removed
 
 
 def record_report(
