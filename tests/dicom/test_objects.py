@@ -23,9 +23,10 @@ from meddaemon.db.engine import create_db_engine, session_factory, transaction
 from meddaemon.db.migrate import upgrade
 from meddaemon.db.models import Heatmap, ModelVersion, OutboxItem, Report, Result, Scan
 from meddaemon.dicom import encoding, pdf, pmap, sc, sr, uids
-from meddaemon.dicom.content import NOT_FOR_DIAGNOSIS, LabelResult, OutputRefused, ScanFacts, read_source, scan_facts
+from meddaemon.dicom.content import NOT_FOR_DIAGNOSIS, OutputRefused, ScanFacts, read_source, scan_facts
 from meddaemon.dicom.writer import DicomOutputs, build_objects
 from meddaemon.engine.tasks import all_tasks
+from meddaemon.label_results import LabelResult
 
 PROBABILITY_OF = "Probability of "
 #: the outbox rows of a scan's own objects (the study report's rows belong to the study's first scan)
@@ -242,12 +243,12 @@ def with_other_labels(facts: ScanFacts, folder: Path, labels: tuple[str, ...]) -
     """``facts`` with more called labels, each with a heatmap of its own (the first one's, flipped)
     and an overlay not drawn yet: what a multilabel scan (the chestxray14 preset) has."""
     first = facts.heatmaps()[0]
-    assert first.heatmap_path is not None
+    assert first.array_path is not None
     extra = []
     for axis, label in enumerate(labels):
         heatmap, overlay = folder / f"{label}.npy", folder / f"{label}.jpg"
-        np.save(heatmap, np.flip(np.load(first.heatmap_path), axis % 2).copy())
-        extra.append(dataclasses.replace(first, label=label, heatmap_path=heatmap, overlay_path=overlay))
+        np.save(heatmap, np.flip(np.load(first.array_path), axis % 2).copy())
+        extra.append(dataclasses.replace(first, label=label, array_path=heatmap, overlay_path=overlay))
     return dataclasses.replace(facts, results=(*facts.results, *extra))
 
 
@@ -275,7 +276,7 @@ def test_a_multilabel_scan_s_maps_and_captures_after_the_first_are_the_ones_high
             path = tmp_path / f"{kind}_{result.label}.dcm"
             path.write_bytes(encoding.encode(ours))
             assert dciodvfy_errors(path) == [], path.name
-        stored = np.load(result.heatmap_path)
+        stored = np.load(result.array_path)
         assert np.array_equal(pydicom.dcmread(tmp_path / f"pmap_{result.label}.dcm").pixel_array, stored)
     assert len({str(ds.SOPInstanceUID) for ds in built.values()}) == len(built)
 

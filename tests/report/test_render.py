@@ -11,7 +11,8 @@ import pytest
 
 from meddaemon.engine.overlay import jpeg_bytes
 from meddaemon.engine.tasks import BUILTIN_TASKS, NIH_FINDINGS
-from meddaemon.report.content import LabelResult, ModelInfo, PatientInfo, ScanReportData, StudyReportData
+from meddaemon.label_results import LabelResult
+from meddaemon.report.content import ModelInfo, PatientInfo, ScanReportData, StudyReportData
 from meddaemon.report.fonts import report_fonts
 from meddaemon.report.images import colour_scale_jpeg
 from meddaemon.report.render import ScanImages, render_scan, render_study
@@ -40,7 +41,7 @@ def scan_data(task: str = "busi", positives: set[str] | None = None, heatmaps: b
             0.9 if label in positives else 0.1,
             0.5,
             label in positives,
-            Path(f"/nowhere/{label}.jpg") if heatmaps and label in positives else None,
+            overlay_path=Path(f"/nowhere/{label}.jpg") if heatmaps and label in positives else None,
         )
         for label in labels
     ]

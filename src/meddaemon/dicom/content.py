@@ -19,6 +19,7 @@ from meddaemon import __version__
 from meddaemon.daemon.filing import view_path
 from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan
 from meddaemon.engine.tasks import InputContract
+from meddaemon.label_results import LabelResult
 from meddaemon.overlays import ViewSource
 from meddaemon.stored_paths import stored_file
 
@@ -50,16 +51,6 @@ class OutputRefused(Exception):
 
 
 @dataclass(frozen=True)
-class LabelResult:
-    label: str
-    probability: float
-    threshold: float
-    positive: bool
-    heatmap_path: Path | None = None
-    overlay_path: Path | None = None
-
-
-@dataclass(frozen=True)
 class ScanFacts:
     """One inferred scan: its result under one model version, and its source DICOM header."""
 
@@ -83,7 +74,7 @@ class ScanFacts:
         return f"model {self.model_version}; meddaemon {__version__}"
 
     def heatmaps(self) -> list[LabelResult]:
-        return [r for r in self.results if r.heatmap_path is not None]
+        return [r for r in self.results if r.array_path is not None]
 
 
 def scan_facts(session: Session, scan_id: int, state_dir: Path, uid_root: str) -> ScanFacts:
@@ -118,7 +109,7 @@ def scan_facts(session: Session, scan_id: int, state_dir: Path, uid_root: str) -
     stored = stored_file(scan.stored_path, state_dir)
     source = read_source(stored)
     contract = (model.manifest or {}).get("input_contract")
-    maps = [r.heatmap_path for r in results if r.heatmap_path is not None]
+    maps = [r.array_path for r in results if r.array_path is not None]
     view = ViewSource(
         view_path(maps[0].parents[2], scan.sha256, version_id) if maps else None,
         stored,
@@ -148,8 +139,8 @@ def read_source(path: Path) -> Dataset:
 
 
 def load_heatmap(result: LabelResult) -> np.ndarray:
-    assert result.heatmap_path is not None
-    return np.load(result.heatmap_path, allow_pickle=False).astype(np.float32, copy=False)
+    assert result.array_path is not None
+    return np.load(result.array_path, allow_pickle=False).astype(np.float32, copy=False)
 
 
 def sibling(first: Dataset, **values: Any) -> Dataset:

@@ -20,15 +20,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from meddaemon.dicom import uids
-from meddaemon.dicom.content import (
-    MANUFACTURER,
-    LabelResult,
-    OutputRefused,
-    ScanFacts,
-    load_heatmap,
-    sibling,
-)
+from meddaemon.dicom.content import MANUFACTURER, OutputRefused, ScanFacts, load_heatmap, sibling
 from meddaemon.dicom.equipment import SCHEME, contributing_equipment, copy_laterality
+from meddaemon.label_results import LabelResult
 
 KIND = "pmap"
 SERIES_NUMBER = 9902

@@ -18,14 +18,9 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
 from meddaemon.dicom import uids
-from meddaemon.dicom.content import (
-    MANUFACTURER,
-    NOT_FOR_DIAGNOSIS,
-    LabelResult,
-    ScanFacts,
-    sibling,
-)
+from meddaemon.dicom.content import MANUFACTURER, NOT_FOR_DIAGNOSIS, ScanFacts, sibling
 from meddaemon.dicom.equipment import contributing_equipment, copy_laterality
+from meddaemon.label_results import LabelResult
 from meddaemon.overlays import overlay_jpeg
 
 KIND = "sc"
@@ -51,7 +46,7 @@ def caption(facts: ScanFacts, result: LabelResult) -> list[str]:
 def picture(facts: ScanFacts, result: LabelResult) -> np.ndarray:
     """uint8 RGB (rows, columns, 3): the overlay enlarged, with the caption band below it."""
     assert result.overlay_path is not None
-    drawn = overlay_jpeg(result.heatmap_path, result.overlay_path, facts.view)
+    drawn = overlay_jpeg(result.array_path, result.overlay_path, facts.view)
     if drawn is None:  # an OSError: the report stage tries again later (``writer.DicomOutputs``)
         raise FileNotFoundError(f"the overlay of {result.label} cannot be drawn from its stored map")
     with Image.open(io.BytesIO(drawn)) as image:

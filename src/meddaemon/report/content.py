@@ -17,24 +17,12 @@ from sqlalchemy.orm import Session
 
 from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan, row_id
 from meddaemon.engine.tasks import InputContract, TaskSpec
+from meddaemon.label_results import LabelResult
 from meddaemon.stored_paths import stored_file
 
 
 class NoResult(LookupError):
     """The scan has no stored result to report (not inferred yet, or failed)."""
-
-
-@dataclass(frozen=True)
-class LabelResult:
-    label: str
-    probability: float
-    threshold: float
-    positive: bool
-    #: where the heatmap overlay (JPEG) of this label is kept, when it has a heatmap: drawn on first
-    #: use from ``array_path`` (``meddaemon.overlays``)
-    overlay_path: Path | None = None
-    #: the stored map (``.npy``)
-    array_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -193,8 +181,8 @@ def scan_report_data(
             r.probability,
             r.threshold,
             r.positive,
-            stored_file(r.overlay_path, state_dir) if r.overlay_path is not None else None,
-            stored_file(r.array_path, state_dir) if r.array_path is not None else None,
+            array_path=stored_file(r.array_path, state_dir) if r.array_path is not None else None,
+            overlay_path=stored_file(r.overlay_path, state_dir) if r.overlay_path is not None else None,
         )
         for r in rows
     ]

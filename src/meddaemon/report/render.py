@@ -33,7 +33,8 @@ from reportlab.platypus import (
 )
 
 from meddaemon import __version__
-from meddaemon.report.content import LabelResult, PatientInfo, ScanReportData, StudyReportData
+from meddaemon.label_results import LabelResult
+from meddaemon.report.content import PatientInfo, ScanReportData, StudyReportData
 from meddaemon.report.fonts import Fonts
 from meddaemon.report.templates import ReportTemplate
 from meddaemon.report.text import clean, markup, person_name, visual_order
