@@ -81,3 +81,15 @@ def test_a_column_is_found_by_its_name_in_the_file_or_its_normalised_name(name):
 def test_an_unknown_column_suggests_the_close_one():
     with pytest.raises(AuditInputError, match=r"no column 'Patient Gendr'.*did you mean 'Patient Gender'"):
         grouping_values(nih_cohort(), "Patient Gendr")
+
+
+@pytest.mark.parametrize("given", ["patient_id", "Patient ID", "PATIENT-ID", "PatientID", "MRN"])
+def test_no_subgroup_by_patient_identifier_its_levels_would_print_them(given):
+    names = [f"s{i}.png" for i in range(60)]
+    preds = predictions("covid", names, probs=np.tile([0.7, 0.3], (60, 1)))
+    t = table([(nm, {"normal"}, None, {"Patient ID": "MRN-0001"}) for nm in names], attributes=("Patient ID",))
+    c = join(preds, t)[0]
+    with pytest.raises(AuditInputError, match="identif") as refused:
+        subgroups(c, [given], min_n=30)
+    assert "MRN-0001" not in str(refused.value)
+    assert grouping_values(c, "sex") is not None  # other columns still group

@@ -6,6 +6,8 @@ DICOM metadata (``sex``, ``age``, ``manufacturer``, ``view``, ``modality``, ``bo
 named as in the file (``Patient Gender``) or as the audit names it (``sex``), in any case and
 spacing (``patient_gender``). A level with
 fewer than ``min_n`` labelled scans is reported as insufficient, with its counts, not as a number.
+A column that identifies patients (``patient_id``, ``Patient ID``) is never one: its levels would be
+printed, stored with the audit and shown in the console.
 """
 
 from __future__ import annotations
@@ -37,9 +39,17 @@ def age_band(value: str | None) -> str:
     return next((name for lo, hi, name in AGE_BANDS if lo <= years < hi), MISSING)
 
 
+#: the columns that identify a patient, in any spelling (the NIH file's "Patient ID" follows from "patient_id")
+IDENTIFYING = ("patient_id", "PatientID", "mrn")
+
+
 def available_columns(cohort: Cohort) -> list[str]:
-    names = [*cohort.label_attributes, *(k for k in cohort.scan_attributes if k != "patient_id"), "age_band"]
-    return sorted(set(names))
+    names = [*cohort.label_attributes, *cohort.scan_attributes, "age_band"]
+    return sorted(n for n in set(names) if not identifies_patients(n))
+
+
+def identifies_patients(name: str) -> bool:
+    return bool(_spellings(name) & {normal_name(n) for n in IDENTIFYING})
 
 
 def _spellings(name: str) -> set[str]:
@@ -50,6 +60,11 @@ def _spellings(name: str) -> set[str]:
 
 def resolve_column(cohort: Cohort, name: str) -> str:
     """The cohort's column that ``name`` (as in the file, or normalised) names."""
+    if identifies_patients(name):
+        raise AuditInputError(
+            f"--by {name!r} identifies patients: its levels would be patient identifiers, printed and stored"
+            " with the audit; group by what patients share (sex, age_band, site, view...)"
+        )
     available = available_columns(cohort)
     if name in available:
         return name
