@@ -37,8 +37,10 @@ def test_a_small_cnn_reaches_the_bar_on_chestxray14_phantoms(tmp_path: Path) -> 
     root = write_phantoms("chestxray14", tmp_path / "nih", count=300, size=64, seed=7).root
     # No flips or shifts (findings keep their side), a constant learning rate and no early stop: the
     # recipe's plateau scheduler (factor 0.1, patience 1) and patience 4 end a run this short too soon.
+    # 12 epochs: the seeded run's numbers differ between CPUs (an AMD EPYC gave 0.846 after 10 epochs
+    # where others passed); after 12, seeds 0 to 3 gave 0.884 to 0.895 there.
     config = TrainConfig.from_task(
-        NIH, architecture="small_cnn", epochs=10, batch_size=16, lr=3e-3, image_size=64, seed=0,
+        NIH, architecture="small_cnn", epochs=12, batch_size=16, lr=3e-3, image_size=64, seed=0,
         augmentation=False, scheduler={"name": "none"}, patience=10,
     )  # fmt: skip
     outcome = retrain(NIH, root, config, tmp_path / "run", version="nih")
