@@ -160,3 +160,31 @@ def test_file_options_on_a_version_folder_are_a_usage_error(run, tmp_path: Path)
     result = run("import", str(folder), "--task", "covid", "--image-size", "64", code=2)
     assert "--task, --image-size apply to a model FILE" in result.output
     assert as_json(run("list", "--json")) == []
+
+
+def test_a_state_directory_moved_elsewhere_still_serves_its_models(run, tmp_path: Path, db_url: str):  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from meddaemon.config import load_settings
+    from meddaemon.daemon.service import Daemon
+    from meddaemon.db.models import ModelVersion, Scan
+    from model_factory import drop_scans
+
+    run("import", str(save(tmp_path / "src" / "v1", "v1", 1)))
+    run("promote", "busi", "v1")
+    moved = tmp_path / "mounted" / "elsewhere"
+    moved.parent.mkdir()
+    (tmp_path / "state").rename(moved)  # the old path is gone: nothing can be found there any more
+
+    listed = CliRunner().invoke(medcli, ["models", "list", "--json", "--state-dir", str(moved), "--db", db_url])
+    assert [Path(r["path"]) for r in json.loads(listed.stdout)] == [moved.resolve() / "models" / "busi" / "v1"]
+    settings = load_settings(
+        env={}, flags={"db": db_url, "state_dir": moved, "watch": tmp_path / "inbox", "create_watch": True}
+    )
+    drop_scans(settings.watch)
+    daemon = Daemon(settings)
+    daemon.run(once=True)
+    with daemon.sessions() as session:
+        assert session.scalars(select(ModelVersion.path)).all() == ["models/busi/v1"]
+        assert set(session.scalars(select(Scan.state))) == {"archived"}
+    daemon.engine.dispose()

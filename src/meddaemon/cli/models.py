@@ -77,7 +77,11 @@ def list_cmd(config_file: Path | None, task: str | None, as_json: bool, **flags:
     """Every registered version: task, version, status, architecture, SHA-256, folder."""
     settings = build_settings(config_file, **flags)
     registry = _registry()
-    rows = _in_transaction(settings, lambda s: [registry.version_summary(r) for r in registry.list_versions(s, task)])
+
+    def summaries(session: Session) -> list[dict[str, Any]]:
+        return [registry.version_summary(r, settings.state_dir) for r in registry.list_versions(session, task)]
+
+    rows = _in_transaction(settings, summaries)
     if as_json:
         echo_json(rows)
         return
@@ -100,7 +104,7 @@ def show_cmd(config_file: Path | None, task: str, version: str, as_json: bool, *
 
     def work(session: Session) -> dict[str, Any]:
         row = registry.get_version(session, task, version)
-        return {**registry.version_summary(row), "manifest": row.manifest}
+        return {**registry.version_summary(row, settings.state_dir), "manifest": row.manifest}
 
     data = _in_transaction(settings, work)
     data["backend"] = _backend(data["manifest"], settings)
@@ -231,7 +235,9 @@ def import_cmd(
             )
 
         def work(session: Session) -> Any:
-            return registry.import_version(session, path, settings.models_dir, tasks=settings.task_specs)
+            return registry.import_version(
+                session, path, settings.models_dir, tasks=settings.task_specs, state_dir=settings.state_dir
+            )
 
     else:
         if task is None:
@@ -256,11 +262,13 @@ def import_cmd(
         )
 
         def work(session: Session) -> Any:
-            return importers.import_file(session, path, options, settings.models_dir, tasks=settings.task_specs)
+            return importers.import_file(
+                session, path, options, settings.models_dir, tasks=settings.task_specs, state_dir=settings.state_dir
+            )
 
     def summary(session: Session) -> dict[str, Any]:
         row = work(session)
-        return {**registry.version_summary(row), "manifest": row.manifest}
+        return {**registry.version_summary(row, settings.state_dir), "manifest": row.manifest}
 
     data = _in_transaction(settings, summary)
     manifest = data.pop("manifest")
@@ -302,7 +310,8 @@ def promote_cmd(config_file: Path | None, task: str, version: str, as_json: bool
     def work(session: Session) -> dict[str, Any]:
         before = registry.active_versions(session).get(task)
         previous = before.version if before is not None and before.version != version else None
-        return {**registry.version_summary(registry.promote(session, task, version)), "previous_active": previous}
+        promoted = registry.promote(session, task, version, state_dir=settings.state_dir)
+        return {**registry.version_summary(promoted, settings.state_dir), "previous_active": previous}
 
     data = _in_transaction(settings, work)
     if as_json:
@@ -325,7 +334,8 @@ def retire_cmd(config_file: Path | None, task: str, version: str, as_json: bool,
 
     def work(session: Session) -> dict[str, Any]:
         was_active = registry.get_version(session, task, version).status == "active"
-        return {**registry.version_summary(registry.retire(session, task, version)), "was_active": was_active}
+        retired = registry.retire(session, task, version)
+        return {**registry.version_summary(retired, settings.state_dir), "was_active": was_active}
 
     data = _in_transaction(settings, work)
     if as_json:

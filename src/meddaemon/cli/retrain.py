@@ -183,10 +183,13 @@ def retrain(
     engine = open_database(settings)
     try:
         with transaction(session_factory(engine)) as session:
-            row = registry.import_version(session, outcome.version_dir, settings.models_dir, tasks=settings.task_specs)
+            state_dir = settings.state_dir
+            row = registry.import_version(
+                session, outcome.version_dir, settings.models_dir, tasks=settings.task_specs, state_dir=state_dir
+            )
             if promote and not blockers:
-                row = registry.promote(session, row.task_name, row.version)
-            registered = registry.version_summary(row)
+                row = registry.promote(session, row.task_name, row.version, state_dir=state_dir)
+            registered = registry.version_summary(row, state_dir)
     except registry.RegistryError as exc:
         click.echo(f"error ({exc.reason}): {exc.message}", err=True)
         sys.exit(EXIT_FAILURE)
@@ -230,7 +233,9 @@ def _parent(settings: Any, spec: Any, reference: str, arch: str | None, image_si
     engine = open_database(settings)
     try:
         with transaction(session_factory(engine)) as session:
-            return resolve_parent(session, spec, reference, architecture=arch, image_size=image_size)
+            return resolve_parent(
+                session, spec, reference, architecture=arch, image_size=image_size, state_dir=settings.state_dir
+            )
     except ParentRefused as exc:
         click.echo(f"error ({exc.reason}): --from {reference}: {exc.message}", err=True)
         sys.exit(EXIT_USAGE)

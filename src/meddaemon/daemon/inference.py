@@ -240,7 +240,8 @@ class InferenceStage(Stage):
             if self.failed_loads.get(row.id, 0.0) > now or task in idle:
                 continue
             self._engine()
-            self.loader.request(model_loader.LoadRequest(task, row.version, row.id, Path(row.path)))
+            folder = self.settings.stored_file(row.path)
+            self.loader.request(model_loader.LoadRequest(task, row.version, row.id, folder))
         self.adopt_loaded()
 
     def _tasks_without_work(self, session: Session) -> set[str]:

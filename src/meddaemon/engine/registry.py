@@ -54,6 +54,7 @@ from meddaemon.engine.card import card_files
 from meddaemon.engine.preprocess import normalise
 from meddaemon.engine.tasks import BUILTIN_TASKS, KINDS, InputContract, TaskSpec
 from meddaemon.files import fsync_dir, write_atomically
+from meddaemon.stored_paths import stored_file, stored_name
 
 log = logging.getLogger(__name__)
 
@@ -720,8 +721,14 @@ def import_version(
     source_folder: Path | str,
     registry_root: Path | str,
     tasks: Mapping[str, TaskSpec] | None = None,
+    *,
+    state_dir: Path | None = None,
 ) -> ModelVersion:
     """Verify a version folder and register a copy of it as ``registry_root/<task>/<version>/``.
+
+    With ``state_dir`` (the daemon's, which holds the registry) the row names the copy relative to it,
+    as the database names every file under it (``meddaemon.stored_paths``), so a state directory
+    mounted elsewhere still finds it (``model_folder``); without, absolutely.
 
     The source is verified by :func:`load_version` first: a refused model raises :class:`ModelRefused`
     and nothing is copied or registered. With ``tasks`` (e.g. ``Settings.task_specs``) the manifest's
@@ -767,14 +774,15 @@ def import_version(
             f"{existing.sha256[:12]}); give the new model another version",
         )
 
-    target = version_dir(registry_root, manifest.task, manifest.version).resolve()
+    unresolved = version_dir(registry_root, manifest.task, manifest.version)  # under state_dir as given
+    target = unresolved.resolve()
     _copy_into_registry(source, target, manifest)
     row = ModelVersion(
         task_name=manifest.task,
         version=manifest.version,
         architecture=manifest.architecture,
         sha256=manifest.sha256,
-        path=str(target),
+        path=str(target) if state_dir is None else stored_name(unresolved, state_dir),
         status="registered",
         manifest=manifest.to_dict(),
         created_at=utcnow(),
@@ -816,7 +824,17 @@ def _copy_into_registry(source: Path, target: Path, manifest: Manifest) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def promote(session: Session, task: str, version: str, *, verify: bool = True) -> ModelVersion:
+def model_folder(row: ModelVersion, state_dir: Path | None) -> Path:
+    """The registered copy's folder: a path stored relative to the state directory is under
+    ``state_dir`` (a row registered without one is absolute)."""
+    if state_dir is None and not Path(row.path).is_absolute():
+        raise ValueError(f"{row.task_name}/{row.version} is stored under the state directory: give state_dir")
+    return stored_file(row.path, state_dir) if state_dir is not None else Path(row.path)
+
+
+def promote(
+    session: Session, task: str, version: str, *, verify: bool = True, state_dir: Path | None = None
+) -> ModelVersion:
     """Make ``task/version`` the one active version of its task and record ``promoted_at``.
 
     The previously active version of the task goes back to ``registered`` (not ``retired``): it can
@@ -831,11 +849,12 @@ def promote(session: Session, task: str, version: str, *, verify: bool = True) -
             "retired", f"{task}/{version} is retired and cannot be promoted; import it as a new version"
         )
     if verify:
-        loaded = load_version(row.path)
+        folder = model_folder(row, state_dir)
+        loaded = load_version(folder)
         if loaded.manifest.sha256 != row.sha256:
             raise ModelRefused(
                 "hash_mismatch",
-                f"{Path(row.path) / MANIFEST_FILE} now describes sha256 {loaded.manifest.sha256}, "
+                f"{folder / MANIFEST_FILE} now describes sha256 {loaded.manifest.sha256}, "
                 f"but {task}/{version} was registered with {row.sha256}",
             )
         del loaded
@@ -893,8 +912,8 @@ def list_versions(session: Session, task: str | None = None) -> list[ModelVersio
     return list(session.scalars(query))
 
 
-def version_summary(row: ModelVersion) -> dict[str, Any]:
-    """A row as plain data (for ``--json``)."""
+def version_summary(row: ModelVersion, state_dir: Path | None = None) -> dict[str, Any]:
+    """A row as plain data (for ``--json``), its folder absolute."""
     return {
         "id": row.id,
         "task": row.task_name,
@@ -902,7 +921,7 @@ def version_summary(row: ModelVersion) -> dict[str, Any]:
         "status": row.status,
         "architecture": row.architecture,
         "sha256": row.sha256,
-        "path": row.path,
+        "path": str(model_folder(row, state_dir)),
         "created_at": row.created_at,
         "promoted_at": row.promoted_at,
         "retired_at": row.retired_at,

@@ -162,7 +162,7 @@ def _serve(settings: Settings, request: EvaluationRequest, version: ModelVersion
     from meddaemon.engine.registry import ModelRefused, load_version
 
     try:
-        loaded = load_version(Path(version.path), device="cpu")
+        loaded = load_version(settings.stored_file(version.path), device="cpu")
     except ModelRefused as refusal:
         raise EvaluationStopped(
             f"model {version.task_name}/{version.version} refused: {refusal.reason} ({refusal.message})"

@@ -155,7 +155,7 @@ def _run(
         batch_size=request.batch_size,
         batch_format="numpy",
         fn_constructor_kwargs={
-            "folder": prepared.version.path,
+            "folder": str(prepared.settings.stored_file(prepared.version.path)),
             "version_id": prepared.version.id,
             "device": "cuda" if plan.gpu else "cpu",
             "threads": plan.threads,

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from torch import Tensor
 
 from meddaemon.db.models import ModelVersion
-from meddaemon.engine.registry import ONNX_ARCHITECTURE, ModelRefused, RegistryError, load_version
+from meddaemon.engine.registry import ONNX_ARCHITECTURE, ModelRefused, RegistryError, load_version, model_folder
 from meddaemon.engine.tasks import InputContract, TaskSpec
 from meddaemon.training.train import TrainConfig
 
@@ -83,6 +83,7 @@ def resolve_parent(
     *,
     architecture: str | None = None,
     image_size: int | None = None,
+    state_dir: Path | None = None,
 ) -> ParentVersion:
     """The version ``reference`` (``VERSION`` or ``TASK/VERSION``) of ``spec``'s task, verified and read.
 
@@ -104,12 +105,13 @@ def resolve_parent(
             f"--arch {architecture} does not match {spec.name}/{version}, a {row.architecture}: training from "
             f"it keeps its architecture (leave out --arch)",
         )
-    loaded = load_version(Path(row.path))
+    folder = model_folder(row, state_dir)
+    loaded = load_version(folder)
     manifest = loaded.manifest
     if manifest.sha256 != row.sha256:
         raise ModelRefused(
             "hash_mismatch",
-            f"{row.path} now describes sha256 {manifest.sha256}, but {spec.name}/{version} was registered with "
+            f"{folder} now describes sha256 {manifest.sha256}, but {spec.name}/{version} was registered with "
             f"{row.sha256}",
         )
     contract = manifest.contract

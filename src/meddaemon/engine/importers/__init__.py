@@ -80,12 +80,14 @@ def import_file(
     options: ImportOptions,
     registry_root: Path | str,
     tasks: Mapping[str, TaskSpec] | None = None,
+    *,
+    state_dir: Path | None = None,
 ) -> ModelVersion:
     """Convert ``path`` in a scratch folder, then verify and register it as a folder import does."""
     scratch = Path(tempfile.mkdtemp(prefix="meddaemon-import-"))
     try:
         folder = scratch / "version"
         convert_file(path, options, folder, tasks)
-        return import_version(session, folder, registry_root, tasks=tasks)
+        return import_version(session, folder, registry_root, tasks=tasks, state_dir=state_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

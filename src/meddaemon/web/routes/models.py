@@ -97,7 +97,7 @@ async def act(request: Request) -> Response:
         try:
             with transaction(console.writer()) as session:
                 if verb == "promote":
-                    registry.promote(session, task, version)
+                    registry.promote(session, task, version, state_dir=console.settings.state_dir)
                     detail = f"{target} is the active model of {task}"
                 else:
                     registry.retire(session, task, version)
