@@ -374,8 +374,9 @@ def test_a_daemon_cut_off_by_a_silent_partition_is_declared_lost_and_writes_noth
     database = make_url(postgres_url)
     with tcp_proxy((database.host or "127.0.0.1", database.port or 5432)) as proxy:
         through_proxy = database.set(port=proxy.port).render_as_string(hide_password=False)
+        # the others start once the victim holds work: started together, on a loaded machine they
+        # could take every file while the victim, frozen most of the time by the probe below, held none
         victim = start_farm(daemons, through_proxy, 1, lease=TIGHT_LEASE, **TIGHT)[0]
-        farm = [victim, *start_farm(daemons, postgres_url, 2, lease=TIGHT_LEASE, first_node=2, **TIGHT)]
         victim_id = daemon_id_of(sessions, victim)
 
         def holding_work() -> bool:
@@ -388,6 +389,7 @@ def test_a_daemon_cut_off_by_a_silent_partition_is_declared_lost_and_writes_noth
             return False
 
         wait_until(holding_work, 60, "the victim to hold scans", victim, every=0.02)
+        farm = [victim, *start_farm(daemons, postgres_url, 2, lease=TIGHT_LEASE, first_node=2, **TIGHT)]
         code = finish_and_stop(farm, victim, sessions, SMALL, wake=proxy.thaw)
 
     assert code == 4, victim.tail()
