@@ -110,10 +110,13 @@ class Reporter:
         """Once per reporter: remove the temporaries that writers of this host, killed while writing,
         left in the state folders written whole (reports; heatmaps, overlays and views, written by the
         inference stage; DICOM outputs; models). Here, because the reporter runs off the inference
-        path: listing a folder of every scan's heatmaps takes a while."""
+        path: listing a folder of every scan's heatmaps takes a while. One of several reporters
+        (``share``, ``--once``'s processes) leaves it to the reporter that follows them (``drain``)."""
         if self.started:
             return
         self.started = True
+        if self.share is not None:
+            return
         for what, folder in (
             ("report", self.settings.reports_dir),
             ("heatmap", self.settings.heatmaps_dir),

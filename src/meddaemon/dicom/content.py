@@ -9,8 +9,6 @@ from typing import Any
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.datadict import tag_for_keyword
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -38,7 +36,6 @@ TYPE2_PATIENT_STUDY = (
 #: what a source must have for its results to join its study; without one the outputs fail by name
 REQUIRED_SOURCE = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 MANUFACTURER = "meddaemon"
-MEDIA_STORAGE_SOP_INSTANCE_UID = 0x00020003
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS: research software output"
 
 
@@ -158,8 +155,7 @@ def sibling(first: Dataset, **values: Any) -> Dataset:
     if hasattr(first, "preamble"):
         ds.preamble = first.preamble
     for keyword, value in values.items():
-        tag = tag_for_keyword(keyword)
-        ds.add(DataElement(tag, first[tag].VR, value))
+        ds.add_new(keyword, first[keyword].VR, value)  # a new element: the shared one is left alone
     if "SOPInstanceUID" in values and hasattr(ds, "file_meta"):
-        ds.file_meta.add(DataElement(MEDIA_STORAGE_SOP_INSTANCE_UID, "UI", values["SOPInstanceUID"]))
+        ds.file_meta.add_new("MediaStorageSOPInstanceUID", "UI", values["SOPInstanceUID"])
     return ds
