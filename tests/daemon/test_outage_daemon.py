@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dicom_factory import write_png
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from daemon_harness import MEDDAEMON, TASK, Daemons, Layout, RunningDaemon, daemon_env, files_under, wait_until
@@ -201,8 +201,22 @@ def test_files_a_frozen_daemon_claimed_and_never_read_are_taken_over_by_a_peer_a
     unread = {"MEDDAEMON_CLAIM_UNREAD_SECONDS": "2", "MEDDAEMON_LEASE_SECONDS": "120"}
     frozen = start(daemons, postgres_url, "node-1", workers=2, **unread)
     held = select(func.count()).select_from(InboxClaim).where(InboxClaim.done_at.is_(None))
-    wait_until(lambda: count(sessions, held) > 0, 60, "the first daemon to claim files", frozen)
-    os.killpg(frozen.pid, signal.SIGSTOP)  # its workers still starting: nothing read yet
+    busy = text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name AND state <> 'idle'")
+
+    def frozen_holding_claims_outside_a_transaction() -> bool:
+        """Frozen inside a claim's transaction, its row locks would hold the peer's claims until the
+        server's idle timeout: on a loaded machine past this test's minute. Stopped, then looked at."""
+        if count(sessions, held) == 0:
+            return False
+        os.killpg(frozen.pid, signal.SIGSTOP)
+        time.sleep(0.1)  # a statement sent just before lands
+        with sessions() as session:
+            if not session.scalar(busy, {"name": f"meddaemon[{frozen.pid}]"}):
+                return True
+        os.killpg(frozen.pid, signal.SIGCONT)
+        return False
+
+    wait_until(frozen_holding_claims_outside_a_transaction, 60, "the first daemon to claim files", frozen, every=0.02)
     with sessions() as session:
         frozen_id = session.scalar(select(DaemonInstance.id).where(DaemonInstance.pid == frozen.pid))
         taken = set(session.scalars(select(InboxClaim.path).where(InboxClaim.daemon_id == frozen_id)))
