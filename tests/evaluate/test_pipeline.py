@@ -112,6 +112,26 @@ def test_a_second_run_scores_nothing_again(world, busi_phantoms: Path) -> None:
     engine.dispose()
 
 
+def test_the_backend_choice_is_measured_once_per_version_and_kept_beside_it(
+    world, busi_phantoms: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the daemon's: the first run times eager PyTorch against ONNX Runtime and keeps the choice
+    and the exported graph in the version's folder; a run over other files reads them instead."""
+    other = tmp_path / "other"
+    shutil.copytree(busi_phantoms / "benign", other)
+    for image in other.glob("*.png"):
+        image.write_bytes(image.read_bytes() + b"other")  # other bytes: nothing reused, all scored
+    caplog.set_level("INFO", logger="meddaemon")
+    evaluate(world, busi_phantoms)
+    assert "chosen (measured" in caplog.text and "not measured again" not in caplog.text
+    folders = list(world.settings.models_dir.rglob("backend.json"))
+    assert len(folders) == 1 and list((folders[0].parent / "onnx").glob("graph-*.onnx"))
+    caplog.clear()
+    second = evaluate(world, other)
+    assert second.summary["scored"] == second.summary["files"] > 0
+    assert "not measured again" in caplog.text and "chosen (measured" not in caplog.text
+
+
 def test_unreadable_files_are_listed_with_reasons_and_the_run_goes_on(world, tmp_path: Path) -> None:
     folder = tmp_path / "images"
     rng = np.random.default_rng(1)

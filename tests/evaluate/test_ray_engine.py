@@ -291,6 +291,19 @@ def test_a_worker_node_lost_mid_run_still_scores_every_file_exactly_once(
     engine.dispose()
 
 
+def test_actors_time_the_backends_once_per_version_and_machine(tmp_path: Path) -> None:
+    """The first actor on a machine measures eager PyTorch against ONNX Runtime and keeps the choice
+    beside the weights, as the daemon and the local engine do; the actors after it read it."""
+    from meddaemon.engine.backend_cache import BACKEND_FILE
+    from meddaemon.evaluate.ray_engine import ModelActor
+
+    folder = write_model(tmp_path / "model", version="v1")
+    first = ModelActor(str(folder), 1, "cpu", threads=1, batch=8)
+    assert first.model.measured and (folder / BACKEND_FILE).is_file()
+    second = ModelActor(str(folder), 1, "cpu", threads=1, batch=8)
+    assert not second.model.measured and second.model.backend == first.model.backend
+
+
 def test_a_model_that_fails_verification_on_a_node_names_the_node_and_the_reason(tmp_path: Path) -> None:
     from meddaemon.evaluate.ray_engine import REFUSED, ModelActor
 

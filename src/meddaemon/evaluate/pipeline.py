@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from meddaemon.config import Settings
 from meddaemon.db.engine import session_factory, transaction
 from meddaemon.db.models import Evaluation, ModelVersion
+from meddaemon.engine.backend_cache import BackendCache
 from meddaemon.engine.decode import DecodeOptions
 from meddaemon.engine.inference import ServedModel, limit_threads, pick_device
 from meddaemon.engine.tasks import InputContract
@@ -416,6 +417,7 @@ class _Batcher:
 
     def __init__(self, prepared: Prepared, heatmaps_dir: Path | None, writers: ThreadPoolExecutor | None) -> None:
         self.model = prepared.model
+        self.folder = prepared.settings.stored_file(prepared.version.path)
         self.size = prepared.request.batch_size
         self.heatmaps_dir = heatmaps_dir
         self.writers = writers
@@ -438,7 +440,7 @@ class _Batcher:
             return
         reads, self.waiting, self.rows = self.waiting, [], 0
         if not self.backend_chosen:  # measured only when something is to be scored (a rerun never is)
-            self.model.choose_backend(min(self.size, BACKEND_PROBE_BATCH))
+            self.model.choose_backend(min(self.size, BACKEND_PROBE_BATCH), BackendCache(self.folder))
             self.backend_chosen = True
         predictions = self.model.predict(stack(reads))
         submit = self.writers.submit if self.writers is not None else None
