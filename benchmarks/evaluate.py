@@ -11,6 +11,8 @@ On SYNTHETIC files only (``synthetic_*`` 256x256 grey noise PNGs, seeded) and a 
    time: the pipeline's pace once it runs: decoding processes, forward, bulk writes) and over the
    *whole call* (also cohort listing, model loading and verification, the decoding processes'
    start-up, the backend choice). Ratio to raw (goal >= 0.9 heatmaps off) on the streaming figure.
+   The backend choice is measured once, before the contenders, and kept beside the version as after
+   its first run on a machine; ``--measure-backend`` times it again in every engine run.
 3. **rerun**: the same command again on the same database: only hashing (every file reused).
 4. **DataLoader**: the script a user would write instead: a ``torch.utils.data.Dataset`` that
    opens each PNG with PIL, ``convert("L")``, resizes to 224x224, ``ToTensor`` and ``Normalize``, a
