@@ -316,9 +316,11 @@ def test_a_model_that_fails_verification_on_a_node_names_the_node_and_the_reason
     assert message.startswith(REFUSED) and socket.gethostname() in message and "hash_mismatch" in message
 
 
-def test_a_ray_run_that_fails_is_run_again_over_the_files_not_yet_returned(tmp_path: Path) -> None:
-    """Ray Data can give up on a run (an actor lost with its node before it started): the driver
-    runs the files not yet returned again, and none twice."""
+@pytest.mark.parametrize("failure", ["ray gave up", "stalled"])
+def test_a_ray_run_that_fails_is_run_again_over_the_files_not_yet_returned(tmp_path: Path, failure: str) -> None:
+    """Ray Data can give up on a run (an actor lost with its node before it started), or wait for
+    ever after a node's loss (given up by the driver: the test below): the driver runs the files
+    not yet returned again, and none twice."""
     from types import SimpleNamespace
     from unittest.mock import patch
 
@@ -335,6 +337,8 @@ def test_a_ray_run_that_fails_is_run_again_over_the_files_not_yet_returned(tmp_p
         calls.append(list(paths))
         for n, path in enumerate(paths):
             if len(calls) == 1 and n == 4:
+                if failure == "stalled":
+                    raise ray_engine.RunStalled("no results for 60 s since a node of the cluster was lost")
                 raise ray.exceptions.ActorDiedError()
             seen.add(path)
             yield FileOutcome(FileRead(path)), None
@@ -343,6 +347,37 @@ def test_a_ray_run_that_fails_is_run_again_over_the_files_not_yet_returned(tmp_p
         returned = [outcome.read.path for outcome, _ in ray_engine.ray_outcomes(prepared)]  # type: ignore[arg-type]
     assert returned == [str(f) for f in files]
     assert calls == [[str(f) for f in files], [str(f) for f in files[4:]]]
+
+
+def test_a_run_that_stalls_after_a_node_is_lost_is_given_up_and_one_that_waits_with_every_node_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ray Data can wait forever for resources once a node is gone; the driver gives such a run up
+    (the files not yet returned then run again in a new job, as the test above shows for a failure)."""
+    from types import SimpleNamespace
+
+    from meddaemon.evaluate import ray_engine
+
+    monkeypatch.setattr(ray_engine, "STALL_SECONDS", 0.5)
+    release = threading.Event()
+
+    def one_block_then_nothing(**_options):  # type: ignore[no-untyped-def]
+        yield {"path": np.array(["a"], dtype=object)}
+        release.wait(10)
+
+    scored = SimpleNamespace(iter_batches=one_block_then_nothing)
+    alive = {"count": 2}
+    cluster = SimpleNamespace(nodes=lambda: [{"Alive": i < alive["count"]} for i in range(2)])
+
+    blocks = ray_engine._blocks(cluster, scored, nodes=2)
+    assert list(next(blocks)["path"]) == ["a"]
+    waited = threading.Timer(1.5, lambda: alive.update(count=1))
+    waited.start()
+    started = time.monotonic()
+    with pytest.raises(ray_engine.RunStalled, match="a node of the cluster was lost"):
+        next(blocks)
+    assert time.monotonic() - started >= 1.5, "no run is given up while every node is alive"
+    release.set()
 
 
 def test_device_cuda_on_a_ray_cluster_without_a_gpu_is_refused_rather_than_waited_for() -> None:

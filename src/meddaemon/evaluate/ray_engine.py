@@ -9,8 +9,10 @@ The model travels to the actors as its version folder's path: each actor loads i
 registry's verification (the weights' SHA-256, safetensors only, the self-test), so a node whose
 copy differs refuses it by name; nothing of it is pickled. Files must be readable at the same path
 on every node (a shared mount). A lost worker's tasks are retried by Ray, and when Ray gives up on
-a run (an actor lost with its node before it could start) the driver runs the files not yet returned
-again; it writes each file once whatever comes back twice, and bytes already scored are reused.
+a run (an actor lost with its node before it could start), or waits for a minute without results
+after a node's loss (Ray Data can wait forever then), the driver ends the job and runs the files not
+yet returned again in a new one; it writes each file once whatever comes back twice, and bytes
+already scored are reused.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import io
 import json
 import logging
 import os
+import queue
 import socket
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -47,6 +52,9 @@ DECODE_BATCH = 64
 RAY_ATTEMPTS = 3
 #: memory a decoding task reserves (bytes): one decoded image at a time and 64 model inputs, with room
 DECODE_MEMORY = 768 * 2**20
+#: seconds without results, once a node of the cluster is lost, before the run is given up and the
+#: files not yet returned are run again (as long as Ray Data waits before it warns of such a hang)
+STALL_SECONDS = 60.0
 #: marks a model refused on a node in the error Ray passes back to the driver
 REFUSED = "meddaemon-model-refused"
 #: Ray's authentication mode, an environment variable of the process (``ray_session``)
@@ -61,21 +69,22 @@ def ray_outcomes(prepared: Prepared) -> Iterator[tuple[FileOutcome, Future | Non
     seen: set[str] = set()
     writers = ThreadPoolExecutor(2, thread_name_prefix="heatmap-writer") if prepared.request.heatmaps else None
     try:
-        with ray_session(ray, prepared.request.ray_address):
-            for attempt in range(1, RAY_ATTEMPTS + 1):
-                remaining = [str(p) for p in prepared.cohort.files if str(p) not in seen]
-                if not remaining:
-                    return
-                try:
+        for attempt in range(1, RAY_ATTEMPTS + 1):
+            remaining = [str(p) for p in prepared.cohort.files if str(p) not in seen]
+            if not remaining:
+                return
+            try:
+                # a session per attempt: leaving it ends the job, and with it a stalled run's actors and tasks
+                with ray_session(ray, prepared.request.ray_address):
                     yield from _run(ray, prepared, remaining, seen, writers)
-                    return
-                except ray.exceptions.RayError as exc:
-                    if attempt == RAY_ATTEMPTS:
-                        raise
-                    first_line = str(exc).splitlines()[0] if str(exc) else ""
-                    left = len(prepared.cohort.files) - len(seen)
-                    log.warning("the Ray run failed (%s: %s); running the %d files not yet returned again",
-                                type(exc).__name__, first_line, left)  # fmt: skip
+                return
+            except (ray.exceptions.RayError, RunStalled) as exc:
+                if attempt == RAY_ATTEMPTS:
+                    raise
+                first_line = str(exc).splitlines()[0] if str(exc) else ""
+                left = len(prepared.cohort.files) - len(seen)
+                log.warning("the Ray run failed (%s: %s); running the %d files not yet returned again",
+                            type(exc).__name__, first_line, left)  # fmt: skip
     finally:
         if writers is not None:
             writers.shutdown(wait=True)
@@ -127,7 +136,7 @@ def _run(
     ``writers``, the heatmaps the actors return are written in them."""
     request = prepared.request
     contract = prepared.model.contract
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    nodes = _alive_nodes(ray)
     plan = plan_actors(ray.cluster_resources(), nodes, request.device)
     # a context of its own: Ray Data keeps one per process, with state of the cluster it last ran on
     context = ray.data.DataContext()
@@ -169,7 +178,7 @@ def _run(
     )
     root, model, heatmaps_dir = prepared.cohort.root, prepared.model, prepared.settings.heatmaps_dir
     try:
-        for batch in scored.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=2):
+        for batch in _blocks(ray, scored, nodes):
             for outcome, maps in _outcomes(batch):
                 if outcome.read.path in seen:
                     continue
@@ -186,6 +195,59 @@ def _run(
             line = next((part for part in text.splitlines() if REFUSED in part), text)
             raise EvaluationStopped(line.split(REFUSED + ": ", 1)[-1].strip()) from None
         raise
+
+
+class RunStalled(RuntimeError):
+    """Nothing came back for ``STALL_SECONDS`` after a node of the cluster was lost."""
+
+
+def _blocks(ray: Any, scored: Any, nodes: int) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data's output, block by block as the actors return it (batches of a fixed size, prefetched,
+    held the first results back until about 768 were done). Ray Data can wait forever once a node is
+    lost ("Cluster resources are not enough to run any task from ActorPoolMapOperator"): when nothing
+    came for ``STALL_SECONDS`` and fewer nodes are alive than at the start, raises RunStalled."""
+    blocks: queue.Queue[Any] = queue.Queue(maxsize=4)
+    given_up = threading.Event()
+    finished = object()
+
+    def pump() -> None:
+        try:
+            for block in scored.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+                _put(block)
+            _put(finished)
+        except BaseException as exc:  # handed to the driver, which raises it
+            _put(exc)
+
+    def _put(item: Any) -> None:
+        while not given_up.is_set():
+            with contextlib.suppress(queue.Full):
+                blocks.put(item, timeout=0.5)
+                return
+
+    threading.Thread(target=pump, name="ray-results", daemon=True).start()
+    last = time.monotonic()
+    try:
+        while True:
+            try:
+                item = blocks.get(timeout=1.0)
+            except queue.Empty:
+                if time.monotonic() - last > STALL_SECONDS and _alive_nodes(ray) < nodes:
+                    raise RunStalled(
+                        f"no results for {STALL_SECONDS:.0f} s since a node of the cluster was lost"
+                    ) from None
+                continue
+            last = time.monotonic()
+            if item is finished:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        given_up.set()
+
+
+def _alive_nodes(ray: Any) -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 @dataclass(frozen=True)
