@@ -118,6 +118,7 @@ def fresh_database(root: Path, name: str, model: Path):  # type: ignore[no-untyp
         folder = settings.stored_file(row.path)
     if (model / BACKEND_FILE).exists():
         shutil.copyfile(model / BACKEND_FILE, folder / BACKEND_FILE)
+    if (model / GRAPH_FOLDER).is_dir():  # none when ONNX Runtime could not be used
         shutil.copytree(model / GRAPH_FOLDER, folder / GRAPH_FOLDER)
     return settings, engine
 

@@ -113,6 +113,11 @@ class Prepared:
     def paths(self) -> list[str]:
         return [str(p) for p in self.cohort.files]
 
+    @property
+    def model_folder(self) -> Path:
+        """The version's folder: its weights, and the backend choice kept beside them."""
+        return self.settings.stored_file(self.version.path)
+
 
 def run_evaluation(
     db: Engine, settings: Settings, request: EvaluationRequest, progress: ProgressFn | None = None
@@ -417,7 +422,7 @@ class _Batcher:
 
     def __init__(self, prepared: Prepared, heatmaps_dir: Path | None, writers: ThreadPoolExecutor | None) -> None:
         self.model = prepared.model
-        self.folder = prepared.settings.stored_file(prepared.version.path)
+        self.folder = prepared.model_folder
         self.size = prepared.request.batch_size
         self.heatmaps_dir = heatmaps_dir
         self.writers = writers
