@@ -1,5 +1,6 @@
-"""Helpers for the evaluation tests: a listing of a tree that shows any change to it, a tree made
-read-only, and a SYNTHETIC dataset in each layout ``medcli evaluate`` reads."""
+"""Helpers for the evaluation tests: an evaluation's world (settings and database), a listing of a
+tree that shows any change to it, a tree made read-only, and a SYNTHETIC dataset in each layout
+``medcli evaluate`` reads."""
 
 from __future__ import annotations
 
@@ -15,11 +16,24 @@ from pathlib import Path
 import numpy as np
 from dicom_factory import write_png
 
+from meddaemon.config import Settings
+from meddaemon.db.engine import create_db_engine
 from meddaemon.engine.tasks import InputContract
 from meddaemon.training.phantoms import COVID_FINDING, NORMAL_FINDING, write_phantoms
 from model_factory import CONTRACT
 
 RGB_CONTRACT = InputContract(3, 32, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+@dataclass
+class World:
+    """Settings and the database of an evaluation, its model promoted there."""
+
+    settings: Settings
+    db_url: str
+
+    def engine(self):  # type: ignore[no-untyped-def]
+        return create_db_engine(self.db_url)
 
 
 def listing(root: Path) -> dict[str, tuple[int, int, int, int, str]]:

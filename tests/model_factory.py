@@ -33,8 +33,10 @@ def write_model(
     version: str = "v1",
     architecture: str = "small_cnn",
     contract: InputContract = CONTRACT,
+    backend: str = "auto",
 ) -> Path:
-    """A randomly initialised (SYNTHETIC, untrained) model in the registry's format."""
+    """A randomly initialised (SYNTHETIC, untrained) model in the registry's format; ``backend``
+    pins the CPU backend (``auto``: the faster, measured)."""
     spec = BUILTIN_TASKS[task]
     torch.manual_seed(0)
     model = build_model(architecture, contract.channels, spec.num_outputs)
@@ -48,6 +50,7 @@ def write_model(
         input_contract=contract,
         out_dir=folder,
         training_data_fingerprint="synthetic",
+        backend=backend,
     )
     return folder
 

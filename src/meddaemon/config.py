@@ -111,6 +111,7 @@ class Settings:
     max_wait_ms: float = 50.0
     device: str = "auto"
     inference_threads: int = 0
+    concurrent_batches: int = 0
     heatmaps: bool = True
     model_poll_seconds: float = 2.0
     reports: bool = True
@@ -270,6 +271,7 @@ _INT_KEYS = {
     "report_workers",
     "metrics_port",
     "inference_threads",
+    "concurrent_batches",
     "web_port",
     "outbox_max_attempts",
     "dicom_port",
@@ -580,6 +582,8 @@ def _validate(s: Settings) -> None:
         fail("max_wait_ms", "must be >= 0")
     if s.inference_threads < 0:
         fail("inference_threads", "must be >= 0 (0: one per core)")
+    if s.concurrent_batches < 0:
+        fail("concurrent_batches", "must be >= 0 (0: two on the CPU, one on a GPU)")
     if s.lease_seconds < 1:
         fail("lease_seconds", "must be >= 1 (heartbeats go every quarter of it)")
     for key in ("db_lock_timeout_seconds", "db_idle_in_transaction_seconds", "db_keepalive_seconds"):

@@ -284,6 +284,46 @@ def test_a_file_arriving_during_a_forward_pass_is_recorded_before_the_pass_ends(
     assert set(forward_threads) == {"forward_0"}
 
 
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_onnx_runtime_runs_as_many_batches_at_once_as_concurrent_batches_says(
+    make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lanes: int
+):
+    """Batches of one scan, each held in the model: ``concurrent_batches`` of them are in it at once
+    (in as many forward threads), the others wait; every scan is inferred once they are let go."""
+    settings = make_settings(max_wait_ms=10, max_batch=1, reports=False, inference_threads=2, concurrent_batches=lanes)
+    daemon = Daemon(settings)
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "model", backend="onnx"))
+    release = threading.Event()
+    held: list[str] = []
+    predict = ServedModel.predict
+
+    def held_predict(self: ServedModel, inputs: np.ndarray) -> list:
+        assert self.backend == "onnx" and self.lanes == lanes
+        held.append(threading.current_thread().name)
+        assert release.wait(60)
+        return predict(self, inputs)
+
+    monkeypatch.setattr(ServedModel, "predict", held_predict)
+    drop_scans(daemon.settings.watch)
+    runner = threading.Thread(target=daemon.run, kwargs={"once": True})
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(held) < lanes:
+            assert time.monotonic() < deadline and runner.is_alive(), f"{len(held)} batches in the model"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert sorted(held) == [f"forward_{i}" for i in range(lanes)], "no more batches than lanes at once"
+    finally:
+        release.set()
+        runner.join(60)
+    assert not runner.is_alive()
+    with daemon.sessions() as session:
+        assert [s.state for s in session.scalars(select(Scan))] == ["inferred"] * 4
+        assert len(session.scalars(select(Result)).all()) == 4 * 3
+
+
 def test_the_running_daemon_picks_up_a_promoted_model_without_a_restart(tmp_path: Path):
     import os
     import signal

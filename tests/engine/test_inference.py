@@ -3,6 +3,8 @@ and out-of-memory that halves the batch instead of dropping scans."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 
 from meddaemon.engine import registry
 from meddaemon.engine.architectures import build_model
-from meddaemon.engine.inference import ServedModel, pick_device
+from meddaemon.engine.inference import ServedModel, forward_lanes, pick_device
 from meddaemon.engine.tasks import BUILTIN_TASKS, InputContract
 from meddaemon.failures import FailureReason
 
@@ -19,7 +21,13 @@ CONTRACT = InputContract(1, 32, 32, (0.5,), (0.25,))
 
 
 def served(
-    tmp_path: Path, task: str = "busi", heatmaps: bool = True, thresholds=None, arch="small_cnn", backend="auto"
+    tmp_path: Path,
+    task: str = "busi",
+    heatmaps: bool = True,
+    thresholds=None,
+    arch="small_cnn",
+    backend="auto",
+    lanes: int = 1,
 ) -> ServedModel:
     spec = BUILTIN_TASKS[task]
     torch.manual_seed(1)
@@ -36,7 +44,7 @@ def served(
         thresholds=thresholds,
         backend=backend,
     )
-    return ServedModel(1, registry.load_version(tmp_path / task), pick_device("cpu"), heatmaps=heatmaps)
+    return ServedModel(1, registry.load_version(tmp_path / task), pick_device("cpu"), heatmaps=heatmaps, lanes=lanes)
 
 
 def inputs(n: int) -> np.ndarray:
@@ -141,3 +149,92 @@ def test_auto_measures_both_backends_and_keeps_the_faster(tmp_path: Path):
 def test_models_whose_heatmaps_need_the_gradient_stay_eager(tmp_path: Path):
     model = served(tmp_path, arch="vgg16", backend="onnx")
     assert model.choose_backend(2) == "eager"
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_on_the_cpu_two_batches_run_at_once_by_default_never_more_than_the_threads(two_threads):
+    cpu = torch.device("cpu")
+    assert forward_lanes(0, cpu) == 2
+    assert forward_lanes(1, cpu) == 1
+    assert forward_lanes(8, cpu) == 2
+    torch.set_num_threads(1)
+    assert forward_lanes(0, cpu) == 1
+    assert forward_lanes(0, torch.device("cuda")) == 1
+
+
+def most_at_once(model: ServedModel, batches: int) -> tuple[int, list[np.ndarray]]:
+    """``predict`` called from ``batches`` threads at once, each forward held 0.2 s: the most forwards
+    seen running together, and each thread's probabilities."""
+    running, most, lock = 0, 0, threading.Lock()
+    forward = model._predict_chunk
+
+    def slow_forward(x: np.ndarray):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.2)
+        try:
+            return forward(x)
+        finally:
+            with lock:
+                running -= 1
+
+    model._predict_chunk = slow_forward
+    results: list[np.ndarray] = [np.empty(0)] * batches
+
+    def call(i: int) -> None:
+        results[i] = np.stack([p.probabilities for p in model.predict(inputs(4 + i))])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(batches)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return most, results
+
+
+def test_onnx_runtime_runs_as_many_batches_at_once_as_the_model_has_lanes_each_on_its_share_of_threads(
+    tmp_path: Path, two_threads
+):
+    model = served(tmp_path / "onnx", arch="small_cnn", backend="onnx", lanes=2)
+    assert model.choose_backend(4) == "onnx" and model.lanes == 2
+    assert model.onnx is not None and model.onnx.session.get_session_options().intra_op_num_threads == 1
+    most, results = most_at_once(model, 3)
+    assert most == 2
+    alone = served(tmp_path / "alone", arch="small_cnn", backend="onnx")
+    assert alone.choose_backend(4) == "onnx" and alone.lanes == 1
+    for i, probabilities in enumerate(results):
+        np.testing.assert_allclose(probabilities, [p.probabilities for p in alone.predict(inputs(4 + i))], atol=1e-6)
+
+
+def test_eager_pytorch_runs_one_batch_at_a_time_whatever_the_lanes(tmp_path: Path, two_threads):
+    model = served(tmp_path, arch="small_cnn", backend="eager", lanes=2)
+    assert model.choose_backend(4) == "eager" and model.lanes == 1
+    most, _ = most_at_once(model, 3)
+    assert most == 1
+
+
+def test_the_onnx_timing_runs_the_lanes_at_once_and_is_kept_apart_from_a_timing_of_one_lane(
+    tmp_path: Path, two_threads, caplog
+):
+    from meddaemon.engine.backend_cache import BackendCache
+
+    cache = BackendCache(tmp_path / "busi")
+    one = served(tmp_path, arch="small_cnn")
+    one.choose_backend(4, cache)
+    two = ServedModel(1, registry.load_version(tmp_path / "busi"), pick_device("cpu"), lanes=2)
+    with caplog.at_level("INFO"):
+        two.choose_backend(4, cache)
+    assert one.measured and two.measured, "a choice timed for one lane is not reused for two"
+    assert "2 at once" in caplog.text
+    again = ServedModel(1, registry.load_version(tmp_path / "busi"), pick_device("cpu"), lanes=2)
+    again.choose_backend(4, cache)
+    assert not again.measured and again.backend == two.backend

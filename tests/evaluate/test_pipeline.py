@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import threading
+import time
 from pathlib import Path
 from unittest.mock import patch
 
@@ -13,11 +15,13 @@ import pytest
 from dicom_factory import write_png
 from sqlalchemy import func, select
 
-from evaluate_factory import listing, read_only
+from evaluate_factory import World, listing, read_only
 from meddaemon.db.engine import session_factory
 from meddaemon.db.models import Evaluation, EvaluationFile, Heatmap, Result, Scan
+from meddaemon.engine.inference import ServedModel
 from meddaemon.evaluate.pipeline import EvaluationRequest, EvaluationStopped, Progress, run_evaluation
 from meddaemon.states import ScanState
+from model_factory import promote_into, write_model
 
 
 def evaluate(world, path: Path, **options):  # type: ignore[no-untyped-def]
@@ -130,6 +134,46 @@ def test_the_backend_choice_is_measured_once_per_version_and_kept_beside_it(
     second = evaluate(world, other)
     assert second.summary["scored"] == second.summary["files"] > 0
     assert "not measured again" in caplog.text and "chosen (measured" not in caplog.text
+
+
+def test_the_local_engine_keeps_as_many_batches_in_the_model_as_it_has_lanes_and_keeps_their_order(
+    busi_phantoms: Path, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX Runtime with ``concurrent_batches = 2``: two batches in the model at once, never more;
+    every file scored once, with the probabilities a run of one batch at a time gives."""
+    predict = ServedModel.predict
+    running, most, lock = 0, 0, threading.Lock()
+
+    def slow_predict(self: ServedModel, inputs: np.ndarray) -> list:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.1)
+        try:
+            return predict(self, inputs)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(ServedModel, "predict", slow_predict)
+    model = write_model(tmp_path / "model", version="v1", backend="onnx")
+    probabilities: dict[int, dict[str, np.ndarray]] = {}
+    for lanes in (2, 1):
+        url = f"sqlite:///{tmp_path / f'lanes-{lanes}.db'}"
+        settings = make_settings(
+            db=url, state_dir=tmp_path / f"state-{lanes}", inference_threads=2, concurrent_batches=lanes
+        )
+        promote_into(url, settings.models_dir, model)
+        world = World(settings, url)
+        most = 0
+        outcome = evaluate(world, busi_phantoms, batch_size=2, workers=0)
+        assert outcome.state == "completed" and outcome.summary["scored"] == outcome.summary["files"] == 24
+        assert most == lanes
+        probabilities[lanes] = stored(world)
+    assert sorted(probabilities[2]) == sorted(probabilities[1])
+    for name, row in probabilities[1].items():
+        np.testing.assert_allclose(probabilities[2][name], row, atol=1e-6)
 
 
 def test_unreadable_files_are_listed_with_reasons_and_the_run_goes_on(world, tmp_path: Path) -> None:

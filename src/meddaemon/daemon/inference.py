@@ -74,9 +74,9 @@ Commit = Callable[[Callable[[Session], Any]], Any]
 REPORT_VIEW_MAX_SIDE = 512
 #: threads writing heatmap files: numpy, the JPEG encoder and file writes release the GIL
 HEATMAP_WRITERS = 2
-#: batches handed to the forward thread and not yet taken back: one running, one waiting behind it,
-#: so that the thread never waits for the loop while the queue goes on filling the next full batch
-FORWARDS_AHEAD = 2
+#: batches handed to the forward threads and not yet taken back, beyond those running (one per
+#: lane): one waiting behind them, so that no lane waits for the loop while the queue fills the next
+FORWARDS_WAITING = 1
 #: how often the main loop looks for inputs prepared, batches forwarded and batches whose heatmap
 #: files are written (s)
 STORE_POLL = 0.005
@@ -151,7 +151,9 @@ class InferenceStage(Stage):
         self.preparing: list[_Preparing] = []
         self.forwarding: list[_Forwarding] = []
         self.storing: list[_Storing] = []
-        self.forwarder = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        #: the forward threads, one per lane (``engine.inference.forward_lanes``), started with the engine
+        self.forwarder: ThreadPoolExecutor | None = None
+        self.lanes = 1
         self.writer = ThreadPoolExecutor(HEATMAP_WRITERS, thread_name_prefix="heatmap-writer")
         self.in_flight: set[int] = set()
         #: scans whose heatmap files could not be written, left alone until the time given (monotonic)
@@ -172,7 +174,8 @@ class InferenceStage(Stage):
         """Stop the forward and writer threads; batches not yet committed stay ``routed`` and run
         again at start. A model load in progress is not waited for."""
         self.loader.close()
-        self.forwarder.shutdown(wait=True, cancel_futures=True)
+        if self.forwarder is not None:
+            self.forwarder.shutdown(wait=True, cancel_futures=True)
         self.writer.shutdown(wait=True)
 
     # -- the stage -------------------------------------------------------------------------------
@@ -201,16 +204,22 @@ class InferenceStage(Stage):
     def _engine(self) -> torch.device:
         """Torch's threads and the device, set up by the main thread before the first load."""
         if self.device is None:
-            from meddaemon.engine.inference import limit_threads, pick_device
+            from meddaemon.engine.inference import forward_lanes, limit_threads, pick_device
 
             limit_threads(self.settings.inference_threads)
             self.device = pick_device(self.settings.device)
+            self.lanes = forward_lanes(self.settings.concurrent_batches, self.device)
+            self.forwarder = ThreadPoolExecutor(self.lanes, thread_name_prefix="forward")
         return self.device
 
     def _load(self, request: model_loader.LoadRequest) -> ServedModel:
         assert self.device is not None
         return model_loader.load_and_time(
-            request, device=self.device, heatmaps=self.settings.heatmaps, batch=self.settings.max_batch
+            request,
+            device=self.device,
+            heatmaps=self.settings.heatmaps,
+            batch=self.settings.max_batch,
+            lanes=self.lanes,
         )
 
     def contracts(self) -> dict[str, InputContract]:
@@ -383,16 +392,18 @@ class InferenceStage(Stage):
     # -- running batches -----------------------------------------------------------------------
 
     def run_ready(self, flush: bool = False) -> int:
-        """Take back the batches forwarded, hand the forward thread every batch that is full or has
-        waited long enough (while fewer than ``FORWARDS_AHEAD`` are there), and commit the results
-        of batches whose heatmap files are written. ``flush``: every queued batch, waited for, and
-        every result committed. Returns the scans taken back from the forward thread."""
+        """Take back the batches forwarded, hand the forward threads every batch that is full or has
+        waited long enough (while fewer than the lanes and ``FORWARDS_WAITING`` are there), and
+        commit the results of batches whose heatmap files are written. ``flush``: every queued
+        batch, waited for, and every result committed. Returns the scans taken back from the
+        forward threads."""
         self.store_written()
         done = self.take_forwarded()
-        room = None if flush else FORWARDS_AHEAD - len(self.forwarding)
+        lanes = max((model.lanes for model in self.served.values()), default=1)
+        room = None if flush else lanes + FORWARDS_WAITING - len(self.forwarding)
         for version_id, items in self.queue.take_ready(flush, limit=room):
             model = next((m for m in self.served.values() if m.version_id == version_id), None)
-            if model is None:
+            if model is None or self.forwarder is None:
                 for item in items:
                     self.in_flight.discard(item.scan_id)
                 continue

@@ -44,6 +44,8 @@ class BackendKey:
     batch: int
     #: the exported graph also returns the heatmap activation
     activation: bool
+    #: batches ONNX Runtime runs at once, its threads shared among them (``ServedModel.lanes``)
+    lanes: int = 1
     torch: str = field(default_factory=lambda: torch.__version__)
     onnxruntime: str = field(default_factory=lambda: _package_version("onnxruntime"))
     cpu: str = field(default_factory=lambda: cpu_name())

@@ -10,6 +10,7 @@ infinite output is an error for that scan, never a result.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -51,6 +52,19 @@ def limit_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def forward_lanes(setting: int, device: torch.device) -> int:
+    """How many batches a model served on ``device`` runs at once (``concurrent_batches``; 0: two).
+
+    On the CPU, ONNX Runtime splits each operator of a batch over its threads and waits for the
+    slowest: a core taken a moment by a decoding worker or the daemon's loop stalls the whole batch.
+    Two batches at once, each on half the threads, keep the cores busy instead (mobilenet_v2 on 2
+    cores beside a busy worker: 162 -> 190-204 images/s; benchmarks/README.md, issue 16's fifth
+    pass). Never more lanes than threads; one on a GPU."""
+    if device.type != "cpu":
+        return 1
+    return max(1, min(setting or 2, torch.get_num_threads()))
+
+
 def pick_device(setting: str = "auto") -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -60,7 +74,11 @@ def pick_device(setting: str = "auto") -> torch.device:
 class ServedModel:
     """A model version loaded, verified and placed on its device, ready for batches."""
 
-    def __init__(self, version_id: int, loaded: LoadedModel, device: torch.device, heatmaps: bool = True) -> None:
+    def __init__(
+        self, version_id: int, loaded: LoadedModel, device: torch.device, heatmaps: bool = True, lanes: int = 1
+    ) -> None:
+        """``lanes``: batches run at once once ONNX Runtime serves the model on the CPU, its threads
+        shared among them (``forward_lanes``); eager PyTorch and CUDA run one at a time."""
         self.version_id = version_id
         self.manifest = loaded.manifest
         self.device = device
@@ -84,6 +102,10 @@ class ServedModel:
         self.measured = False
         #: where exported ONNX graphs are kept (the version's folder, from ``choose_backend``'s cache)
         self.graphs: GraphCache | None = None
+        self._onnx_lanes = max(1, lanes) if device.type == "cpu" else 1
+        #: batches this model runs at once (``predict`` from more threads waits for a lane)
+        self.lanes = 1
+        self._lane = threading.BoundedSemaphore(1)
 
     def choose_backend(self, batch: int, cache: BackendCache | None = None) -> str:
         """On the CPU, measure eager PyTorch and ONNX Runtime on one batch and keep the faster
@@ -112,7 +134,9 @@ class ServedModel:
         return self.backend
 
     def backend_key(self, batch: int) -> BackendKey:
-        return BackendKey(self.manifest.sha256, self.device.type, torch.get_num_threads(), batch, self.heatmaps)
+        return BackendKey(
+            self.manifest.sha256, self.device.type, torch.get_num_threads(), batch, self.heatmaps, self._onnx_lanes
+        )
 
     def _measure(self, batch: int, wanted: str) -> BackendChoice:
         sample = self_test_input(self.contract, seed=0, batch=batch)
@@ -120,23 +144,24 @@ class ServedModel:
         if runner is None:
             return BackendChoice("eager", {}, note)
         if wanted == "onnx":
-            self.onnx, self.backend = runner, "onnx"
+            self._serve_onnx(runner)
             return BackendChoice("onnx", {}, "pinned by the manifest")
         x = sample.numpy()
         self.speeds = {
             "eager": images_per_second(lambda: self._predict_chunk(x), batch),
-            "onnx": images_per_second(lambda: self._run_onnx(runner, x), batch),
+            "onnx": images_per_second(lambda: self._run_onnx(runner, x), batch, at_once=self._onnx_lanes),
         }
         self.measured = True
         if self.speeds["onnx"] > self.speeds["eager"]:
-            self.onnx, self.backend = runner, "onnx"
+            self._serve_onnx(runner)
         log.info(
-            "%s: %s chosen (measured: eager %.0f, ONNX Runtime %.0f images/s at batch %d)",
+            "%s: %s chosen (measured: eager %.0f, ONNX Runtime %.0f images/s at batch %d, %d at once)",
             self.name,
             self.backend,
             self.speeds["eager"],
             self.speeds["onnx"],
             batch,
+            self._onnx_lanes,
         )
         return BackendChoice(self.backend, dict(self.speeds))
 
@@ -145,7 +170,7 @@ class ServedModel:
         if cached.backend == "onnx":
             runner, _ = self._onnx_runner(self_test_input(self.contract, seed=0, batch=batch))
             if runner is not None:
-                self.onnx, self.backend = runner, "onnx"
+                self._serve_onnx(runner)
         if self.speeds:
             why = (
                 ", ".join(f"{name} {speed:.0f}" for name, speed in self.speeds.items()) + f" images/s at batch {batch}"
@@ -164,7 +189,12 @@ class ServedModel:
         """The ONNX Runtime session for this model, checked against eager; (None, why) when unusable."""
         try:
             runner = OnnxRunner(
-                self.model, sample, self.heatmaps, graphs=self.graphs, weights_sha256=self.manifest.sha256
+                self.model,
+                sample,
+                self.heatmaps,
+                graphs=self.graphs,
+                weights_sha256=self.manifest.sha256,
+                threads=max(1, torch.get_num_threads() // self._onnx_lanes),
             )
         except BackendUnavailable as exc:
             log.warning("%s: ONNX Runtime unavailable (%s); eager PyTorch", self.name, exc)
@@ -174,6 +204,11 @@ class ServedModel:
             log.warning("%s: the ONNX graph disagrees with the model; eager PyTorch", self.name)
             return None, "the ONNX graph disagrees with the model"
         return runner, ""
+
+    def _serve_onnx(self, runner: OnnxRunner) -> None:
+        self.onnx, self.backend = runner, "onnx"
+        self.lanes = self._onnx_lanes
+        self._lane = threading.BoundedSemaphore(self.lanes)
 
     @property
     def name(self) -> str:
@@ -186,7 +221,8 @@ class ServedModel:
         while start < len(inputs):
             size = min(self.chunk, len(inputs) - start)
             try:
-                out += self._predict_chunk(inputs[start : start + size])
+                with self._lane:
+                    out += self._predict_chunk(inputs[start : start + size])
             except torch.OutOfMemoryError:
                 if size == 1:
                     raise

@@ -12,6 +12,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -51,9 +52,12 @@ class OnnxRunner:
         with_activation: bool,
         graphs: GraphCache | None = None,
         weights_sha256: str = "",
+        threads: int = 0,
     ) -> None:
         """With ``graphs`` (and the weights' ``weights_sha256``), the graph exported by an earlier
-        start is used, and a new export is kept there."""
+        start is used, and a new export is kept there. ``threads``: the session's pool (0: PyTorch's
+        thread count); a session serving several batches at once gets a share each
+        (``ServedModel.lanes``)."""
         try:
             import onnxruntime as ort
         except ImportError as exc:  # an optional speed-up, never a requirement
@@ -68,7 +72,7 @@ class OnnxRunner:
             if graphs is not None and key is not None:
                 graphs.put(key, graph)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
         options.log_severity_level = 3
         # the pool's threads sleep while they wait instead of spinning: in the daemon they share the
         # cores with the decoding workers and the loop, and a spinning thread takes the core a worker
@@ -113,11 +117,20 @@ def agrees_with_eager(runner: OnnxRunner, model: ClassifierNet, sample: Tensor) 
     return bool(torch.allclose(logits, expected, atol=AGREEMENT_ATOL, rtol=0))
 
 
-def images_per_second(run: Callable[[], object], batch: int, repeats: int = 3) -> float:
-    run()  # warm-up: allocations, kernel selection
+def images_per_second(run: Callable[[], object], batch: int, repeats: int = 3, at_once: int = 1) -> float:
+    """Images per second of ``run`` (one batch of ``batch``), called ``at_once`` times concurrently
+    (as the batches of a model with several lanes run), median of ``repeats``."""
+    timed = run if at_once == 1 else lambda: _concurrently(run, at_once)
+    timed()  # warm-up: allocations, kernel selection
     timings = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run()
+        timed()
         timings.append(time.perf_counter() - start)
-    return batch / float(np.median(timings))
+    return batch * at_once / float(np.median(timings))
+
+
+def _concurrently(run: Callable[[], object], times: int) -> None:
+    with ThreadPoolExecutor(times) as pool:
+        for future in [pool.submit(run) for _ in range(times)]:
+            future.result()

@@ -30,7 +30,7 @@ from meddaemon.db.engine import session_factory, transaction
 from meddaemon.db.models import Evaluation, ModelVersion
 from meddaemon.engine.backend_cache import BackendCache
 from meddaemon.engine.decode import DecodeOptions
-from meddaemon.engine.inference import ServedModel, limit_threads, pick_device
+from meddaemon.engine.inference import ServedModel, forward_lanes, limit_threads, pick_device
 from meddaemon.engine.tasks import InputContract
 from meddaemon.evaluate import store
 from meddaemon.evaluate.cohort import Cohort, read_cohort
@@ -177,7 +177,8 @@ def _serve(settings: Settings, request: EvaluationRequest, version: ModelVersion
     # with Ray the driver's copy only scores the odd file again: the actors hold the GPUs
     wanted = request.device if request.device != "auto" else settings.device
     device = pick_device("cpu" if request.engine == "ray" else wanted)
-    return ServedModel(version.id, loaded, device, heatmaps=request.heatmaps)
+    lanes = forward_lanes(settings.concurrent_batches, device) if request.engine == "local" else 1
+    return ServedModel(version.id, loaded, device, heatmaps=request.heatmaps, lanes=lanes)
 
 
 def _run(
@@ -403,8 +404,9 @@ def local_outcomes(prepared: Prepared, decoders: Decoders) -> Iterator[tuple[Fil
     try:
         for reads in decoders:
             yield from batch.take(relative_names(prepared.cohort.root, reads))
-        yield from batch.drain()
+        yield from batch.finish()
     finally:
+        batch.close()
         if writers is not None:
             writers.shutdown(wait=True)
 
@@ -418,7 +420,11 @@ def relative_names(root: Path, reads: list[FileRead]) -> list[FileRead]:
 
 
 class _Batcher:
-    """Decoded files gathered until a batch is full; failed and known files pass straight through."""
+    """Decoded files gathered until a batch is full; failed and known files pass straight through.
+
+    Full batches go to the model in threads of their own, as many at once as the model has lanes
+    (``ServedModel.lanes``), and one more waits behind them, so that the driver goes on taking the
+    decoded files meanwhile; their outcomes come back in the order of the batches."""
 
     def __init__(self, prepared: Prepared, heatmaps_dir: Path | None, writers: ThreadPoolExecutor | None) -> None:
         self.model = prepared.model
@@ -428,7 +434,8 @@ class _Batcher:
         self.writers = writers
         self.waiting: list[FileRead] = []
         self.rows = 0
-        self.backend_chosen = False
+        self.forwarder: ThreadPoolExecutor | None = None
+        self.forwarding: deque[tuple[list[FileRead], Future]] = deque()
 
     def take(self, reads: Iterable[FileRead]) -> Iterator[tuple[FileOutcome, Future | None]]:
         for read in reads:
@@ -438,15 +445,32 @@ class _Batcher:
             self.waiting.append(read)
             self.rows += int(read.inputs.shape[0])
             if self.rows >= self.size:
-                yield from self.drain()
+                self._forward()
+                yield from self._forwarded(beyond=self.model.lanes)
+        yield from self._forwarded(beyond=self.model.lanes)
 
-    def drain(self) -> Iterator[tuple[FileOutcome, Future | None]]:
+    def finish(self) -> Iterator[tuple[FileOutcome, Future | None]]:
+        """The outcomes of every batch still in the model, and of the last, partial one."""
+        self._forward()
+        yield from self._forwarded(beyond=0)
+
+    def close(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.shutdown(wait=True, cancel_futures=True)
+
+    def _forward(self) -> None:
         if not self.waiting:
             return
         reads, self.waiting, self.rows = self.waiting, [], 0
-        if not self.backend_chosen:  # measured only when something is to be scored (a rerun never is)
+        if self.forwarder is None:  # the backend measured only when something is to be scored (a rerun never is)
             self.model.choose_backend(min(self.size, BACKEND_PROBE_BATCH), BackendCache(self.folder))
-            self.backend_chosen = True
-        predictions = self.model.predict(stack(reads))
+            self.forwarder = ThreadPoolExecutor(self.model.lanes, thread_name_prefix="forward")
+        self.forwarding.append((reads, self.forwarder.submit(self.model.predict, stack(reads))))
+
+    def _forwarded(self, beyond: int) -> Iterator[tuple[FileOutcome, Future | None]]:
+        """Outcomes of the oldest batches: those done, and others waited for while more than
+        ``beyond`` are in the model."""
         submit = self.writers.submit if self.writers is not None else None
-        yield from outcomes_of(self.model, reads, predictions, self.heatmaps_dir, submit)
+        while self.forwarding and (len(self.forwarding) > beyond or self.forwarding[0][1].done()):
+            reads, future = self.forwarding.popleft()
+            yield from outcomes_of(self.model, reads, future.result(), self.heatmaps_dir, submit)
