@@ -138,10 +138,16 @@ class StateTemplate:
         return dest / "inbox", dest / "state"
 
 
+#: ``concurrent_batches`` of the ``--once`` daemons (``--concurrent-batches``; None: the default)
+CONCURRENT_BATCHES: int | None = None
+
+
 def daemon_env(reports: bool, heatmaps: bool = True) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
     env["MEDDAEMON_HEATMAPS"] = "true" if heatmaps else "false"
     env["MEDDAEMON_REPORTS"] = "true" if reports else "false"
+    if CONCURRENT_BATCHES is not None:
+        env["MEDDAEMON_CONCURRENT_BATCHES"] = str(CONCURRENT_BATCHES)
     return env
 
 
@@ -222,8 +228,11 @@ def main() -> None:
         help="ARCH=FILES,... for the warmed continuous daemon ('' skips it)",
     )
     parser.add_argument("--profile-files", type=int, default=800, help="files of the CPU-per-scan check (0 skips)")
+    parser.add_argument("--concurrent-batches", type=int, help="the --once daemons' concurrent_batches")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
+    global CONCURRENT_BATCHES
+    CONCURRENT_BATCHES = args.concurrent_batches
 
     base = Path(tempfile.mkdtemp(prefix="speed-"))
     print(f"load average at the start: {load_average()}", file=sys.stderr)
