@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -261,3 +263,23 @@ def import_and_promote(daemon: Daemon, path: Path, options: Any) -> str:
         row = importers.import_file(session, path, options, daemon.settings.models_dir, daemon.settings.task_specs)
         registry.promote(session, row.task_name, row.version)
         return row.path
+
+
+class MostAtOnce:
+    """``function`` with each call held ``hold`` seconds: ``most`` is the most calls seen running together."""
+
+    def __init__(self, function: Callable[..., Any], hold: float) -> None:
+        self.function, self.hold = function, hold
+        self.running = self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, *args: Any) -> Any:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(self.hold)
+        try:
+            return self.function(*args)
+        finally:
+            with self.lock:
+                self.running -= 1

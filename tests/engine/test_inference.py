@@ -4,7 +4,6 @@ and out-of-memory that halves the batch instead of dropping scans."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from meddaemon.engine.architectures import build_model
 from meddaemon.engine.inference import ServedModel, forward_lanes, pick_device
 from meddaemon.engine.tasks import BUILTIN_TASKS, InputContract
 from meddaemon.failures import FailureReason
+from model_factory import MostAtOnce
 
 CONTRACT = InputContract(1, 32, 32, (0.5,), (0.25,))
 
@@ -172,22 +172,8 @@ def test_on_the_cpu_two_batches_run_at_once_by_default_never_more_than_the_threa
 def most_at_once(model: ServedModel, batches: int) -> tuple[int, list[np.ndarray]]:
     """``predict`` called from ``batches`` threads at once, each forward held 0.2 s: the most forwards
     seen running together, and each thread's probabilities."""
-    running, most, lock = 0, 0, threading.Lock()
-    forward = model._predict_chunk
-
-    def slow_forward(x: np.ndarray):
-        nonlocal running, most
-        with lock:
-            running += 1
-            most = max(most, running)
-        time.sleep(0.2)
-        try:
-            return forward(x)
-        finally:
-            with lock:
-                running -= 1
-
-    model._predict_chunk = slow_forward
+    forward = MostAtOnce(model._predict_chunk, 0.2)
+    model._predict_chunk = forward
     results: list[np.ndarray] = [np.empty(0)] * batches
 
     def call(i: int) -> None:
@@ -198,7 +184,7 @@ def most_at_once(model: ServedModel, batches: int) -> tuple[int, list[np.ndarray
         thread.start()
     for thread in threads:
         thread.join()
-    return most, results
+    return forward.most, results
 
 
 def test_onnx_runtime_runs_as_many_batches_at_once_as_the_model_has_lanes_each_on_its_share_of_threads(

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import threading
-import time
 from pathlib import Path
 from unittest.mock import patch
 
@@ -21,7 +19,7 @@ from meddaemon.db.models import Evaluation, EvaluationFile, Heatmap, Result, Sca
 from meddaemon.engine.inference import ServedModel
 from meddaemon.evaluate.pipeline import EvaluationRequest, EvaluationStopped, Progress, run_evaluation
 from meddaemon.states import ScanState
-from model_factory import promote_into, write_model
+from model_factory import MostAtOnce, promote_into, write_model
 
 
 def evaluate(world, path: Path, **options):  # type: ignore[no-untyped-def]
@@ -141,22 +139,8 @@ def test_the_local_engine_keeps_as_many_batches_in_the_model_as_it_has_lanes_and
 ) -> None:
     """ONNX Runtime with ``concurrent_batches = 2``: two batches in the model at once, never more;
     every file scored once, with the probabilities a run of one batch at a time gives."""
-    predict = ServedModel.predict
-    running, most, lock = 0, 0, threading.Lock()
-
-    def slow_predict(self: ServedModel, inputs: np.ndarray) -> list:
-        nonlocal running, most
-        with lock:
-            running += 1
-            most = max(most, running)
-        time.sleep(0.1)
-        try:
-            return predict(self, inputs)
-        finally:
-            with lock:
-                running -= 1
-
-    monkeypatch.setattr(ServedModel, "predict", slow_predict)
+    predict = MostAtOnce(ServedModel.predict, 0.1)
+    monkeypatch.setattr(ServedModel, "predict", lambda self, inputs: predict(self, inputs))
     model = write_model(tmp_path / "model", version="v1", backend="onnx")
     probabilities: dict[int, dict[str, np.ndarray]] = {}
     for lanes in (2, 1):
@@ -166,10 +150,10 @@ def test_the_local_engine_keeps_as_many_batches_in_the_model_as_it_has_lanes_and
         )
         promote_into(url, settings.models_dir, model)
         world = World(settings, url)
-        most = 0
+        predict.most = 0
         outcome = evaluate(world, busi_phantoms, batch_size=2, workers=0)
         assert outcome.state == "completed" and outcome.summary["scored"] == outcome.summary["files"] == 24
-        assert most == lanes
+        assert predict.most == lanes
         probabilities[lanes] = stored(world)
     assert sorted(probabilities[2]) == sorted(probabilities[1])
     for name, row in probabilities[1].items():
