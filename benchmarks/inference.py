@@ -59,7 +59,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +81,7 @@ from meddaemon.engine.architectures import build_model  # noqa: E402
 from meddaemon.engine.tasks import BUILTIN_TASKS, GREY_MEAN, GREY_STD, InputContract  # noqa: E402
 
 try:  # the ONNX Runtime backend the daemon may serve with (optional)
-    from meddaemon.engine.onnx_backend import BackendUnavailable, OnnxRunner
+    from meddaemon.engine.onnx_backend import BackendUnavailable, OnnxRunner, run_at_once
 except ImportError:  # pragma: no cover
     OnnxRunner = None  # type: ignore[assignment,misc]
     BackendUnavailable = RuntimeError  # type: ignore[assignment,misc]
@@ -294,8 +293,7 @@ class Forwards:
         array = x.numpy()
         runner = self.onnx_halves
         assert runner is not None
-        pool = ThreadPoolExecutor(2)
-        return lambda: [f.result() for f in [pool.submit(runner.run, array) for _ in range(2)]]
+        return lambda: run_at_once(lambda: runner.run(array), 2)
 
     @staticmethod
     def _median_s(run: Callable[[], object], warmup: int, repeats: int) -> float:

@@ -240,8 +240,9 @@ def test_a_file_arriving_during_a_forward_pass_is_recorded_before_the_pass_ends(
     make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """The forward pass runs in a thread of its own: the loop goes on recording files (and storing
-    results, feeding the workers) while a batch is in the model."""
-    daemon = Daemon(make_settings(max_wait_ms=10, reports=False, model_poll_seconds=0.2))
+    results, feeding the workers) while a batch is in the model. One lane, so that every batch
+    runs in that thread (two lanes: the test below)."""
+    daemon = Daemon(make_settings(max_wait_ms=10, reports=False, model_poll_seconds=0.2, concurrent_batches=1))
     daemon.prepare()
     promote(daemon, write_model(tmp_path / "model"))
     release = threading.Event()

@@ -403,10 +403,11 @@ class InferenceStage(Stage):
         room = None if flush else lanes + FORWARDS_WAITING - len(self.forwarding)
         for version_id, items in self.queue.take_ready(flush, limit=room):
             model = next((m for m in self.served.values() if m.version_id == version_id), None)
-            if model is None or self.forwarder is None:
+            if model is None:
                 for item in items:
                     self.in_flight.discard(item.scan_id)
                 continue
+            assert self.forwarder is not None  # started with the engine, before any model was loaded
             self.forwarding.append(_Forwarding(model, items, self.forwarder.submit(forward, model, items)))
         if flush:
             done += self.take_forwarded(wait=True)

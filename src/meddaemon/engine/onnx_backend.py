@@ -120,7 +120,7 @@ def agrees_with_eager(runner: OnnxRunner, model: ClassifierNet, sample: Tensor) 
 def images_per_second(run: Callable[[], object], batch: int, repeats: int = 3, at_once: int = 1) -> float:
     """Images per second of ``run`` (one batch of ``batch``), called ``at_once`` times concurrently
     (as the batches of a model with several lanes run), median of ``repeats``."""
-    timed = run if at_once == 1 else lambda: _concurrently(run, at_once)
+    timed = run if at_once == 1 else lambda: run_at_once(run, at_once)
     timed()  # warm-up: allocations, kernel selection
     timings = []
     for _ in range(repeats):
@@ -130,7 +130,8 @@ def images_per_second(run: Callable[[], object], batch: int, repeats: int = 3, a
     return batch * at_once / float(np.median(timings))
 
 
-def _concurrently(run: Callable[[], object], times: int) -> None:
+def run_at_once(run: Callable[[], object], times: int) -> None:
+    """``run`` called ``times`` times concurrently, each in a thread of its own; returns when all are done."""
     with ThreadPoolExecutor(times) as pool:
         for future in [pool.submit(run) for _ in range(times)]:
             future.result()
