@@ -112,6 +112,9 @@ class Settings:
     device: str = "auto"
     inference_threads: int = 0
     concurrent_batches: int = 0
+    #: ``medcli evaluate --engine ray``: seconds without results, once a node of the cluster is
+    #: lost, before the run is given up and the files not yet returned run again in a new job
+    ray_stall_seconds: float = 60.0
     heatmaps: bool = True
     model_poll_seconds: float = 2.0
     reports: bool = True
@@ -287,6 +290,7 @@ _FLOAT_KEYS = {
     "lease_seconds",
     "outbox_retry_seconds",
     "outbox_max_retry_seconds",
+    "ray_stall_seconds",
 }
 _BOOL_KEYS = {"heatmaps", "reports", "reports_with_phi", "create_watch"}
 _FLOAT_KEYS |= {"db_lock_timeout_seconds", "db_idle_in_transaction_seconds", "db_keepalive_seconds"}
@@ -584,6 +588,8 @@ def _validate(s: Settings) -> None:
         fail("inference_threads", "must be >= 0 (0: one per core)")
     if s.concurrent_batches < 0:
         fail("concurrent_batches", "must be >= 0 (0: two on the CPU, one on a GPU)")
+    if s.ray_stall_seconds <= 0:
+        fail("ray_stall_seconds", "must be > 0")
     if s.lease_seconds < 1:
         fail("lease_seconds", "must be >= 1 (heartbeats go every quarter of it)")
     for key in ("db_lock_timeout_seconds", "db_idle_in_transaction_seconds", "db_keepalive_seconds"):

@@ -52,9 +52,6 @@ DECODE_BATCH = 64
 RAY_ATTEMPTS = 3
 #: memory a decoding task reserves (bytes): one decoded image at a time and 64 model inputs, with room
 DECODE_MEMORY = 768 * 2**20
-#: seconds without results, once a node of the cluster is lost, before the run is given up and the
-#: files not yet returned are run again (as long as Ray Data waits before it warns of such a hang)
-STALL_SECONDS = 60.0
 #: marks a model refused on a node in the error Ray passes back to the driver
 REFUSED = "meddaemon-model-refused"
 #: Ray's authentication mode, an environment variable of the process (``ray_session``)
@@ -178,7 +175,7 @@ def _run(
     )
     root, model, heatmaps_dir = prepared.cohort.root, prepared.model, prepared.settings.heatmaps_dir
     try:
-        for batch in _blocks(ray, scored, nodes):
+        for batch in _blocks(ray, scored, nodes, prepared.settings.ray_stall_seconds):
             for outcome, maps in _outcomes(batch):
                 if outcome.read.path in seen:
                     continue
@@ -198,14 +195,16 @@ def _run(
 
 
 class RunStalled(RuntimeError):
-    """Nothing came back for ``STALL_SECONDS`` after a node of the cluster was lost."""
+    """Nothing came back for ``ray_stall_seconds`` after a node of the cluster was lost."""
 
 
-def _blocks(ray: Any, scored: Any, nodes: int) -> Iterator[dict[str, np.ndarray]]:
+def _blocks(ray: Any, scored: Any, nodes: int, stall_seconds: float) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data's output, block by block as the actors return it (batches of a fixed size, prefetched,
     held the first results back until about 768 were done). Ray Data can wait forever once a node is
     lost ("Cluster resources are not enough to run any task from ActorPoolMapOperator"): when nothing
-    came for ``STALL_SECONDS`` and fewer nodes are alive than at the start, raises RunStalled."""
+    came for ``stall_seconds`` (the setting ``ray_stall_seconds``; 60 s by default, as long as Ray
+    Data waits before it warns of such a hang) and fewer nodes are alive than at the start, raises
+    RunStalled."""
     blocks: queue.Queue[Any] = queue.Queue(maxsize=4)
     given_up = threading.Event()
     finished = object()
@@ -231,9 +230,9 @@ def _blocks(ray: Any, scored: Any, nodes: int) -> Iterator[dict[str, np.ndarray]
             try:
                 item = blocks.get(timeout=1.0)
             except queue.Empty:
-                if time.monotonic() - last > STALL_SECONDS and _alive_nodes(ray) < nodes:
+                if time.monotonic() - last > stall_seconds and _alive_nodes(ray) < nodes:
                     raise RunStalled(
-                        f"no results for {STALL_SECONDS:.0f} s since a node of the cluster was lost"
+                        f"no results for {stall_seconds:g} s since a node of the cluster was lost"
                     ) from None
                 continue
             last = time.monotonic()
