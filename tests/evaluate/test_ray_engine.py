@@ -216,6 +216,16 @@ def test_ray_runs_one_after_another_in_a_process_give_the_local_engines_probabil
     assert os.environ.get("RAY_AUTH_MODE") == auth_mode, "the process's Ray settings are left as they were"
 
 
+def test_without_ray_installed_the_ray_engine_is_refused_before_a_run_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from meddaemon.evaluate.pipeline import check_request
+    from meddaemon.evaluate.store import EvaluationError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an installation without meddaemon[ray] imports
+    with pytest.raises(EvaluationError, match=r"pip install 'meddaemon\[ray\]'"):
+        check_request(EvaluationRequest(Path("cohort"), "busi", engine="ray"))
+    check_request(EvaluationRequest(Path("cohort"), "busi", engine="local"))
+
+
 def test_an_actor_computes_the_local_engines_grad_cam_heatmaps(busi_phantoms: Path, tmp_path: Path) -> None:
     """A head with a nonlinearity after the pooling (seed 002's): Grad-CAM needs the gradient, so the
     actor serves it in eager PyTorch, as the local engine does, and returns each scan's key-frame maps

@@ -155,6 +155,11 @@ def check_request(request: EvaluationRequest) -> None:
     """Refuse, before anything starts, what this request asks and no engine here can do."""
     if request.engine not in ENGINES:
         raise store.EvaluationError(f"unknown engine {request.engine!r}; one of {', '.join(ENGINES)}")
+    if request.engine == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise store.EvaluationError("the Ray engine needs Ray: pip install 'meddaemon[ray]'") from None
     if request.engine == "local" and request.device.startswith("cuda"):
         import torch
 

@@ -9,10 +9,10 @@ The model travels to the actors as its version folder's path: each actor loads i
 registry's verification (the weights' SHA-256, safetensors only, the self-test), so a node whose
 copy differs refuses it by name; nothing of it is pickled. Files must be readable at the same path
 on every node (a shared mount). A lost worker's tasks are retried by Ray, and when Ray gives up on
-a run (an actor lost with its node before it could start), or waits for a minute without results
-after a node's loss (Ray Data can wait forever then), the driver ends the job and runs the files not
-yet returned again in a new one; it writes each file once whatever comes back twice, and bytes
-already scored are reused.
+a run (an actor lost with its node before it could start), or waits ``ray_stall_seconds`` without
+results after a node's loss (Ray Data can wait forever then), the driver ends the job and runs the
+files not yet returned again in a new one; it writes each file once whatever comes back twice, and
+bytes already scored are reused.
 """
 
 from __future__ import annotations
