@@ -74,10 +74,10 @@ from meddaemon.db.engine import create_db_engine, session_factory, transaction  
 from meddaemon.db.migrate import upgrade  # noqa: E402
 from meddaemon.engine import registry  # noqa: E402
 from meddaemon.engine.architectures import build_model  # noqa: E402
-from meddaemon.engine.backend_cache import BACKEND_FILE, GRAPH_FOLDER, BackendCache  # noqa: E402
+from meddaemon.engine.backend_cache import BACKEND_FILE, BACKEND_PROBE_BATCH, GRAPH_FOLDER, BackendCache  # noqa: E402
 from meddaemon.engine.inference import ServedModel, forward_lanes, pick_device  # noqa: E402
 from meddaemon.engine.tasks import BUILTIN_TASKS, GREY_MEAN, GREY_STD, InputContract, all_tasks  # noqa: E402
-from meddaemon.evaluate.pipeline import BACKEND_PROBE_BATCH, EvaluationRequest, Progress, run_evaluation  # noqa: E402
+from meddaemon.evaluate.pipeline import EvaluationRequest, Progress, run_evaluation  # noqa: E402
 
 
 def write_cohort(folder: Path, count: int, size: int) -> Path:

@@ -233,7 +233,8 @@ def test_an_actor_computes_the_local_engines_grad_cam_heatmaps(busi_phantoms: Pa
     from meddaemon.engine.decode import DecodeOptions
     from meddaemon.engine.inference import ServedModel
     from meddaemon.engine.registry import load_version
-    from meddaemon.evaluate.ray_engine import ModelActor, _outcomes, _unpack_maps, decode_batch
+    from meddaemon.evaluate.ray_engine import _outcomes
+    from meddaemon.evaluate.ray_workers import ModelActor, decode_batch, unpack_maps
 
     contract = InputContract(1, 64, 64, (0.449,), (0.226,))
     folder = write_model(tmp_path / "gradcam", architecture="efficientnet_v2_s_selu", contract=contract)
@@ -249,7 +250,7 @@ def test_an_actor_computes_the_local_engines_grad_cam_heatmaps(busi_phantoms: Pa
     assert len(returned) == len(expected) == 6
     for (outcome, packed), prediction in zip(returned, expected, strict=True):
         assert np.abs(np.array(outcome.probabilities) - prediction.probabilities).max() <= 1e-6
-        maps, model_input = _unpack_maps(packed)
+        maps, model_input = unpack_maps(packed)
         assert [label for label, _ in maps] == [label for label, _ in prediction.heatmaps] and len(maps) == 1
         assert maps[0][1].shape == (64, 64) and np.abs(maps[0][1] - prediction.heatmaps[0][1]).max() <= 1e-5
         assert model_input.shape == (1, 64, 64)
@@ -307,7 +308,7 @@ def test_actors_time_the_backends_once_per_version_and_machine(tmp_path: Path) -
     """The first actor on a machine measures eager PyTorch against ONNX Runtime and keeps the choice
     beside the weights, as the daemon and the local engine do; the actors after it read it."""
     from meddaemon.engine.backend_cache import BACKEND_FILE
-    from meddaemon.evaluate.ray_engine import ModelActor
+    from meddaemon.evaluate.ray_workers import ModelActor
 
     folder = write_model(tmp_path / "model", version="v1")
     first = ModelActor(str(folder), 1, "cpu", threads=1, batch=8)
@@ -317,7 +318,7 @@ def test_actors_time_the_backends_once_per_version_and_machine(tmp_path: Path) -
 
 
 def test_a_model_that_fails_verification_on_a_node_names_the_node_and_the_reason(tmp_path: Path) -> None:
-    from meddaemon.evaluate.ray_engine import REFUSED, ModelActor
+    from meddaemon.evaluate.ray_workers import REFUSED, ModelActor
 
     folder = write_model(tmp_path / "model", version="v1")
     weights = folder / "model.safetensors"

@@ -9,11 +9,9 @@ The daemon's loop keeps running batches through the model meanwhile.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import signal
 import stat
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -23,6 +21,7 @@ import numpy as np
 from meddaemon.daemon.router import Route, RoutingPolicy, route_scan
 from meddaemon.daemon.stability import Signature
 from meddaemon.engine.decode import DecodeOptions, decode_bytes
+from meddaemon.engine.decode.dicom import quiet_pydicom
 from meddaemon.engine.decode.types import DecodedScan, ScanMetadata
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import FailureReason, ScanFailure
@@ -138,13 +137,6 @@ def _read(path: Path, expected: Signature | None, options: DecodeOptions) -> Int
 def _points_outside(link: Path) -> bool:
     target = Path(os.path.realpath(link))
     return link.parent.resolve() not in target.parents
-
-
-def quiet_pydicom() -> None:
-    """pydicom's warnings and log lines quote element values, patient names among them: PHI stays out."""
-    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
-    warnings.filterwarnings("ignore", category=UserWarning, message=r".*(VR|value|Invalid|Expected).*")
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
 
 def init_worker() -> None:

@@ -32,7 +32,7 @@ from meddaemon.daemon.archiving import ArchiveStage
 from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, PlannedMove
 from meddaemon.daemon.inbox import ensure_watch_folder
 from meddaemon.daemon.inference import InferenceStage
-from meddaemon.daemon.intake import IntakeContext, quiet_pydicom
+from meddaemon.daemon.intake import IntakeContext
 from meddaemon.daemon.intake_stage import IntakeStage, RescanTrigger, RunStats, log_outcome
 from meddaemon.daemon.metrics import DaemonMetrics, MetricsStage
 from meddaemon.daemon.outage import OutageGuard
@@ -48,6 +48,7 @@ from meddaemon.daemon.workers import DecodingPool
 from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
 from meddaemon.db.migrate import upgrade
 from meddaemon.engine.decode import DecodeOptions, decodable_transfer_syntaxes
+from meddaemon.engine.decode.dicom import quiet_pydicom
 
 __all__ = ["Daemon", "LeaseLost", "RunStats"]
 

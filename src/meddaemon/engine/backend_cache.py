@@ -32,6 +32,9 @@ BACKEND_FILE = "backend.json"
 FORMAT = 1
 #: entries kept per file (one per machine and configuration the version ran on)
 MAX_ENTRIES = 16
+#: the batch ``medcli evaluate`` times eager PyTorch and ONNX Runtime at to choose between them: at
+#: the run's batch (64, 256) the three timed passes of each cost as much as scoring a few thousand images
+BACKEND_PROBE_BATCH = 16
 
 
 @dataclass(frozen=True)

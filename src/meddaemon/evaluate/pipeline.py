@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from meddaemon.config import Settings
 from meddaemon.db.engine import session_factory, transaction
 from meddaemon.db.models import Evaluation, ModelVersion
-from meddaemon.engine.backend_cache import BackendCache
+from meddaemon.engine.backend_cache import BACKEND_PROBE_BATCH, BackendCache
 from meddaemon.engine.decode import DecodeOptions
 from meddaemon.engine.inference import ServedModel, forward_lanes, limit_threads, pick_device
 from meddaemon.engine.tasks import InputContract
@@ -44,9 +44,6 @@ log = logging.getLogger("meddaemon.evaluate")
 ENGINES = ("local", "ray")
 #: seconds between two writes of what is done (and two progress updates)
 FLUSH_SECONDS = 1.0
-#: the batch eager PyTorch and ONNX Runtime are timed at to choose between them: at the run's batch
-#: (64, 256) the three timed passes of each cost as much as scoring a few thousand images
-BACKEND_PROBE_BATCH = 16
 
 
 class EvaluationStopped(RuntimeError):

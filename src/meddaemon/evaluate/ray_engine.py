@@ -18,12 +18,10 @@ bytes already scored are reused.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -33,11 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from meddaemon.engine.decode import DecodeOptions
 from meddaemon.engine.decode.types import ScanMetadata
-from meddaemon.engine.tasks import InputContract
-from meddaemon.evaluate.pipeline import BACKEND_PROBE_BATCH, EvaluationStopped, Prepared, relative_names
-from meddaemon.evaluate.reading import FileRead, read_file
+from meddaemon.evaluate.pipeline import EvaluationStopped, Prepared, relative_names
+from meddaemon.evaluate.ray_workers import REFUSED, ModelActor, decode_batch, unpack_maps
+from meddaemon.evaluate.reading import FileRead
 from meddaemon.evaluate.scoring import with_heatmaps
 from meddaemon.evaluate.store import EvaluationError, FileOutcome
 from meddaemon.failures import FailureReason, ScanFailure
@@ -52,8 +49,6 @@ DECODE_BATCH = 64
 RAY_ATTEMPTS = 3
 #: memory a decoding task reserves (bytes): one decoded image at a time and 64 model inputs, with room
 DECODE_MEMORY = 768 * 2**20
-#: marks a model refused on a node in the error Ray passes back to the driver
-REFUSED = "meddaemon-model-refused"
 #: Ray's authentication mode, an environment variable of the process (``ray_session``)
 AUTH_MODE = "RAY_AUTH_MODE"
 
@@ -183,7 +178,7 @@ def _run(
                 relative_names(root, [outcome.read])
                 write = None
                 if maps and writers is not None:
-                    heatmaps, model_input = _unpack_maps(maps)
+                    heatmaps, model_input = unpack_maps(maps)
                     write = with_heatmaps(model, heatmaps_dir, writers.submit, outcome, heatmaps, model_input)
                 yield outcome, write
     except Exception as exc:
@@ -269,82 +264,6 @@ def plan_actors(resources: Mapping[str, float], nodes: int, device: str) -> Acto
     return ActorPlan(gpu, actors, max(1, cpus // nodes // max(1, -(-actors // nodes))))
 
 
-def decode_batch(
-    batch: dict[str, np.ndarray], contract: dict[str, Any], options: dict[str, Any], scored: np.ndarray
-) -> dict[str, np.ndarray]:
-    """A Ray task: read, hash and decode a batch of files (``reading.read_file``) into plain columns."""
-    from meddaemon.daemon.intake import quiet_pydicom
-
-    quiet_pydicom()
-    terms = InputContract.from_dict(contract)
-    decode = DecodeOptions(**options)
-    reads = [read_file(str(p), terms, decode, scored) for p in batch["path"]]
-    return {
-        "path": np.array([r.path for r in reads], dtype=object),
-        "sha256": np.array([r.sha256 or "" for r in reads], dtype=object),
-        "size": np.array([r.size for r in reads], dtype=np.int64),
-        "known": np.array([r.known for r in reads], dtype=bool),
-        "reason": np.array([r.failure.reason.value if r.failure else "" for r in reads], dtype=object),
-        "message": np.array([r.failure.message if r.failure else "" for r in reads], dtype=object),
-        "metadata": np.array([json.dumps(r.metadata.as_dict()) if r.metadata else "" for r in reads], dtype=object),
-        "inputs": np.array([_npy(r.inputs) for r in reads], dtype=object),
-    }
-
-
-class ModelActor:
-    """A Ray actor: the model version loaded once from its folder and verified on this node."""
-
-    def __init__(
-        self, folder: str, version_id: int, device: str, threads: int = 0, batch: int = 64, heatmaps: bool = False
-    ) -> None:
-        import torch
-
-        from meddaemon.engine.backend_cache import BackendCache
-        from meddaemon.engine.inference import ServedModel
-        from meddaemon.engine.registry import ModelRefused, load_version
-
-        try:
-            loaded = load_version(folder, device="cpu")
-        except ModelRefused as refusal:
-            raise RuntimeError(
-                f"{REFUSED}: model refused on node {socket.gethostname()}: {refusal.reason} ({refusal.message})"
-            ) from None
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.model = ServedModel(version_id, loaded, torch.device(device), heatmaps=heatmaps)
-        self.model.choose_backend(min(batch, BACKEND_PROBE_BATCH), BackendCache(folder))
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        labels = len(self.model.labels)
-        rows = len(batch["path"])
-        probabilities = np.full((rows, labels), np.nan)
-        positive = np.zeros((rows, labels), dtype=bool)
-        reasons, messages = batch["reason"].copy(), batch["message"].copy()
-        maps = np.full(rows, b"", dtype=object)
-        inputs = {i: _array(blob) for i, blob in enumerate(batch["inputs"]) if blob}
-        if inputs:
-            order = list(inputs)
-            sizes = [inputs[i].shape[0] for i in order]
-            predictions = self.model.predict(np.concatenate([inputs[i] for i in order]))
-            start = 0
-            for i, size in zip(order, sizes, strict=True):
-                rows_of = predictions[start : start + size]
-                start += size
-                failure = next((p.failure for p in rows_of if p.failure is not None), None)
-                if failure is not None:
-                    reasons[i], messages[i] = failure.reason.value, failure.message
-                    continue
-                probs = np.mean([p.probabilities for p in rows_of], axis=0)
-                probabilities[i], positive[i] = probs, self.model.calls(probs)
-                key = size // 2  # the key frame's maps, as the local engine keeps them
-                if rows_of[key].heatmaps:
-                    maps[i] = _pack_maps(rows_of[key].heatmaps, inputs[i][key])
-        out = {k: v for k, v in batch.items() if k != "inputs"}
-        return out | {
-            "reason": reasons, "message": messages, "probabilities": probabilities, "positive": positive, "maps": maps,
-        }  # fmt: skip
-
-
 def _outcomes(batch: dict[str, np.ndarray]) -> Iterator[tuple[FileOutcome, bytes]]:
     """Each file's outcome, with its packed heatmaps (empty without)."""
     for i, path in enumerate(batch["path"]):
@@ -361,33 +280,3 @@ def _outcomes(batch: dict[str, np.ndarray]) -> Iterator[tuple[FileOutcome, bytes
             yield FileOutcome(read), b""
             continue
         yield FileOutcome(read, probs.tolist(), batch["positive"][i].tolist()), batch["maps"][i]
-
-
-def _pack_maps(maps: list[tuple[int, np.ndarray]], model_input: np.ndarray) -> bytes:
-    """A scan's key-frame maps (by label index) and that frame's model input (for the overlays)."""
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        labels=np.array([label for label, _ in maps], dtype=np.int64),
-        maps=np.stack([heatmap.astype(np.float32) for _, heatmap in maps]),
-        model_input=np.ascontiguousarray(model_input, dtype=np.float32),
-    )
-    return buffer.getvalue()
-
-
-def _unpack_maps(blob: bytes) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as packed:
-        maps = [(int(label), heatmap) for label, heatmap in zip(packed["labels"], packed["maps"], strict=True)]
-        return maps, packed["model_input"]
-
-
-def _npy(array: np.ndarray | None) -> bytes:
-    if array is None:
-        return b""
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _array(blob: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(blob), allow_pickle=False)
