@@ -325,6 +325,7 @@ def cpu_per_scan(root: Path, files: int, outputs: bool, cprofile: Path | None, t
         DicomOutputs.prepare = prepare  # type: ignore[method-assign]
     if profile is not None:
         profile.disable()
+        cprofile.mkdir(parents=True, exist_ok=True)
         profile.dump_stats(cprofile / f"once_{task}_{'with' if outputs else 'without'}_outputs.prof")
     after = os.times()
     with daemon.sessions() as session:
