@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,10 @@ def run_retrain(launcher: list[str], data: Path, state: Path, batch_size: int, v
 def test_two_gloo_processes_give_the_metrics_of_one(tmp_path: Path) -> None:
     data = write_phantoms("busi", tmp_path / "busi", count=30, size=64, seed=7).root
     torchrun = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port"]
-    two = run_retrain([*torchrun, str(free_port())], data, tmp_path / "two", 8, "d2")
-    one = run_retrain([sys.executable], data, tmp_path / "one", 16, "d1")
+    with ThreadPoolExecutor(2) as both:  # independent runs: side by side, as two users would start them
+        two_run = both.submit(run_retrain, [*torchrun, str(free_port())], data, tmp_path / "two", 8, "d2")
+        one_run = both.submit(run_retrain, [sys.executable], data, tmp_path / "one", 16, "d1")
+        two, one = two_run.result(), one_run.result()
 
     for summary, version in ((two, "d2"), (one, "d1")):
         registered = summary["registered"]
