@@ -1,16 +1,14 @@
 """The Ray engine: the same probabilities as the local engine (within 1e-6) on the same files, run
 after run in one process (a local Ray, then a cluster); a real two-node cluster on this machine that
-loses a worker node mid-run and still scores every file exactly once; Grad-CAM heatmaps computed by
-the actors equal the local engine's; usage it cannot serve refused."""
+loses a worker node mid-run and still scores every file exactly once; usage it cannot serve refused
+(the actors' own work: test_ray_workers.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,13 +21,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-import torch
 from dicom_factory import write_png
 from sqlalchemy import func, select
 
 from meddaemon.db.engine import create_db_engine, session_factory
 from meddaemon.db.models import EvaluationFile, Heatmap, Result, Scan
-from meddaemon.engine.tasks import InputContract
 from meddaemon.evaluate.pipeline import EvaluationOutcome, EvaluationRequest, run_evaluation
 from model_factory import promote_into, write_model
 from ports import free_port
@@ -226,36 +222,6 @@ def test_without_ray_installed_the_ray_engine_is_refused_before_a_run_starts(mon
     check_request(EvaluationRequest(Path("cohort"), "busi", engine="local"))
 
 
-def test_an_actor_computes_the_local_engines_grad_cam_heatmaps(busi_phantoms: Path, tmp_path: Path) -> None:
-    """A head with a nonlinearity after the pooling (seed 002's): Grad-CAM needs the gradient, so the
-    actor serves it in eager PyTorch, as the local engine does, and returns each scan's key-frame maps
-    with that frame's input for the driver to write (the Ray plumbing: the test above)."""
-    from meddaemon.engine.decode import DecodeOptions
-    from meddaemon.engine.inference import ServedModel
-    from meddaemon.engine.registry import load_version
-    from meddaemon.evaluate.ray_engine import _outcomes
-    from meddaemon.evaluate.ray_workers import ModelActor, decode_batch, unpack_maps
-
-    contract = InputContract(1, 64, 64, (0.449,), (0.226,))
-    folder = write_model(tmp_path / "gradcam", architecture="efficientnet_v2_s_selu", contract=contract)
-    paths = sorted(str(p) for p in busi_phantoms.glob("*/*).png"))[::4]
-    options = {"frame_policy": DecodeOptions().frame_policy, "max_pixels": DecodeOptions().max_pixels}
-    decoded = decode_batch({"path": np.array(paths, dtype=object)}, contract.as_dict(), options, np.zeros(0, np.uint64))
-    actor = ModelActor(str(folder), 1, "cpu", heatmaps=True)
-    assert actor.model.backend == "eager"
-    returned = list(_outcomes(actor(decoded)))
-
-    local = ServedModel(1, load_version(folder, device="cpu"), torch.device("cpu"), heatmaps=True)
-    expected = local.predict(np.concatenate([np.load(io.BytesIO(blob)) for blob in decoded["inputs"]]))
-    assert len(returned) == len(expected) == 6
-    for (outcome, packed), prediction in zip(returned, expected, strict=True):
-        assert np.abs(np.array(outcome.probabilities) - prediction.probabilities).max() <= 1e-6
-        maps, model_input = unpack_maps(packed)
-        assert [label for label, _ in maps] == [label for label, _ in prediction.heatmaps] and len(maps) == 1
-        assert maps[0][1].shape == (64, 64) and np.abs(maps[0][1] - prediction.heatmaps[0][1]).max() <= 1e-5
-        assert model_input.shape == (1, 64, 64)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_worker_node_lost_mid_run_still_scores_every_file_exactly_once(
@@ -302,31 +268,6 @@ def test_a_worker_node_lost_mid_run_still_scores_every_file_exactly_once(
         ).all()
         assert per_file == []
     engine.dispose()
-
-
-def test_actors_time_the_backends_once_per_version_and_machine(tmp_path: Path) -> None:
-    """The first actor on a machine measures eager PyTorch against ONNX Runtime and keeps the choice
-    beside the weights, as the daemon and the local engine do; the actors after it read it."""
-    from meddaemon.engine.backend_cache import BACKEND_FILE
-    from meddaemon.evaluate.ray_workers import ModelActor
-
-    folder = write_model(tmp_path / "model", version="v1")
-    first = ModelActor(str(folder), 1, "cpu", threads=1, batch=8)
-    assert first.model.measured and (folder / BACKEND_FILE).is_file()
-    second = ModelActor(str(folder), 1, "cpu", threads=1, batch=8)
-    assert not second.model.measured and second.model.backend == first.model.backend
-
-
-def test_a_model_that_fails_verification_on_a_node_names_the_node_and_the_reason(tmp_path: Path) -> None:
-    from meddaemon.evaluate.ray_workers import REFUSED, ModelActor
-
-    folder = write_model(tmp_path / "model", version="v1")
-    weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # this node's copy differs
-    with pytest.raises(RuntimeError) as refused:
-        ModelActor(str(folder), 1, "cpu")
-    message = str(refused.value)
-    assert message.startswith(REFUSED) and socket.gethostname() in message and "hash_mismatch" in message
 
 
 @pytest.mark.parametrize("failure", ["ray gave up", "stalled"])
