@@ -94,6 +94,7 @@ def test_database_defaults_to_sqlite_in_the_state_dir(tmp_path: Path):
         ('observer = "magic"\n', "'observer'"),
         ('workers = "many"\n', "'workers'"),
         ("stable_seconds = -1\n", "must be >= 0"),
+        ("ray_stall_seconds = 0\n", "'ray_stall_seconds' from file .*: must be > 0"),
         ("stable_seconds = \n", "not valid TOML"),
         ('[[route]]\nmodality = "US"\n', "route needs a task"),
     ],
