@@ -41,7 +41,7 @@ def decode_batch(
         "reason": np.array([r.failure.reason.value if r.failure else "" for r in reads], dtype=object),
         "message": np.array([r.failure.message if r.failure else "" for r in reads], dtype=object),
         "metadata": np.array([json.dumps(r.metadata.as_dict()) if r.metadata else "" for r in reads], dtype=object),
-        "inputs": np.array([npy_bytes(r.inputs) for r in reads], dtype=object),
+        "inputs": np.array([_npy(r.inputs) for r in reads], dtype=object),
     }
 
 
@@ -75,7 +75,7 @@ class ModelActor:
         positive = np.zeros((rows, labels), dtype=bool)
         reasons, messages = batch["reason"].copy(), batch["message"].copy()
         maps = np.full(rows, b"", dtype=object)
-        inputs = {i: npy_array(blob) for i, blob in enumerate(batch["inputs"]) if blob}
+        inputs = {i: _array(blob) for i, blob in enumerate(batch["inputs"]) if blob}
         if inputs:
             order = list(inputs)
             sizes = [inputs[i].shape[0] for i in order]
@@ -92,14 +92,14 @@ class ModelActor:
                 probabilities[i], positive[i] = probs, self.model.calls(probs)
                 key = size // 2  # the key frame's maps, as the local engine keeps them
                 if rows_of[key].heatmaps:
-                    maps[i] = pack_maps(rows_of[key].heatmaps, inputs[i][key])
+                    maps[i] = _pack_maps(rows_of[key].heatmaps, inputs[i][key])
         out = {k: v for k, v in batch.items() if k != "inputs"}
         return out | {
             "reason": reasons, "message": messages, "probabilities": probabilities, "positive": positive, "maps": maps,
         }  # fmt: skip
 
 
-def pack_maps(maps: list[tuple[int, np.ndarray]], model_input: np.ndarray) -> bytes:
+def _pack_maps(maps: list[tuple[int, np.ndarray]], model_input: np.ndarray) -> bytes:
     """A scan's key-frame maps (by label index) and that frame's model input (for the overlays)."""
     buffer = io.BytesIO()
     np.savez(
@@ -117,7 +117,7 @@ def unpack_maps(blob: bytes) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
         return maps, packed["model_input"]
 
 
-def npy_bytes(array: np.ndarray | None) -> bytes:
+def _npy(array: np.ndarray | None) -> bytes:
     if array is None:
         return b""
     buffer = io.BytesIO()
@@ -125,5 +125,5 @@ def npy_bytes(array: np.ndarray | None) -> bytes:
     return buffer.getvalue()
 
 
-def npy_array(blob: bytes) -> np.ndarray:
+def _array(blob: bytes) -> np.ndarray:
     return np.load(io.BytesIO(blob), allow_pickle=False)
