@@ -1,7 +1,8 @@
-"""What both command groups share: the config file they find, and timestamps in ``--json``."""
+"""What both command groups share: the config file they find, timestamps in ``--json``, a fast exit."""
 
 from __future__ import annotations
 
+import gc
 import json
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
@@ -14,7 +15,9 @@ from dicom_factory import write_png
 from meddaemon.cli import common
 from meddaemon.cli.common import json_value
 from meddaemon.cli.daemon import cli as meddaemon
+from meddaemon.cli.daemon import main as meddaemon_main
 from meddaemon.cli.medcli import cli as medcli
+from meddaemon.cli.medcli import main as medcli_main
 
 
 def test_a_naive_timestamp_is_utc_and_an_aware_one_is_given_in_utc():
@@ -79,3 +82,18 @@ def test_no_default_config_file_means_the_built_in_defaults(tmp_path: Path, monk
     monkeypatch.setattr(common, "DEFAULT_CONFIG_FILE", tmp_path / "absent.toml")
     monkeypatch.delenv("MEDDAEMON_CONFIG", raising=False)
     assert sources()["batch_size"] == "default"
+
+
+@pytest.mark.parametrize("main", [meddaemon_main, medcli_main])
+def test_each_console_script_exits_with_its_heap_frozen(main, monkeypatch: pytest.MonkeyPatch):
+    """The interpreter's shutdown then skips walking what torch left (``meddaemon.heap``)."""
+    monkeypatch.setattr("sys.argv", ["prog", "--help"])
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main()
+        assert exited.value.code == 0
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

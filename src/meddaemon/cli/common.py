@@ -21,6 +21,7 @@ import click
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 
+from meddaemon import heap
 from meddaemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from meddaemon.db.migrate import SchemaError, open_current
 
@@ -95,6 +96,15 @@ def open_database(settings: Settings) -> Engine:
 def _fail(message: str, code: int) -> Any:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def run_group(group: click.Group, prog_name: str) -> None:
+    """A console script's entry point: the command group, then the whole heap frozen on the way
+    out, so that the interpreter's shutdown skips walking what torch left (``meddaemon.heap``)."""
+    try:
+        group(prog_name=prog_name)
+    finally:
+        heap.freeze_for_exit()
 
 
 def handle_errors(func: F) -> F:

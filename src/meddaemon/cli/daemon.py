@@ -25,6 +25,7 @@ from meddaemon.cli.common import (
     echo_json,
     handle_errors,
     open_database,
+    run_group,
     settings_options,
     setup_logging,
 )
@@ -234,7 +235,7 @@ def _dump_stacks_on_sigusr1() -> None:
 
 
 def main() -> None:
-    cli(prog_name="meddaemon")
+    run_group(cli, "meddaemon")
 
 
 cli.add_command(health)

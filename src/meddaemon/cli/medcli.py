@@ -10,7 +10,14 @@ from sqlalchemy import select
 
 from meddaemon import __version__
 from meddaemon.cli.audit import audit
-from meddaemon.cli.common import build_settings, echo_json, handle_errors, open_database, settings_options
+from meddaemon.cli.common import (
+    build_settings,
+    echo_json,
+    handle_errors,
+    open_database,
+    run_group,
+    settings_options,
+)
 from meddaemon.cli.dataset import dataset
 from meddaemon.cli.evaluate import evaluate
 from meddaemon.cli.models import models
@@ -142,7 +149,7 @@ cli.add_command(evaluate)
 
 
 def main() -> None:
-    cli(prog_name="medcli")
+    run_group(cli, "medcli")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ key ``study-pdf:<PDF SHA-256 prefix>``, so each version of the study report is a
 from __future__ import annotations
 
 import functools
-import gc
 import hashlib
 import logging
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from meddaemon import heap
 from meddaemon.config import DestinationConfig, Settings
 from meddaemon.db.models import Result, Scan
 from meddaemon.dicom import hot_paths, outbox, pdf, pmap, sc, sr
@@ -89,13 +89,11 @@ def build_objects(
 @functools.cache
 def _settle_heap() -> None:
     """Once per process, after the first objects were built: what is alive then (the modules, the
-    model, highdicom's tables of the standard, loaded at first use: hundreds of thousands of
-    containers) is moved out of the garbage collector's sight. Building DICOM objects allocates
-    many small containers, which triggers full collections; each walked those tables again (up to
-    a fifth of the outputs' CPU time). What is frozen is never freed, which is what long-lived
-    module data wants."""
-    gc.collect()
-    gc.freeze()
+    model, highdicom's tables of the standard, loaded at first use) is moved out of the garbage
+    collector's sight (``meddaemon.heap.settle``). Building DICOM objects allocates many small
+    containers, which triggers full collections; each walked those tables again (up to a fifth of
+    the outputs' CPU time)."""
+    heap.settle()
 
 
 class DicomOutputs:
