@@ -32,6 +32,10 @@ from ports import free_port
 
 ray = pytest.importorskip("ray")
 
+#: one Ray at a time on this machine when the suite runs in several processes (``pytest -n``): a head
+#: node takes fixed ports of its own (the client server's, the dashboard agent's)
+pytestmark = pytest.mark.xdist_group("ray")
+
 
 def probabilities(db_url: str) -> dict[str, np.ndarray]:
     engine = create_db_engine(db_url)
