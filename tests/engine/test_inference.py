@@ -132,6 +132,19 @@ def test_onnx_runtime_gives_the_same_probabilities_and_heatmaps_as_eager(tmp_pat
             np.testing.assert_allclose(map_a, map_b, atol=1e-3)
 
 
+def test_two_threads_choosing_onnx_at_once_both_get_it(tmp_path: Path):
+    """torch.onnx.export keeps its state in module globals: a second export while one runs failed
+    ("GLOBALS.in_onnx_export must be False") and its model fell back to eager."""
+    models = [served(tmp_path / str(i), arch="mobilenet_v2", backend="onnx") for i in range(2)]
+    chosen: list[str] = []
+    threads = [threading.Thread(target=lambda m=m: chosen.append(m.choose_backend(2))) for m in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert chosen == ["onnx", "onnx"]
+
+
 def test_onnx_runtime_threads_sleep_while_they_wait_leaving_the_cores_to_the_daemons_other_work(tmp_path: Path):
     model = served(tmp_path, arch="small_cnn", backend="onnx")
     assert model.choose_backend(4) == "onnx" and model.onnx is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 OPSET = 17
 #: Largest difference in logits tolerated between the exported graph and the eager model.
 AGREEMENT_ATOL = 1e-3
+#: one export at a time in a process: torch.onnx.export keeps its state in module globals, and a
+#: second export while one ran failed ("GLOBALS.in_onnx_export must be False"), its model served
+#: eager (a loader thread left exporting by a stop, beside its successor's)
+_EXPORTING = threading.Lock()
 
 
 class BackendUnavailable(RuntimeError):
@@ -93,7 +98,7 @@ def _export(model: ClassifierNet, sample: Tensor, with_activation: bool) -> byte
     outputs = ["activation", "logits"] if with_activation else ["logits"]
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
+        with _EXPORTING, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
