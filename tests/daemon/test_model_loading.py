@@ -53,11 +53,13 @@ class Gate:
         self.opened = threading.Event()
         self.entered = threading.Event()
         self.threads: list[str] = []
+        self.held: list[threading.Thread] = []
         original = ServedModel.choose_backend
 
         def gated(model: ServedModel, *args, **kwargs):  # type: ignore[no-untyped-def]
             if model.manifest.version in versions:
                 self.threads.append(threading.current_thread().name)
+                self.held.append(threading.current_thread())
                 self.entered.set()
                 self.opened.wait(120)
             return original(model, *args, **kwargs)
@@ -290,6 +292,10 @@ def test_a_stop_does_not_wait_for_a_model_load_in_progress(make_settings, tmp_pa
         assert time.monotonic() - stopped < loader.CLOSE_JOIN_SECONDS + 5
     finally:
         gate.open()
+        # the load left behind ends in its thread, waited for here: it exported and logged inside the
+        # next test of this pytest process (a failure seen with the suite in two processes)
+        for thread in gate.held:
+            thread.join(120)
 
 
 @pytest.mark.slow
