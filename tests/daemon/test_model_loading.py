@@ -52,19 +52,22 @@ class Gate:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, versions: set[str]) -> None:
         self.opened = threading.Event()
         self.entered = threading.Event()
-        self.threads: list[str] = []
         self.held: list[threading.Thread] = []
         original = ServedModel.choose_backend
 
         def gated(model: ServedModel, *args, **kwargs):  # type: ignore[no-untyped-def]
             if model.manifest.version in versions:
-                self.threads.append(threading.current_thread().name)
                 self.held.append(threading.current_thread())
                 self.entered.set()
                 self.opened.wait(120)
             return original(model, *args, **kwargs)
 
         monkeypatch.setattr(ServedModel, "choose_backend", gated)
+
+    @property
+    def threads(self) -> list[str]:
+        """The names of the threads it held."""
+        return [thread.name for thread in self.held]
 
     def open(self) -> None:
         self.opened.set()
