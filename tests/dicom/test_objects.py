@@ -220,7 +220,11 @@ BUILD_TIMES = {"ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCr
 
 
 def _elements(ds: pydicom.Dataset) -> list[str]:
-    return [str(e) for e in ds.iterall() if e.keyword not in BUILD_TIMES]
+    """Every element but the build times, a sequence by its tag and length (which Python class holds
+    its items is no part of the object)."""
+    return [
+        f"{e.tag} SQ {len(e.value)}" if e.VR == "SQ" else str(e) for e in ds.iterall() if e.keyword not in BUILD_TIMES
+    ]
 
 
 def test_the_sr_is_the_document_highdicom_builds_from_the_whole_content_tree(delivered: Daemon):
@@ -233,6 +237,56 @@ def test_the_sr_is_the_document_highdicom_builds_from_the_whole_content_tree(del
         )
         built = sr.build(facts)
         assert len(built.ContentSequence) > 0 and _elements(built) == _elements(plain)
+
+
+def chest_facts(source: pydicom.Dataset, sha256: str, model_version: str, seed: int) -> ScanFacts:
+    """A scan of the chestxray14 preset (14 labels), SYNTHETIC probabilities, about half called."""
+    rng = np.random.default_rng(seed)
+    results = tuple(
+        LabelResult(label, float(p), 0.5, bool(p >= 0.5), None, None)
+        for label, p in zip(all_tasks()["chestxray14"].labels, rng.random(14), strict=True)
+    )
+    return ScanFacts(1, sha256, "chestxray14", model_version, "densenet121", results, source, "1.2.826.0.1.3680043.10.")
+
+
+def test_an_sr_filled_in_from_its_model_s_pattern_is_the_one_highdicom_builds(tmp_path: Path):
+    paths = [write_dicom(tmp_path / f"{n}.dcm", modality="DX", patient_id=f"P{n}") for n in range(3)]
+    scans = [
+        chest_facts(read_source(paths[0]), "a" * 64, "v1", 0),
+        chest_facts(read_source(paths[1]), "b" * 64, "v1", 1),  # the same model: filled from the first's pattern
+        chest_facts(read_source(paths[2]), "c" * 64, "v2", 2),  # another version: a pattern of its own
+    ]
+    assert {r.positive for r in scans[0].results} == {True, False}
+    first = sr.content_tree(scans[0])
+    first_before = _elements(first)
+    for facts in scans:
+        plain = hd.sr.ComprehensiveSR(
+            evidence=[facts.source], content=sr.measurement_report(facts), **sr.document_attributes(facts)
+        )
+        built = sr.build(facts)
+        assert _elements(built) == _elements(plain)
+        path = tmp_path / f"sr_{facts.sha256[0]}.dcm"
+        path.write_bytes(encoding.encode(built))
+        assert dciodvfy_errors(path) == [], path.name
+        back = pydicom.dcmread(path)
+        probabilities = {
+            item.ConceptNameCodeSequence[0].CodeMeaning.removeprefix(PROBABILITY_OF): item.MeasuredValueSequence[0]
+            for item in _content_items(back)
+            if item.ValueType == "NUM"
+        }
+        calls = {
+            item.ConceptNameCodeSequence[0].CodeMeaning: item.ConceptCodeSequence[0].CodeMeaning
+            for item in _content_items(back)
+            if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeMeaning in probabilities
+        }
+        images = [item for item in _content_items(back) if item.ValueType == "IMAGE"]
+        assert {label: value.FloatingPointValue for label, value in probabilities.items()} == {
+            r.label: r.probability for r in facts.results
+        }
+        assert calls == {r.label: ("Present" if r.positive else "Absent") for r in facts.results}
+        assert len(images) == 14
+        assert {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images} == {facts.source.SOPInstanceUID}
+    assert _elements(first) == first_before  # filling in other scans left the pattern and its first tree alone
 
 
 #: what highdicom draws anew at each build: the times, and a UID of the map's dimension organisation
@@ -275,6 +329,7 @@ def test_a_multilabel_scan_s_maps_and_captures_after_the_first_are_the_ones_high
             assert ours.file_meta.MediaStorageSOPInstanceUID == ours.SOPInstanceUID
             path = tmp_path / f"{kind}_{result.label}.dcm"
             path.write_bytes(encoding.encode(ours))
+            assert path.read_bytes() == pydicom_bytes(ours)  # the first's items, encoded once, in each
             assert dciodvfy_errors(path) == [], path.name
         stored = np.load(result.array_path)
         assert np.array_equal(pydicom.dcmread(tmp_path / f"pmap_{result.label}.dcm").pixel_array, stored)
@@ -346,6 +401,24 @@ def test_each_object_is_encoded_to_the_bytes_pydicom_writes(delivered: Daemon):
             kinds.add(key.split(":")[0])
         assert facts.source == source  # the objects share its elements, never change them
     assert kinds == {"sr", "pmap", "sc", "pdf"}
+
+
+def test_a_frozen_item_is_written_as_pydicom_writes_it_in_every_object_and_forgotten_once_gone():
+    item = pydicom.Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "52101004", "SCT", "Present"
+    encoding.freeze(item)
+    for number in range(2):
+        ds = pydicom.Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = pydicom.uid.ComprehensiveSRStorage, pydicom.uid.generate_uid()
+        ds.InstanceNumber = number
+        ds.ConceptCodeSequence = [item]
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+        assert encoding.encode(ds) == pydicom_bytes(ds)
+    assert id(item) in encoding._FROZEN
+    key = id(item)
+    del item, ds
+    assert key not in encoding._FROZEN
 
 
 def test_text_in_a_sequence_is_encoded_in_the_character_set_of_its_object(tmp_path: Path):

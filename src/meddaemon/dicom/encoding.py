@@ -12,19 +12,24 @@ pydicom's ``write_string`` and ``write_text`` write it, and every other value by
 writer for its VR; the sequences go to ``dcmwrite`` encoded (as raw elements), which writes the
 file meta and the top-level elements as before. Anything unusual (a value too long for its VR's length field, an
 undefined length, a buffered value) is left to pydicom's ``write_data_element`` whole.
+
+An item ``freeze`` was called on is encoded once and its bytes reused wherever it appears again: the
+content items an SR shares with every other SR of its model (``sr.ReportPattern``), the items a
+multilabel scan's maps and captures share with its first (``pmap.for_label``, ``sc.for_label``).
 """
 
 from __future__ import annotations
 
 import io
 import struct
+import weakref
 
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import correct_ambiguous_vr, dcmwrite, write_data_element, writers
-from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_32, VR
+from pydicom.filewriter import correct_ambiguous_vr_element, dcmwrite, write_data_element, writers
+from pydicom.valuerep import AMBIGUOUS_VR, CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_32, VR
 
 _ITEM = b"\xfe\xff\x00\xe0"
 _HEADER_16 = struct.Struct("<HH2sH")
@@ -32,12 +37,32 @@ _HEADER_32 = struct.Struct("<HH2s2xL")
 #: the VRs whose single ASCII string pydicom writes as it is, padded to an even length with this byte
 _ASCII_PADDING = {vr: b" " for vr in (VR.AE, VR.AS, VR.CS, VR.UR, VR.LO, VR.LT, VR.SH, VR.ST, VR.UC, VR.UT)}
 _ASCII_PADDING[VR.UI] = b"\0"
+#: the frozen items, by id: a weak reference to the item, and its bytes by the character sets of its parent
+_FROZEN: dict[int, tuple[weakref.ref[Dataset], dict[tuple[str, ...], bytes]]] = {}
+
+
+def freeze(item: Dataset) -> None:
+    """A promise that ``item`` and everything in it never change again: its bytes are then made
+    once and reused wherever it is an item of a sequence. An item with an ambiguous VR anywhere in
+    it is left unfrozen (how it is written may depend on the datasets around it)."""
+    if any(element.VR in AMBIGUOUS_VR for element in item.iterall()):
+        return
+    key = id(item)
+    _FROZEN[key] = (weakref.ref(item, lambda _gone, key=key: _FROZEN.pop(key, None)), {})
+
+
+def freeze_below(ds: Dataset) -> None:
+    """``freeze`` every item of ``ds``'s sequences, at every depth (``ds`` itself may still change)."""
+    for element in ds.iterall():
+        if element.VR == VR.SQ:
+            for item in element.value:
+                freeze(item)
 
 
 def encode(ds: Dataset) -> bytes:
     """``ds`` as a DICOM file: preamble, file meta and data set, as ``ds.save_as(..,
     enforce_file_format=True)`` writes it; the ambiguous VRs of ``ds`` are resolved in place."""
-    correct_ambiguous_vr(ds, True)
+    _correct_ambiguous_vr(ds, [ds])
     encodings = _encodings(ds, default_encoding)
     shell = Dataset()
     if hasattr(ds, "file_meta"):
@@ -45,16 +70,33 @@ def encode(ds: Dataset) -> bytes:
     if hasattr(ds, "preamble"):
         shell.preamble = ds.preamble
     for element in ds:  # in tag order, raw elements converted
-        if element.VR == VR.SQ and not element.is_undefined_length:
-            value = _sequence_value(element, encodings)
-            shell[element.tag] = RawDataElement(element.tag, "SQ", len(value), value, 0, False, True)
-        else:
+        value = _element_value(element, encodings) if element.tag.element != 0 else None
+        if value is None:
             shell[element.tag] = element
+        else:
+            shell[element.tag] = RawDataElement(element.tag, element.VR, len(value), value, 0, False, True)
     # what pydicom would correct at the top level is corrected above; raw elements are written as they are
     shell.set_original_encoding(False, True, shell._character_set)
     buffer = io.BytesIO()
     dcmwrite(buffer, shell, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def _frozen(item: Dataset) -> tuple[weakref.ref[Dataset], dict[tuple[str, ...], bytes]] | None:
+    frozen = _FROZEN.get(id(item))
+    return frozen if frozen is not None and frozen[0]() is item else None
+
+
+def _correct_ambiguous_vr(ds: Dataset, ancestors: list[Dataset]) -> None:
+    """pydicom's ``correct_ambiguous_vr`` (little endian), which need not walk a frozen item: it has
+    no ambiguous VR."""
+    for element in ds.elements():
+        if element.VR == VR.SQ:
+            for item in ds[element.tag].value:
+                if _frozen(item) is None:
+                    _correct_ambiguous_vr(item, [item, *ancestors])
+        elif element.VR in AMBIGUOUS_VR:
+            correct_ambiguous_vr_element(element, ds, True, ancestors)
 
 
 def _encodings(ds: Dataset, parent: str | list[str]) -> list[str]:
@@ -74,6 +116,17 @@ def _sequence_value(element: DataElement, encodings: list[str]) -> bytes:
 
 def _dataset_bytes(ds: Dataset, parent: list[str]) -> bytes:
     """An item's elements in tag order, as pydicom's ``write_dataset`` encodes them."""
+    frozen = _frozen(ds)
+    if frozen is None:
+        return _item_bytes(ds, parent)
+    key = tuple(parent)
+    encoded = frozen[1].get(key)
+    if encoded is None:
+        encoded = frozen[1][key] = _item_bytes(ds, parent)
+    return encoded
+
+
+def _item_bytes(ds: Dataset, parent: list[str]) -> bytes:
     encodings = _encodings(ds, parent)
     out = bytearray()
     for tag in sorted(ds.keys()):
@@ -85,6 +138,17 @@ def _dataset_bytes(ds: Dataset, parent: list[str]) -> bytes:
 
 
 def _element_bytes(element: DataElement, encodings: list[str]) -> bytes:
+    value = _element_value(element, encodings)
+    if value is None:
+        return _pydicom_element_bytes(element, encodings)
+    tag, vr = element.tag, element.VR
+    if vr in EXPLICIT_VR_LENGTH_32:
+        return _HEADER_32.pack(tag.group, tag.element, vr.encode(), len(value)) + value
+    return _HEADER_16.pack(tag.group, tag.element, vr.encode(), len(value)) + value
+
+
+def _element_value(element: DataElement, encodings: list[str]) -> bytes | None:
+    """The element's value as pydicom writes it; None for what is left to pydicom whole."""
     vr = element.VR
     padding = _ASCII_PADDING.get(vr)
     text = element.value if padding is not None else None
@@ -93,7 +157,7 @@ def _element_bytes(element: DataElement, encodings: list[str]) -> bytes:
     elif vr == VR.SQ and not element.is_undefined_length:
         value = _sequence_value(element, encodings)
     elif element.is_undefined_length or element.is_buffered or vr not in writers or len(vr) != 2:
-        return _pydicom_element_bytes(element, encodings)
+        return None
     elif element.is_empty:
         value = b""
     else:
@@ -107,12 +171,9 @@ def _element_bytes(element: DataElement, encodings: list[str]) -> bytes:
         else:
             fn(buffer, element)
         value = buffer.getvalue()
-    tag = element.tag
-    if vr in EXPLICIT_VR_LENGTH_32:
-        return _HEADER_32.pack(tag.group, tag.element, vr.encode(), len(value)) + value
-    if len(value) > 0xFFFF:  # pydicom writes it as UN, with a warning
-        return _pydicom_element_bytes(element, encodings)
-    return _HEADER_16.pack(tag.group, tag.element, vr.encode(), len(value)) + value
+    if vr not in EXPLICIT_VR_LENGTH_32 and len(value) > 0xFFFF:  # pydicom writes it as UN, with a warning
+        return None
+    return value
 
 
 def _pydicom_element_bytes(element: DataElement, encodings: list[str]) -> bytes:

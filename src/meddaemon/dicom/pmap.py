@@ -19,7 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from meddaemon.dicom import uids
+from meddaemon.dicom import encoding, uids
 from meddaemon.dicom.content import MANUFACTURER, OutputRefused, ScanFacts, load_heatmap, sibling
 from meddaemon.dicom.equipment import SCHEME, contributing_equipment, copy_laterality
 from meddaemon.label_results import LabelResult
@@ -38,7 +38,11 @@ def build_all(facts: ScanFacts, results: list[LabelResult]) -> list[tuple[str, D
     """(object key, map) for each of ``results``, numbered from 1 in their order."""
     built: list[tuple[str, Dataset]] = []
     for number, result in enumerate(results, 1):
-        ds = for_label(built[0][1], facts, result, number) if built else build(facts, result, number)
+        if built:
+            ds = for_label(built[0][1], facts, result, number)
+        else:
+            ds = build(facts, result, number)
+            encoding.freeze_below(ds)  # its items are the others' too: encoded once
         built.append((object_key(result.label), ds))
     return built
 

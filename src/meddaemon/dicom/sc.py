@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
-from meddaemon.dicom import uids
+from meddaemon.dicom import encoding, uids
 from meddaemon.dicom.content import MANUFACTURER, NOT_FOR_DIAGNOSIS, ScanFacts, sibling
 from meddaemon.dicom.equipment import contributing_equipment, copy_laterality
 from meddaemon.label_results import LabelResult
@@ -71,7 +71,11 @@ def build_all(facts: ScanFacts, results: list[LabelResult]) -> list[tuple[str, D
     for number, result in enumerate(results, 1):
         if not result.overlay_path:
             continue
-        ds = for_label(built[0][1], facts, result, number) if built else build(facts, result, number)
+        if built:
+            ds = for_label(built[0][1], facts, result, number)
+        else:
+            ds = build(facts, result, number)
+            encoding.freeze_below(ds)  # its items are the others' too: encoded once
         built.append((object_key(result.label), ds))
     return built
 
