@@ -355,17 +355,35 @@ def test_a_code_hashes_as_highdicom_hashes_it():
 
 
 def test_the_remembered_iod_lookups_answer_as_highdicom_does():
+    import highdicom._standard_utils
     import highdicom.base
     import highdicom.base_content
+    import highdicom.image
+    import highdicom.sr.content
 
     lookup, pixel_data = highdicom.base.is_attribute_in_iod, highdicom.base_content.does_iod_have_pixel_data
     assert hasattr(lookup, "uncached") and hasattr(pixel_data, "cache_info")  # hot_paths.py replaced them
+    assert highdicom._standard_utils.is_attribute_in_iod is lookup is highdicom.sr.content.is_attribute_in_iod
     parametric_map = "1.2.840.10008.5.1.4.1.1.30"
     for sop_class in (pydicom.uid.ComprehensiveSRStorage, parametric_map, pydicom.uid.UltrasoundImageStorage):
-        for attribute in ("ContentDate", "PixelData", "FloatPixelData", "NoSuchAttribute"):
+        for attribute in ("ContentDate", "PixelData", "FloatPixelData", "NumberOfFrames", "NoSuchAttribute"):
             assert lookup(attribute, sop_class) == lookup.uncached(attribute, sop_class)
             assert lookup(attribute, sop_class) == lookup(attribute, sop_class)
         assert pixel_data(sop_class) == pixel_data.__wrapped__(sop_class)
+    multiframe = [pydicom.Dataset(), pydicom.Dataset()]
+    multiframe[0].SOPClassUID, multiframe[1].SOPClassUID = parametric_map, pydicom.uid.CTImageStorage
+    assert [highdicom._standard_utils.is_multiframe_image(ds) for ds in multiframe] == [True, False]
+
+
+def test_the_remembered_module_tree_is_the_one_highdicom_builds():
+    import highdicom._standard_utils
+    import highdicom.image
+
+    remembered = highdicom.image.construct_module_tree
+    assert hasattr(remembered, "cache_info")  # hot_paths.py replaced it
+    module = "multi-frame-functional-groups"
+    assert remembered(module) == highdicom._standard_utils.construct_module_tree(module)
+    assert remembered(module) is remembered(module)
 
 
 def test_building_the_objects_again_gives_the_same_uids(delivered: Daemon):

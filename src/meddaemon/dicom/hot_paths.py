@@ -7,11 +7,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 
+import highdicom._standard_utils
 import highdicom.base
 import highdicom.base_content
 import highdicom.content
 import highdicom.image
 import highdicom.sr.coding
+import highdicom.sr.content
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
@@ -30,9 +32,14 @@ def _memoise_iod_lookups() -> None:
         for module in (highdicom.base_content, highdicom.image, highdicom.content):
             if getattr(module, "does_iod_have_pixel_data", None) is original:
                 module.does_iod_have_pixel_data = cached  # type: ignore[attr-defined]
-    in_iod = getattr(highdicom.base, "is_attribute_in_iod", None)
+    in_iod = getattr(highdicom._standard_utils, "is_attribute_in_iod", None)
     if in_iod is not None and not hasattr(in_iod, "uncached"):
-        highdicom.base.is_attribute_in_iod = _remembering(in_iod)  # type: ignore[attr-defined]
+        remembering = _remembering(in_iod)
+        # where it is called: the standard's own helpers (whether an IOD is multi-frame, asked about
+        # six times a Parametric Map), and the modules that imported it by name
+        for module in (highdicom._standard_utils, highdicom.base, highdicom.sr.content):
+            if getattr(module, "is_attribute_in_iod", None) is in_iod:
+                module.is_attribute_in_iod = remembering  # type: ignore[attr-defined]
 
 
 def _remembering(in_iod: Callable[..., bool]) -> Callable[..., bool]:
@@ -47,6 +54,15 @@ def _remembering(in_iod: Callable[..., bool]) -> Callable[..., bool]:
 
     lookup.uncached = in_iod  # type: ignore[attr-defined]
     return lookup
+
+
+def _remember_module_trees() -> None:
+    """A multi-frame image's dimension index builds the tree of its functional groups module from
+    the standard's tables for every object (a tenth of a Parametric Map's build); the same tree
+    for the same module, which ``highdicom.image`` only reads. Remembered per process."""
+    construct = getattr(highdicom.image, "construct_module_tree", None)
+    if construct is not None and not hasattr(construct, "cache_info"):
+        highdicom.image.construct_module_tree = functools.cache(construct)  # type: ignore[attr-defined]
 
 
 def _hash_codes_directly() -> None:
@@ -67,4 +83,5 @@ def _code_hash(code: Dataset) -> int:
 def apply() -> None:
     """Every replacement, once per process (again: nothing)."""
     _memoise_iod_lookups()
+    _remember_module_trees()
     _hash_codes_directly()

@@ -39,10 +39,11 @@ def build_all(facts: ScanFacts, results: list[LabelResult]) -> list[tuple[str, D
     built: list[tuple[str, Dataset]] = []
     for number, result in enumerate(results, 1):
         if built:
+            if len(built) == 1:
+                encoding.freeze_below(built[0][1])  # its items are the others' too: encoded once
             ds = for_label(built[0][1], facts, result, number)
         else:
             ds = build(facts, result, number)
-            encoding.freeze_below(ds)  # its items are the others' too: encoded once
         built.append((object_key(result.label), ds))
     return built
 

@@ -72,10 +72,11 @@ def build_all(facts: ScanFacts, results: list[LabelResult]) -> list[tuple[str, D
         if not result.overlay_path:
             continue
         if built:
+            if len(built) == 1:
+                encoding.freeze_below(built[0][1])  # its items are the others' too: encoded once
             ds = for_label(built[0][1], facts, result, number)
         else:
             ds = build(facts, result, number)
-            encoding.freeze_below(ds)  # its items are the others' too: encoded once
         built.append((object_key(result.label), ds))
     return built
 
