@@ -32,6 +32,16 @@ Every figure records the load of other processes meanwhile (the machine is share
     .venv/bin/python benchmarks/dicom_out.py --end-to-end-only --arch mobilenet_v2   # a seed-sized model
     .venv/bin/python benchmarks/dicom_out.py --cpu --files 16 --rounds 3               # about a minute
     .venv/bin/python benchmarks/dicom_out.py --cpu --task chestxray14 --files 6        # about 3 minutes
+    .venv/bin/python benchmarks/dicom_out.py --objects --task chestxray14 --files 20 --rounds 5  # about a minute
+
+5. **objects** (``--objects``, instead of 1 to 4): a scan's objects built and encoded in this
+   process, the part of ``prepare`` that ``meddaemon.dicom`` decides, without a daemon or a
+   database: ``--files`` (at least 14) SYNTHETIC scans of ``--task`` (busi: one label called, with a
+   map and an overlay; chestxray14: every other of its 14 labels), each its own SOP Instance UID and
+   probabilities, after two warm-up scans and with the heap settled as the report process settles
+   it. Medians of CPU ms per scan: each kind built (``build_objects``), then every object encoded
+   (``encoding.encode``); ``--rounds`` runs, each in a fresh process so that no run inherits
+   another's patterns. It does not move with the daemon's other work, as ``--cpu`` does.
 """
 
 from __future__ import annotations
@@ -365,6 +375,79 @@ def main_cpu(files: int, rounds: int, cprofile: Path | None, task: str) -> None:
     )
 
 
+def objects_per_scan(root: Path, files: int, task: str) -> dict[str, float]:
+    """CPU ms per scan of ``--objects``: each kind built, and all of a scan's objects encoded."""
+    from meddaemon import heap
+    from meddaemon.dicom import encoding
+    from meddaemon.dicom.content import ScanFacts, read_source
+    from meddaemon.engine.tasks import all_tasks
+    from meddaemon.label_results import LabelResult
+
+    modality, body_part, side = SOURCES[task]
+    rng = np.random.default_rng(0)
+    labels = all_tasks()[task].labels
+    results = []
+    for number, label in enumerate(labels):
+        called = number % 2 == 0 if task == "chestxray14" else number == 1
+        heatmap = overlay = None
+        if called:
+            heatmap, overlay = root / f"{label}.npy", root / f"{label}.jpg"
+            np.save(heatmap, rng.random((side, side)).astype(np.float32))
+            write_jpeg(overlay, rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
+        results.append((label, called, heatmap, overlay))
+    architecture = "densenet121" if task == "chestxray14" else "small_cnn"
+    spent: dict[str, list[float]] = {}
+    for number in range(files + 2):
+        pixels = rng.integers(0, 4000, (side, side), dtype=np.uint16)
+        source = read_source(write_dicom(root / "source.dcm", pixels=pixels, modality=modality, body_part=body_part))
+        facts = ScanFacts(
+            number,
+            f"{number:064x}",
+            task,
+            "v1",
+            architecture,
+            tuple(
+                LabelResult(label, p, 0.5, called, heatmap, overlay)
+                for (label, called, heatmap, overlay), p in zip(results, rng.random(len(results)), strict=True)
+            ),
+            source,
+            "1.2.826.0.1.3680043.10.",
+        )
+        built = []
+        for kind in ("sr", "pmap", "sc", "pdf"):
+            start = time.process_time()
+            built += build_objects(facts, (kind,), b"%PDF-1.4\n%%EOF\n", False)
+            spent.setdefault(kind, []).append(time.process_time() - start)
+        start = time.process_time()
+        for _, ds in built:
+            encoding.encode(ds)
+        spent.setdefault("encode", []).append(time.process_time() - start)
+        if number == 1:
+            heap.settle()
+            spent = {}
+    medians = {k: statistics.median(v) * 1000 for k, v in spent.items()}
+    medians["all"] = statistics.median(sum(v[i] for v in spent.values()) for i in range(files)) * 1000
+    medians["objects"] = len(built)
+    return medians
+
+
+def write_jpeg(path: Path, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path, quality=90)
+
+
+def main_objects(files: int, rounds: int, task: str) -> None:
+    for _ in range(rounds):
+        run = subprocess.run(
+            [sys.executable, __file__, "--objects-run", "--files", str(files), "--task", task],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        print(run.stdout.strip())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=24)
@@ -381,9 +464,21 @@ def main() -> None:
         "--task",
         choices=sorted(SOURCES),
         default="busi",
-        help="with --cpu: busi (the small CNN at 32 x 32) or chestxray14 (its preset, DenseNet-121 at 320 x 320)",
+        help="with --cpu or --objects: busi (the small CNN at 32 x 32) or chestxray14 (its preset, DenseNet-121 at "
+        "320 x 320)",
     )
+    parser.add_argument("--objects", action="store_true", help="only a scan's objects built and encoded (5.)")
+    parser.add_argument("--objects-run", action="store_true", help=argparse.SUPPRESS)  # one run of --objects
     args = parser.parse_args()
+    if args.objects_run:
+        with tempfile.TemporaryDirectory(prefix="meddaemon-dicom-objects-") as tmp:
+            ms = objects_per_scan(Path(tmp), max(args.files, 14), args.task)
+        kinds = ", ".join(f"{k} {ms[k]:.1f}" for k in ("sr", "pmap", "sc", "pdf", "encode"))
+        print(f"objects ({args.task}, {ms['objects']:.0f} a scan), ms CPU a scan: {kinds}; all {ms['all']:.1f}")
+        return
+    if args.objects:
+        main_objects(args.files, args.rounds, args.task)
+        return
     if args.cpu:
         main_cpu(args.files, args.rounds, args.cprofile, args.task)
         return

@@ -45,7 +45,7 @@ def freeze(item: Dataset) -> None:
     """A promise that ``item`` and everything in it never change again: its bytes are then made
     once and reused wherever it is an item of a sequence. An item with an ambiguous VR anywhere in
     it is left unfrozen (how it is written may depend on the datasets around it)."""
-    if any(element.VR in AMBIGUOUS_VR for element in item.iterall()):
+    if _frozen(item) is not None or any(element.VR in AMBIGUOUS_VR for element in item.iterall()):
         return
     key = id(item)
     _FROZEN[key] = (weakref.ref(item, lambda _gone, key=key: _FROZEN.pop(key, None)), {})
