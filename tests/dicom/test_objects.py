@@ -421,6 +421,21 @@ def test_each_object_is_encoded_to_the_bytes_pydicom_writes(delivered: Daemon):
     assert kinds == {"sr", "pmap", "sc", "pdf"}
 
 
+def test_a_file_read_back_is_encoded_as_pydicom_writes_it_its_file_meta_left_as_it_was(tmp_path: Path):
+    explicit = pydicom.dcmread(write_dicom(tmp_path / "explicit.dcm", modality="DX"))
+    meta = [str(e) for e in explicit.file_meta]
+    assert "FileMetaInformationGroupLength" in explicit.file_meta
+    explicit.SOPInstanceUID = pydicom.uid.generate_uid()  # the file meta's instance UID follows, as in dcmwrite
+    ours = encoding.encode(explicit)
+    assert [str(e) for e in explicit.file_meta] == meta
+    assert ours == pydicom_bytes(explicit)
+    assert pydicom.dcmread(io.BytesIO(ours)).file_meta.MediaStorageSOPInstanceUID == explicit.SOPInstanceUID
+    implicit = pydicom.dcmread(
+        write_dicom(tmp_path / "implicit.dcm", transfer_syntax=pydicom.uid.ImplicitVRLittleEndian)
+    )
+    assert encoding.encode(implicit) == pydicom_bytes(implicit)  # another transfer syntax: dcmwrite's own
+
+
 def test_a_frozen_item_is_written_as_pydicom_writes_it_in_every_object_and_forgotten_once_gone():
     item = pydicom.Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "52101004", "SCT", "Present"

@@ -9,9 +9,12 @@ inside an exception context. An SR's content tree is nearly all items: that was 
 encoding time. Here the correction runs once over the whole object, each item's character sets
 are converted once, a single ASCII string (most of an SR's values: codes, UIDs) is written as
 pydicom's ``write_string`` and ``write_text`` write it, and every other value by pydicom's own
-writer for its VR; the sequences go to ``dcmwrite`` encoded (as raw elements), which writes the
-file meta and the top-level elements as before. Anything unusual (a value too long for its VR's length field, an
-undefined length, a buffered value) is left to pydicom's ``write_data_element`` whole.
+writer for its VR. Anything unusual (a value too long for its VR's length field, an undefined
+length, a buffered value) is left to pydicom's ``write_data_element`` whole. The top-level elements
+are written the same way after the file meta, which pydicom's ``write_file_meta_info`` completes,
+checks and writes as ``dcmwrite`` has it do (``dcmwrite`` itself deep-copied the file meta and went
+through its checks again for every object: about half of a busi scan's encoding). An object of
+another transfer syntax, or one ``dcmwrite`` would refuse, is written by ``dcmwrite``.
 
 An item ``freeze`` was called on is encoded once and its bytes reused wherever it appears again: the
 content items an SR shares with every other SR of its model (``sr.ReportPattern``), the items a
@@ -25,10 +28,18 @@ import struct
 import weakref
 
 from pydicom.charset import convert_encodings, default_encoding
-from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import correct_ambiguous_vr_element, dcmwrite, write_data_element, writers
+from pydicom.filewriter import (
+    correct_ambiguous_vr_element,
+    dcmwrite,
+    write_data_element,
+    write_file_meta_info,
+    writers,
+)
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import AMBIGUOUS_VR, CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_32, VR
 
 _ITEM = b"\xfe\xff\x00\xe0"
@@ -37,6 +48,7 @@ _HEADER_32 = struct.Struct("<HH2s2xL")
 #: the VRs whose single ASCII string pydicom writes as it is, padded to an even length with this byte
 _ASCII_PADDING = {vr: b" " for vr in (VR.AE, VR.AS, VR.CS, VR.UR, VR.LO, VR.LT, VR.SH, VR.ST, VR.UC, VR.UT)}
 _ASCII_PADDING[VR.UI] = b"\0"
+_GROUP_LENGTH = Tag(0x0002, 0x0000)
 #: the frozen items, by id: a weak reference to the item, and its bytes by the character sets of its parent
 _FROZEN: dict[int, tuple[weakref.ref[Dataset], dict[tuple[str, ...], bytes]]] = {}
 
@@ -63,23 +75,45 @@ def encode(ds: Dataset) -> bytes:
     """``ds`` as a DICOM file: preamble, file meta and data set, as ``ds.save_as(..,
     enforce_file_format=True)`` writes it; the ambiguous VRs of ``ds`` are resolved in place."""
     _correct_ambiguous_vr(ds, [ds])
-    encodings = _encodings(ds, default_encoding)
-    shell = Dataset()
-    if hasattr(ds, "file_meta"):
-        shell.file_meta = ds.file_meta
-    if hasattr(ds, "preamble"):
-        shell.preamble = ds.preamble
-    for element in ds:  # in tag order, raw elements converted
-        value = _element_value(element, encodings) if element.tag.element != 0 else None
-        if value is None:
-            shell[element.tag] = element
-        else:
-            shell[element.tag] = RawDataElement(element.tag, element.VR, len(value), value, 0, False, True)
-    # what pydicom would correct at the top level is corrected above; raw elements are written as they are
-    shell.set_original_encoding(False, True, shell._character_set)
-    buffer = io.BytesIO()
-    dcmwrite(buffer, shell, enforce_file_format=True)
-    return buffer.getvalue()
+    meta = _file_meta(ds)
+    if meta is None:  # pydicom's own writer, all of it
+        buffer = io.BytesIO()
+        dcmwrite(buffer, ds, enforce_file_format=True)
+        return buffer.getvalue()
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    preamble = getattr(ds, "preamble", None) or b"\0" * 128
+    return preamble + b"DICM" + buffer.getvalue() + _item_bytes(ds, [default_encoding])
+
+
+def _file_meta(ds: Dataset) -> FileMetaDataset | None:
+    """The file meta that ``dcmwrite(.., enforce_file_format=True)`` would write for an Explicit VR
+    Little Endian ``ds`` (pydicom's ``write_file_meta_info`` completes and checks it), without its
+    deep copy of the file meta: the elements are ``ds``'s, those that ``dcmwrite`` would set new ones.
+    None for anything else (another transfer syntax, no file meta, elements of groups 0 or 2 in the
+    data set, pixel data of undefined length, a preamble not 128 bytes long): ``dcmwrite`` writes it."""
+    file_meta = getattr(ds, "file_meta", None)
+    preamble = getattr(ds, "preamble", None)
+    if (
+        file_meta is None
+        or file_meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian
+        or (preamble and len(preamble) != 128)
+        or any(element.tag.group in (0, 2) for element in ds)
+        or ("PixelData" in ds and ds["PixelData"].is_undefined_length)
+    ):
+        return None
+    meta = FileMetaDataset()
+    for element in file_meta:
+        if element.tag != _GROUP_LENGTH:  # its value is set as it is written: a new element
+            meta.add(element)
+    for keyword, value in (
+        ("MediaStorageSOPClassUID", ds.get("SOPClassUID")),
+        ("MediaStorageSOPInstanceUID", ds.get("SOPInstanceUID")),
+    ):
+        if keyword not in meta or (value and value != meta[keyword].value):
+            meta.add_new(keyword, VR.UI, value)
+    return meta
 
 
 def _frozen(item: Dataset) -> tuple[weakref.ref[Dataset], dict[tuple[str, ...], bytes]] | None:
