@@ -3,6 +3,7 @@ header, read once; the builders (``sr``, ``pmap``, ``sc``, ``pdf``) are pure fun
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session
 from meddaemon import __version__
 from meddaemon.daemon.filing import view_path
 from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan
+from meddaemon.dicom import encoding
 from meddaemon.engine.tasks import InputContract
 from meddaemon.label_results import LabelResult
 from meddaemon.overlays import ViewSource
@@ -159,3 +161,23 @@ def sibling(first: Dataset, **values: Any) -> Dataset:
     if "SOPInstanceUID" in values and hasattr(ds, "file_meta"):
         ds.file_meta.add_new("MediaStorageSOPInstanceUID", "UI", values["SOPInstanceUID"])
     return ds
+
+
+def per_label(
+    facts: ScanFacts,
+    numbered: list[tuple[int, LabelResult]],
+    build: Callable[[ScanFacts, LabelResult, int], Dataset],
+    for_label: Callable[[Dataset, ScanFacts, LabelResult, int], Dataset],
+) -> list[Dataset]:
+    """One object for each (instance number, result) of a scan: the first built in full, the others
+    made from it (``for_label``), its items frozen once a second follows (``encoding.freeze_below``):
+    they are the others' too, encoded once."""
+    objects: list[Dataset] = []
+    for number, result in numbered:
+        if objects:
+            if len(objects) == 1:
+                encoding.freeze_below(objects[0])
+            objects.append(for_label(objects[0], facts, result, number))
+        else:
+            objects.append(build(facts, result, number))
+    return objects

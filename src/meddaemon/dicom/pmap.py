@@ -19,8 +19,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from meddaemon.dicom import encoding, uids
-from meddaemon.dicom.content import MANUFACTURER, OutputRefused, ScanFacts, load_heatmap, sibling
+from meddaemon.dicom import uids
+from meddaemon.dicom.content import MANUFACTURER, OutputRefused, ScanFacts, load_heatmap, per_label, sibling
 from meddaemon.dicom.equipment import SCHEME, contributing_equipment, copy_laterality
 from meddaemon.label_results import LabelResult
 
@@ -36,16 +36,9 @@ def object_key(label: str) -> str:
 
 def build_all(facts: ScanFacts, results: list[LabelResult]) -> list[tuple[str, Dataset]]:
     """(object key, map) for each of ``results``, numbered from 1 in their order."""
-    built: list[tuple[str, Dataset]] = []
-    for number, result in enumerate(results, 1):
-        if built:
-            if len(built) == 1:
-                encoding.freeze_below(built[0][1])  # its items are the others' too: encoded once
-            ds = for_label(built[0][1], facts, result, number)
-        else:
-            ds = build(facts, result, number)
-        built.append((object_key(result.label), ds))
-    return built
+    numbered = list(enumerate(results, 1))
+    maps = per_label(facts, numbered, build, for_label)
+    return [(object_key(result.label), ds) for (_, result), ds in zip(numbered, maps, strict=True)]
 
 
 def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Dataset:

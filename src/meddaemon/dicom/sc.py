@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
-from meddaemon.dicom import encoding, uids
-from meddaemon.dicom.content import MANUFACTURER, NOT_FOR_DIAGNOSIS, ScanFacts, sibling
+from meddaemon.dicom import uids
+from meddaemon.dicom.content import MANUFACTURER, NOT_FOR_DIAGNOSIS, ScanFacts, per_label, sibling
 from meddaemon.dicom.equipment import contributing_equipment, copy_laterality
 from meddaemon.label_results import LabelResult
 from meddaemon.overlays import overlay_jpeg
@@ -67,18 +67,9 @@ def picture(facts: ScanFacts, result: LabelResult) -> np.ndarray:
 
 def build_all(facts: ScanFacts, results: list[LabelResult]) -> list[tuple[str, Dataset]]:
     """(object key, capture) for each of ``results`` that has an overlay, numbered by its place in ``results``."""
-    built: list[tuple[str, Dataset]] = []
-    for number, result in enumerate(results, 1):
-        if not result.overlay_path:
-            continue
-        if built:
-            if len(built) == 1:
-                encoding.freeze_below(built[0][1])  # its items are the others' too: encoded once
-            ds = for_label(built[0][1], facts, result, number)
-        else:
-            ds = build(facts, result, number)
-        built.append((object_key(result.label), ds))
-    return built
+    numbered = [(number, result) for number, result in enumerate(results, 1) if result.overlay_path]
+    captures = per_label(facts, numbered, build, for_label)
+    return [(object_key(result.label), ds) for (_, result), ds in zip(numbered, captures, strict=True)]
 
 
 def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Dataset:
