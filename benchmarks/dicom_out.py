@@ -377,6 +377,8 @@ def main_cpu(files: int, rounds: int, cprofile: Path | None, task: str) -> None:
 
 def objects_per_scan(root: Path, files: int, task: str) -> dict[str, float]:
     """CPU ms per scan of ``--objects``: each kind built, and all of a scan's objects encoded."""
+    from PIL import Image
+
     from meddaemon import heap
     from meddaemon.dicom import encoding
     from meddaemon.dicom.content import ScanFacts, read_source
@@ -393,7 +395,7 @@ def objects_per_scan(root: Path, files: int, task: str) -> dict[str, float]:
         if called:
             heatmap, overlay = root / f"{label}.npy", root / f"{label}.jpg"
             np.save(heatmap, rng.random((side, side)).astype(np.float32))
-            write_jpeg(overlay, rng.integers(0, 255, (side, side, 3), dtype=np.uint8))
+            Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(overlay, quality=90)
         results.append((label, called, heatmap, overlay))
     architecture = "densenet121" if task == "chestxray14" else "small_cnn"
     spent: dict[str, list[float]] = {}
@@ -429,12 +431,6 @@ def objects_per_scan(root: Path, files: int, task: str) -> dict[str, float]:
     medians["all"] = statistics.median(sum(v[i] for v in spent.values()) for i in range(files)) * 1000
     medians["objects"] = len(built)
     return medians
-
-
-def write_jpeg(path: Path, rgb: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(rgb).save(path, quality=90)
 
 
 def main_objects(files: int, rounds: int, task: str) -> None:
