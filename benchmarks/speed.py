@@ -26,6 +26,13 @@ steady stream of files gets, which the goal is about).
 
     PYTHONPATH=$PWD/src .venv/bin/python benchmarks/speed.py                      # 800 files, 3 rounds
     PYTHONPATH=$PWD/src .venv/bin/python benchmarks/speed.py --files 200 --rounds 1 --continuous mobilenet_v2=200
+
+``--once-against SRC`` measures one change instead: ``--once`` (reports off) over the files and on an
+empty inbox, this tree's code against another checkout's ``src`` (a ``git worktree`` of the commit
+before), rounds alternated, nothing else run:
+
+    git worktree add /tmp/before HEAD~1
+    .venv/bin/python benchmarks/speed.py --once-against /tmp/before/src --rounds 5
 """
 
 from __future__ import annotations
@@ -142,8 +149,11 @@ class StateTemplate:
 CONCURRENT_BATCHES: int | None = None
 
 
-def daemon_env(reports: bool, heatmaps: bool = True) -> dict[str, str]:
+def daemon_env(reports: bool, heatmaps: bool = True, code: Path | None = None) -> dict[str, str]:
+    """The ``--once`` daemons' environment; ``code``: the ``src`` folder they import meddaemon from."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
     env["MEDDAEMON_HEATMAPS"] = "true" if heatmaps else "false"
     env["MEDDAEMON_REPORTS"] = "true" if reports else "false"
     if CONCURRENT_BATCHES is not None:
@@ -155,16 +165,43 @@ def once_cmd(inbox: Path, state: Path) -> list[str]:
     return [str(MEDDAEMON), "start", "--once", "--watch", str(inbox), "--state-dir", str(state)]
 
 
-def once_over(template: StateTemplate, files: list[Path], dest: Path, reports: bool) -> float:
+def once_over(template: StateTemplate, files: list[Path], dest: Path, reports: bool, code: Path | None = None) -> float:
     inbox, state = template.copy(dest)
     for source in files:
         os.link(source, inbox / TASK / source.name)
-    seconds = whole_process(once_cmd(inbox, state), daemon_env(reports), dest.with_suffix(".log"))
+    seconds = whole_process(once_cmd(inbox, state), daemon_env(reports, code=code), dest.with_suffix(".log"))
     left = sum(1 for _ in (inbox / TASK).iterdir())
     if left:
         raise RuntimeError(f"{left} files left in the inbox after --once; see {dest.with_suffix('.log')}")
     shutil.rmtree(dest, ignore_errors=True)
     return seconds
+
+
+def once_against(template: StateTemplate, pngs: list[Path], base: Path, against: Path, rounds: int) -> None:
+    """``--once`` with this tree's code and with ``against``'s, over the files and on an empty
+    inbox, alternating (which goes first swaps every round); a table of the rounds and medians."""
+    codes = {"this tree": ROOT / "src", str(against): against}
+    over: dict[str, list[float]] = {name: [] for name in codes}
+    empty: dict[str, list[float]] = {name: [] for name in codes}
+    counter = iter(range(1_000_000))
+    for round_ in range(rounds):
+        names = list(codes) if round_ % 2 == 0 else list(codes)[::-1]
+        for name in names:
+            over[name].append(once_over(template, pngs, base / f"once-{next(counter)}", False, codes[name]))
+            inbox, state = template.copy(base / f"empty-{next(counter)}")
+            env = daemon_env(reports=False, code=codes[name])
+            empty[name].append(whole_process(once_cmd(inbox, state), env, base / "empty.log"))
+            shutil.rmtree(inbox.parent, ignore_errors=True)
+            figures = f"{over[name][-1]:.2f} s, empty {empty[name][-1]:.2f} s"
+            print(f"  round {round_ + 1}: {name}: {figures}", file=sys.stderr)
+    print(f"\n`--once` over {len(pngs)} SYNTHETIC PNGs (heatmaps on, reports off) and on an empty inbox, seconds\n")
+    print("| round | " + " | ".join(f"{n} | empty" for n in codes) + " |\n|---|" + "---:|---:|" * len(codes))
+    for round_ in range(rounds):
+        cells = [f"{over[n][round_]:.2f} | {empty[n][round_]:.2f}" for n in codes]
+        print(f"| {round_ + 1} | " + " | ".join(cells) + " |")
+    medians = [f"{statistics.median(over[n]):.2f} | {statistics.median(empty[n]):.2f}" for n in codes]
+    print("| **median** | " + " | ".join(medians) + " |")
+    print(f"\nload average at the end: {load_average()}")
 
 
 def raw_forward(forwards: Forwards, backend: str, files: int) -> float:
@@ -229,6 +266,7 @@ def main() -> None:
     )
     parser.add_argument("--profile-files", type=int, default=800, help="files of the CPU-per-scan check (0 skips)")
     parser.add_argument("--concurrent-batches", type=int, help="the --once daemons' concurrent_batches")
+    parser.add_argument("--once-against", type=Path, metavar="SRC", help="only --once: this tree against SRC's code")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     global CONCURRENT_BATCHES
@@ -241,6 +279,9 @@ def main() -> None:
         pngs = make_pngs(base / "pngs", "synthetic", args.files, 256, seed=16)
         warm = make_pngs(base / "warm", "warm", 1, 256, seed=17)[0]
         template = StateTemplate(base, model, warm)
+        if args.once_against:
+            once_against(template, pngs, base, args.once_against.resolve(), args.rounds)
+            return
         forwards = Forwards(model, SIZE, args.arch)
         python = sys.executable
         scripts = {"dataloader": base / "dataloader.py", "seed": base / "seed_loop.py"}

@@ -4,6 +4,8 @@ that outgrow a pipe's default 64 KiB."""
 from __future__ import annotations
 
 import fcntl
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -96,3 +98,40 @@ def test_reads_are_handed_one_per_worker_until_the_workers_answer_then_sixteen_e
     finally:
         daemon.workers.shutdown()
         daemon.engine.dispose()
+
+
+FORKSERVER_PROBE = """
+import os, sys, time
+from meddaemon.daemon.workers import DecodingPool
+
+pool = DecodingPool(1, preload=sys.argv[1] == "preload")
+pool.start(warm_up=True)
+returned = not pool.warm
+deadline = time.monotonic() + 120
+while not pool.warm and time.monotonic() < deadline:
+    time.sleep(0.05)
+forkserver = pool.submit(os.getppid).result(60)
+maps = open(f"/proc/{forkserver}/maps").read()
+print(returned, pool.warm, "libtorch" in maps)
+pool.shutdown()
+"""
+
+
+def forkserver_probe(mode: str) -> list[str]:
+    """In a fresh interpreter (its forkserver not yet started): whether ``warm_up`` returned before the
+    workers answered, whether they did, and whether the forkserver they were forked from holds torch."""
+    out = subprocess.run(
+        [sys.executable, "-c", FORKSERVER_PROBE, mode], capture_output=True, text=True, timeout=180, check=True
+    )
+    return out.stdout.split()
+
+
+def test_a_preloading_pool_forks_its_workers_from_a_forkserver_that_imported_torch_once():
+    """The workers start with torch in memory rather than importing it each, and ``warm_up``, which
+    would wait for the forkserver's import, returns at once (the daemon imports its own meanwhile)."""
+    assert forkserver_probe("preload") == ["True", "True", "True"]
+
+
+def test_a_pool_without_preload_leaves_the_forkserver_bare():
+    """A daemon that also forks its DICOM receiver or its sender at start: they need not wait for torch."""
+    assert forkserver_probe("bare") == ["True", "True", "False"]

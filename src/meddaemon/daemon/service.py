@@ -79,8 +79,9 @@ class Daemon:
         self.decode_options = DecodeOptions(frame_policy=settings.frame_policy, max_pixels=settings.max_pixels)  # type: ignore[arg-type]
         self.engine = create_db_engine(settings.db_url, settings.busy_timeout, lease.connection_limits(settings))
         self.sessions: sessionmaker[Session] = session_factory(self.engine)
-        #: the decoding workers (started by ``run``; until then reads are done in this process)
-        self.workers = DecodingPool(settings.workers)
+        #: the decoding workers (started by ``run``; until then reads are done in this process), forked
+        #: with torch already imported unless the receiver's or the sender's process waits to be forked
+        self.workers = DecodingPool(settings.workers, preload=not settings.dicom_port and not settings.destination)
         #: this daemon's place among those sharing the database (registered by ``prepare``)
         self.member: lease.Member | None = None
         self.lease: lease.LeaseKeeper | None = None

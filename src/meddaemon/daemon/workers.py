@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import multiprocessing
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 
@@ -18,11 +19,21 @@ from meddaemon.daemon.intake import init_worker
 #: results takes the GIL back once a result instead of once a 64 KiB; 1 MiB is the most an
 #: unprivileged process may ask (``/proc/sys/fs/pipe-max-size``)
 RESULT_PIPE_BYTES = 1 << 20
+#: what the forkserver imports once, before it forks the first worker (``DecodingPool(preload=True)``):
+#: the workers then start with torch, the decoders and preprocessing already in memory, shared,
+#: rather than each importing them (2 to 3 s of CPU a worker on a small machine, beside the daemon's
+#: own import of torch); ``__main__`` is multiprocessing's own default
+FORKSERVER_PRELOAD = ("__main__", "meddaemon.daemon.intake", "meddaemon.engine.preprocess")
 
 
 class DecodingPool:
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, preload: bool = False) -> None:
+        """``preload``: the process's forkserver imports ``FORKSERVER_PRELOAD`` before its first fork,
+        when this pool is the first to start it. Every child forked from it waits for that, which
+        the pool's own start does in a thread (``warm_up``); a process that starts other children
+        at once (the DICOM receiver, the outbox sender) should not ask for it."""
         self.workers = workers
+        self.preload = preload
         self.executor: Executor | None = None
         #: whether the current pool's workers are started: they answered ``warm_up``, or a read came back
         self.warm = False
@@ -34,14 +45,20 @@ class DecodingPool:
             self.warm_up()
 
     def warm_up(self) -> None:
-        """Start every worker process now rather than at the first read: each imports torch (2 to 3 s
-        on a small machine), which then overlaps the daemon's own start (its torch import, the model's
-        load, the files' stability window) instead of following it. The pool counts as warm once
-        every worker has answered."""
+        """Start every worker process now rather than at the first read, so that their start overlaps
+        the daemon's own (its torch import, the model's load, the files' stability window) instead of
+        following it. From a thread: the forkserver imports torch before it forks the first worker
+        (``FORKSERVER_PRELOAD``), and the submits wait for that (2 to 3 s on a small machine) while
+        the daemon's thread imports its own. The pool counts as warm once every worker has answered."""
         if self.executor is None:
             return
-        executor = self.executor
-        started = [executor.submit(_started) for _ in range(self.workers)]
+        threading.Thread(target=self._start_workers, args=(self.executor,), name="workers-start", daemon=True).start()
+
+    def _start_workers(self, executor: Executor) -> None:
+        try:
+            started = [executor.submit(_started) for _ in range(self.workers)]
+        except RuntimeError:  # shut down or broken meanwhile: that pool stays cold
+            return
 
         def answered(_: Future) -> None:
             """In the pool's thread; a pool replaced meanwhile cancels these, and stays cold."""
@@ -74,6 +91,8 @@ class DecodingPool:
         if self.workers == 0:
             return None
         context = multiprocessing.get_context("forkserver")
+        if self.preload:  # only heard by a forkserver not yet started
+            context.set_forkserver_preload(list(FORKSERVER_PRELOAD))
         executor = ProcessPoolExecutor(
             # no max_tasks_per_child: on Python 3.11 a retired worker is not replaced while work is
             # queued (CPython gh-115634), and the pool stalls after workers x limit files
