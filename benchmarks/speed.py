@@ -29,7 +29,7 @@ steady stream of files gets, which the goal is about).
 
 ``--once-against SRC`` measures one change instead: ``--once`` (reports off) over the files and on an
 empty inbox, this tree's code against another checkout's ``src`` (a ``git worktree`` of the commit
-before), rounds alternated, nothing else run:
+before), rounds alternated, nothing else run; with ``--once-reports``, PDF reports and archiving on:
 
     git worktree add /tmp/before HEAD~1
     .venv/bin/python benchmarks/speed.py --once-against /tmp/before/src --rounds 5
@@ -177,7 +177,9 @@ def once_over(template: StateTemplate, files: list[Path], dest: Path, reports: b
     return seconds
 
 
-def once_against(template: StateTemplate, pngs: list[Path], base: Path, against: Path, rounds: int) -> None:
+def once_against(
+    template: StateTemplate, pngs: list[Path], base: Path, against: Path, rounds: int, reports: bool
+) -> None:
     """``--once`` with this tree's code and with ``against``'s, over the files and on an empty
     inbox, alternating (which goes first swaps every round); a table of the rounds and medians."""
     codes = {"this tree": ROOT / "src", str(against): against}
@@ -187,14 +189,15 @@ def once_against(template: StateTemplate, pngs: list[Path], base: Path, against:
     for round_ in range(rounds):
         names = list(codes) if round_ % 2 == 0 else list(codes)[::-1]
         for name in names:
-            over[name].append(once_over(template, pngs, base / f"once-{next(counter)}", False, codes[name]))
+            over[name].append(once_over(template, pngs, base / f"once-{next(counter)}", reports, codes[name]))
             inbox, state = template.copy(base / f"empty-{next(counter)}")
-            env = daemon_env(reports=False, code=codes[name])
+            env = daemon_env(reports=reports, code=codes[name])
             empty[name].append(whole_process(once_cmd(inbox, state), env, base / "empty.log"))
             shutil.rmtree(inbox.parent, ignore_errors=True)
             figures = f"{over[name][-1]:.2f} s, empty {empty[name][-1]:.2f} s"
             print(f"  round {round_ + 1}: {name}: {figures}", file=sys.stderr)
-    print(f"\n`--once` over {len(pngs)} SYNTHETIC PNGs (heatmaps on, reports off) and on an empty inbox, seconds\n")
+    what = "PDF reports and archiving" if reports else "reports off"
+    print(f"\n`--once` over {len(pngs)} SYNTHETIC PNGs (heatmaps on, {what}) and on an empty inbox, seconds\n")
     print("| round | " + " | ".join(f"{n} | empty" for n in codes) + " |\n|---|" + "---:|---:|" * len(codes))
     for round_ in range(rounds):
         cells = [f"{over[n][round_]:.2f} | {empty[n][round_]:.2f}" for n in codes]
@@ -267,6 +270,7 @@ def main() -> None:
     parser.add_argument("--profile-files", type=int, default=800, help="files of the CPU-per-scan check (0 skips)")
     parser.add_argument("--concurrent-batches", type=int, help="the --once daemons' concurrent_batches")
     parser.add_argument("--once-against", type=Path, metavar="SRC", help="only --once: this tree against SRC's code")
+    parser.add_argument("--once-reports", action="store_true", help="--once-against with reports and archiving")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     global CONCURRENT_BATCHES
@@ -280,7 +284,7 @@ def main() -> None:
         warm = make_pngs(base / "warm", "warm", 1, 256, seed=17)[0]
         template = StateTemplate(base, model, warm)
         if args.once_against:
-            once_against(template, pngs, base, args.once_against.resolve(), args.rounds)
+            once_against(template, pngs, base, args.once_against.resolve(), args.rounds, args.once_reports)
             return
         forwards = Forwards(model, SIZE, args.arch)
         python = sys.executable

@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_factory import write_dicom
-from PIL import Image
+from PIL import Image, ImageDraw
 from sqlalchemy import select
 
 from dicom_checks import dciodvfy_errors
@@ -155,6 +155,41 @@ def test_the_secondary_capture_burns_in_the_overlay_and_a_not_for_diagnosis_capt
             caption_band = ds.pixel_array[ds.Columns :]
             assert (caption_band == [255, 255, 0]).all(axis=-1).any()  # the yellow warning line is drawn
             assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def drawn_in_full(facts: ScanFacts, result: LabelResult) -> np.ndarray:
+    """A capture's picture as its description reads, every line drawn on it: the overlay the report
+    shows, enlarged (bilinear) to ``MIN_SIDE`` on its shorter side, and below it a band of three
+    caption lines, 1.4 font sizes apart, the warning in yellow."""
+    assert result.overlay_path is not None
+    with Image.open(result.overlay_path) as image:
+        overlay = image.convert("RGB")
+    scale = max(1.0, sc.MIN_SIDE / min(overlay.size))
+    overlay = overlay.resize((round(overlay.width * scale), round(overlay.height * scale)), Image.Resampling.BILINEAR)
+    font = sc._font(max(12, overlay.width // 40))
+    step = int(font.size * 1.4)
+    canvas = Image.new("RGB", (overlay.width, overlay.height + step * 3 + step // 2))
+    canvas.paste(overlay)
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(sc.caption(facts, result)):
+        colour = (255, 255, 0) if i == 0 else (255, 255, 255)
+        draw.text((step // 4, overlay.height + step // 4 + i * step), line, fill=colour, font=font)
+    return np.asarray(canvas)
+
+
+def test_every_label_s_picture_is_its_overlay_and_its_three_caption_lines_the_shared_ones_drawn_once(
+    delivered: Daemon, tmp_path: Path
+):
+    settings = delivered.settings
+    scan_id = next(iter(written(delivered)))
+    with delivered.sessions() as session:
+        facts = with_other_labels(
+            scan_facts(session, scan_id, settings.state_dir, settings.dicom_uid_root), tmp_path, ("Second", "Third")
+        )
+    results = facts.heatmaps()
+    for result in [*results, *reversed(results)]:  # the band drawn for the first is reused by the others
+        assert np.array_equal(sc.picture(facts, result), drawn_in_full(facts, result)), result.label
+    assert sc._caption_band.cache_info().hits >= len(results)
 
 
 def test_the_encapsulated_pdf_is_the_scan_report_without_phi_by_default(delivered: Daemon):
