@@ -67,7 +67,7 @@ def _caption_band(width: int, lines: tuple[str, ...]) -> Image.Image:
     """The caption band of a ``width``-wide picture with its first ``lines`` drawn: the same for every
     label of a model (the warning, the algorithm and version), so drawn once, the label's line drawn
     on each picture (a chest scan's 14 captures: 53 to 47 ms of CPU, ``benchmarks/README.md``)."""
-    font, line_height = _caption_font(width)
+    _, line_height = _caption_font(width)
     band = Image.new("RGB", (width, line_height * CAPTION_LINES + line_height // 2), (0, 0, 0))
     draw = ImageDraw.Draw(band)
     for i, line in enumerate(lines):
