@@ -177,6 +177,14 @@ def once_over(template: StateTemplate, files: list[Path], dest: Path, reports: b
     return seconds
 
 
+def once_empty(template: StateTemplate, dest: Path, reports: bool, code: Path | None = None) -> float:
+    """Seconds of ``--once`` on an empty inbox, in a fresh copy of the template at ``dest``."""
+    inbox, state = template.copy(dest)
+    seconds = whole_process(once_cmd(inbox, state), daemon_env(reports, code=code), dest.parent / "empty.log")
+    shutil.rmtree(dest, ignore_errors=True)
+    return seconds
+
+
 def once_against(
     template: StateTemplate, pngs: list[Path], base: Path, against: Path, rounds: int, reports: bool
 ) -> None:
@@ -190,10 +198,7 @@ def once_against(
         names = list(codes) if round_ % 2 == 0 else list(codes)[::-1]
         for name in names:
             over[name].append(once_over(template, pngs, base / f"once-{next(counter)}", reports, codes[name]))
-            inbox, state = template.copy(base / f"empty-{next(counter)}")
-            env = daemon_env(reports=reports, code=codes[name])
-            empty[name].append(whole_process(once_cmd(inbox, state), env, base / "empty.log"))
-            shutil.rmtree(inbox.parent, ignore_errors=True)
+            empty[name].append(once_empty(template, base / f"empty-{next(counter)}", reports, codes[name]))
             figures = f"{over[name][-1]:.2f} s, empty {empty[name][-1]:.2f} s"
             print(f"  round {round_ + 1}: {name}: {figures}", file=sys.stderr)
     what = "PDF reports and archiving" if reports else "reports off"
@@ -326,9 +331,7 @@ def main() -> None:
                 loads.append(os.getloadavg()[0])
                 contender.seconds.append(contender.run())
                 print(f"  round {round_ + 1}: {contender.name}: {contender.seconds[-1]:.1f} s", file=sys.stderr)
-            inbox, state = template.copy(base / f"empty-{round_}")
-            empty.append(whole_process(once_cmd(inbox, state), daemon_env(reports=True), base / "empty.log"))
-            shutil.rmtree(base / f"empty-{round_}", ignore_errors=True)
+            empty.append(once_empty(template, base / f"empty-{round_}", reports=True))
 
         speeds = {c.name: args.files / statistics.median(c.seconds) for c in contenders}
         limit = max(speeds[contenders[0].name], speeds[contenders[1].name])  # the faster way to run ONNX Runtime
