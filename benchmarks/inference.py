@@ -268,11 +268,11 @@ class Forwards:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    self.onnx = OnnxRunner(self.model, self.x, with_activation=False)
+                    self.onnx = OnnxRunner.for_model(self.model, self.x, with_activation=False)
                     #: the daemon's default on a CPU of two threads or more: two batches at once, half the threads each
                     half = torch.get_num_threads() // 2
                     if half:
-                        self.onnx_halves = OnnxRunner(self.model, self.x, with_activation=False, threads=half)
+                        self.onnx_halves = OnnxRunner.for_model(self.model, self.x, with_activation=False, threads=half)
             except BackendUnavailable as exc:
                 print(f"  ONNX Runtime unavailable: {exc}", file=sys.stderr)
 

@@ -64,16 +64,11 @@ class LoadFunction(Protocol):
 def load_and_time(
     request: LoadRequest, *, device: torch.device, heatmaps: bool, batch: int, lanes: int = 1
 ) -> ServedModel:
-    """Verify the version, place it on ``device`` and choose its backend (cached in its folder);
+    """Verify the version, place it on ``device`` and choose its backend (``engine.serving``);
     ``lanes``: batches it may run at once (``engine.inference.forward_lanes``)."""
-    from meddaemon.engine.backend_cache import BackendCache
-    from meddaemon.engine.inference import ServedModel
-    from meddaemon.engine.registry import load_version
+    from meddaemon.engine.serving import serve_version
 
-    loaded = load_version(request.path, device="cpu")
-    model = ServedModel(request.version_id, loaded, device, heatmaps=heatmaps, lanes=lanes)
-    model.choose_backend(batch, BackendCache(request.path))
-    return model
+    return serve_version(request.path, request.version_id, device, heatmaps=heatmaps, batch=batch, lanes=lanes)
 
 
 class ModelLoader:

@@ -10,18 +10,20 @@ need the gradient.
 
 No weights are ever downloaded. ImageNet initialisation reads torchvision's file from a path or
 from torch's local cache, or fails with a message that says where to put it.
+
+torchvision is imported when a backbone is first built, not with this module: its ``ops`` import
+``torch._dynamo``, 1.6 s on 2 cores, and a version served from its kept ONNX graph
+(``engine/serving.py``) never builds one.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torchvision import models
 
 ARCHITECTURES = (
     "small_cnn",
@@ -39,6 +41,10 @@ Init = Literal["scratch", "imagenet"]
 
 class MissingPretrainedWeights(FileNotFoundError):
     """ImageNet weights were asked for but are neither given as a file nor in torch's cache."""
+
+
+#: the state-dict key of a CAM head's Linear weight (``ClassifierNet.head`` is a :class:`GlobalPoolLinearHead`)
+CAM_WEIGHT_KEY = "head.linear.weight"
 
 
 class GlobalPoolLinearHead(nn.Module):
@@ -117,7 +123,7 @@ def build_model(
         return ClassifierNet(
             architecture, small_cnn_features(in_channels), GlobalPoolLinearHead(nn.Linear(256, num_outputs))
         )
-    backbone = _TORCHVISION[architecture](weights=None)
+    backbone = _torchvision_builder(architecture)(weights=None)
     if init == "imagenet":
         backbone.load_state_dict(_load_imagenet_state(architecture, imagenet_weights))
     features, head = _split(architecture, backbone, num_outputs)
@@ -126,30 +132,33 @@ def build_model(
     return ClassifierNet(architecture, features, head)
 
 
-_TORCHVISION: dict[str, Callable[..., nn.Module]] = {
-    "efficientnet_v2_s_selu": models.efficientnet_v2_s,
-    "resnet18": models.resnet18,
-    "resnet34": models.resnet34,
-    "vgg16": models.vgg16,
-    "mobilenet_v2": models.mobilenet_v2,
-    "densenet121": models.densenet121,
-    "efficientnet_v2_s": models.efficientnet_v2_s,
+#: the torchvision builder and ImageNet weights enum of each backbone, by their names in ``torchvision.models``
+_TORCHVISION = {
+    "efficientnet_v2_s_selu": ("efficientnet_v2_s", "EfficientNet_V2_S_Weights"),
+    "resnet18": ("resnet18", "ResNet18_Weights"),
+    "resnet34": ("resnet34", "ResNet34_Weights"),
+    "vgg16": ("vgg16", "VGG16_Weights"),
+    "mobilenet_v2": ("mobilenet_v2", "MobileNet_V2_Weights"),
+    "densenet121": ("densenet121", "DenseNet121_Weights"),
+    "efficientnet_v2_s": ("efficientnet_v2_s", "EfficientNet_V2_S_Weights"),
 }
 
-_WEIGHTS = {
-    "efficientnet_v2_s_selu": models.EfficientNet_V2_S_Weights.IMAGENET1K_V1,
-    "resnet18": models.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet34": models.ResNet34_Weights.IMAGENET1K_V1,
-    "vgg16": models.VGG16_Weights.IMAGENET1K_V1,
-    "mobilenet_v2": models.MobileNet_V2_Weights.IMAGENET1K_V1,
-    "densenet121": models.DenseNet121_Weights.IMAGENET1K_V1,
-    "efficientnet_v2_s": models.EfficientNet_V2_S_Weights.IMAGENET1K_V1,
-}
+
+def _torchvision_builder(architecture: str) -> Any:
+    from torchvision import models
+
+    return getattr(models, _TORCHVISION[architecture][0])
+
+
+def _imagenet_url(architecture: str) -> str:
+    from torchvision import models
+
+    return str(getattr(models, _TORCHVISION[architecture][1]).IMAGENET1K_V1.url)
 
 
 def imagenet_cache_path(architecture: str) -> Path:
     """Where torchvision would have cached the ImageNet file (``$TORCH_HOME/hub/checkpoints``)."""
-    name = os.path.basename(_WEIGHTS[architecture].url)
+    name = os.path.basename(_imagenet_url(architecture))
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
@@ -158,7 +167,7 @@ def _load_imagenet_state(architecture: str, path: Path | None) -> dict[str, Tens
     if not path.is_file():
         raise MissingPretrainedWeights(
             f"ImageNet weights for {architecture} are not on this machine and nothing is downloaded; "
-            f"copy torchvision's {os.path.basename(_WEIGHTS[architecture].url)} to {path} or pass its path, "
+            f"copy torchvision's {os.path.basename(_imagenet_url(architecture))} to {path} or pass its path, "
             "or train from scratch"
         )
     if path.suffix == ".safetensors":

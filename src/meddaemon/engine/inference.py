@@ -65,6 +65,16 @@ def forward_lanes(setting: int, device: torch.device) -> int:
     return max(1, min(setting or 2, torch.get_num_threads()))
 
 
+def onnx_threads(lanes: int) -> int:
+    """ONNX Runtime threads of each of a model's ``lanes``: PyTorch's threads shared among them."""
+    return max(1, torch.get_num_threads() // max(1, lanes))
+
+
+def backend_key(sha256: str, device: torch.device, batch: int, activation: bool, lanes: int) -> BackendKey:
+    """What the backend chosen for weights ``sha256`` on ``device`` depends on (``backend_cache``)."""
+    return BackendKey(sha256, device.type, torch.get_num_threads(), batch, activation, lanes)
+
+
 def pick_device(setting: str = "auto") -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,6 +108,8 @@ class ServedModel:
         self.onnx: OnnxRunner | None = None
         self.backend = self.model.backend if self.imported_onnx else "cuda" if device.type == "cuda" else "eager"
         self.speeds: dict[str, float] = {}
+        #: whether the backend was chosen (``choose_backend``, ``serve_kept_graph``)
+        self.chosen = False
         #: whether ``choose_backend`` timed the backends (False when it used a cached choice)
         self.measured = False
         #: where exported ONNX graphs are kept (the version's folder, from ``choose_backend``'s cache)
@@ -114,6 +126,7 @@ class ServedModel:
 
         With ``cache``, a choice measured before for the same weights, versions, threads, batch
         and CPU is used without timing, and a new measurement is remembered there."""
+        self.chosen = True
         wanted = self.manifest.backend
         if self.imported_onnx:
             log.info("%s: %s (an imported ONNX graph is served as it is)", self.name, self.backend)
@@ -134,9 +147,16 @@ class ServedModel:
         return self.backend
 
     def backend_key(self, batch: int) -> BackendKey:
-        return BackendKey(
-            self.manifest.sha256, self.device.type, torch.get_num_threads(), batch, self.heatmaps, self._onnx_lanes
-        )
+        return backend_key(self.manifest.sha256, self.device, batch, self.heatmaps, self._onnx_lanes)
+
+    def serve_kept_graph(self, runner: OnnxRunner, choice: BackendChoice, batch: int, graphs: GraphCache) -> None:
+        """Serve ``runner``, the graph kept with this version and verified by the caller, as the
+        cached ``choice`` for ``batch`` says (``engine/serving.py``); nothing is measured."""
+        self.chosen = True
+        self.graphs = graphs
+        self._serve_onnx(runner)
+        self.speeds = dict(choice.speeds)
+        self._log_cached(choice, batch, kept_graph=True)
 
     def _measure(self, batch: int, wanted: str) -> BackendChoice:
         sample = self_test_input(self.contract, seed=0, batch=batch)
@@ -171,6 +191,10 @@ class ServedModel:
             runner, _ = self._onnx_runner(self_test_input(self.contract, seed=0, batch=batch))
             if runner is not None:
                 self._serve_onnx(runner)
+        self._log_cached(cached, batch)
+        return self.backend
+
+    def _log_cached(self, cached: BackendChoice, batch: int, kept_graph: bool = False) -> None:
         if self.speeds:
             why = (
                 ", ".join(f"{name} {speed:.0f}" for name, speed in self.speeds.items()) + f" images/s at batch {batch}"
@@ -178,23 +202,23 @@ class ServedModel:
         else:
             why = cached.note
         log.info(
-            "%s: %s (cached choice for these weights on this machine: %s; not measured again)",
+            "%s: %s (cached choice for these weights on this machine: %s; not measured again%s)",
             self.name,
             self.backend,
             why,
+            "; served from the graph kept with the version, the network not built" if kept_graph else "",
         )
-        return self.backend
 
     def _onnx_runner(self, sample: torch.Tensor) -> tuple[OnnxRunner | None, str]:
         """The ONNX Runtime session for this model, checked against eager; (None, why) when unusable."""
         try:
-            runner = OnnxRunner(
+            runner = OnnxRunner.for_model(
                 self.model,
                 sample,
                 self.heatmaps,
                 graphs=self.graphs,
                 weights_sha256=self.manifest.sha256,
-                threads=max(1, torch.get_num_threads() // self._onnx_lanes),
+                threads=onnx_threads(self._onnx_lanes),
             )
         except BackendUnavailable as exc:
             log.warning("%s: ONNX Runtime unavailable (%s); eager PyTorch", self.name, exc)

@@ -50,32 +50,17 @@ class _FeaturesAndLogits(nn.Module):
 class OnnxRunner:
     """An ONNX Runtime session for one model: ``run(x) -> (activation | None, logits)``."""
 
-    def __init__(
-        self,
-        model: ClassifierNet,
-        sample: Tensor,
-        with_activation: bool,
-        graphs: GraphCache | None = None,
-        weights_sha256: str = "",
-        threads: int = 0,
-    ) -> None:
-        """With ``graphs`` (and the weights' ``weights_sha256``), the graph exported by an earlier
-        start is used, and a new export is kept there. ``threads``: the session's pool (0: PyTorch's
-        thread count); a session serving several batches at once gets a share each
-        (``ServedModel.lanes``)."""
+    def __init__(self, graph: bytes, with_activation: bool, threads: int = 0, cached: bool = False) -> None:
+        """``graph``: ONNX bytes whose outputs are ``logits`` (``activation`` first when
+        ``with_activation``). ``threads``: the session's pool (0: PyTorch's thread count); a session
+        serving several batches at once gets a share each (``ServedModel.lanes``)."""
         try:
             import onnxruntime as ort
         except ImportError as exc:  # an optional speed-up, never a requirement
             raise BackendUnavailable("onnxruntime is not installed") from exc
         self.with_activation = with_activation
-        key = GraphKey(weights_sha256, with_activation, OPSET) if graphs is not None and weights_sha256 else None
-        graph = graphs.get(key) if graphs is not None and key is not None else None
         #: whether the graph came from the cache (not exported by this process)
-        self.cached = graph is not None
-        if graph is None:
-            graph = _export(model, sample, with_activation)
-            if graphs is not None and key is not None:
-                graphs.put(key, graph)
+        self.cached = cached
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.log_severity_level = 3
@@ -85,11 +70,61 @@ class OnnxRunner:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
 
+    @classmethod
+    def for_model(
+        cls,
+        model: ClassifierNet,
+        sample: Tensor,
+        with_activation: bool,
+        graphs: GraphCache | None = None,
+        weights_sha256: str = "",
+        threads: int = 0,
+    ) -> OnnxRunner:
+        """A session for ``model``'s graph, exported from it; with ``graphs`` (and the weights'
+        ``weights_sha256``) the graph exported by an earlier start is used, and a new export kept there."""
+        key = GraphKey(weights_sha256, with_activation, OPSET) if graphs is not None and weights_sha256 else None
+        graph = graphs.get(key) if graphs is not None and key is not None else None
+        cached = graph is not None
+        if graph is None:
+            graph = _export(model, sample, with_activation)
+            if graphs is not None and key is not None:
+                graphs.put(key, graph)
+        return cls(graph, with_activation, threads, cached)
+
     def run(self, x: np.ndarray) -> tuple[Tensor | None, Tensor]:
         outputs = self.session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})
         if self.with_activation:
             return torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1])
         return None, torch.from_numpy(outputs[0])
+
+
+class ExportedNet(nn.Module):
+    """A network's exported graph standing in for the network: ``forward``, ``forward_features`` and
+    ``cam_linear`` as a :class:`ClassifierNet` has them, for a version served from its kept graph
+    (``engine/serving.py``) without the network being built."""
+
+    def __init__(self, runner: OnnxRunner, cam_weight: Tensor | None = None) -> None:
+        """``cam_weight``: the CAM head's (outputs, channels) Linear weight, from the version's weights."""
+        super().__init__()
+        self.runner = runner
+        self.linear: nn.Linear | None = None
+        if cam_weight is not None:
+            self.linear = nn.Linear(cam_weight.shape[1], cam_weight.shape[0], bias=False)
+            with torch.no_grad():
+                self.linear.weight.copy_(cam_weight)
+
+    @property
+    def cam_linear(self) -> nn.Linear | None:
+        return self.linear
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.runner.run(x.detach().cpu().numpy())[1]
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        activation, logits = self.runner.run(x.detach().cpu().numpy())
+        if activation is None:
+            raise BackendUnavailable("the graph was exported without the heatmap activation")
+        return activation, logits
 
 
 def _export(model: ClassifierNet, sample: Tensor, with_activation: bool) -> bytes:

@@ -568,8 +568,7 @@ def load_version(folder: Path | str, device: str | torch.device = "cpu") -> Load
     manifest = read_manifest(folder)
     if manifest.architecture == ONNX_ARCHITECTURE:
         raise ModelRefused("missing_file", f"{folder / ONNX_FILE} does not exist; an ONNX version needs it")
-    data = _verified_bytes(weights_path, manifest, folder)
-    state = _parse_safetensors(data, weights_path)
+    state = read_verified_weights(folder, manifest)
 
     try:
         model = build_model(manifest.architecture, manifest.input_contract["channels"], manifest.num_outputs)
@@ -586,10 +585,16 @@ def load_version(folder: Path | str, device: str | torch.device = "cpu") -> Load
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise ModelRefused("wrong_architecture", f"{weights_path}: {exc}") from None
-    del state, data
+    del state
     model.to(device).eval()
-    _check_self_test(model, manifest, weights_path, device)
+    check_self_test(model, manifest, weights_path, device)
     return LoadedModel(manifest=manifest, model=model, folder=folder)
+
+
+def read_verified_weights(folder: Path, manifest: Manifest) -> dict[str, Tensor]:
+    """The tensors of ``folder``'s weights file, once its SHA-256 is ``manifest``'s (never unpickled)."""
+    weights_path = folder / WEIGHTS_FILE
+    return _parse_safetensors(_verified_bytes(weights_path, manifest, folder), weights_path)
 
 
 def _verified_bytes(path: Path, manifest: Manifest, folder: Path) -> bytes:
@@ -620,11 +625,12 @@ def _load_onnx_version(folder: Path, device: torch.device) -> LoadedModel:
         )
     data = _verified_bytes(path, manifest, folder)
     model = onnx_model.load(data, manifest)
-    _check_self_test(model, manifest, path, device)
+    check_self_test(model, manifest, path, device)
     return LoadedModel(manifest=manifest, model=model, folder=folder)
 
 
-def _check_self_test(model: nn.Module, manifest: Manifest, weights_path: Path, device: torch.device) -> None:
+def check_self_test(model: nn.Module, manifest: Manifest, weights_path: Path, device: torch.device) -> None:
+    """Refuse ``model`` (:class:`ModelRefused`) unless it reproduces the manifest's self-test probabilities."""
     got = _run_self_test(model, manifest.to_dict(), device)
     if not torch.isfinite(got).all():
         raise ModelRefused(

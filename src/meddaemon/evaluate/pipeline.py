@@ -167,20 +167,27 @@ def check_request(request: EvaluationRequest) -> None:
 
 
 def _serve(settings: Settings, request: EvaluationRequest, version: ModelVersion) -> ServedModel:
+    """The version verified, served from the graph an earlier run kept when there is one; otherwise its
+    network, the backend chosen when the first batch is scored (``_Batcher``: a rerun scores none)."""
     from meddaemon.engine.registry import ModelRefused, load_version
+    from meddaemon.engine.serving import serve_kept_graph
 
-    try:
-        loaded = load_version(settings.stored_file(version.path), device="cpu")
-    except ModelRefused as refusal:
-        raise EvaluationStopped(
-            f"model {version.task_name}/{version.version} refused: {refusal.reason} ({refusal.message})"
-        ) from None
     limit_threads(settings.inference_threads)
     # with Ray the driver's copy only scores the odd file again: the actors hold the GPUs
     wanted = request.device if request.device != "auto" else settings.device
     device = pick_device("cpu" if request.engine == "ray" else wanted)
     lanes = forward_lanes(settings.concurrent_batches, device) if request.engine == "local" else 1
-    return ServedModel(version.id, loaded, device, heatmaps=request.heatmaps, lanes=lanes)
+    folder = settings.stored_file(version.path)
+    batch = min(request.batch_size, BACKEND_PROBE_BATCH)
+    try:
+        kept = serve_kept_graph(
+            folder, version.id, device, heatmaps=request.heatmaps, batch=batch, lanes=lanes, cache=BackendCache(folder)
+        )
+        return kept or ServedModel(version.id, load_version(folder), device, heatmaps=request.heatmaps, lanes=lanes)
+    except ModelRefused as refusal:
+        raise EvaluationStopped(
+            f"model {version.task_name}/{version.version} refused: {refusal.reason} ({refusal.message})"
+        ) from None
 
 
 def _run(
@@ -465,7 +472,8 @@ class _Batcher:
             return
         reads, self.waiting, self.rows = self.waiting, [], 0
         if self.forwarder is None:  # the backend measured only when something is to be scored (a rerun never is)
-            self.model.choose_backend(min(self.size, BACKEND_PROBE_BATCH), BackendCache(self.folder))
+            if not self.model.chosen:
+                self.model.choose_backend(min(self.size, BACKEND_PROBE_BATCH), BackendCache(self.folder))
             self.forwarder = ThreadPoolExecutor(self.model.lanes, thread_name_prefix="forward")
         self.forwarding.append((reads, self.forwarder.submit(self.model.predict, stack(reads))))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,20 +54,20 @@ class ModelActor:
     ) -> None:
         import torch
 
-        from meddaemon.engine.backend_cache import BACKEND_PROBE_BATCH, BackendCache
-        from meddaemon.engine.inference import ServedModel
-        from meddaemon.engine.registry import ModelRefused, load_version
+        from meddaemon.engine.backend_cache import BACKEND_PROBE_BATCH
+        from meddaemon.engine.registry import ModelRefused
+        from meddaemon.engine.serving import serve_version
 
+        if threads > 0:
+            torch.set_num_threads(threads)
         try:
-            loaded = load_version(folder, device="cpu")
+            self.model = serve_version(
+                Path(folder), version_id, torch.device(device), heatmaps=heatmaps, batch=min(batch, BACKEND_PROBE_BATCH)
+            )
         except ModelRefused as refusal:
             raise RuntimeError(
                 f"{REFUSED}: model refused on node {socket.gethostname()}: {refusal.reason} ({refusal.message})"
             ) from None
-        if threads > 0:
-            torch.set_num_threads(threads)
-        self.model = ServedModel(version_id, loaded, torch.device(device), heatmaps=heatmaps)
-        self.model.choose_backend(min(batch, BACKEND_PROBE_BATCH), BackendCache(folder))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         labels = len(self.model.labels)

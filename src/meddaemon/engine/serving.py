@@ -1,0 +1,104 @@
+"""Serving a model version: verified, placed on its device, its backend chosen.
+
+The full load (``registry.load_version``) builds the network, loads its state and runs the self-test
+eagerly; ``ServedModel.choose_backend`` then times eager PyTorch against ONNX Runtime, or reads the
+choice an earlier start made (``backend.json``) and checks the graph it kept against the network.
+
+When that earlier choice was ONNX Runtime and its graph is kept, the network is never built: the
+weights' SHA-256 is checked against the manifest, the kept graph must reproduce the manifest's
+self-test probabilities within its tolerance (the check the full load makes of the network), and the
+CAM head's Linear weight is read from the verified safetensors file. That skips importing
+torchvision (its ``ops`` import ``torch._dynamo``), building the network and running it twice: about
+2 s of a daemon's start on 2 cores (benchmarks/README.md, issue 16's eighth pass). Anything missing,
+or a graph that fails the self-test, falls back to the full load, which says why a version is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from meddaemon.engine.architectures import CAM_WEIGHT_KEY
+from meddaemon.engine.backend_cache import BackendCache, GraphCache, GraphKey
+from meddaemon.engine.inference import ServedModel, backend_key, onnx_threads
+from meddaemon.engine.onnx_backend import OPSET, BackendUnavailable, ExportedNet, OnnxRunner
+from meddaemon.engine.registry import (
+    ONNX_ARCHITECTURE,
+    WEIGHTS_FILE,
+    LoadedModel,
+    ModelRefused,
+    check_self_test,
+    load_version,
+    read_manifest,
+    read_verified_weights,
+)
+
+log = logging.getLogger(__name__)
+
+
+def serve_version(
+    folder: Path, version_id: int, device: torch.device, *, heatmaps: bool, batch: int, lanes: int = 1
+) -> ServedModel:
+    """Version ``folder`` ready for batches on ``device``, its backend chosen for ``batch`` (cached in
+    the folder); ``lanes``: batches it may run at once (``inference.forward_lanes``). A version that
+    fails its verification raises :class:`ModelRefused`."""
+    folder = Path(folder)
+    cache = BackendCache(folder)
+    model = serve_kept_graph(folder, version_id, device, heatmaps=heatmaps, batch=batch, lanes=lanes, cache=cache)
+    if model is not None:
+        return model
+    model = ServedModel(version_id, load_version(folder, device="cpu"), device, heatmaps=heatmaps, lanes=lanes)
+    model.choose_backend(batch, cache)
+    return model
+
+
+def serve_kept_graph(
+    folder: Path,
+    version_id: int,
+    device: torch.device,
+    *,
+    heatmaps: bool,
+    batch: int,
+    lanes: int,
+    cache: BackendCache,
+) -> ServedModel | None:
+    """The version served from the ONNX graph an earlier start chose and kept, or None when there is
+    none to serve (the full load is then needed)."""
+    if device.type != "cpu":
+        return None
+    try:
+        manifest = read_manifest(folder)
+    except ModelRefused:
+        return None  # the full load refuses it, saying why
+    if manifest.architecture == ONNX_ARCHITECTURE or manifest.backend != "auto":
+        return None
+    activation = heatmaps and manifest.heatmaps
+    lanes = max(1, lanes)
+    choice = cache.get(backend_key(manifest.sha256, device, batch, activation, lanes))
+    if choice is None or choice.backend != "onnx":
+        return None
+    graphs = GraphCache(folder)
+    graph = graphs.get(GraphKey(manifest.sha256, activation, OPSET))
+    if graph is None:
+        return None
+    state = read_verified_weights(folder, manifest)
+    cam_weight = state.get(CAM_WEIGHT_KEY) if activation else None
+    if activation and cam_weight is None:
+        return None
+    try:
+        runner = OnnxRunner(graph, activation, threads=onnx_threads(lanes), cached=True)
+        net = ExportedNet(runner, cam_weight)
+        check_self_test(net, manifest, folder / WEIGHTS_FILE, device)
+    except (BackendUnavailable, ModelRefused) as exc:
+        log.warning(
+            "%s/%s: the kept ONNX graph cannot be served (%s); loading the network",
+            manifest.task,
+            manifest.version,
+            exc,
+        )
+        return None
+    model = ServedModel(version_id, LoadedModel(manifest, net, folder), device, heatmaps=heatmaps, lanes=lanes)
+    model.serve_kept_graph(runner, choice, batch, graphs)
+    return model

@@ -1,0 +1,154 @@
+"""Serving a version from the ONNX graph an earlier start chose and kept (``engine/serving.py``): the
+same predictions and heatmaps as the network it was exported from, without building that network or
+importing torchvision, and never when the weights, the graph or the choice say otherwise."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from meddaemon.engine import registry
+from meddaemon.engine.architectures import ClassifierNet, build_model
+from meddaemon.engine.backend_cache import BACKEND_FILE, GRAPH_FOLDER, GraphCache
+from meddaemon.engine.inference import ServedModel, pick_device
+from meddaemon.engine.onnx_backend import ExportedNet, OnnxRunner
+from meddaemon.engine.serving import serve_version
+from model_factory import write_model
+
+CPU = pick_device("cpu")
+
+
+def serve(folder: Path, heatmaps: bool = True, batch: int = 2) -> ServedModel:
+    return serve_version(folder, 1, CPU, heatmaps=heatmaps, batch=batch, lanes=1)
+
+
+def chose(folder: Path, backend: str) -> None:
+    """Make the choice kept in ``folder``'s ``backend.json`` say ``backend``, as if it had measured so."""
+    cache = json.loads((folder / BACKEND_FILE).read_text())
+    for entry in cache["entries"]:
+        entry["backend"] = backend
+    (folder / BACKEND_FILE).write_text(json.dumps(cache))
+
+
+def kept(tmp_path: Path, architecture: str = "small_cnn", heatmaps: bool = True) -> tuple[Path, ServedModel]:
+    """A SYNTHETIC version loaded once in full, ONNX Runtime its kept choice: what a first start leaves."""
+    folder = write_model(tmp_path / architecture, architecture=architecture)
+    first = serve(folder, heatmaps=heatmaps)
+    chose(folder, "onnx")
+    return folder, first
+
+
+def scans(n: int) -> np.ndarray:
+    return np.random.default_rng(n).standard_normal((n, 1, 32, 32)).astype(np.float32)
+
+
+@pytest.mark.parametrize("architecture", ["small_cnn", "resnet18"])
+def test_a_kept_graph_is_served_without_the_network_with_its_probabilities_and_heatmaps(tmp_path, architecture):
+    folder, _ = kept(tmp_path, architecture)
+    full = ServedModel(1, registry.load_version(folder), CPU, heatmaps=True)  # the network, eager
+
+    again = serve(folder)
+
+    assert isinstance(again.model, ExportedNet) and isinstance(full.model, ClassifierNet)
+    assert again.backend == "onnx" and not again.measured and again.onnx is not None and again.onnx.cached
+    x = scans(5)
+    got, expected = again.predict(x), full.predict(x)
+    np.testing.assert_allclose([p.probabilities for p in got], [p.probabilities for p in expected], atol=1e-5)
+    assert [[label for label, _ in p.heatmaps] for p in got] == [[label for label, _ in p.heatmaps] for p in expected]
+    for g, e in zip(got, expected, strict=True):
+        for (_, got_map), (_, expected_map) in zip(g.heatmaps, e.heatmaps, strict=True):
+            np.testing.assert_allclose(got_map, expected_map, atol=1e-4)
+
+
+def test_the_log_says_the_network_was_not_built(tmp_path, caplog):
+    folder, _ = kept(tmp_path)
+    caplog.set_level(logging.INFO, logger="meddaemon")
+
+    serve(folder)
+
+    assert "served from the graph kept with the version, the network not built" in caplog.text
+
+
+def test_served_from_its_kept_graph_a_version_never_imports_torchvision(tmp_path):
+    folder, _ = kept(tmp_path, "resnet18")
+    program = (
+        "import json, sys, torch\n"
+        "from meddaemon.engine.serving import serve_version\n"
+        f"model = serve_version({str(folder)!r}, 1, torch.device('cpu'), heatmaps=True, batch=2)\n"
+        "print(json.dumps([type(model.model).__name__, 'torchvision' in sys.modules]))\n"
+    )
+
+    def run() -> list:
+        done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.splitlines()[-1])
+
+    assert run() == ["ExportedNet", False]
+    chose(folder, "eager")
+    assert run() == ["ClassifierNet", True]  # the full load builds the network with torchvision
+
+
+def test_weights_changed_on_disk_are_refused_as_the_full_load_refuses_them(tmp_path):
+    folder, _ = kept(tmp_path)
+    weights = folder / registry.WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+
+    with pytest.raises(registry.ModelRefused) as refused:
+        serve(folder)
+
+    assert refused.value.reason == "hash_mismatch"
+
+
+def test_a_kept_graph_that_fails_the_self_test_is_not_served_the_network_is_loaded(tmp_path, caplog):
+    folder, first = kept(tmp_path)
+    for path in (folder / GRAPH_FOLDER).iterdir():
+        path.unlink()
+    torch.manual_seed(7)
+    other = build_model("small_cnn", 1, 3)  # other (SYNTHETIC) weights: their graph kept under this version's key
+    sample = registry.self_test_input(first.contract, 0, 2)
+    OnnxRunner.for_model(other, sample, True, graphs=GraphCache(folder), weights_sha256=first.manifest.sha256)
+    caplog.set_level(logging.WARNING, logger="meddaemon")
+
+    model = serve(folder)
+
+    assert "the kept ONNX graph cannot be served" in caplog.text and "self_test_failed" in caplog.text
+    assert isinstance(model.model, ClassifierNet)
+    x = scans(3)
+    with torch.inference_mode():
+        expected = torch.softmax(model.model(torch.from_numpy(x)), dim=1).numpy()
+    np.testing.assert_allclose([p.probabilities for p in model.predict(x)], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["eager chosen", "no graph kept", "another batch", "heatmaps off, the graph kept with them", "backend pinned"],
+)
+def test_without_a_kept_onnx_choice_and_graph_for_this_start_the_network_is_loaded(tmp_path, why):
+    folder, _ = kept(tmp_path)
+    heatmaps, batch = True, 2
+    if why == "eager chosen":
+        chose(folder, "eager")
+    elif why == "no graph kept":
+        for path in (folder / GRAPH_FOLDER).iterdir():
+            path.unlink()
+    elif why == "another batch":
+        batch = 4
+    elif why == "heatmaps off, the graph kept with them":
+        heatmaps = False
+    else:
+        manifest = json.loads((folder / registry.MANIFEST_FILE).read_text())
+        manifest["backend"] = "onnx"
+        (folder / registry.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+    model = serve(folder, heatmaps=heatmaps, batch=batch)
+
+    assert isinstance(model.model, ClassifierNet)
