@@ -89,6 +89,23 @@ def test_a_scan_report_has_the_images_the_calls_the_model_and_the_disclaimer():
     assert metadata["/Title"] == "Scan report 42" and metadata["/Author"] == "meddaemon"
 
 
+def test_the_pictures_are_embedded_as_the_jpeg_bytes_given_never_decoded(monkeypatch):
+    from PIL import ImageFile
+
+    decoded: list[object] = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(image) or load(image))
+    data = scan_data("chestxray14", positives=set(NIH_FINDINGS[:3]))
+    images = images_for(data)
+
+    rendered = render_scan(data, images, load_template(data.task), report_fonts())
+
+    assert decoded == []
+    pictures = [images.model_view, *images.overlays.values(), images.colour_scale]
+    assert len(pictures) == 5 and all(picture in rendered.data for picture in pictures)
+    assert rendered.data.count(b"/DCTDecode") == 5
+
+
 def test_the_call_rule_is_the_top_class_for_multiclass_and_the_threshold_otherwise():
     multiclass, *_ = render(scan_data("busi"))
     binary, *_ = render(scan_data("covid", positives={"covid"}))
