@@ -106,6 +106,32 @@ def test_the_pictures_are_embedded_as_the_jpeg_bytes_given_never_decoded(monkeyp
     assert rendered.data.count(b"/DCTDecode") == 5
 
 
+def test_streams_are_compressed_as_reportlab_does_and_the_fonts_once_for_report_after_report(monkeypatch):
+    import zlib
+
+    from meddaemon.report import render as module
+
+    compressed: list[int] = []
+    compress = zlib.compress
+    monkeypatch.setattr(zlib, "compress", lambda data, *a: compressed.append(len(data)) or compress(data, *a))
+    module._compressed.cache_clear()
+    data = scan_data()
+    text, pages, _, _ = render(data)
+    first = sorted(compressed)
+    compressed.clear()
+
+    again = render(data)
+
+    assert again[:2] == (text, pages)
+    fonts = [n for n in first if n >= module.KEPT_STREAM_BYTES]
+    assert len(fonts) == 2  # the regular and the bold subset
+    assert sorted(compressed) == [n for n in first if n < module.KEPT_STREAM_BYTES]
+    for length in (100, module.KEPT_STREAM_BYTES + 1):
+        stream = bytes(range(256)) * (length // 256 + 1)
+        assert module._flate(None, stream) == compress(stream) == module._flate(None, stream)
+    assert module._flate(None, "text") == compress(b"text")
+
+
 def test_the_call_rule_is_the_top_class_for_multiclass_and_the_threshold_otherwise():
     multiclass, *_ = render(scan_data("busi"))
     binary, *_ = render(scan_data("covid", positives={"covid"}))
