@@ -134,6 +134,30 @@ def test_the_backend_choice_is_measured_once_per_version_and_kept_beside_it(
     assert "not measured again" in caplog.text and "chosen (measured" not in caplog.text
 
 
+def test_a_run_after_one_that_chose_onnx_runtime_is_served_from_the_kept_graph_with_the_same_probabilities(
+    world, busi_phantoms: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """engine/serving.py: the network is not built again; the same pixels get the same probabilities."""
+    other = tmp_path / "other"
+    shutil.copytree(busi_phantoms / "benign", other)
+    for image in other.glob("*.png"):
+        image.write_bytes(image.read_bytes() + b"other")  # other bytes, the same pixels
+    evaluate(world, busi_phantoms)
+    [choices] = world.settings.models_dir.rglob("backend.json")
+    choices.write_text(choices.read_text().replace('"backend": "eager"', '"backend": "onnx"'))
+    caplog.set_level("INFO", logger="meddaemon")
+
+    second = evaluate(world, other)
+
+    assert second.summary["scored"] == second.summary["files"] > 0
+    assert "served from the graph kept with the version" in caplog.text
+    probabilities = stored(world)
+    both = [name for name in probabilities if f"benign/{name}" in probabilities]
+    assert both
+    for name in both:
+        np.testing.assert_allclose(probabilities[name], probabilities[f"benign/{name}"], atol=1e-5)
+
+
 def test_the_local_engine_keeps_as_many_batches_in_the_model_as_it_has_lanes_and_keeps_their_order(
     busi_phantoms: Path, make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
