@@ -39,18 +39,28 @@ log = logging.getLogger(__name__)
 
 
 def serve_version(
-    folder: Path, version_id: int, device: torch.device, *, heatmaps: bool, batch: int, lanes: int = 1
+    folder: Path,
+    version_id: int,
+    device: torch.device,
+    *,
+    heatmaps: bool,
+    batch: int,
+    lanes: int = 1,
+    choose: bool = True,
 ) -> ServedModel:
     """Version ``folder`` ready for batches on ``device``, its backend chosen for ``batch`` (cached in
-    the folder); ``lanes``: batches it may run at once (``inference.forward_lanes``). A version that
-    fails its verification raises :class:`ModelRefused`."""
+    the folder); ``lanes``: batches it may run at once (``inference.forward_lanes``). With
+    ``choose=False`` a version loaded in full is returned before its backend is chosen
+    (``ServedModel.chosen`` is False: the caller calls ``choose_backend`` when it has work for it).
+    A version that fails its verification raises :class:`ModelRefused`."""
     folder = Path(folder)
     cache = BackendCache(folder)
     model = serve_kept_graph(folder, version_id, device, heatmaps=heatmaps, batch=batch, lanes=lanes, cache=cache)
     if model is not None:
         return model
     model = ServedModel(version_id, load_version(folder, device="cpu"), device, heatmaps=heatmaps, lanes=lanes)
-    model.choose_backend(batch, cache)
+    if choose:
+        model.choose_backend(batch, cache)
     return model
 
 

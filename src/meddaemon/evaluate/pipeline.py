@@ -169,8 +169,8 @@ def check_request(request: EvaluationRequest) -> None:
 def _serve(settings: Settings, request: EvaluationRequest, version: ModelVersion) -> ServedModel:
     """The version verified, served from the graph an earlier run kept when there is one; otherwise its
     network, the backend chosen when the first batch is scored (``_Batcher``: a rerun scores none)."""
-    from meddaemon.engine.registry import ModelRefused, load_version
-    from meddaemon.engine.serving import serve_kept_graph
+    from meddaemon.engine.registry import ModelRefused
+    from meddaemon.engine.serving import serve_version
 
     limit_threads(settings.inference_threads)
     # with Ray the driver's copy only scores the odd file again: the actors hold the GPUs
@@ -180,10 +180,9 @@ def _serve(settings: Settings, request: EvaluationRequest, version: ModelVersion
     folder = settings.stored_file(version.path)
     batch = min(request.batch_size, BACKEND_PROBE_BATCH)
     try:
-        kept = serve_kept_graph(
-            folder, version.id, device, heatmaps=request.heatmaps, batch=batch, lanes=lanes, cache=BackendCache(folder)
+        return serve_version(
+            folder, version.id, device, heatmaps=request.heatmaps, batch=batch, lanes=lanes, choose=False
         )
-        return kept or ServedModel(version.id, load_version(folder), device, heatmaps=request.heatmaps, lanes=lanes)
     except ModelRefused as refusal:
         raise EvaluationStopped(
             f"model {version.task_name}/{version.version} refused: {refusal.reason} ({refusal.message})"
