@@ -21,6 +21,8 @@ from dicom_factory import write_dicom
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from meddaemon.dicom.associations import keep_answers
+
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 
 
@@ -79,7 +81,9 @@ def storescu(
 
 
 def pynetdicom_send(port: int, files: list[Path], *, calling: str = "PYNETDICOM", called: str = "MEDDAEMON") -> list:
-    """pynetdicom's SCU: every file in one association; the status of each (None: no answer)."""
+    """pynetdicom's SCU: every file in one association; the status of each (None: no answer). Its
+    answers are kept for the C-STORE waiting for them (``keep_answers``): the receiver answers fast
+    enough for pynetdicom's own reactor thread to take one now and then."""
     from pynetdicom import AE
 
     datasets = [dcmread(path) for path in files]
@@ -91,6 +95,7 @@ def pynetdicom_send(port: int, files: list[Path], *, calling: str = "PYNETDICOM"
     try:
         if not assoc.is_established:
             return [None] * len(files)
+        keep_answers(assoc)
         statuses = []
         for ds in datasets:
             answer = assoc.send_c_store(ds) if assoc.is_established else None

@@ -30,6 +30,7 @@ from daemon_harness import Daemons, Layout, RunningDaemon, one, scrape, wait_unt
 from dicom_senders import dataset_bytes, pynetdicom_send, storescu, synthetic_instances
 from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.cli.medcli import cli as medcli
+from meddaemon.dicom.associations import keep_answers
 from orthanc import Orthanc, require_orthanc
 from ports import free_port
 
@@ -169,6 +170,7 @@ def test_a_sigkill_during_a_send_loses_nothing_the_sender_was_told_was_stored(
         ae.add_requested_context(datasets[0].SOPClassUID, str(datasets[0].file_meta.TransferSyntaxUID))
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
         assoc = ae.associate("127.0.0.1", port, ae_title="MEDDAEMON")
+        keep_answers(assoc)  # as pynetdicom_send: the receiver's answers are kept for the C-STORE waiting
         try:
             for i, ds in enumerate(datasets):
                 answer = assoc.send_c_store(ds)

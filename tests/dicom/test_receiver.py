@@ -41,6 +41,7 @@ from meddaemon.config import load_settings
 from meddaemon.db.engine import create_db_engine, session_factory
 from meddaemon.db.migrate import upgrade
 from meddaemon.db.models import ReceivedInstance
+from meddaemon.dicom.associations import keep_answers
 from meddaemon.dicom.receiver import FolderSync, Receiver, accepted_transfer_syntaxes
 
 StartReceiver = Callable[..., Receiver]
@@ -248,6 +249,7 @@ def test_a_dataset_that_is_not_the_instance_its_request_names_is_refused_and_not
     ae = AE(ae_title="SENDER")
     ae.add_requested_context(dcmread(good).SOPClassUID, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON")
+    keep_answers(assoc)
     try:
         assert int(assoc.send_c_store(garbage).Status) == 0xA900
         assoc.release()
@@ -275,6 +277,7 @@ def test_the_association_limit_holds_under_many_simultaneous_callers_and_no_acce
         ae = AE(ae_title=f"CALLER{i}")
         ae.add_requested_context(datasets[0].SOPClassUID, ExplicitVRLittleEndian)
         assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON")
+        keep_answers(assoc)
         everyone_tried.wait()
         if assoc.is_established:
             outcomes[i] = [int(assoc.send_c_store(ds).Status) for ds in datasets]
@@ -316,6 +319,7 @@ def test_with_tls_only_callers_speaking_tls_get_through(receive: StartReceiver, 
     ae = AE(ae_title="TLSCALLER")
     ae.add_requested_context(dcmread(sent).SOPClassUID, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON", tls_args=(client, None))
+    keep_answers(assoc)
     try:
         assert int(assoc.send_c_store(dcmread(sent)).Status) == 0x0000
         assoc.release()

@@ -72,7 +72,7 @@ from meddaemon.config import Settings
 from meddaemon.db.clock import db_clock
 from meddaemon.db.engine import ConnectionLimits, transaction, with_lock_retry
 from meddaemon.db.models import ReceivedInstance, utcnow
-from meddaemon.dicom.senders import no_delay
+from meddaemon.dicom import associations
 from meddaemon.files import remove_stale_temporaries, temporary_path
 
 log = logging.getLogger("meddaemon.receiver")
@@ -271,6 +271,7 @@ class Receiver:
             (evt.EVT_REJECTED, self._rejected),
             (evt.EVT_ABORTED, self._aborted),
             (evt.EVT_CONN_CLOSE, self._closed),
+            *associations.handlers(),
         ]
         deadline = time.monotonic() + bind_seconds
         while True:
@@ -324,7 +325,7 @@ class Receiver:
     # -- association events ----------------------------------------------------------------------
 
     def _established(self, event: Any) -> None:
-        no_delay(event.assoc)  # each C-STORE response goes out at once, not after the caller's delayed ACK
+        associations.prompt(event.assoc)
         requestor = event.assoc.requestor
         caller = Caller(
             ae_title=str(requestor.ae_title).strip(),
@@ -651,6 +652,7 @@ def echo(settings: Settings, timeout: float = 5.0) -> EchoAnswer:
             )
         if not assoc.is_established:
             return EchoAnswer("none", f"no DICOM answer from {where}")
+        associations.keep_answers(assoc)
         status = assoc.send_c_echo()
         assoc.release()
     finally:

@@ -4,19 +4,18 @@ whether trying again can help (a refusal for good goes ``dead`` at once)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from meddaemon.config import DestinationConfig
+from meddaemon.dicom import associations
 from meddaemon.files import write_atomically
 
 log = logging.getLogger("meddaemon.dicom.senders")
@@ -74,11 +73,12 @@ class DimseSender:
         ae.connection_timeout = min(d.timeout_seconds, 10.0)
         for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
             ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title)
+        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=associations.handlers())
         if not assoc.is_established:
             why = "association rejected" if assoc.is_rejected else "association aborted or no connection"
             return [Delivery(False, f"{why} ({d.host}:{d.port} {d.ae_title})")] * len(objects)
-        no_delay(assoc)
+        associations.prompt(assoc)
+        associations.keep_answers(assoc)
         answers: list[Delivery] = []
         try:
             for ds in datasets:
@@ -99,16 +99,6 @@ class DimseSender:
 
     def close(self) -> None:
         pass
-
-
-def no_delay(assoc: Any) -> None:
-    """TCP_NODELAY on the association's socket: pynetdicom writes a PDU in several small sends, and
-    Nagle's algorithm then waits for the peer's delayed ACK (about 40 ms a C-STORE on loopback,
-    against 9 ms without). For the sender's associations and the receiver's alike."""
-    raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if raw is not None:
-        with contextlib.suppress(OSError):
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _dimse_answer(status: Dataset) -> Delivery:

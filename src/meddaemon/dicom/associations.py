@@ -1,0 +1,78 @@
+"""What meddaemon does to every pynetdicom association it opens or accepts: its TCP socket set up
+for DICOM's request-and-answer exchange (``handlers``, ``prompt``), and, where it sends requests,
+the answers kept for the requests that wait for them (``keep_answers``).
+
+DICOM peers built on dcmtk (storescu, storescp, Orthanc, most modalities) leave Nagle's algorithm
+on and write a PDU in two sends, its 6-byte header first. Nagle holds the second send until the
+first is acknowledged, and Linux delays that acknowledgement by 40 ms once a connection looks
+interactive (this side answered soon after receiving, as DICOM always does): every C-STORE
+response from Orthanc waited about 40 ms, 49 ms a C-STORE against 3 to 4 ms without it. Linux's
+``TCP_QUICKACK`` acknowledges at once, but only until this side sends again, so it is set again
+after each send (``EVT_DATA_SENT``). ``TCP_NODELAY`` keeps this side's own sends from waiting the
+same way: pynetdicom writes a PDU in several small sends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import Any
+
+#: Linux only; elsewhere acknowledgements keep the system's timing
+TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+
+def _raw_socket(assoc: Any) -> socket.socket | None:
+    return getattr(getattr(assoc.dul, "socket", None), "socket", None)
+
+
+def _acknowledge_at_once(event: Any) -> None:
+    raw = _raw_socket(event.assoc)
+    if raw is not None and TCP_QUICKACK is not None:
+        with contextlib.suppress(OSError):
+            raw.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+
+
+def handlers() -> list[tuple[Any, Any]]:
+    """pynetdicom's event handlers for ``AE.associate`` and ``AE.start_server``, with ``prompt`` once
+    established (pynetdicom is imported here, not with this module: a daemon without DICOM never needs it)."""
+    from pynetdicom import evt
+
+    return [(evt.EVT_DATA_SENT, _acknowledge_at_once)]
+
+
+def prompt(assoc: Any) -> None:
+    """``TCP_NODELAY`` on an established association, and the peer's next segments acknowledged at
+    once (``handlers`` keep it so after each send)."""
+    raw = _raw_socket(assoc)
+    if raw is None:
+        return
+    with contextlib.suppress(OSError):
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if TCP_QUICKACK is not None:
+            raw.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+
+
+def keep_answers(assoc: Any) -> None:
+    """An answer the association's reactor thread takes while a ``send_c_*`` waits for it is put back
+    for that send, not dropped.
+
+    pynetdicom pauses the reactor thread while a ``send_c_*`` waits for its answer, but it checks only
+    a flag the thread sets just before it waits: a thread already past the wait runs once more, and
+    an answer quick enough to arrive meanwhile is taken by it and dropped ("Received unexpected
+    C-STORE service message") while the send waits out its DIMSE timeout and aborts the association.
+    Answers come that quickly from a peer on loopback that is acknowledged at once (``prompt``). A
+    request from the peer, or an answer while no send waits (the checkpoint set), is served as
+    before."""
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    serve = getattr(assoc, "_serve_request", None)
+    if checkpoint is None or serve is None:
+        return
+
+    def serve_or_keep(msg: Any, context_id: int) -> None:
+        if msg.is_valid_response and not checkpoint.is_set():
+            assoc.dimse.msg_queue.put((context_id, msg))
+        else:
+            serve(msg, context_id)
+
+    assoc._serve_request = serve_or_keep
