@@ -3,10 +3,12 @@ dcmtk's ``storescp`` writing the same instances to disk on the same machine.
 
 The same senders for both: dcmtk's ``storescu``, one process with every instance in one association,
 or ``--associations`` processes at once, each with its share. dcmtk's tools run with ``TCP_NODELAY=1``
-in their environment: without it dcmtk leaves Nagle's algorithm on, and each C-STORE waits for a
-delayed ACK (``storescp`` then takes about 21 instances/s whatever the machine). The instances are SYNTHETIC CT slices
-(``--size`` x ``--size`` 16-bit, Explicit VR Little Endian, made with ``tests/dicom_factory.py``),
-fresh ones (new SOP Instance UIDs) for every run.
+in their environment: without it (``--dcmtk-defaults``) dcmtk leaves Nagle's algorithm on, and each
+of ``storescp``'s answers waits for the sender's delayed ACK (``storescp`` then takes about 21
+instances/s whatever the machine). ``--sender orthanc``: Orthanc, a real PACS as it runs by default
+(dcmtk underneath, Nagle on), pushes the instances instead, ``--associations`` store jobs at once.
+The instances are SYNTHETIC CT slices (``--size`` x ``--size`` 16-bit, Explicit VR Little Endian,
+made with ``tests/dicom_factory.py``), fresh ones (new SOP Instance UIDs) for every run.
 
 - **storescp**: ``storescp --fork`` (a process per association, as mercure runs it) writing to a
   folder; timed from the senders' start until they have all exited (storescp answers each C-STORE
@@ -32,6 +34,7 @@ medians, each with the CPU load of other processes meanwhile (the machine may be
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -44,6 +47,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,8 +105,13 @@ def make_instances(folder: Path, count: int, size: int, seed: int) -> list[Path]
     ]
 
 
-#: dcmtk disables Nagle's algorithm only when this is set (see the module docstring)
+#: dcmtk disables Nagle's algorithm only when TCP_NODELAY is set (see the module docstring);
+#: ``--dcmtk-defaults`` leaves it unset, as a modality or PACS built on dcmtk runs unless told
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+#: how a run's instances reach a receiver: (port, called AE title, files, associations) -> seconds
+Send = Callable[[int, str, list[Path], int], float]
 
 
 def send(port: int, called: str, files: list[Path], associations: int) -> float:
@@ -125,7 +135,49 @@ def send(port: int, called: str, files: list[Path], associations: int) -> float:
     return time.perf_counter() - started
 
 
-def storescp_run(work: Path, files: list[Path], associations: int) -> Run:
+class PacsSender:
+    """Orthanc, a real PACS as it runs by default, pushing the instances (``--sender orthanc``): each
+    run's instances uploaded through its REST API beforehand (not timed), then sent by C-STORE to the
+    receiver in ``associations`` store jobs at once, each with its share; seconds until all answered.
+    Orthanc is dcmtk underneath, with Nagle's algorithm on."""
+
+    def __init__(self, work: Path, associations: int) -> None:
+        from orthanc import Orthanc, require_orthanc
+
+        require_orthanc()
+        self.orthanc = Orthanc(work / "orthanc")
+        config = json.loads(self.orthanc.config.read_text())
+        config["ConcurrentJobs"] = max(associations, 1)
+        self.orthanc.config.write_text(json.dumps(config))
+        self.orthanc.start()
+
+    def __call__(self, port: int, called: str, files: list[Path], associations: int) -> float:
+        ids = [self.orthanc.upload(path)["ID"] for path in files]
+        body = json.dumps({"AET": called, "Host": "127.0.0.1", "Port": port}).encode()
+        request = urllib.request.Request(f"{self.orthanc.url}/modalities/{called}", data=body, method="PUT")
+        urllib.request.urlopen(request, timeout=10).close()
+        shares = [ids[i::associations] for i in range(associations)]
+        answers: list[dict[str, object]] = []
+        started = time.perf_counter()
+        threads = [
+            threading.Thread(target=lambda s=share: answers.append(self.orthanc.store(called, s, 1800)))
+            for share in shares
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - started
+        failed = sum(int(a.get("FailedInstancesCount", 0)) for a in answers)  # type: ignore[call-overload]
+        if len(answers) != associations or failed:
+            raise RuntimeError(f"Orthanc did not send every instance: {answers}")
+        return elapsed
+
+    def stop(self) -> None:
+        self.orthanc.stop()
+
+
+def storescp_run(work: Path, files: list[Path], associations: int, sender: Send = send) -> Run:
     out = work / f"storescp-{time.monotonic_ns()}"
     out.mkdir()
     port = free_port()
@@ -138,7 +190,7 @@ def storescp_run(work: Path, files: list[Path], associations: int) -> Run:
     try:
         _wait_port(port)
         load = others_load()
-        elapsed = send(port, "STORESCP", files, associations)
+        elapsed = sender(port, "STORESCP", files, associations)
         assert sum(1 for _ in out.iterdir()) == len(files), "storescp did not write every instance"
     finally:
         server.send_signal(signal.SIGTERM)
@@ -178,11 +230,11 @@ class Daemon:
                 ).fetchone()[0]
             )
 
-    def run(self, files: list[Path], associations: int) -> Run:
+    def run(self, files: list[Path], associations: int, sender: Send = send) -> Run:
         before = self.settled()
         load = others_load()
         started = time.perf_counter()
-        acknowledged = send(self.port, "MEDDAEMON", files, associations)
+        acknowledged = sender(self.port, "MEDDAEMON", files, associations)
         while self.settled() < before + len(files):
             time.sleep(0.05)
         return Run("meddaemon", associations, len(files), acknowledged, time.perf_counter() - started, load)
@@ -203,7 +255,7 @@ def _wait_port(port: int) -> None:
     raise RuntimeError(f"nothing listens on port {port}")
 
 
-def breakdown(work: Path, files: list[Path], associations: int = 1) -> dict[str, float]:
+def breakdown(work: Path, files: list[Path], associations: int = 1, sender: Send = send) -> dict[str, float]:
     """Milliseconds per instance in each step of the receiver's C-STORE handler (see the docstring),
     summed over the association threads, and the folder fsyncs run per instance (below 1: shared)."""
     from collections import Counter
@@ -248,7 +300,7 @@ def breakdown(work: Path, files: list[Path], associations: int = 1) -> dict[str,
         upgrade(engine)
         scp = receiver.Receiver(settings, session_factory(engine), "bench")
         scp.start()
-        total = send(scp.address[1], "MEDDAEMON", files, associations)
+        total = sender(scp.address[1], "MEDDAEMON", files, associations)
         fsyncs = scp.folder_sync.fsyncs
         scp.stop()
         engine.dispose()
@@ -270,42 +322,63 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="the daemon's decoding processes")
     parser.add_argument("--breakdown", action="store_true", help="only where the receiver's time goes")
+    parser.add_argument(
+        "--dcmtk-defaults",
+        action="store_true",
+        help="dcmtk's tools with Nagle's algorithm left on (no TCP_NODELAY), as they run unless told",
+    )
+    parser.add_argument(
+        "--sender",
+        choices=("storescu", "orthanc"),
+        default="storescu",
+        help="who pushes the instances: dcmtk's storescu, or Orthanc (a real PACS, as it runs by default)",
+    )
     args = parser.parse_args()
+    if args.dcmtk_defaults:
+        DCMTK_ENV.pop("TCP_NODELAY", None)
     counts = [int(a) for a in args.associations.split(",")]
     if args.breakdown:
         with tempfile.TemporaryDirectory(prefix="dicom-in-bench-") as tmp:
             files = make_instances(Path(tmp) / "set", args.instances, args.size, 0)
+            pacs = PacsSender(Path(tmp), max(counts)) if args.sender == "orthanc" else None
             for associations in counts:
                 load = others_load()
                 print(f"{associations} association(s):")
-                for label, value in breakdown(Path(tmp), files, associations).items():
+                for label, value in breakdown(Path(tmp), files, associations, pacs or send).items():
                     unit = "" if label.startswith("folder fsyncs") else " ms an instance"
                     print(f"  {label:<26} {value:6.2f}{unit}")
                 print(f"  (others' load {load:.1f} cores)")
+            if pacs is not None:
+                pacs.stop()
         return
 
     with tempfile.TemporaryDirectory(prefix="dicom-in-bench-") as tmp:
         work = Path(tmp)
         print(f"# {platform.node()}, {platform.processor() or platform.machine()}, python {platform.python_version()}")
         print(f"# {args.instances} SYNTHETIC {args.size}x{args.size} 16-bit CT instances a run, {args.rounds} rounds")
+        print(f"# sender: {args.sender}{', dcmtk as it runs by default (Nagle on)' if args.dcmtk_defaults else ''}")
         daemon = Daemon(work, args.workers)
+        pacs = PacsSender(work, max(counts)) if args.sender == "orthanc" else None
+        sender: Send = pacs or send
         runs: list[Run] = []
         seed = 0
         try:
-            daemon.run(make_instances(work / "warmup", 4, args.size, seed), 1)  # workers forked, tables warm
+            daemon.run(make_instances(work / "warmup", 4, args.size, seed), 1, sender)  # workers forked, tables warm
             for _ in range(args.rounds):
                 for associations in counts:
                     for receiver in ("storescp", "meddaemon"):
                         seed += 1
                         files = make_instances(work / f"set{seed}", args.instances, args.size, seed)
                         if receiver == "storescp":
-                            runs.append(storescp_run(work, files, associations))
+                            runs.append(storescp_run(work, files, associations, sender))
                         else:
-                            runs.append(daemon.run(files, associations))
+                            runs.append(daemon.run(files, associations, sender))
                         shutil.rmtree(work / f"set{seed}")
                         print(_row(runs[-1]), flush=True)
         finally:
             daemon.stop()
+            if pacs is not None:
+                pacs.stop()
         print()
         print(
             "| associations | storescp inst/s | meddaemon acknowledged inst/s | meddaemon registered inst/s | ratio |"
