@@ -15,7 +15,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_peers import ScriptedScp
 from dicom_senders import dcmtk, synthetic_instances
-from meddaemon.config import DestinationConfig, load_settings
-from meddaemon.db.engine import create_db_engine, session_factory
-from meddaemon.db.migrate import upgrade
+from meddaemon.config import DestinationConfig
 from meddaemon.dicom import associations
 from meddaemon.dicom.receiver import Receiver
 from meddaemon.dicom.senders import DimseSender
@@ -107,28 +105,16 @@ def test_c_stores_to_a_dcmtk_peer_are_not_held_for_delayed_acknowledgements(stor
 
 
 @linux_only
-def test_a_series_pushed_by_a_pacs_is_not_held_for_the_receivers_delayed_acknowledgements(tmp_path: Path):
+def test_a_series_pushed_by_a_pacs_is_not_held_for_the_receivers_delayed_acknowledgements(
+    receive: Callable[..., Receiver], tmp_path: Path
+):
     require_orthanc()
     dicom_port = free_port()
-    settings = load_settings(
-        env={},
-        flags={
-            "watch": tmp_path / "inbox",
-            "state_dir": tmp_path / "state",
-            "dicom_min_free_bytes": 0,
-            "dicom_port": dicom_port,
-        },
-    )
-    settings.state_dir.mkdir(parents=True)
-    settings.watch.mkdir(parents=True)
-    engine = create_db_engine(settings.db_url)
-    upgrade(engine)
-    receiver = Receiver(settings, session_factory(engine), "test-node")
+    receiver = receive(dicom_port=dicom_port)
     pacs = Orthanc(tmp_path / "orthanc")
     pacs.add_modality("meddaemon", "MEDDAEMON", dicom_port)
     pacs.start()
     try:
-        receiver.start()
         instances = [pacs.upload(path)["ID"] for path in synthetic_instances(tmp_path / "series", OBJECTS, size=64)]
         pacs.store("meddaemon", instances[:1])  # Orthanc's first association warmed up
 
@@ -137,12 +123,10 @@ def test_a_series_pushed_by_a_pacs_is_not_held_for_the_receivers_delayed_acknowl
         elapsed = time.perf_counter() - started
 
         assert answer["InstancesCount"] == OBJECTS and answer["FailedInstancesCount"] == 0, answer
-        assert len(list(settings.watch.rglob("*.dcm"))) == OBJECTS + 1
+        assert len(list(receiver.settings.watch.rglob("*.dcm"))) == OBJECTS + 1
         assert elapsed < OBJECTS * DELAYED_ACK_SECONDS
     finally:
-        receiver.stop(grace=1.0)
         pacs.stop()
-        engine.dispose()
 
 
 def association_whose_reactor_takes_answers(port: int, sop_class: str) -> Any:

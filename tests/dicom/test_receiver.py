@@ -20,7 +20,7 @@ import hashlib
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,44 +37,12 @@ from dicom_senders import (
     storescu,
     synthetic_instances,
 )
-from meddaemon.config import load_settings
-from meddaemon.db.engine import create_db_engine, session_factory
-from meddaemon.db.migrate import upgrade
+from meddaemon.db.engine import create_db_engine
 from meddaemon.db.models import ReceivedInstance
 from meddaemon.dicom.associations import keep_answers
 from meddaemon.dicom.receiver import FolderSync, Receiver, accepted_transfer_syntaxes
 
 StartReceiver = Callable[..., Receiver]
-
-
-@pytest.fixture
-def receive(tmp_path: Path) -> Iterator[StartReceiver]:
-    """Start a receiver on a free port, its inbox and SQLite database under tmp_path."""
-    started: list[tuple[Receiver, object]] = []
-
-    def start(**flags: object) -> Receiver:
-        settings = load_settings(
-            env={},
-            flags={
-                "watch": tmp_path / "inbox",
-                "state_dir": tmp_path / "state",
-                "dicom_min_free_bytes": 0,
-                **flags,
-            },
-        )
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-        settings.watch.mkdir(parents=True, exist_ok=True)
-        engine = create_db_engine(settings.db_url)
-        upgrade(engine)
-        receiver = Receiver(settings, session_factory(engine), "test-node")
-        receiver.start()
-        started.append((receiver, engine))
-        return receiver
-
-    yield start
-    for receiver, engine in started:
-        receiver.stop(grace=1.0)
-        engine.dispose()  # type: ignore[attr-defined]
 
 
 def port(receiver: Receiver) -> int:
