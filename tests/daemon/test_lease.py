@@ -211,7 +211,9 @@ def test_heartbeats_keep_their_pace_while_each_look_for_lost_daemons_waits_out_t
         engine.dispose()
     renewed = sorted(beats)[1:]  # the registration's stamp left out
     gaps = [later - earlier for earlier, later in itertools.pairwise(renewed)]
-    assert len(gaps) >= 2 and max(gaps) < 1.5, f"seconds between heartbeats: {gaps}"
+    # held back, a beat comes the wait and a whole interval apart: 2 s at least; 1.9 leaves room for
+    # a loaded machine (1.68 s seen in CI) without letting that through
+    assert len(gaps) >= 2 and max(gaps) < 1.9, f"seconds between heartbeats: {gaps}"
 
 
 def test_the_lease_keeper_asks_for_a_rescan_when_it_releases_a_lost_daemons_inbox_files(sessions):
