@@ -1,4 +1,5 @@
-"""Shared fixtures: real databases (SQLite file, PostgreSQL server) and settings for a tmp inbox.
+"""Shared fixtures: real databases (SQLite file, PostgreSQL server), settings for a tmp inbox, and an
+unreaped child process.
 
 A migrated database is a copy of one migrated by Alembic once per session (``migrated_template``):
 the migrations themselves are specified by ``tests/db/test_migrations.py``; running them again for
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
@@ -159,6 +163,19 @@ def reported_states(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[n
     from model_factory import ReportedStates
 
     return ReportedStates(tmp_path_factory.mktemp("reported_states"))
+
+
+@pytest.fixture
+def zombie() -> Iterator[int]:
+    """The pid of a child that has exited and that nobody has reaped yet, as a killed daemon's
+    report process stays under an init that reaps orphans late (a container's); reaped afterwards."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.01)
+    yield child.pid
+    child.wait()
 
 
 @pytest.fixture

@@ -3,8 +3,10 @@ when that writer is gone."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from meddaemon.files import HOST_TAG, remove_stale_temporaries, temporary_path
@@ -45,3 +47,27 @@ def test_without_recursion_only_the_folder_s_own_temporaries_are_looked_at(tmp_p
     assert remove_stale_temporaries(tmp_path, recursive=False) == 1
     assert not own.exists() and below.exists()
     assert remove_stale_temporaries(tmp_path / "missing") == 0
+
+
+def test_a_temporary_of_a_writer_killed_and_not_yet_reaped_is_removed(tmp_path: Path, zombie: int):
+    """A container's init may reap a killed daemon's report process seconds late; the restarted
+    daemon must not keep that writer's half-written PDF meanwhile."""
+    left = tmp_path / f".abcd.pdf.{HOST_TAG}-{zombie}.tmp"
+    left.write_bytes(b"%PDF-1.4 half")
+    assert remove_stale_temporaries(tmp_path) == 1 and not left.exists()
+
+
+def test_a_temporary_whose_writer_s_pid_now_belongs_to_a_later_process_is_removed(tmp_path: Path):
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        left = tmp_path / f".abcd.pdf.{HOST_TAG}-{later.pid}.tmp"
+        left.write_bytes(b"%PDF-1.4 half")
+        hour_ago = time.time() - 3600
+        os.utime(left, (hour_ago, hour_ago))  # written before that process started
+        being_written = tmp_path / f".efgh.pdf.{HOST_TAG}-{later.pid}.tmp"
+        being_written.write_bytes(b"%PDF-1.4 being written")
+        assert remove_stale_temporaries(tmp_path) == 1
+        assert not left.exists() and being_written.exists()
+    finally:
+        later.kill()
+        later.wait()

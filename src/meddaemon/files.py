@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meddaemon.failures import FailureReason, ScanFailure
+from meddaemon.processes import process_alive
 
 #: what ``write_atomically`` writes: bytes or any object exposing its memory (a numpy array's)
 Buffer = bytes | bytearray | memoryview
@@ -43,19 +44,18 @@ def remove_stale_temporaries(folder: Path, recursive: bool = True) -> int:
 
 
 def left_by_dead_writer(tmp: Path) -> bool:
-    """Whether the temporary ``tmp`` was left by a process of this host that is gone. Another host's
-    temporaries are never judged: their writer may be alive there."""
+    """Whether the temporary ``tmp`` was left by a process of this host that is gone (exited, killed
+    and not yet reaped, or its pid since given to a later process). Another host's temporaries are
+    never judged: their writer may be alive there."""
     writer = tmp.name.removesuffix(TMP_SUFFIX).rsplit(".", 1)[-1]
     host, _, pid = writer.rpartition("-")
     if (host and host != HOST_TAG) or not pid.isdigit():
         return False
     try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):
-        return False
-    return False
+        last_written = tmp.lstat().st_mtime
+    except OSError:
+        return False  # already gone: nothing to remove
+    return not process_alive(int(pid), since=last_written)
 
 
 def write_atomically(

@@ -34,6 +34,7 @@ from meddaemon.daemon.outage import OutageGuard, is_outage
 from meddaemon.db.clock import db_clock
 from meddaemon.db.engine import ConnectionLimits, is_lock_error, transaction, with_lock_retry
 from meddaemon.db.models import DaemonInstance
+from meddaemon.processes import process_alive
 
 log = logging.getLogger("meddaemon.lease")
 
@@ -170,16 +171,6 @@ def release_lost(session: Session, member: Member, pid_alive: Callable[[int], bo
         LostDaemon(daemon_id, node, pid, why, claims.release_daemons(session, [daemon_id]))
         for daemon_id, node, pid, why in lost
     ]
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def log_lost(found: list[LostDaemon]) -> None:

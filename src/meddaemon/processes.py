@@ -1,0 +1,54 @@
+"""Whether a process of this host is still running: the one test behind the lease (a daemon killed
+on this node is released at once) and the sweep of temporaries (what a killed writer left)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+#: computed start times are whole-second exact at best (the boot time ``/proc/stat`` gives)
+START_SLACK_SECONDS = 2.0
+
+
+def process_alive(pid: int, since: float | None = None) -> bool:
+    """Whether process ``pid`` of this host runs.
+
+    A zombie is not: a process killed and not yet reaped still answers ``kill(pid, 0)``, and an init
+    that reaps orphans late (a container's) keeps one for seconds. With ``since`` (a ``time.time()``
+    moment the process asked about existed, such as the last write to a file it wrote), a process that
+    started after it is a later one given the same pid, so not alive either. Where the answer cannot
+    be told (a pid of another user's process, one too large for this system), it is alive: callers
+    act only on processes known to be gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    status = _proc_status(pid)
+    if status is None:
+        return not Path("/proc/self/stat").exists()  # gone meanwhile; without /proc, kill's answer stands
+    state, started = status
+    if state in ("Z", "X"):
+        return False
+    return since is None or started <= since + START_SLACK_SECONDS
+
+
+def _proc_status(pid: int) -> tuple[str, float] | None:
+    """The state letter of ``pid`` and when it started (``time.time()`` scale), from ``/proc``."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rpartition(")")[2].split()  # the command name before it may hold spaces
+    ticks_after_boot = int(fields[19])  # field 22, ``starttime``
+    return fields[0], _boot_time() + ticks_after_boot / os.sysconf("SC_CLK_TCK")
+
+
+@functools.cache
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
