@@ -69,3 +69,40 @@ def test_a_model_that_fails_verification_on_a_node_names_the_node_and_the_reason
         ModelActor(str(folder), 1, "cpu")
     message = str(refused.value)
     assert message.startswith(REFUSED) and socket.gethostname() in message and "hash_mismatch" in message
+
+
+def test_an_actor_on_two_threads_runs_each_batch_in_two_lanes_at_once_with_the_same_results(
+    busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """Each batch Ray hands an ONNX Runtime actor is split over its lanes (one thread each), as the
+    local engine keeps two batches in the model; the outcomes are those of one lane, in order."""
+    import threading
+
+    from meddaemon.engine.decode import DecodeOptions
+    from meddaemon.evaluate.ray_engine import _outcomes
+    from meddaemon.evaluate.ray_workers import ModelActor, decode_batch
+
+    contract = InputContract(1, 64, 64, (0.449,), (0.226,))
+    folder = write_model(tmp_path / "model", contract=contract, backend="onnx")
+    paths = sorted(str(p) for p in busi_phantoms.glob("*/*).png"))[:12]
+    options = {"frame_policy": DecodeOptions().frame_policy, "max_pixels": DecodeOptions().max_pixels}
+    decoded = decode_batch({"path": np.array(paths, dtype=object)}, contract.as_dict(), options, np.zeros(0, np.uint64))
+    one_lane = ModelActor(str(folder), 1, "cpu", threads=2, concurrent_batches=1)
+    two_lanes = ModelActor(str(folder), 1, "cpu", threads=2)
+    assert one_lane.model.lanes == 1 and two_lanes.model.lanes == 2 and two_lanes.model.backend == "onnx"
+    calls: list[tuple[str, int]] = []
+    predict = two_lanes.model.predict
+
+    def seen(inputs: np.ndarray) -> list:
+        calls.append((threading.current_thread().name, len(inputs)))
+        return predict(inputs)
+
+    two_lanes.model.predict = seen  # type: ignore[method-assign]
+    expected = list(_outcomes(one_lane(decoded)))
+    returned = list(_outcomes(two_lanes(decoded)))
+
+    assert sorted(size for _, size in calls) == [6, 6]  # two halves, handed to the lanes' threads
+    assert all(name.startswith("forward") for name, _ in calls)
+    assert [o.read.path for o, _ in returned] == [o.read.path for o, _ in expected] == paths
+    for (outcome, _), (reference, _) in zip(returned, expected, strict=True):
+        assert np.abs(np.array(outcome.probabilities) - np.array(reference.probabilities)).max() <= 1e-6

@@ -163,6 +163,7 @@ def _run(
             "threads": plan.threads,
             "batch": request.batch_size,
             "heatmaps": request.heatmaps,
+            "concurrent_batches": prepared.settings.concurrent_batches,
         },
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
         num_gpus=1 if plan.gpu else 0,
