@@ -105,13 +105,13 @@ CONCURRENT_BATCHES = 0
 
 def measure_backend_choice(model: Path, batch: int) -> None:
     """Time eager PyTorch against ONNX Runtime for ``model`` as the evaluator does (heatmaps off and
-    on; the local engine's lanes, and one as Ray's actors) and keep the choices beside its weights,
+    on, the lanes of the local engine and of Ray's actors) and keep the choices beside its weights,
     as a first run of the version on this machine does."""
     cpu = pick_device("cpu")
     for heatmaps in (False, True):
-        for lanes in sorted({1, forward_lanes(CONCURRENT_BATCHES, cpu)}):
-            served = ServedModel(1, registry.load_version(model), cpu, heatmaps=heatmaps, lanes=lanes)
-            served.choose_backend(min(batch, BACKEND_PROBE_BATCH), BackendCache(model))
+        lanes = forward_lanes(CONCURRENT_BATCHES, cpu)
+        served = ServedModel(1, registry.load_version(model), cpu, heatmaps=heatmaps, lanes=lanes)
+        served.choose_backend(min(batch, BACKEND_PROBE_BATCH), BackendCache(model))
 
 
 def fresh_database(root: Path, name: str, model: Path):  # type: ignore[no-untyped-def]
