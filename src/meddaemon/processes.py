@@ -7,8 +7,10 @@ import functools
 import os
 from pathlib import Path
 
-#: computed start times are whole-second exact at best (the boot time ``/proc/stat`` gives)
-START_SLACK_SECONDS = 2.0
+#: how much later than ``since`` a process must have started to be judged a later holder of its pid:
+#: start times are whole-second exact at best (the boot time ``/proc/stat`` gives), and a file's
+#: time on a shared folder comes from its server's clock, which may be behind this host's
+START_SLACK_SECONDS = 30.0
 
 
 def process_alive(pid: int, since: float | None = None) -> bool:
