@@ -85,6 +85,15 @@ def test_on_its_own_node_a_daemon_whose_process_is_gone_is_lost_at_once(sessions
     assert daemon_row(sessions, container).state == "running"
 
 
+def test_a_daemon_killed_and_not_yet_reaped_is_lost_at_once(sessions, zombie: int):
+    """A container's init may reap a killed daemon seconds late; its work is given back meanwhile."""
+    killed = join(sessions, "node-a", pid=zombie)
+    restarted = join(sessions, "node-a")
+
+    [lost] = look_for_lost(sessions, restarted)
+    assert lost.daemon_id == killed.daemon_id and "is gone" in lost.why
+
+
 def test_an_earlier_daemon_of_this_very_process_is_lost_when_it_registers_again(sessions):
     before = join(sessions, "node-a")
     again = join(sessions, "node-a")
