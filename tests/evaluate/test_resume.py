@@ -21,7 +21,7 @@ from meddaemon.db.models import Evaluation, EvaluationFile, Result, Scan
 from meddaemon.evaluate.pipeline import EvaluationRequest, run_evaluation
 
 MEDCLI = Path(sys.executable).parent / "medcli"
-FILES = 1500
+FILES = 6000  # about 250 written at the first write (1 s) here; with 1,500 a CI run once saw none before all were
 
 
 @pytest.fixture(scope="module")
