@@ -108,8 +108,8 @@ def measure_backend_choice(model: Path, batch: int) -> None:
     on, the lanes of the local engine and of Ray's actors) and keep the choices beside its weights,
     as a first run of the version on this machine does."""
     cpu = pick_device("cpu")
+    lanes = forward_lanes(CONCURRENT_BATCHES, cpu)
     for heatmaps in (False, True):
-        lanes = forward_lanes(CONCURRENT_BATCHES, cpu)
         served = ServedModel(1, registry.load_version(model), cpu, heatmaps=heatmaps, lanes=lanes)
         served.choose_backend(min(batch, BACKEND_PROBE_BATCH), BackendCache(model))
 

@@ -1,5 +1,5 @@
-"""Shared fixtures: real databases (SQLite file, PostgreSQL server), settings for a tmp inbox, and an
-unreaped child process.
+"""Shared fixtures: real databases (SQLite file, PostgreSQL server), settings for a tmp inbox, and
+child processes (a running one, an unreaped one).
 
 A migrated database is a copy of one migrated by Alembic once per session (``migrated_template``):
 the migrations themselves are specified by ``tests/db/test_migrations.py``; running them again for
@@ -163,6 +163,15 @@ def reported_states(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[n
     from model_factory import ReportedStates
 
     return ReportedStates(tmp_path_factory.mktemp("reported_states"))
+
+
+@pytest.fixture
+def running_child() -> Iterator[int]:
+    """The pid of a child process that runs until the test ends."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield child.pid
+    child.kill()
+    child.wait()
 
 
 @pytest.fixture

@@ -57,17 +57,12 @@ def test_a_temporary_of_a_writer_killed_and_not_yet_reaped_is_removed(tmp_path: 
     assert remove_stale_temporaries(tmp_path) == 1 and not left.exists()
 
 
-def test_a_temporary_whose_writer_s_pid_now_belongs_to_a_later_process_is_removed(tmp_path: Path):
-    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        left = tmp_path / f".abcd.pdf.{HOST_TAG}-{later.pid}.tmp"
-        left.write_bytes(b"%PDF-1.4 half")
-        hour_ago = time.time() - 3600
-        os.utime(left, (hour_ago, hour_ago))  # written before that process started
-        being_written = tmp_path / f".efgh.pdf.{HOST_TAG}-{later.pid}.tmp"
-        being_written.write_bytes(b"%PDF-1.4 being written")
-        assert remove_stale_temporaries(tmp_path) == 1
-        assert not left.exists() and being_written.exists()
-    finally:
-        later.kill()
-        later.wait()
+def test_a_temporary_whose_writer_s_pid_now_belongs_to_a_later_process_is_removed(tmp_path: Path, running_child: int):
+    left = tmp_path / f".abcd.pdf.{HOST_TAG}-{running_child}.tmp"
+    left.write_bytes(b"%PDF-1.4 half")
+    hour_ago = time.time() - 3600
+    os.utime(left, (hour_ago, hour_ago))  # written before that process started
+    being_written = tmp_path / f".efgh.pdf.{HOST_TAG}-{running_child}.tmp"
+    being_written.write_bytes(b"%PDF-1.4 being written")
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert not left.exists() and being_written.exists()

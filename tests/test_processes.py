@@ -10,28 +10,20 @@ import time
 from meddaemon.processes import process_alive
 
 
-def test_a_running_process_is_alive_and_a_reaped_one_is_not():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        assert process_alive(child.pid)
-    finally:
-        child.kill()
-        child.wait()
-    assert not process_alive(child.pid)
+def test_a_running_process_is_alive_and_a_reaped_one_is_not(running_child: int):
+    assert process_alive(running_child)
+    reaped = subprocess.Popen([sys.executable, "-c", "pass"])
+    reaped.wait()
+    assert not process_alive(reaped.pid)
 
 
 def test_a_killed_process_not_yet_reaped_is_not_alive(zombie: int):
     assert not process_alive(zombie)
 
 
-def test_a_process_that_started_after_the_moment_asked_about_holds_a_reused_pid():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        assert process_alive(child.pid, since=time.time())  # it existed then
-        assert not process_alive(child.pid, since=time.time() - 3600)  # an hour ago it did not
-    finally:
-        child.kill()
-        child.wait()
+def test_a_process_that_started_after_the_moment_asked_about_holds_a_reused_pid(running_child: int):
+    assert process_alive(running_child, since=time.time())  # it existed then
+    assert not process_alive(running_child, since=time.time() - 3600)  # an hour ago it did not
 
 
 def test_what_cannot_be_judged_counts_as_alive():
