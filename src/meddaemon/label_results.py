@@ -13,8 +13,10 @@ class LabelResult:
     probability: float
     threshold: float
     positive: bool
-    #: the stored map (``.npy``), when the label has a heatmap
+    #: the stored map (``.npy``, its grid), when the label has a heatmap
     array_path: Path | None = None
     #: the map's overlay (JPEG), kept beside it: drawn on first use from ``array_path``
     #: (``meddaemon.overlays``)
     overlay_path: Path | None = None
+    #: (height, width) the map is read at: the model input's (``engine.heatmap_grid.read_map``)
+    map_size: tuple[int, int] | None = None

@@ -26,6 +26,7 @@ from meddaemon.daemon.service import Daemon
 from meddaemon.db.models import Heatmap, Result, Scan
 from meddaemon.engine import registry
 from meddaemon.engine.decode import decode_bytes
+from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.engine.inference import ServedModel
 from meddaemon.engine.overlay import jpeg_bytes, model_view, overlay
 from meddaemon.engine.preprocess import to_model_input
@@ -56,8 +57,11 @@ def test_scans_get_a_result_per_label_and_a_heatmap_for_the_predicted_class(daem
             [top] = [r for r in results if r.positive]
             assert top.probability == max(r.probability for r in results)
             assert top.heatmap is not None and all(r.heatmap is None for r in results if not r.positive)
-            array = np.load(daemon.settings.stored_file(top.heatmap.array_path))
-            assert array.shape == (32, 32) and array.min() >= 0 and array.max() <= 1
+            array_path = daemon.settings.stored_file(top.heatmap.array_path)
+            assert np.load(array_path).shape == (4, 4)  # the grid the model computed the map on is what is kept
+            assert (top.heatmap.height, top.heatmap.width) == (32, 32)  # the size it is read at
+            array = read_map(array_path, (32, 32))
+            assert array.min() >= 0 and array.max() <= 1
             assert not daemon.settings.stored_file(top.heatmap.overlay_path).exists()  # drawn on first use
             assert top.latency_ms is not None and top.latency_ms > 0
 
@@ -75,7 +79,7 @@ def test_stored_heatmap_is_float32_and_equals_pytorch_grad_cams_map(daemon: Daem
 
     with daemon.sessions() as session:
         [top] = session.scalars(select(Result).where(Result.positive)).all()
-        stored = np.load(daemon.settings.stored_file(top.heatmap.array_path))
+        stored = read_map(daemon.settings.stored_file(top.heatmap.array_path), (top.heatmap.height, top.heatmap.width))
         label = top.label
     loaded = registry.load_version(daemon.settings.models_dir / "busi" / "v1")
     model = loaded.model
@@ -111,19 +115,19 @@ def test_the_overlay_is_drawn_from_the_stored_map_on_first_use_as_the_inference_
         stored = daemon.settings.stored_file(session.get(Scan, top.scan_id).stored_path)
     assert not overlay_path.exists() and sorted(p.suffix for p in array_path.parent.iterdir()) == [".npy"]
     model_input = to_model_input(decode_bytes(source.read_bytes()), CONTRACT)[0]
-    before = jpeg_bytes(overlay(model_view(model_input, CONTRACT), np.load(array_path)))  # the old writer's JPEG
+    before = jpeg_bytes(overlay(model_view(model_input, CONTRACT), read_map(array_path, (32, 32))))  # the old writer's
 
-    assert overlay_jpeg(array_path, overlay_path, ViewSource(stored=stored, contract=CONTRACT)) == before
+    assert overlay_jpeg(array_path, overlay_path, ViewSource(stored=stored, contract=CONTRACT), (32, 32)) == before
     assert overlay_path.read_bytes() == before  # kept: the next reader reads it, drawing nothing
     stored.unlink()
-    assert overlay_jpeg(array_path, overlay_path, ViewSource(stored=stored, contract=CONTRACT)) == before
+    assert overlay_jpeg(array_path, overlay_path, ViewSource(stored=stored, contract=CONTRACT), (32, 32)) == before
 
     # the same scan run again by the same version (a replay after a crash): its old overlay goes
     write_heatmap_files(
         [HeatmapFile(0, array_path, overlay_path, 32, 32, "gradcam")], [np.load(array_path)], model_input, CONTRACT
     )
     assert not overlay_path.exists()
-    assert overlay_jpeg(array_path, overlay_path, ViewSource(stored=stored, contract=CONTRACT)) is None  # no view
+    assert overlay_jpeg(array_path, overlay_path, ViewSource(stored=stored, contract=CONTRACT), (32, 32)) is None
 
 
 def test_waiting_scans_run_once_a_model_is_promoted(daemon: Daemon, tmp_path: Path):

@@ -25,6 +25,7 @@ from meddaemon.db.models import Heatmap, ModelVersion, OutboxItem, Report, Resul
 from meddaemon.dicom import encoding, pdf, pmap, sc, sr, uids
 from meddaemon.dicom.content import NOT_FOR_DIAGNOSIS, OutputRefused, ScanFacts, read_source, scan_facts
 from meddaemon.dicom.writer import DicomOutputs, build_objects
+from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.engine.tasks import all_tasks
 from meddaemon.label_results import LabelResult
 
@@ -124,9 +125,9 @@ def test_the_parametric_map_equals_the_stored_heatmap_and_references_the_source(
     for scan_id, by_key in written(delivered).items():
         with delivered.sessions() as session:
             maps = {
-                label: delivered.settings.stored_file(path)
-                for label, path in session.execute(
-                    select(Result.label, Heatmap.array_path)
+                label: (delivered.settings.stored_file(path), (height, width))
+                for label, path, height, width in session.execute(
+                    select(Result.label, Heatmap.array_path, Heatmap.height, Heatmap.width)
                     .join(Heatmap, Heatmap.result_id == Result.id)
                     .where(Result.scan_id == scan_id)
                 )
@@ -136,7 +137,7 @@ def test_the_parametric_map_equals_the_stored_heatmap_and_references_the_source(
         source = source_of(delivered, scan_id)
         for key in keys:
             ds = by_key[key]
-            stored = np.load(maps[key.removeprefix("pmap:")])
+            stored = read_map(*maps[key.removeprefix("pmap:")])
             assert stored.dtype == np.float32 and ds.pixel_array.dtype == np.float32
             assert np.array_equal(ds.pixel_array, stored)
             assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
@@ -335,7 +336,8 @@ def test_a_multilabel_scan_s_maps_and_captures_after_the_first_are_the_ones_high
             path.write_bytes(encoding.encode(ours))
             assert path.read_bytes() == pydicom_bytes(ours)  # the first's items, encoded once, in each
             assert dciodvfy_errors(path) == [], path.name
-        stored = np.load(result.array_path)
+        assert result.array_path is not None and result.map_size is not None
+        stored = read_map(result.array_path, result.map_size)
         assert np.array_equal(pydicom.dcmread(tmp_path / f"pmap_{result.label}.dcm").pixel_array, stored)
     assert len({str(ds.SOPInstanceUID) for ds in built.values()}) == len(built)
 
@@ -519,7 +521,7 @@ def label_files(tmp_path: Path) -> LabelResult:
     rng = np.random.default_rng(3)
     np.save(tmp_path / "map.npy", rng.random((32, 32)).astype(np.float32))
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "overlay.jpg")
-    return LabelResult("malignant", 0.75, 0.5, True, tmp_path / "map.npy", tmp_path / "overlay.jpg")
+    return LabelResult("malignant", 0.75, 0.5, True, tmp_path / "map.npy", tmp_path / "overlay.jpg", (32, 32))
 
 
 def test_a_source_without_patient_and_study_modules_gives_valid_objects_with_empty_type_2_values(

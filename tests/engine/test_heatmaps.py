@@ -11,6 +11,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from meddaemon.engine import heatmaps
 from meddaemon.engine.architectures import ClassifierNet, build_model
+from meddaemon.engine.heatmap_grid import expand
 from meddaemon.engine.heatmaps import (
     HeatmapBatch,
     compute_heatmaps,
@@ -53,11 +54,12 @@ def gradcam_reference(model: ClassifierNet, x: torch.Tensor, targets: list[list[
 
 
 def assert_matches_gradcam(model: ClassifierNet, x: torch.Tensor, result: HeatmapBatch) -> int:
-    """Same classes as asked, maps within 1e-4 of GradCAM's with the same hottest pixel. Returns how
-    many reference maps were non-constant (so a test can insist it compared something)."""
+    """Same classes as asked, maps (the grids expanded to the input's size) within 1e-4 of GradCAM's
+    with the same hottest pixel. Returns how many reference maps were non-constant (so a test can
+    insist it compared something)."""
     targets = [[c for c, _ in row] for row in result.maps]
     reference = gradcam_reference(model, x, targets)
-    ours = [m for row in result.maps for _, m in row]
+    ours = [m for row in result.expanded() for _, m in row]
     assert len(ours) == len(reference)
     informative = 0
     for mine, theirs in zip(ours, reference, strict=True):
@@ -70,17 +72,21 @@ def assert_matches_gradcam(model: ClassifierNet, x: torch.Tensor, result: Heatma
 
 
 def assert_valid_maps(result: HeatmapBatch, x: torch.Tensor) -> None:
+    """Grids on the activation's cells, smaller than the input; maps of the input's size from them."""
     assert result.logits.shape[0] == x.shape[0]
     assert not result.logits.requires_grad
     assert len(result.maps) == x.shape[0]
-    for row in result.maps:
-        for c, m in row:
+    assert result.size == tuple(x.shape[2:])
+    for row, expanded in zip(result.maps, result.expanded(), strict=True):
+        for (c, grid), (_, m) in zip(row, expanded, strict=True):
             assert isinstance(c, int)
-            assert isinstance(m, np.ndarray)
-            assert m.dtype == np.float32
+            assert isinstance(grid, np.ndarray)
+            assert grid.dtype == m.dtype == np.float32
+            assert grid.ndim == 2 and grid.shape[0] < x.shape[2] and grid.shape[1] < x.shape[3]
             assert m.shape == tuple(x.shape[2:])
-            assert float(m.min()) >= 0.0
-            assert float(m.max()) <= 1.0
+            for values in (grid, m):
+                assert float(values.min()) >= 0.0
+                assert float(values.max()) <= 1.0
 
 
 # --- parity with pytorch-grad-cam -----------------------------------------------------------------
@@ -120,17 +126,19 @@ def test_matches_gradcam_non_square_input(architecture: str) -> None:
     model = model_for(architecture, 1, 3)
     x = images(2, 1, height=128, width=96, seed=3)
     result = compute_heatmaps(model, x, predicted_class())
-    assert result.maps[0][0][1].shape == (128, 96)
+    assert result.maps[0][0][1].shape == (4, 3)  # resnet18's stride of 32
+    assert result.expanded()[0][0][1].shape == (128, 96)
     assert_matches_gradcam(model, x, result)
 
 
 def test_postprocessing_equals_scale_cam_image() -> None:
-    """ReLU, min-max, cv2 bilinear resize, min-max again: as BaseCAM does, on raw maps of odd sizes."""
+    """ReLU, min-max (the grid), cv2 bilinear resize, min-max again (``heatmap_grid.expand``): as
+    BaseCAM does, on raw maps of odd sizes."""
     generator = torch.Generator().manual_seed(5)
     for h, w, out_h, out_w in ((7, 7, 224, 224), (3, 5, 96, 160), (4, 4, 64, 64), (10, 6, 37, 23)):
         raw = torch.randn(4, h, w, generator=generator)
         raw[0] = -raw[0].abs()  # an all-negative map becomes all zeros
-        ours = heatmaps._postprocess(raw, (out_h, out_w)).numpy()
+        ours = expand(heatmaps._grids(raw).numpy(), (out_h, out_w))
         reference = scale_cam_image(np.maximum(raw.numpy(), 0), (out_w, out_h))
         reference = scale_cam_image(np.maximum(reference, 0))
         assert ours.shape == reference.shape == (4, out_h, out_w)

@@ -47,7 +47,7 @@ def test_the_hottest_pixel_of_the_predicted_class_falls_in_the_lesion(tmp_path: 
         if not mask.any():  # normal tissue: no lesion to find
             continue
         x = torch.from_numpy(to_model_input(decode_bytes(sample.path.read_bytes()), contract))
-        [(_, heatmap)] = compute_heatmaps(model, x, predicted_class()).maps[0]
+        [(_, heatmap)] = compute_heatmaps(model, x, predicted_class()).expanded()[0]
         row, column = np.unravel_index(np.argmax(heatmap), heatmap.shape)
         hits.append(bool(mask[row, column]))
         baseline.append(float(mask.mean()))

@@ -15,6 +15,7 @@ from meddaemon.daemon import filing
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
 from meddaemon.db.models import AuditPdf, Heatmap, Report, Result, Scan
 from meddaemon.engine import registry
+from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.web.app import create_app
 from model_factory import PHI_STRINGS, read_pdf, write_model
 from web_factory import UNROUTABLE, signed_in, store_audit, web_settings, write_card
@@ -135,8 +136,16 @@ def test_a_heatmap_thumbnail_draws_the_overlay_from_the_stored_map_when_none_was
     settings = web_settings(fresh_root)
     engine = create_db_engine(settings.db_url)
     with session_factory(engine)() as session:
-        heatmap_id, array_path, overlay_path, version_id, sha = session.execute(
-            select(Heatmap.id, Heatmap.array_path, Heatmap.overlay_path, Result.model_version_id, Scan.sha256)
+        heatmap_id, array_path, overlay_path, version_id, sha, height, width = session.execute(
+            select(
+                Heatmap.id,
+                Heatmap.array_path,
+                Heatmap.overlay_path,
+                Result.model_version_id,
+                Scan.sha256,
+                Heatmap.height,
+                Heatmap.width,
+            )
             .join(Result, Result.id == Heatmap.result_id)
             .join(Scan, Scan.id == Result.scan_id)
             .where(Scan.task_name == "busi", Scan.state == "archived")
@@ -154,7 +163,7 @@ def test_a_heatmap_thumbnail_draws_the_overlay_from_the_stored_map_when_none_was
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(thumb.content)).size) <= 96
     drawn = Image.open(overlay_file)  # kept beside the map, the map's size, in colour where the map is hot
-    heatmap = np.load(settings.stored_file(array_path))
+    heatmap = read_map(settings.stored_file(array_path), (height, width))
     assert drawn.format == "JPEG" and drawn.size == (heatmap.shape[1], heatmap.shape[0])
     pixels = np.asarray(drawn.convert("RGB"), dtype=np.int16)
     hot = heatmap > 0.7

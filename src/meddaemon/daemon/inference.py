@@ -20,10 +20,10 @@ the next files, stores the last batch's results and keeps the decoding workers f
 cores idling in turn (measured in ``benchmarks/README.md``, issue 16). The results of a batch are
 taken back, turned into outcomes and stored by the loop, in the order the batches were handed over.
 
-Heatmap files (the map as ``.npy``; with reports on, the scan as the model saw it and the overlay
-JPEG) are written by a small thread pool while the main loop goes on to the next forward pass; a
-batch's results are committed once its files exist, so a row never points at a map that is not
-there. With reports off the overlay is drawn when first shown (``meddaemon.overlays``).
+Heatmap files (the map's grid as ``.npy``, ``engine.heatmap_grid``; with reports on, the scan as the
+model saw it and the overlay JPEG) are written by a small thread pool while the main loop goes on to
+the next forward pass; a batch's results are committed once its files exist, so a row never points
+at a map that is not there. With reports off the overlay is drawn when first shown (``meddaemon.overlays``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import functools
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,6 +53,7 @@ from meddaemon.daemon.stages import Stage
 from meddaemon.db.models import ModelVersion, Scan, utcnow
 from meddaemon.engine.batching import BatchQueue, QueuedScan
 from meddaemon.engine.decode import DecodeOptions
+from meddaemon.engine.heatmap_grid import expand_one
 from meddaemon.engine.overlay import jpeg_bytes, model_view, overlay
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import ScanFailure
@@ -478,7 +479,9 @@ class InferenceStage(Stage):
             probs = np.mean([p.probabilities for p in rows], axis=0)
             positive = model.calls(probs)
             key = item.size // 2  # heatmaps of the key frame when all frames were run
-            files = self._heatmap_files(model, shas.get(item.scan_id), rows[key])
+            files = heatmap_files(
+                model, self.settings.heatmaps_dir, shas.get(item.scan_id), rows[key].heatmaps, inputs[key]
+            )
             if files:
                 maps = [heatmap for _, heatmap in rows[key].heatmaps]
                 view = self._view_path(model, shas[item.scan_id])
@@ -493,20 +496,6 @@ class InferenceStage(Stage):
         """Where the scan as the model saw it goes for its report; None with reports off (a JPEG
         encode and a file per scan that nothing would read)."""
         return filing.view_path(self.settings.heatmaps_dir, sha, model.version_id) if self.settings.reports else None
-
-    def _heatmap_files(self, model: ServedModel, sha: str | None, prediction: Prediction) -> list[HeatmapFile]:
-        method = "cam" if model.model.cam_linear is not None else "gradcam"
-        files: list[HeatmapFile] = []
-        if not prediction.heatmaps:
-            return files
-        assert sha is not None
-        for label_index, heatmap in prediction.heatmaps:
-            array_path, overlay_path = filing.heatmap_paths(
-                self.settings.heatmaps_dir, sha, model.version_id, model.labels[label_index]
-            )
-            height, width = heatmap.shape
-            files.append(HeatmapFile(label_index, array_path, overlay_path, height, width, method))
-        return files
 
     def _without_unwritten(self, batch: _Storing) -> list[InferenceOutcome]:
         """The batch's outcomes less the scans whose heatmap files could not be written (a full disk):
@@ -557,6 +546,27 @@ def forward(model: ServedModel, items: list[QueuedScan]) -> tuple[list[Predictio
     return predictions, time.perf_counter() - started
 
 
+def heatmap_files(
+    model: ServedModel,
+    heatmaps_dir: Path,
+    sha: str | None,
+    maps: Sequence[tuple[int, np.ndarray]],
+    model_input: np.ndarray,
+) -> list[HeatmapFile]:
+    """A scan's heatmap files (``filing.heatmap_paths``) for its ``maps`` (label index, grid), each the
+    size of the ``model_input`` it was computed from (the size its map is read at)."""
+    if not maps:
+        return []
+    assert sha is not None
+    method = "cam" if model.model.cam_linear is not None else "gradcam"
+    height, width = model_input.shape[-2:]
+    files = []
+    for label_index, _ in maps:
+        array_path, overlay_path = filing.heatmap_paths(heatmaps_dir, sha, model.version_id, model.labels[label_index])
+        files.append(HeatmapFile(label_index, array_path, overlay_path, int(height), int(width), method))
+    return files
+
+
 def write_heatmap_files(
     files: list[HeatmapFile],
     maps: list[np.ndarray],
@@ -565,7 +575,7 @@ def write_heatmap_files(
     view_path: Path | None = None,
     overlays: bool = False,
 ) -> None:
-    """Each map as float32 ``.npy`` (in a writer thread); with ``view_path``, the image the model saw
+    """Each map's grid as float32 ``.npy`` (in a writer thread); with ``view_path``, the image the model saw
     too, as the report embeds it (``report.images``). ``overlays`` also writes each map's overlay
     JPEG: with reports on (every overlay is read by its report, and drawing it here, from the view
     in hand, cost half of drawing it in the report stage) and in ``medcli evaluate`` (which keeps no
@@ -573,10 +583,10 @@ def write_heatmap_files(
     (``meddaemon.overlays``), and an overlay left from an earlier run of the same version is
     removed so that none is older than its map."""
     view = model_view(model_input, contract) if overlays or view_path is not None else None
-    for file, heatmap in zip(files, maps, strict=True):
-        write_atomically(file.array_path, npy_buffers(heatmap))
+    for file, grid in zip(files, maps, strict=True):
+        write_atomically(file.array_path, npy_buffers(grid))
         if view is not None and overlays:
-            write_atomically(file.overlay_path, jpeg_bytes(overlay(view, heatmap)))
+            write_atomically(file.overlay_path, jpeg_bytes(overlay(view, expand_one(grid, view.shape[:2]))))
         else:
             file.overlay_path.unlink(missing_ok=True)
     if view is not None and view_path is not None and max(view.shape[:2]) <= REPORT_VIEW_MAX_SIDE:

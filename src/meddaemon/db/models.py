@@ -282,7 +282,8 @@ class Result(Base):
 
 
 class Heatmap(Base):
-    """Where the model looked for one result: the map as an array (.npy) and an overlay image."""
+    """Where the model looked for one result: the map as an array (.npy: its grid, read at ``height`` x
+    ``width``, the model input's size, with ``engine.heatmap_grid.read_map``) and an overlay image."""
 
     __tablename__ = "heatmaps"
 

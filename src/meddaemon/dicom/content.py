@@ -18,6 +18,7 @@ from meddaemon import __version__
 from meddaemon.daemon.filing import view_path
 from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan
 from meddaemon.dicom import encoding
+from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.engine.tasks import InputContract
 from meddaemon.label_results import LabelResult
 from meddaemon.overlays import ViewSource
@@ -102,6 +103,7 @@ def scan_facts(session: Session, scan_id: int, state_dir: Path, uid_root: str) -
             r.positive,
             stored_file(h.array_path, state_dir) if h is not None else None,
             stored_file(h.overlay_path, state_dir) if h is not None else None,
+            (h.height, h.width) if h is not None else None,
         )
         for r, h in rows
     )
@@ -138,8 +140,8 @@ def read_source(path: Path) -> Dataset:
 
 
 def load_heatmap(result: LabelResult) -> np.ndarray:
-    assert result.array_path is not None
-    return np.load(result.array_path, allow_pickle=False).astype(np.float32, copy=False)
+    assert result.array_path is not None and result.map_size is not None
+    return read_map(result.array_path, result.map_size)
 
 
 def sibling(first: Dataset, **values: Any) -> Dataset:

@@ -20,10 +20,11 @@ Two paths, both equal to pytorch-grad-cam's ``GradCAM`` with ``target_layers=[mo
   (the first chosen class of every image, then the second, ...).
 
 Post-processing is pytorch-grad-cam's (``BaseCAM.compute_cam_per_layer`` then
-``aggregate_multi_layers``, both via ``scale_cam_image``), in torch, batched, on ``x``'s device:
-ReLU, per-map min-max (``m - min``, ``/ (1e-7 + max)``), bilinear resize to the input's H x W
-(``cv2.resize`` INTER_LINEAR == ``F.interpolate(mode="bilinear", align_corners=False)``), then ReLU
-and min-max once more (the resize moves the extremes, so the second normalisation changes values).
+``aggregate_multi_layers``, both via ``scale_cam_image``): ReLU and per-map min-max (``m - min``,
+``/ (1e-7 + max)``) here, in torch, batched, on ``x``'s device, giving each map's *grid* (the
+activation's h x w); the bilinear resize to the input's H x W and the second ReLU and min-max are
+``heatmap_grid.expand``, which readers run when they need the map at the input's size (the grid is
+what is stored: ``heatmap_grid``'s docstring says why).
 """
 
 from __future__ import annotations
@@ -33,24 +34,28 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from meddaemon.engine.architectures import ClassifierNet
+from meddaemon.engine.heatmap_grid import EPS, expand_one
 
 #: ``choose(logits)`` -> per image, the class indices to map (may be empty).
 Chooser = Callable[[Tensor], list[list[int]]]
 
-_EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
-
 
 @dataclass
 class HeatmapBatch:
-    """``logits``: (B, C), detached. ``maps[i]``: image i's ``(class index, map)`` pairs in the order the
-    chooser gave them; each map is float32 (H, W) of the input, in [0, 1]."""
+    """``logits``: (B, C), detached. ``maps[i]``: image i's ``(class index, grid)`` pairs in the order
+    the chooser gave them; each grid is float32 (h, w) of the target activation, in [0, 1].
+    ``size``: the input's (H, W), the size ``expanded`` gives the maps."""
 
     logits: Tensor
     maps: list[list[tuple[int, np.ndarray]]]
+    size: tuple[int, int]
+
+    def expanded(self) -> list[list[tuple[int, np.ndarray]]]:
+        """``maps`` at the input's size: pytorch-grad-cam's maps (``heatmap_grid.expand``)."""
+        return [[(c, expand_one(grid, self.size)) for c, grid in row] for row in self.maps]
 
 
 # --- choosers -------------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ def compute_heatmaps(model: ClassifierNet, x: Tensor, choose: Chooser) -> Heatma
             activation, logits = model.forward_features(x)
         return cams_from_features(activation, logits, linear.weight, choose, (x.shape[2], x.shape[3]))
     logits, targets, raw = _gradient_cams(model, x, choose)
-    return HeatmapBatch(logits=logits.detach(), maps=_assemble(targets, raw, tuple(x.shape[2:])))
+    return HeatmapBatch(logits=logits.detach(), maps=_assemble(targets, raw), size=(x.shape[2], x.shape[3]))
 
 
 def cams_from_features(
@@ -144,7 +149,7 @@ def cams_from_features(
         with _float32(activation):
             weights = weight.detach().float()[cls] / (activation.shape[2] * activation.shape[3])
             raw = torch.einsum("nk,nkhw->nhw", weights, _of_images(activation.float(), img)) if len(img) else None
-    return HeatmapBatch(logits=logits.detach(), maps=_assemble(targets, raw, size))
+    return HeatmapBatch(logits=logits.detach(), maps=_assemble(targets, raw), size=size)
 
 
 def _of_images(activation: Tensor, img: Tensor) -> Tensor:
@@ -213,32 +218,21 @@ def _pairs(targets: list[list[int]], device: torch.device) -> tuple[Tensor, Tens
     )
 
 
-def _assemble(
-    targets: list[list[int]], raw: Tensor | None, size: tuple[int, int]
-) -> list[list[tuple[int, np.ndarray]]]:
+def _assemble(targets: list[list[int]], raw: Tensor | None) -> list[list[tuple[int, np.ndarray]]]:
     if raw is None:
         return [[] for _ in targets]
-    maps = _postprocess(raw, size).cpu().numpy()
+    grids = _grids(raw).cpu().numpy()
     out, n = [], 0
     for row in targets:
-        out.append([(c, maps[n + j]) for j, c in enumerate(row)])
+        out.append([(c, grids[n + j]) for j, c in enumerate(row)])
         n += len(row)
     return out
 
 
-def _minmax_(m: Tensor) -> Tensor:
-    """Per-map min-max of ``m`` in place: the same arithmetic as ``(m - min) / (eps + max)``."""
-    m.sub_(m.amin(dim=(1, 2), keepdim=True))
-    return m.div_(m.amax(dim=(1, 2), keepdim=True).add_(_EPS))
-
-
-def _postprocess(raw: Tensor, size: tuple[int, int]) -> Tensor:
-    """pytorch-grad-cam's: ReLU, min-max, bilinear resize (align_corners=False), ReLU, min-max.
-
-    In place after the first ReLU (a new tensor: ``raw`` stays the caller's): a batch of 224 x 224
-    maps is 3 MB, and each fresh tensor of that size cost more in page faults than its arithmetic
-    (4.3 to 1.7 ms for 16 maps, the same bits)."""
+def _grids(raw: Tensor) -> Tensor:
+    """pytorch-grad-cam's first step: ReLU, then per-map min-max (``m - min``, ``/ (eps + max)``),
+    in place on a new tensor (``raw`` stays the caller's)."""
     with torch.no_grad(), torch.autocast(device_type=raw.device.type, enabled=False):
-        m = _minmax_(raw.float().clamp_min(0))
-        m = F.interpolate(m.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-        return _minmax_(m.clamp_min_(0)).contiguous()
+        m = raw.float().clamp_min(0)
+        m.sub_(m.amin(dim=(1, 2), keepdim=True))
+        return m.div_(m.amax(dim=(1, 2), keepdim=True).add_(EPS)).contiguous()

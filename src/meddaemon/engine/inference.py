@@ -39,7 +39,7 @@ class Prediction:
 
     probabilities: np.ndarray
     positive: np.ndarray
-    #: (label index, float32 map in [0, 1] of the model input's size)
+    #: (label index, float32 grid in [0, 1]: the map before its resize to the input, ``engine.heatmap_grid``)
     heatmaps: list[tuple[int, np.ndarray]] = field(default_factory=list)
     failure: ScanFailure | None = None
 

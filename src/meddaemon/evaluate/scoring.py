@@ -10,9 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meddaemon.daemon import filing
-from meddaemon.daemon.bookkeeper import HeatmapFile
-from meddaemon.daemon.inference import write_heatmap_files
+from meddaemon.daemon.inference import heatmap_files, write_heatmap_files
 from meddaemon.engine.inference import Prediction, ServedModel
 from meddaemon.evaluate.reading import FileRead
 from meddaemon.evaluate.store import FileOutcome
@@ -64,21 +62,8 @@ def with_heatmaps(
     writing is submitted: the future says when they are on disk. The overlays are written here, not
     drawn on first use as the daemon's are: an evaluation reads its cohort in place and keeps no copy
     of the scan to draw them from later."""
-    outcome.heatmaps = heatmap_files(model, heatmaps_dir, outcome.read.sha256 or "", maps)
+    outcome.heatmaps = heatmap_files(model, heatmaps_dir, outcome.read.sha256 or "", maps, model_input)
     return submit(write_heatmap_files, outcome.heatmaps, [m for _, m in maps], model_input, model.contract, None, True)
-
-
-def heatmap_files(
-    model: ServedModel, heatmaps_dir: Path, sha: str, maps: Sequence[tuple[int, np.ndarray]]
-) -> list[HeatmapFile]:
-    """The daemon's file names for a scan's maps (``filing.heatmap_paths``)."""
-    method = "cam" if model.model.cam_linear is not None else "gradcam"
-    files = []
-    for label_index, heatmap in maps:
-        array_path, overlay_path = filing.heatmap_paths(heatmaps_dir, sha, model.version_id, model.labels[label_index])
-        height, width = heatmap.shape
-        files.append(HeatmapFile(label_index, array_path, overlay_path, height, width, method))
-    return files
 
 
 def stack(reads: Sequence[FileRead]) -> np.ndarray:

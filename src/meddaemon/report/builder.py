@@ -78,7 +78,9 @@ class ReportBuilder:
     def images(self, data: ScanReportData) -> ScanImages:
         source = self.view_source(data)
         overlays = {
-            r.label: overlay_jpeg(r.array_path, r.overlay_path, source) for r in data.heatmaps if r.overlay_path
+            r.label: overlay_jpeg(r.array_path, r.overlay_path, source, r.map_size)
+            for r in data.heatmaps
+            if r.overlay_path
         }
         return ScanImages(self.model_view(data), overlays, pictures.colour_scale_jpeg())
 

@@ -155,7 +155,7 @@ def _grid(
     model.eval()
     targets = [_mapped_class(kind, probs[i], calls[i]) for i in range(n)]
     x = torch.stack([images[i] for i in range(n)]).to(next(model.parameters()).device)
-    maps = compute_heatmaps(model, x, lambda _logits: [[t] for t in targets]).maps
+    maps = compute_heatmaps(model, x, lambda _logits: [[t] for t in targets]).expanded()
     columns = min(4, n)
     rows = (n + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.6 * rows), squeeze=False)

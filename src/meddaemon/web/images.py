@@ -1,8 +1,8 @@
 """The pictures of the console: the scan as stored, its heatmaps as transparent colour layers, thumbnails.
 
 The scan page stacks the heatmap layer (a jet-coloured PNG whose alpha grows with the map, as in
-the overlay JPEGs of ``meddaemon.overlays``) over the scan resized to the map's grid, which is the
-geometry the model saw (``engine/preprocess.py`` resizes without cropping); the opacity slider
+the overlay JPEGs of ``meddaemon.overlays``) over the scan resized to the map's size, the model
+input's, which is the geometry the model saw (``engine/preprocess.py`` resizes without cropping); the opacity slider
 changes the layer's CSS opacity. The decoders are imported when a picture is first asked for.
 """
 
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.engine.overlay import jet
 
 if TYPE_CHECKING:
@@ -48,10 +49,11 @@ def scan_png(path: Path, size: tuple[int, int] | None = None, side: int = VIEW_S
     return _png(_fit(image, side))
 
 
-def heatmap_png(array_path: Path, side: int = VIEW_SIDE) -> bytes:
-    """The map as an RGBA layer: jet colours, alpha rising with the map (low values see-through)."""
+def heatmap_png(array_path: Path, size: tuple[int, int], side: int = VIEW_SIDE) -> bytes:
+    """The map, read at ``size`` (height, width), as an RGBA layer: jet colours, alpha rising with
+    the map (low values see-through)."""
     try:
-        heatmap = np.load(array_path, allow_pickle=False)
+        heatmap = read_map(array_path, size)
     except (OSError, ValueError) as exc:
         raise NoPicture(f"cannot read the heatmap {array_path.name}: {type(exc).__name__}") from None
     values = np.clip(np.nan_to_num(heatmap.astype(np.float32)), 0.0, 1.0)
@@ -59,15 +61,6 @@ def heatmap_png(array_path: Path, side: int = VIEW_SIDE) -> bytes:
     values = np.clip(np.asarray(Image.fromarray(values, "F").resize(size, Image.Resampling.BILINEAR)), 0.0, 1.0)
     rgba = np.dstack([jet(values), (np.sqrt(values) * 255).astype(np.uint8)])
     return _png(Image.fromarray(rgba, "RGBA"))
-
-
-def heatmap_shape(array_path: Path) -> tuple[int, int] | None:
-    """(width, height) of a stored map (memory-mapped: only the header is read)."""
-    try:
-        shape = np.load(array_path, mmap_mode="r", allow_pickle=False).shape
-    except (OSError, ValueError):
-        return None
-    return (int(shape[1]), int(shape[0])) if len(shape) == 2 else None
 
 
 def heatmap_overlay(settings: Settings, files: HeatmapFiles) -> bytes:
@@ -84,7 +77,7 @@ def heatmap_overlay(settings: Settings, files: HeatmapFiles) -> bytes:
         InputContract.from_dict(files.contract) if files.contract else None,
         DecodeOptions(frame_policy=settings.frame_policy, max_pixels=settings.max_pixels),  # type: ignore[arg-type]
     )
-    drawn = overlay_jpeg(array_path, settings.stored_file(files.overlay_path), source)
+    drawn = overlay_jpeg(array_path, settings.stored_file(files.overlay_path), source, files.map_size)
     if drawn is None:
         raise NoPicture(f"cannot draw the overlay of {array_path.name}")
     return drawn

@@ -499,6 +499,8 @@ class HeatmapFiles:
     sha256: str | None = None
     stored_path: str | None = None
     contract: dict[str, Any] | None = None
+    #: (height, width) the map is read at: the model input's
+    map_size: tuple[int, int] | None = None
 
 
 def heatmap_files(session: Session, heatmap_id: int) -> HeatmapFiles | None:
@@ -507,6 +509,8 @@ def heatmap_files(session: Session, heatmap_id: int) -> HeatmapFiles | None:
             Result.scan_id,
             Heatmap.array_path,
             Heatmap.overlay_path,
+            Heatmap.height,
+            Heatmap.width,
             Result.model_version_id,
             Scan.sha256,
             Scan.stored_path,
@@ -521,7 +525,14 @@ def heatmap_files(session: Session, heatmap_id: int) -> HeatmapFiles | None:
         return None
     contract = (row.manifest or {}).get("input_contract")
     return HeatmapFiles(
-        row.scan_id, row.array_path, row.overlay_path, row.model_version_id, row.sha256, row.stored_path, contract
+        row.scan_id,
+        row.array_path,
+        row.overlay_path,
+        row.model_version_id,
+        row.sha256,
+        row.stored_path,
+        contract,
+        (row.height, row.width),
     )
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from torchvision import models
 
 from meddaemon.db.engine import session_factory, transaction
+from meddaemon.engine.heatmap_grid import expand_one
 from meddaemon.engine.heatmaps import compute_heatmaps, positive_class, predicted_class
 from meddaemon.engine.importers import ImportOptions, convert_file, import_file
 from meddaemon.engine.importers.onnx_model import choose_providers
@@ -118,7 +119,7 @@ def test_torchvision_resnet18_onnx_equals_eager_and_its_cam_equals_gradcam(tmp_p
     result = compute_heatmaps(loaded.model, x, predicted_class())
     classes = [c for row in result.maps for c, _ in row]
     assert classes == expected.argmax(dim=1).tolist()
-    ours = np.stack([m for row in result.maps for _, m in row])
+    ours = np.stack([m for row in result.expanded() for _, m in row])
     reference = gradcam(original, original.layer4, x, classes)
     assert float(np.abs(ours - reference).max()) <= TOLERANCE
 
@@ -138,7 +139,7 @@ def test_small_cnn_onnx_with_a_sigmoid_output_on_busi_binary(tmp_path: Path):
     got = probabilities(loaded.model(x), "binary")[:, 1]
     assert float((got - expected).abs().max()) <= TOLERANCE
     result = compute_heatmaps(loaded.model, x, positive_class())
-    ours = np.stack([m for row in result.maps for _, m in row])
+    ours = np.stack([m for row in result.expanded() for _, m in row])
 
     class Logit(nn.Module):
         def __init__(self) -> None:
@@ -192,7 +193,7 @@ def test_the_daemon_engine_serves_an_onnx_version_with_cam_maps(tmp_path: Path):
     reference = gradcam(original, original.layer4, x, classes)
     for prediction, cls, ref in zip(predictions, classes, reference, strict=True):
         (label, heatmap), *_ = prediction.heatmaps
-        assert label == cls and float(np.abs(heatmap - ref).max()) <= TOLERANCE
+        assert label == cls and float(np.abs(expand_one(heatmap, ref.shape) - ref).max()) <= TOLERANCE
 
 
 # ------------------------------------------------------------------------------------------ label order
@@ -236,7 +237,7 @@ def test_an_onnx_graph_in_another_label_order_gives_each_label_its_own_probabili
     result = compute_heatmaps(loaded.model, x, predicted_class())
     called = [manifest.labels[c] for row in result.maps for c, _ in row]
     reference = gradcam(logits, logits.features, x, [file_order.index(label) for label in called])
-    ours_maps = np.stack([m for row in result.maps for _, m in row])
+    ours_maps = np.stack([m for row in result.expanded() for _, m in row])
     assert float(np.abs(ours_maps - reference).max()) <= TOLERANCE
 
 

@@ -48,6 +48,7 @@ from meddaemon.daemon.service import Daemon
 from meddaemon.db.engine import create_db_engine, session_factory
 from meddaemon.db.models import Result, Scan
 from meddaemon.engine.decode import decode_bytes
+from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.engine.importers import ImportOptions
 from meddaemon.engine.preprocess import to_model_input
 from meddaemon.engine.registry import Manifest, load_version, read_manifest
@@ -182,7 +183,10 @@ def stored(session: Session, layout: Layout, original: Original, scan: Path, dat
         {r.label: r.probability for r in results},
         {r.label: r.positive for r in results},
         {
-            r.label: (r.heatmap.method, np.load(layout.stored_file(r.heatmap.array_path)))
+            r.label: (
+                r.heatmap.method,
+                read_map(layout.stored_file(r.heatmap.array_path), (r.heatmap.height, r.heatmap.width)),
+            )
             for r in results
             if r.heatmap is not None
         },
@@ -328,7 +332,9 @@ def test_an_imported_onnx_graph_in_another_label_order_is_served_by_onnx_runtime
         results = session.scalars(select(Result).order_by(Result.id)).all()
         stored = {r.label: r.probability for r in results}
         [(label, heatmap)] = [
-            (r.label, np.load(daemon.settings.stored_file(r.heatmap.array_path))) for r in results if r.heatmap
+            (r.label, read_map(daemon.settings.stored_file(r.heatmap.array_path), (r.heatmap.height, r.heatmap.width)))
+            for r in results
+            if r.heatmap
         ]
     with torch.no_grad():
         expected = torch.softmax(original(model_input), dim=1)[0]

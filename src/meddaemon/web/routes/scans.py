@@ -41,7 +41,7 @@ def _jpeg(data: bytes) -> Response:
 
 
 def scan_image(request: Request) -> Response:
-    """The stored scan; with ``?map=ID`` resized to that heatmap's grid, so the layer lies over it exactly."""
+    """The stored scan; with ``?map=ID`` resized to that heatmap's size, so the layer lies over it exactly."""
     console: Console = request.app.state.console
     scan_id = path_row_id(request, "scan_id", NOT_FOUND)
     found = console.read(lambda s: queries.stored_path(s, scan_id))
@@ -55,8 +55,8 @@ def scan_image(request: Request) -> Response:
     heatmap_id = row_id(map_id)
     if heatmap_id is not None:
         files = console.read(lambda s: queries.heatmap_files(s, heatmap_id))
-        if files is not None and files.scan_id == scan_id:
-            size = images.heatmap_shape(console.settings.stored_file(files.array_path))
+        if files is not None and files.scan_id == scan_id and files.map_size is not None:
+            size = (files.map_size[1], files.map_size[0])
     try:
         return _png(images.scan_png(console.settings.stored_file(path), size))
     except images.NoPicture as exc:
@@ -87,7 +87,9 @@ def _heatmap(request: Request) -> queries.HeatmapFiles:
 def heatmap_layer(request: Request) -> Response:
     console: Console = request.app.state.console
     try:
-        return _png(images.heatmap_png(console.settings.stored_file(_heatmap(request).array_path)))
+        files = _heatmap(request)
+        assert files.map_size is not None
+        return _png(images.heatmap_png(console.settings.stored_file(files.array_path), files.map_size))
     except images.NoPicture as exc:
         raise HTTPException(404, str(exc)) from None
 

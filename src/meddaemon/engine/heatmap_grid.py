@@ -1,0 +1,70 @@
+"""A Grad-CAM map as it is kept: on the grid the model computed it on, and at the input's size on read.
+
+Grad-CAM's map is a weighted sum of the target layer's activation, ``h x w`` cells (7 x 7 for a
+224 x 224 input to mobilenet_v2 or DenseNet-121); pytorch-grad-cam then resizes it to the input's
+``H x W`` and normalises it again. Everything past the grid is a fixed function of the grid, so the
+engine returns and the daemon stores the grid (ReLU'd and min-max normalised: 196 bytes as float32)
+and readers make the map at the input's size from it with ``expand``. A map of 224 x 224 stored as
+such was 200 KB a scan on disk and about 0.6 ms of a scan's CPU to write (benchmarks/README.md,
+issue 16); drawing it from its grid costs a reader about 0.1 ms.
+
+Only numpy: the web console and the report processes read maps without importing torch.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+EPS = 1e-7  # pytorch-grad-cam's scale_cam_image
+
+
+def expand(grids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Maps (N, H, W) float32 in [0, 1] from grids (N, h, w): pytorch-grad-cam's resize and second
+    normalisation, bilinear (``cv2.resize`` INTER_LINEAR, ``F.interpolate(mode="bilinear",
+    align_corners=False)``), then ReLU and per-map min-max. A grid already of ``size`` is returned
+    as it is (maps stored at the input's size before grids were kept)."""
+    grids = np.asarray(grids, dtype=np.float32)
+    if grids.shape[1:] == tuple(size):
+        return grids
+    rows = _bilinear_weights(grids.shape[1], size[0])
+    columns = _bilinear_weights(grids.shape[2], size[1])
+    maps = (rows @ grids.astype(np.float64) @ columns.T).astype(np.float32)
+    np.maximum(maps, 0, out=maps)
+    maps -= maps.min(axis=(1, 2), keepdims=True)
+    maps /= maps.max(axis=(1, 2), keepdims=True) + np.float32(EPS)
+    return maps
+
+
+def expand_one(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One map (H, W) from one grid (h, w); see ``expand``."""
+    return expand(np.asarray(grid)[None], size)[0]
+
+
+@functools.lru_cache(maxsize=32)
+def _bilinear_weights(source: int, target: int) -> np.ndarray:
+    """(target, source): row ``i`` interpolates output pixel ``i`` from its two nearest source cells,
+    PyTorch's ``area_pixel_compute_source_index`` with ``align_corners=False``."""
+    weights = np.zeros((target, source), np.float64)
+    scale = source / target
+    for i in range(target):
+        position = max(scale * (i + 0.5) - 0.5, 0.0)
+        low = min(int(position), source - 1)
+        high = min(low + 1, source - 1)
+        fraction = position - low
+        weights[i, low] += 1.0 - fraction
+        weights[i, high] += fraction
+    weights.setflags(write=False)
+    return weights
+
+
+def read_map(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """The map stored at ``path`` (``.npy``: its grid, or the whole map as earlier versions kept it)
+    at ``size`` (H, W), float32. ``OSError`` when it cannot be read, ``ValueError`` when the file is
+    not a 2-D ``.npy`` (never unpickled)."""
+    grid = np.load(path, allow_pickle=False)
+    if grid.ndim != 2:
+        raise ValueError(f"{path.name} holds a {grid.ndim}-D array, not a map")
+    return expand_one(grid, size)
