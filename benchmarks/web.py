@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+import numpy as np  # noqa: E402
 from sqlalchemy import Engine  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
@@ -39,12 +40,15 @@ from meddaemon.config import load_settings  # noqa: E402
 from meddaemon.daemon import bookkeeper  # noqa: E402
 from meddaemon.db.engine import create_db_engine, session_factory, transaction  # noqa: E402
 from meddaemon.db.migrate import upgrade  # noqa: E402
+from meddaemon.engine.heatmap_grid import grid_bytes  # noqa: E402
 from meddaemon.engine.tasks import all_tasks  # noqa: E402
 from meddaemon.web import queries  # noqa: E402
 from meddaemon.web.app import create_app  # noqa: E402
 
 LABELS = ("benign", "malignant", "normal")
 REASONS = ("unroutable", "corrupt_image", "empty_file", "contract_mismatch")
+#: every SYNTHETIC heatmap row's grid: a 7 x 7 map, as mobilenet_v2 and DenseNet-121 give for 224 x 224
+GRID = grid_bytes(np.random.default_rng(0).random((7, 7)))
 
 
 def fill(db: Path, scans: int, seed: int = 0) -> None:
@@ -87,7 +91,7 @@ def fill(db: Path, scans: int, seed: int = 0) -> None:
                 result_id += 1
                 results.append((i, 1, label, p[k] / total, 0.5, k == top, 40.0, stamp))
                 if k == top:
-                    heatmaps.append((result_id, "cam", f"/synthetic/{i}.npy", f"/synthetic/{i}.jpg", 32, 32, stamp))
+                    heatmaps.append((result_id, "cam", GRID, f"/synthetic/{i}.jpg", 224, 224, stamp))
     with con:
         con.executemany(
             "INSERT INTO scans (sha256, state, task_name, source_name, stored_path, failure_reason, failure_message, "
@@ -100,7 +104,7 @@ def fill(db: Path, scans: int, seed: int = 0) -> None:
             results,
         )
         con.executemany(
-            "INSERT INTO heatmaps (result_id, method, array_path, overlay_path, height, width, created_at) "
+            "INSERT INTO heatmaps (result_id, method, grid, overlay_path, height, width, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             heatmaps,
         )

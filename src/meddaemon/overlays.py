@@ -1,8 +1,8 @@
 """A stored heatmap's overlay JPEG (the map in jet colours over the scan as the model saw it), drawn
 when something first shows it: a report, the web console's worklist, a DICOM secondary capture.
 
-With reports off the inference stage writes only what cannot be drawn again, the map's grid
-(``.npy``, float32, ``engine.heatmap_grid``): an overlay per map drawn and encoded there cost about
+With reports off the inference stage keeps only what cannot be drawn again, the map's grid (in
+its heatmap row, ``engine.heatmap_grid``): an overlay per map drawn and encoded there cost about
 1.7 ms of CPU per scan that nothing might ever read (``benchmarks/README.md``, issue 16). With
 reports on it writes the overlays too (each is read by its report) and the model's view
 (``v<version>.view.jpg``, ``filing.view_path``).
@@ -71,19 +71,19 @@ def stored_model_view(
 
 
 def overlay_jpeg(
-    array_path: Path | None, overlay_path: Path, source: ViewSource, size: tuple[int, int] | None
+    stored_map: bytes | Path | None, overlay_path: Path, source: ViewSource, size: tuple[int, int] | None
 ) -> bytes | None:
     """The overlay of one stored map as JPEG bytes: the file at ``overlay_path`` when it was drawn
-    before, else drawn from the map at ``array_path``, read at ``size`` (the model input's height and
-    width), over ``source``'s view and kept there. None when the map or the view cannot be read (the
-    report says the overlay is missing). Keeping it is best
+    before, else drawn from the map (its row's grid, or an older row's ``.npy`` file), read at
+    ``size`` (the model input's height and width), over ``source``'s view and kept there. None when
+    the map or the view cannot be read (the report says the overlay is missing). Keeping it is best
     effort: a read-only heatmaps folder, or two readers drawing the same overlay at once, still give
     the bytes (they are the same either way)."""
     kept = read_jpeg(overlay_path)
-    if kept is not None or array_path is None or size is None:
+    if kept is not None or stored_map is None or size is None:
         return kept
     try:
-        heatmap = read_map(array_path, size)
+        heatmap = read_map(stored_map, size)
     except (OSError, ValueError):
         return None
     view = source.view(heatmap.shape)

@@ -3,6 +3,7 @@ the test trains nothing for but writes, imports and promotes through the real re
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import threading
@@ -57,11 +58,13 @@ def test_scans_get_a_result_per_label_and_a_heatmap_for_the_predicted_class(daem
             [top] = [r for r in results if r.positive]
             assert top.probability == max(r.probability for r in results)
             assert top.heatmap is not None and all(r.heatmap is None for r in results if not r.positive)
-            array_path = daemon.settings.stored_file(top.heatmap.array_path)
-            assert np.load(array_path).shape == (4, 4)  # the grid the model computed the map on is what is kept
+            grid = top.heatmap.grid
+            assert top.heatmap.array_path is None  # no file per map: the row keeps it
+            assert np.load(io.BytesIO(grid)).shape == (4, 4)  # the grid the model computed the map on
+            assert len(grid) == 128 + 4 * 4 * 4  # a .npy of float32 cells, not the 32 x 32 map
             assert (top.heatmap.height, top.heatmap.width) == (32, 32)  # the size it is read at
-            array = read_map(array_path, (32, 32))
-            assert array.min() >= 0 and array.max() <= 1
+            array = read_map(grid, (32, 32))
+            assert array.shape == (32, 32) and array.min() >= 0 and array.max() <= 1
             assert not daemon.settings.stored_file(top.heatmap.overlay_path).exists()  # drawn on first use
             assert top.latency_ms is not None and top.latency_ms > 0
 
@@ -79,7 +82,7 @@ def test_stored_heatmap_is_float32_and_equals_pytorch_grad_cams_map(daemon: Daem
 
     with daemon.sessions() as session:
         [top] = session.scalars(select(Result).where(Result.positive)).all()
-        stored = read_map(daemon.settings.stored_file(top.heatmap.array_path), (top.heatmap.height, top.heatmap.width))
+        stored = read_map(top.heatmap.grid, (top.heatmap.height, top.heatmap.width))
         label = top.label
     loaded = registry.load_version(daemon.settings.models_dir / "busi" / "v1")
     model = loaded.model
@@ -97,8 +100,9 @@ def test_stored_heatmap_is_float32_and_equals_pytorch_grad_cams_map(daemon: Daem
 def test_the_overlay_is_drawn_from_the_stored_map_on_first_use_as_the_inference_stage_drew_it(
     daemon: Daemon, tmp_path: Path
 ):
-    """Issue 16: the inference stage writes the map only; the first reader draws the overlay from the
-    map and the stored scan, byte for byte the JPEG the inference stage wrote before, and keeps it."""
+    """Issue 16: the inference stage keeps the map's grid in its row and writes no file; the first
+    reader draws the overlay from the map and the stored scan, byte for byte the JPEG the inference
+    stage wrote before, and keeps it."""
     promote(daemon, write_model(tmp_path / "model"))
     source = write_png(
         tmp_path / "synthetic_source.png", np.random.default_rng(12).integers(0, 255, (40, 56), np.uint8)
@@ -110,24 +114,23 @@ def test_the_overlay_is_drawn_from_the_stored_map_on_first_use_as_the_inference_
 
     with daemon.sessions() as session:
         [top] = session.scalars(select(Result).where(Result.positive)).all()
-        array_path = daemon.settings.stored_file(top.heatmap.array_path)
+        grid = top.heatmap.grid
         overlay_path = daemon.settings.stored_file(top.heatmap.overlay_path)
         stored = daemon.settings.stored_file(session.get(Scan, top.scan_id).stored_path)
-    assert not overlay_path.exists() and sorted(p.suffix for p in array_path.parent.iterdir()) == [".npy"]
+    assert not overlay_path.parent.exists()  # nothing written under heatmaps/ for the scan
     model_input = to_model_input(decode_bytes(source.read_bytes()), CONTRACT)[0]
-    before = jpeg_bytes(overlay(model_view(model_input, CONTRACT), read_map(array_path, (32, 32))))  # the old writer's
+    before = jpeg_bytes(overlay(model_view(model_input, CONTRACT), read_map(grid, (32, 32))))  # the old writer's
 
-    assert overlay_jpeg(array_path, overlay_path, ViewSource(stored=stored, contract=CONTRACT), (32, 32)) == before
+    assert overlay_jpeg(grid, overlay_path, ViewSource(stored=stored, contract=CONTRACT), (32, 32)) == before
     assert overlay_path.read_bytes() == before  # kept: the next reader reads it, drawing nothing
     stored.unlink()
-    assert overlay_jpeg(array_path, overlay_path, ViewSource(stored=stored, contract=CONTRACT), (32, 32)) == before
+    assert overlay_jpeg(grid, overlay_path, ViewSource(stored=stored, contract=CONTRACT), (32, 32)) == before
 
     # the same scan run again by the same version (a replay after a crash): its old overlay goes
-    write_heatmap_files(
-        [HeatmapFile(0, array_path, overlay_path, 32, 32, "gradcam")], [np.load(array_path)], model_input, CONTRACT
-    )
+    grid_array = np.load(io.BytesIO(grid))
+    write_heatmap_files([HeatmapFile(0, grid, overlay_path, 32, 32, "gradcam")], [grid_array], model_input, CONTRACT)
     assert not overlay_path.exists()
-    assert overlay_jpeg(array_path, overlay_path, ViewSource(stored=stored, contract=CONTRACT), (32, 32)) is None
+    assert overlay_jpeg(grid, overlay_path, ViewSource(stored=stored, contract=CONTRACT), (32, 32)) is None
 
 
 def test_waiting_scans_run_once_a_model_is_promoted(daemon: Daemon, tmp_path: Path):
@@ -214,8 +217,9 @@ def test_a_nan_output_fails_that_scan_and_keeps_its_file(daemon: Daemon, tmp_pat
 
 
 def test_scans_whose_heatmaps_cannot_be_written_stay_routed_and_run_again(make_settings, tmp_path: Path, caplog):
-    """A full or broken disk under heatmaps/: no result row without its files, the scans wait."""
-    settings = make_settings(max_wait_ms=10, rescan_seconds=0.2, reports=False)
+    """A full or broken disk under heatmaps/: no result row without its files (with reports on, the
+    model's view and the overlays), the scans wait."""
+    settings = make_settings(max_wait_ms=10, rescan_seconds=0.2, reports=True)
     daemon = Daemon(settings)
     daemon.prepare()
     promote(daemon, write_model(tmp_path / "model"))
@@ -234,9 +238,9 @@ def test_scans_whose_heatmaps_cannot_be_written_stay_routed_and_run_again(make_s
     Daemon(settings).run(once=True)
 
     with daemon.sessions() as session:
-        assert {s.state for s in session.scalars(select(Scan))} == {"inferred"}
+        assert "routed" not in {s.state for s in session.scalars(select(Scan))}
         heatmaps = session.scalars(select(Heatmap)).all()
-        assert len(heatmaps) == 4 and all(settings.stored_file(h.array_path).exists() for h in heatmaps)
+        assert len(heatmaps) == 4 and all(settings.stored_file(h.overlay_path).exists() for h in heatmaps)
 
 
 @pytest.mark.slow
@@ -399,24 +403,3 @@ def test_the_inferred_log_line_names_the_model_and_claims_no_size(
     inferred = [r.getMessage() for r in caplog.records if "-> inferred" in r.getMessage()]
     assert len(inferred) == 4
     assert all("0 bytes" not in line and "task busi, model v1, top " in line for line in inferred)
-
-
-def test_heatmap_arrays_are_the_files_np_save_writes(tmp_path: Path):
-    """The map's ``.npy`` is written from the array's memory in one call: the stored file stays what
-    ``np.save`` writes of the map as a C-ordered float32 array, whatever the map given (SYNTHETIC)."""
-    rng = np.random.default_rng(16)
-    batch = rng.random((3, 32, 32), dtype=np.float32)
-    maps = [batch[1], rng.random((32, 32)), batch[2].T, np.zeros((0, 32), np.float32)]
-    files = [
-        HeatmapFile(0, tmp_path / f"synthetic_{i}.npy", tmp_path / f"synthetic_{i}.jpg", 32, 32, "cam")
-        for i in range(len(maps))
-    ]
-
-    write_heatmap_files(files, maps, np.zeros((1, 32, 32), np.float32), CONTRACT)
-
-    for file, heatmap in zip(files, maps, strict=True):
-        expected = tmp_path / "expected.npy"
-        np.save(expected, np.ascontiguousarray(heatmap, dtype=np.float32), allow_pickle=False)
-        assert file.array_path.read_bytes() == expected.read_bytes()
-        assert np.array_equal(np.load(file.array_path), heatmap.astype(np.float32))
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left

@@ -102,3 +102,55 @@ def test_a_newer_schema_is_refused_by_require_current(migrated_engine):
         conn.execute(text("UPDATE alembic_version SET version_num = 'from_the_future'"))
     with pytest.raises(SchemaTooNew, match="upgrade meddaemon"):
         require_current(migrated_engine)
+
+
+def test_heatmaps_stored_as_files_before_0012_keep_them_and_later_ones_keep_their_grid_in_the_row(db_url):
+    """0012: a map's grid goes into its row; rows written before keep their ``.npy`` path."""
+    engine = create_db_engine(db_url)
+    upgrade(engine, "0011")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tasks (name, description, created_at) VALUES ('busi', '', CURRENT_TIMESTAMP)"))
+        conn.execute(
+            text(
+                "INSERT INTO model_versions (id, task_name, version, architecture, sha256, path, status, manifest, "
+                "created_at) VALUES (1, 'busi', 'v1', 'small_cnn', :sha, 'models/busi/v1', 'active', '{}', "
+                "CURRENT_TIMESTAMP)"
+            ),
+            {"sha": "cd" * 32},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO scans (id, sha256, state, source_name, registered_at, updated_at) "
+                "VALUES (1, :sha, 'inferred', 'synthetic.png', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            ),
+            {"sha": "ab" * 32},
+        )
+        for result_id in (1, 2):
+            conn.execute(
+                text(
+                    "INSERT INTO results (id, scan_id, model_version_id, label, probability, threshold, positive, "
+                    "created_at) VALUES (:id, 1, 1, :label, 0.5, 0.5, :positive, CURRENT_TIMESTAMP)"
+                ),
+                {"id": result_id, "label": f"label{result_id}", "positive": result_id == 1},
+            )
+        conn.execute(
+            text(
+                "INSERT INTO heatmaps (result_id, method, array_path, overlay_path, height, width, created_at) "
+                "VALUES (1, 'cam', 'heatmaps/ab/old.npy', 'heatmaps/ab/old.jpg', 224, 224, CURRENT_TIMESTAMP)"
+            )
+        )
+    upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO heatmaps (result_id, method, grid, overlay_path, height, width, created_at) "
+                "VALUES (2, 'cam', :grid, 'heatmaps/ab/new.jpg', 224, 224, CURRENT_TIMESTAMP)"
+            ),
+            {"grid": b"\x93NUMPY grid"},
+        )
+        rows = conn.execute(text("SELECT array_path, grid FROM heatmaps ORDER BY result_id")).all()
+    engine.dispose()
+    assert [(path, grid if grid is None else bytes(grid)) for path, grid in rows] == [
+        ("heatmaps/ab/old.npy", None),
+        (None, b"\x93NUMPY grid"),
+    ]

@@ -25,7 +25,7 @@ from meddaemon.db.models import Heatmap, ModelVersion, OutboxItem, Report, Resul
 from meddaemon.dicom import encoding, pdf, pmap, sc, sr, uids
 from meddaemon.dicom.content import NOT_FOR_DIAGNOSIS, OutputRefused, ScanFacts, read_source, scan_facts
 from meddaemon.dicom.writer import DicomOutputs, build_objects
-from meddaemon.engine.heatmap_grid import read_map
+from meddaemon.engine.heatmap_grid import grid_bytes, read_map
 from meddaemon.engine.tasks import all_tasks
 from meddaemon.label_results import LabelResult
 
@@ -125,9 +125,9 @@ def test_the_parametric_map_equals_the_stored_heatmap_and_references_the_source(
     for scan_id, by_key in written(delivered).items():
         with delivered.sessions() as session:
             maps = {
-                label: (delivered.settings.stored_file(path), (height, width))
-                for label, path, height, width in session.execute(
-                    select(Result.label, Heatmap.array_path, Heatmap.height, Heatmap.width)
+                label: (grid, (height, width))
+                for label, grid, height, width in session.execute(
+                    select(Result.label, Heatmap.grid, Heatmap.height, Heatmap.width)
                     .join(Heatmap, Heatmap.result_id == Result.id)
                     .where(Result.scan_id == scan_id)
                 )
@@ -298,12 +298,11 @@ def with_other_labels(facts: ScanFacts, folder: Path, labels: tuple[str, ...]) -
     """``facts`` with more called labels, each with a heatmap of its own (the first one's, flipped)
     and an overlay not drawn yet: what a multilabel scan (the chestxray14 preset) has."""
     first = facts.heatmaps()[0]
-    assert first.array_path is not None
+    assert first.grid is not None
     extra = []
     for axis, label in enumerate(labels):
-        heatmap, overlay = folder / f"{label}.npy", folder / f"{label}.jpg"
-        np.save(heatmap, np.flip(np.load(first.array_path), axis % 2).copy())
-        extra.append(dataclasses.replace(first, label=label, array_path=heatmap, overlay_path=overlay))
+        grid = grid_bytes(np.flip(np.load(io.BytesIO(first.grid)), axis % 2))
+        extra.append(dataclasses.replace(first, label=label, grid=grid, overlay_path=folder / f"{label}.jpg"))
     return dataclasses.replace(facts, results=(*facts.results, *extra))
 
 
@@ -336,8 +335,8 @@ def test_a_multilabel_scan_s_maps_and_captures_after_the_first_are_the_ones_high
             path.write_bytes(encoding.encode(ours))
             assert path.read_bytes() == pydicom_bytes(ours)  # the first's items, encoded once, in each
             assert dciodvfy_errors(path) == [], path.name
-        assert result.array_path is not None and result.map_size is not None
-        stored = read_map(result.array_path, result.map_size)
+        assert result.grid is not None and result.map_size is not None
+        stored = read_map(result.grid, result.map_size)
         assert np.array_equal(pydicom.dcmread(tmp_path / f"pmap_{result.label}.dcm").pixel_array, stored)
     assert len({str(ds.SOPInstanceUID) for ds in built.values()}) == len(built)
 

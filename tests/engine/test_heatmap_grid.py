@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meddaemon.engine.heatmap_grid import expand, expand_one, read_map
+from meddaemon.engine.heatmap_grid import expand, expand_one, grid_bytes, read_map
 
 
 def torch_expand(grids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -44,7 +44,23 @@ def test_an_empty_map_stays_empty() -> None:
     assert not expand_one(np.zeros((7, 7), np.float32), (224, 224)).any()
 
 
-def test_read_map_reads_a_grid_at_the_size_asked(tmp_path: Path) -> None:
+def test_a_grid_is_kept_as_the_bytes_np_save_writes(tmp_path: Path) -> None:
+    """Whatever array is given (SYNTHETIC): float32, C order, ``np.save``'s bytes, never a pickle."""
+    rng = np.random.default_rng(16)
+    batch = rng.random((3, 7, 7), dtype=np.float32)
+    for grid in (batch[1], rng.random((7, 7)), batch[2].T, np.zeros((0, 7), np.float32)):
+        expected = tmp_path / "expected.npy"
+        np.save(expected, np.ascontiguousarray(grid, dtype=np.float32), allow_pickle=False)
+        assert grid_bytes(grid) == expected.read_bytes()
+
+
+def test_read_map_reads_a_rows_grid_at_the_size_asked() -> None:
+    grid = np.random.default_rng(5).random((7, 7), dtype=np.float32)
+    np.testing.assert_array_equal(read_map(grid_bytes(grid), (224, 224)), expand_one(grid, (224, 224)))
+    assert len(grid_bytes(grid)) == 128 + 7 * 7 * 4  # the .npy header, then the cells
+
+
+def test_read_map_reads_an_earlier_versions_npy_file(tmp_path: Path) -> None:
     grid = np.random.default_rng(5).random((7, 7), dtype=np.float32)
     np.save(tmp_path / "v1_benign.npy", grid)
     np.testing.assert_array_equal(read_map(tmp_path / "v1_benign.npy", (224, 224)), expand_one(grid, (224, 224)))
@@ -63,5 +79,7 @@ def test_read_map_refuses_what_is_not_a_map(tmp_path: Path) -> None:
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="pickle"):
         read_map(tmp_path / "objects.npy", (224, 224))
+    with pytest.raises(ValueError, match="pickle"):
+        read_map((tmp_path / "objects.npy").read_bytes(), (224, 224))
     with pytest.raises(OSError):
         read_map(tmp_path / "missing.npy", (224, 224))

@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from evaluate_factory import World, listing, read_only
 from meddaemon.db.engine import session_factory
 from meddaemon.db.models import Evaluation, EvaluationFile, Heatmap, Result, Scan
+from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.engine.inference import ServedModel
 from meddaemon.evaluate.pipeline import EvaluationRequest, EvaluationStopped, Progress, run_evaluation
 from meddaemon.states import ScanState
@@ -92,12 +93,12 @@ def test_heatmaps_are_found_after_the_state_directory_moves(
     settings = make_settings(db=world.db_url, state_dir=moved)
     engine = world.engine()
     with session_factory(engine)() as session:
-        maps = session.execute(select(Heatmap.array_path, Heatmap.overlay_path)).all()
+        maps = session.execute(select(Heatmap.grid, Heatmap.overlay_path, Heatmap.height, Heatmap.width)).all()
     engine.dispose()
     assert len(maps) == 24  # the top label's map of each scan
-    for array_path, overlay_path in maps:
+    for grid, overlay_path, height, width in maps:
         assert settings.stored_file(overlay_path).is_file()
-        assert np.load(settings.stored_file(array_path), allow_pickle=False).ndim == 2
+        assert read_map(grid, (height, width)).shape == (height, width)
 
 
 def test_a_second_run_scores_nothing_again(world, busi_phantoms: Path) -> None:

@@ -6,6 +6,7 @@ loses a worker node mid-run and still scores every file exactly once; usage it c
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -51,17 +52,17 @@ def probabilities(db_url: str) -> dict[str, np.ndarray]:
 
 
 def heatmaps(db_url: str, settings) -> dict[tuple[str, str], tuple[str, np.ndarray]]:  # type: ignore[no-untyped-def]
-    """(SHA-256, label) -> (method, map) for every stored heatmap; each overlay is on disk."""
+    """(SHA-256, label) -> (method, grid) for every stored heatmap; each overlay is on disk."""
     engine = create_db_engine(db_url)
     with session_factory(engine)() as session:
         rows = session.execute(
-            select(Scan.sha256, Result.label, Heatmap.method, Heatmap.array_path, Heatmap.overlay_path)
+            select(Scan.sha256, Result.label, Heatmap.method, Heatmap.grid, Heatmap.overlay_path)
             .join(Result, Result.scan_id == Scan.id)
             .join(Heatmap, Heatmap.result_id == Result.id)
         ).all()
     engine.dispose()
     assert all(settings.stored_file(overlay).is_file() for *_, overlay in rows)
-    return {(sha, label): (method, np.load(settings.stored_file(array))) for sha, label, method, array, _ in rows}
+    return {(sha, label): (method, np.load(io.BytesIO(grid))) for sha, label, method, grid, _ in rows}
 
 
 # -- real clusters on this machine -----------------------------------------------------------------

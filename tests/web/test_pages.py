@@ -136,10 +136,10 @@ def test_a_heatmap_thumbnail_draws_the_overlay_from_the_stored_map_when_none_was
     settings = web_settings(fresh_root)
     engine = create_db_engine(settings.db_url)
     with session_factory(engine)() as session:
-        heatmap_id, array_path, overlay_path, version_id, sha, height, width = session.execute(
+        heatmap_id, grid, overlay_path, version_id, sha, height, width = session.execute(
             select(
                 Heatmap.id,
-                Heatmap.array_path,
+                Heatmap.grid,
                 Heatmap.overlay_path,
                 Result.model_version_id,
                 Scan.sha256,
@@ -163,7 +163,7 @@ def test_a_heatmap_thumbnail_draws_the_overlay_from_the_stored_map_when_none_was
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(thumb.content)).size) <= 96
     drawn = Image.open(overlay_file)  # kept beside the map, the map's size, in colour where the map is hot
-    heatmap = read_map(settings.stored_file(array_path), (height, width))
+    heatmap = read_map(grid, (height, width))
     assert drawn.format == "JPEG" and drawn.size == (heatmap.shape[1], heatmap.shape[0])
     pixels = np.asarray(drawn.convert("RGB"), dtype=np.int16)
     hot = heatmap > 0.7

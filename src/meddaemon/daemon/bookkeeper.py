@@ -537,8 +537,11 @@ def pending_moves(session: Session, destinations: Destinations, daemon_id: int |
 
 @dataclass
 class HeatmapFile:
+    """A result's heatmap as its row keeps it: the map's grid (``.npy`` bytes), the size it is read
+    at (the model input's), and where its overlay JPEG is kept once drawn."""
+
     label_index: int
-    array_path: Path
+    grid: bytes
     overlay_path: Path
     height: int
     width: int
@@ -690,7 +693,7 @@ def insert_results(
         {
             "result_id": result_id,
             "method": h.method,
-            "array_path": stored(h.array_path),
+            "grid": h.grid,
             "overlay_path": stored(h.overlay_path),
             "height": h.height,
             "width": h.width,

@@ -181,12 +181,12 @@ def _stem(name: PurePosixPath) -> str:
     return name.name[: len(name.name) - len(suffix)] if suffix else name.name
 
 
-def heatmap_paths(heatmaps_dir: Path, sha256: str, version_id: int, label: str) -> tuple[Path, Path]:
-    """``heatmaps/<sha[:2]>/<sha>/v<version id>_<label>.npy`` and ``.jpg``: named by what they are, so a
-    replay after a crash overwrites instead of adding."""
+def overlay_path(heatmaps_dir: Path, sha256: str, version_id: int, label: str) -> Path:
+    """``heatmaps/<sha[:2]>/<sha>/v<version id>_<label>.jpg``, a map's overlay: named by what it is, so
+    a replay after a crash overwrites instead of adding. (Earlier versions kept the map beside it,
+    ``.npy``; the map's grid is in its database row now.)"""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
-    base = heatmaps_dir / sha256[:2] / sha256 / f"v{version_id}_{safe}"
-    return base.with_suffix(".npy"), base.with_suffix(".jpg")
+    return heatmaps_dir / sha256[:2] / sha256 / f"v{version_id}_{safe}.jpg"
 
 
 def view_path(heatmaps_dir: Path, sha256: str, version_id: int) -> Path:

@@ -20,16 +20,15 @@ the next files, stores the last batch's results and keeps the decoding workers f
 cores idling in turn (measured in ``benchmarks/README.md``, issue 16). The results of a batch are
 taken back, turned into outcomes and stored by the loop, in the order the batches were handed over.
 
-Heatmap files (the map's grid as ``.npy``, ``engine.heatmap_grid``; with reports on, the scan as the
-model saw it and the overlay JPEG) are written by a small thread pool while the main loop goes on to
-the next forward pass; a batch's results are committed once its files exist, so a row never points
-at a map that is not there. With reports off the overlay is drawn when first shown (``meddaemon.overlays``).
+A map's grid goes into its heatmap row (``engine.heatmap_grid``). With reports on, the scan as the
+model saw it and each map's overlay JPEG are written by a small thread pool while the main loop goes
+on to the next forward pass; a batch's results are committed once its files exist, so a row never
+points at an overlay that is not there. With reports off the overlay is drawn when first shown
+(``meddaemon.overlays``).
 """
 
 from __future__ import annotations
 
-import functools
-import io
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -53,7 +52,7 @@ from meddaemon.daemon.stages import Stage
 from meddaemon.db.models import ModelVersion, Scan, utcnow
 from meddaemon.engine.batching import BatchQueue, QueuedScan
 from meddaemon.engine.decode import DecodeOptions
-from meddaemon.engine.heatmap_grid import expand_one
+from meddaemon.engine.heatmap_grid import expand_one, grid_bytes
 from meddaemon.engine.overlay import jpeg_bytes, model_view, overlay
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import ScanFailure
@@ -553,18 +552,24 @@ def heatmap_files(
     maps: Sequence[tuple[int, np.ndarray]],
     model_input: np.ndarray,
 ) -> list[HeatmapFile]:
-    """A scan's heatmap files (``filing.heatmap_paths``) for its ``maps`` (label index, grid), each the
-    size of the ``model_input`` it was computed from (the size its map is read at)."""
+    """A scan's heatmaps as their rows keep them, for its ``maps`` (label index, grid): read at the
+    size of the ``model_input`` they were computed from, the overlays at ``filing.overlay_path``."""
     if not maps:
         return []
     assert sha is not None
     method = "cam" if model.model.cam_linear is not None else "gradcam"
     height, width = model_input.shape[-2:]
-    files = []
-    for label_index, _ in maps:
-        array_path, overlay_path = filing.heatmap_paths(heatmaps_dir, sha, model.version_id, model.labels[label_index])
-        files.append(HeatmapFile(label_index, array_path, overlay_path, int(height), int(width), method))
-    return files
+    return [
+        HeatmapFile(
+            label_index,
+            grid_bytes(grid),
+            filing.overlay_path(heatmaps_dir, sha, model.version_id, model.labels[label_index]),
+            int(height),
+            int(width),
+            method,
+        )
+        for label_index, grid in maps
+    ]
 
 
 def write_heatmap_files(
@@ -575,16 +580,15 @@ def write_heatmap_files(
     view_path: Path | None = None,
     overlays: bool = False,
 ) -> None:
-    """Each map's grid as float32 ``.npy`` (in a writer thread); with ``view_path``, the image the model saw
-    too, as the report embeds it (``report.images``). ``overlays`` also writes each map's overlay
-    JPEG: with reports on (every overlay is read by its report, and drawing it here, from the view
+    """In a writer thread: with ``view_path``, the image the model saw, as the report embeds it
+    (``report.images``); with ``overlays``, each map's overlay JPEG from its grid (``maps``): with
+    reports on (every overlay is read by its report, and drawing it here, from the view
     in hand, cost half of drawing it in the report stage) and in ``medcli evaluate`` (which keeps no
     copy of the scan to draw it from later). Without, the first reader draws it from these
     (``meddaemon.overlays``), and an overlay left from an earlier run of the same version is
     removed so that none is older than its map."""
     view = model_view(model_input, contract) if overlays or view_path is not None else None
     for file, grid in zip(files, maps, strict=True):
-        write_atomically(file.array_path, npy_buffers(grid))
         if view is not None and overlays:
             write_atomically(file.overlay_path, jpeg_bytes(overlay(view, expand_one(grid, view.shape[:2]))))
         else:
@@ -595,18 +599,3 @@ def write_heatmap_files(
 
 def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def npy_buffers(array: np.ndarray) -> list[bytes | memoryview]:
-    """``array`` as a float32 ``.npy`` file, byte for byte what ``np.save`` writes: the header and
-    the array's own memory (not copied, unless it is not float32 or not contiguous)."""
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    return [_npy_header(array.shape), memoryview(array.reshape(-1).view(np.uint8))]
-
-
-@functools.lru_cache(maxsize=16)
-def _npy_header(shape: tuple[int, ...]) -> bytes:
-    buffer = io.BytesIO()
-    header = np.lib.format.header_data_from_array_1_0(np.empty(shape, np.float32))
-    np.lib.format.write_array_header_1_0(buffer, header)
-    return buffer.getvalue()

@@ -282,15 +282,18 @@ class Result(Base):
 
 
 class Heatmap(Base):
-    """Where the model looked for one result: the map as an array (.npy: its grid, read at ``height`` x
-    ``width``, the model input's size, with ``engine.heatmap_grid.read_map``) and an overlay image."""
+    """Where the model looked for one result: the map's grid (``.npy`` bytes, read at ``height`` x
+    ``width``, the model input's size, with ``engine.heatmap_grid.read_map``) and where its overlay
+    image is kept. Rows written before the grid was kept here have ``array_path`` (the map's
+    ``.npy`` file) instead."""
 
     __tablename__ = "heatmaps"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id", ondelete="CASCADE"), unique=True)
     method: Mapped[str] = mapped_column(String(16))
-    array_path: Mapped[str] = mapped_column(Text)
+    grid: Mapped[bytes | None] = mapped_column(LargeBinary)
+    array_path: Mapped[str | None] = mapped_column(Text)
     overlay_path: Mapped[str] = mapped_column(Text)
     height: Mapped[int]
     width: Mapped[int]

@@ -74,7 +74,7 @@ class ScanFacts:
         return f"model {self.model_version}; meddaemon {__version__}"
 
     def heatmaps(self) -> list[LabelResult]:
-        return [r for r in self.results if r.array_path is not None]
+        return [r for r in self.results if r.overlay_path is not None]
 
 
 def scan_facts(session: Session, scan_id: int, state_dir: Path, uid_root: str) -> ScanFacts:
@@ -101,18 +101,19 @@ def scan_facts(session: Session, scan_id: int, state_dir: Path, uid_root: str) -
             r.probability,
             r.threshold,
             r.positive,
-            stored_file(h.array_path, state_dir) if h is not None else None,
+            stored_file(h.array_path, state_dir) if h is not None and h.array_path is not None else None,
             stored_file(h.overlay_path, state_dir) if h is not None else None,
             (h.height, h.width) if h is not None else None,
+            h.grid if h is not None else None,
         )
         for r, h in rows
     )
     stored = stored_file(scan.stored_path, state_dir)
     source = read_source(stored)
     contract = (model.manifest or {}).get("input_contract")
-    maps = [r.array_path for r in results if r.array_path is not None]
+    overlays = [r.overlay_path for r in results if r.overlay_path is not None]
     view = ViewSource(
-        view_path(maps[0].parents[2], scan.sha256, version_id) if maps else None,
+        view_path(overlays[0].parents[2], scan.sha256, version_id) if overlays else None,
         stored,
         InputContract.from_dict(contract) if contract else None,
     )
@@ -140,8 +141,8 @@ def read_source(path: Path) -> Dataset:
 
 
 def load_heatmap(result: LabelResult) -> np.ndarray:
-    assert result.array_path is not None and result.map_size is not None
-    return read_map(result.array_path, result.map_size)
+    assert result.stored_map is not None and result.map_size is not None
+    return read_map(result.stored_map, result.map_size)
 
 
 def sibling(first: Dataset, **values: Any) -> Dataset:

@@ -46,7 +46,7 @@ def caption(facts: ScanFacts, result: LabelResult) -> list[str]:
 def picture(facts: ScanFacts, result: LabelResult) -> np.ndarray:
     """uint8 RGB (rows, columns, 3): the overlay enlarged, with the caption band below it."""
     assert result.overlay_path is not None
-    drawn = overlay_jpeg(result.array_path, result.overlay_path, facts.view, result.map_size)
+    drawn = overlay_jpeg(result.stored_map, result.overlay_path, facts.view, result.map_size)
     if drawn is None:  # an OSError: the report stage tries again later (``writer.DicomOutputs``)
         raise FileNotFoundError(f"the overlay of {result.label} cannot be drawn from its stored map")
     with Image.open(io.BytesIO(drawn)) as image:

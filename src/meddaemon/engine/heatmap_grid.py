@@ -3,10 +3,11 @@
 Grad-CAM's map is a weighted sum of the target layer's activation, ``h x w`` cells (7 x 7 for a
 224 x 224 input to mobilenet_v2 or DenseNet-121); pytorch-grad-cam then resizes it to the input's
 ``H x W`` and normalises it again. Everything past the grid is a fixed function of the grid, so the
-engine returns and the daemon stores the grid (ReLU'd and min-max normalised: 196 bytes as float32)
-and readers make the map at the input's size from it with ``expand``. A map of 224 x 224 stored as
-such was 200 KB a scan on disk and about 0.6 ms of a scan's CPU to write (benchmarks/README.md,
-issue 16); drawing it from its grid costs a reader about 0.1 ms.
+engine returns the grid (ReLU'd and min-max normalised: 196 bytes as float32), the daemon keeps it
+in the heatmap's database row as ``.npy`` bytes (``grid_bytes``), and readers make the map at the
+input's size from it with ``read_map``. A map of 224 x 224 was a 200 KB ``.npy`` file a scan,
+and a file and a folder per scan to create cost the daemon about 1 ms of a scan's CPU
+(benchmarks/README.md, issue 16); drawing the map from its grid costs a reader about 0.1 ms.
 
 Only numpy: the web console and the report processes read maps without importing torch.
 """
@@ -14,6 +15,7 @@ Only numpy: the web console and the report processes read maps without importing
 from __future__ import annotations
 
 import functools
+import io
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +62,25 @@ def _bilinear_weights(source: int, target: int) -> np.ndarray:
     return weights
 
 
-def read_map(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """The map stored at ``path`` (``.npy``: its grid, or the whole map as earlier versions kept it)
-    at ``size`` (H, W), float32. ``OSError`` when it cannot be read, ``ValueError`` when the file is
-    not a 2-D ``.npy`` (never unpickled)."""
-    grid = np.load(path, allow_pickle=False)
+def grid_bytes(grid: np.ndarray) -> bytes:
+    """``grid`` as the bytes of a float32 ``.npy`` file, what ``np.save`` writes of it."""
+    grid = np.ascontiguousarray(grid, dtype=np.float32)
+    return _npy_header(grid.shape) + grid.tobytes()
+
+
+@functools.lru_cache(maxsize=16)
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, np.lib.format.header_data_from_array_1_0(np.empty(shape, np.float32)))
+    return buffer.getvalue()
+
+
+def read_map(stored: bytes | Path, size: tuple[int, int]) -> np.ndarray:
+    """A stored map at ``size`` (H, W), float32: ``stored`` is the heatmap row's grid (``.npy``
+    bytes), or the ``.npy`` file of a row an earlier version wrote (its grid, or the whole map).
+    ``OSError`` when the file cannot be read, ``ValueError`` when it is not a 2-D ``.npy`` (never
+    unpickled)."""
+    grid = np.load(io.BytesIO(stored) if isinstance(stored, bytes) else stored, allow_pickle=False)
     if grid.ndim != 2:
-        raise ValueError(f"{path.name} holds a {grid.ndim}-D array, not a map")
+        raise ValueError(f"the stored map is a {grid.ndim}-D array, not a map")
     return expand_one(grid, size)

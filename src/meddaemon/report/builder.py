@@ -78,7 +78,7 @@ class ReportBuilder:
     def images(self, data: ScanReportData) -> ScanImages:
         source = self.view_source(data)
         overlays = {
-            r.label: overlay_jpeg(r.array_path, r.overlay_path, source, r.map_size)
+            r.label: overlay_jpeg(r.stored_map, r.overlay_path, source, r.map_size)
             for r in data.heatmaps
             if r.overlay_path
         }

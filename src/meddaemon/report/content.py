@@ -156,6 +156,7 @@ def scan_report_data(
             Result.latency_ms,
             Heatmap.overlay_path,
             Heatmap.array_path,
+            Heatmap.grid,
             Heatmap.height,
             Heatmap.width,
         )
@@ -185,7 +186,8 @@ def scan_report_data(
             r.positive,
             array_path=stored_file(r.array_path, state_dir) if r.array_path is not None else None,
             overlay_path=stored_file(r.overlay_path, state_dir) if r.overlay_path is not None else None,
-            map_size=(r.height, r.width) if r.array_path is not None else None,
+            map_size=(r.height, r.width) if r.overlay_path is not None else None,
+            grid=r.grid,
         )
         for r in rows
     ]

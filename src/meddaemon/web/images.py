@@ -49,13 +49,23 @@ def scan_png(path: Path, size: tuple[int, int] | None = None, side: int = VIEW_S
     return _png(_fit(image, side))
 
 
-def heatmap_png(array_path: Path, size: tuple[int, int], side: int = VIEW_SIDE) -> bytes:
-    """The map, read at ``size`` (height, width), as an RGBA layer: jet colours, alpha rising with
+def stored_map(settings: Settings, files: HeatmapFiles) -> bytes | Path | None:
+    """What the heatmap's map is read from: its row's grid, or an older row's ``.npy`` file."""
+    if files.grid is not None:
+        return files.grid
+    return settings.stored_file(files.array_path) if files.array_path is not None else None
+
+
+def heatmap_png(settings: Settings, files: HeatmapFiles, side: int = VIEW_SIDE) -> bytes:
+    """The map, read at the model input's size, as an RGBA layer: jet colours, alpha rising with
     the map (low values see-through)."""
+    stored = stored_map(settings, files)
+    if stored is None or files.map_size is None:
+        raise NoPicture("the heatmap has no stored map")
     try:
-        heatmap = read_map(array_path, size)
+        heatmap = read_map(stored, files.map_size)
     except (OSError, ValueError) as exc:
-        raise NoPicture(f"cannot read the heatmap {array_path.name}: {type(exc).__name__}") from None
+        raise NoPicture(f"cannot read the heatmap: {type(exc).__name__}") from None
     values = np.clip(np.nan_to_num(heatmap.astype(np.float32)), 0.0, 1.0)
     size = _fitted((values.shape[1], values.shape[0]), side)
     values = np.clip(np.asarray(Image.fromarray(values, "F").resize(size, Image.Resampling.BILINEAR)), 0.0, 1.0)
@@ -70,16 +80,16 @@ def heatmap_overlay(settings: Settings, files: HeatmapFiles) -> bytes:
     from meddaemon.engine.tasks import InputContract
     from meddaemon.overlays import ViewSource, overlay_jpeg
 
-    array_path = settings.stored_file(files.array_path)
     source = ViewSource(
         view_path(settings.heatmaps_dir, files.sha256, files.model_version_id) if files.sha256 else None,
         settings.stored_file(files.stored_path) if files.stored_path else None,
         InputContract.from_dict(files.contract) if files.contract else None,
         DecodeOptions(frame_policy=settings.frame_policy, max_pixels=settings.max_pixels),  # type: ignore[arg-type]
     )
-    drawn = overlay_jpeg(array_path, settings.stored_file(files.overlay_path), source, files.map_size)
+    overlay_path = settings.stored_file(files.overlay_path)
+    drawn = overlay_jpeg(stored_map(settings, files), overlay_path, source, files.map_size)
     if drawn is None:
-        raise NoPicture(f"cannot draw the overlay of {array_path.name}")
+        raise NoPicture(f"cannot draw the overlay {overlay_path.name}")
     return drawn
 
 

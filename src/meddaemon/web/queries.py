@@ -491,8 +491,11 @@ def stored_path(session: Session, scan_id: int) -> tuple[str | None, str | None]
 
 @dataclass(frozen=True)
 class HeatmapFiles:
+    """A heatmap's map (its ``grid``, or an older row's ``.npy`` at ``array_path``) and overlay."""
+
     scan_id: int
-    array_path: str
+    grid: bytes | None
+    array_path: str | None
     overlay_path: str
     model_version_id: int
     #: the scan's hash and stored file, and the model's input contract: what its overlay is drawn from
@@ -507,6 +510,7 @@ def heatmap_files(session: Session, heatmap_id: int) -> HeatmapFiles | None:
     row = session.execute(
         select(
             Result.scan_id,
+            Heatmap.grid,
             Heatmap.array_path,
             Heatmap.overlay_path,
             Heatmap.height,
@@ -526,6 +530,7 @@ def heatmap_files(session: Session, heatmap_id: int) -> HeatmapFiles | None:
     contract = (row.manifest or {}).get("input_contract")
     return HeatmapFiles(
         row.scan_id,
+        row.grid,
         row.array_path,
         row.overlay_path,
         row.model_version_id,

@@ -185,7 +185,7 @@ def stored(session: Session, layout: Layout, original: Original, scan: Path, dat
         {
             r.label: (
                 r.heatmap.method,
-                read_map(layout.stored_file(r.heatmap.array_path), (r.heatmap.height, r.heatmap.width)),
+                read_map(r.heatmap.grid, (r.heatmap.height, r.heatmap.width)),
             )
             for r in results
             if r.heatmap is not None
@@ -332,9 +332,7 @@ def test_an_imported_onnx_graph_in_another_label_order_is_served_by_onnx_runtime
         results = session.scalars(select(Result).order_by(Result.id)).all()
         stored = {r.label: r.probability for r in results}
         [(label, heatmap)] = [
-            (r.label, read_map(daemon.settings.stored_file(r.heatmap.array_path), (r.heatmap.height, r.heatmap.width)))
-            for r in results
-            if r.heatmap
+            (r.label, read_map(r.heatmap.grid, (r.heatmap.height, r.heatmap.width))) for r in results if r.heatmap
         ]
     with torch.no_grad():
         expected = torch.softmax(original(model_input), dim=1)[0]

@@ -87,9 +87,7 @@ def _heatmap(request: Request) -> queries.HeatmapFiles:
 def heatmap_layer(request: Request) -> Response:
     console: Console = request.app.state.console
     try:
-        files = _heatmap(request)
-        assert files.map_size is not None
-        return _png(images.heatmap_png(console.settings.stored_file(files.array_path), files.map_size))
+        return _png(images.heatmap_png(console.settings, _heatmap(request)))
     except images.NoPicture as exc:
         raise HTTPException(404, str(exc)) from None
 
