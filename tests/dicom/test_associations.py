@@ -91,12 +91,16 @@ def test_c_stores_to_a_dcmtk_peer_are_not_held_for_delayed_acknowledgements(stor
     sender = DimseSender(destination)
     sender.send(objects[:1])  # pynetdicom and the objects' reading warmed up
 
-    started = time.perf_counter()
-    answers = sender.send(objects)
-    prompt = time.perf_counter() - started
-
-    assert [a.acknowledged for a in answers] == [True] * OBJECTS
-    assert prompt < OBJECTS * DELAYED_ACK_SECONDS
+    # the fastest of three sends: a send held for delayed acknowledgements cannot get under their
+    # floor in any of them, while a moment of load on the shared cores slows only one
+    prompts = []
+    for _ in range(3):
+        started = time.perf_counter()
+        answers = sender.send(objects)
+        prompts.append(time.perf_counter() - started)
+        assert [a.acknowledged for a in answers] == [True] * OBJECTS
+    prompt = min(prompts)
+    assert prompt < OBJECTS * DELAYED_ACK_SECONDS, prompts
     plain = plain_pynetdicom_seconds(storescp, objects)
     assert plain > OBJECTS * DELAYED_ACK_SECONDS * 0.9, (
         "the peer no longer makes pynetdicom wait: the test shows nothing"
