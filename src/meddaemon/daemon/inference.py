@@ -584,7 +584,7 @@ def write_heatmap_files(
     (``report.images``); with ``overlays``, each map's overlay JPEG from its grid (``maps``): with
     reports on (every overlay is read by its report, and drawing it here, from the view
     in hand, cost half of drawing it in the report stage) and in ``medcli evaluate`` (which keeps no
-    copy of the scan to draw it from later). Without, the first reader draws it from these
+    copy of the scan to draw it from later). Without, the first reader draws it from the map's row
     (``meddaemon.overlays``), and an overlay left from an earlier run of the same version is
     removed so that none is older than its map."""
     view = model_view(model_input, contract) if overlays or view_path is not None else None

@@ -2,8 +2,8 @@
 
 The scan page stacks the heatmap layer (a jet-coloured PNG whose alpha grows with the map, as in
 the overlay JPEGs of ``meddaemon.overlays``) over the scan resized to the map's size, the model
-input's, which is the geometry the model saw (``engine/preprocess.py`` resizes without cropping); the opacity slider
-changes the layer's CSS opacity. The decoders are imported when a picture is first asked for.
+input's, which is the geometry the model saw (``engine/preprocess.py`` resizes without cropping);
+the opacity slider changes the layer's CSS opacity. The decoders are imported when a picture is first asked for.
 """
 
 from __future__ import annotations
