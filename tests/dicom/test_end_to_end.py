@@ -56,8 +56,10 @@ def pacs(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def configure(layout: Layout, pacs: dict[str, Orthanc]) -> Path:
-    """A model promoted, and a config naming the two destinations with quick retries (and a study
-    quiet time that does not hold its report back for a minute)."""
+    """A model promoted, and a config naming the two destinations with quick retries and a 10 s
+    timeout (a PACS being stopped can leave a send waiting for its answer: the default 30 s, under
+    load, outlasted the outage test's wait for a failed attempt), and a study quiet time that does
+    not hold its report back for a minute."""
     promote_into(f"sqlite:///{layout.db}", layout.state / "models", write_model(layout.root / "model"))
     dimse, web = pacs["dimse"], pacs["web"]
     config = layout.root / "meddaemon.toml"
@@ -65,8 +67,8 @@ def configure(layout: Layout, pacs: dict[str, Orthanc]) -> Path:
         "outbox_retry_seconds = 0.5\noutbox_max_retry_seconds = 2.0\noutbox_max_attempts = 1000\n"
         "series_quiet_seconds = 1.0\n"
         f'[[destination]]\nname = "pacs"\nkind = "dicom"\nae_title = "{dimse.ae_title}"\n'
-        f'host = "127.0.0.1"\nport = {dimse.dicom_port}\n'
-        f'[[destination]]\nname = "web"\nkind = "dicomweb"\nurl = "{web.dicomweb_url}"\n'
+        f'host = "127.0.0.1"\nport = {dimse.dicom_port}\ntimeout_seconds = 10.0\n'
+        f'[[destination]]\nname = "web"\nkind = "dicomweb"\nurl = "{web.dicomweb_url}"\ntimeout_seconds = 10.0\n'
     )
     return config
 
