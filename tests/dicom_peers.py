@@ -22,6 +22,8 @@ class ScriptedScp:
     script: list[int] = field(default_factory=list)
     received: list[str] = field(default_factory=list)
     stored: list[str] = field(default_factory=list)
+    #: associations accepted so far
+    associations: int = 0
     port: int = 0
     ae_title: str = "SCRIPTED"
 
@@ -30,9 +32,23 @@ class ScriptedScp:
         self.ae = AE(ae_title=self.ae_title)
         self.ae.supported_contexts = AllStoragePresentationContexts
         self.server = self.ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_ESTABLISHED, self._established)],
         )
         self.port = self.server.server_address[1]
+
+    def _established(self, event: evt.Event) -> None:
+        with self._lock:
+            self.associations += 1
+
+    def open_associations(self) -> int:
+        return len(self.server.active_associations)
+
+    def abort_all(self) -> None:
+        """Abort every open association, as a peer does when it times out an idle one."""
+        for assoc in self.server.active_associations:
+            assoc.abort()
 
     def _store(self, event: evt.Event) -> int | Dataset:
         uid = str(event.request.AffectedSOPInstanceUID)

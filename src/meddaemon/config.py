@@ -82,6 +82,8 @@ class DestinationConfig:
     tasks: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     timeout_seconds: float = 30.0
+    #: ``dicom``: an association is kept open this long after its last C-STORE (0: one per round)
+    keep_open_seconds: float = 5.0
 
     def receives(self, task: str, kind: str) -> bool:
         return (not self.tasks or task in self.tasks) and (not self.outputs or kind in self.outputs)
@@ -553,6 +555,7 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
         tasks=(tasks,) if isinstance(tasks, str) else tuple(str(t) for t in tasks),
         outputs=_dicom_kinds(data.get("outputs", ())),
         timeout_seconds=_parse_float(data.get("timeout_seconds", 30.0)),
+        keep_open_seconds=_parse_float(data.get("keep_open_seconds", 5.0)),
     )
 
 
@@ -638,6 +641,8 @@ def _validate_dicom_out(s: Settings, known: Mapping[str, TaskSpec], fail: Any) -
         for task in d.tasks:
             if task not in known:
                 fail("destination", f"destination {d.name!r} names unknown task {task!r}; known: {sorted(known)}")
+        if d.timeout_seconds <= 0 or d.keep_open_seconds < 0:
+            fail("destination", f"destination {d.name!r}: timeout_seconds must be > 0 and keep_open_seconds >= 0")
 
 
 def _validate_dicom_in(s: Settings, fail: Any) -> None:

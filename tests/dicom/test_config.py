@@ -72,6 +72,11 @@ def test_the_defaults_write_every_output_and_send_nowhere():
         ('[task_dicom_outputs]\nknee = ["sr"]\n', "unknown task 'knee'"),
         ('dicom_uid_root = "1.2.x"\n', "is not a UID root"),
         ("outbox_max_attempts = 0\n", "must be >= 1"),
+        (
+            '[[destination]]\nname = "x"\nkind = "dicom"\nae_title = "P"\nhost = "h"\nport = 104\n'
+            "keep_open_seconds = -1\n",
+            "keep_open_seconds >= 0",
+        ),
     ],
 )
 def test_a_bad_dicom_out_setting_is_an_error_naming_it(tmp_path: Path, text: str, message: str):

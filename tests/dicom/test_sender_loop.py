@@ -1,6 +1,7 @@
 """The outbox sender against peers that refuse: nothing is lost, every refusal is retried (and
 visible in ``medcli outbox list`` meanwhile) until the peer stores the object, once; a permanent
-refusal is dead at once with the peer's status."""
+refusal is dead at once with the peer's status. A C-STORE association stays open while objects
+keep coming and is released once idle."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from dicom_factory import write_dicom
 from sqlalchemy import select
 
+from daemon_harness import wait_until
 from daemon_rows import add_scan
 from dicom_peers import DROP, ScriptedScp, ScriptedStow
 from meddaemon.cli.medcli import cli as medcli
@@ -115,3 +117,33 @@ def test_rows_for_a_destination_no_longer_configured_are_dead_not_stuck(make_set
     sessions, _ = queued(settings, 1, ["share", "gone"])
     drain(OutboxSender(settings, sessions, None))
     assert statuses(sessions) == {("sc:0", "share"): DELIVERED, ("sc:0", "gone"): DEAD}
+
+
+def test_the_association_stays_open_while_objects_come_and_is_released_once_idle(make_settings):
+    scp = ScriptedScp()
+    try:
+        settings = make_settings(destination=[{**scp.destination("pacs"), "keep_open_seconds": 3.0}])
+        sessions, uids = queued(settings, 2, ["pacs"])
+        sender = OutboxSender(settings, sessions, None)
+        sender.start()
+        try:
+            wait_until(lambda: set(statuses(sessions).values()) == {DELIVERED}, 30, "the objects delivered")
+            assert scp.open_associations() == 1
+            wait_until(lambda: scp.open_associations() == 0, 15, "the idle association released")
+        finally:
+            sender.stop()
+    finally:
+        scp.stop()
+    assert scp.associations == 1 and sorted(scp.stored) == sorted(uids)
+
+
+def test_a_drain_leaves_no_association_open(make_settings):
+    scp = ScriptedScp()
+    try:
+        settings = make_settings(destination=[{**scp.destination("pacs"), "keep_open_seconds": 60.0}])
+        sessions, uids = queued(settings, 2, ["pacs"])
+        OutboxSender(settings, sessions, None).drain()
+        wait_until(lambda: scp.open_associations() == 0, 10, "the association released")
+    finally:
+        scp.stop()
+    assert sorted(scp.stored) == sorted(uids)

@@ -1,7 +1,8 @@
 """Each sender against a real peer: Orthanc stores what C-STORE and STOW-RS send; scripted peers
 refuse (0xA700 out of resources, 0xC000 cannot understand, 0xA900 wrong SOP class), drop the
 association, or answer STOW-RS with 409/500/400, and each answer is classified as the outbox needs:
-acknowledged, worth retrying, or refused for good."""
+acknowledged, worth retrying, or refused for good. A C-STORE association is kept open between
+sends until it has been idle for ``keep_open_seconds``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pydicom
 import pytest
 from dicom_factory import write_dicom
 
+from daemon_harness import wait_until
 from dicom_peers import DROP, ScriptedScp, ScriptedStow
 from meddaemon.config import DestinationConfig
 from meddaemon.dicom.senders import Delivery, DimseSender, FolderSender, StowSender
@@ -67,6 +69,88 @@ def test_c_store_statuses_are_classified(objects: list[Path], status: int, expec
     assert first == expected
     assert second == Delivery(True)  # the same association goes on
     assert scp.received == uids(objects[:2])
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_association_is_kept_open_between_sends_and_released_once_idle(objects: list[Path]):
+    scp, clock = ScriptedScp(), Clock()
+    try:
+        sender = DimseSender(DestinationConfig(**{**scp.destination(), "keep_open_seconds": 5.0}), clock)  # type: ignore[arg-type]
+        for path in objects:
+            assert sender.send([path]) == [Delivery(True)]
+            clock.now += 4.0
+            sender.release_idle()  # 4 s since its last send: kept
+        assert scp.associations == 1 and scp.open_associations() == 1
+        clock.now += 1.0
+        sender.release_idle()
+        wait_until(lambda: scp.open_associations() == 0, 10, "the association to close", every=0.01)
+        assert sender.send(objects[:1]) == [Delivery(True)]
+        sender.close()
+    finally:
+        scp.stop()
+    assert scp.associations == 2
+    assert scp.stored == uids(objects) + uids(objects[:1])
+
+
+def test_keep_open_zero_releases_the_association_after_each_send(objects: list[Path]):
+    scp = ScriptedScp()
+    try:
+        sender = DimseSender(DestinationConfig(**{**scp.destination(), "keep_open_seconds": 0.0}))  # type: ignore[arg-type]
+        assert [sender.send([p]) for p in objects] == [[Delivery(True)]] * 3
+    finally:
+        scp.stop()
+    assert scp.associations == 3
+
+
+def test_a_new_sop_class_opens_an_association_proposing_it_and_those_sent_before(tmp_path: Path, objects: list[Path]):
+    capture = write_dicom(tmp_path / "synthetic_sc.dcm", modality="SC", pixels=np.zeros((8, 8), np.uint8))
+    scp = ScriptedScp()
+    try:
+        sender = DimseSender(DestinationConfig(**scp.destination()))  # type: ignore[arg-type]
+        assert sender.send(objects[:1]) + sender.send([capture]) + sender.send(objects[1:]) == [Delivery(True)] * 4
+        sender.close()
+    finally:
+        scp.stop()
+    assert scp.associations == 2  # the third send went on the second association
+    assert scp.stored == uids(objects[:1]) + uids([capture]) + uids(objects[1:])
+
+
+def test_a_kept_association_the_peer_closed_is_opened_again_before_anything_fails(objects: list[Path]):
+    scp = ScriptedScp()
+    try:
+        sender = DimseSender(DestinationConfig(**scp.destination()))  # type: ignore[arg-type]
+        assert sender.send(objects[:1]) == [Delivery(True)]
+        scp.abort_all()  # as a PACS timing out an idle association does
+        wait_until(lambda: scp.open_associations() == 0, 10, "the association to close", every=0.01)
+        assert sender.send(objects[1:]) == [Delivery(True)] * 2
+        sender.close()
+    finally:
+        scp.stop()
+    assert scp.associations == 2 and scp.stored == uids(objects)
+
+
+def test_a_kept_association_dropped_at_its_first_object_is_tried_once_more_on_a_new_one(objects: list[Path]):
+    scp = ScriptedScp([0x0000, DROP, DROP])
+    try:
+        destination = DestinationConfig(**{**scp.destination(), "timeout_seconds": 3.0})  # type: ignore[arg-type]
+        sender = DimseSender(destination)
+        assert sender.send(objects[:1]) == [Delivery(True)]
+        second = sender.send(objects[1:2])  # dropped on the kept association, then on a new one
+        third = sender.send(objects[2:])  # a new association again
+        sender.close()
+    finally:
+        scp.stop()
+    assert not second[0].acknowledged and not second[0].permanent
+    assert third == [Delivery(True)]
+    assert scp.associations == 3
+    assert scp.received == uids(objects[:1]) + uids(objects[1:2]) * 2 + uids(objects[2:])
 
 
 def test_a_dropped_association_fails_what_was_in_flight_and_what_was_left(objects: list[Path]):

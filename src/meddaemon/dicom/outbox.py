@@ -266,8 +266,9 @@ def nothing_pending(scan_id_column: Any) -> Any:
 class OutboxSender:
     """Empties the outbox: a thread of the daemon (``start``/``stop``), or ``drain`` for ``--once``.
 
-    Each round claims up to ``batch`` due rows, sends them grouped by destination (one association
-    or session per group), and records every answer in one transaction per group.
+    Each round claims up to ``batch`` due rows, sends them grouped by destination (a sender per
+    destination, kept between rounds: a C-STORE association stays open while objects keep coming),
+    and records every answer in one transaction per group.
     """
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], daemon_id: int | None, batch: int = 32):
@@ -356,8 +357,11 @@ class OutboxSender:
 
     def drain(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """Send until nothing is due now (``--once``; rows backing off wait for the next run)."""
-        while not should_stop() and self.round():
-            pass
+        try:
+            while not should_stop() and self.round():
+                pass
+        finally:
+            self.close_senders()
 
     def serve(self) -> None:
         while not self.stop_event.is_set():
@@ -367,7 +371,13 @@ class OutboxSender:
                 log.exception("the outbox sender failed a round; trying again shortly")
                 attempted = 0
             if not attempted:
+                for sender in self.senders.values():
+                    sender.release_idle()
                 self.stop_event.wait(POLL_SECONDS)
+
+    def close_senders(self) -> None:
+        for sender in self.senders.values():
+            sender.close()
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self.serve, name="outbox-sender", daemon=True)
@@ -378,8 +388,7 @@ class OutboxSender:
         self.stop_event.set()
         if self.thread is not None:
             self.thread.join(timeout)
-        for sender in self.senders.values():
-            sender.close()
+        self.close_senders()
 
 
 class OutboxProcess:
@@ -441,6 +450,5 @@ def _process_main(settings: Settings, stop: Any, daemon_id: int | None) -> None:
     try:
         sender.serve()
     finally:
-        for each in sender.senders.values():
-            each.close()
+        sender.close_senders()
         engine.dispose()
