@@ -24,13 +24,18 @@ class ScriptedScp:
     stored: list[str] = field(default_factory=list)
     #: associations accepted so far
     associations: int = 0
+    #: the transfer syntax each C-STORE request came in
+    syntaxes: list[str] = field(default_factory=list)
     port: int = 0
     ae_title: str = "SCRIPTED"
+    #: the transfer syntaxes it accepts (None: pynetdicom's default four)
+    accepts: list[str] | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self.ae = AE(ae_title=self.ae_title)
-        self.ae.supported_contexts = AllStoragePresentationContexts
+        for context in AllStoragePresentationContexts:
+            self.ae.add_supported_context(context.abstract_syntax, self.accepts or context.transfer_syntax)
         self.server = self.ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
@@ -54,6 +59,7 @@ class ScriptedScp:
         uid = str(event.request.AffectedSOPInstanceUID)
         with self._lock:
             self.received.append(uid)
+            self.syntaxes.append(str(event.context.transfer_syntax))
             answer = self.script.pop(0) if self.script else 0x0000
             if answer == 0x0000:
                 self.stored.append(uid)

@@ -12,6 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_factory import write_dicom
+from pydicom.uid import ImplicitVRLittleEndian
 
 from daemon_harness import wait_until
 from dicom_peers import DROP, ScriptedScp, ScriptedStow
@@ -151,6 +152,32 @@ def test_a_kept_association_dropped_at_its_first_object_is_tried_once_more_on_a_
     assert third == [Delivery(True)]
     assert scp.associations == 3
     assert scp.received == uids(objects[:1]) + uids(objects[1:2]) * 2 + uids(objects[2:])
+
+
+def test_an_object_goes_as_written_or_in_the_one_syntax_the_peer_accepts(tmp_path: Path, objects: list[Path]):
+    written = pydicom.dcmread(objects[0])
+    for accepts in (None, [ImplicitVRLittleEndian]):
+        scp = ScriptedScp(accepts=accepts)
+        try:
+            sender = DimseSender(DestinationConfig(**scp.destination()))  # type: ignore[arg-type]
+            assert sender.send(objects[:1]) == [Delivery(True)]
+            sender.close()
+        finally:
+            scp.stop()
+        assert scp.syntaxes == [str(accepts[0] if accepts else written.file_meta.TransferSyntaxUID)]
+        assert scp.stored == uids(objects[:1])
+
+
+def test_an_object_file_that_is_not_dicom_is_refused_for_good_and_nothing_is_sent(tmp_path: Path):
+    scp = ScriptedScp()
+    try:
+        not_dicom = tmp_path / "not_dicom.dcm"
+        not_dicom.write_bytes(b"synthetic, not DICOM" * 20)
+        (answer,) = DimseSender(DestinationConfig(**scp.destination())).send([not_dicom])  # type: ignore[arg-type]
+    finally:
+        scp.stop()
+    assert not answer.acknowledged and answer.permanent and "cannot be read" in answer.detail
+    assert scp.associations == 0
 
 
 def test_a_dropped_association_fails_what_was_in_flight_and_what_was_left(objects: list[Path]):
