@@ -9,11 +9,18 @@ daemon's end-to-end throughput.
    already reported): objects per second, and the build CPU time of each kind (median ms).
 2. **sent**: those objects queued for Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``, started
    here on loopback) by C-STORE and by STOW-RS, and sent by the outbox sender (``drain``): objects
-   per second per protocol. Skipped when Orthanc is not installed.
+   per second per protocol, and this process's CPU time an object. Then by C-STORE again as the
+   daemon's stream sends them, a scan's four objects a round, with an association each round
+   (``keep_open_seconds = 0``) and with the association kept, alternated twice; and as a
+   steady stream of scans does, one scan's objects every 0.1 s (``DimseSender`` alone), each way,
+   alternated twice: ms a send takes an object, and CPU ms an object. Skipped when Orthanc is not
+   installed.
 3. **end to end**: ``meddaemon start`` (a subprocess, ``--workers 2``, reports on) without
    destinations, then with all four outputs for Orthanc by C-STORE (a folder without Orthanc);
    each run warmed up (the model served, the report process started), then ``--files`` DICOMs
    renamed into the inbox and timed until every scan is archived (with outputs: delivered first).
+   Both runs poll for scans to archive every 0.25 s (``model_poll_seconds``; 2 s by default, to
+   which a run of a few seconds would be rounded).
    Scans per second, and the cost of the outputs. Alternated ``--rounds`` times.
 4. **CPU per scan** (``--cpu``, instead of 1 to 3): ``Daemon.run(once=True)`` in this process
    (``workers = 0``: decoding here too; 16 scans or fewer: the reports too) over ``--files`` DICOMs,
@@ -69,15 +76,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 from dicom_factory import write_dicom  # noqa: E402
 from sqlalchemy import func, select, update  # noqa: E402
 
-from meddaemon.config import load_settings  # noqa: E402
+from meddaemon.config import DestinationConfig, load_settings  # noqa: E402
 from meddaemon.daemon.service import Daemon  # noqa: E402
 from meddaemon.db.engine import transaction  # noqa: E402
 from meddaemon.db.models import Scan  # noqa: E402
 from meddaemon.dicom import outbox  # noqa: E402
 from meddaemon.dicom.content import scan_facts  # noqa: E402
+from meddaemon.dicom.senders import DimseSender  # noqa: E402
 from meddaemon.dicom.writer import DicomOutputs, build_objects  # noqa: E402
 from meddaemon.report.output import scan_report_path  # noqa: E402
 from meddaemon.states import ScanState  # noqa: E402
+from meddaemon.stored_paths import stored_file  # noqa: E402
 from model_factory import promote, promote_into, write_model  # noqa: E402
 from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc  # noqa: E402
 
@@ -164,18 +173,32 @@ def written(root: Path, files: int) -> tuple[Daemon, float, int, dict[str, float
 # -- 2. sent ---------------------------------------------------------------------------------------
 
 
-def sent(daemon: Daemon, root: Path) -> dict[str, float]:
+#: (destination name, kind, objects a round, keep_open_seconds, what the line says)
+SENDS = [
+    ("pacs", "dicom", 32, 5.0, "C-STORE"),
+    ("web", "dicomweb", 32, 5.0, "STOW-RS"),
+    ("pacs-scan-new", "dicom", 4, 0.0, "C-STORE, a scan's 4 objects a round, an association each"),
+    ("pacs-scan-kept", "dicom", 4, 5.0, "C-STORE, a scan's 4 objects a round, the association kept"),
+    ("pacs-scan-new-2", "dicom", 4, 0.0, "C-STORE, a scan's 4 objects a round, an association each"),
+    ("pacs-scan-kept-2", "dicom", 4, 5.0, "C-STORE, a scan's 4 objects a round, the association kept"),
+]
+
+
+def sent(daemon: Daemon, root: Path) -> dict[str, list[tuple[float, float]]]:
+    """{what: [(objects/s, this process's CPU ms an object)]}: the first two send the objects for the
+    first time, the others again (Orthanc answers a resent instance as stored)."""
     server = Orthanc(root / "orthanc")
     server.start()
     try:
-        rates = {}
-        for name, kind in (("pacs", "dicom"), ("web", "dicomweb")):
+        rates: dict[str, list[tuple[float, float]]] = {}
+        for name, kind, batch, keep_open, what in SENDS:
+            destination = {**server.destination(name, kind), "keep_open_seconds": keep_open}
             settings = load_settings(
                 env={},
                 flags={
                     "watch": daemon.settings.watch,
                     "state_dir": daemon.settings.state_dir,
-                    "destination": [server.destination(name, kind)],
+                    "destination": [destination],
                 },
             )
             with transaction(daemon.sessions) as session:
@@ -188,12 +211,51 @@ def sent(daemon: Daemon, root: Path) -> dict[str, float]:
                         outbox.NewItem(row.object_key, name, row.sop_class_uid, row.sop_instance_uid, row.path)
                     )
                 count = sum(outbox.enqueue(session, scan_id, new) for scan_id, new in items.items())
-            t0 = time.perf_counter()
-            outbox.OutboxSender(settings, daemon.sessions, None).drain()
-            rates[f"{kind} ({count} objects)"] = count / (time.perf_counter() - t0)
+            t0, c0 = time.perf_counter(), time.process_time()
+            outbox.OutboxSender(settings, daemon.sessions, None, batch=batch).drain()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            rates.setdefault(f"{what} ({count} objects)", []).append((count / wall, cpu * 1000 / count))
+        rates.update(trickled(daemon, server))
         return rates
     finally:
         server.stop()
+
+
+#: the daemon's stream: a scan's objects queued every TRICKLE_SECONDS (about its rate with outputs)
+TRICKLE_SECONDS = 0.1
+
+
+def trickled(daemon: Daemon, server: Orthanc) -> dict[str, list[tuple[float, float]]]:
+    """C-STORE of each scan's objects in turn, TRICKLE_SECONDS apart (``DimseSender``, as the outbox
+    sends a round): with an association each round and with one kept open, alternated twice;
+    (ms a send takes an object, this process's CPU ms an object)."""
+    with daemon.sessions() as session:
+        rows = session.execute(
+            select(outbox.OutboxItem.scan_id, outbox.OutboxItem.path)
+            .where(outbox.OutboxItem.destination == "share")
+            .order_by(outbox.OutboxItem.id)
+        ).all()
+    scans: dict[int, list[Path]] = {}
+    for scan_id, path in rows:
+        scans.setdefault(scan_id, []).append(stored_file(path, daemon.settings.state_dir))
+    count = sum(len(paths) for paths in scans.values())
+    figures: dict[str, list[tuple[float, float]]] = {}
+    for keep_open in (0.0, 5.0, 0.0, 5.0):
+        destination = DestinationConfig(**{**server.destination("pacs", "dicom"), "keep_open_seconds": keep_open})
+        sender, sending = DimseSender(destination), 0.0
+        c0 = time.process_time()
+        for paths in scans.values():
+            t0 = time.perf_counter()
+            assert all(d.acknowledged for d in sender.send(paths)), "Orthanc did not store an object"
+            sending += time.perf_counter() - t0
+            sender.release_idle()
+            time.sleep(TRICKLE_SECONDS)
+        sender.close()
+        cpu = (time.process_time() - c0) * 1000 / count
+        how = "an association each round" if keep_open == 0 else "the association kept"
+        what = f"C-STORE, a scan's objects every {TRICKLE_SECONDS} s, {how} ({count} objects)"
+        figures.setdefault(what, []).append((sending * 1000 / count, cpu))
+    return figures
 
 
 # -- 3. end to end ---------------------------------------------------------------------------------
@@ -223,6 +285,11 @@ def seed_sized_model(folder: Path, architecture: str) -> Path:
     return folder
 
 
+#: the archive stage's cadence (``model_poll_seconds``) in the end-to-end runs: at the default 2 s
+#: a run of a few seconds was timed to the poll after its last delivery, not to the delivery
+ARCHIVE_POLL_SECONDS = 0.25
+
+
 def end_to_end(root: Path, files: int, destination: str | None, architecture: str) -> tuple[float, float]:
     """Scans per second from the inbox to ``reported`` (the daemon's own work: inference, the report
     and, with destinations, the DICOM objects) and to ``archived`` (with destinations: delivered
@@ -233,7 +300,7 @@ def end_to_end(root: Path, files: int, destination: str | None, architecture: st
     model = write_model(root / "model") if architecture == "tiny" else seed_sized_model(root / "model", architecture)
     promote_into(f"sqlite:///{state / 'meddaemon.db'}", state / "models", model)
     config = root / "meddaemon.toml"
-    config.write_text(destination or "")
+    config.write_text(f"model_poll_seconds = {ARCHIVE_POLL_SECONDS}\n{destination or ''}")
     log = (root / "daemon.log").open("wb")
     proc = subprocess.Popen(
         [
@@ -382,6 +449,7 @@ def objects_per_scan(root: Path, files: int, task: str) -> dict[str, float]:
     from meddaemon import heap
     from meddaemon.dicom import encoding
     from meddaemon.dicom.content import ScanFacts, read_source
+    from meddaemon.engine.heatmap_grid import grid_bytes
     from meddaemon.engine.tasks import all_tasks
     from meddaemon.label_results import LabelResult
 
@@ -391,12 +459,11 @@ def objects_per_scan(root: Path, files: int, task: str) -> dict[str, float]:
     results = []
     for number, label in enumerate(labels):
         called = number % 2 == 0 if task == "chestxray14" else number == 1
-        heatmap = overlay = None
-        if called:
-            heatmap, overlay = root / f"{label}.npy", root / f"{label}.jpg"
-            np.save(heatmap, rng.random((side, side)).astype(np.float32))
+        grid = overlay = None
+        if called:  # a map kept as the daemon keeps it: its 7 x 7 grid, read at the input's size
+            grid, overlay = grid_bytes(rng.random((7, 7)).astype(np.float32)), root / f"{label}.jpg"
             Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(overlay, quality=90)
-        results.append((label, called, heatmap, overlay))
+        results.append((label, called, grid, overlay))
     architecture = "densenet121" if task == "chestxray14" else "small_cnn"
     spent: dict[str, list[float]] = {}
     for number in range(files + 2):
@@ -409,8 +476,8 @@ def objects_per_scan(root: Path, files: int, task: str) -> dict[str, float]:
             "v1",
             architecture,
             tuple(
-                LabelResult(label, p, 0.5, called, heatmap, overlay)
-                for (label, called, heatmap, overlay), p in zip(results, rng.random(len(results)), strict=True)
+                LabelResult(label, p, 0.5, called, None, overlay, (side, side) if called else None, grid)
+                for (label, called, grid, overlay), p in zip(results, rng.random(len(results)), strict=True)
             ),
             source,
             "1.2.826.0.1.3680043.10.",
@@ -487,8 +554,10 @@ def main() -> None:
             print(f"written: {objects} objects for {args.files} scans, {rate:.1f} objects/s (build + fsync'd write)")
             print("  build, median ms: " + ", ".join(f"{k} {v:.1f}" for k, v in per_kind.items()))
             if have_orthanc:
-                for kind, r in sent(daemon, root).items():
-                    print(f"sent to Orthanc by {kind}: {r:.1f} objects/s")
+                for what, figures in sent(daemon, root).items():
+                    unit = "ms a send, an object" if "every" in what else "objects/s"
+                    shown = "; ".join(f"{rate:.1f} {unit}, CPU {cpu:.2f} ms an object" for rate, cpu in figures)
+                    print(f"sent to Orthanc by {what}: {shown}")
             else:
                 print("sent: skipped (Orthanc not installed)")
             daemon.engine.dispose()
