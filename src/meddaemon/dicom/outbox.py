@@ -370,9 +370,9 @@ class OutboxSender:
             except Exception:
                 log.exception("the outbox sender failed a round; trying again shortly")
                 attempted = 0
+            for sender in self.senders.values():  # those with nothing due this while let go
+                sender.release_idle()
             if not attempted:
-                for sender in self.senders.values():
-                    sender.release_idle()
                 self.stop_event.wait(POLL_SECONDS)
 
     def close_senders(self) -> None:
