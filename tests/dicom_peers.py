@@ -55,6 +55,15 @@ class ScriptedScp:
         for assoc in self.server.active_associations:
             assoc.abort()
 
+    def release_all(self) -> None:
+        """Ask to release every open association (blocks until each is answered or aborted)."""
+        for assoc in self.server.active_associations:
+            assoc.release()
+
+    def awaiting_release(self) -> bool:
+        """A release request of ``release_all`` has gone out and waits for its answer (DUL state 7)."""
+        return any(a.dul.state_machine.current_state == "Sta7" for a in self.server.active_associations)
+
     def _store(self, event: evt.Event) -> int | Dataset:
         uid = str(event.request.AffectedSOPInstanceUID)
         with self._lock:

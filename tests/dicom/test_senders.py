@@ -6,6 +6,8 @@ sends until it has been idle for ``keep_open_seconds``."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +133,27 @@ def test_a_kept_association_the_peer_closed_is_opened_again_before_anything_fail
         scp.abort_all()  # as a PACS timing out an idle association does
         wait_until(lambda: scp.open_associations() == 0, 10, "the association to close", every=0.01)
         assert sender.send(objects[1:]) == [Delivery(True)] * 2
+        sender.close()
+    finally:
+        scp.stop()
+    assert scp.associations == 2 and scp.stored == uids(objects)
+
+
+def test_a_resting_association_the_peer_asked_to_release_is_replaced_before_anything_fails(objects: list[Path]):
+    scp = ScriptedScp()
+    try:
+        destination = DestinationConfig(**{**scp.destination(), "timeout_seconds": 5.0})  # type: ignore[arg-type]
+        sender = DimseSender(destination)
+        assert sender.send(objects[:1]) == [Delivery(True)]
+        releasing = threading.Thread(target=scp.release_all)
+        releasing.start()  # the request waits for an answer that a resting association does not give
+        wait_until(scp.awaiting_release, 10, "the release request to go out", every=0.01)
+        time.sleep(0.05)  # and to reach the sender's side of the connection
+        started = time.monotonic()
+        assert sender.send(objects[1:]) == [Delivery(True)] * 2
+        assert time.monotonic() - started < destination.timeout_seconds  # no request waited out a timeout
+        releasing.join(30)
+        assert not releasing.is_alive()
         sender.close()
     finally:
         scp.stop()
