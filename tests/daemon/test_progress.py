@@ -2,19 +2,12 @@
 
 import io
 
+from fake_clock import FakeClock
 from meddaemon.daemon.progress import ProgressLines
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_line_when_the_count_changed_and_the_interval_passed_then_the_last_count():
-    out, clock = io.StringIO(), Clock()
+    out, clock = io.StringIO(), FakeClock()
     progress = ProgressLines(out, every=3.0, clock=clock)
     progress.update(0, 10)
     clock.now = 1.0

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fake_clock import FakeClock
 from meddaemon.daemon.sdnotify import Watchdog, notify, watchdog_interval
 
 
@@ -39,14 +40,6 @@ def systemd(tmp_path: Path) -> Iterator[FakeSystemd]:
     sock.setblocking(False)
     yield FakeSystemd(sock, str(path))
     sock.close()
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_notify_sends_the_message_as_one_datagram(systemd):
@@ -90,7 +83,7 @@ def test_watchdog_interval_comes_from_watchdog_usec_for_this_process_only():
 
 
 def test_watchdog_pings_at_most_every_half_interval(systemd):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     dog = Watchdog({**systemd.env, "WATCHDOG_USEC": "10000000"}, clock=clock)
     assert dog.interval == 10.0
     assert dog.ready() is True
@@ -120,7 +113,7 @@ def test_watchdog_reports_ready_with_status_status_lines_and_stopping(systemd):
 
 
 def test_without_a_watchdog_interval_tick_never_sends(systemd):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     dog = Watchdog(systemd.env, clock=clock)
     for _ in range(3):
         clock.now += 100

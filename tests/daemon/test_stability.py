@@ -4,20 +4,13 @@ from pathlib import Path
 
 import pytest
 
+from fake_clock import FakeClock
 from meddaemon.daemon.stability import StabilityTracker
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(100.0)
 
 
 def test_a_file_is_stable_only_after_the_window(tmp_path: Path, clock: FakeClock):

@@ -18,6 +18,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from daemon_harness import wait_until
 from dicom_peers import DROP, ScriptedScp, ScriptedStow
+from fake_clock import FakeClock
 from meddaemon.config import DestinationConfig
 from meddaemon.dicom.senders import Delivery, DimseSender, FolderSender, StowSender
 from orthanc import Orthanc
@@ -74,16 +75,8 @@ def test_c_store_statuses_are_classified(objects: list[Path], status: int, expec
     assert scp.received == uids(objects[:2])
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_an_association_is_kept_open_between_sends_and_released_once_idle(objects: list[Path]):
-    scp, clock = ScriptedScp(), Clock()
+    scp, clock = ScriptedScp(), FakeClock()
     try:
         sender = DimseSender(DestinationConfig(**{**scp.destination(), "keep_open_seconds": 5.0}), clock)  # type: ignore[arg-type]
         for path in objects:

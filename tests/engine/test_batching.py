@@ -2,22 +2,16 @@
 
 import numpy as np
 
+from fake_clock import FakeClock
 from meddaemon.engine.batching import BatchQueue, QueuedScan
 
 
-class Clock:
-    now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def item(scan_id: int, clock: Clock, frames: int = 1) -> QueuedScan:
+def item(scan_id: int, clock: FakeClock, frames: int = 1) -> QueuedScan:
     return QueuedScan(scan_id, np.zeros((frames, 1, 4, 4), np.float32), None, enqueued=clock.now)
 
 
 def test_a_full_batch_goes_at_once_and_the_rest_waits():
-    clock = Clock()
+    clock = FakeClock()
     queue: BatchQueue[str] = BatchQueue(max_batch=4, max_wait=0.05, clock=clock)
     for i in range(6):
         queue.put("m", item(i, clock))
@@ -31,7 +25,7 @@ def test_a_full_batch_goes_at_once_and_the_rest_waits():
 
 
 def test_a_limit_takes_that_many_batches_and_the_rest_keeps_filling():
-    clock = Clock()
+    clock = FakeClock()
     queue: BatchQueue[str] = BatchQueue(max_batch=2, max_wait=0.05, clock=clock)
     for i in range(5):
         queue.put("m", item(i, clock))
@@ -43,7 +37,7 @@ def test_a_limit_takes_that_many_batches_and_the_rest_keeps_filling():
 
 
 def test_a_partial_batch_goes_when_its_oldest_scan_has_waited_max_wait():
-    clock = Clock()
+    clock = FakeClock()
     queue: BatchQueue[str] = BatchQueue(max_batch=16, max_wait=0.1, clock=clock)
     queue.put("m", item(1, clock))
     clock.now += 0.06
@@ -55,7 +49,7 @@ def test_a_partial_batch_goes_when_its_oldest_scan_has_waited_max_wait():
 
 
 def test_each_model_has_its_own_queue_and_flush_takes_everything():
-    clock = Clock()
+    clock = FakeClock()
     queue: BatchQueue[int] = BatchQueue(max_batch=8, max_wait=10, clock=clock)
     queue.put(1, item(1, clock))
     queue.put(2, item(2, clock))
@@ -64,7 +58,7 @@ def test_each_model_has_its_own_queue_and_flush_takes_everything():
 
 
 def test_multi_frame_scans_count_their_frames_and_are_never_split():
-    clock = Clock()
+    clock = FakeClock()
     queue: BatchQueue[str] = BatchQueue(max_batch=4, max_wait=1, clock=clock)
     queue.put("m", item(1, clock, frames=3))
     queue.put("m", item(2, clock, frames=3))
