@@ -26,6 +26,8 @@ class ScriptedScp:
     associations: int = 0
     #: the transfer syntax each C-STORE request came in
     syntaxes: list[str] = field(default_factory=list)
+    #: the data set of each request stored, as it came (file meta: the context's syntax)
+    datasets: list[Dataset] = field(default_factory=list)
     port: int = 0
     ae_title: str = "SCRIPTED"
     #: the transfer syntaxes it accepts (None: pynetdicom's default four)
@@ -72,6 +74,9 @@ class ScriptedScp:
             answer = self.script.pop(0) if self.script else 0x0000
             if answer == 0x0000:
                 self.stored.append(uid)
+                dataset = event.dataset
+                dataset.file_meta = event.file_meta
+                self.datasets.append(dataset)
         if answer == DROP:
             event.assoc.abort()
             return 0xC000

@@ -152,10 +152,27 @@ def test_the_secondary_capture_burns_in_the_overlay_and_a_not_for_diagnosis_capt
         for key in (k for k in by_key if k.startswith("sc:")):
             ds = by_key[key]
             assert ds.BurnedInAnnotation == "YES" and ds.ImageComments == NOT_FOR_DIAGNOSIS
-            assert ds.PhotometricInterpretation == "RGB" and min(ds.Rows, ds.Columns) >= sc.MIN_SIDE
-            caption_band = ds.pixel_array[ds.Columns :]
-            assert (caption_band == [255, 255, 0]).all(axis=-1).any()  # the yellow warning line is drawn
+            assert min(ds.Rows, ds.Columns) >= sc.MIN_SIDE
+            red, green, blue = np.moveaxis(ds.pixel_array[ds.Columns :].astype(int), -1, 0)  # the caption band
+            assert ((red > 200) & (green > 200) & (blue < 80)).any()  # the yellow warning line is drawn
             assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+
+def test_the_secondary_capture_is_its_picture_in_jpeg_baseline_marked_lossy(delivered: Daemon, tmp_path: Path):
+    facts = three_label_facts(delivered, tmp_path)
+    result = facts.heatmaps()[0]
+    path = tmp_path / "sc.dcm"
+    path.write_bytes(encoding.encode(sc.build(facts, result)))
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.JPEGBaseline8Bit
+    assert ds.PhotometricInterpretation == "YBR_FULL_422" and ds.SamplesPerPixel == 3
+    assert (ds.LossyImageCompression, ds.LossyImageCompressionMethod) == ("01", "ISO_10918_1")
+    picture = sc.picture(facts, result)
+    assert float(ds.LossyImageCompressionRatio) == pytest.approx(picture.nbytes / len(ds.PixelData), rel=1e-3)
+    assert float(ds.LossyImageCompressionRatio) > 4 and path.stat().st_size < picture.nbytes / 4
+    decoded = ds.pixel_array  # pydicom gives RGB
+    assert decoded.shape == picture.shape
+    assert np.abs(decoded.astype(int) - picture).mean() < 2.0  # quality 95: what the eye cannot tell apart
 
 
 def test_the_encapsulated_pdf_is_the_scan_report_without_phi_by_default(delivered: Daemon):

@@ -10,16 +10,18 @@ import threading
 import time
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 from dicom_factory import write_dicom
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
 from daemon_harness import wait_until
 from dicom_peers import DROP, ScriptedScp, ScriptedStow
 from fake_clock import FakeClock
 from meddaemon.config import DestinationConfig
+from meddaemon.dicom import encoding, sc
 from meddaemon.dicom.senders import Delivery, DimseSender, FolderSender, StowSender
 from orthanc import Orthanc
 
@@ -182,6 +184,46 @@ def test_an_object_goes_as_written_or_in_the_one_syntax_the_peer_accepts(tmp_pat
             scp.stop()
         assert scp.syntaxes == [str(accepts[0] if accepts else written.file_meta.TransferSyntaxUID)]
         assert scp.stored == uids(objects[:1])
+
+
+def jpeg_capture(path: Path) -> tuple[Path, np.ndarray]:
+    """A SYNTHETIC colour Secondary Capture in JPEG Baseline, as ``dicom.sc`` writes the daemon's
+    captures, and its picture."""
+    rows, columns = np.mgrid[0:48, 0:64]
+    picture = np.stack([rows * 5, columns * 4, np.full_like(rows, 128)], axis=-1).astype(np.uint8)
+    capture = hd.sc.SCImage(
+        pixel_array=picture,
+        photometric_interpretation=sc.PHOTOMETRIC,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        study_instance_uid=hd.UID(),
+        series_instance_uid=hd.UID(),
+        series_number=1,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="SYNTHETIC",
+        patient_orientation=("L", "F"),
+        transfer_syntax_uid=sc.TRANSFER_SYNTAX,
+    )
+    path.write_bytes(encoding.encode(capture))
+    return path, picture
+
+
+def test_a_jpeg_capture_goes_as_written_where_the_peer_takes_jpeg_and_decompressed_where_it_does_not(tmp_path: Path):
+    capture, picture = jpeg_capture(tmp_path / "synthetic_sc.dcm")
+    for accepts, expected in (([JPEGBaseline8Bit], JPEGBaseline8Bit), (None, ExplicitVRLittleEndian)):
+        scp = ScriptedScp(accepts=accepts)  # None: pynetdicom's four uncompressed syntaxes
+        try:
+            sender = DimseSender(DestinationConfig(**scp.destination()))  # type: ignore[arg-type]
+            assert sender.send([capture]) == [Delivery(True)]
+            sender.close()
+        finally:
+            scp.stop()
+        assert scp.syntaxes == [expected]
+        (received,) = scp.datasets
+        if expected == ExplicitVRLittleEndian:
+            assert received.PhotometricInterpretation == "RGB"  # decoded, as pydicom gives it
+        assert np.abs(received.pixel_array.astype(int) - picture).mean() < 2.0
 
 
 def test_an_object_file_that_is_not_dicom_is_refused_for_good_and_nothing_is_sent(tmp_path: Path):

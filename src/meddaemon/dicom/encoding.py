@@ -13,8 +13,10 @@ writer for its VR. Anything unusual (a value too long for its VR's length field,
 length, a buffered value) is left to pydicom's ``write_data_element`` whole. The top-level elements
 are written the same way after the file meta, which pydicom's ``write_file_meta_info`` completes,
 checks and writes as ``dcmwrite`` has it do (``dcmwrite`` itself deep-copied the file meta and went
-through its checks again for every object: about half of a busi scan's encoding). An object of
-another transfer syntax, or one ``dcmwrite`` would refuse, is written by ``dcmwrite``.
+through its checks again for every object: about half of a busi scan's encoding). The encapsulated
+syntaxes encode the data set as Explicit VR Little Endian does, their pixel data of undefined length
+(a Secondary Capture's JPEG Baseline frame): written the same way. An object of another transfer
+syntax, or one ``dcmwrite`` would refuse, is written by ``dcmwrite``.
 
 An item ``freeze`` was called on is encoded once and its bytes reused wherever it appears again: the
 content items an SR shares with every other SR of its model (``sr.ReportPattern``), the items a
@@ -39,7 +41,7 @@ from pydicom.filewriter import (
     writers,
 )
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import AMBIGUOUS_VR, CUSTOMIZABLE_CHARSET_VR, EXPLICIT_VR_LENGTH_32, VR
 
 _ITEM = b"\xfe\xff\x00\xe0"
@@ -74,6 +76,9 @@ def freeze_below(ds: Dataset) -> None:
 def encode(ds: Dataset) -> bytes:
     """``ds`` as a DICOM file: preamble, file meta and data set, as ``ds.save_as(..,
     enforce_file_format=True)`` writes it; the ambiguous VRs of ``ds`` are resolved in place."""
+    syntax = _transfer_syntax(ds)
+    if "PixelData" in ds and syntax is not None:
+        ds["PixelData"].is_undefined_length = syntax.is_compressed  # as ``dcmwrite`` sets it (PS3.5 A.4)
     _correct_ambiguous_vr(ds, [ds])
     meta = _file_meta(ds)
     if meta is None:  # pydicom's own writer, all of it
@@ -88,19 +93,20 @@ def encode(ds: Dataset) -> bytes:
 
 
 def _file_meta(ds: Dataset) -> FileMetaDataset | None:
-    """The file meta that ``dcmwrite(.., enforce_file_format=True)`` would write for an Explicit VR
-    Little Endian ``ds`` (pydicom's ``write_file_meta_info`` completes and checks it), without its
-    deep copy of the file meta: the elements are ``ds``'s, those that ``dcmwrite`` would set new ones.
-    None for anything else (another transfer syntax, no file meta, elements of groups 0 or 2 in the
-    data set, pixel data of undefined length, a preamble not 128 bytes long): ``dcmwrite`` writes it."""
+    """The file meta that ``dcmwrite(.., enforce_file_format=True)`` would write for ``ds`` in Explicit
+    VR Little Endian or an encapsulated syntax (pydicom's ``write_file_meta_info`` completes and
+    checks it), without its deep copy of the file meta: the elements are ``ds``'s, those that
+    ``dcmwrite`` would set new ones. None for anything else (another transfer syntax, no file meta,
+    elements of groups 0 or 2 in the data set, a preamble not 128 bytes long): ``dcmwrite`` writes it."""
     file_meta = getattr(ds, "file_meta", None)
     preamble = getattr(ds, "preamble", None)
+    syntax = _transfer_syntax(ds)
     if (
         file_meta is None
-        or file_meta.get("TransferSyntaxUID") != ExplicitVRLittleEndian
+        or syntax is None
+        or not (syntax == ExplicitVRLittleEndian or syntax.is_encapsulated)
         or (preamble and len(preamble) != 128)
         or any(element.tag.group in (0, 2) for element in ds)
-        or ("PixelData" in ds and ds["PixelData"].is_undefined_length)
     ):
         return None
     meta = FileMetaDataset()
@@ -114,6 +120,13 @@ def _file_meta(ds: Dataset) -> FileMetaDataset | None:
         if keyword not in meta or (value and value != meta[keyword].value):
             meta.add_new(keyword, VR.UI, value)
     return meta
+
+
+def _transfer_syntax(ds: Dataset) -> UID | None:
+    """``ds``'s transfer syntax when it is a standard one."""
+    file_meta = getattr(ds, "file_meta", None)
+    syntax = UID(file_meta.get("TransferSyntaxUID", "")) if file_meta is not None else None
+    return syntax if syntax and not syntax.is_private and syntax.is_transfer_syntax else None
 
 
 def _frozen(item: Dataset) -> tuple[weakref.ref[Dataset], dict[tuple[str, ...], bytes]] | None:

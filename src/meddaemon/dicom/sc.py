@@ -2,6 +2,13 @@
 the overlay the report shows (the scan as the model saw it, the map in the jet scale), enlarged,
 with a caption band saying what it is and, in capitals, that it is not for diagnosis.
 
+The picture is stored as JPEG Baseline (lossy, ISO 10918-1), as highdicom encodes it: a busi
+capture of 888 KiB as RGB is about 74 KiB, encoded in 1.5 ms of CPU (``benchmarks/README.md``,
+issue 14, the ninth pass); the lossless syntaxes (JPEG-LS, RLE) kept 29 to 90% of it for 15 times
+the CPU. The picture is drawn from the overlay's JPEG already, and it says it is not for
+diagnosis; its Lossy Image Compression attributes say how it was compressed. A peer that does not
+accept JPEG Baseline gets it decompressed (``senders.DimseSender``).
+
 As for the Parametric Maps (``pmap``), a multilabel scan's captures after the first are made from
 the first (``for_label``): only their label's parts differ."""
 
@@ -14,8 +21,11 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+from highdicom.frame import encode_frame
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGBaseline8Bit
 
 from meddaemon.dicom import uids
 from meddaemon.dicom.content import MANUFACTURER, NOT_FOR_DIAGNOSIS, ScanFacts, per_label, sibling
@@ -28,6 +38,9 @@ SERIES_NUMBER = 9903
 #: the shorter side of the picture: a 32 x 32 model view must still be legible beside its caption
 MIN_SIDE = 512
 CAPTION_LINES = 3
+TRANSFER_SYNTAX = JPEGBaseline8Bit
+#: the Photometric Interpretation of a colour JPEG Baseline image (PS3.5 8.2.1)
+PHOTOMETRIC = hd.PhotometricInterpretationValues.YBR_FULL_422
 
 
 def object_key(label: str) -> str:
@@ -100,7 +113,7 @@ def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Da
     pixels = picture(facts, result)
     sc = hd.sc.SCImage(
         pixel_array=pixels,
-        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        photometric_interpretation=PHOTOMETRIC,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         study_instance_uid=source.StudyInstanceUID,
@@ -121,7 +134,11 @@ def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Da
         patient_orientation=("L", "F"),  # highdicom insists; replaced by the source's (or empty) below
         contributing_equipment=[contributing_equipment(facts)],
         series_description=_series_description(facts, result),
+        transfer_syntax_uid=TRANSFER_SYNTAX,
     )
+    sc.LossyImageCompression = "01"
+    sc.LossyImageCompressionMethod = "ISO_10918_1"
+    sc.LossyImageCompressionRatio = _ratio(pixels, sc.PixelData)
     copy_laterality(source, sc)
     sc.PatientOrientation = source.get("PatientOrientation") or None
     sc.BurnedInAnnotation = "YES"
@@ -142,14 +159,35 @@ def for_label(first: Dataset, facts: ScanFacts, result: LabelResult, instance_nu
     pixels = picture(facts, result)
     if pixels.shape != (int(first.Rows), int(first.Columns), int(first.SamplesPerPixel)):
         return build(facts, result, instance_number)
+    pixel_data = _encoded(pixels)
     return sibling(
         first,
         SOPInstanceUID=_instance_uid(facts, result),
         InstanceNumber=instance_number,
         SeriesDescription=_series_description(facts, result),
         DerivationDescription=_derivation(facts, result),
-        PixelData=np.ascontiguousarray(pixels).tobytes(),
+        LossyImageCompressionRatio=_ratio(pixels, pixel_data),
+        PixelData=pixel_data,
     )
+
+
+def _encoded(pixels: np.ndarray) -> bytes:
+    """The picture as ``build`` has highdicom encode it: one JPEG Baseline frame, encapsulated."""
+    frame = encode_frame(
+        pixels,
+        transfer_syntax_uid=TRANSFER_SYNTAX,
+        bits_allocated=8,
+        bits_stored=8,
+        photometric_interpretation=PHOTOMETRIC,
+        pixel_representation=0,
+        planar_configuration=0,
+    )
+    return encapsulate([frame])
+
+
+def _ratio(pixels: np.ndarray, pixel_data: bytes) -> str:
+    """Lossy Image Compression Ratio (DS): the picture's bytes over its encoded bytes."""
+    return f"{pixels.nbytes / len(pixel_data):.2f}"
 
 
 def _instance_uid(facts: ScanFacts, result: LabelResult) -> str:

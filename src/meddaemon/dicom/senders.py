@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from meddaemon.config import DestinationConfig
 from meddaemon.dicom import associations
@@ -73,6 +73,14 @@ class _ObjectFile:
     sop_class: str
     transfer_syntax: str
 
+    def contexts(self) -> set[tuple[str, str]]:
+        """The presentation contexts (SOP class, transfer syntax) to propose for it: its own syntax,
+        and the two every peer takes (what it is converted to when the peer refuses its own)."""
+        return {
+            (self.sop_class, syntax)
+            for syntax in (self.transfer_syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        }
+
     @classmethod
     def read(cls, path: Path) -> _ObjectFile:
         meta = read_file_meta_info(path)
@@ -86,9 +94,9 @@ class DimseSender:
 
     Opening an association costs a round of A-ASSOCIATE messages and pynetdicom's threads: 18 ms
     for a call of one object to Orthanc against 6 ms an object in a call of 64. The outbox sends a
-    few objects a round, so the association stays open, with a presentation context for each SOP
-    class sent so far, and is released after ``keep_open_seconds`` without a send
-    (``release_idle``), at ``close``, or to add a context for a SOP class it lacks; between
+    few objects a round, so the association stays open, with the presentation contexts of every
+    object sent so far (``_ObjectFile.contexts``), and is released after ``keep_open_seconds``
+    without a send (``release_idle``), at ``close``, or to add a context it lacks; between
     sends it rests (``associations.rest``: pynetdicom's threads stop polling). A peer may
     close an idle association at any moment (Orthanc after 30 s): when a kept association is gone
     before the first object of a send is answered, the send goes once more on a new one before
@@ -98,7 +106,8 @@ class DimseSender:
     def __init__(self, destination: DestinationConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.destination = destination
         self.clock = clock
-        self.sop_classes: set[str] = set()
+        #: the presentation contexts proposed so far: (SOP class, transfer syntax)
+        self.contexts: set[tuple[str, str]] = set()
         self.ae: Any = None
         self.assoc: Any = None
         self.last_used = 0.0
@@ -111,14 +120,14 @@ class DimseSender:
             return [Delivery(False, f"the object file cannot be read ({why})", True)] * len(objects)
         if not files:
             return []
-        classes = {f.sop_class for f in files}
-        if self._kept_for(classes):
+        contexts = set().union(*(f.contexts() for f in files))
+        if self._kept_for(contexts):
             associations.wake(self.assoc)
             answers = self._store(files)
             if answers[0] not in (DROPPED, NO_ANSWER):
                 return self._done(answers)
             self._release()  # the peer let the kept association go before the first answer
-        refusal = self._open(classes)
+        refusal = self._open(contexts)
         if refusal:
             return [Delivery(False, refusal)] * len(files)
         return self._done(self._store(files))
@@ -130,24 +139,23 @@ class DimseSender:
     def close(self) -> None:
         self._release()
 
-    def _kept_for(self, classes: set[str]) -> bool:
-        """An association is open and has a context for each of ``classes``."""
-        return self.assoc is not None and associations.ready(self.assoc) and classes <= self.sop_classes
+    def _kept_for(self, contexts: set[tuple[str, str]]) -> bool:
+        """An association is open and proposed each of ``contexts``."""
+        return self.assoc is not None and associations.ready(self.assoc) and contexts <= self.contexts
 
-    def _open(self, classes: set[str]) -> str | None:
-        """A new association, proposing ``classes`` and those sent before; the reason it failed, or None."""
+    def _open(self, contexts: set[tuple[str, str]]) -> str | None:
+        """A new association, proposing ``contexts`` and those proposed before; the reason it failed, or None."""
         from pynetdicom import AE, _config
 
         _config.STORE_SEND_CHUNKED_DATASET = True  # for paths only: what ``_store`` sends as written
         self._release()
         d = self.destination
-        self.sop_classes |= classes
+        self.contexts |= contexts
         self.ae = AE(ae_title=d.calling_ae_title)
         self.ae.acse_timeout = self.ae.dimse_timeout = self.ae.network_timeout = d.timeout_seconds
         self.ae.connection_timeout = min(d.timeout_seconds, 10.0)
-        for sop_class in sorted(self.sop_classes):  # a context a syntax: a peer then accepts each it can
-            self.ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-            self.ae.add_requested_context(sop_class, ImplicitVRLittleEndian)
+        for sop_class, syntax in sorted(self.contexts):  # a context a syntax: a peer then accepts each it can
+            self.ae.add_requested_context(sop_class, syntax)
         self.assoc = self.ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=associations.handlers())
         if not self.assoc.is_established:
             why = "association rejected" if self.assoc.is_rejected else "association aborted or no connection"
@@ -159,8 +167,9 @@ class DimseSender:
 
     def _store(self, files: list[_ObjectFile]) -> list[Delivery]:
         """Each file sent as it is written where the peer accepted its transfer syntax (pynetdicom
-        reads it in chunks, ``STORE_SEND_CHUNKED_DATASET``); otherwise read and sent in the syntax
-        the peer accepted. Reading and encoding every object again was a fifth of the sender's CPU."""
+        reads it in chunks, ``STORE_SEND_CHUNKED_DATASET``); otherwise read, decompressed if it
+        is compressed, and sent in the syntax the peer accepted. Reading and encoding every object
+        again was a fifth of the sender's CPU."""
         as_written = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in self.assoc.accepted_contexts}
         answers: list[Delivery] = []
         for f in files:
@@ -171,7 +180,11 @@ class DimseSender:
                 if (f.sop_class, f.transfer_syntax) in as_written:
                     status = self.assoc.send_c_store(f.path)
                 else:
-                    status = self.assoc.send_c_store(dcmread(f.path))
+                    converted = _uncompressed(f.path)
+                    if isinstance(converted, Delivery):
+                        answers.append(converted)
+                        continue
+                    status = self.assoc.send_c_store(converted)
             except OSError as exc:
                 answers.append(Delivery(False, f"the object file cannot be read ({exc.strerror or exc})", True))
                 continue
@@ -202,6 +215,21 @@ class DimseSender:
                 assoc.abort()
         if ae is not None:
             ae.shutdown()
+
+
+def _uncompressed(path: Path) -> Dataset | Delivery:
+    """The object at ``path`` read, its pixel data decompressed if it was compressed (a Secondary
+    Capture's JPEG, for a peer that accepts only uncompressed syntaxes); a refusal for good when it
+    cannot be (no decoder here: trying again will not help)."""
+    ds = dcmread(path)
+    if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
+        try:
+            ds.decompress()
+        except (NotImplementedError, RuntimeError, ValueError) as exc:
+            return Delivery(
+                False, f"the peer refused the object's transfer syntax and it cannot be decompressed ({exc})", True
+            )
+    return ds
 
 
 def _dimse_answer(status: Dataset) -> Delivery:
