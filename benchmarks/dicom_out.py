@@ -47,7 +47,7 @@ Every figure records the load of other processes meanwhile (the machine is share
    map and an overlay; chestxray14: every other of its 14 labels), each its own SOP Instance UID and
    probabilities, after two warm-up scans and with the heap settled as the report process settles
    it. Medians of CPU ms per scan: each kind built (``build_objects``), then every object encoded
-   (``encoding.encode``); ``--rounds`` runs, each in a fresh process so that no run inherits
+   (``encoding.encode``), and the KiB of each kind in the last scan; ``--rounds`` runs, each in a fresh process so that no run inherits
    another's patterns. It does not move with the daemon's other work, as ``--cpu`` does.
 """
 
@@ -488,8 +488,7 @@ def objects_per_scan(root: Path, files: int, task: str) -> dict[str, float]:
             built += build_objects(facts, (kind,), b"%PDF-1.4\n%%EOF\n", False)
             spent.setdefault(kind, []).append(time.process_time() - start)
         start = time.process_time()
-        for _, ds in built:
-            encoding.encode(ds)
+        encoded = [(key, encoding.encode(ds)) for key, ds in built]
         spent.setdefault("encode", []).append(time.process_time() - start)
         if number == 1:
             heap.settle()
@@ -497,6 +496,8 @@ def objects_per_scan(root: Path, files: int, task: str) -> dict[str, float]:
     medians = {k: statistics.median(v) * 1000 for k, v in spent.items()}
     medians["all"] = statistics.median(sum(v[i] for v in spent.values()) for i in range(files)) * 1000
     medians["objects"] = len(built)
+    for kind in ("sr", "pmap", "sc", "pdf"):  # the last scan's objects: KiB a scan by kind
+        medians[f"{kind} KiB"] = sum(len(data) for key, data in encoded if key.split(":")[0] == kind) / 1024
     return medians
 
 
@@ -538,6 +539,8 @@ def main() -> None:
             ms = objects_per_scan(Path(tmp), max(args.files, 14), args.task)
         kinds = ", ".join(f"{k} {ms[k]:.1f}" for k in ("sr", "pmap", "sc", "pdf", "encode"))
         print(f"objects ({args.task}, {ms['objects']:.0f} a scan), ms CPU a scan: {kinds}; all {ms['all']:.1f}")
+        sizes = ", ".join(f"{k} {ms[f'{k} KiB']:.0f}" for k in ("sr", "pmap", "sc", "pdf"))
+        print(f"  KiB a scan: {sizes}")
         return
     if args.objects:
         main_objects(args.files, args.rounds, args.task)
