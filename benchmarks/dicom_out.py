@@ -47,8 +47,9 @@ Every figure records the load of other processes meanwhile (the machine is share
    map and an overlay; chestxray14: every other of its 14 labels), each its own SOP Instance UID and
    probabilities, after two warm-up scans and with the heap settled as the report process settles
    it. Medians of CPU ms per scan: each kind built (``build_objects``), then every object encoded
-   (``encoding.encode``), and the KiB of each kind in the last scan; ``--rounds`` runs, each in a fresh process so that no run inherits
-   another's patterns. It does not move with the daemon's other work, as ``--cpu`` does.
+   (``encoding.encode``), and the KiB of each kind in the last scan; ``--rounds`` runs, each in a
+   fresh process so that no run inherits another's patterns. It does not move with the daemon's
+   other work, as ``--cpu`` does.
 """
 
 from __future__ import annotations

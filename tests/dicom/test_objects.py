@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import logging
 from pathlib import Path
 
 import highdicom as hd
@@ -576,6 +577,15 @@ def test_a_source_without_a_study_instance_uid_is_refused_by_name(tmp_path: Path
     with pytest.raises(OutputRefused) as refused:
         read_source(path)
     assert refused.value.reason == "source_without_study" and "StudyInstanceUID" in str(refused.value)
+
+
+def test_building_the_objects_logs_nothing_naming_the_source(delivered: Daemon, tmp_path: Path, caplog):  # type: ignore[no-untyped-def]
+    facts = three_label_facts(delivered, tmp_path)
+    caplog.set_level(logging.DEBUG)
+    built = build_objects(facts, ("sr", "pmap", "sc", "pdf"), b"%PDF-1.4\n%%EOF\n", False)
+    assert len(built) == 8  # an SR, a map and a capture for each of three labels, the PDF
+    assert str(facts.source.SOPInstanceUID) not in caplog.text and str(facts.source.PatientID) not in caplog.text
+    assert not [r for r in caplog.records if r.name.startswith("highdicom") and r.levelno < logging.WARNING]
 
 
 def test_the_kinds_have_distinct_series_numbers():

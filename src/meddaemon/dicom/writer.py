@@ -35,6 +35,9 @@ from meddaemon.states import ScanState
 from meddaemon.stored_paths import stored_name
 
 log = logging.getLogger("meddaemon.dicom")
+# highdicom logs a dozen lines at INFO for every object it builds, the source's SOP Instance UID
+# among them: more than half of a daemon's log, and an identifier the log must not hold
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 hot_paths.apply()
 
 
