@@ -21,7 +21,9 @@ daemon's end-to-end throughput.
    renamed into the inbox and timed until every scan is archived (with outputs: delivered first).
    Both runs poll for scans to archive every 0.25 s (``model_poll_seconds``; 2 s by default, to
    which a run of a few seconds would be rounded).
-   Scans per second, and the cost of the outputs. Alternated ``--rounds`` times.
+   Scans per second, and the cost of the outputs. Alternated ``--rounds`` times. With Orthanc, also
+   its CPU time a scan during the run with outputs: the PACS storing them shares the 2 cores here,
+   where at a site it runs on a machine of its own.
 4. **CPU per scan** (``--cpu``, instead of 1 to 3): ``Daemon.run(once=True)`` in this process
    (``workers = 0``: decoding here too; 16 scans or fewer: the reports too) over ``--files`` DICOMs,
    after a one-scan warm-up, without destinations and then with all four outputs for a folder: the
@@ -93,6 +95,12 @@ from orthanc import DICOMWEB_PLUGIN, ORTHANC, Orthanc  # noqa: E402
 
 MEDDAEMON = Path(sys.executable).parent / "meddaemon"
 STUDY = "1.2.826.0.1.3680043.8.498.2024001"
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def others_load() -> float:
@@ -575,14 +583,18 @@ def main() -> None:
             pacs = None
             table = f'[[destination]]\nname = "share"\nkind = "folder"\npath = "{root / "share-e2e"}"\n'
         try:
-            off, on = [], []
+            off, on, pacs_cpu = [], [], []
             for _ in range(args.rounds):
                 load = others_load()
                 off.append(end_to_end(root / "e2e", args.files, None, args.arch))
+                before = process_cpu(pacs.proc.pid) if pacs is not None and pacs.proc is not None else 0.0
                 on.append(end_to_end(root / "e2e", args.files, table, args.arch))
+                if pacs is not None and pacs.proc is not None:  # the warm-up's 2 scans included
+                    pacs_cpu.append((process_cpu(pacs.proc.pid) - before) / (args.files + 2) * 1000)
+                stored = f"; Orthanc storing them: {pacs_cpu[-1]:.1f} ms CPU a scan" if pacs_cpu else ""
                 print(
                     f"  round (others' load {load:.2f} cores): to reported off {off[-1][0]:.2f}, on {on[-1][0]:.2f}; "
-                    f"to archived off {off[-1][1]:.2f}, on {on[-1][1]:.2f} scans/s"
+                    f"to archived off {off[-1][1]:.2f}, on {on[-1][1]:.2f} scans/s{stored}"
                 )
         finally:
             if pacs is not None:

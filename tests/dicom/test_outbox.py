@@ -56,8 +56,8 @@ def test_an_acknowledged_object_is_delivered_once_and_never_claimed_again(sessio
     first = claim(sessions, me)
     assert [c.object_key for c in first] == ["sr", "pdf"]
     with transaction(sessions) as session:
-        assert all(outbox.record_delivered(session, c.id) for c in first)
-        assert not outbox.record_delivered(session, first[0].id)  # a second acknowledgement changes nothing
+        assert outbox.record_delivered(session, [c.id for c in first]) == len(first)
+        assert outbox.record_delivered(session, [first[0].id]) == 0  # a second acknowledgement changes nothing
     assert {r.status for r in rows(sessions)} == {DELIVERED}
     assert claim(sessions, me) == []
 
@@ -132,7 +132,7 @@ def test_purge_forgets_delivered_rows_never_pending_ones_and_names_the_files_lef
     queue(sessions, keys=("sr", "pdf"))
     with transaction(sessions) as session:
         first = outbox.claim_due(session, None, 1)[0]
-        outbox.record_delivered(session, first.id)
+        outbox.record_delivered(session, [first.id])
     with transaction(sessions) as session:
         assert outbox.purge(session, (DELIVERED, PENDING)) == [first.path]
     assert [r.status for r in rows(sessions)] == [PENDING]
@@ -152,7 +152,7 @@ def test_a_reported_scan_is_archived_only_once_none_of_its_objects_is_pending(se
     with transaction(sessions) as session:
         assert bookkeeper.claim_for_archive(session, destinations, 10) == []
         items = outbox.claim_due(session, None, 10)
-        outbox.record_delivered(session, items[0].id)
+        outbox.record_delivered(session, [items[0].id])
         outbox.record_failure(session, items[1].id, "refused", True, BACKOFF)  # dead counts as done
     with transaction(sessions) as session:
         moves = bookkeeper.claim_for_archive(session, destinations, 10)

@@ -37,7 +37,7 @@ def test_list_shows_each_item_with_the_peers_answer_retry_revives_the_dead_and_p
             session, scan.id, [NewItem("sr", "pacs", path="dicom/sr.dcm"), NewItem("pdf", "pacs", path="dicom/pdf.dcm")]
         )
         sr, pdf = outbox.claim_due(session, None, 2)
-        outbox.record_delivered(session, sr.id)
+        outbox.record_delivered(session, [sr.id])
         outbox.record_failure(session, pdf.id, "C-STORE status 0xA900", True, outbox.Backoff(1, 1, 3))
     engine.dispose()
 

@@ -112,6 +112,24 @@ def test_a_permanent_refusal_is_dead_at_once_with_the_peers_status(make_settings
     assert rows == {"sc:0": (DEAD, 1, "C-STORE status 0xA900"), "sc:1": (DELIVERED, 1, None)}
 
 
+def test_a_round_s_stored_objects_are_delivered_each_with_the_peers_warning_if_any(make_settings):
+    scp = ScriptedScp([0x0000, 0xB007, 0x0000, 0xA700])  # the third stored, the fourth refused for now
+    try:
+        settings = make_settings(destination=[scp.destination("pacs")], outbox_retry_seconds=30.0)
+        sessions, _ = queued(settings, 4, ["pacs"])
+        assert OutboxSender(settings, sessions, None).round() == 4  # one round, one transaction to record
+    finally:
+        scp.stop()
+    with sessions() as session:
+        rows = {r.object_key: (r.status, r.attempts, r.last_error) for r in session.scalars(select(OutboxItem))}
+    assert rows == {
+        "sc:0": (DELIVERED, 1, None),
+        "sc:1": (DELIVERED, 1, "C-STORE status 0xB007"),
+        "sc:2": (DELIVERED, 1, None),
+        "sc:3": (PENDING, 1, "C-STORE status 0xA700"),
+    }
+
+
 def test_rows_for_a_destination_no_longer_configured_are_dead_not_stuck(make_settings, tmp_path: Path):
     settings = make_settings(destination=[{"name": "share", "kind": "folder", "path": str(tmp_path / "share")}])
     sessions, _ = queued(settings, 1, ["share", "gone"])

@@ -150,11 +150,14 @@ def claim_due(
     return claimed
 
 
-def record_delivered(session: Session, item_id: int, detail: str | None = None) -> bool:
-    """The peer acknowledged the object: ``delivered``, whoever held the claim (it arrived)."""
+def record_delivered(session: Session, item_ids: Collection[int], detail: str | None = None) -> int:
+    """The peer acknowledged the objects: ``delivered``, whoever held the claim (they arrived); one
+    statement for a round's objects. Returns how many were still pending."""
+    if not item_ids:
+        return 0
     done = session.execute(
         update(OutboxItem)
-        .where(OutboxItem.id == item_id, OutboxItem.status == PENDING)
+        .where(OutboxItem.id.in_(list(item_ids)), OutboxItem.status == PENDING)
         .values(
             status=DELIVERED,
             delivered_at=db_clock(),
@@ -163,7 +166,7 @@ def record_delivered(session: Session, item_id: int, detail: str | None = None) 
             last_error=detail,
         )
     )
-    return bool(done.rowcount)  # type: ignore[attr-defined]
+    return int(done.rowcount)  # type: ignore[attr-defined]
 
 
 def record_failure(
@@ -322,13 +325,16 @@ class OutboxSender:
                 answers = [Delivery(False, f"{type(exc).__name__} in the sender")] * len(items)
 
         def record(session: Session) -> list[str | None]:
-            outcomes = []
+            acknowledged: dict[str, list[int]] = {}  # by the peer's warning, if any: a statement each
+            outcomes: list[str | None] = []
             for item, answer in zip(items, answers, strict=True):
                 if answer.acknowledged:
-                    record_delivered(session, item.id, answer.detail or None)
+                    acknowledged.setdefault(answer.detail, []).append(item.id)
                     outcomes.append(DELIVERED)
                 else:
                     outcomes.append(record_failure(session, item.id, answer.detail, answer.permanent, self.backoff))
+            for detail, ids in acknowledged.items():
+                record_delivered(session, ids, detail or None)
             return outcomes
 
         outcomes = self._commit(record)
