@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_factory import write_dicom
+from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 
 from daemon_harness import wait_until
@@ -224,6 +225,24 @@ def test_a_jpeg_capture_goes_as_written_where_the_peer_takes_jpeg_and_decompress
         if expected == ExplicitVRLittleEndian:
             assert received.PhotometricInterpretation == "RGB"  # decoded, as pydicom gives it
         assert np.abs(received.pixel_array.astype(int) - picture).mean() < 2.0
+
+
+def test_a_capture_that_cannot_be_decompressed_for_a_peer_without_jpeg_is_refused_for_good_and_the_rest_go_on(
+    tmp_path: Path, objects: list[Path]
+):
+    capture, _ = jpeg_capture(tmp_path / "synthetic_sc.dcm")
+    broken = pydicom.dcmread(capture)
+    broken.PixelData = encapsulate([b"\xff\xd8 SYNTHETIC, not a JPEG stream \xff\xd9"])
+    broken.save_as(capture)
+    scp = ScriptedScp()  # pynetdicom's four uncompressed syntaxes
+    try:
+        sender = DimseSender(DestinationConfig(**scp.destination()))  # type: ignore[arg-type]
+        refused, stored = sender.send([capture, objects[0]])
+        sender.close()
+    finally:
+        scp.stop()
+    assert not refused.acknowledged and refused.permanent and "decompressing it failed" in refused.detail
+    assert stored == Delivery(True) and scp.stored == uids(objects[:1])
 
 
 def test_an_object_file_that_is_not_dicom_is_refused_for_good_and_nothing_is_sent(tmp_path: Path):

@@ -220,14 +220,16 @@ class DimseSender:
 def _uncompressed(path: Path) -> Dataset | Delivery:
     """The object at ``path`` read, its pixel data decompressed if it was compressed (a Secondary
     Capture's JPEG, for a peer that accepts only uncompressed syntaxes); a refusal for good when it
-    cannot be (no decoder here: trying again will not help)."""
+    cannot be (no decoder here, or a decoder's error: trying again will not help, and the other
+    objects of the send go on)."""
     ds = dcmread(path)
     if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
         try:
             ds.decompress()
-        except (NotImplementedError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # whichever decoder pydicom picked, however it fails
+            why = f"{type(exc).__name__}: {exc}"
             return Delivery(
-                False, f"the peer refused the object's transfer syntax and it cannot be decompressed ({exc})", True
+                False, f"the peer refused the object's transfer syntax; decompressing it failed ({why})", True
             )
     return ds
 
