@@ -3,9 +3,9 @@ the overlay the report shows (the scan as the model saw it, the map in the jet s
 with a caption band saying what it is and, in capitals, that it is not for diagnosis.
 
 The picture is stored as JPEG Baseline (lossy, ISO 10918-1), as highdicom encodes it: a SYNTHETIC
-busi capture of 852 KiB as RGB is 81 KiB, encoded in 1.3 ms of CPU (``benchmarks/sc_compression.py``);
-the lossless syntaxes at hand (JPEG-LS, RLE, deflate) kept 31 to 95% of it for 9 to 20 times the
-CPU. The picture is drawn from the overlay's JPEG already, and it says it is not for
+busi capture of 852 KiB as RGB is 84 KiB, encoded in 1.3 to 1.7 ms of CPU
+(``benchmarks/sc_compression.py``); the lossless syntaxes at hand (JPEG-LS, RLE, deflate) kept 31
+to 96% of it for 8 to 18 times the CPU. The picture is drawn from the overlay's JPEG already, and it says it is not for
 diagnosis; its Lossy Image Compression attributes say how it was compressed. A peer that does not
 accept JPEG Baseline gets it decompressed (``senders.DimseSender``).
 

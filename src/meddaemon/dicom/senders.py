@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from meddaemon.config import DestinationConfig
 from meddaemon.dicom import associations
@@ -223,7 +223,7 @@ def _uncompressed(path: Path) -> Dataset | Delivery:
     cannot be (no decoder here, or a decoder's error: trying again will not help, and the other
     objects of the send go on)."""
     ds = dcmread(path)
-    if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
         try:
             ds.decompress()
         except Exception as exc:  # whichever decoder pydicom picked, however it fails
