@@ -13,13 +13,14 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, object_session
 
 from meddaemon import __version__
 from meddaemon.daemon import claims, filing
 from meddaemon.daemon.intake import Intake
 from meddaemon.daemon.stability import StableFile
+from meddaemon.db.bulk import insert_returning_ids, insert_rows
 from meddaemon.db.models import (
     METADATA_COLUMNS,
     DuplicateArrival,
@@ -325,23 +326,24 @@ def _insert_new(session: Session, scans: list[_NewScan], now: datetime) -> None:
     """The scans as one multi-row INSERT (ids back in order), then their history as another."""
     if not scans:
         return
-    statement = insert(Scan).returning(Scan.id, sort_by_parameter_order=True)
-    for scan, scan_id in zip(scans, session.scalars(statement, [s.values for s in scans]).all(), strict=True):
+    # an inbox name is one file: no two scans of a batch share it
+    ids = insert_returning_ids(session, Scan, [s.values for s in scans], key=("source_name",))
+    for scan, scan_id in zip(scans, ids, strict=True):
         scan.id = scan_id
     events = [
         {"scan_id": scan.id, "state": state.value, "detail": detail, "at": now}
         for scan in scans
         for state, detail in scan.steps
     ]
-    session.execute(insert(ScanEvent), events)
+    insert_rows(session, ScanEvent, events)
 
 
 def _insert_arrivals(session: Session, arrivals: list[_NewArrival]) -> None:
     if not arrivals:
         return
     rows = [{**a.values, "scan_id": a.original.id} for a in arrivals]
-    statement = insert(DuplicateArrival).returning(DuplicateArrival.id, sort_by_parameter_order=True)
-    for arrival, arrival_id in zip(arrivals, session.scalars(statement, rows).all(), strict=True):
+    ids = insert_returning_ids(session, DuplicateArrival, rows, key=("stored_path",))
+    for arrival, arrival_id in zip(arrivals, ids, strict=True):
         arrival.id = arrival_id
 
 
@@ -637,7 +639,7 @@ def record_results(
             .values(state=ScanState.INFERRED.value, claimed_by=None, updated_at=now)
             .execution_options(synchronize_session=False)
         )
-        session.execute(insert(ScanEvent), events)
+        insert_rows(session, ScanEvent, events)
     insert_results(session, result_rows, heatmap_of_row, now, destinations.stored)
     session.flush()
     failures = [st.finished_outcome() for st in staged]
@@ -683,12 +685,10 @@ def insert_results(
     """Results and their heatmaps (``heatmaps[i]`` is the map of ``rows[i]``, or None) as two
     multi-row INSERTs: a batch of 16 scans x 14 labels is one statement, not 224 ORM objects
     flushed one by one. ``stored`` writes a heatmap's path as rows keep it (``stored_paths``)."""
-    if not rows:
-        return
     if not any(heatmaps):
-        session.execute(insert(Result), rows)
+        insert_rows(session, Result, rows)
         return
-    ids = session.scalars(insert(Result).returning(Result.id, sort_by_parameter_order=True), rows).all()
+    ids = insert_returning_ids(session, Result, rows, key=("scan_id", "model_version_id", "label"))
     heatmap_rows = [
         {
             "result_id": result_id,
@@ -702,8 +702,7 @@ def insert_results(
         for result_id, h in zip(ids, heatmaps, strict=True)
         if h is not None
     ]
-    if heatmap_rows:
-        session.execute(insert(Heatmap), heatmap_rows)
+    insert_rows(session, Heatmap, heatmap_rows)
 
 
 def claim_for_archive(

@@ -17,11 +17,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from meddaemon import __version__
 from meddaemon.daemon.bookkeeper import HeatmapFile, insert_results
+from meddaemon.db.bulk import insert_returning_ids, insert_rows
 from meddaemon.db.models import (
     METADATA_COLUMNS,
     Evaluation,
@@ -181,8 +182,7 @@ def record_chunk(
         session.execute(
             delete(EvaluationFile).where(EvaluationFile.evaluation_id == evaluation.id, EvaluationFile.path.in_(chunk))
         )
-    if file_rows:
-        session.execute(insert(EvaluationFile), file_rows)
+    insert_rows(session, EvaluationFile, file_rows)
     evaluation.scored += counts.scored
     evaluation.reused += counts.reused
     evaluation.failed += counts.failed
@@ -303,12 +303,10 @@ def _insert_scans(
         for column in METADATA_COLUMNS:
             row[column] = getattr(read.metadata, column) if read.metadata is not None else None
         rows.append(row)
-    ids = session.scalars(insert(Scan).returning(Scan.id, sort_by_parameter_order=True), rows).all()
+    ids = insert_returning_ids(session, Scan, rows, key=("source_path",))
     detail = f"read in place by evaluation {evaluation.id} ({evaluation.name})"
-    session.execute(
-        insert(ScanEvent),
-        [{"scan_id": i, "state": ScanState.EVALUATED.value, "at": now, "detail": detail} for i in ids],
-    )
+    events = [{"scan_id": i, "state": ScanState.EVALUATED.value, "at": now, "detail": detail} for i in ids]
+    insert_rows(session, ScanEvent, events)
     return {o.read.sha256: scan_id for o, scan_id in zip(outcomes, ids, strict=True)}  # type: ignore[misc]
 
 
