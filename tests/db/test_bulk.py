@@ -24,7 +24,7 @@ def scan_rows(names: list[str], sha: str | None = None) -> list[dict[str, object
 def counted_statements(engine) -> Iterator[list[str]]:
     statements: list[str] = []
 
-    def count(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+    def count(conn, cursor, statement, parameters, context, executemany):
         if statement.lstrip().upper().startswith("INSERT"):
             statements.append(statement)
 

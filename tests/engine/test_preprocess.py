@@ -131,3 +131,18 @@ def test_unknown_resize_or_normalisation_is_refused():
         dataclasses.replace(GREY, resize="letterbox")
     with pytest.raises(ValueError, match="normalisation must be one of"):
         dataclasses.replace(GREY, normalisation="zscore")
+
+
+def test_fixed_normalisation_is_bit_for_bit_torchs_float32_arithmetic():
+    """Models trained and self-tested before preprocessing left torch see the same inputs: (x - mean) / std
+    per channel, in float32, whatever the layout of the resized view (a centre crop is not contiguous)."""
+    import torch
+
+    from meddaemon.engine.preprocess import normalise
+
+    x = torch.from_numpy(np.random.default_rng(2).random((2, 3, 40, 64), dtype=np.float32))[:, :, 4:36, 8:40]
+    ours = normalise(x.numpy(), RGB)
+    mean = torch.tensor(RGB.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(RGB.std, dtype=torch.float32).view(1, -1, 1, 1)
+    assert ours.dtype == np.float32 and ours.flags.c_contiguous
+    assert np.array_equal(ours, ((x - mean) / std).numpy())

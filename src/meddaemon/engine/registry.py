@@ -382,7 +382,7 @@ def self_test_input(contract: InputContract | Mapping[str, Any], seed: int, batc
     c = contract if isinstance(contract, InputContract) else InputContract.from_dict(contract)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     pixels = torch.rand((batch, c.channels, c.height, c.width), generator=generator, dtype=torch.float32)
-    return normalise(pixels, c)
+    return torch.from_numpy(normalise(pixels.numpy(), c))
 
 
 @contextmanager

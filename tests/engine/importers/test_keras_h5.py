@@ -32,7 +32,7 @@ def keras_file(seed003_h5: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     """(the .h5, NCHW normalised inputs, Keras's probabilities for them after loading the file afresh)."""
     pixels = torch.rand(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     contract = BUILTIN_TASKS["chestxray14"].contract
-    x = normalise(pixels, type(contract)(3, SIZE, SIZE, (0, 0, 0), (1, 1, 1), normalisation="per_image")).numpy()
+    x = normalise(pixels.numpy(), type(contract)(3, SIZE, SIZE, (0, 0, 0), (1, 1, 1), normalisation="per_image"))
     return seed003_h5, x, keras_probabilities(seed003_h5, x)
 
 
