@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dicom_factory import write_png
 
-from meddaemon.daemon.intake_stage import READ_AHEAD_PER_WORKER
+from meddaemon.daemon.intake_stage import FILES_PER_TASK, READ_AHEAD_PER_WORKER
 from meddaemon.daemon.service import Daemon
+from meddaemon.daemon.stability import StableFile, signature
 from meddaemon.daemon.workers import RESULT_PIPE_BYTES, DecodingPool
+from meddaemon.db.models import utcnow
 
 wide_pipes = pytest.mark.skipif(
     int(Path("/proc/sys/fs/pipe-max-size").read_text()) < RESULT_PIPE_BYTES,
@@ -98,6 +101,37 @@ def test_reads_are_handed_one_per_worker_until_the_workers_answer_then_sixteen_e
     finally:
         daemon.workers.shutdown()
         daemon.engine.dispose()
+
+
+def test_a_group_of_reads_goes_to_the_workers_a_few_files_a_task_and_each_file_keeps_its_own_outcome(
+    make_settings, tmp_path: Path
+):
+    """A task's trip to a worker and back costs the daemon about as much CPU as reading a few files
+    (benchmarks/README.md), so a group of files is read in tasks of several; a file that fails in a
+    task fails alone, and the read-ahead counts files, not tasks."""
+    inbox = tmp_path / "inbox" / "busi"
+    rng = np.random.default_rng(5)
+    paths = [write_png(inbox / f"synthetic_{i:02d}.png", rng.integers(0, 255, (32, 32), np.uint8)) for i in range(10)]
+    paths[4].write_bytes(b"")
+    daemon = Daemon(make_settings(workers=2, reports=False))
+    daemon.prepare()
+    daemon.workers.start()
+    try:
+        ready = [StableFile(path, signature(path), utcnow(), utcnow()) for path in paths]
+        daemon.intake._submit_reads(ready)
+        (group,) = daemon.intake.reading
+        assert len(group.futures) < len(paths) and max(group.sizes) <= FILES_PER_TASK
+        assert sum(group.sizes) == len(paths)
+
+        record = daemon.intake._harvest_group(daemon.intake.reading.pop(0), block=True)
+    finally:
+        daemon.workers.shutdown()
+        daemon.engine.dispose()
+
+    outcomes = {outcome.source_name: outcome for outcome in record.outcomes}
+    assert list(outcomes) == [f"busi/synthetic_{i:02d}.png" for i in range(10)]
+    assert outcomes["busi/synthetic_04.png"].reason == "empty_file"
+    assert [o.state for name, o in outcomes.items() if name != "busi/synthetic_04.png"] == ["waiting_model"] * 9
 
 
 FORKSERVER_PROBE = """

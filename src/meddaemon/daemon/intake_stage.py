@@ -1,5 +1,5 @@
 """The intake stage: inbox files found (watch hints, rescans), followed until stable, read in the
-decoding workers (``intake.read_file``), then recorded in one transaction per group and moved
+decoding workers (``intake.read_files``, a few files a task), then recorded in one transaction per group and moved
 (commit, then move, then mark the move done: ``Daemon._carry_out``).
 
 Claims: the inbox files it reads (``claims.claim_inbox_files``, under this daemon's id) from before
@@ -32,7 +32,7 @@ from meddaemon.daemon import bookkeeper, claims
 from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, PlannedMove
 from meddaemon.daemon.inbox import Inbox
 from meddaemon.daemon.inference import Commit, InferenceStage
-from meddaemon.daemon.intake import Intake, IntakeContext, read_file
+from meddaemon.daemon.intake import Intake, IntakeContext, read_file, read_files
 from meddaemon.daemon.metrics import DaemonMetrics
 from meddaemon.daemon.outage import OutageGuard
 from meddaemon.daemon.router import RoutingPolicy
@@ -50,6 +50,9 @@ log = logging.getLogger("meddaemon.daemon")
 #: the pool has proved warm (its workers answered, or a read came back), one per worker: a cold
 #: daemon holds nothing it cannot start, and its peers read the rest meanwhile
 READ_AHEAD_PER_WORKER = 16
+#: the most files a decoding task reads (``intake.read_files``): a group is cut into tasks of up to
+#: this many, at least one per worker, so a slow file holds back few others
+FILES_PER_TASK = 4
 
 
 @dataclass
@@ -79,7 +82,12 @@ class _ReadGroup:
     """Files handed to the workers together, recorded together in one transaction."""
 
     files: list[tuple[StableFile, PurePosixPath]]
+    #: one per decoding task, each reading the next ``sizes[i]`` of ``files`` (``intake.read_files``)
     futures: list[Future]
+    sizes: list[int]
+
+    def unread(self) -> int:
+        return sum(size for future, size in zip(self.futures, self.sizes, strict=True) if not future.done())
 
 
 @dataclass(frozen=True)
@@ -241,8 +249,11 @@ class IntakeStage(Stage):
         if not files:
             return
         context = self.intake_context()
-        futures = [self.workers.submit(read_file, f.path, name, f.signature, context) for f, name in files]
-        self.reading.append(_ReadGroup(files, futures))
+        items = [(f.path, name, f.signature) for f, name in files]
+        size = max(1, min(FILES_PER_TASK, -(-len(items) // max(1, self.settings.workers))))
+        tasks = [items[i : i + size] for i in range(0, len(items), size)]
+        futures = [self.workers.submit(read_files, task, context) for task in tasks]
+        self.reading.append(_ReadGroup(files, futures, [len(task) for task in tasks]))
 
     def _read_room(self) -> int:
         """How many more inbox files to claim now: two batches in hand at most, and no more unread
@@ -250,10 +261,9 @@ class IntakeStage(Stage):
         room = 2 * self.settings.batch_size - sum(len(g.files) for g in self.reading)
         if self.workers.executor is None:
             return room
-        futures = [f for g in self.reading for f in g.futures]
-        self.workers.warm = self.workers.warm or any(f.done() for f in futures)
+        self.workers.warm = self.workers.warm or any(f.done() for g in self.reading for f in g.futures)
         per_worker = READ_AHEAD_PER_WORKER if self.workers.warm else 1
-        unread = sum(not f.done() for f in futures)
+        unread = sum(g.unread() for g in self.reading)
         return min(room, self.settings.workers * per_worker - unread)
 
     def _claim_inbox_files(self, files: list[StableFile]) -> set[Path]:
@@ -293,7 +303,7 @@ class IntakeStage(Stage):
 
     def _harvest_group(self, group: _ReadGroup, block: bool) -> BatchRecord:
         try:
-            intakes = [future.result() for future in group.futures]
+            intakes = [intake for future in group.futures for intake in future.result()]
         except BrokenProcessPool:
             log.error("a decoding worker died; reading this batch again one file at a time to find the culprit")
             intakes = [self._read_alone(f.path, name, f.signature) for f, name in group.files]
