@@ -1,6 +1,6 @@
 """The intake stage: inbox files found (watch hints, rescans), followed until stable, read in the
-decoding workers (``intake.read_files``, a few files a task), then recorded in one transaction per group and moved
-(commit, then move, then mark the move done: ``Daemon._carry_out``).
+decoding workers (``intake.read_files``, a few files a task), then recorded in one transaction per
+group and moved (commit, then move, then mark the move done: ``Daemon._carry_out``).
 
 Claims: the inbox files it reads (``claims.claim_inbox_files``, under this daemon's id) from before
 their read until their group is recorded; files another daemon holds are left to it. Cadence: a

@@ -5,9 +5,9 @@ with a caption band saying what it is and, in capitals, that it is not for diagn
 The picture is stored as JPEG Baseline (lossy, ISO 10918-1), as highdicom encodes it: a SYNTHETIC
 busi capture of 852 KiB as RGB is 84 KiB, encoded in 1.3 to 1.7 ms of CPU
 (``benchmarks/sc_compression.py``); the lossless syntaxes at hand (JPEG-LS, RLE, deflate) kept 31
-to 96% of it for 8 to 18 times the CPU. The picture is drawn from the overlay's JPEG already, and it says it is not for
-diagnosis; its Lossy Image Compression attributes say how it was compressed. A peer that does not
-accept JPEG Baseline gets it decompressed (``senders.DimseSender``).
+to 96% of it for 8 to 18 times the CPU. The picture is drawn from the overlay's JPEG already, and
+it says it is not for diagnosis; its Lossy Image Compression attributes say how it was compressed.
+A peer that does not accept JPEG Baseline gets it decompressed (``senders.DimseSender``).
 
 As for the Parametric Maps (``pmap``), a multilabel scan's captures after the first are made from
 the first (``for_label``): only their label's parts differ."""
