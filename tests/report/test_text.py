@@ -1,6 +1,10 @@
 """Untrusted strings into a PDF: control characters dropped, long values cut visibly, RTL reordered."""
 
-from meddaemon.report.text import ELLIPSIS, clean, markup, person_name, visual_order
+import random
+import string
+import unicodedata
+
+from meddaemon.report.text import ELLIPSIS, _printable_only, _strength, clean, markup, person_name, visual_order
 
 
 def test_control_and_bidi_override_characters_are_dropped_and_whitespace_folded():
@@ -30,3 +34,25 @@ def test_right_to_left_runs_are_put_in_visual_order():
 
 def test_markup_escapes_what_a_paragraph_would_parse():
     assert markup("<b>&x</b>") == "&lt;b&gt;&amp;x&lt;/b&gt;"
+
+
+def test_printable_ascii_is_cleaned_as_the_character_by_character_pass_cleans_it():
+    """``clean`` skips the per-character pass for printable ASCII; the two must agree."""
+    alphabet = string.printable[:95] + "     "  # printable ASCII, spaces more often
+    rng = random.Random(14)
+    for _ in range(500):
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 120)))
+        assert value.isascii() and value.isprintable()
+        character_by_character = " ".join(_printable_only(unicodedata.normalize("NFC", value)).split())
+        limit = rng.choice([8, 80, 200])
+        expected = character_by_character
+        if len(expected) > limit:
+            expected = expected[: limit - 1].rstrip() + ELLIPSIS
+        assert clean(value, limit) == expected
+
+
+def test_no_ascii_character_is_right_to_left():
+    """``visual_order`` returns ASCII text as it is without classifying its characters."""
+    assert all(_strength(chr(code)) != "R" for code in range(128))
+    every_ascii = "".join(map(chr, range(128)))
+    assert visual_order(every_ascii) == every_ascii
