@@ -80,7 +80,7 @@ def test_a_daemon_declared_lost_rewrites_neither_the_report_row_nor_the_pdf_of_a
 
     time.sleep(0.05)  # a rewrite would have a later time (and a new SHA-256: the PDF carries its time)
     for scan_id in claimed:  # it wakes up and goes on with the reports in hand
-        assert slow_reporter._report_scan(scan_id) is None
+        assert slow_reporter._report_scans([scan_id]) == set()
 
     with daemon.sessions() as session:
         after = {r.scan_id: (r.path, r.sha256, r.created_at) for r in session.scalars(select(Report))}
@@ -91,6 +91,36 @@ def test_a_daemon_declared_lost_rewrites_neither_the_report_row_nor_the_pdf_of_a
     assert {scan_id: sha256_of(daemon.settings.stored_file(path)) for scan_id, (path, _, _) in after.items()} == on_disk
     assert reported_steps == len(claimed)
     assert slow_reporter.stats.scans == 0
+    assert [p for p in daemon.settings.reports_dir.rglob("*") if p.is_file() and p.suffix != ".pdf"] == []
+
+
+def test_of_a_round_recorded_together_only_the_scan_taken_over_is_left_to_the_daemon_that_took_it(inferred):
+    daemon = inferred
+    slow = join(daemon.sessions, "node-slow", lease_seconds=LEASE)
+    slow_reporter = Reporter(daemon.settings, daemon.sessions, slow.daemon_id)
+    claimed = slow_reporter._claim(set())
+    assert len(claimed) >= 3
+    other = stall_past_the_lease(daemon, slow)  # which gives back what the slow daemon held
+    taken, *left = claimed
+    taker = Reporter(daemon.settings, daemon.sessions, other.daemon_id)
+    assert taker.builder.claimed_scan_reports([taken], other.daemon_id)[taken] is not None
+    with daemon.sessions() as session:
+        taken_row = session.scalars(select(Report).where(Report.scan_id == taken)).one()
+        taken_pdf = sha256_of(daemon.settings.stored_file(taken_row.path))
+
+    outcomes = slow_reporter.builder.claimed_scan_reports(claimed, slow.daemon_id)  # it wakes up
+
+    assert outcomes[taken] is None, "the scan another daemon reported is not reported again"
+    assert all(outcomes[scan_id] is not None for scan_id in left), "the scans nobody took are reported"
+    with daemon.sessions() as session:
+        rows = {r.scan_id: r for r in session.scalars(select(Report))}
+        steps = session.scalars(select(ScanEvent.scan_id).where(ScanEvent.state == ScanState.REPORTED)).all()
+    assert sorted(rows) == sorted(claimed) and sorted(steps) == sorted(claimed)
+    assert (rows[taken].sha256, rows[taken].created_at) == (taken_row.sha256, taken_row.created_at)
+    assert sha256_of(daemon.settings.stored_file(taken_row.path)) == taken_pdf
+    for scan_id in left:
+        assert sha256_of(daemon.settings.stored_file(rows[scan_id].path)) == rows[scan_id].sha256
+    assert set(scan_ids(daemon, ScanState.REPORTED)) == set(claimed)
     assert [p for p in daemon.settings.reports_dir.rglob("*") if p.is_file() and p.suffix != ".pdf"] == []
 
 

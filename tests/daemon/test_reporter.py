@@ -24,6 +24,7 @@ from meddaemon.db.models import Report, Result, Scan, ScanEvent
 from meddaemon.files import HOST_TAG, temporary_path
 from meddaemon.report.output import scan_report_path
 from model_factory import STUDY_UID, ReportedStates, drop_scans, promote, read_pdf, write_model
+from sql_statements import recorded_statements
 
 
 def scan_states(daemon: Daemon) -> dict[str, str]:
@@ -115,6 +116,30 @@ def test_a_full_disk_leaves_no_partial_pdf_and_the_scan_inferred_until_a_retry(m
     Reporter(daemon.settings, daemon.sessions).drain()  # the disk has room again: retried
     assert set(scan_states(daemon).values()) == {"reported"}
     check_reports(daemon)
+
+
+def test_a_round_of_reports_records_its_rows_in_one_statement_each(make_settings, tmp_path: Path):
+    daemon = Daemon(make_settings(max_wait_ms=10, reports=False))
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "model"))
+    drop_scans(daemon.settings.watch)
+    daemon.run(once=True)
+    inferred = [i for i, state in scan_ids_and_states(daemon) if state == "inferred"]
+    assert len(inferred) >= 3
+    with recorded_statements(daemon.engine) as statements:
+        Reporter(daemon.settings, daemon.sessions).round()
+
+    assert set(scan_states(daemon).values()) == {"reported"}
+    rows = check_reports(daemon)
+    assert sorted(r.scan_id for r in rows) == sorted(inferred)
+    report_inserts = [s for s in statements if s.startswith("INSERT INTO reports")]
+    step_updates = [s for s in statements if s.startswith("UPDATE scans SET state")]
+    assert len(report_inserts) == 1 and len(step_updates) == 1, "the round's rows in one statement each"
+
+
+def scan_ids_and_states(daemon: Daemon) -> list[tuple[int, str]]:
+    with daemon.sessions() as session:
+        return [(i, state) for i, state in session.execute(select(Scan.id, Scan.state).order_by(Scan.id))]
 
 
 def test_the_running_daemon_reports_in_its_own_process_and_stops_it(make_settings, tmp_path: Path):

@@ -1,14 +1,12 @@
 """A batch's rows go in as one multi-row INSERT, and each row gets its own new id back, on both databases."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from meddaemon.db.bulk import insert_returning_ids, insert_rows
 from meddaemon.db.engine import session_factory, transaction
 from meddaemon.db.models import Scan, ScanEvent, Task, utcnow
+from sql_statements import recorded_statements
 
 
 def scan_rows(names: list[str], sha: str | None = None) -> list[dict[str, object]]:
@@ -18,21 +16,6 @@ def scan_rows(names: list[str], sha: str | None = None) -> list[dict[str, object
         {"sha256": sha or f"{i:064x}", "state": "failed", "source_name": name, "updated_at": now, "task_name": "busi"}
         for i, name in enumerate(names)
     ]
-
-
-@contextmanager
-def counted_statements(engine) -> Iterator[list[str]]:
-    statements: list[str] = []
-
-    def count(conn, cursor, statement, parameters, context, executemany):
-        if statement.lstrip().upper().startswith("INSERT"):
-            statements.append(statement)
-
-    event.listen(engine, "before_cursor_execute", count)
-    try:
-        yield statements
-    finally:
-        event.remove(engine, "before_cursor_execute", count)
 
 
 @pytest.fixture
@@ -48,7 +31,7 @@ def test_ids_come_back_in_the_rows_order_from_one_statement(migrated_engine, ses
         insert_returning_ids(session, Scan, scan_rows(["earlier_a.png", "earlier_b.png"]), key=("source_name",))
     names = [f"synthetic_{n:02d}.png" for n in (7, 3, 11, 0, 5, 9, 1, 14, 2, 8, 13, 4, 6, 12, 10, 15)]
 
-    with counted_statements(migrated_engine) as statements, transaction(sessions) as session:
+    with recorded_statements(migrated_engine, "INSERT") as statements, transaction(sessions) as session:
         ids = insert_returning_ids(session, Scan, scan_rows(names), key=("source_name",))
 
     assert len(statements) == 1
@@ -75,7 +58,7 @@ def test_rows_without_ids_wanted_go_in_as_one_statement(migrated_engine, session
         (scan_id,) = insert_returning_ids(session, Scan, scan_rows(["synthetic.png"]), key=("source_name",))
     events = [{"scan_id": scan_id, "state": state, "detail": None, "at": utcnow()} for state in ("stable", "failed")]
 
-    with counted_statements(migrated_engine) as statements, transaction(sessions) as session:
+    with recorded_statements(migrated_engine, "INSERT") as statements, transaction(sessions) as session:
         insert_rows(session, ScanEvent, events)
         insert_rows(session, ScanEvent, [])
 

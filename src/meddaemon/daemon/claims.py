@@ -12,7 +12,7 @@
   serialises every writer, which gives the same result on one host.
 - Storing the outcome of a claimed stage is fenced: it only counts if the claim is still the
   daemon's (``held_inbox_files``, ``scans_held``), so a daemon declared lost that wakes up later
-  cannot store a second result, write a second report (``report.builder.claimed_scan_report``)
+  cannot store a second result, write a second report (``report.builder.claimed_scan_reports``)
   or carry out a move another daemon took over (``bookkeeper.moves_still_due``).
 """
 

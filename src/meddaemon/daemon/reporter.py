@@ -54,7 +54,7 @@ from meddaemon.files import remove_stale_temporaries
 from meddaemon.states import ScanState
 
 if TYPE_CHECKING:
-    from meddaemon.report.builder import ReportBuilder
+    from meddaemon.report.builder import ReportBuilder, ReportOutcome
 
 log = logging.getLogger("meddaemon.reporter")
 
@@ -132,7 +132,7 @@ class Reporter:
         now = time.monotonic()
         self.retry_after = {k: v for k, v in self.retry_after.items() if v > now}
         ids = self._claim(set(self.retry_after))
-        studies = {uid for scan_id in ids if (uid := self._report_scan(scan_id))}
+        studies = self._report_scans(ids)
         studies |= self._quiet_now(now)
         attempted = len(ids)
         if self.share is not None and self.share[0] != 0:
@@ -196,40 +196,46 @@ class Reporter:
 
     # -- one report ----------------------------------------------------------------------------
 
-    def _report_scan(self, scan_id: int) -> str | None:
-        """Report one scan; returns its Study Instance UID when it was reported and has one."""
+    def _report_scans(self, scan_ids: list[int]) -> set[str]:
+        """Report these scans (recorded together: ``ReportBuilder.claimed_scan_reports``); returns the
+        Study Instance UIDs of those reported that have one."""
+        if not scan_ids:
+            return set()
+        outcomes = self.builder.claimed_scan_reports(scan_ids, self.daemon_id)
+        return {uid for scan_id, outcome in outcomes.items() if (uid := self._reported(scan_id, outcome))}
+
+    def _reported(self, scan_id: int, outcome: ReportOutcome) -> str | None:
+        """Log what became of a scan's report (a failed one is retried later); its Study Instance
+        UID when it was reported and has one."""
         from meddaemon.report.content import NoResult
 
-        try:
-            written = self.builder.claimed_scan_report(scan_id, self.daemon_id)
-        except NoResult as exc:
-            log.error("scan %d: %s; not reported", scan_id, exc)
+        if isinstance(outcome, NoResult):
+            log.error("scan %d: %s; not reported", scan_id, outcome)
             self._retry(scan_id, ERROR_RETRY_SECONDS)
-        except OSError as exc:
+        elif isinstance(outcome, OSError):
             self.stats.errors += 1
             log.error(
                 "scan %d: could not write its report (%s); it stays inferred and is retried in %.0f s",
                 scan_id,
-                exc.strerror or type(exc).__name__,
+                outcome.strerror or type(outcome).__name__,
                 RETRY_SECONDS,
             )
             self._retry(scan_id, RETRY_SECONDS)
-        except Exception as exc:
+        elif isinstance(outcome, Exception):
             self.stats.errors += 1
             log.error(
                 "scan %d: building its report failed (%s); retried in %.0f s",
                 scan_id,
-                _where(exc),
+                _where(outcome),
                 ERROR_RETRY_SECONDS,
             )
             self._retry(scan_id, ERROR_RETRY_SECONDS)
+        elif outcome is None:
+            log.warning("scan %d: no longer this daemon's to report (taken over); its report discarded", scan_id)
         else:
-            if written is None:
-                log.warning("scan %d: no longer this daemon's to report (taken over); its report discarded", scan_id)
-                return None
             self.stats.scans += 1
-            log.info("scan %d: report written, %d page(s), sha256 %s", scan_id, written.pages, written.sha256[:12])
-            return written.study_instance_uid
+            log.info("scan %d: report written, %d page(s), sha256 %s", scan_id, outcome.pages, outcome.sha256[:12])
+            return outcome.study_instance_uid
         return None
 
     def _report_study(self, uid: str) -> None:

@@ -17,13 +17,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from meddaemon.db.bulk import insert_rows
 from meddaemon.db.models import Report, utcnow
 from meddaemon.files import fsync_dir, temporary_path, write_atomically
 from meddaemon.stored_paths import stored_name, stored_spellings
@@ -87,6 +89,20 @@ def write_pdf_aside(path: Path, data: bytes) -> PdfAside:
     return PdfAside(tmp, path, hashlib.sha256(data).hexdigest())
 
 
+@dataclass(frozen=True)
+class ReportRecord:
+    """What a report's row says: the document at ``path``, its bytes' SHA-256, size and pages."""
+
+    kind: str
+    path: Path
+    sha256: str
+    size: int
+    pages: int
+    with_phi: bool
+    scan_id: int | None = None
+    study_instance_uid: str | None = None
+
+
 def record_report(
     session: Session,
     *,
@@ -99,15 +115,42 @@ def record_report(
     with_phi: bool,
     scan_id: int | None = None,
     study_instance_uid: str | None = None,
-) -> Report:
-    """The row of the report at ``path``: added, or updated when that document was written before
-    (its row maybe older, with the path absolute). Stored relative to ``state_dir`` when under it."""
-    row = session.scalar(select(Report).where(Report.path.in_(stored_spellings(path, state_dir))))
-    if row is None:
-        row = Report(kind=kind, path=stored_name(path, state_dir))
-        session.add(row)
-    row.scan_id, row.study_instance_uid = scan_id, study_instance_uid
-    row.sha256, row.size_bytes, row.pages, row.with_phi = sha256, size, pages, with_phi
-    row.created_at = utcnow()
-    session.flush()
-    return row
+) -> None:
+    """The row of the report at ``path`` (``record_reports``)."""
+    record = ReportRecord(kind, path, sha256, size, pages, with_phi, scan_id, study_instance_uid)
+    record_reports(session, [record], state_dir)
+
+
+def record_reports(session: Session, records: Sequence[ReportRecord], state_dir: Path) -> None:
+    """The rows of these reports: added, or updated where that document was written before (its row
+    maybe older, with the path absolute). Stored relative to ``state_dir`` when under it.
+
+    One SELECT and one INSERT however many reports (the report stage records a round's at once);
+    an UPDATE for each report written before. Of two records of the same document, the later wins."""
+    if not records:
+        return
+    spellings = {record.path: stored_spellings(record.path, state_dir) for record in records}
+    wanted = sorted({spelling for both in spellings.values() for spelling in both})
+    known = dict(session.execute(select(Report.path, Report.id).where(Report.path.in_(wanted))).all())
+    now = utcnow()
+    updates: dict[int, dict[str, object]] = {}
+    inserts: dict[str, dict[str, object]] = {}
+    for record in records:
+        values: dict[str, object] = {
+            "scan_id": record.scan_id,
+            "study_instance_uid": record.study_instance_uid,
+            "sha256": record.sha256,
+            "size_bytes": record.size,
+            "pages": record.pages,
+            "with_phi": record.with_phi,
+            "created_at": now,
+        }
+        row_id = next((known[spelling] for spelling in spellings[record.path] if spelling in known), None)
+        if row_id is not None:
+            updates[row_id] = values
+        else:
+            name = stored_name(record.path, state_dir)
+            inserts[name] = {"kind": record.kind, "path": name, **values}
+    for row_id, values in updates.items():
+        session.execute(update(Report).where(Report.id == row_id).values(**values))
+    insert_rows(session, Report, list(inserts.values()))
