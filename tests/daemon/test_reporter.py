@@ -50,6 +50,16 @@ def check_reports(daemon: Daemon) -> list[Report]:
     return list(rows)
 
 
+def inferred_daemon(make_settings, tmp_path: Path) -> Daemon:  # type: ignore[no-untyped-def]
+    """A daemon whose SYNTHETIC scans ran ``--once`` with reports off: every scan ``inferred``."""
+    daemon = Daemon(make_settings(max_wait_ms=10, reports=False))
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "model"))
+    drop_scans(daemon.settings.watch)
+    daemon.run(once=True)
+    return daemon
+
+
 def test_once_reports_every_inferred_scan_and_the_study_of_two_then_archives_them(
     tmp_path: Path, reported_states: ReportedStates
 ):
@@ -88,11 +98,7 @@ def test_reported_scans_move_from_work_to_the_archive_under_their_received_names
 
 
 def test_a_full_disk_leaves_no_partial_pdf_and_the_scan_inferred_until_a_retry(make_settings, tmp_path: Path):
-    daemon = Daemon(make_settings(max_wait_ms=10, reports=False))
-    daemon.prepare()
-    promote(daemon, write_model(tmp_path / "model"))
-    drop_scans(daemon.settings.watch)
-    daemon.run(once=True)
+    daemon = inferred_daemon(make_settings, tmp_path)
     with daemon.sessions() as session:
         victim = session.scalars(select(Scan).order_by(Scan.id)).first()
     assert victim is not None and victim.sha256 is not None
@@ -119,11 +125,7 @@ def test_a_full_disk_leaves_no_partial_pdf_and_the_scan_inferred_until_a_retry(m
 
 
 def test_a_round_of_reports_records_its_rows_in_one_statement_each(make_settings, tmp_path: Path):
-    daemon = Daemon(make_settings(max_wait_ms=10, reports=False))
-    daemon.prepare()
-    promote(daemon, write_model(tmp_path / "model"))
-    drop_scans(daemon.settings.watch)
-    daemon.run(once=True)
+    daemon = inferred_daemon(make_settings, tmp_path)
     inferred = [i for i, state in scan_ids_and_states(daemon) if state == "inferred"]
     assert len(inferred) >= 3
     with recorded_statements(daemon.engine) as statements:
@@ -209,11 +211,7 @@ def test_kill_9_while_reporting_leaves_no_partial_pdf_and_no_doubled_row(tmp_pat
 def test_a_report_that_fails_to_build_leaves_the_scan_inferred_and_no_phi_in_the_log(
     make_settings, tmp_path: Path, caplog, monkeypatch
 ):
-    daemon = Daemon(make_settings(max_wait_ms=10, reports=False))
-    daemon.prepare()
-    promote(daemon, write_model(tmp_path / "model"))
-    drop_scans(daemon.settings.watch)
-    daemon.run(once=True)
+    daemon = inferred_daemon(make_settings, tmp_path)
     reporter = Reporter(daemon.settings, daemon.sessions)
 
     def broken(data: object) -> object:

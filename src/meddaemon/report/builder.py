@@ -30,6 +30,7 @@ from meddaemon.report import images as pictures
 from meddaemon.report import output
 from meddaemon.report.content import ScanReportData, scan_report_data, study_report_data
 from meddaemon.report.fonts import report_fonts
+from meddaemon.report.output import WrittenReport
 from meddaemon.report.render import Rendered, ScanImages, render_scan, render_study
 from meddaemon.report.templates import load_template
 from meddaemon.states import ScanState, check_transition
@@ -38,41 +39,6 @@ if TYPE_CHECKING:  # highdicom, 0.6 s of each report process's start, only where
     from meddaemon.dicom.writer import DicomOutputs, PreparedOutputs
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class WrittenReport:
-    kind: str
-    path: Path
-    sha256: str
-    pages: int
-    size_bytes: int
-    with_phi: bool
-    scan_id: int | None = None
-    study_instance_uid: str | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "kind": self.kind,
-            "path": str(self.path),
-            "sha256": self.sha256,
-            "pages": self.pages,
-            "size_bytes": self.size_bytes,
-            "with_phi": self.with_phi,
-            "scan_id": self.scan_id,
-        }
-
-    def record(self) -> output.ReportRecord:
-        return output.ReportRecord(
-            self.kind,
-            self.path,
-            self.sha256,
-            self.size_bytes,
-            self.pages,
-            self.with_phi,
-            self.scan_id,
-            self.study_instance_uid,
-        )
 
 
 #: what became of each scan of a round (``ReportBuilder.claimed_scan_reports``)
@@ -222,7 +188,7 @@ class ReportBuilder:
             for each in kept:
                 if each.prepared is not None:
                     self.dicom.enqueue(session, each.prepared)
-        output.record_reports(session, [each.report.record() for each in kept], self.settings.state_dir)
+        output.record_reports(session, [each.report for each in kept], self.settings.state_dir)
         session.flush()
         for each in kept:
             each.aside.put_in_place()
@@ -268,7 +234,7 @@ class ReportBuilder:
         def work(session: Session) -> bool:
             if first is not None and not first(session):
                 return False
-            output.record_reports(session, [written.record()], self.settings.state_dir)
+            output.record_reports(session, [written], self.settings.state_dir)
             session.flush()
             aside.put_in_place()
             return True

@@ -90,17 +90,28 @@ def write_pdf_aside(path: Path, data: bytes) -> PdfAside:
 
 
 @dataclass(frozen=True)
-class ReportRecord:
-    """What a report's row says: the document at ``path``, its bytes' SHA-256, size and pages."""
+class WrittenReport:
+    """A report's document at ``path``: its bytes' SHA-256, size and pages, as its row records them."""
 
     kind: str
     path: Path
     sha256: str
-    size: int
     pages: int
+    size_bytes: int
     with_phi: bool
     scan_id: int | None = None
     study_instance_uid: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "pages": self.pages,
+            "size_bytes": self.size_bytes,
+            "with_phi": self.with_phi,
+            "scan_id": self.scan_id,
+        }
 
 
 def record_report(
@@ -117,11 +128,11 @@ def record_report(
     study_instance_uid: str | None = None,
 ) -> None:
     """The row of the report at ``path`` (``record_reports``)."""
-    record = ReportRecord(kind, path, sha256, size, pages, with_phi, scan_id, study_instance_uid)
-    record_reports(session, [record], state_dir)
+    report = WrittenReport(kind, path, sha256, pages, size, with_phi, scan_id, study_instance_uid)
+    record_reports(session, [report], state_dir)
 
 
-def record_reports(session: Session, records: Sequence[ReportRecord], state_dir: Path) -> None:
+def record_reports(session: Session, records: Sequence[WrittenReport], state_dir: Path) -> None:
     """The rows of these reports: added, or updated where that document was written before (its row
     maybe older, with the path absolute). Stored relative to ``state_dir`` when under it.
 
@@ -140,7 +151,7 @@ def record_reports(session: Session, records: Sequence[ReportRecord], state_dir:
             "scan_id": record.scan_id,
             "study_instance_uid": record.study_instance_uid,
             "sha256": record.sha256,
-            "size_bytes": record.size,
+            "size_bytes": record.size_bytes,
             "pages": record.pages,
             "with_phi": record.with_phi,
             "created_at": now,
