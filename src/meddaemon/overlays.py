@@ -22,7 +22,7 @@ from PIL import Image
 
 from meddaemon.engine.decode import DecodeOptions
 from meddaemon.engine.heatmap_grid import read_map
-from meddaemon.engine.overlay import jpeg_bytes, model_view, overlay
+from meddaemon.engine.overlay import jpeg_bytes, model_pixels, overlay
 from meddaemon.engine.tasks import InputContract
 from meddaemon.files import write_atomically
 
@@ -42,11 +42,12 @@ class ViewSource:
     options: DecodeOptions = field(default_factory=DecodeOptions)
 
     def view(self, shape: tuple[int, ...]) -> np.ndarray | None:
-        """uint8 (H, W, 3) of the map's ``shape`` (H, W); None when neither source gives one."""
+        """uint8 (H, W) grey or (H, W, 3) of the map's ``shape`` (H, W); None when neither source
+        gives one."""
         if self.kept is not None:
             try:
                 with Image.open(self.kept) as image:
-                    kept = np.asarray(image.convert("RGB"))
+                    kept = np.asarray(image if image.mode == "L" else image.convert("RGB"))
             except (OSError, ValueError):
                 kept = None
             if kept is not None and kept.shape[:2] == shape:
@@ -59,7 +60,8 @@ def stored_model_view(
     stored_path: Path | None, contract: InputContract | None, options: DecodeOptions
 ) -> np.ndarray | None:
     """The stored scan prepared again through the model's input contract and de-normalised, uint8
-    (H, W, 3) (the middle frame of a multi-frame input); None when it cannot be read."""
+    (H, W) for a grey model, else (H, W, 3) (the middle frame of a multi-frame input); None when it
+    cannot be read."""
     if stored_path is None or contract is None:
         return None
     from meddaemon.daemon.intake import prepare_stored  # the decoders: only where a picture is drawn
@@ -67,7 +69,7 @@ def stored_model_view(
     inputs = prepare_stored(stored_path, contract, options)
     if not isinstance(inputs, np.ndarray):
         return None
-    return model_view(inputs[len(inputs) // 2], contract)
+    return model_pixels(inputs[len(inputs) // 2], contract)
 
 
 def overlay_jpeg(

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from sqlalchemy import func, select
 
 from meddaemon.config import load_settings
@@ -256,7 +257,8 @@ def test_the_report_embeds_the_model_view_written_beside_the_heatmaps_without_de
     make_settings, tmp_path: Path
 ):
     """Issue 16: the inference stage, which holds the model's input, writes the scan as the model saw
-    it beside the heatmaps; the report embeds that JPEG instead of decoding the stored scan again."""
+    it beside the heatmaps (a grey JPEG for a grey model); the report embeds that JPEG instead of
+    decoding the stored scan again."""
     from meddaemon.daemon import filing
     from meddaemon.report.builder import ReportBuilder
 
@@ -270,7 +272,8 @@ def test_the_report_embeds_the_model_view_written_beside_the_heatmaps_without_de
         version_id = session.scalar(select(func.max(Result.model_version_id)))
     assert scan.sha256 is not None and version_id is not None
     view = filing.view_path(daemon.settings.heatmaps_dir, scan.sha256, version_id)
-    assert view.read_bytes()[:2] == b"\xff\xd8"
+    with Image.open(view) as picture:
+        assert (picture.format, picture.mode) == ("JPEG", "L")  # a grey model's view: one channel
     daemon.settings.stored_file(scan.stored_path or "").unlink()  # archived by --once; nothing to decode again
 
     written = ReportBuilder(daemon.settings, daemon.sessions).scan_report(scan.id)

@@ -340,3 +340,36 @@ def test_the_overlay_blends_jet_colours_by_the_square_root_of_the_map_within_two
     assert blended.dtype == np.uint8 and blended.shape == view.shape
     assert np.abs(blended.astype(np.float32) - exact).max() <= 2.0
     assert (blended[0, 0] == view[0, 0]).all()
+
+
+def test_an_overlay_over_a_grey_view_is_its_overlay_over_the_view_in_colour_byte_for_byte():
+    """A grey model's view is kept as one channel and blended through one table of every grey level
+    and map level (issue 16); every pair gives the three-channel blend's bytes exactly, and a map
+    beyond [0, 1] is clipped the same way."""
+    from meddaemon.engine.overlay import LEVELS, overlay
+
+    grey = np.tile(np.arange(256, dtype=np.uint8), (LEVELS + 2, 1))
+    heatmap = np.repeat(np.linspace(0.0, 1.0, LEVELS, dtype=np.float32), 256).reshape(LEVELS, 256)
+    heatmap = np.vstack([heatmap, np.full((1, 256), -0.5, np.float32), np.full((1, 256), 1.5, np.float32)])
+
+    blended = overlay(grey, heatmap)
+
+    assert blended.dtype == np.uint8 and blended.shape == (LEVELS + 2, 256, 3)
+    assert (blended == overlay(np.repeat(grey[..., None], 3, axis=2), heatmap)).all()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_model_s_pixels_are_its_view_in_the_model_s_own_channels(channels: int):
+    from meddaemon.engine.overlay import model_pixels, model_view
+    from meddaemon.engine.tasks import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, InputContract
+
+    mean, std = (GREY_MEAN, GREY_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+    contract = InputContract(channels, 24, 20, mean, std)
+    model_input = np.random.default_rng(channels).normal(0.0, 1.5, (channels, 24, 20)).astype(np.float32)
+
+    pixels = model_pixels(model_input, contract)
+    view = model_view(model_input, contract)
+
+    assert view.shape == (24, 20, 3) and pixels.shape == ((24, 20) if channels == 1 else (24, 20, 3))
+    assert (view == (pixels[..., None] if channels == 1 else pixels)).all()
+    assert pixels.min() == 0 and pixels.max() == 255  # clipped to the picture's range

@@ -53,7 +53,7 @@ from meddaemon.db.models import ModelVersion, Scan, utcnow
 from meddaemon.engine.batching import BatchQueue, QueuedScan
 from meddaemon.engine.decode import DecodeOptions
 from meddaemon.engine.heatmap_grid import expand_one, grid_bytes
-from meddaemon.engine.overlay import jpeg_bytes, model_view, overlay
+from meddaemon.engine.overlay import jpeg_bytes, model_pixels, overlay
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import ScanFailure
 from meddaemon.files import write_atomically
@@ -587,7 +587,7 @@ def write_heatmap_files(
     copy of the scan to draw it from later). Without, the first reader draws it from the map's row
     (``meddaemon.overlays``), and an overlay left from an earlier run of the same version is
     removed so that none is older than its map."""
-    view = model_view(model_input, contract) if overlays or view_path is not None else None
+    view = model_pixels(model_input, contract) if overlays or view_path is not None else None
     for file, grid in zip(files, maps, strict=True):
         if view is not None and overlays:
             write_atomically(file.overlay_path, jpeg_bytes(overlay(view, expand_one(grid, view.shape[:2]))))

@@ -35,10 +35,10 @@ def colour_scale_jpeg() -> bytes:
     return jpeg_bytes(jet(ramp), quality=95)
 
 
-def _fit(rgb: np.ndarray) -> np.ndarray:
-    height, width = rgb.shape[:2]
+def _fit(pixels: np.ndarray) -> np.ndarray:
+    height, width = pixels.shape[:2]
     scale = MAX_SIDE / max(height, width)
     if scale >= 1:
-        return rgb
-    image = Image.fromarray(rgb).resize((round(width * scale), round(height * scale)), Image.Resampling.BILINEAR)
+        return pixels
+    image = Image.fromarray(pixels).resize((round(width * scale), round(height * scale)), Image.Resampling.BILINEAR)
     return np.asarray(image)
