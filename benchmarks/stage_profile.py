@@ -79,7 +79,7 @@ TX_OWNERS = [
     ("IntakeStage._harvest_group", "tx: record batch (register, route)"),
     ("Daemon._carry_out.<locals>.clear", "tx: moves done"),
     ("Daemon._carry_out", "tx: moves still due"),
-    ("Daemon.archive_reported", "tx: archive claim"),
+    ("ArchiveStage.archive_reported", "tx: archive claim"),
     ("InferenceStage._shas", "tx: result ids and hashes"),
     ("InferenceStage._store", "tx: store results"),
     ("InferenceStage.sweep", "tx: sweep"),
@@ -182,7 +182,9 @@ def instrument(clock: StageClock) -> None:
     clock.wrap(daemon_inference, "write_heatmap_files", "heatmap files (writer threads)")
     clock.wrap(model_loader, "load_and_time", "start-up")
     clock.wrap(service.Daemon, "prepare", "start-up")
-    clock.wrap(builder.ReportBuilder, "scan_data", "report: read rows")
+    # a round's rows are read together (``scans_data``); a checkout before that read them one scan at a time
+    rows = "scans_data" if hasattr(builder.ReportBuilder, "scans_data") else "scan_data"
+    clock.wrap(builder.ReportBuilder, rows, "report: read rows")
     clock.wrap(builder.ReportBuilder, "images", "report: model view + overlays")
     clock.wrap(builder, "render_scan", "report: render (reportlab)")
     clock.wrap(builder, "render_study", "report: render (reportlab)")

@@ -125,7 +125,7 @@ def test_a_full_disk_leaves_no_partial_pdf_and_the_scan_inferred_until_a_retry(m
     check_reports(daemon)
 
 
-def test_a_round_of_reports_records_its_rows_in_one_statement_each(make_settings, tmp_path: Path):
+def test_a_round_of_reports_reads_and_records_its_rows_in_one_statement_each(make_settings, tmp_path: Path):
     daemon = inferred_daemon(make_settings, tmp_path)
     inferred = [i for i, state in scan_ids_and_states(daemon) if state == "inferred"]
     assert len(inferred) >= 3
@@ -138,6 +138,8 @@ def test_a_round_of_reports_records_its_rows_in_one_statement_each(make_settings
     report_inserts = [s for s in statements if s.startswith("INSERT INTO reports")]
     step_updates = [s for s in statements if s.startswith("UPDATE scans SET state")]
     assert len(report_inserts) == 1 and len(step_updates) == 1, "the round's rows in one statement each"
+    result_reads = [s for s in statements if s.startswith("SELECT") and "FROM results" in s]
+    assert len(result_reads) == 1, "the round's results read in one statement"
 
 
 def scan_ids_and_states(daemon: Daemon) -> list[tuple[int, str]]:

@@ -1,13 +1,20 @@
-"""Which scan a report is asked for: by id, SHA-256 or a prefix of it."""
+"""Which scan a report is asked for (by id, SHA-256 or a prefix of it), and what its report shows."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import select
 
 from daemon_rows import add_scan
 from meddaemon.daemon import bookkeeper
 from meddaemon.db.engine import session_factory, transaction
+from meddaemon.db.models import ModelVersion, Result, Scan
 from meddaemon.engine.tasks import all_tasks
-from meddaemon.report.content import find_scan
+from meddaemon.report.content import NoResult, find_scan, scans_report_data
 from meddaemon.states import ScanState
+from model_factory import ReportedStates, promote, write_model
+from sql_statements import recorded_statements
 
 
 def test_a_hash_with_a_failed_attempt_and_a_new_one_finds_the_new_one(migrated_engine):
@@ -35,3 +42,46 @@ def test_a_prefix_of_digits_only_is_a_prefix_when_no_scan_has_that_id(migrated_e
         assert find_scan(session, str(scan)).id == scan
         assert find_scan(session, "1234567") is None
         assert find_scan(session, "9" * 11) is None  # past an INTEGER key: no id, and no such prefix
+
+
+def test_the_scans_of_a_report_round_are_read_together_each_with_its_latest_version_s_results(
+    reported_states: ReportedStates, tmp_path: Path
+):
+    """Issue 16: a report round reads its scans' rows in two queries whatever their number. Each scan
+    shows the results of the model version that ran on it last (here one busi scan run again by a
+    second version); a scan without results says so."""
+    daemon = reported_states.copy(tmp_path / "state")
+    promote(daemon, write_model(tmp_path / "busi_v2", version="v2"))
+    with transaction(daemon.sessions) as session:
+        rerun = session.scalars(select(Scan).where(Scan.task_name == "busi").order_by(Scan.id)).first()
+        v2 = session.scalars(select(ModelVersion).where(ModelVersion.version == "v2")).one()
+        for label, probability in (("benign", 0.2), ("malignant", 0.7), ("normal", 0.1)):
+            session.add(Result(scan_id=rerun.id, model_version_id=v2.id, label=label, probability=probability,
+                               threshold=0.5, positive=probability > 0.5))  # fmt: skip
+        rerun_id = rerun.id
+
+    with daemon.sessions() as session, recorded_statements(daemon.engine, "SELECT") as selects:
+        scans = session.scalars(select(Scan).order_by(Scan.id)).all()
+        before = len(selects)
+        found = scans_report_data(session, scans, daemon.settings.task_specs, state_dir=daemon.settings.state_dir)
+        reads = len(selects) - before
+
+        assert reads == 2
+        assert {scan.id for scan in scans} == set(found)
+        without = [scan.id for scan in scans if isinstance(found[scan.id], NoResult)]
+        assert [scan.state for scan in scans if scan.id in without] == ["failed"]  # the empty file
+        for scan in scans:
+            if scan.id in without:
+                continue
+            last = session.scalars(select(Result).where(Result.scan_id == scan.id).order_by(Result.id.desc())).first()
+            expected = session.execute(
+                select(Result.label, Result.probability)
+                .where(Result.scan_id == scan.id, Result.model_version_id == last.model_version_id)
+                .order_by(Result.id)
+            ).all()
+            data = found[scan.id]
+            assert data.model.version_id == last.model_version_id and data.task == scan.task_name
+            assert [(r.label, r.probability) for r in data.results] == [tuple(row) for row in expected]
+    rerun_data = found[rerun_id]
+    assert rerun_data.model.version == "v2" and [r.probability for r in rerun_data.results] == [0.2, 0.7, 0.1]
+    assert all(r.overlay_path is None for r in rerun_data.results)  # v2 drew no heatmap for it

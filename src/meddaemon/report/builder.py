@@ -28,7 +28,7 @@ from meddaemon.engine.decode import DecodeOptions
 from meddaemon.overlays import ViewSource, overlay_jpeg, read_jpeg
 from meddaemon.report import images as pictures
 from meddaemon.report import output
-from meddaemon.report.content import ScanReportData, scan_report_data, study_report_data
+from meddaemon.report.content import ScanReportData, scans_report_data, study_report_data
 from meddaemon.report.fonts import report_fonts
 from meddaemon.report.output import WrittenReport
 from meddaemon.report.render import Rendered, ScanImages, render_scan, render_study
@@ -99,13 +99,19 @@ class ReportBuilder:
         return render_scan(data, self.images(data), load_template(data.task), report_fonts(self.settings.reports_font))
 
     def scan_data(self, scan_id: int, with_phi: bool) -> ScanReportData:
+        data = self.scans_data([scan_id], with_phi)[scan_id]
+        if isinstance(data, LookupError):
+            raise data
+        return data
+
+    def scans_data(self, scan_ids: Sequence[int], with_phi: bool) -> dict[int, ScanReportData | LookupError]:
+        """Each scan's report data, or why there is none (no such scan, no result to report)."""
         with self.sessions() as session:
-            scan = session.get(Scan, scan_id)
-            if scan is None:
-                raise LookupError(f"no scan {scan_id}")
-            return scan_report_data(
-                session, scan, self.settings.task_specs, with_phi, state_dir=self.settings.state_dir
+            scans = session.scalars(select(Scan).where(Scan.id.in_(scan_ids))).all()
+            found = scans_report_data(
+                session, scans, self.settings.task_specs, with_phi, state_dir=self.settings.state_dir
             )
+        return {scan_id: found.get(scan_id) or LookupError(f"no scan {scan_id}") for scan_id in scan_ids}
 
     # -- written and recorded ------------------------------------------------------------------
 
@@ -139,19 +145,26 @@ class ReportBuilder:
         report stage), fenced like its results: a scan's row, its ``reported`` step and its PDF in
         place only if the scan is still ``inferred`` and held by that daemon (or nobody).
 
-        Each is rendered and written aside on its own, then all are recorded in one transaction (a
-        transaction of its own cost a report 4.7 ms of CPU, recorded with its round's 0.55;
-        benchmarks/README.md). Each scan's outcome: its report; None when it is no longer the
-        daemon's (declared lost, and another reported it meanwhile: nothing is written, the PDF
-        already in place stays); or the exception that stopped it (one that stops the transaction
-        stops every scan's)."""
+        Their rows are read together, each is rendered and written aside on its own, then all are
+        recorded in one transaction (a transaction of its own cost a report 4.7 ms of CPU, recorded
+        with its round's 0.55; benchmarks/README.md). Each scan's outcome: its report; None when it
+        is no longer the daemon's (declared lost, and another reported it meanwhile: nothing is
+        written, the PDF already in place stays); or the exception that stopped it (one that stops
+        the reading or the transaction stops every scan's)."""
         phi = self.settings.reports_with_phi
         outcomes: dict[int, ReportOutcome] = {}
         written: dict[int, _WrittenAside] = {}
         try:
-            for scan_id in scan_ids:
+            found: Mapping[int, ScanReportData | Exception] = self.scans_data(scan_ids, phi)
+        except Exception as exc:
+            found = dict.fromkeys(scan_ids, exc)
+        try:
+            for scan_id, data in found.items():
+                if isinstance(data, Exception):
+                    outcomes[scan_id] = data
+                    continue
                 try:
-                    written[scan_id] = self._written_aside(scan_id, phi)
+                    written[scan_id] = self._written_aside(data, phi)
                 except Exception as exc:
                     outcomes[scan_id] = exc
             if written:
@@ -166,8 +179,8 @@ class ReportBuilder:
                 each.aside.discard()
         return {scan_id: outcomes[scan_id] for scan_id in scan_ids}
 
-    def _written_aside(self, scan_id: int, phi: bool) -> _WrittenAside:
-        data = self.scan_data(scan_id, phi)
+    def _written_aside(self, data: ScanReportData, phi: bool) -> _WrittenAside:
+        scan_id = data.scan_id
         rendered = self.render_scan(data)
         path = output.scan_report_path(self.settings.reports_dir, data.sha256, phi).absolute()
         # DICOM outputs (issue 14) built before the transaction, from the PDF's bytes (its file is

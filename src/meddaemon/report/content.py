@@ -7,12 +7,13 @@ never holds them, so no layout mistake can print them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan, row_id
@@ -137,47 +138,86 @@ def scan_report_data(
 ) -> ScanReportData:
     """Everything a scan report shows, from the results of the latest model version that ran on it;
     the stored files (scan, overlays) found under ``state_dir`` wherever this process runs."""
-    model_row = session.scalar(  # the version of the latest result, in one query
-        select(ModelVersion)
-        .join(Result, Result.model_version_id == ModelVersion.id)
-        .where(Result.scan_id == scan.id)
-        .order_by(Result.id.desc())
-        .limit(1)
+    data = scans_report_data(session, [scan], specs, with_phi, state_dir=state_dir)[scan.id]
+    if isinstance(data, NoResult):
+        raise data
+    return data
+
+
+def scans_report_data(
+    session: Session, scans: Sequence[Scan], specs: Mapping[str, TaskSpec], with_phi: bool = False, *, state_dir: Path
+) -> dict[int, ScanReportData | NoResult]:
+    """``scan_report_data`` of several scans (a report round's, a study's) in two queries whatever
+    their number: every result of the scans with its heatmap's files, in plain rows, then the model
+    versions of each scan's latest result (read one scan at a time, a report's rows cost 2.5 ms of
+    CPU, as much as a quarter of its rendering). A scan without a result to report maps to its
+    ``NoResult``."""
+    rows = (
+        session.execute(
+            select(
+                Result.scan_id,
+                Result.model_version_id,
+                Result.label,
+                Result.probability,
+                Result.threshold,
+                Result.positive,
+                Result.created_at,
+                Result.latency_ms,
+                Heatmap.overlay_path,
+                Heatmap.array_path,
+                Heatmap.grid,
+                Heatmap.height,
+                Heatmap.width,
+            )
+            .outerjoin(Heatmap, Heatmap.result_id == Result.id)
+            .where(Result.scan_id.in_([scan.id for scan in scans]))
+            .order_by(Result.id)
+        ).all()
+        if scans
+        else []
     )
-    if model_row is None or scan.sha256 is None:
-        raise NoResult(f"scan {scan.id} has no result to report (state {scan.state})")
-    rows = session.execute(  # every label with its heatmap's files, in one query: plain rows, no ORM objects
-        select(
-            Result.label,
-            Result.probability,
-            Result.threshold,
-            Result.positive,
-            Result.created_at,
-            Result.latency_ms,
-            Heatmap.overlay_path,
-            Heatmap.array_path,
-            Heatmap.grid,
-            Heatmap.height,
-            Heatmap.width,
-        )
-        .outerjoin(Heatmap, Heatmap.result_id == Result.id)
-        .where(Result.scan_id == scan.id, Result.model_version_id == model_row.id)
-        .order_by(Result.id)
-    ).all()
-    manifest = model_row.manifest or {}
-    spec = specs.get(model_row.task_name)
+    latest = {row.scan_id: row.model_version_id for row in rows}  # in id order: the last is the latest
+    versions = session.scalars(select(ModelVersion).where(ModelVersion.id.in_(set(latest.values())))) if latest else []
+    models = {version.id: _model_info(version, specs) for version in versions}
+    scan_rows: dict[int, list[Row[Any]]] = {}
+    for row in rows:
+        if row.model_version_id == latest[row.scan_id]:
+            scan_rows.setdefault(row.scan_id, []).append(row)
+    found: dict[int, ScanReportData | NoResult] = {}
+    for scan in scans:
+        model = models.get(latest.get(scan.id, -1))
+        if model is None or scan.sha256 is None:
+            found[scan.id] = NoResult(f"scan {scan.id} has no result to report (state {scan.state})")
+        else:
+            found[scan.id] = _scan_report_data(scan, model, scan_rows[scan.id], specs, with_phi, state_dir)
+    return found
+
+
+def _model_info(version: ModelVersion, specs: Mapping[str, TaskSpec]) -> ModelInfo:
+    manifest = version.manifest or {}
+    spec = specs.get(version.task_name)
     contract_data = manifest.get("input_contract")
-    contract = InputContract.from_dict(contract_data) if contract_data else (spec.contract if spec else None)
-    model = ModelInfo(
-        task=model_row.task_name,
-        version=model_row.version,
-        architecture=model_row.architecture,
-        sha256=model_row.sha256,
+    return ModelInfo(
+        task=version.task_name,
+        version=version.version,
+        architecture=version.architecture,
+        sha256=version.sha256,
         kind=str(manifest.get("kind") or (spec.kind if spec else "multiclass")),
-        contract=contract,
+        contract=InputContract.from_dict(contract_data) if contract_data else (spec.contract if spec else None),
         heatmaps=bool(manifest.get("heatmaps", True)),
-        version_id=model_row.id,
+        version_id=version.id,
     )
+
+
+def _scan_report_data(
+    scan: Scan,
+    model: ModelInfo,
+    rows: Sequence[Row[Any]],
+    specs: Mapping[str, TaskSpec],
+    with_phi: bool,
+    state_dir: Path,
+) -> ScanReportData:
+    spec = specs.get(model.task)
     results = [
         LabelResult(
             r.label,
@@ -193,8 +233,8 @@ def scan_report_data(
     ]
     return ScanReportData(
         scan_id=scan.id,
-        sha256=scan.sha256,
-        task=model_row.task_name,
+        sha256=scan.sha256 or "",
+        task=model.task,
         description=spec.description if spec else "",
         source_name=scan.source_name,
         model=model,
@@ -259,5 +299,11 @@ def study_report_data(
     scans = reportable_study_scans(session, study_instance_uid)
     if not scans:
         raise NoResult("no scan of this study has a result")
-    data = [scan_report_data(session, s, specs, with_phi, state_dir=state_dir) for s in scans]
+    found = scans_report_data(session, scans, specs, with_phi, state_dir=state_dir)
+    data: list[ScanReportData] = []
+    for scan in scans:
+        each = found[scan.id]
+        if isinstance(each, NoResult):
+            raise each
+        data.append(each)
     return StudyReportData(study_instance_uid, data, patient_info(scans[0]) if with_phi else None)
