@@ -24,6 +24,7 @@ from meddaemon.db.migrate import upgrade
 from meddaemon.db.models import InboxClaim, ModelVersion, Result, Scan
 from meddaemon.engine.tasks import all_tasks
 from meddaemon.states import ScanState
+from sql_statements import recorded_statements
 
 BUSI_LABELS = ["benign", "malignant", "normal"]
 
@@ -280,6 +281,45 @@ def test_two_scans_of_one_name_are_archived_under_two_names_before_either_file_m
             targets.append(move.target)
     assert targets[0] == tmp_path / "archive" / "2026-01-02" / "busi" / "synthetic_same.png"
     assert targets[1].name == f"synthetic_same__{2:064x}"[:28] + ".png"
+
+
+def test_a_batch_of_reported_scans_is_archived_with_one_read_one_check_of_the_names_and_one_update(
+    sessions, migrated_engine, tmp_path, monkeypatch
+):
+    """Issue 16: the archive claim reads and locks its batch, checks every target name and changes
+    the rows in one statement each; a name another row already holds makes only its scan offer
+    another (its hash-suffixed name), and two scans of one name in the batch are kept apart."""
+    monkeypatch.setattr(bookkeeper, "utcnow", lambda: datetime(2026, 1, 2, 12, tzinfo=UTC))
+    with transaction(sessions) as session:
+        for n in range(1, 6):
+            add_scan(session, n, state=ScanState.REPORTED, source_name=f"busi/synthetic_{n}.png")
+        add_scan(session, 6, state=ScanState.REPORTED, source_name="busi/synthetic_1.png")
+        held = destinations(tmp_path).stored(tmp_path / "archive" / "2026-01-02" / "busi" / "synthetic_2.png")
+        add_scan(session, 7, state=ScanState.ARCHIVED, source_name="busi/synthetic_2.png", stored_path=held)
+
+    with recorded_statements(migrated_engine) as statements, transaction(sessions) as session:
+        moves = bookkeeper.claim_for_archive(session, destinations(tmp_path), limit=16)
+
+    day = tmp_path / "archive" / "2026-01-02" / "busi"
+    names = {move.row_id: move.target.relative_to(day).as_posix() for move in moves}
+    assert (
+        names
+        == {
+            1: "synthetic_1.png",
+            2: f"synthetic_2__{2:064x}"[:25] + ".png",  # its own name is held by scan 7
+            3: "synthetic_3.png",
+            4: "synthetic_4.png",
+            5: "synthetic_5.png",
+            6: f"synthetic_1__{6:064x}"[:25] + ".png",  # the batch's scan 1 took the name first
+        }
+    )
+    name_checks = [s for s in statements if s.startswith("SELECT") and "WHERE scans.stored_path IN" in s]
+    updates = [s for s in statements if s.startswith("UPDATE scans")]
+    assert len(name_checks) == 2 and len(updates) == 1  # the batch's names, then scan 2's second offer
+    with sessions() as session:
+        rows = {scan.id: scan for scan in session.scalars(select(Scan).where(Scan.id <= 6))}
+        assert {scan.state for scan in rows.values()} == {"archived"}
+        assert all(destinations(tmp_path).file(rows[i].stored_path) == day / names[i] for i in names)
 
 
 def test_the_database_refuses_two_scans_filed_under_one_path(sessions):
