@@ -17,7 +17,16 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -29,6 +38,18 @@ log = logging.getLogger(__name__)
 daemon_log = logging.getLogger("meddaemon.daemon")
 #: where watchdog announces a lost event
 WATCHDOG_LOG = "watchdog.observers"
+#: the events ``HintHandler`` acts on, the only ones asked of the kernel (inotify's mask) and
+#: dispatched: not the opens and no-write closes of the daemon's own reads, nor the deletes its
+#: moves out of the inbox look like, which cost the observer's threads an event each and which
+#: the handler dropped
+WATCHED_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+]
 
 
 @dataclass(frozen=True)
@@ -70,7 +91,7 @@ class OverflowAlarm(logging.Handler):
 
 def start_observer(root: Path, hints: queue.Queue[Hint], kind: str, poll_seconds: float = 1.0) -> BaseObserver:
     observer: BaseObserver = PollingObserver(timeout=poll_seconds) if kind == "polling" else Observer()
-    observer.schedule(HintHandler(hints), str(root), recursive=True)
+    observer.schedule(HintHandler(hints), str(root), recursive=True, event_filter=WATCHED_EVENTS)
     observer.daemon = True
     observer.start()
     return observer

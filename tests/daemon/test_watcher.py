@@ -1,0 +1,73 @@
+"""The file watcher: which filesystem events reach the daemon's loop as hints.
+
+Every file written here is SYNTHETIC (``synthetic_*`` names, a few bytes)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import time
+from pathlib import Path
+
+import pytest
+
+from meddaemon.daemon import watcher
+from meddaemon.daemon.watcher import Hint, start_observer
+
+
+@pytest.fixture
+def handled(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The type of every event the observer hands to the daemon's handler."""
+    events: list[str] = []
+    original = watcher.HintHandler.on_any_event
+
+    def counted(self, event):  # type: ignore[no-untyped-def]
+        events.append(event.event_type)
+        original(self, event)
+
+    monkeypatch.setattr(watcher.HintHandler, "on_any_event", counted)
+    return events
+
+
+def test_an_arrival_is_a_hint_and_the_daemon_s_own_reads_and_moves_out_are_not_events(
+    tmp_path: Path, handled: list[str]
+):
+    """Issue 16: the kernel is asked only for the events that make hints. Reading an inbox file
+    (its opens and no-write closes) and moving it out of the inbox reach the observer's threads
+    no more; a file renamed into place, moved in or written in place is a hint as before."""
+    inbox, outside = tmp_path / "inbox", tmp_path / "work"
+    (inbox / "busi").mkdir(parents=True)
+    outside.mkdir()
+    read = inbox / "busi" / "synthetic_read.png"
+    read.write_bytes(b"synthetic")
+    hints: queue.Queue[Hint] = queue.Queue()
+    observer = start_observer(inbox, hints, "inotify")
+    try:
+        for _ in range(20):
+            read.read_bytes()
+        read.rename(outside / read.name)
+        time.sleep(1.0)  # watchdog pairs a move's two halves for half a second
+        assert handled == [], "the daemon's reads and moves out are not events"
+
+        (inbox / "busi" / ".synthetic_renamed.png.part").write_bytes(b"synthetic")
+        os.replace(inbox / "busi" / ".synthetic_renamed.png.part", inbox / "busi" / "synthetic_renamed.png")
+        (tmp_path / "synthetic_moved_in.png").write_bytes(b"synthetic")
+        os.replace(tmp_path / "synthetic_moved_in.png", inbox / "busi" / "synthetic_moved_in.png")
+        (inbox / "busi" / "synthetic_written.png").write_bytes(b"synthetic")
+        expected = {
+            Hint(inbox / "busi" / "synthetic_renamed.png", renamed_in=True),
+            # from outside the watched tree the kernel tells only of its arrival: watchdog's "created"
+            Hint(inbox / "busi" / "synthetic_moved_in.png", renamed_in=False),
+            Hint(inbox / "busi" / "synthetic_written.png", renamed_in=False),
+        }
+        got: set[Hint] = set()
+        deadline = time.monotonic() + 10
+        while not expected <= got and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                got.add(hints.get(timeout=0.1))
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+    assert expected <= got
+    assert set(handled) <= {"created", "modified", "closed", "moved"}
