@@ -730,7 +730,7 @@ def claim_for_archive(
 
     Core statements for the batch at once (its rows read and locked, their free names checked, the
     rows changed, their steps inserted): as ORM objects, with a query per name, the claim cost
-    1 to 1.6 ms of CPU a scan (benchmarks/README.md, issue 16's twelfth pass)."""
+    1.2 to 1.3 ms of CPU a scan, 0.2 so (benchmarks/README.md, issue 16's twelfth pass)."""
     check_transition(ScanState.REPORTED, ScanState.ARCHIVED)
     now = utcnow()
     rows = session.execute(
