@@ -131,7 +131,7 @@ def test_a_series_pushed_by_a_pacs_is_not_held_for_the_receivers_delayed_acknowl
         assert len(list(receiver.settings.watch.rglob("*.dcm"))) == OBJECTS + 1
         assert elapsed < OBJECTS * DELAYED_ACK_SECONDS
     finally:
-        pacs.stop()
+        pacs.discard()
 
 
 def association_whose_reactor_takes_answers(port: int, sop_class: str) -> Any:

@@ -58,6 +58,11 @@ def live_scans(layout: Layout) -> list[tuple[str, str]]:
     return query(layout, "SELECT sop_instance_uid, stored_path FROM scans WHERE state != 'failed' ORDER BY id")
 
 
+def moves_pending(layout: Layout) -> int:
+    """Scans whose row is committed and whose file is not yet where the row says (moved after the commit)."""
+    return int(query(layout, "SELECT count(*) FROM scans WHERE pending_move_from IS NOT NULL")[0][0])
+
+
 def stored_datasets(layout: Layout) -> Counter[bytes]:
     return Counter(dataset_bytes(layout.stored_file(path).read_bytes()) for _, path in live_scans(layout))
 
@@ -112,12 +117,16 @@ def test_pushed_instances_become_one_scan_each_with_their_sender_and_versions(
         answer = pacs.store("meddaemon", [orthanc_study])
         assert answer["InstancesCount"] == 4 and answer.get("FailedInstancesCount", 0) == 0, answer
     finally:
-        pacs.stop()
+        pacs.discard()
 
     wait_until(
-        lambda: len(live_scans(layout)) == 8 and query(layout, "SELECT count(*) FROM duplicate_arrivals") == [(1,)],
+        lambda: (
+            len(live_scans(layout)) == 8
+            and query(layout, "SELECT count(*) FROM duplicate_arrivals") == [(1,)]
+            and moves_pending(layout) == 0
+        ),
         60,
-        "8 scans and 1 duplicate",
+        "8 scans and 1 duplicate, in place",
         daemon,
     )
     assert stored_datasets(layout) == sent_datasets([*sent, corrected, *from_pacs])
@@ -194,7 +203,9 @@ def test_a_sigkill_during_a_send_loses_nothing_the_sender_was_told_was_stored(
     again = start_receiving(daemons, port)
     untold = [sent[i] for i in range(count) if i not in told]
     assert pynetdicom_send(port, untold, calling="MODALITY") == [0x0000] * len(untold)
-    wait_until(lambda: len(live_scans(layout)) >= count, 120, f"{count} scans", again)
+    wait_until(
+        lambda: len(live_scans(layout)) >= count and moves_pending(layout) == 0, 120, f"{count} scans, in place", again
+    )
     assert Counter(uid for uid, _ in live_scans(layout)) == Counter(str(ds.SOPInstanceUID) for ds in datasets)
     assert stored_datasets(layout) == sent_datasets(sent)
     wait_until(lambda: left_in_the_receivers_folder(layout) == [], 30, "the receiver's folder to empty", again)

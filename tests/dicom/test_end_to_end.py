@@ -52,7 +52,7 @@ def pacs(tmp_path: Path):  # type: ignore[no-untyped-def]
         yield servers
     finally:
         for server in servers.values():
-            server.stop()
+            server.discard()
 
 
 def configure(layout: Layout, pacs: dict[str, Orthanc]) -> Path:

@@ -45,6 +45,7 @@ def test_c_store_and_stow_rs_to_orthanc_are_acknowledged_and_stored(orthanc: Ort
     stow = StowSender(DestinationConfig(**orthanc.destination("web", "dicomweb")))  # type: ignore[arg-type]
     assert [d.acknowledged for d in dimse.send(objects[:2])] == [True, True]
     assert [d.acknowledged for d in stow.send(objects[2:])] == [True]
+    dimse.close()
     stow.close()
     assert sorted(orthanc.sop_instance_uids()) == sorted(uids(objects))
 
