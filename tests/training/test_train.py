@@ -21,6 +21,8 @@ from meddaemon.training.splits import SPLIT_FILE, SplitConfig, make_split
 from meddaemon.training.train import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, TrainConfig, checkpoint_epoch, train
 
 BUSI = BUILTIN_TASKS["busi"]
+#: one test worker trains the module's small CNN (``trained``: 22 s), rather than each worker its own
+pytestmark = pytest.mark.xdist_group("train_busi")
 
 
 def small(**overrides: object) -> TrainConfig:

@@ -66,7 +66,11 @@ from seed_models import (
     seed004,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Keras's torch backend and numpy 2
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # Keras's torch backend and numpy 2
+    # one test worker builds the served seeds (25 s), rather than each worker its own copy
+    pytest.mark.xdist_group("served_imports"),
+]
 
 PROBABILITY_TOLERANCE = 1e-5
 KERAS_TOLERANCE = 1e-4
