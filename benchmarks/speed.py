@@ -33,6 +33,13 @@ before), rounds alternated, nothing else run; with ``--once-reports``, PDF repor
 
     git worktree add /tmp/before HEAD~1
     .venv/bin/python benchmarks/speed.py --once-against /tmp/before/src --rounds 5
+
+``--timeline`` says where a ``--once`` run's time goes instead: each run's milestones (the files
+found by the inbox's first scan, the first one stable, the first scan row, the first and the last
+result, the process's end), read back from the rows it wrote, with the default stability window
+and with none (``--stable-seconds 0``), alternated, and the raw forward between the rounds:
+
+    PYTHONPATH=$PWD/src .venv/bin/python benchmarks/speed.py --timeline --rounds 4
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +67,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import stage_profile  # noqa: E402
 from inference import MEDDAEMON, TASK, DaemonRun, Forwards, make_pngs, write_model  # noqa: E402
 
+from meddaemon.config import Settings  # noqa: E402
 from meddaemon.engine.tasks import GREY_MEAN, GREY_STD, InputContract  # noqa: E402
 
 SIZE = 224
@@ -212,6 +220,81 @@ def once_against(
     print(f"\nload average at the end: {load_average()}")
 
 
+@dataclass(frozen=True)
+class OnceTimeline:
+    """Where a ``--once`` run's time goes: seconds from the process's launch to each milestone, read
+    back from the rows it wrote (``discovered_at``, ``stable_at``, ``registered_at``, the results'
+    ``created_at``)."""
+
+    stable_seconds: float
+    files: int
+    wall: float  # the whole process
+    seen: float  # the inbox's first scan found the files (their stability window starts)
+    stable: float  # the first file's window over
+    registered: float  # the first scan row committed
+    first_result: float
+    last_result: float
+
+    @property
+    def streaming(self) -> float:
+        """Images/s from the first result to the last: the pipeline's pace once it runs."""
+        return (self.files - 1) / (self.last_result - self.first_result)
+
+
+def once_timeline(template: StateTemplate, files: list[Path], dest: Path, stable_seconds: float) -> OnceTimeline:
+    """One ``--once`` run (heatmaps on, reports off) over ``files`` in a fresh copy of the template,
+    with ``stable_seconds`` as the stability window, and its milestones."""
+    inbox, state = template.copy(dest)
+    for source in files:
+        os.link(source, inbox / TASK / source.name)
+    command = [*once_cmd(inbox, state), "--stable-seconds", str(stable_seconds)]
+    launched = datetime.now(UTC).replace(tzinfo=None)
+    wall = whole_process(command, daemon_env(reports=False), dest.with_suffix(".log"))
+
+    def after_launch(column: str, table: str, pick: Callable[[list[datetime]], datetime]) -> float:
+        stamps = [datetime.fromisoformat(t) for (t,) in db.execute(f"SELECT {column} FROM {table}")]
+        return (pick([t for t in stamps if t >= launched]) - launched).total_seconds()
+
+    with contextlib.closing(sqlite3.connect(state / "meddaemon.db")) as db:
+        timeline = OnceTimeline(
+            stable_seconds,
+            len(files),
+            wall,
+            seen=after_launch("discovered_at", "scans", min),
+            stable=after_launch("stable_at", "scans", min),
+            registered=after_launch("registered_at", "scans", min),
+            first_result=after_launch("created_at", "results", min),
+            last_result=after_launch("created_at", "results", max),
+        )
+    shutil.rmtree(dest, ignore_errors=True)
+    return timeline
+
+
+def timelines(template: StateTemplate, pngs: list[Path], base: Path, forwards: Forwards, rounds: int) -> None:
+    """``--once`` with the default stability window and with none, alternated, each run's milestones,
+    and the raw forward between the rounds: what bounds the run's ratio to the raw forward."""
+    window = Settings.stable_seconds
+    runs: list[OnceTimeline] = []
+    raw: list[float] = []
+    for round_ in range(rounds):
+        windows = [window, 0.0] if round_ % 2 == 0 else [0.0, window]
+        for seconds in windows:
+            runs.append(once_timeline(template, pngs, base / f"timeline-{len(runs)}", seconds))
+            print(f"  round {round_ + 1}: window {seconds:g} s: {runs[-1].wall:.2f} s", file=sys.stderr)
+        raw.append(max(len(pngs) / raw_forward(forwards, backend, len(pngs)) for backend in ("onnx", "onnx2")))
+    limit = statistics.median(raw)
+    print(f"\n`meddaemon start --once` over {len(pngs)} SYNTHETIC 256x256 PNGs (heatmaps on, reports off), seconds "
+          f"from the launch; raw ONNX Runtime forward {limit:.1f} images/s (median of {len(raw)}, the faster "
+          f"way)\n")  # fmt: skip
+    print("| window (s) | files seen | first stable | first registered | first result | last result | whole run "
+          "| streaming images/s | run / raw forward |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    for run in sorted(runs, key=lambda r: -r.stable_seconds):
+        stamps = [run.seen, run.stable, run.registered, run.first_result, run.last_result, run.wall]
+        cells = [f"{run.stable_seconds:g}", *(f"{t:.2f}" for t in stamps), f"{run.streaming:.1f}"]
+        print("| " + " | ".join([*cells, f"{len(pngs) / run.wall / limit:.2f}"]) + " |")
+    print(f"\nload average at the end: {load_average()}")
+
+
 def raw_forward(forwards: Forwards, backend: str, files: int) -> float:
     """Seconds for ``files`` images: ``onnx`` one batch at a time on every thread, ``onnx2`` two at
     once on half the threads each, ``eager``."""
@@ -276,6 +359,9 @@ def main() -> None:
     parser.add_argument("--concurrent-batches", type=int, help="the --once daemons' concurrent_batches")
     parser.add_argument("--once-against", type=Path, metavar="SRC", help="only --once: this tree against SRC's code")
     parser.add_argument("--once-reports", action="store_true", help="--once-against with reports and archiving")
+    parser.add_argument(
+        "--timeline", action="store_true", help="only --once: its milestones, with the stability window and without"
+    )
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     global CONCURRENT_BATCHES
@@ -292,6 +378,9 @@ def main() -> None:
             once_against(template, pngs, base, args.once_against.resolve(), args.rounds, args.once_reports)
             return
         forwards = Forwards(model, SIZE, args.arch)
+        if args.timeline:
+            timelines(template, pngs, base, forwards, args.rounds)
+            return
         python = sys.executable
         scripts = {"dataloader": base / "dataloader.py", "seed": base / "seed_loop.py"}
         scripts["dataloader"].write_text(DATALOADER)
