@@ -111,6 +111,24 @@ def test_signing_off_gives_the_work_back_at_once(sessions):
         assert session.scalar(select(Scan.claimed_by)) is None
 
 
+def test_the_running_daemons_are_listed_with_their_heartbeats_age_and_whether_their_lease_still_runs(sessions):
+    """What health, the metrics and the web console show of the daemons (``lease.running_daemons``)."""
+    live = join(sessions, "node-a")
+    silent = join(sessions, "node-b", lease_seconds=0.2)
+    gone = join(sessions, "node-c")
+    with transaction(sessions) as session:
+        lease.sign_off(session, gone)
+    time.sleep(0.3)
+    with sessions() as session:
+        running = lease.running_daemons(session)
+    assert [(d.id, d.node, d.pid, d.alive) for d in running] == [
+        (live.daemon_id, "node-a", live.pid, True),
+        (silent.daemon_id, "node-b", silent.pid, False),
+    ]
+    assert all(0.3 <= d.heartbeat_age < 30 for d in running)
+    assert running[1].lease_seconds == 0.2 and running[0].version == daemon_row(sessions, live).version
+
+
 def test_the_lease_keeper_stops_beating_when_the_main_loop_is_stuck(sessions):
     member = join(sessions, lease_seconds=1.0)
     keeper = lease.LeaseKeeper(sessions, member, stall_seconds=5.0)

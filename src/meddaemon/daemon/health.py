@@ -22,7 +22,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from meddaemon.config import Settings
-from meddaemon.daemon.lease import node_name
+from meddaemon.daemon.lease import node_name, running_daemons
 from meddaemon.db.clock import db_clock
 from meddaemon.db.migrate import alembic_config, current_revision, head_revision
 from meddaemon.db.models import DaemonInstance, Scan, utcnow
@@ -160,25 +160,21 @@ def _is_older(current: str, head: str) -> bool:
 
 
 def _daemons(session: Session, limits: HealthLimits) -> Check:
-    rows = session.execute(
-        select(
-            DaemonInstance.id,
-            DaemonInstance.node,
-            DaemonInstance.pid,
-            DaemonInstance.lease_seconds,
-            (db_clock() - DaemonInstance.heartbeat_at).label("age"),
-        )
-        .where(DaemonInstance.state == "running")
-        .order_by(DaemonInstance.id)
-    ).all()
-    alive = [r for r in rows if r.age < r.lease_seconds]
-    expired = [r for r in rows if r.age >= r.lease_seconds]
+    rows = running_daemons(session)
+    alive = [r for r in rows if r.alive]
+    expired = [r for r in rows if not r.alive]
     details: dict[str, Any] = {
         "alive": len(alive),
         "expired": len(expired),
         "nodes": sorted({r.node for r in alive}),
         "daemons": [
-            {"id": r.id, "node": r.node, "pid": r.pid, "heartbeat_age": round(r.age, 3), "lease": r.lease_seconds}
+            {
+                "id": r.id,
+                "node": r.node,
+                "pid": r.pid,
+                "heartbeat_age": round(r.heartbeat_age, 3),
+                "lease": r.lease_seconds,
+            }
             for r in rows
         ],
     }
@@ -190,7 +186,7 @@ def _daemons(session: Session, limits: HealthLimits) -> Check:
             return Check("daemons", DOWN, f"no daemon alive on node {limits.node}{elsewhere}", details)
     if not alive:
         if expired:
-            newest = min(r.age for r in expired)
+            newest = min(r.heartbeat_age for r in expired)
             message = (
                 f"no daemon alive: {len(expired)} marked running, all past their lease "
                 f"(the newest heartbeat is {newest:.0f} s old)"

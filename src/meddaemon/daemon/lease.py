@@ -63,6 +63,41 @@ class LostDaemon:
     released: claims.Released
 
 
+@dataclass(frozen=True)
+class RunningDaemon:
+    """A daemon marked running, as the database's clock sees it now (health, metrics, the web console)."""
+
+    id: int
+    node: str
+    pid: int
+    version: str
+    lease_seconds: float
+    #: seconds since its last heartbeat, by the database's clock
+    heartbeat_age: float
+
+    @property
+    def alive(self) -> bool:
+        """Its lease still runs; past it, any other daemon may declare it lost."""
+        return self.heartbeat_age < self.lease_seconds
+
+
+def running_daemons(session: Session) -> list[RunningDaemon]:
+    """Every daemon marked running, in the order they joined, each with its heartbeat's age."""
+    rows = session.execute(
+        select(
+            DaemonInstance.id,
+            DaemonInstance.node,
+            DaemonInstance.pid,
+            DaemonInstance.version,
+            DaemonInstance.lease_seconds,
+            db_clock() - DaemonInstance.heartbeat_at,
+        )
+        .where(DaemonInstance.state == RUNNING)
+        .order_by(DaemonInstance.id)
+    )
+    return [RunningDaemon(int(i), str(n), int(p), str(v), float(lease), float(age)) for i, n, p, v, lease, age in rows]
+
+
 def connection_limits(settings: Settings) -> ConnectionLimits:
     """The bounds on the waits of a daemon's PostgreSQL connections (``db_*_seconds`` settings)."""
     return ConnectionLimits(

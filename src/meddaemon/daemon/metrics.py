@@ -30,8 +30,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import URL, Engine, distinct, func, select
 from sqlalchemy.orm import Session
 
+from meddaemon.daemon.lease import RunningDaemon, running_daemons
 from meddaemon.daemon.stages import Stage
-from meddaemon.db.clock import db_clock
 from meddaemon.db.models import DaemonInstance, InboxClaim, ModelVersion, Report, Result, Scan, utcnow
 from meddaemon.db.readonly import read_only_engine
 from meddaemon.dicom.outbox import QueueSummary
@@ -156,16 +156,6 @@ class ReceiverCollector(Collector):
 
 
 @dataclass
-class DaemonRow:
-    id: int
-    node: str
-    pid: int
-    version: str
-    lease_seconds: float
-    heartbeat_age: float
-
-
-@dataclass
 class DatabaseSnapshot:
     """Everything one scrape reads, in one read-only transaction."""
 
@@ -173,7 +163,7 @@ class DatabaseSnapshot:
     failures_by_reason: dict[str, int]
     active_models: list[tuple[str, str, str, str]]
     daemons_by_state: dict[str, int]
-    running: list[DaemonRow]
+    running: list[RunningDaemon]
     inbox_claims: int
     throughput: dict[str, float]
     latency_quantiles: dict[float, float]
@@ -212,21 +202,7 @@ def read_snapshot(
     daemons_by_state = {"running": 0, "stopped": 0, "lost": 0}
     for state, count in session.execute(select(DaemonInstance.state, func.count()).group_by(DaemonInstance.state)):
         daemons_by_state[str(state)] = int(count)
-    running = [
-        DaemonRow(int(i), str(n), int(p), str(v), float(lease), float(age))
-        for i, n, p, v, lease, age in session.execute(
-            select(
-                DaemonInstance.id,
-                DaemonInstance.node,
-                DaemonInstance.pid,
-                DaemonInstance.version,
-                DaemonInstance.lease_seconds,
-                db_clock() - DaemonInstance.heartbeat_at,
-            )
-            .where(DaemonInstance.state == "running")
-            .order_by(DaemonInstance.id)
-        )
-    ]
+    running = running_daemons(session)
     claims = session.scalar(select(func.count()).select_from(InboxClaim).where(InboxClaim.done_at.is_(None))) or 0
 
     since = now - timedelta(seconds=window_seconds)

@@ -17,11 +17,10 @@ from typing import Any
 from sqlalchemy import and_, exists, func, not_, or_, select
 from sqlalchemy.orm import Session
 
-from meddaemon.db.clock import db_clock
+from meddaemon.daemon.lease import RunningDaemon, running_daemons
 from meddaemon.db.models import (
     Audit,
     AuditPdf,
-    DaemonInstance,
     DuplicateArrival,
     Heatmap,
     ModelVersion,
@@ -61,14 +60,6 @@ class HourCount:
 
 
 @dataclass(frozen=True)
-class DaemonAlive:
-    id: int
-    node: str
-    pid: int
-    heartbeat_age: float
-
-
-@dataclass(frozen=True)
 class OldestWaiting:
     scan_id: int
     state: str
@@ -84,7 +75,7 @@ class Overview:
     #: throughput: scans the daemons inferred in each of those hours
     inferred_per_hour: list[HourCount]
     failures_by_reason: list[tuple[str, int]]
-    daemons: list[DaemonAlive]
+    daemons: list[RunningDaemon]
     active_models: dict[str, str]
     tasks: list[str]
     oldest_waiting: OldestWaiting | None
@@ -100,21 +91,7 @@ def overview(session: Session, hours: int = 12, now: datetime | None = None) -> 
         .group_by(Scan.failure_reason)
         .order_by(func.count().desc())
     ).all()
-    daemons = [
-        DaemonAlive(r.id, r.node, r.pid, float(r.age))
-        for r in session.execute(
-            select(
-                DaemonInstance.id,
-                DaemonInstance.node,
-                DaemonInstance.pid,
-                DaemonInstance.lease_seconds,
-                (db_clock() - DaemonInstance.heartbeat_at).label("age"),
-            )
-            .where(DaemonInstance.state == "running")
-            .order_by(DaemonInstance.id)
-        )
-        if r.age < r.lease_seconds
-    ]
+    daemons = [daemon for daemon in running_daemons(session) if daemon.alive]
     active = dict(
         session.execute(
             select(ModelVersion.task_name, ModelVersion.version).where(ModelVersion.status == "active")
