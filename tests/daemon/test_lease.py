@@ -125,7 +125,7 @@ def test_the_running_daemons_are_listed_with_their_heartbeats_age_and_whether_th
         (live.daemon_id, "node-a", live.pid, True),
         (silent.daemon_id, "node-b", silent.pid, False),
     ]
-    assert all(0.3 <= d.heartbeat_age < 30 for d in running)
+    assert all(0.25 <= d.heartbeat_age < 30 for d in running)  # julianday(): milliseconds
     assert running[1].lease_seconds == 0.2 and running[0].version == daemon_row(sessions, live).version
 
 
