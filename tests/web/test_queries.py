@@ -14,6 +14,7 @@ from meddaemon.db.models import ModelVersion, Result, ScanEvent
 from meddaemon.engine.tasks import all_tasks
 from meddaemon.states import ScanState
 from meddaemon.web import queries
+from sql_statements import sqlite_query_plan
 
 NOW = datetime(2026, 11, 30, 12, 30, tzinfo=UTC)
 
@@ -94,22 +95,9 @@ def test_every_page_renders_over_sqlite_and_postgresql(migrated_engine, db_url, 
 
 
 def test_the_hourly_inferred_count_reads_only_its_index_on_sqlite(tmp_path):
-    from sqlalchemy import text
-
-    from meddaemon.db.engine import create_db_engine
-    from meddaemon.db.migrate import upgrade
-
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'm.db'}")
-    upgrade(engine)
-    with engine.connect() as conn:
-        plan = " ".join(
-            str(row[-1])
-            for row in conn.execute(
-                text(
-                    "EXPLAIN QUERY PLAN SELECT count(*) FROM scan_events WHERE state = 'inferred' "
-                    "AND at >= '2026-11-30 11:00:00' AND at < '2026-11-30 12:00:00'"
-                )
-            )
-        )
-    engine.dispose()
+    plan = sqlite_query_plan(
+        tmp_path / "m.db",
+        "SELECT count(*) FROM scan_events WHERE state = 'inferred' "
+        "AND at >= '2026-11-30 11:00:00' AND at < '2026-11-30 12:00:00'",
+    )
     assert "COVERING INDEX ix_scan_events_state_at" in plan

@@ -15,6 +15,7 @@ from meddaemon.engine.tasks import all_tasks
 from meddaemon.states import ScanState
 from meddaemon.web import queries
 from meddaemon.web.app import create_app
+from sql_statements import sqlite_query_plan
 
 STATES = (ScanState.ARCHIVED, ScanState.FAILED, ScanState.ROUTED, ScanState.INFERRED)
 
@@ -97,22 +98,9 @@ def test_the_pages_link_to_the_next_one_through_http(migrated_engine, db_url, tm
 
 
 def test_a_state_filter_pages_on_its_index_on_sqlite(tmp_path):
-    from meddaemon.db.engine import create_db_engine
-    from meddaemon.db.migrate import upgrade
-
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'm.db'}")
-    upgrade(engine)
-    with engine.connect() as conn:
-        plan = " ".join(
-            str(row[-1])
-            for row in conn.execute(
-                text(
-                    "EXPLAIN QUERY PLAN SELECT id FROM scans WHERE state = 'failed' AND id < 500 "
-                    "ORDER BY id DESC LIMIT 51"
-                )
-            )
-        )
-    engine.dispose()
+    plan = sqlite_query_plan(
+        tmp_path / "m.db", "SELECT id FROM scans WHERE state = 'failed' AND id < 500 ORDER BY id DESC LIMIT 51"
+    )
     assert "ix_scans_state_id" in plan and "TEMP B-TREE" not in plan
 
 
