@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings, load_settings
-from meddaemon.db.engine import create_db_engine
+from meddaemon.db.engine import create_db_engine, session_factory, transaction
 from meddaemon.db.migrate import upgrade
 
 
@@ -154,6 +155,18 @@ def migrated_engine(db_url: str, migrated_template: MigratedTemplate) -> Iterato
     engine = create_db_engine(db_url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def sessions(migrated_engine: Engine) -> sessionmaker[Session]:
+    """A migrated database (SQLite and PostgreSQL) with the task presets."""
+    from meddaemon.daemon import bookkeeper
+    from meddaemon.engine.tasks import all_tasks
+
+    factory = session_factory(migrated_engine)
+    with transaction(factory) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    return factory
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,13 @@ from typing import Any
 
 import numpy as np
 from dicom_factory import write_dicom
+from sqlalchemy import select
 from starlette.testclient import TestClient
 
 from meddaemon.config import Settings, load_settings
 from meddaemon.daemon.service import Daemon
+from meddaemon.db.engine import create_db_engine, session_factory
+from meddaemon.db.models import Scan
 from meddaemon.web.auth import hash_password
 
 #: a breast-ultrasound DICOM of the ABDOMEN at the inbox root: no task folder, no rule: unroutable
@@ -47,6 +50,16 @@ def web_settings(root: Path, **flags: Any) -> Settings:
     )
     base = {"watch": root / "inbox", "state_dir": root / "state", "stable_seconds": 0.0, "workers": 0}
     return load_settings(config, env={}, flags={**base, **flags})
+
+
+def stored_scans(root: Path) -> list[Scan]:
+    """The scans of the state under ``root``, in id order, as the database holds them."""
+    engine = create_db_engine(web_settings(root).db_url)
+    try:
+        with session_factory(engine)() as session:
+            return list(session.scalars(select(Scan).order_by(Scan.id)))
+    finally:
+        engine.dispose()
 
 
 def signed_in(app: Any, role: str) -> TestClient:

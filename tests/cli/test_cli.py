@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 from dicom_factory import write_png
 from sqlalchemy import text
@@ -15,16 +14,6 @@ from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.db.engine import create_db_engine
 from meddaemon.engine.tasks import BUILTIN_TASKS
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> list[str]:
-    return ["--watch", str(tmp_path / "inbox"), "--state-dir", str(tmp_path / "state")]
 
 
 def test_the_console_scripts_are_installed_and_explain_themselves():

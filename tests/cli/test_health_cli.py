@@ -6,18 +6,12 @@ import json
 import socket
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 from sqlalchemy.orm import Session
 
 from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.db.clock import read_db_clock
 from meddaemon.db.models import DaemonInstance
-
-
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
 
 
 def add_daemon(engine, node: str, age: float, state: str = "running", stopped_ago: float | None = None) -> None:

@@ -13,16 +13,6 @@ from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.cli.medcli import cli as medcli
 
 
-@pytest.fixture
-def runner() -> CliRunner:
-    return CliRunner()
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> list[str]:
-    return ["--watch", str(tmp_path / "inbox"), "--state-dir", str(tmp_path / "state")]
-
-
 def start_once(runner: CliRunner, dirs: list[str], **env: str) -> None:
     result = runner.invoke(meddaemon, ["start", *dirs, "--once", "--stable-seconds", "0", "--workers", "0"], env=env)
     assert result.exit_code == 0, result.output

@@ -27,19 +27,6 @@ def delivered(tmp_path_factory: pytest.TempPathFactory) -> Daemon:
 
 
 @pytest.fixture
-def sessions(migrated_engine):  # type: ignore[no-untyped-def]
-    """A migrated database (SQLite and PostgreSQL) with the task presets."""
-    from meddaemon.daemon import bookkeeper
-    from meddaemon.db.engine import session_factory, transaction
-    from meddaemon.engine.tasks import all_tasks
-
-    factory = session_factory(migrated_engine)
-    with transaction(factory) as session:
-        bookkeeper.ensure_tasks(session, all_tasks({}))
-    return factory
-
-
-@pytest.fixture
 def receive(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
     """Start a receiver on a free port, its inbox and SQLite database under tmp_path."""
     started: list[tuple[Receiver, object]] = []

@@ -18,11 +18,11 @@ import pytest
 from sqlalchemy import select
 
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
-from meddaemon.db.models import ModelVersion, Scan
+from meddaemon.db.models import ModelVersion
 from meddaemon.engine import registry
 from meddaemon.web.server import WebServer, start_in_thread
 from model_factory import PHI_STRINGS, ReportedStates, write_model
-from web_factory import PASSWORD, UNROUTABLE, drop_unroutable, rerun, web_settings, write_card
+from web_factory import PASSWORD, UNROUTABLE, drop_unroutable, rerun, stored_scans, web_settings, write_card
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -108,15 +108,6 @@ def listed_ids(driver) -> list[int]:  # type: ignore[no-untyped-def]
     return [int(row.get_attribute("data-id")) for row in driver.find_elements(By.CSS_SELECTOR, "tr.scan")]
 
 
-def scans(root: Path) -> list[Scan]:
-    engine = create_db_engine(web_settings(root).db_url)
-    try:
-        with session_factory(engine)() as session:
-            return list(session.scalars(select(Scan).order_by(Scan.id)))
-    finally:
-        engine.dispose()
-
-
 def test_the_overview_chart_fits_its_card_and_the_worklist_filters_in_the_browser(browser, server, browser_root):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -127,7 +118,7 @@ def test_the_overview_chart_fits_its_card_and_the_worklist_filters_in_the_browse
     assert chart.rect["x"] + chart.rect["width"] <= card.rect["x"] + card.rect["width"]  # the latest hours shown
     shoot(browser, "overview")
     browser.get(server.url + "worklist")
-    everything = scans(browser_root)
+    everything = stored_scans(browser_root)
     assert listed_ids(browser) == sorted((s.id for s in everything), reverse=True)
     shoot(browser, "worklist")
 
@@ -153,7 +144,7 @@ def test_the_scan_page_shows_the_overlay_and_the_slider_changes_its_opacity(brow
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    scan = next(s for s in scans(browser_root) if s.task_name == "busi" and s.state == "archived")
+    scan = next(s for s in stored_scans(browser_root) if s.task_name == "busi" and s.state == "archived")
     sign_in(browser, server, "viewer")
     browser.get(server.url + f"scans/{scan.id}")
     layer = browser.find_element(By.CSS_SELECTOR, ".overlay img.layer")
@@ -174,7 +165,7 @@ def test_the_scan_page_shows_the_overlay_and_the_slider_changes_its_opacity(brow
 
 
 def test_a_viewer_never_sees_a_patient_name_a_clinician_does(browser, server, browser_root):
-    study = next(s for s in scans(browser_root) if s.patient_name)
+    study = next(s for s in stored_scans(browser_root) if s.patient_name)
     pages = ("", "worklist", f"scans/{study.id}", "failures", "models", "audits", "worklist?q=synthetic_study")
     sign_in(browser, server, "viewer")
     for page in pages:
@@ -189,7 +180,7 @@ def test_a_viewer_never_sees_a_patient_name_a_clinician_does(browser, server, br
 def test_retry_sends_a_failed_scan_back_and_the_next_run_completes_it(browser, server, browser_root):
     from selenium.webdriver.common.by import By
 
-    [failed] = [s for s in scans(browser_root) if s.source_name == UNROUTABLE]
+    [failed] = [s for s in stored_scans(browser_root) if s.source_name == UNROUTABLE]
     sign_in(browser, server, "admin")
     browser.get(server.url + "failures")
     shoot(browser, "failures")
@@ -199,7 +190,7 @@ def test_retry_sends_a_failed_scan_back_and_the_next_run_completes_it(browser, s
 
     rerun(browser_root, default_task="busi")
 
-    attempts = [s for s in scans(browser_root) if s.sha256 == failed.sha256]
+    attempts = [s for s in stored_scans(browser_root) if s.sha256 == failed.sha256]
     assert [s.state for s in attempts] == ["failed", "archived"]
     browser.get(server.url + f"scans/{attempts[1].id}")
     assert "archived" in browser.find_element(By.TAG_NAME, "h1").text
@@ -265,7 +256,7 @@ def test_next_page_rows_are_appended_in_place_by_htmx(browser, server, browser_r
         for n in range(60):  # SYNTHETIC rows (no file behind them) to make a second page
             add_scan(session, 10_000 + n, ScanState.ROUTED, stored_path=None)
     engine.dispose()
-    total = len(scans(browser_root))
+    total = len(stored_scans(browser_root))
     sign_in(browser, server, "viewer")
     browser.get(server.url + "worklist")
     assert len(listed_ids(browser)) == 50

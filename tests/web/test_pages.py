@@ -18,28 +18,19 @@ from meddaemon.engine import registry
 from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.web.app import create_app
 from model_factory import PHI_STRINGS, read_pdf, write_model
-from web_factory import UNROUTABLE, signed_in, store_audit, web_settings, write_card
-
-
-def scans(root) -> list[Scan]:  # type: ignore[no-untyped-def]
-    engine = create_db_engine(web_settings(root).db_url)
-    try:
-        with session_factory(engine)() as session:
-            return list(session.scalars(select(Scan).order_by(Scan.id)))
-    finally:
-        engine.dispose()
+from web_factory import UNROUTABLE, signed_in, store_audit, stored_scans, web_settings, write_card
 
 
 def test_the_overview_counts_states_failures_models_and_the_hourly_chart(console, filled_root):
     page = console("viewer").get("/")
     assert page.status_code == 200
     html = page.text
-    states = {s.state for s in scans(filled_root)}
+    states = {s.state for s in stored_scans(filled_root)}
     assert "archived" in states and "failed" in states
     assert '<table class="compact" id="states">' in html
     assert "unroutable" in html and "empty_file" in html  # failures by reason
     assert "<svg" in html and "scans registered and inferred per hour" in html
-    inferred = sum(1 for s in scans(filled_root) if s.state == "archived")  # each was inferred, minutes ago
+    inferred = sum(1 for s in stored_scans(filled_root) if s.state == "archived")  # each was inferred, minutes ago
     assert sum(int(n) for n in re.findall(r"<title>inferred: (\d+)</title>", html)) == inferred
     assert "busi</td><td>v1" in html and "chestxray14</td><td>v1" in html  # the active model per task
     assert 'id="no-daemon"' in html  # the --once daemon has stopped
@@ -57,7 +48,7 @@ def test_the_overview_refreshes_itself_with_htmx_from_the_vendored_script(consol
 
 def test_the_worklist_lists_every_scan_newest_first_with_its_top_call(console, filled_root):
     html = console("viewer").get("/worklist").text
-    rows = scans(filled_root)
+    rows = stored_scans(filled_root)
     ids = [int(part.split('"')[0]) for part in html.split('<tr class="scan" data-id="')[1:]]
     assert ids == sorted((s.id for s in rows), reverse=True)
     archived = next(s for s in rows if s.state == "archived")
@@ -67,7 +58,7 @@ def test_the_worklist_lists_every_scan_newest_first_with_its_top_call(console, f
 
 def test_the_worklist_filters_by_state_task_label_call_and_searches(console, filled_root):
     client = console("viewer")
-    rows = scans(filled_root)
+    rows = stored_scans(filled_root)
 
     def listed(query: str) -> set[int]:
         page = client.get(f"/worklist?{query}")
@@ -102,7 +93,7 @@ def test_the_worklist_filters_by_state_task_label_call_and_searches(console, fil
 
 
 def test_a_scan_page_shows_each_map_over_the_scan_calls_history_report_and_metadata(console, filled_root):
-    scan = next(s for s in scans(filled_root) if s.state == "archived" and s.task_name == "busi")
+    scan = next(s for s in stored_scans(filled_root) if s.state == "archived" and s.task_name == "busi")
     client = console("viewer")
     page = client.get(f"/scans/{scan.id}")
     assert page.status_code == 200
@@ -125,7 +116,7 @@ def test_a_scan_page_shows_each_map_over_the_scan_calls_history_report_and_metad
     assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
     assert pdf.headers["content-disposition"].startswith("inline")
 
-    study = next(s for s in scans(filled_root) if s.study_instance_uid)
+    study = next(s for s in stored_scans(filled_root) if s.study_instance_uid)
     metadata = client.get(f"/scans/{study.id}").text.split('id="metadata"')[1].split("</table>")[0]
     assert "<th>Modality</th><td>US</td>" in metadata and f"<td>{study.sop_instance_uid}</td>" in metadata
 
@@ -171,7 +162,7 @@ def test_a_heatmap_thumbnail_draws_the_overlay_from_the_stored_map_when_none_was
 
 
 def test_a_multilabel_scan_shows_one_map_per_positive_label_and_none_for_the_others(console, filled_root):
-    cxr = next(s for s in scans(filled_root) if s.task_name == "chestxray14" and s.state == "archived")
+    cxr = next(s for s in stored_scans(filled_root) if s.task_name == "chestxray14" and s.state == "archived")
     engine = create_db_engine(web_settings(filled_root).db_url)
     with session_factory(engine)() as session:
         positive = set(session.scalars(select(Result.label).where(Result.scan_id == cxr.id, Result.positive.is_(True))))
@@ -193,7 +184,7 @@ def test_a_scan_that_does_not_exist_is_a_404_page_not_a_traceback(console):
 
 def test_the_failures_page_groups_by_reason_with_the_sentence(console, filled_root):
     html = console("viewer").get("/failures").text
-    failed = [s for s in scans(filled_root) if s.state == "failed"]
+    failed = [s for s in stored_scans(filled_root) if s.state == "failed"]
     for scan in failed:
         assert f'id="{scan.failure_reason}"' in html and scan.failure_message in html
     assert "Retry" not in html.split("<main>")[1].split("Retry sends")[1]  # a viewer gets no buttons
@@ -257,7 +248,7 @@ def test_the_audits_page_lists_stored_audits_with_tables_figures_and_downloads(c
 
 
 def test_a_viewer_never_sees_patient_data_a_clinician_does(console, filled_root):
-    study_scan = next(s for s in scans(filled_root) if s.patient_name)
+    study_scan = next(s for s in stored_scans(filled_root) if s.patient_name)
     viewer, clinician = console("viewer"), console("clinician")
     for url in ("/", "/worklist", f"/scans/{study_scan.id}", "/failures", "/models"):
         html = viewer.get(url).text
