@@ -9,6 +9,7 @@ writes the version and registers it; the others train their shard and wait at :f
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -61,8 +62,17 @@ def _local_device(device: str) -> str:
 
 
 def teardown() -> None:
-    if active():
-        dist.destroy_process_group()
+    """Leave the process group, all processes together: a last barrier, then ``destroy_process_group``.
+
+    Without the barrier a rank that finished first tore its gloo group down while rank 0 was still
+    running. Once, in CI, such a rank aborted on its way out ("terminate called without an active
+    exception") after the version was registered, and the whole ``torchrun`` failed. A peer already
+    gone (rank 0 failed) makes the barrier raise at once; the group is destroyed all the same."""
+    if not active():
+        return
+    with contextlib.suppress(RuntimeError):  # torch.distributed.DistError included
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
