@@ -1,7 +1,8 @@
 """``medcli retrain``: trains on SYNTHETIC BUSI phantoms and registers a version that
 ``medcli models list`` shows; bad data exits 2 with a clear message; without --data it says where
 the dataset is published; a flagged model is not promoted unless --force; the commands it prints
-can be run as printed; Ctrl-C says how to resume."""
+can be run as printed; Ctrl-C says how to resume; a --version name already taken exits 2 before
+training."""
 
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ def test_retrain_registers_a_version_that_models_list_shows(busi: Path, tmp_path
     listed = runner.invoke(medcli, ["models", "list", "--json", *state])
     assert listed.exit_code == 0, listed.output
     assert [(r["task"], r["version"], r["status"]) for r in json.loads(listed.stdout)] == [("busi", "c1", "registered")]
+    taken = runner.invoke(medcli, ["retrain", "busi", "--data", str(busi), *state, *FAST, "--version", "c1"])
+    assert taken.exit_code == EXIT_USAGE, taken.output
+    assert "version 'c1' of busi is already registered; choose another --version" in taken.output
+    assert "epoch" not in taken.output  # refused before training, not after it
 
     again = runner.invoke(
         medcli,
@@ -103,6 +108,15 @@ def test_the_split_trained_on_is_the_one_an_image_by_image_read_gives(tmp_path: 
     assert trained_on.assignments == one_by_one.assignments
     assert trained_on.report == one_by_one.report
     assert len(trained_on.report.dropped) == 2 and len(trained_on.assignments) == 58
+
+
+def test_a_version_name_whose_folder_exists_exits_2_before_training(busi: Path, tmp_path: Path) -> None:
+    state = upgraded(tmp_path / "state")
+    (tmp_path / "state" / "training" / "busi" / "versions" / "old").mkdir(parents=True)
+    result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(busi), *state, *FAST, "--version", "old"])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "already holds a version named 'old'; choose another --version" in result.output
+    assert "epoch" not in result.output
 
 
 def test_bad_data_exits_2_with_a_message(tmp_path: Path) -> None:

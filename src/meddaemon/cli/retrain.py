@@ -55,7 +55,11 @@ from meddaemon.cli.hints import SETTINGS_PARAMS, command_line, given_options
 @click.option("--patience", type=int, help="Early stopping after N epochs without improvement (default: recipe).")
 @click.option("--no-augmentation", is_flag=True, help="Train without flips and affine augmentation.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
-@click.option("--version", "version_name", help="Name of the new version (default: r<UTC date-time>).")
+@click.option(
+    "--version",
+    "version_name",
+    help="Name of the new version (default: r<UTC date-time>); a name already taken exits 2 before training.",
+)
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 @click.option("--promote", is_flag=True, help="Make the new version the task's active model.")
 @click.option("--force", is_flag=True, help="Promote even a model flagged COLLAPSE or IMPLAUSIBLE.")
@@ -145,6 +149,8 @@ def retrain(
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
     workdir = out or settings.state_dir / "training" / task
+    if version_name is not None:
+        _refuse_taken_version(settings, task, version_name, workdir)
     distributed.setup(config.device)  # under torchrun: join the process group (a no-op otherwise)
     click.get_current_context().call_on_close(distributed.teardown)
     if not distributed.is_main():
@@ -221,6 +227,22 @@ def retrain(
         if not promote:
             click.echo(f"serve it with: {promote_line}")
     if blockers:
+        sys.exit(EXIT_USAGE)
+
+
+def _refuse_taken_version(settings: Any, task: str, version: str, workdir: Path) -> None:
+    """Exit 2 before training when ``--version`` names a version that exists."""
+    from meddaemon.db.engine import session_factory
+    from meddaemon.training.pipeline import version_name_taken
+
+    engine = open_database(settings)
+    try:
+        with session_factory(engine)() as session:
+            taken = version_name_taken(session, task, version, workdir)
+    finally:
+        engine.dispose()
+    if taken is not None:
+        click.echo(f"error: {taken}; choose another --version", err=True)
         sys.exit(EXIT_USAGE)
 
 

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
+from meddaemon.db.models import ModelVersion
 from meddaemon.engine.card import CARD_FILE
 from meddaemon.engine.registry import Manifest, save_version
 from meddaemon.engine.tasks import TaskSpec
@@ -69,6 +72,22 @@ class RetrainOutcome:
 
 def default_version() -> str:
     return datetime.now(UTC).strftime("r%Y%m%d-%H%M%S")
+
+
+def version_folder(workdir: Path, version: str) -> Path:
+    """Where :func:`retrain` writes version ``version`` before it is registered."""
+    return workdir / "versions" / version
+
+
+def version_name_taken(session: Session, task: str, version: str, workdir: Path) -> str | None:
+    """Why ``version`` cannot be the name of a new version of ``task`` trained in ``workdir``, or None.
+
+    Asked before training starts: either clash would otherwise end a whole training run in an error."""
+    if session.scalar(select(ModelVersion.id).where(ModelVersion.task_name == task, ModelVersion.version == version)):
+        return f"version {version!r} of {task} is already registered"
+    if version_folder(workdir, version).exists():
+        return f"{version_folder(workdir, version)} already holds a version named {version!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -160,7 +179,7 @@ def retrain(
     }
 
     version = version or default_version()
-    out = workdir / "versions" / version
+    out = version_folder(workdir, version)
     manifest = save_version(
         result.model.to("cpu"),
         task=spec.name,
