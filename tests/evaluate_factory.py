@@ -18,6 +18,7 @@ from dicom_factory import write_png
 
 from meddaemon.config import Settings
 from meddaemon.db.engine import create_db_engine
+from meddaemon.db.readonly import read_only_engine
 from meddaemon.engine.tasks import InputContract
 from meddaemon.training.phantoms import COVID_FINDING, NORMAL_FINDING, write_phantoms
 from model_factory import CONTRACT
@@ -34,6 +35,25 @@ class World:
 
     def engine(self):  # type: ignore[no-untyped-def]
         return create_db_engine(self.db_url)
+
+
+def files_written(db_url: str) -> int:
+    """How many files evaluations have written to the database so far, read while a run writes: on
+    a read-only connection, so the poll takes no write lock from the run it watches (a write-lock
+    read could wait out the run under load and see its files only at the end); 0 before the table
+    exists."""
+    from sqlalchemy import func, select
+
+    from meddaemon.db.models import EvaluationFile
+
+    engine = read_only_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(EvaluationFile)) or 0)
+    except Exception:
+        return 0
+    finally:
+        engine.dispose()
 
 
 def listing(root: Path) -> dict[str, tuple[int, int, int, int, str]]:

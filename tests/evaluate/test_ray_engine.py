@@ -25,6 +25,7 @@ import pytest
 from dicom_factory import write_png
 from sqlalchemy import func, select
 
+from evaluate_factory import files_written
 from meddaemon.db.engine import create_db_engine, session_factory
 from meddaemon.db.models import EvaluationFile, Heatmap, Result, Scan
 from meddaemon.evaluate.pipeline import EvaluationOutcome, EvaluationRequest, run_evaluation
@@ -167,15 +168,6 @@ def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def written(db_url: str) -> int:
-    engine = create_db_engine(db_url)
-    try:
-        with session_factory(engine)() as session:
-            return int(session.scalar(select(func.count()).select_from(EvaluationFile)) or 0)
-    finally:
-        engine.dispose()
-
-
 def evaluate_into(db_url: str, settings, path: Path, **options) -> EvaluationOutcome:  # type: ignore[no-untyped-def]
     engine = create_db_engine(db_url)
     try:
@@ -236,12 +228,12 @@ def test_a_worker_node_lost_mid_run_still_scores_every_file_exactly_once(
 
     def kill_worker_node_once_results_arrive() -> None:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not written(world.db_url):
+        while time.monotonic() < deadline and not files_written(world.db_url):
             time.sleep(0.05)
         raylet = two_node_cluster.worker_raylet()
         two_node_cluster.orphans += raylet.children(recursive=True)
         killed["workers"] = len(two_node_cluster.orphans)
-        killed["at"] = written(world.db_url)
+        killed["at"] = files_written(world.db_url)
         raylet.kill()
 
     killer = threading.Thread(target=kill_worker_node_once_results_arrive, daemon=True)

@@ -15,9 +15,10 @@ import pytest
 from dicom_factory import write_png
 from sqlalchemy import func, select
 
+from evaluate_factory import files_written
 from meddaemon.cli.common import EXIT_INTERRUPTED
 from meddaemon.db.engine import session_factory
-from meddaemon.db.models import Evaluation, EvaluationFile, Result, Scan
+from meddaemon.db.models import Evaluation, Result, Scan
 from meddaemon.evaluate.pipeline import EvaluationRequest, run_evaluation
 
 MEDCLI = Path(sys.executable).parent / "medcli"
@@ -41,21 +42,10 @@ def start(world, folder: Path) -> subprocess.Popen[bytes]:  # type: ignore[no-un
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
 
 
-def written(world) -> int:  # type: ignore[no-untyped-def]
-    engine = world.engine()
-    try:
-        with session_factory(engine)() as session:
-            return int(session.scalar(select(func.count()).select_from(EvaluationFile)) or 0)
-    except Exception:
-        return 0
-    finally:
-        engine.dispose()
-
-
 def wait_for_first_write(world, proc: subprocess.Popen[bytes]) -> int:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        count = written(world)
+        count = files_written(world.db_url)
         if count:
             return count
         time.sleep(0.05)
@@ -78,7 +68,7 @@ def counts(world) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
 def test_a_stopped_run_resumes_and_scores_every_file_exactly_once(world, many_images: Path, stop: int) -> None:
     proc = start(world, many_images)
     try:
-        wait_for_first_write(world, proc)
+        first = wait_for_first_write(world, proc)
         os.kill(proc.pid, stop)
         rc = proc.wait(30)
     finally:
@@ -86,7 +76,7 @@ def test_a_stopped_run_resumes_and_scores_every_file_exactly_once(world, many_im
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     before, _, _ = counts(world)
-    assert 0 < before < FILES, "the run must be stopped in the middle"
+    assert 0 < before < FILES, f"the run must be stopped in the middle ({first} written when stopped, rc {rc})"
     engine = world.engine()
     with session_factory(engine)() as session:
         [row] = session.scalars(select(Evaluation)).all()
