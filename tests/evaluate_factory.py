@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 from dicom_factory import write_png
+from sqlalchemy import func, select
 
 from meddaemon.config import Settings
 from meddaemon.db.engine import create_db_engine
+from meddaemon.db.models import EvaluationFile
 from meddaemon.db.readonly import read_only_engine
 from meddaemon.engine.tasks import InputContract
 from meddaemon.training.phantoms import COVID_FINDING, NORMAL_FINDING, write_phantoms
@@ -42,10 +44,6 @@ def files_written(db_url: str) -> int:
     a read-only connection, so the poll takes no write lock from the run it watches (a write-lock
     read could wait out the run under load and see its files only at the end); 0 before the table
     exists."""
-    from sqlalchemy import func, select
-
-    from meddaemon.db.models import EvaluationFile
-
     engine = read_only_engine(db_url)
     try:
         with engine.connect() as conn:

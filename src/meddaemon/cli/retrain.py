@@ -134,7 +134,8 @@ def retrain(
     if data is None:
         click.echo(_where_to_get_data(spec), err=True)
         sys.exit(EXIT_USAGE)
-    open_database(settings).dispose()  # the version is registered there: find out now, not after training
+    workdir = out or settings.state_dir / "training" / task
+    _check_registry(settings, task, version_name, workdir)
     parent = None if from_version is None else _parent(settings, spec, from_version, arch, image_size)
     config = TrainConfig.from_task(
         spec,
@@ -148,9 +149,6 @@ def retrain(
         augmentation=False if no_augmentation else None,
         device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
-    workdir = out or settings.state_dir / "training" / task
-    if version_name is not None:
-        _refuse_taken_version(settings, task, version_name, workdir)
     distributed.setup(config.device)  # under torchrun: join the process group (a no-op otherwise)
     click.get_current_context().call_on_close(distributed.teardown)
     if not distributed.is_main():
@@ -230,13 +228,16 @@ def retrain(
         sys.exit(EXIT_USAGE)
 
 
-def _refuse_taken_version(settings: Any, task: str, version: str, workdir: Path) -> None:
-    """Exit 2 before training when ``--version`` names a version that exists."""
+def _check_registry(settings: Any, task: str, version: str | None, workdir: Path) -> None:
+    """Before training, not after it: the database the version is registered in exists (exit 3
+    otherwise), and a ``--version`` name is free there and in the training folder (exit 2)."""
     from meddaemon.db.engine import session_factory
     from meddaemon.training.pipeline import version_name_taken
 
     engine = open_database(settings)
     try:
+        if version is None:
+            return
         with session_factory(engine)() as session:
             taken = version_name_taken(session, task, version, workdir)
     finally:

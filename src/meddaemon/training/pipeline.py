@@ -85,8 +85,9 @@ def version_name_taken(session: Session, task: str, version: str, workdir: Path)
     Asked before training starts: either clash would otherwise end a whole training run in an error."""
     if session.scalar(select(ModelVersion.id).where(ModelVersion.task_name == task, ModelVersion.version == version)):
         return f"version {version!r} of {task} is already registered"
-    if version_folder(workdir, version).exists():
-        return f"{version_folder(workdir, version)} already holds a version named {version!r}"
+    folder = version_folder(workdir, version)
+    if folder.exists():
+        return f"{folder} already holds a version named {version!r}"
     return None
 
 
