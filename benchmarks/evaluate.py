@@ -4,7 +4,8 @@ On SYNTHETIC files only (``synthetic_*`` 256x256 grey noise PNGs, seeded) and a 
 ``busi`` model (3 labels, 1x224x224 input; SYNTHETIC weights: the figures are about speed only):
 
 1. **raw**: the same model's batched forward as the evaluator serves it (``ServedModel.predict``,
-   the backend ``choose_backend`` picks: eager PyTorch or ONNX Runtime on the CPU), inputs already in
+   the backend ``choose_backend`` picks: eager PyTorch or ONNX Runtime on the CPU; CUDA on a
+   machine with a GPU, ``--device``, where every contender runs its model there), inputs already in
    memory, batch ``--batch-size``; images/s, the faster of one batch at a time on every thread and
    two batches at once on half the threads each (``concurrent_batches``: the evaluator's default).
 2. **local**: ``run_evaluation`` (the local engine), heatmaps off then on, a fresh database each:
@@ -65,8 +66,10 @@ from torchvision import transforms
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from dicom_factory import write_png  # noqa: E402
+from inference import MEDDAEMON  # noqa: E402
 
 from meddaemon.config import load_settings  # noqa: E402
 from meddaemon.daemon import bookkeeper  # noqa: E402
@@ -101,16 +104,18 @@ def write_model(folder: Path, architecture: str, side: int) -> Path:
 
 #: ``concurrent_batches`` of the local engine's runs (``--concurrent-batches``; 0: its default)
 CONCURRENT_BATCHES = 0
+#: where every contender runs its model (``--device``; auto: the GPU when there is one, as the daemon)
+DEVICE = "auto"
 
 
 def measure_backend_choice(model: Path, batch: int) -> None:
     """Time eager PyTorch against ONNX Runtime for ``model`` as the evaluator does (heatmaps off and
     on, the lanes of the local engine and of Ray's actors) and keep the choices beside its weights,
     as a first run of the version on this machine does."""
-    cpu = pick_device("cpu")
-    lanes = forward_lanes(CONCURRENT_BATCHES, cpu)
+    device = pick_device(DEVICE)
+    lanes = forward_lanes(CONCURRENT_BATCHES, device)
     for heatmaps in (False, True):
-        served = ServedModel(1, registry.load_version(model), cpu, heatmaps=heatmaps, lanes=lanes)
+        served = ServedModel(1, registry.load_version(model), device, heatmaps=heatmaps, lanes=lanes)
         served.choose_backend(min(batch, BACKEND_PROBE_BATCH), BackendCache(model))
 
 
@@ -140,10 +145,11 @@ def raw_forward(model_dir: Path, batch: int, total: int) -> tuple[float, str]:
     best, name = 0.0, ""
     for lanes in (1, 2):
         loaded = registry.load_version(model_dir)
-        served = ServedModel(1, loaded, pick_device("cpu"), heatmaps=False, lanes=lanes)
+        served = ServedModel(1, loaded, pick_device(DEVICE), heatmaps=False, lanes=lanes)
         backend = served.choose_backend(batch)
         x = np.random.default_rng(1).standard_normal((batch, 1, 224, 224)).astype(np.float32)
-        served.predict(x)
+        for _ in range(3):  # a GPU's first batches load kernels: one warm-up left 10x on an H200's figure
+            served.predict(x)
         start = time.perf_counter()
         with ThreadPoolExecutor(served.lanes) as pool:
             done = sum(len(p) for p in pool.map(served.predict, [x] * max(1, total // batch)))
@@ -192,13 +198,16 @@ class PngFolder(Dataset):
 def dataloader_script(model_dir: Path, cohort: Path, batch: int, workers: int, out: Path) -> float:
     """What a user writes: DataLoader, eager forward, CSV."""
     start = time.perf_counter()
-    model = registry.load_version(model_dir).model.eval()
-    loader = DataLoader(PngFolder(sorted(cohort.glob("*.png"))), batch_size=batch, num_workers=workers)
+    device = pick_device(DEVICE)
+    model = registry.load_version(model_dir).model.eval().to(device)
+    loader = DataLoader(
+        PngFolder(sorted(cohort.glob("*.png"))), batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda"
+    )
     count = 0
     with out.open("w", newline="") as handle, torch.inference_mode():
         writer = csv.writer(handle)
         for x, names in loader:
-            probs = torch.softmax(model(x), dim=1).numpy()
+            probs = torch.softmax(model(x.to(device)), dim=1).cpu().numpy()
             writer.writerows([name, *row] for name, row in zip(names, probs.tolist(), strict=True))
             count += len(names)
     return count / (time.perf_counter() - start)
@@ -215,9 +224,10 @@ def daemon_run(root: Path, name: str, model: Path, cohort: Path, heatmaps: bool,
     for path in files:
         shutil.copyfile(path, inbox / path.name)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
-    env |= {"PYTHONPATH": str(ROOT / "src"), "MEDDAEMON_REPORTS": "false", "MEDDAEMON_HEATMAPS": str(heatmaps).lower()}
-    env |= {"MEDDAEMON_MAX_BATCH": str(batch)}
-    command = [str(Path(sys.executable).parent / "meddaemon"), "start", "--once", "--json", "--stable-seconds", "0"]
+    python_path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    env |= {"PYTHONPATH": python_path, "MEDDAEMON_REPORTS": "false", "MEDDAEMON_HEATMAPS": str(heatmaps).lower()}
+    env |= {"MEDDAEMON_MAX_BATCH": str(batch), "MEDDAEMON_DEVICE": DEVICE}
+    command = [str(MEDDAEMON), "start", "--once", "--json", "--stable-seconds", "0"]
     command += ["--watch", str(settings.watch), "--state-dir", str(settings.state_dir), "--workers", str(workers)]
     start = time.perf_counter()
     run = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -253,6 +263,11 @@ def rss_run(root: Path, files: int, workers: int) -> list[tuple[int, float]]:
     return samples
 
 
+def device_name(setting: str) -> str:
+    device = pick_device(setting)
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--files", type=int, default=800)
@@ -263,18 +278,21 @@ def main() -> None:
     parser.add_argument(
         "--concurrent-batches", type=int, default=0, help="the local engine's concurrent_batches (0: its default)"
     )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="every contender's device (auto: the GPU when there is one)")  # fmt: skip
     parser.add_argument("--skip", default="", help="comma-separated: heatmaps, dataloader, daemon, ray, rss")
     parser.add_argument("--measure-backend", action="store_true",
                         help="every engine run times its backends (a version's first run on a machine); by "
                              "default the choice is measured once, before the contenders, and kept")  # fmt: skip
     args = parser.parse_args()
-    global CONCURRENT_BATCHES
-    CONCURRENT_BATCHES = args.concurrent_batches
+    global CONCURRENT_BATCHES, DEVICE
+    CONCURRENT_BATCHES, DEVICE = args.concurrent_batches, args.device
     skip = set(filter(None, args.skip.split(",")))
     root = Path(tempfile.mkdtemp(prefix="evaluate-bench-"))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch {torch.__version__}; {args.files} files, "
-          f"{args.arch}, batch {args.batch_size}, workers {args.workers}")  # fmt: skip
+          f"{args.arch}, batch {args.batch_size}, workers {args.workers}; "
+          f"device {device_name(args.device)}")  # fmt: skip
     try:
         cohort = write_cohort(root / "cohort", args.files, 256)
         model = write_model(root / "model", args.arch, 224)
@@ -285,7 +303,7 @@ def main() -> None:
         raws = [raw_forward(model, args.batch_size, raw_images)]
         print(f"raw forward ({raws[0][1]}): {raws[0][0]:.1f} images/s")
 
-        common = {"workers": args.workers, "batch_size": args.batch_size}
+        common = {"workers": args.workers, "batch_size": args.batch_size, "device": args.device}
         settings, engine = fresh_database(root, "local", model)
         figures["local"], wall, summary = evaluate(settings, engine, cohort, **common)
         figures["local_wall"] = wall

@@ -78,6 +78,7 @@ from meddaemon.db.engine import create_db_engine, session_factory, transaction  
 from meddaemon.db.migrate import upgrade  # noqa: E402
 from meddaemon.engine import registry  # noqa: E402
 from meddaemon.engine.architectures import build_model  # noqa: E402
+from meddaemon.engine.inference import ServedModel  # noqa: E402
 from meddaemon.engine.tasks import BUILTIN_TASKS, GREY_MEAN, GREY_STD, InputContract  # noqa: E402
 
 try:  # the ONNX Runtime backend the daemon may serve with (optional)
@@ -86,7 +87,8 @@ except ImportError:  # pragma: no cover
     OnnxRunner = None  # type: ignore[assignment,misc]
     BackendUnavailable = RuntimeError  # type: ignore[assignment,misc]
 
-MEDDAEMON = Path(sys.executable).parent / "meddaemon"
+#: the daemon's console script: beside this Python (its virtual environment), else on the PATH
+MEDDAEMON = Path(shutil.which("meddaemon", path=str(Path(sys.executable).parent)) or shutil.which("meddaemon") or "")
 TASK = "busi"
 SPEC = BUILTIN_TASKS[TASK]
 MAX_BATCH = 16  # the daemon's default max_batch
@@ -264,6 +266,12 @@ class Forwards:
         self.x = torch.randn(MAX_BATCH, 1, size, size, generator=torch.Generator().manual_seed(0))
         self.onnx = None
         self.onnx_halves = None
+        #: on a machine with a GPU, the model as the daemon serves it there (its default device)
+        self.served = (
+            ServedModel(1, registry.load_version(folder), torch.device("cuda"), heatmaps=False)
+            if torch.cuda.is_available()
+            else None
+        )
         if OnnxRunner is not None:
             try:
                 with warnings.catch_warnings():
@@ -282,6 +290,13 @@ class Forwards:
                 return self.model(x)
 
         return run
+
+    def _cuda(self, x: torch.Tensor) -> Callable[[], object]:
+        """The forward as the daemon serves it on a GPU (``ServedModel``: bf16 autocast,
+        channels_last, pinned copy in, probabilities back to the host), heatmaps off."""
+        assert self.served is not None
+        array = x.numpy()
+        return lambda: self.served.predict(array)  # type: ignore[union-attr]
 
     def _onnx(self, x: torch.Tensor) -> Callable[[], object]:
         array = x.numpy()
@@ -307,12 +322,18 @@ class Forwards:
         return statistics.median(times)
 
     def batched(self) -> dict[str, Raw]:
-        """img/s at batch max_batch: eager, ONNX (all threads on one batch), and ONNX with two
-        batches at once (half the threads each; ``onnx2``)."""
+        """img/s at batch max_batch: eager, ONNX (all threads on one batch), ONNX with two
+        batches at once (half the threads each; ``onnx2``) and, on a machine with a GPU, CUDA."""
         out = {}
-        makers = (("eager", self._eager, 1), ("onnx", self._onnx, 1), ("onnx2", self._onnx_two_at_once, 2))
+        makers = (
+            ("eager", self._eager, 1),
+            ("onnx", self._onnx, 1),
+            ("onnx2", self._onnx_two_at_once, 2),
+            ("cuda", self._cuda, 1),
+        )
+        missing = {"onnx": self.onnx is None, "onnx2": self.onnx_halves is None, "cuda": self.served is None}
         for name, make, batches in makers:
-            if (name == "onnx" and self.onnx is None) or (name == "onnx2" and self.onnx_halves is None):
+            if missing.get(name):
                 continue
             with Meter() as m:
                 seconds = self._median_s(make(self.x), self.warmup, self.repeats)
