@@ -1,10 +1,14 @@
-"""Whether a process of this host is still running: the one test behind the lease (a daemon killed
-on this node is released at once) and the sweep of temporaries (what a killed writer left)."""
+"""Processes of this host: whether one is still running (the one test behind the lease, a daemon
+killed on this node is released at once, and the sweep of temporaries, what a killed writer left),
+and the forkserver that the package's process pools start from."""
 
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import multiprocessing.context
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 #: how much later than ``since`` a process must have started to be judged a later holder of its pid:
@@ -54,3 +58,18 @@ def _boot_time() -> float:
         if line.startswith("btime "):
             return float(line.split()[1])
     return 0.0
+
+
+def forkserver_context(preload: Sequence[str] = ()) -> multiprocessing.context.ForkServerContext:
+    """The forkserver start method, which the package's process pools use (a plain fork would copy a
+    process that holds threads, database connections or a CUDA context). ``preload``: modules the
+    forkserver imports once, before its first fork, beside ``__main__`` (multiprocessing's default),
+    so that every child starts with them in memory, shared, rather than importing them itself:
+    torch and the decoders cost 2 to 3 s of CPU a process on a small machine, and 15 decoding
+    processes importing them at once held a 16-core machine for about 10 s (benchmarks/README.md,
+    the GPU section). Heard only by a forkserver not yet started: the first pool of a process decides,
+    and a child forked from it waits for its imports."""
+    context = multiprocessing.get_context("forkserver")
+    if preload:
+        context.set_forkserver_preload(["__main__", *preload])
+    return context

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import multiprocessing
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 
 from meddaemon.daemon.intake import init_worker
+from meddaemon.processes import forkserver_context
 
 #: the capacity asked for the pipe the workers send their results through (Linux's default is 64 KiB):
 #: a model input (196 KiB for a 224 x 224 image) then goes in one write and comes out in one read, so a
@@ -22,8 +22,8 @@ RESULT_PIPE_BYTES = 1 << 20
 #: what the forkserver imports once, before it forks the first worker (``DecodingPool(preload=True)``):
 #: the workers then start with torch, the decoders and preprocessing already in memory, shared,
 #: rather than each importing them (2 to 3 s of CPU a worker on a small machine, beside the daemon's
-#: own import of torch); ``__main__`` is multiprocessing's own default
-FORKSERVER_PRELOAD = ("__main__", "meddaemon.daemon.intake", "meddaemon.engine.preprocess")
+#: own import of torch)
+FORKSERVER_PRELOAD = ("meddaemon.daemon.intake", "meddaemon.engine.preprocess")
 
 
 class DecodingPool:
@@ -90,9 +90,7 @@ class DecodingPool:
     def _make(self) -> Executor | None:
         if self.workers == 0:
             return None
-        context = multiprocessing.get_context("forkserver")
-        if self.preload:  # only heard by a forkserver not yet started
-            context.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+        context = forkserver_context(FORKSERVER_PRELOAD if self.preload else ())
         executor = ProcessPoolExecutor(
             # no max_tasks_per_child: on Python 3.11 a retired worker is not replaced while work is
             # queued (CPython gh-115634), and the pool stalls after workers x limit files

@@ -11,8 +11,8 @@ bytes a model version scored before are never scored again (only hashed).
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,6 +37,7 @@ from meddaemon.evaluate.cohort import Cohort, read_cohort
 from meddaemon.evaluate.reading import FileRead, init_reader, prefixes, read_chunk, read_file
 from meddaemon.evaluate.scoring import outcomes_of, stack
 from meddaemon.evaluate.store import FileOutcome
+from meddaemon.processes import forkserver_context
 from meddaemon.training.datasets import DEFAULT_MAX_BAD_FRACTION
 
 log = logging.getLogger("meddaemon.evaluate")
@@ -350,10 +351,18 @@ def score_in_driver(prepared: Prepared, reads: Sequence[FileRead]) -> list[tuple
     return failed + outcomes_of(prepared.model, ready, prepared.model.predict(stack(ready)))
 
 
+#: what the decoding processes' forkserver imports once, before its first fork (``forkserver_context``)
+DECODERS_PRELOAD = ("meddaemon.evaluate.reading",)
+
+
 class Decoders:
     """The decoding processes and the chunks of files they read: at most two chunks per process in
     flight, so memory stays bounded whatever the cohort's size. With no process (``workers`` 0)
-    the files are read in the driver, one chunk at a time."""
+    the files are read in the driver, one chunk at a time.
+
+    The processes fork from a forkserver that imported the readers (torch, the decoders) once, and
+    the first chunks are handed to them from a thread of their own, which waits for that import, so
+    that the driver meanwhile loads and verifies the model."""
 
     def __init__(
         self,
@@ -371,16 +380,20 @@ class Decoders:
         self.window: deque[Future] = deque()
         self.limit = 2 * workers
         self.pool: ProcessPoolExecutor | None = None
+        self.starting: threading.Thread | None = None
+        self.start_error: BaseException | None = None
         if workers:
-            context = multiprocessing.get_context("forkserver")
+            context = forkserver_context(DECODERS_PRELOAD)
             self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_reader, initargs=(scored,))
-            self._fill()
+            self.starting = threading.Thread(target=self._first_fill, name="decoders-start", daemon=True)
+            self.starting.start()
 
     def __iter__(self) -> Iterator[list[FileRead]]:
         if self.pool is None:
             for chunk in self.chunks:
                 yield read_chunk(chunk, self.contract, self.options, self.scored)
             return
+        self._started()
         while self.window:
             reads = self.window.popleft().result()
             self._fill()
@@ -394,7 +407,25 @@ class Decoders:
                 return
             self.window.append(self.pool.submit(read_chunk, chunk, self.contract, self.options))
 
+    def _first_fill(self) -> None:
+        try:
+            self._fill()
+        except BaseException as exc:  # raised in the driver, by ``_started``
+            self.start_error = exc
+
+    def _started(self) -> None:
+        """Wait for the first chunks to be handed out; what stopped that is raised here."""
+        if self.starting is None:
+            return
+        self.starting.join()
+        self.starting = None
+        if self.start_error is not None:
+            raise self.start_error
+
     def close(self) -> None:
+        if self.starting is not None:  # what stopped it, if anything, matters no more
+            self.starting.join()
+            self.starting = None
         for future in self.window:
             future.cancel()
         self.window.clear()
