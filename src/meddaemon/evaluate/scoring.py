@@ -39,7 +39,8 @@ def outcomes_of(
             read.failure, read.inputs = failure, None
             out.append((FileOutcome(read), None))
             continue
-        probs = np.mean([p.probabilities for p in rows], axis=0)
+        # a multi-frame file's frames averaged; one frame's row as it is (np.mean was 5 % of the driver)
+        probs = rows[0].probabilities if size == 1 else np.mean([p.probabilities for p in rows], axis=0)
         outcome = FileOutcome(read, probs.tolist(), model.calls(probs).tolist())
         key = size // 2
         write = None
