@@ -256,3 +256,21 @@ def test_an_unexpected_error_leaves_the_run_marked_stopped_with_its_message(worl
         assert row.state == "stopped" and "SYNTHETIC fault" in (row.message or "")
         assert row.finished_at is not None and row.dataset_fingerprint is None
     engine.dispose()
+
+
+def test_a_fault_handing_the_first_files_to_the_decoding_processes_stops_the_run_with_its_message(
+    world, busi_phantoms: Path
+) -> None:
+    """The first chunks go to the decoding processes from a thread of their own (beside the model's
+    load): what stops it is raised in the run, never a run that ends early with files unscored."""
+
+    def broken(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("SYNTHETIC fault handing out the first chunks")
+
+    engine = world.engine()
+    with patch("meddaemon.evaluate.pipeline.Decoders._fill", broken), pytest.raises(RuntimeError, match="SYNTHETIC"):
+        run_evaluation(engine, world.settings, EvaluationRequest(busi_phantoms, "busi", workers=1))
+    with session_factory(engine)() as session:
+        [row] = session.scalars(select(Evaluation)).all()
+        assert row.state == "stopped" and "SYNTHETIC fault handing out" in (row.message or "")
+    engine.dispose()
