@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one run on a machine with one (issues 15 and 16 ask for "the same
-# table with the CUDA backend"): the CUDA test, speed.py's side-by-side table and evaluate.py with
-# the GPU serving the model (the daemon's and the evaluator's default device when there is one),
-# then the tests of the engine, the evaluator and the daemon, which run on CUDA there for the same
-# reason. Each step has a time limit, so that a slow one cannot take the others' time; its log goes
+# table with the CUDA backend"): the CUDA test; the continuous daemon at Python's switch interval
+# and at 0.2 ms (whether the GIL's hand-over slows its forward, benchmarks/gil_convoy.py); then
+# speed.py's side-by-side table and evaluate.py with the GPU serving the model (the daemon's and the
+# evaluator's default device when there is one); then the tests of the engine, the evaluator and
+# the daemon, which run on CUDA there for the same reason. Each step has a time limit, so that a slow one cannot take the others' time; its log goes
 # to OUT (the first argument, default ./gpu-logs) and its last lines to stdout.
 #
 #     bash benchmarks/gpu.sh [OUT]
@@ -34,6 +35,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 $python -c 'import os, torch; print(f"torch {torch.__version__}, CUDA {torch.cuda.is_available()}, {os.cpu_count()} CPUs")' \
     | tee -a "$out/gpu.txt"
 step cuda-test 90 $python -m pytest -p no:cacheprovider -q tests/engine/test_inference.py -k cuda
+# shellcheck disable=SC2086
+step switch-interval "${SWITCH_LIMIT:-150}" $python benchmarks/speed.py --continuous-only \
+    --continuous "${SWITCH_CONTINUOUS:-densenet121=400,mobilenet_v2=800}" --switch-intervals-ms 5,0.2
 # shellcheck disable=SC2086  # the arguments are word lists
 step speed "${SPEED_LIMIT:-240}" $python benchmarks/speed.py $speed_args
 # shellcheck disable=SC2086

@@ -397,7 +397,12 @@ class Stalled(RuntimeError):
 class DaemonRun:
     """One ``meddaemon start`` on a fresh inbox/state folder with the model already promoted."""
 
-    def __init__(self, workdir: Path, model_folder: Path, workers: int, heatmaps: bool) -> None:
+    def __init__(
+        self, workdir: Path, model_folder: Path, workers: int, heatmaps: bool, switch_interval: float | None = None
+    ) -> None:
+        """``switch_interval``: the daemon's interpreter switch interval in seconds (``sys.setswitchinterval``,
+        set at its start by a ``sitecustomize`` module; None: Python's 5 ms), to measure the GIL's hand-over
+        (``gil_convoy.py``) without a setting in the daemon."""
         self.workdir = workdir
         self.inbox, self.state = workdir / "inbox", workdir / "state"
         self.staging = self.inbox / ".staging"
@@ -420,6 +425,11 @@ class DaemonRun:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
         env["MEDDAEMON_HEATMAPS"] = "true" if heatmaps else "false"
         env["MEDDAEMON_REPORTS"] = "false"  # the inference path alone; benchmarks/reports.py measures reports on/off
+        if switch_interval is not None:
+            site = workdir / "site"
+            site.mkdir()
+            (site / "sitecustomize.py").write_text(f"import sys\nsys.setswitchinterval({switch_interval!r})\n")
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
         cmd = [
             str(MEDDAEMON), "start", "--watch", str(self.inbox), "--state-dir", str(self.state),
             "--workers", str(workers), "--rescan-seconds", "30",

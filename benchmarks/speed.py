@@ -33,6 +33,7 @@ does): the whole run's ratio also holds the start, which 800 files cannot make u
 
     PYTHONPATH=$PWD/src .venv/bin/python benchmarks/speed.py                      # 800 files, 3 rounds
     PYTHONPATH=$PWD/src .venv/bin/python benchmarks/speed.py --files 200 --rounds 1 --continuous mobilenet_v2=200
+    PYTHONPATH=$PWD/src .venv/bin/python benchmarks/speed.py --continuous-only --switch-intervals-ms 5,0.2
 
 ``--once-against SRC`` measures one change instead: ``--once`` (reports off) over the files and on an
 empty inbox, this tree's code against another checkout's ``src`` (a ``git worktree`` of the commit
@@ -339,14 +340,15 @@ class Continuous:
     backend: str
 
 
-def continuous(arch: str, files: int, base: Path) -> Continuous:
+def continuous(arch: str, files: int, base: Path, switch_interval: float | None = None) -> Continuous:
     """A warmed daemon (``meddaemon start``, default settings, reports off) over ``files`` PNGs
-    renamed in at once."""
-    model = write_model(base / f"model-{arch}", arch, CONTRACT)
-    burst = make_pngs(base / f"burst-{arch}", "burst", files, 256, seed=161)
-    warm = make_pngs(base / f"warm-{arch}", "warm", BATCH, 256, seed=162)
+    renamed in at once; ``switch_interval``: its interpreter's, in seconds (None: Python's)."""
+    tag = f"{arch}-{switch_interval}"
+    model = write_model(base / f"model-{tag}", arch, CONTRACT)
+    burst = make_pngs(base / f"burst-{tag}", "burst", files, 256, seed=161)
+    warm = make_pngs(base / f"warm-{tag}", "warm", BATCH, 256, seed=162)
     forwards = Forwards(model, SIZE, arch)
-    run = DaemonRun(base / f"continuous-{arch}", model, workers=2, heatmaps=True)
+    run = DaemonRun(base / f"continuous-{tag}", model, workers=2, heatmaps=True, switch_interval=switch_interval)
     try:
         backend, _ = run.started()
         run.drop(run.stage(warm), 600, "the warm-up")
@@ -368,6 +370,32 @@ def continuous(arch: str, files: int, base: Path) -> Continuous:
     return Continuous(files / wall, streaming, limit, backend)
 
 
+def continuous_checks(archs: str, intervals_ms: str, base: Path) -> list[tuple[str, str, str]]:
+    """The warmed continuous daemon's goal checks, for each ``ARCH=FILES`` of ``archs`` and each
+    switch interval of ``intervals_ms`` (ms, comma-separated; empty: Python's own)."""
+    checks = []
+    intervals = [float(v) / 1000 for v in filter(None, intervals_ms.split(","))] or [None]
+    for item in filter(None, archs.split(",")):
+        arch, _, count = item.partition("=")
+        for interval in intervals:
+            run = continuous(arch, int(count or 200), base, interval)
+            goal = ">= 0.85" if arch == "densenet121" else ">= 0.7"
+            what = f"warmed continuous daemon / raw forward ({run.backend}), {arch}"
+            if interval is not None:
+                what += f", switch interval {interval * 1000:g} ms"
+            figures = f"{run.streaming:.1f} (burst {run.burst:.1f}) / {run.raw:.1f} img/s"
+            ratios = f"{run.streaming / run.raw:.2f} ({run.burst / run.raw:.2f})"
+            checks.append((f"{what}, streaming (burst): {figures}", ratios, goal))
+    return checks
+
+
+def print_checks(checks: list[tuple[str, str, str]]) -> None:
+    print("\n| goal check | measured | goal |\n|---|---:|---|")
+    for name, value, goal in checks:
+        print(f"| {name} | {value} | {goal} |")
+    print(f"\nload average at the end: {load_average()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=800)
@@ -378,6 +406,12 @@ def main() -> None:
         default="densenet121=200,mobilenet_v2=800",
         help="ARCH=FILES,... for the warmed continuous daemon ('' skips it)",
     )
+    parser.add_argument(
+        "--switch-intervals-ms",
+        default="",
+        help="MS,...: run each continuous daemon at each of these interpreter switch intervals (default: Python's)",
+    )
+    parser.add_argument("--continuous-only", action="store_true", help="only the continuous daemons' checks")
     parser.add_argument("--profile-files", type=int, default=800, help="files of the CPU-per-scan check (0 skips)")
     parser.add_argument("--concurrent-batches", type=int, help="the --once daemons' concurrent_batches")
     parser.add_argument("--once-against", type=Path, metavar="SRC", help="only --once: this tree against SRC's code")
@@ -393,6 +427,9 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="speed-"))
     print(f"load average at the start: {load_average()}", file=sys.stderr)
     try:
+        if args.continuous_only:
+            print_checks(continuous_checks(args.continuous, args.switch_intervals_ms, base))
+            return
         model = write_model(base / "model", args.arch, CONTRACT)
         pngs = make_pngs(base / "pngs", "synthetic", args.files, 256, seed=16)
         warm = make_pngs(base / "warm", "warm", 1, 256, seed=17)[0]
@@ -487,18 +524,7 @@ def main() -> None:
             profiled = stage_profile.StageRun("noreports", len(files), **measured)
             per_scan = f"{profiled.outside_forward() * 1000 / len(files):.2f}"
             checks.append(("CPU per scan outside the forward pass, heatmaps on, reports off (ms)", per_scan, "<= 2 ms"))
-        for item in filter(None, args.continuous.split(",")):
-            arch, _, count = item.partition("=")
-            run = continuous(arch, int(count or 200), base)
-            goal = ">= 0.85" if arch == "densenet121" else ">= 0.7"
-            what = f"warmed continuous daemon / raw forward ({run.backend}), {arch}"
-            figures = f"{run.streaming:.1f} (burst {run.burst:.1f}) / {run.raw:.1f} img/s"
-            ratios = f"{run.streaming / run.raw:.2f} ({run.burst / run.raw:.2f})"
-            checks.append((f"{what}, streaming (burst): {figures}", ratios, goal))
-        print("\n| goal check | measured | goal |\n|---|---:|---|")
-        for name, value, goal in checks:
-            print(f"| {name} | {value} | {goal} |")
-        print(f"\nload average at the end: {load_average()}")
+        print_checks(checks + continuous_checks(args.continuous, args.switch_intervals_ms, base))
     finally:
         if args.keep:
             print(f"kept {base}", file=sys.stderr)
