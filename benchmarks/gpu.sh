@@ -12,7 +12,9 @@
 #
 # meddaemon must be importable (installed, or its dependencies installed and src on PYTHONPATH, as
 # this script adds) and its console scripts must sit beside the Python that runs it, as in a
-# virtual environment. The figures are from SYNTHETIC files and untrained SYNTHETIC weights.
+# virtual environment. Hand-written ones need pip's `if __name__ == "__main__":` guard: every
+# forkserver child imports the main module, and without it runs the daemon again (the first run
+# on the H200 lost its daemon figures that way). The figures are from SYNTHETIC files and untrained SYNTHETIC weights.
 set -u -o pipefail
 out=${1:-gpu-logs}
 mkdir -p "$out"
