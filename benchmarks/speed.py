@@ -340,19 +340,34 @@ class Continuous:
     backend: str
 
 
-def continuous(arch: str, files: int, base: Path, switch_interval: float | None = None) -> Continuous:
-    """A warmed daemon (``meddaemon start``, default settings, reports off) over ``files`` PNGs
-    renamed in at once; ``switch_interval``: its interpreter's, in seconds (None: Python's)."""
-    tag = f"{arch}-{switch_interval}"
-    model = write_model(base / f"model-{tag}", arch, CONTRACT)
-    burst = make_pngs(base / f"burst-{tag}", "burst", files, 256, seed=161)
-    warm = make_pngs(base / f"warm-{tag}", "warm", BATCH, 256, seed=162)
-    forwards = Forwards(model, SIZE, arch)
-    run = DaemonRun(base / f"continuous-{tag}", model, workers=2, heatmaps=True, switch_interval=switch_interval)
+@dataclass(frozen=True)
+class Burst:
+    """A continuous run's model and files, written once for every switch interval it runs at."""
+
+    arch: str
+    model: Path
+    files: list[Path]
+    warm: list[Path]
+
+    @classmethod
+    def write(cls, arch: str, files: int, base: Path) -> Burst:
+        model = write_model(base / f"model-{arch}", arch, CONTRACT)
+        burst = make_pngs(base / f"burst-{arch}", "burst", files, 256, seed=161)
+        return cls(arch, model, burst, make_pngs(base / f"warm-{arch}", "warm", BATCH, 256, seed=162))
+
+
+def continuous(burst: Burst, base: Path, switch_interval: float | None = None) -> Continuous:
+    """A warmed daemon (``meddaemon start``, default settings, reports off) over the burst's PNGs
+    (copies of them) renamed in at once; ``switch_interval``: its interpreter's, in seconds
+    (None: Python's)."""
+    files = len(burst.files)
+    forwards = Forwards(burst.model, SIZE, burst.arch)
+    workdir = base / f"continuous-{burst.arch}-{switch_interval}"
+    run = DaemonRun(workdir, burst.model, workers=2, heatmaps=True, switch_interval=switch_interval)
     try:
         backend, _ = run.started()
-        run.drop(run.stage(warm), 600, "the warm-up")
-        _, wall = run.drop(run.stage(burst), 3600, "the burst")
+        run.drop(run.stage(burst.warm), 600, "the warm-up")
+        _, wall = run.drop(run.stage(burst.files), 3600, "the burst")
         run.check_no_failures()
     finally:
         run.stop()
@@ -377,8 +392,9 @@ def continuous_checks(archs: str, intervals_ms: str, base: Path) -> list[tuple[s
     intervals = [float(v) / 1000 for v in filter(None, intervals_ms.split(","))] or [None]
     for item in filter(None, archs.split(",")):
         arch, _, count = item.partition("=")
+        burst = Burst.write(arch, int(count or 200), base)
         for interval in intervals:
-            run = continuous(arch, int(count or 200), base, interval)
+            run = continuous(burst, base, interval)
             goal = ">= 0.85" if arch == "densenet121" else ">= 0.7"
             what = f"warmed continuous daemon / raw forward ({run.backend}), {arch}"
             if interval is not None:
@@ -455,8 +471,10 @@ def main() -> None:
         )
         contenders = [
             *([cuda_raw] if gpu else []),
-            Contender("raw batched forward, ONNX Runtime, bs 16", lambda: raw_forward(forwards, "onnx", args.files)),
-            Contender(
+            onnx_one := Contender(
+                "raw batched forward, ONNX Runtime, bs 16", lambda: raw_forward(forwards, "onnx", args.files)
+            ),
+            onnx_two := Contender(
                 "raw batched forward, ONNX Runtime, bs 16, two batches at once",
                 lambda: raw_forward(forwards, "onnx2", args.files),
             ),
@@ -494,7 +512,7 @@ def main() -> None:
         if gpu:
             limit, limit_name = speeds[cuda_raw.name], "the raw CUDA forward"
         else:  # the faster way to run ONNX Runtime
-            limit = max(speeds[contenders[0].name], speeds[contenders[1].name])
+            limit = max(speeds[onnx_one.name], speeds[onnx_two.name])
             limit_name = "the faster raw ONNX Runtime forward"
         device = torch.cuda.get_device_name() if gpu else "no GPU"
         print(f"\n{args.files} SYNTHETIC 256x256 PNGs, {args.arch} (busi, 1x{SIZE}x{SIZE}, untrained), "

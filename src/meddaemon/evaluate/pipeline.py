@@ -380,20 +380,19 @@ class Decoders:
         self.window: deque[Future] = deque()
         self.limit = 2 * workers
         self.pool: ProcessPoolExecutor | None = None
-        self.starting: threading.Thread | None = None
-        self.start_error: BaseException | None = None
+        #: done once the first chunks are handed out, with what stopped that if anything did
+        self.started: Future[None] = Future()
         if workers:
             context = forkserver_context(DECODERS_PRELOAD)
             self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_reader, initargs=(scored,))
-            self.starting = threading.Thread(target=self._first_fill, name="decoders-start", daemon=True)
-            self.starting.start()
+            threading.Thread(target=self._first_fill, name="decoders-start", daemon=True).start()
 
     def __iter__(self) -> Iterator[list[FileRead]]:
         if self.pool is None:
             for chunk in self.chunks:
                 yield read_chunk(chunk, self.contract, self.options, self.scored)
             return
-        self._started()
+        self.started.result()
         while self.window:
             reads = self.window.popleft().result()
             self._fill()
@@ -410,22 +409,14 @@ class Decoders:
     def _first_fill(self) -> None:
         try:
             self._fill()
-        except BaseException as exc:  # raised in the driver, by ``_started``
-            self.start_error = exc
-
-    def _started(self) -> None:
-        """Wait for the first chunks to be handed out; what stopped that is raised here."""
-        if self.starting is None:
-            return
-        self.starting.join()
-        self.starting = None
-        if self.start_error is not None:
-            raise self.start_error
+        except BaseException as exc:  # raised in the driver, by ``__iter__``
+            self.started.set_exception(exc)
+        else:
+            self.started.set_result(None)
 
     def close(self) -> None:
-        if self.starting is not None:  # what stopped it, if anything, matters no more
-            self.starting.join()
-            self.starting = None
+        if self.pool is not None:
+            self.started.exception()  # waits for the start; what stopped it, if anything, matters no more
         for future in self.window:
             future.cancel()
         self.window.clear()
