@@ -15,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,7 +318,7 @@ def test_a_run_that_stalls_after_a_node_is_lost_is_given_up_and_one_that_waits_w
     alive = {"count": 2}
     cluster = SimpleNamespace(nodes=lambda: [{"Alive": i < alive["count"]} for i in range(2)])
 
-    blocks = ray_engine._blocks(cluster, scored, nodes=2, stall_seconds=0.5)
+    blocks = ray_engine._blocks(cluster, scored, nodes=2, stall_seconds=0.5, stop=release.set)
     assert list(next(blocks)["path"]) == ["a"]
     waited = threading.Timer(1.5, lambda: alive.update(count=1))
     waited.start()
@@ -325,7 +326,45 @@ def test_a_run_that_stalls_after_a_node_is_lost_is_given_up_and_one_that_waits_w
     with pytest.raises(ray_engine.RunStalled, match="a node of the cluster was lost"):
         next(blocks)
     assert time.monotonic() - started >= 1.5, "no run is given up while every node is alive"
-    release.set()
+    assert release.is_set(), "a run given up is stopped"
+
+
+def test_a_run_given_up_shuts_its_executor_down_so_that_no_thread_is_inside_ray_when_the_driver_leaves() -> None:
+    """``ray.shutdown()`` while a thread waits inside Ray's core worker can end the process with
+    SIGSEGV (it did, in the node-loss test above): a stalled run's executor is shut down, and Ray
+    Data's threads and the run's own have returned, before ``_blocks`` gives the stall to its caller."""
+    from types import SimpleNamespace
+
+    from meddaemon.evaluate import ray_engine
+
+    def iterating_threads() -> list[str]:
+        """The executor's scheduling thread and the run's own, which iterates its output."""
+        return [t.name for t in threading.enumerate() if t.name.startswith(("StreamingExecutor", "ray-results"))]
+
+    def threads_inside_ray() -> list[str]:
+        """Threads waiting in ``ray.get`` or ``ray.wait`` (Ray Data's included)."""
+        names = {t.ident: t.name for t in threading.enumerate()}
+        inside = []
+        for ident, frame in sys._current_frames().items():
+            calls = {(f.f_code.co_filename, f.f_code.co_name) for f, _ in traceback.walk_stack(frame)}
+            if any(file.endswith("_private/worker.py") and name in ("get", "wait") for file, name in calls):
+                inside.append(names.get(ident, str(ident)))
+        return inside
+
+    def wait_forever(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A task that never returns (defined here: Ray's workers get it by value, not by import)."""
+        threading.Event().wait()
+        return batch
+
+    one_node_of_two_left = SimpleNamespace(nodes=lambda: [{"Alive": True}])
+    with ray_engine.ray_session(ray, None):
+        executors = ray_engine.new_data_context(ray)
+        never = ray.data.from_items([{"x": i} for i in range(4)]).map_batches(wait_forever, batch_size=2)
+        blocks = ray_engine._blocks(one_node_of_two_left, never, nodes=2, stall_seconds=0.5, stop=executors.shut_down)
+        with pytest.raises(ray_engine.RunStalled):
+            next(blocks)
+        assert iterating_threads() == []
+        assert threads_inside_ray() == []
 
 
 def test_device_cuda_on_a_ray_cluster_without_a_gpu_is_refused_rather_than_waited_for() -> None:

@@ -10,9 +10,9 @@ registry's verification (the weights' SHA-256, safetensors only, the self-test),
 copy differs refuses it by name; nothing of it is pickled. Files must be readable at the same path
 on every node (a shared mount). A lost worker's tasks are retried by Ray, and when Ray gives up on
 a run (an actor lost with its node before it could start), or waits ``ray_stall_seconds`` without
-results after a node's loss (Ray Data can wait forever then), the driver ends the job and runs the
-files not yet returned again in a new one; it writes each file once whatever comes back twice, and
-bytes already scored are reused.
+results after a node's loss (Ray Data can wait forever then), the driver shuts the run's executors
+down (``ray_executors``), ends the job and runs the files not yet returned again in a new one; it
+writes each file once whatever comes back twice, and bytes already scored are reused.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from meddaemon.evaluate.scoring import with_heatmaps
 from meddaemon.evaluate.store import EvaluationError, FileOutcome
 from meddaemon.failures import FailureReason, ScanFailure
 
+if TYPE_CHECKING:
+    from meddaemon.evaluate import ray_executors
+
 log = logging.getLogger("meddaemon.evaluate")
 
 #: files per decoding task: on a busy 2-core machine Ray Data started a task every 0.2 s while one
@@ -49,6 +52,8 @@ DECODE_BATCH = 64
 RAY_ATTEMPTS = 3
 #: memory a decoding task reserves (bytes): one decoded image at a time and 64 model inputs, with room
 DECODE_MEMORY = 768 * 2**20
+#: how long a run given up waits for Ray Data's iteration to end once its executors are shut down
+STOP_SECONDS = 30.0
 #: Ray's authentication mode, an environment variable of the process (``ray_session``)
 AUTH_MODE = "RAY_AUTH_MODE"
 
@@ -130,12 +135,7 @@ def _run(
     contract = prepared.model.contract
     nodes = _alive_nodes(ray)
     plan = plan_actors(ray.cluster_resources(), nodes, request.device)
-    # a context of its own: Ray Data keeps one per process, with state of the cluster it last ran on
-    context = ray.data.DataContext()
-    ray.data.DataContext._set_current(context)
-    context.enable_progress_bars = False
-    context.verbose_stats_logs = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    executors = new_data_context(ray)
     items = [{"path": p} for p in paths]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // DECODE_BATCH))
     decoded = dataset.map_batches(
@@ -170,8 +170,9 @@ def _run(
         num_cpus=0 if plan.gpu else 1,
     )
     root, model, heatmaps_dir = prepared.cohort.root, prepared.model, prepared.settings.heatmaps_dir
+    stall_seconds = prepared.settings.ray_stall_seconds
     try:
-        for batch in _blocks(ray, scored, nodes, prepared.settings.ray_stall_seconds):
+        for batch in _blocks(ray, scored, nodes, stall_seconds, stop=executors.shut_down):
             for outcome, maps in _outcomes(batch):
                 if outcome.read.path in seen:
                     continue
@@ -190,17 +191,38 @@ def _run(
         raise
 
 
+def new_data_context(ray: Any) -> ray_executors.StartedFromNow:
+    """Makes a Ray Data context of the run's own current (Ray Data keeps one per process, with state
+    of the cluster it last ran on), quiet, and returns the executors started in it."""
+    from meddaemon.evaluate import ray_executors
+
+    context = ray.data.DataContext()
+    ray.data.DataContext._set_current(context)
+    context.enable_progress_bars = False
+    context.verbose_stats_logs = False
+    if hasattr(context, "custom_execution_callback_classes"):  # an older Ray Data: none recorded, none shut down
+        context.custom_execution_callback_classes = [ray_executors.RecordExecutors]
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return ray_executors.StartedFromNow()
+
+
 class RunStalled(RuntimeError):
     """Nothing came back for ``ray_stall_seconds`` after a node of the cluster was lost."""
 
 
-def _blocks(ray: Any, scored: Any, nodes: int, stall_seconds: float) -> Iterator[dict[str, np.ndarray]]:
+def _blocks(
+    ray: Any, scored: Any, nodes: int, stall_seconds: float, stop: Callable[[], None]
+) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data's output, block by block as the actors return it (batches of a fixed size, prefetched,
     held the first results back until about 768 were done). Ray Data can wait forever once a node is
     lost ("Cluster resources are not enough to run any task from ActorPoolMapOperator"): when nothing
     came for ``stall_seconds`` (the setting ``ray_stall_seconds``; 60 s by default, as long as Ray
     Data waits before it warns of such a hang) and fewer nodes are alive than at the start, raises
-    RunStalled."""
+    RunStalled.
+
+    Given up (stalled, failed, or left by the caller) while Ray Data still iterates, it calls
+    ``stop`` (the run's executors shut down: ``ray_executors``) and waits for the iteration to end,
+    so that no thread is inside Ray when the driver leaves it."""
     blocks: queue.Queue[Any] = queue.Queue(maxsize=4)
     given_up = threading.Event()
     finished = object()
@@ -219,7 +241,8 @@ def _blocks(ray: Any, scored: Any, nodes: int, stall_seconds: float) -> Iterator
                 blocks.put(item, timeout=0.5)
                 return
 
-    threading.Thread(target=pump, name="ray-results", daemon=True).start()
+    pumping = threading.Thread(target=pump, name="ray-results", daemon=True)
+    pumping.start()
     last = time.monotonic()
     try:
         while True:
@@ -239,6 +262,11 @@ def _blocks(ray: Any, scored: Any, nodes: int, stall_seconds: float) -> Iterator
             yield item
     finally:
         given_up.set()
+        if pumping.is_alive():
+            stop()
+            pumping.join(STOP_SECONDS)
+            if pumping.is_alive():
+                log.warning("Ray Data's iteration still waits %g s after its executor was shut down", STOP_SECONDS)
 
 
 def _alive_nodes(ray: Any) -> int:
