@@ -13,6 +13,7 @@ nothing of meddaemon's, so it costs them nothing to import.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, ClassVar
 
@@ -24,9 +25,17 @@ class RecordExecutors(ExecutionCallback):
     every executor this process starts, weakly."""
 
     started: ClassVar[weakref.WeakSet[Any]] = weakref.WeakSet()
+    #: executors start on the thread that iterates a run, and are listed from the driver's
+    lock: ClassVar[threading.Lock] = threading.Lock()
 
     def before_execution_starts(self, executor: Any) -> None:
-        self.started.add(executor)
+        with self.lock:
+            self.started.add(executor)
+
+    @classmethod
+    def now(cls) -> set[Any]:
+        with cls.lock:
+            return set(cls.started)
 
 
 class StartedFromNow:
@@ -34,9 +43,9 @@ class StartedFromNow:
     Data run at a time."""
 
     def __init__(self) -> None:
-        self._before = set(RecordExecutors.started)
+        self._before = weakref.WeakSet(RecordExecutors.now())
 
     def shut_down(self) -> None:
         """Shuts them down by force: their actors killed, their tasks cancelled."""
-        for executor in set(RecordExecutors.started) - self._before:
+        for executor in RecordExecutors.now() - set(self._before):
             executor.shutdown(force=True)
