@@ -1,7 +1,8 @@
 """The Ray engine: the same probabilities as the local engine (within 1e-6) on the same files, run
 after run in one process (a local Ray, then a cluster); a real two-node cluster on this machine that
-loses a worker node mid-run and still scores every file exactly once; usage it cannot serve refused
-(the actors' own work: test_ray_workers.py)."""
+loses a worker node mid-run and still scores every file exactly once; a run stopped before its end
+(a stall, too many unreadable files) leaves no thread inside Ray; usage it cannot serve refused (the
+actors' own work: test_ray_workers.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from sqlalchemy import func, select
 
 from evaluate_factory import files_written
 from meddaemon.db.engine import create_db_engine, session_factory
-from meddaemon.db.models import EvaluationFile, Heatmap, Result, Scan
+from meddaemon.db.models import Evaluation, EvaluationFile, Heatmap, Result, Scan
 from meddaemon.evaluate.pipeline import EvaluationOutcome, EvaluationRequest, run_evaluation
 from model_factory import promote_into, write_model
 from ports import free_port
@@ -65,6 +66,22 @@ def heatmaps(db_url: str, settings) -> dict[tuple[str, str], tuple[str, np.ndarr
     engine.dispose()
     assert all(settings.stored_file(overlay).is_file() for *_, overlay in rows)
     return {(sha, label): (method, np.load(io.BytesIO(grid))) for sha, label, method, grid, _ in rows}
+
+
+def iterating_threads() -> list[str]:
+    """A Ray Data executor's scheduling thread and the Ray engine's own, which iterates its output."""
+    return [t.name for t in threading.enumerate() if t.name.startswith(("StreamingExecutor", "ray-results"))]
+
+
+def threads_inside_ray() -> list[str]:
+    """Threads waiting in ``ray.get`` or ``ray.wait`` (Ray Data's included)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    inside = []
+    for ident, frame in sys._current_frames().items():
+        calls = {(f.f_code.co_filename, f.f_code.co_name) for f, _ in traceback.walk_stack(frame)}
+        if any(file.endswith("_private/worker.py") and name in ("get", "wait") for file, name in calls):
+            inside.append(names.get(ident, str(ident)))
+    return inside
 
 
 # -- real clusters on this machine -----------------------------------------------------------------
@@ -337,20 +354,6 @@ def test_a_run_given_up_shuts_its_executor_down_so_that_no_thread_is_inside_ray_
 
     from meddaemon.evaluate import ray_engine
 
-    def iterating_threads() -> list[str]:
-        """The executor's scheduling thread and the run's own, which iterates its output."""
-        return [t.name for t in threading.enumerate() if t.name.startswith(("StreamingExecutor", "ray-results"))]
-
-    def threads_inside_ray() -> list[str]:
-        """Threads waiting in ``ray.get`` or ``ray.wait`` (Ray Data's included)."""
-        names = {t.ident: t.name for t in threading.enumerate()}
-        inside = []
-        for ident, frame in sys._current_frames().items():
-            calls = {(f.f_code.co_filename, f.f_code.co_name) for f, _ in traceback.walk_stack(frame)}
-            if any(file.endswith("_private/worker.py") and name in ("get", "wait") for file, name in calls):
-                inside.append(names.get(ident, str(ident)))
-        return inside
-
     def wait_forever(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A task that never returns (defined here: Ray's workers get it by value, not by import)."""
         threading.Event().wait()
@@ -365,6 +368,38 @@ def test_a_run_given_up_shuts_its_executor_down_so_that_no_thread_is_inside_ray_
             next(blocks)
         assert iterating_threads() == []
         assert threads_inside_ray() == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_ray_run_over_too_many_unreadable_files_stops_with_a_message_and_leaves_ray_cleanly(
+    world, tmp_path: Path
+) -> None:
+    """More than 5 % unreadable stops a Ray run as it stops a local one. The unreadable files come
+    first and the driver checks at each write, so it leaves Ray Data's output before the end: the
+    run's executor is shut down as for a stall, and no thread is left inside Ray."""
+    from unittest.mock import patch
+
+    from meddaemon.evaluate.pipeline import EvaluationStopped
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"a_empty_{i:02}.png").write_bytes(b"")
+    rng = np.random.default_rng(4)
+    for i in range(600):
+        write_png(folder / f"synthetic_{i:03}.png", rng.integers(0, 255, (32, 32), dtype=np.uint8))
+    with (
+        patch("meddaemon.evaluate.pipeline.FLUSH_SECONDS", 0.0),
+        pytest.raises(EvaluationStopped, match="of 640 files cannot be read"),
+    ):
+        evaluate_into(world.db_url, world.settings, folder, engine="ray")
+    assert iterating_threads() == [] and threads_inside_ray() == []
+    engine = create_db_engine(world.db_url)
+    with session_factory(engine)() as session:
+        [row] = session.scalars(select(Evaluation)).all()
+        assert row.state == "stopped" and 32 < row.failures["empty_file"] <= 40, "stopped once over 5 % (32)"
+    engine.dispose()
 
 
 def test_device_cuda_on_a_ray_cluster_without_a_gpu_is_refused_rather_than_waited_for() -> None:
