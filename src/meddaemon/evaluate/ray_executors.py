@@ -21,8 +21,8 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 
 class RecordExecutors(ExecutionCallback):
-    """A Ray Data execution callback (``DataContext.custom_execution_callback_classes``) that keeps
-    every executor this process starts, weakly."""
+    """A Ray Data execution callback (``DataContext.custom_execution_callback_classes``) that keeps,
+    weakly, every executor started in this process from a context that names it."""
 
     started: ClassVar[weakref.WeakSet[Any]] = weakref.WeakSet()
     #: executors start on the thread that iterates a run, and are listed from the driver's
