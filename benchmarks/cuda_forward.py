@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from inference import write_model
+from inference import median_seconds, write_model
 
 from meddaemon.engine import registry
 from meddaemon.engine.inference import ServedModel
@@ -37,17 +35,9 @@ CONTRACT = InputContract(1, 224, 224, GREY_MEAN, GREY_STD)
 
 
 def images_per_second(run: Callable[[], object], batch: int, seconds: float = 0.5) -> float:
-    """The median rate of repeated runs over about ``seconds``, after three to warm up (cuDNN's
-    autotuner, when on, does its search in those)."""
-    for _ in range(3):
-        run()
-    times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 5:
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
+    """The median rate over about ``seconds``, after three runs to warm up (cuDNN's autotuner, when
+    on, does its search in those)."""
+    return batch / median_seconds(run, seconds, warmups=3, at_least=5)
 
 
 def plain(model: torch.nn.Module, x: np.ndarray, bf16: bool, channels_last: bool) -> Callable[[], object]:

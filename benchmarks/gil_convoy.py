@@ -16,7 +16,6 @@ meanwhile (its loops a second), the price of a shorter interval.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import threading
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from inference import write_model
+from inference import median_seconds, write_model
 
 from meddaemon.engine import registry
 from meddaemon.engine.inference import ServedModel
@@ -65,14 +64,7 @@ class Competitor:
 
 def forward_ms(served: ServedModel, x: np.ndarray, seconds: float) -> float:
     """Median ms of a forward over about ``seconds`` (at least three)."""
-    served.predict(x)
-    times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 3:
-        start = time.perf_counter()
-        served.predict(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return median_seconds(lambda: served.predict(x), seconds) * 1000
 
 
 def main() -> None:

@@ -256,6 +256,20 @@ class Raw:
     foreign: float
 
 
+def median_seconds(run: Callable[[], object], seconds: float, warmups: int = 1, at_least: int = 3) -> float:
+    """The median time of repeated ``run()`` over about ``seconds`` (at least ``at_least`` runs), after
+    ``warmups`` untimed ones (a GPU loads kernels, cuDNN's autotuner searches, in those)."""
+    for _ in range(warmups):
+        run()
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < at_least:
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 class Forwards:
     """The model as the daemon loads it, runnable in eager PyTorch and (if available) ONNX Runtime."""
 
