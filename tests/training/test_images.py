@@ -1,0 +1,50 @@
+"""Which files of a dataset folder are images, and in what order they are listed: what training,
+the dataset adapters and ``medcli evaluate`` over a plain folder all read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from dicom_factory import write_png
+from pydicom.data import get_testdata_file
+
+from meddaemon.training.images import image_files
+
+
+def awkward_tree(root: Path) -> Path:
+    """SYNTHETIC PNGs in a tree with what real dataset folders hold: names that sort differently as
+    paths than as strings ("a" / "a.png" / "a-b"), a DICOM without a suffix, hidden files and folders,
+    notes beside the images, links to a file and to a folder."""
+    pixels = np.zeros((8, 8), np.uint8)
+    for name in ["a.png", "a/x.png", "a-b/y.PNG", "a/z/deep.png", "b.png", "B/upper.png", "notes/c.png"]:
+        write_png(root / name, pixels)
+    (root / "IM0001").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    (root / "notes" / "README.txt").write_text("not an image")
+    (root / "notes" / "plain").write_text("neither an image nor a DICOM")
+    write_png(root / ".hidden.png", pixels)
+    write_png(root / ".cache" / "thumb.png", pixels)
+    write_png(root / "a" / ".trash" / "old.png", pixels)
+    (root / "linked.png").symlink_to(root / "b.png")
+    (root / "linked_folder").symlink_to(root / "a", target_is_directory=True)
+    return root
+
+
+def test_images_are_listed_in_path_order_without_hidden_files_or_folders(tmp_path: Path) -> None:
+    root = awkward_tree(tmp_path / "dataset")
+
+    listed = [p.relative_to(root).as_posix() for p in image_files(root)]
+
+    # the order of sorted(root.rglob("*")), the listing's definition before os.scandir: by path parts
+    assert listed == [
+        "B/upper.png", "IM0001", "a/x.png", "a/z/deep.png", "a-b/y.PNG", "a.png", "b.png", "linked.png",
+        "notes/c.png",
+    ]  # fmt: skip
+
+
+def test_a_hidden_dataset_folder_is_still_listed_and_a_missing_one_is_empty(tmp_path: Path) -> None:
+    root = tmp_path / ".datasets" / "busi"
+    write_png(root / "benign" / "one.png", np.zeros((8, 8), np.uint8))
+
+    assert list(image_files(root)) == [root / "benign" / "one.png"]
+    assert list(image_files(tmp_path / "missing")) == []
