@@ -16,7 +16,13 @@ On SYNTHETIC files only (``synthetic_*`` 256x256 grey noise PNGs, seeded) and a 
    *whole call* (also cohort listing, model loading and verification, the decoding processes'
    start-up, the backend choice). Ratio to raw (goal >= 0.9 heatmaps off) on the streaming figure.
    The backend choice is measured once, before the contenders, and kept beside the version as after
-   its first run on a machine; ``--measure-backend`` times it again in every engine run.
+   its first run on a machine; ``--measure-backend`` times it again in every engine run. For the
+   run with heatmaps off, the *driver's CPU a file* by thread over the same streaming window
+   (psutil, at each progress report): its main thread (taking the decoded files, batching, building
+   outcomes, the bulk writes), the process pool's result thread (unpickling what the decoding
+   processes send), the forward threads; and the rate the driver alone allows, one over main +
+   result: the engine's ceiling where the forward is nearly free (a GPU). The decoding processes'
+   CPU a file too: with the driver's, what every file costs outside the forward.
 3. **rerun**: the same command again on the same database: only hashing (every file reused).
 4. **DataLoader**: the script a user would write instead: a ``torch.utils.data.Dataset`` that
    opens each PNG with PIL, ``convert("L")``, resizes to 224x224, ``ToTensor`` and ``Normalize``, a
@@ -43,6 +49,7 @@ On SYNTHETIC files only (``synthetic_*`` 256x256 grey noise PNGs, seeded) and a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -52,6 +59,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -159,13 +167,56 @@ def raw_forward(model_dir: Path, batch: int, total: int) -> tuple[float, str]:
     return best, name
 
 
-def evaluate(settings, db, cohort: Path, **options) -> tuple[float, float, dict]:  # type: ignore[no-untyped-def]
+class ThreadCpu:
+    """CPU seconds (user + system) of this process's threads, by kind (the main thread, the process
+    pools' result threads, the forward threads, the rest), and of its child processes (the decoding
+    processes and their forkserver), taken at each progress report."""
+
+    def __init__(self) -> None:
+        self.marks: dict[int, dict[str, float]] = {}
+        self.kinds: dict[int, str] = {}
+        #: the files done at the first and the last report of the streaming window (``evaluate``)
+        self.window = (0, 0)
+
+    def mark(self, done: int) -> None:
+        for thread in threading.enumerate():
+            if thread.native_id is not None and thread.native_id not in self.kinds:
+                self.kinds[thread.native_id] = self._kind(thread)
+        totals: dict[str, float] = {}
+        me = psutil.Process()
+        for t in me.threads():
+            kind = self.kinds.get(t.id, "other")
+            totals[kind] = totals.get(kind, 0.0) + t.user_time + t.system_time
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                times = child.cpu_times()
+                totals["decoding processes"] = totals.get("decoding processes", 0.0) + times.user + times.system
+        self.marks[done] = totals
+
+    def ms_a_file(self, first: int, last: int) -> dict[str, float]:
+        """Milliseconds of CPU a file by kind of thread, from the report at ``first`` files done to
+        the one at ``last`` (a thread that ended meanwhile is missing from the second)."""
+        before, after = self.marks[first], self.marks[last]
+        return {kind: 1000 * (after[kind] - before.get(kind, 0.0)) / (last - first) for kind in after}
+
+    @staticmethod
+    def _kind(thread: threading.Thread) -> str:
+        if thread is threading.main_thread():
+            return "main"
+        if type(thread).__name__ == "_ExecutorManagerThread":
+            return "result"
+        return "forward" if thread.name.startswith("forward") else "other"
+
+
+def evaluate(settings, db, cohort: Path, threads: ThreadCpu | None = None, **options) -> tuple[float, float, dict]:  # type: ignore[no-untyped-def]
     """images/s streaming (between progress reports while the pipeline runs: its pace once started),
-    images/s over the whole call, and the run's summary."""
+    images/s over the whole call, and the run's summary. With ``threads``, their CPU at each report."""
     reports: list[tuple[float, int]] = []
 
     def progress(p: Progress) -> None:
         reports.append((time.perf_counter(), p.done))
+        if threads is not None:
+            threads.mark(p.done)
 
     start = time.perf_counter()
     outcome = run_evaluation(db, settings, EvaluationRequest(cohort, "busi", **options), progress)
@@ -177,6 +228,8 @@ def evaluate(settings, db, cohort: Path, **options) -> tuple[float, float, dict]
     steady = steady if len(steady) >= 2 else reports
     (t0, d0), (t1, d1) = steady[0], steady[-1]
     streaming = (d1 - d0) / (t1 - t0) if t1 > t0 else float("nan")
+    if threads is not None:
+        threads.window = (d0, d1)
     return streaming, outcome.summary["files"] / seconds, outcome.summary
 
 
@@ -305,10 +358,16 @@ def main() -> None:
 
         common = {"workers": args.workers, "batch_size": args.batch_size, "device": args.device}
         settings, engine = fresh_database(root, "local", model)
-        figures["local"], wall, summary = evaluate(settings, engine, cohort, **common)
+        threads = ThreadCpu()
+        figures["local"], wall, summary = evaluate(settings, engine, cohort, threads, **common)
         figures["local_wall"] = wall
         print(f"local engine, heatmaps off: {figures['local']:.1f} images/s streaming "
               f"({wall:.1f} over the whole call; {summary['scored']} scored)")  # fmt: skip
+        cpu = threads.ms_a_file(*threads.window)
+        driver = cpu.get("main", 0.0) + cpu.get("result", 0.0)
+        print("  driver CPU a file while streaming (ms), by thread: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in sorted(cpu.items()))
+              + f"; main + result allow at most {1000 / driver:.0f} files/s")  # fmt: skip
         _, figures["rerun"], summary = evaluate(settings, engine, cohort, **common)
         print(f"rerun (hashing only): {figures['rerun']:.1f} images/s over the whole call ({summary['reused']} reused)")
         engine.dispose()
