@@ -196,6 +196,8 @@ class ThreadCpu:
     def ms_a_file(self, first: int, last: int) -> dict[str, float]:
         """Milliseconds of CPU a file by kind of thread, from the report at ``first`` files done to
         the one at ``last`` (a thread that ended meanwhile is missing from the second)."""
+        if last <= first:
+            return {}
         before, after = self.marks[first], self.marks[last]
         return {kind: 1000 * (after[kind] - before.get(kind, 0.0)) / (last - first) for kind in after}
 
@@ -365,9 +367,9 @@ def main() -> None:
               f"({wall:.1f} over the whole call; {summary['scored']} scored)")  # fmt: skip
         cpu = threads.ms_a_file(*threads.window)
         driver = cpu.get("main", 0.0) + cpu.get("result", 0.0)
-        print("  driver CPU a file while streaming (ms), by thread: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in sorted(cpu.items()))
-              + f"; main + result allow at most {1000 / driver:.0f} files/s")  # fmt: skip
+        if driver > 0:
+            print("  CPU a file while streaming (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(cpu.items()))
+                  + f"; the driver's main + result threads allow at most {1000 / driver:.0f} files/s")  # fmt: skip
         _, figures["rerun"], summary = evaluate(settings, engine, cohort, **common)
         print(f"rerun (hashing only): {figures['rerun']:.1f} images/s over the whole call ({summary['reused']} reused)")
         engine.dispose()
