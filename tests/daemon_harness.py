@@ -191,9 +191,11 @@ class Daemons:
         extra: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         watch: str | None = None,
+        wrap: Callable[[list[str]], list[str]] = list,
     ) -> RunningDaemon:
         """A daemon on the layout's inbox and state dir; ``env`` adds settings (``MEDDAEMON_*``);
-        ``watch`` spells the inbox another way (relative to the layout's root, the daemon's cwd)."""
+        ``watch`` spells the inbox another way (relative to the layout's root, the daemon's cwd);
+        ``wrap`` runs the command inside another (``permissions.held_to_file_modes``)."""
         log = self.layout.logs / f"daemon-{len(self.started) + 1:02d}.log"
         cmd = [
             str(MEDDAEMON),
@@ -214,7 +216,7 @@ class Daemons:
         ]
         with log.open("wb") as err:
             proc = subprocess.Popen(
-                cmd,
+                wrap(cmd),
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,

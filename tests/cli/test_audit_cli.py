@@ -4,6 +4,9 @@ label files written by the test, the CLI through click's CliRunner, the PDF read
 import csv
 import hashlib
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from meddaemon.cli.medcli import cli
 from meddaemon.db.engine import session_factory
 from meddaemon.db.models import Audit, AuditPdf
 from meddaemon.engine.tasks import NIH_FINDINGS
+from permissions import held_to_file_modes, unlistable
 
 
 def run(*args):
@@ -229,6 +233,19 @@ def test_busi_folders(migrated_engine, db_url, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["inputs"]["labels_format"] == "folders" and data["join"]["matched"] == 60
+
+
+def test_a_class_folder_this_user_cannot_list_is_named(migrated_engine, db_url, tmp_path):
+    """Read past, its images would be missing from the truth: exit 2, the folder named."""
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    for cls in ("benign", "malignant", "normal"):
+        (root / cls).mkdir(parents=True)
+        (root / cls / f"{cls} (1).png").write_bytes(b"SYNTHETIC")
+    command = [str(Path(sys.executable).parent / "medcli"), "audit", "--db", db_url, "--labels-from-folders", str(root)]
+    with unlistable(root / "malignant"):
+        done = subprocess.run(held_to_file_modes(command), capture_output=True, text=True)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().endswith(f"{root / 'malignant'}: cannot be read (Permission denied)"), done.stderr
 
 
 def test_database_unavailable_exits_3(tmp_path):

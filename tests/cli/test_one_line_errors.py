@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner, Result
 
 from meddaemon.cli.daemon import cli as meddaemon
+from permissions import held_to_file_modes
 
 BIN = Path(sys.executable).parent
 
@@ -40,11 +40,16 @@ def test_a_state_dir_below_a_file(tmp_path: Path):
     assert_one_line_error(start(tmp_path, tmp_path / "a_file" / "state"), "'state_dir'", "Not a directory")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway")
 def test_an_unwritable_state_dir(tmp_path: Path):
+    """A subprocess held to file modes (under root too, as in CI: ``permissions``)."""
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    assert_one_line_error(start(tmp_path, locked), "'state_dir'", "Permission denied")
+    args = ["start", "--once", "--watch", str(tmp_path / "inbox"), "--state-dir", str(locked), "--workers", "0"]
+    done = subprocess.run(held_to_file_modes([str(BIN / "meddaemon"), *args]), capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in done.stderr, done.stderr
+    assert "'state_dir'" in lines[0] and "Permission denied" in lines[0]
 
 
 def test_an_unknown_log_level_from_the_environment_at_start_and_in_config_show(tmp_path: Path):

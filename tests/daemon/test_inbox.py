@@ -1,11 +1,17 @@
 """Which names in the inbox are scans to read, and which wait or are never ours."""
 
+import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from daemon_harness import MEDDAEMON, TASK, Daemons, Layout, daemon_env, drop, files_under, synthetic_png, wait_until
 from meddaemon.daemon.inbox import Inbox
+from permissions import held_to_file_modes, unlistable
 
 IGNORE = ("*.part", "*.tmp")
 
@@ -57,3 +63,39 @@ def test_scan_yields_symlinks_but_never_walks_into_linked_folders(inbox: Inbox, 
     os.symlink(outside / "secret.png", inbox.root / "link.png")
     found = {p.relative_to(inbox.root).as_posix() for p in inbox.scan()}
     assert found == {"link.png", "linked_folder"}
+
+
+def test_a_folder_the_daemon_cannot_list_is_named_once_and_its_files_are_read_once_it_can(daemons: Daemons):
+    """A folder whose permissions keep the daemon's user out: a warning naming it at the first scan
+    that meets it (not at every rescan), the files around it processed, and its own files read as soon
+    as a rescan can list it."""
+    inbox = daemons.layout.inbox
+    drop(inbox, f"{TASK}/beside.png", synthetic_png(daemons.layout.root, 1), rename=False)
+    drop(inbox, f"{TASK}/locked/inside.png", synthetic_png(daemons.layout.root, 2), rename=False)
+    warning = f"cannot list inbox folder {TASK}/locked (Permission denied): its files wait there, unread"
+    with unlistable(inbox / TASK / "locked"):
+        daemon = daemons.start(stable=0.3, rescan=0.5, wrap=held_to_file_modes)
+        wait_until(lambda: f"{TASK}/beside.png (sha256" in daemon.log_text(), 60, "the readable file", daemon)
+        wait_until(lambda: warning in daemon.log_text(), 10, "the warning", daemon)
+        assert json.loads(status_output(daemons.layout, "--json"))["extra"]["inbox_unlisted"] == {
+            f"{TASK}/locked": "Permission denied"
+        }
+        assert f"cannot list inbox folder {TASK}/locked (Permission denied): its files are not counted" in (
+            status_output(daemons.layout)
+        )
+        time.sleep(2.0)  # four rescans more
+        assert daemon.log_text().count(warning) == 1
+        assert "inside.png" not in daemon.log_text()
+    relisted = f"inbox folder {TASK}/locked can be listed again"
+    wait_until(lambda: relisted in daemon.log_text(), 10, "the recovery", daemon)
+    wait_until(lambda: f"{TASK}/locked/inside.png (sha256" in daemon.log_text(), 30, "the file inside", daemon)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    assert files_under(inbox) == []
+
+
+def status_output(layout: Layout, *options: str) -> str:
+    command = [str(MEDDAEMON), "status", "--watch", str(layout.inbox), "--state-dir", str(layout.state), *options]
+    done = subprocess.run(held_to_file_modes(command), capture_output=True, text=True, env=daemon_env())
+    assert done.returncode == 0, done.stderr
+    return done.stdout

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from meddaemon.db.engine import session_factory
 from meddaemon.db.models import Scan
 from meddaemon.engine.tasks import BUILTIN_TASKS
 from model_factory import CONTRACT, promote_into, write_model
+from permissions import held_to_file_modes, unlistable
 
 
 def state_flags(world) -> list[str]:  # type: ignore[no-untyped-def]
@@ -129,6 +132,29 @@ def test_a_folder_holding_only_a_dataset_is_refused_with_the_dataset_root(
     result = CliRunner().invoke(medcli, args)
     assert result.exit_code == EXIT_USAGE, result.output
     assert f"expected the dataset root {dataset}" in result.stderr
+    assert scan_names(world) == []
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_archive_with_a_folder_this_user_cannot_list_is_refused_before_anything_is_scored(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """Its images would otherwise be left out of the run's counts unseen: the folder is named."""
+    archive = tmp_path / "archive"
+    images = sorted(busi_phantoms.glob("benign/*).png"))[:3]
+    for folder, image in zip(("2024", "2025", "2025/restricted"), images, strict=True):
+        (archive / folder).mkdir(parents=True, exist_ok=True)
+        (archive / folder / image.name).write_bytes(image.read_bytes())
+    command = [str(Path(sys.executable).parent / "medcli"), "evaluate", str(archive), "--task", "busi"]
+    with unlistable(archive / "2025" / "restricted"):
+        done = subprocess.run(
+            held_to_file_modes([*command, "--workers", "0", *state_flags(world)]), capture_output=True, text=True
+        )
+    assert done.returncode == EXIT_USAGE, done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: {archive / '2025' / 'restricted'}: cannot be read (Permission denied); "
+        "expected a dataset whose every folder and file this user can read"
+    ]
     assert scan_names(world) == []
 
 

@@ -4,6 +4,8 @@ bad input is a DatasetError that names the path and what was expected."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from dicom_factory import write_dicom, write_png
 from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.training.datasets import DatasetError, detect_layout, load_dataset
 from meddaemon.training.phantoms import PhantomSet
+from permissions import held_to_file_modes, unlistable
 
 ENTRY_HEADER = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n"
 #: Data_Entry_2017.csv as first published: bracketed names cut by their commas, a trailing comma.
@@ -91,6 +94,34 @@ def test_a_folder_wrapping_a_dataset_names_the_dataset_root(phantoms: dict[str, 
     shutil.copytree(phantoms["busi"].root, tmp_path / "Dataset_BUSI_with_GT")
     with pytest.raises(DatasetError, match="holds one folder, Dataset_BUSI_with_GT, which is a busi dataset"):
         detect_layout(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("layout", "locked"),
+    [
+        ("busi", "malignant"),  # a class folder: the layout itself cannot be told
+        ("folder-per-class", "covid/second_batch"),  # a folder inside a class: its images would be left out
+    ],
+)
+def test_a_folder_this_user_cannot_list_stops_the_read_and_is_named(
+    phantoms: dict[str, PhantomSet], tmp_path: Path, layout: str, locked: str
+) -> None:
+    """Read past, an unlistable folder's images would be left out of the training or evaluation
+    unseen; ``medcli dataset inspect`` (what ``retrain`` reads) stops with one line naming it."""
+    root = tmp_path / "data"
+    if layout == "busi":
+        shutil.copytree(phantoms["busi"].root, root)
+    else:
+        for name, seed in (("covid/a.png", 1), ("covid/second_batch/b.png", 2), ("normal/c.png", 3)):
+            write_png(root / name, pixels(seed))
+    command = [str(Path(sys.executable).parent / "medcli"), "dataset", "inspect", str(root), "--no-split"]
+    with unlistable(root / locked):
+        done = subprocess.run(held_to_file_modes(command), capture_output=True, text=True)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines() == [
+        f"error: {root / locked}: cannot be read (Permission denied); "
+        "expected a dataset whose every folder and file this user can read"
+    ]
 
 
 def test_an_empty_class_folder_is_named(tmp_path: Path) -> None:

@@ -251,7 +251,15 @@ def read_label_folders(root: Path, classes: Iterable[str]) -> LabelTable:
     not scans. An image and a mask are what ``medcli retrain`` reads the same layout by."""
     if not root.is_dir():
         raise LabelFileError(root, "not a folder; expected one sub-folder per class")
-    wanted = set(classes)
+    try:
+        return _read_label_folders(root, set(classes))
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as exc:  # read past, a folder's images would be missing from the truth without a word
+        raise LabelFileError(exc.filename or root, f"cannot be read ({exc.strerror or exc})") from None
+
+
+def _read_label_folders(root: Path, wanted: set[str]) -> LabelTable:
     rows: list[LabelRow] = []
     listing = hashlib.sha256()
     folders = sorted(p for p in root.iterdir() if p.is_dir())

@@ -160,6 +160,7 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
         engine.dispose()
     inbox = Inbox(settings.watch, settings.ignore, exclude=[settings.state_dir])
     summary.extra["inbox_waiting"] = sum(1 for _ in inbox.scan()) if settings.watch.is_dir() else 0
+    summary.extra["inbox_unlisted"] = {str(name): why for name, why in sorted(inbox.unlisted.items())}
     if as_json:
         echo_json(summary.as_dict())
         return
@@ -173,6 +174,11 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
         f"throughput: {summary.registered_last_minute} registered in the last minute, "
         f"{summary.registered_last_hour} in the last hour"
     )
+    for name, why in summary.extra["inbox_unlisted"].items():
+        click.echo(
+            f"cannot list inbox folder {name} ({why}): its files are not counted, "
+            "and a daemon running as this user cannot read them"
+        )
     if summary.pending_moves:
         click.echo(f"moves still to finish: {summary.pending_moves}")
     if summary.waiting_model:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
+
+log = logging.getLogger("meddaemon.daemon")
 
 
 class Inbox:
@@ -18,6 +21,9 @@ class Inbox:
         self.root = root.resolve()
         self.ignore = tuple(ignore)
         self._exclude = tuple(p.resolve() for p in exclude)
+        #: folders of the inbox the last full scan could not list (name inside the inbox -> why):
+        #: their files wait there, unseen, until the daemon's user may read the folder
+        self.unlisted: dict[PurePosixPath, str] = {}
 
     def relative_name(self, path: Path) -> PurePosixPath | None:
         """The path inside the inbox, or None if the path is not in it. A path spelled through a
@@ -53,14 +59,26 @@ class Inbox:
         return not any(fnmatch.fnmatchcase(rel.name, pattern) for pattern in self.ignore)
 
     def scan(self) -> Iterator[Path]:
-        """Every candidate file below the root. Symlinks are yielded (and refused later), never followed."""
+        """Every candidate file below the root. Symlinks are yielded (and refused later), never followed.
+
+        A folder that cannot be listed (its permissions, a failing share) is logged as a warning once,
+        when a scan first meets it, and again as information when a scan lists it again: between the
+        two its files are never read, and ``unlisted`` names it (``meddaemon status``). One that is
+        gone by the time it is listed (moved away meanwhile) is no matter."""
+        unlisted: dict[PurePosixPath, str] = {}
+        relisted: set[PurePosixPath] = set()
         stack = [self.root]
         while stack:
             folder = stack.pop()
             try:
                 entries = list(os.scandir(folder))
-            except OSError:
+            except (FileNotFoundError, NotADirectoryError):
                 continue
+            except OSError as exc:
+                unlisted[self._folder_name(folder)] = exc.strerror or str(exc)
+                continue
+            if self.unlisted and (name := self._folder_name(folder)) in self.unlisted:
+                relisted.add(name)
             for entry in entries:
                 path = Path(entry.path)
                 if entry.is_dir(follow_symlinks=False):
@@ -68,6 +86,18 @@ class Inbox:
                         stack.append(path)
                 elif self.is_candidate(path):
                     yield path
+        self._note_unlisted(unlisted, relisted)
+
+    def _folder_name(self, folder: Path) -> PurePosixPath:
+        return PurePosixPath(folder.relative_to(self.root).as_posix())
+
+    def _note_unlisted(self, unlisted: dict[PurePosixPath, str], relisted: set[PurePosixPath]) -> None:
+        for name, why in unlisted.items():
+            if name not in self.unlisted:
+                log.warning("cannot list inbox folder %s (%s): its files wait there, unread", name, why)
+        for name in sorted(relisted):
+            log.info("inbox folder %s can be listed again: its files will be read", name)
+        self.unlisted = unlisted
 
 
 class WatchFolderMissing(FileNotFoundError):

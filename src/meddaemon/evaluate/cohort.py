@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meddaemon.engine.tasks import TaskSpec
-from meddaemon.training.datasets import DatasetError, DatasetIndex, NestedDataset, detect_layout, load_dataset
+from meddaemon.training.datasets import (
+    DatasetError,
+    DatasetIndex,
+    NestedDataset,
+    UnreadableDataset,
+    access_errors_named,
+    detect_layout,
+    load_dataset,
+)
 from meddaemon.training.images import image_files
 
 #: The layout name of a folder of images that carries no labels.
@@ -47,17 +55,19 @@ def read_cohort(path: Path, task: TaskSpec) -> Cohort:
     """The cohort at ``path``: a dataset layout (labels with it) or a folder of images (none).
 
     A CSV manifest lists files that may lie anywhere; their root is the manifest's folder. A folder
-    holding nothing but a dataset is refused (the user meant the dataset, masks are no inputs)."""
+    holding nothing but a dataset is refused (the user meant the dataset, masks are no inputs), as is
+    one with a folder this user cannot list (its images would be left out unseen)."""
     path = path.absolute()
     try:
         layout = detect_layout(path)
         index = load_dataset(path, task, layout=layout, check_images=False)
-    except NestedDataset:
+    except (NestedDataset, UnreadableDataset):
         raise
     except DatasetError as exc:
         if not path.is_dir():
             raise
-        files = list(image_files(path))
+        with access_errors_named(path):
+            files = list(image_files(path))
         if not files:
             raise DatasetError(path, "holds no image files", "a dataset layout or a folder of images") from None
         return Cohort(path, PLAIN_IMAGES, files, None, str(exc))

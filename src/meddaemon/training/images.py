@@ -45,11 +45,13 @@ def image_files(folder: Path) -> Iterator[Path]:
     One ``os.scandir`` a folder, whose entries say which are files and folders without a ``stat``
     each, and hidden folders never entered: 0.28 s for 40,000 files, where ``rglob``, sorting the
     paths and ``is_file`` on each took 1.24 s (``benchmarks/cohort_listing.py``).
-    Symbolic links to files count as files; those to folders are not followed, as ``rglob`` does not."""
+    Symbolic links to files count as files; those to folders are not followed, as ``rglob`` does not.
+    A folder gone meanwhile holds nothing; one that cannot be listed (its permissions, a failing share)
+    raises its OSError, where ``rglob`` left its images out without a word."""
     try:
         with os.scandir(folder) as listing:
             entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
-    except (FileNotFoundError, NotADirectoryError, PermissionError):  # as rglob: nothing listed there
+    except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
         path = folder / entry.name

@@ -17,6 +17,8 @@ from meddaemon.training.datasets.index import (
     FindingBox,
     Sample,
     Skipped,
+    UnreadableDataset,
+    access_errors_named,
     drop_unreadable,
 )
 from meddaemon.training.datasets.manifest import read_manifest
@@ -31,6 +33,8 @@ __all__ = [
     "NestedDataset",
     "Sample",
     "Skipped",
+    "UnreadableDataset",
+    "access_errors_named",
     "detect_layout",
     "load_dataset",
 ]
@@ -59,7 +63,13 @@ class NestedDataset(DatasetError):
 
 
 def detect_layout(path: Path) -> str:
-    """The layout of ``path`` (a dataset folder or a CSV manifest); a DatasetError when none fits."""
+    """The layout of ``path`` (a dataset folder or a CSV manifest); a DatasetError when none fits,
+    or when a folder that tells the layout cannot be listed."""
+    with access_errors_named(path):
+        return _detect_layout(path)
+
+
+def _detect_layout(path: Path) -> str:
     if not path.exists():
         raise DatasetError(path, "does not exist", EXPECTED)
     if path.is_file():
@@ -113,7 +123,8 @@ def load_dataset(
     layout = layout or detect_layout(path)
     if layout not in LAYOUTS:
         raise DatasetError(path, f"unknown layout {layout!r}", f"one of {', '.join(LAYOUTS)}")
-    index = LAYOUTS[layout](path, task)
+    with access_errors_named(path):
+        index = LAYOUTS[layout](path, task)
     if not index.samples:
         raise DatasetError(path, "holds no usable images", EXPECTED)
     return drop_unreadable(index, max_bad_fraction) if check_images else index

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,41 @@ class DatasetError(ValueError):
         self.problem = problem
         self.expected = expected
         super().__init__(f"{path}: {problem}" + (f"; expected {expected}" if expected else ""))
+
+
+class UnreadableDataset(DatasetError):
+    """A folder or file of the dataset exists but cannot be listed or read."""
+
+
+@contextmanager
+def access_errors_named(path: Path) -> Iterator[None]:
+    """A folder or file of the dataset that exists but cannot be listed or read (its permissions, a
+    failing share) becomes an UnreadableDataset naming it: read past, its images would be left out
+    unseen, and a model trained or evaluated on the rest would not say so."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError):
+        raise
+    except OSError as exc:
+        where = _first_unlistable(path, Path(exc.filename)) if exc.filename else path
+        raise UnreadableDataset(
+            where, f"cannot be read ({exc.strerror or exc})", "a dataset whose every folder and file this user can read"
+        ) from None
+
+
+def _first_unlistable(root: Path, named: Path) -> Path:
+    """The folder that keeps this user out of ``named``: a ``stat`` of ``benign/0`` fails when it is
+    ``benign`` that may not be listed, and the error names the path asked about."""
+    for folder in (*reversed(named.parents), named):
+        if folder != root and root not in folder.parents:
+            continue
+        try:
+            os.scandir(folder).close()
+        except (FileNotFoundError, NotADirectoryError):
+            break
+        except OSError:
+            return folder
+    return named
 
 
 @dataclass(frozen=True)
