@@ -32,8 +32,10 @@ def read_nih(root: Path, task: TaskSpec | None = None) -> DatasetIndex:
     named: list[tuple[int, Path]] = []
     for row_number, row in enumerate(read_table(table, REQUIRED), start=2):
         name = row["Image Index"]
-        path = images.get(name, root / "images" / name)
-        named.append((row_number, path))
+        path = images.get(name)
+        if path is None:  # not listed in an image folder: a missing image, named below
+            path = root / "images" / name
+            named.append((row_number, path))
         findings = tuple(f for f in row["Finding Labels"].split("|") if f and f != NO_FINDING)
         strangers = [f for f in findings if f not in labels]
         if strangers:
