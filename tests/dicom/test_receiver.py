@@ -16,6 +16,7 @@ Every instance sent is SYNTHETIC (``dicom_senders``).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import subprocess
 import threading
@@ -199,6 +200,36 @@ def test_a_file_that_cannot_be_made_durable_is_refused_and_its_row_forgotten(
     assert len(written(receiver)) == 1
 
 
+def test_a_rename_whose_folder_fsync_fails_is_refused_and_nothing_is_left(
+    receive: StartReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The fsync of the folder after the rename fails (EIO, injected as above): the sender is told
+    0x0110, not that its instance is safe, and neither the file nor its row is left; a filesystem that
+    cannot fsync a folder at all (EINVAL) is no failure."""
+    import errno
+    import os
+
+    receiver = receive()
+    first, second, third = synthetic_instances(tmp_path / "sent", 3, seed=9)
+    real = os.fsync
+    answer = errno.EIO
+
+    def failing(fd: int) -> None:
+        raise OSError(answer, os.strerror(answer) + " (injected)")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    assert pynetdicom_send(port(receiver), [first]) == [0x0110]
+    assert written(receiver) == [] and rows(receiver) == []
+    answer = errno.EINVAL
+    assert pynetdicom_send(port(receiver), [second]) == [0x0000]
+    monkeypatch.setattr(os, "fsync", real)
+    assert pynetdicom_send(port(receiver), [third]) == [0x0000]
+    assert sorted(r.sop_instance_uid for r in rows(receiver)) == sorted(
+        str(dcmread(p).SOPInstanceUID) for p in (second, third)
+    )
+    assert len(written(receiver)) == 2
+
+
 def test_a_dataset_that_is_not_the_instance_its_request_names_is_refused_and_nothing_is_written(
     receive: StartReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -380,3 +411,46 @@ def test_renames_waiting_together_share_one_folder_fsync_begun_after_each_of_the
     assert len(sync.runs) == 2  # one for the first, one shared by the eleven
     for asked, returned in calls:
         assert any(asked <= began and ended <= returned for began, ended in sync.runs)
+
+
+class FailingFolderSync(HeldFolderSync):
+    """The held fsyncs of the test above, the second of which fails as a failing disk makes it
+    (EIO, injected)."""
+
+    def _fsync(self) -> None:
+        failing = len(self.runs) == 1
+        super()._fsync()
+        if failing:
+            raise OSError(errno.EIO, "Input/output error (injected)")
+
+
+def test_a_failed_folder_fsync_fails_every_caller_it_was_to_cover_and_no_other(tmp_path: Path):
+    """The first fsync, held, covers the first caller and works. The eleven that asked meanwhile
+    share the second, which fails: each of the eleven is told, not only the one that ran it. The
+    next caller gets a fsync of its own, which works."""
+    sync = FailingFolderSync(tmp_path)
+    outcomes: list[str] = []
+
+    def rename_made() -> None:
+        try:
+            sync.sync()
+        except OSError as exc:
+            outcomes.append(f"failed: {exc.strerror}")
+        else:
+            outcomes.append("durable")
+
+    first = threading.Thread(target=rename_made)
+    first.start()
+    assert sync.holding.wait(30)
+    others = [threading.Thread(target=rename_made) for _ in range(11)]
+    for thread in others:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while sync._asked < 12 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    sync.release.set()
+    for thread in [first, *others]:
+        thread.join(30)
+    assert outcomes == ["durable"] + ["failed: Input/output error (injected)"] * 11
+    rename_made()
+    assert outcomes[-1] == "durable" and len(sync.runs) == 3

@@ -14,9 +14,9 @@ Refused at association: a calling AE not on ``dicom_allowed_callers``, a called 
 ``ae_title``, an association past ``dicom_max_associations``. Refused per instance: 0xA700 (Out of
 Resources) when the free disk would fall under ``dicom_min_free_bytes`` or the database cannot
 record it, 0xA900 when its dataset is not the instance the request names (garbage, say), 0xC000
-(Cannot understand) when it does not parse, 0x0110 (Processing failure) on another write error;
-nothing is left in the inbox then. A transfer cut off mid-way never reaches
-the handler: nothing is written.
+(Cannot understand) when it does not parse, 0x0110 (Processing failure) on another write error
+(the folder's fsync after the rename included); nothing is left in the inbox then. A transfer cut
+off mid-way never reaches the handler: nothing is written.
 
 The daemon runs it in a child process (``ReceiverProcess``): pynetdicom is pure Python, and its
 association threads would otherwise take the GIL from the daemon's loop.
@@ -428,13 +428,18 @@ class Receiver:
         tmp = temporary_path(target)
         try:
             row_id = self._write_and_record(tmp, data, lambda: self._record(sha, len(data), target, facts, caller))
+            renamed = False
             try:
                 if target.exists():  # the names are unique: never, but never overwrite all the same
                     raise FileExistsError(errno.EEXIST, "the unique name is taken", str(target))
                 os.rename(tmp, target)
+                renamed = True
                 self.folder_sync.sync()
             except OSError:
                 self._forget(row_id)
+                if renamed:  # the rename may not last: the sender keeps its copy and sends it again
+                    with contextlib.suppress(OSError):
+                        target.unlink()
                 raise
         except BaseException as exc:
             with contextlib.suppress(OSError):
@@ -535,12 +540,17 @@ def _facts(event: Any, data: bytes) -> InstanceFacts:
     )
 
 
+#: what a filesystem that cannot fsync a folder answers: the renames are as durable as it makes them
+CANNOT_FSYNC_FOLDERS = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
 class FolderSync:
     """Group commit of the renames into one folder. ``sync`` returns once every rename made in the
     folder before it was called is durable; the callers that arrive while an fsync of the folder
     runs (other associations) share the next one, instead of each waiting for its own. The folder
-    is opened once (``O_DIRECTORY``). Best effort, as ``files.fsync_dir``: a filesystem that cannot
-    fsync a folder is not an error."""
+    is opened once (``O_DIRECTORY``). A filesystem that cannot fsync a folder is not an error (as
+    ``files.fsync_dir``); any other failure of the fsync (EIO: the disk failing) is raised to every
+    caller that fsync was to cover, so that none of their senders is told its instance is safe."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -549,6 +559,8 @@ class FolderSync:
         self._asked = 0
         self._done = 0
         self._running = False
+        #: the callers (by ticket) whose fsync failed, until each has been told
+        self._failed: dict[int, OSError] = {}
         #: folder fsyncs run, for the benchmark and the tests: fewer than ``sync`` calls when shared
         self.fsyncs = 0
 
@@ -561,24 +573,38 @@ class FolderSync:
                     self._changed.wait()
                     continue
                 self._running = True
-                covered = self._asked
+                first, covered = self._done + 1, self._asked
                 self._changed.release()
+                failure: OSError | None = None
                 try:
                     self._fsync()
+                except OSError as exc:
+                    failure = exc
                 finally:
                     self._changed.acquire()
                     self._running = False
                     self._done = covered
+                    if failure is not None:
+                        self._failed.update(dict.fromkeys(range(first, covered + 1), failure))
                     self._changed.notify_all()
+            failed = self._failed.pop(ticket, None)
+        if failed is not None:
+            raise failed
 
     def _fsync(self) -> None:
         try:
             if self._fd is None:
                 self._fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
             os.fsync(self._fd)
-        except OSError:
-            pass
-        self.fsyncs += 1
+        except OSError as exc:
+            if exc.errno in CANNOT_FSYNC_FOLDERS:
+                return
+            if self._fd is not None:  # a descriptor reports a writeback error once: the next fsync opens anew
+                os.close(self._fd)
+                self._fd = None
+            raise
+        finally:
+            self.fsyncs += 1
 
     def close(self) -> None:
         with self._changed:
