@@ -4,6 +4,7 @@ cohort), and one to write a file so that it appears whole or not at all (heatmap
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import Sequence
@@ -105,18 +106,24 @@ def _bytes_view(view: memoryview) -> memoryview:
     return view if view.ndim == 1 and view.format == "B" else view.cast("B")
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable; best effort (some filesystems refuse to fsync a folder)."""
+#: what a filesystem that cannot fsync a folder answers: its renames are as durable as it makes them
+CANNOT_FSYNC_FOLDERS = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+def fsync_dir(path: Path, strict: bool = False) -> None:
+    """Make a rename in ``path`` durable; best effort (some filesystems refuse to fsync a folder).
+
+    ``strict`` raises any other failure (EIO: the disk failing), for a caller that tells a peer its
+    data is safe once this returns (the C-STORE receiver, a folder destination)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if strict and exc.errno not in CANNOT_FSYNC_FOLDERS:
+            raise
 
 
 def read_whole(

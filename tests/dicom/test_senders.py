@@ -6,6 +6,9 @@ sends until it has been idle for ``keep_open_seconds``."""
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -281,6 +284,27 @@ def test_stow_rs_http_statuses_are_classified(objects: list[Path], status: int, 
         stow.stop()
     assert first == Delivery(False, f"STOW-RS HTTP {status}", permanent)
     assert second.acknowledged and stow.requests == 2  # no retry inside dicomweb-client: the outbox retries
+
+
+def test_a_folder_destination_whose_folder_fsync_fails_is_not_acknowledged(
+    tmp_path: Path, objects: list[Path], monkeypatch: pytest.MonkeyPatch
+):
+    """The file is fsynced, the rename made, and the folder's fsync fails (EIO, injected: no real
+    disk here fails on demand): not acknowledged, so the outbox sends it again; a filesystem that
+    cannot fsync a folder at all (EINVAL) delivers."""
+    real = os.fsync
+    answer = errno.EIO
+
+    def folders_failing(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(answer, os.strerror(answer) + " (injected)")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", folders_failing)
+    sender = FolderSender(DestinationConfig("share", "folder", path=str(tmp_path / "share")))
+    assert sender.send(objects[:1]) == [Delivery(False, "OSError: Input/output error (injected)")]
+    answer = errno.EINVAL
+    assert sender.send(objects[:1]) == [Delivery(True)]
 
 
 def test_a_folder_destination_files_by_study_series_and_instance(tmp_path: Path, objects: list[Path]):

@@ -73,7 +73,7 @@ from meddaemon.db.clock import db_clock
 from meddaemon.db.engine import ConnectionLimits, transaction, with_lock_retry
 from meddaemon.db.models import ReceivedInstance, utcnow
 from meddaemon.dicom import associations
-from meddaemon.files import remove_stale_temporaries, temporary_path
+from meddaemon.files import CANNOT_FSYNC_FOLDERS, remove_stale_temporaries, temporary_path
 
 log = logging.getLogger("meddaemon.receiver")
 # pynetdicom logs every association at INFO and whole PDUs at DEBUG; the receiver logs what matters
@@ -540,17 +540,14 @@ def _facts(event: Any, data: bytes) -> InstanceFacts:
     )
 
 
-#: what a filesystem that cannot fsync a folder answers: the renames are as durable as it makes them
-CANNOT_FSYNC_FOLDERS = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
-
-
 class FolderSync:
     """Group commit of the renames into one folder. ``sync`` returns once every rename made in the
     folder before it was called is durable; the callers that arrive while an fsync of the folder
     runs (other associations) share the next one, instead of each waiting for its own. The folder
-    is opened once (``O_DIRECTORY``). A filesystem that cannot fsync a folder is not an error (as
-    ``files.fsync_dir``); any other failure of the fsync (EIO: the disk failing) is raised to every
-    caller that fsync was to cover, so that none of their senders is told its instance is safe."""
+    is opened once (``O_DIRECTORY``). As ``files.fsync_dir`` with ``strict``: a filesystem that
+    cannot fsync a folder is not an error; any other failure of the fsync (EIO: the disk failing) is
+    raised to every caller that fsync was to cover, so that none of their senders is told its
+    instance is safe."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder

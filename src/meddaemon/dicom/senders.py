@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from meddaemon.config import DestinationConfig
 from meddaemon.dicom import associations
-from meddaemon.files import write_atomically
+from meddaemon.files import fsync_dir, write_atomically
 
 log = logging.getLogger("meddaemon.dicom.senders")
 # pynetdicom logs every association at INFO and dumps whole PDUs at DEBUG; the outbox logs what matters
@@ -303,7 +303,8 @@ class StowSender:
 
 class FolderSender:
     """``<path>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, written whole; a
-    resend replaces the same file."""
+    resend replaces the same file. Acknowledged once the file and its folder are fsynced: a folder
+    fsync the disk fails (EIO) is a failed delivery, sent again later."""
 
     def __init__(self, destination: DestinationConfig) -> None:
         self.root = Path(destination.path)
@@ -315,7 +316,8 @@ class FolderSender:
                 data = path.read_bytes()
                 ds = dcmread(path, stop_before_pixels=True)
                 target = self.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-                write_atomically(target, data, durable=True)
+                write_atomically(target, data, durable=True, sync_folder=False)
+                fsync_dir(target.parent, strict=True)
             except OSError as exc:
                 answers.append(Delivery(False, f"{type(exc).__name__}: {exc.strerror or exc}"))
             else:
