@@ -9,9 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from daemon_harness import MEDDAEMON, TASK, Daemons, Layout, daemon_env, drop, files_under, synthetic_png, wait_until
+from daemon_harness import (
+    MEDDAEMON,
+    TASK,
+    Daemons,
+    Layout,
+    daemon_env,
+    drop,
+    files_under,
+    one,
+    scrape,
+    synthetic_png,
+    wait_until,
+)
 from meddaemon.daemon.inbox import Inbox
 from permissions import held_to_file_modes, unlistable
+from ports import free_port
 
 IGNORE = ("*.part", "*.tmp")
 
@@ -73,8 +86,12 @@ def test_a_folder_the_daemon_cannot_list_is_named_once_and_its_files_are_read_on
     drop(inbox, f"{TASK}/beside.png", synthetic_png(daemons.layout.root, 1), rename=False)
     drop(inbox, f"{TASK}/locked/inside.png", synthetic_png(daemons.layout.root, 2), rename=False)
     warning = f"cannot list inbox folder {TASK}/locked (Permission denied): its files wait there, unread"
+    port = free_port()
+    metrics = f"http://127.0.0.1:{port}/metrics"
     with unlistable(inbox / TASK / "locked"):
-        daemon = daemons.start(stable=0.3, rescan=0.5, wrap=held_to_file_modes)
+        daemon = daemons.start(
+            stable=0.3, rescan=0.5, wrap=held_to_file_modes, env={"MEDDAEMON_METRICS_PORT": str(port)}
+        )
         wait_until(lambda: f"{TASK}/beside.png (sha256" in daemon.log_text(), 60, "the readable file", daemon)
         wait_until(lambda: warning in daemon.log_text(), 10, "the warning", daemon)
         assert json.loads(status_output(daemons.layout, "--json"))["extra"]["inbox_unlisted"] == {
@@ -83,12 +100,14 @@ def test_a_folder_the_daemon_cannot_list_is_named_once_and_its_files_are_read_on
         assert f"cannot list inbox folder {TASK}/locked (Permission denied): its files are not counted" in (
             status_output(daemons.layout)
         )
+        assert one(scrape(metrics), "meddaemon_inbox_unlisted_folders") == 1
         time.sleep(2.0)  # four rescans more
         assert daemon.log_text().count(warning) == 1
         assert "inside.png" not in daemon.log_text()
     relisted = f"inbox folder {TASK}/locked can be listed again"
     wait_until(lambda: relisted in daemon.log_text(), 10, "the recovery", daemon)
     wait_until(lambda: f"{TASK}/locked/inside.png (sha256" in daemon.log_text(), 30, "the file inside", daemon)
+    assert one(scrape(metrics), "meddaemon_inbox_unlisted_folders") == 0
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(30) == 0
     assert files_under(inbox) == []

@@ -143,6 +143,7 @@ def test_the_daemons_own_counters_are_served_beside_the_database(migrated_engine
     metrics.results_stored(3, [40.0, 700.0, None])
     metrics.results_stored(0, [])
     metrics.inbox_waiting(7)
+    metrics.inbox_unlisted(2)
     m = scrape(handle.url)
 
     assert one(m, "meddaemon_files_recorded_total", outcome="routed", reason="") == 2
@@ -154,6 +155,7 @@ def test_the_daemons_own_counters_are_served_beside_the_database(migrated_engine
     assert one(m, "meddaemon_inference_latency_seconds_bucket", le="0.05") == 1
     assert one(m, "meddaemon_inference_latency_seconds_bucket", le="1.0") == 2
     assert one(m, "meddaemon_inbox_waiting_files") == 7
+    assert one(m, "meddaemon_inbox_unlisted_folders") == 2
     # an empty database: zeros, no latency quantiles, and no error
     assert one(m, "meddaemon_database_up") == 1
     assert one(m, "meddaemon_scans", state="routed") == 0

@@ -207,6 +207,7 @@ class IntakeStage(Stage):
             if path not in self.tracker and path not in self.blocked:
                 self.tracker.observe(path)
                 new += path in self.tracker
+        self.metrics.inbox_unlisted(len(self.inbox.unlisted))
         return new
 
     def files_in_hand(self) -> int:

@@ -83,6 +83,11 @@ class DaemonMetrics:
             "Files this daemon has seen in the inbox but not yet read (waiting to be complete or for a worker).",
             registry=self.registry,
         )
+        self._unlisted = Gauge(
+            "meddaemon_inbox_unlisted_folders",
+            "Folders of the inbox this daemon's last full scan could not list (their files wait unread).",
+            registry=self.registry,
+        )
         self._receiver = ReceiverCollector()
         self.registry.register(self._receiver)
 
@@ -103,6 +108,9 @@ class DaemonMetrics:
 
     def inbox_waiting(self, n: int) -> None:
         self._waiting.set(n)
+
+    def inbox_unlisted(self, n: int) -> None:
+        self._unlisted.set(n)
 
     def database_reachable(self, up: bool) -> None:
         self.database_up = up
