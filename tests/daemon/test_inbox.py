@@ -118,3 +118,22 @@ def status_output(layout: Layout, *options: str) -> str:
     done = subprocess.run(held_to_file_modes(command), capture_output=True, text=True, env=daemon_env())
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def test_an_inbox_that_cannot_be_listed_is_refused_at_start_and_named_when_it_becomes_so_later(daemons: Daemons):
+    inbox = daemons.layout.inbox
+    once = [str(MEDDAEMON), "start", "--once", "--watch", str(inbox), "--state-dir", str(daemons.layout.state)]
+    with unlistable(inbox):
+        refused = subprocess.run(held_to_file_modes(once), capture_output=True, text=True, env=daemon_env())
+    assert refused.returncode == 2 and "is not readable" in refused.stderr, refused.stderr
+
+    daemon = daemons.start(stable=0.3, rescan=0.5, wrap=held_to_file_modes)
+    daemon.wait_ready()
+    with unlistable(inbox):
+        warning = "cannot list the inbox folder itself (Permission denied): its files wait there, unread"
+        wait_until(lambda: warning in daemon.log_text(), 10, "the warning", daemon)
+    wait_until(lambda: "the inbox folder itself can be listed again" in daemon.log_text(), 10, "the recovery", daemon)
+    drop(inbox, f"{TASK}/after.png", synthetic_png(daemons.layout.root, 3), rename=True)
+    wait_until(lambda: f"{TASK}/after.png (sha256" in daemon.log_text(), 30, "a file dropped after", daemon)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0

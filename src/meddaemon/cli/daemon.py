@@ -149,7 +149,7 @@ def _start_web_console(settings: Settings) -> WebServer:
 @handle_errors
 def status(config_file: Path | None, as_json: bool, recent: int, **flags: object) -> None:
     """Scans per state, failures by reason, the latest failures and throughput."""
-    from meddaemon.daemon.inbox import Inbox
+    from meddaemon.daemon.inbox import Inbox, folder_words
 
     settings = build_settings(config_file, **flags)
     engine = open_database(settings)
@@ -160,7 +160,8 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
         engine.dispose()
     inbox = Inbox(settings.watch, settings.ignore, exclude=[settings.state_dir])
     summary.extra["inbox_waiting"] = sum(1 for _ in inbox.scan()) if settings.watch.is_dir() else 0
-    summary.extra["inbox_unlisted"] = {str(name): why for name, why in sorted(inbox.unlisted.items())}
+    unlisted = sorted(inbox.unlisted.items())
+    summary.extra["inbox_unlisted"] = {str(name): why for name, why in unlisted}
     if as_json:
         echo_json(summary.as_dict())
         return
@@ -174,9 +175,9 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
         f"throughput: {summary.registered_last_minute} registered in the last minute, "
         f"{summary.registered_last_hour} in the last hour"
     )
-    for name, why in summary.extra["inbox_unlisted"].items():
+    for name, why in unlisted:
         click.echo(
-            f"cannot list inbox folder {name} ({why}): its files are not counted, "
+            f"cannot list {folder_words(name)} ({why}): its files are not counted, "
             "and a daemon running as this user cannot read them"
         )
     if summary.pending_moves:

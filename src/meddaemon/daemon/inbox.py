@@ -94,10 +94,15 @@ class Inbox:
     def _note_unlisted(self, unlisted: dict[PurePosixPath, str], relisted: set[PurePosixPath]) -> None:
         for name, why in unlisted.items():
             if name not in self.unlisted:
-                log.warning("cannot list inbox folder %s (%s): its files wait there, unread", name, why)
+                log.warning("cannot list %s (%s): its files wait there, unread", folder_words(name), why)
         for name in sorted(relisted):
-            log.info("inbox folder %s can be listed again: its files will be read", name)
+            log.info("%s can be listed again: its files will be read", folder_words(name))
         self.unlisted = unlisted
+
+
+def folder_words(name: PurePosixPath) -> str:
+    """``inbox folder a/b``, or ``the inbox folder itself`` for its root."""
+    return "the inbox folder itself" if name == PurePosixPath(".") else f"inbox folder {name}"
 
 
 class WatchFolderMissing(FileNotFoundError):
