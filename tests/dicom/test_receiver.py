@@ -383,6 +383,27 @@ class HeldFolderSync(FolderSync):
         self.runs.append((began, time.monotonic()))
 
 
+def one_then_eleven_while_it_is_held(
+    sync: HeldFolderSync, rename_made: Callable[[], None], before_release: Callable[[], bool] = lambda: True
+) -> None:
+    """``rename_made`` in a thread whose fsync is held, then in eleven more that ask meanwhile;
+    ``before_release`` is checked once all twelve have asked, then the fsync is let go and every
+    thread joined."""
+    first = threading.Thread(target=rename_made)
+    first.start()
+    assert sync.holding.wait(30)
+    others = [threading.Thread(target=rename_made) for _ in range(11)]
+    for thread in others:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while sync._asked < 12 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert before_release()
+    sync.release.set()
+    for thread in [first, *others]:
+        thread.join(30)
+
+
 def test_renames_waiting_together_share_one_folder_fsync_begun_after_each_of_them(tmp_path: Path):
     """One association's fsync runs (held) while eleven others ask: they do not return with it
     (it may have begun before their renames), and one more fsync covers all eleven."""
@@ -394,19 +415,8 @@ def test_renames_waiting_together_share_one_folder_fsync_begun_after_each_of_the
         sync.sync()
         calls.append((asked, time.monotonic()))
 
-    first = threading.Thread(target=rename_made)
-    first.start()
-    assert sync.holding.wait(30)
-    others = [threading.Thread(target=rename_made) for _ in range(11)]
-    for thread in others:
-        thread.start()
-    deadline = time.monotonic() + 30
-    while sync._asked < 12 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert calls == []  # nobody returns while the fsync that began before them runs
-    sync.release.set()
-    for thread in [first, *others]:
-        thread.join(30)
+    # nobody returns while the fsync that began before them runs
+    one_then_eleven_while_it_is_held(sync, rename_made, before_release=lambda: calls == [])
     assert len(calls) == 12
     assert len(sync.runs) == 2  # one for the first, one shared by the eleven
     for asked, returned in calls:
@@ -439,18 +449,7 @@ def test_a_failed_folder_fsync_fails_every_caller_it_was_to_cover_and_no_other(t
         else:
             outcomes.append("durable")
 
-    first = threading.Thread(target=rename_made)
-    first.start()
-    assert sync.holding.wait(30)
-    others = [threading.Thread(target=rename_made) for _ in range(11)]
-    for thread in others:
-        thread.start()
-    deadline = time.monotonic() + 30
-    while sync._asked < 12 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    sync.release.set()
-    for thread in [first, *others]:
-        thread.join(30)
+    one_then_eleven_while_it_is_held(sync, rename_made)
     assert outcomes == ["durable"] + ["failed: Input/output error (injected)"] * 11
     rename_made()
     assert outcomes[-1] == "durable" and len(sync.runs) == 3
