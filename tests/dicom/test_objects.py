@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import io
 import logging
+import os
+import stat
 from pathlib import Path
 
 import highdicom as hd
@@ -593,14 +596,9 @@ def test_the_kinds_have_distinct_series_numbers():
     assert len(numbers) == 5
 
 
-def test_a_scan_whose_source_lacks_a_study_gets_dead_outbox_rows_naming_why_and_keeps_its_result(
-    make_settings, tmp_path: Path
-):
-    settings = make_settings(destination=[{"name": "share", "kind": "folder", "path": str(tmp_path / "share")}])
-    source = write_dicom(settings.work_dir / "nostudy.dcm", modality="US", body_part="BREAST")
-    ds = pydicom.dcmread(source)
-    del ds.StudyInstanceUID
-    ds.save_as(source)
+def inferred_dicom_scan(settings, source: Path):  # type: ignore[no-untyped-def]
+    """A database holding ``source`` as an inferred busi scan with one result (no heatmap):
+    (engine, sessions, scan id)."""
     engine = create_db_engine(settings.db_url)
     upgrade(engine)
     sessions = session_factory(engine)
@@ -608,7 +606,7 @@ def test_a_scan_whose_source_lacks_a_study_gets_dead_outbox_rows_naming_why_and_
         bookkeeper.ensure_tasks(session, all_tasks({}))
     with transaction(sessions) as session:
         model = ModelVersion(task_name="busi", version="v1", architecture="small_cnn", sha256="0" * 64, path="/m")
-        scan = Scan(sha256="ab" * 32, state="inferred", task_name="busi", source_name="nostudy.dcm", format="dicom")
+        scan = Scan(sha256="ab" * 32, state="inferred", task_name="busi", source_name=source.name, format="dicom")
         scan.stored_path = settings.stored_name(source)
         session.add_all([model, scan])
         session.flush()
@@ -623,6 +621,45 @@ def test_a_scan_whose_source_lacks_a_study_gets_dead_outbox_rows_naming_why_and_
             )
         )
         scan_id = scan.id
+    return engine, sessions, scan_id
+
+
+def test_objects_whose_folder_fsync_fails_raise_for_the_report_stage_to_try_again(
+    make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Each object is fsynced as written and the scan's folder once after the last; the outbox rows
+    are committed only after that. A folder fsync the disk fails (EIO, injected: no real disk here
+    fails on demand) raises, so nothing is queued for objects whose renames might not last."""
+    folder = [{"name": "share", "kind": "folder", "path": str(tmp_path / "share")}]
+    settings = make_settings(destination=folder, dicom_outputs=["sr"])
+    source = write_dicom(settings.work_dir / "scan.dcm", modality="US", body_part="BREAST")
+    engine, sessions, scan_id = inferred_dicom_scan(settings, source)
+    outputs = DicomOutputs(settings)
+    real = os.fsync
+
+    def folders_failing(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", folders_failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        outputs.prepare(sessions, scan_id, None)
+    monkeypatch.setattr(os, "fsync", real)
+    prepared = outputs.prepare(sessions, scan_id, None)
+    engine.dispose()
+    assert [o.kind for o in prepared.objects] == ["sr"] and prepared.objects[0].path.is_file()
+
+
+def test_a_scan_whose_source_lacks_a_study_gets_dead_outbox_rows_naming_why_and_keeps_its_result(
+    make_settings, tmp_path: Path
+):
+    settings = make_settings(destination=[{"name": "share", "kind": "folder", "path": str(tmp_path / "share")}])
+    source = write_dicom(settings.work_dir / "nostudy.dcm", modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(source)
+    del ds.StudyInstanceUID
+    ds.save_as(source)
+    engine, sessions, scan_id = inferred_dicom_scan(settings, source)
     outputs = DicomOutputs(settings)
     prepared = outputs.prepare(sessions, scan_id, None)
     with transaction(sessions) as session:

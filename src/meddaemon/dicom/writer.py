@@ -159,7 +159,7 @@ class DicomOutputs:
                 write_atomically(path, encode(ds), durable=True, sync_folder=False)
                 prepared.objects.append(WrittenObject(kind, key, str(ds.SOPClassUID), str(ds.SOPInstanceUID), path))
         if prepared.objects:
-            fsync_dir(prepared.objects[0].path.parent)
+            fsync_dir(prepared.objects[0].path.parent, strict=True)
             _settle_heap()
         return prepared
 
@@ -195,7 +195,8 @@ class DicomOutputs:
             return None
         key = pdf.study_object_key(hashlib.sha256(pdf_bytes).hexdigest())
         path = study_object_path(self.settings.dicom_dir, study_instance_uid, key)
-        write_atomically(path, encode(ds), durable=True)
+        write_atomically(path, encode(ds), durable=True, sync_folder=False)
+        fsync_dir(path.parent, strict=True)
         written = WrittenObject(pdf.KIND, key, str(ds.SOPClassUID), str(ds.SOPInstanceUID), path)
         return PreparedOutputs(scans[0].scan_id, scans[0].task, [written], tasks=tasks)
 
