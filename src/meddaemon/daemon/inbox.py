@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
-
-log = logging.getLogger("meddaemon.daemon")
 
 
 class Inbox:
@@ -24,6 +21,8 @@ class Inbox:
         #: folders of the inbox the last full scan could not list (name inside the inbox -> why):
         #: their files wait there, unseen, until the daemon's user may read the folder
         self.unlisted: dict[PurePosixPath, str] = {}
+        #: folders the last full scan listed that the scan before it could not
+        self.relisted: set[PurePosixPath] = set()
 
     def relative_name(self, path: Path) -> PurePosixPath | None:
         """The path inside the inbox, or None if the path is not in it. A path spelled through a
@@ -61,10 +60,10 @@ class Inbox:
     def scan(self) -> Iterator[Path]:
         """Every candidate file below the root. Symlinks are yielded (and refused later), never followed.
 
-        A folder that cannot be listed (its permissions, a failing share) is logged as a warning once,
-        when a scan first meets it, and again as information when a scan lists it again: between the
-        two its files are never read, and ``unlisted`` names it (``meddaemon status``). One that is
-        gone by the time it is listed (moved away meanwhile) is no matter."""
+        A folder that cannot be listed (its permissions, a failing share) is skipped and named in
+        ``unlisted`` once the scan is through (``relisted`` names those listed again), for the daemon
+        to log and ``meddaemon status`` to show. One that is gone by the time it is listed (moved
+        away meanwhile) is no matter."""
         unlisted: dict[PurePosixPath, str] = {}
         relisted: set[PurePosixPath] = set()
         stack = [self.root]
@@ -86,18 +85,10 @@ class Inbox:
                         stack.append(path)
                 elif self.is_candidate(path):
                     yield path
-        self._note_unlisted(unlisted, relisted)
+        self.unlisted, self.relisted = unlisted, relisted
 
     def _folder_name(self, folder: Path) -> PurePosixPath:
         return PurePosixPath(folder.relative_to(self.root).as_posix())
-
-    def _note_unlisted(self, unlisted: dict[PurePosixPath, str], relisted: set[PurePosixPath]) -> None:
-        for name, why in unlisted.items():
-            if name not in self.unlisted:
-                log.warning("cannot list %s (%s): its files wait there, unread", folder_words(name), why)
-        for name in sorted(relisted):
-            log.info("%s can be listed again: its files will be read", folder_words(name))
-        self.unlisted = unlisted
 
 
 def folder_words(name: PurePosixPath) -> str:

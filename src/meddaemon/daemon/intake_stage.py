@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from meddaemon.config import Settings
 from meddaemon.daemon import bookkeeper, claims
 from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, PlannedMove
-from meddaemon.daemon.inbox import Inbox
+from meddaemon.daemon.inbox import Inbox, folder_words
 from meddaemon.daemon.inference import Commit, InferenceStage
 from meddaemon.daemon.intake import Intake, IntakeContext, read_file, read_files
 from meddaemon.daemon.metrics import DaemonMetrics
@@ -203,12 +203,22 @@ class IntakeStage(Stage):
     def rescan(self) -> int:
         """Find every candidate file; returns how many are new to the tracker."""
         new = 0
+        unlisted_before = self.inbox.unlisted
         for path in self.inbox.scan():
             if path not in self.tracker and path not in self.blocked:
                 self.tracker.observe(path)
                 new += path in self.tracker
-        self.metrics.inbox_unlisted(len(self.inbox.unlisted))
+        self._note_unlisted(unlisted_before)
         return new
+
+    def _note_unlisted(self, before: dict[PurePosixPath, str]) -> None:
+        """A folder the scan could not list: a warning when it first could not, once; a line when it can again."""
+        for name, why in self.inbox.unlisted.items():
+            if name not in before:
+                log.warning("cannot list %s (%s): its files wait there, unread", folder_words(name), why)
+        for name in sorted(self.inbox.relisted):
+            log.info("%s can be listed again: its files will be read", folder_words(name))
+        self.metrics.inbox_unlisted(len(self.inbox.unlisted))
 
     def files_in_hand(self) -> int:
         """Files seen in the inbox and not recorded yet: waiting to settle, or being read."""
