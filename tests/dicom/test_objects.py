@@ -582,6 +582,30 @@ def test_a_source_without_a_study_instance_uid_is_refused_by_name(tmp_path: Path
     assert refused.value.reason == "source_without_study" and "StudyInstanceUID" in str(refused.value)
 
 
+@pytest.mark.parametrize("study", ["../../synthetic_escape", "1.2.826/0.1", "..", "1.2..3", "1." + "2" * 64])
+def test_a_source_whose_study_instance_uid_is_not_a_uid_is_refused_by_name(tmp_path: Path, study: str):
+    """A UID copied from the source ends up in folder names (a folder destination files by study
+    and series): one that is not digits and dots never joins a study."""
+    path = write_dicom(tmp_path / "malformed.dcm", modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID = study
+    ds.save_as(path)
+    with pytest.raises(OutputRefused) as refused:
+        read_source(path)
+    assert refused.value.reason == "source_malformed_uid"
+    message = str(refused.value)
+    assert message.startswith("the source's StudyInstanceUID is not a UID") and study not in message
+
+
+def test_a_source_uid_with_a_leading_zero_in_a_component_still_joins_its_study(tmp_path: Path):
+    """PS3.5 forbids it, old devices write it, and a PACS files the study under it all the same."""
+    path = write_dicom(tmp_path / "old_device.dcm", modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID = "1.2.840.10008.05.1"
+    ds.save_as(path)
+    assert read_source(path).StudyInstanceUID == "1.2.840.10008.05.1"
+
+
 def test_building_the_objects_logs_nothing_naming_the_source(delivered: Daemon, tmp_path: Path, caplog):  # type: ignore[no-untyped-def]
     facts = three_label_facts(delivered, tmp_path)
     caplog.set_level(logging.DEBUG)

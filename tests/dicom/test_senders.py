@@ -261,6 +261,41 @@ def test_an_object_file_that_is_not_dicom_is_refused_for_good_and_nothing_is_sen
     assert scp.associations == 0
 
 
+@pytest.mark.parametrize("kind", ["dicom", "dicomweb", "folder"])
+def test_an_object_file_that_cannot_be_read_is_refused_for_good_and_the_others_of_its_send_are_delivered(
+    tmp_path: Path, objects: list[Path], kind: str
+):
+    """The outbox sends up to 32 objects a call: one object file damaged on disk (here not DICOM,
+    or cut short inside its File Meta) is its own refusal, and takes none of the others with it."""
+    not_dicom = tmp_path / "not_dicom.dcm"
+    not_dicom.write_bytes(b"synthetic, not DICOM" * 20)
+    cut_short = tmp_path / "cut_short.dcm"
+    cut_short.write_bytes(objects[2].read_bytes()[:150])
+    scp, stow = ScriptedScp(), ScriptedStow()
+    try:
+        destination = {
+            "dicom": scp.destination(),
+            "dicomweb": stow.destination(),
+            "folder": {"name": "share", "kind": "folder", "path": str(tmp_path / "share")},
+        }[kind]
+        sender = {"dicom": DimseSender, "dicomweb": StowSender, "folder": FolderSender}[kind]
+        answers = sender(DestinationConfig(**destination)).send(  # type: ignore[arg-type]
+            [objects[0], not_dicom, objects[1], cut_short]
+        )
+    finally:
+        scp.stop()
+        stow.stop()
+    assert [a.acknowledged for a in answers] == [True, False, True, False]
+    for refused in (answers[1], answers[3]):
+        assert refused.permanent and refused.detail.startswith("the object file cannot be read (")
+    if kind == "dicom":
+        assert scp.stored == uids(objects[:2])
+    elif kind == "dicomweb":
+        assert stow.stored == 2
+    else:
+        assert sorted(f.stem for f in (tmp_path / "share").rglob("*.dcm")) == sorted(uids(objects[:2]))
+
+
 def test_a_dropped_association_fails_what_was_in_flight_and_what_was_left(objects: list[Path]):
     scp = ScriptedScp([0x0000, DROP])
     try:
@@ -305,6 +340,21 @@ def test_a_folder_destination_whose_folder_fsync_fails_is_not_acknowledged(
     assert sender.send(objects[:1]) == [Delivery(False, "OSError: Input/output error (injected)")]
     answer = errno.EINVAL
     assert sender.send(objects[:1]) == [Delivery(True)]
+
+
+def test_a_folder_destination_refuses_an_object_whose_uids_would_name_a_folder_outside_it(
+    tmp_path: Path, objects: list[Path]
+):
+    escaping = pydicom.dcmread(objects[0])
+    escaping.StudyInstanceUID = "../../synthetic_escape"
+    escaping.save_as(objects[0])
+    sender = FolderSender(DestinationConfig("share", "folder", path=str(tmp_path / "share" / "inner")))
+    refused, delivered = sender.send(objects[:2])
+    why = "InvalidDicomError: its StudyInstanceUID is not a UID"
+    assert refused == Delivery(False, f"the object file cannot be read ({why})", True)
+    assert delivered.acknowledged
+    written = [f for f in tmp_path.rglob("*.dcm") if f.parent != tmp_path]  # the objects sent lie in tmp_path
+    assert [f.stem for f in written] == uids(objects[1:2]) and (tmp_path / "share" / "inner") in written[0].parents
 
 
 def test_a_folder_destination_files_by_study_series_and_instance(tmp_path: Path, objects: list[Path]):

@@ -18,6 +18,7 @@ from meddaemon import __version__
 from meddaemon.daemon.filing import view_path
 from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan
 from meddaemon.dicom import encoding
+from meddaemon.dicom.uids import uid_like
 from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.engine.tasks import InputContract
 from meddaemon.label_results import LabelResult
@@ -133,6 +134,12 @@ def read_source(path: Path) -> Dataset:
     if missing:
         raise OutputRefused(
             "source_without_study", f"the source lacks {', '.join(missing)}: its results cannot join its study"
+        )
+    malformed = [keyword for keyword in REQUIRED_SOURCE if not uid_like(ds[keyword].value)]
+    if malformed:
+        raise OutputRefused(
+            "source_malformed_uid",
+            f"the source's {', '.join(malformed)} is not a UID (digits and dots): its results cannot join its study",
         )
     for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in ds:

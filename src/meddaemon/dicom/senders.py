@@ -5,6 +5,7 @@ whether trying again can help (a refusal for good goes ``dead`` at once)."""
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from meddaemon.config import DestinationConfig
 from meddaemon.dicom import associations
+from meddaemon.dicom.uids import uid_like
 from meddaemon.files import fsync_dir, write_atomically
 
 log = logging.getLogger("meddaemon.dicom.senders")
@@ -65,6 +67,30 @@ def dimse_status_is_permanent(status: int) -> bool:
     return status in REFUSED_FOR_GOOD or 0xA900 <= status <= 0xA9FF
 
 
+def cannot_read(exc: Exception) -> Delivery:
+    """An object file gone or damaged on disk: refused for good, and only that file (the outbox
+    sends several objects a call; the others of the call go on)."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+    return Delivery(False, f"the object file cannot be read ({why})", True)
+
+
+#: what reading a damaged object file raises: pydicom's refusal, or the parser running off its end
+UNREADABLE_OBJECT = (OSError, InvalidDicomError, EOFError, ValueError, KeyError, struct.error)
+
+
+def read_object(path: Path, stop_before_pixels: bool = False) -> Dataset:
+    """The object's data set; ``InvalidDicomError`` for one without the UIDs that file it (pydicom
+    reads a file cut short inside its File Meta as an empty data set), or with one that is not a UID
+    (a folder destination makes folders of them)."""
+    ds = dcmread(path, stop_before_pixels=stop_before_pixels)
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        if keyword not in ds:
+            raise InvalidDicomError(f"it has no {keyword}")
+        if not uid_like(ds[keyword].value):
+            raise InvalidDicomError(f"its {keyword} is not a UID")
+    return ds
+
+
 @dataclass(frozen=True)
 class _ObjectFile:
     """An object to send, known by its File Meta (the data set is not read)."""
@@ -82,11 +108,15 @@ class _ObjectFile:
         }
 
     @classmethod
-    def read(cls, path: Path) -> _ObjectFile:
-        meta = read_file_meta_info(path)
-        if "MediaStorageSOPClassUID" not in meta or "TransferSyntaxUID" not in meta:
-            raise InvalidDicomError("its File Meta has no SOP class or transfer syntax")
-        return cls(path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+    def read(cls, path: Path) -> _ObjectFile | Delivery:
+        """Its File Meta, or the refusal of a file that cannot be read."""
+        try:
+            meta = read_file_meta_info(path)
+            if "MediaStorageSOPClassUID" not in meta or "TransferSyntaxUID" not in meta:
+                raise InvalidDicomError("its File Meta has no SOP class or transfer syntax")
+            return cls(path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+        except UNREADABLE_OBJECT as exc:
+            return cannot_read(exc)
 
 
 class DimseSender:
@@ -113,13 +143,12 @@ class DimseSender:
         self.last_used = 0.0
 
     def send(self, objects: Sequence[Path]) -> list[Delivery]:
-        try:
-            files = [_ObjectFile.read(path) for path in objects]
-        except (OSError, InvalidDicomError) as exc:
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            return [Delivery(False, f"the object file cannot be read ({why})", True)] * len(objects)
-        if not files:
-            return []
+        read = [_ObjectFile.read(path) for path in objects]
+        files = [f for f in read if isinstance(f, _ObjectFile)]
+        sent = iter(self._send(files) if files else [])
+        return [next(sent) if isinstance(f, _ObjectFile) else f for f in read]
+
+    def _send(self, files: list[_ObjectFile]) -> list[Delivery]:
         contexts = set().union(*(f.contexts() for f in files))
         if self._kept_for(contexts):
             associations.wake(self.assoc)
@@ -185,8 +214,8 @@ class DimseSender:
                         answers.append(converted)
                         continue
                     status = self.assoc.send_c_store(converted)
-            except OSError as exc:
-                answers.append(Delivery(False, f"the object file cannot be read ({exc.strerror or exc})", True))
+            except (OSError, InvalidDicomError, EOFError, struct.error) as exc:
+                answers.append(cannot_read(exc))
                 continue
             except (ValueError, RuntimeError) as exc:
                 if not self.assoc.is_established:  # dropped between the check and the request
@@ -268,9 +297,9 @@ class StowSender:
         answers: list[Delivery] = []
         for path in objects:
             try:
-                ds = dcmread(path)
-            except OSError as exc:
-                answers.append(Delivery(False, f"the object file cannot be read ({exc.strerror or exc})", True))
+                ds = read_object(path)
+            except UNREADABLE_OBJECT as exc:
+                answers.append(cannot_read(exc))
                 continue
             try:
                 answer = self.client.store_instances(datasets=[ds])
@@ -314,8 +343,12 @@ class FolderSender:
         for path in objects:
             try:
                 data = path.read_bytes()
-                ds = dcmread(path, stop_before_pixels=True)
+                ds = read_object(path, stop_before_pixels=True)
                 target = self.root / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+            except UNREADABLE_OBJECT as exc:
+                answers.append(cannot_read(exc))
+                continue
+            try:
                 write_atomically(target, data, durable=True, sync_folder=False)
                 fsync_dir(target.parent, strict=True)
             except OSError as exc:

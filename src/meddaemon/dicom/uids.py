@@ -3,10 +3,21 @@ UIDs every time, so a resent or rebuilt object replaces itself in a PACS instead
 
 from __future__ import annotations
 
+import re
+
 from pydicom.uid import PYDICOM_ROOT_UID, UID, generate_uid
 
 #: pydicom's root, for sites that have none of their own (``dicom_uid_root`` sets it)
 DEFAULT_ROOT = PYDICOM_ROOT_UID
+#: a UID as a source may carry it: components of digits joined by dots, 64 characters at most. Looser
+#: than PS3.5 9.1, which also forbids a component's leading zero (a fault of old devices that a PACS
+#: takes); strict enough that a UID used in a file's path names a file and nothing else (no '/', no '..')
+UID_LIKE = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def uid_like(value: object) -> bool:
+    text = str(value)
+    return len(text) <= 64 and UID_LIKE.fullmatch(text) is not None
 
 
 def derived_uid(root: str, *parts: str) -> UID:
