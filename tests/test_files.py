@@ -1,15 +1,20 @@
 """Files written whole: what a writer killed while writing leaves is recognisable, and removed only
-when that writer is gone."""
+when that writer is gone; a file written durably is in its folder for good, and each folder made
+for it in its parent."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from meddaemon.files import HOST_TAG, remove_stale_temporaries, temporary_path
+import pytest
+
+from meddaemon.files import HOST_TAG, make_folders, remove_stale_temporaries, temporary_path, write_atomically
 
 
 def test_temporaries_left_by_a_killed_writer_are_removed(tmp_path: Path):
@@ -66,3 +71,50 @@ def test_a_temporary_whose_writer_s_pid_now_belongs_to_a_later_process_is_remove
     being_written.write_bytes(b"%PDF-1.4 being written")
     assert remove_stale_temporaries(tmp_path) == 1
     assert not left.exists() and being_written.exists()
+
+
+def fsynced_folders(monkeypatch: pytest.MonkeyPatch, fail_with: int | None = None) -> list[Path]:
+    """Record each folder ``os.fsync`` is called on (failing them with ``fail_with``, injected: no
+    real disk here fails on demand)."""
+    seen: list[Path] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            seen.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+            if fail_with is not None:
+                raise OSError(fail_with, os.strerror(fail_with) + " (injected)")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return seen
+
+
+def test_a_durable_file_in_new_folders_makes_each_new_folder_s_entry_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A power cut after the write returns keeps the file only if every folder on its way that did
+    not exist before is in its parent for good: each parent is fsynced after its child is made."""
+    folders = fsynced_folders(monkeypatch)
+    write_atomically(tmp_path / "a" / "b" / "model.safetensors", b"synthetic", durable=True)
+    assert folders == [tmp_path, tmp_path / "a", tmp_path / "a" / "b"]
+    folders.clear()
+    write_atomically(tmp_path / "a" / "b" / "MODEL_CARD.md", b"synthetic", durable=True)
+    assert folders == [tmp_path / "a" / "b"]  # the folders were there: only the rename's own
+
+
+def test_a_file_not_asked_to_be_durable_fsyncs_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    folders = fsynced_folders(monkeypatch)
+    write_atomically(tmp_path / "heatmaps" / "ab" / "map.npy", b"synthetic")
+    assert folders == [] and (tmp_path / "heatmaps" / "ab" / "map.npy").read_bytes() == b"synthetic"
+
+
+def test_a_new_folder_whose_parent_cannot_be_fsynced_raises_unless_the_filesystem_cannot_fsync_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    fsynced_folders(monkeypatch, fail_with=errno.EIO)
+    with pytest.raises(OSError, match="Input/output error"):
+        make_folders(tmp_path / "studies" / "0123", durable=True)
+    fsynced_folders(monkeypatch, fail_with=errno.EINVAL)
+    make_folders(tmp_path / "studies" / "4567", durable=True)
+    assert (tmp_path / "studies" / "4567").is_dir()

@@ -66,12 +66,13 @@ def write_atomically(
 
     ``data`` is the bytes, or several buffers written one after the other in one system call (a
     header and an array's own memory, without joining them into a copy first).
-    ``durable`` also fsyncs the file and its folder, so the file survives a power cut once this
-    returns (models, reports); heatmaps skip it: a lost one is rewritten when its scan runs again.
+    ``durable`` also fsyncs the file and its folder (and the parent of each folder it had to make),
+    so the file survives a power cut once this returns (models, reports); heatmaps skip it: a lost
+    one is rewritten when its scan runs again.
     ``sync_folder=False`` leaves the folder's fsync to a caller writing several files into it,
     which calls ``fsync_dir`` once after the last (the renames are durable only then).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent, durable=durable)
     tmp = temporary_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
@@ -124,6 +125,22 @@ def fsync_dir(path: Path, strict: bool = False) -> None:
     except OSError as exc:
         if strict and exc.errno not in CANNOT_FSYNC_FOLDERS:
             raise
+
+
+def make_folders(folder: Path, durable: bool = False) -> None:
+    """``folder`` and the parents it lacks, as ``mkdir(parents=True, exist_ok=True)``.
+
+    ``durable`` also fsyncs the parent of each folder that was missing (strictly, as
+    ``fsync_dir``): a file fsynced into a new folder is lost in a power cut with that folder
+    when the folder's own entry in its parent was never made durable."""
+    missing: list[Path] = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)  # made meanwhile by another writer: its entry is made durable here too
+        if durable:
+            fsync_dir(new.parent, strict=True)
 
 
 def read_whole(

@@ -53,7 +53,7 @@ from meddaemon.engine.architectures import ARCHITECTURES, build_model
 from meddaemon.engine.card import card_files
 from meddaemon.engine.preprocess import normalise
 from meddaemon.engine.tasks import BUILTIN_TASKS, KINDS, InputContract, TaskSpec
-from meddaemon.files import fsync_dir, write_atomically
+from meddaemon.files import fsync_dir, make_folders, write_atomically
 from meddaemon.stored_paths import stored_file, stored_name
 
 log = logging.getLogger(__name__)
@@ -505,7 +505,7 @@ def save_version(
     fields["self_test"]["expected_probabilities"] = probs.tolist()
     manifest = Manifest.from_dict(fields)
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_folders(out, durable=True)
     if not overwrite and ((out / WEIGHTS_FILE).exists() or (out / MANIFEST_FILE).exists()):
         raise FileExistsError(f"{out} already holds a model version; pass overwrite=True to replace it")
     # weights first: a manifest on disk always describes the weights beside it (or fails their hash)
@@ -803,7 +803,7 @@ def import_version(
 
 
 def _copy_into_registry(source: Path, target: Path, manifest: Manifest) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(target.parent, durable=True)
     staging = target.parent / f".staging-{manifest.version}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:

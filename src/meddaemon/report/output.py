@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from meddaemon.db.bulk import insert_rows
 from meddaemon.db.models import Report, utcnow
-from meddaemon.files import fsync_dir, temporary_path, write_atomically
+from meddaemon.files import fsync_dir, make_folders, temporary_path, write_atomically
 from meddaemon.stored_paths import stored_name, stored_spellings
 
 
@@ -75,7 +75,7 @@ class PdfAside:
 
 def write_pdf_aside(path: Path, data: bytes) -> PdfAside:
     """Write ``data`` durably to the temporary name of ``path``; ``put_in_place`` publishes it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent, durable=True)
     tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as handle:
