@@ -1,5 +1,8 @@
 """The label formats, and the errors a bad labels file gets: file, line, column and what was expected."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from meddaemon.audit.labels import LabelFileError, check_label_columns, read_label_folders, read_labels
@@ -59,6 +62,21 @@ def test_busi_folders_skip_masks(tmp_path):
         ("benign (1).png", {"benign"}),
         ("normal (1).png", {"normal"}),
     ]
+
+
+def test_busi_folders_key_a_name_that_is_not_utf8_as_the_daemon_stores_it(tmp_path):
+    """The daemon renames ``sc\\xe9n.png`` in its inbox to ``sc%E9n.png`` (an evaluation stores that
+    name): the folder's label is keyed so, and the listing's fingerprint takes the name's bytes."""
+    for cls in ("benign", "malignant"):
+        (tmp_path / cls).mkdir()
+    Path(os.fsdecode(os.fsencode(tmp_path) + b"/benign/sc\xe9n (1).png")).write_bytes(b"SYNTHETIC")
+    (tmp_path / "malignant" / "malignant (1).png").write_bytes(b"SYNTHETIC")
+    t = read_label_folders(tmp_path, BUILTIN_TASKS["busi"].labels)
+    assert [(r.key, set(r.positives)) for r in t.rows] == [
+        ("sc%E9n (1).png", {"benign"}),
+        ("malignant (1).png", {"malignant"}),
+    ]
+    assert len(t.sha256) == 64
 
 
 def test_busi_folders_must_be_classes(tmp_path):

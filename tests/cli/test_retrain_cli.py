@@ -75,6 +75,23 @@ def test_retrain_registers_a_version_that_models_list_shows(busi: Path, tmp_path
     assert [r["status"] for r in rows] == ["registered", "active"]
 
 
+def test_a_dataset_whose_file_names_are_not_utf8_is_trained_on_and_registered(tmp_path: Path) -> None:
+    """Names from a Latin-1 share: the run used to train, then fail with an encoding error."""
+    data = write_phantoms("busi", tmp_path / "data" / "busi", count=12, size=48, seed=5).root
+    for image in sorted((data / "benign").glob("*).png"))[:2]:
+        latin1 = os.fsencode(image.parent) + b"/sc\xe9n " + os.fsencode(image.name)
+        image.rename(os.fsdecode(latin1))
+        image.with_name(image.stem + "_mask.png").rename(os.fsdecode(latin1.replace(b").png", b")_mask.png")))
+    state = upgraded(tmp_path / "state")
+    result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["registered"]["status"] == "registered"
+    split = load_split(tmp_path / "state" / "training" / "busi")
+    latin1 = [name for name in split.assignments if "\udce9" in name]  # the name's byte, as Python holds it
+    assert len(latin1) == 2 and all(os.fsencode(name).startswith(b"benign/sc\xe9n ") for name in latin1)
+
+
 def test_dropping_more_than_five_percent_is_warned_about_on_stderr_before_training(busi: Path, tmp_path: Path) -> None:
     """These phantoms file one lesion under two classes, as BUSI does: 2 of their 36 images are dropped."""
     result = CliRunner().invoke(

@@ -3,7 +3,9 @@ kept byte for byte in failed/ beside a .reason.json, and the good files around i
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -127,6 +129,35 @@ def test_awkward_file_names_are_processed_and_kept_as_they_were(name: str, make_
     settings = make_settings()
     scan = scans_by_name(run_once(settings))[name]
     assert scan.state == "waiting_model" and settings.stored_file(scan.stored_path).exists()
+
+
+def latin1(folder: Path, name: bytes) -> Path:
+    """A path below ``folder`` whose last part is ``name``'s bytes, not UTF-8 (as from a Latin-1 share)."""
+    return Path(os.fsdecode(os.fsencode(folder) + b"/" + name))
+
+
+def test_names_that_are_not_utf8_are_renamed_in_place_then_processed(make_settings, tmp_path: Path, caplog):  # type: ignore[no-untyped-def]
+    """No database stores a name that is not UTF-8 (storing one stopped the daemon): the file, and a
+    folder on its way, is renamed in the inbox, each such byte written %XX, and processed under that
+    name; the other files of a renamed folder are found there by the next scan."""
+    busi = tmp_path / "inbox" / "busi"
+    scan_bytes = synthetic_png(latin1(busi, b"sc\xe9n.png"), seed=1).read_bytes()
+    lot = latin1(busi, b"lot \xff")
+    synthetic_png(lot / "synthetic_a.png", seed=3)
+    synthetic_png(lot / "synthetic_b.png", seed=4)
+    synthetic_png(busi / "synthetic_good.png", seed=5)
+    caplog.set_level(logging.INFO, "meddaemon.daemon")
+    scans = scans_by_name(run_once(make_settings()))
+    assert sorted(scans) == [
+        "busi/lot %FF/synthetic_a.png",
+        "busi/lot %FF/synthetic_b.png",
+        "busi/sc%E9n.png",
+        "busi/synthetic_good.png",
+    ]
+    assert {s.state for s in scans.values()} == {"waiting_model"}
+    assert scans["busi/sc%E9n.png"].sha256 == hashlib.sha256(scan_bytes).hexdigest()
+    assert "renamed inbox file busi/sc\\xe9n.png to busi/sc%E9n.png: its name was not UTF-8" in caplog.text
+    assert [p.name for p in busi.rglob("*")] == ["lot %FF"]  # every file moved out; the folder stays
 
 
 def test_a_directory_named_like_a_dicom_file_is_a_folder_and_its_files_are_processed(make_settings, tmp_path: Path):

@@ -5,7 +5,7 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -22,7 +22,7 @@ from daemon_harness import (
     synthetic_png,
     wait_until,
 )
-from meddaemon.daemon.inbox import Inbox
+from meddaemon.daemon.inbox import Inbox, rename_to_utf8
 from permissions import held_to_file_modes, unlistable
 from ports import free_port
 
@@ -56,6 +56,24 @@ def test_candidate_names(inbox: Inbox, name: str, candidate: bool):
 def test_paths_outside_the_inbox_are_never_candidates(inbox: Inbox, tmp_path: Path):
     assert not inbox.is_candidate(tmp_path / "elsewhere.png")
     assert not inbox.is_candidate(inbox.root)
+
+
+def test_renaming_to_utf8_renames_each_part_that_is_not_and_never_replaces_a_file(tmp_path: Path):
+    root = tmp_path / "inbox"
+    folder = Path(os.fsdecode(os.fsencode(root / "busi") + b"/lot\xff"))
+    folder.mkdir(parents=True)
+    (folder / "synthetic.png").write_bytes(b"synthetic a")
+    name = PurePosixPath(os.fsdecode(b"busi/lot\xff/synthetic.png"))
+    assert rename_to_utf8(root, name) == PurePosixPath("busi/lot%FF/synthetic.png")
+    latin1_name = PurePosixPath(os.fsdecode(b"busi/sc\xe9n.png"))
+    given = []
+    for content in (b"synthetic b", b"synthetic c", b"synthetic d"):  # the name taken: ~1, ~2 before the extension
+        (root / latin1_name).write_bytes(content)
+        given.append(rename_to_utf8(root, latin1_name))
+    assert [str(name) for name in given] == ["busi/sc%E9n.png", "busi/sc%E9n~1.png", "busi/sc%E9n~2.png"]
+    assert [(root / name).read_bytes() for name in given] == [b"synthetic b", b"synthetic c", b"synthetic d"]
+    with pytest.raises(FileNotFoundError):
+        rename_to_utf8(root, PurePosixPath(os.fsdecode(b"busi/gone\xe9.png")))
 
 
 def test_scan_walks_subfolders_even_one_named_like_a_file(inbox: Inbox):

@@ -6,6 +6,7 @@ task or model, a device this machine lacks) exit 2 with a message that says why.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from meddaemon.cli.medcli import cli as medcli
 from meddaemon.db.engine import session_factory
 from meddaemon.db.models import Scan
 from meddaemon.engine.tasks import BUILTIN_TASKS
+from meddaemon.names import is_utf8
 from model_factory import CONTRACT, promote_into, write_model
 from permissions import held_to_file_modes, unlistable
 
@@ -101,6 +103,40 @@ def scan_names(world, evaluation_id: int | None = None) -> list[str]:  # type: i
             return list(session.scalars(query).all())
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_file_names_that_are_not_utf8_are_scored_stored_percent_escaped_and_audited(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """A name from a Latin-1 share cannot be stored as the system gives it (the run stopped with a
+    traceback, one file of three scored): the tree is left as it is, and the name is stored with
+    each such byte as %XX, the audit joining it to its folder's label."""
+    data = tmp_path / "latin1_busi"
+    shutil.copytree(busi_phantoms, data)
+    benign = sorted((data / "benign").glob("*).png"))[:2]
+    for i, image in enumerate(benign):
+        image.rename(os.fsdecode(os.fsencode(image.parent) + f"/sc\xe9n {i}.png".encode("latin-1")))
+    args = ["evaluate", str(data), "--task", "busi", "--workers", "0", "--audit", "--json", *state_flags(world)]
+    result = CliRunner().invoke(medcli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["scored"] == 24 and report["failed"] == 0 and report["audit"]["join"]["matched"] == 24
+    assert {"benign/sc%E9n 0.png", "benign/sc%E9n 1.png"} <= set(scan_names(world, report["evaluation_id"]))
+    assert sum(not is_utf8(p.name) for p in (data / "benign").iterdir()) == 2  # read in place, never renamed
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_dataset_whose_own_path_is_not_utf8_is_refused_before_anything_is_scored(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """Its path is stored, to read its labels again for ``medcli audit --evaluation``."""
+    data = Path(os.fsdecode(os.fsencode(tmp_path) + b"/d\xe9p\xf4t"))
+    shutil.copytree(busi_phantoms, data)
+    result = CliRunner().invoke(medcli, ["evaluate", str(data), "--task", "busi", *state_flags(world)])
+    assert result.exit_code == EXIT_USAGE
+    assert "d\\xe9p\\xf4t: the dataset's path is not UTF-8" in result.stderr and "symbolic link" in result.stderr
+    assert scan_names(world) == []
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -17,11 +17,13 @@ import csv
 import difflib
 import hashlib
 import io
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meddaemon.names import utf8_name
 from meddaemon.training.datasets.folders import BUSI_MASK
 from meddaemon.training.images import is_image_file
 
@@ -272,8 +274,9 @@ def _read_label_folders(root: Path, wanted: set[str]) -> LabelTable:
         for image in sorted(folder.iterdir()):
             if BUSI_MASK.match(image.name) or not is_image_file(image):
                 continue
-            listing.update(f"{folder.name}/{image.name}\n".encode())
-            rows.append(LabelRow(image.name, len(rows) + 1, frozenset({folder.name}), None, {}))
+            listing.update(os.fsencode(f"{folder.name}/{image.name}\n"))
+            # keyed as the daemon and an evaluation store a name that is not UTF-8
+            rows.append(LabelRow(utf8_name(image.name), len(rows) + 1, frozenset({folder.name}), None, {}))
     if not rows:
         raise LabelFileError(root, "no images in the class folders")
     return LabelTable(str(root), listing.hexdigest(), "folders", "file", rows, (), (), task_hint=None)

@@ -150,6 +150,7 @@ def _start_web_console(settings: Settings) -> WebServer:
 def status(config_file: Path | None, as_json: bool, recent: int, **flags: object) -> None:
     """Scans per state, failures by reason, the latest failures and throughput."""
     from meddaemon.daemon.inbox import Inbox, folder_words
+    from meddaemon.names import shown_name
 
     settings = build_settings(config_file, **flags)
     engine = open_database(settings)
@@ -161,7 +162,7 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
     inbox = Inbox(settings.watch, settings.ignore, exclude=[settings.state_dir])
     summary.extra["inbox_waiting"] = sum(1 for _ in inbox.scan()) if settings.watch.is_dir() else 0
     unlisted = sorted(inbox.unlisted.items())
-    summary.extra["inbox_unlisted"] = {str(name): why for name, why in unlisted}
+    summary.extra["inbox_unlisted"] = {shown_name(name): why for name, why in unlisted}
     if as_json:
         echo_json(summary.as_dict())
         return

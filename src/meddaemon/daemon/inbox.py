@@ -12,6 +12,8 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
+from meddaemon.names import is_utf8, shown_name, utf8_name
+
 
 class Inbox:
     def __init__(self, root: Path, ignore: Iterable[str], exclude: Iterable[Path] = ()) -> None:
@@ -91,9 +93,29 @@ class Inbox:
         return PurePosixPath(folder.relative_to(self.root).as_posix())
 
 
+def rename_to_utf8(root: Path, name: PurePosixPath) -> PurePosixPath:
+    """Give the file ``name`` inside ``root``, and each folder on its way there, a valid UTF-8
+    name (``utf8_name``; ``~1``, ``~2``... before the extension when that name is taken), renaming
+    in place; returns its new name inside ``root``. ``FileNotFoundError`` when it is gone (another
+    daemon sharing the inbox renamed it first)."""
+    renamed = PurePosixPath()
+    for part in name.parts:
+        fixed = part if is_utf8(part) else utf8_name(part)
+        if fixed != part:
+            stem, dot, suffix = fixed.rpartition(".") if "." in fixed.lstrip(".") else (fixed, "", "")
+            target, n = root / renamed / fixed, 0
+            while os.path.lexists(target):
+                n += 1
+                target = root / renamed / f"{stem}~{n}{dot}{suffix}"
+            os.rename(root / renamed / part, target)
+            fixed = target.name
+        renamed /= fixed
+    return renamed
+
+
 def folder_words(name: PurePosixPath) -> str:
     """``inbox folder a/b``, or ``the inbox folder itself`` for its root."""
-    return "the inbox folder itself" if name == PurePosixPath(".") else f"inbox folder {name}"
+    return "the inbox folder itself" if name == PurePosixPath(".") else f"inbox folder {shown_name(name)}"
 
 
 class WatchFolderMissing(FileNotFoundError):

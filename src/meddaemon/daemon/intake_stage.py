@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from sqlalchemy.exc import OperationalError
@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from meddaemon.config import Settings
 from meddaemon.daemon import bookkeeper, claims
 from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, PlannedMove
-from meddaemon.daemon.inbox import Inbox, folder_words
+from meddaemon.daemon.inbox import Inbox, folder_words, rename_to_utf8
 from meddaemon.daemon.inference import Commit, InferenceStage
 from meddaemon.daemon.intake import Intake, IntakeContext, read_file, read_files
 from meddaemon.daemon.metrics import DaemonMetrics
@@ -43,6 +43,7 @@ from meddaemon.daemon.workers import DecodingPool
 from meddaemon.db.engine import is_lock_timeout, transaction, with_lock_retry
 from meddaemon.engine.decode import DecodeOptions
 from meddaemon.failures import FailureReason, ScanFailure
+from meddaemon.names import is_utf8, shown_name
 
 log = logging.getLogger("meddaemon.daemon")
 
@@ -252,6 +253,7 @@ class IntakeStage(Stage):
         return IntakeContext(self.decode_options, self.policy, self.inference.contracts())
 
     def _submit_reads(self, ready: list[StableFile]) -> None:
+        ready = self._with_utf8_names(ready)
         files = [(f, name) for f in ready if (name := self.inbox.relative_name(f.path)) is not None]
         if not files:
             return
@@ -265,6 +267,32 @@ class IntakeStage(Stage):
         tasks = [items[i : i + size] for i in range(0, len(items), size)]
         futures = [self.workers.submit(read_files, task, context) for task in tasks]
         self.reading.append(_ReadGroup(files, futures, [len(task) for task in tasks]))
+
+    def _with_utf8_names(self, ready: list[StableFile]) -> list[StableFile]:
+        """``ready``, each file whose name inside the inbox is not valid UTF-8 (a Latin-1 share, an
+        old archive) renamed in place first (``rename_to_utf8``): no database stores such a name,
+        and storing it stopped the daemon. The same file (its signature unchanged), its new name;
+        one that cannot be renamed waits in the inbox, unread, and is named in the log."""
+        named: list[StableFile] = []
+        for file in ready:
+            name = self.inbox.relative_name(file.path)
+            if name is None or is_utf8(str(name)):
+                named.append(file)
+                continue
+            try:
+                new = rename_to_utf8(self.inbox.root, name)
+            except FileNotFoundError:
+                continue  # gone meanwhile: another daemon sharing the inbox renamed it first
+            except OSError as exc:
+                log.warning(
+                    "cannot give inbox file %s a UTF-8 name (%s): it waits there, unread",
+                    shown_name(name),
+                    exc.strerror or exc,
+                )
+                continue
+            log.info("renamed inbox file %s to %s: its name was not UTF-8", shown_name(name), new)
+            named.append(replace(file, path=self.inbox.root / new))
+        return named
 
     def _read_room(self) -> int:
         """How many more inbox files to claim now: two batches in hand at most, and no more unread

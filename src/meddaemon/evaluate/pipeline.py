@@ -37,6 +37,7 @@ from meddaemon.evaluate.cohort import Cohort, read_cohort
 from meddaemon.evaluate.reading import FileRead, init_reader, prefixes, read_chunk, read_file
 from meddaemon.evaluate.scoring import outcomes_of, stack
 from meddaemon.evaluate.store import FileOutcome
+from meddaemon.names import is_utf8, shown_name
 from meddaemon.processes import forkserver_context
 from meddaemon.training.datasets import DEFAULT_MAX_BAD_FRACTION
 
@@ -123,6 +124,11 @@ def run_evaluation(
     """Evaluate ``request.path``; raises EvaluationStopped (after recording why), KeyboardInterrupt
     (after recording the run as interrupted), store.EvaluationError for bad usage."""
     check_request(request)
+    if not is_utf8(request.path.absolute()):
+        raise store.EvaluationError(
+            f"{shown_name(request.path.absolute())}: the dataset's path is not UTF-8, and is stored to audit "
+            "the run again; give it a UTF-8 name (a symbolic link will do). Names inside it may be anything"
+        )
     specs = settings.task_specs
     if request.task not in specs:
         raise store.EvaluationError(f"unknown task {request.task!r}; tasks: {', '.join(sorted(specs))}")
@@ -319,7 +325,7 @@ class Writer:
         unwritten = set()
         for outcome, write in batch:
             if write is not None and write.exception() is not None:
-                log.error("%s: heatmap files not written (%s)", outcome.read.path, write.exception())
+                log.error("%s: heatmap files not written (%s)", shown_name(outcome.read.path), write.exception())
                 unwritten.add(outcome.read.path)
         return unwritten
 

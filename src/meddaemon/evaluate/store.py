@@ -35,6 +35,7 @@ from meddaemon.db.models import (
     utcnow,
 )
 from meddaemon.evaluate.reading import FileRead
+from meddaemon.names import utf8_name
 from meddaemon.states import ScanState
 from meddaemon.stored_paths import stored_name
 
@@ -144,7 +145,7 @@ def record_chunk(
     scan_of_file: list[str | None] = []
     for outcome in outcomes:
         read = outcome.read
-        row: dict[str, Any] = {"evaluation_id": evaluation.id, "path": read.path, "sha256": read.sha256}
+        row: dict[str, Any] = {"evaluation_id": evaluation.id, "path": utf8_name(read.path), "sha256": read.sha256}
         row |= {"size_bytes": read.size or None, "scan_id": None, "failure_reason": None, "failure_message": None}
         sha = read.sha256
         if read.failure is not None or sha is None:
@@ -291,8 +292,8 @@ def _insert_scans(
             "sha256": read.sha256,
             "state": ScanState.EVALUATED.value,
             "task_name": evaluation.task_name,
-            "source_name": read.path,
-            "source_path": str(root / read.path),
+            "source_name": utf8_name(read.path),
+            "source_path": utf8_name(root / read.path),
             "stored_path": None,
             "size_bytes": read.size,
             "registered_at": now,

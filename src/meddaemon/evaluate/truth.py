@@ -18,6 +18,7 @@ from meddaemon.db.models import Evaluation, EvaluationFile, ModelVersion
 from meddaemon.engine.tasks import TaskSpec
 from meddaemon.evaluate.cohort import read_cohort
 from meddaemon.evaluate.store import FAILED, find_evaluation
+from meddaemon.names import utf8_name
 
 
 def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelTable:
@@ -36,7 +37,7 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
     rows: list[LabelRow] = []
     attribute_columns: dict[str, None] = {}
     for sample in cohort.index.samples:
-        sha = sha_of.get(cohort.relative(sample.path.absolute()))
+        sha = sha_of.get(utf8_name(cohort.relative(sample.path.absolute())))
         if not sha:
             continue
         attributes = dict(sample.extra)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -218,7 +219,7 @@ def fingerprint(split_path: Path, index: DatasetIndex) -> str:
     """SHA-256 over the split JSON and every image's relative name and SHA-256."""
     digest = hashlib.sha256(split_path.read_bytes())
     for sample in sorted(index.samples, key=lambda s: index.relative(s.path)):
-        digest.update(index.relative(sample.path).encode("utf-8") + b"\0")
+        digest.update(os.fsencode(index.relative(sample.path)) + b"\0")  # the name's bytes, UTF-8 or not
         digest.update(hashlib.sha256(sample.path.read_bytes()).digest())
     return "sha256:" + digest.hexdigest()
 

@@ -1,0 +1,32 @@
+"""File names as the system gives them, and as a database, a log line or JSON can hold them.
+
+Python decodes each byte of a file name that is not valid UTF-8 (a Latin-1 share, an old archive)
+to a lone surrogate (PEP 383): such a ``str`` still opens the file, but SQLite, PostgreSQL and a
+UTF-8 log file refuse to encode it. The daemon renames such a file in its inbox (``utf8_name``);
+an evaluation, which never touches its cohort, stores the same ``utf8_name`` of it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import PurePath
+
+
+def is_utf8(name: str | PurePath) -> bool:
+    """Whether a name as the system gave it was valid UTF-8."""
+    try:
+        str(name).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def utf8_name(name: str | PurePath) -> str:
+    """``name`` with each byte that was not part of valid UTF-8 written ``%XX`` (``sc\\xe9n.png``
+    becomes ``sc%E9n.png``); a valid name is returned as it is."""
+    return "".join(f"%{ord(c) - 0xDC00:02X}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in str(name))
+
+
+def shown_name(name: str | PurePath) -> str:
+    """A name fit for a log line or a terminal, its bytes that were not UTF-8 shown ``\\xe9``."""
+    return os.fsencode(str(name)).decode("utf-8", "backslashreplace")

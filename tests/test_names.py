@@ -1,0 +1,27 @@
+"""File names the system gives that are not UTF-8 (a Latin-1 share, an old archive): a name a
+database can store, and one a log line can show."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from meddaemon.names import is_utf8, shown_name, utf8_name
+
+LATIN1 = os.fsdecode(b"sc\xe9n \xfc\xff.png")
+
+
+def test_a_name_that_is_not_utf8_is_known_as_such():
+    assert not is_utf8(LATIN1) and not is_utf8(Path("busi") / LATIN1)
+    assert is_utf8("ünïcødé 医学.png") and is_utf8("scén.png")
+
+
+def test_each_byte_that_is_not_utf8_is_stored_as_percent_hex_and_a_valid_name_as_it_is():
+    assert utf8_name(LATIN1) == "sc%E9n %FC%FF.png"
+    assert utf8_name(Path("lot") / LATIN1) == "lot/sc%E9n %FC%FF.png"
+    assert utf8_name("ünïcødé 医学 100%.png") == "ünïcødé 医学 100%.png"
+
+
+def test_a_log_line_shows_such_a_byte_as_an_escape_and_a_valid_name_as_it_is():
+    assert shown_name(LATIN1) == "sc\\xe9n \\xfc\\xff.png"
+    assert shown_name("ünïcødé 医学.png") == "ünïcødé 医学.png"
