@@ -102,6 +102,24 @@ def test_bad_file_fails_with_its_reason_and_is_kept(case: str, make_settings, tm
     assert not bad.exists() and not good.exists()
 
 
+def test_a_failed_file_named_like_a_reason_document_and_the_file_it_names_are_both_kept(make_settings, tmp_path: Path):
+    """A failed/ folder copied back into the inbox: ``x.png`` and ``x.png.reason.json`` fail in one
+    batch. Filed as received, the second would be where the first's reason is written: the one
+    written last replaced the other, or the move refused, again and again."""
+    busi = tmp_path / "inbox" / "busi"
+    busi.mkdir(parents=True)
+    (busi / "x.png").write_bytes(b"")
+    document = b'{"reason": "empty_file", "source_name": "busi/x.png", "synthetic": true}\n'
+    (busi / "x.png.reason.json").write_bytes(document)
+    settings = make_settings()
+    scans = scans_by_name(run_once(settings))
+    kept = {name: settings.stored_file(scans[name].stored_path) for name in ("busi/x.png", "busi/x.png.reason.json")}
+    assert kept["busi/x.png"].read_bytes() == b"" and kept["busi/x.png.reason.json"].read_bytes() == document
+    for name, path in kept.items():
+        assert json.loads(path.with_name(path.name + ".reason.json").read_text())["source_name"] == name
+    assert not any(busi.iterdir())
+
+
 def test_dicom_without_preamble_is_read(make_settings, tmp_path: Path):
     write_dicom(tmp_path / "inbox" / "no_preamble.dcm", preamble=False, modality="DX", body_part="CHEST")
     scan = scans_by_name(run_once(make_settings()))["no_preamble.dcm"]

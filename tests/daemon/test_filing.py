@@ -67,6 +67,16 @@ def test_failed_names_keep_the_folder_and_are_numbered_on_collision(tmp_path: Pa
     assert second == tmp_path / "busi" / "bad scan__2.png"
 
 
+def test_a_failed_file_never_takes_the_name_of_a_reason_document(tmp_path: Path):
+    """``x.png``'s reason is ``x.png.reason.json``: a file of that name (a failed/ folder copied
+    back into the inbox brings one) is numbered, whichever of the two is filed first."""
+    taken: set[Path] = set()
+    scan = filing.failed_path(tmp_path, PurePosixPath("busi/x.png"), taken)
+    document = filing.failed_path(tmp_path, PurePosixPath("busi/x.png.reason.json"), taken)
+    assert scan == tmp_path / "busi" / "x.png" and document == tmp_path / "busi" / "x.png.reason__2.json"
+    assert filing.failed_path(tmp_path, PurePosixPath("busi/y.png.reason.json"), set()).name == "y.png.reason__2.json"
+
+
 def test_work_names_are_content_addressed_and_keep_a_real_extension_only():
     sha = "ab" + "0" * 62
     assert filing.work_path(Path("/w"), sha, PurePosixPath("x/y.dcm")) == Path(f"/w/ab/{sha}.dcm")

@@ -27,6 +27,10 @@ class MoveOutcome(StrEnum):
     LOST = "lost"
 
 
+#: the end of the name of the document kept beside a failed file
+REASON_SUFFIX = ".reason.json"
+
+
 def work_path(work_dir: Path, sha256: str, source_name: PurePosixPath) -> Path:
     return work_dir / sha256[:2] / f"{sha256}{_suffix(source_name)}"
 
@@ -45,10 +49,18 @@ def archive_path(
 
 
 def failed_path(failed_dir: Path, source_name: PurePosixPath, taken: set[Path]) -> Path:
-    """``failed/<name as received>``, numbered when that name is already there."""
+    """``failed/<name as received>``, numbered when that name is already there, or when it is the
+    name of a reason document (``*.reason.json``): then no failed file can ever take the name of
+    another's reason, nor its reason the file's, whichever is filed first (by this daemon or another)."""
     target = failed_dir / source_name
     n = 1
-    while target in taken or target.exists() or target.is_symlink() or reason_path(target).exists():
+    while (
+        target.name.endswith(REASON_SUFFIX)
+        or target in taken
+        or target.exists()
+        or target.is_symlink()
+        or reason_path(target).exists()
+    ):
         n += 1
         target = failed_dir / source_name.parent / f"{_stem(source_name)}__{n}{_suffix(source_name)}"
     taken.add(target)
@@ -90,7 +102,7 @@ def place_new_file(source: Path, target: Path) -> None:
 
 
 def reason_path(failed_file: Path) -> Path:
-    return failed_file.with_name(failed_file.name + ".reason.json")
+    return failed_file.with_name(failed_file.name + REASON_SUFFIX)
 
 
 def write_reason(failed_file: Path, document: dict[str, object]) -> None:
