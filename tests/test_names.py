@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from meddaemon.names import is_utf8, shown_name, utf8_name
+from meddaemon.names import NAME_MAX, fitted, is_utf8, shown_name, utf8_name
 
 LATIN1 = os.fsdecode(b"sc\xe9n \xfc\xff.png")
 
@@ -25,3 +25,10 @@ def test_each_byte_that_is_not_utf8_is_stored_as_percent_hex_and_a_valid_name_as
 def test_a_log_line_shows_such_a_byte_as_an_escape_and_a_valid_name_as_it_is():
     assert shown_name(LATIN1) == "sc\\xe9n \\xfc\\xff.png"
     assert shown_name("ünïcødé 医学.png") == "ünïcødé 医学.png"
+
+
+def test_a_name_made_longer_than_received_is_cut_at_a_character_to_fit():
+    assert fitted("scan", "__2.png") == "scan__2.png"
+    name = fitted("é" * 200, "__retry7.png")  # two bytes a character: never cut inside one
+    assert name.endswith("é__retry7.png") and len(name.encode()) in (NAME_MAX - 1, NAME_MAX)
+    assert len(fitted("é" * 200, ".png", NAME_MAX - len(".reason.json")).encode()) <= NAME_MAX - 12

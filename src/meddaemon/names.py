@@ -1,4 +1,5 @@
-"""File names as the system gives them, and as a database, a log line or JSON can hold them.
+"""File names as the system gives them, and as a database, a log line, JSON or a file system can
+hold them.
 
 Python decodes each byte of a file name that is not valid UTF-8 (a Latin-1 share, an old archive)
 to a lone surrogate (PEP 383): such a ``str`` still opens the file, but SQLite, PostgreSQL and a
@@ -30,3 +31,18 @@ def utf8_name(name: str | PurePath) -> str:
 def shown_name(name: str | PurePath) -> str:
     """A name fit for a log line or a terminal, its bytes that were not UTF-8 shown ``\\xe9``."""
     return os.fsencode(str(name)).decode("utf-8", "backslashreplace")
+
+
+#: bytes in one name (ext4, XFS, btrfs, NFS): a name made longer than the one received (numbered,
+#: escaped, a reason beside it, a temporary) has its stem cut to fit (``fitted``), or it could
+#: never be made
+NAME_MAX = 255
+
+
+def fitted(stem: str, tail: str, room: int = NAME_MAX) -> str:
+    """``stem + tail``, the stem cut at a character so that the name takes at most ``room`` bytes."""
+    cut = room - len(os.fsencode(tail))
+    encoded = os.fsencode(stem)
+    if len(encoded) > cut:
+        stem = encoded[: max(cut, 0)].decode("utf-8", "ignore")
+    return stem + tail

@@ -120,6 +120,21 @@ def test_a_failed_file_named_like_a_reason_document_and_the_file_it_names_are_bo
     assert not any(busi.iterdir())
 
 
+def test_a_file_whose_name_is_as_long_as_the_system_allows_fails_and_is_filed(make_settings, tmp_path: Path):
+    """A 250-byte name: its reason's name (12 bytes more) cannot be made, so the file stayed in the
+    inbox, its row saying failed/, its move refused at every turn. The name in failed/ is cut; the
+    row and the reason keep it whole."""
+    name = "busi/" + "é" * 123 + ".png"
+    (tmp_path / "inbox" / name).parent.mkdir(parents=True)
+    (tmp_path / "inbox" / name).write_bytes(b"")
+    settings = make_settings()
+    scan = scans_by_name(run_once(settings))[name]
+    kept = settings.stored_file(scan.stored_path)
+    assert (scan.state, scan.failure_reason) == ("failed", "empty_file") and kept.read_bytes() == b""
+    assert json.loads(kept.with_name(kept.name + ".reason.json").read_text())["source_name"] == name
+    assert not any((tmp_path / "inbox" / "busi").iterdir())
+
+
 def test_dicom_without_preamble_is_read(make_settings, tmp_path: Path):
     write_dicom(tmp_path / "inbox" / "no_preamble.dcm", preamble=False, modality="DX", body_part="CHEST")
     scan = scans_by_name(run_once(make_settings()))["no_preamble.dcm"]

@@ -10,6 +10,7 @@ import pytest
 
 from meddaemon.daemon import filing
 from meddaemon.daemon.filing import MoveOutcome, finish_move
+from meddaemon.names import NAME_MAX
 
 
 def test_a_move_puts_the_file_at_the_target_creating_folders(tmp_path: Path):
@@ -75,6 +76,33 @@ def test_a_failed_file_never_takes_the_name_of_a_reason_document(tmp_path: Path)
     document = filing.failed_path(tmp_path, PurePosixPath("busi/x.png.reason.json"), taken)
     assert scan == tmp_path / "busi" / "x.png" and document == tmp_path / "busi" / "x.png.reason__2.json"
     assert filing.failed_path(tmp_path, PurePosixPath("busi/y.png.reason.json"), set()).name == "y.png.reason__2.json"
+
+
+#: a name of 250 bytes, as long as a file system allows but for five: the characters of two bytes
+#: each ("é") show that a name is never cut inside a character
+LONG = "é" * 123 + ".png"
+
+
+def test_a_long_failed_name_is_cut_to_leave_room_for_its_reason(tmp_path: Path):
+    """Received at 250 bytes, the file could never be filed: its reason's name was too long."""
+    taken: set[Path] = set()
+    for n in (1, 2):
+        target = filing.failed_path(tmp_path, PurePosixPath("busi") / LONG, taken)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        filing.write_reason(target, {"synthetic": True})
+        target.write_bytes(b"")
+        assert target.name.endswith(f"é{'__2' if n == 2 else ''}.png")
+        assert len(filing.reason_path(target).name.encode()) <= NAME_MAX
+
+
+def test_a_long_name_disambiguated_in_the_archive_still_fits(tmp_path: Path):
+    day = datetime(2026, 11, 22)
+    first = filing.archive_path(tmp_path, PurePosixPath(LONG), "1" * 64, day)
+    first.parent.mkdir(parents=True)
+    first.write_bytes(b"x")
+    second = filing.archive_path(tmp_path, PurePosixPath(LONG), "2" * 64, day)
+    assert second.name.endswith("é__222222222222.png") and len(second.name.encode()) <= NAME_MAX
+    second.write_bytes(b"y")
 
 
 def test_work_names_are_content_addressed_and_keep_a_real_extension_only():

@@ -72,6 +72,11 @@ def test_renaming_to_utf8_renames_each_part_that_is_not_and_never_replaces_a_fil
         given.append(rename_to_utf8(root, latin1_name))
     assert [str(name) for name in given] == ["busi/sc%E9n.png", "busi/sc%E9n~1.png", "busi/sc%E9n~2.png"]
     assert [(root / name).read_bytes() for name in given] == [b"synthetic b", b"synthetic c", b"synthetic d"]
+    long_latin1 = PurePosixPath(os.fsdecode(b"busi/" + b"\xe9" * 200 + b".png"))  # %E9: three bytes for one
+    (root / long_latin1).write_bytes(b"synthetic e")
+    cut = rename_to_utf8(root, long_latin1)
+    assert cut.name.startswith("%E9%E9") and cut.name.endswith(".png") and len(cut.name.encode()) == 255
+    assert (root / cut).read_bytes() == b"synthetic e"
     with pytest.raises(FileNotFoundError):
         rename_to_utf8(root, PurePosixPath(os.fsdecode(b"busi/gone\xe9.png")))
 

@@ -17,6 +17,8 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
+from meddaemon.names import NAME_MAX, fitted
+
 #: times ``finish_move`` makes the target's folder again when it was removed as empty meanwhile
 SHARD_RACE_RETRIES = 3
 
@@ -42,7 +44,7 @@ def archive_path(
     on disk and among the ``taken`` targets of the same transaction."""
     target = archive_dir / day.strftime("%Y-%m-%d") / source_name
     if target.exists() or target.is_symlink() or (taken is not None and target in taken):
-        target = target.with_name(f"{_stem(source_name)}__{sha256[:12]}{_suffix(source_name)}")
+        target = target.with_name(fitted(_stem(source_name), f"__{sha256[:12]}{_suffix(source_name)}"))
     if taken is not None:
         taken.add(target)
     return target
@@ -51,18 +53,21 @@ def archive_path(
 def failed_path(failed_dir: Path, source_name: PurePosixPath, taken: set[Path]) -> Path:
     """``failed/<name as received>``, numbered when that name is already there, or when it is the
     name of a reason document (``*.reason.json``): then no failed file can ever take the name of
-    another's reason, nor its reason the file's, whichever is filed first (by this daemon or another)."""
-    target = failed_dir / source_name
+    another's reason, nor its reason the file's, whichever is filed first (by this daemon or another).
+    A name too long to have its reason beside it is cut (``fitted``); the row keeps it whole."""
     n = 1
-    while (
-        target.name.endswith(REASON_SUFFIX)
-        or target in taken
-        or target.exists()
-        or target.is_symlink()
-        or reason_path(target).exists()
-    ):
+    while True:
+        tail = (f"__{n}" if n > 1 else "") + _suffix(source_name)
+        target = failed_dir / source_name.parent / fitted(_stem(source_name), tail, NAME_MAX - len(REASON_SUFFIX))
+        if not (
+            target.name.endswith(REASON_SUFFIX)
+            or target in taken
+            or target.exists()
+            or target.is_symlink()
+            or reason_path(target).exists()
+        ):
+            break
         n += 1
-        target = failed_dir / source_name.parent / f"{_stem(source_name)}__{n}{_suffix(source_name)}"
     taken.add(target)
     return target
 
@@ -75,7 +80,7 @@ def inbox_return_path(watch: Path, source_name: PurePosixPath, scan_id: int, att
     if attempt <= 1:
         return watch / relative
     number = "" if attempt == 2 else f"_{attempt - 1}"
-    return watch / relative.parent / f"{_stem(relative)}__retry{scan_id}{number}{_suffix(relative)}"
+    return watch / relative.parent / fitted(_stem(relative), f"__retry{scan_id}{number}{_suffix(relative)}")
 
 
 def place_new_file(source: Path, target: Path) -> None:
@@ -83,7 +88,7 @@ def place_new_file(source: Path, target: Path) -> None:
     mistakes it for the file that left), written under a dot name and linked into place whole; never
     replaces a file already at ``target`` (``FileExistsError``)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.retry")
+    tmp = target.with_name(fitted(f".{target.name}", f".{os.getpid()}.retry"))
     try:
         shutil.copyfile(source, tmp)
         with open(tmp, "rb") as handle:
@@ -109,7 +114,7 @@ def write_reason(failed_file: Path, document: dict[str, object]) -> None:
     """The ``.reason.json`` beside a failed file, written whole or not at all."""
     target = reason_path(failed_file)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = target.with_name(fitted(f".{target.name}", ".tmp"))
     tmp.write_text(json.dumps(document, indent=2, sort_keys=True, default=str) + "\n", "utf-8")
     os.replace(tmp, target)
 
@@ -165,7 +170,7 @@ def remove_emptied_shard(folder: Path, root: Path) -> bool:
 
 
 def _copy_across_devices(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    tmp = target.with_name(fitted(f".{target.name}", f".{os.getpid()}.partial"))
     if source.is_symlink():
         os.symlink(os.readlink(source), tmp)
     else:

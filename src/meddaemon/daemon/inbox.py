@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
-from meddaemon.names import is_utf8, shown_name, utf8_name
+from meddaemon.names import fitted, is_utf8, shown_name, utf8_name
 
 
 class Inbox:
@@ -95,18 +95,18 @@ class Inbox:
 
 def rename_to_utf8(root: Path, name: PurePosixPath) -> PurePosixPath:
     """Give the file ``name`` inside ``root``, and each folder on its way there, a valid UTF-8
-    name (``utf8_name``; ``~1``, ``~2``... before the extension when that name is taken), renaming
-    in place; returns its new name inside ``root``. ``FileNotFoundError`` when it is gone (another
-    daemon sharing the inbox renamed it first)."""
+    name (``utf8_name``, cut to fit ``NAME_MAX``; ``~1``, ``~2``... before the extension when that
+    name is taken), renaming in place; returns its new name inside ``root``. ``FileNotFoundError``
+    when it is gone (another daemon sharing the inbox renamed it first)."""
     renamed = PurePosixPath()
     for part in name.parts:
         fixed = part if is_utf8(part) else utf8_name(part)
         if fixed != part:
             stem, dot, suffix = fixed.rpartition(".") if "." in fixed.lstrip(".") else (fixed, "", "")
-            target, n = root / renamed / fixed, 0
+            target, n = root / renamed / fitted(stem, f"{dot}{suffix}"), 0
             while os.path.lexists(target):
                 n += 1
-                target = root / renamed / f"{stem}~{n}{dot}{suffix}"
+                target = root / renamed / fitted(stem, f"~{n}{dot}{suffix}")
             os.rename(root / renamed / part, target)
             fixed = target.name
         renamed /= fixed
