@@ -1,6 +1,7 @@
 """Settings: defaults < TOML file < MEDDAEMON_* environment < flags, each value knowing its source."""
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,16 @@ def test_watch_and_state_dir_are_made_absolute_and_resolved_once(tmp_path: Path,
     settings = load_settings(env={"MEDDAEMON_STATE_DIR": "state"}, flags={"watch": Path("inbox")})
     assert settings.watch == real.resolve() / "inbox"
     assert settings.state_dir == real.resolve() / "state"
+
+
+def test_a_folder_whose_path_is_not_utf8_is_refused_naming_the_setting(tmp_path: Path):
+    """The database stores paths under the inbox and the state directory: one that cannot be
+    stored would stop the daemon at its first file."""
+    latin1 = Path(os.fsdecode(os.fsencode(tmp_path) + b"/bo\xeete"))
+    with pytest.raises(ConfigError) as refused:
+        load_settings(env={}, flags={"watch": latin1})
+    message = str(refused.value)
+    assert message.startswith("setting 'watch' from flag: ") and "bo\\xeete is not UTF-8" in message
 
 
 def test_stored_paths_are_relative_to_the_state_dir_and_read_back_from_anywhere(tmp_path: Path):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from meddaemon.engine.tasks import TaskSpec, all_tasks, task_from_dict
+from meddaemon.names import is_utf8, shown_name
 from meddaemon.stored_paths import stored_file, stored_name
 
 ENV_PREFIX = "MEDDAEMON_"
@@ -412,7 +413,13 @@ def _build(raw: dict[str, Any], sources: dict[str, str]) -> Settings:
 
 def _coerce(name: str, value: Any) -> Any:
     if name in _PATH_KEYS:
-        return canonical_path(Path(value))
+        path = canonical_path(Path(value))
+        if not is_utf8(path):
+            raise ValueError(
+                f"{shown_name(path)} is not UTF-8, and the database stores the paths of the files under it; "
+                "give the folder a UTF-8 name (the names of the files in it may be anything)"
+            )
+        return path
     if name in _FLOAT_KEYS:
         return _parse_float(value)
     if name in _INT_KEYS:
