@@ -51,6 +51,26 @@ def test_nih_data_entry_as_published(tmp_path):
     assert t.rows[2].attributes["age"] == "81"
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "file;label;site\r\na.png;malignant;north\r\nb.png;Effusion|Mass;south\r\n",  # Excel, French or German
+        "file\tlabel\tsite\na.png\tmalignant\tnorth\nb.png\tEffusion|Mass\tsouth\n",
+    ],
+    ids=["semicolons", "tabs"],
+)
+def test_columns_separated_by_semicolons_or_tabs_read_as_the_comma_file(tmp_path, text):
+    t = read_labels(write(tmp_path, text), VOCABULARY)
+    assert t.format == "csv-label" and [r.key for r in t.rows] == ["a.png", "b.png"]
+    assert [r.positives for r in t.rows] == [{"malignant"}, {"Effusion", "Mass"}]
+    assert [r.attributes["site"] for r in t.rows] == ["north", "south"]
+
+
+def test_a_header_with_commas_is_a_comma_file_whatever_its_cells_hold(tmp_path):
+    t = read_labels(write(tmp_path, "file,label,note\na.png,benign,left; upper\n"), VOCABULARY)
+    assert t.rows[0].attributes["note"] == "left; upper"
+
+
 def test_busi_folders_skip_masks(tmp_path):
     for cls, names in {"benign": ["benign (1).png", "benign (1)_mask.png"], "normal": ["normal (1).png",
                        "normal (1)_mask_1.png"], "malignant": []}.items():  # fmt: skip

@@ -82,7 +82,8 @@ def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
         raw = path.read_bytes()
     except OSError as exc:
         raise LabelFileError(path, f"cannot be read: {exc.strerror}") from None
-    reader = csv.reader(io.StringIO(_decode(path, raw), newline=""))
+    text = _decode(path, raw)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
     try:
         try:
             header = [h.strip() for h in next(reader)]
@@ -97,6 +98,15 @@ def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
         return _nih(path, sha, header, records, words)
     _refuse_misspelt_labels(path, header, records, words, (*KEY_COLUMNS, "label", "task"))
     return _simple(path, sha, header, records, words)
+
+
+def _delimiter(text: str) -> str:
+    """What separates the columns: a comma, unless the header line has none and has semicolons (a
+    spreadsheet saving CSV where the comma is the decimal mark: Excel in French, German...) or tabs."""
+    header = text.split("\n", 1)[0]
+    if "," in header or not (";" in header or "\t" in header):
+        return ","
+    return ";" if header.count(";") >= header.count("\t") else "\t"
 
 
 def _decode(path: Path, raw: bytes) -> str:
