@@ -82,6 +82,20 @@ def test_a_csv_manifest_reads_paths_labels_and_patients(tmp_path: Path) -> None:
     assert [s.patient_id for s in index.samples] == ["p1", "p1", "p2", None]
 
 
+@pytest.mark.parametrize("separator", [";", "\t"], ids=["semicolons", "tabs"])
+def test_a_csv_manifest_from_a_spreadsheet_separated_by_semicolons_or_tabs_reads_the_same(
+    tmp_path: Path, separator: str
+) -> None:
+    for n in range(4):
+        write_png(tmp_path / "img" / f"{n}.png", pixels(n))
+    manifest = tmp_path / "labels.csv"
+    lines = ["path,label,patient_id", "img/0.png,a,p1", "img/1.png,a,p1", "img/2.png,b,p2", "img/3.png,b,"]
+    manifest.write_text("".join(line.replace(",", separator) + "\r\n" for line in lines))
+    index = load_dataset(manifest)
+    assert index.layout == "manifest" and index.labels == ("a", "b")
+    assert [s.patient_id for s in index.samples] == ["p1", "p1", "p2", None]
+
+
 def test_a_folder_that_matches_no_layout_says_what_was_expected(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DatasetError, match="matches no dataset layout") as caught:

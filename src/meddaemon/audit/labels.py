@@ -25,6 +25,7 @@ from pathlib import Path
 
 from meddaemon.names import utf8_name
 from meddaemon.training.datasets.folders import BUSI_MASK
+from meddaemon.training.datasets.tables import csv_delimiter
 from meddaemon.training.images import is_image_file
 
 KEY_COLUMNS = ("file", "sop_instance_uid", "sha256")
@@ -83,7 +84,7 @@ def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
     except OSError as exc:
         raise LabelFileError(path, f"cannot be read: {exc.strerror}") from None
     text = _decode(path, raw)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(text))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
     try:
         try:
             header = [h.strip() for h in next(reader)]
@@ -98,15 +99,6 @@ def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
         return _nih(path, sha, header, records, words)
     _refuse_misspelt_labels(path, header, records, words, (*KEY_COLUMNS, "label", "task"))
     return _simple(path, sha, header, records, words)
-
-
-def _delimiter(text: str) -> str:
-    """What separates the columns: a comma, unless the header line has none and has semicolons (a
-    spreadsheet saving CSV where the comma is the decimal mark: Excel in French, German...) or tabs."""
-    header = text.split("\n", 1)[0]
-    if "," in header or not (";" in header or "\t" in header):
-        return ","
-    return ";" if header.count(";") >= header.count("\t") else "\t"
 
 
 def _decode(path: Path, raw: bytes) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,15 +12,26 @@ from meddaemon.training.datasets.index import DatasetError
 Row = dict[str, str]
 
 
+def csv_delimiter(text: str) -> str:
+    """What separates the columns: a comma, unless the header line has none and has semicolons (a
+    spreadsheet saving CSV where the comma is the decimal mark: Excel in French, German...) or tabs."""
+    header = text.split("\n", 1)[0]
+    if "," in header or not (";" in header or "\t" in header):
+        return ","
+    return ";" if header.count(";") >= header.count("\t") else "\t"
+
+
 def read_table(path: Path, required: Iterable[str], allowed: Iterable[str] | None = None) -> list[Row]:
-    """Rows of ``path`` keyed by its header. A missing required column is an error; so is any
-    column outside ``allowed`` when it is given (a manifest has a fixed set of columns). Columns
-    without a name (a trailing comma, as in NIH's ``Data_Entry_2017.csv``) are dropped."""
+    """Rows of ``path`` keyed by its header (columns separated as ``csv_delimiter`` finds). A
+    missing required column is an error; so is any column outside ``allowed`` when it is given (a
+    manifest has a fixed set of columns). Columns without a name (a trailing comma, as in NIH's
+    ``Data_Entry_2017.csv``) are dropped."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            header = [name.strip() for name in reader.fieldnames or []]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+            text = handle.read()
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
+        header = [name.strip() for name in reader.fieldnames or []]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(path, f"cannot be read as CSV ({exc})", "a UTF-8 CSV file with a header row") from None
     required = list(required)
