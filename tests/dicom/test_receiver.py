@@ -175,6 +175,39 @@ def test_low_free_disk_is_answered_out_of_resources_and_nothing_is_written(recei
     assert receiver.stats.snapshot()["out_of_resources"] == 2
 
 
+def test_a_receiving_folder_removed_while_the_receiver_runs_is_made_again_and_fsynced_as_the_new_one(
+    receive: StartReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A clean-up job removing empty inbox folders (``find -type d -empty -delete``) took the
+    receiver's folder once the daemon had taken its files: every instance after was refused until
+    a restart. The folder is made again (its entry made durable), and the folder fsync that
+    acknowledges a rename is of the new folder, not of the one removed."""
+    import os
+    import stat as stat_module
+
+    receiver = receive()
+    first, second = synthetic_instances(tmp_path / "sent", 2, seed=11)
+    assert pynetdicom_send(port(receiver), [first]) == [0x0000]
+    for taken in written(receiver):  # what the daemon's intake does with each file received
+        taken.unlink()
+    receiver.root.rmdir()
+    synced: list[int] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        status = os.fstat(fd)
+        if stat_module.S_ISDIR(status.st_mode):
+            synced.append(status.st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    assert pynetdicom_send(port(receiver), [second]) == [0x0000]
+    [kept] = written(receiver)
+    assert dataset_bytes(kept.read_bytes()) == dataset_bytes(second.read_bytes())
+    assert receiver.root.stat().st_ino in synced  # the new folder's own fsync covered the rename
+    assert receiver.root.parent.stat().st_ino in synced  # and the new folder's entry in the inbox
+
+
 def test_a_file_that_cannot_be_made_durable_is_refused_and_its_row_forgotten(
     receive: StartReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -73,7 +73,7 @@ from meddaemon.db.clock import db_clock
 from meddaemon.db.engine import ConnectionLimits, transaction, with_lock_retry
 from meddaemon.db.models import ReceivedInstance, utcnow
 from meddaemon.dicom import associations
-from meddaemon.files import CANNOT_FSYNC_FOLDERS, remove_stale_temporaries, temporary_path
+from meddaemon.files import CANNOT_FSYNC_FOLDERS, make_folders, remove_stale_temporaries, temporary_path
 
 log = logging.getLogger("meddaemon.receiver")
 # pynetdicom logs every association at INFO and whole PDUs at DEBUG; the receiver logs what matters
@@ -420,6 +420,7 @@ class Receiver:
     def keep(self, data: bytes, facts: InstanceFacts, caller: Caller) -> Path:
         """Make ``data`` a file of the inbox, durably, with its row; returns the file. Raises
         ``Refused`` (and leaves no file, nor row) when it cannot."""
+        self._folder_there()
         free = self.disk_usage(self.root).free
         if free - len(data) < self.settings.dicom_min_free_bytes:
             raise Refused(OUT_OF_RESOURCES, "free disk space is under dicom_min_free_bytes")
@@ -449,6 +450,17 @@ class Receiver:
                 raise Refused(status, f"cannot write it ({exc.strerror or type(exc).__name__})") from exc
             raise
         return target
+
+    def _folder_there(self) -> None:
+        """The receiving folder, made again (its entry durable) when something removed it meanwhile
+        (a clean-up job deleting the inbox's empty folders): otherwise every instance after is refused."""
+        if self.root.is_dir():
+            return
+        try:
+            make_folders(self.root, durable=True)
+        except OSError as exc:
+            raise Refused(PROCESSING_FAILURE, f"cannot make the receiving folder ({exc.strerror or exc})") from exc
+        log.warning("the receiving folder %s was removed while the receiver ran: made again", self.root)
 
     def _write_and_record(self, tmp: Path, data: bytes, record: Callable[[], int]) -> int:
         """Write ``tmp`` and make its bytes durable (``fdatasync``: the data and its size, not the
@@ -544,10 +556,10 @@ class FolderSync:
     """Group commit of the renames into one folder. ``sync`` returns once every rename made in the
     folder before it was called is durable; the callers that arrive while an fsync of the folder
     runs (other associations) share the next one, instead of each waiting for its own. The folder
-    is opened once (``O_DIRECTORY``). As ``files.fsync_dir`` with ``strict``: a filesystem that
-    cannot fsync a folder is not an error; any other failure of the fsync (EIO: the disk failing) is
-    raised to every caller that fsync was to cover, so that none of their senders is told its
-    instance is safe."""
+    is opened once (``O_DIRECTORY``), and again when it is no longer the folder at that path (removed
+    and made again). As ``files.fsync_dir`` with ``strict``: a filesystem that cannot fsync a folder
+    is not an error; any other failure of the fsync (EIO: the disk failing) is raised to every
+    caller that fsync was to cover, so that none of their senders is told its instance is safe."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -590,6 +602,9 @@ class FolderSync:
 
     def _fsync(self) -> None:
         try:
+            if self._fd is not None and not os.path.samestat(os.fstat(self._fd), os.stat(self.folder)):
+                os.close(self._fd)  # the folder was removed and made again: the renames are in the new one
+                self._fd = None
             if self._fd is None:
                 self._fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
             os.fsync(self._fd)
