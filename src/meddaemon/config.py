@@ -18,11 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meddaemon.engine.tasks import TaskSpec, all_tasks, task_from_dict
 from meddaemon.names import is_utf8, shown_name
 from meddaemon.stored_paths import stored_file, stored_name
+
+if TYPE_CHECKING:
+    from meddaemon.engine.decode.types import DecodeOptions
 
 ENV_PREFIX = "MEDDAEMON_"
 CONFIG_ENV = "MEDDAEMON_CONFIG"
@@ -106,6 +109,7 @@ class Settings:
     workers: int = 2
     ignore: tuple[str, ...] = ("*.part", "*.partial", "*.tmp", "*.temp", "*.crdownload", "*.swp", "*~")
     max_pixels: int = 100_000_000
+    max_file_bytes: int = 4 * 1024**3
     frame_policy: str = "key"
     default_task: str = ""
     busy_timeout: float = 5.0
@@ -186,6 +190,17 @@ class Settings:
             RouteRule(t.name, t.route_modality, t.route_body_part)
             for t in self.task_specs.values()
             if t.route_modality or t.route_body_part
+        )
+
+    @property
+    def decode_options(self) -> DecodeOptions:
+        """How every reader of scans (the daemon, its reports, an evaluation, the console) reads one."""
+        from meddaemon.engine.decode.types import DecodeOptions  # pydicom with it: not for every command
+
+        return DecodeOptions(
+            frame_policy=self.frame_policy,  # type: ignore[arg-type]
+            max_pixels=self.max_pixels,
+            max_file_bytes=self.max_file_bytes,
         )
 
     def dicom_outputs_for(self, task: str) -> tuple[str, ...]:
@@ -272,6 +287,7 @@ _INT_KEYS = {
     "batch_size",
     "workers",
     "max_pixels",
+    "max_file_bytes",
     "max_batch",
     "reports_nice",
     "report_workers",
@@ -590,6 +606,8 @@ def _validate(s: Settings) -> None:
         fail("workers", "must be >= 0")
     if s.max_pixels < 1:
         fail("max_pixels", "must be >= 1")
+    if s.max_file_bytes < 1:
+        fail("max_file_bytes", "must be >= 1")
     if s.max_batch < 1:
         fail("max_batch", "must be >= 1")
     if s.max_wait_ms < 0:

@@ -15,6 +15,7 @@ class FailureReason(StrEnum):
     UNREADABLE = "unreadable"
     VANISHED = "vanished"
     SYMLINK_NOT_FOLLOWED = "symlink_not_followed"
+    TOO_LARGE = "too_large"
     # its format
     UNRECOGNISED_FORMAT = "unrecognised_format"
     CORRUPT_IMAGE = "corrupt_image"

@@ -144,7 +144,7 @@ def make_folders(folder: Path, durable: bool = False) -> None:
 
 
 def read_whole(
-    path: Path | str, *, follow_symlinks: bool = False, keep_atime: bool = False
+    path: Path | str, *, follow_symlinks: bool = False, keep_atime: bool = False, max_bytes: int | None = None
 ) -> tuple[bytes, os.stat_result]:
     """The bytes of ``path`` and the status of the file they came from (``fstat`` of the open file,
     to compare with what was seen before), or a ScanFailure with the daemon's reason code.
@@ -152,6 +152,7 @@ def read_whole(
     Opened read-only and non-blocking (a FIFO in the tree does not hang the reader), never locked.
     The inbox follows no symbolic link; a dataset is the user's own tree and does. ``keep_atime``
     leaves the access time alone where the system allows it (``O_NOATIME`` needs the file's owner).
+    A file over ``max_bytes`` is refused unread (``too_large``): it would be held whole in memory.
     """
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
     if not follow_symlinks:
@@ -166,6 +167,12 @@ def read_whole(
         raise ScanFailure(FailureReason.UNREADABLE, f"cannot open the file: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if max_bytes is not None and size > max_bytes:
+                raise ScanFailure(
+                    FailureReason.TOO_LARGE,
+                    f"the file holds {size} bytes, over max_file_bytes ({max_bytes}); it was not read",
+                )
             return handle.read(), os.fstat(handle.fileno())
     except IsADirectoryError:
         raise ScanFailure(FailureReason.UNREADABLE, "not a regular file") from None

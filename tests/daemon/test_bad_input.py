@@ -135,6 +135,21 @@ def test_a_file_whose_name_is_as_long_as_the_system_allows_fails_and_is_filed(ma
     assert not any((tmp_path / "inbox" / "busi").iterdir())
 
 
+def test_a_file_over_max_file_bytes_fails_too_large_unread_and_is_kept(make_settings, tmp_path: Path):
+    busi = tmp_path / "inbox" / "busi"
+    large = synthetic_png(busi / "synthetic_large.png", seed=9)
+    small = synthetic_png(busi / "synthetic_small.png", seed=10)
+    limit = small.stat().st_size  # the small one at the limit, the large one past it
+    large.write_bytes(large.read_bytes() + b"\0" * (limit + 1))
+    settings = make_settings(max_file_bytes=limit)
+    scans = scans_by_name(run_once(settings))
+    failed = scans["busi/synthetic_large.png"]
+    assert (failed.state, failed.failure_reason) == ("failed", "too_large")
+    assert failed.failure_message.endswith(f"over max_file_bytes ({limit}); it was not read")
+    assert settings.stored_file(failed.stored_path).stat().st_size > limit  # kept whole in failed/
+    assert scans["busi/synthetic_small.png"].state == "waiting_model"
+
+
 def test_dicom_without_preamble_is_read(make_settings, tmp_path: Path):
     write_dicom(tmp_path / "inbox" / "no_preamble.dcm", preamble=False, modality="DX", body_part="CHEST")
     scan = scans_by_name(run_once(make_settings()))["no_preamble.dcm"]

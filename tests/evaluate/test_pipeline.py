@@ -198,6 +198,22 @@ def test_unreadable_files_are_listed_with_reasons_and_the_run_goes_on(world, tmp
     assert bad["path"] == "broken.png" and bad["reason"] in ("corrupt_image", "truncated_image")
 
 
+def test_a_file_over_max_file_bytes_is_listed_too_large_unread_and_the_run_goes_on(world, tmp_path: Path) -> None:
+    """Each decoding process holds a file whole in memory: one of many gigabytes (a slide, a video
+    dropped among the scans) is refused by its size, before a byte of it is read."""
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(2)
+    for i in range(40):
+        write_png(folder / f"ok_{i:02}.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    with open(folder / "huge.png", "wb") as sparse:  # 6 GiB that take no disk: a hole
+        sparse.truncate(6 * 1024**3)
+    outcome = evaluate(world, folder, workers=1)
+    assert outcome.summary["scored"] == 40 and outcome.summary["failed"] == 1
+    [bad] = outcome.summary["unreadable"]
+    assert bad["path"] == "huge.png" and bad["reason"] == "too_large"
+    assert bad["message"] == f"the file holds {6 * 1024**3} bytes, over max_file_bytes ({4 * 1024**3}); it was not read"
+
+
 def test_more_than_five_percent_unreadable_stops_with_a_message(world, tmp_path: Path) -> None:
     folder = tmp_path / "images"
     rng = np.random.default_rng(2)

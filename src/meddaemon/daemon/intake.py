@@ -122,7 +122,7 @@ def _read(path: Path, expected: Signature | None, options: DecodeOptions) -> Int
     if st.st_mode & 0o444 == 0:
         raise ScanFailure(FailureReason.UNREADABLE, "the file has no read permission (mode 000)")
 
-    data, after = read_whole(path)
+    data, after = read_whole(path, max_bytes=options.max_file_bytes)
     if expected is not None and Signature.of(after) != expected:
         return Intake(path, changed=True)
     intake = Intake(path, size=len(data), sha256=hashlib.sha256(data).hexdigest())

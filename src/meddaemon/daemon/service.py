@@ -47,7 +47,7 @@ from meddaemon.daemon.watcher import WatcherStage
 from meddaemon.daemon.workers import DecodingPool
 from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
 from meddaemon.db.migrate import upgrade
-from meddaemon.engine.decode import DecodeOptions, decodable_transfer_syntaxes
+from meddaemon.engine.decode import decodable_transfer_syntaxes
 from meddaemon.engine.decode.dicom import quiet_pydicom
 
 __all__ = ["Daemon", "LeaseLost", "RunStats"]
@@ -76,7 +76,7 @@ class Daemon:
         self.destinations = Destinations(
             settings.work_dir, settings.archive_dir, settings.failed_dir, state_dir=settings.state_dir
         )
-        self.decode_options = DecodeOptions(frame_policy=settings.frame_policy, max_pixels=settings.max_pixels)  # type: ignore[arg-type]
+        self.decode_options = settings.decode_options
         self.engine = create_db_engine(settings.db_url, settings.busy_timeout, lease.connection_limits(settings))
         self.sessions: sessionmaker[Session] = session_factory(self.engine)
         #: the decoding workers (started by ``run``; until then reads are done in this process), forked

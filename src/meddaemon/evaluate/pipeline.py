@@ -140,7 +140,7 @@ def run_evaluation(
         version = find_model_version(session, request.task, request.model_version)
         scored = prefixes(store.scored_shas(session, version.id))
         session.expunge(version)
-    options = DecodeOptions(frame_policy=settings.frame_policy, max_pixels=settings.max_pixels)  # type: ignore[arg-type]
+    options = settings.decode_options
     decoders = None
     if request.engine == "local":
         # started first: their start-up (torch, the decoders) overlaps the model's verification

@@ -61,7 +61,7 @@ def read_file(
 ) -> FileRead:
     """``path`` read, hashed and (when not known, and ``decode``) turned into the model's input."""
     try:
-        data, _ = read_whole(path, follow_symlinks=True, keep_atime=True)
+        data, _ = read_whole(path, follow_symlinks=True, keep_atime=True, max_bytes=options.max_file_bytes)
     except ScanFailure as failure:
         return FileRead(path, failure=failure)
     if not data:

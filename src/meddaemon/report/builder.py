@@ -24,7 +24,6 @@ from meddaemon.daemon.bookkeeper import _advance
 from meddaemon.db.bulk import insert_rows
 from meddaemon.db.engine import transaction, with_lock_retry
 from meddaemon.db.models import Scan, ScanEvent, utcnow
-from meddaemon.engine.decode import DecodeOptions
 from meddaemon.overlays import ViewSource, overlay_jpeg, read_jpeg
 from meddaemon.report import images as pictures
 from meddaemon.report import output
@@ -59,7 +58,7 @@ class ReportBuilder:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self.settings = settings
         self.sessions = sessions
-        self.decode_options = DecodeOptions(frame_policy=settings.frame_policy, max_pixels=settings.max_pixels)  # type: ignore[arg-type]
+        self.decode_options = settings.decode_options
         #: DICOM results out (issue 14): the scan's objects, written with its report, queued with its step
         self.dicom: DicomOutputs | None = None
         if settings.destination:

@@ -76,7 +76,6 @@ def heatmap_png(settings: Settings, files: HeatmapFiles, side: int = VIEW_SIDE) 
 def heatmap_overlay(settings: Settings, files: HeatmapFiles) -> bytes:
     """The overlay JPEG of a stored heatmap, drawn from its map on first use (``meddaemon.overlays``)."""
     from meddaemon.daemon.filing import view_path
-    from meddaemon.engine.decode import DecodeOptions
     from meddaemon.engine.tasks import InputContract
     from meddaemon.overlays import ViewSource, overlay_jpeg
 
@@ -84,7 +83,7 @@ def heatmap_overlay(settings: Settings, files: HeatmapFiles) -> bytes:
         view_path(settings.heatmaps_dir, files.sha256, files.model_version_id) if files.sha256 else None,
         settings.stored_file(files.stored_path) if files.stored_path else None,
         InputContract.from_dict(files.contract) if files.contract else None,
-        DecodeOptions(frame_policy=settings.frame_policy, max_pixels=settings.max_pixels),  # type: ignore[arg-type]
+        settings.decode_options,
     )
     overlay_path = settings.stored_file(files.overlay_path)
     drawn = overlay_jpeg(stored_map(settings, files), overlay_path, source, files.map_size)

@@ -19,6 +19,8 @@ class DecodeOptions:
     frame_policy: FramePolicy = "key"
     #: Rows x columns x frames above which a file is refused as a decompression bomb.
     max_pixels: int = 100_000_000
+    #: Bytes above which a file is refused unread (it would be held whole in memory).
+    max_file_bytes: int = 4 * 1024**3
 
 
 @dataclass
