@@ -350,9 +350,7 @@ def load_settings(
         config_file = Path(env[CONFIG_ENV])
     if config_file is not None:
         for key, value in _read_toml(config_file).items():
-            if key in _PATH_KEYS:
-                value = str(config_file.parent / value)
-            raw[key], sources[key] = value, f"file {config_file}"
+            raw[key], sources[key] = _relative_to_file(key, value, config_file.parent), f"file {config_file}"
 
     for key in SETTING_NAMES:
         env_key = ENV_PREFIX + key.upper()
@@ -371,6 +369,26 @@ def load_settings(
 def _defaults_from_template() -> dict[str, Any]:
     """The shipped TOML is the single statement of the defaults, so the docs cannot drift from them."""
     return tomllib.loads(default_config_text())
+
+
+#: settings that name a file, relative to the config file when they come from one (and are set)
+_FILE_KEYS = {"reports_font", "dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca"}
+
+
+def _relative_to_file(key: str, value: Any, folder: Path) -> Any:
+    """A path read from the config file in ``folder``, relative to that file as a reader of the file
+    expects (not to the daemon's working directory, ``/`` under systemd): the inbox and state
+    directory, the files of ``_FILE_KEYS``, and a folder destination's ``path``."""
+    if key in _PATH_KEYS or (key in _FILE_KEYS and isinstance(value, str) and value):
+        return str(folder / value)
+    if key == "destination" and isinstance(value, list):
+        return [
+            {**d, "path": str(folder / d["path"])}
+            if isinstance(d, dict) and d.get("kind") == "folder" and isinstance(d.get("path"), str) and d["path"]
+            else d
+            for d in value
+        ]
+    return value
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

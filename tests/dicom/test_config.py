@@ -51,6 +51,31 @@ def test_destinations_and_outputs_per_task_come_from_the_config_file(tmp_path: P
     assert not web.receives("covid", "sr") and not web.receives("busi", "pdf")
 
 
+def test_a_relative_folder_destination_and_tls_files_are_relative_to_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """As the inbox and state directory are: not to the daemon's working directory (``/`` under
+    systemd, where ``path = "pacs-share"`` wrote the objects to ``/pacs-share``)."""
+    etc, keys = tmp_path / "etc", tmp_path / "keys"
+    for file in (etc / "tls" / "node.pem", keys / "node.key"):
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text("SYNTHETIC, not a certificate")
+    monkeypatch.chdir(tmp_path)
+    text = (
+        f'dicom_tls_cert = "tls/node.pem"\ndicom_tls_key = "{keys / "node.key"}"\ndicom_tls_ca = ""\n'
+        '[[destination]]\nname = "share"\nkind = "folder"\npath = "pacs-share"\n'
+        '[[destination]]\nname = "archive"\nkind = "folder"\npath = "/mnt/archive"\n'
+    )
+    s = settings_from(etc, text)
+    assert [d.path for d in s.destination] == [str(etc / "pacs-share"), "/mnt/archive"]
+    assert (s.dicom_tls_cert, s.dicom_tls_key) == (str(etc / "tls" / "node.pem"), str(keys / "node.key"))
+    assert s.dicom_tls_ca == ""
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls" / "node.pem").write_text("SYNTHETIC")
+    flags = {"dicom_tls_cert": "tls/node.pem", "dicom_tls_key": str(keys / "node.key")}
+    assert load_settings(env={}, flags=flags).dicom_tls_cert == "tls/node.pem"  # a flag: as the shell means it
+
+
 def test_the_defaults_write_every_output_and_send_nowhere():
     s = load_settings(env={})
     assert s.dicom_outputs == ("sr", "pmap", "sc", "pdf") and s.destination == ()
