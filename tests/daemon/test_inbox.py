@@ -101,6 +101,18 @@ def test_scan_yields_symlinks_but_never_walks_into_linked_folders(inbox: Inbox, 
     assert found == {"link.png", "linked_folder"}
 
 
+def test_a_file_name_holding_a_line_break_or_a_terminal_escape_cannot_forge_a_log_line(daemons: Daemons):
+    """A name may hold any byte but '/' and NUL: the daemon's log (the journal splits it at line
+    breaks) shows such a name on its record's one line, escaped: no line is forged."""
+    forged = "forged\n2026-12-04 00:00:00,000 INFO    meddaemon.daemon: busi/x.png -> archived \x1b[2J.png"
+    drop(daemons.layout.inbox, f"{TASK}/{forged}", synthetic_png(daemons.layout.root, 3), rename=False)
+    text = daemons.run_once().log_text()
+    escaped = forged.replace("\n", "\\n").replace("\x1b", "\\x1b")
+    assert f"{TASK}/{escaped} (sha256" in text
+    assert not any(line.startswith("2026-12-04 00:00:00,000") for line in text.splitlines()), text
+    assert "\x1b" not in text
+
+
 def test_a_folder_the_daemon_cannot_list_is_named_once_and_its_files_are_read_once_it_can(daemons: Daemons):
     """A folder whose permissions keep the daemon's user out: a warning naming it at the first scan
     that meets it (not at every rescan), the files around it processed, and its own files read as soon
