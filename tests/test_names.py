@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from meddaemon.names import NAME_MAX, fitted, is_utf8, shown_name, utf8_name
+from meddaemon.names import NAME_MAX, escape_controls, fitted, is_utf8, shown_name, utf8_name
 
 LATIN1 = os.fsdecode(b"sc\xe9n \xfc\xff.png")
 
@@ -32,3 +32,8 @@ def test_a_name_made_longer_than_received_is_cut_at_a_character_to_fit():
     name = fitted("é" * 200, "__retry7.png")  # two bytes a character: never cut inside one
     assert name.endswith("é__retry7.png") and len(name.encode()) in (NAME_MAX - 1, NAME_MAX)
     assert len(fitted("é" * 200, ".png", NAME_MAX - len(".reason.json")).encode()) <= NAME_MAX - 12
+
+
+def test_control_characters_are_escaped_for_a_log_line_or_a_terminal_and_the_rest_left_alone():
+    assert escape_controls("a\nb\tc\x1b[2J\x85d é 医") == "a\\nb\\tc\\x1b[2J\\x85d é 医"
+    assert shown_name(os.fsdecode(b"new\nline \xe9.png")) == "new\\nline \\xe9.png"

@@ -10,6 +10,7 @@ an evaluation, which never touches its cohort, stores the same ``utf8_name`` of 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import PurePath
 
 
@@ -29,8 +30,18 @@ def utf8_name(name: str | PurePath) -> str:
 
 
 def shown_name(name: str | PurePath) -> str:
-    """A name fit for a log line or a terminal, its bytes that were not UTF-8 shown ``\\xe9``."""
-    return os.fsencode(str(name)).decode("utf-8", "backslashreplace")
+    """A name fit for a log line or a terminal: its bytes that were not UTF-8 shown ``\\xe9``, its
+    control characters escaped (``escape_controls``)."""
+    return escape_controls(os.fsencode(str(name)).decode("utf-8", "backslashreplace"))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with its control characters written as escapes (``\\n``, ``\\x1b``): on one line,
+    and with nothing a terminal obeys (a name may hold any byte but ``/`` and NUL)."""
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
 #: bytes in one name (ext4, XFS, btrfs, NFS): a name made longer than the one received (numbered,

@@ -103,7 +103,8 @@ def test_scan_yields_symlinks_but_never_walks_into_linked_folders(inbox: Inbox, 
 
 def test_a_file_name_holding_a_line_break_or_a_terminal_escape_cannot_forge_a_log_line(daemons: Daemons):
     """A name may hold any byte but '/' and NUL: the daemon's log (the journal splits it at line
-    breaks) shows such a name on its record's one line, escaped: no line is forged."""
+    breaks) shows such a name on its record's one line, escaped: no line is forged; ``medcli scans``
+    shows it so too."""
     forged = "forged\n2026-12-04 00:00:00,000 INFO    meddaemon.daemon: busi/x.png -> archived \x1b[2J.png"
     drop(daemons.layout.inbox, f"{TASK}/{forged}", synthetic_png(daemons.layout.root, 3), rename=False)
     text = daemons.run_once().log_text()
@@ -111,6 +112,9 @@ def test_a_file_name_holding_a_line_break_or_a_terminal_escape_cannot_forge_a_lo
     assert f"{TASK}/{escaped} (sha256" in text
     assert not any(line.startswith("2026-12-04 00:00:00,000") for line in text.splitlines()), text
     assert "\x1b" not in text
+    medcli = [str(MEDDAEMON.with_name("medcli")), "scans", "--state-dir", str(daemons.layout.state)]
+    listed = subprocess.run(medcli, capture_output=True, text=True, env=daemon_env(), check=True).stdout
+    assert f"{TASK}/{escaped}" in listed and "\x1b" not in listed and len(listed.splitlines()) == 1
 
 
 def test_a_folder_the_daemon_cannot_list_is_named_once_and_its_files_are_read_once_it_can(daemons: Daemons):

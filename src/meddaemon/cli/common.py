@@ -10,7 +10,6 @@ import functools
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from sqlalchemy.exc import OperationalError
 from meddaemon import heap
 from meddaemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from meddaemon.db.migrate import SchemaError, open_current
+from meddaemon.names import escape_controls
 
 if TYPE_CHECKING:
     from meddaemon.training.nearduplicates import HashProgress
@@ -126,20 +126,12 @@ def handle_errors(func: F) -> F:
 
 
 class OneLineFormatter(logging.Formatter):
-    """A record's line with its control characters escaped (``\\n``, ``\\x1b``): a file name may hold
-    any byte but ``/`` and NUL, and one holding a line break forged log lines of its own in the
-    journal, one holding a terminal escape rewrote the screen of whoever read the log. A
-    traceback still follows on its own lines."""
+    """A record's line with its control characters escaped (``names.escape_controls``): a file name
+    holding a line break forged log lines of its own in the journal, one holding a terminal escape
+    rewrote the screen of whoever read the log. A traceback still follows on its own lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return _CONTROL.sub(_escaped, super().formatMessage(record))
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def _escaped(match: re.Match[str]) -> str:
-    return match.group().encode("unicode_escape").decode("ascii")
+        return escape_controls(super().formatMessage(record))
 
 
 def setup_logging(level: str) -> None:

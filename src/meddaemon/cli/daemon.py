@@ -37,6 +37,7 @@ from meddaemon.daemon.outage import DatabaseUnavailable
 from meddaemon.daemon.progress import ProgressLines
 from meddaemon.db.engine import session_factory
 from meddaemon.db.queries import status_summary
+from meddaemon.names import shown_name
 
 if TYPE_CHECKING:
     from meddaemon.daemon.service import Daemon
@@ -150,7 +151,6 @@ def _start_web_console(settings: Settings) -> WebServer:
 def status(config_file: Path | None, as_json: bool, recent: int, **flags: object) -> None:
     """Scans per state, failures by reason, the latest failures and throughput."""
     from meddaemon.daemon.inbox import Inbox, folder_words
-    from meddaemon.names import shown_name
 
     settings = build_settings(config_file, **flags)
     engine = open_database(settings)
@@ -193,7 +193,8 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
             click.echo(f"  {reason:<28} {count}")
         click.echo("latest failures:")
         for failure in summary.last_failures:
-            click.echo(f"  {failure.at:%Y-%m-%d %H:%M:%S}  {failure.source_name}: {failure.reason} ({failure.message})")
+            name = shown_name(failure.source_name)
+            click.echo(f"  {failure.at:%Y-%m-%d %H:%M:%S}  {name}: {failure.reason} ({failure.message})")
 
 
 @cli.group()

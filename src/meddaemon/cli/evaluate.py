@@ -28,6 +28,7 @@ from meddaemon.cli.common import (
     open_database,
     settings_options,
 )
+from meddaemon.names import shown_name
 
 
 @click.command()
@@ -184,6 +185,6 @@ def _print(summary: dict[str, Any]) -> None:
         + (f"; {summary['images_per_second']:.1f} images/s" if summary["images_per_second"] else "")
     )
     for item in summary["unreadable"][:20]:
-        click.echo(f"  unreadable {item['path']}: {item['reason']} ({item['message']})")
+        click.echo(f"  unreadable {shown_name(item['path'])}: {item['reason']} ({item['message']})")
     if len(summary["unreadable"]) > 20:
         click.echo(f"  ... and {len(summary['unreadable']) - 20} more (--json lists them all)")

@@ -29,6 +29,7 @@ from meddaemon.cli.synth import synth
 from meddaemon.db.engine import create_db_engine, session_factory
 from meddaemon.db.migrate import current_revision, head_revision, upgrade
 from meddaemon.db.models import Scan
+from meddaemon.names import shown_name
 from meddaemon.states import PERSISTED
 
 
@@ -99,7 +100,8 @@ def scans(config_file: Path | None, state: str | None, limit: int, as_json: bool
         return
     for r in rows:
         sender = f"  {senders[r['sha256']].describe()}" if r["sha256"] in senders else ""
-        line = f"{r['id']:>6}  {r['state']:<14} {r['task'] or '-':<15} {r['reason'] or '':<24} {r['source_name']}"
+        name = shown_name(r["source_name"])
+        line = f"{r['id']:>6}  {r['state']:<14} {r['task'] or '-':<15} {r['reason'] or '':<24} {name}"
         click.echo(line + sender)
 
 
