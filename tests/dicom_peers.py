@@ -4,6 +4,7 @@ statuses are scripted. Both are real servers on loopback; every request they rec
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -96,10 +97,12 @@ class _StowHandler(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         with stow.lock:
             stow.requests += 1
-            status = stow.script.pop(0) if stow.script else 200
+            answer = stow.script.pop(0) if stow.script else 200
+            status, reason = answer if isinstance(answer, tuple) else (answer, None)
             if status == 200:
                 stow.stored += 1
-        body = b"{}"
+        failed = {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [reason]}}]}}
+        body = json.dumps(failed).encode() if reason is not None else b"{}"
         self.send_response(status)
         self.send_header("Content-Type", "application/dicom+json")
         self.send_header("Content-Length", str(len(body)))
@@ -112,9 +115,10 @@ class _StowHandler(BaseHTTPRequestHandler):
 
 @dataclass
 class ScriptedStow:
-    """A STOW-RS endpoint answering ``script``'s HTTP statuses in turn, then 200."""
+    """A STOW-RS endpoint answering ``script``'s HTTP statuses in turn, then 200; a (status, failure
+    reason) pair answers with a Failed SOP Sequence naming that reason, as a 409 does."""
 
-    script: list[int] = field(default_factory=list)
+    script: list[int | tuple[int, int]] = field(default_factory=list)
     requests: int = 0
     stored: int = 0
 

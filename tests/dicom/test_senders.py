@@ -321,6 +321,25 @@ def test_stow_rs_http_statuses_are_classified(objects: list[Path], status: int, 
     assert second.acknowledged and stow.requests == 2  # no retry inside dicomweb-client: the outbox retries
 
 
+@pytest.mark.parametrize(
+    ("reason", "permanent"),
+    [(0x0122, True), (0xA900, True), (0xC122, True), (0xA700, False), (0x0110, False), (0xC000, False)],
+)
+def test_a_stow_rs_conflict_is_refused_for_good_when_its_failure_reason_is(
+    objects: list[Path], reason: int, permanent: bool
+):
+    """A 409 says why in its Failed SOP Sequence: an SOP class or transfer syntax the server does not
+    take will not change by trying again (it went dead only after every attempt); out of resources may."""
+    stow = ScriptedStow([(409, reason)])
+    try:
+        sender = StowSender(DestinationConfig(**stow.destination()))  # type: ignore[arg-type]
+        first, second = sender.send(objects[:2])
+    finally:
+        stow.stop()
+    assert first == Delivery(False, f"STOW-RS HTTP 409, failure reason 0x{reason:04X}", permanent)
+    assert second.acknowledged
+
+
 def test_a_folder_destination_whose_folder_fsync_fails_is_not_acknowledged(
     tmp_path: Path, objects: list[Path], monkeypatch: pytest.MonkeyPatch
 ):

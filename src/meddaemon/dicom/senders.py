@@ -283,6 +283,27 @@ def _dimse_answer(status: Dataset) -> Delivery:
 RETRYABLE_HTTP = {408, 409, 429}
 
 
+#: STOW-RS failure reasons no retry can change (PS3.18 10.5.3): those of C-STORE, and 0xC122 the
+#: transfer syntax not supported
+STOW_REFUSED_FOR_GOOD = {0xC122}
+
+
+def _refused_for_good(reasons: list[int]) -> bool:
+    """Every instance's failure reason (one here: an object a request) is a refusal for good."""
+    return bool(reasons) and all(dimse_status_is_permanent(r) or r in STOW_REFUSED_FOR_GOOD for r in reasons)
+
+
+def _failure_reasons(response: Any) -> list[int]:
+    """The Failure Reasons (0008,1197) of the Failed SOP Sequence (0008,1198) in a STOW-RS answer's
+    DICOM JSON (a 409's body); none for another body or none at all."""
+    try:
+        body = response.json()
+        items = body["00081198"]["Value"]
+        return [int(item["00081197"]["Value"][0]) for item in items if "00081197" in item]
+    except (AttributeError, ValueError, KeyError, IndexError, TypeError):
+        return []
+
+
 class StowSender:
     def __init__(self, destination: DestinationConfig) -> None:
         from dicomweb_client.api import DICOMwebClient
@@ -305,15 +326,18 @@ class StowSender:
                 answer = self.client.store_instances(datasets=[ds])
             except requests.exceptions.HTTPError as exc:
                 code = exc.response.status_code if exc.response is not None else 0
-                permanent = code < 500 and code not in RETRYABLE_HTTP
-                answers.append(Delivery(False, f"STOW-RS HTTP {code}", permanent and code != 0))
+                reasons = _failure_reasons(exc.response)
+                permanent = (code < 500 and code not in RETRYABLE_HTTP) or _refused_for_good(reasons)
+                detail = f"STOW-RS HTTP {code}" + "".join(f", failure reason 0x{r:04X}" for r in reasons)
+                answers.append(Delivery(False, detail, permanent and code != 0))
             except requests.exceptions.RequestException as exc:
                 answers.append(Delivery(False, f"STOW-RS {type(exc).__name__}"))
             else:
                 failed = answer.get("FailedSOPSequence") if answer is not None else None
                 if failed:
-                    reason = failed[0].get("FailureReason")
-                    answers.append(Delivery(False, f"STOW-RS failed SOP, reason {reason}"))
+                    reasons = [int(item.FailureReason) for item in failed if "FailureReason" in item]
+                    detail = "STOW-RS failed SOP" + "".join(f", failure reason 0x{r:04X}" for r in reasons)
+                    answers.append(Delivery(False, detail, _refused_for_good(reasons)))
                 else:
                     answers.append(Delivery(True))
         return answers
