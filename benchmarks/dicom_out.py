@@ -138,6 +138,7 @@ def drop_dicoms(inbox: Path, count: int, offset: int = 0, task: str = "busi") ->
 
 
 def written(root: Path, files: int) -> tuple[Daemon, float, int, dict[str, float]]:
+    (root / "share").mkdir(parents=True, exist_ok=True)
     settings = load_settings(
         env={},
         flags={
@@ -380,6 +381,7 @@ def cpu_per_scan(root: Path, files: int, outputs: bool, cprofile: Path | None, t
         "workers": 0,
     }
     if outputs:
+        (root / "share").mkdir(parents=True, exist_ok=True)
         flags["destination"] = [{"name": "share", "kind": "folder", "path": str(root / "share")}]
     settings = load_settings(env={}, flags=flags)
     warm = Daemon(settings)
@@ -581,6 +583,7 @@ def main() -> None:
             table += f'host = "127.0.0.1"\nport = {d["port"]}\n'
         else:
             pacs = None
+            (root / "share-e2e").mkdir(parents=True, exist_ok=True)
             table = f'[[destination]]\nname = "share"\nkind = "folder"\npath = "{root / "share-e2e"}"\n'
         try:
             off, on, pacs_cpu = [], [], []

@@ -23,6 +23,7 @@ from orthanc import orthanc  # noqa: F401 (fixture)
 def delivered(tmp_path_factory: pytest.TempPathFactory) -> Daemon:
     """Read-only for the tests that use it: SYNTHETIC scans, every DICOM output to a folder."""
     root = tmp_path_factory.mktemp("dicomout")
+    (root / "share").mkdir()
     return reported_state(root, destination=[{"name": "share", "kind": "folder", "path": str(root / "share")}])
 
 

@@ -131,6 +131,7 @@ def test_a_round_s_stored_objects_are_delivered_each_with_the_peers_warning_if_a
 
 
 def test_rows_for_a_destination_no_longer_configured_are_dead_not_stuck(make_settings, tmp_path: Path):
+    (tmp_path / "share").mkdir()
     settings = make_settings(destination=[{"name": "share", "kind": "folder", "path": str(tmp_path / "share")}])
     sessions, _ = queued(settings, 1, ["share", "gone"])
     drain(OutboxSender(settings, sessions, None))

@@ -271,6 +271,7 @@ def test_an_object_file_that_cannot_be_read_is_refused_for_good_and_the_others_o
     not_dicom.write_bytes(b"synthetic, not DICOM" * 20)
     cut_short = tmp_path / "cut_short.dcm"
     cut_short.write_bytes(objects[2].read_bytes()[:150])
+    (tmp_path / "share").mkdir()
     scp, stow = ScriptedScp(), ScriptedStow()
     try:
         destination = {
@@ -355,6 +356,7 @@ def test_a_folder_destination_whose_folder_fsync_fails_is_not_acknowledged(
         real(fd)
 
     monkeypatch.setattr(os, "fsync", folders_failing)
+    (tmp_path / "share").mkdir()
     sender = FolderSender(DestinationConfig("share", "folder", path=str(tmp_path / "share")))
     assert sender.send(objects[:1]) == [Delivery(False, "OSError: Input/output error (injected)")]
     answer = errno.EINVAL
@@ -367,6 +369,7 @@ def test_a_folder_destination_refuses_an_object_whose_uids_would_name_a_folder_o
     escaping = pydicom.dcmread(objects[0])
     escaping.StudyInstanceUID = "../../synthetic_escape"
     escaping.save_as(objects[0])
+    (tmp_path / "share" / "inner").mkdir(parents=True)
     sender = FolderSender(DestinationConfig("share", "folder", path=str(tmp_path / "share" / "inner")))
     refused, delivered = sender.send(objects[:2])
     why = "InvalidDicomError: its StudyInstanceUID is not a UID"
@@ -377,9 +380,24 @@ def test_a_folder_destination_refuses_an_object_whose_uids_would_name_a_folder_o
 
 
 def test_a_folder_destination_files_by_study_series_and_instance(tmp_path: Path, objects: list[Path]):
+    (tmp_path / "share").mkdir()
     sender = FolderSender(DestinationConfig("share", "folder", path=str(tmp_path / "share")))
     assert all(d.acknowledged for d in sender.send(objects + objects))  # a resend replaces the same file
     files = sorted((tmp_path / "share").rglob("*.dcm"))
     assert sorted(f.stem for f in files) == sorted(uids(objects))
     ds = pydicom.dcmread(files[0])
     assert files[0].parent.name == ds.SeriesInstanceUID and files[0].parent.parent.name == ds.StudyInstanceUID
+
+
+def test_a_folder_destination_that_does_not_exist_is_not_made_and_nothing_is_acknowledged(
+    tmp_path: Path, objects: list[Path]
+):
+    """The mount point of a share that is not mounted: writing there (on the local disk) was
+    acknowledged, and the objects never reached the share. A failure worth retrying, until it is."""
+    share = tmp_path / "mnt" / "pacs-share"
+    sender = FolderSender(DestinationConfig("share", "folder", path=str(share)))
+    why = f"the destination folder {share} does not exist (is its share mounted?)"
+    assert sender.send(objects[:2]) == [Delivery(False, why)] * 2
+    assert not share.exists()
+    share.mkdir(parents=True)  # mounted
+    assert all(d.acknowledged for d in sender.send(objects[:2]))

@@ -357,12 +357,17 @@ class StowSender:
 class FolderSender:
     """``<path>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, written whole; a
     resend replaces the same file. Acknowledged once the file and its folder are fsynced: a folder
-    fsync the disk fails (EIO) is a failed delivery, sent again later."""
+    fsync the disk fails (EIO) is a failed delivery, sent again later. ``path`` itself must exist:
+    the mount point of a share that is not mounted is not the share (its objects, written on the
+    local disk, would have been acknowledged and never reached it)."""
 
     def __init__(self, destination: DestinationConfig) -> None:
         self.root = Path(destination.path)
 
     def send(self, objects: Sequence[Path]) -> list[Delivery]:
+        if not self.root.is_dir():
+            missing = Delivery(False, f"the destination folder {self.root} does not exist (is its share mounted?)")
+            return [missing] * len(objects)
         answers = []
         for path in objects:
             try:
