@@ -1,13 +1,17 @@
-"""SQLite as the embedded default: WAL, busy timeout, foreign keys, writers that lock at BEGIN."""
+"""SQLite as the embedded default: WAL, busy timeout, foreign keys, writers that lock at BEGIN; never
+on a network file system."""
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from meddaemon.db.engine import create_db_engine, is_lock_error, with_lock_retry
+from meddaemon.config import ConfigError
+from meddaemon.db import engine as engine_module
+from meddaemon.db.engine import create_db_engine, filesystem_type, is_lock_error, with_lock_retry
 from meddaemon.db.migrate import upgrade
 
 
@@ -60,3 +64,46 @@ def test_lock_retry_waits_for_the_other_writer_to_finish(sqlite_engine):
 
     assert with_lock_retry(write, on_wait=lambda attempt, exc: waits.append(attempt)) == 2
     assert waits, "the first attempt should have met the lock"
+
+
+MOUNTINFO = """\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 253:1 / / rw,relatime - ext4 /dev/vda1 rw
+31 27 0:44 / /mnt/state rw,relatime - nfs4 filer:/export/state rw,vers=4.2
+32 31 253:2 / /mnt/state/local rw,relatime - xfs /dev/vdb1 rw
+33 27 0:45 / /mnt/my\\040share rw - cifs //nas/share rw
+34 27 0:46 / /home/u/remote rw - fuse.sshfs u@host:/data rw
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/var/lib/meddaemon", "ext4"),
+        ("/mnt/state", "nfs4"),
+        ("/mnt/state/meddaemon", "nfs4"),
+        ("/mnt/state/local/meddaemon", "xfs"),  # a local disk mounted inside the share
+        ("/mnt/statement", "ext4"),  # a name that merely begins like a mount point
+        ("/mnt/my share/db", "cifs"),
+        ("/home/u/remote/state", "fuse.sshfs"),
+    ],
+)
+def test_the_file_system_of_a_path_is_that_of_the_longest_mount_point_above_it(path, kind):
+    assert filesystem_type(Path(path), MOUNTINFO) == kind
+
+
+def test_this_machine_s_own_mounts_are_read(tmp_path):
+    assert filesystem_type(tmp_path) not in (None, "nfs4")
+
+
+def test_a_sqlite_database_on_a_network_file_system_is_refused_before_it_is_opened(tmp_path, monkeypatch):
+    """SQLite's locks fail on NFS or SMB (two daemons sharing the file corrupt it) and its WAL does
+    not work there. No network file system can be mounted here: the mount table is given."""
+    local = tmp_path / "state"
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(MOUNTINFO + f"40 27 0:50 / {local} rw - nfs4 filer:/export rw\n")
+    monkeypatch.setattr(engine_module, "MOUNTINFO", mountinfo)
+    with pytest.raises(ConfigError, match=r"would be on a network file system \(nfs4\).*PostgreSQL"):
+        create_db_engine(f"sqlite:///{local / 'meddaemon.db'}")
+    assert not (local / "meddaemon.db").exists()
+    create_db_engine(f"sqlite:///{tmp_path / 'elsewhere' / 'meddaemon.db'}").dispose()  # a local disk

@@ -8,6 +8,7 @@ half-way when a second writer appears.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -78,6 +79,7 @@ def create_db_engine(url: str, busy_timeout: float = 5.0, limits: ConnectionLimi
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
+        refuse_network_filesystem(Path(database))
     engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False})
 
     @event.listens_for(engine, "connect")
@@ -95,6 +97,52 @@ def create_db_engine(url: str, busy_timeout: float = 5.0, limits: ConnectionLimi
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+#: file systems shared over a network (or a cluster): SQLite's locks are not to be trusted there, and
+#: its write-ahead log needs shared memory that only processes of one host share
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "gpfs", "beegfs"}
+)
+#: FUSE file systems that are network ones (``fuse.<name>`` in mountinfo)
+NETWORK_FUSE = frozenset({"sshfs", "glusterfs", "ceph", "s3fs", "gcsfuse", "rclone", "juicefs"})
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def refuse_network_filesystem(database: Path) -> None:
+    """A SQLite database on a network file system is refused before it is opened: SQLite's own
+    documentation warns that its locks fail there (two daemons sharing the file corrupt it) and
+    that WAL does not work there at all. PostgreSQL is the database of several hosts."""
+    kind = filesystem_type(database.parent.resolve())
+    if kind is None or not (kind in NETWORK_FILESYSTEMS or kind.removeprefix("fuse.") in NETWORK_FUSE):
+        return
+    from meddaemon.config import ConfigError
+
+    raise ConfigError(
+        f"the SQLite database {database} would be on a network file system ({kind}), where SQLite's locks "
+        "fail and its write-ahead log does not work: put the state directory on a local disk, or give "
+        "--db a PostgreSQL URL (the database of daemons on several hosts)"
+    )
+
+
+def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
+    """The type of the file system ``path`` (absolute, resolved) lies on, from the longest mount
+    point above it in ``/proc/self/mountinfo``; None where there is none to read (not Linux)."""
+    if mountinfo is None:
+        try:
+            mountinfo = MOUNTINFO.read_text()
+        except OSError:
+            return None
+    best, kind = -1, None
+    for line in mountinfo.splitlines():
+        fields, _, tail = line.partition(" - ")
+        parts, rest = fields.split(), tail.split()
+        if len(parts) < 5 or not rest:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])  # a space is written \040
+        if (path == Path(point) or Path(point) in path.parents) and len(point) >= best:
+            best, kind = len(point), rest[0]
+    return kind
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
