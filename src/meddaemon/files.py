@@ -134,7 +134,7 @@ def make_folders(folder: Path, durable: bool = False) -> None:
     ``fsync_dir``): a file fsynced into a new folder is lost in a power cut with that folder
     when the folder's own entry in its parent was never made durable."""
     missing: list[Path] = []
-    while not folder.is_dir():
+    while not folder.is_dir() and folder.parent != folder:
         missing.append(folder)
         folder = folder.parent
     for new in reversed(missing):
