@@ -172,6 +172,27 @@ def test_a_multilabel_scan_shows_one_map_per_positive_label_and_none_for_the_oth
     assert len(positive) > 1 and shown == positive
 
 
+def test_a_stored_scan_over_the_daemon_s_limits_is_no_picture_rather_than_the_console_s_memory(fresh_root):
+    """The console reads and decodes a scan's picture under the daemon's own limits: a file kept in
+    failed/ as too large (it read it whole) or too many pixels is a 404 saying why."""
+    scan = next(s for s in stored_scans(fresh_root) if s.state == "archived" and s.task_name == "busi")
+    size = web_settings(fresh_root).stored_file(scan.stored_path).stat().st_size
+    for flags, why in (({"max_file_bytes": size - 1}, "too_large"), ({"max_pixels": 100}, "too_many_pixels")):
+        app = create_app(web_settings(fresh_root, **flags))
+        try:
+            client = signed_in(app, "viewer")
+            for url in (f"/scans/{scan.id}/image.png", f"/scans/{scan.id}/thumb.jpg"):
+                page = client.get(url)
+                assert page.status_code == 404 and why in page.text, (url, page.text[:200])
+        finally:
+            app.state.console.dispose()
+    app = create_app(web_settings(fresh_root))  # within the limits: the picture
+    try:
+        assert signed_in(app, "viewer").get(f"/scans/{scan.id}/image.png").status_code == 200
+    finally:
+        app.state.console.dispose()
+
+
 def test_a_scan_that_does_not_exist_is_a_404_page_not_a_traceback(console):
     client = console("viewer")
     for url in ("/scans/999999", "/scans/999999/image.png", "/heatmaps/999999.png", "/reports/999999.pdf", "/nowhere"):

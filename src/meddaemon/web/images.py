@@ -20,6 +20,7 @@ from meddaemon.engine.overlay import jet
 
 if TYPE_CHECKING:
     from meddaemon.config import Settings
+    from meddaemon.engine.decode.types import DecodeOptions
     from meddaemon.web.queries import HeatmapFiles
 
 #: longest side of a picture on the scan page, and of a thumbnail
@@ -31,15 +32,32 @@ class NoPicture(LookupError):
     """The file behind a picture is gone or cannot be decoded."""
 
 
-def scan_png(path: Path, size: tuple[int, int] | None = None, side: int = VIEW_SIDE) -> bytes:
+def scan_png(path: Path, options: DecodeOptions, size: tuple[int, int] | None = None, side: int = VIEW_SIDE) -> bytes:
     """The stored scan (its key frame) as an 8-bit PNG: resized to ``size`` (width, height) when given,
     then fitted within ``side`` pixels."""
-    from meddaemon.engine.decode import DecodeOptions, decode_bytes  # the decoders, on first use
+    return _scan_png(_stored_bytes(path, options), path, options, size, side)
+
+
+def _stored_bytes(path: Path, options: DecodeOptions) -> bytes:
+    """A stored scan's bytes, read under the daemon's limit (``max_file_bytes``): a file kept in
+    failed/ as too large is no picture, rather than the console's memory."""
+    from meddaemon.failures import ScanFailure
+    from meddaemon.files import read_whole
 
     try:
-        decoded = decode_bytes(path.read_bytes(), DecodeOptions())
-    except Exception as exc:  # a file gone, or one the daemon failed: the page shows none
-        raise NoPicture(f"cannot show {path.name}: {type(exc).__name__}") from None
+        data, _ = read_whole(path, follow_symlinks=True, max_bytes=options.max_file_bytes)
+    except ScanFailure as failure:
+        raise NoPicture(f"cannot show {path.name}: {failure.reason.value}") from None
+    return data
+
+
+def _scan_png(data: bytes, path: Path, options: DecodeOptions, size: tuple[int, int] | None, side: int) -> bytes:
+    from meddaemon.engine.decode import decode_bytes  # the decoders, on first use
+
+    try:
+        decoded = decode_bytes(data, options)  # a decompression bomb refused as the daemon refuses it
+    except Exception as exc:  # a file the daemon failed: the page shows none
+        raise NoPicture(f"cannot show {path.name}: {getattr(exc, 'reason', type(exc).__name__)}") from None
     frames = np.asarray(decoded.frames)  # (N, H, W) or (N, H, W, 3)
     pixels = frames[len(frames) // 2]
     image = Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8))
@@ -92,15 +110,12 @@ def heatmap_overlay(settings: Settings, files: HeatmapFiles) -> bytes:
     return drawn
 
 
-def thumbnail_jpeg(path: Path, side: int = THUMB_SIDE) -> bytes:
+def thumbnail_jpeg(path: Path, options: DecodeOptions, side: int = THUMB_SIDE) -> bytes:
     """A small JPEG of a stored scan."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise NoPicture(f"cannot show {path.name}: {type(exc).__name__}") from None
+    data = _stored_bytes(path, options)
     if data[:2] == b"\xff\xd8":
         return thumbnail_of(data, side)
-    return thumbnail_of(scan_png(path, side=side), side)
+    return thumbnail_of(_scan_png(data, path, options, None, side), side)
 
 
 def thumbnail_of(data: bytes, side: int = THUMB_SIDE) -> bytes:

@@ -58,7 +58,7 @@ def scan_image(request: Request) -> Response:
         if files is not None and files.scan_id == scan_id and files.map_size is not None:
             size = (files.map_size[1], files.map_size[0])
     try:
-        return _png(images.scan_png(console.settings.stored_file(path), size))
+        return _png(images.scan_png(console.settings.stored_file(path), console.settings.decode_options, size))
     except images.NoPicture as exc:
         raise HTTPException(404, str(exc)) from None
 
@@ -70,7 +70,7 @@ def scan_thumbnail(request: Request) -> Response:
     if found is None or found[0] is None:
         raise HTTPException(404, NOT_FOUND.format(id=scan_id))
     try:
-        return _jpeg(images.thumbnail_jpeg(console.settings.stored_file(found[0])))
+        return _jpeg(images.thumbnail_jpeg(console.settings.stored_file(found[0]), console.settings.decode_options))
     except images.NoPicture as exc:
         raise HTTPException(404, str(exc)) from None
 
