@@ -38,7 +38,8 @@ def test_list_shows_each_item_with_the_peers_answer_retry_revives_the_dead_and_p
         )
         sr, pdf = outbox.claim_due(session, None, 2)
         outbox.record_delivered(session, [sr.id])
-        outbox.record_failure(session, pdf.id, "C-STORE status 0xA900", True, outbox.Backoff(1, 1, 3))
+        answer = "C-STORE status 0xA900 (SYNTHETIC\x1b[2Jcomment)"  # a peer's Error Comment, as it sent it
+        outbox.record_failure(session, pdf.id, answer, True, outbox.Backoff(1, 1, 3))
     engine.dispose()
 
     listed = runner.invoke(medcli, ["outbox", "list", "--json", *dirs])
@@ -46,11 +47,12 @@ def test_list_shows_each_item_with_the_peers_answer_retry_revives_the_dead_and_p
     data = json.loads(listed.stdout)
     assert {(i["object"], i["status"], i["last_error"]) for i in data["items"]} == {
         ("sr", "delivered", None),
-        ("pdf", "dead", "C-STORE status 0xA900"),
+        ("pdf", "dead", "C-STORE status 0xA900 (SYNTHETIC\x1b[2Jcomment)"),
     }
     assert data["queue"]["counts"] == {"pending": 0, "delivered": 1, "dead": 1}
     text = runner.invoke(medcli, ["outbox", "list", *dirs]).stdout
-    assert "dead" in text and "0xA900" in text and "1 delivered, 1 dead" in text
+    assert "dead" in text and "0xA900 (SYNTHETIC\\x1b[2Jcomment)" in text and "1 delivered, 1 dead" in text
+    assert "\x1b" not in text  # escaped on the terminal: no peer's text acts on it
 
     assert runner.invoke(medcli, ["outbox", "retry", *dirs]).exit_code == 2  # nothing named
     revived = runner.invoke(medcli, ["outbox", "retry", "--all-dead", *dirs])

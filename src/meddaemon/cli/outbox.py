@@ -9,6 +9,7 @@ import click
 
 from meddaemon.cli.common import build_settings, echo_json, handle_errors, open_database, settings_options
 from meddaemon.db.engine import session_factory, transaction
+from meddaemon.names import escape_controls
 
 
 @click.group()
@@ -50,7 +51,7 @@ def list_(config_file: Path | None, status: str | None, limit: int, as_json: boo
         echo_json({"items": rows, "queue": queue.as_dict()})
         return
     for r in rows:
-        error = f"  {r['last_error']}" if r["last_error"] else ""
+        error = f"  {escape_controls(r['last_error'])}" if r["last_error"] else ""  # the peer's own text
         click.echo(
             f"{r['id']:>6}  scan {r['scan_id']:<6} {r['object']:<24} -> {r['destination']:<12} "
             f"{r['status']:<9} {r['attempts']} attempt(s){error}"
