@@ -3,10 +3,12 @@ kept byte for byte in failed/ beside a .reason.json, and the good files around i
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from sqlalchemy import select
 from meddaemon.daemon.service import Daemon
 from meddaemon.daemon.stability import StableFile, signature
 from meddaemon.db.models import Scan, utcnow
+from meddaemon.names import is_utf8
 
 
 def synthetic_png(path: Path, seed: int = 0) -> Path:
@@ -206,6 +209,36 @@ def test_names_that_are_not_utf8_are_renamed_in_place_then_processed(make_settin
     assert scans["busi/sc%E9n.png"].sha256 == hashlib.sha256(scan_bytes).hexdigest()
     assert "renamed inbox file busi/sc\\xe9n.png to busi/sc%E9n.png: its name was not UTF-8" in caplog.text
     assert [p.name for p in busi.rglob("*")] == ["lot %FF"]  # every file moved out; the folder stays
+
+
+def test_a_name_that_is_not_utf8_and_cannot_be_renamed_waits_named_once_and_once_still_ends(
+    make_settings, tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch
+):  # type: ignore[no-untyped-def]
+    """The rename refused (EACCES, injected: root renames in any folder here): the file waits in the
+    inbox, unread; the warning names it once; ``--once`` ends (a rescan that found it again each
+    turn kept it going for ever); the files beside it are processed."""
+    busi = tmp_path / "inbox" / "busi"
+    stuck = synthetic_png(latin1(busi, b"sc\xe9n.png"), seed=1)
+    synthetic_png(busi / "synthetic_good.png", seed=5)
+    real = os.rename
+
+    def refusing(source, target, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not is_utf8(os.fspath(source)):
+            raise PermissionError(errno.EACCES, "Permission denied (injected)", source)
+        return real(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", refusing)
+    caplog.set_level(logging.INFO, "meddaemon.daemon")
+    daemon = Daemon(make_settings())
+    finished = threading.Thread(target=daemon.run, kwargs={"once": True}, daemon=True)
+    finished.start()
+    finished.join(60)
+    if finished.is_alive():
+        daemon.request_stop()
+        finished.join(30)
+        pytest.fail("--once did not end with a file it cannot rename in the inbox")
+    assert list(scans_by_name(daemon)) == ["busi/synthetic_good.png"] and stuck.exists()
+    assert caplog.text.count("cannot give inbox file busi/sc\\xe9n.png a UTF-8 name (Permission denied") == 1
 
 
 def test_a_directory_named_like_a_dicom_file_is_a_folder_and_its_files_are_processed(make_settings, tmp_path: Path):

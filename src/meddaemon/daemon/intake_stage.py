@@ -126,6 +126,10 @@ class IntakeStage(Stage):
         self.hints: queue.Queue[Hint] = queue.Queue()
         #: inbox files whose committed move failed: not to be read again while they wait for it
         self.blocked: set[Path] = set()
+        #: inbox files whose name is not UTF-8 and could not be renamed: left to the next periodic
+        #: rescan (``--once`` ends with them in the inbox), named in a warning the first time only
+        self.unrenamed: set[Path] = set()
+        self._warned_unrenamed: set[PurePosixPath] = set()
         self.policy = RoutingPolicy(settings.routing_rules, set(settings.task_specs), settings.default_task)
         self.destinations = destinations
         self.decode_options = decode_options
@@ -172,6 +176,7 @@ class IntakeStage(Stage):
             for trigger in self.rescan_triggers:
                 trigger.event.clear()
             self.recover_moves()
+            self.unrenamed.clear()  # tried again once a rescan period
             self.rescan()
             self.rescans.done(now)
         room = self._read_room()
@@ -206,7 +211,7 @@ class IntakeStage(Stage):
         new = 0
         unlisted_before = self.inbox.unlisted
         for path in self.inbox.scan():
-            if path not in self.tracker and path not in self.blocked:
+            if path not in self.tracker and path not in self.blocked and path not in self.unrenamed:
                 self.tracker.observe(path)
                 new += path in self.tracker
         self._note_unlisted(unlisted_before)
@@ -232,7 +237,9 @@ class IntakeStage(Stage):
             except queue.Empty:
                 return
             path = self.inbox.canonical(hint.path)
-            if path is not None and path not in self.blocked and self.inbox.is_candidate(path) and not path.is_dir():
+            if path is None or path in self.blocked or path in self.unrenamed:
+                continue
+            if self.inbox.is_candidate(path) and not path.is_dir():
                 self.tracker.observe(path, complete=hint.renamed_in)
 
     # -- reading in workers ----------------------------------------------------------------------
@@ -272,7 +279,8 @@ class IntakeStage(Stage):
         """``ready``, each file whose name inside the inbox is not valid UTF-8 (a Latin-1 share, an
         old archive) renamed in place first (``rename_to_utf8``): no database stores such a name,
         and storing it stopped the daemon. The same file (its signature unchanged), its new name;
-        one that cannot be renamed waits in the inbox, unread, and is named in the log."""
+        one that cannot be renamed waits in the inbox, unread, until the next periodic rescan
+        (``unrenamed``), and is named in a warning the first time."""
         named: list[StableFile] = []
         for file in ready:
             name = self.inbox.relative_name(file.path)
@@ -284,12 +292,16 @@ class IntakeStage(Stage):
             except FileNotFoundError:
                 continue  # gone meanwhile: another daemon sharing the inbox renamed it first
             except OSError as exc:
-                log.warning(
-                    "cannot give inbox file %s a UTF-8 name (%s): it waits there, unread",
-                    shown_name(name),
-                    exc.strerror or exc,
-                )
+                self.unrenamed.add(file.path)
+                if name not in self._warned_unrenamed:
+                    self._warned_unrenamed.add(name)
+                    log.warning(
+                        "cannot give inbox file %s a UTF-8 name (%s): it waits there, unread (tried again each rescan)",
+                        shown_name(name),
+                        exc.strerror or exc,
+                    )
                 continue
+            self._warned_unrenamed.discard(name)
             log.info("renamed inbox file %s to %s: its name was not UTF-8", shown_name(name), new)
             named.append(replace(file, path=self.inbox.root / new))
         return named
