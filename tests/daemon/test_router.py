@@ -38,6 +38,22 @@ def test_rules_apply_to_dicom_only():
     assert route_scan(PurePosixPath("a.png"), png, RULES, TASKS).task is None
 
 
+def test_a_task_folder_is_named_whatever_its_case_unless_two_tasks_differ_only_by_it():
+    for folder in ("BUSI", "Busi", "ChestXray14"):
+        route = route_scan(PurePosixPath(f"{folder}/a.png"), ScanMetadata("png", 8, 8), RULES, TASKS)
+        assert route.task == folder.lower() and route.why == f"task folder {folder}/"
+    twins = {"busi", "Busi"}  # custom tasks that differ by case only: each its own folder, exactly
+    assert route_scan(PurePosixPath("Busi/a.png"), ScanMetadata("png", 8, 8), RULES, twins).task == "Busi"
+    assert route_scan(PurePosixPath("BUSI/a.png"), ScanMetadata("png", 8, 8), RULES, twins).task is None
+
+
+def test_an_unroutable_file_in_a_folder_named_almost_like_a_task_says_which():
+    route = route_scan(PurePosixPath("chestxray/a.png"), ScanMetadata("png", 8, 8), RULES, TASKS)
+    assert route.task is None and route.why.endswith("(chestxray/ is not a task folder: did you mean chestxray14/?)")
+    route = route_scan(PurePosixPath("misc/a.png"), ScanMetadata("png", 8, 8), RULES, TASKS)
+    assert route.why == "no task folder, no matching routing rule and no default task"
+
+
 def test_an_unknown_folder_falls_through_to_the_default_task():
     assert route_scan(PurePosixPath("misc/a.png"), ScanMetadata("png", 8, 8), RULES, TASKS, "covid").task == "covid"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -30,15 +31,29 @@ def route_scan(
     known_tasks: Collection[str],
     default_task: str = "",
 ) -> Route:
-    if len(source_name.parts) > 1 and source_name.parts[0] in known_tasks:
-        return Route(source_name.parts[0], f"task folder {source_name.parts[0]}/")
+    folder = source_name.parts[0] if len(source_name.parts) > 1 else None
+    if folder is not None:
+        task = task_of_folder(folder, known_tasks)
+        if task is not None:
+            return Route(task, f"task folder {folder}/")
     if metadata.format == "dicom":
         for index, rule in enumerate(rules):
             if rule_matches(rule, metadata):
                 return Route(rule.task, f"routing rule {index + 1}")
     if default_task:
         return Route(default_task, "default task")
-    return Route(None, "no task folder, no matching routing rule and no default task")
+    close = difflib.get_close_matches(folder.lower(), sorted(known_tasks), n=1) if folder is not None else []
+    hint = f" ({folder}/ is not a task folder: did you mean {close[0]}/?)" if close else ""
+    return Route(None, f"no task folder, no matching routing rule and no default task{hint}")
+
+
+def task_of_folder(folder: str, known_tasks: Collection[str]) -> str | None:
+    """The task a first-level folder names: its own name, or the one task named so but for case
+    (``BUSI/``, typed as the dataset spells it, is ``busi/``)."""
+    if folder in known_tasks:
+        return folder
+    same = [task for task in known_tasks if task.casefold() == folder.casefold()]
+    return same[0] if len(same) == 1 else None
 
 
 def rule_matches(rule: RouteRule, metadata: ScanMetadata) -> bool:
