@@ -61,6 +61,9 @@ def test_an_unknown_folder_falls_through_to_the_default_task():
 def test_no_folder_no_rule_no_default_is_unroutable_with_the_reason():
     route = route_scan(PurePosixPath("a.dcm"), dicom(modality="MR", body_part="HEAD"), RULES, TASKS)
     assert route.task is None and "no matching routing rule" in route.why
+    assert route.why.endswith(
+        "(put it in a task folder: busi/, busi_binary/, chestxray14/, covid/, histopathology/; or set default_task)"
+    )
 
 
 def test_first_matching_rule_wins_and_omitted_keys_match_anything():

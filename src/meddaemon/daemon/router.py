@@ -42,9 +42,17 @@ def route_scan(
                 return Route(rule.task, f"routing rule {index + 1}")
     if default_task:
         return Route(default_task, "default task")
-    close = difflib.get_close_matches(folder.lower(), sorted(known_tasks), n=1) if folder is not None else []
-    hint = f" ({folder}/ is not a task folder: did you mean {close[0]}/?)" if close else ""
-    return Route(None, f"no task folder, no matching routing rule and no default task{hint}")
+    return Route(None, f"no task folder, no matching routing rule and no default task{_hint(folder, known_tasks)}")
+
+
+def _hint(folder: str | None, known_tasks: Collection[str]) -> str:
+    """What an unroutable file's owner may have meant: a task folder named almost like its folder,
+    or, for a file at the inbox's top, the task folders there are."""
+    if folder is None:
+        folders = ", ".join(f"{task}/" for task in sorted(known_tasks))
+        return f" (put it in a task folder: {folders}; or set default_task)"
+    close = difflib.get_close_matches(folder.lower(), sorted(known_tasks), n=1)
+    return f" ({folder}/ is not a task folder: did you mean {close[0]}/?)" if close else ""
 
 
 def task_of_folder(folder: str, known_tasks: Collection[str]) -> str | None:
