@@ -175,6 +175,28 @@ def test_low_free_disk_is_answered_out_of_resources_and_nothing_is_written(recei
     assert receiver.stats.snapshot()["out_of_resources"] == 2
 
 
+def test_the_receiving_folder_made_at_start_is_in_the_inbox_for_good_before_anything_is_acknowledged(
+    receive: StartReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """An instance is acknowledged once it and its rename are durable; in a folder just made, that
+    holds only once the folder's own entry in the inbox is: the inbox is fsynced after the mkdir."""
+    import os
+    import stat as stat_module
+
+    synced: list[int] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        status = os.fstat(fd)
+        if stat_module.S_ISDIR(status.st_mode):
+            synced.append(status.st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    receiver = receive()
+    assert receiver.root.parent.stat().st_ino in synced
+
+
 def test_a_receiving_folder_removed_while_the_receiver_runs_is_made_again_and_fsynced_as_the_new_one(
     receive: StartReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

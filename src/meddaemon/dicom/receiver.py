@@ -261,7 +261,7 @@ class Receiver:
         """Listen on ``dicom_host:dicom_port``, trying a port still in use for ``bind_seconds``."""
         from pynetdicom import evt
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_folders(self.root, durable=True)  # its entry durable before any instance in it is acknowledged
         removed = remove_stale_temporaries(self.root, recursive=False)
         if removed:
             log.info("removed %d unfinished received files left by an earlier receiver", removed)
