@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from dicom_factory import write_png
+from dicom_factory import write_dicomdir, write_png
 from pydicom.data import get_testdata_file
 
 from meddaemon.training.images import image_files
@@ -48,3 +48,17 @@ def test_a_hidden_dataset_folder_is_still_listed_and_a_missing_one_is_empty(tmp_
 
     assert list(image_files(root)) == [root / "benign" / "one.png"]
     assert list(image_files(tmp_path / "missing")) == []
+
+
+def test_a_dicomdir_is_not_an_image_whatever_its_case(tmp_path: Path) -> None:
+    """The index at the root of an exported CD, one beside each export's one or two images: as
+    images that cannot be read, they stopped an evaluation of CD exports at its 5 %."""
+    root = tmp_path / "cd_exports"
+    for export in ("patient_1", "patient_2"):
+        write_dicomdir(root / export / "DICOMDIR")
+        (root / export / "IM0001").write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes())
+    write_dicomdir(root / "patient_3" / "dicomdir")
+    listed = {p.relative_to(root).as_posix() for p in image_files(root)}
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert listed == files - {"patient_1/DICOMDIR", "patient_2/DICOMDIR", "patient_3/dicomdir"}
+    assert {"patient_1/IM0001", "patient_2/IM0001", "patient_1/PT000000/ST000000/SE000000/IM000000"} <= listed
