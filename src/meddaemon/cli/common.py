@@ -102,10 +102,19 @@ def _fail(message: str, code: int) -> Any:
 def run_group(group: click.Group, prog_name: str) -> None:
     """A console script's entry point: the command group, then the whole heap frozen on the way
     out, so that the interpreter's shutdown skips walking what torch left (``meddaemon.heap``)."""
+    names_as_they_are(sys.stdout)
     try:
         group(prog_name=prog_name)
     finally:
         heap.freeze_for_exit()
+
+
+def names_as_they_are(stream: Any) -> None:
+    """A file name that is not UTF-8 (a Latin-1 share) is written to ``stream`` as the bytes it
+    is, as ``ls`` shows it: in a UTF-8 locale Python's stdout refuses it, and the command that
+    printed a dataset's file names stopped with a traceback."""
+    if hasattr(stream, "reconfigure"):
+        stream.reconfigure(errors="surrogateescape")
 
 
 def handle_errors(func: F) -> F:
