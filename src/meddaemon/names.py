@@ -57,3 +57,12 @@ def fitted(stem: str, tail: str, room: int = NAME_MAX) -> str:
     if len(encoded) > cut:
         stem = encoded[: max(cut, 0)].decode("utf-8", "ignore")
     return stem + tail
+
+
+def split_extension(name: str) -> tuple[str, str]:
+    """``name`` as (stem, extension), the extension only where it looks like one (DICOM files are
+    often named by UID, ``1.2.840.113...``): what a name numbered or cut keeps at its end."""
+    suffix = PurePath(name).suffix
+    if 1 < len(suffix) <= 6 and not suffix[1:].isdigit():
+        return name[: -len(suffix)], suffix
+    return name, ""

@@ -175,24 +175,30 @@ def test_low_free_disk_is_answered_out_of_resources_and_nothing_is_written(recei
     assert receiver.stats.snapshot()["out_of_resources"] == 2
 
 
-def test_the_receiving_folder_made_at_start_is_in_the_inbox_for_good_before_anything_is_acknowledged(
-    receive: StartReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    """An instance is acknowledged once it and its rename are durable; in a folder just made, that
-    holds only once the folder's own entry in the inbox is: the inbox is fsynced after the mkdir."""
+def folder_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The inode of each folder ``os.fsync`` is called on from now on (the calls go through)."""
     import os
-    import stat as stat_module
+    import stat
 
     synced: list[int] = []
     real = os.fsync
 
     def recording(fd: int) -> None:
         status = os.fstat(fd)
-        if stat_module.S_ISDIR(status.st_mode):
+        if stat.S_ISDIR(status.st_mode):
             synced.append(status.st_ino)
         real(fd)
 
     monkeypatch.setattr(os, "fsync", recording)
+    return synced
+
+
+def test_the_receiving_folder_made_at_start_is_in_the_inbox_for_good_before_anything_is_acknowledged(
+    receive: StartReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """An instance is acknowledged once it and its rename are durable; in a folder just made, that
+    holds only once the folder's own entry in the inbox is: the inbox is fsynced after the mkdir."""
+    synced = folder_fsyncs(monkeypatch)
     receiver = receive()
     assert receiver.root.parent.stat().st_ino in synced
 
@@ -204,8 +210,6 @@ def test_a_receiving_folder_removed_while_the_receiver_runs_is_made_again_and_fs
     receiver's folder once the daemon had taken its files: every instance after was refused until
     a restart. The folder is made again (its entry made durable), and the folder fsync that
     acknowledges a rename is of the new folder, not of the one removed."""
-    import os
-    import stat as stat_module
 
     receiver = receive()
     first, second = synthetic_instances(tmp_path / "sent", 2, seed=11)
@@ -213,16 +217,7 @@ def test_a_receiving_folder_removed_while_the_receiver_runs_is_made_again_and_fs
     for taken in written(receiver):  # what the daemon's intake does with each file received
         taken.unlink()
     receiver.root.rmdir()
-    synced: list[int] = []
-    real = os.fsync
-
-    def recording(fd: int) -> None:
-        status = os.fstat(fd)
-        if stat_module.S_ISDIR(status.st_mode):
-            synced.append(status.st_ino)
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", recording)
+    synced = folder_fsyncs(monkeypatch)
     assert pynetdicom_send(port(receiver), [second]) == [0x0000]
     [kept] = written(receiver)
     assert dataset_bytes(kept.read_bytes()) == dataset_bytes(second.read_bytes())

@@ -308,16 +308,20 @@ def test_a_dropped_association_fails_what_was_in_flight_and_what_was_left(object
     assert not any(a.permanent for a in answers)
 
 
+def sent_over_stow_rs(script: list[int | tuple[int, int]], objects: list[Path]) -> tuple[list[Delivery], ScriptedStow]:
+    """``objects`` sent to a STOW-RS endpoint answering ``script`` (``ScriptedStow``), stopped after."""
+    stow = ScriptedStow(script)
+    try:
+        return StowSender(DestinationConfig(**stow.destination())).send(objects), stow  # type: ignore[arg-type]
+    finally:
+        stow.stop()
+
+
 @pytest.mark.parametrize(
     ("status", "permanent"), [(409, False), (500, False), (503, False), (429, False), (400, True), (415, True)]
 )
 def test_stow_rs_http_statuses_are_classified(objects: list[Path], status: int, permanent: bool):
-    stow = ScriptedStow([status])
-    try:
-        sender = StowSender(DestinationConfig(**stow.destination()))  # type: ignore[arg-type]
-        first, second = sender.send(objects[:2])
-    finally:
-        stow.stop()
+    (first, second), stow = sent_over_stow_rs([status], objects[:2])
     assert first == Delivery(False, f"STOW-RS HTTP {status}", permanent)
     assert second.acknowledged and stow.requests == 2  # no retry inside dicomweb-client: the outbox retries
 
@@ -331,12 +335,7 @@ def test_a_stow_rs_conflict_is_refused_for_good_when_its_failure_reason_is(
 ):
     """A 409 says why in its Failed SOP Sequence: an SOP class or transfer syntax the server does not
     take will not change by trying again (it went dead only after every attempt); out of resources may."""
-    stow = ScriptedStow([(409, reason)])
-    try:
-        sender = StowSender(DestinationConfig(**stow.destination()))  # type: ignore[arg-type]
-        first, second = sender.send(objects[:2])
-    finally:
-        stow.stop()
+    (first, second), _ = sent_over_stow_rs([(409, reason)], objects[:2])
     assert first == Delivery(False, f"STOW-RS HTTP 409, failure reason 0x{reason:04X}", permanent)
     assert second.acknowledged
 

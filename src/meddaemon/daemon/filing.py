@@ -17,7 +17,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
-from meddaemon.names import NAME_MAX, fitted
+from meddaemon.names import NAME_MAX, fitted, split_extension
 
 #: times ``finish_move`` makes the target's folder again when it was removed as empty meanwhile
 SHARD_RACE_RETRIES = 3
@@ -189,13 +189,11 @@ def _same_bytes(a: Path, b: Path) -> bool:
 
 
 def _suffix(name: PurePosixPath) -> str:
-    """The extension, if it looks like one (DICOM files are often named by UID: 1.2.840.113...)."""
-    return name.suffix if 1 < len(name.suffix) <= 6 and not name.suffix[1:].isdigit() else ""
+    return split_extension(name.name)[1]
 
 
 def _stem(name: PurePosixPath) -> str:
-    suffix = _suffix(name)
-    return name.name[: len(name.name) - len(suffix)] if suffix else name.name
+    return split_extension(name.name)[0]
 
 
 def overlay_path(heatmaps_dir: Path, sha256: str, version_id: int, label: str) -> Path:

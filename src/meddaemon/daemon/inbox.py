@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
-from meddaemon.names import fitted, is_utf8, shown_name, utf8_name
+from meddaemon.names import fitted, is_utf8, shown_name, split_extension, utf8_name
 
 
 class Inbox:
@@ -102,11 +102,11 @@ def rename_to_utf8(root: Path, name: PurePosixPath) -> PurePosixPath:
     for part in name.parts:
         fixed = part if is_utf8(part) else utf8_name(part)
         if fixed != part:
-            stem, dot, suffix = fixed.rpartition(".") if "." in fixed.lstrip(".") else (fixed, "", "")
-            target, n = root / renamed / fitted(stem, f"{dot}{suffix}"), 0
+            stem, suffix = split_extension(fixed)
+            target, n = root / renamed / fitted(stem, suffix), 0
             while os.path.lexists(target):
                 n += 1
-                target = root / renamed / fitted(stem, f"~{n}{dot}{suffix}")
+                target = root / renamed / fitted(stem, f"~{n}{suffix}")
             os.rename(root / renamed / part, target)
             fixed = target.name
         renamed /= fixed

@@ -284,7 +284,7 @@ class IntakeStage(Stage):
         named: list[StableFile] = []
         for file in ready:
             name = self.inbox.relative_name(file.path)
-            if name is None or is_utf8(str(name)):
+            if name is None or is_utf8(name):
                 named.append(file)
                 continue
             try:
