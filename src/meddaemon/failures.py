@@ -23,6 +23,8 @@ class FailureReason(StrEnum):
     TOO_MANY_PIXELS = "too_many_pixels"
     # DICOM specifics
     DICOMDIR = "dicomdir"
+    #: an object meddaemon itself wrote (its SR, Parametric Map, Secondary Capture, PDF), come back
+    OWN_OUTPUT = "own_output"
     NO_PIXEL_DATA = "no_pixel_data"
     TRUNCATED_PIXEL_DATA = "truncated_pixel_data"
     UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
@@ -34,6 +36,12 @@ class FailureReason(StrEnum):
     NON_FINITE_OUTPUT = "non_finite_output"
     DECODER_CRASHED = "decoder_crashed"
     INTERNAL_ERROR = "internal_error"
+
+
+#: Reasons that say a file is no image at all, not a damaged one (a PACS export holds SRs, key-object
+#: notes and meddaemon's own results beside the images): a cohort or a training dataset leaves such
+#: files out, listed, without counting them toward the unreadable share that stops a run.
+NOT_AN_IMAGE = frozenset({FailureReason.DICOMDIR, FailureReason.NO_PIXEL_DATA, FailureReason.OWN_OUTPUT})
 
 
 class ScanFailure(Exception):

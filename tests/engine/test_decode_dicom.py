@@ -556,6 +556,20 @@ def test_structured_report_is_named_no_pixel_data(tmp_path):
     assert failure(write_structured_report(tmp_path / "sr.dcm")).reason is FailureReason.NO_PIXEL_DATA
 
 
+def test_an_object_meddaemon_wrote_is_named_own_output_whatever_it_holds(tmp_path):
+    """Its results come back when a PACS forwards whole studies: inferred again, a capture of a
+    heatmap would give captures of itself without end (the objects themselves: tests/dicom)."""
+    image = write_dicom(tmp_path / "capture.dcm", extra={"Manufacturer": "meddaemon"})
+    assert failure(image).reason is FailureReason.OWN_OUTPUT
+    assert "Image Storage" in failure(image).message
+    report = pydicom.dcmread(write_structured_report(tmp_path / "sr.dcm"))
+    report.Manufacturer = "meddaemon"
+    report.save_as(tmp_path / "sr.dcm")
+    assert failure(tmp_path / "sr.dcm").reason is FailureReason.OWN_OUTPUT
+    vendor = write_dicom(tmp_path / "vendor.dcm", extra={"Manufacturer": "meddaemon-compatible scanners inc."})
+    assert decode_bytes(vendor.read_bytes()).metadata.manufacturer == "meddaemon-compatible scanners inc."
+
+
 def test_written_dicomdir_is_named_dicomdir(tmp_path):
     assert failure(write_dicomdir(tmp_path / "DICOMDIR")).reason is FailureReason.DICOMDIR
 

@@ -10,7 +10,7 @@ from unittest.mock import patch
 
 import numpy as np
 import pytest
-from dicom_factory import write_png
+from dicom_factory import write_dicom, write_png, write_structured_report
 from sqlalchemy import func, select
 
 from evaluate_factory import World, listing, read_only
@@ -212,6 +212,25 @@ def test_a_file_over_max_file_bytes_is_listed_too_large_unread_and_the_run_goes_
     [bad] = outcome.summary["unreadable"]
     assert bad["path"] == "huge.png" and bad["reason"] == "too_large"
     assert bad["message"] == f"the file holds {6 * 1024**3} bytes, over max_file_bytes ({4 * 1024**3}); it was not read"
+
+
+def test_objects_that_are_no_images_are_listed_apart_and_never_stop_the_run(world, tmp_path: Path) -> None:
+    """A PACS export holds structured reports beside the images, and meddaemon's own results where it
+    delivered them: here one file in six. Counted as unreadable, they stopped the run at its 5 %."""
+    folder = tmp_path / "pacs_export"
+    rng = np.random.default_rng(3)
+    for i in range(10):
+        write_png(folder / f"ok_{i:02}.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    write_structured_report(folder / "report.dcm")
+    write_dicom(folder / "meddaemon_capture.dcm", extra={"Manufacturer": "meddaemon"})
+    outcome = evaluate(world, folder, workers=0)
+    assert outcome.state == "completed"
+    assert (outcome.summary["scored"], outcome.summary["failed"], outcome.summary["skipped"]) == (10, 0, 2)
+    assert outcome.summary["unreadable"] == [] and outcome.summary["failures_by_reason"] == {}
+    assert [(f["path"], f["reason"]) for f in outcome.summary["not_images"]] == [
+        ("meddaemon_capture.dcm", "own_output"),
+        ("report.dcm", "no_pixel_data"),
+    ]
 
 
 def test_more_than_five_percent_unreadable_stops_with_a_message(world, tmp_path: Path) -> None:

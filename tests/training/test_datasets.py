@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_factory import write_dicom, write_png
+from dicom_factory import write_dicom, write_png, write_structured_report
 
 from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.training.datasets import DatasetError, detect_layout, load_dataset
@@ -209,3 +209,27 @@ def test_corrupt_images_over_the_threshold_refuse_the_dataset(phantoms: dict[str
     with pytest.raises(DatasetError, match="cannot be read") as caught:
         load_dataset(root, BUILTIN_TASKS["busi"], max_bad_fraction=0.05)
     assert "at most 5% unreadable" in str(caught.value)
+
+
+def test_objects_that_are_no_images_are_listed_apart_and_never_refuse_the_dataset(tmp_path: Path) -> None:
+    """A folder per class exported from a PACS: an SR beside each pair of images, and a capture
+    meddaemon wrote. A third of the files, counted as unreadable, refused the dataset."""
+    for cls in ("benign", "malignant"):
+        for n in range(4):
+            write_png(tmp_path / cls / f"{cls}_{n}.png", pixels(n))
+            if n % 2:
+                write_structured_report(tmp_path / cls / f"{cls}_{n}_report.dcm")
+    write_dicom(tmp_path / "benign" / "capture.dcm", modality="US", extra={"Manufacturer": "meddaemon"})
+    index = load_dataset(tmp_path, max_bad_fraction=0.05)
+    assert sorted(s.path.name for s in index.samples) == [
+        f"{c}_{n}.png" for c in ("benign", "malignant") for n in range(4)
+    ]
+    assert sorted(
+        (s.path.name, s.reason.split(" (")[0], s.reason.split("(")[1].split(":")[0]) for s in index.skipped
+    ) == [
+        ("benign_1_report.dcm", "not an image", "no_pixel_data"),
+        ("benign_3_report.dcm", "not an image", "no_pixel_data"),
+        ("capture.dcm", "not an image", "own_output"),
+        ("malignant_1_report.dcm", "not an image", "no_pixel_data"),
+        ("malignant_3_report.dcm", "not an image", "no_pixel_data"),
+    ]

@@ -182,9 +182,11 @@ def _print(summary: dict[str, Any]) -> None:
         f"evaluation {summary['evaluation_id']} ({summary['name']}): {summary['state']}; "
         f"{summary['files']} files: {summary['scored']} scored, {summary['reused']} already scored, "
         f"{summary['failed']} unreadable"
+        + (f", {len(summary['not_images'])} not images" if summary["not_images"] else "")
         + (f"; {summary['images_per_second']:.1f} images/s" if summary["images_per_second"] else "")
     )
-    for item in summary["unreadable"][:20]:
-        click.echo(f"  unreadable {shown_name(item['path'])}: {item['reason']} ({item['message']})")
-    if len(summary["unreadable"]) > 20:
-        click.echo(f"  ... and {len(summary['unreadable']) - 20} more (--json lists them all)")
+    for what, key in (("unreadable", "unreadable"), ("not an image", "not_images")):
+        for item in summary[key][:20]:
+            click.echo(f"  {what} {shown_name(item['path'])}: {item['reason']} ({item['message']})")
+        if len(summary[key]) > 20:
+            click.echo(f"  ... and {len(summary[key]) - 20} more (--json lists them all)")

@@ -39,7 +39,6 @@ TYPE2_PATIENT_STUDY = (
 )
 #: what a source must have for its results to join its study; without one the outputs fail by name
 REQUIRED_SOURCE = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
-MANUFACTURER = "meddaemon"
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS: research software output"
 
 

@@ -7,7 +7,8 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from meddaemon.dicom.content import MANUFACTURER, ScanFacts
+from meddaemon import MANUFACTURER
+from meddaemon.dicom.content import ScanFacts
 
 PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
 #: the coding scheme of meddaemon's own concepts (a private scheme: "99" prefix, PS3.16 8.2)

@@ -20,8 +20,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
+from meddaemon import MANUFACTURER
 from meddaemon.dicom import uids
-from meddaemon.dicom.content import MANUFACTURER, TYPE2_PATIENT_STUDY, ScanFacts
+from meddaemon.dicom.content import TYPE2_PATIENT_STUDY, ScanFacts
 from meddaemon.dicom.equipment import contributing_equipment
 
 KIND = "pdf"

@@ -19,8 +19,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
+from meddaemon import MANUFACTURER
 from meddaemon.dicom import uids
-from meddaemon.dicom.content import MANUFACTURER, OutputRefused, ScanFacts, load_heatmap, per_label, sibling
+from meddaemon.dicom.content import OutputRefused, ScanFacts, load_heatmap, per_label, sibling
 from meddaemon.dicom.equipment import SCHEME, contributing_equipment, copy_laterality
 from meddaemon.label_results import LabelResult
 

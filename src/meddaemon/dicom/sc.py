@@ -27,8 +27,9 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit
 
+from meddaemon import MANUFACTURER
 from meddaemon.dicom import uids
-from meddaemon.dicom.content import MANUFACTURER, NOT_FOR_DIAGNOSIS, ScanFacts, per_label, sibling
+from meddaemon.dicom.content import NOT_FOR_DIAGNOSIS, ScanFacts, per_label, sibling
 from meddaemon.dicom.equipment import contributing_equipment, copy_laterality
 from meddaemon.label_results import LabelResult
 from meddaemon.overlays import overlay_jpeg

@@ -16,8 +16,9 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.valuerep import DS
 
+from meddaemon import MANUFACTURER
 from meddaemon.dicom import encoding, uids
-from meddaemon.dicom.content import MANUFACTURER, ScanFacts, sibling
+from meddaemon.dicom.content import ScanFacts, sibling
 from meddaemon.dicom.equipment import SCHEME, contributing_equipment
 from meddaemon.label_results import LabelResult
 

@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from meddaemon import __version__
@@ -35,6 +35,7 @@ from meddaemon.db.models import (
     utcnow,
 )
 from meddaemon.evaluate.reading import FileRead
+from meddaemon.failures import NOT_AN_IMAGE
 from meddaemon.names import utf8_name
 from meddaemon.states import ScanState
 from meddaemon.stored_paths import stored_name
@@ -150,10 +151,14 @@ def record_chunk(
         sha = read.sha256
         if read.failure is not None or sha is None:
             assert read.failure is not None
-            row |= {"outcome": FAILED, "failure_reason": read.failure.reason.value}
+            not_an_image = read.failure.reason in NOT_AN_IMAGE
+            row |= {"outcome": SKIPPED if not_an_image else FAILED, "failure_reason": read.failure.reason.value}
             row["failure_message"] = read.failure.message
-            counts.failed += 1
-            counts.failures[read.failure.reason.value] += 1
+            if not_an_image:
+                counts.skipped += 1
+            else:
+                counts.failed += 1
+                counts.failures[read.failure.reason.value] += 1
         elif sha in done or sha in result_for:
             row["outcome"] = REUSED
             counts.reused += 1
@@ -232,11 +237,11 @@ def evaluation_summary(session: Session, evaluation: Evaluation) -> dict[str, An
         .where(EvaluationFile.evaluation_id == evaluation.id, EvaluationFile.outcome == FAILED)
         .order_by(EvaluationFile.path)
     ).all()
-    skipped = session.scalar(
-        select(func.count())
-        .select_from(EvaluationFile)
+    skipped = session.execute(
+        select(EvaluationFile.path, EvaluationFile.failure_reason, EvaluationFile.failure_message)
         .where(EvaluationFile.evaluation_id == evaluation.id, EvaluationFile.outcome == SKIPPED)
-    )
+        .order_by(EvaluationFile.path)
+    ).all()
     seconds = None
     if evaluation.finished_at is not None:
         seconds = (evaluation.finished_at - evaluation.started_at).total_seconds()
@@ -258,10 +263,12 @@ def evaluation_summary(session: Session, evaluation: Evaluation) -> dict[str, An
         "scored": evaluation.scored,
         "reused": evaluation.reused,
         "failed": evaluation.failed,
-        #: files whose bytes the daemon is still working on: left to it, scored by a later run
-        "skipped": int(skipped or 0),
+        #: files left out: no image at all (``not_images``), or bytes the daemon is still working on
+        #: (left to it, scored by a later run)
+        "skipped": len(skipped),
         "failures_by_reason": evaluation.failures,
         "unreadable": [{"path": p, "reason": r, "message": m} for p, r, m in failed],
+        "not_images": [{"path": p, "reason": r, "message": m} for p, r, m in skipped if r],
         "images_per_second": evaluation.images_per_second,
         "started_at": evaluation.started_at,
         "finished_at": evaluation.finished_at,

@@ -39,6 +39,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import VR
 
+from meddaemon import MANUFACTURER
 from meddaemon.engine.decode.types import DecodedScan, DecodeOptions, ScanMetadata
 from meddaemon.failures import FailureReason, ScanFailure
 
@@ -129,6 +130,7 @@ def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
             raise ScanFailure(FailureReason.CORRUPT_IMAGE, "the file has a DICOM signature but no dataset")
         raise ScanFailure(FailureReason.UNRECOGNISED_FORMAT, "the bytes do not hold a DICOM dataset")
     _refuse_dicomdir(header)
+    _refuse_own_output(header)
     pixel_keyword = _pixel_keyword(ds, header, data)
     metadata = read_metadata(ds)
     notes: list[str] = []
@@ -188,6 +190,18 @@ def _refuse_dicomdir(ds: Dataset) -> None:
     meta = getattr(ds, "file_meta", None) or {}
     if meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage or "DirectoryRecordSequence" in ds:
         raise ScanFailure(FailureReason.DICOMDIR, "the file is a DICOMDIR (an index of a file set), not an image")
+
+
+def _refuse_own_output(ds: Dataset) -> None:
+    """A PACS that forwards whole studies (Orthanc's ``OnStableStudy``, a routing rule on the study)
+    sends meddaemon's results back with the scans once they joined the study. Inferred again, a
+    Secondary Capture would give captures of itself, sent back in turn, without end; an SR or a PDF
+    would fail as ``no_pixel_data``, as if something were wrong with the input."""
+    if (_text(ds, "Manufacturer") or "").casefold() == MANUFACTURER:
+        raise ScanFailure(
+            FailureReason.OWN_OUTPUT,
+            f"the object ({_sop_class_name(ds)}) is one meddaemon wrote: its results are not inferred again",
+        )
 
 
 def _pixel_keyword(ds: Dataset, header: Dataset, data: bytes) -> str:

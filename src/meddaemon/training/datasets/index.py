@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meddaemon.failures import ScanFailure
+from meddaemon.failures import NOT_AN_IMAGE, ScanFailure
 from meddaemon.training.images import read_image
 
 #: Above this fraction of unreadable images the dataset is refused rather than trained on.
@@ -157,17 +157,22 @@ def drop_unreadable(
     failures: Mapping[Path, ScanFailure] | None = None,
 ) -> DatasetIndex:
     """Decode every image; the unreadable ones are skipped and listed with their reason, and more
-    than ``max_bad_fraction`` of them refuses the dataset. ``failures``, when given, are the images
-    already found unreadable (every other one decoded), and nothing is decoded again."""
+    than ``max_bad_fraction`` of them refuses the dataset. Files that are no image at all
+    (``NOT_AN_IMAGE``) are skipped and listed too, and left out of that fraction. ``failures``, when
+    given, are the images already found unreadable (every other one decoded), and nothing is decoded
+    again."""
     readable: list[Sample] = []
     bad: list[Skipped] = []
+    not_images: list[Skipped] = []
     for sample in index.samples:
         failure = _decode_failure(sample.path) if failures is None else failures.get(sample.path)
-        if failure is not None:
+        if failure is not None and failure.reason in NOT_AN_IMAGE:
+            not_images.append(Skipped(sample.path, f"not an image ({failure.reason.value}: {failure.message})"))
+        elif failure is not None:
             bad.append(Skipped(sample.path, f"unreadable image ({failure.reason.value}: {failure.message})"))
-            continue
-        readable.append(sample)
-    total = len(index.samples)
+        else:
+            readable.append(sample)
+    total = len(index.samples) - len(not_images)
     if total and len(bad) / total > max_bad_fraction:
         shown = "; ".join(f"{index.relative(b.path)}: {b.reason}" for b in bad[:5])
         raise DatasetError(
@@ -176,7 +181,7 @@ def drop_unreadable(
             f"at most {max_bad_fraction:.0%} unreadable images",
         )
     index.samples = readable
-    index.skipped.extend(bad)
+    index.skipped.extend(not_images + bad)
     return index
 
 
