@@ -22,7 +22,7 @@ from meddaemon.db.engine import session_factory, transaction
 from meddaemon.engine.heatmap_grid import expand_one
 from meddaemon.engine.heatmaps import compute_heatmaps, positive_class, predicted_class
 from meddaemon.engine.importers import ImportOptions, convert_file, import_file
-from meddaemon.engine.importers.onnx_model import choose_providers
+from meddaemon.engine.importers.onnx_model import check_graph, choose_providers
 from meddaemon.engine.inference import ServedModel
 from meddaemon.engine.registry import ModelRefused, load_version, probabilities
 
@@ -290,9 +290,70 @@ def refused(path: Path, tmp_path: Path, **options: Any) -> ModelRefused:
 
 @pytest.fixture(scope="module")
 def small_graph(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(6)
+    return tiny_graph(6, tmp_path_factory.mktemp("graphs") / "tiny.onnx")
+
+
+def tiny_graph(seed: int, path: Path) -> Path:
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
-    return export(model, tmp_path_factory.mktemp("graphs") / "tiny.onnx", 1)
+    return export(model, path, 1)
+
+
+def with_weights_beside(graph: Path, folder: Path) -> Path:
+    """``graph`` saved as ``torch.onnx.export`` saves one by default (its dynamo exporter): the graph in
+    ``model.onnx``, every weight in ``model.onnx.data`` beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(
+        onnx.load(str(graph)),
+        str(folder / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    return folder / "model.onnx"
+
+
+def test_a_graph_whose_weights_lie_beside_it_is_registered_whole_whatever_the_working_directory(
+    migrated_engine: Engine, small_graph: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    path = with_weights_beside(small_graph, tmp_path / "export")
+    exported = onnx.load(str(path), load_external_data=False)
+    assert {i.data_location for i in exported.graph.initializer} == {onnx.TensorProto.EXTERNAL}
+    # the working directory holds another graph's weights under the same name, tensor for tensor
+    monkeypatch.chdir(with_weights_beside(tiny_graph(7, tmp_path / "other.onnx"), tmp_path / "elsewhere").parent)
+    root = tmp_path / "registry"
+    with transaction(session_factory(migrated_engine)) as session:
+        import_file(session, path, ImportOptions(task="busi", image_size=SIZE, version="beside"), root)
+    folder = root / "busi" / "beside"
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model.onnx"]
+    served = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    assert all(i.data_location == onnx.TensorProto.DEFAULT for i in served.graph.initializer)
+
+    convert_file(small_graph, ImportOptions(task="busi", image_size=SIZE), tmp_path / "embedded")
+    x = inputs(1)
+    with torch.no_grad():
+        expected = load_version(tmp_path / "embedded").model(x)
+        assert torch.equal(load_version(folder).model(x), expected)
+
+
+def test_a_graph_whose_weights_beside_it_are_missing_or_outside_its_folder_is_refused(
+    small_graph: Path, tmp_path: Path
+):
+    path = with_weights_beside(small_graph, tmp_path / "export")
+    (tmp_path / "export" / "model.onnx.data").rename(tmp_path / "model.onnx.data")
+    missing = refused(path, tmp_path)
+    assert missing.reason == "unreadable_weights" and "model.onnx.data" in missing.message
+
+    graph = onnx.load(str(path), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        next(e for e in tensor.external_data if e.key == "location").value = "../model.onnx.data"
+    onnx.save_model(graph, str(path))
+    outside = refused(path, tmp_path)
+    assert outside.reason == "unreadable_weights" and "beside it cannot be read" in outside.message
+    # a version folder is served as it is: a graph in it that points at other files is refused
+    with pytest.raises(ModelRefused, match="keeps weights in other files"):
+        check_graph(path.read_bytes())
 
 
 def test_a_fixed_size_other_than_the_contracts_names_both(small_graph: Path, tmp_path: Path):

@@ -259,15 +259,47 @@ def load(data: bytes, manifest: Manifest) -> OnnxClassifier:
     return OnnxClassifier(data, manifest.onnx, manifest.kind, manifest.num_outputs).eval()
 
 
+def graph_with_weights(path: Path) -> bytes:
+    """The graph at ``path`` with every weight inside it. Exporters keep a graph's weights in a file
+    beside it (``torch.onnx.export`` does by default since its dynamo exporter: ``model.onnx.data``);
+    they are read from the graph's own folder, by onnx's loader, which refuses a location outside it,
+    and embedded: the version registered is one file whose SHA-256 covers the weights, and nothing is
+    read from the working directory."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    data = path.read_bytes()
+    model = _parse(data)
+    if not _keeps_weights_outside(model):
+        return data
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:  # a missing file, a location outside the folder, a file cut short
+        raise ModelRefused(
+            "unreadable_weights", f"the weights the graph keeps in files beside it cannot be read: {exc}"
+        ) from None
+    size = model.ByteSize()
+    if size >= onnx.checker.MAXIMUM_PROTOBUF:
+        raise ModelRefused(
+            "unsupported_onnx",
+            f"the graph with its weights takes {size} bytes, over the {onnx.checker.MAXIMUM_PROTOBUF} "
+            "one ONNX file can hold",
+        )
+    return model.SerializeToString()
+
+
 def check_graph(data: bytes) -> Any:
-    """The parsed graph, refused (``unsupported_onnx``) unless it parses, has a supported opset and
-    passes ``onnx.checker``."""
+    """The parsed graph, refused (``unsupported_onnx``) unless it parses, holds its weights, has a
+    supported opset and passes ``onnx.checker``."""
     import onnx
 
-    try:
-        model = onnx.load_from_string(data)
-    except Exception as exc:  # protobuf's DecodeError and others
-        raise ModelRefused("unreadable_weights", f"not an ONNX graph (truncated or damaged?): {exc}") from None
+    model = _parse(data)
+    if _keeps_weights_outside(model):
+        raise ModelRefused(
+            "unreadable_weights",
+            "the graph keeps weights in other files (ONNX external data): import it from its own folder, "
+            "with the files beside it",
+        )
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     newest = onnx.defs.onnx_opset_version()
     if opset is None or not MIN_OPSET <= opset <= newest:
@@ -281,8 +313,33 @@ def check_graph(data: bytes) -> Any:
     return model
 
 
+def _parse(data: bytes) -> Any:
+    import onnx
+
+    try:
+        return onnx.load_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError and others
+        raise ModelRefused("unreadable_weights", f"not an ONNX graph (truncated or damaged?): {exc}") from None
+
+
+def _keeps_weights_outside(model: Any) -> bool:
+    from onnx.external_data_helper import uses_external_data
+
+    graphs = [model.graph]
+    tensors = []
+    while graphs:
+        graph = graphs.pop()
+        tensors += list(graph.initializer)
+        tensors += [t for sparse in graph.sparse_initializer for t in (sparse.values, sparse.indices)]
+        for node in graph.node:
+            for attribute in node.attribute:
+                tensors += [attribute.t, *attribute.tensors]
+                graphs += [attribute.g, *attribute.graphs]
+    return any(uses_external_data(t) for t in tensors)
+
+
 def convert(source: Source, spec: TaskSpec, options: ImportOptions, out_dir: Path) -> Manifest:
-    data = source.path.read_bytes()
+    data = graph_with_weights(source.path)
     model = check_graph(data)
     contract = contract_for(spec, options)
     labels_in_file = file_labels(spec, options)
