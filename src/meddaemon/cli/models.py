@@ -214,9 +214,10 @@ def import_cmd(
     """Verify a model and register a copy of it.
 
     PATH is a meddaemon version folder (model.safetensors + manifest.json), or a trained model FILE
-    to convert: a PyTorch state dict (.pt/.pth), Keras .h5 weights or an ONNX graph, with --task.
-    The SHA-256, the architecture and the self-test are checked first; a refused model is not
-    registered (exit 1, with the reason). The new version is 'registered': promote it to serve it.
+    to convert: a PyTorch state dict (.pt/.pth), Keras weights (.h5, .weights.h5, .keras) or an
+    ONNX graph (its weights beside it, if so), with --task. The SHA-256, the architecture and the
+    self-test are checked first; a refused model is not registered (exit 1, with the reason). The
+    new version is 'registered': promote it to serve it.
     """
     settings = build_settings(config_file, **flags)
     registry = _registry()

@@ -1,5 +1,6 @@
 """Seed 003's format beyond the served file (tests/engine/importers/test_served_imports.py serves seed
-003's ``.h5`` through the daemon and compares it with Keras): the same weights in Keras 2.1.6's layout
+003's ``.h5`` through the daemon and compares it with Keras): the same weights in Keras 2.1.6's layout,
+and as Keras 3 saves them itself (``.weights.h5``, ``.keras``, the DenseNet nested in another model),
 import the same, compared with Keras 3 on its torch backend loading the file (probabilities within 1e-4),
 and damaged or foreign files are refused by name. SYNTHETIC weights; the image is small (64 px) so two
 cores cope; the architecture is the real one."""
@@ -7,6 +8,7 @@ cores cope; the architecture is the real one."""
 from __future__ import annotations
 
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from meddaemon.engine.importers import ImportOptions, convert_file
 from meddaemon.engine.preprocess import normalise
 from meddaemon.engine.registry import ModelRefused, load_version, probabilities
 from meddaemon.engine.tasks import BUILTIN_TASKS
-from seed_models import keras_probabilities
+from seed_models import FINDINGS, course_model, keras_module, keras_probabilities
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Keras's torch backend and numpy 2
 
@@ -117,3 +119,58 @@ def test_damaged_or_foreign_keras_files_are_refused_by_name(
 
     error = refused(edited(path, tmp_path / "nan.h5", nan_gamma), tmp_path)
     assert error.reason == "non_finite_weights" and "bn/gamma" in error.message
+
+
+@pytest.fixture(scope="module")
+def keras3_files(keras_file: tuple[Path, np.ndarray, np.ndarray], tmp_path_factory: pytest.TempPathFactory):
+    """The same weights as Keras 3 saves them itself: ``save_weights`` to ``.weights.h5`` and ``save``
+    to ``.keras``, of the course's model and of a Sequential holding the DenseNet as one layer."""
+    keras, folder = keras_module(), tmp_path_factory.mktemp("keras3")
+    model = course_model(keras, SIZE)
+    model.load_weights(str(keras_file[0]))
+    model.save_weights(str(folder / "densenet.weights.h5"))
+    model.save(str(folder / "densenet.keras"))
+    base = keras.applications.DenseNet121(weights=None, include_top=False, input_shape=(SIZE, SIZE, 3))
+    head = keras.layers.Dense(FINDINGS, activation="sigmoid")
+    nested = keras.Sequential([keras.Input((SIZE, SIZE, 3)), base, keras.layers.GlobalAveragePooling2D(), head])
+    weights = model.get_weights()
+    base.set_weights(weights[:-2])
+    head.set_weights(weights[-2:])
+    nested.save_weights(str(folder / "nested.weights.h5"))
+    nested.save(str(folder / "nested.keras"))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["densenet.weights.h5", "densenet.keras", "nested.weights.h5", "nested.keras"])
+def test_keras3s_own_formats_of_the_same_weights_import_the_same(
+    keras_file: tuple[Path, np.ndarray, np.ndarray], keras3_files: Path, tmp_path: Path, name: str
+):
+    """Keras 3 names a layer in them by its class and rank (``batch_normalization_17``), not its own name."""
+    _, x, expected = keras_file
+    with h5py.File(keras3_files / "densenet.weights.h5") as f:
+        assert "conv1_bn" not in f["layers"] and "batch_normalization_120" in f["layers"]
+    convert_file(keras3_files / name, ImportOptions(task="chestxray14", image_size=SIZE), tmp_path / "version")
+    with torch.no_grad():
+        got = probabilities(load_version(tmp_path / "version").model(torch.from_numpy(x)), "multilabel").numpy()
+    assert float(np.abs(got - expected).max()) <= TOLERANCE
+
+
+def test_damaged_or_foreign_keras3_files_are_refused_by_name(keras3_files: Path, tmp_path: Path):
+    archive = (keras3_files / "densenet.keras").read_bytes()
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(archive[: len(archive) // 2])
+    assert refused(cut, tmp_path, format="keras-h5").reason == "unreadable_weights"
+
+    foreign = tmp_path / "foreign.zip"
+    with zipfile.ZipFile(foreign, "w") as z:
+        z.writestr("config.json", "{}")
+    error = refused(foreign, tmp_path, format="keras-h5")
+    assert error.reason == "unreadable_weights" and "without model.weights.h5" in error.message
+
+    def extra_batchnorm(f: h5py.File) -> None:
+        f["layers"].copy(f["layers/batch_normalization"], "batch_normalization_121")
+
+    error = refused(
+        edited(keras3_files / "densenet.weights.h5", tmp_path / "extra.weights.h5", extra_batchnorm), tmp_path
+    )
+    assert error.reason == "wrong_architecture" and "unmatched layer(s): batch_normalization_121" in error.message

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,8 @@ from meddaemon.engine.registry import NAME_PATTERN, Manifest, ModelRefused, save
 from meddaemon.engine.tasks import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, InputContract, TaskSpec
 
 FORMATS = ("auto", "torch", "keras-h5", "onnx")
+#: the file inside a ``.keras`` archive (Keras 3's ``model.save``) that holds the weights
+KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"
 OUTPUTS = ("logits", "probabilities")
 
 
@@ -93,17 +96,21 @@ _SUFFIXES = {
     ".tar": "torch",
     ".h5": "keras-h5",
     ".hdf5": "keras-h5",
+    ".keras": "keras-h5",
     ".onnx": "onnx",
 }
 
 
 def detect_format(path: Path) -> str:
-    """By the file's first bytes (zip or pickle: torch; HDF5: keras-h5), else by its suffix."""
+    """By the file's first bytes (HDF5, or a zip holding Keras weights: keras-h5; another zip or a
+    pickle: torch), else by its suffix."""
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "keras-h5"
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    if head.startswith(b"PK\x03\x04"):
+        return "keras-h5" if _is_keras_archive(path) else "torch"
+    if head[:1] == b"\x80":
         return "torch"
     fmt = _SUFFIXES.get(path.suffix.lower())
     if fmt is None:
@@ -112,6 +119,15 @@ def detect_format(path: Path) -> str:
             f"cannot tell the format of {path.name}; pass --format torch, keras-h5 or onnx",
         )
     return fmt
+
+
+def _is_keras_archive(path: Path) -> bool:
+    """A ``.keras`` file (Keras 3's ``model.save``): a zip holding ``model.weights.h5``."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return KERAS_ARCHIVE_WEIGHTS in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def contract_for(spec: TaskSpec, options: ImportOptions) -> InputContract:

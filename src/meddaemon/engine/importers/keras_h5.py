@@ -1,10 +1,15 @@
 """Keras ``.h5`` weights of a DenseNet-121 (seed 003: Keras 2.1.6 / TF 1.15, DenseNet-121 + Dense(14,
 sigmoid)), read with h5py alone: no TensorFlow, no Keras, nothing deserialised but arrays.
 
-Both layouts Keras writes are read: ``model.save_weights`` (layers at the root) and ``model.save``
-(under ``model_weights``); Keras 2's layer names (``conv1/conv``, weights ``kernel:0``) and Keras 3's
-(``conv1_conv``, ``kernel``). The mapping onto torchvision's DenseNet-121 (meddaemon's
-``densenet121``):
+Every layout Keras writes is read: its HDF5 layout, from ``model.save_weights`` (layers at the
+root) and ``model.save`` (under ``model_weights``), with Keras 2's layer names (``conv1/conv``,
+weights ``kernel:0``) or Keras 3's (``conv1_conv``, ``kernel``); and Keras 3's own, which its
+``save_weights`` writes to ``.weights.h5`` and its ``save`` puts in a ``.keras`` archive
+(``model.weights.h5`` in a zip), read from the archive without unpacking it. That layout names a
+layer by its class and its rank among the model's layers of that class (``batch_normalization_17``),
+never by its own name; DenseNet-121's layers get theirs from their rank, in the order Keras builds
+them (``conv1_bn`` is the first BatchNormalization). The mapping onto torchvision's DenseNet-121
+(meddaemon's ``densenet121``):
 
 - convolution kernels HWIO -> OIHW;
 - BatchNorm gamma, beta, moving mean, moving variance -> weight, bias, running mean, running var;
@@ -17,12 +22,18 @@ Keras's zero padding before the max pool equals torch's -inf padding there, as t
 
 from __future__ import annotations
 
+import io
+import re
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from meddaemon.engine.importers.base import ConvertedWeights
+from meddaemon.engine.importers.base import KERAS_ARCHIVE_WEIGHTS, ConvertedWeights
 from meddaemon.engine.registry import ModelRefused
 
 KERAS_BN_EPSILON = 1.001e-5
@@ -31,32 +42,106 @@ DENSENET121_BLOCKS = (6, 12, 24, 16)
 FEATURES = "features.0"
 
 
-def read_layers(path: Path) -> dict[str, dict[str, np.ndarray]]:
-    """{layer name with '/' as '_': {weight role (kernel, gamma, ...): array}} for layers with weights."""
+#: the weights of a layer in Keras 3's own layout, in the order its ``vars/0``, ``vars/1``... hold them
+KERAS3_ROLES = {
+    "batch_normalization": ("gamma", "beta", "moving_mean", "moving_variance"),
+    "conv2d": ("kernel", "bias"),
+    "dense": ("kernel", "bias"),
+}
+
+
+@dataclass
+class KerasLayers:
+    """{layer name with '/' as '_': {weight role (kernel, gamma, ...): array}} for layers with weights.
+    ``by_rank``: the names are Keras 3's class-and-rank names (``conv2d_5``), not the layers' own."""
+
+    layers: dict[str, dict[str, np.ndarray]]
+    by_rank: bool = False
+
+
+def read_layers(path: Path) -> KerasLayers:
     try:
         import h5py
     except ImportError as exc:  # a dependency of meddaemon; only a broken install lacks it
         raise ModelRefused("unsupported_format", "h5py is not installed; it reads Keras .h5 files") from exc
     try:
-        with h5py.File(path, "r") as f:
-            group = f.get("model_weights", f)
-            names = [_text(n) for n in group.attrs.get("layer_names", list(group.keys()))]
-            layers: dict[str, dict[str, np.ndarray]] = {}
-            for name in names:
-                layer = group[name]
-                weights = {}
-                for weight_name in (_text(w) for w in layer.attrs.get("weight_names", [])):
-                    role = weight_name.rsplit("/", 1)[-1].split(":", 1)[0]
-                    weights[role] = np.asarray(layer[weight_name], dtype=np.float32)
-                if weights:
-                    layers[name.replace("/", "_")] = weights
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+        with h5py.File(_weights_file(path), "r") as f:
+            found = _rank_layout(f) if _is_rank_layout(f) else KerasLayers(_name_layout(f))
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
         raise ModelRefused(
-            "unreadable_weights", f"{path.name} is truncated, damaged or not Keras .h5 weights ({exc})"
+            "unreadable_weights", f"{path.name} is truncated, damaged or not Keras weights ({exc})"
         ) from None
-    if not layers:
+    if not found.layers:
         raise ModelRefused("unreadable_weights", f"{path.name} holds no Keras layer weights")
+    return found
+
+
+def _weights_file(path: Path) -> Path | io.BytesIO:
+    """The HDF5 file: ``path``, or the weights inside a ``.keras`` archive, read into memory."""
+    if not zipfile.is_zipfile(path):
+        return path
+    with zipfile.ZipFile(path) as archive:
+        if KERAS_ARCHIVE_WEIGHTS not in archive.namelist():
+            raise ModelRefused(
+                "unreadable_weights", f"{path.name} is a zip archive without {KERAS_ARCHIVE_WEIGHTS}: not a .keras file"
+            )
+        return io.BytesIO(archive.read(KERAS_ARCHIVE_WEIGHTS))
+
+
+def _name_layout(f: Any) -> dict[str, dict[str, np.ndarray]]:
+    group = f.get("model_weights", f)
+    names = [_text(n) for n in group.attrs.get("layer_names", list(group.keys()))]
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    for name in names:
+        layer = group[name]
+        weights = {}
+        for weight_name in (_text(w) for w in layer.attrs.get("weight_names", [])):
+            role = weight_name.rsplit("/", 1)[-1].split(":", 1)[0]
+            weights[role] = np.asarray(layer[weight_name], dtype=np.float32)
+        if weights:
+            layers[name.replace("/", "_")] = weights
     return layers
+
+
+def _is_rank_layout(f: Any) -> bool:
+    return "layer_names" not in f.attrs and "model_weights" not in f and "layers" in f
+
+
+def _rank_layout(f: Any) -> KerasLayers:
+    """Keras 3's own layout: ``layers/<class>_<rank>/vars/<i>``, a nested model's under its own
+    ``layers/`` (ranks counted in each model apart). The layers of each class are renumbered over the
+    whole file, models in the order they are met."""
+    ranked: dict[str, list[list[np.ndarray]]] = {}
+    models = [f]
+    while models:
+        model = models.pop(0)
+        for name in sorted(model["layers"], key=_class_and_rank):
+            layer = model["layers"][name]
+            if "layers" in layer:
+                models.append(layer)
+            elif len(layer.get("vars", ())):
+                arrays = [np.asarray(layer["vars"][str(i)], dtype=np.float32) for i in range(len(layer["vars"]))]
+                ranked.setdefault(_class_and_rank(name)[0], []).append(arrays)
+    layers = {}
+    for kind, each in ranked.items():
+        for rank, arrays in enumerate(each):
+            layers[f"{kind}_{rank}" if rank else kind] = dict(zip(_roles(kind, len(arrays)), arrays, strict=True))
+    return KerasLayers(layers, by_rank=True)
+
+
+def _roles(kind: str, count: int) -> tuple[str, ...]:
+    """The roles of a layer's ``count`` weights: a convolution or Dense without its bias has only its
+    kernel; a layer of another class, or with other weights, gets its weights' numbers."""
+    roles = KERAS3_ROLES.get(kind, ())
+    if count == len(roles) or (count == 1 and roles[:1] == ("kernel",)):
+        return roles[:count]
+    return tuple(str(i) for i in range(count))
+
+
+def _class_and_rank(name: str) -> tuple[str, int]:
+    """``batch_normalization_17`` -> (``batch_normalization``, 17); ``dense`` -> (``dense``, 0)."""
+    match = re.fullmatch(r"(.*?)_(\d+)", name)
+    return (match.group(1), int(match.group(2))) if match else (name, 0)
 
 
 def _text(value: object) -> str:
@@ -69,8 +154,10 @@ def convert(path: Path, architecture: str) -> ConvertedWeights:
             "wrong_architecture",
             f"Keras .h5 weights are imported for DenseNet-121 (--arch densenet121), not {architecture}",
         )
+    found = read_layers(path)
+    layers = densenet121_by_rank(found.layers) if found.by_rank else found.layers
     try:
-        return densenet121(read_layers(path))
+        return densenet121(layers)
     except KeyError as exc:
         raise ModelRefused("wrong_architecture", f"a DenseNet-121 layer lacks its weight {exc}") from None
 
@@ -112,19 +199,8 @@ def densenet121(layers: dict[str, dict[str, np.ndarray]]) -> ConvertedWeights:
         ):
             _put(converted, f"{target}.{key}", value, f"{name}/{role}")
 
-    conv("conv1_conv", f"{FEATURES}.conv0")
-    batchnorm("conv1_bn", f"{FEATURES}.norm0")
-    for block, count in enumerate(DENSENET121_BLOCKS, start=1):
-        for index in range(1, count + 1):
-            keras, torch_ = f"conv{block + 1}_block{index}", f"{FEATURES}.denseblock{block}.denselayer{index}"
-            batchnorm(f"{keras}_0_bn", f"{torch_}.norm1")
-            conv(f"{keras}_1_conv", f"{torch_}.conv1")
-            batchnorm(f"{keras}_1_bn", f"{torch_}.norm2")
-            conv(f"{keras}_2_conv", f"{torch_}.conv2")
-        if block < len(DENSENET121_BLOCKS):
-            batchnorm(f"pool{block + 1}_bn", f"{FEATURES}.transition{block}.norm")
-            conv(f"pool{block + 1}_conv", f"{FEATURES}.transition{block}.conv")
-    batchnorm("bn", f"{FEATURES}.norm5")
+    for kind, name, target in densenet121_layers():
+        (conv if kind == "conv2d" else batchnorm)(name, target)
     dense = [name for name, w in remaining.items() if w.get("kernel") is not None and w["kernel"].ndim == 2]
     if len(dense) == 1:
         weights = remaining.pop(dense[0])
@@ -141,6 +217,38 @@ def densenet121(layers: dict[str, dict[str, np.ndarray]]) -> ConvertedWeights:
     if problems:
         raise ModelRefused("wrong_architecture", "the file is not a Keras DenseNet-121 + Dense: " + "; ".join(problems))
     return converted
+
+
+def densenet121_layers() -> Iterator[tuple[str, str, str]]:
+    """Keras DenseNet-121's layers with weights, in the order Keras builds them: (class as Keras 3
+    names it, the layer's name, the key of meddaemon's densenet121 it goes to)."""
+    yield "conv2d", "conv1_conv", f"{FEATURES}.conv0"
+    yield "batch_normalization", "conv1_bn", f"{FEATURES}.norm0"
+    for block, count in enumerate(DENSENET121_BLOCKS, start=1):
+        for index in range(1, count + 1):
+            keras, torch_ = f"conv{block + 1}_block{index}", f"{FEATURES}.denseblock{block}.denselayer{index}"
+            yield "batch_normalization", f"{keras}_0_bn", f"{torch_}.norm1"
+            yield "conv2d", f"{keras}_1_conv", f"{torch_}.conv1"
+            yield "batch_normalization", f"{keras}_1_bn", f"{torch_}.norm2"
+            yield "conv2d", f"{keras}_2_conv", f"{torch_}.conv2"
+        if block < len(DENSENET121_BLOCKS):
+            yield "batch_normalization", f"pool{block + 1}_bn", f"{FEATURES}.transition{block}.norm"
+            yield "conv2d", f"pool{block + 1}_conv", f"{FEATURES}.transition{block}.conv"
+    yield "batch_normalization", "bn", f"{FEATURES}.norm5"
+
+
+def densenet121_by_rank(layers: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+    """Keras 3's class-and-rank names (``batch_normalization_1``) given DenseNet-121's own
+    (``conv2_block1_0_bn``) by rank; layers past DenseNet-121's keep theirs (and are refused as unmatched)."""
+    named = dict(layers)
+    ranks: dict[str, int] = {}
+    for kind, name, _ in densenet121_layers():
+        rank = ranks.get(kind, 0)
+        ranks[kind] = rank + 1
+        found = named.pop(f"{kind}_{rank}" if rank else kind, None)
+        if found is not None:
+            named[name] = found
+    return named
 
 
 def _put(converted: ConvertedWeights, key: str, value: np.ndarray, source: str) -> None:
