@@ -104,9 +104,24 @@ def seed004() -> nn.Module:
 def save_as(model: nn.Module, path: Path, how: str) -> Path:
     """``torch.save`` as the seeds do: ``plain`` (a bare state dict), ``module.`` (DataParallel's prefix),
     ``state_dict`` (a dict with the epoch and accuracy beside it), ``model_state_dict`` (a
-    ``module.``-prefixed state dict beside the optimizer)."""
+    ``module.``-prefixed state dict beside the optimizer); and as today's tools do: ``safetensors``
+    (the Hugging Face hub's), ``torchvision reference`` (``references/classification/train.py``'s
+    checkpoint: ``model`` beside the optimizer's and scheduler's state and the epoch), ``torch.compile``
+    (a compiled model's state dict, every key under ``_orig_mod.``)."""
     state = model.state_dict()
-    if how == "module.":
+    if how == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+        return path
+    if how == "torchvision reference":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30)
+        state = {"model": state, "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict()}
+        state["epoch"] = 89
+    elif how == "torch.compile":
+        state = torch.compile(model).state_dict()
+    elif how == "module.":
         state = {f"module.{k}": v for k, v in state.items()}
     elif how == "state_dict":
         state = {"state_dict": state, "epoch": 30, "best_accuracy": 0.8974}

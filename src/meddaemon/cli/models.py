@@ -166,7 +166,11 @@ def _thresholds(values: tuple[str, ...]) -> dict[str, float] | None:
 @click.option("--task", help="The task the model is for (a FILE only; a folder's manifest names it).")
 @click.option("--arch", "architecture", help="The network in the file (default: the task's).")
 @click.option(
-    "--format", "fmt", type=click.Choice(["auto", "torch", "keras-h5", "onnx"]), default="auto", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "torch", "safetensors", "keras-h5", "onnx"]),
+    default="auto",
+    show_default=True,
 )
 @click.option("--version", "version", help="Version name (default: the file's name and SHA-256 prefix).")
 @click.option("--labels", help="The file's outputs in order, comma-separated, when not the task's order.")
@@ -214,8 +218,8 @@ def import_cmd(
     """Verify a model and register a copy of it.
 
     PATH is a meddaemon version folder (model.safetensors + manifest.json), or a trained model FILE
-    to convert: a PyTorch state dict (.pt/.pth), Keras weights (.h5, .weights.h5, .keras) or an
-    ONNX graph (its weights beside it, if so), with --task. The SHA-256, the architecture and the
+    to convert: a PyTorch state dict (.pt/.pth, or .safetensors), Keras weights (.h5, .weights.h5,
+    .keras) or an ONNX graph (its weights beside it, if so), with --task. The SHA-256, the architecture and the
     self-test are checked first; a refused model is not registered (exit 1, with the reason). The
     new version is 'registered': promote it to serve it.
     """

@@ -38,12 +38,20 @@ def inputs(channels: int, batch: int = 3, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("architecture", "how"),
-    [("resnet18", "plain"), ("resnet18", "module."), ("vgg16", "model_state_dict")],
+    [
+        ("resnet18", "plain"),
+        ("resnet18", "module."),
+        ("vgg16", "model_state_dict"),
+        ("resnet18", "safetensors"),
+        ("resnet18", "torchvision reference"),
+        ("vgg16", "torch.compile"),
+    ],
 )
 def test_seed001_checkpoints_give_the_original_probabilities_and_gradcam_maps(
     tmp_path: Path, architecture: str, how: str
 ):
     original, layer = seed001(architecture)
+    # a safetensors file named like any checkpoint: told by its bytes
     path = save_as(original, tmp_path / f"best_{architecture}.pth", how)
 
     manifest = convert_file(
@@ -52,7 +60,8 @@ def test_seed001_checkpoints_give_the_original_probabilities_and_gradcam_maps(
     loaded = load_version(tmp_path / "version")
 
     assert manifest.architecture == architecture and manifest.input_contract["channels"] == 1
-    assert manifest.provenance["source_file"] == path.name and manifest.provenance["format"] == "torch"
+    assert manifest.provenance["source_file"] == path.name
+    assert manifest.provenance["format"] == ("safetensors" if how == "safetensors" else "torch")
     x = inputs(1)
     with torch.no_grad():
         expected = torch.softmax(original(x), dim=1)
@@ -142,9 +151,10 @@ def test_a_whole_pickled_model_is_refused_with_how_to_save_a_state_dict(tmp_path
     assert "MobileNetV2" in error.message and "torch.save(model.state_dict()" in error.message
 
 
-def test_a_truncated_checkpoint_is_refused(tmp_path: Path):
+@pytest.mark.parametrize("how", ["plain", "safetensors"])
+def test_a_truncated_checkpoint_is_refused(tmp_path: Path, how: str):
     model, _ = seed001("resnet18")
-    path = save_as(model, tmp_path / "r18.pt", "plain")
+    path = save_as(model, tmp_path / ("r18.safetensors" if how == "safetensors" else "r18.pt"), how)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     error = refused(path, tmp_path, architecture="resnet18")
     assert error.reason == "unreadable_weights" and "truncated" in error.message

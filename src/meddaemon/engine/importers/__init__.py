@@ -1,7 +1,7 @@
 """Bringing trained models in: a foreign file converted into a meddaemon version (DESIGN.md section 13).
 
-One module per format: :mod:`.torch_checkpoint` (``torch.save`` state dicts), :mod:`.keras_h5`
-(Keras DenseNet-121 ``.h5`` weights, read with h5py), :mod:`.onnx_model` (ONNX graphs, served with
+One module per format: :mod:`.torch_checkpoint` (``torch.save`` and safetensors state dicts),
+:mod:`.keras_h5` (Keras DenseNet-121 weights, read with h5py), :mod:`.onnx_model` (ONNX graphs, served with
 ONNX Runtime). :func:`convert_file` writes a version folder (weights + manifest with the input
 contract, thresholds and provenance); :func:`import_file` then verifies and registers it exactly as
 :func:`~meddaemon.engine.registry.import_version` does for a folder (hash, strict load, self-test).
@@ -59,7 +59,7 @@ def convert_file(
         from meddaemon.engine.importers import torch_checkpoint
 
         converted = torch_checkpoint.convert(
-            source.path, architecture_for(spec, options), contract.channels, spec.num_outputs
+            source.path, architecture_for(spec, options), contract.channels, spec.num_outputs, source.format
         )
     return write_converted(converted, source, spec, options, out)
 

@@ -24,7 +24,9 @@ from meddaemon.engine.architectures import ARCHITECTURES, build_model
 from meddaemon.engine.registry import NAME_PATTERN, Manifest, ModelRefused, save_version
 from meddaemon.engine.tasks import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, InputContract, TaskSpec
 
-FORMATS = ("auto", "torch", "keras-h5", "onnx")
+FORMATS = ("auto", "torch", "safetensors", "keras-h5", "onnx")
+#: safetensors refuses a header over 100 MB
+SAFETENSORS_MAX_HEADER = 100_000_000
 #: the file inside a ``.keras`` archive (Keras 3's ``model.save``) that holds the weights
 KERAS_ARCHIVE_WEIGHTS = "model.weights.h5"
 OUTPUTS = ("logits", "probabilities")
@@ -98,16 +100,19 @@ _SUFFIXES = {
     ".hdf5": "keras-h5",
     ".keras": "keras-h5",
     ".onnx": "onnx",
+    ".safetensors": "safetensors",
 }
 
 
 def detect_format(path: Path) -> str:
     """By the file's first bytes (HDF5, or a zip holding Keras weights: keras-h5; another zip or a
-    pickle: torch), else by its suffix."""
+    pickle: torch; a little-endian header length then a JSON object: safetensors), else by its suffix."""
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "keras-h5"
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER:
+        return "safetensors"
     if head.startswith(b"PK\x03\x04"):
         return "keras-h5" if _is_keras_archive(path) else "torch"
     if head[:1] == b"\x80":
@@ -116,7 +121,7 @@ def detect_format(path: Path) -> str:
     if fmt is None:
         raise ModelRefused(
             "unsupported_format",
-            f"cannot tell the format of {path.name}; pass --format torch, keras-h5 or onnx",
+            f"cannot tell the format of {path.name}; pass --format torch, safetensors, keras-h5 or onnx",
         )
     return fmt
 

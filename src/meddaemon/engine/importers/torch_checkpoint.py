@@ -1,10 +1,13 @@
-"""PyTorch checkpoints (``torch.save``): read with ``torch.load(weights_only=True)`` only.
+"""PyTorch checkpoints (``torch.save``): read with ``torch.load(weights_only=True)`` only; and state
+dicts saved as safetensors (the Hugging Face hub's, timm's), read with safetensors, which holds
+tensors alone.
 
 ``weights_only`` unpickles tensors and plain containers and nothing else: a whole pickled
 ``nn.Module`` (or any ``__reduce__`` payload) is refused by torch's restricted unpickler before a
 single object is built, so no code from the file ever runs (``needs_code``). A state dict is taken
-bare, from ``{"state_dict": ...}`` or ``{"model_state_dict": ...}``, with DataParallel's ``module.``
-(or Lightning's ``model.``) prefix stripped, and mapped from torchvision's key layout onto
+bare, from ``{"state_dict": ...}``, ``{"model_state_dict": ...}`` or ``{"model": ...}`` (torchvision's
+``references/classification/train.py``), with DataParallel's ``module.``, Lightning's ``model.`` and
+``torch.compile``'s ``_orig_mod.`` prefixes stripped, and mapped from torchvision's key layout onto
 meddaemon's (``features`` + ``head``, :mod:`meddaemon.engine.architectures`).
 """
 
@@ -23,8 +26,8 @@ from meddaemon.engine.architectures import build_model
 from meddaemon.engine.importers.base import ConvertedWeights
 from meddaemon.engine.registry import ModelRefused
 
-WRAPPER_KEYS = ("state_dict", "model_state_dict")
-WRAPPER_PREFIXES = ("module.", "model.")
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 
 _RESNET = (
     ("conv1.", "features.0."),
@@ -64,8 +67,10 @@ SAVE_A_STATE_DICT = (
 )
 
 
-def read_state_dict(path: Path) -> tuple[dict[str, Tensor], list[str]]:
+def read_state_dict(path: Path, fmt: str = "torch") -> tuple[dict[str, Tensor], list[str]]:
     """The file's state dict (unwrapped, prefixes stripped) and what was done to get it."""
+    if fmt == "safetensors":
+        return unwrap(read_safetensors(path), path.name)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -83,6 +88,18 @@ def read_state_dict(path: Path) -> tuple[dict[str, Tensor], list[str]]:
             f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
         ) from None
     return unwrap(loaded, path.name)
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelRefused(
+            "unreadable_weights", f"{path.name} is truncated, damaged or not safetensors ({exc})"
+        ) from None
 
 
 def unwrap(loaded: Any, name: str) -> tuple[dict[str, Tensor], list[str]]:
@@ -175,8 +192,8 @@ def _backbone_key(key: str, architecture: str) -> str | None:
     return None
 
 
-def convert(path: Path, architecture: str, channels: int, outputs: int) -> ConvertedWeights:
-    state, steps = read_state_dict(path)
+def convert(path: Path, architecture: str, channels: int, outputs: int, fmt: str = "torch") -> ConvertedWeights:
+    state, steps = read_state_dict(path, fmt)
     converted = to_meddaemon_layout(state, architecture, channels, outputs)
     converted.conversion[:0] = steps
     return converted
