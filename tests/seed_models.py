@@ -13,6 +13,7 @@ output, the logit of *healthy* (its labels are COVID 0, healthy 1).
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 from pathlib import Path
@@ -106,7 +107,8 @@ def save_as(model: nn.Module, path: Path, how: str) -> Path:
     ``state_dict`` (a dict with the epoch and accuracy beside it), ``model_state_dict`` (a
     ``module.``-prefixed state dict beside the optimizer); and as today's tools do: ``safetensors``
     (the Hugging Face hub's), ``torchvision reference`` (``references/classification/train.py``'s
-    checkpoint: ``model`` beside the optimizer's and scheduler's state and the epoch), ``torch.compile``
+    checkpoint: ``model`` beside the optimizer's and scheduler's state, the epoch and the command
+    line's ``argparse.Namespace``), ``torch.compile``
     (a compiled model's state dict, every key under ``_orig_mod.``)."""
     state = model.state_dict()
     if how == "safetensors":
@@ -118,7 +120,7 @@ def save_as(model: nn.Module, path: Path, how: str) -> Path:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=30)
         state = {"model": state, "optimizer": optimizer.state_dict(), "lr_scheduler": scheduler.state_dict()}
-        state["epoch"] = 89
+        state |= {"epoch": 89, "args": argparse.Namespace(model="resnet18", lr=0.5, weights=None, amp=True)}
     elif how == "torch.compile":
         state = torch.compile(model).state_dict()
     elif how == "module.":

@@ -13,6 +13,7 @@ meddaemon's (``features`` + ``head``, :mod:`meddaemon.engine.architectures`).
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
 from collections.abc import Mapping
@@ -62,6 +63,11 @@ HEAD_LINEAR_AT: dict[str, tuple[str, ...]] = {
     "efficientnet_v2_s_selu": ("classifier.2",),
 }
 
+#: classes ``weights_only`` may build besides tensors and containers: torchvision's ``train.py`` saves
+#: its command line (an ``argparse.Namespace``) in every checkpoint, and building one runs no code
+#: (``object.__new__``, then its ``__dict__`` filled with values unpickled under the same rules)
+SAFE_GLOBALS = [argparse.Namespace]
+
 SAVE_A_STATE_DICT = (
     "save the weights alone instead, where the model's code is: torch.save(model.state_dict(), 'weights.pt')"
 )
@@ -72,7 +78,8 @@ def read_state_dict(path: Path, fmt: str = "torch") -> tuple[dict[str, Tensor], 
     if fmt == "safetensors":
         return unwrap(read_safetensors(path), path.name)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         what = f"an object of {found.group(1)}" if found else "objects other than tensors"
