@@ -189,12 +189,14 @@ def test_many_recent_failures_degrade(migrated_engine, reader, db_url, make_sett
     assert check(reader, settings, max_failure_fraction=0.6).check("failures").details["registered"] == 11
 
 
-def test_its_own_results_sent_back_by_a_pacs_are_not_failures_of_the_daemon(
+def test_files_that_are_no_images_sent_with_whole_studies_are_not_failures_of_the_daemon(
     migrated_engine, reader, db_url, make_settings
 ):
+    """A PACS forwarding whole studies sends their SRs and meddaemon's own results with the images."""
     add_daemon(migrated_engine, "node-a", age=1)
     add_scans(migrated_engine, "archived", 10)
     add_scans(migrated_engine, "failed", 40, start=100, failure_reason="own_output")
+    add_scans(migrated_engine, "failed", 20, start=300, failure_reason="no_pixel_data")
     add_scans(migrated_engine, "failed", 2, start=200, failure_reason="corrupt_image")
     failures = check(reader, make_settings(db=db_url), max_failure_fraction=0.5).check("failures")
     assert failures.status == "ok"

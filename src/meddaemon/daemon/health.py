@@ -26,7 +26,7 @@ from meddaemon.daemon.lease import node_name, running_daemons
 from meddaemon.db.clock import db_clock
 from meddaemon.db.migrate import alembic_config, current_revision, head_revision
 from meddaemon.db.models import DaemonInstance, Scan, utcnow
-from meddaemon.failures import FailureReason
+from meddaemon.failures import NOT_AN_IMAGE
 
 Status = Literal["ok", "degraded", "down"]
 OK: Status = "ok"
@@ -306,13 +306,13 @@ def _dicom(engine: Engine, settings: Settings, echo: Callable[[Settings], Any] |
 
 
 def _failures(session: Session, limits: HealthLimits) -> Check:
-    """The failed share of the scans registered lately, leaving out meddaemon's own results sent back
-    by a PACS: they fail as ``own_output`` whenever a study comes back whole, and say nothing of the
-    inputs or the daemon."""
+    """The failed share of the scans registered lately, leaving out the files that are no image at all
+    (``NOT_AN_IMAGE``): a PACS forwarding whole studies sends their SRs, key-object notes and
+    meddaemon's own results with the images, and they say nothing of the inputs or the daemon."""
     since = utcnow() - timedelta(seconds=limits.failure_window_seconds)
-    not_own = or_(Scan.failure_reason.is_(None), Scan.failure_reason != FailureReason.OWN_OUTPUT.value)
+    images = or_(Scan.failure_reason.is_(None), Scan.failure_reason.not_in([r.value for r in NOT_AN_IMAGE]))
     total, failed = session.execute(
-        select(func.count(), func.count().filter(Scan.state == "failed")).where(Scan.registered_at >= since, not_own)
+        select(func.count(), func.count().filter(Scan.state == "failed")).where(Scan.registered_at >= since, images)
     ).one()
     total, failed = int(total or 0), int(failed or 0)
     window = _duration(limits.failure_window_seconds)
