@@ -233,3 +233,22 @@ def test_objects_that_are_no_images_are_listed_apart_and_never_refuse_the_datase
         ("malignant_1_report.dcm", "not an image", "no_pixel_data"),
         ("malignant_3_report.dcm", "not an image", "no_pixel_data"),
     ]
+
+
+def test_a_file_over_max_file_bytes_is_skipped_as_too_large_and_never_read(tmp_path: Path) -> None:
+    """A slide or a video saved among the images: read whole, it took its size in memory, then failed
+    to decode; the daemon and the evaluator refuse it by its size."""
+    for cls in ("benign", "malignant"):
+        for n in range(20):
+            write_png(tmp_path / cls / f"{cls}_{n}.png", pixels(n))
+    with open(tmp_path / "benign" / "huge.png", "wb") as sparse:  # 6 GiB that take no disk: a hole
+        sparse.truncate(6 * 1024**3)
+    index = load_dataset(tmp_path, max_bad_fraction=0.05)
+    assert len(index.samples) == 40
+    assert [(s.path.name, s.reason) for s in index.skipped] == [
+        (
+            "huge.png",
+            f"unreadable image (too_large: the file holds {6 * 1024**3} bytes, over max_file_bytes "
+            f"({4 * 1024**3}); it was not read)",
+        )
+    ]

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from meddaemon.engine.decode import SNIFF_BYTES, decode_bytes, sniff_format
-from meddaemon.failures import FailureReason, ScanFailure
+from meddaemon.engine.decode.types import DecodedScan, DecodeOptions
+from meddaemon.files import read_whole
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"})
 #: Files that sit beside the images in published datasets and are never images.
@@ -65,12 +66,15 @@ def image_files(folder: Path) -> Iterator[Path]:
             yield path
 
 
+def decode_file(path: Path) -> DecodedScan:
+    """The image at ``path`` decoded as the daemon decodes a scan, under its limits: a file over
+    ``max_file_bytes`` (a slide, a video among the images) is refused unread (``too_large``), as it
+    would be held whole in memory. Raises ScanFailure."""
+    options = DecodeOptions()
+    data, _ = read_whole(path, follow_symlinks=True, max_bytes=options.max_file_bytes)
+    return decode_bytes(data, options)
+
+
 def read_image(path: Path) -> np.ndarray:
     """The first (key) frame, float32 in [0, 1]: (H, W) grey or (H, W, 3) RGB. Raises ScanFailure."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ScanFailure(FailureReason.VANISHED, "the file does not exist") from None
-    except OSError as exc:
-        raise ScanFailure(FailureReason.UNREADABLE, f"cannot read the file: {exc.strerror}") from None
-    return np.asarray(decode_bytes(data).frames[0], dtype=np.float32)
+    return np.asarray(decode_file(path).frames[0], dtype=np.float32)

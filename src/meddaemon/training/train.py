@@ -43,13 +43,13 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from meddaemon.engine.architectures import Init, build_model, imagenet_cache_path
-from meddaemon.engine.decode import decode_bytes
 from meddaemon.engine.preprocess import to_model_input
 from meddaemon.engine.registry import probabilities
 from meddaemon.engine.tasks import InputContract, TaskSpec
 from meddaemon.files import write_atomically
 from meddaemon.training import distributed
 from meddaemon.training.datasets import Sample
+from meddaemon.training.images import decode_file
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -186,7 +186,7 @@ class ScanDataset(Dataset[tuple[Tensor, Tensor]]):
     def image(self, i: int) -> Tensor:
         if i in self._cache:
             return self._cache[i]
-        scan = decode_bytes(self.samples[i].path.read_bytes())
+        scan = decode_file(self.samples[i].path)
         x = torch.from_numpy(to_model_input(scan, self.contract)[0])
         if self.cache:
             self._cache[i] = x
