@@ -259,19 +259,19 @@ def load(data: bytes, manifest: Manifest) -> OnnxClassifier:
     return OnnxClassifier(data, manifest.onnx, manifest.kind, manifest.num_outputs).eval()
 
 
-def graph_with_weights(path: Path) -> bytes:
+def graph_with_weights(path: Path) -> tuple[bytes, Any]:
     """The graph at ``path`` with every weight inside it. Exporters keep a graph's weights in a file
     beside it (``torch.onnx.export`` does by default since its dynamo exporter: ``model.onnx.data``);
     they are read from the graph's own folder, by onnx's loader, which refuses a location outside it,
     and embedded: the version registered is one file whose SHA-256 covers the weights, and nothing is
-    read from the working directory."""
+    read from the working directory. Returns the graph's bytes and the graph parsed."""
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
     data = path.read_bytes()
     model = _parse(data)
     if not _keeps_weights_outside(model):
-        return data
+        return data, model
     try:
         load_external_data_for_model(model, str(path.parent))
     except Exception as exc:  # a missing file, a location outside the folder, a file cut short
@@ -285,15 +285,19 @@ def graph_with_weights(path: Path) -> bytes:
             f"the graph with its weights takes {size} bytes, over the {onnx.checker.MAXIMUM_PROTOBUF} "
             "one ONNX file can hold",
         )
-    return model.SerializeToString()
+    return model.SerializeToString(), model
 
 
 def check_graph(data: bytes) -> Any:
     """The parsed graph, refused (``unsupported_onnx``) unless it parses, holds its weights, has a
     supported opset and passes ``onnx.checker``."""
+    return check_parsed(_parse(data))
+
+
+def check_parsed(model: Any) -> Any:
+    """``check_graph`` for a graph already parsed."""
     import onnx
 
-    model = _parse(data)
     if _keeps_weights_outside(model):
         raise ModelRefused(
             "unreadable_weights",
@@ -339,8 +343,8 @@ def _keeps_weights_outside(model: Any) -> bool:
 
 
 def convert(source: Source, spec: TaskSpec, options: ImportOptions, out_dir: Path) -> Manifest:
-    data = graph_with_weights(source.path)
-    model = check_graph(data)
+    data, model = graph_with_weights(source.path)
+    check_parsed(model)
     contract = contract_for(spec, options)
     labels_in_file = file_labels(spec, options)
     graph = model.graph
