@@ -188,3 +188,13 @@ def test_a_state_directory_moved_elsewhere_still_serves_its_models(run, tmp_path
         assert session.scalars(select(ModelVersion.path)).all() == ["models/busi/v1"]
         assert set(session.scalars(select(Scan.state))) == {"archived"}
     daemon.engine.dispose()
+
+
+def test_import_offers_every_format_the_importers_read_and_no_other() -> None:
+    """The command names its formats itself (importing the importers means importing torch, which
+    ``medcli --help`` does not); they must stay the importers' own list."""
+    from meddaemon.engine.importers import FORMATS
+
+    command = medcli.commands["models"].commands["import"]  # type: ignore[attr-defined]
+    [option] = [p for p in command.params if p.name == "fmt"]
+    assert tuple(option.type.choices) == FORMATS

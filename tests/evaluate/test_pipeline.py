@@ -233,13 +233,28 @@ def test_objects_that_are_no_images_are_listed_apart_and_never_stop_the_run(worl
     ]
 
 
+def test_objects_that_are_no_images_never_hide_unreadable_images_from_the_five_percent(world, tmp_path: Path) -> None:
+    """Two of ten images unreadable, beside forty structured reports: 2 of 50 files is under 5 %, but
+    the reports are no images, and 2 of 10 images is the dataset at fault, as training counts it."""
+    folder = tmp_path / "pacs_export"
+    rng = np.random.default_rng(4)
+    for i in range(8):
+        write_png(folder / f"ok_{i:02}.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    for i in range(40):
+        write_structured_report(folder / f"report_{i:02}.dcm")
+    with pytest.raises(EvaluationStopped, match="2 of 10 images cannot be read"):
+        evaluate(world, folder, workers=0)
+
+
 def test_more_than_five_percent_unreadable_stops_with_a_message(world, tmp_path: Path) -> None:
     folder = tmp_path / "images"
     rng = np.random.default_rng(2)
     for i in range(10):
         write_png(folder / f"ok_{i:02}.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
     (folder / "empty.png").write_bytes(b"")
-    with pytest.raises(EvaluationStopped, match="1 of 11 files cannot be read"):
+    with pytest.raises(EvaluationStopped, match="1 of 11 images cannot be read"):
         evaluate(world, folder, workers=0)
     engine = world.engine()
     with session_factory(engine)() as session:

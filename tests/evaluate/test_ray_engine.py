@@ -391,7 +391,7 @@ def test_a_ray_run_over_too_many_unreadable_files_stops_with_a_message_and_leave
         write_png(folder / f"synthetic_{i:03}.png", rng.integers(0, 255, (32, 32), dtype=np.uint8))
     with (
         patch("meddaemon.evaluate.pipeline.FLUSH_SECONDS", 0.0),
-        pytest.raises(EvaluationStopped, match="of 640 files cannot be read"),
+        pytest.raises(EvaluationStopped, match="of 640 images cannot be read"),
     ):
         evaluate_into(world.db_url, world.settings, folder, engine="ray")
     assert iterating_threads() == [] and threads_inside_ray() == []

@@ -278,6 +278,7 @@ class Writer:
         self.pending: list[tuple[FileOutcome, Future | None]] = []
         self.done = 0
         self.failed = 0
+        self.not_images = 0
         self.started = time.monotonic()
         self.last_flush = self.started
         self.ended: float | None = None
@@ -299,6 +300,7 @@ class Writer:
                 counts = store.record_chunk(session, evaluation, version, outcomes, self.prepared.settings.state_dir)
             self.done += len(outcomes) - len(counts.redo)
             self.failed += counts.failed
+            self.not_images += counts.not_images
             self.last_flush = time.monotonic()
             if counts.redo:
                 self.pending += score_in_driver(self.prepared, counts.redo)
@@ -330,10 +332,14 @@ class Writer:
         return unwritten
 
     def _check_unreadable(self) -> None:
+        """Files that are no image at all are left out of the fraction, as training leaves them out:
+        a PACS export's structured reports would otherwise hide unreadable images. Only the ones seen
+        so far are left out, so the fraction can only grow as the run goes on, never stop it wrongly."""
         limit = self.prepared.request.max_bad_fraction
-        if self.total and self.failed / self.total > limit:
+        images = self.total - self.not_images
+        if images and self.failed / images > limit:
             raise TooManyUnreadable(
-                f"{self.failed} of {self.total} files cannot be read (more than {limit:.0%}); "
+                f"{self.failed} of {images} images cannot be read (more than {limit:.0%}); "
                 "see the evaluation's unreadable files (medcli evaluate ... --json) and fix the dataset"
             )
 

@@ -68,6 +68,8 @@ class ChunkCounts:
     reused: int = 0
     failed: int = 0
     skipped: int = 0
+    #: of ``skipped``, the files that are no image at all (``NOT_AN_IMAGE``)
+    not_images: int = 0
     failures: Counter[str] = field(default_factory=Counter)
     #: known bytes whose scan holds no results of the version after all (a 64-bit prefix collision,
     #: or the scan was deleted): not written, to be decoded and scored
@@ -156,6 +158,7 @@ def record_chunk(
             row["failure_message"] = read.failure.message
             if not_an_image:
                 counts.skipped += 1
+                counts.not_images += 1
             else:
                 counts.failed += 1
                 counts.failures[read.failure.reason.value] += 1
