@@ -50,7 +50,7 @@ def left_by_dead_writer(tmp: Path) -> bool:
     never judged: their writer may be alive there."""
     writer = tmp.name.removesuffix(TMP_SUFFIX).rsplit(".", 1)[-1]
     host, _, pid = writer.rpartition("-")
-    if (host and host != HOST_TAG) or not pid.isdigit():
+    if (host and host != HOST_TAG) or not (pid.isascii() and pid.isdigit()):
         return False
     try:
         last_written = tmp.lstat().st_mtime

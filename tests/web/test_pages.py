@@ -193,6 +193,46 @@ def test_a_stored_scan_over_the_daemon_s_limits_is_no_picture_rather_than_the_co
         app.state.console.dispose()
 
 
+def synthetic_jpeg(side: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (side, side), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def with_size(jpeg: bytes, rows: int, columns: int) -> bytes:
+    """The JPEG with its frame header (SOF0) claiming another size: what a bomb's header says."""
+    at = jpeg.index(b"\xff\xc0") + 5
+    return jpeg[:at] + rows.to_bytes(2, "big") + columns.to_bytes(2, "big") + jpeg[at + 4 :]
+
+
+def test_a_stored_jpeg_thumbnail_is_read_under_the_daemon_s_limits_and_a_broken_one_is_no_picture(fresh_root):
+    """The worklist asks a thumbnail of every scan, failed ones too. A JPEG went to PIL unguarded:
+    a broken one was a 500, and one over max_pixels was decoded."""
+    scan = next(s for s in stored_scans(fresh_root) if s.state == "archived" and s.task_name == "busi")
+    stored = web_settings(fresh_root).stored_file(scan.stored_path)
+    good = synthetic_jpeg()
+    cases = {
+        "truncated": (good[: len(good) // 2], {}),
+        "a bomb's header": (with_size(good, 20000, 20000), {}),
+        "no image after its marker": (b"\xff\xd8" + bytes(64), {}),
+        "over max_pixels": (good, {"max_pixels": 64 * 64 - 1}),
+    }
+    for case, (data, flags) in cases.items():
+        stored.write_bytes(data)
+        app = create_app(web_settings(fresh_root, **flags))
+        try:
+            assert signed_in(app, "viewer").get(f"/scans/{scan.id}/thumb.jpg").status_code == 404, case
+        finally:
+            app.state.console.dispose()
+    stored.write_bytes(good)
+    app = create_app(web_settings(fresh_root))
+    try:
+        thumb = signed_in(app, "viewer").get(f"/scans/{scan.id}/thumb.jpg")
+        assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).size == (64, 64)
+    finally:
+        app.state.console.dispose()
+
+
 def test_a_scan_that_does_not_exist_is_a_404_page_not_a_traceback(console):
     client = console("viewer")
     for url in ("/scans/999999", "/scans/999999/image.png", "/heatmaps/999999.png", "/reports/999999.pdf", "/nowhere"):

@@ -101,3 +101,30 @@ def test_the_hourly_inferred_count_reads_only_its_index_on_sqlite(tmp_path):
         "AND at >= '2026-11-30 11:00:00' AND at < '2026-11-30 12:00:00'",
     )
     assert "COVERING INDEX ix_scan_events_state_at" in plan
+
+
+def test_the_call_filter_matches_the_call_each_row_shows_its_latest_versions(migrated_engine):
+    """A scan called benign by v1 and negative on every label by v2 shows v2's call: it is listed by
+    "negative", not by "positive", as its row says."""
+    sessions = session_factory(migrated_engine)
+    with transaction(sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(sessions) as session:
+        v1, v2 = add_version(session, "v1", heatmaps=False), add_version(session, "v2", heatmaps=False)
+        scan = add_scan(session, 1, ScanState.ARCHIVED).id
+        add_result(session, scan, v1)
+        for label, probability in (("benign", 0.1), ("malignant", 0.2), ("normal", 0.3)):
+            session.add(Result(scan_id=scan, model_version_id=v2.id, label=label, probability=probability,
+                               threshold=0.5, positive=False))  # fmt: skip
+
+    def rows(**f: str) -> list[queries.WorklistRow]:
+        with sessions() as session:
+            return queries.worklist(session, queries.WorklistFilter(**f)).rows
+
+    def listed(**f: str) -> list[int]:
+        return [row.id for row in rows(**f)]
+
+    [row] = rows()
+    assert row.top is not None and (row.top.label, row.top.positive) == ("normal", False)
+    assert listed(call="negative") == [scan] and listed(call="positive") == []
+    assert listed(label="benign", call="negative") == [scan] and listed(label="benign", call="positive") == []

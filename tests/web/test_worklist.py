@@ -113,3 +113,19 @@ def test_numbers_past_an_integer_key_are_refused_or_ignored_not_a_server_error(m
     assert client.get(f"/failures?action={huge}").status_code == 200
     assert client.get(f"/models?action={huge}").status_code == 200
     app.state.console.dispose()
+
+
+def test_query_values_no_scan_could_match_are_refused_or_ignored_not_a_server_error(migrated_engine, db_url, tmp_path):
+    """Digits outside ASCII (``str.isdigit`` took them, ``int`` refused them), the last day there is,
+    and a NUL, which PostgreSQL refuses in text: that was a "database unavailable" page."""
+    settings = load_settings(env={}, flags={"db": db_url, "state_dir": tmp_path, "watch": tmp_path / "inbox"})
+    app = create_app(settings, reader=read_only_engine(db_url))
+    client = TestClient(app, base_url="http://127.0.0.1")
+    assert client.get("/worklist?after=\u00b2").status_code == 400
+    assert client.get("/failures?action=\u00b2").status_code == 200
+    assert client.get("/models?action=\u00b2").status_code == 200
+    assert client.get("/worklist?until=9999-12-31").status_code == 200
+    for query in ("q=a%00b", "task=busi%00", "label=x%00&call=positive"):
+        response = client.get(f"/worklist?{query}")
+        assert response.status_code == 400 and "NUL" in response.text, query
+    app.state.console.dispose()

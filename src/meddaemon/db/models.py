@@ -78,8 +78,9 @@ MAX_ROW_ID = 2**31 - 1
 
 
 def row_id(key: str) -> int | None:
-    """``key`` as a row id, if it is one: digits, within an INTEGER key's range."""
-    return int(key) if key.isdigit() and int(key) <= MAX_ROW_ID else None
+    """``key`` as a row id, if it is one: ASCII digits (``str.isdigit`` takes ``²`` too, which
+    ``int`` refuses), within an INTEGER key's range."""
+    return int(key) if key.isascii() and key.isdigit() and int(key) <= MAX_ROW_ID else None
 
 
 class Scan(Base):

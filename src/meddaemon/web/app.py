@@ -177,6 +177,12 @@ class SessionMiddleware(BaseHTTPMiddleware):
         console: Console = request.app.state.console
         policy, signer = console.policy, console.signer
         path = request.url.path
+        if "\x00" in path or any("\x00" in value for value in request.query_params.values()):
+            # no name, search or id holds one, and PostgreSQL refuses it in text: a "database down" page
+            request.state.session = None
+            return _headers(
+                render(request, "error.html", 400, title="Error", message="The address holds a NUL character.")
+            )
         session = signer.load(request.cookies.get(auth.COOKIE))
         fresh = False
         if policy.open_local:

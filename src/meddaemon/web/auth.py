@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -56,6 +57,12 @@ def verify_password(password: str, stored: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(digest.hex(), expected)
+
+
+@functools.cache
+def _stand_in_hash() -> str:
+    """What a password is checked against when no user has the name given."""
+    return hash_password("", b"\0" * 16)
 
 
 def is_loopback(host: str) -> bool:
@@ -116,7 +123,7 @@ class AuthPolicy:
     def login(self, name: str, password: str) -> User | None:
         user = self.users.get(name)
         if user is None or not user.get("password_hash"):
-            verify_password(password, hash_password("x", b"0" * 16))  # the same time either way
+            verify_password(password, _stand_in_hash())  # one scrypt, as for a user: the same time either way
             return None
         return User(name, user["role"]) if verify_password(password, user["password_hash"]) else None
 
@@ -155,7 +162,7 @@ class SessionSigner:
         if not cookie or "." not in cookie:
             return None
         payload, signature = cookie.rsplit(".", 1)
-        if not hmac.compare_digest(signature, self._sign(payload)):
+        if not _same(signature, self._sign(payload)):
             return None
         try:
             body = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
@@ -173,4 +180,10 @@ class SessionSigner:
 
 
 def csrf_ok(session: Session | None, sent: str | None) -> bool:
-    return session is not None and bool(sent) and hmac.compare_digest(session.csrf, str(sent))
+    return session is not None and bool(sent) and _same(session.csrf, str(sent))
+
+
+def _same(a: str, b: str) -> bool:
+    """Constant-time equality of two strings, whatever characters a client sent (``compare_digest``
+    refuses ``str`` outside ASCII)."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogateescape"), b.encode("utf-8", "surrogateescape"))

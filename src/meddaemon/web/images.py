@@ -111,19 +111,26 @@ def heatmap_overlay(settings: Settings, files: HeatmapFiles) -> bytes:
 
 
 def thumbnail_jpeg(path: Path, options: DecodeOptions, side: int = THUMB_SIDE) -> bytes:
-    """A small JPEG of a stored scan."""
+    """A small JPEG of a stored scan. A JPEG is scaled by PIL directly (its decoder reads it at a
+    fraction of its size), under the daemon's pixel limit as any scan is decoded."""
     data = _stored_bytes(path, options)
     if data[:2] == b"\xff\xd8":
-        return thumbnail_of(data, side)
+        return thumbnail_of(data, side, max_pixels=options.max_pixels)
     return thumbnail_of(_scan_png(data, path, options, None, side), side)
 
 
-def thumbnail_of(data: bytes, side: int = THUMB_SIDE) -> bytes:
-    """A small JPEG of a picture's bytes (JPEG or PNG)."""
-    image = Image.open(io.BytesIO(data))
-    image.thumbnail((side, side))
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=80)
+def thumbnail_of(data: bytes, side: int = THUMB_SIDE, max_pixels: int | None = None) -> bytes:
+    """A small JPEG of a picture's bytes (JPEG or PNG). Bytes PIL cannot read, or a picture over
+    ``max_pixels``, are no picture."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise NoPicture(f"a picture of {image.width}x{image.height} pixels is over max_pixels ({max_pixels})")
+        image.thumbnail((side, side))
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=80)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise NoPicture(f"cannot show the picture: {type(exc).__name__}") from None
     return buffer.getvalue()
 
 

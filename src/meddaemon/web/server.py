@@ -17,8 +17,12 @@ log = logging.getLogger("meddaemon.web")
 
 def _server(settings: Settings, host: str, port: int) -> uvicorn.Server:
     app = create_app(settings, host)
-    # no access log: request lines would carry the worklist's search text
-    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_config=None, lifespan="off")
+    # no access log: request lines would carry the worklist's search text. No proxy headers: the peer
+    # must stay the TCP peer, which web_proxy_header believes only on loopback (uvicorn would put a
+    # local proxy's X-Forwarded-For address in its place, and every user behind it be refused).
+    config = uvicorn.Config(
+        app, host=host, port=port, access_log=False, log_config=None, lifespan="off", proxy_headers=False
+    )
     return uvicorn.Server(config)
 
 

@@ -31,7 +31,7 @@ async def retry(request: Request) -> Response:
     scan, reason = str(form.get("scan", "")).strip(), str(form.get("reason", "")).strip()
     if bool(scan) == bool(reason):
         raise HTTPException(400, "Retry one scan (its id) or one reason, not both.")
-    if scan and not scan.isdigit():
+    if scan and row_id(scan) is None:
         raise HTTPException(400, "A scan is retried by its id.")
     if reason and reason not in {r.value for r in FailureReason}:
         raise HTTPException(400, f"There is no failure reason {reason!r}.")
