@@ -94,3 +94,21 @@ def test_patients_from_the_labels_file_first_then_the_stored_patient_id():
     cohort, _ = join(preds, t)
     assert cohort.n_clusters == 2
     assert cohort.clusters[0] == cohort.clusters[1] and cohort.clusters[2] == cohort.clusters[3]
+
+
+@pytest.mark.parametrize("column", ["patient_id", "Patient ID", "PatientID", "MRN", "Patient_ID"])
+def test_patients_are_read_from_the_column_that_names_them_however_it_is_spelt(column):
+    """The column ``--by`` refuses as identifying patients is the one the intervals cluster on: read
+    only as ``patient_id``, three scans of each patient were taken for independent ones."""
+    names = [f"s{i}.png" for i in range(12)]
+    t = table([(nm, {"benign"}, None, {column: f"P{i // 3}"}) for i, nm in enumerate(names)], attributes=(column,))
+    cohort, _ = join(predictions("busi", names), t)
+    assert cohort.n_clusters == 4
+
+
+def test_a_full_name_two_stored_scans_share_is_ambiguous_as_a_base_name_is():
+    """The same name arrived twice with other bytes: which scan the label is for cannot be told."""
+    preds = predictions("busi", ["busi/a.png", "busi/a.png", "busi/b.png"])
+    for key in ("busi/a.png", "a.png"):
+        cohort, report = join(preds, table([(key, {"benign"}, None, {}), ("busi/b.png", {"normal"}, None, {})]))
+        assert cohort.scan_ids.tolist() == [3] and report.ambiguous == [key], key

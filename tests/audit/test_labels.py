@@ -66,6 +66,13 @@ def test_columns_separated_by_semicolons_or_tabs_read_as_the_comma_file(tmp_path
     assert [r.attributes["site"] for r in t.rows] == ["north", "south"]
 
 
+def test_columns_without_a_name_at_the_end_of_every_line_are_not_read(tmp_path):
+    """A spreadsheet's export with ",," at each line's end: one such column was accepted, two were
+    refused as a "duplicate column name" ''."""
+    t = read_labels(write(tmp_path, "file,label,site,,\na.png,benign,north,,\nb.png,normal,south,,\n"), VOCABULARY)
+    assert [r.key for r in t.rows] == ["a.png", "b.png"] and t.attribute_columns == ("site",)
+
+
 def test_a_header_with_commas_is_a_comma_file_whatever_its_cells_hold(tmp_path):
     t = read_labels(write(tmp_path, "file,label,note\na.png,benign,left; upper\n"), VOCABULARY)
     assert t.rows[0].attributes["note"] == "left; upper"

@@ -58,6 +58,26 @@ def test_stored_metadata_is_used_when_the_labels_file_has_no_such_column():
     assert set(values.tolist()) == {"F"}
 
 
+@pytest.mark.parametrize("column", ["sex", "Sex", "SEX", "Patient Gender"])
+def test_the_labels_file_s_column_comes_before_the_stored_metadata_however_it_is_spelt(column):
+    """The stored sex is "F" for every scan (PNG scans have none at all): a file's ``Sex`` column was
+    passed over for it, and every scan grouped under one level without a word."""
+    names = [f"s{i}.png" for i in range(40)]
+    rows = [(nm, {"normal"}, None, {column: "MF"[i % 2]}) for i, nm in enumerate(names)]
+    c = join(predictions("covid", names), table(rows, attributes=(column,)))[0]
+    assert sorted(set(grouping_values(c, "sex").tolist())) == ["F", "M"]
+
+
+@pytest.mark.parametrize("column", ["age", "Age", "Patient Age", "patient_age"])
+def test_age_bands_come_from_the_labels_file_s_age_column_however_it_is_spelt(column):
+    names = [f"s{i}.png" for i in range(40)]
+    rows = [(nm, {"normal"}, None, {column: "70"}) for nm in names]
+    preds = predictions("covid", names)
+    preds.scan_attributes["age"] = ["030Y"] * 40
+    c = join(preds, table(rows, attributes=(column,)))[0]
+    assert set(grouping_values(c, "age_band").tolist()) == {"60-79"}
+
+
 def test_an_unknown_column_names_what_is_available():
     with pytest.raises(AuditInputError, match=r"no column 'scanner' to group by.*available: .*site"):
         grouping_values(cohort(), "scanner")

@@ -113,6 +113,25 @@ def test_require_exits_5_when_a_lower_bound_fails_and_0_when_all_hold(busi):
         assert [a.passed for a in session.scalars(select(Audit).order_by(Audit.id))] == [True, False]
 
 
+@pytest.mark.parametrize("option", ["--pdf", "--csv"])
+def test_an_output_that_cannot_be_written_exits_1_before_any_audit_is_stored(busi, tmp_path, option):
+    """Found after the audit ran, it was a traceback (exit 1 whatever --require said) and an audit
+    stored without the file asked for. A folder that does not exist yet is made, as report --out does."""
+    db_url, labels, _, engine = busi
+    blocker = tmp_path / "a_file"
+    blocker.write_bytes(b"")
+    result = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", option, str(blocker / "out"))
+    assert result.exit_code == 1 and f"{option} {blocker / 'out'} cannot be written" in result.stderr
+    assert "Traceback" not in result.output
+    with session_factory(engine)() as session:
+        assert session.scalars(select(Audit)).all() == []
+    made = tmp_path / "new" / "folder" / "out"
+    result = run(
+        "--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--require", "auc>=0.99", option, str(made)
+    )
+    assert result.exit_code == 5 and made.stat().st_size > 0
+
+
 def test_the_terminal_table_and_the_patient_note(busi):
     db_url, labels, _, _ = busi
     result = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from meddaemon.audit.labels import LabelFileError, LabelRow, LabelTable
+from meddaemon.audit.labels import LabelFileError, LabelRow, LabelTable, patient_column
 from meddaemon.audit.predictions import AuditInputError, Predictions
 
 EXAMPLES = 20
@@ -116,7 +116,7 @@ def _same(a: LabelRow, b: LabelRow) -> bool:
 
 class _Index:
     def __init__(self, predictions: Predictions, key_kind: str) -> None:
-        self.exact: dict[str, int] = {}
+        self.exact: dict[str, list[int]] = defaultdict(list)
         self.base: dict[str, list[int]] = defaultdict(list)
         values: list[str | None]
         if key_kind == "file":
@@ -129,13 +129,13 @@ class _Index:
             values = list(predictions.sop_instance_uids)
         for i, v in enumerate(values):
             if v:
-                self.exact.setdefault(v, i)
+                self.exact[v].append(i)
         self.key_kind = key_kind
 
     def find(self, key: str) -> list[int]:
         key = key.lower() if self.key_kind == "sha256" else key
-        if key in self.exact:
-            return [self.exact[key]]
+        if key in self.exact:  # two scans arrived under one name, or as versions of one instance: ambiguous
+            return self.exact[key]
         if self.key_kind == "file":
             return self.base.get(PurePosixPath(key.replace("\\", "/")).name, [])
         return []
@@ -247,7 +247,8 @@ def _cohort(predictions: Predictions, table: LabelTable, rows: np.ndarray, match
     elif kind == "multiclass":
         truth_class = np.argmax(y, axis=1)
         called_class = np.argmax(probs, axis=1)
-    patients = [r.attributes.get("patient_id", "") for r in matched]
+    patient = patient_column(table.attribute_columns)
+    patients = [r.attributes.get(patient, "") if patient else "" for r in matched]
     stored = predictions.scan_attributes["patient_id"]
     cluster_keys = [
         f"label:{p}" if p else (f"scan:{stored[i]}" if stored[i] else f"id:{predictions.scan_ids[i]}")

@@ -121,6 +121,26 @@ def normal_name(name: str) -> str:
     return re.sub(r"[\s_-]+", "_", name.strip().lower())
 
 
+#: the columns that identify a patient, in any spelling (the NIH file's "Patient ID" follows from "patient_id")
+IDENTIFYING = ("patient_id", "PatientID", "mrn")
+
+
+def spellings(name: str) -> set[str]:
+    """``name`` and its NIH file/audit counterpart (``Patient Gender``, ``sex``), normalised."""
+    counterparts = {NIH_ATTRIBUTES.get(name), *(k for k, v in NIH_ATTRIBUTES.items() if v == name)}
+    return {normal_name(n) for n in (name, *counterparts) if n}
+
+
+def identifies_patients(name: str) -> bool:
+    return bool(spellings(name) & {normal_name(n) for n in IDENTIFYING})
+
+
+def patient_column(columns: Iterable[str]) -> str | None:
+    """Of a labels file's columns, the one that names each row's patient (``patient_id``,
+    ``Patient ID``, ``MRN``...): the first, in the file's order."""
+    return next((c for c in columns if identifies_patients(c)), None)
+
+
 def closest_name(name: str, names: Iterable[str]) -> str | None:
     """The one of ``names`` that ``name`` most likely means (a typo, another case or spacing), if one is close."""
     by_normal = {normal_name(n): n for n in names}
@@ -181,8 +201,9 @@ def _split_labels(path: Path, value: str, words: set[str], line: int, column: st
 def _simple(
     path: Path, sha: str, header: list[str], records: list[tuple[int, list[str]]], words: set[str]
 ) -> LabelTable:
-    if len(set(header)) != len(header):
-        dup = next(h for h in header if header.count(h) > 1)
+    named = [h for h in header if h]  # columns without a name (a spreadsheet's trailing ",,") are not read
+    if len(set(named)) != len(named):
+        dup = next(h for h in named if named.count(h) > 1)
         raise LabelFileError(path, "duplicate column name", 1, dup)
     key = next((k for k in KEY_COLUMNS if k in header), None)
     if key is None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from meddaemon.audit.join import Cohort
-from meddaemon.audit.labels import NIH_ATTRIBUTES, closest_name, normal_name
+from meddaemon.audit.labels import NIH_ATTRIBUTES, closest_name, identifies_patients, spellings
 from meddaemon.audit.metrics import LabelMetrics, label_metrics
 from meddaemon.audit.predictions import AuditInputError
 from meddaemon.audit.values import Undefined
@@ -39,48 +39,44 @@ def age_band(value: str | None) -> str:
     return next((name for lo, hi, name in AGE_BANDS if lo <= years < hi), MISSING)
 
 
-#: the columns that identify a patient, in any spelling (the NIH file's "Patient ID" follows from "patient_id")
-IDENTIFYING = ("patient_id", "PatientID", "mrn")
-
-
 def available_columns(cohort: Cohort) -> list[str]:
     names = [*cohort.label_attributes, *cohort.scan_attributes, "age_band"]
     return sorted(n for n in set(names) if not identifies_patients(n))
 
 
-def identifies_patients(name: str) -> bool:
-    return bool(_spellings(name) & {normal_name(n) for n in IDENTIFYING})
-
-
-def _spellings(name: str) -> set[str]:
-    """``name`` and its NIH file/audit counterpart (``Patient Gender``, ``sex``), normalised."""
-    counterparts = {NIH_ATTRIBUTES.get(name), *(k for k, v in NIH_ATTRIBUTES.items() if v == name)}
-    return {normal_name(n) for n in (name, *counterparts) if n}
-
-
 def resolve_column(cohort: Cohort, name: str) -> str:
-    """The cohort's column that ``name`` (as in the file, or normalised) names."""
+    """The cohort's column that ``name`` (as in the file, or normalised) names: the labels file's
+    first, then the stored metadata's, so that a file's ``Sex`` is grouped on, not the DICOM sex
+    the audit also calls ``sex`` (which PNG scans lack)."""
     if identifies_patients(name):
         raise AuditInputError(
             f"--by {name!r} identifies patients: its levels would be patient identifiers, printed and stored"
             " with the audit; group by what patients share (sex, age_band, site, view...)"
         )
+    wanted = spellings(name)
+    for pool in (cohort.label_attributes, [*cohort.scan_attributes, "age_band"]):
+        columns = sorted(n for n in set(pool) if not identifies_patients(n))
+        if name in columns:
+            return name
+        found = [column for column in columns if spellings(column) & wanted]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise AuditInputError(f"--by {name!r} could be any of the columns {', '.join(found)}: give one as spelt")
     available = available_columns(cohort)
-    if name in available:
-        return name
-    wanted = _spellings(name)
-    found = [column for column in available if _spellings(column) & wanted]
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise AuditInputError(f"--by {name!r} could be any of the columns {', '.join(found)}: give one as spelt")
-    spellings = [*available, *(k for k, v in NIH_ATTRIBUTES.items() if v in available)]
-    meant = closest_name(name, spellings)
+    names = [*available, *(k for k, v in NIH_ATTRIBUTES.items() if v in available)]
+    meant = closest_name(name, names)
     raise AuditInputError(
         f"no column {name!r} to group by in the labels file or the stored metadata"
         + (f"; did you mean {meant!r}?" if meant else "")
         + f"; available: {', '.join(available)}"
     )
+
+
+def _file_age(cohort: Cohort) -> list[str] | None:
+    """The labels file's age column (``age``, ``Age``, ``Patient Age``...), if it has one."""
+    found = [c for c in cohort.label_attributes if spellings(c) & spellings("age")]
+    return cohort.label_attributes[found[0]] if len(found) == 1 else None
 
 
 def grouping_values(cohort: Cohort, name: str) -> np.ndarray:
@@ -89,7 +85,7 @@ def grouping_values(cohort: Cohort, name: str) -> np.ndarray:
     if name in cohort.label_attributes:
         raw: list[str | None] = list(cohort.label_attributes[name])
     elif name == "age_band":
-        source = cohort.label_attributes.get("age") or cohort.scan_attributes["age"]
+        source = _file_age(cohort) or cohort.scan_attributes["age"]
         distinct, inverse = np.unique(np.array([v or "" for v in source], dtype=object), return_inverse=True)
         return np.array([age_band(v) for v in distinct], dtype=object)[inverse]
     else:

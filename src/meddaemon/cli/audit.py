@@ -6,11 +6,13 @@ print (rich tables, ``--json``) and write the CSV (``--csv``).
 The statistics stack (scipy, matplotlib) is imported only when ``audit`` runs, so the rest of
 ``medcli`` starts fast.
 Exit codes: 0 every ``--require`` criterion holds (or none given), 5 a criterion fails,
-2 bad usage, a bad labels file or an unknown model version, 3 no usable database.
+2 bad usage, a bad labels file or an unknown model version, 3 no usable database, 1 a ``--csv`` or
+``--pdf`` file that cannot be written (tried before the audit runs).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +21,7 @@ import click
 
 from meddaemon.cli.common import (
     EXIT_CRITERIA_FAILED,
+    EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
     build_settings,
@@ -154,6 +157,8 @@ def audit(
     from meddaemon.audit.store import save_audit, write_and_keep_pdf
 
     settings = build_settings(config_file, **flags)
+    for option, path in (("--csv", csv_path), ("--pdf", pdf_path)):
+        _check_writable(option, path)
     request = AuditRequest(
         labels=labels, labels_from_folders=labels_from_folders, task=task, model_version=model_version,
         by=_columns(by), min_n=min_n, at_sensitivity=at_sensitivity, bootstrap=resamples, seed=seed,
@@ -188,12 +193,33 @@ def audit(
             except (LabelFileError, AuditInputError, CriteriaError) as exc:
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_USAGE)
-        if pdf_path:
-            write_and_keep_pdf(session_factory(engine), audit_id, result, pdf_path)
+        try:
+            if pdf_path:
+                write_and_keep_pdf(session_factory(engine), audit_id, result, pdf_path)
+            _outputs(result, audit_id, as_json, csv_path, pdf_path)
+        except OSError as exc:
+            click.echo(f"error: audit {audit_id} is stored, but {exc.filename}: {exc.strerror}", err=True)
+            sys.exit(EXIT_FAILURE)
     finally:
         engine.dispose()
-    _outputs(result, audit_id, as_json, csv_path, pdf_path)
     sys.exit(EXIT_CRITERIA_FAILED if result.passed is False else EXIT_OK)
+
+
+def _check_writable(option: str, path: Path | None) -> None:
+    """Its folder made and a file written there before the audit runs: found unwritable after it,
+    the audit was stored without the file asked for, and a traceback hid ``--require``'s verdict."""
+    if path is None:
+        return
+    from meddaemon.files import make_folders
+
+    probe = path.with_name(path.name + ".tmp")  # the name the file is written under first
+    try:
+        make_folders(path.parent)
+        probe.open("wb").close()
+        os.unlink(probe)
+    except OSError as exc:
+        click.echo(f"error: {option} {path} cannot be written: {exc.strerror}", err=True)
+        sys.exit(EXIT_FAILURE)
 
 
 def _outputs(result: AuditResult, audit_id: int, as_json: bool, csv_path: Path | None, pdf_path: Path | None) -> None:
