@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from meddaemon.files import HOST_TAG, make_folders, remove_stale_temporaries, temporary_path, write_atomically
+from meddaemon.files import (
+    HOST_TAG,
+    final_path,
+    make_folders,
+    remove_stale_temporaries,
+    temporary_path,
+    write_atomically,
+)
 
 
 def test_temporaries_left_by_a_killed_writer_are_removed(tmp_path: Path):
@@ -26,8 +33,9 @@ def test_temporaries_left_by_a_killed_writer_are_removed(tmp_path: Path):
     left.write_bytes(b"%PDF-1.4 half")
     kept = folder / "abcd.pdf"
     kept.write_bytes(b"%PDF-1.4 whole")
-    assert remove_stale_temporaries(tmp_path) == 1
+    assert remove_stale_temporaries(tmp_path) == [left]
     assert not left.exists() and kept.exists()
+    assert final_path(left) == kept == final_path(temporary_path(kept))
 
 
 def test_temporaries_of_live_writers_here_or_on_other_hosts_sharing_the_folder_stay(tmp_path: Path):
@@ -37,7 +45,7 @@ def test_temporaries_of_live_writers_here_or_on_other_hosts_sharing_the_folder_s
     elsewhere = folder / ".y.pdf.otherhost-1.tmp"  # pid 1 there may be anything: not ours to judge
     for tmp in (live_here, elsewhere):
         tmp.write_bytes(b"%PDF-1.4 being written")
-    assert remove_stale_temporaries(tmp_path) == 0
+    assert len(remove_stale_temporaries(tmp_path)) == 0
     assert live_here.exists() and elsewhere.exists()
 
 
@@ -49,9 +57,9 @@ def test_without_recursion_only_the_folder_s_own_temporaries_are_looked_at(tmp_p
     below.parent.mkdir()
     for tmp in (own, below):
         tmp.write_bytes(b"DICM half")
-    assert remove_stale_temporaries(tmp_path, recursive=False) == 1
+    assert len(remove_stale_temporaries(tmp_path, recursive=False)) == 1
     assert not own.exists() and below.exists()
-    assert remove_stale_temporaries(tmp_path / "missing") == 0
+    assert len(remove_stale_temporaries(tmp_path / "missing")) == 0
 
 
 def test_a_temporary_of_a_writer_killed_and_not_yet_reaped_is_removed(tmp_path: Path, zombie: int):
@@ -59,7 +67,7 @@ def test_a_temporary_of_a_writer_killed_and_not_yet_reaped_is_removed(tmp_path: 
     daemon must not keep that writer's half-written PDF meanwhile."""
     left = tmp_path / f".abcd.pdf.{HOST_TAG}-{zombie}.tmp"
     left.write_bytes(b"%PDF-1.4 half")
-    assert remove_stale_temporaries(tmp_path) == 1 and not left.exists()
+    assert len(remove_stale_temporaries(tmp_path)) == 1 and not left.exists()
 
 
 def test_a_temporary_whose_writer_s_pid_now_belongs_to_a_later_process_is_removed(tmp_path: Path, running_child: int):
@@ -69,7 +77,7 @@ def test_a_temporary_whose_writer_s_pid_now_belongs_to_a_later_process_is_remove
     os.utime(left, (hour_ago, hour_ago))  # written before that process started
     being_written = tmp_path / f".efgh.pdf.{HOST_TAG}-{running_child}.tmp"
     being_written.write_bytes(b"%PDF-1.4 being written")
-    assert remove_stale_temporaries(tmp_path) == 1
+    assert len(remove_stale_temporaries(tmp_path)) == 1
     assert not left.exists() and being_written.exists()
 
 

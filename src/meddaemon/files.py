@@ -28,19 +28,24 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{HOST_TAG}-{os.getpid()}{TMP_SUFFIX}")
 
 
-def remove_stale_temporaries(folder: Path, recursive: bool = True) -> int:
+def final_path(tmp: Path) -> Path:
+    """The file a temporary of ``temporary_path`` was to become."""
+    return tmp.with_name(tmp.name.removesuffix(TMP_SUFFIX).rsplit(".", 1)[0][1:])
+
+
+def remove_stale_temporaries(folder: Path, recursive: bool = True) -> list[Path]:
     """Delete the temporaries (``temporary_path``'s names) that writers of this host, killed while
     writing, left in ``folder`` (and below it, with ``recursive``); those of live writers, here or on
-    other hosts sharing the folder, stay. Returns how many were removed."""
+    other hosts sharing the folder, stay. Returns the ones removed."""
     if not folder.is_dir():
-        return 0
+        return []
     pattern = f".*{TMP_SUFFIX}"
-    removed = 0
+    removed = []
     for tmp in folder.rglob(pattern) if recursive else folder.glob(pattern):
         if left_by_dead_writer(tmp):
             with contextlib.suppress(OSError):
                 tmp.unlink()
-                removed += 1
+                removed.append(tmp)
     return removed
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +44,7 @@ from meddaemon.db.engine import create_db_engine
 from meddaemon.db.models import ReceivedInstance
 from meddaemon.dicom.associations import keep_answers
 from meddaemon.dicom.receiver import FolderSync, Receiver, accepted_transfer_syntaxes
+from meddaemon.files import HOST_TAG
 
 StartReceiver = Callable[..., Receiver]
 
@@ -307,6 +310,67 @@ def test_a_dataset_that_is_not_the_instance_its_request_names_is_refused_and_not
     assert written(receiver) == [] and rows(receiver) == []
 
 
+def test_the_row_of_an_instance_killed_before_its_rename_is_forgotten_when_the_receiver_starts_again(
+    receive: StartReceiver, tmp_path: Path
+):
+    """The row commits while the file is fsynced, before the rename: a receiver killed between the
+    two left a row with no file for good (a resend counted as a second reception, a 'version 2' of an
+    instance whose version 1 never was). Here one instance is as a kill there leaves it, its file
+    still under its temporary name, and one was taken by the intake: only the first row goes."""
+    first = receive()
+    sent = synthetic_instances(tmp_path / "sent", 2, seed=9)
+    assert pynetdicom_send(port(first), sent) == [0x0000, 0x0000]
+    first.stop(grace=1.0)
+    unfinished, taken = written(first)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    unfinished.rename(unfinished.with_name(f".{unfinished.name}.{HOST_TAG}-{dead.pid}.tmp"))
+    taken.unlink()
+    again = receive()
+    assert written(again) == []
+    assert [r.file_name for r in rows(again)] == [taken.relative_to(again.settings.watch).as_posix()]
+
+
+def test_a_dataset_of_another_sop_class_than_its_request_names_is_refused_as_storescp_refuses_it(
+    receive: StartReceiver, tmp_path: Path
+):
+    """The request names CT Image Storage, the dataset says MR: stored with 0x0000 before, under a
+    File Meta (written from the request) that contradicted its dataset. dcmtk's storescp answers 0xA900."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import CTImageStorage, MRImageStorage
+    from pynetdicom import AE
+    from pynetdicom.dimse_primitives import C_STORE
+
+    receiver = receive()
+    [good] = synthetic_instances(tmp_path / "sent", 1, seed=6)
+    ds = dcmread(good)
+    ds.SOPClassUID = MRImageStorage
+    encoded = DicomBytesIO()
+    encoded.is_little_endian, encoded.is_implicit_VR = True, False
+    write_dataset(encoded, ds)
+    ae = AE(ae_title="SENDER")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON")
+    keep_answers(assoc)
+    try:
+        [context] = assoc.accepted_contexts
+        request = C_STORE()
+        request.MessageID, request.Priority = 1, 2
+        request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
+        request.DataSet = io.BytesIO(encoded.getvalue())
+        # what Association.send_c_store does, with the request's class chosen apart from the dataset's
+        assoc._reactor_checkpoint.clear()
+        assoc.dimse.send_msg(request, context.context_id)
+        _, answer = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
+        assert answer.Status == 0xA900
+        assoc.release()
+    finally:
+        ae.shutdown()
+    assert written(receiver) == [] and rows(receiver) == []
+
+
 def test_the_association_limit_holds_under_many_simultaneous_callers_and_no_accepted_instance_is_lost(
     receive: StartReceiver, tmp_path: Path
 ):
@@ -412,6 +476,61 @@ def test_health_reports_the_receiver_down_when_nothing_answers_its_c_echo(receiv
         check = dicom_check(answering, unused.getsockname()[1])
     assert (check.status, check.details["probe"]) == (DOWN, "none")
     assert "does not answer" in check.message or "no DICOM answer" in check.message
+
+
+def signed_pair(folder: Path, name: str, ca: tuple[Path, Path] | None, usage: str) -> tuple[Path, Path]:
+    """A SYNTHETIC certificate and key made by openssl: self-signed (a CA) when ``ca`` is None, else
+    signed by it for ``usage`` (``serverAuth``, ``clientAuth``)."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key)]
+    if ca is None:
+        command = ["openssl", "req", "-x509", *new_key, "-days", "1", "-subj", f"/CN={name}", "-out", str(cert)]
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+        return cert, key
+    request, extensions = folder / f"{name}.csr", folder / f"{name}.ext"
+    subprocess.run(["openssl", "req", *new_key, "-subj", f"/CN={name}", "-out", str(request)],
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    extensions.write_text(f"extendedKeyUsage={usage}\n", "ascii")
+    sign = ["openssl", "x509", "-req", "-in", str(request), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+            "-CAcreateserial", "-days", "1", "-extfile", str(extensions), "-out", str(cert)]  # fmt: skip
+    subprocess.run(sign, check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_health_finds_a_tls_receiver_that_checks_its_callers_answering(receive: StartReceiver, tmp_path: Path):
+    """With dicom_tls_ca, the probe verified the receiver against the callers' CA and presented the
+    receiver's certificate as a caller's: a server CA of its own, or a certificate for servers only,
+    and health said the receiver was down while every caller got through."""
+    import dataclasses
+    import ssl
+
+    from pynetdicom import AE
+
+    from meddaemon.daemon.health import OK, HealthLimits, check_health
+
+    server_ca, callers_ca = signed_pair(tmp_path, "server-ca", None, ""), signed_pair(tmp_path, "callers-ca", None, "")
+    server = signed_pair(tmp_path, "receiver", server_ca, "serverAuth")
+    caller = signed_pair(tmp_path, "modality", callers_ca, "clientAuth")
+    receiver = receive(dicom_tls_cert=str(server[0]), dicom_tls_key=str(server[1]), dicom_tls_ca=str(callers_ca[0]))
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_ca[0]))
+    client.check_hostname = False
+    client.load_cert_chain(*caller)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON", tls_args=(client, None))
+    try:
+        assert assoc.is_established and int(assoc.send_c_echo().Status) == 0x0000  # a caller gets through
+        assoc.release()
+    finally:
+        ae.shutdown()
+    settings = dataclasses.replace(receiver.settings, dicom_port=port(receiver))
+    engine = create_db_engine(settings.db_url)
+    try:
+        check = check_health(engine, settings, HealthLimits(min_free_bytes=0)).check("dicom")
+    finally:
+        engine.dispose()
+    assert (check.status, check.details["probe"]) == (OK, "refused")
+    assert "answers TLS" in check.message and "ALERT" in check.message
 
 
 class HeldFolderSync(FolderSync):

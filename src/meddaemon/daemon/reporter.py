@@ -125,7 +125,7 @@ class Reporter:
         ):
             removed = remove_stale_temporaries(folder)
             if removed:
-                log.info("removed %d unfinished %s files left by an earlier run", removed, what)
+                log.info("removed %d unfinished %s files left by an earlier run", len(removed), what)
 
     def round(self) -> int:
         """Report up to ``CLAIM`` scans, then the studies that need it; returns the reports attempted."""

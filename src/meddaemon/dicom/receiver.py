@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -65,7 +66,7 @@ from pydicom.uid import (
 from pydicom.uid import JPEGLossless as JPEGLosslessP14
 from sqlalchemy import delete, insert
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
@@ -73,7 +74,7 @@ from meddaemon.db.clock import db_clock
 from meddaemon.db.engine import ConnectionLimits, transaction, with_lock_retry
 from meddaemon.db.models import ReceivedInstance, utcnow
 from meddaemon.dicom import associations
-from meddaemon.files import CANNOT_FSYNC_FOLDERS, make_folders, remove_stale_temporaries, temporary_path
+from meddaemon.files import CANNOT_FSYNC_FOLDERS, final_path, make_folders, remove_stale_temporaries, temporary_path
 
 log = logging.getLogger("meddaemon.receiver")
 # pynetdicom logs every association at INFO and whole PDUs at DEBUG; the receiver logs what matters
@@ -264,7 +265,8 @@ class Receiver:
         make_folders(self.root, durable=True)  # its entry durable before any instance in it is acknowledged
         removed = remove_stale_temporaries(self.root, recursive=False)
         if removed:
-            log.info("removed %d unfinished received files left by an earlier receiver", removed)
+            log.info("removed %d unfinished received files left by an earlier receiver", len(removed))
+            self._forget_unfinished([final_path(tmp) for tmp in removed])
         handlers = [
             (evt.EVT_C_STORE, self._store),
             (evt.EVT_ESTABLISHED, self._established),
@@ -517,6 +519,16 @@ class Receiver:
             log.error("an instance could not be recorded: the database is unavailable (%s)", type(exc.orig).__name__)
             raise Refused(OUT_OF_RESOURCES, "the database is unavailable") from exc
 
+    def _forget_unfinished(self, targets: list[Path]) -> None:
+        """The rows of instances whose receiver was killed after their row's commit and before their
+        file's rename: never acknowledged, never a file (a resend is a first reception, not a second)."""
+        names = [t.relative_to(self.settings.watch).as_posix() for t in targets if not t.exists()]
+        try:
+            with transaction(self.sessions) as session:
+                session.execute(delete(ReceivedInstance).where(ReceivedInstance.file_name.in_(names)))
+        except SQLAlchemyError as exc:  # bookkeeping only: the receiver starts all the same
+            log.warning("the rows of %d unfinished instances stay: %s", len(names), type(exc).__name__)
+
     def _forget(self, row_id: int) -> None:
         with contextlib.suppress(Exception), transaction(self.sessions) as session:
             session.execute(delete(ReceivedInstance).where(ReceivedInstance.id == row_id))
@@ -529,20 +541,24 @@ _RECORD = insert(ReceivedInstance).values(received_at=db_clock())
 
 def _facts(event: Any, data: bytes) -> InstanceFacts:
     """The UIDs the row keeps, read from the request and the dataset's header (the pixels are not
-    parsed). A dataset whose header does not parse is refused (0xC000), one whose SOP Instance UID is
-    not the request's (garbage, or another instance) too (0xA900), as dcmtk's storescp does."""
+    parsed). A dataset whose header does not parse is refused (0xC000), one whose SOP Instance UID or
+    SOP Class UID is not the request's (garbage, another instance, a CT sent as an MR) too (0xA900),
+    as dcmtk's storescp does: the File Meta written from the request would contradict the dataset."""
     request = event.request
     try:
         header = dcmread(
             io.BytesIO(data),
             stop_before_pixels=True,
-            specific_tags=["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"],
+            specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"],
         )
         instance = str(header.get("SOPInstanceUID", ""))
+        sop_class = str(header.get("SOPClassUID", ""))
     except Exception as exc:
         raise Refused(CANNOT_UNDERSTAND, f"its dataset does not parse ({type(exc).__name__})") from exc
     if instance != str(request.AffectedSOPInstanceUID):
         raise Refused(DOES_NOT_MATCH, "the dataset's SOP Instance UID is not the request's")
+    if sop_class != str(request.AffectedSOPClassUID):
+        raise Refused(DOES_NOT_MATCH, "the dataset's SOP Class UID is not the request's")
     return InstanceFacts(
         sop_instance_uid=instance,
         sop_class_uid=str(request.AffectedSOPClassUID),
@@ -669,15 +685,7 @@ def echo(settings: Settings, timeout: float = 5.0) -> EchoAnswer:
     ae = AE(ae_title=settings.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(Verification)
-    tls = None
-    if settings.dicom_tls_cert:
-        tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        tls.check_hostname = False
-        if settings.dicom_tls_ca:
-            tls.load_verify_locations(settings.dicom_tls_ca)
-            tls.load_cert_chain(settings.dicom_tls_cert, settings.dicom_tls_key)
-        else:
-            tls.verify_mode = ssl.CERT_NONE
+    tls = _probe_tls(settings) if settings.dicom_tls_cert else None
     try:
         assoc = ae.associate(
             host, settings.dicom_port, ae_title=settings.ae_title, tls_args=(tls, None) if tls else None
@@ -689,6 +697,13 @@ def echo(settings: Settings, timeout: float = 5.0) -> EchoAnswer:
                 f"{settings.ae_title} not allowed, or its association limit reached)",
             )
         if not assoc.is_established:
+            alert = _tls_refusal(host, settings.dicom_port, tls, timeout) if tls is not None else None
+            if alert is not None:
+                return EchoAnswer(
+                    "refused",
+                    f"{where} answers TLS; it refused the probe's certificate ({alert}): the probe presents "
+                    "the receiver's own, which is no caller's unless the CA of dicom_tls_ca signed it for clients",
+                )
             return EchoAnswer("none", f"no DICOM answer from {where}")
         associations.keep_answers(assoc)
         status = assoc.send_c_echo()
@@ -698,6 +713,33 @@ def echo(settings: Settings, timeout: float = 5.0) -> EchoAnswer:
     if "Status" in status and int(status.Status) == SUCCESS:
         return EchoAnswer("echoed", f"{where} answers C-ECHO")
     return EchoAnswer("none", f"{where} accepted the association but did not answer the C-ECHO")
+
+
+def _probe_tls(settings: Settings) -> ssl.SSLContext:
+    """The probe's TLS: the receiver's certificate is not verified (the probe asks whether this host's
+    own receiver answers; ``dicom_tls_ca`` is the callers' CA, not the one that signed it), and where
+    callers must present one, the probe presents the receiver's own, the only one it has."""
+    tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE
+    if settings.dicom_tls_ca:
+        tls.load_cert_chain(settings.dicom_tls_cert, settings.dicom_tls_key)
+    return tls
+
+
+def _tls_refusal(host: str, port: int, tls: ssl.SSLContext, timeout: float) -> str | None:
+    """The TLS alert with which the receiver refused the probe's certificate, if it did: proof that it
+    listens and speaks TLS, as a rejected association is. (TLS 1.3 sends the verdict on a client's
+    certificate after the handshake, hence the read.)"""
+    try:
+        with socket.create_connection((host, port), timeout) as raw, tls.wrap_socket(raw) as connection:
+            connection.recv(1)
+    except ssl.SSLError as exc:
+        reason = exc.reason or ""
+        return reason if "ALERT" in reason else None
+    except OSError:
+        return None
+    return None
 
 
 # -- the process -----------------------------------------------------------------------------------
