@@ -154,3 +154,57 @@ def test_heatmaps_stored_as_files_before_0012_keep_them_and_later_ones_keep_thei
         ("heatmaps/ab/old.npy", None),
         (None, b"\x93NUMPY grid"),
     ]
+
+
+def test_upgrading_a_database_with_results_keeps_every_row_and_its_references(db_url):
+    """SQLite: Alembic's batch mode copies a table and drops the original, and with foreign keys on
+    that drop deleted every row referencing it ON DELETE CASCADE: from 0004 to head, every result,
+    heatmap, report and scan event of a site's database was gone. The keys are on again after."""
+    engine = create_db_engine(db_url)
+    upgrade(engine, "0004")
+    rows = {
+        "tasks": "INSERT INTO tasks (name, description, created_at) VALUES ('busi', '', CURRENT_TIMESTAMP)",
+        "model_versions": "INSERT INTO model_versions (id, task_name, version, architecture, sha256, path, status, "
+        "manifest, created_at) VALUES (1, 'busi', 'v1', 'small_cnn', 'cd', 'models/busi/v1', 'active', '{}', "
+        "CURRENT_TIMESTAMP)",
+        "scans": "INSERT INTO scans (id, sha256, state, source_name, registered_at, updated_at) "
+        "VALUES (1, 'ab', 'archived', 'synthetic.png', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)",
+        "scan_events": "INSERT INTO scan_events (scan_id, state, at) VALUES (1, 'archived', CURRENT_TIMESTAMP)",
+        "results": "INSERT INTO results (id, scan_id, model_version_id, label, probability, threshold, positive, "
+        "created_at) VALUES (1, 1, 1, 'benign', 0.9, 0.5, true, CURRENT_TIMESTAMP)",
+        "heatmaps": "INSERT INTO heatmaps (result_id, method, array_path, overlay_path, height, width, created_at) "
+        "VALUES (1, 'cam', 'heatmaps/ab/1.npy', 'heatmaps/ab/1.jpg', 224, 224, CURRENT_TIMESTAMP)",
+        "reports": "INSERT INTO reports (kind, scan_id, path, sha256, size_bytes, pages, with_phi, created_at) "
+        "VALUES ('scan', 1, 'reports/ab.pdf', 'ef', 100, 1, false, CURRENT_TIMESTAMP)",
+    }
+    with engine.begin() as conn:
+        for statement in rows.values():
+            conn.execute(text(statement))
+    upgrade(engine)
+    with engine.connect() as conn:
+        assert {table: conn.execute(text(f"SELECT count(*) FROM {table}")).scalar() for table in rows} == dict.fromkeys(
+            rows, 1
+        )
+    with pytest.raises(IntegrityError), engine.begin() as conn:  # the connection the upgrade used, from the pool
+        conn.execute(text("INSERT INTO scan_events (scan_id, state, at) VALUES (42, 'routed', CURRENT_TIMESTAMP)"))
+    engine.dispose()
+
+
+def test_values_over_the_standard_s_lengths_are_kept_as_the_header_gave_them(migrated_engine):
+    """0013: a 70-character UID or a 20-character CS value, which headers hold now and then: PostgreSQL
+    refused the whole batch of scans holding one, and the daemon stopped at every start."""
+    long_uid, long_code = "1.2." + "3" * 70, "POSTEROANTERIOR_VIEW"
+    with migrated_engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO scans (sha256, state, source_name, registered_at, updated_at, study_instance_uid, "
+                "sop_instance_uid, series_instance_uid, sop_class_uid, transfer_syntax_uid, modality, "
+                "view_position, patient_sex, patient_age, patient_birth_date, patient_id, accession_number, "
+                "body_part, photometric_interpretation) VALUES ('ab', 'routed', 'synthetic.dcm', "
+                "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, :uid, :uid, :uid, :uid, :uid, :code, :code, :code, :code, "
+                ":code, :uid, :uid, :uid, :uid)"
+            ),
+            {"uid": long_uid, "code": long_code},
+        )
+    with migrated_engine.connect() as conn:
+        assert conn.execute(text("SELECT study_instance_uid, view_position FROM scans")).one() == (long_uid, long_code)

@@ -7,13 +7,15 @@ new empty database behind, and a newer ``medcli`` must not upgrade a database un
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.engine import make_url
 
 from meddaemon.db.engine import create_db_engine, is_sqlite
@@ -50,6 +52,38 @@ def head_revision() -> str:
     return head
 
 
+@contextmanager
+def foreign_keys_off(connection: Connection) -> Iterator[None]:
+    """SQLite's foreign keys off while the schema changes, on again after. Alembic's batch mode
+    copies a table and drops the original, and with the keys on, that drop deletes every row that
+    references the table through ON DELETE CASCADE: upgrading a database to 0009 deleted all its
+    results and scan events. What the copies hold is checked instead (``check_foreign_keys``)."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    # on the driver's connection, outside any transaction (where the pragma does nothing): a
+    # SQLAlchemy statement would begin one first (``db.engine``'s BEGIN IMMEDIATE)
+    driver = connection.connection.driver_connection
+    assert driver is not None and not connection.in_transaction()
+    driver.execute("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+    finally:
+        if connection.in_transaction():
+            connection.rollback()
+        driver.execute("PRAGMA foreign_keys=ON")
+
+
+def check_foreign_keys(connection: Connection) -> None:
+    """SQLite: every reference of the migrated tables points at a row (``foreign_key_check``)."""
+    if connection.dialect.name != "sqlite":
+        return
+    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        tables = sorted({str(row[0]) for row in broken})
+        raise SchemaError(f"the migration left {len(broken)} broken references in {', '.join(tables)}")
+
+
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
@@ -65,7 +99,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             "upgrade meddaemon before using this database"
         )
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as conn:
+    with engine.connect() as conn, foreign_keys_off(conn), conn.begin():
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
 

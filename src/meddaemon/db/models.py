@@ -120,29 +120,30 @@ class Scan(Base):
     retried_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
-    # metadata (docs/design.md section 4); patient_* and accession_number are PHI: never logged
+    # metadata (docs/design.md section 4); patient_* and accession_number are PHI: never logged.
+    # Text, not the standard's maximum lengths: headers break them, and a scan is kept as it came
     format: Mapped[str | None] = mapped_column(String(16))
     rows: Mapped[int | None]
     columns: Mapped[int | None]
     frames: Mapped[int | None]
     samples_per_pixel: Mapped[int | None]
-    photometric_interpretation: Mapped[str | None] = mapped_column(String(32))
+    photometric_interpretation: Mapped[str | None] = mapped_column(Text)
     bits_stored: Mapped[int | None]
-    transfer_syntax_uid: Mapped[str | None] = mapped_column(String(64))
-    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
-    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
-    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
-    sop_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
-    patient_id: Mapped[str | None] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str | None] = mapped_column(Text)
+    sop_class_uid: Mapped[str | None] = mapped_column(Text)
+    study_instance_uid: Mapped[str | None] = mapped_column(Text, index=True)
+    series_instance_uid: Mapped[str | None] = mapped_column(Text)
+    sop_instance_uid: Mapped[str | None] = mapped_column(Text, index=True)
+    patient_id: Mapped[str | None] = mapped_column(Text)
     patient_name: Mapped[str | None] = mapped_column(Text)
-    patient_birth_date: Mapped[str | None] = mapped_column(String(16))
-    accession_number: Mapped[str | None] = mapped_column(String(64))
-    patient_sex: Mapped[str | None] = mapped_column(String(16))
-    patient_age: Mapped[str | None] = mapped_column(String(16))
-    modality: Mapped[str | None] = mapped_column(String(16))
-    body_part: Mapped[str | None] = mapped_column(String(64))
+    patient_birth_date: Mapped[str | None] = mapped_column(Text)
+    accession_number: Mapped[str | None] = mapped_column(Text)
+    patient_sex: Mapped[str | None] = mapped_column(Text)
+    patient_age: Mapped[str | None] = mapped_column(Text)
+    modality: Mapped[str | None] = mapped_column(Text)
+    body_part: Mapped[str | None] = mapped_column(Text)
     manufacturer: Mapped[str | None] = mapped_column(Text)
-    view_position: Mapped[str | None] = mapped_column(String(16))
+    view_position: Mapped[str | None] = mapped_column(Text)
 
     #: the daemon working on the scan's next stage (inference, report); None: free for any daemon
     claimed_by: Mapped[int | None] = mapped_column(ForeignKey("daemons.id", ondelete="SET NULL"), index=True)
@@ -315,7 +316,7 @@ class Report(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
     scan_id: Mapped[int | None] = mapped_column(ForeignKey("scans.id", ondelete="CASCADE"), index=True)
-    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(Text, index=True)
     path: Mapped[str] = mapped_column(Text, unique=True)
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
@@ -495,11 +496,11 @@ class ReceivedInstance(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     #: the name the file was written under in the inbox (its scan's ``source_name``)
     file_name: Mapped[str] = mapped_column(Text)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
-    series_instance_uid: Mapped[str | None] = mapped_column(String(64))
-    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(Text, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(Text)
+    study_instance_uid: Mapped[str | None] = mapped_column(Text)
+    series_instance_uid: Mapped[str | None] = mapped_column(Text)
+    transfer_syntax_uid: Mapped[str] = mapped_column(Text)
     calling_ae: Mapped[str] = mapped_column(String(16))
     called_ae: Mapped[str] = mapped_column(String(16))
     peer_address: Mapped[str] = mapped_column(String(255))

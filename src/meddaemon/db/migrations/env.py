@@ -6,6 +6,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from meddaemon.db.engine import create_db_engine
+from meddaemon.db.migrate import check_foreign_keys, foreign_keys_off
 from meddaemon.db.models import Base
 
 config = context.config
@@ -20,13 +21,14 @@ def run(connection: Connection) -> None:
     )
     with context.begin_transaction():
         context.run_migrations()
+        check_foreign_keys(connection)
 
 
 connection = config.attributes.get("connection")
-if connection is not None:
+if connection is not None:  # db.migrate.upgrade's, its foreign keys already off
     run(connection)
 else:
     engine = create_db_engine(config.get_main_option("sqlalchemy.url"))
-    with engine.connect() as conn:
+    with engine.connect() as conn, foreign_keys_off(conn):
         run(conn)
     engine.dispose()
