@@ -159,24 +159,26 @@ def test_dicom_without_preamble_is_read(make_settings, tmp_path: Path):
     assert (scan.state, scan.task_name, scan.format, scan.modality) == ("waiting_model", "chestxray14", "dicom", "DX")
 
 
-def test_header_values_over_the_standard_s_lengths_are_kept_and_the_scans_around_them_go_on(
+def test_header_values_the_standard_or_postgresql_would_refuse_are_kept_and_the_scans_around_them_go_on(
     make_settings, tmp_path: Path, db_url: str
 ):
-    """A 74-character Study Instance UID and CS values of 20 characters: on PostgreSQL the batch of
-    scans holding one was refused (VARCHAR(64), VARCHAR(16)) and the daemon stopped at every start,
-    the good files of the batch with it."""
+    """A 74-character Study Instance UID, CS values of 20 characters, a NUL inside a value: on
+    PostgreSQL the batch of scans holding one was refused (VARCHAR(64), VARCHAR(16), no NUL in text)
+    and the daemon stopped at every start, the good files of the batch with it."""
     long_uid = "1.2." + "3" * 70
     inbox = tmp_path / "inbox"
     write_dicom(inbox / "long_uid.dcm", modality="DX", body_part="CHEST", extra={"StudyInstanceUID": long_uid})
     write_dicom(inbox / "long_codes.dcm", modality="DX", body_part="CHEST",
                 extra={"ViewPosition": "POSTEROANTERIOR_VIEW", "PatientSex": "NOT_STATED_AT_ALL"})  # fmt: skip
+    write_dicom(inbox / "nul.dcm", modality="DX", body_part="CHEST", extra={"Manufacturer": "SYNTHETIC\x00VENDOR"})
     synthetic_png(inbox / "busi" / "synthetic_good.png")
     scans = scans_by_name(run_once(make_settings(db=db_url)))
     assert {name: scan.state for name, scan in scans.items()} == dict.fromkeys(
-        ("long_uid.dcm", "long_codes.dcm", "busi/synthetic_good.png"), "waiting_model"
+        ("long_uid.dcm", "long_codes.dcm", "nul.dcm", "busi/synthetic_good.png"), "waiting_model"
     )
     assert scans["long_uid.dcm"].study_instance_uid == long_uid
     assert scans["long_codes.dcm"].view_position == "POSTEROANTERIOR_VIEW"
+    assert scans["nul.dcm"].manufacturer == "SYNTHETICVENDOR"
 
 
 def test_a_symlink_out_of_the_inbox_is_not_followed(make_settings, tmp_path: Path):

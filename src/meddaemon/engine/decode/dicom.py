@@ -520,13 +520,15 @@ def read_metadata(ds: Dataset) -> ScanMetadata:
 
 
 def _text(ds: Any, keyword: str) -> str | None:
+    """The value as text, without the NUL characters some writers pad or separate values with
+    (PostgreSQL refuses them in text: the scan, and its whole batch, could not be registered)."""
     try:
         value = ds.get(keyword)
     except Exception:
         return None
     if value is None:
         return None
-    text = str(value).strip()
+    text = str(value).replace("\x00", "").strip()
     return text or None
 
 
