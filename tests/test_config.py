@@ -220,6 +220,15 @@ def test_custom_tasks_come_from_tasks_tables_and_can_be_routed_to(tmp_path: Path
     [
         ('[tasks.knee]\nlabels = ["a", "b"]\nkind = "ordinal"\ncontract = { channels = 1 }\n', "kind must be one of"),
         ('[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\n', "task 'knee': missing or invalid field"),
+        ('[tasks.knee]\nlabels = ["a", "a"]\nkind = "binary"\ncontract = { channels = 1 }\n', "must be distinct"),
+        (
+            f'[tasks.knee]\nlabels = ["a", "{"b" * 65}"]\nkind = "binary"\ncontract = {{ channels = 1 }}\n',
+            "each 1 to 64 characters",
+        ),
+        (
+            f'[tasks.{"k" * 65}]\nlabels = ["a", "b"]\nkind = "binary"\ncontract = {{ channels = 1 }}\n',
+            "name is 1 to 64 characters",
+        ),
         ('[[route]]\ntask = "nonexistent"\n', "unknown task 'nonexistent'"),
         ('default_task = "nonexistent"\n', "unknown task 'nonexistent'"),
     ],

@@ -284,15 +284,23 @@ class TaskError(ValueError):
     pass
 
 
+#: the longest task name and label the database keeps (``tasks.name``, ``results.label``)
+MAX_NAME = 64
+
+
 def task_from_dict(name: str, data: Mapping[str, Any]) -> TaskSpec:
     """A custom task from its ``[tasks.NAME]`` table; errors name the task and the field."""
     try:
         kind = str(data["kind"])
         if kind not in KINDS:
             raise TaskError(f"kind must be one of {KINDS}, not {kind!r}")
+        if not 0 < len(name) <= MAX_NAME:
+            raise TaskError(f"a task's name is 1 to {MAX_NAME} characters")
         labels = tuple(str(x) for x in data["labels"])
         if len(labels) < 2:
             raise TaskError("a task needs at least two labels")
+        if len(set(labels)) != len(labels) or not all(0 < len(label) <= MAX_NAME for label in labels):
+            raise TaskError(f"its labels must be distinct, each 1 to {MAX_NAME} characters")
         contract = data["contract"]
         channels = int(contract.get("channels", 1))
         defaults = (
