@@ -572,6 +572,49 @@ def test_a_source_without_patient_and_study_modules_gives_valid_objects_with_emp
         assert back.PatientName == "" and back.PatientID == "" and back.StudyInstanceUID == ds.StudyInstanceUID
 
 
+@pytest.mark.parametrize(
+    ("charset", "name", "sex", "written_charset", "written_sex"),
+    [
+        ("ISO_IR 192", "Wang^XiaoMing=\u738b^\u5c0f\u660e", "F", "ISO_IR 192", "F"),
+        ("ISO_IR 100", "M\u00fcller^J\u00fcrgen", "M", "ISO_IR 100", "M"),
+        (
+            ["", "ISO 2022 IR 87"],
+            "Yamada^Tarou=\u5c71\u7530^\u592a\u90ce",
+            "O",
+            ["ISO 2022 IR 6", "ISO 2022 IR 87"],
+            "O",
+        ),
+        ("GB18030", "Wang^XiaoDong=\u738b^\u5c0f\u4e1c", "m", "GB18030", "M"),
+        ("ISO_IR 6", "DOE^JANE", "U", None, ""),
+    ],
+    ids=["utf-8", "latin-1", "japanese with code extensions", "gb18030, sex in lower case", "ISO_IR 6, sex U"],
+)
+def test_every_object_keeps_the_patient_s_name_in_its_character_set_and_a_sex_only_as_the_standard_spells_it(
+    tmp_path: Path, label_files: LabelResult, charset, name: str, sex: str, written_charset, written_sex: str
+):
+    """The Secondary Capture had no Specific Character Set (王^小明 went to the PACS as ?^??, Müller
+    undeclared Latin-1); a Japanese source's code extensions (an empty first value) and a lone
+    ISO_IR 6, or a Patient's Sex of U or m, made highdicom refuse the SR and the map (and the capture)."""
+    path = write_dicom(tmp_path / "source.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    ds.SpecificCharacterSet, ds.PatientName, ds.PatientSex = charset, name, sex
+    ds.save_as(path)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+    built = dict(build_objects(facts, ("sr", "pmap", "sc", "pdf"), b"%PDF-1.4\n%%EOF\n", False))
+    assert {key.split(":")[0] for key in built} == {"sr", "pmap", "sc", "pdf"}
+    for key, dataset in built.items():
+        written = tmp_path / f"{key.replace(':', '_')}.dcm"
+        dataset.save_as(written, enforce_file_format=True)
+        assert dciodvfy_errors(written) == [], key
+        back = pydicom.dcmread(written)
+        charset_of = written_charset or ("ISO_IR 192" if key == "pdf" else None)  # the PDF's own default
+        assert (back.get("SpecificCharacterSet"), str(back.PatientName), back.PatientSex) == (
+            charset_of,
+            name,
+            written_sex,
+        ), key
+
+
 def test_a_source_without_a_study_instance_uid_is_refused_by_name(tmp_path: Path):
     path = write_dicom(tmp_path / "nostudy.dcm", modality="US", body_part="BREAST")
     ds = pydicom.dcmread(path)

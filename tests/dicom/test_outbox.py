@@ -114,6 +114,8 @@ def test_the_backoff_doubles_up_to_its_cap():
     assert [fixed.delay(n, Middle()) for n in range(1, 7)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
     spread = {round(fixed.delay(3), 6) for _ in range(50)}
     assert len(spread) > 40 and min(spread) >= 2.0 and max(spread) <= 6.0
+    capped = [fixed.delay(9) for _ in range(200)]  # the jitter never takes a wait past the cap
+    assert max(capped) == 8.0 and min(capped) >= 4.0
 
 
 def test_retry_makes_dead_rows_pending_but_not_those_whose_object_was_never_made(sessions):

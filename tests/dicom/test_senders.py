@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from dicom_factory import write_dicom
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
 
 from daemon_harness import wait_until
 from dicom_peers import DROP, ScriptedScp, ScriptedStow
@@ -68,6 +68,8 @@ def test_a_stopped_pacs_is_a_failure_worth_retrying(orthanc: Orthanc, objects: l
         (0xC000, Delivery(False, "C-STORE status 0xC000")),
         (0xA900, Delivery(False, "C-STORE status 0xA900", permanent=True)),
         (0xB007, Delivery(True, "C-STORE status 0xB007")),  # stored, with a warning
+        (0xB001, Delivery(True, "C-STORE status 0xB001")),  # any Bxxx is a warning (PS3.7 C.1)
+        (0x0001, Delivery(True, "C-STORE status 0x0001")),  # and 0001: both were sent again, then dead
     ],
 )
 def test_c_store_statuses_are_classified(objects: list[Path], status: int, expected: Delivery):
@@ -189,6 +191,20 @@ def test_an_object_goes_as_written_or_in_the_one_syntax_the_peer_accepts(tmp_pat
             scp.stop()
         assert scp.syntaxes == [str(accepts[0] if accepts else written.file_meta.TransferSyntaxUID)]
         assert scp.stored == uids(objects[:1])
+
+
+def test_a_peer_that_accepts_no_presentation_context_refuses_for_good(objects: list[Path]):
+    """It accepts the association and none of its contexts, and pynetdicom aborts: taken for a
+    failure to connect, each object was tried again for an hour before it went dead."""
+    scp = ScriptedScp(accepts=[JPEG2000Lossless])
+    try:
+        sender = DimseSender(DestinationConfig(**scp.destination()))  # type: ignore[arg-type]
+        answers = sender.send(objects[:2])
+        sender.close()
+    finally:
+        scp.stop()
+    assert [(a.acknowledged, a.permanent) for a in answers] == [(False, True)] * 2
+    assert "accepts no presentation context of" in answers[0].detail and scp.received == []
 
 
 def jpeg_capture(path: Path) -> tuple[Path, np.ndarray]:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -143,7 +144,31 @@ def read_source(path: Path) -> Dataset:
     for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in ds:
             setattr(ds, keyword, None)
+    _normalise_character_set(ds)
+    sex = str(ds.PatientSex or "").strip().upper()
+    ds.PatientSex = sex if sex in PATIENT_SEXES else None  # "U", "m": highdicom refuses them, the object with
     return ds
+
+
+#: the enumerated values of Patient's Sex; anything else is written empty (type 2)
+PATIENT_SEXES = ("M", "F", "O")
+
+
+def _normalise_character_set(ds: Dataset) -> None:
+    """Specific Character Set in the defined terms highdicom takes, meaning the same: with code
+    extensions the default repertoire's empty first value is "ISO 2022 IR 6" (Japanese and Korean
+    sources write ``\\ISO 2022 IR 87``), and a lone "ISO_IR 6" (which vendors write) is no value at all.
+    highdicom refused both, and the scan had no SR and no parametric map."""
+    value = ds.get("SpecificCharacterSet")
+    if value is None:
+        return
+    terms = [str(v).strip() for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value])]
+    if len(terms) > 1 and terms[0] in ("", "ISO_IR 6"):
+        terms[0] = "ISO 2022 IR 6"
+    if terms in ([], [""], ["ISO_IR 6"]):
+        del ds.SpecificCharacterSet
+    else:
+        ds.SpecificCharacterSet = terms if len(terms) > 1 else terms[0]
 
 
 def load_heatmap(result: LabelResult) -> np.ndarray:

@@ -60,9 +60,10 @@ class Backoff:
     max_attempts: int
 
     def delay(self, attempts: int, rng: random.Random | None = None) -> float:
-        """Seconds before attempt ``attempts + 1``: base x 2^(attempts-1), capped, times 0.5-1.5."""
-        raw = min(self.max_seconds, self.base_seconds * 2 ** max(0, attempts - 1))
-        return raw * (0.5 + (rng or random).random())
+        """Seconds before attempt ``attempts + 1``: base x 2^(attempts-1) times 0.5-1.5, at most
+        ``max_seconds`` (the cap after the jitter: before it, a wait reached 1.5 times the cap)."""
+        raw = self.base_seconds * 2 ** max(0, attempts - 1)
+        return min(self.max_seconds, raw * (0.5 + (rng or random).random()))
 
 
 @dataclass(frozen=True)

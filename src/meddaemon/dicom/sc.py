@@ -136,6 +136,7 @@ def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Da
         contributing_equipment=[contributing_equipment(facts)],
         series_description=_series_description(facts, result),
         transfer_syntax_uid=TRANSFER_SYNTAX,
+        specific_character_set=source.get("SpecificCharacterSet"),  # the names' own, as the SR's
     )
     sc.LossyImageCompression = "01"
     sc.LossyImageCompressionMethod = "ISO_10918_1"

@@ -51,8 +51,16 @@ class Sender(Protocol):
 
 # -- C-STORE ---------------------------------------------------------------------------------------
 
-#: C-STORE statuses that mean stored (PS3.4 B.2.3): success and the warnings
-STORED = {0x0000, 0xB000, 0xB006, 0xB007, 0x0107, 0x0116}
+#: C-STORE statuses that mean stored besides success and the Bxxx warnings (PS3.7 C.1: a warning is
+#: 0001 or Bxxx; PS3.4 B.2.3 adds attribute list errors and values out of range)
+STORED_WARNINGS = {0x0001, 0x0107, 0x0116}
+
+
+def is_stored(status: int) -> bool:
+    """The peer stored the object: success, or one of the warnings."""
+    return status == 0x0000 or status in STORED_WARNINGS or 0xB000 <= status <= 0xBFFF
+
+
 #: refusals no retry can change: SOP class not supported, not authorised, data set does not match
 #: the SOP class (0xA9xx); the others (0xA7xx out of resources, 0xCxxx cannot understand, 0x0110
 #: processing failure) may pass later
@@ -157,8 +165,8 @@ class DimseSender:
                 return self._done(answers)
             self._release()  # the peer let the kept association go before the first answer
         refusal = self._open(contexts)
-        if refusal:
-            return [Delivery(False, refusal)] * len(files)
+        if refusal is not None:
+            return [refusal] * len(files)
         return self._done(self._store(files))
 
     def release_idle(self) -> None:
@@ -172,8 +180,10 @@ class DimseSender:
         """An association is open and proposed each of ``contexts``."""
         return self.assoc is not None and associations.ready(self.assoc) and contexts <= self.contexts
 
-    def _open(self, contexts: set[tuple[str, str]]) -> str | None:
-        """A new association, proposing ``contexts`` and those proposed before; the reason it failed, or None."""
+    def _open(self, contexts: set[tuple[str, str]]) -> Delivery | None:
+        """A new association, proposing ``contexts`` and those proposed before; why it failed, or None.
+        A peer that accepts none of the contexts refuses for good (pynetdicom then aborts the
+        association it had accepted: taken for a failure to connect, it was retried for an hour)."""
         from pynetdicom import AE, _config
 
         _config.STORE_SEND_CHUNKED_DATASET = True  # for paths only: what ``_store`` sends as written
@@ -187,9 +197,16 @@ class DimseSender:
             self.ae.add_requested_context(sop_class, syntax)
         self.assoc = self.ae.associate(d.host, d.port, ae_title=d.ae_title, evt_handlers=associations.handlers())
         if not self.assoc.is_established:
+            where = f"({d.host}:{d.port} {d.ae_title})"
+            if self.assoc.rejected_contexts and not self.assoc.accepted_contexts:
+                refused = sorted({str(cx.abstract_syntax.name) for cx in self.assoc.rejected_contexts})
+                self._release()
+                return Delivery(
+                    False, f"refused: the peer accepts no presentation context of {', '.join(refused)} {where}", True
+                )
             why = "association rejected" if self.assoc.is_rejected else "association aborted or no connection"
             self._release()
-            return f"{why} ({d.host}:{d.port} {d.ae_title})"
+            return Delivery(False, f"{why} {where}")
         associations.prompt(self.assoc)
         associations.keep_answers(self.assoc)
         return None
@@ -271,7 +288,7 @@ def _dimse_answer(status: Dataset) -> Delivery:
     comment = status.get("ErrorComment")
     if comment:
         text += f" ({comment})"
-    if code in STORED:
+    if is_stored(code):
         return Delivery(True, "" if code == 0 else text)
     return Delivery(False, text, dimse_status_is_permanent(code))
 
