@@ -136,6 +136,26 @@ def test_a_version_name_whose_folder_exists_exits_2_before_training(busi: Path, 
     assert "epoch" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--arch", "nosuch", "unknown architecture 'nosuch'; choose one of"),
+        ("--batch-size", "0", "the batch size must be at least 1, not 0"),
+        ("--lr", "-1", "the learning rate must be above 0, not -1.0"),
+        ("--image-size", "0", "the image size must be at least 8 pixels, not 0"),
+    ],
+)
+def test_an_option_no_training_can_run_with_exits_2_before_the_dataset_is_read(
+    busi: Path, tmp_path: Path, option: str, value: str, message: str
+) -> None:
+    """An unknown --arch was a KeyError traceback, exit 1, once every image had been decoded and
+    hashed (an hour, on ChestX-ray14)."""
+    state = upgraded(tmp_path / "state")
+    result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(busi), *state, *FAST, option, value])
+    assert result.exit_code == EXIT_USAGE and message in result.output, result.output
+    assert "images" not in result.output and "Traceback" not in result.output
+
+
 def test_bad_data_exits_2_with_a_message(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     state = upgraded(tmp_path / "s")

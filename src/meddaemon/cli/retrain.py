@@ -137,18 +137,21 @@ def retrain(
     workdir = out or settings.state_dir / "training" / task
     _check_registry(settings, task, version_name, workdir)
     parent = None if from_version is None else _parent(settings, spec, from_version, arch, image_size)
-    config = TrainConfig.from_task(
-        spec,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        architecture=arch,
-        image_size=image_size,
-        seed=seed,
-        patience=patience,
-        augmentation=False if no_augmentation else None,
-        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-    )
+    try:
+        config = TrainConfig.from_task(
+            spec,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            architecture=arch,
+            image_size=image_size,
+            seed=seed,
+            patience=patience,
+            augmentation=False if no_augmentation else None,
+            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        )
+    except ValueError as exc:  # checked before the dataset is read
+        raise click.UsageError(str(exc)) from None
     distributed.setup(config.device)  # under torchrun: join the process group (a no-op otherwise)
     click.get_current_context().call_on_close(distributed.teardown)
     if not distributed.is_main():

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from meddaemon.engine.architectures import Init, build_model, imagenet_cache_path
+from meddaemon.engine.architectures import ARCHITECTURES, Init, build_model, imagenet_cache_path
 from meddaemon.engine.preprocess import to_model_input
 from meddaemon.engine.registry import probabilities
 from meddaemon.engine.tasks import InputContract, TaskSpec
@@ -55,6 +55,8 @@ CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
 OPTIMIZERS = ("adam", "adamw", "nadam", "sgd")
 SCHEDULERS = ("none", "step", "plateau", "cosine")
+#: the smallest square input a model is trained at (as ``medcli models import --image-size`` takes)
+MIN_IMAGE_SIZE = 8
 #: Preprocessed images are kept in memory when the whole set fits in this (small datasets).
 CACHE_LIMIT_BYTES = 1 << 30
 
@@ -90,6 +92,21 @@ class TrainConfig:
     input_contract: InputContract | None = None
     #: ``task/version@sha256:...`` of the registered version training starts from (``--from``), or "".
     parent: str = ""
+
+    def __post_init__(self) -> None:
+        """Values no training can run with are refused here, before the dataset is read (an unknown
+        architecture was a KeyError after an hour of hashing ChestX-ray14)."""
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        for name, value, least in (("epochs", self.epochs, 0), ("batch size", self.batch_size, 1)):
+            if value < least:
+                raise ValueError(f"the {name} must be at least {least}, not {value}")
+        if not self.lr > 0:
+            raise ValueError(f"the learning rate must be above 0, not {self.lr}")
+        if self.image_size is not None and self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"the image size must be at least {MIN_IMAGE_SIZE} pixels, not {self.image_size}")
 
     @classmethod
     def from_task(cls, spec: TaskSpec, **overrides: Any) -> TrainConfig:
