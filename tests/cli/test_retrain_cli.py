@@ -156,6 +156,30 @@ def test_an_option_no_training_can_run_with_exits_2_before_the_dataset_is_read(
     assert "images" not in result.output and "Traceback" not in result.output
 
 
+def test_an_image_the_model_cannot_take_is_skipped_and_listed_before_training_not_met_mid_epoch(tmp_path: Path) -> None:
+    """A colour image in a grey task (an ultrasound screenshot with yellow calipers) and one whose side
+    is under the 32-pixel minimum decode, so the dataset check let them through; the first batch
+    holding one stopped the training with a contract_mismatch traceback, exit 1."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "busi"
+    shutil.copytree(write_phantoms("busi", tmp_path / "phantoms", count=24, size=48, seed=5).root, data)
+    screenshot = np.asarray(Image.open(next((data / "benign").glob("*).png"))).convert("RGB")).copy()
+    screenshot[4:14, 4:14] = (255, 220, 0)  # SYNTHETIC caliper mark
+    Image.fromarray(screenshot).save(data / "benign" / "benign (900).png")
+    Image.fromarray(np.full((20, 48), 128, np.uint8)).save(data / "malignant" / "malignant (900).png")
+    state = upgraded(tmp_path / "state")
+    result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--json"])
+    assert result.exit_code == 0, result.output
+    split = load_split(tmp_path / "state" / "training" / "busi" / "split.json")
+    dropped = {d.path: d.reason for d in split.report.dropped}
+    assert "contract_mismatch: a colour image" in dropped["benign/benign (900).png"]
+    assert "smaller than the 32-pixel minimum" in dropped["malignant/malignant (900).png"]
+
+
 def test_bad_data_exits_2_with_a_message(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     state = upgraded(tmp_path / "s")

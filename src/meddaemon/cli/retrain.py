@@ -162,7 +162,9 @@ def retrain(
     ctx = click.get_current_context()
     try:
         with hashing_progress(disable=not _wants_bar(as_json)) as progress:
-            split_data = split_dataset(spec, data, config.seed, workers=workers, progress=progress)
+            split_data = split_dataset(
+                spec, data, config.seed, workers=workers, progress=progress, contract=trained_on(spec, config, parent)
+            )
         outcome = run_retrain(
             spec,
             data,
@@ -272,6 +274,12 @@ def _parent(settings: Any, spec: Any, reference: str, arch: str | None, image_si
         engine.dispose()
 
 
+def trained_on(spec: Any, config: Any, parent: Any) -> Any:
+    """The input contract the model is trained on (the parent's under ``--from``), which every image
+    of the dataset is checked against before training."""
+    return (config if parent is None else parent.apply(config)).contract(spec)
+
+
 def _where_to_get_data(spec: Any) -> str:
     """Why --data is needed, where the task's dataset is published, and how to try without it."""
     lines = [f"error: medcli retrain {spec.name} needs --data PATH: a dataset in its published layout."]
@@ -315,7 +323,7 @@ def _train_shard(
 
     if parent is not None:
         config = parent.apply(config)
-    split_data = split_dataset(spec, data, config.seed, workers=workers)
+    split_data = split_dataset(spec, data, config.seed, workers=workers, contract=config.contract(spec))
     index, split = split_data.index, split_data.split
     train(
         spec, split.samples(index, "train"), split.samples(index, "val"), config, workdir, resume=resume,

@@ -9,6 +9,7 @@ complete-linkage clusters (every two members within the distance), not chains.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,8 +25,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import squareform
 
+from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import ScanFailure
-from meddaemon.training.images import read_image
+from meddaemon.training.images import decode_file, read_image
 
 #: Hamming distance (of 64 bits) at or under which two images count as the same picture.
 DEFAULT_MAX_DISTANCE = 8
@@ -61,8 +63,17 @@ class HashedImages:
     unreadable: dict[Path, ScanFailure]
 
 
-def hash_images(paths: Sequence[Path], *, workers: int = 1, progress: HashProgress | None = None) -> HashedImages:
+def hash_images(
+    paths: Sequence[Path],
+    *,
+    contract: InputContract | None = None,
+    workers: int = 1,
+    progress: HashProgress | None = None,
+) -> HashedImages:
     """pHash every image, decoded the way the daemon decodes it, in up to ``workers`` processes.
+    With ``contract``, an image the model could not take (``contract_mismatch``: a colour image
+    for a grey model, a side under its minimum) is one of the failures, as the daemon fails it:
+    found only when its batch came, it stopped the training mid-epoch.
 
     Each image is decoded once, in its own worker (pydicom's configuration is process-global), and
     the results come back in the order of ``paths``: the same as hashing them one after another.
@@ -70,14 +81,15 @@ def hash_images(paths: Sequence[Path], *, workers: int = 1, progress: HashProgre
     outcomes: Iterable[tuple[int | None, ScanFailure | None]]
     pool_size = min(workers, len(paths) // MIN_IMAGES_PER_WORKER)
     hashed = HashedImages({}, {})
+    hash_one = functools.partial(_hash_or_failure, contract=contract)
     if pool_size <= 1:
-        outcomes = map(_hash_or_failure, paths)
+        outcomes = map(hash_one, paths)
         _collect(paths, outcomes, hashed, progress)
         return hashed
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(pool_size, mp_context=context, initializer=_init_worker) as pool:
         chunk = max(1, min(64, len(paths) // (pool_size * 8)))
-        _collect(paths, pool.map(_hash_or_failure, paths, chunksize=chunk), hashed, progress)
+        _collect(paths, pool.map(hash_one, paths, chunksize=chunk), hashed, progress)
     return hashed
 
 
@@ -96,9 +108,14 @@ def _collect(
             progress(done, len(paths))
 
 
-def _hash_or_failure(path: Path) -> tuple[int | None, ScanFailure | None]:
+def _hash_or_failure(path: Path, contract: InputContract | None = None) -> tuple[int | None, ScanFailure | None]:
     try:
-        return perceptual_hash(read_image(path)), None
+        scan = decode_file(path)
+        if contract is not None:
+            from meddaemon.engine.preprocess import check_contract  # torch with it: only where it is asked
+
+            check_contract(scan, contract)
+        return perceptual_hash(np.asarray(scan.frames[0], dtype=np.float32)), None
     except ScanFailure as failure:
         return None, failure
 

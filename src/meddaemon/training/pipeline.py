@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from meddaemon.db.models import ModelVersion
 from meddaemon.engine.card import CARD_FILE
 from meddaemon.engine.registry import Manifest, save_version
-from meddaemon.engine.tasks import TaskSpec
+from meddaemon.engine.tasks import InputContract, TaskSpec
 from meddaemon.training.datasets import DatasetError, DatasetIndex
 from meddaemon.training.evaluate import choose_thresholds, flags_for, score_test_set
 from meddaemon.training.figures import GRID_IMAGES, write_figures
@@ -101,12 +101,18 @@ class SplitData:
 
 
 def split_dataset(
-    spec: TaskSpec, data: Path, seed: int, *, workers: int = 1, progress: HashProgress | None = None
+    spec: TaskSpec,
+    data: Path,
+    seed: int,
+    *,
+    workers: int = 1,
+    progress: HashProgress | None = None,
+    contract: InputContract | None = None,
 ) -> SplitData:
     """The dataset at ``data`` and its split, as ``medcli dataset inspect`` shows them: each image
-    decoded once, in up to ``workers`` processes, to skip the unreadable ones and to pHash the rest
-    for near-duplicates."""
-    loaded = load_hashed_dataset(data, spec, workers=workers, progress=progress)
+    decoded once, in up to ``workers`` processes, to skip the unreadable ones and those the input
+    ``contract`` trained on (by default the task's) refuses, and to pHash the rest for near-duplicates."""
+    loaded = load_hashed_dataset(data, spec, workers=workers, progress=progress, contract=contract)
     return SplitData(loaded.index, make_split(loaded.index, SplitConfig(spec.recipe.split, seed), loaded.hashes))
 
 
@@ -137,7 +143,7 @@ def retrain(
     """
     if parent is not None:
         config = parent.apply(config)
-    split_data = split_data or split_dataset(spec, data, config.seed)
+    split_data = split_data or split_dataset(spec, data, config.seed, contract=config.contract(spec))
     index, split = split_data.index, split_data.split
     if split.config.seed != config.seed:
         raise ValueError(f"the split was made with seed {split.config.seed}, the training uses {config.seed}")

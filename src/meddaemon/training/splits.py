@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from meddaemon.engine.tasks import TaskSpec
+from meddaemon.engine.tasks import InputContract, TaskSpec
 from meddaemon.training.datasets import DatasetIndex, Sample, load_dataset
 from meddaemon.training.datasets.index import drop_unreadable
 from meddaemon.training.nearduplicates import (
@@ -145,12 +145,21 @@ class HashedDataset:
 
 
 def load_hashed_dataset(
-    path: Path, task: TaskSpec | None = None, *, workers: int = 1, progress: HashProgress | None = None
+    path: Path,
+    task: TaskSpec | None = None,
+    *,
+    workers: int = 1,
+    progress: HashProgress | None = None,
+    contract: InputContract | None = None,
 ) -> HashedDataset:
     """The dataset as :func:`load_dataset` reads it, each image decoded once (in up to ``workers``
-    processes) both to find the unreadable ones and for its pHash; ``make_split`` takes the hashes."""
+    processes) both to find the unreadable ones, and those the model's input ``contract`` (by
+    default the task's) refuses, and for its pHash; ``make_split`` takes the hashes."""
     index = load_dataset(path, task, check_images=False)
-    hashed = hash_images([s.path for s in index.samples], workers=workers, progress=progress)
+    if contract is None and task is not None:
+        contract = task.contract
+    paths = [s.path for s in index.samples]
+    hashed = hash_images(paths, contract=contract, workers=workers, progress=progress)
     return HashedDataset(drop_unreadable(index, failures=hashed.unreadable), hashed.hashes)
 
 

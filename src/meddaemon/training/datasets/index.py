@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meddaemon.failures import NOT_AN_IMAGE, ScanFailure
+from meddaemon.failures import NOT_AN_IMAGE, FailureReason, ScanFailure
 from meddaemon.training.images import read_image
 
 #: Above this fraction of unreadable images the dataset is refused rather than trained on.
@@ -168,6 +168,8 @@ def drop_unreadable(
         failure = _decode_failure(sample.path) if failures is None else failures.get(sample.path)
         if failure is not None and failure.reason in NOT_AN_IMAGE:
             not_images.append(Skipped(sample.path, f"not an image ({failure.reason.value}: {failure.message})"))
+        elif failure is not None and failure.reason == FailureReason.CONTRACT_MISMATCH:
+            bad.append(Skipped(sample.path, f"not what the model takes ({failure.reason.value}: {failure.message})"))
         elif failure is not None:
             bad.append(Skipped(sample.path, f"unreadable image ({failure.reason.value}: {failure.message})"))
         else:
