@@ -53,6 +53,21 @@ def test_one_command_from_a_busi_dataset_to_metrics_with_confidence_intervals(wo
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_auditing_an_evaluation_whose_dataset_has_moved_says_so_and_exits_2(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """The labels are read from the dataset again: moved, it was a DatasetError traceback, exit 1."""
+    dataset = tmp_path / "Dataset_BUSI_with_GT"
+    shutil.copytree(busi_phantoms, dataset)
+    args = ["evaluate", str(dataset), "--task", "busi", "--workers", "1", "--name", "moved", "--json"]
+    assert CliRunner().invoke(medcli, [*args, *state_flags(world)]).exit_code == 0
+    dataset.rename(tmp_path / "elsewhere")
+    result = CliRunner().invoke(medcli, ["audit", "--evaluation", "moved", *state_flags(world)])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert result.output.startswith("error: ") and str(dataset) in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("layout", LAYOUT_CASES)
 def test_every_dataset_layout_is_scored_in_place_and_audited_against_its_own_labels(
     world, tmp_path: Path, layout: str

@@ -115,6 +115,32 @@ def test_a_second_run_scores_nothing_again(world, busi_phantoms: Path) -> None:
     engine.dispose()
 
 
+def test_a_rerun_after_files_left_the_cohort_lists_counts_and_fingerprints_the_cohort_as_it_is(
+    world, tmp_path: Path
+) -> None:
+    """The rows of a file deleted since an earlier run stayed: listed unreadable, in the fingerprint
+    (the same as the cohort with it), and in the audit's predictions."""
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(6)
+    for i in range(20):
+        write_png(folder / f"ok_{i:02}.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    before = evaluate(world, folder)
+    (folder / "bad.png").write_bytes(b"SYNTHETIC, not an image")
+    with_bad = evaluate(world, folder)
+    assert [f["path"] for f in with_bad.summary["unreadable"]] == ["bad.png"]
+    (folder / "bad.png").unlink()
+    (folder / "ok_19.png").rename(folder / "renamed.png")
+    after = evaluate(world, folder)
+    assert after.summary["unreadable"] == [] and after.summary["files"] == 20
+    assert after.summary["dataset"]["fingerprint"] not in (with_bad.summary["dataset"]["fingerprint"], None)
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        paths = set(session.scalars(select(EvaluationFile.path)))
+    engine.dispose()
+    assert paths == {f"ok_{i:02}.png" for i in range(19)} | {"renamed.png"}
+    assert before.summary["dataset"]["fingerprint"] != after.summary["dataset"]["fingerprint"]  # another name
+
+
 def test_the_backend_choice_is_measured_once_per_version_and_kept_beside_it(
     world, busi_phantoms: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

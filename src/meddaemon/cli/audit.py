@@ -155,6 +155,7 @@ def audit(
     from meddaemon.audit.predictions import AuditInputError
     from meddaemon.audit.run import AuditRequest, run_audit
     from meddaemon.audit.store import save_audit, write_and_keep_pdf
+    from meddaemon.training.datasets import DatasetError
 
     settings = build_settings(config_file, **flags)
     for option, path in (("--csv", csv_path), ("--pdf", pdf_path)):
@@ -190,7 +191,12 @@ def audit(
                     else:
                         result = run_audit(session, request, settings.task_specs, advance, started)
                     audit_id = save_audit(session, result).id
-            except (LabelFileError, AuditInputError, CriteriaError) as exc:
+            except (
+                LabelFileError,
+                AuditInputError,
+                CriteriaError,
+                DatasetError,
+            ) as exc:  # DatasetError: --evaluation's
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_USAGE)
         try:

@@ -37,7 +37,7 @@ from meddaemon.evaluate.cohort import Cohort, read_cohort
 from meddaemon.evaluate.reading import FileRead, init_reader, prefixes, read_chunk, read_file
 from meddaemon.evaluate.scoring import outcomes_of, stack
 from meddaemon.evaluate.store import FileOutcome
-from meddaemon.names import is_utf8, shown_name
+from meddaemon.names import is_utf8, shown_name, utf8_name
 from meddaemon.processes import forkserver_context
 from meddaemon.training.datasets import DEFAULT_MAX_BAD_FRACTION
 
@@ -207,6 +207,7 @@ def _run(
             engine=request.engine, files_total=len(cohort.files), parameters=request.parameters(),
         )  # fmt: skip
         prepared.evaluation_id = evaluation_id = evaluation.id
+        store.forget_files_gone(session, evaluation_id, (utf8_name(cohort.relative(f)) for f in cohort.files))
     log.info(
         "evaluation %d (%s): %d files of %s, model %s",
         evaluation_id, name, len(cohort.files), cohort.root, prepared.model.name,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
@@ -46,6 +46,8 @@ DAEMON_BUSY = frozenset({ScanState.REGISTERED, ScanState.ROUTED, ScanState.WAITI
 SCORED, REUSED, FAILED, SKIPPED = "scored", "reused", "failed", "skipped"
 #: ``evaluations.state`` values.
 RUNNING, COMPLETED, INTERRUPTED, STOPPED = "running", "completed", "interrupted", "stopped"
+
+T = TypeVar("T")
 
 
 class EvaluationError(ValueError):
@@ -105,6 +107,20 @@ def open_evaluation(
     row.started_at, row.finished_at = utcnow(), None
     session.flush()
     return row
+
+
+def forget_files_gone(session: Session, evaluation_id: int, present: Iterable[str]) -> int:
+    """Remove the rows of files no longer in the cohort (deleted or renamed since an earlier run of
+    the evaluation): kept, they stayed in a rerun's lists, its fingerprint and its audit. ``present``
+    are the cohort's names as the rows store them; returns how many rows went."""
+    names = set(present)
+    stored = session.execute(
+        select(EvaluationFile.id, EvaluationFile.path).where(EvaluationFile.evaluation_id == evaluation_id)
+    ).all()
+    gone = [row_id for row_id, path in stored if path not in names]
+    for chunk in _chunks(gone):
+        session.execute(delete(EvaluationFile).where(EvaluationFile.id.in_(chunk)))
+    return len(gone)
 
 
 def scored_shas(session: Session, version_id: int) -> list[str]:
@@ -349,6 +365,6 @@ def _insert_results(
     insert_results(session, rows, maps, now, partial(stored_name, state_dir=state_dir))
 
 
-def _chunks(items: Sequence[str], size: int = 500) -> Iterable[list[str]]:
+def _chunks(items: Sequence[T], size: int = 500) -> Iterable[list[T]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
