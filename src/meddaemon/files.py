@@ -163,7 +163,7 @@ def read_whole(
     if not follow_symlinks:
         flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = _open_keeping_atime(path, flags) if keep_atime else os.open(path, flags)
+        fd = open_keeping_atime(path, flags) if keep_atime else os.open(path, flags)
     except FileNotFoundError:
         raise ScanFailure(FailureReason.VANISHED, "the file was deleted before it could be read") from None
     except PermissionError:
@@ -185,7 +185,16 @@ def read_whole(
         raise ScanFailure(FailureReason.UNREADABLE, f"cannot read the file: {exc.strerror}") from None
 
 
-def _open_keeping_atime(path: Path | str, flags: int) -> int:
+def read_text_in_place(path: Path | str) -> str:
+    """The text of a dataset's file (UTF-8, a byte-order mark dropped, line ends as written), its
+    access time left as it was where the system allows: a dataset is read where it lies."""
+    with os.fdopen(open_keeping_atime(path, os.O_RDONLY), encoding="utf-8-sig", newline="") as handle:
+        return handle.read()
+
+
+def open_keeping_atime(path: Path | str, flags: int) -> int:
+    """``os.open``, leaving the file's access time alone where the system lets this user
+    (``O_NOATIME`` needs the file's owner); a descriptor either way."""
     noatime = getattr(os, "O_NOATIME", 0)
     if noatime:
         try:

@@ -171,9 +171,12 @@ def test_an_image_the_model_cannot_take_is_skipped_and_listed_before_training_no
     screenshot[4:14, 4:14] = (255, 220, 0)  # SYNTHETIC caliper mark
     Image.fromarray(screenshot).save(data / "benign" / "benign (900).png")
     Image.fromarray(np.full((20, 48), 128, np.uint8)).save(data / "malignant" / "malignant (900).png")
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(data / "normal" / "normal (999)_mask.png")
     state = upgraded(tmp_path / "state")
     result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--json"])
     assert result.exit_code == 0, result.output
+    # the dataset's own warnings reach the user too (only the split's did)
+    assert "WARNING: normal/: mask(s) normal (999)_mask.png without an image normal (999).png" in result.stderr
     split = load_split(tmp_path / "state" / "training" / "busi" / "split.json")
     dropped = {d.path: d.reason for d in split.report.dropped}
     assert "contract_mismatch: a colour image" in dropped["benign/benign (900).png"]

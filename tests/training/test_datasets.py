@@ -110,6 +110,85 @@ def test_a_folder_wrapping_a_dataset_names_the_dataset_root(phantoms: dict[str, 
         detect_layout(tmp_path)
 
 
+def test_a_folder_of_images_beside_one_folder_or_of_one_folder_of_one_folder_is_no_wrapper(tmp_path: Path) -> None:
+    """Refused as 'holding nothing but a dataset' (so medcli evaluate scored nothing): images beside
+    a single subfolder (scans/), and a folder whose one folder holds one folder of images (2024/jan/:
+    no classes). Both are folders of images, which evaluate scores."""
+    from meddaemon.evaluate.cohort import read_cohort
+
+    beside = tmp_path / "beside"
+    for i in range(3):
+        write_png(beside / f"top{i}.png", pixels(i))
+        write_png(beside / "scans" / f"b{i}.png", pixels(10 + i))
+    nested = tmp_path / "nested"
+    for i in range(3):
+        write_png(nested / "2024" / "jan" / f"c{i}.png", pixels(20 + i))
+    for folder, images in ((beside, 6), (nested, 3)):
+        cohort = read_cohort(folder, BUILTIN_TASKS["busi"])
+        assert (cohort.layout, len(cohort.files)) == ("images", images), folder.name
+
+
+def test_a_class_s_masks_folder_is_left_out_with_a_warning(tmp_path: Path) -> None:
+    """The COVID-19 Radiography Database: COVID/images/ and COVID/masks/ (lung masks). Recursing
+    into the class folder, every mask was an image of its class: half the dataset."""
+    root = tmp_path / "COVID-19_Radiography_Dataset"
+    for label in ("COVID", "Normal"):
+        for i in range(3):
+            write_png(root / label / "images" / f"{label}-{i}.png", pixels(i))
+            write_png(root / label / "masks" / f"{label}-{i}.png", np.where(pixels(i) > 128, 255, 0).astype(np.uint8))
+    index = load_dataset(root, BUILTIN_TASKS["covid"], check_images=False)
+    assert sorted(index.relative(s.path) for s in index.samples) == sorted(
+        f"{label}/images/{label}-{i}.png" for label in ("COVID", "Normal") for i in range(3)
+    )
+    assert index.warnings == [
+        f"{label}/: 3 image(s) in masks/ folders left out: segmentation masks, not inputs"
+        for label in ("COVID", "Normal")
+    ]
+
+
+def test_busi_as_published_is_read_for_the_binary_task_without_its_normal_folder(
+    phantoms: dict[str, PhantomSet], tmp_path: Path
+) -> None:
+    """busi_binary is BUSI with normal left out: its normal/ folder was 'not a label of the task',
+    and the dataset as published could not be trained on."""
+    index = load_dataset(phantoms["busi"].root, BUILTIN_TASKS["busi_binary"], check_images=False)
+    assert {s.labels for s in index.samples} == {("benign",), ("malignant",)}
+    assert "normal/: not a class of task 'busi_binary', left out" in index.warnings
+
+
+def test_a_link_in_a_loop_is_no_image_and_the_rest_is_read(tmp_path: Path) -> None:
+    """``is_file`` raised ELOOP on it, and the whole folder was refused as unreadable."""
+    from meddaemon.training.images import image_files
+
+    for i in range(3):
+        write_png(tmp_path / f"ok_{i}.png", pixels(i))
+    (tmp_path / "loop_a.png").symlink_to(tmp_path / "loop_b.png")
+    (tmp_path / "loop_b.png").symlink_to(tmp_path / "loop_a.png")
+    assert [p.name for p in image_files(tmp_path)] == ["ok_0.png", "ok_1.png", "ok_2.png"]
+
+
+def test_reading_a_dataset_leaves_the_access_times_of_its_files_as_they_were(tmp_path: Path) -> None:
+    """Files without an image suffix are opened to tell DICOM (``IM0001``), and the labels CSV is
+    read: both took a new access time, where evaluate promises none is touched."""
+    import os
+
+    root = tmp_path / "cohort"
+    for i in range(3):
+        write_dicom(root / "img" / f"IM000{i}", pixels=pixels(i))
+    manifest = root / "labels.csv"
+    labels = ("benign", "malignant", "normal")
+    manifest.write_text("path,label\n" + "".join(f"img/IM000{i},{labels[i]}\n" for i in range(3)))
+    (root / "img" / "README").write_text("SYNTHETIC")
+    files = [manifest, root / "img" / "README", *(root / "img" / f"IM000{i}" for i in range(3))]
+    for path in files:
+        os.utime(path, (946684800, 946684800))  # 2000-01-01: older than the last change, so relatime updates it
+    load_dataset(manifest, BUILTIN_TASKS["busi"], check_images=False)
+    from meddaemon.training.images import image_files
+
+    assert len(list(image_files(root / "img"))) == 3
+    assert {path.name: path.stat().st_atime for path in files} == {path.name: 946684800 for path in files}
+
+
 @pytest.mark.parametrize(
     ("layout", "locked"),
     [

@@ -11,7 +11,7 @@ import numpy as np
 
 from meddaemon.engine.decode import SNIFF_BYTES, decode_bytes, sniff_format
 from meddaemon.engine.decode.types import DecodedScan, DecodeOptions
-from meddaemon.files import read_whole
+from meddaemon.files import open_keeping_atime, read_whole
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"})
 #: Files that sit beside the images in published datasets and are never images.
@@ -36,8 +36,8 @@ def _is_image(path: Path) -> bool:
         return True
     if suffix in NOT_IMAGE_SUFFIXES:
         return False
-    try:
-        with open(path, "rb") as handle:
+    try:  # a dataset is read in place: its access times are left as they were, as evaluate promises
+        with os.fdopen(open_keeping_atime(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
             return sniff_format(handle.read(SNIFF_BYTES)) == "dicom"
     except OSError:
         return False
@@ -62,8 +62,17 @@ def image_files(folder: Path) -> Iterator[Path]:
         path = folder / entry.name
         if entry.is_dir(follow_symlinks=False):
             yield from image_files(path)
-        elif entry.is_file() and _is_image(path):
+        elif _is_file(entry) and _is_image(path):
             yield path
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    """A file, or a link to one; a link in a loop (``a -> b``, ``b -> a``) is neither, where
+    ``is_file`` raised ELOOP and the whole cohort was refused as unreadable."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def decode_file(path: Path) -> DecodedScan:

@@ -137,8 +137,9 @@ def retrain(
 
     ``split_data`` is the dataset already read and split (by :func:`split_dataset` with
     ``config.seed``); without it the images are decoded here, one process. Every warning of the
-    split report (a label missing from a side, a group too large, too many images dropped) goes
-    to ``warn`` before training starts. Raises :class:`DatasetError` for a dataset that cannot be
+    dataset (a mask without its image, masks/ folders left out) and of the split report (a label
+    missing from a side, a group too large, too many images dropped) goes to ``warn`` before
+    training starts. Raises :class:`DatasetError` for a dataset that cannot be
     trained on (no split side may be empty).
     """
     if parent is not None:
@@ -150,7 +151,7 @@ def retrain(
     report_lines = split.report.lines()
     log(f"{index.layout} dataset: {len(index.samples)} images; {report_lines[0]}")
     log(next(line for line in report_lines if line.startswith("dropped: ")))
-    for warning in split.report.warnings:
+    for warning in [*index.warnings, *split.report.warnings]:  # the dataset's own (masks left out...) first
         warn(warning)
     train_samples, val_samples, test_samples = (split.samples(index, side) for side in ("train", "val", "test"))
     for side, samples in (("train", train_samples), ("validation", val_samples), ("test", test_samples)):

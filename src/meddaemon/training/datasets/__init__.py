@@ -23,7 +23,7 @@ from meddaemon.training.datasets.index import (
 )
 from meddaemon.training.datasets.manifest import read_manifest
 from meddaemon.training.datasets.nih import entry_file, read_nih
-from meddaemon.training.images import image_files
+from meddaemon.training.images import image_files, is_image_file
 
 __all__ = [
     "LAYOUTS",
@@ -85,7 +85,7 @@ def _detect_layout(path: Path) -> str:
     folders = class_folders(path)
     if folders and _is_busi(folders):
         return "busi"
-    if len(folders) == 1:
+    if len(folders) == 1 and not any(is_image_file(p) for p in path.iterdir()):
         _refuse_wrapper_folder(path, folders[0])
     if any(next(image_files(f), None) is not None for f in folders):
         return "folder-per-class"
@@ -94,10 +94,14 @@ def _detect_layout(path: Path) -> str:
 
 
 def _refuse_wrapper_folder(path: Path, only: Path) -> None:
-    """A folder holding nothing but the dataset (``Downloads/Dataset_BUSI_with_GT/``) names it."""
+    """A folder holding nothing but the dataset (``Downloads/Dataset_BUSI_with_GT/``) names it. A
+    folder of images beside its one folder, or whose one folder holds a single folder of images
+    (``2024/jan/``: no classes), is no such wrapper."""
     try:
         inner = detect_layout(only)
     except DatasetError:
+        return
+    if inner == "folder-per-class" and len(class_folders(only)) < 2:
         return
     raise NestedDataset(path, f"holds one folder, {only.name}, which is a {inner} dataset", f"the dataset root {only}")
 

@@ -24,28 +24,52 @@ def read_folder_per_class(root: Path, task: TaskSpec | None = None, layout: str 
     labels = _labels(root, folders, task, default=tuple(f.name for f in folders))
     by_name = {label.lower(): label for label in labels}
     samples: list[Sample] = []
+    warnings: list[str] = []
     for folder in folders:
         label = by_name[folder.name.lower()]
-        images = list(image_files(folder))
+        found = list(image_files(folder))
+        images = [path for path in found if not _under_masks(path, folder)]
+        if len(images) < len(found):
+            warnings.append(
+                f"{folder.name}/: {len(found) - len(images)} image(s) in masks/ folders left out: segmentation "
+                "masks, not inputs"
+            )
         if not images:
             raise DatasetError(
                 folder, f"the class folder {folder.name!r} holds no images", "PNG, JPEG, TIFF or DICOM files"
             )
         samples.extend(Sample(path, (label,)) for path in images)
     index = DatasetIndex(layout, root, labels, kind_for(labels), samples)
+    index.warnings.extend(warnings)
     require_every_label(index, root, f"a folder per class: {', '.join(labels)}")
     return index
 
 
+#: folders of segmentation masks beside a class's images (the COVID-19 Radiography Database's
+#: ``COVID/images/`` and ``COVID/masks/``): their files are ground truth, never inputs
+MASK_FOLDERS = frozenset({"mask", "masks"})
+
+
+def _under_masks(path: Path, folder: Path) -> bool:
+    return any(part.lower() in MASK_FOLDERS for part in path.relative_to(folder).parts[:-1])
+
+
 def read_busi(root: Path, task: TaskSpec | None = None) -> DatasetIndex:
     """Dataset_BUSI_with_GT: ``<class>/<class> (N).png`` with ``<class> (N)_mask.png`` and sometimes
-    ``_mask_1.png``. Masks are ground truth for localisation, never inputs."""
+    ``_mask_1.png``. Masks are ground truth for localisation, never inputs. A BUSI class the task
+    does not have (``normal`` for ``busi_binary``) is left out, with a warning."""
     folders = class_folders(root)
+    left_out: list[Path] = []
+    if task is not None:
+        known = {label.lower() for label in task.labels}
+        left_out = [f for f in folders if f.name.lower() in BUSI_CLASSES and f.name.lower() not in known]
+        folders = [f for f in folders if f not in left_out]
     present = tuple(c for c in BUSI_CLASSES if any(f.name.lower() == c for f in folders))
     labels = _labels(root, folders, task, default=present)
     by_name = {label.lower(): label for label in labels}
     samples: list[Sample] = []
     index = DatasetIndex("busi", root, labels, kind_for(labels), samples)
+    index.warnings.extend(f"{f.name}/: not a class of task {task.name!r}, left out" for f in left_out if task)
     for folder in folders:
         label = by_name[folder.name.lower()]
         files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]

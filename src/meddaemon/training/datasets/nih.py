@@ -5,10 +5,12 @@ and the official patient-wise ``train_val_list.txt``/``test_list.txt``."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 
 from meddaemon.engine.tasks import NIH_FINDINGS, TaskSpec
+from meddaemon.files import read_text_in_place
 from meddaemon.training.datasets.index import DatasetError, DatasetIndex, FindingBox, Sample, require_every_label
 from meddaemon.training.datasets.tables import read_table, require_existing
 
@@ -67,8 +69,7 @@ def _boxes(path: Path) -> dict[str, list[FindingBox]]:
     boxes: dict[str, list[FindingBox]] = {}
     if not path.is_file():
         return boxes
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.reader(handle))
+    rows = list(csv.reader(io.StringIO(read_text_in_place(path), newline="")))
     for number, row in enumerate(rows[1:], start=2):
         try:
             x, y, w, h = (float(v) for v in row[2:6])
@@ -85,7 +86,7 @@ def _official_test(root: Path, index: DatasetIndex) -> frozenset[Path] | None:
             index.warnings.append("train_val_list.txt without test_list.txt: the official split is not used")
         return None
     by_name = {s.path.name: s.path for s in index.samples}
-    named = [line.strip() for line in lists["test_list.txt"].read_text(encoding="utf-8").splitlines() if line.strip()]
+    named = [line.strip() for line in read_text_in_place(lists["test_list.txt"]).splitlines() if line.strip()]
     unknown = [n for n in named if n not in by_name]
     if unknown:
         index.warnings.append(f"test_list.txt names {len(unknown)} image(s) not in the label file, e.g. {unknown[0]}")

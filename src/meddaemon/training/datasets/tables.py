@@ -7,6 +7,7 @@ import io
 from collections.abc import Iterable
 from pathlib import Path
 
+from meddaemon.files import read_text_in_place
 from meddaemon.training.datasets.index import DatasetError
 
 Row = dict[str, str]
@@ -27,8 +28,7 @@ def read_table(path: Path, required: Iterable[str], allowed: Iterable[str] | Non
     manifest has a fixed set of columns). Columns without a name (a trailing comma, as in NIH's
     ``Data_Entry_2017.csv``) are dropped."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            text = handle.read()
+        text = read_text_in_place(path)
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
         header = [name.strip() for name in reader.fieldnames or []]
         rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
