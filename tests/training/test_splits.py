@@ -175,3 +175,22 @@ def test_dropping_five_percent_or_fewer_is_not_warned_about(tmp_path: Path) -> N
 
     assert len(split.report.dropped) == 2
     assert not [w for w in split.report.warnings if "dropped" in w]
+
+
+def test_a_manifest_row_listed_twice_is_dropped_as_reported_and_counted_once(tmp_path: Path) -> None:
+    """Reported dropped as 'the same bytes', the second row was kept all the same: its image was
+    counted, trained or tested twice."""
+    rng = np.random.default_rng(12)
+    rows = []
+    for i in range(30):
+        label = ("benign", "malignant", "normal")[i % 3]
+        write_png(tmp_path / "img" / f"synthetic_{i:02}.png", rng.integers(0, 255, (64, 64), dtype=np.uint8))
+        rows.append(f"img/synthetic_{i:02}.png,{label}")
+    rows.append(rows[0])
+    (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    split = make_split(load_dataset(tmp_path / "labels.csv", BUILTIN_TASKS["busi"], check_images=False))
+    assert [(d.path, d.reason) for d in split.report.dropped] == [
+        ("img/synthetic_00.png", "the same bytes as img/synthetic_00.png")
+    ]
+    assert sum(split.report.images.values()) == len(split.assignments) == 30
+    assert sum(sum(counts.values()) for counts in split.report.counts.values()) == 30

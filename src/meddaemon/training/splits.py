@@ -193,7 +193,7 @@ def _without_identical_files(index: DatasetIndex, report: SplitReport) -> list[S
     by_digest: dict[str, list[Sample]] = {}
     for sample in index.samples:
         by_digest.setdefault(hashlib.sha256(sample.path.read_bytes()).hexdigest(), []).append(sample)
-    kept: set[Path] = set()
+    kept: set[int] = set()  # the samples, not their paths: a manifest may list one path twice
     for copies in by_digest.values():
         first = copies[0]
         if len({c.labels for c in copies}) > 1:
@@ -203,12 +203,12 @@ def _without_identical_files(index: DatasetIndex, report: SplitReport) -> list[S
                 for c in copies
             )
             continue
-        kept.add(first.path)
+        kept.add(id(first))
         report.dropped.extend(
             Dropped(index.relative(c.path), f"the same bytes as {index.relative(first.path)}", "identical-copy")
             for c in copies[1:]
         )
-    return [s for s in index.samples if s.path in kept]
+    return [s for s in index.samples if id(s) in kept]
 
 
 def _hash_readable(
