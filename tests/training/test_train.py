@@ -125,6 +125,43 @@ def test_resume_from_a_checkpoint_gives_the_same_weights(busi_root: Path, tmp_pa
         train(BUSI, train_samples, val_samples, other, tmp_path / "resumed", resume=True)
 
 
+def test_a_run_interrupted_in_its_first_epoch_offers_no_earlier_run_s_checkpoint(
+    busi_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The earlier run's checkpoint (after its last epoch) stayed: Ctrl-C in the new run's first epoch
+    printed '--resume' from it, which registered the old model under a new name."""
+    index = load_dataset(busi_root, BUSI)
+    split = make_split(index, SplitConfig(BUSI.recipe.split, 0))
+    train_samples, val_samples = split.samples(index, "train")[:24], split.samples(index, "val")
+    workdir = tmp_path / "training"
+    train(BUSI, train_samples, val_samples, small(epochs=2, image_size=32), workdir)
+    assert checkpoint_epoch(workdir) == 2
+
+    def ctrl_c(*args: object, **kwargs: object) -> float:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("meddaemon.training.train.train_one_epoch", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(BUSI, train_samples, val_samples, small(epochs=2, image_size=32), workdir)
+    assert checkpoint_epoch(workdir) is None
+
+
+def test_a_checkpoint_torn_between_its_two_files_is_refused_not_resumed_from(busi_root: Path, tmp_path: Path) -> None:
+    """Ctrl-C after the weights of epoch 2 and before their state: the state of epoch 1 was resumed
+    with the weights of epoch 2, and the run went on to other weights, without a word."""
+    index = load_dataset(busi_root, BUSI)
+    split = make_split(index, SplitConfig(BUSI.recipe.split, 0))
+    train_samples, val_samples = split.samples(index, "train")[:24], split.samples(index, "val")
+    config = small(epochs=3, image_size=32)
+    train(BUSI, train_samples, val_samples, config, tmp_path / "first", stop_after=1)
+    train(BUSI, train_samples, val_samples, config, tmp_path / "second", stop_after=2)
+    torn = tmp_path / "first"
+    (torn / CHECKPOINT_WEIGHTS).write_bytes((tmp_path / "second" / CHECKPOINT_WEIGHTS).read_bytes())
+    assert checkpoint_epoch(torn) is None  # nothing medcli retrain offers to resume
+    with pytest.raises(ValueError, match="is torn: its weights are of epoch 2, its state of epoch 1"):
+        train(BUSI, train_samples, val_samples, config, torn, resume=True)
+
+
 def write_flat_dataset(root: Path, per_class: int = 14) -> Path:
     """Three class folders of flat grey images with a grey level of noise: nothing to learn (SYNTHETIC)."""
     rng = np.random.default_rng(3)

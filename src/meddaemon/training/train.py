@@ -465,6 +465,9 @@ def train(
         if resume:
             state, best_weights = load_checkpoint(workdir, model, optimizer, scheduler, config)
             log(f"resumed from {workdir / CHECKPOINT_WEIGHTS} after epoch {state.epoch}")
+        elif main:  # an earlier run's checkpoint is not this run's: Ctrl-C now would offer to resume from it
+            for name in (CHECKPOINT_STATE, CHECKPOINT_WEIGHTS):
+                (workdir / name).unlink(missing_ok=True)
         val = Evaluation(math.nan, np.zeros((0, 0)), np.zeros((0, 0)), math.nan)  # rank 0 evaluates
         net = distributed.wrap(model, device)  # DDP: rank 0's weights on every process, gradients averaged
 
@@ -646,8 +649,20 @@ def checkpoint_epoch(workdir: Path) -> int | None:
     if not (workdir / CHECKPOINT_WEIGHTS).is_file() or not state_file.is_file():
         return None
     try:
-        return int(json.loads(state_file.read_text(encoding="utf-8"))["epoch"])
+        epoch = int(json.loads(state_file.read_text(encoding="utf-8"))["epoch"])
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return epoch if _weights_epoch(workdir / CHECKPOINT_WEIGHTS) == epoch else None
+
+
+def _weights_epoch(weights: Path) -> int | None:
+    """The epoch ``checkpoint.safetensors`` says it holds (its metadata), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return int((handle.metadata() or {})["epoch"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
         return None
 
 
@@ -667,6 +682,11 @@ def load_checkpoint(
             f"no checkpoint to resume from in {workdir} ({CHECKPOINT_WEIGHTS} + {CHECKPOINT_STATE})"
         )
     meta = json.loads(state_file.read_text(encoding="utf-8"))
+    if _weights_epoch(weights) != meta.get("epoch"):  # stopped between the two files: neither epoch is whole
+        raise ValueError(
+            f"the checkpoint in {workdir} is torn: its weights are of epoch {_weights_epoch(weights)}, its state "
+            f"of epoch {meta.get('epoch')} (stopped while it was written); train again without --resume"
+        )
     tensors = load_file(str(weights))
     saved = {k: v for k, v in meta["config"].items() if k not in ("epochs", "patience", "device", "num_workers")}
     current = {k: v for k, v in config.as_dict().items() if k in saved}
