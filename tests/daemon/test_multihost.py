@@ -94,14 +94,17 @@ def scalar(sessions: sessionmaker[Session], query):  # type: ignore[no-untyped-d
 
 def kill_while_holding_work(victim: RunningDaemon, sessions: sessionmaker[Session]) -> tuple[int, set[str], set[int]]:
     """Freeze the victim (SIGSTOP) until the database shows it holding work, then SIGKILL it.
-    Returns its daemon id, the inbox files and the scans it held."""
+    Returns its daemon id, the inbox files and the scans it held. Held: claims not done, which only
+    a takeover can finish (counting its done claims too, a victim holding nothing was killed, the
+    others finished every file within its lease, and it was never declared lost)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         daemon_id = scalar(sessions, select(DaemonInstance.id).where(DaemonInstance.pid == victim.pid))
         if daemon_id is not None:
             os.killpg(victim.pid, signal.SIGSTOP)
             with sessions() as session:
-                paths = set(session.scalars(select(InboxClaim.path).where(InboxClaim.daemon_id == daemon_id)))
+                held = (InboxClaim.daemon_id == daemon_id, InboxClaim.done_at.is_(None))
+                paths = set(session.scalars(select(InboxClaim.path).where(*held)))
                 scans = set(session.scalars(select(Scan.id).where(Scan.claimed_by == daemon_id)))
             if paths or scans:
                 victim.kill_hard()
