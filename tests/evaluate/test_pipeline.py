@@ -350,3 +350,19 @@ def test_a_fault_handing_the_first_files_to_the_decoding_processes_stops_the_run
         [row] = session.scalars(select(Evaluation)).all()
         assert row.state == "stopped" and "SYNTHETIC fault handing out" in (row.message or "")
     engine.dispose()
+
+
+def test_a_name_longer_than_the_database_keeps_is_refused_and_a_long_folder_s_default_name_is_cut(
+    world, tmp_path: Path
+) -> None:
+    """evaluations.name holds 255 characters: PostgreSQL refused a longer one with a traceback."""
+    from meddaemon.evaluate.store import EvaluationError
+
+    folder = tmp_path / ("synthetic_" + "x" * 240)
+    rng = np.random.default_rng(8)
+    for i in range(3):
+        write_png(folder / f"ok_{i}.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    with pytest.raises(EvaluationError, match="--name is at most 255 characters, not 256"):
+        evaluate(world, folder, name="n" * 256)
+    outcome = evaluate(world, folder)
+    assert outcome.state == "completed" and len(outcome.name) == 255 and outcome.name.startswith("synthetic_x")

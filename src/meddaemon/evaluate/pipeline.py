@@ -157,6 +157,8 @@ def run_evaluation(
 
 def check_request(request: EvaluationRequest) -> None:
     """Refuse, before anything starts, what this request asks and no engine here can do."""
+    if request.name is not None and len(request.name) > MAX_NAME:  # PostgreSQL refused it with a traceback
+        raise store.EvaluationError(f"--name is at most {MAX_NAME} characters, not {len(request.name)}")
     if request.engine not in ENGINES:
         raise store.EvaluationError(f"unknown engine {request.engine!r}; one of {', '.join(ENGINES)}")
     if request.engine == "ray":
@@ -263,8 +265,13 @@ def find_model_version(session: Session, task: str, version: str | None) -> Mode
 
 def default_name(cohort: Cohort, version: ModelVersion) -> str:
     """``<dataset folder>-<task>-<version>``: the same command names the same evaluation, so running
-    it again resumes or refreshes it."""
-    return f"{cohort.root.name}-{version.task_name}-{version.version}"
+    it again resumes or refreshes it. A folder name too long for the column is cut."""
+    suffix = f"-{version.task_name}-{version.version}"
+    return cohort.root.name[: MAX_NAME - len(suffix)] + suffix
+
+
+#: the longest evaluation name (``evaluations.name``)
+MAX_NAME = 255
 
 
 class Writer:
