@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,15 +220,18 @@ def _run(
     state, message = store.COMPLETED, None
     outcomes: Iterator[tuple[FileOutcome, Future | None]] | None = None
     try:
-        if decoders is None:
-            from meddaemon.evaluate.ray_engine import ray_outcomes
+        with ctrl_c_noted() as interrupted:
+            if decoders is None:
+                from meddaemon.evaluate.ray_engine import ray_outcomes
 
-            outcomes = ray_outcomes(prepared)
-        else:
-            outcomes = local_outcomes(prepared, decoders)
-        for outcome, write in outcomes:
-            writer.add(outcome, write)
-        writer.flush(final=True)
+                outcomes = ray_outcomes(prepared)
+            else:
+                outcomes = local_outcomes(prepared, decoders)
+            for outcome, write in outcomes:
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
+                writer.add(outcome, write)
+            writer.flush(final=True)
     except KeyboardInterrupt:
         state, message = store.INTERRUPTED, "stopped by Ctrl-C; run the same command again to resume"
         writer.flush(final=True, check=False)
@@ -252,6 +257,28 @@ def _run(
         row = session.get(Evaluation, evaluation_id)
         assert row is not None
         return EvaluationOutcome(evaluation_id, row.name, row.state, store.evaluation_summary(session, row))
+
+
+@contextmanager
+def ctrl_c_noted() -> Iterator[threading.Event]:
+    """Ctrl-C raises KeyboardInterrupt, as Python's own handler does, and is noted too. Python runs
+    a signal's handler wherever the main thread is: inside a finaliser (a ``__del__`` the garbage
+    collector calls at that moment) the exception is dropped ("Exception ignored in ..."), and a run
+    sent SIGINT went on to its end and exited 0. The run checks the note at every file."""
+    noted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+
+    def note(signum: int, frame: object) -> None:
+        noted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
 def find_model_version(session: Session, task: str, version: str | None) -> ModelVersion:
