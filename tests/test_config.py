@@ -45,6 +45,25 @@ def test_relative_paths_in_a_config_file_are_relative_to_that_file(tmp_path: Pat
     assert settings.state_dir == Path("/var/lib/meddaemon")
 
 
+def test_a_path_starting_with_a_tilde_is_in_the_home_folder_wherever_the_config_file_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Joined to the config file's folder first, ``~/inbox`` became ``/etc/meddaemon/~/inbox``; and
+    a ``reports_font`` of ``~/f.ttf`` from the environment was 'not a font file'."""
+    home = tmp_path / "home"
+    (home / "fonts").mkdir(parents=True)
+    font = home / "fonts" / "synthetic.ttf"
+    font.write_bytes(b"SYNTHETIC")
+    monkeypatch.setenv("HOME", str(home))
+    config = tmp_path / "etc" / "meddaemon.toml"
+    config.parent.mkdir()
+    config.write_text('watch = "~/inbox"\nstate_dir = "~/state"\nreports_font = "~/fonts/synthetic.ttf"\n')
+    settings = load_settings(config, env={})
+    assert (settings.watch, settings.state_dir, settings.reports_font) == (home / "inbox", home / "state", str(font))
+    from_env = load_settings(env={"MEDDAEMON_REPORTS_FONT": "~/fonts/synthetic.ttf", "MEDDAEMON_STATE_DIR": str(home)})
+    assert from_env.reports_font == str(font)
+
+
 def test_watch_and_state_dir_are_made_absolute_and_resolved_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     real = tmp_path / "real"
     (real / "inbox").mkdir(parents=True)
@@ -108,6 +127,17 @@ def test_database_defaults_to_sqlite_in_the_state_dir(tmp_path: Path):
         ("ray_stall_seconds = 0\n", "'ray_stall_seconds' from file .*: must be > 0"),
         ("stable_seconds = \n", "not valid TOML"),
         ('[[route]]\nmodality = "US"\n', "route needs a task"),
+        # each of these was accepted, then a traceback (exit 1) or a daemon that misbehaved
+        ("watch = 5\n", "'watch' from file .*: 5 is not a path"),
+        ('db = "garbage"\n', "'db' from file .*: not a database URL"),
+        ('db = "mysql://127.0.0.1:1/x"\n', "'db' from file .*: a mysql URL: meddaemon runs on SQLite or PostgreSQL"),
+        ("busy_timeout = -1\n", "'busy_timeout' from file .*: must be >= 0"),
+        ("model_poll_seconds = 0\n", "'model_poll_seconds' from file .*: must be > 0"),
+        ('device = "cudafoo"\n', "'device' from file .*: 'cudafoo' is not auto, cpu or cuda"),
+        (
+            '[[destination]]\nname = "pacs"\nkind = "dicom"\nae_title = "PACS"\nhost = "h"\nport = 999999\n',
+            "port 999999 is not a TCP port",
+        ),
     ],
 )
 def test_a_bad_config_file_names_the_key_and_the_file(tmp_path: Path, content: str, message: str):

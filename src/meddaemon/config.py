@@ -378,12 +378,14 @@ _FILE_KEYS = {"reports_font", "dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca"}
 def _relative_to_file(key: str, value: Any, folder: Path) -> Any:
     """A path read from the config file in ``folder``, relative to that file as a reader of the file
     expects (not to the daemon's working directory, ``/`` under systemd): the inbox and state
-    directory, the files of ``_FILE_KEYS``, and a folder destination's ``path``."""
-    if key in _PATH_KEYS or (key in _FILE_KEYS and isinstance(value, str) and value):
-        return str(folder / value)
+    directory, the files of ``_FILE_KEYS``, and a folder destination's ``path``. ``~`` is the user's
+    home, as in a shell (joined first, ``/etc/meddaemon/~/inbox``). A value that is no path (``watch
+    = 5``) is left for the setting's own check, which names it."""
+    if isinstance(value, str) and (key in _PATH_KEYS or (key in _FILE_KEYS and value)):
+        return str(folder / Path(value).expanduser())
     if key == "destination" and isinstance(value, list):
         return [
-            {**d, "path": str(folder / d["path"])}
+            {**d, "path": str(folder / Path(d["path"]).expanduser())}
             if isinstance(d, dict) and d.get("kind") == "folder" and isinstance(d.get("path"), str) and d["path"]
             else d
             for d in value
@@ -447,6 +449,8 @@ def _build(raw: dict[str, Any], sources: dict[str, str]) -> Settings:
 
 def _coerce(name: str, value: Any) -> Any:
     if name in _PATH_KEYS:
+        if not isinstance(value, (str, Path)):
+            raise ValueError(f"{value!r} is not a path")
         path = canonical_path(Path(value))
         if not is_utf8(path):
             raise ValueError(
@@ -460,6 +464,8 @@ def _coerce(name: str, value: Any) -> Any:
         return _parse_int(value)
     if name in _BOOL_KEYS:
         return _parse_bool(value)
+    if name in _FILE_KEYS:
+        return os.path.expanduser(str(value)) if value else ""  # from the environment or a flag too
     if name == "log_level":
         return str(value).strip().upper()
     if name == "tasks":
@@ -583,6 +589,8 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
     missing = [key for key in needed if not data.get(key)]
     if missing:
         raise ValueError(f"destination {name!r} ({kind}) needs {missing}")
+    if kind == "dicom" and not 1 <= _parse_int(data["port"]) <= 65535:
+        raise ValueError(f"destination {name!r}: port {data['port']} is not a TCP port (1-65535)")
     tasks = data.get("tasks", ())
     return DestinationConfig(
         name=name,
@@ -655,8 +663,14 @@ def _validate(s: Settings) -> None:
         fail("report_workers", "must be 0 (one per core) or more")
     if s.reports_font and not Path(s.reports_font).is_file():
         fail("reports_font", f"{s.reports_font} is not a font file")
-    if s.device not in ("auto", "cpu") and not s.device.startswith("cuda"):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s.device):
         fail("device", f"{s.device!r} is not auto, cpu or cuda[:N]")
+    if s.busy_timeout < 0:
+        fail("busy_timeout", "must be >= 0")
+    if s.model_poll_seconds <= 0:
+        fail("model_poll_seconds", "must be > 0")
+    if s.db:
+        _validate_db(s.db, fail)
     known = s.task_specs
     _validate_dicom_out(s, known, fail)
     _validate_dicom_in(s, fail)
@@ -665,6 +679,21 @@ def _validate(s: Settings) -> None:
             fail("route", f"routes to unknown task {rule.task!r}; known tasks: {sorted(known)}")
     if s.default_task and s.default_task not in known:
         fail("default_task", f"unknown task {s.default_task!r}; known tasks: {sorted(known)}")
+
+
+def _validate_db(url: str, fail: Any) -> None:
+    """A URL SQLAlchemy reads, of a database meddaemon runs on: a bad one was a traceback (exit 1;
+    ``meddaemon health`` then said 'degraded') at the first connection."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        fail("db", "not a database URL: give sqlite:///PATH or postgresql+psycopg://USER@HOST/NAME")
+        return
+    if backend not in ("sqlite", "postgresql"):
+        fail("db", f"a {backend} URL: meddaemon runs on SQLite or PostgreSQL")
 
 
 def _validate_dicom_out(s: Settings, known: Mapping[str, TaskSpec], fail: Any) -> None:
