@@ -228,6 +228,30 @@ def test_a_failed_scan_whose_kept_file_was_deleted_is_refused(daemon: Daemon):
     assert after.retried_at is None and len(after.events) == len(failed.events)
 
 
+def test_a_scan_that_failed_as_a_symbolic_link_is_refused_and_nothing_it_points_to_is_copied(
+    make_settings, tmp_path: Path
+):
+    """Its kept original is the link itself: copied back into the inbox, the file it pointed to (here
+    a SYNTHETIC secret outside the inbox; /etc/passwd in the review) was read into the state directory."""
+    d = Daemon(make_settings(reports=False))
+    d.prepare()
+    secret = tmp_path / "elsewhere" / "synthetic_secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("SYNTHETIC secret, outside the inbox")
+    (d.settings.watch / "busi").mkdir(parents=True)
+    (d.settings.watch / "busi" / "link.png").symlink_to(secret)
+    d.run(once=True)
+    [failed] = scans_by_id(d)
+    assert failed.failure_reason == "symlink_not_followed"
+
+    result = retry_failed(d.sessions, d.settings, Selector(scan=str(failed.id)))
+
+    assert refusal(result) is Refusal.ORIGINAL_IS_A_LINK
+    assert list(d.settings.watch.rglob("*.png")) == []
+    [after] = scans_by_id(d)
+    assert after.retried_at is None
+
+
 def test_a_missing_watch_folder_is_refused_not_created(daemon: Daemon, make_settings, tmp_path: Path):
     [failed] = scans_by_id(daemon)
     unmounted = make_settings(watch=tmp_path / "unmounted_share")

@@ -40,6 +40,7 @@ class Refusal(StrEnum):
     NOT_FAILED = "not_failed"
     ALREADY_RETRIED = "already_retried"
     ORIGINAL_GONE = "original_gone"
+    ORIGINAL_IS_A_LINK = "original_is_a_link"
     MOVE_PENDING = "move_pending"
     INBOX_MISSING = "inbox_missing"
     INBOX_UNWRITABLE = "inbox_unwritable"
@@ -175,6 +176,13 @@ def _requeue(sessions: sessionmaker[Session], settings: Settings, scan_id: int, 
             if refusal is not None:
                 return refusal
             original = _kept_original(scan, settings)
+            if os.path.islink(original):  # a symlink_not_followed scan keeps the link: copied, its target would be read
+                return Refused(
+                    Refusal.ORIGINAL_IS_A_LINK,
+                    f"scan {scan.id}: its kept original {original} is a symbolic link, which the inbox never follows; "
+                    "put the file itself in the inbox",
+                    scan.id,
+                )
             if not os.path.isfile(original):
                 return Refused(Refusal.ORIGINAL_GONE, f"scan {scan.id}: its kept original {original} is gone", scan.id)
             if not watch.is_dir():  # an unmounted share: never made up here
