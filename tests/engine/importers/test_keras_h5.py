@@ -174,3 +174,58 @@ def test_damaged_or_foreign_keras3_files_are_refused_by_name(keras3_files: Path,
         edited(keras3_files / "densenet.weights.h5", tmp_path / "extra.weights.h5", extra_batchnorm), tmp_path
     )
     assert error.reason == "wrong_architecture" and "unmatched layer(s): batch_normalization_121" in error.message
+
+
+def test_weights_kept_in_another_file_are_refused_and_never_read(
+    keras_file: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+):
+    """h5py reads a dataset's external storage, a virtual dataset's sources and an external link
+    without a word: any file of the machine's bytes imported as weights, under the SHA-256 of an
+    ``.h5`` that never held them (a full DenseNet-121 was registered with its Dense bias so)."""
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"SYNTHETIC" * 100)
+
+    def external_bias(f: h5py.File) -> None:
+        del f["dense/dense/bias"]
+        f["dense"].create_dataset("dense/bias", shape=(14,), dtype="f4", external=[(str(outside), 0, 56)])
+
+    def linked_bias(f: h5py.File) -> None:
+        with h5py.File(tmp_path / "other.h5", "w") as other:
+            other.create_dataset("bias", data=np.ones(14, np.float32))
+        del f["dense/dense/bias"]
+        f["dense/dense/bias"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/bias")
+
+    for name, edit in (("external.h5", external_bias), ("linked.h5", linked_bias)):
+        error = refused(edited(keras_file[0], tmp_path / name, edit), tmp_path)
+        assert error.reason == "unreadable_weights" and "keeps its values in another file" in error.message, name
+
+
+def test_a_keras3_file_whose_groups_link_back_up_is_refused_not_read_for_ever(keras3_files: Path, tmp_path: Path):
+    """A hard link from a layer back to the root: the walk over nested models never ended (100 % CPU)."""
+
+    def loop(f: h5py.File) -> None:
+        f["layers/functional"] = f["/"]
+
+    error = refused(edited(keras3_files / "densenet.weights.h5", tmp_path / "loop.weights.h5", loop), tmp_path)
+    assert error.reason == "unreadable_weights" and "links back to a group above it" in error.message
+
+
+def test_a_kernel_of_another_rank_is_refused_by_name_not_a_traceback(
+    keras_file: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+):
+    """A 2-D kernel where a convolution's 4-D one belongs: a ValueError traceback from the transpose."""
+
+    def two_d_kernel(f: h5py.File) -> None:
+        group = next(g for g in (f.get("conv1/conv"), f.get("conv1_conv")) if g is not None)
+        key = next(k for k in _datasets(group) if k.endswith("kernel"))
+        del group[key]
+        group.create_dataset(key, data=np.zeros((3, 3), np.float32))
+
+    error = refused(edited(keras_file[0], tmp_path / "flat.h5", two_d_kernel), tmp_path)
+    assert error.reason == "unreadable_weights" and "could not be converted (ValueError" in error.message
+
+
+def _datasets(group: h5py.Group) -> list[str]:
+    found: list[str] = []
+    group.visit(lambda name: found.append(name) if isinstance(group[name], h5py.Dataset) else None)
+    return found

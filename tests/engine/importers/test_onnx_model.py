@@ -424,3 +424,51 @@ def test_an_onnx_version_is_registered_and_verified_like_any_other(migrated_engi
     with pytest.raises(ModelRefused) as info:
         load_version(folder)
     assert info.value.reason == "hash_mismatch"
+
+
+def hand_made(nodes: list[Any], initializers: list[Any], path: Path) -> Path:
+    """A SYNTHETIC graph from ``x`` [N, 1, H, W] to ``y`` [N, 1], written as onnx.helper makes it."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes,
+        "synthetic",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_graph_that_fails_when_run_is_refused_by_name_not_a_traceback(tmp_path: Path):
+    """It passes onnx's full check (a Reshape to a constant [3, 1]) and fails on the self-test's batch:
+    ONNX Runtime's error escaped as a traceback."""
+    from onnx import helper, numpy_helper
+
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[1, 2, 3], keepdims=1),
+        helper.make_node("Reshape", ["m", "shape"], ["y"]),
+    ]
+    path = hand_made(nodes, [numpy_helper.from_array(np.array([3, 1], np.int64), "shape")], tmp_path / "rt.onnx")
+    error = refused(path, tmp_path, task="busi_binary")
+    assert error.reason == "unsupported_onnx" and "could not be converted" in error.message, error.message
+
+
+def test_an_infinite_weight_in_a_constant_node_is_refused_as_in_an_initializer(tmp_path: Path):
+    """Only initializers were checked: an infinite weight held by a Constant node was registered (its
+    self-test saw a saturated sigmoid, finite)."""
+    from onnx import helper, numpy_helper
+
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+        helper.make_node(
+            "Constant", [], ["w"], name="weights", value=numpy_helper.from_array(np.array([[np.inf]], np.float32))
+        ),
+        helper.make_node("MatMul", ["m", "w"], ["y"]),
+    ]
+    error = refused(hand_made(nodes, [], tmp_path / "inf.onnx"), tmp_path, task="busi_binary")
+    assert error.reason == "non_finite_weights" and "weights.value" in error.message, error.message

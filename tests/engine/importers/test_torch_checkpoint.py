@@ -186,6 +186,48 @@ def test_nan_weights_are_refused_naming_the_tensor(tmp_path: Path):
     assert error.reason == "non_finite_weights" and "layer2.0.conv1.weight" in error.message
 
 
+def small_cnn_state(outputs: int) -> dict[str, torch.Tensor]:
+    from meddaemon.engine.architectures import build_model
+
+    torch.manual_seed(0)
+    return dict(build_model("small_cnn", 1, outputs).state_dict())
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda s: {**s, "features.0.weight": s["features.0.weight"].to(torch.float8_e4m3fn)}, "float8"),
+        (lambda s: {**s, "features.0.weight": s["features.0.weight"].to("meta")}, "meta"),
+        (lambda s: {**s, "features.0.weight": s["features.0.weight"].to_sparse()}, "sparse"),
+        (lambda s: {**s, "features.0.weight": s["features.0.weight"].to(torch.complex64)}, "complex"),
+    ],
+    ids=["float8", "meta", "sparse", "complex"],
+)
+def test_tensors_no_network_holds_are_refused_by_name(tmp_path: Path, make: Any, expected: str):
+    """float8, meta and sparse tensors crashed the finiteness check with a traceback; a complex one
+    lost its imaginary part to a warning and was registered."""
+    path = tmp_path / "odd.pt"
+    torch.save(make(small_cnn_state(3)), path)
+    error = refused(path, tmp_path, architecture="small_cnn")
+    assert error.reason == "unreadable_weights" and "features.0.weight" in error.message, error.message
+
+
+@pytest.mark.parametrize(
+    ("task", "rows", "labels"), [("busi_binary", 2, None), ("busi", 3, ("normal", "benign", "malignant"))]
+)
+def test_a_head_whose_bias_is_shorter_than_its_rows_is_refused_by_name(
+    tmp_path: Path, task: str, rows: int, labels: tuple[str, ...] | None
+):
+    """Folding or reordering the head indexed the bias by label first: an IndexError traceback."""
+    state = small_cnn_state(rows)
+    state["head.linear.bias"] = state["head.linear.bias"][:-1].clone()
+    path = tmp_path / "short_bias.pt"
+    torch.save(state, path)
+    options: dict[str, Any] = {"task": task, "architecture": "small_cnn"} | ({"labels": labels} if labels else {})
+    error = refused(path, tmp_path, **options)
+    assert error.reason == "wrong_architecture" and "head.linear.bias" in error.message, error.message
+
+
 def test_a_state_dict_of_another_architecture_names_the_keys(tmp_path: Path):
     model, _ = seed001("resnet18")
     path = save_as(model, tmp_path / "r18.pt", "plain")

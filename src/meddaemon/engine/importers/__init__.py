@@ -23,6 +23,7 @@ from meddaemon.db.models import ModelVersion
 from meddaemon.engine.importers.base import (
     FORMATS,
     ImportOptions,
+    Source,
     architecture_for,
     contract_for,
     read_source,
@@ -43,7 +44,17 @@ def convert_file(
     if spec is None:
         raise ModelRefused("unknown_task", f"task {options.task!r} is not configured; known tasks: {sorted(specs)}")
     source = read_source(Path(path), options.format)
-    out = Path(out_dir)
+    try:
+        return _convert(source, spec, options, Path(out_dir))
+    except ModelRefused:
+        raise
+    except Exception as exc:  # what a foreign file holds that no check foresaw: refused by name, not a traceback
+        reason = "unsupported_onnx" if source.format == "onnx" else "unreadable_weights"
+        why = " ".join(str(exc).split())[:300]
+        raise ModelRefused(reason, f"{source.path.name} could not be converted ({type(exc).__name__}: {why})") from None
+
+
+def _convert(source: Source, spec: TaskSpec, options: ImportOptions, out: Path) -> Manifest:
     if source.format == "onnx":
         from meddaemon.engine.importers import onnx_model
 

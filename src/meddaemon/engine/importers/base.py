@@ -215,6 +215,12 @@ def fit_head_to_task(converted: ConvertedWeights, spec: TaskSpec, labels_in_file
     bias = converted.state.get(bias_key)
     rows = weight.shape[0]
     where = converted.source_keys.get(weight_key, weight_key)
+    if bias is not None and tuple(bias.shape) != (rows,):  # indexed by label below: an IndexError before
+        raise ModelRefused(
+            "wrong_architecture",
+            f"{converted.source_keys.get(bias_key, bias_key)} has shape {tuple(bias.shape)}, not ({rows},) "
+            f"as the {rows} rows of {where}",
+        )
     if spec.kind == "binary":
         positive, negative = labels_in_file.index(spec.labels[1]), labels_in_file.index(spec.labels[0])
         if rows == 1:
@@ -257,7 +263,25 @@ def _class_count(where: str, rows: int, spec: TaskSpec) -> ModelRefused:
     )
 
 
+#: the tensor types a weight may be: dense, on the CPU, of real numbers
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64, torch.int32, torch.bool)
+
+
 def check_finite(converted: ConvertedWeights) -> None:
+    """Weights of the types a network holds, none of them NaN or infinite. A sparse, meta, complex
+    or float8 tensor crashed the check (or, complex, lost its imaginary part to a warning and was
+    registered)."""
+    odd = [
+        converted.source_keys.get(k, k)
+        for k, v in converted.state.items()
+        if v.layout != torch.strided or v.is_meta or v.dtype not in WEIGHT_DTYPES
+    ]
+    if odd:
+        raise ModelRefused(
+            "unreadable_weights",
+            f"{len(odd)} tensor(s) are not dense real-valued weights (sparse, meta, complex or float8): "
+            f"{', '.join(odd[:5])}{', ...' if len(odd) > 5 else ''}",
+        )
     bad = [
         converted.source_keys.get(k, k)
         for k, v in converted.state.items()

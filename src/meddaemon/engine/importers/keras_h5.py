@@ -97,7 +97,7 @@ def _name_layout(f: Any) -> dict[str, dict[str, np.ndarray]]:
         weights = {}
         for weight_name in (_text(w) for w in layer.attrs.get("weight_names", [])):
             role = weight_name.rsplit("/", 1)[-1].split(":", 1)[0]
-            weights[role] = np.asarray(layer[weight_name], dtype=np.float32)
+            weights[role] = _array(layer[weight_name], f)
         if weights:
             layers[name.replace("/", "_")] = weights
     return layers
@@ -113,20 +113,37 @@ def _rank_layout(f: Any) -> KerasLayers:
     whole file, models in the order they are met."""
     ranked: dict[str, list[list[np.ndarray]]] = {}
     models = [f]
+    seen = {f.id}
     while models:
         model = models.pop(0)
         for name in sorted(model["layers"], key=_class_and_rank):
             layer = model["layers"][name]
             if "layers" in layer:
+                if layer.id in seen:  # a hard link back up the tree: a crafted file looped for ever
+                    raise ModelRefused("unreadable_weights", f"the group {layer.name} links back to a group above it")
+                seen.add(layer.id)
                 models.append(layer)
             elif len(layer.get("vars", ())):
-                arrays = [np.asarray(layer["vars"][str(i)], dtype=np.float32) for i in range(len(layer["vars"]))]
+                arrays = [_array(layer["vars"][str(i)], f) for i in range(len(layer["vars"]))]
                 ranked.setdefault(_class_and_rank(name)[0], []).append(arrays)
     layers = {}
     for kind, each in ranked.items():
         for rank, arrays in enumerate(each):
             layers[f"{kind}_{rank}" if rank else kind] = dict(zip(_roles(kind, len(arrays)), arrays, strict=True))
     return KerasLayers(layers, by_rank=True)
+
+
+def _array(item: Any, f: Any) -> np.ndarray:
+    """A weight's values, from the file itself. HDF5 lets a dataset keep its bytes in another file
+    (external storage, a virtual dataset, an external link), which h5py reads without a word: bytes
+    of any file on the machine imported as weights, under the SHA-256 of a file that never held them."""
+    import h5py
+
+    if not isinstance(item, h5py.Dataset):
+        raise ModelRefused("unreadable_weights", f"the weight {item.name} is not an array")
+    if item.external or item.is_virtual or item.file != f:
+        raise ModelRefused("unreadable_weights", f"the weight {item.name} keeps its values in another file")
+    return np.asarray(item, dtype=np.float32)
 
 
 def _roles(kind: str, count: int) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ use a PyTorch network.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -395,20 +395,44 @@ def convert(source: Source, spec: TaskSpec, options: ImportOptions, out_dir: Pat
 
 
 def _check_finite(graph: Any) -> None:
-    """Floating-point initializers holding NaN or infinity are refused by name (``non_finite_weights``)."""
+    """Floating-point weights holding NaN or infinity are refused by name (``non_finite_weights``):
+    the initializers, and the tensors of Constant nodes, in the graph and its subgraphs (an
+    infinite weight in a Constant was registered: its self-test saw saturated, finite outputs)."""
     from onnx import numpy_helper
 
     bad = []
-    for init in graph.initializer:
-        array = numpy_helper.to_array(init)
+    for name, tensor in _weight_tensors(graph):
+        array = numpy_helper.to_array(tensor)
         if np.issubdtype(array.dtype, np.floating) and not bool(np.isfinite(array).all()):
-            bad.append(init.name)
+            bad.append(name)
     if bad:
         raise ModelRefused(
             "non_finite_weights",
             f"{len(bad)} initializer(s) hold NaN or infinite values: {', '.join(bad[:5])}"
             f"{', ...' if len(bad) > 5 else ''}",
         )
+
+
+def _weight_tensors(graph: Any) -> Iterator[tuple[str, Any]]:
+    """(name, TensorProto) of every weight the graph holds: initializers, sparse ones (their values),
+    and Constant nodes' tensors, subgraphs (If, Loop, Scan) included."""
+    from onnx import AttributeProto
+
+    for init in graph.initializer:
+        yield init.name, init
+    for sparse in graph.sparse_initializer:
+        yield sparse.values.name, sparse.values
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == AttributeProto.TENSOR:
+                yield f"{node.name or node.op_type}.{attribute.name}", attribute.t
+            elif attribute.type == AttributeProto.SPARSE_TENSOR:
+                yield f"{node.name or node.op_type}.{attribute.name}", attribute.sparse_tensor.values
+            elif attribute.type == AttributeProto.GRAPH:
+                yield from _weight_tensors(attribute.g)
+            elif attribute.type == AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _weight_tensors(subgraph)
 
 
 def _dims(value_info: Any) -> list[int | str | None]:
