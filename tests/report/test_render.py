@@ -234,3 +234,17 @@ def test_the_report_of_a_custom_task_uses_the_default_template():
     data = replace(scan_data(), task="a_custom_task")
     text, *_ = render(data)
     assert "Classifier result" in text
+
+
+def test_every_label_of_a_key_value_table_fits_its_column_in_the_report_s_own_bold_font():
+    """'Accession number' in bold 9 pt is wider than the 32 mm the column had with its padding: in
+    every report with PHI it ran into its value ('Accession numberSYNTHACC01' read back)."""
+    from reportlab.pdfbase.pdfmetrics import stringWidth
+
+    from meddaemon.report.render import _kv_table, styles
+
+    fonts = report_fonts()
+    rows = [("Accession number", "SYNTHACC01"), ("Patient birth date", "19700101"), ("Sex", "O")]
+    table = _kv_table(rows, styles(fonts))
+    widest = max(stringWidth(label, fonts.bold, 9) for label, _ in rows)
+    assert table._colWidths[0] >= widest + 2 * 6  # reportlab's padding, left and right

@@ -22,6 +22,7 @@ from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import mm
 from reportlab.lib.utils import ImageReader
 from reportlab.pdfbase import pdfdoc
+from reportlab.pdfbase.pdfmetrics import stringWidth
 from reportlab.pdfgen.canvas import Canvas
 from reportlab.platypus import (
     CondPageBreak,
@@ -203,7 +204,11 @@ def _v(value: object, style: ParagraphStyle, limit: int = 120) -> Paragraph | st
 
 
 def _kv_table(rows: Sequence[tuple[str, Paragraph | str]], st: Styles, width: float = HALF) -> Table:
-    table = Table([[k, v] for k, v in rows], colWidths=[32 * mm, width - 32 * mm])
+    """Label and value per row; the label column as wide as its longest label (and the cells'
+    padding), so that no label runs into its value ("Accession number" did, at 32 mm)."""
+    longest = max((stringWidth(k, st.fonts.bold, 9) for k, _ in rows), default=0.0)
+    label = min(max(32 * mm, longest + 2 * CELL_PADDING + 2), width / 2)
+    table = Table([[k, v] for k, v in rows], colWidths=[label, width - label])
     table.setStyle(
         TableStyle(
             [
@@ -217,6 +222,10 @@ def _kv_table(rows: Sequence[tuple[str, Paragraph | str]], st: Styles, width: fl
         )
     )
     return table
+
+
+#: reportlab's default left and right padding of a table cell (points)
+CELL_PADDING = 6
 
 
 class _JpegReader(ImageReader):
