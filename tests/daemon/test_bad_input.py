@@ -181,6 +181,25 @@ def test_header_values_the_standard_or_postgresql_would_refuse_are_kept_and_the_
     assert scans["nul.dcm"].manufacturer == "SYNTHETICVENDOR"
 
 
+def test_a_file_whose_folder_is_named_like_a_file_failed_before_reaches_failed(make_settings, tmp_path: Path):
+    """``scanA`` failed (kept as failed/scanA), then a folder scanA/ arrived: its file could never be
+    moved under failed/scanA/ (a file), stayed in the inbox for good, its row saying it was filed,
+    and every restart tried the move again."""
+    inbox = tmp_path / "inbox"
+    settings = make_settings()
+    inbox.mkdir(parents=True, exist_ok=True)
+    (inbox / "scanA").write_bytes(b"SYNTHETIC, not an image")
+    run_once(settings)
+    (inbox / "scanA").mkdir()
+    (inbox / "scanA" / "x.png").write_bytes(b"SYNTHETIC, still not an image")
+    scans = scans_by_name(run_once(settings))
+    assert [p for p in inbox.rglob("*") if p.is_file()] == []
+    kept = settings.stored_file(scans["scanA/x.png"].stored_path)
+    assert kept.read_bytes() == b"SYNTHETIC, still not an image" and kept.parent.name == "scanA__2"
+    assert scans["scanA/x.png"].pending_move_from is None
+    assert settings.stored_file(scans["scanA"].stored_path).read_bytes() == b"SYNTHETIC, not an image"
+
+
 def test_a_symlink_out_of_the_inbox_is_not_followed(make_settings, tmp_path: Path):
     secret = synthetic_png(tmp_path / "outside" / "synthetic_secret.png")
     (tmp_path / "inbox" / "busi").mkdir(parents=True)

@@ -157,3 +157,19 @@ def test_a_move_into_a_shard_removed_between_its_mkdir_and_its_rename_makes_it_a
     monkeypatch.setattr(os, "rename", rename_after_another_daemon_emptied_the_shard)
     assert finish_move(source, target) is MoveOutcome.MOVED
     assert raced and target.read_bytes() == b"scan" and not source.exists()
+
+
+def test_a_folder_of_the_target_that_is_a_file_there_or_taken_is_numbered(tmp_path: Path):
+    """failed/scanA (a file kept before) cannot hold failed/scanA/x.png, nor can archive/<day>/a.png
+    hold a.png/y.png: the move failed at every try and the file stayed in the inbox."""
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    (failed / "scanA").write_bytes(b"SYNTHETIC")
+    assert filing.failed_path(failed, PurePosixPath("scanA/x.png"), set()) == failed / "scanA__2" / "x.png"
+    taken = {failed / "scanB"}  # another row of the same transaction files a file there
+    assert filing.failed_path(failed, PurePosixPath("scanB/y.png"), taken) == failed / "scanB__2" / "y.png"
+    day = datetime(2026, 12, 5)
+    (tmp_path / "archive" / "2026-12-05").mkdir(parents=True)
+    (tmp_path / "archive" / "2026-12-05" / "a.png").write_bytes(b"SYNTHETIC")
+    target = filing.archive_path(tmp_path / "archive", PurePosixPath("a.png/y.png"), "ab" * 32, day)
+    assert target == tmp_path / "archive" / "2026-12-05" / "a.png__2" / "y.png"

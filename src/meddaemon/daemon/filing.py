@@ -13,6 +13,7 @@ import filecmp
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
@@ -42,7 +43,8 @@ def archive_path(
 ) -> Path:
     """``archive/<YYYY-MM-DD>/<name as received>``; the SHA-256 prefix keeps same-named files apart,
     on disk and among the ``taken`` targets of the same transaction."""
-    target = archive_dir / day.strftime("%Y-%m-%d") / source_name
+    folder = free_folder(archive_dir / day.strftime("%Y-%m-%d"), source_name.parent.parts, taken or set())
+    target = folder / source_name.name
     if target.exists() or target.is_symlink() or (taken is not None and target in taken):
         target = target.with_name(fitted(_stem(source_name), f"__{sha256[:12]}{_suffix(source_name)}"))
     if taken is not None:
@@ -55,10 +57,11 @@ def failed_path(failed_dir: Path, source_name: PurePosixPath, taken: set[Path]) 
     name of a reason document (``*.reason.json``): then no failed file can ever take the name of
     another's reason, nor its reason the file's, whichever is filed first (by this daemon or another).
     A name too long to have its reason beside it is cut (``fitted``); the row keeps it whole."""
+    folder = free_folder(failed_dir, source_name.parent.parts, taken)
     n = 1
     while True:
         tail = (f"__{n}" if n > 1 else "") + _suffix(source_name)
-        target = failed_dir / source_name.parent / fitted(_stem(source_name), tail, NAME_MAX - len(REASON_SUFFIX))
+        target = folder / fitted(_stem(source_name), tail, NAME_MAX - len(REASON_SUFFIX))
         if not (
             target.name.endswith(REASON_SUFFIX)
             or target in taken
@@ -70,6 +73,20 @@ def failed_path(failed_dir: Path, source_name: PurePosixPath, taken: set[Path]) 
         n += 1
     taken.add(target)
     return target
+
+
+def free_folder(base: Path, parts: Sequence[str], taken: set[Path]) -> Path:
+    """``base/<parts>``, each part a folder there or not there yet. A part that is a file (an earlier
+    file named like this folder: ``studyA``, then ``studyA/x.png``), or the target of another move of
+    the transaction, is numbered (``studyA__2``): its files could never be moved into it, and stayed
+    in the inbox for good, their rows saying they were filed."""
+    folder = base
+    for part in parts:
+        candidate, n = folder / part, 2
+        while candidate in taken or candidate.is_symlink() or (candidate.exists() and not candidate.is_dir()):
+            candidate, n = folder / f"{part}__{n}", n + 1
+        folder = candidate
+    return folder
 
 
 def inbox_return_path(watch: Path, source_name: PurePosixPath, scan_id: int, attempt: int = 1) -> Path:
