@@ -151,6 +151,20 @@ def test_a_whole_pickled_model_is_refused_with_how_to_save_a_state_dict(tmp_path
     assert "MobileNetV2" in error.message and "torch.save(model.state_dict()" in error.message
 
 
+@pytest.mark.parametrize("how", ["legacy", "hdf5"])
+def test_bytes_that_are_no_pickle_are_damage_not_code_needed(tmp_path: Path, how: str):
+    """A legacy checkpoint cut short, or an HDF5 file given --format torch: refused as needing code
+    ('holds objects other than tensors, which needs code'), which sent users looking for a payload."""
+    path = tmp_path / "not_a_pickle.pt"
+    if how == "legacy":
+        torch.save(small_cnn_state(3), path, _use_new_zipfile_serialization=False)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(200))
+    error = refused(path, tmp_path, architecture="small_cnn", format="torch")
+    assert error.reason == "unreadable_weights", error.message
+
+
 @pytest.mark.parametrize("how", ["plain", "safetensors"])
 def test_a_truncated_checkpoint_is_refused(tmp_path: Path, how: str):
     model, _ = seed001("resnet18")

@@ -82,7 +82,13 @@ def read_state_dict(path: Path, fmt: str = "torch") -> tuple[dict[str, Tensor], 
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        what = f"an object of {found.group(1)}" if found else "objects other than tensors"
+        if found is None:  # a pickle cut short, or no pickle at all (an .h5 given --format torch): damage
+            raise ModelRefused(
+                "unreadable_weights",
+                f"{path.name} is truncated, damaged or not a PyTorch checkpoint (UnpicklingError: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
+            ) from None
+        what = f"an object of {found.group(1)}"
         raise ModelRefused(
             "needs_code",
             f"{path.name} holds {what}, which needs code to unpickle; it is never run and the file is not "
