@@ -62,3 +62,12 @@ def test_list_shows_each_item_with_the_peers_answer_retry_revives_the_dead_and_p
     assert not (state / "dicom" / "sr.dcm").exists()
     after = json.loads(runner.invoke(medcli, ["outbox", "list", "--json", *dirs]).stdout)
     assert [(i["object"], i["status"]) for i in after["items"]] == [("pdf", "pending")]
+
+
+def test_retrying_an_item_that_does_not_exist_says_so_and_exits_2(tmp_path: Path):
+    """A mistyped id was '0 item(s) pending again', exit 0: a script took it for done."""
+    dirs = ["--state-dir", str(tmp_path / "state")]
+    runner = CliRunner()
+    assert runner.invoke(medcli, ["db", "upgrade", *dirs]).exit_code == 0
+    result = runner.invoke(medcli, ["outbox", "retry", "999", *dirs])
+    assert result.exit_code == 2 and "no outbox item 999" in result.output, result.output

@@ -78,6 +78,11 @@ def retry(config_file: Path | None, ids: tuple[int, ...], all_dead: bool, **flag
     engine = open_database(settings)
     try:
         with transaction(session_factory(engine)) as session:
+            unknown = box.unknown_items(session, ids)
+            if unknown:  # nothing is retried: a mistyped id said "0 item(s) pending again", exit 0
+                raise click.BadParameter(
+                    f"no outbox item {', '.join(map(str, unknown))} (medcli outbox list shows them)", param_hint="IDS"
+                )
             count = box.retry(session, ids, all_dead)
     finally:
         engine.dispose()

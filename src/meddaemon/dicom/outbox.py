@@ -246,6 +246,12 @@ def retry(session: Session, ids: Collection[int] = (), all_dead: bool = False) -
     return done.rowcount  # type: ignore[attr-defined,no-any-return]
 
 
+def unknown_items(session: Session, ids: Collection[int]) -> list[int]:
+    """Of ``ids``, those no outbox row has."""
+    known = set(session.scalars(select(OutboxItem.id).where(OutboxItem.id.in_(list(ids))))) if ids else set()
+    return sorted(set(ids) - known)
+
+
 def purge(session: Session, statuses: Collection[str] = (DELIVERED,), older_than_seconds: float = 0.0) -> list[str]:
     """Delete rows in ``statuses`` (never pending ones) created more than ``older_than_seconds`` ago;
     returns the object files no remaining row names (the caller removes them after the commit)."""

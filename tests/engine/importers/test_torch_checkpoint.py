@@ -306,3 +306,25 @@ def test_seed002_as_plain_efficientnet_is_refused_rather_than_dropping_the_selu(
     error = refused(path, tmp_path, task="histopathology")
     assert error.reason == "wrong_architecture"
     assert "classifier.2" in error.message and "efficientnet_v2_s_selu" in error.message
+
+
+def test_a_file_replaced_while_it_is_imported_is_refused_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Hashed, then read again by path: a file swapped in between (a new export landing) was
+    registered under the hash of the other (4 of 6 tries in a review's race)."""
+    from meddaemon.engine.importers import torch_checkpoint
+
+    path = tmp_path / "exported.pt"
+    torch.save(small_cnn_state(3), path)
+    convert = torch_checkpoint.convert
+
+    def swapped_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        converted = convert(*args, **kwargs)
+        torch.save({k: v + 1 for k, v in small_cnn_state(3).items()}, path)  # SYNTHETIC other weights
+        return converted
+
+    monkeypatch.setattr(torch_checkpoint, "convert", swapped_meanwhile)
+    error = refused(path, tmp_path, architecture="small_cnn")
+    assert error.reason == "unreadable_weights" and "changed while it was imported" in error.message
+    assert not (tmp_path / "version").exists()

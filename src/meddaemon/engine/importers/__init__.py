@@ -25,6 +25,7 @@ from meddaemon.engine.importers.base import (
     ImportOptions,
     Source,
     architecture_for,
+    check_unchanged,
     contract_for,
     read_source,
     write_converted,
@@ -44,11 +45,19 @@ def convert_file(
     if spec is None:
         raise ModelRefused("unknown_task", f"task {options.task!r} is not configured; known tasks: {sorted(specs)}")
     source = read_source(Path(path), options.format)
+    out = Path(out_dir)
+    existed = out.exists()
     try:
-        return _convert(source, spec, options, Path(out_dir))
+        manifest = _convert(source, spec, options, out)
+        check_unchanged(source)
+        return manifest
     except ModelRefused:
+        if not existed:  # nothing half-made, nor made from other bytes, is left behind
+            shutil.rmtree(out, ignore_errors=True)
         raise
     except Exception as exc:  # what a foreign file holds that no check foresaw: refused by name, not a traceback
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
         reason = "unsupported_onnx" if source.format == "onnx" else "unreadable_weights"
         why = " ".join(str(exc).split())[:300]
         raise ModelRefused(reason, f"{source.path.name} could not be converted ({type(exc).__name__}: {why})") from None

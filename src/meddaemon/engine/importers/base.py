@@ -83,11 +83,25 @@ def read_source(path: Path, fmt: str) -> Source:
         raise ModelRefused("missing_file", f"{path} does not exist or is not a file")
     if fmt not in FORMATS:
         raise ModelRefused("unsupported_format", f"format {fmt!r} is not one of {list(FORMATS)}")
+    return Source(path=path, sha256=file_sha256(path), format=detect_format(path) if fmt == "auto" else fmt)
+
+
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return Source(path=path, sha256=digest.hexdigest(), format=detect_format(path) if fmt == "auto" else fmt)
+    return digest.hexdigest()
+
+
+def check_unchanged(source: Source) -> None:
+    """The file is hashed, then read again to be converted: one replaced meanwhile (a copy still being
+    written, a new export) was registered under the other's hash. Hashed again after, it must match."""
+    if file_sha256(source.path) != source.sha256:
+        raise ModelRefused(
+            "unreadable_weights",
+            f"{source.path.name} changed while it was imported; import it again once it is written whole",
+        )
 
 
 _SUFFIXES = {
