@@ -28,9 +28,15 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{HOST_TAG}-{os.getpid()}{TMP_SUFFIX}")
 
 
+def _temporary_parts(tmp: Path) -> tuple[str, str]:
+    """A ``temporary_path`` name's parts: the name it was to become, and its writer (``<host>-<pid>``)."""
+    final, _, writer = tmp.name.removesuffix(TMP_SUFFIX).rpartition(".")
+    return final[1:], writer
+
+
 def final_path(tmp: Path) -> Path:
     """The file a temporary of ``temporary_path`` was to become."""
-    return tmp.with_name(tmp.name.removesuffix(TMP_SUFFIX).rsplit(".", 1)[0][1:])
+    return tmp.with_name(_temporary_parts(tmp)[0])
 
 
 def remove_stale_temporaries(folder: Path, recursive: bool = True) -> list[Path]:
@@ -53,8 +59,7 @@ def left_by_dead_writer(tmp: Path) -> bool:
     """Whether the temporary ``tmp`` was left by a process of this host that is gone (exited, killed
     and not yet reaped, or its pid since given to a later process). Another host's temporaries are
     never judged: their writer may be alive there."""
-    writer = tmp.name.removesuffix(TMP_SUFFIX).rsplit(".", 1)[-1]
-    host, _, pid = writer.rpartition("-")
+    host, _, pid = _temporary_parts(tmp)[1].rpartition("-")
     if (host and host != HOST_TAG) or not (pid.isascii() and pid.isdigit()):
         return False
     try:

@@ -157,6 +157,10 @@ def run_evaluation(
             decoders.close()
 
 
+#: the longest evaluation name (``evaluations.name``)
+MAX_NAME = 255
+
+
 def check_request(request: EvaluationRequest) -> None:
     """Refuse, before anything starts, what this request asks and no engine here can do."""
     if request.name is not None and len(request.name) > MAX_NAME:  # PostgreSQL refused it with a traceback
@@ -295,10 +299,6 @@ def default_name(cohort: Cohort, version: ModelVersion) -> str:
     it again resumes or refreshes it. A folder name too long for the column is cut."""
     suffix = f"-{version.task_name}-{version.version}"
     return cohort.root.name[: MAX_NAME - len(suffix)] + suffix
-
-
-#: the longest evaluation name (``evaluations.name``)
-MAX_NAME = 255
 
 
 class Writer:

@@ -86,4 +86,9 @@ def decode_file(path: Path) -> DecodedScan:
 
 def read_image(path: Path) -> np.ndarray:
     """The first (key) frame, float32 in [0, 1]: (H, W) grey or (H, W, 3) RGB. Raises ScanFailure."""
-    return np.asarray(decode_file(path).frames[0], dtype=np.float32)
+    return key_frame(decode_file(path))
+
+
+def key_frame(scan: DecodedScan) -> np.ndarray:
+    """A decoded scan's first (key) frame, float32 in [0, 1]."""
+    return np.asarray(scan.frames[0], dtype=np.float32)

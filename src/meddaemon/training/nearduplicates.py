@@ -27,7 +27,7 @@ from scipy.spatial.distance import squareform
 
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import ScanFailure
-from meddaemon.training.images import decode_file, read_image
+from meddaemon.training.images import decode_file, key_frame, read_image
 
 #: Hamming distance (of 64 bits) at or under which two images count as the same picture.
 DEFAULT_MAX_DISTANCE = 8
@@ -115,7 +115,7 @@ def _hash_or_failure(path: Path, contract: InputContract | None = None) -> tuple
             from meddaemon.engine.preprocess import check_contract  # torch with it: only where it is asked
 
             check_contract(scan, contract)
-        return perceptual_hash(np.asarray(scan.frames[0], dtype=np.float32)), None
+        return perceptual_hash(key_frame(scan)), None
     except ScanFailure as failure:
         return None, failure
 

@@ -682,9 +682,10 @@ def load_checkpoint(
             f"no checkpoint to resume from in {workdir} ({CHECKPOINT_WEIGHTS} + {CHECKPOINT_STATE})"
         )
     meta = json.loads(state_file.read_text(encoding="utf-8"))
-    if _weights_epoch(weights) != meta.get("epoch"):  # stopped between the two files: neither epoch is whole
+    weights_epoch = _weights_epoch(weights)
+    if weights_epoch != meta.get("epoch"):  # stopped between the two files: neither epoch is whole
         raise ValueError(
-            f"the checkpoint in {workdir} is torn: its weights are of epoch {_weights_epoch(weights)}, its state "
+            f"the checkpoint in {workdir} is torn: its weights are of epoch {weights_epoch}, its state "
             f"of epoch {meta.get('epoch')} (stopped while it was written); train again without --resume"
         )
     tensors = load_file(str(weights))

@@ -51,13 +51,12 @@ def convert_file(
         manifest = _convert(source, spec, options, out)
         check_unchanged(source)
         return manifest
-    except ModelRefused:
+    except Exception as exc:
         if not existed:  # nothing half-made, nor made from other bytes, is left behind
             shutil.rmtree(out, ignore_errors=True)
-        raise
-    except Exception as exc:  # what a foreign file holds that no check foresaw: refused by name, not a traceback
-        if not existed:
-            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, ModelRefused):
+            raise
+        # what a foreign file holds that no check foresaw: refused by name, not a traceback
         reason = "unsupported_onnx" if source.format == "onnx" else "unreadable_weights"
         why = " ".join(str(exc).split())[:300]
         raise ModelRefused(reason, f"{source.path.name} could not be converted ({type(exc).__name__}: {why})") from None

@@ -168,10 +168,10 @@ def drop_unreadable(
         failure = _decode_failure(sample.path) if failures is None else failures.get(sample.path)
         if failure is not None and failure.reason in NOT_AN_IMAGE:
             not_images.append(Skipped(sample.path, f"not an image ({failure.reason.value}: {failure.message})"))
-        elif failure is not None and failure.reason == FailureReason.CONTRACT_MISMATCH:
-            bad.append(Skipped(sample.path, f"not what the model takes ({failure.reason.value}: {failure.message})"))
         elif failure is not None:
-            bad.append(Skipped(sample.path, f"unreadable image ({failure.reason.value}: {failure.message})"))
+            refused = failure.reason == FailureReason.CONTRACT_MISMATCH
+            why = "not what the model takes" if refused else "unreadable image"
+            bad.append(Skipped(sample.path, f"{why} ({failure.reason.value}: {failure.message})"))
         else:
             readable.append(sample)
     total = len(index.samples) - len(not_images)
