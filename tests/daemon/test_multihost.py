@@ -96,12 +96,26 @@ def kill_while_holding_work(victim: RunningDaemon, sessions: sessionmaker[Sessio
     """Freeze the victim (SIGSTOP) until the database shows it holding work, then SIGKILL it.
     Returns its daemon id, the inbox files and the scans it held. Held: claims not done, which only
     a takeover can finish (counting its done claims too, a victim holding nothing was killed, the
-    others finished every file within its lease, and it was never declared lost)."""
+    others finished every file within its lease, and it was never declared lost).
+
+    Frozen, it sends nothing new, but a COMMIT it sent just before may still be running at the
+    server: read what it holds only once none of its statements is (read at once, a commit releasing
+    its claims landed after the read, the others finished every file within its lease, and it was
+    never declared lost)."""
     deadline = time.monotonic() + 30
+    running_statements = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name AND state = 'active'"
+    )
     while time.monotonic() < deadline:
         daemon_id = scalar(sessions, select(DaemonInstance.id).where(DaemonInstance.pid == victim.pid))
         if daemon_id is not None:
             os.killpg(victim.pid, signal.SIGSTOP)
+            wait_until(
+                lambda: scalar(sessions, running_statements.bindparams(name=f"meddaemon[{victim.pid}]")) == 0,
+                10,
+                "the frozen victim's statements to finish at the server",
+                victim,
+            )
             with sessions() as session:
                 held = (InboxClaim.daemon_id == daemon_id, InboxClaim.done_at.is_(None))
                 paths = set(session.scalars(select(InboxClaim.path).where(*held)))
