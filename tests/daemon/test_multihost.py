@@ -110,6 +110,7 @@ def kill_while_holding_work(victim: RunningDaemon, sessions: sessionmaker[Sessio
         daemon_id = scalar(sessions, select(DaemonInstance.id).where(DaemonInstance.pid == victim.pid))
         if daemon_id is not None:
             os.killpg(victim.pid, signal.SIGSTOP)
+            time.sleep(0.2)  # a message already sent reaches its server process
             wait_until(
                 lambda: scalar(sessions, running_statements.bindparams(name=f"meddaemon[{victim.pid}]")) == 0,
                 10,
