@@ -12,6 +12,7 @@ import torch
 
 from meddaemon.engine import registry
 from meddaemon.engine.architectures import build_model
+from meddaemon.engine.heatmaps import compute_heatmaps
 from meddaemon.engine.inference import ServedModel, forward_lanes, pick_device
 from meddaemon.engine.tasks import BUILTIN_TASKS, InputContract
 from meddaemon.failures import FailureReason
@@ -78,6 +79,67 @@ def test_binary_calls_use_the_threshold_and_the_heatmap_is_always_the_positive_l
         [p] = model.predict(inputs(1))
         assert p.positive.tolist() == [not called, called]
         assert [label for label, _ in p.heatmaps] == [1]
+
+
+def head_inputs(model: ServedModel, x: np.ndarray) -> torch.Tensor:
+    """What the head's Linear layer reads for each image of ``x`` (its pooled features)."""
+    seen: list[torch.Tensor] = []
+    hook = model.model.cam_linear.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model.model(torch.from_numpy(x))
+    hook.remove()
+    return seen[0]
+
+
+def test_a_multi_frame_scan_is_mapped_for_the_class_called_on_its_frames_not_its_key_frame_s(tmp_path: Path):
+    """frame_policy = "all": the call is on the frames' mean. Frames a, b, a where b alone reads class 1
+    and the scan class 0: the report's map is the key frame's (b's) for class 0, not for class 1."""
+    model = served(tmp_path)
+    a, b = head_inputs(model, inputs(2))
+    apart = a - b
+    scale = 50 / apart.dot(apart)
+    with torch.no_grad():  # logit 0 - logit 1 is +50 for a, -50 for b
+        linear = model.model.cam_linear
+        linear.weight.zero_()
+        linear.bias.zero_()
+        linear.weight[0], linear.weight[1] = apart * scale, -apart * scale
+        linear.bias[0] = -apart.dot(a + b) / 2 * scale
+        linear.bias[1] = -linear.bias[0]
+    frames = inputs(2)[[0, 1, 0]]
+    rows = model.predict(frames)
+    probs = np.mean([p.probabilities for p in rows], axis=0)
+    assert [int(p.probabilities.argmax()) for p in rows] == [0, 1, 0] and int(probs.argmax()) == 0
+    assert [label for label, _ in rows[1].heatmaps] == [1]
+
+    maps = model.maps_of_the_call(rows, frames, probs)
+
+    assert [label for label, _ in maps] == [0]
+    expected = compute_heatmaps(model.model, torch.from_numpy(frames[1:2]), lambda _: [[0]]).maps[0][0][1]
+    np.testing.assert_allclose(maps[0][1], expected, atol=1e-6)
+
+
+def test_a_multi_frame_scan_is_mapped_for_each_label_called_on_its_frames_mean(tmp_path: Path):
+    """Multilabel: thresholds set between the key frame's probability and the mean's, so every label
+    the mean calls the key frame does not, and the other way round."""
+    frames = inputs(3)
+    rows = served(tmp_path / "probe", "chestxray14").predict(frames)
+    key, mean = rows[1].probabilities, np.mean([p.probabilities for p in rows], axis=0)
+    labels = BUILTIN_TASKS["chestxray14"].labels
+    thresholds = {label: float(key[i] + mean[i]) / 2 for i, label in enumerate(labels)}
+    model = served(tmp_path / "split", "chestxray14", thresholds=thresholds)
+    rows = model.predict(frames)
+    called = np.flatnonzero(model.calls(mean)).tolist()
+    assert called and called != [label for label, _ in rows[1].heatmaps]
+
+    maps = model.maps_of_the_call(rows, frames, mean)
+
+    assert [label for label, _ in maps] == called
+
+
+def test_a_single_frame_s_maps_are_its_own(tmp_path: Path):
+    model = served(tmp_path)
+    [row] = model.predict(inputs(1))
+    assert model.maps_of_the_call([row], inputs(1), row.probabilities) is row.heatmaps
 
 
 def test_a_nan_output_is_an_error_for_that_scan_not_a_result(tmp_path: Path):

@@ -478,11 +478,10 @@ class InferenceStage(Stage):
             probs = np.mean([p.probabilities for p in rows], axis=0)
             positive = model.calls(probs)
             key = item.size // 2  # heatmaps of the key frame when all frames were run
-            files = heatmap_files(
-                model, self.settings.heatmaps_dir, shas.get(item.scan_id), rows[key].heatmaps, inputs[key]
-            )
+            key_maps = model.maps_of_the_call(rows, inputs, probs)
+            files = heatmap_files(model, self.settings.heatmaps_dir, shas.get(item.scan_id), key_maps, inputs[key])
             if files:
-                maps = [heatmap for _, heatmap in rows[key].heatmaps]
+                maps = [heatmap for _, heatmap in key_maps]
                 view = self._view_path(model, shas[item.scan_id])
                 write = self.writer.submit(
                     write_heatmap_files, files, maps, inputs[key], model.contract, view, self.settings.reports

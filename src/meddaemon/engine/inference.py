@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 
 from meddaemon.engine.backend_cache import BackendCache, BackendChoice, BackendKey, GraphCache
 from meddaemon.engine.heatmaps import (
+    Chooser,
     cams_from_features,
     compute_heatmaps,
     labels_over,
@@ -169,7 +170,9 @@ class ServedModel:
         x = sample.numpy()
         self.speeds = {
             "eager": images_per_second(lambda: self._predict_chunk(x), batch),
-            "onnx": images_per_second(lambda: self._run_onnx(runner, x), batch, at_once=self._onnx_lanes),
+            "onnx": images_per_second(
+                lambda: self._run_onnx(runner, x, self._chooser()), batch, at_once=self._onnx_lanes
+            ),
         }
         self.measured = True
         if self.speeds["onnx"] > self.speeds["eager"]:
@@ -258,13 +261,34 @@ class ServedModel:
             start += size
         return out
 
-    def _predict_chunk(self, inputs: np.ndarray) -> list[Prediction]:
+    def maps_of_the_call(
+        self, frames: Sequence[Prediction], inputs: np.ndarray, probs: np.ndarray
+    ) -> list[tuple[int, np.ndarray]]:
+        """The key frame's maps for the classes called on ``probs``, the scan's probabilities (its
+        ``frames``' mean, ``inputs`` their model inputs). Each frame was mapped for its own call; where
+        the key frame's differs from the scan's (a middle frame reading malignant between two reading
+        benign), the report would show where the model looked for a class it did not call, so the key
+        frame is mapped again for the classes called."""
+        key = len(frames) // 2
+        maps = frames[key].heatmaps
+        if len(frames) == 1 or not self.heatmaps or self.kind == "binary":  # binary: always the positive class
+            return maps
+        called = np.flatnonzero(self.calls(probs)).tolist()
+        if [label for label, _ in maps] == called:
+            return maps
+        with self._lane:
+            return self._predict_chunk(inputs[key : key + 1], lambda logits: [called])[0].heatmaps
+
+    def _predict_chunk(self, inputs: np.ndarray, choose: Chooser | None = None) -> list[Prediction]:
+        """Predictions for one chunk, maps for the classes ``choose`` picks (by default the task's
+        chooser: the call of each image)."""
+        choose = choose or self._chooser()
         if self.onnx is not None:
-            return self._run_onnx(self.onnx, inputs)
+            return self._run_onnx(self.onnx, inputs, choose)
         x = self._to_device(inputs)
         with self._autocast():
             if self.heatmaps:
-                batch = compute_heatmaps(self.model, x, self._chooser())
+                batch = compute_heatmaps(self.model, x, choose)
                 logits, maps = batch.logits, batch.maps
             else:
                 with torch.inference_mode():
@@ -273,11 +297,11 @@ class ServedModel:
         probs = probabilities(logits.float(), self.kind).cpu().numpy()
         return [self._prediction(row, row_maps) for row, row_maps in zip(probs, maps, strict=True)]
 
-    def _run_onnx(self, runner: OnnxRunner, inputs: np.ndarray) -> list[Prediction]:
+    def _run_onnx(self, runner: OnnxRunner, inputs: np.ndarray, choose: Chooser) -> list[Prediction]:
         activation, logits = runner.run(inputs)
         if activation is not None and self.model.cam_linear is not None:
             size = (inputs.shape[2], inputs.shape[3])
-            batch = cams_from_features(activation, logits, self.model.cam_linear.weight, self._chooser(), size)
+            batch = cams_from_features(activation, logits, self.model.cam_linear.weight, choose, size)
             maps = batch.maps
         else:
             maps = [[] for _ in range(len(inputs))]

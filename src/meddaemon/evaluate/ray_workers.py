@@ -120,8 +120,9 @@ class ModelActor:
                 probs = np.mean([p.probabilities for p in rows_of], axis=0)
                 probabilities[i], positive[i] = probs, self.model.calls(probs)
                 key = size // 2  # the key frame's maps, as the local engine keeps them
-                if rows_of[key].heatmaps:
-                    maps[i] = _pack_maps(rows_of[key].heatmaps, inputs[i][key])
+                key_maps = self.model.maps_of_the_call(rows_of, inputs[i], probs)
+                if key_maps:
+                    maps[i] = _pack_maps(key_maps, inputs[i][key])
         out = {k: v for k, v in batch.items() if k != "inputs"}
         return out | {
             "reason": reasons, "message": messages, "probabilities": probabilities, "positive": positive, "maps": maps,

@@ -44,8 +44,10 @@ def outcomes_of(
         outcome = FileOutcome(read, probs.tolist(), model.calls(probs).tolist())
         key = size // 2
         write = None
-        if heatmaps_dir is not None and submit is not None and rows[key].heatmaps:
-            write = with_heatmaps(model, heatmaps_dir, submit, outcome, rows[key].heatmaps, read.inputs[key])
+        if heatmaps_dir is not None and submit is not None:
+            maps = model.maps_of_the_call(rows, read.inputs, probs)
+            if maps:
+                write = with_heatmaps(model, heatmaps_dir, submit, outcome, maps, read.inputs[key])
         read.inputs = None
         out.append((outcome, write))
     return out
