@@ -40,6 +40,7 @@ from pydicom.uid import (
 from pydicom.valuerep import VR
 
 from meddaemon import MANUFACTURER
+from meddaemon.engine.decode.scaling import finite_range, look_up, unit_range
 from meddaemon.engine.decode.types import DecodedScan, DecodeOptions, ScanMetadata
 from meddaemon.failures import FailureReason, ScanFailure
 
@@ -353,7 +354,7 @@ def _to_unit(
     if arr.ndim == (2 if samples == 1 else 3):
         arr = arr[np.newaxis]
     if decoded_photometric in _GREY:
-        return grey_to_unit(arr, ds, notes)
+        return grey_to_unit(arr, ds, little_endian, notes)
     if decoded_photometric == "PALETTE COLOR":
         return _palette_to_unit(arr, ds, little_endian)
     if decoded_photometric in _YBR:
@@ -361,21 +362,50 @@ def _to_unit(
         notes.append(f"{decoded_photometric} converted to RGB")
     if decoded_photometric in _YBR or decoded_photometric == "RGB":
         bits = int(decoded_as.get("bits_stored") or 8 * arr.dtype.itemsize)
-        return _scaled(arr, 0.0, float(2**bits - 1))
+        return unit_range(arr, 0.0, float(2**bits - 1))
     raise ScanFailure(
         FailureReason.UNSUPPORTED_PHOTOMETRIC,
         f"decoded pixel data is {decoded_photometric}, which cannot be shown as grey or RGB",
     )
 
 
-def grey_to_unit(arr: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
+def grey_to_unit(arr: np.ndarray, ds: Dataset, little_endian: bool, notes: list[str]) -> np.ndarray:
     """Modality LUT -> VOI LUT or first window (else min-max) -> [0, 1] -> MONOCHROME1 inversion."""
-    values = apply_modality_lut(arr, ds)
-    windowed, low, high = _apply_voi(values, ds, notes)
-    unit = _scaled(windowed, low, high)
+    values = _apply_modality(arr, ds, little_endian)
+    windowed, low, high = _apply_voi(values, ds, little_endian, notes)
+    unit = unit_range(windowed, low, high)
     if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
         np.subtract(1.0, unit, out=unit)
     return unit
+
+
+def _apply_modality(arr: np.ndarray, ds: Dataset, little_endian: bool) -> np.ndarray:
+    """The Modality LUT Sequence's table (looked up here: see ``scaling.look_up``), else pydicom's
+    rescale (slope and intercept), else the stored values."""
+    items = ds.get("ModalityLUTSequence")
+    if not items:
+        return apply_modality_lut(arr, ds)
+    try:
+        first, table = read_lut(items[0], little_endian)
+    except Exception as exc:
+        raise ScanFailure(
+            FailureReason.PIXEL_DECODE_ERROR, f"the Modality LUT is missing or invalid ({type(exc).__name__})"
+        ) from exc
+    return look_up(arr, first, table)
+
+
+def read_lut(item: Dataset, little_endian: bool) -> tuple[int, np.ndarray]:
+    """A Modality or VOI LUT item's first mapped value and its entries, int64. The standard allows
+    8 to 16 bits per entry and any number of entries (PS3.3 C.11.1.1.1, C.11.2.1.1)."""
+    entries, first = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
+    value = item["LUTData"].value
+    if isinstance(value, bytes | bytearray):  # OW: one entry per word, or 8-bit entries two to a word
+        table = _lut_entries(bytes(value), entries, little_endian)
+    else:  # US, read by pydicom in the file's byte order
+        table = np.atleast_1d(np.asarray(value, dtype=np.int64))
+    if len(table) < entries:
+        raise ValueError(f"a LUT of {entries} entries holds {len(table)}")
+    return first, table[:entries].astype(np.int64)
 
 
 def _has_voi_lut(ds: Dataset) -> bool:
@@ -388,21 +418,18 @@ def _has_window(ds: Dataset) -> bool:
     return ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, "")
 
 
-def _apply_voi(values: np.ndarray, ds: Dataset, notes: list[str]) -> tuple[np.ndarray, float, float]:
-    """Apply the first VOI transform; return it with the output range that maps to [0, 1].
-
-    The range is found by running pydicom's own transform over its extreme inputs (the whole LUT,
-    or -inf and +inf for a window), so it always agrees with how pydicom windowed the pixels.
+def _apply_voi(
+    values: np.ndarray, ds: Dataset, little_endian: bool, notes: list[str]
+) -> tuple[np.ndarray, float, float]:
+    """Apply the first VOI transform; return it with the output range that maps to [0, 1]: the
+    LUT's entries' range, or for a window pydicom's transform of -inf and +inf, so it always agrees
+    with how pydicom windowed the pixels. Without either, the finite values' own range.
     """
     try:
         if _has_voi_lut(ds):
-            if not np.issubdtype(values.dtype, np.integer):
-                values = np.rint(values).astype(np.int64)
-            descriptor = ds.VOILUTSequence[0].LUTDescriptor
-            first, entries = int(descriptor[1]), int(descriptor[0]) or 2**16
-            table = apply_voi_lut(np.arange(first, first + entries), ds, index=0)
+            first, table = read_lut(ds.VOILUTSequence[0], little_endian)
             notes.append("VOI LUT applied")
-            return apply_voi_lut(values, ds, index=0), float(table.min()), float(table.max())
+            return look_up(values, first, table), float(table.min()), float(table.max())
         if _has_window(ds):
             ends = apply_voi_lut(np.array([-np.inf, np.inf]), ds, index=0)
             windowed = apply_voi_lut(values, ds, index=0)
@@ -412,7 +439,7 @@ def _apply_voi(values: np.ndarray, ds: Dataset, notes: list[str]) -> tuple[np.nd
         notes.append(f"VOI transform unusable ({type(exc).__name__}): min-max used instead")
     else:
         notes.append("no VOI LUT or window: min-max used")
-    return values, float(np.min(values)), float(np.max(values))
+    return values, *finite_range(values)
 
 
 @dataclass(frozen=True)
@@ -429,8 +456,7 @@ class PaletteTables:
 
     def apply(self, indices: np.ndarray) -> np.ndarray:
         """Values below ``first`` take the first entry, values past the last entry the last one."""
-        rows = np.clip(indices.astype(np.int64) - self.first, 0, len(self.tables) - 1)
-        return self.tables[rows]
+        return look_up(indices, self.first, self.tables)
 
 
 def _palette_to_unit(arr: np.ndarray, ds: Dataset, little_endian: bool) -> np.ndarray:
@@ -441,7 +467,7 @@ def _palette_to_unit(arr: np.ndarray, ds: Dataset, little_endian: bool) -> np.nd
             FailureReason.PIXEL_DECODE_ERROR,
             f"the PALETTE COLOR lookup tables are missing or invalid ({type(exc).__name__})",
         ) from exc
-    return _scaled(palette.apply(arr), 0.0, palette.full_scale)
+    return unit_range(palette.apply(arr), 0.0, palette.full_scale)
 
 
 def read_palette(ds: Dataset, *, little_endian: bool) -> PaletteTables:
@@ -480,14 +506,6 @@ def _lut_entries(data: bytes, entries: int, little_endian: bool) -> np.ndarray:
     if len(packed) >= entries:
         return packed[:entries]
     raise ValueError(f"a LUT of {entries} entries holds {len(data)} bytes")
-
-
-def _scaled(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Map [low, high] linearly to [0, 1] (clipped), float32; a flat range gives zeros."""
-    if not np.isfinite(low) or not np.isfinite(high) or high == low:
-        return np.zeros(values.shape, dtype=np.float32)
-    unit = (values.astype(np.float32) - np.float32(low)) / np.float32(high - low)
-    return np.clip(unit, 0.0, 1.0, out=unit)
 
 
 def read_metadata(ds: Dataset) -> ScanMetadata:

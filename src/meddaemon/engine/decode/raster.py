@@ -14,6 +14,7 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from meddaemon.engine.decode.scaling import min_max
 from meddaemon.engine.decode.types import DecodedScan, DecodeOptions, ImageFormat, ScanMetadata
 from meddaemon.failures import FailureReason, ScanFailure
 
@@ -135,7 +136,7 @@ def _to_unit(image: Image.Image, notes: list[str]) -> tuple[np.ndarray, int]:
     if mode == "F":
         values = np.asarray(image, dtype=np.float32)
         notes.append("floating-point samples: min-max scaled")
-        return _min_max(values), 32
+        return min_max(values), 32
     if mode in ("1", "L"):
         return _full_scale(np.asarray(image.convert("L")), 255), _BITS[mode]
     if mode == "LA":
@@ -166,17 +167,8 @@ def _int32_to_unit(values: np.ndarray, notes: list[str]) -> tuple[np.ndarray, in
     if low >= 0 and high <= 65535:
         return _full_scale(values, 65535), 16
     notes.append("32-bit samples beyond 16 bits: min-max scaled")
-    return _min_max(values.astype(np.float64)), 32
+    return min_max(values.astype(np.float64)), 32
 
 
 def _full_scale(values: np.ndarray, top: int) -> np.ndarray:
     return values.astype(np.float32) / np.float32(top)
-
-
-def _min_max(values: np.ndarray) -> np.ndarray:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0 or finite.min() == finite.max():
-        return np.zeros(values.shape, dtype=np.float32)
-    low, high = float(finite.min()), float(finite.max())
-    unit = ((np.nan_to_num(values, nan=low) - low) / (high - low)).astype(np.float32)
-    return np.clip(unit, 0.0, 1.0, out=unit)
