@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine, text
 
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.engine.architectures import build_model
@@ -198,3 +201,46 @@ def test_import_offers_every_format_the_importers_read_and_no_other() -> None:
     command = medcli.commands["models"].commands["import"]  # type: ignore[attr-defined]
     [option] = [p for p in command.params if p.name == "fmt"]
     assert tuple(option.type.choices) == FORMATS
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # SQLite runs one writer at a time
+def test_two_promotions_at_once_each_name_the_version_they_demoted(tmp_path: Path, db_url: str, run):  # type: ignore[no-untyped-def]
+    """v1 active, v2 and v3 promoted at once: the one that goes second demotes the first's version,
+    and says so (both said "was v1", the rollback target an operator reads)."""
+    for version, seed in (("v1", 1), ("v2", 2), ("v3", 3)):
+        run("import", str(save(tmp_path / "src" / version, version, seed)))
+    run("promote", "busi", "v1")
+    where = ["--state-dir", str(tmp_path / "state"), "--db", db_url, "--json"]
+    medcli_path = str(Path(sys.executable).parent / "medcli")
+    holder = create_engine(db_url)
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    with holder.connect() as held:
+        held.execute(text("SELECT name FROM tasks WHERE name = 'busi' FOR UPDATE"))  # both promotions queue
+        promotions = [
+            subprocess.Popen(
+                [medcli_path, "models", "promote", "busi", version, *where], stdout=subprocess.PIPE, text=True
+            )
+            for version in ("v2", "v3")
+        ]
+        deadline = time.monotonic() + 120
+        while True:
+            with holder.connect() as probe:  # pg_stat_activity is a snapshot per transaction
+                if probe.execute(waiting).scalar() >= 2:
+                    break
+            ended = [p.communicate()[0] for p in promotions if p.poll() is not None]
+            assert not ended, f"a promotion ended while the task was held: {ended}"
+            assert time.monotonic() < deadline, "the two promotions never both waited for the task"
+            time.sleep(0.1)
+        held.rollback()
+    outputs = [json.loads(p.communicate(timeout=120)[0]) for p in promotions]
+    holder.dispose()
+
+    assert [p.returncode for p in promotions] == [0, 0]
+    by_version = {o["version"]: o["previous_active"] for o in outputs}
+    statuses = {r["version"]: r["status"] for r in as_json(run("list", "--json"))}
+    last = next(v for v, status in statuses.items() if status == "active")
+    first = "v2" if last == "v3" else "v3"
+    assert by_version == {first: "v1", last: first}

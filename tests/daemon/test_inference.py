@@ -4,6 +4,7 @@ the test trains nothing for but writes, imports and promotes through the real re
 from __future__ import annotations
 
 import io
+import json
 import logging
 import shutil
 import threading
@@ -26,6 +27,7 @@ from meddaemon.daemon.inference import write_heatmap_files
 from meddaemon.daemon.service import Daemon
 from meddaemon.db.models import Heatmap, Result, Scan
 from meddaemon.engine import registry
+from meddaemon.engine.architectures import build_model
 from meddaemon.engine.decode import decode_bytes
 from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.engine.inference import ServedModel
@@ -174,6 +176,49 @@ def test_a_model_damaged_after_promotion_is_refused_and_its_scans_wait(daemon: D
     with daemon.sessions() as session:
         assert {s.state for s in session.scalars(select(Scan))} == {"waiting_model"}
         assert session.scalar(select(Result.id).limit(1)) is None
+    assert "refusing model busi/v1: hash_mismatch" in caplog.text
+
+
+def test_a_registered_manifest_edited_by_hand_is_refused_and_its_scans_wait(daemon: Daemon, tmp_path: Path, caplog):
+    """The same weights, a threshold changed in the folder's manifest.json: the calls would follow the
+    folder and the stored thresholds the registration (a 0.51 called negative at 0.50)."""
+    promote(daemon, write_model(tmp_path / "model"))
+    manifest = daemon.settings.models_dir / "busi" / "v1" / "manifest.json"
+    edited = json.loads(manifest.read_text())
+    edited["thresholds"]["malignant"] = 0.9
+    manifest.write_text(json.dumps(edited))
+    drop_scans(daemon.settings.watch)
+
+    daemon.run(once=True)
+
+    with daemon.sessions() as session:
+        assert {s.state for s in session.scalars(select(Scan))} == {"waiting_model"}
+        assert session.scalar(select(Result.id).limit(1)) is None
+    assert "refusing model busi/v1: bad_manifest" in caplog.text and "thresholds differ" in caplog.text
+
+
+def test_another_version_s_folder_swapped_in_is_refused_not_served_under_the_registered_hash(
+    daemon: Daemon, tmp_path: Path, caplog
+):
+    """Weights and manifest of another model copied over the registered folder: each agrees with the
+    other, but not with the database's row."""
+    promote(daemon, write_model(tmp_path / "model"))
+    torch.manual_seed(7)
+    other = build_model("small_cnn", 1, 3)
+    registry.save_version(
+        other, task="busi", version="v1", labels=["benign", "malignant", "normal"], kind="multiclass",
+        architecture="small_cnn", input_contract=CONTRACT, out_dir=tmp_path / "other",
+        training_data_fingerprint="synthetic",
+    )  # fmt: skip
+    served_folder = daemon.settings.models_dir / "busi" / "v1"
+    for name in ("model.safetensors", "manifest.json"):
+        shutil.copyfile(tmp_path / "other" / name, served_folder / name)
+    drop_scans(daemon.settings.watch)
+
+    daemon.run(once=True)
+
+    with daemon.sessions() as session:
+        assert {s.state for s in session.scalars(select(Scan))} == {"waiting_model"}
     assert "refusing model busi/v1: hash_mismatch" in caplog.text
 
 

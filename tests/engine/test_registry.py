@@ -513,6 +513,24 @@ def test_promote_reverifies_the_registered_copy(factory, tmp_path: Path):  # typ
         assert active_versions(session) == {}
 
 
+def test_promote_refuses_a_registered_manifest_edited_since(factory, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Its weights untouched, a threshold edited: `medcli models promote` said it was active, and the
+    daemon called at the folder's threshold what the database stores at the registered one."""
+    root = tmp_path / "registry"
+    save_small(tmp_path / "src")
+    with transaction(factory) as session:
+        import_version(session, tmp_path / "src", root)
+    manifest = root / "busi" / "v1" / "manifest.json"
+    edited = json.loads(manifest.read_text())
+    edited["thresholds"]["malignant"] = 0.9
+    manifest.write_text(json.dumps(edited))
+    with pytest.raises(ModelRefused) as info, transaction(factory) as session:
+        promote(session, "busi", "v1")
+    assert info.value.reason == "bad_manifest" and "(thresholds differ)" in info.value.message
+    with factory() as session:
+        assert active_versions(session) == {}
+
+
 def test_import_checks_the_task(factory, tmp_path: Path):  # type: ignore[no-untyped-def]
     save_small(tmp_path / "wrong", labels=["normal", "benign", "malignant"])
     with pytest.raises(ModelRefused) as info, transaction(factory) as session:

@@ -313,6 +313,7 @@ def promote_cmd(config_file: Path | None, task: str, version: str, as_json: bool
     registry = _registry()
 
     def work(session: Session) -> dict[str, Any]:
+        registry.lock_task(session, task)  # the version active now is the one this promotion demotes
         before = registry.active_versions(session).get(task)
         previous = before.version if before is not None and before.version != version else None
         promoted = registry.promote(session, task, version, state_dir=settings.state_dir)

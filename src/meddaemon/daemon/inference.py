@@ -250,7 +250,9 @@ class InferenceStage(Stage):
                 continue
             self._engine()
             folder = self.settings.stored_file(row.path)
-            self.loader.request(model_loader.LoadRequest(task, row.version, row.id, folder))
+            self.loader.request(
+                model_loader.LoadRequest(task, row.version, row.id, folder, row.sha256, dict(row.manifest or {}))
+            )
         self.adopt_loaded()
 
     def _tasks_without_work(self, session: Session) -> set[str]:

@@ -40,6 +40,9 @@ class LoadRequest:
     version: str
     version_id: int
     path: Path
+    #: what the database registered (the row's hash and manifest): the folder must still hold it
+    sha256: str | None = None
+    manifest: dict | None = None
 
     @property
     def name(self) -> str:
@@ -66,9 +69,18 @@ def load_and_time(
 ) -> ServedModel:
     """Verify the version, place it on ``device`` and choose its backend (``engine.serving``);
     ``lanes``: batches it may run at once (``engine.inference.forward_lanes``)."""
+    from meddaemon.engine.registry import Registered
     from meddaemon.engine.serving import serve_version
 
-    return serve_version(request.path, request.version_id, device, heatmaps=heatmaps, batch=batch, lanes=lanes)
+    return serve_version(
+        request.path,
+        request.version_id,
+        device,
+        heatmaps=heatmaps,
+        batch=batch,
+        lanes=lanes,
+        registered=Registered(request.sha256, request.manifest or {}) if request.sha256 else None,
+    )
 
 
 class ModelLoader:

@@ -830,12 +830,56 @@ def _copy_into_registry(source: Path, target: Path, manifest: Manifest) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Registered:
+    """What the database registered for a version: its folder must still hold exactly that."""
+
+    sha256: str
+    #: the manifest as imported (``ModelVersion.manifest``); empty in rows older than it
+    manifest: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, row: ModelVersion) -> Registered:
+        return cls(row.sha256, dict(row.manifest or {}))
+
+
+def check_registered(manifest: Manifest, folder: Path, registered: Registered) -> None:
+    """Refuse a version folder that no longer holds what was registered: other weights
+    (``hash_mismatch``), or a manifest edited since (``bad_manifest``). The daemon calls with the
+    folder's thresholds, and results store the registered ones: a threshold edited by hand gave
+    rows and reports calling 0.51 negative at a threshold of 0.50."""
+    name = f"{registered.manifest.get('task', manifest.task)}/{registered.manifest.get('version', manifest.version)}"
+    if manifest.sha256 != registered.sha256:
+        raise ModelRefused(
+            "hash_mismatch",
+            f"{folder / MANIFEST_FILE} now describes sha256 {manifest.sha256}, but {name} was registered with "
+            f"{registered.sha256}",
+        )
+    try:
+        then = Manifest.from_dict(registered.manifest)
+    except ManifestError:
+        return  # no manifest kept in the row: its hash is all there is to check
+    if then != manifest:
+        now, before = manifest.to_dict(), then.to_dict()
+        changed = sorted(key for key in now if now[key] != before.get(key))
+        raise ModelRefused(
+            "bad_manifest",
+            f"{folder / MANIFEST_FILE} was edited since {name} was registered ({', '.join(changed)} differ): "
+            "restore it, or import the changed model as a new version",
+        )
+
+
 def model_folder(row: ModelVersion, state_dir: Path | None) -> Path:
     """The registered copy's folder: a path stored relative to the state directory is under
     ``state_dir`` (a row registered without one is absolute)."""
     if state_dir is None and not Path(row.path).is_absolute():
         raise ValueError(f"{row.task_name}/{row.version} is stored under the state directory: give state_dir")
     return stored_file(row.path, state_dir) if state_dir is not None else Path(row.path)
+
+
+def lock_task(session: Session, task: str) -> None:
+    """Hold ``task``'s row until the transaction ends: promotions of its versions wait for it."""
+    session.get(Task, task, with_for_update=True)
 
 
 def promote(
@@ -857,14 +901,9 @@ def promote(
     if verify:
         folder = model_folder(row, state_dir)
         loaded = load_version(folder)
-        if loaded.manifest.sha256 != row.sha256:
-            raise ModelRefused(
-                "hash_mismatch",
-                f"{folder / MANIFEST_FILE} now describes sha256 {loaded.manifest.sha256}, "
-                f"but {task}/{version} was registered with {row.sha256}",
-            )
+        check_registered(loaded.manifest, folder, Registered.of(row))
         del loaded
-    session.get(Task, task, with_for_update=True)
+    lock_task(session, task)
     row = get_version(session, task, version, for_update=True)
     if row.status == "retired":
         raise RegistryError("retired", f"{task}/{version} was retired meanwhile and cannot be promoted")

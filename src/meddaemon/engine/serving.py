@@ -29,6 +29,8 @@ from meddaemon.engine.registry import (
     WEIGHTS_FILE,
     LoadedModel,
     ModelRefused,
+    Registered,
+    check_registered,
     check_self_test,
     load_version,
     read_manifest,
@@ -47,18 +49,25 @@ def serve_version(
     batch: int,
     lanes: int = 1,
     choose: bool = True,
+    registered: Registered | None = None,
 ) -> ServedModel:
     """Version ``folder`` ready for batches on ``device``, its backend chosen for ``batch`` (cached in
     the folder); ``lanes``: batches it may run at once (``inference.forward_lanes``). With
     ``choose=False`` a version loaded in full is returned before its backend is chosen
     (``ServedModel.chosen`` is False: the caller calls ``choose_backend`` when it has work for it).
-    A version that fails its verification raises :class:`ModelRefused`."""
+    A version that fails its verification raises :class:`ModelRefused`, as does, with ``registered``
+    (the database's row), a folder that no longer holds what was registered."""
     folder = Path(folder)
     cache = BackendCache(folder)
-    model = serve_kept_graph(folder, version_id, device, heatmaps=heatmaps, batch=batch, lanes=lanes, cache=cache)
+    model = serve_kept_graph(
+        folder, version_id, device, heatmaps=heatmaps, batch=batch, lanes=lanes, cache=cache, registered=registered
+    )
     if model is not None:
         return model
-    model = ServedModel(version_id, load_version(folder, device="cpu"), device, heatmaps=heatmaps, lanes=lanes)
+    loaded = load_version(folder, device="cpu")
+    if registered is not None:
+        check_registered(loaded.manifest, folder, registered)
+    model = ServedModel(version_id, loaded, device, heatmaps=heatmaps, lanes=lanes)
     if choose:
         model.choose_backend(batch, cache)
     return model
@@ -73,6 +82,7 @@ def serve_kept_graph(
     batch: int,
     lanes: int,
     cache: BackendCache,
+    registered: Registered | None = None,
 ) -> ServedModel | None:
     """The version served from the ONNX graph an earlier start chose and kept, or None when there is
     none to serve (the full load is then needed)."""
@@ -82,6 +92,8 @@ def serve_kept_graph(
         manifest = read_manifest(folder)
     except ModelRefused:
         return None  # the full load refuses it, saying why
+    if registered is not None:
+        check_registered(manifest, folder, registered)
     if manifest.architecture == ONNX_ARCHITECTURE or manifest.backend != "auto":
         return None
     activation = heatmaps and manifest.heatmaps

@@ -184,7 +184,7 @@ def check_request(request: EvaluationRequest) -> None:
 def _serve(settings: Settings, request: EvaluationRequest, version: ModelVersion) -> ServedModel:
     """The version verified, served from the graph an earlier run kept when there is one; otherwise its
     network, the backend chosen when the first batch is scored (``_Batcher``: a rerun scores none)."""
-    from meddaemon.engine.registry import ModelRefused
+    from meddaemon.engine.registry import ModelRefused, Registered
     from meddaemon.engine.serving import serve_version
 
     limit_threads(settings.inference_threads)
@@ -196,7 +196,14 @@ def _serve(settings: Settings, request: EvaluationRequest, version: ModelVersion
     batch = min(request.batch_size, BACKEND_PROBE_BATCH)
     try:
         return serve_version(
-            folder, version.id, device, heatmaps=request.heatmaps, batch=batch, lanes=lanes, choose=False
+            folder,
+            version.id,
+            device,
+            heatmaps=request.heatmaps,
+            batch=batch,
+            lanes=lanes,
+            choose=False,
+            registered=Registered.of(version),
         )
     except ModelRefused as refusal:
         raise EvaluationStopped(

@@ -159,6 +159,8 @@ def _run(
         fn_constructor_kwargs={
             "folder": str(prepared.model_folder),
             "version_id": prepared.version.id,
+            "sha256": prepared.version.sha256,
+            "manifest": dict(prepared.version.manifest or {}),
             "device": "cuda" if plan.gpu else "cpu",
             "threads": plan.threads,
             "batch": request.batch_size,

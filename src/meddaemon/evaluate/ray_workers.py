@@ -63,6 +63,8 @@ class ModelActor:
         folder: str,
         version_id: int,
         device: str,
+        sha256: str | None = None,
+        manifest: dict | None = None,
         threads: int = 0,
         batch: int = 64,
         heatmaps: bool = False,
@@ -72,7 +74,7 @@ class ModelActor:
 
         from meddaemon.engine.backend_cache import BACKEND_PROBE_BATCH
         from meddaemon.engine.inference import forward_lanes
-        from meddaemon.engine.registry import ModelRefused
+        from meddaemon.engine.registry import ModelRefused, Registered
         from meddaemon.engine.serving import serve_version
 
         if threads > 0:
@@ -87,6 +89,7 @@ class ModelActor:
                 heatmaps=heatmaps,
                 batch=min(batch, BACKEND_PROBE_BATCH),
                 lanes=lanes,
+                registered=Registered(sha256, manifest or {}) if sha256 else None,
             )
         except ModelRefused as refusal:
             raise RuntimeError(

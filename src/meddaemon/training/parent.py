@@ -20,7 +20,14 @@ from sqlalchemy.orm import Session
 from torch import Tensor
 
 from meddaemon.db.models import ModelVersion
-from meddaemon.engine.registry import ONNX_ARCHITECTURE, ModelRefused, RegistryError, load_version, model_folder
+from meddaemon.engine.registry import (
+    ONNX_ARCHITECTURE,
+    Registered,
+    RegistryError,
+    check_registered,
+    load_version,
+    model_folder,
+)
 from meddaemon.engine.tasks import InputContract, TaskSpec
 from meddaemon.training.train import TrainConfig
 
@@ -108,12 +115,7 @@ def resolve_parent(
     folder = model_folder(row, state_dir)
     loaded = load_version(folder)
     manifest = loaded.manifest
-    if manifest.sha256 != row.sha256:
-        raise ModelRefused(
-            "hash_mismatch",
-            f"{folder} now describes sha256 {manifest.sha256}, but {spec.name}/{version} was registered with "
-            f"{row.sha256}",
-        )
+    check_registered(manifest, folder, Registered.of(row))
     contract = manifest.contract
     if image_size is not None and (image_size, image_size) != (contract.height, contract.width):
         raise ParentRefused(
