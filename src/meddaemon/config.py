@@ -273,10 +273,12 @@ class Settings:
                 value = sorted(value)
             elif f.name == "web_users":  # never the password hashes
                 value = {name: {"role": user.get("role", "")} for name, user in value.items()}
+            elif f.name == "db" and "://" in value:  # never the password (operators paste this into tickets)
+                value = _without_password(value)
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
-        out["db_url"] = self.db_url
+        out["db_url"] = _without_password(self.db_url)
         out["routing_rules"] = [_route_as_dict(r) for r in self.routing_rules]
         return out
 
@@ -606,6 +608,12 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
         timeout_seconds=_parse_float(data.get("timeout_seconds", 30.0)),
         keep_open_seconds=_parse_float(data.get("keep_open_seconds", 5.0)),
     )
+
+
+def _without_password(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _route_as_dict(rule: RouteRule) -> dict[str, Any]:

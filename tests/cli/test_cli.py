@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from dicom_factory import write_png
 from sqlalchemy import text
@@ -44,6 +45,17 @@ def test_config_show_says_where_each_value_comes_from(runner: CliRunner, tmp_pat
     assert data["settings"]["workers"] == 3 and data["sources"]["workers"] == "env MEDDAEMON_WORKERS"
     assert data["sources"]["state_dir"] == "flag"
     assert data["settings"]["db_url"].endswith("meddaemon.db")
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "text"])
+def test_config_show_never_prints_the_database_password(runner: CliRunner, tmp_path: Path, as_json: bool):
+    """deploy/README.md keeps it in a file of mode 0600; `config show` is what operators paste into tickets."""
+    url = "postgresql+psycopg://meddaemon:SYNTHETIC-S3CRET@db.example/meddaemon"
+    args = ["config", "show", "--state-dir", str(tmp_path), *(["--json"] if as_json else [])]
+    result = runner.invoke(meddaemon, args, env={"MEDDAEMON_DB": url})
+    assert result.exit_code == 0, result.output
+    assert "SYNTHETIC-S3CRET" not in result.output
+    assert "postgresql+psycopg://meddaemon:***@db.example/meddaemon" in result.output
 
 
 def test_config_default_prints_a_file_that_loads(runner: CliRunner, tmp_path: Path):

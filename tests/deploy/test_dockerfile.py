@@ -81,6 +81,15 @@ def test_the_package_is_installed_from_the_copied_sources_with_postgresql_suppor
     assert any(kw == "RUN" and 'pip install ".[postgres]"' in args for kw, args in instructions())
 
 
+def test_every_file_the_package_declares_is_copied_into_the_build():
+    """pyproject's readme and license-files: without LICENSE the image carried no licence text
+    (Apache-2.0 section 4(a)) and setuptools warns that such builds will stop working."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {project["readme"], *project["license-files"]}
+    copied = {source for kw, args in instructions() if kw == "COPY" for source in shlex.split(args)[:-1]}
+    assert declared <= copied, f"declared by pyproject.toml, not copied: {sorted(declared - copied)}"
+
+
 def test_it_runs_as_a_non_root_user():
     user = only("USER")
     assert user not in ("root", "0")

@@ -56,6 +56,15 @@ def test_the_daemon_runs_unprivileged_on_a_read_only_system_with_writable_inbox_
     assert set(unit["RequiresMountsFor"].split()) == {"/srv/meddaemon/inbox", "/var/lib/meddaemon"}
 
 
+def test_the_daemon_unit_leaves_the_gpus_open_to_cuda():
+    """No directive that sets a device policy: PrivateDevices= hides /dev/nvidia*, and before systemd
+    252 ProtectClock= implied DeviceAllow=char-rtc, which closed every other device."""
+    service = read_unit("meddaemon.service")["Service"]
+    closing = {"PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectClock"}
+    assert closing.isdisjoint(service), sorted(closing & set(service))
+    assert service["SystemCallFilter"] == "~@clock"
+
+
 def test_exec_start_is_meddaemon_start_with_the_config_file(real_command):
     argv = shlex.split(read_unit("meddaemon.service")["Service"]["ExecStart"])
     assert argv[1:] == ["start", "--config", "/etc/meddaemon/meddaemon.toml"]
