@@ -403,3 +403,21 @@ def test_ctrl_c_landing_in_a_finaliser_still_stops_the_run_as_interrupted(world,
         [row] = session.scalars(select(Evaluation)).all()
         assert row.state == "interrupted" and row.scored < 24
     engine.dispose()
+
+
+def test_a_run_ended_by_a_signal_exiting_python_is_interrupted_not_completed(world, busi_phantoms: Path) -> None:
+    """Ray's driver turns SIGTERM (a scheduler's stop, `timeout`) into SystemExit: the run was
+    recorded completed with the files it had not scored missing, and audited as a whole cohort."""
+    engine = world.engine()
+    request = EvaluationRequest(path=busi_phantoms, task="busi", workers=0, batch_size=4)
+
+    def progress(p: Progress) -> None:
+        raise SystemExit(15)
+
+    with patch("meddaemon.evaluate.pipeline.FLUSH_SECONDS", 0.0), pytest.raises(SystemExit):
+        run_evaluation(engine, world.settings, request, progress)
+    with session_factory(engine)() as session:
+        [row] = session.scalars(select(Evaluation)).all()
+        assert row.state == "interrupted" and row.scored < 24
+        assert "run the same command again to resume" in row.message
+    engine.dispose()

@@ -237,6 +237,30 @@ def test_without_ray_installed_the_ray_engine_is_refused_before_a_run_starts(mon
     check_request(EvaluationRequest(Path("cohort"), "busi", engine="local"))
 
 
+@pytest.mark.parametrize("address", ["127.0.0.1:{closed}", "ray://127.0.0.1:{closed}", "headless", "host:port"])
+def test_a_ray_address_nothing_answers_at_is_refused_before_a_run_starts(address: str) -> None:
+    """ray.init retried it for ever (killed after 200 s with only Ray's own warnings printed)."""
+    from meddaemon.evaluate.pipeline import check_request
+    from meddaemon.evaluate.store import EvaluationError
+
+    address = address.format(closed=free_port())
+    started = time.monotonic()
+    with pytest.raises(EvaluationError, match=r"--ray-address .*(nothing answers there|not HOST:PORT)"):
+        check_request(EvaluationRequest(Path("cohort"), "busi", engine="ray", ray_address=address))
+    assert time.monotonic() - started < 10
+
+
+def test_a_ray_address_something_answers_at_passes_the_check() -> None:
+    import socket
+
+    from meddaemon.evaluate.pipeline import check_request
+
+    with socket.create_server(("127.0.0.1", 0)) as head:
+        port = head.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}", "auto"):
+            check_request(EvaluationRequest(Path("cohort"), "busi", engine="ray", ray_address=address))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_worker_node_lost_mid_run_still_scores_every_file_exactly_once(

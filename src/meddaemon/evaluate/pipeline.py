@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -161,6 +162,26 @@ def run_evaluation(
 MAX_NAME = 255
 
 
+#: how long the head at ``--ray-address`` may take to accept a connection before the run is refused
+RAY_CONNECT_SECONDS = 5.0
+
+
+def ray_address_unreachable(address: str) -> str | None:
+    """Why nothing answers at the Ray head ``address`` names, or None. ``ray.init`` retries an
+    address nothing answers at for ever (a wrong port, a typo), printing only its own warnings;
+    'auto' and 'local' are Ray's own to resolve."""
+    if address in ("auto", "local"):
+        return None
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        return "not HOST:PORT (or ray://HOST:PORT, 'auto', 'local')"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_SECONDS):
+            return None
+    except OSError as exc:
+        return f"nothing answers there ({exc.strerror or type(exc).__name__})"
+
+
 def check_request(request: EvaluationRequest) -> None:
     """Refuse, before anything starts, what this request asks and no engine here can do."""
     if request.name is not None and len(request.name) > MAX_NAME:  # PostgreSQL refused it with a traceback
@@ -172,6 +193,12 @@ def check_request(request: EvaluationRequest) -> None:
             import ray  # noqa: F401
         except ImportError:
             raise store.EvaluationError("the Ray engine needs Ray: pip install 'meddaemon[ray]'") from None
+        why = ray_address_unreachable(request.ray_address) if request.ray_address else None
+        if why is not None:
+            raise store.EvaluationError(
+                f"--ray-address {request.ray_address}: {why}; start the cluster (ray start --head) or give its "
+                "head's address"
+            )
     if request.engine == "local" and request.device.startswith("cuda"):
         import torch
 
@@ -228,7 +255,8 @@ def _run(
         evaluation_id, name, len(cohort.files), cohort.root, prepared.model.name,
     )  # fmt: skip
     writer = Writer(sessions, prepared, progress)
-    state, message = store.COMPLETED, None
+    state: str = store.INTERRUPTED
+    message: str | None = None
     outcomes: Iterator[tuple[FileOutcome, Future | None]] | None = None
     try:
         with ctrl_c_noted() as interrupted:
@@ -243,6 +271,7 @@ def _run(
                     raise KeyboardInterrupt
                 writer.add(outcome, write)
             writer.flush(final=True)
+        state = store.COMPLETED
     except KeyboardInterrupt:
         state, message = store.INTERRUPTED, "stopped by Ctrl-C; run the same command again to resume"
         writer.flush(final=True, check=False)
@@ -253,6 +282,10 @@ def _run(
         raise
     except Exception as exc:
         state, message = store.STOPPED, f"{type(exc).__name__}: {exc}"
+        raise
+    except BaseException:  # SystemExit: Ray's driver turns SIGTERM into one (the run was recorded completed)
+        state, message = store.INTERRUPTED, "stopped by a signal; run the same command again to resume"
+        writer.flush(final=True, check=False)
         raise
     finally:
         if outcomes is not None:
