@@ -1,6 +1,7 @@
 """Processes of this host: whether one is still running (the one test behind the lease, a daemon
 killed on this node is released at once, and the sweep of temporaries, what a killed writer left),
-and the forkserver that the package's process pools start from."""
+the forkserver that the package's process pools start from, and the signals their children leave
+to their parent."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import functools
 import multiprocessing
 import multiprocessing.context
 import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +17,14 @@ from pathlib import Path
 #: start times are whole-second exact at best (the boot time ``/proc/stat`` gives), and a file's
 #: time on a shared folder comes from its server's clock, which may be behind this host's
 START_SLACK_SECONDS = 30.0
+
+
+def leave_stopping_to_the_parent(*, sigterm: bool = False) -> None:
+    """In a child process: ignore what a terminal sends the whole process group (Ctrl-C, a hang-up),
+    and with ``sigterm`` SIGTERM too, so that a child is never cut off half-way through its work:
+    the parent, asked to stop, stops its children itself, in order."""
+    for signum in (signal.SIGINT, signal.SIGHUP, *((signal.SIGTERM,) if sigterm else ())):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def process_alive(pid: int, since: float | None = None) -> bool:

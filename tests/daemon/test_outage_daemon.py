@@ -170,6 +170,23 @@ def test_an_outage_longer_than_db_outage_seconds_ends_the_daemon_with_exit_3_and
     assert "Traceback" not in daemon.log_text()
 
 
+def test_a_stop_asked_for_during_an_outage_is_a_stop_exit_0_not_a_database_failure(
+    layout: Layout, daemons: Daemons, shared_db: sessionmaker[Session], proxy: PgProxy, postgres_url: str
+):
+    """SIGTERM 5 s into a cut well under db_outage_seconds: it exited 3 (the code of an outage past
+    the limit), and systemd marked the unit failed on a plain `systemctl stop`."""
+    daemon = start(daemons, proxy.url(postgres_url), workers=0, MEDDAEMON_DB_OUTAGE_SECONDS="120")
+    daemon.wait_ready(60)
+    proxy.cut()
+    wait_until(lambda: "database unreachable" in daemon.log_text(), 30, "the outage noticed", daemon)
+    daemon.signal(signal.SIGTERM)
+    asked = time.monotonic()
+    assert daemon.wait(60) == 0
+    assert time.monotonic() - asked < 30
+    assert "stopping as asked while the database was unreachable" in daemon.log_text()
+    assert "Traceback" not in daemon.log_text()
+
+
 def test_a_daemon_claims_no_more_inbox_files_than_its_workers_can_start_on(
     layout: Layout, daemons: Daemons, shared_db: sessionmaker[Session], postgres_url: str
 ):

@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import sqlite3
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -361,13 +363,55 @@ def test_a_database_locked_by_another_process_for_10_s_delays_but_loses_nothing(
     assert len(layout.stored_files()) == 40
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_waiting_for_a_lock_held_elsewhere_the_daemon_keeps_systemd_s_watchdog_fed_and_stops_when_asked(
+    layout: Layout, daemons: Daemons, tmp_path: Path
+):
+    """Another process holds the SQLite write lock for 60 s. Under WatchdogSec the daemon went quiet
+    (no WATCHDOG=1 for as long as the lock, so systemd killed it), and SIGTERM waited for the lock.
+    Now it keeps pinging, SIGTERM ends it in seconds with exit 0, and its files wait in the inbox."""
+    folder = tmp_path if len(str(tmp_path)) < 90 else Path(tempfile.mkdtemp(prefix="sd"))
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(folder / "notify.sock"))
+    systemd.settimeout(0.2)
+    watchdog = {"NOTIFY_SOCKET": str(folder / "notify.sock"), "WATCHDOG_USEC": "2000000"}
+    daemon = daemons.start(stable=0.3, rescan=1.0, env={"MEDDAEMON_BUSY_TIMEOUT": "1", **watchdog})
+    daemon.wait_ready()
+    locker = daemons.helper("-c", SQLITE_LOCKER, str(layout.db), "60")
+    assert locker.stdout is not None and locker.stdout.readline().strip() == b"locked"
+    made = tmp_path / "made"
+    payloads = [synthetic_png(made, i) for i in range(4)]
+    for i, data in enumerate(payloads):
+        drop(layout.inbox / TASK, f"synthetic_{i:04d}.png", data, rename=True)
+    wait_until(lambda: "database is locked by another process" in daemon.log_text(), 30, "the lock met", daemon)
+
+    pings: list[float] = []
+    watched_until = time.monotonic() + 6.0
+    while time.monotonic() < watched_until:
+        try:
+            if b"WATCHDOG=1" in systemd.recv(4096):
+                pings.append(time.monotonic())
+        except TimeoutError:
+            pass
+    systemd.close()
+    assert len(pings) >= 3, f"{len(pings)} watchdog pings in 6 s of waiting for the lock (WatchdogSec 2 s)"
+    daemon.signal(signal.SIGTERM)
+    asked = time.monotonic()
+    assert daemon.wait(20) == 0, daemon.tail()
+    assert time.monotonic() - asked < 15 and locker.poll() is None, "stopped while the lock was still held"
+    assert "stopping as asked while the database was locked by another process" in daemon.log_text()
+    assert len(layout.inbox_files()) == 4, "the files not recorded wait in the inbox"
+    locker.kill()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_sigterm_mid_stream_exits_0_with_nothing_half_done(
     layout: Layout, daemons: Daemons, tmp_path: Path, signum: int
 ):
     """Stopped while it works through 400 files, the daemon finishes the batch in hand and exits 0:
     no committed move left unfinished, no worker process left behind, every file either still in
-    the inbox or put away; a ``--once`` run then registers the rest."""
+    the inbox or put away; a ``--once`` run then registers the rest. SIGHUP goes to the whole
+    process group, as a closed terminal sends it: it killed the daemon at once (exit 129, its row
+    left running) and left its decoding workers behind."""
     made = tmp_path / "made"
     payloads = [synthetic_png(made, i) for i in range(400)]
     for i, data in enumerate(payloads):
@@ -376,7 +420,10 @@ def test_sigterm_mid_stream_exits_0_with_nothing_half_done(
     daemon = daemons.start(workers=2, stable=0.2, batch_size=16)
     wait_until(lambda: count(layout.db, "scans") >= 16, 60, "the first batches", daemon, every=0.05)
     workers = psutil.Process(daemon.pid).children(recursive=True)
-    daemon.signal(signum)
+    if signum == signal.SIGHUP:
+        os.killpg(daemon.pid, signum)
+    else:
+        daemon.signal(signum)
     assert daemon.wait(30) == 0
     _gone, alive = psutil.wait_procs(workers, timeout=10)
     assert alive == [], "the decoding workers stop with the daemon"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from meddaemon.engine.decode.types import DecodedScan, ScanMetadata
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import FailureReason, ScanFailure
 from meddaemon.files import read_whole
+from meddaemon.processes import leave_stopping_to_the_parent
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def init_worker() -> None:
     One torch thread per worker: the workers share the cores with the forward pass, and two OpenMP
     threads in a busy worker wait for each other (preprocessing went from 0.5 to 31 ms a scan).
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    leave_stopping_to_the_parent()
     quiet_pydicom()
     import torch
 

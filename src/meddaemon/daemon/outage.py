@@ -42,6 +42,12 @@ class DatabaseUnavailable(RuntimeError):
     """The database stayed unreachable longer than the daemon may wait (``db_outage_seconds``)."""
 
 
+class StoppedWhileWaiting(RuntimeError):
+    """A stop was asked for while the daemon waited for the database (away, or locked by another
+    process): the work in hand was never committed, so nothing of it happened; its files stay where
+    they are and are taken again at the next start."""
+
+
 def is_outage(exc: BaseException) -> bool:
     """The database could not be reached, or dropped the connection: an error a retry may cure.
 

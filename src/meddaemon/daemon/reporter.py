@@ -51,6 +51,7 @@ from meddaemon.db.engine import create_db_engine, session_factory, transaction, 
 from meddaemon.db.models import Report, Scan
 from meddaemon.dicom.completeness import studies_still_arriving
 from meddaemon.files import remove_stale_temporaries
+from meddaemon.processes import leave_stopping_to_the_parent
 from meddaemon.states import ScanState
 
 if TYPE_CHECKING:
@@ -353,7 +354,7 @@ def drain(
 
 
 def _drain_main(settings: Settings, daemon_id: int | None, share: tuple[int, int]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon stops its report processes itself
+    leave_stopping_to_the_parent()  # the daemon stops its report processes itself
     from meddaemon.cli.common import setup_logging
 
     setup_logging(settings.log_level)
@@ -442,8 +443,7 @@ class ReportStage(ChildProcessStage):
 def _process_main(settings: Settings, stop: EventType, daemon_id: int | None) -> None:
     # the daemon stops this process through ``stop``: a Ctrl-C or SIGTERM sent to the whole
     # process group must not interrupt a report half-way
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    leave_stopping_to_the_parent(sigterm=True)
     from meddaemon.cli.common import setup_logging
 
     setup_logging(settings.log_level)

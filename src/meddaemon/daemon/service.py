@@ -35,7 +35,7 @@ from meddaemon.daemon.inference import InferenceStage
 from meddaemon.daemon.intake import IntakeContext
 from meddaemon.daemon.intake_stage import IntakeStage, RescanTrigger, RunStats, log_outcome
 from meddaemon.daemon.metrics import DaemonMetrics, MetricsStage
-from meddaemon.daemon.outage import OutageGuard
+from meddaemon.daemon.outage import OutageGuard, StoppedWhileWaiting, is_outage
 from meddaemon.daemon.outbox_stage import OutboxStage
 from meddaemon.daemon.receiver_stage import ReceiverStage
 from meddaemon.daemon.reporter import ReportStage
@@ -45,7 +45,7 @@ from meddaemon.daemon.stability import StableFile
 from meddaemon.daemon.stages import ChildProcess, Stage, log_lock_wait
 from meddaemon.daemon.watcher import WatcherStage
 from meddaemon.daemon.workers import DecodingPool
-from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
+from meddaemon.db.engine import create_db_engine, is_lock_error, session_factory, transaction, with_lock_retry
 from meddaemon.db.migrate import upgrade
 from meddaemon.engine.decode import decodable_transfer_syntaxes
 from meddaemon.engine.decode.dicom import quiet_pydicom
@@ -252,6 +252,13 @@ class Daemon:
             if once and not self.stop_requested.is_set():
                 for stage in self.stages:
                     stage.drain()
+        except StoppedWhileWaiting as exc:
+            self.watchdog.stopping()
+            log.warning(
+                "stopping as asked while %s: the work in hand was not recorded; its files stay and are taken "
+                "at the next start",
+                exc,
+            )
         except Exception as exc:
             if not isinstance(exc, LeaseLost) and self._declared_lost():
                 self.lease.lost.set()
@@ -414,8 +421,23 @@ class Daemon:
 
     def guarded(self, work: Callable[[], T]) -> T:
         """``work`` (one whole transaction or read), tried again past other processes' locks and
-        while the database is unreachable (``OutageGuard``): the one way the loop touches the database."""
-        return self.outage.run(lambda: with_lock_retry(work, log_lock_wait), self.stop_requested.is_set)
+        while the database is unreachable (``OutageGuard``): the one way the loop touches the database.
+        Waiting, the daemon tells systemd's watchdog and its lease that it is alive; a stop asked for
+        meanwhile raises :class:`StoppedWhileWaiting` (a SQLite lock held elsewhere for a minute had the
+        watchdog restart the daemon, and SIGTERM waited for the lock)."""
+        stopping = self.stop_requested.is_set
+
+        def waiting_for_a_lock(attempt: int, exc: BaseException) -> None:
+            log_lock_wait(attempt, exc)
+            self._keep_alive()
+
+        try:
+            return self.outage.run(lambda: with_lock_retry(work, waiting_for_a_lock, stopping), stopping)
+        except Exception as exc:
+            if stopping() and (is_lock_error(exc) or is_outage(exc)):
+                why = "locked by another process" if is_lock_error(exc) else "unreachable"
+                raise StoppedWhileWaiting(f"the database was {why}") from exc
+            raise
 
     def _keep_alive(self) -> None:
         """While the loop waits out a database outage: it is alive, not stuck (lease, watchdog)."""
@@ -450,10 +472,13 @@ class Daemon:
             log.warning("could not sign off (%s); the other daemons take over after the lease", exc)
 
     def _install_signal_handlers(self) -> dict[int, signal._HANDLER]:
-        """SIGTERM and SIGINT ask for a graceful stop; returns the handlers to restore afterwards."""
+        """SIGTERM, SIGINT and SIGHUP (the terminal a daemon started from closed: by default it
+        killed the daemon at once, its decoding workers left running) ask for a graceful stop;
+        returns the handlers to restore afterwards."""
         if threading.current_thread() is not threading.main_thread():
             return {}
-        return {signum: signal.signal(signum, self.request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+        stopping = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        return {signum: signal.signal(signum, self.request_stop) for signum in stopping}
 
     @staticmethod
     def _restore_signal_handlers(handlers: dict[int, signal._HANDLER]) -> None:

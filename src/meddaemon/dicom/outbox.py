@@ -17,7 +17,6 @@ import logging
 import multiprocessing
 import os
 import random
-import signal
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from meddaemon.db.clock import db_clock, read_db_clock
 from meddaemon.db.engine import transaction, with_lock_retry
 from meddaemon.db.models import DaemonInstance, OutboxItem
 from meddaemon.dicom.senders import Delivery, Sender, make_sender
+from meddaemon.processes import leave_stopping_to_the_parent
 from meddaemon.stored_paths import stored_file
 
 log = logging.getLogger("meddaemon.outbox")
@@ -441,8 +441,7 @@ class OutboxProcess:
 
 
 def _process_main(settings: Settings, stop: Any, daemon_id: int | None) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon stops it through ``stop``
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    leave_stopping_to_the_parent(sigterm=True)  # the daemon stops it through ``stop``
     from meddaemon.cli.common import setup_logging
     from meddaemon.db.engine import create_db_engine, session_factory
 

@@ -33,7 +33,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import threading
@@ -75,6 +74,7 @@ from meddaemon.db.engine import ConnectionLimits, transaction, with_lock_retry
 from meddaemon.db.models import ReceivedInstance, utcnow
 from meddaemon.dicom import associations
 from meddaemon.files import CANNOT_FSYNC_FOLDERS, final_path, make_folders, remove_stale_temporaries, temporary_path
+from meddaemon.processes import leave_stopping_to_the_parent
 
 log = logging.getLogger("meddaemon.receiver")
 # pynetdicom logs every association at INFO and whole PDUs at DEBUG; the receiver logs what matters
@@ -807,8 +807,7 @@ def _process_main(
     stop: Any,
     syntaxes: list[UID],
 ) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon stops it through ``stop``
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    leave_stopping_to_the_parent(sigterm=True)  # the daemon stops it through ``stop``
     from meddaemon.cli.common import setup_logging
     from meddaemon.db.engine import create_db_engine, session_factory
 

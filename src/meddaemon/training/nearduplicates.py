@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
-import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from scipy.spatial.distance import squareform
 
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import ScanFailure
+from meddaemon.processes import leave_stopping_to_the_parent
 from meddaemon.training.images import decode_file, key_frame, read_image
 
 #: Hamming distance (of 64 bits) at or under which two images count as the same picture.
@@ -122,7 +122,7 @@ def _hash_or_failure(path: Path, contract: InputContract | None = None) -> tuple
 
 def _init_worker() -> None:
     """Ctrl-C goes to the parent, which stops the pool."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    leave_stopping_to_the_parent()
 
 
 def hamming(a: int, b: int) -> int:
