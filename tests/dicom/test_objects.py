@@ -30,8 +30,9 @@ from meddaemon.dicom import encoding, pdf, pmap, sc, sr, uids
 from meddaemon.dicom.content import NOT_FOR_DIAGNOSIS, OutputRefused, ScanFacts, read_source, scan_facts
 from meddaemon.dicom.writer import DicomOutputs, build_objects
 from meddaemon.engine.heatmap_grid import grid_bytes, read_map
-from meddaemon.engine.tasks import all_tasks
+from meddaemon.engine.tasks import InputContract, all_tasks
 from meddaemon.label_results import LabelResult
+from meddaemon.overlays import ViewSource
 
 PROBABILITY_OF = "Probability of "
 #: the outbox rows of a scan's own objects (the study report's rows belong to the study's first scan)
@@ -534,6 +535,52 @@ def test_text_in_a_sequence_is_encoded_in_the_character_set_of_its_object(tmp_pa
 
 
 # -- sources that lack what a study needs ----------------------------------------------------------
+
+
+def centre_of_map_pixel(ds: pydicom.Dataset, row: int, column: int) -> np.ndarray:
+    """Where the centre of the map's pixel (row, column) lies, in patient coordinates (mm)."""
+    frame = ds.PerFrameFunctionalGroupsSequence[0]
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    position = np.array([float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient])
+    orientation = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
+    spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
+    return position + np.array(orientation[:3]) * column * spacing[1] + np.array(orientation[3:]) * row * spacing[0]
+
+
+@pytest.mark.parametrize(
+    ("resize", "first_column", "source_columns_per_map_column"),
+    [("stretch", 0.0, 120 / 32), ("resize_then_crop", 16 * 120 / 64, 120 / 64)],
+)
+def test_the_parametric_map_lies_over_the_part_of_the_source_the_model_saw(
+    tmp_path: Path, resize: str, first_column: float, source_columns_per_map_column: float
+):
+    """A 60 x 120 source (0.5 mm rows, 0.25 mm columns) into a 32 x 32 input: stretched, the map
+    spans the whole source; resized then centre-cropped, only its middle 60 x 60 pixels, which the
+    map was spread over the whole width of (a hot spot drawn 30 mm from where the model saw it)."""
+    placed = {
+        "PixelSpacing": [0.5, 0.25],
+        "ImagePositionPatient": [10.0, 20.0, 30.0],
+        "ImageOrientationPatient": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+        "FrameOfReferenceUID": "1.2.3.4.5",
+    }
+    source_path = write_dicom(
+        tmp_path / "wide.dcm", pixels=np.zeros((60, 120), np.uint8), modality="US", body_part="BREAST", extra=placed
+    )
+    contract = InputContract(1, 32, 32, (0.5,), (0.25,), resize=resize)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (), pydicom.dcmread(source_path),
+                      "1.2.826.0.1.3680043.8.498", ViewSource(contract=contract))  # fmt: skip
+    grid = np.random.default_rng(5).random((32, 32)).astype(np.float32)
+    result = LabelResult("malignant", 0.9, 0.5, True, overlay_path=tmp_path / "o.jpg", map_size=(32, 32),
+                         grid=grid_bytes(grid))  # fmt: skip
+
+    built = pmap.build(facts, result)
+
+    for row, column in ((0, 0), (31, 31), (10, 20)):
+        # the centre of the input's pixel, in source pixel indices (a source pixel's centre is its index)
+        source_row = (row + 0.5) * 60 / 32 - 0.5
+        source_column = first_column + (column + 0.5) * source_columns_per_map_column - 0.5
+        expected = [10.0 + source_column * 0.25, 20.0 + source_row * 0.5, 30.0]
+        assert np.allclose(centre_of_map_pixel(built, row, column), expected, atol=1e-6), (row, column)
 
 
 @pytest.fixture

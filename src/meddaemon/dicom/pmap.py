@@ -1,11 +1,11 @@
 """A heatmap as a Parametric Map (float pixel values, highdicom), referencing the source image.
 
-The map keeps the resolution it was computed at (the model's input, stretched over the whole
-image): the object's pixel measures scale it over the source. highdicom places a map of another
-size than its source only within a frame of reference, which a projection image (CR, DX, US)
-seldom has; the map is then given one of its own, derived like its UIDs, its first pixel at the
-source's first pixel and the source's pixel spacing (1 mm where it has none) scaled by the ratio
-of the sizes.
+The map keeps the resolution it was computed at (the model's input): the object's pixel measures
+and position lay it over the part of the source the input showed (the whole image when the contract
+stretches it, the centre crop's share with ``resize_then_crop``: ``InputContract.shown_window``).
+highdicom places a map of another size than its source only within a frame of reference, which a
+projection image (CR, DX, US) seldom has; the map is then given one of its own, derived like its
+UIDs, the source's first pixel at its origin and the source's pixel spacing (1 mm where it has none).
 
 A multilabel scan has a map per label called (the chestxray14 preset: about seven with random
 weights). Two maps of one scan differ only in their label's parts (``for_label``); highdicom builds the
@@ -52,8 +52,9 @@ def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Da
     rows, columns = int(source.Rows), int(source.Columns)
     spacing = _source_spacing(source)
     placed = _with_frame_of_reference(source, facts, spacing)
-    pixel_spacing = (spacing[0] * rows / heatmap.shape[0], spacing[1] * columns / heatmap.shape[1])
-    origin = tuple(float(v) for v in placed.ImagePositionPatient)
+    contract = facts.view.contract
+    window = contract.shown_window(rows, columns) if contract else (0.0, 0.0, float(rows), float(columns))
+    pixel_spacing, origin = _laid_over(placed, spacing, window, heatmap.shape)
     pmap = hd.pm.ParametricMap(
         source_images=[placed],
         pixel_array=heatmap,
@@ -120,6 +121,23 @@ def _value_mapping(result: LabelResult) -> hd.pm.RealWorldValueMapping:
         intercept=0.0,
         quantity_definition=Code(f"H-{result.label}"[:16], SCHEME, f"Heatmap of {result.label}"[:64]),
     )
+
+
+def _laid_over(
+    placed: Dataset, spacing: tuple[float, float], window: tuple[float, float, float, float], shape: tuple[int, ...]
+) -> tuple[tuple[float, float], tuple[float, float, float]]:
+    """Pixel spacing and first pixel's centre (patient coordinates) of a map of ``shape`` covering
+    ``window`` (first row, first column, rows, columns, in source pixels) of ``placed``, the source
+    with its frame of reference. A source pixel's centre is at its index; its edges half a pixel off."""
+    first_row, first_column, shown_rows, shown_columns = window
+    pixel_spacing = (spacing[0] * shown_rows / shape[0], spacing[1] * shown_columns / shape[1])
+    down = first_row - 0.5 + 0.5 * shown_rows / shape[0]  # the map's first centre, in source rows
+    across = first_column - 0.5 + 0.5 * shown_columns / shape[1]
+    position = np.array([float(v) for v in placed.ImagePositionPatient])
+    orientation = [float(v) for v in placed.ImageOrientationPatient]
+    along_row, along_column = np.array(orientation[:3]), np.array(orientation[3:])
+    origin = position + along_row * across * spacing[1] + along_column * down * spacing[0]
+    return pixel_spacing, (float(origin[0]), float(origin[1]), float(origin[2]))
 
 
 def _source_spacing(source: Dataset) -> tuple[float, float]:

@@ -51,13 +51,8 @@ def resize(x: torch.Tensor, contract: InputContract) -> torch.Tensor:
     cropped (torchvision's ``Resize(min(H, W))`` then ``CenterCrop((H, W))``); bilinear, antialiased."""
     size = (contract.height, contract.width)
     if contract.resize == "resize_then_crop":
-        height, width = x.shape[2:]
-        short = min(size)
-        long = int(short * max(height, width) / min(height, width))
-        scaled = (short, long) if height <= width else (long, short)
+        scaled, top, left = contract.resized_and_cropped(x.shape[2], x.shape[3])
         x = _interpolate(x, scaled)
-        top = round((scaled[0] - size[0]) / 2.0)
-        left = round((scaled[1] - size[1]) / 2.0)
         return x[:, :, top : top + size[0], left : left + size[1]]
     return _interpolate(x, size)
 

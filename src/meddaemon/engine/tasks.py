@@ -50,6 +50,24 @@ class InputContract:
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    def resized_and_cropped(self, height: int, width: int) -> tuple[tuple[int, int], int, int]:
+        """``resize_then_crop`` of an image of ``height`` x ``width``: the size it is resized to, and
+        the first row and column of the centre crop taken from that (``preprocess.resize``)."""
+        short = min(self.height, self.width)
+        long = int(short * max(height, width) / min(height, width))
+        scaled = (short, long) if height <= width else (long, short)
+        return scaled, round((scaled[0] - self.height) / 2.0), round((scaled[1] - self.width) / 2.0)
+
+    def shown_window(self, height: int, width: int) -> tuple[float, float, float, float]:
+        """The part of a ``height`` x ``width`` image the model's input shows, in the image's own
+        pixels (edges, not centres): first row, first column, rows, columns. The whole image when
+        it is stretched; the centre crop's share of it with ``resize_then_crop``."""
+        if self.resize != "resize_then_crop":
+            return 0.0, 0.0, float(height), float(width)
+        scaled, top, left = self.resized_and_cropped(height, width)
+        per_row, per_column = height / scaled[0], width / scaled[1]
+        return top * per_row, left * per_column, self.height * per_row, self.width * per_column
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> InputContract:
         values = dict(data)
