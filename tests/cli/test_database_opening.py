@@ -99,3 +99,14 @@ def test_db_upgrade_creates_a_new_sqlite_database(tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert "(was empty)" in result.output
     assert (tmp_path / "new" / "meddaemon.db").is_file()
+
+
+def test_db_upgrade_with_a_state_directory_it_cannot_make_exits_2_naming_it(tmp_path: Path):
+    """As `meddaemon start` does (README, exit codes: a state directory that cannot be written is
+    usage, 2); it was a FileNotFoundError traceback, exit 1."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("SYNTHETIC: not a folder")
+    result = CliRunner().invoke(medcli, ["db", "upgrade", "--state-dir", str(blocker / "state")])
+    assert result.exit_code == 2, result.output
+    assert "setting 'state_dir' from flag" in result.stderr and "cannot be used" in result.stderr
+    assert "Traceback" not in result.output

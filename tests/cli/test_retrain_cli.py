@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import shlex
 import signal
 import subprocess
@@ -230,9 +231,15 @@ def test_without_data_it_says_where_the_dataset_is_published_and_how_to_try_phan
     assert source is not None
     for fact in (source.name, source.publisher, source.published, source.licence):
         assert fact in result.output
-    assert f"medcli synth {task} --out DIR" in result.output and "SYNTHETIC" in result.output
+    suggested = re.search(r"medcli synth (\S+) --out DIR", result.output)
+    assert suggested is not None and "SYNTHETIC" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "s").exists()  # nothing trained, nothing created
+    # the command it suggests runs, and writes the task's dataset layout (busi_binary: BUSI's);
+    # it suggested `medcli synth busi_binary`, which synth refused
+    phantoms = CliRunner().invoke(medcli, ["synth", suggested[1], "--out", str(tmp_path / "p"), "--count", "1"])
+    assert phantoms.exit_code == 0, phantoms.output
+    assert BUILTIN_TASKS[suggested[1]].dataset == source
 
 
 def test_a_custom_task_without_data_says_which_layouts_are_read(tmp_path: Path) -> None:
@@ -244,6 +251,7 @@ def test_a_custom_task_without_data_says_which_layouts_are_read(tmp_path: Path) 
     result = CliRunner().invoke(medcli, ["retrain", "knee", "--config", str(config)])
     assert result.exit_code == EXIT_USAGE, result.output
     assert "custom task" in result.output and "a folder per class or a CSV manifest" in result.output
+    assert "medcli synth" not in result.output  # it suggested `medcli synth knee`, which synth refused
 
 
 def test_promote_refuses_a_collapsed_model_but_registers_it_unless_forced(busi: Path, tmp_path: Path) -> None:

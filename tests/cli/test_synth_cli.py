@@ -37,3 +37,10 @@ def test_synth_refuses_a_task_without_phantoms(tmp_path: Path) -> None:
     result = CliRunner().invoke(medcli, ["synth", "mammography", "--out", str(tmp_path / "x")])
     assert result.exit_code == 2
     assert "busi" in result.output
+
+
+def test_a_size_the_phantoms_cannot_take_is_a_usage_error_exit_2(tmp_path: Path) -> None:
+    """--size 20 passed click's range (16) and was refused by the phantoms with exit 1."""
+    result = CliRunner().invoke(medcli, ["synth", "busi", "--out", str(tmp_path / "x"), "--size", "20"])
+    assert result.exit_code == 2, result.output
+    assert "size must be at least 32 pixels" in result.output

@@ -26,7 +26,8 @@ from meddaemon.cli.report import report
 from meddaemon.cli.retrain import retrain
 from meddaemon.cli.retry import retry
 from meddaemon.cli.synth import synth
-from meddaemon.db.engine import create_db_engine, session_factory
+from meddaemon.config import prepare_state_dir
+from meddaemon.db.engine import create_db_engine, is_sqlite, session_factory
 from meddaemon.db.migrate import current_revision, head_revision, upgrade
 from meddaemon.db.models import Scan
 from meddaemon.names import shown_name
@@ -50,6 +51,8 @@ def db() -> None:
 def db_upgrade(config_file: Path | None, **flags: object) -> None:
     """Create the schema or bring it to the latest revision (the daemon also does this at start)."""
     settings = build_settings(config_file, **flags)
+    if is_sqlite(settings.db_url):  # as `meddaemon start`: a folder it cannot keep its state in is exit 2
+        prepare_state_dir(settings)
     engine = create_db_engine(settings.db_url, settings.busy_timeout)
     before = current_revision(engine)
     upgrade(engine)
@@ -109,7 +112,7 @@ def scans(config_file: Path | None, state: str | None, limit: int, as_json: bool
 @settings_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every field of every task).")
 def tasks(config_file: Path | None, as_json: bool, **flags: object) -> None:
-    """The tasks: the four seed presets and the custom tasks of the config."""
+    """The tasks: the five seed presets (on four datasets) and the custom tasks of the config."""
     settings = build_settings(config_file, **flags)
     specs = settings.task_specs
     if as_json:

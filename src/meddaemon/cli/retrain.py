@@ -282,15 +282,19 @@ def trained_on(spec: Any, config: Any, parent: Any) -> Any:
 
 def _where_to_get_data(spec: Any) -> str:
     """Why --data is needed, where the task's dataset is published, and how to try without it."""
+    from meddaemon.training.phantoms import phantoms_for
+
     lines = [f"error: medcli retrain {spec.name} needs --data PATH: a dataset in its published layout."]
     if spec.dataset is not None:
         lines += [f"{spec.name} is trained on:", *spec.dataset.lines()]
     else:
         lines.append(f"{spec.name} is a custom task: a folder per class or a CSV manifest (path,label[,patient_id]).")
-    lines += [
-        f"To try the pipeline first: {command_line('synth', spec.name, '--out', 'DIR')} writes SYNTHETIC phantoms "
-        f"in that layout; then {command_line('retrain', spec.name, '--data', 'DIR')}",
-    ]
+    phantoms = phantoms_for(spec)
+    if phantoms is not None:
+        lines.append(
+            f"To try the pipeline first: {command_line('synth', phantoms, '--out', 'DIR')} writes SYNTHETIC phantoms "
+            f"in that layout; then {command_line('retrain', spec.name, '--data', 'DIR')}"
+        )
     return "\n".join(lines)
 
 

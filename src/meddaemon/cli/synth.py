@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from meddaemon.cli.common import EXIT_FAILURE
+from meddaemon.cli.common import EXIT_FAILURE, EXIT_USAGE
 from meddaemon.training.phantoms import PHANTOM_DEFAULTS, write_phantoms
 
 _DEFAULTS = "; ".join(f"{task}: {d.count} {d.count_means}, {d.size} px" for task, d in PHANTOM_DEFAULTS.items())
@@ -20,7 +20,9 @@ _DEFAULTS = "; ".join(f"{task}: {d.count} {d.count_means}, {d.size} px" for task
 @click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="The dataset root to write (created; must be new or empty).")  # fmt: skip
 @click.option("--count", type=click.IntRange(min=1), help="Images per class (chestxray14: images in all).")
-@click.option("--size", type=click.IntRange(min=16), help="Side of each square image in pixels.")
+@click.option(
+    "--size", type=click.IntRange(min=16), help="Side of each square image in pixels (at least 32; histopathology 16)."
+)
 @click.option("--seed", default=0, show_default=True, help="The same seed writes the same dataset.")
 def synth(task: str, out: Path, count: int | None, size: int | None, seed: int) -> None:
     """Write SYNTHETIC phantoms for TASK into OUT, in the layout its dataset is published in.
@@ -38,9 +40,12 @@ def synth(task: str, out: Path, count: int | None, size: int | None, seed: int) 
     """
     try:
         written = write_phantoms(task, out, count=count, size=size, seed=seed)
-    except (FileExistsError, ValueError) as exc:
+    except FileExistsError as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_FAILURE) from None
+    except ValueError as exc:  # an option value this task's phantoms cannot take
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_USAGE) from None
     counts = ", ".join(f"{label} {n}" for label, n in written.per_label.items() if n)
     patients = f" of {written.patients} patients" if written.patients else ""
     click.echo(f"wrote {written.images} SYNTHETIC {task} images{patients} to {written.root} ({counts})")

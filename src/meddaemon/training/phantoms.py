@@ -31,7 +31,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from scipy.ndimage import gaussian_filter
 
-from meddaemon.engine.tasks import NIH_FINDINGS
+from meddaemon.engine.tasks import BUILTIN_TASKS, NIH_FINDINGS, TaskSpec
 
 SYNTHETIC_NOTE = "SYNTHETIC phantom written by meddaemon (medcli synth); not patient data"
 
@@ -78,6 +78,14 @@ PHANTOM_DEFAULTS: dict[str, PhantomDefaults] = {
     "covid": PhantomDefaults(20, 128, "images per class"),
     "histopathology": PhantomDefaults(24, 50, "patches per class"),
 }
+
+
+def phantoms_for(spec: TaskSpec) -> str | None:
+    """The phantom set (``medcli synth`` argument) in the layout of ``spec``'s dataset: ``busi`` for
+    both BUSI presets; None for a custom task, whose layout is a folder per class or a manifest."""
+    if spec.dataset is None:
+        return None
+    return next((name for name in PHANTOM_DEFAULTS if BUILTIN_TASKS[name].dataset == spec.dataset), None)
 
 
 def write_phantoms(
