@@ -550,6 +550,43 @@ def test_multiframe_all_policy_decodes_every_frame_with_one_scale(tmp_path):
     assert_close(decode(path, frame_policy="all").frames, min_max(frames))
 
 
+def functional_groups(rescale: tuple[float, float] | None, window: tuple[float, float] | None) -> Dataset:
+    """A functional groups item holding a Pixel Value Transformation and a Frame VOI LUT (PS3.3 C.7.6.16)."""
+    group = Dataset()
+    if rescale is not None:
+        transformation = Dataset()
+        transformation.RescaleSlope, transformation.RescaleIntercept, transformation.RescaleType = *rescale, "HU"
+        group.PixelValueTransformationSequence = Sequence([transformation])
+    if window is not None:
+        voi = Dataset()
+        voi.WindowCenter, voi.WindowWidth = window
+        group.FrameVOILUTSequence = Sequence([voi])
+    return group
+
+
+@pytest.mark.parametrize("policy", ["key", "all"])
+def test_an_enhanced_multiframe_object_is_shown_through_the_rescale_and_window_of_its_functional_groups(
+    tmp_path, policy
+):
+    """Enhanced CT/MR/XA and breast tomosynthesis keep them only there: min-max was used. The key
+    frame's Per-Frame item wins over the Shared one (frame 2 of 3 here, the middle)."""
+    frames = synthetic_frames(3)
+    per_frame = [functional_groups(None, None), functional_groups(None, (900.0, 1200.0)), functional_groups(None, None)]
+    enhanced = write_dicom(
+        tmp_path / "enhanced.dcm", pixels=frames, modality="CT",
+        extra={"SharedFunctionalGroupsSequence": Sequence([functional_groups((1.0, -1024.0), (40.0, 400.0))]),
+               "PerFrameFunctionalGroupsSequence": Sequence(per_frame)},
+    )  # fmt: skip
+    classic = write_dicom(
+        tmp_path / "classic.dcm", pixels=frames, modality="CT", rescale=(1.0, -1024.0), window=(900.0, 1200.0)
+    )
+
+    shown = decode(enhanced, frame_policy=policy)
+
+    assert_close(shown.frames, decode(classic, frame_policy=policy).frames)
+    assert "rescale and window read from the frame's functional groups" in shown.notes
+
+
 def test_file_meta_without_preamble_still_decodes(tmp_path):
     pixels = gradient()
     path = write_dicom(tmp_path / "nopre.dcm", pixels=pixels, preamble=False)

@@ -148,8 +148,45 @@ def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
 
     index = _frame_index(ds, metadata.frames, options, notes)
     arr, decoded_as = _decode_pixels(decoder, ds, index, transfer_syntax)
-    frames = _to_unit(arr, ds, decoded_as, photometric, transfer_syntax.is_little_endian, notes)
+    key = index if index is not None else key_frame_index(ds, metadata.frames)[0]  # all frames: the key's scale
+    shown = with_frame_groups(ds, key, notes)
+    frames = _to_unit(arr, shown, decoded_as, photometric, transfer_syntax.is_little_endian, notes)
     return DecodedScan(frames=frames, metadata=metadata, notes=notes)
+
+
+#: where an Enhanced multi-frame object keeps what a classic one keeps at the top level (PS3.3 C.7.6.16)
+_FRAME_GROUPS = {
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
+}
+
+
+def with_frame_groups(ds: Dataset, frame: int, notes: list[str]) -> Dataset:
+    """``ds`` with frame ``frame``'s rescale and window from its functional groups (its Per-Frame
+    item first, then the Shared one) at the top level, where the Modality LUT and VOI steps read
+    them; ``ds`` itself when there are none. Enhanced CT, MR, XA and breast tomosynthesis keep them
+    only there, and their images were shown by min-max instead. A value at the top level wins."""
+    groups = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and 0 <= frame < len(per_frame):
+        groups.append(per_frame[frame])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    found = []
+    for sequence, keywords in _FRAME_GROUPS.items():
+        item = next((group[sequence][0] for group in groups if group.get(sequence)), None)
+        if item is not None:
+            found += [item[keyword] for keyword in keywords if keyword in item and keyword not in ds]
+    if not found:
+        return ds
+    flat = Dataset()
+    for element in ds:
+        flat.add(element)
+    for element in found:
+        flat.add(element)
+    notes.append("rescale and window read from the frame's functional groups")
+    return flat
 
 
 def _read(data: bytes, *, signed: bool) -> Dataset:
