@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
@@ -365,23 +365,7 @@ class IntakeStage(Stage):
                 changed.append(stable.path)
             else:
                 batch.append((stable, name, intake))
-        served = set(self.inference.served)
-        assert self.daemon_id is not None
-        me = self.daemon_id
-
-        def record(session: Session) -> BatchRecord:
-            """The batch's rows, for the files this daemon still holds; claims end for the files
-            that are not leaving the inbox (changed while read, vanished)."""
-            held = claims.held_inbox_files(session, me, [stable.path for stable, _, _ in batch])
-            kept = [item for item in batch if str(item[0].path) in held]
-            record_ = bookkeeper.record_batch(session, kept, self.destinations, served, claimed_by=me)
-            leaving = {str(move.source) for move in record_.moves}
-            claims.release_inbox_files(
-                session, [*changed, *(stable.path for stable, _, _ in kept if str(stable.path) not in leaving)]
-            )
-            return record_
-
-        record_ = self.commit(record)
+        record_ = self._record(batch, changed)
         for path in changed:
             self.tracker.observe(path)
         self.carry_out(record_.moves)
@@ -398,6 +382,51 @@ class IntakeStage(Stage):
                 )
         return record_
 
+    def _record(self, batch: list[tuple[StableFile, PurePosixPath, Intake]], changed: list[Path]) -> BatchRecord:
+        """The batch's rows in one transaction. One the database refuses (a value its schema cannot
+        hold: PostgreSQL's DataError) is recorded file by file instead, and a file refused alone fails
+        as ``internal_error``, its header left out: one file's header stopped the daemon at every
+        start, the good files of its batch with it."""
+        try:
+            return self.commit(self._record_rows(batch, changed))
+        except DataError as exc:
+            log.error("the database refused a batch of %d files (%s); recording them one by one", len(batch), _why(exc))
+        record = BatchRecord()
+        for i, (stable, name, intake) in enumerate(batch):
+            try:
+                one = self.commit(self._record_rows([(stable, name, intake)], changed if i == 0 else []))
+            except DataError as exc:
+                refused = ScanFailure(
+                    FailureReason.INTERNAL_ERROR,
+                    f"the database refused this file's header ({_why(exc)}); the file is kept: please report it",
+                )
+                bare = Intake(stable.path, intake.size, intake.sha256, failure=refused)
+                one = self.commit(self._record_rows([(stable, name, bare)], changed if i == 0 else []))
+            record.moves += one.moves
+            record.outcomes += one.outcomes
+        return record
+
+    def _record_rows(
+        self, batch: list[tuple[StableFile, PurePosixPath, Intake]], changed: list[Path]
+    ) -> Callable[[Session], BatchRecord]:
+        served = set(self.inference.served)
+        assert self.daemon_id is not None
+        me = self.daemon_id
+
+        def record(session: Session) -> BatchRecord:
+            """The batch's rows, for the files this daemon still holds; claims end for the files
+            that are not leaving the inbox (changed while read, vanished)."""
+            held = claims.held_inbox_files(session, me, [stable.path for stable, _, _ in batch])
+            kept = [item for item in batch if str(item[0].path) in held]
+            record_ = bookkeeper.record_batch(session, kept, self.destinations, served, claimed_by=me)
+            leaving = {str(move.source) for move in record_.moves}
+            claims.release_inbox_files(
+                session, [*changed, *(stable.path for stable, _, _ in kept if str(stable.path) not in leaving)]
+            )
+            return record_
+
+        return record
+
     def _read_alone(self, path: Path, name: PurePosixPath, expected: Signature) -> Intake:
         """Read one file in a fresh worker; a file that kills its worker fails as ``decoder_crashed``."""
         self.workers.replace()
@@ -406,6 +435,13 @@ class IntakeStage(Stage):
         except BrokenProcessPool:
             self.workers.replace()
             return Intake(path, failure=ScanFailure(FailureReason.DECODER_CRASHED, "the decoder crashed on this file"))
+
+
+def _why(exc: DataError) -> str:
+    """The server's own first line: never SQLAlchemy's rendering, which quotes the statement's
+    parameters, the header's values (patient data) among them."""
+    lines = str(exc.orig).splitlines() or [""]
+    return f"{type(exc.orig).__name__}: {lines[0][:200]}"
 
 
 def log_outcome(outcome: bookkeeper.IntakeOutcome) -> None:

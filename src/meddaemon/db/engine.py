@@ -73,14 +73,21 @@ class ConnectionLimits:
 
 
 def create_db_engine(url: str, busy_timeout: float = 5.0, limits: ConnectionLimits | None = None) -> Engine:
-    """``limits`` apply to PostgreSQL only (SQLite's waits are bounded by ``busy_timeout``)."""
+    """``limits`` apply to PostgreSQL only (SQLite's waits are bounded by ``busy_timeout``).
+
+    ``hide_parameters``: an error's text never quotes its statement's values. They are DICOM header
+    values (patient names, IDs, birth dates), and an error reaches the log, its traceback the journal."""
     if not is_sqlite(url):
-        return create_engine(url, pool_pre_ping=True, connect_args=limits.connect_args() if limits else {})
+        return create_engine(
+            url, pool_pre_ping=True, hide_parameters=True, connect_args=limits.connect_args() if limits else {}
+        )
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
         refuse_network_filesystem(Path(database))
-    engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False})
+    engine = create_engine(
+        url, hide_parameters=True, connect_args={"timeout": busy_timeout, "check_same_thread": False}
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

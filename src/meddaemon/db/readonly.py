@@ -36,6 +36,7 @@ def read_only_engine(url: str | URL, busy_timeout: float = 5.0, connect_timeout:
         pool_pre_ping=True,
         pool_size=1,
         max_overflow=2,
+        hide_parameters=True,  # as db.engine: an error's text never quotes header values
         connect_args=connect_args,
         execution_options={"postgresql_readonly": True} if url.get_backend_name() == "postgresql" else {},
     )
@@ -53,7 +54,9 @@ def _sqlite_read_only(url: URL, busy_timeout: float) -> Engine:
     # a plain pool: for "sqlite://" SQLAlchemy would pick SingletonThreadPool, which closes the
     # connections of other threads once more than five threads have used it (the web console's
     # thread pool does), under their feet
-    engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool, pool_size=4, max_overflow=8)
+    engine = create_engine(
+        "sqlite://", creator=connect, poolclass=QueuePool, pool_size=4, max_overflow=8, hide_parameters=True
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
