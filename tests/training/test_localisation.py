@@ -33,9 +33,12 @@ def lesion_mask(paths: tuple[Path, ...]) -> np.ndarray:
 
 def test_the_hottest_pixel_of_the_predicted_class_falls_in_the_lesion(tmp_path: Path) -> None:
     root = write_phantoms("busi", tmp_path / "busi", count=60, size=SIZE, seed=7).root
+    # this test's own recipe, the augmentations it was set with included (busi's preset adds
+    # brightness_contrast since its recipe's list is applied: 14 of 18 hits against 15 then)
     config = TrainConfig.from_task(
-        BUSI, architecture="small_cnn", epochs=10, batch_size=16, lr=1e-3, image_size=SIZE, seed=0
-    )
+        BUSI, architecture="small_cnn", epochs=10, batch_size=16, lr=1e-3, image_size=SIZE, seed=0,
+        augmentations=("hflip", "rotate10"),
+    )  # fmt: skip
     outcome = retrain(BUSI, root, config, tmp_path / "run", version="loc")
     model = load_version(outcome.version_dir).model.eval()
     contract = outcome.manifest.contract

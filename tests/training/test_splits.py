@@ -15,7 +15,7 @@ from PIL import Image
 
 from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.training.datasets import DatasetIndex, load_dataset
-from meddaemon.training.phantoms import PhantomSet
+from meddaemon.training.phantoms import PhantomSet, write_phantoms
 from meddaemon.training.splits import SPLITS, DatasetSplit, SplitConfig, load_split, make_split, save_split
 
 
@@ -93,6 +93,19 @@ def test_classes_are_stratified_within_tolerance(phantoms: dict[str, PhantomSet]
         total = sum(split.report.counts[s][label] for s in SPLITS)
         for side, fraction in zip(SPLITS, config.fractions, strict=True):
             assert abs(split.report.counts[side][label] / total - fraction) <= 0.12, (label, side)
+
+
+def test_the_histopathology_preset_tests_on_a_fifth_and_validates_on_a_tenth_as_seed_002(tmp_path: Path) -> None:
+    """Seed 002: "train, test and validation sets containing 70%, 20% and 10%". The recipe read its
+    (0.7, 0.2, 0.1) as (train, validation, test): its test metrics came from half the seed's share."""
+    spec = BUILTIN_TASKS["histopathology"]
+    written = write_phantoms("histopathology", tmp_path / "idc", count=150, size=16)  # SYNTHETIC patches
+    index = load_dataset(written.root, spec, check_images=False)
+    split = make_split(index, SplitConfig(spec.recipe.split, seed=0))
+    images = {side: sum(split.report.counts[side].values()) for side in SPLITS}
+    total = sum(images.values())
+    assert abs(images["test"] / total - 0.2) <= 0.06 and abs(images["val"] / total - 0.1) <= 0.06, images
+    assert images["test"] > images["val"]
 
 
 def test_the_same_seed_gives_the_same_split_and_another_seed_another(phantoms: dict[str, PhantomSet]) -> None:

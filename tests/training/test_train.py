@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from meddaemon.engine.registry import load_version
-from meddaemon.engine.tasks import BUILTIN_TASKS
+from meddaemon.engine.tasks import BUILTIN_TASKS, task_from_dict
 from meddaemon.training.datasets import load_dataset
 from meddaemon.training.evaluate import choose_thresholds, flags_for, promotion_blockers, score_test_set
 from meddaemon.training.phantoms import write_phantoms
 from meddaemon.training.pipeline import MODEL_CARD, RetrainOutcome, retrain
 from meddaemon.training.splits import SPLIT_FILE, SplitConfig, make_split
-from meddaemon.training.train import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, TrainConfig, checkpoint_epoch, train
+from meddaemon.training.train import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, TrainConfig, augment, checkpoint_epoch, train
 
 BUSI = BUILTIN_TASKS["busi"]
 #: one test worker trains the module's small CNN (``trained``: 22 s), rather than each worker its own
@@ -263,3 +263,57 @@ def test_imagenet_weights_only_from_a_local_file(tmp_path: Path, monkeypatch: py
     imagenet_cache_path("mobilenet_v2").write_bytes(b"")
     assert resolve_init(config, said.append) == "imagenet"
     assert resolve_init(small(), said.append) == "scratch"
+
+
+@pytest.mark.parametrize(
+    ("kinds", "allowed"),
+    [
+        ((), {"identity"}),
+        (("hflip",), {"identity", "hflip"}),
+        (("vflip",), {"identity", "vflip"}),
+        (("rotate90",), {"identity", "rot1", "rot2", "rot3"}),
+    ],
+)
+def test_augmentation_applies_the_recipe_s_kinds_and_no_other(kinds: tuple[str, ...], allowed: set[str]) -> None:
+    """Every preset trained with the same flip and affine whatever its recipe listed: covid was
+    flipped left-right though its seed never was, histopathology never flipped upside down."""
+    x = torch.arange(2 * 6 * 6, dtype=torch.float32).reshape(2, 6, 6)
+    variants = {
+        "identity": x, "hflip": x.flip(-1), "vflip": x.flip(-2),
+        **{f"rot{k}": torch.rot90(x, k, dims=(-2, -1)) for k in (1, 2, 3)},
+    }  # fmt: skip
+    seen = set()
+    for seed in range(64):
+        out = augment(x, torch.Generator().manual_seed(seed), kinds)
+        [name] = [n for n, v in variants.items() if torch.equal(out, v)] or ["something else"]
+        seen.add(name)
+    assert seen == allowed
+
+
+def test_brightness_and_contrast_stay_within_their_bounds() -> None:
+    x = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0))
+    for seed in range(32):
+        out = augment(x, torch.Generator().manual_seed(seed), ("brightness_contrast",))
+        gain = (out - out.mean()).std() / (x - x.mean()).std()
+        assert 0.9 - 1e-5 <= float(gain) <= 1.1 + 1e-5 and abs(float(out.mean() - x.mean())) <= 0.1 + 1e-5
+
+
+def test_each_preset_trains_with_its_recipe_s_augmentations() -> None:
+    for name, spec in BUILTIN_TASKS.items():
+        assert TrainConfig.from_task(spec).augmentations == spec.recipe.augmentation, name
+    assert "hflip" not in TrainConfig.from_task(BUILTIN_TASKS["covid"]).augmentations
+
+
+def test_a_custom_task_s_recipe_keeps_its_split_and_refuses_an_unknown_augmentation() -> None:
+    base = {
+        "labels": ["ok", "torn"],
+        "kind": "binary",
+        "architecture": "small_cnn",
+        "contract": {"channels": 1, "height": 64, "width": 64},
+    }
+    knee = task_from_dict("knee", {**base, "recipe": {"split": [0.5, 0.25, 0.25], "augmentation": ["vflip"]}})
+    assert (knee.recipe.split, knee.recipe.augmentation) == ((0.5, 0.25, 0.25), ("vflip",))
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        task_from_dict("knee", {**base, "recipe": {"augmentation": ["mixup"]}})
+    with pytest.raises(ValueError, match="summing to 1"):
+        task_from_dict("knee", {**base, "recipe": {"split": [0.5, 0.5, 0.5]}})

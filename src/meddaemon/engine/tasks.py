@@ -77,6 +77,10 @@ class InputContract:
         return cls(**values)
 
 
+#: the augmentations a recipe may name, as ``training.train.augment`` applies them
+AUGMENTATIONS = ("hflip", "vflip", "rotate90", "rotate10", "brightness_contrast")
+
+
 @dataclass(frozen=True)
 class TrainingRecipe:
     """A seed's training recipe; every value can be overridden by ``medcli retrain`` flags."""
@@ -89,8 +93,17 @@ class TrainingRecipe:
     scheduler: Mapping[str, Any] = field(default_factory=dict)
     early_stopping_patience: int | None = None
     class_weighting: bool = False
+    #: names of ``AUGMENTATIONS``, applied to training images in that module's order
     augmentation: tuple[str, ...] = ()
+    #: the (train, validation, test) fractions
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.augmentation) - set(AUGMENTATIONS))
+        if unknown:
+            raise ValueError(f"unknown augmentation {unknown}; choose from {', '.join(AUGMENTATIONS)}")
+        if len(self.split) != 3 or min(self.split) < 0 or self.split[0] <= 0 or abs(sum(self.split) - 1) > 1e-6:
+            raise ValueError(f"split must be (train, validation, test) fractions summing to 1, not {self.split}")
 
 
 @dataclass(frozen=True)
@@ -288,7 +301,7 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
                 scheduler={"name": "plateau", "factor": 0.3, "patience": 7},
                 early_stopping_patience=12,
                 augmentation=("hflip", "vflip", "rotate90"),
-                split=(0.7, 0.2, 0.1),
+                split=(0.7, 0.1, 0.2),  # seed 002: 70 % train, 20 % test, 10 % validation
             ),
             dataset_layout="idc",
             dataset=IDC_SOURCE,
@@ -343,6 +356,7 @@ def task_from_dict(name: str, data: Mapping[str, Any]) -> TaskSpec:
                 early_stopping_patience=recipe.get("early_stopping_patience"),
                 class_weighting=bool(recipe.get("class_weighting", False)),
                 augmentation=tuple(recipe.get("augmentation", ())),
+                split=tuple(float(v) for v in recipe.get("split", TrainingRecipe.split)),  # type: ignore[arg-type]
             ),
             dataset_layout=str(data.get("dataset_layout", "folder-per-class")),
             route_modality=tuple(data.get("route_modality", ())),

@@ -271,7 +271,8 @@ def model_card(outcome: RetrainOutcome, spec: TaskSpec, data: Path) -> str:
         f"{config.optimizer} lr {config.lr:g}, batch {config.batch_size}, {config.epochs} epochs max "
         f"(ran {metrics['epochs_run']}, best {metrics['best_epoch']}), scheduler {dict(config.scheduler) or 'none'}, "
         f"class weighting {'on' if config.class_weighting else 'off'}, augmentation "
-        f"{'on' if config.augmentation else 'off'}, patience {config.patience}, seed {config.seed}.",
+        f"{', '.join(config.augmentations) if config.augmentation and config.augmentations else 'off'}, "
+        f"patience {config.patience}, seed {config.seed}.",
         "",
         "## Metrics (test set)",
         "",

@@ -78,6 +78,8 @@ class TrainConfig:
     scheduler: Mapping[str, Any] = field(default_factory=dict)
     class_weighting: bool = True
     augmentation: bool = True
+    #: which augmentations (``engine.tasks.AUGMENTATIONS``): the task recipe's
+    augmentations: tuple[str, ...] = ("hflip", "rotate10")
     #: Epochs without a better validation metric before stopping; None trains every epoch.
     patience: int | None = None
     seed: int = 0
@@ -120,6 +122,7 @@ class TrainConfig:
             scheduler=dict(recipe.scheduler),
             class_weighting=recipe.class_weighting,
             augmentation=bool(recipe.augmentation),
+            augmentations=tuple(recipe.augmentation),
             patience=recipe.early_stopping_patience,
         )
         return replace(config, **{k: v for k, v in overrides.items() if v is not None})
@@ -181,13 +184,13 @@ class ScanDataset(Dataset[tuple[Tensor, Tensor]]):
         kind: str,
         contract: InputContract,
         *,
-        augment: bool = False,
+        augment: Sequence[str] = (),
         seed: int = 0,
     ) -> None:
         self.samples = list(samples)
         self.contract = contract
         self.targets = targets_for(self.samples, labels, kind)
-        self.augment = augment
+        self.augment = tuple(augment)
         self.seed = seed
         self.epoch = 0
         self._cache: dict[int, Tensor] = {}
@@ -213,23 +216,35 @@ class ScanDataset(Dataset[tuple[Tensor, Tensor]]):
         x = self.image(i)
         if self.augment:
             generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + i)
-            x = augment(x, generator)
+            x = augment(x, generator, self.augment)
         return x, self.targets[i]
 
 
-def augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Light augmentation of a (C, H, W) normalised image: a horizontal flip half the time, then a
-    small affine (rotation up to 10 degrees, shift up to 5 %, scale 0.95-1.05), borders by reflection."""
-    r = torch.rand(5, generator=generator)
-    if r[0] < 0.5:
+def augment(x: Tensor, generator: torch.Generator, kinds: Sequence[str] = ("hflip", "rotate10")) -> Tensor:
+    """The recipe's augmentations (``kinds``) of a (C, H, W) normalised image, in this order:
+    ``hflip`` and ``vflip`` half the time each; ``rotate10``, a small affine (rotation up to 10
+    degrees, shift up to 5 %, scale 0.95-1.05, borders by reflection); ``rotate90``, a quarter turn
+    0 to 3 times (square images); ``brightness_contrast``, contrast 0.9-1.1 about the image's mean
+    and brightness up to 0.1 (the normalised scale: a tenth of a standard deviation)."""
+    r = torch.rand(9, generator=generator)
+    if "hflip" in kinds and r[0] < 0.5:
         x = x.flip(-1)
-    angle = math.radians((float(r[1]) * 2 - 1) * 10)
-    scale = 1 + (float(r[2]) * 2 - 1) * 0.05
-    tx, ty = (float(r[3]) * 2 - 1) * 0.05 * 2, (float(r[4]) * 2 - 1) * 0.05 * 2
-    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
-    theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=x.dtype).unsqueeze(0)
-    grid = F.affine_grid(theta, [1, *x.shape], align_corners=False)
-    return F.grid_sample(x.unsqueeze(0), grid, padding_mode="reflection", align_corners=False)[0]
+    if "vflip" in kinds and r[5] < 0.5:
+        x = x.flip(-2)
+    if "rotate10" in kinds:
+        angle = math.radians((float(r[1]) * 2 - 1) * 10)
+        scale = 1 + (float(r[2]) * 2 - 1) * 0.05
+        tx, ty = (float(r[3]) * 2 - 1) * 0.05 * 2, (float(r[4]) * 2 - 1) * 0.05 * 2
+        cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+        theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=x.dtype).unsqueeze(0)
+        grid = F.affine_grid(theta, [1, *x.shape], align_corners=False)
+        x = F.grid_sample(x.unsqueeze(0), grid, padding_mode="reflection", align_corners=False)[0]
+    if "rotate90" in kinds and x.shape[-1] == x.shape[-2]:
+        x = torch.rot90(x, int(float(r[6]) * 4) % 4, dims=(-2, -1))
+    if "brightness_contrast" in kinds:
+        mean = x.mean()
+        x = (x - mean) * (0.9 + 0.2 * float(r[7])) + mean + (float(r[8]) * 2 - 1) * 0.1
+    return x
 
 
 def make_loader(dataset: ScanDataset, config: TrainConfig, *, shuffle: bool, epoch: int = 0) -> DataLoader[Any]:
@@ -453,7 +468,12 @@ def train(
             log(f"starting from the weights of {config.parent or 'the given version'}")
         model.to(device)
         train_set = ScanDataset(
-            train_samples, spec.labels, spec.kind, contract, augment=config.augmentation, seed=config.seed
+            train_samples,
+            spec.labels,
+            spec.kind,
+            contract,
+            augment=config.augmentations if config.augmentation else (),
+            seed=config.seed,
         )
         val_set = ScanDataset(val_samples, spec.labels, spec.kind, contract)
         loss_fn = make_loss(spec.kind, train_set.targets, len(spec.labels), config.class_weighting).to(device)
