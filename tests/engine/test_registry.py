@@ -7,6 +7,8 @@ import json
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -556,3 +558,27 @@ def test_a_manifest_written_before_resize_and_normalisation_existed_loads_unchan
     loaded = load_version(v1)
     assert loaded.manifest.contract.resize == "stretch" and loaded.manifest.contract.normalisation == "fixed"
     assert loaded.manifest.provenance == {}
+
+
+def test_the_same_weights_saved_in_different_processes_have_the_same_sha256(tmp_path: Path):
+    """safetensors writes its metadata in the order of a Rust HashMap seeded per process: a seeded,
+    deterministic training run registered the same weights under a new SHA-256 each time."""
+    program = (
+        "import sys, torch\n"
+        "from meddaemon.engine.architectures import build_model\n"
+        "from meddaemon.engine.registry import save_version\n"
+        "torch.manual_seed(0)\n"
+        "manifest = save_version(build_model('small_cnn', 1, 3), task='busi', version='v1',\n"
+        "    labels=['benign', 'malignant', 'normal'], kind='multiclass', architecture='small_cnn',\n"
+        "    input_contract={'channels': 1, 'height': 32, 'width': 32, 'mean': [0.5], 'std': [0.25],\n"
+        "                    'modalities': []},\n"
+        "    out_dir=sys.argv[1], training_data_fingerprint='synthetic')\n"
+        "print(manifest.sha256)\n"
+    )
+    hashes = {
+        subprocess.run(
+            [sys.executable, "-c", program, str(tmp_path / f"run{i}")], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for i in range(4)
+    }
+    assert len(hashes) == 1, hashes

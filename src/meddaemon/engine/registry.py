@@ -419,6 +419,23 @@ class LoadedModel:
     folder: Path = field(default_factory=Path)
 
 
+def safetensors_bytes(state: Mapping[str, Tensor], metadata: Mapping[str, str]) -> bytes:
+    """``state`` as a safetensors file whose bytes depend on nothing else: safetensors writes its
+    metadata in the order of a Rust HashMap, which each process seeds anew, so the same weights of a
+    seeded, deterministic run were registered under a different SHA-256 each time. The header is
+    written again with the metadata's keys sorted: the same length, the same tensors and offsets."""
+    from safetensors.torch import save
+
+    data = save(dict(state), metadata=dict(metadata))
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items())), **header}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > length:  # safetensors wrote it another way than assumed: keep its bytes
+        return data
+    return data[:8] + text.ljust(length, b" ") + data[8 + length :]
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -498,9 +515,7 @@ def save_version(
     if not torch.isfinite(probs).all():
         raise ValueError(f"cannot save {task}/{version}: the model gives NaN or infinite outputs on the self-test")
 
-    from safetensors.torch import save
-
-    data = save(state, metadata={"format": "pt", "task": task, "version": version, "architecture": architecture})
+    data = safetensors_bytes(state, {"format": "pt", "task": task, "version": version, "architecture": architecture})
     fields["sha256"] = sha256_bytes(data)
     fields["self_test"]["expected_probabilities"] = probs.tolist()
     manifest = Manifest.from_dict(fields)
