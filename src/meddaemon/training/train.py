@@ -249,7 +249,10 @@ def augment(x: Tensor, generator: torch.Generator, kinds: Sequence[str] = ("hfli
 
 def make_loader(dataset: ScanDataset, config: TrainConfig, *, shuffle: bool, epoch: int = 0) -> DataLoader[Any]:
     """A loader whose shuffling is seeded from (seed, epoch): the same order on a resumed run.
-    Under DDP a shuffled loader gives this process its shard (``DistributedSampler``, same seeds)."""
+    Under DDP a shuffled loader gives this process its shard (``DistributedSampler``, same seeds).
+    A shuffled epoch whose last batch would hold one image leaves it out (it is in another batch
+    next epoch): batch normalisation of one image over a 1 x 1 feature map cannot train
+    ("Expected more than 1 value per channel", mobilenet_v2 at 32 pixels, 17 images in 16s)."""
     generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
     sampler: DistributedSampler[Any] | None = None
     if shuffle and distributed.world_size() > 1:
@@ -257,11 +260,13 @@ def make_loader(dataset: ScanDataset, config: TrainConfig, *, shuffle: bool, epo
             dataset, num_replicas=distributed.world_size(), rank=distributed.rank(), shuffle=True, seed=config.seed
         )
         sampler.set_epoch(epoch)
+    shard = len(sampler) if sampler is not None else len(dataset)
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
         shuffle=shuffle and sampler is None,
         sampler=sampler,
+        drop_last=shuffle and shard > config.batch_size and shard % config.batch_size == 1,
         generator=generator,
         num_workers=config.num_workers,
         pin_memory=config.device.startswith("cuda"),
