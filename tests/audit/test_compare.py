@@ -74,3 +74,38 @@ def test_shift_compares_each_window_and_says_when_a_window_has_one_class():
     assert 0 <= s.p_value <= 1
     [empty] = shift(cohort, days, Window.parse("2026-01-01..2026-01-31"), Window.parse("2027-01-01..2027-01-31"))
     assert isinstance(empty.auc_change, Undefined) and "no labelled scans" in empty.auc_change.reason
+
+
+def test_a_version_pair_with_no_variance_is_undefined_with_its_reason_not_p_0():
+    names = [f"s{i}.png" for i in range(201)]
+    y = np.r_[1, np.zeros(200)].astype(bool)
+    pa = np.r_[0.99, np.linspace(0.01, 0.5, 200)]
+    pb = np.r_[0.01, np.linspace(0.5, 0.99, 200)]
+    cohort, _ = join(
+        stored_predictions("covid", names, probs=np.stack([1 - pa, pa], axis=1)),
+        label_table([(nm, {"covid" if t else "normal"}, None, {}) for nm, t in zip(names, y, strict=True)]),
+    )
+    [c] = compare_versions(cohort, stored_predictions("covid", names, probs=np.stack([1 - pb, pb], axis=1)))
+    assert isinstance(c.difference, Undefined) and "variance of the difference is 0" in c.difference.reason
+    assert c.p_value is None and (c.auc_a, c.auc_b) == (1.0, 0.0)
+
+
+def test_a_window_at_auc_1_weighs_as_much_as_its_own_interval_says():
+    """Window A: 40 scans, 2 positives ranked perfectly (AUC 1, 0.158-1); window B: 1,000 scans at
+    AUC about 0.9. A DeLong variance of 0 for A called the change certain (p 7.8e-23)."""
+    rng = np.random.default_rng(5)
+    y_a = np.r_[np.ones(2), np.zeros(38)].astype(bool)
+    p_a = np.r_[0.95, 0.96, rng.uniform(0.0, 0.9, 38)]
+    y_b = rng.random(1000) < 0.3
+    p_b = 1 / (1 + np.exp(-(rng.normal(0, 1, 1000) + 2.5 * y_b - 1.2)))
+    y, p = np.r_[y_a, y_b], np.r_[p_a, p_b]
+    names = [f"s{i}.png" for i in range(len(y))]
+    cohort, _ = join(
+        stored_predictions("covid", names, probs=np.stack([1 - p, p], axis=1)),
+        label_table([(nm, {"covid" if t else "normal"}, None, {}) for nm, t in zip(names, y, strict=True)]),
+    )
+    days = np.array(["2026-01-15"] * 40 + ["2026-05-15"] * 1000, dtype=object)
+    [s] = shift(cohort, days, Window.parse("2026-01-01..2026-01-31"), Window.parse("2026-05-01..2026-05-31"))
+    assert s.a.auc.value == 1.0 and s.a.auc.lower < s.b.auc.lower
+    assert isinstance(s.auc_change, Estimate) and s.auc_change.lower < 0 < s.auc_change.upper
+    assert s.p_value > 0.05

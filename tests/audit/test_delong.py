@@ -128,3 +128,31 @@ def test_a_large_sample_at_or_near_one_keeps_a_narrow_interval():
     assert 0.99 < d.auc < 1.0
     lo, hi, method = auc_interval(d.auc, d.variance, 2000, 3000)
     assert method == "delong-logit" and lo < d.auc < hi and hi - lo < 0.005
+
+
+def test_an_auc_just_below_one_with_few_positives_never_gets_a_narrower_interval_than_one_of_one():
+    """2 positives, 1,000 negatives: AUC 1 got 0.158-1 (the count bound) and AUC 0.999 the DeLong
+    0.989-1, so `--require "auc>=0.9"` passed the worse model and failed the perfect one."""
+    rng = np.random.default_rng(3)
+    negatives = rng.normal(0, 1, 1000)
+    y = np.r_[np.ones(2), np.zeros(1000)].astype(int)
+    perfect = delong(y, np.r_[[10.0, 11.0], negatives])
+    worse = delong(y, np.r_[[10.0, np.sort(negatives)[-2] - 1e-9], negatives])
+    assert perfect.auc == 1.0 and 0.998 < worse.auc < 1.0
+    lo_perfect, _, _ = auc_interval(perfect.auc, perfect.variance, 2, 1000)
+    lo_worse, hi_worse, method = auc_interval(worse.auc, worse.variance, 2, 1000)
+    assert lo_worse <= lo_perfect and hi_worse == pytest.approx(1.0, abs=1e-9)
+    assert method.startswith("union")
+
+
+def test_a_paired_difference_with_no_variance_and_a_difference_has_no_p_value_rather_than_p_0():
+    """One positive and 200 negatives, A ranks it first and B last: DeLong's variance of the
+    difference is 0; p was 0 (an exact permutation test gives about 0.5)."""
+    y = np.r_[1, np.zeros(200)].astype(int)
+    a = np.r_[1.0, np.linspace(0, 0.5, 200)]
+    b = np.r_[0.0, np.linspace(0.5, 1, 200)]
+    t = paired_test(y, a, b)
+    assert (t.auc_a, t.auc_b) == (1.0, 0.0)
+    assert np.isnan(t.p_value) and np.isnan(t.lower) and np.isnan(t.upper)
+    same = paired_test(y, a, a)
+    assert (same.difference, same.p_value) == (0.0, 1.0)

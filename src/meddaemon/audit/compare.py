@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import norm
 
-from meddaemon.audit.delong import Z95, paired_test
+from meddaemon.audit.delong import Z95, comparable_variance, paired_test
 from meddaemon.audit.join import Cohort
 from meddaemon.audit.metrics import LabelMetrics, label_metrics
 from meddaemon.audit.predictions import AuditInputError, Predictions
@@ -65,6 +65,10 @@ def compare_versions(cohort: Cohort, other: Predictions) -> list[VersionComparis
             out.append(VersionComparison(label, len(y), pos, None, None, Undefined(reason, counts), None))
             continue
         t = paired_test(y, a, b)
+        if np.isnan(t.p_value):  # a variance of 0 gave p 0 and a point interval: certainty from nothing
+            reason = "the DeLong variance of the difference is 0 (too few positives or negatives to weigh it)"
+            out.append(VersionComparison(label, len(y), pos, t.auc_a, t.auc_b, Undefined(reason, counts), None))
+            continue
         diff = Estimate(t.difference, t.lower, t.upper, "paired-delong")
         out.append(VersionComparison(label, len(y), pos, t.auc_a, t.auc_b, diff, t.p_value))
     return out
@@ -141,7 +145,12 @@ def shift(cohort: Cohort, days: np.ndarray, a: Window, b: Window, at_sensitivity
         if isinstance(ma.auc, Estimate) and isinstance(mb.auc, Estimate):
             assert ma.auc_variance is not None and mb.auc_variance is not None
             d = mb.auc.value - ma.auc.value
-            se = float(np.sqrt(ma.auc_variance + mb.auc_variance))
+            variances = [
+                comparable_variance(m.auc.value, m.auc_variance or 0.0, m.positives, m.negatives)
+                for m in (ma, mb)
+                if isinstance(m.auc, Estimate)
+            ]
+            se = float(np.sqrt(sum(variances)))
             change = Estimate(d, d - Z95 * se, d + Z95 * se, "delong-unpaired")
             p = float(2 * norm.sf(abs(d) / se)) if se > 0 else (1.0 if d == 0 else 0.0)
         else:
