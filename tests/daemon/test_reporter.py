@@ -12,8 +12,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from dicom_factory import truncate_pixel_data, write_dicom, write_structured_report
 from PIL import Image
+from pydicom import dcmread
 from sqlalchemy import func, select
 
 from meddaemon.config import load_settings
@@ -24,7 +27,16 @@ from meddaemon.db.engine import transaction
 from meddaemon.db.models import Report, Result, Scan, ScanEvent
 from meddaemon.files import HOST_TAG, temporary_path
 from meddaemon.report.output import scan_report_path
-from model_factory import STUDY_UID, ReportedStates, drop_scans, promote, read_pdf, write_model
+from model_factory import (
+    STUDY_UID,
+    ReportedStates,
+    drop_scans,
+    drop_study,
+    promote,
+    read_pdf,
+    reported_settings,
+    write_model,
+)
 from sql_statements import recorded_statements
 
 
@@ -77,6 +89,35 @@ def test_once_reports_every_inferred_scan_and_the_study_of_two_then_archives_the
     assert pages >= 2 and "2 scans of this study" in text and images >= 4
     assert len(history) == 7 and all(e.detail and e.detail.endswith(".pdf") for e in history)
     assert all(r.path.startswith("reports/") for r in rows)  # relative to the state dir
+
+
+def test_the_study_report_names_a_scan_of_the_study_that_has_no_result_but_not_a_report_object(tmp_path: Path):
+    """A third image of the study whose pixel data is cut: it failed, and the study's summary said
+    "2 scans of this study have a result" without a word of it (its header was not even kept, so it
+    belonged to no study). An SR of the same study is no image: it is not listed."""
+    settings = reported_settings(tmp_path)
+    daemon = Daemon(settings)
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "busi_model"))
+    drop_study(settings.watch)
+    same_study = {"StudyInstanceUID": STUDY_UID}
+    whole = write_dicom(tmp_path / "whole.dcm", pixels=np.zeros((64, 64), np.uint16), modality="US",
+                        body_part="BREAST", extra=same_study)  # fmt: skip
+    truncate_pixel_data(whole, settings.watch / "synthetic_study_cut.dcm")
+    report_object = write_structured_report(tmp_path / "sr.dcm")
+    with_study = dcmread(report_object)
+    with_study.StudyInstanceUID = STUDY_UID
+    with_study.save_as(settings.watch / "synthetic_study_sr.dcm")
+
+    daemon.run(once=True)
+
+    with daemon.sessions() as session:
+        cut = session.scalars(select(Scan).where(Scan.source_name == "synthetic_study_cut.dcm")).one()
+        study = session.scalars(select(Report).where(Report.kind == "study")).one()
+    assert (cut.failure_reason, cut.study_instance_uid, cut.modality) == ("truncated_pixel_data", STUDY_UID, "US")
+    text = " ".join(read_pdf(settings.stored_file(study.path))[0].split())
+    assert "2 scans of this study have a result" in text
+    assert f"Not in this report: 1 scans of this study without a result: {cut.id} (truncated_pixel_data)." in text
 
 
 def test_reported_scans_move_from_work_to_the_archive_under_their_received_names(

@@ -19,7 +19,7 @@ import numpy as np
 
 from meddaemon.daemon.router import Route, RoutingPolicy, route_scan
 from meddaemon.daemon.stability import Signature
-from meddaemon.engine.decode import DecodeOptions, decode_bytes
+from meddaemon.engine.decode import DecodeOptions, decode_bytes, failed_scan_metadata
 from meddaemon.engine.decode.dicom import quiet_pydicom
 from meddaemon.engine.decode.types import DecodedScan, ScanMetadata
 from meddaemon.engine.tasks import InputContract
@@ -134,6 +134,7 @@ def _read(path: Path, expected: Signature | None, options: DecodeOptions) -> Int
         intake.metadata = intake.decoded.metadata
     except ScanFailure as failure:
         intake.failure = failure
+        intake.metadata = failed_scan_metadata(data)
     except MemoryError:
         intake.failure = ScanFailure(FailureReason.TOO_MANY_PIXELS, "decoding ran out of memory")
     except Exception as exc:  # a decoder bug must not take the daemon down

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan, row_id
 from meddaemon.engine.tasks import InputContract, TaskSpec
+from meddaemon.failures import NOT_AN_IMAGE
 from meddaemon.label_results import LabelResult
 from meddaemon.stored_paths import stored_file
 
@@ -90,6 +91,8 @@ class StudyReportData:
     scans: list[ScanReportData]
     patient: PatientInfo | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
+    #: the study's scans without a result, as (scan id, why: the failure reason or the state)
+    without_result: tuple[tuple[int, str], ...] = ()
 
     @property
     def study_key(self) -> str:
@@ -306,4 +309,16 @@ def study_report_data(
         if isinstance(each, NoResult):
             raise each
         data.append(each)
-    return StudyReportData(study_instance_uid, data, patient_info(scans[0]) if with_phi else None)
+    no_image = sorted(reason.value for reason in NOT_AN_IMAGE)  # an SR, a DICOMDIR, meddaemon's own objects
+    others = session.execute(
+        select(Scan.id, Scan.failure_reason, Scan.state)
+        .where(Scan.study_instance_uid == study_instance_uid, Scan.id.not_in([scan.id for scan in scans]))
+        .where(Scan.failure_reason.is_(None) | Scan.failure_reason.not_in(no_image))
+        .order_by(Scan.id)
+    ).all()
+    return StudyReportData(
+        study_instance_uid,
+        data,
+        patient_info(scans[0]) if with_phi else None,
+        without_result=tuple((scan_id, reason or state) for scan_id, reason, state in others),
+    )

@@ -517,6 +517,9 @@ def render_study(
     if not data.with_phi:
         story.append(_p(words["deidentified"], st.small))
     story += [Spacer(1, 2 * mm), _p(words["intro"].format(count=len(data.scans)), st.body)]
+    if data.without_result:  # a scan the model never read must not vanish from the study's summary
+        scans = ", ".join(f"{scan_id} ({why})" for scan_id, why in data.without_result)
+        story.append(_p(words["without_result"].format(count=len(data.without_result), scans=scans), st.cell_bold))
     rows: list[list[Flowable]] = [[_p(h, st.cell_bold) for h in ("Scan", "Task", "Model", "Top finding")]]
     for scan in data.scans:
         sentence, positive = top_finding(scan, templates(scan.task))

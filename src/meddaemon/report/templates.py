@@ -26,6 +26,7 @@ _SAMPLE = {
     "sha": "ab",
     "since": "s",
     "until": "u",
+    "scans": "3 (corrupt_image)",
 }
 
 

@@ -11,6 +11,7 @@ from meddaemon.engine.decode.dicom import (
     decodable_transfer_syntaxes,
     decode_dicom,
     has_dicom_signature,
+    header_metadata,
     looks_like_bare_dicom,
 )
 from meddaemon.engine.decode.raster import decode_raster, sniff_raster
@@ -35,6 +36,7 @@ __all__ = [
     "TransferSyntaxSupport",
     "decodable_transfer_syntaxes",
     "decode_bytes",
+    "failed_scan_metadata",
     "sniff_format",
 ]
 
@@ -54,6 +56,12 @@ def sniff_format(head: bytes) -> ImageFormat | None:
     if looks_like_bare_dicom(head):
         return "dicom"
     return None
+
+
+def failed_scan_metadata(data: bytes) -> ScanMetadata | None:
+    """What a DICOM file that failed to decode still says of itself (``dicom.header_metadata``);
+    None for other formats."""
+    return header_metadata(data) if sniff_format(data[:SNIFF_BYTES]) == "dicom" else None
 
 
 def decode_bytes(data: bytes, options: DecodeOptions = DecodeOptions()) -> DecodedScan:

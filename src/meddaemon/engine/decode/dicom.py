@@ -201,6 +201,17 @@ def _read(data: bytes, *, signed: bool) -> Dataset:
         raise ScanFailure(FailureReason.UNRECOGNISED_FORMAT, "the bytes do not hold a DICOM dataset") from exc
 
 
+def header_metadata(data: bytes) -> ScanMetadata | None:
+    """The per-scan facts of a DICOM file whose pixels could not be decoded, from the elements
+    before its pixel data; None when they do not read as a DICOM object. A failed scan so still
+    belongs to its study (the study report names it) and shows its modality and sender."""
+    try:
+        header = dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+        return read_metadata(header) if _is_plausible(header) else None
+    except Exception:
+        return None
+
+
 def _read_header(data: bytes, *, fallback: Dataset) -> Dataset:
     """The elements before the pixel data: pydicom discards a whole dataset whose encapsulated
     pixel data never reaches its closing delimiter, but stopping before the pixels keeps them."""
