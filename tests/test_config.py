@@ -260,6 +260,15 @@ def test_custom_tasks_come_from_tasks_tables_and_can_be_routed_to(tmp_path: Path
             "name is 1 to 64 characters",
         ),
         ('[[route]]\ntask = "nonexistent"\n', "unknown task 'nonexistent'"),
+        # a number in a route's list passed, and stopped the daemon at its first DICOM, at every start
+        ('[[route]]\ntask = "chestxray14"\nmodality = [1]\n', "route.modality must be a text or a list of texts"),
+        ('[[route]]\ntask = "chestxray14"\nmodality = { a = 1 }\n', "route.modality must be a text"),
+        # a grey or RGB model only: an RGB scan for a 2-channel one was a broadcast traceback
+        (
+            '[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\n'
+            'contract = { channels = 2, height = 64, width = 64 }\n',
+            "channels must be 1",
+        ),
         ('default_task = "nonexistent"\n', "unknown task 'nonexistent'"),
     ],
 )
@@ -268,3 +277,15 @@ def test_bad_custom_tasks_and_routes_to_unknown_tasks_are_refused(tmp_path: Path
     config.write_text(content)
     with pytest.raises(ConfigError, match=message):
         load_settings(config, env={})
+
+
+def test_a_custom_task_s_single_modality_or_body_part_is_one_value_not_its_letters(tmp_path: Path):
+    """`route_modality = "CR"` was ('C', 'R'): every CR scan of the task failed as contract_mismatch
+    ("modality CR is not one of C, R") and its rule never matched (unroutable)."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[tasks.knee]\nlabels = ["normal", "oa"]\nkind = "binary"\nroute_modality = "CR"\nroute_body_part = "KNEE"\n'
+        '[tasks.knee.contract]\nchannels = 1\nheight = 64\nwidth = 64\nmodalities = "CR"\n'
+    )
+    knee = load_settings(config, env={}).task_specs["knee"]
+    assert (knee.route_modality, knee.route_body_part, knee.contract.modalities) == (("CR",), ("KNEE",), ("CR",))

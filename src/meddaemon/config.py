@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meddaemon.engine.tasks import TaskSpec, all_tasks, task_from_dict
+from meddaemon.engine.tasks import TaskSpec, all_tasks, task_from_dict, text_values
 from meddaemon.names import is_utf8, shown_name
 from meddaemon.stored_paths import stored_file, stored_name
 
@@ -535,8 +535,7 @@ def _route_from_dict(data: Mapping[str, Any]) -> RouteRule:
         raise ValueError("route needs a task")
 
     def as_tuple(key: str) -> tuple[str, ...]:
-        value = data.get(key, ())
-        return (value,) if isinstance(value, str) else tuple(value)
+        return text_values(data.get(key, ()), f"route.{key}")
 
     return RouteRule(
         task=str(data["task"]),

@@ -112,6 +112,29 @@ def test_resize_then_crop_is_torchvisions_resize_then_center_crop():
     assert float(np.abs(stretched - ours).max()) > 0.05
 
 
+@pytest.mark.parametrize(("height", "width", "image"), [(24, 36, (40, 64)), (24, 36, (64, 40)), (36, 24, (48, 48))])
+def test_resize_then_crop_into_a_non_square_input_covers_it_then_takes_its_centre(height, width, image):
+    """The smallest resize that covers the input, then its centre (square inputs: torchvision's
+    Resize then CenterCrop, above). The shorter side went to the input's shorter side: the crop's
+    offsets went negative and a 64 x 96 input came out 64 x 6, stopping the daemon at every start."""
+    import dataclasses
+
+    import torch
+    from torchvision.transforms import functional as tf
+
+    contract = dataclasses.replace(RGB, height=height, width=width, resize="resize_then_crop")
+    pixels = np.random.default_rng(2).random((1, *image, 3)).astype(np.float32)
+    ours = to_model_input(scan(pixels), contract)
+    scale = max(height / image[0], width / image[1])
+    covering = [max(height, int(image[0] * scale)), max(width, int(image[1] * scale))]
+    chw = torch.from_numpy(pixels[0]).permute(2, 0, 1)
+    reference = tf.normalize(
+        tf.center_crop(tf.resize(chw, covering, antialias=True), [height, width]), list(RGB.mean), list(RGB.std)
+    )
+    assert ours.shape == (1, 3, height, width)
+    np.testing.assert_allclose(ours[0], reference.numpy(), atol=1e-5)
+
+
 def test_per_image_normalisation_is_keras_samplewise_center_and_std():
     """Seed 003's course: x - mean(x), then / (std(x) + 1e-6), over the whole image (all channels)."""
     import dataclasses

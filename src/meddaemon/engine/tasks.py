@@ -23,6 +23,17 @@ GREY_MEAN, GREY_STD = (0.449,), (0.226,)  # ImageNet statistics averaged over RG
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def text_values(value: Any, what: str) -> tuple[str, ...]:
+    """A config value that names one or more things: a text is one (``"CR"`` was read as ``C``, ``R``),
+    a list of texts several; anything else is refused naming ``what`` (a number in a route's list
+    stopped the daemon at the first DICOM, and again at every start)."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"{what} must be a text or a list of texts, not {value!r}")
+
+
 @dataclass(frozen=True)
 class InputContract:
     """What a scan must be to go into the model, and how it is turned into a tensor."""
@@ -42,6 +53,8 @@ class InputContract:
     normalisation: str = "fixed"
 
     def __post_init__(self) -> None:
+        if self.channels not in (1, 3):  # grey or RGB: what a decoded scan can be made into
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), not {self.channels!r}")
         if self.resize not in RESIZES:
             raise ValueError(f"resize must be one of {list(RESIZES)}, not {self.resize!r}")
         if self.normalisation not in NORMALISATIONS:
@@ -51,12 +64,15 @@ class InputContract:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def resized_and_cropped(self, height: int, width: int) -> tuple[tuple[int, int], int, int]:
-        """``resize_then_crop`` of an image of ``height`` x ``width``: the size it is resized to, and
-        the first row and column of the centre crop taken from that (``preprocess.resize``)."""
-        short = min(self.height, self.width)
-        long = int(short * max(height, width) / min(height, width))
-        scaled = (short, long) if height <= width else (long, short)
-        return scaled, round((scaled[0] - self.height) / 2.0), round((scaled[1] - self.width) / 2.0)
+        """``resize_then_crop`` of an image of ``height`` x ``width``: the size it is resized to (the
+        smallest that covers the input: for a square input, torchvision's ``Resize(side)``), and the
+        first row and column of the centre crop taken from that (``preprocess.resize``). A
+        non-square input had its shorter side scaled to its own shorter side: the crop's offsets
+        went negative and the input came out a sliver (64 x 6 for 64 x 96)."""
+        by_rows, by_columns = self.height / height, self.width / width
+        rows = self.height if by_rows >= by_columns else max(self.height, int(height * by_columns))
+        columns = self.width if by_columns >= by_rows else max(self.width, int(width * by_rows))
+        return (rows, columns), round((rows - self.height) / 2.0), round((columns - self.width) / 2.0)
 
     def shown_window(self, height: int, width: int) -> tuple[float, float, float, float]:
         """The part of a ``height`` x ``width`` image the model's input shows, in the image's own
@@ -71,9 +87,11 @@ class InputContract:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> InputContract:
         values = dict(data)
-        for key in ("mean", "std", "modalities"):
+        for key in ("mean", "std"):
             if key in values:
                 values[key] = tuple(values[key])
+        if "modalities" in values:
+            values["modalities"] = text_values(values["modalities"], "modalities")
         return cls(**values)
 
 
@@ -355,12 +373,12 @@ def task_from_dict(name: str, data: Mapping[str, Any]) -> TaskSpec:
                 scheduler=dict(recipe.get("scheduler", {})),
                 early_stopping_patience=recipe.get("early_stopping_patience"),
                 class_weighting=bool(recipe.get("class_weighting", False)),
-                augmentation=tuple(recipe.get("augmentation", ())),
+                augmentation=text_values(recipe.get("augmentation", ()), "augmentation"),
                 split=tuple(float(v) for v in recipe.get("split", TrainingRecipe.split)),  # type: ignore[arg-type]
             ),
             dataset_layout=str(data.get("dataset_layout", "folder-per-class")),
-            route_modality=tuple(data.get("route_modality", ())),
-            route_body_part=tuple(data.get("route_body_part", ())),
+            route_modality=text_values(data.get("route_modality", ()), "route_modality"),
+            route_body_part=text_values(data.get("route_body_part", ()), "route_body_part"),
         )
     except TaskError as exc:
         raise TaskError(f"task {name!r}: {exc}") from None
