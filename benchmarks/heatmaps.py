@@ -5,8 +5,9 @@ process, same threads), these are timed, interleaved round by round (the order r
 round) so that drifts in the machine's speed hit all alike:
 
 * **inference**: ``model(x)`` under ``torch.no_grad()``;
-* **ours**: ``compute_heatmaps(model, x, predicted_class())``: logits and the predicted class's map
-  for every image, post-processed and resized to the input, as numpy;
+* **ours**: ``compute_heatmaps(model, x, predicted_class()).expanded()``: logits and the predicted
+  class's map for every image, post-processed and resized to the input, as numpy (the daemon keeps
+  the grid and resizes it when drawing; ``expanded`` makes the work the same as grad-cam's);
 * **grad-cam**: pytorch-grad-cam's ``GradCAM(model, target_layers=[model.features[-1]])`` called on
   the same batch with ``targets=None`` (the predicted class), hooks registered and released inside
   the timed call as a user would (``with GradCAM(...) as cam``);
@@ -72,7 +73,7 @@ def bench(
             model(x)
 
     def ours() -> None:
-        compute_heatmaps(model, x, predicted_class())
+        compute_heatmaps(model, x, predicted_class()).expanded()  # at the input's size, as grad-cam's
 
     def gradcam() -> None:
         with GradCAM(model=model, target_layers=[model.features[-1]]) as cam:
@@ -92,7 +93,7 @@ def bench(
                 img, cls = heatmaps._pairs(targets, x.device)
                 weights = linear.weight[cls] / (activation.shape[2] * activation.shape[3])
                 raw = torch.einsum("nk,nkhw->nhw", weights, activation[img])
-                heatmaps._assemble(targets, raw, (size, size))
+                heatmaps.HeatmapBatch(logits, heatmaps._assemble(targets, raw), (size, size)).expanded()
 
         methods["maps only"] = maps_only
     times: dict[str, list[float]] = {name: [] for name in methods}

@@ -82,8 +82,9 @@ from meddaemon.training.pipeline import retrain  # noqa: E402
 from meddaemon.training.train import ScanDataset, TrainConfig  # noqa: E402
 from model_factory import drop_study, read_pdf  # noqa: E402
 
-DONE_SQL = "SELECT count(*) FROM scans WHERE state IN ('inferred', 'reported')"
-REPORTED_SQL = "SELECT count(*) FROM scans WHERE state = 'reported'"
+# a reported scan is archived next: both count (waiting for 'reported' alone waited for ever)
+DONE_SQL = "SELECT count(*) FROM scans WHERE state IN ('inferred', 'reported', 'archived')"
+REPORTED_SQL = "SELECT count(*) FROM scans WHERE state IN ('reported', 'archived')"
 
 
 # -- 1. time per page ------------------------------------------------------------------------------

@@ -377,12 +377,22 @@ def continuous(burst: Burst, base: Path, switch_interval: float | None = None) -
         )[-files:]  # the burst's: the warm-up's came before
     # between the k-th result and the k-th from the end, the pipeline full at both ends: from the very
     # first result to the last would credit the window with the batches already in the model at its start
-    k = max(files // 10, 3 * BATCH)
+    k = streaming_margin(files)
     streaming = (files - 1 - 2 * k) / (stamps[files - 1 - k] - stamps[k]).total_seconds()
     raw = forwards.batched()
     # ONNX Runtime: the faster of one batch on every thread and two at once, as the daemon may serve either
     limit = max(r.ips for k, r in raw.items() if k.startswith("onnx")) if backend == "onnx" else raw[backend].ips
     return Continuous(files / wall, streaming, limit, backend)
+
+
+def streaming_margin(files: int) -> int:
+    """The results left out at each end of a burst's streaming window; a burst too short for a
+    window of a few batches is refused (96 files gave a negative span and a figure of nonsense, 48 an
+    IndexError)."""
+    k = max(files // 10, 3 * BATCH)
+    if files - 1 - 2 * k < 2 * BATCH:
+        raise SystemExit(f"--continuous ARCH=FILES needs at least {2 * k + 2 * BATCH + 1} files, not {files}")
+    return k
 
 
 def continuous_checks(archs: str, intervals_ms: str, base: Path) -> list[tuple[str, str, str]]:
@@ -392,6 +402,7 @@ def continuous_checks(archs: str, intervals_ms: str, base: Path) -> list[tuple[s
     intervals = [float(v) / 1000 for v in filter(None, intervals_ms.split(","))] or [None]
     for item in filter(None, archs.split(",")):
         arch, _, count = item.partition("=")
+        streaming_margin(int(count or 200))  # before anything runs
         burst = Burst.write(arch, int(count or 200), base)
         for interval in intervals:
             run = continuous(burst, base, interval)
