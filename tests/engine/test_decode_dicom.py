@@ -770,3 +770,11 @@ def test_decodable_transfer_syntaxes_name_their_plugins_and_the_gaps():
     assert support[JPEG2000Lossless].plugins
     assert support[JPEG2000Lossless].name == "JPEG 2000 Image Compression (Lossless Only)"
     assert support["1.2.840.10008.1.2.4.100"].decodable is False
+
+
+def test_a_multi_valued_header_element_is_kept_as_dicom_writes_it(tmp_path):
+    """Body Part Examined holding two values was stored as Python's text of a list,
+    "['BREAST', 'CHEST']", which no DICOM tool, audit column or search would read back."""
+    path = write_dicom(tmp_path / "two.dcm", modality="US", extra={"BodyPartExamined": ["BREAST", "CHEST"]})
+    metadata = decode(path).metadata
+    assert (metadata.body_part, metadata.modality) == ("BREAST\\CHEST", "US")

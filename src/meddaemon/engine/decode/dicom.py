@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -587,14 +588,17 @@ def read_metadata(ds: Dataset) -> ScanMetadata:
 
 def _text(ds: Any, keyword: str) -> str | None:
     """The value as text, without the NUL characters some writers pad or separate values with
-    (PostgreSQL refuses them in text: the scan, and its whole batch, could not be registered)."""
+    (PostgreSQL refuses them in text: the scan, and its whole batch, could not be registered); the
+    values of a multi-valued element joined by a backslash, as DICOM writes them (Python's text of
+    the list, "['BREAST', 'CHEST']", was stored)."""
     try:
         value = ds.get(keyword)
     except Exception:
         return None
     if value is None:
         return None
-    text = str(value).replace("\x00", "").strip()
+    parts = value if isinstance(value, MultiValue | list | tuple) else [value]
+    text = "\\".join(str(part) for part in parts).replace("\x00", "").strip()
     return text or None
 
 
