@@ -266,7 +266,7 @@ def test_custom_tasks_come_from_tasks_tables_and_can_be_routed_to(tmp_path: Path
         # a grey or RGB model only: an RGB scan for a 2-channel one was a broadcast traceback
         (
             '[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\n'
-            'contract = { channels = 2, height = 64, width = 64 }\n',
+            "contract = { channels = 2, height = 64, width = 64 }\n",
             "channels must be 1",
         ),
         ('default_task = "nonexistent"\n', "unknown task 'nonexistent'"),
