@@ -145,12 +145,12 @@ def shift(cohort: Cohort, days: np.ndarray, a: Window, b: Window, at_sensitivity
         if isinstance(ma.auc, Estimate) and isinstance(mb.auc, Estimate):
             assert ma.auc_variance is not None and mb.auc_variance is not None
             d = mb.auc.value - ma.auc.value
-            variances = [
-                comparable_variance(m.auc.value, m.auc_variance or 0.0, m.positives, m.negatives)
-                for m in (ma, mb)
-                if isinstance(m.auc, Estimate)
-            ]
-            se = float(np.sqrt(sum(variances)))
+            se = float(
+                np.sqrt(
+                    comparable_variance(ma.auc.value, ma.auc_variance, ma.positives, ma.negatives)
+                    + comparable_variance(mb.auc.value, mb.auc_variance, mb.positives, mb.negatives)
+                )
+            )
             change = Estimate(d, d - Z95 * se, d + Z95 * se, "delong-unpaired")
             p = float(2 * norm.sf(abs(d) / se)) if se > 0 else (1.0 if d == 0 else 0.0)
         else:

@@ -47,8 +47,9 @@ def to_model_input(scan: DecodedScan, contract: InputContract) -> np.ndarray:
 
 
 def resize(x: torch.Tensor, contract: InputContract) -> torch.Tensor:
-    """(N, C, h, w) to the contract's H x W: stretched, or the shorter side resized then the centre
-    cropped (torchvision's ``Resize(min(H, W))`` then ``CenterCrop((H, W))``); bilinear, antialiased."""
+    """(N, C, h, w) to the contract's H x W: stretched, or resized to the smallest size that covers
+    H x W and its centre cropped (``InputContract.resized_and_cropped``; for a square input,
+    torchvision's ``Resize`` then ``CenterCrop``); bilinear, antialiased."""
     size = (contract.height, contract.width)
     if contract.resize == "resize_then_crop":
         scaled, top, left = contract.resized_and_cropped(x.shape[2], x.shape[3])

@@ -272,10 +272,6 @@ def _run(
                 writer.add(outcome, write)
             writer.flush(final=True)
         state = store.COMPLETED
-    except KeyboardInterrupt:
-        state, message = store.INTERRUPTED, "stopped by Ctrl-C; run the same command again to resume"
-        writer.flush(final=True, check=False)
-        raise
     except EvaluationStopped as exc:
         state, message = store.STOPPED, str(exc)
         writer.flush(final=True, check=False)
@@ -283,8 +279,9 @@ def _run(
     except Exception as exc:
         state, message = store.STOPPED, f"{type(exc).__name__}: {exc}"
         raise
-    except BaseException:  # SystemExit: Ray's driver turns SIGTERM into one (the run was recorded completed)
-        state, message = store.INTERRUPTED, "stopped by a signal; run the same command again to resume"
+    except BaseException as exc:  # Ctrl-C, or SystemExit: Ray's driver turns SIGTERM into one
+        why = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "a signal"
+        state, message = store.INTERRUPTED, f"stopped by {why}; run the same command again to resume"
         writer.flush(final=True, check=False)
         raise
     finally:

@@ -203,6 +203,10 @@ def _v(value: object, style: ParagraphStyle, limit: int = 120) -> Paragraph | st
     return text if len(text) <= SHORT else Paragraph(escape(text), style)
 
 
+#: reportlab's default left and right padding of a table cell (points)
+CELL_PADDING = 6
+
+
 def _kv_table(rows: Sequence[tuple[str, Paragraph | str]], st: Styles, width: float = HALF) -> Table:
     """Label and value per row; the label column as wide as its longest label (and the cells'
     padding), so that no label runs into its value ("Accession number" did, at 32 mm)."""
@@ -222,10 +226,6 @@ def _kv_table(rows: Sequence[tuple[str, Paragraph | str]], st: Styles, width: fl
         )
     )
     return table
-
-
-#: reportlab's default left and right padding of a table cell (points)
-CELL_PADDING = 6
 
 
 class _JpegReader(ImageReader):

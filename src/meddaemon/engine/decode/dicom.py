@@ -206,11 +206,8 @@ def header_metadata(data: bytes) -> ScanMetadata | None:
     """The per-scan facts of a DICOM file whose pixels could not be decoded, from the elements
     before its pixel data; None when they do not read as a DICOM object. A failed scan so still
     belongs to its study (the study report names it) and shows its modality and sender."""
-    try:
-        header = dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
-        return read_metadata(header) if _is_plausible(header) else None
-    except Exception:
-        return None
+    header = _read_header(data, fallback=Dataset())
+    return read_metadata(header) if _is_plausible(header) else None
 
 
 def _read_header(data: bytes, *, fallback: Dataset) -> Dataset:
