@@ -16,5 +16,5 @@ def dciodvfy_errors(path: Path) -> list[str]:
         if os.environ.get("CI"):
             pytest.fail("dciodvfy (Debian dicom3tools, scripts/system-packages.sh) is required in CI")
         pytest.skip("dciodvfy (Debian package dicom3tools) is not installed")
-    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=60)
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]

@@ -120,6 +120,11 @@ def test_the_sr_holds_the_stored_probabilities_and_calls_and_references_the_sour
         assert algorithm and algorithm[0].TextValue.startswith("meddaemon busi")
 
 
+def code_value(code: pydicom.Dataset) -> str:
+    """A code's value: Code Value up to 16 characters, Long Code Value past them."""
+    return str(code.get("CodeValue") or code.LongCodeValue)
+
+
 def _content_items(ds: pydicom.Dataset):  # type: ignore[no-untyped-def]
     for item in ds.get("ContentSequence", []):
         yield item
@@ -660,6 +665,59 @@ def test_every_object_keeps_the_patient_s_name_in_its_character_set_and_a_sex_on
             name,
             written_sex,
         ), key
+
+
+@pytest.mark.parametrize(
+    ("charset", "labels"),
+    [
+        (None, ("ductal_carcinoma_in_situ", "ductal_carcinoma_invasive")),
+        (None, ("l\u00e9sion_b\u00e9nigne", "l\u00e9sion_maligne")),
+        ("ISO_IR 100", ("\u826f\u6027", "\u60aa\u6027")),
+    ],
+    ids=["labels sharing their first 16 characters", "labels outside ASCII", "labels outside the source's Latin-1"],
+)
+def test_each_label_of_a_custom_task_is_its_own_code_in_objects_that_say_their_character_set(
+    tmp_path: Path, label_files: LabelResult, charset, labels: tuple[str, ...]
+):
+    """Two labels sharing their first 16 characters were one SR code value (a reader could not tell
+    which group was which), and a label outside the source's character set went out undeclared."""
+    path = write_dicom(tmp_path / "source.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    if charset:
+        ds.SpecificCharacterSet, ds.PatientName = charset, "M\u00fcller^J\u00fcrgen"
+        ds.save_as(path)
+    results = tuple(
+        dataclasses.replace(label_files, label=label, probability=p, positive=p >= 0.5)
+        for label, p in zip(labels, (0.25, 0.75), strict=True)
+    )
+    facts = ScanFacts(1, "ab" * 32, "custom", "v1", "small_cnn", results, read_source(path), "1.2.3.")
+    built = dict(build_objects(facts, ("sr", "pmap", "sc"), None, False))
+    assert {key.split(":")[0] for key in built} == {"sr", "pmap", "sc"}
+    for key, dataset in built.items():
+        written = tmp_path / f"{key.replace(':', '_')}.dcm"
+        dataset.save_as(written, enforce_file_format=True)
+        assert dciodvfy_errors(written) == [], key
+        if charset:
+            assert str(pydicom.dcmread(written).PatientName) == "M\u00fcller^J\u00fcrgen", key
+    back = pydicom.dcmread(tmp_path / "sr.dcm")
+    findings = [
+        i
+        for i in _content_items(back)
+        if i.ValueType == "CODE" and i.ConceptCodeSequence[0].CodeMeaning in ("Present", "Absent")
+    ]
+    measured = [i for i in _content_items(back) if i.ValueType == "NUM"]
+    assert len({code_value(i.ConceptNameCodeSequence[0]) for i in findings}) == 2
+    assert len({code_value(i.ConceptNameCodeSequence[0]) for i in measured}) == 2
+    assert {i.ConceptNameCodeSequence[0].CodeMeaning: i.ConceptCodeSequence[0].CodeMeaning for i in findings} == {
+        labels[0]: "Absent",
+        labels[1]: "Present",
+    }
+    assert {
+        i.ConceptNameCodeSequence[0].CodeMeaning.removeprefix(PROBABILITY_OF): i.MeasuredValueSequence[
+            0
+        ].FloatingPointValue
+        for i in measured
+    } == {labels[0]: 0.25, labels[1]: 0.75}
 
 
 def test_a_source_without_a_study_instance_uid_is_refused_by_name(tmp_path: Path):

@@ -3,13 +3,15 @@ header, read once; the builders (``sr``, ``pmap``, ``sc``, ``pdf``) are pure fun
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from sqlalchemy import func, select
@@ -169,6 +171,35 @@ def _normalise_character_set(ds: Dataset) -> None:
         del ds.SpecificCharacterSet
     else:
         ds.SpecificCharacterSet = terms if len(terms) > 1 else terms[0]
+
+
+def declaring_its_text(facts: ScanFacts) -> ScanFacts:
+    """``facts`` whose source declares a character set that holds the objects' own text too (the
+    labels, the task, the architecture, the model version, written beside the source's names): a
+    custom label outside it went out undeclared (``é`` as Latin-1 in an object naming no character
+    set) or as ``?``. Where the source's set does not hold it, the objects are in UTF-8 (ISO_IR 192),
+    the source's names decoded in its own set first."""
+    texts = [facts.task, facts.architecture, facts.model_version, *(r.label for r in facts.results)]
+    if all(text.isascii() for text in texts):
+        return facts
+    value = facts.source.get("SpecificCharacterSet")
+    if isinstance(value, str) and _holds(python_encoding.get(value), texts):
+        return facts
+    source = copy.deepcopy(facts.source)
+    source.decode()
+    source.SpecificCharacterSet = "ISO_IR 192"
+    return replace(facts, source=source)
+
+
+def _holds(codec: str | None, texts: list[str]) -> bool:
+    """Whether every text is in the character set of ``codec`` in no more bytes than UTF-8 spends
+    (what ``encoding.clipped`` counts)."""
+    if codec is None:
+        return False
+    try:
+        return all(len(text.encode(codec)) <= len(text.encode()) for text in texts)
+    except UnicodeEncodeError:
+        return False
 
 
 def load_heatmap(result: LabelResult) -> np.ndarray:

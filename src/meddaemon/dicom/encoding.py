@@ -55,6 +55,16 @@ _GROUP_LENGTH = Tag(0x0002, 0x0000)
 _FROZEN: dict[int, tuple[weakref.ref[Dataset], dict[tuple[str, ...], bytes]]] = {}
 
 
+def clipped(text: str, limit: int) -> str:
+    """``text``'s longest start that fits a value of ``limit`` bytes (an SH's 16, an LO's 64) in
+    UTF-8, and so in every character set the objects are written in (``content.declaring_its_text``
+    keeps a source's set only where it spends no more bytes): readers count the bytes."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[:limit].decode(errors="ignore")
+
+
 def freeze(item: Dataset) -> None:
     """A promise that ``item`` and everything in it never change again: its bytes are then made
     once and reused wherever it is an item of a sequence. An item with an ambiguous VR anywhere in

@@ -3,25 +3,37 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from meddaemon import MANUFACTURER
 from meddaemon.dicom.content import ScanFacts
+from meddaemon.dicom.encoding import clipped
 
 PROCESSING_EQUIPMENT = Code("109102", "DCM", "Processing Equipment")
 #: the coding scheme of meddaemon's own concepts (a private scheme: "99" prefix, PS3.16 8.2)
 SCHEME = "99MEDDAEMON"
 
 
+def code_value(label: str) -> str:
+    """A code value for the label: itself when it is printable ASCII without a backslash, else
+    derived from its hash (the meaning keeps the label). A Code Value's 16 characters are counted
+    in bytes by readers, and a value outside ASCII is one no query by code can type."""
+    if label.isascii() and label.isprintable() and "\\" not in label:
+        return label
+    return "L-" + hashlib.sha256(label.encode()).hexdigest()[:16]
+
+
 def contributing_equipment(facts: ScanFacts) -> hd.ContributingEquipment:
     return hd.ContributingEquipment(
         manufacturer=MANUFACTURER,
         purpose_of_reference=PROCESSING_EQUIPMENT,
-        manufacturer_model_name=facts.algorithm_name[:64],
-        software_versions=facts.software_version[:64],
-        contribution_description=f"classification by {facts.algorithm_name}, {facts.software_version}"[:64],
+        manufacturer_model_name=clipped(facts.algorithm_name, 64),
+        software_versions=clipped(facts.software_version, 64),
+        contribution_description=clipped(f"classification by {facts.algorithm_name}, {facts.software_version}", 64),
     )
 
 

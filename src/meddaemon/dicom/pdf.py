@@ -23,6 +23,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 from meddaemon import MANUFACTURER
 from meddaemon.dicom import uids
 from meddaemon.dicom.content import TYPE2_PATIENT_STUDY, ScanFacts
+from meddaemon.dicom.encoding import clipped
 from meddaemon.dicom.equipment import contributing_equipment
 
 KIND = "pdf"
@@ -106,7 +107,7 @@ def _encapsulate(
     ds.Modality = "DOC"
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
-    ds.SeriesDescription = description[:64]
+    ds.SeriesDescription = clipped(description, 64)
     # General Equipment, SC Equipment
     ds.Manufacturer = MANUFACTURER
     ds.ConversionType = "WSD"
@@ -116,7 +117,7 @@ def _encapsulate(
     ds.ContentTime = now.strftime("%H%M%S")
     ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
     ds.BurnedInAnnotation = "YES" if with_phi else "NO"
-    ds.DocumentTitle = title[:64]
+    ds.DocumentTitle = clipped(title, 64)
     concept = Dataset()
     concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = "18748-4", "LN", "Diagnostic imaging study"
     ds.ConceptNameCodeSequence = DicomSequence([concept])

@@ -22,7 +22,8 @@ from pydicom.sr.coding import Code
 from meddaemon import MANUFACTURER
 from meddaemon.dicom import uids
 from meddaemon.dicom.content import OutputRefused, ScanFacts, load_heatmap, per_label, sibling
-from meddaemon.dicom.equipment import SCHEME, contributing_equipment, copy_laterality
+from meddaemon.dicom.encoding import clipped
+from meddaemon.dicom.equipment import SCHEME, code_value, contributing_equipment, copy_laterality
 from meddaemon.label_results import LabelResult
 
 KIND = "pmap"
@@ -63,9 +64,9 @@ def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Da
         sop_instance_uid=_instance_uid(facts, result),
         instance_number=instance_number,
         manufacturer=MANUFACTURER,
-        manufacturer_model_name=facts.algorithm_name[:64],
-        software_versions=facts.software_version[:64],
-        device_serial_number=facts.model_version[:64],
+        manufacturer_model_name=clipped(facts.algorithm_name, 64),
+        software_versions=clipped(facts.software_version, 64),
+        device_serial_number=clipped(facts.model_version, 64),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[_value_mapping(result)],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
@@ -108,18 +109,18 @@ def _instance_uid(facts: ScanFacts, result: LabelResult) -> str:
 
 
 def _series_description(facts: ScanFacts, result: LabelResult) -> str:
-    return f"AI heatmap: {facts.task} {result.label}"[:64]
+    return clipped(f"AI heatmap: {facts.task} {result.label}", 64)
 
 
 def _value_mapping(result: LabelResult) -> hd.pm.RealWorldValueMapping:
     return hd.pm.RealWorldValueMapping(
-        lut_label=result.label[:16],
-        lut_explanation=f"Grad-CAM of {result.label}, 0 to 1"[:64],
+        lut_label=clipped(result.label, 16),
+        lut_explanation=clipped(f"Grad-CAM of {result.label}, 0 to 1", 64),
         unit=NO_UNITS,
         value_range=(0.0, 1.0),
         slope=1.0,
         intercept=0.0,
-        quantity_definition=Code(f"H-{result.label}"[:16], SCHEME, f"Heatmap of {result.label}"[:64]),
+        quantity_definition=Code(f"H-{code_value(result.label)}", SCHEME, clipped(f"Heatmap of {result.label}", 64)),
     )
 
 

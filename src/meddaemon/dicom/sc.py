@@ -30,6 +30,7 @@ from pydicom.uid import JPEGBaseline8Bit
 from meddaemon import MANUFACTURER
 from meddaemon.dicom import uids
 from meddaemon.dicom.content import NOT_FOR_DIAGNOSIS, ScanFacts, per_label, sibling
+from meddaemon.dicom.encoding import clipped
 from meddaemon.dicom.equipment import contributing_equipment, copy_laterality
 from meddaemon.label_results import LabelResult
 from meddaemon.overlays import overlay_jpeg
@@ -197,7 +198,7 @@ def _instance_uid(facts: ScanFacts, result: LabelResult) -> str:
 
 
 def _series_description(facts: ScanFacts, result: LabelResult) -> str:
-    return f"AI overlay: {facts.task} {result.label}"[:64]
+    return clipped(f"AI overlay: {facts.task} {result.label}", 64)
 
 
 def _derivation(facts: ScanFacts, result: LabelResult) -> str:

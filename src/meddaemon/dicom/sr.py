@@ -19,7 +19,8 @@ from pydicom.valuerep import DS
 from meddaemon import MANUFACTURER
 from meddaemon.dicom import encoding, uids
 from meddaemon.dicom.content import ScanFacts, sibling
-from meddaemon.dicom.equipment import SCHEME, contributing_equipment
+from meddaemon.dicom.encoding import clipped
+from meddaemon.dicom.equipment import SCHEME, code_value, contributing_equipment
 from meddaemon.label_results import LabelResult
 
 KIND = "sr"
@@ -31,11 +32,13 @@ AI_PROCEDURE = Code("363679005", "SCT", "Imaging")
 
 
 def finding_code(label: str) -> Code:
-    return Code(label[:16], SCHEME, label[:64])
+    """The label's own code: the whole label, a Long Code Value past 16 characters (truncated, two
+    labels sharing their first 16 characters were one code, and a reader could not tell them apart)."""
+    return Code(code_value(label), SCHEME, clipped(label, 64))
 
 
 def probability_code(label: str) -> Code:
-    return Code(f"P-{label}"[:16], SCHEME, f"Probability of {label}"[:64])
+    return Code(f"P-{code_value(label)}", SCHEME, clipped(f"Probability of {label}", 64))
 
 
 def build(facts: ScanFacts) -> Dataset:
@@ -65,7 +68,7 @@ def document_attributes(facts: ScanFacts) -> dict[str, Any]:
         "instance_number": 1,
         "manufacturer": MANUFACTURER,
         "is_complete": True,
-        "series_description": f"AI result: {facts.task} {facts.model_version}"[:64],
+        "series_description": clipped(f"AI result: {facts.task} {facts.model_version}", 64),
         "contributing_equipment": [contributing_equipment(facts)],
     }
 
@@ -73,14 +76,16 @@ def document_attributes(facts: ScanFacts) -> dict[str, Any]:
 def measurement_report(facts: ScanFacts) -> hd.sr.MeasurementReport:
     """The TID 1500 content tree: one measurement group per label."""
     source = facts.source
-    algorithm = hd.sr.AlgorithmIdentification(name=facts.algorithm_name[:64], version=facts.model_version[:64])
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=clipped(facts.algorithm_name, 64), version=clipped(facts.model_version, 64)
+    )
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=uids.derived_uid(facts.uid_root, "device", facts.task, facts.model_version),
-            name=facts.algorithm_name[:64],
+            name=clipped(facts.algorithm_name, 64),
             manufacturer_name=MANUFACTURER,
-            model_name=facts.model_version[:64],
+            model_name=clipped(facts.model_version, 64),
         ),
     )
     referenced = hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
@@ -88,7 +93,7 @@ def measurement_report(facts: ScanFacts) -> hd.sr.MeasurementReport:
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=uids.derived_uid(facts.uid_root, facts.sha256, facts.model_version, "finding", r.label),
-                identifier=r.label[:64],
+                identifier=clipped(r.label, 64),
             ),
             finding_type=finding_code(r.label),
             algorithm_id=algorithm,
@@ -141,7 +146,8 @@ def content_tree(facts: ScanFacts) -> Dataset:
 
 
 def _concept(item: Dataset) -> str:
-    return str(item.ConceptNameCodeSequence[0].CodeValue)
+    name = item.ConceptNameCodeSequence[0]
+    return str(name.get("CodeValue") or name.LongCodeValue)
 
 
 @dataclass(frozen=True)

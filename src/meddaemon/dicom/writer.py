@@ -28,7 +28,7 @@ from meddaemon import heap
 from meddaemon.config import DestinationConfig, Settings
 from meddaemon.db.models import Result, Scan
 from meddaemon.dicom import hot_paths, outbox, pdf, pmap, sc, sr
-from meddaemon.dicom.content import OutputRefused, ScanFacts, scan_facts
+from meddaemon.dicom.content import OutputRefused, ScanFacts, declaring_its_text, scan_facts
 from meddaemon.dicom.encoding import encode
 from meddaemon.files import fsync_dir, write_atomically
 from meddaemon.states import ScanState
@@ -76,6 +76,7 @@ def build_objects(
     facts: ScanFacts, kinds: tuple[str, ...], pdf_bytes: bytes | None, with_phi: bool
 ) -> list[tuple[str, Dataset]]:
     """(object key, dataset) for each output of ``kinds`` that the scan has the makings of."""
+    facts = declaring_its_text(facts)
     built: list[tuple[str, Dataset]] = []
     if "sr" in kinds:
         built.append((sr.KIND, sr.build(facts)))
