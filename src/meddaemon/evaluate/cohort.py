@@ -58,13 +58,16 @@ def read_cohort(path: Path, task: TaskSpec) -> Cohort:
     holding nothing but a dataset is refused (the user meant the dataset, masks are no inputs), as is
     one with a folder this user cannot list (its images would be left out unseen)."""
     path = path.absolute()
+    layout = None
     try:
         layout = detect_layout(path)
         index = load_dataset(path, task, layout=layout, check_images=False)
     except (NestedDataset, UnreadableDataset):
         raise
     except DatasetError as exc:
-        if not path.is_dir():
+        # a layout its own files tell (a label table, BUSI's classes, IDC's patients): a fault in
+        # them is the dataset's, not a folder of images (an archive filed by date is a folder per class)
+        if not path.is_dir() or layout not in (None, "folder-per-class"):
             raise
         with access_errors_named(path):
             files = list(image_files(path))
