@@ -1,5 +1,9 @@
 """The schema is created and upgraded by Alembic, identically to the models, on SQLite and PostgreSQL."""
 
+import subprocess
+import sys
+import time
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -208,3 +212,60 @@ def test_values_over_the_standard_s_lengths_are_kept_as_the_header_gave_them(mig
         )
     with migrated_engine.connect() as conn:
         assert conn.execute(text("SELECT study_instance_uid, view_position FROM scans")).one() == (long_uid, long_code)
+
+
+#: one daemon's start, as far as the schema goes: upgrade once ``go`` exists
+UPGRADING = """
+import sys, time
+from pathlib import Path
+from meddaemon.db.engine import create_db_engine
+from meddaemon.db.migrate import upgrade
+engine = create_db_engine(sys.argv[1])
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.005)
+upgrade(engine)
+"""
+
+
+def test_daemons_starting_together_on_a_new_database_upgrade_it_once_and_all_go_on(db_url, tmp_path):
+    """Several hosts' daemons started at once (after a package upgrade) each upgraded the schema:
+    on PostgreSQL all but one failed on the objects the first had just created (a traceback, exit 1)."""
+    go = tmp_path / "go"
+    daemons = [
+        subprocess.Popen([sys.executable, "-c", UPGRADING, db_url, str(go)], stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    time.sleep(3)  # each has imported meddaemon and waits
+    go.touch()
+    errors = [daemon.communicate(timeout=120)[1] for daemon in daemons]
+    assert [daemon.returncode for daemon in daemons] == [0, 0, 0], errors
+    engine = create_db_engine(db_url)
+    require_current(engine)
+    engine.dispose()
+
+
+def test_failed_scans_of_a_0004_database_sharing_one_failed_name_upgrade_and_the_newest_keeps_it(db_url):
+    """Before 0005 a failed file's name was chosen by looking at the disk only: once an operator
+    cleared failed/, the next failure of that name took it again. 0005's unique index on the stored
+    name then refused the upgrade, for good (the daemon could not start)."""
+    engine = create_db_engine(db_url)
+    upgrade(engine, "0004")
+    with engine.begin() as conn:
+        for scan_id, sha in ((1, "aa"), (2, "bb"), (3, "cc")):
+            conn.execute(
+                text(
+                    "INSERT INTO scans (id, sha256, state, source_name, stored_path, failure_reason, registered_at, "
+                    f"updated_at) VALUES ({scan_id}, '{sha}', 'failed', 'scan.png', "
+                    f"'{'failed/scan.png' if scan_id < 3 else 'failed/other.png'}', 'corrupt_image', "
+                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+    upgrade(engine)
+    require_current(engine)
+    with engine.connect() as conn:
+        stored = dict(conn.execute(text("SELECT id, stored_path FROM scans ORDER BY id")).all())
+        events = conn.execute(text("SELECT scan_id, state, detail FROM scan_events")).all()
+    assert stored == {1: None, 2: "failed/scan.png", 3: "failed/other.png"}
+    assert [(scan_id, state) for scan_id, state, _ in events] == [(1, "failed")]
+    assert "failed/scan.png" in events[0].detail and "scan 2" in events[0].detail
+    engine.dispose()

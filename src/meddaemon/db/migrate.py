@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, inspect
+from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.engine import make_url
 
 from meddaemon.db.engine import create_db_engine, is_sqlite
@@ -89,17 +89,28 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+#: the PostgreSQL advisory lock an upgrade holds (any number; the same for every meddaemon)
+UPGRADE_LOCK = 0x6D6564_6462  # "meddb"
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision``; refuse a database that is ahead of this code."""
-    current = current_revision(engine)
+    """Bring the schema to ``revision``; refuse a database that is ahead of this code.
+
+    One upgrade at a time: daemons started together on several hosts each upgraded a new
+    PostgreSQL database, and all but the first failed on the objects it had just created. The
+    revision is read under the lock (SQLite's BEGIN IMMEDIATE, PostgreSQL's advisory lock), so
+    the others find the schema done."""
     script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
-    if current is not None and not _known(script, current):
-        raise SchemaTooNew(
-            f"database schema is at revision {current}, which this meddaemon does not know; "
-            "upgrade meddaemon before using this database"
-        )
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.connect() as conn, foreign_keys_off(conn), conn.begin():
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK})
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current is not None and not _known(script, current):
+            raise SchemaTooNew(
+                f"database schema is at revision {current}, which this meddaemon does not know; "
+                "upgrade meddaemon before using this database"
+            )
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
 

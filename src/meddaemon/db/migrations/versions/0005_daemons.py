@@ -5,6 +5,8 @@ Revises: 0004
 Create Date: 2026-11-23 23:30:00
 """
 
+from datetime import UTC, datetime
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -45,6 +47,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("path", name=op.f("pk_inbox_claims")),
     )
     op.create_index(op.f("ix_inbox_claims_daemon_id"), "inbox_claims", ["daemon_id"], unique=False)
+    _leave_each_stored_name_to_its_newest_scan()
     with op.batch_alter_table("scans", schema=None) as batch_op:
         batch_op.add_column(sa.Column("claimed_by", sa.Integer(), nullable=True))
         batch_op.create_index(batch_op.f("ix_scans_claimed_by"), ["claimed_by"], unique=False)
@@ -53,6 +56,40 @@ def upgrade() -> None:
         batch_op.create_foreign_key(
             batch_op.f("fk_scans_claimed_by_daemons"), "daemons", ["claimed_by"], ["id"], ondelete="SET NULL"
         )
+
+
+def _leave_each_stored_name_to_its_newest_scan() -> None:
+    """Before this revision a failed or archived file's name was chosen by looking at the disk only:
+    once an operator cleared ``failed/``, the next failure of that name took it again, and the
+    unique index below refused the upgrade for good. The file is the newest scan's; the older
+    scans' was gone already: their name is forgotten, with an event saying so."""
+    scans = sa.table("scans", sa.column("id", sa.Integer()), sa.column("state"), sa.column("stored_path"))
+    events = sa.table("scan_events", sa.column("scan_id"), sa.column("state"), sa.column("at"), sa.column("detail"))
+    bind = op.get_bind()
+    shared = (
+        sa.select(scans.c.stored_path)
+        .where(scans.c.stored_path.is_not(None))
+        .group_by(scans.c.stored_path)
+        .having(sa.func.count() > 1)
+    )
+    for path in bind.execute(shared).scalars().all():
+        *older, newest = bind.execute(
+            sa.select(scans.c.id, scans.c.state).where(scans.c.stored_path == path).order_by(scans.c.id)
+        ).all()
+        at = datetime.now(UTC)
+        bind.execute(
+            events.insert(),
+            [
+                {
+                    "scan_id": scan_id,
+                    "state": state,
+                    "at": at,
+                    "detail": f"{path} is scan {newest.id}'s file: this scan's was gone before revision 0005",
+                }
+                for scan_id, state in older
+            ],
+        )
+        bind.execute(scans.update().where(scans.c.id.in_([scan_id for scan_id, _ in older])).values(stored_path=None))
 
 
 def downgrade() -> None:
