@@ -105,6 +105,16 @@ def test_bad_file_fails_with_its_reason_and_is_kept(case: str, make_settings, tm
     assert not bad.exists() and not good.exists()
 
 
+@pytest.mark.parametrize("mode", [0o000, 0o200, 0o300], ids=["000", "200", "300"])
+def test_a_file_without_read_permission_is_failed_naming_its_own_mode(make_settings, tmp_path: Path, mode: int):
+    """Every such file was "(mode 000)", whatever its mode: an upload left write-only reads 200."""
+    bad = synthetic_png(tmp_path / "inbox" / "busi" / "upload.png")
+    os.chmod(bad, mode)
+    scan = scans_by_name(run_once(make_settings()))["busi/upload.png"]
+    assert (scan.state, scan.failure_reason) == ("failed", "unreadable")
+    assert scan.failure_message == f"the file has no read permission (mode {mode:03o})"
+
+
 def test_a_failed_file_named_like_a_reason_document_and_the_file_it_names_are_both_kept(make_settings, tmp_path: Path):
     """A failed/ folder copied back into the inbox: ``x.png`` and ``x.png.reason.json`` fail in one
     batch. Filed as received, the second would be where the first's reason is written: the one

@@ -152,6 +152,37 @@ def test_a_folder_the_daemon_cannot_list_is_named_once_and_its_files_are_read_on
     assert files_under(inbox) == []
 
 
+def test_a_folder_listed_but_not_searchable_is_named_and_never_stops_the_daemon(daemons: Daemons):
+    """A folder that can be listed but not entered (mode 0444): the daemon saw its files' names and
+    died on looking at them, at start (every restart the same) and when a folder was locked while a
+    file in it waited out its window. Its files wait, named once; they are read once it can."""
+    inbox = daemons.layout.inbox
+    drop(inbox, f"{TASK}/beside.png", synthetic_png(daemons.layout.root, 1), rename=False)
+    drop(inbox, f"{TASK}/listed/inside.png", synthetic_png(daemons.layout.root, 2), rename=False)
+    (inbox / TASK / "later").mkdir()
+    (inbox / TASK / "listed").chmod(0o444)
+    try:
+        daemon = daemons.start(stable=1.5, rescan=0.5, wrap=held_to_file_modes)
+        wait_until(lambda: f"{TASK}/beside.png (sha256" in daemon.log_text(), 60, "the readable file", daemon)
+        warning = f"cannot list inbox folder {TASK}/listed (Permission denied"
+        wait_until(lambda: warning in daemon.log_text(), 10, "the warning", daemon)
+        (inbox / TASK / "later" / "waiting.png").write_bytes(synthetic_png(daemons.layout.root, 3))
+        time.sleep(0.3)  # seen, its window not yet passed
+        (inbox / TASK / "later").chmod(0o000)
+        time.sleep(3.0)
+        drop(inbox, f"{TASK}/next.png", synthetic_png(daemons.layout.root, 4), rename=True)
+        wait_until(lambda: f"{TASK}/next.png (sha256" in daemon.log_text(), 30, "a file dropped after", daemon)
+        assert daemon.log_text().count(warning) == 1
+    finally:
+        (inbox / TASK / "listed").chmod(0o755)
+        (inbox / TASK / "later").chmod(0o755)
+    for name in ("listed/inside.png", "later/waiting.png"):
+        wait_until(lambda: f"{TASK}/{name} (sha256" in daemon.log_text(), 30, name, daemon)  # noqa: B023
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    assert files_under(inbox) == []
+
+
 def status_output(layout: Layout, *options: str) -> str:
     command = [str(MEDDAEMON), "status", "--watch", str(layout.inbox), "--state-dir", str(layout.state), *options]
     done = subprocess.run(held_to_file_modes(command), capture_output=True, text=True, env=daemon_env())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
@@ -78,6 +79,10 @@ class Inbox:
             except OSError as exc:
                 unlisted[self._folder_name(folder)] = exc.strerror or str(exc)
                 continue
+            unsearchable = _unsearchable(entries)
+            if unsearchable is not None:
+                unlisted[self._folder_name(folder)] = f"{unsearchable} to look at its files"
+                continue
             if self.unlisted and (name := self._folder_name(folder)) in self.unlisted:
                 relisted.add(name)
             for entry in entries:
@@ -91,6 +96,29 @@ class Inbox:
 
     def _folder_name(self, folder: Path) -> PurePosixPath:
         return PurePosixPath(folder.relative_to(self.root).as_posix())
+
+
+def _unsearchable(entries: list[os.DirEntry[str]]) -> str | None:
+    """Why a folder's listed entries cannot be looked at (a folder listed but not searchable, mode
+    0444), or None: one ``lstat`` tells for the folder. Its files' names were yielded, and the first
+    look at them stopped the daemon."""
+    if not entries:
+        return None
+    try:
+        os.lstat(entries[0].path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
+def is_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder now (not one that is gone, or cannot be looked at)."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def rename_to_utf8(root: Path, name: PurePosixPath) -> PurePosixPath:

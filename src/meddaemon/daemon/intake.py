@@ -120,7 +120,9 @@ def _read(path: Path, expected: Signature | None, options: DecodeOptions) -> Int
     if not stat.S_ISREG(st.st_mode):
         raise ScanFailure(FailureReason.UNREADABLE, "not a regular file")
     if st.st_mode & 0o444 == 0:
-        raise ScanFailure(FailureReason.UNREADABLE, "the file has no read permission (mode 000)")
+        raise ScanFailure(
+            FailureReason.UNREADABLE, f"the file has no read permission (mode {stat.S_IMODE(st.st_mode):03o})"
+        )
 
     data, after = read_whole(path, max_bytes=options.max_file_bytes)
     if expected is not None and Signature.of(after) != expected:

@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from meddaemon.config import Settings
 from meddaemon.daemon import bookkeeper, claims
 from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, PlannedMove
-from meddaemon.daemon.inbox import Inbox, folder_words, rename_to_utf8
+from meddaemon.daemon.inbox import Inbox, folder_words, is_folder, rename_to_utf8
 from meddaemon.daemon.inference import Commit, InferenceStage
 from meddaemon.daemon.intake import Intake, IntakeContext, read_file, read_files
 from meddaemon.daemon.metrics import DaemonMetrics
@@ -239,7 +239,7 @@ class IntakeStage(Stage):
             path = self.inbox.canonical(hint.path)
             if path is None or path in self.blocked or path in self.unrenamed:
                 continue
-            if self.inbox.is_candidate(path) and not path.is_dir():
+            if self.inbox.is_candidate(path) and not is_folder(path):
                 self.tracker.observe(path, complete=hint.renamed_in)
 
     # -- reading in workers ----------------------------------------------------------------------

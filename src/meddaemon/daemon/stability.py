@@ -27,9 +27,11 @@ class Signature:
 
 
 def signature(path: Path) -> Signature | None:
+    """None for a file that is gone, or that cannot be looked at now (its folder locked meanwhile:
+    the inbox's scan names the folder, and finds the file again once it can)."""
     try:
         return Signature.of(os.lstat(path))
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:
         return None
 
 
