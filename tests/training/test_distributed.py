@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -56,3 +57,29 @@ def test_two_gloo_processes_give_the_metrics_of_one(tmp_path: Path) -> None:
     auc_one = one["metrics"]["test"]["roc_auc"]  # type: ignore[index]
     assert auc_one >= 0.9 and auc_two >= 0.9, (auc_one, auc_two)
     assert abs(auc_two - auc_one) <= TOLERANCE, (auc_one, auc_two)
+
+
+@pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun is not installed beside this Python")
+def test_a_rank_that_fails_ends_the_whole_run_at_once_with_its_message(tmp_path: Path) -> None:
+    """Rank 0 refused the dataset (its test split empty) and waited at the last barrier, while rank
+    1, which had not checked, waited in training's first collective: both for ever (gloo's timeout is
+    30 minutes), torchrun never told. The failing rank leaves at once and torchrun stops the other."""
+    data = write_phantoms("busi", tmp_path / "busi", count=1, size=32, seed=7).root
+    state = tmp_path / "state"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    upgrade = [sys.executable, "-m", "meddaemon.cli.medcli", "db", "upgrade", "--state-dir", str(state)]
+    subprocess.run(upgrade, capture_output=True, env=env, timeout=120, check=True)
+    command = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    command += ["-m", "meddaemon.cli.medcli", "retrain", "busi", "--data", str(data), "--state-dir", str(state), *FAST]
+    run = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        _, stderr = run.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)  # torchrun and both ranks
+        run.communicate()
+        pytest.fail("the run hung after its rank 0 failed")
+    assert run.returncode != 0
+    assert "error: bad dataset" in stderr and "split is empty" in stderr, stderr[-2000:]
+    assert not (state / "models" / "busi").exists()

@@ -152,83 +152,89 @@ def retrain(
         )
     except ValueError as exc:  # checked before the dataset is read
         raise click.UsageError(str(exc)) from None
-    distributed.setup(config.device)  # under torchrun: join the process group (a no-op otherwise)
-    click.get_current_context().call_on_close(distributed.teardown)
-    if not distributed.is_main():
-        _train_shard(spec, data, config, workdir, resume, max(1, workers // distributed.world_size()), parent)
-        distributed.barrier()  # rank 0 evaluates, writes and registers the version
-        return
-    say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
-    ctx = click.get_current_context()
-    try:
-        with hashing_progress(disable=not _wants_bar(as_json)) as progress:
-            split_data = split_dataset(
-                spec, data, config.seed, workers=workers, progress=progress, contract=trained_on(spec, config, parent)
+    with distributed.joined(config.device):  # under torchrun: the process group (a no-op otherwise)
+        if not distributed.is_main():
+            _train_shard(spec, data, config, workdir, resume, max(1, workers // distributed.world_size()), parent)
+            distributed.barrier()  # rank 0 evaluates, writes and registers the version
+            return
+        say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
+        ctx = click.get_current_context()
+        try:
+            with hashing_progress(disable=not _wants_bar(as_json)) as progress:
+                split_data = split_dataset(
+                    spec,
+                    data,
+                    config.seed,
+                    workers=workers,
+                    progress=progress,
+                    contract=trained_on(spec, config, parent),
+                )
+            outcome = run_retrain(
+                spec,
+                data,
+                config,
+                workdir,
+                version=version_name,
+                resume=resume,
+                show_progress=_wants_bar(as_json),
+                split_data=split_data,
+                log=say,
+                warn=echo_warning,
+                parent=parent,
             )
-        outcome = run_retrain(
-            spec,
-            data,
-            config,
-            workdir,
-            version=version_name,
-            resume=resume,
-            show_progress=_wants_bar(as_json),
-            split_data=split_data,
-            log=say,
-            warn=echo_warning,
-            parent=parent,
-        )
-    except KeyboardInterrupt:
-        click.echo(_how_to_resume(ctx, task, workdir), err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except DatasetError as exc:
-        click.echo(f"error: bad dataset: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except (ValueError, FileNotFoundError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_FAILURE)
+        except KeyboardInterrupt:
+            click.echo(_how_to_resume(ctx, task, workdir), err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except DatasetError as exc:
+            click.echo(f"error: bad dataset: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+        except (ValueError, FileNotFoundError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_FAILURE)
 
-    blockers = promotion_blockers(outcome.flags) if promote and not force else []
-    engine = open_database(settings)
-    try:
-        with transaction(session_factory(engine)) as session:
-            state_dir = settings.state_dir
-            row = registry.import_version(
-                session, outcome.version_dir, settings.models_dir, tasks=settings.task_specs, state_dir=state_dir
+        blockers = promotion_blockers(outcome.flags) if promote and not force else []
+        engine = open_database(settings)
+        try:
+            with transaction(session_factory(engine)) as session:
+                state_dir = settings.state_dir
+                row = registry.import_version(
+                    session, outcome.version_dir, settings.models_dir, tasks=settings.task_specs, state_dir=state_dir
+                )
+                if promote and not blockers:
+                    row = registry.promote(session, row.task_name, row.version, state_dir=state_dir)
+                registered = registry.version_summary(row, state_dir)
+        except registry.RegistryError as exc:
+            click.echo(f"error ({exc.reason}): {exc.message}", err=True)
+            sys.exit(EXIT_FAILURE)
+        finally:
+            engine.dispose()
+        distributed.barrier()
+
+        summary = {**outcome.summary(), "registered": registered, "promotion_refused": blockers}
+        for flag in outcome.flags:
+            click.secho(f"WARNING: {flag}", fg="red", bold=True, err=True)
+        promote_line = command_line(
+            "models", "promote", task, registered["version"], *given_options(ctx, SETTINGS_PARAMS)
+        )
+        if blockers:
+            click.secho(
+                f"not promoted: the model is flagged {', '.join(sorted({b.split(':', 1)[0] for b in blockers}))}; "
+                f"it is registered, not served. Read the model card, then serve it anyway with: {promote_line}",
+                fg="red",
+                bold=True,
+                err=True,
             )
-            if promote and not blockers:
-                row = registry.promote(session, row.task_name, row.version, state_dir=state_dir)
-            registered = registry.version_summary(row, state_dir)
-    except registry.RegistryError as exc:
-        click.echo(f"error ({exc.reason}): {exc.message}", err=True)
-        sys.exit(EXIT_FAILURE)
-    finally:
-        engine.dispose()
-    distributed.barrier()
-
-    summary = {**outcome.summary(), "registered": registered, "promotion_refused": blockers}
-    for flag in outcome.flags:
-        click.secho(f"WARNING: {flag}", fg="red", bold=True, err=True)
-    promote_line = command_line("models", "promote", task, registered["version"], *given_options(ctx, SETTINGS_PARAMS))
-    if blockers:
-        click.secho(
-            f"not promoted: the model is flagged {', '.join(sorted({b.split(':', 1)[0] for b in blockers}))}; "
-            f"it is registered, not served. Read the model card, then serve it anyway with: {promote_line}",
-            fg="red",
-            bold=True,
-            err=True,
-        )
-    if as_json:
-        echo_json(summary)
-    else:
-        test = outcome.metrics["test"]
-        click.echo(
-            f"{task}/{registered['version']}: test accuracy {_fmt(test['accuracy'])}, "
-            f"ROC-AUC {_fmt(test['roc_auc'])} on {test['n']} images; {registered['status']} in {registered['path']}"
-        )
-        click.echo(f"model card: {outcome.version_dir / 'MODEL_CARD.md'}")
-        if not promote:
-            click.echo(f"serve it with: {promote_line}")
+        if as_json:
+            echo_json(summary)
+        else:
+            test = outcome.metrics["test"]
+            click.echo(
+                f"{task}/{registered['version']}: test accuracy {_fmt(test['accuracy'])}, "
+                f"ROC-AUC {_fmt(test['roc_auc'])} on {test['n']} images; {registered['status']} in {registered['path']}"
+            )
+            click.echo(f"model card: {outcome.version_dir / 'MODEL_CARD.md'}")
+            if not promote:
+                click.echo(f"serve it with: {promote_line}")
     if blockers:
         sys.exit(EXIT_USAGE)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -73,6 +73,34 @@ def teardown() -> None:
     with contextlib.suppress(RuntimeError):  # torch.distributed.DistError included
         dist.barrier()
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def joined(device: str) -> Iterator[str]:
+    """The process group joined for the block (``setup``: the device this process trains on), and
+    left at its end: all processes together when it ends well (``teardown``), at once when it
+    raises (a ``SystemExit`` of a failure too). A failing rank's last barrier waited for peers
+    blocked in another collective (the gradients' all-reduce, DDP's start): none ever returned, and
+    torchrun never learnt of the failure (gloo's timeout is 30 minutes). A rank that leaves at once
+    exits, and torchrun stops the others."""
+    local = setup(device)
+    try:
+        yield local
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            teardown()
+        else:
+            _leave()
+        raise
+    except BaseException:
+        _leave()
+        raise
+    teardown()
+
+
+def _leave() -> None:
+    if active():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
