@@ -380,3 +380,47 @@ def test_ctrl_c_exits_130_and_prints_the_command_that_resumes(busi: Path, tmp_pa
     resumed = CliRunner().invoke(medcli, command[1:])
     assert resumed.exit_code == 0, resumed.output
     assert "resumed from" in resumed.output
+
+
+def _interrupt(*_: object, **__: object) -> None:
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_the_version_is_written_leaves_a_resume_that_runs(
+    busi: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted between the weights and the card, the version folder was left half-written under
+    its final name: the ``--resume`` printed was refused ("already holds a version named")."""
+    state = upgraded(tmp_path / "state")
+    args = ["retrain", "busi", "--data", str(busi), *state, *FAST, "--version", "w1"]
+    with monkeypatch.context() as patched:
+        patched.setattr("meddaemon.training.pipeline.write_figures", _interrupt)
+        interrupted = CliRunner().invoke(medcli, args)
+    assert interrupted.exit_code == 130, interrupted.output
+    assert not (tmp_path / "state" / "training" / "busi" / "versions" / "w1").exists()
+    command = shlex.split(interrupted.stderr.split("continue with: ", 1)[1].strip())
+    resumed = CliRunner().invoke(medcli, command[1:])
+    assert resumed.exit_code == 0, resumed.output
+    assert {p.name for p in (tmp_path / "state" / "training" / "busi" / "versions").iterdir()} == {"w1"}
+    assert (tmp_path / "state" / "models" / "busi" / "w1" / "MODEL_CARD.md").is_file()
+
+
+def test_ctrl_c_while_registering_exits_130_registers_nothing_and_says_how_to_register(
+    busi: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It exited 1 with click's "Aborted!", the trained version stranded under a name taken."""
+    state = upgraded(tmp_path / "state")
+    args = ["retrain", "busi", "--data", str(busi), *state, *FAST, "--version", "r1"]
+    with monkeypatch.context() as patched:
+        patched.setattr("meddaemon.engine.registry.import_version", _interrupt)
+        interrupted = CliRunner().invoke(medcli, args)
+    assert interrupted.exit_code == 130, interrupted.output
+    assert "nothing was registered" in interrupted.stderr
+    listed = CliRunner().invoke(medcli, ["models", "list", "--json", *state])
+    assert json.loads(listed.stdout) == []
+    command = shlex.split(interrupted.stderr.split("register it with: ", 1)[1].strip())
+    assert command[:3] == ["medcli", "models", "import"]
+    imported = CliRunner().invoke(medcli, command[1:])
+    assert imported.exit_code == 0, imported.output
+    listed = CliRunner().invoke(medcli, ["models", "list", "--json", *state])
+    assert [(r["version"], r["status"]) for r in json.loads(listed.stdout)] == [("r1", "registered")]

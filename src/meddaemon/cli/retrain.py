@@ -206,6 +206,16 @@ def retrain(
         except registry.RegistryError as exc:
             click.echo(f"error ({exc.reason}): {exc.message}", err=True)
             sys.exit(EXIT_FAILURE)
+        except KeyboardInterrupt:
+            import_line = command_line(
+                "models", "import", str(outcome.version_dir), *given_options(ctx, SETTINGS_PARAMS)
+            )
+            click.echo(
+                f"interrupted while registering: nothing was registered; the trained version is whole in "
+                f"{outcome.version_dir}; register it with: {import_line}",
+                err=True,
+            )
+            sys.exit(EXIT_INTERRUPTED)
         finally:
             engine.dispose()
         distributed.barrier()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -78,6 +79,13 @@ def default_version() -> str:
 def version_folder(workdir: Path, version: str) -> Path:
     """Where :func:`retrain` writes version ``version`` before it is registered."""
     return workdir / "versions" / version
+
+
+def partial_folder(version_dir: Path) -> Path:
+    """Where a version is written until it is whole (weights, manifest, split, figures, card), then
+    renamed to ``version_dir``: a run interrupted while writing it left a half version under the
+    final name, which the ``--resume`` it printed then refused as a version already there."""
+    return version_dir.with_name(f".{version_dir.name}.partial")
 
 
 def version_name_taken(session: Session, task: str, version: str, workdir: Path) -> str | None:
@@ -189,6 +197,9 @@ def retrain(
 
     version = version or default_version()
     out = version_folder(workdir, version)
+    staging = partial_folder(out)
+    if staging.exists():  # a run interrupted before its version was whole
+        shutil.rmtree(staging)
     manifest = save_version(
         result.model.to("cpu"),
         task=spec.name,
@@ -197,16 +208,16 @@ def retrain(
         kind=spec.kind,
         architecture=config.architecture,
         input_contract=result.contract,
-        out_dir=out,
+        out_dir=staging,
         preprocessing={"function": "meddaemon.engine.preprocess.to_model_input", "training": config.as_dict()},
         thresholds=thresholds,
         training_data_fingerprint=fingerprint(split_path, index),
         metrics=metrics,
         provenance=None if parent is None else {"parent": parent.record()},
     )
-    (out / SPLIT_FILE).write_bytes(split_path.read_bytes())
+    (staging / SPLIT_FILE).write_bytes(split_path.read_bytes())
     figures = write_figures(
-        out,
+        staging,
         kind=spec.kind,
         labels=spec.labels,
         history=result.history,
@@ -218,7 +229,8 @@ def retrain(
         contract=result.contract,
     )
     outcome = RetrainOutcome(out, manifest, metrics, flags, result, split, index, figures)
-    (out / MODEL_CARD).write_text(model_card(outcome, spec, data), encoding="utf-8")
+    (staging / MODEL_CARD).write_text(model_card(outcome, spec, data), encoding="utf-8")
+    staging.rename(out)
     return outcome
 
 
