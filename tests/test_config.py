@@ -289,3 +289,100 @@ def test_a_custom_task_s_single_modality_or_body_part_is_one_value_not_its_lette
     )
     knee = load_settings(config, env={}).task_specs["knee"]
     assert (knee.route_modality, knee.route_body_part, knee.contract.modalities) == (("CR",), ("KNEE",), ("CR",))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # each was accepted: an empty inbox is the working directory (the daemon filed its own config
+        # file as a failed scan), a text setting took any value's Python text ('True', "['a', 'b']")
+        ('watch = ""\n', "'watch' from file .*: empty"),
+        ('state_dir = "  "\n', "'state_dir' from file .*: empty"),
+        ("ae_title = true\n", "'ae_title' from file .*: True is not text"),
+        ('node = ["a", "b"]\n', "'node' from file .*: .* is not text"),
+        ("ignore = [1, 2]\n", "'ignore' from file .*: 1 is not text"),
+        # pynetdicom refuses what is outside ASCII: the receiver restarted every 2 s, for ever
+        ('ae_title = "KLINIK-\u00c4RZTE"\n', "'ae_title' from file .*: 'KLINIK-\u00c4RZTE' is not an AE title"),
+        ('dicom_allowed_callers = ["MODALIT\u00c9"]\n', "'dicom_allowed_callers' from file .*: .* is not an AE title"),
+        ('ae_title = "A\\u007fB"\n', "'ae_title' from file .*: .* is not an AE title"),
+        # heartbeats past the platform's time: the lease thread died, the daemon ran on
+        ("lease_seconds = 1e300\n", "'lease_seconds' from file .*: .*<= 86400"),
+        # a table where an array of tables belongs: its keys' letters were named
+        ('[route]\ntask = "busi"\n', r"'route' from file .*: use \[\[route\]\]"),
+        ('[destination]\nname = "x"\n', r"'destination' from file .*: use \[\[destination\]\]"),
+        ("[task_dicom_outputs]\nbusi = 5\n", "'task_dicom_outputs' from file .*: task_dicom_outputs.busi is not"),
+    ],
+)
+def test_a_setting_of_the_wrong_shape_is_refused_naming_it(tmp_path: Path, content: str, message: str):
+    config = tmp_path / "bad.toml"
+    config.write_text(content, encoding="utf-8")
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config, env={})
+
+
+@pytest.mark.parametrize("variable", ["MEDDAEMON_WATCH", "MEDDAEMON_STATE_DIR"])
+def test_an_empty_folder_from_the_environment_is_refused_not_the_working_directory(variable: str):
+    with pytest.raises(ConfigError, match=f"{variable}: empty"):
+        load_settings(env={variable: ""})
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.write_bytes("watch = 'caf\u00e9'\n".encode("latin-1")), "is not UTF-8"),
+        (lambda p: p.mkdir(), "cannot be read: Is a directory"),
+    ],
+    ids=["latin-1", "a folder"],
+)
+def test_a_config_file_that_cannot_be_read_is_an_error_naming_it(tmp_path: Path, make, message: str):  # type: ignore[no-untyped-def]
+    """A traceback, exit 1 (UnicodeDecodeError, IsADirectoryError) from MEDDAEMON_CONFIG."""
+    config = tmp_path / "meddaemon.toml"
+    make(config)
+    with pytest.raises(ConfigError, match=f"config file {config} {message}"):
+        load_settings(env={"MEDDAEMON_CONFIG": str(config)})
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('archtecture = "densenet121"\n', r"unknown keys \['archtecture'\] \(did you mean architecture\?\)"),
+        ("stable_seconds = 30\n", r"unknown keys \['stable_seconds'\]"),  # a top-level setting written below the table
+        ('architecture = "nosuchnet"\n', "architecture 'nosuchnet' is not one of"),
+        ("[tasks.knee.recipe]\nepochz = 3\n", r"recipe has unknown keys \['epochz'\]"),
+    ],
+)
+def test_a_custom_task_s_unknown_keys_and_architecture_are_refused(tmp_path: Path, table: str, message: str):
+    """Ignored without a word: the task ran with resnet18 and no route, the setting at its default."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[tasks.knee]\nlabels = ["normal", "oa"]\nkind = "binary"\n'
+        "contract = { channels = 1, height = 64, width = 64 }\n" + table
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config, env={})
+
+
+@pytest.mark.parametrize(
+    ("name", "contract", "message"),
+    [
+        ("knee", "{ channels = 1, height = 0, width = 224 }", "height must be at least 1"),
+        ("../../etc", "{ channels = 1, height = 64, width = 64 }", "a task's name is letters, digits"),
+        ("a/b", "{ channels = 1, height = 64, width = 64 }", "a task's name is letters, digits"),
+        (".hidden", "{ channels = 1, height = 64, width = 64 }", "a task's name is letters, digits"),
+    ],
+)
+def test_a_custom_task_s_name_and_input_size_are_checked(tmp_path: Path, name: str, contract: str, message: str):
+    """A task's name is a folder of the registry and of the inbox: ``../../etc`` put a model's folder
+    outside ``models/``; a height of 0 failed at the first scan (a resize to nothing)."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[tasks."{name}"]\nlabels = ["normal", "oa"]\nkind = "binary"\ncontract = {contract}\n')
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config, env={})
+
+
+def test_a_database_password_in_the_url_s_query_is_hidden_as_the_one_before_the_host():
+    settings = load_settings(
+        env={"MEDDAEMON_DB": "postgresql+psycopg://med@db.example/med?password=S3CRET&sslmode=require"}
+    )
+    shown = settings.public_dict()  # what config show prints
+    assert "S3CRET" not in str(shown) and "sslmode=require" in str(shown)

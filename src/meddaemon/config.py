@@ -58,8 +58,9 @@ class RouteRule:
 
 #: the inbox folder the DICOM receiver writes to (``Settings.received_dir``)
 RECEIVED_FOLDER = "dicom"
-#: an AE title: 1 to 16 characters, no backslash nor control character, not only spaces
-_AE_TITLE = re.compile(r"(?=.*[^ ])[^\\\x00-\x1f]{1,16}")
+#: an AE title: 1 to 16 characters of the default repertoire (printable ASCII), no backslash, not
+#: only spaces (pynetdicom refuses the rest: a receiver so named restarted every 2 s, for ever)
+_AE_TITLE = re.compile(r"(?=.*[^ ])[\x20-\x5b\x5d-\x7e]{1,16}")
 
 #: the DICOM objects a scan's results can be written as (``meddaemon.dicom``)
 DICOM_OUTPUT_KINDS = ("sr", "pmap", "sc", "pdf")
@@ -383,7 +384,7 @@ def _relative_to_file(key: str, value: Any, folder: Path) -> Any:
     directory, the files of ``_FILE_KEYS``, and a folder destination's ``path``. ``~`` is the user's
     home, as in a shell (joined first, ``/etc/meddaemon/~/inbox``). A value that is no path (``watch
     = 5``) is left for the setting's own check, which names it."""
-    if isinstance(value, str) and (key in _PATH_KEYS or (key in _FILE_KEYS and value)):
+    if isinstance(value, str) and value.strip() and (key in _PATH_KEYS or key in _FILE_KEYS):
         return str(folder / Path(value).expanduser())
     if key == "destination" and isinstance(value, list):
         return [
@@ -400,6 +401,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text("utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} does not exist") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 (byte {exc.start} is {exc.object[exc.start]:#04x})"
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     unknown = sorted(set(data) - set(SETTING_NAMES))
@@ -453,6 +460,8 @@ def _coerce(name: str, value: Any) -> Any:
     if name in _PATH_KEYS:
         if not isinstance(value, (str, Path)):
             raise ValueError(f"{value!r} is not a path")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty (it would be the working directory)")
         path = canonical_path(Path(value))
         if not is_utf8(path):
             raise ValueError(
@@ -475,22 +484,39 @@ def _coerce(name: str, value: Any) -> Any:
             raise ValueError("tasks must be a table of [tasks.NAME] tables")
         return {task: task_from_dict(task, spec) for task, spec in value.items()}
     if name == "destination":
-        return tuple(_destination_from_dict(d) for d in value)
+        return tuple(_destination_from_dict(d) for d in _tables(value, "destination"))
     if name == "task_dicom_outputs":
         if not isinstance(value, Mapping):
             raise ValueError("task_dicom_outputs must be a table: task = [outputs]")
-        return {str(task): _dicom_kinds(kinds) for task, kinds in value.items()}
+        return {str(task): _dicom_kinds(kinds, f"task_dicom_outputs.{task}") for task, kinds in value.items()}
     if name == "dicom_outputs":
         return _dicom_kinds(value)
     if name in _LIST_KEYS:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
-        return tuple(str(v) for v in value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{value!r} is not a list of texts")
+        return tuple(_text(v) for v in value)
     if name == "route":
-        return tuple(_route_from_dict(r) for r in value)
+        return tuple(_route_from_dict(r) for r in _tables(value, "route"))
     if name == "web_users":
         return _web_users(value)
-    return str(value)
+    return _text(value)
+
+
+def _text(value: Any) -> str:
+    """A text setting's value: a number or a list where text belongs was taken as its Python text
+    (``ae_title = true`` was ``'True'``)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not text")
+    return value
+
+
+def _tables(value: Any, key: str) -> list[Mapping[str, Any]]:
+    """An array of tables (``[[key]]``): a table written ``[key]`` was read as its keys' letters."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, Mapping) for item in value):
+        raise ValueError(f"use [[{key}]] (an array of tables, one per {key}), not [{key}] or a value")
+    return list(value)
 
 
 def _parse_bool(value: Any) -> bool:
@@ -566,9 +592,11 @@ def _web_users(value: Any) -> dict[str, dict[str, str]]:
     return users
 
 
-def _dicom_kinds(value: Any) -> tuple[str, ...]:
+def _dicom_kinds(value: Any, key: str = "dicom_outputs") -> tuple[str, ...]:
     if isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key} is not a list of outputs ({', '.join(DICOM_OUTPUT_KINDS)}): {value!r}")
     kinds = tuple(str(v) for v in value)
     unknown = [k for k in kinds if k not in DICOM_OUTPUT_KINDS]
     if unknown:
@@ -592,6 +620,12 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
         raise ValueError(f"destination {name!r} ({kind}) needs {missing}")
     if kind == "dicom" and not 1 <= _parse_int(data["port"]) <= 65535:
         raise ValueError(f"destination {name!r}: port {data['port']} is not a TCP port (1-65535)")
+    for key in ("ae_title", "calling_ae_title") if kind == "dicom" else ():
+        if key in data and not (isinstance(data[key], str) and _AE_TITLE.fullmatch(data[key])):
+            raise ValueError(
+                f"destination {name!r}: {key} {data[key]!r} is not an AE title (1 to 16 printable ASCII "
+                "characters, no backslash)"
+            )
     tasks = data.get("tasks", ())
     return DestinationConfig(
         name=name,
@@ -610,9 +644,9 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
 
 
 def _without_password(url: str) -> str:
-    from sqlalchemy.engine import make_url
+    from meddaemon.db.engine import shown_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    return shown_url(url)
 
 
 def _route_as_dict(rule: RouteRule) -> dict[str, Any]:
@@ -651,8 +685,8 @@ def _validate(s: Settings) -> None:
         fail("concurrent_batches", "must be >= 0 (0: two on the CPU, one on a GPU)")
     if s.ray_stall_seconds <= 0:
         fail("ray_stall_seconds", "must be > 0")
-    if s.lease_seconds < 1:
-        fail("lease_seconds", "must be >= 1 (heartbeats go every quarter of it)")
+    if not 1 <= s.lease_seconds <= 86400:
+        fail("lease_seconds", "must be >= 1 (heartbeats go every quarter of it) and <= 86400 (a day)")
     for key in ("db_lock_timeout_seconds", "db_idle_in_transaction_seconds", "db_keepalive_seconds"):
         if getattr(s, key) < 0:
             fail(key, "must be >= 0 (0: no limit)")
@@ -730,7 +764,10 @@ def _validate_dicom_in(s: Settings, fail: Any) -> None:
     for key, titles in (("ae_title", (s.ae_title,)), ("dicom_allowed_callers", s.dicom_allowed_callers)):
         for title in titles:
             if not _AE_TITLE.fullmatch(title):
-                fail(key, f"{title!r} is not an AE title (1 to 16 characters, no backslash, not only spaces)")
+                fail(
+                    key,
+                    f"{title!r} is not an AE title (1 to 16 printable ASCII characters, no backslash, not only spaces)",
+                )
     if s.dicom_max_associations < 1:
         fail("dicom_max_associations", "must be >= 1")
     if s.dicom_min_free_bytes < 0:

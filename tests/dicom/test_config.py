@@ -102,6 +102,17 @@ def test_the_defaults_write_every_output_and_send_nowhere():
             "keep_open_seconds = -1\n",
             "keep_open_seconds >= 0",
         ),
+        # pynetdicom refused them at every send: each object retried to dead, a traceback each time
+        (
+            '[[destination]]\nname = "x"\nkind = "dicom"\nae_title = "THIS-AE-TITLE-IS-TOO-LONG"\nhost = "h"\n'
+            "port = 104\n",
+            "ae_title 'THIS-AE-TITLE-IS-TOO-LONG' is not an AE title",
+        ),
+        (
+            '[[destination]]\nname = "x"\nkind = "dicom"\nae_title = "P"\nhost = "h"\nport = 104\n'
+            'calling_ae_title = "MED\\\\DAEMON"\n',
+            "calling_ae_title .* is not an AE title",
+        ),
     ],
 )
 def test_a_bad_dicom_out_setting_is_an_error_naming_it(tmp_path: Path, text: str, message: str):

@@ -45,7 +45,14 @@ from meddaemon.daemon.stability import StableFile
 from meddaemon.daemon.stages import ChildProcess, Stage, log_lock_wait
 from meddaemon.daemon.watcher import WatcherStage
 from meddaemon.daemon.workers import DecodingPool
-from meddaemon.db.engine import create_db_engine, is_lock_error, session_factory, transaction, with_lock_retry
+from meddaemon.db.engine import (
+    create_db_engine,
+    is_lock_error,
+    session_factory,
+    shown_url,
+    transaction,
+    with_lock_retry,
+)
 from meddaemon.db.migrate import upgrade
 from meddaemon.engine.decode import decodable_transfer_syntaxes
 from meddaemon.engine.decode.dicom import quiet_pydicom
@@ -239,7 +246,7 @@ class Daemon:
                 "watching %s (state in %s, database %s, %s workers)",
                 self.inbox.root,
                 self.settings.state_dir,
-                self.engine.url.render_as_string(hide_password=True),
+                shown_url(self.engine.url),
                 self.settings.workers or "no",
             )
             for stage in self.stages:

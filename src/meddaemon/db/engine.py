@@ -17,11 +17,20 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
+
+
+def shown_url(url: str | URL) -> str:
+    """A database URL for messages and ``config show``: no password, neither the one before the host
+    nor libpq's ``?password=`` (operators paste these into tickets)."""
+    parsed = make_url(url)
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True)
 
 
 def is_sqlite(url: str) -> bool:

@@ -18,7 +18,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.engine import make_url
 
-from meddaemon.db.engine import create_db_engine, is_sqlite
+from meddaemon.db.engine import create_db_engine, is_sqlite, shown_url
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -120,7 +120,7 @@ def database_location(url: str) -> str:
     parsed = make_url(url)
     if is_sqlite(url) and parsed.database:
         return str(Path(parsed.database))
-    return parsed.render_as_string(hide_password=True)
+    return shown_url(parsed)
 
 
 def open_current(url: str, busy_timeout: float = 5.0) -> Engine:

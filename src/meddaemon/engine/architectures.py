@@ -25,16 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-ARCHITECTURES = (
-    "small_cnn",
-    "resnet18",
-    "resnet34",
-    "vgg16",
-    "mobilenet_v2",
-    "densenet121",
-    "efficientnet_v2_s",
-    "efficientnet_v2_s_selu",
-)
+from meddaemon.engine.tasks import ARCHITECTURES
 
 Init = Literal["scratch", "imagenet"]
 

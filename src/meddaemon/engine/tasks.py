@@ -9,6 +9,8 @@ copy of the contract it was trained with.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,20 @@ def text_values(value: Any, what: str) -> tuple[str, ...]:
     raise ValueError(f"{what} must be a text or a list of texts, not {value!r}")
 
 
+#: the networks a model can be (``engine.architectures.build_model`` builds each); here, where the
+#: config is checked without importing torch
+ARCHITECTURES = (
+    "small_cnn",
+    "resnet18",
+    "resnet34",
+    "vgg16",
+    "mobilenet_v2",
+    "densenet121",
+    "efficientnet_v2_s",
+    "efficientnet_v2_s_selu",
+)
+
+
 @dataclass(frozen=True)
 class InputContract:
     """What a scan must be to go into the model, and how it is turned into a tensor."""
@@ -55,6 +71,9 @@ class InputContract:
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):  # grey or RGB: what a decoded scan can be made into
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), not {self.channels!r}")
+        for side in ("height", "width"):
+            if not isinstance(getattr(self, side), int) or getattr(self, side) < 1:
+                raise ValueError(f"{side} must be at least 1 pixel, not {getattr(self, side)!r}")
         if self.resize not in RESIZES:
             raise ValueError(f"resize must be one of {list(RESIZES)}, not {self.resize!r}")
         if self.normalisation not in NORMALISATIONS:
@@ -335,16 +354,53 @@ class TaskError(ValueError):
 
 #: the longest task name and label the database keeps (``tasks.name``, ``results.label``)
 MAX_NAME = 64
+#: a custom task's name: a folder of the inbox and of the model registry
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+#: the keys of a ``[tasks.NAME]`` table and of its ``recipe``
+TASK_KEYS = (
+    "kind",
+    "labels",
+    "contract",
+    "description",
+    "architecture",
+    "alternatives",
+    "recipe",
+    "dataset_layout",
+    "route_modality",
+    "route_body_part",
+)
+RECIPE_KEYS = (
+    "loss",
+    "optimizer",
+    "learning_rate",
+    "batch_size",
+    "epochs",
+    "scheduler",
+    "early_stopping_patience",
+    "class_weighting",
+    "augmentation",
+    "split",
+)
 
 
 def task_from_dict(name: str, data: Mapping[str, Any]) -> TaskSpec:
     """A custom task from its ``[tasks.NAME]`` table; errors name the task and the field."""
     try:
+        _refuse_unknown(data, TASK_KEYS, "")
+        _refuse_unknown(data.get("recipe", {}), RECIPE_KEYS, "recipe ")
         kind = str(data["kind"])
         if kind not in KINDS:
             raise TaskError(f"kind must be one of {KINDS}, not {kind!r}")
         if not 0 < len(name) <= MAX_NAME:
             raise TaskError(f"a task's name is 1 to {MAX_NAME} characters")
+        if not TASK_NAME.fullmatch(name):
+            raise TaskError(
+                "a task's name is letters, digits, '_', '.' and '-', not starting with '.' or '-' "
+                "(it names a folder of the inbox and of the model registry)"
+            )
+        architecture = str(data.get("architecture", "resnet18"))
+        if architecture not in ARCHITECTURES:
+            raise TaskError(f"architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
         labels = tuple(str(x) for x in data["labels"])
         if len(labels) < 2:
             raise TaskError("a task needs at least two labels")
@@ -361,7 +417,7 @@ def task_from_dict(name: str, data: Mapping[str, Any]) -> TaskSpec:
             description=str(data.get("description", "")),
             labels=labels,
             kind=kind,
-            architecture=str(data.get("architecture", "resnet18")),
+            architecture=architecture,
             alternatives=tuple(data.get("alternatives", ())),
             contract=InputContract.from_dict({**defaults, **contract}),
             recipe=TrainingRecipe(
@@ -384,6 +440,18 @@ def task_from_dict(name: str, data: Mapping[str, Any]) -> TaskSpec:
         raise TaskError(f"task {name!r}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise TaskError(f"task {name!r}: missing or invalid field {exc}") from None
+
+
+def _refuse_unknown(table: Any, known: tuple[str, ...], what: str) -> None:
+    """A key the table does not take, named with the closest it does: a misspelt key (and a
+    top-level setting written below the table, which TOML puts in it) was ignored without a word."""
+    if not isinstance(table, Mapping):
+        raise TaskError(f"{what or 'the task'} must be a table")
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise TaskError(f"{what}has unknown keys {unknown}{hint}; known: {list(known)}")
 
 
 def all_tasks(custom: Mapping[str, TaskSpec] | None = None) -> dict[str, TaskSpec]:
