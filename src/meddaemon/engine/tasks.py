@@ -72,7 +72,7 @@ class InputContract:
         if self.channels not in (1, 3):  # grey or RGB: what a decoded scan can be made into
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), not {self.channels!r}")
         for side in ("height", "width"):
-            if not isinstance(getattr(self, side), int) or getattr(self, side) < 1:
+            if getattr(self, side) < 1:
                 raise ValueError(f"{side} must be at least 1 pixel, not {getattr(self, side)!r}")
         if self.resize not in RESIZES:
             raise ValueError(f"resize must be one of {list(RESIZES)}, not {self.resize!r}")
