@@ -23,7 +23,37 @@ class LabelResult:
     #: the map's grid as its row keeps it (``.npy`` bytes)
     grid: bytes | None = None
 
+    def shown(self, places: int, percent: bool = False) -> tuple[str, str]:
+        """The probability and the threshold as text (``shown_against``)."""
+        return shown_against(self.probability, self.threshold, self.positive, places, percent)
+
     @property
     def stored_map(self) -> bytes | Path | None:
         """What ``engine.heatmap_grid.read_map`` reads the map from: the grid, or an older row's file."""
         return self.grid if self.grid is not None else self.array_path
+
+
+#: the most decimals ``shown_against`` adds to tell a probability from its threshold
+MORE_PLACES = 4
+
+
+def shown_against(
+    probability: float, threshold: float, positive: bool, places: int, percent: bool = False
+) -> tuple[str, str]:
+    """A probability and its threshold as text with the same decimals: ``places``, or as many more
+    (up to ``MORE_PLACES``) as it takes for the two to compare as the numbers do. 0.4996 against
+    0.5, negative, read "0.500" beside "0.50"; 0.348 against a tuned 0.3468, positive, "35%" beside
+    "0.35". A call that is not the threshold's (a multiclass top class) gets ``places``."""
+
+    def text(value: float, digits: int) -> str:
+        return f"{100 * value:.{digits}f}%" if percent else f"{value:.{digits}f}"
+
+    def order(a: float, b: float) -> int:
+        return (a > b) - (a < b)
+
+    if positive == (probability >= threshold):
+        for digits in range(places, places + MORE_PLACES + 1):
+            shown = text(probability, digits), text(threshold, digits)
+            if order(*(float(s.rstrip("%")) for s in shown)) == order(probability, threshold):
+                return shown
+    return text(probability, places), text(threshold, places)

@@ -221,7 +221,9 @@ def test_a_study_report_lists_every_scan_then_each_scans_sections():
 def test_every_template_loads_and_words_every_finding(task: str):
     template = load_template(task)
     for key in template.finding:
-        assert template.finding[key].format(label="L", probability=0.5, threshold=0.5, labels="L", count=1)
+        assert template.finding[key].format(
+            label="L", probability=0.5, threshold=0.5, probability_text="50%", threshold_text="50%", labels="L", count=1
+        )
     assert template.disclaimer and template.sections[0] == "finding"
 
 
@@ -248,3 +250,27 @@ def test_every_label_of_a_key_value_table_fits_its_column_in_the_report_s_own_bo
     table = _kv_table(rows, styles(fonts))
     widest = max(stringWidth(label, fonts.bold, 9) for label, _ in rows)
     assert table._colWidths[0] >= widest + 2 * 6  # reportlab's padding, left and right
+
+
+@pytest.mark.parametrize(
+    ("task", "probability", "threshold", "positive", "table", "finding"),
+    [
+        ("covid", 0.4996, 0.5, False, "0.4996 0.5000", "probability 49.96% (threshold 50.00%)"),
+        ("covid", 0.348, 0.3468, True, "0.348 0.347", "probability 34.8% (threshold 34.7%)"),
+        ("covid", 0.9, 0.5, True, "0.900 0.500", "probability 90% (threshold 50%)"),
+    ],
+    ids=["just under", "a tuned threshold just under", "far over"],
+)
+def test_a_probability_and_its_threshold_are_shown_to_the_digits_that_compare_as_the_call(
+    task: str, probability: float, threshold: float, positive: bool, table: str, finding: str
+):
+    """0.4996 against 0.5, negative, read "0.500 0.50 negative" and "probability 50% (threshold 0.50)";
+    0.348 against a Youden threshold of 0.3468, positive, "probability 35% (threshold 0.35)"."""
+    data = scan_data(task, positives=set())
+    data = replace(
+        data, results=[replace(data.results[-1], probability=probability, threshold=threshold, positive=positive)]
+    )
+    text, *_ = render(data)
+    flat = " ".join(text.split())
+    assert table in flat, flat
+    assert finding in flat, flat

@@ -316,3 +316,26 @@ def test_a_viewer_never_sees_patient_data_a_clinician_does(console, filled_root)
         assert not any(phi in html for phi in PHI_STRINGS), url
     assert "PHIFAMILY" in clinician.get(f"/scans/{study_scan.id}").text
     assert "PHIFAMILY" in clinician.get("/worklist").text
+
+
+def test_a_probability_and_its_threshold_are_shown_to_the_digits_that_compare_as_the_call(fresh_root):
+    """0.4996 against 0.5, negative, read "50.0%" beside "0.500" and "negative"."""
+    scan = next(s for s in stored_scans(fresh_root) if s.state == "archived" and s.task_name == "chestxray14")
+    engine = create_db_engine(web_settings(fresh_root).db_url)
+    with transaction(session_factory(engine)) as session:
+        under, over = session.scalars(select(Result).where(Result.scan_id == scan.id).order_by(Result.id).limit(2))
+        under.probability, under.threshold, under.positive = 0.4996, 0.5, False
+        over.probability, over.threshold, over.positive = 0.348, 0.3468, True
+        labels = under.label, over.label
+    engine.dispose()
+    app = create_app(web_settings(fresh_root))
+    try:
+        html = signed_in(app, "viewer").get(f"/scans/{scan.id}").text
+    finally:
+        app.state.console.dispose()
+    rows = {
+        label: re.sub(r"<[^>]+>", " ", html.split(f"<tr><td>{label}</td>", 1)[1].split("</tr>", 1)[0]).split()
+        for label in labels
+    }
+    assert rows[labels[0]] == ["49.96%", "50.00%", "negative"]
+    assert rows[labels[1]] == ["34.8%", "34.7%", "positive"]

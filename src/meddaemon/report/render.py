@@ -156,10 +156,13 @@ def top_finding(data: ScanReportData, template: ReportTemplate) -> tuple[str, bo
 
 
 def _finding(template: ReportTemplate, key: str, result: LabelResult, labels: str = "", count: int = 0) -> str:
+    probability_text, threshold_text = result.shown(0, percent=True)
     return template.finding[key].format(
         label=template.label(result.label),
         probability=result.probability,
         threshold=result.threshold,
+        probability_text=probability_text,
+        threshold_text=threshold_text,
         labels=labels,
         count=count,
     )
@@ -319,8 +322,10 @@ def labels_section(data: ScanReportData, template: ReportTemplate, st: Styles) -
     for row, r in enumerate(data.results, start=1):
         style = st.cell_positive if r.positive else st.cell
         call = template.word("positive") if r.positive else template.word("negative")
-        rule = "top class" if multiclass else f"{r.threshold:.2f}"
-        rows.append([_v(template.label(r.label), style, 60), f"{r.probability:.3f}", rule, call])
+        probability, threshold = r.shown(3)
+        rows.append(
+            [_v(template.label(r.label), style, 60), probability, "top class" if multiclass else threshold, call]
+        )
         if r.positive:
             commands += [("FONT", (0, row), (-1, row), st.fonts.bold, 9), ("TEXTCOLOR", (0, row), (-1, row), POSITIVE)]
     table = Table(rows, colWidths=[70 * mm, 35 * mm, 35 * mm, BODY_WIDTH - 140 * mm], repeatRows=1)

@@ -21,6 +21,8 @@ _SAMPLE = {
     "labels": "A, B",
     "probability": 0.5,
     "threshold": 0.5,
+    "probability_text": "50%",
+    "threshold_text": "50%",
     "count": 2,
     "scan_id": 1,
     "sha": "ab",

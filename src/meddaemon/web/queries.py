@@ -32,6 +32,7 @@ from meddaemon.db.models import (
     WebAction,
     utcnow,
 )
+from meddaemon.label_results import shown_against
 from meddaemon.states import ScanState
 
 #: States a scan waits in for a daemon (or a model) to act on it.
@@ -324,6 +325,11 @@ class LabelCall:
     threshold: float
     positive: bool
     heatmap_id: int | None
+
+    @property
+    def shown(self) -> tuple[str, str]:
+        """The probability and the threshold as percentages that compare as the call does."""
+        return shown_against(self.probability, self.threshold, self.positive, 1, percent=True)
 
 
 @dataclass
