@@ -13,6 +13,7 @@ from meddaemon.db.models import ModelVersion, Result, Scan
 from meddaemon.engine.tasks import all_tasks
 from meddaemon.report.content import NoResult, find_scan, scans_report_data
 from meddaemon.states import ScanState
+from meddaemon.web import queries as web_queries
 from model_factory import ReportedStates, promote, write_model
 from sql_statements import recorded_statements
 
@@ -85,3 +86,30 @@ def test_the_scans_of_a_report_round_are_read_together_each_with_its_latest_vers
     rerun_data = found[rerun_id]
     assert rerun_data.model.version == "v2" and [r.probability for r in rerun_data.results] == [0.2, 0.7, 0.1]
     assert all(r.overlay_path is None for r in rerun_data.results)  # v2 drew no heatmap for it
+
+
+def test_a_scan_s_report_and_its_console_page_show_the_newest_version_s_results_whatever_the_order_stored(
+    reported_states: ReportedStates, tmp_path: Path
+):
+    """v3 then v2 ran on a scan (``medcli evaluate --model v2`` after v3's run): the report showed v2
+    (the results stored last) and the console v3 as current, v2 "(earlier)". Both show v3 now."""
+    daemon = reported_states.copy(tmp_path / "state")
+    for version in ("v2", "v3"):
+        promote(daemon, write_model(tmp_path / f"busi_{version}", version=version))
+    with transaction(daemon.sessions) as session:
+        scan = session.scalars(select(Scan).where(Scan.task_name == "busi").order_by(Scan.id)).first()
+        by_name = {
+            v.version: v.id for v in session.scalars(select(ModelVersion).where(ModelVersion.task_name == "busi"))
+        }
+        for version, malignant in (("v3", 0.7), ("v2", 0.3)):
+            for label, probability in (("benign", 0.2), ("malignant", malignant), ("normal", 0.1)):
+                session.add(Result(scan_id=scan.id, model_version_id=by_name[version], label=label,
+                                   probability=probability, threshold=0.5, positive=probability > 0.5))  # fmt: skip
+        scan_id = scan.id
+    with daemon.sessions() as session:
+        scan = session.get(Scan, scan_id)
+        data = scans_report_data(session, [scan], daemon.settings.task_specs, state_dir=daemon.settings.state_dir)
+        detail = web_queries.scan_detail(session, scan_id, with_phi=False)
+    assert data[scan_id].model.version == "v3"
+    assert [r.probability for r in data[scan_id].results] == [0.2, 0.7, 0.1]
+    assert detail.results[0].version == "v3"

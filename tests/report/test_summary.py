@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from meddaemon.daemon.service import Daemon
+from meddaemon.db.engine import transaction
+from meddaemon.db.models import ModelVersion, Result, Scan
 from meddaemon.report.fonts import report_fonts
 from meddaemon.report.summary import parse_since, render_summary, summarise
-from model_factory import PHI_STRINGS, read_pdf
+from model_factory import PHI_STRINGS, ReportedStates, promote, read_pdf, write_model
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -31,6 +35,37 @@ def test_since_takes_a_duration_or_an_iso_date(text: str, expected: datetime):
 def test_since_refuses_anything_else():
     with pytest.raises(ValueError, match="neither a duration"):
         parse_since("yesterday", NOW)
+    with pytest.raises(ValueError, match="too far back"):  # an OverflowError traceback, exit 1
+        parse_since("1000000d", NOW)
+
+
+def test_a_time_with_another_offset_selects_the_same_scans_as_its_utc_time(reported: Daemon):
+    """SQLite keeps times without their zone: 10:00+02:00 was compared as 10:00 UTC, two hours late
+    (no scan), and 09:00-05:00 five hours early (every scan, after --until too)."""
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    east = an_hour_ago.astimezone(timezone(timedelta(hours=2))).isoformat()
+    with reported.sessions() as session:
+        assert summarise(session, parse_since(east)).scans == summarise(session, an_hour_ago).scans == 8
+    assert parse_since(east).tzinfo == UTC
+
+
+def test_a_scan_run_by_two_model_versions_is_counted_once_with_the_newest_version_s_calls(
+    reported_states: ReportedStates, tmp_path: Path
+):
+    """Every version's results were counted: 8 calls for 5 multiclass scans."""
+    daemon = reported_states.copy(tmp_path / "state")
+    promote(daemon, write_model(tmp_path / "busi_v2", version="v2"))
+    with transaction(daemon.sessions) as session:
+        rerun = session.scalars(select(Scan).where(Scan.task_name == "busi").order_by(Scan.id)).first()
+        v2 = session.scalars(select(ModelVersion).where(ModelVersion.version == "v2")).one()
+        for label, probability in (("benign", 0.2), ("malignant", 0.7), ("normal", 0.1)):
+            session.add(Result(scan_id=rerun.id, model_version_id=v2.id, label=label,
+                               probability=probability, threshold=0.5, positive=probability > 0.5))  # fmt: skip
+    with daemon.sessions() as session:
+        busi = summarise(session, parse_since("24h")).tasks["busi"]
+    assert busi.scans == 6 and sum(busi.top_label.values()) == 6
+    assert all(entry.n == 6 for entry in busi.labels.values())
+    assert sum(entry.positive for entry in busi.labels.values()) == 6
 
 
 def test_the_summary_counts_calls_failures_latency_and_probabilities_per_task(reported: Daemon):

@@ -13,7 +13,7 @@ from sqlalchemy import delete, select
 
 from meddaemon.daemon import filing
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
-from meddaemon.db.models import AuditPdf, Heatmap, Report, Result, Scan
+from meddaemon.db.models import AuditPdf, Heatmap, ModelVersion, Report, Result, Scan
 from meddaemon.engine import registry
 from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.web.app import create_app
@@ -107,7 +107,7 @@ def test_a_scan_page_shows_each_map_over_the_scan_calls_history_report_and_metad
     assert f'src="/scans/{scan.id}/image.png?map={maps[0]}"' in html
     assert 'id="opacity"' in html and "data-opacity" in html
     assert 'id="timeline"' in html and "registered" in html and "archived" in html
-    assert f'data="/reports/{report}.pdf"' in html
+    assert f'data="/reports/{report}.pdf"' in html and 'id="report-older"' not in html
     assert 'id="metadata"' in html
     layer = Image.open(io.BytesIO(client.get(f"/heatmaps/{maps[0]}.png").content))
     base = Image.open(io.BytesIO(client.get(f"/scans/{scan.id}/image.png?map={maps[0]}").content))
@@ -339,3 +339,25 @@ def test_a_probability_and_its_threshold_are_shown_to_the_digits_that_compare_as
     }
     assert rows[labels[0]] == ["49.96%", "50.00%", "negative"]
     assert rows[labels[1]] == ["34.8%", "34.7%", "positive"]
+
+
+def test_a_report_written_before_the_newest_version_s_results_says_so_beside_them(fresh_root):
+    """The page showed busi/v2's calls beside the daemon's PDF of v1's, without a word."""
+    scan = next(s for s in stored_scans(fresh_root) if s.state == "archived" and s.task_name == "busi")
+    settings = web_settings(fresh_root)
+    engine = create_db_engine(settings.db_url)
+    with transaction(session_factory(engine)) as session:
+        current = session.scalars(select(Result).where(Result.scan_id == scan.id)).first()
+        newer = ModelVersion(task_name="busi", version="v2", architecture="small_cnn", sha256="ef" * 32,
+                             path="models/busi/v2", status="registered", manifest={})  # fmt: skip
+        session.add(newer)
+        session.flush()
+        session.add(Result(scan_id=scan.id, model_version_id=newer.id, label=current.label, probability=0.25,
+                           threshold=0.5, positive=False))  # fmt: skip
+    engine.dispose()
+    app = create_app(settings)
+    try:
+        html = signed_in(app, "viewer").get(f"/scans/{scan.id}").text
+    finally:
+        app.state.console.dispose()
+    assert 'id="report-older"' in html and "before the results of busi/v2" in html

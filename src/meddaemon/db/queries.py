@@ -4,11 +4,21 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ScalarSelect, func, select
+from sqlalchemy.orm import Session, aliased
 
-from meddaemon.db.models import DuplicateArrival, ModelVersion, Scan, Task, utcnow
+from meddaemon.db.models import DuplicateArrival, ModelVersion, Result, Scan, Task, utcnow
+
+
+def newest_version_of(scan_id: Any) -> ScalarSelect[Any]:
+    """The model version whose results are a scan's results, wherever they are shown (reports, the
+    console, the summary, DICOM outputs): the newest that ran on it, the highest version id,
+    whatever order the results were stored in (``medcli evaluate --model v2`` after v3's run stores
+    v2's last; the report showed v2, the console v3). ``scan_id``: an id, or the enclosing query's column."""
+    other = aliased(Result)
+    return select(func.max(other.model_version_id)).where(other.scan_id == scan_id).scalar_subquery()
 
 
 @dataclass

@@ -14,12 +14,13 @@ from pydicom import dcmread
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from meddaemon import __version__
 from meddaemon.daemon.filing import view_path
 from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan
+from meddaemon.db.queries import newest_version_of
 from meddaemon.dicom import encoding
 from meddaemon.dicom.uids import uid_like
 from meddaemon.engine.heatmap_grid import read_map
@@ -87,7 +88,7 @@ def scan_facts(session: Session, scan_id: int, state_dir: Path, uid_root: str) -
         raise LookupError(f"no scan {scan_id}")
     if scan.format != "dicom" or scan.sha256 is None or scan.stored_path is None:
         raise OutputRefused("not_dicom", "the scan did not arrive as DICOM: there is no study to join")
-    version_id = session.scalar(select(func.max(Result.model_version_id)).where(Result.scan_id == scan_id))
+    version_id = session.scalar(select(newest_version_of(scan_id)))
     if version_id is None:
         raise OutputRefused("no_result", "the scan has no stored result")
     model = session.get(ModelVersion, version_id)

@@ -179,7 +179,9 @@ def scans_report_data(
         if scans
         else []
     )
-    latest = {row.scan_id: row.model_version_id for row in rows}  # in id order: the last is the latest
+    latest: dict[int, int] = {}  # the newest version of each scan (``db.queries.newest_version_of``)
+    for row in rows:
+        latest[row.scan_id] = max(latest.get(row.scan_id, row.model_version_id), row.model_version_id)
     versions = session.scalars(select(ModelVersion).where(ModelVersion.id.in_(set(latest.values())))) if latest else []
     models = {version.id: _model_info(version, specs) for version in versions}
     scan_rows: dict[int, list[Row[Any]]] = {}

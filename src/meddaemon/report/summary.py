@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from meddaemon.db.models import ModelVersion, Result, Scan, utcnow
+from meddaemon.db.queries import newest_version_of
 from meddaemon.report.fonts import Fonts
 from meddaemon.report.render import BODY_WIDTH, RULE, Rendered, Styles, build, styles, when
 from meddaemon.report.templates import ReportTemplate, load_template
@@ -35,12 +36,16 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     match = _RELATIVE.match(text)
     if match:
         amount, unit = float(match.group(1)), match.group(2).lower()
-        return now - timedelta(**{{"h": "hours", "d": "days", "m": "minutes"}[unit]: amount})
+        try:
+            return now - timedelta(**{{"h": "hours", "d": "days", "m": "minutes"}[unit]: amount})
+        except OverflowError:
+            raise ValueError(f"{text!r} is too far back") from None
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError as exc:
         raise ValueError(f"{text!r} is neither a duration (24h, 7d, 90m) nor an ISO date or time") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    # in UTC: the database keeps times without their zone (SQLite compared 10:00+02:00 as 10:00 UTC)
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -102,7 +107,7 @@ def summarise(session: Session, since: datetime, until: datetime | None = None) 
     rows = session.execute(
         select(Scan.task_name, Result.scan_id, Result.label, Result.probability, Result.positive, Result.latency_ms)
         .join(Result, Result.scan_id == Scan.id)
-        .where(*window)
+        .where(*window, Result.model_version_id == newest_version_of(Result.scan_id))
         .order_by(Result.id)
     ).all()
     manifests: dict[str, dict[str, object]] = {

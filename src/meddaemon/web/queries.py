@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import and_, exists, func, not_, or_, select
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session
 
 from meddaemon.daemon.lease import RunningDaemon, running_daemons
 from meddaemon.db.models import (
@@ -32,6 +32,7 @@ from meddaemon.db.models import (
     WebAction,
     utcnow,
 )
+from meddaemon.db.queries import newest_version_of
 from meddaemon.label_results import shown_against
 from meddaemon.states import ScanState
 
@@ -214,7 +215,9 @@ def _filtered(f: WorklistFilter) -> list[Any]:
     if f.until and f.until < date.max:
         conditions.append(Scan.registered_at < datetime.combine(f.until + timedelta(days=1), time(), UTC))
     if f.label or f.call:
-        result = select(Result.id).where(Result.scan_id == Scan.id, Result.model_version_id == _latest_version())
+        result = select(Result.id).where(
+            Result.scan_id == Scan.id, Result.model_version_id == newest_version_of(Result.scan_id)
+        )
         if f.label:
             result = result.where(Result.label == f.label)
         if f.call == "negative" and not f.label:  # results, none of them positive
@@ -227,13 +230,6 @@ def _filtered(f: WorklistFilter) -> list[Any]:
     if f.q:
         conditions.append(_search(f.q.strip()))
     return conditions
-
-
-def _latest_version() -> Any:
-    """The latest model version that ran on the scan of the enclosing query's result: the results
-    its row shows (``top_calls``), and so the ones its call is filtered on."""
-    other = aliased(Result)
-    return select(func.max(other.model_version_id)).where(other.scan_id == Result.scan_id).scalar_subquery()
 
 
 def _search(q: str) -> Any:
