@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path, PurePosixPath
@@ -207,3 +208,22 @@ def test_an_inbox_that_cannot_be_listed_is_refused_at_start_and_named_when_it_be
     wait_until(lambda: f"{TASK}/after.png (sha256" in daemon.log_text(), 30, "a file dropped after", daemon)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(30) == 0
+
+
+def test_what_the_daemon_writes_is_kept_from_other_users_whatever_the_umask_it_is_started_with(daemons: Daemons):
+    """Started by hand or in Docker (umask 022), the state folder was 0755 and the database, its
+    folders and the reason files 0644: any user of the host could read a patient's name. The daemon
+    takes away the others' bits (systemd's unit sets UMask=0027 as well). A scan moved in from the
+    inbox keeps its producer's mode, in folders the others cannot enter."""
+    inbox = daemons.layout.inbox
+    drop(inbox, f"{TASK}/scan.png", synthetic_png(daemons.layout.root, 5), rename=False)
+    drop(inbox, f"{TASK}/empty.png", b"", rename=False)
+    state = daemons.layout.root / "new_state"
+    umask_022 = ["sh", "-c", 'umask 022; exec "$@"', "sh"]
+    daemons.run_once(extra=("--state-dir", str(state)), wrap=lambda cmd: [*umask_022, *cmd])
+    written = [state, *(p for p in state.rglob("*") if p.is_dir() or not p.name.endswith(".png"))]
+    assert (state / "meddaemon.db") in written and (state / "failed" / TASK / "empty.png.reason.json") in written
+    exposed = [
+        f"{p.relative_to(state)} {stat.S_IMODE(p.stat().st_mode):o}" for p in written if p.stat().st_mode & 0o007
+    ]
+    assert exposed == []

@@ -103,10 +103,18 @@ def run_group(group: click.Group, prog_name: str) -> None:
     """A console script's entry point: the command group, then the whole heap frozen on the way
     out, so that the interpreter's shutdown skips walking what torch left (``meddaemon.heap``)."""
     names_as_they_are(sys.stdout)
+    keep_from_others()
     try:
         group(prog_name=prog_name)
     finally:
         heap.freeze_for_exit()
+
+
+def keep_from_others() -> None:
+    """No file or folder the commands write is the other users': the state folder, the database,
+    reports and kept scans hold patient data, and under a umask of 022 (a shell, a container) they
+    were readable by every user of the host. The umask only gains bits here (systemd's unit sets 0027)."""
+    os.umask(os.umask(0) | 0o007)
 
 
 def names_as_they_are(stream: Any) -> None:
