@@ -227,3 +227,16 @@ def test_a_report_with_patient_data_is_refused_to_a_viewer_and_served_to_a_clini
     assert f"/reports/{phi_id}.pdf" not in viewer.get(f"/scans/{scan_id}").text
     assert clinician.get(f"/reports/{phi_id}.pdf").status_code == 200
     assert f'data="/reports/{phi_id}.pdf"' in clinician.get(f"/scans/{scan_id}").text
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8080", "127.0.0.1.evil.example", "10.0.0.5:8080"])
+def test_on_loopback_without_users_a_request_for_another_host_name_is_refused(filled_root, host: str):
+    """DNS rebinding: a page of evil.example whose name then points at 127.0.0.1 is same-origin with
+    the console. It got an admin session, read the patient's name and retired a model."""
+    settings = web_settings(filled_root).__class__(state_dir=filled_root / "state")
+    client = TestClient(create_app(settings), base_url="http://127.0.0.1")
+    page = client.get("/scans/1", headers={"host": host})
+    assert page.status_code == 421 and "loopback" in page.text
+    assert auth.COOKIE not in page.cookies
+    for name in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080", "localhost"):
+        assert client.get("/scans/1", headers={"host": name}).status_code == 200, name

@@ -183,6 +183,12 @@ class SessionMiddleware(BaseHTTPMiddleware):
             return _headers(
                 render(request, "error.html", 400, title="Error", message="The address holds a NUL character.")
             )
+        if policy.open_local and not auth.names_loopback(request.headers.get("host")):
+            # DNS rebinding: a page of evil.example whose name then points at 127.0.0.1 is
+            # same-origin with the console, and anyone here is the operator
+            request.state.session = None
+            message = "Without users this console answers to loopback names only (localhost, 127.0.0.1, [::1])."
+            return _headers(render(request, "error.html", 421, title="Wrong host", message=message))
         session = signer.load(request.cookies.get(auth.COOKIE))
         fresh = False
         if policy.open_local:

@@ -74,6 +74,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def names_loopback(host_header: str | None) -> bool:
+    """Whether a request's Host (``localhost:8080``, ``[::1]:8080``) names this machine's loopback."""
+    if not host_header:
+        return False
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[: host.find("]") + 1]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return is_loopback(host)
+
+
 @dataclass(frozen=True)
 class User:
     name: str
