@@ -240,3 +240,55 @@ def test_on_loopback_without_users_a_request_for_another_host_name_is_refused(fi
     assert auth.COOKIE not in page.cookies
     for name in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080", "localhost"):
         assert client.get("/scans/1", headers={"host": name}).status_code == 200, name
+
+
+def test_a_session_signed_out_is_refused_even_from_a_copy_of_its_cookie(filled_root):
+    """Sign-out only deleted the cookie in the browser: a copy kept served the patient's pages for
+    the session's 12 hours."""
+    app = create_app(web_settings(filled_root))
+    client = signed_in(app, "admin")
+    copied = client.cookies.get(auth.COOKIE)
+    page = client.get("/worklist")
+    assert page.status_code == 200
+    signed_out = client.post("/logout", data={"csrf": csrf_of(page.text)}, follow_redirects=False)
+    assert signed_out.status_code == 303
+    replay = TestClient(app, base_url="http://127.0.0.1")
+    replay.cookies.set(auth.COOKIE, copied)
+    response = replay.get("/scans/1", follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/login"
+    assert signed_in(app, "admin").get("/scans/1").status_code == 200  # a new sign-in works
+    app.state.console.dispose()
+
+
+def test_failed_sign_ins_make_the_next_wait_longer_each_time_and_a_success_clears_them():
+    """Nothing slowed a guesser: 22 passwords a second, each an unauthenticated scrypt."""
+    now = [1000.0]
+    throttle = auth.SignInThrottle(allowed=3, longest=60.0, clock=lambda: now[0])
+    keys = ("user:admin", "from:192.0.2.7")
+    for _ in range(3):
+        assert throttle.wait(*keys) == 0
+        throttle.failed(*keys)
+    waits = []
+    for _ in range(8):
+        waits.append(throttle.wait(*keys))
+        now[0] += waits[-1]
+        throttle.failed(*keys)
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert throttle.wait("user:admin", "from:198.51.100.1") == 60.0  # the name, from anywhere
+    assert throttle.wait("user:viewer", "from:192.0.2.7") == 60.0  # the address, for any name
+    assert throttle.wait("user:viewer", "from:198.51.100.1") == 0
+    throttle.succeeded(*keys)
+    assert throttle.wait(*keys) == 0
+
+
+def test_the_sign_in_page_refuses_to_try_a_password_while_its_name_waits(filled_root):
+    app = create_app(web_settings(filled_root))
+    client = TestClient(app, base_url="http://127.0.0.1")
+    token = csrf_of(client.get("/login").text)
+    codes = [
+        client.post("/login", data={"user": "admin", "password": "nope", "csrf": token}).status_code for _ in range(6)
+    ]
+    assert codes == [401] * 5 + [429]
+    right = client.post("/login", data={"user": "admin", "password": PASSWORD, "csrf": token}, follow_redirects=False)
+    assert right.status_code == 429 and "try again in" in right.text  # not tried: no scrypt, no answer
+    app.state.console.dispose()

@@ -75,6 +75,7 @@ class Console:
     signer: auth.SessionSigner
     reader: Engine
     templates: Jinja2Templates
+    throttle: auth.SignInThrottle = field(default_factory=auth.SignInThrottle)
     _writer: Engine | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -20,8 +20,9 @@ import hmac
 import ipaddress
 import json
 import secrets
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from meddaemon.config import WEB_ROLES, ConfigError, Settings
@@ -146,6 +147,43 @@ class AuthPolicy:
         return None if user is None else User(header_value, user["role"])
 
 
+class SignInThrottle:
+    """After ``allowed`` failed sign-ins for a name or from an address, the next waits twice as long
+    each time (from 1 s, at most ``longest``): a password was tried 22 times a second, each an
+    unauthenticated scrypt. A success clears its name and address."""
+
+    def __init__(self, allowed: int = 5, longest: float = 300.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.allowed, self.longest, self.clock = allowed, longest, clock
+        self._failures: dict[str, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def wait(self, *keys: str) -> float:
+        """Seconds before a sign-in for these keys (``user:NAME``, ``from:ADDRESS``) is tried; 0: now."""
+        now = self.clock()
+        with self._lock:
+            return max(0.0, *(self._until(key) - now for key in keys))
+
+    def failed(self, *keys: str) -> None:
+        with self._lock:
+            now = self.clock()
+            if len(self._failures) > 10_000:  # many names or addresses: forget those whose wait is over
+                self._failures = {k: v for k, v in self._failures.items() if self._until(k) > now}
+            for key in keys:
+                count, _ = self._failures.get(key, (0, now))
+                self._failures[key] = (count + 1, now)
+
+    def succeeded(self, *keys: str) -> None:
+        with self._lock:
+            for key in keys:
+                self._failures.pop(key, None)
+
+    def _until(self, key: str) -> float:
+        count, last = self._failures.get(key, (0, 0.0))
+        if count < self.allowed:
+            return 0.0
+        return last + min(self.longest, 2.0 ** (count - self.allowed))
+
+
 @dataclass(frozen=True)
 class Session:
     user: User | None
@@ -159,6 +197,18 @@ class SessionSigner:
     def __init__(self, key: bytes | None = None, max_age: float = SESSION_SECONDS) -> None:
         self.key = key or secrets.token_bytes(32)
         self.max_age = max_age
+        #: the sessions signed out (by their CSRF token, with when they were issued) until they expire:
+        #: a cookie copied before its user signed out was good for its 12 hours
+        self._ended: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def end(self, session: Session) -> None:
+        """Sign ``session`` out for good: its cookie is refused from now on (the key is this
+        process's, so a restart ends every session anyway)."""
+        with self._lock:
+            now = time.time()
+            self._ended = {csrf: t for csrf, t in self._ended.items() if now - t <= self.max_age}
+            self._ended[session.csrf] = session.issued
 
     def new(self, user: User | None) -> Session:
         return Session(user, secrets.token_urlsafe(24), time.time())
@@ -182,7 +232,7 @@ class SessionSigner:
             csrf = str(body["c"])
         except (ValueError, KeyError, TypeError):
             return None
-        if time.time() - issued > self.max_age:
+        if time.time() - issued > self.max_age or csrf in self._ended:
             return None
         user = User(str(body["u"]), str(body["r"])) if "u" in body and body.get("r") in WEB_ROLES else None
         return Session(user, csrf, issued)

@@ -28,10 +28,18 @@ async def login_page(request: Request) -> Response:
     if not auth.csrf_ok(session, sent if isinstance(sent, str) else None):
         raise HTTPException(403, "This form is out of date (CSRF check failed): load the sign-in page again.")
     name, password = str(form.get("user", "")), str(form.get("password", ""))
+    keys = (f"user:{name}", f"from:{request.client.host if request.client else ''}")
+    wait = console.throttle.wait(*keys)
+    if wait > 0:
+        log.warning("a sign-in refused: too many failed ones")
+        error = f"Too many failed sign-ins: try again in {max(1, round(wait))} s."
+        return render(request, "login.html", 429, title="Sign in", error=error)
     user = await run_in_threadpool(console.policy.login, name, password)
     if user is None:
+        console.throttle.failed(*keys)
         log.warning("a sign-in failed")  # the name typed may be anything: not logged
         return render(request, "login.html", 401, title="Sign in", error="Unknown user or wrong password.")
+    console.throttle.succeeded(*keys)
     log.info("%s signed in (%s)", user.name, user.role)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(auth.COOKIE, console.signer.dump(console.signer.new(user)), httponly=True, samesite="strict")
@@ -44,6 +52,7 @@ async def logout(request: Request) -> Response:
     sent = form.get(auth.CSRF_FIELD)
     if not auth.csrf_ok(request.state.session, sent if isinstance(sent, str) else None):
         raise HTTPException(403, "This form is out of date (CSRF check failed).")
+    console.signer.end(request.state.session)
     response = RedirectResponse("/login" if console.policy.uses_login else "/", status_code=303)
     response.delete_cookie(auth.COOKIE)
     return response
