@@ -85,3 +85,16 @@ def test_retry_does_not_create_or_migrate_a_database(runner: CliRunner, dirs: li
     assert result.exit_code == 3, result.output
     assert "no meddaemon database at" in result.output
     assert not (tmp_path / "state" / "meddaemon.db").exists()
+
+
+def test_a_name_holding_a_line_break_is_printed_escaped_as_medcli_scans_shows_it(
+    runner: CliRunner, dirs: list[str], tmp_path: Path
+):
+    """It was printed raw: a name can forge a line of the output, or a terminal escape."""
+    write_png(tmp_path / "inbox" / "weird\nname\x1b[2J.png", np.full((40, 40), 90, np.uint8))
+    start_once(runner, dirs)
+    [scan] = failed_scans(runner, dirs)
+    result = retry(runner, dirs, str(scan["id"]), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("\n") == 1 and "\x1b" not in result.output
+    assert "weird\\nname\\x1b[2J.png" in result.output

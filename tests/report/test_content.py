@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from daemon_rows import add_scan
@@ -11,7 +12,7 @@ from meddaemon.daemon import bookkeeper
 from meddaemon.db.engine import session_factory, transaction
 from meddaemon.db.models import ModelVersion, Result, Scan
 from meddaemon.engine.tasks import all_tasks
-from meddaemon.report.content import NoResult, find_scan, scans_report_data
+from meddaemon.report.content import AmbiguousScan, NoResult, find_scan, scans_report_data
 from meddaemon.states import ScanState
 from meddaemon.web import queries as web_queries
 from model_factory import ReportedStates, promote, write_model
@@ -28,6 +29,19 @@ def test_a_hash_with_a_failed_attempt_and_a_new_one_finds_the_new_one(migrated_e
         new = add_scan(session, 2, ScanState.INFERRED, sha256=sha).id
     with sessions() as session:
         assert [find_scan(session, key).id for key in (sha, sha[:8], str(failed))] == [new, new, failed]
+
+
+def test_a_prefix_of_several_scans_hashes_is_named_ambiguous_with_their_ids_not_no_scan(migrated_engine):
+    sessions = session_factory(migrated_engine)
+    with transaction(sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(sessions) as session:
+        first = add_scan(session, 1, ScanState.INFERRED, sha256="5830ae6c01" + "ab" * 27).id
+        second = add_scan(session, 2, ScanState.INFERRED, sha256="5830ae6c01" + "cd" * 27).id
+    with sessions() as session, pytest.raises(AmbiguousScan, match=f"2 scans \\(ids {first}, {second}\\)"):
+        find_scan(session, "5830ae6c")
+    with sessions() as session:
+        assert find_scan(session, "5830ae6c01ab").id == first
 
 
 def test_a_prefix_of_digits_only_is_a_prefix_when_no_scan_has_that_id(migrated_engine):

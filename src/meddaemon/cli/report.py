@@ -93,12 +93,15 @@ def scan_cmd(
 ) -> None:
     """Rebuild the report of SCAN (its id, SHA-256, or a unique SHA-256 prefix of 8+ characters)."""
     from meddaemon.report.builder import ReportBuilder
-    from meddaemon.report.content import NoResult, find_scan
+    from meddaemon.report.content import AmbiguousScan, NoResult, find_scan
 
     settings = build_settings(config_file, **flags)
     with _sessions(settings) as sessions:
         with sessions() as session:
-            row = find_scan(session, scan)
+            try:
+                row = find_scan(session, scan)
+            except AmbiguousScan as exc:
+                _fail(str(exc), EXIT_USAGE)
             scan_id = row.id if row is not None else None
         if scan_id is None:
             _fail(f"no scan {scan!r} (give its id, its SHA-256 or a unique prefix of 8+ characters)", EXIT_USAGE)

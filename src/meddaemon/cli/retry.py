@@ -17,6 +17,7 @@ from meddaemon.cli.common import (
     settings_options,
 )
 from meddaemon.db.engine import session_factory
+from meddaemon.names import escape_controls, shown_name
 
 
 @click.command()
@@ -62,9 +63,9 @@ def retry(
     else:
         verb = "would send back" if dry_run else "sent back"
         for r in result.requeued:
-            click.echo(f"scan {r.scan_id} ({r.failure_reason}): {verb} as {r.inbox_path}")
+            click.echo(f"scan {r.scan_id} ({r.failure_reason}): {verb} as {shown_name(r.inbox_path)}")
         for refused in result.refused:
-            click.echo(f"refused ({refused.code.value}): {refused.message}", err=True)
+            click.echo(f"refused ({refused.code.value}): {escape_controls(refused.message)}", err=True)
         if result.without_original:
             click.echo(f"{result.without_original} failed scans kept no file (vanished) and are left alone")
         if not result.requeued and not result.refused:

@@ -117,11 +117,15 @@ def transfer_syntax_name(uid: str | None) -> str:
     return f"{name} ({uid})" if name and name != uid else uid
 
 
+class AmbiguousScan(LookupError):
+    """A SHA-256 prefix that starts the hashes of several scans."""
+
+
 def find_scan(session: Session, key: str) -> Scan | None:
     """A scan by its id, its full SHA-256, or a unique SHA-256 prefix of at least 8 characters; by
     hash, the latest attempt (failed attempts of the same bytes come before it). Digits are an id
     first: a prefix that happens to be all digits (one in 43 of 8 characters) is a prefix when no
-    scan has that id."""
+    scan has that id. ``AmbiguousScan`` for a prefix of several hashes (it was "no scan")."""
     key = key.strip().lower()
     scan_id = row_id(key)
     if scan_id is not None:
@@ -132,7 +136,11 @@ def find_scan(session: Session, key: str) -> Scan | None:
         return session.scalar(select(Scan).where(Scan.sha256 == key).order_by(Scan.id.desc()).limit(1))
     if len(key) >= 8 and all(c in "0123456789abcdef" for c in key):
         found = session.scalars(select(Scan).where(Scan.sha256.like(f"{key}%")).order_by(Scan.id.desc())).all()
-        return found[0] if len({s.sha256 for s in found}) == 1 else None
+        hashes = {s.sha256 for s in found}
+        if len(hashes) > 1:
+            ids = ", ".join(str(s.id) for s in sorted(found, key=lambda s: s.id))
+            raise AmbiguousScan(f"{key!r} starts the SHA-256 of {len(hashes)} scans (ids {ids}): give more characters")
+        return found[0] if found else None
     return None
 
 
