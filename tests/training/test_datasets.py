@@ -331,3 +331,45 @@ def test_a_file_over_max_file_bytes_is_skipped_as_too_large_and_never_read(tmp_p
             f"({4 * 1024**3}); it was not read)",
         )
     ]
+
+
+def test_a_manifest_row_with_several_labels_for_a_single_label_task_is_refused_naming_its_row(tmp_path: Path) -> None:
+    """A "benign|malignant" row made the manifest multilabel for busi_binary: inspect said so, and
+    retraining failed after its first epoch (exit 1)."""
+    for n in range(4):
+        write_png(tmp_path / "img" / f"{n}.png", pixels(n))
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\nimg/0.png,benign\nimg/1.png,benign|malignant\nimg/2.png,malignant\n")
+    with pytest.raises(DatasetError, match=r"row 3 has label 'benign\|malignant'.*one of benign, malignant"):
+        load_dataset(manifest, BUILTIN_TASKS["busi_binary"])
+
+
+def test_an_idc_patch_named_for_the_other_class_is_skipped_whatever_the_case_of_its_extension(tmp_path: Path) -> None:
+    """``10253/0/..._class1.PNG`` counted as a negative; ``.png`` was skipped, naming why."""
+    for folder, name in (("0", "10253_idx5_x1_y1_class0.png"), ("1", "10253_idx5_x2_y2_class1.png"),
+                         ("0", "10253_idx5_x3_y3_class1.PNG"), ("1", "10253_idx5_x4_y4_class1.PNG")):  # fmt: skip
+        write_png(tmp_path / "10253" / folder / name, pixels(len(name) + int(folder)))
+    index = load_dataset(tmp_path, BUILTIN_TASKS["histopathology"])
+    assert sorted(s.path.name for s in index.samples) == [
+        "10253_idx5_x1_y1_class0.png",
+        "10253_idx5_x2_y2_class1.png",
+        "10253_idx5_x4_y4_class1.PNG",
+    ]
+    assert [(s.path.name, s.reason) for s in index.skipped] == [
+        ("10253_idx5_x3_y3_class1.PNG", "named class1 but filed under 0/")
+    ]
+
+
+def test_an_nih_row_repeated_is_one_image_and_a_repeat_with_other_findings_is_refused(tmp_path: Path) -> None:
+    """A repeated row was two samples of one file, then dropped as "the same bytes as" itself (and
+    counted in the 5 %)."""
+    for name in ("00000001_000.png", "00000002_000.png"):
+        write_png(tmp_path / "images" / name, pixels(len(name)))
+    rows = "00000001_000.png,Mass,0,1,58,M,PA\n00000002_000.png,No Finding,0,2,40,F,PA\n"
+    (tmp_path / "Data_Entry_2017.csv").write_text(ENTRY_HEADER + rows + "00000001_000.png,Mass,0,1,58,M,PA\n")
+    index = load_dataset(tmp_path, BUILTIN_TASKS["chestxray14"])
+    assert [s.path.name for s in index.samples] == ["00000001_000.png", "00000002_000.png"]
+    assert "Data_Entry_2017.csv: 1 row(s) repeat an image listed before (rows 4): read once" in index.warnings
+    (tmp_path / "Data_Entry_2017.csv").write_text(ENTRY_HEADER + rows + "00000001_000.png,Effusion,0,1,58,M,PA\n")
+    with pytest.raises(DatasetError, match=r"rows 2 and 4 list 00000001_000\.png with different findings"):
+        load_dataset(tmp_path, BUILTIN_TASKS["chestxray14"])

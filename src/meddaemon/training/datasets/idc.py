@@ -18,7 +18,7 @@ from meddaemon.training.datasets.index import (
 from meddaemon.training.images import image_files
 
 IDC_LABELS = ("idc_negative", "idc_positive")
-PATCH_NAME = re.compile(r"^(?P<patient>.+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$")
+PATCH_NAME = re.compile(r"^(?P<patient>.+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$", re.IGNORECASE)
 
 
 def patient_folders(root: Path) -> list[Path]:

@@ -16,7 +16,9 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
     rows = read_table(table, COLUMNS[:2], allowed=COLUMNS)
     if not rows:
         raise DatasetError(table, "has no rows", "one row per image: path,label[,patient_id]")
-    multilabel = (task is not None and task.kind == "multilabel") or any("|" in r["label"] for r in rows)
+    # a task says whether a row may hold several labels; a "benign|malignant" row for a binary task
+    # made the manifest multilabel, and training failed after its first epoch
+    multilabel = task.kind == "multilabel" if task is not None else any("|" in r["label"] for r in rows)
     parsed = [tuple(x for x in r["label"].split("|") if x) if multilabel else (r["label"],) for r in rows]
     labels = task.labels if task is not None else tuple(sorted({x for p in parsed for x in p}))
     samples: list[Sample] = []

@@ -32,8 +32,18 @@ def read_nih(root: Path, task: TaskSpec | None = None) -> DatasetIndex:
     boxes = _boxes(root / "BBox_List_2017.csv")
     samples: list[Sample] = []
     named: list[tuple[int, Path]] = []
+    first_rows: dict[str, tuple[int, str]] = {}
+    repeated: list[int] = []
     for row_number, row in enumerate(read_table(table, REQUIRED), start=2):
         name = row["Image Index"]
+        if name in first_rows:  # a row repeated: one image, read once (it was its own "near-duplicate")
+            first, findings_text = first_rows[name]
+            if row["Finding Labels"].strip() != findings_text:
+                raise DatasetError(table, f"rows {first} and {row_number} list {name} with different findings",
+                                   "one row per image")  # fmt: skip
+            repeated.append(row_number)
+            continue
+        first_rows[name] = (row_number, row["Finding Labels"].strip())
         path = images.get(name)
         if path is None:  # not listed in an image folder: a missing image, named below
             path = root / "images" / name
@@ -47,6 +57,11 @@ def read_nih(root: Path, task: TaskSpec | None = None) -> DatasetIndex:
         samples.append(Sample(path, findings, row["Patient ID"], boxes=tuple(boxes.get(name, ())), extra=extra))
     require_existing(table, named)
     index = DatasetIndex("nih-chestxray14", root, labels, "multilabel", samples)
+    if repeated:
+        shown = ", ".join(str(n) for n in repeated[:5]) + (", ..." if len(repeated) > 5 else "")
+        index.warnings.append(
+            f"{table.name}: {len(repeated)} row(s) repeat an image listed before (rows {shown}): read once"
+        )
     index.official_test = _official_test(root, index)
     require_every_label(index, root, "")
     return index
