@@ -254,6 +254,24 @@ def test_busi_folders(migrated_engine, db_url, tmp_path):
     assert data["inputs"]["labels_format"] == "folders" and data["join"]["matched"] == 60
 
 
+def test_busi_as_published_is_audited_for_the_binary_task_without_its_normal_folder(migrated_engine, db_url, tmp_path):
+    """It was refused ("sub-folders must be classes (benign, malignant); found [..., 'normal']"),
+    while retrain and dataset inspect read it; class folders in another case the same."""
+    cohort = synthetic_cohort(migrated_engine, "busi_binary", 40, seed=3)
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    for cls in ("Benign", "Malignant", "normal"):
+        (root / cls).mkdir(parents=True)
+    (root / "normal" / "normal (1).png").write_bytes(b"SYNTHETIC")
+    for i, name in enumerate(cohort.names):
+        label = cohort.labels[int(cohort.truth[i][1])]  # binary truth: (negative, positive)
+        (root / label.title() / name.split("/")[-1]).write_bytes(b"SYNTHETIC")
+    args = ("--db", db_url, "--labels-from-folders", str(root), "--task", "busi_binary", "--bootstrap", "0", "--json")
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["join"]["matched"] == 40 and "normal/: not a class of the task, left out" in data["notes"]
+
+
 def test_a_class_folder_this_user_cannot_list_is_named(migrated_engine, db_url, tmp_path):
     """Read past, its images would be missing from the truth: exit 2, the folder named."""
     root = tmp_path / "Dataset_BUSI_with_GT"

@@ -68,6 +68,19 @@ def test_auditing_an_evaluation_whose_dataset_has_moved_says_so_and_exits_2(
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_auditing_an_evaluation_as_another_model_version_or_task_is_refused(world, busi_phantoms: Path) -> None:
+    """--model-version v2 with --evaluation of v1's run audited v1, exit 0, and stored v1 as asked."""
+    args = ["evaluate", str(busi_phantoms), "--task", "busi", "--workers", "1", "--name", "run1", "--json"]
+    assert CliRunner().invoke(medcli, [*args, *state_flags(world)]).exit_code == 0
+    for option, value, said in (("--model-version", "v2", "scored busi/v1"), ("--task", "busi_binary", "of task busi")):
+        result = CliRunner().invoke(medcli, ["audit", "--evaluation", "run1", option, value, *state_flags(world)])
+        assert result.exit_code == EXIT_USAGE, result.output
+        assert said in result.output and "Traceback" not in result.output
+    same = ["audit", "--evaluation", "run1", "--model-version", "v1", "--task", "busi", *state_flags(world)]
+    assert CliRunner().invoke(medcli, same).exit_code == 0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("layout", LAYOUT_CASES)
 def test_every_dataset_layout_is_scored_in_place_and_audited_against_its_own_labels(
     world, tmp_path: Path, layout: str

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from meddaemon.names import utf8_name
-from meddaemon.training.datasets.folders import BUSI_MASK
+from meddaemon.training.datasets.folders import BUSI_CLASSES, BUSI_MASK
 from meddaemon.training.datasets.tables import csv_delimiter
 from meddaemon.training.images import is_image_file
 
@@ -68,6 +68,8 @@ class LabelTable:
     label_columns: tuple[str, ...]
     attribute_columns: tuple[str, ...]
     task_hint: str | None = None
+    #: what was read past, for the audit's notes
+    notes: tuple[str, ...] = ()
 
     def labels_mentioned(self) -> set[str]:
         seen: set[str] = set(self.label_columns)
@@ -285,21 +287,28 @@ def read_label_folders(root: Path, classes: Iterable[str]) -> LabelTable:
 
 
 def _read_label_folders(root: Path, wanted: set[str]) -> LabelTable:
+    """As ``medcli retrain`` reads the folders: a class named in any case, and a BUSI class the task
+    does not have (``normal/`` for ``busi_binary``) left out with a note (the published layout was refused)."""
     rows: list[LabelRow] = []
     listing = hashlib.sha256()
+    by_name = {label.lower(): label for label in wanted}
     folders = sorted(p for p in root.iterdir() if p.is_dir())
-    unknown = [f.name for f in folders if f.name not in wanted]
+    left_out = [f for f in folders if f.name.lower() in BUSI_CLASSES and f.name.lower() not in by_name]
+    folders = [f for f in folders if f not in left_out]
+    unknown = [f.name for f in folders if f.name.lower() not in by_name]
     if unknown or not folders:
         raise LabelFileError(
             root, f"sub-folders must be classes ({', '.join(sorted(wanted))}); found {[f.name for f in folders]}"
         )
     for folder in folders:
+        label = by_name[folder.name.lower()]
         for image in sorted(folder.iterdir()):
             if BUSI_MASK.match(image.name) or not is_image_file(image):
                 continue
             listing.update(os.fsencode(f"{folder.name}/{image.name}\n"))
             # keyed as the daemon and an evaluation store a name that is not UTF-8
-            rows.append(LabelRow(utf8_name(image.name), len(rows) + 1, frozenset({folder.name}), None, {}))
+            rows.append(LabelRow(utf8_name(image.name), len(rows) + 1, frozenset({label}), None, {}))
     if not rows:
         raise LabelFileError(root, "no images in the class folders")
-    return LabelTable(str(root), listing.hexdigest(), "folders", "file", rows, (), (), task_hint=None)
+    notes = tuple(f"{f.name}/: not a class of the task, left out" for f in left_out)
+    return LabelTable(str(root), listing.hexdigest(), "folders", "file", rows, (), (), task_hint=None, notes=notes)

@@ -315,6 +315,7 @@ def audit_predictions(
         cohort, request.by, request.min_n, request.at_sensitivity, request.bootstrap, request.seed,
         progress, on_bootstrap_start,
     )  # fmt: skip
+    analysis.notes[:0] = table.notes
     comparison: list[VersionComparison] = []
     compare_id = None
     if request.compare:

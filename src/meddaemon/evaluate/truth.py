@@ -76,6 +76,13 @@ def audit_evaluation(
         raise AuditInputError(f"evaluation {name!r} is of task {evaluation.task_name!r}, which is not configured")
     version = session.get(ModelVersion, evaluation.model_version_id)
     assert version is not None
+    if request.task not in (None, spec.name):
+        raise AuditInputError(f"evaluation {name!r} is of task {spec.name}, not {request.task}: drop --task")
+    if request.model_version not in (None, version.version):
+        raise AuditInputError(
+            f"evaluation {name!r} scored {spec.name}/{version.version}, not {request.model_version}: drop "
+            f"--model-version, or evaluate the dataset with --model {request.model_version} and audit that run"
+        )
     request = dataclasses.replace(request, evaluation=evaluation.name, task=spec.name, model_version=version.version)
     table = truth_of(session, evaluation, spec)
     predictions = load_predictions(session, version, spec.kind, evaluation_id=evaluation.id)
