@@ -68,6 +68,24 @@ def test_auditing_an_evaluation_whose_dataset_has_moved_says_so_and_exits_2(
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_audit_of_an_evaluation_records_the_hash_of_the_truth_it_read_now(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """An image moved to another class folder: the truth changed, its recorded hash did not (it was
+    the evaluation's dataset fingerprint)."""
+    dataset = shutil.copytree(busi_phantoms, tmp_path / "Dataset_BUSI_with_GT")
+    args = ["evaluate", str(dataset), "--task", "busi", "--workers", "1", "--name", "run1", "--json"]
+    assert CliRunner().invoke(medcli, [*args, *state_flags(world)]).exit_code == 0
+    audit = ["audit", "--evaluation", "run1", "--bootstrap", "0", "--json", *state_flags(world)]
+    before = json.loads(CliRunner().invoke(medcli, audit).stdout)["inputs"]["labels_sha256"]
+    again = json.loads(CliRunner().invoke(medcli, audit).stdout)["inputs"]["labels_sha256"]
+    moved = sorted((dataset / "benign").glob("*).png"))[0]
+    moved.rename(dataset / "malignant" / moved.name)
+    after = json.loads(CliRunner().invoke(medcli, audit).stdout)["inputs"]["labels_sha256"]
+    assert before == again != after
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_auditing_an_evaluation_as_another_model_version_or_task_is_refused(world, busi_phantoms: Path) -> None:
     """--model-version v2 with --evaluation of v1's run audited v1, exit 0, and stored v1 as asked."""
     args = ["evaluate", str(busi_phantoms), "--task", "busi", "--workers", "1", "--name", "run1", "--json"]

@@ -5,6 +5,7 @@ folders, a manifest's label column) as the audit's :class:`LabelTable`, keyed by
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -19,6 +20,16 @@ from meddaemon.engine.tasks import TaskSpec
 from meddaemon.evaluate.cohort import read_cohort
 from meddaemon.evaluate.store import FAILED, find_evaluation
 from meddaemon.names import utf8_name
+
+
+def truth_digest(rows: list[LabelRow]) -> str:
+    """The SHA-256 of the truth as read now (each file's SHA-256 and its labels): the audit's
+    ``labels_sha256``. The evaluation's fingerprint was recorded instead, the same after an image
+    moved to another class folder, while the truth the audit used had changed."""
+    digest = hashlib.sha256()
+    for row in sorted(rows, key=lambda r: r.key):
+        digest.update(f"{row.key}\t{'|'.join(sorted(row.positives))}\n".encode())
+    return digest.hexdigest()
 
 
 def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelTable:
@@ -49,7 +60,7 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
         raise AuditInputError(f"evaluation {evaluation.name!r} has no scored file with a label")
     return LabelTable(
         path=evaluation.dataset_path,
-        sha256=evaluation.dataset_fingerprint or "",
+        sha256=truth_digest(rows),
         format=f"layout:{cohort.layout}",
         key_kind="sha256",
         rows=rows,
