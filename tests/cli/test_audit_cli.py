@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from pypdf import PdfReader
 from sklearn.metrics import roc_auc_score
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from audit_factory import add_version, synthetic_cohort, synthetic_scores, write_predictions
 from meddaemon.cli.medcli import cli
@@ -270,6 +270,28 @@ def test_busi_as_published_is_audited_for_the_binary_task_without_its_normal_fol
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["join"]["matched"] == 40 and "normal/: not a class of the task, left out" in data["notes"]
+
+
+def test_a_labelled_image_whose_bytes_arrived_under_another_name_is_found_by_them(migrated_engine, db_url, tmp_path):
+    """The daemon saw the bytes first as busi/siteA/img.png; in the dataset they are "benign (3).png":
+    listed as a label without prediction though the version had scored those very bytes."""
+    cohort = synthetic_cohort(migrated_engine, "busi", 20, seed=4)
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    for cls in cohort.labels:
+        (root / cls).mkdir(parents=True)
+    for i, name in enumerate(cohort.names):
+        content = f"SYNTHETIC {i}".encode()
+        renamed = i == 7
+        (root / cohort.labels[cohort.truth[i]] / ("renamed.png" if renamed else name.split("/")[-1])).write_bytes(
+            content
+        )
+        with migrated_engine.begin() as conn:
+            conn.execute(text("UPDATE scans SET sha256 = :sha WHERE source_name = :name"),
+                         {"sha": hashlib.sha256(content).hexdigest(), "name": name})  # fmt: skip
+    result = run("--db", db_url, "--labels-from-folders", str(root), "--bootstrap", "0", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["join"]["matched"] == 20 and data["join"]["labels_without_prediction"] == 0
 
 
 def test_a_class_folder_this_user_cannot_list_is_named(migrated_engine, db_url, tmp_path):

@@ -118,6 +118,10 @@ class _Index:
     def __init__(self, predictions: Predictions, key_kind: str) -> None:
         self.exact: dict[str, list[int]] = defaultdict(list)
         self.base: dict[str, list[int]] = defaultdict(list)
+        self.by_sha: dict[str, list[int]] = defaultdict(list)
+        for i, sha in enumerate(predictions.sha256):
+            if sha:
+                self.by_sha[sha.lower()].append(i)
         values: list[str | None]
         if key_kind == "file":
             values = list(predictions.source_names)
@@ -159,7 +163,7 @@ def join(predictions: Predictions, table: LabelTable) -> tuple[Cohort, JoinRepor
             conflicts.append(Conflict(key, tuple(r.line for r in rows), "the same key with different labels"))
             continue
         duplicates += len(rows) - 1
-        found = index.find(key)
+        found = index.find(key) or (index.by_sha.get(first.sha256, []) if first.sha256 else [])
         if not found:
             without.append(key)
             continue

@@ -56,6 +56,9 @@ class LabelRow:
     #: Labels whose value this row states; ``None``: every label of the task (absent ones are negative).
     known: frozenset[str] | None
     attributes: Mapping[str, str] = field(default_factory=dict)
+    #: the SHA-256 of the labelled file, where the truth is a file here (``--labels-from-folders``):
+    #: a scan of those bytes first seen under another name is found by it
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -307,7 +310,8 @@ def _read_label_folders(root: Path, wanted: set[str]) -> LabelTable:
                 continue
             listing.update(os.fsencode(f"{folder.name}/{image.name}\n"))
             # keyed as the daemon and an evaluation store a name that is not UTF-8
-            rows.append(LabelRow(utf8_name(image.name), len(rows) + 1, frozenset({label}), None, {}))
+            sha = hashlib.sha256(image.read_bytes()).hexdigest()
+            rows.append(LabelRow(utf8_name(image.name), len(rows) + 1, frozenset({label}), None, {}, sha))
     if not rows:
         raise LabelFileError(root, "no images in the class folders")
     notes = tuple(f"{f.name}/: not a class of the task, left out" for f in left_out)
