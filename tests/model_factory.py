@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from dicom_factory import write_dicom, write_png
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings, load_settings
@@ -22,6 +23,7 @@ from meddaemon.daemon import bookkeeper
 from meddaemon.daemon.service import Daemon
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
 from meddaemon.db.migrate import upgrade
+from meddaemon.db.models import ModelVersion, Result, Scan
 from meddaemon.engine import registry
 from meddaemon.engine.architectures import build_model
 from meddaemon.engine.tasks import BUILTIN_TASKS, InputContract, all_tasks
@@ -61,6 +63,22 @@ def promote(daemon: Daemon, folder: Path) -> None:
     with transaction(daemon.sessions) as session:
         row = registry.import_version(session, folder, daemon.settings.models_dir)
         registry.promote(session, row.task_name, row.version)
+
+
+def store_busi_results(daemon: Daemon, version: str, malignant: float = 0.7, scan_id: int | None = None) -> int:
+    """SYNTHETIC results of busi ``version`` (benign 0.2, malignant ``malignant``, normal 0.1) for
+    ``scan_id``, or the first busi scan: a scan run again by another version. Returns the scan's id."""
+    with transaction(daemon.sessions) as session:
+        if scan_id is None:
+            scan_id = session.scalars(select(Scan.id).where(Scan.task_name == "busi").order_by(Scan.id)).first()
+        version_id = session.scalars(
+            select(ModelVersion.id).where(ModelVersion.task_name == "busi", ModelVersion.version == version)
+        ).one()
+        for label, probability in (("benign", 0.2), ("malignant", malignant), ("normal", 0.1)):
+            session.add(Result(scan_id=scan_id, model_version_id=version_id, label=label, probability=probability,
+                               threshold=0.5, positive=probability > 0.5))  # fmt: skip
+    assert scan_id is not None
+    return scan_id
 
 
 @contextmanager

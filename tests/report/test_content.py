@@ -10,12 +10,12 @@ from sqlalchemy import select
 from daemon_rows import add_scan
 from meddaemon.daemon import bookkeeper
 from meddaemon.db.engine import session_factory, transaction
-from meddaemon.db.models import ModelVersion, Result, Scan
+from meddaemon.db.models import Result, Scan
 from meddaemon.engine.tasks import all_tasks
 from meddaemon.report.content import AmbiguousScan, NoResult, find_scan, scans_report_data
 from meddaemon.states import ScanState
 from meddaemon.web import queries as web_queries
-from model_factory import ReportedStates, promote, write_model
+from model_factory import ReportedStates, promote, store_busi_results, write_model
 from sql_statements import recorded_statements
 
 
@@ -67,13 +67,7 @@ def test_the_scans_of_a_report_round_are_read_together_each_with_its_latest_vers
     second version); a scan without results says so."""
     daemon = reported_states.copy(tmp_path / "state")
     promote(daemon, write_model(tmp_path / "busi_v2", version="v2"))
-    with transaction(daemon.sessions) as session:
-        rerun = session.scalars(select(Scan).where(Scan.task_name == "busi").order_by(Scan.id)).first()
-        v2 = session.scalars(select(ModelVersion).where(ModelVersion.version == "v2")).one()
-        for label, probability in (("benign", 0.2), ("malignant", 0.7), ("normal", 0.1)):
-            session.add(Result(scan_id=rerun.id, model_version_id=v2.id, label=label, probability=probability,
-                               threshold=0.5, positive=probability > 0.5))  # fmt: skip
-        rerun_id = rerun.id
+    rerun_id = store_busi_results(daemon, "v2")
 
     with daemon.sessions() as session, recorded_statements(daemon.engine, "SELECT") as selects:
         scans = session.scalars(select(Scan).order_by(Scan.id)).all()
@@ -110,16 +104,8 @@ def test_a_scan_s_report_and_its_console_page_show_the_newest_version_s_results_
     daemon = reported_states.copy(tmp_path / "state")
     for version in ("v2", "v3"):
         promote(daemon, write_model(tmp_path / f"busi_{version}", version=version))
-    with transaction(daemon.sessions) as session:
-        scan = session.scalars(select(Scan).where(Scan.task_name == "busi").order_by(Scan.id)).first()
-        by_name = {
-            v.version: v.id for v in session.scalars(select(ModelVersion).where(ModelVersion.task_name == "busi"))
-        }
-        for version, malignant in (("v3", 0.7), ("v2", 0.3)):
-            for label, probability in (("benign", 0.2), ("malignant", malignant), ("normal", 0.1)):
-                session.add(Result(scan_id=scan.id, model_version_id=by_name[version], label=label,
-                                   probability=probability, threshold=0.5, positive=probability > 0.5))  # fmt: skip
-        scan_id = scan.id
+    scan_id = store_busi_results(daemon, "v3", malignant=0.7)
+    store_busi_results(daemon, "v2", malignant=0.3, scan_id=scan_id)
     with daemon.sessions() as session:
         scan = session.get(Scan, scan_id)
         data = scans_report_data(session, [scan], daemon.settings.task_specs, state_dir=daemon.settings.state_dir)

@@ -6,14 +6,11 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
 
 from meddaemon.daemon.service import Daemon
-from meddaemon.db.engine import transaction
-from meddaemon.db.models import ModelVersion, Result, Scan
 from meddaemon.report.fonts import report_fonts
 from meddaemon.report.summary import parse_since, render_summary, summarise
-from model_factory import PHI_STRINGS, ReportedStates, promote, read_pdf, write_model
+from model_factory import PHI_STRINGS, ReportedStates, promote, read_pdf, store_busi_results, write_model
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -55,12 +52,7 @@ def test_a_scan_run_by_two_model_versions_is_counted_once_with_the_newest_versio
     """Every version's results were counted: 8 calls for 5 multiclass scans."""
     daemon = reported_states.copy(tmp_path / "state")
     promote(daemon, write_model(tmp_path / "busi_v2", version="v2"))
-    with transaction(daemon.sessions) as session:
-        rerun = session.scalars(select(Scan).where(Scan.task_name == "busi").order_by(Scan.id)).first()
-        v2 = session.scalars(select(ModelVersion).where(ModelVersion.version == "v2")).one()
-        for label, probability in (("benign", 0.2), ("malignant", 0.7), ("normal", 0.1)):
-            session.add(Result(scan_id=rerun.id, model_version_id=v2.id, label=label,
-                               probability=probability, threshold=0.5, positive=probability > 0.5))  # fmt: skip
+    store_busi_results(daemon, "v2")
     with daemon.sessions() as session:
         busi = summarise(session, parse_since("24h")).tasks["busi"]
     assert busi.scans == 6 and sum(busi.top_label.values()) == 6
