@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -24,7 +23,6 @@ from sqlalchemy.exc import OperationalError
 from meddaemon import heap
 from meddaemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from meddaemon.db.migrate import SchemaError, open_current
-from meddaemon.names import escape_controls
 
 if TYPE_CHECKING:
     from meddaemon.training.nearduplicates import HashProgress
@@ -140,24 +138,6 @@ def handle_errors(func: F) -> F:
             _fail(f"database unavailable: {exc.orig}", EXIT_DATABASE)
 
     return wrapper  # type: ignore[return-value]
-
-
-class OneLineFormatter(logging.Formatter):
-    """A record's line with its control characters escaped (``names.escape_controls``): a file name
-    holding a line break forged log lines of its own in the journal, one holding a terminal escape
-    rewrote the screen of whoever read the log. A traceback still follows on its own lines."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        return escape_controls(super().formatMessage(record))
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    logging.getLogger("watchdog").setLevel(logging.WARNING)
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def json_value(value: object) -> object:

@@ -27,7 +27,6 @@ from meddaemon.cli.common import (
     open_database,
     run_group,
     settings_options,
-    setup_logging,
 )
 from meddaemon.cli.health import health
 from meddaemon.cli.web import web
@@ -37,6 +36,7 @@ from meddaemon.daemon.outage import DatabaseUnavailable
 from meddaemon.daemon.progress import ProgressLines
 from meddaemon.db.engine import session_factory
 from meddaemon.db.queries import status_summary
+from meddaemon.logs import setup_logging
 from meddaemon.names import shown_name
 
 if TYPE_CHECKING:

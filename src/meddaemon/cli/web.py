@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from meddaemon.cli.common import EXIT_OK, EXIT_USAGE, build_settings, handle_errors, settings_options, setup_logging
+from meddaemon.cli.common import EXIT_OK, EXIT_USAGE, build_settings, handle_errors, settings_options
+from meddaemon.logs import setup_logging
 
 
 @click.command()

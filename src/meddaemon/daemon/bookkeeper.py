@@ -382,7 +382,7 @@ def _fail(
     now: datetime,
 ) -> _Staged:
     scan.failure_reason, scan.failure_message = failure.reason.value, failure.message
-    _advance(scan, ScanState.FAILED, f"{failure.reason.value}: {failure.message}", now)
+    advance(scan, ScanState.FAILED, f"{failure.reason.value}: {failure.message}", now)
     target = None
     if failure.reason is FailureReason.VANISHED:
         scan.stored_path = None  # the copy in work/ is gone; its name is a new attempt's to take
@@ -457,7 +457,7 @@ def _reason(
     }
 
 
-def _advance(scan: Scan, state: ScanState, detail: str | None, at: datetime) -> None:
+def advance(scan: Scan, state: ScanState, detail: str | None, at: datetime) -> None:
     """Move a scan along the state machine and record the step in its history.
 
     The step of a stored scan is added by its id: appending to ``scan.events`` would load the
@@ -811,7 +811,7 @@ def claim_for_inference(
         if scan.id in exclude or scan.stored_path is None:
             continue
         if scan.state == ScanState.WAITING_MODEL:
-            _advance(scan, ScanState.ROUTED, f"a model for {scan.task_name} is now served", now)
+            advance(scan, ScanState.ROUTED, f"a model for {scan.task_name} is now served", now)
         scan.claimed_by = daemon_id
         stored = destinations.file(scan.stored_path) if destinations is not None else Path(scan.stored_path)
         claimed.append(ScanToInfer(scan.id, scan.task_name or "", stored, scan.discovered_at, scan.sha256))

@@ -355,7 +355,7 @@ def drain(
 
 def _drain_main(settings: Settings, daemon_id: int | None, share: tuple[int, int]) -> None:
     leave_stopping_to_the_parent()  # the daemon stops its report processes itself
-    from meddaemon.cli.common import setup_logging
+    from meddaemon.logs import setup_logging
 
     setup_logging(settings.log_level)
     # one torch thread, as in the decoding workers, should a model view be decoded again; set before
@@ -444,7 +444,7 @@ def _process_main(settings: Settings, stop: EventType, daemon_id: int | None) ->
     # the daemon stops this process through ``stop``: a Ctrl-C or SIGTERM sent to the whole
     # process group must not interrupt a report half-way
     leave_stopping_to_the_parent(sigterm=True)
-    from meddaemon.cli.common import setup_logging
+    from meddaemon.logs import setup_logging
 
     setup_logging(settings.log_level)
     with contextlib.suppress(OSError):

@@ -442,8 +442,8 @@ class OutboxProcess:
 
 def _process_main(settings: Settings, stop: Any, daemon_id: int | None) -> None:
     leave_stopping_to_the_parent(sigterm=True)  # the daemon stops it through ``stop``
-    from meddaemon.cli.common import setup_logging
     from meddaemon.db.engine import create_db_engine, session_factory
+    from meddaemon.logs import setup_logging
 
     setup_logging(settings.log_level)
     with contextlib.suppress(OSError):

@@ -808,8 +808,8 @@ def _process_main(
     syntaxes: list[UID],
 ) -> None:
     leave_stopping_to_the_parent(sigterm=True)  # the daemon stops it through ``stop``
-    from meddaemon.cli.common import setup_logging
     from meddaemon.db.engine import create_db_engine, session_factory
+    from meddaemon.logs import setup_logging
 
     setup_logging(settings.log_level)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
 from meddaemon.daemon import claims, filing
-from meddaemon.daemon.bookkeeper import _advance
+from meddaemon.daemon.bookkeeper import advance
 from meddaemon.db.bulk import insert_rows
 from meddaemon.db.engine import transaction, with_lock_retry
 from meddaemon.db.models import Scan, ScanEvent, utcnow
@@ -315,6 +315,6 @@ def mark_reported(session: Session, scan_id: int, path: Path) -> bool:
     scan = session.get(Scan, scan_id, with_for_update=True)
     if scan is None or scan.state != ScanState.INFERRED:
         return False
-    _advance(scan, ScanState.REPORTED, f"report {path.name}", utcnow())
+    advance(scan, ScanState.REPORTED, f"report {path.name}", utcnow())
     scan.claimed_by = None
     return True
