@@ -3,6 +3,7 @@ the test trains nothing for but writes, imports and promotes through the real re
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -24,6 +25,7 @@ from sqlalchemy.exc import OperationalError
 from meddaemon.config import load_settings
 from meddaemon.daemon.bookkeeper import HeatmapFile
 from meddaemon.daemon.inference import write_heatmap_files
+from meddaemon.daemon.intake import IntakeContext
 from meddaemon.daemon.service import Daemon
 from meddaemon.db.models import Heatmap, Result, Scan
 from meddaemon.engine import registry
@@ -448,3 +450,26 @@ def test_the_inferred_log_line_names_the_model_and_claims_no_size(
     inferred = [r.getMessage() for r in caplog.records if "-> inferred" in r.getMessage()]
     assert len(inferred) == 4
     assert all("0 bytes" not in line and "task busi, model v1, top " in line for line in inferred)
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_a_scan_prepared_for_the_version_served_before_a_swap_is_prepared_again_for_the_new_one(
+    daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+):
+    """A scan read while v1 (32 x 32) was served and recorded after v2 (64 x 64) was swapped in went
+    into v2's queue with v1's input: stored as v2's result without a word (eager), or the daemon
+    stopped on ONNX Runtime's refusal of the shape (exit 1)."""
+    promote(
+        daemon,
+        write_model(
+            tmp_path / "v2", version="v2", contract=dataclasses.replace(CONTRACT, height=64, width=64), backend=backend
+        ),
+    )
+    read_before_the_swap = IntakeContext(daemon.intake.decode_options, daemon.intake.policy, {"busi": CONTRACT})
+    monkeypatch.setattr(type(daemon.intake), "intake_context", lambda self: read_before_the_swap)
+    drop_scans(daemon.settings.watch)
+    daemon.run(once=True)
+    with daemon.sessions() as session:
+        states = {s.state for s in session.scalars(select(Scan))}
+        sizes = set(session.execute(select(Heatmap.height, Heatmap.width)).all())
+    assert states == {"inferred"} and sizes == {(64, 64)}

@@ -337,12 +337,21 @@ class InferenceStage(Stage):
     # -- feeding the queues --------------------------------------------------------------------
 
     def enqueue(
-        self, scan_id: int, task: str, inputs: np.ndarray, discovered_at: datetime | None, sha256: str | None = None
+        self,
+        scan_id: int,
+        task: str,
+        inputs: np.ndarray,
+        discovered_at: datetime | None,
+        sha256: str | None = None,
+        prepared_for: InputContract | None = None,
     ) -> None:
-        """Queue a scan read by intake (``sha256``: its content hash, which names its heatmap files)."""
+        """Queue a scan read by intake (``sha256``: its content hash, which names its heatmap files;
+        ``prepared_for``: the contract its input was made for)."""
         model = self.served.get(task)
-        if model is None:
-            return  # the model went away meanwhile: the sweep picks the scan up again
+        if model is None or (prepared_for is not None and prepared_for != model.contract):
+            # the model went away, or another version was swapped in while the scan was read (its input
+            # made for the old one was run through the new one): the sweep prepares it again
+            return
         self.in_flight.add(scan_id)
         self.queue.put(model.version_id, QueuedScan(scan_id, inputs, discovered_at, sha256=sha256))
 

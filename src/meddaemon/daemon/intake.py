@@ -45,6 +45,8 @@ class Intake:
     route: Route | None = None
     #: float32 (N, C, H, W) for the served model of the scan's task; None when no model is served
     model_input: np.ndarray | None = None
+    #: the contract ``model_input`` was made for: the version served when the read was handed out
+    prepared_for: InputContract | None = None
     failure: ScanFailure | None = None
     #: The file changed while it was read: not complete after all, back to the stability tracker.
     changed: bool = False
@@ -94,6 +96,7 @@ def _route_and_prepare(intake: Intake, name: PurePosixPath, decoded: DecodedScan
     if contract is not None:
         try:
             intake.model_input = _to_model_input(decoded, contract)
+            intake.prepared_for = contract
         except ScanFailure as failure:
             intake.failure = failure
 

@@ -378,7 +378,12 @@ class IntakeStage(Stage):
             stable, intake = by_name[outcome.source_name]
             if outcome.state == "routed" and outcome.scan_id is not None and intake.model_input is not None:
                 self.inference.enqueue(
-                    outcome.scan_id, outcome.task or "", intake.model_input, stable.discovered_at, outcome.sha256
+                    outcome.scan_id,
+                    outcome.task or "",
+                    intake.model_input,
+                    stable.discovered_at,
+                    outcome.sha256,
+                    intake.prepared_for,
                 )
         return record_
 
