@@ -22,12 +22,15 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from daemon_rows import add_scan
 from meddaemon.config import load_settings
 from meddaemon.daemon.bookkeeper import HeatmapFile
 from meddaemon.daemon.inference import write_heatmap_files
 from meddaemon.daemon.intake import IntakeContext
 from meddaemon.daemon.service import Daemon
+from meddaemon.db.engine import transaction
 from meddaemon.db.models import Heatmap, Result, Scan
+from meddaemon.db.queries import tasks_without_model
 from meddaemon.engine import registry
 from meddaemon.engine.architectures import build_model
 from meddaemon.engine.decode import decode_bytes
@@ -36,6 +39,7 @@ from meddaemon.engine.inference import ServedModel
 from meddaemon.engine.overlay import jpeg_bytes, model_view, overlay
 from meddaemon.engine.preprocess import to_model_input
 from meddaemon.overlays import ViewSource, overlay_jpeg
+from meddaemon.states import ScanState
 from model_factory import CONTRACT, drop_scans, promote, write_model
 
 
@@ -473,3 +477,20 @@ def test_a_scan_prepared_for_the_version_served_before_a_swap_is_prepared_again_
         states = {s.state for s in session.scalars(select(Scan))}
         sizes = set(session.execute(select(Heatmap.height, Heatmap.width)).all())
     assert states == {"inferred"} and sizes == {(64, 64)}
+
+
+def test_routed_scans_of_a_task_whose_active_version_is_retired_wait_for_a_model(daemon: Daemon, tmp_path: Path):
+    """They stayed routed, claimed: not counted as waiting for a model by status, and a stuck
+    queue for health after its limit."""
+    promote(daemon, write_model(tmp_path / "v1"))
+    daemon.stage.refresh_models()
+    daemon.stage.wait_for_loads()
+    with transaction(daemon.sessions) as session:
+        queued = add_scan(session, 1, ScanState.ROUTED, claimed_by=None).id
+    with transaction(daemon.sessions) as session:
+        registry.retire(session, "busi", "v1")
+    daemon.stage.refresh_models()
+    with daemon.sessions() as session:
+        assert "busi" not in daemon.stage.served
+        assert session.get(Scan, queued).state == "waiting_model"
+        assert tasks_without_model(session)["busi"] == 1

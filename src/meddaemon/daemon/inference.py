@@ -240,6 +240,9 @@ class InferenceStage(Stage):
             if task not in self.wanted:
                 log.info("no longer serving %s: the task has no active version", model.name)
                 self._stop_serving(task)
+        settled: int = self.commit(lambda session: bookkeeper.wait_for_a_model(session, self.served, self.daemon_id))
+        if settled:
+            log.info("%d routed scan(s) wait for a model: their task has no active version", settled)
         now = time.monotonic()
         pending = self.loader.pending()
         for task, row in self.wanted.items():
