@@ -291,4 +291,13 @@ def test_the_sign_in_page_refuses_to_try_a_password_while_its_name_waits(filled_
     assert codes == [401] * 5 + [429]
     right = client.post("/login", data={"user": "admin", "password": PASSWORD, "csrf": token}, follow_redirects=False)
     assert right.status_code == 429 and "try again in" in right.text  # not tried: no scrypt, no answer
+    # behind a proxy on this host every client is a loopback peer: the address alone locks nobody out
+    proxied = TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 50000))
+    token = csrf_of(proxied.get("/login").text)
+    for _ in range(6):
+        proxied.post("/login", data={"user": "nobody", "password": "nope", "csrf": token})
+    viewer = proxied.post(
+        "/login", data={"user": "viewer", "password": PASSWORD, "csrf": token}, follow_redirects=False
+    )
+    assert viewer.status_code == 303
     app.state.console.dispose()

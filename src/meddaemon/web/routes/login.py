@@ -28,7 +28,10 @@ async def login_page(request: Request) -> Response:
     if not auth.csrf_ok(session, sent if isinstance(sent, str) else None):
         raise HTTPException(403, "This form is out of date (CSRF check failed): load the sign-in page again.")
     name, password = str(form.get("user", "")), str(form.get("password", ""))
-    keys = (f"user:{name}", f"from:{request.client.host if request.client else ''}")
+    # by the name, and by the address unless it is loopback: behind a proxy on this host every
+    # client has the proxy's address, and one guesser would lock everyone out
+    peer = request.client.host if request.client else ""
+    keys = (f"user:{name}", *((f"from:{peer}",) if peer and not auth.is_loopback(peer) else ()))
     wait = console.throttle.wait(*keys)
     if wait > 0:
         log.warning("a sign-in refused: too many failed ones")
