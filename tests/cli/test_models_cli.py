@@ -101,6 +101,7 @@ def test_a_duplicate_exits_1_and_an_unknown_version_is_a_usage_error(run, tmp_pa
     assert "unknown_version" in run("show", "busi", "nope", code=2).stderr
     assert "unknown_version" in run("promote", "busi", "nope", code=2).stderr
     assert "unknown_version" in run("retire", "busi", "nope", code=2).stderr
+    assert "unknown task 'nope'" in run("list", "--task", "nope", code=2).stderr  # it said "none registered", exit 0
 
 
 def test_a_model_file_is_converted_and_registered_with_its_provenance(run, tmp_path: Path):  # type: ignore[no-untyped-def]

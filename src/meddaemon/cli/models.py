@@ -76,6 +76,10 @@ def _line(s: dict[str, Any]) -> str:
 def list_cmd(config_file: Path | None, task: str | None, as_json: bool, **flags: object) -> None:
     """Every registered version: task, version, status, architecture, SHA-256, folder."""
     settings = build_settings(config_file, **flags)
+    if task is not None and task not in settings.task_specs:
+        raise click.BadParameter(
+            f"unknown task {task!r}; known: {', '.join(sorted(settings.task_specs))}", param_hint="--task"
+        )
     registry = _registry()
 
     def summaries(session: Session) -> list[dict[str, Any]]:
