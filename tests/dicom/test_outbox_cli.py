@@ -55,6 +55,8 @@ def test_list_shows_each_item_with_the_peers_answer_retry_revives_the_dead_and_p
     assert "\x1b" not in text  # escaped on the terminal: no peer's text acts on it
 
     assert runner.invoke(medcli, ["outbox", "retry", *dirs]).exit_code == 2  # nothing named
+    delivered = runner.invoke(medcli, ["outbox", "retry", str(sr.id), *dirs])  # passed over without a word
+    assert delivered.exit_code == 0 and f"item {sr.id} is delivered, not dead: left as it is" in delivered.stdout
     revived = runner.invoke(medcli, ["outbox", "retry", "--all-dead", *dirs])
     assert revived.exit_code == 0 and "1 item(s) pending again" in revived.stdout
     purged = runner.invoke(medcli, ["outbox", "purge", *dirs])

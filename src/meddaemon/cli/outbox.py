@@ -83,9 +83,12 @@ def retry(config_file: Path | None, ids: tuple[int, ...], all_dead: bool, **flag
                 raise click.BadParameter(
                     f"no outbox item {', '.join(map(str, unknown))} (medcli outbox list shows them)", param_hint="IDS"
                 )
+            not_dead = box.not_dead(session, ids)
             count = box.retry(session, ids, all_dead)
     finally:
         engine.dispose()
+    for item_id, status in not_dead:
+        click.echo(f"item {item_id} is {status}, not dead: left as it is")
     click.echo(f"{count} item(s) pending again")
 
 

@@ -246,6 +246,14 @@ def retry(session: Session, ids: Collection[int] = (), all_dead: bool = False) -
     return done.rowcount  # type: ignore[attr-defined,no-any-return]
 
 
+def not_dead(session: Session, ids: Collection[int]) -> list[tuple[int, str]]:
+    """(id, status) of the named rows ``retry`` leaves as they are: pending or delivered."""
+    if not ids:
+        return []
+    rows = select(OutboxItem.id, OutboxItem.status).where(OutboxItem.id.in_(list(ids)), OutboxItem.status != DEAD)
+    return [(int(i), str(s)) for i, s in session.execute(rows.order_by(OutboxItem.id))]
+
+
 def unknown_items(session: Session, ids: Collection[int]) -> list[int]:
     """Of ``ids``, those no outbox row has."""
     known = set(session.scalars(select(OutboxItem.id).where(OutboxItem.id.in_(list(ids))))) if ids else set()
