@@ -72,6 +72,8 @@ def test_retry_of_a_reason_sends_back_every_kept_scan_of_it_and_refusals_are_sho
     again = client.post("/failures/retry", data={"scan": str(failed.id), "csrf": csrf})
     assert "refused (already_retried)" in again.text
     assert [a.outcome for a in rows(fresh_root, select(WebAction).order_by(WebAction.id))] == ["done", "refused"]
+    stale = client.post("/failures/retry", data={"reason": "unroutable", "csrf": csrf})  # it said only "sent back 0"
+    assert "no failed scan of reason unroutable waits for a retry" in stale.text
 
 
 def test_promote_after_its_confirmation_switches_the_active_model(fresh_root):
@@ -122,3 +124,13 @@ def test_retire_takes_a_version_out_of_service(fresh_root):
     [row] = rows(fresh_root, select(ModelVersion).where(ModelVersion.task_name == "chestxray14"))
     assert row.status == "retired"
     assert client.get("/models/nope/v9/retire").status_code == 404
+    # a stale page or a second tab: "done" again, recorded as a second retirement that did nothing
+    again = client.post("/models/chestxray14/v1/retire", data={"csrf": csrf, "confirm": "chestxray14/v1"})
+    assert "chestxray14/v1 is retired already: nothing done" in again.text
+    busi = client.post("/models/busi/v1/promote", data={"csrf": csrf, "confirm": "busi/v1"})
+    assert "busi/v1 is active already: nothing done" in busi.text
+    assert [a.outcome for a in rows(fresh_root, select(WebAction).order_by(WebAction.id))] == [
+        "done",
+        "refused",
+        "refused",
+    ]

@@ -52,6 +52,8 @@ async def retry(request: Request) -> Response:
         parts += [f"refused ({r.code.value}): {r.message}" for r in result.refused[:20]]
         if result.without_original:
             parts.append(f"{result.without_original} kept no file (vanished)")
+        if not result.requeued and not result.refused:  # a stale page: retried meanwhile, or none left
+            parts.append(f"no failed scan of {target} waits for a retry (sent back already, or none kept its file)")
         outcome = actions.DONE if result.ok and result.requeued else actions.REFUSED
         return actions.record(request, user, "retry", target, outcome, "; ".join(parts))
 

@@ -94,9 +94,14 @@ async def act(request: Request) -> Response:
         from meddaemon.engine import registry
 
         target = f"{task}/{version}"
+        done_before = ""
         try:
             with transaction(console.writer()) as session:
-                if verb == "promote":
+                # a stale page, a second tab, a double submit: recorded as what it did, nothing
+                status = registry.get_version(session, task, version, for_update=True).status
+                if status == {"promote": "active", "retire": "retired"}[verb]:
+                    done_before = f"{target} is {status} already: nothing done"
+                elif verb == "promote":
                     registry.promote(session, task, version, state_dir=console.settings.state_dir)
                     detail = f"{target} is the active model of {task}"
                 else:
@@ -108,6 +113,8 @@ async def act(request: Request) -> Response:
             )
         except Exception as exc:
             return actions.record(request, user, verb, target, actions.FAILED, f"{type(exc).__name__}: {exc}")
+        if done_before:
+            return actions.record(request, user, verb, target, actions.REFUSED, done_before)
         return actions.record(request, user, verb, target, actions.DONE, detail)
 
     action_id = await run_in_threadpool(work)
