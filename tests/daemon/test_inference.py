@@ -29,7 +29,7 @@ from meddaemon.daemon.inference import write_heatmap_files
 from meddaemon.daemon.intake import IntakeContext
 from meddaemon.daemon.service import Daemon
 from meddaemon.db.engine import transaction
-from meddaemon.db.models import Heatmap, Result, Scan
+from meddaemon.db.models import Heatmap, Result, Scan, ScanEvent
 from meddaemon.db.queries import tasks_without_model
 from meddaemon.engine import registry
 from meddaemon.engine.architectures import build_model
@@ -182,7 +182,19 @@ def test_a_model_damaged_after_promotion_is_refused_and_its_scans_wait(daemon: D
     with daemon.sessions() as session:
         assert {s.state for s in session.scalars(select(Scan))} == {"waiting_model"}
         assert session.scalar(select(Result.id).limit(1)) is None
+        why = set(session.scalars(select(ScanEvent.detail).where(ScanEvent.state == "waiting_model")))
     assert "refusing model busi/v1: hash_mismatch" in caplog.text
+    assert why == {"model busi/v1 could not be loaded: refused, hash_mismatch"}
+
+
+def test_scans_of_a_task_without_an_active_version_wait_saying_so(daemon: Daemon):
+    drop_scans(daemon.settings.watch)
+
+    daemon.run(once=True)
+
+    with daemon.sessions() as session:
+        why = set(session.scalars(select(ScanEvent.detail).where(ScanEvent.state == "waiting_model")))
+    assert why == {"no active model for task busi"}
 
 
 def test_a_registered_manifest_edited_by_hand_is_refused_and_its_scans_wait(daemon: Daemon, tmp_path: Path, caplog):

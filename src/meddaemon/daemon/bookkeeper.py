@@ -104,11 +104,13 @@ def record_batch(
     destinations: Destinations,
     served_tasks: Collection[str],
     claimed_by: int | None = None,
+    why_waiting: Mapping[str, str] | None = None,
 ) -> BatchRecord:
     """Rows for a batch of read files: a few multi-row statements, whatever the batch's size.
 
     Routed scans whose task has a served model stay ``routed``, claimed by the daemon ``claimed_by``
-    (the caller queues them for inference); the others wait in ``waiting_model``, claimed by nobody.
+    (the caller queues them for inference); the others wait in ``waiting_model``, claimed by nobody,
+    saying why (``why_waiting``, by task: a model loading or failing to load; otherwise no active model).
     SQLAlchemy Core, not ORM objects: the unit of work cost about 0.8 ms of CPU per file, most of
     the transaction (benchmarks/README.md, issue 16). Rows are inserted in the batch's order.
     """
@@ -137,7 +139,8 @@ def record_batch(
         if route.task in served_tasks:
             scan.values["claimed_by"] = claimed_by
         else:
-            scan.step(ScanState.WAITING_MODEL, f"no active model for task {route.task}")
+            why = (why_waiting or {}).get(route.task) or f"no active model for task {route.task}"
+            scan.step(ScanState.WAITING_MODEL, why)
         scan.target = filing.work_path(destinations.work_dir, sha, name)
         scan.values.update(
             stored_path=destinations.stored(scan.target), pending_move_from=destinations.stored(stable.path)

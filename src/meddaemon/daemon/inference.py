@@ -146,6 +146,8 @@ class InferenceStage(Stage):
         self.wanted: dict[str, ModelVersion] = {}
         #: versions whose load failed: not asked for again before the time given (monotonic; inf: refused)
         self.failed_loads: dict[int, float] = {}
+        #: why a version's load failed, as its scans' waiting detail says
+        self.load_errors: dict[int, str] = {}
         self.loader = model_loader.ModelLoader(self._load)
         self.queue: BatchQueue[int] = BatchQueue(settings.max_batch, settings.max_wait_ms / 1000)
         self.preparing: list[_Preparing] = []
@@ -221,6 +223,23 @@ class InferenceStage(Stage):
             batch=self.settings.max_batch,
             lanes=self.lanes,
         )
+
+    def why_waiting(self) -> dict[str, str]:
+        """Why the scans of each task with an active version but no served model wait: its model is
+        loading, or failed to load. A task missing here has no active version."""
+        pending = self.loader.pending()
+        why: dict[str, str] = {}
+        for task, row in self.wanted.items():
+            if task in self.served:
+                continue
+            name = f"{task}/{row.version}"
+            if row.id in pending:
+                why[task] = f"model {name} is loading"
+            elif row.id in self.load_errors:
+                why[task] = f"model {name} could not be loaded: {self.load_errors[row.id]}"
+            else:
+                why[task] = f"model {name} is not loaded yet"
+        return why
 
     def contracts(self) -> dict[str, InputContract]:
         return {task: model.contract for task, model in self.served.items()}
@@ -320,6 +339,7 @@ class InferenceStage(Stage):
         request = result.request
         if result.refusal is not None:
             self.failed_loads[request.version_id] = float("inf")
+            self.load_errors[request.version_id] = f"refused, {result.refusal.reason}"
             log.error(
                 "refusing model %s: %s (%s); %s",
                 request.name,
@@ -329,6 +349,7 @@ class InferenceStage(Stage):
             )
             return
         self.failed_loads[request.version_id] = time.monotonic() + LOAD_RETRY_SECONDS
+        self.load_errors[request.version_id] = f"trying again every {LOAD_RETRY_SECONDS:.0f} s"
         log.error(
             "could not load model %s: %s; %s; trying again in %.0f s",
             request.name,

@@ -415,6 +415,7 @@ class IntakeStage(Stage):
         self, batch: list[tuple[StableFile, PurePosixPath, Intake]], changed: list[Path]
     ) -> Callable[[Session], BatchRecord]:
         served = set(self.inference.served)
+        why_waiting = self.inference.why_waiting()
         assert self.daemon_id is not None
         me = self.daemon_id
 
@@ -423,7 +424,9 @@ class IntakeStage(Stage):
             that are not leaving the inbox (changed while read, vanished)."""
             held = claims.held_inbox_files(session, me, [stable.path for stable, _, _ in batch])
             kept = [item for item in batch if str(item[0].path) in held]
-            record_ = bookkeeper.record_batch(session, kept, self.destinations, served, claimed_by=me)
+            record_ = bookkeeper.record_batch(
+                session, kept, self.destinations, served, claimed_by=me, why_waiting=why_waiting
+            )
             leaving = {str(move.source) for move in record_.moves}
             claims.release_inbox_files(
                 session, [*changed, *(stable.path for stable, _, _ in kept if str(stable.path) not in leaving)]
