@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -33,6 +35,10 @@ class ScriptedScp:
     ae_title: str = "SCRIPTED"
     #: the transfer syntaxes it accepts (None: pynetdicom's default four)
     accepts: list[str] | None = None
+    #: seconds each C-STORE request takes before its answer: a slow archive
+    delay: float = 0.0
+    #: called as each C-STORE request arrives, before it is answered
+    on_store: Callable[[], object] | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -69,6 +75,9 @@ class ScriptedScp:
 
     def _store(self, event: evt.Event) -> int | Dataset:
         uid = str(event.request.AffectedSOPInstanceUID)
+        if self.on_store is not None:
+            self.on_store()
+        time.sleep(self.delay)
         with self._lock:
             self.received.append(uid)
             self.syntaxes.append(str(event.context.transfer_syntax))
@@ -98,11 +107,14 @@ class _StowHandler(BaseHTTPRequestHandler):
         with stow.lock:
             stow.requests += 1
             answer = stow.script.pop(0) if stow.script else 200
-            status, reason = answer if isinstance(answer, tuple) else (answer, None)
+            if isinstance(answer, bytes):  # stored, with that body
+                status, reason, body = 200, None, answer
+            else:
+                status, reason = answer if isinstance(answer, tuple) else (answer, None)
+                failed = {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [reason]}}]}}
+                body = json.dumps(failed).encode() if reason is not None else b"{}"
             if status == 200:
                 stow.stored += 1
-        failed = {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [reason]}}]}}
-        body = json.dumps(failed).encode() if reason is not None else b"{}"
         self.send_response(status)
         self.send_header("Content-Type", "application/dicom+json")
         self.send_header("Content-Length", str(len(body)))
@@ -116,9 +128,10 @@ class _StowHandler(BaseHTTPRequestHandler):
 @dataclass
 class ScriptedStow:
     """A STOW-RS endpoint answering ``script``'s HTTP statuses in turn, then 200; a (status, failure
-    reason) pair answers with a Failed SOP Sequence naming that reason, as a 409 does."""
+    reason) pair answers with a Failed SOP Sequence naming that reason, as a 409 does; bytes are a
+    200 with that body (stored, whatever the body says)."""
 
-    script: list[int | tuple[int, int]] = field(default_factory=list)
+    script: list[int | tuple[int, int] | bytes] = field(default_factory=list)
     requests: int = 0
     stored: int = 0
 

@@ -18,6 +18,7 @@ from dicom_factory import write_dicom
 from sqlalchemy import Engine, create_engine, func, select
 
 from daemon_harness import Daemons, Layout, RunningDaemon, wait_until
+from dicom_peers import ScriptedScp
 from meddaemon.db.models import OutboxItem, Report, Scan
 from meddaemon.dicom import pdf
 from model_factory import promote_into, write_model
@@ -247,3 +248,35 @@ def test_a_daemon_killed_while_sending_sends_the_rest_once_after_its_restart(
     again.signal(signal.SIGTERM)
     assert again.wait(60) == 0
     check_pacs(pacs, engine, 12)
+
+
+def test_a_daemon_killed_alone_leaves_no_sender_behind_to_send_what_its_successor_sends(
+    daemons: Daemons, layout: Layout
+):
+    """kill -9 of the daemon's own process only (its children live on: a supervisor or an operator
+    that kills the main pid), while a slow archive takes a second an object. The restarted daemon
+    takes over the dead one's claims at once; the old outbox process went on sending its round,
+    and every object it held was stored twice. It now stops after the object in hand."""
+    scp = ScriptedScp(delay=1.0)
+    try:
+        promote_into(f"sqlite:///{layout.db}", layout.state / "models", write_model(layout.root / "model"))
+        config = layout.root / "meddaemon.toml"
+        config.write_text(
+            'dicom_outputs = ["sr", "pdf"]\noutbox_retry_seconds = 0.5\noutbox_max_retry_seconds = 2.0\n'
+            f'[[destination]]\nname = "pacs"\nkind = "dicom"\nae_title = "{scp.ae_title}"\n'
+            f'host = "127.0.0.1"\nport = {scp.port}\n'
+        )
+        daemon = daemons.start(extra=("--config", str(config)), env=ENV)
+        daemon.wait_ready()
+        drop_scans(layout, 3, one_study=False)
+        engine = engine_of(layout)
+        wait_until(lambda: len(scp.received) >= 1, 120, "the first object at the archive", daemon, every=0.05)
+        daemon.proc.kill()
+        daemon.proc.wait(10)
+
+        again = daemons.start(extra=("--config", str(config)), env=ENV)
+        wait_until(lambda: outbox_counts(engine) == Counter(delivered=6), 120, "6 objects delivered", again)
+        time.sleep(3.0)  # what a sender left behind would still be sending
+    finally:
+        scp.stop()
+    assert Counter(scp.received) == Counter(dict.fromkeys(sent_uids(engine, "pacs"), 1))

@@ -130,6 +130,44 @@ def test_a_round_s_stored_objects_are_delivered_each_with_the_peers_warning_if_a
     }
 
 
+def test_a_stow_rs_success_whose_answer_cannot_be_read_is_delivered_and_the_objects_after_it_go_on(make_settings):
+    """A 200 whose body is not DICOM JSON (dicomweb-client raises reading it): the instance was stored.
+    It failed the whole round: the objects stored before it were sent again, those after it never
+    sent yet counted as attempts, and went dead that way."""
+    stow = ScriptedStow([200, b'{"status": "stored"}'])
+    try:
+        settings = make_settings(destination=[stow.destination("web")], outbox_retry_seconds=30.0)
+        sessions, _ = queued(settings, 4, ["web"])
+        assert OutboxSender(settings, sessions, None).round() == 4
+    finally:
+        stow.stop()
+    with sessions() as session:
+        rows = {r.object_key: (r.status, r.attempts) for r in session.scalars(select(OutboxItem))}
+        unread = session.scalar(select(OutboxItem.last_error).where(OutboxItem.object_key == "sc:1"))
+    assert rows == {f"sc:{i}": (DELIVERED, 1) for i in range(4)}
+    assert stow.requests == 4
+    assert unread is not None and unread.startswith("STOW-RS HTTP 200, an answer that could not be read")
+
+
+def test_a_sender_asked_to_stop_sends_no_other_object_and_gives_the_rest_back_unattempted(make_settings):
+    """What the outbox process does when its daemon is killed with -9: it finishes the object in hand
+    and sends no other (the restarted daemon takes over the claims at once: both sent the same objects)."""
+    scp = ScriptedScp()
+    try:
+        settings = make_settings(destination=[scp.destination("pacs")], outbox_retry_seconds=30.0)
+        sessions, uids = queued(settings, 4, ["pacs"])
+        sender = OutboxSender(settings, sessions, None)
+        scp.on_store = lambda: sender.stop_event.set()
+        assert sender.round() == 4
+        sender.close_senders()
+    finally:
+        scp.stop()
+    with sessions() as session:
+        rows = {r.object_key: (r.status, r.attempts, r.claimed_by) for r in session.scalars(select(OutboxItem))}
+    assert scp.received == uids[:1]
+    assert rows == {"sc:0": (DELIVERED, 1, None), **{f"sc:{i}": (PENDING, 0, None) for i in (1, 2, 3)}}
+
+
 def test_rows_for_a_destination_no_longer_configured_are_dead_not_stuck(make_settings, tmp_path: Path):
     (tmp_path / "share").mkdir()
     settings = make_settings(destination=[{"name": "share", "kind": "folder", "path": str(tmp_path / "share")}])

@@ -29,7 +29,7 @@ from meddaemon.config import Settings
 from meddaemon.db.clock import db_clock, read_db_clock
 from meddaemon.db.engine import transaction, with_lock_retry
 from meddaemon.db.models import DaemonInstance, OutboxItem
-from meddaemon.dicom.senders import Delivery, Sender, make_sender
+from meddaemon.dicom.senders import NOT_SENT, Delivery, Sender, make_sender
 from meddaemon.processes import leave_stopping_to_the_parent
 from meddaemon.stored_paths import stored_file
 
@@ -334,8 +334,8 @@ class OutboxSender:
                 sender = self.senders[name] = make_sender(destination)
             paths = [stored_file(i.path, self.settings.state_dir) for i in items]
             try:
-                answers = sender.send(paths)
-            except Exception as exc:  # a bug or an unexpected library error: retried like a peer failure
+                answers = sender.send(paths, self.stop_event.is_set)
+            except Exception as exc:  # a bug, before any object went (each object's own failure is its answer)
                 log.exception("sending to %s failed", name)
                 answers = [Delivery(False, f"{type(exc).__name__} in the sender")] * len(items)
 
@@ -343,17 +343,22 @@ class OutboxSender:
             acknowledged: dict[str, list[int]] = {}  # by the peer's warning, if any: a statement each
             outcomes: list[str | None] = []
             for item, answer in zip(items, answers, strict=True):
-                if answer.acknowledged:
+                if answer == NOT_SENT:
+                    outcomes.append(None)
+                elif answer.acknowledged:
                     acknowledged.setdefault(answer.detail, []).append(item.id)
                     outcomes.append(DELIVERED)
                 else:
                     outcomes.append(record_failure(session, item.id, answer.detail, answer.permanent, self.backoff))
             for detail, ids in acknowledged.items():
                 record_delivered(session, ids, detail or None)
+            release(session, [item.id for item, answer in zip(items, answers, strict=True) if answer == NOT_SENT])
             return outcomes
 
         outcomes = self._commit(record)
         for item, answer, status in zip(items, answers, outcomes, strict=True):
+            if answer == NOT_SENT:
+                continue
             if answer.acknowledged:
                 self.delivered += 1
                 log.info("scan %d: %s delivered to %s", item.scan_id, item.object_key, name)
@@ -416,7 +421,8 @@ class OutboxProcess:
     """The sender in a child process of the daemon, at the report stage's niceness: pynetdicom polls
     its sockets in tight loops, which in a thread would take the GIL from the daemon's main loop.
     Started with the daemon when destinations are configured, stopped with it; a child whose daemon
-    was killed with -9 notices and exits (its claims are then taken over)."""
+    was killed with -9 sends no other object once the one in hand is answered (``_process_main``):
+    the restarted daemon takes over the dead one's claims at once, and both sent the same objects."""
 
     def __init__(self, settings: Settings, daemon_id: int | None) -> None:
         self.settings = settings
@@ -450,6 +456,7 @@ class OutboxProcess:
 
 def _process_main(settings: Settings, stop: Any, daemon_id: int | None) -> None:
     leave_stopping_to_the_parent(sigterm=True)  # the daemon stops it through ``stop``
+    parent = multiprocessing.parent_process()
     from meddaemon.db.engine import create_db_engine, session_factory
     from meddaemon.logs import setup_logging
 
@@ -458,12 +465,18 @@ def _process_main(settings: Settings, stop: Any, daemon_id: int | None) -> None:
         os.nice(settings.reports_nice)
     engine = create_db_engine(settings.db_url, settings.busy_timeout)
     sender = OutboxSender(settings, session_factory(engine), daemon_id)
-    parent = multiprocessing.parent_process()
 
     def watch() -> None:
-        while not stop.wait(0.5):
-            if parent is not None and not parent.is_alive():
-                stop.set()
+        """The sender stops when asked, or the moment its daemon is gone (killed with -9): the object
+        in hand is finished and recorded, no other is sent (``NOT_SENT``), and its claims go back for
+        the restarted daemon, which would otherwise send the same objects alongside it."""
+        while not stop.is_set():
+            if parent is None:
+                stop.wait(0.5)
+            elif not parent.is_alive():
+                break
+            else:
+                parent.join(0.5)  # returns at once when the parent ends
         sender.stop_event.set()
 
     threading.Thread(target=watch, daemon=True).start()

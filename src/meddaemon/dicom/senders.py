@@ -37,9 +37,18 @@ class Delivery:
     permanent: bool = False
 
 
+#: the answer for an object not sent because the sender was asked to stop first: no attempt counted
+NOT_SENT = Delivery(False, "not sent: the sender stopped first")
+
+
+def never() -> bool:
+    return False
+
+
 class Sender(Protocol):
-    def send(self, objects: Sequence[Path]) -> list[Delivery]:
-        """Deliver each file; one answer per file, in order. Never raises for a peer's failure."""
+    def send(self, objects: Sequence[Path], should_stop: Callable[[], bool] = never) -> list[Delivery]:
+        """Deliver each file; one answer per file, in order (``NOT_SENT`` for those left once
+        ``should_stop`` says so: its daemon is gone, and its successor sends them). Never raises."""
         ...
 
     def release_idle(self) -> None:
@@ -150,24 +159,24 @@ class DimseSender:
         self.assoc: Any = None
         self.last_used = 0.0
 
-    def send(self, objects: Sequence[Path]) -> list[Delivery]:
+    def send(self, objects: Sequence[Path], should_stop: Callable[[], bool] = never) -> list[Delivery]:
         read = [_ObjectFile.read(path) for path in objects]
         files = [f for f in read if isinstance(f, _ObjectFile)]
-        sent = iter(self._send(files) if files else [])
+        sent = iter(self._send(files, should_stop) if files else [])
         return [next(sent) if isinstance(f, _ObjectFile) else f for f in read]
 
-    def _send(self, files: list[_ObjectFile]) -> list[Delivery]:
+    def _send(self, files: list[_ObjectFile], should_stop: Callable[[], bool]) -> list[Delivery]:
         contexts = set().union(*(f.contexts() for f in files))
         if self._kept_for(contexts):
             associations.wake(self.assoc)
-            answers = self._store(files)
+            answers = self._store(files, should_stop)
             if answers[0] not in (DROPPED, NO_ANSWER):
                 return self._done(answers)
             self._release()  # the peer let the kept association go before the first answer
         refusal = self._open(contexts)
         if refusal is not None:
             return [refusal] * len(files)
-        return self._done(self._store(files))
+        return self._done(self._store(files, should_stop))
 
     def release_idle(self) -> None:
         if self.assoc is not None and self.clock() - self.last_used >= self.destination.keep_open_seconds:
@@ -211,7 +220,7 @@ class DimseSender:
         associations.keep_answers(self.assoc)
         return None
 
-    def _store(self, files: list[_ObjectFile]) -> list[Delivery]:
+    def _store(self, files: list[_ObjectFile], should_stop: Callable[[], bool]) -> list[Delivery]:
         """Each file sent as it is written where the peer accepted its transfer syntax (pynetdicom
         reads it in chunks, ``STORE_SEND_CHUNKED_DATASET``); otherwise read, decompressed if it
         is compressed, and sent in the syntax the peer accepted. Reading and encoding every object
@@ -219,6 +228,9 @@ class DimseSender:
         as_written = {(str(c.abstract_syntax), str(c.transfer_syntax[0])) for c in self.assoc.accepted_contexts}
         answers: list[Delivery] = []
         for f in files:
+            if should_stop():
+                answers.append(NOT_SENT)
+                continue
             if not self.assoc.is_established:
                 answers.append(DROPPED)
                 continue
@@ -239,6 +251,10 @@ class DimseSender:
                     answers.append(DROPPED)
                 else:  # no accepted presentation context for its SOP class
                     answers.append(Delivery(False, f"refused: {exc}", True))
+                continue
+            except Exception as exc:  # pynetdicom's or a decoder's own failure: this object only, retried
+                log.exception("sending %s failed", f.path.name)
+                answers.append(Delivery(False, f"{type(exc).__name__} while sending"))
                 continue
             answers.append(_dimse_answer(status))
         return answers
@@ -326,19 +342,28 @@ class StowSender:
         from dicomweb_client.api import DICOMwebClient
 
         self.destination = destination
-        self.client = DICOMwebClient(url=destination.url, timeout=destination.timeout_seconds)
+        #: the HTTP status of the last answer heard, whether dicomweb-client could read its body or not
+        self.heard: int | None = None
+        self.client = DICOMwebClient(url=destination.url, timeout=destination.timeout_seconds, callback=self._heard)
         self.client.set_http_retry_params(retry=False)  # the outbox retries, with its own backoff
 
-    def send(self, objects: Sequence[Path]) -> list[Delivery]:
+    def _heard(self, response: Any, *args: Any, **kwargs: Any) -> None:
+        self.heard = response.status_code
+
+    def send(self, objects: Sequence[Path], should_stop: Callable[[], bool] = never) -> list[Delivery]:
         import requests
 
         answers: list[Delivery] = []
         for path in objects:
+            if should_stop():
+                answers.append(NOT_SENT)
+                continue
             try:
                 ds = read_object(path)
             except UNREADABLE_OBJECT as exc:
                 answers.append(cannot_read(exc))
                 continue
+            self.heard = None
             try:
                 answer = self.client.store_instances(datasets=[ds])
             except requests.exceptions.HTTPError as exc:
@@ -349,6 +374,8 @@ class StowSender:
                 answers.append(Delivery(False, detail, permanent and code != 0))
             except requests.exceptions.RequestException as exc:
                 answers.append(Delivery(False, f"STOW-RS {type(exc).__name__}"))
+            except Exception as exc:  # dicomweb-client could not read the answer's body, or failed itself
+                answers.append(self._unreadable_answer(exc))
             else:
                 failed = answer.get("FailedSOPSequence") if answer is not None else None
                 if failed:
@@ -358,6 +385,15 @@ class StowSender:
                 else:
                     answers.append(Delivery(True))
         return answers
+
+    def _unreadable_answer(self, exc: Exception) -> Delivery:
+        """A success status whose body dicomweb-client could not read (not DICOM JSON, no content
+        type) still says the instance was stored: sent again it would be stored twice."""
+        why = f"{type(exc).__name__}: {exc}"
+        if self.heard is not None and 200 <= self.heard < 300:
+            return Delivery(True, f"STOW-RS HTTP {self.heard}, an answer that could not be read ({why})"[:500])
+        log.warning("sending over STOW-RS failed: %s", why)
+        return Delivery(False, f"STOW-RS {type(exc).__name__}" + (f" after HTTP {self.heard}" if self.heard else ""))
 
     def release_idle(self) -> None:
         pass  # requests keeps its connections, and the server closes those it no longer wants
@@ -381,12 +417,15 @@ class FolderSender:
     def __init__(self, destination: DestinationConfig) -> None:
         self.root = Path(destination.path)
 
-    def send(self, objects: Sequence[Path]) -> list[Delivery]:
+    def send(self, objects: Sequence[Path], should_stop: Callable[[], bool] = never) -> list[Delivery]:
         if not self.root.is_dir():
             missing = Delivery(False, f"the destination folder {self.root} does not exist (is its share mounted?)")
             return [missing] * len(objects)
         answers = []
         for path in objects:
+            if should_stop():
+                answers.append(NOT_SENT)
+                continue
             try:
                 data = path.read_bytes()
                 ds = read_object(path, stop_before_pixels=True)
