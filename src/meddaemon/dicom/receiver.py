@@ -366,7 +366,8 @@ class Receiver:
             caller.aborted = True
         self.stats.add("aborted")
         log.warning(
-            "association from %s at %s:%d aborted (%d instances stored before it; one in transfer is not kept)",
+            "association from %s at %s:%d aborted (%d instances stored so far; an instance still arriving is not "
+            "kept, one that had arrived whole is stored)",
             caller.ae_title,
             caller.address,
             caller.port,
