@@ -115,6 +115,29 @@ def test_a_second_run_scores_nothing_again(world, busi_phantoms: Path) -> None:
     engine.dispose()
 
 
+def test_a_rerun_with_heatmaps_after_one_without_adds_the_maps_to_the_results_it_keeps(
+    world, busi_phantoms: Path
+) -> None:
+    """It said "already scored" for every file and wrote no map; a third run only hashes."""
+    first = evaluate(world, busi_phantoms)
+    before = stored(world)
+    with_maps = evaluate(world, busi_phantoms, heatmaps=True)
+    again = evaluate(world, busi_phantoms, heatmaps=True)
+
+    assert with_maps.summary["scored"] == 0 and with_maps.summary["reused"] == first.summary["files"]
+    assert again.summary["reused"] == first.summary["files"]
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        mapped = session.scalars(select(Result.scan_id).join(Heatmap, Heatmap.result_id == Result.id)).all()
+        overlays = session.scalars(select(Heatmap.overlay_path)).all()
+        assert session.scalar(select(func.count()).select_from(Result)) == 3 * first.summary["files"]
+    engine.dispose()
+    assert sorted(mapped) == sorted(set(mapped)) and len(mapped) == first.summary["files"]  # the top label's, once
+    assert all(world.settings.stored_file(path).is_file() for path in overlays)
+    assert stored(world).keys() == before.keys()
+    assert all(np.array_equal(stored(world)[name], p) for name, p in before.items())
+
+
 def test_a_rerun_after_files_left_the_cohort_lists_counts_and_fingerprints_the_cohort_as_it_is(
     world, tmp_path: Path
 ) -> None:

@@ -707,7 +707,14 @@ def insert_results(
         insert_rows(session, Result, rows)
         return
     ids = insert_returning_ids(session, Result, rows, key=("scan_id", "model_version_id", "label"))
-    heatmap_rows = [
+    insert_heatmaps(session, list(zip(ids, heatmaps, strict=True)), now, stored)
+
+
+def insert_heatmaps(
+    session: Session, heatmaps: Sequence[tuple[int, HeatmapFile | None]], now: datetime, stored: Callable[[Path], str]
+) -> None:
+    """Heatmap rows, one multi-row INSERT: (the id of the result each maps, its map or None)."""
+    rows = [
         {
             "result_id": result_id,
             "method": h.method,
@@ -717,10 +724,10 @@ def insert_results(
             "width": h.width,
             "created_at": now,
         }
-        for result_id, h in zip(ids, heatmaps, strict=True)
+        for result_id, h in heatmaps
         if h is not None
     ]
-    insert_rows(session, Heatmap, heatmap_rows)
+    insert_rows(session, Heatmap, rows)
 
 
 def claim_for_archive(

@@ -141,7 +141,7 @@ def run_evaluation(
     sessions = session_factory(db)
     with sessions() as session:
         version = find_model_version(session, request.task, request.model_version)
-        scored = prefixes(store.scored_shas(session, version.id))
+        scored = prefixes(store.scored_shas(session, version.id, with_heatmaps=request.heatmaps))
         session.expunge(version)
     options = settings.decode_options
     decoders = None

@@ -21,12 +21,13 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from meddaemon import __version__
-from meddaemon.daemon.bookkeeper import HeatmapFile, insert_results
+from meddaemon.daemon.bookkeeper import HeatmapFile, insert_heatmaps, insert_results
 from meddaemon.db.bulk import insert_returning_ids, insert_rows
 from meddaemon.db.models import (
     METADATA_COLUMNS,
     Evaluation,
     EvaluationFile,
+    Heatmap,
     ModelVersion,
     Result,
     Scan,
@@ -123,10 +124,26 @@ def forget_files_gone(session: Session, evaluation_id: int, present: Iterable[st
     return len(gone)
 
 
-def scored_shas(session: Session, version_id: int) -> list[str]:
-    """SHA-256 of every scan that has results of this model version."""
+def scored_shas(session: Session, version_id: int, with_heatmaps: bool = False) -> list[str]:
+    """SHA-256 of every scan that has results of this model version (``with_heatmaps``: and heatmaps
+    of them: a run with ``--heatmaps`` after one without decodes the others again, for their maps)."""
     query = select(Scan.sha256).distinct().join(Result, Result.scan_id == Scan.id)
+    if with_heatmaps:
+        query = query.join(Heatmap, Heatmap.result_id == Result.id)
     return [s for s in session.scalars(query.where(Result.model_version_id == version_id)) if s]
+
+
+def scans_with_heatmaps(session: Session, version_id: int, scan_ids: Iterable[int]) -> set[int]:
+    """Of these scans, those with a heatmap of one of the version's results."""
+    found: set[int] = set()
+    for chunk in _chunks(sorted(set(scan_ids))):
+        query = (
+            select(Result.scan_id)
+            .join(Heatmap, Heatmap.result_id == Result.id)
+            .where(Result.scan_id.in_(chunk), Result.model_version_id == version_id)
+        )
+        found.update(session.scalars(query))
+    return found
 
 
 def scans_with_results(session: Session, version_id: int, shas: Iterable[str]) -> dict[str, int]:
@@ -160,6 +177,8 @@ def record_chunk(
     live = _live_scans(session, shas)
     new_scans: dict[str, FileOutcome] = {}
     result_for: dict[str, FileOutcome] = {}
+    maps_for: dict[str, FileOutcome] = {}  # scored before without heatmaps, decoded now for them
+    mapped = scans_with_heatmaps(session, version.id, done.values()) if any(o.heatmaps for o in outcomes) else set()
     file_rows: list[dict[str, Any]] = []
     scan_of_file: list[str | None] = []
     for outcome in outcomes:
@@ -181,6 +200,8 @@ def record_chunk(
         elif sha in done or sha in result_for:
             row["outcome"] = REUSED
             counts.reused += 1
+            if outcome.heatmaps and sha in done and done[sha] not in mapped:
+                maps_for.setdefault(sha, outcome)
         elif read.known or outcome.probabilities is None:
             counts.redo.append(read)
             continue
@@ -200,6 +221,7 @@ def record_chunk(
     ids = {sha: scan_id for sha, (scan_id, _) in live.items()} | done
     ids |= _insert_scans(session, evaluation, list(new_scans.values()), now)
     _insert_results(session, version, [(ids[sha], o) for sha, o in result_for.items()], now, state_dir)
+    _insert_heatmaps(session, version, [(ids[sha], o) for sha, o in maps_for.items()], now, state_dir)
     for row, sha in zip(file_rows, scan_of_file, strict=True):
         row["scan_id"] = ids.get(sha) if sha else None
     paths = [r["path"] for r in file_rows]
@@ -363,6 +385,28 @@ def _insert_results(
             )
             maps.append(next((h for h in outcome.heatmaps if h.label_index == index), None))
     insert_results(session, rows, maps, now, partial(stored_name, state_dir=state_dir))
+
+
+def _insert_heatmaps(
+    session: Session, version: ModelVersion, mapped: Sequence[tuple[int, FileOutcome]], now: datetime, state_dir: Path
+) -> None:
+    """Heatmaps for results stored before without them (the version's results of these scans)."""
+    if not mapped:
+        return
+    labels = list(version.manifest["labels"])
+    result_ids: dict[tuple[int, str], int] = {}
+    for chunk in _chunks([scan_id for scan_id, _ in mapped]):
+        query = select(Result.id, Result.scan_id, Result.label).where(
+            Result.scan_id.in_(chunk), Result.model_version_id == version.id
+        )
+        result_ids.update({(scan_id, label): result_id for result_id, scan_id, label in session.execute(query)})
+    maps = [
+        (result_ids[(scan_id, labels[h.label_index])], h)
+        for scan_id, outcome in mapped
+        for h in outcome.heatmaps
+        if (scan_id, labels[h.label_index]) in result_ids
+    ]
+    insert_heatmaps(session, maps, now, partial(stored_name, state_dir=state_dir))
 
 
 def _chunks(items: Sequence[T], size: int = 500) -> Iterable[list[T]]:
