@@ -258,3 +258,71 @@ def test_device_cuda_without_a_gpu_is_a_usage_error_that_says_why(world, busi_ph
     result = CliRunner().invoke(medcli, [*args, *state_flags(world)])
     assert result.exit_code == EXIT_USAGE, result.output
     assert "no CUDA device" in result.stderr and "--device cpu" in result.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--require", "auc>=0.99"], "--require judges the audit: add --audit"),
+        (["--audit", "--require", "auc>>0.9"], "cannot read criterion 'auc>>0.9'"),
+    ],
+    ids=["without-audit", "unreadable"],
+)
+def test_require_without_audit_or_unreadable_is_refused_before_anything_is_scored(
+    world, busi_phantoms: Path, options: list[str], says: str
+) -> None:
+    """Without --audit the criteria were never judged (exit 0); an unreadable one was refused only
+    once the whole cohort was scored."""
+    args = ["evaluate", str(busi_phantoms), "--task", "busi", "--workers", "0", *options, *state_flags(world)]
+    result = CliRunner().invoke(medcli, args)
+    assert result.exit_code == EXIT_USAGE and says in result.stderr
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        assert session.scalars(select(Scan)).all() == []
+    engine.dispose()
+
+
+def busi_with_unreadable(source: Path, tmp_path: Path) -> Path:
+    """The SYNTHETIC BUSI phantoms with two empty PNGs among the benign ones: over 5% unreadable."""
+    dataset = tmp_path / "Dataset_BUSI_with_GT"
+    shutil.copytree(source, dataset)
+    for name in ("benign (90).png", "benign (91).png"):
+        (dataset / "benign" / name).write_bytes(b"")
+    return dataset
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_run_stopped_for_unreadable_files_lists_them_and_json_says_stopped(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """It printed only "see the unreadable files (medcli evaluate ... --json)", which stopped the same
+    way and printed nothing on stdout."""
+    dataset = busi_with_unreadable(busi_phantoms, tmp_path)
+    args = ["evaluate", str(dataset), "--task", "busi", "--workers", "0", *state_flags(world)]
+    result = CliRunner().invoke(medcli, [*args, "--json"])
+    assert result.exit_code == EXIT_USAGE and "cannot be read" in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["state"] == "stopped" and summary["audit"] is None
+    assert {(u["path"], u["reason"]) for u in summary["unreadable"]} == {
+        ("benign/benign (90).png", "empty_file"),
+        ("benign/benign (91).png", "empty_file"),
+    }
+    text = CliRunner().invoke(medcli, args)
+    assert text.exit_code == EXIT_USAGE
+    assert "unreadable benign/benign (90).png: empty_file" in text.stdout
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_evaluation_that_did_not_complete_is_not_audited_as_if_it_were_the_dataset(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """The files never scored dropped out of the join: metrics (and --require) of part of the
+    dataset, exit 0, nothing said."""
+    dataset = busi_with_unreadable(busi_phantoms, tmp_path)
+    args = ["evaluate", str(dataset), "--task", "busi", "--workers", "0", "--json", *state_flags(world)]
+    name = json.loads(CliRunner().invoke(medcli, args).stdout)["name"]
+
+    audit = CliRunner().invoke(medcli, ["audit", "--evaluation", name, *state_flags(world)])
+    assert audit.exit_code == EXIT_USAGE
+    assert f"evaluation {name!r} is stopped" in audit.stderr and "part of the dataset" in audit.stderr

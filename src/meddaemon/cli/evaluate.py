@@ -3,9 +3,10 @@
 Thin: parse, call ``meddaemon.evaluate.pipeline.run_evaluation`` (and ``evaluate.truth`` for
 ``--audit``), print. A progress bar (images/s, ETA) goes to stderr when it is a terminal.
 Exit codes: 0 done, 2 bad usage (``--device cuda`` without a GPU, ``--audit`` of a folder without
-labels, a folder holding only a dataset) or a dataset over 5% unreadable, 3 no usable
-database, 1 a model refused, 5 an ``--audit --require`` criterion fails, 130 Ctrl-C (run it again
-to resume).
+labels, a folder holding only a dataset, ``--require`` without ``--audit`` or unreadable) or a
+dataset over 5% unreadable, 3 no usable database, 1 a model refused, 5 an ``--audit --require``
+criterion fails, 130 Ctrl-C (run it again to resume). A run that stops prints what it read first
+(``--json``: its summary, ``state`` "stopped", the unreadable files with their reasons).
 """
 
 from __future__ import annotations
@@ -58,7 +59,11 @@ from meddaemon.names import shown_name
     "--ray-address", help="A Ray cluster to join ('auto': the one this node belongs to); default: a local Ray."
 )
 @click.option("--audit", "with_audit", is_flag=True, help="Then audit against the labels the dataset layout carries.")
-@click.option("--require", metavar="CRITERIA", help='With --audit: criteria as for medcli audit, e.g. "auc>=0.85".')
+@click.option(
+    "--require",
+    metavar="CRITERIA",
+    help='With --audit: criteria as for medcli audit, e.g. "auc>=0.85" (unmet: exit 5).',
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def evaluate(
@@ -92,6 +97,8 @@ def evaluate(
     from meddaemon.evaluate.store import EvaluationError
     from meddaemon.training.datasets import DatasetError
 
+    if require is not None:
+        _check_criteria(require, with_audit)
     settings = build_settings(config_file, **flags)
     options: dict[str, Any] = {"workers": workers} if workers is not None else {}
     request = EvaluationRequest(
@@ -107,12 +114,10 @@ def evaluate(
             except (EvaluationError, DatasetError) as exc:
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_USAGE)
-            except TooManyUnreadable as exc:
-                click.echo(f"error: {exc}", err=True)
-                sys.exit(EXIT_USAGE)
             except EvaluationStopped as exc:
+                _show_stopped(db, exc, as_json)
                 click.echo(f"error: {exc}", err=True)
-                sys.exit(EXIT_FAILURE)
+                sys.exit(EXIT_USAGE if isinstance(exc, TooManyUnreadable) else EXIT_FAILURE)
             except KeyboardInterrupt:
                 click.echo("interrupted: what was scored is stored; run the same command again to resume", err=True)
                 sys.exit(EXIT_INTERRUPTED)
@@ -131,6 +136,39 @@ def evaluate(
 
             print_audit(audit)
     sys.exit(EXIT_CRITERIA_FAILED if audit is not None and audit.passed is False else EXIT_OK)
+
+
+def _check_criteria(require: str, with_audit: bool) -> None:
+    """Before anything is scored: criteria without an audit would pass unjudged, exit 0."""
+    from meddaemon.audit.criteria import CriteriaError, parse_criteria
+
+    if not with_audit:
+        click.echo("error: --require judges the audit: add --audit", err=True)
+        sys.exit(EXIT_USAGE)
+    try:
+        parse_criteria(require)
+    except CriteriaError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _show_stopped(db: Any, stopped: Any, as_json: bool) -> None:
+    """The stopped run's summary: the files read so far, the unreadable ones with their reasons."""
+    from meddaemon.db.engine import session_factory
+    from meddaemon.db.models import Evaluation
+    from meddaemon.evaluate.store import evaluation_summary
+
+    if stopped.evaluation_id is None:
+        return
+    with session_factory(db)() as session:
+        row = session.get(Evaluation, stopped.evaluation_id)
+        if row is None:
+            return
+        summary = evaluation_summary(session, row)
+    if as_json:
+        echo_json({**summary, "audit": None})
+    else:
+        _print(summary)
 
 
 def _audit(db: Any, settings: Any, name: str, require: str | None) -> Any:

@@ -52,7 +52,10 @@ FLUSH_SECONDS = 1.0
 
 
 class EvaluationStopped(RuntimeError):
-    """The run stopped before the end: too many unreadable files, a model refused. Done work is kept."""
+    """The run stopped before the end: too many unreadable files, a model refused. Done work is kept,
+    and the run's row says so (``evaluation_id``, once it has one: its summary lists what was read)."""
+
+    evaluation_id: int | None = None
 
 
 class TooManyUnreadable(EvaluationStopped):
@@ -274,6 +277,7 @@ def _run(
         state = store.COMPLETED
     except EvaluationStopped as exc:
         state, message = store.STOPPED, str(exc)
+        exc.evaluation_id = evaluation_id
         writer.flush(final=True, check=False)
         raise
     except Exception as exc:
@@ -412,7 +416,7 @@ class Writer:
         if images and self.failed / images > limit:
             raise TooManyUnreadable(
                 f"{self.failed} of {images} images cannot be read (more than {limit:.0%}); "
-                "see the evaluation's unreadable files (medcli evaluate ... --json) and fix the dataset"
+                "fix the dataset (the files read so far are listed with their reasons)"
             )
 
     def _report(self) -> None:

@@ -18,7 +18,7 @@ from meddaemon.audit.run import AuditRequest, AuditResult, audit_predictions
 from meddaemon.db.models import Evaluation, EvaluationFile, ModelVersion
 from meddaemon.engine.tasks import TaskSpec
 from meddaemon.evaluate.cohort import read_cohort
-from meddaemon.evaluate.store import FAILED, find_evaluation
+from meddaemon.evaluate.store import COMPLETED, FAILED, STOPPED, find_evaluation
 from meddaemon.names import utf8_name
 
 
@@ -85,6 +85,16 @@ def audit_evaluation(
     spec = tasks.get(evaluation.task_name)
     if spec is None:
         raise AuditInputError(f"evaluation {name!r} is of task {evaluation.task_name!r}, which is not configured")
+    if evaluation.state != COMPLETED:
+        raise AuditInputError(
+            f"evaluation {evaluation.name!r} is {evaluation.state} ({evaluation.scored + evaluation.reused} of "
+            f"{evaluation.files_total} files scored): its audit would judge the model on part of the dataset; "
+            + (
+                "fix the dataset and run medcli evaluate again"
+                if evaluation.state == STOPPED
+                else "run the same medcli evaluate command again to finish it"
+            )
+        )
     version = session.get(ModelVersion, evaluation.model_version_id)
     assert version is not None
     if request.task not in (None, spec.name):
