@@ -20,6 +20,7 @@ from meddaemon.cli.common import EXIT_INTERRUPTED
 from meddaemon.db.engine import session_factory
 from meddaemon.db.models import Evaluation, Result, Scan
 from meddaemon.evaluate.pipeline import EvaluationRequest, run_evaluation
+from meddaemon.evaluate.store import EvaluationError, one_run_at_a_time
 
 MEDCLI = Path(sys.executable).parent / "medcli"
 FILES = 6000  # about 250 written at the first write (1 s) here; with 1,500 a CI run once saw none before all were
@@ -93,3 +94,28 @@ def test_a_stopped_run_resumes_and_scores_every_file_exactly_once(world, many_im
     assert resumed.state == "completed" and resumed.summary["failed"] == 0
     assert resumed.summary["reused"] >= before and resumed.summary["scored"] == FILES - resumed.summary["reused"]
     assert counts(world) == (FILES, 3 * FILES, FILES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_a_second_run_of_an_evaluation_while_the_first_runs_is_refused_and_a_killed_run_holds_nothing(
+    world, many_images: Path
+) -> None:
+    """Two runs of one name at once each added their counts to the row: scored and reused came to
+    twice the files. The second is refused, on this host or another sharing the database."""
+    proc = start(world, many_images)
+    try:
+        wait_for_first_write(world, proc)
+        engine = world.engine()
+        request = EvaluationRequest(path=many_images, task="busi", workers=0)
+        with pytest.raises(EvaluationError, match="is being run by another process"):
+            run_evaluation(engine, world.settings, request)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        with one_run_at_a_time(engine, "synthetic_images-busi-v1"):  # the killed run's hold went with it
+            pass
+        engine.dispose()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

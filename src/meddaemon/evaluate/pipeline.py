@@ -146,19 +146,21 @@ def run_evaluation(
         version = find_model_version(session, request.task, request.model_version)
         scored = prefixes(store.scored_shas(session, version.id, with_heatmaps=request.heatmaps))
         session.expunge(version)
-    options = settings.decode_options
-    decoders = None
-    if request.engine == "local":
-        # started first: their start-up (torch, the decoders) overlaps the model's verification
-        contract = InputContract.from_dict(version.manifest["input_contract"])
-        decoders = Decoders(cohort.files, contract, options, scored, request.workers, request.batch_size)
-    try:
-        model = _serve(settings, request, version)
-        prepared = Prepared(request, settings, cohort, version, model, scored, 0, options)
-        return _run(sessions, prepared, decoders, progress)
-    finally:
-        if decoders is not None:
-            decoders.close()
+    name = request.name or default_name(cohort, version)
+    with store.one_run_at_a_time(db, name):
+        options = settings.decode_options
+        decoders = None
+        if request.engine == "local":
+            # started first: their start-up (torch, the decoders) overlaps the model's verification
+            contract = InputContract.from_dict(version.manifest["input_contract"])
+            decoders = Decoders(cohort.files, contract, options, scored, request.workers, request.batch_size)
+        try:
+            model = _serve(settings, request, version)
+            prepared = Prepared(request, settings, cohort, version, model, scored, 0, options)
+            return _run(sessions, name, prepared, decoders, progress)
+        finally:
+            if decoders is not None:
+                decoders.close()
 
 
 #: the longest evaluation name (``evaluations.name``)
@@ -242,10 +244,13 @@ def _serve(settings: Settings, request: EvaluationRequest, version: ModelVersion
 
 
 def _run(
-    sessions: sessionmaker[Session], prepared: Prepared, decoders: Decoders | None, progress: ProgressFn | None
+    sessions: sessionmaker[Session],
+    name: str,
+    prepared: Prepared,
+    decoders: Decoders | None,
+    progress: ProgressFn | None,
 ) -> EvaluationOutcome:
     request, cohort, version = prepared.request, prepared.cohort, prepared.version
-    name = request.name or default_name(cohort, version)
     with transaction(sessions) as session:
         evaluation = store.open_evaluation(
             session, name=name, version=version, dataset_path=request.path.absolute(), layout=cohort.layout,

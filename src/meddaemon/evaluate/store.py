@@ -8,16 +8,18 @@ A scan the daemon is still working on (registered, routed, waiting for a model) 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, select
+from sqlalchemy import Engine, delete, select, text
 from sqlalchemy.orm import Session
 
 from meddaemon import __version__
@@ -53,6 +55,42 @@ T = TypeVar("T")
 
 class EvaluationError(ValueError):
     """An evaluation that cannot run as asked (a name taken by another cohort or model)."""
+
+
+@contextmanager
+def one_run_at_a_time(engine: Engine, name: str) -> Iterator[None]:
+    """Evaluation ``name`` is run by this process only, until the block ends; EvaluationError when
+    another holds it, on this host or another sharing the database. Two runs of one name at once
+    each added their counts to the row (scored and reused came to twice the files).
+
+    PostgreSQL: a session advisory lock on a connection of its own; SQLite: a byte of a lock file
+    beside the database (``<database>.evaluations.lock``). A killed run's lock goes with its process."""
+    key = int.from_bytes(hashlib.sha256(f"meddaemon evaluation {name}".encode()).digest()[:8], "big", signed=True)
+    busy = EvaluationError(
+        f"evaluation {name!r} is being run by another process (on this host or another using the database); "
+        "wait for it to end, or give another --name"
+    )
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            if not connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}):
+                raise busy
+            connection.commit()
+            try:
+                yield
+            finally:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                connection.commit()
+        return
+    database = engine.url.database
+    if not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.evaluations.lock", "ab") as lock:
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, key % 2**31)
+        except OSError:
+            raise busy from None
+        yield
 
 
 @dataclass
