@@ -54,3 +54,9 @@ class ScanFailure(Exception):
 
     def __reduce__(self) -> tuple[type[ScanFailure], tuple[FailureReason, str]]:
         return (type(self), (self.reason, self.message))
+
+
+class ReadLater(ScanFailure):
+    """A file that could not be read for a passing reason of this host, not of the file: out of file
+    descriptors or memory, a stale handle on a share. The daemon reads it again later (failed, it
+    stayed failed, ``unreadable``, after the shortage had passed); a one-off read fails it."""

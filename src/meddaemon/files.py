@@ -10,7 +10,7 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-from meddaemon.failures import FailureReason, ScanFailure
+from meddaemon.failures import FailureReason, ReadLater, ScanFailure
 from meddaemon.processes import process_alive
 
 #: what ``write_atomically`` writes: bytes or any object exposing its memory (a numpy array's)
@@ -174,7 +174,7 @@ def read_whole(
     except PermissionError:
         raise ScanFailure(FailureReason.UNREADABLE, "permission denied") from None
     except OSError as exc:
-        raise ScanFailure(FailureReason.UNREADABLE, f"cannot open the file: {exc.strerror}") from None
+        raise _unreadable("cannot open the file", exc) from None
     try:
         with os.fdopen(fd, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -187,7 +187,19 @@ def read_whole(
     except IsADirectoryError:
         raise ScanFailure(FailureReason.UNREADABLE, "not a regular file") from None
     except OSError as exc:
-        raise ScanFailure(FailureReason.UNREADABLE, f"cannot read the file: {exc.strerror}") from None
+        raise _unreadable("cannot read the file", exc) from None
+
+
+#: errors of the host, not of the file: out of descriptors, memory or buffers, interrupted, a stale
+#: handle on a share; reading again later can succeed
+PASSING_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR, errno.ESTALE}
+)
+
+
+def _unreadable(what: str, exc: OSError) -> ScanFailure:
+    failure = ReadLater if exc.errno in PASSING_ERRNOS else ScanFailure
+    return failure(FailureReason.UNREADABLE, f"{what}: {exc.strerror}")
 
 
 def read_text_in_place(path: Path | str) -> str:

@@ -3,9 +3,11 @@
 import json
 import os
 import signal
+import sqlite3
 import stat
 import subprocess
 import time
+from contextlib import closing
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -23,6 +25,7 @@ from daemon_harness import (
     synthetic_png,
     wait_until,
 )
+from descriptors import out_of_descriptors
 from meddaemon.daemon.inbox import Inbox, rename_to_utf8
 from permissions import held_to_file_modes, unlistable
 from ports import free_port
@@ -227,3 +230,23 @@ def test_what_the_daemon_writes_is_kept_from_other_users_whatever_the_umask_it_i
         f"{p.relative_to(state)} {stat.S_IMODE(p.stat().st_mode):o}" for p in written if p.stat().st_mode & 0o007
     ]
     assert exposed == []
+
+
+def test_files_that_cannot_be_opened_while_the_host_is_out_of_descriptors_wait_and_are_read_after(daemons: Daemons):
+    """EMFILE is the host's trouble, not the file's: good scans were failed for good, ``unreadable``
+    ("Too many open files"), and stayed failed once descriptors were free again."""
+    daemon = daemons.start(stable=0.3, rescan=1.0)
+    inbox = daemons.layout.inbox
+    drop(inbox, f"{TASK}/warm_up.png", synthetic_png(daemons.layout.root, 19), rename=True)  # decoders imported
+    wait_until(lambda: daemon.log_text().count("-> waiting_model") == 1, 60, "the warm-up file", daemon)
+    with out_of_descriptors(daemon.pid):
+        for i in range(3):
+            drop(inbox, f"{TASK}/scan_{i}.png", synthetic_png(daemons.layout.root, 20 + i), rename=True)
+        waits = "Too many open files; it is read again later"
+        wait_until(lambda: daemon.log_text().count(waits) >= 3, 30, "the files to wait", daemon)
+    wait_until(lambda: daemon.log_text().count("-> waiting_model") == 4, 60, "the files read after", daemon)
+    with closing(sqlite3.connect(daemons.layout.db)) as db:
+        assert sorted(state for (state,) in db.execute("SELECT state FROM scans")) == ["waiting_model"] * 4
+    assert not list(daemons.layout.inbox.rglob("*.png"))
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0

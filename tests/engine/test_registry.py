@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -17,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy import Engine, select
 
+from descriptors import out_of_descriptors
 from meddaemon.db.engine import session_factory, transaction
 from meddaemon.db.models import ModelVersion, Task
 from meddaemon.engine import registry
@@ -288,6 +291,19 @@ def test_missing_files_are_refused(tmp_path: Path, v1: Path):
     assert refused.reason == "missing_file" and "manifest.json" in refused.message
     (v1 / "model.safetensors").unlink()
     assert refusal(v1).reason == "missing_file"
+
+
+@pytest.mark.parametrize("reading", ["the manifest", "the weights"])
+def test_a_version_unread_while_the_process_is_out_of_descriptors_is_not_refused_for_good(v1: Path, reading: str):
+    """Out of file descriptors, the daemon refused a good version as ``missing_file`` and never tried
+    it again until restarted; the host's trouble is an error its loader tries again later."""
+    manifest = registry.read_manifest(v1)
+    with pytest.raises(OSError) as raised, out_of_descriptors(os.getpid()):
+        if reading == "the manifest":
+            registry.read_manifest(v1)
+        else:
+            registry.read_verified_weights(v1, manifest)
+    assert raised.value.errno == errno.EMFILE
 
 
 class MarkerPayload:

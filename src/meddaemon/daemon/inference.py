@@ -55,7 +55,7 @@ from meddaemon.engine.decode import DecodeOptions
 from meddaemon.engine.heatmap_grid import expand_one, grid_bytes
 from meddaemon.engine.overlay import jpeg_bytes, model_pixels, overlay
 from meddaemon.engine.tasks import InputContract
-from meddaemon.failures import ScanFailure
+from meddaemon.failures import ReadLater, ScanFailure
 from meddaemon.files import write_atomically
 from meddaemon.states import ScanState
 
@@ -411,7 +411,10 @@ class InferenceStage(Stage):
         for item in done:
             result = item.future.result()
             model = self.served.get(item.scan.task)
-            if isinstance(result, ScanFailure):
+            if isinstance(result, ReadLater):  # out of descriptors or memory: the scan waits a while
+                self.resting[item.scan.scan_id] = time.monotonic() + self.settings.rescan_seconds
+                log.warning("scan %d: %s; it stays routed and is read again later", item.scan.scan_id, result.message)
+            elif isinstance(result, ScanFailure):
                 failures.setdefault(item.version_id, []).append(
                     InferenceOutcome(item.scan.scan_id, [], [], failure=result)
                 )

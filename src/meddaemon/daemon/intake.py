@@ -23,8 +23,8 @@ from meddaemon.engine.decode import DecodeOptions, decode_bytes, failed_scan_met
 from meddaemon.engine.decode.dicom import quiet_pydicom
 from meddaemon.engine.decode.types import DecodedScan, ScanMetadata
 from meddaemon.engine.tasks import InputContract
-from meddaemon.failures import FailureReason, ScanFailure
-from meddaemon.files import read_whole
+from meddaemon.failures import FailureReason, ReadLater, ScanFailure
+from meddaemon.files import PASSING_ERRNOS, read_whole
 from meddaemon.processes import leave_stopping_to_the_parent
 
 
@@ -50,12 +50,17 @@ class Intake:
     failure: ScanFailure | None = None
     #: The file changed while it was read: not complete after all, back to the stability tracker.
     changed: bool = False
+    #: Why it could not be read now, for a passing reason of the host (``ReadLater``): back to the
+    #: stability tracker too, to be read again.
+    read_later: str | None = None
     decoded: DecodedScan | None = field(default=None, repr=False)
 
 
 def read_file(path: Path, name: PurePosixPath, expected: Signature | None, context: IntakeContext) -> Intake:
     try:
         intake = _read(path, expected, context.decode)
+    except ReadLater as later:
+        return Intake(path, changed=True, read_later=later.message)
     except ScanFailure as failure:
         return Intake(path, failure=failure)
     if intake.failure is None and intake.metadata is not None and intake.decoded is not None:
@@ -81,6 +86,10 @@ def prepare_stored(path: Path, contract: InputContract, options: DecodeOptions) 
         return failure
     except FileNotFoundError:
         return ScanFailure(FailureReason.VANISHED, f"the registered copy {path.name} is missing")
+    except OSError as exc:
+        if exc.errno in PASSING_ERRNOS:
+            return ReadLater(FailureReason.UNREADABLE, f"cannot read the registered copy: {exc.strerror}")
+        return ScanFailure(FailureReason.UNREADABLE, f"cannot read the registered copy: {exc.strerror}")
     except Exception as exc:
         return ScanFailure(FailureReason.INTERNAL_ERROR, f"preparing the input raised {type(exc).__name__}")
 

@@ -361,6 +361,8 @@ class IntakeStage(Stage):
         batch: list[tuple[StableFile, PurePosixPath, Intake]] = []
         changed: list[Path] = []
         for (stable, name), intake in zip(group.files, intakes, strict=True):
+            if intake.read_later is not None:
+                log.warning("%s: %s; it is read again later", shown_name(name), intake.read_later)
             if intake.changed:
                 changed.append(stable.path)
             else:

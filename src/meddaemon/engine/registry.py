@@ -53,7 +53,7 @@ from meddaemon.engine.architectures import ARCHITECTURES, build_model
 from meddaemon.engine.card import card_files
 from meddaemon.engine.preprocess import normalise
 from meddaemon.engine.tasks import BUILTIN_TASKS, KINDS, InputContract, TaskSpec
-from meddaemon.files import fsync_dir, make_folders, write_atomically
+from meddaemon.files import PASSING_ERRNOS, fsync_dir, make_folders, write_atomically
 from meddaemon.stored_paths import stored_file, stored_name
 
 log = logging.getLogger(__name__)
@@ -542,6 +542,7 @@ def read_manifest(folder: Path | str) -> Manifest:
     except IsADirectoryError:
         raise ModelRefused("missing_file", f"{path} is a folder, not a manifest file") from None
     except OSError as exc:
+        _unless_passing(exc)
         raise ModelRefused("missing_file", f"{path} cannot be read: {exc.strerror or exc}") from None
     try:
         return Manifest.from_json(text)
@@ -612,11 +613,19 @@ def read_verified_weights(folder: Path, manifest: Manifest) -> dict[str, Tensor]
     return _parse_safetensors(_verified_bytes(weights_path, manifest, folder), weights_path)
 
 
+def _unless_passing(exc: OSError) -> None:
+    """Raise ``exc`` itself when it is the host's passing trouble (out of file descriptors or memory):
+    a load error, tried again later, not a refusal of the version until the daemon restarts."""
+    if exc.errno in PASSING_ERRNOS:
+        raise exc
+
+
 def _verified_bytes(path: Path, manifest: Manifest, folder: Path) -> bytes:
     """The file's bytes, once their SHA-256 is the manifest's (before anything parses them)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
+        _unless_passing(exc)
         raise ModelRefused("missing_file", f"{path} cannot be read: {exc.strerror or exc}") from None
     actual = sha256_bytes(data)
     if actual != manifest.sha256:
