@@ -17,7 +17,7 @@ import pytest
 from dicom_factory import truncate_pixel_data, write_dicom, write_structured_report
 from PIL import Image
 from pydicom import dcmread
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, event, func, select, text
 
 from meddaemon.config import load_settings
 from meddaemon.daemon import bookkeeper
@@ -407,3 +407,34 @@ def test_the_report_stage_without_dicom_destinations_does_not_import_highdicom()
     )
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.postgres
+def test_a_connection_the_database_drops_mid_round_is_waited_out_not_a_report_failure(
+    make_settings, tmp_path: Path, postgres_url: str
+):
+    """The server ends the report round's connection as it records the reports (a restart, a
+    failover, an administrator's pg_terminate_backend): every scan of the round was logged as a
+    failed report and held for 300 s, while the database answered again at once."""
+    daemon = inferred_daemon(lambda **flags: make_settings(db=postgres_url, **flags), tmp_path)
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    dropped: list[int] = []
+
+    def drop_the_connection(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        if statement.startswith("INSERT INTO reports") and not dropped:
+            dropped.append(conn.connection.dbapi_connection.info.backend_pid)
+            with admin.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": dropped[0]})
+
+    event.listen(daemon.engine, "before_cursor_execute", drop_the_connection)
+    try:
+        started = time.monotonic()
+        Reporter(daemon.settings, daemon.sessions).drain()
+        took = time.monotonic() - started
+    finally:
+        event.remove(daemon.engine, "before_cursor_execute", drop_the_connection)
+        admin.dispose()
+    assert dropped, "the connection was never dropped"
+    assert set(scan_states(daemon).values()) == {"reported"} and took < 60
+    check_reports(daemon)
+    daemon.engine.dispose()

@@ -98,6 +98,8 @@ class Reporter:
         #: study UID -> monotonic time to look again: studies whose instances are still arriving
         self.studies_arriving: dict[str, float] = {}
         self.started = False
+        #: studies of scans reported in a round an outage cut short: their study reports are due
+        self.studies_owed: set[str] = set()
 
     @functools.cached_property
     def builder(self) -> ReportBuilder:
@@ -133,7 +135,8 @@ class Reporter:
         now = time.monotonic()
         self.retry_after = {k: v for k, v in self.retry_after.items() if v > now}
         ids = self._claim(set(self.retry_after))
-        studies = self._report_scans(ids)
+        studies = self._report_scans(ids) | self.studies_owed
+        self.studies_owed = set()
         studies |= self._quiet_now(now)
         attempted = len(ids)
         if self.share is not None and self.share[0] != 0:
@@ -175,9 +178,11 @@ class Reporter:
         return arriving
 
     def drain(self, should_stop: Any = lambda: False) -> None:
-        """Report until nothing is left but scans waiting to be retried (``--once``)."""
+        """Report until nothing is left but scans waiting to be retried (``--once``); an outage is
+        waited out as in ``serve``."""
         self.start()
-        while not should_stop() and self.round():
+        outage = OutageGuard(self.settings.db_outage_seconds, logger=log)
+        while not should_stop() and outage.run(self.round, should_stop):
             pass
 
     def serve(self, stop: threading.Event | EventType) -> None:
@@ -203,7 +208,19 @@ class Reporter:
         if not scan_ids:
             return set()
         outcomes = self.builder.claimed_scan_reports(scan_ids, self.daemon_id)
-        return {uid for scan_id, outcome in outcomes.items() if (uid := self._reported(scan_id, outcome))}
+        studies: set[str] = set()
+        lost: Exception | None = None
+        for scan_id, outcome in outcomes.items():
+            if isinstance(outcome, Exception) and is_outage(outcome):
+                lost = outcome
+            elif uid := self._reported(scan_id, outcome):
+                studies.add(uid)
+        if lost is not None:
+            # the database dropped the connection: not the report's fault, to be retried in 5 minutes
+            # with its scans held, but an outage, waited out and the round run again once it answers
+            self.studies_owed |= studies
+            raise lost
+        return studies
 
     def _reported(self, scan_id: int, outcome: ReportOutcome) -> str | None:
         """Log what became of a scan's report (a failed one is retried later); its Study Instance
@@ -242,15 +259,20 @@ class Reporter:
     def _report_study(self, uid: str) -> None:
         try:
             written = self.builder.study_report(uid)
-        except OSError as exc:
-            self.stats.errors += 1
-            log.error("a study report could not be written (%s); retried later", exc.strerror or type(exc).__name__)
         except Exception as exc:
-            self.stats.errors += 1
-            log.error("building a study report failed (%s)", _where(exc))
+            if is_outage(exc):
+                raise
+            self._study_failed(exc)
         else:
             self.stats.studies += 1
             log.info("study report %s, %d page(s)", written.path.name, written.pages)
+
+    def _study_failed(self, exc: Exception) -> None:
+        self.stats.errors += 1
+        if isinstance(exc, OSError):
+            log.error("a study report could not be written (%s); retried later", exc.strerror or type(exc).__name__)
+        else:
+            log.error("building a study report failed (%s)", _where(exc))
 
     def _retry(self, scan_id: int, seconds: float) -> None:
         self.retry_after[scan_id] = time.monotonic() + seconds
