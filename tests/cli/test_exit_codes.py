@@ -5,6 +5,11 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import click
@@ -99,3 +104,29 @@ def test_5_an_audit_criterion_that_fails_and_0_when_it_holds(db_url: str, labels
     assert failed.exit_code == 5, failed.output
     assert "FAIL sensitivity>=0.999" in failed.stdout
     assert run(medcli, *audit, "--require", "auc>=0.01").exit_code == 0
+
+
+def test_130_ctrl_c_in_any_command(db_url: str, migrated_engine: Engine, tmp_path: Path):
+    """A command waiting on its input (here a labels file that is a FIFO nothing writes to yet) and
+    sent SIGINT: click's own answer was "Aborted!", exit 1 (``models import`` of a large checkpoint
+    met it most)."""
+    fifo = tmp_path / "labels.csv"
+    os.mkfifo(fifo)
+    medcli_path = Path(sys.executable).parent / "medcli"
+    proc = subprocess.Popen(
+        [str(medcli_path), "audit", "--db", db_url, "--labels", str(fifo), "--task", "busi"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wchan = Path(f"/proc/{proc.pid}/wchan")
+        deadline = time.monotonic() + 60
+        while wchan.read_text() != "wait_for_partner":  # the FIFO's open() waits for a writer
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted (Ctrl-C)" in err and "Aborted" not in err

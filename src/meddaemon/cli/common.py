@@ -136,6 +136,8 @@ def handle_errors(func: F) -> F:
             _fail(str(exc), EXIT_DATABASE)
         except OperationalError as exc:
             _fail(f"database unavailable: {exc.orig}", EXIT_DATABASE)
+        except KeyboardInterrupt:  # click's own answer is "Aborted!", exit 1
+            _fail("interrupted (Ctrl-C)", EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]
 
