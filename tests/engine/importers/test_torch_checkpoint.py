@@ -11,6 +11,7 @@ wrappers of seed 001 and the label orders and head shapes the seeds do not cover
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,34 @@ def test_a_reduce_payload_is_refused_and_never_runs(tmp_path: Path, wrapped: boo
     torch.save(payload, path)
     error = refused(path, tmp_path)
     assert error.reason == "needs_code" and "open" in error.message
+    assert not marker.exists()
+
+
+class SystemPayload:
+    """Unpickling this runs a shell command: ``os.system``, a module torch's safe loader blocks outright."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle protocol 2", "pickle protocol 4"])
+def test_a_payload_of_a_blocked_module_or_a_plain_pickle_is_refused_as_needing_code_and_never_runs(
+    tmp_path: Path, how: str
+):
+    """torch words these otherwise ("... whose module posix is blocked", "Unsupported operand 149"):
+    they were refused as damaged files, which sent users looking for a disk fault."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {"x": SystemPayload(marker)}
+    if how == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=int(how[-1])))
+    error = refused(path, tmp_path)
+    assert error.reason == "needs_code", error.message
     assert not marker.exists()
 
 

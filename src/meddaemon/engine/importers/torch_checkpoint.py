@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -78,17 +79,17 @@ def read_state_dict(path: Path, fmt: str = "torch") -> tuple[dict[str, Tensor], 
     if fmt == "safetensors":
         return unwrap(read_safetensors(path), path.name)
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own advice to load with weights_only=False
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if found is None:  # a pickle cut short, or no pickle at all (an .h5 given --format torch): damage
+        what = _needing_code(str(exc))
+        if what is None:  # a pickle cut short, or no pickle at all (an .h5 given --format torch): damage
             raise ModelRefused(
                 "unreadable_weights",
                 f"{path.name} is truncated, damaged or not a PyTorch checkpoint (UnpicklingError: "
                 f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
             ) from None
-        what = f"an object of {found.group(1)}"
         raise ModelRefused(
             "needs_code",
             f"{path.name} holds {what}, which needs code to unpickle; it is never run and the file is not "
@@ -101,6 +102,25 @@ def read_state_dict(path: Path, fmt: str = "torch") -> tuple[dict[str, Tensor], 
             f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
         ) from None
     return unwrap(loaded, path.name)
+
+
+#: how torch's weights-only unpickler names what it refused to build: a class or function of a module
+#: it allows none of, or of a module it blocks outright (``os``, ``posix``)
+_REFUSED_GLOBAL = (
+    re.compile(r"Unsupported global: GLOBAL (\S+)"),
+    re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked"),
+)
+
+
+def _needing_code(message: str) -> str | None:
+    """What the weights-only unpickler refused that would need code to unpickle, or None (damage)."""
+    for pattern in _REFUSED_GLOBAL:
+        found = pattern.search(message)
+        if found is not None:
+            return f"an object of {found.group(1)}"
+    if "Unsupported operand 149" in message:  # FRAME: pickle.dump at protocol 4 or 5, not torch.save
+        return "a pickle written by pickle.dump, not torch.save, which only a full unpickler reads"
+    return None
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
