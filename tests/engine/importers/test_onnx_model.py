@@ -153,6 +153,15 @@ def test_small_cnn_onnx_with_a_sigmoid_output_on_busi_binary(tmp_path: Path):
     assert float(np.abs(ours - reference).max()) <= TOLERANCE
 
 
+def test_a_graph_ending_in_a_sigmoid_imported_as_logits_is_refused_saying_which_flag(tmp_path: Path):
+    """Registered without a word, it served the sigmoid of probabilities: a 0.97 read as 0.73."""
+    torch.manual_seed(3)
+    path = export(settled(SmallCnn(), 1, 100), tmp_path / "small.onnx", 1, size=100)
+    error = refused(path, tmp_path, task="busi_binary", image_size=100)
+    assert error.reason == "contract_conflict" and "comes from a Sigmoid" in error.message
+    assert "--outputs probabilities" in error.message
+
+
 def test_without_a_cam_head_the_model_has_no_heatmaps_and_says_why(tmp_path: Path):
     torch.manual_seed(4)
     original = settled(SmallCnn(hidden=True), 1, 100)
@@ -366,6 +375,37 @@ def test_a_dynamic_channel_axis_is_refused(tmp_path: Path):
     path = export(model, tmp_path / "dyn.onnx", 1, dynamic={0: "batch", 1: "channels"})
     error = refused(path, tmp_path)
     assert error.reason == "unsupported_onnx" and "dynamic channel axis" in error.message
+
+
+class ChannelsLast(nn.Module):
+    """A model fed (batch, height, width, channels), as Keras and TensorFlow export them."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(channels, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_channels_last_input_is_refused_naming_the_layout_not_a_channel_count(tmp_path: Path, channels: int):
+    """(N, 64, 64, 1) was told to "pass --channels 64", which --channels refuses (1 or 3)."""
+    path = tmp_path / "nhwc.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ChannelsLast(channels).eval(), (torch.zeros(1, SIZE, SIZE, channels),), str(path),
+                          dynamo=False, opset_version=17, input_names=["image"], output_names=["scores"])  # fmt: skip
+    error = refused(path, tmp_path, channels=channels)
+    assert error.reason == "contract_conflict" and "channels last (NHWC" in error.message
+    assert "--channels" not in error.message
+
+
+def test_an_empty_file_is_refused_as_no_graph_not_for_its_opset(tmp_path: Path):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    error = refused(empty, tmp_path)
+    assert error.reason == "unreadable_weights" and "holds no graph" in error.message
 
 
 def test_an_unsupported_opset_is_refused(small_graph: Path, tmp_path: Path):

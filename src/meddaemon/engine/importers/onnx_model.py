@@ -317,13 +317,23 @@ def check_parsed(model: Any) -> Any:
     return model
 
 
+def _channels_last(dims: list[Any]) -> bool:
+    """An image input laid out (batch, height, width, channels): its last axis a channel count and its
+    first two alike, an image's sides."""
+    _, a, b, c = dims
+    return c in (1, 3) and isinstance(a, int) and a > 3 and (a == b or not isinstance(b, int) or b > 3)
+
+
 def _parse(data: bytes) -> Any:
     import onnx
 
     try:
-        return onnx.load_from_string(data)
+        model = onnx.load_from_string(data)
     except Exception as exc:  # protobuf's DecodeError and others
         raise ModelRefused("unreadable_weights", f"not an ONNX graph (truncated or damaged?): {exc}") from None
+    if not model.HasField("graph") or not model.opset_import:  # protobuf reads an empty file as an empty model
+        raise ModelRefused("unreadable_weights", "not an ONNX graph: the file holds no graph (empty or damaged?)")
+    return model
 
 
 def _keeps_weights_outside(model: Any) -> bool:
@@ -351,6 +361,7 @@ def convert(source: Source, spec: TaskSpec, options: ImportOptions, out_dir: Pat
     _check_finite(graph)
     input_name, single_image = _check_input(graph, contract, spec)
     logits_name, width = _check_output(graph)
+    _check_outputs_option(graph, logits_name, options.outputs)
     mapping = output_map(spec, labels_in_file, spec.num_outputs if width is None else width, logits_name)
     info: dict[str, Any] = {
         "input": input_name,
@@ -392,6 +403,18 @@ def convert(source: Source, spec: TaskSpec, options: ImportOptions, out_dir: Pat
             labels_in_file=labels_in_file,
         ),
     )
+
+
+def _check_outputs_option(graph: Any, output: str, outputs: str) -> None:
+    """A graph whose output a Softmax or Sigmoid makes gives probabilities: read as logits, the task's
+    activation went over them a second time (a 0.97 served as 0.58) without a word."""
+    last = next((node for node in graph.node if output in node.output), None)
+    if outputs == "logits" and last is not None and last.op_type in ("Softmax", "Sigmoid"):
+        raise ModelRefused(
+            "contract_conflict",
+            f"output {output!r} comes from a {last.op_type}: the graph gives probabilities, not logits; "
+            "pass --outputs probabilities",
+        )
 
 
 def _check_finite(graph: Any) -> None:
@@ -469,13 +492,25 @@ def _check_input(graph: Any, contract: InputContract, spec: TaskSpec) -> tuple[s
             f"input {value.name!r} has shape {dims}, not (batch, channels, height, width) as the contract "
             f"{wanted} needs",
         )
+    if _channels_last(dims) and dims[1] != contract.channels:
+        raise ModelRefused(
+            "contract_conflict",
+            f"input {value.name!r} has shape {dims}: channels last (NHWC, as Keras and TensorFlow export), "
+            "while meddaemon feeds (batch, channels, height, width); export the model with its input in that "
+            "order (tf2onnx --inputs-as-nchw), or with a Transpose in front of it",
+        )
     for axis, (have, want) in enumerate(zip(dims[1:], wanted, strict=True), start=1):
         what = ("channels", "height", "width")[axis - 1]
         if isinstance(have, int) and have > 0 and have != want:
+            advice = (
+                "meddaemon feeds 1 (grey) or 3 (RGB) channels"
+                if axis == 1 and have not in (1, 3)
+                else f"pass {'--channels' if axis == 1 else '--image-size'} {have} if the model was trained so"
+            )
             raise ModelRefused(
                 "contract_conflict",
                 f"input {value.name!r} has {what} {have} but the input contract (task {spec.name!r}) has {want}; "
-                f"pass {'--channels' if axis == 1 else '--image-size'} {have} if the model was trained so",
+                + advice,
             )
         if axis == 1 and not (isinstance(have, int) and have > 0):
             raise ModelRefused(
