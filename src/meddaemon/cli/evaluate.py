@@ -11,6 +11,7 @@ criterion fails, 130 Ctrl-C (run it again to resume). A run that stops prints wh
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,9 @@ def evaluate(
     try:
         with _progress_bar(err, disable=as_json or not err.is_terminal) as progress:
             try:
-                outcome = run_evaluation(db, settings, request, progress)
+                # Ray's driver prints its workers' errors to stdout: with --json, stdout is the JSON alone
+                with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+                    outcome = run_evaluation(db, settings, request, progress)
             except (EvaluationError, DatasetError) as exc:
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_USAGE)

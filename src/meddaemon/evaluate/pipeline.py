@@ -187,6 +187,13 @@ def ray_address_unreachable(address: str) -> str | None:
         return f"nothing answers there ({exc.strerror or type(exc).__name__})"
 
 
+def _has_ray_client() -> bool:
+    """Ray Client's own test (gRPC importable): without it ``ray.init("ray://...")`` raised a ValueError."""
+    import importlib.util
+
+    return importlib.util.find_spec("grpc") is not None
+
+
 def check_request(request: EvaluationRequest) -> None:
     """Refuse, before anything starts, what this request asks and no engine here can do."""
     if request.name is not None and len(request.name) > MAX_NAME:  # PostgreSQL refused it with a traceback
@@ -199,6 +206,8 @@ def check_request(request: EvaluationRequest) -> None:
         except ImportError:
             raise store.EvaluationError("the Ray engine needs Ray: pip install 'meddaemon[ray]'") from None
         why = ray_address_unreachable(request.ray_address) if request.ray_address else None
+        if why is None and (request.ray_address or "").startswith("ray://") and not _has_ray_client():
+            why = "a ray:// address needs Ray Client (pip install 'ray[client]'), not installed here"
         if why is not None:
             raise store.EvaluationError(
                 f"--ray-address {request.ray_address}: {why}; start the cluster (ray start --head) or give its "
@@ -265,7 +274,7 @@ def _run(
     writer = Writer(sessions, prepared, progress)
     state: str = store.INTERRUPTED
     message: str | None = None
-    outcomes: Iterator[tuple[FileOutcome, Future | None]] | None = None
+    outcomes: Iterator[tuple[FileOutcome, Future | None] | None] | None = None
     try:
         with ctrl_c_noted() as interrupted:
             if decoders is None:
@@ -274,10 +283,13 @@ def _run(
                 outcomes = ray_outcomes(prepared)
             else:
                 outcomes = local_outcomes(prepared, decoders)
-            for outcome, write in outcomes:
+            for item in outcomes:
                 if interrupted.is_set():
                     raise KeyboardInterrupt
-                writer.add(outcome, write)
+                if item is None:  # the engine waits (a Ray run stalled): what came back is written meanwhile
+                    writer.flush_when_due()
+                    continue
+                writer.add(*item)
             writer.flush(final=True)
         state = store.COMPLETED
     except EvaluationStopped as exc:
@@ -366,7 +378,10 @@ class Writer:
 
     def add(self, outcome: FileOutcome, write: Future | None = None) -> None:
         self.pending.append((outcome, write))
-        if time.monotonic() - self.last_flush >= FLUSH_SECONDS:
+        self.flush_when_due()
+
+    def flush_when_due(self) -> None:
+        if self.pending and time.monotonic() - self.last_flush >= FLUSH_SECONDS:
             self.flush()
 
     def flush(self, final: bool = False, check: bool = True) -> None:

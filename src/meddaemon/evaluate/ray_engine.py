@@ -58,12 +58,17 @@ STOP_SECONDS = 30.0
 AUTH_MODE = "RAY_AUTH_MODE"
 
 
-def ray_outcomes(prepared: Prepared) -> Iterator[tuple[FileOutcome, Future | None]]:
+def ray_outcomes(prepared: Prepared) -> Iterator[tuple[FileOutcome, Future | None] | None]:
+    """Each file's outcome as Ray returns it, and None while nothing comes (about once a second), so
+    that what came back is written meanwhile."""
     try:
         import ray
     except ImportError:
         raise EvaluationStopped("the Ray engine needs Ray: pip install 'meddaemon[ray]'") from None
     seen: set[str] = set()
+    #: the most nodes alive at the start of an attempt: a retry after a node was lost measures its
+    #: stall against the cluster as it was, not as it is
+    nodes = 0
     writers = ThreadPoolExecutor(2, thread_name_prefix="heatmap-writer") if prepared.request.heatmaps else None
     try:
         for attempt in range(1, RAY_ATTEMPTS + 1):
@@ -73,7 +78,8 @@ def ray_outcomes(prepared: Prepared) -> Iterator[tuple[FileOutcome, Future | Non
             try:
                 # a session per attempt: leaving it ends the job, and with it a stalled run's actors and tasks
                 with ray_session(ray, prepared.request.ray_address):
-                    yield from _run(ray, prepared, remaining, seen, writers)
+                    nodes = max(nodes, _alive_nodes(ray))
+                    yield from _run(ray, prepared, remaining, seen, writers, nodes)
                 return
             except (ray.exceptions.RayError, RunStalled) as exc:
                 if attempt == RAY_ATTEMPTS:
@@ -127,14 +133,19 @@ def _restore_auth_mode(mode: str | None) -> None:
 
 
 def _run(
-    ray: Any, prepared: Prepared, paths: list[str], seen: set[str], writers: ThreadPoolExecutor | None
-) -> Iterator[tuple[FileOutcome, Future | None]]:
+    ray: Any,
+    prepared: Prepared,
+    paths: list[str],
+    seen: set[str],
+    writers: ThreadPoolExecutor | None,
+    nodes: int,
+) -> Iterator[tuple[FileOutcome, Future | None] | None]:
     """One Ray Data run over ``paths``; what comes back is added to ``seen`` (absolute paths). With
-    ``writers``, the heatmaps the actors return are written in them."""
+    ``writers``, the heatmaps the actors return are written in them. ``nodes``: the cluster's size
+    when the run began (fewer alive: a node was lost)."""
     request = prepared.request
     contract = prepared.model.contract
-    nodes = _alive_nodes(ray)
-    plan = plan_actors(ray.cluster_resources(), nodes, request.device)
+    plan = plan_actors(ray.cluster_resources(), _alive_nodes(ray), request.device)
     executors = new_data_context(ray)
     items = [{"path": p} for p in paths]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // DECODE_BATCH))
@@ -147,7 +158,7 @@ def _run(
             "options": asdict(prepared.decode_options),
             "scored": prepared.scored,
         },
-        num_cpus=1,
+        num_cpus=plan.task_cpus,
         # resources of their own keep decoding in CPU tasks, not fused into the model's actors (which
         # would then decode one batch at a time beside the forward)
         memory=DECODE_MEMORY,
@@ -169,12 +180,15 @@ def _run(
         },
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
         num_gpus=1 if plan.gpu else 0,
-        num_cpus=0 if plan.gpu else 1,
+        num_cpus=0 if plan.gpu else plan.task_cpus,
     )
     root, model, heatmaps_dir = prepared.cohort.root, prepared.model, prepared.settings.heatmaps_dir
     stall_seconds = prepared.settings.ray_stall_seconds
     try:
         for batch in _blocks(ray, scored, nodes, stall_seconds, stop=executors.shut_down):
+            if batch is None:
+                yield None
+                continue
             for outcome, maps in _outcomes(batch):
                 if outcome.read.path in seen:
                     continue
@@ -214,7 +228,7 @@ class RunStalled(RuntimeError):
 
 def _blocks(
     ray: Any, scored: Any, nodes: int, stall_seconds: float, stop: Callable[[], None]
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Iterator[dict[str, np.ndarray] | None]:
     """Ray Data's output, block by block as the actors return it (batches of a fixed size, prefetched,
     held the first results back until about 768 were done). Ray Data can wait forever once a node is
     lost ("Cluster resources are not enough to run any task from ActorPoolMapOperator"): when nothing
@@ -255,6 +269,7 @@ def _blocks(
                     raise RunStalled(
                         f"no results for {stall_seconds:g} s since a node of the cluster was lost"
                     ) from None
+                yield None
                 continue
             last = time.monotonic()
             if item is finished:
@@ -282,6 +297,9 @@ class ActorPlan:
     actors: int
     #: torch threads of an actor's forward: its share of a node's cores, as the local engine's uses them all
     threads: int
+    #: the CPUs a decoding task and a CPU model actor each ask Ray for: one, or half of one on a
+    #: cluster of one CPU, where an actor holding the only CPU left the decoding waiting for ever
+    task_cpus: float = 1.0
 
 
 def plan_actors(resources: Mapping[str, float], nodes: int, device: str) -> ActorPlan:
@@ -292,7 +310,8 @@ def plan_actors(resources: Mapping[str, float], nodes: int, device: str) -> Acto
         raise EvaluationError("--device cuda: the Ray cluster has no GPU; use --device cpu or auto")
     gpu = device == "cuda" or (device == "auto" and gpus > 0)
     actors = max(1, gpus) if gpu else max(1, cpus // 2)
-    return ActorPlan(gpu, actors, max(1, cpus // nodes // max(1, -(-actors // nodes))))
+    task_cpus = 1.0 if cpus >= 2 else 0.5
+    return ActorPlan(gpu, actors, max(1, cpus // nodes // max(1, -(-actors // nodes))), task_cpus)
 
 
 def _outcomes(batch: dict[str, np.ndarray]) -> Iterator[tuple[FileOutcome, bytes]]:
