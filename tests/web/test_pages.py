@@ -8,14 +8,18 @@ import re
 from datetime import timedelta
 
 import numpy as np
+from click.testing import CliRunner
+from dicom_factory import write_png
 from PIL import Image
 from sqlalchemy import delete, select
 
+from meddaemon.cli.medcli import cli as medcli
 from meddaemon.daemon import filing
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
 from meddaemon.db.models import AuditPdf, Heatmap, ModelVersion, Report, Result, Scan
 from meddaemon.engine import registry
 from meddaemon.engine.heatmap_grid import read_map
+from meddaemon.evaluate.pipeline import EvaluationRequest, run_evaluation
 from meddaemon.web.app import create_app
 from model_factory import PHI_STRINGS, read_pdf, write_model
 from web_factory import UNROUTABLE, signed_in, store_audit, stored_scans, web_settings, write_card
@@ -361,3 +365,58 @@ def test_a_report_written_before_the_newest_version_s_results_says_so_beside_the
     finally:
         app.state.console.dispose()
     assert 'id="report-older"' in html and "before the results of busi/v2" in html
+
+
+def test_a_scan_evaluated_in_place_is_shown_from_its_file_where_it_lies_until_the_file_changes(fresh_root):
+    """``medcli evaluate`` keeps nothing of a scan (its file lies in the dataset): every worklist row
+    of an evaluation was a broken thumbnail (404), and a scan page's heatmaps lay over a missing picture."""
+    cohort = fresh_root / "cohort"
+    rng = np.random.default_rng(11)
+    files = [write_png(cohort / f"synthetic_{i}.png", rng.integers(0, 255, (48, 48), dtype=np.uint8)) for i in range(3)]
+    settings = web_settings(fresh_root)
+    engine = create_db_engine(settings.db_url)
+    try:
+        run_evaluation(engine, settings, EvaluationRequest(cohort, "busi", workers=0, heatmaps=True))
+    finally:
+        engine.dispose()
+    evaluated = [s for s in stored_scans(fresh_root) if s.state == "evaluated"]
+    assert len(evaluated) == 3 and all(s.stored_path is None for s in evaluated)
+    app = create_app(settings)
+    try:
+        client = signed_in(app, "viewer")
+        rows = client.get("/worklist?state=evaluated").text
+        for scan in evaluated:
+            assert client.get(f"/scans/{scan.id}/thumb.jpg").status_code == 200
+            page = client.get(f"/scans/{scan.id}").text
+            base = re.search(rf'src="(/scans/{scan.id}/image\.png[^"]*)"', page)
+            assert base is not None and client.get(base.group(1).replace("&amp;", "&")).status_code == 200
+        assert "no-picture" not in rows
+        changed = next(s for s in evaluated if s.source_name == "synthetic_0.png")
+        files[0].write_bytes(files[1].read_bytes())
+        picture = client.get(f"/scans/{changed.id}/image.png")
+        assert picture.status_code == 404 and "changed since it was scored" in picture.text
+    finally:
+        app.state.console.dispose()
+
+
+def test_the_overview_links_a_failure_reason_only_while_scans_still_fail_with_it(fresh_root):
+    """Once a reason's scans were sent for retry, the overview still counted and linked it, to an
+    anchor the failures page (failed scans not yet retried) no longer has."""
+    failed = [s for s in stored_scans(fresh_root) if s.state == "failed"]
+    reason = failed[0].failure_reason
+    settings = web_settings(fresh_root)
+    flags = ["--state-dir", str(settings.state_dir), "--watch", str(settings.watch)]
+    retried = CliRunner().invoke(medcli, ["retry", "--reason", reason, *flags])
+    assert retried.exit_code == 0, retried.output
+    app = create_app(settings)
+    try:
+        client = signed_in(app, "viewer")
+        overview = client.get("/").text
+        failures = client.get("/failures").text
+    finally:
+        app.state.console.dispose()
+    count = sum(s.failure_reason == reason for s in failed)
+    assert f'<tr><td>{reason}</td><td class="n">{count}</td><td class="n">0</td></tr>' in overview
+    assert f'href="/failures#{reason}"' not in overview and f'id="{reason}"' not in failures
+    for other in {s.failure_reason for s in failed} - {reason}:
+        assert f'href="/failures#{other}"' in overview and f'id="{other}"' in failures

@@ -57,7 +57,7 @@ def test_the_overview_counts_and_finds_the_scan_that_waited_longest(migrated_eng
     assert data.states == {"archived": 1, "routed": 2, "waiting_model": 1, "failed": 2} and data.total == 6
     assert [(h.start.hour, h.count) for h in data.registered_per_hour] == [(9, 1), (10, 1), (11, 1), (12, 3)]
     assert [(h.start.hour, h.count) for h in data.inferred_per_hour] == [(9, 1), (10, 0), (11, 1), (12, 2)]
-    assert data.failures_by_reason == [("unroutable", 2)]
+    assert data.failures_by_reason == [("unroutable", 2, 2)]
     assert data.oldest_waiting is not None
     assert (data.oldest_waiting.state, round(data.oldest_waiting.age_seconds)) == ("routed", 7200)
     assert data.daemons == [] and data.active_models == {}

@@ -8,6 +8,7 @@ the opacity slider changes the layer's CSS opacity. The decoders are imported wh
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,22 +33,33 @@ class NoPicture(LookupError):
     """The file behind a picture is gone or cannot be decoded."""
 
 
-def scan_png(path: Path, options: DecodeOptions, size: tuple[int, int] | None = None, side: int = VIEW_SIDE) -> bytes:
+def scan_png(
+    path: Path,
+    options: DecodeOptions,
+    size: tuple[int, int] | None = None,
+    side: int = VIEW_SIDE,
+    sha256: str | None = None,
+) -> bytes:
     """The stored scan (its key frame) as an 8-bit PNG: resized to ``size`` (width, height) when given,
-    then fitted within ``side`` pixels."""
-    return _scan_png(_stored_bytes(path, options), path, options, size, side)
+    then fitted within ``side`` pixels. ``sha256``: a file read where it lies must still hold these bytes."""
+    return _scan_png(_stored_bytes(path, options, sha256), path, options, size, side)
 
 
-def _stored_bytes(path: Path, options: DecodeOptions) -> bytes:
+def _stored_bytes(path: Path, options: DecodeOptions, sha256: str | None = None) -> bytes:
     """A stored scan's bytes, read under the daemon's limit (``max_file_bytes``): a file kept in
-    failed/ as too large is no picture, rather than the console's memory."""
+    failed/ as too large is no picture, rather than the console's memory. A dataset's file read in
+    place (``sha256`` given) is left as it was (its access time too, where the system allows) and
+    is no picture once its bytes are no longer those scored."""
     from meddaemon.failures import ScanFailure
     from meddaemon.files import read_whole
 
     try:
-        data, _ = read_whole(path, follow_symlinks=True, max_bytes=options.max_file_bytes)
+        in_place = sha256 is not None
+        data, _ = read_whole(path, follow_symlinks=True, keep_atime=in_place, max_bytes=options.max_file_bytes)
     except ScanFailure as failure:
         raise NoPicture(f"cannot show {path.name}: {failure.reason.value}") from None
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise NoPicture(f"cannot show {path.name}: the file changed since it was scored")
     return data
 
 
@@ -110,10 +122,10 @@ def heatmap_overlay(settings: Settings, files: HeatmapFiles) -> bytes:
     return drawn
 
 
-def thumbnail_jpeg(path: Path, options: DecodeOptions, side: int = THUMB_SIDE) -> bytes:
+def thumbnail_jpeg(path: Path, options: DecodeOptions, side: int = THUMB_SIDE, sha256: str | None = None) -> bytes:
     """A small JPEG of a stored scan. A JPEG is scaled by PIL directly (its decoder reads it at a
     fraction of its size), under the daemon's pixel limit as any scan is decoded."""
-    data = _stored_bytes(path, options)
+    data = _stored_bytes(path, options, sha256)
     if data[:2] == b"\xff\xd8":
         return thumbnail_of(data, side, max_pixels=options.max_pixels)
     return thumbnail_of(_scan_png(data, path, options, None, side), side)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, not_, or_, select
+from sqlalchemy import and_, case, exists, func, not_, or_, select
 from sqlalchemy.orm import Session
 
 from meddaemon.daemon.lease import RunningDaemon, running_daemons
@@ -76,7 +76,8 @@ class Overview:
     registered_per_hour: list[HourCount]
     #: throughput: scans the daemons inferred in each of those hours
     inferred_per_hour: list[HourCount]
-    failures_by_reason: list[tuple[str, int]]
+    #: (reason, scans that ever failed with it, those of them still failed and not sent for retry)
+    failures_by_reason: list[tuple[str, int, int]]
     daemons: list[RunningDaemon]
     active_models: dict[str, str]
     tasks: list[str]
@@ -87,8 +88,9 @@ def overview(session: Session, hours: int = 12, now: datetime | None = None) -> 
     now = now or utcnow()
     states = {str(k): int(v) for k, v in session.execute(select(Scan.state, func.count()).group_by(Scan.state))}
     starts = hour_starts(now, hours)
+    outstanding = case((and_(Scan.state == ScanState.FAILED.value, Scan.retried_at.is_(None)), 1), else_=0)
     reasons = session.execute(
-        select(Scan.failure_reason, func.count())
+        select(Scan.failure_reason, func.count(), func.sum(outstanding))
         .where(Scan.failure_reason.is_not(None))
         .group_by(Scan.failure_reason)
         .order_by(func.count().desc())
@@ -119,7 +121,7 @@ def overview(session: Session, hours: int = 12, now: datetime | None = None) -> 
         total=sum(states.values()),
         registered_per_hour=per_hour(session, starts, Scan.registered_at),
         inferred_per_hour=inferred_per_hour(session, starts),
-        failures_by_reason=[(str(r), int(n)) for r, n in reasons],
+        failures_by_reason=[(str(r), int(n), int(open_ or 0)) for r, n, open_ in reasons],
         daemons=daemons,
         active_models={str(k): str(v) for k, v in active.items()},
         tasks=tasks,
@@ -195,6 +197,8 @@ class WorklistRow:
     #: the heatmap of the top call, for the thumbnail (None: a rendering of the scan)
     heatmap_id: int | None
     patient_name: str | None = None
+    #: a picture of the scan can be shown (``picture_file``): without one, nor a heatmap, no thumbnail
+    has_picture: bool = True
 
 
 @dataclass
@@ -257,6 +261,8 @@ def worklist(
         Scan.registered_at,
         Scan.updated_at,
         Scan.failure_reason,
+        Scan.stored_path,
+        Scan.source_path,
     ]
     if with_phi:
         columns.append(Scan.patient_name)
@@ -279,6 +285,7 @@ def worklist(
             top=tops[r.id][0] if r.id in tops else None,
             heatmap_id=tops[r.id][1] if r.id in tops else None,
             patient_name=r.patient_name if with_phi else None,
+            has_picture=picture_file(r.stored_path, r.source_path, r.state) is not None,
         )
         for r in rows
     ]
@@ -458,7 +465,7 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
         failure_message=scan.failure_message,
         registered_at=aware(scan.registered_at),
         retried_at=aware(scan.retried_at),
-        has_file=scan.stored_path is not None,
+        has_file=picture_file(scan.stored_path, scan.source_path, scan.state) is not None,
         study_instance_uid=scan.study_instance_uid,
         metadata=metadata,
         results=list(by_version.values()),
@@ -469,10 +476,31 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
     )
 
 
-def stored_path(session: Session, scan_id: int) -> tuple[str | None, str | None] | None:
-    """(stored path, task) of a scan; None when there is no such scan."""
-    row = session.execute(select(Scan.stored_path, Scan.task_name).where(Scan.id == scan_id)).first()
-    return None if row is None else (row.stored_path, row.task_name)
+def picture_file(stored_path: str | None, source_path: str | None, state: str) -> str | None:
+    """Where a scan's picture is: the file kept of it, or, for a scan evaluated in place (nothing of
+    it is kept: ``medcli evaluate``), the dataset's file where it lies."""
+    if stored_path is not None:
+        return stored_path
+    return source_path if state == ScanState.EVALUATED else None
+
+
+@dataclass(frozen=True)
+class ScanPicture:
+    #: the file to show (``picture_file``), None when there is none
+    path: str | None
+    #: for a file read where it lies: the SHA-256 its bytes must still have (it may have changed since)
+    sha256: str | None
+
+
+def scan_picture(session: Session, scan_id: int) -> ScanPicture | None:
+    """Where scan ``scan_id``'s picture is; None when there is no such scan."""
+    row = session.execute(
+        select(Scan.stored_path, Scan.source_path, Scan.state, Scan.sha256).where(Scan.id == scan_id)
+    ).first()
+    if row is None:
+        return None
+    path = picture_file(row.stored_path, row.source_path, row.state)
+    return ScanPicture(path, row.sha256 if row.stored_path is None else None)
 
 
 @dataclass(frozen=True)
@@ -504,6 +532,8 @@ def heatmap_files(session: Session, heatmap_id: int) -> HeatmapFiles | None:
             Result.model_version_id,
             Scan.sha256,
             Scan.stored_path,
+            Scan.source_path,
+            Scan.state,
             ModelVersion.manifest,
         )
         .join(Result, Result.id == Heatmap.result_id)
@@ -521,7 +551,7 @@ def heatmap_files(session: Session, heatmap_id: int) -> HeatmapFiles | None:
         row.overlay_path,
         row.model_version_id,
         row.sha256,
-        row.stored_path,
+        picture_file(row.stored_path, row.source_path, row.state),
         contract,
         (row.height, row.width),
     )

@@ -44,11 +44,10 @@ def scan_image(request: Request) -> Response:
     """The stored scan; with ``?map=ID`` resized to that heatmap's size, so the layer lies over it exactly."""
     console: Console = request.app.state.console
     scan_id = path_row_id(request, "scan_id", NOT_FOUND)
-    found = console.read(lambda s: queries.stored_path(s, scan_id))
+    found = console.read(lambda s: queries.scan_picture(s, scan_id))
     if found is None:
         raise HTTPException(404, NOT_FOUND.format(id=scan_id))
-    path, _ = found
-    if path is None:
+    if found.path is None:
         raise HTTPException(404, f"No file of scan {scan_id} was kept.")
     size = None
     map_id = request.query_params.get("map", "")
@@ -58,7 +57,8 @@ def scan_image(request: Request) -> Response:
         if files is not None and files.scan_id == scan_id and files.map_size is not None:
             size = (files.map_size[1], files.map_size[0])
     try:
-        return _png(images.scan_png(console.settings.stored_file(path), console.settings.decode_options, size))
+        path = console.settings.stored_file(found.path)
+        return _png(images.scan_png(path, console.settings.decode_options, size, sha256=found.sha256))
     except images.NoPicture as exc:
         raise HTTPException(404, str(exc)) from None
 
@@ -66,11 +66,12 @@ def scan_image(request: Request) -> Response:
 def scan_thumbnail(request: Request) -> Response:
     console: Console = request.app.state.console
     scan_id = path_row_id(request, "scan_id", NOT_FOUND)
-    found = console.read(lambda s: queries.stored_path(s, scan_id))
-    if found is None or found[0] is None:
+    found = console.read(lambda s: queries.scan_picture(s, scan_id))
+    if found is None or found.path is None:
         raise HTTPException(404, NOT_FOUND.format(id=scan_id))
     try:
-        return _jpeg(images.thumbnail_jpeg(console.settings.stored_file(found[0]), console.settings.decode_options))
+        path = console.settings.stored_file(found.path)
+        return _jpeg(images.thumbnail_jpeg(path, console.settings.decode_options, sha256=found.sha256))
     except images.NoPicture as exc:
         raise HTTPException(404, str(exc)) from None
 
