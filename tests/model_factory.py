@@ -38,9 +38,10 @@ def write_model(
     architecture: str = "small_cnn",
     contract: InputContract = CONTRACT,
     backend: str = "auto",
+    heatmaps: bool = True,
 ) -> Path:
     """A randomly initialised (SYNTHETIC, untrained) model in the registry's format; ``backend``
-    pins the CPU backend (``auto``: the faster, measured)."""
+    pins the CPU backend (``auto``: the faster, measured); ``heatmaps=False``: a version that makes none."""
     spec = BUILTIN_TASKS[task]
     torch.manual_seed(0)
     model = build_model(architecture, contract.channels, spec.num_outputs)
@@ -55,6 +56,7 @@ def write_model(
         out_dir=folder,
         training_data_fingerprint="synthetic",
         backend=backend,
+        heatmaps=heatmaps,
     )
     return folder
 

@@ -138,6 +138,31 @@ def test_a_rerun_with_heatmaps_after_one_without_adds_the_maps_to_the_results_it
     assert all(np.array_equal(stored(world)[name], p) for name, p in before.items())
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_reruns_with_heatmaps_of_a_version_that_makes_none_score_nothing_again(
+    world, busi_phantoms: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scans that can never have a map (a version without heatmaps, as an ONNX import without
+    --cam-tensor) were taken for scans missing theirs: decoded and run through the model again on
+    every --heatmaps rerun or resume, their output thrown away."""
+    promote_into(world.db_url, world.settings.models_dir, write_model(tmp_path / "v2", version="v2", heatmaps=False))
+    forwarded: list[int] = []
+    predict = ServedModel.predict
+
+    def counted(self: ServedModel, inputs: np.ndarray):  # type: ignore[no-untyped-def]
+        forwarded.append(len(inputs))
+        return predict(self, inputs)
+
+    monkeypatch.setattr(ServedModel, "predict", counted)
+    runs = []
+    for _ in range(3):
+        runs.append(evaluate(world, busi_phantoms, heatmaps=True, model_version="v2"))
+        runs[-1].summary["forwarded"] = sum(forwarded)
+        forwarded.clear()
+    assert [r.summary["forwarded"] for r in runs] == [runs[0].summary["files"], 0, 0]
+    assert [r.summary["reused"] for r in runs[1:]] == [runs[0].summary["files"]] * 2
+
+
 def test_a_rerun_after_files_left_the_cohort_lists_counts_and_fingerprints_the_cohort_as_it_is(
     world, tmp_path: Path
 ) -> None:

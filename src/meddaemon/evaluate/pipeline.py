@@ -144,7 +144,7 @@ def run_evaluation(
     sessions = session_factory(db)
     with sessions() as session:
         version = find_model_version(session, request.task, request.model_version)
-        scored = prefixes(store.scored_shas(session, version.id, with_heatmaps=request.heatmaps))
+        scored = prefixes(store.scored_shas(session, version, with_heatmaps=request.heatmaps))
         session.expunge(version)
     name = request.name or default_name(cohort, version)
     with store.one_run_at_a_time(db, name):

@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, delete, select, text
+from sqlalchemy import Engine, delete, exists, select, text
 from sqlalchemy.orm import Session
 
 from meddaemon import __version__
@@ -162,13 +162,22 @@ def forget_files_gone(session: Session, evaluation_id: int, present: Iterable[st
     return len(gone)
 
 
-def scored_shas(session: Session, version_id: int, with_heatmaps: bool = False) -> list[str]:
-    """SHA-256 of every scan that has results of this model version (``with_heatmaps``: and heatmaps
-    of them: a run with ``--heatmaps`` after one without decodes the others again, for their maps)."""
+def scored_shas(session: Session, version: ModelVersion, with_heatmaps: bool = False) -> list[str]:
+    """SHA-256 of every scan that has results of this model version. ``with_heatmaps`` (a run with
+    ``--heatmaps``) leaves out the scans that lack the maps the version would make (those scored by a
+    run without): they are decoded again for them. A scan that gets none (a version that makes no
+    heatmaps; a multilabel call of no label) stays scored, or every rerun would score it again."""
     query = select(Scan.sha256).distinct().join(Result, Result.scan_id == Scan.id)
-    if with_heatmaps:
-        query = query.join(Heatmap, Heatmap.result_id == Result.id)
-    return [s for s in session.scalars(query.where(Result.model_version_id == version_id)) if s]
+    scored = {s for s in session.scalars(query.where(Result.model_version_id == version.id)) if s}
+    if not with_heatmaps or not (version.manifest or {}).get("heatmaps", True):
+        return sorted(scored)
+    mapped = exists().where(Heatmap.result_id == Result.id)
+    mapped_here = select(Result.id).where(Result.scan_id == Scan.id, Result.model_version_id == version.id, mapped)
+    due = select(Result.id).where(Result.scan_id == Scan.id, Result.model_version_id == version.id)
+    if version.manifest.get("kind") == "multilabel":  # a map for each label called: none without a call
+        due = due.where(Result.positive.is_(True))
+    missing = session.scalars(select(Scan.sha256).where(exists(due), ~exists(mapped_here)))
+    return sorted(scored - set(missing))
 
 
 def scans_with_heatmaps(session: Session, version_id: int, scan_ids: Iterable[int]) -> set[int]:

@@ -171,6 +171,18 @@ def test_a_payload_of_a_blocked_module_or_a_plain_pickle_is_refused_as_needing_c
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_state_dict_saved_with_a_newer_pickle_protocol_is_refused_saying_how_to_save_it(
+    tmp_path: Path, protocol: int
+):
+    """torch.save(..., pickle_protocol=4) is a zip of tensors whose pickle torch's safe loader cannot
+    read: not a payload needing code, nor a pickle.dump."""
+    path = tmp_path / "weights.pt"
+    torch.save(small_cnn_state(3), path, pickle_protocol=protocol)
+    error = refused(path, tmp_path, architecture="small_cnn")
+    assert error.reason == "unreadable_weights" and "pickle protocol 4 or 5" in error.message
+
+
 def test_a_whole_pickled_model_is_refused_with_how_to_save_a_state_dict(tmp_path: Path):
     model, _ = seed001("mobilenet_v2")
     path = tmp_path / "whole.pt"

@@ -17,6 +17,7 @@ import argparse
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,12 @@ def read_state_dict(path: Path, fmt: str = "torch") -> tuple[dict[str, Tensor], 
             warnings.simplefilter("ignore")  # torch's own advice to load with weights_only=False
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if FRAME_REFUSED in str(exc) and zipfile.is_zipfile(path):
+            raise ModelRefused(
+                "unreadable_weights",
+                f"{path.name} was saved with pickle protocol 4 or 5, which torch's safe loader cannot read; "
+                "save it again with torch.save's default protocol: torch.save(model.state_dict(), 'weights.pt')",
+            ) from None
         what = _needing_code(str(exc))
         if what is None:  # a pickle cut short, or no pickle at all (an .h5 given --format torch): damage
             raise ModelRefused(
@@ -112,13 +119,17 @@ _REFUSED_GLOBAL = (
 )
 
 
+#: the weights-only unpickler's answer to pickle's FRAME opcode (protocols 4 and 5)
+FRAME_REFUSED = "Unsupported operand 149"
+
+
 def _needing_code(message: str) -> str | None:
     """What the weights-only unpickler refused that would need code to unpickle, or None (damage)."""
     for pattern in _REFUSED_GLOBAL:
         found = pattern.search(message)
         if found is not None:
             return f"an object of {found.group(1)}"
-    if "Unsupported operand 149" in message:  # FRAME: pickle.dump at protocol 4 or 5, not torch.save
+    if FRAME_REFUSED in message:  # not in torch.save's zip: a pickle.dump at protocol 4 or 5
         return "a pickle written by pickle.dump, not torch.save, which only a full unpickler reads"
     return None
 
