@@ -326,3 +326,20 @@ def test_an_evaluation_that_did_not_complete_is_not_audited_as_if_it_were_the_da
     audit = CliRunner().invoke(medcli, ["audit", "--evaluation", name, *state_flags(world)])
     assert audit.exit_code == EXIT_USAGE
     assert f"evaluation {name!r} is stopped" in audit.stderr and "part of the dataset" in audit.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_audit_of_an_evaluation_says_how_many_labelled_files_could_not_be_read(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """Under 5% unreadable the run completes; its audit left those images out without a word."""
+    dataset = tmp_path / "Dataset_BUSI_with_GT"
+    shutil.copytree(busi_phantoms, dataset)
+    (dataset / "malignant" / "malignant (90).png").write_bytes(b"")
+    args = ["evaluate", str(dataset), "--task", "busi", "--workers", "0", "--audit", "--json", *state_flags(world)]
+    result = CliRunner().invoke(medcli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["failed"] == 1 and report["audit"]["join"]["matched"] == 24
+    note = "1 labelled file(s) could not be read and are left out (the evaluation lists them)"
+    assert note in report["audit"]["notes"]

@@ -38,18 +38,22 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
     cohort = read_cohort(Path(evaluation.dataset_path), spec)
     if cohort.index is None:
         raise AuditInputError(cohort.unlabelled())
-    sha_of = dict(
-        session.execute(
-            select(EvaluationFile.path, EvaluationFile.sha256).where(
-                EvaluationFile.evaluation_id == evaluation.id, EvaluationFile.outcome != FAILED
+    outcome_of = {
+        path: (outcome, sha)
+        for path, outcome, sha in session.execute(
+            select(EvaluationFile.path, EvaluationFile.outcome, EvaluationFile.sha256).where(
+                EvaluationFile.evaluation_id == evaluation.id
             )
-        ).all()
-    )
+        )
+    }
     rows: list[LabelRow] = []
     attribute_columns: dict[str, None] = {}
+    unreadable = 0
     for sample in cohort.index.samples:
-        sha = sha_of.get(utf8_name(cohort.relative(sample.path.absolute())))
-        if not sha:
+        outcome, sha = outcome_of.get(utf8_name(cohort.relative(sample.path.absolute())), (None, None))
+        if outcome == FAILED:
+            unreadable += 1
+        if not sha or outcome == FAILED:
             continue
         attributes = dict(sample.extra)
         if sample.patient_id is not None:
@@ -67,6 +71,11 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
         label_columns=(),
         attribute_columns=tuple(attribute_columns),
         task_hint=spec.name,
+        notes=(
+            (f"{unreadable} labelled file(s) could not be read and are left out (the evaluation lists them)",)
+            if unreadable
+            else ()
+        ),
     )
 
 
