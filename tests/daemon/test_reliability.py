@@ -403,6 +403,17 @@ def test_waiting_for_a_lock_held_elsewhere_the_daemon_keeps_systemd_s_watchdog_f
     locker.kill()
 
 
+@pytest.mark.parametrize("after", [0.1, 0.4])
+def test_sigterm_while_the_daemon_is_still_starting_exits_0(daemons: Daemons, after: float):
+    """Importing the command line and torch takes most of a second, before the daemon's own handlers:
+    a stop then (a supervisor stopping a unit that had just started) killed it, exit 143."""
+    daemon = daemons.start()
+    time.sleep(after)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0, daemon.tail()
+    assert "stopped:" in daemon.log_text()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_sigterm_mid_stream_exits_0_with_nothing_half_done(
     layout: Layout, daemons: Daemons, tmp_path: Path, signum: int

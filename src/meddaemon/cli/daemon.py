@@ -29,6 +29,7 @@ from meddaemon.cli.common import (
     settings_options,
 )
 from meddaemon.cli.health import health
+from meddaemon.cli.starting import STOP_REQUESTED
 from meddaemon.cli.web import web
 from meddaemon.config import Settings, default_config_text, prepare_state_dir
 from meddaemon.daemon.inbox import WatchFolderMissing
@@ -97,7 +98,9 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
     setup_logging(settings.log_level)
     _dump_stacks_on_sigusr1()
     progress = ProgressLines(sys.stderr) if once else None
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, stop_requested=STOP_REQUESTED)
+    if STOP_REQUESTED.is_set():
+        logging.getLogger("meddaemon.daemon").info("asked to stop while starting: stopping once started")
     web_console = _start_web_console(settings) if settings.web_port and not once else None
     try:
         stats = daemon.run(once=once, progress=progress.update if progress else None)

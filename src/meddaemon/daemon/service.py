@@ -77,9 +77,11 @@ RELEASED_RESCAN = "a lost daemon's inbox files were released: rescanning the inb
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, stop_requested: threading.Event | None = None) -> None:
+        """``stop_requested``: an event a stop request sets (the command's, which notes one that came
+        while it was starting: ``cli.starting``)."""
         self.settings = settings
-        self.stop_requested = threading.Event()
+        self.stop_requested = stop_requested if stop_requested is not None else threading.Event()
         self.destinations = Destinations(
             settings.work_dir, settings.archive_dir, settings.failed_dir, state_dir=settings.state_dir
         )
