@@ -10,6 +10,7 @@ import multiprocessing
 import multiprocessing.context
 import os
 import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,21 @@ def leave_stopping_to_the_parent(*, sigterm: bool = False) -> None:
     the parent, asked to stop, stops its children itself, in order."""
     for signum in (signal.SIGINT, signal.SIGHUP, *((signal.SIGTERM,) if sigterm else ())):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def end_with_the_parent() -> None:
+    """In a pool's worker process: end the moment the process that started the pool is gone (killed
+    with -9). The pool's workers each hold both ends of its task queue, so none ever reads the end
+    of it: they lived on for good, with the forkserver that waits for them, after every such kill."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(0)  # a reader only: nothing of its own is half-written
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def process_alive(pid: int, since: float | None = None) -> bool:

@@ -450,3 +450,18 @@ def test_sigterm_mid_stream_exits_0_with_nothing_half_done(
     assert {r["sha256"] for r in scan_rows(layout.db)} == {sha(p) for p in payloads}
     assert layout.inbox_files() == []
     assert_nothing_half_done(layout)
+
+
+def test_a_daemon_killed_alone_leaves_no_process_of_its_own_behind(layout: Layout, daemons: Daemons, tmp_path: Path):
+    """kill -9 of the daemon's pid only (its children are not signalled): its decoding workers, each
+    holding both ends of the pool's task queue, never saw it go, and lived on with the forkserver
+    waiting for them, after every such kill."""
+    daemon = daemons.start(workers=2, stable=0.2)
+    drop(layout.inbox / TASK, "synthetic_warm.png", synthetic_png(tmp_path, 1), rename=True)
+    wait_until(lambda: count(layout.db, "scans") == 1, 60, "the first file", daemon)
+    family = psutil.Process(daemon.pid).children(recursive=True)
+    assert len(family) >= 3, "a forkserver and two decoding workers at least"
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.proc.wait(10)
+    _gone, alive = psutil.wait_procs(family, timeout=15)
+    assert [p.pid for p in alive] == []

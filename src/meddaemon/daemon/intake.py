@@ -25,7 +25,7 @@ from meddaemon.engine.decode.types import DecodedScan, ScanMetadata
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import FailureReason, ReadLater, ScanFailure
 from meddaemon.files import PASSING_ERRNOS, read_whole
-from meddaemon.processes import leave_stopping_to_the_parent
+from meddaemon.processes import end_with_the_parent, leave_stopping_to_the_parent
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,7 @@ def init_worker() -> None:
     threads in a busy worker wait for each other (preprocessing went from 0.5 to 31 ms a scan).
     """
     leave_stopping_to_the_parent()
+    end_with_the_parent()
     quiet_pydicom()
     import torch
 
