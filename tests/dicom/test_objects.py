@@ -858,3 +858,90 @@ def test_a_multi_frame_source_gets_its_other_objects_and_a_dead_parametric_map_n
         path = tmp_path / f"{key.replace(':', '_')}.dcm"
         built.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == [], key
+
+
+def objects_of(source: Path, label_files: LabelResult, kinds: tuple[str, ...], tmp_path: Path) -> dict[str, Path]:
+    """The objects of ``kinds`` built for a SYNTHETIC scan of ``source``, written and passing dciodvfy."""
+    facts = ScanFacts(1, "cd" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(source), "1.2.3.")
+    written = {}
+    for key, dataset in build_objects(facts, kinds, b"%PDF-1.4\n%%EOF\n", False):
+        path = tmp_path / f"{key.replace(':', '_')}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(path) == [], key
+        written[key.split(":")[0]] = path
+    return written
+
+
+def test_the_capture_of_a_multi_frame_source_names_the_frame_it_shows(tmp_path: Path, label_files: LabelResult):
+    """Drawn over the key frame, it referenced the whole instance: derived from every frame (PS3.3
+    table 10-3 requires Referenced Frame Number when the reference is not to all frames)."""
+    source = write_dicom(tmp_path / "cine.dcm", frames=4, modality="US", body_part="BREAST")
+    reference = pydicom.dcmread(objects_of(source, label_files, ("sc",), tmp_path)["sc"]).SourceImageSequence[0]
+    assert reference.ReferencedFrameNumber == 3  # the middle one of four, as the engine keeps it (4 // 2, 1-based)
+    single = write_dicom(tmp_path / "one.dcm", modality="US", body_part="BREAST")
+    assert (
+        "ReferencedFrameNumber"
+        not in pydicom.dcmread(objects_of(single, label_files, ("sc",), tmp_path)["sc"]).SourceImageSequence[0]
+    )
+
+
+def test_every_object_copies_the_source_s_patient_and_study_attributes_and_clips_an_over_long_one(
+    tmp_path: Path, label_files: LabelResult
+):
+    """The capture and the PDF kept the type-2 attributes alone (no issuer of the patient's ID, no
+    study description, no age) where the SR and the map copied them all; a 70-character Study
+    Description (vendors write them) made every object fail dciodvfy."""
+    source = write_dicom(tmp_path / "source.dcm", modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(source)
+    ds.IssuerOfPatientID, ds.PatientAge, ds.StudyDescription = "SYNTHETIC HOSPITAL", "054Y", "D" * 70
+    other = pydicom.Dataset()
+    other.PatientID, other.IssuerOfPatientID, other.TypeOfPatientID = "SYNTHETIC-2", "OTHER HOSPITAL", "TEXT"
+    ds.OtherPatientIDsSequence = [other]
+    ds.save_as(source)
+    for kind, path in objects_of(source, label_files, ("sr", "pmap", "sc", "pdf"), tmp_path).items():
+        back = pydicom.dcmread(path)
+        assert (back.IssuerOfPatientID, back.PatientAge, back.StudyDescription) == (
+            "SYNTHETIC HOSPITAL",
+            "054Y",
+            "D" * 64,
+        ), kind
+        assert back.OtherPatientIDsSequence[0].PatientID == "SYNTHETIC-2", kind
+
+
+def test_a_map_of_an_enhanced_single_frame_source_keeps_its_spacing_and_frame_of_reference(
+    tmp_path: Path, label_files: LabelResult
+):
+    """Its spacing, position and orientation lie in its functional groups: the map said 1 mm pixels
+    in a frame of reference of its own, and did not lie over its source."""
+    source = write_dicom(tmp_path / "emr.dcm", pixels=np.zeros((40, 50), np.uint16), modality="MR", body_part="HEAD")
+    ds = pydicom.dcmread(source)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR
+    ds.NumberOfFrames, ds.FrameOfReferenceUID = 1, "1.2.826.0.1.3680043.8.498.999"
+    shared, measures, orientation, frame, position = (pydicom.Dataset() for _ in range(5))
+    measures.PixelSpacing, measures.SliceThickness = [0.7, 0.9], 3.0
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [orientation]
+    position.ImagePositionPatient = [5, 6, 7]
+    frame.PlanePositionSequence = [position]
+    ds.SharedFunctionalGroupsSequence, ds.PerFrameFunctionalGroupsSequence = [shared], [frame]
+    ds.save_as(source)
+    facts = ScanFacts(1, "cd" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(source), "1.2.3.")
+    [(_, built)] = build_objects(facts, ("pmap",), None, False)
+    measured = built.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    assert built.FrameOfReferenceUID == "1.2.826.0.1.3680043.8.498.999"
+    assert [float(v) for v in measured] == pytest.approx([0.7 * 40 / 32, 0.9 * 50 / 32])
+
+
+def test_a_map_of_a_source_with_non_square_pixels_keeps_their_proportion(tmp_path: Path, label_files: LabelResult):
+    """Without a spacing, the map took 1 mm square source pixels: a Pixel Aspect Ratio of 2:1 drew
+    the map half as tall as its source."""
+    source = write_dicom(
+        tmp_path / "par.dcm", pixels=np.zeros((60, 120), np.uint16), modality="US", body_part="BREAST",
+        extra={"PixelAspectRatio": [2, 1]},
+    )  # fmt: skip
+    facts = ScanFacts(1, "cd" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(source), "1.2.3.")
+    [(_, built)] = build_objects(facts, ("pmap",), None, False)
+    rows_mm, columns_mm = (
+        float(v) for v in built.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    )
+    assert (rows_mm * int(built.Rows), columns_mm * int(built.Columns)) == pytest.approx((120.0, 120.0))

@@ -23,6 +23,7 @@ from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan
 from meddaemon.db.queries import newest_version_of
 from meddaemon.dicom import encoding
 from meddaemon.dicom.uids import uid_like
+from meddaemon.engine.decode.types import DecodeOptions
 from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.engine.tasks import InputContract
 from meddaemon.label_results import LabelResult
@@ -41,6 +42,55 @@ TYPE2_PATIENT_STUDY = (
     "StudyID",
     "AccessionNumber",
 )
+#: the root-level attributes of the source's Patient, General Study and Patient Study modules (PS3.3
+#: C.7.1.1, C.7.2.1, C.7.2.2), which every object copies as the source has them: highdicom copies them
+#: into the SR and the Parametric Map; the capture and the PDF took the type-2 ones alone, so that
+#: a PACS matching on the issuer of the patient's ID saw two objects of the study without one
+PATIENT_AND_STUDY = (
+    # Patient
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID",
+    "PatientBirthDate", "PatientBirthTime", "PatientSex", "QualityControlSubject", "ReferencedPatientSequence",
+    "OtherPatientIDsSequence", "OtherPatientNames", "EthnicGroup", "PatientComments", "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence", "BreedRegistrationSequence",
+    "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization", "PatientIdentityRemoved",
+    "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    # General Study
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName", "StudyID", "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyDescription",
+    "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "RequestingServiceCodeSequence",
+    "ReferencedStudySequence", "ProcedureCodeSequence", "ReasonForPerformedProcedureCodeSequence",
+    # Patient Study
+    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize", "PatientWeight",
+    "PatientBodyMassIndex", "MedicalAlerts", "Allergies", "SmokingStatus", "PregnancyStatus", "LastMenstrualDate",
+    "PatientState", "Occupation", "AdditionalPatientHistory", "AdmissionID", "ServiceEpisodeID",
+    "ServiceEpisodeDescription", "PatientSexNeutered",
+)  # fmt: skip
+#: the longest value of each text VR (PS3.5 6.2), in characters
+TEXT_LIMITS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "CS": 16}
+
+
+def copy_patient_and_study(source: Dataset, ds: Dataset) -> None:
+    """The source's patient and study attributes (``PATIENT_AND_STUDY``) into ``ds``, as they are."""
+    for keyword in PATIENT_AND_STUDY:
+        if keyword in source:
+            ds[keyword] = copy.deepcopy(source[keyword])
+
+
+def shown_frame(source: Dataset, frame_policy: str) -> int | None:
+    """The 1-based frame of a multi-frame source its heatmaps and capture show: the frame the engine
+    keeps the maps of (``engine.decode.dicom.key_frame_index``, or the middle one when every frame
+    ran); None for a single frame."""
+    from meddaemon.engine.decode.dicom import key_frame_index
+
+    try:
+        frames = int(source.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return None
+    if frames <= 1:
+        return None
+    return (frames // 2 if frame_policy == "all" else key_frame_index(source, frames)[0]) + 1
+
+
 #: what a source must have for its results to join its study; without one the outputs fail by name
 REQUIRED_SOURCE = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS: research software output"
@@ -81,8 +131,11 @@ class ScanFacts:
         return [r for r in self.results if r.overlay_path is not None]
 
 
-def scan_facts(session: Session, scan_id: int, state_dir: Path, uid_root: str) -> ScanFacts:
-    """The facts of a DICOM scan with results; ``OutputRefused`` when it has none to give."""
+def scan_facts(
+    session: Session, scan_id: int, state_dir: Path, uid_root: str, options: DecodeOptions | None = None
+) -> ScanFacts:
+    """The facts of a DICOM scan with results; ``OutputRefused`` when it has none to give. ``options``:
+    the daemon's decoding, which says the frame a multi-frame scan was shown by."""
     scan = session.get(Scan, scan_id)
     if scan is None:
         raise LookupError(f"no scan {scan_id}")
@@ -120,6 +173,7 @@ def scan_facts(session: Session, scan_id: int, state_dir: Path, uid_root: str) -
         view_path(overlays[0].parents[2], scan.sha256, version_id) if overlays else None,
         stored,
         InputContract.from_dict(contract) if contract else None,
+        options or DecodeOptions(),
     )
     return ScanFacts(
         scan.id, scan.sha256, model.task_name, model.version, model.architecture, results, source, uid_root, view
@@ -147,10 +201,24 @@ def read_source(path: Path) -> Dataset:
     for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in ds:
             setattr(ds, keyword, None)
+    _clip_text(ds)
     _normalise_character_set(ds)
     sex = str(ds.PatientSex or "").strip().upper()
     ds.PatientSex = sex if sex in PATIENT_SEXES else None  # "U", "m": highdicom refuses them, the object with
     return ds
+
+
+def _clip_text(ds: Dataset) -> None:
+    """Text values longer than their VR allows, cut to its length: copied as they came (a vendor's
+    70-character Study Description), they made every object fail dciodvfy."""
+    for element in ds:
+        limit = TEXT_LIMITS.get(str(element.VR))
+        if limit is None or element.value is None:
+            continue
+        if isinstance(element.value, str):
+            element.value = encoding.clipped(element.value, limit)
+        elif isinstance(element.value, (list, MultiValue)) and all(isinstance(v, str) for v in element.value):
+            element.value = [encoding.clipped(v, limit) for v in element.value]
 
 
 #: the enumerated values of Patient's Sex; anything else is written empty (type 2)

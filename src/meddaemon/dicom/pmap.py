@@ -14,6 +14,8 @@ first, the others are made from it, which cost about a tenth of a build.
 
 from __future__ import annotations
 
+from typing import Any
+
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
@@ -142,11 +144,28 @@ def _laid_over(
 
 
 def _source_spacing(source: Dataset) -> tuple[float, float]:
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = source.get(keyword)
+    """The source's pixel spacing (row, column): its own, or its functional groups' (an enhanced
+    object keeps it there), else its imager's; without one, 1 mm, in the proportion of a Pixel
+    Aspect Ratio (vertical, horizontal) where it has one: its pixels are not square."""
+    for value in (source.get("PixelSpacing"), _in_frame_groups(source, "PixelMeasuresSequence", "PixelSpacing"),
+                  source.get("ImagerPixelSpacing")):  # fmt: skip
         if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
             return float(value[0]), float(value[1])
+    ratio = source.get("PixelAspectRatio")
+    if ratio is not None and len(ratio) == 2 and all(int(v) > 0 for v in ratio):
+        return int(ratio[0]) / int(ratio[1]), 1.0
     return 1.0, 1.0
+
+
+def _in_frame_groups(source: Dataset, sequence: str, keyword: str) -> Any:
+    """``keyword`` of the ``sequence`` item in the source's functional groups, shared or of its first
+    frame (an enhanced object's geometry lives there, not at the top level); None when absent."""
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in (source.get(groups) or [])[:1]:
+            for item in (group.get(sequence) or [])[:1]:
+                if keyword in item:
+                    return item[keyword].value
+    return None
 
 
 def _with_frame_of_reference(source: Dataset, facts: ScanFacts, spacing: tuple[float, float]) -> Dataset:
@@ -157,7 +176,12 @@ def _with_frame_of_reference(source: Dataset, facts: ScanFacts, spacing: tuple[f
     placed = Dataset()
     for element in source:
         placed.add(element)
-    placed_already = "ImagePositionPatient" in source and "ImageOrientationPatient" in source
+    for sequence, keyword in (("PlanePositionSequence", "ImagePositionPatient"),
+                              ("PlaneOrientationSequence", "ImageOrientationPatient")):  # fmt: skip
+        value = None if keyword in source else _in_frame_groups(source, sequence, keyword)
+        if value is not None:  # an enhanced object's, at the top level where the map's geometry reads it
+            placed.add_new(keyword, "DS", list(value))
+    placed_already = "ImagePositionPatient" in placed and "ImageOrientationPatient" in placed
     if not (source.get("FrameOfReferenceUID") and placed_already):
         frame = uids.derived_uid(facts.uid_root, facts.sha256, "frame-of-reference")
         placed.add_new("FrameOfReferenceUID", "UI", frame)

@@ -29,7 +29,14 @@ from pydicom.uid import JPEGBaseline8Bit
 
 from meddaemon import MANUFACTURER
 from meddaemon.dicom import uids
-from meddaemon.dicom.content import NOT_FOR_DIAGNOSIS, ScanFacts, per_label, sibling
+from meddaemon.dicom.content import (
+    NOT_FOR_DIAGNOSIS,
+    ScanFacts,
+    copy_patient_and_study,
+    per_label,
+    shown_frame,
+    sibling,
+)
 from meddaemon.dicom.encoding import clipped
 from meddaemon.dicom.equipment import contributing_equipment, copy_laterality
 from meddaemon.label_results import LabelResult
@@ -143,6 +150,7 @@ def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Da
     sc.LossyImageCompressionMethod = "ISO_10918_1"
     sc.LossyImageCompressionRatio = _ratio(pixels, sc.PixelData)
     copy_laterality(source, sc)
+    copy_patient_and_study(source, sc)
     sc.PatientOrientation = source.get("PatientOrientation") or None
     sc.BurnedInAnnotation = "YES"
     sc.ImageComments = NOT_FOR_DIAGNOSIS
@@ -150,6 +158,9 @@ def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Da
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    frame = shown_frame(source, facts.view.options.frame_policy)
+    if frame is not None:  # PS3.3 10-3: required when the reference is not to every frame
+        reference.ReferencedFrameNumber = frame
     sc.SourceImageSequence = [reference]
     return sc
 

@@ -115,6 +115,10 @@ class DicomOutputs:
             if any(d.receives(t, kind) and kind in self.settings.dicom_outputs_for(t) for t in tasks)
         ]
 
+    def _facts(self, session: Session, scan_id: int) -> ScanFacts:
+        settings = self.settings
+        return scan_facts(session, scan_id, settings.state_dir, settings.dicom_uid_root, settings.decode_options)
+
     def wanted(self, task: str) -> tuple[str, ...]:
         """The outputs of a task's scans that some destination receives."""
         return tuple(k for k in self.settings.dicom_outputs_for(task) if self.destinations(task, k))
@@ -132,7 +136,7 @@ class DicomOutputs:
             if not kinds:
                 return PreparedOutputs(scan_id, task)
             try:
-                facts = scan_facts(session, scan_id, self.settings.state_dir, self.settings.dicom_uid_root)
+                facts = self._facts(session, scan_id)
             except OutputRefused as exc:
                 log.warning("scan %d: no DICOM outputs: %s (%s)", scan_id, exc.reason, exc)
                 return PreparedOutputs(scan_id, task, refused=dict.fromkeys(kinds, exc))
@@ -183,7 +187,7 @@ class DicomOutputs:
             scans: list[ScanFacts] = []
             for scan_id, _ in rows:
                 try:
-                    scans.append(scan_facts(session, scan_id, self.settings.state_dir, self.settings.dicom_uid_root))
+                    scans.append(self._facts(session, scan_id))
                 except OutputRefused as exc:
                     log.info("scan %d: left out of its study report's DICOM object: %s", scan_id, exc.reason)
         if not scans:
