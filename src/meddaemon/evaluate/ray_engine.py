@@ -66,9 +66,6 @@ def ray_outcomes(prepared: Prepared) -> Iterator[tuple[FileOutcome, Future | Non
     except ImportError:
         raise EvaluationStopped("the Ray engine needs Ray: pip install 'meddaemon[ray]'") from None
     seen: set[str] = set()
-    #: the most nodes alive at the start of an attempt: a retry after a node was lost measures its
-    #: stall against the cluster as it was, not as it is
-    nodes = 0
     writers = ThreadPoolExecutor(2, thread_name_prefix="heatmap-writer") if prepared.request.heatmaps else None
     try:
         for attempt in range(1, RAY_ATTEMPTS + 1):
@@ -78,8 +75,9 @@ def ray_outcomes(prepared: Prepared) -> Iterator[tuple[FileOutcome, Future | Non
             try:
                 # a session per attempt: leaving it ends the job, and with it a stalled run's actors and tasks
                 with ray_session(ray, prepared.request.ray_address):
-                    nodes = max(nodes, _alive_nodes(ray))
-                    yield from _run(ray, prepared, remaining, seen, writers, nodes)
+                    # a retry on what is left of the cluster takes its size as it is: its actors start
+                    # again (the model loaded anew), longer than a stall; another loss still stalls it
+                    yield from _run(ray, prepared, remaining, seen, writers, _alive_nodes(ray))
                 return
             except (ray.exceptions.RayError, RunStalled) as exc:
                 if attempt == RAY_ATTEMPTS:
