@@ -174,7 +174,7 @@ def read_whole(
     except PermissionError:
         raise ScanFailure(FailureReason.UNREADABLE, "permission denied") from None
     except OSError as exc:
-        raise _unreadable("cannot open the file", exc) from None
+        raise unreadable("cannot open the file", exc) from None
     try:
         with os.fdopen(fd, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -187,7 +187,7 @@ def read_whole(
     except IsADirectoryError:
         raise ScanFailure(FailureReason.UNREADABLE, "not a regular file") from None
     except OSError as exc:
-        raise _unreadable("cannot read the file", exc) from None
+        raise unreadable("cannot read the file", exc) from None
 
 
 #: errors of the host, not of the file: out of descriptors, memory or buffers, interrupted, a stale
@@ -197,7 +197,8 @@ PASSING_ERRNOS = frozenset(
 )
 
 
-def _unreadable(what: str, exc: OSError) -> ScanFailure:
+def unreadable(what: str, exc: OSError) -> ScanFailure:
+    """``unreadable``, saying ``what`` could not be done; a ``ReadLater`` for the host's passing trouble."""
     failure = ReadLater if exc.errno in PASSING_ERRNOS else ScanFailure
     return failure(FailureReason.UNREADABLE, f"{what}: {exc.strerror}")
 

@@ -283,12 +283,14 @@ def test_require_without_audit_or_unreadable_is_refused_before_anything_is_score
     engine.dispose()
 
 
-def busi_with_unreadable(source: Path, tmp_path: Path) -> Path:
-    """The SYNTHETIC BUSI phantoms with two empty PNGs among the benign ones: over 5% unreadable."""
+def busi_with_unreadable(
+    source: Path, tmp_path: Path, empty: tuple[str, ...] = ("benign/benign (90).png", "benign/benign (91).png")
+) -> Path:
+    """The SYNTHETIC BUSI phantoms with ``empty`` PNGs added (by default two: over 5% unreadable)."""
     dataset = tmp_path / "Dataset_BUSI_with_GT"
     shutil.copytree(source, dataset)
-    for name in ("benign (90).png", "benign (91).png"):
-        (dataset / "benign" / name).write_bytes(b"")
+    for name in empty:
+        (dataset / name).write_bytes(b"")
     return dataset
 
 
@@ -333,9 +335,7 @@ def test_the_audit_of_an_evaluation_says_how_many_labelled_files_could_not_be_re
     world, busi_phantoms: Path, tmp_path: Path
 ) -> None:
     """Under 5% unreadable the run completes; its audit left those images out without a word."""
-    dataset = tmp_path / "Dataset_BUSI_with_GT"
-    shutil.copytree(busi_phantoms, dataset)
-    (dataset / "malignant" / "malignant (90).png").write_bytes(b"")
+    dataset = busi_with_unreadable(busi_phantoms, tmp_path, ("malignant/malignant (90).png",))
     args = ["evaluate", str(dataset), "--task", "busi", "--workers", "0", "--audit", "--json", *state_flags(world)]
     result = CliRunner().invoke(medcli, args)
     assert result.exit_code == 0, result.output

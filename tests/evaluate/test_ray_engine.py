@@ -367,7 +367,7 @@ def test_a_ray_run_that_fails_is_run_again_over_the_files_not_yet_returned(tmp_p
     prepared = SimpleNamespace(cohort=SimpleNamespace(files=files), request=request)
     calls: list[list[str]] = []
 
-    def flaky_run(_ray, _prepared, paths, seen, _writers, _nodes):  # type: ignore[no-untyped-def]
+    def flaky_run(_ray, _prepared, paths, seen, _writers):  # type: ignore[no-untyped-def]
         calls.append(list(paths))
         for n, path in enumerate(paths):
             if len(calls) == 1 and n == 4:

@@ -24,7 +24,7 @@ from meddaemon.engine.decode.dicom import quiet_pydicom
 from meddaemon.engine.decode.types import DecodedScan, ScanMetadata
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import FailureReason, ReadLater, ScanFailure
-from meddaemon.files import PASSING_ERRNOS, read_whole
+from meddaemon.files import read_whole, unreadable
 from meddaemon.processes import end_with_the_parent, leave_stopping_to_the_parent
 
 
@@ -87,9 +87,7 @@ def prepare_stored(path: Path, contract: InputContract, options: DecodeOptions) 
     except FileNotFoundError:
         return ScanFailure(FailureReason.VANISHED, f"the registered copy {path.name} is missing")
     except OSError as exc:
-        if exc.errno in PASSING_ERRNOS:
-            return ReadLater(FailureReason.UNREADABLE, f"cannot read the registered copy: {exc.strerror}")
-        return ScanFailure(FailureReason.UNREADABLE, f"cannot read the registered copy: {exc.strerror}")
+        return unreadable("cannot read the registered copy", exc)
     except Exception as exc:
         return ScanFailure(FailureReason.INTERNAL_ERROR, f"preparing the input raised {type(exc).__name__}")
 

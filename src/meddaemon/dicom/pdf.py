@@ -22,7 +22,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from meddaemon import MANUFACTURER
 from meddaemon.dicom import uids
-from meddaemon.dicom.content import TYPE2_PATIENT_STUDY, ScanFacts, copy_patient_and_study
+from meddaemon.dicom.content import ScanFacts, copy_patient_and_study
 from meddaemon.dicom.encoding import clipped
 from meddaemon.dicom.equipment import contributing_equipment
 
@@ -100,9 +100,7 @@ def _encapsulate(
     ds.SOPInstanceUID = instance_uid
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.SpecificCharacterSet = source.get("SpecificCharacterSet", "ISO_IR 192")
-    for keyword in TYPE2_PATIENT_STUDY:
-        setattr(ds, keyword, source.get(keyword))
-    copy_patient_and_study(source, ds)
+    copy_patient_and_study(source, ds)  # with every type-2 one, empty where the source had none (read_source)
     ds.StudyInstanceUID = source.StudyInstanceUID
     # Encapsulated Document Series
     ds.Modality = "DOC"

@@ -75,9 +75,7 @@ def ray_outcomes(prepared: Prepared) -> Iterator[tuple[FileOutcome, Future | Non
             try:
                 # a session per attempt: leaving it ends the job, and with it a stalled run's actors and tasks
                 with ray_session(ray, prepared.request.ray_address):
-                    # a retry on what is left of the cluster takes its size as it is: its actors start
-                    # again (the model loaded anew), longer than a stall; another loss still stalls it
-                    yield from _run(ray, prepared, remaining, seen, writers, _alive_nodes(ray))
+                    yield from _run(ray, prepared, remaining, seen, writers)
                 return
             except (ray.exceptions.RayError, RunStalled) as exc:
                 if attempt == RAY_ATTEMPTS:
@@ -131,19 +129,16 @@ def _restore_auth_mode(mode: str | None) -> None:
 
 
 def _run(
-    ray: Any,
-    prepared: Prepared,
-    paths: list[str],
-    seen: set[str],
-    writers: ThreadPoolExecutor | None,
-    nodes: int,
+    ray: Any, prepared: Prepared, paths: list[str], seen: set[str], writers: ThreadPoolExecutor | None
 ) -> Iterator[tuple[FileOutcome, Future | None] | None]:
     """One Ray Data run over ``paths``; what comes back is added to ``seen`` (absolute paths). With
-    ``writers``, the heatmaps the actors return are written in them. ``nodes``: the cluster's size
-    when the run began (fewer alive: a node was lost)."""
+    ``writers``, the heatmaps the actors return are written in them. A retry takes the cluster's size
+    as it is at its start (its actors start again, the model loaded anew: longer than a stall);
+    another node lost still stalls it."""
     request = prepared.request
     contract = prepared.model.contract
-    plan = plan_actors(ray.cluster_resources(), _alive_nodes(ray), request.device)
+    nodes = _alive_nodes(ray)
+    plan = plan_actors(ray.cluster_resources(), nodes, request.device)
     executors = new_data_context(ray)
     items = [{"path": p} for p in paths]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // DECODE_BATCH))
