@@ -412,6 +412,67 @@ def test_the_association_limit_holds_under_many_simultaneous_callers_and_no_acce
     assert receiver.stats.snapshot()["rejected_limit"] == callers - len(accepted)
 
 
+def test_a_burst_of_callers_refused_for_the_limit_does_not_hold_a_free_place_from_the_next_one(
+    receive: StartReceiver, tmp_path: Path
+):
+    """One of two places is taken; 24 callers arrive at once. The refused ones are refused for the
+    limit, not counted against it while they are being turned away: exactly one of the burst gets the
+    free place (pynetdicom's own limit counts every acceptor thread alive, those it is refusing too,
+    and a burst could be refused whole with a place free)."""
+    from pynetdicom import AE
+
+    receiver = receive(dicom_max_associations=2)
+    [sent] = synthetic_instances(tmp_path / "sent", 1, seed=9)
+    dataset = dcmread(sent)
+    holder = AE(ae_title="HOLDER")
+    holder.add_requested_context(dataset.SOPClassUID, ExplicitVRLittleEndian)
+    held = holder.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON")
+    assert held.is_established
+    callers = 24
+    start = threading.Barrier(callers, timeout=60)
+    everyone_answered = threading.Barrier(callers, timeout=60)
+    outcomes: dict[int, str] = {}
+
+    def call(i: int) -> None:
+        ae = AE(ae_title=f"BURST{i}")
+        ae.add_requested_context(dataset.SOPClassUID, ExplicitVRLittleEndian)
+        start.wait()
+        assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON")
+        everyone_answered.wait()
+        outcomes[i] = "accepted" if assoc.is_established else "rejected" if assoc.is_rejected else "no answer"
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    held.release()
+    holder.shutdown()
+
+    assert sorted(outcomes.values()) == ["accepted"] + ["rejected"] * (callers - 1)
+    assert receiver.stats.snapshot()["rejected_limit"] == callers - 1
+
+
+def test_connections_that_have_not_asked_for_an_association_hold_no_place(receive: StartReceiver, tmp_path: Path):
+    """Three TCP connections open and silent (a port probe, a caller stuck before its request)
+    against a limit of one: the next caller to ask gets the place."""
+    import socket
+
+    receiver = receive(dicom_max_associations=1)
+    [sent] = synthetic_instances(tmp_path / "sent", 1, seed=10)
+    silent = [socket.create_connection(("127.0.0.1", port(receiver)), timeout=10) for _ in range(3)]
+    try:
+        _wait(lambda: len(receiver._acceptors()) == 3, "the silent connections' threads")
+        assert pynetdicom_send(port(receiver), [sent]) == [0x0000]
+    finally:
+        for connection in silent:
+            connection.close()
+    assert receiver.stats.snapshot()["rejected_limit"] == 0
+
+
 def test_with_tls_only_callers_speaking_tls_get_through(receive: StartReceiver, tmp_path: Path):
     import ssl
 

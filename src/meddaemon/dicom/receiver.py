@@ -11,7 +11,9 @@ from there with its guarantees: identity by SHA-256 (the same bytes sent again a
 same SOP Instance UID with other bytes, a new version), exactly once across crashes.
 
 Refused at association: a calling AE not on ``dicom_allowed_callers``, a called AE other than
-``ae_title``, an association past ``dicom_max_associations``. Refused per instance: 0xA700 (Out of
+``ae_title``, an association past ``dicom_max_associations`` (``_admit``: a place is taken when the
+association is requested, so a connection that says nothing, or a caller being refused, holds none).
+Refused per instance: 0xA700 (Out of
 Resources) when the free disk would fall under ``dicom_min_free_bytes`` or the database cannot
 record it, 0xA900 when its dataset is not the instance the request names (garbage, say), 0xC000
 (Cannot understand) when it does not parse, 0x0110 (Processing failure) on another write error
@@ -102,6 +104,8 @@ LOSSLESS = (
 RECORD_SECONDS = 10.0
 #: how long a stopping receiver lets the associations in progress finish before it aborts them
 STOP_GRACE_SECONDS = 10.0
+#: connections let in past ``dicom_max_associations`` to ask for an association or hear a refusal
+UNADMITTED_CONNECTIONS = 64
 #: how long a starting receiver tries to bind a port still held (by a killed daemon's receiver)
 BIND_SECONDS = 15.0
 
@@ -227,6 +231,8 @@ class Receiver:
         #: the accepted associations (the entries go with their association objects)
         self.callers: weakref.WeakKeyDictionary[Any, Caller] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
+        #: the associations given a place under ``dicom_max_associations`` (``_admit``)
+        self._admitted: weakref.WeakSet[Any] = weakref.WeakSet()
         self.server: Any = None
         self.ae = self._application_entity()
         self.folder_sync = FolderSync(self.root)
@@ -244,7 +250,9 @@ class Receiver:
 
         s = self.settings
         ae = AE(ae_title=s.ae_title)
-        ae.maximum_associations = s.dicom_max_associations
+        # The limit is ours (``_admit``); pynetdicom's counts every acceptor thread alive, the ones
+        # being refused and the connections yet to ask included, so it only bounds the threads.
+        ae.maximum_associations = s.dicom_max_associations + UNADMITTED_CONNECTIONS
         ae.require_calling_aet = list(s.dicom_allowed_callers)
         ae.require_called_aet = True
         syntaxes = self.syntaxes or accepted_transfer_syntaxes()
@@ -268,6 +276,7 @@ class Receiver:
             log.info("removed %d unfinished received files left by an earlier receiver", len(removed))
             self._forget_unfinished([final_path(tmp) for tmp in removed])
         handlers = [
+            (evt.EVT_REQUESTED, self._admit),
             (evt.EVT_C_STORE, self._store),
             (evt.EVT_ESTABLISHED, self._established),
             (evt.EVT_REJECTED, self._rejected),
@@ -326,6 +335,26 @@ class Receiver:
 
     # -- association events ----------------------------------------------------------------------
 
+    def _admit(self, event: Any) -> None:
+        """Give the requested association a place, or refuse it (transient, local limit exceeded) when
+        ``dicom_max_associations`` are taken. A caller pynetdicom will refuse for its AE titles is
+        left to it and takes no place. The place is held while the association's thread lives."""
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        allowed = self.settings.dicom_allowed_callers
+        if (allowed and str(request.calling_ae_title).strip() not in allowed) or str(
+            request.called_ae_title
+        ).strip() != self.settings.ae_title:
+            return
+        with self._lock:
+            taken = sum(1 for other in self._admitted if other.is_alive())
+            if taken < self.settings.dicom_max_associations:
+                self._admitted.add(assoc)
+                return
+        assoc.acse.send_reject(0x02, 0x03, 0x02)
+        self._rejected(event)
+        assoc.kill()
+
     def _established(self, event: Any) -> None:
         associations.prompt(event.assoc)
         requestor = event.assoc.requestor
@@ -344,8 +373,9 @@ class Receiver:
 
     def _rejected(self, event: Any) -> None:
         assoc = event.assoc
-        calling = str(assoc.requestor.ae_title).strip()
-        called = str(assoc.requestor.primitive.called_ae_title).strip() if assoc.requestor.primitive else ""
+        request = assoc.requestor.primitive
+        calling = str(request.calling_ae_title if request else assoc.requestor.ae_title).strip()
+        called = str(request.called_ae_title).strip() if request else ""
         allowed = self.settings.dicom_allowed_callers
         if allowed and calling not in allowed:
             stat, why = "rejected_calling_ae", "its calling AE is not on dicom_allowed_callers"
