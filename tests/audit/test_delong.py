@@ -126,8 +126,34 @@ def test_a_large_sample_at_or_near_one_keeps_a_narrow_interval():
     s = np.where(y == 1, rng.normal(4.5, 1, 5000), rng.normal(0, 1, 5000))
     d = delong(y, s)
     assert 0.99 < d.auc < 1.0
-    lo, hi, method = auc_interval(d.auc, d.variance, 2000, 3000)
-    assert method == "delong-logit" and lo < d.auc < hi and hi - lo < 0.005
+    lo, hi, _ = auc_interval(d.auc, d.variance, 2000, 3000)
+    assert lo < d.auc < hi and hi - lo < 0.005
+    lo_perfect, _, _ = auc_interval(1.0, 0.0, 2000, 3000)
+    assert lo <= lo_perfect
+
+
+def test_an_auc_far_from_the_edges_with_many_cases_keeps_delong_s_interval():
+    rng = np.random.default_rng(12)
+    y = np.r_[np.ones(500), np.zeros(500)].astype(int)
+    d = delong(y, np.where(y == 1, rng.normal(1.5, 1, 1000), rng.normal(0, 1, 1000)))
+    lo, hi, method = auc_interval(d.auc, d.variance, 500, 500)
+    assert method == "delong-logit" and lo < d.auc < hi
+
+
+@pytest.mark.parametrize("per_class", [30, 50, 100, 200, 2000])
+def test_a_model_that_misranks_one_positive_is_never_surer_than_a_perfect_one(per_class):
+    """One positive scored below three negatives: AUC just under 1. With 30 to 200 cases a class
+    DeLong gave it a lower bound above the perfect model's count bound (30: 0.962 against 0.884),
+    so `--require "auc>=0.9"` passed it and failed the perfect model. It is held at that bound."""
+    negatives = np.linspace(0.0, 1.0, per_class)
+    positives = np.linspace(2.0, 3.0, per_class)
+    y = np.r_[np.ones(per_class), np.zeros(per_class)].astype(int)
+    perfect = delong(y, np.r_[positives, negatives])
+    worse = delong(y, np.r_[negatives[-4] + 1e-6, positives[1:], negatives])
+    assert perfect.auc == 1.0 and 1.0 - 4.0 / per_class**2 < worse.auc < 1.0
+    lo_perfect, _, _ = auc_interval(perfect.auc, perfect.variance, per_class, per_class)
+    lo_worse, _, method = auc_interval(worse.auc, worse.variance, per_class, per_class)
+    assert lo_worse == pytest.approx(lo_perfect) and method.startswith("delong-logit, capped")
 
 
 def test_an_auc_just_below_one_with_few_positives_never_gets_a_narrower_interval_than_one_of_one():
@@ -156,3 +182,15 @@ def test_a_paired_difference_with_no_variance_and_a_difference_has_no_p_value_ra
     assert np.isnan(t.p_value) and np.isnan(t.lower) and np.isnan(t.upper)
     same = paired_test(y, a, a)
     assert (same.difference, same.p_value) == (0.0, 1.0)
+
+
+def test_a_paired_difference_with_a_lone_positive_has_no_p_value_though_its_variance_is_not_0():
+    """One positive, 20 negatives; A ranks it first, B in the middle: the negatives' placements
+    vary, the positive's share of the variance was taken as 0, and p came out 1e-5."""
+    y = np.r_[1, np.zeros(20)].astype(int)
+    negatives = np.linspace(0, 1, 20)
+    t = paired_test(y, np.r_[2.0, negatives], np.r_[0.5 + 1e-6, negatives])
+    assert t.auc_a == 1.0 and 0.4 < t.auc_b < 0.6
+    assert np.isnan(t.p_value) and np.isnan(t.lower) and np.isnan(t.upper)
+    flipped = paired_test(1 - y, np.r_[-2.0, negatives], np.r_[0.5, negatives])  # a lone negative
+    assert np.isnan(flipped.p_value)

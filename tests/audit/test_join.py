@@ -51,6 +51,19 @@ def test_binary_truth_from_either_label_and_only_the_positive_label_reported():
     np.testing.assert_array_equal(cohort.probabilities[:, 0], preds.probabilities[:, 1])
 
 
+def test_a_binary_row_with_both_labels_stated_0_names_its_line_as_one_with_both_1_does():
+    """covid 0 and normal 0 counted the scan as a negative, without a word."""
+    preds = predictions("covid", ["a.png", "b.png"])
+    both_known = frozenset({"covid", "normal"})
+    neither = table([("a.png", {"covid"}, both_known, {}), ("b.png", set(), both_known, {})])
+    with pytest.raises(
+        LabelFileError, match=r"labels.csv, line 3: a binary task's scan is normal or covid; this row is neither"
+    ):
+        join(preds, neither)
+    with pytest.raises(LabelFileError, match=r"line 2: a binary task's scan is normal or covid, not both"):
+        join(preds, table([("a.png", {"covid", "normal"}, both_known, {})]))
+
+
 def test_multilabel_unknown_values_stay_unknown():
     preds = predictions("chestxray14", ["a.png"])
     t = table([("a.png", {"Mass"}, frozenset({"Mass", "Effusion"}), {})])

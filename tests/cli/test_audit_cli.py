@@ -4,6 +4,7 @@ label files written by the test, the CLI through click's CliRunner, the PDF read
 import csv
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,24 @@ def test_require_exits_5_when_a_lower_bound_fails_and_0_when_all_hold(busi):
     assert "FAIL sensitivity>=0.99 [benign]" in bad.stdout
     with session_factory(engine)() as session:
         assert [a.passed for a in session.scalars(select(Audit).order_by(Audit.id))] == [True, False]
+
+
+def test_the_pdf_shows_every_verdict_however_many_and_page_1_says_how_many_failed_past_it(busi, tmp_path):
+    """Five criteria on three classes: fifteen verdicts. Page 1 had room for 14 summary lines and
+    the rest were dropped without a word, failures among them."""
+    db_url, labels, _, _ = busi
+    pdf = tmp_path / "audit.pdf"
+    criteria = "auc>=0.6,sensitivity>=0.3,specificity>=0.99,ppv>=0.3,npv>=0.3"
+    result = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--require", criteria, "--pdf", str(pdf))
+    assert result.exit_code == 5, result.output
+    verdicts = re.findall(r"^(?:PASS|FAIL) \S+ \[\w+\]", result.stdout, flags=re.MULTILINE)
+    assert len(verdicts) == 15 and any(v.startswith("FAIL") for v in verdicts)
+    pages = [" ".join(page.extract_text().split()) for page in PdfReader(str(pdf)).pages]
+    assert all(v in " ".join(pages) for v in verdicts)
+    continued = next(i for i, page in enumerate(pages) if page.startswith("Summary (continued)"))
+    past_page_1 = sum(page.count("FAIL ") for page in pages[continued:])
+    assert continued == 1 and past_page_1 > 0
+    assert f"more lines on the next page ({past_page_1} FAIL)" in pages[0]
 
 
 @pytest.mark.parametrize("option", ["--pdf", "--csv"])

@@ -66,7 +66,11 @@ def compare_versions(cohort: Cohort, other: Predictions) -> list[VersionComparis
             continue
         t = paired_test(y, a, b)
         if np.isnan(t.p_value):  # a variance of 0 gave p 0 and a point interval: certainty from nothing
-            reason = "the DeLong variance of the difference is 0 (too few positives or negatives to weigh it)"
+            if min(pos, len(y) - pos) < 2:
+                lone = "positive" if pos < 2 else "negative"
+                reason = f"one {lone} only: the DeLong variance of the difference cannot be estimated"
+            else:
+                reason = "the DeLong variance of the difference is 0 (too few positives or negatives to weigh it)"
             out.append(VersionComparison(label, len(y), pos, t.auc_a, t.auc_b, Undefined(reason, counts), None))
             continue
         diff = Estimate(t.difference, t.lower, t.upper, "paired-delong")

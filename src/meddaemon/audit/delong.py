@@ -16,8 +16,12 @@ Two positives with AUC 1 thus get [0.158, 1]; 2,000 positives and negatives get 
 
 Where the smaller class has fewer than ``SMALL_CLASS`` cases the interval is the union of the two:
 DeLong's asymptotics under-cover there (about 70 % of 95 % intervals held the true AUC with 3
-positives, 82 % with 10), and an AUC of 0.999 had a narrower interval than one of 1, so that
-``--require "auc>=0.9"`` passed the worse model and failed the perfect one.
+positives, 82 % with 10). With more, DeLong's lower bound is capped at the count bound of an AUC
+of 1, 0.025 ** (1/k) (its upper bound, near 0, at the mirror image): an AUC of 0.999 is never surer
+than one of 1. Without the cap 30 positives and 30 negatives at AUC 0.996 got 0.962-0.999 and at
+AUC 1 0.884-1, and ``--require "auc>=0.9"`` passed the worse model and failed the perfect one. The
+cap binds only above an AUC of 1 - 3.69/k (0.025 ** (1/k) >= 1 - 3.69/k), where fewer than four
+of k disjoint pairs are expected to be discordant.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ Z95 = float(norm.ppf(0.975))
 DELONG_LOGIT = "delong-logit"
 COUNT_BOUND = "clopper-pearson of auc*k in k = min(positives, negatives)"
 UNION = "union of delong-logit and clopper-pearson (smaller class under 30)"
+CAPPED = "delong-logit, capped at the clopper-pearson bound of an auc of 1 (or 0)"
 #: below this many cases in the smaller class the DeLong interval is joined by the count interval
 SMALL_CLASS = 30
 
@@ -108,8 +113,9 @@ def auc_interval(
     auc: float, variance: float, positives: int, negatives: int, z: float = Z95
 ) -> tuple[float, float, str]:
     """The 95% interval of an AUC and the method that gave it: the logit-scale DeLong interval,
-    ``count_interval`` where that degenerates (variance 0, or an AUC of 0 or 1), and the union of
-    both where the smaller class has fewer than ``SMALL_CLASS`` cases."""
+    ``count_interval`` where that degenerates (variance 0, or an AUC of 0 or 1), the union of both
+    where the smaller class has fewer than ``SMALL_CLASS`` cases, and otherwise DeLong's held no
+    surer than an AUC of 1 (or 0) would be."""
     k = min(positives, negatives)
     lower, upper = count_interval(auc, k, z)
     if not (variance > 0.0 and 0.0 < auc < 1.0):
@@ -119,6 +125,9 @@ def auc_interval(
     d_lower, d_upper = float(expit(centre - z * se_logit)), float(expit(centre + z * se_logit))
     if k < SMALL_CLASS:
         return min(lower, d_lower), max(upper, d_upper), UNION
+    perfect_lower = count_interval(1.0, k, z)[0]
+    if d_lower > perfect_lower or d_upper < 1.0 - perfect_lower:
+        return min(d_lower, perfect_lower), max(d_upper, 1.0 - perfect_lower), CAPPED
     return d_lower, d_upper, DELONG_LOGIT
 
 
@@ -156,12 +165,21 @@ class PairedTest:
 
 
 def paired_test(y_true: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) -> PairedTest:
-    """Two-sided p-value and 95% interval of AUC(a) - AUC(b) from the DeLong covariance."""
+    """Two-sided p-value and 95% interval of AUC(a) - AUC(b) from the DeLong covariance.
+
+    No p-value (NaN) where the data cannot weigh the difference: a variance of 0 with a difference,
+    or a lone positive or negative, whose class's share of the variance cannot be estimated (it was
+    taken as 0: 1 positive and 20 negatives, AUC 1 against 0.5, gave p 1e-5), unless both place
+    every case alike."""
     result = delong(y_true, scores_a, scores_b)
     a, b = result.aucs
     cov = result.covariance
     var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
     diff = float(a - b)
+    if min(result.positives, result.negatives) < 2 and not np.array_equal(
+        placements(y_true, scores_a), placements(y_true, scores_b)
+    ):
+        return PairedTest(float(a), float(b), diff, np.nan, np.nan, np.nan, np.nan)
     if var <= 0.0:  # identical placements: no difference (p 1), or none the data can weigh (undefined)
         if diff == 0:
             return PairedTest(float(a), float(b), diff, diff, diff, 0.0, 1.0)

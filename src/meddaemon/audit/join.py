@@ -222,6 +222,10 @@ def _truth(task_labels: tuple[str, ...], kind: str, row: LabelRow, path: str) ->
         negative, positive = task_labels
         if len(row.positives) > 1:
             raise LabelFileError(path, f"a binary task's scan is {negative} or {positive}, not both", row.line)
+        if not row.positives and known(positive) and known(negative) and row.known is not None:
+            raise LabelFileError(
+                path, f"a binary task's scan is {negative} or {positive}; this row is neither", row.line
+            )
         if known(positive):
             return np.array([positive in row.positives], dtype=np.int8)
         if known(negative):

@@ -26,6 +26,9 @@ CURVE_POINTS = 400
 FOREST_ROWS = 34
 #: Up to this many labels, page 1 also shows every ROC and reliability curve (more would not fit).
 OVERVIEW_LABELS = 6
+#: summary lines on page 1 above the table; the rest go on to pages of ``CONTINUED_LINES``
+SUMMARY_LINES = 14
+CONTINUED_LINES = 29
 
 
 def _fmt(value: Value) -> str:
@@ -48,8 +51,8 @@ def _thin(*arrays: np.ndarray) -> list[np.ndarray]:
     return [a[idx] for a in arrays]
 
 
-def _summary(result: AuditResult) -> Figure:
-    fig = Figure(figsize=A4_LANDSCAPE)
+def _summary_lines(result: AuditResult) -> list[str]:
+    """The summary's lines: what was audited, how, notes, and every ``--require`` verdict."""
     j = result.join
     lines = [
         f"Audit: {result.task} ({result.kind}), model version {result.model_version}",
@@ -80,9 +83,22 @@ def _summary(result: AuditResult) -> Figure:
         f"{'-' if v.judged is None else f'{v.judged:.3f}'} ({v.basis})"
         for v in result.verdicts
     ]
-    for i, line in enumerate(lines[:14]):
+    return lines
+
+
+def _summary(result: AuditResult, lines: list[str]) -> Figure:
+    """Page 1: the summary's first lines (``SUMMARY_LINES``, the last of them saying where the rest
+    are and how many criteria failed) and the overall table."""
+    fig = Figure(figsize=A4_LANDSCAPE)
+    if len(lines) > SUMMARY_LINES:
+        rest = lines[SUMMARY_LINES - 1 :]
+        failed = sum(line.startswith("FAIL ") for line in rest)
+        shown = [*lines[: SUMMARY_LINES - 1], f"... {len(rest)} more lines on the next page ({failed} FAIL)"]
+    else:
+        shown = lines
+    for i, line in enumerate(shown):
         fig.text(0.04, 0.95 - i * 0.03, line, fontsize=12 if i == 0 else 8, weight="bold" if i == 0 else "normal")
-    top = 0.95 - min(len(lines), 14) * 0.03 - 0.01
+    top = 0.95 - len(shown) * 0.03 - 0.01
     overview = len(result.analysis.overall) <= OVERVIEW_LABELS
     bottom = 0.45 if overview else 0.03
     ax = fig.add_axes((0.02, bottom, 0.96, top - bottom))
@@ -102,6 +118,16 @@ def _summary(result: AuditResult) -> Figure:
     if overview:
         _overview(fig, result.analysis.overall)
     return fig
+
+
+def _continued_summary(lines: list[str]) -> Iterator[Figure]:
+    """The summary's lines page 1 had no room for, ``CONTINUED_LINES`` a page."""
+    for start in range(0, len(lines), CONTINUED_LINES):
+        fig = Figure(figsize=A4_LANDSCAPE)
+        fig.text(0.04, 0.95, "Summary (continued)", fontsize=12, weight="bold")
+        for i, line in enumerate(lines[start : start + CONTINUED_LINES]):
+            fig.text(0.04, 0.91 - i * 0.03, line, fontsize=8)
+        yield fig
 
 
 def _overview(fig: Figure, metrics: list[LabelMetrics]) -> None:
@@ -241,7 +267,10 @@ def write_pdf(result: AuditResult, path: Path) -> int:
     with rc_context({"pdf.fonttype": 42, "font.size": 8}), PdfPages(tmp) as pdf:
         metadata = pdf.infodict()
         metadata["Title"] = f"meddaemon audit: {result.task} {result.model_version}"
-        figures: list[Figure] = [_summary(result)]
+        lines = _summary_lines(result)
+        figures: list[Figure] = [_summary(result, lines)]
+        if len(lines) > SUMMARY_LINES:
+            figures += _continued_summary(lines[SUMMARY_LINES - 1 :])
         overall = result.analysis.overall
         figures += _label_pages(overall, "ROC curves (band: pointwise 95% Wilson interval of sensitivity)", _draw_roc)
         figures += _label_pages(
