@@ -41,6 +41,14 @@ def test_inspect_names_a_folder_that_is_no_dataset_and_exits_2(tmp_path: Path) -
     assert f"error: {tmp_path}: matches no dataset layout" in result.output
 
 
+def test_inspect_refuses_a_seed_no_split_can_take_before_reading_the_dataset(tmp_path: Path) -> None:
+    """A negative seed was numpy's ValueError as a traceback, exit 1."""
+    root = write_phantoms("busi", tmp_path / "busi", count=6, size=48, seed=2).root
+    result = CliRunner().invoke(medcli, ["dataset", "inspect", str(root), "--seed", "-1"])
+    assert result.exit_code == 2 and "Invalid value for '--seed'" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_inspect_shows_progress_on_stderr_and_hashes_in_workers_like_one_by_one(tmp_path: Path) -> None:
     root = write_phantoms("busi", tmp_path / "busi", count=12, size=48, seed=2).root
     runner = CliRunner()

@@ -144,17 +144,33 @@ def test_a_version_name_whose_folder_exists_exits_2_before_training(busi: Path, 
         ("--batch-size", "0", "the batch size must be at least 1, not 0"),
         ("--lr", "-1", "the learning rate must be above 0, not -1.0"),
         ("--image-size", "0", "the image size must be at least 8 pixels, not 0"),
+        ("--version", "a/b", "--version 'a/b' must be 1-64 letters, digits, '.', '_' or '-'"),
+        ("--version", "../escaped", "--version '../escaped' must be 1-64 letters"),
+        ("--seed", "-1", "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295"),
+        ("--seed", str(10**17), "Invalid value for '--seed'"),
+        ("--patience", "-2", "Invalid value for '--patience': -2 is not in the range x>=1"),
     ],
 )
 def test_an_option_no_training_can_run_with_exits_2_before_the_dataset_is_read(
     busi: Path, tmp_path: Path, option: str, value: str, message: str
 ) -> None:
     """An unknown --arch was a KeyError traceback, exit 1, once every image had been decoded and
-    hashed (an hour, on ChestX-ray14)."""
+    hashed (an hour, on ChestX-ray14); a bad --version name, exit 1 after the whole training; a
+    negative seed, exit 1 once decoded, and a huge one an overflow; a negative patience stopped
+    training after one epoch."""
     state = upgraded(tmp_path / "state")
     result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(busi), *state, *FAST, option, value])
     assert result.exit_code == EXIT_USAGE and message in result.output, result.output
     assert "images" not in result.output and "Traceback" not in result.output
+
+
+def test_the_largest_seed_trains(busi: Path, tmp_path: Path) -> None:
+    """Seeds derived from it (an epoch's order, an image's augmentation) overflowed torch's 64 bits."""
+    state = upgraded(tmp_path / "state")
+    args = ["retrain", "busi", "--data", str(busi), *state, *FAST, "--epochs", "1", "--seed", str(2**32 - 1), "--json"]
+    result = CliRunner().invoke(medcli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["registered"]["status"] == "registered"
 
 
 def test_an_image_the_model_cannot_take_is_skipped_and_listed_before_training_not_met_mid_epoch(tmp_path: Path) -> None:

@@ -207,3 +207,6 @@ def test_a_manifest_row_listed_twice_is_dropped_as_reported_and_counted_once(tmp
     ]
     assert sum(split.report.images.values()) == len(split.assignments) == 30
     assert sum(sum(counts.values()) for counts in split.report.counts.values()) == 30
+    index = load_dataset(tmp_path / "labels.csv", BUILTIN_TASKS["busi"], check_images=False)
+    for side in ("train", "val", "test"):  # what training and its test read: the row kept, not its copy too
+        assert sorted(index.relative(s.path) for s in split.samples(index, side)) == split.names(side)

@@ -11,6 +11,7 @@ import click
 
 from meddaemon.cli.common import EXIT_USAGE, echo_json, echo_warning, hash_workers_option, hashing_progress
 from meddaemon.engine.tasks import BUILTIN_TASKS
+from meddaemon.training import MAX_SEED
 
 if TYPE_CHECKING:
     from meddaemon.training.datasets import DatasetIndex
@@ -24,7 +25,7 @@ def dataset() -> None:
 @dataset.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path, exists=True))
 @click.option("--task", type=click.Choice(sorted(BUILTIN_TASKS)), help="Label the images with this task's labels.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the split.")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Seed of the split.")
 @click.option("--no-split", is_flag=True, help="Only read the dataset (no perceptual hashing, no split).")
 @hash_workers_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

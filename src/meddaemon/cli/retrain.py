@@ -29,6 +29,7 @@ from meddaemon.cli.common import (
     settings_options,
 )
 from meddaemon.cli.hints import SETTINGS_PARAMS, command_line, given_options
+from meddaemon.training import MAX_SEED
 
 
 @click.command()
@@ -51,8 +52,18 @@ from meddaemon.cli.hints import SETTINGS_PARAMS, command_line, given_options
     "architecture and input contract; the new version's provenance names it.",
 )
 @click.option("--image-size", type=int, help="Square input size in pixels (default: the task's contract).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split, the weights and the order.")
-@click.option("--patience", type=int, help="Early stopping after N epochs without improvement (default: recipe).")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, MAX_SEED),
+    default=0,
+    show_default=True,
+    help="Seed of the split, the weights and the order.",
+)
+@click.option(
+    "--patience",
+    type=click.IntRange(min=1),
+    help="Early stopping after N epochs without improvement (default: recipe).",
+)
 @click.option("--no-augmentation", is_flag=True, help="Train without flips and affine augmentation.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
 @click.option(
@@ -251,10 +262,18 @@ def retrain(
 
 def _check_registry(settings: Any, task: str, version: str | None, workdir: Path) -> None:
     """Before training, not after it: the database the version is registered in exists (exit 3
-    otherwise), and a ``--version`` name is free there and in the training folder (exit 2)."""
+    otherwise), and a ``--version`` name is a valid one, free there and in the training folder (exit 2)."""
     from meddaemon.db.engine import session_factory
+    from meddaemon.engine.registry import NAME_PATTERN
     from meddaemon.training.pipeline import version_name_taken
 
+    if version is not None and not NAME_PATTERN.match(version):
+        click.echo(
+            f"error: --version {version!r} must be 1-64 letters, digits, '.', '_' or '-', not starting with '.', "
+            "'_' or '-'",
+            err=True,
+        )
+        sys.exit(EXIT_USAGE)
     engine = open_database(settings)
     try:
         if version is None:

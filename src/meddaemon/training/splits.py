@@ -123,7 +123,14 @@ class DatasetSplit:
         return sorted(name for name, side in self.assignments.items() if side == split)
 
     def samples(self, index: DatasetIndex, split: str) -> list[Sample]:
-        return [s for s in index.samples if self.assignments.get(index.relative(s.path)) == split]
+        """The images on one side, in the index's order, each once (a manifest may list a path
+        twice: the copy is dropped, and named alike it would come back with the row kept)."""
+        out: dict[str, Sample] = {}
+        for sample in index.samples:
+            name = index.relative(sample.path)
+            if self.assignments.get(name) == split:
+                out.setdefault(name, sample)
+        return list(out.values())
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -47,7 +47,7 @@ from meddaemon.engine.preprocess import to_model_input
 from meddaemon.engine.registry import probabilities
 from meddaemon.engine.tasks import InputContract, TaskSpec
 from meddaemon.files import write_atomically
-from meddaemon.training import distributed
+from meddaemon.training import MAX_SEED, distributed
 from meddaemon.training.datasets import Sample
 from meddaemon.training.images import decode_file
 
@@ -105,6 +105,10 @@ class TrainConfig:
         for name, value, least in (("epochs", self.epochs, 0), ("batch size", self.batch_size, 1)):
             if value < least:
                 raise ValueError(f"the {name} must be at least {least}, not {value}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"the patience must be at least 1 epoch, not {self.patience}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"the seed must be from 0 to {MAX_SEED}, not {self.seed}")
         if not self.lr > 0:
             raise ValueError(f"the learning rate must be above 0, not {self.lr}")
         if self.image_size is not None and self.image_size < MIN_IMAGE_SIZE:
@@ -215,7 +219,7 @@ class ScanDataset(Dataset[tuple[Tensor, Tensor]]):
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         x = self.image(i)
         if self.augment:
-            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + i)
+            generator = torch.Generator().manual_seed(torch_seed((self.seed * 1_000_003 + self.epoch) * 100_003 + i))
             x = augment(x, generator, self.augment)
         return x, self.targets[i]
 
@@ -253,7 +257,7 @@ def make_loader(dataset: ScanDataset, config: TrainConfig, *, shuffle: bool, epo
     A shuffled epoch whose last batch would hold one image leaves it out (it is in another batch
     next epoch): batch normalisation of one image over a 1 x 1 feature map cannot train
     ("Expected more than 1 value per channel", mobilenet_v2 at 32 pixels, 17 images in 16s)."""
-    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+    generator = torch.Generator().manual_seed(torch_seed(config.seed * 1000 + epoch))
     sampler: DistributedSampler[Any] | None = None
     if shuffle and distributed.world_size() > 1:
         sampler = DistributedSampler(
@@ -423,8 +427,13 @@ class TrainResult:
     init: str = "scratch"
 
 
+def torch_seed(value: int) -> int:
+    """A seed derived from ``--seed`` (any of 0 to ``MAX_SEED``) that torch takes: under 2**63."""
+    return value % 2**63
+
+
 def _seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
+    torch.manual_seed(torch_seed(seed))
     np.random.seed(seed % 2**32)
 
 
