@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from meddaemon.cli.medcli import cli as medcli
@@ -39,8 +40,11 @@ def test_synth_refuses_a_task_without_phantoms(tmp_path: Path) -> None:
     assert "busi" in result.output
 
 
-def test_a_size_the_phantoms_cannot_take_is_a_usage_error_exit_2(tmp_path: Path) -> None:
-    """--size 20 passed click's range (16) and was refused by the phantoms with exit 1."""
-    result = CliRunner().invoke(medcli, ["synth", "busi", "--out", str(tmp_path / "x"), "--size", "20"])
+@pytest.mark.parametrize("task", ["busi", "histopathology"])
+def test_a_size_the_phantoms_cannot_take_is_a_usage_error_exit_2(tmp_path: Path, task: str) -> None:
+    """--size 20 passed click's range (16) and was refused by the phantoms with exit 1; histopathology
+    took 16 to 31, a dataset its task refused whole (contract_mismatch: under its 32-pixel minimum)."""
+    result = CliRunner().invoke(medcli, ["synth", task, "--out", str(tmp_path / "x"), "--size", "20"])
     assert result.exit_code == 2, result.output
-    assert "size must be at least 32 pixels" in result.output
+    assert "Invalid value for '--size': 20 is not in the range x>=32" in result.output
+    assert not (tmp_path / "x").exists()

@@ -42,6 +42,26 @@ def test_busi_names_with_spaces_and_parentheses_keep_their_masks_and_second_mask
     assert len(index.samples) == 4
 
 
+def test_busi_images_in_a_class_s_subfolder_are_read_with_their_masks_as_a_folder_per_class_s_are(
+    tmp_path: Path,
+) -> None:
+    """They were neither read nor listed as skipped."""
+    for cls in ("benign", "malignant"):
+        write_png(tmp_path / cls / f"{cls} (1).png", pixels(1))
+        write_png(tmp_path / cls / f"{cls} (1)_mask.png", pixels(9))
+    write_png(tmp_path / "benign" / "extra" / "benign (1).png", pixels(2))  # SYNTHETIC, the same name one deeper
+    write_png(tmp_path / "benign" / "extra" / "benign (1)_mask.png", pixels(8))
+    write_png(tmp_path / "benign" / "extra" / "benign (7)_mask.png", pixels(7))
+    index = load_dataset(tmp_path, check_images=False)
+    masks = {index.relative(s.path): [index.relative(m) for m in s.masks] for s in index.samples}
+    assert masks == {
+        "benign/benign (1).png": ["benign/benign (1)_mask.png"],
+        "benign/extra/benign (1).png": ["benign/extra/benign (1)_mask.png"],
+        "malignant/malignant (1).png": ["malignant/malignant (1)_mask.png"],
+    }
+    assert "benign/: mask(s) benign (7)_mask.png without an image extra/benign (7).png" in index.warnings
+
+
 def test_nih_labels_are_split_on_bars_and_no_finding_has_none(tmp_path: Path) -> None:
     for name in ("00000001_000.png", "00000001_001.png", "00000002_000.png"):
         write_png(tmp_path / "images_001" / "images" / name, pixels(1))  # Kaggle's folders
@@ -80,6 +100,24 @@ def test_a_csv_manifest_reads_paths_labels_and_patients(tmp_path: Path) -> None:
     index = load_dataset(manifest)
     assert index.layout == "manifest" and index.labels == ("a", "b")
     assert [s.patient_id for s in index.samples] == ["p1", "p1", "p2", None]
+
+
+def test_a_multilabel_manifest_reads_no_finding_as_nih_writes_it_and_says_so_when_a_label_is_wrong(
+    tmp_path: Path,
+) -> None:
+    """A manifest copying NIH's Finding Labels was refused at its first 'No Finding' row."""
+    for i in range(3):
+        write_png(tmp_path / "img" / f"{i}.png", pixels(i))  # SYNTHETIC
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\nimg/0.png,Effusion|Mass\nimg/1.png,No Finding\nimg/2.png,\n")
+    index = load_dataset(manifest, BUILTIN_TASKS["chestxray14"], check_images=False)
+    assert [s.labels for s in index.samples] == [("Effusion", "Mass"), (), ()]
+    assert index.counts()["No Finding"] == 2
+    manifest.write_text("path,label\nimg/0.png,Effusion|Nodules\n")
+    with pytest.raises(
+        DatasetError, match=r"row 2 has label 'Effusion\|Nodules'.*or 'No Finding' \(or nothing\) for none"
+    ):
+        load_dataset(manifest, BUILTIN_TASKS["chestxray14"], check_images=False)
 
 
 @pytest.mark.parametrize("separator", [";", "\t"], ids=["semicolons", "tabs"])

@@ -99,7 +99,7 @@ def test_the_histopathology_preset_tests_on_a_fifth_and_validates_on_a_tenth_as_
     """Seed 002: "train, test and validation sets containing 70%, 20% and 10%". The recipe read its
     (0.7, 0.2, 0.1) as (train, validation, test): its test metrics came from half the seed's share."""
     spec = BUILTIN_TASKS["histopathology"]
-    written = write_phantoms("histopathology", tmp_path / "idc", count=150, size=16)  # SYNTHETIC patches
+    written = write_phantoms("histopathology", tmp_path / "idc", count=150, size=32)  # SYNTHETIC patches
     index = load_dataset(written.root, spec, check_images=False)
     split = make_split(index, SplitConfig(spec.recipe.split, seed=0))
     images = {side: sum(split.report.counts[side].values()) for side in SPLITS}

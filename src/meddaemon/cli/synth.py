@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from meddaemon.cli.common import EXIT_FAILURE, EXIT_USAGE
-from meddaemon.training.phantoms import PHANTOM_DEFAULTS, write_phantoms
+from meddaemon.training.phantoms import MIN_SIZE, PHANTOM_DEFAULTS, write_phantoms
 
 _DEFAULTS = "; ".join(f"{task}: {d.count} {d.count_means}, {d.size} px" for task, d in PHANTOM_DEFAULTS.items())
 
@@ -21,7 +21,7 @@ _DEFAULTS = "; ".join(f"{task}: {d.count} {d.count_means}, {d.size} px" for task
               help="The dataset root to write (created; must be new or empty).")  # fmt: skip
 @click.option("--count", type=click.IntRange(min=1), help="Images per class (chestxray14: images in all).")
 @click.option(
-    "--size", type=click.IntRange(min=16), help="Side of each square image in pixels (at least 32; histopathology 16)."
+    "--size", type=click.IntRange(min=MIN_SIZE), help=f"Side of each square image in pixels (at least {MIN_SIZE})."
 )
 @click.option("--seed", default=0, show_default=True, help="The same seed writes the same dataset.")
 def synth(task: str, out: Path, count: int | None, size: int | None, seed: int) -> None:

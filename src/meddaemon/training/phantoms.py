@@ -72,6 +72,9 @@ class PhantomDefaults:
     count_means: str
 
 
+#: the smallest side written: what every task's input contract takes (``InputContract.min_size``)
+MIN_SIZE = 32
+
 PHANTOM_DEFAULTS: dict[str, PhantomDefaults] = {
     "busi": PhantomDefaults(20, 128, "images per class"),
     "chestxray14": PhantomDefaults(60, 128, "images"),
@@ -105,8 +108,8 @@ def write_phantoms(
     size = defaults.size if size is None else size
     if count < 1:
         raise ValueError(f"count must be at least 1, not {count}")
-    if size < 32 and task != "histopathology":
-        raise ValueError(f"size must be at least 32 pixels, not {size}")
+    if size < MIN_SIZE:  # the tasks' input contracts refuse smaller images (histopathology's too)
+        raise ValueError(f"size must be at least {MIN_SIZE} pixels, not {size}")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; phantoms are written into a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)

@@ -27,13 +27,7 @@ def read_folder_per_class(root: Path, task: TaskSpec | None = None, layout: str 
     warnings: list[str] = []
     for folder in folders:
         label = by_name[folder.name.lower()]
-        found = list(image_files(folder))
-        images = [path for path in found if not _under_masks(path, folder)]
-        if len(images) < len(found):
-            warnings.append(
-                f"{folder.name}/: {len(found) - len(images)} image(s) in masks/ folders left out: segmentation "
-                "masks, not inputs"
-            )
+        images = _class_images(folder, warnings)
         if not images:
             raise DatasetError(
                 folder, f"the class folder {folder.name!r} holds no images", "PNG, JPEG, TIFF or DICOM files"
@@ -48,6 +42,18 @@ def read_folder_per_class(root: Path, task: TaskSpec | None = None, layout: str 
 #: folders of segmentation masks beside a class's images (the COVID-19 Radiography Database's
 #: ``COVID/images/`` and ``COVID/masks/``): their files are ground truth, never inputs
 MASK_FOLDERS = frozenset({"mask", "masks"})
+
+
+def _class_images(folder: Path, warnings: list[str]) -> list[Path]:
+    """The images of a class folder and its subfolders, less those in masks/ folders (said in ``warnings``)."""
+    found = list(image_files(folder))
+    images = [path for path in found if not _under_masks(path, folder)]
+    if len(images) < len(found):
+        warnings.append(
+            f"{folder.name}/: {len(found) - len(images)} image(s) in masks/ folders left out: segmentation "
+            "masks, not inputs"
+        )
+    return images
 
 
 def _under_masks(path: Path, folder: Path) -> bool:
@@ -72,23 +78,23 @@ def read_busi(root: Path, task: TaskSpec | None = None) -> DatasetIndex:
     index.warnings.extend(f"{f.name}/: not a class of task {task.name!r}, left out" for f in left_out if task)
     for folder in folders:
         label = by_name[folder.name.lower()]
-        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-        masks: dict[str, list[Path]] = {}
-        for path in files:
+        found = _class_images(folder, index.warnings)  # subfolders too (they were left out unsaid)
+        masks: dict[Path, list[Path]] = {}  # by the image they belong to, less its suffix
+        for path in found:
             match = BUSI_MASK.match(path.name)
             if match:
-                masks.setdefault(match["image"], []).append(path)
-        readable = set(image_files(folder))
-        images = sorted(p for p in files if p in readable and not BUSI_MASK.match(p.name))
+                masks.setdefault(path.with_name(match["image"]), []).append(path)
+        images = [p for p in found if not BUSI_MASK.match(p.name)]
         if not images:
             raise DatasetError(
                 folder, f"the class folder {folder.name!r} holds no images", "BUSI's '<class> (N).png' files"
             )
         for path in images:
-            samples.append(Sample(path, (label,), masks=tuple(sorted(masks.pop(path.stem, [])))))
-        for stem, orphans in sorted(masks.items()):
+            samples.append(Sample(path, (label,), masks=tuple(sorted(masks.pop(path.with_suffix(""), [])))))
+        for image, orphans in sorted(masks.items()):
             index.warnings.append(
-                f"{folder.name}/: mask(s) {', '.join(p.name for p in orphans)} without an image {stem}.png"
+                f"{folder.name}/: mask(s) {', '.join(p.name for p in orphans)} without an image "
+                f"{image.relative_to(folder)}.png"
             )
     require_every_label(index, root, f"BUSI's class folders {', '.join(labels)}")
     return index

@@ -16,6 +16,8 @@ from meddaemon.training.images import read_image
 
 #: Above this fraction of unreadable images the dataset is refused rather than trained on.
 DEFAULT_MAX_BAD_FRACTION = 0.05
+#: a multilabel image with no positive label, as NIH's ``Finding Labels`` says it
+NO_FINDING = "No Finding"
 
 
 class DatasetError(ValueError):
@@ -129,7 +131,7 @@ class DatasetIndex:
         counter = Counter(label for s in self.samples for label in s.labels)
         counts = {label: counter.get(label, 0) for label in self.labels}
         if self.kind == "multilabel":
-            counts["No Finding"] = sum(1 for s in self.samples if not s.labels)
+            counts[NO_FINDING] = sum(1 for s in self.samples if not s.labels)
         return counts
 
     def patients(self) -> int | None:
@@ -199,7 +201,7 @@ def require_every_label(index: DatasetIndex, where: Path, what: str) -> None:
     """An empty class is an error for single-label tasks and a warning for multilabel ones (a subset
     of ChestX-ray14 often has no Hernia)."""
     for label, count in index.counts().items():
-        if count or label == "No Finding":
+        if count or label == NO_FINDING:
             continue
         if index.kind == "multilabel":
             index.warnings.append(f"no image is labelled {label}")

@@ -1,12 +1,19 @@
 """A CSV manifest for any task: ``path,label[,patient_id]``; paths relative to the CSV's folder,
-labels joined by ``|`` for multilabel tasks."""
+labels joined by ``|`` for multilabel tasks, where an empty label or NIH's ``No Finding`` is none."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from meddaemon.engine.tasks import TaskSpec
-from meddaemon.training.datasets.index import DatasetError, DatasetIndex, Sample, kind_for, require_every_label
+from meddaemon.training.datasets.index import (
+    NO_FINDING,
+    DatasetError,
+    DatasetIndex,
+    Sample,
+    kind_for,
+    require_every_label,
+)
 from meddaemon.training.datasets.tables import read_table, require_existing
 
 COLUMNS = ("path", "label", "patient_id")
@@ -19,14 +26,21 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
     # a task says whether a row may hold several labels; a "benign|malignant" row for a binary task
     # made the manifest multilabel, and training failed after its first epoch
     multilabel = task.kind == "multilabel" if task is not None else any("|" in r["label"] for r in rows)
-    parsed = [tuple(x for x in r["label"].split("|") if x) if multilabel else (r["label"],) for r in rows]
+    parsed = [
+        tuple(x for x in r["label"].split("|") if x and x != NO_FINDING) if multilabel else (r["label"],) for r in rows
+    ]
     labels = task.labels if task is not None else tuple(sorted({x for p in parsed for x in p}))
     samples: list[Sample] = []
     named: list[tuple[int, Path]] = []
     for row_number, (row, row_labels) in enumerate(zip(rows, parsed, strict=True), start=2):
         strangers = [x for x in row_labels if x not in labels]
         if strangers or (not multilabel and not row_labels[0]):
-            raise DatasetError(table, f"row {row_number} has label {row['label']!r}", f"one of {', '.join(labels)}")
+            expected = (
+                f"labels among {', '.join(labels)} joined by '|', or '{NO_FINDING}' (or nothing) for none"
+                if multilabel
+                else f"one of {', '.join(labels)}"
+            )
+            raise DatasetError(table, f"row {row_number} has label {row['label']!r}", expected)
         path = (table.parent / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"])
         named.append((row_number, path))
         samples.append(Sample(path, row_labels, row.get("patient_id") or None))

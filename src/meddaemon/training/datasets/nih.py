@@ -11,12 +11,18 @@ from pathlib import Path
 
 from meddaemon.engine.tasks import NIH_FINDINGS, TaskSpec
 from meddaemon.files import read_text_in_place
-from meddaemon.training.datasets.index import DatasetError, DatasetIndex, FindingBox, Sample, require_every_label
+from meddaemon.training.datasets.index import (
+    NO_FINDING,
+    DatasetError,
+    DatasetIndex,
+    FindingBox,
+    Sample,
+    require_every_label,
+)
 from meddaemon.training.datasets.tables import read_table, require_existing
 
 ENTRY_FILES = ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")
 REQUIRED = ("Image Index", "Finding Labels", "Patient ID")
-NO_FINDING = "No Finding"
 
 
 def entry_file(root: Path) -> Path | None:
