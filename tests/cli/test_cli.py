@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -23,6 +24,27 @@ def test_the_console_scripts_are_installed_and_explain_themselves():
     assert "Watch a folder" in out and "start" in out and "status" in out
     out = subprocess.run([bindir / "medcli", "--help"], capture_output=True, text=True, check=True).stdout
     assert "scans" in out and "decoders" in out
+
+
+def every_command(group: click.Group, path: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            yield from every_command(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+@pytest.mark.parametrize("group", [meddaemon, medcli], ids=["meddaemon", "medcli"])
+def test_every_option_of_every_command_says_what_it_is_for(group: click.Group):
+    """`medcli scans --limit`, `models import --format` and `--outputs`, `outbox purge
+    --older-than-days` and five more showed a bare name in --help."""
+    silent = [
+        f"{' '.join(path)} {option.opts[0]}"
+        for path, command in every_command(group, ())
+        for option in command.params
+        if isinstance(option, click.Option) and not option.hidden and not option.help
+    ]
+    assert silent == []
 
 
 def test_start_help_documents_every_option(runner: CliRunner):

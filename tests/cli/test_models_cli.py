@@ -94,10 +94,17 @@ def test_a_refused_import_exits_1_with_its_reason(run, tmp_path: Path):  # type:
     assert as_json(run("list", "--json")) == []
 
 
-def test_a_duplicate_exits_1_and_an_unknown_version_is_a_usage_error(run, tmp_path: Path):  # type: ignore[no-untyped-def]
+def test_a_duplicate_an_unknown_version_and_an_unknown_task_are_usage_errors(run, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A version name taken, an unknown --task and --labels not the task's exited 1, as a file refused
+    does; retrain, evaluate and audit exit 2 for them."""
     folder = save(tmp_path / "src" / "v1", "v1", 1)
     run("import", str(folder))
-    assert "duplicate_version" in run("import", str(folder), code=1).stderr
+    assert "duplicate_version" in run("import", str(folder), code=2).stderr
+    checkpoint = tmp_path / "model.pth"
+    torch.save(build_model("small_cnn", 1, 3).state_dict(), checkpoint)
+    assert "refused (unknown_task)" in run("import", str(checkpoint), "--task", "nope", code=2).stderr
+    mislabelled = run("import", str(checkpoint), "--task", "busi", "--labels", "benign,malignnt,normal", code=2)
+    assert "refused (task_mismatch)" in mislabelled.stderr
     assert "unknown_version" in run("show", "busi", "nope", code=2).stderr
     assert "unknown_version" in run("promote", "busi", "nope", code=2).stderr
     assert "unknown_version" in run("retire", "busi", "nope", code=2).stderr

@@ -251,6 +251,31 @@ def test_usage_errors_exit_2_with_one_line(world, busi_phantoms: Path) -> None:
     assert unknown_model.exit_code == EXIT_USAGE and "v9" in unknown_model.stderr
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_with_no_active_model_a_run_names_the_versions_there_are_and_scores_with_none(
+    world, busi_phantoms: Path
+) -> None:
+    """The task's only version retired: the run scored the cohort with it, out of service for good,
+    as the audit's fallback (the newest version with results) picked it."""
+    runner = CliRunner()
+    first = runner.invoke(
+        medcli, ["evaluate", str(busi_phantoms), "--task", "busi", "--workers", "0", *state_flags(world)]
+    )
+    assert first.exit_code == 0, first.output
+    retired = runner.invoke(medcli, ["models", "retire", "busi", "v1", *state_flags(world)])
+    assert retired.exit_code == 0, retired.output
+    scored_before = len(scan_names(world))
+    extra = busi_phantoms.parent / "more"
+    shutil.copytree(busi_phantoms, extra)
+    (extra / "benign" / "benign (1).png").write_bytes(b"\x89PNG not the same bytes")  # a file not yet scored
+    result = runner.invoke(medcli, ["evaluate", str(extra), "--task", "busi", "--workers", "0", *state_flags(world)])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert (
+        "task 'busi' has no active model version; name one with --model VERSION (known: v1 (retired))" in result.stderr
+    )
+    assert len(scan_names(world)) == scored_before
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_device_cuda_without_a_gpu_is_a_usage_error_that_says_why(world, busi_phantoms: Path) -> None:

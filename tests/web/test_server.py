@@ -48,6 +48,44 @@ def test_meddaemon_web_refuses_an_open_bind_without_users(tmp_path):
     assert "without authentication" in result.stderr
 
 
+def test_meddaemon_web_without_a_database_exits_3_as_every_other_command_does(tmp_path):
+    """It served a 503 page on every request, trying again every 5 s, for a mistyped --state-dir."""
+    result = subprocess.run(
+        [str(MEDDAEMON), "web", "--state-dir", str(tmp_path / "mistyped"), "--port", "0"],
+        capture_output=True,
+        text=True,
+        env=daemon_env(),
+        timeout=60,
+    )
+    assert result.returncode == 3, result.stderr
+    assert "medcli db upgrade" in result.stderr and not (tmp_path / "mistyped").exists()
+
+
+def test_meddaemon_web_on_port_0_says_the_port_it_listens_on(tmp_path):
+    """It logged http://127.0.0.1:0/."""
+    from click.testing import CliRunner
+
+    from meddaemon.cli.medcli import cli as medcli
+
+    state = tmp_path / "state"
+    assert CliRunner().invoke(medcli, ["db", "upgrade", "--state-dir", str(state)]).exit_code == 0
+    web = subprocess.Popen(
+        [str(MEDDAEMON), "web", "--state-dir", str(state), "--port", "0"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=daemon_env(),
+    )
+    try:
+        assert web.stderr is not None
+        line = next(line for line in web.stderr if "web console on" in line)
+        port = int(line.rsplit(":", 1)[1].strip(" /\n"))
+        assert port > 0
+        wait_until(lambda: status_of(f"http://127.0.0.1:{port}/") == 200, 30, "the console on the port it named")
+    finally:
+        web.send_signal(signal.SIGTERM)
+        assert web.wait(30) == 0
+
+
 def test_meddaemon_web_hash_password_prints_a_hash_that_verifies():
     from meddaemon.web.auth import verify_password
 

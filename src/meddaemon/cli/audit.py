@@ -61,7 +61,10 @@ def _columns(value: str | None) -> tuple[str, ...]:
     help="The truth as the dataset of a medcli evaluate run carries it (its name or id): that run's scans only.",
 )
 @click.option("--task", help="The task audited (default: told by the labels file, e.g. NIH -> chestxray14).")
-@click.option("--model-version", help="The version audited (default: the task's active one).")
+@click.option(
+    "--model-version",
+    help="The version audited (default: the task's active one; with none active, the newest with stored results).",
+)
 @click.option(
     "--by",
     help="Subgroup columns, comma-separated: sex, age_band, manufacturer, view, site, or any "

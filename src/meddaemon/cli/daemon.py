@@ -72,7 +72,11 @@ def cli() -> None:
 @click.option("--batch-size", type=int, help="Files per database transaction.")
 @click.option("--default-task", help="Task for scans no folder or rule routes.")
 @click.option("--observer", type=click.Choice(["native", "polling"]), help="Event source; polling for network shares.")
-@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Least level logged (default: log_level, INFO).",
+)
 @click.option(
     "--dicom-port",
     type=click.IntRange(0, 65535),
@@ -206,7 +210,7 @@ def config() -> None:
 
 
 @config.command("show")
-@click.option("--watch", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--watch", type=click.Path(path_type=Path, file_okay=False), help="Inbox folder, as for start.")
 @settings_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def config_show(config_file: Path | None, as_json: bool, **flags: object) -> None:

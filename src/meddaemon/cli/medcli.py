@@ -62,7 +62,9 @@ def db_upgrade(config_file: Path | None, **flags: object) -> None:
 @cli.command()
 @settings_options
 @click.option("--state", type=click.Choice(sorted(s.value for s in PERSISTED)), help="Only scans in this state.")
-@click.option("--limit", default=50, show_default=True)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Show at most N scans, newest first."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def scans(config_file: Path | None, state: str | None, limit: int, as_json: bool, **flags: object) -> None:

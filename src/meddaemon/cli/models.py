@@ -39,6 +39,10 @@ def models() -> None:
     """The model registry: versions of each task's model, and which one is active."""
 
 
+#: refusals that name the command's own arguments, not the file: bad usage, as an unknown version is
+USAGE_REFUSALS = frozenset({"unknown_task", "task_mismatch"})
+
+
 def _registry() -> ModuleType:
     from meddaemon.engine import registry
 
@@ -54,10 +58,10 @@ def _in_transaction(settings: Settings, work: Callable[[Session], T]) -> T:
                 return work(session)
         except registry.ModelRefused as exc:
             click.echo(f"refused ({exc.reason}): {exc.message}", err=True)
-            sys.exit(EXIT_FAILURE)
+            sys.exit(EXIT_USAGE if exc.reason in USAGE_REFUSALS else EXIT_FAILURE)
         except registry.RegistryError as exc:
             click.echo(f"error ({exc.reason}): {exc.message}", err=True)
-            sys.exit(EXIT_USAGE if exc.reason == "unknown_version" else EXIT_FAILURE)
+            sys.exit(EXIT_USAGE if exc.reason in ("unknown_version", "duplicate_version") else EXIT_FAILURE)
     finally:
         engine.dispose()
 
@@ -175,6 +179,7 @@ def _thresholds(values: tuple[str, ...]) -> dict[str, float] | None:
     type=click.Choice(["auto", "torch", "safetensors", "keras-h5", "onnx"]),
     default="auto",
     show_default=True,
+    help="The file's format (auto: told by its first bytes, else by its suffix).",
 )
 @click.option("--version", "version", help="Version name (default: the file's name and SHA-256 prefix).")
 @click.option("--labels", help="The file's outputs in order, comma-separated, when not the task's order.")
@@ -194,7 +199,13 @@ def _thresholds(values: tuple[str, ...]) -> dict[str, float] | None:
     default=None,
     help="Normalise each image by its own mean and std (Keras samplewise), or by --mean/--std.",
 )
-@click.option("--outputs", type=click.Choice(["logits", "probabilities"]), default="logits", show_default=True)
+@click.option(
+    "--outputs",
+    type=click.Choice(["logits", "probabilities"]),
+    default="logits",
+    show_default=True,
+    help="What the model's outputs are: probabilities when it ends in Softmax or Sigmoid (needed then).",
+)
 @click.option("--threshold", "thresholds", multiple=True, help="LABEL=PROBABILITY (repeatable; default 0.5).")
 @click.option("--cam-tensor", help="ONNX: the last feature map, for CAM heatmaps.")
 @json_option

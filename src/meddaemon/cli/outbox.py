@@ -20,7 +20,9 @@ def outbox() -> None:
 @outbox.command("list")
 @settings_options
 @click.option("--status", type=click.Choice(["pending", "delivered", "dead"]), help="Only items in this status.")
-@click.option("--limit", default=50, show_default=True)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Show at most N items, newest first."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def list_(config_file: Path | None, status: str | None, limit: int, as_json: bool, **flags: object) -> None:
@@ -101,8 +103,15 @@ def retry(config_file: Path | None, ids: tuple[int, ...], all_dead: bool, **flag
     multiple=True,
     default=("delivered",),
     show_default=True,
+    help="Purge items in this status (repeatable); pending items are never purged.",
 )
-@click.option("--older-than-days", type=float, default=0.0, show_default=True)
+@click.option(
+    "--older-than-days",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Only items created more than N days ago (0: all of them).",
+)
 @handle_errors
 def purge(config_file: Path | None, statuses: tuple[str, ...], older_than_days: float, **flags: object) -> None:
     """Forget delivered (or dead) items and remove their object files; pending ones are never purged."""

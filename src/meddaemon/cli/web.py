@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from meddaemon.cli.common import EXIT_OK, EXIT_USAGE, build_settings, handle_errors, settings_options
+from meddaemon.cli.common import EXIT_OK, EXIT_USAGE, build_settings, handle_errors, open_database, settings_options
 from meddaemon.logs import setup_logging
 
 
@@ -40,7 +40,7 @@ def web(config_file: Path | None, host: str | None, port: int | None, hash_passw
             sys.exit(EXIT_USAGE)
         click.echo(make_hash(password))
         sys.exit(EXIT_OK)
-    from meddaemon.web.auth import AuthError
+    from meddaemon.web.auth import AuthError, AuthPolicy
     from meddaemon.web.server import serve
 
     settings = build_settings(config_file, **{k: v for k, v in flags.items() if v is not None})
@@ -48,8 +48,11 @@ def web(config_file: Path | None, host: str | None, port: int | None, hash_passw
     host = host or settings.web_host
     port = port if port is not None else (settings.web_port or 8080)
     try:
-        serve(settings, host, port)
+        AuthPolicy.from_settings(settings, host)
     except AuthError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
+    # none where the settings point exits 3, as for every other command; an outage later is the 503 page
+    open_database(settings).dispose()
+    serve(settings, host, port)
     sys.exit(EXIT_OK)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
@@ -344,8 +344,19 @@ def ctrl_c_noted() -> Iterator[threading.Event]:
 
 
 def find_model_version(session: Session, task: str, version: str | None) -> ModelVersion:
+    """The named version of ``task``, or its active one. Not the audit's fallback to the newest with
+    results: with none active that was a retired version, out of service for good, scoring new files."""
     from meddaemon.audit.predictions import AuditInputError, find_version
 
+    if version is None:
+        query = select(ModelVersion).where(ModelVersion.task_name == task)
+        active = session.scalars(query.where(ModelVersion.status == "active")).first()
+        if active is not None:
+            return active
+        known = ", ".join(f"{v.version} ({v.status})" for v in session.scalars(query.order_by(ModelVersion.id)))
+        raise store.EvaluationError(
+            f"task {task!r} has no active model version; name one with --model VERSION (known: {known or 'none'})"
+        )
     try:
         return find_version(session, task, version)
     except AuditInputError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -27,10 +28,17 @@ def _server(settings: Settings, host: str, port: int) -> uvicorn.Server:
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
-    """Serve until SIGTERM or Ctrl-C."""
+    """Serve until SIGTERM or Ctrl-C, saying the address bound (``port`` 0: one the system picks)."""
     server = _server(settings, host, port)
-    log.info("web console on http://%s:%d/", host, port)
-    server.run()
+    listening = server.config.bind_socket()
+    log.info("web console on http://%s:%d/", host, listening.getsockname()[1])
+    # uvicorn raises the SIGTERM it stopped on again once shut down: heard here, the stop is a return
+    # (exit 0, as for `meddaemon start`), not a death by signal
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run(sockets=[listening])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
