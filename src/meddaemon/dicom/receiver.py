@@ -13,11 +13,11 @@ same SOP Instance UID with other bytes, a new version), exactly once across cras
 Refused at association: a calling AE not on ``dicom_allowed_callers``, a called AE other than
 ``ae_title``, an association past ``dicom_max_associations`` (``_admit``: a place is taken when the
 association is requested, so a connection that says nothing, or a caller being refused, holds none).
-Refused per instance: 0xA700 (Out of
-Resources) when the free disk would fall under ``dicom_min_free_bytes`` or the database cannot
-record it, 0xA900 when its dataset is not the instance the request names (garbage, say), 0xC000
-(Cannot understand) when it does not parse, 0x0110 (Processing failure) on another write error
-(the folder's fsync after the rename included); nothing is left in the inbox then. A transfer cut
+Refused per instance: 0xA700 (Out of Resources) when the free disk would fall under
+``dicom_min_free_bytes`` or the database cannot record it, 0xA900 when its dataset is not the
+instance the request names (garbage, say), 0xC000 (Cannot understand) when it does not parse,
+0x0110 (Processing failure) on another write error (the folder's fsync after the rename included);
+nothing is left in the inbox then. A transfer cut
 off mid-way never reaches the handler: nothing is written.
 
 The daemon runs it in a child process (``ReceiverProcess``): pynetdicom is pure Python, and its
