@@ -43,6 +43,10 @@ class FailureReason(StrEnum):
 #: files out, listed, without counting them toward the unreadable share that stops a run.
 NOT_AN_IMAGE = frozenset({FailureReason.DICOMDIR, FailureReason.NO_PIXEL_DATA, FailureReason.OWN_OUTPUT})
 
+#: the BaseExceptions that stop a process on purpose. Any other that is no Exception came from a
+#: native decoder (pyo3's PanicException, a Rust codec's panic on corrupt RLE): that file's failure.
+STOPPING = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
 
 class ScanFailure(Exception):
     """A scan cannot go on: ``reason`` says why in a code, ``message`` in words."""

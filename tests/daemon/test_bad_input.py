@@ -22,6 +22,8 @@ from dicom_factory import (
     write_png,
     write_structured_report,
 )
+from pydicom import dcmread
+from pydicom.uid import RLELossless
 from sqlalchemy import create_engine, select, text
 
 from meddaemon.daemon.service import Daemon
@@ -49,6 +51,17 @@ def truncated_dicom(path: Path) -> Path:
     return path
 
 
+def rle_with_fewer_rows_than_its_segments(path: Path) -> Path:
+    """RLE Lossless whose header says 32 rows for 64 encoded: pylibjpeg-rle's Rust decoder panics,
+    a pyo3 PanicException, a BaseException no `except Exception` catches (it took the daemon down,
+    on every restart)."""
+    written = write_dicom(path, transfer_syntax=RLELossless)
+    ds = dcmread(written)
+    ds.Rows = 32
+    ds.save_as(written)
+    return written
+
+
 def random_bytes(path: Path) -> Path:
     path.write_bytes(np.random.default_rng(len(path.name)).bytes(4096))
     return path
@@ -58,6 +71,7 @@ BAD_FILES: dict[str, tuple[str, Callable[[Path], Path], str]] = {
     "empty": ("busi/empty.png", lambda p: (p.write_bytes(b""), p)[1], "empty_file"),
     "truncated png": ("busi/truncated.png", truncated_png, "truncated_image"),
     "truncated dicom pixel data": ("truncated.dcm", truncated_dicom, "truncated_pixel_data"),
+    "rle a decoder panics on": ("rle_rows.dcm", rle_with_fewer_rows_than_its_segments, "pixel_decode_error"),
     "random bytes named .dcm": ("busi/random.dcm", random_bytes, "unrecognised_format"),
     "random bytes named .png": ("busi/random.png", random_bytes, "unrecognised_format"),
     "structured report": ("busi/report.dcm", write_structured_report, "no_pixel_data"),

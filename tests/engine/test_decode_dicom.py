@@ -291,6 +291,23 @@ def test_signed_big_endian_pixels_without_window_are_min_max_of_rescaled_values(
     assert_close(decode(path).frames, min_max(stored.astype(np.float64) - 1024.0)[np.newaxis])
 
 
+def test_a_voi_lut_mapping_from_a_negative_value_in_an_implicit_vr_file_is_read_as_signed(tmp_path):
+    """Implicit VR leaves the descriptor's VR to guess: its first value, -1024, was read as 64512,
+    every pixel fell below the table, and the image came out black (noted "VOI LUT applied")."""
+    stored = gradient(top=4095)
+    table = np.arange(4096, dtype=np.uint16)  # identity over -1024..3071, 16-bit output
+    item = Dataset()
+    item.LUTDescriptor = [4096, 2**16 - 1024, 16]  # the bytes of -1024, as any writer leaves them
+    item.LUTData = table.astype("<u2").tobytes()
+    extra = {"VOILUTSequence": Sequence([item])}
+    path = write_dicom(
+        tmp_path / "lut.dcm", pixels=stored, rescale=(1.0, -1024.0), transfer_syntax=ImplicitVRLittleEndian, extra=extra
+    )
+    assert dcmread(path).VOILUTSequence[0].LUTDescriptor[1] == 64512  # as pydicom reads it
+
+    assert_close(decode(path).frames, ((stored.astype(np.float64)) / 4095.0)[np.newaxis])
+
+
 def test_voi_lut_sequence_is_applied_and_spans_its_table(tmp_path):
     pixels = gradient(top=255).astype(np.uint16)
     table = (255 - np.arange(256)).astype(np.uint16)  # an inverting 256-entry LUT, 8-bit output
@@ -419,6 +436,21 @@ def test_float_pixels_holding_one_value_that_is_not_finite_keep_the_range_of_the
     expected = (values - low) / (high - low)
     expected[0, 0] = 1.0 if odd == np.inf else 0.0  # NaN takes the low end
     assert_close(frames, expected[np.newaxis])
+
+
+def test_a_window_on_float_pixels_is_applied(tmp_path):
+    """The Floating Point Image Pixel module has no Bits Stored, which pydicom's windowing reads:
+    the window was dropped for min-max ("VOI transform unusable (AttributeError)")."""
+    values = np.linspace(-8, 8, 64, dtype=np.float32).reshape(8, 8)
+    path = float_pixels(tmp_path / "float.dcm", values)
+    ds = dcmread(path)
+    ds.WindowCenter, ds.WindowWidth = 0.0, 4.0
+    ds.save_as(path, enforce_file_format=True)
+
+    decoded = decode(path)
+
+    assert "first window applied" in decoded.notes
+    assert_close(decoded.frames, np.clip((values - (0.0 - 0.5)) / (4.0 - 1.0) + 0.5, 0, 1)[np.newaxis], atol=1e-5)
 
 
 def test_palette_colour_is_expanded_to_rgb(tmp_path):
@@ -564,12 +596,9 @@ def functional_groups(rescale: tuple[float, float] | None, window: tuple[float, 
     return group
 
 
-@pytest.mark.parametrize("policy", ["key", "all"])
-def test_an_enhanced_multiframe_object_is_shown_through_the_rescale_and_window_of_its_functional_groups(
-    tmp_path, policy
-):
-    """Enhanced CT/MR/XA and breast tomosynthesis keep them only there: min-max was used. The key
-    frame's Per-Frame item wins over the Shared one (frame 2 of 3 here, the middle)."""
+def enhanced_and_classic(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A SYNTHETIC Enhanced CT of 3 frames whose middle one has a window of its own in its Per-Frame
+    item (the others take the Shared one's), and two classic objects of the same frames with each window."""
     frames = synthetic_frames(3)
     per_frame = [functional_groups(None, None), functional_groups(None, (900.0, 1200.0)), functional_groups(None, None)]
     enhanced = write_dicom(
@@ -577,14 +606,54 @@ def test_an_enhanced_multiframe_object_is_shown_through_the_rescale_and_window_o
         extra={"SharedFunctionalGroupsSequence": Sequence([functional_groups((1.0, -1024.0), (40.0, 400.0))]),
                "PerFrameFunctionalGroupsSequence": Sequence(per_frame)},
     )  # fmt: skip
-    classic = write_dicom(
-        tmp_path / "classic.dcm", pixels=frames, modality="CT", rescale=(1.0, -1024.0), window=(900.0, 1200.0)
+    own = write_dicom(
+        tmp_path / "own.dcm", pixels=frames, modality="CT", rescale=(1.0, -1024.0), window=(900.0, 1200.0)
     )
+    shared = write_dicom(
+        tmp_path / "shared.dcm", pixels=frames, modality="CT", rescale=(1.0, -1024.0), window=(40.0, 400.0)
+    )
+    return enhanced, own, shared
 
-    shown = decode(enhanced, frame_policy=policy)
 
-    assert_close(shown.frames, decode(classic, frame_policy=policy).frames)
+def test_an_enhanced_multiframe_object_is_shown_through_the_rescale_and_window_of_its_functional_groups(tmp_path):
+    """Enhanced CT/MR/XA and breast tomosynthesis keep them only there: min-max was used. The key
+    frame's Per-Frame item wins over the Shared one (frame 2 of 3 here, the middle)."""
+    enhanced, own, _ = enhanced_and_classic(tmp_path)
+
+    shown = decode(enhanced, frame_policy="key")
+
+    assert_close(shown.frames, decode(own, frame_policy="key").frames)
     assert "rescale and window read from the frame's functional groups" in shown.notes
+
+
+def test_every_frame_of_an_enhanced_object_is_shown_through_its_own_functional_groups(tmp_path):
+    """All frames were shown through the key frame's rescale and window."""
+    enhanced, own, shared = enhanced_and_classic(tmp_path)
+
+    shown = decode(enhanced, frame_policy="all")
+
+    by_own, by_shared = decode(own, frame_policy="all").frames, decode(shared, frame_policy="all").frames
+    assert_close(shown.frames, np.stack([by_shared[0], by_own[1], by_shared[2]]))
+    assert shown.notes.count("rescale and window read from the frame's functional groups") == 1
+
+
+def test_every_frame_of_an_enhanced_object_takes_its_own_rescale(tmp_path):
+    """Enhanced MR and PET vary the rescale frame by frame: intercepts 0, 1000 and 3000 under one
+    window came out as three copies of the middle frame."""
+    stored = np.stack([gradient()] * 3)
+    intercepts = (0.0, 1000.0, 3000.0)
+    enhanced = write_dicom(
+        tmp_path / "enhanced.dcm", pixels=stored, modality="MR",
+        extra={"SharedFunctionalGroupsSequence": Sequence([functional_groups(None, (2000.0, 4000.0))]),
+               "PerFrameFunctionalGroupsSequence": Sequence([functional_groups((1.0, b), None) for b in intercepts])},
+    )  # fmt: skip
+    expected = [
+        decode(write_dicom(tmp_path / f"classic{b}.dcm", pixels=gradient(), modality="MR", rescale=(1.0, b),
+                           window=(2000.0, 4000.0))).frames[0]
+        for b in intercepts
+    ]  # fmt: skip
+
+    assert_close(decode(enhanced, frame_policy="all").frames, np.stack(expected))
 
 
 def test_file_meta_without_preamble_still_decodes(tmp_path):

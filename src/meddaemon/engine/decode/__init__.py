@@ -23,7 +23,7 @@ from meddaemon.engine.decode.types import (
     ImageFormat,
     ScanMetadata,
 )
-from meddaemon.failures import FailureReason, ScanFailure
+from meddaemon.failures import STOPPING, FailureReason, ScanFailure
 
 __all__ = [
     "PHI_FIELDS",
@@ -83,7 +83,9 @@ def decode_bytes(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
         raise
     except MemoryError as exc:
         raise ScanFailure(FailureReason.TOO_MANY_PIXELS, f"memory ran out while decoding the {fmt} image") from exc
-    except Exception as exc:
+    except STOPPING:
+        raise
+    except BaseException as exc:  # a native decoder's panic too (``STOPPING``)
         raise ScanFailure(
             FailureReason.INTERNAL_ERROR,
             f"decoding the {fmt} file failed unexpectedly ({type(exc).__name__})",

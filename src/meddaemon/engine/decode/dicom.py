@@ -43,7 +43,7 @@ from pydicom.valuerep import VR
 from meddaemon import MANUFACTURER
 from meddaemon.engine.decode.scaling import finite_range, look_up, unit_range
 from meddaemon.engine.decode.types import DecodedScan, DecodeOptions, ScanMetadata
-from meddaemon.failures import FailureReason, ScanFailure
+from meddaemon.failures import STOPPING, FailureReason, ScanFailure
 
 DICM_OFFSET = 128
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -149,10 +149,33 @@ def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
 
     index = _frame_index(ds, metadata.frames, options, notes)
     arr, decoded_as = _decode_pixels(decoder, ds, index, transfer_syntax)
-    key = index if index is not None else key_frame_index(ds, metadata.frames)[0]  # all frames: the key's scale
-    shown = with_frame_groups(ds, key, notes)
-    frames = _to_unit(arr, shown, decoded_as, photometric, transfer_syntax.is_little_endian, notes)
+    little_endian = transfer_syntax.is_little_endian
+    if index is None and metadata.frames > 1 and ds.get("PerFrameFunctionalGroupsSequence"):
+        frames = _each_frame_to_unit(arr, ds, decoded_as, photometric, little_endian, notes)
+    else:
+        shown = with_frame_groups(ds, 0 if index is None else index, notes)
+        frames = _to_unit(arr, shown, decoded_as, photometric, little_endian, notes)
     return DecodedScan(frames=frames, metadata=metadata, notes=notes)
+
+
+def _each_frame_to_unit(
+    arr: np.ndarray, ds: Dataset, decoded_as: dict, photometric: str, little_endian: bool, notes: list[str]
+) -> np.ndarray:
+    """Every frame of an Enhanced object through its own rescale and window (its Per-Frame functional
+    groups): Enhanced MR and PET vary them frame by frame, and the key frame's, used for all, put the
+    others out of scale (intercepts 0, 1000 and 3000 came out as one image three times)."""
+    shown: list[np.ndarray] = []
+    said: list[str] = []
+    for i, frame in enumerate(arr):
+        frame_notes: list[str] = []
+        shown.append(
+            _to_unit(frame, with_frame_groups(ds, i, frame_notes), decoded_as, photometric, little_endian, frame_notes)[
+                0
+            ]
+        )
+        said += [note for note in frame_notes if note not in said]
+    notes += said
+    return np.stack(shown)
 
 
 #: where an Enhanced multi-frame object keeps what a classic one keeps at the top level (PS3.3 C.7.6.16)
@@ -380,9 +403,9 @@ def _decode_pixels(decoder: Any, ds: Dataset, index: int | None, transfer_syntax
     codec (JPEG baseline) or pydicom converted it; the returned dict says what the array holds."""
     try:
         arr, decoded_as = decoder.as_array(ds, index=index, raw=False, as_rgb=True)
-    except MemoryError:
+    except (MemoryError, *STOPPING):
         raise
-    except Exception as exc:
+    except BaseException as exc:  # a Rust codec's panic too (pyo3's PanicException): it took the daemon down
         detail = " ".join(str(exc).split())[:_MAX_ERROR_CHARS]
         raise ScanFailure(
             FailureReason.PIXEL_DECODE_ERROR,
@@ -444,6 +467,10 @@ def read_lut(item: Dataset, little_endian: bool) -> tuple[int, np.ndarray]:
     """A Modality or VOI LUT item's first mapped value and its entries, int64. The standard allows
     8 to 16 bits per entry and any number of entries (PS3.3 C.11.1.1.1, C.11.2.1.1)."""
     entries, first = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
+    if item["LUTDescriptor"].VR != "SS" and first >= 2**15 and first + entries > 2**16:
+        # a signed first value read as US (Implicit VR leaves the VR to guess): an unsigned table
+        # cannot run past 65535, so it maps from a negative value (-1024 read as 64512: all black)
+        first -= 2**16
     value = item["LUTData"].value
     if isinstance(value, bytes | bytearray):  # OW: one entry per word, or 8-bit entries two to a word
         table = _lut_entries(bytes(value), entries, little_endian)
@@ -452,6 +479,20 @@ def read_lut(item: Dataset, little_endian: bool) -> tuple[int, np.ndarray]:
     if len(table) < entries:
         raise ValueError(f"a LUT of {entries} entries holds {len(table)}")
     return first, table[:entries].astype(np.int64)
+
+
+def _as_integer_pixels(ds: Dataset) -> Dataset:
+    """``ds`` as pydicom's windowing reads it: a float image (Float or Double Float Pixel Data, no
+    Bits Stored nor Pixel Representation in its module) given 16 unsigned bits, which only set the
+    output's range, taken back out through the window's ends (its window was dropped for min-max)."""
+    if "BitsStored" in ds and "PixelRepresentation" in ds:
+        return ds
+    flat = Dataset()
+    for element in ds:
+        flat.add(element)
+    flat.BitsStored = flat.get("BitsStored") or 16
+    flat.PixelRepresentation = flat.get("PixelRepresentation", 0)
+    return flat
 
 
 def _has_voi_lut(ds: Dataset) -> bool:
@@ -477,8 +518,9 @@ def _apply_voi(
             notes.append("VOI LUT applied")
             return look_up(values, first, table), float(table.min()), float(table.max())
         if _has_window(ds):
-            ends = apply_voi_lut(np.array([-np.inf, np.inf]), ds, index=0)
-            windowed = apply_voi_lut(values, ds, index=0)
+            windowing = _as_integer_pixels(ds)
+            ends = apply_voi_lut(np.array([-np.inf, np.inf]), windowing, index=0)
+            windowed = apply_voi_lut(values, windowing, index=0)
             notes.append("first window applied")
             return windowed, float(ends[0]), float(ends[1])
     except Exception as exc:
