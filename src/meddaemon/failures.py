@@ -35,6 +35,7 @@ class FailureReason(StrEnum):
     CONTRACT_MISMATCH = "contract_mismatch"
     NON_FINITE_OUTPUT = "non_finite_output"
     DECODER_CRASHED = "decoder_crashed"
+    CHANGED_AFTER_REGISTRATION = "changed_after_registration"
     INTERNAL_ERROR = "internal_error"
 
 

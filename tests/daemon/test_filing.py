@@ -1,7 +1,9 @@
 """Moves that recovery can repeat: every partial state of a move ends with the file at its target."""
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -51,6 +53,71 @@ def test_a_move_across_filesystems_copies_then_removes_the_source(tmp_path: Path
         assert finish_move(src, target) is MoveOutcome.MOVED
         assert target.read_bytes() == b"synthetic" * 1000 and not src.exists()
         assert not list(target.parent.glob(".*.partial"))
+
+
+SECOND_FILESYSTEM = pytest.mark.skipif(
+    not Path("/dev/shm").is_dir(), reason="needs a second filesystem (tmpfs at /dev/shm)"
+)
+
+
+@SECOND_FILESYSTEM
+@pytest.mark.parametrize("kind", ["fifo", "socket", "character device"])
+def test_a_special_file_moved_across_filesystems_is_made_again_not_read(tmp_path: Path, kind: str):
+    """A FIFO was refused at every rescan ("is a named pipe"), and a /dev/zero node dropped in the
+    inbox was read until the state disk was full."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        src = Path(other) / "special.png"
+        if kind == "fifo":
+            os.mkfifo(src)
+        elif kind == "socket":
+            os.mknod(src, stat.S_IFSOCK | 0o600)
+        else:
+            try:
+                os.mknod(src, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # /dev/zero's numbers
+            except PermissionError:
+                pytest.skip("making a device node needs root")
+        made = os.lstat(src)
+        target = tmp_path / "failed" / "busi" / "special.png"
+        assert finish_move(src, target) is MoveOutcome.MOVED
+        kept = os.lstat(target)
+        assert (stat.S_IFMT(kept.st_mode), kept.st_rdev) == (stat.S_IFMT(made.st_mode), made.st_rdev)
+        assert not os.path.lexists(src) and not list(target.parent.glob(".*.partial"))
+        if kind == "fifo":  # the copy made, its source not yet unlinked: the two are compared, never opened
+            os.mkfifo(src)
+            assert finish_move(src, target) is MoveOutcome.ALREADY_DONE and not os.path.lexists(src)
+
+
+@SECOND_FILESYSTEM
+def test_a_sparse_file_moved_across_filesystems_keeps_its_holes(tmp_path: Path):
+    """A sparse 10 GB file (nothing on disk, refused too_large unread) was copied as 10 GB of zeros."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        src = Path(other) / "sparse.png"
+        with open(src, "wb") as handle:
+            handle.write(b"synthetic head")
+            handle.seek(2**30)
+            handle.write(b"synthetic tail")
+        target = tmp_path / "failed" / "sparse.png"
+        assert finish_move(src, target) is MoveOutcome.MOVED
+        assert target.stat().st_size == 2**30 + len(b"synthetic tail")
+        assert target.stat().st_blocks * 512 < 2**20  # the gigabyte between stays a hole
+        with open(target, "rb") as handle:
+            assert handle.read(14) == b"synthetic head"
+            handle.seek(2**30)
+            assert handle.read() == b"synthetic tail"
+
+
+@SECOND_FILESYSTEM
+def test_a_copy_the_target_has_no_room_for_is_not_begun_and_leaves_the_source(tmp_path: Path, monkeypatch):
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        src = Path(other) / "large.png"
+        src.write_bytes(b"synthetic" * 100_000)
+        monkeypatch.setattr(filing, "room_for_copies", lambda folder: 1000)  # a file system all but full
+        target = tmp_path / "failed" / "large.png"
+        with pytest.raises(OSError) as refused:
+            finish_move(src, target)
+        assert refused.value.errno == errno.ENOSPC
+        assert src.read_bytes() == b"synthetic" * 100_000
+        assert not target.exists() and not list(target.parent.glob(".*"))
 
 
 def test_a_cross_device_copy_interrupted_before_the_unlink_is_finished(tmp_path: Path):

@@ -155,6 +155,33 @@ def test_waiting_scans_run_once_a_model_is_promoted(daemon: Daemon, tmp_path: Pa
         assert session.scalar(select(Heatmap.id).limit(1)) is not None
 
 
+def test_a_waiting_scan_whose_work_copy_changed_since_registration_fails_saying_so_and_is_kept(
+    daemon: Daemon, tmp_path: Path
+):
+    """A writer that kept its file open past the stability window wrote on through its handle into
+    the work copy: the other image was inferred under the registered SHA-256."""
+    write_png(daemon.settings.watch / "busi" / "synthetic_held.png", np.full((48, 48), 40, np.uint8))
+    daemon.run(once=True)
+    with daemon.sessions() as session:
+        [scan] = session.scalars(select(Scan)).all()
+    work_copy = daemon.settings.stored_file(scan.stored_path)
+    changed = write_png(tmp_path / "other.png", np.full((48, 48), 200, np.uint8)).read_bytes()  # SYNTHETIC
+    with open(work_copy, "r+b") as handle:  # through the writer's handle: the same file, other bytes
+        handle.truncate(0)
+        handle.write(changed)
+
+    promote(daemon, write_model(tmp_path / "model"))
+    Daemon(daemon.settings).run(once=True)
+
+    with daemon.sessions() as session:
+        [after] = session.scalars(select(Scan)).all()
+        assert (after.state, after.failure_reason) == ("failed", "changed_after_registration")
+        assert session.scalar(select(Result.id).limit(1)) is None
+    kept = daemon.settings.stored_file(after.stored_path)
+    assert kept.parent.is_relative_to(daemon.settings.failed_dir)
+    assert kept.read_bytes() == changed  # kept as it is
+
+
 def test_a_scan_outside_the_models_contract_fails_with_contract_mismatch(daemon: Daemon, tmp_path: Path):
     promote(daemon, write_model(tmp_path / "model"))
     write_png(daemon.settings.watch / "busi" / "synthetic_tiny.png", np.zeros((16, 16), np.uint8))

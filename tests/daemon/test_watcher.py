@@ -71,3 +71,32 @@ def test_an_arrival_is_a_hint_and_the_daemon_s_own_reads_and_moves_out_are_not_e
         observer.join(timeout=5)
     assert expected <= got
     assert set(handled) <= {"created", "modified", "closed", "moved"}
+
+
+def test_a_watch_folder_removed_and_made_again_is_said_and_watched_anew(tmp_path: Path, caplog):
+    """The observer stayed on the removed folder's inode: no event came from the new folder and
+    nothing was logged; only the rescans found its files, up to rescan_seconds late."""
+    import shutil
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    hints: queue.Queue[Hint] = queue.Queue()
+    stage = watcher.WatcherStage(inbox, hints, "inotify")
+    stage.start()
+    try:
+        shutil.rmtree(inbox)
+        stage.tick(now=10.0, flush=False)
+        assert f"the watch folder {inbox} is gone" in caplog.text
+        (inbox / "busi").mkdir(parents=True)
+        stage.tick(now=20.0, flush=False)
+        assert f"the watch folder {inbox} is back; watching it again" in caplog.text
+        arrived = inbox / "busi" / "synthetic_after.png"
+        arrived.write_bytes(b"synthetic")
+        got: set[Path] = set()
+        deadline = time.monotonic() + 10
+        while arrived not in got and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                got.add(hints.get(timeout=0.1).path)
+        assert arrived in got
+    finally:
+        stage.close()

@@ -13,7 +13,8 @@ import filecmp
 import json
 import os
 import shutil
-from collections.abc import Sequence
+import stat
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
@@ -22,6 +23,9 @@ from meddaemon.names import NAME_MAX, fitted, split_extension
 
 #: times ``finish_move`` makes the target's folder again when it was removed as empty meanwhile
 SHARD_RACE_RETRIES = 3
+#: what a copy to another file system leaves free there: the database and the reports beside it go on
+COPY_RESERVE = 64 * 2**20
+COPY_CHUNK = 2**20
 
 
 class MoveOutcome(StrEnum):
@@ -187,21 +191,88 @@ def remove_emptied_shard(folder: Path, root: Path) -> bool:
 
 
 def _copy_across_devices(source: Path, target: Path) -> None:
+    """A move to another file system: a copy beside ``target``, durable, renamed over it, then the
+    source unlinked. What the source is decides how, never what reading it gives: a link is made
+    again, a FIFO, socket or device node too (``mknod``: a /dev/zero node was read until the state
+    disk filled, a FIFO was refused at every rescan), and a regular file keeps its holes (a sparse
+    10 GB file, nothing on disk, was copied as 10 GB of zeros). A copy the target's file system has
+    no room for is not begun, and one that fails leaves nothing behind."""
     tmp = target.with_name(fitted(f".{target.name}", f".{os.getpid()}.partial"))
-    if source.is_symlink():
-        os.symlink(os.readlink(source), tmp)
-    else:
-        shutil.copy2(source, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-    os.replace(tmp, target)
+    st = os.lstat(source)
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(source), tmp)
+        elif stat.S_ISREG(st.st_mode):
+            _require_room(source, target.parent, st)
+            _copy_keeping_holes(source, tmp, st)
+        else:
+            os.mknod(tmp, st.st_mode, st.st_rdev)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     os.unlink(source)
+
+
+def room_for_copies(folder: Path) -> int:
+    """Bytes a copy into ``folder`` may take: its file system's free space less ``COPY_RESERVE``."""
+    fs = os.statvfs(folder)
+    return fs.f_bavail * fs.f_frsize - COPY_RESERVE
+
+
+def _require_room(source: Path, folder: Path, st: os.stat_result) -> None:
+    needed = st.st_blocks * 512  # what the file holds on disk: a sparse file's holes cost nothing
+    if needed > room_for_copies(folder):
+        raise OSError(
+            errno.ENOSPC, f"{needed} bytes to copy, more than the {folder} file system has to spare", str(source)
+        )
+
+
+def _copy_keeping_holes(source: Path, tmp: Path, st: os.stat_result) -> None:
+    with open(source, "rb") as src, open(tmp, "wb") as dst:
+        for start, end in _data_extents(src.fileno(), st.st_size):
+            src.seek(start)
+            dst.seek(start)
+            left = end - start
+            while left > 0:
+                chunk = src.read(min(left, COPY_CHUNK))
+                if not chunk:
+                    break
+                dst.write(chunk)
+                left -= len(chunk)
+        dst.truncate(st.st_size)
+        dst.flush()
+        os.fsync(dst.fileno())
+    shutil.copystat(source, tmp)
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The ``[start, end)`` ranges of ``fd`` that hold data (``SEEK_DATA``/``SEEK_HOLE``); the whole
+    file where the file system cannot tell."""
+    position = 0
+    while position < size:
+        try:
+            start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole is left
+                return
+            if exc.errno != errno.EINVAL:
+                raise
+            yield position, size
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end
+        position = end
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
     """Compared byte for byte: a same-sized different file must never cost the source its life."""
     if os.path.islink(a) or os.path.islink(b):
         return os.path.islink(a) and os.path.islink(b) and os.readlink(a) == os.readlink(b)
+    sa, sb = os.lstat(a), os.lstat(b)
+    if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)):  # a FIFO is never opened: it would block
+        return stat.S_IFMT(sa.st_mode) == stat.S_IFMT(sb.st_mode) and sa.st_rdev == sb.st_rdev
     return filecmp.cmp(a, b, shallow=False)
 
 

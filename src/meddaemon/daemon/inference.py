@@ -398,7 +398,7 @@ class InferenceStage(Stage):
         for scan in claimed:
             model = self.served[scan.task]
             self.in_flight.add(scan.scan_id)
-            future = self.submit(prepare_stored, scan.stored_path, model.contract, self.decode_options)
+            future = self.submit(prepare_stored, scan.stored_path, model.contract, self.decode_options, scan.sha256)
             self.preparing.append(_Preparing(future, scan, model.version_id))
         return len(claimed)
 

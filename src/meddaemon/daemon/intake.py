@@ -76,11 +76,22 @@ def read_files(files: Sequence[tuple[Path, PurePosixPath, Signature | None]], co
     return [read_file(path, name, expected, context) for path, name, expected in files]
 
 
-def prepare_stored(path: Path, contract: InputContract, options: DecodeOptions) -> np.ndarray | ScanFailure:
-    """The model input of a registered scan, read again from work/ (after a restart or a promotion)."""
+def prepare_stored(
+    path: Path, contract: InputContract, options: DecodeOptions, sha256: str | None = None
+) -> np.ndarray | ScanFailure:
+    """The model input of a registered scan, read again from work/ (after a restart or a promotion).
+
+    With ``sha256``, the bytes must still be those registered: a writer that kept the file open past
+    its stability window could write through its handle into the work copy, whose other image (or
+    10 bytes) was then inferred as the scan registered."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            return ScanFailure(
+                FailureReason.CHANGED_AFTER_REGISTRATION,
+                f"the registered copy's bytes changed since it was registered ({len(data)} bytes now); kept as it is",
+            )
         return _to_model_input(decode_bytes(data, options), contract)
     except ScanFailure as failure:
         return failure

@@ -6,12 +6,16 @@ there and asks the loop for a full rescan.
 
 ``WatcherStage`` runs the observer for the daemon (not with ``--once``, where the rescans alone find
 the files). Claims nothing; checked at every turn of the loop and restarted if its thread died
-(the rescans go on meanwhile); stopped and joined at close.
+(the rescans go on meanwhile); stopped and joined at close. It follows its root: a watch folder
+removed (or its share unmounted) is said once, and the folder made again (or mounted again) is
+watched anew; the observer stayed on the old folder's inode and no event came, silently, until
+a restart (the rescans alone found files, up to ``rescan_seconds`` late).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 daemon_log = logging.getLogger("meddaemon.daemon")
 #: where watchdog announces a lost event
 WATCHDOG_LOG = "watchdog.observers"
+#: how often the watch folder is checked to be the one watched
+ROOT_CHECK_SECONDS = 1.0
 #: the events ``HintHandler`` acts on, the only ones asked of the kernel (inotify's mask) and
 #: dispatched: not the opens and no-write closes of the daemon's own reads, nor the deletes its
 #: moves out of the inbox look like, which cost the observer's threads an event each and which
@@ -107,19 +113,63 @@ class WatcherStage(Stage):
         #: raised on a lost event: the intake stage rescans (one of its ``rescan_triggers``)
         self.alarm = OverflowAlarm()
         self.observer: BaseObserver | None = None
+        #: the folder watched, (st_dev, st_ino); None while it is gone
+        self.watched: tuple[int, int] | None = None
+        self.next_root_check = 0.0
 
     def start(self) -> None:
         logging.getLogger(WATCHDOG_LOG).addHandler(self.alarm)
+        self.watched = _identity(self.root)
         self.observer = start_observer(self.root, self.hints, self.kind)
 
     def tick(self, now: float, flush: bool) -> bool:
-        if self.observer is not None and not self.observer.is_alive():
+        if now >= self.next_root_check:
+            self.next_root_check = now + ROOT_CHECK_SECONDS
+            self._follow_the_root()
+        if self.observer is not None and not self.observer.is_alive() and self.watched is not None:
             daemon_log.error("the file watcher stopped; restarting it (rescans continue meanwhile)")
-            self.observer = start_observer(self.root, self.hints, self.kind)
+            self._restart()
         return False
 
-    def close(self) -> None:
+    def _follow_the_root(self) -> None:
+        identity = _identity(self.root)
+        if identity == self.watched:
+            return
+        if identity is None:
+            daemon_log.warning(
+                "the watch folder %s is gone (removed, or its share unmounted); nothing arrives until it is back",
+                self.root,
+            )
+        elif self.watched is None:
+            daemon_log.warning("the watch folder %s is back; watching it again", self.root)
+        else:
+            daemon_log.warning("the watch folder %s was replaced by another folder; watching that one", self.root)
+        self.watched = identity
+        if identity is not None:
+            self._restart()
+
+    def _restart(self) -> None:
+        self._stop_observer()
+        try:
+            self.observer = start_observer(self.root, self.hints, self.kind)
+        except OSError as exc:  # gone again meanwhile: the next check says so
+            daemon_log.warning("the file watcher could not watch %s (%s); trying again", self.root, exc)
+            self.watched = None
+
+    def _stop_observer(self) -> None:
         if self.observer is not None:
             self.observer.stop()
             self.observer.join(timeout=5)
+            self.observer = None
+
+    def close(self) -> None:
+        self._stop_observer()
         logging.getLogger(WATCHDOG_LOG).removeHandler(self.alarm)
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
