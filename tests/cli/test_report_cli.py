@@ -81,3 +81,6 @@ def test_the_summary_as_json_and_as_a_pdf(state: Daemon, tmp_path: Path):
     assert "8 scans" in lines and str(out) in lines
     assert read_pdf(out)[1] == 1
     assert "neither a duration" in run(state, "report", "summary", "--since", "soon", code=2)
+    # a period that ends before it starts was an empty summary, its PDF written and recorded, exit 0
+    backwards = run(state, "report", "summary", "--since", "2026-12-06", "--until", "2026-12-01", "--json", code=2)
+    assert "--until 2026-12-01 is not after --since 2026-12-06" in backwards

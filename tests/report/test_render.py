@@ -217,6 +217,27 @@ def test_a_study_report_lists_every_scan_then_each_scans_sections():
     assert study.study_key in metadata["/Title"]
 
 
+def test_a_study_report_with_phi_whose_scans_name_different_patients_shows_each_and_says_so():
+    """The first scan's patient stood for every scan of the study (a merged or mislabelled study)."""
+    one = PatientInfo("SYNTHETIC^FIRST", "SYNTH-ID-1", "19700101", "F", "056Y", "SYNTHACC1")
+    other = PatientInfo("SYNTHETIC^SECOND", "SYNTH-ID-2", "19800101", "M", "046Y", "SYNTHACC2")
+    scans = [
+        scan_data(scan_id=1, study_instance_uid="1.2.3", patient=one),
+        scan_data(scan_id=2, sha256="ef" * 32, study_instance_uid="1.2.3", patient=other),
+    ]
+    study = StudyReportData("1.2.3", scans, one)
+    text = " ".join(
+        read_pdf(render_study(study, [images_for(s) for s in scans], load_template, report_fonts()).data)[0].split()
+    )
+    assert "The scans of this study name 2 different patients" in text
+    assert "SYNTH-ID-1" in text and "SYNTH-ID-2" in text
+    same = StudyReportData("1.2.3", [replace(scans[1], patient=one), scans[0]], one)
+    text = " ".join(
+        read_pdf(render_study(same, [images_for(s) for s in scans], load_template, report_fonts()).data)[0].split()
+    )
+    assert "different patients" not in text and text.count("SYNTH-ID-1") == 1
+
+
 @pytest.mark.parametrize("task", [*sorted(BUILTIN_TASKS), "a_custom_task"])
 def test_every_template_loads_and_words_every_finding(task: str):
     template = load_template(task)
@@ -250,6 +271,54 @@ def test_every_label_of_a_key_value_table_fits_its_column_in_the_report_s_own_bo
     table = _kv_table(rows, styles(fonts))
     widest = max(stringWidth(label, fonts.bold, 9) for label, _ in rows)
     assert table._colWidths[0] >= widest + 2 * 6  # reportlab's padding, left and right
+
+
+def word_boxes(pdf: bytes, tmp_path: Path) -> list[tuple[str, float]]:
+    """Every word of the PDF and where it ends on its page (points from the left), by poppler's pdftotext."""
+    import html
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("pdftotext") is None:
+        if os.environ.get("CI"):
+            pytest.fail("pdftotext (Debian poppler-utils, scripts/system-packages.sh) is required in CI")
+        pytest.skip("pdftotext (poppler-utils) is not installed")
+    (tmp_path / "report.pdf").write_bytes(pdf)
+    boxes = subprocess.run(
+        ["pdftotext", "-bbox", str(tmp_path / "report.pdf"), "-"], capture_output=True, text=True, check=True
+    ).stdout
+    return [
+        (html.unescape(w), float(x))
+        for x, w in re.findall(r'<word xMin="[^"]+" yMin="[^"]+" xMax="([^"]+)"[^>]*>([^<]*)</word>', boxes)
+    ]
+
+
+def test_a_short_value_of_wide_letters_wraps_inside_its_column(tmp_path: Path):
+    """Values of 30 characters or fewer went into cells as plain strings, which never wrap: "GE MEDICAL
+    SYSTEMS ULTRASOUND" and a scan's id with its hash ran over the table's right rule, on the right
+    half of the page nearly to the paper's edge, and a model's name into the next column."""
+    from meddaemon.report.render import MARGIN, PAGE_WIDTH, STUDY_COLUMNS
+
+    wide = "GE MEDICAL SYSTEMS ULTRASOUND"
+    data = scan_data(
+        scan_id=123456,
+        metadata=[("Modality", "US"), ("Manufacturer", wide)],
+        model=ModelInfo(
+            "busi", "v20260115-retrained-final", "mobilenet_v2", "cd" * 32, "multiclass", BUILTIN_TASKS["busi"].contract
+        ),
+        patient=PatientInfo("SYNTHETIC^WIDE", "MRN-ABCDEFGHIJKLMNOPQRSTUVWXYZ", "19700101", "O", "056Y", "ACC1"),
+    )
+    rendered = render_scan(data, images_for(data), load_template("busi"), report_fonts())
+    words = word_boxes(rendered.data, tmp_path)
+    assert "ULTRASOUND" in {w for w, _ in words} and any("v20260115" in w for w, _ in words)
+    assert [w for w, end in words if end > PAGE_WIDTH - MARGIN + 1] == []  # the footer's page number ends there
+    scans = [replace(data, patient=None), replace(data, scan_id=123457, patient=None)]
+    study = render_study(StudyReportData("1.2.3", scans), [images_for(s) for s in scans], load_template, report_fonts())
+    model_column_end = MARGIN + 6 + sum(STUDY_COLUMNS) - 6  # less the cell's right padding
+    in_model_column = [(w, end) for w, end in word_boxes(study.data, tmp_path) if "v2026" in w or "retrained" in w]
+    assert in_model_column and all(end <= model_column_end for _, end in in_model_column)
 
 
 @pytest.mark.parametrize(

@@ -89,3 +89,16 @@ def test_the_summary_pdf_shows_the_figures_and_no_patient_data(reported: Daemon)
     assert "archived 7" in text and "empty_file 1" in text
     assert not any(phi in text for phi in PHI_STRINGS)
     assert metadata["/Title"] == "meddaemon summary"
+
+
+def test_a_custom_task_s_labels_are_shown_as_written_not_read_as_markup():
+    """'<b>big</b> &lt;5mm' came out as a bold "big <5mm": the summary put labels into paragraphs
+    unescaped (a custom task's label may be any text)."""
+    from meddaemon.report.summary import LabelSummary, PeriodSummary, TaskSummary
+
+    labels = {"<b>big</b> &lt;5mm": LabelSummary(4, 1), "R&D": LabelSummary(4, 3)}
+    task = TaskSummary("a_custom_task", "multilabel", 4, {"archived": 4}, labels, {}, {"n": 0})
+    task.latency_ms.update({"p50": None, "p90": None, "p99": None, "max": None})
+    figures = PeriodSummary(NOW - timedelta(days=1), NOW, 4, {"archived": 4}, {}, {"a_custom_task": task})
+    text = read_pdf(render_summary(figures, report_fonts()).data)[0]
+    assert "<b>big</b> &lt;5mm" in text and "R&D" in text

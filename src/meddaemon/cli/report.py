@@ -160,6 +160,8 @@ def summary_cmd(
         end = parse_since(until_text) if until_text else None
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+    if end is not None and end <= start:
+        raise click.BadParameter(f"--until {until_text} is not after --since {since}", param_hint="--until")
     with _sessions(settings) as sessions:
         with sessions() as session:
             figures = summarise(session, start, end)

@@ -102,6 +102,12 @@ class StudyReportData:
     def with_phi(self) -> bool:
         return self.patient is not None
 
+    @property
+    def patients(self) -> list[PatientInfo]:
+        """The distinct patients its scans name (with PHI; a study is one patient's, but merged or
+        mislabelled studies are not: the first scan's patient stood for all of them)."""
+        return list(dict.fromkeys(s.patient for s in self.scans if s.patient is not None))
+
 
 def study_key(study_instance_uid: str) -> str:
     """A stable name for a study that is not its UID: for file names and de-identified reports."""

@@ -74,6 +74,8 @@ MARGIN = 15 * mm
 BODY_WIDTH = PAGE_WIDTH - 2 * MARGIN - 12  # the frame keeps 6 pt of padding on each side
 IMAGE_SIZE = 62 * mm
 HALF = BODY_WIDTH / 2 - 3 * mm
+#: the study report's table: scan, task and model columns (the top finding takes the rest)
+STUDY_COLUMNS = (28 * mm, 28 * mm, 30 * mm)
 POSITIVE = colors.HexColor("#b3261e")
 GREY = colors.HexColor("#555555")
 RULE = colors.HexColor("#cccccc")
@@ -210,12 +212,21 @@ def _v(value: object, style: ParagraphStyle, limit: int = 120) -> Paragraph | st
 CELL_PADDING = 6
 
 
+def _wrapped(cell: Paragraph | str, width: float, style: ParagraphStyle) -> Paragraph | str:
+    """A plain-string cell (``_v``) that would run past its column, ``width`` points with its padding,
+    as a paragraph that wraps: a short value of wide letters ("GE MEDICAL SYSTEMS ULTRASOUND", a
+    scan's id and hash) ran over the rule, and on the right half of the page to its edge."""
+    if isinstance(cell, str) and stringWidth(cell, style.fontName, style.fontSize) > width - 2 * CELL_PADDING:
+        return Paragraph(escape(cell), style)
+    return cell
+
+
 def _kv_table(rows: Sequence[tuple[str, Paragraph | str]], st: Styles, width: float = HALF) -> Table:
     """Label and value per row; the label column as wide as its longest label (and the cells'
     padding), so that no label runs into its value ("Accession number" did, at 32 mm)."""
     longest = max((stringWidth(k, st.fonts.bold, 9) for k, _ in rows), default=0.0)
     label = min(max(32 * mm, longest + 2 * CELL_PADDING + 2), width / 2)
-    table = Table([[k, v] for k, v in rows], colWidths=[label, width - label])
+    table = Table([[k, _wrapped(v, width - label, st.cell)] for k, v in rows], colWidths=[label, width - label])
     table.setStyle(
         TableStyle(
             [
@@ -324,7 +335,12 @@ def labels_section(data: ScanReportData, template: ReportTemplate, st: Styles) -
         call = template.word("positive") if r.positive else template.word("negative")
         probability, threshold = r.shown(3)
         rows.append(
-            [_v(template.label(r.label), style, 60), probability, "top class" if multiclass else threshold, call]
+            [
+                _wrapped(_v(template.label(r.label), style, 60), 70 * mm, style),
+                probability,
+                "top class" if multiclass else threshold,
+                call,
+            ]
         )
         if r.positive:
             commands += [("FONT", (0, row), (-1, row), st.fonts.bold, 9), ("TEXTCOLOR", (0, row), (-1, row), POSITIVE)]
@@ -529,15 +545,14 @@ def render_study(
     for scan in data.scans:
         sentence, positive = top_finding(scan, templates(scan.task))
         style = st.cell_bold if positive else st.cell
+        values = (f"{scan.scan_id} ({scan.sha256[:8]})", scan.task, scan.model.name)
         rows.append(
             [
-                _v(f"{scan.scan_id} ({scan.sha256[:8]})", st.cell),
-                _v(scan.task, st.cell),
-                _v(scan.model.name, st.cell),
+                *(_wrapped(_v(v, st.cell), w, st.cell) for v, w in zip(values, STUDY_COLUMNS, strict=False)),
                 _p(sentence, style),
             ]
         )
-    table = Table(rows, colWidths=[28 * mm, 28 * mm, 30 * mm, BODY_WIDTH - 86 * mm], repeatRows=1)
+    table = Table(rows, colWidths=[*STUDY_COLUMNS, BODY_WIDTH - sum(STUDY_COLUMNS)], repeatRows=1)
     table.setStyle(
         TableStyle(
             [
@@ -549,13 +564,20 @@ def render_study(
         )
     )
     story += [Spacer(1, 3 * mm), table]
-    if data.patient is not None:
+    patients = data.patients
+    if len(patients) > 1:  # each scan's section names its own, as each scan's report does
+        story += [_p(first.word("heading_patient"), st.heading)]
+        story.append(_p(words["patients_differ"].format(count=len(patients)), st.cell_bold))
+    elif data.patient is not None:
         story += [_p(first.word("heading_patient"), st.heading), *patient_section(data.patient, st)]
     for scan, scan_images in zip(data.scans, images, strict=True):
         template = templates(scan.task)
-        body = [s for s in template.sections if s != "patient"]
+        if len(patients) > 1:
+            shown, body = scan, list(template.sections)
+        else:
+            shown, body = _without_patient(scan), [s for s in template.sections if s != "patient"]
         story += [CondPageBreak(90 * mm), _p(f"Scan {scan.scan_id}: {template.title}", st.heading)]
-        story += scan_body(_without_patient(scan), scan_images, _with_sections(template, body), st)
+        story += scan_body(shown, scan_images, _with_sections(template, body), st)
     footer = f"meddaemon study report - {name}"[:150] if data.with_phi else f"meddaemon study {data.study_key}"
     return build(story, f"Study report {data.study_key}", f"{len(data.scans)} scans", footer, st)
 

@@ -24,6 +24,7 @@ from meddaemon.db.queries import newest_version_of
 from meddaemon.report.fonts import Fonts
 from meddaemon.report.render import BODY_WIDTH, RULE, Rendered, Styles, build, styles, when
 from meddaemon.report.templates import ReportTemplate, load_template
+from meddaemon.report.text import markup
 
 BINS = 10
 BAR = colors.HexColor("#3b6fb6")
@@ -198,8 +199,8 @@ def _task_section(task: TaskSummary, template: ReportTemplate, st: Styles) -> li
     states = ", ".join(f"{state} {n}" for state, n in sorted(task.states.items()))
     lat = task.latency_ms
     out: list[Flowable] = [
-        Paragraph(f"Task {task.task} ({task.kind or 'no model'}): {task.scans} scans", st.heading),
-        Paragraph(f"States: {states}", st.body),
+        Paragraph(markup(f"Task {task.task} ({task.kind or 'no model'}): {task.scans} scans", 200), st.heading),
+        Paragraph(markup(f"States: {states}", 2000), st.body),
         Paragraph(
             f"Arrival to result (ms, {lat['n']} scans): p50 {_ms(lat['p50'])}, p90 {_ms(lat['p90'])}, "
             f"p99 {_ms(lat['p99'])}, max {_ms(lat['max'])}",
@@ -216,7 +217,7 @@ def _task_section(task: TaskSummary, template: ReportTemplate, st: Styles) -> li
             share = f"{100 * entry.positive / entry.n:.1f}" if entry.n else "-"
             rows.append(
                 [
-                    Paragraph(template.label(label), st.cell),
+                    Paragraph(markup(template.label(label), 120), st.cell),  # a custom task's label: any text
                     entry.n,
                     entry.positive,
                     share,
