@@ -95,13 +95,17 @@ def test_a_refused_import_exits_1_with_its_reason(run, tmp_path: Path):  # type:
 
 
 def test_a_duplicate_an_unknown_version_and_an_unknown_task_are_usage_errors(run, tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A version name taken, an unknown --task and --labels not the task's exited 1, as a file refused
-    does; retrain, evaluate and audit exit 2 for them."""
+    """A model file's --version taken, an unknown --task and --labels not the task's exited 1, as a
+    file refused does; retrain, evaluate and audit exit 2 for them. A version folder's own manifest
+    naming a version taken is the folder's refusal: exit 1."""
     folder = save(tmp_path / "src" / "v1", "v1", 1)
     run("import", str(folder))
-    assert "duplicate_version" in run("import", str(folder), code=2).stderr
+    assert "duplicate_version" in run("import", str(folder), code=1).stderr  # the folder's own name: refused
     checkpoint = tmp_path / "model.pth"
     torch.save(build_model("small_cnn", 1, 3).state_dict(), checkpoint)
+    as_file = ("import", str(checkpoint), "--task", "busi", "--arch", "small_cnn", "--version", "f1")
+    run(*as_file)
+    assert "duplicate_version" in run(*as_file, code=2).stderr
     assert "refused (unknown_task)" in run("import", str(checkpoint), "--task", "nope", code=2).stderr
     mislabelled = run("import", str(checkpoint), "--task", "busi", "--labels", "benign,malignnt,normal", code=2)
     assert "refused (task_mismatch)" in mislabelled.stderr

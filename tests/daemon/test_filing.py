@@ -240,3 +240,15 @@ def test_a_folder_of_the_target_that_is_a_file_there_or_taken_is_numbered(tmp_pa
     (tmp_path / "archive" / "2026-12-05" / "a.png").write_bytes(b"SYNTHETIC")
     target = filing.archive_path(tmp_path / "archive", PurePosixPath("a.png/y.png"), "ab" * 32, day)
     assert target == tmp_path / "archive" / "2026-12-05" / "a.png__2" / "y.png"
+
+
+@SECOND_FILESYSTEM
+def test_a_long_copy_across_filesystems_says_it_is_alive_as_it_goes(tmp_path: Path):
+    """One large file over NFS is a long copy: the daemon's watchdog and lease hear from it meanwhile."""
+    calls: list[int] = []
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        src = Path(other) / "large.dcm"
+        src.write_bytes(os.urandom(3 * 2**20 + 5))  # SYNTHETIC bytes
+        target = tmp_path / "archive" / "large.dcm"
+        assert finish_move(src, target, alive=lambda: calls.append(1)) is MoveOutcome.MOVED
+    assert len(calls) >= 3 and target.stat().st_size == 3 * 2**20 + 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import tempfile
@@ -124,3 +125,43 @@ def test_without_a_watchdog_interval_tick_never_sends(systemd):
 def test_outside_systemd_the_watchdog_does_nothing():
     dog = Watchdog({"WATCHDOG_USEC": "1000000"})
     assert (dog.ready(), dog.tick(), dog.status("x"), dog.stopping()) == (False, False, False, False)
+
+
+def test_the_daemon_keeps_pinging_the_watchdog_while_it_moves_a_batch_of_slow_files(
+    systemd, make_settings, tmp_path: Path, monkeypatch
+):
+    """Moves to another file system are copies, and a batch of large ones outlasted the watchdog's
+    interval without a ping (8.6 s against 2 s): systemd would have killed the daemon mid-batch.
+    Each move here takes 0.3 s (as a copy over NFS may), the interval is 1 s."""
+    import time
+
+    import numpy as np
+    from dicom_factory import write_png
+
+    from meddaemon.daemon import filing
+    from meddaemon.daemon.service import Daemon
+
+    pings: list[float] = []
+    real_notify = Watchdog.send
+
+    def recorded(self, message):  # type: ignore[no-untyped-def]
+        if message == "WATCHDOG=1":
+            pings.append(time.monotonic())
+        return real_notify(self, message)
+
+    real_move = filing.finish_move
+
+    def slow_move(source, target, alive=lambda: None):  # type: ignore[no-untyped-def]
+        time.sleep(0.3)
+        return real_move(source, target, alive)
+
+    monkeypatch.setattr(Watchdog, "send", recorded)
+    monkeypatch.setattr(filing, "finish_move", slow_move)
+    for key, value in {**systemd.env, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid())}.items():
+        monkeypatch.setenv(key, value)
+    settings = make_settings(batch_size=16)
+    for i in range(8):
+        write_png(settings.watch / "busi" / f"synthetic_{i}.png", np.full((40, 40), i * 20, np.uint8))
+    Daemon(settings).run(once=True)
+    assert len(pings) >= 3  # the 2.4 s of moves are inside the pings
+    assert max(b - a for a, b in itertools.pairwise(pings)) < 1.0

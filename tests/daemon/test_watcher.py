@@ -100,3 +100,32 @@ def test_a_watch_folder_removed_and_made_again_is_said_and_watched_anew(tmp_path
         assert arrived in got
     finally:
         stage.close()
+
+
+def test_a_watcher_that_cannot_start_is_tried_again_later_and_never_said_to_be_back(
+    tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch
+):
+    """Out of inotify watches (ENOSPC), each restart failed, said the folder was "back" (it never went)
+    and tried again a second later, for good: two warnings a second."""
+    import errno
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    stage = watcher.WatcherStage(inbox, queue.Queue(), "inotify")
+    stage.start()
+    try:
+        assert stage.observer is not None
+        stage.observer.stop()
+        stage.observer.join(timeout=5)
+
+        def out_of_watches(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+        monkeypatch.setattr(watcher, "start_observer", out_of_watches)
+        for second in range(10):
+            stage.tick(now=100.0 + second, flush=False)
+        tries = caplog.text.count("could not watch")
+        assert 2 <= tries <= 4  # after 1, 2, 4 and 8 s, not every second
+        assert "is back" not in caplog.text and "is gone" not in caplog.text
+    finally:
+        stage.close()

@@ -637,6 +637,19 @@ def test_every_frame_of_an_enhanced_object_is_shown_through_its_own_functional_g
     assert shown.notes.count("rescale and window read from the frame's functional groups") == 1
 
 
+def test_frames_of_an_enhanced_object_without_a_window_share_one_min_max_as_a_classic_object_s_do(tmp_path):
+    """Each frame was stretched to its own min-max: how bright a frame is beside the others was lost."""
+    frames = synthetic_frames(3)
+    enhanced = write_dicom(
+        tmp_path / "enhanced.dcm", pixels=frames, modality="CT",
+        extra={"SharedFunctionalGroupsSequence": Sequence([functional_groups((1.0, -1024.0), None)]),
+               "PerFrameFunctionalGroupsSequence": Sequence([functional_groups(None, None) for _ in range(3)])},
+    )  # fmt: skip
+    classic = write_dicom(tmp_path / "classic.dcm", pixels=frames, modality="CT", rescale=(1.0, -1024.0))
+
+    assert_close(decode(enhanced, frame_policy="all").frames, decode(classic, frame_policy="all").frames)
+
+
 def test_every_frame_of_an_enhanced_object_takes_its_own_rescale(tmp_path):
     """Enhanced MR and PET vary the rescale frame by frame: intercepts 0, 1000 and 3000 under one
     window came out as three copies of the middle frame."""

@@ -231,7 +231,8 @@ def test_a_study_report_with_phi_whose_scans_name_different_patients_shows_each_
     )
     assert "The scans of this study name 2 different patients" in text
     assert "SYNTH-ID-1" in text and "SYNTH-ID-2" in text
-    same = StudyReportData("1.2.3", [replace(scans[1], patient=one), scans[0]], one)
+    same_person = replace(one, age=None, accession_number="SYNTHACC9")  # a derived image, another order
+    same = StudyReportData("1.2.3", [replace(scans[1], patient=same_person), scans[0]], one)
     text = " ".join(
         read_pdf(render_study(same, [images_for(s) for s in scans], load_template, report_fonts()).data)[0].split()
     )

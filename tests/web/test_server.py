@@ -61,6 +61,26 @@ def test_meddaemon_web_without_a_database_exits_3_as_every_other_command_does(tm
     assert "medcli db upgrade" in result.stderr and not (tmp_path / "mistyped").exists()
 
 
+def test_meddaemon_web_on_a_database_server_not_answering_yet_serves_its_503_page(tmp_path):
+    """The start's check is for a database that is not there: one that does not answer yet (a server
+    restarting, not up at boot) gets the page that says so and reloads, as while running."""
+    from ports import free_port as closed_port
+
+    web = subprocess.Popen(
+        [str(MEDDAEMON), "web", "--state-dir", str(tmp_path), "--port", "0",
+         "--db", f"postgresql+psycopg://meddaemon@127.0.0.1:{closed_port()}/nothing_here"],
+        stderr=subprocess.PIPE, text=True, env=daemon_env(),
+    )  # fmt: skip
+    try:
+        assert web.stderr is not None
+        line = next(line for line in web.stderr if "web console on" in line)
+        port = int(line.rsplit(":", 1)[1].strip(" /\n"))
+        wait_until(lambda: status_of(f"http://127.0.0.1:{port}/") == 503, 30, "the console's 503 page")
+    finally:
+        web.send_signal(signal.SIGTERM)
+        assert web.wait(30) == 0
+
+
 def test_meddaemon_web_on_port_0_says_the_port_it_listens_on(tmp_path):
     """It logged http://127.0.0.1:0/."""
     from click.testing import CliRunner

@@ -39,8 +39,11 @@ def models() -> None:
     """The model registry: versions of each task's model, and which one is active."""
 
 
-#: refusals that name the command's own arguments, not the file: bad usage, as an unknown version is
-USAGE_REFUSALS = frozenset({"unknown_task", "task_mismatch"})
+#: what is bad usage (exit 2) wherever a command names it: a version that is not there
+USAGE_REASONS = frozenset({"unknown_version"})
+#: and for a model FILE, whose task, labels and version name are the command's own arguments (a version
+#: folder's are its manifest's: refused, exit 1)
+FILE_USAGE_REASONS = USAGE_REASONS | {"unknown_task", "task_mismatch", "duplicate_version"}
 
 
 def _registry() -> ModuleType:
@@ -49,7 +52,8 @@ def _registry() -> ModuleType:
     return registry
 
 
-def _in_transaction(settings: Settings, work: Callable[[Session], T]) -> T:
+def _in_transaction(settings: Settings, work: Callable[[Session], T], usage: frozenset[str] = USAGE_REASONS) -> T:
+    """``work`` in one transaction; a refusal or registry error exits 2 when its reason is in ``usage``, else 1."""
     registry = _registry()
     engine = open_database(settings)
     try:
@@ -58,10 +62,10 @@ def _in_transaction(settings: Settings, work: Callable[[Session], T]) -> T:
                 return work(session)
         except registry.ModelRefused as exc:
             click.echo(f"refused ({exc.reason}): {exc.message}", err=True)
-            sys.exit(EXIT_USAGE if exc.reason in USAGE_REFUSALS else EXIT_FAILURE)
+            sys.exit(EXIT_USAGE if exc.reason in usage else EXIT_FAILURE)
         except registry.RegistryError as exc:
             click.echo(f"error ({exc.reason}): {exc.message}", err=True)
-            sys.exit(EXIT_USAGE if exc.reason in ("unknown_version", "duplicate_version") else EXIT_FAILURE)
+            sys.exit(EXIT_USAGE if exc.reason in usage else EXIT_FAILURE)
     finally:
         engine.dispose()
 
@@ -235,8 +239,9 @@ def import_cmd(
     PATH is a meddaemon version folder (model.safetensors + manifest.json), or a trained model FILE
     to convert: a PyTorch state dict (.pt/.pth, or .safetensors), Keras weights (.h5, .weights.h5,
     .keras) or an ONNX graph (its weights beside it, if so), with --task. The SHA-256, the architecture and the
-    self-test are checked first; a refused model is not registered (exit 1, with the reason). The
-    new version is 'registered': promote it to serve it.
+    self-test are checked first; a refused model is not registered (exit 1, with the reason; 2 when
+    the reason is a FILE's --task, --labels or --version). The new version is 'registered': promote
+    it to serve it.
     """
     settings = build_settings(config_file, **flags)
     registry = _registry()
@@ -258,6 +263,8 @@ def import_cmd(
             return registry.import_version(
                 session, path, settings.models_dir, tasks=settings.task_specs, state_dir=settings.state_dir
             )
+
+        usage = USAGE_REASONS
 
     else:
         if task is None:
@@ -286,11 +293,13 @@ def import_cmd(
                 session, path, options, settings.models_dir, tasks=settings.task_specs, state_dir=settings.state_dir
             )
 
+        usage = FILE_USAGE_REASONS
+
     def summary(session: Session) -> dict[str, Any]:
         row = work(session)
         return {**registry.version_summary(row, settings.state_dir), "manifest": row.manifest}
 
-    data = _in_transaction(settings, summary)
+    data = _in_transaction(settings, summary, usage)
     manifest = data.pop("manifest")
     if as_json:
         echo_json({**data, "provenance": manifest.get("provenance", {}), "heatmaps": manifest.get("heatmaps", True)})

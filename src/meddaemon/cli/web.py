@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 import click
+from sqlalchemy.exc import OperationalError
 
 from meddaemon.cli.common import EXIT_OK, EXIT_USAGE, build_settings, handle_errors, open_database, settings_options
 from meddaemon.logs import setup_logging
@@ -52,7 +54,9 @@ def web(config_file: Path | None, host: str | None, port: int | None, hash_passw
     except AuthError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
-    # none where the settings point exits 3, as for every other command; an outage later is the 503 page
-    open_database(settings).dispose()
+    # none where the settings point, or another schema: exit 3, as for every other command; one that
+    # does not answer for now (a server restarting, not up yet at boot) gets the 503 page that reloads
+    with contextlib.suppress(OperationalError):
+        open_database(settings).dispose()
     serve(settings, host, port)
     sys.exit(EXIT_OK)

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
@@ -140,8 +140,10 @@ def write_reason(failed_file: Path, document: dict[str, object]) -> None:
     os.replace(tmp, target)
 
 
-def finish_move(source: Path, target: Path) -> MoveOutcome:
-    """Make the file that was at ``source`` be at ``target``, however far an earlier attempt got."""
+def finish_move(source: Path, target: Path, alive: Callable[[], None] = lambda: None) -> MoveOutcome:
+    """Make the file that was at ``source`` be at ``target``, however far an earlier attempt got.
+    ``alive`` is called between the chunks of a copy to another file system (the daemon's watchdog
+    and lease: a large file over NFS is a long copy)."""
     source_there = os.path.lexists(source)
     target_there = os.path.lexists(target)
     if target_there and not source_there:
@@ -171,7 +173,7 @@ def finish_move(source: Path, target: Path) -> MoveOutcome:
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            _copy_across_devices(source, target)
+            _copy_across_devices(source, target, alive)
         return MoveOutcome.MOVED
 
 
@@ -190,7 +192,7 @@ def remove_emptied_shard(folder: Path, root: Path) -> bool:
     return True
 
 
-def _copy_across_devices(source: Path, target: Path) -> None:
+def _copy_across_devices(source: Path, target: Path, alive: Callable[[], None]) -> None:
     """A move to another file system: a copy beside ``target``, durable, renamed over it, then the
     source unlinked. What the source is decides how, never what reading it gives: a link is made
     again, a FIFO, socket or device node too (``mknod``: a /dev/zero node was read until the state
@@ -204,7 +206,7 @@ def _copy_across_devices(source: Path, target: Path) -> None:
             os.symlink(os.readlink(source), tmp)
         elif stat.S_ISREG(st.st_mode):
             _require_room(source, target.parent, st)
-            _copy_keeping_holes(source, tmp, st)
+            _copy_keeping_holes(source, tmp, st, alive)
         else:
             os.mknod(tmp, st.st_mode, st.st_rdev)
         os.replace(tmp, target)
@@ -229,7 +231,7 @@ def _require_room(source: Path, folder: Path, st: os.stat_result) -> None:
         )
 
 
-def _copy_keeping_holes(source: Path, tmp: Path, st: os.stat_result) -> None:
+def _copy_keeping_holes(source: Path, tmp: Path, st: os.stat_result, alive: Callable[[], None]) -> None:
     with open(source, "rb") as src, open(tmp, "wb") as dst:
         for start, end in _data_extents(src.fileno(), st.st_size):
             src.seek(start)
@@ -241,6 +243,7 @@ def _copy_keeping_holes(source: Path, tmp: Path, st: os.stat_result) -> None:
                     break
                 dst.write(chunk)
                 left -= len(chunk)
+                alive()
         dst.truncate(st.st_size)
         dst.flush()
         os.fsync(dst.fileno())

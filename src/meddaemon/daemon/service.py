@@ -381,10 +381,11 @@ class Daemon:
                 self.tracker.forget(move.source)
         done: list[PlannedMove] = []
         for move in due:
+            self._keep_alive()  # a batch of copies to another file system outlasted the watchdog's minute
             try:
                 if move.reason_document is not None:
                     filing.write_reason(move.target, move.reason_document)
-                outcome = filing.finish_move(move.source, move.target)
+                outcome = filing.finish_move(move.source, move.target, self._keep_alive)
             except OSError as exc:
                 log.error("could not move %s to %s (%s); will retry", move.source, move.target, exc.strerror or exc)
                 self.blocked.add(move.source)
@@ -449,7 +450,8 @@ class Daemon:
             raise
 
     def _keep_alive(self) -> None:
-        """While the loop waits out a database outage: it is alive, not stuck (lease, watchdog)."""
+        """While the loop waits out a database outage, or moves files (a copy to another file system
+        can be long): it is alive, not stuck (lease, watchdog)."""
         if self.lease is not None:
             self.lease.tick()
         self.watchdog.tick()

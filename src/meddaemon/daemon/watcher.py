@@ -116,6 +116,9 @@ class WatcherStage(Stage):
         #: the folder watched, (st_dev, st_ino); None while it is gone
         self.watched: tuple[int, int] | None = None
         self.next_root_check = 0.0
+        #: an observer that could not be started (out of inotify watches, say) is tried again then
+        self.retry_at = 0.0
+        self.retry_seconds = ROOT_CHECK_SECONDS
 
     def start(self) -> None:
         logging.getLogger(WATCHDOG_LOG).addHandler(self.alarm)
@@ -125,13 +128,15 @@ class WatcherStage(Stage):
     def tick(self, now: float, flush: bool) -> bool:
         if now >= self.next_root_check:
             self.next_root_check = now + ROOT_CHECK_SECONDS
-            self._follow_the_root()
-        if self.observer is not None and not self.observer.is_alive() and self.watched is not None:
-            daemon_log.error("the file watcher stopped; restarting it (rescans continue meanwhile)")
-            self._restart()
+            self._follow_the_root(now)
+        stopped = self.observer is None or not self.observer.is_alive()
+        if stopped and self.watched is not None and now >= self.retry_at:
+            if self.observer is not None:
+                daemon_log.error("the file watcher stopped; restarting it (rescans continue meanwhile)")
+            self._restart(now)
         return False
 
-    def _follow_the_root(self) -> None:
+    def _follow_the_root(self, now: float) -> None:
         identity = _identity(self.root)
         if identity == self.watched:
             return
@@ -146,15 +151,23 @@ class WatcherStage(Stage):
             daemon_log.warning("the watch folder %s was replaced by another folder; watching that one", self.root)
         self.watched = identity
         if identity is not None:
-            self._restart()
+            self.retry_seconds = ROOT_CHECK_SECONDS
+            self._restart(now)
 
-    def _restart(self) -> None:
+    def _restart(self, now: float) -> None:
+        """A new observer on the root; one that cannot start is tried again later, each wait twice the
+        last up to a minute (the rescans find the files meanwhile)."""
         self._stop_observer()
         try:
             self.observer = start_observer(self.root, self.hints, self.kind)
-        except OSError as exc:  # gone again meanwhile: the next check says so
-            daemon_log.warning("the file watcher could not watch %s (%s); trying again", self.root, exc)
-            self.watched = None
+        except OSError as exc:
+            daemon_log.warning(
+                "the file watcher could not watch %s (%s); trying again in %.0f s", self.root, exc, self.retry_seconds
+            )
+            self.retry_at = now + self.retry_seconds
+            self.retry_seconds = min(2 * self.retry_seconds, 60.0)
+        else:
+            self.retry_seconds = ROOT_CHECK_SECONDS
 
     def _stop_observer(self) -> None:
         if self.observer is not None:

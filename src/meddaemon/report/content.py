@@ -105,8 +105,11 @@ class StudyReportData:
     @property
     def patients(self) -> list[PatientInfo]:
         """The distinct patients its scans name (with PHI; a study is one patient's, but merged or
-        mislabelled studies are not: the first scan's patient stood for all of them)."""
-        return list(dict.fromkeys(s.patient for s in self.scans if s.patient is not None))
+        mislabelled studies are not: the first scan's patient stood for all of them). A patient is
+        told by name, ID and birth date: a derived image without the age, or a second accession
+        number, is the same patient."""
+        by_person = {(p.name, p.patient_id, p.birth_date): p for s in self.scans if (p := s.patient) is not None}
+        return list(by_person.values())
 
 
 def study_key(study_instance_uid: str) -> str:

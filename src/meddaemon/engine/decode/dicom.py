@@ -161,21 +161,29 @@ def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
 def _each_frame_to_unit(
     arr: np.ndarray, ds: Dataset, decoded_as: dict, photometric: str, little_endian: bool, notes: list[str]
 ) -> np.ndarray:
-    """Every frame of an Enhanced object through its own rescale and window (its Per-Frame functional
-    groups): Enhanced MR and PET vary them frame by frame, and the key frame's, used for all, put the
-    others out of scale (intercepts 0, 1000 and 3000 came out as one image three times)."""
-    shown: list[np.ndarray] = []
+    """Every frame of an Enhanced grey object through its own rescale (its Per-Frame functional
+    groups), then its own window where every frame has one, else one min-max over the whole stack,
+    as a classic multi-frame object gets (each frame's own min-max lost how bright it is beside the
+    others). Enhanced MR and PET vary the rescale frame by frame, and the key frame's, used for all,
+    put the others out of scale (intercepts 0, 1000 and 3000 came out as one image three times)."""
+    if str(decoded_as.get("photometric_interpretation", photometric)).upper() not in _GREY:
+        return _to_unit(arr, with_frame_groups(ds, 0, notes), decoded_as, photometric, little_endian, notes)
     said: list[str] = []
-    for i, frame in enumerate(arr):
-        frame_notes: list[str] = []
-        shown.append(
-            _to_unit(frame, with_frame_groups(ds, i, frame_notes), decoded_as, photometric, little_endian, frame_notes)[
-                0
-            ]
-        )
-        said += [note for note in frame_notes if note not in said]
-    notes += said
-    return np.stack(shown)
+    frames = [with_frame_groups(ds, i, said) for i in range(len(arr))]
+    values = [_apply_modality(frame, shown, little_endian) for frame, shown in zip(arr, frames, strict=True)]
+    if all(_has_voi_lut(shown) or _has_window(shown) for shown in frames):
+        units = []
+        for frame_values, shown in zip(values, frames, strict=True):
+            units.append(unit_range(*_apply_voi(frame_values, shown, little_endian, said)))
+        unit = np.stack(units)
+    else:
+        stack = np.stack(values)
+        said.append("not every frame has a window: min-max over all frames used")
+        unit = unit_range(stack, *finite_range(stack))
+    if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
+        np.subtract(1.0, unit, out=unit)
+    notes += list(dict.fromkeys(said))
+    return unit
 
 
 #: where an Enhanced multi-frame object keeps what a classic one keeps at the top level (PS3.3 C.7.6.16)
