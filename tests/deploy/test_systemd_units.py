@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from meddaemon.cli.common import EXIT_USAGE
+from meddaemon.cli.common import EXIT_SCHEMA_AHEAD, EXIT_USAGE
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNITS = ("meddaemon.service", "meddaemon-health.service", "meddaemon-health.timer")
@@ -32,8 +32,8 @@ def test_the_daemon_unit_notifies_systemd_and_is_restarted_on_failure():
     assert service["WatchdogSec"] == "60"
     assert service["Restart"] == "on-failure"
     assert float(service["RestartSec"]) > 0
-    # bad configuration: a restart cannot help
-    assert service["RestartPreventExitStatus"].split() == [str(EXIT_USAGE)]
+    # bad configuration, a database a newer meddaemon upgraded: a restart cannot help
+    assert service["RestartPreventExitStatus"].split() == [str(EXIT_USAGE), str(EXIT_SCHEMA_AHEAD)]
 
 
 def test_the_daemon_unit_stops_gracefully():

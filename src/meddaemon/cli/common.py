@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 
 from meddaemon import heap
 from meddaemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
-from meddaemon.db.migrate import SchemaError, open_current
+from meddaemon.db.migrate import SchemaError, SchemaTooNew, open_current
 
 if TYPE_CHECKING:
     from meddaemon.training.nearduplicates import HashProgress
@@ -34,13 +34,16 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 #: bad usage, configuration or input: an unknown task, model version, scan or column, a bad file
 EXIT_USAGE = 2
-#: no database where the settings point, its schema behind or ahead of this meddaemon, or unreachable
+#: no database where the settings point, its schema behind this meddaemon's, or unreachable
 EXIT_DATABASE = 3
 #: another daemon sharing the database declared this one lost (it stalled past its lease); a
 #: supervisor (systemd's Restart=on-failure) starts it again as a new member
 EXIT_LEASE_LOST = 4
 #: ``medcli audit --require``: the audit ran and a criterion does not hold
 EXIT_CRITERIA_FAILED = 5
+#: the database's schema is ahead of this meddaemon (a newer one upgraded it): only upgrading
+#: meddaemon helps, so a supervisor must not restart it (exit 3 was restarted every 5 s, for good)
+EXIT_SCHEMA_AHEAD = 6
 #: stopped by Ctrl-C (128 + SIGINT, the shell's convention): `medcli retrain` says how to --resume
 EXIT_INTERRUPTED = 130
 
@@ -132,6 +135,8 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except ConfigError as exc:
             _fail(str(exc), EXIT_USAGE)
+        except SchemaTooNew as exc:
+            _fail(str(exc), EXIT_SCHEMA_AHEAD)
         except SchemaError as exc:
             _fail(str(exc), EXIT_DATABASE)
         except OperationalError as exc:
