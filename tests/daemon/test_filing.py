@@ -52,7 +52,7 @@ def test_a_move_across_filesystems_copies_then_removes_the_source(tmp_path: Path
         assert os.stat(other).st_dev != os.stat(tmp_path).st_dev
         assert finish_move(src, target) is MoveOutcome.MOVED
         assert target.read_bytes() == b"synthetic" * 1000 and not src.exists()
-        assert not list(target.parent.glob(".*.partial"))
+        assert not list(target.parent.glob(".*.tmp"))
 
 
 SECOND_FILESYSTEM = pytest.mark.skipif(
@@ -81,7 +81,7 @@ def test_a_special_file_moved_across_filesystems_is_made_again_not_read(tmp_path
         assert finish_move(src, target) is MoveOutcome.MOVED
         kept = os.lstat(target)
         assert (stat.S_IFMT(kept.st_mode), kept.st_rdev) == (stat.S_IFMT(made.st_mode), made.st_rdev)
-        assert not os.path.lexists(src) and not list(target.parent.glob(".*.partial"))
+        assert not os.path.lexists(src) and not list(target.parent.glob(".*.tmp"))
         if kind == "fifo":  # the copy made, its source not yet unlinked: the two are compared, never opened
             os.mkfifo(src)
             assert finish_move(src, target) is MoveOutcome.ALREADY_DONE and not os.path.lexists(src)
@@ -252,3 +252,23 @@ def test_a_long_copy_across_filesystems_says_it_is_alive_as_it_goes(tmp_path: Pa
         target = tmp_path / "archive" / "large.dcm"
         assert finish_move(src, target, alive=lambda: calls.append(1)) is MoveOutcome.MOVED
     assert len(calls) >= 3 and target.stat().st_size == 3 * 2**20 + 5
+
+
+def test_recovery_removes_the_half_made_copy_a_killed_daemon_left_and_keeps_a_live_one_s(tmp_path: Path):
+    """A daemon killed mid-copy left its temporary; recovery made the copy again under its own name,
+    and the old one (up to the file's size) stayed for good."""
+    import subprocess
+    import sys
+
+    from meddaemon.files import HOST_TAG
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    folder = tmp_path / "archive" / "2026-12-05" / "busi"
+    folder.mkdir(parents=True)
+    left = folder / f".scan.dcm.{HOST_TAG}-{dead_pid}.tmp"
+    left.write_bytes(b"synthetic half")
+    live = folder / f".other.dcm.{HOST_TAG}-{os.getpid()}.tmp"
+    live.write_bytes(b"synthetic, being written")
+    assert filing.remove_unfinished_copies([folder / "scan.dcm", folder / "other.dcm"]) == [left]
+    assert not left.exists() and live.exists()

@@ -14,11 +14,12 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
+from meddaemon.files import HOST_TAG, TMP_SUFFIX, remove_stale_temporaries
 from meddaemon.names import NAME_MAX, fitted, split_extension
 
 #: times ``finish_move`` makes the target's folder again when it was removed as empty meanwhile
@@ -199,7 +200,7 @@ def _copy_across_devices(source: Path, target: Path, alive: Callable[[], None]) 
     disk filled, a FIFO was refused at every rescan), and a regular file keeps its holes (a sparse
     10 GB file, nothing on disk, was copied as 10 GB of zeros). A copy the target's file system has
     no room for is not begun, and one that fails leaves nothing behind."""
-    tmp = target.with_name(fitted(f".{target.name}", f".{os.getpid()}.partial"))
+    tmp = target.with_name(fitted(f".{target.name}", f".{HOST_TAG}-{os.getpid()}{TMP_SUFFIX}"))  # temporary_path's form
     st = os.lstat(source)
     try:
         if stat.S_ISLNK(st.st_mode):
@@ -215,6 +216,15 @@ def _copy_across_devices(source: Path, target: Path, alive: Callable[[], None]) 
             os.unlink(tmp)
         raise
     os.unlink(source)
+
+
+def remove_unfinished_copies(targets: Iterable[Path]) -> list[Path]:
+    """The half-made copies that daemons of this host killed mid-copy left beside ``targets`` (each
+    folder listed once): recovery makes the copy again under its own name, and the old one stayed."""
+    removed: list[Path] = []
+    for folder in dict.fromkeys(target.parent for target in targets):
+        removed += remove_stale_temporaries(folder, recursive=False)
+    return removed
 
 
 def room_for_copies(folder: Path) -> int:

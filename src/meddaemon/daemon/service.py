@@ -366,6 +366,8 @@ class Daemon:
         )
         if moves:
             log.info("recovery: finishing %d committed moves", len(moves))
+            for unfinished in filing.remove_unfinished_copies(move.target for move in moves):
+                log.info("recovery: removed %s, a copy a killed daemon left half made", unfinished)
             self._carry_out(moves)
 
     def _carry_out(self, moves: list[PlannedMove]) -> None:
