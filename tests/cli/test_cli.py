@@ -149,6 +149,17 @@ def test_a_database_from_a_newer_version_exits_6(runner: CliRunner, dirs: list[s
     assert started.exit_code == 6 and "upgrade meddaemon" in started.output
 
 
+def test_status_names_a_watch_folder_that_is_gone(runner: CliRunner, dirs: list[str]):
+    """An unmounted share counted as an empty inbox, without a word."""
+    assert runner.invoke(medcli, ["db", "upgrade", "--state-dir", dirs[3]]).exit_code == 0
+    status = json.loads(runner.invoke(meddaemon, ["status", *dirs, "--json"]).stdout)
+    assert status["extra"]["inbox_unlisted"] == {".": "the watch folder is gone: removed, or its share unmounted"}
+    assert (
+        "cannot list the inbox folder itself (the watch folder is gone"
+        in runner.invoke(meddaemon, ["status", *dirs]).output
+    )
+
+
 def test_decoders_lists_transfer_syntaxes(runner: CliRunner):
     rows = json.loads(runner.invoke(medcli, ["decoders", "--json"]).stdout)
     by_uid = {r["uid"]: r for r in rows}

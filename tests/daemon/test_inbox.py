@@ -95,6 +95,20 @@ def test_scan_walks_subfolders_even_one_named_like_a_file(inbox: Inbox):
     assert found == {"x.dcm/inside.dcm", "a/b/deep.png"}
 
 
+def test_a_watch_folder_gone_is_an_unlisted_folder_not_an_empty_inbox_and_is_relisted_when_back(inbox: Inbox):
+    """Removed (or its share unmounted) while the daemon ran, it was an empty inbox without a word:
+    nothing in `meddaemon status`, nothing in the metrics."""
+    import shutil
+
+    shutil.rmtree(inbox.root)
+    assert list(inbox.scan()) == []
+    assert inbox.unlisted == {PurePosixPath("."): "the watch folder is gone: removed, or its share unmounted"}
+    inbox.root.mkdir()
+    (inbox.root / "synthetic.png").write_bytes(b"synthetic")
+    assert [p.name for p in inbox.scan()] == ["synthetic.png"]
+    assert inbox.unlisted == {} and inbox.relisted == {PurePosixPath(".")}
+
+
 def test_scan_yields_symlinks_but_never_walks_into_linked_folders(inbox: Inbox, tmp_path: Path):
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -167,7 +167,7 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
     finally:
         engine.dispose()
     inbox = Inbox(settings.watch, settings.ignore, exclude=[settings.state_dir])
-    summary.extra["inbox_waiting"] = sum(1 for _ in inbox.scan()) if settings.watch.is_dir() else 0
+    summary.extra["inbox_waiting"] = sum(1 for _ in inbox.scan())  # a watch folder gone is an unlisted one
     unlisted = sorted(inbox.unlisted.items())
     summary.extra["inbox_unlisted"] = {shown_name(name): why for name, why in unlisted}
     if as_json:

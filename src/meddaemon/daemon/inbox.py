@@ -66,7 +66,8 @@ class Inbox:
         A folder that cannot be listed (its permissions, a failing share) is skipped and named in
         ``unlisted`` once the scan is through (``relisted`` names those listed again), for the daemon
         to log and ``meddaemon status`` to show. One that is gone by the time it is listed (moved
-        away meanwhile) is no matter."""
+        away meanwhile) is no matter, but the root itself gone (removed, its share unmounted) is
+        unlisted: it was an empty inbox, without a word."""
         unlisted: dict[PurePosixPath, str] = {}
         relisted: set[PurePosixPath] = set()
         stack = [self.root]
@@ -75,6 +76,8 @@ class Inbox:
             try:
                 entries = list(os.scandir(folder))
             except (FileNotFoundError, NotADirectoryError):
+                if folder == self.root:
+                    unlisted[PurePosixPath(".")] = "the watch folder is gone: removed, or its share unmounted"
                 continue
             except OSError as exc:
                 unlisted[self._folder_name(folder)] = exc.strerror or str(exc)
