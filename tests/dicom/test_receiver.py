@@ -473,6 +473,33 @@ def test_connections_that_have_not_asked_for_an_association_hold_no_place(receiv
     assert receiver.stats.snapshot()["rejected_limit"] == 0
 
 
+def test_the_limit_holds_for_ae_titles_configured_with_spaces_as_pynetdicom_compares_them(
+    receive: StartReceiver, tmp_path: Path
+):
+    """pynetdicom compares AE titles stripped; the limit compared the configured ones as written, took
+    "MEDDAEMON " and "CALLER " callers for ones pynetdicom would refuse, and let three in against one."""
+    from pynetdicom import AE
+
+    receiver = receive(dicom_max_associations=1, ae_title="MEDDAEMON ", dicom_allowed_callers=["CALLER "])
+    [sent] = synthetic_instances(tmp_path / "sent", 1, seed=11)
+    entities, held = [], []
+    for _ in range(3):
+        ae = AE(ae_title="CALLER")
+        ae.add_requested_context(dcmread(sent).SOPClassUID, ExplicitVRLittleEndian)
+        entities.append(ae)
+        held.append(ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON"))
+    try:
+        assert [a.is_established for a in held] == [True, False, False]
+        assert [a.is_rejected for a in held] == [False, True, True]
+        assert receiver.stats.snapshot()["rejected_limit"] == 2
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+        for ae in entities:
+            ae.shutdown()
+
+
 def test_with_tls_only_callers_speaking_tls_get_through(receive: StartReceiver, tmp_path: Path):
     import ssl
 

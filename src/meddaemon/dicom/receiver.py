@@ -341,10 +341,8 @@ class Receiver:
         left to it and takes no place. The place is held while the association's thread lives."""
         assoc = event.assoc
         request = assoc.requestor.primitive
-        allowed = self.settings.dicom_allowed_callers
-        if (allowed and str(request.calling_ae_title).strip() not in allowed) or str(
-            request.called_ae_title
-        ).strip() != self.settings.ae_title:
+        calling, called = str(request.calling_ae_title).strip(), str(request.called_ae_title).strip()
+        if self._refused_by_title(calling, called) is not None:
             return
         with self._lock:
             taken = sum(1 for other in self._admitted if other.is_alive())
@@ -354,6 +352,19 @@ class Receiver:
         assoc.acse.send_reject(0x02, 0x03, 0x02)
         self._rejected(event)
         assoc.kill()
+
+    def _refused_by_title(self, calling: str, called: str) -> tuple[str, str] | None:
+        """Why pynetdicom refuses a caller for its AE titles (the stat and the words), or None. Both
+        sides compared stripped, as pynetdicom compares them: an ``ae_title`` or allowed caller
+        written with a space took callers pynetdicom let in for ones it would refuse, and the limit
+        was never applied to them."""
+        allowed = {title.strip() for title in self.settings.dicom_allowed_callers}
+        own = self.settings.ae_title.strip()
+        if allowed and calling not in allowed:
+            return "rejected_calling_ae", "its calling AE is not on dicom_allowed_callers"
+        if called != own:
+            return "rejected_called_ae", f"it called AE {called!r}, not {own!r}"
+        return None
 
     def _established(self, event: Any) -> None:
         associations.prompt(event.assoc)
@@ -376,13 +387,10 @@ class Receiver:
         request = assoc.requestor.primitive
         calling = str(request.calling_ae_title if request else assoc.requestor.ae_title).strip()
         called = str(request.called_ae_title).strip() if request else ""
-        allowed = self.settings.dicom_allowed_callers
-        if allowed and calling not in allowed:
-            stat, why = "rejected_calling_ae", "its calling AE is not on dicom_allowed_callers"
-        elif called != self.settings.ae_title:
-            stat, why = "rejected_called_ae", f"it called AE {called!r}, not {self.settings.ae_title!r}"
-        else:
-            stat, why = "rejected_limit", f"{self.settings.dicom_max_associations} associations are open already"
+        stat, why = self._refused_by_title(calling, called) or (
+            "rejected_limit",
+            f"{self.settings.dicom_max_associations} associations are open already",
+        )
         self.stats.add(stat)
         log.warning(
             "association from %s at %s:%s rejected: %s", calling, assoc.requestor.address, assoc.requestor.port, why
