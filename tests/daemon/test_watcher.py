@@ -129,3 +129,25 @@ def test_a_watcher_that_cannot_start_is_tried_again_later_and_never_said_to_be_b
         assert "is back" not in caplog.text and "is gone" not in caplog.text
     finally:
         stage.close()
+
+
+def test_a_watcher_that_cannot_start_at_the_daemon_s_start_is_tried_again_not_fatal(
+    tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch
+):
+    """Out of inotify watches over a large tree, the start's OSError ended the daemon (exit 1, and
+    systemd restarted it every 5 s); the rescans find the files meanwhile."""
+    import errno
+
+    def out_of_watches(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "inotify watch limit reached")
+
+    monkeypatch.setattr(watcher, "start_observer", out_of_watches)
+    stage = watcher.WatcherStage(tmp_path, queue.Queue(), "inotify")
+    stage.start()
+    try:
+        assert stage.observer is None and "could not watch" in caplog.text
+        monkeypatch.undo()
+        stage.tick(now=time.monotonic() + 5, flush=False)
+        assert stage.observer is not None and stage.observer.is_alive()
+    finally:
+        stage.close()

@@ -236,7 +236,13 @@ def test_a_study_report_with_phi_whose_scans_name_different_patients_shows_each_
     text = " ".join(
         read_pdf(render_study(same, [images_for(s) for s in scans], load_template, report_fonts()).data)[0].split()
     )
-    assert "different patients" not in text and text.count("SYNTH-ID-1") == 1
+    assert "different patients" not in text and "differ in their patient details" in text
+    assert "SYNTHACC9" in text and "SYNTHACC1" in text  # each order's accession number, in its scan's section
+    alike = StudyReportData("1.2.3", [replace(scans[1], patient=one), scans[0]], one)
+    text = " ".join(
+        read_pdf(render_study(alike, [images_for(s) for s in scans], load_template, report_fonts()).data)[0].split()
+    )
+    assert "differ" not in text and text.count("SYNTH-ID-1") == 1
 
 
 @pytest.mark.parametrize("task", [*sorted(BUILTIN_TASKS), "a_custom_task"])

@@ -61,6 +61,17 @@ def test_meddaemon_web_without_a_database_exits_3_as_every_other_command_does(tm
     assert "medcli db upgrade" in result.stderr and not (tmp_path / "mistyped").exists()
 
 
+def test_meddaemon_web_on_a_postgresql_database_that_is_not_there_exits_3(tmp_path):
+    """The server answers that there is no such database: as a mistyped SQLite --state-dir, exit 3."""
+    result = subprocess.run(
+        [str(MEDDAEMON), "web", "--state-dir", str(tmp_path), "--port", "0",
+         "--db", "postgresql+psycopg://postgres@127.0.0.1:5432/meddaemon_no_such_database"],
+        capture_output=True, text=True, env=daemon_env(), timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert "does not exist" in result.stderr
+
+
 def test_meddaemon_web_on_a_database_server_not_answering_yet_serves_its_503_page(tmp_path):
     """The start's check is for a database that is not there: one that does not answer yet (a server
     restarting, not up at boot) gets the page that says so and reloads, as while running."""

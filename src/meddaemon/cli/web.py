@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -54,9 +53,13 @@ def web(config_file: Path | None, host: str | None, port: int | None, hash_passw
     except AuthError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
-    # none where the settings point, or another schema: exit 3, as for every other command; one that
-    # does not answer for now (a server restarting, not up yet at boot) gets the 503 page that reloads
-    with contextlib.suppress(OperationalError):
+    # none where the settings point, or another schema: exit 3, as for every other command; a server
+    # that does not answer for now (restarting, not up yet at boot) gets the 503 page that reloads
+    try:
         open_database(settings).dispose()
+    except OperationalError as exc:
+        # the server answered (no such database, a login refused): psycopg says so only in its words
+        if getattr(exc.orig, "sqlstate", None) is not None or "FATAL:" in str(exc.orig):
+            raise
     serve(settings, host, port)
     sys.exit(EXIT_OK)

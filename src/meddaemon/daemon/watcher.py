@@ -18,6 +18,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,9 +122,11 @@ class WatcherStage(Stage):
         self.retry_seconds = ROOT_CHECK_SECONDS
 
     def start(self) -> None:
+        """Watch the root; an observer that cannot start (out of inotify watches over a large tree)
+        is tried again later, as after a restart, not the daemon's death (systemd restarted it every 5 s)."""
         logging.getLogger(WATCHDOG_LOG).addHandler(self.alarm)
         self.watched = _identity(self.root)
-        self.observer = start_observer(self.root, self.hints, self.kind)
+        self._restart(time.monotonic())
 
     def tick(self, now: float, flush: bool) -> bool:
         if now >= self.next_root_check:

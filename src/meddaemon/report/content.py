@@ -108,8 +108,14 @@ class StudyReportData:
         mislabelled studies are not: the first scan's patient stood for all of them). A patient is
         told by name, ID and birth date: a derived image without the age, or a second accession
         number, is the same patient."""
-        by_person = {(p.name, p.patient_id, p.birth_date): p for s in self.scans if (p := s.patient) is not None}
+        by_person = {(p.name, p.patient_id, p.birth_date): p for p in self.patient_details}
         return list(by_person.values())
+
+    @property
+    def patient_details(self) -> list[PatientInfo]:
+        """The distinct patient sections of its scans, every field compared: where there are several,
+        each scan shows its own (a second order's accession number was printed nowhere)."""
+        return list(dict.fromkeys(s.patient for s in self.scans if s.patient is not None))
 
 
 def study_key(study_instance_uid: str) -> str:

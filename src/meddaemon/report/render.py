@@ -564,15 +564,16 @@ def render_study(
         )
     )
     story += [Spacer(1, 3 * mm), table]
-    patients = data.patients
-    if len(patients) > 1:  # each scan's section names its own, as each scan's report does
+    patients, each_own = data.patients, len(data.patient_details) > 1
+    if each_own:  # each scan's section names its own, as each scan's report does
         story += [_p(first.word("heading_patient"), st.heading)]
-        story.append(_p(words["patients_differ"].format(count=len(patients)), st.cell_bold))
+        differ = words["patients_differ"].format(count=len(patients)) if len(patients) > 1 else words["details_differ"]
+        story.append(_p(differ, st.cell_bold))
     elif data.patient is not None:
         story += [_p(first.word("heading_patient"), st.heading), *patient_section(data.patient, st)]
     for scan, scan_images in zip(data.scans, images, strict=True):
         template = templates(scan.task)
-        if len(patients) > 1:
+        if each_own:
             shown, body = scan, list(template.sections)
         else:
             shown, body = _without_patient(scan), [s for s in template.sections if s != "patient"]

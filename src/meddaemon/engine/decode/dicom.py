@@ -170,16 +170,14 @@ def _each_frame_to_unit(
         return _to_unit(arr, with_frame_groups(ds, 0, notes), decoded_as, photometric, little_endian, notes)
     said: list[str] = []
     frames = [with_frame_groups(ds, i, said) for i in range(len(arr))]
-    values = [_apply_modality(frame, shown, little_endian) for frame, shown in zip(arr, frames, strict=True)]
-    if all(_has_voi_lut(shown) or _has_window(shown) for shown in frames):
-        units = []
-        for frame_values, shown in zip(values, frames, strict=True):
-            units.append(unit_range(*_apply_voi(frame_values, shown, little_endian, said)))
-        unit = np.stack(units)
-    else:
-        stack = np.stack(values)
+    windowed = all(_has_voi_lut(shown) or _has_window(shown) for shown in frames)
+    unit = np.empty(arr.shape, dtype=np.float32)  # one frame in float64 at a time, as the stack took
+    for i, (frame, shown) in enumerate(zip(arr, frames, strict=True)):
+        values = _apply_modality(frame, shown, little_endian)
+        unit[i] = unit_range(*_apply_voi(values, shown, little_endian, said)) if windowed else values
+    if not windowed:
         said.append("not every frame has a window: min-max over all frames used")
-        unit = unit_range(stack, *finite_range(stack))
+        unit = unit_range(unit, *finite_range(unit), in_place=True)
     if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
         np.subtract(1.0, unit, out=unit)
     notes += list(dict.fromkeys(said))

@@ -5,12 +5,20 @@ from __future__ import annotations
 import numpy as np
 
 
-def unit_range(values: np.ndarray, low: float, high: float) -> np.ndarray:
+def unit_range(values: np.ndarray, low: float, high: float, in_place: bool = False) -> np.ndarray:
     """Map [low, high] linearly to [0, 1] (clipped), float32; NaN takes the low end; a flat or
-    infinite range gives zeros."""
+    infinite range gives zeros. ``in_place``: ``values`` (float32) is the result, no copy is made."""
     if not np.isfinite(low) or not np.isfinite(high) or high == low:
+        if in_place:
+            values[...] = 0.0
+            return values
         return np.zeros(values.shape, dtype=np.float32)
-    unit = (values.astype(np.float32) - np.float32(low)) / np.float32(high - low)
+    if in_place:
+        unit = values
+        unit -= np.float32(low)
+        unit /= np.float32(high - low)
+    else:
+        unit = (values.astype(np.float32) - np.float32(low)) / np.float32(high - low)
     np.nan_to_num(unit, copy=False, nan=0.0)
     return np.clip(unit, 0.0, 1.0, out=unit)
 
