@@ -110,3 +110,29 @@ def test_db_upgrade_with_a_state_directory_it_cannot_make_exits_2_naming_it(tmp_
     assert result.exit_code == 2, result.output
     assert "setting 'state_dir' from flag" in result.stderr and "cannot be used" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_commands_that_only_read_answer_while_another_process_holds_sqlite_s_write_lock(tmp_path: Path):
+    """They took the write lock like a writer (BEGIN IMMEDIATE): a daemon holding it past the busy
+    timeout made `medcli scans` and `meddaemon status` fail, "database unavailable: database is
+    locked", exit 3. A writer that waits past it is told the database is busy, not unavailable."""
+    import sqlite3
+    import time
+
+    state = tmp_path / "state"
+    assert CliRunner().invoke(medcli, ["db", "upgrade", "--state-dir", str(state)]).exit_code == 0
+    holder = sqlite3.connect(state / "meddaemon.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        env = {"MEDDAEMON_BUSY_TIMEOUT": "0.5"}
+        for group, args in ((medcli, ["scans", "--json"]), (meddaemon, ["status", "--json"]),
+                            (medcli, ["outbox", "list", "--json"])):  # fmt: skip
+            started = time.monotonic()
+            result = CliRunner().invoke(group, [*args, "--state-dir", str(state)], env=env)
+            assert result.exit_code == 0, result.output
+            assert time.monotonic() - started < 5
+        writer = CliRunner().invoke(medcli, ["retry", "--all-failed", "--state-dir", str(state)], env=env)
+        assert writer.exit_code == 3 and "database busy: another process held its lock" in writer.output
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

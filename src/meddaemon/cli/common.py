@@ -22,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 
 from meddaemon import heap
 from meddaemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
+from meddaemon.db.engine import is_lock_error
 from meddaemon.db.migrate import SchemaError, SchemaTooNew, open_current
 
 if TYPE_CHECKING:
@@ -88,11 +89,13 @@ def build_settings(config_file: Path | None, **flags: Any) -> Settings:
         _fail(str(exc), EXIT_USAGE)
 
 
-def open_database(settings: Settings) -> Engine:
+def open_database(settings: Settings, read_only: bool = False) -> Engine:
     """The database of the settings as it is, for every command but ``start`` and ``db upgrade``:
     never created nor migrated (``SchemaError``, exit 3 through ``handle_errors``, when it is not
-    there or not at this meddaemon's schema)."""
-    return open_current(settings.db_url, settings.busy_timeout)
+    there or not at this meddaemon's schema). ``read_only`` for the commands that only read: on
+    SQLite they took the write lock like a writer, and a daemon holding it for a few seconds made
+    `medcli scans` and `meddaemon status` fail ("database is locked", exit 3)."""
+    return open_current(settings.db_url, settings.busy_timeout, read_only=read_only)
 
 
 def _fail(message: str, code: int) -> Any:
@@ -140,6 +143,11 @@ def handle_errors(func: F) -> F:
         except SchemaError as exc:
             _fail(str(exc), EXIT_DATABASE)
         except OperationalError as exc:
+            if is_lock_error(exc):
+                _fail(
+                    f"database busy: another process held its lock past the wait allowed ({exc.orig}); try again",
+                    EXIT_DATABASE,
+                )
             _fail(f"database unavailable: {exc.orig}", EXIT_DATABASE)
         except KeyboardInterrupt:  # click's own answer is "Aborted!", exit 1
             _fail("interrupted (Ctrl-C)", EXIT_INTERRUPTED)

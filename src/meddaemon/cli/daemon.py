@@ -160,7 +160,7 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
     from meddaemon.daemon.inbox import Inbox, folder_words
 
     settings = build_settings(config_file, **flags)
-    engine = open_database(settings)
+    engine = open_database(settings, read_only=True)
     try:
         with session_factory(engine)() as session:
             summary = status_summary(session, recent=recent)

@@ -74,7 +74,7 @@ def scans(config_file: Path | None, state: str | None, limit: int, as_json: bool
     from meddaemon.dicom.provenance import provenance
 
     settings = build_settings(config_file, **flags)
-    engine = open_database(settings)
+    engine = open_database(settings, read_only=True)
     query = select(Scan).order_by(Scan.id.desc()).limit(limit)
     if state:
         query = query.where(Scan.state == state)

@@ -30,7 +30,7 @@ def list_(config_file: Path | None, status: str | None, limit: int, as_json: boo
     from meddaemon.dicom import outbox as box
 
     settings = build_settings(config_file, **flags)
-    engine = open_database(settings)
+    engine = open_database(settings, read_only=True)
     try:
         with session_factory(engine)() as session:
             rows = [

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.engine import make_url
 
 from meddaemon.db.engine import create_db_engine, is_sqlite, shown_url
+from meddaemon.db.readonly import read_only_engine
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 
@@ -123,16 +124,17 @@ def database_location(url: str) -> str:
     return shown_url(parsed)
 
 
-def open_current(url: str, busy_timeout: float = 5.0) -> Engine:
+def open_current(url: str, busy_timeout: float = 5.0, read_only: bool = False) -> Engine:
     """An engine on the existing database at ``url`` whose schema is this meddaemon's head.
 
     Nothing is created: a SQLite file that does not exist is ``DatabaseMissing`` before any
-    connection is made (connecting would create it, and its folder).
+    connection is made (connecting would create it, and its folder). ``read_only``: one that never
+    writes, and on SQLite reads a snapshot without waiting for the write lock (``db.readonly``).
     """
     database = make_url(url).database
     if is_sqlite(url) and database and database != ":memory:" and not Path(database).is_file():
         raise _missing(url)
-    engine = create_db_engine(url, busy_timeout)
+    engine = read_only_engine(url, busy_timeout) if read_only else create_db_engine(url, busy_timeout)
     try:
         require_current(engine)
     except BaseException:
