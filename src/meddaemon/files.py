@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meddaemon.failures import FailureReason, ReadLater, ScanFailure
+from meddaemon.names import fitted
 from meddaemon.processes import process_alive
 
 #: what ``write_atomically`` writes: bytes or any object exposing its memory (a numpy array's)
@@ -24,8 +25,8 @@ HOST_TAG = socket.gethostname().replace(".", "_").replace("-", "_") or "localhos
 def temporary_path(path: Path) -> Path:
     """``.<name>.<host>-<pid>.tmp`` beside ``path``: hidden from the inbox scan, unique per process
     (on every host sharing the folder), and recognisable, so a sweep can remove what a killed
-    writer left."""
-    return path.with_name(f".{path.name}.{HOST_TAG}-{os.getpid()}{TMP_SUFFIX}")
+    writer left. A name too long for that is cut to fit (``final_path`` then gives the cut name)."""
+    return path.with_name(fitted(f".{path.name}", f".{HOST_TAG}-{os.getpid()}{TMP_SUFFIX}"))
 
 
 def _temporary_parts(tmp: Path) -> tuple[str, str]:

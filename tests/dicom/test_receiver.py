@@ -63,6 +63,15 @@ def rows(receiver: Receiver) -> list[ReceivedInstance]:
         return list(session.scalars(select(ReceivedInstance).order_by(ReceivedInstance.id)))
 
 
+def in_threads(call: Callable[[int], None], count: int) -> None:
+    """``call(0)`` ... ``call(count - 1)``, each in a thread of its own, all started, then all joined."""
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+
+
 def by_dataset(files: list[Path]) -> dict[bytes, Path]:
     return {dataset_bytes(p.read_bytes()): p for p in files}
 
@@ -399,11 +408,7 @@ def test_the_association_limit_holds_under_many_simultaneous_callers_and_no_acce
             outcomes[i] = "rejected" if assoc.is_rejected else "no answer"
         ae.shutdown()
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(90)
+    in_threads(call, callers)
 
     accepted = [o for o in outcomes.values() if isinstance(o, list)]
     assert len(outcomes) == callers and 1 <= len(accepted) <= 3
@@ -444,11 +449,7 @@ def test_a_burst_of_callers_refused_for_the_limit_does_not_hold_a_free_place_fro
             assoc.release()
         ae.shutdown()
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(90)
+    in_threads(call, callers)
     held.release()
     holder.shutdown()
 

@@ -19,7 +19,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
-from meddaemon.files import HOST_TAG, TMP_SUFFIX, remove_stale_temporaries
+from meddaemon.files import remove_stale_temporaries, temporary_path
 from meddaemon.names import NAME_MAX, fitted, split_extension
 
 #: times ``finish_move`` makes the target's folder again when it was removed as empty meanwhile
@@ -200,7 +200,7 @@ def _copy_across_devices(source: Path, target: Path, alive: Callable[[], None]) 
     disk filled, a FIFO was refused at every rescan), and a regular file keeps its holes (a sparse
     10 GB file, nothing on disk, was copied as 10 GB of zeros). A copy the target's file system has
     no room for is not begun, and one that fails leaves nothing behind."""
-    tmp = target.with_name(fitted(f".{target.name}", f".{HOST_TAG}-{os.getpid()}{TMP_SUFFIX}"))  # temporary_path's form
+    tmp = temporary_path(target)
     st = os.lstat(source)
     try:
         if stat.S_ISLNK(st.st_mode):

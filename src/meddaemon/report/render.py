@@ -548,7 +548,7 @@ def render_study(
         values = (f"{scan.scan_id} ({scan.sha256[:8]})", scan.task, scan.model.name)
         rows.append(
             [
-                *(_wrapped(_v(v, st.cell), w, st.cell) for v, w in zip(values, STUDY_COLUMNS, strict=False)),
+                *(_wrapped(_v(v, st.cell), w, st.cell) for v, w in zip(values, STUDY_COLUMNS, strict=True)),
                 _p(sentence, style),
             ]
         )

@@ -173,13 +173,16 @@ def _each_frame_to_unit(
     windowed = all(_has_voi_lut(shown) or _has_window(shown) for shown in frames)
     unit = np.empty(arr.shape, dtype=np.float32)  # one frame in float64 at a time, as the stack took
     for i, (frame, shown) in enumerate(zip(arr, frames, strict=True)):
-        values = _apply_modality(frame, shown, little_endian)
-        unit[i] = unit_range(*_apply_voi(values, shown, little_endian, said)) if windowed else values
+        unit[i] = (
+            grey_to_unit(frame, shown, little_endian, said)
+            if windowed
+            else _apply_modality(frame, shown, little_endian)
+        )
     if not windowed:
         said.append("not every frame has a window: min-max over all frames used")
         unit = unit_range(unit, *finite_range(unit), in_place=True)
-    if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
-        np.subtract(1.0, unit, out=unit)
+        if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
+            np.subtract(1.0, unit, out=unit)
     notes += list(dict.fromkeys(said))
     return unit
 
@@ -210,12 +213,19 @@ def with_frame_groups(ds: Dataset, frame: int, notes: list[str]) -> Dataset:
             found += [item[keyword] for keyword in keywords if keyword in item and keyword not in ds]
     if not found:
         return ds
-    flat = Dataset()
-    for element in ds:
-        flat.add(element)
+    flat = _shallow_copy(ds)
     for element in found:
         flat.add(element)
     notes.append("rescale and window read from the frame's functional groups")
+    return flat
+
+
+def _shallow_copy(ds: Dataset) -> Dataset:
+    """A dataset of ``ds``'s elements (the same element objects) that can take others without
+    changing ``ds``."""
+    flat = Dataset()
+    for element in ds:
+        flat.add(element)
     return flat
 
 
@@ -493,9 +503,7 @@ def _as_integer_pixels(ds: Dataset) -> Dataset:
     output's range, taken back out through the window's ends (its window was dropped for min-max)."""
     if "BitsStored" in ds and "PixelRepresentation" in ds:
         return ds
-    flat = Dataset()
-    for element in ds:
-        flat.add(element)
+    flat = _shallow_copy(ds)
     flat.BitsStored = flat.get("BitsStored") or 16
     flat.PixelRepresentation = flat.get("PixelRepresentation", 0)
     return flat
