@@ -265,3 +265,47 @@ def test_next_page_rows_are_appended_in_place_by_htmx(browser, server, browser_r
     ids = listed_ids(browser)
     assert ids == sorted(ids, reverse=True) and len(set(ids)) == total
     assert browser.current_url == server.url + "worklist"  # swapped into the page, not a new one
+
+
+def test_a_session_that_ends_under_an_open_overview_takes_the_browser_to_sign_in(browser, server):
+    from selenium.webdriver.common.by import By
+
+    sign_in(browser, server, "admin")
+    assert browser.find_element(By.ID, "overview")
+    browser.delete_all_cookies()  # signed out in another tab, or the session's time is up
+    wait_for(browser, lambda d: d.current_url == server.url + "login")  # at the overview's next refresh
+    assert len(browser.find_elements(By.TAG_NAME, "header")) == 1  # not the sign-in page inside the overview
+    assert browser.find_element(By.ID, "sign-in")
+
+
+@pytest.mark.postgres
+def test_an_open_overview_shows_the_database_outage_at_its_next_refresh_and_comes_back_after_it(
+    browser, postgres_url, postgres_admin, tmp_path
+):
+    from selenium.webdriver.common.by import By
+    from sqlalchemy import text
+
+    from meddaemon.db.migrate import upgrade
+
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    engine.dispose()
+    web = start_in_thread(web_settings(tmp_path, db=postgres_url), host="127.0.0.1", port=0)
+    name = postgres_url.rsplit("/", 1)[1]
+    try:
+        sign_in(browser, web, "viewer")
+        assert browser.find_element(By.ID, "states")
+        with postgres_admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
+        try:
+            # the figures of before the outage are no longer shown as if they were current
+            wait_for(browser, lambda d: d.find_elements(By.ID, "database-down"))
+            assert not browser.find_elements(By.ID, "states") and browser.current_url == web.url
+        finally:
+            with postgres_admin.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        wait_for(browser, lambda d: d.find_elements(By.ID, "states"))  # the outage page tries again by itself
+        assert browser.current_url == web.url
+    finally:
+        web.stop()

@@ -57,12 +57,15 @@ def test_a_postgresql_server_that_refuses_connections_is_reported_and_the_consol
     try:
         assert_down(client.get("/"))
         assert_down(client.get("/worklist"))
+        refresh = client.get("/", headers={"HX-Request": "true"})  # the overview's own refresh, every 10 s
+        assert refresh.status_code == 503 and refresh.headers["HX-Refresh"] == "true"  # htmx drops an error's body
     finally:
         with postgres_admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
 
     assert client.get("/").status_code == 200
     assert client.get("/worklist").status_code == 200
+    assert "HX-Refresh" not in client.get("/", headers={"HX-Request": "true"}).headers
 
 
 @pytest.mark.postgres

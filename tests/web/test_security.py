@@ -92,6 +92,16 @@ def test_with_users_every_page_needs_a_sign_in(filled_root):
     assert no_token.status_code == 403
 
 
+def test_a_part_of_a_page_asked_for_without_a_sign_in_sends_the_whole_page_to_sign_in(filled_root):
+    """The overview's refresh after the session ended followed the redirect unseen, and htmx put the
+    whole sign-in page inside the overview."""
+    client = TestClient(create_app(web_settings(filled_root)), base_url="http://127.0.0.1")
+    for url in ("/", "/worklist?after=5"):
+        response = client.get(url, headers={"HX-Request": "true"}, follow_redirects=False)
+        assert response.status_code == 204 and response.headers["HX-Redirect"] == "/login", url
+        assert response.content == b""
+
+
 def test_a_forged_or_expired_session_cookie_is_not_a_sign_in():
     signer = auth.SessionSigner(max_age=60)
     cookie = signer.dump(signer.new(auth.User("viewer", "viewer")))

@@ -182,14 +182,14 @@ class SessionMiddleware(BaseHTTPMiddleware):
             # no name, search or id holds one, and PostgreSQL refuses it in text: a "database down" page
             request.state.session = None
             return _headers(
-                render(request, "error.html", 400, title="Error", message="The address holds a NUL character.")
+                request, render(request, "error.html", 400, title="Error", message="The address holds a NUL character.")
             )
         if policy.open_local and not auth.names_loopback(request.headers.get("host")):
             # DNS rebinding: a page of evil.example whose name then points at 127.0.0.1 is
             # same-origin with the console, and anyone here is the operator
             request.state.session = None
             message = "Without users this console answers to loopback names only (localhost, 127.0.0.1, [::1])."
-            return _headers(render(request, "error.html", 421, title="Wrong host", message=message))
+            return _headers(request, render(request, "error.html", 421, title="Wrong host", message=message))
         session = signer.load(request.cookies.get(auth.COOKIE))
         fresh = False
         if policy.open_local:
@@ -201,7 +201,7 @@ class SessionMiddleware(BaseHTTPMiddleware):
             user = policy.from_proxy(request.headers.get(policy.proxy_header), peer)
             if user is None and not path.startswith("/static/"):
                 request.state.session = None
-                return _headers(render(request, "error.html", 401, title="Not signed in", message=(
+                return _headers(request, render(request, "error.html", 401, title="Not signed in", message=(
                     "The reverse proxy did not name a known user.")))  # fmt: skip
             if session is None or session.user != user:
                 session, fresh = signer.new(user), True
@@ -210,20 +210,32 @@ class SessionMiddleware(BaseHTTPMiddleware):
                 session, fresh = signer.new(None), True
             if session.user is None and not path.startswith(PUBLIC_PATHS):
                 response: Response = RedirectResponse("/login", status_code=303)
+                if _from_htmx(request):  # its request follows a redirect unseen: the sign-in page went into this one
+                    response = Response(status_code=204, headers={"HX-Redirect": "/login"})
                 response.set_cookie(auth.COOKIE, signer.dump(session), httponly=True, samesite="strict")
-                return _headers(response)
+                return _headers(request, response)
         request.state.session = session
         started = time.perf_counter()
         response = await call_next(request)
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
         if fresh:
             response.set_cookie(auth.COOKIE, signer.dump(session), httponly=True, samesite="strict")
-        return _headers(response)
+        return _headers(request, response)
 
 
-def _headers(response: Response) -> Response:
+def _from_htmx(request: Request) -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def _headers(request: Request, response: Response) -> Response:
+    """``response`` with the security headers. An error answering a part of a page that htmx
+    fetches (the overview's refresh, the worklist's next rows) reloads the whole page, which then
+    shows the error as any page load does: htmx drops an error's body, and the overview went on
+    showing old figures through a database outage."""
     for key, value in SECURITY_HEADERS.items():
         response.headers.setdefault(key, value)
+    if response.status_code >= 400 and _from_htmx(request):
+        response.headers["HX-Refresh"] = "true"
     return response
 
 
