@@ -5,6 +5,7 @@ task or model, a device this machine lacks) exit 2 with a message that says why.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from evaluate_factory import LAYOUT_CASES, listing, read_only
 from meddaemon.cli.common import EXIT_USAGE
@@ -353,6 +354,50 @@ def test_an_evaluation_that_did_not_complete_is_not_audited_as_if_it_were_the_da
     audit = CliRunner().invoke(medcli, ["audit", "--evaluation", name, *state_flags(world)])
     assert audit.exit_code == EXIT_USAGE
     assert f"evaluation {name!r} is stopped" in audit.stderr and "part of the dataset" in audit.stderr
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_files_left_to_a_daemon_still_working_on_their_bytes_are_listed_and_keep_the_run_from_its_audit(
+    world, busi_phantoms: Path
+) -> None:
+    """They were left out without a word: the counts did not add up to the files, and --audit judged
+    the model on the rest, exit 0."""
+    from meddaemon.db.engine import transaction
+
+    image = busi_phantoms / "malignant" / "malignant (1).png"
+    engine = world.engine()
+    with transaction(session_factory(engine)) as session:  # a scan of the same bytes the daemon has not scored yet
+        session.add(
+            Scan(
+                sha256=hashlib.sha256(image.read_bytes()).hexdigest(),
+                state="routed",
+                task_name="busi",
+                source_name="busi/x.png",
+            )
+        )
+    args = ["evaluate", str(busi_phantoms), "--task", "busi", "--workers", "0", "--name", "run1", *state_flags(world)]
+
+    audited = CliRunner().invoke(medcli, [*args, "--audit", "--json"])
+    assert audited.exit_code == EXIT_USAGE, audited.output
+    report = json.loads(audited.stdout)
+    assert report["scored"] == 23 and report["left_to_daemon"] == [
+        {"path": "malignant/malignant (1).png", "message": "the daemon is still working on these bytes"}
+    ]
+    assert "1 files left to the daemon" in report["message"]
+    assert "left 1 of its 24 files to the daemon" in audited.stderr and "part of the dataset" in audited.stderr
+
+    text = CliRunner().invoke(medcli, args)
+    assert "1 left to the daemon" in text.stdout
+    assert "left malignant/malignant (1).png: the daemon is still working on these bytes" in text.stdout
+
+    with transaction(session_factory(engine)) as session:  # the daemon failed it: the evaluation scores it
+        session.execute(
+            update(Scan).where(Scan.sha256 == hashlib.sha256(image.read_bytes()).hexdigest()).values(state="failed")
+        )
+    engine.dispose()
+    again = CliRunner().invoke(medcli, [*args, "--audit", "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["audit"]["join"]["matched"] == 24
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

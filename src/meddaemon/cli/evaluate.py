@@ -124,9 +124,7 @@ def evaluate(
             except KeyboardInterrupt:
                 click.echo("interrupted: what was scored is stored; run the same command again to resume", err=True)
                 sys.exit(EXIT_INTERRUPTED)
-        audit = None
-        if with_audit:
-            audit = _audit(db, settings, outcome.name, require)
+        audit, refused = _audit(db, settings, outcome.name, require) if with_audit else (None, None)
     finally:
         db.dispose()
     summary = outcome.summary
@@ -138,6 +136,9 @@ def evaluate(
             from meddaemon.audit.table import print_audit
 
             print_audit(audit)
+    if refused:
+        click.echo(f"error: {refused}", err=True)
+        sys.exit(EXIT_USAGE)
     sys.exit(EXIT_CRITERIA_FAILED if audit is not None and audit.passed is False else EXIT_OK)
 
 
@@ -174,7 +175,8 @@ def _show_stopped(db: Any, stopped: Any, as_json: bool) -> None:
         _print(summary)
 
 
-def _audit(db: Any, settings: Any, name: str, require: str | None) -> Any:
+def _audit(db: Any, settings: Any, name: str, require: str | None) -> tuple[Any, str | None]:
+    """The evaluation's audit, stored; or why it cannot be audited (the run's summary is shown all the same)."""
     from meddaemon.audit.criteria import CriteriaError
     from meddaemon.audit.labels import LabelFileError
     from meddaemon.audit.predictions import AuditInputError
@@ -188,9 +190,8 @@ def _audit(db: Any, settings: Any, name: str, require: str | None) -> Any:
             result = audit_evaluation(session, name, AuditRequest(require=require), settings.task_specs)
             save_audit(session, result)
     except (LabelFileError, AuditInputError, CriteriaError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    return result
+        return None, str(exc)
+    return result, None
 
 
 class _progress_bar:
@@ -224,10 +225,14 @@ def _print(summary: dict[str, Any]) -> None:
         f"{summary['files']} files: {summary['scored']} scored, {summary['reused']} already scored, "
         f"{summary['failed']} unreadable"
         + (f", {len(summary['not_images'])} not images" if summary["not_images"] else "")
+        + (f", {len(summary['left_to_daemon'])} left to the daemon" if summary["left_to_daemon"] else "")
         + (f"; {summary['images_per_second']:.1f} images/s" if summary["images_per_second"] else "")
     )
-    for what, key in (("unreadable", "unreadable"), ("not an image", "not_images")):
+    if summary["left_to_daemon"]:
+        click.echo(f"  {summary['message']}")
+    for what, key in (("unreadable", "unreadable"), ("not an image", "not_images"), ("left", "left_to_daemon")):
         for item in summary[key][:20]:
-            click.echo(f"  {what} {shown_name(item['path'])}: {item['reason']} ({item['message']})")
+            why = f"{item['reason']} ({item['message']})" if "reason" in item else item["message"]
+            click.echo(f"  {what} {shown_name(item['path'])}: {why}")
         if len(summary[key]) > 20:
             click.echo(f"  ... and {len(summary[key]) - 20} more (--json lists them all)")

@@ -314,6 +314,11 @@ def _run(
         with transaction(sessions) as session:
             row = session.get(Evaluation, evaluation_id)
             assert row is not None
+            if state == store.COMPLETED and (left := store.left_to_daemon(session, evaluation_id)):
+                message = (
+                    f"{left} files left to the daemon, which is still working on the same bytes; "
+                    "run the same command again once it has scored them"
+                )
             store.finish_evaluation(session, row, state, message, writer.images_per_second())
     with sessions() as session:
         row = session.get(Evaluation, evaluation_id)

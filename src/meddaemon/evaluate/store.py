@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, delete, exists, select, text
+from sqlalchemy import Engine, delete, exists, func, select, text
 from sqlalchemy.orm import Session
 
 from meddaemon import __version__
@@ -47,6 +47,8 @@ from meddaemon.stored_paths import stored_name
 DAEMON_BUSY = frozenset({ScanState.REGISTERED, ScanState.ROUTED, ScanState.WAITING_MODEL})
 #: ``evaluation_files.outcome`` values.
 SCORED, REUSED, FAILED, SKIPPED = "scored", "reused", "failed", "skipped"
+#: why a file is skipped, with no reason code, while the daemon scores the same bytes (a later run scores it)
+LEFT_TO_DAEMON = "the daemon is still working on these bytes"
 #: ``evaluations.state`` values.
 RUNNING, COMPLETED, INTERRUPTED, STOPPED = "running", "completed", "interrupted", "stopped"
 
@@ -253,7 +255,7 @@ def record_chunk(
             counts.redo.append(read)
             continue
         elif sha in live and live[sha][1] in DAEMON_BUSY:
-            row |= {"outcome": SKIPPED, "failure_message": "the daemon is still working on these bytes"}
+            row |= {"outcome": SKIPPED, "failure_message": LEFT_TO_DAEMON}
             counts.skipped += 1
             sha = None
         else:
@@ -293,6 +295,16 @@ def finish_evaluation(
     evaluation.finished_at = utcnow()
     evaluation.dataset_fingerprint = fingerprint(session, evaluation.id) if state == COMPLETED else None
     session.flush()
+
+
+def left_to_daemon(session: Session, evaluation_id: int) -> int:
+    """How many of the evaluation's files were left to the daemon, which held the same bytes unscored."""
+    query = select(func.count()).where(
+        EvaluationFile.evaluation_id == evaluation_id,
+        EvaluationFile.outcome == SKIPPED,
+        EvaluationFile.failure_reason.is_(None),
+    )
+    return session.scalar(query) or 0
 
 
 def fingerprint(session: Session, evaluation_id: int) -> str:
@@ -352,11 +364,12 @@ def evaluation_summary(session: Session, evaluation: Evaluation) -> dict[str, An
         "reused": evaluation.reused,
         "failed": evaluation.failed,
         #: files left out: no image at all (``not_images``), or bytes the daemon is still working on
-        #: (left to it, scored by a later run)
+        #: (``left_to_daemon``, scored by a later run)
         "skipped": len(skipped),
         "failures_by_reason": evaluation.failures,
         "unreadable": [{"path": p, "reason": r, "message": m} for p, r, m in failed],
         "not_images": [{"path": p, "reason": r, "message": m} for p, r, m in skipped if r],
+        "left_to_daemon": [{"path": p, "message": m} for p, r, m in skipped if not r],
         "images_per_second": evaluation.images_per_second,
         "started_at": evaluation.started_at,
         "finished_at": evaluation.finished_at,

@@ -18,7 +18,7 @@ from meddaemon.audit.run import AuditRequest, AuditResult, audit_predictions
 from meddaemon.db.models import Evaluation, EvaluationFile, ModelVersion
 from meddaemon.engine.tasks import TaskSpec
 from meddaemon.evaluate.cohort import read_cohort
-from meddaemon.evaluate.store import COMPLETED, FAILED, STOPPED, find_evaluation
+from meddaemon.evaluate.store import COMPLETED, FAILED, STOPPED, find_evaluation, left_to_daemon
 from meddaemon.names import utf8_name
 
 
@@ -103,6 +103,13 @@ def audit_evaluation(
                 if evaluation.state == STOPPED
                 else "run the same medcli evaluate command again to finish it"
             )
+        )
+    left = left_to_daemon(session, evaluation.id)
+    if left:
+        raise AuditInputError(
+            f"evaluation {evaluation.name!r} left {left} of its {evaluation.files_total} files to the daemon, which "
+            "was still working on the same bytes: its audit would judge the model on part of the dataset; run the "
+            "same medcli evaluate command again once the daemon has scored them"
         )
     version = session.get(ModelVersion, evaluation.model_version_id)
     assert version is not None
