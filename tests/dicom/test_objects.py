@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -18,6 +19,7 @@ import pydicom
 import pytest
 from dicom_factory import write_dicom
 from PIL import Image, ImageDraw
+from pydicom.charset import convert_encodings, encode_string
 from sqlalchemy import select
 
 from dicom_checks import dciodvfy_errors
@@ -945,3 +947,94 @@ def test_a_map_of_a_source_with_non_square_pixels_keeps_their_proportion(tmp_pat
         float(v) for v in built.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
     )
     assert (rows_mm * int(built.Rows), columns_mm * int(built.Columns)) == pytest.approx((120.0, 120.0))
+
+
+def test_the_sr_of_a_multi_frame_source_references_the_frame_its_result_was_computed_from(
+    tmp_path: Path, label_files: LabelResult
+):
+    """The engine classifies the key frame alone; the SR said the result came from the whole
+    instance, as the capture beside it no longer did (PS3.3 table 10-3)."""
+    source = write_dicom(tmp_path / "cine.dcm", frames=5, modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(source)
+    ds.RepresentativeFrameNumber = 2
+    ds.save_as(source)
+    objects = objects_of(source, label_files, ("sr", "sc"), tmp_path)
+    images = [item for item in _content_items(pydicom.dcmread(objects["sr"])) if item.ValueType == "IMAGE"]
+    assert images and {item.ReferencedSOPSequence[0].ReferencedFrameNumber for item in images} == {2}
+    assert pydicom.dcmread(objects["sc"]).SourceImageSequence[0].ReferencedFrameNumber == 2
+    single = write_dicom(tmp_path / "one.dcm", modality="US", body_part="BREAST")
+    one = [item for item in _content_items(pydicom.dcmread(objects_of(single, label_files, ("sr",), tmp_path)["sr"]))]
+    assert all(
+        "ReferencedFrameNumber" not in item.ReferencedSOPSequence[0] for item in one if item.ValueType == "IMAGE"
+    )
+
+
+def test_an_over_long_patient_name_is_cut_to_64_characters_a_component_group(tmp_path: Path, label_files: LabelResult):
+    """Copied as it came (91 characters), it made every object fail dciodvfy."""
+    source = write_dicom(
+        tmp_path / "source.dcm", modality="US", body_part="BREAST", patient_name="SYNTHETIC" * 6 + "^" + "B" * 40
+    )
+    ds = pydicom.dcmread(source)
+    ds.OtherPatientNames = ["A" * 70, "SYNTHETIC^OTHER"]
+    ds.save_as(source)
+    for kind, path in objects_of(source, label_files, ("sr", "pmap", "sc", "pdf"), tmp_path).items():
+        back = pydicom.dcmread(path)
+        assert str(back.PatientName) == ("SYNTHETIC" * 6 + "^" + "B" * 40)[:64], kind
+        assert [str(name) for name in back.OtherPatientNames] == ["A" * 64, "SYNTHETIC^OTHER"], kind
+
+
+def test_a_value_in_a_japanese_source_is_cut_to_its_length_in_the_source_s_own_encoding(
+    tmp_path: Path, label_files: LabelResult
+):
+    """ISO 2022 spends escape sequences at each switch between ASCII and kanji: a value fitting in
+    UTF-8 bytes was written 71 bytes long in the source's set, and the objects failed dciodvfy."""
+    source = write_dicom(tmp_path / "source.dcm", modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(source)
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    ds.StudyDescription = "胸部 造影 Chest with contrast 経過観察 follow-up 乳腺 breast 超音波"  # SYNTHETIC
+    ds.save_as(source)
+    for kind, path in objects_of(source, label_files, ("sr", "sc", "pdf"), tmp_path).items():
+        back = pydicom.dcmread(path)
+        assert ds.StudyDescription.startswith(back.StudyDescription) and len(back.StudyDescription) > 20, kind
+        written = encode_string(back.StudyDescription, convert_encodings(back.SpecificCharacterSet))
+        assert len(written) <= 64 and dciodvfy_errors(path) == [], kind
+
+
+@pytest.fixture
+def in_tokyo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_the_encapsulated_pdf_is_dated_in_the_same_local_time_as_the_other_objects(
+    tmp_path: Path, label_files: LabelResult, in_tokyo: None
+):
+    """It was dated in UTC without saying so: nine hours, and a day, before its SR in Tokyo."""
+    from datetime import datetime
+
+    source = write_dicom(tmp_path / "source.dcm", modality="US", body_part="BREAST")
+    objects = objects_of(source, label_files, ("sr", "pdf"), tmp_path)
+    when = {}
+    for kind, path in objects.items():
+        back = pydicom.dcmread(path)
+        when[kind] = datetime.strptime(back.ContentDate + back.ContentTime[:6], "%Y%m%d%H%M%S")
+        assert back.get("TimezoneOffsetFromUTC") in (None, "+0900"), kind
+    assert abs((when["pdf"] - when["sr"]).total_seconds()) < 120
+
+
+def test_the_encapsulated_pdf_of_a_source_with_burned_in_annotation_says_it_has_some(
+    tmp_path: Path, label_files: LabelResult
+):
+    """The report shows the source's pixels, and the text burned into them (a name, an ID) with them:
+    without PHI in its text it still said NO."""
+    plain = write_dicom(tmp_path / "plain.dcm", modality="US", body_part="BREAST")
+    burned = write_dicom(
+        tmp_path / "burned.dcm", modality="US", body_part="BREAST", extra={"BurnedInAnnotation": "YES"}
+    )
+    assert pydicom.dcmread(objects_of(plain, label_files, ("pdf",), tmp_path)["pdf"]).BurnedInAnnotation == "NO"
+    assert pydicom.dcmread(objects_of(burned, label_files, ("pdf",), tmp_path)["pdf"]).BurnedInAnnotation == "YES"

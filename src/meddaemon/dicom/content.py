@@ -4,6 +4,7 @@ header, read once; the builders (``sr``, ``pmap``, ``sc``, ``pdf``) are pure fun
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.charset import python_encoding
+from pydicom.charset import convert_encodings, python_encoding
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from sqlalchemy import select
@@ -66,7 +67,7 @@ PATIENT_AND_STUDY = (
     "ServiceEpisodeDescription", "PatientSexNeutered",
 )  # fmt: skip
 #: the longest value of each text VR (PS3.5 6.2), in characters
-TEXT_LIMITS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "CS": 16}
+TEXT_LIMITS = {"SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "CS": 16, "PN": 64}
 
 
 def copy_patient_and_study(source: Dataset, ds: Dataset) -> None:
@@ -89,6 +90,12 @@ def shown_frame(source: Dataset, frame_policy: str) -> int | None:
     if frames <= 1:
         return None
     return (frames // 2 if frame_policy == "all" else key_frame_index(source, frames)[0]) + 1
+
+
+def classified_frame(source: Dataset, frame_policy: str) -> int | None:
+    """The 1-based frame of a multi-frame source its results were computed from (the key frame);
+    None where every frame was (``frame_policy = "all"``) or there is one."""
+    return None if frame_policy == "all" else shown_frame(source, frame_policy)
 
 
 #: what a source must have for its results to join its study; without one the outputs fail by name
@@ -209,16 +216,26 @@ def read_source(path: Path) -> Dataset:
 
 
 def _clip_text(ds: Dataset) -> None:
-    """Text values longer than their VR allows, cut to its length: copied as they came (a vendor's
-    70-character Study Description), they made every object fail dciodvfy."""
+    """Text values longer than their VR allows, cut to its length in the source's own character set
+    (in which they are written back): copied as they came (a vendor's 70-character Study
+    Description, a 91-character Patient's Name), they made every object fail dciodvfy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a set pydicom does not know: its default, as it reads the values
+        encodings = convert_encodings(ds.get("SpecificCharacterSet") or "ISO_IR 6")
     for element in ds:
-        limit = TEXT_LIMITS.get(str(element.VR))
+        vr = str(element.VR)
+        limit = TEXT_LIMITS.get(vr)
         if limit is None or element.value is None:
             continue
-        if isinstance(element.value, str):
-            element.value = encoding.clipped(element.value, limit)
-        elif isinstance(element.value, (list, MultiValue)) and all(isinstance(v, str) for v in element.value):
-            element.value = [encoding.clipped(v, limit) for v in element.value]
+        values = element.value if isinstance(element.value, (list, MultiValue)) else [element.value]
+        if vr == "PN":  # each component group (alphabetic, ideographic, phonetic) holds 64 characters
+            clipped = ["=".join(encoding.clipped(g, limit, encodings) for g in str(v).split("=")) for v in values]
+        elif all(isinstance(v, str) for v in values):
+            clipped = [encoding.clipped(v, limit, encodings) for v in values]
+        else:
+            continue
+        if clipped != [str(v) for v in values]:
+            element.value = clipped if len(clipped) > 1 else clipped[0]
 
 
 #: the enumerated values of Patient's Sex; anything else is written empty (type 2)

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import io
 import struct
+import warnings
 import weakref
+from collections.abc import Sequence
 
-from pydicom.charset import convert_encodings, default_encoding
+from pydicom.charset import convert_encodings, default_encoding, encode_string
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -55,14 +57,29 @@ _GROUP_LENGTH = Tag(0x0002, 0x0000)
 _FROZEN: dict[int, tuple[weakref.ref[Dataset], dict[tuple[str, ...], bytes]]] = {}
 
 
-def clipped(text: str, limit: int) -> str:
+def clipped(text: str, limit: int, encodings: Sequence[str] = ()) -> str:
     """``text``'s longest start that fits a value of ``limit`` bytes (an SH's 16, an LO's 64) in
-    UTF-8, and so in every character set the objects are written in (``content.declaring_its_text``
-    keeps a source's set only where it spends no more bytes): readers count the bytes."""
+    UTF-8 and in ``encodings`` (Python's names of a dataset's character set, ``pydicom.charset``'s
+    ``convert_encodings``): readers count the bytes. UTF-8 covers every set the objects' own text
+    is written in (``content.declaring_its_text`` keeps a source's set only where it spends no more
+    bytes); a source's own values are written back in its set, where ISO 2022 spends an escape
+    sequence at each switch between ASCII and kanji."""
     encoded = text.encode()
-    if len(encoded) <= limit:
+    if len(encoded) > limit:
+        text = encoded[:limit].decode(errors="ignore")
+    if not encodings or text.isascii() or _encoded_length(text, encodings) <= limit:  # ASCII: a byte each in all
         return text
-    return encoded[:limit].decode(errors="ignore")
+    fits, too_long = 0, len(text)
+    while too_long - fits > 1:  # a longer start never takes fewer bytes
+        middle = (fits + too_long) // 2
+        fits, too_long = (middle, too_long) if _encoded_length(text[:middle], encodings) <= limit else (fits, middle)
+    return text[:fits]
+
+
+def _encoded_length(text: str, encodings: Sequence[str]) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a character outside the set is written as "?", a byte
+        return len(encode_string(text, list(encodings)))
 
 
 def freeze(item: Dataset) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -89,8 +89,10 @@ def _encapsulate(
     sources: Sequence[Dataset],
     equipment: Sequence[Dataset],
 ) -> Dataset:
-    """The Encapsulated PDF IOD, its patient and study modules those of ``source``."""
-    now = datetime.now(UTC)
+    """The Encapsulated PDF IOD, its patient and study modules those of ``source``. Its dates are
+    local time, as highdicom writes the other objects' (no offset is written: DICOM reads a time
+    without one as local)."""
+    now = datetime.now().astimezone()
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ENCAPSULATED_PDF_STORAGE
@@ -115,7 +117,9 @@ def _encapsulate(
     ds.ContentDate = now.strftime("%Y%m%d")
     ds.ContentTime = now.strftime("%H%M%S")
     ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
-    ds.BurnedInAnnotation = "YES" if with_phi else "NO"
+    # the report shows the sources' pixels, and what is burned into them (a name, an ID) with them
+    burned_in = any(str(each.get("BurnedInAnnotation", "")).strip().upper() == "YES" for each in sources)
+    ds.BurnedInAnnotation = "YES" if with_phi or burned_in else "NO"
     ds.DocumentTitle = clipped(title, 64)
     concept = Dataset()
     concept.CodeValue, concept.CodingSchemeDesignator, concept.CodeMeaning = "18748-4", "LN", "Diagnostic imaging study"

@@ -18,7 +18,7 @@ from pydicom.valuerep import DS
 
 from meddaemon import MANUFACTURER
 from meddaemon.dicom import encoding, uids
-from meddaemon.dicom.content import ScanFacts, sibling
+from meddaemon.dicom.content import ScanFacts, classified_frame, sibling
 from meddaemon.dicom.encoding import clipped
 from meddaemon.dicom.equipment import SCHEME, code_value, contributing_equipment
 from meddaemon.label_results import LabelResult
@@ -73,9 +73,16 @@ def document_attributes(facts: ScanFacts) -> dict[str, Any]:
     }
 
 
+def image_reference(facts: ScanFacts) -> hd.sr.SourceImageForMeasurementGroup:
+    """The source image, and of a multi-frame one the frame the result was computed from."""
+    frame = classified_frame(facts.source, facts.view.options.frame_policy)
+    return hd.sr.SourceImageForMeasurementGroup.from_source_image(
+        facts.source, referenced_frame_numbers=None if frame is None else [frame]
+    )
+
+
 def measurement_report(facts: ScanFacts) -> hd.sr.MeasurementReport:
     """The TID 1500 content tree: one measurement group per label."""
-    source = facts.source
     algorithm = hd.sr.AlgorithmIdentification(
         name=clipped(facts.algorithm_name, 64), version=clipped(facts.model_version, 64)
     )
@@ -88,7 +95,7 @@ def measurement_report(facts: ScanFacts) -> hd.sr.MeasurementReport:
             model_name=clipped(facts.model_version, 64),
         ),
     )
-    referenced = hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
+    referenced = image_reference(facts)
     groups = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
@@ -224,13 +231,13 @@ class ReportPattern:
         return cls(root, at, groups, calls)
 
     def fill(self, facts: ScanFacts) -> Dataset:
-        source_image = hd.sr.SourceImageForMeasurementGroup.from_source_image(facts.source)
-        encoding.freeze(source_image)  # in every group
+        image = image_reference(facts)
+        encoding.freeze(image)  # in every group
         groups = [
             pattern.fill(
                 result,
                 uids.derived_uid(facts.uid_root, facts.sha256, facts.model_version, "finding", result.label),
-                source_image,
+                image,
                 self.calls,
             )
             for pattern, result in zip(self.groups, facts.results, strict=True)
