@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -83,3 +84,52 @@ def test_a_rank_that_fails_ends_the_whole_run_at_once_with_its_message(tmp_path:
     assert run.returncode != 0
     assert "error: bad dataset" in stderr and "split is empty" in stderr, stderr[-2000:]
     assert not (state / "models" / "busi").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun is not installed beside this Python")
+def test_ctrl_c_under_torchrun_names_the_torchrun_resume_and_one_process_cannot_resume_it(tmp_path: Path) -> None:
+    """The resume printed was a plain medcli one, and it resumed two processes' checkpoint in one:
+    another global batch, another model, without a word."""
+    data = write_phantoms("busi", tmp_path / "busi", count=10, size=32, seed=7).root
+    state = tmp_path / "state"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    upgrade = [sys.executable, "-m", "meddaemon.cli.medcli", "db", "upgrade", "--state-dir", str(state)]
+    subprocess.run(upgrade, capture_output=True, env=env, timeout=120, check=True)
+    command = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    command += ["-m", "meddaemon.cli.medcli", "retrain", "busi", "--data", str(data), "--state-dir", str(state)]
+    command += ["--arch", "small_cnn", "--image-size", "32", "--epochs", "500", "--patience", "500", "--device", "cpu"]
+    command += ["--batch-size", "8"]
+    run = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    assert run.stdout is not None
+    try:
+        for line in run.stdout:
+            if line.startswith("epoch 2/500:"):
+                break  # epoch 1's checkpoint is written before epoch 2 starts
+        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C in the terminal: torchrun and both ranks
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.communicate()
+    message = next((line for line in stderr.splitlines() if line.startswith("interrupted: ")), stderr)
+    resume = shlex.split(message.split("continue with: ", 1)[1])
+    assert resume[:6] == ["torchrun", "--nproc-per-node", "2", "-m", "meddaemon.cli.medcli", "retrain"], message
+    assert resume[-1] == "--resume"
+    resume[resume.index("--epochs") + 1] = "3"  # resume, but stop sooner
+
+    alone = subprocess.run(
+        [sys.executable, *resume[3:]], capture_output=True, text=True, env=env, timeout=240, check=False
+    )
+    assert alone.returncode == 1 and "made by 2 process(es)" in alone.stderr, alone.stderr[-2000:]
+    assert "torchrun --nproc-per-node 2" in alone.stderr
+
+    port = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    both = [str(TORCHRUN), *resume[1:3], *port, *resume[3:]]
+    resumed = subprocess.run(both, capture_output=True, text=True, env=env, timeout=240, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    card = next((state / "models" / "busi").glob("*/MODEL_CARD.md")).read_text()
+    assert "batch 8 x 2 processes (global 16)" in card

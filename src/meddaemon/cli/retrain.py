@@ -160,6 +160,7 @@ def retrain(
             patience=patience,
             augmentation=False if no_augmentation else None,
             device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            processes=distributed.requested_size(),
         )
     except ValueError as exc:  # checked before the dataset is read
         raise click.UsageError(str(exc)) from None
@@ -194,7 +195,7 @@ def retrain(
                 parent=parent,
             )
         except KeyboardInterrupt:
-            click.echo(_how_to_resume(ctx, task, workdir), err=True)
+            click.echo(_how_to_resume(ctx, task, workdir, config.processes), err=True)
             sys.exit(EXIT_INTERRUPTED)
         except DatasetError as exc:
             click.echo(f"error: bad dataset: {exc}", err=True)
@@ -333,17 +334,25 @@ def _where_to_get_data(spec: Any) -> str:
     return "\n".join(lines)
 
 
-def _how_to_resume(ctx: click.Context, task: str, workdir: Path) -> str:
-    """After Ctrl-C: the epoch the checkpoint holds and the command that continues from it."""
+def _how_to_resume(ctx: click.Context, task: str, workdir: Path, processes: int) -> str:
+    """After Ctrl-C: the epoch the checkpoint holds and the command that continues from it (under
+    torchrun with as many processes: their count is part of the recipe, the global batch)."""
     from meddaemon.training.train import checkpoint_epoch
 
     epoch = checkpoint_epoch(workdir)
     again = given_options(ctx, drop=("resume",))
+
+    def launched(*words: str) -> str:
+        line = command_line(*words)
+        if processes == 1:
+            return line
+        return f"torchrun --nproc-per-node {processes} -m meddaemon.cli.medcli {line.removeprefix('medcli ')}"
+
     if epoch is None:
-        return "interrupted before the first epoch finished: nothing to resume; start again with: " + command_line(
+        return "interrupted before the first epoch finished: nothing to resume; start again with: " + launched(
             "retrain", task, *again
         )
-    return f"interrupted: the checkpoint after epoch {epoch} is in {workdir}; continue with: " + command_line(
+    return f"interrupted: the checkpoint after epoch {epoch} is in {workdir}; continue with: " + launched(
         "retrain", task, *again, "--resume"
     )
 

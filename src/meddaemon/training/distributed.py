@@ -20,7 +20,12 @@ from torch import nn
 
 def requested() -> bool:
     """Whether torchrun asked for more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return requested_size() > 1
+
+
+def requested_size() -> int:
+    """How many processes torchrun started (1 without it), known before the process group is joined."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def active() -> bool:

@@ -252,6 +252,12 @@ def _none_if_nan(x: float) -> float | None:
     return None if x != x else x
 
 
+def _batch(config: TrainConfig) -> str:
+    if config.processes == 1:
+        return str(config.batch_size)
+    return f"{config.batch_size} x {config.processes} processes (global {config.batch_size * config.processes})"
+
+
 def model_card(outcome: RetrainOutcome, spec: TaskSpec, data: Path) -> str:
     """A short markdown card: data, split, recipe, metrics, figures, flags, limits."""
     m, metrics, config = outcome.manifest, outcome.metrics, outcome.result.config
@@ -280,7 +286,7 @@ def model_card(outcome: RetrainOutcome, spec: TaskSpec, data: Path) -> str:
         "",
         "## Recipe",
         "",
-        f"{config.optimizer} lr {config.lr:g}, batch {config.batch_size}, {config.epochs} epochs max "
+        f"{config.optimizer} lr {config.lr:g}, batch {_batch(config)}, {config.epochs} epochs max "
         f"(ran {metrics['epochs_run']}, best {metrics['best_epoch']}), scheduler {dict(config.scheduler) or 'none'}, "
         f"class weighting {'on' if config.class_weighting else 'off'}, augmentation "
         f"{', '.join(config.augmentations) if config.augmentation and config.augmentations else 'off'}, "

@@ -94,6 +94,9 @@ class TrainConfig:
     input_contract: InputContract | None = None
     #: ``task/version@sha256:...`` of the registered version training starts from (``--from``), or "".
     parent: str = ""
+    #: processes training together (torchrun's ``--nproc-per-node``): the global batch is
+    #: ``batch_size`` x ``processes``, so a recipe without it does not give the same model again
+    processes: int = 1
 
     def __post_init__(self) -> None:
         """Values no training can run with are refused here, before the dataset is read (an unknown
@@ -725,6 +728,13 @@ def load_checkpoint(
     tensors = load_file(str(weights))
     saved = {k: v for k, v in meta["config"].items() if k not in ("epochs", "patience", "device", "num_workers")}
     current = {k: v for k, v in config.as_dict().items() if k in saved}
+    if saved.get("processes", config.processes) != config.processes:
+        made_by = saved["processes"]
+        raise ValueError(
+            f"the checkpoint in {workdir} was made by {made_by} process(es) (a global batch of "
+            f"{made_by * config.batch_size}), this run has {config.processes}: resume it as it was launched"
+            + (f", under torchrun --nproc-per-node {made_by}" if made_by > 1 else ", without torchrun")
+        )
     if json.loads(json.dumps(current)) != saved:
         changed = sorted(k for k in saved if json.loads(json.dumps(current.get(k))) != saved[k])
         raise ValueError(
