@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 from meddaemon.names import escape_controls
 
@@ -18,10 +19,27 @@ class OneLineFormatter(logging.Formatter):
         return escape_controls(super().formatMessage(record))
 
 
+#: libraries whose warnings and log lines quote element values, a patient's name among them
+VALUE_QUOTING_LIBRARIES = ("pydicom", "highdicom")
+
+
 def setup_logging(level: str) -> None:
+    """Every process of the daemon calls this first (the report, outbox and receiver processes too)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    quiet_value_quoting_libraries()
+
+
+def quiet_value_quoting_libraries() -> None:
+    """pydicom's and highdicom's warnings and log lines quote element values (highdicom quotes a
+    patient's name of one component): PHI stays out of the log. pydicom is imported first, because
+    its import sets its logger's level again."""
+    import pydicom  # noqa: F401
+
+    for name in VALUE_QUOTING_LIBRARIES:
+        warnings.filterwarnings("ignore", module=rf"{name}(\..*)?")
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", category=UserWarning, message=r".*(VR|value|Invalid|Expected).*")

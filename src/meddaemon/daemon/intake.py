@@ -20,11 +20,11 @@ import numpy as np
 from meddaemon.daemon.router import Route, RoutingPolicy, route_scan
 from meddaemon.daemon.stability import Signature
 from meddaemon.engine.decode import DecodeOptions, decode_bytes, failed_scan_metadata
-from meddaemon.engine.decode.dicom import quiet_pydicom
 from meddaemon.engine.decode.types import DecodedScan, ScanMetadata
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import FailureReason, ReadLater, ScanFailure
 from meddaemon.files import read_whole, unreadable
+from meddaemon.logs import quiet_value_quoting_libraries
 from meddaemon.processes import end_with_the_parent, leave_stopping_to_the_parent
 
 
@@ -178,7 +178,7 @@ def init_worker() -> None:
     """
     leave_stopping_to_the_parent()
     end_with_the_parent()
-    quiet_pydicom()
+    quiet_value_quoting_libraries()
     import torch
 
     torch.set_num_threads(1)

@@ -55,7 +55,7 @@ from meddaemon.db.engine import (
 )
 from meddaemon.db.migrate import upgrade
 from meddaemon.engine.decode import decodable_transfer_syntaxes
-from meddaemon.engine.decode.dicom import quiet_pydicom
+from meddaemon.logs import quiet_value_quoting_libraries
 
 __all__ = ["Daemon", "LeaseLost", "RunStats"]
 
@@ -153,7 +153,7 @@ class Daemon:
             destinations.failed_dir,
         ):
             folder.mkdir(parents=True, exist_ok=True)
-        quiet_pydicom()
+        quiet_value_quoting_libraries()
         upgrade(self.engine)
         with_lock_retry(self._ensure_tasks, log_lock_wait, self.stop_requested.is_set)
         self._join()

@@ -12,9 +12,7 @@ Failure messages raised here never quote element values.
 from __future__ import annotations
 
 import io
-import logging
 import struct
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,13 +56,6 @@ _YBR = frozenset({"YBR_FULL", "YBR_FULL_422"})
 #: return RGB; YBR_PARTIAL_* only in MPEG, for which no decoder exists.
 _SUPPORTED_PHOTOMETRIC = _GREY | _YBR | {"RGB", "PALETTE COLOR", "YBR_ICT", "YBR_RCT"}
 _MAX_ERROR_CHARS = 300
-
-
-def quiet_pydicom() -> None:
-    """pydicom's warnings and log lines quote element values, patient names among them: PHI stays out."""
-    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
-    warnings.filterwarnings("ignore", category=UserWarning, message=r".*(VR|value|Invalid|Expected).*")
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
 
 @dataclass(frozen=True)
