@@ -92,3 +92,25 @@ def test_an_id_past_any_integer_key_is_a_404_on_postgresql_not_a_database_error(
         assert "Traceback" not in page.text
     assert f"There is no scan {past}." in client.get(f"/scans/{past}").text
     assert client.get(f"/scans/{past - 1}").status_code == 404  # the largest key is still looked up
+
+
+def test_a_page_that_fails_unexpectedly_is_the_error_page_with_its_headers_and_reloads_an_htmx_part(
+    tmp_path, monkeypatch
+):
+    """Starlette answers an exception outside the middleware: the 500 went out without the
+    security headers, and the overview's refresh kept old figures on screen as current."""
+    db_url = f"sqlite:///{tmp_path / 'meddaemon.db'}"
+    engine = create_db_engine(db_url)
+    upgrade(engine)
+    engine.dispose()
+    client = client_for(db_url, tmp_path)
+
+    def fails(session):  # type: ignore[no-untyped-def]
+        raise RuntimeError("a fault in the query")
+
+    monkeypatch.setattr("meddaemon.web.queries.overview", fails)
+    page = client.get("/")
+    assert page.status_code == 500 and "Something went wrong" in page.text and "Traceback" not in page.text
+    assert page.headers["Cache-Control"] == "no-store" and "Content-Security-Policy" in page.headers
+    refresh = client.get("/", headers={"HX-Request": "true"})
+    assert refresh.status_code == 500 and refresh.headers["HX-Refresh"] == "true"

@@ -216,7 +216,10 @@ class SessionMiddleware(BaseHTTPMiddleware):
                 return _headers(request, response)
         request.state.session = session
         started = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # Starlette's handler of last resort answers outside this middleware
+            response = await _server_error(request, exc)
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
         if fresh:
             response.set_cookie(auth.COOKIE, signer.dump(session), httponly=True, samesite="strict")
