@@ -1038,3 +1038,27 @@ def test_the_encapsulated_pdf_of_a_source_with_burned_in_annotation_says_it_has_
     )
     assert pydicom.dcmread(objects_of(plain, label_files, ("pdf",), tmp_path)["pdf"]).BurnedInAnnotation == "NO"
     assert pydicom.dcmread(objects_of(burned, label_files, ("pdf",), tmp_path)["pdf"]).BurnedInAnnotation == "YES"
+
+
+def test_a_latin_1_value_that_fits_its_vr_in_latin_1_is_kept_whole_and_cut_where_the_objects_take_utf_8(
+    tmp_path: Path, label_files: LabelResult
+):
+    """Values were cut to their UTF-8 length whatever the set they are written back in: a
+    60-letter French description, 60 bytes in Latin-1, lost two letters."""
+    description = "Échographie sénologique bilatérale, contrôle évolutif après"  # SYNTHETIC, 59 letters
+    assert len(description.encode("latin-1")) <= 64 < len(description.encode())
+    source = write_dicom(tmp_path / "source.dcm", modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(source)
+    ds.SpecificCharacterSet, ds.StudyDescription = "ISO_IR 100", description
+    ds.save_as(source)
+    for kind, path in objects_of(source, label_files, ("sr", "sc", "pdf"), tmp_path).items():
+        assert pydicom.dcmread(path).StudyDescription == description, kind
+
+    kanji = dataclasses.replace(label_files, label="結節")  # not in Latin-1: the objects are written in UTF-8
+    facts = ScanFacts(1, "cd" * 32, "busi", "v1", "small_cnn", (kanji,), read_source(source), "1.2.3.")
+    for key, built in build_objects(facts, ("sr", "sc", "pdf"), b"%PDF-1.4\n%%EOF\n", False):
+        path = tmp_path / f"utf8_{key.replace(':', '_')}.dcm"
+        built.save_as(path, enforce_file_format=True)
+        back = pydicom.dcmread(path)
+        assert back.SpecificCharacterSet == "ISO_IR 192" and description.startswith(back.StudyDescription), key
+        assert 60 <= len(back.StudyDescription.encode()) <= 64 and dciodvfy_errors(path) == [], key

@@ -216,9 +216,10 @@ def read_source(path: Path) -> Dataset:
 
 
 def _clip_text(ds: Dataset) -> None:
-    """Text values longer than their VR allows, cut to its length in the source's own character set
-    (in which they are written back): copied as they came (a vendor's 70-character Study
-    Description, a 91-character Patient's Name), they made every object fail dciodvfy."""
+    """Text values longer than their VR allows, cut to its length in ``ds``'s character set (the
+    source's, in which they are written back, or UTF-8 where the objects take it): copied as they
+    came (a vendor's 70-character Study Description, a 91-character Patient's Name), they made
+    every object fail dciodvfy."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a set pydicom does not know: its default, as it reads the values
         encodings = convert_encodings(ds.get("SpecificCharacterSet") or "ISO_IR 6")
@@ -274,6 +275,7 @@ def declaring_its_text(facts: ScanFacts) -> ScanFacts:
     source = copy.deepcopy(facts.source)
     source.decode()
     source.SpecificCharacterSet = "ISO_IR 192"
+    _clip_text(source)  # cut to fit the source's set, a value may not fit in UTF-8
     return replace(facts, source=source)
 
 

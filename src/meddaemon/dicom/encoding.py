@@ -58,16 +58,19 @@ _FROZEN: dict[int, tuple[weakref.ref[Dataset], dict[tuple[str, ...], bytes]]] = 
 
 
 def clipped(text: str, limit: int, encodings: Sequence[str] = ()) -> str:
-    """``text``'s longest start that fits a value of ``limit`` bytes (an SH's 16, an LO's 64) in
-    UTF-8 and in ``encodings`` (Python's names of a dataset's character set, ``pydicom.charset``'s
-    ``convert_encodings``): readers count the bytes. UTF-8 covers every set the objects' own text
-    is written in (``content.declaring_its_text`` keeps a source's set only where it spends no more
-    bytes); a source's own values are written back in its set, where ISO 2022 spends an escape
-    sequence at each switch between ASCII and kanji."""
-    encoded = text.encode()
-    if len(encoded) > limit:
-        text = encoded[:limit].decode(errors="ignore")
-    if not encodings or text.isascii() or _encoded_length(text, encodings) <= limit:  # ASCII: a byte each in all
+    """``text``'s longest start that fits a value of ``limit`` bytes (an SH's 16, an LO's 64):
+    readers count the bytes. Without ``encodings``, in UTF-8, which covers every set the objects'
+    own text is written in (``content.declaring_its_text`` keeps a source's set only where it spends
+    no more bytes); with them (Python's names of a dataset's character set, ``pydicom.charset``'s
+    ``convert_encodings``), in that set: a source's own values are written back in it, where ISO
+    2022 spends an escape sequence at each switch between ASCII and kanji, and Latin-1 one byte an
+    accented letter."""
+    if not encodings:
+        encoded = text.encode()
+        return text if len(encoded) <= limit else encoded[:limit].decode(errors="ignore")
+    if text.isascii():  # a byte each in every set
+        return text[:limit]
+    if _encoded_length(text, encodings) <= limit:
         return text
     fits, too_long = 0, len(text)
     while too_long - fits > 1:  # a longer start never takes fewer bytes
