@@ -96,7 +96,8 @@ def test_ctrl_c_under_torchrun_names_the_torchrun_resume_and_one_process_cannot_
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     upgrade = [sys.executable, "-m", "meddaemon.cli.medcli", "db", "upgrade", "--state-dir", str(state)]
     subprocess.run(upgrade, capture_output=True, env=env, timeout=120, check=True)
-    command = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    port = str(free_port())  # not torchrun's default: the resume must name it
+    command = [str(TORCHRUN), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", port]
     command += ["-m", "meddaemon.cli.medcli", "retrain", "busi", "--data", str(data), "--state-dir", str(state)]
     command += ["--arch", "small_cnn", "--image-size", "32", "--epochs", "500", "--patience", "500", "--device", "cpu"]
     command += ["--batch-size", "8"]
@@ -116,18 +117,19 @@ def test_ctrl_c_under_torchrun_names_the_torchrun_resume_and_one_process_cannot_
             run.communicate()
     message = next((line for line in stderr.splitlines() if line.startswith("interrupted: ")), stderr)
     resume = shlex.split(message.split("continue with: ", 1)[1])
-    assert resume[:6] == ["torchrun", "--nproc-per-node", "2", "-m", "meddaemon.cli.medcli", "retrain"], message
+    launch = ["torchrun", "--nproc-per-node", "2", "--master-port", port, "-m", "meddaemon.cli.medcli", "retrain"]
+    assert resume[:8] == launch, message
     assert resume[-1] == "--resume"
     resume[resume.index("--epochs") + 1] = "3"  # resume, but stop sooner
+    resume[resume.index("--master-port") + 1] = str(free_port())  # that one may be taken by now
 
     alone = subprocess.run(
-        [sys.executable, *resume[3:]], capture_output=True, text=True, env=env, timeout=240, check=False
+        [sys.executable, *resume[5:]], capture_output=True, text=True, env=env, timeout=240, check=False
     )
     assert alone.returncode == 1 and "made by 2 process(es)" in alone.stderr, alone.stderr[-2000:]
     assert "torchrun --nproc-per-node 2" in alone.stderr
 
-    port = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    both = [str(TORCHRUN), *resume[1:3], *port, *resume[3:]]
+    both = [str(TORCHRUN), *resume[1:]]
     resumed = subprocess.run(both, capture_output=True, text=True, env=env, timeout=240, check=False)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout + resumed.stderr

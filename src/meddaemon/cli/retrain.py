@@ -9,6 +9,7 @@ train their shard and then wait at a barrier for it.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -337,6 +338,7 @@ def _where_to_get_data(spec: Any) -> str:
 def _how_to_resume(ctx: click.Context, task: str, workdir: Path, processes: int) -> str:
     """After Ctrl-C: the epoch the checkpoint holds and the command that continues from it (under
     torchrun with as many processes: their count is part of the recipe, the global batch)."""
+    from meddaemon.training import distributed
     from meddaemon.training.train import checkpoint_epoch
 
     epoch = checkpoint_epoch(workdir)
@@ -346,7 +348,8 @@ def _how_to_resume(ctx: click.Context, task: str, workdir: Path, processes: int)
         line = command_line(*words)
         if processes == 1:
             return line
-        return f"torchrun --nproc-per-node {processes} -m meddaemon.cli.medcli {line.removeprefix('medcli ')}"
+        torchrun = shlex.join(["torchrun", *distributed.relaunch_options(), "-m", "meddaemon.cli.medcli"])
+        return f"{torchrun} {line.removeprefix('medcli ')}"
 
     if epoch is None:
         return "interrupted before the first epoch finished: nothing to resume; start again with: " + launched(

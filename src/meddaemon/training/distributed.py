@@ -28,6 +28,21 @@ def requested_size() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
+def relaunch_options() -> list[str]:
+    """The torchrun options that launch this run again, as far as torchrun's environment tells them:
+    the processes per node, the nodes, and a master address or port other than torchrun's defaults
+    (``--master-port N`` on a machine whose default port is taken)."""
+    env = os.environ
+    options = ["--nproc-per-node", env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1"))]
+    if env.get("GROUP_WORLD_SIZE", "1") != "1":
+        options += ["--nnodes", env["GROUP_WORLD_SIZE"]]
+    if env.get("MASTER_ADDR", "127.0.0.1") not in ("127.0.0.1", "localhost"):
+        options += ["--master-addr", env["MASTER_ADDR"]]
+    if env.get("MASTER_PORT", "29500") != "29500":
+        options += ["--master-port", env["MASTER_PORT"]]
+    return options
+
+
 def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
