@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -291,6 +292,24 @@ def test_missing_files_are_refused(tmp_path: Path, v1: Path):
     assert refused.reason == "missing_file" and "manifest.json" in refused.message
     (v1 / "model.safetensors").unlink()
     assert refusal(v1).reason == "missing_file"
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "model.safetensors"])
+@pytest.mark.parametrize("stand_in", ["/dev/zero", "a fifo"])
+def test_a_device_or_fifo_in_place_of_a_version_s_file_is_refused_unread(v1: Path, name: str, stand_in: str):
+    """A link to /dev/zero was read until memory ran out, a FIFO for ever: the daemon's one loading
+    thread hung with it, and no other task's model loaded."""
+    (v1 / name).unlink()
+    if stand_in == "/dev/zero":
+        (v1 / name).symlink_to("/dev/zero")
+    else:
+        os.mkfifo(v1 / name)
+    done: list[registry.ModelRefused] = []
+    reader = threading.Thread(target=lambda: done.append(refusal(v1)), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert done, "the load did not end"
+    assert done[0].reason == "missing_file" and "not a regular file" in done[0].message
 
 
 @pytest.mark.parametrize("reading", ["the manifest", "the weights"])

@@ -33,6 +33,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import struct
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -533,10 +534,9 @@ def read_manifest(folder: Path | str) -> Manifest:
     """The validated manifest of a version folder (no weights are read); raises :class:`ModelRefused`."""
     path = Path(folder) / MANIFEST_FILE
     try:
-        size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise ModelRefused("bad_manifest", f"{path} is {size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
-        text = path.read_bytes()
+        text = _regular_file_bytes(path, MAX_MANIFEST_BYTES)
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ModelRefused("bad_manifest", f"{path} is over {MAX_MANIFEST_BYTES} bytes, a manifest's most")
     except FileNotFoundError:
         raise ModelRefused("missing_file", f"{path} does not exist; a model version needs {MANIFEST_FILE}") from None
     except IsADirectoryError:
@@ -548,6 +548,24 @@ def read_manifest(folder: Path | str) -> Manifest:
         return Manifest.from_json(text)
     except ManifestError as exc:
         raise ModelRefused("bad_manifest", f"{path}: {exc}") from None
+
+
+def _regular_file_bytes(path: Path, most: int | None = None) -> bytes:
+    """The bytes of the regular file at ``path`` (a symbolic link followed), at most ``most`` + 1
+    (to tell a file over ``most``). A device, a FIFO or a socket in its place is refused unread: a
+    link to /dev/zero was read until memory ran out, a FIFO waited for a writer for ever."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO's open waits without it
+    with os.fdopen(descriptor, "rb") as file:
+        mode = os.fstat(file.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise ModelRefused("missing_file", f"{path} is not a regular file ({_file_kind(mode)})")
+        return file.read() if most is None else file.read(most + 1)
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"))
+    kinds += ((stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    return next((kind for test, kind in kinds if test(mode)), "not a file")
 
 
 def load_version(folder: Path | str, device: str | torch.device = "cpu") -> LoadedModel:
@@ -570,9 +588,7 @@ def load_version(folder: Path | str, device: str | torch.device = "cpu") -> Load
     if not folder.is_dir():
         raise ModelRefused("missing_file", f"{folder} does not exist or is not a folder")
     weights_path = folder / WEIGHTS_FILE
-    if not weights_path.is_file() and (folder / ONNX_FILE).is_file():
-        return _load_onnx_version(folder, device)
-    if not weights_path.is_file():
+    if not weights_path.exists() and not (folder / ONNX_FILE).exists():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
             raise ModelRefused(
@@ -582,8 +598,8 @@ def load_version(folder: Path | str, device: str | torch.device = "cpu") -> Load
             )
         raise ModelRefused("missing_file", f"{weights_path} does not exist; a model version needs {WEIGHTS_FILE}")
     manifest = read_manifest(folder)
-    if manifest.architecture == ONNX_ARCHITECTURE:
-        raise ModelRefused("missing_file", f"{folder / ONNX_FILE} does not exist; an ONNX version needs it")
+    if manifest.architecture == ONNX_ARCHITECTURE or not weights_path.exists():  # the manifest says which file
+        return _load_onnx_version(folder, manifest, device)
     state = read_verified_weights(folder, manifest)
 
     try:
@@ -623,7 +639,7 @@ def _unless_passing(exc: OSError) -> None:
 def _verified_bytes(path: Path, manifest: Manifest, folder: Path) -> bytes:
     """The file's bytes, once their SHA-256 is the manifest's (before anything parses them)."""
     try:
-        data = path.read_bytes()
+        data = _regular_file_bytes(path)
     except OSError as exc:
         _unless_passing(exc)
         raise ModelRefused("missing_file", f"{path} cannot be read: {exc.strerror or exc}") from None
@@ -637,16 +653,17 @@ def _verified_bytes(path: Path, manifest: Manifest, folder: Path) -> bytes:
     return data
 
 
-def _load_onnx_version(folder: Path, device: torch.device) -> LoadedModel:
+def _load_onnx_version(folder: Path, manifest: Manifest, device: torch.device) -> LoadedModel:
     """An imported ONNX graph: hash, ``onnx.checker``, ONNX Runtime session, self-test."""
     from meddaemon.engine.importers import onnx_model
 
-    manifest = read_manifest(folder)
     path = folder / ONNX_FILE
     if manifest.architecture != ONNX_ARCHITECTURE:
         raise ModelRefused(
             "wrong_architecture", f"{path} is an ONNX graph but {MANIFEST_FILE} says {manifest.architecture}"
         )
+    if not path.exists():
+        raise ModelRefused("missing_file", f"{path} does not exist; an ONNX version needs it")
     data = _verified_bytes(path, manifest, folder)
     model = onnx_model.load(data, manifest)
     check_self_test(model, manifest, path, device)

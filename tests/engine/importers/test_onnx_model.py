@@ -466,6 +466,19 @@ def test_an_onnx_version_is_registered_and_verified_like_any_other(migrated_engi
     assert info.value.reason == "hash_mismatch"
 
 
+def test_an_onnx_version_with_a_weights_file_beside_it_is_served_from_its_graph(
+    migrated_engine: Engine, tmp_path: Path
+):
+    """Its manifest says what it is: it was refused as 'model.onnx does not exist' beside it."""
+    path = export(resnet18_grey(), tmp_path / "resnet18.onnx", 1)
+    root = tmp_path / "registry"
+    with transaction(session_factory(migrated_engine)) as session:
+        import_file(session, path, ImportOptions(task="busi", image_size=SIZE, version="onnx1"), root)
+    folder = root / "busi" / "onnx1"
+    (folder / "model.safetensors").write_bytes(b"a stray file, SYNTHETIC")
+    assert load_version(folder).manifest.architecture == "onnx"
+
+
 def hand_made(nodes: list[Any], initializers: list[Any], path: Path) -> Path:
     """A SYNTHETIC graph from ``x`` [N, 1, H, W] to ``y`` [N, 1], written as onnx.helper makes it."""
     from onnx import TensorProto, helper
