@@ -115,6 +115,23 @@ def test_a_duplicate_an_unknown_version_and_an_unknown_task_are_usage_errors(run
     assert "unknown task 'nope'" in run("list", "--task", "nope", code=2).stderr  # it said "none registered", exit 0
 
 
+def test_a_file_s_version_or_threshold_no_version_can_have_is_a_usage_error_before_the_file_is_read(
+    run, tmp_path: Path
+):  # type: ignore[no-untyped-def]
+    """They were the manifest's refusal (bad_manifest), exit 1, after the whole conversion."""
+    checkpoint = tmp_path / "model.pth"
+    torch.save(build_model("small_cnn", 1, 3).state_dict(), checkpoint)
+    as_file = ("import", str(checkpoint), "--task", "busi", "--arch", "small_cnn")
+    for option, value, said in (
+        ("--version", "bad name!", "must be 1-64 letters"),
+        ("--threshold", "nolabel=0.5", "not a label of task busi"),
+        ("--threshold", "benign=1.5", "a probability is in [0, 1]"),
+    ):
+        refused = run(*as_file, option, value, code=2)
+        assert "refused (bad_option)" in refused.stderr and said in refused.stderr, (option, value)
+    assert "no model versions registered" in run("list").stdout
+
+
 def test_a_model_file_is_converted_and_registered_with_its_provenance(run, tmp_path: Path):  # type: ignore[no-untyped-def]
     torch.manual_seed(3)
     state = build_model("small_cnn", 1, 3).state_dict()

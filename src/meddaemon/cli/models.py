@@ -43,7 +43,7 @@ def models() -> None:
 USAGE_REASONS = frozenset({"unknown_version"})
 #: and for a model FILE, whose task, labels and version name are the command's own arguments (a version
 #: folder's are its manifest's: refused, exit 1)
-FILE_USAGE_REASONS = USAGE_REASONS | {"unknown_task", "task_mismatch", "duplicate_version"}
+FILE_USAGE_REASONS = USAGE_REASONS | {"unknown_task", "task_mismatch", "duplicate_version", "bad_option"}
 
 
 def _registry() -> ModuleType:
@@ -240,7 +240,7 @@ def import_cmd(
     to convert: a PyTorch state dict (.pt/.pth, or .safetensors), Keras weights (.h5, .weights.h5,
     .keras) or an ONNX graph (its weights beside it, if so), with --task. The SHA-256, the architecture and the
     self-test are checked first; a refused model is not registered (exit 1, with the reason; 2 when
-    the reason is a FILE's --task, --labels or --version). The new version is 'registered': promote
+    the reason is a FILE's --task, --labels, --version or --threshold). The new version is 'registered': promote
     it to serve it.
     """
     settings = build_settings(config_file, **flags)

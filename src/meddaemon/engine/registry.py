@@ -88,6 +88,7 @@ REFUSAL_REASONS = (
     "unknown_task",
     "task_mismatch",
     # converting a foreign file (engine/importers/)
+    "bad_option",
     "needs_code",
     "class_count_mismatch",
     "contract_conflict",

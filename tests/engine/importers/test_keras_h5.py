@@ -229,3 +229,30 @@ def _datasets(group: h5py.Group) -> list[str]:
     found: list[str] = []
     group.visit(lambda name: found.append(name) if isinstance(group[name], h5py.Dataset) else None)
     return found
+
+
+def test_a_small_file_declaring_more_values_than_any_model_here_is_refused_unread(tmp_path: Path):
+    """A few kilobytes of HDF5 declared half a gigabyte of float32 (chunks never written read as
+    zeros): every array was read before any was checked; declaring more took the host's memory."""
+    path = tmp_path / "declares.h5"
+    with h5py.File(path, "w") as f:  # SYNTHETIC: Keras 2's save_weights layout, nothing written
+        f.attrs["layer_names"] = [b"dense"]
+        group = f.create_group("dense")
+        group.create_dataset("dense/kernel:0", shape=(1 << 14, 1 << 13), dtype="f4", chunks=(1024, 1024))
+        group.attrs["weight_names"] = [b"dense/kernel:0"]
+    assert path.stat().st_size < 100_000
+    error = refused(path, tmp_path)
+    assert error.reason == "unreadable_weights" and "declare more than 67,108,864 values" in error.message
+
+
+def test_two_layers_whose_names_are_one_key_are_refused_not_one_dropped(tmp_path: Path):
+    """``conv1_conv`` and ``conv1/conv`` are one name once '/' is '_': the later took the earlier's place."""
+    path = tmp_path / "twice.h5"
+    with h5py.File(path, "w") as f:  # SYNTHETIC
+        f.attrs["layer_names"] = [b"conv1_conv", b"conv1/conv"]
+        for name in ("conv1_conv", "conv1/conv"):
+            group = f.create_group(name)
+            group.create_dataset(f"{name}/kernel:0", data=np.zeros((7, 7, 3, 64), np.float32))
+            group.attrs["weight_names"] = [f"{name}/kernel:0".encode()]
+    error = refused(path, tmp_path)
+    assert error.reason == "wrong_architecture" and "two layers with weights are named 'conv1_conv'" in error.message

@@ -479,15 +479,16 @@ def test_an_onnx_version_with_a_weights_file_beside_it_is_served_from_its_graph(
     assert load_version(folder).manifest.architecture == "onnx"
 
 
-def hand_made(nodes: list[Any], initializers: list[Any], path: Path) -> Path:
-    """A SYNTHETIC graph from ``x`` [N, 1, H, W] to ``y`` [N, 1], written as onnx.helper makes it."""
+def hand_made(nodes: list[Any], initializers: list[Any], path: Path, output_type: int = 1) -> Path:
+    """A SYNTHETIC graph from ``x`` [N, 1, H, W] to ``y`` [N, 1] (of ``output_type``, FLOAT unless
+    told), written as onnx.helper makes it."""
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
         nodes,
         "synthetic",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("y", output_type, ["N", 1])],
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -525,3 +526,48 @@ def test_an_infinite_weight_in_a_constant_node_is_refused_as_in_an_initializer(t
     ]
     error = refused(hand_made(nodes, [], tmp_path / "inf.onnx"), tmp_path, task="busi_binary")
     assert error.reason == "non_finite_weights" and "weights.value" in error.message, error.message
+
+
+def test_a_sigmoid_behind_an_identity_imported_as_logits_is_refused_as_one_ending_the_graph(tmp_path: Path):
+    """Only the node giving the output was looked at: behind an exporter's Identity, the sigmoid of
+    probabilities was served (a 0.95 as 0.72)."""
+    from onnx import helper, numpy_helper
+
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["m", "w"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["p"]),
+        helper.make_node("Identity", ["p"], ["y"]),
+    ]
+    weight = numpy_helper.from_array(np.array([[3.0]], np.float32), "w")
+    error = refused(hand_made(nodes, [weight], tmp_path / "identity.onnx"), tmp_path, task="busi_binary")
+    assert error.reason == "contract_conflict" and "comes from a Sigmoid" in error.message, error.message
+
+
+def test_an_output_of_integer_labels_is_refused_as_no_scores(tmp_path: Path):
+    """An int64 class label was read as a logit: every image 0.5 or more, all positive at 0.5."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+        helper.make_node("Greater", ["m", "zero"], ["called"]),
+        helper.make_node("Cast", ["called"], ["y"], to=TensorProto.INT64),
+    ]
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    path = hand_made(nodes, [zero], tmp_path / "labels.onnx", output_type=TensorProto.INT64)
+    error = refused(path, tmp_path, task="busi_binary")
+    assert error.reason == "unsupported_onnx" and "holds INT64, not scores" in error.message, error.message
+
+
+def test_an_infinite_bfloat16_weight_is_refused_as_a_float32_one_is(tmp_path: Path):
+    """numpy knows bfloat16 (ml_dtypes) as no floating type: its infinity went unchecked."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+        helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["m", "w"], ["y"]),
+    ]
+    weight = helper.make_tensor("w16", TensorProto.BFLOAT16, [1, 1], [np.inf])
+    error = refused(hand_made(nodes, [weight], tmp_path / "bf16.onnx"), tmp_path, task="busi_binary")
+    assert error.reason == "non_finite_weights" and "w16" in error.message, error.message

@@ -25,6 +25,7 @@ from meddaemon.engine.importers.base import (
     ImportOptions,
     Source,
     architecture_for,
+    check_options,
     check_unchanged,
     contract_for,
     read_source,
@@ -44,6 +45,7 @@ def convert_file(
     spec = specs.get(options.task)
     if spec is None:
         raise ModelRefused("unknown_task", f"task {options.task!r} is not configured; known tasks: {sorted(specs)}")
+    check_options(options, spec)
     source = read_source(Path(path), options.format)
     out = Path(out_dir)
     existed = out.exists()

@@ -322,12 +322,23 @@ def check_first_conv(converted: ConvertedWeights, model: nn.Module, contract: In
     )
 
 
+def check_options(options: ImportOptions, spec: TaskSpec) -> None:
+    """The command's own values, refused (``bad_option``, a usage error) before the file is read:
+    a bad --version or --threshold was refused as the manifest's (``bad_manifest``, exit 1) after
+    the conversion."""
+    if options.version is not None and not NAME_PATTERN.match(options.version):
+        raise ModelRefused("bad_option", f"--version {options.version!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    for label, value in (options.thresholds or {}).items():
+        if label not in spec.labels:
+            raise ModelRefused(
+                "bad_option", f"--threshold {label}: not a label of task {spec.name} ({', '.join(spec.labels)})"
+            )
+        if not 0 <= value <= 1:
+            raise ModelRefused("bad_option", f"--threshold {label}={value}: a probability is in [0, 1]")
+
+
 def version_name(source: Source, options: ImportOptions) -> str:
     if options.version is not None:
-        if not NAME_PATTERN.match(options.version):
-            raise ModelRefused(
-                "bad_manifest", f"--version {options.version!r} must be 1-64 letters, digits, '.', '_' or '-'"
-            )
         return options.version
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", source.path.stem).strip("._-")[:40] or "imported"
     return f"{stem}-{source.sha256[:8]}"

@@ -36,6 +36,9 @@ import torch
 from meddaemon.engine.importers.base import KERAS_ARCHIVE_WEIGHTS, ConvertedWeights
 from meddaemon.engine.registry import ModelRefused
 
+#: the most weight values a file may declare: DenseNet-121 and its Dense head hold about 7 million;
+#: an HDF5 file of a few kilobytes can declare gigabytes (chunks never written read as zeros)
+MAX_VALUES = 1 << 26
 KERAS_BN_EPSILON = 1.001e-5
 TORCH_BN_EPSILON = 1e-5
 DENSENET121_BLOCKS = (6, 12, 24, 16)
@@ -65,8 +68,9 @@ def read_layers(path: Path) -> KerasLayers:
     except ImportError as exc:  # a dependency of meddaemon; only a broken install lacks it
         raise ModelRefused("unsupported_format", "h5py is not installed; it reads Keras .h5 files") from exc
     try:
+        budget = _ValueBudget()
         with h5py.File(_weights_file(path), "r") as f:
-            found = _rank_layout(f) if _is_rank_layout(f) else KerasLayers(_name_layout(f))
+            found = _rank_layout(f, budget) if _is_rank_layout(f) else KerasLayers(_name_layout(f, budget))
     except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile) as exc:
         raise ModelRefused(
             "unreadable_weights", f"{path.name} is truncated, damaged or not Keras weights ({exc})"
@@ -85,10 +89,16 @@ def _weights_file(path: Path) -> Path | io.BytesIO:
             raise ModelRefused(
                 "unreadable_weights", f"{path.name} is a zip archive without {KERAS_ARCHIVE_WEIGHTS}: not a .keras file"
             )
+        size = archive.getinfo(KERAS_ARCHIVE_WEIGHTS).file_size  # what it unpacks to, at most
+        if size > MAX_VALUES * 4 + (16 << 20):
+            raise ModelRefused(
+                "unreadable_weights",
+                f"{path.name}'s {KERAS_ARCHIVE_WEIGHTS} unpacks to {size:,} bytes: too many values",
+            )
         return io.BytesIO(archive.read(KERAS_ARCHIVE_WEIGHTS))
 
 
-def _name_layout(f: Any) -> dict[str, dict[str, np.ndarray]]:
+def _name_layout(f: Any, budget: _ValueBudget) -> dict[str, dict[str, np.ndarray]]:
     group = f.get("model_weights", f)
     names = [_text(n) for n in group.attrs.get("layer_names", list(group.keys()))]
     layers: dict[str, dict[str, np.ndarray]] = {}
@@ -97,9 +107,12 @@ def _name_layout(f: Any) -> dict[str, dict[str, np.ndarray]]:
         weights = {}
         for weight_name in (_text(w) for w in layer.attrs.get("weight_names", [])):
             role = weight_name.rsplit("/", 1)[-1].split(":", 1)[0]
-            weights[role] = _array(layer[weight_name], f)
+            weights[role] = _array(layer[weight_name], f, budget)
+        key = name.replace("/", "_")
+        if weights and key in layers:  # the later one took the earlier one's place without a word
+            raise ModelRefused("wrong_architecture", f"two layers with weights are named {key!r} (with '/' as '_')")
         if weights:
-            layers[name.replace("/", "_")] = weights
+            layers[key] = weights
     return layers
 
 
@@ -107,7 +120,7 @@ def _is_rank_layout(f: Any) -> bool:
     return "layer_names" not in f.attrs and "model_weights" not in f and "layers" in f
 
 
-def _rank_layout(f: Any) -> KerasLayers:
+def _rank_layout(f: Any, budget: _ValueBudget) -> KerasLayers:
     """Keras 3's own layout: ``layers/<class>_<rank>/vars/<i>``, a nested model's under its own
     ``layers/`` (ranks counted in each model apart). The layers of each class are renumbered over the
     whole file, models in the order they are met."""
@@ -124,7 +137,7 @@ def _rank_layout(f: Any) -> KerasLayers:
                 seen.add(layer.id)
                 models.append(layer)
             elif len(layer.get("vars", ())):
-                arrays = [_array(layer["vars"][str(i)], f) for i in range(len(layer["vars"]))]
+                arrays = [_array(layer["vars"][str(i)], f, budget) for i in range(len(layer["vars"]))]
                 ranked.setdefault(_class_and_rank(name)[0], []).append(arrays)
     layers = {}
     for kind, each in ranked.items():
@@ -133,7 +146,22 @@ def _rank_layout(f: Any) -> KerasLayers:
     return KerasLayers(layers, by_rank=True)
 
 
-def _array(item: Any, f: Any) -> np.ndarray:
+@dataclass
+class _ValueBudget:
+    """The values a file's weights may still declare (``MAX_VALUES`` in all), counted before each is read."""
+
+    left: int = MAX_VALUES
+
+    def take(self, item: Any) -> None:
+        self.left -= int(item.size)
+        if self.left < 0:
+            raise ModelRefused(
+                "unreadable_weights",
+                f"the weights declare more than {MAX_VALUES:,} values (at {item.name}), many times DenseNet-121's",
+            )
+
+
+def _array(item: Any, f: Any, budget: _ValueBudget) -> np.ndarray:
     """A weight's values, from the file itself. HDF5 lets a dataset keep its bytes in another file
     (external storage, a virtual dataset, an external link), which h5py reads without a word: bytes
     of any file on the machine imported as weights, under the SHA-256 of a file that never held them."""
@@ -143,6 +171,7 @@ def _array(item: Any, f: Any) -> np.ndarray:
         raise ModelRefused("unreadable_weights", f"the weight {item.name} is not an array")
     if item.external or item.is_virtual or item.file != f:
         raise ModelRefused("unreadable_weights", f"the weight {item.name} keeps its values in another file")
+    budget.take(item)
     return np.asarray(item, dtype=np.float32)
 
 

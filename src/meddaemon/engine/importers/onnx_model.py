@@ -60,6 +60,8 @@ CPU_PROVIDER = "CPUExecutionProvider"
 #: ops between the feature map and the classifier that change neither values nor CAM
 _PASSTHROUGH = ("Flatten", "Reshape", "Squeeze", "Dropout", "Identity")
 _FLOAT = 1  # onnx.TensorProto.FLOAT
+#: onnx.TensorProto's floating-point types: FLOAT, FLOAT16, DOUBLE, BFLOAT16, the FLOAT8, FLOAT6 and FLOAT4 kinds
+_FLOATING_TYPES = frozenset({1, 10, 11, 16, 17, 18, 19, 20, 23, 24, 27, 28})
 
 
 Provider = str | tuple[str, dict[str, Any]]
@@ -408,13 +410,22 @@ def convert(source: Source, spec: TaskSpec, options: ImportOptions, out_dir: Pat
 def _check_outputs_option(graph: Any, output: str, outputs: str) -> None:
     """A graph whose output a Softmax or Sigmoid makes gives probabilities: read as logits, the task's
     activation went over them a second time (a 0.97 served as 0.58) without a word."""
-    last = next((node for node in graph.node if output in node.output), None)
+    producers = {name: node for node in graph.node for name in node.output}
+    last = producers.get(output)
+    while last is not None and last.op_type in (*_PASSTHROUGH, "Unsqueeze", "Cast") and last.input:
+        last = producers.get(last.input[0])  # an exporter's Identity or Reshape after the activation
     if outputs == "logits" and last is not None and last.op_type in ("Softmax", "Sigmoid"):
         raise ModelRefused(
             "contract_conflict",
             f"output {output!r} comes from a {last.op_type}: the graph gives probabilities, not logits; "
             "pass --outputs probabilities",
         )
+
+
+def _type_name(kind: int) -> str:
+    from onnx import TensorProto
+
+    return str(TensorProto.DataType.Name(kind)) if kind in TensorProto.DataType.values() else f"type {kind}"
 
 
 def _check_finite(graph: Any) -> None:
@@ -425,8 +436,10 @@ def _check_finite(graph: Any) -> None:
 
     bad = []
     for name, tensor in _weight_tensors(graph):
-        array = numpy_helper.to_array(tensor)
-        if np.issubdtype(array.dtype, np.floating) and not bool(np.isfinite(array).all()):
+        if tensor.data_type not in _FLOATING_TYPES:
+            continue
+        array = numpy_helper.to_array(tensor).astype(np.float32)  # bfloat16, float8: ml_dtypes numpy knows no float
+        if not bool(np.isfinite(array).all()):
             bad.append(name)
     if bad:
         raise ModelRefused(
@@ -535,6 +548,12 @@ def _check_output(graph: Any) -> tuple[str, int | None]:
     dims = _dims(value)
     if len(dims) != 2:
         raise ModelRefused("unsupported_onnx", f"output {value.name!r} has shape {dims}, not (batch, classes)")
+    kind = value.type.tensor_type.elem_type
+    if kind not in _FLOATING_TYPES:  # an int64 label read as a logit: every image at 0.5 or more
+        raise ModelRefused(
+            "unsupported_onnx",
+            f"output {value.name!r} holds {_type_name(kind)}, not scores: a floating-point output is needed",
+        )
     width = dims[1]
     return value.name, width if isinstance(width, int) and width > 0 else None
 
