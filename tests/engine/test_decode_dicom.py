@@ -882,3 +882,36 @@ def test_a_multi_valued_header_element_is_kept_as_dicom_writes_it(tmp_path):
     path = write_dicom(tmp_path / "two.dcm", modality="US", extra={"BodyPartExamined": ["BREAST", "CHEST"]})
     metadata = decode(path).metadata
     assert (metadata.body_part, metadata.modality) == ("BREAST\\CHEST", "US")
+
+
+def test_a_high_bit_that_is_not_bits_stored_minus_1_is_refused_not_read_as_other_bits(tmp_path):
+    """12 bits kept in the top of 16 (High Bit 15): pydicom reads the low 12, and the scan was inferred
+    on what was left of them (0.94 from the image at worst) without a word."""
+    values = (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)
+    path = write_dicom(tmp_path / "high.dcm", pixels=values << 4)
+    ds = dcmread(path)
+    ds.BitsStored, ds.HighBit = 12, 15
+    ds.save_as(path)
+    refused = failure(path)
+    assert refused.reason is FailureReason.CORRUPT_IMAGE and "High Bit 15" in refused.message
+
+
+@pytest.mark.parametrize(
+    ("written", "said", "pixels"),
+    [
+        ("RGB", "MONOCHROME2", np.full((16, 16, 3), (200, 50, 10), np.uint8)),  # three samples said grey
+        ("MONOCHROME2", "RGB", np.full((16, 16), 200, np.uint8)),  # one sample said colour
+    ],
+)
+def test_samples_per_pixel_that_contradict_the_photometric_interpretation_are_refused(
+    tmp_path, written: str, said: str, pixels: np.ndarray
+):
+    """Three samples said MONOCHROME2 went through the grey pipeline over the three together, (200, 50,
+    10) as (1.0, 0.21, 0.0): neither grey nor colour, and a colour model took it."""
+    path = write_dicom(tmp_path / "odd.dcm", pixels=pixels, photometric=written)
+    ds = dcmread(path)
+    ds.PhotometricInterpretation = said
+    ds.save_as(path)
+    refused = failure(path)
+    assert refused.reason is FailureReason.CORRUPT_IMAGE, refused
+    assert f"contradicts {said}" in refused.message

@@ -137,6 +137,7 @@ def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
     photometric = _photometric(ds, metadata, notes)
     if not transfer_syntax.is_encapsulated:
         _check_native_length(ds, pixel_keyword, transfer_syntax)
+        _check_high_bit(ds, pixel_keyword)
 
     index = _frame_index(ds, metadata.frames, options, notes)
     arr, decoded_as = _decode_pixels(decoder, ds, index, transfer_syntax)
@@ -364,6 +365,12 @@ def _photometric(ds: Dataset, metadata: ScanMetadata, notes: list[str]) -> str:
             FailureReason.UNSUPPORTED_PHOTOMETRIC,
             f"photometric interpretation {photometric or '(none)'} is not supported",
         )
+    samples = 1 if photometric in _GREY or photometric == "PALETTE COLOR" else 3
+    if metadata.samples_per_pixel != samples:  # read as it says, the image is neither grey nor colour
+        raise ScanFailure(
+            FailureReason.CORRUPT_IMAGE,
+            f"Samples per Pixel {metadata.samples_per_pixel} contradicts {photometric}, which has {samples}",
+        )
     return photometric
 
 
@@ -379,6 +386,18 @@ def _check_native_length(ds: Dataset, pixel_keyword: str, transfer_syntax: UID) 
         raise ScanFailure(
             FailureReason.TRUNCATED_PIXEL_DATA,
             f"{transfer_syntax.name} pixel data holds {actual} bytes, the header needs {expected}",
+        )
+
+
+def _check_high_bit(ds: Dataset, pixel_keyword: str) -> None:
+    """Stored bits end at High Bit, which PS3.3 C.7.6.3 holds at Bits Stored - 1: pydicom reads the
+    low Bits Stored bits whatever it says, other bits than the image's where it says otherwise."""
+    stored = _int(ds, "BitsStored", 0)
+    high = _int(ds, "HighBit", stored - 1)
+    if pixel_keyword == "PixelData" and stored > 0 and high != stored - 1:
+        raise ScanFailure(
+            FailureReason.CORRUPT_IMAGE,
+            f"High Bit {high} is not Bits Stored {stored} - 1: which bits hold the image is unknown",
         )
 
 
