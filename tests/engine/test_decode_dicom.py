@@ -915,3 +915,20 @@ def test_samples_per_pixel_that_contradict_the_photometric_interpretation_are_re
     refused = failure(path)
     assert refused.reason is FailureReason.CORRUPT_IMAGE, refused
     assert f"contradicts {said}" in refused.message
+
+
+def test_pixel_padding_is_left_out_of_the_min_max_and_takes_its_end(tmp_path):
+    """-2000 HU of padding around a CT's body (no window) stretched the min-max: the body was squeezed
+    into [0.36, 1] (PS3.3 C.7.5.1.1.2: padding is outside the image)."""
+    yy, xx = np.mgrid[:64, :64]
+    inside = (yy - 32) ** 2 + (xx - 32) ** 2 < 28**2
+    body = np.linspace(-1000, 1500, 64 * 64).reshape(64, 64)
+    stored = np.where(inside, body + 1024, -976).astype(np.int16)  # SYNTHETIC, padding at -2000 HU
+    path = write_dicom(tmp_path / "padded.dcm", pixels=stored, rescale=(1.0, -1024.0))
+    ds = dcmread(path)
+    ds.add_new("PixelPaddingValue", "SS", -976)
+    ds.save_as(path)
+    image = decode(path).frames[0]
+    hu = stored - 1024.0
+    expected = np.where(inside, (hu - hu[inside].min()) / np.ptp(hu[inside]), 0.0)
+    np.testing.assert_allclose(image, expected, atol=1e-5)

@@ -466,8 +466,9 @@ def _to_unit(
 
 def grey_to_unit(arr: np.ndarray, ds: Dataset, little_endian: bool, notes: list[str]) -> np.ndarray:
     """Modality LUT -> VOI LUT or first window (else min-max) -> [0, 1] -> MONOCHROME1 inversion."""
+    padding = _padding(arr, ds)
     values = _apply_modality(arr, ds, little_endian)
-    windowed, low, high = _apply_voi(values, ds, little_endian, notes)
+    windowed, low, high = _apply_voi(values, ds, little_endian, notes, padding)
     unit = unit_range(windowed, low, high)
     if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
         np.subtract(1.0, unit, out=unit)
@@ -529,12 +530,28 @@ def _has_window(ds: Dataset) -> bool:
     return ds.get("WindowCenter") not in (None, "") and ds.get("WindowWidth") not in (None, "")
 
 
+def _padding(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """The pixels Pixel Padding Value (to Pixel Padding Range Limit) marks as outside the image
+    (PS3.3 C.7.5.1.1.2), by their stored values; None without any, or where every pixel is."""
+    value, limit = ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit")
+    if value in (None, "") or arr.dtype.kind not in "iu":
+        return None
+    try:
+        low, high = sorted((int(value), int(value) if limit in (None, "") else int(limit)))
+    except (TypeError, ValueError):
+        return None
+    padding = (arr >= low) & (arr <= high)
+    return padding if padding.any() and not padding.all() else None
+
+
 def _apply_voi(
-    values: np.ndarray, ds: Dataset, little_endian: bool, notes: list[str]
+    values: np.ndarray, ds: Dataset, little_endian: bool, notes: list[str], padding: np.ndarray | None = None
 ) -> tuple[np.ndarray, float, float]:
     """Apply the first VOI transform; return it with the output range that maps to [0, 1]: the
     LUT's entries' range, or for a window pydicom's transform of -inf and +inf, so it always agrees
-    with how pydicom windowed the pixels. Without either, the finite values' own range.
+    with how pydicom windowed the pixels. Without either, the finite values' own range, the
+    ``padding`` pixels left out of it (-2000 HU around a CT's body squeezed the body into a third
+    of the range); they take its nearer end.
     """
     try:
         if _has_voi_lut(ds):
@@ -551,6 +568,9 @@ def _apply_voi(
         notes.append(f"VOI transform unusable ({type(exc).__name__}): min-max used instead")
     else:
         notes.append("no VOI LUT or window: min-max used")
+    if padding is not None:
+        notes.append("pixel padding left out of the min-max")
+        return values, *finite_range(values[~padding])
     return values, *finite_range(values)
 
 
