@@ -932,3 +932,25 @@ def test_pixel_padding_is_left_out_of_the_min_max_and_takes_its_end(tmp_path):
     hu = stored - 1024.0
     expected = np.where(inside, (hu - hu[inside].min()) / np.ptp(hu[inside]), 0.0)
     np.testing.assert_allclose(image, expected, atol=1e-5)
+
+
+def test_every_frame_of_an_enhanced_object_leaves_its_pixel_padding_out_of_the_shared_min_max(tmp_path):
+    """Its own min-max over the stack did not look at Pixel Padding Value: the bodies were squeezed
+    into [0.36, 1] where a classic object's were not."""
+    yy, xx = np.mgrid[:32, :32]
+    inside = (yy - 16) ** 2 + (xx - 16) ** 2 < 14**2
+    frames = np.stack([np.where(inside, 500 * i + 1024 + xx * 10, -976) for i in range(3)]).astype(np.int16)
+    enhanced = write_dicom(
+        tmp_path / "enhanced.dcm", pixels=frames, modality="CT",
+        extra={"SharedFunctionalGroupsSequence": Sequence([functional_groups((1.0, -1024.0), None)]),
+               "PerFrameFunctionalGroupsSequence": Sequence([functional_groups(None, None) for _ in range(3)])},
+    )  # fmt: skip
+    classic = write_dicom(tmp_path / "classic.dcm", pixels=frames, modality="CT", rescale=(1.0, -1024.0))
+    for path in (enhanced, classic):
+        ds = dcmread(path)
+        ds.add_new("PixelPaddingValue", "SS", -976)  # -2000 HU around the SYNTHETIC bodies
+        ds.save_as(path)
+
+    shown = decode(enhanced, frame_policy="all").frames
+    assert_close(shown, decode(classic, frame_policy="all").frames)
+    assert shown[:, inside].min() == 0.0 and shown[:, inside].max() == 1.0

@@ -312,6 +312,18 @@ def test_a_device_or_fifo_in_place_of_a_version_s_file_is_refused_unread(v1: Pat
     assert done[0].reason == "missing_file" and "not a regular file" in done[0].message
 
 
+@pytest.mark.parametrize("name", ["manifest.json", "model.safetensors"])
+def test_a_folder_in_place_of_a_version_s_file_is_refused_and_holds_no_descriptor(v1: Path, name: str):
+    """Opened before it was found a folder, its descriptor was never closed: one lost at every load."""
+    (v1 / name).unlink()
+    (v1 / name).mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        refused = refusal(v1)
+    assert refused.reason == "missing_file" and "not a regular file (a folder)" in refused.message
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 @pytest.mark.parametrize("reading", ["the manifest", "the weights"])
 def test_a_version_unread_while_the_process_is_out_of_descriptors_is_not_refused_for_good(v1: Path, reading: str):
     """Out of file descriptors, the daemon refused a good version as ``missing_file`` and never tried

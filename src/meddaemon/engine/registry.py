@@ -556,10 +556,15 @@ def _regular_file_bytes(path: Path, most: int | None = None) -> bytes:
     (to tell a file over ``most``). A device, a FIFO or a socket in its place is refused unread: a
     link to /dev/zero was read until memory ran out, a FIFO waited for a writer for ever."""
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO's open waits without it
-    with os.fdopen(descriptor, "rb") as file:
-        mode = os.fstat(file.fileno()).st_mode
+    try:
+        mode = os.fstat(descriptor).st_mode
         if not stat.S_ISREG(mode):
             raise ModelRefused("missing_file", f"{path} is not a regular file ({_file_kind(mode)})")
+        file = os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with file:
         return file.read() if most is None else file.read(most + 1)
 
 

@@ -571,3 +571,24 @@ def test_an_infinite_bfloat16_weight_is_refused_as_a_float32_one_is(tmp_path: Pa
     weight = helper.make_tensor("w16", TensorProto.BFLOAT16, [1, 1], [np.inf])
     error = refused(hand_made(nodes, [weight], tmp_path / "bf16.onnx"), tmp_path, task="busi_binary")
     assert error.reason == "non_finite_weights" and "w16" in error.message, error.message
+
+
+def test_a_finite_double_weight_past_float32_s_range_is_not_called_infinite(tmp_path: Path):
+    """Every weight was narrowed to float32 before the check: a clip bound of 1e300 was refused as
+    infinite."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["m", "w"], ["z"]),
+        helper.make_node("Cast", ["z"], ["zd"], to=TensorProto.DOUBLE),
+        helper.make_node("Min", ["zd", "cap"], ["capped"]),
+        helper.make_node("Cast", ["capped"], ["y"], to=TensorProto.FLOAT),
+    ]
+    weights = [
+        numpy_helper.from_array(np.array([[3.0]], np.float32), "w"),
+        numpy_helper.from_array(np.array(1e300, np.float64), "cap"),
+    ]
+    path = hand_made(nodes, weights, tmp_path / "capped.onnx")
+    manifest = convert_file(path, ImportOptions(task="busi_binary", image_size=SIZE), tmp_path / "v1")
+    assert manifest.architecture == "onnx"

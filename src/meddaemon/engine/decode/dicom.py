@@ -164,15 +164,18 @@ def _each_frame_to_unit(
     frames = [with_frame_groups(ds, i, said) for i in range(len(arr))]
     windowed = all(_has_voi_lut(shown) or _has_window(shown) for shown in frames)
     unit = np.empty(arr.shape, dtype=np.float32)  # one frame in float64 at a time, as the stack took
+    padded: np.ndarray | None = None  # the frames' Pixel Padding, left out of their min-max
     for i, (frame, shown) in enumerate(zip(arr, frames, strict=True)):
-        unit[i] = (
-            grey_to_unit(frame, shown, little_endian, said)
-            if windowed
-            else _apply_modality(frame, shown, little_endian)
-        )
+        if windowed:
+            unit[i] = grey_to_unit(frame, shown, little_endian, said)
+            continue
+        unit[i] = _apply_modality(frame, shown, little_endian)
+        if (padding := _padding(frame, shown)) is not None:
+            padded = np.zeros(arr.shape, dtype=bool) if padded is None else padded
+            padded[i] = padding
     if not windowed:
         said.append("not every frame has a window: min-max over all frames used")
-        unit = unit_range(unit, *finite_range(unit), in_place=True)
+        unit = unit_range(unit, *finite_range(unit if padded is None else unit[~padded]), in_place=True)
         if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
             np.subtract(1.0, unit, out=unit)
     notes += list(dict.fromkeys(said))
@@ -551,7 +554,7 @@ def _apply_voi(
     LUT's entries' range, or for a window pydicom's transform of -inf and +inf, so it always agrees
     with how pydicom windowed the pixels. Without either, the finite values' own range, the
     ``padding`` pixels left out of it (-2000 HU around a CT's body squeezed the body into a third
-    of the range); they take its nearer end.
+    of the range): padding outside that range is clipped to its nearer end.
     """
     try:
         if _has_voi_lut(ds):
