@@ -416,3 +416,31 @@ def test_a_folder_destination_that_does_not_exist_is_not_made_and_nothing_is_ack
     assert not share.exists()
     share.mkdir(parents=True)  # mounted
     assert all(d.acknowledged for d in sender.send(objects[:2]))
+
+
+def test_a_peer_that_stops_reading_mid_object_fails_the_send_within_its_timeout_not_for_ever(tmp_path: Path):
+    """pynetdicom's socket blocks once connected: a peer that stopped reading (a frozen switch: no
+    reset, no FIN) held the write of an object larger than the TCP buffers, and the sender with it,
+    for good; its DIMSE timeout's abort waited on that write too."""
+    from tcp_proxy import TcpProxy
+
+    small = write_dicom(tmp_path / "small.dcm", pixels=np.zeros((16, 16), np.uint8))
+    large = write_dicom(tmp_path / "large.dcm", pixels=np.zeros((4000, 4000), np.uint16))  # SYNTHETIC, 32 MB
+    scp = ScriptedScp()
+    proxy = TcpProxy(("127.0.0.1", scp.destination()["port"]))
+    answers: list[list[Delivery]] = []
+    try:
+        destination = DestinationConfig(**{**scp.destination(), "port": proxy.port, "timeout_seconds": 2.0})  # type: ignore[arg-type]
+        sender = DimseSender(destination)
+        assert sender.send([small]) == [Delivery(True)]
+        proxy.freeze()
+        sending = threading.Thread(target=lambda: answers.append(sender.send([large])), daemon=True)
+        sending.start()
+        sending.join(30)
+        assert not sending.is_alive(), "the send was still blocked 30 s after the peer stopped reading"
+    finally:
+        proxy.thaw()
+        proxy.close()
+        scp.stop()
+    [[answer]] = answers
+    assert not answer.acknowledged and not answer.permanent  # tried again at the next round

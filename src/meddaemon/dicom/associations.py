@@ -42,9 +42,12 @@ def handlers() -> list[tuple[Any, Any]]:
     return [(evt.EVT_DATA_SENT, _acknowledge_at_once)]
 
 
-def prompt(assoc: Any) -> None:
+def prompt(assoc: Any, timeout: float | None = None) -> None:
     """``TCP_NODELAY`` on an established association, and the peer's next segments acknowledged at
-    once (``handlers`` keep it so after each send)."""
+    once (``handlers`` keep it so after each send). ``timeout`` bounds each write to the socket,
+    which pynetdicom makes blocking once connected: a peer that stopped reading (a frozen switch, no
+    reset) held the write of a large object, and the sender with it, for good; timed out, the write
+    closes the connection (pynetdicom's Evt17) and the send fails, to be tried again."""
     raw = _raw_socket(assoc)
     if raw is None:
         return
@@ -52,6 +55,8 @@ def prompt(assoc: Any) -> None:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if TCP_QUICKACK is not None:
             raw.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
+    if timeout is not None:
+        raw.settimeout(timeout)
 
 
 def keep_answers(assoc: Any) -> None:

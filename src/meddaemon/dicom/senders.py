@@ -216,7 +216,7 @@ class DimseSender:
             why = "association rejected" if self.assoc.is_rejected else "association aborted or no connection"
             self._release()
             return Delivery(False, f"{why} {where}")
-        associations.prompt(self.assoc)
+        associations.prompt(self.assoc, timeout=d.timeout_seconds)
         associations.keep_answers(self.assoc)
         return None
 
