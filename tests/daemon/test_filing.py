@@ -272,3 +272,35 @@ def test_recovery_removes_the_half_made_copy_a_killed_daemon_left_and_keeps_a_li
     live.write_bytes(b"synthetic, being written")
     assert filing.remove_unfinished_copies([folder / "scan.dcm", folder / "other.dcm"]) == [left]
     assert not left.exists() and live.exists()
+
+
+@SECOND_FILESYSTEM
+def test_a_copy_across_filesystems_is_made_durable_in_its_folders_before_its_source_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The copy's rename, and the folders made for it, were never fsynced before the source was
+    unlinked on its own file system: a power cut could leave the file in neither."""
+    from meddaemon import files
+
+    calls: list[tuple[str, Path]] = []
+    real_fsync_dir, real_unlink = files.fsync_dir, os.unlink
+
+    def fsync_dir(path: Path, strict: bool = False) -> None:
+        calls.append(("fsync", Path(path)))
+        real_fsync_dir(path, strict)
+
+    def unlink(path: Path, *args: object, **kwargs: object) -> None:
+        calls.append(("unlink", Path(path)))
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(filing, "fsync_dir", fsync_dir, raising=False)
+    monkeypatch.setattr(files, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(filing.os, "unlink", unlink)
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
+        src = Path(other) / "scan.png"
+        src.write_bytes(b"SYNTHETIC" * 100)
+        target = tmp_path / "work" / "ab" / "scan.png"
+        assert finish_move(src, target) is MoveOutcome.MOVED
+        removed = calls.index(("unlink", src))
+    made_durable = {path for what, path in calls[:removed] if what == "fsync"}
+    assert {target.parent, tmp_path / "work", tmp_path} <= made_durable  # the name, and each new folder's

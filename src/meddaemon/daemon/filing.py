@@ -19,7 +19,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
-from meddaemon.files import remove_stale_temporaries, temporary_path
+from meddaemon.files import fsync_dir, make_folders, remove_stale_temporaries, temporary_path
 from meddaemon.names import NAME_MAX, fitted, split_extension
 
 #: times ``finish_move`` makes the target's folder again when it was removed as empty meanwhile
@@ -154,12 +154,13 @@ def finish_move(source: Path, target: Path, alive: Callable[[], None] = lambda: 
     if target_there:
         # a cross-device copy that completed its rename but not the unlink of its source
         if _same_bytes(source, target):
+            fsync_dir(target.parent, strict=True)  # the killed daemon's rename may not be durable yet
             os.unlink(source)
             return MoveOutcome.ALREADY_DONE
         raise FileExistsError(errno.EEXIST, "a different file already has the target name", str(target))
     retries = 0
     while True:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(target.parent, durable=True)  # a copy to another file system is only as durable as its folders
         try:
             os.rename(source, target)
         except FileNotFoundError:
@@ -194,8 +195,8 @@ def remove_emptied_shard(folder: Path, root: Path) -> bool:
 
 
 def _copy_across_devices(source: Path, target: Path, alive: Callable[[], None]) -> None:
-    """A move to another file system: a copy beside ``target``, durable, renamed over it, then the
-    source unlinked. What the source is decides how, never what reading it gives: a link is made
+    """A move to another file system: a copy beside ``target``, durable, renamed over it, the rename
+    made durable, then the source unlinked. What the source is decides how, never what reading it gives: a link is made
     again, a FIFO, socket or device node too (``mknod``: a /dev/zero node was read until the state
     disk filled, a FIFO was refused at every rescan), and a regular file keeps its holes (a sparse
     10 GB file, nothing on disk, was copied as 10 GB of zeros). A copy the target's file system has
@@ -215,6 +216,7 @@ def _copy_across_devices(source: Path, target: Path, alive: Callable[[], None]) 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    fsync_dir(target.parent, strict=True)  # the copy's name durable before the source goes on its own file system
     os.unlink(source)
 
 
