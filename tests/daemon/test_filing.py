@@ -274,12 +274,7 @@ def test_recovery_removes_the_half_made_copy_a_killed_daemon_left_and_keeps_a_li
     assert not left.exists() and live.exists()
 
 
-@SECOND_FILESYSTEM
-def test_a_copy_across_filesystems_is_made_durable_in_its_folders_before_its_source_is_removed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    """The copy's rename, and the folders made for it, were never fsynced before the source was
-    unlinked on its own file system: a power cut could leave the file in neither."""
+def recording_folder_fsyncs_and_unlinks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Path]]:
     from meddaemon import files
 
     calls: list[tuple[str, Path]] = []
@@ -296,11 +291,37 @@ def test_a_copy_across_filesystems_is_made_durable_in_its_folders_before_its_sou
     monkeypatch.setattr(filing, "fsync_dir", fsync_dir, raising=False)
     monkeypatch.setattr(files, "fsync_dir", fsync_dir)
     monkeypatch.setattr(filing.os, "unlink", unlink)
+    return calls
+
+
+@SECOND_FILESYSTEM
+@pytest.mark.parametrize("to", ["work/ab/scan.png", "failed/busi/study/scan.png"])
+def test_a_copy_across_filesystems_is_made_durable_in_its_folders_before_its_source_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, to: str
+):
+    """The copy's rename, and the folders made for it (by the move, or by the reason file written
+    before a failed file's move), were never fsynced before the source was unlinked on its own file
+    system: a power cut could leave the file in neither."""
+    calls = recording_folder_fsyncs_and_unlinks(monkeypatch)
+    target = tmp_path / to
+    if to.startswith("failed/"):
+        filing.write_reason(target, {"reason": "corrupt_image"})
     with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
         src = Path(other) / "scan.png"
         src.write_bytes(b"SYNTHETIC" * 100)
-        target = tmp_path / "work" / "ab" / "scan.png"
         assert finish_move(src, target) is MoveOutcome.MOVED
         removed = calls.index(("unlink", src))
     made_durable = {path for what, path in calls[:removed] if what == "fsync"}
-    assert {target.parent, tmp_path / "work", tmp_path} <= made_durable  # the name, and each new folder's
+    every_folder_of_it = {folder for folder in target.parents if folder.is_relative_to(tmp_path)}
+    assert every_folder_of_it <= made_durable, sorted(every_folder_of_it - made_durable)
+
+
+def test_a_rename_within_one_file_system_fsyncs_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Lost in a power cut, a rename leaves the source where it was: a folder fsync for each file
+    (its shard made anew) was a cost with nothing to show for it."""
+    calls = recording_folder_fsyncs_and_unlinks(monkeypatch)
+    src = tmp_path / "inbox" / "scan.png"
+    src.parent.mkdir()
+    src.write_bytes(b"SYNTHETIC")
+    assert finish_move(src, tmp_path / "work" / "ab" / "scan.png") is MoveOutcome.MOVED
+    assert calls == []

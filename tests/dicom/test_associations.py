@@ -188,3 +188,14 @@ def test_an_answer_the_reactor_thread_takes_still_reaches_the_waiting_c_store(tm
     else:  # pynetdicom alone: an answer the peer gave is lost, the association aborted after the DIMSE timeout
         lost = statuses.index(None)
         assert str(datasets[lost].SOPInstanceUID) in scp.stored
+
+
+def test_an_association_whose_socket_the_peer_closed_meanwhile_is_set_up_without_an_error():
+    """The peer may close the connection just after accepting: the socket's timeout, set outside the
+    guard of the other options, raised EBADF out of a sender that never raises."""
+    from types import SimpleNamespace
+
+    closed = socket.socket()
+    closed.close()
+    association = SimpleNamespace(dul=SimpleNamespace(socket=SimpleNamespace(socket=closed)))
+    associations.prompt(association, timeout=2.0)  # the send that follows finds it dropped

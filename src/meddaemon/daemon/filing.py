@@ -19,7 +19,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
-from meddaemon.files import fsync_dir, make_folders, remove_stale_temporaries, temporary_path
+from meddaemon.files import fsync_dir, remove_stale_temporaries, temporary_path
 from meddaemon.names import NAME_MAX, fitted, split_extension
 
 #: times ``finish_move`` makes the target's folder again when it was removed as empty meanwhile
@@ -154,13 +154,13 @@ def finish_move(source: Path, target: Path, alive: Callable[[], None] = lambda: 
     if target_there:
         # a cross-device copy that completed its rename but not the unlink of its source
         if _same_bytes(source, target):
-            fsync_dir(target.parent, strict=True)  # the killed daemon's rename may not be durable yet
+            _durable_on_its_file_system(target.parent)  # the killed daemon's rename may not be yet
             os.unlink(source)
             return MoveOutcome.ALREADY_DONE
         raise FileExistsError(errno.EEXIST, "a different file already has the target name", str(target))
     retries = 0
     while True:
-        make_folders(target.parent, durable=True)  # a copy to another file system is only as durable as its folders
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(source, target)
         except FileNotFoundError:
@@ -195,7 +195,7 @@ def remove_emptied_shard(folder: Path, root: Path) -> bool:
 
 
 def _copy_across_devices(source: Path, target: Path, alive: Callable[[], None]) -> None:
-    """A move to another file system: a copy beside ``target``, durable, renamed over it, the rename
+    """A move to another file system: a copy beside ``target``, durable, renamed over it, its folders
     made durable, then the source unlinked. What the source is decides how, never what reading it gives: a link is made
     again, a FIFO, socket or device node too (``mknod``: a /dev/zero node was read until the state
     disk filled, a FIFO was refused at every rescan), and a regular file keeps its holes (a sparse
@@ -216,8 +216,23 @@ def _copy_across_devices(source: Path, target: Path, alive: Callable[[], None]) 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(target.parent, strict=True)  # the copy's name durable before the source goes on its own file system
+    _durable_on_its_file_system(target.parent)  # before the source goes, on a file system of its own
     os.unlink(source)
+
+
+def _durable_on_its_file_system(folder: Path) -> None:
+    """The names in ``folder``, and each folder's own name in its parent up to the root of its file
+    system, made durable: the copy of a file whose source is about to be unlinked elsewhere, in
+    folders this move, a reason file or another writer may have just made (a folder fsync with
+    nothing new in it costs next to nothing). A rename within one file system needs none of this:
+    lost in a power cut, it leaves the source where it was."""
+    device = folder.stat().st_dev
+    while True:
+        fsync_dir(folder, strict=True)
+        parent = folder.parent
+        if parent == folder or parent.stat().st_dev != device:
+            return
+        folder = parent
 
 
 def remove_unfinished_copies(targets: Iterable[Path]) -> list[Path]:

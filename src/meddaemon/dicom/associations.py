@@ -56,7 +56,8 @@ def prompt(assoc: Any, timeout: float | None = None) -> None:
         if TCP_QUICKACK is not None:
             raw.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
     if timeout is not None:
-        raw.settimeout(timeout)
+        with contextlib.suppress(OSError):  # closed meanwhile by the peer: the send finds it dropped
+            raw.settimeout(timeout)
 
 
 def keep_answers(assoc: Any) -> None:

@@ -174,6 +174,7 @@ def _each_frame_to_unit(
             padded = np.zeros(arr.shape, dtype=bool) if padded is None else padded
             padded[i] = padding
     if not windowed:
+        padded = _some_padding(padded)  # a frame all padding is left out too
         said.append("not every frame has a window: min-max over all frames used")
         unit = unit_range(unit, *finite_range(unit if padded is None else unit[~padded]), in_place=True)
         if str(ds.PhotometricInterpretation).upper() == "MONOCHROME1":
@@ -469,7 +470,7 @@ def _to_unit(
 
 def grey_to_unit(arr: np.ndarray, ds: Dataset, little_endian: bool, notes: list[str]) -> np.ndarray:
     """Modality LUT -> VOI LUT or first window (else min-max) -> [0, 1] -> MONOCHROME1 inversion."""
-    padding = _padding(arr, ds)
+    padding = _some_padding(_padding(arr, ds))
     values = _apply_modality(arr, ds, little_endian)
     windowed, low, high = _apply_voi(values, ds, little_endian, notes, padding)
     unit = unit_range(windowed, low, high)
@@ -535,7 +536,7 @@ def _has_window(ds: Dataset) -> bool:
 
 def _padding(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
     """The pixels Pixel Padding Value (to Pixel Padding Range Limit) marks as outside the image
-    (PS3.3 C.7.5.1.1.2), by their stored values; None without any, or where every pixel is."""
+    (PS3.3 C.7.5.1.1.2), by their stored values; None without a Pixel Padding Value."""
     value, limit = ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit")
     if value in (None, "") or arr.dtype.kind not in "iu":
         return None
@@ -543,8 +544,12 @@ def _padding(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
         low, high = sorted((int(value), int(value) if limit in (None, "") else int(limit)))
     except (TypeError, ValueError):
         return None
-    padding = (arr >= low) & (arr <= high)
-    return padding if padding.any() and not padding.all() else None
+    return (arr >= low) & (arr <= high)
+
+
+def _some_padding(padding: np.ndarray | None) -> np.ndarray | None:
+    """``padding`` where it marks some pixels but not all of an image (or of a stack of frames)."""
+    return padding if padding is not None and padding.any() and not padding.all() else None
 
 
 def _apply_voi(
