@@ -1,9 +1,10 @@
 """The pictures of the console: the scan as stored, its heatmaps as transparent colour layers, thumbnails.
 
 The scan page stacks the heatmap layer (a jet-coloured PNG whose alpha grows with the map, as in
-the overlay JPEGs of ``meddaemon.overlays``) over the scan resized to the map's size, the model
-input's, which is the geometry the model saw (``engine/preprocess.py`` resizes without cropping);
-the opacity slider changes the layer's CSS opacity. The decoders are imported when a picture is first asked for.
+the overlay JPEGs of ``meddaemon.overlays``) over the part of the scan the model saw (the whole of
+it, or its centre crop with ``resize_then_crop``: ``InputContract.shown_window``) resized to the
+map's size, the model input's; the opacity slider changes the layer's CSS opacity. The decoders
+are imported when a picture is first asked for.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from meddaemon.engine.overlay import jet
 if TYPE_CHECKING:
     from meddaemon.config import Settings
     from meddaemon.engine.decode.types import DecodeOptions
+    from meddaemon.engine.tasks import InputContract
     from meddaemon.web.queries import HeatmapFiles
 
 #: longest side of a picture on the scan page, and of a thumbnail
@@ -39,10 +41,12 @@ def scan_png(
     size: tuple[int, int] | None = None,
     side: int = VIEW_SIDE,
     sha256: str | None = None,
+    contract: InputContract | None = None,
 ) -> bytes:
     """The stored scan (its key frame) as an 8-bit PNG: resized to ``size`` (width, height) when given,
-    then fitted within ``side`` pixels. ``sha256``: a file read where it lies must still hold these bytes."""
-    return _scan_png(_stored_bytes(path, options, sha256), path, options, size, side)
+    the part of it ``contract``'s model input shows, then fitted within ``side`` pixels. ``sha256``: a
+    file read where it lies must still hold these bytes."""
+    return _scan_png(_stored_bytes(path, options, sha256), path, options, size, side, contract)
 
 
 def _stored_bytes(path: Path, options: DecodeOptions, sha256: str | None = None) -> bytes:
@@ -63,7 +67,14 @@ def _stored_bytes(path: Path, options: DecodeOptions, sha256: str | None = None)
     return data
 
 
-def _scan_png(data: bytes, path: Path, options: DecodeOptions, size: tuple[int, int] | None, side: int) -> bytes:
+def _scan_png(
+    data: bytes,
+    path: Path,
+    options: DecodeOptions,
+    size: tuple[int, int] | None,
+    side: int,
+    contract: InputContract | None = None,
+) -> bytes:
     from meddaemon.engine.decode import decode_bytes  # the decoders, on first use
 
     try:
@@ -74,7 +85,11 @@ def _scan_png(data: bytes, path: Path, options: DecodeOptions, size: tuple[int, 
     pixels = frames[len(frames) // 2]
     image = Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8))
     if size is not None:  # the map's aspect (the model's input), at the page's size: not the map's coarse grid
-        image = image.resize(_fitted(size, side), Image.Resampling.BILINEAR)
+        top, left, rows, columns = (
+            contract.shown_window(image.height, image.width) if contract else (0, 0, image.height, image.width)
+        )
+        box = (left, top, left + columns, top + rows)
+        image = image.resize(_fitted(size, side), Image.Resampling.BILINEAR, box=box)
         return _png(image)
     return _png(_fit(image, side))
 

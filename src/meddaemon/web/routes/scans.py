@@ -8,6 +8,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from meddaemon.db.models import row_id
+from meddaemon.engine.tasks import InputContract
 from meddaemon.web import images, queries
 from meddaemon.web.app import Console, path_row_id, render
 
@@ -49,16 +50,18 @@ def scan_image(request: Request) -> Response:
         raise HTTPException(404, NOT_FOUND.format(id=scan_id))
     if found.path is None:
         raise HTTPException(404, f"No file of scan {scan_id} was kept.")
-    size = None
+    size, contract = None, None
     map_id = request.query_params.get("map", "")
     heatmap_id = row_id(map_id)
     if heatmap_id is not None:
         files = console.read(lambda s: queries.heatmap_files(s, heatmap_id))
         if files is not None and files.scan_id == scan_id and files.map_size is not None:
             size = (files.map_size[1], files.map_size[0])
+            contract = InputContract.from_dict(files.contract) if files.contract else None
     try:
         path = console.settings.stored_file(found.path)
-        return _png(images.scan_png(path, console.settings.decode_options, size, sha256=found.sha256))
+        options = console.settings.decode_options
+        return _png(images.scan_png(path, options, size, sha256=found.sha256, contract=contract))
     except images.NoPicture as exc:
         raise HTTPException(404, str(exc)) from None
 
