@@ -637,15 +637,21 @@ def test_every_frame_of_an_enhanced_object_is_shown_through_its_own_functional_g
     assert shown.notes.count("rescale and window read from the frame's functional groups") == 1
 
 
-def test_frames_of_an_enhanced_object_without_a_window_share_one_min_max_as_a_classic_object_s_do(tmp_path):
-    """Each frame was stretched to its own min-max: how bright a frame is beside the others was lost."""
-    frames = synthetic_frames(3)
+def enhanced_and_classic_ct(tmp_path: Path, frames: np.ndarray) -> tuple[Path, Path]:
+    """The same frames as an Enhanced CT (its rescale in the shared functional groups, no window)
+    and as a classic multi-frame CT (its rescale at the top level)."""
     enhanced = write_dicom(
         tmp_path / "enhanced.dcm", pixels=frames, modality="CT",
         extra={"SharedFunctionalGroupsSequence": Sequence([functional_groups((1.0, -1024.0), None)]),
-               "PerFrameFunctionalGroupsSequence": Sequence([functional_groups(None, None) for _ in range(3)])},
+               "PerFrameFunctionalGroupsSequence": Sequence([functional_groups(None, None) for _ in frames])},
     )  # fmt: skip
     classic = write_dicom(tmp_path / "classic.dcm", pixels=frames, modality="CT", rescale=(1.0, -1024.0))
+    return enhanced, classic
+
+
+def test_frames_of_an_enhanced_object_without_a_window_share_one_min_max_as_a_classic_object_s_do(tmp_path):
+    """Each frame was stretched to its own min-max: how bright a frame is beside the others was lost."""
+    enhanced, classic = enhanced_and_classic_ct(tmp_path, synthetic_frames(3))
 
     assert_close(decode(enhanced, frame_policy="all").frames, decode(classic, frame_policy="all").frames)
 
@@ -945,12 +951,7 @@ def test_every_frame_of_an_enhanced_object_leaves_its_pixel_padding_out_of_the_s
     frames = np.stack([np.where(inside, 500 * i + 1024 + xx * 10, -976) for i in range(3)]).astype(np.int16)
     if a_frame_all_padding:
         frames[0] = -976
-    enhanced = write_dicom(
-        tmp_path / "enhanced.dcm", pixels=frames, modality="CT",
-        extra={"SharedFunctionalGroupsSequence": Sequence([functional_groups((1.0, -1024.0), None)]),
-               "PerFrameFunctionalGroupsSequence": Sequence([functional_groups(None, None) for _ in range(3)])},
-    )  # fmt: skip
-    classic = write_dicom(tmp_path / "classic.dcm", pixels=frames, modality="CT", rescale=(1.0, -1024.0))
+    enhanced, classic = enhanced_and_classic_ct(tmp_path, frames)
     for path in (enhanced, classic):
         ds = dcmread(path)
         ds.add_new("PixelPaddingValue", "SS", -976)  # -2000 HU around the SYNTHETIC bodies
