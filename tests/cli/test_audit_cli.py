@@ -376,3 +376,15 @@ def test_by_takes_a_column_as_spelt_in_the_file(busi, tmp_path):
     result = run("--db", db_url, "--labels", str(spelt), "--bootstrap", "0", "--json", "--by", "patient sex")
     assert result.exit_code == 0, result.output
     assert {g["level"] for g in json.loads(result.stdout)["subgroups"]} == {"F", "M"}
+
+
+def test_standard_output_that_cannot_be_written_is_named_so(busi):
+    """A full disk or a closed pipe behind stdout has no file name: 'audit 16 is stored, but None'."""
+    db_url, labels, _, _ = busi
+    command = [sys.executable, "-m", "meddaemon.cli.medcli", "audit", "--db", db_url, "--labels", str(labels)]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [*command, "--bootstrap", "0"], stdout=full, stderr=subprocess.PIPE, text=True, timeout=300
+        )
+    assert done.returncode == 1, done.stderr
+    assert re.search(r"audit \d+ is stored, but standard output: No space left on device", done.stderr), done.stderr

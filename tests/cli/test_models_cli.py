@@ -100,12 +100,15 @@ def test_a_duplicate_an_unknown_version_and_an_unknown_task_are_usage_errors(run
     naming a version taken is the folder's refusal: exit 1."""
     folder = save(tmp_path / "src" / "v1", "v1", 1)
     run("import", str(folder))
-    assert "duplicate_version" in run("import", str(folder), code=1).stderr  # the folder's own name: refused
+    taken = run("import", str(folder), code=1).stderr  # the folder's own name: refused
+    # it said "give the new model another version", which --version cannot do for a folder
+    assert "duplicate_version" in taken and f"import {folder / 'model.safetensors'} as a FILE" in taken
+    assert "--version applies to a model FILE" in run("import", str(folder), "--version", "v2", code=2).stderr
     checkpoint = tmp_path / "model.pth"
     torch.save(build_model("small_cnn", 1, 3).state_dict(), checkpoint)
     as_file = ("import", str(checkpoint), "--task", "busi", "--arch", "small_cnn", "--version", "f1")
     run(*as_file)
-    assert "duplicate_version" in run(*as_file, code=2).stderr
+    assert "give it another --version" in run(*as_file, code=2).stderr
     assert "refused (unknown_task)" in run("import", str(checkpoint), "--task", "nope", code=2).stderr
     mislabelled = run("import", str(checkpoint), "--task", "busi", "--labels", "benign,malignnt,normal", code=2)
     assert "refused (task_mismatch)" in mislabelled.stderr

@@ -207,7 +207,8 @@ def audit(
                 write_and_keep_pdf(session_factory(engine), audit_id, result, pdf_path)
             _outputs(result, audit_id, as_json, csv_path, pdf_path)
         except OSError as exc:
-            click.echo(f"error: audit {audit_id} is stored, but {exc.filename}: {exc.strerror}", err=True)
+            where = exc.filename or "standard output"  # a full disk or a closed pipe behind stdout: no file name
+            click.echo(f"error: audit {audit_id} is stored, but {where}: {exc.strerror}", err=True)
             sys.exit(EXIT_FAILURE)
     finally:
         engine.dispose()

@@ -9,7 +9,7 @@ The registry (and torch with it) is imported only when a ``models`` command runs
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -52,8 +52,14 @@ def _registry() -> ModuleType:
     return registry
 
 
-def _in_transaction(settings: Settings, work: Callable[[Session], T], usage: frozenset[str] = USAGE_REASONS) -> T:
-    """``work`` in one transaction; a refusal or registry error exits 2 when its reason is in ``usage``, else 1."""
+def _in_transaction(
+    settings: Settings,
+    work: Callable[[Session], T],
+    usage: frozenset[str] = USAGE_REASONS,
+    hints: Mapping[str, str] | None = None,
+) -> T:
+    """``work`` in one transaction; a refusal or registry error exits 2 when its reason is in ``usage``,
+    else 1, its message followed by what to do where ``hints`` says it for its reason."""
     registry = _registry()
     engine = open_database(settings)
     try:
@@ -64,7 +70,8 @@ def _in_transaction(settings: Settings, work: Callable[[Session], T], usage: fro
             click.echo(f"refused ({exc.reason}): {exc.message}", err=True)
             sys.exit(EXIT_USAGE if exc.reason in usage else EXIT_FAILURE)
         except registry.RegistryError as exc:
-            click.echo(f"error ({exc.reason}): {exc.message}", err=True)
+            hint = (hints or {}).get(exc.reason)
+            click.echo(f"error ({exc.reason}): {exc.message}" + (f"; {hint}" if hint else ""), err=True)
             sys.exit(EXIT_USAGE if exc.reason in usage else EXIT_FAILURE)
     finally:
         engine.dispose()
@@ -256,7 +263,8 @@ def import_cmd(
         given = [name for name, value in file_options.items() if value is not None]
         if given:
             raise click.UsageError(
-                f"{', '.join(given)} apply to a model FILE; the version folder {path} carries its own manifest"
+                f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to a model FILE; the version folder "
+                f"{path} carries its own manifest"
             )
 
         def work(session: Session) -> Any:
@@ -265,6 +273,10 @@ def import_cmd(
             )
 
         usage = USAGE_REASONS
+        hints = {
+            "duplicate_version": f"the folder's manifest names that version: to register its weights as another, "
+            f"import {path / 'model.safetensors'} as a FILE with --task and --version"
+        }
 
     else:
         if task is None:
@@ -294,12 +306,13 @@ def import_cmd(
             )
 
         usage = FILE_USAGE_REASONS
+        hints = {"duplicate_version": "give it another --version"}
 
     def summary(session: Session) -> dict[str, Any]:
         row = work(session)
         return {**registry.version_summary(row, settings.state_dir), "manifest": row.manifest}
 
-    data = _in_transaction(settings, summary, usage)
+    data = _in_transaction(settings, summary, usage, hints)
     manifest = data.pop("manifest")
     if as_json:
         echo_json({**data, "provenance": manifest.get("provenance", {}), "heatmaps": manifest.get("heatmaps", True)})

@@ -59,6 +59,8 @@ FILES_PER_TASK = 4
 @dataclass
 class RunStats:
     routed: int = 0
+    #: of the scans routed, those that got their result in this run (the others wait for a model)
+    inferred: int = 0
     duplicates: int = 0
     failed: int = 0
     started: float = field(default_factory=time.monotonic)

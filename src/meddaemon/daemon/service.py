@@ -284,10 +284,11 @@ class Daemon:
                 self._sign_off()
             self.engine.dispose()
             self._restore_signal_handlers(previous_handlers)
+        self.stats.inferred = self.stage.inferred
         log.info(
             "stopped: %d routed, %d inferred, %d duplicates, %d failed in %.1f s",
             self.stats.routed,
-            self.stage.inferred,
+            self.stats.inferred,
             self.stats.duplicates,
             self.stats.failed,
             time.monotonic() - self.stats.started,

@@ -824,7 +824,7 @@ def import_version(
         raise RegistryError(
             "duplicate_version",
             f"{manifest.task}/{manifest.version} is already registered ({existing.status}, sha256 "
-            f"{existing.sha256[:12]}); give the new model another version",
+            f"{existing.sha256[:12]})",
         )
 
     unresolved = version_dir(registry_root, manifest.task, manifest.version)  # under state_dir as given
