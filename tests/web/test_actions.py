@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
@@ -134,3 +135,64 @@ def test_retire_takes_a_version_out_of_service(fresh_root):
         "refused",
         "refused",
     ]
+
+
+@pytest.mark.postgres
+def test_a_promote_from_the_console_waits_for_a_cli_holding_the_task_and_is_done_not_deadlocked(
+    postgres_url, postgres_admin, tmp_path: Path
+):
+    """The console locked the version's row, then the task's; the CLI and the registry lock the task's
+    first: a CLI retire or promote of the same version at that moment deadlocked with it, and
+    PostgreSQL killed one (the console's recorded as failed, with the SQL of the statement)."""
+    import threading
+    import time
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
+
+    from meddaemon.db.migrate import upgrade
+
+    settings = web_settings(tmp_path, db=postgres_url)
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    with transaction(session_factory(engine)) as session:
+        for version in ("v1", "v2"):
+            registry.import_version(session, write_model(tmp_path / version, version=version), settings.models_dir)
+        registry.promote(session, "busi", "v1")
+    engine.dispose()
+    client = signed_in(create_app(settings), "admin")
+    csrf = csrf_of(client.get("/models").text)
+
+    cli = create_engine(postgres_url)  # a second session, where medcli would hold its locks
+    with cli.connect() as conn:
+        transaction_ = conn.begin()
+        conn.execute(text("SELECT name FROM tasks WHERE name = 'busi' FOR UPDATE"))
+        posted = threading.Thread(
+            target=lambda: client.post("/models/busi/v2/promote", data={"confirm": "busi/v2", "csrf": csrf}),
+            daemon=True,
+        )
+        posted.start()
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        deadline = time.monotonic() + 30
+        while conn.execute(text(waiting)).scalar() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            conn.execute(text("SELECT id FROM model_versions WHERE version = 'v2' FOR UPDATE"))  # as a retire would
+            transaction_.commit()
+            deadlocked = False
+        except OperationalError:  # PostgreSQL killed this side of the deadlock
+            transaction_.rollback()
+            deadlocked = True
+    cli.dispose()
+    posted.join(60)
+    assert not deadlocked
+
+    engine = create_db_engine(postgres_url)
+    with session_factory(engine)() as session:
+        [action] = session.scalars(select(WebAction)).all()
+        active = session.scalars(select(ModelVersion.version).where(ModelVersion.status == "active")).all()
+    engine.dispose()
+    assert (action.action, action.outcome) == ("promote", "done"), action.detail
+    assert active == ["v2"]

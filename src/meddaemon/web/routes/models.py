@@ -16,7 +16,7 @@ from starlette.routing import Route
 from meddaemon.db.models import row_id
 from meddaemon.engine.card import figure_type, read_card
 from meddaemon.web import actions, queries
-from meddaemon.web.app import Console, render
+from meddaemon.web.app import Console, one_line, render
 from meddaemon.web.cards import card_html
 
 VERBS = {"promote": "Promote", "retire": "Retire"}
@@ -90,29 +90,35 @@ async def act(request: Request) -> Response:
     console: Console = request.app.state.console
 
     def work() -> int:
-        from meddaemon.db.engine import transaction
+        from meddaemon.db.engine import transaction, with_lock_retry
         from meddaemon.engine import registry
 
         target = f"{task}/{version}"
-        done_before = ""
-        try:
+
+        def transact() -> tuple[str, str]:
+            """(what it did, or "" and why it did nothing), in one transaction, tried again past a lock."""
             with transaction(console.writer()) as session:
+                # the task's row before the version's, as medcli and the registry lock them: the other
+                # order deadlocked with a medcli promote or retire of the same version
+                registry.lock_task(session, task)
                 # a stale page, a second tab, a double submit: recorded as what it did, nothing
                 status = registry.get_version(session, task, version, for_update=True).status
                 if status == {"promote": "active", "retire": "retired"}[verb]:
-                    done_before = f"{target} is {status} already: nothing done"
-                elif verb == "promote":
+                    return "", f"{target} is {status} already: nothing done"
+                if verb == "promote":
                     registry.promote(session, task, version, state_dir=console.settings.state_dir)
-                    detail = f"{target} is the active model of {task}"
-                else:
-                    registry.retire(session, task, version)
-                    detail = f"{target} is retired"
+                    return f"{target} is the active model of {task}", ""
+                registry.retire(session, task, version)
+                return f"{target} is retired", ""
+
+        try:
+            detail, done_before = with_lock_retry(transact)
         except registry.RegistryError as exc:  # ModelRefused too: verification failed
             return actions.record(
                 request, user, verb, target, actions.REFUSED, f"refused ({exc.reason}): {exc.message}"
             )
         except Exception as exc:
-            return actions.record(request, user, verb, target, actions.FAILED, f"{type(exc).__name__}: {exc}")
+            return actions.record(request, user, verb, target, actions.FAILED, f"{type(exc).__name__}: {one_line(exc)}")
         if done_before:
             return actions.record(request, user, verb, target, actions.REFUSED, done_before)
         return actions.record(request, user, verb, target, actions.DONE, detail)
