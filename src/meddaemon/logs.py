@@ -43,3 +43,10 @@ def quiet_value_quoting_libraries() -> None:
         warnings.filterwarnings("ignore", module=rf"{name}(\..*)?")
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=UserWarning, message=r".*(VR|value|Invalid|Expected).*")
+
+
+def error_line(exc: BaseException) -> str:
+    """An error's message on one line of at most 300 characters: the driver's own (``orig``) where
+    SQLAlchemy wraps one, which leaves out the statement and its parameters."""
+    text = str(getattr(exc, "orig", None) or exc)
+    return " ".join(text.split())[:300]

@@ -27,6 +27,7 @@ from meddaemon.db.clock import db_clock
 from meddaemon.db.migrate import alembic_config, current_revision, head_revision
 from meddaemon.db.models import DaemonInstance, Scan, utcnow
 from meddaemon.failures import NOT_AN_IMAGE
+from meddaemon.logs import error_line
 
 Status = Literal["ok", "degraded", "down"]
 OK: Status = "ok"
@@ -123,7 +124,7 @@ def _guarded(name: str, engine: Engine, check: Callable[[Session], Check]) -> Ch
         with Session(engine) as session, session.begin():
             return check(session)
     except Exception as exc:
-        return Check(name, DEGRADED, f"could not be checked: {_one_line(exc)}")
+        return Check(name, DEGRADED, f"could not be checked: {error_line(exc)}")
 
 
 def _database(engine: Engine) -> Check:
@@ -131,7 +132,7 @@ def _database(engine: Engine) -> Check:
     try:
         current = current_revision(engine)
     except Exception as exc:
-        return Check("database", DOWN, f"the database is unreachable: {_one_line(exc)}", {"head": head})
+        return Check("database", DOWN, f"the database is unreachable: {error_line(exc)}", {"head": head})
     details = {"revision": current, "head": head}
     if current is None:
         return Check("database", DOWN, "the database has no meddaemon schema (no daemon ever started on it)", details)
@@ -287,7 +288,7 @@ def _dicom(engine: Engine, settings: Settings, echo: Callable[[Settings], Any] |
     try:
         answer = echo(settings)
     except Exception as exc:
-        return Check("dicom", DOWN, f"the DICOM receiver could not be probed: {_one_line(exc)}")
+        return Check("dicom", DOWN, f"the DICOM receiver could not be probed: {error_line(exc)}")
     details: dict[str, Any] = {"ae_title": settings.ae_title, "port": settings.dicom_port, "probe": answer.outcome}
     received = ""
     try:
@@ -299,7 +300,7 @@ def _dicom(engine: Engine, settings: Settings, echo: Callable[[Settings], Any] |
             n = summary.studies_arriving
             received += f", {n} {'study' if n == 1 else 'studies'} still arriving"
     except Exception as exc:
-        details["received"] = f"could not be read: {_one_line(exc)}"
+        details["received"] = f"could not be read: {error_line(exc)}"
     if answer.outcome == "none":
         return Check("dicom", DOWN, f"{answer.message}: is the daemon's DICOM receiver running?{received}", details)
     return Check("dicom", OK, answer.message + received, details)
@@ -364,8 +365,3 @@ def _size(n: float) -> str:
             return f"{n:.0f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc)
-    return " ".join(text.split())[:300]

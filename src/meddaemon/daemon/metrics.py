@@ -37,6 +37,7 @@ from meddaemon.db.readonly import read_only_engine
 from meddaemon.dicom.outbox import QueueSummary
 from meddaemon.dicom.outbox import summary as outbox_summary
 from meddaemon.dicom.receiver import ReceiverStats
+from meddaemon.logs import error_line
 from meddaemon.states import PERSISTED
 
 log = logging.getLogger("meddaemon.metrics")
@@ -313,7 +314,7 @@ class DatabaseCollector(Collector):
                 with Session(self.engine) as session, session.begin():
                     snapshot = read_snapshot(session, self.window_seconds, self.latency_window_seconds)
             except Exception as exc:  # any failure to read is "down", reported in the scrape
-                log.warning("metrics: cannot read the database: %s", _one_line(exc))
+                log.warning("metrics: cannot read the database: %s", error_line(exc))
                 snapshot = None
         up = GaugeMetricFamily(
             "meddaemon_database_up",
@@ -450,11 +451,6 @@ def _outbox_families(queue: QueueSummary) -> Iterator[Metric]:
     )
     oldest.add_metric([], queue.oldest_pending_seconds or 0.0)
     yield oldest
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc)
-    return " ".join(text.split())[:300]
 
 
 class MetricsServer:

@@ -27,6 +27,7 @@ from typing import TypeVar
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from meddaemon.db.engine import is_lock_error
+from meddaemon.logs import error_line
 
 log = logging.getLogger("meddaemon.daemon")
 
@@ -113,7 +114,7 @@ class OutageGuard:
         with self._lock:
             if self.down is not None:
                 return
-            self.down = Down(self.clock(), _one_line(exc))
+            self.down = Down(self.clock(), error_line(exc))
         self.log.error(
             "database unreachable: %s; retrying for up to %.0f s (db_outage_seconds)",
             self.down.error,
@@ -158,7 +159,7 @@ class OutageGuard:
                 if outage >= self.limit_seconds:
                     raise DatabaseUnavailable(
                         f"the database has been unreachable for {outage:.0f} s, longer than "
-                        f"db_outage_seconds ({self.limit_seconds:g} s): {_one_line(exc)}"
+                        f"db_outage_seconds ({self.limit_seconds:g} s): {error_line(exc)}"
                     ) from exc
                 attempt += 1
                 self.while_waiting()
@@ -166,8 +167,3 @@ class OutageGuard:
                 continue
             self.succeeded()
             return result
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "orig", None) or exc)
-    return " ".join(text.split())[:300]
