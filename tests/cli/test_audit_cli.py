@@ -388,3 +388,23 @@ def test_standard_output_that_cannot_be_written_is_named_so(busi):
         )
     assert done.returncode == 1, done.stderr
     assert re.search(r"audit \d+ is stored, but standard output: No space left on device", done.stderr), done.stderr
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # the audit stored where no file limit reaches
+def test_a_csv_that_cannot_be_written_is_named_not_standard_output(busi, tmp_path):
+    """A write error on an open file has no file name either: the CSV's was blamed on standard output."""
+    import resource
+
+    db_url, labels, _, _ = busi
+    out = tmp_path / "audit.csv"
+    command = [sys.executable, "-m", "meddaemon.cli.medcli", "audit", "--db", db_url, "--labels", str(labels)]
+
+    def small_files() -> None:  # a full disk, as far as the CSV goes
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+
+    done = subprocess.run(
+        [*command, "--bootstrap", "0", "--csv", str(out)],
+        capture_output=True, text=True, timeout=300, preexec_fn=small_files,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert re.search(rf"audit \d+ is stored, but {re.escape(str(out))}: File too large", done.stderr), done.stderr

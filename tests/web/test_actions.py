@@ -116,6 +116,22 @@ def test_promote_of_a_version_that_fails_verification_is_refused_with_the_reason
     assert action.outcome == "refused" and "hash_mismatch" in action.detail
 
 
+def test_a_promote_that_fails_outside_the_database_is_recorded_with_its_message(fresh_root, monkeypatch):
+    """Out of file descriptors while verifying: recorded as 'OSError: OSError', its message lost."""
+    import errno
+
+    register(fresh_root, "v2")
+    client, csrf = admin(fresh_root)
+
+    def out_of_descriptors(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.EMFILE, "Too many open files", "model.safetensors")
+
+    monkeypatch.setattr(registry, "load_version", out_of_descriptors)
+    client.post("/models/busi/v2/promote", data={"csrf": csrf, "confirm": "busi/v2"})
+    [action] = rows(fresh_root, select(WebAction))
+    assert action.outcome == "failed" and "Too many open files" in action.detail, action.detail
+
+
 def test_retire_takes_a_version_out_of_service(fresh_root):
     client, csrf = admin(fresh_root)
     confirm = client.get("/models/chestxray14/v1/retire").text

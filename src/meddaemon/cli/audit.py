@@ -202,13 +202,20 @@ def audit(
             ) as exc:  # DatasetError: --evaluation's
                 click.echo(f"error: {exc}", err=True)
                 sys.exit(EXIT_USAGE)
+        writing: Path | str = "standard output"  # what a write error without a file name was writing
         try:
             if pdf_path:
+                writing = pdf_path
                 write_and_keep_pdf(session_factory(engine), audit_id, result, pdf_path)
+            if csv_path:
+                from meddaemon.audit.tidy import tidy_rows, write_csv
+
+                writing = csv_path
+                write_csv(csv_path, tidy_rows(result))
+            writing = "standard output"  # a full disk or a closed pipe behind it
             _outputs(result, audit_id, as_json, csv_path, pdf_path)
         except OSError as exc:
-            where = exc.filename or "standard output"  # a full disk or a closed pipe behind stdout: no file name
-            click.echo(f"error: audit {audit_id} is stored, but {where}: {exc.strerror}", err=True)
+            click.echo(f"error: audit {audit_id} is stored, but {exc.filename or writing}: {exc.strerror}", err=True)
             sys.exit(EXIT_FAILURE)
     finally:
         engine.dispose()
@@ -234,10 +241,7 @@ def _check_writable(option: str, path: Path | None) -> None:
 
 def _outputs(result: AuditResult, audit_id: int, as_json: bool, csv_path: Path | None, pdf_path: Path | None) -> None:
     from meddaemon.audit.table import print_audit
-    from meddaemon.audit.tidy import tidy_rows, write_csv
 
-    if csv_path:
-        write_csv(csv_path, tidy_rows(result))
     if as_json:
         echo_json({"audit_id": audit_id, **result.as_dict()})
         return

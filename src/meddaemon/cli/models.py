@@ -274,8 +274,9 @@ def import_cmd(
 
         usage = USAGE_REASONS
         hints = {
-            "duplicate_version": f"the folder's manifest names that version: to register its weights as another, "
-            f"import {path / 'model.safetensors'} as a FILE with --task and --version"
+            "duplicate_version": "the folder's manifest names that version: to register it as another, copy the "
+            'folder, set a new "version" in the copy\'s manifest.json (its sha256 is of the weights alone) and '
+            "import the copy"
         }
 
     else:

@@ -59,7 +59,7 @@ FILES_PER_TASK = 4
 @dataclass
 class RunStats:
     routed: int = 0
-    #: of the scans routed, those that got their result in this run (the others wait for a model)
+    #: scans that got their result in this run (routed now or by an earlier run; those not inferred wait for a model)
     inferred: int = 0
     duplicates: int = 0
     failed: int = 0

@@ -86,7 +86,7 @@ class Console:
             with Session(self.reader) as session, session.begin():
                 yield session
         except SQLAlchemyError as exc:
-            raise DatabaseDown(one_line(exc)) from None
+            raise DatabaseDown(_one_line(exc)) from None
 
     def read(self, work: Callable[[Session], T]) -> T:
         with self.reading() as session:
@@ -107,7 +107,7 @@ class Console:
             self._writer.dispose()
 
 
-def one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException) -> str:
     """The driver's message, never the statement or its parameters (which may hold a search or a name)."""
     orig = getattr(exc, "orig", None)
     text = str(orig) if orig is not None else type(exc).__name__

@@ -15,8 +15,9 @@ from starlette.routing import Route
 
 from meddaemon.db.models import row_id
 from meddaemon.engine.card import figure_type, read_card
+from meddaemon.logs import error_line
 from meddaemon.web import actions, queries
-from meddaemon.web.app import Console, one_line, render
+from meddaemon.web.app import Console, render
 from meddaemon.web.cards import card_html
 
 VERBS = {"promote": "Promote", "retire": "Retire"}
@@ -118,7 +119,9 @@ async def act(request: Request) -> Response:
                 request, user, verb, target, actions.REFUSED, f"refused ({exc.reason}): {exc.message}"
             )
         except Exception as exc:
-            return actions.record(request, user, verb, target, actions.FAILED, f"{type(exc).__name__}: {one_line(exc)}")
+            return actions.record(
+                request, user, verb, target, actions.FAILED, f"{type(exc).__name__}: {error_line(exc)}"
+            )
         if done_before:
             return actions.record(request, user, verb, target, actions.REFUSED, done_before)
         return actions.record(request, user, verb, target, actions.DONE, detail)
