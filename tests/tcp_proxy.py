@@ -72,7 +72,7 @@ class TcpProxy:
                     break
                 self.flowing.wait()
                 target.sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select on a socket closed meanwhile (fd -1)
             pass
         finally:
             with contextlib.suppress(OSError):
