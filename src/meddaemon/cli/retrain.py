@@ -345,11 +345,9 @@ def _how_to_resume(ctx: click.Context, task: str, workdir: Path, processes: int)
     again = given_options(ctx, drop=("resume",))
 
     def launched(*words: str) -> str:
-        line = command_line(*words)
         if processes == 1:
-            return line
-        torchrun = shlex.join(["torchrun", *distributed.relaunch_options(), "-m", "meddaemon.cli.medcli"])
-        return f"{torchrun} {line.removeprefix('medcli ')}"
+            return command_line(*words)
+        return shlex.join(["torchrun", *distributed.relaunch_options(), "-m", "meddaemon.cli.medcli", *words])
 
     if epoch is None:
         return "interrupted before the first epoch finished: nothing to resume; start again with: " + launched(
