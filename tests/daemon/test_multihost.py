@@ -100,27 +100,27 @@ def kill_while_holding_work(victim: RunningDaemon, sessions: sessionmaker[Sessio
     others finished every file within its lease, and it was never declared lost).
 
     Frozen, it sends nothing new, but a COMMIT it sent just before may still be running at the
-    server, or waiting in the server's socket to be read: read what it holds only once none of its
-    sessions is in a statement or a transaction (read at once, a commit releasing its claims landed
-    after the read, the others finished every file within its lease, and it was never declared
-    lost; waiting for its statements alone missed a COMMIT the server had not read yet, under load).
-    Frozen in the middle of a transaction, it is let go and frozen again a moment later."""
-    deadline = time.monotonic() + 60
-    in_flight = text("SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY(:names) AND state <> 'idle'")
+    server: read what it holds only once none of its statements is (read at once, a commit releasing
+    its claims landed after the read, the others finished every file within its lease, and it was
+    never declared lost)."""
+    deadline = time.monotonic() + 30
+    running_statements = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY(:names) AND state = 'active'"
+    )
     while time.monotonic() < deadline:
         daemon_id = scalar(sessions, select(DaemonInstance.id).where(DaemonInstance.pid == victim.pid))
         if daemon_id is not None:
             os.killpg(victim.pid, signal.SIGSTOP)
+            time.sleep(0.2)  # a message already sent reaches its server process
             # its report process's too: a round it recorded just before releases the scans it held
             family = [victim.pid, *(p.pid for p in psutil.Process(victim.pid).children(recursive=True))]
-            busy = in_flight.bindparams(names=[f"meddaemon[{pid}]" for pid in family])
-            settled = time.monotonic() + 3
-            while scalar(sessions, busy) and time.monotonic() < settled:
-                time.sleep(0.05)
-            if scalar(sessions, busy):  # frozen inside a transaction: try another moment
-                os.killpg(victim.pid, signal.SIGCONT)
-                time.sleep(0.05)
-                continue
+            busy = running_statements.bindparams(names=[f"meddaemon[{pid}]" for pid in family])
+            wait_until(
+                lambda busy=busy: scalar(sessions, busy) == 0,
+                10,
+                "the frozen victim's statements to finish at the server",
+                victim,
+            )
             with sessions() as session:
                 held = (InboxClaim.daemon_id == daemon_id, InboxClaim.done_at.is_(None))
                 paths = set(session.scalars(select(InboxClaim.path).where(*held)))
