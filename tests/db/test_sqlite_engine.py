@@ -1,6 +1,7 @@
 """SQLite as the embedded default: WAL, busy timeout, foreign keys, writers that lock at BEGIN; never
 on a network file system."""
 
+import multiprocessing
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,33 @@ def test_the_database_folder_is_created_and_the_journal_is_wal(sqlite_engine):
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
         assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 200
+
+
+def _connect_at_the_signal(url: str, go, outcomes) -> None:  # type: ignore[no-untyped-def]
+    engine = create_db_engine(url)
+    go.wait()
+    try:
+        with engine.connect() as conn:
+            outcomes.put(conn.execute(text("PRAGMA journal_mode")).scalar())
+    except Exception as error:  # the outcome is what the test reads
+        outcomes.put(f"{type(error).__name__}: {error}")
+
+
+def test_processes_opening_a_new_database_at_the_same_moment_all_connect(tmp_path):
+    """They race to switch the new file to WAL, and SQLite answers the losers "database is locked"
+    at once, without its busy handler: of three daemons started together on a new database, one in
+    ten failed to start."""
+    context = multiprocessing.get_context("fork")
+    outcomes = context.Queue()
+    for round_ in range(30):
+        url = f"sqlite:///{tmp_path / f'round-{round_}.db'}"
+        go = context.Barrier(3)
+        processes = [context.Process(target=_connect_at_the_signal, args=(url, go, outcomes)) for _ in range(3)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(30)
+        assert [outcomes.get(timeout=5) for _ in processes] == ["wal"] * 3, f"round {round_}"
 
 
 def test_foreign_keys_are_enforced(sqlite_engine):
