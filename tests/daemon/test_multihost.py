@@ -11,6 +11,7 @@ Every file here is SYNTHETIC (seeded noise PNGs); the model is an untrained SYNT
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections import Counter
@@ -99,14 +100,16 @@ def kill_while_holding_work(victim: RunningDaemon, sessions: sessionmaker[Sessio
     a takeover can finish (counting its done claims too, a victim holding nothing was killed, the
     others finished every file within its lease, and it was never declared lost).
 
-    Frozen, it sends nothing new, but a COMMIT it sent just before may still be running at the
-    server: read what it holds only once none of its statements is (read at once, a commit releasing
-    its claims landed after the read, the others finished every file within its lease, and it was
-    never declared lost)."""
+    What it held is read again once the server has ended every session of the victim: a COMMIT it
+    sent just before the freeze may not have been read by its server process yet (under CI's load
+    that process can wait for a core longer than any pause), and the server runs it before it sees
+    the connection closed. Read before, the claims that COMMIT released were counted as held. The
+    second read may find nothing held: the test then still waits for the lease to run out."""
     deadline = time.monotonic() + 30
     running_statements = text(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY(:names) AND state = 'active'"
     )
+    any_session = text("SELECT count(*) FROM pg_stat_activity WHERE application_name = ANY(:names)")
     while time.monotonic() < deadline:
         daemon_id = scalar(sessions, select(DaemonInstance.id).where(DaemonInstance.pid == victim.pid))
         if daemon_id is not None:
@@ -114,23 +117,36 @@ def kill_while_holding_work(victim: RunningDaemon, sessions: sessionmaker[Sessio
             time.sleep(0.2)  # a message already sent reaches its server process
             # its report process's too: a round it recorded just before releases the scans it held
             family = [victim.pid, *(p.pid for p in psutil.Process(victim.pid).children(recursive=True))]
-            busy = running_statements.bindparams(names=[f"meddaemon[{pid}]" for pid in family])
+            names = [f"meddaemon[{pid}]" for pid in family]
+            busy = running_statements.bindparams(names=names)
             wait_until(
                 lambda busy=busy: scalar(sessions, busy) == 0,
                 10,
                 "the frozen victim's statements to finish at the server",
                 victim,
             )
-            with sessions() as session:
-                held = (InboxClaim.daemon_id == daemon_id, InboxClaim.done_at.is_(None))
-                paths = set(session.scalars(select(InboxClaim.path).where(*held)))
-                scans = set(session.scalars(select(Scan.id).where(Scan.claimed_by == daemon_id)))
-            if paths or scans:
+            if held_work(sessions, daemon_id) != (set(), set()):
                 victim.kill_hard()
-                return daemon_id, paths, scans
+                gone = any_session.bindparams(names=names)
+                wait_until(
+                    lambda gone=gone: scalar(sessions, gone) == 0,
+                    30,
+                    "the server to end the killed victim's sessions",
+                    victim,
+                )
+                return daemon_id, *held_work(sessions, daemon_id)
             os.killpg(victim.pid, signal.SIGCONT)
         time.sleep(0.05)
     pytest.fail(f"the victim never held work; its log ends:\n{victim.tail()}")
+
+
+def held_work(sessions: sessionmaker[Session], daemon_id: int) -> tuple[set[str], set[int]]:
+    """The inbox files and the scans ``daemon_id`` holds, as committed."""
+    with sessions() as session:
+        held = (InboxClaim.daemon_id == daemon_id, InboxClaim.done_at.is_(None))
+        paths = set(session.scalars(select(InboxClaim.path).where(*held)))
+        scans = set(session.scalars(select(Scan.id).where(Scan.claimed_by == daemon_id)))
+    return paths, scans
 
 
 def test_three_daemons_process_every_file_once_and_take_over_from_one_killed(
@@ -148,15 +164,21 @@ def test_three_daemons_process_every_file_once_and_take_over_from_one_killed(
 
     victim_id, held_files, held_scans = kill_while_holding_work(farm[1], sessions)
 
-    def all_archived() -> bool:
+    def all_archived_and_victim_lost() -> bool:
         """Every scan archived and put away: the victim may have committed an archive step and died
         before its move, which only the takeover after its lease finishes (a wait for the state alone
-        stopped the others before it, and found the moves undone)."""
+        stopped the others before it, and found the moves undone). The victim declared lost: when it
+        held nothing at its death, the others may finish before its lease runs out."""
         archived = select(func.count()).select_from(Scan).where(Scan.state == "archived")
         unfinished = select(func.count()).select_from(Scan).where(Scan.pending_move_from.is_not(None))
-        return scalar(sessions, archived) == FILES and scalar(sessions, unfinished) == 0
+        lost = select(DaemonInstance.state).where(DaemonInstance.id == victim_id)
+        return (
+            scalar(sessions, archived) == FILES
+            and scalar(sessions, unfinished) == 0
+            and scalar(sessions, lost) == "lost"
+        )
 
-    wait_until(all_archived, 180, f"all {FILES} scans to be archived and moved", farm[0])
+    wait_until(all_archived_and_victim_lost, 180, f"all {FILES} scans archived and moved, the victim lost", farm[0])
     for daemon in (farm[0], farm[2]):
         daemon.signal(signal.SIGTERM)
     assert [farm[0].wait(60), farm[2].wait(60)] == [0, 0]
@@ -192,8 +214,14 @@ def test_three_daemons_process_every_file_once_and_take_over_from_one_killed(
     held_names = {str(Path(p).relative_to(layout.inbox)) for p in held_files}
     assert held_names <= set(names)
     assert {s.id for s in scans if s.id in held_scans} == held_scans
-    takeover = f"daemon {victim_id} (node node-2, pid {farm[1].pid}) is lost: its lease ran out"
-    assert any(takeover in d.log_text() for d in (farm[0], farm[2])), "a survivor logged the takeover"
+    takeover = re.compile(
+        rf"daemon {victim_id} \(node node-2, pid {farm[1].pid}\) is lost: its lease ran out; "
+        r"released (\d+) scans and (\d+) inbox files \((\d+) kept for their committed moves\)"
+    )
+    found = [m for d in (farm[0], farm[2]) if (m := takeover.search(d.log_text()))]
+    assert len(found) == 1, "one survivor logged the takeover"
+    scans_released, files_dropped, files_kept = (int(n) for n in found[0].groups())
+    assert (scans_released, files_dropped + files_kept) == (len(held_scans), len(held_files)), "what it held"
 
     archived = [p for p in files_under(layout.state / "archive") if p.suffix == ".png"]
     assert len(archived) == FILES and files_under(layout.inbox) == []
