@@ -125,3 +125,25 @@ def test_a_full_name_two_stored_scans_share_is_ambiguous_as_a_base_name_is():
     for key in ("busi/a.png", "a.png"):
         cohort, report = join(preds, table([(key, {"benign"}, None, {}), ("busi/b.png", {"normal"}, None, {})]))
         assert cohort.scan_ids.tolist() == [3] and report.ambiguous == [key], key
+
+
+def test_a_key_s_folder_must_agree_with_the_name_the_scan_arrived_under():
+    """Folder-per-class datasets reuse file names across classes: ``normal/1.png`` found the scan
+    that arrived as ``covid/1.png`` by its base name, scored it as normal, and made the right row
+    for it a conflict. A key ending the stored name, or ended by it, still finds it."""
+    preds = predictions(
+        "covid", ["covid/1.png", "2.png", "inbox/covid/3.png"], probs=np.array([[0.05, 0.95], [0.1, 0.9], [0.2, 0.8]])
+    )
+    cohort, report = join(preds, table([("normal/1.png", {"normal"}, None, {}), ("2.png", {"covid"}, None, {})]))
+    assert cohort.scan_ids.tolist() == [2] and report.labels_without_prediction == ["normal/1.png"]
+    cohort, report = join(
+        preds,
+        table([
+            ("covid/1.png", {"covid"}, None, {}),
+            ("normal/1.png", {"normal"}, None, {}),
+            ("covid/2.png", {"covid"}, None, {}),
+            ("covid/3.png", {"covid"}, None, {}),
+        ]),
+    )  # fmt: skip
+    assert report.conflicts == [] and report.labels_without_prediction == ["normal/1.png"]
+    assert sorted(cohort.scan_ids.tolist()) == [1, 2, 3] and cohort.y.ravel().tolist() == [1, 1, 1]

@@ -1,7 +1,8 @@
 """Stored predictions joined to the truth, and the join report that says what did not match.
 
 A label row finds its scan by the table's key: ``file`` (the name the scan arrived under, as a
-relative path such as ``busi/benign (1).png`` or just its base name when that is unique),
+relative path such as ``busi/benign (1).png``, or a path that ends it or that it ends, such as
+its base name, when that is unique),
 ``sop_instance_uid`` or ``sha256``. Rows of the same key with the same labels count once; rows
 of the same key (or the same scan) with different labels are conflicts and are left out.
 """
@@ -119,14 +120,16 @@ class _Index:
         self.exact: dict[str, list[int]] = defaultdict(list)
         self.base: dict[str, list[int]] = defaultdict(list)
         self.by_sha: dict[str, list[int]] = defaultdict(list)
+        self.parts: list[tuple[str, ...]] = []
         for i, sha in enumerate(predictions.sha256):
             if sha:
                 self.by_sha[sha.lower()].append(i)
         values: list[str | None]
         if key_kind == "file":
             values = list(predictions.source_names)
-            for i, name in enumerate(predictions.source_names):
-                self.base[PurePosixPath(name).name].append(i)
+            self.parts = [_path_parts(name) for name in predictions.source_names]
+            for i, parts in enumerate(self.parts):
+                self.base[parts[-1]].append(i)
         elif key_kind == "sha256":
             values = [v.lower() if v else v for v in predictions.sha256]
         else:
@@ -141,8 +144,20 @@ class _Index:
         if key in self.exact:  # two scans arrived under one name, or as versions of one instance: ambiguous
             return self.exact[key]
         if self.key_kind == "file":
-            return self.base.get(PurePosixPath(key.replace("\\", "/")).name, [])
+            parts = _path_parts(key)
+            return [i for i in self.base.get(parts[-1], []) if _one_ends_the_other(parts, self.parts[i])]
         return []
+
+
+def _path_parts(name: str) -> tuple[str, ...]:
+    return PurePosixPath(name.replace("\\", "/")).parts or ("",)
+
+
+def _one_ends_the_other(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """``covid/1.png`` names the scan that arrived as ``1.png`` or as ``inbox/covid/1.png``, not the
+    one that arrived as ``normal/1.png``: folder-per-class datasets reuse file names across classes."""
+    n = min(len(a), len(b))
+    return a[-n:] == b[-n:]
 
 
 def join(predictions: Predictions, table: LabelTable) -> tuple[Cohort, JoinReport]:
