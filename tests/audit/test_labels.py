@@ -161,6 +161,21 @@ def test_the_same_column_in_a_label_file_is_refused_too(tmp_path):
     assert info.value.column == "pneumothorax"
 
 
+@pytest.mark.parametrize(
+    ("text", "truth_column"),
+    [
+        ("file,label,Effusion\na.png,Mass,1\nb.png,No Finding,1\n", "label"),
+        ("Image Index,Finding Labels,Patient ID,Effusion\na.png,Mass,1,1\nb.png,No Finding,2,1\n", "Finding Labels"),
+    ],
+)
+def test_a_0_1_column_named_as_a_label_beside_the_column_of_the_truth_is_refused(tmp_path, text, truth_column):
+    """It was read as an attribute, and as the row's labels say every other label is absent, its
+    positives became negatives in the audit, without a word."""
+    with pytest.raises(LabelFileError, match=f"beside the '{truth_column}' column") as info:
+        read_labels(write(tmp_path, text), VOCABULARY)
+    assert (info.value.line, info.value.column) == (1, "Effusion")
+
+
 def test_a_0_1_column_unlike_any_label_stays_an_attribute(tmp_path):
     t = read_labels(write(tmp_path, "file,Effusion,icu,sex\na.png,1,0,F\nb.png,0,1,M\n"), VOCABULARY)
     assert t.label_columns == ("Effusion",) and t.attribute_columns == ("icu", "sex")

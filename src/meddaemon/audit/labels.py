@@ -101,8 +101,11 @@ def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
     sha = hashlib.sha256(raw).hexdigest()
     if "Image Index" in header and "Finding Labels" in header:
         _refuse_misspelt_labels(path, header, records, words, ("Image Index", "Finding Labels"))
+        _refuse_label_columns_beside(path, header, records, words, "Finding Labels")
         return _nih(path, sha, header, records, words)
     _refuse_misspelt_labels(path, header, records, words, (*KEY_COLUMNS, "label", "task"))
+    if "label" in header:
+        _refuse_label_columns_beside(path, header, records, words, "label")
     return _simple(path, sha, header, records, words)
 
 
@@ -163,13 +166,31 @@ def _refuse_misspelt_labels(
         if not name or name in skip:
             continue
         meant = closest_name(name, words)
-        if meant is None:
-            continue
-        values = {row[index].strip().lower() for _, row in records if index < len(row)} - {""}
-        if values and values <= TRUE_VALUES | FALSE_VALUES:
+        if meant is not None and _holds_0_1(records, index):
             raise LabelFileError(
                 path, f"holds 0/1 values but is not a label of any task; did you mean {meant!r}?", 1, name
             )
+
+
+def _refuse_label_columns_beside(
+    path: Path, header: list[str], records: list[tuple[int, list[str]]], words: set[str], truth_column: str
+) -> None:
+    """A 0/1 column named as a label, in a file whose truth is in ``truth_column``, would be read as
+    an attribute and its positives lost (the row's labels say every other label is absent): refuse it."""
+    for index, name in enumerate(header):
+        if name in words and _holds_0_1(records, index):
+            raise LabelFileError(
+                path,
+                f"a 0/1 column named as a label, beside the {truth_column!r} column that holds the truth; "
+                f"give the truth in one of them: {truth_column!r}, or one 0/1 column per label",
+                1,
+                name,
+            )
+
+
+def _holds_0_1(records: list[tuple[int, list[str]]], index: int) -> bool:
+    values = {row[index].strip().lower() for _, row in records if index < len(row)} - {""}
+    return bool(values) and values <= TRUE_VALUES | FALSE_VALUES
 
 
 def check_label_columns(table: LabelTable, task: str, task_labels: Iterable[str]) -> None:
