@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from sqlalchemy import select, update
+from sqlalchemy import Engine, event, select, update
 
 from evaluate_factory import LAYOUT_CASES, listing, read_only
 from meddaemon.cli.common import EXIT_USAGE
@@ -398,6 +398,38 @@ def test_files_left_to_a_daemon_still_working_on_their_bytes_are_listed_and_keep
     again = CliRunner().invoke(medcli, [*args, "--audit", "--json"])
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout)["audit"]["join"]["matched"] == 24
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_daemon_registering_the_same_bytes_between_the_run_s_read_and_its_insert_leaves_the_file_to_it(
+    world, busi_phantoms: Path
+) -> None:
+    """On PostgreSQL the two writers do not wait for each other: the run's insert of a scan it had
+    just read as new met the daemon's, and the run stopped with a UniqueViolation traceback, exit 1,
+    nothing on standard output. Its chunk is written again, and finds the daemon's scan."""
+    from meddaemon.db.engine import transaction
+
+    image = busi_phantoms / "malignant" / "malignant (1).png"
+    sessions = session_factory(world.engine())
+    registered: list[str] = []
+
+    def daemon_registers_first(_conn, _cursor, statement: str, *_args) -> None:  # type: ignore[no-untyped-def]
+        if statement.startswith("INSERT INTO scans") and not registered:
+            registered.append(statement)
+            with transaction(sessions) as session:
+                sha = hashlib.sha256(image.read_bytes()).hexdigest()
+                session.add(Scan(sha256=sha, state="routed", task_name="busi", source_name="busi/x.png"))
+
+    event.listen(Engine, "before_cursor_execute", daemon_registers_first)
+    try:
+        args = ["evaluate", str(busi_phantoms), "--task", "busi", "--workers", "0", "--json", *state_flags(world)]
+        result = CliRunner().invoke(medcli, args)
+    finally:
+        event.remove(Engine, "before_cursor_execute", daemon_registers_first)
+    assert registered and result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["state"] == "completed" and report["scored"] == 23
+    assert [f["path"] for f in report["left_to_daemon"]] == ["malignant/malignant (1).png"]
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -52,6 +52,7 @@ from meddaemon.db.engine import (
     shown_url,
     transaction,
     with_lock_retry,
+    with_unique_retry,
 )
 from meddaemon.db.migrate import upgrade
 from meddaemon.engine.decode import decodable_transfer_syntaxes
@@ -68,8 +69,6 @@ class LeaseLost(RuntimeError):
 
 T = TypeVar("T")
 
-#: retries of a transaction that met a row another daemon committed meanwhile (same SHA-256)
-UNIQUE_RETRIES = 3
 #: the longest wait for a file event between two turns of the loop (s)
 IDLE_WAIT = 0.5
 OVERFLOW_RESCAN = "watch events were lost (queue overflow): rescanning the inbox"
@@ -425,12 +424,7 @@ class Daemon:
             with transaction(self.sessions) as session:
                 return work(session)
 
-        for _ in range(UNIQUE_RETRIES):
-            try:
-                return self.guarded(attempt)
-            except IntegrityError as exc:
-                log.info("another daemon recorded the same row first (%s); recording again", type(exc.orig).__name__)
-        return self.guarded(attempt)
+        return with_unique_retry(lambda: self.guarded(attempt), _log_recorded_first)
 
     def guarded(self, work: Callable[[], T]) -> T:
         """``work`` (one whole transaction or read), tried again past other processes' locks and
@@ -516,3 +510,7 @@ class Daemon:
                 s.uid,
                 f" via {', '.join(s.plugins)}" if s.plugins else "",
             )
+
+
+def _log_recorded_first(exc: IntegrityError) -> None:
+    log.info("another daemon recorded the same row first (%s); recording again", type(exc.orig).__name__)

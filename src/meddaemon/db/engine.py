@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
@@ -221,6 +221,23 @@ def with_lock_retry(
             if on_wait:
                 on_wait(attempt, exc)
             time.sleep(min(backoff_max, 0.05 * 2**attempt))
+
+
+#: how many times a transaction is run again after another process inserted the same unique row first
+UNIQUE_RETRIES = 3
+
+
+def with_unique_retry(work: Callable[[], T], on_retry: Callable[[IntegrityError], None] | None = None) -> T:
+    """Run ``work`` (one whole transaction that reads what exists, then inserts what does not) again
+    when another process inserted the same unique row between its read and its insert: the next
+    run reads that row (two writers registering the same bytes at the same moment on PostgreSQL)."""
+    for _ in range(UNIQUE_RETRIES):
+        try:
+            return work()
+        except IntegrityError as exc:
+            if on_retry:
+                on_retry(exc)
+    return work()
 
 
 @contextmanager

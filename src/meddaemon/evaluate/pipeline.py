@@ -26,10 +26,11 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
-from meddaemon.db.engine import session_factory, transaction
+from meddaemon.db.engine import session_factory, transaction, with_unique_retry
 from meddaemon.db.models import Evaluation, ModelVersion
 from meddaemon.engine.backend_cache import BACKEND_PROBE_BATCH, BackendCache
 from meddaemon.engine.decode import DecodeOptions
@@ -405,11 +406,7 @@ class Writer:
             batch, self.pending = self.pending, []
             unwritten = self._unwritten(batch)
             outcomes = [o for o, _ in batch if o.read.path not in unwritten]
-            with transaction(self.sessions) as session:
-                evaluation = session.get(Evaluation, self.prepared.evaluation_id)
-                version = session.get(ModelVersion, self.prepared.version.id)
-                assert evaluation is not None and version is not None
-                counts = store.record_chunk(session, evaluation, version, outcomes, self.prepared.settings.state_dir)
+            counts = with_unique_retry(lambda outcomes=outcomes: self._record(outcomes), _log_recorded_first)
             self.done += len(outcomes) - len(counts.redo)
             self.failed += counts.failed
             self.not_images += counts.not_images
@@ -423,6 +420,13 @@ class Writer:
                 break
         if final:
             self.ended = time.monotonic()
+
+    def _record(self, outcomes: list[FileOutcome]) -> store.ChunkCounts:
+        with transaction(self.sessions) as session:
+            evaluation = session.get(Evaluation, self.prepared.evaluation_id)
+            version = session.get(ModelVersion, self.prepared.version.id)
+            assert evaluation is not None and version is not None
+            return store.record_chunk(session, evaluation, version, outcomes, self.prepared.settings.state_dir)
 
     def close(self) -> None:
         if self.ended is None:
@@ -635,3 +639,9 @@ class _Batcher:
         while self.forwarding and (len(self.forwarding) > beyond or self.forwarding[0][1].done()):
             reads, future = self.forwarding.popleft()
             yield from outcomes_of(self.model, reads, future.result(), self.heatmaps_dir, submit)
+
+
+def _log_recorded_first(exc: IntegrityError) -> None:
+    """The daemon or another evaluation recorded the same bytes at the same moment: the chunk is
+    written again, and finds their scan."""
+    log.info("another process recorded the same scan first (%s); writing the chunk again", type(exc.orig).__name__)
