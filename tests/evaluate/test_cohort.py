@@ -3,6 +3,7 @@ images without labels; never one read as the other."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -37,3 +38,16 @@ def test_a_folder_of_folders_that_are_not_the_task_s_classes_is_a_folder_of_imag
         shutil.copy(image, archive / year / image.name)
     cohort = read_cohort(archive, BUILTIN_TASKS["busi"])
     assert (cohort.layout, len(cohort.files), cohort.index) == ("images", 2, None)
+
+
+def test_a_cohort_two_of_whose_files_would_be_stored_under_one_name_is_refused(tmp_path: Path) -> None:
+    """A Latin-1 name is stored with its byte written %XX: ``synthetic_\\xe9.png`` and a file really
+    named ``synthetic_%E9.png`` were one name to the database, and the run stopped on its unique key
+    every time, or the second file's row replaced the first's without a word."""
+    root = write_phantoms("busi", tmp_path / "busi_SYNTHETIC", count=2, size=32, seed=1).root
+    image = next(root.rglob("*).png"))
+    shutil.copy(image, image.parent / "synthetic_%E9.png")
+    shutil.copy(image, os.fsdecode(os.fsencode(image.parent) + b"/synthetic_\xe9.png"))
+    with pytest.raises(DatasetError, match=r"would both be stored as '\w+/synthetic_%E9.png'") as caught:
+        read_cohort(root, BUILTIN_TASKS["busi"])
+    assert "synthetic_\\xe9.png" in str(caught.value) and "rename one" in str(caught.value)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meddaemon.engine.tasks import TaskSpec
+from meddaemon.names import shown_name, utf8_name
 from meddaemon.training.datasets import (
     DatasetError,
     DatasetIndex,
@@ -73,7 +74,26 @@ def read_cohort(path: Path, task: TaskSpec) -> Cohort:
             files = list(image_files(path))
         if not files:
             raise DatasetError(path, "holds no image files", "a dataset layout or a folder of images") from None
-        return Cohort(path, PLAIN_IMAGES, files, None, str(exc))
+        return _one_stored_name_each(Cohort(path, PLAIN_IMAGES, files, None, str(exc)))
     root = path.parent if path.is_file() else path
     files = list(dict.fromkeys(sample.path.absolute() for sample in index.samples))
-    return Cohort(root, layout, files, index)
+    return _one_stored_name_each(Cohort(root, layout, files, index))
+
+
+def _one_stored_name_each(cohort: Cohort) -> Cohort:
+    """Refuse a cohort two of whose files would be stored under one name: a name that is not UTF-8
+    is stored with each such byte written %XX, so ``sc\\xe9n.png`` and a file really named
+    ``sc%E9n.png`` are one name to the database (the run stopped on its unique key, every time, or
+    the second file's row replaced the first's without a word)."""
+    seen: dict[str, Path] = {}
+    for file in cohort.files:
+        name = utf8_name(cohort.relative(file))
+        if name in seen:
+            raise DatasetError(
+                cohort.root,
+                f"{shown_name(seen[name])} and {shown_name(file)} would both be stored as {name!r} "
+                "(a name that is not UTF-8 is stored with each such byte written %XX)",
+                "file names that stay distinct once stored: rename one of the two",
+            )
+        seen[name] = file
+    return cohort
