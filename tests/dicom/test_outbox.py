@@ -72,6 +72,38 @@ def test_a_claimed_row_is_not_claimed_by_another_running_daemon_but_is_after_its
     assert len(claim(sessions, b)) == 2
 
 
+def test_a_daemon_declared_lost_claims_nothing_not_even_its_own_rows(sessions):
+    """Its sender may live on (a main loop stalled past the lease stops the heartbeats, not the
+    sender process): it claimed rows under its lost id, which every other daemon could also take,
+    and both sent every object."""
+    queue(sessions)
+    a, b = join(sessions, "node-a").daemon_id, join(sessions, "node-b").daemon_id
+    assert len(claim(sessions, a)) == 2
+    with transaction(sessions) as session:
+        session.execute(update(DaemonInstance).where(DaemonInstance.id == a).values(state="lost"))
+    assert claim(sessions, a) == []
+    with transaction(sessions) as session:
+        outbox.enqueue(session, rows(sessions)[0].scan_id, [NewItem("pmap", "pacs")])  # queued after it was lost
+    assert claim(sessions, a) == []
+    assert len(claim(sessions, b)) == 3
+
+
+def test_a_late_release_or_failure_of_a_lost_daemon_leaves_the_new_holder_s_claim(sessions):
+    """A lost daemon that wakes up gave back, or failed, rows another daemon had taken over and was
+    sending: a third then sent them beside it, or an object it delivered stayed dead."""
+    queue(sessions)
+    a, b, c = (join(sessions, f"node-{n}").daemon_id for n in "abc")
+    taken = claim(sessions, a)
+    with transaction(sessions) as session:
+        session.execute(update(DaemonInstance).where(DaemonInstance.id == a).values(state="lost"))
+    assert len(claim(sessions, b)) == 2
+    with transaction(sessions) as session:
+        outbox.release(session, [t.id for t in taken], a)
+        assert outbox.record_failure(session, taken[0].id, "C-STORE status 0xC000", True, BACKOFF, a) is None
+    assert [(r.claimed_by, r.status, r.attempts) for r in rows(sessions)] == [(b, PENDING, 0)] * 2
+    assert claim(sessions, c) == []
+
+
 def test_a_failure_backs_off_exponentially_with_jitter_then_the_row_is_dead_with_the_peers_answer(sessions):
     queue(sessions, keys=("sr",))
     me = join(sessions).daemon_id
@@ -80,7 +112,7 @@ def test_a_failure_backs_off_exponentially_with_jitter_then_the_row_is_dead_with
         (item,) = claim(sessions, me)
         with transaction(sessions) as session:
             before = outbox.read_db_clock(session)
-            status = outbox.record_failure(session, item.id, "C-STORE status 0xA700", False, BACKOFF, rng)
+            status = outbox.record_failure(session, item.id, "C-STORE status 0xA700", False, BACKOFF, me, rng)
         assert status == PENDING
         (row,) = rows(sessions)
         delay = row.next_attempt_at - before
@@ -91,7 +123,7 @@ def test_a_failure_backs_off_exponentially_with_jitter_then_the_row_is_dead_with
             session.execute(update(OutboxItem).values(next_attempt_at=0.0))
     (item,) = claim(sessions, me)
     with transaction(sessions) as session:
-        assert outbox.record_failure(session, item.id, "C-STORE status 0xC000", False, BACKOFF) == DEAD
+        assert outbox.record_failure(session, item.id, "C-STORE status 0xC000", False, BACKOFF, me) == DEAD
     (row,) = rows(sessions)
     assert (row.status, row.attempts, row.last_error) == (DEAD, 3, "C-STORE status 0xC000")
 
@@ -100,7 +132,7 @@ def test_a_permanent_refusal_is_dead_at_once(sessions):
     queue(sessions, keys=("sr",))
     (item,) = claim(sessions, None)
     with transaction(sessions) as session:
-        assert outbox.record_failure(session, item.id, "C-STORE status 0xA900", True, BACKOFF) == DEAD
+        assert outbox.record_failure(session, item.id, "C-STORE status 0xA900", True, BACKOFF, None) == DEAD
     assert rows(sessions)[0].attempts == 1
 
 
@@ -123,7 +155,7 @@ def test_retry_makes_dead_rows_pending_but_not_those_whose_object_was_never_made
     with transaction(sessions) as session:
         outbox.enqueue(session, scan_id, [NewItem("pmap", "pacs", error="source_without_study: no study")])
         (item,) = outbox.claim_due(session, None, 10)
-        outbox.record_failure(session, item.id, "refused", True, BACKOFF)
+        outbox.record_failure(session, item.id, "refused", True, BACKOFF, None)
     assert [r.status for r in rows(sessions)] == [DEAD, DEAD]
     with transaction(sessions) as session:
         assert outbox.retry(session, all_dead=True) == 1
@@ -155,7 +187,7 @@ def test_a_reported_scan_is_archived_only_once_none_of_its_objects_is_pending(se
         assert bookkeeper.claim_for_archive(session, destinations, 10) == []
         items = outbox.claim_due(session, None, 10)
         outbox.record_delivered(session, [items[0].id])
-        outbox.record_failure(session, items[1].id, "refused", True, BACKOFF)  # dead counts as done
+        outbox.record_failure(session, items[1].id, "refused", True, BACKOFF, None)  # dead counts as done
     with transaction(sessions) as session:
         moves = bookkeeper.claim_for_archive(session, destinations, 10)
     assert [m.row_id for m in moves] == [scan_id]

@@ -39,7 +39,7 @@ def test_list_shows_each_item_with_the_peers_answer_retry_revives_the_dead_and_p
         sr, pdf = outbox.claim_due(session, None, 2)
         outbox.record_delivered(session, [sr.id])
         answer = "C-STORE status 0xA900 (SYNTHETIC\x1b[2Jcomment)"  # a peer's Error Comment, as it sent it
-        outbox.record_failure(session, pdf.id, answer, True, outbox.Backoff(1, 1, 3))
+        outbox.record_failure(session, pdf.id, answer, True, outbox.Backoff(1, 1, 3), None)
     engine.dispose()
 
     listed = runner.invoke(medcli, ["outbox", "list", "--json", *dirs])

@@ -13,17 +13,17 @@ import numpy as np
 import pydicom
 from click.testing import CliRunner
 from dicom_factory import write_dicom
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from daemon_harness import wait_until
-from daemon_rows import add_scan
+from daemon_rows import add_scan, join
 from dicom_peers import DROP, ScriptedScp, ScriptedStow
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.config import Settings
 from meddaemon.daemon import bookkeeper
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
 from meddaemon.db.migrate import upgrade
-from meddaemon.db.models import OutboxItem
+from meddaemon.db.models import DaemonInstance, OutboxItem
 from meddaemon.dicom import outbox
 from meddaemon.dicom.outbox import DEAD, DELIVERED, PENDING, NewItem, OutboxSender
 from meddaemon.engine.tasks import all_tasks
@@ -166,6 +166,34 @@ def test_a_sender_asked_to_stop_sends_no_other_object_and_gives_the_rest_back_un
         rows = {r.object_key: (r.status, r.attempts, r.claimed_by) for r in session.scalars(select(OutboxItem))}
     assert scp.received == uids[:1]
     assert rows == {"sc:0": (DELIVERED, 1, None), **{f"sc:{i}": (PENDING, 0, None) for i in (1, 2, 3)}}
+
+
+def test_a_sender_whose_daemon_is_declared_lost_mid_round_sends_no_other_object(make_settings):
+    """Frozen past its lease, or its main loop stalled, the daemon is declared lost and another takes
+    its claims: its sender went on with the round, and after a SIGCONT sent again objects the other
+    had delivered. It finishes the object in hand and gives back no claim that is not its own."""
+    scp = ScriptedScp()
+    try:
+        settings = make_settings(destination=[scp.destination("pacs")], outbox_retry_seconds=30.0)
+        sessions, uids = queued(settings, 4, ["pacs"])
+        me, other = join(sessions, "node-a").daemon_id, join(sessions, "node-b").daemon_id
+        sender = OutboxSender(settings, sessions, me)
+        taken: list[outbox.Claimed] = []
+
+        def declared_lost_and_taken_over() -> None:
+            with transaction(sessions) as session:
+                session.execute(update(DaemonInstance).where(DaemonInstance.id == me).values(state="lost"))
+                taken.extend(outbox.claim_due(session, other, 10))
+
+        scp.on_store = declared_lost_and_taken_over
+        assert sender.round() == 4
+        sender.close_senders()
+    finally:
+        scp.stop()
+    with sessions() as session:
+        rows = {r.object_key: (r.status, r.claimed_by) for r in session.scalars(select(OutboxItem))}
+    assert scp.received == uids[:1] and len(taken) == 4  # the object in hand too: its answer was not in yet
+    assert rows == {"sc:0": (DELIVERED, None), **{f"sc:{i}": (PENDING, other) for i in (1, 2, 3)}}
 
 
 def test_rows_for_a_destination_no_longer_configured_are_dead_not_stuck(make_settings, tmp_path: Path):

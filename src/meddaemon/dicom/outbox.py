@@ -22,7 +22,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, exists, func, or_, select, true, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
@@ -120,13 +121,24 @@ def _claimable(daemon_id: int | None) -> Any:
     )
 
 
+def still_running(daemon_id: int | None) -> Any:
+    """True while ``daemon_id`` is running (always, without a daemon): a daemon declared lost claims
+    nothing, though its sender may live on (a main loop stalled past the lease stops the heartbeats,
+    not the sender process), and every other daemon may take what it held."""
+    if daemon_id is None:
+        return true()
+    return exists(select(DaemonInstance.id).where(DaemonInstance.id == daemon_id, DaemonInstance.state == "running"))
+
+
 def claim_due(
     session: Session, daemon_id: int | None, limit: int, destinations: Collection[str] | None = None
 ) -> list[Claimed]:
-    """Up to ``limit`` pending rows whose time has come, oldest first, claimed for ``daemon_id``."""
+    """Up to ``limit`` pending rows whose time has come, oldest first, claimed for ``daemon_id``
+    while it is running."""
     query = (
         select(OutboxItem)
         .where(OutboxItem.status == PENDING, OutboxItem.next_attempt_at <= db_clock(), _claimable(daemon_id))
+        .where(still_running(daemon_id))
         .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -171,12 +183,20 @@ def record_delivered(session: Session, item_ids: Collection[int], detail: str | 
 
 
 def record_failure(
-    session: Session, item_id: int, error: str, permanent: bool, backoff: Backoff, rng: random.Random | None = None
+    session: Session,
+    item_id: int,
+    error: str,
+    permanent: bool,
+    backoff: Backoff,
+    holder: int | None,
+    rng: random.Random | None = None,
 ) -> str | None:
-    """One failed attempt: ``dead`` when refused for good or out of attempts, else pending again after
-    a backoff. Returns the new status (None when the row was no longer pending)."""
+    """One failed attempt of ``holder``'s: ``dead`` when refused for good or out of attempts, else
+    pending again after a backoff. Returns the new status; None when the row was no longer pending,
+    or no longer ``holder``'s (a daemon declared lost, whose claim another took over: its late
+    failure would count an attempt, back off or kill a row the other is delivering)."""
     row = session.get(OutboxItem, item_id, with_for_update=True)
-    if row is None or row.status != PENDING:
+    if row is None or row.status != PENDING or row.claimed_by != holder:
         return None
     row.attempts += 1
     row.last_error = error[:2000]
@@ -188,10 +208,15 @@ def record_failure(
     return row.status
 
 
-def release(session: Session, item_ids: Collection[int]) -> None:
-    """Give back claimed rows not attempted (a stop request came first)."""
-    if item_ids:
-        session.execute(update(OutboxItem).where(OutboxItem.id.in_(list(item_ids))).values(claimed_by=None))
+def release(session: Session, item_ids: Collection[int], holder: int | None) -> None:
+    """Give back the rows ``holder`` claimed and did not attempt (a stop request came first); those
+    another daemon took over meanwhile stay its."""
+    if item_ids and holder is not None:
+        session.execute(
+            update(OutboxItem)
+            .where(OutboxItem.id.in_(list(item_ids)), OutboxItem.claimed_by == holder)
+            .values(claimed_by=None)
+        )
 
 
 # -- what `medcli outbox` and health/metrics read and do -----------------------------------------
@@ -318,7 +343,7 @@ class OutboxSender:
             groups.setdefault(item.destination, []).append(item)
         for name, items in groups.items():
             if self.stop_event.is_set():
-                self._commit(lambda session, ids=[i.id for i in items]: release(session, ids))
+                self._commit(lambda session, ids=[i.id for i in items]: release(session, ids, me))
                 continue
             self._deliver(name, items)
         return len(claimed)
@@ -334,7 +359,7 @@ class OutboxSender:
                 sender = self.senders[name] = make_sender(destination)
             paths = [stored_file(i.path, self.settings.state_dir) for i in items]
             try:
-                answers = sender.send(paths, self.stop_event.is_set)
+                answers = sender.send(paths, self._should_stop)
             except Exception as exc:  # a bug, before any object went (each object's own failure is its answer)
                 log.exception("sending to %s failed", name)
                 answers = [Delivery(False, f"{type(exc).__name__} in the sender")] * len(items)
@@ -349,10 +374,13 @@ class OutboxSender:
                     acknowledged.setdefault(answer.detail, []).append(item.id)
                     outcomes.append(DELIVERED)
                 else:
-                    outcomes.append(record_failure(session, item.id, answer.detail, answer.permanent, self.backoff))
+                    outcomes.append(
+                        record_failure(session, item.id, answer.detail, answer.permanent, self.backoff, self.daemon_id)
+                    )
             for detail, ids in acknowledged.items():
                 record_delivered(session, ids, detail or None)
-            release(session, [item.id for item, answer in zip(items, answers, strict=True) if answer == NOT_SENT])
+            unsent = [item.id for item, answer in zip(items, answers, strict=True) if answer == NOT_SENT]
+            release(session, unsent, self.daemon_id)
             return outcomes
 
         outcomes = self._commit(record)
@@ -373,6 +401,21 @@ class OutboxSender:
                     answer.detail,
                     "; given up (dead)" if status == DEAD else "; will retry",
                 )
+
+    def _should_stop(self) -> bool:
+        """Asked before each object: stop when asked to, or once this sender's daemon is no longer
+        running. Declared lost (it stalled past its lease, or was frozen), its claims are another
+        daemon's: a sender that went on sent every object twice, and after a SIGCONT sent again
+        objects the other had delivered. A database that cannot say stops the round too."""
+        if self.stop_event.is_set():
+            return True
+        if self.daemon_id is None:
+            return False
+        try:
+            with self.sessions() as session:
+                return not session.scalar(select(still_running(self.daemon_id)))
+        except SQLAlchemyError:
+            return True
 
     def _commit(self, work: Callable[[Session], T]) -> T:
         def attempt() -> T:
