@@ -2,6 +2,8 @@
 2 with a named reason when something was refused."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ from dicom_factory import write_png
 
 from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.cli.medcli import cli as medcli
+from permissions import held_to_file_modes
 
 
 def start_once(runner: CliRunner, dirs: list[str], **env: str) -> None:
@@ -98,3 +101,18 @@ def test_a_name_holding_a_line_break_is_printed_escaped_as_medcli_scans_shows_it
     assert result.exit_code == 0, result.output
     assert result.output.count("\n") == 1 and "\x1b" not in result.output
     assert "weird\\nname\\x1b[2J.png" in result.output
+
+
+def test_a_kept_original_that_cannot_be_read_is_named_not_the_inbox(
+    runner: CliRunner, dirs: list[str], tmp_path: Path, unroutable: int
+):
+    """One error covered the copy: a kept original this user cannot read was refused as
+    inbox_unwritable, "cannot write into <inbox>", and the operator went to fix the inbox."""
+    [original] = (tmp_path / "state" / "failed").glob("*.png")
+    original.chmod(0o000)
+    command = [str(Path(sys.executable).parent / "medcli"), "retry", str(unroutable), *dirs, "--json"]
+    done = subprocess.run(held_to_file_modes(command), capture_output=True, text=True)
+    assert done.returncode == 2, done.stdout + done.stderr
+    [refused] = json.loads(done.stdout)["refused"]
+    assert refused["code"] == "original_unreadable" and f"{original} cannot be read" in refused["message"]
+    assert list((tmp_path / "inbox").rglob("*.png")) == []

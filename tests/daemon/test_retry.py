@@ -3,6 +3,7 @@ fixed, the daemon records a new attempt, and the failed scan keeps its history (
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 
@@ -12,10 +13,11 @@ from dicom_factory import write_dicom, write_png
 from sqlalchemy import select
 
 from daemon_rows import add_scan
+from meddaemon.daemon import filing
 from meddaemon.daemon.retry import Refusal, RetryResult, Selector, retry_failed
 from meddaemon.daemon.service import Daemon
 from meddaemon.db.engine import transaction
-from meddaemon.db.models import DuplicateArrival, Scan
+from meddaemon.db.models import DuplicateArrival, Scan, utcnow
 from meddaemon.states import ScanState
 from model_factory import promote, write_model
 
@@ -228,6 +230,36 @@ def test_a_failed_scan_whose_kept_file_was_deleted_is_refused(daemon: Daemon):
     assert after.retried_at is None and len(after.events) == len(failed.events)
 
 
+def test_a_kept_original_changed_by_hand_is_refused_as_not_the_file_that_failed(daemon: Daemon):
+    """It was sent back as the scan's file: its new attempt was other bytes, not linked to the scan,
+    and the scan's own bytes never came back (a second retry said already_retried)."""
+    [failed] = scans_by_id(daemon)
+    daemon.settings.stored_file(failed.stored_path).write_bytes(b"SYNTHETIC bytes edited by hand")
+
+    result = retry_failed(daemon.sessions, daemon.settings, Selector(scan=str(failed.id)))
+
+    assert refusal(result) is Refusal.ORIGINAL_CHANGED and "has changed since it failed" in result.refused[0].message
+    [after] = scans_by_id(daemon)
+    assert after.retried_at is None and list(daemon.settings.watch.rglob("*.dcm")) == []
+
+
+def test_a_retry_killed_after_its_commit_is_finished_by_the_next_one(daemon: Daemon):
+    """Killed between marking the scan retried and removing its original, it left the file and its
+    reason file in failed/ for good, named by no row. The row keeps naming the file until it is gone."""
+    [failed] = scans_by_id(daemon)
+    original = daemon.settings.stored_file(failed.stored_path)
+    assert filing.reason_path(original).is_file()
+    with transaction(daemon.sessions) as session:  # what a retry killed after its commit leaves
+        session.get(Scan, failed.id).retried_at = utcnow()
+
+    result = retry_failed(daemon.sessions, daemon.settings, Selector(all_failed=True))
+
+    assert result.ok and result.requeued == []
+    assert not original.exists() and not filing.reason_path(original).exists()
+    [after] = scans_by_id(daemon)
+    assert after.stored_path is None and after.retried_at is not None
+
+
 def test_a_scan_that_failed_as_a_symbolic_link_is_refused_and_nothing_it_points_to_is_copied(
     make_settings, tmp_path: Path
 ):
@@ -269,7 +301,10 @@ def test_two_retries_of_one_scan_at_once_send_it_back_once(migrated_engine, sess
     settings.watch.mkdir()
     kept.write_bytes(b"SYNTHETIC bytes of a failed scan")
     with transaction(sessions) as session:
-        scan_id = add_scan(session, 1, ScanState.FAILED, failure_reason="unroutable", stored_path=str(kept)).id
+        sha = hashlib.sha256(kept.read_bytes()).hexdigest()
+        scan_id = add_scan(
+            session, 1, ScanState.FAILED, failure_reason="unroutable", stored_path=str(kept), sha256=sha
+        ).id
     start = threading.Barrier(2)
     results: list[RetryResult] = []
 

@@ -15,12 +15,13 @@ same scan then arrives as its duplicate); nothing is ever lost.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
@@ -41,6 +42,8 @@ class Refusal(StrEnum):
     ALREADY_RETRIED = "already_retried"
     ORIGINAL_GONE = "original_gone"
     ORIGINAL_IS_A_LINK = "original_is_a_link"
+    ORIGINAL_UNREADABLE = "original_unreadable"
+    ORIGINAL_CHANGED = "original_changed"
     MOVE_PENDING = "move_pending"
     INBOX_MISSING = "inbox_missing"
     INBOX_UNWRITABLE = "inbox_unwritable"
@@ -116,6 +119,8 @@ def retry_failed(
     """Send the failed scans ``selector`` names back into ``settings.watch``; with ``dry_run``, only
     say what would happen. Scans that cannot be retried are refused with a named reason."""
     result = RetryResult(dry_run=dry_run)
+    if not dry_run:
+        finish_interrupted_retries(sessions, settings)
     with sessions() as session:
         scan_ids = _select(session, selector, result)
     for scan_id in scan_ids:
@@ -187,6 +192,8 @@ def _requeue(sessions: sessionmaker[Session], settings: Settings, scan_id: int, 
                 return Refused(Refusal.ORIGINAL_GONE, f"scan {scan.id}: its kept original {original} is gone", scan.id)
             if not watch.is_dir():  # an unmounted share: never made up here
                 return Refused(Refusal.INBOX_MISSING, f"the watch folder {watch} does not exist", scan.id)
+            if (refusal := _not_the_file_that_failed(scan, original)) is not None:
+                return refusal
             name = PurePosixPath(scan.source_name)
             if dry_run:
                 return Requeued(
@@ -201,7 +208,7 @@ def _requeue(sessions: sessionmaker[Session], settings: Settings, scan_id: int, 
                     scan.id,
                 )
             now = utcnow()
-            scan.retried_at, scan.stored_path = now, None
+            scan.retried_at = now  # its stored_path goes once the original is removed (``_remove_original``)
             detail = f"sent for retry: {original} copied back into the inbox as {placed.relative_to(watch).as_posix()}"
             session.add(ScanEvent(scan_id=scan.id, state=ScanState.FAILED.value, detail=detail, at=now))
             requeued = Requeued(scan.id, scan.source_name, scan.failure_reason, original, placed)
@@ -210,10 +217,61 @@ def _requeue(sessions: sessionmaker[Session], settings: Settings, scan_id: int, 
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(placed)
         raise
+    _remove_original(sessions, scan_id, original)
+    return requeued
+
+
+def _not_the_file_that_failed(scan: Scan, original: Path) -> Refused | None:
+    """The kept original is read whole before anything is written into the inbox: a file that cannot
+    be read is its fault, not the inbox's, and one changed by hand since it failed is not that scan's
+    file (sent back, its new attempt was another scan's bytes, and the scan's own never came back)."""
+    try:
+        with open(original, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as exc:
+        return Refused(
+            Refusal.ORIGINAL_UNREADABLE,
+            f"scan {scan.id}: its kept original {original} cannot be read: {exc.strerror or exc}",
+            scan.id,
+        )
+    if scan.sha256 and digest != scan.sha256:
+        return Refused(
+            Refusal.ORIGINAL_CHANGED,
+            f"scan {scan.id}: its kept original {original} has changed since it failed (SHA-256 "
+            f"{digest[:12]}..., not {scan.sha256[:12]}...); put the file itself in the inbox",
+            scan.id,
+        )
+    return None
+
+
+def _remove_original(sessions: sessionmaker[Session], scan_id: int, original: Path) -> None:
+    """The copy is in the inbox and the scan marked retried: its original and reason file go from
+    failed/, and then its stored_path. Killed in between, the next retry finishes it
+    (``finish_interrupted_retries``): the row still names the file."""
     for leftover in (original, filing.reason_path(original)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(leftover)
-    return requeued
+
+    def forget() -> None:
+        with transaction(sessions) as session:
+            session.execute(update(Scan).where(Scan.id == scan_id).values(stored_path=None))
+
+    with_lock_retry(forget)
+
+
+def finish_interrupted_retries(sessions: sessionmaker[Session], settings: Settings) -> int:
+    """Remove the originals of scans sent for retry whose removal a killed ``medcli retry`` did not
+    finish (left in failed/ for good, named by no row once forgotten). Returns how many."""
+    interrupted = (
+        select(Scan.id, Scan.stored_path)
+        .where(Scan.state == ScanState.FAILED, Scan.retried_at.is_not(None), Scan.stored_path.is_not(None))
+        .order_by(Scan.id)
+    )
+    with sessions() as session:
+        rows = session.execute(interrupted).all()
+    for scan_id, stored_path in rows:
+        _remove_original(sessions, scan_id, settings.stored_file(stored_path))
+    return len(rows)
 
 
 def _why_not(scan: Scan) -> Refused | None:
