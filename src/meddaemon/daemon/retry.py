@@ -263,15 +263,15 @@ def finish_interrupted_retries(sessions: sessionmaker[Session], settings: Settin
     """Remove the originals of scans sent for retry whose removal a killed ``medcli retry`` did not
     finish (left in failed/ for good, named by no row once forgotten). Returns how many."""
     interrupted = (
-        select(Scan.id, Scan.stored_path)
+        select(Scan)
         .where(Scan.state == ScanState.FAILED, Scan.retried_at.is_not(None), Scan.stored_path.is_not(None))
         .order_by(Scan.id)
     )
     with sessions() as session:
-        rows = session.execute(interrupted).all()
-    for scan_id, stored_path in rows:
-        _remove_original(sessions, scan_id, settings.stored_file(stored_path))
-    return len(rows)
+        originals = [(scan.id, _kept_original(scan, settings)) for scan in session.scalars(interrupted)]
+    for scan_id, original in originals:
+        _remove_original(sessions, scan_id, original)
+    return len(originals)
 
 
 def _why_not(scan: Scan) -> Refused | None:
