@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +16,7 @@ from meddaemon.label_results import LabelResult
 from meddaemon.report.content import ModelInfo, PatientInfo, ScanReportData, StudyReportData
 from meddaemon.report.fonts import report_fonts
 from meddaemon.report.images import colour_scale_jpeg
-from meddaemon.report.render import ScanImages, render_scan, render_study
+from meddaemon.report.render import POSITIVE, ScanImages, render_scan, render_study
 from meddaemon.report.templates import TemplateError, _check, load_template
 from model_factory import read_pdf
 
@@ -137,6 +138,39 @@ def test_the_call_rule_is_the_top_class_for_multiclass_and_the_threshold_otherwi
     binary, *_ = render(scan_data("covid", positives={"covid"}))
     assert "Call rule" in multiclass and "top class" in multiclass and "Threshold" not in multiclass
     assert "Threshold" in binary and "0.50" in binary and "top class" not in binary
+
+
+def text_drawn_in(pdf: bytes, colour: tuple[float, float, float]) -> list[str]:
+    """The text runs of ``pdf`` drawn with the fill colour ``colour`` (RGB, 0 to 1)."""
+    from pypdf import PdfReader
+
+    fill: list[tuple[float, ...]] = [()]
+    found: list[str] = []
+
+    def before(operator: bytes, operands: list, *_: object) -> None:  # type: ignore[type-arg]
+        if operator == b"rg":
+            fill[0] = tuple(round(float(v), 3) for v in operands)
+
+    def text(run: str, *_: object) -> None:
+        if fill[0] == colour and run.strip():
+            found.append(run.strip())
+
+    for page in PdfReader(io.BytesIO(pdf)).pages:
+        page.extract_text(visitor_operand_before=before, visitor_text=text)
+    return found
+
+
+def test_a_multiclass_top_class_is_called_in_black_not_highlighted_as_a_positive_finding():
+    """The table showed the top class in red as "positive" though it was "Normal tissue", under a
+    finding sentence in black: a normal reading styled as an alarm."""
+    alarm = tuple(round(c, 3) for c in POSITIVE.rgb())
+    busi = scan_data("busi")  # its top class: normal
+    pdf = render_scan(busi, images_for(busi), load_template("busi"), report_fonts()).data
+    assert text_drawn_in(pdf, alarm) == []
+    assert "Normal tissue 0.900 top class called" in read_pdf(pdf)[0]
+    covid = scan_data("covid", positives={"covid"})
+    pdf = render_scan(covid, images_for(covid), load_template("covid"), report_fonts()).data
+    assert "positive" in text_drawn_in(pdf, alarm)
 
 
 def test_multilabel_has_one_overlay_per_positive_label():

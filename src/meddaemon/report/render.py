@@ -331,8 +331,12 @@ def labels_section(data: ScanReportData, template: ReportTemplate, st: Styles) -
         ("BOTTOMPADDING", (0, 0), (-1, -1), 1.2),
     ]
     for row, r in enumerate(data.results, start=1):
-        style = st.cell_positive if r.positive else st.cell
-        call = template.word("positive") if r.positive else template.word("negative")
+        if multiclass:  # the top class is bold, in black, as the finding above it: "Normal tissue" is no alarm
+            style = st.cell_bold if r.positive else st.cell
+            call = template.word("called") if r.positive else ""
+        else:
+            style = st.cell_positive if r.positive else st.cell
+            call = template.word("positive") if r.positive else template.word("negative")
         probability, threshold = r.shown(3)
         rows.append(
             [
@@ -343,7 +347,9 @@ def labels_section(data: ScanReportData, template: ReportTemplate, st: Styles) -
             ]
         )
         if r.positive:
-            commands += [("FONT", (0, row), (-1, row), st.fonts.bold, 9), ("TEXTCOLOR", (0, row), (-1, row), POSITIVE)]
+            commands += [("FONT", (0, row), (-1, row), st.fonts.bold, 9)]
+            if not multiclass:
+                commands += [("TEXTCOLOR", (0, row), (-1, row), POSITIVE)]
     table = Table(rows, colWidths=[70 * mm, 35 * mm, 35 * mm, BODY_WIDTH - 140 * mm], repeatRows=1)
     table.setStyle(TableStyle(commands))
     return [table]
