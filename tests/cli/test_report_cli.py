@@ -84,3 +84,20 @@ def test_the_summary_as_json_and_as_a_pdf(state: Daemon, tmp_path: Path):
     # a period that ends before it starts was an empty summary, its PDF written and recorded, exit 0
     backwards = run(state, "report", "summary", "--since", "2026-12-06", "--until", "2026-12-01", "--json", code=2)
     assert "--until 2026-12-01 is not after --since 2026-12-06" in backwards
+
+
+def test_a_de_identified_study_report_still_says_its_scans_name_different_patients(
+    reported_states: ReportedStates, tmp_path: Path
+):
+    """Only the report with PHI said so (it was told by the patient sections a de-identified report
+    leaves out): the default report let 2 people's scans be read as one patient's study."""
+    state = reported_states.copy(tmp_path / "copy")
+    with state.sessions() as session, session.begin():
+        first = session.scalars(select(Scan).where(Scan.study_instance_uid == STUDY_UID).order_by(Scan.id)).first()
+        first.patient_name, first.patient_id = "SYNTHETIC^OTHER", "SYNTH-OTHER-ID"
+    out = tmp_path / "study.pdf"
+    run(state, "report", "study", STUDY_UID, "--out", str(out))
+    text = " ".join(read_pdf(out)[0].split())
+    assert "The scans of this study name 2 different patients (left out of this de-identified report)" in text
+    assert "SYNTHETIC^OTHER" not in text and "SYNTH-OTHER-ID" not in text
+    assert not any(phi in text for phi in PHI_STRINGS)

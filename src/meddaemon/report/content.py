@@ -93,6 +93,9 @@ class StudyReportData:
     extra: Mapping[str, str] = field(default_factory=dict)
     #: the study's scans without a result, as (scan id, why: the failure reason or the state)
     without_result: tuple[tuple[int, str], ...] = ()
+    #: how many patients its scans name (name, ID and birth date), counted with PHI or without: a
+    #: de-identified report says nothing of who they are, but must still say they are not one
+    patients_named: int = 1
 
     @property
     def study_key(self) -> str:
@@ -346,4 +349,5 @@ def study_report_data(
         data,
         patient_info(scans[0]) if with_phi else None,
         without_result=tuple((scan_id, reason or state) for scan_id, reason, state in others),
+        patients_named=len({(s.patient_name, s.patient_id, s.patient_birth_date) for s in scans}),
     )

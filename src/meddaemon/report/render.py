@@ -577,6 +577,8 @@ def render_study(
         story.append(_p(differ, st.cell_bold))
     elif data.patient is not None:
         story += [_p(first.word("heading_patient"), st.heading), *patient_section(data.patient, st)]
+    elif data.patients_named > 1:  # de-identified: who they are is left out, that they differ is not
+        story.append(_p(words["patients_differ_deidentified"].format(count=data.patients_named), st.cell_bold))
     for scan, scan_images in zip(data.scans, images, strict=True):
         template = templates(scan.task)
         if each_own:
