@@ -2,11 +2,13 @@
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from meddaemon.config import ConfigError, RouteRule, load_settings, prepare_state_dir
+from meddaemon.report.fonts import _matplotlib_ttf_dir
 
 
 def test_defaults_come_from_the_shipped_template():
@@ -45,6 +47,48 @@ def test_relative_paths_in_a_config_file_are_relative_to_that_file(tmp_path: Pat
     assert settings.state_dir == Path("/var/lib/meddaemon")
 
 
+def dejavu_sans() -> Path:
+    folder = _matplotlib_ttf_dir()
+    assert folder is not None
+    return folder / "DejaVuSans.ttf"
+
+
+def write_cff_font(path: Path) -> Path:
+    """A SYNTHETIC OpenType font with PostScript (CFF) outlines, one glyph: how Noto Sans CJK ships."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.t2CharStringPen import T2CharStringPen
+
+    builder = FontBuilder(1000, isTTF=False)
+    builder.setupGlyphOrder([".notdef", "A"])
+    builder.setupCharacterMap({0x41: "A"})
+    triangle = T2CharStringPen(500, None)
+    triangle.moveTo((0, 0))
+    triangle.lineTo((500, 0))
+    triangle.lineTo((250, 700))
+    triangle.closePath()
+    glyphs = {".notdef": T2CharStringPen(500, None).getCharString(), "A": triangle.getCharString()}
+    builder.setupCFF("SyntheticCFF", {"FullName": "Synthetic CFF"}, glyphs, {})
+    builder.setupHorizontalMetrics({".notdef": (500, 0), "A": (500, 0)})
+    builder.setupHorizontalHeader(ascent=800, descent=-200)
+    builder.setupNameTable({"familyName": "Synthetic CFF", "styleName": "Regular"})
+    builder.setupOS2()
+    builder.setupPost()
+    builder.save(str(path))
+    return path
+
+
+def test_a_report_font_reportlab_cannot_draw_with_is_refused_with_the_settings(tmp_path: Path):
+    """Only the file's existence was checked: with an OpenType font of PostScript outlines every
+    report failed (TTFError), the daemon's scans never left inferred, medcli report printed a traceback."""
+    font = write_cff_font(tmp_path / "synthetic-cff.otf")
+    with pytest.raises(ConfigError, match=r"reports_font.*postscript outlines are not supported.*TrueType"):
+        load_settings(env={"MEDDAEMON_REPORTS_FONT": str(font), "MEDDAEMON_STATE_DIR": str(tmp_path)})
+    damaged = tmp_path / "synthetic-damaged.ttf"
+    damaged.write_bytes(dejavu_sans().read_bytes()[:4096])
+    with pytest.raises(ConfigError, match=r"reports_font.*cannot be used by reportlab"):
+        load_settings(env={"MEDDAEMON_REPORTS_FONT": str(damaged), "MEDDAEMON_STATE_DIR": str(tmp_path)})
+
+
 def test_a_path_starting_with_a_tilde_is_in_the_home_folder_wherever_the_config_file_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -53,7 +97,7 @@ def test_a_path_starting_with_a_tilde_is_in_the_home_folder_wherever_the_config_
     home = tmp_path / "home"
     (home / "fonts").mkdir(parents=True)
     font = home / "fonts" / "synthetic.ttf"
-    font.write_bytes(b"SYNTHETIC")
+    shutil.copy(dejavu_sans(), font)
     monkeypatch.setenv("HOME", str(home))
     config = tmp_path / "etc" / "meddaemon.toml"
     config.parent.mkdir()

@@ -704,6 +704,11 @@ def _validate(s: Settings) -> None:
         fail("report_workers", "must be 0 (one per core) or more")
     if s.reports_font and not Path(s.reports_font).is_file():
         fail("reports_font", f"{s.reports_font} is not a font file")
+    elif s.reports_font:
+        from meddaemon.report.fonts import unusable_font  # reportlab: only when a font is set
+
+        if why := unusable_font(s.reports_font):
+            fail("reports_font", why)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", s.device):
         fail("device", f"{s.device!r} is not auto, cpu or cuda[:N]")
     if s.busy_timeout < 0:

@@ -34,6 +34,17 @@ def _matplotlib_ttf_dir() -> Path | None:
     return folder if folder.is_dir() else None
 
 
+def unusable_font(path: str) -> str | None:
+    """Why reportlab cannot draw with the font file at ``path``, or None when it can. Checked with the
+    settings: an OpenType font with PostScript (CFF) outlines, as Noto Sans CJK ships, passed a check
+    that the file exists, and then every report failed (the daemon's scans never left ``inferred``)."""
+    try:
+        TTFont("ReportFontProbe", path)
+    except Exception as exc:  # reportlab raises TTFError, and struct or index errors on a damaged file
+        return f"{path} cannot be used by reportlab: {exc} (a TrueType .ttf font is needed)"
+    return None
+
+
 @functools.lru_cache(maxsize=4)
 def report_fonts(custom: str = "") -> Fonts:
     """Register (once per process) and return the font names to use; Helvetica if no TTF is found."""
