@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from meddaemon.engine.overlay import jpeg_bytes
 from meddaemon.engine.tasks import BUILTIN_TASKS, NIH_FINDINGS
 from meddaemon.label_results import LabelResult
+from meddaemon.report import fonts
 from meddaemon.report.content import ModelInfo, PatientInfo, ScanReportData, StudyReportData
 from meddaemon.report.fonts import report_fonts
 from meddaemon.report.images import colour_scale_jpeg
@@ -235,6 +237,21 @@ def test_hostile_patient_names_render_or_are_cut_visibly(kind: str):
         assert "SYNTHETIC" in text and ("שלום" in text or "םולש" in text)
     if kind == "control":
         assert "EVIL" in text and "NAME" in text and "\u202e" not in text
+
+
+def test_characters_the_report_font_cannot_draw_are_marked_and_the_log_names_the_setting(caplog):
+    """DejaVu Sans has no CJK: a Japanese name on a report with PHI was drawn as empty boxes around
+    "=", without a word. The log names reports_font, never the characters (they are the name)."""
+    name = "山田^太郎=ヤマダ^タロウ"  # SYNTHETIC
+    patient = PatientInfo(name, "SYNTH-ID-1", "19700101", "M", "054Y", "SYNTHACC1")
+    data = replace(scan_data(patient=patient), metadata=[("Manufacturer", "SYNTHETIC 日本 Medical")])
+    fonts._say_characters_are_missing.cache_clear()  # said once per process and font
+    with caplog.at_level(logging.WARNING, logger="meddaemon.report"):
+        text, *_ = render(data)
+    assert "Name [?] [?] = [?] [?]" in text and "SYNTHETIC [?] Medical" in text
+    assert "山" not in text and "ヤ" not in text
+    (warning,) = [r.getMessage() for r in caplog.records if "no glyph" in r.getMessage()]
+    assert "set reports_font" in warning and "山" not in warning and "ヤ" not in warning
 
 
 def test_a_study_report_lists_every_scan_then_each_scans_sections():

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,9 @@ from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 
 log = logging.getLogger("meddaemon.report")
+
+#: what stands in a report for characters its font has no glyph for
+NOT_IN_FONT = "[?]"
 
 
 @dataclass(frozen=True)
@@ -61,3 +66,43 @@ def report_fonts(custom: str = "") -> Fonts:
         pdfmetrics.registerFont(TTFont("DejaVuSans-Bold", str(bold)))
         return Fonts("DejaVuSans", "DejaVuSans-Bold")
     return Fonts("DejaVuSans", "DejaVuSans")
+
+
+def drawable(text: str, font_name: str) -> str:
+    """``text`` with each run of characters that ``font_name`` has no glyph for written ``[?]``.
+
+    reportlab draws such a character as an empty box, without a word: a Japanese patient name on a
+    report with PHI came out as boxes around "=" (DejaVu Sans has no CJK). The first time a font
+    meets such characters, the log says so and names ``reports_font`` (never the characters: they
+    may be a patient's name)."""
+    if text.isascii():
+        return text
+    has = _glyph_test(font_name)
+    out: list[str] = []
+    for char in text:
+        if has(char) or unicodedata.category(char) == "Cf":
+            out.append(char)
+        elif not out or out[-1] != NOT_IN_FONT:
+            out.append(NOT_IN_FONT)
+    shown = "".join(out)
+    if shown != text:
+        _say_characters_are_missing(font_name)
+    return shown
+
+
+@functools.lru_cache(maxsize=8)
+def _glyph_test(font_name: str) -> Callable[[str], bool]:
+    covered = getattr(getattr(pdfmetrics.getFont(font_name), "face", None), "charToGlyph", None)
+    if covered is None:  # one of the PDF standard fonts: Latin-1 only
+        return lambda char: ord(char) < 256
+    return lambda char: ord(char) in covered
+
+
+@functools.lru_cache(maxsize=8)
+def _say_characters_are_missing(font_name: str) -> None:
+    log.warning(
+        "report text holds characters the report font %s has no glyph for: they are shown as %s; "
+        "set reports_font to a TrueType font that has them",
+        font_name,
+        NOT_IN_FONT,
+    )

@@ -1,7 +1,8 @@
 """Scan and study reports laid out with reportlab (platypus), from ``content`` data and a template.
 
 Pure: data and JPEG bytes in, PDF bytes out. The wording comes from the per-task template; every
-value that came from a file goes through ``text.markup`` (cleaned, truncated visibly, escaped).
+value that came from a file goes through ``_v`` or ``_markup`` (cleaned, truncated visibly, escaped,
+and what the font cannot draw shown ``[?]``).
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ from reportlab.platypus import (
 from meddaemon import __version__
 from meddaemon.label_results import LabelResult
 from meddaemon.report.content import PatientInfo, ScanReportData, StudyReportData
-from meddaemon.report.fonts import Fonts
+from meddaemon.report.fonts import Fonts, drawable
 from meddaemon.report.templates import ReportTemplate
-from meddaemon.report.text import clean, markup, person_name, visual_order
+from meddaemon.report.text import clean, person_name, visual_order
 
 # reportlab wraps every stream (the JPEGs included) in ASCII85 by default, in pure Python when its C
 # accelerator is absent (as here): 85% of the time of a page with images. PDF is a binary format.
@@ -193,7 +194,12 @@ def when(moment: datetime | None) -> str:
 
 def _p(text: str, style: ParagraphStyle) -> Paragraph:
     """A paragraph of template text (trusted wording, escaped; no values from files)."""
-    return Paragraph(markup(text, limit=2000), style)
+    return Paragraph(_markup(text, style, 2000), style)
+
+
+def _markup(value: object, style: ParagraphStyle, limit: int) -> str:
+    """``markup`` of ``value`` with what ``style``'s font cannot draw shown ``[?]`` (``drawable``)."""
+    return escape(drawable(visual_order(clean(value, limit)), style.fontName))
 
 
 #: Values up to this long go into table cells as plain strings: a Paragraph (markup parsing, line
@@ -204,7 +210,7 @@ SHORT = 30
 def _v(value: object, style: ParagraphStyle, limit: int = 120) -> Paragraph | str:
     """A value that came from a file or the database, cleaned and cut: a plain string when short
     (drawn in the cell's font), else an escaped paragraph that wraps."""
-    text = visual_order(clean(value, limit)) or "-"
+    text = drawable(visual_order(clean(value, limit)), style.fontName) or "-"
     return text if len(text) <= SHORT else Paragraph(escape(text), style)
 
 
@@ -395,7 +401,7 @@ def patient_section(patient: PatientInfo, st: Styles) -> list[Flowable]:
     return [
         _kv_table(
             [
-                ("Name", Paragraph(markup(person_name(patient.name), 200) or "-", st.cell)),
+                ("Name", Paragraph(_markup(person_name(patient.name), st.cell, 200) or "-", st.cell)),
                 ("Patient ID", _v(patient.patient_id, st.cell, 64)),
                 ("Birth date", _v(patient.birth_date, st.cell, 16)),
                 ("Sex", _v(patient.sex, st.cell, 16)),
@@ -538,7 +544,7 @@ def render_study(
     name = data.study_instance_uid if data.with_phi else f"study {data.study_key}"
     story: list[Flowable] = [
         _p(words["title"], st.title),
-        Paragraph(markup(name, 90), st.subtitle),
+        Paragraph(_markup(name, st.subtitle, 90), st.subtitle),
         _disclaimer(first, st),
     ]
     if not data.with_phi:
