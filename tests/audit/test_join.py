@@ -127,23 +127,31 @@ def test_a_full_name_two_stored_scans_share_is_ambiguous_as_a_base_name_is():
         assert cohort.scan_ids.tolist() == [3] and report.ambiguous == [key], key
 
 
-def test_a_key_s_folder_must_agree_with_the_name_the_scan_arrived_under():
-    """Folder-per-class datasets reuse file names across classes: ``normal/1.png`` found the scan
-    that arrived as ``covid/1.png`` by its base name, scored it as normal, and made the right row
-    for it a conflict. A key ending the stored name, or ended by it, still finds it."""
-    preds = predictions(
-        "covid", ["covid/1.png", "2.png", "inbox/covid/3.png"], probs=np.array([[0.05, 0.95], [0.1, 0.9], [0.2, 0.8]])
-    )
-    cohort, report = join(preds, table([("normal/1.png", {"normal"}, None, {}), ("2.png", {"covid"}, None, {})]))
-    assert cohort.scan_ids.tolist() == [2] and report.labels_without_prediction == ["normal/1.png"]
+def test_a_key_in_one_class_folder_does_not_name_a_scan_stored_in_another():
+    """Folder-per-class datasets reuse file names across classes: ``malignant/1.png`` found the scan
+    evaluated as ``benign/1.png`` by its base name, scored it as malignant, and made the right row
+    for it a conflict."""
+    preds = predictions("busi", ["benign/1.png", "normal/2.png"], probs=np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]]))
     cohort, report = join(
         preds,
         table([
-            ("covid/1.png", {"covid"}, None, {}),
-            ("normal/1.png", {"normal"}, None, {}),
-            ("covid/2.png", {"covid"}, None, {}),
-            ("covid/3.png", {"covid"}, None, {}),
+            ("benign/1.png", {"benign"}, None, {}),
+            ("malignant/1.png", {"malignant"}, None, {}),
+            ("2.png", {"normal"}, None, {}),
         ]),
     )  # fmt: skip
-    assert report.conflicts == [] and report.labels_without_prediction == ["normal/1.png"]
-    assert sorted(cohort.scan_ids.tolist()) == [1, 2, 3] and cohort.y.ravel().tolist() == [1, 1, 1]
+    assert report.conflicts == [] and report.labels_without_prediction == ["malignant/1.png"]
+    assert sorted(cohort.scan_ids.tolist()) == [1, 2]
+
+
+def test_a_key_in_a_class_folder_names_the_scan_that_arrived_in_the_inbox_s_task_folder():
+    """The daemon stores names as they arrived in the inbox, under its task folders; a labels file
+    written from the dataset keys them by its class folders."""
+    preds = predictions("busi", ["busi/benign (1).png", "busi/malignant (1).png"])
+    cohort, report = join(
+        preds,
+        table(
+            [("benign/benign (1).png", {"benign"}, None, {}), ("malignant/malignant (1).png", {"malignant"}, None, {})]
+        ),
+    )
+    assert report.matched == 2 and sorted(cohort.scan_ids.tolist()) == [1, 2]

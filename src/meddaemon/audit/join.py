@@ -1,8 +1,8 @@
 """Stored predictions joined to the truth, and the join report that says what did not match.
 
 A label row finds its scan by the table's key: ``file`` (the name the scan arrived under, as a
-relative path such as ``busi/benign (1).png``, or a path that ends it or that it ends, such as
-its base name, when that is unique),
+relative path such as ``busi/benign (1).png``, or its base name when that is unique, unless the
+two name different class folders),
 ``sop_instance_uid`` or ``sha256``. Rows of the same key with the same labels count once; rows
 of the same key (or the same scan) with different labels are conflicts and are left out.
 """
@@ -138,6 +138,8 @@ class _Index:
             if v:
                 self.exact[v].append(i)
         self.key_kind = key_kind
+        #: folders named as a class of the task, and not as the task (the inbox's task folders)
+        self.class_folders = frozenset(predictions.labels) - {predictions.task}
 
     def find(self, key: str) -> list[int]:
         key = key.lower() if self.key_kind == "sha256" else key
@@ -145,19 +147,22 @@ class _Index:
             return self.exact[key]
         if self.key_kind == "file":
             parts = _path_parts(key)
-            return [i for i in self.base.get(parts[-1], []) if _one_ends_the_other(parts, self.parts[i])]
+            return [i for i in self.base.get(parts[-1], []) if not self._other_class(parts, self.parts[i])]
         return []
+
+    def _other_class(self, key: tuple[str, ...], stored: tuple[str, ...]) -> bool:
+        """Whether a key and a stored name of one base name lie in folders of two different classes:
+        ``malignant/1.png`` does not name the scan evaluated as ``benign/1.png`` (folder-per-class
+        datasets reuse file names across classes). ``benign/benign (1).png`` does name the one that
+        arrived in the inbox's task folder as ``busi/benign (1).png``."""
+        if len(key) < 2 or len(stored) < 2:
+            return False
+        folders = {key[-2], stored[-2]}
+        return len(folders) == 2 and folders <= self.class_folders
 
 
 def _path_parts(name: str) -> tuple[str, ...]:
     return PurePosixPath(name.replace("\\", "/")).parts or ("",)
-
-
-def _one_ends_the_other(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    """``covid/1.png`` names the scan that arrived as ``1.png`` or as ``inbox/covid/1.png``, not the
-    one that arrived as ``normal/1.png``: folder-per-class datasets reuse file names across classes."""
-    n = min(len(a), len(b))
-    return a[-n:] == b[-n:]
 
 
 def join(predictions: Predictions, table: LabelTable) -> tuple[Cohort, JoinReport]:
