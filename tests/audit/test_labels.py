@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from meddaemon.audit.labels import LabelFileError, check_label_columns, read_label_folders, read_labels
+from meddaemon.audit.labels import (
+    LabelFileError,
+    check_columns_beside_the_truth,
+    check_label_columns,
+    read_label_folders,
+    read_labels,
+)
 from meddaemon.engine.tasks import BUILTIN_TASKS
 
 VOCABULARY = {label for t in BUILTIN_TASKS.values() for label in t.labels}
@@ -162,18 +168,30 @@ def test_the_same_column_in_a_label_file_is_refused_too(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("text", "truth_column"),
+    ("text", "truth_column", "line"),
     [
-        ("file,label,Effusion\na.png,Mass,1\nb.png,No Finding,1\n", "label"),
-        ("Image Index,Finding Labels,Patient ID,Effusion\na.png,Mass,1,1\nb.png,No Finding,2,1\n", "Finding Labels"),
+        ("file,label,Effusion\na.png,Effusion,1\nb.png,No Finding,1\n", "label", 3),
+        ("Image Index,Finding Labels,Patient ID,Effusion\na.png,Mass,1,1\n", "Finding Labels", 2),
     ],
 )
-def test_a_0_1_column_named_as_a_label_beside_the_column_of_the_truth_is_refused(tmp_path, text, truth_column):
+def test_a_0_1_column_of_a_task_label_that_contradicts_the_column_of_the_truth_is_refused(
+    tmp_path, text, truth_column, line
+):
     """It was read as an attribute, and as the row's labels say every other label is absent, its
     positives became negatives in the audit, without a word."""
-    with pytest.raises(LabelFileError, match=f"beside the '{truth_column}' column") as info:
-        read_labels(write(tmp_path, text), VOCABULARY)
-    assert (info.value.line, info.value.column) == (1, "Effusion")
+    table = read_labels(write(tmp_path, text), VOCABULARY)
+    with pytest.raises(LabelFileError, match=f"and the '{truth_column}' column says otherwise") as info:
+        check_columns_beside_the_truth(table, BUILTIN_TASKS["chestxray14"].labels)
+    assert (info.value.line, info.value.column) == (line, "Effusion")
+
+
+def test_columns_that_agree_with_the_truth_or_name_another_task_s_label_stay_attributes(tmp_path):
+    """NIH files with one-hot finding columns beside Finding Labels, and a 0/1 covid column in a
+    chest X-ray audit, are good truth and a good attribute."""
+    nih = "Image Index,Finding Labels,Patient ID,Mass,Effusion,covid\na.png,Mass,1,1,0,1\nb.png,No Finding,2,0,0,0\n"
+    table = read_labels(write(tmp_path, nih), VOCABULARY)
+    check_columns_beside_the_truth(table, BUILTIN_TASKS["chestxray14"].labels)
+    assert table.attribute_columns[-3:] == ("Mass", "Effusion", "covid")
 
 
 def test_a_0_1_column_unlike_any_label_stays_an_attribute(tmp_path):

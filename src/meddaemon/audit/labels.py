@@ -101,11 +101,8 @@ def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
     sha = hashlib.sha256(raw).hexdigest()
     if "Image Index" in header and "Finding Labels" in header:
         _refuse_misspelt_labels(path, header, records, words, ("Image Index", "Finding Labels"))
-        _refuse_label_columns_beside(path, header, records, words, "Finding Labels")
         return _nih(path, sha, header, records, words)
     _refuse_misspelt_labels(path, header, records, words, (*KEY_COLUMNS, "label", "task"))
-    if "label" in header:
-        _refuse_label_columns_beside(path, header, records, words, "label")
     return _simple(path, sha, header, records, words)
 
 
@@ -172,22 +169,6 @@ def _refuse_misspelt_labels(
             )
 
 
-def _refuse_label_columns_beside(
-    path: Path, header: list[str], records: list[tuple[int, list[str]]], words: set[str], truth_column: str
-) -> None:
-    """A 0/1 column named as a label, in a file whose truth is in ``truth_column``, would be read as
-    an attribute and its positives lost (the row's labels say every other label is absent): refuse it."""
-    for index, name in enumerate(header):
-        if name in words and _holds_0_1(records, index):
-            raise LabelFileError(
-                path,
-                f"a 0/1 column named as a label, beside the {truth_column!r} column that holds the truth; "
-                f"give the truth in one of them: {truth_column!r}, or one 0/1 column per label",
-                1,
-                name,
-            )
-
-
 def _holds_0_1(records: list[tuple[int, list[str]]], index: int) -> bool:
     values = {row[index].strip().lower() for _, row in records if index < len(row)} - {""}
     return bool(values) and values <= TRUE_VALUES | FALSE_VALUES
@@ -206,6 +187,28 @@ def check_label_columns(table: LabelTable, task: str, task_labels: Iterable[str]
                 1,
                 column,
             )
+
+
+def check_columns_beside_the_truth(table: LabelTable, task_labels: Iterable[str]) -> None:
+    """A 0/1 column named as a label of the audited task, in a file whose truth is one column
+    (``label``, NIH's ``Finding Labels``), is read as an attribute: it must agree with that truth.
+    One that did not was left out without a word, and as the truth column says every other label
+    is absent, its positives were negatives in the audit."""
+    if table.format not in ("csv-label", "nih"):
+        return
+    truth_column = "label" if table.format == "csv-label" else "Finding Labels"
+    for column in (c for c in table.attribute_columns if c in set(task_labels)):
+        for row in table.rows:
+            value = row.attributes.get(column, "").strip().lower()
+            said = True if value in TRUE_VALUES else False if value in FALSE_VALUES else None
+            if said is not None and said != (column in row.positives):
+                raise LabelFileError(
+                    Path(table.path),
+                    f"says {column} is {'present' if said else 'absent'}, and the {truth_column!r} column "
+                    "says otherwise; give the truth in one of them",
+                    row.line,
+                    column,
+                )
 
 
 def _cells(path: Path, header: list[str], line: int, row: list[str]) -> dict[str, str]:

@@ -20,7 +20,13 @@ from meddaemon.audit.bootstrap import Interval, Target, bootstrap
 from meddaemon.audit.compare import Shift, VersionComparison, Window, compare_versions, shift
 from meddaemon.audit.criteria import Criterion, Verdict, evaluate, parse_criteria
 from meddaemon.audit.join import Cohort, JoinReport, join
-from meddaemon.audit.labels import LabelTable, check_label_columns, read_label_folders, read_labels
+from meddaemon.audit.labels import (
+    LabelTable,
+    check_columns_beside_the_truth,
+    check_label_columns,
+    read_label_folders,
+    read_labels,
+)
 from meddaemon.audit.metrics import Agreement, LabelMetrics, agreement, label_metrics
 from meddaemon.audit.predictions import AuditInputError, Predictions, find_version, load_predictions
 from meddaemon.audit.subgroups import Subgroup, subgroups
@@ -255,6 +261,7 @@ def read_truth(request: AuditRequest, tasks: Mapping[str, TaskSpec]) -> tuple[La
     table = read_labels(request.labels, vocabulary)
     spec = resolve_task(table, tasks, request.task)
     check_label_columns(table, spec.name, spec.labels)
+    check_columns_beside_the_truth(table, spec.labels)
     return table, spec
 
 
