@@ -243,6 +243,27 @@ def test_a_kept_original_changed_by_hand_is_refused_as_not_the_file_that_failed(
     assert after.retried_at is None and list(daemon.settings.watch.rglob("*.dcm")) == []
 
 
+def test_a_scan_that_failed_as_changed_after_registration_goes_back_with_the_bytes_it_failed_for(
+    migrated_engine, sessions, make_settings
+):
+    """Its kept file differs from its recorded SHA-256 by its very failure: the first check of the
+    kept original refused every such scan as original_changed."""
+    settings = make_settings(db=str(migrated_engine.url.render_as_string(hide_password=False)))
+    kept = settings.failed_dir / "busi" / "synthetic_rewritten.png"
+    kept.parent.mkdir(parents=True)
+    settings.watch.mkdir()
+    kept.write_bytes(b"SYNTHETIC bytes rewritten after registration")
+    with transaction(sessions) as session:
+        scan_id = add_scan(
+            session, 1, ScanState.FAILED, failure_reason="changed_after_registration", stored_path=str(kept)
+        ).id
+
+    result = retry_failed(sessions, settings, Selector(reason="changed_after_registration"))
+
+    assert result.ok and [r.scan_id for r in result.requeued] == [scan_id]
+    assert (settings.watch / "busi" / "synthetic_1.png").read_bytes() == b"SYNTHETIC bytes rewritten after registration"
+
+
 def test_a_retry_killed_after_its_commit_is_finished_by_the_next_one(daemon: Daemon):
     """Killed between marking the scan retried and removing its original, it left the file and its
     reason file in failed/ for good, named by no row. The row keeps naming the file until it is gone."""

@@ -313,6 +313,11 @@ def test_batchnorm_is_recalibrated_without_a_last_batch_of_one_image(tmp_path: P
     recalibrate_batchnorm(model, make_loader(dataset, config, shuffle=False), torch.device("cpu"))
     first = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert int(first.num_batches_tracked) == 1 and torch.isfinite(first.running_var).all()
+    # in batches of one, every batch is read (at 64 pixels the last map is 2 x 2): all 6 images
+    config = TrainConfig.from_task(BUSI, architecture="mobilenet_v2", batch_size=1, image_size=64)
+    dataset = ScanDataset(samples[:6], BUSI.labels, "multiclass", config.contract(BUSI))
+    recalibrate_batchnorm(model, make_loader(dataset, config, shuffle=False), torch.device("cpu"))
+    assert int(first.num_batches_tracked) == 6
 
 
 def test_brightness_and_contrast_stay_within_their_bounds() -> None:

@@ -224,7 +224,9 @@ def _requeue(sessions: sessionmaker[Session], settings: Settings, scan_id: int, 
 def _not_the_file_that_failed(scan: Scan, original: Path) -> Refused | None:
     """The kept original is read whole before anything is written into the inbox: a file that cannot
     be read is its fault, not the inbox's, and one changed by hand since it failed is not that scan's
-    file (sent back, its new attempt was another scan's bytes, and the scan's own never came back)."""
+    file (sent back, its new attempt was another scan's bytes, and the scan's own never came back).
+    A scan that failed as changed_after_registration kept the changed bytes it failed for: those
+    are what goes back."""
     try:
         with open(original, "rb") as handle:
             digest = hashlib.file_digest(handle, "sha256").hexdigest()
@@ -234,7 +236,7 @@ def _not_the_file_that_failed(scan: Scan, original: Path) -> Refused | None:
             f"scan {scan.id}: its kept original {original} cannot be read: {exc.strerror or exc}",
             scan.id,
         )
-    if scan.sha256 and digest != scan.sha256:
+    if scan.sha256 and digest != scan.sha256 and scan.failure_reason != FailureReason.CHANGED_AFTER_REGISTRATION:
         return Refused(
             Refusal.ORIGINAL_CHANGED,
             f"scan {scan.id}: its kept original {original} has changed since it failed (SHA-256 "

@@ -601,7 +601,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: DataLoader[Any], device: tor
         m.momentum = None  # cumulative average
     model.train()
     for i, (x, _) in enumerate(loader):
-        if len(x) == 1 and i > 0:
+        if len(x) == 1 and i > 0 and (loader.batch_size or 1) > 1:  # a last batch of one; batches of one go
             continue
         with _autocast(device):
             model(x.to(device))
