@@ -2,8 +2,10 @@
 
 Every format becomes a :class:`LabelTable`: one row per labelled file (with the line it came from),
 the labels that are positive, the labels whose value is known, and the other columns passed
-through untouched as attributes (for subgroups). A problem in a file raises :class:`LabelFileError`
-naming the file, the line and column, and what was expected there.
+through untouched as attributes (for subgroups); a 0/1 attribute named as a label of the audited
+task must agree with the ``label``/``Finding Labels`` column (``check_columns_beside_the_truth``).
+A problem in a file raises :class:`LabelFileError` naming the file, the line and column, and what
+was expected there.
 
 Simple CSV: a key column (``file``, ``sop_instance_uid`` or ``sha256``), then either a ``label``
 column (one class, or labels joined by ``|``; empty or ``No Finding`` means none) or one column per

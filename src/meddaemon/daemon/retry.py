@@ -6,10 +6,13 @@ failed scan stays failed, with ``retried_at`` and a step in its history saying w
 the daemon then records the arrival as a new attempt (new arrivals are not de-duplicated against
 failed scans, ``bookkeeper.record_batch``).
 
-Each scan is one transaction: its row locked and marked, the copy placed in the inbox, the commit,
-then the original and its ``.reason.json`` removed from ``failed/``. A crash before the commit leaves
-the original in ``failed/`` and at worst a copy in the inbox (a new attempt; a second retry of the
-same scan then arrives as its duplicate); nothing is ever lost.
+Each scan is one transaction: its row locked and marked, the original read whole and checked
+against the scan's SHA-256 (``original_unreadable``, ``original_changed``), the copy placed in the
+inbox, the commit; then the original and its ``.reason.json`` removed from ``failed/``, then its
+``stored_path`` cleared. A crash before the commit leaves the original in ``failed/`` and at worst a
+copy in the inbox (a new attempt; a second retry of the same scan then arrives as its duplicate); a
+crash after it leaves the original named by its row, and the next retry removes it first
+(``finish_interrupted_retries``). Nothing is ever lost.
 """
 
 from __future__ import annotations
@@ -117,7 +120,8 @@ def retry_failed(
     sessions: sessionmaker[Session], settings: Settings, selector: Selector, dry_run: bool = False
 ) -> RetryResult:
     """Send the failed scans ``selector`` names back into ``settings.watch``; with ``dry_run``, only
-    say what would happen. Scans that cannot be retried are refused with a named reason."""
+    say what would happen. Scans that cannot be retried are refused with a named reason. Unless
+    ``dry_run``, the removals a killed retry left unfinished are done first."""
     result = RetryResult(dry_run=dry_run)
     if not dry_run:
         finish_interrupted_retries(sessions, settings)

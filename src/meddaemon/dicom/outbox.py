@@ -2,7 +2,8 @@
 
 - Rows are added in the transaction of the state step that makes their object due (``enqueue``).
 - A sender claims due rows (``claim_due``: pending, their time come, held by nobody, by itself, or
-  by a daemon no longer running), sends, and records the answer in a transaction of its own:
+  by a daemon no longer running; only while its own daemon runs, and it stops before each object once
+  that daemon is declared lost), sends, and records the answer in a transaction of its own:
   ``delivered`` once the peer acknowledged, never sent again after that commit; a failure counts an
   attempt and sets the next one after an exponential backoff with jitter; ``dead`` after
   ``max_attempts`` failures or a permanent refusal, with what the peer said.
