@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,12 +18,14 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from click.testing import CliRunner
 from dicom_factory import write_dicom
 from PIL import Image, ImageDraw
 from pydicom.charset import convert_encodings, encode_string
 from sqlalchemy import select
 
 from dicom_checks import dciodvfy_errors
+from meddaemon.cli.medcli import cli as medcli
 from meddaemon.daemon import bookkeeper
 from meddaemon.daemon.service import Daemon
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
@@ -218,7 +221,7 @@ def test_the_complete_study_gets_its_study_report_as_an_encapsulated_pdf(deliver
         ds.SOPInstanceUID
         == items[0].sop_instance_uid
         == uids.study_object_uid(
-            delivered.settings.dicom_uid_root, study.study_instance_uid, study.sha256, pdf.STUDY_KIND
+            delivered.settings.dicom_uid_root, study.study_instance_uid, pdf.content_digest(document), pdf.STUDY_KIND
         )
     )
     sources = [source_of(delivered, scan_id) for scan_id in scans]
@@ -243,6 +246,32 @@ def test_a_newer_study_report_is_a_new_instance_of_the_same_series_and_a_resend_
     assert old.SOPInstanceUID == same.SOPInstanceUID != newer.SOPInstanceUID
     assert old.SeriesInstanceUID == newer.SeriesInstanceUID
     assert pdf.build_study(facts, b"%PDF-1 a", True).BurnedInAnnotation == "YES"
+
+
+def test_a_study_report_rendered_again_with_nothing_new_is_the_same_instance(delivered: Daemon, tmp_path: Path):
+    """reportlab writes its dates and a new /ID into each rendering: the instance was named by the
+    PDF's bytes, so each rebuild (a scan's report rebuilt by medcli report marks its study stale)
+    sent the PACS another copy of the same report under a new UID."""
+    settings = delivered.settings
+    with delivered.sessions() as session:
+        study = session.scalars(select(Report).where(Report.kind == "study")).one()
+        first = session.scalars(
+            select(Scan.id).where(Scan.study_instance_uid == study.study_instance_uid).order_by(Scan.id)
+        ).first()
+        assert first is not None
+        facts = [scan_facts(session, first, settings.state_dir, settings.dicom_uid_root)]
+    document = settings.stored_file(study.path).read_bytes()
+    time.sleep(1.1)  # the PDF's dates are to the second
+    again = tmp_path / "again.pdf"
+    flags = ["--state-dir", str(settings.state_dir), "--out", str(again)]
+    result = CliRunner().invoke(medcli, ["report", "study", study.study_instance_uid, *flags])
+    assert result.exit_code == 0, result.output
+    assert again.read_bytes() != document  # rendered anew: other dates, another /ID
+    assert pdf.content_digest(again.read_bytes()) == pdf.content_digest(document)
+    assert (
+        pdf.build_study(facts, again.read_bytes(), False).SOPInstanceUID
+        == pdf.build_study(facts, document, False).SOPInstanceUID
+    )
 
 
 #: set when the object is built: differ between two builds of the same object

@@ -13,6 +13,7 @@ SHA-256: a resend of one version is the same instance, a newer version a new one
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -35,9 +36,20 @@ STUDY_KIND = "study-pdf"
 STUDY_SERIES_NUMBER = 9905
 
 
-def study_object_key(pdf_sha256: str) -> str:
-    """The outbox key of one version of a study report: a new version is a new row."""
-    return f"{STUDY_KIND}:{pdf_sha256[:16]}"
+#: what reportlab writes anew each time it renders the same report: its dates and its /ID
+_RENDER_STAMPS = re.compile(rb"/(?:CreationDate|ModDate) \(D:[^)]*\)|/ID\s*\[<[0-9a-fA-F]*><[0-9a-fA-F]*>\]")
+
+
+def content_digest(pdf: bytes) -> str:
+    """The SHA-256 of a report PDF without what changes from one rendering of it to the next: a
+    study report rebuilt with nothing new in it is the same instance. Of its bytes, each rebuild
+    (a scan's report rebuilt by ``medcli report``) sent the PACS another copy under a new UID."""
+    return hashlib.sha256(_RENDER_STAMPS.sub(b"", pdf)).hexdigest()
+
+
+def study_object_key(pdf_digest: str) -> str:
+    """The outbox key of one version of a study report (``content_digest``): a new version is a new row."""
+    return f"{STUDY_KIND}:{pdf_digest[:16]}"
 
 
 def build(facts: ScanFacts, pdf: bytes, with_phi: bool) -> Dataset:
@@ -59,7 +71,7 @@ def build_study(scans: Sequence[ScanFacts], pdf: bytes, with_phi: bool) -> Datas
     """The study report of the study of ``scans`` (its DICOM scans, oldest first; one at least)."""
     first = scans[0]
     study = str(first.source.StudyInstanceUID)
-    digest = hashlib.sha256(pdf).hexdigest()
+    digest = content_digest(pdf)
     tasks = ", ".join(dict.fromkeys(s.task for s in scans))
     algorithms = {(s.algorithm_name, s.software_version): s for s in scans}
     return _encapsulate(

@@ -8,7 +8,8 @@ outbox rows exist exactly when that step happened. A crash between the two leave
 A study report (written once the study is complete) is an Encapsulated PDF too (``prepare_study``,
 to ``<state_dir>/dicom/studies/<study key>/``), queued in the transaction that records the study
 report. The outbox is keyed by scan: its rows belong to the study's first DICOM scan, under the
-key ``study-pdf:<PDF SHA-256 prefix>``, so each version of the study report is a row of its own.
+key ``study-pdf:<prefix of the PDF's SHA-256 without its dates>``, so each version of the study
+report is a row of its own, and the same report rendered again is the same row.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ class DicomOutputs:
         except Exception as exc:  # a bug: the study report stands, its DICOM object is missing (logged)
             log.error("building a study report's DICOM object failed (%s)", type(exc).__name__)
             return None
-        key = pdf.study_object_key(hashlib.sha256(pdf_bytes).hexdigest())
+        key = pdf.study_object_key(pdf.content_digest(pdf_bytes))
         path = study_object_path(self.settings.dicom_dir, study_instance_uid, key)
         write_atomically(path, encode(ds), durable=True, sync_folder=False)
         fsync_dir(path.parent, strict=True)
