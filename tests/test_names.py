@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from meddaemon.names import NAME_MAX, escape_controls, fitted, is_utf8, shown_name, utf8_name
+from meddaemon.daemon.filing import overlay_path
+from meddaemon.dicom.writer import object_path
+from meddaemon.engine.tasks import BUILTIN_TASKS
+from meddaemon.names import NAME_MAX, escape_controls, fitted, is_utf8, label_file_part, shown_name, utf8_name
 
 LATIN1 = os.fsdecode(b"sc\xe9n \xfc\xff.png")
 
@@ -37,3 +40,23 @@ def test_a_name_made_longer_than_received_is_cut_at_a_character_to_fit():
 def test_control_characters_are_escaped_for_a_log_line_or_a_terminal_and_the_rest_left_alone():
     assert escape_controls("a\nb\tc\x1b[2J\x85d é 医") == "a\\nb\\tc\\x1b[2J\\x85d é 医"
     assert shown_name(os.fsdecode(b"new\nline \xe9.png")) == "new\\nline \\xe9.png"
+
+
+def test_labels_that_fold_alike_keep_apart_in_file_names_and_simple_ones_keep_their_own():
+    """A custom task's ``mass:calcified`` and ``mass_calcified`` shared their overlay and DICOM
+    object files (one label's map sent twice, the other's never); ``benign/normal`` made a folder.
+    Every built-in label, and any made of letters, digits, '_' and '-', names its files as before."""
+    labels = ["mass:calcified", "mass_calcified", "mass calcified", "mass/calcified", "mass\\calcified"]
+    parts = [label_file_part(label) for label in labels]
+    assert len(set(parts)) == len(labels) and parts[1] == "mass_calcified"
+    assert all("/" not in part and "\\" not in part for part in parts)
+    assert all(label_file_part(label) == label for task in BUILTIN_TASKS.values() for label in task.labels)
+    assert object_path(Path("/d"), "ab" * 32, "pmap:mass:calcified") != object_path(
+        Path("/d"), "ab" * 32, "pmap:mass_calcified"
+    )
+    assert object_path(Path("/d"), "ab" * 32, "pmap:Effusion").name == "pmap_Effusion.dcm"
+    assert object_path(Path("/d"), "ab" * 32, "sr").name == "sr.dcm"
+    heatmaps = Path("/h")
+    assert overlay_path(heatmaps, "ab" * 32, 1, "mass:calcified") != overlay_path(
+        heatmaps, "ab" * 32, 1, "mass_calcified"
+    )

@@ -9,6 +9,7 @@ an evaluation, which never touches its cohort, stores the same ``utf8_name`` of 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import PurePath
@@ -27,6 +28,17 @@ def utf8_name(name: str | PurePath) -> str:
     """``name`` with each byte that was not part of valid UTF-8 written ``%XX`` (``sc\\xe9n.png``
     becomes ``sc%E9n.png``); a valid name is returned as it is."""
     return "".join(f"%{ord(c) - 0xDC00:02X}" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in str(name))
+
+
+def label_file_part(label: str) -> str:
+    """A label as a part of a file name: as it is when it is letters, digits, '_' and '-'; else with
+    each other character '_' and 8 hex digits of its SHA-256 after, so that no two labels share a
+    name (a custom task's ``mass:calcified`` and ``mass_calcified`` shared their overlay and DICOM
+    object files: one label's map was sent twice, the other's never)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+    if safe == label:
+        return label
+    return f"{safe}-{hashlib.sha256(label.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}"
 
 
 def shown_name(name: str | PurePath) -> str:

@@ -20,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 from meddaemon.files import fsync_dir, remove_stale_temporaries, temporary_path
-from meddaemon.names import NAME_MAX, fitted, split_extension
+from meddaemon.names import NAME_MAX, fitted, label_file_part, split_extension
 
 #: times ``finish_move`` makes the target's folder again when it was removed as empty meanwhile
 SHARD_RACE_RETRIES = 3
@@ -318,8 +318,7 @@ def overlay_path(heatmaps_dir: Path, sha256: str, version_id: int, label: str) -
     """``heatmaps/<sha[:2]>/<sha>/v<version id>_<label>.jpg``, a map's overlay: named by what it is, so
     a replay after a crash overwrites instead of adding. (Earlier versions kept the map beside it,
     ``.npy``; the map's grid is in its database row now.)"""
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
-    return heatmaps_dir / sha256[:2] / sha256 / f"v{version_id}_{safe}.jpg"
+    return heatmaps_dir / sha256[:2] / sha256 / f"v{version_id}_{label_file_part(label)}.jpg"
 
 
 def view_path(heatmaps_dir: Path, sha256: str, version_id: int) -> Path:

@@ -32,6 +32,7 @@ from meddaemon.dicom import hot_paths, outbox, pdf, pmap, sc, sr
 from meddaemon.dicom.content import OutputRefused, ScanFacts, declaring_its_text, scan_facts
 from meddaemon.dicom.encoding import encode
 from meddaemon.files import fsync_dir, write_atomically
+from meddaemon.names import label_file_part
 from meddaemon.states import ScanState
 from meddaemon.stored_paths import stored_name
 
@@ -65,12 +66,18 @@ class PreparedOutputs:
 
 
 def object_path(dicom_dir: Path, sha256: str, object_key: str) -> Path:
-    return dicom_dir / sha256[:2] / sha256 / f"{object_key.replace(':', '_')}.dcm"
+    return dicom_dir / sha256[:2] / sha256 / _object_file_name(object_key)
 
 
 def study_object_path(dicom_dir: Path, study_instance_uid: str, object_key: str) -> Path:
     folder = hashlib.sha256(study_instance_uid.encode()).hexdigest()[:16]
-    return dicom_dir / "studies" / folder / f"{object_key.replace(':', '_')}.dcm"
+    return dicom_dir / "studies" / folder / _object_file_name(object_key)
+
+
+def _object_file_name(object_key: str) -> str:
+    """``sr.dcm``, ``pmap_<label>.dcm``: one file per key (``label_file_part``)."""
+    kind, _, label = object_key.partition(":")
+    return f"{kind}_{label_file_part(label)}.dcm" if label else f"{kind}.dcm"
 
 
 def build_objects(
