@@ -403,6 +403,30 @@ def test_waiting_for_a_lock_held_elsewhere_the_daemon_keeps_systemd_s_watchdog_f
     locker.kill()
 
 
+@pytest.mark.parametrize("stop", [False, True], ids=["lock released", "SIGTERM"])
+def test_a_daemon_starting_while_another_process_holds_the_lock_waits_for_it_or_stops_when_asked(
+    layout: Layout, daemons: Daemons, tmp_path: Path, stop: bool
+):
+    """The schema's upgrade at start went through once: with medcli db upgrade, a retry or a backup
+    holding SQLite's write lock, the daemon exited 3 after the busy timeout (systemd restarted it in
+    a loop), and a SIGTERM meanwhile ended it with 3 too."""
+    daemons.run_once()  # the database exists
+    drop(layout.inbox / TASK, "synthetic_0000.png", synthetic_png(tmp_path / "made", 0), rename=True)
+    locker = daemons.helper("-c", SQLITE_LOCKER, str(layout.db), "60" if stop else "4")
+    assert locker.stdout is not None and locker.stdout.readline().strip() == b"locked"
+    daemon = daemons.start(once=True, env={"MEDDAEMON_BUSY_TIMEOUT": "1"})
+    wait_until(lambda: "database is locked by another process" in daemon.log_text(), 30, "the lock met", daemon)
+    if stop:
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0, daemon.tail()
+        assert "stopping as asked while starting: the database was locked by another process" in daemon.log_text()
+        assert locker.poll() is None and len(layout.inbox_files()) == 1
+        locker.kill()
+    else:
+        assert daemon.wait(60) == 0, daemon.tail()
+        assert locker.poll() == 0 and layout.inbox_files() == []
+
+
 @pytest.mark.parametrize("after", [0.1, 0.4])
 def test_sigterm_while_the_daemon_is_still_starting_exits_0(daemons: Daemons, after: float):
     """Importing the command line and torch takes most of a second, before the daemon's own handlers:

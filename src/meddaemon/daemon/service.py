@@ -23,7 +23,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TypeVar
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
@@ -153,10 +153,23 @@ class Daemon:
         ):
             folder.mkdir(parents=True, exist_ok=True)
         quiet_value_quoting_libraries()
-        upgrade(self.engine)
-        with_lock_retry(self._ensure_tasks, log_lock_wait, self.stop_requested.is_set)
+        self._past_locks(lambda: upgrade(self.engine))
+        self._past_locks(self._ensure_tasks)
         self._join()
         self._log_decoders()
+
+    def _past_locks(self, work: Callable[[], T]) -> T:
+        """``work`` at start, tried again past a lock another process holds (``medcli db upgrade``, a
+        retry, a backup): the schema's upgrade went through once, and the daemon exited 3 after the
+        busy timeout, restarted in a loop by systemd. A stop asked meanwhile ends the start
+        (``StoppedWhileWaiting``, exit 0). An unreachable database is not waited for here: at start
+        it is more likely a wrong URL than an outage."""
+        try:
+            return with_lock_retry(work, log_lock_wait, self.stop_requested.is_set)
+        except OperationalError as exc:
+            if self.stop_requested.is_set() and is_lock_error(exc):
+                raise StoppedWhileWaiting("the database was locked by another process") from exc
+            raise
 
     def _join(self) -> None:
         """Register among the daemons sharing the database; take over from those found lost."""
@@ -224,6 +237,11 @@ class Daemon:
         previous_handlers = self._install_signal_handlers()  # first: a SIGTERM during start-up stops cleanly too
         try:
             self.prepare()
+        except StoppedWhileWaiting as exc:
+            self._restore_signal_handlers(previous_handlers)
+            self.engine.dispose()
+            log.warning("stopping as asked while starting: %s; nothing was taken from the inbox", exc)
+            return self.stats
         except BaseException:
             self._restore_signal_handlers(previous_handlers)
             raise
