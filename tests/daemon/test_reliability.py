@@ -10,6 +10,7 @@ The daemon's stderr goes to ``tmp_path/logs/``; the tail of every log is printed
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -425,6 +426,23 @@ def test_a_daemon_starting_while_another_process_holds_the_lock_waits_for_it_or_
     else:
         assert daemon.wait(60) == 0, daemon.tail()
         assert locker.poll() == 0 and layout.inbox_files() == []
+
+
+def test_a_once_run_stopped_before_the_inbox_was_drained_says_so(layout: Layout, daemons: Daemons, tmp_path: Path):
+    """It ended with "0 of 0 files" and a JSON summary like a drained run's, exit 0: a script read
+    the inbox as drained with its files still in it."""
+    for i in range(3):
+        drop(layout.inbox / TASK, f"synthetic_{i:04d}.png", synthetic_png(tmp_path / "made", i), rename=True)
+    daemon = daemons.start(once=True, stable=60.0, extra=("--json",))
+    wait_until(lambda: "0 of 3 files" in daemon.log_text(), 30, "the files seen", daemon)
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait(30) == 0, daemon.tail()
+    text = daemon.log_text()
+    start = text.index("\n{\n") + 1
+    summary = json.loads(text[start : text.index("\n}", start) + 2])  # --json's summary, among the log lines
+    assert (summary["drained"], summary["left"], summary["routed"]) == (False, 3, 0)
+    assert "stopped before the inbox was drained: 3 files left in it" in text and "0 of 0 files" not in text
+    assert len(layout.inbox_files()) == 3
 
 
 @pytest.mark.parametrize("after", [0.1, 0.4])

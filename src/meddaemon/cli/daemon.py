@@ -121,7 +121,9 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
         if web_console is not None:
             web_console.stop()
     if progress is not None:
-        progress.finish(stats.files, stats.files)
+        progress.finish(stats.files, stats.files + stats.left)
+    if not stats.drained:
+        click.echo(f"stopped before the inbox was drained: {stats.left} files left in it", err=True)
     if once and as_json:
         echo_json({k: v for k, v in dataclasses.asdict(stats).items() if k != "started"})
     _exit(daemon, EXIT_OK)

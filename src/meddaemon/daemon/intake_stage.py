@@ -63,6 +63,9 @@ class RunStats:
     inferred: int = 0
     duplicates: int = 0
     failed: int = 0
+    #: ``--once``: whether the run emptied the inbox (False: a stop came first) and the files left in it
+    drained: bool = True
+    left: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property

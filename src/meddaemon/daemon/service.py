@@ -302,6 +302,8 @@ class Daemon:
             self.engine.dispose()
             self._restore_signal_handlers(previous_handlers)
         self.stats.inferred = self.stage.inferred
+        if once and self.stop_requested.is_set():  # a script must not read the run as the inbox drained
+            self.stats.drained, self.stats.left = False, sum(1 for _ in self.inbox.scan())
         log.info(
             "stopped: %d routed, %d inferred, %d duplicates, %d failed in %.1f s",
             self.stats.routed,
