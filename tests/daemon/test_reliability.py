@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import sqlite3
@@ -443,6 +444,25 @@ def test_a_once_run_stopped_before_the_inbox_was_drained_says_so(layout: Layout,
     assert (summary["drained"], summary["left"], summary["routed"]) == (False, 3, 0)
     assert "stopped before the inbox was drained: 3 files left in it" in text and "0 of 0 files" not in text
     assert len(layout.inbox_files()) == 3
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_state_directory_removed_or_replaced_under_the_daemon_stops_it_before_it_takes_a_file(
+    layout: Layout, daemons: Daemons, tmp_path: Path, how: str
+):
+    """The folders were made again by path while the rows went into the deleted database it held
+    open: the files it took then lay in work/ with no row, never processed after a restart."""
+    daemon = daemons.start(stable=0.3, rescan=0.5)
+    daemon.wait_ready()
+    if how == "removed":
+        shutil.rmtree(layout.state)
+    else:
+        layout.state.rename(tmp_path / "state.old")
+        layout.state.mkdir()
+    drop(layout.inbox / TASK, "synthetic_0000.png", synthetic_png(tmp_path / "made", 0), rename=True)
+    assert daemon.wait(30) == 1, daemon.tail()
+    assert f"the state directory {layout.state} (or its database) was removed or replaced" in daemon.log_text()
+    assert len(layout.inbox_files()) == 1 and not (layout.state / "work").exists()
 
 
 @pytest.mark.parametrize("after", [0.1, 0.4])

@@ -18,6 +18,7 @@ import click
 from meddaemon import __version__
 from meddaemon.cli.common import (
     EXIT_DATABASE,
+    EXIT_FAILURE,
     EXIT_LEASE_LOST,
     EXIT_OK,
     EXIT_USAGE,
@@ -95,7 +96,7 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
     (C-STORE, calling --ae-title), which land in <inbox>/dicom/ and go the way of every inbox file.
     Which calling AE titles may send is dicom_allowed_callers in the config (empty: any).
     """
-    from meddaemon.daemon.service import Daemon, LeaseLost
+    from meddaemon.daemon.service import Daemon, LeaseLost, StateDirectoryGone
 
     settings = build_settings(config_file, **flags)
     prepare_state_dir(settings)
@@ -117,6 +118,9 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
     except DatabaseUnavailable as exc:
         click.echo(f"error: {exc}", err=True)
         _exit(daemon, EXIT_DATABASE)
+    except StateDirectoryGone as exc:
+        click.echo(f"error: {exc}", err=True)
+        _exit(daemon, EXIT_FAILURE)
     finally:
         if web_console is not None:
             web_console.stop()

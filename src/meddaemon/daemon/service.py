@@ -15,14 +15,17 @@ request, and the wait for file events between turns.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import TypeVar
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,6 +51,7 @@ from meddaemon.daemon.workers import DecodingPool
 from meddaemon.db.engine import (
     create_db_engine,
     is_lock_error,
+    is_sqlite,
     session_factory,
     shown_url,
     transaction,
@@ -67,6 +71,10 @@ class LeaseLost(RuntimeError):
     """Another daemon declared this one lost (it stalled past its lease) and took over its work."""
 
 
+class StateDirectoryGone(RuntimeError):
+    """The state directory, or its SQLite database, was removed or replaced while the daemon ran."""
+
+
 T = TypeVar("T")
 
 #: the longest wait for a file event between two turns of the loop (s)
@@ -80,6 +88,8 @@ class Daemon:
         """``stop_requested``: an event a stop request sets (the command's, which notes one that came
         while it was starting: ``cli.starting``)."""
         self.settings = settings
+        #: the state directory's and its database's identity at start (``_state_identity``)
+        self.state_identity: tuple[tuple[int, int] | None, ...] = ()
         self.stop_requested = stop_requested if stop_requested is not None else threading.Event()
         self.destinations = Destinations(
             settings.work_dir, settings.archive_dir, settings.failed_dir, state_dir=settings.state_dir
@@ -155,8 +165,20 @@ class Daemon:
         quiet_value_quoting_libraries()
         self._past_locks(lambda: upgrade(self.engine))
         self._past_locks(self._ensure_tasks)
+        self.state_identity = self._state_identity()
         self._join()
         self._log_decoders()
+
+    def _state_identity(self) -> tuple[tuple[int, int] | None, ...]:
+        """The device and inode of the state directory and of its SQLite database (None: gone).
+        Removed or replaced under a running daemon (``rm -rf``, ``mv state state.old``), the folders
+        were made again by path while the rows went on into the deleted database it held open: the
+        files it took then lay in work/ with no row, never processed after a restart."""
+        paths = [self.settings.state_dir]
+        database = make_url(self.settings.db_url).database
+        if is_sqlite(self.settings.db_url) and database and database != ":memory:":
+            paths.append(Path(database))
+        return tuple(_identity(path) for path in paths)
 
     def _past_locks(self, work: Callable[[], T]) -> T:
         """``work`` at start, tried again past a lock another process holds (``medcli db upgrade``, a
@@ -325,6 +347,11 @@ class Daemon:
             self._keep_alive()
             if self.lease.lost.is_set():
                 raise LeaseLost(f"daemon {self.member.daemon_id} was declared lost by another daemon")
+            if self._state_identity() != self.state_identity:
+                raise StateDirectoryGone(
+                    f"the state directory {self.settings.state_dir} (or its database) was removed or replaced "
+                    "while the daemon ran: stopping before another file is taken"
+                )
             now = time.monotonic()
             progressed = False
             idle_so_far = once  # --once: every stage before the next one holds nothing
@@ -534,3 +561,11 @@ class Daemon:
 
 def _log_recorded_first(exc: IntegrityError) -> None:
     log.info("another daemon recorded the same row first (%s); recording again", type(exc.orig).__name__)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
