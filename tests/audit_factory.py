@@ -140,8 +140,9 @@ def synthetic_cohort(engine: Engine, task: str, n: int, seed: int = 0, version: 
     return SyntheticCohort(task, BUILTIN_TASKS[task].labels, names, truth, probs, calls, patients, sexes)
 
 
-def stored_predictions(task, names, probs=None, patients=None):
-    """SYNTHETIC stored predictions for ``names`` (no database)."""
+def stored_predictions(task, names, probs=None, patients=None, read_in_place=False):
+    """SYNTHETIC stored predictions for ``names`` (no database); ``read_in_place``: as ``medcli
+    evaluate`` stores them (the dataset's own paths), else as they arrived in the inbox."""
     spec = BUILTIN_TASKS[task]
     n, k = len(names), len(spec.labels)
     probs = np.random.default_rng(0).random((n, k)) if probs is None else probs
@@ -152,7 +153,7 @@ def stored_predictions(task, names, probs=None, patients=None):
         thresholds=np.full(k, 0.5),
         scan_attributes={"patient_id": list(patients or [None] * n), "sex": ["F"] * n, "age": [None] * n,
                          "registered_day": ["2026-01-01"] * n},
-        incomplete=0,
+        incomplete=0, read_in_place=[read_in_place] * n,
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from audit_factory import stored_predictions as predictions
 from meddaemon.audit.join import join
 from meddaemon.audit.labels import LabelFileError
 from meddaemon.audit.predictions import AuditInputError
+from meddaemon.engine.tasks import BUILTIN_TASKS
 
 
 def test_the_join_report_counts_every_kind_of_mismatch():
@@ -127,21 +128,29 @@ def test_a_full_name_two_stored_scans_share_is_ambiguous_as_a_base_name_is():
         assert cohort.scan_ids.tolist() == [3] and report.ambiguous == [key], key
 
 
-def test_a_key_in_one_class_folder_does_not_name_a_scan_stored_in_another():
+@pytest.mark.parametrize(
+    ("task", "folders"),
+    [("busi", ("benign", "malignant")), ("covid", ("covid", "normal")), ("busi", ("Benign", "Malignant"))],
+)
+def test_a_key_in_one_class_folder_does_not_name_a_scan_evaluated_in_another(task, folders):
     """Folder-per-class datasets reuse file names across classes: ``malignant/1.png`` found the scan
     evaluated as ``benign/1.png`` by its base name, scored it as malignant, and made the right row
-    for it a conflict."""
-    preds = predictions("busi", ["benign/1.png", "normal/2.png"], probs=np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]]))
+    for it a conflict; so did ``normal/4.png`` for ``covid/4.png`` (a class named as its task), and
+    ``Benign/4.png`` for ``Malignant/4.png`` (class folders in another case)."""
+    one, other = folders
+    names = [f"{one}/1.png", f"{other}/2.png", f"{other}/4.png"]
+    preds = predictions(task, names, read_in_place=True)
+    truth = one.lower() if one.lower() in BUILTIN_TASKS[task].labels else "normal"
     cohort, report = join(
         preds,
         table([
-            ("benign/1.png", {"benign"}, None, {}),
-            ("malignant/1.png", {"malignant"}, None, {}),
-            ("2.png", {"normal"}, None, {}),
+            (f"{one}/1.png", {truth}, None, {}),
+            (f"{other}/1.png", {truth}, None, {}),
+            (f"{one}/4.png", {truth}, None, {}),
         ]),
     )  # fmt: skip
-    assert report.conflicts == [] and report.labels_without_prediction == ["malignant/1.png"]
-    assert sorted(cohort.scan_ids.tolist()) == [1, 2]
+    assert report.conflicts == [] and report.labels_without_prediction == [f"{other}/1.png", f"{one}/4.png"]
+    assert cohort.scan_ids.tolist() == [1]
 
 
 def test_a_key_in_a_class_folder_names_the_scan_that_arrived_in_the_inbox_s_task_folder():

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from audit_factory import stored_predictions
+from meddaemon.audit.join import join
 from meddaemon.audit.labels import (
     LabelFileError,
     check_columns_beside_the_truth,
@@ -92,8 +94,8 @@ def test_busi_folders_skip_masks(tmp_path):
             (tmp_path / cls / name).write_bytes(b"SYNTHETIC")
     t = read_label_folders(tmp_path, BUILTIN_TASKS["busi"].labels)
     assert [(r.key, set(r.positives)) for r in t.rows] == [
-        ("benign (1).png", {"benign"}),
-        ("normal (1).png", {"normal"}),
+        ("benign/benign (1).png", {"benign"}),
+        ("normal/normal (1).png", {"normal"}),
     ]
 
 
@@ -106,10 +108,23 @@ def test_busi_folders_key_a_name_that_is_not_utf8_as_the_daemon_stores_it(tmp_pa
     (tmp_path / "malignant" / "malignant (1).png").write_bytes(b"SYNTHETIC")
     t = read_label_folders(tmp_path, BUILTIN_TASKS["busi"].labels)
     assert [(r.key, set(r.positives)) for r in t.rows] == [
-        ("sc%E9n (1).png", {"benign"}),
-        ("malignant (1).png", {"malignant"}),
+        ("benign/sc%E9n (1).png", {"benign"}),
+        ("malignant/malignant (1).png", {"malignant"}),
     ]
     assert len(t.sha256) == 64
+
+
+def test_folder_labels_reusing_a_name_across_classes_each_find_their_own_scan(tmp_path):
+    """Keyed by the file's name alone, ``benign/1.png`` and ``malignant/1.png`` were one key with two
+    labels, a conflict: the audit ran on 1 scan of 7, exit 0."""
+    for cls in ("benign", "malignant"):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "1.png").write_bytes(f"SYNTHETIC {cls}".encode())
+    t = read_label_folders(tmp_path, BUILTIN_TASKS["busi_binary"].labels)
+    cohort, report = join(stored_predictions("busi_binary", ["benign/1.png", "malignant/1.png"], read_in_place=True), t)
+    assert report.conflicts == [] and report.matched == 2
+    truth = sorted(zip(cohort.scan_ids.tolist(), cohort.y.ravel().tolist(), strict=True))
+    assert truth == [(1, 0), (2, 1)]  # malignant or not, by the folder of each
 
 
 def test_busi_folders_must_be_classes(tmp_path):

@@ -138,8 +138,12 @@ class _Index:
             if v:
                 self.exact[v].append(i)
         self.key_kind = key_kind
-        #: folders named as a class of the task, and not as the task (the inbox's task folders)
-        self.class_folders = frozenset(predictions.labels) - {predictions.task}
+        #: folders named as a class of the task, in any case (datasets spell ``Benign/``)
+        self.class_folders = frozenset(label.casefold() for label in predictions.labels)
+        self.folders = [
+            _stored_folder(parts, predictions.task, bool(in_place))
+            for parts, in_place in zip(self.parts, predictions.read_in_place or [False] * len(self.parts), strict=False)
+        ]
 
     def find(self, key: str) -> list[int]:
         key = key.lower() if self.key_kind == "sha256" else key
@@ -147,18 +151,27 @@ class _Index:
             return self.exact[key]
         if self.key_kind == "file":
             parts = _path_parts(key)
-            return [i for i in self.base.get(parts[-1], []) if not self._other_class(parts, self.parts[i])]
+            return [i for i in self.base.get(parts[-1], []) if not self._other_class(parts, i)]
         return []
 
-    def _other_class(self, key: tuple[str, ...], stored: tuple[str, ...]) -> bool:
-        """Whether a key and a stored name of one base name lie in folders of two different classes:
-        ``malignant/1.png`` does not name the scan evaluated as ``benign/1.png`` (folder-per-class
-        datasets reuse file names across classes). ``benign/benign (1).png`` does name the one that
-        arrived in the inbox's task folder as ``busi/benign (1).png``."""
-        if len(key) < 2 or len(stored) < 2:
+    def _other_class(self, key: tuple[str, ...], i: int) -> bool:
+        """Whether a key and stored scan ``i`` of one base name lie in folders of two different
+        classes: ``malignant/1.png`` does not name the scan evaluated as ``benign/1.png``
+        (folder-per-class datasets reuse file names across classes). ``benign/benign (1).png`` does
+        name the one that arrived in the inbox's task folder as ``busi/benign (1).png``."""
+        stored = self.folders[i]
+        if len(key) < 2 or stored is None:
             return False
-        folders = {key[-2], stored[-2]}
+        folders = {key[-2].casefold(), stored}
         return len(folders) == 2 and folders <= self.class_folders
+
+
+def _stored_folder(parts: tuple[str, ...], task: str, read_in_place: bool) -> str | None:
+    """The folder a stored name's file lies in, in lower case; None for a file at the top, or in
+    the inbox's task folder (``busi/x.png``: a task, not a class, though ``covid`` is both)."""
+    if len(parts) < 2 or (not read_in_place and len(parts) == 2 and parts[0] == task):
+        return None
+    return parts[-2].casefold()
 
 
 def _path_parts(name: str) -> tuple[str, ...]:

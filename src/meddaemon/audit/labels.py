@@ -337,7 +337,10 @@ def _read_label_folders(root: Path, wanted: set[str]) -> LabelTable:
             listing.update(os.fsencode(f"{folder.name}/{image.name}\n"))
             # keyed as the daemon and an evaluation store a name that is not UTF-8
             sha = hashlib.sha256(image.read_bytes()).hexdigest()
-            rows.append(LabelRow(utf8_name(image.name), len(rows) + 1, frozenset({label}), None, {}, sha))
+            # keyed with its class folder: keyed by its name alone, a name both classes reuse was
+            # one key with two labels, a conflict, and the audit ran on a fraction of the cohort
+            key = utf8_name(f"{folder.name}/{image.name}")
+            rows.append(LabelRow(key, len(rows) + 1, frozenset({label}), None, {}, sha))
     if not rows:
         raise LabelFileError(root, "no images in the class folders")
     notes = tuple(f"{f.name}/: not a class of the task, left out" for f in left_out)

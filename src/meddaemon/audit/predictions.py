@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,9 @@ class Predictions:
     thresholds: np.ndarray  # (labels,)
     scan_attributes: dict[str, list[str | None]]
     incomplete: int  # scans with results for only some labels, left out
+    #: per scan, whether ``medcli evaluate`` read it in place (its name is the dataset's own path);
+    #: else it arrived in the inbox, under the inbox's task folder (empty: every scan did)
+    read_in_place: list[bool] = field(default_factory=list)
 
 
 def find_version(session: Session, task: str, version: str | None) -> ModelVersion:
@@ -99,7 +102,7 @@ def load_predictions(
     complete = ~np.isnan(probs).any(axis=1)
     scan_ids, probs, calls = scan_ids[complete], probs[complete], calls[complete]
 
-    columns = [Scan.id, Scan.source_name, Scan.sha256, Scan.sop_instance_uid, Scan.registered_at]
+    columns = [Scan.id, Scan.source_name, Scan.sha256, Scan.sop_instance_uid, Scan.registered_at, Scan.source_path]
     columns += [getattr(Scan, c) for c in SCAN_ATTRIBUTES.values()]
     meta = {
         r[0]: r[1:]
@@ -108,7 +111,7 @@ def load_predictions(
         )
     }
     ordered: list[tuple[Any, ...]] = [tuple(meta[int(i)]) for i in scan_ids]
-    attributes = {name: [m[4 + j] for m in ordered] for j, name in enumerate(SCAN_ATTRIBUTES)}
+    attributes = {name: [m[5 + j] for m in ordered] for j, name in enumerate(SCAN_ATTRIBUTES)}
     attributes["registered_day"] = [m[3].date().isoformat() if m[3] else None for m in ordered]
     return Predictions(
         task=version.task_name,
@@ -126,4 +129,5 @@ def load_predictions(
         thresholds=thresholds,
         scan_attributes=attributes,
         incomplete=int((~complete).sum()),
+        read_in_place=[m[4] is not None for m in ordered],
     )
