@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
-from meddaemon.db.models import ModelVersion
+from meddaemon.db.models import ModelVersion, Scan
 from meddaemon.engine import registry
 from meddaemon.web.server import WebServer, start_in_thread
 from model_factory import PHI_STRINGS, ReportedStates, write_model
@@ -194,6 +194,35 @@ def test_retry_sends_a_failed_scan_back_and_the_next_run_completes_it(browser, s
     assert [s.state for s in attempts] == ["failed", "archived"]
     browser.get(server.url + f"scans/{attempts[1].id}")
     assert "archived" in browser.find_element(By.TAG_NAME, "h1").text
+
+
+def test_a_long_name_or_message_wraps_and_leaves_the_retry_button_on_the_page(
+    browser, browser_root: Path, reported_states: ReportedStates, tmp_path: Path
+):
+    """Names and messages without spaces (a path) were never broken: the failures table grew five
+    times wider than the window and its Retry buttons went off to the right."""
+    from selenium.webdriver.common.by import By
+
+    root = tmp_path / "root"
+    reported_states.copy(root, inbox=drop_unroutable)
+    engine = create_db_engine(web_settings(root).db_url)
+    with transaction(session_factory(engine)) as session:
+        failed = session.scalars(select(Scan).where(Scan.source_name == UNROUTABLE)).one()
+        failed.source_name = "synthetic_" + "x" * 300 + ".dcm"
+        failed.failure_message = "/synthetic/" + "y" * 400
+    engine.dispose()
+    web = start_in_thread(web_settings(root), host="127.0.0.1", port=0)
+    try:
+        sign_in(browser, web, "admin")
+        for page in ("failures", f"scans/{failed.id}"):
+            browser.get(web.url + page)
+            width = browser.execute_script("return document.documentElement.scrollWidth")
+            assert width <= 1360, f"{page} is {width} px wide"
+        browser.get(web.url + "failures")
+        button = browser.find_element(By.ID, f"retry-{failed.id}")
+        assert button.rect["x"] + button.rect["width"] <= 1360
+    finally:
+        web.stop()
 
 
 def test_promote_switches_the_active_model_and_its_card_shows_its_figures(browser, server, browser_root):

@@ -113,9 +113,13 @@ def test_a_scan_page_shows_each_map_over_the_scan_calls_history_report_and_metad
     assert 'id="timeline"' in html and "registered" in html and "archived" in html
     assert f'data="/reports/{report}.pdf"' in html and 'id="report-older"' not in html
     assert 'id="metadata"' in html
-    layer = Image.open(io.BytesIO(client.get(f"/heatmaps/{maps[0]}.png").content))
-    base = Image.open(io.BytesIO(client.get(f"/scans/{scan.id}/image.png?map={maps[0]}").content))
+    layer_response = client.get(f"/heatmaps/{maps[0]}.png")
+    base_response = client.get(f"/scans/{scan.id}/image.png?map={maps[0]}")
+    layer = Image.open(io.BytesIO(layer_response.content))
+    base = Image.open(io.BytesIO(base_response.content))
     assert layer.mode == "RGBA" and layer.size == base.size  # the layer lies exactly over the scan
+    # a patient's pictures are not kept by the browser (kept 5 minutes, they opened after sign-out)
+    assert layer_response.headers["cache-control"] == base_response.headers["cache-control"] == "no-store"
     pdf = client.get(f"/reports/{report}.pdf")
     assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
     assert pdf.headers["content-disposition"].startswith("inline")

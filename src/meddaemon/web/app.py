@@ -129,7 +129,7 @@ def _when(value: datetime | None) -> str:
     if value is None:
         return "-"
     value = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _ago(seconds: float | None) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import TYPE_CHECKING
+
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -12,6 +15,9 @@ from meddaemon.db.models import row_id
 from meddaemon.failures import FailureReason
 from meddaemon.web import actions, queries
 from meddaemon.web.app import Console, render
+
+if TYPE_CHECKING:
+    from meddaemon.daemon.retry import Refused
 
 
 def failures_page(request: Request) -> Response:
@@ -49,7 +55,7 @@ async def retry(request: Request) -> Response:
             return actions.record(request, user, "retry", target, actions.FAILED, f"{type(exc).__name__}: {exc}")
         parts = [f"sent back {len(result.requeued)} scan(s)" + (
             ": " + ", ".join(str(r.scan_id) for r in result.requeued[:50]) if result.requeued else "")]  # fmt: skip
-        parts += [f"refused ({r.code.value}): {r.message}" for r in result.refused[:20]]
+        parts += _refusals(result.refused)
         if result.without_original:
             parts.append(f"{result.without_original} kept no file (vanished)")
         if not result.requeued and not result.refused:  # a stale page: retried meanwhile, or none left
@@ -65,3 +71,19 @@ routes = [
     Route("/failures", failures_page),
     Route("/failures/retry", retry, methods=["POST"]),
 ]
+
+
+#: of a bulk retry's refusals, the action's record names this many (it holds 4000 characters)
+REFUSALS_NAMED = 8
+
+
+def _refusals(refused: list[Refused]) -> list[str]:
+    """How many were refused and why, then the first few, then how many more: the record was cut
+    at 4000 characters mid-sentence and never said how many of the reason stayed failed."""
+    if not refused:
+        return []
+    by_code = Counter(r.code.value for r in refused)
+    summary = f"refused {len(refused)}: " + ", ".join(f"{n} {code}" for code, n in by_code.most_common())
+    named = [f"refused ({r.code.value}): {r.message[:300]}" for r in refused[:REFUSALS_NAMED]]
+    more = [f"and {len(refused) - REFUSALS_NAMED} more"] if len(refused) > REFUSALS_NAMED else []
+    return [summary, *named, *more]

@@ -33,12 +33,17 @@ def scan_page(request: Request) -> Response:
     return render(request, "scan.html", title=f"Scan {scan_id}", scan=detail, report=report)
 
 
+#: a patient's pictures are not kept by the browser: kept for 5 minutes, the next person at a shared
+#: workstation opened them after the clinician had signed out, as the pages already are not
+NO_STORE = {"Cache-Control": "no-store"}
+
+
 def _png(data: bytes) -> Response:
-    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+    return Response(data, media_type="image/png", headers=NO_STORE)
 
 
 def _jpeg(data: bytes) -> Response:
-    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+    return Response(data, media_type="image/jpeg", headers=NO_STORE)
 
 
 def scan_image(request: Request) -> Response:
