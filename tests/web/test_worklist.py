@@ -10,6 +10,7 @@ from daemon_rows import add_scan
 from meddaemon.config import load_settings
 from meddaemon.daemon import bookkeeper
 from meddaemon.db.engine import session_factory, transaction
+from meddaemon.db.models import utcnow
 from meddaemon.db.readonly import read_only_engine
 from meddaemon.engine.tasks import all_tasks
 from meddaemon.states import ScanState
@@ -129,3 +130,18 @@ def test_query_values_no_scan_could_match_are_refused_or_ignored_not_a_server_er
         response = client.get(f"/worklist?{query}")
         assert response.status_code == 400 and "NUL" in response.text, query
     app.state.console.dispose()
+
+
+def test_a_reason_filter_lists_the_failed_scans_of_that_reason_not_yet_sent_for_retry(migrated_engine):
+    """The failures page's "all N in the worklist" opened every failed scan, of every reason, those
+    already sent for retry included: a larger set than the N it counted."""
+    with transaction(session_factory(migrated_engine)) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(session_factory(migrated_engine)) as session:
+        for i, (reason, retried) in enumerate(
+            [("corrupt_image", False)] * 3 + [("empty_file", False), ("corrupt_image", True)]
+        ):
+            scan = add_scan(session, i, ScanState.FAILED, failure_reason=reason, stored_path=None)
+            scan.retried_at = utcnow() if retried else None
+    sessions = session_factory(migrated_engine)
+    assert flat(pages(sessions, queries.WorklistFilter(reason="corrupt_image"), 10)) == [3, 2, 1]

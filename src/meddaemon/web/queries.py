@@ -163,9 +163,12 @@ class WorklistFilter:
     since: date | None = None
     until: date | None = None
     q: str = ""
+    #: failed with this reason and not yet sent for retry: the failures page's groups
+    reason: str = ""
 
     def query_params(self) -> dict[str, str]:
         values = {
+            "reason": self.reason,
             "state": self.state,
             "task": self.task,
             "label": self.label,
@@ -212,6 +215,8 @@ def _filtered(f: WorklistFilter) -> list[Any]:
     conditions: list[Any] = []
     if f.state:
         conditions.append(Scan.state == f.state)
+    if f.reason:
+        conditions += [Scan.state == ScanState.FAILED, Scan.failure_reason == f.reason, Scan.retried_at.is_(None)]
     if f.task:
         conditions.append(Scan.task_name == f.task)
     if f.since:

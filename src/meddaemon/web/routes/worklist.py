@@ -11,6 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from meddaemon.db.models import row_id
+from meddaemon.failures import FailureReason
 from meddaemon.states import PERSISTED
 from meddaemon.web import queries
 from meddaemon.web.app import Console, render
@@ -35,6 +36,9 @@ def parse_filter(request: Request) -> tuple[queries.WorklistFilter, int | None]:
     call = params.get("call", "").strip()
     if call and call not in queries.CALLS:
         raise HTTPException(400, "call must be positive or negative")
+    reason = params.get("reason", "").strip()
+    if reason and reason not in {r.value for r in FailureReason}:
+        raise HTTPException(400, f"there is no failure reason {reason!r}")
     after_text = params.get("after", "").strip()
     if after_text and row_id(after_text) is None:
         raise HTTPException(400, "after must be a scan id")
@@ -46,6 +50,7 @@ def parse_filter(request: Request) -> tuple[queries.WorklistFilter, int | None]:
         since=day("since"),
         until=day("until"),
         q=params.get("q", "").strip()[:200],
+        reason=reason,
     )
     return f, int(after_text) if after_text else None
 
