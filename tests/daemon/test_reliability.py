@@ -416,12 +416,14 @@ def test_a_daemon_starting_while_another_process_holds_the_lock_waits_for_it_or_
     drop(layout.inbox / TASK, "synthetic_0000.png", synthetic_png(tmp_path / "made", 0), rename=True)
     locker = daemons.helper("-c", SQLITE_LOCKER, str(layout.db), "60" if stop else "4")
     assert locker.stdout is not None and locker.stdout.readline().strip() == b"locked"
-    daemon = daemons.start(once=True, env={"MEDDAEMON_BUSY_TIMEOUT": "1"})
+    daemon = daemons.start(once=True, env={"MEDDAEMON_BUSY_TIMEOUT": "1"}, extra=("--json",))
     wait_until(lambda: "database is locked by another process" in daemon.log_text(), 30, "the lock met", daemon)
     if stop:
         daemon.signal(signal.SIGTERM)
         assert daemon.wait(20) == 0, daemon.tail()
-        assert "stopping as asked while starting: the database was locked by another process" in daemon.log_text()
+        text = daemon.log_text()
+        assert "stopping as asked while starting: the database was locked by another process" in text
+        assert "stopped before the inbox was drained: 1 files left in it" in text
         assert locker.poll() is None and len(layout.inbox_files()) == 1
         locker.kill()
     else:

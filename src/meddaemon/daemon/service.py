@@ -169,6 +169,11 @@ class Daemon:
         self._join()
         self._log_decoders()
 
+    def _count_what_is_left(self, once: bool) -> None:
+        """A ``--once`` run a stop cut short is not drained: a script must not read it as if it were."""
+        if once and self.stop_requested.is_set():
+            self.stats.drained, self.stats.left = False, sum(1 for _ in self.inbox.scan())
+
     def _state_identity(self) -> tuple[tuple[int, int] | None, ...]:
         """The device and inode of the state directory and of its SQLite database (None: gone).
         Removed or replaced under a running daemon (``rm -rf``, ``mv state state.old``), the folders
@@ -263,6 +268,7 @@ class Daemon:
             self._restore_signal_handlers(previous_handlers)
             self.engine.dispose()
             log.warning("stopping as asked while starting: %s; nothing was taken from the inbox", exc)
+            self._count_what_is_left(once)
             return self.stats
         except BaseException:
             self._restore_signal_handlers(previous_handlers)
@@ -324,8 +330,7 @@ class Daemon:
             self.engine.dispose()
             self._restore_signal_handlers(previous_handlers)
         self.stats.inferred = self.stage.inferred
-        if once and self.stop_requested.is_set():  # a script must not read the run as the inbox drained
-            self.stats.drained, self.stats.left = False, sum(1 for _ in self.inbox.scan())
+        self._count_what_is_left(once)
         log.info(
             "stopped: %d routed, %d inferred, %d duplicates, %d failed in %.1f s",
             self.stats.routed,
