@@ -118,10 +118,11 @@ def latest_study_report_queued(engine: Engine) -> bool:
     """The study report covers every reported scan and its Encapsulated PDF is queued for both."""
     with engine.connect() as conn:
         newest_scan = conn.scalar(select(func.max(Report.created_at)).where(Report.kind == "scan"))
-        study = conn.execute(select(Report.sha256, Report.created_at).where(Report.kind == "study")).first()
+        study = conn.execute(select(Report.path, Report.created_at).where(Report.kind == "study")).first()
         if study is None or newest_scan is None or study.created_at < newest_scan:
             return False
-        key = pdf.study_object_key(study.sha256)
+        document = Path(str(engine.url.database)).parent / study.path  # the state directory's database
+        key = pdf.study_object_key(pdf.content_digest(document.read_bytes()))  # as the daemon names it
         queued = conn.scalar(select(func.count()).where(OutboxItem.object_key == key))
     return queued == 2
 
