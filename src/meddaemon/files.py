@@ -221,3 +221,13 @@ def open_keeping_atime(path: Path | str, flags: int) -> int:
         except PermissionError:
             pass
     return os.open(path, flags)
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """The device and inode of ``path`` (None: gone, or not to be looked at): what tells a folder or
+    a file replaced under the same name from the one that was there."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return found.st_dev, found.st_ino

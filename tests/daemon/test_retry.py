@@ -54,6 +54,18 @@ def history(scan: Scan) -> list[tuple[str, str | None]]:
     return [(e.state, e.detail) for e in scan.events]
 
 
+def kept_failure(  # type: ignore[no-untyped-def]
+    sessions, settings, kept: Path, data: bytes, reason: str = "changed_after_registration", sha256: str | None = None
+) -> int:
+    """A SYNTHETIC failed scan row whose original ``data`` is kept at ``kept``, the inbox made; its id."""
+    kept.parent.mkdir(parents=True)
+    settings.watch.mkdir()
+    kept.write_bytes(data)
+    with transaction(sessions) as session:
+        columns = {"sha256": sha256} if sha256 else {}
+        return add_scan(session, 1, ScanState.FAILED, failure_reason=reason, stored_path=str(kept), **columns).id
+
+
 def test_the_fixture_scan_failed_as_unroutable_and_its_file_was_kept(daemon: Daemon):
     [scan] = scans_by_id(daemon)
     assert (scan.state, scan.failure_reason) == ("failed", "unroutable")
@@ -250,13 +262,7 @@ def test_a_scan_that_failed_as_changed_after_registration_goes_back_with_the_byt
     kept original refused every such scan as original_changed."""
     settings = make_settings(db=str(migrated_engine.url.render_as_string(hide_password=False)))
     kept = settings.failed_dir / "busi" / "synthetic_rewritten.png"
-    kept.parent.mkdir(parents=True)
-    settings.watch.mkdir()
-    kept.write_bytes(b"SYNTHETIC bytes rewritten after registration")
-    with transaction(sessions) as session:
-        scan_id = add_scan(
-            session, 1, ScanState.FAILED, failure_reason="changed_after_registration", stored_path=str(kept)
-        ).id
+    scan_id = kept_failure(sessions, settings, kept, b"SYNTHETIC bytes rewritten after registration")
 
     result = retry_failed(sessions, settings, Selector(reason="changed_after_registration"))
 
@@ -318,14 +324,8 @@ def test_a_missing_watch_folder_is_refused_not_created(daemon: Daemon, make_sett
 def test_two_retries_of_one_scan_at_once_send_it_back_once(migrated_engine, sessions, make_settings, tmp_path: Path):
     settings = make_settings(db=str(migrated_engine.url.render_as_string(hide_password=False)))
     kept = settings.failed_dir / "busi" / "synthetic_race.png"
-    kept.parent.mkdir(parents=True)
-    settings.watch.mkdir()
-    kept.write_bytes(b"SYNTHETIC bytes of a failed scan")
-    with transaction(sessions) as session:
-        sha = hashlib.sha256(kept.read_bytes()).hexdigest()
-        scan_id = add_scan(
-            session, 1, ScanState.FAILED, failure_reason="unroutable", stored_path=str(kept), sha256=sha
-        ).id
+    data = b"SYNTHETIC bytes of a failed scan"
+    scan_id = kept_failure(sessions, settings, kept, data, "unroutable", hashlib.sha256(data).hexdigest())
     start = threading.Barrier(2)
     results: list[RetryResult] = []
 

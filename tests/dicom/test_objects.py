@@ -233,7 +233,8 @@ def test_the_complete_study_gets_its_study_report_as_an_encapsulated_pdf(deliver
     assert any(p.read_bytes() == path.read_bytes() for p in share.rglob("*.dcm"))
 
 
-def test_a_newer_study_report_is_a_new_instance_of_the_same_series_and_a_resend_the_same(delivered: Daemon):
+def study_report_and_facts(delivered: Daemon) -> tuple[Report, list[ScanFacts]]:
+    """The study report's row, and the facts of its study's first scan."""
     settings = delivered.settings
     with delivered.sessions() as session:
         study = session.scalars(select(Report).where(Report.kind == "study")).one()
@@ -241,7 +242,11 @@ def test_a_newer_study_report_is_a_new_instance_of_the_same_series_and_a_resend_
             select(Scan.id).where(Scan.study_instance_uid == study.study_instance_uid).order_by(Scan.id)
         ).first()
         assert first is not None
-        facts = [scan_facts(session, first, settings.state_dir, settings.dicom_uid_root)]
+        return study, [scan_facts(session, first, settings.state_dir, settings.dicom_uid_root)]
+
+
+def test_a_newer_study_report_is_a_new_instance_of_the_same_series_and_a_resend_the_same(delivered: Daemon):
+    _, facts = study_report_and_facts(delivered)
     old, same, newer = (pdf.build_study(facts, data, False) for data in (b"%PDF-1 a", b"%PDF-1 a", b"%PDF-1 b"))
     assert old.SOPInstanceUID == same.SOPInstanceUID != newer.SOPInstanceUID
     assert old.SeriesInstanceUID == newer.SeriesInstanceUID
@@ -253,13 +258,7 @@ def test_a_study_report_rendered_again_with_nothing_new_is_the_same_instance(del
     PDF's bytes, so each rebuild (a scan's report rebuilt by medcli report marks its study stale)
     sent the PACS another copy of the same report under a new UID."""
     settings = delivered.settings
-    with delivered.sessions() as session:
-        study = session.scalars(select(Report).where(Report.kind == "study")).one()
-        first = session.scalars(
-            select(Scan.id).where(Scan.study_instance_uid == study.study_instance_uid).order_by(Scan.id)
-        ).first()
-        assert first is not None
-        facts = [scan_facts(session, first, settings.state_dir, settings.dicom_uid_root)]
+    study, facts = study_report_and_facts(delivered)
     document = settings.stored_file(study.path).read_bytes()
     time.sleep(1.1)  # the PDF's dates are to the second
     again = tmp_path / "again.pdf"

@@ -15,7 +15,6 @@ request, and the wait for file events between turns.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import signal
 import threading
@@ -60,6 +59,7 @@ from meddaemon.db.engine import (
 )
 from meddaemon.db.migrate import upgrade
 from meddaemon.engine.decode import decodable_transfer_syntaxes
+from meddaemon.files import file_identity
 from meddaemon.logs import quiet_value_quoting_libraries
 
 __all__ = ["Daemon", "LeaseLost", "RunStats"]
@@ -88,7 +88,8 @@ class Daemon:
         """``stop_requested``: an event a stop request sets (the command's, which notes one that came
         while it was starting: ``cli.starting``)."""
         self.settings = settings
-        #: the state directory's and its database's identity at start (``_state_identity``)
+        #: the state directory and its SQLite database, and their identity at start (``_state_identity``)
+        self.state_paths: tuple[Path, ...] = ()
         self.state_identity: tuple[tuple[int, int] | None, ...] = ()
         self.stop_requested = stop_requested if stop_requested is not None else threading.Event()
         self.destinations = Destinations(
@@ -165,6 +166,7 @@ class Daemon:
         quiet_value_quoting_libraries()
         self._past_locks(lambda: upgrade(self.engine))
         self._past_locks(self._ensure_tasks)
+        self.state_paths = self._state_paths()
         self.state_identity = self._state_identity()
         self._join()
         self._log_decoders()
@@ -174,16 +176,19 @@ class Daemon:
         if once and self.stop_requested.is_set():
             self.stats.drained, self.stats.left = False, sum(1 for _ in self.inbox.scan())
 
+    def _state_paths(self) -> tuple[Path, ...]:
+        """The state directory, and its SQLite database when it has one."""
+        database = make_url(self.settings.db_url).database
+        if is_sqlite(self.settings.db_url) and database and database != ":memory:":
+            return self.settings.state_dir, Path(database)
+        return (self.settings.state_dir,)
+
     def _state_identity(self) -> tuple[tuple[int, int] | None, ...]:
         """The device and inode of the state directory and of its SQLite database (None: gone).
         Removed or replaced under a running daemon (``rm -rf``, ``mv state state.old``), the folders
         were made again by path while the rows went on into the deleted database it held open: the
         files it took then lay in work/ with no row, never processed after a restart."""
-        paths = [self.settings.state_dir]
-        database = make_url(self.settings.db_url).database
-        if is_sqlite(self.settings.db_url) and database and database != ":memory:":
-            paths.append(Path(database))
-        return tuple(_identity(path) for path in paths)
+        return tuple(file_identity(path) for path in self.state_paths)
 
     def _past_locks(self, work: Callable[[], T]) -> T:
         """``work`` at start, tried again past a lock another process holds (``medcli db upgrade``, a
@@ -566,11 +571,3 @@ class Daemon:
 
 def _log_recorded_first(exc: IntegrityError) -> None:
     log.info("another daemon recorded the same row first (%s); recording again", type(exc.orig).__name__)
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        found = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return found.st_dev, found.st_ino

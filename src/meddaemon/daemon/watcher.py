@@ -15,7 +15,6 @@ a restart (the rescans alone found files, up to ``rescan_seconds`` late).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -37,6 +36,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from meddaemon.daemon.stages import Stage
+from meddaemon.files import file_identity
 
 log = logging.getLogger(__name__)
 #: the daemon's log, where the loop's own events are told
@@ -125,7 +125,7 @@ class WatcherStage(Stage):
         """Watch the root; an observer that cannot start (out of inotify watches over a large tree)
         is tried again later, as after a restart, not the daemon's death (systemd restarted it every 5 s)."""
         logging.getLogger(WATCHDOG_LOG).addHandler(self.alarm)
-        self.watched = _identity(self.root)
+        self.watched = file_identity(self.root)
         self._restart(time.monotonic())
 
     def tick(self, now: float, flush: bool) -> bool:
@@ -140,7 +140,7 @@ class WatcherStage(Stage):
         return False
 
     def _follow_the_root(self, now: float) -> None:
-        identity = _identity(self.root)
+        identity = file_identity(self.root)
         if identity == self.watched:
             return
         if identity is None:
@@ -181,11 +181,3 @@ class WatcherStage(Stage):
     def close(self) -> None:
         self._stop_observer()
         logging.getLogger(WATCHDOG_LOG).removeHandler(self.alarm)
-
-
-def _identity(folder: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(folder)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
