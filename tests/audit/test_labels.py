@@ -43,6 +43,17 @@ def test_one_column_per_label_with_unknown_values_left_unknown(tmp_path):
     assert t.rows[1].positives == {"Mass"} and t.rows[1].known == {"Effusion", "Mass"}
 
 
+def test_one_column_per_label_as_pandas_writes_it_with_gaps_reads_as_0_1(tmp_path):
+    """A 0/1 column with an empty cell is a float column to pandas, written ``1.0``/``0.0``;
+    refused as "not 0/1" before."""
+    t = read_labels(write(tmp_path, "file,Effusion,Mass\na.png,1.0,\nb.png,0.0,1.0\n"), VOCABULARY)
+    assert t.label_columns == ("Effusion", "Mass")
+    assert [r.positives for r in t.rows] == [{"Effusion"}, {"Mass"}]
+    assert [r.known for r in t.rows] == [{"Effusion"}, {"Effusion", "Mass"}]
+    with pytest.raises(LabelFileError, match=r"'0\.5' is not 0/1"):
+        read_labels(write(tmp_path, "file,Effusion\na.png,0.5\n"), VOCABULARY)
+
+
 def test_nih_data_entry_as_published(tmp_path):
     text = (
         "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"

@@ -172,8 +172,21 @@ def _refuse_misspelt_labels(
 
 
 def _holds_0_1(records: list[tuple[int, list[str]]], index: int) -> bool:
-    values = {row[index].strip().lower() for _, row in records if index < len(row)} - {""}
-    return bool(values) and values <= TRUE_VALUES | FALSE_VALUES
+    values = [_read_0_1(row[index]) for _, row in records if index < len(row) and row[index].strip()]
+    return bool(values) and None not in values
+
+
+def _read_0_1(value: str) -> bool | None:
+    """True or False for a 0/1 cell, None for anything else. A number equal to 1 or 0 counts:
+    pandas writes a 0/1 column with empty (unknown) cells as floats, ``1.0`` and ``0.0``."""
+    word = value.strip().lower()
+    if word in TRUE_VALUES or word in FALSE_VALUES:
+        return word in TRUE_VALUES
+    try:
+        number = float(word)
+    except ValueError:
+        return None
+    return True if number == 1 else False if number == 0 else None
 
 
 def check_label_columns(table: LabelTable, task: str, task_labels: Iterable[str]) -> None:
@@ -201,8 +214,7 @@ def check_columns_beside_the_truth(table: LabelTable, task_labels: Iterable[str]
     truth_column = "label" if table.format == "csv-label" else "Finding Labels"
     for column in (c for c in table.attribute_columns if c in set(task_labels)):
         for row in table.rows:
-            value = row.attributes.get(column, "").strip().lower()
-            said = True if value in TRUE_VALUES else False if value in FALSE_VALUES else None
+            said = _read_0_1(row.attributes.get(column, ""))
             if said is not None and said != (column in row.positives):
                 raise LabelFileError(
                     Path(table.path),
@@ -273,13 +285,14 @@ def _simple(
             pos: set[str] = set()
             stated: set[str] = set()
             for col in label_columns:
-                value = cells[col].lower()
-                if value in TRUE_VALUES:
-                    pos.add(col)
-                elif value not in FALSE_VALUES and value != "":
+                if not cells[col]:
+                    continue
+                value = _read_0_1(cells[col])
+                if value is None:
                     raise LabelFileError(path, f"{cells[col]!r} is not 0/1 (or empty for unknown)", line, col)
                 if value:
-                    stated.add(col)
+                    pos.add(col)
+                stated.add(col)
             positives, known = frozenset(pos), frozenset(stated)
         rows.append(LabelRow(cells[key], line, positives, known, {a: cells[a] for a in attribute_columns}))
     if len(tasks) > 1:
