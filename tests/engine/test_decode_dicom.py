@@ -961,3 +961,23 @@ def test_every_frame_of_an_enhanced_object_leaves_its_pixel_padding_out_of_the_s
     assert_close(shown, decode(classic, frame_policy="all").frames)
     bodies = shown[int(a_frame_all_padding) :, inside]
     assert bodies.min() == 0.0 and bodies.max() == 1.0
+
+
+@pytest.mark.parametrize("slope", ["0", "NaN", "1e400"])
+def test_a_rescale_slope_that_leaves_no_image_is_refused(tmp_path, slope: str):
+    """A slope of 0 (or one that is not a finite number) made every pixel one value, and the scan was
+    inferred on a black image, noted only "min-max used"."""
+    path = write_dicom(tmp_path / "slope.dcm", pixels=gradient(top=4095), rescale=(1.0, 0.0))
+    ds = dcmread(path)
+    ds["RescaleSlope"].value = slope
+    ds.save_as(path)
+    refused = failure(path)
+    assert refused.reason is FailureReason.CORRUPT_IMAGE
+    assert f"Rescale Slope {slope} leaves no image" in refused.message
+
+
+def test_a_rescale_past_float32_s_range_keeps_its_contrast(tmp_path):
+    """Values rescaled beyond 3.4e38 went through float32, became infinite, and every pixel 0."""
+    stored = gradient(top=4095)
+    path = write_dicom(tmp_path / "wide.dcm", pixels=stored, rescale=(1e36, 0.0))
+    assert_close(decode(path).frames, min_max(stored)[np.newaxis], atol=1e-6)

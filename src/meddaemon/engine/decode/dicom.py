@@ -484,6 +484,7 @@ def _apply_modality(arr: np.ndarray, ds: Dataset, little_endian: bool) -> np.nda
     rescale (slope and intercept), else the stored values."""
     items = ds.get("ModalityLUTSequence")
     if not items:
+        _check_rescale(ds)
         return apply_modality_lut(arr, ds)
     try:
         first, table = read_lut(items[0], little_endian)
@@ -492,6 +493,21 @@ def _apply_modality(arr: np.ndarray, ds: Dataset, little_endian: bool) -> np.nda
             FailureReason.PIXEL_DECODE_ERROR, f"the Modality LUT is missing or invalid ({type(exc).__name__})"
         ) from exc
     return look_up(arr, first, table)
+
+
+def _check_rescale(ds: Dataset) -> None:
+    """Refuse a Rescale Slope of 0, or a slope or intercept that is not a finite number: every pixel
+    came out one value (or NaN), and the scan was inferred on a black image."""
+    for keyword, name in (("RescaleSlope", "Rescale Slope"), ("RescaleIntercept", "Rescale Intercept")):
+        value = ds.get(keyword)
+        if value in (None, ""):
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as exc:
+            raise ScanFailure(FailureReason.CORRUPT_IMAGE, f"{name} {value} is not one number") from exc
+        if not np.isfinite(number) or (keyword == "RescaleSlope" and number == 0):
+            raise ScanFailure(FailureReason.CORRUPT_IMAGE, f"{name} {value} leaves no image")
 
 
 def read_lut(item: Dataset, little_endian: bool) -> tuple[int, np.ndarray]:

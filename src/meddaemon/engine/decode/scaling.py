@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+_FLOAT32_SAFE = float(np.finfo(np.float32).max) / 4
+
 
 def unit_range(values: np.ndarray, low: float, high: float, in_place: bool = False) -> np.ndarray:
     """Map [low, high] linearly to [0, 1] (clipped), float32; NaN takes the low end; a flat or
@@ -17,6 +19,9 @@ def unit_range(values: np.ndarray, low: float, high: float, in_place: bool = Fal
         unit = values
         unit -= np.float32(low)
         unit /= np.float32(high - low)
+    elif max(abs(low), abs(high), high - low) > _FLOAT32_SAFE:
+        # beyond float32 the range became infinite and every pixel 0
+        unit = ((values.astype(np.float64) - low) / (high - low)).astype(np.float32)
     else:
         unit = (values.astype(np.float32) - np.float32(low)) / np.float32(high - low)
     np.nan_to_num(unit, copy=False, nan=0.0)
