@@ -340,6 +340,21 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
 
 
+def png16_bytes(array: np.ndarray) -> bytes:
+    """A 16-bit PNG of uint16 ``array``, written by hand (Pillow writes none with colour or alpha):
+    (H,W,2) grey with alpha, (H,W,3) RGB, (H,W,4) RGBA; filter type 0 on every row."""
+    height, width, channels = array.shape
+    colour_type = {2: 4, 3: 2, 4: 6}[channels]
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in array)
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
 def write_blank_png(path: str | Path, width: int, height: int, *, bit_depth: int = 8) -> Path:
     """A valid all-black grey PNG of any size, written row by row without holding the image.
 

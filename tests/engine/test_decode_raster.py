@@ -8,7 +8,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from dicom_factory import gradient, write_blank_png, write_png
+from dicom_factory import gradient, png16_bytes, write_blank_png, write_png
 from PIL import Image
 
 from meddaemon.engine.decode import DecodeOptions, decode_bytes
@@ -76,6 +76,24 @@ def test_grey_with_alpha_keeps_the_grey(tmp_path):
     decoded = decode_bytes(saved(la, "PNG"))
 
     assert_close(decoded.frames, NOISE[np.newaxis] / 255.0)
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4], ids=["grey+alpha", "RGB", "RGBA"])
+def test_a_16_bit_png_with_colour_or_alpha_says_it_was_read_at_8_bits(channels: int):
+    """Pillow reads such PNGs at the top 8 bits of each sample: a 12-bit ramp kept 16 of its 256
+    levels, without a word, and grey with alpha came back as RGB."""
+    ramp = (np.arange(4 * 256) % 256 * 16).astype(np.uint16).reshape(4, 256)  # SYNTHETIC, 12-bit
+    opaque = np.full_like(ramp, 65535)
+    samples = np.dstack({2: [ramp, opaque], 3: [ramp] * 3, 4: [ramp] * 3 + [opaque]}[channels])
+
+    decoded = decode_bytes(png16_bytes(samples))
+
+    top_8_bits = (ramp >> 8) / 255.0
+    assert decoded.channels == (1 if channels == 2 else 3)
+    expected = top_8_bits if channels == 2 else np.dstack([top_8_bits] * 3)
+    assert_close(decoded.frames, expected[np.newaxis])
+    assert decoded.metadata.bits_stored == 8
+    assert any("16-bit samples read at their top 8 bits" in note for note in decoded.notes), decoded.notes
 
 
 def test_colour_palette_png_is_expanded_to_rgb():

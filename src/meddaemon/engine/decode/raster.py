@@ -40,9 +40,10 @@ def decode_raster(data: bytes, fmt: ImageFormat, options: DecodeOptions = Decode
     image = _open(data, fmt)
     with image:
         _check_pixel_count(image, options)
+        read_as = _raw_mode(image)
         notes = _load(image)
         image = _exif_transposed(image, notes)
-        frame, bits = _to_unit(image, notes)
+        frame, bits = _to_unit(image, notes, read_as)
     metadata = ScanMetadata(
         format=fmt,
         rows=frame.shape[0],
@@ -126,9 +127,25 @@ def _palette_is_grey(image: Image.Image) -> bool:
     return bool(np.all(chosen[:, 0] == chosen[:, 1]) and np.all(chosen[:, 1] == chosen[:, 2]))
 
 
-def _to_unit(image: Image.Image, notes: list[str]) -> tuple[np.ndarray, int]:
-    """One frame as float32 in [0, 1], (H, W) or (H, W, 3), and its bits per sample."""
+def _raw_mode(image: Image.Image) -> str:
+    """How Pillow's decoder reads the file's samples (``LA;16B``: 16-bit grey and alpha), known
+    only before the pixels are loaded; empty when Pillow does not say."""
+    if not image.tile:
+        return ""
+    args = image.tile[0].args
+    return args if isinstance(args, str) else str(args[0]) if isinstance(args, tuple) and args else ""
+
+
+def _to_unit(image: Image.Image, notes: list[str], read_as: str = "") -> tuple[np.ndarray, int]:
+    """One frame as float32 in [0, 1], (H, W) or (H, W, 3), and its bits per sample. Pillow has no
+    16-bit colour or grey-with-alpha mode: it reads such files (``read_as`` ``RGB;16B``) at the top
+    8 bits of each sample, which is said, and grey with alpha comes back as RGBA, kept grey here."""
     mode = image.mode
+    if ";16" in read_as and mode not in _SIXTEEN_BIT_MODES and mode not in ("I", "F"):
+        notes.append("16-bit samples read at their top 8 bits (Pillow reads no 16-bit colour or alpha)")
+        if read_as.startswith("LA") and mode == "RGBA":
+            notes.append("alpha channel dropped")
+            return _full_scale(np.asarray(image.getchannel("R")), 255), 8
     if mode in _SIXTEEN_BIT_MODES:
         return _full_scale(np.asarray(image), 65535), 16
     if mode == "I":
