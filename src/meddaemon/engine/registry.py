@@ -120,6 +120,11 @@ class ManifestError(ValueError):
     """A manifest field is missing or invalid; the message names the field."""
 
 
+class NonFiniteOutputs(ValueError):
+    """Weights that are finite and still give NaN or infinite outputs (a negative BatchNorm variance,
+    values that overflow): nothing to save."""
+
+
 # --------------------------------------------------------------------------------------------
 # the manifest
 
@@ -515,7 +520,9 @@ def save_version(
     fresh.load_state_dict(state, strict=True)
     probs = _run_self_test(fresh, draft.to_dict(), torch.device("cpu"))
     if not torch.isfinite(probs).all():
-        raise ValueError(f"cannot save {task}/{version}: the model gives NaN or infinite outputs on the self-test")
+        raise NonFiniteOutputs(
+            f"cannot save {task}/{version}: the model gives NaN or infinite outputs on the self-test"
+        )
 
     data = safetensors_bytes(state, {"format": "pt", "task": task, "version": version, "architecture": architecture})
     fields["sha256"] = sha256_bytes(data)

@@ -89,6 +89,16 @@ def refused(path: Path, tmp_path: Path, **options: Any) -> ModelRefused:
     return info.value
 
 
+def test_a_file_only_named_h5_is_refused_as_unreadable_whatever_the_architecture(tmp_path: Path):
+    """Imported for busi (mobilenet_v2), it was refused as "Keras .h5 weights are imported for
+    DenseNet-121": the file was never opened."""
+    renamed = tmp_path / "weights.h5"
+    renamed.write_bytes(b"\x08\x07\x12\x07pytorch" + bytes(200))  # SYNTHETIC: an ONNX-like head, no HDF5
+    for options in ({"task": "busi"}, {}):
+        error = refused(renamed, tmp_path, **options)
+        assert error.reason == "unreadable_weights", (options, error.message)
+
+
 def test_damaged_or_foreign_keras_files_are_refused_by_name(
     keras_file: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
 ):

@@ -241,6 +241,32 @@ def test_nan_weights_are_refused_naming_the_tensor(tmp_path: Path):
     assert error.reason == "non_finite_weights" and "layer2.0.conv1.weight" in error.message
 
 
+def test_finite_weights_that_give_nan_outputs_are_refused_as_such(tmp_path: Path):
+    """A negative BatchNorm variance passes the finiteness check and gives NaN: refused as the
+    manifest's fault (bad_manifest), where the ONNX importer says non_finite_output."""
+    model, _ = seed001("resnet18")
+    state = model.state_dict()
+    state["bn1.running_var"][0] = -5.0
+    path = tmp_path / "negative_variance.pt"
+    torch.save(state, path)
+    error = refused(path, tmp_path, architecture="resnet18")
+    assert error.reason == "non_finite_output" and "NaN or infinite outputs" in error.message, error.message
+
+
+def test_a_tensor_declaring_more_values_than_the_file_stores_is_refused_before_its_values_are_read(
+    tmp_path: Path,
+):
+    """One stored float declared 30000x30000 through zero strides: the finiteness check allocated
+    the declared size (12 GB for a 9 MB file at 40000x40000) before the key was refused."""
+    state = {**small_cnn_state(3), "extra.big": torch.zeros(1).as_strided((30000, 30000), (0, 0))}
+    path = tmp_path / "declared.pt"
+    torch.save(state, path)
+    assert path.stat().st_size < 30000 * 30000 * 4 / 1000, "a file a thousandth of the declared size"
+    error = refused(path, tmp_path, architecture="small_cnn")
+    assert error.reason == "unreadable_weights" and "extra.big" in error.message, error.message
+    assert "declare more values than the file stores" in error.message
+
+
 def small_cnn_state(outputs: int) -> dict[str, torch.Tensor]:
     from meddaemon.engine.architectures import build_model
 

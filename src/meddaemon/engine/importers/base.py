@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from meddaemon.engine.architectures import ARCHITECTURES, build_model
-from meddaemon.engine.registry import NAME_PATTERN, Manifest, ModelRefused, save_version
+from meddaemon.engine.registry import NAME_PATTERN, Manifest, ModelRefused, NonFiniteOutputs, save_version
 from meddaemon.engine.tasks import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, InputContract, TaskSpec
 
 FORMATS = ("auto", "torch", "safetensors", "keras-h5", "onnx")
@@ -296,6 +296,14 @@ def check_finite(converted: ConvertedWeights) -> None:
             f"{len(odd)} tensor(s) are not dense real-valued weights (sparse, meta, complex or float8): "
             f"{', '.join(odd[:5])}{', ...' if len(odd) > 5 else ''}",
         )
+    overlapping = [converted.source_keys.get(k, k) for k, v in converted.state.items() if _declares_more_than_stored(v)]
+    if overlapping:
+        raise ModelRefused(
+            "unreadable_weights",
+            f"{len(overlapping)} tensor(s) declare more values than the file stores (overlapping strides, as "
+            f"expand() or as_strided() make): {', '.join(overlapping[:5])}{', ...' if len(overlapping) > 5 else ''}; "
+            "a network's weights never do: save them with .contiguous()",
+        )
     bad = [
         converted.source_keys.get(k, k)
         for k, v in converted.state.items()
@@ -306,6 +314,12 @@ def check_finite(converted: ConvertedWeights) -> None:
             "non_finite_weights",
             f"{len(bad)} tensor(s) hold NaN or infinite values: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}",
         )
+
+
+def _declares_more_than_stored(tensor: torch.Tensor) -> bool:
+    """A few stored bytes declared as a huge tensor (zero strides): checking its values allocated the
+    declared size, 12 GB for a 9 MB file."""
+    return tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes()
 
 
 def check_first_conv(converted: ConvertedWeights, model: nn.Module, contract: InputContract, spec: TaskSpec) -> None:
@@ -390,6 +404,8 @@ def write_converted(
             training_data_fingerprint=f"imported:{source.sha256}",
             provenance=provenance(source, options, converted.conversion, labels_in_file=labels_in_file),
         )
+    except NonFiniteOutputs as exc:
+        raise ModelRefused("non_finite_output", str(exc)) from None
     except ValueError as exc:
         raise ModelRefused("bad_manifest", str(exc)) from None
 
