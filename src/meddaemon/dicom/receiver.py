@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
@@ -87,6 +88,7 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+UNDEFINED_LENGTH = 0xFFFFFFFF
 PROCESSING_FAILURE = 0x0110
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
@@ -579,17 +581,14 @@ _RECORD = insert(ReceivedInstance).values(received_at=db_clock())
 
 
 def _facts(event: Any, data: bytes) -> InstanceFacts:
-    """The UIDs the row keeps, read from the request and the dataset's header (the pixels are not
-    parsed). A dataset whose header does not parse is refused (0xC000), one whose SOP Instance UID or
-    SOP Class UID is not the request's (garbage, another instance, a CT sent as an MR) too (0xA900),
-    as dcmtk's storescp does: the File Meta written from the request would contradict the dataset."""
+    """The UIDs the row keeps, read from the request and the dataset's elements (their headers: the
+    values are not read). A dataset that does not parse to its end is refused (0xC000), one whose
+    SOP Instance UID or SOP Class UID is not the request's (garbage, another instance, a CT sent as
+    an MR) too (0xA900), as dcmtk's storescp does: the File Meta written from the request would
+    contradict the dataset."""
     request = event.request
     try:
-        header = dcmread(
-            io.BytesIO(data),
-            stop_before_pixels=True,
-            specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"],
-        )
+        header, whole = _read_to_the_end(data)
         instance = str(header.get("SOPInstanceUID", ""))
         sop_class = str(header.get("SOPClassUID", ""))
     except Exception as exc:
@@ -598,6 +597,8 @@ def _facts(event: Any, data: bytes) -> InstanceFacts:
         raise Refused(DOES_NOT_MATCH, "the dataset's SOP Instance UID is not the request's")
     if sop_class != str(request.AffectedSOPClassUID):
         raise Refused(DOES_NOT_MATCH, "the dataset's SOP Class UID is not the request's")
+    if not whole:
+        raise Refused(CANNOT_UNDERSTAND, "its dataset ends inside a value or has bytes after it")
     return InstanceFacts(
         sop_instance_uid=instance,
         sop_class_uid=str(request.AffectedSOPClassUID),
@@ -605,6 +606,24 @@ def _facts(event: Any, data: bytes) -> InstanceFacts:
         study_instance_uid=str(header.get("StudyInstanceUID", "")) or None,
         series_instance_uid=str(header.get("SeriesInstanceUID", "")) or None,
     )
+
+
+def _read_to_the_end(data: bytes) -> tuple[Dataset, bool]:
+    """The Part 10 file ``data``, every value longer than a UID left unread, and whether it is whole:
+    no value runs past the end, and no bytes follow the last element. pydicom reads either without
+    a word (a short last value, a garbage element), and the sender was told its instance was stored,
+    which could only fail as truncated; dcmtk's storescp refuses both. (A Deflated dataset that
+    ends early does not inflate.)"""
+    stream = io.BytesIO(data)
+    dataset = dcmread(stream, defer_size=256)
+    if dataset.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return dataset, True
+    ends = (
+        element.value_tell + element.length
+        for element in dataset.elements()
+        if isinstance(element, RawDataElement) and element.length != UNDEFINED_LENGTH
+    )
+    return dataset, stream.tell() == len(data) and max(ends, default=0) <= len(data)
 
 
 class FolderSync:
