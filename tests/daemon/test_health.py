@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -12,7 +13,9 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from meddaemon.daemon.health import HealthLimits, HealthReport, check_health
+from daemon_rows import dead_pid
+from meddaemon.daemon.health import HealthLimits, HealthReport, check_health, this_node
+from meddaemon.daemon.lease import pid_namespace
 from meddaemon.db.clock import read_db_clock
 from meddaemon.db.engine import create_db_engine
 from meddaemon.db.migrate import current_revision, head_revision, upgrade
@@ -38,6 +41,7 @@ def add_daemon(
     lease: float = 30.0,
     stopped_ago: float | None = None,
     pid: int = 4242,
+    namespace: str | None = None,
 ) -> int:
     """A daemon row whose last heartbeat was ``age`` seconds ago by the database's clock."""
     with Session(engine) as s, s.begin():
@@ -45,6 +49,7 @@ def add_daemon(
         row = DaemonInstance(
             node=node,
             pid=pid,
+            pid_namespace=namespace,
             version="0.1.0",
             state=state,
             lease_seconds=lease,
@@ -131,6 +136,27 @@ def test_node_requires_a_live_daemon_on_that_node(migrated_engine, reader, db_ur
     on_b = check(reader, settings, node="node-b")
     assert (on_b.check("daemons").status, on_b.exit_code) == ("down", 2)
     assert on_b.check("daemons").message == "no daemon alive on node node-b (1 alive on other nodes)"
+
+
+def test_a_daemon_of_this_node_whose_process_is_gone_is_down_before_its_lease_runs_out(
+    migrated_engine, reader, db_url, make_settings
+):
+    """Killed with SIGKILL, its heartbeat still fresh: health (and so `--this-node`, the probes of
+    systemd's timer and Docker) called it alive for up to lease_seconds, where the daemons of its
+    node declare it lost at once."""
+    settings = make_settings(db=db_url)
+    here = this_node(settings)
+    gone = add_daemon(migrated_engine, here, age=1, pid=dead_pid(), namespace=pid_namespace())
+    for limits in ({}, {"node": here}):
+        report = check(reader, settings, **limits)
+        daemons = report.check("daemons")
+        assert (daemons.status, report.exit_code) == ("down", 2), daemons.message
+        assert f"daemon {gone} (pid " in daemons.message and "its process is gone" in daemons.message
+    add_daemon(migrated_engine, here, age=1, pid=os.getpid(), namespace=pid_namespace())
+    add_daemon(migrated_engine, "node-elsewhere", age=1, pid=dead_pid(), namespace=pid_namespace())
+    report = check(reader, settings)
+    assert report.check("daemons").status == "degraded"  # one alive here, the other node's pid not this host's
+    assert report.check("daemons").details["alive"] == 2 and report.check("daemons").details["crashed"] == 1
 
 
 def test_a_daemon_lost_recently_degrades_and_an_old_loss_is_forgotten(migrated_engine, reader, db_url, make_settings):

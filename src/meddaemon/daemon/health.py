@@ -22,12 +22,13 @@ from sqlalchemy import Engine, func, or_, select
 from sqlalchemy.orm import Session
 
 from meddaemon.config import Settings
-from meddaemon.daemon.lease import node_name, running_daemons
+from meddaemon.daemon.lease import RunningDaemon, node_name, pid_namespace, running_daemons
 from meddaemon.db.clock import db_clock
 from meddaemon.db.migrate import alembic_config, current_revision, head_revision
 from meddaemon.db.models import DaemonInstance, Scan, utcnow
 from meddaemon.failures import NOT_AN_IMAGE
 from meddaemon.logs import error_line
+from meddaemon.processes import process_alive
 
 Status = Literal["ok", "degraded", "down"]
 OK: Status = "ok"
@@ -104,7 +105,7 @@ def check_health(
     if database.status == DOWN:
         checks.append(Check("daemons", DOWN, "cannot tell whether any daemon is alive: the database is down"))
     else:
-        daemons = _guarded("daemons", engine, lambda s: _daemons(s, limits))
+        daemons = _guarded("daemons", engine, lambda s: _daemons(s, limits, this_node(settings)))
         checks += [
             daemons,
             _guarded("lost_daemons", engine, lambda s: _lost(s, limits)),
@@ -161,13 +162,30 @@ def _is_older(current: str, head: str) -> bool:
         return False
 
 
-def _daemons(session: Session, limits: HealthLimits) -> Check:
+def _crashed_here(daemon: RunningDaemon, here: str) -> bool:
+    """A daemon of this node and PID namespace whose process is gone (killed, crashed) while its
+    lease runs: the daemons declare such a one lost at once (``lease.release_lost``), and health
+    called it alive until its lease ran out."""
+    return (
+        daemon.node == here
+        and daemon.pid_namespace is not None
+        and daemon.pid_namespace == pid_namespace()
+        and not process_alive(daemon.pid)
+    )
+
+
+def _daemons(session: Session, limits: HealthLimits, here: str) -> Check:
     rows = running_daemons(session)
-    alive = [r for r in rows if r.alive]
+    crashed = [r for r in rows if r.alive and _crashed_here(r, here)]
+    alive = [r for r in rows if r.alive and r not in crashed]
     expired = [r for r in rows if not r.alive]
+    gone = "; ".join(
+        f"daemon {r.id} (pid {r.pid}) on this node is marked running but its process is gone" for r in crashed
+    )
     details: dict[str, Any] = {
         "alive": len(alive),
         "expired": len(expired),
+        "crashed": len(crashed),
         "nodes": sorted({r.node for r in alive}),
         "daemons": [
             {
@@ -185,9 +203,12 @@ def _daemons(session: Session, limits: HealthLimits) -> Check:
         on_node = [r for r in alive if r.node == limits.node]
         if not on_node:
             elsewhere = f" ({len(alive)} alive on other nodes)" if alive else ""
-            return Check("daemons", DOWN, f"no daemon alive on node {limits.node}{elsewhere}", details)
+            crash = f": {gone}" if gone else ""
+            return Check("daemons", DOWN, f"no daemon alive on node {limits.node}{elsewhere}{crash}", details)
     if not alive:
-        if expired:
+        if crashed:
+            message = f"no daemon alive: {gone}"
+        elif expired:
             newest = min(r.heartbeat_age for r in expired)
             message = (
                 f"no daemon alive: {len(expired)} marked running, all past their lease "
@@ -197,6 +218,8 @@ def _daemons(session: Session, limits: HealthLimits) -> Check:
             message = "no daemon alive: none is running"
         return Check("daemons", DOWN, message, details)
     summary = f"{len(alive)} alive on {_plural(len(details['nodes']), 'node')} ({', '.join(details['nodes'])})"
+    if crashed:
+        return Check("daemons", DEGRADED, f"{summary}; {gone}", details)
     if expired:
         return Check(
             "daemons",

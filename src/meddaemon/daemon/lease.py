@@ -74,6 +74,8 @@ class RunningDaemon:
     lease_seconds: float
     #: seconds since its last heartbeat, by the database's clock
     heartbeat_age: float
+    #: the PID namespace its pid is of (None: not known)
+    pid_namespace: str | None = None
 
     @property
     def alive(self) -> bool:
@@ -91,11 +93,15 @@ def running_daemons(session: Session) -> list[RunningDaemon]:
             DaemonInstance.version,
             DaemonInstance.lease_seconds,
             db_clock() - DaemonInstance.heartbeat_at,
+            DaemonInstance.pid_namespace,
         )
         .where(DaemonInstance.state == RUNNING)
         .order_by(DaemonInstance.id)
     )
-    return [RunningDaemon(int(i), str(n), int(p), str(v), float(lease), float(age)) for i, n, p, v, lease, age in rows]
+    return [
+        RunningDaemon(int(i), str(n), int(p), str(v), float(lease), float(age), namespace)
+        for i, n, p, v, lease, age, namespace in rows
+    ]
 
 
 def connection_limits(settings: Settings) -> ConnectionLimits:
