@@ -123,3 +123,36 @@ def test_an_outage_between_registration_and_recovery_is_waited_out(
             daemon.run(once=True)
     assert time.monotonic() - started >= 2.0
     assert "database unreachable" in caplog.text and "database back after" in caplog.text
+
+
+def test_a_move_that_keeps_failing_is_logged_as_an_error_once_and_its_success_once(
+    make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A move with no room was tried at every rescan and logged at ERROR each time, with "finishing N
+    committed moves" beside it: 150 lines a minute for 5 blocked files at a 2 s rescan."""
+    import errno
+
+    from meddaemon.daemon import filing
+
+    path = write_png(tmp_path / "inbox" / "busi" / "synthetic_c.png", np.zeros((8, 8), np.uint8))
+    daemon = Daemon(make_settings())
+    daemon.prepare()
+    [move] = commit_without_moving(daemon, [path]).moves
+    real_move, failures = filing.finish_move, iter(range(4))
+
+    def full_disk(source, target, alive=lambda: None):  # type: ignore[no-untyped-def]
+        if next(failures, None) is not None:
+            raise OSError(errno.ENOSPC, "SYNTHETIC: no room", str(source))
+        return real_move(source, target, alive)
+
+    monkeypatch.setattr(filing, "finish_move", full_disk)
+    caplog.set_level(logging.INFO, logger="meddaemon")
+    for _rescan in range(5):
+        daemon.recover()
+
+    assert move.target.exists() and not path.exists()
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("meddaemon")]
+    errors = [m for level, m in said if level >= logging.ERROR]
+    assert len(errors) == 1 and "could not move" in errors[0] and "SYNTHETIC: no room" in errors[0], said
+    assert len([m for level, m in said if level == logging.INFO and "finishing 1 committed moves" in m]) == 1, said
+    assert any("moved synthetic_c.png" in m and "blocked before" in m for _, m in said), said

@@ -252,9 +252,13 @@ def room_for_copies(folder: Path) -> int:
 
 def _require_room(source: Path, folder: Path, st: os.stat_result) -> None:
     needed = st.st_blocks * 512  # what the file holds on disk: a sparse file's holes cost nothing
-    if needed > room_for_copies(folder):
+    room = room_for_copies(folder)
+    if needed > room:
         raise OSError(
-            errno.ENOSPC, f"{needed} bytes to copy, more than the {folder} file system has to spare", str(source)
+            errno.ENOSPC,
+            f"{needed} bytes to copy, more than the {folder} file system has to spare: "
+            f"{room + COPY_RESERVE} bytes free, of which {COPY_RESERVE} are kept for the database and reports",
+            str(source),
         )
 
 

@@ -422,7 +422,14 @@ class Daemon:
             self.stop_requested.is_set,
         )
         if moves:
-            log.info("recovery: finishing %d committed moves", len(moves))
+            again = sum(move.source in self.blocked for move in moves)
+            # moves that failed before are tried at every rescan: said once, when they first failed
+            log.log(
+                logging.DEBUG if again == len(moves) else logging.INFO,
+                "recovery: finishing %d committed moves%s",
+                len(moves),
+                f" ({again} blocked before)" if again else "",
+            )
             for unfinished in filing.remove_unfinished_copies(move.target for move in moves):
                 log.info("recovery: removed %s, a copy a killed daemon left half made", unfinished)
             self._carry_out(moves)
@@ -446,9 +453,17 @@ class Daemon:
                     filing.write_reason(move.target, move.reason_document)
                 outcome = filing.finish_move(move.source, move.target, self._keep_alive)
             except OSError as exc:
-                log.error("could not move %s to %s (%s); will retry", move.source, move.target, exc.strerror or exc)
+                log.log(
+                    logging.DEBUG if move.source in self.blocked else logging.ERROR,
+                    "could not move %s to %s (%s); will retry at each rescan",
+                    move.source,
+                    move.target,
+                    exc.strerror or exc,
+                )
                 self.blocked.add(move.source)
                 continue
+            if move.source in self.blocked:
+                log.info("moved %s to %s, blocked before", move.source.name, move.target)
             if outcome is filing.MoveOutcome.LOST:
                 log.error(
                     "%s is neither at %s nor at %s: it was removed by someone else",
