@@ -196,3 +196,27 @@ def test_a_postgresql_server_that_refuses_connections_is_an_outage(postgres_url:
         pass
     assert is_outage(raised.value)
     engine.dispose()
+
+
+def test_a_sqlite_database_that_cannot_be_written_is_named_so_not_unreachable(tmp_path: Path, caplog):
+    """A full state directory was logged "database unreachable", and the daemon gave up saying the
+    database had been unreachable: SQLite's own error (SQLITE_FULL, here from a page limit) is what
+    the guard says, and it still waits for room as for any outage."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'small.db'}")
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE t (x BLOB)"))
+
+    def write() -> None:
+        with engine.begin() as connection:
+            connection.execute(text("PRAGMA max_page_count = 8"))
+            connection.execute(text("INSERT INTO t VALUES (zeroblob(100000))"))
+
+    with pytest.raises(OperationalError) as full:
+        write()
+    fake = FakeTime()
+    with caplog.at_level(logging.ERROR, logger="meddaemon.daemon"), pytest.raises(DatabaseUnavailable) as gave_up:
+        guard(fake, limit=10).run(write)
+    assert is_outage(full.value)
+    assert caplog.records[0].getMessage().startswith("database unwritable (disk full): database or disk is full")
+    assert str(gave_up.value).startswith("the database has been unwritable (disk full) for 10 s")
+    engine.dispose()

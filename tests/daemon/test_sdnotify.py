@@ -165,3 +165,29 @@ def test_the_daemon_keeps_pinging_the_watchdog_while_it_moves_a_batch_of_slow_fi
     Daemon(settings).run(once=True)
     assert len(pings) >= 3  # the 2.4 s of moves are inside the pings
     assert max(b - a for a, b in itertools.pairwise(pings)) < 1.0
+
+
+def test_the_status_line_says_when_the_database_is_away_and_when_it_is_back(systemd, make_settings, monkeypatch):
+    """`systemctl status` showed "watching ..." all through an outage: the status line follows the
+    outage guard (the same transitions the log and the metrics' database_up record)."""
+    from sqlalchemy.exc import OperationalError
+
+    from meddaemon.daemon.service import Daemon
+
+    for key, value in systemd.env.items():
+        monkeypatch.setenv(key, value)
+    settings = make_settings()
+    daemon = Daemon(settings)
+    tries = iter(range(2))
+
+    def away_twice() -> int:
+        if next(tries, None) is not None:
+            raise OperationalError("SELECT 1", {}, Exception("SYNTHETIC: connection refused"))
+        return 42
+
+    assert daemon.outage.run(away_twice) == 42
+    statuses = [m for m in systemd.received() if m.startswith("STATUS=")]
+    assert len(statuses) == 2, statuses
+    assert statuses[0].startswith("STATUS=database unreachable since ")
+    assert "SYNTHETIC: connection refused" in statuses[0]
+    assert statuses[1] == f"STATUS=watching {settings.watch}"

@@ -62,12 +62,25 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) and not is_lock_error(exc)
 
 
+#: SQLite's primary result codes for a database file that answers but cannot be written
+_UNWRITABLE = {8: "unwritable (read-only)", 10: "unwritable (disk I/O error)", 13: "unwritable (disk full)"}
+
+
+def what_failed(exc: BaseException) -> str:
+    """``unreachable``, or for a SQLite file that cannot be written (its disk full, read-only or
+    failing) which of these: a full state directory was logged as an unreachable database."""
+    code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
+    return _UNWRITABLE.get(code & 0xFF, "unreachable") if isinstance(code, int) else "unreachable"
+
+
 @dataclass(frozen=True)
 class Down:
-    """The database has not answered since ``since`` (the guard's clock)."""
+    """The database has not answered since ``since`` (the guard's clock); ``what``: unreachable, or
+    unwritable and why (``what_failed``)."""
 
     since: float
     error: str
+    what: str = "unreachable"
 
 
 class OutageGuard:
@@ -114,9 +127,10 @@ class OutageGuard:
         with self._lock:
             if self.down is not None:
                 return
-            self.down = Down(self.clock(), error_line(exc))
+            self.down = Down(self.clock(), error_line(exc), what_failed(exc))
         self.log.error(
-            "database unreachable: %s; retrying for up to %.0f s (db_outage_seconds)",
+            "database %s: %s; retrying for up to %.0f s (db_outage_seconds)",
+            self.down.what,
             self.down.error,
             self.limit_seconds,
         )
@@ -158,7 +172,7 @@ class OutageGuard:
                 outage = self.down_for()
                 if outage >= self.limit_seconds:
                     raise DatabaseUnavailable(
-                        f"the database has been unreachable for {outage:.0f} s, longer than "
+                        f"the database has been {what_failed(exc)} for {outage:.0f} s, longer than "
                         f"db_outage_seconds ({self.limit_seconds:g} s): {error_line(exc)}"
                     ) from exc
                 attempt += 1

@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import TypeVar
@@ -109,7 +110,7 @@ class Daemon:
         self.watchdog = Watchdog()
         #: the database's reachability: every transaction of the loop waits out an outage through it
         self.outage = OutageGuard(
-            settings.db_outage_seconds, on_change=self.metrics.database_reachable, while_waiting=self._keep_alive
+            settings.db_outage_seconds, on_change=self._database_changed, while_waiting=self._keep_alive
         )
         self.stage = InferenceStage(
             settings,
@@ -414,6 +415,20 @@ class Daemon:
         return self.intake.intake_context()
 
     # -- what the stages share: the database, the moves ------------------------------------------
+
+    def _database_changed(self, up: bool) -> None:
+        """The metrics' ``database_up``, and the status line ``systemctl status`` shows, which said
+        "watching" through an outage."""
+        self.metrics.database_reachable(up)
+        down = self.outage.down
+        if up or down is None:
+            self.watchdog.status(f"watching {self.settings.watch}")
+            return
+        since = datetime.now(UTC) - timedelta(seconds=self.outage.down_for())
+        self.watchdog.status(
+            f"database {down.what} since {since:%H:%M:%S} UTC ({down.error}); retrying for up to "
+            f"{self.settings.db_outage_seconds:g} s"
+        )
 
     def recover(self) -> None:
         """Finish the moves that were committed but not carried out (after a crash or a failed move)."""
