@@ -182,6 +182,11 @@ def test_database_defaults_to_sqlite_in_the_state_dir(tmp_path: Path):
             '[[destination]]\nname = "pacs"\nkind = "dicom"\nae_title = "PACS"\nhost = "h"\nport = 999999\n',
             "port 999999 is not a TCP port",
         ),
+        # a traceback (a port SQLAlchemy cannot read), or accepted and never working
+        ('db = "postgresql+psycopg://med:S3CRET@db.example:5432x/med"\n', "'db' from file .*: not a database URL"),
+        ("metrics_port = 9100\nweb_port = 9100\n", "'web_port' from file .*: 9100 is metrics_port too"),
+        ('watch = "state/inbox"\nstate_dir = "state"\n', "'watch' from file .*: .* is inside the state directory"),
+        ('watch = "state"\nstate_dir = "state"\n', "'watch' from file .*: .* is inside the state directory"),
     ],
 )
 def test_a_bad_config_file_names_the_key_and_the_file(tmp_path: Path, content: str, message: str):

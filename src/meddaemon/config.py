@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from meddaemon.engine.tasks import TaskSpec, all_tasks, task_from_dict, text_values
 from meddaemon.names import is_utf8, shown_name
@@ -264,9 +266,13 @@ class Settings:
                 value = str(value)
             elif f.name == "route":
                 value = [_route_as_dict(r) for r in value]
-            elif f.name == "destination":
+            elif f.name == "destination":  # a DICOMweb URL's password is its server's login
                 value = [
-                    {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(d).items()} for d in value
+                    {
+                        k: list(v) if isinstance(v, tuple) else web_url_without_password(v) if k == "url" else v
+                        for k, v in dataclasses.asdict(d).items()
+                    }
+                    for d in value
                 ]
             elif f.name == "task_dicom_outputs":
                 value = {task: list(kinds) for task, kinds in value.items()}
@@ -618,6 +624,11 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
     missing = [key for key in needed if not data.get(key)]
     if missing:
         raise ValueError(f"destination {name!r} ({kind}) needs {missing}")
+    if kind == "dicomweb" and not _is_web_url(data["url"]):
+        raise ValueError(
+            f"destination {name!r}: url {web_url_without_password(str(data['url']))!r} is not an http(s) URL "
+            "with a host (https://HOST/dicom-web)"
+        )
     if kind == "dicom" and not 1 <= _parse_int(data["port"]) <= 65535:
         raise ValueError(f"destination {name!r}: port {data['port']} is not a TCP port (1-65535)")
     for key in ("ae_title", "calling_ae_title") if kind == "dicom" else ():
@@ -641,6 +652,38 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
         timeout_seconds=_parse_float(data.get("timeout_seconds", 30.0)),
         keep_open_seconds=_parse_float(data.get("keep_open_seconds", 5.0)),
     )
+
+
+def _is_web_url(url: object) -> bool:
+    if not isinstance(url, str):
+        return False
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def web_url_without_password(url: str) -> str:
+    """An http(s) URL for ``config show`` and messages: the password of its user, and a
+    ``password`` or token in its query, shown ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    userinfo, at, host = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    query = urlencode(
+        [
+            (key, "***" if key.lower() in _SECRET_QUERY_KEYS else value)
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+        ],
+        safe="*",
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+_SECRET_QUERY_KEYS = frozenset({"password", "token", "access_token", "api_key", "apikey"})
 
 
 def _without_password(url: str) -> str:
@@ -698,6 +741,12 @@ def _validate(s: Settings) -> None:
         fail("metrics_port", "must be a TCP port (0: no metrics endpoint)")
     if not 0 <= s.web_port <= 65535:
         fail("web_port", "must be a TCP port (0: the daemon serves no web console)")
+    ports = [(key, getattr(s, key)) for key in ("metrics_port", "web_port", "dicom_port") if getattr(s, key)]
+    for (first, port), (second, other) in itertools.combinations(ports, 2):
+        if port == other:
+            fail(second, f"{other} is {first} too: the two cannot listen on one port")
+    if s.watch.absolute() == s.state_dir.absolute() or s.state_dir.absolute() in s.watch.absolute().parents:
+        fail("watch", f"{s.watch} is inside the state directory {s.state_dir}, which the inbox never reads from")
     if not 0 <= s.reports_nice <= 19:
         fail("reports_nice", "must be between 0 and 19")
     if s.report_workers < 0:
@@ -735,7 +784,7 @@ def _validate_db(url: str, fail: Any) -> None:
 
     try:
         backend = make_url(url).get_backend_name()
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         fail("db", "not a database URL: give sqlite:///PATH or postgresql+psycopg://USER@HOST/NAME")
         return
     if backend not in ("sqlite", "postgresql"):

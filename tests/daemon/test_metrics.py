@@ -195,6 +195,25 @@ def test_a_stopped_server_frees_its_port(migrated_engine):
         urllib.request.urlopen(url, timeout=2)
 
 
+@pytest.mark.parametrize("where", ["port taken", "host unknown"])
+def test_an_endpoint_that_cannot_listen_is_a_settings_error_naming_them(migrated_engine, where: str):
+    """The port taken (by the web console given the same one) or a host that is not this machine's:
+    a traceback out of the daemon's start, exit 1, where a bad setting exits 2 naming it."""
+    import socket
+
+    from meddaemon.config import ConfigError
+    from meddaemon.daemon.metrics import MetricsStage
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        host, port = ("127.0.0.1", taken.getsockname()[1]) if where == "port taken" else ("no-such-host.invalid", 0)
+        stage = MetricsStage(host, port, migrated_engine, DaemonMetrics(), busy_timeout=1.0)
+        with pytest.raises(ConfigError, match="'metrics_host' and 'metrics_port': the metrics endpoint cannot listen"):
+            stage.start()
+    assert stage.server is None
+
+
 def test_a_postgresql_server_that_is_down_is_reported_in_the_scrape_not_as_a_500():
     handle = start_metrics_server("127.0.0.1", 0, "postgresql+psycopg://postgres@127.0.0.1:1/nothing", DaemonMetrics())
     try:

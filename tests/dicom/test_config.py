@@ -113,11 +113,34 @@ def test_the_defaults_write_every_output_and_send_nowhere():
             'calling_ae_title = "MED\\\\DAEMON"\n',
             "calling_ae_title .* is not an AE title",
         ),
+        # accepted, then every send round a traceback and the object never tried (a client refusing it)
+        (
+            '[[destination]]\nname = "x"\nkind = "dicomweb"\nurl = "pacs.example/dicom-web"\n',
+            "is not an http\\(s\\) URL",
+        ),
+        ('[[destination]]\nname = "x"\nkind = "dicomweb"\nurl = "ftp://pacs.example/x"\n', "is not an http\\(s\\) URL"),
+        ('[[destination]]\nname = "x"\nkind = "dicomweb"\nurl = 5\n', "is not an http\\(s\\) URL"),
+        (
+            '[[destination]]\nname = "x"\nkind = "dicomweb"\nurl = "https://bob:S3CRET@pacs.example:x/"\n',
+            "url 'https://bob:\\*\\*\\*@pacs.example:x/' is not an http",
+        ),
     ],
 )
 def test_a_bad_dicom_out_setting_is_an_error_naming_it(tmp_path: Path, text: str, message: str):
     with pytest.raises(ConfigError, match=message):
         settings_from(tmp_path, text)
+
+
+def test_config_show_hides_the_password_of_a_dicomweb_url(tmp_path: Path):
+    """It printed ``https://bob:S3CRET@...``: requests sends a URL's user and password as the login."""
+    text = (
+        '[[destination]]\nname = "web"\nkind = "dicomweb"\n'
+        'url = "https://bob:S3CRET@pacs.example:8443/dicom-web?token=T0KEN&x=1"\n'
+    )
+    s = settings_from(tmp_path, text)
+    assert s.destination[0].url == "https://bob:S3CRET@pacs.example:8443/dicom-web?token=T0KEN&x=1"  # as given
+    [shown] = s.public_dict()["destination"]
+    assert shown["url"] == "https://bob:***@pacs.example:8443/dicom-web?token=***&x=1"
 
 
 def test_the_environment_sets_the_outputs_as_a_comma_separated_list():

@@ -204,6 +204,26 @@ def test_rows_for_a_destination_no_longer_configured_are_dead_not_stuck(make_set
     assert statuses(sessions) == {("sc:0", "share"): DELIVERED, ("sc:0", "gone"): DEAD}
 
 
+def test_a_sender_that_cannot_be_made_fails_its_objects_as_attempts_not_the_round(
+    make_settings, tmp_path: Path, monkeypatch
+):
+    """A DICOMweb client refusing its URL raised out of the round: a traceback every round, and the
+    objects stayed pending with 0 attempts for ever (never backed off, never dead)."""
+    (tmp_path / "share").mkdir()
+    settings = make_settings(destination=[{"name": "share", "kind": "folder", "path": str(tmp_path / "share")}])
+    sessions, _ = queued(settings, 2, ["share"])
+
+    def refused(destination):  # type: ignore[no-untyped-def]
+        raise ValueError("SYNTHETIC: Malformed URL")
+
+    monkeypatch.setattr(outbox, "make_sender", refused)
+    OutboxSender(settings, sessions, None).round()
+    with sessions() as session:
+        rows = session.scalars(select(OutboxItem)).all()
+    assert [(r.status, r.attempts) for r in rows] == [(PENDING, 1), (PENDING, 1)]
+    assert all("ValueError in the sender" in (r.last_error or "") for r in rows), [r.last_error for r in rows]
+
+
 def test_the_association_stays_open_while_objects_come_and_is_released_once_idle(make_settings):
     scp = ScriptedScp()
     try:

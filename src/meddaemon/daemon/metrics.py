@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import URL, Engine, distinct, func, select
 from sqlalchemy.orm import Session
 
+from meddaemon.config import ConfigError
 from meddaemon.daemon.lease import RunningDaemon, running_daemons
 from meddaemon.daemon.stages import Stage
 from meddaemon.db.models import DaemonInstance, InboxClaim, ModelVersion, Report, Result, Scan, utcnow
@@ -525,9 +526,15 @@ class MetricsStage(Stage):
         self.server: MetricsServer | None = None
 
     def start(self) -> None:
-        self.server = start_metrics_server(
-            self.host, self.port, self.engine, self.metrics, busy_timeout=self.busy_timeout
-        )
+        try:
+            self.server = start_metrics_server(
+                self.host, self.port, self.engine, self.metrics, busy_timeout=self.busy_timeout
+            )
+        except OSError as exc:  # the port taken, a host that is not this machine's: a traceback, exit 1
+            raise ConfigError(
+                f"settings 'metrics_host' and 'metrics_port': the metrics endpoint cannot listen on "
+                f"{self.host or '*'}:{self.port}: {exc.strerror or exc}"
+            ) from exc
         logging.getLogger("meddaemon.daemon").info("metrics on %s", self.server.url)
 
     def close(self) -> None:

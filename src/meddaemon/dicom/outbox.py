@@ -355,11 +355,11 @@ class OutboxSender:
         if destination is None:
             answers = [Delivery(False, f"destination {name!r} is not configured", True)] * len(items)
         else:
-            sender = self.senders.get(name)
-            if sender is None:
-                sender = self.senders[name] = make_sender(destination)
             paths = [stored_file(i.path, self.settings.state_dir) for i in items]
-            try:
+            try:  # a sender that cannot be made (a client refusing its URL) fails its objects too
+                sender = self.senders.get(name)
+                if sender is None:
+                    sender = self.senders[name] = make_sender(destination)
                 answers = sender.send(paths, self._should_stop)
             except Exception as exc:  # a bug, before any object went (each object's own failure is its answer)
                 log.exception("sending to %s failed", name)
