@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from meddaemon.cli.common import EXIT_USAGE
@@ -93,6 +94,37 @@ def test_a_dataset_whose_file_names_are_not_utf8_is_trained_on_and_registered(tm
     assert len(latin1) == 2 and all(os.fsencode(name).startswith(b"benign/sc\xe9n ") for name in latin1)
 
 
+def test_a_dataset_in_a_folder_whose_name_is_not_utf8_is_trained_on_and_registered(busi: Path, tmp_path: Path) -> None:
+    """The model card named the --data path: written as UTF-8 after the whole training, it failed
+    ("surrogates not allowed"), exit 1, and every --resume failed the same way."""
+    import shutil
+
+    data = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9 data")) / "busi"
+    shutil.copytree(busi, data)
+    state = upgraded(tmp_path / "state")
+    result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--version", "u1"])
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "state" / "models" / "busi" / "u1" / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert "caf\\xe9 data/busi" in card
+
+
+def test_a_name_that_is_not_utf8_reaches_stderr_as_its_bytes_so_a_printed_command_runs(tmp_path: Path) -> None:
+    """stdout wrote such a name as its bytes, stderr (where the commands to run next go: the
+    --resume after Ctrl-C) as the six characters \\udce9: the command printed named no folder."""
+    import subprocess
+
+    empty = os.fsencode(tmp_path) + b"/caf\xe9"
+    os.mkdir(empty)  # a folder holding no dataset: the message names it
+    state = upgraded(tmp_path / "state")
+    result = subprocess.run(
+        [*_medcli("retrain", "busi", *state), "--data", empty],
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert empty in result.stderr and b"\\udce9" not in result.stderr
+
+
 def test_dropping_more_than_five_percent_is_warned_about_on_stderr_before_training(busi: Path, tmp_path: Path) -> None:
     """These phantoms file one lesion under two classes, as BUSI does: 2 of their 36 images are dropped."""
     result = CliRunner().invoke(
@@ -149,6 +181,14 @@ def test_a_version_name_whose_folder_exists_exits_2_before_training(busi: Path, 
         ("--seed", "-1", "Invalid value for '--seed': -1 is not in the range 0<=x<=4294967295"),
         ("--seed", str(10**17), "Invalid value for '--seed'"),
         ("--patience", "-2", "Invalid value for '--patience': -2 is not in the range x>=1"),
+        ("--device", "foo", "unknown device 'foo'; choose cpu or cuda"),
+        ("--device", "meta", "the device must be cpu or cuda (cuda:N), not 'meta'"),
+        pytest.param(
+            "--device",
+            "cuda",
+            "no CUDA device is available here; use --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available here"),
+        ),
     ],
 )
 def test_an_option_no_training_can_run_with_exits_2_before_the_dataset_is_read(
@@ -157,7 +197,8 @@ def test_an_option_no_training_can_run_with_exits_2_before_the_dataset_is_read(
     """An unknown --arch was a KeyError traceback, exit 1, once every image had been decoded and
     hashed (an hour, on ChestX-ray14); a bad --version name, exit 1 after the whole training; a
     negative seed, exit 1 once decoded, and a huge one an overflow; a negative patience stopped
-    training after one epoch."""
+    training after one epoch; a --device torch does not know, or cuda without a GPU, a traceback
+    once the dataset was read."""
     state = upgraded(tmp_path / "state")
     result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(busi), *state, *FAST, option, value])
     assert result.exit_code == EXIT_USAGE and message in result.output, result.output
@@ -237,6 +278,64 @@ def test_resume_refuses_a_dataset_that_changed(busi: Path, tmp_path: Path) -> No
     again = runner.invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--resume"])
     assert again.exit_code == 1, again.output
     assert "changed since the checkpoint" in again.output
+
+
+def same_pixels_other_bytes(png: Path) -> None:
+    """Save ``png`` again with a text chunk: the image the split and the pHash see is the same."""
+    from PIL import Image, PngImagePlugin
+
+    with Image.open(png) as image:
+        image.load()
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Comment", "SYNTHETIC: saved again")
+        image.save(png, pnginfo=info)
+
+
+def test_resume_refuses_a_dataset_whose_bytes_changed_under_the_same_names(busi: Path, tmp_path: Path) -> None:
+    """Only the sides of the split were compared: a file rewritten between the interruption and the
+    --resume was trained on, half before, half after, and the fingerprint named only the new bytes."""
+    import shutil
+
+    data = tmp_path / "busi"
+    shutil.copytree(busi, data)
+    runner = CliRunner()
+    state = upgraded(tmp_path / "state")
+    first = runner.invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--epochs", "1"])
+    assert first.exit_code == 0, first.output
+    same_pixels_other_bytes(data / "benign" / "benign (1).png")
+    again = runner.invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--resume"])
+    assert again.exit_code == 1, again.output
+    assert "changed since the checkpoint" in again.output
+
+
+@pytest.mark.parametrize("how", ["rewritten", "removed"])
+def test_an_image_changed_while_the_model_trains_stops_the_run_before_anything_is_registered(
+    busi: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The fingerprint was read after training: it named bytes the model never saw, and a file
+    removed meanwhile ended the run in a bare OSError (a traceback for a test image)."""
+    import shutil
+
+    from meddaemon.training import pipeline
+
+    data = tmp_path / "busi"
+    shutil.copytree(busi, data)
+    victim = data / "malignant" / "malignant (2).png"
+    real_train = pipeline.train
+
+    def train_then_change(*args: object, **kwargs: object) -> object:
+        result = real_train(*args, **kwargs)  # type: ignore[arg-type]
+        same_pixels_other_bytes(victim) if how == "rewritten" else victim.unlink()
+        return result
+
+    monkeypatch.setattr(pipeline, "train", train_then_change)
+    state = upgraded(tmp_path / "state")
+    result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--epochs", "1"])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "1 image(s) changed or vanished while the model trained: malignant/malignant (2).png" in result.output
+    assert "Traceback" not in result.output
+    listed = CliRunner().invoke(medcli, ["models", "list", *state, "--json"])
+    assert json.loads(listed.output) == [], listed.output
 
 
 @pytest.mark.parametrize("task", sorted(BUILTIN_TASKS))
@@ -440,3 +539,46 @@ def test_ctrl_c_while_registering_exits_130_registers_nothing_and_says_how_to_re
     assert imported.exit_code == 0, imported.output
     listed = CliRunner().invoke(medcli, ["models", "list", "--json", *state])
     assert [(r["version"], r["status"]) for r in json.loads(listed.stdout)] == [("r1", "registered")]
+
+
+def test_a_database_locked_past_its_timeout_at_registration_says_how_to_register_the_trained_version(
+    busi: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holding SQLite's write lock when the version was registered: "database busy;
+    try again", exit 3, and the same command again refused the --version its folder now held."""
+    import subprocess
+    import sys
+
+    from daemon_harness import SQLITE_LOCKER
+    from meddaemon.training import pipeline
+
+    state = upgraded(tmp_path / "state")
+    lockers: list[subprocess.Popen[str]] = []
+    real_train = pipeline.train
+
+    def train_then_lock(*args: object, **kwargs: object) -> object:
+        result = real_train(*args, **kwargs)  # type: ignore[arg-type]
+        database = str(tmp_path / "state" / "meddaemon.db")
+        lockers.append(
+            subprocess.Popen([sys.executable, "-c", SQLITE_LOCKER, database, "60"], stdout=subprocess.PIPE, text=True)
+        )
+        assert lockers[0].stdout is not None and lockers[0].stdout.readline().strip() == "locked"
+        return result
+
+    monkeypatch.setattr(pipeline, "train", train_then_lock)
+    monkeypatch.setenv("MEDDAEMON_DB_LOCK_TIMEOUT_SECONDS", "1")
+    args = ["retrain", "busi", "--data", str(busi), *state, *FAST, "--version", "b1"]
+    try:
+        busy = CliRunner().invoke(medcli, args)
+    finally:
+        for locker in lockers:
+            locker.kill()
+            locker.wait()
+    assert busy.exit_code == 3, busy.output
+    assert "nothing was registered" in busy.stderr and "Traceback" not in busy.output
+    command = shlex.split(busy.stderr.split("register it with: ", 1)[1].strip())
+    assert command[:3] == ["medcli", "models", "import"]
+    imported = CliRunner().invoke(medcli, command[1:])
+    assert imported.exit_code == 0, imported.output
+    listed = CliRunner().invoke(medcli, ["models", "list", "--json", *state])
+    assert [r["version"] for r in json.loads(listed.stdout)] == ["b1"]

@@ -104,10 +104,13 @@ def test_the_fingerprint_depends_on_the_data(trained: RetrainOutcome, busi_root:
     from meddaemon.training.splits import save_split
 
     split_path = save_split(trained.split, tmp_path / SPLIT_FILE)
-    assert fingerprint(split_path, trained.index) == trained.manifest.training_data_fingerprint
+    digests = trained.split.digests
+    assert fingerprint(split_path, trained.index, digests) == trained.manifest.training_data_fingerprint
     index = load_dataset(busi_root, BUSI)
     index.samples = index.samples[1:]
-    assert fingerprint(split_path, index) != trained.manifest.training_data_fingerprint
+    assert fingerprint(split_path, index, digests) != trained.manifest.training_data_fingerprint
+    other_bytes = {**digests, next(iter(digests)): "0" * 64}
+    assert fingerprint(split_path, trained.index, other_bytes) != trained.manifest.training_data_fingerprint
 
 
 def test_resume_from_a_checkpoint_gives_the_same_weights(busi_root: Path, tmp_path: Path) -> None:

@@ -107,6 +107,7 @@ def run_group(group: click.Group, prog_name: str) -> None:
     """A console script's entry point: the command group, then the whole heap frozen on the way
     out, so that the interpreter's shutdown skips walking what torch left (``meddaemon.heap``)."""
     names_as_they_are(sys.stdout)
+    names_as_they_are(sys.stderr)  # the hints of what to run next (``--data``) go there
     keep_from_others()
     try:
         group(prog_name=prog_name)

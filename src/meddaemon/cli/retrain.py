@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from meddaemon.cli.common import (
+    EXIT_DATABASE,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -127,9 +128,11 @@ def retrain(
     retrain ...`; --batch-size is per process (the global batch is N times it).
     """
     import torch
+    from sqlalchemy.exc import OperationalError
 
     from meddaemon.db.engine import session_factory, transaction
     from meddaemon.engine import registry
+    from meddaemon.logs import error_line
     from meddaemon.training import distributed
     from meddaemon.training.datasets import DatasetError
     from meddaemon.training.evaluate import promotion_blockers
@@ -206,8 +209,9 @@ def retrain(
             sys.exit(EXIT_FAILURE)
 
         blockers = promotion_blockers(outcome.flags) if promote and not force else []
-        engine = open_database(settings)
+        engine = None
         try:
+            engine = open_database(settings)  # on SQLite, it waits for the write lock too
             with transaction(session_factory(engine)) as session:
                 state_dir = settings.state_dir
                 row = registry.import_version(
@@ -217,20 +221,19 @@ def retrain(
                     row = registry.promote(session, row.task_name, row.version, state_dir=state_dir)
                 registered = registry.version_summary(row, state_dir)
         except registry.RegistryError as exc:
-            click.echo(f"error ({exc.reason}): {exc.message}", err=True)
+            _not_registered(ctx, outcome.version_dir, f"error ({exc.reason}): {exc.message}")
             sys.exit(EXIT_FAILURE)
+        except OperationalError as exc:
+            # a lock held past the busy timeout, or the database away: the training is not lost, and
+            # the same command again would refuse the --version its folder now holds
+            _not_registered(ctx, outcome.version_dir, f"error: the database could not record it: {error_line(exc)}")
+            sys.exit(EXIT_DATABASE)
         except KeyboardInterrupt:
-            import_line = command_line(
-                "models", "import", str(outcome.version_dir), *given_options(ctx, SETTINGS_PARAMS)
-            )
-            click.echo(
-                f"interrupted while registering: nothing was registered; the trained version is whole in "
-                f"{outcome.version_dir}; register it with: {import_line}",
-                err=True,
-            )
+            _not_registered(ctx, outcome.version_dir, "interrupted while registering")
             sys.exit(EXIT_INTERRUPTED)
         finally:
-            engine.dispose()
+            if engine is not None:
+                engine.dispose()
         distributed.barrier()
 
         summary = {**outcome.summary(), "registered": registered, "promotion_refused": blockers}
@@ -333,6 +336,15 @@ def _where_to_get_data(spec: Any) -> str:
             f"in that layout; then {command_line('retrain', spec.name, '--data', 'DIR')}"
         )
     return "\n".join(lines)
+
+
+def _not_registered(ctx: click.Context, version_dir: Path, why: str) -> None:
+    import_line = command_line("models", "import", str(version_dir), *given_options(ctx, SETTINGS_PARAMS))
+    click.echo(
+        f"{why}: nothing was registered; the trained version is whole in {version_dir}; register it with: "
+        f"{import_line}",
+        err=True,
+    )
 
 
 def _how_to_resume(ctx: click.Context, task: str, workdir: Path, processes: int) -> str:

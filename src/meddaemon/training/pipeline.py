@@ -26,6 +26,7 @@ from meddaemon.db.models import ModelVersion
 from meddaemon.engine.card import CARD_FILE
 from meddaemon.engine.registry import Manifest, save_version
 from meddaemon.engine.tasks import InputContract, TaskSpec
+from meddaemon.names import shown_name
 from meddaemon.training.datasets import DatasetError, DatasetIndex
 from meddaemon.training.evaluate import choose_thresholds, flags_for, score_test_set
 from meddaemon.training.figures import GRID_IMAGES, write_figures
@@ -39,6 +40,7 @@ from meddaemon.training.splits import (
     load_split,
     make_split,
     save_split,
+    sha256_of,
 )
 from meddaemon.training.train import ScanDataset, TrainConfig, TrainResult, evaluate, make_loader, make_loss, train
 
@@ -166,7 +168,7 @@ def retrain(
         if not samples:
             raise DatasetError(data, f"the {side} split is empty ({len(index.samples)} images)", "more images")
     workdir.mkdir(parents=True, exist_ok=True)
-    if resume and (workdir / SPLIT_FILE).is_file() and load_split(workdir).assignments != split.assignments:
+    if resume and (workdir / SPLIT_FILE).is_file() and _changed_since(load_split(workdir), split):
         raise ValueError(f"the dataset or its split changed since the checkpoint in {workdir}; cannot resume")
     split_path = save_split(split, workdir / SPLIT_FILE)
     log(f"split report (what was merged and dropped, and why): {split_path}")
@@ -176,6 +178,7 @@ def retrain(
         initial_weights=None if parent is None else parent.weights,
     )  # fmt: skip
 
+    check_unchanged(data, index, split)
     val = result.validation
     thresholds = choose_thresholds(spec.kind, spec.labels, val.probabilities, val.truth)
     test_set = ScanDataset(test_samples, spec.labels, spec.kind, result.contract)
@@ -211,7 +214,7 @@ def retrain(
         out_dir=staging,
         preprocessing={"function": "meddaemon.engine.preprocess.to_model_input", "training": config.as_dict()},
         thresholds=thresholds,
-        training_data_fingerprint=fingerprint(split_path, index),
+        training_data_fingerprint=fingerprint(split_path, index, split.digests),
         metrics=metrics,
         provenance=None if parent is None else {"parent": parent.record()},
     )
@@ -234,13 +237,43 @@ def retrain(
     return outcome
 
 
-def fingerprint(split_path: Path, index: DatasetIndex) -> str:
-    """SHA-256 over the split JSON and every image's relative name and SHA-256."""
+def fingerprint(split_path: Path, index: DatasetIndex, digests: Mapping[str, str]) -> str:
+    """SHA-256 over the split JSON and every image's relative name and SHA-256, as the split read
+    them (``digests``): read again after training, a file changed meanwhile named data the model
+    never saw."""
     digest = hashlib.sha256(split_path.read_bytes())
-    for sample in sorted(index.samples, key=lambda s: index.relative(s.path)):
-        digest.update(os.fsencode(index.relative(sample.path)) + b"\0")  # the name's bytes, UTF-8 or not
-        digest.update(hashlib.sha256(sample.path.read_bytes()).digest())
+    for name in sorted(index.relative(sample.path) for sample in index.samples):
+        digest.update(os.fsencode(name) + b"\0")  # the name's bytes, UTF-8 or not
+        digest.update(bytes.fromhex(digests[name]))
     return "sha256:" + digest.hexdigest()
+
+
+def check_unchanged(data: Path, index: DatasetIndex, split: DatasetSplit) -> None:
+    """Every image still holds the bytes the split read. One changed or removed while the model
+    trained made the fingerprint name data it never saw, or the run end in a bare OSError (a
+    traceback for a test image) after the whole training."""
+    changed = []
+    for sample in index.samples:
+        name = index.relative(sample.path)
+        try:
+            now = sha256_of(sample.path)
+        except OSError:
+            now = None
+        if now != split.digests.get(name, now):
+            changed.append(name)
+    if changed:
+        raise DatasetError(
+            data,
+            f"{len(changed)} image(s) changed or vanished while the model trained: {', '.join(changed[:5])}"
+            + (", ..." if len(changed) > 5 else ""),
+            "the dataset left as it is until training ends; nothing was registered: train again",
+        )
+
+
+def _changed_since(saved: DatasetSplit, split: DatasetSplit) -> bool:
+    """The checkpoint's split against this run's: other sides, or other bytes under a name (a split
+    saved before the digests were kept compares by sides only)."""
+    return saved.assignments != split.assignments or (bool(saved.digests) and saved.digests != split.digests)
 
 
 def _is_synthetic(root: Path) -> bool:
@@ -273,7 +306,7 @@ def model_card(outcome: RetrainOutcome, spec: TaskSpec, data: Path) -> str:
         "",
         "## Data",
         "",
-        f"- `{data}` ({outcome.index.layout} layout, {len(outcome.index.samples)} images"
+        f"- `{shown_name(data)}` ({outcome.index.layout} layout, {len(outcome.index.samples)} images"
         + (", **SYNTHETIC phantoms, not patient data**)" if metrics["synthetic"] else ")"),
         f"- fingerprint `{m.training_data_fingerprint}` (split in `{SPLIT_FILE}` beside this card)",
         "",

@@ -118,6 +118,9 @@ class DatasetSplit:
     config: SplitConfig
     assignments: dict[str, str]
     report: SplitReport
+    #: the SHA-256 of every image read (relative name -> hex digest), as the split read it: the
+    #: training's fingerprint, the check that nothing changed while it trained, and ``--resume``'s
+    digests: dict[str, str] = field(default_factory=dict)
 
     def names(self, split: str) -> list[str]:
         return sorted(name for name, side in self.assignments.items() if side == split)
@@ -140,6 +143,7 @@ class DatasetSplit:
             "config": asdict(self.config),
             "assignments": dict(sorted(self.assignments.items())),
             "report": asdict(self.report),
+            "sha256": dict(sorted(self.digests.items())),
         }
 
 
@@ -176,7 +180,7 @@ def make_split(
     """Split ``index``; ``hashes`` (pHash per path) are computed when not given."""
     _check_fractions(config.fractions)
     report = SplitReport(dropped=[Dropped(index.relative(s.path), s.reason, "skipped") for s in index.skipped])
-    samples = _without_identical_files(index, report)
+    samples, digests = _without_identical_files(index, report)
     if hashes is None:
         hashes, samples = _hash_readable(index, samples, report)
     samples, near_duplicates = _merge_near_duplicates(index, samples, hashes, config.max_hash_distance, report)
@@ -187,7 +191,7 @@ def make_split(
     report.images = {side: sum(1 for s in assignments.values() if s == side) for side in SPLITS}
     _warn_about(report, index)
     _warn_about_dropped(report, len(index.samples) + len(index.skipped))
-    return DatasetSplit(index.layout, index.labels, config, assignments, report)
+    return DatasetSplit(index.layout, index.labels, config, assignments, report, digests)
 
 
 def _check_fractions(fractions: tuple[float, float, float]) -> None:
@@ -195,11 +199,14 @@ def _check_fractions(fractions: tuple[float, float, float]) -> None:
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, not {fractions}")
 
 
-def _without_identical_files(index: DatasetIndex, report: SplitReport) -> list[Sample]:
-    """Byte-identical files: the first is kept, the copies are dropped (all, if labelled differently)."""
+def _without_identical_files(index: DatasetIndex, report: SplitReport) -> tuple[list[Sample], dict[str, str]]:
+    """Byte-identical files: the first is kept, the copies are dropped (all, if labelled differently).
+    Returns the samples kept and every image's SHA-256 by its relative name."""
     by_digest: dict[str, list[Sample]] = {}
+    digests: dict[str, str] = {}
     for sample in index.samples:
-        by_digest.setdefault(hashlib.sha256(sample.path.read_bytes()).hexdigest(), []).append(sample)
+        digest = digests[index.relative(sample.path)] = sha256_of(sample.path)
+        by_digest.setdefault(digest, []).append(sample)
     kept: set[int] = set()  # the samples, not their paths: a manifest may list one path twice
     for copies in by_digest.values():
         first = copies[0]
@@ -215,7 +222,11 @@ def _without_identical_files(index: DatasetIndex, report: SplitReport) -> list[S
             Dropped(index.relative(c.path), f"the same bytes as {index.relative(first.path)}", "identical-copy")
             for c in copies[1:]
         )
-    return [s for s in index.samples if id(s) in kept]
+    return [s for s in index.samples if id(s) in kept], digests
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _hash_readable(
@@ -398,4 +409,5 @@ def load_split(where: Path) -> DatasetSplit:
             groups=report["groups"],
             warnings=list(report["warnings"]),
         ),
+        digests=dict(data.get("sha256", {})),  # none in a split written before they were kept
     )

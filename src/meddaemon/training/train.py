@@ -116,6 +116,14 @@ class TrainConfig:
             raise ValueError(f"the learning rate must be above 0, not {self.lr}")
         if self.image_size is not None and self.image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"the image size must be at least {MIN_IMAGE_SIZE} pixels, not {self.image_size}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {self.device!r}; choose cpu or cuda (cuda:N)") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"the device must be cpu or cuda (cuda:N), not {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: no CUDA device is available here; use --device cpu")
 
     @classmethod
     def from_task(cls, spec: TaskSpec, **overrides: Any) -> TrainConfig:
