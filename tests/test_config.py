@@ -265,6 +265,23 @@ def test_an_unknown_environment_variable_is_warned_about_with_the_closest_name(c
     ]
 
 
+def test_a_variable_in_lower_case_or_for_a_file_only_setting_is_warned_about_saying_why(
+    caplog: pytest.LogCaptureFixture,
+):
+    """``meddaemon_workers=-5`` set nothing and said nothing; ``MEDDAEMON_ROUTE`` was told "did you
+    mean MEDDAEMON_NODE?"."""
+    env = {"meddaemon_workers": "-5", "MEDDAEMON_ROUTE": "x", "PATH": "/usr/bin"}
+    with caplog.at_level(logging.WARNING, logger="meddaemon.config"):
+        settings = load_settings(env=env)
+    assert settings.workers == load_settings(env={}).workers
+    assert [r.getMessage() for r in caplog.records] == [
+        "environment variable MEDDAEMON_ROUTE is not a setting and is ignored ('route' is set in the config "
+        "file only: its values are tables)",
+        "environment variable meddaemon_workers is not a setting and is ignored (did you mean "
+        "MEDDAEMON_WORKERS? the names are upper case)",
+    ]
+
+
 def test_the_state_dir_must_be_writable(tmp_path: Path):
     (tmp_path / "a_file").write_text("")
     for state_dir in (tmp_path / "a_file" / "state", Path("/proc/meddaemon-state")):

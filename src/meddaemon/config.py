@@ -366,7 +366,7 @@ def load_settings(
         if key not in _FILE_ONLY_KEYS and env_key in env:
             raw[key], sources[key] = env[env_key], f"env {env_key}"
     for name in unknown_env_variables(env):
-        log.warning("environment variable %s is not a setting and is ignored%s", name, _did_you_mean(name, ENV_NAMES))
+        log.warning("environment variable %s is not a setting and is ignored%s", name, _env_hint(name))
 
     for key, value in (flags or {}).items():
         if value is not None:
@@ -427,12 +427,24 @@ ENV_NAMES = (*(ENV_PREFIX + key.upper() for key in SETTING_NAMES if key not in _
 
 
 def unknown_env_variables(env: Mapping[str, str]) -> list[str]:
-    """``MEDDAEMON_*`` variables that set nothing: most likely a misspelt setting."""
+    """``MEDDAEMON_*`` variables that set nothing: most likely a misspelt setting, or one in another
+    case (``meddaemon_workers``, which sets nothing either: the names are read as written)."""
     return sorted(
         name
         for name in env
-        if name.startswith(ENV_PREFIX) and name not in ENV_NAMES and not name.startswith(TEST_ENV_PREFIX)
+        if name.upper().startswith(ENV_PREFIX) and name not in ENV_NAMES and not name.startswith(TEST_ENV_PREFIX)
     )
+
+
+def _env_hint(name: str) -> str:
+    """What an unknown variable may have meant: the same name in capitals, a setting the file alone
+    sets (``MEDDAEMON_ROUTE`` was told "did you mean MEDDAEMON_NODE?"), or the closest name."""
+    if name.upper() in ENV_NAMES:
+        return f" (did you mean {name.upper()}? the names are upper case)"
+    key = name[len(ENV_PREFIX) :].lower()
+    if name.upper().startswith(ENV_PREFIX) and key in _FILE_ONLY_KEYS:
+        return f" ({key!r} is set in the config file only: its values are tables)"
+    return _did_you_mean(name, ENV_NAMES)
 
 
 def _did_you_mean(name: str, known: tuple[str, ...]) -> str:
