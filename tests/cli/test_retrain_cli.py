@@ -302,6 +302,10 @@ def test_resume_refuses_a_dataset_whose_bytes_changed_under_the_same_names(busi:
     state = upgraded(tmp_path / "state")
     first = runner.invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--epochs", "1"])
     assert first.exit_code == 0, first.output
+    other_seed = runner.invoke(
+        medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--resume", "--seed", "1"]
+    )
+    assert other_seed.exit_code == 1 and "was made with --seed 0, not 1; cannot resume" in other_seed.output
     same_pixels_other_bytes(data / "benign" / "benign (1).png")
     again = runner.invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--resume"])
     assert again.exit_code == 1, again.output
