@@ -185,8 +185,10 @@ def test_database_defaults_to_sqlite_in_the_state_dir(tmp_path: Path):
         # a traceback (a port SQLAlchemy cannot read), or accepted and never working
         ('db = "postgresql+psycopg://med:S3CRET@db.example:5432x/med"\n', "'db' from file .*: not a database URL"),
         ("metrics_port = 9100\nweb_port = 9100\n", "'web_port' from file .*: 9100 is metrics_port too"),
-        ('watch = "state/inbox"\nstate_dir = "state"\n', "'watch' from file .*: .* is inside the state directory"),
-        ('watch = "state"\nstate_dir = "state"\n', "'watch' from file .*: .* is inside the state directory"),
+        (
+            'metrics_port = 9100\nweb_port = 9100\nweb_host = "0.0.0.0"\n',
+            "'web_port' from file .*: 9100 is metrics_port too, on 127.0.0.1",
+        ),
     ],
 )
 def test_a_bad_config_file_names_the_key_and_the_file(tmp_path: Path, content: str, message: str):
@@ -195,6 +197,37 @@ def test_a_bad_config_file_names_the_key_and_the_file(tmp_path: Path, content: s
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
         load_settings(config, env={})
     assert "bad.toml" in str(info.value)
+
+
+def test_two_endpoints_may_share_a_port_on_two_addresses_of_the_machine():
+    settings = load_settings(
+        env={"MEDDAEMON_METRICS_PORT": "9100", "MEDDAEMON_WEB_PORT": "9100", "MEDDAEMON_WEB_HOST": "127.0.0.2"}
+    )
+    assert (settings.metrics_port, settings.web_port) == (9100, 9100)
+
+
+@pytest.mark.parametrize(("watch", "state_dir"), [("state/inbox", "state"), ("state", "state")])
+def test_an_inbox_inside_the_state_directory_is_refused_by_the_daemon_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, watch: str, state_dir: str
+):
+    """The daemon never read such an inbox (the inbox leaves the state directory out): "0 of 0
+    files", exit 0. Commands that never read it run as they did: `medcli db upgrade --state-dir .`
+    in a folder, whose default inbox (`inbox`) lies inside it."""
+    from click.testing import CliRunner
+
+    from meddaemon.cli.daemon import cli as meddaemon
+    from meddaemon.cli.medcli import cli as medcli
+    from meddaemon.config import require_inbox_apart
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(env={}, flags={"watch": Path(watch), "state_dir": Path(state_dir)})
+    with pytest.raises(ConfigError, match=r"'watch' from flag: .* is inside the state directory .* \(from flag\)"):
+        require_inbox_apart(settings)
+    (tmp_path / watch).mkdir(parents=True, exist_ok=True)
+    started = CliRunner().invoke(meddaemon, ["start", "--once", "--watch", watch, "--state-dir", state_dir])
+    assert started.exit_code == 2 and "is inside the state directory" in started.output, started.output
+    upgraded = CliRunner().invoke(medcli, ["db", "upgrade", "--state-dir", "."])
+    assert upgraded.exit_code == 0, upgraded.output
 
 
 def test_a_bad_environment_value_names_the_variable():

@@ -680,18 +680,20 @@ def _is_web_url(url: object) -> bool:
 def web_url_without_password(url: str) -> str:
     """An http(s) URL for ``config show`` and messages: the password of its user, and a
     ``password`` or token in its query, shown ``***``."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL at all (an unclosed IPv6 bracket): nothing of it is shown
+        return "***"
     netloc = parts.netloc
     userinfo, at, host = netloc.rpartition("@")
     if at and ":" in userinfo:
         netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    query = urlencode(
-        [
-            (key, "***" if key.lower() in _SECRET_QUERY_KEYS else value)
-            for key, value in parse_qsl(parts.query, keep_blank_values=True)
-        ],
-        safe="*",
-    )
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = parts.query
+    if any(key.lower() in _SECRET_QUERY_KEYS for key, _ in pairs):  # else the query is shown as written
+        query = urlencode(
+            [(key, "***" if key.lower() in _SECRET_QUERY_KEYS else value) for key, value in pairs], safe="*"
+        )
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
@@ -706,6 +708,22 @@ def _without_password(url: str) -> str:
 
 def _route_as_dict(rule: RouteRule) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(rule).items() if v}
+
+
+#: hosts that listen on every address: a port there is taken on every other host too
+_ANY_ADDRESS = frozenset({"", "0.0.0.0", "::"})
+
+
+def require_inbox_apart(s: Settings) -> None:
+    """The daemon's own check (``meddaemon start``): an inbox inside the state directory, or the
+    state directory itself, is never read (the inbox leaves the state directory out), and the
+    daemon ran on, "0 of 0 files". Other commands never read the inbox, and run with it anywhere."""
+    watch, state = s.watch.absolute(), s.state_dir.absolute()
+    if watch == state or state in watch.parents:
+        raise ConfigError(
+            f"setting 'watch' from {s.sources.get('watch')}: {s.watch} is inside the state directory "
+            f"{s.state_dir} (from {s.sources.get('state_dir')}), which the inbox never reads from"
+        )
 
 
 def _validate(s: Settings) -> None:
@@ -753,12 +771,10 @@ def _validate(s: Settings) -> None:
         fail("metrics_port", "must be a TCP port (0: no metrics endpoint)")
     if not 0 <= s.web_port <= 65535:
         fail("web_port", "must be a TCP port (0: the daemon serves no web console)")
-    ports = [(key, getattr(s, key)) for key in ("metrics_port", "web_port", "dicom_port") if getattr(s, key)]
-    for (first, port), (second, other) in itertools.combinations(ports, 2):
-        if port == other:
-            fail(second, f"{other} is {first} too: the two cannot listen on one port")
-    if s.watch.absolute() == s.state_dir.absolute() or s.state_dir.absolute() in s.watch.absolute().parents:
-        fail("watch", f"{s.watch} is inside the state directory {s.state_dir}, which the inbox never reads from")
+    endpoints = [(name, getattr(s, f"{name}_host"), getattr(s, f"{name}_port")) for name in ("metrics", "web", "dicom")]
+    for (first, host, port), (second, other_host, other_port) in itertools.combinations(endpoints, 2):
+        if port and port == other_port and (host == other_host or {host, other_host} & _ANY_ADDRESS):
+            fail(f"{second}_port", f"{port} is {first}_port too, on {host or '*'}: the two cannot listen on one port")
     if not 0 <= s.reports_nice <= 19:
         fail("reports_nice", "must be between 0 and 19")
     if s.report_workers < 0:

@@ -50,8 +50,9 @@ def test_one_column_per_label_as_pandas_writes_it_with_gaps_reads_as_0_1(tmp_pat
     assert t.label_columns == ("Effusion", "Mass")
     assert [r.positives for r in t.rows] == [{"Effusion"}, {"Mass"}]
     assert [r.known for r in t.rows] == [{"Effusion"}, {"Effusion", "Mass"}]
-    with pytest.raises(LabelFileError, match=r"'0\.5' is not 0/1"):
-        read_labels(write(tmp_path, "file,Effusion\na.png,0.5\n"), VOCABULARY)
+    for cell in ("0.5", "0.99999999999999999", "1e0", "01", "+1", "\u0661"):  # the last: an Arabic-Indic 1
+        with pytest.raises(LabelFileError, match="is not 0/1"):
+            read_labels(write(tmp_path, f"file,Effusion\na.png,{cell}\n"), VOCABULARY)
 
 
 def test_nih_data_entry_as_published(tmp_path):

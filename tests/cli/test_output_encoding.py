@@ -22,3 +22,20 @@ def test_a_dataset_file_name_that_is_not_utf8_is_printed_as_its_bytes_under_a_st
     done = subprocess.run([str(MEDCLI), "dataset", "inspect", str(data)], capture_output=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     assert b"benign/synthetic \xe9 (99).png: unreadable image (unrecognised_format" in done.stdout
+
+
+def test_what_the_stream_s_encoding_cannot_hold_is_escaped_and_a_name_s_bytes_are_written_as_they_are():
+    """With plain surrogateescape (stdout, and stderr where the commands to run next go) a message
+    holding Chinese on a Latin-1 terminal, or a lone surrogate from a JSON manifest, was a
+    UnicodeEncodeError: a log line lost ("--- Logging error ---"), an error message lost with stderr."""
+    import io
+
+    from meddaemon.cli.common import names_as_they_are
+
+    for encoding, chinese in (("latin-1", b"\\u6570\\u636e"), ("utf-8", "数据".encode())):
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, encoding=encoding)
+        names_as_they_are(stream)
+        stream.write("caf\udce9 数据 \ud83d\n")  # a Latin-1 byte of a name, Chinese, half an emoji
+        stream.flush()
+        assert raw.getvalue() == b"caf\xe9 " + chinese + b" \\ud83d\n", encoding

@@ -125,6 +125,24 @@ def test_a_name_that_is_not_utf8_reaches_stderr_as_its_bytes_so_a_printed_comman
     assert empty in result.stderr and b"\\udce9" not in result.stderr
 
 
+def test_a_message_the_terminal_s_encoding_cannot_hold_is_written_escaped_not_lost(tmp_path: Path) -> None:
+    """On a Latin-1 terminal a folder named in Chinese was a UnicodeEncodeError and "lost
+    sys.stderr", exit 1: the message never reached the user."""
+    import subprocess
+
+    folder = tmp_path / "数据"
+    folder.mkdir()
+    state = upgraded(tmp_path / "state")
+    result = subprocess.run(
+        [*_medcli("retrain", "busi", *state), "--data", str(folder)],
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "PYTHONIOENCODING": "latin-1"},
+    )
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert b"error: bad dataset: " in result.stderr and b"\\u6570\\u636e" in result.stderr
+
+
 def test_dropping_more_than_five_percent_is_warned_about_on_stderr_before_training(busi: Path, tmp_path: Path) -> None:
     """These phantoms file one lesion under two classes, as BUSI does: 2 of their 36 images are dropped."""
     result = CliRunner().invoke(
@@ -586,3 +604,25 @@ def test_a_database_locked_past_its_timeout_at_registration_says_how_to_register
     assert imported.exit_code == 0, imported.output
     listed = CliRunner().invoke(medcli, ["models", "list", "--json", *state])
     assert [r["version"] for r in json.loads(listed.stdout)] == ["b1"]
+
+
+def test_a_database_removed_while_the_model_trained_says_how_to_register_the_trained_version(
+    busi: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meddaemon.training import pipeline
+
+    state = upgraded(tmp_path / "state")
+    real_train = pipeline.train
+
+    def train_then_remove(*args: object, **kwargs: object) -> object:
+        result = real_train(*args, **kwargs)  # type: ignore[arg-type]
+        for file in (tmp_path / "state").glob("meddaemon.db*"):
+            file.unlink()
+        return result
+
+    monkeypatch.setattr(pipeline, "train", train_then_remove)
+    gone = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(busi), *state, *FAST, "--version", "g1"])
+    assert gone.exit_code == 3, gone.output
+    assert "no meddaemon database" in gone.stderr and "nothing was registered" in gone.stderr
+    assert "register it with: medcli models import " in gone.stderr
+    assert (tmp_path / "state" / "training" / "busi" / "versions" / "g1" / "manifest.json").is_file()

@@ -279,15 +279,19 @@ def daemon_id_of(sessions: sessionmaker[Session], daemon: RunningDaemon) -> int:
 
 
 def freeze_when(victim: RunningDaemon, holding: Callable[[], bool], what: str, timeout: float = 60) -> float:
-    """SIGSTOP the victim's process group at a moment ``holding`` is true while it is stopped (tried
-    again and again: stop, look, go on); returns the time.monotonic() it was frozen."""
+    """SIGSTOP the victim's process group at a moment ``holding`` is true while it is stopped: looked
+    for while it runs, then stopped and looked at again, until both agree; returns the
+    time.monotonic() it was frozen. (Stopped at every look, it ran a fraction of the time, and under
+    CI's load the others had done every file before it was once caught in the act.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if not holding():
+            time.sleep(0.002)
+            continue
         os.killpg(victim.pid, signal.SIGSTOP)
         if holding():
             return time.monotonic()
         os.killpg(victim.pid, signal.SIGCONT)
-        time.sleep(0.02)
     pytest.fail(f"the victim never was {what}; its log ends:\n{victim.tail()}")
 
 
@@ -355,7 +359,7 @@ def test_a_daemon_frozen_inside_a_transaction_is_declared_lost_within_its_lease_
     FOR KEY SHARE on its daemon row): the server ends that session after the idle timeout, the
     others declare it lost after its lease and finish every file; woken up, it exits 4."""
     sessions = shared_db
-    names = fill_inbox(layout.inbox, SMALL)
+    names = fill_inbox(layout.inbox, 2 * SMALL)  # work enough to catch it inside a transaction
     farm = start_farm(daemons, postgres_url, 3, lease=TIGHT_LEASE, **TIGHT)
     victim = farm[0]
     victim_id = daemon_id_of(sessions, victim)
@@ -387,7 +391,7 @@ def test_a_daemon_frozen_inside_a_transaction_is_declared_lost_within_its_lease_
         farm[1],
     )
 
-    code = finish_and_stop(farm, victim, sessions, SMALL)
+    code = finish_and_stop(farm, victim, sessions, 2 * SMALL)
 
     assert code == 4, victim.tail()
     assert_each_file_once(sessions, layout, names)

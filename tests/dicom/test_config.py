@@ -124,6 +124,10 @@ def test_the_defaults_write_every_output_and_send_nowhere():
             '[[destination]]\nname = "x"\nkind = "dicomweb"\nurl = "https://bob:S3CRET@pacs.example:x/"\n',
             "url 'https://bob:\\*\\*\\*@pacs.example:x/' is not an http",
         ),
+        (
+            '[[destination]]\nname = "x"\nkind = "dicomweb"\nurl = "http://[::1/dicom-web"\n',
+            "'x': url '\\*\\*\\*' is not",
+        ),
     ],
 )
 def test_a_bad_dicom_out_setting_is_an_error_naming_it(tmp_path: Path, text: str, message: str):
@@ -141,6 +145,9 @@ def test_config_show_hides_the_password_of_a_dicomweb_url(tmp_path: Path):
     assert s.destination[0].url == "https://bob:S3CRET@pacs.example:8443/dicom-web?token=T0KEN&x=1"  # as given
     [shown] = s.public_dict()["destination"]
     assert shown["url"] == "https://bob:***@pacs.example:8443/dicom-web?token=***&x=1"
+    plain = '[[destination]]\nname = "web"\nkind = "dicomweb"\nurl = "http://[::1]:8042/dicom-web?a=1;b=2&flag"\n'
+    [shown] = settings_from(tmp_path, plain).public_dict()["destination"]
+    assert shown["url"] == "http://[::1]:8042/dicom-web?a=1;b=2&flag"  # no secret: shown as written
 
 
 def test_the_environment_sets_the_outputs_as_a_comma_separated_list():

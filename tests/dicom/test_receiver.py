@@ -328,16 +328,18 @@ def test_a_dataset_that_ends_inside_a_value_or_has_bytes_after_its_last_element_
     from pynetdicom import AE, _config
 
     receiver = receive()
-    cut, tailed, good = synthetic_instances(tmp_path / "sent", 3, seed=11)
+    cut, tailed, short_tail, good = synthetic_instances(tmp_path / "sent", 4, seed=11)
     cut.write_bytes(cut.read_bytes()[:-100])
     tailed.write_bytes(tailed.read_bytes() + b"\x01" * 12)
+    short_tail.write_bytes(short_tail.read_bytes() + b"\x01" * 4)  # less than an element's header
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the file's bytes as they are
     ae = AE(ae_title="SENDER")
     ae.add_requested_context(dcmread(good).SOPClassUID, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON")
     keep_answers(assoc)
     try:
-        assert [int(assoc.send_c_store(path).Status) for path in (cut, tailed, good)] == [0xC000, 0xC000, 0x0000]
+        sent = [int(assoc.send_c_store(path).Status) for path in (cut, tailed, short_tail, good)]
+        assert sent == [0xC000, 0xC000, 0xC000, 0x0000]
         assoc.release()
     finally:
         ae.shutdown()
@@ -345,7 +347,7 @@ def test_a_dataset_that_ends_inside_a_value_or_has_bytes_after_its_last_element_
     assert dataset_bytes(stored.read_bytes()) == dataset_bytes(good.read_bytes())
     assert len(rows(receiver)) == 1
     refusals = [r.getMessage() for r in caplog.records if "refused with 0xC000" in r.getMessage()]
-    assert len(refusals) == 2 and all("its dataset ends inside a value or has bytes after it" in r for r in refusals)
+    assert len(refusals) == 3 and all("its dataset ends inside a value or has bytes after it" in r for r in refusals)
 
 
 def test_the_row_of_an_instance_killed_before_its_rename_is_forgotten_when_the_receiver_starts_again(

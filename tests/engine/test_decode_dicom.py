@@ -981,3 +981,21 @@ def test_a_rescale_past_float32_s_range_keeps_its_contrast(tmp_path):
     stored = gradient(top=4095)
     path = write_dicom(tmp_path / "wide.dcm", pixels=stored, rescale=(1e36, 0.0))
     assert_close(decode(path).frames, min_max(stored)[np.newaxis], atol=1e-6)
+
+
+@pytest.mark.parametrize(("slope", "intercept"), [("", "0"), (" ", "-1024"), ("0", None)])
+def test_a_rescale_with_an_empty_value_or_without_its_intercept_is_not_applied(
+    tmp_path, slope: str, intercept: str | None
+):
+    """pydicom applies a slope and an intercept together or not at all: a present but empty one was
+    multiplied by (internal_error), and a slope of 0 without an intercept is no rescale."""
+    stored = gradient(top=4095)
+    path = write_dicom(tmp_path / "rescale.dcm", pixels=stored, rescale=(1.0, 0.0))
+    ds = dcmread(path)
+    ds["RescaleSlope"].value = slope
+    if intercept is None:
+        del ds.RescaleIntercept
+    else:
+        ds["RescaleIntercept"].value = intercept
+    ds.save_as(path)
+    assert_close(decode(path).frames, min_max(stored)[np.newaxis])

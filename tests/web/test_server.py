@@ -130,3 +130,19 @@ def test_meddaemon_web_hash_password_prints_a_hash_that_verifies():
     )
     assert result.returncode == 0, result.stderr
     assert verify_password("synthetic secret", result.stdout.strip())
+
+
+@pytest.mark.slow
+def test_a_daemon_whose_web_port_is_taken_exits_2_naming_the_settings(daemons):  # noqa: F811
+    """A traceback ("RuntimeError: the web console could not listen"), exit 1, where a setting that
+    cannot be used exits 2 naming it (the metrics endpoint's does)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        daemon = daemons.start(env={"MEDDAEMON_WEB_PORT": str(taken.getsockname()[1])})
+        assert daemon.wait(60) == 2, daemon.tail()
+    log = daemon.log_text()
+    assert "settings 'web_host' and 'web_port': the web console cannot listen on 127.0.0.1:" in log
+    assert "Traceback" not in log

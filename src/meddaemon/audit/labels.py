@@ -177,16 +177,17 @@ def _holds_0_1(records: list[tuple[int, list[str]]], index: int) -> bool:
 
 
 def _read_0_1(value: str) -> bool | None:
-    """True or False for a 0/1 cell, None for anything else. A number equal to 1 or 0 counts:
-    pandas writes a 0/1 column with empty (unknown) cells as floats, ``1.0`` and ``0.0``."""
+    """True or False for a 0/1 cell, None for anything else. ``1.0`` and ``0.0`` count: pandas
+    writes a 0/1 column with empty (unknown) cells as floats. Nothing else numeric does
+    (``0.99999999999999999`` is 1 to ``float``)."""
     word = value.strip().lower()
     if word in TRUE_VALUES or word in FALSE_VALUES:
         return word in TRUE_VALUES
-    try:
-        number = float(word)
-    except ValueError:
-        return None
-    return True if number == 1 else False if number == 0 else None
+    written = _ZERO_OR_ONE.fullmatch(word)
+    return None if written is None else written[1] == "1"
+
+
+_ZERO_OR_ONE = re.compile(r"([01])\.0*", re.ASCII)
 
 
 def check_label_columns(table: LabelTable, task: str, task_labels: Iterable[str]) -> None:

@@ -6,6 +6,7 @@ a command module: ``meddaemon --help``, ``meddaemon health`` and ``medcli --help
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import os
@@ -125,9 +126,28 @@ def keep_from_others() -> None:
 def names_as_they_are(stream: Any) -> None:
     """A file name that is not UTF-8 (a Latin-1 share) is written to ``stream`` as the bytes it
     is, as ``ls`` shows it: in a UTF-8 locale Python's stdout refuses it, and the command that
-    printed a dataset's file names stopped with a traceback."""
+    printed a dataset's file names stopped with a traceback. Any other character the stream cannot
+    hold (Chinese on a Latin-1 terminal, a lone surrogate) is written ``\\u6570``: with plain
+    ``surrogateescape`` such a message was lost in a UnicodeEncodeError."""
     if hasattr(stream, "reconfigure"):
-        stream.reconfigure(errors="surrogateescape")
+        stream.reconfigure(errors=NAME_BYTES)
+
+
+def _name_bytes(error: UnicodeError) -> tuple[bytes, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    out = bytearray()
+    for char in error.object[error.start : error.end]:
+        if 0xDC80 <= ord(char) <= 0xDCFF:  # a byte of a name that was not UTF-8, as Python holds it
+            out.append(ord(char) - 0xDC00)
+        else:
+            out += char.encode("ascii", "backslashreplace")
+    return bytes(out), error.end
+
+
+#: the error handler of ``names_as_they_are``
+NAME_BYTES = "meddaemon-name-bytes"
+codecs.register_error(NAME_BYTES, _name_bytes)
 
 
 def handle_errors(func: F) -> F:

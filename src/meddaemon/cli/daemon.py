@@ -32,7 +32,7 @@ from meddaemon.cli.common import (
 from meddaemon.cli.health import health
 from meddaemon.cli.starting import STOP_REQUESTED
 from meddaemon.cli.web import web
-from meddaemon.config import Settings, default_config_text, prepare_state_dir
+from meddaemon.config import Settings, default_config_text, prepare_state_dir, require_inbox_apart
 from meddaemon.daemon.inbox import WatchFolderMissing
 from meddaemon.daemon.outage import DatabaseUnavailable
 from meddaemon.daemon.progress import ProgressLines
@@ -99,6 +99,7 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
     from meddaemon.daemon.service import Daemon, LeaseLost, StateDirectoryGone
 
     settings = build_settings(config_file, **flags)
+    require_inbox_apart(settings)
     prepare_state_dir(settings)
     setup_logging(settings.log_level)
     _dump_stacks_on_sigusr1()

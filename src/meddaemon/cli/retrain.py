@@ -20,6 +20,7 @@ from meddaemon.cli.common import (
     EXIT_DATABASE,
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
+    EXIT_SCHEMA_AHEAD,
     EXIT_USAGE,
     build_settings,
     echo_json,
@@ -131,6 +132,7 @@ def retrain(
     from sqlalchemy.exc import OperationalError
 
     from meddaemon.db.engine import session_factory, transaction
+    from meddaemon.db.migrate import SchemaError, SchemaTooNew
     from meddaemon.engine import registry
     from meddaemon.logs import error_line
     from meddaemon.training import distributed
@@ -228,6 +230,9 @@ def retrain(
             # the same command again would refuse the --version its folder now holds
             _not_registered(ctx, outcome.version_dir, f"error: the database could not record it: {error_line(exc)}")
             sys.exit(EXIT_DATABASE)
+        except SchemaError as exc:  # removed, or upgraded by a newer meddaemon, while the model trained
+            _not_registered(ctx, outcome.version_dir, f"error: {exc}")
+            sys.exit(EXIT_SCHEMA_AHEAD if isinstance(exc, SchemaTooNew) else EXIT_DATABASE)
         except KeyboardInterrupt:
             _not_registered(ctx, outcome.version_dir, "interrupted while registering")
             sys.exit(EXIT_INTERRUPTED)

@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -609,21 +609,27 @@ def _facts(event: Any, data: bytes) -> InstanceFacts:
 
 
 def _read_to_the_end(data: bytes) -> tuple[Dataset, bool]:
-    """The Part 10 file ``data``, every value longer than a UID left unread, and whether it is whole:
-    no value runs past the end, and no bytes follow the last element. pydicom reads either without
-    a word (a short last value, a garbage element), and the sender was told its instance was stored,
-    which could only fail as truncated; dcmtk's storescp refuses both. (A Deflated dataset that
-    ends early does not inflate.)"""
-    stream = io.BytesIO(data)
-    dataset = dcmread(stream, defer_size=256)
-    if dataset.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+    """The Part 10 file ``data`` (the File Meta pynetdicom wrote from the request, then the dataset
+    as sent), every value longer than a UID left unread, and whether the dataset is whole: its last
+    element ends where the bytes do. pydicom reads a value cut short, or garbage after the last
+    element, without a word, and the sender was told its instance was stored, which could only fail
+    as truncated; dcmtk's storescp refuses both. (A Deflated dataset that ends early does not
+    inflate.)"""
+    dataset = dcmread(io.BytesIO(data), defer_size=256)
+    meta = dataset.file_meta
+    syntax = UID(str(meta.get("TransferSyntaxUID", "")))
+    if syntax == DeflatedExplicitVRLittleEndian or "FileMetaInformationGroupLength" not in meta:
         return dataset, True
-    ends = (
-        element.value_tell + element.length
-        for element in dataset.elements()
-        if isinstance(element, RawDataElement) and element.length != UNDEFINED_LENGTH
-    )
-    return dataset, stream.tell() == len(data) and max(ends, default=0) <= len(data)
+    start = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)  # preamble, DICM, the group length
+    stream = io.BytesIO(data)
+    stream.seek(start)
+    end = start
+    # each element's end as its header says (a value read short says nothing), or past its sequence
+    # delimiter; the header of an element cut short ends the walk unseen
+    for element in data_element_generator(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=256):
+        length, at = getattr(element, "length", UNDEFINED_LENGTH), getattr(element, "value_tell", None)
+        end = at + length if at is not None and length != UNDEFINED_LENGTH else stream.tell()
+    return dataset, end == len(data)
 
 
 class FolderSync:

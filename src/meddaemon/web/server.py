@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from meddaemon.config import Settings
+from meddaemon.config import ConfigError, Settings
 from meddaemon.web.app import create_app
 
 log = logging.getLogger("meddaemon.web")
@@ -62,7 +62,7 @@ def start_in_thread(settings: Settings, host: str | None = None, port: int | Non
     deadline = time.monotonic() + 10
     while not server.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
-    if not server.started:
-        raise RuntimeError(f"the web console could not listen on {host}:{port}")
+    if not server.started:  # the port taken, a host that is not this machine's: exit 2, not a traceback
+        raise ConfigError(f"settings 'web_host' and 'web_port': the web console cannot listen on {host or '*'}:{port}")
     bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
     return WebServer(server, thread, f"http://{host}:{bound}/")

@@ -255,6 +255,19 @@ def test_a_small_file_declaring_more_values_than_any_model_here_is_refused_unrea
     assert error.reason == "unreadable_weights" and "declare more than 67,108,864 values" in error.message
 
 
+def test_a_keras_file_of_another_architecture_is_refused_as_such_before_it_is_read(tmp_path: Path):
+    """A VGG16 .h5 (138M values, here declared, not written) imported for VGG16 was told its
+    weights "declare more than 67,108,864 values": a readable file called damaged, and read first."""
+    path = tmp_path / "vgg16.h5"
+    with h5py.File(path, "w") as f:  # SYNTHETIC: VGG16's fc1 in Keras 2's save_weights layout
+        f.attrs["layer_names"] = [b"fc1"]
+        group = f.create_group("fc1")
+        group.create_dataset("fc1/kernel:0", shape=(25088, 4096), dtype="f4", chunks=(1024, 1024))
+        group.attrs["weight_names"] = [b"fc1/kernel:0"]
+    error = refused(path, tmp_path, architecture="vgg16")
+    assert error.reason == "wrong_architecture" and "imported for DenseNet-121" in error.message, error.message
+
+
 def test_two_layers_whose_names_are_one_key_are_refused_not_one_dropped(tmp_path: Path):
     """``conv1_conv`` and ``conv1/conv`` are one name once '/' is '_': the later took the earlier's place."""
     path = tmp_path / "twice.h5"

@@ -484,8 +484,7 @@ def _apply_modality(arr: np.ndarray, ds: Dataset, little_endian: bool) -> np.nda
     rescale (slope and intercept), else the stored values."""
     items = ds.get("ModalityLUTSequence")
     if not items:
-        _check_rescale(ds)
-        return apply_modality_lut(arr, ds)
+        return apply_modality_lut(arr, ds) if _has_rescale(ds) else arr
     try:
         first, table = read_lut(items[0], little_endian)
     except Exception as exc:
@@ -495,19 +494,25 @@ def _apply_modality(arr: np.ndarray, ds: Dataset, little_endian: bool) -> np.nda
     return look_up(arr, first, table)
 
 
-def _check_rescale(ds: Dataset) -> None:
-    """Refuse a Rescale Slope of 0, or a slope or intercept that is not a finite number: every pixel
-    came out one value (or NaN), and the scan was inferred on a black image."""
-    for keyword, name in (("RescaleSlope", "Rescale Slope"), ("RescaleIntercept", "Rescale Intercept")):
-        value = ds.get(keyword)
-        if value in (None, ""):
-            continue
+def _has_rescale(ds: Dataset) -> bool:
+    """Whether there is a rescale to apply: a slope and an intercept, each with a value (pydicom
+    applies both or neither; an element present and empty was multiplied by, an internal_error).
+    Refused: a slope of 0, or a slope or intercept that is not a finite number, which made every
+    pixel one value (or NaN), and the scan was inferred on a black image."""
+    values = {
+        name: ds.get(keyword)
+        for keyword, name in (("RescaleSlope", "Rescale Slope"), ("RescaleIntercept", "Rescale Intercept"))
+    }
+    if any(value is None or not str(value).strip() for value in values.values()):
+        return False
+    for name, value in values.items():
         try:
             number = float(value)
         except (TypeError, ValueError) as exc:
             raise ScanFailure(FailureReason.CORRUPT_IMAGE, f"{name} {value} is not one number") from exc
-        if not np.isfinite(number) or (keyword == "RescaleSlope" and number == 0):
+        if not np.isfinite(number) or (name == "Rescale Slope" and number == 0):
             raise ScanFailure(FailureReason.CORRUPT_IMAGE, f"{name} {value} leaves no image")
+    return True
 
 
 def read_lut(item: Dataset, little_endian: bool) -> tuple[int, np.ndarray]:

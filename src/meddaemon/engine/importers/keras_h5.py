@@ -195,12 +195,18 @@ def _text(value: object) -> str:
 
 
 def convert(path: Path, architecture: str) -> ConvertedWeights:
-    found = read_layers(path)  # first: a file that is no HDF5 (only named .h5) is refused as such
+    import h5py
+
+    if not (h5py.is_hdf5(path) or zipfile.is_zipfile(path)):  # only named .h5: not "the wrong architecture"
+        raise ModelRefused(
+            "unreadable_weights", f"{path.name} is neither an HDF5 file nor a .keras archive: damaged or another format"
+        )
     if architecture != "densenet121":
         raise ModelRefused(
             "wrong_architecture",
             f"Keras .h5 weights are imported for DenseNet-121 (--arch densenet121), not {architecture}",
         )
+    found = read_layers(path)
     layers = densenet121_by_rank(found.layers) if found.by_rank else found.layers
     try:
         return densenet121(layers)
