@@ -67,9 +67,9 @@ def health(
     """Check the database, the daemons' heartbeats, the queue, failures, the DICOM receiver (a C-ECHO,
     when dicom_port is set) and disk space; writes nothing.
 
-    Exit code 0: healthy; 1: degraded (a daemon lost lately, a stuck queue, many failures, low disk,
-    a schema behind); 2: down (database unreachable, no daemon alive, or the DICOM receiver does not
-    answer) or bad usage.
+    Exit code 0: healthy; 1: degraded (a daemon past its lease or, on this node, whose process is
+    gone, a daemon lost lately, a stuck queue, many failures, low disk, a schema behind); 2: down
+    (database unreachable, no daemon alive, or the DICOM receiver does not answer) or bad usage.
     """
     settings = build_settings(config_file, **flags)
     if this_node_flag:

@@ -581,8 +581,8 @@ _RECORD = insert(ReceivedInstance).values(received_at=db_clock())
 
 
 def _facts(event: Any, data: bytes) -> InstanceFacts:
-    """The UIDs the row keeps, read from the request and the dataset's elements (their headers: the
-    values are not read). A dataset that does not parse to its end is refused (0xC000), one whose
+    """The UIDs the row keeps, read from the request and the dataset's elements (values over 256
+    bytes, the pixels among them, are not read). A dataset that does not parse to its end is refused (0xC000), one whose
     SOP Instance UID or SOP Class UID is not the request's (garbage, another instance, a CT sent as
     an MR) too (0xA900), as dcmtk's storescp does: the File Meta written from the request would
     contradict the dataset."""
@@ -610,7 +610,7 @@ def _facts(event: Any, data: bytes) -> InstanceFacts:
 
 def _read_to_the_end(data: bytes) -> tuple[Dataset, bool]:
     """The Part 10 file ``data`` (the File Meta pynetdicom wrote from the request, then the dataset
-    as sent), every value longer than a UID left unread, and whether the dataset is whole: its last
+    as sent), every value over 256 bytes left unread, and whether the dataset is whole: its last
     element ends where the bytes do. pydicom reads a value cut short, or garbage after the last
     element, without a word, and the sender was told its instance was stored, which could only fail
     as truncated; dcmtk's storescp refuses both. (A Deflated dataset that ends early does not
