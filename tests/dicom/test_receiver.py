@@ -350,6 +350,29 @@ def test_a_dataset_that_ends_inside_a_value_or_has_bytes_after_its_last_element_
     assert len(refusals) == 3 and all("its dataset ends inside a value or has bytes after it" in r for r in refusals)
 
 
+def test_a_dataset_that_begins_with_its_sender_s_own_file_meta_elements_is_whole(tmp_path: Path):
+    """A legacy sender leaving its group 0002 (its group length too) at the head of the dataset:
+    read for the File Meta's own, that length sent the walk to the wrong place, and the whole
+    instance was refused as cut short. The walk starts where pynetdicom's File Meta ends."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from meddaemon.dicom.receiver import _read_to_the_end
+
+    [path] = synthetic_instances(tmp_path, 1, seed=12)
+    ds = dcmread(path)
+    senders = DicomBytesIO()
+    senders.is_little_endian, senders.is_implicit_VR = True, False
+    write_file_meta_info(senders, ds.file_meta, enforce_standard=True)  # with its (0002,0000)
+    meta = create_file_meta(
+        sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID, transfer_syntax=ExplicitVRLittleEndian
+    )
+    received = b"\0" * 128 + b"DICM" + encode_file_meta(meta) + senders.getvalue() + dataset_bytes(path.read_bytes())
+    assert _read_to_the_end(received)[1] is True
+    assert _read_to_the_end(received[:-1])[1] is False
+
+
 def test_the_row_of_an_instance_killed_before_its_rename_is_forgotten_when_the_receiver_starts_again(
     receive: StartReceiver, tmp_path: Path
 ):

@@ -656,6 +656,17 @@ def test_frames_of_an_enhanced_object_without_a_window_share_one_min_max_as_a_cl
     assert_close(decode(enhanced, frame_policy="all").frames, decode(classic, frame_policy="all").frames)
 
 
+def test_an_empty_rescale_at_the_top_level_leaves_the_functional_groups_rescale_in_force(tmp_path):
+    """A present but empty Rescale Slope and Intercept at the top level hid the shared groups' own:
+    the image went unrescaled, noted "rescale ... read from the frame's functional groups"."""
+    enhanced, classic = enhanced_and_classic_ct(tmp_path, synthetic_frames(3))
+    ds = dcmread(enhanced)
+    ds.RescaleSlope, ds.RescaleIntercept = "", ""
+    ds.save_as(enhanced)
+
+    assert_close(decode(enhanced, frame_policy="all").frames, decode(classic, frame_policy="all").frames)
+
+
 def test_decoding_every_frame_of_an_enhanced_object_holds_one_frame_in_float64_at_a_time(tmp_path):
     """Each frame's rescaled float64 copy was kept, then stacked again: 2.4x the memory of the
     classic path (182 MB against 76 for 100 frames of 256 x 256), up to gigabytes at max_pixels."""

@@ -616,11 +616,12 @@ def _read_to_the_end(data: bytes) -> tuple[Dataset, bool]:
     as truncated; dcmtk's storescp refuses both. (A Deflated dataset that ends early does not
     inflate.)"""
     dataset = dcmread(io.BytesIO(data), defer_size=256)
-    meta = dataset.file_meta
-    syntax = UID(str(meta.get("TransferSyntaxUID", "")))
-    if syntax == DeflatedExplicitVRLittleEndian or "FileMetaInformationGroupLength" not in meta:
+    syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
+    if syntax == DeflatedExplicitVRLittleEndian or data[128:136] != b"DICM\x02\x00\x00\x00":
         return dataset, True
-    start = 128 + 4 + 12 + int(meta.FileMetaInformationGroupLength)  # preamble, DICM, the group length
+    # the group length pynetdicom wrote, read where it wrote it: ``dcmread`` takes a (0002,0000) a
+    # sender left in its dataset for the File Meta's own
+    start = 128 + 4 + 12 + int.from_bytes(data[140:144], "little")
     stream = io.BytesIO(data)
     stream.seek(start)
     end = start

@@ -194,7 +194,8 @@ def with_frame_groups(ds: Dataset, frame: int, notes: list[str]) -> Dataset:
     """``ds`` with frame ``frame``'s rescale and window from its functional groups (its Per-Frame
     item first, then the Shared one) at the top level, where the Modality LUT and VOI steps read
     them; ``ds`` itself when there are none. Enhanced CT, MR, XA and breast tomosynthesis keep them
-    only there, and their images were shown by min-max instead. A value at the top level wins."""
+    only there, and their images were shown by min-max instead. A value at the top level wins; an
+    element there without one does not (it hid the frame's rescale, and the image went unrescaled)."""
     groups = []
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame and 0 <= frame < len(per_frame):
@@ -206,7 +207,7 @@ def with_frame_groups(ds: Dataset, frame: int, notes: list[str]) -> Dataset:
     for sequence, keywords in _FRAME_GROUPS.items():
         item = next((group[sequence][0] for group in groups if group.get(sequence)), None)
         if item is not None:
-            found += [item[keyword] for keyword in keywords if keyword in item and keyword not in ds]
+            found += [item[keyword] for keyword in keywords if keyword in item and not _has_value(ds, keyword)]
     if not found:
         return ds
     flat = _shallow_copy(ds)
@@ -214,6 +215,10 @@ def with_frame_groups(ds: Dataset, frame: int, notes: list[str]) -> Dataset:
         flat.add(element)
     notes.append("rescale and window read from the frame's functional groups")
     return flat
+
+
+def _has_value(ds: Dataset, keyword: str) -> bool:
+    return bool(str(ds.get(keyword) or "").strip())
 
 
 def _shallow_copy(ds: Dataset) -> Dataset:
