@@ -127,6 +127,11 @@ def test_start_once_then_status_report_the_same_counts(runner: CliRunner, dirs: 
     assert status["states"] == {"waiting_model": 3, "failed": 1}
     assert status["failures_by_reason"] == {"empty_file": 1}
     assert status["last_failures"][0]["source_name"] == "busi/bad.png"
+    assert isinstance(status["last_failures"][0]["scan_id"], int)  # what `medcli retry` takes
+    none = runner.invoke(meddaemon, ["status", *dirs, "--json", "--recent", "0"])
+    assert json.loads(none.stdout)["last_failures"] == []
+    # -1 was SQLite's "no limit" (every failure) and an error on PostgreSQL
+    assert runner.invoke(meddaemon, ["status", *dirs, "--recent", "-1"]).exit_code == 2
     assert status["extra"]["inbox_waiting"] == 0
     assert status["waiting_model"] == {task: 3 if task == "busi" else 0 for task in BUILTIN_TASKS}
 

@@ -84,6 +84,7 @@ def test_the_summary_as_json_and_as_a_pdf(state: Daemon, tmp_path: Path):
     # a period that ends before it starts was an empty summary, its PDF written and recorded, exit 0
     backwards = run(state, "report", "summary", "--since", "2026-12-06", "--until", "2026-12-01", "--json", code=2)
     assert "--until 2026-12-01 is not after --since 2026-12-06" in backwards
+    assert "2099-01-01 is in the future" in run(state, "report", "summary", "--since", "2099-01-01", "--json", code=2)
 
 
 def test_a_de_identified_study_report_still_says_its_scans_name_different_patients(

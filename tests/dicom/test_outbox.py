@@ -168,7 +168,7 @@ def test_purge_forgets_delivered_rows_never_pending_ones_and_names_the_files_lef
         first = outbox.claim_due(session, None, 1)[0]
         outbox.record_delivered(session, [first.id])
     with transaction(sessions) as session:
-        assert outbox.purge(session, (DELIVERED, PENDING)) == [first.path]
+        assert outbox.purge(session, (DELIVERED, PENDING)) == outbox.Purged(1, [first.path])
     assert [r.status for r in rows(sessions)] == [PENDING]
 
 

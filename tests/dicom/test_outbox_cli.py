@@ -50,6 +50,9 @@ def test_list_shows_each_item_with_the_peers_answer_retry_revives_the_dead_and_p
         ("pdf", "dead", "C-STORE status 0xA900 (SYNTHETIC\x1b[2Jcomment)"),
     }
     assert data["queue"]["counts"] == {"pending": 0, "delivered": 1, "dead": 1}
+    by_object = {i["object"]: i for i in data["items"]}  # the times a script needs, in UTC
+    assert by_object["sr"]["delivered_at"].endswith("+00:00") and by_object["sr"]["next_attempt_at"] is None
+    assert by_object["pdf"]["created_at"].endswith("+00:00") and by_object["pdf"]["delivered_at"] is None
     text = runner.invoke(medcli, ["outbox", "list", *dirs]).stdout
     assert "dead" in text and "0xA900 (SYNTHETIC\\x1b[2Jcomment)" in text and "1 delivered, 1 dead" in text
     assert "\x1b" not in text  # escaped on the terminal: no peer's text acts on it
@@ -60,7 +63,7 @@ def test_list_shows_each_item_with_the_peers_answer_retry_revives_the_dead_and_p
     revived = runner.invoke(medcli, ["outbox", "retry", "--all-dead", *dirs])
     assert revived.exit_code == 0 and "1 item(s) pending again" in revived.stdout
     purged = runner.invoke(medcli, ["outbox", "purge", *dirs])
-    assert purged.exit_code == 0 and "1 object file(s) removed" in purged.stdout
+    assert purged.exit_code == 0 and "purged 1 item(s) (delivered); 1 object file(s) removed" in purged.stdout
     assert not (state / "dicom" / "sr.dcm").exists()
     after = json.loads(runner.invoke(medcli, ["outbox", "list", "--json", *dirs]).stdout)
     assert [(i["object"], i["status"]) for i in after["items"]] == [("pdf", "pending")]
@@ -73,3 +76,28 @@ def test_retrying_an_item_that_does_not_exist_says_so_and_exits_2(tmp_path: Path
     assert runner.invoke(medcli, ["db", "upgrade", *dirs]).exit_code == 0
     result = runner.invoke(medcli, ["outbox", "retry", "999", *dirs])
     assert result.exit_code == 2 and "no outbox item 999" in result.output, result.output
+
+
+def test_a_dead_item_with_no_object_is_named_by_retry_and_purge_counts_the_items_it_forgets(tmp_path: Path):
+    """Retrying an item born dead (its object could not be made: no file) said "0 item(s) pending
+    again" and nothing else; purging dead items said "purged; 0 object file(s) removed" after
+    forgetting them."""
+    state = tmp_path / "state"
+    dirs = ["--state-dir", str(state)]
+    runner = CliRunner()
+    assert runner.invoke(medcli, ["db", "upgrade", *dirs]).exit_code == 0
+    engine = create_db_engine(f"sqlite:///{state / 'meddaemon.db'}")
+    from meddaemon.daemon.bookkeeper import ensure_tasks
+    from meddaemon.engine.tasks import all_tasks
+
+    with transaction(session_factory(engine)) as session:
+        ensure_tasks(session, all_tasks({}))
+    with transaction(session_factory(engine)) as session:
+        scan = add_scan(session, 1, ScanState.REPORTED, format="dicom")
+        assert outbox.enqueue(session, scan.id, [NewItem("sr", "pacs", error="source_without_study: SYNTHETIC")]) == 1
+    engine.dispose()
+    retried = runner.invoke(medcli, ["outbox", "retry", "1", *dirs])
+    assert retried.exit_code == 0, retried.output
+    assert "item 1 is dead with no object to send (source_without_study: SYNTHETIC): left as it is" in retried.stdout
+    purged = runner.invoke(medcli, ["outbox", "purge", "--status", "dead", *dirs])
+    assert purged.exit_code == 0 and "purged 1 item(s) (dead); 0 object file(s) removed" in purged.stdout

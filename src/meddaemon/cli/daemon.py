@@ -160,7 +160,13 @@ def _start_web_console(settings: Settings) -> WebServer:
 )
 @settings_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--recent", default=10, show_default=True, help="How many of the latest failures to list.")
+@click.option(
+    "--recent",
+    type=click.IntRange(min=0),
+    default=10,
+    show_default=True,
+    help="How many of the latest failures to list (0: none).",
+)
 @handle_errors
 def status(config_file: Path | None, as_json: bool, recent: int, **flags: object) -> None:
     """Scans per state, failures by reason, the latest failures and throughput."""
@@ -205,7 +211,8 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
         click.echo("failures by reason:")
         for reason, count in sorted(summary.failures_by_reason.items(), key=lambda kv: -kv[1]):
             click.echo(f"  {reason:<28} {count}")
-        click.echo("latest failures:")
+        if summary.last_failures:
+            click.echo("latest failures (UTC):")
         for failure in summary.last_failures:
             name = shown_name(failure.source_name)
             click.echo(f"  {failure.at:%Y-%m-%d %H:%M:%S}  {name}: {failure.reason} ({failure.message})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -10,6 +11,11 @@ import click
 from meddaemon.cli.common import build_settings, echo_json, handle_errors, open_database, settings_options
 from meddaemon.db.engine import session_factory, transaction
 from meddaemon.names import escape_controls
+
+
+def _utc(epoch: float | None) -> str | None:
+    """An outbox time (seconds since the epoch, by the database's clock) as ISO 8601 in UTC."""
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
 
 
 @click.group()
@@ -43,6 +49,9 @@ def list_(config_file: Path | None, status: str | None, limit: int, as_json: boo
                     "attempts": i.attempts,
                     "last_error": i.last_error,
                     "sop_instance_uid": i.sop_instance_uid,
+                    "created_at": _utc(i.created_at),
+                    "next_attempt_at": _utc(i.next_attempt_at) if i.status == box.PENDING else None,
+                    "delivered_at": _utc(i.delivered_at),
                 }
                 for i in box.list_items(session, status, limit)
             ]
@@ -85,12 +94,12 @@ def retry(config_file: Path | None, ids: tuple[int, ...], all_dead: bool, **flag
                 raise click.BadParameter(
                     f"no outbox item {', '.join(map(str, unknown))} (medcli outbox list shows them)", param_hint="IDS"
                 )
-            not_dead = box.not_dead(session, ids)
+            left = box.left_as_they_are(session, ids)
             count = box.retry(session, ids, all_dead)
     finally:
         engine.dispose()
-    for item_id, status in not_dead:
-        click.echo(f"item {item_id} is {status}, not dead: left as it is")
+    for item_id, why in left:
+        click.echo(f"item {item_id} {escape_controls(why)}: left as it is")
     click.echo(f"{count} item(s) pending again")
 
 
@@ -121,10 +130,12 @@ def purge(config_file: Path | None, statuses: tuple[str, ...], older_than_days: 
     engine = open_database(settings)
     try:
         with transaction(session_factory(engine)) as session:
-            unreferenced = box.purge(session, statuses, older_than_days * 86400.0)
+            purged = box.purge(session, statuses, older_than_days * 86400.0)
     finally:
         engine.dispose()
-    for stored in unreferenced:
+    for stored in purged.unreferenced:
         with contextlib.suppress(FileNotFoundError):
             settings.stored_file(stored).unlink()
-    click.echo(f"purged; {len(unreferenced)} object file(s) removed")
+    click.echo(
+        f"purged {purged.items} item(s) ({', '.join(statuses)}); {len(purged.unreferenced)} object file(s) removed"
+    )

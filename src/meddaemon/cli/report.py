@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -162,6 +163,8 @@ def summary_cmd(
         raise click.BadParameter(str(exc)) from exc
     if end is not None and end <= start:
         raise click.BadParameter(f"--until {until_text} is not after --since {since}", param_hint="--until")
+    if end is None and start >= datetime.now(UTC):  # a period ending before it begins: an empty report, exit 0
+        raise click.BadParameter(f"{since} is in the future", param_hint="--since")
     with _sessions(settings) as sessions:
         with sessions() as session:
             figures = summarise(session, start, end)

@@ -27,6 +27,8 @@ class RecentFailure:
     source_name: str
     reason: str
     message: str
+    #: what ``medcli retry`` takes (a script read the failures and could not name one to retry)
+    scan_id: int | None = None
 
 
 @dataclass
@@ -65,7 +67,7 @@ def status_summary(session: Session, recent: int = 10, now: datetime | None = No
         ).all()
     )
     failures = [
-        RecentFailure(s.updated_at, s.source_name, s.failure_reason or "", s.failure_message or "")
+        RecentFailure(s.updated_at, s.source_name, s.failure_reason or "", s.failure_message or "", s.id)
         for s in session.scalars(
             select(Scan).where(Scan.state == "failed").order_by(Scan.updated_at.desc(), Scan.id.desc()).limit(recent)
         )

@@ -272,12 +272,18 @@ def retry(session: Session, ids: Collection[int] = (), all_dead: bool = False) -
     return done.rowcount  # type: ignore[attr-defined,no-any-return]
 
 
-def not_dead(session: Session, ids: Collection[int]) -> list[tuple[int, str]]:
-    """(id, status) of the named rows ``retry`` leaves as they are: pending or delivered."""
+def left_as_they_are(session: Session, ids: Collection[int]) -> list[tuple[int, str]]:
+    """(id, why) of the named rows ``retry`` leaves as they are: pending or delivered, or dead with no
+    object to send (it could not be made), which ``retry`` passed over without a word."""
     if not ids:
         return []
-    rows = select(OutboxItem.id, OutboxItem.status).where(OutboxItem.id.in_(list(ids)), OutboxItem.status != DEAD)
-    return [(int(i), str(s)) for i, s in session.execute(rows.order_by(OutboxItem.id))]
+    rows = select(OutboxItem.id, OutboxItem.status, OutboxItem.path, OutboxItem.last_error).where(
+        OutboxItem.id.in_(list(ids)), or_(OutboxItem.status != DEAD, OutboxItem.path.is_(None))
+    )
+    return [
+        (int(i), f"is {status}, not dead" if status != DEAD else f"is dead with no object to send ({error})")
+        for i, status, path, error in session.execute(rows.order_by(OutboxItem.id))
+    ]
 
 
 def unknown_items(session: Session, ids: Collection[int]) -> list[int]:
@@ -286,17 +292,25 @@ def unknown_items(session: Session, ids: Collection[int]) -> list[int]:
     return sorted(set(ids) - known)
 
 
-def purge(session: Session, statuses: Collection[str] = (DELIVERED,), older_than_seconds: float = 0.0) -> list[str]:
-    """Delete rows in ``statuses`` (never pending ones) created more than ``older_than_seconds`` ago;
-    returns the object files no remaining row names (the caller removes them after the commit)."""
+@dataclass(frozen=True)
+class Purged:
+    """What ``purge`` deleted: how many rows, and the object files no remaining row names (the
+    caller removes them after the commit)."""
+
+    items: int
+    unreferenced: list[str]
+
+
+def purge(session: Session, statuses: Collection[str] = (DELIVERED,), older_than_seconds: float = 0.0) -> Purged:
+    """Delete rows in ``statuses`` (never pending ones) created more than ``older_than_seconds`` ago."""
     kept = [s for s in statuses if s != PENDING]
     if not kept:
-        return []
+        return Purged(0, [])
     gone = OutboxItem.status.in_(kept), OutboxItem.created_at <= db_clock() - older_than_seconds
     paths = set(session.scalars(select(OutboxItem.path).where(*gone, OutboxItem.path.is_not(None))))
-    session.execute(delete(OutboxItem).where(*gone))
+    deleted = session.execute(delete(OutboxItem).where(*gone)).rowcount  # type: ignore[attr-defined]
     still = set(session.scalars(select(OutboxItem.path).where(OutboxItem.path.in_(sorted(paths))))) if paths else set()
-    return sorted(p for p in paths if p is not None and p not in still)
+    return Purged(int(deleted), sorted(p for p in paths if p is not None and p not in still))
 
 
 def nothing_pending(scan_id_column: Any) -> Any:
