@@ -369,8 +369,8 @@ def test_a_dataset_that_begins_with_its_sender_s_own_file_meta_elements_is_whole
         sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID, transfer_syntax=ExplicitVRLittleEndian
     )
     received = b"\0" * 128 + b"DICM" + encode_file_meta(meta) + senders.getvalue() + dataset_bytes(path.read_bytes())
-    assert _read_to_the_end(received)[1] is True
-    assert _read_to_the_end(received[:-1])[1] is False
+    assert _read_to_the_end(received, ExplicitVRLittleEndian)[1] is True
+    assert _read_to_the_end(received[:-1], ExplicitVRLittleEndian)[1] is False
 
 
 def test_the_row_of_an_instance_killed_before_its_rename_is_forgotten_when_the_receiver_starts_again(

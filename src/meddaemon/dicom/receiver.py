@@ -581,56 +581,69 @@ _RECORD = insert(ReceivedInstance).values(received_at=db_clock())
 
 
 def _facts(event: Any, data: bytes) -> InstanceFacts:
-    """The UIDs the row keeps, read from the request and the dataset's elements (values over 256
-    bytes, the pixels among them, are not read). A dataset that does not parse to its end is refused (0xC000), one whose
-    SOP Instance UID or SOP Class UID is not the request's (garbage, another instance, a CT sent as
-    an MR) too (0xA900), as dcmtk's storescp does: the File Meta written from the request would
-    contradict the dataset."""
+    """The UIDs the row keeps, read from the request and the dataset's elements (one walk of their
+    headers: values over 256 bytes, the pixels among them, are not read). A dataset whose SOP
+    Instance UID or SOP Class UID is not the request's (garbage, another instance, a CT sent as an
+    MR) is refused (0xA900), as dcmtk's storescp does: the File Meta written from the request would
+    contradict the dataset; one that does not parse to its end too (0xC000)."""
     request = event.request
     try:
-        header, whole = _read_to_the_end(data)
-        instance = str(header.get("SOPInstanceUID", ""))
-        sop_class = str(header.get("SOPClassUID", ""))
+        uids, whole = _read_to_the_end(data, UID(str(event.context.transfer_syntax)))
     except Exception as exc:
         raise Refused(CANNOT_UNDERSTAND, f"its dataset does not parse ({type(exc).__name__})") from exc
-    if instance != str(request.AffectedSOPInstanceUID):
+    if uids.get("SOPInstanceUID", "") != str(request.AffectedSOPInstanceUID):
         raise Refused(DOES_NOT_MATCH, "the dataset's SOP Instance UID is not the request's")
-    if sop_class != str(request.AffectedSOPClassUID):
+    if uids.get("SOPClassUID", "") != str(request.AffectedSOPClassUID):
         raise Refused(DOES_NOT_MATCH, "the dataset's SOP Class UID is not the request's")
     if not whole:
         raise Refused(CANNOT_UNDERSTAND, "its dataset ends inside a value or has bytes after it")
     return InstanceFacts(
-        sop_instance_uid=instance,
+        sop_instance_uid=uids["SOPInstanceUID"],
         sop_class_uid=str(request.AffectedSOPClassUID),
         transfer_syntax_uid=str(event.context.transfer_syntax),
-        study_instance_uid=str(header.get("StudyInstanceUID", "")) or None,
-        series_instance_uid=str(header.get("SeriesInstanceUID", "")) or None,
+        study_instance_uid=uids.get("StudyInstanceUID") or None,
+        series_instance_uid=uids.get("SeriesInstanceUID") or None,
     )
 
 
-def _read_to_the_end(data: bytes) -> tuple[Dataset, bool]:
-    """The Part 10 file ``data`` (the File Meta pynetdicom wrote from the request, then the dataset
-    as sent), every value over 256 bytes left unread, and whether the dataset is whole: its last
-    element ends where the bytes do. pydicom reads a value cut short, or garbage after the last
+#: the top-level elements the row keeps, by tag
+_KEPT_UIDS = {
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+}
+
+
+def _read_to_the_end(data: bytes, syntax: UID) -> tuple[dict[str, str], bool]:
+    """The kept UIDs of the Part 10 file ``data`` (the File Meta pynetdicom wrote from the request,
+    then the dataset as sent in ``syntax``), and whether the dataset is whole: its last element ends
+    where the bytes do. pydicom's ``dcmread`` reads a value cut short, or garbage after the last
     element, without a word, and the sender was told its instance was stored, which could only fail
-    as truncated; dcmtk's storescp refuses both. (A Deflated dataset that ends early does not
-    inflate.)"""
-    dataset = dcmread(io.BytesIO(data), defer_size=256)
-    syntax = UID(str(dataset.file_meta.get("TransferSyntaxUID", "")))
+    as truncated; dcmtk's storescp refuses both. One walk of the elements' headers, as the header
+    alone was read before (0.35 ms an instance for CT_small; a ``dcmread`` and a walk took 0.73)."""
     if syntax == DeflatedExplicitVRLittleEndian or data[128:136] != b"DICM\x02\x00\x00\x00":
-        return dataset, True
-    # the group length pynetdicom wrote, read where it wrote it: ``dcmread`` takes a (0002,0000) a
-    # sender left in its dataset for the File Meta's own
+        # a Deflated dataset that ends early does not inflate
+        header = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(_KEPT_UIDS.values()))
+        return {keyword: str(header.get(keyword, "")) for keyword in _KEPT_UIDS.values()}, True
+    # after the File Meta pynetdicom wrote, by the group length it wrote: a (0002,0000) a sender left
+    # at the head of its dataset is the dataset's
     start = 128 + 4 + 12 + int.from_bytes(data[140:144], "little")
     stream = io.BytesIO(data)
     stream.seek(start)
+    uids: dict[str, str] = {}
     end = start
-    # each element's end as its header says (a value read short says nothing), or past its sequence
-    # delimiter; the header of an element cut short ends the walk unseen
-    for element in data_element_generator(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=256):
-        length, at = getattr(element, "length", UNDEFINED_LENGTH), getattr(element, "value_tell", None)
-        end = at + length if at is not None and length != UNDEFINED_LENGTH else stream.tell()
-    return dataset, end == len(data)
+    try:
+        # each element's end as its header says (a value read short says nothing), or past its
+        # sequence delimiter; the header of an element cut short ends the walk unseen
+        for element in data_element_generator(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=256):
+            length, at = getattr(element, "length", UNDEFINED_LENGTH), getattr(element, "value_tell", None)
+            end = at + length if at is not None and length != UNDEFINED_LENGTH else stream.tell()
+            if element.tag in _KEPT_UIDS and isinstance(element.value, bytes):
+                uids[_KEPT_UIDS[element.tag]] = element.value.decode("ascii", "replace").rstrip("\0 ")
+    except Exception:  # bytes no element can be read from: not whole (the UIDs found so far say whose)
+        return uids, False
+    return uids, end == len(data)
 
 
 class FolderSync:
