@@ -282,15 +282,22 @@ def test_help_explains_the_command() -> None:
         assert option in result.output
 
 
-def test_resume_refuses_a_dataset_that_changed(busi: Path, tmp_path: Path) -> None:
+def trained_on_a_copy(busi: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A copy of the phantoms, trained on for one epoch (its checkpoint kept); the copy and the
+    ``--state-dir`` options."""
     import shutil
 
     data = tmp_path / "busi"
     shutil.copytree(busi, data)
-    runner = CliRunner()
     state = upgraded(tmp_path / "state")
-    first = runner.invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--epochs", "1"])
+    first = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--epochs", "1"])
     assert first.exit_code == 0, first.output
+    return data, state
+
+
+def test_resume_refuses_a_dataset_that_changed(busi: Path, tmp_path: Path) -> None:
+    data, state = trained_on_a_copy(busi, tmp_path)
+    runner = CliRunner()
     (data / "benign" / "benign (1).png").unlink()
     (data / "benign" / "benign (1)_mask.png").unlink()
     again = runner.invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--resume"])
@@ -312,14 +319,8 @@ def same_pixels_other_bytes(png: Path) -> None:
 def test_resume_refuses_a_dataset_whose_bytes_changed_under_the_same_names(busi: Path, tmp_path: Path) -> None:
     """Only the sides of the split were compared: a file rewritten between the interruption and the
     --resume was trained on, half before, half after, and the fingerprint named only the new bytes."""
-    import shutil
-
-    data = tmp_path / "busi"
-    shutil.copytree(busi, data)
+    data, state = trained_on_a_copy(busi, tmp_path)
     runner = CliRunner()
-    state = upgraded(tmp_path / "state")
-    first = runner.invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--epochs", "1"])
-    assert first.exit_code == 0, first.output
     other_seed = runner.invoke(
         medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--resume", "--seed", "1"]
     )
