@@ -667,6 +667,21 @@ def test_an_empty_rescale_at_the_top_level_leaves_the_functional_groups_rescale_
     assert_close(decode(enhanced, frame_policy="all").frames, decode(classic, frame_policy="all").frames)
 
 
+def test_a_rescale_intercept_of_0_at_the_top_level_wins_over_the_functional_groups(tmp_path):
+    """0 is a value: taken for none (a number 0 is falsy), the groups' -1024 was applied instead."""
+    frames = synthetic_frames(3)
+    enhanced, _ = enhanced_and_classic_ct(tmp_path, frames)
+    ds = dcmread(enhanced)
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    ds.WindowCenter, ds.WindowWidth = 1000, 2000  # a window: an offset is not lost to a min-max
+    ds.save_as(enhanced)
+    classic = write_dicom(
+        tmp_path / "classic_0.dcm", pixels=frames, modality="CT", rescale=(1.0, 0.0), window=(1000, 2000)
+    )
+
+    assert_close(decode(enhanced, frame_policy="all").frames, decode(classic, frame_policy="all").frames)
+
+
 def test_decoding_every_frame_of_an_enhanced_object_holds_one_frame_in_float64_at_a_time(tmp_path):
     """Each frame's rescaled float64 copy was kept, then stacked again: 2.4x the memory of the
     classic path (182 MB against 76 for 100 frames of 256 x 256), up to gigabytes at max_pixels."""

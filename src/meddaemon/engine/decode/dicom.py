@@ -218,7 +218,9 @@ def with_frame_groups(ds: Dataset, frame: int, notes: list[str]) -> Dataset:
 
 
 def _has_value(ds: Dataset, keyword: str) -> bool:
-    return bool(str(ds.get(keyword) or "").strip())
+    """Whether ``keyword`` is there with a value: 0 is one (a number that is 0 is falsy)."""
+    value = ds.get(keyword)
+    return value is not None and bool(str(value).strip())
 
 
 def _shallow_copy(ds: Dataset) -> Dataset:
@@ -504,13 +506,10 @@ def _has_rescale(ds: Dataset) -> bool:
     applies both or neither; an element present and empty was multiplied by, an internal_error).
     Refused: a slope of 0, or a slope or intercept that is not a finite number, which made every
     pixel one value (or NaN), and the scan was inferred on a black image."""
-    values = {
-        name: ds.get(keyword)
-        for keyword, name in (("RescaleSlope", "Rescale Slope"), ("RescaleIntercept", "Rescale Intercept"))
-    }
-    if any(value is None or not str(value).strip() for value in values.values()):
+    keywords = {"RescaleSlope": "Rescale Slope", "RescaleIntercept": "Rescale Intercept"}
+    if not all(_has_value(ds, keyword) for keyword in keywords):
         return False
-    for name, value in values.items():
+    for name, value in ((name, ds.get(keyword)) for keyword, name in keywords.items()):
         try:
             number = float(value)
         except (TypeError, ValueError) as exc:
