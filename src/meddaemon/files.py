@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import socket
 from collections.abc import Sequence
@@ -221,6 +222,15 @@ def open_keeping_atime(path: Path | str, flags: int) -> int:
         except PermissionError:
             pass
     return os.open(path, flags)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at ``path`` (hex), read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def file_identity(path: Path) -> tuple[int, int] | None:

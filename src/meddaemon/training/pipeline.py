@@ -26,6 +26,7 @@ from meddaemon.db.models import ModelVersion
 from meddaemon.engine.card import CARD_FILE
 from meddaemon.engine.registry import Manifest, save_version
 from meddaemon.engine.tasks import InputContract, TaskSpec
+from meddaemon.files import file_sha256
 from meddaemon.names import shown_name
 from meddaemon.training.datasets import DatasetError, DatasetIndex
 from meddaemon.training.evaluate import choose_thresholds, flags_for, score_test_set
@@ -40,7 +41,6 @@ from meddaemon.training.splits import (
     load_split,
     make_split,
     save_split,
-    sha256_of,
 )
 from meddaemon.training.train import ScanDataset, TrainConfig, TrainResult, evaluate, make_loader, make_loss, train
 
@@ -263,7 +263,7 @@ def check_unchanged(data: Path, index: DatasetIndex, split: DatasetSplit) -> Non
     for sample in index.samples:
         name = index.relative(sample.path)
         try:
-            now = sha256_of(sample.path)
+            now = file_sha256(sample.path)
         except OSError:
             now = None
         if now != split.digests.get(name, now):

@@ -9,7 +9,6 @@ belongs to a test patient) is dropped rather than let leak.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from meddaemon.engine.tasks import InputContract, TaskSpec
+from meddaemon.files import file_sha256
 from meddaemon.training.datasets import DatasetIndex, Sample, load_dataset
 from meddaemon.training.datasets.index import drop_unreadable
 from meddaemon.training.nearduplicates import (
@@ -205,7 +205,7 @@ def _without_identical_files(index: DatasetIndex, report: SplitReport) -> tuple[
     by_digest: dict[str, list[Sample]] = {}
     digests: dict[str, str] = {}
     for sample in index.samples:
-        digest = digests[index.relative(sample.path)] = sha256_of(sample.path)
+        digest = digests[index.relative(sample.path)] = file_sha256(sample.path)
         by_digest.setdefault(digest, []).append(sample)
     kept: set[int] = set()  # the samples, not their paths: a manifest may list one path twice
     for copies in by_digest.values():
@@ -223,10 +223,6 @@ def _without_identical_files(index: DatasetIndex, report: SplitReport) -> tuple[
             for c in copies[1:]
         )
     return [s for s in index.samples if id(s) in kept], digests
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _hash_readable(

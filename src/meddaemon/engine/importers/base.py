@@ -9,7 +9,6 @@ verifies the weights strictly and records the self-test, exactly as for a model 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 from meddaemon.engine.architectures import ARCHITECTURES, build_model
 from meddaemon.engine.registry import NAME_PATTERN, Manifest, ModelRefused, NonFiniteOutputs, save_version
 from meddaemon.engine.tasks import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, InputContract, TaskSpec
+from meddaemon.files import file_sha256
 
 FORMATS = ("auto", "torch", "safetensors", "keras-h5", "onnx")
 #: safetensors refuses a header over 100 MB
@@ -84,14 +84,6 @@ def read_source(path: Path, fmt: str) -> Source:
     if fmt not in FORMATS:
         raise ModelRefused("unsupported_format", f"format {fmt!r} is not one of {list(FORMATS)}")
     return Source(path=path, sha256=file_sha256(path), format=detect_format(path) if fmt == "auto" else fmt)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_unchanged(source: Source) -> None:
