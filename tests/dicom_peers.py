@@ -106,6 +106,7 @@ class _StowHandler(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         with stow.lock:
             stow.requests += 1
+            stow.paths.append(self.path)
             answer = stow.script.pop(0) if stow.script else 200
             if isinstance(answer, bytes):  # stored, with that body
                 status, reason, body = 200, None, answer
@@ -134,6 +135,8 @@ class ScriptedStow:
     script: list[int | tuple[int, int] | bytes] = field(default_factory=list)
     requests: int = 0
     stored: int = 0
+    #: each request's path and query, as the server heard it
+    paths: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()

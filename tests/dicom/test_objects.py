@@ -977,6 +977,46 @@ def test_a_map_of_a_source_with_non_square_pixels_keeps_their_proportion(tmp_pat
     assert (rows_mm * int(built.Rows), columns_mm * int(built.Columns)) == pytest.approx((120.0, 120.0))
 
 
+@pytest.mark.parametrize(
+    ("source_laterality", "series_laterality"),
+    [
+        ({"ImageLaterality": "U"}, ""),
+        ({"ImageLaterality": "B"}, ""),
+        ({"ImageLaterality": "R"}, "R"),
+        ({"Laterality": "L", "ImageLaterality": "L"}, "L"),
+    ],
+    ids=["image unpaired", "image both", "image right", "series left"],
+)
+def test_only_right_or_left_becomes_the_series_laterality(
+    tmp_path: Path, label_files: LabelResult, source_laterality: dict[str, str], series_laterality: str
+):
+    """Image Laterality may be U (unpaired) or B (both); a series' Laterality is R or L only
+    (PS3.3 C.7.3.1): U and B were copied into it, leaving it empty (unknown) is what the standard allows."""
+    source = write_dicom(
+        tmp_path / "lat.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST",
+        extra=source_laterality,
+    )  # fmt: skip
+    for kind, path in objects_of(source, label_files, ("pmap", "sc"), tmp_path).items():
+        assert pydicom.dcmread(path).Laterality == series_laterality, kind
+
+
+@pytest.mark.parametrize("keyword", ["PixelSpacing", "ImagerPixelSpacing"])
+def test_a_spacing_with_one_value_is_not_used_and_the_map_is_still_written(
+    tmp_path: Path, label_files: LabelResult, keyword: str
+):
+    """A spacing needs two values; one (a vendor's wrong VM, read as a number, not a list) made the
+    map's build fail with a TypeError, and the map was never written. Without a usable spacing the
+    map's pixels are 1 mm source pixels, as for a source without one."""
+    source = write_dicom(
+        tmp_path / "one.dcm", pixels=np.zeros((64, 64), np.uint16), modality="CR", extra={keyword: "0.5"}
+    )
+    back = pydicom.dcmread(objects_of(source, label_files, ("pmap",), tmp_path)["pmap"])
+    spacing = back.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    assert [float(v) * int(n) for v, n in zip(spacing, (back.Rows, back.Columns), strict=True)] == pytest.approx(
+        [64.0, 64.0]
+    )
+
+
 def test_the_sr_of_a_multi_frame_source_references_the_frame_its_result_was_computed_from(
     tmp_path: Path, label_files: LabelResult
 ):

@@ -356,6 +356,19 @@ def test_a_stow_rs_conflict_is_refused_for_good_when_its_failure_reason_is(
     assert second.acknowledged
 
 
+def test_a_stow_rs_url_with_a_query_posts_to_its_studies_resource_with_the_query_kept(objects: list[Path]):
+    """A token in the query (``config show`` hides it) goes with every request; the resource is
+    the URL's path and ``/studies``, not ``/studies`` appended after the query."""
+    stow = ScriptedStow()
+    try:
+        destination = DestinationConfig("stow", "dicomweb", url=f"{stow.url}?token=s3cret&site=a%20b#frag")
+        answers = StowSender(destination).send(objects[:1])
+    finally:
+        stow.stop()
+    assert answers == [Delivery(True)]
+    assert stow.paths == ["/dicom-web/studies?token=s3cret&site=a+b"]
+
+
 def test_a_folder_destination_whose_folder_fsync_fails_is_not_acknowledged(
     tmp_path: Path, objects: list[Path], monkeypatch: pytest.MonkeyPatch
 ):

@@ -39,5 +39,7 @@ def contributing_equipment(facts: ScanFacts) -> hd.ContributingEquipment:
 
 def copy_laterality(source: Dataset, target: Dataset) -> None:
     """General Series' Laterality (type 2C: needed for paired body parts such as the breast): the
-    source's, or its Image Laterality, or empty (unknown)."""
-    target.Laterality = source.get("Laterality") or source.get("ImageLaterality") or None
+    source's, or its Image Laterality, or empty (unknown). A series is R or L only: an image's U
+    (unpaired) or B (both) leaves it empty."""
+    sides = (str(source.get(keyword) or "").strip().upper() for keyword in ("Laterality", "ImageLaterality"))
+    target.Laterality = next((side for side in sides if side in ("R", "L")), None)

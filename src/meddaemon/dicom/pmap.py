@@ -14,11 +14,13 @@ first, the others are made from it, which cost about a tenth of a build.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.coding import Code
 
 from meddaemon import MANUFACTURER
@@ -149,12 +151,23 @@ def _source_spacing(source: Dataset) -> tuple[float, float]:
     Aspect Ratio (vertical, horizontal) where it has one: its pixels are not square."""
     for value in (source.get("PixelSpacing"), _in_frame_groups(source, "PixelMeasuresSequence", "PixelSpacing"),
                   source.get("ImagerPixelSpacing")):  # fmt: skip
-        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
-            return float(value[0]), float(value[1])
-    ratio = source.get("PixelAspectRatio")
-    if ratio is not None and len(ratio) == 2 and all(int(v) > 0 for v in ratio):
-        return int(ratio[0]) / int(ratio[1]), 1.0
+        if pair := _two_positive(value):
+            return pair
+    if ratio := _two_positive(source.get("PixelAspectRatio")):
+        return ratio[0] / ratio[1], 1.0
     return 1.0, 1.0
+
+
+def _two_positive(value: Any) -> tuple[float, float] | None:
+    """A pair of positive finite numbers, or None for anything else: a value missing, a single number
+    (pydicom reads a value of multiplicity 1 as a number, not a list), three, zero, text."""
+    if not isinstance(value, (list, tuple, MultiValue)) or len(value) != 2:
+        return None
+    try:
+        first, second = float(value[0]), float(value[1])
+    except (TypeError, ValueError):
+        return None
+    return (first, second) if all(math.isfinite(v) and v > 0 for v in (first, second)) else None
 
 
 def _in_frame_groups(source: Dataset, sequence: str, keyword: str) -> Any:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -337,14 +338,27 @@ def _failure_reasons(response: Any) -> list[int]:
         return []
 
 
+def _base_and_query(url: str) -> tuple[str, dict[str, str]]:
+    """A DICOMweb URL without its query and fragment, and its query's parameters (a token, say),
+    which go with every request."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(query="", fragment="")), dict(parse_qsl(parts.query, keep_blank_values=True))
+
+
 class StowSender:
     def __init__(self, destination: DestinationConfig) -> None:
+        import requests
         from dicomweb_client.api import DICOMwebClient
 
         self.destination = destination
         #: the HTTP status of the last answer heard, whether dicomweb-client could read its body or not
         self.heard: int | None = None
-        self.client = DICOMwebClient(url=destination.url, timeout=destination.timeout_seconds, callback=self._heard)
+        base_url, query = _base_and_query(destination.url)
+        session = requests.Session()
+        session.params = query  # dicomweb-client appends its resource to the URL it is given, query and all
+        self.client = DICOMwebClient(
+            url=base_url, session=session, timeout=destination.timeout_seconds, callback=self._heard
+        )
         self.client.set_http_retry_params(retry=False)  # the outbox retries, with its own backoff
 
     def _heard(self, response: Any, *args: Any, **kwargs: Any) -> None:
