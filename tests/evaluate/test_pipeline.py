@@ -416,6 +416,29 @@ def test_a_name_longer_than_the_database_keeps_is_refused_and_a_long_folder_s_de
     assert outcome.state == "completed" and len(outcome.name) == 255 and outcome.name.startswith("synthetic_x")
 
 
+def test_a_path_through_dot_dot_names_the_folder_it_reaches(
+    world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``medcli evaluate ..`` was named ``..-busi-v1``, stored as ``<cwd>/..``, was one evaluation
+    apart from the same folder given as ``.``, and refused every other folder given as ``..``."""
+    rng = np.random.default_rng(9)
+    for side in ("a", "b"):
+        write_png(tmp_path / side / f"synthetic_{side}.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+        (tmp_path / side / "x").mkdir()
+    monkeypatch.chdir(tmp_path)
+    first = evaluate(world, Path("a/x/.."))
+    second = evaluate(world, Path("b/x/.."))
+    again = evaluate(world, Path("a"))
+    assert (first.name, second.name) == ("a-busi-v1", "b-busi-v1")
+    assert again.evaluation_id == first.evaluation_id and again.summary["scored"] == 0
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        assert session.scalar(select(Evaluation.dataset_path).where(Evaluation.id == first.evaluation_id)) == str(
+            tmp_path / "a"
+        )
+    engine.dispose()
+
+
 class SigintInFinaliser:
     """Sends this process SIGINT from its ``__del__`` and stays there long enough for Python to run
     the handler: what a Ctrl-C landing while the garbage collector finalises an object does."""

@@ -227,6 +227,26 @@ def test_reading_a_dataset_leaves_the_access_times_of_its_files_as_they_were(tmp
     assert {path.name: path.stat().st_atime for path in files} == {path.name: 946684800 for path in files}
 
 
+@pytest.mark.parametrize("task", ["busi", "chestxray14", "covid", "histopathology"])
+def test_reading_a_dataset_leaves_the_access_times_of_its_folders_as_they_were(tmp_path: Path, task: str) -> None:
+    """Listing a folder reads it: every folder of the dataset took a new access time, where evaluate
+    promises to touch nothing under its PATH (``O_NOATIME``, as for its files; this user owns them)."""
+    import os
+
+    from meddaemon.training.images import image_files
+    from meddaemon.training.phantoms import write_phantoms
+
+    root = tmp_path / "cohort"
+    write_phantoms(task, root, count=4, size=64)  # SYNTHETIC phantoms in the task's published layout
+    folders = [root, *(path for path in root.rglob("*") if path.is_dir())]
+    for folder in folders:
+        os.utime(folder, (946684800, 946684800))  # 2000-01-01: older than the last change, so relatime updates it
+    assert detect_layout(root) == load_dataset(root, BUILTIN_TASKS[task], check_images=False).layout
+    assert next(image_files(root), None) is not None
+    touched = [str(f.relative_to(tmp_path)) for f in folders if f.stat().st_atime != 946684800]
+    assert touched == []
+
+
 @pytest.mark.parametrize(
     ("layout", "locked"),
     [

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,15 +125,24 @@ class Prepared:
         return self.settings.stored_file(self.version.path)
 
 
+def dataset_path(path: Path) -> Path:
+    """``path`` made absolute, and resolved where it holds ``..``: ``x/..`` and ``.`` name one folder,
+    its evaluation's default name and stored path are its own, not ``..``'s. A path without ``..``
+    stays as given (a link such as ``/data`` is not swapped for the mount it points to)."""
+    absolute = path.absolute()
+    return absolute.resolve() if ".." in absolute.parts else absolute
+
+
 def run_evaluation(
     db: Engine, settings: Settings, request: EvaluationRequest, progress: ProgressFn | None = None
 ) -> EvaluationOutcome:
     """Evaluate ``request.path``; raises EvaluationStopped (after recording why), KeyboardInterrupt
     (after recording the run as interrupted), store.EvaluationError for bad usage."""
     check_request(request)
-    if not is_utf8(request.path.absolute()):
+    request = replace(request, path=dataset_path(request.path))
+    if not is_utf8(request.path):
         raise store.EvaluationError(
-            f"{shown_name(request.path.absolute())}: the dataset's path is not UTF-8, and is stored to audit "
+            f"{shown_name(request.path)}: the dataset's path is not UTF-8, and is stored to audit "
             "the run again; give it a UTF-8 name (a symbolic link will do). Names inside it may be anything"
         )
     specs = settings.task_specs
@@ -263,7 +272,7 @@ def _run(
     request, cohort, version = prepared.request, prepared.cohort, prepared.version
     with transaction(sessions) as session:
         evaluation = store.open_evaluation(
-            session, name=name, version=version, dataset_path=request.path.absolute(), layout=cohort.layout,
+            session, name=name, version=version, dataset_path=request.path, layout=cohort.layout,
             engine=request.engine, files_total=len(cohort.files), parameters=request.parameters(),
         )  # fmt: skip
         prepared.evaluation_id = evaluation_id = evaluation.id

@@ -11,7 +11,7 @@ import numpy as np
 
 from meddaemon.engine.decode import SNIFF_BYTES, decode_bytes, sniff_format
 from meddaemon.engine.decode.types import DecodedScan, DecodeOptions
-from meddaemon.files import open_keeping_atime, read_whole
+from meddaemon.files import folder_entries, open_keeping_atime, read_whole
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom"})
 #: Files that sit beside the images in published datasets and are never images.
@@ -54,15 +54,17 @@ def image_files(folder: Path) -> Iterator[Path]:
     A folder gone meanwhile holds nothing; one that cannot be listed (its permissions, a failing share)
     raises its OSError, where ``rglob`` left its images out without a word."""
     try:
-        with os.scandir(folder) as listing:
-            entries = sorted((e for e in listing if not e.name.startswith(".")), key=lambda e: e.name)
+        with folder_entries(folder) as listing:
+            entries = sorted(
+                (e.name, e.is_dir(follow_symlinks=False), _is_file(e)) for e in listing if not e.name.startswith(".")
+            )
     except (FileNotFoundError, NotADirectoryError):
         return
-    for entry in entries:
-        path = folder / entry.name
-        if entry.is_dir(follow_symlinks=False):
+    for name, is_dir, is_file in entries:
+        path = folder / name
+        if is_dir:
             yield from image_files(path)
-        elif _is_file(entry) and _is_image(path):
+        elif is_file and _is_image(path):
             yield path
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from meddaemon.engine.tasks import TaskSpec
+from meddaemon.files import folder_paths
 from meddaemon.training.datasets.covid import read_covid_metadata
 from meddaemon.training.datasets.folders import BUSI_CLASSES, BUSI_MASK, class_folders, read_busi, read_folder_per_class
 from meddaemon.training.datasets.idc import patient_folders, read_idc
@@ -85,11 +86,11 @@ def _detect_layout(path: Path) -> str:
     folders = class_folders(path)
     if folders and _is_busi(folders):
         return "busi"
-    if len(folders) == 1 and not any(is_image_file(p) for p in path.iterdir()):
+    if len(folders) == 1 and not any(is_image_file(p) for p in folder_paths(path)):
         _refuse_wrapper_folder(path, folders[0])
     if any(next(image_files(f), None) is not None for f in folders):
         return "folder-per-class"
-    found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+    found = ", ".join(sorted(p.name for p in folder_paths(path))[:8]) or "nothing"
     raise DatasetError(path, f"matches no dataset layout (found: {found})", EXPECTED)
 
 
@@ -110,7 +111,7 @@ def _is_busi(folders: list[Path]) -> bool:
     names = {f.name.lower() for f in folders}
     if not names <= set(BUSI_CLASSES):
         return False
-    return any(BUSI_MASK.match(p.name) for f in folders for p in f.iterdir())
+    return any(BUSI_MASK.match(p.name) for f in folders for p in folder_paths(f))
 
 
 def load_dataset(

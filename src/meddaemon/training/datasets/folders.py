@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from meddaemon.engine.tasks import TaskSpec
+from meddaemon.files import folder_paths
 from meddaemon.training.datasets.index import DatasetError, DatasetIndex, Sample, kind_for, require_every_label
 from meddaemon.training.images import image_files
 
@@ -15,7 +16,7 @@ BUSI_MASK = re.compile(r"^(?P<image>.+)_mask(?:_\d+)?\.png$", re.IGNORECASE)
 
 
 def class_folders(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in folder_paths(root) if p.is_dir() and not p.name.startswith("."))
 
 
 def read_folder_per_class(root: Path, task: TaskSpec | None = None, layout: str = "folder-per-class") -> DatasetIndex:

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from meddaemon.engine.tasks import TaskSpec
+from meddaemon.files import folder_paths
 from meddaemon.training.datasets.index import (
     DatasetError,
     DatasetIndex,
@@ -23,7 +24,7 @@ PATCH_NAME = re.compile(r"^(?P<patient>.+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P
 
 def patient_folders(root: Path) -> list[Path]:
     """Folders of ``root`` holding a ``0`` or ``1`` folder."""
-    return sorted(p for p in root.iterdir() if p.is_dir() and ((p / "0").is_dir() or (p / "1").is_dir()))
+    return sorted(p for p in folder_paths(root) if p.is_dir() and ((p / "0").is_dir() or (p / "1").is_dir()))
 
 
 def read_idc(root: Path, task: TaskSpec | None = None) -> DatasetIndex:

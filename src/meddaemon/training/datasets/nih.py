@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
 from meddaemon.engine.tasks import NIH_FINDINGS, TaskSpec
-from meddaemon.files import read_text_in_place
+from meddaemon.files import folder_entries, read_text_in_place
 from meddaemon.training.datasets.index import (
     NO_FINDING,
     DatasetError,
@@ -77,9 +76,11 @@ def _image_paths(root: Path) -> dict[str, Path]:
     """Image name -> path, in ``images/`` or in the ``images_NNN/images/`` folders of Kaggle's copy
     (``os.scandir``: the entries say which are files, without a ``stat`` for each of 112,120)."""
     paths: dict[str, Path] = {}
-    for folder in [root / "images", *sorted(root.glob("images_*/images"))]:
+    with folder_entries(root) as entries:
+        parts = sorted(entry.name for entry in entries if entry.name.startswith("images_"))
+    for folder in [root / "images", *(root / part / "images" for part in parts)]:
         if folder.is_dir():
-            with os.scandir(folder) as entries:
+            with folder_entries(folder) as entries:
                 paths.update((entry.name, folder / entry.name) for entry in entries if entry.is_file())
     return paths
 
