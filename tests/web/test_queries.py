@@ -128,3 +128,25 @@ def test_the_call_filter_matches_the_call_each_row_shows_its_latest_versions(mig
     assert row.top is not None and (row.top.label, row.top.positive) == ("normal", False)
     assert listed(call="negative") == [scan] and listed(call="positive") == []
     assert listed(label="benign", call="negative") == [scan] and listed(label="benign", call="positive") == []
+
+
+def test_the_file_name_search_ignores_case_on_sqlite_and_postgresql_alike(migrated_engine):
+    """LIKE ignores case on SQLite and not on PostgreSQL: the same console found 9 scans for
+    'SYNTHETIC' over SQLite and none over PostgreSQL. A % or _ typed is a character, not a wildcard."""
+    sessions = session_factory(migrated_engine)
+    with transaction(sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(sessions) as session:
+        add_scan(session, 1, source_name="busi/Synthetic_CXR_1.png")
+        add_scan(session, 2, source_name="busi/synthetic_us_2.png")
+        add_scan(session, 3, source_name="busi/synthetic_100%_3.png")
+
+    def found(q: str) -> list[str]:
+        with sessions() as session:
+            page = queries.worklist(session, queries.WorklistFilter(q=q))
+        return sorted(row.source_name for row in page.rows)
+
+    everything = ["busi/Synthetic_CXR_1.png", "busi/synthetic_100%_3.png", "busi/synthetic_us_2.png"]
+    assert found("synthetic") == found("SYNTHETIC") == found("SyNtHeTiC") == everything
+    assert found("synthetic_cxr") == found("SYNTHETIC_CXR_1.PNG") == ["busi/Synthetic_CXR_1.png"]
+    assert found("100%") == ["busi/synthetic_100%_3.png"] and found("c_r") == []

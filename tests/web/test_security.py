@@ -276,19 +276,39 @@ def test_failed_sign_ins_make_the_next_wait_longer_each_time_and_a_success_clear
     throttle = auth.SignInThrottle(allowed=3, longest=60.0, clock=lambda: now[0])
     keys = ("user:admin", "from:192.0.2.7")
     for _ in range(3):
-        assert throttle.wait(*keys) == 0
-        throttle.failed(*keys)
+        assert throttle.begin(*keys) == 0
     waits = []
     for _ in range(8):
-        waits.append(throttle.wait(*keys))
+        waits.append(throttle.begin(*keys))
+        assert throttle.begin(*keys) == waits[-1]  # refused while it waits, and not counted
         now[0] += waits[-1]
-        throttle.failed(*keys)
+        assert throttle.begin(*keys) == 0
     assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
     assert throttle.wait("user:admin", "from:198.51.100.1") == 60.0  # the name, from anywhere
     assert throttle.wait("user:viewer", "from:192.0.2.7") == 60.0  # the address, for any name
     assert throttle.wait("user:viewer", "from:198.51.100.1") == 0
     throttle.succeeded(*keys)
     assert throttle.wait(*keys) == 0
+
+
+def test_wrong_passwords_sent_at_once_are_checked_no_more_than_the_throttle_allows(filled_root):
+    """Each attempt was counted only after its password had been checked: 200 sent at once to a
+    real console had 29 passwords checked where 5 are allowed."""
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = create_app(web_settings(filled_root))
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        token = csrf_of(client.get("/login").text)
+
+        def sign_in(attempt: int) -> int:
+            form = {"user": "admin", "password": f"wrong-{attempt}", "csrf": token}
+            return client.post("/login", data=form, follow_redirects=False).status_code
+
+        with ThreadPoolExecutor(20) as pool:
+            codes = Counter(pool.map(sign_in, range(20)))
+    assert codes == {401: 5, 429: 15}
+    app.state.console.dispose()
 
 
 def test_the_sign_in_page_refuses_to_try_a_password_while_its_name_waits(filled_root):

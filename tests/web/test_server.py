@@ -61,6 +61,32 @@ def test_meddaemon_web_without_a_database_exits_3_as_every_other_command_does(tm
     assert "medcli db upgrade" in result.stderr and not (tmp_path / "mistyped").exists()
 
 
+def test_meddaemon_web_on_an_older_sqlite_schema_exits_3_while_a_writer_holds_the_database(tmp_path):
+    """Its check of the schema took the write lock: a daemon writing meanwhile made it fail, the
+    failure was taken for a server not answering yet, and the console served 'no such table' pages."""
+    import sqlite3
+
+    from meddaemon.db.engine import create_db_engine
+    from meddaemon.db.migrate import upgrade
+
+    state = tmp_path / "state"
+    engine = create_db_engine(f"sqlite:///{state / 'meddaemon.db'}")
+    upgrade(engine, "0009")
+    engine.dispose()
+    writer = sqlite3.connect(state / "meddaemon.db", isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")
+    try:
+        result = subprocess.run(
+            [str(MEDDAEMON), "web", "--state-dir", str(state), "--port", "0"],
+            capture_output=True, text=True, env={**daemon_env(), "MEDDAEMON_BUSY_TIMEOUT": "1"}, timeout=30,
+        )  # fmt: skip
+    finally:
+        writer.rollback()
+        writer.close()
+    assert result.returncode == 3, result.stderr
+    assert "schema is older than this meddaemon" in result.stderr and "medcli db upgrade" in result.stderr
+
+
 def test_meddaemon_web_on_a_postgresql_database_that_is_not_there_exits_3(tmp_path):
     """The server answers that there is no such database: as a mistyped SQLite --state-dir, exit 3."""
     result = subprocess.run(

@@ -9,6 +9,7 @@ import click
 from sqlalchemy.exc import OperationalError
 
 from meddaemon.cli.common import EXIT_OK, EXIT_USAGE, build_settings, handle_errors, open_database, settings_options
+from meddaemon.db.engine import is_sqlite
 from meddaemon.logs import setup_logging
 
 
@@ -54,12 +55,14 @@ def web(config_file: Path | None, host: str | None, port: int | None, hash_passw
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     # none where the settings point, or another schema: exit 3, as for every other command; a server
-    # that does not answer for now (restarting, not up yet at boot) gets the 503 page that reloads
+    # that does not answer for now (restarting, not up yet at boot) gets the 503 page that reloads.
+    # Read only, as the pages read: a writer's lock (a daemon in a batch) does not hide the schema
     try:
-        open_database(settings).dispose()
+        open_database(settings, read_only=True).dispose()
     except OperationalError as exc:
         # the server answered (no such database, a login refused): psycopg says so only in its words
-        if getattr(exc.orig, "sqlstate", None) is not None or "FATAL:" in str(exc.orig):
+        answered = getattr(exc.orig, "sqlstate", None) is not None or "FATAL:" in str(exc.orig)
+        if answered or is_sqlite(settings.db_url):
             raise
     serve(settings, host, port)
     sys.exit(EXIT_OK)

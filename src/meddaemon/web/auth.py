@@ -163,14 +163,21 @@ class SignInThrottle:
         with self._lock:
             return max(0.0, *(self._until(key) - now for key in keys))
 
-    def failed(self, *keys: str) -> None:
+    def begin(self, *keys: str) -> float:
+        """A sign-in for these keys: the seconds it must wait (nothing counted), or 0 and the attempt
+        counted as failed until ``succeeded`` clears it. Counted before its password is checked:
+        counted after, 200 attempts sent at once were all checked before the first was counted."""
         with self._lock:
             now = self.clock()
+            wait = max(0.0, *(self._until(key) - now for key in keys))
+            if wait > 0:
+                return wait
             if len(self._failures) > 10_000:  # many names or addresses: forget those whose wait is over
                 self._failures = {k: v for k, v in self._failures.items() if self._until(k) > now}
             for key in keys:
                 count, _ = self._failures.get(key, (0, now))
                 self._failures[key] = (count + 1, now)
+            return 0.0
 
     def succeeded(self, *keys: str) -> None:
         with self._lock:

@@ -242,9 +242,11 @@ def _filtered(f: WorklistFilter) -> list[Any]:
 
 
 def _search(q: str) -> Any:
-    """A file name that contains ``q``, a SHA-256 that starts with it, or the study whose UID it is."""
+    """A file name that contains ``q`` in any case, a SHA-256 that starts with it, or the study whose
+    UID it is. The case is ignored on every database (``lower`` on both sides: LIKE ignores case on
+    SQLite and not on PostgreSQL)."""
     key = q.lower()
-    options: list[Any] = [Scan.source_name.contains(q, autoescape=True)]
+    options: list[Any] = [Scan.source_name.icontains(q, autoescape=True)]
     if _HEX.match(key):
         # a range, not LIKE: SQLite's LIKE is case-insensitive and then skips the index
         options.append(and_(Scan.sha256 >= key, Scan.sha256 < key + "g"))

@@ -32,14 +32,13 @@ async def login_page(request: Request) -> Response:
     # client has the proxy's address, and one guesser would lock everyone out
     peer = request.client.host if request.client else ""
     keys = (f"user:{name}", *((f"from:{peer}",) if peer and not auth.is_loopback(peer) else ()))
-    wait = console.throttle.wait(*keys)
+    wait = console.throttle.begin(*keys)
     if wait > 0:
         log.warning("a sign-in refused: too many failed ones")
         error = f"Too many failed sign-ins: try again in {max(1, round(wait))} s."
         return render(request, "login.html", 429, title="Sign in", error=error)
     user = await run_in_threadpool(console.policy.login, name, password)
-    if user is None:
-        console.throttle.failed(*keys)
+    if user is None:  # counted as failed when it began
         log.warning("a sign-in failed")  # the name typed may be anything: not logged
         return render(request, "login.html", 401, title="Sign in", error="Unknown user or wrong password.")
     console.throttle.succeeded(*keys)
