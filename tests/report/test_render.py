@@ -401,3 +401,26 @@ def test_a_probability_and_its_threshold_are_shown_to_the_digits_that_compare_as
     flat = " ".join(text.split())
     assert table in flat, flat
     assert finding in flat, flat
+
+
+def test_the_pdf_dates_are_the_moment_it_was_made_in_a_half_hour_time_zone(monkeypatch: pytest.MonkeyPatch):
+    """reportlab writes the local time with its zone's offset cut to whole hours: made in India
+    (UTC+05:30), a report said it was made half an hour after it was."""
+    import re
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    try:
+        data = scan_data()
+        pdf = render_scan(data, images_for(data), load_template("busi"), report_fonts()).data
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    for key in (b"CreationDate", b"ModDate"):
+        found = re.search(rb"/" + key + rb" \(D:(\d{14})([+-]\d\d)'(\d\d)'\)", pdf)
+        assert found is not None, key
+        stamp, hours, minutes = found.group(1).decode(), int(found.group(2)), int(found.group(3))
+        offset = hours * 3600 + (minutes * 60 if hours >= 0 else -minutes * 60)
+        made = datetime.strptime(stamp, "%Y%m%d%H%M%S").replace(tzinfo=UTC).timestamp() - offset
+        assert abs(made - time.time()) < 120, (key, found.group(0))
