@@ -83,3 +83,13 @@ def test_read_map_refuses_what_is_not_a_map(tmp_path: Path) -> None:
         read_map((tmp_path / "objects.npy").read_bytes(), (224, 224))
     with pytest.raises(OSError):
         read_map(tmp_path / "missing.npy", (224, 224))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["NaN", "inf"])
+def test_read_map_refuses_a_map_that_is_not_finite(value: float) -> None:
+    """A NaN map was drawn as an overlay with no heat at all over a grey view, and crashed the
+    drawing over a colour one (IndexError): the report says the overlay is missing instead."""
+    grid = np.zeros((7, 7), np.float32)
+    grid[3, 3] = value
+    with pytest.raises(ValueError, match="not finite"):
+        read_map(grid_bytes(grid), (224, 224))

@@ -373,3 +373,29 @@ def test_the_model_s_pixels_are_its_view_in_the_model_s_own_channels(channels: i
     assert view.shape == (24, 20, 3) and pixels.shape == ((24, 20) if channels == 1 else (24, 20, 3))
     assert (view == (pixels[..., None] if channels == 1 else pixels)).all()
     assert pixels.min() == 0 and pixels.max() == 255  # clipped to the picture's range
+
+
+def test_a_map_that_is_not_finite_is_left_out_not_stored_and_the_others_kept():
+    """Features or gradients with a NaN gave a NaN map, stored and drawn as though it were one."""
+    activation = torch.rand(2, 4, 7, 7, generator=torch.Generator().manual_seed(3))
+    activation[0, 1, 2, 2] = float("nan")
+    logits = torch.tensor([[2.0, -1.0], [2.0, -1.0]])
+    weight = torch.ones(2, 4)
+
+    result = heatmaps.cams_from_features(activation, logits, weight, predicted_class(), (56, 56))
+
+    assert [len(row) for row in result.maps] == [0, 1]
+    assert all(np.isfinite(m).all() for row in result.maps for _, m in row)
+
+
+@pytest.mark.parametrize("channels", [1, 3], ids=["grey view", "colour view"])
+def test_an_overlay_of_a_map_with_nan_draws_no_heat_there_and_does_not_fail(channels: int):
+    from meddaemon.engine.overlay import overlay
+
+    view = np.full((8, 8, 3) if channels == 3 else (8, 8), 128, np.uint8)
+    heatmap = np.full((8, 8), np.nan, np.float32)
+    heatmap[0, 0] = 1.0
+
+    blended = overlay(view, heatmap)
+
+    assert (blended[1:, 1:] == 128).all() and (blended[0, 0] != 128).any()

@@ -78,9 +78,11 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
 def read_map(stored: bytes | Path, size: tuple[int, int]) -> np.ndarray:
     """A stored map at ``size`` (H, W), float32: ``stored`` is the heatmap row's grid (``.npy``
     bytes), or the ``.npy`` file of a row an earlier version wrote (its grid, or the whole map).
-    ``OSError`` when the file cannot be read, ``ValueError`` when it is not a 2-D ``.npy`` (never
-    unpickled)."""
+    ``OSError`` when the file cannot be read, ``ValueError`` when it is not a 2-D ``.npy`` of finite
+    numbers (never unpickled)."""
     grid = np.load(io.BytesIO(stored) if isinstance(stored, bytes) else stored, allow_pickle=False)
     if grid.ndim != 2:
         raise ValueError(f"the stored map is a {grid.ndim}-D array, not a map")
+    if not np.isfinite(grid).all():
+        raise ValueError("the stored map holds values that are not finite numbers")
     return expand_one(grid, size)

@@ -219,12 +219,15 @@ def _pairs(targets: list[list[int]], device: torch.device) -> tuple[Tensor, Tens
 
 
 def _assemble(targets: list[list[int]], raw: Tensor | None) -> list[list[tuple[int, np.ndarray]]]:
+    """Each image's maps, by class. A map that is not finite everywhere (a NaN in the features or
+    the gradients) is left out: its result is stored without a heatmap, as the report then says."""
     if raw is None:
         return [[] for _ in targets]
     grids = _grids(raw).cpu().numpy()
+    finite = np.isfinite(grids).all(axis=(1, 2))
     out, n = [], 0
     for row in targets:
-        out.append([(c, grids[n + j]) for j, c in enumerate(row)])
+        out.append([(c, grids[n + j]) for j, c in enumerate(row) if finite[n + j]])
         n += len(row)
     return out
 

@@ -70,6 +70,8 @@ def overlay(view: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.nd
     view, one lookup of the blend itself, the same bytes at 0.4 of that (the daemon writes one
     overlay for every heatmap it stores)."""
     index = np.clip(heatmap, 0.0, 1.0, dtype=np.float32)
+    if np.isnan(index).any():  # NaN, which clip keeps, is no heat (its integer level is undefined)
+        np.nan_to_num(index, copy=False)
     index *= LEVELS - 1
     index += 0.5
     levels = index.astype(np.intp)
