@@ -41,6 +41,49 @@ def test_two_keys_for_the_same_scan_with_different_labels_conflict():
     assert "same scan" in report.conflicts[0].detail
 
 
+def accounted_rows(report) -> int:  # type: ignore[no-untyped-def]
+    """Every label row is matched, an identical duplicate, in a conflict, or a key left unmatched."""
+    return (
+        report.matched + report.identical_duplicates + sum(len(c.lines) for c in report.conflicts)
+        + len(report.labels_without_prediction) + len(report.ambiguous)
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [("s0.png", {"covid"}, None, {}), ("s0.png", {"normal"}, None, {}), ("covid/s0.png", {"normal"}, None, {})],
+        [("covid/s0.png", {"normal"}, None, {}), ("s0.png", {"covid"}, None, {}), ("s0.png", {"normal"}, None, {})],
+    ],
+    ids=["the contradiction first", "the other key first"],
+)
+def test_a_scan_whose_rows_contradict_each_other_is_left_out_whichever_key_spells_it(rows):
+    """A key whose own rows disagree was set aside before it was looked up: the scan it names was
+    then audited with the label another spelling of its name gave."""
+    preds = predictions("covid", ["covid/s0.png", "covid/s1.png", "covid/s2.png"])
+    t = table([*rows, ("s1.png", {"covid"}, None, {}), ("s2.png", {"normal"}, None, {})])
+    cohort, report = join(preds, t)
+    assert report.matched == 2 and sorted(cohort.scan_ids.tolist()) == [2, 3]  # s1 and s2
+    assert sorted(line for c in report.conflicts for line in c.lines) == [2, 3, 4]  # line 1: the header
+    assert accounted_rows(report) == report.label_rows == 5
+
+
+def test_every_row_of_a_scan_left_out_for_a_conflict_is_counted_in_it():
+    """A third key for a scan already left out was counted nowhere: 12 label rows, 9 matched, two
+    lines in conflict, none else."""
+    preds = predictions("covid", ["covid/s0.png", "covid/s1.png"])
+    t = table([
+        ("s0.png", {"covid"}, None, {}),
+        ("covid/s0.png", {"normal"}, None, {}),
+        ("/data/x/covid/s0.png", {"normal"}, None, {}),
+        ("s1.png", {"covid"}, None, {}),
+    ])  # fmt: skip
+    cohort, report = join(preds, t)
+    assert cohort.scan_ids.tolist() == [2]  # s1
+    assert [c.lines for c in report.conflicts] == [(2, 3, 4)]
+    assert accounted_rows(report) == report.label_rows == 4
+
+
 def test_binary_truth_from_either_label_and_only_the_positive_label_reported():
     preds = predictions("covid", ["a.png", "b.png", "c.png"])
     t = table(

@@ -10,7 +10,7 @@ of the same key (or the same scan) with different labels are conflicts and are l
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -189,32 +189,40 @@ def join(predictions: Predictions, table: LabelTable) -> tuple[Cohort, JoinRepor
     ambiguous: list[str] = []
     duplicates = 0
     chosen: dict[int, LabelRow] = {}
-    excluded: set[int] = set()
+    #: scans left out for labels that contradict each other -> the index of their conflict
+    excluded: dict[int, int] = {}
     for key, rows in by_key.items():
         first = rows[0]
-        if any(not _same(first, r) for r in rows[1:]):
-            conflicts.append(Conflict(key, tuple(r.line for r in rows), "the same key with different labels"))
+        found = index.find(key) or (index.by_sha.get(first.sha256, []) if first.sha256 else [])
+        scan = found[0] if len(found) == 1 else None
+        if any(not _same(first, r) for r in rows[1:]):  # the scan it names is left out, whatever other keys say
+            lines = [r.line for r in rows]
+            if scan is not None and scan in chosen:
+                lines.append(chosen.pop(scan).line)
+            conflicts.append(Conflict(key, tuple(sorted(lines)), "the same key with different labels"))
+            if scan is not None:
+                excluded.setdefault(scan, len(conflicts) - 1)
+            continue
+        if scan is not None and scan in excluded:  # its rows are counted in the scan's conflict
+            at = excluded[scan]
+            conflicts[at] = replace(conflicts[at], lines=tuple(sorted({*conflicts[at].lines, *(r.line for r in rows)})))
             continue
         duplicates += len(rows) - 1
-        found = index.find(key) or (index.by_sha.get(first.sha256, []) if first.sha256 else [])
         if not found:
             without.append(key)
             continue
-        if len(found) > 1:
+        if scan is None:
             ambiguous.append(key)
-            continue
-        scan = found[0]
-        if scan in excluded:
             continue
         if scan in chosen:
             if _same(chosen[scan], first):
                 duplicates += 1
             else:
                 other = chosen.pop(scan)
-                excluded.add(scan)
                 conflicts.append(
                     Conflict(key, (other.line, first.line), f"{other.key!r} and {key!r} are the same scan")
                 )
+                excluded[scan] = len(conflicts) - 1
             continue
         chosen[scan] = first
     if not chosen:
