@@ -84,6 +84,20 @@ def test_every_row_of_a_scan_left_out_for_a_conflict_is_counted_in_it():
     assert accounted_rows(report) == report.label_rows == 4
 
 
+@pytest.mark.parametrize("contradiction_first", [False, True], ids=["agreeing keys first", "contradiction first"])
+def test_the_rows_of_a_scan_left_out_are_all_in_its_conflict_in_whatever_order_they_come(contradiction_first):
+    """A row agreeing with the scan's first key was counted as an identical duplicate when the
+    contradiction came after it, and in the conflict when it came before."""
+    agreeing = [("s0.png", {"covid"}, None, {}), ("covid/s0.png", {"covid"}, None, {})]
+    contradicting = [("/data/covid/s0.png", {"covid"}, None, {}), ("/data/covid/s0.png", {"normal"}, None, {})]
+    s0 = contradicting + agreeing if contradiction_first else agreeing + contradicting
+    cohort, report = join(predictions("covid", ["covid/s0.png", "covid/s1.png"]),
+                          table([*s0, ("s1.png", {"covid"}, None, {})]))  # fmt: skip
+    assert cohort.scan_ids.tolist() == [2]
+    assert [c.lines for c in report.conflicts] == [(2, 3, 4, 5)] and report.identical_duplicates == 0
+    assert accounted_rows(report) == report.label_rows == 5
+
+
 def test_binary_truth_from_either_label_and_only_the_positive_label_reported():
     preds = predictions("covid", ["a.png", "b.png", "c.png"])
     t = table(

@@ -361,12 +361,12 @@ def test_a_stow_rs_url_with_a_query_posts_to_its_studies_resource_with_the_query
     the URL's path and ``/studies``, not ``/studies`` appended after the query."""
     stow = ScriptedStow()
     try:
-        destination = DestinationConfig("stow", "dicomweb", url=f"{stow.url}?token=s3cret&site=a%20b#frag")
+        destination = DestinationConfig("stow", "dicomweb", url=f"{stow.url}?token=s3cret&site=a%20b&site=c&e=#frag")
         answers = StowSender(destination).send(objects[:1])
     finally:
         stow.stop()
     assert answers == [Delivery(True)]
-    assert stow.paths == ["/dicom-web/studies?token=s3cret&site=a+b"]
+    assert stow.paths == ["/dicom-web/studies?token=s3cret&site=a+b&site=c&e="]
 
 
 def test_a_folder_destination_whose_folder_fsync_fails_is_not_acknowledged(

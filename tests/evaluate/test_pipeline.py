@@ -425,12 +425,15 @@ def test_a_path_through_dot_dot_names_the_folder_it_reaches(
     for side in ("a", "b"):
         write_png(tmp_path / side / f"synthetic_{side}.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
         (tmp_path / side / "x").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a", target_is_directory=True)
     monkeypatch.chdir(tmp_path)
     first = evaluate(world, Path("a/x/.."))
     second = evaluate(world, Path("b/x/.."))
     again = evaluate(world, Path("a"))
     assert (first.name, second.name) == ("a-busi-v1", "b-busi-v1")
     assert again.evaluation_id == first.evaluation_id and again.summary["scored"] == 0
+    through_a_link = evaluate(world, Path("link"), name="by-link")  # a link is kept as given
+    assert evaluate(world, Path("b/../link"), name="by-link").evaluation_id == through_a_link.evaluation_id
     engine = world.engine()
     with session_factory(engine)() as session:
         assert session.scalar(select(Evaluation.dataset_path).where(Evaluation.id == first.evaluation_id)) == str(

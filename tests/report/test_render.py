@@ -424,3 +424,20 @@ def test_the_pdf_dates_are_the_moment_it_was_made_in_a_half_hour_time_zone(monke
         offset = hours * 3600 + (minutes * 60 if hours >= 0 else -minutes * 60)
         made = datetime.strptime(stamp, "%Y%m%d%H%M%S").replace(tzinfo=UTC).timestamp() - offset
         assert abs(made - time.time()) < 120, (key, found.group(0))
+
+
+def test_the_pdf_dates_follow_source_date_epoch_where_it_is_set(monkeypatch: pytest.MonkeyPatch):
+    """reportlab then hands the formatter UTC parts, not local ones: taken for local time, the date
+    moved by the zone's offset."""
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "946684800")  # 2000-01-01T00:00:00Z
+    time.tzset()
+    try:
+        data = scan_data()
+        pdf = render_scan(data, images_for(data), load_template("busi"), report_fonts()).data
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert pdf.count(b"(D:20000101000000+00'00')") == 2  # CreationDate and ModDate

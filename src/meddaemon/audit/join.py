@@ -187,44 +187,42 @@ def join(predictions: Predictions, table: LabelTable) -> tuple[Cohort, JoinRepor
     conflicts: list[Conflict] = []
     without: list[str] = []
     ambiguous: list[str] = []
-    duplicates = 0
     chosen: dict[int, LabelRow] = {}
+    #: the lines of every row naming a chosen scan: a scan left out later takes them into its conflict
+    lines_of: dict[int, list[int]] = defaultdict(list)
     #: scans left out for labels that contradict each other -> the index of their conflict
     excluded: dict[int, int] = {}
+    unmatched_duplicates = 0
     for key, rows in by_key.items():
         first = rows[0]
+        lines = [r.line for r in rows]
         found = index.find(key) or (index.by_sha.get(first.sha256, []) if first.sha256 else [])
         scan = found[0] if len(found) == 1 else None
         if any(not _same(first, r) for r in rows[1:]):  # the scan it names is left out, whatever other keys say
-            lines = [r.line for r in rows]
             if scan is not None and scan in chosen:
-                lines.append(chosen.pop(scan).line)
+                del chosen[scan]
+                lines += lines_of.pop(scan)
             conflicts.append(Conflict(key, tuple(sorted(lines)), "the same key with different labels"))
             if scan is not None:
                 excluded.setdefault(scan, len(conflicts) - 1)
             continue
         if scan is not None and scan in excluded:  # its rows are counted in the scan's conflict
             at = excluded[scan]
-            conflicts[at] = replace(conflicts[at], lines=tuple(sorted({*conflicts[at].lines, *(r.line for r in rows)})))
-            continue
-        duplicates += len(rows) - 1
-        if not found:
-            without.append(key)
+            conflicts[at] = replace(conflicts[at], lines=tuple(sorted({*conflicts[at].lines, *lines})))
             continue
         if scan is None:
-            ambiguous.append(key)
+            (ambiguous if found else without).append(key)
+            unmatched_duplicates += len(rows) - 1
             continue
-        if scan in chosen:
-            if _same(chosen[scan], first):
-                duplicates += 1
-            else:
-                other = chosen.pop(scan)
-                conflicts.append(
-                    Conflict(key, (other.line, first.line), f"{other.key!r} and {key!r} are the same scan")
-                )
-                excluded[scan] = len(conflicts) - 1
+        if scan in chosen and not _same(chosen[scan], first):
+            other = chosen.pop(scan)
+            both = tuple(sorted([*lines_of.pop(scan), *lines]))
+            conflicts.append(Conflict(key, both, f"{other.key!r} and {key!r} are the same scan"))
+            excluded[scan] = len(conflicts) - 1
             continue
-        chosen[scan] = first
+        chosen.setdefault(scan, first)
+        lines_of[scan] += lines
+    duplicates = unmatched_duplicates + sum(len(lines) - 1 for lines in lines_of.values())
     if not chosen:
         raise AuditInputError(
             f"no label row of {table.path} matched a stored prediction of {predictions.task}/"

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -338,11 +338,12 @@ def _failure_reasons(response: Any) -> list[int]:
         return []
 
 
-def _base_and_query(url: str) -> tuple[str, dict[str, str]]:
+def _base_and_query(url: str) -> tuple[str, dict[str, list[str]]]:
     """A DICOMweb URL without its query and fragment, and its query's parameters (a token, say),
-    which go with every request."""
+    which go with every request: each key with all its values, in order (``requests`` merges a
+    session's parameters given as a dict only)."""
     parts = urlsplit(url)
-    return urlunsplit(parts._replace(query="", fragment="")), dict(parse_qsl(parts.query, keep_blank_values=True))
+    return urlunsplit(parts._replace(query="", fragment="")), parse_qs(parts.query, keep_blank_values=True)
 
 
 class StowSender:

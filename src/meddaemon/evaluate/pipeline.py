@@ -126,11 +126,11 @@ class Prepared:
 
 
 def dataset_path(path: Path) -> Path:
-    """``path`` made absolute, and resolved where it holds ``..``: ``x/..`` and ``.`` name one folder,
-    its evaluation's default name and stored path are its own, not ``..``'s. A path without ``..``
-    stays as given (a link such as ``/data`` is not swapped for the mount it points to)."""
-    absolute = path.absolute()
-    return absolute.resolve() if ".." in absolute.parts else absolute
+    """``path`` made absolute, each ``..`` taking away the name before it, as the shell's ``cd``
+    does: ``x/..`` and ``.`` name one folder, and its evaluation's default name and stored path are
+    its own, not ``..``'s. Links are kept as given: ``/data`` is not swapped for the mount it
+    points to, which another Ray node may reach under ``/data`` only."""
+    return Path(os.path.normpath(path.absolute()))
 
 
 def run_evaluation(

@@ -168,7 +168,9 @@ def scored_shas(session: Session, version: ModelVersion, with_heatmaps: bool = F
     """SHA-256 of every scan that has results of this model version. ``with_heatmaps`` (a run with
     ``--heatmaps``) leaves out the scans that lack the maps the version would make (those scored by a
     run without): they are decoded again for them. A scan that gets none (a version that makes no
-    heatmaps; a multilabel call of no label) stays scored, or every rerun would score it again."""
+    heatmaps; a multilabel call of no label) stays scored, or every rerun would score it again. A
+    map left out for not being finite (``engine.heatmaps``) leaves no trace: such a scan is decoded
+    and run through the model again by each rerun with ``--heatmaps``, and stores nothing more."""
     query = select(Scan.sha256).distinct().join(Result, Result.scan_id == Scan.id)
     scored = {s for s in session.scalars(query.where(Result.model_version_id == version.id)) if s}
     if not with_heatmaps or not (version.manifest or {}).get("heatmaps", True):

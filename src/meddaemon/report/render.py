@@ -483,7 +483,7 @@ def _footer(text: str, st: Styles) -> Callable[[Canvas, SimpleDocTemplate], None
     line = clean(text, 150)
 
     def draw(canvas: Canvas, doc: SimpleDocTemplate) -> None:
-        canvas.setDateFormatter(_pdf_date_in_utc)
+        canvas.setDateFormatter(_pdf_date_in_utc(canvas))
         canvas.saveState()
         canvas.setFont(st.fonts.regular, 7.5)
         canvas.setFillColor(GREY)
@@ -494,11 +494,14 @@ def _footer(text: str, st: Styles) -> Callable[[Canvas, SimpleDocTemplate], None
     return draw
 
 
-def _pdf_date_in_utc(year: int, month: int, day: int, hour: int, minute: int, second: int) -> str:
-    """The PDF's CreationDate and ModDate, given in local time, as the same moment in UTC: reportlab
-    writes its zone's offset cut to whole hours (``+05'00'`` in India, whose offset is +05:30)."""
-    moment = datetime(year, month, day, hour, minute, second).astimezone(UTC)  # naive: local time
-    return moment.strftime("D:%Y%m%d%H%M%S+00'00'")
+def _pdf_date_in_utc(canvas: Canvas) -> Callable[..., str]:
+    """The formatter of the PDF's CreationDate and ModDate: reportlab's own moment (its document's
+    time stamp, ``SOURCE_DATE_EPOCH`` where set) in UTC. reportlab writes the local time with its
+    zone's offset cut to whole hours (``+05'00'`` in India, whose offset is +05:30), and the local
+    parts it hands a formatter cannot tell the two 01:30s of a night the clocks go back."""
+    moment = float(canvas._doc._timeStamp.t)
+    text = datetime.fromtimestamp(moment, UTC).strftime("D:%Y%m%d%H%M%S+00'00'")
+    return lambda *_: text
 
 
 def build(story: list[Flowable], title: str, subject: str, footer: str, st: Styles) -> Rendered:
