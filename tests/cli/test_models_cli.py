@@ -69,6 +69,8 @@ def test_import_list_show_promote_retire(run, tmp_path: Path):  # type: ignore[n
     assert shown["manifest"]["version"] == "v2" and shown["manifest"]["labels"] == list(BUILTIN_TASKS["busi"].labels)
     assert shown["manifest"]["sha256"] == shown["sha256"]
     assert "architecture" in run("show", "busi", "v2").stdout
+    created = next(line for line in run("show", "busi", "v2").stdout.splitlines() if line.startswith("created_at"))
+    assert created.endswith("+00:00"), created  # SQLite's times came without their zone
 
     promoted = as_json(run("promote", "busi", "v1", "--json"))
     assert promoted["status"] == "active" and promoted["promoted_at"] and promoted["previous_active"] is None
@@ -92,6 +94,27 @@ def test_a_refused_import_exits_1_with_its_reason(run, tmp_path: Path):  # type:
     result = run("import", str(folder), code=1)
     assert "refused (hash_mismatch)" in result.stderr and str(weights) in result.stderr
     assert as_json(run("list", "--json")) == []
+
+
+def test_an_import_the_registry_s_disk_cannot_hold_exits_1_in_one_line_leaving_nothing(  # type: ignore[no-untyped-def]
+    run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A full disk (ENOSPC, injected: no disk here fills on demand) was a 40-line traceback."""
+    import errno
+    import shutil
+
+    folder = save(tmp_path / "src" / "v1", "v1", 1)
+
+    def full(source: Path, target: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device (injected)", str(target))
+
+    monkeypatch.setattr(shutil, "copyfile", full)
+    result = run("import", str(folder), code=1)
+    assert result.stderr.startswith("error (io_error): cannot copy ") and "Traceback" not in result.output
+    assert "No space left on device (injected)" in result.stderr and len(result.stderr.splitlines()) == 1
+    monkeypatch.undo()
+    assert as_json(run("list", "--json")) == []
+    assert [p.name for p in (tmp_path / "state" / "models" / "busi").iterdir()] == []
 
 
 def test_a_duplicate_an_unknown_version_and_an_unknown_task_are_usage_errors(run, tmp_path: Path):  # type: ignore[no-untyped-def]

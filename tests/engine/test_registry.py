@@ -267,6 +267,8 @@ def test_a_manifest_missing_a_field_is_refused_naming_it(v1: Path, field: str):
         ({"thresholds": {"cancer": 0.5}}, "thresholds"),
         ({"architecture": "alexnet"}, "architecture"),
         ({"version": "../../etc"}, "version"),
+        ({"version": "v1\n"}, "version"),  # "$" let a final newline in: a folder no command could name
+        ({"task": "busi\n"}, "task"),
         ({"backend": "tensorrt"}, "backend"),
         ({"created": "2024-01-01T00:00:00"}, "created"),
         ({"self_test": {"seed": 0, "batch": 2, "atol": 1.0, "expected_probabilities": []}}, "self_test"),
@@ -449,6 +451,33 @@ def test_a_refused_model_is_never_registered(factory, tmp_path: Path):  # type: 
     with factory() as session:
         assert list_versions(session) == []
     assert not (root / "busi" / "bad").exists()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # SQLite's BEGIN IMMEDIATE serialises them
+def test_two_first_imports_of_a_task_at_once_both_register(factory, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Neither saw the task's row and each inserted it: the second failed on the primary key (a
+    traceback, its version lost), where a task already known serialised the two."""
+    root = tmp_path / "registry"
+    for version, seed in (("v1", 1), ("v2", 2)):
+        save_small(tmp_path / "src" / version, version=version, seed=seed)
+    second: list[BaseException | str] = []
+
+    def import_v2() -> None:
+        try:
+            with transaction(factory) as session:
+                second.append(import_version(session, tmp_path / "src" / "v2", root).version)
+        except BaseException as exc:  # reported by the assertion below
+            second.append(exc)
+
+    with transaction(factory) as session:
+        import_version(session, tmp_path / "src" / "v1", root)
+        thread = threading.Thread(target=import_v2)
+        thread.start()
+        thread.join(3)  # it waits for this transaction's task row (or, before, failed on it at commit)
+    thread.join(60)
+    assert second == ["v2"]
+    with factory() as session:
+        assert [r.version for r in list_versions(session, "busi")] == ["v1", "v2"]
 
 
 def test_import_promote_retire(factory, tmp_path: Path):  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from meddaemon.cli.common import (
     build_settings,
     echo_json,
     handle_errors,
+    json_value,
     open_database,
     settings_options,
 )
@@ -132,7 +134,8 @@ def show_cmd(config_file: Path | None, task: str, version: str, as_json: bool, *
         return
     manifest = data.pop("manifest")
     for key, value in data.items():
-        click.echo(f"{key:<26} {value if value is not None else '-'}")
+        shown = json_value(value) if isinstance(value, datetime) else value  # in UTC, saying so, on every database
+        click.echo(f"{key:<26} {shown if shown is not None else '-'}")
     note = _heatmap_note(manifest)
     if note:
         click.echo(note)

@@ -20,7 +20,7 @@ from meddaemon import __version__
 from meddaemon.daemon import claims, filing
 from meddaemon.daemon.intake import Intake
 from meddaemon.daemon.stability import StableFile
-from meddaemon.db.bulk import insert_returning_ids, insert_rows
+from meddaemon.db.bulk import insert_missing, insert_returning_ids, insert_rows
 from meddaemon.db.models import (
     METADATA_COLUMNS,
     DuplicateArrival,
@@ -94,8 +94,8 @@ class BatchRecord:
 
 def ensure_tasks(session: Session, specs: Mapping[str, TaskSpec]) -> None:
     existing = set(session.scalars(select(Task.name)))
-    for name in sorted(set(specs) - existing):
-        session.add(Task(name=name, description=specs[name].description))
+    missing = [{"name": name, "description": specs[name].description} for name in sorted(set(specs) - existing)]
+    insert_missing(session, Task, missing)
 
 
 def record_batch(

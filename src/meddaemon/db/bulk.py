@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 
@@ -20,6 +21,16 @@ def insert_rows(session: Session, model: type[Any], rows: Sequence[Mapping[str, 
     """``rows`` (column name -> value) into ``model``'s table, as one multi-row INSERT."""
     if rows:
         session.execute(insert(model.__table__), rows)
+
+
+def insert_missing(session: Session, model: type[Any], rows: Sequence[Mapping[str, object]]) -> None:
+    """``rows`` into ``model``'s table, each unless a row with its key is there already, whoever
+    inserts it meanwhile (``ON CONFLICT DO NOTHING``): two processes that each saw no row and
+    inserted one, the second failed on the primary key."""
+    if rows:
+        dialect = session.get_bind().dialect.name
+        dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        session.execute(dialect_insert(model.__table__).on_conflict_do_nothing(), rows)
 
 
 def insert_returning_ids(

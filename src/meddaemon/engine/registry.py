@@ -49,6 +49,7 @@ from sqlalchemy.orm import Session
 from torch import Tensor, nn
 
 from meddaemon import __version__
+from meddaemon.db.bulk import insert_missing
 from meddaemon.db.models import ModelVersion, Task, utcnow
 from meddaemon.engine.architectures import ARCHITECTURES, build_model
 from meddaemon.engine.card import card_files
@@ -73,7 +74,7 @@ MAX_SELF_TEST_BATCH = 64
 MAX_SELF_TEST_ATOL = 0.01
 DEFAULT_SELF_TEST_ATOL = 1e-4
 #: Task and version names become folder names: no separators, no leading dot.
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" lets a final newline in
 
 #: Reasons a model version is refused (``ModelRefused.reason``).
 REFUSAL_REASONS = (
@@ -819,11 +820,8 @@ def import_version(
             f"is {spec.kind} with labels {list(spec.labels)} (same labels in the same order are needed)",
         )
 
-    task_row = session.get(Task, manifest.task, with_for_update=True)
-    if task_row is None:
-        task_row = Task(name=manifest.task, description=spec.description if spec else "")
-        session.add(task_row)
-        session.flush()
+    insert_missing(session, Task, [{"name": manifest.task, "description": spec.description if spec else ""}])
+    session.get(Task, manifest.task, with_for_update=True)  # one import of a task at a time
     existing = session.scalars(
         select(ModelVersion).where(ModelVersion.task_name == manifest.task, ModelVersion.version == manifest.version)
     ).one_or_none()
@@ -836,7 +834,12 @@ def import_version(
 
     unresolved = version_dir(registry_root, manifest.task, manifest.version)  # under state_dir as given
     target = unresolved.resolve()
-    _copy_into_registry(source, target, manifest)
+    try:
+        _copy_into_registry(source, target, manifest)
+    except OSError as exc:  # a full disk, a registry folder this user cannot write
+        raise RegistryError(
+            "io_error", f"cannot copy {source} into the registry at {target}: {exc.strerror or exc}"
+        ) from exc
     row = ModelVersion(
         task_name=manifest.task,
         version=manifest.version,
