@@ -43,6 +43,23 @@ def test_a_different_file_at_the_target_is_never_overwritten(tmp_path: Path):
     assert (tmp_path / "dst").read_bytes() == b"other bytes" and (tmp_path / "src").exists()
 
 
+def test_a_file_renamed_over_the_one_read_is_left_where_it_is_not_moved_in_its_place(tmp_path: Path):
+    """The move took whatever was at the name: a file renamed over it after it was read was filed
+    under the hash of the bytes read before, and never registered itself."""
+    from meddaemon.daemon.stability import signature
+
+    source = tmp_path / "inbox" / "scan.png"
+    source.parent.mkdir()
+    source.write_bytes(b"synthetic A")
+    read_as = signature(source)
+    (tmp_path / "inbox" / ".new").write_bytes(b"synthetic B")
+    os.rename(tmp_path / "inbox" / ".new", source)
+    target = tmp_path / "work" / "a.png"
+    assert finish_move(source, target, read_as=read_as) is MoveOutcome.REPLACED
+    assert source.read_bytes() == b"synthetic B" and not target.exists()
+    assert finish_move(source, target, read_as=signature(source)) is MoveOutcome.MOVED
+
+
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second filesystem (tmpfs at /dev/shm)")
 def test_a_move_across_filesystems_copies_then_removes_the_source(tmp_path: Path):
     with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
@@ -185,6 +202,22 @@ def test_archive_names_are_dated_and_disambiguated_by_hash(tmp_path: Path):
     first.parent.mkdir(parents=True)
     first.write_bytes(b"x")
     assert filing.archive_path(tmp_path, PurePosixPath("a.png"), "2" * 64, day).name == "a__222222222222.png"
+
+
+def test_the_same_bytes_under_one_name_a_third_time_in_a_day_get_a_file_of_their_own(tmp_path: Path):
+    """The third took the second's name: its file was unlinked as "already there" and its row named
+    the second's file (two files for three arrivals)."""
+    day = datetime(2026, 12, 6)
+    kept = []
+    for _arrival in range(3):
+        target = filing.archive_path(tmp_path, PurePosixPath("busi/dup.png"), "8c" * 32, day)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"synthetic")
+        kept.append(target.name)
+    assert kept == ["dup.png", "dup__8c8c8c8c8c8c.png", "dup__8c8c8c8c8c8c__2.png"]
+    taken: set[Path] = set()
+    in_one_batch = [filing.archive_path(tmp_path, PurePosixPath("busi/dup.png"), "8c" * 32, day, taken) for _ in "ab"]
+    assert [t.name for t in in_one_batch] == ["dup__8c8c8c8c8c8c__3.png", "dup__8c8c8c8c8c8c__4.png"]
 
 
 def test_the_reason_file_is_complete_json(tmp_path: Path):

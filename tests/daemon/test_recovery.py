@@ -140,10 +140,10 @@ def test_a_move_that_keeps_failing_is_logged_as_an_error_once_and_its_success_on
     [move] = commit_without_moving(daemon, [path]).moves
     real_move, failures = filing.finish_move, iter(range(4))
 
-    def full_disk(source, target, alive=lambda: None):  # type: ignore[no-untyped-def]
+    def full_disk(source, target, *args, **kwargs):  # type: ignore[no-untyped-def]
         if next(failures, None) is not None:
             raise OSError(errno.ENOSPC, "SYNTHETIC: no room", str(source))
-        return real_move(source, target, alive)
+        return real_move(source, target, *args, **kwargs)
 
     monkeypatch.setattr(filing, "finish_move", full_disk)
     caplog.set_level(logging.INFO, logger="meddaemon")
@@ -156,3 +156,42 @@ def test_a_move_that_keeps_failing_is_logged_as_an_error_once_and_its_success_on
     assert len(errors) == 1 and "could not move" in errors[0] and "SYNTHETIC: no room" in errors[0], said
     assert len([m for level, m in said if level == logging.INFO and "finishing 1 committed moves" in m]) == 1, said
     assert any("moved synthetic_c.png" in m and "blocked before" in m for _, m in said), said
+
+
+def test_a_file_renamed_over_one_whose_move_was_blocked_is_taken_as_a_new_arrival(
+    make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A's move was blocked (no room, injected); B was renamed over A's name meanwhile. Once the move
+    could be made, B's bytes were filed as A's (under A's hash, A's row) and B was never registered."""
+    import errno
+
+    from meddaemon.daemon import filing
+    from meddaemon.files import file_sha256
+
+    path = write_png(tmp_path / "inbox" / "busi" / "synthetic_scan.png", np.zeros((8, 8), np.uint8))
+    daemon = Daemon(make_settings())
+    daemon.prepare()
+    record = commit_without_moving(daemon, [path])
+    real_move, failures = filing.finish_move, iter(range(1))
+
+    def full_disk(source, target, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if next(failures, None) is not None:
+            raise OSError(errno.ENOSPC, "SYNTHETIC: no room", str(source))
+        return real_move(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(filing, "finish_move", full_disk)
+    caplog.set_level(logging.INFO, logger="meddaemon")
+    daemon._carry_out(record.moves)  # the move right after the commit: blocked
+    replacement = write_png(tmp_path / "synthetic_b.png", np.full((8, 8), 200, np.uint8))
+    replacement.rename(path)
+    b_sha = file_sha256(path)
+    daemon.recover()  # the next rescan's retry of the blocked move
+    daemon.run(once=True)
+
+    with daemon.sessions() as session:
+        scans = dict(session.execute(select(Scan.sha256, Scan.stored_path)).all())
+    assert b_sha in scans and len(scans) == 2  # B registered as a scan of its own
+    for sha, stored in scans.items():
+        kept = daemon.settings.stored_file(stored) if stored else None
+        assert kept is None or not kept.exists() or file_sha256(kept) == sha, (sha, stored)
+    assert any("was replaced by another file before it could be moved" in r.getMessage() for r in caplog.records)

@@ -151,9 +151,9 @@ def test_the_daemon_keeps_pinging_the_watchdog_while_it_moves_a_batch_of_slow_fi
 
     real_move = filing.finish_move
 
-    def slow_move(source, target, alive=lambda: None):  # type: ignore[no-untyped-def]
+    def slow_move(source, target, *args, **kwargs):  # type: ignore[no-untyped-def]
         time.sleep(0.3)
-        return real_move(source, target, alive)
+        return real_move(source, target, *args, **kwargs)
 
     monkeypatch.setattr(Watchdog, "send", recorded)
     monkeypatch.setattr(filing, "finish_move", slow_move)

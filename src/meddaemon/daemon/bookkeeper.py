@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, object_session
 from meddaemon import __version__
 from meddaemon.daemon import claims, filing
 from meddaemon.daemon.intake import Intake
-from meddaemon.daemon.stability import StableFile
+from meddaemon.daemon.stability import Signature, StableFile
 from meddaemon.db.bulk import insert_missing, insert_returning_ids, insert_rows
 from meddaemon.db.models import (
     METADATA_COLUMNS,
@@ -69,6 +69,8 @@ class PlannedMove:
     source: Path
     target: Path
     reason_document: dict[str, object] | None = None
+    #: an inbox file as it was read (``filing.finish_move``); None where it is not known (recovery)
+    read_as: Signature | None = None
 
 
 @dataclass
@@ -170,6 +172,7 @@ class _NewScan:
     values: dict[str, object]
     source: Path
     outcome: IntakeOutcome
+    read_as: Signature | None = None
     steps: list[tuple[ScanState, str | None]] = field(default_factory=list)
     target: Path | None = None
     id: int = 0
@@ -200,7 +203,7 @@ class _NewScan:
                 self.id, v["source_name"], v["failure_reason"], v["failure_message"], v["sha256"], v["size_bytes"],
                 v["updated_at"],
             )  # fmt: skip
-        return PlannedMove("scan", self.id, self.source, self.target, reason)
+        return PlannedMove("scan", self.id, self.source, self.target, reason, self.read_as)
 
     def finished_outcome(self) -> IntakeOutcome:
         self.outcome.scan_id = self.id
@@ -216,10 +219,11 @@ class _NewArrival:
     source: Path
     target: Path
     outcome: IntakeOutcome
+    read_as: Signature | None = None
     id: int = 0
 
     def planned_move(self) -> PlannedMove:
-        return PlannedMove("duplicate", self.id, self.source, self.target)
+        return PlannedMove("duplicate", self.id, self.source, self.target, read_as=self.read_as)
 
     def finished_outcome(self) -> IntakeOutcome:
         self.outcome.detail = f"same bytes as scan {self.original.id} ({self.original.source_name})"
@@ -266,7 +270,7 @@ def _new_scan(
         "failure_message": None,
         **{column: getattr(metadata, column) if metadata is not None else None for column in METADATA_COLUMNS},
     }
-    scan = _NewScan(values, stable.path, IntakeOutcome(str(name), ScanState.STABLE))
+    scan = _NewScan(values, stable.path, IntakeOutcome(str(name), ScanState.STABLE), stable.signature)
     again = None
     if failed_before is not None:
         again = f"a new attempt: scan {failed_before.id} of the same bytes failed ({failed_before.failure_reason})"
@@ -322,7 +326,7 @@ def _arrival(
         "arrived_at": now,
     }
     outcome = IntakeOutcome(str(name), "duplicate", intake.sha256, intake.size, original.task_name, target=target)
-    return _NewArrival(values, original, stable.path, target, outcome)
+    return _NewArrival(values, original, stable.path, target, outcome, stable.signature)
 
 
 def _insert_new(session: Session, scans: list[_NewScan], now: datetime) -> None:

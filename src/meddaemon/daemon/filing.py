@@ -19,6 +19,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
+from meddaemon.daemon.stability import Signature, signature
 from meddaemon.files import fsync_dir, remove_stale_temporaries, temporary_path
 from meddaemon.names import NAME_MAX, fitted, label_file_part, split_extension
 
@@ -33,6 +34,8 @@ class MoveOutcome(StrEnum):
     MOVED = "moved"
     ALREADY_DONE = "already_done"
     LOST = "lost"
+    #: another file took the source's name after it was read: it is not moved in its place
+    REPLACED = "replaced"
 
 
 #: the end of the name of the document kept beside a failed file
@@ -47,11 +50,15 @@ def archive_path(
     archive_dir: Path, source_name: PurePosixPath, sha256: str, day: datetime, taken: set[Path] | None = None
 ) -> Path:
     """``archive/<YYYY-MM-DD>/<name as received>``; the SHA-256 prefix keeps same-named files apart,
-    on disk and among the ``taken`` targets of the same transaction."""
+    on disk and among the ``taken`` targets of the same transaction, numbered after it when the same
+    bytes came under the same name before that day (a third arrival was filed over the second's)."""
     folder = free_folder(archive_dir / day.strftime("%Y-%m-%d"), source_name.parent.parts, taken or set())
     target = folder / source_name.name
-    if target.exists() or target.is_symlink() or (taken is not None and target in taken):
-        target = target.with_name(fitted(_stem(source_name), f"__{sha256[:12]}{_suffix(source_name)}"))
+    n = 1
+    while target.exists() or target.is_symlink() or (taken is not None and target in taken):
+        tail = f"__{sha256[:12]}" + (f"__{n}" if n > 1 else "") + _suffix(source_name)
+        target = folder / fitted(_stem(source_name), tail)
+        n += 1
     if taken is not None:
         taken.add(target)
     return target
@@ -141,16 +148,22 @@ def write_reason(failed_file: Path, document: dict[str, object]) -> None:
     os.replace(tmp, target)
 
 
-def finish_move(source: Path, target: Path, alive: Callable[[], None] = lambda: None) -> MoveOutcome:
+def finish_move(
+    source: Path, target: Path, alive: Callable[[], None] = lambda: None, read_as: Signature | None = None
+) -> MoveOutcome:
     """Make the file that was at ``source`` be at ``target``, however far an earlier attempt got.
     ``alive`` is called between the chunks of a copy to another file system (the daemon's watchdog
-    and lease: a large file over NFS is a long copy)."""
+    and lease: a large file over NFS is a long copy). ``read_as``: the file as it was read (an
+    inbox file's size, mtime and inode); another at its name now (renamed over it since) is left
+    where it is, ``REPLACED``, not filed under the hash of bytes it does not hold."""
     source_there = os.path.lexists(source)
     target_there = os.path.lexists(target)
     if target_there and not source_there:
         return MoveOutcome.ALREADY_DONE
     if not source_there:
         return MoveOutcome.LOST
+    if read_as is not None and not target_there and signature(source) != read_as:
+        return MoveOutcome.REPLACED
     if target_there:
         # a cross-device copy that completed its rename but not the unlink of its source
         if _same_bytes(source, target):

@@ -44,7 +44,7 @@ from meddaemon.daemon.receiver_stage import ReceiverStage
 from meddaemon.daemon.reporter import ReportStage
 from meddaemon.daemon.sdnotify import Watchdog
 from meddaemon.daemon.serving import ModelStage
-from meddaemon.daemon.stability import StableFile
+from meddaemon.daemon.stability import Signature, StableFile
 from meddaemon.daemon.stages import ChildProcess, Stage, log_lock_wait
 from meddaemon.daemon.watcher import WatcherStage
 from meddaemon.daemon.workers import DecodingPool
@@ -141,6 +141,8 @@ class Daemon:
         self.tracker = self.intake.tracker
         self.hints = self.intake.hints
         self.blocked = self.intake.blocked
+        #: blocked inbox files as they were read: another renamed over one meanwhile is not moved in its place
+        self.read_as: dict[Path, Signature] = {}
         self.stats: RunStats = self.intake.stats
         #: the stages of the current (or last) run, in the order they turn
         self.stages: list[Stage] = []
@@ -466,7 +468,8 @@ class Daemon:
             try:
                 if move.reason_document is not None:
                     filing.write_reason(move.target, move.reason_document)
-                outcome = filing.finish_move(move.source, move.target, self._keep_alive)
+                read_as = move.read_as or self.read_as.get(move.source)
+                outcome = filing.finish_move(move.source, move.target, self._keep_alive, read_as)
             except OSError as exc:
                 log.log(
                     logging.DEBUG if move.source in self.blocked else logging.ERROR,
@@ -476,6 +479,8 @@ class Daemon:
                     exc.strerror or exc,
                 )
                 self.blocked.add(move.source)
+                if move.read_as is not None:  # recovery, which retries it, knows only the row
+                    self.read_as[move.source] = move.read_as
                 continue
             if move.source in self.blocked:
                 log.info("moved %s to %s, blocked before", move.source.name, move.target)
@@ -486,7 +491,15 @@ class Daemon:
                     move.source,
                     move.target,
                 )
+            if outcome is filing.MoveOutcome.REPLACED:
+                log.error(
+                    "%s was replaced by another file before it could be moved to %s: the file read is "
+                    "gone, and the new one is taken as a new arrival",
+                    move.source.name,
+                    move.target,
+                )
             self.blocked.discard(move.source)
+            self.read_as.pop(move.source, None)
             self.tracker.forget(move.source)
             filing.remove_emptied_shard(move.source.parent, self.destinations.work_dir)
             done.append(move)
