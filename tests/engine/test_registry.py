@@ -38,6 +38,7 @@ from meddaemon.engine.registry import (
     retire,
     save_version,
     self_test_input,
+    verify_registered_copy,
 )
 from meddaemon.engine.tasks import BUILTIN_TASKS, InputContract
 
@@ -584,8 +585,8 @@ def test_promote_reverifies_the_registered_copy(factory, tmp_path: Path):  # typ
         import_version(session, tmp_path / "src", root)
     weights = root / "busi" / "v1" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1])
-    with pytest.raises(ModelRefused) as info, transaction(factory) as session:
-        promote(session, "busi", "v1")
+    with pytest.raises(ModelRefused) as info:
+        verify_registered_copy(factory, "busi", "v1")
     assert info.value.reason == "hash_mismatch"
     with factory() as session:
         assert active_versions(session) == {}
@@ -602,11 +603,35 @@ def test_promote_refuses_a_registered_manifest_edited_since(factory, tmp_path: P
     edited = json.loads(manifest.read_text())
     edited["thresholds"]["malignant"] = 0.9
     manifest.write_text(json.dumps(edited))
-    with pytest.raises(ModelRefused) as info, transaction(factory) as session:
-        promote(session, "busi", "v1")
+    with pytest.raises(ModelRefused) as info:
+        verify_registered_copy(factory, "busi", "v1")
     assert info.value.reason == "bad_manifest" and "(thresholds differ)" in info.value.message
     with factory() as session:
         assert active_versions(session) == {}
+
+
+def test_promote_verifies_the_copy_before_its_transaction_not_inside_it(factory, tmp_path: Path, monkeypatch):  # type: ignore[no-untyped-def]
+    """The self-test ran inside the promotion's transaction: on SQLite its write lock was held for the
+    seconds a DenseNet's self-test takes, and another writer failed past its busy timeout."""
+    from meddaemon.engine import registry
+
+    root = tmp_path / "registry"
+    save_small(tmp_path / "src")
+    with transaction(factory) as session:
+        import_version(session, tmp_path / "src", root)
+    open_transactions: list[bool] = []
+    real_load = registry.load_version
+
+    def watched(folder):  # type: ignore[no-untyped-def]
+        engine = factory.kw["bind"]
+        open_transactions.append(engine.pool.checkedout() > 0)
+        return real_load(folder)
+
+    monkeypatch.setattr(registry, "load_version", watched)
+    verified = verify_registered_copy(factory, "busi", "v1")
+    with transaction(factory) as session:
+        assert promote(session, "busi", "v1", verified=verified).status == "active"
+    assert open_transactions == [False]
 
 
 def test_import_checks_the_task(factory, tmp_path: Path):  # type: ignore[no-untyped-def]

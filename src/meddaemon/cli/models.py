@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import click
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.cli.common import (
     EXIT_FAILURE,
@@ -62,12 +62,26 @@ def _in_transaction(
 ) -> T:
     """``work`` in one transaction; a refusal or registry error exits 2 when its reason is in ``usage``,
     else 1, its message followed by what to do where ``hints`` says it for its reason."""
+
+    def in_one(sessions: sessionmaker[Session]) -> T:
+        with transaction(sessions) as session:
+            return work(session)
+
+    return _in_sessions(settings, in_one, usage, hints)
+
+
+def _in_sessions(
+    settings: Settings,
+    work: Callable[[sessionmaker[Session]], T],
+    usage: frozenset[str] = USAGE_REASONS,
+    hints: Mapping[str, str] | None = None,
+) -> T:
+    """``work`` given the database's sessions, to open and close as it needs; errors as :func:`_in_transaction`."""
     registry = _registry()
     engine = open_database(settings)
     try:
         try:
-            with transaction(session_factory(engine)) as session:
-                return work(session)
+            return work(session_factory(engine))
         except registry.ModelRefused as exc:
             click.echo(f"refused ({exc.reason}): {exc.message}", err=True)
             sys.exit(EXIT_USAGE if exc.reason in usage else EXIT_FAILURE)
@@ -352,12 +366,15 @@ def promote_cmd(config_file: Path | None, task: str, version: str, as_json: bool
     """Make VERSION the active model of TASK (re-verified first); the previous one goes back to registered."""
     settings = build_settings(config_file, **flags)
     registry = _registry()
+    verified = _in_sessions(
+        settings, lambda sessions: registry.verify_registered_copy(sessions, task, version, settings.state_dir)
+    )
 
     def work(session: Session) -> dict[str, Any]:
         registry.lock_task(session, task)  # the version active now is the one this promotion demotes
         before = registry.active_versions(session).get(task)
         previous = before.version if before is not None and before.version != version else None
-        promoted = registry.promote(session, task, version, state_dir=settings.state_dir)
+        promoted = registry.promote(session, task, version, verified=verified)
         return {**registry.version_summary(promoted, settings.state_dir), "previous_active": previous}
 
     data = _in_transaction(settings, work)

@@ -220,7 +220,7 @@ def retrain(
                     session, outcome.version_dir, settings.models_dir, tasks=settings.task_specs, state_dir=state_dir
                 )
                 if promote and not blockers:
-                    row = registry.promote(session, row.task_name, row.version, state_dir=state_dir)
+                    row = registry.promote(session, row.task_name, row.version)  # verified by its import just now
                 registered = registry.version_summary(row, state_dir)
         except registry.RegistryError as exc:
             _not_registered(ctx, outcome.version_dir, f"error ({exc.reason}): {exc.message}")

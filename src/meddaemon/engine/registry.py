@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from torch import Tensor, nn
 
 from meddaemon import __version__
@@ -939,31 +939,43 @@ def lock_task(session: Session, task: str) -> None:
     session.get(Task, task, with_for_update=True)
 
 
-def promote(
-    session: Session, task: str, version: str, *, verify: bool = True, state_dir: Path | None = None
-) -> ModelVersion:
+def verify_registered_copy(
+    sessions: sessionmaker[Session], task: str, version: str, state_dir: Path | None = None
+) -> Registered:
+    """Load and self-test the registered copy of ``task/version`` (:class:`ModelRefused` if it was
+    damaged since the import), outside any transaction: verified inside the promotion's, it held
+    SQLite's write lock (the task's row on PostgreSQL) for the seconds a DenseNet's self-test takes,
+    and every other writer waited, past its busy timeout. What it returns goes to :func:`promote`."""
+    with sessions() as session:
+        row = get_version(session, task, version)
+        if row.status == "retired":
+            raise RegistryError(
+                "retired", f"{task}/{version} is retired and cannot be promoted; import it as a new version"
+            )
+        registered, folder = Registered.of(row), model_folder(row, state_dir)
+    loaded = load_version(folder)
+    check_registered(loaded.manifest, folder, registered)
+    return registered
+
+
+def promote(session: Session, task: str, version: str, *, verified: Registered | None = None) -> ModelVersion:
     """Make ``task/version`` the one active version of its task and record ``promoted_at``.
 
     The previously active version of the task goes back to ``registered`` (not ``retired``): it can
-    be promoted again to roll back. With ``verify`` the registered copy is loaded and self-tested
-    first (:class:`ModelRefused` if it was damaged since the import). Promoting the active version
-    changes nothing; a retired version cannot be promoted (:class:`RegistryError` ``retired``).
-    The task's row is locked for the update, so concurrent promotions cannot leave two active.
+    be promoted again to roll back. ``verified``: what :func:`verify_registered_copy` found, before
+    this transaction; None promotes unverified (an import in this same transaction verified it).
+    Promoting the active version changes nothing; a retired version cannot be promoted
+    (:class:`RegistryError` ``retired``). The task's row is locked for the update, so concurrent
+    promotions cannot leave two active.
     """
-    row = get_version(session, task, version)
+    lock_task(session, task)
+    row = get_version(session, task, version, for_update=True)
     if row.status == "retired":
         raise RegistryError(
             "retired", f"{task}/{version} is retired and cannot be promoted; import it as a new version"
         )
-    if verify:
-        folder = model_folder(row, state_dir)
-        loaded = load_version(folder)
-        check_registered(loaded.manifest, folder, Registered.of(row))
-        del loaded
-    lock_task(session, task)
-    row = get_version(session, task, version, for_update=True)
-    if row.status == "retired":
-        raise RegistryError("retired", f"{task}/{version} was retired meanwhile and cannot be promoted")
+    if verified is not None and Registered.of(row) != verified:
+        raise RegistryError("changed", f"{task}/{version} was registered again while it was verified; try again")
     if row.status == "active":
         return row
     now = utcnow()

@@ -95,6 +95,7 @@ async def act(request: Request) -> Response:
         from meddaemon.engine import registry
 
         target = f"{task}/{version}"
+        verified: registry.Registered | None = None
 
         def transact() -> tuple[str, str]:
             """(what it did, or "" and why it did nothing), in one transaction, tried again past a lock."""
@@ -107,12 +108,14 @@ async def act(request: Request) -> Response:
                 if status == {"promote": "active", "retire": "retired"}[verb]:
                     return "", f"{target} is {status} already: nothing done"
                 if verb == "promote":
-                    registry.promote(session, task, version, state_dir=console.settings.state_dir)
+                    registry.promote(session, task, version, verified=verified)
                     return f"{target} is the active model of {task}", ""
                 registry.retire(session, task, version)
                 return f"{target} is retired", ""
 
         try:
+            if verb == "promote":  # before its transaction: the self-test takes seconds
+                verified = registry.verify_registered_copy(console.writer(), task, version, console.settings.state_dir)
             detail, done_before = with_lock_retry(transact)
         except registry.RegistryError as exc:  # ModelRefused too: verification failed
             return actions.record(
