@@ -46,18 +46,38 @@ def test_a_different_file_at_the_target_is_never_overwritten(tmp_path: Path):
 def test_a_file_renamed_over_the_one_read_is_left_where_it_is_not_moved_in_its_place(tmp_path: Path):
     """The move took whatever was at the name: a file renamed over it after it was read was filed
     under the hash of the bytes read before, and never registered itself."""
+    import hashlib
+
     from meddaemon.daemon.stability import signature
 
     source = tmp_path / "inbox" / "scan.png"
     source.parent.mkdir()
     source.write_bytes(b"synthetic A")
-    read_as = signature(source)
+    read_as = filing.AsRead(signature(source), hashlib.sha256(b"synthetic A").hexdigest())
     (tmp_path / "inbox" / ".new").write_bytes(b"synthetic B")
     os.rename(tmp_path / "inbox" / ".new", source)
     target = tmp_path / "work" / "a.png"
     assert finish_move(source, target, read_as=read_as) is MoveOutcome.REPLACED
     assert source.read_bytes() == b"synthetic B" and not target.exists()
-    assert finish_move(source, target, read_as=signature(source)) is MoveOutcome.MOVED
+    assert finish_move(source, target, read_as=filing.AsRead(signature(source))) is MoveOutcome.MOVED
+
+
+def test_the_same_bytes_touched_or_copied_over_the_file_read_are_moved(tmp_path: Path):
+    """A new mtime or inode alone is no other file: a producer that touched the file, or copied the
+    same bytes over it, while its move waited had it left in the inbox, its scan without a copy."""
+    import hashlib
+
+    from meddaemon.daemon.stability import signature
+
+    source = tmp_path / "inbox" / "scan.png"
+    source.parent.mkdir()
+    source.write_bytes(b"synthetic A")
+    read_as = filing.AsRead(signature(source), hashlib.sha256(b"synthetic A").hexdigest())
+    os.utime(source, ns=(0, 10**18))
+    (tmp_path / "inbox" / ".again").write_bytes(b"synthetic A")
+    os.rename(tmp_path / "inbox" / ".again", source)
+    assert signature(source) != read_as.signature
+    assert finish_move(source, tmp_path / "work" / "a.png", read_as=read_as) is MoveOutcome.MOVED
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second filesystem (tmpfs at /dev/shm)")

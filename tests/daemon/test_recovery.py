@@ -194,4 +194,21 @@ def test_a_file_renamed_over_one_whose_move_was_blocked_is_taken_as_a_new_arriva
     for sha, stored in scans.items():
         kept = daemon.settings.stored_file(stored) if stored else None
         assert kept is None or not kept.exists() or file_sha256(kept) == sha, (sha, stored)
-    assert any("was replaced by another file before it could be moved" in r.getMessage() for r in caplog.records)
+    assert any("was replaced by other bytes before it could be moved" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failed_file_replaced_before_its_move_leaves_no_reason_without_a_file(make_settings, tmp_path: Path):
+    """The reason document is written beside the failed file's target before the move: a file
+    renamed over the one read left ``failed/`` a reason for a file that never came."""
+
+    bad = tmp_path / "inbox" / "busi" / "synthetic_bad.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    daemon = Daemon(make_settings())
+    daemon.prepare()
+    record = commit_without_moving(daemon, [bad])
+    write_png(tmp_path / "synthetic_good.png", np.full((8, 8), 90, np.uint8)).rename(bad)
+    daemon._carry_out(record.moves)
+    failed = daemon.settings.state_dir / "failed"
+    assert [p.name for p in failed.rglob("*") if p.is_file()] == []
+    assert bad.exists()

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, object_session
 from meddaemon import __version__
 from meddaemon.daemon import claims, filing
 from meddaemon.daemon.intake import Intake
-from meddaemon.daemon.stability import Signature, StableFile
+from meddaemon.daemon.stability import StableFile
 from meddaemon.db.bulk import insert_missing, insert_returning_ids, insert_rows
 from meddaemon.db.models import (
     METADATA_COLUMNS,
@@ -70,7 +70,7 @@ class PlannedMove:
     target: Path
     reason_document: dict[str, object] | None = None
     #: an inbox file as it was read (``filing.finish_move``); None where it is not known (recovery)
-    read_as: Signature | None = None
+    read_as: filing.AsRead | None = None
 
 
 @dataclass
@@ -172,7 +172,7 @@ class _NewScan:
     values: dict[str, object]
     source: Path
     outcome: IntakeOutcome
-    read_as: Signature | None = None
+    read_as: filing.AsRead | None = None
     steps: list[tuple[ScanState, str | None]] = field(default_factory=list)
     target: Path | None = None
     id: int = 0
@@ -219,7 +219,7 @@ class _NewArrival:
     source: Path
     target: Path
     outcome: IntakeOutcome
-    read_as: Signature | None = None
+    read_as: filing.AsRead | None = None
     id: int = 0
 
     def planned_move(self) -> PlannedMove:
@@ -270,7 +270,8 @@ def _new_scan(
         "failure_message": None,
         **{column: getattr(metadata, column) if metadata is not None else None for column in METADATA_COLUMNS},
     }
-    scan = _NewScan(values, stable.path, IntakeOutcome(str(name), ScanState.STABLE), stable.signature)
+    read_as = filing.AsRead(stable.signature, intake.sha256)
+    scan = _NewScan(values, stable.path, IntakeOutcome(str(name), ScanState.STABLE), read_as)
     again = None
     if failed_before is not None:
         again = f"a new attempt: scan {failed_before.id} of the same bytes failed ({failed_before.failure_reason})"
@@ -326,7 +327,7 @@ def _arrival(
         "arrived_at": now,
     }
     outcome = IntakeOutcome(str(name), "duplicate", intake.sha256, intake.size, original.task_name, target=target)
-    return _NewArrival(values, original, stable.path, target, outcome, stable.signature)
+    return _NewArrival(values, original, stable.path, target, outcome, filing.AsRead(stable.signature, intake.sha256))
 
 
 def _insert_new(session: Session, scans: list[_NewScan], now: datetime) -> None:

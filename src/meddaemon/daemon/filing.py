@@ -15,12 +15,13 @@ import os
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 from meddaemon.daemon.stability import Signature, signature
-from meddaemon.files import fsync_dir, remove_stale_temporaries, temporary_path
+from meddaemon.files import file_sha256, fsync_dir, remove_stale_temporaries, temporary_path
 from meddaemon.names import NAME_MAX, fitted, label_file_part, split_extension
 
 #: times ``finish_move`` makes the target's folder again when it was removed as empty meanwhile
@@ -38,6 +39,14 @@ class MoveOutcome(StrEnum):
     REPLACED = "replaced"
 
 
+@dataclass(frozen=True)
+class AsRead:
+    """An inbox file as it was read: its size, mtime and inode, and the SHA-256 of its bytes."""
+
+    signature: Signature
+    sha256: str | None = None
+
+
 #: the end of the name of the document kept beside a failed file
 REASON_SUFFIX = ".reason.json"
 
@@ -51,7 +60,7 @@ def archive_path(
 ) -> Path:
     """``archive/<YYYY-MM-DD>/<name as received>``; the SHA-256 prefix keeps same-named files apart,
     on disk and among the ``taken`` targets of the same transaction, numbered after it when the same
-    bytes came under the same name before that day (a third arrival was filed over the second's)."""
+    bytes came under the same name earlier that day (a third arrival was filed over the second's)."""
     folder = free_folder(archive_dir / day.strftime("%Y-%m-%d"), source_name.parent.parts, taken or set())
     target = folder / source_name.name
     n = 1
@@ -149,20 +158,20 @@ def write_reason(failed_file: Path, document: dict[str, object]) -> None:
 
 
 def finish_move(
-    source: Path, target: Path, alive: Callable[[], None] = lambda: None, read_as: Signature | None = None
+    source: Path, target: Path, alive: Callable[[], None] = lambda: None, read_as: AsRead | None = None
 ) -> MoveOutcome:
     """Make the file that was at ``source`` be at ``target``, however far an earlier attempt got.
     ``alive`` is called between the chunks of a copy to another file system (the daemon's watchdog
-    and lease: a large file over NFS is a long copy). ``read_as``: the file as it was read (an
-    inbox file's size, mtime and inode); another at its name now (renamed over it since) is left
-    where it is, ``REPLACED``, not filed under the hash of bytes it does not hold."""
+    and lease: a large file over NFS is a long copy). ``read_as``: the inbox file as it was read;
+    other bytes at its name now (a file renamed over it since) are left where they are,
+    ``REPLACED``, not filed under the hash of bytes they do not hold."""
     source_there = os.path.lexists(source)
     target_there = os.path.lexists(target)
     if target_there and not source_there:
         return MoveOutcome.ALREADY_DONE
     if not source_there:
         return MoveOutcome.LOST
-    if read_as is not None and not target_there and signature(source) != read_as:
+    if read_as is not None and not target_there and not _still_as_read(source, read_as):
         return MoveOutcome.REPLACED
     if target_there:
         # a cross-device copy that completed its rename but not the unlink of its source
@@ -190,6 +199,23 @@ def finish_move(
                 raise
             _copy_across_devices(source, target, alive)
         return MoveOutcome.MOVED
+
+
+def _still_as_read(source: Path, read_as: AsRead) -> bool:
+    """Whether ``source`` holds the bytes read: the same size, mtime and inode, or, where only its
+    mtime or inode changed (touched, or the same bytes copied over it), the same SHA-256. A file
+    that is not a regular one is not read to tell (a FIFO would never answer)."""
+    now = signature(source)
+    if now == read_as.signature:
+        return True
+    if now is None or read_as.sha256 is None or now.size != read_as.signature.size:
+        return False
+    try:
+        if not stat.S_ISREG(os.lstat(source).st_mode):
+            return False
+        return file_sha256(source) == read_as.sha256
+    except OSError:
+        return False
 
 
 def remove_emptied_shard(folder: Path, root: Path) -> bool:

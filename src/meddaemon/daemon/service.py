@@ -44,7 +44,7 @@ from meddaemon.daemon.receiver_stage import ReceiverStage
 from meddaemon.daemon.reporter import ReportStage
 from meddaemon.daemon.sdnotify import Watchdog
 from meddaemon.daemon.serving import ModelStage
-from meddaemon.daemon.stability import Signature, StableFile
+from meddaemon.daemon.stability import StableFile
 from meddaemon.daemon.stages import ChildProcess, Stage, log_lock_wait
 from meddaemon.daemon.watcher import WatcherStage
 from meddaemon.daemon.workers import DecodingPool
@@ -142,7 +142,7 @@ class Daemon:
         self.hints = self.intake.hints
         self.blocked = self.intake.blocked
         #: blocked inbox files as they were read: another renamed over one meanwhile is not moved in its place
-        self.read_as: dict[Path, Signature] = {}
+        self.read_as: dict[Path, filing.AsRead] = {}
         self.stats: RunStats = self.intake.stats
         #: the stages of the current (or last) run, in the order they turn
         self.stages: list[Stage] = []
@@ -462,6 +462,7 @@ class Daemon:
             if move not in due:
                 log.info("move of %s to %s: no longer this daemon's to make; skipped", move.source.name, move.target)
                 self.tracker.forget(move.source)
+                self.read_as.pop(move.source, None)
         done: list[PlannedMove] = []
         for move in due:
             self._keep_alive()  # a batch of copies to another file system outlasted the watchdog's minute
@@ -492,8 +493,10 @@ class Daemon:
                     move.target,
                 )
             if outcome is filing.MoveOutcome.REPLACED:
+                if move.reason_document is not None:  # written for a file that is not coming
+                    filing.reason_path(move.target).unlink(missing_ok=True)
                 log.error(
-                    "%s was replaced by another file before it could be moved to %s: the file read is "
+                    "%s was replaced by other bytes before it could be moved to %s: the file read is "
                     "gone, and the new one is taken as a new arrival",
                     move.source.name,
                     move.target,
