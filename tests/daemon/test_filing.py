@@ -78,6 +78,11 @@ def test_the_same_bytes_touched_or_copied_over_the_file_read_are_moved(tmp_path:
     os.rename(tmp_path / "inbox" / ".again", source)
     assert signature(source) != read_as.signature
     assert finish_move(source, tmp_path / "work" / "a.png", read_as=read_as) is MoveOutcome.MOVED
+    unread = tmp_path / "inbox" / "too_large.dcm"  # refused before its bytes were read: no SHA-256
+    unread.write_bytes(b"synthetic C")
+    read_as = filing.AsRead(signature(unread))
+    os.utime(unread, ns=(0, 10**18))
+    assert finish_move(unread, tmp_path / "failed" / "too_large.dcm", read_as=read_as) is MoveOutcome.MOVED
 
 
 @pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a second filesystem (tmpfs at /dev/shm)")

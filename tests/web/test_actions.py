@@ -122,6 +122,30 @@ def test_promote_after_its_confirmation_switches_the_active_model(fresh_root):
     assert (action.action, action.target, action.outcome) == ("promote", "busi/v2", "done")
 
 
+def test_a_promote_from_the_console_waits_for_a_writer_holding_sqlite_and_is_done(fresh_root):
+    """The copy's check before the promotion read through a writing session, whose BEGIN IMMEDIATE
+    asked for the write lock: a daemon holding it past the busy timeout made the promotion fail
+    ("database is locked"), where the promotion itself waits and is done."""
+    import sqlite3
+    import threading
+
+    register(fresh_root, "v2")
+    client, csrf = admin(fresh_root, busy_timeout=0.3)
+    holder = sqlite3.connect(web_settings(fresh_root).db_url.removeprefix("sqlite:///"), check_same_thread=False)
+    holder.isolation_level = None
+    holder.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(1.5, holder.commit)
+    release.start()
+    try:
+        done = client.post("/models/busi/v2/promote", data={"csrf": csrf, "confirm": "busi/v2"})
+    finally:
+        release.join()
+        holder.close()
+    [action] = rows(fresh_root, select(WebAction))
+    assert (action.action, action.outcome) == ("promote", "done"), action.detail
+    assert "busi/v2 is the active model of busi" in done.text
+
+
 def test_promote_of_a_version_that_fails_verification_is_refused_with_the_reason(fresh_root):
     folder = register(fresh_root, "v2")
     weights = folder / registry.WEIGHTS_FILE

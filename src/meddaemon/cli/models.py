@@ -75,10 +75,11 @@ def _in_sessions(
     work: Callable[[sessionmaker[Session]], T],
     usage: frozenset[str] = USAGE_REASONS,
     hints: Mapping[str, str] | None = None,
+    read_only: bool = False,
 ) -> T:
     """``work`` given the database's sessions, to open and close as it needs; errors as :func:`_in_transaction`."""
     registry = _registry()
-    engine = open_database(settings)
+    engine = open_database(settings, read_only=read_only)
     try:
         try:
             return work(session_factory(engine))
@@ -367,7 +368,9 @@ def promote_cmd(config_file: Path | None, task: str, version: str, as_json: bool
     settings = build_settings(config_file, **flags)
     registry = _registry()
     verified = _in_sessions(
-        settings, lambda sessions: registry.verify_registered_copy(sessions, task, version, settings.state_dir)
+        settings,
+        lambda sessions: registry.verify_registered_copy(sessions, task, version, settings.state_dir),
+        read_only=True,  # a writer's BEGIN IMMEDIATE would wait for (or fail on) a daemon's lock
     )
 
     def work(session: Session) -> dict[str, Any]:

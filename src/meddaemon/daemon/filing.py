@@ -204,12 +204,16 @@ def finish_move(
 def _still_as_read(source: Path, read_as: AsRead) -> bool:
     """Whether ``source`` holds the bytes read: the same size, mtime and inode, or, where only its
     mtime or inode changed (touched, or the same bytes copied over it), the same SHA-256. A file
-    that is not a regular one is not read to tell (a FIFO would never answer)."""
+    that is not a regular one is not read to tell (a FIFO would never answer). One refused before
+    its bytes were read (too large, unreadable: no SHA-256) is the same file while its size and
+    inode are: touched, it is still the file that failed."""
     now = signature(source)
     if now == read_as.signature:
         return True
-    if now is None or read_as.sha256 is None or now.size != read_as.signature.size:
+    if now is None or now.size != read_as.signature.size:
         return False
+    if read_as.sha256 is None:
+        return now.inode == read_as.signature.inode
     try:
         if not stat.S_ISREG(os.lstat(source).st_mode):
             return False

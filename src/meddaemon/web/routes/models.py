@@ -91,7 +91,7 @@ async def act(request: Request) -> Response:
     console: Console = request.app.state.console
 
     def work() -> int:
-        from meddaemon.db.engine import transaction, with_lock_retry
+        from meddaemon.db.engine import session_factory, transaction, with_lock_retry
         from meddaemon.engine import registry
 
         target = f"{task}/{version}"
@@ -114,8 +114,10 @@ async def act(request: Request) -> Response:
                 return f"{target} is retired", ""
 
         try:
-            if verb == "promote":  # before its transaction: the self-test takes seconds
-                verified = registry.verify_registered_copy(console.writer(), task, version, console.settings.state_dir)
+            if verb == "promote":  # before its transaction (the self-test takes seconds), read as the pages read
+                verified = registry.verify_registered_copy(
+                    session_factory(console.reader), task, version, console.settings.state_dir
+                )
             detail, done_before = with_lock_retry(transact)
         except registry.RegistryError as exc:  # ModelRefused too: verification failed
             return actions.record(
