@@ -287,6 +287,56 @@ def test_a_retry_killed_after_its_commit_is_finished_by_the_next_one(daemon: Dae
     assert after.stored_path is None and after.retried_at is not None
 
 
+def test_an_original_this_user_may_not_remove_stays_for_the_next_retry_and_blocks_nothing(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+):
+    """failed/ is the daemon's (0750): a retry by a user who may read it but not remove from it raised
+    after the copy had gone back, and every later retry raised on the same file. (EPERM injected:
+    the tests run as root, whom no permission stops.)"""
+    import errno
+    import os
+
+    [failed] = scans_by_id(daemon)
+    original = daemon.settings.stored_file(failed.stored_path)
+    real_unlink = os.unlink
+
+    def not_permitted(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(path).is_relative_to(daemon.settings.failed_dir):
+            raise PermissionError(errno.EPERM, "Operation not permitted (injected)", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", not_permitted)
+    [sent] = retry_failed(daemon.sessions, daemon.settings, Selector(scan=str(failed.id))).requeued
+    assert sent.inbox_path.is_file() and original.is_file()
+    assert sent.left_in_failed is not None and "Operation not permitted (injected)" in sent.left_in_failed
+    assert retry_failed(daemon.sessions, daemon.settings, Selector(all_failed=True)).ok  # nothing else blocked
+    monkeypatch.undo()
+    retry_failed(daemon.sessions, daemon.settings, Selector(all_failed=True))
+    assert not original.exists() and not filing.reason_path(original).exists()
+    assert scans_by_id(daemon)[0].stored_path is None
+
+
+def test_a_file_named_like_the_scan_s_task_folder_is_a_refusal_that_names_it_dry_run_or_not(
+    make_settings, tmp_path: Path
+):
+    """The dry run said it would send the scan back; the retry then tried 100 names under a folder
+    that is a file, and said all 100 were taken."""
+    settings = make_settings(reports=False)
+    d = Daemon(settings)
+    d.prepare()
+    (settings.watch / "busi").mkdir(parents=True)
+    (settings.watch / "busi" / "synthetic_bad.png").write_bytes(b"SYNTHETIC, not an image")
+    d.run(once=True)
+    [failed] = scans_by_id(d)
+    (settings.watch / "busi").rmdir()
+    (settings.watch / "busi").write_bytes(b"a file named like the task folder")
+    for dry_run in (True, False):
+        result = retry_failed(d.sessions, settings, Selector(scan=str(failed.id)), dry_run=dry_run)
+        [refused] = result.refused
+        assert refused.code is Refusal.INBOX_UNWRITABLE
+        assert f"{settings.watch / 'busi'} is not a folder" in refused.message
+
+
 def test_a_scan_that_failed_as_a_symbolic_link_is_refused_and_nothing_it_points_to_is_copied(
     make_settings, tmp_path: Path
 ):

@@ -64,6 +64,8 @@ def retry(
         verb = "would send back" if dry_run else "sent back"
         for r in result.requeued:
             click.echo(f"scan {r.scan_id} ({r.failure_reason}): {verb} as {shown_name(r.inbox_path)}")
+            if r.left_in_failed:
+                click.echo(f"warning: {escape_controls(r.left_in_failed)}; the next retry removes it", err=True)
         for refused in result.refused:
             click.echo(f"refused ({refused.code.value}): {escape_controls(refused.message)}", err=True)
         if result.without_original:

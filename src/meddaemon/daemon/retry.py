@@ -18,7 +18,9 @@ crash after it leaves the original named by its row, and the next retry removes 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -33,6 +35,8 @@ from meddaemon.db.engine import transaction, with_lock_retry
 from meddaemon.db.models import Scan, ScanEvent, row_id, utcnow
 from meddaemon.failures import FailureReason
 from meddaemon.states import ScanState
+
+log = logging.getLogger("meddaemon.daemon")
 
 #: names tried in the inbox before giving up (the name it arrived with, then ``__retry<id>[_n]``)
 NAME_ATTEMPTS = 100
@@ -75,6 +79,8 @@ class Requeued:
     #: where the kept original was (failed/) and where its copy now is (the inbox)
     original: Path
     inbox_path: Path
+    #: why the original stays in failed/ after its copy went back (the next retry removes it); None: removed
+    left_in_failed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,7 @@ class RetryResult:
                     "failure_reason": r.failure_reason,
                     "original": str(r.original),
                     "inbox_path": str(r.inbox_path),
+                    "left_in_failed": r.left_in_failed,
                 }
                 for r in self.requeued
             ],
@@ -199,6 +206,13 @@ def _requeue(sessions: sessionmaker[Session], settings: Settings, scan_id: int, 
             if (refusal := _not_the_file_that_failed(scan, original)) is not None:
                 return refusal
             name = PurePosixPath(scan.source_name)
+            in_the_way = _not_a_folder(watch, name)
+            if in_the_way is not None:  # a file named like its task folder: no name under it is free
+                return Refused(
+                    Refusal.INBOX_UNWRITABLE,
+                    f"scan {scan.id}: {in_the_way} is not a folder, so {scan.source_name} cannot go back under it",
+                    scan.id,
+                )
             if dry_run:
                 return Requeued(
                     scan.id, scan.source_name, scan.failure_reason, original, _free_name(watch, name, scan.id)
@@ -221,8 +235,8 @@ def _requeue(sessions: sessionmaker[Session], settings: Settings, scan_id: int, 
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(placed)
         raise
-    _remove_original(sessions, scan_id, original)
-    return requeued
+    left = _remove_original(sessions, scan_id, original)
+    return requeued if left is None else dataclasses.replace(requeued, left_in_failed=left)
 
 
 def _not_the_file_that_failed(scan: Scan, original: Path) -> Refused | None:
@@ -250,19 +264,28 @@ def _not_the_file_that_failed(scan: Scan, original: Path) -> Refused | None:
     return None
 
 
-def _remove_original(sessions: sessionmaker[Session], scan_id: int, original: Path) -> None:
+def _remove_original(sessions: sessionmaker[Session], scan_id: int, original: Path) -> str | None:
     """The copy is in the inbox and the scan marked retried: its original and reason file go from
     failed/, and then its stored_path. Killed in between, the next retry finishes it
-    (``finish_interrupted_retries``): the row still names the file."""
+    (``finish_interrupted_retries``): the row still names the file. One this user may not remove
+    (failed/ is the daemon's) stays, named by the row for the next retry: why, or None once removed.
+    It raised, after the copy had gone back, and every later retry raised on it again."""
     for leftover in (original, filing.reason_path(original)):
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.unlink(leftover)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            why = f"{leftover} cannot be removed: {exc.strerror or exc}"
+            log.warning("scan %d was sent back, but %s; the next retry removes it", scan_id, why)
+            return why
 
     def forget() -> None:
         with transaction(sessions) as session:
             session.execute(update(Scan).where(Scan.id == scan_id).values(stored_path=None))
 
     with_lock_retry(forget)
+    return None
 
 
 def finish_interrupted_retries(sessions: sessionmaker[Session], settings: Settings) -> int:
@@ -306,6 +329,16 @@ def _kept_original(scan: Scan, settings: Settings) -> Path:
     """Where the failed scan's file is: the one place this module reads ``stored_path``."""
     assert scan.stored_path is not None
     return settings.stored_file(scan.stored_path)
+
+
+def _not_a_folder(watch: Path, name: PurePosixPath) -> Path | None:
+    """The first of ``name``'s folders under ``watch`` that is there but is no folder (a file, a link)."""
+    folder = watch
+    for part in name.parent.parts:
+        folder = folder / part
+        if os.path.lexists(folder) and (folder.is_symlink() or not folder.is_dir()):
+            return folder
+    return None
 
 
 def _free_name(watch: Path, name: PurePosixPath, scan_id: int) -> Path:
