@@ -241,6 +241,32 @@ def test_a_promoted_version_that_fails_verification_leaves_the_old_one_serving(m
     assert refusals[0].endswith("; busi/v1 keeps serving")
 
 
+def test_a_version_retired_while_its_refused_successor_is_active_stops_serving(make_settings, tmp_path, caplog):
+    """v1 kept serving after v2's refusal, as it should; retired then, it went on scoring every new
+    scan (and its reports named it) until the daemon restarted: a task stopped being served only
+    when it had no active version, and v2, refused, is one."""
+    caplog.set_level(logging.INFO, logger="meddaemon")
+    daemon = Daemon(make_settings(**LIVE))
+    daemon.prepare()
+    import_version(daemon, write_model(tmp_path / "busi_v1", version="v1"))
+
+    with running(daemon):
+        until(lambda: "busi" in daemon.stage.served, what="v1 served")
+        v2 = import_version(daemon, write_model(tmp_path / "busi_v2", version="v2"), promote=False)
+        stored = daemon.settings.models_dir / "busi" / "v2" / "model.safetensors"
+        stored.write_bytes(stored.read_bytes()[:-1] + bytes([stored.read_bytes()[-1] ^ 0x01]))
+        with transaction(daemon.sessions) as session:
+            registry.promote(session, "busi", "v2")  # unverified: damaged after its check, say
+        until(lambda: "refusing model busi/v2" in caplog.text, what="v2 refused")
+        with transaction(daemon.sessions) as session:
+            registry.retire(session, "busi", "v1")
+        until(lambda: "busi" not in daemon.stage.served, what="the retired v1 no longer served")
+        drop(daemon.settings.watch, 0, 2)
+        until(lambda: list(states(daemon).values()) == ["waiting_model"] * 2, what="scans waiting for a model")
+    assert versions_of_results(daemon, ["busi/synthetic_0.png", "busi/synthetic_1.png"]) == set()
+    assert v2 not in daemon.stage.served.values()
+
+
 def test_a_load_that_breaks_is_logged_once_and_not_retried_at_once(make_settings, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="meddaemon")
     attempts: list[str] = []

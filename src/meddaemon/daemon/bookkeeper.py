@@ -799,24 +799,32 @@ class ScanToInfer:
     sha256: str | None = None
 
 
-def wait_for_a_model(session: Session, served_tasks: Collection[str], daemon_id: int | None = None) -> int:
-    """Routed scans of tasks without an active version (it was retired with scans queued or being
-    read) wait for one: ``waiting_model``, unclaimed. They stayed routed and claimed: not counted as
-    waiting by ``meddaemon status``, a stuck queue for ``meddaemon health``. Returns how many."""
-    active = select(ModelVersion.task_name).where(ModelVersion.status == "active")
+def wait_for_a_model(
+    session: Session,
+    served_tasks: Collection[str],
+    daemon_id: int | None = None,
+    why_waiting: Mapping[str, str] | None = None,
+) -> int:
+    """Routed scans of tasks this daemon no longer serves (their version was retired with scans
+    queued or being read; its successor was refused) wait for a model: ``waiting_model``,
+    unclaimed, saying why (``why_waiting``, by task; else no active version). They stayed routed
+    and claimed: not counted as waiting by ``meddaemon status``, a stuck queue for ``meddaemon
+    health``. Returns how many."""
     query = (
         select(Scan)
-        .where(Scan.state == ScanState.ROUTED, Scan.task_name.not_in(active), Scan.pending_move_from.is_(None))
+        .where(Scan.state == ScanState.ROUTED, Scan.pending_move_from.is_(None))
         .where(claims.claimable_by(daemon_id))
         .limit(1000)
         .with_for_update(of=Scan, skip_locked=True)
     )
+    if served_tasks:
+        query = query.where(Scan.task_name.not_in(list(served_tasks)))
     now = utcnow()
     settled = 0
+    why_waiting = why_waiting or {}
     for scan in session.scalars(query):
-        if scan.task_name in served_tasks:
-            continue
-        advance(scan, ScanState.WAITING_MODEL, f"no active model for task {scan.task_name}", now)
+        why = why_waiting.get(scan.task_name or "", f"no active model for task {scan.task_name}")
+        advance(scan, ScanState.WAITING_MODEL, why, now)
         scan.claimed_by = None
         settled += 1
     return settled

@@ -254,14 +254,26 @@ class InferenceStage(Stage):
                 row.task_name: row
                 for row in session.scalars(select(ModelVersion).where(ModelVersion.status == "active"))
             }
+            served_ids = [model.version_id for model in self.served.values()]
+            retired = set(
+                session.scalars(
+                    select(ModelVersion.id).where(ModelVersion.id.in_(served_ids), ModelVersion.status == "retired")
+                )
+            )
             idle = self._tasks_without_work(session) if self.files_waiting is not None else set()
         for task, model in list(self.served.items()):
             if task not in self.wanted:
                 log.info("no longer serving %s: the task has no active version", model.name)
                 self._stop_serving(task)
-        settled: int = self.commit(lambda session: bookkeeper.wait_for_a_model(session, self.served, self.daemon_id))
+            elif model.version_id in retired:  # kept while its successor loaded, or after it was refused
+                log.info("no longer serving %s: it was retired", model.name)
+                self._stop_serving(task)
+        why = self.why_waiting()
+        settled: int = self.commit(
+            lambda session: bookkeeper.wait_for_a_model(session, self.served, self.daemon_id, why)
+        )
         if settled:
-            log.info("%d routed scan(s) wait for a model: their task has no active version", settled)
+            log.info("%d routed scan(s) wait for a model: their task's is not served", settled)
         now = time.monotonic()
         pending = self.loader.pending()
         for task, row in self.wanted.items():
