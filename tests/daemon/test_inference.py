@@ -24,6 +24,7 @@ from sqlalchemy.exc import OperationalError
 
 from daemon_rows import add_scan
 from meddaemon.config import load_settings
+from meddaemon.daemon import bookkeeper
 from meddaemon.daemon.bookkeeper import HeatmapFile
 from meddaemon.daemon.inference import write_heatmap_files
 from meddaemon.daemon.intake import IntakeContext
@@ -533,3 +534,16 @@ def test_routed_scans_of_a_task_whose_active_version_is_retired_wait_for_a_model
         assert "busi" not in daemon.stage.served
         assert session.get(Scan, queued).state == "waiting_model"
         assert tasks_without_model(session)["busi"] == 1
+
+
+def test_routed_scans_of_a_task_with_an_active_version_are_left_to_whoever_serves_it(daemon: Daemon, tmp_path: Path):
+    """Only tasks without an active version, or whose retired version this daemon stopped serving,
+    have their routed scans settled: a daemon still loading a task's model (at its start, or beside
+    another daemon serving it) moved them to waiting_model with its own reason, two events a scan."""
+    promote(daemon, write_model(tmp_path / "v1"))
+    with transaction(daemon.sessions) as session:
+        queued = add_scan(session, 1, ScanState.ROUTED, claimed_by=None).id
+    with transaction(daemon.sessions) as session:
+        assert bookkeeper.wait_for_a_model(session, served_tasks=set(), daemon_id=None) == 0
+    with daemon.sessions() as session:
+        assert session.get(Scan, queued).state == "routed"

@@ -65,6 +65,28 @@ def test_retry_of_one_scan_sends_it_back_and_the_next_run_completes_it(fresh_roo
     assert action.at is not None
 
 
+def test_a_retry_whose_original_the_console_may_not_remove_says_so_in_its_record(fresh_root, monkeypatch):
+    """The console often runs as a user who may read failed/ but not remove from it: its record said
+    only "sent back", the file left in failed/ named in the server's log alone. (EPERM injected.)"""
+    import errno
+    import os
+
+    [failed] = rows(fresh_root, select(Scan).where(Scan.source_name == UNROUTABLE))
+    client, csrf = admin(fresh_root, default_task="busi")
+    failed_dir = web_settings(fresh_root).failed_dir
+    real_unlink = os.unlink
+
+    def not_permitted(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(path).is_relative_to(failed_dir):
+            raise PermissionError(errno.EPERM, "Operation not permitted (injected)", str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", not_permitted)
+    client.post("/failures/retry", data={"scan": str(failed.id), "csrf": csrf})
+    [action] = rows(fresh_root, select(WebAction))
+    assert action.outcome == "done" and "cannot be removed: Operation not permitted (injected)" in action.detail
+
+
 def test_retry_of_a_reason_sends_back_every_kept_scan_of_it_and_refusals_are_shown(fresh_root):
     client, csrf = admin(fresh_root)
     client.post("/failures/retry", data={"reason": "unroutable", "csrf": csrf})

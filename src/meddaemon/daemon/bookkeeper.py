@@ -13,7 +13,7 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session, object_session
 
 from meddaemon import __version__
@@ -803,27 +803,30 @@ def wait_for_a_model(
     session: Session,
     served_tasks: Collection[str],
     daemon_id: int | None = None,
-    why_waiting: Mapping[str, str] | None = None,
+    stopped: Mapping[str, str] | None = None,
 ) -> int:
-    """Routed scans of tasks this daemon no longer serves (their version was retired with scans
-    queued or being read; its successor was refused) wait for a model: ``waiting_model``,
-    unclaimed, saying why (``why_waiting``, by task; else no active version). They stayed routed
-    and claimed: not counted as waiting by ``meddaemon status``, a stuck queue for ``meddaemon
-    health``. Returns how many."""
+    """Routed scans of tasks without an active version (it was retired with scans queued or being
+    read), and of the tasks in ``stopped`` (task -> why: this daemon stopped serving their retired
+    version, its successor refused or loading), wait for a model: ``waiting_model``, unclaimed.
+    They stayed routed and claimed: not counted as waiting by ``meddaemon status``, a stuck queue
+    for ``meddaemon health``. Only these: a task another daemon serves, or one whose model this
+    daemon is still loading at its start, keeps its routed scans. Returns how many."""
+    stopped = stopped or {}
+    active = select(ModelVersion.task_name).where(ModelVersion.status == "active")
     query = (
         select(Scan)
         .where(Scan.state == ScanState.ROUTED, Scan.pending_move_from.is_(None))
+        .where(or_(Scan.task_name.not_in(active), Scan.task_name.in_(list(stopped))))
         .where(claims.claimable_by(daemon_id))
         .limit(1000)
         .with_for_update(of=Scan, skip_locked=True)
     )
-    if served_tasks:
-        query = query.where(Scan.task_name.not_in(list(served_tasks)))
     now = utcnow()
     settled = 0
-    why_waiting = why_waiting or {}
     for scan in session.scalars(query):
-        why = why_waiting.get(scan.task_name or "", f"no active model for task {scan.task_name}")
+        if scan.task_name in served_tasks:
+            continue
+        why = stopped.get(scan.task_name or "", f"no active model for task {scan.task_name}")
         advance(scan, ScanState.WAITING_MODEL, why, now)
         scan.claimed_by = None
         settled += 1

@@ -261,6 +261,7 @@ class InferenceStage(Stage):
                 )
             )
             idle = self._tasks_without_work(session) if self.files_waiting is not None else set()
+        stopped: list[str] = []
         for task, model in list(self.served.items()):
             if task not in self.wanted:
                 log.info("no longer serving %s: the task has no active version", model.name)
@@ -268,12 +269,14 @@ class InferenceStage(Stage):
             elif model.version_id in retired:  # kept while its successor loaded, or after it was refused
                 log.info("no longer serving %s: it was retired", model.name)
                 self._stop_serving(task)
-        why = self.why_waiting()
+                stopped.append(task)
+        waiting = self.why_waiting()
+        why = {task: waiting.get(task, f"model {task} was retired") for task in stopped}
         settled: int = self.commit(
             lambda session: bookkeeper.wait_for_a_model(session, self.served, self.daemon_id, why)
         )
         if settled:
-            log.info("%d routed scan(s) wait for a model: their task's is not served", settled)
+            log.info("%d routed scan(s) wait for a model: their task's is no longer served", settled)
         now = time.monotonic()
         pending = self.loader.pending()
         for task, row in self.wanted.items():

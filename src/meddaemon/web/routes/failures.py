@@ -55,6 +55,8 @@ async def retry(request: Request) -> Response:
             return actions.record(request, user, "retry", target, actions.FAILED, f"{type(exc).__name__}: {exc}")
         parts = [f"sent back {len(result.requeued)} scan(s)" + (
             ": " + ", ".join(str(r.scan_id) for r in result.requeued[:50]) if result.requeued else "")]  # fmt: skip
+        left = [r for r in result.requeued if r.left_in_failed]
+        parts += [f"scan {r.scan_id}: {r.left_in_failed}; the next retry removes it" for r in left[:REFUSALS_NAMED]]
         parts += _refusals(result.refused)
         if result.without_original:
             parts.append(f"{result.without_original} kept no file (vanished)")
