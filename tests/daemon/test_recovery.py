@@ -34,6 +34,22 @@ def commit_without_moving(daemon: Daemon, paths: list[Path]) -> bookkeeper.Batch
         return bookkeeper.record_batch(session, batch, daemon.destinations, served_tasks=set())
 
 
+def moves_fail_for_want_of_room(monkeypatch: pytest.MonkeyPatch, times: int) -> None:
+    """The next ``times`` moves fail with ENOSPC (injected: no disk here fills on demand), then move."""
+    import errno
+
+    from meddaemon.daemon import filing
+
+    real_move, failures = filing.finish_move, iter(range(times))
+
+    def full_disk(source, target, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if next(failures, None) is not None:
+            raise OSError(errno.ENOSPC, "SYNTHETIC: no room", str(source))
+        return real_move(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(filing, "finish_move", full_disk)
+
+
 def test_a_restart_finishes_committed_moves_and_reads_nothing_twice(make_settings, tmp_path: Path):
     inbox = tmp_path / "inbox" / "busi"
     good = write_png(inbox / "synthetic_a.png", np.full((16, 16), 7, np.uint8))
@@ -130,22 +146,12 @@ def test_a_move_that_keeps_failing_is_logged_as_an_error_once_and_its_success_on
 ):
     """A move with no room was tried at every rescan and logged at ERROR each time, with "finishing N
     committed moves" beside it: 150 lines a minute for 5 blocked files at a 2 s rescan."""
-    import errno
-
-    from meddaemon.daemon import filing
 
     path = write_png(tmp_path / "inbox" / "busi" / "synthetic_c.png", np.zeros((8, 8), np.uint8))
     daemon = Daemon(make_settings())
     daemon.prepare()
     [move] = commit_without_moving(daemon, [path]).moves
-    real_move, failures = filing.finish_move, iter(range(4))
-
-    def full_disk(source, target, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if next(failures, None) is not None:
-            raise OSError(errno.ENOSPC, "SYNTHETIC: no room", str(source))
-        return real_move(source, target, *args, **kwargs)
-
-    monkeypatch.setattr(filing, "finish_move", full_disk)
+    moves_fail_for_want_of_room(monkeypatch, times=4)
     caplog.set_level(logging.INFO, logger="meddaemon")
     for _rescan in range(5):
         daemon.recover()
@@ -163,23 +169,14 @@ def test_a_file_renamed_over_one_whose_move_was_blocked_is_taken_as_a_new_arriva
 ):
     """A's move was blocked (no room, injected); B was renamed over A's name meanwhile. Once the move
     could be made, B's bytes were filed as A's (under A's hash, A's row) and B was never registered."""
-    import errno
 
-    from meddaemon.daemon import filing
     from meddaemon.files import file_sha256
 
     path = write_png(tmp_path / "inbox" / "busi" / "synthetic_scan.png", np.zeros((8, 8), np.uint8))
     daemon = Daemon(make_settings())
     daemon.prepare()
     record = commit_without_moving(daemon, [path])
-    real_move, failures = filing.finish_move, iter(range(1))
-
-    def full_disk(source, target, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if next(failures, None) is not None:
-            raise OSError(errno.ENOSPC, "SYNTHETIC: no room", str(source))
-        return real_move(source, target, *args, **kwargs)
-
-    monkeypatch.setattr(filing, "finish_move", full_disk)
+    moves_fail_for_want_of_room(monkeypatch, times=1)
     caplog.set_level(logging.INFO, logger="meddaemon")
     daemon._carry_out(record.moves)  # the move right after the commit: blocked
     replacement = write_png(tmp_path / "synthetic_b.png", np.full((8, 8), 200, np.uint8))

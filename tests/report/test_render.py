@@ -403,20 +403,29 @@ def test_a_probability_and_its_threshold_are_shown_to_the_digits_that_compare_as
     assert finding in flat, flat
 
 
+def rendered_in_india(monkeypatch: pytest.MonkeyPatch, **env: str) -> bytes:
+    """A scan report's PDF rendered with TZ=Asia/Kolkata (UTC+05:30) and ``env`` set, then both unset."""
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    time.tzset()
+    try:
+        data = scan_data()
+        return render_scan(data, images_for(data), load_template("busi"), report_fonts()).data
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
 def test_the_pdf_dates_are_the_moment_it_was_made_in_a_half_hour_time_zone(monkeypatch: pytest.MonkeyPatch):
     """reportlab writes the local time with its zone's offset cut to whole hours: made in India
     (UTC+05:30), a report said it was made half an hour after it was."""
     import re
     import time
 
-    monkeypatch.setenv("TZ", "Asia/Kolkata")
-    time.tzset()
-    try:
-        data = scan_data()
-        pdf = render_scan(data, images_for(data), load_template("busi"), report_fonts()).data
-    finally:
-        monkeypatch.undo()
-        time.tzset()
+    pdf = rendered_in_india(monkeypatch)
     for key in (b"CreationDate", b"ModDate"):
         found = re.search(rb"/" + key + rb" \(D:(\d{14})([+-]\d\d)'(\d\d)'\)", pdf)
         assert found is not None, key
@@ -429,15 +438,5 @@ def test_the_pdf_dates_are_the_moment_it_was_made_in_a_half_hour_time_zone(monke
 def test_the_pdf_dates_follow_source_date_epoch_where_it_is_set(monkeypatch: pytest.MonkeyPatch):
     """reportlab then hands the formatter UTC parts, not local ones: taken for local time, the date
     moved by the zone's offset."""
-    import time
-
-    monkeypatch.setenv("TZ", "Asia/Kolkata")
-    monkeypatch.setenv("SOURCE_DATE_EPOCH", "946684800")  # 2000-01-01T00:00:00Z
-    time.tzset()
-    try:
-        data = scan_data()
-        pdf = render_scan(data, images_for(data), load_template("busi"), report_fonts()).data
-    finally:
-        monkeypatch.undo()
-        time.tzset()
+    pdf = rendered_in_india(monkeypatch, SOURCE_DATE_EPOCH="946684800")  # 2000-01-01T00:00:00Z
     assert pdf.count(b"(D:20000101000000+00'00')") == 2  # CreationDate and ModDate
