@@ -225,11 +225,14 @@ def test_a_promoted_version_that_fails_verification_leaves_the_old_one_serving(m
 
     with running(daemon):
         until(lambda: "busi" in daemon.stage.served, what="v1 served")
-        import_version(daemon, write_model(tmp_path / "busi_v2", version="v2"))
+        # Damaged before it is promoted: promoted first, it could be loaded before the damage.
+        import_version(daemon, write_model(tmp_path / "busi_v2", version="v2"), promote=False)
         stored = daemon.settings.models_dir / "busi" / "v2" / "model.safetensors"
         data = bytearray(stored.read_bytes())
         data[-1] ^= 0x01
         stored.write_bytes(bytes(data))
+        with transaction(daemon.sessions) as session:
+            registry.promote(session, "busi", "v2")  # unverified: damaged after its check, say
         until(lambda: "refusing model busi/v2" in caplog.text, what="v2 refused")
         drop(daemon.settings.watch, 0, 2)
         until(lambda: list(states(daemon).values()) == ["inferred"] * 2, what="scans inferred by v1")
