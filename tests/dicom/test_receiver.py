@@ -6,8 +6,10 @@ dataset is byte for byte the one sent, behind its File Meta, with a row saying w
 instance sent again is a new file of the same bytes, never an overwrite. Refused, with nothing
 written: a calling AE off the allow-list and a wrong called AE (at association), low disk (0xA700),
 a dataset that is not the instance its request names (0xA900), an association cut off in the middle
-of an instance. The association limit holds under many simultaneous callers, and every instance an
-accepted association sent is kept. TLS when configured. A file the disk fails to make durable is
+of an instance, an instance over max_file_bytes (0xA700). File Meta elements a sender left at the
+head of its dataset are cut away. The association limit holds under many simultaneous callers, and
+every instance an accepted association sent is kept. TLS when configured, where a connection that
+says nothing holds up no other caller, nor the stop. A file the disk fails to make durable is
 refused, its row forgotten. The folder fsync after the renames is shared by the associations that
 wait at once, and never ends a wait before a rename it must cover.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import ssl
 import subprocess
 import sys
 import threading
@@ -28,7 +31,14 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, JPEGLSLossless
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+)
 from sqlalchemy import select
 
 from dicom_senders import (
@@ -369,8 +379,85 @@ def test_a_dataset_that_begins_with_its_sender_s_own_file_meta_elements_is_whole
         sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID, transfer_syntax=ExplicitVRLittleEndian
     )
     received = b"\0" * 128 + b"DICM" + encode_file_meta(meta) + senders.getvalue() + dataset_bytes(path.read_bytes())
-    assert _read_to_the_end(received, ExplicitVRLittleEndian)[1] is True
-    assert _read_to_the_end(received[:-1], ExplicitVRLittleEndian)[1] is False
+    walk = _read_to_the_end(received, ExplicitVRLittleEndian)
+    assert walk.whole is True
+    head = 128 + 4 + len(encode_file_meta(meta))
+    assert walk.sender_meta == (head, head + len(senders.getvalue()))
+    assert _read_to_the_end(received[:-1], ExplicitVRLittleEndian).whole is False
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian], ids=["explicit", "implicit"])
+def test_file_meta_elements_at_the_head_of_a_sent_dataset_are_cut_away_so_the_file_reads_as_the_request_says(
+    receive: StartReceiver, tmp_path: Path, syntax: UID
+):
+    """A sender whose dataset began with group 0002 elements naming JPEG Baseline and another
+    instance: written behind the File Meta made from the request, pydicom read them as the file's
+    own, and the uncompressed instance, answered Success, failed in the intake as undecodable."""
+    from pynetdicom import AE
+
+    receiver = receive()
+    [path] = synthetic_instances(tmp_path / "sent", 1, seed=13)
+    ds = dcmread(path)
+    ds.add_new(0x00020010, "UI", JPEGBaseline8Bit)  # SYNTHETIC: a sender's stray File Meta
+    ds.add_new(0x00020003, "UI", "1.2.826.0.1.3680043.8.498.9")
+    ae = AE(ae_title="LEGACY")
+    ae.add_requested_context(ds.SOPClassUID, syntax)
+    assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON")
+    keep_answers(assoc)
+    try:
+        assert int(assoc.send_c_store(ds).Status) == 0x0000
+        assoc.release()
+    finally:
+        ae.shutdown()
+
+    [stored] = written(receiver)
+    kept = dcmread(stored)
+    assert kept.file_meta.TransferSyntaxUID == syntax
+    assert kept.file_meta.MediaStorageSOPInstanceUID == kept.SOPInstanceUID == ds.SOPInstanceUID
+    assert not [element.tag for element in kept if element.tag.group == 0x0002]
+    assert (kept.pixel_array == dcmread(path).pixel_array).all()
+    [row] = rows(receiver)
+    assert row.sha256 == hashlib.sha256(stored.read_bytes()).hexdigest() and row.size_bytes == stored.stat().st_size
+
+
+def test_an_instance_over_max_file_bytes_is_answered_out_of_resources_and_nothing_is_written(
+    receive: StartReceiver, tmp_path: Path
+):
+    """Answered Success before, the sender free to delete its copy, then refused unread by the
+    intake as too_large."""
+    small, large = synthetic_instances(tmp_path / "sent", 2, seed=14)
+    large_ds = dcmread(large)
+    large_ds.PixelData = large_ds.PixelData * 4
+    large_ds.NumberOfFrames = 4
+    large_ds.save_as(large)
+    limit = (small.stat().st_size + large.stat().st_size) // 2
+    receiver = receive(max_file_bytes=limit)
+    assert pynetdicom_send(port(receiver), [large, small]) == [0xA700, 0x0000]
+    [stored] = written(receiver)
+    assert dataset_bytes(stored.read_bytes()) == dataset_bytes(small.read_bytes())
+    assert len(rows(receiver)) == 1 and receiver.stats.snapshot()["out_of_resources"] == 1
+
+
+def test_with_tls_a_connection_that_says_nothing_holds_up_no_other_caller_nor_the_stop(
+    receive: StartReceiver, tmp_path: Path
+):
+    """pynetdicom shook hands in its accept loop, without a timeout: while one connection said
+    nothing, no other caller was accepted, and the receiver's stop waited until it was killed."""
+    import socket
+
+    cert, key, client = self_signed(tmp_path)
+    receiver = receive(dicom_tls_cert=str(cert), dicom_tls_key=str(key))
+    [sent] = synthetic_instances(tmp_path / "sent", 1, seed=15)
+    silent = socket.create_connection(("127.0.0.1", port(receiver)))
+    try:
+        time.sleep(0.2)  # accepted: its handshake waits
+        assert tls_store(port(receiver), sent, client) == 0x0000
+        started = time.monotonic()
+        receiver.stop(grace=1.0)
+        assert time.monotonic() - started < 5.0
+    finally:
+        silent.close()
+    assert len(written(receiver)) == 1
 
 
 def test_the_row_of_an_instance_killed_before_its_rename_is_forgotten_when_the_receiver_starts_again(
@@ -555,12 +642,9 @@ def test_the_limit_holds_for_ae_titles_configured_with_spaces_as_pynetdicom_comp
             ae.shutdown()
 
 
-def test_with_tls_only_callers_speaking_tls_get_through(receive: StartReceiver, tmp_path: Path):
-    import ssl
-
-    from pynetdicom import AE
-
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+def self_signed(folder: Path) -> tuple[Path, Path, ssl.SSLContext]:
+    """A SYNTHETIC self-signed certificate and its key (openssl), and a client context trusting it."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
     new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key)]
     subprocess.run(
         ["openssl", "req", "-x509", *new_key, "-days", "1", "-subj", "/CN=localhost", "-out", str(cert)],
@@ -568,19 +652,35 @@ def test_with_tls_only_callers_speaking_tls_get_through(receive: StartReceiver, 
         capture_output=True,
         timeout=60,
     )
-    receiver = receive(dicom_tls_cert=str(cert), dicom_tls_key=str(key))
-    [sent] = synthetic_instances(tmp_path / "sent", 1, seed=8)
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
     client.check_hostname = False
+    return cert, key, client
+
+
+def tls_store(receiver_port: int, path: Path, client: ssl.SSLContext) -> int | None:
+    """The status of one C-STORE of ``path`` over TLS (None: no association)."""
+    from pynetdicom import AE
+
     ae = AE(ae_title="TLSCALLER")
-    ae.add_requested_context(dcmread(sent).SOPClassUID, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON", tls_args=(client, None))
-    keep_answers(assoc)
+    ae.acse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(dcmread(path).SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", receiver_port, ae_title="MEDDAEMON", tls_args=(client, None))
     try:
-        assert int(assoc.send_c_store(dcmread(sent)).Status) == 0x0000
+        if not assoc.is_established:
+            return None
+        keep_answers(assoc)
+        status = int(assoc.send_c_store(dcmread(path)).Status)
         assoc.release()
+        return status
     finally:
         ae.shutdown()
+
+
+def test_with_tls_only_callers_speaking_tls_get_through(receive: StartReceiver, tmp_path: Path):
+    cert, key, client = self_signed(tmp_path)
+    receiver = receive(dicom_tls_cert=str(cert), dicom_tls_key=str(key))
+    [sent] = synthetic_instances(tmp_path / "sent", 1, seed=8)
+    assert tls_store(port(receiver), sent, client) == 0x0000
     assert pynetdicom_send(port(receiver), [sent]) == [None]  # in the clear: no association
     assert len(written(receiver)) == 1
 

@@ -14,11 +14,14 @@ Refused at association: a calling AE not on ``dicom_allowed_callers``, a called 
 ``ae_title``, an association past ``dicom_max_associations`` (``_admit``: a place is taken when the
 association is requested, so a connection that says nothing, or a caller being refused, holds none).
 Refused per instance: 0xA700 (Out of Resources) when the free disk would fall under
-``dicom_min_free_bytes`` or the database cannot record it, 0xA900 when its dataset is not the
-instance the request names (garbage, say), 0xC000 (Cannot understand) when it does not parse,
-0x0110 (Processing failure) on another write error (the folder's fsync after the rename included);
-nothing is left in the inbox then. A transfer cut
-off mid-way never reaches the handler: nothing is written.
+``dicom_min_free_bytes``, the instance is over ``max_file_bytes`` (the intake would refuse it
+unread) or the database cannot record it, 0xA900 when its dataset is not the instance the request
+names (garbage, say), 0xC000 (Cannot understand) when it does not parse or holds File Meta
+elements (group 0002, which the file's own would be read as), 0x0110 (Processing failure) on
+another write error (the folder's fsync after the rename included); nothing is left in the inbox
+then. A transfer cut off mid-way never reaches the handler: nothing is written. With TLS, each
+caller's handshake runs in its connection's thread, so a connection that says nothing holds up
+no other.
 
 The daemon runs it in a child process (``ReceiverProcess``): pynetdicom is pure Python, and its
 association threads would otherwise take the GIL from the daemon's loop.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import logging
@@ -46,7 +50,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -108,6 +112,8 @@ RECORD_SECONDS = 10.0
 STOP_GRACE_SECONDS = 10.0
 #: connections let in past ``dicom_max_associations`` to ask for an association or hear a refusal
 UNADMITTED_CONNECTIONS = 64
+#: how long a caller has to finish its TLS handshake, in its connection's own thread
+TLS_HANDSHAKE_SECONDS = 10.0
 #: how long a starting receiver tries to bind a port still held (by a killed daemon's receiver)
 BIND_SECONDS = 15.0
 
@@ -289,17 +295,20 @@ class Receiver:
         deadline = time.monotonic() + bind_seconds
         while True:
             try:
-                self.server = self.ae.start_server(
+                self.server = self.ae.make_server(
                     (self.settings.dicom_host, self.settings.dicom_port),
-                    block=False,
                     evt_handlers=handlers,
                     ssl_context=server_tls(self.settings),
+                    server_class=_acceptor_class(),
                 )
                 break
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
                     raise
                 time.sleep(0.25)
+        # as the AE's start_server(block=False) does, with the acceptor above
+        threading.Thread(target=self.server.serve_forever, name="DICOM acceptor", daemon=True).start()
+        self.ae._servers.append(self.server)  # the server's shutdown takes itself out of the AE's list
         self.stats.set("up", 1)
         host, port = self.address
         callers = ", ".join(self.settings.dicom_allowed_callers) or "any calling AE"
@@ -437,8 +446,7 @@ class Receiver:
             self._established(event)
             caller = self.callers[event.assoc]
         try:
-            data = self._received_bytes(event)
-            facts = _facts(event, data)
+            data, facts = _checked(self._received_bytes(event), event)
             self.keep(data, facts, caller)
         except Refused as refusal:
             caller.refused += 1
@@ -464,6 +472,8 @@ class Receiver:
         """Make ``data`` a file of the inbox, durably, with its row; returns the file. Raises
         ``Refused`` (and leaves no file, nor row) when it cannot."""
         self._folder_there()
+        if len(data) > self.settings.max_file_bytes:  # the intake would refuse it unread (too_large)
+            raise Refused(OUT_OF_RESOURCES, f"it holds {len(data)} bytes, over max_file_bytes")
         free = self.disk_usage(self.root).free
         if free - len(data) < self.settings.dicom_min_free_bytes:
             raise Refused(OUT_OF_RESOURCES, "free disk space is under dicom_min_free_bytes")
@@ -580,30 +590,39 @@ class Receiver:
 _RECORD = insert(ReceivedInstance).values(received_at=db_clock())
 
 
-def _facts(event: Any, data: bytes) -> InstanceFacts:
-    """The UIDs the row keeps, read from the request and the dataset's elements (one walk of their
-    headers: values over 256 bytes, the pixels among them, are not read). A dataset whose SOP
-    Instance UID or SOP Class UID is not the request's (garbage, another instance, a CT sent as an
-    MR) is refused (0xA900), as dcmtk's storescp does: the File Meta written from the request would
-    contradict the dataset; one that does not parse to its end too (0xC000)."""
+def _checked(data: bytes, event: Any) -> tuple[bytes, InstanceFacts]:
+    """The bytes to keep of the Part 10 file ``data`` pynetdicom made of the instance, and the UIDs
+    its row keeps, read from the request and the dataset's elements (one walk of their headers:
+    values over 256 bytes, the pixels among them, are not read). A dataset whose SOP Instance UID or
+    SOP Class UID is not the request's (garbage, another instance, a CT sent as an MR) is refused
+    (0xA900), as dcmtk's storescp does: the File Meta written from the request would contradict the
+    dataset; one that does not parse to its end too (0xC000). File Meta elements (group 0002) a
+    legacy sender left at the head of its dataset are cut away: behind the File Meta made from the
+    request they would be read as the file's own (another transfer syntax, another instance)."""
     request = event.request
     try:
-        uids, whole = _read_to_the_end(data, UID(str(event.context.transfer_syntax)))
+        walk = _read_to_the_end(data, UID(str(event.context.transfer_syntax)))
     except Exception as exc:
         raise Refused(CANNOT_UNDERSTAND, f"its dataset does not parse ({type(exc).__name__})") from exc
+    uids = walk.uids
     if uids.get("SOPInstanceUID", "") != str(request.AffectedSOPInstanceUID):
         raise Refused(DOES_NOT_MATCH, "the dataset's SOP Instance UID is not the request's")
     if uids.get("SOPClassUID", "") != str(request.AffectedSOPClassUID):
         raise Refused(DOES_NOT_MATCH, "the dataset's SOP Class UID is not the request's")
-    if not whole:
+    if not walk.whole:
         raise Refused(CANNOT_UNDERSTAND, "its dataset ends inside a value or has bytes after it")
-    return InstanceFacts(
+    if walk.sender_meta is not None:
+        first, last = walk.sender_meta
+        data = data[:first] + data[last:]
+        log.info("File Meta elements (group 0002) at the head of a dataset were cut away (%d bytes)", last - first)
+    facts = InstanceFacts(
         sop_instance_uid=uids["SOPInstanceUID"],
         sop_class_uid=str(request.AffectedSOPClassUID),
         transfer_syntax_uid=str(event.context.transfer_syntax),
         study_instance_uid=uids.get("StudyInstanceUID") or None,
         series_instance_uid=uids.get("SeriesInstanceUID") or None,
     )
+    return data, facts
 
 
 #: the top-level elements the row keeps, by tag
@@ -615,7 +634,18 @@ _KEPT_UIDS = {
 }
 
 
-def _read_to_the_end(data: bytes, syntax: UID) -> tuple[dict[str, str], bool]:
+class _Walk(NamedTuple):
+    """What one walk of a received dataset's element headers found."""
+
+    #: the kept UIDs, by keyword
+    uids: dict[str, str]
+    #: the dataset's last element ends where the bytes do
+    whole: bool
+    #: where the group 0002 elements its sender left at the head of the dataset begin and end
+    sender_meta: tuple[int, int] | None = None
+
+
+def _read_to_the_end(data: bytes, syntax: UID) -> _Walk:
     """The kept UIDs of the Part 10 file ``data`` (the File Meta pynetdicom wrote from the request,
     then the dataset as sent in ``syntax``), and whether the dataset is whole: its last element ends
     where the bytes do. pydicom's ``dcmread`` reads a value cut short, or garbage after the last
@@ -623,27 +653,32 @@ def _read_to_the_end(data: bytes, syntax: UID) -> tuple[dict[str, str], bool]:
     as truncated; dcmtk's storescp refuses both. One walk of the elements' headers, as the header
     alone was read before (0.35 ms an instance for CT_small; a ``dcmread`` and a walk took 0.73)."""
     if syntax == DeflatedExplicitVRLittleEndian or data[128:136] != b"DICM\x02\x00\x00\x00":
-        # a Deflated dataset that ends early does not inflate
+        # a Deflated dataset that ends early does not inflate (and group 0002 inside it is not read
+        # as the File Meta)
         header = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(_KEPT_UIDS.values()))
-        return {keyword: str(header.get(keyword, "")) for keyword in _KEPT_UIDS.values()}, True
-    # after the File Meta pynetdicom wrote, by the group length it wrote: a (0002,0000) a sender left
-    # at the head of its dataset is the dataset's
+        return _Walk({keyword: str(header.get(keyword, "")) for keyword in _KEPT_UIDS.values()}, True)
+    # after the File Meta pynetdicom wrote, by the group length it wrote: a group 0002 element a
+    # sender left at the head of its dataset is the dataset's
     start = 128 + 4 + 12 + int.from_bytes(data[140:144], "little")
     stream = io.BytesIO(data)
     stream.seek(start)
     uids: dict[str, str] = {}
     end = start
+    sender_meta: tuple[int, int] | None = None
     try:
         # each element's end as its header says (a value read short says nothing), or past its
         # sequence delimiter; the header of an element cut short ends the walk unseen
         for element in data_element_generator(stream, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=256):
             length, at = getattr(element, "length", UNDEFINED_LENGTH), getattr(element, "value_tell", None)
-            end = at + length if at is not None and length != UNDEFINED_LENGTH else stream.tell()
+            ends = at + length if at is not None and length != UNDEFINED_LENGTH else stream.tell()
+            if element.tag >> 16 == 0x0002 and end == (start if sender_meta is None else sender_meta[1]):
+                sender_meta = (start, ends)  # at the head, or right after the ones there
+            end = ends
             if element.tag in _KEPT_UIDS and isinstance(element.value, bytes):
                 uids[_KEPT_UIDS[element.tag]] = element.value.decode("ascii", "replace").rstrip("\0 ")
     except Exception:  # bytes no element can be read from: not whole (the UIDs found so far say whose)
-        return uids, False
-    return uids, end == len(data)
+        return _Walk(uids, False)
+    return _Walk(uids, end == len(data), sender_meta)
 
 
 class FolderSync:
@@ -725,6 +760,60 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 def _safe(ae_title: str) -> str:
     """An AE title as a file-name part (AE titles may hold spaces, dots, slashes)."""
     return _UNSAFE.sub("-", ae_title).strip("-") or "AE"
+
+
+@functools.cache
+def _acceptor_class() -> type:
+    """pynetdicom's threaded server, with each caller's TLS handshake in its connection's own thread,
+    under ``TLS_HANDSHAKE_SECONDS``. pynetdicom's does it in the accept loop, without a timeout: one
+    connection that said nothing stopped every other caller from being accepted, and the receiver's
+    stop (which waits for that loop) until the daemon killed it."""
+    from pynetdicom.transport import ThreadedAssociationServer
+
+    class HandshakeInItsThread(ThreadedAssociationServer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.handshaking: set[ssl.SSLSocket] = set()
+            self.handshaking_lock = threading.Lock()
+            super().__init__(*args, **kwargs)
+
+        def get_request(self) -> tuple[socket.socket, Any]:
+            connection, address = self.socket.accept()
+            if self.ssl_context:
+                connection = self.ssl_context.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+            return connection, address
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            if isinstance(request, ssl.SSLSocket) and not self._shake_hands(request, client_address):
+                self.shutdown_request(request)
+                return
+            super().process_request_thread(request, client_address)
+
+        def _shake_hands(self, connection: ssl.SSLSocket, client_address: Any) -> bool:
+            with self.handshaking_lock:
+                self.handshaking.add(connection)
+            before = connection.gettimeout()
+            try:
+                connection.settimeout(TLS_HANDSHAKE_SECONDS)
+                connection.do_handshake()
+                connection.settimeout(before)
+                return True
+            except OSError as exc:  # ssl.SSLError and the timeout among them
+                log.warning("a TLS connection from %s closed: %s", client_address[0], exc)
+                return False
+            finally:
+                with self.handshaking_lock:
+                    self.handshaking.discard(connection)
+
+        def server_close(self) -> None:
+            """The handshakes under way end now: closing waits for every connection's thread."""
+            with self.handshaking_lock:
+                waiting = list(self.handshaking)
+            for connection in waiting:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+            super().server_close()
+
+    return HandshakeInItsThread
 
 
 def server_tls(settings: Settings) -> ssl.SSLContext | None:
