@@ -475,6 +475,7 @@ def test_the_running_daemon_picks_up_a_promoted_model_without_a_restart(tmp_path
         for args in (["import", folder], ["promote", "busi", "v1"]):
             subprocess.run([bindir / "medcli", "models", *args, "--state-dir", state], check=True, env=env)
 
+        deadline = time.monotonic() + 60  # its own: the two medcli runs take half a minute on a loaded machine
         while states() != {"inferred"} and time.monotonic() < deadline:
             time.sleep(0.2)
         assert states() == {"inferred"}, (tmp_path / "daemon.log").read_text()[-3000:]

@@ -73,11 +73,13 @@ def test_a_series_is_complete_after_its_quiet_time_and_a_study_when_all_its_seri
 def test_the_study_report_of_a_study_received_over_dicom_waits_until_it_is_complete(delivered: Daemon, tmp_path: Path):
     """A copy of a reported state whose two-scan study had instances arrive just now: a newer scan
     report makes the study report stale, yet it is not rebuilt while the study is arriving; once
-    quiet (3 s here), the next rounds rebuild it, with no further scan reported."""
+    quiet (its instances moved back past the 60 s window, rather than waited for: a slow round
+    would end the window before it is looked at), the next round rebuilds it, with no further scan
+    reported."""
     root = tmp_path / "copy"
     shutil.copytree(delivered.settings.state_dir, root / "state")
     settings = dataclasses.replace(
-        delivered.settings, state_dir=root / "state", watch=root / "inbox", db="", series_quiet_seconds=3.0
+        delivered.settings, state_dir=root / "state", watch=root / "inbox", db="", series_quiet_seconds=60.0
     )
     engine = create_db_engine(settings.db_url)
     sessions = session_factory(engine)
@@ -102,6 +104,13 @@ def test_the_study_report_of_a_study_received_over_dicom_waits_until_it_is_compl
         reporter.round()
         assert STUDY_UID in reporter.studies_arriving and study_report_at() == before
 
+        with transaction(sessions) as session:
+            session.execute(
+                update(ReceivedInstance)
+                .where(ReceivedInstance.study_instance_uid == STUDY_UID)
+                .values(received_at=ReceivedInstance.received_at - 61.0)
+            )
+        reporter.studies_arriving[STUDY_UID] = time.monotonic()  # and the time to look again come
         deadline = time.monotonic() + 30
         while study_report_at() == before:
             assert time.monotonic() < deadline, "the study report was not rebuilt once the study was quiet"

@@ -227,14 +227,15 @@ def test_a_sender_that_cannot_be_made_fails_its_objects_as_attempts_not_the_roun
 def test_the_association_stays_open_while_objects_come_and_is_released_once_idle(make_settings):
     scp = ScriptedScp()
     try:
-        settings = make_settings(destination=[{**scp.destination("pacs"), "keep_open_seconds": 3.0}])
+        # kept open 8 s: long enough for the look below to come first on a loaded machine
+        settings = make_settings(destination=[{**scp.destination("pacs"), "keep_open_seconds": 8.0}])
         sessions, uids = queued(settings, 2, ["pacs"])
         sender = OutboxSender(settings, sessions, None)
         sender.start()
         try:
             wait_until(lambda: set(statuses(sessions).values()) == {DELIVERED}, 30, "the objects delivered")
             assert scp.open_associations() == 1
-            wait_until(lambda: scp.open_associations() == 0, 15, "the idle association released")
+            wait_until(lambda: scp.open_associations() == 0, 30, "the idle association released")
         finally:
             sender.stop()
     finally:
