@@ -644,14 +644,7 @@ def test_the_limit_holds_for_ae_titles_configured_with_spaces_as_pynetdicom_comp
 
 def self_signed(folder: Path) -> tuple[Path, Path, ssl.SSLContext]:
     """A SYNTHETIC self-signed certificate and its key (openssl), and a client context trusting it."""
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key)]
-    subprocess.run(
-        ["openssl", "req", "-x509", *new_key, "-days", "1", "-subj", "/CN=localhost", "-out", str(cert)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    cert, key = signed_pair(folder, "localhost", None, "serverAuth")
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
     client.check_hostname = False
     return cert, key, client
@@ -719,6 +712,27 @@ def test_health_reports_the_receiver_down_when_nothing_answers_its_c_echo(receiv
         check = dicom_check(answering, unused.getsockname()[1])
     assert (check.status, check.details["probe"]) == (DOWN, "none")
     assert "does not answer" in check.message or "no DICOM answer" in check.message
+
+
+def test_health_reports_a_receiver_that_answers_but_refuses_every_instance_for_want_of_disk(
+    receive: StartReceiver, tmp_path: Path
+):
+    """It said `dicom ok` (and `disk ok`, by its own lower minimum) while every instance got 0xA700."""
+    import dataclasses
+
+    from meddaemon.daemon.health import DEGRADED, HealthLimits, check_health
+
+    receiver = receive(dicom_min_free_bytes=2**62)
+    assert pynetdicom_send(port(receiver), synthetic_instances(tmp_path / "sent", 1, seed=16)) == [0xA700]
+    settings = dataclasses.replace(receiver.settings, dicom_port=port(receiver))
+    engine = create_db_engine(settings.db_url)
+    try:
+        report = check_health(engine, settings, HealthLimits(min_free_bytes=0))
+    finally:
+        engine.dispose()
+    check = report.check("dicom")
+    assert (check.status, check.details["probe"]) == (DEGRADED, "echoed")
+    assert "every instance is refused (0xA700)" in check.message and "dicom_min_free_bytes" in check.message
 
 
 def signed_pair(folder: Path, name: str, ca: tuple[Path, Path] | None, usage: str) -> tuple[Path, Path]:

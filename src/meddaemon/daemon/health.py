@@ -10,6 +10,7 @@ by the nodes' own clocks and are compared with this node's.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -114,7 +115,7 @@ def check_health(
             _guarded("outbox", engine, lambda s: _outbox(s, limits)),
         ]
     if settings.dicom_port:
-        checks.append(_dicom(engine, settings, echo))
+        checks.append(_dicom(engine, settings, echo, disk_usage))
     checks.append(_disk(settings.state_dir, limits.min_free_bytes, disk_usage))
     return HealthReport(checks)
 
@@ -301,8 +302,11 @@ def _outbox(session: Session, limits: HealthLimits) -> Check:
     )
 
 
-def _dicom(engine: Engine, settings: Settings, echo: Callable[[Settings], Any] | None) -> Check:
-    """The DICOM receiver (issue 18): down when nothing answers a C-ECHO on its port; what it
+def _dicom(
+    engine: Engine, settings: Settings, echo: Callable[[Settings], Any] | None, disk_usage: Callable[[Path], Any]
+) -> Check:
+    """The DICOM receiver (issue 18): down when nothing answers a C-ECHO on its port; degraded when
+    it answers but refuses every instance for want of disk (``dicom_min_free_bytes``); what it
     received lately, and the studies still arriving, in the details."""
     from meddaemon.dicom.completeness import arrival_summary
 
@@ -326,6 +330,15 @@ def _dicom(engine: Engine, settings: Settings, echo: Callable[[Settings], Any] |
         details["received"] = f"could not be read: {error_line(exc)}"
     if answer.outcome == "none":
         return Check("dicom", DOWN, f"{answer.message}: is the daemon's DICOM receiver running?{received}", details)
+    inbox = _existing(settings.watch)
+    with contextlib.suppress(OSError):  # the disk check says why the free space cannot be read
+        free = int(disk_usage(inbox).free)
+        details["free_bytes"] = free
+        if free < settings.dicom_min_free_bytes:
+            minimum = _size(settings.dicom_min_free_bytes)
+            short = f"{_size(free)} free under {inbox}, under dicom_min_free_bytes ({minimum})"
+            message = f"{answer.message}, but every instance is refused (0xA700): {short}{received}"
+            return Check("dicom", DEGRADED, message, details)
     return Check("dicom", OK, answer.message + received, details)
 
 
@@ -351,10 +364,16 @@ def _failures(session: Session, limits: HealthLimits) -> Check:
     return Check("failures", OK, message, details)
 
 
-def _disk(state_dir: Path, min_free_bytes: int, disk_usage: Callable[[Path], Any]) -> Check:
-    folder = Path(state_dir).resolve()
+def _existing(path: Path) -> Path:
+    """``path``, or the nearest folder above it that exists: the file system it will be made on."""
+    folder = Path(path).resolve()
     while not folder.exists() and folder != folder.parent:
-        folder = folder.parent  # not created yet: the file system it will be created on
+        folder = folder.parent
+    return folder
+
+
+def _disk(state_dir: Path, min_free_bytes: int, disk_usage: Callable[[Path], Any]) -> Check:
+    folder = _existing(state_dir)
     try:
         usage = disk_usage(folder)
     except OSError as exc:
