@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
@@ -71,6 +71,35 @@ def written(receiver: Receiver) -> list[Path]:
 def rows(receiver: Receiver) -> list[ReceivedInstance]:
     with receiver.sessions() as session:
         return list(session.scalars(select(ReceivedInstance).order_by(ReceivedInstance.id)))
+
+
+def store_one(
+    receiver_port: int,
+    instance: Dataset | Path,
+    sop_class: str,
+    *,
+    syntax: str = ExplicitVRLittleEndian,
+    calling: str = "SENDER",
+    tls: ssl.SSLContext | None = None,
+) -> int | None:
+    """The status of one C-STORE of ``instance`` (a file is sent as its bytes are, with
+    ``STORE_SEND_CHUNKED_DATASET``), in an association of its own (None: no association)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(sop_class, syntax)
+    tls_args = (tls, None) if tls is not None else None
+    assoc = ae.associate("127.0.0.1", receiver_port, ae_title="MEDDAEMON", tls_args=tls_args)
+    try:
+        if not assoc.is_established:
+            return None
+        keep_answers(assoc)
+        status = int(assoc.send_c_store(instance).Status)
+        assoc.release()
+        return status
+    finally:
+        ae.shutdown()
 
 
 def in_threads(call: Callable[[int], None], count: int) -> None:
@@ -315,17 +344,7 @@ def test_a_dataset_that_is_not_the_instance_its_request_names_is_refused_and_not
     garbage = tmp_path / "garbage.dcm"
     garbage.write_bytes(data[: len(data) - len(dataset_bytes(data))] + b"SYNTHETIC garbage, not a dataset" * 8)
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
-    from pynetdicom import AE
-
-    ae = AE(ae_title="SENDER")
-    ae.add_requested_context(dcmread(good).SOPClassUID, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON")
-    keep_answers(assoc)
-    try:
-        assert int(assoc.send_c_store(garbage).Status) == 0xA900
-        assoc.release()
-    finally:
-        ae.shutdown()
+    assert store_one(port(receiver), garbage, dcmread(good).SOPClassUID) == 0xA900
     assert written(receiver) == [] and rows(receiver) == []
 
 
@@ -393,22 +412,13 @@ def test_file_meta_elements_at_the_head_of_a_sent_dataset_are_cut_away_so_the_fi
     """A sender whose dataset began with group 0002 elements naming JPEG Baseline and another
     instance: written behind the File Meta made from the request, pydicom read them as the file's
     own, and the uncompressed instance, answered Success, failed in the intake as undecodable."""
-    from pynetdicom import AE
 
     receiver = receive()
     [path] = synthetic_instances(tmp_path / "sent", 1, seed=13)
     ds = dcmread(path)
     ds.add_new(0x00020010, "UI", JPEGBaseline8Bit)  # SYNTHETIC: a sender's stray File Meta
     ds.add_new(0x00020003, "UI", "1.2.826.0.1.3680043.8.498.9")
-    ae = AE(ae_title="LEGACY")
-    ae.add_requested_context(ds.SOPClassUID, syntax)
-    assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON")
-    keep_answers(assoc)
-    try:
-        assert int(assoc.send_c_store(ds).Status) == 0x0000
-        assoc.release()
-    finally:
-        ae.shutdown()
+    assert store_one(port(receiver), ds, ds.SOPClassUID, syntax=syntax, calling="LEGACY") == 0x0000
 
     [stored] = written(receiver)
     kept = dcmread(stored)
@@ -451,7 +461,7 @@ def test_with_tls_a_connection_that_says_nothing_holds_up_no_other_caller_nor_th
     silent = socket.create_connection(("127.0.0.1", port(receiver)))
     try:
         time.sleep(0.2)  # accepted: its handshake waits
-        assert tls_store(port(receiver), sent, client) == 0x0000
+        assert store_one(port(receiver), dcmread(sent), dcmread(sent).SOPClassUID, tls=client) == 0x0000
         started = time.monotonic()
         receiver.stop(grace=1.0)
         assert time.monotonic() - started < 5.0
@@ -650,30 +660,11 @@ def self_signed(folder: Path) -> tuple[Path, Path, ssl.SSLContext]:
     return cert, key, client
 
 
-def tls_store(receiver_port: int, path: Path, client: ssl.SSLContext) -> int | None:
-    """The status of one C-STORE of ``path`` over TLS (None: no association)."""
-    from pynetdicom import AE
-
-    ae = AE(ae_title="TLSCALLER")
-    ae.acse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(dcmread(path).SOPClassUID, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", receiver_port, ae_title="MEDDAEMON", tls_args=(client, None))
-    try:
-        if not assoc.is_established:
-            return None
-        keep_answers(assoc)
-        status = int(assoc.send_c_store(dcmread(path)).Status)
-        assoc.release()
-        return status
-    finally:
-        ae.shutdown()
-
-
 def test_with_tls_only_callers_speaking_tls_get_through(receive: StartReceiver, tmp_path: Path):
     cert, key, client = self_signed(tmp_path)
     receiver = receive(dicom_tls_cert=str(cert), dicom_tls_key=str(key))
     [sent] = synthetic_instances(tmp_path / "sent", 1, seed=8)
-    assert tls_store(port(receiver), sent, client) == 0x0000
+    assert store_one(port(receiver), dcmread(sent), dcmread(sent).SOPClassUID, tls=client) == 0x0000
     assert pynetdicom_send(port(receiver), [sent]) == [None]  # in the clear: no association
     assert len(written(receiver)) == 1
 
