@@ -14,7 +14,7 @@ from sqlalchemy import inspect
 from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.db.engine import create_db_engine, is_sqlite
-from meddaemon.db.migrate import current_revision, head_revision, upgrade
+from meddaemon.db.migrate import current_revision, database_location, head_revision, upgrade
 
 #: the commands that read (or add rows to) an existing database, with their arguments
 READING_COMMANDS: list[tuple[click.Group, list[str]]] = [
@@ -78,8 +78,35 @@ def test_an_older_schema_exits_3_and_is_not_upgraded(group, args, db_url: str, t
     result = invoke(group, args, db_url, tmp_path, labels)
     assert result.exit_code == 3, result.output
     assert "schema is older than this meddaemon" in result.stderr
+    # the file itself: the commands that only read named "sqlite://"
+    assert f"the database at {database_location(db_url)} is at revision 0004" in result.stderr
     assert current_revision(engine) == "0004"
     engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("group", "args"),
+    [*READING_COMMANDS, (medcli, ["db", "upgrade"]), (meddaemon, ["start", "--once", "--watch", "INBOX"])],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_a_file_that_is_no_database_exits_3_in_one_line(group, args, tmp_path: Path, labels: Path):
+    """SQLite's "file is not a database" is no OperationalError: it was a traceback, exit 1."""
+    (tmp_path / "inbox").mkdir()
+    args = [str(tmp_path / "inbox") if a == "INBOX" else a for a in args]
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"SYNTHETIC: not a database\n" * 200)
+    result = invoke(group, args, f"sqlite:///{junk}", tmp_path, labels)
+    assert result.exit_code == 3, result.output
+    assert "database unusable: file is not a database" in result.stderr
+    assert junk.read_bytes() == b"SYNTHETIC: not a database\n" * 200
+
+
+def test_a_sqlite_database_whose_folder_cannot_be_made_exits_2_naming_the_setting(tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("SYNTHETIC: not a folder")
+    result = CliRunner().invoke(medcli, ["db", "upgrade", "--db", f"sqlite:///{blocker}/x.db"])
+    assert result.exit_code == 2, result.output
+    assert f"setting 'db': cannot make the folder of the SQLite database {blocker}/x.db" in result.stderr
 
 
 def test_db_upgrade_creates_and_upgrades_and_then_the_commands_work(db_url: str, tmp_path: Path, labels: Path):

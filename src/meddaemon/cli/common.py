@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 
 from meddaemon import heap
 from meddaemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
@@ -170,6 +170,8 @@ def handle_errors(func: F) -> F:
                     EXIT_DATABASE,
                 )
             _fail(f"database unavailable: {exc.orig}", EXIT_DATABASE)
+        except DatabaseError as exc:  # not an outage: a file that is no database, a damaged one
+            _fail(f"database unusable: {exc.orig}", EXIT_DATABASE)
         except KeyboardInterrupt:  # click's own answer is "Aborted!", exit 1
             _fail("interrupted (Ctrl-C)", EXIT_INTERRUPTED)
 

@@ -93,7 +93,7 @@ def create_db_engine(url: str, busy_timeout: float = 5.0, limits: ConnectionLimi
         )
     database = make_url(url).database
     if database and database != ":memory:":
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
+        _make_folder_of(Path(database))
         refuse_network_filesystem(Path(database))
     engine = create_engine(
         url, hide_parameters=True, connect_args={"timeout": busy_timeout, "check_same_thread": False}
@@ -141,6 +141,19 @@ NETWORK_FILESYSTEMS = frozenset(
 #: FUSE file systems that are network ones (``fuse.<name>`` in mountinfo)
 NETWORK_FUSE = frozenset({"sshfs", "glusterfs", "ceph", "s3fs", "gcsfuse", "rclone", "juicefs"})
 MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def _make_folder_of(database: Path) -> None:
+    """The folder of a SQLite database, made where it is missing; one that cannot be (a file in the
+    way, no permission) is a setting to correct, not a traceback."""
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from meddaemon.config import ConfigError
+
+        raise ConfigError(
+            f"setting 'db': cannot make the folder of the SQLite database {database}: {exc.strerror or exc}"
+        ) from exc
 
 
 def refuse_network_filesystem(database: Path) -> None:

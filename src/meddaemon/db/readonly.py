@@ -51,11 +51,16 @@ def _sqlite_read_only(url: URL, busy_timeout: float) -> Engine:
     def connect() -> sqlite3.Connection:
         return sqlite3.connect(uri, uri=True, timeout=busy_timeout, check_same_thread=False)
 
-    # a plain pool: for "sqlite://" SQLAlchemy would pick SingletonThreadPool, which closes the
-    # connections of other threads once more than five threads have used it (the web console's
-    # thread pool does), under their feet
+    # a plain pool: SQLAlchemy could pick SingletonThreadPool, which closes the connections of
+    # other threads once more than five threads have used it (the web console's thread pool does),
+    # under their feet. The URL names the file, for messages (``creator`` makes the connections).
     engine = create_engine(
-        "sqlite://", creator=connect, poolclass=QueuePool, pool_size=4, max_overflow=8, hide_parameters=True
+        URL.create("sqlite", database=str(Path(database).resolve())),
+        creator=connect,
+        poolclass=QueuePool,
+        pool_size=4,
+        max_overflow=8,
+        hide_parameters=True,
     )
 
     @event.listens_for(engine, "connect")
