@@ -50,7 +50,19 @@ def test_one_command_from_a_busi_dataset_to_metrics_with_confidence_intervals(wo
 
     again = CliRunner().invoke(medcli, ["audit", "--evaluation", report["name"], "--json", *state_flags(world)])
     assert again.exit_code == 0, again.output
-    assert json.loads(again.stdout)["labels"] == audit["labels"]
+    audited_again = json.loads(again.stdout)
+    assert audited_again["labels"] == audit["labels"]
+    # each stored, each with its id, as `medcli audit` gives it (the console's /audits/ID)
+    assert audited_again["audit_id"] == audit["audit_id"] + 1
+    assert {k: v for k, v in audited_again.items() if k != "audit_id"} == {
+        k: v for k, v in audit.items() if k != "audit_id"
+    }
+
+    shown = CliRunner().invoke(
+        medcli, ["evaluate", str(busi_phantoms), "--task", "busi", "--audit", *state_flags(world)]
+    )
+    assert shown.exit_code == 0, shown.output
+    assert f"audit {audit['audit_id'] + 2} stored" in shown.stdout
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -475,17 +475,24 @@ def test_a_ray_run_over_too_many_unreadable_files_stops_with_a_message_and_leave
 @pytest.mark.slow
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_file_names_that_are_not_utf8_go_through_ray_and_are_stored_as_the_local_engine_stores_them(
-    world, tmp_path: Path
+    world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ray Data holds the paths in Arrow, whose strings refuse a name that is not UTF-8 (Ray keeps
     such a column as Python objects): the files are scored, and their names stored %XX-escaped, as
-    by the local engine."""
+    by the local engine. The local Ray's session folder goes with it (Ray's default left one in
+    ``$RAY_TMPDIR/ray`` at every run)."""
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="raytmp", dir="/tmp"))  # short: Ray's socket paths
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmpdir))
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(6)
     for name in (b"sc\xe9n 1.png", b"sc\xe9n 2.png", b"plain.png"):
         write_png(Path(os.fsdecode(os.fsencode(folder) + b"/" + name)), rng.integers(0, 255, (32, 32), dtype=np.uint8))
-    outcome = evaluate_into(world.db_url, world.settings, folder, engine="ray")
+    try:
+        outcome = evaluate_into(world.db_url, world.settings, folder, engine="ray")
+        assert list(ray_tmpdir.iterdir()) == []
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
     assert outcome.state == "completed" and outcome.summary["scored"] == 3 and outcome.summary["failed"] == 0
     engine = create_db_engine(world.db_url)
     with session_factory(engine)() as session:

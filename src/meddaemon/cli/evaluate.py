@@ -124,18 +124,19 @@ def evaluate(
             except KeyboardInterrupt:
                 click.echo("interrupted: what was scored is stored; run the same command again to resume", err=True)
                 sys.exit(EXIT_INTERRUPTED)
-        audit, refused = _audit(db, settings, outcome.name, require) if with_audit else (None, None)
+        audit, audit_id, refused = _audit(db, settings, outcome.name, require) if with_audit else (None, None, None)
     finally:
         db.dispose()
     summary = outcome.summary
     if as_json:
-        echo_json({**summary, "audit": audit.as_dict() if audit else None})
+        echo_json({**summary, "audit": {"audit_id": audit_id, **audit.as_dict()} if audit else None})
     else:
         _print(summary)
         if audit is not None:
             from meddaemon.audit.table import print_audit
 
             print_audit(audit)
+            click.echo(f"audit {audit_id} stored")
     if refused:
         click.echo(f"error: {refused}", err=True)
         sys.exit(EXIT_USAGE)
@@ -175,8 +176,9 @@ def _show_stopped(db: Any, stopped: Any, as_json: bool) -> None:
         _print(summary)
 
 
-def _audit(db: Any, settings: Any, name: str, require: str | None) -> tuple[Any, str | None]:
-    """The evaluation's audit, stored; or why it cannot be audited (the run's summary is shown all the same)."""
+def _audit(db: Any, settings: Any, name: str, require: str | None) -> tuple[Any, int | None, str | None]:
+    """The evaluation's audit and its stored row's id, as `medcli audit --evaluation` gives them; or
+    why it cannot be audited (the run's summary is shown all the same)."""
     from meddaemon.audit.criteria import CriteriaError
     from meddaemon.audit.labels import LabelFileError
     from meddaemon.audit.predictions import AuditInputError
@@ -188,10 +190,10 @@ def _audit(db: Any, settings: Any, name: str, require: str | None) -> tuple[Any,
     try:
         with transaction(session_factory(db)) as session:
             result = audit_evaluation(session, name, AuditRequest(require=require), settings.task_specs)
-            save_audit(session, result)
+            audit_id = save_audit(session, result).id
     except (LabelFileError, AuditInputError, CriteriaError) as exc:
-        return None, str(exc)
-    return result, None
+        return None, None, str(exc)
+    return result, audit_id, None
 
 
 class _progress_bar:

@@ -22,11 +22,14 @@ import json
 import logging
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -103,15 +106,32 @@ def ray_session(ray: Any, address: str | None) -> Iterator[None]:
         return
     auth_mode = os.environ.get(AUTH_MODE)
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    local = None if address else local_ray_folder()
     try:
-        if address:
+        if local is None:
             ray.init(address=address, **quiet)
         else:
-            ray.init(address="local", include_dashboard=False, **quiet)
+            ray.init(address="local", include_dashboard=False, _temp_dir=str(local), **quiet)
         yield
+    except EvaluationStopped:
+        raise  # the run's own refusal (too many unreadable files): not Ray's to explain
+    except Exception:
+        if local is not None:
+            log.warning("the local Ray's logs of this run are kept in %s", local)
+            local = None
+        raise
     finally:
         ray.shutdown()
         _restore_auth_mode(auth_mode)
+        if local is not None:
+            shutil.rmtree(local, ignore_errors=True)
+
+
+def local_ray_folder() -> Path:
+    """The folder of a local Ray's session (its sockets, logs, spilled objects): one of the run's own,
+    removed after a run that ended well, where Ray's default, ``/tmp/ray``, gains a session folder at
+    every start. Short, under ``RAY_TMPDIR`` or ``/tmp``: Ray's socket paths must fit in 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix="mdray-", dir=os.environ.get("RAY_TMPDIR", "/tmp")))
 
 
 def _restore_auth_mode(mode: str | None) -> None:
