@@ -97,3 +97,23 @@ def test_each_console_script_exits_with_its_heap_frozen(main, monkeypatch: pytes
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_a_database_error_that_is_a_bug_keeps_its_traceback_while_a_file_that_is_no_database_is_one_line():
+    """ "database unusable" (exit 3) is for SQLite's plain DatabaseError (not a database, malformed);
+    an IntegrityError or a ProgrammingError is a bug, whose traceback a developer needs."""
+    import click
+    from sqlalchemy.exc import DatabaseError, IntegrityError
+
+    def failing(error: Exception) -> click.Command:
+        @click.command()
+        @common.handle_errors
+        def command() -> None:
+            raise error
+
+        return command
+
+    unusable = CliRunner().invoke(failing(DatabaseError("SELECT 1", {}, Exception("file is not a database"))))
+    assert unusable.exit_code == 3 and "database unusable: file is not a database" in unusable.stderr
+    bug = CliRunner().invoke(failing(IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed: t.a"))))
+    assert bug.exit_code == 1 and isinstance(bug.exception, IntegrityError)

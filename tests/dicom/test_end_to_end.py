@@ -6,8 +6,10 @@ counts), and no scan is archived before its objects are delivered."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -251,33 +253,48 @@ def test_a_daemon_killed_while_sending_sends_the_rest_once_after_its_restart(
     check_pacs(pacs, engine, 12)
 
 
-def test_a_daemon_killed_alone_leaves_no_sender_behind_to_send_what_its_successor_sends(
+def test_a_daemon_killed_alone_mid_send_has_none_of_its_objects_sent_twice_by_its_successor(
     daemons: Daemons, layout: Layout
 ):
     """kill -9 of the daemon's own process only (its children live on: a supervisor or an operator
-    that kills the main pid), while a slow archive takes a second an object. The restarted daemon
-    takes over the dead one's claims at once; the old outbox process went on sending its round,
-    and every object it held was stored twice. It now stops after the object in hand."""
-    scp = ScriptedScp(delay=1.0)
+    that kills the main pid) once the archive has stored one object and holds the next one unanswered.
+    The old outbox process went on sending its whole round, and every object it held was stored twice;
+    then it stopped after the object in hand, but the restarted daemon took over the dead one's
+    claims at once, and sent again both the object already acknowledged (its answer was recorded
+    with the round's) and the one in hand. The acknowledgement is recorded as it comes, and a gone
+    daemon's claims are taken once the object in hand can no longer be answered."""
+    second_in_hand, let_it_be_answered = threading.Event(), threading.Event()
+    calls = itertools.count(1)
+
+    def hold_the_second() -> None:
+        if next(calls) == 2:
+            second_in_hand.set()
+            let_it_be_answered.wait(60)
+
+    scp = ScriptedScp(on_store=hold_the_second)
     try:
         promote_into(f"sqlite:///{layout.db}", layout.state / "models", write_model(layout.root / "model"))
         config = layout.root / "meddaemon.toml"
         config.write_text(
             'dicom_outputs = ["sr", "pdf"]\noutbox_retry_seconds = 0.5\noutbox_max_retry_seconds = 2.0\n'
             f'[[destination]]\nname = "pacs"\nkind = "dicom"\nae_title = "{scp.ae_title}"\n'
-            f'host = "127.0.0.1"\nport = {scp.port}\n'
+            f'host = "127.0.0.1"\nport = {scp.port}\ntimeout_seconds = 60\n'
         )
         daemon = daemons.start(extra=("--config", str(config)), env=ENV)
         daemon.wait_ready()
         drop_scans(layout, 3, one_study=False)
         engine = engine_of(layout)
-        wait_until(lambda: len(scp.received) >= 1, 120, "the first object at the archive", daemon, every=0.05)
+        wait_until(second_in_hand.is_set, 120, "the second object in the archive's hands", daemon, every=0.05)
         daemon.proc.kill()
         daemon.proc.wait(10)
 
         again = daemons.start(extra=("--config", str(config)), env=ENV)
+        again.wait_ready()
+        time.sleep(2.0)  # a successor taking the claims at once has sent the first two again by now
+        let_it_be_answered.set()
         wait_until(lambda: outbox_counts(engine) == Counter(delivered=6), 120, "6 objects delivered", again)
         time.sleep(3.0)  # what a sender left behind would still be sending
     finally:
+        let_it_be_answered.set()
         scp.stop()
     assert Counter(scp.received) == Counter(dict.fromkeys(sent_uids(engine, "pacs"), 1))

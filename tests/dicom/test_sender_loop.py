@@ -204,6 +204,46 @@ def test_rows_for_a_destination_no_longer_configured_are_dead_not_stuck(make_set
     assert statuses(sessions) == {("sc:0", "share"): DELIVERED, ("sc:0", "gone"): DEAD}
 
 
+def test_each_acknowledgement_is_recorded_before_the_next_object_is_sent(make_settings):
+    """They were recorded together once the round's last object was answered: a daemon killed in
+    between left acknowledged objects pending, and its successor sent them again."""
+    delivered_when_asked: list[int] = []
+    held: dict[str, object] = {}
+
+    def count_delivered() -> None:
+        delivered_when_asked.append(list(statuses(held["sessions"]).values()).count(DELIVERED))
+
+    scp = ScriptedScp(on_store=count_delivered)
+    try:
+        settings = make_settings(destination=[scp.destination("pacs")])
+        held["sessions"], _ = queued(settings, 3, ["pacs"])
+        drain(OutboxSender(settings, held["sessions"], None))
+    finally:
+        scp.stop()
+    assert delivered_when_asked == [0, 1, 2]
+    assert set(statuses(held["sessions"]).values()) == {DELIVERED}
+
+
+def test_rows_queued_for_destinations_none_of_which_is_configured_any_more_are_dead_at_the_daemon_s_start(
+    make_settings,
+):
+    """With no destination configured no sender runs, and no sender ever made them dead: they stayed
+    pending, and their scans reported, never archived, for ever."""
+    from meddaemon.daemon.service import Daemon
+
+    settings = make_settings()
+    sessions, _ = queued(settings, 2, ["pacs"])
+    with sessions() as session:
+        other = join(sessions, "node-b")  # a running daemon's claim is left to it
+        session.execute(update(OutboxItem).where(OutboxItem.object_key == "sc:1").values(claimed_by=other.daemon_id))
+        session.commit()
+    Daemon(settings).prepare()
+    assert statuses(sessions) == {("sc:0", "pacs"): DEAD, ("sc:1", "pacs"): PENDING}
+    with sessions() as session:
+        dead = session.scalars(select(OutboxItem).where(OutboxItem.status == DEAD)).one()
+    assert dead.last_error == "destination 'pacs' is not configured" and dead.claimed_by is None
+
+
 def test_a_sender_that_cannot_be_made_fails_its_objects_as_attempts_not_the_round(
     make_settings, tmp_path: Path, monkeypatch
 ):

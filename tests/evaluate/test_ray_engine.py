@@ -500,6 +500,31 @@ def test_file_names_that_are_not_utf8_go_through_ray_and_are_stored_as_the_local
     engine.dispose()
 
 
+def test_a_local_ray_s_folder_is_where_ray_would_make_its_own_made_if_missing_and_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from meddaemon.evaluate.ray_engine import local_ray_folder
+
+    monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    short = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    made: list[Path] = []
+    try:
+        monkeypatch.setenv("TMPDIR", str(short))
+        made.append(local_ray_folder())
+        assert made[-1].parent == short  # as Ray's own default, $TMPDIR/ray
+        monkeypatch.setenv("RAY_TMPDIR", str(short / "not yet"))
+        made.append(local_ray_folder())
+        assert made[-1].parent == short / "not yet"  # made, as Ray makes it
+        monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # pytest's: too long for Ray's socket paths
+        made.append(local_ray_folder())
+        assert made[-1].parent == Path("/tmp") and made[-1].name.startswith("mdray-")
+    finally:
+        for folder in made:
+            folder.rmdir()
+        shutil.rmtree(short, ignore_errors=True)
+
+
 def test_device_cuda_on_a_ray_cluster_without_a_gpu_is_refused_rather_than_waited_for() -> None:
     from meddaemon.evaluate.ray_engine import plan_actors
     from meddaemon.evaluate.store import EvaluationError

@@ -170,8 +170,10 @@ def handle_errors(func: F) -> F:
                     EXIT_DATABASE,
                 )
             _fail(f"database unavailable: {exc.orig}", EXIT_DATABASE)
-        except DatabaseError as exc:  # not an outage: a file that is no database, a damaged one
-            _fail(f"database unusable: {exc.orig}", EXIT_DATABASE)
+        except DatabaseError as exc:
+            if type(exc) is not DatabaseError:  # IntegrityError, ProgrammingError...: a bug, its traceback
+                raise
+            _fail(f"database unusable: {exc.orig}", EXIT_DATABASE)  # a file that is no database, a damaged one
         except KeyboardInterrupt:  # click's own answer is "Aborted!", exit 1
             _fail("interrupted (Ctrl-C)", EXIT_INTERRUPTED)
 

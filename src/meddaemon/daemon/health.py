@@ -330,7 +330,7 @@ def _dicom(
         details["received"] = f"could not be read: {error_line(exc)}"
     if answer.outcome == "none":
         return Check("dicom", DOWN, f"{answer.message}: is the daemon's DICOM receiver running?{received}", details)
-    inbox = _existing(settings.watch)
+    inbox = _existing(settings.received_dir)
     with contextlib.suppress(OSError):  # the disk check says why the free space cannot be read
         free = int(disk_usage(inbox).free)
         details["free_bytes"] = free

@@ -169,6 +169,7 @@ class Daemon:
         quiet_value_quoting_libraries()
         self._past_locks(lambda: upgrade(self.engine))
         self._past_locks(self._ensure_tasks)
+        self._past_locks(self._settle_unconfigured_outputs)
         self.state_paths = self._state_paths()
         self.state_identity = self._state_identity()
         self._join()
@@ -563,6 +564,20 @@ class Daemon:
     def _ensure_tasks(self) -> None:
         with transaction(self.sessions) as session:
             bookkeeper.ensure_tasks(session, self.settings.task_specs)
+
+    def _settle_unconfigured_outputs(self) -> None:
+        from meddaemon.dicom import outbox
+
+        configured = [d.name for d in self.settings.destination]
+        with transaction(self.sessions) as session:
+            settled = outbox.settle_unconfigured(session, configured, outbox.takeover_seconds(self.settings))
+        for name, count in settled.items():
+            log.warning(
+                "%d DICOM output(s) queued for destination %r, which is not configured, are dead "
+                "(`medcli outbox retry --all-dead` sends them once it is configured again)",
+                count,
+                name,
+            )
 
     def _declared_lost(self) -> bool:
         """Whether another daemon declared this one lost: what a database error met on waking up

@@ -21,9 +21,10 @@ import random
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, exists, func, or_, select, true, update
+from sqlalchemy import and_, delete, exists, func, or_, select, true, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -36,6 +37,10 @@ from meddaemon.processes import leave_stopping_to_the_parent
 from meddaemon.stored_paths import stored_file
 
 log = logging.getLogger("meddaemon.outbox")
+
+#: added to the destinations' longest timeout: the recording of the last answer of a sender whose
+#: daemon is gone, before another daemon may take what it held
+TAKEOVER_SLACK = 5.0
 T = TypeVar("T")
 #: how long an idle sender waits before looking for due rows again (s)
 POLL_SECONDS = 0.25
@@ -113,13 +118,21 @@ def enqueue(session: Session, scan_id: int, items: Collection[NewItem]) -> int:
     return added
 
 
-def _claimable(daemon_id: int | None) -> Any:
-    running = select(DaemonInstance.id).where(DaemonInstance.state == "running")
-    if daemon_id is None:
-        return or_(OutboxItem.claimed_by.is_(None), OutboxItem.claimed_by.not_in(running))
-    return or_(
-        OutboxItem.claimed_by.is_(None), OutboxItem.claimed_by == daemon_id, OutboxItem.claimed_by.not_in(running)
+def takeover_seconds(settings: Settings) -> float:
+    """How long the object in hand of a sender whose daemon is gone may still take to be answered."""
+    return max((d.timeout_seconds for d in settings.destination), default=0.0) + TAKEOVER_SLACK
+
+
+def _claimable(daemon_id: int | None, takeover_seconds: float) -> Any:
+    """Free rows, this daemon's, and those of a daemon gone for ``takeover_seconds``: a daemon
+    killed alone leaves its sender process finishing the object in hand (``_process_main``), which
+    a successor taking its claims at once would send a second time."""
+    gone = select(DaemonInstance.id).where(
+        DaemonInstance.state != "running",
+        or_(DaemonInstance.stopped_at.is_(None), DaemonInstance.stopped_at <= db_clock() - takeover_seconds),
     )
+    free = or_(OutboxItem.claimed_by.is_(None), OutboxItem.claimed_by.in_(gone))
+    return free if daemon_id is None else or_(free, OutboxItem.claimed_by == daemon_id)
 
 
 def still_running(daemon_id: int | None) -> Any:
@@ -132,13 +145,18 @@ def still_running(daemon_id: int | None) -> Any:
 
 
 def claim_due(
-    session: Session, daemon_id: int | None, limit: int, destinations: Collection[str] | None = None
+    session: Session,
+    daemon_id: int | None,
+    limit: int,
+    destinations: Collection[str] | None = None,
+    takeover_seconds: float = 0.0,
 ) -> list[Claimed]:
     """Up to ``limit`` pending rows whose time has come, oldest first, claimed for ``daemon_id``
-    while it is running."""
+    while it is running; those a stopped or lost daemon held, once it is gone for ``takeover_seconds``."""
     query = (
         select(OutboxItem)
-        .where(OutboxItem.status == PENDING, OutboxItem.next_attempt_at <= db_clock(), _claimable(daemon_id))
+        .where(OutboxItem.status == PENDING, OutboxItem.next_attempt_at <= db_clock())
+        .where(_claimable(daemon_id, takeover_seconds))
         .where(still_running(daemon_id))
         .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
         .limit(limit)
@@ -207,6 +225,23 @@ def record_failure(
     else:
         row.next_attempt_at = read_db_clock(session) + backoff.delay(row.attempts, rng)
     return row.status
+
+
+def settle_unconfigured(session: Session, configured: Collection[str], takeover_seconds: float) -> dict[str, int]:
+    """Pending rows for a destination these settings do not configure: ``dead``, as a sender does
+    with those it claims ("not configured"), also where no destination is configured and no sender
+    runs, so that their scans are archived instead of waiting for ever. Rows another running daemon
+    holds are left to it. Returns the rows made dead, by destination."""
+    left = and_(OutboxItem.status == PENDING, _claimable(None, takeover_seconds))
+    query = select(OutboxItem.destination, func.count()).where(left, OutboxItem.destination.not_in(list(configured)))
+    settled = dict(session.execute(query.group_by(OutboxItem.destination)).tuples().all())
+    for name in settled:
+        session.execute(
+            update(OutboxItem)
+            .where(left, OutboxItem.destination == name)
+            .values(status=DEAD, claimed_by=None, last_error=f"destination {name!r} is not configured")
+        )
+    return settled
 
 
 def release(session: Session, item_ids: Collection[int], holder: int | None) -> None:
@@ -338,6 +373,7 @@ class OutboxSender:
             settings.outbox_retry_seconds, settings.outbox_max_retry_seconds, settings.outbox_max_attempts
         )
         self.destinations = {d.name: d for d in settings.destination}
+        self.takeover_seconds = takeover_seconds(settings)
         self.senders: dict[str, Sender] = {}
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
@@ -350,7 +386,7 @@ class OutboxSender:
 
         def claim() -> list[Claimed]:
             with transaction(self.sessions) as session:
-                return claim_due(session, me, self.batch)
+                return claim_due(session, me, self.batch, takeover_seconds=self.takeover_seconds)
 
         claimed = with_lock_retry(claim)
         groups: dict[str, list[Claimed]] = {}
@@ -366,15 +402,25 @@ class OutboxSender:
     def _deliver(self, name: str, items: list[Claimed]) -> None:
         destination = self.destinations.get(name)
         answers: list[Delivery]
+        recorded: set[int] = set()
         if destination is None:
             answers = [Delivery(False, f"destination {name!r} is not configured", True)] * len(items)
         else:
             paths = [stored_file(i.path, self.settings.state_dir) for i in items]
+            by_path = dict(zip(paths, items, strict=True))
+
+            def record_acknowledged(path: Path, answer: Delivery) -> None:
+                """Recorded at once: the daemon killed before the send's end, its successor does not
+                send an object the peer already has (the answers are recorded together after)."""
+                item = by_path[path]
+                self._commit(lambda session: record_delivered(session, [item.id], answer.detail or None))
+                recorded.add(item.id)
+
             try:  # a sender that cannot be made (a client refusing its URL) fails its objects too
                 sender = self.senders.get(name)
                 if sender is None:
                     sender = self.senders[name] = make_sender(destination)
-                answers = sender.send(paths, self._should_stop)
+                answers = sender.send(paths, self._should_stop, record_acknowledged)
             except Exception as exc:  # a bug, before any object went (each object's own failure is its answer)
                 log.exception("sending to %s failed", name)
                 answers = [Delivery(False, f"{type(exc).__name__} in the sender")] * len(items)
@@ -386,7 +432,8 @@ class OutboxSender:
                 if answer == NOT_SENT:
                     outcomes.append(None)
                 elif answer.acknowledged:
-                    acknowledged.setdefault(answer.detail, []).append(item.id)
+                    if item.id not in recorded:
+                        acknowledged.setdefault(answer.detail, []).append(item.id)
                     outcomes.append(DELIVERED)
                 else:
                     outcomes.append(
@@ -479,8 +526,9 @@ class OutboxProcess:
     """The sender in a child process of the daemon, at the report stage's niceness: pynetdicom polls
     its sockets in tight loops, which in a thread would take the GIL from the daemon's main loop.
     Started with the daemon when destinations are configured, stopped with it; a child whose daemon
-    was killed with -9 sends no other object once the one in hand is answered (``_process_main``):
-    the restarted daemon takes over the dead one's claims at once, and both sent the same objects."""
+    was killed with -9 sends no other object once the one in hand is answered (``_process_main``),
+    and the restarted daemon takes over its claims only once that one can no longer be answered
+    (``takeover_seconds``): before, both sent the same objects."""
 
     def __init__(self, settings: Settings, daemon_id: int | None) -> None:
         self.settings = settings

@@ -16,12 +16,12 @@ association is requested, so a connection that says nothing, or a caller being r
 Refused per instance: 0xA700 (Out of Resources) when the free disk would fall under
 ``dicom_min_free_bytes``, the instance is over ``max_file_bytes`` (the intake would refuse it
 unread) or the database cannot record it, 0xA900 when its dataset is not the instance the request
-names (garbage, say), 0xC000 (Cannot understand) when it does not parse or holds File Meta
-elements (group 0002, which the file's own would be read as), 0x0110 (Processing failure) on
-another write error (the folder's fsync after the rename included); nothing is left in the inbox
-then. A transfer cut off mid-way never reaches the handler: nothing is written. With TLS, each
-caller's handshake runs in its connection's thread, so a connection that says nothing holds up
-no other.
+names (garbage, say), 0xC000 (Cannot understand) when it does not parse, 0x0110 (Processing
+failure) on another write error (the folder's fsync after the rename included); nothing is left in
+the inbox then. File Meta elements (group 0002) a sender left at the head of its dataset are cut
+away (they would be read as the file's own). A transfer cut off mid-way never reaches the
+handler: nothing is written. With TLS, each caller's handshake runs in its connection's thread, so
+a connection that says nothing holds up no other.
 
 The daemon runs it in a child process (``ReceiverProcess``): pynetdicom is pure Python, and its
 association threads would otherwise take the GIL from the daemon's loop.

@@ -46,10 +46,22 @@ def never() -> bool:
     return False
 
 
+def not_told(path: Path, answer: Delivery) -> None:
+    pass
+
+
+#: told of each object the peer acknowledged, the moment it did, before the next one is sent
+Acknowledged = Callable[[Path, Delivery], None]
+
+
 class Sender(Protocol):
-    def send(self, objects: Sequence[Path], should_stop: Callable[[], bool] = never) -> list[Delivery]:
+    def send(
+        self, objects: Sequence[Path], should_stop: Callable[[], bool] = never, acknowledged: Acknowledged = not_told
+    ) -> list[Delivery]:
         """Deliver each file; one answer per file, in order (``NOT_SENT`` for those left once
-        ``should_stop`` says so: its daemon is gone, and its successor sends them). Never raises."""
+        ``should_stop`` says so: its daemon is gone, and its successor sends them). Never raises.
+        ``acknowledged`` hears of each object stored as soon as the peer says so: recorded then,
+        an object is never sent again by the successor of a daemon killed in the middle of a send."""
         ...
 
     def release_idle(self) -> None:
@@ -160,24 +172,28 @@ class DimseSender:
         self.assoc: Any = None
         self.last_used = 0.0
 
-    def send(self, objects: Sequence[Path], should_stop: Callable[[], bool] = never) -> list[Delivery]:
+    def send(
+        self, objects: Sequence[Path], should_stop: Callable[[], bool] = never, acknowledged: Acknowledged = not_told
+    ) -> list[Delivery]:
         read = [_ObjectFile.read(path) for path in objects]
         files = [f for f in read if isinstance(f, _ObjectFile)]
-        sent = iter(self._send(files, should_stop) if files else [])
+        sent = iter(self._send(files, should_stop, acknowledged) if files else [])
         return [next(sent) if isinstance(f, _ObjectFile) else f for f in read]
 
-    def _send(self, files: list[_ObjectFile], should_stop: Callable[[], bool]) -> list[Delivery]:
+    def _send(
+        self, files: list[_ObjectFile], should_stop: Callable[[], bool], acknowledged: Acknowledged
+    ) -> list[Delivery]:
         contexts = set().union(*(f.contexts() for f in files))
         if self._kept_for(contexts):
             associations.wake(self.assoc)
-            answers = self._store(files, should_stop)
-            if answers[0] not in (DROPPED, NO_ANSWER):
+            answers = self._store(files, should_stop, acknowledged)
+            if answers[0] not in (DROPPED, NO_ANSWER):  # (then nothing was stored, nor acknowledged)
                 return self._done(answers)
             self._release()  # the peer let the kept association go before the first answer
         refusal = self._open(contexts)
         if refusal is not None:
             return [refusal] * len(files)
-        return self._done(self._store(files, should_stop))
+        return self._done(self._store(files, should_stop, acknowledged))
 
     def release_idle(self) -> None:
         if self.assoc is not None and self.clock() - self.last_used >= self.destination.keep_open_seconds:
@@ -221,7 +237,9 @@ class DimseSender:
         associations.keep_answers(self.assoc)
         return None
 
-    def _store(self, files: list[_ObjectFile], should_stop: Callable[[], bool]) -> list[Delivery]:
+    def _store(
+        self, files: list[_ObjectFile], should_stop: Callable[[], bool], acknowledged: Acknowledged
+    ) -> list[Delivery]:
         """Each file sent as it is written where the peer accepted its transfer syntax (pynetdicom
         reads it in chunks, ``STORE_SEND_CHUNKED_DATASET``); otherwise read, decompressed if it
         is compressed, and sent in the syntax the peer accepted. Reading and encoding every object
@@ -258,6 +276,8 @@ class DimseSender:
                 answers.append(Delivery(False, f"{type(exc).__name__} while sending"))
                 continue
             answers.append(_dimse_answer(status))
+            if answers[-1].acknowledged:
+                acknowledged(f.path, answers[-1])
         return answers
 
     def _done(self, answers: list[Delivery]) -> list[Delivery]:
@@ -365,7 +385,9 @@ class StowSender:
     def _heard(self, response: Any, *args: Any, **kwargs: Any) -> None:
         self.heard = response.status_code
 
-    def send(self, objects: Sequence[Path], should_stop: Callable[[], bool] = never) -> list[Delivery]:
+    def send(
+        self, objects: Sequence[Path], should_stop: Callable[[], bool] = never, acknowledged: Acknowledged = not_told
+    ) -> list[Delivery]:
         import requests
 
         answers: list[Delivery] = []
@@ -399,6 +421,8 @@ class StowSender:
                     answers.append(Delivery(False, detail, _refused_for_good(reasons)))
                 else:
                     answers.append(Delivery(True))
+            if answers[-1].acknowledged:
+                acknowledged(path, answers[-1])
         return answers
 
     def _unreadable_answer(self, exc: Exception) -> Delivery:
@@ -432,7 +456,9 @@ class FolderSender:
     def __init__(self, destination: DestinationConfig) -> None:
         self.root = Path(destination.path)
 
-    def send(self, objects: Sequence[Path], should_stop: Callable[[], bool] = never) -> list[Delivery]:
+    def send(
+        self, objects: Sequence[Path], should_stop: Callable[[], bool] = never, acknowledged: Acknowledged = not_told
+    ) -> list[Delivery]:
         if not self.root.is_dir():
             missing = Delivery(False, f"the destination folder {self.root} does not exist (is its share mounted?)")
             return [missing] * len(objects)
@@ -455,6 +481,7 @@ class FolderSender:
                 answers.append(Delivery(False, f"{type(exc).__name__}: {exc.strerror or exc}"))
             else:
                 answers.append(Delivery(True))
+                acknowledged(path, answers[-1])
         return answers
 
     def release_idle(self) -> None:

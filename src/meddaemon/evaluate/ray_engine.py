@@ -127,11 +127,20 @@ def ray_session(ray: Any, address: str | None) -> Iterator[None]:
             shutil.rmtree(local, ignore_errors=True)
 
 
+#: the longest folder a local Ray's session may be made in: its socket paths must fit in 107 bytes
+RAY_FOLDER_LIMIT = 48
+
+
 def local_ray_folder() -> Path:
     """The folder of a local Ray's session (its sockets, logs, spilled objects): one of the run's own,
-    removed after a run that ended well, where Ray's default, ``/tmp/ray``, gains a session folder at
-    every start. Short, under ``RAY_TMPDIR`` or ``/tmp``: Ray's socket paths must fit in 107 bytes."""
-    return Path(tempfile.mkdtemp(prefix="mdray-", dir=os.environ.get("RAY_TMPDIR", "/tmp")))
+    removed after a run that ended well, where Ray's default, ``<temp>/ray``, gains a session folder
+    at every start. Where Ray's own would be (``RAY_TMPDIR``, else ``TMPDIR``, else ``/tmp``), made
+    if missing as Ray makes it; ``/tmp`` where that path is too long for Ray's sockets."""
+    base = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    if len(base) > RAY_FOLDER_LIMIT:
+        base = "/tmp"
+    os.makedirs(base, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="mdray-", dir=base))
 
 
 def _restore_auth_mode(mode: str | None) -> None:
