@@ -228,20 +228,25 @@ def test_rows_queued_for_destinations_none_of_which_is_configured_any_more_are_d
     make_settings,
 ):
     """With no destination configured no sender runs, and no sender ever made them dead: they stayed
-    pending, and their scans reported, never archived, for ever."""
+    pending, and their scans reported, never archived, for ever. Where another daemon runs, they are
+    left to it: daemons sharing a database may configure different destinations (one sends for all)."""
     from meddaemon.daemon.service import Daemon
 
     settings = make_settings()
     sessions, _ = queued(settings, 2, ["pacs"])
-    with sessions() as session:
-        other = join(sessions, "node-b")  # a running daemon's claim is left to it
-        session.execute(update(OutboxItem).where(OutboxItem.object_key == "sc:1").values(claimed_by=other.daemon_id))
-        session.commit()
+    other = join(sessions, "node-b")
+    first = Daemon(settings)
+    first.prepare()
+    assert statuses(sessions) == {("sc:0", "pacs"): PENDING, ("sc:1", "pacs"): PENDING}
+
+    gone = [other.daemon_id, first.member.daemon_id]  # type: ignore[union-attr]
+    with transaction(sessions) as session:
+        session.execute(update(DaemonInstance).where(DaemonInstance.id.in_(gone)).values(state="stopped"))
     Daemon(settings).prepare()
-    assert statuses(sessions) == {("sc:0", "pacs"): DEAD, ("sc:1", "pacs"): PENDING}
+    assert statuses(sessions) == {("sc:0", "pacs"): DEAD, ("sc:1", "pacs"): DEAD}
     with sessions() as session:
-        dead = session.scalars(select(OutboxItem).where(OutboxItem.status == DEAD)).one()
-    assert dead.last_error == "destination 'pacs' is not configured" and dead.claimed_by is None
+        rows = session.scalars(select(OutboxItem)).all()
+    assert {(r.last_error, r.claimed_by) for r in rows} == {("destination 'pacs' is not configured", None)}
 
 
 def test_a_sender_that_cannot_be_made_fails_its_objects_as_attempts_not_the_round(

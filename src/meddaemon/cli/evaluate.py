@@ -59,7 +59,12 @@ from meddaemon.names import shown_name
 @click.option(
     "--ray-address", help="A Ray cluster to join ('auto': the one this node belongs to); default: a local Ray."
 )
-@click.option("--audit", "with_audit", is_flag=True, help="Then audit against the labels the dataset layout carries.")
+@click.option(
+    "--audit",
+    "with_audit",
+    is_flag=True,
+    help="Then audit against the labels the dataset layout carries (stored, its id printed, as medcli audit does).",
+)
 @click.option(
     "--require",
     metavar="CRITERIA",

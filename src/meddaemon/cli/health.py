@@ -68,7 +68,8 @@ def health(
     when dicom_port is set) and disk space; writes nothing.
 
     Exit code 0: healthy; 1: degraded (a daemon past its lease or, on this node, whose process is
-    gone, a daemon lost lately, a stuck queue, many failures, low disk, a schema behind); 2: down
+    gone, a daemon lost lately, a stuck queue, many failures, low disk, a schema behind, a DICOM
+    receiver refusing every instance for want of disk); 2: down
     (database unreachable, no daemon alive, or the DICOM receiver does not answer) or bad usage.
     """
     settings = build_settings(config_file, **flags)

@@ -2,13 +2,16 @@
 
 - Rows are added in the transaction of the state step that makes their object due (``enqueue``).
 - A sender claims due rows (``claim_due``: pending, their time come, held by nobody, by itself, or
-  by a daemon no longer running; only while its own daemon runs, and it stops before each object once
-  that daemon is declared lost), sends, and records the answer in a transaction of its own:
-  ``delivered`` once the peer acknowledged, never sent again after that commit; a failure counts an
-  attempt and sets the next one after an exponential backoff with jitter; ``dead`` after
-  ``max_attempts`` failures or a permanent refusal, with what the peer said.
+  by a daemon gone, stopped or lost, for ``takeover_seconds``: the destinations' longest timeout and
+  5 s, in which its sender may still be answered for the object in hand; only while its own daemon
+  runs, and it stops before each object once that daemon is declared lost), sends, and records each
+  answer in a transaction of its own: ``delivered`` as the peer acknowledges it, never sent again
+  after that commit; a failure counts an attempt and sets the next one after an exponential backoff
+  with jitter; ``dead`` after ``max_attempts`` failures or a permanent refusal, with what the peer said.
 - A crash between the acknowledgement and its commit sends the object again: the same bytes, the
   same SOP Instance UID, which a PACS stores once.
+- A daemon starting where no other runs makes the rows for destinations it does not configure
+  ``dead`` (``settle_unconfigured``), also where it configures none and runs no sender.
 """
 
 from __future__ import annotations
@@ -230,8 +233,12 @@ def record_failure(
 def settle_unconfigured(session: Session, configured: Collection[str], takeover_seconds: float) -> dict[str, int]:
     """Pending rows for a destination these settings do not configure: ``dead``, as a sender does
     with those it claims ("not configured"), also where no destination is configured and no sender
-    runs, so that their scans are archived instead of waiting for ever. Rows another running daemon
-    holds are left to it. Returns the rows made dead, by destination."""
+    runs, so that their scans are archived instead of waiting for ever. Called before the daemon
+    registers, and only where no other daemon runs: daemons sharing a database may configure
+    different destinations (one host sending for all), and another's rows are its to send.
+    Returns the rows made dead, by destination."""
+    if session.scalar(select(func.count()).select_from(DaemonInstance).where(DaemonInstance.state == "running")):
+        return {}
     left = and_(OutboxItem.status == PENDING, _claimable(None, takeover_seconds))
     query = select(OutboxItem.destination, func.count()).where(left, OutboxItem.destination.not_in(list(configured)))
     settled = dict(session.execute(query.group_by(OutboxItem.destination)).tuples().all())
