@@ -163,3 +163,19 @@ def test_commands_that_only_read_answer_while_another_process_holds_sqlite_s_wri
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+@pytest.mark.postgres
+def test_a_read_only_postgresql_server_is_a_database_unusable_not_a_traceback(postgres_url: str):
+    """A standby, or a role with default_transaction_read_only: the operator's to cure. Taken for
+    a bug once only plain DatabaseErrors were "database unusable": a traceback, exit 1."""
+    from sqlalchemy.engine import make_url
+
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    engine.dispose()
+    read_only = make_url(postgres_url).update_query_dict({"options": "-c default_transaction_read_only=on"})
+    url = read_only.render_as_string(hide_password=False)
+    result = CliRunner().invoke(medcli, ["outbox", "retry", "--all-dead", "--db", url])
+    assert result.exit_code == 3, result.output
+    assert "database unusable: cannot execute UPDATE in a read-only transaction" in result.stderr

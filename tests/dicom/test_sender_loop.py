@@ -5,6 +5,7 @@ keep coming and is released once idle."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -16,11 +17,11 @@ from dicom_factory import write_dicom
 from sqlalchemy import select, update
 
 from daemon_harness import wait_until
-from daemon_rows import add_scan, join
+from daemon_rows import add_scan, dead_pid, join
 from dicom_peers import DROP, ScriptedScp, ScriptedStow
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.config import Settings
-from meddaemon.daemon import bookkeeper
+from meddaemon.daemon import bookkeeper, lease
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
 from meddaemon.db.migrate import upgrade
 from meddaemon.db.models import DaemonInstance, OutboxItem
@@ -224,6 +225,33 @@ def test_each_acknowledgement_is_recorded_before_the_next_object_is_sent(make_se
     assert set(statuses(held["sessions"]).values()) == {DELIVERED}
 
 
+def test_an_acknowledgement_the_database_fails_to_record_at_once_is_recorded_with_the_round(
+    make_settings, tmp_path: Path, monkeypatch
+):
+    """The first version let the error out of the send: the objects acknowledged were logged as not
+    delivered, and those never sent counted a failed attempt each."""
+    from sqlalchemy.exc import OperationalError
+
+    (tmp_path / "share").mkdir()
+    settings = make_settings(destination=[{"name": "share", "kind": "folder", "path": str(tmp_path / "share")}])
+    sessions, _ = queued(settings, 4, ["share"])
+    calls = itertools.count(1)
+    real = outbox.record_delivered
+
+    def dropped_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if next(calls) == 2:
+            raise OperationalError("UPDATE outbox", {}, Exception("SYNTHETIC: server closed the connection"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(outbox, "record_delivered", dropped_once)
+    sender = OutboxSender(settings, sessions, None)
+    sender.round()
+    assert set(statuses(sessions).values()) == {DELIVERED}
+    with sessions() as session:
+        assert {r.attempts for r in session.scalars(select(OutboxItem))} == {1}  # the delivering one
+    assert (sender.delivered, sender.failed) == (4, 0)
+
+
 def test_rows_queued_for_destinations_none_of_which_is_configured_any_more_are_dead_at_the_daemon_s_start(
     make_settings,
 ):
@@ -239,9 +267,12 @@ def test_rows_queued_for_destinations_none_of_which_is_configured_any_more_are_d
     first.prepare()
     assert statuses(sessions) == {("sc:0", "pacs"): PENDING, ("sc:1", "pacs"): PENDING}
 
-    gone = [other.daemon_id, first.member.daemon_id]  # type: ignore[union-attr]
+    # then the other stopped, and the first was killed holding a row: its successor settles both
+    crashed = join(sessions, lease.node_name(settings.node), pid=dead_pid())
     with transaction(sessions) as session:
+        gone = [other.daemon_id, first.member.daemon_id]  # type: ignore[union-attr]
         session.execute(update(DaemonInstance).where(DaemonInstance.id.in_(gone)).values(state="stopped"))
+        session.execute(update(OutboxItem).where(OutboxItem.object_key == "sc:1").values(claimed_by=crashed.daemon_id))
     Daemon(settings).prepare()
     assert statuses(sessions) == {("sc:0", "pacs"): DEAD, ("sc:1", "pacs"): DEAD}
     with sessions() as session:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from sqlalchemy import Engine
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy.exc import DatabaseError, InternalError, OperationalError, ProgrammingError
 
 from meddaemon import heap
 from meddaemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
@@ -150,6 +150,24 @@ NAME_BYTES = "meddaemon-name-bytes"
 codecs.register_error(NAME_BYTES, _name_bytes)
 
 
+#: SQLSTATEs of errors an operator cures, not a developer: a read-only transaction (a standby,
+#: ``default_transaction_read_only``: class 25) and a privilege not granted
+_OPERATORS_SQLSTATES = ("25", "42501")
+
+
+def _a_bug(error: DatabaseError) -> bool:
+    """Whether a database error is meddaemon's to fix, whose traceback a developer needs (a broken
+    constraint, a statement the server cannot run), rather than the database's state: a file that
+    is no SQLite database or a damaged one (a plain ``DatabaseError``), a read-only server, a
+    privilege not granted."""
+    if type(error) is DatabaseError:
+        return False
+    if isinstance(error, (ProgrammingError, InternalError)):
+        state = str(getattr(error.orig, "sqlstate", None) or "")
+        return not state.startswith(_OPERATORS_SQLSTATES)
+    return True
+
+
 def handle_errors(func: F) -> F:
     """Turn the errors a user can act on into a one-line message and a meaningful exit code."""
 
@@ -171,9 +189,9 @@ def handle_errors(func: F) -> F:
                 )
             _fail(f"database unavailable: {exc.orig}", EXIT_DATABASE)
         except DatabaseError as exc:
-            if type(exc) is not DatabaseError:  # IntegrityError, ProgrammingError...: a bug, its traceback
+            if _a_bug(exc):
                 raise
-            _fail(f"database unusable: {exc.orig}", EXIT_DATABASE)  # a file that is no database, a damaged one
+            _fail(f"database unusable: {exc.orig}", EXIT_DATABASE)
         except KeyboardInterrupt:  # click's own answer is "Aborted!", exit 1
             _fail("interrupted (Ctrl-C)", EXIT_INTERRUPTED)
 

@@ -169,10 +169,10 @@ class Daemon:
         quiet_value_quoting_libraries()
         self._past_locks(lambda: upgrade(self.engine))
         self._past_locks(self._ensure_tasks)
-        self._past_locks(self._settle_unconfigured_outputs)
         self.state_paths = self._state_paths()
         self.state_identity = self._state_identity()
         self._join()
+        self._past_locks(self._settle_unconfigured_outputs)
         self._log_decoders()
 
     def _count_what_is_left(self, once: bool) -> None:
@@ -568,9 +568,10 @@ class Daemon:
     def _settle_unconfigured_outputs(self) -> None:
         from meddaemon.dicom import outbox
 
+        assert self.member is not None
         configured = [d.name for d in self.settings.destination]
         with transaction(self.sessions) as session:
-            settled = outbox.settle_unconfigured(session, configured, outbox.takeover_seconds(self.settings))
+            settled = outbox.settle_unconfigured(session, configured, self.member.daemon_id)
         for name, count in settled.items():
             log.warning(
                 "%d DICOM output(s) queued for destination %r, which is not configured, are dead "

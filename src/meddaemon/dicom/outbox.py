@@ -230,18 +230,23 @@ def record_failure(
     return row.status
 
 
-def settle_unconfigured(session: Session, configured: Collection[str], takeover_seconds: float) -> dict[str, int]:
+def settle_unconfigured(session: Session, configured: Collection[str], daemon_id: int) -> dict[str, int]:
     """Pending rows for a destination these settings do not configure: ``dead``, as a sender does
     with those it claims ("not configured"), also where no destination is configured and no sender
-    runs, so that their scans are archived instead of waiting for ever. Called before the daemon
-    registers, and only where no other daemon runs: daemons sharing a database may configure
-    different destinations (one host sending for all), and another's rows are its to send.
-    Returns the rows made dead, by destination."""
-    if session.scalar(select(func.count()).select_from(DaemonInstance).where(DaemonInstance.state == "running")):
+    runs, so that their scans are archived instead of waiting for ever. Called once ``daemon_id``
+    has registered (and found the daemons of its node that are gone), and only where no other
+    daemon runs: daemons sharing a database may configure different destinations (one host sending
+    for all), and another's rows are its to send. The rows of a gone daemon are settled too: making
+    a row dead sends nothing (a sender of it still finishing an object records nothing on a row no
+    longer pending). Returns the rows made dead, by destination."""
+    running = select(DaemonInstance.id).where(DaemonInstance.state == "running")
+    if session.scalar(select(func.count()).select_from(running.where(DaemonInstance.id != daemon_id).subquery())):
         return {}
-    left = and_(OutboxItem.status == PENDING, _claimable(None, takeover_seconds))
+    left = and_(
+        OutboxItem.status == PENDING, or_(OutboxItem.claimed_by.is_(None), OutboxItem.claimed_by.not_in(running))
+    )
     query = select(OutboxItem.destination, func.count()).where(left, OutboxItem.destination.not_in(list(configured)))
-    settled = dict(session.execute(query.group_by(OutboxItem.destination)).tuples().all())
+    settled = {str(name): int(n) for name, n in session.execute(query.group_by(OutboxItem.destination))}
     for name in settled:
         session.execute(
             update(OutboxItem)
@@ -418,19 +423,26 @@ class OutboxSender:
 
             def record_acknowledged(path: Path, answer: Delivery) -> None:
                 """Recorded at once: the daemon killed before the send's end, its successor does not
-                send an object the peer already has (the answers are recorded together after)."""
+                send an object the peer already has. A database that fails it (a dropped connection)
+                fails neither the send nor the other objects: it is recorded with the round's answers."""
                 item = by_path[path]
-                self._commit(lambda session: record_delivered(session, [item.id], answer.detail or None))
-                recorded.add(item.id)
+                try:
+                    self._commit(lambda session: record_delivered(session, [item.id], answer.detail or None))
+                except SQLAlchemyError as exc:
+                    key, why = item.object_key, type(exc).__name__
+                    log.warning("scan %d: %s delivered, to be recorded with the round (%s)", item.scan_id, key, why)
+                else:
+                    recorded.add(item.id)
 
             try:  # a sender that cannot be made (a client refusing its URL) fails its objects too
                 sender = self.senders.get(name)
                 if sender is None:
                     sender = self.senders[name] = make_sender(destination)
                 answers = sender.send(paths, self._should_stop, record_acknowledged)
-            except Exception as exc:  # a bug, before any object went (each object's own failure is its answer)
+            except Exception as exc:  # a bug (each object's own failure is its answer)
                 log.exception("sending to %s failed", name)
-                answers = [Delivery(False, f"{type(exc).__name__} in the sender")] * len(items)
+                failed = Delivery(False, f"{type(exc).__name__} in the sender")
+                answers = [Delivery(True) if item.id in recorded else failed for item in items]
 
         def record(session: Session) -> list[str | None]:
             acknowledged: dict[str, list[int]] = {}  # by the peer's warning, if any: a statement each
