@@ -103,7 +103,7 @@ def test_a_database_error_that_is_a_bug_keeps_its_traceback_while_a_file_that_is
     """ "database unusable" (exit 3) is for SQLite's plain DatabaseError (not a database, malformed);
     an IntegrityError or a ProgrammingError is a bug, whose traceback a developer needs."""
     import click
-    from sqlalchemy.exc import DatabaseError, IntegrityError
+    from sqlalchemy.exc import DatabaseError, IntegrityError, InternalError
 
     def failing(error: Exception) -> click.Command:
         @click.command()
@@ -117,3 +117,14 @@ def test_a_database_error_that_is_a_bug_keeps_its_traceback_while_a_file_that_is
     assert unusable.exit_code == 3 and "database unusable: file is not a database" in unusable.stderr
     bug = CliRunner().invoke(failing(IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed: t.a"))))
     assert bug.exit_code == 1 and isinstance(bug.exception, IntegrityError)
+
+    class PostgresError(Exception):
+        def __init__(self, sqlstate: str, message: str) -> None:
+            super().__init__(message)
+            self.sqlstate = sqlstate
+
+    read_only = InternalError("UPDATE", {}, PostgresError("25006", "cannot execute UPDATE in a read-only transaction"))
+    assert CliRunner().invoke(failing(read_only)).exit_code == 3
+    aborted = InternalError("SELECT 1", {}, PostgresError("25P02", "current transaction is aborted"))
+    used_on = CliRunner().invoke(failing(aborted))  # an error swallowed inside a transaction: a bug
+    assert used_on.exit_code == 1 and isinstance(used_on.exception, InternalError)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from click.testing import CliRunner
 from dicom_factory import write_dicom
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from daemon_harness import wait_until
 from daemon_rows import add_scan, dead_pid, join
@@ -250,6 +251,61 @@ def test_an_acknowledgement_the_database_fails_to_record_at_once_is_recorded_wit
     with sessions() as session:
         assert {r.attempts for r in session.scalars(select(OutboxItem))} == {1}  # the delivering one
     assert (sender.delivered, sender.failed) == (4, 0)
+
+
+def test_an_acknowledgement_not_yet_recorded_stays_one_when_the_sender_fails_after_it(
+    make_settings, tmp_path: Path, monkeypatch
+):
+    from sqlalchemy.exc import OperationalError
+
+    from meddaemon.dicom import senders
+
+    (tmp_path / "share").mkdir()
+    settings = make_settings(destination=[{"name": "share", "kind": "folder", "path": str(tmp_path / "share")}])
+    sessions, _ = queued(settings, 3, ["share"])
+    records, reads = itertools.count(1), itertools.count(1)
+    real_record, real_read = outbox.record_delivered, senders.read_object
+
+    def dropped_first(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if next(records) == 1:
+            raise OperationalError("UPDATE outbox", {}, Exception("SYNTHETIC: server closed the connection"))
+        return real_record(*args, **kwargs)
+
+    def broken_second(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if next(reads) == 2:
+            raise RuntimeError("SYNTHETIC: a bug in the sender")
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(outbox, "record_delivered", dropped_first)
+    monkeypatch.setattr(senders, "read_object", broken_second)
+    OutboxSender(settings, sessions, None).round()
+    assert statuses(sessions) == {("sc:0", "share"): DELIVERED, ("sc:1", "share"): PENDING, ("sc:2", "share"): PENDING}
+
+
+@pytest.mark.postgres
+def test_on_postgresql_a_daemon_registering_waits_for_another_s_settling_of_unconfigured_outputs(
+    make_settings, postgres_url: str
+):
+    """Its count of running daemons and its update were two statements at READ COMMITTED: a daemon
+    registering between them (configured with the destination) had its rows made dead unseen."""
+    from sqlalchemy.exc import OperationalError
+
+    settings = make_settings(db=postgres_url)
+    sessions, _ = queued(settings, 1, ["pacs"])
+    alone = join(sessions, "node-a")
+    settling = sessions()
+    settling.begin()
+    assert outbox.settle_unconfigured(settling, [], alone.daemon_id) == {"pacs": 1}
+    try:
+        with pytest.raises(OperationalError, match="lock timeout"), transaction(sessions) as session:
+            session.execute(text("SET LOCAL lock_timeout = '300ms'"))
+            lease.register(session, "node-b", 30.0)
+    finally:
+        settling.rollback()
+        settling.close()
+    with transaction(sessions) as session:
+        lease.register(session, "node-b", 30.0)  # once it is done
+        assert outbox.settle_unconfigured(session, [], alone.daemon_id) == {}  # and it now sees node-b
 
 
 def test_rows_queued_for_destinations_none_of_which_is_configured_any_more_are_dead_at_the_daemon_s_start(

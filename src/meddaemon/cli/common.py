@@ -151,8 +151,9 @@ codecs.register_error(NAME_BYTES, _name_bytes)
 
 
 #: SQLSTATEs of errors an operator cures, not a developer: a read-only transaction (a standby,
-#: ``default_transaction_read_only``: class 25) and a privilege not granted
-_OPERATORS_SQLSTATES = ("25", "42501")
+#: ``default_transaction_read_only``) and a privilege not granted; the rest of class 25 (a
+#: transaction aborted and used on) is a bug
+_OPERATORS_SQLSTATES = ("25006", "42501")
 
 
 def _a_bug(error: DatabaseError) -> bool:
@@ -164,7 +165,7 @@ def _a_bug(error: DatabaseError) -> bool:
         return False
     if isinstance(error, (ProgrammingError, InternalError)):
         state = str(getattr(error.orig, "sqlstate", None) or "")
-        return not state.startswith(_OPERATORS_SQLSTATES)
+        return state not in _OPERATORS_SQLSTATES
     return True
 
 

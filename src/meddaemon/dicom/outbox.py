@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, delete, exists, func, or_, select, true, update
+from sqlalchemy import and_, delete, exists, func, or_, select, text, true, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -239,6 +239,9 @@ def settle_unconfigured(session: Session, configured: Collection[str], daemon_id
     for all), and another's rows are its to send. The rows of a gone daemon are settled too: making
     a row dead sends nothing (a sender of it still finishing an object records nothing on a row no
     longer pending). Returns the rows made dead, by destination."""
+    if session.get_bind().dialect.name == "postgresql":
+        # a daemon registering meanwhile waits (its INSERT), else its rows could be settled unseen
+        session.execute(text("LOCK TABLE daemons IN SHARE MODE"))
     running = select(DaemonInstance.id).where(DaemonInstance.state == "running")
     if session.scalar(select(func.count()).select_from(running.where(DaemonInstance.id != daemon_id).subquery())):
         return {}
@@ -414,7 +417,8 @@ class OutboxSender:
     def _deliver(self, name: str, items: list[Claimed]) -> None:
         destination = self.destinations.get(name)
         answers: list[Delivery]
-        recorded: set[int] = set()
+        stored: dict[int, Delivery] = {}  # the answers of the objects acknowledged, by item id
+        recorded: set[int] = set()  # of those, the ones recorded at once
         if destination is None:
             answers = [Delivery(False, f"destination {name!r} is not configured", True)] * len(items)
         else:
@@ -426,6 +430,7 @@ class OutboxSender:
                 send an object the peer already has. A database that fails it (a dropped connection)
                 fails neither the send nor the other objects: it is recorded with the round's answers."""
                 item = by_path[path]
+                stored[item.id] = answer
                 try:
                     self._commit(lambda session: record_delivered(session, [item.id], answer.detail or None))
                 except SQLAlchemyError as exc:
@@ -442,7 +447,7 @@ class OutboxSender:
             except Exception as exc:  # a bug (each object's own failure is its answer)
                 log.exception("sending to %s failed", name)
                 failed = Delivery(False, f"{type(exc).__name__} in the sender")
-                answers = [Delivery(True) if item.id in recorded else failed for item in items]
+                answers = [stored.get(item.id, failed) for item in items]
 
         def record(session: Session) -> list[str | None]:
             acknowledged: dict[str, list[int]] = {}  # by the peer's warning, if any: a statement each
