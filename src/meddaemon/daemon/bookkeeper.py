@@ -821,11 +821,11 @@ def wait_for_a_model(
         .limit(1000)
         .with_for_update(of=Scan, skip_locked=True)
     )
+    if served_tasks:
+        query = query.where(Scan.task_name.not_in(list(served_tasks)))
     now = utcnow()
     settled = 0
     for scan in session.scalars(query):
-        if scan.task_name in served_tasks:
-            continue
         why = stopped.get(scan.task_name or "", f"no active model for task {scan.task_name}")
         advance(scan, ScanState.WAITING_MODEL, why, now)
         scan.claimed_by = None

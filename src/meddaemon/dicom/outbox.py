@@ -243,7 +243,7 @@ def settle_unconfigured(session: Session, configured: Collection[str], daemon_id
         # a daemon registering meanwhile waits (its INSERT), else its rows could be settled unseen
         session.execute(text("LOCK TABLE daemons IN SHARE MODE"))
     running = select(DaemonInstance.id).where(DaemonInstance.state == "running")
-    if session.scalar(select(func.count()).select_from(running.where(DaemonInstance.id != daemon_id).subquery())):
+    if session.scalar(running.where(DaemonInstance.id != daemon_id).limit(1)) is not None:
         return {}
     left = and_(
         OutboxItem.status == PENDING, or_(OutboxItem.claimed_by.is_(None), OutboxItem.claimed_by.not_in(running))
@@ -254,9 +254,13 @@ def settle_unconfigured(session: Session, configured: Collection[str], daemon_id
         session.execute(
             update(OutboxItem)
             .where(left, OutboxItem.destination == name)
-            .values(status=DEAD, claimed_by=None, last_error=f"destination {name!r} is not configured")
+            .values(status=DEAD, claimed_by=None, last_error=_not_configured(name))
         )
     return settled
+
+
+def _not_configured(destination: str) -> str:
+    return f"destination {destination!r} is not configured"
 
 
 def release(session: Session, item_ids: Collection[int], holder: int | None) -> None:
@@ -420,7 +424,7 @@ class OutboxSender:
         stored: dict[int, Delivery] = {}  # the answers of the objects acknowledged, by item id
         recorded: set[int] = set()  # of those, the ones recorded at once
         if destination is None:
-            answers = [Delivery(False, f"destination {name!r} is not configured", True)] * len(items)
+            answers = [Delivery(False, _not_configured(name), True)] * len(items)
         else:
             paths = [stored_file(i.path, self.settings.state_dir) for i in items]
             by_path = dict(zip(paths, items, strict=True))
