@@ -269,3 +269,27 @@ def test_failed_scans_of_a_0004_database_sharing_one_failed_name_upgrade_and_the
     assert [(scan_id, state) for scan_id, state, _ in events] == [(1, "failed")]
     assert "failed/scan.png" in events[0].detail and "scan 2" in events[0].detail
     engine.dispose()
+
+
+def test_outbox_rows_of_a_0013_database_wait_from_their_creation_after_the_upgrade(db_url):
+    """0014 adds ``pending_since`` (a retry restarts the wait); rows already there start from their
+    creation, so a destination down for an hour still shows an hour's wait."""
+    engine = create_db_engine(db_url)
+    upgrade(engine, "0013")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO scans (id, sha256, state, source_name, registered_at, updated_at) "
+                "VALUES (1, 'ab', 'reported', 'synthetic.dcm', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO outbox (scan_id, object_key, destination, path, status, attempts, created_at, "
+                "next_attempt_at) VALUES (1, 'sr', 'pacs', 'dicom/sr.dcm', 'pending', 2, 1000.5, 2000.0)"
+            )
+        )
+    upgrade(engine)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT created_at, pending_since, attempts FROM outbox")).one() == (1000.5, 1000.5, 2)
+    engine.dispose()

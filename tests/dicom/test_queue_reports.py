@@ -29,7 +29,8 @@ def queue_one_waiting_for(sessions, seconds: float) -> None:  # type: ignore[no-
                 NewItem("pdf", "pacs", error="source_without_study: SYNTHETIC"),
             ],
         )
-        session.execute(update(OutboxItem).values(created_at=read_db_clock(session) - seconds))
+        then = read_db_clock(session) - seconds
+        session.execute(update(OutboxItem).values(created_at=then, pending_since=then))
 
 
 def test_health_degrades_when_the_oldest_pending_object_waits_past_the_limit(sessions, db_url, make_settings):
@@ -44,6 +45,25 @@ def test_health_degrades_when_the_oldest_pending_object_waits_past_the_limit(ses
     assert ok.status == "ok" and ok.message.startswith("1 DICOM output waiting, the oldest for 20 min; 1 object dead")
     assert stuck.status == "degraded" and "is a destination down?" in stuck.message
     assert stuck.details["counts"] == {"pending": 1, "delivered": 0, "dead": 1}
+
+
+def test_an_item_dead_for_days_and_retried_waits_from_its_retry_not_from_its_creation(sessions, db_url, make_settings):
+    """``medcli outbox retry`` of an output dead for two days made health ``degraded`` at once, the
+    queue's oldest pending age taken from the row's creation."""
+    queue_one_waiting_for(sessions, 2 * 86400)
+    with transaction(sessions) as session:
+        session.execute(update(OutboxItem).where(OutboxItem.object_key == "sr").values(status=outbox.DEAD))
+        assert outbox.retry(session, all_dead=True) == 1
+    with sessions() as session:
+        oldest = outbox.summary(session).oldest_pending_seconds
+    assert oldest is not None and oldest < 60
+    reader = read_only_engine(db_url)
+    try:
+        settings = make_settings(db=db_url)
+        health = check_health(reader, settings, HealthLimits(min_free_bytes=0, stuck_seconds=600)).check("outbox")
+    finally:
+        reader.dispose()
+    assert health.status == "ok", health.message
 
 
 def test_metrics_expose_the_queue_per_status_and_the_oldest_pending_age(sessions, migrated_engine):

@@ -415,6 +415,8 @@ class OutboxItem(Base):
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float)
+    #: when it last became pending: its creation, or the ``medcli outbox retry`` that revived it
+    pending_since: Mapped[float] = mapped_column(Float)
     next_attempt_at: Mapped[float] = mapped_column(Float)
     delivered_at: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -112,6 +112,7 @@ def enqueue(session: Session, scan_id: int, items: Collection[NewItem]) -> int:
                 status=DEAD if item.error else PENDING,
                 attempts=0,
                 created_at=now,
+                pending_since=now,
                 next_attempt_at=now,
                 last_error=item.error,
             )
@@ -280,7 +281,7 @@ def release(session: Session, item_ids: Collection[int], holder: int | None) -> 
 @dataclass(frozen=True)
 class QueueSummary:
     counts: dict[str, int]
-    #: seconds the oldest pending row has waited (None: nothing pending)
+    #: seconds the oldest pending row has waited since it became pending (None: nothing pending)
     oldest_pending_seconds: float | None
     #: seconds until the earliest pending row is due (<= 0: due now)
     next_due_seconds: float | None
@@ -298,7 +299,7 @@ def summary(session: Session) -> QueueSummary:
     counts.update(dict(session.execute(select(OutboxItem.status, func.count()).group_by(OutboxItem.status)).all()))
     now = read_db_clock(session)
     oldest, due = session.execute(
-        select(func.min(OutboxItem.created_at), func.min(OutboxItem.next_attempt_at)).where(
+        select(func.min(OutboxItem.pending_since), func.min(OutboxItem.next_attempt_at)).where(
             OutboxItem.status == PENDING
         )
     ).one()
@@ -322,7 +323,10 @@ def retry(session: Session, ids: Collection[int] = (), all_dead: bool = False) -
     query = update(OutboxItem).where(OutboxItem.status == DEAD, OutboxItem.path.is_not(None))
     if not all_dead:
         query = query.where(OutboxItem.id.in_(list(ids)))
-    done = session.execute(query.values(status=PENDING, attempts=0, next_attempt_at=db_clock(), claimed_by=None))
+    now = db_clock()
+    done = session.execute(
+        query.values(status=PENDING, attempts=0, pending_since=now, next_attempt_at=now, claimed_by=None)
+    )
     return done.rowcount  # type: ignore[attr-defined,no-any-return]
 
 
