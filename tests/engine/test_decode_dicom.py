@@ -6,6 +6,8 @@ functions plus numpy, or from the very array written for lossless syntaxes.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -836,6 +838,36 @@ def test_corrupt_compressed_stream_is_named_pixel_decode_error(tmp_path):
     path.write_bytes(bytes(raw))
 
     assert failure(path).reason is FailureReason.PIXEL_DECODE_ERROR
+
+
+#: bytes of pydicom's bundled JPEG2000.dcm changed (offset after the Pixel Data tag: new value), from a
+#: fuzzing run: gdcm, pydicom's first plugin for JPEG 2000, throws a C++ exception on this codestream
+#: that nothing catches, and the process aborts
+GDCM_ABORTING_CHANGES = {56: 117, 70: 116, 112: 9, 117: 234, 164: 194, 243: 27}
+DECODE_IN_A_CHILD = """
+import sys
+from meddaemon.engine.decode import decode_bytes
+from meddaemon.failures import ScanFailure
+try:
+    decode_bytes(open(sys.argv[1], "rb").read())
+except ScanFailure as failure:
+    print(failure.reason.value)
+"""
+
+
+def test_a_jpeg2000_stream_that_aborts_gdcm_is_a_decode_error_and_the_process_lives_on(tmp_path):
+    """With ``workers = 0`` the daemon decodes in its own process, and the console does so always:
+    this file took the daemon down (SIGABRT) and, left in the inbox, took it down at every start."""
+    raw = bytearray(Path(get_testdata_file("JPEG2000.dcm")).read_bytes())  # type: ignore[arg-type]
+    pixel_data = raw.find(b"\xe0\x7f\x10\x00")
+    for offset, value in GDCM_ABORTING_CHANGES.items():
+        raw[pixel_data + offset] = value
+    path = tmp_path / "damaged_j2k.dcm"
+    path.write_bytes(bytes(raw))
+
+    child = subprocess.run([sys.executable, "-c", DECODE_IN_A_CHILD, str(path)], capture_output=True, text=True)
+
+    assert (child.returncode, child.stdout.strip()) == (0, "pixel_decode_error"), child.stderr[-2000:]
 
 
 def test_transfer_syntax_without_decoder_is_named_and_named_in_the_message(tmp_path):

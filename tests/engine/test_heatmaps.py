@@ -375,6 +375,24 @@ def test_the_model_s_pixels_are_its_view_in_the_model_s_own_channels(channels: i
     assert pixels.min() == 0 and pixels.max() == 255  # clipped to the picture's range
 
 
+def test_the_view_of_a_model_normalising_each_image_by_its_own_statistics_is_the_image_grey_as_it_was():
+    """A Keras import normalises per image and keeps ImageNet's mean and std in its contract: the
+    view undid the per-channel ImageNet statistics the model never used, and a grey scan came out
+    tinted, with the contrast of ImageNet's std."""
+    from meddaemon.engine.overlay import model_pixels
+    from meddaemon.engine.preprocess import normalise
+    from meddaemon.engine.tasks import IMAGENET_MEAN, IMAGENET_STD, InputContract
+
+    contract = InputContract(3, 24, 20, IMAGENET_MEAN, IMAGENET_STD, normalisation="per_image")
+    grey = np.linspace(0.0, 1.0, 24 * 20, dtype=np.float32).reshape(24, 20)  # SYNTHETIC: a ramp over the range
+    model_input = normalise(np.repeat(grey[None, None], 3, axis=1), contract)[0]
+
+    pixels = model_pixels(model_input, contract)
+
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+    assert np.abs(pixels[..., 0].astype(np.int16) - np.round(grey * 255)).max() <= 1
+
+
 def test_a_map_that_is_not_finite_is_left_out_not_stored_and_the_others_kept():
     """Features or gradients with a NaN gave a NaN map, stored and drawn as though it were one."""
     activation = torch.rand(2, 4, 7, 7, generator=torch.Generator().manual_seed(3))

@@ -11,7 +11,7 @@ import numpy as np
 from click.testing import CliRunner
 from dicom_factory import write_png
 from PIL import Image
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.daemon import filing
@@ -424,3 +424,28 @@ def test_the_overview_links_a_failure_reason_only_while_scans_still_fail_with_it
     assert f'href="/failures#{reason}"' not in overview and f'id="{reason}"' not in failures
     for other in {s.failure_reason for s in failed} - {reason}:
         assert f'href="/failures#{other}"' in overview and f'id="{other}"' in failures
+
+
+def test_a_file_that_crashed_a_decoding_worker_is_never_decoded_by_the_console(fresh_root):
+    """The console decodes in its own process (the daemon's, when the daemon serves it): showing a
+    ``decoder_crashed`` file from failed/ took the daemon down with the console."""
+    (unroutable,) = [s for s in stored_scans(fresh_root) if s.source_name == UNROUTABLE]
+    settings = web_settings(fresh_root)
+    assert settings.stored_file(unroutable.stored_path).exists()  # a file that decodes, kept in failed/
+    engine = create_db_engine(settings.db_url)
+    with transaction(session_factory(engine)) as session:
+        session.execute(update(Scan).where(Scan.id == unroutable.id).values(failure_reason="decoder_crashed"))
+    engine.dispose()
+    app = create_app(settings)
+    try:
+        client = signed_in(app, "viewer")
+        picture = client.get(f"/scans/{unroutable.id}/image.png")
+        thumbnail = client.get(f"/scans/{unroutable.id}/thumb.jpg")
+        page = client.get(f"/scans/{unroutable.id}").text
+        worklist = client.get("/worklist").text
+    finally:
+        app.state.console.dispose()
+    assert picture.status_code == 404 and "crashed a decoding worker" in picture.text
+    assert thumbnail.status_code == 404
+    assert "this file crashed a decoding worker" in page and f"/scans/{unroutable.id}/image.png" not in page
+    assert "/thumb.jpg" in worklist and f"/scans/{unroutable.id}/thumb.jpg" not in worklist

@@ -27,11 +27,20 @@ def model_view(model_input: np.ndarray, contract: InputContract) -> np.ndarray:
 def model_pixels(model_input: np.ndarray, contract: InputContract) -> np.ndarray:
     """The image the model saw, as its own channels: uint8 (H, W) for a grey model, (H, W, 3)
     otherwise. ``overlay`` and ``jpeg_bytes`` take either; a grey one costs a third of the work and
-    encodes as a grey JPEG."""
+    encodes as a grey JPEG.
+
+    A model that normalises each image by its own mean and std (``per_image``) saw the image up to
+    a scale and offset, which its range undoes: the contract's mean and std, which it did not use,
+    tinted a grey scan and set its contrast."""
     channels = 1 if model_input.shape[0] == 1 else 3
-    mean = np.asarray(contract.mean, dtype=np.float32)[:channels, None, None]
-    std = np.asarray(contract.std, dtype=np.float32)[:channels, None, None]
-    image = np.clip(model_input[:channels] * std + mean, 0.0, 1.0)
+    if contract.normalisation == "per_image":  # the image's own mean and std: undone by its own range
+        seen = model_input[:channels]
+        low, high = float(seen.min()), float(seen.max())
+        image = (seen - low) / (high - low) if high > low else np.zeros_like(seen)
+    else:
+        mean = np.asarray(contract.mean, dtype=np.float32)[:channels, None, None]
+        std = np.asarray(contract.std, dtype=np.float32)[:channels, None, None]
+        image = np.clip(model_input[:channels] * std + mean, 0.0, 1.0)
     if channels == 1:
         return (image[0] * 255).astype(np.uint8)
     return (image.transpose(1, 2, 0) * 255).astype(np.uint8)

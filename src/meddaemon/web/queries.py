@@ -33,6 +33,7 @@ from meddaemon.db.models import (
     utcnow,
 )
 from meddaemon.db.queries import newest_version_of
+from meddaemon.failures import FailureReason
 from meddaemon.label_results import shown_against
 from meddaemon.states import ScanState
 
@@ -292,7 +293,7 @@ def worklist(
             top=tops[r.id][0] if r.id in tops else None,
             heatmap_id=tops[r.id][1] if r.id in tops else None,
             patient_name=r.patient_name if with_phi else None,
-            has_picture=picture_file(r.stored_path, r.source_path, r.state) is not None,
+            has_picture=picture_file(r.stored_path, r.source_path, r.state, r.failure_reason) is not None,
         )
         for r in rows
     ]
@@ -472,7 +473,7 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
         failure_message=scan.failure_message,
         registered_at=aware(scan.registered_at),
         retried_at=aware(scan.retried_at),
-        has_file=picture_file(scan.stored_path, scan.source_path, scan.state) is not None,
+        has_file=picture_file(scan.stored_path, scan.source_path, scan.state, scan.failure_reason) is not None,
         study_instance_uid=scan.study_instance_uid,
         metadata=metadata,
         results=list(by_version.values()),
@@ -483,9 +484,14 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
     )
 
 
-def picture_file(stored_path: str | None, source_path: str | None, state: str) -> str | None:
+def picture_file(
+    stored_path: str | None, source_path: str | None, state: str, failure_reason: str | None = None
+) -> str | None:
     """Where a scan's picture is: the file kept of it, or, for a scan evaluated in place (nothing of
-    it is kept: ``medcli evaluate``), the dataset's file where it lies."""
+    it is kept: ``medcli evaluate``), the dataset's file where it lies. A file that crashed a decoding
+    worker has none: the console decodes in its own process, the daemon's when it serves it."""
+    if failure_reason == FailureReason.DECODER_CRASHED:
+        return None
     if stored_path is not None:
         return stored_path
     return source_path if state == ScanState.EVALUATED else None
@@ -497,17 +503,22 @@ class ScanPicture:
     path: str | None
     #: for a file read where it lies: the SHA-256 its bytes must still have (it may have changed since)
     sha256: str | None
+    #: the file crashed a decoding worker (``decoder_crashed``): kept, never decoded here
+    crashed_a_decoder: bool = False
 
 
 def scan_picture(session: Session, scan_id: int) -> ScanPicture | None:
     """Where scan ``scan_id``'s picture is; None when there is no such scan."""
     row = session.execute(
-        select(Scan.stored_path, Scan.source_path, Scan.state, Scan.sha256).where(Scan.id == scan_id)
+        select(Scan.stored_path, Scan.source_path, Scan.state, Scan.sha256, Scan.failure_reason).where(
+            Scan.id == scan_id
+        )
     ).first()
     if row is None:
         return None
-    path = picture_file(row.stored_path, row.source_path, row.state)
-    return ScanPicture(path, row.sha256 if row.stored_path is None else None)
+    path = picture_file(row.stored_path, row.source_path, row.state, row.failure_reason)
+    crashed = row.failure_reason == FailureReason.DECODER_CRASHED
+    return ScanPicture(path, row.sha256 if row.stored_path is None else None, crashed)
 
 
 @dataclass(frozen=True)

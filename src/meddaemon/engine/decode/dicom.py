@@ -34,6 +34,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
     MediaStorageDirectoryStorage,
 )
 from pydicom.valuerep import VR
@@ -435,20 +436,38 @@ def _frame_index(ds: Dataset, frames: int, options: DecodeOptions, notes: list[s
     return index
 
 
+#: the plugins tried for JPEG 2000, in this order. gdcm, pydicom's first, is left out: on some damaged
+#: codestreams it throws a C++ exception nothing catches and the process aborts (the daemon itself
+#: where it decodes in its own process: ``workers = 0``, the console), where these two raise.
+_JPEG2000_PLUGINS = ("pylibjpeg", "pillow")
+
+
+def _plugins(decoder: Any, transfer_syntax: UID) -> list[str]:
+    """The plugins to try one after the other; ``""`` is pydicom's own choice among all it has."""
+    if transfer_syntax in JPEG2000TransferSyntaxes:
+        available = [p for p in _JPEG2000_PLUGINS if p in decoder.available_plugins]
+        if available:
+            return available
+    return [""]
+
+
 def _decode_pixels(decoder: Any, ds: Dataset, index: int | None, transfer_syntax: UID) -> tuple[np.ndarray, dict]:
     """Decode with pydicom's own colour handling: YBR_FULL(_422) comes back as RGB whether the
     codec (JPEG baseline) or pydicom converted it; the returned dict says what the array holds."""
-    try:
-        arr, decoded_as = decoder.as_array(ds, index=index, raw=False, as_rgb=True)
-    except (MemoryError, *STOPPING):
-        raise
-    except BaseException as exc:  # a Rust codec's panic too (pyo3's PanicException): it took the daemon down
-        detail = " ".join(str(exc).split())[:_MAX_ERROR_CHARS]
-        raise ScanFailure(
-            FailureReason.PIXEL_DECODE_ERROR,
-            f"{transfer_syntax.name} pixel data could not be decoded: {type(exc).__name__}: {detail}",
-        ) from exc
-    return arr, decoded_as
+    first_error: BaseException | None = None
+    for plugin in _plugins(decoder, transfer_syntax):
+        try:
+            return decoder.as_array(ds, index=index, raw=False, as_rgb=True, decoding_plugin=plugin)  # type: ignore[no-any-return]
+        except (MemoryError, *STOPPING):
+            raise
+        except BaseException as exc:  # a Rust codec's panic too (pyo3's PanicException): it took the daemon down
+            first_error = first_error or exc
+    assert first_error is not None
+    detail = " ".join(str(first_error).split())[:_MAX_ERROR_CHARS]
+    raise ScanFailure(
+        FailureReason.PIXEL_DECODE_ERROR,
+        f"{transfer_syntax.name} pixel data could not be decoded: {type(first_error).__name__}: {detail}",
+    ) from first_error
 
 
 def _to_unit(

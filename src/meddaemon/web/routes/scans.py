@@ -53,6 +53,8 @@ def scan_image(request: Request) -> Response:
     found = console.read(lambda s: queries.scan_picture(s, scan_id))
     if found is None:
         raise HTTPException(404, NOT_FOUND.format(id=scan_id))
+    if found.crashed_a_decoder:
+        raise HTTPException(404, f"Scan {scan_id} is not shown: its file crashed a decoding worker.")
     if found.path is None:
         raise HTTPException(404, f"No file of scan {scan_id} was kept.")
     size, contract = None, None
