@@ -148,14 +148,19 @@ def keras3_files(keras_file: tuple[Path, np.ndarray, np.ndarray], tmp_path_facto
     head.set_weights(weights[-2:])
     nested.save_weights(str(folder / "nested.weights.h5"))
     nested.save(str(folder / "nested.keras"))
+    nested.save(str(folder / "nested.h5"))  # the HDF5 layout: the DenseNet one layer holding 604 weights
     return folder
 
 
-@pytest.mark.parametrize("name", ["densenet.weights.h5", "densenet.keras", "nested.weights.h5", "nested.keras"])
+@pytest.mark.parametrize(
+    "name", ["densenet.weights.h5", "densenet.keras", "nested.weights.h5", "nested.keras", "nested.h5"]
+)
 def test_keras3s_own_formats_of_the_same_weights_import_the_same(
     keras_file: tuple[Path, np.ndarray, np.ndarray], keras3_files: Path, tmp_path: Path, name: str
 ):
-    """Keras 3 names a layer in them by its class and rank (``batch_normalization_17``), not its own name."""
+    """Keras 3 names a layer in them by its class and rank (``batch_normalization_17``), not its own name.
+    ``model.save`` to ``.h5`` keeps the HDF5 layout, where the nested DenseNet is one layer whose
+    weights name its inner layers: they were read as one layer's six and refused as no DenseNet."""
     _, x, expected = keras_file
     with h5py.File(keras3_files / "densenet.weights.h5") as f:
         assert "conv1_bn" not in f["layers"] and "batch_normalization_120" in f["layers"]

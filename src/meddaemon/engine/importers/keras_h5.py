@@ -99,19 +99,29 @@ def _weights_file(path: Path) -> Path | io.BytesIO:
 
 
 def _name_layout(f: Any, budget: _ValueBudget) -> dict[str, dict[str, np.ndarray]]:
+    """{layer: {role: array}} of the HDF5 layout. A layer's weights are named ``<owner>/<role>``:
+    its own name as owner, or (TensorFlow 1's) a scope near it, keyed by the layer's name; a nested
+    model (``Sequential([DenseNet121(...), Dense(...)])``, saved by ``model.save``) is one layer
+    holding its inner layers' weights, each keyed by its inner layer's name."""
     group = f.get("model_weights", f)
     names = [_text(n) for n in group.attrs.get("layer_names", list(group.keys()))]
     layers: dict[str, dict[str, np.ndarray]] = {}
     for name in names:
         layer = group[name]
-        weights = {}
+        owned: dict[str, dict[str, np.ndarray]] = {}
         for weight_name in (_text(w) for w in layer.attrs.get("weight_names", [])):
-            role = weight_name.rsplit("/", 1)[-1].split(":", 1)[0]
+            owner, _, role = weight_name.rpartition("/")
+            weights = owned.setdefault(owner.removeprefix(f"{name}/"), {})
+            role = role.split(":", 1)[0]
+            if role in weights:
+                raise ModelRefused("wrong_architecture", f"layer {name!r} holds two weights named {weight_name!r}")
             weights[role] = _array(layer[weight_name], f, budget)
-        key = name.replace("/", "_")
-        if weights and key in layers:  # the later one took the earlier one's place without a word
-            raise ModelRefused("wrong_architecture", f"two layers with weights are named {key!r} (with '/' as '_')")
-        if weights:
+        if len(owned) == 1:  # the layer's own weights, whatever scope named them
+            owned = {name: next(iter(owned.values()))}
+        for owner, weights in owned.items():
+            key = owner.replace("/", "_")
+            if key in layers:  # the later one took the earlier one's place without a word
+                raise ModelRefused("wrong_architecture", f"two layers with weights are named {key!r} (with '/' as '_')")
             layers[key] = weights
     return layers
 
