@@ -7,7 +7,7 @@ from audit_factory import label_table as table
 from audit_factory import stored_predictions as predictions
 from meddaemon.audit.join import join
 from meddaemon.audit.predictions import AuditInputError
-from meddaemon.audit.subgroups import age_band, grouping_values, subgroups
+from meddaemon.audit.subgroups import age_band, available_columns, grouping_values, subgroups
 from meddaemon.audit.values import Undefined
 
 
@@ -96,6 +96,23 @@ def test_a_column_is_found_by_its_name_in_the_file_or_its_normalised_name(name):
     expected = "view" if name == "View Position" else "sex"
     assert {g.by for g in groups} == {expected}
     assert {g.level for g in groups} == ({"PA"} if expected == "view" else {"F", "M"})
+
+
+@pytest.mark.parametrize(
+    "column", ["Patient Name", "PatientName", "Patient's Birth Date", "DOB", "date_of_birth", "AccessionNumber"]
+)
+def test_no_subgroup_by_a_column_of_patient_names_birth_dates_or_accessions(column):
+    """Only identifier columns were refused: ``--by "Patient Name"`` printed every name as a level,
+    in the table, the JSON, the PDF and the stored audit the console's viewers see."""
+    names = [f"s{i}.png" for i in range(60)]
+    preds = predictions("covid", names, probs=np.tile([0.7, 0.3], (60, 1)))
+    value = "SYNTHETIC^PERSON"
+    t = table([(nm, {"normal"}, None, {column: value}) for nm in names], attributes=(column,))
+    c = join(preds, t)[0]
+    with pytest.raises(AuditInputError, match="identifies patients") as refused:
+        subgroups(c, [column], min_n=30)
+    assert value not in str(refused.value)
+    assert column not in available_columns(c)
 
 
 def test_an_unknown_column_suggests_the_close_one():

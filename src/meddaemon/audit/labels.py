@@ -138,8 +138,44 @@ def spellings(name: str) -> set[str]:
     return {normal_name(n) for n in (name, *counterparts) if n}
 
 
+#: with ``IDENTIFYING``, the columns whose values are patient data a level of ``--by`` would print and
+#: store (DICOM's keywords and the usual spellings of names, birth dates, accession numbers, addresses)
+PERSONAL = (
+    *IDENTIFYING,
+    "OtherPatientIDs",
+    "patient_name",
+    "PatientName",
+    "Patient's Name",
+    "name",
+    "first_name",
+    "last_name",
+    "surname",
+    "patient_birth_date",
+    "PatientBirthDate",
+    "Patient's Birth Date",
+    "birth_date",
+    "birthdate",
+    "date_of_birth",
+    "dob",
+    "accession_number",
+    "AccessionNumber",
+    "accession",
+    "PatientAddress",
+    "Patient's Address",
+    "address",
+    "PatientTelephoneNumbers",
+    "phone",
+)
+
+
 def identifies_patients(name: str) -> bool:
+    """A column naming each row's patient: what the intervals cluster on."""
     return bool(spellings(name) & {normal_name(n) for n in IDENTIFYING})
+
+
+def is_personal(name: str) -> bool:
+    """A column of patient data (an identifier, a name, a birth date...): never a subgroup."""
+    return bool(spellings(name) & {normal_name(n) for n in PERSONAL})
 
 
 def patient_column(columns: Iterable[str]) -> str | None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from meddaemon.audit.join import Cohort
-from meddaemon.audit.labels import NIH_ATTRIBUTES, closest_name, identifies_patients, spellings
+from meddaemon.audit.labels import NIH_ATTRIBUTES, closest_name, is_personal, spellings
 from meddaemon.audit.metrics import LabelMetrics, label_metrics
 from meddaemon.audit.predictions import AuditInputError
 from meddaemon.audit.values import Undefined
@@ -41,21 +41,21 @@ def age_band(value: str | None) -> str:
 
 def available_columns(cohort: Cohort) -> list[str]:
     names = [*cohort.label_attributes, *cohort.scan_attributes, "age_band"]
-    return sorted(n for n in set(names) if not identifies_patients(n))
+    return sorted(n for n in set(names) if not is_personal(n))
 
 
 def resolve_column(cohort: Cohort, name: str) -> str:
     """The cohort's column that ``name`` (as in the file, or normalised) names: the labels file's
     first, then the stored metadata's, so that a file's ``Sex`` is grouped on, not the DICOM sex
     the audit also calls ``sex`` (which PNG scans lack)."""
-    if identifies_patients(name):
+    if is_personal(name):
         raise AuditInputError(
-            f"--by {name!r} identifies patients: its levels would be patient identifiers, printed and stored"
+            f"--by {name!r} identifies patients: its levels would be patient data, printed and stored"
             " with the audit; group by what patients share (sex, age_band, site, view...)"
         )
     wanted = spellings(name)
     for pool in (cohort.label_attributes, [*cohort.scan_attributes, "age_band"]):
-        columns = sorted(n for n in set(pool) if not identifies_patients(n))
+        columns = sorted(n for n in set(pool) if not is_personal(n))
         if name in columns:
             return name
         found = [column for column in columns if spellings(column) & wanted]
