@@ -15,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from meddaemon.cli.common import EXIT_USAGE
+from meddaemon.cli.retrain import _follow_rank_0
+from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.training.phantoms import write_phantoms
+from meddaemon.training.train import TrainConfig
 from ports import free_port
 
 TOLERANCE = 0.05
@@ -83,7 +87,26 @@ def test_a_rank_that_fails_ends_the_whole_run_at_once_with_its_message(tmp_path:
         pytest.fail("the run hung after its rank 0 failed")
     assert run.returncode != 0
     assert "error: bad dataset" in stderr and "split is empty" in stderr, stderr[-2000:]
+    assert "DatasetError" not in stderr, stderr[-3000:]  # rank 1's traceback: rank 0 says why, torchrun who failed
     assert not (state / "models" / "busi").exists()
+
+
+def test_a_rank_other_than_0_that_meets_rank_0_s_refusal_leaves_with_its_code_and_without_a_word(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Rank 1 met the refusal rank 0 printed (the dataset) and printed it again as a traceback, when
+    it got there before torchrun stopped it (a race the run above does not always lose)."""
+    data = write_phantoms("busi", tmp_path / "busi", count=5, size=32, seed=7).root
+    for i in range(4):  # over 5% unreadable: the dataset is refused
+        (data / "benign" / f"benign (cut {i}).png").write_bytes(b"\x89PNG\r\n\x1a\n SYNTHETIC, cut short")
+    spec = BUILTIN_TASKS["busi"]
+    config = TrainConfig.from_task(spec, epochs=1, architecture="small_cnn", image_size=32, device="cpu")
+
+    with pytest.raises(SystemExit) as left:
+        _follow_rank_0(spec, data, config, tmp_path / "work", False, 1)
+
+    assert left.value.code == EXIT_USAGE
+    assert "Traceback" not in capfd.readouterr().err
 
 
 @pytest.mark.slow

@@ -116,6 +116,33 @@ def test_numbers_past_an_integer_key_are_refused_or_ignored_not_a_server_error(m
     app.state.console.dispose()
 
 
+def test_an_id_of_thousands_of_digits_is_refused_or_not_found_not_a_server_error(migrated_engine, db_url, tmp_path):
+    """``int`` refuses a string of over 4,300 digits (a ValueError): every route taking an id gave a 500."""
+    settings = load_settings(env={}, flags={"db": db_url, "state_dir": tmp_path, "watch": tmp_path / "inbox"})
+    app = create_app(settings, reader=read_only_engine(db_url))
+    client = TestClient(app, base_url="http://127.0.0.1")
+    endless = "9" * 5000
+    assert client.get(f"/worklist?after={endless}").status_code == 400
+    assert client.get(f"/failures?action={endless}").status_code == 200
+    assert client.get(f"/models?action={endless}").status_code == 200
+    assert client.get(f"/scans/1/image.png?map={endless}").status_code == 404  # no scan 1: but not a 500
+    for url in (
+        f"/scans/{endless}",
+        f"/scans/{endless}/image.png",
+        f"/scans/{endless}/thumb.jpg",
+        f"/heatmaps/{endless}.png",
+        f"/heatmaps/{endless}/thumb.jpg",
+        f"/reports/{endless}.pdf",
+        f"/audits/{endless}",
+        f"/audits/{endless}.json",
+        f"/audits/{endless}.csv",
+        f"/audits/{endless}.pdf",
+    ):
+        assert client.get(url).status_code == 404, url
+    assert "There is no scan 7." in client.get("/scans/00000000000000000000007").text  # leading zeros: looked up
+    app.state.console.dispose()
+
+
 def test_query_values_no_scan_could_match_are_refused_or_ignored_not_a_server_error(migrated_engine, db_url, tmp_path):
     """Digits outside ASCII (``str.isdigit`` took them, ``int`` refused them), the last day there is,
     and a NUL, which PostgreSQL refuses in text: that was a "database unavailable" page."""

@@ -172,8 +172,7 @@ def retrain(
         raise click.UsageError(str(exc)) from None
     with distributed.joined(config.device):  # under torchrun: the process group (a no-op otherwise)
         if not distributed.is_main():
-            _train_shard(spec, data, config, workdir, resume, max(1, workers // distributed.world_size()), parent)
-            distributed.barrier()  # rank 0 evaluates, writes and registers the version
+            _follow_rank_0(spec, data, config, workdir, resume, max(1, workers // distributed.world_size()), parent)
             return
         say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
         ctx = click.get_current_context()
@@ -378,6 +377,27 @@ def _how_to_resume(ctx: click.Context, task: str, workdir: Path, processes: int)
 def _wants_bar(as_json: bool) -> bool:
     """A progress bar (on stderr) only on a terminal; elsewhere the plain line per epoch is enough."""
     return not as_json and sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def _follow_rank_0(
+    spec: Any, data: Path, config: Any, workdir: Path, resume: bool, workers: int, parent: Any = None
+) -> None:
+    """Another rank's part: its shard of the training, then the wait while rank 0 evaluates, writes and
+    registers the version. A refusal rank 0 meets too (the dataset, Ctrl-C) ends it with rank 0's
+    exit code and no word: rank 0 says it, where this rank printed it again as a traceback."""
+    from meddaemon.training import distributed
+    from meddaemon.training.datasets import DatasetError
+
+    try:
+        _train_shard(spec, data, config, workdir, resume, workers, parent)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    except DatasetError:
+        sys.exit(EXIT_USAGE)
+    except (ValueError, FileNotFoundError) as exc:
+        click.echo(f"error (rank {distributed.rank()}): {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    distributed.barrier()
 
 
 def _train_shard(

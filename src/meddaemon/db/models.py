@@ -79,8 +79,10 @@ MAX_ROW_ID = 2**31 - 1
 
 def row_id(key: str) -> int | None:
     """``key`` as a row id, if it is one: ASCII digits (``str.isdigit`` takes ``²`` too, which
-    ``int`` refuses), within an INTEGER key's range."""
-    return int(key) if key.isascii() and key.isdigit() and int(key) <= MAX_ROW_ID else None
+    ``int`` refuses), within an INTEGER key's range (its length checked first: ``int`` refuses over
+    4,300 digits)."""
+    digits = key.isascii() and key.isdigit() and len(key.lstrip("0")) <= len(str(MAX_ROW_ID))
+    return int(key) if digits and int(key) <= MAX_ROW_ID else None
 
 
 class Scan(Base):

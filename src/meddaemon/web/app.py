@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
+from starlette.convertors import IntegerConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -161,8 +162,18 @@ def render(request: Request, name: str, status_code: int = 200, **context: Any) 
     )
 
 
+class RowIdConvertor(IntegerConvertor):
+    """``{name:row_id}``: a row id in a path, of at most 32 digits; a longer one matches no route (a
+    404), where ``int`` refused one of over 4,300 digits with a ValueError: a 500."""
+
+    regex = "[0-9]{1,32}"
+
+
+register_url_convertor("row_id", RowIdConvertor())
+
+
 def path_row_id(request: Request, name: str, missing: str) -> int:
-    """The path's integer ``name`` (a ``{name:int}`` route), or a 404 saying ``missing`` (``{id}`` in it
+    """The path's integer ``name`` (a ``{name:row_id}`` route), or a 404 saying ``missing`` (``{id}`` in it
     is the number) for one past any row's id: the database would refuse to compare an INTEGER key
     with it (PostgreSQL: out of range), which is a 500 otherwise."""
     value: int = request.path_params[name]

@@ -72,8 +72,8 @@ def audit_pdf(request: Request) -> Response:
 
 routes = [
     Route("/audits", audits_page),
-    Route("/audits/{audit_id:int}", audit_page),
-    Route("/audits/{audit_id:int}.json", audit_json),
-    Route("/audits/{audit_id:int}.csv", audit_csv),
-    Route("/audits/{audit_id:int}.pdf", audit_pdf),
+    Route("/audits/{audit_id:row_id}", audit_page),
+    Route("/audits/{audit_id:row_id}.json", audit_json),
+    Route("/audits/{audit_id:row_id}.csv", audit_csv),
+    Route("/audits/{audit_id:row_id}.pdf", audit_pdf),
 ]

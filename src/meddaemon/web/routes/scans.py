@@ -133,10 +133,10 @@ def report_pdf(request: Request) -> Response:
 
 
 routes = [
-    Route("/scans/{scan_id:int}", scan_page),
-    Route("/scans/{scan_id:int}/image.png", scan_image),
-    Route("/scans/{scan_id:int}/thumb.jpg", scan_thumbnail),
-    Route("/heatmaps/{heatmap_id:int}.png", heatmap_layer),
-    Route("/heatmaps/{heatmap_id:int}/thumb.jpg", heatmap_thumbnail),
-    Route("/reports/{report_id:int}.pdf", report_pdf),
+    Route("/scans/{scan_id:row_id}", scan_page),
+    Route("/scans/{scan_id:row_id}/image.png", scan_image),
+    Route("/scans/{scan_id:row_id}/thumb.jpg", scan_thumbnail),
+    Route("/heatmaps/{heatmap_id:row_id}.png", heatmap_layer),
+    Route("/heatmaps/{heatmap_id:row_id}/thumb.jpg", heatmap_thumbnail),
+    Route("/reports/{report_id:row_id}.pdf", report_pdf),
 ]
