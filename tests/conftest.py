@@ -8,6 +8,17 @@ every test that only needs the schema cost a second or so each."""
 from __future__ import annotations
 
 import os
+
+#: One OpenMP thread per process, for pytest and every daemon and CLI it starts (they inherit the
+#: environment), set before PyTorch is imported: here, as the first conftest is read, since pytest
+#: reads the conftests of the paths it is given (``tests/web``'s imports torch) before
+#: ``pytest_configure``. The tests run several processes at once on a small machine (pytest, a
+#: daemon, its report and decoding processes): with a team of one thread per core in each, the teams
+#: wait at every operator for threads that are not running (the seeds' importer tests took 283 s
+#: with two threads on a loaded machine, 68 s with one). No result depends on it: the tests'
+#: tolerances hold for any thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import sqlite3
 import subprocess
 import sys
@@ -25,17 +36,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from meddaemon.config import Settings, load_settings
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
 from meddaemon.db.migrate import upgrade
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """One OpenMP thread per process, for pytest and every daemon and CLI it starts (they inherit
-    the environment), set before PyTorch is imported. The tests run several processes at once on a
-    small machine (pytest, a daemon, its report and decoding processes): with a team of one thread
-    per core in each, the teams wait at every operator for threads that are not running (the seeds'
-    importer tests took 283 s with two threads on a loaded machine, 68 s with one). No result
-    depends on it: the tests' tolerances hold for any thread count."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 
 POSTGRES_ADMIN_URL = os.environ.get("MEDDAEMON_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 

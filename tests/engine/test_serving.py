@@ -80,6 +80,7 @@ def test_served_from_its_kept_graph_a_version_never_imports_torchvision(tmp_path
     folder, _ = kept(tmp_path, "resnet18")
     program = (
         "import json, sys, torch\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"  # the choice was kept for this process's threads
         "from meddaemon.engine.serving import serve_version\n"
         f"model = serve_version({str(folder)!r}, 1, torch.device('cpu'), heatmaps=True, batch=2)\n"
         "print(json.dumps([type(model.model).__name__, 'torchvision' in sys.modules]))\n"
