@@ -99,7 +99,21 @@ def test_a_column_is_found_by_its_name_in_the_file_or_its_normalised_name(name):
 
 
 @pytest.mark.parametrize(
-    "column", ["Patient Name", "PatientName", "Patient's Birth Date", "DOB", "date_of_birth", "AccessionNumber"]
+    "column",
+    [
+        "Patient Name",
+        "PatientName",
+        "Patient's Birth Date",
+        "DOB",
+        "date_of_birth",
+        "AccessionNumber",
+        "Accession #",
+        "Patient Address",
+        "Patient Telephone Numbers",
+        "phone_number",
+        "Other Patient IDs",
+        "family_name",
+    ],
 )
 def test_no_subgroup_by_a_column_of_patient_names_birth_dates_or_accessions(column):
     """Only identifier columns were refused: ``--by "Patient Name"`` printed every name as a level,
@@ -113,6 +127,17 @@ def test_no_subgroup_by_a_column_of_patient_names_birth_dates_or_accessions(colu
         subgroups(c, [column], min_n=30)
     assert value not in str(refused.value)
     assert column not in available_columns(c)
+
+
+@pytest.mark.parametrize("column", ["site", "site_name", "Station Name", "Patient Gender", "View Position"])
+def test_columns_patients_share_still_group(column):
+    names = [f"s{i}.png" for i in range(60)]
+    preds = predictions("covid", names, probs=np.tile([0.7, 0.3], (60, 1)))
+    t = table(
+        [(nm, {"normal"}, None, {column: "A" if i % 2 else "B"}) for i, nm in enumerate(names)], attributes=(column,)
+    )
+    groups = subgroups(join(preds, t)[0], [column], min_n=1)
+    assert {g.level for g in groups} == {"A", "B"}
 
 
 def test_an_unknown_column_suggests_the_close_one():

@@ -292,4 +292,11 @@ def test_outbox_rows_of_a_0013_database_wait_from_their_creation_after_the_upgra
     upgrade(engine)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT created_at, pending_since, attempts FROM outbox")).one() == (1000.5, 1000.5, 2)
+    with engine.begin() as conn:  # a daemon of the version before, still running: its rows have no pending_since
+        conn.execute(
+            text(
+                "INSERT INTO outbox (scan_id, object_key, destination, path, status, attempts, created_at, "
+                "next_attempt_at) VALUES (1, 'pdf', 'pacs', 'dicom/pdf.dcm', 'pending', 0, 3000.0, 3000.0)"
+            )
+        )
     engine.dispose()

@@ -66,6 +66,15 @@ def test_an_item_dead_for_days_and_retried_waits_from_its_retry_not_from_its_cre
     assert health.status == "ok", health.message
 
 
+def test_an_item_queued_by_a_daemon_from_before_pending_since_waits_from_its_creation(sessions):
+    queue_one_waiting_for(sessions, 1200)
+    with transaction(sessions) as session:
+        session.execute(update(OutboxItem).values(pending_since=None))
+    with sessions() as session:
+        oldest = outbox.summary(session).oldest_pending_seconds
+    assert oldest is not None and 1200 <= oldest < 1260
+
+
 def test_metrics_expose_the_queue_per_status_and_the_oldest_pending_age(sessions, migrated_engine):
     queue_one_waiting_for(sessions, 90)
     with Session(migrated_engine) as session:

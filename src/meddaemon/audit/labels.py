@@ -139,33 +139,47 @@ def spellings(name: str) -> set[str]:
 
 
 #: with ``IDENTIFYING``, the columns whose values are patient data a level of ``--by`` would print and
-#: store (DICOM's keywords and the usual spellings of names, birth dates, accession numbers, addresses)
+#: store (DICOM's keywords and the usual spellings of names, birth dates, accession numbers, addresses,
+#: telephones), compared with every character but letters and digits left out (``compact``)
 PERSONAL = (
     *IDENTIFYING,
     "OtherPatientIDs",
+    "other_ids",
     "patient_name",
-    "PatientName",
     "Patient's Name",
     "name",
+    "full_name",
     "first_name",
+    "given_name",
     "last_name",
+    "family_name",
     "surname",
     "patient_birth_date",
-    "PatientBirthDate",
     "Patient's Birth Date",
     "birth_date",
-    "birthdate",
     "date_of_birth",
     "dob",
     "accession_number",
-    "AccessionNumber",
+    "accession_no",
     "accession",
-    "PatientAddress",
+    "patient_address",
     "Patient's Address",
     "address",
     "PatientTelephoneNumbers",
+    "telephone",
+    "telephone_number",
     "phone",
+    "phone_number",
 )
+
+
+def compact(name: str) -> str:
+    """``name`` in lower case with every character but letters and digits left out: ``Patient's
+    Address``, ``PatientAddress`` and ``patient_address`` are one."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+_PERSONAL_KEYS = frozenset(compact(n) for n in PERSONAL)
 
 
 def identifies_patients(name: str) -> bool:
@@ -175,7 +189,7 @@ def identifies_patients(name: str) -> bool:
 
 def is_personal(name: str) -> bool:
     """A column of patient data (an identifier, a name, a birth date...): never a subgroup."""
-    return bool(spellings(name) & {normal_name(n) for n in PERSONAL})
+    return identifies_patients(name) or compact(name) in _PERSONAL_KEYS
 
 
 def patient_column(columns: Iterable[str]) -> str | None:

@@ -50,7 +50,7 @@ def list_(config_file: Path | None, status: str | None, limit: int, as_json: boo
                     "last_error": i.last_error,
                     "sop_instance_uid": i.sop_instance_uid,
                     "created_at": _utc(i.created_at),
-                    "pending_since": _utc(i.pending_since) if i.status == box.PENDING else None,
+                    "pending_since": _utc(i.pending_since or i.created_at) if i.status == box.PENDING else None,
                     "next_attempt_at": _utc(i.next_attempt_at) if i.status == box.PENDING else None,
                     "delivered_at": _utc(i.delivered_at),
                 }

@@ -81,8 +81,10 @@ def row_id(key: str) -> int | None:
     """``key`` as a row id, if it is one: ASCII digits (``str.isdigit`` takes ``²`` too, which
     ``int`` refuses), within an INTEGER key's range (its length checked first: ``int`` refuses over
     4,300 digits)."""
-    digits = key.isascii() and key.isdigit() and len(key.lstrip("0")) <= len(str(MAX_ROW_ID))
-    return int(key) if digits and int(key) <= MAX_ROW_ID else None
+    if not (key.isascii() and key.isdigit()):
+        return None
+    significant = key.lstrip("0") or "0"  # leading zeros count towards int's limit too
+    return int(significant) if len(significant) <= len(str(MAX_ROW_ID)) and int(significant) <= MAX_ROW_ID else None
 
 
 class Scan(Base):
@@ -417,8 +419,9 @@ class OutboxItem(Base):
     status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[float] = mapped_column(Float)
-    #: when it last became pending: its creation, or the ``medcli outbox retry`` that revived it
-    pending_since: Mapped[float] = mapped_column(Float)
+    #: when it last became pending: its creation, or the ``medcli outbox retry`` that revived it (None,
+    #: from a daemon of the version before 0014: its creation, ``outbox.pending_since``)
+    pending_since: Mapped[float | None] = mapped_column(Float)
     next_attempt_at: Mapped[float] = mapped_column(Float)
     delivered_at: Mapped[float | None] = mapped_column(Float)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -294,14 +294,18 @@ class QueueSummary:
         }
 
 
+def pending_since() -> Any:
+    """When a row last became pending: a row a daemon from before migration 0014 queued has no
+    ``pending_since``, and waits since its creation."""
+    return func.coalesce(OutboxItem.pending_since, OutboxItem.created_at)
+
+
 def summary(session: Session) -> QueueSummary:
     counts = {status: 0 for status in STATUSES}
     counts.update(dict(session.execute(select(OutboxItem.status, func.count()).group_by(OutboxItem.status)).all()))
     now = read_db_clock(session)
     oldest, due = session.execute(
-        select(func.min(OutboxItem.pending_since), func.min(OutboxItem.next_attempt_at)).where(
-            OutboxItem.status == PENDING
-        )
+        select(func.min(pending_since()), func.min(OutboxItem.next_attempt_at)).where(OutboxItem.status == PENDING)
     ).one()
     return QueueSummary(
         counts,

@@ -40,7 +40,8 @@ def parse_filter(request: Request) -> tuple[queries.WorklistFilter, int | None]:
     if reason and reason not in {r.value for r in FailureReason}:
         raise HTTPException(400, f"there is no failure reason {reason!r}")
     after_text = params.get("after", "").strip()
-    if after_text and row_id(after_text) is None:
+    after = row_id(after_text) if after_text else None
+    if after_text and after is None:
         raise HTTPException(400, "after must be a scan id")
     f = queries.WorklistFilter(
         state=state,
@@ -52,7 +53,7 @@ def parse_filter(request: Request) -> tuple[queries.WorklistFilter, int | None]:
         q=params.get("q", "").strip()[:200],
         reason=reason,
     )
-    return f, int(after_text) if after_text else None
+    return f, after
 
 
 def worklist(request: Request) -> Response:

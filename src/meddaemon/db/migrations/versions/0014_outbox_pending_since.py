@@ -2,7 +2,9 @@
 
 The queue's oldest pending age (health's ``outbox`` check, the ``oldest_pending_seconds`` metric)
 was taken from ``created_at``: ``medcli outbox retry`` of a row dead for days made health
-``degraded`` at once and the metric that old. Existing rows start from their creation.
+``degraded`` at once and the metric that old. Existing rows start from their creation. The column
+may be NULL (read as ``created_at``): a daemon of the version before, still running on a database
+another daemon's start upgraded, queues rows without it.
 
 Revision ID: 0014
 Revises: 0013
@@ -21,8 +23,6 @@ depends_on = None
 def upgrade() -> None:
     op.add_column("outbox", sa.Column("pending_since", sa.Float(), nullable=True))
     op.execute("UPDATE outbox SET pending_since = created_at")
-    with op.batch_alter_table("outbox", schema=None) as batch_op:
-        batch_op.alter_column("pending_since", existing_type=sa.Float(), nullable=False)
 
 
 def downgrade() -> None:
