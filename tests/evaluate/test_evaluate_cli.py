@@ -457,3 +457,29 @@ def test_the_audit_of_an_evaluation_says_how_many_labelled_files_could_not_be_re
     assert report["failed"] == 1 and report["audit"]["join"]["matched"] == 24
     note = "1 labelled file(s) could not be read and are left out (the evaluation lists them)"
     assert note in report["audit"]["notes"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_patch_the_idc_layout_leaves_out_is_named_with_its_reason_not_dropped_unmentioned(
+    world, tmp_path: Path
+) -> None:
+    """A patch named ``..._class0.png`` filed under ``1/``: ``dataset inspect`` lists it as skipped,
+    an evaluation left it out with ``skipped: 0`` and no word."""
+    case = LAYOUT_CASES["idc"](tmp_path / "data")
+    model = write_model(tmp_path / "layout_model", task=case.task, version="v2", contract=case.contract)
+    promote_into(world.db_url, world.settings.models_dir, model)
+    negative = next(case.path.glob("*/0/*class0.png"))
+    misfiled = negative.parent.parent / "1" / negative.name
+    misfiled.parent.mkdir(exist_ok=True)
+    shutil.copyfile(negative, misfiled)
+    args = ["evaluate", str(case.path), "--task", case.task, "--workers", "0", *state_flags(world)]
+
+    as_json = CliRunner().invoke(medcli, [*args, "--json"])
+    as_text = CliRunner().invoke(medcli, [*args, "--name", "again"])
+
+    assert as_json.exit_code == 0, as_json.output
+    report = json.loads(as_json.stdout)
+    [left] = report["left_out"]
+    assert left["path"] == misfiled.relative_to(case.path).as_posix() and "filed under 1/" in left["message"]
+    assert report["files"] == len(case.files)
+    assert "1 left out by the layout" in as_text.output and f"left out {left['path']}: " in as_text.output

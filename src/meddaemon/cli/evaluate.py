@@ -233,13 +233,20 @@ def _print(summary: dict[str, Any]) -> None:
         f"{summary['failed']} unreadable"
         + (f", {len(summary['not_images'])} not images" if summary["not_images"] else "")
         + (f", {len(summary['left_to_daemon'])} left to the daemon" if summary["left_to_daemon"] else "")
+        + (f", {len(summary['left_out'])} left out by the layout" if summary.get("left_out") else "")
         + (f"; {summary['images_per_second']:.1f} images/s" if summary["images_per_second"] else "")
     )
     if summary["left_to_daemon"]:
         click.echo(f"  {summary['message']}")
-    for what, key in (("unreadable", "unreadable"), ("not an image", "not_images"), ("left", "left_to_daemon")):
-        for item in summary[key][:20]:
+    shown = (
+        ("unreadable", "unreadable"),
+        ("not an image", "not_images"),
+        ("left", "left_to_daemon"),
+        ("left out", "left_out"),
+    )
+    for what, key in shown:
+        for item in summary.get(key, [])[:20]:
             why = f"{item['reason']} ({item['message']})" if "reason" in item else item["message"]
             click.echo(f"  {what} {shown_name(item['path'])}: {why}")
-        if len(summary[key]) > 20:
+        if len(summary.get(key, [])) > 20:
             click.echo(f"  ... and {len(summary[key]) - 20} more (--json lists them all)")

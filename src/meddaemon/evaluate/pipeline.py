@@ -333,7 +333,15 @@ def _run(
     with sessions() as session:
         row = session.get(Evaluation, evaluation_id)
         assert row is not None
-        return EvaluationOutcome(evaluation_id, row.name, row.state, store.evaluation_summary(session, row))
+        summary = {**store.evaluation_summary(session, row), "left_out": left_out(prepared.cohort)}
+        return EvaluationOutcome(evaluation_id, row.name, row.state, summary)
+
+
+def left_out(cohort: Cohort) -> list[dict[str, str]]:
+    """The files the dataset's layout leaves out, and why (an IDC patch named class0 filed under
+    ``1/``): not scored, and said, where they went unmentioned."""
+    skipped = cohort.index.skipped if cohort.index is not None else []
+    return [{"path": cohort.relative(s.path), "message": s.reason} for s in skipped]
 
 
 @contextmanager
