@@ -102,6 +102,27 @@ def test_a_csv_manifest_reads_paths_labels_and_patients(tmp_path: Path) -> None:
     assert [s.patient_id for s in index.samples] == ["p1", "p1", "p2", None]
 
 
+def test_a_manifest_reached_through_a_link_names_its_files_as_given_and_one_file_once(tmp_path: Path) -> None:
+    """A relative row was resolved through the link (an absolute one was not): every file was named
+    by the link's target, and one file named both ways, or twice, became two images."""
+    real = tmp_path / "disk1" / "cohort"
+    for n in range(4):
+        write_png(real / "img" / f"{n}.png", pixels(n))
+    (tmp_path / "data").symlink_to(real)
+    manifest = tmp_path / "data" / "labels.csv"
+    absolute = tmp_path / "data" / "img" / "0.png"
+    manifest.write_text(f"path,label\nimg/0.png,a\nimg/1.png,a\nimg/2.png,b\nimg/3.png,b\n{absolute},a\nimg/3.png,b\n")
+
+    index = load_dataset(manifest)
+
+    assert index.root == tmp_path / "data"
+    assert [s.path for s in index.samples] == [tmp_path / "data" / "img" / f"{n}.png" for n in range(4)]
+    assert any("2 row(s) repeat an image named before (rows 6, 7)" in w for w in index.warnings), index.warnings
+    manifest.write_text("path,label\nimg/0.png,a\nimg/1.png,b\nimg/./0.png,b\n")
+    with pytest.raises(DatasetError, match=r"rows 2 and 4 name img/\./0\.png with other labels"):
+        load_dataset(manifest)
+
+
 def test_a_multilabel_manifest_reads_no_finding_as_nih_writes_it_and_says_so_when_a_label_is_wrong(
     tmp_path: Path,
 ) -> None:

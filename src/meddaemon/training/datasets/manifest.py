@@ -1,8 +1,13 @@
 """A CSV manifest for any task: ``path,label[,patient_id]``; paths relative to the CSV's folder,
-labels joined by ``|`` for multilabel tasks, where an empty label or NIH's ``No Finding`` is none."""
+labels joined by ``|`` for multilabel tasks, where an empty label or NIH's ``No Finding`` is none.
+
+Paths are made absolute as given, links kept (``os.path.normpath``, as ``medcli evaluate`` names its
+dataset): a relative row resolved through a link, an absolute one not, made one file two, and every
+file was stored under its link's target. A row repeating a path is read once."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from meddaemon.engine.tasks import TaskSpec
@@ -32,6 +37,9 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
     labels = task.labels if task is not None else tuple(sorted({x for p in parsed for x in p}))
     samples: list[Sample] = []
     named: list[tuple[int, Path]] = []
+    root = Path(os.path.normpath(table.parent.absolute()))
+    first_rows: dict[Path, tuple[int, tuple[str, ...], str | None]] = {}
+    repeated: list[int] = []
     for row_number, (row, row_labels) in enumerate(zip(rows, parsed, strict=True), start=2):
         strangers = [x for x in row_labels if x not in labels]
         if strangers or (not multilabel and not row_labels[0]):
@@ -41,10 +49,26 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
                 else f"one of {', '.join(labels)}"
             )
             raise DatasetError(table, f"row {row_number} has label {row['label']!r}", expected)
-        path = (table.parent / row["path"]).resolve() if not Path(row["path"]).is_absolute() else Path(row["path"])
+        path = Path(os.path.normpath(root / row["path"]))  # an absolute row's path stays itself
+        patient = row.get("patient_id") or None
+        if path in first_rows:
+            first, first_labels, first_patient = first_rows[path]
+            if (set(first_labels), first_patient) != (set(row_labels), patient):
+                raise DatasetError(
+                    table, f"rows {first} and {row_number} name {row['path']} with other labels or patients",
+                    "one row per image",
+                )  # fmt: skip
+            repeated.append(row_number)
+            continue
+        first_rows[path] = (row_number, row_labels, patient)
         named.append((row_number, path))
-        samples.append(Sample(path, row_labels, row.get("patient_id") or None))
+        samples.append(Sample(path, row_labels, patient))
     require_existing(table, named)
-    index = DatasetIndex("manifest", table.parent.resolve(), labels, kind_for(labels, multilabel), samples)
+    index = DatasetIndex("manifest", root, labels, kind_for(labels, multilabel), samples)
+    if repeated:
+        shown = ", ".join(str(n) for n in repeated[:5]) + (", ..." if len(repeated) > 5 else "")
+        index.warnings.append(
+            f"{table.name}: {len(repeated)} row(s) repeat an image named before (rows {shown}): read once"
+        )
     require_every_label(index, table, f"rows for every label: {', '.join(labels)}")
     return index
