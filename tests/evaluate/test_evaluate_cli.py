@@ -483,3 +483,42 @@ def test_a_patch_the_idc_layout_leaves_out_is_named_with_its_reason_not_dropped_
     assert left["path"] == misfiled.relative_to(case.path).as_posix() and "filed under 1/" in left["message"]
     assert report["files"] == len(case.files)
     assert "1 left out by the layout" in as_text.output and f"left out {left['path']}: " in as_text.output
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_stopped_run_still_names_what_the_layout_left_out(world, tmp_path: Path) -> None:
+    """A run stopped for unreadable files showed its summary without the files the layout left out."""
+    case = LAYOUT_CASES["idc"](tmp_path / "data")
+    model = write_model(tmp_path / "layout_model", task=case.task, version="v2", contract=case.contract)
+    promote_into(world.db_url, world.settings.models_dir, model)
+    negative = next(case.path.glob("*/0/*class0.png"))
+    misfiled = negative.parent.parent / "1" / negative.name
+    shutil.copyfile(negative, misfiled)
+    for i in range(len(case.files)):  # SYNTHETIC empty patches: far over the 5% a run allows
+        (negative.parent.parent / "1" / f"empty_x{i}_y0_class1.png").write_bytes(b"")
+    args = ["evaluate", str(case.path), "--task", case.task, "--workers", "0", "--json", *state_flags(world)]
+
+    result = CliRunner().invoke(medcli, args)
+
+    assert result.exit_code == EXIT_USAGE, result.output
+    summary = json.loads(result.stdout)
+    assert summary["state"] == "stopped"
+    assert [left["path"] for left in summary["left_out"]] == [misfiled.relative_to(case.path).as_posix()]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_manifest_s_repeated_row_is_read_once_and_the_run_says_so(world, busi_phantoms: Path, tmp_path: Path) -> None:
+    images = sorted(busi_phantoms.glob("*/* (?).png"))
+    rows = [f"{image},{image.parent.name}" for image in images]
+    manifest = tmp_path / "cohort" / "labels.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("path,label\n" + "\n".join([*rows, rows[0]]) + "\n")
+    args = ["evaluate", str(manifest), "--task", "busi", "--workers", "0", *state_flags(world)]
+
+    result = CliRunner().invoke(medcli, args)
+
+    assert result.exit_code == 0, result.output
+    assert f"{len(images)} files" in result.output
+    assert (
+        f"warning: labels.csv: 1 row(s) repeat an image named before (rows {len(rows) + 2}): read once" in result.output
+    )

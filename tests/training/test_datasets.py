@@ -111,16 +111,37 @@ def test_a_manifest_reached_through_a_link_names_its_files_as_given_and_one_file
     (tmp_path / "data").symlink_to(real)
     manifest = tmp_path / "data" / "labels.csv"
     absolute = tmp_path / "data" / "img" / "0.png"
-    manifest.write_text(f"path,label\nimg/0.png,a\nimg/1.png,a\nimg/2.png,b\nimg/3.png,b\n{absolute},a\nimg/3.png,b\n")
+    (real / "latest").symlink_to(real / "img")
+    manifest.write_text(
+        f"path,label\nimg/0.png,a\nimg/1.png,a\nimg/2.png,b\nimg/3.png,b\n{absolute},a\nimg/3.png,b\n"
+        f"latest/1.png,a\n{real / 'img' / '2.png'},b\n"
+    )
 
     index = load_dataset(manifest)
 
     assert index.root == tmp_path / "data"
     assert [s.path for s in index.samples] == [tmp_path / "data" / "img" / f"{n}.png" for n in range(4)]
-    assert any("2 row(s) repeat an image named before (rows 6, 7)" in w for w in index.warnings), index.warnings
+    assert any("4 row(s) repeat an image named before (rows 6, 7, 8, 9)" in w for w in index.warnings), index.warnings
     manifest.write_text("path,label\nimg/0.png,a\nimg/1.png,b\nimg/./0.png,b\n")
     with pytest.raises(DatasetError, match=r"rows 2 and 4 name img/\./0\.png with other labels"):
         load_dataset(manifest)
+
+
+def test_a_manifest_row_going_up_from_a_linked_folder_reads_the_file_the_system_opens(tmp_path: Path) -> None:
+    """``cohort/`` a link to ``disk1/project/cohort``, rows ``../images/N.png``: taken as text, ``..``
+    left the link's folder, and the rows named files that do not exist, or other files of that name."""
+    project = tmp_path / "disk1" / "project"
+    for n in range(2):
+        write_png(project / "images" / f"{n}.png", pixels(n))
+        write_png(tmp_path / "images" / f"{n}.png", pixels(n + 5))  # SYNTHETIC: other files of the same names
+    (project / "cohort").mkdir()
+    (tmp_path / "cohort").symlink_to(project / "cohort")
+    manifest = tmp_path / "cohort" / "labels.csv"
+    manifest.write_text("path,label\n../images/0.png,a\n../images/1.png,b\n")
+
+    index = load_dataset(manifest)
+
+    assert [s.path for s in index.samples] == [project / "images" / "0.png", project / "images" / "1.png"]
 
 
 def test_a_multilabel_manifest_reads_no_finding_as_nih_writes_it_and_says_so_when_a_label_is_wrong(

@@ -174,7 +174,7 @@ def _show_stopped(db: Any, stopped: Any, as_json: bool) -> None:
         row = session.get(Evaluation, stopped.evaluation_id)
         if row is None:
             return
-        summary = evaluation_summary(session, row)
+        summary = {**evaluation_summary(session, row), **(stopped.layout_notes or {})}
     if as_json:
         echo_json({**summary, "audit": None})
     else:
@@ -238,6 +238,8 @@ def _print(summary: dict[str, Any]) -> None:
     )
     if summary["left_to_daemon"]:
         click.echo(f"  {summary['message']}")
+    for warning in summary.get("warnings", []):
+        click.echo(f"  warning: {warning}")
     shown = (
         ("unreadable", "unreadable"),
         ("not an image", "not_images"),

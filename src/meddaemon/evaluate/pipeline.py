@@ -57,6 +57,8 @@ class EvaluationStopped(RuntimeError):
     and the run's row says so (``evaluation_id``, once it has one: its summary lists what was read)."""
 
     evaluation_id: int | None = None
+    #: what the dataset's layout says of it (``layout_notes``): the stopped run's summary shows it too
+    layout_notes: dict[str, Any] | None = None
 
 
 class TooManyUnreadable(EvaluationStopped):
@@ -305,6 +307,7 @@ def _run(
     except EvaluationStopped as exc:
         state, message = store.STOPPED, str(exc)
         exc.evaluation_id = evaluation_id
+        exc.layout_notes = layout_notes(prepared.cohort)
         writer.flush(final=True, check=False)
         raise
     except Exception as exc:
@@ -333,15 +336,20 @@ def _run(
     with sessions() as session:
         row = session.get(Evaluation, evaluation_id)
         assert row is not None
-        summary = {**store.evaluation_summary(session, row), "left_out": left_out(prepared.cohort)}
+        summary = {**store.evaluation_summary(session, row), **layout_notes(prepared.cohort)}
         return EvaluationOutcome(evaluation_id, row.name, row.state, summary)
 
 
-def left_out(cohort: Cohort) -> list[dict[str, str]]:
-    """The files the dataset's layout leaves out, and why (an IDC patch named class0 filed under
-    ``1/``): not scored, and said, where they went unmentioned."""
-    skipped = cohort.index.skipped if cohort.index is not None else []
-    return [{"path": cohort.relative(s.path), "message": s.reason} for s in skipped]
+def layout_notes(cohort: Cohort) -> dict[str, Any]:
+    """What the dataset's layout says of it, for the run's summary: the files it leaves out, and why
+    (an IDC patch named class0 filed under ``1/``), and its warnings (a manifest's repeated rows, a
+    BUSI folder not of the task), which went unmentioned."""
+    index = cohort.index
+    skipped = index.skipped if index is not None else []
+    return {
+        "left_out": [{"path": cohort.relative(s.path), "message": s.reason} for s in skipped],
+        "warnings": list(index.warnings) if index is not None else [],
+    }
 
 
 @contextmanager

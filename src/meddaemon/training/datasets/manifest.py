@@ -1,9 +1,9 @@
 """A CSV manifest for any task: ``path,label[,patient_id]``; paths relative to the CSV's folder,
 labels joined by ``|`` for multilabel tasks, where an empty label or NIH's ``No Finding`` is none.
 
-Paths are made absolute as given, links kept (``os.path.normpath``, as ``medcli evaluate`` names its
-dataset): a relative row resolved through a link, an absolute one not, made one file two, and every
-file was stored under its link's target. A row repeating a path is read once."""
+Paths are made absolute as given, links kept (``as_given``): every file was named by its link's
+target. A row naming a file named before (the same path, or another path to the same file: a link,
+relative and absolute) is read once."""
 
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
     labels = task.labels if task is not None else tuple(sorted({x for p in parsed for x in p}))
     samples: list[Sample] = []
     named: list[tuple[int, Path]] = []
-    root = Path(os.path.normpath(table.parent.absolute()))
-    first_rows: dict[Path, tuple[int, tuple[str, ...], str | None]] = {}
+    root = as_given(table.parent.absolute())
+    first_rows: dict[object, tuple[int, tuple[str, ...], str | None]] = {}
     repeated: list[int] = []
     for row_number, (row, row_labels) in enumerate(zip(rows, parsed, strict=True), start=2):
         strangers = [x for x in row_labels if x not in labels]
@@ -49,10 +49,11 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
                 else f"one of {', '.join(labels)}"
             )
             raise DatasetError(table, f"row {row_number} has label {row['label']!r}", expected)
-        path = Path(os.path.normpath(root / row["path"]))  # an absolute row's path stays itself
+        path = as_given(root / row["path"])  # an absolute row's path stays itself
         patient = row.get("patient_id") or None
-        if path in first_rows:
-            first, first_labels, first_patient = first_rows[path]
+        file = _identity(path)
+        if file in first_rows:
+            first, first_labels, first_patient = first_rows[file]
             if (set(first_labels), first_patient) != (set(row_labels), patient):
                 raise DatasetError(
                     table, f"rows {first} and {row_number} name {row['path']} with other labels or patients",
@@ -60,7 +61,7 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
                 )  # fmt: skip
             repeated.append(row_number)
             continue
-        first_rows[path] = (row_number, row_labels, patient)
+        first_rows[file] = (row_number, row_labels, patient)
         named.append((row_number, path))
         samples.append(Sample(path, row_labels, patient))
     require_existing(table, named)
@@ -72,3 +73,20 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
         )
     require_every_label(index, table, f"rows for every label: {', '.join(labels)}")
     return index
+
+
+def as_given(path: Path) -> Path:
+    """``path`` (absolute) as a user wrote it, ``.`` and doubled slashes left out; a path holding
+    ``..`` is resolved as the system opens it, since ``link/..`` is the folder above the link's
+    target there, not the folder holding the link."""
+    return path.resolve() if ".." in path.parts else Path(os.path.normpath(path))
+
+
+def _identity(path: Path) -> object:
+    """What tells one file from another: its device and inode (two names of one file are one), or,
+    for a path that names nothing (refused below), the path."""
+    try:
+        found = path.stat()
+    except OSError:
+        return path
+    return (found.st_dev, found.st_ino)
