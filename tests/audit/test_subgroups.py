@@ -113,6 +113,15 @@ def test_a_column_is_found_by_its_name_in_the_file_or_its_normalised_name(name):
         "phone_number",
         "Other Patient IDs",
         "family_name",
+        "Patient Telephone Number",
+        "Patient Phone",
+        "Patient DOB",
+        "Patient Date of Birth",
+        "Birthday",
+        "Patient First Name",
+        "Patient Surname",
+        "Medical Record Number",
+        "Patient MRN",
     ],
 )
 def test_no_subgroup_by_a_column_of_patient_names_birth_dates_or_accessions(column):

@@ -170,6 +170,11 @@ PERSONAL = (
     "telephone_number",
     "phone",
     "phone_number",
+    "phone_numbers",
+    "telephone_numbers",
+    "medical_record_number",
+    "medical_record_no",
+    "birthday",
 )
 
 
@@ -189,7 +194,8 @@ def identifies_patients(name: str) -> bool:
 
 def is_personal(name: str) -> bool:
     """A column of patient data (an identifier, a name, a birth date...): never a subgroup."""
-    return identifies_patients(name) or compact(name) in _PERSONAL_KEYS
+    key = compact(name)
+    return identifies_patients(name) or key in _PERSONAL_KEYS or key.removeprefix("patient") in _PERSONAL_KEYS
 
 
 def patient_column(columns: Iterable[str]) -> str | None:
