@@ -19,6 +19,7 @@ from PIL import Image
 from pydicom import dcmread
 from sqlalchemy import create_engine, event, func, select, text
 
+from daemon_rows import add_scan
 from meddaemon.config import load_settings
 from meddaemon.daemon import bookkeeper
 from meddaemon.daemon.reporter import Reporter
@@ -118,6 +119,30 @@ def test_the_study_report_names_a_scan_of_the_study_that_has_no_result_but_not_a
     text = " ".join(read_pdf(settings.stored_file(study.path))[0].split())
     assert "2 scans of this study have a result" in text
     assert f"Not in this report: 1 scans of this study without a result: {cut.id} (truncated_pixel_data)." in text
+
+
+def test_the_study_report_counts_an_image_once_whatever_its_attempts(tmp_path: Path):
+    """An image failed, retried and then reported was also listed "without a result" (its failed
+    attempt); an image that failed twice was listed twice. The study's images are counted by their
+    bytes, each by its latest attempt."""
+    from meddaemon.report.content import study_report_data
+
+    settings = reported_settings(tmp_path)
+    daemon = Daemon(settings)
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "busi_model"))
+    drop_study(settings.watch)
+    daemon.run(once=True)
+    with transaction(daemon.sessions) as session:
+        reported = session.scalars(select(Scan).where(Scan.study_instance_uid == STUDY_UID).order_by(Scan.id)).all()
+        failed = {"state": "failed", "study_instance_uid": STUDY_UID, "stored_path": None}
+        add_scan(session, 901, sha256=reported[0].sha256, failure_reason="contract_mismatch", **failed)
+        add_scan(session, 902, sha256="ab" * 32, failure_reason="contract_mismatch", **failed)
+        again = add_scan(session, 903, sha256="ab" * 32, failure_reason="pixel_decode_error", **failed)
+        data = study_report_data(session, STUDY_UID, settings.task_specs, state_dir=settings.state_dir)
+
+    assert len(data.scans) == len(reported) == 2
+    assert data.without_result == ((again.id, "pixel_decode_error"),)
 
 
 def test_reported_scans_move_from_work_to_the_archive_under_their_received_names(

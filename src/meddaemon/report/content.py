@@ -339,15 +339,19 @@ def study_report_data(
         data.append(each)
     no_image = sorted(reason.value for reason in NOT_AN_IMAGE)  # an SR, a DICOMDIR, meddaemon's own objects
     others = session.execute(
-        select(Scan.id, Scan.failure_reason, Scan.state)
+        select(Scan.id, Scan.sha256, Scan.failure_reason, Scan.state)
         .where(Scan.study_instance_uid == study_instance_uid, Scan.id.not_in([scan.id for scan in scans]))
         .where(Scan.failure_reason.is_(None) | Scan.failure_reason.not_in(no_image))
         .order_by(Scan.id)
     ).all()
+    # an image is its bytes: an attempt that failed before the one reported is not another image, and
+    # of several failed attempts the latest says why
+    reported = {scan.sha256 for scan in scans}
+    latest = {sha: (scan_id, reason or state) for scan_id, sha, reason, state in others if sha not in reported}
     return StudyReportData(
         study_instance_uid,
         data,
         patient_info(scans[0]) if with_phi else None,
-        without_result=tuple((scan_id, reason or state) for scan_id, reason, state in others),
+        without_result=tuple(sorted(latest.values())),
         patients_named=len({(s.patient_name, s.patient_id, s.patient_birth_date) for s in scans}),
     )
