@@ -32,6 +32,13 @@ def test_right_to_left_runs_are_put_in_visual_order():
     assert visual_order("שלום 12") == "12 םולש"
 
 
+def test_brackets_laid_out_right_to_left_are_mirrored_as_the_bidi_algorithm_does():
+    """Reversed without their mirror, "(רחל)" was drawn ")רחל(" in a patient's name."""
+    assert visual_order("כהן^שרה (רחל)") == "(לחר) הרש^ןהכ"
+    assert visual_order("יצרן [דגם] ‹ב>") == "<ב› [םגד] ןרצי"
+    assert visual_order("DOE (12)") == "DOE (12)"  # left to right: as written
+
+
 def test_markup_escapes_what_a_paragraph_would_parse():
     assert markup("<b>&x</b>") == "&lt;b&gt;&amp;x&lt;/b&gt;"
 
