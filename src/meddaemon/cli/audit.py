@@ -68,7 +68,8 @@ def _columns(value: str | None) -> tuple[str, ...]:
 @click.option(
     "--by",
     help="Subgroup columns, comma-separated: sex, age_band, manufacturer, view, site, or any "
-    "column of the labels file (stored DICOM metadata where the file has no such column).",
+    "column of the labels file (stored DICOM metadata where the file has no such column). A column of "
+    "patient data (IDs, names, birth dates, accession numbers, addresses, telephones) is refused (exit 2).",
 )
 @click.option(
     "--min-n",

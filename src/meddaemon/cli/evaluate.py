@@ -94,8 +94,9 @@ def evaluate(
 
     Nothing under PATH is written, moved or locked. Results go to the database as the daemon's do
     (scans by SHA-256, a result per label); bytes the model version scored before are not scored
-    again, so an interrupted run resumes and a rerun costs only the hashing. Unreadable files are
-    listed with their reason; more than 5% of them stops the run.
+    again, so an interrupted run resumes and a rerun costs only the hashing. Unreadable files, and
+    files the dataset's layout leaves out (`left_out` in --json), are listed with their reason; more
+    than 5% unreadable stops the run.
     """
     from rich.console import Console
 

@@ -32,7 +32,8 @@ def outbox() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def list_(config_file: Path | None, status: str | None, limit: int, as_json: bool, **flags: object) -> None:
-    """The latest items (no patient data) and the queue: counts per status, the oldest pending."""
+    """The latest items (no patient data) and the queue: counts per status, the oldest pending
+    (waiting since it was queued or last retried)."""
     from meddaemon.dicom import outbox as box
 
     settings = build_settings(config_file, **flags)

@@ -448,7 +448,8 @@ def _outbox_families(queue: QueueSummary) -> Iterator[Metric]:
         items.add_metric([status], count)
     yield items
     oldest = GaugeMetricFamily(
-        "meddaemon_outbox_oldest_pending_seconds", "Age of the oldest DICOM output not yet delivered (0: none)."
+        "meddaemon_outbox_oldest_pending_seconds",
+        "Seconds since the oldest pending DICOM output was queued or last retried (0: none).",
     )
     oldest.add_metric([], queue.oldest_pending_seconds or 0.0)
     yield oldest
