@@ -522,3 +522,26 @@ def test_a_manifest_s_repeated_row_is_read_once_and_the_run_says_so(world, busi_
     assert (
         f"warning: labels.csv: 1 row(s) repeat an image named before (rows {len(rows) + 2}): read once" in result.output
     )
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_conflict_in_a_manifest_is_named_by_the_lines_of_the_manifest(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """Two files of the same bytes labelled differently: the audit named them by their rank among the
+    scored files (1 and 13), where ``medcli audit --labels`` names the lines of the file (2 and 14)."""
+    images = sorted(busi_phantoms.glob("*/* (?).png"))
+    twin = tmp_path / "cohort" / "twin.png"  # SYNTHETIC: the first image's bytes under another name
+    twin.parent.mkdir()
+    shutil.copyfile(images[0], twin)
+    other = next(label for label in ("benign", "malignant", "normal") if label != images[0].parent.name)
+    rows = [f"{image},{image.parent.name}" for image in images] + [f"twin.png,{other}"]
+    manifest = tmp_path / "cohort" / "labels.csv"
+    manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
+    args = ["evaluate", str(manifest), "--task", "busi", "--workers", "0", "--audit", "--json", *state_flags(world)]
+
+    result = CliRunner().invoke(medcli, args)
+
+    assert result.exit_code == 0, result.output
+    [conflict] = json.loads(result.stdout)["audit"]["join"]["conflicts"]
+    assert conflict["lines"] == [2, len(rows) + 1]

@@ -49,7 +49,7 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
     rows: list[LabelRow] = []
     attribute_columns: dict[str, None] = {}
     unreadable = 0
-    for sample in cohort.index.samples:
+    for number, sample in enumerate(cohort.index.samples, start=1):
         outcome, sha = outcome_of.get(utf8_name(cohort.relative(sample.path.absolute())), (None, None))
         if outcome == FAILED:
             unreadable += 1
@@ -59,7 +59,9 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
         if sample.patient_id is not None:
             attributes["patient_id"] = sample.patient_id
         attribute_columns.update(dict.fromkeys(attributes))
-        rows.append(LabelRow(sha, len(rows) + 1, frozenset(sample.labels), None, attributes))
+        # the label table's line, as medcli audit --labels names it; a folder layout's sample number
+        line = sample.line if sample.line is not None else number
+        rows.append(LabelRow(sha, line, frozenset(sample.labels), None, attributes))
     if not rows:
         raise AuditInputError(f"evaluation {evaluation.name!r} has no scored file with a label")
     return LabelTable(

@@ -88,6 +88,9 @@ class Sample:
     masks: tuple[Path, ...] = ()
     boxes: tuple[FindingBox, ...] = ()
     extra: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+    #: the line of the label table naming it (a manifest, NIH's ``Data_Entry_2017.csv``); None in a
+    #: layout of folders
+    line: int | None = field(default=None, compare=False, hash=False)
 
     @property
     def label(self) -> str:

@@ -63,7 +63,7 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
             continue
         first_rows[file] = (row_number, row_labels, patient)
         named.append((row_number, path))
-        samples.append(Sample(path, row_labels, patient))
+        samples.append(Sample(path, row_labels, patient, line=row_number))
     require_existing(table, named)
     index = DatasetIndex("manifest", root, labels, kind_for(labels, multilabel), samples)
     if repeated:

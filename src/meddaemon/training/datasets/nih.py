@@ -59,7 +59,9 @@ def read_nih(root: Path, task: TaskSpec | None = None) -> DatasetIndex:
             raise DatasetError(table, f"row {row_number} ({name}) has finding(s) {', '.join(strangers)}",
                                f"'{NO_FINDING}' or findings among {', '.join(labels)}")  # fmt: skip
         extra = {k: v for k, v in row.items() if k not in REQUIRED}
-        samples.append(Sample(path, findings, row["Patient ID"], boxes=tuple(boxes.get(name, ())), extra=extra))
+        samples.append(
+            Sample(path, findings, row["Patient ID"], boxes=tuple(boxes.get(name, ())), extra=extra, line=row_number)
+        )
     require_existing(table, named)
     index = DatasetIndex("nih-chestxray14", root, labels, "multilabel", samples)
     if repeated:
