@@ -122,6 +122,9 @@ def test_a_column_is_found_by_its_name_in_the_file_or_its_normalised_name(name):
         "Patient Surname",
         "Medical Record Number",
         "Patient MRN",
+        "Patient's Telephone Numbers",
+        "Patient's DOB",
+        "Patients Phone",
     ],
 )
 def test_no_subgroup_by_a_column_of_patient_names_birth_dates_or_accessions(column):

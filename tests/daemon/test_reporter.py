@@ -123,8 +123,9 @@ def test_the_study_report_names_a_scan_of_the_study_that_has_no_result_but_not_a
 
 def test_the_study_report_counts_an_image_once_whatever_its_attempts(tmp_path: Path):
     """An image failed, retried and then reported was also listed "without a result" (its failed
-    attempt); an image that failed twice was listed twice. The study's images are counted by their
-    bytes, each by its latest attempt."""
+    attempt), as was an instance that arrived truncated before it arrived whole; an image that failed
+    twice was listed twice. The study's images are counted by their instance (else their bytes),
+    each by its latest attempt."""
     from meddaemon.report.content import study_report_data
 
     settings = reported_settings(tmp_path)
@@ -137,6 +138,8 @@ def test_the_study_report_counts_an_image_once_whatever_its_attempts(tmp_path: P
         reported = session.scalars(select(Scan).where(Scan.study_instance_uid == STUDY_UID).order_by(Scan.id)).all()
         failed = {"state": "failed", "study_instance_uid": STUDY_UID, "stored_path": None}
         add_scan(session, 901, sha256=reported[0].sha256, failure_reason="contract_mismatch", **failed)
+        uid = reported[1].sop_instance_uid  # a truncated copy of an instance reported whole
+        add_scan(session, 904, sop_instance_uid=uid, failure_reason="truncated_pixel_data", **failed)
         add_scan(session, 902, sha256="ab" * 32, failure_reason="contract_mismatch", **failed)
         again = add_scan(session, 903, sha256="ab" * 32, failure_reason="pixel_decode_error", **failed)
         data = study_report_data(session, STUDY_UID, settings.task_specs, state_dir=settings.state_dir)

@@ -3,6 +3,7 @@ bad input is a DatasetError that names the path and what was expected."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -123,8 +124,70 @@ def test_a_manifest_reached_through_a_link_names_its_files_as_given_and_one_file
     assert [s.path for s in index.samples] == [tmp_path / "data" / "img" / f"{n}.png" for n in range(4)]
     assert any("4 row(s) repeat an image named before (rows 6, 7, 8, 9)" in w for w in index.warnings), index.warnings
     manifest.write_text("path,label\nimg/0.png,a\nimg/1.png,b\nimg/./0.png,b\n")
-    with pytest.raises(DatasetError, match=r"rows 2 and 4 name img/\./0\.png with other labels"):
+    with pytest.raises(DatasetError, match=r"rows 2 \(img/0\.png\) and 4 \(img/\./0\.png\) name one image"):
         load_dataset(manifest)
+
+
+def test_a_manifest_named_through_dot_dots_keeps_its_links_and_rows_going_up_inside_it_keep_their_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--data ../x/labels.csv`` resolved the root's link (names then depended on how the path was
+    typed), and a row ``sub/../img/1.png`` was stored by its target's absolute path."""
+    real = tmp_path / "disk" / "x"
+    for n in range(2):
+        write_png(real / "img" / f"{n}.png", pixels(n))
+    (real / "sub").mkdir()
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "x").symlink_to(real)
+    (tmp_path / "proj" / "a").mkdir()
+    (real / "labels.csv").write_text("path,label\nimg/0.png,a\nsub/../img/1.png,b\n")
+    monkeypatch.chdir(tmp_path / "proj" / "a")
+
+    index = load_dataset(Path("../x/labels.csv"))
+
+    assert index.root == tmp_path / "proj" / "x"
+    assert [index.relative(s.path) for s in index.samples] == ["img/0.png", "img/1.png"]
+
+
+def test_two_names_of_one_file_labelled_alike_are_read_once_and_labelled_apart_are_kept_as_copies_are(
+    tmp_path: Path,
+) -> None:
+    """Hard links (a tree deduplicated with ``cp -al``) labelled differently refused the whole
+    dataset, where copies of the same bytes were kept and their pair dropped by the split."""
+    for n in range(4):
+        write_png(tmp_path / "img" / f"{n}.png", pixels(n))
+    os.link(tmp_path / "img" / "0.png", tmp_path / "img" / "0_alike.png")
+    os.link(tmp_path / "img" / "1.png", tmp_path / "img" / "1_apart.png")
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text(
+        "path,label\nimg/0.png,a\nimg/1.png,a\nimg/2.png,b\nimg/3.png,b\nimg/0_alike.png,a\nimg/1_apart.png,b\n"
+    )
+
+    index = load_dataset(manifest)
+
+    assert [index.relative(s.path) for s in index.samples] == [
+        "img/0.png", "img/1.png", "img/2.png", "img/3.png", "img/1_apart.png"
+    ]  # fmt: skip
+    assert any("1 row(s) repeat an image named before (rows 6)" in w for w in index.warnings), index.warnings
+
+
+def test_a_filesystem_that_numbers_no_file_has_its_files_told_apart_by_their_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some network shares and FUSE filesystems give every file inode 0: all were one file."""
+    for n in range(4):
+        write_png(tmp_path / "img" / f"{n}.png", pixels(n))
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\nimg/0.png,a\nimg/1.png,a\nimg/2.png,b\nimg/3.png,b\n")
+    stat = Path.stat
+
+    def no_inode(self: Path, *args: object, **kwargs: object) -> os.stat_result:
+        found = stat(self, *args, **kwargs)  # type: ignore[arg-type]
+        return os.stat_result((found.st_mode, 0, *tuple(found)[2:]))
+
+    monkeypatch.setattr(Path, "stat", no_inode)
+
+    assert len(load_dataset(manifest).samples) == 4
 
 
 def test_a_manifest_row_going_up_from_a_linked_folder_reads_the_file_the_system_opens(tmp_path: Path) -> None:

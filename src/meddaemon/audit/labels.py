@@ -195,7 +195,7 @@ def identifies_patients(name: str) -> bool:
 def is_personal(name: str) -> bool:
     """A column of patient data (an identifier, a name, a birth date...): never a subgroup."""
     key = compact(name)
-    return identifies_patients(name) or key in _PERSONAL_KEYS or key.removeprefix("patient") in _PERSONAL_KEYS
+    return identifies_patients(name) or any(key.removeprefix(p) in _PERSONAL_KEYS for p in ("", "patient", "patients"))
 
 
 def patient_column(columns: Iterable[str]) -> str | None:

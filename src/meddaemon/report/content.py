@@ -339,15 +339,20 @@ def study_report_data(
         data.append(each)
     no_image = sorted(reason.value for reason in NOT_AN_IMAGE)  # an SR, a DICOMDIR, meddaemon's own objects
     others = session.execute(
-        select(Scan.id, Scan.sha256, Scan.failure_reason, Scan.state)
+        select(Scan.id, Scan.sha256, Scan.sop_instance_uid, Scan.failure_reason, Scan.state)
         .where(Scan.study_instance_uid == study_instance_uid, Scan.id.not_in([scan.id for scan in scans]))
         .where(Scan.failure_reason.is_(None) | Scan.failure_reason.not_in(no_image))
         .order_by(Scan.id)
     ).all()
-    # an image is its bytes: an attempt that failed before the one reported is not another image, and
-    # of several failed attempts the latest says why
-    reported = {scan.sha256 for scan in scans}
-    latest = {sha: (scan_id, reason or state) for scan_id, sha, reason, state in others if sha not in reported}
+    # an image is its instance (its SOP Instance UID, else its bytes): an attempt that failed before the
+    # one reported (a truncated copy, then the whole one) is not another image, and of several failed
+    # attempts the latest says why
+    reported = {scan.sha256 for scan in scans} | {scan.sop_instance_uid for scan in scans if scan.sop_instance_uid}
+    latest = {
+        uid or sha: (scan_id, reason or state)
+        for scan_id, sha, uid, reason, state in others
+        if sha not in reported and uid not in reported
+    }
     return StudyReportData(
         study_instance_uid,
         data,

@@ -3,7 +3,8 @@ labels joined by ``|`` for multilabel tasks, where an empty label or NIH's ``No 
 
 Paths are made absolute as given, links kept (``as_given``): every file was named by its link's
 target. A row naming a file named before (the same path, or another path to the same file: a link,
-relative and absolute) is read once."""
+relative and absolute) with the same labels is read once; the same path with other labels is
+refused; another name of the file with other labels is kept, and the split drops the pair."""
 
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
     labels = task.labels if task is not None else tuple(sorted({x for p in parsed for x in p}))
     samples: list[Sample] = []
     named: list[tuple[int, Path]] = []
-    root = as_given(table.parent.absolute())
-    first_rows: dict[object, tuple[int, tuple[str, ...], str | None]] = {}
+    root = Path(os.path.normpath(table.parent.absolute()))  # as medcli evaluate names its dataset
+    by_path: dict[Path, tuple[int, str, tuple[str, ...], str | None]] = {}
+    by_file: dict[object, tuple[tuple[str, ...], str | None]] = {}
     repeated: list[int] = []
     for row_number, (row, row_labels) in enumerate(zip(rows, parsed, strict=True), start=2):
         strangers = [x for x in row_labels if x not in labels]
@@ -49,19 +51,23 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
                 else f"one of {', '.join(labels)}"
             )
             raise DatasetError(table, f"row {row_number} has label {row['label']!r}", expected)
-        path = as_given(root / row["path"])  # an absolute row's path stays itself
+        path = as_given(root / row["path"], root)  # an absolute row's path stays itself
         patient = row.get("patient_id") or None
-        file = _identity(path)
-        if file in first_rows:
-            first, first_labels, first_patient = first_rows[file]
+        if path in by_path:
+            first, first_text, first_labels, first_patient = by_path[path]
             if (set(first_labels), first_patient) != (set(row_labels), patient):
                 raise DatasetError(
-                    table, f"rows {first} and {row_number} name {row['path']} with other labels or patients",
-                    "one row per image",
+                    table, f"rows {first} ({first_text}) and {row_number} ({row['path']}) name one image with "
+                    "other labels or patients", "one row per image",
                 )  # fmt: skip
             repeated.append(row_number)
             continue
-        first_rows[file] = (row_number, row_labels, patient)
+        by_path[path] = (row_number, row["path"], row_labels, patient)
+        file = _identity(path)
+        if by_file.get(file) == (row_labels, patient):  # another name of a file named before: read once
+            repeated.append(row_number)
+            continue
+        by_file.setdefault(file, (row_labels, patient))  # other labels: both kept, the split drops the pair
         named.append((row_number, path))
         samples.append(Sample(path, row_labels, patient, line=row_number))
     require_existing(table, named)
@@ -75,11 +81,17 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
     return index
 
 
-def as_given(path: Path) -> Path:
-    """``path`` (absolute) as a user wrote it, ``.`` and doubled slashes left out; a path holding
-    ``..`` is resolved as the system opens it, since ``link/..`` is the folder above the link's
-    target there, not the folder holding the link."""
-    return path.resolve() if ".." in path.parts else Path(os.path.normpath(path))
+def as_given(path: Path, root: Path) -> Path:
+    """``path`` (absolute) as a user wrote it, ``.`` and doubled slashes left out. A path holding
+    ``..`` is resolved as the system opens it (``link/..`` is the folder above the link's target,
+    not the folder holding the link), then named under ``root`` again when it lies there."""
+    if ".." not in path.parts:
+        return Path(os.path.normpath(path))
+    resolved = path.resolve()
+    try:
+        return root / resolved.relative_to(root.resolve())
+    except ValueError:
+        return resolved
 
 
 def _identity(path: Path) -> object:
@@ -89,4 +101,4 @@ def _identity(path: Path) -> object:
         found = path.stat()
     except OSError:
         return path
-    return (found.st_dev, found.st_ino)
+    return (found.st_dev, found.st_ino) if found.st_ino else path  # 0: a filesystem that numbers no file
