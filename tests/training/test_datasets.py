@@ -145,8 +145,28 @@ def test_a_manifest_named_through_dot_dots_keeps_its_links_and_rows_going_up_ins
 
     index = load_dataset(Path("../x/labels.csv"))
 
-    assert index.root == tmp_path / "proj" / "x"
+    assert index.root == (tmp_path / "proj").resolve() / "x"
     assert [index.relative(s.path) for s in index.samples] == ["img/0.png", "img/1.png"]
+
+
+def test_a_manifest_named_through_a_link_and_dot_dots_reads_its_images_beside_the_table_it_read(
+    tmp_path: Path,
+) -> None:
+    """``link/../x/labels.csv``: the table was read beside the link's target, its rows looked up in
+    ``./x`` (other images of the same names, read with the table's labels)."""
+    real = tmp_path / "disk" / "inner"
+    for n in range(2):
+        write_png(tmp_path / "disk" / "x" / "img" / f"{n}.png", pixels(n))
+        write_png(tmp_path / "x" / "img" / f"{n}.png", pixels(n + 5))  # SYNTHETIC: a decoy of the same names
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    (tmp_path / "disk" / "x" / "labels.csv").write_text("path,label\nimg/0.png,a\nimg/1.png,b\n")
+
+    index = load_dataset(tmp_path / "link" / ".." / "x" / "labels.csv")
+
+    assert [s.path.resolve() for s in index.samples] == [
+        (tmp_path / "disk" / "x" / "img" / f"{n}.png").resolve() for n in range(2)
+    ]
 
 
 def test_two_names_of_one_file_labelled_alike_are_read_once_and_labelled_apart_are_kept_as_copies_are(
@@ -169,6 +189,20 @@ def test_two_names_of_one_file_labelled_alike_are_read_once_and_labelled_apart_a
         "img/0.png", "img/1.png", "img/2.png", "img/3.png", "img/1_apart.png"
     ]  # fmt: skip
     assert any("1 row(s) repeat an image named before (rows 6)" in w for w in index.warnings), index.warnings
+
+
+def test_two_names_of_one_file_with_the_same_labels_in_another_order_are_read_once(tmp_path: Path) -> None:
+    """``a|b`` and ``b|a`` were compared as ordered: both names kept, then both dropped by the split
+    as "identical files labelled differently"."""
+    for n in range(4):
+        write_png(tmp_path / "img" / f"{n}.png", pixels(n))
+    os.link(tmp_path / "img" / "0.png", tmp_path / "img" / "0_link.png")
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\nimg/0.png,a|b\nimg/1.png,a\nimg/2.png,b\nimg/3.png,b\nimg/0_link.png,b|a\n")
+
+    index = load_dataset(manifest, check_images=False)
+
+    assert len(index.samples) == 4 and any("(rows 6)" in w for w in index.warnings), index.warnings
 
 
 def test_a_filesystem_that_numbers_no_file_has_its_files_told_apart_by_their_paths(

@@ -211,3 +211,20 @@ def test_a_manifest_row_listed_twice_is_read_once_and_counted_once(tmp_path: Pat
     index = load_dataset(tmp_path / "labels.csv", BUILTIN_TASKS["busi"], check_images=False)
     for side in ("train", "val", "test"):  # what training and its test read: the row kept, not its copy too
         assert sorted(index.relative(s.path) for s in split.samples(index, side)) == split.names(side)
+
+
+def test_copies_of_a_multilabel_image_with_its_labels_in_another_order_are_one_labelling(tmp_path: Path) -> None:
+    """``Effusion|Mass`` and ``Mass|Effusion`` on two copies of one image were "labelled differently":
+    both dropped."""
+    rng = np.random.default_rng(21)
+    rows = []
+    for i in range(30):
+        write_png(tmp_path / "img" / f"synthetic_{i:02}.png", rng.integers(0, 255, (64, 64), dtype=np.uint8))
+        rows.append(f"img/synthetic_{i:02}.png,{('Effusion|Mass', 'Mass', 'Effusion')[i % 3]}")
+    shutil.copyfile(tmp_path / "img" / "synthetic_00.png", tmp_path / "img" / "copy.png")
+    rows.append("img/copy.png,Mass|Effusion")
+    (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+
+    split = make_split(load_dataset(tmp_path / "labels.csv", BUILTIN_TASKS["chestxray14"], check_images=False))
+
+    assert [(d.path, d.cause) for d in split.report.dropped] == [("img/copy.png", "identical-copy")]

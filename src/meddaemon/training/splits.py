@@ -210,7 +210,7 @@ def _without_identical_files(index: DatasetIndex, report: SplitReport) -> tuple[
     kept: set[int] = set()  # the samples, not their paths: a manifest may list one path twice
     for copies in by_digest.values():
         first = copies[0]
-        if len({c.labels for c in copies}) > 1:
+        if len({frozenset(c.labels) for c in copies}) > 1:  # a|b and b|a are one labelling
             names = ", ".join(index.relative(c.path) for c in copies)
             report.dropped.extend(
                 Dropped(index.relative(c.path), f"identical files labelled differently: {names}", "identical-conflict")

@@ -38,9 +38,9 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
     labels = task.labels if task is not None else tuple(sorted({x for p in parsed for x in p}))
     samples: list[Sample] = []
     named: list[tuple[int, Path]] = []
-    root = Path(os.path.normpath(table.parent.absolute()))  # as medcli evaluate names its dataset
+    root = as_given(table.parent.absolute())  # where read_table found the table, its links kept
     by_path: dict[Path, tuple[int, str, tuple[str, ...], str | None]] = {}
-    by_file: dict[object, tuple[tuple[str, ...], str | None]] = {}
+    by_file: dict[object, tuple[frozenset[str], str | None]] = {}
     repeated: list[int] = []
     for row_number, (row, row_labels) in enumerate(zip(rows, parsed, strict=True), start=2):
         strangers = [x for x in row_labels if x not in labels]
@@ -64,10 +64,10 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
             continue
         by_path[path] = (row_number, row["path"], row_labels, patient)
         file = _identity(path)
-        if by_file.get(file) == (row_labels, patient):  # another name of a file named before: read once
+        if by_file.get(file) == (frozenset(row_labels), patient):  # another name of a file named before
             repeated.append(row_number)
             continue
-        by_file.setdefault(file, (row_labels, patient))  # other labels: both kept, the split drops the pair
+        by_file.setdefault(file, (frozenset(row_labels), patient))  # other labels: kept, the split drops the pair
         named.append((row_number, path))
         samples.append(Sample(path, row_labels, patient, line=row_number))
     require_existing(table, named)
@@ -81,17 +81,22 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
     return index
 
 
-def as_given(path: Path, root: Path) -> Path:
-    """``path`` (absolute) as a user wrote it, ``.`` and doubled slashes left out. A path holding
-    ``..`` is resolved as the system opens it (``link/..`` is the folder above the link's target,
-    not the folder holding the link), then named under ``root`` again when it lies there."""
-    if ".." not in path.parts:
+def as_given(path: Path, root: Path | None = None) -> Path:
+    """``path`` (absolute) as a user wrote it, ``.`` and doubled slashes left out, links kept. Up to
+    its last ``..`` it is resolved, as the system opens it (``link/..`` is the folder above the
+    link's target, not the folder holding the link); the rest is kept as written. A path that then
+    lies under ``root``'s target is named under ``root``."""
+    parts = path.parts
+    if ".." not in parts:
         return Path(os.path.normpath(path))
-    resolved = path.resolve()
-    try:
-        return root / resolved.relative_to(root.resolve())
-    except ValueError:
-        return resolved
+    last = len(parts) - 1 - parts[::-1].index("..")
+    opened = Path(os.path.normpath(Path(*parts[: last + 1]).resolve().joinpath(*parts[last + 1 :])))
+    if root is not None:
+        try:
+            return root / opened.relative_to(root.resolve())
+        except ValueError:
+            pass
+    return opened
 
 
 def _identity(path: Path) -> object:
