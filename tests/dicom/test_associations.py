@@ -110,6 +110,7 @@ def test_c_stores_to_a_dcmtk_peer_are_not_held_for_delayed_acknowledgements(stor
 
 
 @linux_only
+@pytest.mark.alone  # a bound of 40 ms an instance: a loaded machine's stalls alone exceeded it (1.38 s for 1.0)
 def test_a_series_pushed_by_a_pacs_is_not_held_for_the_receivers_delayed_acknowledgements(
     receive: Callable[..., Receiver], tmp_path: Path
 ):
