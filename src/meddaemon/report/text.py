@@ -89,7 +89,7 @@ def visual_order(text: str) -> str:
             runs[-1] = (kind, runs[-1][1] + char)
         else:
             runs.append((kind, char))
-    shown = [_mirrored(chars[::-1]) if kind == "R" else chars for kind, chars in runs]
+    shown = [chars[::-1].translate(_MIRROR) if kind == "R" else chars for kind, chars in runs]
     if base == "R":
         shown.reverse()
     return "".join(shown)
@@ -97,12 +97,8 @@ def visual_order(text: str) -> str:
 
 #: the paired characters the bidi algorithm mirrors where they are laid out right to left (rule L4):
 #: reversed without it, "(רחל)" was drawn ")רחל("
-_MIRROR_PAIRS = ("()", "[]", "{}", "<>", "«»", "‹›", "⁅⁆", "⁽⁾", "₍₎", "⟨⟩", "⟦⟧", "（）", "［］", "｛｝", "＜＞")
-_MIRROR = {a: b for pair in _MIRROR_PAIRS for a, b in (pair, pair[::-1])}
-
-
-def _mirrored(chars: str) -> str:
-    return "".join(_MIRROR.get(c, c) for c in chars)
+_OPENING, _CLOSING = "([{<«‹⁅⁽₍⟨⟦（［｛＜", ")]}>»›⁆⁾₎⟩⟧）］｝＞"
+_MIRROR = str.maketrans(_OPENING + _CLOSING, _CLOSING + _OPENING)
 
 
 def _strength(char: str) -> str:

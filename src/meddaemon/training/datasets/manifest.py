@@ -39,7 +39,7 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
     samples: list[Sample] = []
     named: list[tuple[int, Path]] = []
     root = as_given(table.parent.absolute())  # where read_table found the table, its links kept
-    by_path: dict[Path, tuple[int, str, tuple[str, ...], str | None]] = {}
+    by_path: dict[Path, tuple[int, str, tuple[frozenset[str], str | None]]] = {}
     by_file: dict[object, tuple[frozenset[str], str | None]] = {}
     repeated: list[int] = []
     for row_number, (row, row_labels) in enumerate(zip(rows, parsed, strict=True), start=2):
@@ -53,21 +53,22 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
             raise DatasetError(table, f"row {row_number} has label {row['label']!r}", expected)
         path = as_given(root / row["path"], root)  # an absolute row's path stays itself
         patient = row.get("patient_id") or None
+        labelling = (frozenset(row_labels), patient)  # a|b and b|a are one
         if path in by_path:
-            first, first_text, first_labels, first_patient = by_path[path]
-            if (set(first_labels), first_patient) != (set(row_labels), patient):
+            first, first_text, first_labelling = by_path[path]
+            if first_labelling != labelling:
                 raise DatasetError(
                     table, f"rows {first} ({first_text}) and {row_number} ({row['path']}) name one image with "
                     "other labels or patients", "one row per image",
                 )  # fmt: skip
             repeated.append(row_number)
             continue
-        by_path[path] = (row_number, row["path"], row_labels, patient)
+        by_path[path] = (row_number, row["path"], labelling)
         file = _identity(path)
-        if by_file.get(file) == (frozenset(row_labels), patient):  # another name of a file named before
+        if by_file.get(file) == labelling:  # another name of a file named before
             repeated.append(row_number)
             continue
-        by_file.setdefault(file, (frozenset(row_labels), patient))  # other labels: kept, the split drops the pair
+        by_file.setdefault(file, labelling)  # other labels: kept, the split drops the pair
         named.append((row_number, path))
         samples.append(Sample(path, row_labels, patient, line=row_number))
     require_existing(table, named)
