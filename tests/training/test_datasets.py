@@ -463,6 +463,17 @@ def test_label_rows_naming_images_that_do_not_exist_are_listed(tmp_path: Path) -
     assert "row 3" in str(caught.value) and "00000009_000.png" in str(caught.value)
 
 
+def test_an_image_missing_from_kaggles_copy_is_named_where_it_was_looked_for(tmp_path: Path) -> None:
+    """Kaggle's copy has no ``images/``: the missing image is named in its ``images_*/images/`` folders."""
+    write_png(tmp_path / "images_001" / "images" / "00000001_000.png", pixels(1))
+    (tmp_path / "Data_Entry_2017.csv").write_text(
+        ENTRY_HEADER + "00000001_000.png,No Finding,0,1,58,M,PA\n00000009_000.png,Mass,0,9,40,F,PA\n"
+    )
+    with pytest.raises(DatasetError, match="do not exist") as caught:
+        load_dataset(tmp_path)
+    assert f"row 3: {tmp_path / 'images_*' / 'images' / '00000009_000.png'}" in str(caught.value)
+
+
 def _copy_with_corrupt_images(phantom: PhantomSet, where: Path, corrupt: int) -> Path:
     root = shutil.copytree(phantom.root, where)
     images = [p for p in sorted(root.glob("normal/normal (*).png")) if "_mask" not in p.name]

@@ -33,7 +33,7 @@ def read_nih(root: Path, task: TaskSpec | None = None) -> DatasetIndex:
     if table is None:
         raise DatasetError(root, "has no Data_Entry_2017.csv", "NIH ChestX-ray14's label file at the dataset root")
     labels = task.labels if task is not None else NIH_FINDINGS
-    images = _image_paths(root)
+    images, missing_folder = _image_paths(root)
     boxes = _boxes(root / "BBox_List_2017.csv")
     samples: list[Sample] = []
     named: list[tuple[int, Path]] = []
@@ -51,7 +51,7 @@ def read_nih(root: Path, task: TaskSpec | None = None) -> DatasetIndex:
         first_rows[name] = (row_number, row["Finding Labels"].strip())
         path = images.get(name)
         if path is None:  # not listed in an image folder: a missing image, named below
-            path = root / "images" / name
+            path = missing_folder / name
             named.append((row_number, path))
         findings = tuple(f for f in row["Finding Labels"].split("|") if f and f != NO_FINDING)
         strangers = [f for f in findings if f not in labels]
@@ -74,9 +74,10 @@ def read_nih(root: Path, task: TaskSpec | None = None) -> DatasetIndex:
     return index
 
 
-def _image_paths(root: Path) -> dict[str, Path]:
+def _image_paths(root: Path) -> tuple[dict[str, Path], Path]:
     """Image name -> path, in ``images/`` or in the ``images_NNN/images/`` folders of Kaggle's copy
-    (``os.scandir``: the entries say which are files, without a ``stat`` for each of 112,120)."""
+    (``os.scandir``: the entries say which are files, without a ``stat`` for each of 112,120), and
+    where a missing image is said to be looked for: ``images/``, or ``images_*/images/`` in Kaggle's."""
     paths: dict[str, Path] = {}
     with folder_entries(root) as entries:
         parts = sorted(entry.name for entry in entries if entry.name.startswith("images_"))
@@ -84,7 +85,8 @@ def _image_paths(root: Path) -> dict[str, Path]:
         if folder.is_dir():
             with folder_entries(folder) as entries:
                 paths.update((entry.name, folder / entry.name) for entry in entries if entry.is_file())
-    return paths
+    kaggle = parts and not (root / "images").is_dir()
+    return paths, root / "images_*" / "images" if kaggle else root / "images"
 
 
 def _boxes(path: Path) -> dict[str, list[FindingBox]]:
