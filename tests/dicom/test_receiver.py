@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import pytest
 from pydicom import Dataset, dcmread
 from pydicom.uid import (
     UID,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
@@ -377,6 +379,55 @@ def test_a_dataset_that_ends_inside_a_value_or_has_bytes_after_its_last_element_
     assert len(rows(receiver)) == 1
     refusals = [r.getMessage() for r in caplog.records if "refused with 0xC000" in r.getMessage()]
     assert len(refusals) == 3 and all("its dataset ends inside a value or has bytes after it" in r for r in refusals)
+
+
+def _deflated(path: Path, dataset: bytes) -> Path:
+    """``path``, a Part 10 file in Deflated Explicit VR Little Endian holding ``dataset`` deflated
+    (a valid stream, whatever the dataset inside it)."""
+    ds = dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = io.BytesIO()
+    ds.save_as(head, enforce_file_format=True)  # its File Meta, then the dataset deflated: replaced below
+    meta = head.getvalue()[: len(head.getvalue()) - len(dataset_bytes(head.getvalue()))]
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = deflater.compress(dataset) + deflater.flush()
+    path.write_bytes(meta + stream + (b"\0" if len(stream) % 2 else b""))
+    return path
+
+
+def test_a_deflated_dataset_cut_short_inside_its_stream_or_a_stream_cut_short_is_refused(
+    receive: StartReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A Deflated instance's dataset was only read as far as its UIDs: a dataset cut inside its
+    Pixel Data, deflated into a stream that inflates without error, was answered Success (and the
+    sender could delete its copy). It is refused as the other syntaxes' are, and so is a stream that
+    ends early; the same instance whole is stored, and so is pydicom's ``image_dfl.dcm``, whose
+    stream eight bytes of a writer's trailer follow."""
+    from pydicom.data import get_testdata_file
+    from pynetdicom import _config
+
+    receiver = receive()
+    cut, short_stream, good = synthetic_instances(tmp_path / "sent", 3, seed=13, size=64)
+    plain = {path: dataset_bytes(path.read_bytes()) for path in (cut, short_stream, good)}
+    _deflated(cut, plain[cut][:-4000])
+    _deflated(short_stream, plain[short_stream])
+    short_stream.write_bytes(short_stream.read_bytes()[:-200])
+    _deflated(good, plain[good])
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the file's bytes as they are
+    sop_class = dcmread(good).SOPClassUID
+    sent = [
+        store_one(port(receiver), p, sop_class, syntax=DeflatedExplicitVRLittleEndian)
+        for p in (cut, short_stream, good)
+    ]
+    assert sent == [0xC000, 0xC000, 0x0000]
+    [stored] = written(receiver)
+    assert dcmread(stored).SOPInstanceUID == dcmread(good).SOPInstanceUID
+    assert dcmread(stored).pixel_array.tobytes() == dcmread(good).pixel_array.tobytes()
+    pydicoms = Path(get_testdata_file("image_dfl.dcm"))
+    assert (
+        store_one(port(receiver), pydicoms, dcmread(pydicoms).SOPClassUID, syntax=DeflatedExplicitVRLittleEndian) == 0
+    )
+    assert len(rows(receiver)) == 2
 
 
 def test_a_dataset_that_begins_with_its_sender_s_own_file_meta_elements_is_whole(tmp_path: Path):
