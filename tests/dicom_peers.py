@@ -108,16 +108,39 @@ class _StowHandler(BaseHTTPRequestHandler):
             stow.requests += 1
             stow.paths.append(self.path)
             answer = stow.script.pop(0) if stow.script else 200
+            content_type, headers = "application/dicom+json", {}
             if isinstance(answer, bytes):  # stored, with that body
                 status, reason, body = 200, None, answer
+            elif isinstance(answer, HttpAnswer):  # whatever it says, nothing stored
+                status, reason, body, content_type, headers = (
+                    answer.status,
+                    None,
+                    answer.body,
+                    answer.content_type,
+                    answer.headers,
+                )
             else:
                 status, reason = answer if isinstance(answer, tuple) else (answer, None)
                 failed = {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [reason]}}]}}
                 body = json.dumps(failed).encode() if reason is not None else b"{}"
-            if status == 200:
+            if status == 200 and not isinstance(answer, HttpAnswer):
                 stow.stored += 1
         self.send_response(status)
-        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Type", content_type)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        """Any page, as a web server at a redirect's target answers: nothing is stored by a GET."""
+        stow: ScriptedStow = self.server.stow  # type: ignore[attr-defined]
+        with stow.lock:
+            stow.gets += 1
+        body = b"<html><body>SYNTHETIC page</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -126,15 +149,28 @@ class _StowHandler(BaseHTTPRequestHandler):
         pass
 
 
+@dataclass(frozen=True)
+class HttpAnswer:
+    """An answer of ``ScriptedStow`` that stores nothing, whatever its status: a redirect, a proxy's page."""
+
+    status: int
+    content_type: str = "text/html"
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class ScriptedStow:
     """A STOW-RS endpoint answering ``script``'s HTTP statuses in turn, then 200; a (status, failure
     reason) pair answers with a Failed SOP Sequence naming that reason, as a 409 does; bytes are a
-    200 with that body (stored, whatever the body says)."""
+    200 with that body (stored, whatever the body says); an ``HttpAnswer`` is answered as it is,
+    storing nothing. A GET (a redirect followed) gets a page."""
 
-    script: list[int | tuple[int, int] | bytes] = field(default_factory=list)
+    script: list[int | tuple[int, int] | bytes | HttpAnswer] = field(default_factory=list)
     requests: int = 0
     stored: int = 0
+    #: GET requests heard: a POST's redirect followed
+    gets: int = 0
     #: each request's path and query, as the server heard it
     paths: list[str] = field(default_factory=list)
 

@@ -22,7 +22,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit
 
 from daemon_harness import wait_until
-from dicom_peers import DROP, ScriptedScp, ScriptedStow
+from dicom_peers import DROP, HttpAnswer, ScriptedScp, ScriptedStow
 from fake_clock import FakeClock
 from meddaemon.config import DestinationConfig
 from meddaemon.dicom import encoding, sc
@@ -353,6 +353,27 @@ def test_a_stow_rs_conflict_is_refused_for_good_when_its_failure_reason_is(
     take will not change by trying again (it went dead only after every attempt); out of resources may."""
     (first, second), _ = sent_over_stow_rs([(409, reason)], objects[:2])
     assert first == Delivery(False, f"STOW-RS HTTP 409, failure reason 0x{reason:04X}", permanent)
+    assert second.acknowledged
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_stow_rs_redirect_is_a_failure_retried_not_a_delivery(objects: list[Path], status: int):
+    """requests followed a 301, 302 or 303 with a GET, without the instance, and the page found
+    there (200) was taken for the POST's success: the object went delivered, never sent again, and
+    the server never had it. A redirect is not followed: the object is retried."""
+    moved = HttpAnswer(status, headers={"Location": "/moved/"})
+    (first, second), stow = sent_over_stow_rs([moved], objects[:2])
+    assert first.acknowledged is False and first.permanent is False
+    assert first.detail.startswith(f"STOW-RS HTTP {status}, a redirect: not followed")
+    assert stow.gets == 0 and stow.requests == 2 and stow.stored == 1
+    assert second.acknowledged
+
+
+def test_a_web_page_answering_a_stow_rs_request_is_not_a_delivery(objects: list[Path]):
+    """A 200 with an HTML page (a proxy's login page) says nothing was stored: it was delivered."""
+    page = HttpAnswer(200, body=b"<html><body>SYNTHETIC sign in</body></html>")
+    (first, second), _ = sent_over_stow_rs([page], objects[:2])
+    assert first == Delivery(False, "STOW-RS HTTP 200 with a web page, not a STOW-RS answer")
     assert second.acknowledged
 
 

@@ -374,9 +374,13 @@ class StowSender:
         self.destination = destination
         #: the HTTP status of the last answer heard, whether dicomweb-client could read its body or not
         self.heard: int | None = None
+        #: that answer's media type (``text/html``), without its parameters
+        self.heard_type = ""
         base_url, query = _base_and_query(destination.url)
         session = requests.Session()
         session.params = query  # dicomweb-client appends its resource to the URL it is given, query and all
+        # a 301/302/303 is followed by a GET without the instance, whose 200 read as the POST's success
+        session.max_redirects = 0
         self.client = DICOMwebClient(
             url=base_url, session=session, timeout=destination.timeout_seconds, callback=self._heard
         )
@@ -384,6 +388,7 @@ class StowSender:
 
     def _heard(self, response: Any, *args: Any, **kwargs: Any) -> None:
         self.heard = response.status_code
+        self.heard_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
 
     def send(
         self, objects: Sequence[Path], should_stop: Callable[[], bool] = never, acknowledged: Acknowledged = not_told
@@ -409,6 +414,11 @@ class StowSender:
                 permanent = (code < 500 and code not in RETRYABLE_HTTP) or _refused_for_good(reasons)
                 detail = f"STOW-RS HTTP {code}" + "".join(f", failure reason 0x{r:04X}" for r in reasons)
                 answers.append(Delivery(False, detail, permanent and code != 0))
+            except requests.exceptions.TooManyRedirects:
+                detail = (
+                    f"STOW-RS HTTP {self.heard}, a redirect: not followed (the destination's url must be the server's)"
+                )
+                answers.append(Delivery(False, detail))
             except requests.exceptions.RequestException as exc:
                 answers.append(Delivery(False, f"STOW-RS {type(exc).__name__}"))
             except Exception as exc:  # dicomweb-client could not read the answer's body, or failed itself
@@ -419,6 +429,8 @@ class StowSender:
                     reasons = [int(item.FailureReason) for item in failed if "FailureReason" in item]
                     detail = "STOW-RS failed SOP" + "".join(f", failure reason 0x{r:04X}" for r in reasons)
                     answers.append(Delivery(False, detail, _refused_for_good(reasons)))
+                elif self.heard_type == "text/html":  # no DICOMweb server answers so: a proxy's login page, say
+                    answers.append(Delivery(False, f"STOW-RS HTTP {self.heard} with a web page, not a STOW-RS answer"))
                 else:
                     answers.append(Delivery(True))
             if answers[-1].acknowledged:
