@@ -125,6 +125,9 @@ class _StowHandler(BaseHTTPRequestHandler):
                 body = json.dumps(failed).encode() if reason is not None else b"{}"
             if status == 200 and not isinstance(answer, HttpAnswer):
                 stow.stored += 1
+        if isinstance(answer, HttpAnswer) and answer.trickle:
+            self._trickle(stow, status, content_type, body, answer.trickle)
+            return
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         for name, value in headers.items():
@@ -132,6 +135,19 @@ class _StowHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _trickle(self, stow: ScriptedStow, status: int, content_type: str, body: bytes, every: float) -> None:
+        """The whole answer, its status line first, a byte each ``every`` seconds until it is out,
+        the client gone or the server stopped."""
+        head = f"HTTP/1.1 {status} Whatever\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+        for byte in head.encode() + body:
+            if stow.stopping.wait(every):
+                return
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:
+                return
 
     def do_GET(self) -> None:
         """Any page, as a web server at a redirect's target answers: nothing is stored by a GET."""
@@ -157,6 +173,9 @@ class HttpAnswer:
     content_type: str = "text/html"
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    #: seconds between the answer's bytes (0: all at once): each read of the client's is answered
+    #: within its timeout, the whole answer takes as long as this makes it
+    trickle: float = 0.0
 
 
 @dataclass
@@ -176,6 +195,7 @@ class ScriptedStow:
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
+        self.stopping = threading.Event()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _StowHandler)
         self.httpd.stow = self  # type: ignore[attr-defined]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -189,5 +209,6 @@ class ScriptedStow:
         return {"name": name, "kind": "dicomweb", "url": self.url}
 
     def stop(self) -> None:
+        self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()

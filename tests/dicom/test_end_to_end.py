@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import threading
 import time
@@ -17,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dicom_factory import write_dicom
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Engine, create_engine, func, select, update
 
 from daemon_harness import Daemons, Layout, RunningDaemon, wait_until
-from dicom_peers import ScriptedScp
-from meddaemon.db.models import OutboxItem, Report, Scan
+from dicom_peers import HttpAnswer, ScriptedScp, ScriptedStow
+from meddaemon.db.clock import db_clock
+from meddaemon.db.models import DaemonInstance, OutboxItem, Report, Scan
 from meddaemon.dicom import pdf
+from meddaemon.dicom.outbox import WATCH_SECONDS
 from model_factory import promote_into, write_model
 from orthanc import Orthanc, require_orthanc
 
@@ -298,3 +301,52 @@ def test_a_daemon_killed_alone_mid_send_has_none_of_its_objects_sent_twice_by_it
         let_it_be_answered.set()
         scp.stop()
     assert Counter(scp.received) == Counter(dict.fromkeys(sent_uids(engine, "pacs"), 1))
+
+
+@pytest.mark.parametrize("gone", ["killed", "declared lost"])
+def test_the_sender_of_a_daemon_gone_leaves_the_object_in_hand_before_another_daemon_may_take_it(
+    daemons: Daemons, layout: Layout, gone: str
+):
+    """Each stage of a send has its own bound (the connection, each read of the answer), so a server
+    answering a byte at a time kept the object in hand of a gone daemon's sender (killed alone, or
+    frozen and declared lost) for as long as it liked: past the moment another daemon takes it over
+    (``timeout_seconds`` and 5 s after the old one was found gone), and both could record it
+    delivered. The sender gives the object up after ``timeout_seconds`` and leaves."""
+    timeout = 2.0
+    stow = ScriptedStow([HttpAnswer(200, "application/dicom+json", b"{}", trickle=0.5)])
+    try:
+        promote_into(f"sqlite:///{layout.db}", layout.state / "models", write_model(layout.root / "model"))
+        config = layout.root / "meddaemon.toml"
+        config.write_text(
+            'dicom_outputs = ["sr"]\noutbox_retry_seconds = 0.5\n'
+            f'[[destination]]\nname = "web"\nkind = "dicomweb"\nurl = "{stow.url}"\ntimeout_seconds = {timeout}\n'
+        )
+        daemon = daemons.start(extra=("--config", str(config)), env=ENV)
+        daemon.wait_ready()
+        drop_scans(layout, 1, one_study=False)
+        wait_until(lambda: stow.requests == 1, 120, "the object sent", daemon, every=0.02)
+        sender_pid = int(re.search(r"outbox sender process started \(pid (\d+)\)", daemon.log_text())[1])
+        if gone == "killed":
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+        else:
+            daemon.signal(signal.SIGSTOP)
+            with engine_of(layout).begin() as conn:  # what another daemon's look for lost ones does
+                conn.execute(update(DaemonInstance).values(state="lost", stopped_at=db_clock()))
+        since = time.monotonic()
+        wait_until(lambda: not _alive(sender_pid) or time.monotonic() - since > 15, 20, "the sender to leave")
+        left_after = time.monotonic() - since
+    finally:
+        stow.stop()
+    bound = timeout + (0 if gone == "killed" else WATCH_SECONDS) + 1.5
+    assert left_after < bound, f"the sender was still there {left_after:.1f} s after its daemon was {gone}"
+    assert "the object in hand was not answered within 2 s" in daemon.log_text()
+
+
+def _alive(pid: int) -> bool:
+    """``pid`` names a process that has not ended (a zombie, whose parent was killed, has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -2,9 +2,9 @@
 
 - Rows are added in the transaction of the state step that makes their object due (``enqueue``).
 - A sender claims due rows (``claim_due``: pending, their time come, held by nobody, by itself, or
-  by a daemon gone, stopped or lost, for ``takeover_seconds``: the destinations' longest timeout and
-  5 s, in which its sender may still be answered for the object in hand; only while its own daemon
-  runs, and it stops before each object once that daemon is declared lost), sends, and records each
+  by a daemon gone, stopped or lost, for ``takeover_seconds``: the destinations' longest timeout,
+  after which that daemon's sender has given up the object in hand, and 5 s; only while its own
+  daemon runs, and it stops before each object once that daemon is declared lost), sends, and records each
   answer in a transaction of its own: ``delivered`` as the peer acknowledges it, never sent again
   after that commit; a failure counts an attempt and sets the next one after an exponential backoff
   with jitter; ``dead`` after ``max_attempts`` failures or a permanent refusal, with what the peer said.
@@ -44,6 +44,8 @@ log = logging.getLogger("meddaemon.outbox")
 #: added to the destinations' longest timeout: the recording of the last answer of a sender whose
 #: daemon is gone, before another daemon may take what it held
 TAKEOVER_SLACK = 5.0
+#: how often a sender process looks whether its daemon was declared lost (well within the slack)
+WATCH_SECONDS = 1.0
 T = TypeVar("T")
 #: how long an idle sender waits before looking for due rows again (s)
 POLL_SECONDS = 0.25
@@ -122,9 +124,16 @@ def enqueue(session: Session, scan_id: int, items: Collection[NewItem]) -> int:
     return added
 
 
+def in_hand_seconds(settings: Settings) -> float:
+    """How long a sender whose daemon is gone may go on with the object in hand: then it leaves
+    (``_process_main``). Each stage of a send has its own bound (the connection, the association's
+    answer, each write, the C-STORE's answer), and together they may take several times this."""
+    return max((d.timeout_seconds for d in settings.destination), default=0.0)
+
+
 def takeover_seconds(settings: Settings) -> float:
-    """How long the object in hand of a sender whose daemon is gone may still take to be answered."""
-    return max((d.timeout_seconds for d in settings.destination), default=0.0) + TAKEOVER_SLACK
+    """How long after a daemon was found gone its claims are taken: its sender has left by then."""
+    return in_hand_seconds(settings) + TAKEOVER_SLACK
 
 
 def _claimable(daemon_id: int | None, takeover_seconds: float) -> Any:
@@ -505,15 +514,18 @@ class OutboxSender:
         running. Declared lost (it stalled past its lease, or was frozen), its claims are another
         daemon's: a sender that went on sent every object twice, and after a SIGCONT sent again
         objects the other had delivered. A database that cannot say stops the round too."""
-        if self.stop_event.is_set():
-            return True
+        return self.stop_event.is_set() or self.daemon_running() is not True
+
+    def daemon_running(self) -> bool | None:
+        """This sender's daemon is recorded as running (always, without a daemon); None when the
+        database cannot say."""
         if self.daemon_id is None:
-            return False
+            return True
         try:
             with self.sessions() as session:
-                return not session.scalar(select(still_running(self.daemon_id)))
+                return bool(session.scalar(select(still_running(self.daemon_id))))
         except SQLAlchemyError:
-            return True
+            return None
 
     def _commit(self, work: Callable[[Session], T]) -> T:
         def attempt() -> T:
@@ -562,9 +574,9 @@ class OutboxProcess:
     """The sender in a child process of the daemon, at the report stage's niceness: pynetdicom polls
     its sockets in tight loops, which in a thread would take the GIL from the daemon's main loop.
     Started with the daemon when destinations are configured, stopped with it; a child whose daemon
-    was killed with -9 sends no other object once the one in hand is answered (``_process_main``),
-    and the restarted daemon takes over its claims only once that one can no longer be answered
-    (``takeover_seconds``): before, both sent the same objects."""
+    was killed with -9 sends no other object once the one in hand is answered, and leaves if it is
+    not within ``in_hand_seconds`` (``_process_main``); the restarted daemon takes over its claims
+    only after that (``takeover_seconds``): before, both sent the same objects."""
 
     def __init__(self, settings: Settings, daemon_id: int | None) -> None:
         self.settings = settings
@@ -608,22 +620,39 @@ def _process_main(settings: Settings, stop: Any, daemon_id: int | None) -> None:
     engine = create_db_engine(settings.db_url, settings.busy_timeout)
     sender = OutboxSender(settings, session_factory(engine), daemon_id)
 
+    served = threading.Event()
+
     def watch() -> None:
-        """The sender stops when asked, or the moment its daemon is gone (killed with -9): the object
-        in hand is finished and recorded, no other is sent (``NOT_SENT``), and its claims go back for
-        the restarted daemon, which would otherwise send the same objects alongside it."""
+        """The sender stops when asked, or once its daemon is gone (killed with -9) or declared lost
+        (frozen past its lease): the object in hand is finished and recorded, no other is sent
+        (``NOT_SENT``), and its claims go back for the daemon taking over, which would otherwise
+        send the same objects alongside it. The object in hand has ``in_hand_seconds`` to be
+        answered: then the process leaves (its association aborted, nothing recorded), before the
+        other daemon takes that object over; an answer recorded after would be a second delivery of
+        what the other sends."""
         while not stop.is_set():
             if parent is None:
-                stop.wait(0.5)
+                stop.wait(WATCH_SECONDS)
             elif not parent.is_alive():
                 break
             else:
-                parent.join(0.5)  # returns at once when the parent ends
+                parent.join(WATCH_SECONDS)  # returns at once when the parent ends
+            if sender.daemon_running() is False:
+                break
         sender.stop_event.set()
+        if stop.is_set() or served.wait(in_hand_seconds(settings)):
+            return
+        log.warning(
+            "the daemon is gone or declared lost and the object in hand was not answered within %.0f s: the "
+            "sender leaves it to the daemon that takes over",
+            in_hand_seconds(settings),
+        )
+        os._exit(1)
 
     threading.Thread(target=watch, daemon=True).start()
     try:
         sender.serve()
     finally:
+        served.set()
         sender.close_senders()
         engine.dispose()
