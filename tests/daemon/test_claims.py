@@ -245,6 +245,58 @@ def test_a_daemon_declared_lost_cannot_store_a_result_for_a_scan_taken_over(sess
         assert scan.state == ScanState.INFERRED and scan.claimed_by is None
 
 
+def test_a_daemon_declared_lost_claims_stores_and_records_nothing_even_what_nobody_took_over(sessions, tmp_path):
+    """Woken up mid-turn, a daemon declared lost claimed the scans its release had freed, stored
+    their results, and recorded the inbox files it had claimed as it was being declared lost: all
+    under an id nothing released again, so those scans stayed claimed for ever."""
+    slow = join(sessions, "node-slow", lease_seconds=1.0)
+    source = tmp_path / "inbox" / "busi" / "synthetic_2.png"
+    with transaction(sessions) as session:
+        model_row(session)
+        scan_id = add_scan(session, 1).id
+        claims.claim_inbox_files(session, slow.daemon_id, [inbox_file(source)])
+    time.sleep(1.3)  # the slow daemon stalls past its lease; another declares it lost
+    [lost] = look_for_lost(sessions, join(sessions, "node-other"))
+    assert lost.daemon_id == slow.daemon_id
+
+    with transaction(sessions) as session:
+        assert bookkeeper.claim_for_inference(session, ["busi"], (), 5, slow.daemon_id) == []
+        assert claims.held_inbox_files(session, slow.daemon_id, [source]) == set()
+    assert store(sessions, slow.daemon_id, scan_id, tmp_path) == []
+    with sessions() as session:
+        assert session.get(Scan, scan_id).claimed_by is None
+        assert session.scalar(select(func.count()).select_from(Result)) == 0
+
+
+def test_what_a_daemon_claimed_as_it_was_declared_lost_is_released_at_the_next_look_for_lost_daemons(
+    sessions, tmp_path
+):
+    """A claim racing the declaration (its transaction begun before, committed after the release)
+    leaves a scan and an inbox file held by a daemon no longer running: the next look for lost
+    daemons, by any daemon, gives them back."""
+    slow = join(sessions, "node-slow", lease_seconds=1.0)
+    source = tmp_path / "inbox" / "busi" / "synthetic_3.png"
+    with transaction(sessions) as session:
+        scan_id = add_scan(session, 1).id
+    time.sleep(1.3)
+    other = join(sessions, "node-other")
+    [lost] = look_for_lost(sessions, other)
+    assert lost.released == claims.Released()
+    with transaction(sessions) as session:  # what the racing claim committed after the release
+        session.execute(update(Scan).where(Scan.id == scan_id).values(claimed_by=slow.daemon_id))
+        session.add(InboxClaim(path=str(source), daemon_id=slow.daemon_id, size=1, mtime_ns=1, inode=1, claimed_at=0.0))
+
+    [late] = look_for_lost(sessions, other)
+    assert (late.daemon_id, late.why) == (slow.daemon_id, "it claimed work after it was declared lost or stopped")
+    assert late.released == claims.Released(scans=1, inbox_files=1)
+    with transaction(sessions) as session:
+        assert [s.scan_id for s in bookkeeper.claim_for_inference(session, ["busi"], (), 5, other.daemon_id)] == [
+            scan_id
+        ]
+        assert claims.claim_inbox_files(session, other.daemon_id, [inbox_file(source)]) == {source}
+    assert look_for_lost(sessions, other) == []
+
+
 def test_the_claim_on_a_file_whose_move_is_committed_outlives_its_lost_daemon(sessions, tmp_path):
     source = tmp_path / "inbox" / "busi" / "synthetic_1.png"
     crashed = join(sessions, "node-a", lease_seconds=1.0)

@@ -13,7 +13,9 @@
 - Storing the outcome of a claimed stage is fenced: it only counts if the claim is still the
   daemon's (``held_inbox_files``, ``scans_held``), so a daemon declared lost that wakes up later
   cannot store a second result, write a second report (``report.builder.claimed_scan_reports``)
-  or carry out a move another daemon took over (``bookkeeper.moves_still_due``).
+  or carry out a move another daemon took over (``bookkeeper.moves_still_due``). A daemon no longer
+  running claims and stores nothing at all (``still_running``), and what a claim racing its
+  declaration left it holding is given back at the next look for lost daemons (``held_by_the_gone``).
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import and_, delete, or_, select, union, update
+from sqlalchemy import and_, delete, exists, or_, select, true, union, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from meddaemon.daemon.stability import StableFile
 from meddaemon.db.clock import db_clock
-from meddaemon.db.models import DuplicateArrival, InboxClaim, Scan
+from meddaemon.db.models import DaemonInstance, DuplicateArrival, InboxClaim, Scan
 
 #: how long the claim of a file that left the inbox stays, refusing that same file (seconds)
 TOMBSTONE_SECONDS = 300.0
@@ -115,6 +117,7 @@ def held_inbox_files(session: Session, daemon_id: int, paths: Iterable[Path]) ->
     query = (
         select(InboxClaim.path)
         .where(InboxClaim.daemon_id == daemon_id, InboxClaim.done_at.is_(None), InboxClaim.path.in_(names))
+        .where(still_running(daemon_id))
         .order_by(InboxClaim.path)
         .with_for_update()
     )
@@ -152,11 +155,22 @@ def _chunks(paths: Iterable[Path | str], size: int = 500) -> Iterator[list[str]]
         yield names[start : start + size]
 
 
+def still_running(daemon_id: int | None):  # type: ignore[no-untyped-def]
+    """True while ``daemon_id`` is running (always, without a daemon): a daemon declared lost
+    claims and stores nothing, though it may wake up mid-turn (a main loop stalled past the lease)
+    and its sender process live on, and every other daemon may take what it held."""
+    if daemon_id is None:
+        return true()
+    return exists(select(DaemonInstance.id).where(DaemonInstance.id == daemon_id, DaemonInstance.state == "running"))
+
+
 def claimable_by(daemon_id: int | None):  # type: ignore[no-untyped-def]
-    """Scans free for this daemon's next stage: nobody's, or already its own."""
+    """Scans free for this daemon's next stage: nobody's, or already its own; none for a daemon
+    no longer running (a daemon declared lost that woke up claimed the scans released meanwhile,
+    or stored their results, under an id nothing releases again)."""
     if daemon_id is None:
         return Scan.claimed_by.is_(None)
-    return or_(Scan.claimed_by.is_(None), Scan.claimed_by == daemon_id)
+    return and_(or_(Scan.claimed_by.is_(None), Scan.claimed_by == daemon_id), still_running(daemon_id))
 
 
 def scans_held(session: Session, daemon_id: int | None, scan_ids: Collection[int]) -> dict[int, Scan]:
@@ -171,6 +185,15 @@ def scans_held(session: Session, daemon_id: int | None, scan_ids: Collection[int
         .with_for_update(of=Scan)
     )
     return {scan.id: scan for scan in session.scalars(query)}
+
+
+def held_by_the_gone(session: Session) -> list[int]:
+    """The daemons no longer running that hold scans or inbox claims: those they took after their
+    release (a claim made as another declared them lost), which nothing would give back."""
+    gone = select(DaemonInstance.id).where(DaemonInstance.state != "running")
+    scans = select(Scan.claimed_by).where(Scan.claimed_by.in_(gone))
+    files = select(InboxClaim.daemon_id).where(InboxClaim.daemon_id.in_(gone), InboxClaim.done_at.is_(None))
+    return sorted(set(session.scalars(union(scans, files))))
 
 
 def release_daemons(session: Session, daemon_ids: Collection[int]) -> Released:

@@ -176,8 +176,10 @@ def sign_off(session: Session, member: Member) -> None:
 
 def release_lost(session: Session, member: Member, pid_alive: Callable[[int], bool] | None = None) -> list[LostDaemon]:
     """Declare lost every running daemon whose lease has run out by the database's clock, and those
-    on this node (and in this PID namespace) whose process is gone; release what they held. Rows
-    another daemon is checking right now are skipped (``SKIP LOCKED``), never waited for.
+    on this node (and in this PID namespace) whose process is gone; release what they held, and
+    what daemons no longer running still hold (a claim racing the declaration: begun before it,
+    committed after). Rows another daemon is checking right now are skipped (``SKIP LOCKED``),
+    never waited for.
 
     The rows are locked ``FOR NO KEY UPDATE``, which does not conflict with the ``FOR KEY SHARE``
     that every claim of a daemon takes on its row (the foreign keys to ``daemons``): a daemon frozen
@@ -201,17 +203,24 @@ def release_lost(session: Session, member: Member, pid_alive: Callable[[int], bo
             lost.append((daemon_id, node, pid, "its lease ran out"))
         elif pid == member.pid or not pid_alive(pid):
             lost.append((daemon_id, node, pid, f"process {pid} on this node is gone"))
-    if not lost:
-        return []
-    session.execute(
-        update(DaemonInstance)
-        .where(DaemonInstance.id.in_([d[0] for d in lost]), DaemonInstance.state == RUNNING)
-        .values(state=LOST, stopped_at=db_clock())
-    )
-    return [
+    if lost:
+        session.execute(
+            update(DaemonInstance)
+            .where(DaemonInstance.id.in_([d[0] for d in lost]), DaemonInstance.state == RUNNING)
+            .values(state=LOST, stopped_at=db_clock())
+        )
+    found = [
         LostDaemon(daemon_id, node, pid, why, claims.release_daemons(session, [daemon_id]))
         for daemon_id, node, pid, why in lost
     ]
+    late = claims.held_by_the_gone(session)
+    if late:  # claimed after the release, by a daemon waking up mid-turn
+        rows = session.execute(
+            select(DaemonInstance.id, DaemonInstance.node, DaemonInstance.pid).where(DaemonInstance.id.in_(late))
+        ).all()
+        why = "it claimed work after it was declared lost or stopped"
+        found += [LostDaemon(d, node, pid, why, claims.release_daemons(session, [d])) for d, node, pid in rows]
+    return found
 
 
 def log_lost(found: list[LostDaemon]) -> None:

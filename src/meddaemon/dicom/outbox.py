@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, delete, exists, func, or_, select, text, true, update
+from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
+from meddaemon.daemon.claims import still_running
 from meddaemon.db.clock import db_clock, read_db_clock
 from meddaemon.db.engine import transaction, with_lock_retry
 from meddaemon.db.models import DaemonInstance, OutboxItem
@@ -146,15 +147,6 @@ def _claimable(daemon_id: int | None, takeover_seconds: float) -> Any:
     )
     free = or_(OutboxItem.claimed_by.is_(None), OutboxItem.claimed_by.in_(gone))
     return free if daemon_id is None else or_(free, OutboxItem.claimed_by == daemon_id)
-
-
-def still_running(daemon_id: int | None) -> Any:
-    """True while ``daemon_id`` is running (always, without a daemon): a daemon declared lost claims
-    nothing, though its sender may live on (a main loop stalled past the lease stops the heartbeats,
-    not the sender process), and every other daemon may take what it held."""
-    if daemon_id is None:
-        return true()
-    return exists(select(DaemonInstance.id).where(DaemonInstance.id == daemon_id, DaemonInstance.state == "running"))
 
 
 def claim_due(
