@@ -262,6 +262,7 @@ def test_a_daemon_declared_lost_claims_stores_and_records_nothing_even_what_nobo
     with transaction(sessions) as session:
         assert bookkeeper.claim_for_inference(session, ["busi"], (), 5, slow.daemon_id) == []
         assert claims.held_inbox_files(session, slow.daemon_id, [source]) == set()
+        assert claims.claim_inbox_files(session, slow.daemon_id, [inbox_file(source.with_name("new.png"))]) == set()
     assert store(sessions, slow.daemon_id, scan_id, tmp_path) == []
     with sessions() as session:
         assert session.get(Scan, scan_id).claimed_by is None

@@ -94,7 +94,10 @@ def test_a_daemon_declared_lost_rewrites_neither_the_report_row_nor_the_pdf_of_a
     assert [p for p in daemon.settings.reports_dir.rglob("*") if p.is_file() and p.suffix != ".pdf"] == []
 
 
-def test_of_a_round_recorded_together_only_the_scan_taken_over_is_left_to_the_daemon_that_took_it(inferred):
+def test_a_daemon_declared_lost_reports_nothing_of_its_round_and_the_rest_is_reported_once_by_another(inferred):
+    """Of a round claimed together, one scan is taken over and reported by another daemon; the
+    lost one wakes up and writes nothing (the scans nobody took were reported by it, under an id
+    that no longer runs, before), and the scans it left are reported by a running daemon, once."""
     daemon = inferred
     slow = join(daemon.sessions, "node-slow", lease_seconds=LEASE)
     slow_reporter = Reporter(daemon.settings, daemon.sessions, slow.daemon_id)
@@ -110,8 +113,11 @@ def test_of_a_round_recorded_together_only_the_scan_taken_over_is_left_to_the_da
 
     outcomes = slow_reporter.builder.claimed_scan_reports(claimed, slow.daemon_id)  # it wakes up
 
-    assert outcomes[taken] is None, "the scan another daemon reported is not reported again"
-    assert all(outcomes[scan_id] is not None for scan_id in left), "the scans nobody took are reported"
+    assert all(outcome is None for outcome in outcomes.values()), "a daemon declared lost reports nothing"
+    assert set(scan_ids(daemon, ScanState.INFERRED)) == set(left)
+    assert sorted(taker._claim(set())) == sorted(left)
+    reported = taker.builder.claimed_scan_reports(left, other.daemon_id)
+    assert all(reported[scan_id] is not None for scan_id in left), reported
     with daemon.sessions() as session:
         rows = {r.scan_id: r for r in session.scalars(select(Report))}
         steps = session.scalars(select(ScanEvent.scan_id).where(ScanEvent.state == ScanState.REPORTED)).all()

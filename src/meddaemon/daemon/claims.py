@@ -56,7 +56,7 @@ def claim_inbox_files(
     recorded (its claim neither renewed by a record nor kept for a committed move) is taken over.
     """
     wanted = {str(f.path): f for f in files}
-    if not wanted:
+    if not wanted or not session.scalar(select(still_running(daemon_id))):
         return set()
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
