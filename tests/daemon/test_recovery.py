@@ -209,3 +209,44 @@ def test_a_failed_file_replaced_before_its_move_leaves_no_reason_without_a_file(
     failed = daemon.settings.state_dir / "failed"
     assert [p.name for p in failed.rglob("*") if p.is_file()] == []
     assert bad.exists()
+
+
+def test_a_file_gone_before_its_move_into_work_fails_its_scan_and_found_again_is_a_new_attempt(
+    make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The move into work/ was blocked (no room, injected) and the file's folder renamed meanwhile:
+    the scan waited for ever for a copy that could not come, and the same bytes found under the new
+    folder were filed as a duplicate of it, archived, never inferred."""
+    path = write_png(tmp_path / "inbox" / "busi" / "x" / "synthetic_scan.png", np.full((8, 8), 40, np.uint8))
+    daemon = Daemon(make_settings())
+    daemon.prepare()
+    record = commit_without_moving(daemon, [path])
+    moves_fail_for_want_of_room(monkeypatch, times=1)
+    daemon._carry_out(record.moves)  # the move right after the commit: blocked
+    path.parent.rename(path.parent.with_name("y"))
+    daemon.recover()  # the next rescan's retry of the blocked move finds the file gone
+    daemon.run(once=True)
+
+    with daemon.sessions() as session:
+        scans = session.execute(
+            select(Scan.source_name, Scan.state, Scan.failure_reason, Scan.stored_path).order_by(Scan.id)
+        ).all()
+        assert session.scalar(select(func.count()).select_from(DuplicateArrival)) == 0
+    assert scans[0] == ("busi/x/synthetic_scan.png", "failed", "vanished", None)
+    assert scans[1][:2] == ("busi/y/synthetic_scan.png", "waiting_model")
+    assert daemon.settings.stored_file(scans[1].stored_path).exists()
+
+
+def test_a_failed_file_removed_before_its_move_leaves_no_reason_and_no_name_in_failed(make_settings, tmp_path: Path):
+    bad = tmp_path / "inbox" / "busi" / "synthetic_bad.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    daemon = Daemon(make_settings())
+    daemon.prepare()
+    record = commit_without_moving(daemon, [bad])
+    bad.unlink()
+    daemon._carry_out(record.moves)
+
+    assert [p.name for p in (daemon.settings.state_dir / "failed").rglob("*") if p.is_file()] == []
+    with daemon.sessions() as session:
+        assert session.execute(select(Scan.state, Scan.stored_path)).all() == [("failed", None)]

@@ -503,6 +503,32 @@ def clear_pending(session: Session, moves: Sequence[PlannedMove], daemon_id: int
     claims.finish_inbox_files(session, [m.source for m in moves])
 
 
+def forget_files_not_kept(session: Session, moves: Sequence[PlannedMove], daemon_id: int | None) -> list[int]:
+    """Moves that found their file gone from the inbox (removed, or its folder renamed) or replaced
+    by other bytes: nothing was kept at their target. A scan whose copy in work/ never came fails as
+    ``vanished`` now, its name in work/ freed: left as it was, it waited for a copy that would never
+    come, and the same bytes found again (the renamed folder) were filed as a duplicate of it, never
+    inferred. A failed scan or a duplicate arrival keeps no file. Fenced like ``clear_pending``;
+    returns the scans failed."""
+    failed: list[int] = []
+    scan_ids = [m.row_id for m in moves if m.kind == "scan"]
+    if scan_ids:
+        scans = session.scalars(select(Scan).where(Scan.id.in_(scan_ids), claims.claimable_by(daemon_id)))
+        for scan in scans:
+            if scan.state == ScanState.ARCHIVED:
+                continue
+            scan.stored_path = None
+            if scan.state != ScanState.FAILED:
+                why = "the file left the inbox before its copy was kept (removed, or its folder renamed)"
+                scan.failure_reason, scan.failure_message = FailureReason.VANISHED.value, why
+                advance(scan, ScanState.FAILED, f"{FailureReason.VANISHED.value}: {why}", utcnow())
+                failed.append(scan.id)
+    duplicate_ids = [m.row_id for m in moves if m.kind == "duplicate"]
+    if duplicate_ids:
+        session.execute(update(DuplicateArrival).where(DuplicateArrival.id.in_(duplicate_ids)).values(stored_path=None))
+    return failed
+
+
 def moves_still_due(
     session: Session, moves: Sequence[PlannedMove], destinations: Destinations, daemon_id: int | None = None
 ) -> list[PlannedMove]:

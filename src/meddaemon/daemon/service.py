@@ -465,6 +465,7 @@ class Daemon:
                 self.tracker.forget(move.source)
                 self.read_as.pop(move.source, None)
         done: list[PlannedMove] = []
+        not_kept: list[PlannedMove] = []
         for move in due:
             self._keep_alive()  # a batch of copies to another file system outlasted the watchdog's minute
             try:
@@ -486,6 +487,10 @@ class Daemon:
                 continue
             if move.source in self.blocked:
                 log.info("moved %s to %s, blocked before", move.source.name, move.target)
+            if outcome in (filing.MoveOutcome.LOST, filing.MoveOutcome.REPLACED):
+                not_kept.append(move)
+                if move.reason_document is not None:  # written for a file that is not coming
+                    filing.reason_path(move.target).unlink(missing_ok=True)
             if outcome is filing.MoveOutcome.LOST:
                 log.error(
                     "%s is neither at %s nor at %s: it was removed by someone else",
@@ -494,8 +499,6 @@ class Daemon:
                     move.target,
                 )
             if outcome is filing.MoveOutcome.REPLACED:
-                if move.reason_document is not None:  # written for a file that is not coming
-                    filing.reason_path(move.target).unlink(missing_ok=True)
                 log.error(
                     "%s was replaced by other bytes before it could be moved to %s: the file read is "
                     "gone, and the new one is taken as a new arrival",
@@ -509,11 +512,13 @@ class Daemon:
             done.append(move)
         if done:
 
-            def clear() -> None:
+            def clear() -> list[int]:
                 with transaction(self.sessions) as session:
                     bookkeeper.clear_pending(session, done, me)
+                    return bookkeeper.forget_files_not_kept(session, not_kept, me)
 
-            self.guarded(clear)
+            for scan_id in self.guarded(clear) or []:
+                log.error("scan %d failed as vanished: its file left the inbox before its copy was kept", scan_id)
 
     def _after_store(self, record: BatchRecord) -> None:
         self._carry_out(record.moves)
