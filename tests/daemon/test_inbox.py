@@ -201,6 +201,34 @@ def test_a_folder_listed_but_not_searchable_is_named_and_never_stops_the_daemon(
     assert files_under(inbox) == []
 
 
+def test_a_folder_replaced_by_a_link_while_its_file_waits_is_not_followed_and_its_target_is_left_alone(
+    daemons: Daemons,
+):
+    """The rescan never walks into a linked folder, but a folder replaced by a link while one of its
+    files waited out its stability window left that file's path naming the link target's file of
+    the same name, outside the inbox: it was read, registered and moved into work/."""
+    root = daemons.layout.root
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    outside = elsewhere / "a.png"
+    outside.write_bytes(synthetic_png(root, 1))
+    daemon = daemons.start(stable=2.0, rescan=60.0)
+    daemon.wait_ready()
+    drop(daemons.layout.inbox, f"{TASK}/sub/a.png", synthetic_png(root, 2), rename=False)
+    time.sleep(0.5)  # seen, its window not yet passed
+    folder = daemons.layout.inbox / TASK / "sub"
+    folder.rename(root / "sub.moved")
+    folder.symlink_to(elsewhere)
+    said = f"{TASK}/sub/a.png: its folder {TASK}/sub/ is now a symbolic link, which the inbox does not follow"
+    wait_until(lambda: said in daemon.log_text(), 30, "the file left alone", daemon)
+    drop(daemons.layout.inbox, f"{TASK}/next.png", synthetic_png(root, 3), rename=True)
+    wait_until(lambda: f"{TASK}/next.png (sha256" in daemon.log_text(), 30, "a file dropped after", daemon)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0
+    assert outside.read_bytes() == synthetic_png(root, 1)
+    assert f"{TASK}/sub/a.png (sha256" not in daemon.log_text()
+
+
 def status_output(layout: Layout, *options: str) -> str:
     command = [str(MEDDAEMON), "status", "--watch", str(layout.inbox), "--state-dir", str(layout.state), *options]
     done = subprocess.run(held_to_file_modes(command), capture_output=True, text=True, env=daemon_env())

@@ -53,10 +53,17 @@ class Intake:
     #: Why it could not be read now, for a passing reason of the host (``ReadLater``): back to the
     #: stability tracker too, to be read again.
     read_later: str | None = None
+    #: Why it is not read at all and left where it is: its folder became a symbolic link, so the
+    #: path names a file outside the inbox, which is neither read nor moved (nor failed: that
+    #: would move it into failed/)
+    left_alone: str | None = None
     decoded: DecodedScan | None = field(default=None, repr=False)
 
 
 def read_file(path: Path, name: PurePosixPath, expected: Signature | None, context: IntakeContext) -> Intake:
+    linked = _linked_folder(path, name)
+    if linked is not None:
+        return Intake(path, left_alone=f"its folder {linked}/ is now a symbolic link, which the inbox does not follow")
     try:
         intake = _read(path, expected, context.decode)
     except ReadLater as later:
@@ -163,6 +170,20 @@ def _read(path: Path, expected: Signature | None, options: DecodeOptions) -> Int
     except Exception as exc:  # a decoder bug must not take the daemon down
         intake.failure = ScanFailure(FailureReason.INTERNAL_ERROR, f"decoder raised {type(exc).__name__}")
     return intake
+
+
+def _linked_folder(path: Path, name: PurePosixPath) -> str | None:
+    """The first folder of ``name`` (the path of ``path`` under the inbox) that is a symbolic link
+    now, or None. The rescan never walks into a linked folder, but a folder replaced by a link
+    while one of its files waited out its stability window left that path naming a file of the
+    link's target, outside the inbox, which was read and moved into work/."""
+    root = Path(*path.parts[: len(path.parts) - len(name.parts)])
+    folder = root
+    for part in name.parent.parts:
+        folder = folder / part
+        if folder.is_symlink():
+            return folder.relative_to(root).as_posix()
+    return None
 
 
 def _points_outside(link: Path) -> bool:

@@ -365,16 +365,22 @@ class IntakeStage(Stage):
             intakes = [self._read_alone(f.path, name, f.signature) for f, name in group.files]
         batch: list[tuple[StableFile, PurePosixPath, Intake]] = []
         changed: list[Path] = []
+        left_alone: list[Path] = []
         for (stable, name), intake in zip(group.files, intakes, strict=True):
             if intake.read_later is not None:
                 log.warning("%s: %s; it is read again later", shown_name(name), intake.read_later)
-            if intake.changed:
+            if intake.left_alone is not None:
+                log.warning("%s: %s: not read, left where it is", shown_name(name), intake.left_alone)
+                left_alone.append(stable.path)
+            elif intake.changed:
                 changed.append(stable.path)
             else:
                 batch.append((stable, name, intake))
-        record_ = self._record(batch, changed)
+        record_ = self._record(batch, [*changed, *left_alone])
         for path in changed:
             self.tracker.observe(path)
+        for path in left_alone:
+            self.tracker.forget(path)
         self.carry_out(record_.moves)
         self.stats.count(record_)
         for outcome in record_.outcomes:
