@@ -51,10 +51,10 @@ def add_scan(session: Session, n: int, state: ScanState = ScanState.ROUTED, **co
     return scan
 
 
-def inbox_file(path: Path, inode: int = 1) -> StableFile:
+def inbox_file(path: Path, inode: int = 1, ctime_ns: int = 1_700_000_000_000_000_000) -> StableFile:
     """A stable inbox file as the tracker hands it over (SYNTHETIC: nothing on disk)."""
     now = datetime.now(UTC)
-    return StableFile(path, Signature(100, 1_700_000_000_000_000_000, inode), now, now)
+    return StableFile(path, Signature(100, 1_700_000_000_000_000_000, inode, ctime_ns), now, now)
 
 
 def dead_pid() -> int:

@@ -6,6 +6,7 @@ Every scan row here is SYNTHETIC (made-up hashes and names); no image is read.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from daemon_rows import add_scan, inbox_file, join, look_for_lost
 from meddaemon.daemon import bookkeeper, claims
 from meddaemon.daemon.bookkeeper import Destinations, InferenceOutcome
+from meddaemon.daemon.stability import Signature
 from meddaemon.db.clock import db_clock
 from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
 from meddaemon.db.migrate import upgrade
@@ -99,6 +101,37 @@ def test_a_file_seen_just_before_it_left_cannot_be_claimed_but_a_new_file_of_tha
     dropped_again = inbox_file(moved.path, inode=12)
     with transaction(sessions) as session:
         assert claims.claim_inbox_files(session, b.daemon_id, [dropped_again]) == {moved.path}
+
+
+def test_a_new_file_given_the_freed_inode_size_and_mtime_of_one_that_left_is_told_apart_by_its_change_time(
+    sessions, tmp_path: Path
+):
+    """A move across file systems (a copy, then the source unlinked) frees the inode, and the next
+    file of that name can get it back with the size and mtime of the one that left (``cp -p``,
+    ``rsync -a``): it was refused, unsaid, for the tombstone's five minutes. Its change time, which
+    no one can set, is its own."""
+    first = tmp_path / "synthetic_scan.png"
+    first.write_bytes(b"SYNTHETIC" * 10)
+    was = Signature.of(os.stat(first))
+    first.unlink()
+    time.sleep(0.05)  # the kernel's coarse clock stamps change times a few milliseconds apart
+    first.write_bytes(b"synthetic" * 10)
+    os.utime(first, ns=(was.mtime_ns, was.mtime_ns))
+    now = Signature.of(os.stat(first))
+    assert (now.size, now.mtime_ns) == (was.size, was.mtime_ns) and now.ctime_ns != was.ctime_ns
+
+    a = join(sessions, "node-a")
+    path = Path("/inbox/busi/synthetic_scan.png")
+    with transaction(sessions) as session:
+        claims.claim_inbox_files(session, a.daemon_id, [inbox_file(path, inode=21, ctime_ns=was.ctime_ns)])
+        claims.finish_inbox_files(session, [path])
+    with transaction(sessions) as session:
+        assert (
+            claims.claim_inbox_files(session, a.daemon_id, [inbox_file(path, inode=21, ctime_ns=was.ctime_ns)]) == set()
+        )
+        assert claims.claim_inbox_files(session, a.daemon_id, [inbox_file(path, inode=21, ctime_ns=now.ctime_ns)]) == {
+            path
+        }
 
 
 def test_a_file_claimed_but_not_recorded_past_the_deadline_is_taken_over_and_its_first_holder_fenced(sessions):

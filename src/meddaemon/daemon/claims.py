@@ -49,7 +49,7 @@ def claim_inbox_files(
     """Claim the files no other daemon holds; returns the paths this daemon got.
 
     A path whose claim ended (the file left the inbox) can be claimed again only by a different file:
-    another size, mtime or inode. The same file seen a moment before it left is refused, so it is
+    another size, mtime, inode or change time. The same file seen a moment before it left is refused, so it is
     never read after another daemon moved it away.
 
     With ``unread_after`` (seconds), a file another daemon claimed longer ago than that and has not
@@ -67,6 +67,7 @@ def claim_inbox_files(
             "size": f.signature.size,
             "mtime_ns": f.signature.mtime_ns,
             "inode": f.signature.inode,
+            "ctime_ns": f.signature.ctime_ns,
             "done_at": None,
         }
         for path, f in sorted(wanted.items())  # one order for every daemon: no lock cycles between them
@@ -75,12 +76,18 @@ def claim_inbox_files(
     # in this order): rows built into the statement made a new statement to compile for every batch
     statement = insert(InboxClaim).values(claimed_at=db_clock())
     new = statement.excluded
-    another_file = or_(InboxClaim.size != new.size, InboxClaim.mtime_ns != new.mtime_ns, InboxClaim.inode != new.inode)
+    another_file = or_(
+        InboxClaim.size != new.size,
+        InboxClaim.mtime_ns != new.mtime_ns,
+        InboxClaim.inode != new.inode,
+        InboxClaim.ctime_ns != new.ctime_ns,  # NULL (a row of the version before): unknown, not another
+    )
     won = session.scalars(
         statement.on_conflict_do_update(
             index_elements=["path"],
             set_={
-                column: new[column] for column in ("daemon_id", "size", "mtime_ns", "inode", "claimed_at", "done_at")
+                column: new[column]
+                for column in ("daemon_id", "size", "mtime_ns", "inode", "ctime_ns", "claimed_at", "done_at")
             },
             where=or_(
                 and_(InboxClaim.done_at.is_not(None), another_file),

@@ -17,13 +17,18 @@ from meddaemon.db.models import utcnow
 
 @dataclass(frozen=True)
 class Signature:
+    """A file's identity while it waits and is read: its size, mtime, inode and change time. The
+    change time tells a new file from one that left with the same size and mtime (``cp -p``) and
+    the inode it freed; no one can set it."""
+
     size: int
     mtime_ns: int
     inode: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> Signature:
-        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 def signature(path: Path) -> Signature | None:

@@ -218,7 +218,7 @@ class InboxClaim(Base):
 
     The claim lasts until the file has left the inbox (its move is carried out); then ``done_at`` is
     set and the row stays a while as a tombstone: a daemon that looked at the file just before it
-    left (same size, mtime and inode) cannot claim it again. ``daemon_id`` is None when its daemon
+    left (same size, mtime, inode and change time) cannot claim it again. ``daemon_id`` is None when its daemon
     was lost after committing the move: the claim then waits for recovery to finish that move.
     Times are by the database's clock.
     """
@@ -230,6 +230,8 @@ class InboxClaim(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
     inode: Mapped[int] = mapped_column(BigInteger)
+    #: None in the rows of a version before 0015 (and of its daemons still running): unknown
+    ctime_ns: Mapped[int | None] = mapped_column(BigInteger)
     claimed_at: Mapped[float] = mapped_column(Float)
     done_at: Mapped[float | None] = mapped_column(Float)
 
