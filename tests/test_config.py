@@ -175,6 +175,12 @@ def test_database_defaults_to_sqlite_in_the_state_dir(tmp_path: Path):
         ("watch = 5\n", "'watch' from file .*: 5 is not a path"),
         ('db = "garbage"\n', "'db' from file .*: not a database URL"),
         ('db = "mysql://127.0.0.1:1/x"\n', "'db' from file .*: a mysql URL: meddaemon runs on SQLite or PostgreSQL"),
+        # a traceback at the first connection (a driver not installed, or none of that name), or a
+        # database that vanished with the command that made it (`medcli db upgrade` said "done")
+        ('db = "postgresql+psycopg2://u@h/x"\n', "'db' from file .*: the driver of postgresql\\+psycopg2:// is not"),
+        ('db = "postgresql+foo://u@h/x"\n', "'db' from file .*: the driver of postgresql\\+foo:// is not"),
+        ('db = "sqlite://"\n', "'db' from file .*: an in-memory SQLite database ends with the process"),
+        ('db = "sqlite:///:memory:"\n', "'db' from file .*: an in-memory SQLite database"),
         ("busy_timeout = -1\n", "'busy_timeout' from file .*: must be >= 0"),
         ("model_poll_seconds = 0\n", "'model_poll_seconds' from file .*: must be > 0"),
         ('device = "cudafoo"\n', "'device' from file .*: 'cudafoo' is not auto, cpu or cuda"),

@@ -808,15 +808,28 @@ def _validate_db(url: str, fail: Any) -> None:
     """A URL SQLAlchemy reads, of a database meddaemon runs on: a bad one was a traceback (exit 1;
     ``meddaemon health`` then said 'degraded') at the first connection."""
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
-        backend = make_url(url).get_backend_name()
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         fail("db", "not a database URL: give sqlite:///PATH or postgresql+psycopg://USER@HOST/NAME")
         return
     if backend not in ("sqlite", "postgresql"):
         fail("db", f"a {backend} URL: meddaemon runs on SQLite or PostgreSQL")
+        return
+    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+        fail("db", "an in-memory SQLite database ends with the process that made it: give sqlite:///PATH")
+        return
+    try:  # a driver not installed (psycopg2), or none of that name, was a traceback at the first connection
+        parsed.get_dialect().import_dbapi()
+    except (NoSuchModuleError, ImportError) as exc:
+        fail(
+            "db",
+            f"the driver of {parsed.drivername}:// is not installed or does not exist ({type(exc).__name__}); give "
+            "sqlite:///PATH or postgresql+psycopg://USER@HOST/NAME (pip install 'meddaemon[postgres]')",
+        )
 
 
 def _validate_dicom_out(s: Settings, known: Mapping[str, TaskSpec], fail: Any) -> None:

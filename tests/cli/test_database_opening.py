@@ -128,6 +128,22 @@ def test_db_upgrade_creates_a_new_sqlite_database(tmp_path: Path):
     assert (tmp_path / "new" / "meddaemon.db").is_file()
 
 
+def test_db_upgrade_of_a_database_named_elsewhere_makes_no_state_folder(tmp_path: Path, monkeypatch):
+    """`--db sqlite:///ELSEWHERE` made the database there and an empty .meddaemon/ where it ran."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(medcli, ["db", "upgrade", "--db", f"sqlite:///{tmp_path / 'elsewhere' / 'x.db'}"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
+
+
+def test_start_with_a_mistyped_watch_folder_exits_2_and_makes_no_state_folder(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(meddaemon, ["start", "--once", "--watch", str(tmp_path / "inbx")])
+    assert result.exit_code == 2, result.output
+    assert "inbx" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_db_upgrade_with_a_state_directory_it_cannot_make_exits_2_naming_it(tmp_path: Path):
     """As `meddaemon start` does (README, exit codes: a state directory that cannot be written is
     usage, 2); it was a FileNotFoundError traceback, exit 1."""

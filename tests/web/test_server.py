@@ -143,6 +143,33 @@ def test_meddaemon_web_on_port_0_says_the_port_it_listens_on(tmp_path):
         assert web.wait(30) == 0
 
 
+def test_meddaemon_web_on_a_taken_port_or_one_that_is_no_port_exits_2_in_one_line(tmp_path):
+    """A port taken exited 3 (uvicorn's own code, meddaemon's for "no usable database") after
+    uvicorn's log line; --port 70000 was a traceback (OverflowError), exit 1."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from meddaemon.cli.medcli import cli as medcli
+
+    state = tmp_path / "state"
+    assert CliRunner().invoke(medcli, ["db", "upgrade", "--state-dir", str(state)]).exit_code == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for given, said in ((str(port), "the web console cannot listen on 127.0.0.1:"), ("70000", "--port")):
+            done = subprocess.run(
+                [str(MEDDAEMON), "web", "--state-dir", str(state), "--port", given],
+                capture_output=True,
+                text=True,
+                env=daemon_env(),
+                timeout=60,
+            )
+            assert done.returncode == 2, done.stderr
+            assert said in done.stderr and "Traceback" not in done.stderr
+
+
 def test_meddaemon_web_hash_password_prints_a_hash_that_verifies():
     from meddaemon.web.auth import verify_password
 

@@ -33,7 +33,7 @@ from meddaemon.cli.health import health
 from meddaemon.cli.starting import STOP_REQUESTED
 from meddaemon.cli.web import web
 from meddaemon.config import Settings, default_config_text, prepare_state_dir, require_inbox_apart
-from meddaemon.daemon.inbox import WatchFolderMissing
+from meddaemon.daemon.inbox import WatchFolderMissing, ensure_watch_folder
 from meddaemon.daemon.outage import DatabaseUnavailable
 from meddaemon.daemon.progress import ProgressLines
 from meddaemon.db.engine import session_factory
@@ -100,6 +100,11 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
 
     settings = build_settings(config_file, **flags)
     require_inbox_apart(settings)
+    try:  # before the state folder is made: a mistyped --watch leaves nothing behind
+        ensure_watch_folder(settings.watch, settings.create_watch)
+    except WatchFolderMissing as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
     prepare_state_dir(settings)
     setup_logging(settings.log_level)
     _dump_stacks_on_sigusr1()

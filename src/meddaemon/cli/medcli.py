@@ -27,7 +27,7 @@ from meddaemon.cli.retrain import retrain
 from meddaemon.cli.retry import retry
 from meddaemon.cli.synth import synth
 from meddaemon.config import prepare_state_dir
-from meddaemon.db.engine import create_db_engine, is_sqlite, session_factory
+from meddaemon.db.engine import create_db_engine, session_factory
 from meddaemon.db.migrate import current_revision, head_revision, upgrade
 from meddaemon.db.models import Scan
 from meddaemon.names import shown_name
@@ -51,7 +51,7 @@ def db() -> None:
 def db_upgrade(config_file: Path | None, **flags: object) -> None:
     """Create the schema or bring it to the latest revision (the daemon also does this at start)."""
     settings = build_settings(config_file, **flags)
-    if is_sqlite(settings.db_url):  # as `meddaemon start`: a folder it cannot keep its state in is exit 2
+    if not settings.db:  # the database in the state folder: one it cannot keep its state in is exit 2, as `start`
         prepare_state_dir(settings)
     engine = create_db_engine(settings.db_url, settings.busy_timeout)
     before = current_revision(engine)

@@ -18,7 +18,9 @@ from meddaemon.logs import setup_logging
 @click.option(
     "--host", help="Address to listen on (default: web_host, 127.0.0.1). Beyond loopback, sign-in is required."
 )
-@click.option("--port", type=int, help="Port to listen on (default: web_port, else 8080).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), help="Port to listen on (default: web_port, else 8080; 0: any free one)."
+)
 @click.option(
     "--watch",
     type=click.Path(path_type=Path, file_okay=False),

@@ -30,7 +30,12 @@ def _server(settings: Settings, host: str, port: int) -> uvicorn.Server:
 def serve(settings: Settings, host: str, port: int) -> None:
     """Serve until SIGTERM or Ctrl-C, saying the address bound (``port`` 0: one the system picks)."""
     server = _server(settings, host, port)
-    listening = server.config.bind_socket()
+    try:
+        listening = server.config.bind_socket()
+    except (OSError, OverflowError, SystemExit) as exc:  # uvicorn logs a bind's error, then exits 3
+        raise ConfigError(
+            f"settings 'web_host' and 'web_port': the web console cannot listen on {host or '*'}:{port}"
+        ) from exc
     log.info("web console on http://%s:%d/", host, listening.getsockname()[1])
     # uvicorn raises the SIGTERM it stopped on again once shut down: heard here, the stop is a return
     # (exit 0, as for `meddaemon start`), not a death by signal
