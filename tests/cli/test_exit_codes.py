@@ -131,3 +131,22 @@ def test_130_ctrl_c_in_any_command(db_url: str, migrated_engine: Engine, tmp_pat
     finally:
         proc.kill()
     assert proc.returncode == 130 and "interrupted (Ctrl-C)" in err and "Aborted" not in err
+
+
+def test_every_command_answers_ctrl_c_and_the_errors_a_user_can_act_on_in_one_line():
+    """`medcli synth` and `medcli dataset inspect` answered Ctrl-C with click's "Aborted!", exit 1:
+    every command of both programs goes through ``handle_errors``."""
+    from meddaemon.cli.daemon import cli as meddaemon
+
+    def commands(group: click.Group, name: str) -> list[tuple[str, click.Command]]:
+        found = []
+        for sub, command in group.commands.items():
+            if isinstance(command, click.Group):
+                found += commands(command, f"{name} {sub}")
+            else:
+                found.append((f"{name} {sub}", command))
+        return found
+
+    everyone = commands(meddaemon, "meddaemon") + commands(medcli, "medcli")
+    assert len(everyone) > 20
+    assert [name for name, command in everyone if not getattr(command.callback, "handles_errors", False)] == []

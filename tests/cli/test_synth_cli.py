@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +52,36 @@ def test_a_size_the_phantoms_cannot_take_is_a_usage_error_exit_2(tmp_path: Path,
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--size': 20 is not in the range x>=32" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_synth_into_a_folder_it_cannot_make_is_one_line_exit_1(tmp_path: Path) -> None:
+    """It was a traceback (NotADirectoryError), exit 1."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("SYNTHETIC: not a folder")
+    result = CliRunner().invoke(medcli, ["synth", "busi", "--out", str(blocker / "x")])
+    assert result.exit_code == 1, result.output
+    assert f"error: cannot write {blocker / 'x'}" in result.stderr and "Traceback" not in result.output
+
+
+def test_synth_interrupted_exits_130_and_leaves_no_dataset_half_written(tmp_path: Path) -> None:
+    """Ctrl-C was click's "Aborted!", exit 1, and left images without their labels nor the
+    README.txt saying SYNTHETIC, which the next run refused as not empty."""
+    out = tmp_path / "nih"
+    medcli_path = Path(sys.executable).parent / "medcli"
+    proc = subprocess.Popen(
+        [str(medcli_path), "synth", "chestxray14", "--out", str(out), "--count", "1000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob(".nih.*.partial/images/*.png"))) < 20:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted (Ctrl-C)" in err and "Aborted" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -196,6 +196,7 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:  # click's own answer is "Aborted!", exit 1
             _fail("interrupted (Ctrl-C)", EXIT_INTERRUPTED)
 
+    wrapper.handles_errors = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
 
 

@@ -232,6 +232,7 @@ def config() -> None:
 @click.option("--watch", type=click.Path(path_type=Path, file_okay=False), help="Inbox folder, as for start.")
 @settings_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
 def config_show(config_file: Path | None, as_json: bool, **flags: object) -> None:
     """Print the effective settings and where each comes from (default, file, env or flag)."""
     settings = build_settings(config_file, **flags)
@@ -245,6 +246,7 @@ def config_show(config_file: Path | None, as_json: bool, **flags: object) -> Non
 
 
 @config.command("default")
+@handle_errors
 def config_default() -> None:
     """Print the default configuration file, with comments (a starting point for --config)."""
     click.echo(default_config_text(), nl=False)

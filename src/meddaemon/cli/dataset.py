@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING
 
 import click
 
-from meddaemon.cli.common import EXIT_USAGE, echo_json, echo_warning, hash_workers_option, hashing_progress
+from meddaemon.cli.common import (
+    EXIT_USAGE,
+    echo_json,
+    echo_warning,
+    handle_errors,
+    hash_workers_option,
+    hashing_progress,
+)
 from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.training import MAX_SEED
 
@@ -29,6 +36,7 @@ def dataset() -> None:
 @click.option("--no-split", is_flag=True, help="Only read the dataset (no perceptual hashing, no split).")
 @hash_workers_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
 def inspect(path: Path, task: str | None, seed: int, no_split: bool, workers: int, as_json: bool) -> None:
     """Detect the layout of PATH (a folder, or a CSV manifest), count images per label and
     patients, list what was skipped and why, and show the split: what was merged (a patient, a

@@ -113,6 +113,7 @@ def scans(config_file: Path | None, state: str | None, limit: int, as_json: bool
 @cli.command()
 @settings_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (every field of every task).")
+@handle_errors
 def tasks(config_file: Path | None, as_json: bool, **flags: object) -> None:
     """The tasks: the five seed presets (on four datasets) and the custom tasks of the config."""
     settings = build_settings(config_file, **flags)
@@ -130,6 +131,7 @@ def tasks(config_file: Path | None, as_json: bool, **flags: object) -> None:
 
 @cli.command("decoders")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
 def decoders(as_json: bool) -> None:
     """Which DICOM transfer syntaxes this installation can decode, and with which plugin."""
     from meddaemon.engine.decode import decodable_transfer_syntaxes

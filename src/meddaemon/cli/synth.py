@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from meddaemon.cli.common import EXIT_FAILURE, EXIT_USAGE
+from meddaemon.cli.common import EXIT_FAILURE, EXIT_USAGE, handle_errors
 from meddaemon.training.phantoms import MIN_SIZE, PHANTOM_DEFAULTS, write_phantoms
 
 _DEFAULTS = "; ".join(f"{task}: {d.count} {d.count_means}, {d.size} px" for task, d in PHANTOM_DEFAULTS.items())
@@ -24,6 +24,7 @@ _DEFAULTS = "; ".join(f"{task}: {d.count} {d.count_means}, {d.size} px" for task
     "--size", type=click.IntRange(min=MIN_SIZE), help=f"Side of each square image in pixels (at least {MIN_SIZE})."
 )
 @click.option("--seed", default=0, show_default=True, help="The same seed writes the same dataset.")
+@handle_errors
 def synth(task: str, out: Path, count: int | None, size: int | None, seed: int) -> None:
     """Write SYNTHETIC phantoms for TASK into OUT, in the layout its dataset is published in.
 
@@ -40,12 +41,12 @@ def synth(task: str, out: Path, count: int | None, size: int | None, seed: int) 
     """
     try:
         written = write_phantoms(task, out, count=count, size=size, seed=seed)
-    except FileExistsError as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(EXIT_FAILURE) from None
     except ValueError as exc:  # an option value this task's phantoms cannot take
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_USAGE) from None
+    except OSError as exc:  # a folder that is not empty (its own words), or one it cannot write in
+        click.echo(f"error: {exc}" if exc.errno is None else f"error: cannot write {out}: {exc.strerror}", err=True)
+        raise SystemExit(EXIT_FAILURE) from None
     counts = ", ".join(f"{label} {n}" for label, n in written.per_label.items() if n)
     patients = f" of {written.patients} patients" if written.patients else ""
     click.echo(f"wrote {written.images} SYNTHETIC {task} images{patients} to {written.root} ({counts})")

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +114,19 @@ def write_phantoms(
         raise ValueError(f"size must be at least {MIN_SIZE} pixels, not {size}")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; phantoms are written into a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return writers[task](out, count=count, size=size, seed=seed)
+    # written beside it and renamed into place whole: an interrupted run left a dataset without
+    # its labels or its README.txt saying SYNTHETIC, which the next run refused as not empty
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        written = writers[task](partial, count=count, size=size, seed=seed)
+        if out.exists():
+            out.rmdir()  # empty, as checked
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return replace(written, root=out)
 
 
 # --- shared drawing -------------------------------------------------------------------------------
