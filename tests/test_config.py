@@ -375,6 +375,43 @@ def test_custom_tasks_come_from_tasks_tables_and_can_be_routed_to(tmp_path: Path
             "channels must be 1",
         ),
         ('default_task = "nonexistent"\n', "unknown task 'nonexistent'"),
+        # each was a traceback ('int' object has no attribute 'get'), a Python error text, or taken
+        # until `medcli retrain` refused it as if a flag had given it
+        ('[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\ncontract = 5\n', "task 'knee': contract must be a table"),
+        (
+            '[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\ncontract = { height = 64, width = 64 }\n',
+            r"task 'knee': contract.channels is missing",
+        ),
+        (
+            '[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\n'
+            "contract = { channels = 1, height = 224.5, width = 64 }\n",
+            r"task 'knee': contract.height: 224.5 is not a whole number of at least 1",
+        ),
+        (
+            '[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\n'
+            'contract = { channels = 1, height = 64, width = "64" }\n',
+            r"task 'knee': contract.width: '64' is not a whole number of at least 1",
+        ),
+        (
+            '[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\ncontract = { channels = 1, height = 64, width = 64 }\n'
+            "recipe = { batch_size = 0 }\n",
+            r"task 'knee': recipe.batch_size: 0 is not a whole number of at least 1",
+        ),
+        (
+            '[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\ncontract = { channels = 1, height = 64, width = 64 }\n'
+            "recipe = { epochs = -1 }\n",
+            r"task 'knee': recipe.epochs: -1 is not a whole number of at least 0",
+        ),
+        (
+            '[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\ncontract = { channels = 1, height = 64, width = 64 }\n'
+            "recipe = { learning_rate = -1.0 }\n",
+            r"task 'knee': recipe.learning_rate: -1.0 is not a number above 0",
+        ),
+        (
+            '[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\n'
+            "contract = { channels = 1, height = 64, width = 64, hieght = 3 }\n",
+            r"task 'knee': contract has unknown keys \['hieght'\] \(did you mean height\?\)",
+        ),
     ],
 )
 def test_bad_custom_tasks_and_routes_to_unknown_tasks_are_refused(tmp_path: Path, content: str, message: str):
@@ -470,7 +507,7 @@ def test_a_custom_task_s_unknown_keys_and_architecture_are_refused(tmp_path: Pat
 @pytest.mark.parametrize(
     ("name", "contract", "message"),
     [
-        ("knee", "{ channels = 1, height = 0, width = 224 }", "height must be at least 1"),
+        ("knee", "{ channels = 1, height = 0, width = 224 }", "contract.height: 0 is not a whole number of at least 1"),
         ("../../etc", "{ channels = 1, height = 64, width = 64 }", "a task's name is letters, digits"),
         ("a/b", "{ channels = 1, height = 64, width = 64 }", "a task's name is letters, digits"),
         (".hidden", "{ channels = 1, height = 64, width = 64 }", "a task's name is letters, digits"),

@@ -407,11 +407,21 @@ def task_from_dict(name: str, data: Mapping[str, Any]) -> TaskSpec:
         if len(set(labels)) != len(labels) or not all(0 < len(label) <= MAX_NAME for label in labels):
             raise TaskError(f"its labels must be distinct, each 1 to {MAX_NAME} characters")
         contract = data["contract"]
-        channels = int(contract.get("channels", 1))
+        _refuse_unknown(contract, CONTRACT_KEYS, "contract ")
+        channels, _, _ = (_whole(contract, key, "contract", least=1) for key in ("channels", "height", "width"))
         defaults = (
             {"mean": GREY_MEAN, "std": GREY_STD} if channels == 1 else {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
         )
+        try:
+            input_contract = InputContract.from_dict({**defaults, **contract})
+        except (TypeError, ValueError) as exc:
+            raise TaskError(f"contract: {exc}") from None
         recipe = dict(data.get("recipe", {}))
+        for key, least in (("batch_size", 1), ("epochs", 0), ("early_stopping_patience", 1)):
+            if key in recipe:
+                _whole(recipe, key, "recipe", least)
+        if "learning_rate" in recipe and not _number_above_0(recipe["learning_rate"]):
+            raise TaskError(f"recipe.learning_rate: {recipe['learning_rate']!r} is not a number above 0")
         return TaskSpec(
             name=name,
             description=str(data.get("description", "")),
@@ -419,7 +429,7 @@ def task_from_dict(name: str, data: Mapping[str, Any]) -> TaskSpec:
             kind=kind,
             architecture=architecture,
             alternatives=tuple(data.get("alternatives", ())),
-            contract=InputContract.from_dict({**defaults, **contract}),
+            contract=input_contract,
             recipe=TrainingRecipe(
                 loss=str(recipe.get("loss", "cross_entropy" if kind == "multiclass" else "bce_with_logits")),
                 optimizer=str(recipe.get("optimizer", "adam")),
@@ -442,11 +452,30 @@ def task_from_dict(name: str, data: Mapping[str, Any]) -> TaskSpec:
         raise TaskError(f"task {name!r}: missing or invalid field {exc}") from None
 
 
+CONTRACT_KEYS = tuple(f.name for f in dataclasses.fields(InputContract))
+
+
+def _whole(table: Mapping[str, Any], key: str, what: str, least: int) -> int:
+    """``table[key]``, a whole number of at least ``least``, or a ``TaskError`` naming it (a
+    ``224.5`` or a ``"224"`` was a Python comparison error; a negative epoch count was taken
+    until retraining refused it as if given by a flag)."""
+    if key not in table:
+        raise TaskError(f"{what}.{key} is missing")
+    value = table[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise TaskError(f"{what}.{key}: {value!r} is not a whole number of at least {least}")
+    return value
+
+
+def _number_above_0(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
 def _refuse_unknown(table: Any, known: tuple[str, ...], what: str) -> None:
     """A key the table does not take, named with the closest it does: a misspelt key (and a
     top-level setting written below the table, which TOML puts in it) was ignored without a word."""
     if not isinstance(table, Mapping):
-        raise TaskError(f"{what or 'the task'} must be a table")
+        raise TaskError(f"{(what or 'the task').strip()} must be a table")
     unknown = sorted(set(table) - set(known))
     if unknown:
         close = difflib.get_close_matches(unknown[0], known, n=1)
