@@ -188,6 +188,15 @@ def test_database_defaults_to_sqlite_in_the_state_dir(tmp_path: Path):
             '[[destination]]\nname = "pacs"\nkind = "dicom"\nae_title = "PACS"\nhost = "h"\nport = 999999\n',
             "port 999999 is not a TCP port",
         ),
+        # "needs ['port']" for a port given as 0; "'int' object is not iterable" for tasks = 5
+        (
+            '[[destination]]\nname = "pacs"\nkind = "dicom"\nae_title = "PACS"\nhost = "h"\nport = 0\n',
+            "port 0 is not a TCP port",
+        ),
+        (
+            '[[destination]]\nname = "pacs"\nkind = "folder"\npath = "/x"\ntasks = 5\n',
+            "destination 'pacs': tasks must be a text or a list of texts, not 5",
+        ),
         # a traceback (a port SQLAlchemy cannot read), or accepted and never working
         ('db = "postgresql+psycopg://med:S3CRET@db.example:5432x/med"\n', "'db' from file .*: not a database URL"),
         ("metrics_port = 9100\nweb_port = 9100\n", "'web_port' from file .*: 9100 is metrics_port too"),

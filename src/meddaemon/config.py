@@ -633,7 +633,7 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
     if kind not in DESTINATION_KINDS:
         raise ValueError(f"destination {name!r}: kind {kind!r} is not one of {DESTINATION_KINDS}")
     needed = {"dicom": ("ae_title", "host", "port"), "dicomweb": ("url",), "folder": ("path",)}[kind]
-    missing = [key for key in needed if not data.get(key)]
+    missing = [key for key in needed if key not in data or data[key] == ""]
     if missing:
         raise ValueError(f"destination {name!r} ({kind}) needs {missing}")
     if kind == "dicomweb" and not _is_web_url(data["url"]):
@@ -649,7 +649,7 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
                 f"destination {name!r}: {key} {data[key]!r} is not an AE title (1 to 16 printable ASCII "
                 "characters, no backslash)"
             )
-    tasks = data.get("tasks", ())
+    tasks = data.get("tasks", [])
     return DestinationConfig(
         name=name,
         kind=kind,
@@ -659,7 +659,7 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
         calling_ae_title=str(data.get("calling_ae_title", "MEDDAEMON")),
         url=str(data.get("url", "")),
         path=str(data.get("path", "")),
-        tasks=(tasks,) if isinstance(tasks, str) else tuple(str(t) for t in tasks),
+        tasks=text_values(tasks, f"destination {name!r}: tasks"),
         outputs=_dicom_kinds(data.get("outputs", ())),
         timeout_seconds=_parse_float(data.get("timeout_seconds", 30.0)),
         keep_open_seconds=_parse_float(data.get("keep_open_seconds", 5.0)),

@@ -78,9 +78,12 @@ def test_reason_all_failed_and_dry_run(runner: CliRunner, dirs: list[str], tmp_p
     assert (tmp_path / "inbox" / "synthetic.png").exists()
 
 
-def test_exactly_one_selection_is_required(runner: CliRunner, dirs: list[str]):
-    assert retry(runner, dirs).exit_code == 2
-    assert retry(runner, dirs, "1", "--all-failed").exit_code == 2
+def test_exactly_one_selection_is_required_and_the_message_names_the_options(runner: CliRunner, dirs: list[str]):
+    """It named the library's `all_failed`."""
+    for given in ((), ("1", "--all-failed")):
+        result = retry(runner, dirs, *given)
+        assert result.exit_code == 2
+        assert "give exactly one of SCAN (an id or a SHA-256), --reason CODE or --all-failed" in result.output
 
 
 def test_retry_does_not_create_or_migrate_a_database(runner: CliRunner, dirs: list[str], tmp_path: Path):

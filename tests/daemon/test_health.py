@@ -296,3 +296,7 @@ def test_a_missing_sqlite_file_is_down_and_stays_missing(make_settings, tmp_path
         engine.dispose()
     assert report.exit_code == 2
     assert not path.exists()
+    # said as every other command says it ("unable to open database file" before)
+    assert report.check("database").message == (
+        f"no meddaemon database at {path} (run `medcli db upgrade` or start the daemon)"
+    )

@@ -50,8 +50,8 @@ def retry(
 
     try:
         selector = Selector(scan, reason, all_failed)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from exc
+    except ValueError:  # said in the options' names, not the library's
+        raise click.UsageError("give exactly one of SCAN (an id or a SHA-256), --reason CODE or --all-failed") from None
     settings = build_settings(config_file, **{k: v for k, v in flags.items() if v is not None})
     engine = open_database(settings)
     try:

@@ -134,6 +134,10 @@ def _database(engine: Engine) -> Check:
     try:
         current = current_revision(engine)
     except Exception as exc:
+        file = engine.url.database if engine.url.get_backend_name() == "sqlite" else None
+        if file and not Path(file).exists():  # said as every other command says it
+            why = f"no meddaemon database at {file} (run `medcli db upgrade` or start the daemon)"
+            return Check("database", DOWN, why, {"head": head})
         return Check("database", DOWN, f"the database is unreachable: {error_line(exc)}", {"head": head})
     details = {"revision": current, "head": head}
     if current is None:
