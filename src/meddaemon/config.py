@@ -837,8 +837,11 @@ def _validate_dicom_out(s: Settings, known: Mapping[str, TaskSpec], fail: Any) -
         fail("outbox_max_attempts", "must be >= 1")
     if s.outbox_retry_seconds <= 0 or s.outbox_max_retry_seconds < s.outbox_retry_seconds:
         fail("outbox_retry_seconds", "must be > 0 and at most outbox_max_retry_seconds")
-    if not re.fullmatch(r"[0-9]+(\.[0-9]+)*\.?", s.dicom_uid_root) or len(s.dicom_uid_root) > 30:
-        fail("dicom_uid_root", f"{s.dicom_uid_root!r} is not a UID root of at most 30 characters")
+    # a component is 0 or does not begin with 0 (PS3.5 9.1): pydicom refused "1.2.03." at every object
+    if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.?", s.dicom_uid_root) or len(s.dicom_uid_root) > 30:
+        fail(
+            "dicom_uid_root", f"{s.dicom_uid_root!r} is not a UID root of at most 30 characters (no part begins with 0)"
+        )
     for task in s.task_dicom_outputs:
         if task not in known:
             fail("task_dicom_outputs", f"unknown task {task!r}; known tasks: {sorted(known)}")

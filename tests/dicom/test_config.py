@@ -96,6 +96,8 @@ def test_the_defaults_write_every_output_and_send_nowhere():
         ('dicom_outputs = ["sr", "seg"]\n', "unknown DICOM outputs \\['seg'\\]"),
         ('[task_dicom_outputs]\nknee = ["sr"]\n', "unknown task 'knee'"),
         ('dicom_uid_root = "1.2.x"\n', "is not a UID root"),
+        # accepted, then every object of every scan failed to build (pydicom refuses the prefix)
+        ('dicom_uid_root = "1.2.03."\n', "is not a UID root .*no part begins with 0"),
         ("outbox_max_attempts = 0\n", "must be >= 1"),
         (
             '[[destination]]\nname = "x"\nkind = "dicom"\nae_title = "P"\nhost = "h"\nport = 104\n'

@@ -1130,3 +1130,105 @@ def test_a_latin_1_value_that_fits_its_vr_in_latin_1_is_kept_whole_and_cut_where
         back = pydicom.dcmread(path)
         assert back.SpecificCharacterSet == "ISO_IR 192" and description.startswith(back.StudyDescription), key
         assert 60 <= len(back.StudyDescription.encode()) <= 64 and dciodvfy_errors(path) == [], key
+
+
+def built_and_checked(facts: ScanFacts, folder: Path, kinds: tuple[str, ...]) -> dict[str, pydicom.Dataset]:
+    """``build_objects`` of ``facts``, each written under ``folder`` and passing dciodvfy; read back."""
+    built = dict(build_objects(facts, kinds, b"%PDF-1.4\n%%EOF\n" if "pdf" in kinds else None, False))
+    assert {key.split(":")[0] for key in built} == set(kinds)
+    back = {}
+    for key, dataset in built.items():
+        written = folder / f"{key.replace(':', '_')}.dcm"
+        dataset.save_as(written, enforce_file_format=True)
+        assert dciodvfy_errors(written) == [], key
+        back[key.split(":")[0]] = pydicom.dcmread(written)
+    return back
+
+
+def test_text_too_long_inside_copied_sequences_and_decimals_too_long_are_cut_to_fit(
+    tmp_path: Path, label_files: LabelResult
+):
+    """Only the top-level values were cut: a vendor's 77-character Code Meaning in the Procedure
+    Code Sequence, or a 70-character ID among the Other Patient IDs, made all four objects fail
+    dciodvfy; so did a Patient's Weight written in 20 characters. (SYNTHETIC values.)"""
+    path = write_dicom(tmp_path / "source.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    procedure = pydicom.Dataset()
+    procedure.CodeValue, procedure.CodingSchemeDesignator = "SYN1", "99SYNTHETIC"
+    procedure.CodeMeaning = "SYNTHETIC ultrasound of the breast, bilateral, with a very long vendor meaning"
+    other_id = pydicom.Dataset()
+    other_id.PatientID, other_id.TypeOfPatientID = "SYNTHETIC-" + "9" * 60, "TEXT"
+    ds.ProcedureCodeSequence, ds.OtherPatientIDsSequence = [procedure], [other_id]
+    ds.PatientWeight = "70.12345678901234567"
+    ds.save_as(path)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+
+    back = built_and_checked(facts, tmp_path, ("sr", "pmap", "sc", "pdf"))
+
+    for key, written in back.items():
+        assert written.ProcedureCodeSequence[0].CodeMeaning == procedure.CodeMeaning[:64].rstrip(), key
+        assert written.OtherPatientIDsSequence[0].PatientID == other_id.PatientID[:64], key
+        assert abs(float(written.PatientWeight) - 70.12345678901234567) < 1e-9, key
+
+
+@pytest.mark.parametrize(
+    "charset",
+    [["", "ISO 2022 IR 149"], "ISO-IR 100", "UTF-8"],
+    ids=["korean (not in highdicom's list)", "a misspelt latin-1", "a misspelt utf-8"],
+)
+def test_a_character_set_highdicom_does_not_take_is_written_as_utf_8_and_every_object_is_made(
+    tmp_path: Path, label_files: LabelResult, charset
+):
+    """The SR, the map and the capture failed to build (their outbox rows dead as build_failed) and
+    the PDF carried the misspelt term dciodvfy refuses. (A SYNTHETIC name.)"""
+    name = "Kim^Minsu=\uae40^\ubbfc\uc218" if "149" in str(charset) else "M\u00fcller^J\u00fcrgen"
+    path = write_dicom(tmp_path / "source.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    ds.SpecificCharacterSet, ds.PatientName = charset, name
+    ds.save_as(path)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+
+    back = built_and_checked(facts, tmp_path, ("sr", "pmap", "sc", "pdf"))
+
+    for key, written in back.items():
+        assert (written.SpecificCharacterSet, str(written.PatientName)) == ("ISO_IR 192", name), key
+
+
+def test_frames_under_a_single_frame_sop_class_are_referenced_as_the_whole_instance(
+    tmp_path: Path, label_files: LabelResult
+):
+    """pydicom's SC_rgb_rle_2frame.dcm: two frames under Secondary Capture, a single-frame class.
+    The SR refused to build (a frame number for a dataset that is not multi-frame) and the capture
+    named a frame dciodvfy says shall not be named."""
+    from pydicom.data import get_testdata_file
+
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,),
+                      read_source(Path(get_testdata_file("SC_rgb_rle_2frame.dcm"))), "1.2.3.")  # fmt: skip
+
+    back = built_and_checked(facts, tmp_path, ("sr", "sc"))
+
+    assert "ReferencedFrameNumber" not in back["sc"].SourceImageSequence[0]
+    assert (
+        back["sr"]
+        .CurrentRequestedProcedureEvidenceSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPInstanceUID
+        == facts.source.SOPInstanceUID
+    )
+
+
+def test_a_map_over_a_source_whose_orientation_is_no_orientation_takes_a_frame_of_its_own(
+    tmp_path: Path, label_files: LabelResult
+):
+    """A device's 0\\0\\0\\0\\0\\0 was copied into the map, which failed dciodvfy ("not unit vector")."""
+    path = write_dicom(tmp_path / "source.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.77"
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [0, 0, 0, 0, 0, 0]
+    ds.save_as(path)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+
+    back = built_and_checked(facts, tmp_path, ("pmap",))
+
+    assert back["pmap"].FrameOfReferenceUID != ds.FrameOfReferenceUID

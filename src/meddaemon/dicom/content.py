@@ -4,6 +4,7 @@ header, read once; the builders (``sr``, ``pmap``, ``sc``, ``pdf``) are pure fun
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,7 @@ from pydicom import dcmread
 from pydicom.charset import convert_encodings, python_encoding
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
+from pydicom.valuerep import format_number_as_ds
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -87,9 +89,22 @@ def shown_frame(source: Dataset, frame_policy: str) -> int | None:
         frames = int(source.get("NumberOfFrames") or 1)
     except (TypeError, ValueError):
         return None
-    if frames <= 1:
+    if frames <= 1 or not _multiframe_iod(source):
         return None
     return (frames // 2 if frame_policy == "all" else key_frame_index(source, frames)[0]) + 1
+
+
+def _multiframe_iod(source: Dataset) -> bool:
+    """Whether the source's SOP class is a multi-frame one, which its references may name a frame of
+    (highdicom's own test): frames under a single-frame class (a Secondary Capture holding two) made
+    the SR refuse to build and the capture fail dciodvfy ("Referenced Frame Number shall not be
+    present")."""
+    from highdicom._standard_utils import is_multiframe_image
+
+    try:
+        return bool(is_multiframe_image(source))
+    except Exception:  # a SOP class highdicom does not know: as its frames say
+        return True
 
 
 def classified_frame(source: Dataset, frame_policy: str) -> int | None:
@@ -208,23 +223,33 @@ def read_source(path: Path) -> Dataset:
     for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in ds:
             setattr(ds, keyword, None)
-    _clip_text(ds)
     _normalise_character_set(ds)
+    _clip_text(ds)
     sex = str(ds.PatientSex or "").strip().upper()
     ds.PatientSex = sex if sex in PATIENT_SEXES else None  # "U", "m": highdicom refuses them, the object with
     return ds
 
 
-def _clip_text(ds: Dataset) -> None:
+def _clip_text(ds: Dataset, encodings: list[str] | None = None) -> None:
     """Text values longer than their VR allows, cut to its length in ``ds``'s character set (the
-    source's, in which they are written back, or UTF-8 where the objects take it): copied as they
-    came (a vendor's 70-character Study Description, a 91-character Patient's Name), they made
-    every object fail dciodvfy."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a set pydicom does not know: its default, as it reads the values
-        encodings = convert_encodings(ds.get("SpecificCharacterSet") or "ISO_IR 6")
+    source's, in which they are written back, or UTF-8 where the objects take it), at every depth
+    (an item takes its dataset's set unless it names its own): copied as they came (a vendor's
+    70-character Study Description, a 91-character Patient's Name, a 77-character Code Meaning in the
+    Procedure Code Sequence), they made every object fail dciodvfy. A decimal string written longer
+    than its 16 characters (``70.12345678901234567``) is written again in 16."""
+    if "SpecificCharacterSet" in ds or encodings is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a set pydicom does not know: its default, as it reads the values
+            encodings = convert_encodings(ds.get("SpecificCharacterSet") or "ISO_IR 6")
     for element in ds:
         vr = str(element.VR)
+        if vr == "SQ":
+            for item in element.value or ():
+                _clip_text(item, encodings)
+            continue
+        if vr == "DS":
+            _shorten_decimals(ds, element)
+            continue
         limit = TEXT_LIMITS.get(vr)
         if limit is None or element.value is None:
             continue
@@ -237,6 +262,30 @@ def _clip_text(ds: Dataset) -> None:
             continue
         if clipped != [str(v) for v in values]:
             element.value = clipped if len(clipped) > 1 else clipped[0]
+
+
+def _shorten_decimals(ds: Dataset, element: Any) -> None:
+    """A DS value over 16 characters, as the closest that fits; one that is no number, dropped."""
+    raw = element.value
+    if raw is None or raw == "":
+        return
+    values = raw if isinstance(raw, (list, MultiValue)) else [raw]
+    if all(len(str(getattr(v, "original_string", None) or v)) <= 16 for v in values):
+        return
+    try:
+        shortened = [format_number_as_ds(float(v)) for v in values]
+    except (TypeError, ValueError, OverflowError):
+        del ds[element.tag]
+        return
+    element.value = shortened if len(shortened) > 1 else shortened[0]
+
+
+@functools.cache
+def _highdicom_sets() -> frozenset[str]:
+    """The Specific Character Set terms highdicom's objects take (highdicom imported on first use)."""
+    from highdicom.enum import SpecificCharacterSetValues
+
+    return frozenset(term.value for term in SpecificCharacterSetValues)
 
 
 #: the enumerated values of Patient's Sex; anything else is written empty (type 2)
@@ -256,6 +305,15 @@ def _normalise_character_set(ds: Dataset) -> None:
         terms[0] = "ISO 2022 IR 6"
     if terms in ([], [""], ["ISO_IR 6"]):
         del ds.SpecificCharacterSet
+    elif not set(terms) <= _highdicom_sets():
+        # a defined term highdicom does not list (Korean's ISO 2022 IR 149) or a spelling pydicom
+        # reads and the standard does not (ISO-IR 100, UTF-8): the SR, the map and the capture
+        # failed to build, and the PDF carried the bad term. The names go in UTF-8, read as pydicom
+        # reads them in the source's set
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds.decode()
+        ds.SpecificCharacterSet = "ISO_IR 192"
     else:
         ds.SpecificCharacterSet = terms if len(terms) > 1 else terms[0]
 

@@ -170,6 +170,18 @@ def _two_positive(value: Any) -> tuple[float, float] | None:
     return (first, second) if all(math.isfinite(v) and v > 0 for v in (first, second)) else None
 
 
+def _orientation(value: Any) -> bool:
+    """An Image Orientation (Patient) a map can be placed by: two orthogonal unit vectors. A device's
+    ``0\\0\\0\\0\\0\\0`` was copied into the map, which failed dciodvfy ("not unit vector"); the map
+    then takes a frame of reference of its own, as a projection image's does."""
+    try:
+        row, column = np.asarray([float(v) for v in value], dtype=float).reshape(2, 3)
+    except (TypeError, ValueError):
+        return False
+    unit = abs(np.linalg.norm(row) - 1) < 1e-3 and abs(np.linalg.norm(column) - 1) < 1e-3
+    return bool(unit and abs(float(row @ column)) < 1e-3)
+
+
 def _in_frame_groups(source: Dataset, sequence: str, keyword: str) -> Any:
     """``keyword`` of the ``sequence`` item in the source's functional groups, shared or of its first
     frame (an enhanced object's geometry lives there, not at the top level); None when absent."""
@@ -194,7 +206,7 @@ def _with_frame_of_reference(source: Dataset, facts: ScanFacts, spacing: tuple[f
         value = None if keyword in source else _in_frame_groups(source, sequence, keyword)
         if value is not None:  # an enhanced object's, at the top level where the map's geometry reads it
             placed.add_new(keyword, "DS", list(value))
-    placed_already = "ImagePositionPatient" in placed and "ImageOrientationPatient" in placed
+    placed_already = "ImagePositionPatient" in placed and _orientation(placed.get("ImageOrientationPatient"))
     if not (source.get("FrameOfReferenceUID") and placed_already):
         frame = uids.derived_uid(facts.uid_root, facts.sha256, "frame-of-reference")
         placed.add_new("FrameOfReferenceUID", "UI", frame)
