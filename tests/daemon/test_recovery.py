@@ -250,3 +250,26 @@ def test_a_failed_file_removed_before_its_move_leaves_no_reason_and_no_name_in_f
     assert [p.name for p in (daemon.settings.state_dir / "failed").rglob("*") if p.is_file()] == []
     with daemon.sessions() as session:
         assert session.execute(select(Scan.state, Scan.stored_path)).all() == [("failed", None)]
+
+
+def test_a_duplicate_whose_file_is_gone_before_its_move_is_recorded_and_the_daemon_runs_on(
+    make_settings, tmp_path: Path
+):
+    """Clearing the name of a duplicate arrival whose file was gone broke its NOT NULL column: the
+    daemon died at the move, and at every start after, on the same pending move."""
+    inbox = tmp_path / "inbox" / "busi"
+    good = write_png(inbox / "synthetic_a.png", np.full((16, 16), 7, np.uint8))
+    copy = inbox / "synthetic_copy.png"
+    copy.write_bytes(good.read_bytes())
+    settings = make_settings()
+    crashed = Daemon(settings)
+    crashed.prepare()
+    commit_without_moving(crashed, [good, copy])
+    copy.unlink()
+    restarted = Daemon(settings)
+    restarted.run(once=True)
+
+    with restarted.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(DuplicateArrival).where(
+            DuplicateArrival.pending_move_from.is_(None))) == 1  # fmt: skip
+        assert session.scalar(select(Scan.state)) == "waiting_model"

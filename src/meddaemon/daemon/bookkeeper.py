@@ -508,8 +508,9 @@ def forget_files_not_kept(session: Session, moves: Sequence[PlannedMove], daemon
     by other bytes: nothing was kept at their target. A scan whose copy in work/ never came fails as
     ``vanished`` now, its name in work/ freed: left as it was, it waited for a copy that would never
     come, and the same bytes found again (the renamed folder) were filed as a duplicate of it, never
-    inferred. A failed scan or a duplicate arrival keeps no file. Fenced like ``clear_pending``;
-    returns the scans failed."""
+    inferred. A failed scan keeps no file (a duplicate arrival's row stays as it is: the arrival was
+    seen, and its name in the archive is the row's). Fenced like ``clear_pending``; returns the
+    scans failed."""
     failed: list[int] = []
     scan_ids = [m.row_id for m in moves if m.kind == "scan"]
     if scan_ids:
@@ -523,9 +524,6 @@ def forget_files_not_kept(session: Session, moves: Sequence[PlannedMove], daemon
                 scan.failure_reason, scan.failure_message = FailureReason.VANISHED.value, why
                 advance(scan, ScanState.FAILED, f"{FailureReason.VANISHED.value}: {why}", utcnow())
                 failed.append(scan.id)
-    duplicate_ids = [m.row_id for m in moves if m.kind == "duplicate"]
-    if duplicate_ids:
-        session.execute(update(DuplicateArrival).where(DuplicateArrival.id.in_(duplicate_ids)).values(stored_path=None))
     return failed
 
 
