@@ -315,6 +315,26 @@ def test_names_that_are_not_utf8_are_renamed_in_place_then_processed(make_settin
     assert [p.name for p in busi.rglob("*")] == ["lot %FF"]  # every file moved out; the folder stays
 
 
+def test_a_file_renamed_to_a_utf8_name_is_read_once_not_taken_for_changed_by_the_rename(
+    make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):  # type: ignore[no-untyped-def]
+    """The rename changes a file's change time, part of its signature: read against the signature
+    taken before, the file was "changed while read", read again after a second stability window."""
+    from meddaemon.daemon import intake_stage
+
+    synthetic_png(latin1(tmp_path / "inbox" / "busi", b"sc\xe9n.png"), seed=1)
+    reads: list[str] = []
+    real = intake_stage.read_files
+
+    def counted(files, context):  # type: ignore[no-untyped-def]
+        reads.extend(path.name for path, _, _ in files)
+        return real(files, context)
+
+    monkeypatch.setattr(intake_stage, "read_files", counted)
+    scans = scans_by_name(run_once(make_settings(stable_seconds=0.5)))
+    assert list(scans) == ["busi/sc%E9n.png"] and reads == ["sc%E9n.png"]
+
+
 def test_a_name_that_is_not_utf8_and_cannot_be_renamed_waits_named_once_and_once_still_ends(
     make_settings, tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch
 ):  # type: ignore[no-untyped-def]

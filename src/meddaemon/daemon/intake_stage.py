@@ -36,7 +36,7 @@ from meddaemon.daemon.intake import Intake, IntakeContext, read_file, read_files
 from meddaemon.daemon.metrics import DaemonMetrics
 from meddaemon.daemon.outage import OutageGuard
 from meddaemon.daemon.router import RoutingPolicy
-from meddaemon.daemon.stability import Signature, StabilityTracker, StableFile
+from meddaemon.daemon.stability import Signature, StabilityTracker, StableFile, signature
 from meddaemon.daemon.stages import BUSY_POLL, Cadence, Stage, log_lock_wait
 from meddaemon.daemon.watcher import Hint
 from meddaemon.daemon.workers import DecodingPool
@@ -283,7 +283,8 @@ class IntakeStage(Stage):
     def _with_utf8_names(self, ready: list[StableFile]) -> list[StableFile]:
         """``ready``, each file whose name inside the inbox is not valid UTF-8 (a Latin-1 share, an
         old archive) renamed in place first (``rename_to_utf8``): no database stores such a name,
-        and storing it stopped the daemon. The same file (its signature unchanged), its new name;
+        and storing it stopped the daemon. The same file under its new name, its signature taken
+        again (the rename changed its change time: read against the old one, it was "changed");
         one that cannot be renamed waits in the inbox, unread, until the next periodic rescan
         (``unrenamed``), and is named in a warning the first time."""
         named: list[StableFile] = []
@@ -308,7 +309,10 @@ class IntakeStage(Stage):
                 continue
             self._warned_unrenamed.discard(name)
             log.info("renamed inbox file %s to %s: its name was not UTF-8", shown_name(name), new)
-            named.append(replace(file, path=self.inbox.root / new))
+            renamed = self.inbox.root / new
+            after = signature(renamed)  # the rename changed its change time, nothing else
+            if after is not None:
+                named.append(replace(file, path=renamed, signature=after))
         return named
 
     def _read_room(self) -> int:
