@@ -359,6 +359,17 @@ def test_custom_tasks_come_from_tasks_tables_and_can_be_routed_to(tmp_path: Path
     assert {"busi", "chestxray14", "covid", "histopathology", "knee"} <= set(settings.task_specs)
 
 
+def test_a_custom_task_s_whole_numbers_may_be_written_as_floats_that_are_whole(tmp_path: Path):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\n'
+        "contract = { channels = 1.0, height = 224.0, width = 224 }\nrecipe = { epochs = 3.0 }\n"
+    )
+    knee = load_settings(config, env={}).task_specs["knee"]
+    assert (knee.contract.channels, knee.contract.height, knee.contract.width, knee.recipe.epochs) == (1, 224, 224, 3)
+    assert isinstance(knee.contract.height, int)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

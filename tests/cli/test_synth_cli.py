@@ -85,3 +85,14 @@ def test_synth_interrupted_exits_130_and_leaves_no_dataset_half_written(tmp_path
         proc.kill()
     assert proc.returncode == 130 and "interrupted (Ctrl-C)" in err and "Aborted" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_synth_writes_into_an_empty_folder_given_even_through_a_link(tmp_path: Path) -> None:
+    """Written beside the folder and renamed over it, a dataset failed for a link to an empty folder
+    (and for the working folder, and for a mount point) after being written whole."""
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    result = CliRunner().invoke(medcli, ["synth", "busi", "--out", str(tmp_path / "link"), "--count", "2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "README.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]

@@ -408,12 +408,14 @@ def task_from_dict(name: str, data: Mapping[str, Any]) -> TaskSpec:
             raise TaskError(f"its labels must be distinct, each 1 to {MAX_NAME} characters")
         contract = data["contract"]
         _refuse_unknown(contract, CONTRACT_KEYS, "contract ")
-        channels, _, _ = (_whole(contract, key, "contract", least=1) for key in ("channels", "height", "width"))
+        sizes = {key: _whole(contract, key, "contract", least=1) for key in ("channels", "height", "width")}
         defaults = (
-            {"mean": GREY_MEAN, "std": GREY_STD} if channels == 1 else {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+            {"mean": GREY_MEAN, "std": GREY_STD}
+            if sizes["channels"] == 1
+            else {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
         )
         try:
-            input_contract = InputContract.from_dict({**defaults, **contract})
+            input_contract = InputContract.from_dict({**defaults, **contract, **sizes})
         except (TypeError, ValueError) as exc:
             raise TaskError(f"contract: {exc}") from None
         recipe = dict(data.get("recipe", {}))
@@ -462,8 +464,10 @@ def _whole(table: Mapping[str, Any], key: str, what: str, least: int) -> int:
     if key not in table:
         raise TaskError(f"{what}.{key} is missing")
     value = table[key]
+    if isinstance(value, float) and value.is_integer():  # 224.0, which loaded before
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise TaskError(f"{what}.{key}: {value!r} is not a whole number of at least {least}")
+        raise TaskError(f"{what}.{key}: {table[key]!r} is not a whole number of at least {least}")
     return value
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import csv
 import math
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -114,14 +114,22 @@ def write_phantoms(
         raise ValueError(f"size must be at least {MIN_SIZE} pixels, not {size}")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; phantoms are written into a new or empty folder")
-    # written beside it and renamed into place whole: an interrupted run left a dataset without
-    # its labels or its README.txt saying SYNTHETIC, which the next run refused as not empty
+    # an interrupted run left a dataset without its labels or its README.txt saying SYNTHETIC,
+    # which the next run refused as not empty: a new folder is written beside it and renamed into
+    # place whole; an empty one given (a mount point, a link, the working folder) is written in and
+    # emptied again on failure
+    if out.is_dir():
+        try:
+            return writers[task](out, count=count, size=size, seed=seed)
+        except BaseException:
+            for entry in list(out.iterdir()):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            raise
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    partial = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.partial"
+    partial.mkdir()  # not mkdtemp, whose folder is its owner's alone
     try:
         written = writers[task](partial, count=count, size=size, seed=seed)
-        if out.exists():
-            out.rmdir()  # empty, as checked
         partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
