@@ -80,7 +80,9 @@ def claim_inbox_files(
         InboxClaim.size != new.size,
         InboxClaim.mtime_ns != new.mtime_ns,
         InboxClaim.inode != new.inode,
-        InboxClaim.ctime_ns != new.ctime_ns,  # NULL (a row of the version before): unknown, not another
+        # NULL (a row from before 0015): unknown, not another. A daemon of the version before leaves
+        # the change time of the path's previous file in the row (migration 0015 says what follows)
+        InboxClaim.ctime_ns != new.ctime_ns,
     )
     won = session.scalars(
         statement.on_conflict_do_update(

@@ -5,8 +5,11 @@ mtime and inode did not tell a new file from the one that left when a move acros
 copy, then the source unlinked) freed the inode and the next file of that name got it back with
 the same size and mtime (``cp -p``, ``rsync -a``): it was refused, unsaid, for the tombstone's five
 minutes, and ``--once`` waited for it. No one can set a file's change time; a new file has its own.
-Existing rows (and the rows of a daemon of the version before) have none: compared as unknown,
-they refuse as before.
+Existing rows have none: compared as unknown, they refuse as before. A daemon of the version before,
+still running beside this one, claims a path without writing its change time: for the five minutes
+the path's row lasts, that row keeps the change time of the file before, and this version's daemon
+that saw the other's file just before it left may take it for a new one, find it gone and record a
+failed ``vanished`` scan (nothing lost, nothing read twice); once every daemon runs 0015, never.
 
 Revision ID: 0015
 Revises: 0014
