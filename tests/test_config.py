@@ -363,11 +363,13 @@ def test_a_custom_task_s_whole_numbers_may_be_written_as_floats_that_are_whole(t
     config = tmp_path / "c.toml"
     config.write_text(
         '[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\n'
-        "contract = { channels = 1.0, height = 224.0, width = 224 }\nrecipe = { epochs = 3.0 }\n"
+        "contract = { channels = 1.0, height = 224.0, width = 224 }\n"
+        "recipe = { epochs = 3.0, early_stopping_patience = 2.0 }\n"
     )
     knee = load_settings(config, env={}).task_specs["knee"]
     assert (knee.contract.channels, knee.contract.height, knee.contract.width, knee.recipe.epochs) == (1, 224, 224, 3)
     assert isinstance(knee.contract.height, int)
+    assert repr(knee.recipe.early_stopping_patience) == "2"  # 2.0 went into training's log and config
 
 
 @pytest.mark.parametrize(

@@ -96,3 +96,28 @@ def test_synth_writes_into_an_empty_folder_given_even_through_a_link(tmp_path: P
     assert result.exit_code == 0, result.output
     assert (tmp_path / "link").is_symlink() and (tmp_path / "target" / "README.txt").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "target"]
+
+
+def test_synth_interrupted_in_a_folder_it_was_given_removes_what_it_wrote_and_nothing_else(tmp_path: Path) -> None:
+    """Emptying the folder on failure deleted what another program had written there meanwhile."""
+    out = tmp_path / "given"
+    out.mkdir()
+    medcli_path = Path(sys.executable).parent / "medcli"
+    proc = subprocess.Popen(
+        [str(medcli_path), "synth", "chestxray14", "--out", str(out), "--count", "1000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(out.glob(".given.*.partial/images/*.png"))) < 20:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        (out / "colleague-notes.txt").write_text("SYNTHETIC: not synth's")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert [p.name for p in out.iterdir()] == ["colleague-notes.txt"]

@@ -1232,3 +1232,77 @@ def test_a_map_over_a_source_whose_orientation_is_no_orientation_takes_a_frame_o
     back = built_and_checked(facts, tmp_path, ("pmap",))
 
     assert back["pmap"].FrameOfReferenceUID != ds.FrameOfReferenceUID
+
+
+def test_a_code_too_long_for_its_vr_in_a_copied_sequence_is_never_cut_into_another_code(
+    tmp_path: Path, label_files: LabelResult
+):
+    """Cut to 16 characters, two SYNTHETIC codes became one code of two meanings, and a dotted code
+    another valid-looking one, without a word from dciodvfy. A long Code Value is the item's Long
+    Code Value (PS3.3 8.8); an item whose coding scheme's name does not fit is left out."""
+    path = write_dicom(tmp_path / "source.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    items = []
+    for value, scheme, meaning in (("SYN-BREAST-US-BIL-A", "99SYN", "SYNTHETIC left"),
+                                   ("SYN-BREAST-US-BIL-B", "99SYN", "SYNTHETIC right"),
+                                   ("SYN1", "99SYNTHETICLOCAL1", "SYNTHETIC unfit scheme")):  # fmt: skip
+        item = pydicom.Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+        items.append(item)
+    ds.ProcedureCodeSequence = items
+    ds.WindowCenter = ["40.000000000000001", "", "400"]  # an empty value among them stays
+    ds.save_as(path)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+
+    back = built_and_checked(facts, tmp_path, ("sr", "sc", "pdf"))
+
+    for key, written in back.items():
+        codes = [(i.get("CodeValue"), i.get("LongCodeValue"), i.CodeMeaning) for i in written.ProcedureCodeSequence]
+        assert codes == [
+            (None, "SYN-BREAST-US-BIL-A", "SYNTHETIC left"),
+            (None, "SYN-BREAST-US-BIL-B", "SYNTHETIC right"),
+        ], key
+    assert [str(v) for v in facts.source.WindowCenter] == ["40.0", "", "400.0"]
+
+
+def test_a_map_over_an_orientation_written_with_three_decimals_keeps_its_frame_exactly_orthonormal(
+    tmp_path: Path, label_files: LabelResult
+):
+    """0.999\\0.035\\0 is a unit vector to three decimals, not to dciodvfy's 5e-5: copied, the map
+    failed; a new frame would lose its registration with the source."""
+    path = write_dicom(tmp_path / "source.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.78"
+    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, 0], [0.999, 0.035, 0, -0.035, 0.999, 0]
+    ds.save_as(path)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+
+    back = built_and_checked(facts, tmp_path, ("pmap",))
+
+    assert back["pmap"].FrameOfReferenceUID == ds.FrameOfReferenceUID
+    row, column = np.asarray([float(v) for v in _orientation_of(back["pmap"])]).reshape(2, 3)
+    assert abs(np.linalg.norm(row) - 1) < 1e-9 and abs(row @ column) < 1e-9
+    assert np.allclose(row, [0.999, 0.035, 0], atol=1e-3)
+
+
+def _orientation_of(ds: pydicom.Dataset) -> list[float]:
+    groups = ds.SharedFunctionalGroupsSequence[0]
+    return list(groups.PlaneOrientationSequence[0].ImageOrientationPatient)
+
+
+def test_frames_under_a_private_sop_class_are_referenced_as_the_whole_instance(
+    tmp_path: Path, label_files: LabelResult
+):
+    """A SOP class highdicom does not know was taken for a multi-frame one: the capture named a
+    frame dciodvfy says shall not be named."""
+    from pydicom.data import get_testdata_file
+
+    source = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    source.SOPClassUID, source.NumberOfFrames = "1.2.826.0.1.3680043.8.498.999.1", 2
+    path = tmp_path / "private.dcm"
+    source.save_as(path)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+
+    back = built_and_checked(facts, tmp_path, ("sc",))
+
+    assert "ReferencedFrameNumber" not in back["sc"].SourceImageSequence[0]

@@ -18,7 +18,7 @@ _DEFAULTS = "; ".join(f"{task}: {d.count} {d.count_means}, {d.size} px" for task
 @click.command("synth", epilog=f"Defaults: {_DEFAULTS}.")
 @click.argument("task", type=click.Choice(sorted(PHANTOM_DEFAULTS)))
 @click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
-              help="The dataset root to write (created; must be new or empty).")  # fmt: skip
+              help="The dataset root to write (created, or an empty folder; written whole or not at all).")  # fmt: skip
 @click.option("--count", type=click.IntRange(min=1), help="Images per class (chestxray14: images in all).")
 @click.option(
     "--size", type=click.IntRange(min=MIN_SIZE), help=f"Side of each square image in pixels (at least {MIN_SIZE})."

@@ -103,8 +103,8 @@ def _multiframe_iod(source: Dataset) -> bool:
 
     try:
         return bool(is_multiframe_image(source))
-    except Exception:  # a SOP class highdicom does not know: as its frames say
-        return True
+    except Exception:  # a SOP class highdicom does not know: referenced whole, as dciodvfy expects
+        return False
 
 
 def classified_frame(source: Dataset, frame_policy: str) -> int | None:
@@ -230,42 +230,72 @@ def read_source(path: Path) -> Dataset:
     return ds
 
 
-def _clip_text(ds: Dataset, encodings: list[str] | None = None) -> None:
+def _clip_text(ds: Dataset, encodings: list[str] | None = None, top: bool = True) -> None:
     """Text values longer than their VR allows, cut to its length in ``ds``'s character set (the
-    source's, in which they are written back, or UTF-8 where the objects take it), at every depth
-    (an item takes its dataset's set unless it names its own): copied as they came (a vendor's
-    70-character Study Description, a 91-character Patient's Name, a 77-character Code Meaning in the
-    Procedure Code Sequence), they made every object fail dciodvfy. A decimal string written longer
-    than its 16 characters (``70.12345678901234567``) is written again in 16."""
+    source's, in which they are written back, or UTF-8 where the objects take it): copied as they
+    came (a vendor's 70-character Study Description, a 91-character Patient's Name, a 77-character
+    Code Meaning in the Procedure Code Sequence), they made every object fail dciodvfy. Inside the
+    sequences the objects copy (``PATIENT_AND_STUDY``; an item takes its dataset's set unless it
+    names its own) a code is never cut into another code: a Code Value over 16 characters becomes
+    the item's Long Code Value, and an item holding another code or term too long for its VR
+    (a coding scheme's name, a CS value) is left out. A decimal string written longer than its 16
+    characters (``70.12345678901234567``) is written again in 16."""
     if "SpecificCharacterSet" in ds or encodings is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a set pydicom does not know: its default, as it reads the values
             encodings = convert_encodings(ds.get("SpecificCharacterSet") or "ISO_IR 6")
-    for element in ds:
+    for element in list(ds):
         vr = str(element.VR)
         if vr == "SQ":
-            for item in element.value or ():
-                _clip_text(item, encodings)
+            if top and element.keyword not in PATIENT_AND_STUDY:
+                continue  # not copied (an enhanced header's thousands of functional groups)
+            kept = [item for item in element.value or () if _clip_item(item, encodings)]
+            if len(kept) != len(element.value or ()):
+                element.value = kept
             continue
         if vr == "DS":
             _shorten_decimals(ds, element)
             continue
-        limit = TEXT_LIMITS.get(vr)
-        if limit is None or element.value is None:
-            continue
-        values = element.value if isinstance(element.value, (list, MultiValue)) else [element.value]
-        if vr == "PN":  # each component group (alphabetic, ideographic, phonetic) holds 64 characters
-            clipped = ["=".join(encoding.clipped(g, limit, encodings) for g in str(v).split("=")) for v in values]
-        elif all(isinstance(v, str) for v in values):
-            clipped = [encoding.clipped(v, limit, encodings) for v in values]
-        else:
-            continue
-        if clipped != [str(v) for v in values]:
-            element.value = clipped if len(clipped) > 1 else clipped[0]
+        _clip_element(element, encodings)
+
+
+def _clip_element(element: Any, encodings: list[str]) -> None:
+    limit = TEXT_LIMITS.get(str(element.VR))
+    if limit is None or element.value is None:
+        return
+    values = element.value if isinstance(element.value, (list, MultiValue)) else [element.value]
+    if element.VR == "PN":  # each component group (alphabetic, ideographic, phonetic) holds 64 characters
+        clipped = ["=".join(encoding.clipped(g, limit, encodings) for g in str(v).split("=")) for v in values]
+    elif all(isinstance(v, str) for v in values):
+        clipped = [encoding.clipped(v, limit, encodings) for v in values]
+    else:
+        return
+    if clipped != [str(v) for v in values]:
+        element.value = clipped if len(clipped) > 1 else clipped[0]
+
+
+#: the VRs of codes and terms, which a cut would turn into other ones
+_CODE_VRS = ("SH", "CS")
+
+
+def _clip_item(item: Dataset, encodings: list[str]) -> bool:
+    """``_clip_text`` of one item of a copied sequence; False when the item is to be left out."""
+    code_value = item.get("CodeValue")
+    if isinstance(code_value, str) and len(code_value) > TEXT_LIMITS["SH"] and "LongCodeValue" not in item:
+        item.LongCodeValue = code_value  # UC, as PS3.3 8.8 asks for a code value over 16 characters
+        del item.CodeValue
+    for element in item:
+        if str(element.VR) in _CODE_VRS and element.value is not None:
+            values = element.value if isinstance(element.value, (list, MultiValue)) else [element.value]
+            if any(isinstance(v, str) and len(v) > TEXT_LIMITS[str(element.VR)] for v in values):
+                return False
+    _clip_text(item, encodings, top=False)
+    return True
 
 
 def _shorten_decimals(ds: Dataset, element: Any) -> None:
-    """A DS value over 16 characters, as the closest that fits; one that is no number, dropped."""
+    """A DS value over 16 characters, as the closest that fits (empty values kept); one that is no
+    number, dropped."""
     raw = element.value
     if raw is None or raw == "":
         return
@@ -273,7 +303,7 @@ def _shorten_decimals(ds: Dataset, element: Any) -> None:
     if all(len(str(getattr(v, "original_string", None) or v)) <= 16 for v in values):
         return
     try:
-        shortened = [format_number_as_ds(float(v)) for v in values]
+        shortened = [format_number_as_ds(float(v)) if v not in (None, "") else "" for v in values]
     except (TypeError, ValueError, OverflowError):
         del ds[element.tag]
         return

@@ -22,6 +22,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.coding import Code
+from pydicom.valuerep import format_number_as_ds
 
 from meddaemon import MANUFACTURER
 from meddaemon.dicom import uids
@@ -170,16 +171,23 @@ def _two_positive(value: Any) -> tuple[float, float] | None:
     return (first, second) if all(math.isfinite(v) and v > 0 for v in (first, second)) else None
 
 
-def _orientation(value: Any) -> bool:
-    """An Image Orientation (Patient) a map can be placed by: two orthogonal unit vectors. A device's
-    ``0\\0\\0\\0\\0\\0`` was copied into the map, which failed dciodvfy ("not unit vector"); the map
-    then takes a frame of reference of its own, as a projection image's does."""
+def _orientation(value: Any) -> list[str] | None:
+    """The source's Image Orientation (Patient) as the map writes it: two orthogonal unit vectors,
+    made exactly so (Gram-Schmidt, 16-character decimals) when they nearly are (a vendor writing
+    three decimals: ``0.999\\0.035\\0``), which dciodvfy refuses beyond 5e-5 of a unit and 1e-4 of
+    orthogonal; None when they are far from it (``0\\0\\0\\0\\0\\0``, copied, failed dciodvfy):
+    the map then takes a frame of reference of its own, as a projection image's does."""
     try:
         row, column = np.asarray([float(v) for v in value], dtype=float).reshape(2, 3)
     except (TypeError, ValueError):
-        return False
-    unit = abs(np.linalg.norm(row) - 1) < 1e-3 and abs(np.linalg.norm(column) - 1) < 1e-3
-    return bool(unit and abs(float(row @ column)) < 1e-3)
+        return None
+    near = abs(np.linalg.norm(row) - 1) < 1e-2 and abs(np.linalg.norm(column) - 1) < 1e-2
+    if not (near and abs(float(row @ column)) < 1e-2):
+        return None
+    row = row / np.linalg.norm(row)
+    column = column - (row @ column) * row
+    column = column / np.linalg.norm(column)
+    return [format_number_as_ds(float(v)) for v in (*row, *column)]
 
 
 def _in_frame_groups(source: Dataset, sequence: str, keyword: str) -> Any:
@@ -206,7 +214,10 @@ def _with_frame_of_reference(source: Dataset, facts: ScanFacts, spacing: tuple[f
         value = None if keyword in source else _in_frame_groups(source, sequence, keyword)
         if value is not None:  # an enhanced object's, at the top level where the map's geometry reads it
             placed.add_new(keyword, "DS", list(value))
-    placed_already = "ImagePositionPatient" in placed and _orientation(placed.get("ImageOrientationPatient"))
+    orientation = _orientation(placed.get("ImageOrientationPatient"))
+    if orientation is not None:
+        placed.add_new("ImageOrientationPatient", "DS", orientation)
+    placed_already = "ImagePositionPatient" in placed and orientation is not None
     if not (source.get("FrameOfReferenceUID") and placed_already):
         frame = uids.derived_uid(facts.uid_root, facts.sha256, "frame-of-reference")
         placed.add_new("FrameOfReferenceUID", "UI", frame)

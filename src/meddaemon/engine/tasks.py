@@ -421,7 +421,7 @@ def task_from_dict(name: str, data: Mapping[str, Any]) -> TaskSpec:
         recipe = dict(data.get("recipe", {}))
         for key, least in (("batch_size", 1), ("epochs", 0), ("early_stopping_patience", 1)):
             if key in recipe:
-                _whole(recipe, key, "recipe", least)
+                recipe[key] = _whole(recipe, key, "recipe", least)
         if "learning_rate" in recipe and not _number_above_0(recipe["learning_rate"]):
             raise TaskError(f"recipe.learning_rate: {recipe['learning_rate']!r} is not a number above 0")
         return TaskSpec(

@@ -115,22 +115,22 @@ def write_phantoms(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; phantoms are written into a new or empty folder")
     # an interrupted run left a dataset without its labels or its README.txt saying SYNTHETIC,
-    # which the next run refused as not empty: a new folder is written beside it and renamed into
-    # place whole; an empty one given (a mount point, a link, the working folder) is written in and
-    # emptied again on failure
-    if out.is_dir():
-        try:
-            return writers[task](out, count=count, size=size, seed=seed)
-        except BaseException:
-            for entry in list(out.iterdir()):
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-            raise
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.partial"
+    # which the next run refused as not empty: it is written in a folder of its own beside or
+    # inside ``out`` (an empty folder given may be a mount point, a link, the working folder),
+    # then moved into place; on failure that folder goes, and nothing else
+    given = out.is_dir()
+    if not given:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    partial = (out if given else out.parent) / f".{out.name or 'synth'}.{uuid.uuid4().hex[:12]}.partial"
     partial.mkdir()  # not mkdtemp, whose folder is its owner's alone
     try:
         written = writers[task](partial, count=count, size=size, seed=seed)
-        partial.rename(out)
+        if given:
+            for entry in sorted(partial.iterdir()):
+                entry.rename(out / entry.name)
+            partial.rmdir()
+        else:
+            partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
