@@ -18,6 +18,8 @@ BIN = Path(sys.executable).parent
 
 
 def start(tmp_path: Path, state_dir: Path, env: dict[str, str] | None = None) -> Result:
+    """``meddaemon start --once`` on an inbox that exists (a missing one is said first)."""
+    (tmp_path / "inbox").mkdir(exist_ok=True)
     args = ["start", "--once", "--watch", str(tmp_path / "inbox"), "--state-dir", str(state_dir), "--workers", "0"]
     return CliRunner().invoke(meddaemon, args, env=env, catch_exceptions=False)
 
@@ -44,6 +46,7 @@ def test_an_unwritable_state_dir(tmp_path: Path):
     """A subprocess held to file modes (under root too, as in CI: ``permissions``)."""
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
+    (tmp_path / "inbox").mkdir()
     args = ["start", "--once", "--watch", str(tmp_path / "inbox"), "--state-dir", str(locked), "--workers", "0"]
     done = subprocess.run(held_to_file_modes([str(BIN / "meddaemon"), *args]), capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
