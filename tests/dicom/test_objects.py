@@ -1306,3 +1306,38 @@ def test_frames_under_a_private_sop_class_are_referenced_as_the_whole_instance(
     back = built_and_checked(facts, tmp_path, ("sc",))
 
     assert "ReferencedFrameNumber" not in back["sc"].SourceImageSequence[0]
+
+
+def _item(**values: str) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+@pytest.mark.parametrize(
+    ("keyword", "item"),
+    [
+        (
+            "IssuerOfAccessionNumberSequence",
+            _item(LocalNamespaceEntityID="SYN", UniversalEntityIDType="ISO_OID_SYNTHETIC"),
+        ),
+        ("ProcedureCodeSequence", _item(CodeValue="SYN1", CodingSchemeDesignator="99SYNTHETICLOCAL1", CodeMeaning="x")),
+        ("OtherPatientIDsSequence", _item(PatientID="SYN-2", TypeOfPatientID="RFID_SYNTHETIC_LONG")),
+    ],
+    ids=["issuer of accession number", "procedure code", "other patient ids"],
+)
+def test_a_copied_sequence_whose_every_item_is_left_out_is_left_out_too(
+    tmp_path: Path, label_files: LabelResult, keyword: str, item: pydicom.Dataset
+):
+    """Its only item left out (a code or term too long for its VR), the sequence went out empty,
+    where its module wants one item at least: all four objects failed dciodvfy."""
+    path = write_dicom(tmp_path / "source.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    setattr(ds, keyword, [item])
+    ds.save_as(path)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+
+    back = built_and_checked(facts, tmp_path, ("sr", "pmap", "sc", "pdf"))
+
+    assert all(keyword not in written for written in back.values())

@@ -98,3 +98,47 @@ def test_phantoms_are_not_written_into_a_folder_that_holds_files(tmp_path: Path)
     with pytest.raises(FileExistsError, match="not empty"):
         write_phantoms("covid", tmp_path, count=2, size=32)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_a_name_another_program_took_in_the_folder_given_is_neither_replaced_nor_left_beside_half_a_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Moved up entry by entry, the dataset replaced another program's README.txt written there
+    meanwhile without a word, and a name it could not take (a folder of files) left the entries
+    moved before it in place: half a dataset, which the next run refused as not empty."""
+    from meddaemon.training import phantoms
+
+    out = tmp_path / "given"
+    out.mkdir()
+    real = phantoms.write_busi
+
+    def another_program_writes_meanwhile(root: Path, **kwargs: object) -> PhantomSet:
+        written = real(root, **kwargs)
+        (out / "README.txt").write_text("SYNTHETIC: another program's")
+        return written
+
+    monkeypatch.setattr(phantoms, "write_busi", another_program_writes_meanwhile)
+    with pytest.raises(FileExistsError, match=r"README\.txt appeared"):
+        write_phantoms("busi", out, count=2, size=32)
+    assert [p.name for p in out.iterdir()] == ["README.txt"]
+    assert (out / "README.txt").read_text() == "SYNTHETIC: another program's"
+
+
+def test_a_dataset_moved_into_the_folder_given_is_moved_out_again_when_a_move_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "given"
+    out.mkdir()
+    real, calls = Path.rename, []
+
+    def third_fails(self: Path, target: Path) -> Path:  # type: ignore[override]
+        if Path(target).parent == out:
+            calls.append(target)
+            if len(calls) == 3:
+                raise KeyboardInterrupt  # Ctrl-C between two renames
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", third_fails)
+    with pytest.raises(KeyboardInterrupt):
+        write_phantoms("busi", out, count=2, size=32)
+    assert list(out.iterdir()) == []

@@ -230,7 +230,7 @@ def read_source(path: Path) -> Dataset:
     return ds
 
 
-def _clip_text(ds: Dataset, encodings: list[str] | None = None, top: bool = True) -> None:
+def _clip_text(ds: Dataset, encodings: list[str] | None = None, top: bool = True) -> bool:
     """Text values longer than their VR allows, cut to its length in ``ds``'s character set (the
     source's, in which they are written back, or UTF-8 where the objects take it): copied as they
     came (a vendor's 70-character Study Description, a 91-character Patient's Name, a 77-character
@@ -239,7 +239,9 @@ def _clip_text(ds: Dataset, encodings: list[str] | None = None, top: bool = True
     names its own) a code is never cut into another code: a Code Value over 16 characters becomes
     the item's Long Code Value, and an item holding another code or term too long for its VR
     (a coding scheme's name, a CS value) is left out. A decimal string written longer than its 16
-    characters (``70.12345678901234567``) is written again in 16."""
+    characters (``70.12345678901234567``) is written again in 16. A sequence left with no item is
+    removed at the top level; below, its item goes too (False: an item that must not be kept), as
+    an empty sequence fails where one item is required."""
     if "SpecificCharacterSet" in ds or encodings is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a set pydicom does not know: its default, as it reads the values
@@ -249,14 +251,20 @@ def _clip_text(ds: Dataset, encodings: list[str] | None = None, top: bool = True
         if vr == "SQ":
             if top and element.keyword not in PATIENT_AND_STUDY:
                 continue  # not copied (an enhanced header's thousands of functional groups)
-            kept = [item for item in element.value or () if _clip_item(item, encodings)]
-            if len(kept) != len(element.value or ()):
+            items = list(element.value or ())
+            kept = [item for item in items if _clip_item(item, encodings)]
+            if items and not kept:
+                if not top:
+                    return False
+                del ds[element.tag]
+            elif len(kept) != len(items):
                 element.value = kept
             continue
         if vr == "DS":
             _shorten_decimals(ds, element)
             continue
         _clip_element(element, encodings)
+    return True
 
 
 def _clip_element(element: Any, encodings: list[str]) -> None:
@@ -289,8 +297,7 @@ def _clip_item(item: Dataset, encodings: list[str]) -> bool:
             values = element.value if isinstance(element.value, (list, MultiValue)) else [element.value]
             if any(isinstance(v, str) and len(v) > TEXT_LIMITS[str(element.VR)] for v in values):
                 return False
-    _clip_text(item, encodings, top=False)
-    return True
+    return _clip_text(item, encodings, top=False)
 
 
 def _shorten_decimals(ds: Dataset, element: Any) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -126,15 +127,35 @@ def write_phantoms(
     try:
         written = writers[task](partial, count=count, size=size, seed=seed)
         if given:
-            for entry in sorted(partial.iterdir()):
-                entry.rename(out / entry.name)
-            partial.rmdir()
+            _move_into(partial, out)
         else:
             partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return replace(written, root=out)
+
+
+def _move_into(partial: Path, out: Path) -> None:
+    """The entries of ``partial`` moved up into ``out``, none over a name another program took there
+    meanwhile (a rename replaces a file without a word); on any failure, Ctrl-C included, those
+    moved already go back, so that ``out`` holds none of the dataset."""
+    entries = sorted(partial.iterdir())
+    taken = [entry.name for entry in entries if os.path.lexists(out / entry.name)]
+    if taken:
+        raise FileExistsError(
+            f"{out} is not empty any more ({', '.join(taken)} appeared while the phantoms were written)"
+        )
+    moved: list[Path] = []
+    try:
+        for entry in entries:
+            entry.rename(out / entry.name)
+            moved.append(entry)
+    except BaseException:
+        for entry in moved:
+            (out / entry.name).rename(entry)
+        raise
+    partial.rmdir()
 
 
 # --- shared drawing -------------------------------------------------------------------------------
