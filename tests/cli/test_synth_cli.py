@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,10 +64,9 @@ def test_synth_into_a_folder_it_cannot_make_is_one_line_exit_1(tmp_path: Path) -
     assert f"error: cannot write {blocker / 'x'}" in result.stderr and "Traceback" not in result.output
 
 
-def test_synth_interrupted_exits_130_and_leaves_no_dataset_half_written(tmp_path: Path) -> None:
-    """Ctrl-C was click's "Aborted!", exit 1, and left images without their labels nor the
-    README.txt saying SYNTHETIC, which the next run refused as not empty."""
-    out = tmp_path / "nih"
+def interrupted_synth(out: Path, partial: Path, meanwhile: Callable[[], object] = lambda: None) -> str:
+    """``medcli synth chestxray14 --out OUT`` sent SIGINT once 20 images are in its ``.partial``
+    folder (in ``partial``), ``meanwhile`` done just before; asserts exit 130, returns stderr."""
     medcli_path = Path(sys.executable).parent / "medcli"
     proc = subprocess.Popen(
         [str(medcli_path), "synth", "chestxray14", "--out", str(out), "--count", "1000000"],
@@ -76,14 +76,23 @@ def test_synth_interrupted_exits_130_and_leaves_no_dataset_half_written(tmp_path
     )
     try:
         deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob(".nih.*.partial/images/*.png"))) < 20:
+        while len(list(partial.glob(f".{out.name}.*.partial/images/*.png"))) < 20:
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
             time.sleep(0.05)
+        meanwhile()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130 and "interrupted (Ctrl-C)" in err and "Aborted" not in err
+    assert proc.returncode == 130, err
+    return err
+
+
+def test_synth_interrupted_exits_130_and_leaves_no_dataset_half_written(tmp_path: Path) -> None:
+    """Ctrl-C was click's "Aborted!", exit 1, and left images without their labels nor the
+    README.txt saying SYNTHETIC, which the next run refused as not empty."""
+    err = interrupted_synth(tmp_path / "nih", tmp_path)
+    assert "interrupted (Ctrl-C)" in err and "Aborted" not in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -102,22 +111,5 @@ def test_synth_interrupted_in_a_folder_it_was_given_removes_what_it_wrote_and_no
     """Emptying the folder on failure deleted what another program had written there meanwhile."""
     out = tmp_path / "given"
     out.mkdir()
-    medcli_path = Path(sys.executable).parent / "medcli"
-    proc = subprocess.Popen(
-        [str(medcli_path), "synth", "chestxray14", "--out", str(out), "--count", "1000000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(out.glob(".given.*.partial/images/*.png"))) < 20:
-            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
-        (out / "colleague-notes.txt").write_text("SYNTHETIC: not synth's")
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
+    interrupted_synth(out, out, lambda: (out / "colleague-notes.txt").write_text("SYNTHETIC: not synth's"))
     assert [p.name for p in out.iterdir()] == ["colleague-notes.txt"]
