@@ -153,3 +153,31 @@ def test_without_a_kept_onnx_choice_and_graph_for_this_start_the_network_is_load
     model = serve(folder, heatmaps=heatmaps, batch=batch)
 
     assert isinstance(model.model, ClassifierNet)
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_a_manifest_edited_between_its_check_and_its_load_is_refused_not_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+):
+    """The manifest was checked against the database's row, then read again by the load, and that
+    second copy served: a threshold edited in between (a hand edit, a sync tool) called with 0.01
+    where the results store 0.5."""
+    from meddaemon.engine import serving
+
+    folder = write_model(tmp_path / "v1", version="v1", backend=backend)
+    registered_manifest = json.loads((folder / "manifest.json").read_text())
+    registered = registry.Registered(registered_manifest["sha256"], registered_manifest)
+    if backend == "auto":  # an earlier start chose and kept the ONNX graph
+        serve_version(folder, 1, torch.device("cpu"), heatmaps=False, batch=1, registered=registered)
+    real = serving.read_manifest
+
+    def read_then_someone_edits(path: Path) -> registry.Manifest:
+        read = real(path)
+        edited = {**registered_manifest, "thresholds": {**registered_manifest["thresholds"], "malignant": 0.01}}
+        (Path(path) / "manifest.json").write_text(json.dumps(edited))
+        return read
+
+    monkeypatch.setattr(serving, "read_manifest", read_then_someone_edits)
+    with pytest.raises(registry.ModelRefused) as refused:
+        serve_version(folder, 1, torch.device("cpu"), heatmaps=False, batch=1, choose=False, registered=registered)
+    assert refused.value.reason == "bad_manifest"

@@ -58,13 +58,18 @@ def serve_version(
     A version that fails its verification raises :class:`ModelRefused`, as does, with ``registered``
     (the database's row), a folder that no longer holds what was registered."""
     folder = Path(folder)
-    if registered is not None:  # before either way of serving it
+    if registered is not None:  # before either way of serving it: a quick refusal
         check_registered(read_manifest(folder), folder, registered)
     cache = BackendCache(folder)
-    model = serve_kept_graph(folder, version_id, device, heatmaps=heatmaps, batch=batch, lanes=lanes, cache=cache)
+    model = serve_kept_graph(
+        folder, version_id, device, heatmaps=heatmaps, batch=batch, lanes=lanes, cache=cache, registered=registered
+    )
     if model is not None:
         return model
-    model = ServedModel(version_id, load_version(folder, device="cpu"), device, heatmaps=heatmaps, lanes=lanes)
+    loaded = load_version(folder, device="cpu")
+    if registered is not None:  # the manifest served is the one checked: the file is read again by the load
+        check_registered(loaded.manifest, folder, registered)
+    model = ServedModel(version_id, loaded, device, heatmaps=heatmaps, lanes=lanes)
     if choose:
         model.choose_backend(batch, cache)
     return model
@@ -79,15 +84,19 @@ def serve_kept_graph(
     batch: int,
     lanes: int,
     cache: BackendCache,
+    registered: Registered | None = None,
 ) -> ServedModel | None:
     """The version served from the ONNX graph an earlier start chose and kept, or None when there is
-    none to serve (the full load is then needed)."""
+    none to serve (the full load is then needed). With ``registered``, the manifest read here (the one
+    served) is the one checked against the database's row."""
     if device.type != "cpu":
         return None
     try:
         manifest = read_manifest(folder)
     except ModelRefused:
         return None  # the full load refuses it, saying why
+    if registered is not None:
+        check_registered(manifest, folder, registered)
     if manifest.architecture == ONNX_ARCHITECTURE or manifest.backend != "auto":
         return None
     activation = heatmaps and manifest.heatmaps
