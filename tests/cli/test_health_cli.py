@@ -114,3 +114,31 @@ def test_a_bad_option_is_a_usage_error(runner, tmp_path):
     result = runner.invoke(meddaemon, ["health", "--max-failure-fraction", "2"])
     assert result.exit_code == 2
     assert "--max-failure-fraction" in result.output
+
+
+def test_health_while_a_table_is_locked_on_postgresql_ends_in_bounded_time(runner, postgres_url: str, tmp_path):
+    """A table held in ACCESS EXCLUSIVE (a migration, VACUUM FULL) held `meddaemon health` for as long
+    as it lasted: the timer's unit never failed, a container's HEALTHCHECK got no verdict."""
+    import time
+
+    from sqlalchemy import text
+
+    from meddaemon.db.engine import create_db_engine
+    from meddaemon.db.migrate import upgrade
+
+    holder = create_db_engine(postgres_url)
+    upgrade(holder)
+    add_daemon(holder, socket.gethostname(), age=1)
+    try:
+        with holder.connect() as connection:
+            connection.execute(text("LOCK TABLE scans IN ACCESS EXCLUSIVE MODE"))
+            started = time.monotonic()
+            result = health(runner, postgres_url, tmp_path, "--json")
+            took = time.monotonic() - started
+            connection.rollback()
+    finally:
+        holder.dispose()
+    assert took < 30.0
+    report = json.loads(result.output)
+    assert result.exit_code in (1, 2) and report["status"] != "ok"
+    assert any("could not be checked" in check["message"] for check in report["checks"])

@@ -290,3 +290,45 @@ def test_a_daemon_waiting_out_a_database_outage_reports_the_database_down(migrat
     assert one(scrape(handle.url), "meddaemon_database_up") == 0
     metrics.database_reachable(True)
     assert one(scrape(handle.url), "meddaemon_database_up") == 1
+
+
+@pytest.fixture
+def postgres_migrated(postgres_url: str) -> str:
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    engine.dispose()
+    return postgres_url
+
+
+def test_a_scrape_while_a_table_is_locked_or_the_link_frozen_says_down_within_its_deadline(postgres_migrated: str):
+    """A table held in ACCESS EXCLUSIVE (a migration, VACUUM FULL) or a link that stops answering
+    mid-read held the scrape, and every scrape after it, for as long as it lasted: Prometheus saw no
+    answer (up 0), never `meddaemon_database_up 0`, and the scrapes' threads piled up."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    from tcp_proxy import tcp_proxy
+
+    where = make_url(postgres_migrated)
+    with tcp_proxy((where.host or "127.0.0.1", where.port or 5432)) as proxy:
+        through = where.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        handle = start_metrics_server("127.0.0.1", 0, through, DaemonMetrics(), busy_timeout=1.0)
+        holder = create_db_engine(postgres_migrated)
+        try:
+            assert one(scrape(handle.url), "meddaemon_database_up") == 1
+            with holder.connect() as connection:
+                connection.execute(text("LOCK TABLE scans IN ACCESS EXCLUSIVE MODE"))
+                started = time.monotonic()
+                assert one(scrape(handle.url), "meddaemon_database_up") == 0
+                assert time.monotonic() - started < 8.0
+                connection.rollback()
+            assert one(scrape(handle.url), "meddaemon_database_up") == 1
+            proxy.freeze()
+            for _ in range(2):  # the read left hanging, and the scrape after it
+                started = time.monotonic()
+                assert one(scrape(handle.url), "meddaemon_database_up") == 0
+                assert time.monotonic() - started < 8.0
+        finally:
+            proxy.thaw()
+            holder.dispose()
+            handle.stop()

@@ -9,7 +9,7 @@ import click
 
 from meddaemon.cli.common import build_settings, echo_json, handle_errors, settings_options
 from meddaemon.daemon.health import HealthLimits, check_health, this_node
-from meddaemon.db.readonly import read_only_engine
+from meddaemon.db.readonly import OBSERVER_STATEMENT_SECONDS, read_only_engine
 
 _MARKS = {"ok": "ok", "degraded": "DEGRADED", "down": "DOWN"}
 
@@ -82,7 +82,7 @@ def health(
         failure_window_seconds=failure_window_minutes * 60,
         max_failure_fraction=max_failure_fraction,
     )
-    engine = read_only_engine(settings.db_url, settings.busy_timeout)
+    engine = read_only_engine(settings.db_url, settings.busy_timeout, statement_timeout=OBSERVER_STATEMENT_SECONDS)
     try:
         report = check_health(engine, settings, limits)
     finally:

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -34,7 +35,7 @@ from meddaemon.config import ConfigError
 from meddaemon.daemon.lease import RunningDaemon, running_daemons
 from meddaemon.daemon.stages import Stage
 from meddaemon.db.models import DaemonInstance, InboxClaim, ModelVersion, Report, Result, Scan, utcnow
-from meddaemon.db.readonly import read_only_engine
+from meddaemon.db.readonly import OBSERVER_STATEMENT_SECONDS, read_only_engine
 from meddaemon.dicom.outbox import QueueSummary
 from meddaemon.dicom.outbox import summary as outbox_summary
 from meddaemon.dicom.receiver import ReceiverStats
@@ -304,19 +305,34 @@ class DatabaseCollector(Collector):
         self.window_seconds = window_seconds
         self.latency_window_seconds = latency_window_seconds
         self._lock = threading.Lock()  # one scrape at a time: no pile-up of sessions on a slow database
+        #: the reads, in a thread of their own so that a scrape answers by its deadline whatever they do
+        self._reads = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="meddaemon-metrics-read")
+
+    def _read(self) -> DatabaseSnapshot:
+        with Session(self.engine) as session, session.begin():
+            return read_snapshot(session, self.window_seconds, self.latency_window_seconds)
+
+    def close(self) -> None:
+        self._reads.shutdown(wait=False)
 
     def describe(self) -> Iterable[Metric]:
         return []  # families are dynamic; registering must not read the database
 
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
-        with self._lock:
+        snapshot = None
+        if self.daemon is not None and not self.daemon.database_up:
+            pass  # the daemon is waiting out an outage: said at once, without a read that would wait too
+        elif self._lock.acquire(timeout=SCRAPE_WAIT_SECONDS):  # a scrape still reading: this one says down
+            reading = self._reads.submit(self._read)
             try:
-                with Session(self.engine) as session, session.begin():
-                    snapshot = read_snapshot(session, self.window_seconds, self.latency_window_seconds)
+                snapshot = reading.result(timeout=SCRAPE_READ_SECONDS)
+            except futures.TimeoutError:  # a link frozen mid-read, which no timeout of the server ends
+                log.warning("metrics: the database did not answer within %.0f s", SCRAPE_READ_SECONDS)
             except Exception as exc:  # any failure to read is "down", reported in the scrape
                 log.warning("metrics: cannot read the database: %s", error_line(exc))
-                snapshot = None
+            finally:  # the next scrape reads once this read has ended, however late
+                reading.add_done_callback(lambda _: self._lock.release())
         up = GaugeMetricFamily(
             "meddaemon_database_up",
             "1 when the last scrape could read the database and this daemon's transactions get through "
@@ -478,7 +494,14 @@ class MetricsServer:
         self._server.server_close()
         self._thread.join(timeout=5)
         self._registry.unregister(self._collector)
+        self._collector.close()
         self._collector.engine.dispose()
+
+
+#: the longest a scrape waits for the one before it to finish reading, then for its own read: the
+#: scrape says the database is down after both (Prometheus gives up at 10 s)
+SCRAPE_WAIT_SECONDS = 2.0
+SCRAPE_READ_SECONDS = 5.0
 
 
 def start_metrics_server(
@@ -495,7 +518,7 @@ def start_metrics_server(
     (the daemon's engine takes SQLite's write lock at every BEGIN; a scrape must not).
     """
     url = engine.url if isinstance(engine, Engine) else engine
-    reader = read_only_engine(url, busy_timeout=busy_timeout)
+    reader = read_only_engine(url, busy_timeout=busy_timeout, statement_timeout=OBSERVER_STATEMENT_SECONDS)
     registry = metrics.registry if metrics is not None else CollectorRegistry()
     collector = DatabaseCollector(reader, window_seconds=window_seconds, daemon=metrics)
     registry.register(collector)

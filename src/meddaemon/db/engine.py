@@ -56,10 +56,14 @@ class ConnectionLimits:
     idle_in_transaction: float = 30.0
     keepalive: float = 10.0
     application_name: str = "meddaemon"
+    #: any statement running longer than this fails (0: no limit); the observers' (``db.readonly``)
+    statement_timeout: float = 0.0
 
     def connect_args(self) -> dict[str, object]:
         """libpq parameters (psycopg passes them through) and server settings (``options``)."""
         server = {"lock_timeout": self.lock_timeout, "idle_in_transaction_session_timeout": self.idle_in_transaction}
+        if self.statement_timeout > 0:
+            server["statement_timeout"] = self.statement_timeout
         options = [f"-c {name}={int(seconds * 1000)}" for name, seconds in server.items()]
         args: dict[str, object] = {"application_name": f"{self.application_name}[{os.getpid()}]"}
         if self.keepalive > 0:

@@ -18,19 +18,36 @@ from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import QueuePool
 
+from meddaemon.db.engine import ConnectionLimits
 
-def read_only_engine(url: str | URL, busy_timeout: float = 5.0, connect_timeout: float = 5.0) -> Engine:
+#: the longest one statement of a scrape, or of ``meddaemon health``, runs on PostgreSQL
+OBSERVER_STATEMENT_SECONDS = 5.0
+
+
+def read_only_engine(
+    url: str | URL, busy_timeout: float = 5.0, connect_timeout: float = 5.0, statement_timeout: float = 0.0
+) -> Engine:
     """An engine on the database at ``url`` that cannot change it.
 
     ``connect_timeout`` bounds how long a server that does not answer holds up a caller (a health
-    check, a scrape) before it is reported down.
+    check, a scrape) before it is reported down. Once connected, on PostgreSQL, a link that goes
+    silent is dropped by TCP keepalives and user timeout in about ten seconds, a lock held against
+    a read (a migration, ``VACUUM FULL``) is waited for ``busy_timeout``, and with
+    ``statement_timeout`` (health, the metrics) no statement runs longer: a frozen link or a table
+    locked held a scrape, and ``meddaemon health``, for as long as it lasted.
     """
     url = make_url(url)
     if url.get_backend_name() == "sqlite":
         return _sqlite_read_only(url, busy_timeout)
     connect_args: dict[str, Any] = {}
     if url.get_backend_name() == "postgresql":
-        connect_args["connect_timeout"] = max(1, int(connect_timeout))
+        limits = ConnectionLimits(
+            lock_timeout=busy_timeout,
+            keepalive=5.0,
+            application_name="meddaemon-reader",
+            statement_timeout=statement_timeout,
+        )
+        connect_args.update(limits.connect_args(), connect_timeout=max(1, int(connect_timeout)))
     return create_engine(
         url,
         pool_pre_ping=True,
