@@ -90,6 +90,22 @@ def test_a_multiclass_head_in_another_label_order_is_permuted(tmp_path: Path):
     assert float((ours - theirs[:, [1, 2, 0]]).abs().max()) <= PROBABILITY_TOLERANCE
 
 
+def test_a_torch_checkpoint_named_safetensors_is_read_as_its_first_bytes_say(tmp_path: Path):
+    """torch.load sends a path ending in .safetensors to safetensors: a PyTorch checkpoint so named
+    was refused as "header too large", though its bytes say torch (as --format torch did too)."""
+    original, _ = seed001("resnet18")
+    path = save_as(original, tmp_path / "r18.pt", "plain").rename(tmp_path / "weights.safetensors")
+    options = ImportOptions(
+        task="busi", architecture="resnet18", image_size=SIZE, labels=("benign", "malignant", "normal")
+    )
+    convert_file(path, options, tmp_path / "version")
+    x = inputs(1)
+    with torch.no_grad():
+        theirs = torch.softmax(original(x), dim=1)
+        ours = probabilities(load_version(tmp_path / "version").model(x), "multiclass")
+    assert float((ours - theirs).abs().max()) <= PROBABILITY_TOLERANCE
+
+
 def test_two_logit_softmax_binary_head_is_folded_into_one(tmp_path: Path):
     torch.manual_seed(5)
     original = models.mobilenet_v2(weights=None)

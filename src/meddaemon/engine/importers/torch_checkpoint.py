@@ -82,7 +82,8 @@ def read_state_dict(path: Path, fmt: str = "torch") -> tuple[dict[str, Tensor], 
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's own advice to load with weights_only=False
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as handle:  # a path ending in .safetensors, torch hands to safetensors
+                loaded = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if FRAME_REFUSED in str(exc) and zipfile.is_zipfile(path):
             raise ModelRefused(
