@@ -65,9 +65,10 @@ def postgres_admin() -> Iterator[Engine]:
 @pytest.fixture
 def postgres_url(postgres_admin: Engine, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh PostgreSQL database for one test, dropped afterwards: empty, or, for a test that uses
-    ``migrated_engine``, created as a copy of the session's migrated template (one CREATE DATABASE)."""
+    ``migrated_engine`` or ``migrated_postgres_url``, created as a copy of the session's migrated
+    template (one CREATE DATABASE)."""
     name = f"meddaemon_test_{uuid.uuid4().hex[:12]}"
-    if "migrated_engine" in request.fixturenames:
+    if {"migrated_engine", "migrated_postgres_url"} & set(request.fixturenames):
         template = request.getfixturevalue("migrated_template").postgres_template(postgres_admin)
         create = f'CREATE DATABASE "{name}" TEMPLATE "{template}"'
     else:
@@ -143,6 +144,13 @@ def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Migr
     template = MigratedTemplate(tmp_path_factory.mktemp("template"))
     yield template
     template.drop()
+
+
+@pytest.fixture
+def migrated_postgres_url(postgres_url: str) -> str:
+    """A fresh PostgreSQL database with the schema at head, for tests of PostgreSQL alone (copied
+    from the session's template by ``postgres_url``, which sees this fixture asked for)."""
+    return postgres_url
 
 
 @pytest.fixture

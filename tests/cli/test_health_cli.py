@@ -116,7 +116,9 @@ def test_a_bad_option_is_a_usage_error(runner, tmp_path):
     assert "--max-failure-fraction" in result.output
 
 
-def test_health_while_a_table_is_locked_on_postgresql_ends_in_bounded_time(runner, postgres_url: str, tmp_path):
+def test_health_while_a_table_is_locked_on_postgresql_ends_in_bounded_time(
+    runner, migrated_postgres_url: str, tmp_path
+):
     """A table held in ACCESS EXCLUSIVE (a migration, VACUUM FULL) held `meddaemon health` for as long
     as it lasted: the timer's unit never failed, a container's HEALTHCHECK got no verdict."""
     import time
@@ -124,16 +126,14 @@ def test_health_while_a_table_is_locked_on_postgresql_ends_in_bounded_time(runne
     from sqlalchemy import text
 
     from meddaemon.db.engine import create_db_engine
-    from meddaemon.db.migrate import upgrade
 
-    holder = create_db_engine(postgres_url)
-    upgrade(holder)
+    holder = create_db_engine(migrated_postgres_url)
     add_daemon(holder, socket.gethostname(), age=1)
     try:
         with holder.connect() as connection:
             connection.execute(text("LOCK TABLE scans IN ACCESS EXCLUSIVE MODE"))
             started = time.monotonic()
-            result = health(runner, postgres_url, tmp_path, "--json")
+            result = health(runner, migrated_postgres_url, tmp_path, "--json")
             took = time.monotonic() - started
             connection.rollback()
     finally:

@@ -292,15 +292,9 @@ def test_a_daemon_waiting_out_a_database_outage_reports_the_database_down(migrat
     assert one(scrape(handle.url), "meddaemon_database_up") == 1
 
 
-@pytest.fixture
-def postgres_migrated(postgres_url: str) -> str:
-    engine = create_db_engine(postgres_url)
-    upgrade(engine)
-    engine.dispose()
-    return postgres_url
-
-
-def test_a_scrape_while_a_table_is_locked_or_the_link_frozen_says_down_within_its_deadline(postgres_migrated: str):
+def test_a_scrape_while_a_table_is_locked_or_the_link_frozen_says_down_within_its_deadline(
+    migrated_postgres_url: str,
+):
     """A table held in ACCESS EXCLUSIVE (a migration, VACUUM FULL) or a link that stops answering
     mid-read held the scrape, and every scrape after it, for as long as it lasted: Prometheus saw no
     answer (up 0), never `meddaemon_database_up 0`, and the scrapes' threads piled up."""
@@ -309,11 +303,11 @@ def test_a_scrape_while_a_table_is_locked_or_the_link_frozen_says_down_within_it
 
     from tcp_proxy import tcp_proxy
 
-    where = make_url(postgres_migrated)
+    where = make_url(migrated_postgres_url)
     with tcp_proxy((where.host or "127.0.0.1", where.port or 5432)) as proxy:
         through = where.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
         handle = start_metrics_server("127.0.0.1", 0, through, DaemonMetrics(), busy_timeout=1.0)
-        holder = create_db_engine(postgres_migrated)
+        holder = create_db_engine(migrated_postgres_url)
         try:
             assert one(scrape(handle.url), "meddaemon_database_up") == 1
             with holder.connect() as connection:

@@ -15,17 +15,13 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from meddaemon.db.engine import ConnectionLimits, create_db_engine, is_lock_error, is_lock_timeout
-from meddaemon.db.migrate import upgrade
 
 pytestmark = pytest.mark.postgres
 
 
 @pytest.fixture
-def url(postgres_url: str) -> str:
-    engine = create_db_engine(postgres_url)
-    upgrade(engine)
-    engine.dispose()
-    return postgres_url
+def url(migrated_postgres_url: str) -> str:
+    return migrated_postgres_url
 
 
 def test_the_limits_are_set_on_every_connection_of_the_engine(url):

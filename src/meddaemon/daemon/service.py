@@ -517,7 +517,7 @@ class Daemon:
                     bookkeeper.clear_pending(session, done, me)
                     return bookkeeper.forget_files_not_kept(session, not_kept, me)
 
-            for scan_id in self.guarded(clear) or []:
+            for scan_id in self.guarded(clear):
                 log.error("scan %d failed as vanished: its file left the inbox before its copy was kept", scan_id)
 
     def _after_store(self, record: BatchRecord) -> None:

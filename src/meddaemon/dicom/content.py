@@ -267,11 +267,16 @@ def _clip_text(ds: Dataset, encodings: list[str] | None = None, top: bool = True
     return True
 
 
+def _values(value: Any) -> list[Any]:
+    """An element's value as the list of its values (one, or a multi-value's)."""
+    return list(value) if isinstance(value, (list, MultiValue)) else [value]
+
+
 def _clip_element(element: Any, encodings: list[str]) -> None:
     limit = TEXT_LIMITS.get(str(element.VR))
     if limit is None or element.value is None:
         return
-    values = element.value if isinstance(element.value, (list, MultiValue)) else [element.value]
+    values = _values(element.value)
     if element.VR == "PN":  # each component group (alphabetic, ideographic, phonetic) holds 64 characters
         clipped = ["=".join(encoding.clipped(g, limit, encodings) for g in str(v).split("=")) for v in values]
     elif all(isinstance(v, str) for v in values):
@@ -294,7 +299,7 @@ def _clip_item(item: Dataset, encodings: list[str]) -> bool:
         del item.CodeValue
     for element in item:
         if str(element.VR) in _CODE_VRS and element.value is not None:
-            values = element.value if isinstance(element.value, (list, MultiValue)) else [element.value]
+            values = _values(element.value)
             if any(isinstance(v, str) and len(v) > TEXT_LIMITS[str(element.VR)] for v in values):
                 return False
     return _clip_text(item, encodings, top=False)
@@ -306,7 +311,7 @@ def _shorten_decimals(ds: Dataset, element: Any) -> None:
     raw = element.value
     if raw is None or raw == "":
         return
-    values = raw if isinstance(raw, (list, MultiValue)) else [raw]
+    values = _values(raw)
     if all(len(str(getattr(v, "original_string", None) or v)) <= 16 for v in values):
         return
     try:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from sqlalchemy import Engine
-from torch import nn
+from torch import Tensor, nn
 from torchvision import models
 
 from meddaemon.db.engine import session_factory, transaction
@@ -76,33 +76,30 @@ def test_seed001_checkpoints_give_the_original_probabilities_and_gradcam_maps(
     assert float(np.abs(ours - reference).max()) <= HEATMAP_TOLERANCE
 
 
-def test_a_multiclass_head_in_another_label_order_is_permuted(tmp_path: Path):
+def imported_and_original_resnet18(path: Path, folder: Path, labels: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+    """seed001's resnet18, saved at ``path`` and imported into ``folder`` under ``labels``: the
+    imported version's probabilities and the original's softmax, on the same grey inputs."""
     original, _ = seed001("resnet18")
-    path = save_as(original, tmp_path / "r18.pt", "plain")
-    options = ImportOptions(
-        task="busi", architecture="resnet18", image_size=SIZE, labels=("normal", "benign", "malignant")
-    )
-    convert_file(path, options, tmp_path / "version")
+    save_as(original, path, "plain")
+    convert_file(path, ImportOptions(task="busi", architecture="resnet18", image_size=SIZE, labels=labels), folder)
     x = inputs(1)
     with torch.no_grad():
-        theirs = torch.softmax(original(x), dim=1)
-        ours = probabilities(load_version(tmp_path / "version").model(x), "multiclass")
+        return probabilities(load_version(folder).model(x), "multiclass"), torch.softmax(original(x), dim=1)
+
+
+def test_a_multiclass_head_in_another_label_order_is_permuted(tmp_path: Path):
+    ours, theirs = imported_and_original_resnet18(
+        tmp_path / "r18.pt", tmp_path / "version", ("normal", "benign", "malignant")
+    )
     assert float((ours - theirs[:, [1, 2, 0]]).abs().max()) <= PROBABILITY_TOLERANCE
 
 
 def test_a_torch_checkpoint_named_safetensors_is_read_as_its_first_bytes_say(tmp_path: Path):
     """torch.load sends a path ending in .safetensors to safetensors: a PyTorch checkpoint so named
     was refused as "header too large", though its bytes say torch (as --format torch did too)."""
-    original, _ = seed001("resnet18")
-    path = save_as(original, tmp_path / "r18.pt", "plain").rename(tmp_path / "weights.safetensors")
-    options = ImportOptions(
-        task="busi", architecture="resnet18", image_size=SIZE, labels=("benign", "malignant", "normal")
+    ours, theirs = imported_and_original_resnet18(
+        tmp_path / "weights.safetensors", tmp_path / "version", ("benign", "malignant", "normal")
     )
-    convert_file(path, options, tmp_path / "version")
-    x = inputs(1)
-    with torch.no_grad():
-        theirs = torch.softmax(original(x), dim=1)
-        ours = probabilities(load_version(tmp_path / "version").model(x), "multiclass")
     assert float((ours - theirs).abs().max()) <= PROBABILITY_TOLERANCE
 
 
