@@ -408,3 +408,25 @@ def test_a_csv_that_cannot_be_written_is_named_not_standard_output(busi, tmp_pat
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert re.search(rf"audit \d+ is stored, but {re.escape(str(out))}: File too large", done.stderr), done.stderr
+
+
+@pytest.mark.parametrize("level", ["Ward $A_$", "Cost $5 and $10", "Ward [/]", "Ward [red]A", "Ward [bold]B"])
+def test_a_subgroup_level_is_shown_as_written_in_the_table_and_the_pdf(busi, tmp_path, level):
+    """Text from a labels file is data: a pair of ``$`` was typeset as mathematics (``$A_$`` stopped
+    the PDF with a traceback), and square brackets were read as rich's markup (``[/]`` stopped the
+    table; ``[red]`` vanished from the level shown)."""
+    db_url, labels, _, _ = busi
+    odd = tmp_path / "odd_levels.csv"
+    with labels.open() as source, odd.open("w", newline="") as out:
+        rows = list(csv.reader(source))
+        w = csv.writer(out)
+        w.writerow(rows[0])
+        for i, row in enumerate(rows[1:]):
+            w.writerow([*row[:4], level if i % 2 else "other"])
+    pdf = tmp_path / "audit.pdf"
+    result = run("--db", db_url, "--labels", str(odd), "--bootstrap", "0", "--by", "site", "--pdf", str(pdf))
+    assert result.exit_code == 0, result.output
+    assert re.search(rf"│ site\s+│ {re.escape(level)}\s+│ benign", result.stdout), result.stdout
+    forest = next(p.extract_text() for p in PdfReader(str(pdf)).pages if "Subgroup forest plot" in p.extract_text())
+    assert f"benign: site={level}" in forest
+    assert not list(tmp_path.glob("*.tmp"))

@@ -87,6 +87,16 @@ def test_figures_are_redrawn_from_the_run_and_handle_multilabel(run: RetrainOutc
     assert written == FIGURES
 
 
+def test_labels_that_look_like_mathematics_are_drawn_as_written(run: RetrainOutcome, tmp_path: Path) -> None:
+    """A custom task's labels are text: ``$A_$`` was parsed as mathematics, and the retrain stopped."""
+    written = write_figures(
+        tmp_path / "odd", kind="multiclass", labels=("$A_$", "cost $5", "$10"), history=run.result.history,
+        probabilities=run.result.validation.probabilities, truth=run.result.validation.truth, thresholds=None,
+        model=run.result.model, images=_test_images(run)[:3], contract=run.result.contract,
+    )  # fmt: skip
+    assert written == FIGURES
+
+
 def _test_images(run: RetrainOutcome) -> list[torch.Tensor]:
     samples = run.split.samples(run.index, "test")
     dataset = ScanDataset(samples, BUSI.labels, BUSI.kind, run.result.contract)

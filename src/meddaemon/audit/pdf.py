@@ -263,8 +263,19 @@ def _matrix(ax: Axes, matrix: np.ndarray, names: list[str]) -> None:
 def write_pdf(result: AuditResult, path: Path) -> int:
     """Write the audit PDF (to a temporary name, then renamed); returns the number of pages."""
     tmp = path.with_name(path.name + ".tmp")
+    try:
+        pages = _write_pages(result, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+    return pages
+
+
+def _write_pages(result: AuditResult, tmp: Path) -> int:
     pages = 0
-    with rc_context({"pdf.fonttype": 42, "font.size": 8}), PdfPages(tmp) as pdf:
+    # labels, file names and subgroup levels are data: a pair of ``$`` in them is not mathematics
+    with rc_context({"pdf.fonttype": 42, "font.size": 8, "text.parse_math": False}), PdfPages(tmp) as pdf:
         metadata = pdf.infodict()
         metadata["Title"] = f"meddaemon audit: {result.task} {result.model_version}"
         lines = _summary_lines(result)
@@ -283,5 +294,4 @@ def write_pdf(result: AuditResult, path: Path) -> int:
         for fig in figures:
             pdf.savefig(fig)
             pages += 1
-    tmp.replace(path)
     return pages

@@ -20,6 +20,11 @@ def cell(value: Value) -> Text:
     return Text(str(value))
 
 
+def _row(table: Table, *cells: str | Text) -> None:
+    """A row of data: labels, levels and names are shown as written, never read as rich's markup."""
+    table.add_row(*(cell if isinstance(cell, Text) else Text(cell) for cell in cells))
+
+
 def render(result: AuditResult) -> Group:
     j = result.join
     parts: list[Table | Text] = [
@@ -40,7 +45,7 @@ def render(result: AuditResult) -> Group:
         metrics.add_column(name, overflow="fold")
     for m in result.analysis.overall:
         thr = f"{m.threshold:.2f}" if m.threshold is not None else "-"
-        metrics.add_row(m.label, str(m.n), str(m.positives), thr, *(cell(m.scalar(k)) for k in HEADLINE))
+        _row(metrics, m.label, str(m.n), str(m.positives), thr, *(cell(m.scalar(k)) for k in HEADLINE))
     parts.append(metrics)
     if result.analysis.multiclass is not None:
         a = result.analysis.multiclass
@@ -50,7 +55,7 @@ def render(result: AuditResult) -> Group:
         confusion = "\n".join(
             f"{c:>10} " + " ".join(f"{v:>6}" for v in row) for c, row in zip(a.classes, a.confusion, strict=True)
         )
-        mc.add_row(cell(a.balanced_accuracy), cell(a.f1_macro), cell(a.mcc), cell(a.kappa), confusion)
+        _row(mc, cell(a.balanced_accuracy), cell(a.f1_macro), cell(a.mcc), cell(a.kappa), confusion)
         parts.append(mc)
     if result.analysis.subgroups:
         sg = Table(title="Subgroups")
@@ -59,30 +64,30 @@ def render(result: AuditResult) -> Group:
         for g in result.analysis.subgroups:
             if g.metrics is None:
                 assert g.insufficient is not None
-                sg.add_row(
-                    g.by, g.level, g.label, str(g.n), str(g.positives), Text("insufficient", style="yellow"), "", ""
+                _row(
+                    sg, g.by, g.level, g.label, str(g.n), str(g.positives), Text("insufficient", style="yellow"), "", ""
                 )
             else:
                 m = g.metrics
-                sg.add_row(g.by, g.level, g.label, str(g.n), str(g.positives), cell(m.auc), cell(m.sensitivity),
-                           cell(m.specificity))  # fmt: skip
+                _row(sg, g.by, g.level, g.label, str(g.n), str(g.positives), cell(m.auc), cell(m.sensitivity),
+                     cell(m.specificity))  # fmt: skip
         parts.append(sg)
     if result.comparison:
-        cmp = Table(title=f"{result.model_version} vs {result.request.compare} (paired DeLong)")
+        cmp = Table(title=Text(f"{result.model_version} vs {result.request.compare} (paired DeLong)"))
         for name in ("label", "n", "AUC a", "AUC b", "difference", "p"):
             cmp.add_column(name)
         for c in result.comparison:
-            cmp.add_row(c.label, str(c.n), f"{c.auc_a:.3f}" if c.auc_a is not None else "-",
-                        f"{c.auc_b:.3f}" if c.auc_b is not None else "-", cell(c.difference),
-                        f"{c.p_value:.3g}" if c.p_value is not None else "-")  # fmt: skip
+            _row(cmp, c.label, str(c.n), f"{c.auc_a:.3f}" if c.auc_a is not None else "-",
+                 f"{c.auc_b:.3f}" if c.auc_b is not None else "-", cell(c.difference),
+                 f"{c.p_value:.3g}" if c.p_value is not None else "-")  # fmt: skip
         parts.append(cmp)
     if result.shift and result.windows:
-        sh = Table(title=f"Shift: {result.windows[0]} (a) -> {result.windows[1]} (b)")
+        sh = Table(title=Text(f"Shift: {result.windows[0]} (a) -> {result.windows[1]} (b)"))
         for name in ("label", "n a", "n b", "AUC a", "AUC b", "change", "p"):
             sh.add_column(name)
         for s in result.shift:
-            sh.add_row(s.label, str(s.a.n), str(s.b.n), cell(s.a.auc), cell(s.b.auc), cell(s.auc_change),
-                       f"{s.p_value:.3g}" if s.p_value is not None else "-")  # fmt: skip
+            _row(sh, s.label, str(s.a.n), str(s.b.n), cell(s.a.auc), cell(s.b.auc), cell(s.auc_change),
+                 f"{s.p_value:.3g}" if s.p_value is not None else "-")  # fmt: skip
         parts.append(sh)
     for note in result.analysis.notes:
         parts.append(Text(f"note: {note}", style="dim"))

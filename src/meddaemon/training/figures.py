@@ -58,10 +58,11 @@ def write_figures(
     inputs in the same order, ``model`` the trained model (put in eval mode here)."""
     out.mkdir(parents=True, exist_ok=True)
     calls = predictions(kind, probabilities, thresholds, labels)
-    _curves(out / "curves.png", history)
-    _roc(out / "roc.png", kind, labels, probabilities, truth)
-    _confusion(out / "confusion.png", kind, labels, truth, calls)
-    _grid(out / "test_grid.png", kind, labels, probabilities, truth, calls, model, images, contract)
+    with matplotlib.rc_context({"text.parse_math": False}):  # a custom task's label "$x$" is no mathematics
+        _curves(out / "curves.png", history)
+        _roc(out / "roc.png", kind, labels, probabilities, truth)
+        _confusion(out / "confusion.png", kind, labels, truth, calls)
+        _grid(out / "test_grid.png", kind, labels, probabilities, truth, calls, model, images, contract)
     return {name: caption for name, caption in FIGURES.items() if (out / name).is_file()}
 
 
