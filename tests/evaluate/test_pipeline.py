@@ -442,6 +442,33 @@ def test_a_path_through_dot_dot_names_the_folder_it_reaches(
     engine.dispose()
 
 
+def test_two_datasets_of_one_folder_name_or_two_manifests_of_one_folder_get_names_of_their_own(
+    world, tmp_path: Path
+) -> None:
+    """Every copy of BUSI is ``Dataset_BUSI_with_GT``, and a manifest was named by its folder: the
+    second dataset's default name was the first's, and the run was refused ('give another --name')."""
+    import hashlib
+
+    rng = np.random.default_rng(10)
+    copies = [tmp_path / where / "synthetic_cohort" for where in ("full", "subset")]
+    for copy in copies:
+        for i in range(3):
+            write_png(copy / f"synthetic_{i}.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    rows = "".join(f"synthetic_{i}.png,{label}\n" for i, label in enumerate(("benign", "malignant", "normal")))
+    for manifest in ("a.csv", "b.csv"):
+        (copies[0] / manifest).write_text("path,label\n" + rows)
+
+    full, subset, full_again = (evaluate(world, path) for path in (copies[0], copies[1], copies[0]))
+    by_a, by_b = (evaluate(world, copies[0] / manifest) for manifest in ("a.csv", "b.csv"))
+
+    hashed = hashlib.sha256(str(copies[1]).encode()).hexdigest()[:8]
+    assert (full.name, subset.name) == ("synthetic_cohort-busi-v1", f"synthetic_cohort-{hashed}-busi-v1")
+    assert full_again.evaluation_id == full.evaluation_id and full_again.summary["scored"] == 0
+    assert evaluate(world, copies[1]).evaluation_id == subset.evaluation_id  # the same command, the same evaluation
+    assert (by_a.name, by_b.name) == ("a-busi-v1", "b-busi-v1")
+    assert all(run.state == "completed" for run in (full, subset, by_a, by_b))
+
+
 class SigintInFinaliser:
     """Sends this process SIGINT from its ``__del__`` and stays there long enough for Python to run
     the handler: what a Ctrl-C landing while the garbage collector finalises an object does."""

@@ -38,7 +38,11 @@ from meddaemon.names import shown_name
 @settings_options
 @click.option("--task", required=True, help="The task whose model scores the cohort.")
 @click.option("--model", "model_version", help="The model version (default: the task's active one).")
-@click.option("--name", help="The evaluation's name (default: <dataset folder>-<task>-<version>); reruns resume it.")
+@click.option(
+    "--name",
+    help="The evaluation's name (default: <dataset folder or manifest>-<task>-<version>, with eight hex digits "
+    "of the path where another dataset has that name); reruns resume it.",
+)
 @click.option("--heatmaps", is_flag=True, help="Also write heatmaps, as the daemon does.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--workers", type=click.IntRange(0), help="Decoding processes (default: cores - 1; 0: none).")

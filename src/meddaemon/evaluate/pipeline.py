@@ -10,6 +10,7 @@ bytes a model version scored before are never scored again (only hashed).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -157,8 +158,8 @@ def run_evaluation(
     with sessions() as session:
         version = find_model_version(session, request.task, request.model_version)
         scored = prefixes(store.scored_shas(session, version, with_heatmaps=request.heatmaps))
+        name = request.name or default_name(session, request.path, cohort, version)
         session.expunge(version)
-    name = request.name or default_name(cohort, version)
     with store.one_run_at_a_time(db, name):
         options = settings.decode_options
         decoders = None
@@ -394,11 +395,19 @@ def find_model_version(session: Session, task: str, version: str | None) -> Mode
         raise store.EvaluationError(str(exc)) from None
 
 
-def default_name(cohort: Cohort, version: ModelVersion) -> str:
-    """``<dataset folder>-<task>-<version>``: the same command names the same evaluation, so running
-    it again resumes or refreshes it. A folder name too long for the column is cut."""
+def default_name(session: Session, path: Path, cohort: Cohort, version: ModelVersion) -> str:
+    """``<dataset>-<task>-<version>``, the dataset named by its folder (a manifest by its file's
+    stem): the same command names the same evaluation, so running it again resumes or refreshes it.
+    Where that name is another dataset's (every copy of BUSI is ``Dataset_BUSI_with_GT``), eight
+    hex digits of the path's SHA-256 join it. A dataset name too long for the column is cut."""
+    dataset = path.stem if path.is_file() else cohort.root.name
     suffix = f"-{version.task_name}-{version.version}"
-    return cohort.root.name[: MAX_NAME - len(suffix)] + suffix
+    name = dataset[: MAX_NAME - len(suffix)] + suffix
+    taken = session.scalars(select(Evaluation.dataset_path).where(Evaluation.name == name)).one_or_none()
+    if taken is None or taken == str(path):
+        return name
+    suffix = f"-{hashlib.sha256(os.fsencode(path)).hexdigest()[:8]}{suffix}"
+    return dataset[: MAX_NAME - len(suffix)] + suffix
 
 
 class Writer:
