@@ -283,3 +283,71 @@ def test_a_promote_from_the_console_waits_for_a_cli_holding_the_task_and_is_done
     engine.dispose()
     assert (action.action, action.outcome) == ("promote", "done"), action.detail
     assert active == ["v2"]
+
+
+def hold_sqlite_write_lock(root: Path, seconds: float):  # type: ignore[no-untyped-def]
+    """Another writer (a daemon, a medcli) holding SQLite's write lock for ``seconds``: a thread that
+    releases it, to be joined."""
+    import sqlite3
+    import threading
+
+    holder = sqlite3.connect(web_settings(root).db_url.removeprefix("sqlite:///"), check_same_thread=False)
+    holder.isolation_level = None
+    holder.execute("BEGIN IMMEDIATE")
+
+    def release() -> None:
+        holder.commit()
+        holder.close()
+
+    timer = threading.Timer(seconds, release)
+    timer.start()
+    return timer
+
+
+def test_a_retry_that_failed_on_a_lock_is_recorded_without_the_statement(fresh_root):
+    """The record kept SQLAlchemy's whole text, '[SQL: BEGIN IMMEDIATE]' and a web address with it:
+    the statement and its parameters are never kept."""
+    [failed] = rows(fresh_root, select(Scan).where(Scan.source_name == UNROUTABLE))
+    client, csrf = admin(fresh_root, busy_timeout=0.3)
+    holder = hold_sqlite_write_lock(fresh_root, 3.0)  # past the retry's busy timeout, short of the record's wait
+    try:
+        response = client.post("/failures/retry", data={"scan": str(failed.id), "csrf": csrf})
+    finally:
+        holder.join()
+    assert response.status_code == 200
+    [action] = rows(fresh_root, select(WebAction))
+    assert action.outcome == "failed" and action.detail == "OperationalError: database is locked"
+
+
+def test_an_action_waits_a_bounded_time_for_another_writer_then_says_the_database_is_busy(
+    fresh_root, monkeypatch, caplog
+):
+    """A writer holding the database for 40 s held the click, and a server thread, for 40 s."""
+    import time
+
+    from meddaemon.web import actions
+
+    monkeypatch.setattr(actions, "LOCK_WAIT_SECONDS", 1.0)
+    register(fresh_root, "v2")
+    [failed] = rows(fresh_root, select(Scan).where(Scan.source_name == UNROUTABLE))
+    client, csrf = admin(fresh_root, busy_timeout=0.3)
+    holder = hold_sqlite_write_lock(fresh_root, 30.0)
+    took = []
+    try:
+        for url, form in (
+            ("/failures/retry", {"scan": str(failed.id)}),
+            ("/models/busi/v2/promote", {"confirm": "busi/v2"}),
+        ):
+            began = time.monotonic()
+            response = client.post(url, data={**form, "csrf": csrf})
+            took.append(time.monotonic() - began)
+            assert response.status_code == 503 and 'id="database-down"' in response.text
+            assert "could not be recorded: database is locked" in response.text
+            assert 'http-equiv="refresh"' not in response.text  # a reload would GET the action's address
+    finally:
+        holder.cancel()
+        holder.function()
+    assert max(took) < 10, took
+    assert rows(fresh_root, select(WebAction)) == []
+    assert {m.version: m.status for m in rows(fresh_root, select(ModelVersion))} == {"v1": "active", "v2": "registered"}
+    assert "retry by admin (admin): scan" in caplog.text and "not recorded" in caplog.text

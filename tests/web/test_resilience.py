@@ -114,3 +114,32 @@ def test_a_page_that_fails_unexpectedly_is_the_error_page_with_its_headers_and_r
     assert page.headers["Cache-Control"] == "no-store" and "Content-Security-Policy" in page.headers
     refresh = client.get("/", headers={"HX-Request": "true"})
     assert refresh.status_code == 500 and refresh.headers["HX-Refresh"] == "true"
+
+
+@pytest.mark.postgres
+def test_an_action_when_the_database_is_gone_is_a_503_not_a_server_error(postgres_url, postgres_admin, tmp_path):
+    """Pages said 503 'cannot read the database'; Retry, Promote and Retire were a 500 and a traceback."""
+    from meddaemon.web import auth
+
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    engine.dispose()
+    name = postgres_url.rsplit("/", 1)[1]
+    client = client_for(postgres_url, tmp_path)
+    client.get("/failures")  # an empty database: no form on the page to read the CSRF token from
+    csrf = client.app.state.console.signer.load(client.cookies[auth.COOKIE]).csrf
+    with postgres_admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
+    try:
+        for url, form in (
+            ("/failures/retry", {"scan": "1"}),
+            ("/models/busi/v2/promote", {"confirm": "busi/v2"}),
+            ("/models/busi/v2/retire", {"confirm": "busi/v2"}),
+        ):
+            response = client.post(url, data={**form, "csrf": csrf})
+            assert response.status_code == 503, (url, response.text)
+            assert 'id="database-down"' in response.text and "could not be recorded" in response.text
+    finally:
+        with postgres_admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))

@@ -291,6 +291,19 @@ def test_failed_sign_ins_make_the_next_wait_longer_each_time_and_a_success_clear
     assert throttle.wait(*keys) == 0
 
 
+def test_a_guesser_who_never_stops_waits_the_longest_and_breaks_no_one_s_sign_in():
+    """The wait was 2.0 ** (failures - allowed) before its cap: past 1,029 failures (three and a
+    half days of a guesser retrying as each wait ended) it overflowed, and every sign-in for that
+    name was a 500 until the console restarted."""
+    now = [1000.0]
+    throttle = auth.SignInThrottle(allowed=5, longest=300.0, clock=lambda: now[0])
+    for _ in range(1100):
+        assert throttle.begin("user:admin", "from:192.0.2.7") == 0
+        now[0] += throttle.wait("user:admin")
+    assert throttle.begin("user:admin") == 0  # its wait over: checked, and counted
+    assert throttle.wait("user:admin") == 300.0 and throttle.begin("user:admin") == 300.0
+
+
 def test_wrong_passwords_sent_at_once_are_checked_no_more_than_the_throttle_allows(filled_root):
     """Each attempt was counted only after its password had been checked: 200 sent at once to a
     real console had 29 passwords checked where 5 are allowed."""

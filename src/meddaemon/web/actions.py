@@ -9,16 +9,29 @@ their outcome, with the user, the role, the action, its target and a line on wha
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from meddaemon.db.engine import transaction, with_lock_retry
 from meddaemon.db.models import WebAction, utcnow
+from meddaemon.logs import error_line
 from meddaemon.web import auth
 
+if TYPE_CHECKING:
+    from meddaemon.web.app import Console
+
 log = logging.getLogger("meddaemon.web")
+T = TypeVar("T")
+
+#: the longest an action waits for another writer's lock (``busy_timeout`` where longer): a click
+#: held a server thread for as long as a writer held the database, and the pages share those threads
+LOCK_WAIT_SECONDS = 10.0
 
 DONE = "done"
 REFUSED = "refused"
@@ -41,9 +54,17 @@ async def admin_form(request: Request) -> tuple[auth.User, FormData]:
     return session.user, form
 
 
+def past_other_writers(console: Console, work: Callable[[], T]) -> T:
+    """``work`` (one whole transaction) tried again while another writer holds the database, for at
+    most ``LOCK_WAIT_SECONDS`` (or ``busy_timeout``); then its lock error is raised."""
+    deadline = time.monotonic() + max(LOCK_WAIT_SECONDS, console.settings.busy_timeout)
+    return with_lock_retry(work, should_stop=lambda: time.monotonic() >= deadline)
+
+
 def record(request: Request, user: auth.User, action: str, target: str, outcome: str, detail: str) -> int:
-    """Write the row of an action (its own transaction); returns its id."""
-    from meddaemon.web.app import Console
+    """Write the row of an action (its own transaction); returns its id. A database that cannot take
+    it is ``DatabaseDown`` (a 503 page saying why); the server's log says what came of the action."""
+    from meddaemon.web.app import DatabaseDown
 
     console: Console = request.app.state.console
     row = WebAction(
@@ -56,6 +77,11 @@ def record(request: Request, user: auth.User, action: str, target: str, outcome:
             session.flush()
             return row.id
 
-    action_id = with_lock_retry(write)
+    try:
+        action_id = past_other_writers(console, write)
+    except SQLAlchemyError as exc:
+        log.warning("%s by %s (%s): %s: %s, not recorded: %s", action, user.name, user.role, target, outcome,
+                    error_line(exc))  # fmt: skip
+        raise DatabaseDown(f"the {action} of {target} ({outcome}) could not be recorded: {error_line(exc)}") from None
     log.info("%s by %s (%s): %s: %s", action, user.name, user.role, target, outcome)
     return action_id

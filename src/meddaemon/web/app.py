@@ -262,8 +262,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _database_down(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, DatabaseDown)
-    log.warning("the database cannot be read: %s", exc.reason)
-    response = render(request, "down.html", 503, reason=exc.reason, retry=DOWN_RETRY_SECONDS)
+    log.warning("the database cannot be used: %s", exc.reason)
+    reload = request.method == "GET"  # reloading an action's answer would GET its address: a 405
+    response = render(request, "down.html", 503, reason=exc.reason, retry=DOWN_RETRY_SECONDS if reload else None)
     response.headers["Retry-After"] = str(DOWN_RETRY_SECONDS)
     return response
 

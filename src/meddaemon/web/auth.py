@@ -188,7 +188,7 @@ class SignInThrottle:
         count, last = self._failures.get(key, (0, 0.0))
         if count < self.allowed:
             return 0.0
-        return last + min(self.longest, 2.0 ** (count - self.allowed))
+        return last + min(self.longest, 2.0 ** min(count - self.allowed, 64))  # 2.0 ** 1024 overflows
 
 
 @dataclass(frozen=True)

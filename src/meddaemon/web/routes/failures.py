@@ -13,6 +13,7 @@ from starlette.routing import Route
 
 from meddaemon.db.models import row_id
 from meddaemon.failures import FailureReason
+from meddaemon.logs import error_line
 from meddaemon.web import actions, queries
 from meddaemon.web.app import Console, render
 
@@ -52,7 +53,8 @@ async def retry(request: Request) -> Response:
                 console.writer(), console.settings, Selector(scan=scan or None, reason=reason or None)
             )
         except Exception as exc:
-            return actions.record(request, user, "retry", target, actions.FAILED, f"{type(exc).__name__}: {exc}")
+            failure = f"{type(exc).__name__}: {error_line(exc)}"  # never the statement, nor its parameters
+            return actions.record(request, user, "retry", target, actions.FAILED, failure)
         parts = [f"sent back {len(result.requeued)} scan(s)" + (
             ": " + ", ".join(str(r.scan_id) for r in result.requeued[:50]) if result.requeued else "")]  # fmt: skip
         left = [r for r in result.requeued if r.left_in_failed]

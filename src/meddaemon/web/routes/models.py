@@ -91,7 +91,7 @@ async def act(request: Request) -> Response:
     console: Console = request.app.state.console
 
     def work() -> int:
-        from meddaemon.db.engine import session_factory, transaction, with_lock_retry
+        from meddaemon.db.engine import session_factory, transaction
         from meddaemon.engine import registry
 
         target = f"{task}/{version}"
@@ -118,7 +118,7 @@ async def act(request: Request) -> Response:
                 verified = registry.verify_registered_copy(
                     session_factory(console.reader), task, version, console.settings.state_dir
                 )
-            detail, done_before = with_lock_retry(transact)
+            detail, done_before = actions.past_other_writers(console, transact)
         except registry.RegistryError as exc:  # ModelRefused too: verification failed
             return actions.record(
                 request, user, verb, target, actions.REFUSED, f"refused ({exc.reason}): {exc.message}"
