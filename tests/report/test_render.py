@@ -239,6 +239,24 @@ def test_hostile_patient_names_render_or_are_cut_visibly(kind: str):
         assert "EVIL" in text and "NAME" in text and "\u202e" not in text
 
 
+def test_several_long_header_values_at_once_are_laid_out_one_section_after_another():
+    """Each value is cut to fit, but side by side the model, scan, times and patient sections made
+    one table row taller than a page, which reportlab cannot split: 'LayoutError', the scan left
+    ``inferred``, every retry and ``medcli report`` failing the same way (the study report too)."""
+    words = " ".join(["WWWWWWWW"] * 40)  # SYNTHETIC values of wide letters: the tallest wrapped
+    patient = PatientInfo(words, words, "19700101", "O", "054Y", words)
+    metadata = [("Modality", "US"), ("Manufacturer", words), ("Body part", words), ("View", words), ("Size", "64 x 64")]
+    data = scan_data(patient=patient, metadata=metadata, scan_id=1, study_instance_uid="1.2.3")
+
+    text, pages, _, _ = render(data)
+    study = render_study(StudyReportData("1.2.3", [data]), [images_for(data)], load_template, report_fonts())
+
+    assert pages >= 2 and read_pdf(study.data)[1] == study.pages >= 2
+    for heading in ("Model", "Patient (PHI)", "Manufacturer", "Body part", "View", "Accession number"):
+        assert heading in text
+    assert text.count("WWWWWWWW") > 40 and text.count("\u2026") == 6  # each long value there, cut visibly
+
+
 def test_characters_the_report_font_cannot_draw_are_marked_and_the_log_names_the_setting(caplog):
     """DejaVu Sans has no CJK: a Japanese name on a report with PHI was drawn as empty boxes around
     "=", without a word. The log names reports_font, never the characters (they are the name)."""

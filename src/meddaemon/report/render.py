@@ -72,7 +72,9 @@ pdfdoc.PDFStreamFilterZCompress.encode = _flate  # type: ignore[method-assign]
 
 PAGE_WIDTH, PAGE_HEIGHT = A4
 MARGIN = 15 * mm
+BOTTOM_MARGIN = 16 * mm
 BODY_WIDTH = PAGE_WIDTH - 2 * MARGIN - 12  # the frame keeps 6 pt of padding on each side
+BODY_HEIGHT = PAGE_HEIGHT - MARGIN - BOTTOM_MARGIN - 12
 IMAGE_SIZE = 62 * mm
 HALF = BODY_WIDTH / 2 - 3 * mm
 #: the study report's table: scan, task and model columns (the top finding takes the rest)
@@ -417,7 +419,9 @@ def scan_body(data: ScanReportData, images: ScanImages, template: ReportTemplate
     """The sections of one scan, in the template's order (the study report reuses them).
 
     Consecutive key-value sections (model, scan, times, patient) share two columns: the first,
-    third... on the left, the second, fourth... on the right.
+    third... on the left, the second, fourth... on the right; where the two columns would be taller
+    than a page (several long header values), one after the other, as a table's row cannot be split
+    across pages.
     """
     story: list[Flowable] = []
     pending: list[list[Flowable]] = []
@@ -436,7 +440,10 @@ def scan_body(data: ScanReportData, images: ScanImages, template: ReportTemplate
                     ]
                 )
             )
-            story.append(grid)
+            if grid.wrap(BODY_WIDTH, BODY_HEIGHT)[1] <= BODY_HEIGHT:
+                story.append(grid)
+            else:
+                story.extend(f for block in pending for f in block)
             pending.clear()
 
     blocks = {
@@ -513,7 +520,7 @@ def build(story: list[Flowable], title: str, subject: str, footer: str, st: Styl
         leftMargin=MARGIN,
         rightMargin=MARGIN,
         topMargin=MARGIN,
-        bottomMargin=16 * mm,
+        bottomMargin=BOTTOM_MARGIN,
         title=title,
         subject=subject,
         author="meddaemon",
