@@ -74,6 +74,36 @@ def inferred_daemon(make_settings, tmp_path: Path) -> Daemon:  # type: ignore[no
     return daemon
 
 
+def test_a_study_report_that_could_not_be_written_is_tried_again_while_the_daemon_runs(
+    make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Its failure was only logged ('retried later'): nothing brought the study back until a restart
+    or another scan of it, so a complete study had no report, nor its Encapsulated PDF."""
+    from meddaemon.daemon import reporter as reporting
+    from meddaemon.report.content import study_key
+    from meddaemon.report.output import study_report_path
+
+    daemon = Daemon(make_settings(max_wait_ms=10, reports=False))
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "model"))
+    drop_study(daemon.settings.watch)
+    daemon.run(once=True)
+    target = study_report_path(daemon.settings.reports_dir, study_key(STUDY_UID), with_phi=False)
+    monkeypatch.setattr(reporting, "RETRY_SECONDS", 0.3)
+    reporter = Reporter(daemon.settings, daemon.sessions)
+    reporter.start()
+    target.parent.mkdir(parents=True)
+    temporary_path(target).symlink_to("/dev/full")  # the study's report meets ENOSPC, a real one
+
+    assert reporter.round() == 3  # the study's two scans, then the study
+    assert reporter.stats.errors == 1 and not target.exists()
+    temporary_path(target).unlink(missing_ok=True)  # room again
+    time.sleep(0.4)
+    reporter.round()
+
+    assert target.is_file() and reporter.stats.studies == 1
+
+
 def test_once_reports_every_inferred_scan_and_the_study_of_two_then_archives_them(
     tmp_path: Path, reported_states: ReportedStates
 ):

@@ -95,7 +95,8 @@ class Reporter:
         #: scan id -> monotonic time before which it is not tried again
         self.retry_after: dict[int, float] = {}
         self.studies_checked = False
-        #: study UID -> monotonic time to look again: studies whose instances are still arriving
+        #: study UID -> monotonic time to look again: studies whose instances are still arriving,
+        #: and those whose report failed
         self.studies_arriving: dict[str, float] = {}
         self.started = False
         #: studies of scans reported in a round an outage cut short: their study reports are due
@@ -262,17 +263,22 @@ class Reporter:
         except Exception as exc:
             if is_outage(exc):
                 raise
-            self._study_failed(exc)
+            self._study_failed(uid, exc)
         else:
             self.stats.studies += 1
             log.info("study report %s, %d page(s)", written.path.name, written.pages)
 
-    def _study_failed(self, exc: Exception) -> None:
+    def _study_failed(self, uid: str, exc: Exception) -> None:
+        """Logged, and looked at again after ``RETRY_SECONDS`` (a disk error) or ``ERROR_RETRY_SECONDS``:
+        nothing else brings a study back before another of its scans is reported."""
         self.stats.errors += 1
+        seconds = RETRY_SECONDS if isinstance(exc, OSError) else ERROR_RETRY_SECONDS
+        self.studies_arriving[uid] = time.monotonic() + seconds
         if isinstance(exc, OSError):
-            log.error("a study report could not be written (%s); retried later", exc.strerror or type(exc).__name__)
+            why = exc.strerror or type(exc).__name__
+            log.error("a study report could not be written (%s); retried in %.0f s", why, seconds)
         else:
-            log.error("building a study report failed (%s)", _where(exc))
+            log.error("building a study report failed (%s); retried in %.0f s", _where(exc), seconds)
 
     def _retry(self, scan_id: int, seconds: float) -> None:
         self.retry_after[scan_id] = time.monotonic() + seconds
