@@ -31,6 +31,20 @@ from meddaemon.engine.tasks import BUILTIN_TASKS, InputContract, all_tasks
 CONTRACT = InputContract(1, 32, 32, (0.449,), (0.226,), modalities=("US",))
 
 
+#: version folder -> graph name -> SHA-256: what ``model_graphs`` holds of the ONNX graphs exported
+#: from a version, for the tests that serve a version folder with no database (the rows themselves,
+#: and the daemon's and the evaluator's use of them: tests/engine/test_serving.py)
+GRAPHS_RECORDED: dict[Path, dict[str, str]] = {}
+
+
+def registered_folder(folder: Path) -> tuple[registry.Registered, Callable[[str, str], None]]:
+    """``folder`` as the database would hand it to ``serve_version``: its manifest, the hashes of the
+    graphs exported from it so far, and what records the next."""
+    manifest = registry.read_manifest(folder).to_dict()
+    recorded = GRAPHS_RECORDED.setdefault(Path(folder), {})
+    return registry.Registered(manifest["sha256"], manifest, dict(recorded)), recorded.__setitem__
+
+
 def write_model(
     folder: Path,
     task: str = "busi",

@@ -34,7 +34,7 @@ from meddaemon.db.models import ModelVersion, Result, Scan
 from meddaemon.engine import registry
 from meddaemon.engine.backend_cache import BACKEND_FILE, GRAPH_FOLDER
 from meddaemon.engine.inference import ServedModel, pick_device
-from model_factory import write_model
+from model_factory import registered_folder, write_model
 
 LIVE = {
     "stable_seconds": 0.05,
@@ -352,9 +352,14 @@ def test_sigterm_during_a_real_model_load_exits_zero_at_once(daemons, tmp_path):
 
 
 def load(folder: Path, version_id: int = 1) -> ServedModel:
+    registered, record = registered_folder(folder)
     manifest = registry.read_manifest(folder)
-    request = loader.LoadRequest(manifest.task, manifest.version, version_id, folder)
-    return loader.load_and_time(request, device=pick_device("cpu"), heatmaps=True, batch=2)
+    request = loader.LoadRequest(
+        manifest.task, manifest.version, version_id, folder, registered.sha256, dict(registered.manifest)
+    )
+    return loader.load_and_time(
+        request, device=pick_device("cpu"), heatmaps=True, batch=2, graphs=registered.graphs, record_graph=record
+    )
 
 
 def test_the_backend_is_timed_once_and_read_from_the_cache_after(tmp_path: Path, caplog):
@@ -481,8 +486,67 @@ def test_a_kept_graph_whose_bytes_changed_is_exported_again_not_run(tmp_path: Pa
     model = load(folder)
 
     assert model.onnx is not None and not model.onnx.cached
-    assert "does not match; exporting the graph again" in caplog.text
+    assert "is not the one recorded when it was exported; exporting the graph again" in caplog.text
     assert load(folder).onnx.cached  # the new export is kept
+
+
+def test_a_kept_graph_is_served_only_with_the_hash_its_export_recorded_in_the_database(
+    make_settings, tmp_path: Path, caplog
+):
+    """The graph kept with a version was checked only against the ``.json`` beside it: a graph edited
+    (to answer the self-test's two inputs as before, and anything else otherwise) with its ``.json``
+    rewritten was served. The database records each export's hash (``model_graphs``)."""
+    import hashlib
+
+    import onnx
+
+    from meddaemon.db.models import ModelGraph
+
+    caplog.set_level(logging.INFO, logger="meddaemon")
+    settings = make_settings(max_wait_ms=10, reports=False)
+    daemon = Daemon(settings)
+    daemon.prepare()
+    version_id = import_version(daemon, write_model(tmp_path / "busi_v1"))
+    with daemon.sessions() as session:
+        folder = Path(session.scalars(select(ModelVersion.path)).one())
+    for run in range(2):  # the first exports, measures and keeps ONNX Runtime's choice; the second serves its graph
+        drop(settings.watch, run, 1)
+        Daemon(settings).run(once=True)
+        chose_onnx(folder)
+    assert "served from the graph kept with the version" in caplog.text
+    [graph] = (folder / GRAPH_FOLDER).glob("*.onnx")
+    with daemon.sessions() as session:
+        [row] = session.scalars(select(ModelGraph)).all()
+    assert (row.model_version_id, row.name, row.sha256) == (
+        version_id, graph.stem, hashlib.sha256(graph.read_bytes()).hexdigest()
+    )  # fmt: skip
+
+    edited = onnx.load_from_string(graph.read_bytes())
+    edited.doc_string = "SYNTHETIC: edited after its export"  # any change; a harmless one here
+    graph.write_bytes(edited.SerializeToString())
+    sidecar = graph.with_suffix(".json")
+    document = json.loads(sidecar.read_text())
+    document["sha256"] = hashlib.sha256(graph.read_bytes()).hexdigest()  # its .json rewritten to match
+    sidecar.write_text(json.dumps(document))
+    caplog.clear()
+    drop(settings.watch, 2, 1)
+    Daemon(settings).run(once=True)
+
+    assert "is not the one recorded when it was exported; exporting the graph again" in caplog.text
+    assert "served from the graph kept" not in caplog.text
+    assert list(states(daemon).values()) == ["inferred"] * 3
+    with daemon.sessions() as session:
+        assert session.scalars(select(ModelGraph.sha256)).one() == hashlib.sha256(graph.read_bytes()).hexdigest()
+    assert onnx.load_from_string(graph.read_bytes()).doc_string == ""  # exported again from the verified weights
+
+
+def chose_onnx(folder: Path) -> None:
+    """Make every choice kept in ``folder``'s ``backend.json`` ONNX Runtime, as if it had measured so."""
+    path = folder / BACKEND_FILE
+    cache = json.loads(path.read_text())
+    for entry in cache["entries"]:
+        entry["backend"] = "onnx"
+    path.write_text(json.dumps(cache))
 
 
 def test_once_on_an_empty_inbox_loads_no_model_and_with_a_file_it_does(make_settings, tmp_path: Path, caplog):

@@ -4,6 +4,7 @@ importing torchvision, and never when the weights, the graph or the choice say o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -20,13 +21,15 @@ from meddaemon.engine.backend_cache import BACKEND_FILE, GRAPH_FOLDER, GraphCach
 from meddaemon.engine.inference import ServedModel, pick_device
 from meddaemon.engine.onnx_backend import ExportedNet, OnnxRunner
 from meddaemon.engine.serving import serve_version
-from model_factory import write_model
+from model_factory import GRAPHS_RECORDED, registered_folder, write_model
 
 CPU = pick_device("cpu")
 
 
 def serve(folder: Path, heatmaps: bool = True, batch: int = 2) -> ServedModel:
-    return serve_version(folder, 1, CPU, heatmaps=heatmaps, batch=batch, lanes=1)
+    registered, record = registered_folder(folder)
+    return serve_version(folder, 1, CPU, heatmaps=heatmaps, batch=batch, lanes=1, registered=registered,
+                         record_graph=record)  # fmt: skip
 
 
 def chose(folder: Path, backend: str) -> None:
@@ -78,11 +81,16 @@ def test_the_log_says_the_network_was_not_built(tmp_path, caplog):
 
 def test_served_from_its_kept_graph_a_version_never_imports_torchvision(tmp_path):
     folder, _ = kept(tmp_path, "resnet18")
+    registered, _ = registered_folder(folder)
+    registered_maps = [registered.manifest, registered.graphs]
     program = (
         "import json, sys, torch\n"
         f"torch.set_num_threads({torch.get_num_threads()})\n"  # the choice was kept for this process's threads
+        "from meddaemon.engine.registry import Registered\n"
         "from meddaemon.engine.serving import serve_version\n"
-        f"model = serve_version({str(folder)!r}, 1, torch.device('cpu'), heatmaps=True, batch=2)\n"
+        f"registered = Registered(*json.loads({json.dumps([registered.sha256, *registered_maps])!r}))\n"
+        f"model = serve_version({str(folder)!r}, 1, torch.device('cpu'), heatmaps=True, batch=2,"
+        " registered=registered)\n"
         "print(json.dumps([type(model.model).__name__, 'torchvision' in sys.modules]))\n"
     )
 
@@ -94,6 +102,22 @@ def test_served_from_its_kept_graph_a_version_never_imports_torchvision(tmp_path
     assert run() == ["ExportedNet", False]
     chose(folder, "eager")
     assert run() == ["ClassifierNet", True]  # the full load builds the network with torchvision
+
+
+def test_a_kept_graph_the_database_has_no_record_of_is_not_served_and_its_export_again_is_recorded(tmp_path):
+    """Without the database (no ``registered``) nothing kept is trusted; with it, the graph's hash must
+    be the one recorded (a daemon's end to end: tests/daemon/test_model_loading.py)."""
+    folder, _ = kept(tmp_path)
+    unregistered = serve_version(folder, 1, CPU, heatmaps=True, batch=2, lanes=1)
+    assert isinstance(unregistered.model, ClassifierNet)
+    GRAPHS_RECORDED[folder].clear()  # a database that never recorded it (its row lost, another database)
+
+    model = serve(folder)
+
+    assert isinstance(model.model, ClassifierNet) and model.onnx is not None and not model.onnx.cached
+    [graph] = (folder / GRAPH_FOLDER).glob("*.onnx")
+    assert GRAPHS_RECORDED[folder] == {graph.stem: hashlib.sha256(graph.read_bytes()).hexdigest()}
+    assert isinstance(serve(folder).model, ExportedNet)
 
 
 def test_weights_changed_on_disk_are_refused_as_the_full_load_refuses_them(tmp_path):
@@ -116,7 +140,8 @@ def test_a_kept_graph_that_fails_the_self_test_is_not_served_the_network_is_load
     torch.manual_seed(7)
     other = build_model("small_cnn", 1, 3)  # other (SYNTHETIC) weights: their graph kept under this version's key
     sample = registry.self_test_input(first.contract, 0, 2)
-    OnnxRunner.for_model(other, sample, True, graphs=GraphCache(folder), weights_sha256=first.manifest.sha256)
+    recorded = GraphCache(folder, record=GRAPHS_RECORDED[folder].__setitem__)
+    OnnxRunner.for_model(other, sample, True, graphs=recorded, weights_sha256=first.manifest.sha256)
     caplog.set_level(logging.WARNING, logger="meddaemon")
 
     model = serve(folder)

@@ -49,6 +49,7 @@ from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, HeatmapFile, 
 from meddaemon.daemon.intake import prepare_stored
 from meddaemon.daemon.metrics import DaemonMetrics
 from meddaemon.daemon.stages import Stage
+from meddaemon.db.engine import with_lock_retry
 from meddaemon.db.models import ModelVersion, Scan, utcnow
 from meddaemon.engine.batching import BatchQueue, QueuedScan
 from meddaemon.engine.decode import DecodeOptions
@@ -215,13 +216,22 @@ class InferenceStage(Stage):
         return self.device
 
     def _load(self, request: model_loader.LoadRequest) -> ServedModel:
+        from meddaemon.engine import registry
+
         assert self.device is not None
+
+        def recorded_graphs() -> dict[str, str]:
+            with self.sessions() as session:
+                return registry.kept_graphs(session, request.version_id)
+
         return model_loader.load_and_time(
             request,
             device=self.device,
             heatmaps=self.settings.heatmaps,
             batch=self.settings.max_batch,
             lanes=self.lanes,
+            graphs=with_lock_retry(recorded_graphs),
+            record_graph=registry.graph_recorder(self.sessions, request.version_id),
         )
 
     def why_waiting(self) -> dict[str, str]:

@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -65,13 +66,22 @@ class LoadFunction(Protocol):
 
 
 def load_and_time(
-    request: LoadRequest, *, device: torch.device, heatmaps: bool, batch: int, lanes: int = 1
+    request: LoadRequest,
+    *,
+    device: torch.device,
+    heatmaps: bool,
+    batch: int,
+    lanes: int = 1,
+    graphs: Mapping[str, str] | None = None,
+    record_graph: Callable[[str, str], None] | None = None,
 ) -> ServedModel:
     """Verify the version, place it on ``device`` and choose its backend (``engine.serving``);
-    ``lanes``: batches it may run at once (``engine.inference.forward_lanes``)."""
+    ``lanes``: batches it may run at once (``engine.inference.forward_lanes``); ``graphs``: the
+    hashes the database recorded of the ONNX graphs kept with it, ``record_graph`` records a new one."""
     from meddaemon.engine.registry import Registered
     from meddaemon.engine.serving import serve_version
 
+    registered = Registered(request.sha256, request.manifest or {}, graphs or {}) if request.sha256 else None
     return serve_version(
         request.path,
         request.version_id,
@@ -79,7 +89,8 @@ def load_and_time(
         heatmaps=heatmaps,
         batch=batch,
         lanes=lanes,
-        registered=Registered(request.sha256, request.manifest or {}) if request.sha256 else None,
+        registered=registered,
+        record_graph=record_graph,
     )
 
 

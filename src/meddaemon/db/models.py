@@ -70,6 +70,20 @@ class ModelVersion(Base):
     retired_at: Mapped[datetime | None]
 
 
+class ModelGraph(Base):
+    """The SHA-256 of an ONNX graph exported from a version and kept in its folder (``onnx/``), as
+    it was when exported: a kept graph is served only when its bytes still have it. The ``.json``
+    beside the graph cannot vouch for it: whoever could change the graph could change that too."""
+
+    __tablename__ = "model_graphs"
+
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"), primary_key=True)
+    #: the graph's file name without ``.onnx`` (``GraphKey.name``: weights, outputs, opset, exporter)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 #: Scans that still count for de-duplication: a failed scan steps aside, so the same bytes arriving
 #: again (``medcli retry``, or moved back by hand) are a new attempt, not a duplicate.
 NOT_FAILED = text("state != 'failed'")

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import platform
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from meddaemon.files import write_atomically
+from meddaemon.logs import error_line
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +160,27 @@ class GraphKey:
 class GraphCache:
     """The ONNX graph exported from a version (``onnx/graph-<key>.onnx``), so that a start does not
     export it again (seconds for a small network, tens for a DenseNet-121). Each graph has a
-    ``.json`` beside it with its key and SHA-256, checked whenever it is read: a graph changed or
-    cut short on disk is exported again, never run."""
+    ``.json`` beside it with its key and SHA-256; a graph is read only when its bytes have the
+    SHA-256 the database recorded when it was exported (``recorded``: ``model_graphs``, by name), as
+    the ``.json`` sits where whoever could change the graph could change it too. A graph changed or
+    cut short on disk, or one the database has no record of, is exported again, never run; ``record``
+    records what is exported (None: nothing kept is trusted, as where no database is at hand)."""
 
-    def __init__(self, version_folder: Path | str) -> None:
+    def __init__(
+        self,
+        version_folder: Path | str,
+        recorded: Mapping[str, str] | None = None,
+        record: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.folder = Path(version_folder) / GRAPH_FOLDER
+        self.recorded = dict(recorded or {})
+        self.record = record
 
     def get(self, key: GraphKey) -> bytes | None:
         graph, sidecar = self._paths(key)
+        expected = self.recorded.get(key.name())
+        if expected is None:
+            return None
         try:
             document = json.loads(sidecar.read_text(encoding="utf-8"))
             data = graph.read_bytes()
@@ -173,20 +188,34 @@ class GraphCache:
             return None
         if not isinstance(document, dict) or document.get("key") != asdict(key):
             return None
-        if document.get("sha256") != hashlib.sha256(data).hexdigest():
-            log.warning("ignoring %s: its SHA-256 does not match; exporting the graph again", graph)
+        if hashlib.sha256(data).hexdigest() != expected:
+            log.warning(
+                "ignoring %s: its SHA-256 is not the one recorded when it was exported; exporting the graph again",
+                graph,
+            )
             return None
         return data
 
     def put(self, key: GraphKey, data: bytes) -> None:
-        """Keep ``data``; a folder that cannot be written only costs the export next time."""
+        """Keep ``data`` and record its SHA-256; a folder that cannot be written, or a database that
+        cannot record it, only costs the export next time."""
         graph, sidecar = self._paths(key)
-        document = {"key": asdict(key), "sha256": hashlib.sha256(data).hexdigest()}
+        sha256 = hashlib.sha256(data).hexdigest()
+        document = {"key": asdict(key), "sha256": sha256}
         try:
             write_atomically(graph, data, durable=True)
             write_atomically(sidecar, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode(), durable=True)
         except OSError as exc:
             log.warning("could not keep the exported graph in %s (%s)", self.folder, exc.strerror or exc)
+            return
+        if self.record is None:
+            return
+        try:
+            self.record(key.name(), sha256)
+        except Exception as exc:  # the database away: the graph is exported again next time
+            log.warning("could not record the exported graph %s (%s)", graph.name, error_line(exc))
+            return
+        self.recorded[key.name()] = sha256
 
     def _paths(self, key: GraphKey) -> tuple[Path, Path]:
         name = key.name()

@@ -139,7 +139,8 @@ class ServedModel:
             return self.backend
         key = self.backend_key(batch) if cache is not None and wanted == "auto" else None
         cached = cache.get(key) if cache is not None and key is not None else None
-        self.graphs = GraphCache(cache.folder) if cache is not None else None
+        if self.graphs is None and cache is not None:  # none given by ``serve_version``: nothing kept is trusted
+            self.graphs = GraphCache(cache.folder)
         if cached is not None:
             return self._use_cached(cached, batch)
         choice = self._measure(batch, wanted)

@@ -36,7 +36,7 @@ import shutil
 import stat
 import struct
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,7 +50,8 @@ from torch import Tensor, nn
 
 from meddaemon import __version__
 from meddaemon.db.bulk import insert_missing
-from meddaemon.db.models import ModelVersion, Task, utcnow
+from meddaemon.db.engine import transaction, with_lock_retry, with_unique_retry
+from meddaemon.db.models import ModelGraph, ModelVersion, Task, utcnow
 from meddaemon.engine.architectures import ARCHITECTURES, build_model
 from meddaemon.engine.card import card_files
 from meddaemon.engine.preprocess import normalise
@@ -894,10 +895,33 @@ class Registered:
     sha256: str
     #: the manifest as imported (``ModelVersion.manifest``); empty in rows older than it
     manifest: Mapping[str, Any]
+    #: the ONNX graphs exported from it and kept in its folder: name -> SHA-256 (``model_graphs``)
+    graphs: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def of(cls, row: ModelVersion) -> Registered:
-        return cls(row.sha256, dict(row.manifest or {}))
+    def of(cls, row: ModelVersion, session: Session | None = None) -> Registered:
+        """The row's hash and manifest; with ``session``, its kept graphs' hashes too."""
+        return cls(row.sha256, dict(row.manifest or {}), kept_graphs(session, row.id) if session else {})
+
+
+def kept_graphs(session: Session, version_id: int) -> dict[str, str]:
+    """The SHA-256 of each ONNX graph kept with a version, by name, as recorded when it was exported."""
+    rows = session.execute(select(ModelGraph.name, ModelGraph.sha256).where(ModelGraph.model_version_id == version_id))
+    return {name: sha256 for name, sha256 in rows}
+
+
+def graph_recorder(sessions: sessionmaker[Session], version_id: int) -> Callable[[str, str], None]:
+    """What records a graph just exported from a version (``GraphCache.put``): its name and SHA-256,
+    replacing a record a graph of that name had (one exported again because it no longer matched)."""
+
+    def record(name: str, sha256: str) -> None:
+        def write() -> None:
+            with transaction(sessions) as session:
+                session.merge(ModelGraph(model_version_id=version_id, name=name, sha256=sha256, created_at=utcnow()))
+
+        with_unique_retry(lambda: with_lock_retry(write))  # two daemons recording the same graph at once
+
+    return record
 
 
 def check_registered(manifest: Manifest, folder: Path, registered: Registered) -> None:

@@ -5,7 +5,8 @@ eagerly; ``ServedModel.choose_backend`` then times eager PyTorch against ONNX Ru
 choice an earlier start made (``backend.json``) and checks the graph it kept against the network.
 
 When that earlier choice was ONNX Runtime and its graph is kept, the network is never built: the
-weights' SHA-256 is checked against the manifest, the kept graph must reproduce the manifest's
+weights' SHA-256 is checked against the manifest, the kept graph's against the one the database
+recorded when it was exported (``Registered.graphs``), the kept graph must reproduce the manifest's
 self-test probabilities within its tolerance (the check the full load makes of the network), and the
 CAM head's Linear weight is read from the verified safetensors file. That skips importing
 torchvision (its ``ops`` import ``torch._dynamo``), building the network and running it twice: about
@@ -16,6 +17,7 @@ or a graph that fails the self-test, falls back to the full load, which says why
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,26 +52,32 @@ def serve_version(
     lanes: int = 1,
     choose: bool = True,
     registered: Registered | None = None,
+    record_graph: Callable[[str, str], None] | None = None,
 ) -> ServedModel:
     """Version ``folder`` ready for batches on ``device``, its backend chosen for ``batch`` (cached in
     the folder); ``lanes``: batches it may run at once (``inference.forward_lanes``). With
     ``choose=False`` a version loaded in full is returned before its backend is chosen
     (``ServedModel.chosen`` is False: the caller calls ``choose_backend`` when it has work for it).
     A version that fails its verification raises :class:`ModelRefused`, as does, with ``registered``
-    (the database's row), a folder that no longer holds what was registered."""
+    (the database's row), a folder that no longer holds what was registered. Graphs kept in the folder
+    are used only with ``registered``, whose graphs' hashes they must have; ``record_graph`` records
+    the hash of a graph exported now (``registry.graph_recorder``)."""
     folder = Path(folder)
     if registered is not None:  # before either way of serving it: a quick refusal
         check_registered(read_manifest(folder), folder, registered)
     cache = BackendCache(folder)
+    graphs = GraphCache(folder, registered.graphs if registered is not None else None, record_graph)
     model = serve_kept_graph(
-        folder, version_id, device, heatmaps=heatmaps, batch=batch, lanes=lanes, cache=cache, registered=registered
-    )
+        folder, version_id, device, heatmaps=heatmaps, batch=batch, lanes=lanes, cache=cache, graphs=graphs,
+        registered=registered,
+    )  # fmt: skip
     if model is not None:
         return model
     loaded = load_version(folder, device="cpu")
     if registered is not None:  # the manifest served is the one checked: the file is read again by the load
         check_registered(loaded.manifest, folder, registered)
     model = ServedModel(version_id, loaded, device, heatmaps=heatmaps, lanes=lanes)
+    model.graphs = graphs
     if choose:
         model.choose_backend(batch, cache)
     return model
@@ -84,6 +92,7 @@ def serve_kept_graph(
     batch: int,
     lanes: int,
     cache: BackendCache,
+    graphs: GraphCache,
     registered: Registered | None = None,
 ) -> ServedModel | None:
     """The version served from the ONNX graph an earlier start chose and kept, or None when there is
@@ -104,7 +113,6 @@ def serve_kept_graph(
     choice = cache.get(backend_key(manifest.sha256, device, batch, activation, lanes))
     if choice is None or choice.backend != "onnx":
         return None
-    graphs = GraphCache(folder)
     graph = graphs.get(GraphKey(manifest.sha256, activation, OPSET))
     if graph is None:
         return None

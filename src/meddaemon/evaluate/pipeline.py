@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from meddaemon.config import Settings
 from meddaemon.db.engine import session_factory, transaction, with_unique_retry
 from meddaemon.db.models import Evaluation, ModelVersion
+from meddaemon.engine import registry
 from meddaemon.engine.backend_cache import BACKEND_PROBE_BATCH, BackendCache
 from meddaemon.engine.decode import DecodeOptions
 from meddaemon.engine.inference import ServedModel, forward_lanes, limit_threads, pick_device
@@ -159,6 +160,7 @@ def run_evaluation(
         version = find_model_version(session, request.task, request.model_version)
         scored = prefixes(store.scored_shas(session, version, with_heatmaps=request.heatmaps))
         name = request.name or default_name(session, request.path, cohort, version)
+        graphs = registry.kept_graphs(session, version.id)
         session.expunge(version)
     with store.one_run_at_a_time(db, name):
         options = settings.decode_options
@@ -168,7 +170,7 @@ def run_evaluation(
             contract = InputContract.from_dict(version.manifest["input_contract"])
             decoders = Decoders(cohort.files, contract, options, scored, request.workers, request.batch_size)
         try:
-            model = _serve(settings, request, version)
+            model = _serve(settings, request, version, graphs, registry.graph_recorder(sessions, version.id))
             prepared = Prepared(request, settings, cohort, version, model, scored, 0, options)
             return _run(sessions, name, prepared, decoders, progress)
         finally:
@@ -235,10 +237,16 @@ def check_request(request: EvaluationRequest) -> None:
             )
 
 
-def _serve(settings: Settings, request: EvaluationRequest, version: ModelVersion) -> ServedModel:
-    """The version verified, served from the graph an earlier run kept when there is one; otherwise its
-    network, the backend chosen when the first batch is scored (``_Batcher``: a rerun scores none)."""
-    from meddaemon.engine.registry import ModelRefused, Registered
+def _serve(
+    settings: Settings,
+    request: EvaluationRequest,
+    version: ModelVersion,
+    graphs: dict[str, str],
+    record_graph: Callable[[str, str], None],
+) -> ServedModel:
+    """The version verified, served from the graph an earlier run kept when there is one (``graphs``:
+    the hashes recorded of those kept); otherwise its network, the backend chosen when the first batch
+    is scored (``_Batcher``: a rerun scores none)."""
     from meddaemon.engine.serving import serve_version
 
     limit_threads(settings.inference_threads)
@@ -257,9 +265,10 @@ def _serve(settings: Settings, request: EvaluationRequest, version: ModelVersion
             batch=batch,
             lanes=lanes,
             choose=False,
-            registered=Registered.of(version),
+            registered=registry.Registered(version.sha256, dict(version.manifest or {}), graphs),
+            record_graph=record_graph,
         )
-    except ModelRefused as refusal:
+    except registry.ModelRefused as refusal:
         raise EvaluationStopped(
             f"model {version.task_name}/{version.version} refused: {refusal.reason} ({refusal.message})"
         ) from None

@@ -194,6 +194,8 @@ def _run(
             "version_id": prepared.version.id,
             "sha256": prepared.version.sha256,
             "manifest": dict(prepared.version.manifest or {}),
+            # the graphs the driver's database vouches for: an actor serves one kept on the shared mount
+            "graphs": dict(prepared.model.graphs.recorded) if prepared.model.graphs is not None else {},
             "device": "cuda" if plan.gpu else "cpu",
             "threads": plan.threads,
             "batch": request.batch_size,

@@ -65,6 +65,7 @@ class ModelActor:
         device: str,
         sha256: str | None = None,
         manifest: dict | None = None,
+        graphs: dict[str, str] | None = None,
         threads: int = 0,
         batch: int = 64,
         heatmaps: bool = False,
@@ -89,7 +90,7 @@ class ModelActor:
                 heatmaps=heatmaps,
                 batch=min(batch, BACKEND_PROBE_BATCH),
                 lanes=lanes,
-                registered=Registered(sha256, manifest or {}) if sha256 else None,
+                registered=Registered(sha256, manifest or {}, graphs or {}) if sha256 else None,
             )
         except ModelRefused as refusal:
             raise RuntimeError(
