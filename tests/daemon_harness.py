@@ -25,6 +25,7 @@ import pytest
 from dicom_factory import write_png
 from prometheus_client.parser import text_string_to_metric_families
 
+from meddaemon.daemon.workers import DecodingPool
 from meddaemon.stored_paths import stored_file
 
 MEDDAEMON = Path(sys.executable).parent / "meddaemon"
@@ -163,6 +164,17 @@ time.sleep(float(sys.argv[2]))
 conn.execute("COMMIT")
 print("released", flush=True)
 """
+
+
+def kill_workers(pool: DecodingPool) -> None:
+    """SIGKILL every worker process of ``pool`` (what the kernel's OOM killer does), and wait until
+    the pool has noticed."""
+    for pid in list(pool.executor._processes):  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not pool.executor._broken:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the pool never noticed its worker's death"
+        time.sleep(0.05)
 
 
 def daemon_env() -> dict[str, str]:

@@ -156,6 +156,55 @@ def test_waiting_scans_run_once_a_model_is_promoted(daemon: Daemon, tmp_path: Pa
         assert session.scalar(select(Heatmap.id).limit(1)) is not None
 
 
+@pytest.mark.parametrize("dies", ["once, under another's scan", "under this scan each time"])
+def test_a_worker_that_dies_while_waiting_scans_are_prepared_costs_the_daemon_nothing(
+    make_settings, tmp_path: Path, dies: str
+):
+    """A decoding worker killed (the OOM killer) while the inputs of stored scans were prepared again
+    stopped the daemon (BrokenProcessPool out of the harvest, exit 1), its scans left routed. Each is
+    now prepared again alone in a fresh worker; one under which the worker dies again fails as
+    ``decoder_crashed``, as intake fails a file that kills its worker."""
+    import os
+    import signal
+
+    from daemon_harness import kill_workers
+
+    settings = make_settings(max_wait_ms=10, reports=False, workers=1)
+    first = Daemon(settings)
+    first.prepare()
+    drop_scans(settings.watch)
+    first.run(once=True)
+    promote(first, write_model(tmp_path / "model"))
+    with first.sessions() as session:
+        victim = session.scalars(select(Scan).where(Scan.state == "waiting_model").order_by(Scan.id)).first()
+    assert victim is not None
+
+    daemon = Daemon(settings)
+    submit, killed = daemon.stage.submit, []
+
+    def submit_then_kill_the_worker(fn, *args):  # type: ignore[no-untyped-def]
+        """The worker stopped before this scan's task reaches it, and killed after: a death mid-task."""
+        pool = daemon.workers
+        preparing_victim = fn.__name__ == "prepare_stored" and Path(args[0]) == settings.stored_file(victim.stored_path)
+        if preparing_victim and (not killed or dies == "under this scan each time"):
+            pid = pool.submit(os.getpid).result(60)
+            os.kill(pid, signal.SIGSTOP)
+            future = submit(fn, *args)
+            kill_workers(pool)
+            killed.append(pid)
+            return future
+        return submit(fn, *args)
+
+    daemon.stage.submit = submit_then_kill_the_worker
+    daemon.run(once=True)
+
+    with daemon.sessions() as session:
+        states = {s.id: (s.state, s.failure_reason) for s in session.scalars(select(Scan))}
+    expected_victim = ("inferred", None) if dies.startswith("once") else ("failed", "decoder_crashed")
+    assert states.pop(victim.id) == expected_victim and len(killed) == (1 if dies.startswith("once") else 2)
+    assert set(states.values()) == {("inferred", None)}
+
+
 def test_a_waiting_scan_whose_work_copy_changed_since_registration_fails_saying_so_and_is_kept(
     daemon: Daemon, tmp_path: Path
 ):

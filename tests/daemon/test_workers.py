@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from dicom_factory import write_png
 
+from daemon_harness import kill_workers
 from meddaemon.daemon.intake_stage import FILES_PER_TASK, READ_AHEAD_PER_WORKER
 from meddaemon.daemon.service import Daemon
 from meddaemon.daemon.stability import StableFile, signature
@@ -63,6 +64,22 @@ def test_a_pool_replaced_after_a_worker_died_has_the_wide_pipe_too():
         pool.replace()
         np.testing.assert_array_equal(pool.submit(model_input, 3).result(60), model_input(3))
         assert result_pipe_bytes(pool) == RESULT_PIPE_BYTES
+    finally:
+        pool.shutdown()
+
+
+def test_a_worker_killed_while_the_pool_is_idle_is_replaced_at_the_next_read():
+    """The next submit raised BrokenProcessPool, and the daemon stopped with a traceback (exit 1)."""
+    import os
+
+    pool = DecodingPool(1)
+    pool.start()
+    try:
+        first = pool.submit(os.getpid).result(60)
+        kill_workers(pool)
+
+        np.testing.assert_array_equal(pool.submit(model_input, 4).result(60), model_input(4))
+        assert pool.submit(os.getpid).result(60) != first
     finally:
         pool.shutdown()
 

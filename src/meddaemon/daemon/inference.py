@@ -32,7 +32,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,7 +57,7 @@ from meddaemon.engine.decode import DecodeOptions
 from meddaemon.engine.heatmap_grid import expand_one, grid_bytes
 from meddaemon.engine.overlay import jpeg_bytes, model_pixels, overlay
 from meddaemon.engine.tasks import InputContract
-from meddaemon.failures import ReadLater, ScanFailure
+from meddaemon.failures import FailureReason, ReadLater, ScanFailure
 from meddaemon.files import write_atomically
 from meddaemon.states import ScanState
 
@@ -434,7 +435,7 @@ class InferenceStage(Stage):
         self.preparing = [p for p in self.preparing if not p.future.done()]
         failures: dict[int, list[InferenceOutcome]] = {}
         for item in done:
-            result = item.future.result()
+            result = self._prepared(item)
             model = self.served.get(item.scan.task)
             if isinstance(result, ReadLater):  # out of descriptors or memory: the scan waits a while
                 self.resting[item.scan.scan_id] = time.monotonic() + self.settings.rescan_seconds
@@ -451,6 +452,23 @@ class InferenceStage(Stage):
             self.in_flight.discard(item.scan.scan_id)
         for version_id, outcomes in failures.items():
             self._store(version_id, outcomes)
+
+    def _prepared(self, item: _Preparing) -> np.ndarray | ScanFailure | ReadLater:
+        """What preparing ``item`` gave; where a worker died under it (this scan's file, or another's
+        in the same pool), prepared again alone, in a fresh worker: one that dies again under it
+        fails it as ``decoder_crashed``, as intake fails a file that kills its worker."""
+        try:
+            return item.future.result()
+        except (BrokenProcessPool, CancelledError):
+            log.error("scan %d: a decoding worker died while preparing it; preparing it again alone", item.scan.scan_id)
+        scan, model = item.scan, self.served.get(item.scan.task)
+        if model is None:  # nothing to prepare it for now: the sweep takes it again later
+            return ReadLater(FailureReason.DECODER_CRASHED, "a decoding worker died while preparing it")
+        try:
+            future = self.submit(prepare_stored, scan.stored_path, model.contract, self.decode_options, scan.sha256)
+            return future.result()
+        except (BrokenProcessPool, CancelledError):
+            return ScanFailure(FailureReason.DECODER_CRASHED, "the decoder crashed on this scan's registered copy")
 
     # -- running batches -----------------------------------------------------------------------
 

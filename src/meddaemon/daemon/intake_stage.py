@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -364,7 +364,7 @@ class IntakeStage(Stage):
     def _harvest_group(self, group: _ReadGroup, block: bool) -> BatchRecord:
         try:
             intakes = [intake for future in group.futures for intake in future.result()]
-        except BrokenProcessPool:
+        except (BrokenProcessPool, CancelledError):  # cancelled: its pool replaced after another's worker died
             log.error("a decoding worker died; reading this batch again one file at a time to find the culprit")
             intakes = [self._read_alone(f.path, name, f.signature) for f, name in group.files]
         batch: list[tuple[StableFile, PurePosixPath, Intake]] = []

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from meddaemon.daemon.intake import init_worker
 from meddaemon.processes import forkserver_context
+
+log = logging.getLogger("meddaemon.daemon")
 
 #: the capacity asked for the pipe the workers send their results through (Linux's default is 64 KiB):
 #: a model input (196 KiB for a 224 x 224 image) then goes in one write and comes out in one read, so a
@@ -69,9 +73,17 @@ class DecodingPool:
             future.add_done_callback(answered)
 
     def submit(self, fn: Callable[..., object], *args: object) -> Future:
-        """Run ``fn`` in a worker, or right here (as a finished future) without workers."""
+        """Run ``fn`` in a worker, or right here (as a finished future) without workers. A pool a
+        worker left while it was idle (the kernel's OOM killer, a kill by hand) is replaced first:
+        its submit raised, and the daemon stopped."""
         if self.executor is not None:
-            return self.executor.submit(fn, *args)
+            try:
+                return self.executor.submit(fn, *args)
+            except BrokenProcessPool:
+                log.error("a decoding worker died while idle; starting the workers again")
+                self.replace()
+                assert self.executor is not None
+                return self.executor.submit(fn, *args)
         future: Future = Future()
         future.set_result(fn(*args))
         return future
