@@ -143,6 +143,9 @@ class Settings:
     metrics_port: int = 0
     db_outage_seconds: float = 120.0
     claim_unread_seconds: float = 30.0
+    #: a decoding worker's read of a file (or a batch of them) not ended after this long is given up:
+    #: the worker is killed, and the file that does not end alone fails as ``decode_timeout``
+    read_timeout_seconds: float = 300.0
     #: the web console (``meddaemon web``; served by the daemon from a thread when web_port is not 0)
     web_host: str = "127.0.0.1"
     web_port: int = 0
@@ -322,7 +325,7 @@ _FLOAT_KEYS = {
 }
 _BOOL_KEYS = {"heatmaps", "reports", "reports_with_phi", "create_watch"}
 _FLOAT_KEYS |= {"db_lock_timeout_seconds", "db_idle_in_transaction_seconds", "db_keepalive_seconds"}
-_FLOAT_KEYS |= {"db_outage_seconds", "claim_unread_seconds", "series_quiet_seconds"}
+_FLOAT_KEYS |= {"db_outage_seconds", "claim_unread_seconds", "series_quiet_seconds", "read_timeout_seconds"}
 #: lists: a TOML list, or comma-separated text (environment, flags)
 _LIST_KEYS = {"ignore", "dicom_allowed_callers"}
 #: settings that only a TOML file can give (tables)
@@ -767,6 +770,8 @@ def _validate(s: Settings) -> None:
         fail("db_outage_seconds", "must be >= 0 (0: exit at the first failed connection)")
     if s.claim_unread_seconds <= 0:
         fail("claim_unread_seconds", "must be > 0")
+    if s.read_timeout_seconds <= 0:
+        fail("read_timeout_seconds", "must be > 0")
     if not 0 <= s.metrics_port <= 65535:
         fail("metrics_port", "must be a TCP port (0: no metrics endpoint)")
     if not 0 <= s.web_port <= 65535:

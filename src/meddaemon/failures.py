@@ -35,6 +35,8 @@ class FailureReason(StrEnum):
     CONTRACT_MISMATCH = "contract_mismatch"
     NON_FINITE_OUTPUT = "non_finite_output"
     DECODER_CRASHED = "decoder_crashed"
+    #: its read had not ended after ``read_timeout_seconds``, alone in a decoding worker (killed then)
+    DECODE_TIMEOUT = "decode_timeout"
     CHANGED_AFTER_REGISTRATION = "changed_after_registration"
     INTERNAL_ERROR = "internal_error"
 
@@ -43,6 +45,10 @@ class FailureReason(StrEnum):
 #: notes and meddaemon's own results beside the images): a cohort or a training dataset leaves such
 #: files out, listed, without counting them toward the unreadable share that stops a run.
 NOT_AN_IMAGE = frozenset({FailureReason.DICOMDIR, FailureReason.NO_PIXEL_DATA, FailureReason.OWN_OUTPUT})
+
+#: Reasons that say decoding the file took its decoding worker down with it: no one decodes it again
+#: in a process that matters (the console shows no picture of it).
+HARMS_ITS_DECODER = frozenset({FailureReason.DECODER_CRASHED, FailureReason.DECODE_TIMEOUT})
 
 #: the BaseExceptions that stop a process on purpose. Any other that is no Exception came from a
 #: native decoder (pyo3's PanicException, a Rust codec's panic on corrupt RLE): that file's failure.

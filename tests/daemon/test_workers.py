@@ -7,6 +7,7 @@ import fcntl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -186,3 +187,101 @@ def test_a_preloading_pool_forks_its_workers_from_a_forkserver_that_imported_tor
 def test_a_pool_without_preload_leaves_the_forkserver_bare():
     """A daemon that also forks its DICOM receiver or its sender at start: they need not wait for torch."""
     assert forkserver_probe("bare") == ["True", "True", "False"]
+
+
+def frozen_when(daemon: Daemon, frozen: Callable[[Callable, tuple], bool]) -> list[int]:
+    """Reads for which ``frozen(fn, args)`` holds never end: the worker that takes one is stopped
+    (SIGSTOP) as it gets it, a stand-in for a decoder caught in a loop. Returns the pids stopped."""
+    import os
+    import signal
+
+    pool, stopped = daemon.workers, []
+    submit = pool.submit
+
+    def submit_then_freeze(fn, *args):  # type: ignore[no-untyped-def]
+        if not frozen(fn, args):
+            return submit(fn, *args)
+        pid = submit(os.getpid).result(60)
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+        return submit(fn, *args)
+
+    pool.submit = submit_then_freeze  # type: ignore[method-assign]
+    return stopped
+
+
+def reads_of(victim: Path) -> Callable[[Callable, tuple], bool]:
+    """A read of ``victim``, alone (``read_file``) or in a task of several (``read_files``)."""
+    return lambda fn, args: (
+        bool(args) and (args[0] == victim or (isinstance(args[0], list) and any(item[0] == victim for item in args[0])))
+    )
+
+
+def test_a_read_that_never_ends_is_given_up_and_its_file_alone_fails_as_decode_timeout(
+    make_settings, tmp_path: Path, caplog
+):
+    """A decode that never ended held every file read after it (none recorded 30 s on), every stop,
+    and systemd's watchdog still heard from the daemon. Past ``read_timeout_seconds`` the workers
+    are killed and the files read again one at a time; the one that never ends alone fails."""
+    from sqlalchemy import select
+
+    from meddaemon.db.models import Scan
+
+    rng = np.random.default_rng(6)
+    inbox = tmp_path / "inbox" / "busi"
+    paths = [write_png(inbox / f"synthetic_{i}.png", rng.integers(0, 255, (32, 32), np.uint8)) for i in range(3)]
+    daemon = Daemon(make_settings(workers=1, reports=False, read_timeout_seconds=3.0))
+    daemon.prepare()
+    daemon.workers.start()
+    stopped = frozen_when(daemon, reads_of(paths[1]))
+    try:
+        daemon.intake._submit_reads([StableFile(p, signature(p), utcnow(), utcnow()) for p in paths])
+        began = time.monotonic()
+        while daemon.intake.reading:
+            assert time.monotonic() - began < 60, "the reads were never given up"
+            daemon.intake._harvest_reads()
+            time.sleep(0.05)
+    finally:
+        daemon.workers.shutdown()
+        daemon.engine.dispose()
+
+    with daemon.sessions() as session:
+        scans = {Path(s.source_name).name: (s.state, s.failure_reason) for s in session.scalars(select(Scan))}
+    assert scans == {
+        "synthetic_0.png": ("waiting_model", None),
+        "synthetic_1.png": ("failed", "decode_timeout"),
+        "synthetic_2.png": ("waiting_model", None),
+    }
+    assert len(stopped) == 2  # the batch's task, then the file alone
+    assert "had not ended after 3 s (read_timeout_seconds)" in caplog.text
+
+
+def test_a_stop_gives_up_reads_that_do_not_end_and_leaves_their_files_unclaimed_in_the_inbox(
+    make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``finish`` waited for the reads in hand without a bound: SIGTERM, a second SIGTERM and SIGINT
+    all waited on a frozen worker, until systemd's SIGKILL."""
+    from sqlalchemy import select
+
+    from meddaemon.daemon import intake_stage
+    from meddaemon.db.models import InboxClaim
+
+    monkeypatch.setattr(intake_stage, "STOP_READ_WAIT_SECONDS", 1.0)
+    inbox = tmp_path / "inbox" / "busi"
+    path = write_png(inbox / "synthetic_0.png", np.zeros((32, 32), np.uint8))
+    daemon = Daemon(make_settings(workers=1, reports=False))
+    daemon.prepare()
+    daemon.workers.start()
+    frozen_when(daemon, reads_of(path))
+    try:
+        daemon.intake._submit_reads([StableFile(path, signature(path), utcnow(), utcnow())])
+        began = time.monotonic()
+        daemon.intake.finish()
+        took = time.monotonic() - began
+    finally:
+        daemon.workers.shutdown()
+        daemon.engine.dispose()
+
+    assert took < 10 and path.is_file() and not daemon.intake.reading
+    with daemon.sessions() as session:
+        assert session.scalars(select(InboxClaim).where(InboxClaim.done_at.is_(None))).all() == []

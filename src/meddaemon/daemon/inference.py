@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,7 @@ from meddaemon.daemon import loader as model_loader
 from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, HeatmapFile, InferenceOutcome, ScanToInfer
 from meddaemon.daemon.intake import prepare_stored
 from meddaemon.daemon.metrics import DaemonMetrics
-from meddaemon.daemon.stages import Stage
+from meddaemon.daemon.stages import STOP_READ_WAIT_SECONDS, Stage
 from meddaemon.db.engine import with_lock_retry
 from meddaemon.db.models import ModelVersion, Scan, utcnow
 from meddaemon.engine.batching import BatchQueue, QueuedScan
@@ -86,6 +86,8 @@ STORE_POLL = 0.005
 LOAD_POLL = 0.1
 #: a version whose load failed for another reason than its verification is tried again after (s)
 LOAD_RETRY_SECONDS = 300.0
+#: how long the task of a worker just killed may take to fail (the pool notices the death)
+WORKER_DEATH_NOTICED_SECONDS = 10.0
 
 
 @dataclass
@@ -93,6 +95,8 @@ class _Preparing:
     future: Future
     scan: ScanToInfer
     version_id: int
+    #: when it went to the workers (monotonic)
+    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -130,12 +134,15 @@ class InferenceStage(Stage):
         commit: Commit,
         after_store: Callable[[BatchRecord], None] = lambda record: None,
         metrics: DaemonMetrics | None = None,
+        kill_workers: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.destinations = destinations
         self.decode_options = decode_options
         self.submit = submit
+        #: kills the decoding workers and starts others (a preparation that does not end)
+        self.kill_workers = kill_workers
         self.commit = commit
         #: the daemon carries out the moves of failed scans and logs every outcome
         self.after_store = after_store
@@ -192,10 +199,19 @@ class InferenceStage(Stage):
         return self.sweep()
 
     def finish(self) -> None:
-        """Run what is queued, once the inputs being prepared are back, and commit the results."""
-        while self.preparing:
+        """Run what is queued, once the inputs being prepared are back (waited for at most
+        ``STOP_READ_WAIT_SECONDS``: then given up, their scans left for the next run), and commit
+        the results."""
+        deadline = time.monotonic() + STOP_READ_WAIT_SECONDS
+        while self.preparing and time.monotonic() < deadline:
             self.harvest_prepared()
             time.sleep(0.01)
+        if self.preparing:
+            log.warning("stopping: %d scans whose inputs were being prepared are left for the next run",
+                        len(self.preparing))  # fmt: skip
+            self.kill_workers()
+            self.in_flight -= {item.scan.scan_id for item in self.preparing}
+            self.preparing = []
         self.run_ready(flush=True)
 
     # -- models --------------------------------------------------------------------------------
@@ -429,10 +445,20 @@ class InferenceStage(Stage):
         return len(claimed)
 
     def harvest_prepared(self) -> None:
-        done = [p for p in self.preparing if p.future.done()]
+        """Take the inputs prepared; preparations that have not ended after ``read_timeout_seconds``
+        are given up (the workers killed: a read that never ends held the pool, intake with it) and
+        each prepared again alone."""
+        now = time.monotonic()
+        overdue = [p for p in self.preparing if not p.future.done() and now - p.submitted > self._timeout]
+        if overdue:
+            log.error("preparing the inputs of scans %s had not ended after %.0f s (read_timeout_seconds); "
+                      "the decoding workers are killed", ", ".join(str(p.scan.scan_id) for p in overdue),
+                      self._timeout)  # fmt: skip
+            self.kill_workers()
+        done = [p for p in self.preparing if p.future.done() or p in overdue]
         if not done:
             return
-        self.preparing = [p for p in self.preparing if not p.future.done()]
+        self.preparing = [p for p in self.preparing if p not in done]
         failures: dict[int, list[InferenceOutcome]] = {}
         for item in done:
             result = self._prepared(item)
@@ -458,17 +484,28 @@ class InferenceStage(Stage):
         in the same pool), prepared again alone, in a fresh worker: one that dies again under it
         fails it as ``decoder_crashed``, as intake fails a file that kills its worker."""
         try:
-            return item.future.result()
-        except (BrokenProcessPool, CancelledError):
+            return item.future.result(timeout=WORKER_DEATH_NOTICED_SECONDS)  # a killed worker's task: failed soon
+        except (BrokenProcessPool, CancelledError, TimeoutError):
             log.error("scan %d: a decoding worker died while preparing it; preparing it again alone", item.scan.scan_id)
         scan, model = item.scan, self.served.get(item.scan.task)
         if model is None:  # nothing to prepare it for now: the sweep takes it again later
             return ReadLater(FailureReason.DECODER_CRASHED, "a decoding worker died while preparing it")
         try:
             future = self.submit(prepare_stored, scan.stored_path, model.contract, self.decode_options, scan.sha256)
-            return future.result()
+            return future.result(timeout=self._timeout)
         except (BrokenProcessPool, CancelledError):
             return ScanFailure(FailureReason.DECODER_CRASHED, "the decoder crashed on this scan's registered copy")
+        except TimeoutError:
+            self.kill_workers()
+            return ScanFailure(
+                FailureReason.DECODE_TIMEOUT,
+                f"preparing its input had not ended after {self._timeout:.0f} s (read_timeout_seconds); "
+                "its decoding worker was killed",
+            )
+
+    @property
+    def _timeout(self) -> float:
+        return self.settings.read_timeout_seconds
 
     # -- running batches -----------------------------------------------------------------------
 

@@ -14,17 +14,18 @@ in flight are recorded (``finish``); a file not yet claimed stays in the inbox f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
@@ -37,7 +38,7 @@ from meddaemon.daemon.metrics import DaemonMetrics
 from meddaemon.daemon.outage import OutageGuard
 from meddaemon.daemon.router import RoutingPolicy
 from meddaemon.daemon.stability import Signature, StabilityTracker, StableFile, signature
-from meddaemon.daemon.stages import BUSY_POLL, Cadence, Stage, log_lock_wait
+from meddaemon.daemon.stages import BUSY_POLL, STOP_READ_WAIT_SECONDS, Cadence, Stage, log_lock_wait
 from meddaemon.daemon.watcher import Hint
 from meddaemon.daemon.workers import DecodingPool
 from meddaemon.db.engine import is_lock_timeout, transaction, with_lock_retry
@@ -91,6 +92,8 @@ class _ReadGroup:
     #: one per decoding task, each reading the next ``sizes[i]`` of ``files`` (``intake.read_files``)
     futures: list[Future]
     sizes: list[int]
+    #: when its reads went to the workers (monotonic)
+    submitted: float = field(default_factory=time.monotonic)
 
     def unread(self) -> int:
         return sum(size for future, size in zip(self.futures, self.sizes, strict=True) if not future.done())
@@ -206,8 +209,17 @@ class IntakeStage(Stage):
         return self.rescan()
 
     def finish(self) -> None:
+        """Record the reads in hand, waiting for them at most ``STOP_READ_WAIT_SECONDS`` (and their
+        ``read_timeout_seconds``): a stop always ends. Reads that have not ended then are given up,
+        their workers killed and their files left in the inbox, unclaimed, for the next run."""
+        deadline = time.monotonic() + STOP_READ_WAIT_SECONDS
         while self.reading:
-            self._harvest_group(self.reading.pop(0), block=True)
+            group = self.reading.pop(0)
+            if self._wait_for(group, deadline):
+                self._harvest_group(group, block=True)
+            else:
+                self._give_up([group, *self.reading])
+                self.reading.clear()
 
     # -- finding files ---------------------------------------------------------------------------
 
@@ -354,18 +366,58 @@ class IntakeStage(Stage):
             return set()
 
     def _harvest_reads(self) -> int:
-        """Record every group of reads that has finished, oldest first; returns files recorded."""
+        """Record every group of reads that has finished, oldest first, and the oldest whose reads
+        have not ended after ``read_timeout_seconds`` (its files read again one at a time: a read
+        that never ends held every file read after it, and every stop); returns files recorded."""
         recorded = 0
-        while self.reading and all(f.done() for f in self.reading[0].futures):
+        while self.reading and (all(f.done() for f in self.reading[0].futures) or self._overdue(self.reading[0])):
             group = self.reading.pop(0)
             recorded += len(self._harvest_group(group, block=False).outcomes)
         return recorded
 
+    def _overdue(self, group: _ReadGroup) -> bool:
+        return time.monotonic() - group.submitted > self.settings.read_timeout_seconds
+
+    def _wait_for(self, group: _ReadGroup, deadline: float) -> bool:
+        """Wait until ``group``'s reads have ended, until ``deadline`` at most; whether they have."""
+        _, pending = wait(group.futures, timeout=max(0.0, deadline - time.monotonic()))
+        return not pending
+
+    def _give_up(self, groups: list[_ReadGroup]) -> None:
+        """Reads a stop does not wait for: their workers killed, their files left in the inbox with
+        their claims dropped, to be read by the next run (or by another daemon)."""
+        self.workers.replace(kill=True)
+        paths = [stable.path for group in groups for stable, _ in group.files]
+
+        def release() -> None:
+            with transaction(self.sessions) as session:
+                claims.release_inbox_files(session, paths)
+
+        with contextlib.suppress(SQLAlchemyError):  # unreleased, they are taken over after claim_unread_seconds
+            with_lock_retry(release, should_stop=lambda: True)
+        for path in paths:
+            self.tracker.forget(path)
+        log.warning("stopping: %d inbox files whose reads had not ended are left in the inbox, unread", len(paths))
+
     def _harvest_group(self, group: _ReadGroup, block: bool) -> BatchRecord:
+        deadline = group.submitted + self.settings.read_timeout_seconds
         try:
-            intakes = [intake for future in group.futures for intake in future.result()]
+            intakes = [
+                intake
+                for future in group.futures
+                for intake in future.result(timeout=max(0.0, deadline - time.monotonic()) if block else 0)
+            ]
         except (BrokenProcessPool, CancelledError):  # cancelled: its pool replaced after another's worker died
             log.error("a decoding worker died; reading this batch again one file at a time to find the culprit")
+            intakes = [self._read_alone(f.path, name, f.signature) for f, name in group.files]
+        except TimeoutError:
+            log.error(
+                "a read of %d inbox files had not ended after %.0f s (read_timeout_seconds); the decoding workers "
+                "are killed and the files read again one at a time",
+                len(group.files),
+                self.settings.read_timeout_seconds,
+            )
+            self.workers.replace(kill=True)
             intakes = [self._read_alone(f.path, name, f.signature) for f, name in group.files]
         batch: list[tuple[StableFile, PurePosixPath, Intake]] = []
         changed: list[Path] = []
@@ -453,13 +505,19 @@ class IntakeStage(Stage):
         return record
 
     def _read_alone(self, path: Path, name: PurePosixPath, expected: Signature) -> Intake:
-        """Read one file in a fresh worker; a file that kills its worker fails as ``decoder_crashed``."""
+        """Read one file in a fresh worker; a file that kills its worker fails as ``decoder_crashed``,
+        one whose read has not ended after ``read_timeout_seconds`` as ``decode_timeout``."""
         self.workers.replace()
+        timeout = self.settings.read_timeout_seconds
         try:
-            return self.workers.submit(read_file, path, name, expected, self.intake_context()).result()
+            return self.workers.submit(read_file, path, name, expected, self.intake_context()).result(timeout)
         except BrokenProcessPool:
             self.workers.replace()
             return Intake(path, failure=ScanFailure(FailureReason.DECODER_CRASHED, "the decoder crashed on this file"))
+        except TimeoutError:
+            self.workers.replace(kill=True)
+            why = f"its read had not ended after {timeout:.0f} s (read_timeout_seconds); its decoding worker was killed"
+            return Intake(path, failure=ScanFailure(FailureReason.DECODE_TIMEOUT, why))
 
 
 def _why(exc: DataError) -> str:

@@ -121,6 +121,7 @@ class Daemon:
             self._commit,
             after_store=self._after_store,
             metrics=self.metrics,
+            kill_workers=lambda: self.workers.replace(kill=True),
         )
         self.intake = IntakeStage(
             settings,

@@ -38,6 +38,9 @@ log = logging.getLogger("meddaemon.daemon")
 #: how soon the loop looks again while a stage has work in hand outside it (reads in the decoding
 #: workers, inputs being prepared, heatmap files being written), instead of waiting for an event (s)
 BUSY_POLL = 0.005
+#: the longest a stop waits for the reads in hand before it gives them up (systemd's stop timeout is
+#: 180 s in the shipped unit; a read that never ends held every stop)
+STOP_READ_WAIT_SECONDS = 30.0
 
 
 class Stage:

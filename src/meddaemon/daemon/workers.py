@@ -88,9 +88,14 @@ class DecodingPool:
         future.set_result(fn(*args))
         return future
 
-    def replace(self) -> None:
-        """A fresh pool (after a worker died); the work queued in the old one is cancelled."""
+    def replace(self, kill: bool = False) -> None:
+        """A fresh pool (after a worker died); the work queued in the old one is cancelled. ``kill``:
+        its processes are killed first (a read that does not end), and the work in hand there fails."""
         if self.executor is not None:
+            if kill:
+                for process in list(getattr(self.executor, "_processes", {}).values()):
+                    with contextlib.suppress(OSError):
+                        process.kill()
             self.executor.shutdown(wait=False, cancel_futures=True)
         self.executor = self._make()
         self.warm = False

@@ -33,7 +33,7 @@ from meddaemon.db.models import (
     utcnow,
 )
 from meddaemon.db.queries import newest_version_of
-from meddaemon.failures import FailureReason
+from meddaemon.failures import HARMS_ITS_DECODER
 from meddaemon.label_results import shown_against
 from meddaemon.states import ScanState
 
@@ -489,8 +489,9 @@ def picture_file(
 ) -> str | None:
     """Where a scan's picture is: the file kept of it, or, for a scan evaluated in place (nothing of
     it is kept: ``medcli evaluate``), the dataset's file where it lies. A file that crashed a decoding
-    worker has none: the console decodes in its own process, the daemon's when it serves it."""
-    if failure_reason == FailureReason.DECODER_CRASHED:
+    worker, or whose read never ended, has none: the console decodes in its own process, the
+    daemon's when it serves it."""
+    if failure_reason in HARMS_ITS_DECODER:
         return None
     if stored_path is not None:
         return stored_path
@@ -503,7 +504,7 @@ class ScanPicture:
     path: str | None
     #: for a file read where it lies: the SHA-256 its bytes must still have (it may have changed since)
     sha256: str | None
-    #: the file crashed a decoding worker (``decoder_crashed``): kept, never decoded here
+    #: the file crashed a decoding worker or never ended (``HARMS_ITS_DECODER``): kept, never decoded here
     crashed_a_decoder: bool = False
 
 
@@ -517,7 +518,7 @@ def scan_picture(session: Session, scan_id: int) -> ScanPicture | None:
     if row is None:
         return None
     path = picture_file(row.stored_path, row.source_path, row.state, row.failure_reason)
-    crashed = row.failure_reason == FailureReason.DECODER_CRASHED
+    crashed = row.failure_reason in HARMS_ITS_DECODER
     return ScanPicture(path, row.sha256 if row.stored_path is None else None, crashed)
 
 
