@@ -31,6 +31,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
     MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
     MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
     MultiFrameTrueColorSecondaryCaptureImageStorage,
@@ -319,6 +320,50 @@ def truncate_pixel_data(src: str | Path, dst: str | Path, keep_fraction: float =
     dst = Path(dst)
     dst.write_bytes(raw[:cut])
     return dst
+
+
+def write_deflate_bomb(path: str | Path, declared_bytes: int) -> Path:
+    """A SYNTHETIC 64 x 64 DICOM file in Deflated Explicit VR Little Endian whose Pixel Data holds
+    ``declared_bytes`` of zeros: about a thousandth of that on disk (deflate's ratio on zeros)."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+
+    ds = dcmread(write_dicom(path, pixels=np.zeros((64, 64), np.uint16)))
+    del ds.PixelData
+    header = DicomBytesIO()
+    header.is_little_endian, header.is_implicit_VR = True, False
+    write_dataset(header, ds)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunk = bytes(1 << 24)
+    body = [deflater.compress(header.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x10, b"OW", 0, declared_bytes))]
+    for start in range(0, declared_bytes, len(chunk)):
+        body.append(deflater.compress(chunk[: min(len(chunk), declared_bytes - start)]))
+    body.append(deflater.flush())
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    meta = DicomBytesIO()
+    write_file_meta_info(meta, ds.file_meta)
+    stream = b"".join(body)
+    Path(path).write_bytes(b"\0" * 128 + b"DICM" + meta.getvalue() + stream + (b"\0" if len(stream) % 2 else b""))
+    return Path(path)
+
+
+def write_codestream_bomb(path: str | Path, side: int, transfer_syntax: UID = JPEGBaseline8Bit) -> Path:
+    """A SYNTHETIC DICOM file whose header says 64 x 64 and whose one frame is a JPEG (or JPEG 2000)
+    codestream of ``side`` x ``side`` black pixels: a few kilobytes that a codec decodes at its own size."""
+    import io
+
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+
+    picture = io.BytesIO()
+    Image.new("L", (side, side)).save(picture, "JPEG" if transfer_syntax == JPEGBaseline8Bit else "JPEG2000")
+    ds = dcmread(write_dicom(path, pixels=np.zeros((64, 64), np.uint8), modality="SC"))
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.PixelData = encapsulate([picture.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return Path(path)
 
 
 def write_png(path: str | Path, array: np.ndarray) -> Path:

@@ -430,6 +430,24 @@ def test_a_deflated_dataset_cut_short_inside_its_stream_or_a_stream_cut_short_is
     assert len(rows(receiver)) == 2
 
 
+def test_a_deflated_dataset_that_would_inflate_past_what_max_pixels_allows_is_refused_out_of_resources(
+    receive: StartReceiver, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The receiver inflated a Deflated dataset whole to walk it: under 1 MB sent asked the
+    receiver's process for 256 MiB (and a 10 MB one for 10 GB). Counted first, it is refused."""
+    from dicom_factory import write_deflate_bomb
+    from pydicom.filereader import read_file_meta_info
+    from pynetdicom import _config
+
+    receiver = receive(max_pixels=1_000_000)  # at most 72 MiB inflated
+    bomb = write_deflate_bomb(tmp_path / "bomb.dcm", declared_bytes=256 << 20)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # the file's bytes as they are
+    sop_class = read_file_meta_info(bomb).MediaStorageSOPClassUID  # its dataset never inflated here
+
+    assert store_one(port(receiver), bomb, sop_class, syntax=DeflatedExplicitVRLittleEndian) == 0xA700
+    assert written(receiver) == [] and rows(receiver) == []
+
+
 def test_a_dataset_that_begins_with_its_sender_s_own_file_meta_elements_is_whole(tmp_path: Path):
     """A legacy sender leaving its group 0002 (its group length too) at the head of the dataset:
     read for the File Meta's own, that length sent the walk to the wrong place, and the whole

@@ -17,6 +17,8 @@ from dicom_factory import (
     gradient,
     synthetic_frames,
     truncate_pixel_data,
+    write_codestream_bomb,
+    write_deflate_bomb,
     write_dicom,
     write_dicomdir,
     write_structured_report,
@@ -33,11 +35,13 @@ from pydicom.pixels import (
 )
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGBaseline8Bit,
     JPEGLSLossless,
     RLELossless,
 )
@@ -838,6 +842,56 @@ def test_corrupt_compressed_stream_is_named_pixel_decode_error(tmp_path):
     path.write_bytes(bytes(raw))
 
     assert failure(path).reason is FailureReason.PIXEL_DECODE_ERROR
+
+
+def peak_python_memory(work) -> int:  # type: ignore[no-untyped-def]
+    """The most memory Python (numpy's arrays, bytes) held at once while ``work()`` ran."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        work()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_a_deflated_dataset_that_inflates_past_what_max_pixels_allows_is_refused_before_it_is_inflated(tmp_path):
+    """pydicom inflates a Deflated dataset whole before reading an element: 1 MB of file declaring
+    1 GiB of zeros took 2 GB of a worker's memory, then decoded as a 64 x 64 image. Counted in
+    chunks first, it is refused; the header of the failed scan is not inflated whole either."""
+    from meddaemon.engine.decode import failed_scan_metadata
+
+    data = write_deflate_bomb(tmp_path / "bomb.dcm", declared_bytes=256 << 20).read_bytes()
+    options = DecodeOptions(max_pixels=1_000_000)  # at most 72 MiB inflated
+    assert len(data) < 1 << 20
+
+    def decode_and_keep_its_header() -> None:
+        with pytest.raises(ScanFailure) as refused:
+            decode_bytes(data, options)
+        assert refused.value.reason is FailureReason.TOO_MANY_PIXELS
+        assert failed_scan_metadata(data, options) is None
+
+    assert peak_python_memory(decode_and_keep_its_header) < 16 << 20
+    small = write_deflate_bomb(tmp_path / "small.dcm", declared_bytes=64 * 64 * 2)  # a dataset that is what it says
+    assert decode_bytes(small.read_bytes(), options).frames.shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize("transfer_syntax", [JPEGBaseline8Bit, JPEG2000], ids=["jpeg", "jpeg2000"])
+def test_a_codestream_larger_than_its_header_says_is_refused_before_it_is_decoded(tmp_path, transfer_syntax):
+    """A codec decodes the size its codestream declares, not the header's Rows and Columns that
+    max_pixels was checked against: a 6.7 MB JPEG of 24000 x 24000 under a header of 64 x 64 took
+    2.2 GB before pydicom found the sizes apart."""
+    path = write_codestream_bomb(tmp_path / "bomb.dcm", side=3000, transfer_syntax=transfer_syntax)
+
+    def decode() -> None:
+        with pytest.raises(ScanFailure) as refused:
+            decode_bytes(path.read_bytes(), DecodeOptions(max_pixels=1_000_000))
+        assert refused.value.reason is FailureReason.PIXEL_DECODE_ERROR
+        assert "codestream is 3000x3000 pixels, where the header says 64x64" in refused.value.message
+
+    assert peak_python_memory(decode) < 4 << 20  # 9 MB decoded
 
 
 #: bytes of pydicom's bundled JPEG2000.dcm changed (offset after the Pixel Data tag: new value), from a

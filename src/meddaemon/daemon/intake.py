@@ -164,7 +164,7 @@ def _read(path: Path, expected: Signature | None, options: DecodeOptions) -> Int
         intake.metadata = intake.decoded.metadata
     except ScanFailure as failure:
         intake.failure = failure
-        intake.metadata = failed_scan_metadata(data)
+        intake.metadata = failed_scan_metadata(data, options)
     except MemoryError:
         intake.failure = ScanFailure(FailureReason.TOO_MANY_PIXELS, "decoding ran out of memory")
     except Exception as exc:  # a decoder bug must not take the daemon down

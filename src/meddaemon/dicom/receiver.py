@@ -81,6 +81,8 @@ from meddaemon.db.clock import db_clock
 from meddaemon.db.engine import ConnectionLimits, transaction, with_lock_retry
 from meddaemon.db.models import ReceivedInstance, utcnow
 from meddaemon.dicom import associations
+from meddaemon.engine.decode.limits import check_inflated_size
+from meddaemon.failures import ScanFailure
 from meddaemon.files import CANNOT_FSYNC_FOLDERS, final_path, make_folders, remove_stale_temporaries, temporary_path
 from meddaemon.processes import leave_stopping_to_the_parent
 
@@ -447,7 +449,7 @@ class Receiver:
             self._established(event)
             caller = self.callers[event.assoc]
         try:
-            data, facts = _checked(self._received_bytes(event), event)
+            data, facts = _checked(self._received_bytes(event), event, self.settings.decode_options.max_inflated_bytes)
             self.keep(data, facts, caller)
         except Refused as refusal:
             caller.refused += 1
@@ -591,7 +593,7 @@ class Receiver:
 _RECORD = insert(ReceivedInstance).values(received_at=db_clock())
 
 
-def _checked(data: bytes, event: Any) -> tuple[bytes, InstanceFacts]:
+def _checked(data: bytes, event: Any, max_inflated_bytes: int) -> tuple[bytes, InstanceFacts]:
     """The bytes to keep of the Part 10 file ``data`` pynetdicom made of the instance, and the UIDs
     its row keeps, read from the request and the dataset's elements (one walk of their headers:
     values over 256 bytes, the pixels among them, are not read). A dataset whose SOP Instance UID or
@@ -599,8 +601,14 @@ def _checked(data: bytes, event: Any) -> tuple[bytes, InstanceFacts]:
     (0xA900), as dcmtk's storescp does: the File Meta written from the request would contradict the
     dataset; one that does not parse to its end too (0xC000). File Meta elements (group 0002) a
     legacy sender left at the head of its dataset are cut away: behind the File Meta made from the
-    request they would be read as the file's own (another transfer syntax, another instance)."""
+    request they would be read as the file's own (another transfer syntax, another instance). A
+    Deflated dataset that would inflate to more than ``max_inflated_bytes`` is refused (0xA700)
+    before it is inflated: 1 MB of deflate holds 1 GiB."""
     request = event.request
+    try:
+        check_inflated_size(data, max_inflated_bytes)
+    except ScanFailure as failure:
+        raise Refused(OUT_OF_RESOURCES, failure.message) from None
     try:
         walk = _read_to_the_end(data, UID(str(event.context.transfer_syntax)))
     except Exception as exc:

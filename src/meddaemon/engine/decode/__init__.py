@@ -58,10 +58,10 @@ def sniff_format(head: bytes) -> ImageFormat | None:
     return None
 
 
-def failed_scan_metadata(data: bytes) -> ScanMetadata | None:
+def failed_scan_metadata(data: bytes, options: DecodeOptions = DecodeOptions()) -> ScanMetadata | None:
     """What a DICOM file that failed to decode still says of itself (``dicom.header_metadata``);
     None for other formats."""
-    return header_metadata(data) if sniff_format(data[:SNIFF_BYTES]) == "dicom" else None
+    return header_metadata(data, options) if sniff_format(data[:SNIFF_BYTES]) == "dicom" else None
 
 
 def decode_bytes(data: bytes, options: DecodeOptions = DecodeOptions()) -> DecodedScan:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.pixels import (
     apply_color_lut,
@@ -40,6 +41,7 @@ from pydicom.uid import (
 from pydicom.valuerep import VR
 
 from meddaemon import MANUFACTURER
+from meddaemon.engine.decode.limits import check_inflated_size, codestream_size
 from meddaemon.engine.decode.scaling import finite_range, look_up, unit_range
 from meddaemon.engine.decode.types import DecodedScan, DecodeOptions, ScanMetadata
 from meddaemon.failures import STOPPING, FailureReason, ScanFailure
@@ -116,6 +118,7 @@ def looks_like_bare_dicom(head: bytes) -> bool:
 
 def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> DecodedScan:
     """Decode one DICOM file held in ``data``; raise :class:`ScanFailure` with a named reason."""
+    check_inflated_size(data, options.max_inflated_bytes)
     signed = has_dicom_signature(data)
     ds = _read(data, signed=signed)
     header = ds if _has_pixels(ds) else _read_header(data, fallback=ds)
@@ -136,7 +139,9 @@ def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
     metadata.transfer_syntax_uid = str(transfer_syntax)
     decoder = _decoder_for(transfer_syntax)
     photometric = _photometric(ds, metadata, notes)
-    if not transfer_syntax.is_encapsulated:
+    if transfer_syntax.is_encapsulated:
+        _check_codestream_sizes(ds, metadata)
+    else:
         _check_native_length(ds, pixel_keyword, transfer_syntax)
         _check_high_bit(ds, pixel_keyword)
 
@@ -245,10 +250,15 @@ def _read(data: bytes, *, signed: bool) -> Dataset:
         raise ScanFailure(FailureReason.UNRECOGNISED_FORMAT, "the bytes do not hold a DICOM dataset") from exc
 
 
-def header_metadata(data: bytes) -> ScanMetadata | None:
+def header_metadata(data: bytes, options: DecodeOptions = DecodeOptions()) -> ScanMetadata | None:
     """The per-scan facts of a DICOM file whose pixels could not be decoded, from the elements
-    before its pixel data; None when they do not read as a DICOM object. A failed scan so still
-    belongs to its study (the study report names it) and shows its modality and sender."""
+    before its pixel data; None when they do not read as a DICOM object (or hold a Deflated dataset
+    over ``max_pixels``). A failed scan so still belongs to its study (the study report names it) and
+    shows its modality and sender."""
+    try:
+        check_inflated_size(data, options.max_inflated_bytes)
+    except ScanFailure:
+        return None
     header = _read_header(data, fallback=Dataset())
     return read_metadata(header) if _is_plausible(header) else None
 
@@ -324,6 +334,25 @@ def _check_pixel_count(metadata: ScanMetadata, options: DecodeOptions) -> None:
             FailureReason.TOO_MANY_PIXELS,
             f"{metadata.rows}x{metadata.columns}x{metadata.frames} = {count} pixels exceeds the "
             f"limit of {options.max_pixels}",
+        )
+
+
+def _check_codestream_sizes(ds: Dataset, metadata: ScanMetadata) -> None:
+    """Each frame's codestream must declare the header's Rows and Columns (``limits``): a codec
+    decodes the size its stream declares, which ``max_pixels`` never saw. A framing pydicom cannot
+    split is left to the decode, which names it."""
+    try:
+        frames = list(generate_frames(ds.PixelData, number_of_frames=metadata.frames))
+    except Exception:
+        return
+    for number, frame in enumerate(frames, 1):
+        size = codestream_size(frame)
+        if size is None or size == (metadata.rows, metadata.columns):
+            continue
+        raise ScanFailure(
+            FailureReason.PIXEL_DECODE_ERROR,
+            f"frame {number}'s codestream is {size[1]}x{size[0]} pixels, where the header says "
+            f"{metadata.columns}x{metadata.rows}: not decoded",
         )
 
 

@@ -22,6 +22,12 @@ class DecodeOptions:
     #: Bytes above which a file is refused unread (it would be held whole in memory).
     max_file_bytes: int = 4 * 1024**3
 
+    @property
+    def max_inflated_bytes(self) -> int:
+        """The most a Deflated DICOM dataset may inflate to: ``max_pixels`` of the widest samples
+        (8 bytes: RGB at 16 bits is 6, Double Float Pixel Data 8), and 64 MiB of header."""
+        return self.max_pixels * 8 + (64 << 20)
+
 
 @dataclass
 class ScanMetadata:
