@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -175,6 +176,14 @@ def kill_workers(pool: DecodingPool) -> None:
     while not pool.executor._broken:  # type: ignore[union-attr]
         assert time.monotonic() < deadline, "the pool never noticed its worker's death"
         time.sleep(0.05)
+
+
+def slow_read_files(seconds: float, *args: Any) -> Any:
+    """``intake.read_files`` taking ``seconds`` more, in a decoding worker: a slow decoder."""
+    from meddaemon.daemon.intake import read_files
+
+    time.sleep(seconds)
+    return read_files(*args)
 
 
 def daemon_env() -> dict[str, str]:

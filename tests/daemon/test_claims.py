@@ -88,6 +88,24 @@ def test_an_inbox_file_is_claimed_by_one_daemon_until_it_leaves_the_inbox(sessio
         assert claims.claim_inbox_files(session, b.daemon_id, files) == {paths[0]}
 
 
+def test_a_daemon_gives_back_only_its_own_claims_on_files_another_took_over(sessions):
+    """A daemon stopping gives back the files whose reads it gave up: one it held past
+    ``claim_unread_seconds`` may be another's by then, and that claim was deleted with its own."""
+    a, b = join(sessions, "node-a"), join(sessions, "node-b")
+    mine, taken_over = (inbox_file(Path(f"/inbox/busi/synthetic_{i}.png")) for i in range(2))
+    with transaction(sessions) as session:
+        claims.claim_inbox_files(session, a.daemon_id, [mine])
+        claims.claim_inbox_files(session, b.daemon_id, [taken_over])
+
+    with transaction(sessions) as session:
+        claims.release_inbox_files(session, [mine.path, taken_over.path], held_by=a.daemon_id)
+
+    with sessions() as session:
+        assert session.execute(select(InboxClaim.path, InboxClaim.daemon_id)).all() == [
+            (str(taken_over.path), b.daemon_id)
+        ]
+
+
 def test_a_file_seen_just_before_it_left_cannot_be_claimed_but_a_new_file_of_that_name_can(sessions):
     a, b = join(sessions, "node-a"), join(sessions, "node-b")
     moved = inbox_file(Path("/inbox/busi/synthetic_same_name.png"), inode=11)

@@ -285,3 +285,75 @@ def test_a_stop_gives_up_reads_that_do_not_end_and_leaves_their_files_unclaimed_
     assert took < 10 and path.is_file() and not daemon.intake.reading
     with daemon.sessions() as session:
         assert session.scalars(select(InboxClaim).where(InboxClaim.done_at.is_(None))).all() == []
+
+
+def test_a_read_s_timeout_counts_from_when_it_runs_not_while_it_waits_behind_others(
+    make_settings, tmp_path: Path, caplog
+):
+    """Reads queued behind others' counted their wait: five reads of 1 s each for one worker, under a
+    timeout of 3.5 s, had the last ones declared timed out and the worker killed under a healthy read."""
+    from functools import partial
+
+    from daemon_harness import slow_read_files
+    from meddaemon.daemon.intake import read_files
+
+    rng = np.random.default_rng(7)
+    inbox = tmp_path / "inbox" / "busi"
+    paths = [write_png(inbox / f"synthetic_{i}.png", rng.integers(0, 255, (32, 32), np.uint8)) for i in range(5)]
+    daemon = Daemon(make_settings(workers=1, reports=False, read_timeout_seconds=3.5))
+    daemon.prepare()
+    daemon.workers.start(warm_up=True)
+    wait_until_warm(daemon.workers)  # a cold worker's start (its imports: seconds) is no read
+    submit = daemon.workers.submit
+    daemon.workers.submit = lambda fn, *args: submit(  # type: ignore[method-assign]
+        partial(slow_read_files, 1.0) if fn is read_files else fn, *args
+    )
+    try:
+        for path in paths:  # five groups, one after the other
+            daemon.intake._submit_reads([StableFile(path, signature(path), utcnow(), utcnow())])
+        began = time.monotonic()
+        while daemon.intake.reading:
+            assert time.monotonic() - began < 60
+            daemon.intake._harvest_reads()
+            time.sleep(0.02)
+    finally:
+        daemon.workers.shutdown()
+        daemon.engine.dispose()
+
+    assert "had not ended" not in caplog.text and daemon.intake.stats.routed == 5
+
+
+def test_a_read_again_alone_keeps_the_daemon_alive_and_a_stop_ends_it(make_settings, tmp_path: Path):
+    """After a worker died, the files of its batch are read again one at a time in the daemon's loop:
+    waited for whole, a read that never ended there held systemd's watchdog (60 s in the shipped unit,
+    under the 300 s timeout) and every stop. The wait tells the daemon alive every second, and a
+    stop ends it, the file left in the inbox, its claim given back."""
+    import threading
+
+    from sqlalchemy import select
+
+    from daemon_harness import kill_workers
+    from meddaemon.db.models import InboxClaim
+
+    path = write_png(tmp_path / "inbox" / "busi" / "synthetic_0.png", np.zeros((32, 32), np.uint8))
+    daemon = Daemon(make_settings(workers=1, reports=False, read_timeout_seconds=120))
+    daemon.prepare()
+    daemon.workers.start()
+    frozen_when(daemon, reads_of(path))
+    alive = []
+    daemon.intake.outage.while_waiting = lambda: alive.append(time.monotonic())
+    try:
+        daemon.intake._submit_reads([StableFile(path, signature(path), utcnow(), utcnow())])
+        kill_workers(daemon.workers)  # its batch is read again alone, in a fresh worker, frozen in turn
+        threading.Timer(3.0, daemon.stop_requested.set).start()
+        began = time.monotonic()
+        while daemon.intake.reading:
+            daemon.intake._harvest_reads()
+        took = time.monotonic() - began
+    finally:
+        daemon.workers.shutdown()
+        daemon.engine.dispose()
+
+    assert 2.5 < took < 10 and len(alive) >= 2 and path.is_file()
+    with daemon.sessions() as session:
+        assert session.scalars(select(InboxClaim).where(InboxClaim.done_at.is_(None))).all() == []

@@ -14,7 +14,7 @@ from dicom_factory import write_dicom, write_png, write_structured_report
 from sqlalchemy import func, select
 
 from evaluate_factory import World, listing, read_only
-from meddaemon.db.engine import session_factory
+from meddaemon.db.engine import session_factory, transaction
 from meddaemon.db.models import Evaluation, EvaluationFile, Heatmap, Result, Scan
 from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.engine.inference import ServedModel
@@ -351,7 +351,6 @@ def test_progress_is_reported_with_images_per_second_up_to_the_whole_cohort(worl
 
 
 def test_scans_the_daemon_is_still_working_on_are_left_to_it(world, busi_phantoms: Path) -> None:
-    from meddaemon.db.engine import transaction
 
     image = next(busi_phantoms.glob("benign/*).png"))
     sha = hashlib.sha256(image.read_bytes()).hexdigest()
@@ -467,6 +466,32 @@ def test_two_datasets_of_one_folder_name_or_two_manifests_of_one_folder_get_name
     assert evaluate(world, copies[1]).evaluation_id == subset.evaluation_id  # the same command, the same evaluation
     assert (by_a.name, by_b.name) == ("a-busi-v1", "b-busi-v1")
     assert all(run.state == "completed" for run in (full, subset, by_a, by_b))
+
+
+def test_a_manifest_s_run_named_by_its_folder_by_an_earlier_release_is_still_resumed_by_the_same_command(
+    world, tmp_path: Path
+) -> None:
+    """Manifests were named by their folder: a run of one interrupted before the upgrade is found
+    under that name again, not begun anew under the manifest's own."""
+    from sqlalchemy import update
+
+    rng = np.random.default_rng(11)
+    folder = tmp_path / "synthetic_cohort"
+    for i in range(3):
+        write_png(folder / f"synthetic_{i}.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    manifest = folder / "labels.csv"
+    manifest.write_text("path,label\n" + "".join(
+        f"synthetic_{i}.png,{label}\n" for i, label in enumerate(("benign", "malignant", "normal"))))  # fmt: skip
+    first = evaluate(world, manifest)
+    engine = world.engine()
+    with transaction(session_factory(engine)) as session:  # as the release before named it
+        session.execute(update(Evaluation).values(name="synthetic_cohort-busi-v1"))
+    engine.dispose()
+
+    again = evaluate(world, manifest)
+
+    assert (again.name, again.evaluation_id) == ("synthetic_cohort-busi-v1", first.evaluation_id)
+    assert again.summary["scored"] == 0
 
 
 class SigintInFinaliser:

@@ -136,10 +136,12 @@ def held_inbox_files(session: Session, daemon_id: int, paths: Iterable[Path]) ->
     return held
 
 
-def release_inbox_files(session: Session, paths: Iterable[Path | str]) -> None:
-    """Drop the claims on files that stay in the inbox after all (changed while read, or gone)."""
+def release_inbox_files(session: Session, paths: Iterable[Path | str], held_by: int | None = None) -> None:
+    """Drop the claims on files that stay in the inbox after all (changed while read, or gone);
+    with ``held_by``, only that daemon's (a file it held too long may be another's now)."""
+    mine = InboxClaim.daemon_id == held_by if held_by is not None else true()
     for chunk in _chunks(paths):
-        session.execute(delete(InboxClaim).where(InboxClaim.path.in_(chunk), InboxClaim.done_at.is_(None)))
+        session.execute(delete(InboxClaim).where(InboxClaim.path.in_(chunk), InboxClaim.done_at.is_(None), mine))
 
 
 def finish_inbox_files(session: Session, paths: Iterable[Path | str]) -> None:

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +50,7 @@ from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, HeatmapFile, 
 from meddaemon.daemon.intake import prepare_stored
 from meddaemon.daemon.metrics import DaemonMetrics
 from meddaemon.daemon.stages import STOP_READ_WAIT_SECONDS, Stage
+from meddaemon.daemon.workers import RunningSince, StopWaiting
 from meddaemon.db.engine import with_lock_retry
 from meddaemon.db.models import ModelVersion, Scan, utcnow
 from meddaemon.engine.batching import BatchQueue, QueuedScan
@@ -95,8 +96,6 @@ class _Preparing:
     future: Future
     scan: ScanToInfer
     version_id: int
-    #: when it went to the workers (monotonic)
-    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -135,6 +134,7 @@ class InferenceStage(Stage):
         after_store: Callable[[BatchRecord], None] = lambda record: None,
         metrics: DaemonMetrics | None = None,
         kill_workers: Callable[[], None] = lambda: None,
+        wait_for_worker: Callable[[Future, float], Any] = lambda future, timeout: future.result(timeout),
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -143,6 +143,10 @@ class InferenceStage(Stage):
         self.submit = submit
         #: kills the decoding workers and starts others (a preparation that does not end)
         self.kill_workers = kill_workers
+        #: a future's result within a timeout, the daemon kept alive meanwhile (``workers.wait_for``)
+        self.wait_for_worker = wait_for_worker
+        #: when each preparation began to run in a worker (its timeout counts from there)
+        self.running = RunningSince()
         self.commit = commit
         #: the daemon carries out the moves of failed scans and logs every outcome
         self.after_store = after_store
@@ -448,8 +452,7 @@ class InferenceStage(Stage):
         """Take the inputs prepared; preparations that have not ended after ``read_timeout_seconds``
         are given up (the workers killed: a read that never ends held the pool, intake with it) and
         each prepared again alone."""
-        now = time.monotonic()
-        overdue = [p for p in self.preparing if not p.future.done() and now - p.submitted > self._timeout]
+        overdue = [p for p in self.preparing if self.running.overdue([p.future], self._timeout)]
         if overdue:
             log.error("preparing the inputs of scans %s had not ended after %.0f s (read_timeout_seconds); "
                       "the decoding workers are killed", ", ".join(str(p.scan.scan_id) for p in overdue),
@@ -459,6 +462,7 @@ class InferenceStage(Stage):
         if not done:
             return
         self.preparing = [p for p in self.preparing if p not in done]
+        self.running.forget(p.future for p in done)
         failures: dict[int, list[InferenceOutcome]] = {}
         for item in done:
             result = self._prepared(item)
@@ -484,15 +488,19 @@ class InferenceStage(Stage):
         in the same pool), prepared again alone, in a fresh worker: one that dies again under it
         fails it as ``decoder_crashed``, as intake fails a file that kills its worker."""
         try:
-            return item.future.result(timeout=WORKER_DEATH_NOTICED_SECONDS)  # a killed worker's task: failed soon
+            return self.wait_for_worker(item.future, WORKER_DEATH_NOTICED_SECONDS)  # a killed worker's task: soon
         except (BrokenProcessPool, CancelledError, TimeoutError):
             log.error("scan %d: a decoding worker died while preparing it; preparing it again alone", item.scan.scan_id)
+        except StopWaiting:
+            return ReadLater(FailureReason.DECODER_CRASHED, "a stop came while it was prepared")
         scan, model = item.scan, self.served.get(item.scan.task)
         if model is None:  # nothing to prepare it for now: the sweep takes it again later
             return ReadLater(FailureReason.DECODER_CRASHED, "a decoding worker died while preparing it")
         try:
             future = self.submit(prepare_stored, scan.stored_path, model.contract, self.decode_options, scan.sha256)
-            return future.result(timeout=self._timeout)
+            return self.wait_for_worker(future, self._timeout)
+        except StopWaiting:
+            return ReadLater(FailureReason.DECODER_CRASHED, "a stop came while it was prepared again")
         except (BrokenProcessPool, CancelledError):
             return ScanFailure(FailureReason.DECODER_CRASHED, "the decoder crashed on this scan's registered copy")
         except TimeoutError:

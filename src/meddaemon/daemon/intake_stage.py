@@ -24,6 +24,7 @@ from concurrent.futures import CancelledError, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from sqlalchemy.exc import DataError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,7 +41,7 @@ from meddaemon.daemon.router import RoutingPolicy
 from meddaemon.daemon.stability import Signature, StabilityTracker, StableFile, signature
 from meddaemon.daemon.stages import BUSY_POLL, STOP_READ_WAIT_SECONDS, Cadence, Stage, log_lock_wait
 from meddaemon.daemon.watcher import Hint
-from meddaemon.daemon.workers import DecodingPool
+from meddaemon.daemon.workers import DecodingPool, RunningSince, StopWaiting, wait_for
 from meddaemon.db.engine import is_lock_timeout, transaction, with_lock_retry
 from meddaemon.engine.decode import DecodeOptions
 from meddaemon.failures import FailureReason, ScanFailure
@@ -92,8 +93,6 @@ class _ReadGroup:
     #: one per decoding task, each reading the next ``sizes[i]`` of ``files`` (``intake.read_files``)
     futures: list[Future]
     sizes: list[int]
-    #: when its reads went to the workers (monotonic)
-    submitted: float = field(default_factory=time.monotonic)
 
     def unread(self) -> int:
         return sum(size for future, size in zip(self.futures, self.sizes, strict=True) if not future.done())
@@ -152,6 +151,8 @@ class IntakeStage(Stage):
         self.metrics = metrics
         self.stats = RunStats()
         self.reading: list[_ReadGroup] = []
+        #: when each read began to run in a worker (its timeout counts from there)
+        self.running = RunningSince()
         self.rescans = Cadence(settings.rescan_seconds)
         self.rescan_triggers: list[RescanTrigger] = []
         #: told (files recorded, files recorded + files seen and not yet recorded) at every turn
@@ -366,17 +367,19 @@ class IntakeStage(Stage):
             return set()
 
     def _harvest_reads(self) -> int:
-        """Record every group of reads that has finished, oldest first, and the oldest whose reads
-        have not ended after ``read_timeout_seconds`` (its files read again one at a time: a read
-        that never ends held every file read after it, and every stop); returns files recorded."""
+        """Record every group of reads that has finished, oldest first, and the oldest one of whose
+        reads has run for longer than ``read_timeout_seconds`` (its files read again one at a time:
+        a read that never ends held every file read after it, and every stop); returns files recorded."""
         recorded = 0
-        while self.reading and (all(f.done() for f in self.reading[0].futures) or self._overdue(self.reading[0])):
+        timeout = self.settings.read_timeout_seconds
+        for group in self.reading[1:]:  # when each read began to run is noted at every turn
+            self.running.overdue(group.futures, timeout)
+        while self.reading and (
+            all(f.done() for f in self.reading[0].futures) or self.running.overdue(self.reading[0].futures, timeout)
+        ):
             group = self.reading.pop(0)
             recorded += len(self._harvest_group(group, block=False).outcomes)
         return recorded
-
-    def _overdue(self, group: _ReadGroup) -> bool:
-        return time.monotonic() - group.submitted > self.settings.read_timeout_seconds
 
     def _wait_for(self, group: _ReadGroup, deadline: float) -> bool:
         """Wait until ``group``'s reads have ended, until ``deadline`` at most; whether they have."""
@@ -391,7 +394,7 @@ class IntakeStage(Stage):
 
         def release() -> None:
             with transaction(self.sessions) as session:
-                claims.release_inbox_files(session, paths)
+                claims.release_inbox_files(session, paths, held_by=self.daemon_id)
 
         with contextlib.suppress(SQLAlchemyError):  # unreleased, they are taken over after claim_unread_seconds
             with_lock_retry(release, should_stop=lambda: True)
@@ -400,25 +403,12 @@ class IntakeStage(Stage):
         log.warning("stopping: %d inbox files whose reads had not ended are left in the inbox, unread", len(paths))
 
     def _harvest_group(self, group: _ReadGroup, block: bool) -> BatchRecord:
-        deadline = group.submitted + self.settings.read_timeout_seconds
+        self.running.forget(group.futures)
         try:
-            intakes = [
-                intake
-                for future in group.futures
-                for intake in future.result(timeout=max(0.0, deadline - time.monotonic()) if block else 0)
-            ]
-        except (BrokenProcessPool, CancelledError):  # cancelled: its pool replaced after another's worker died
-            log.error("a decoding worker died; reading this batch again one file at a time to find the culprit")
-            intakes = [self._read_alone(f.path, name, f.signature) for f, name in group.files]
-        except TimeoutError:
-            log.error(
-                "a read of %d inbox files had not ended after %.0f s (read_timeout_seconds); the decoding workers "
-                "are killed and the files read again one at a time",
-                len(group.files),
-                self.settings.read_timeout_seconds,
-            )
-            self.workers.replace(kill=True)
-            intakes = [self._read_alone(f.path, name, f.signature) for f, name in group.files]
+            intakes = self._intakes(group, block)
+        except StopWaiting:
+            self._give_up([group])
+            return BatchRecord()
         batch: list[tuple[StableFile, PurePosixPath, Intake]] = []
         changed: list[Path] = []
         left_alone: list[Path] = []
@@ -504,13 +494,42 @@ class IntakeStage(Stage):
 
         return record
 
+    def _intakes(self, group: _ReadGroup, block: bool) -> list[Intake]:
+        """What each file of ``group`` read as (waited for with ``block``); read again one at a time
+        where a worker died, or a read did not end (the workers killed first). ``StopWaiting``: a
+        stop came while a read was waited for."""
+        try:
+            results = [self._wait(future) if block else future.result(0) for future in group.futures]
+            return [intake for result in results for intake in result]
+        except (BrokenProcessPool, CancelledError):  # cancelled: its pool replaced after another's worker died
+            log.error("a decoding worker died; reading this batch again one file at a time to find the culprit")
+        except TimeoutError:
+            log.error(
+                "a read of %d inbox files had not ended after %.0f s (read_timeout_seconds); the decoding workers "
+                "are killed and the files read again one at a time",
+                len(group.files),
+                self.settings.read_timeout_seconds,
+            )
+            self.workers.replace(kill=True)
+        return [self._read_alone(f.path, name, f.signature) for f, name in group.files]
+
+    def _wait(self, future: Future) -> Any:
+        """``future``'s result, waited for at most ``read_timeout_seconds``, the daemon kept alive
+        meanwhile and a stop ending the wait (``workers.wait_for``)."""
+        return wait_for(
+            future,
+            self.settings.read_timeout_seconds,
+            keep_alive=self.outage.while_waiting,
+            should_stop=self.should_stop,
+        )
+
     def _read_alone(self, path: Path, name: PurePosixPath, expected: Signature) -> Intake:
         """Read one file in a fresh worker; a file that kills its worker fails as ``decoder_crashed``,
         one whose read has not ended after ``read_timeout_seconds`` as ``decode_timeout``."""
         self.workers.replace()
         timeout = self.settings.read_timeout_seconds
         try:
-            return self.workers.submit(read_file, path, name, expected, self.intake_context()).result(timeout)
+            return self._wait(self.workers.submit(read_file, path, name, expected, self.intake_context()))
         except BrokenProcessPool:
             self.workers.replace()
             return Intake(path, failure=ScanFailure(FailureReason.DECODER_CRASHED, "the decoder crashed on this file"))

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
@@ -124,18 +125,25 @@ class RetryResult:
 
 
 def retry_failed(
-    sessions: sessionmaker[Session], settings: Settings, selector: Selector, dry_run: bool = False
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    selector: Selector,
+    dry_run: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> RetryResult:
     """Send the failed scans ``selector`` names back into ``settings.watch``; with ``dry_run``, only
     say what would happen. Scans that cannot be retried are refused with a named reason. Unless
-    ``dry_run``, the removals a killed retry left unfinished are done first."""
+    ``dry_run``, the removals a killed retry left unfinished are done first. ``should_stop``: when to
+    stop waiting for another writer's lock (the lock error is raised then)."""
     result = RetryResult(dry_run=dry_run)
     if not dry_run:
         finish_interrupted_retries(sessions, settings)
     with sessions() as session:
         scan_ids = _select(session, selector, result)
     for scan_id in scan_ids:
-        outcome = with_lock_retry(lambda scan_id=scan_id: _requeue(sessions, settings, scan_id, dry_run))
+        outcome = with_lock_retry(
+            lambda scan_id=scan_id: _requeue(sessions, settings, scan_id, dry_run), should_stop=should_stop
+        )
         (result.requeued if isinstance(outcome, Requeued) else result.refused).append(outcome)  # type: ignore[arg-type]
     return result
 

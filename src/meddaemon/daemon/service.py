@@ -47,7 +47,7 @@ from meddaemon.daemon.serving import ModelStage
 from meddaemon.daemon.stability import StableFile
 from meddaemon.daemon.stages import ChildProcess, Stage, log_lock_wait
 from meddaemon.daemon.watcher import WatcherStage
-from meddaemon.daemon.workers import DecodingPool
+from meddaemon.daemon.workers import DecodingPool, wait_for
 from meddaemon.db.engine import (
     create_db_engine,
     is_lock_error,
@@ -122,6 +122,9 @@ class Daemon:
             after_store=self._after_store,
             metrics=self.metrics,
             kill_workers=lambda: self.workers.replace(kill=True),
+            wait_for_worker=lambda future, timeout: wait_for(
+                future, timeout, keep_alive=self._keep_alive, should_stop=self.stop_requested.is_set
+            ),
         )
         self.intake = IntakeStage(
             settings,

@@ -8,9 +8,11 @@ import contextlib
 import fcntl
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 from meddaemon.daemon.intake import init_worker
 from meddaemon.processes import forkserver_context
@@ -117,6 +119,63 @@ class DecodingPool:
         )
         widen_result_pipe(executor)
         return executor
+
+
+class StopWaiting(Exception):
+    """A stop was asked for while the daemon waited for a decoding worker (``wait_for``)."""
+
+
+#: how often a wait for a worker lets the daemon tell it is alive and look for a stop
+WAIT_SLICE_SECONDS = 1.0
+
+
+def wait_for(
+    future: Future,
+    timeout: float,
+    *,
+    keep_alive: Callable[[], None] = lambda: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Any:
+    """``future``'s result, waited for at most ``timeout`` seconds (``TimeoutError`` then), in slices
+    between which the daemon tells systemd's watchdog and its lease it is alive and a stop ends the
+    wait (``StopWaiting``): a read of one file at a time, after a worker died or a read did not end,
+    waits in the daemon's loop (the shipped unit's watchdog allows 60 s; the timeout is 300)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return future.result(timeout=max(0.0, min(WAIT_SLICE_SECONDS, deadline - time.monotonic())))
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise
+        keep_alive()
+        if should_stop():
+            raise StopWaiting
+
+
+class RunningSince:
+    """When each task of a pool began to run, as far as the daemon can tell: when it was first seen
+    ``running()`` (handed to the pool's queue of calls, which holds a task or so per worker beyond
+    those they run), or done. A read's timeout counts from there, not from its submission: a batch
+    queued behind others' reads was declared timed out, and the workers killed under healthy reads."""
+
+    def __init__(self) -> None:
+        self._since: dict[Future, float] = {}
+
+    def overdue(self, futures: Iterable[Future], timeout: float) -> bool:
+        """Whether one of ``futures`` has run for longer than ``timeout`` without ending (each looked
+        at now: call it at every turn)."""
+        now = time.monotonic()
+        late = False
+        for future in futures:
+            if future.done():
+                self._since.pop(future, None)
+            elif future.running():
+                late = late or now - self._since.setdefault(future, now) > timeout
+        return late
+
+    def forget(self, futures: Iterable[Future]) -> None:
+        for future in futures:
+            self._since.pop(future, None)
 
 
 def widen_result_pipe(executor: ProcessPoolExecutor) -> None:

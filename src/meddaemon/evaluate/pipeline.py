@@ -409,10 +409,16 @@ def default_name(session: Session, path: Path, cohort: Cohort, version: ModelVer
     stem): the same command names the same evaluation, so running it again resumes or refreshes it.
     Where that name is another dataset's (every copy of BUSI is ``Dataset_BUSI_with_GT``), eight
     hex digits of the path's SHA-256 join it. A dataset name too long for the column is cut."""
-    dataset = path.stem if path.is_file() else cohort.root.name
     suffix = f"-{version.task_name}-{version.version}"
+
+    def holder(name: str) -> str | None:
+        return session.scalars(select(Evaluation.dataset_path).where(Evaluation.name == name)).one_or_none()
+
+    if path.is_file() and holder(by_folder := cohort.root.name[: MAX_NAME - len(suffix)] + suffix) == str(path):
+        return by_folder  # a manifest's run begun by an earlier release, which named it by its folder
+    dataset = path.stem if path.is_file() else cohort.root.name
     name = dataset[: MAX_NAME - len(suffix)] + suffix
-    taken = session.scalars(select(Evaluation.dataset_path).where(Evaluation.name == name)).one_or_none()
+    taken = holder(name)
     if taken is None or taken == str(path):
         return name
     suffix = f"-{hashlib.sha256(os.fsencode(path)).hexdigest()[:8]}{suffix}"

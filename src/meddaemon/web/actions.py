@@ -54,11 +54,17 @@ async def admin_form(request: Request) -> tuple[auth.User, FormData]:
     return session.user, form
 
 
+def lock_wait_over(console: Console) -> Callable[[], bool]:
+    """Whether an action begun now has waited long enough for other writers' locks: ``LOCK_WAIT_SECONDS``
+    (or ``busy_timeout``, where longer)."""
+    deadline = time.monotonic() + max(LOCK_WAIT_SECONDS, console.settings.busy_timeout)
+    return lambda: time.monotonic() >= deadline
+
+
 def past_other_writers(console: Console, work: Callable[[], T]) -> T:
     """``work`` (one whole transaction) tried again while another writer holds the database, for at
     most ``LOCK_WAIT_SECONDS`` (or ``busy_timeout``); then its lock error is raised."""
-    deadline = time.monotonic() + max(LOCK_WAIT_SECONDS, console.settings.busy_timeout)
-    return with_lock_retry(work, should_stop=lambda: time.monotonic() >= deadline)
+    return with_lock_retry(work, should_stop=lock_wait_over(console))
 
 
 def record(request: Request, user: auth.User, action: str, target: str, outcome: str, detail: str) -> int:

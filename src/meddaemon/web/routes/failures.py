@@ -49,8 +49,9 @@ async def retry(request: Request) -> Response:
 
         target = f"scan {scan}" if scan else f"reason {reason}"
         try:
+            selector = Selector(scan=scan or None, reason=reason or None)
             result = retry_failed(
-                console.writer(), console.settings, Selector(scan=scan or None, reason=reason or None)
+                console.writer(), console.settings, selector, should_stop=actions.lock_wait_over(console)
             )
         except Exception as exc:
             failure = f"{type(exc).__name__}: {error_line(exc)}"  # never the statement, nor its parameters
