@@ -284,3 +284,35 @@ def test_two_layers_whose_names_are_one_key_are_refused_not_one_dropped(tmp_path
             group.attrs["weight_names"] = [f"{name}/kernel:0".encode()]
     error = refused(path, tmp_path)
     assert error.reason == "wrong_architecture" and "two layers with weights are named 'conv1_conv'" in error.message
+
+
+@pytest.mark.parametrize(
+    ("variant", "reason", "named"),
+    [
+        ("a Lambda after the pooling", "needs_code", "layer 'flip' is a Lambda"),
+        ("max pooling", "wrong_architecture", "is a GlobalMaxPooling2D"),
+        ("a softmax head", "wrong_architecture", "ends with 'softmax'; a multilabel task's ends with linear or"),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_a_model_that_computes_other_than_densenet_121_and_its_head_is_refused_by_its_configuration(
+    tmp_path: Path, variant: str, reason: str, named: str, suffix: str
+):
+    """Only the weights were read: a Lambda (never run: it is code), another pooling, or a head of
+    another activation was imported as a plain DenseNet-121 + Dense and served with outputs the model
+    never gave (a Lambda flipping the features: 0.42 apart, the findings reversed)."""
+    keras = keras_module()
+    base = keras.applications.DenseNet121(weights=None, include_top=False, input_shape=(SIZE, SIZE, 3))
+    pooling = keras.layers.GlobalMaxPooling2D if variant == "max pooling" else keras.layers.GlobalAveragePooling2D
+    pooled = pooling()(base.output)
+    if variant.startswith("a Lambda"):
+        pooled = keras.layers.Lambda(lambda t: -10.0 * t, name="flip")(pooled)
+    head = keras.layers.Dense(FINDINGS, activation="softmax" if variant == "a softmax head" else "sigmoid")
+    path = tmp_path / f"synthetic_model{suffix}"
+    keras.Model(base.input, head(pooled)).save(str(path))
+
+    with pytest.raises(ModelRefused) as refused:
+        convert_file(path, ImportOptions(task="chestxray14", image_size=SIZE), tmp_path / "version")
+
+    assert refused.value.reason == reason and named in refused.value.message, refused.value.message
+    assert not (tmp_path / "version").exists()

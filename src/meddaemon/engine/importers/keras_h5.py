@@ -204,7 +204,101 @@ def _text(value: object) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def convert(path: Path, architecture: str) -> ConvertedWeights:
+#: the layer classes of Keras's DenseNet-121 with a pooling and a Dense head (and the models that
+#: hold them): a model with any other computation is not the network its weights are served in
+DENSENET121_CLASSES = frozenset(
+    {
+        "InputLayer", "ZeroPadding2D", "Conv2D", "BatchNormalization", "Activation", "MaxPooling2D",
+        "AveragePooling2D", "Concatenate", "GlobalAveragePooling2D", "Dropout", "Dense",
+        "Functional", "Model", "Sequential",
+    }
+)  # fmt: skip
+#: layers whose computation is Python code kept in the file: never run, so never imported
+CODE_LAYERS = frozenset({"Lambda", "TFOpLambda", "SlicingOpLambda"})
+#: the activations a Dense head may end with for each kind of task: its own, or none (logits)
+HEAD_ACTIVATIONS = {
+    "multiclass": {"softmax", "linear"},
+    "multilabel": {"sigmoid", "linear"},
+    "binary": {"sigmoid", "linear"},
+}
+MODELS = {"Functional", "Model", "Sequential"}
+
+
+def model_config(path: Path) -> dict[str, Any] | None:
+    """The model's architecture as Keras saved it beside its weights (``model.save``: the HDF5 file's
+    ``model_config`` attribute, a ``.keras`` archive's ``config.json``), parsed as JSON and nothing
+    more; None for weights saved alone (``save_weights``)."""
+    import json
+
+    import h5py
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                if "config.json" not in archive.namelist():
+                    return None
+                if archive.getinfo("config.json").file_size > (64 << 20):
+                    raise ModelRefused("unreadable_weights", f"{path.name}'s config.json is over 64 MiB")
+                text = archive.read("config.json")
+        else:
+            with h5py.File(path, "r") as f:
+                text = f.attrs.get("model_config")
+        if text is None:
+            return None
+        config = json.loads(text)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise ModelRefused("unreadable_weights", f"{path.name}'s model configuration cannot be read ({exc})") from None
+    return config if isinstance(config, dict) else None
+
+
+def check_config(config: dict[str, Any], kind: str) -> None:
+    """Refuse a model whose configuration holds what meddaemon's DenseNet-121 + Dense would not
+    compute: a Lambda or another layer of code (``needs_code``: it is never run), a layer of another
+    class, a convolution or activation other than DenseNet-121's, or a head whose activation is not
+    the task's (``wrong_architecture``). Only its weights are read otherwise: such a model was
+    imported and served as a plain DenseNet-121, its outputs not the ones it was trained to give."""
+    for layer in _config_layers(config):
+        kind_of, name = str(layer.get("class_name")), str((layer.get("config") or {}).get("name", "?"))
+        settings = layer.get("config") if isinstance(layer.get("config"), dict) else {}
+        activation = settings.get("activation")
+        if kind_of in CODE_LAYERS:
+            raise ModelRefused(
+                "needs_code", f"layer {name!r} is a {kind_of}: its computation is code in the file, which is never run"
+            )
+        if kind_of not in DENSENET121_CLASSES:
+            raise ModelRefused(
+                "wrong_architecture", f"layer {name!r} is a {kind_of}, not part of Keras's DenseNet-121 + Dense"
+            )
+        if (kind_of == "Activation" and activation != "relu") or (
+            kind_of == "Conv2D" and activation not in (None, "linear")
+        ):
+            raise ModelRefused(
+                "wrong_architecture", f"layer {name!r} ({kind_of}) applies {activation!r}, which DenseNet-121 does not"
+            )
+        if kind_of == "Dense" and activation not in HEAD_ACTIVATIONS.get(kind, {"linear"}):
+            raise ModelRefused(
+                "wrong_architecture",
+                f"the head {name!r} ends with {activation!r}; a {kind} task's ends with "
+                f"{' or '.join(sorted(HEAD_ACTIVATIONS.get(kind, {'linear'})))}",
+            )
+
+
+def _config_layers(config: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every layer of a model's configuration, those of the models nested in it too."""
+    pending: list[Any] = [config]
+    while pending:
+        layer = pending.pop()
+        if not isinstance(layer, dict):
+            continue
+        if layer is not config:
+            yield layer
+        if layer is config or layer.get("class_name") in MODELS:
+            inner = layer.get("config")
+            layers = inner.get("layers", []) if isinstance(inner, dict) else inner  # Keras 2's Sequential: a list
+            pending.extend(layers if isinstance(layers, list) else [])
+
+
+def convert(path: Path, architecture: str, kind: str) -> ConvertedWeights:
     import h5py
 
     if not (h5py.is_hdf5(path) or zipfile.is_zipfile(path)):  # only named .h5: not "the wrong architecture"
@@ -216,12 +310,21 @@ def convert(path: Path, architecture: str) -> ConvertedWeights:
             "wrong_architecture",
             f"Keras .h5 weights are imported for DenseNet-121 (--arch densenet121), not {architecture}",
         )
+    config = model_config(path)
+    if config is not None:
+        check_config(config, kind)
     found = read_layers(path)
     layers = densenet121_by_rank(found.layers) if found.by_rank else found.layers
     try:
-        return densenet121(layers)
+        converted = densenet121(layers)
     except KeyError as exc:
         raise ModelRefused("wrong_architecture", f"a DenseNet-121 layer lacks its weight {exc}") from None
+    if config is None:
+        converted.conversion.append(
+            "weights alone (no model configuration in the file): the network is taken to be DenseNet-121 + "
+            f"Dense, its head's activation the {kind} task's"
+        )
+    return converted
 
 
 def densenet121(layers: dict[str, dict[str, np.ndarray]]) -> ConvertedWeights:
