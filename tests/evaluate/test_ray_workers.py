@@ -107,3 +107,31 @@ def test_an_actor_on_two_threads_runs_each_batch_in_two_lanes_at_once_with_the_s
     assert [o.read.path for o, _ in returned] == [o.read.path for o, _ in expected] == paths
     for (outcome, _), (reference, _) in zip(returned, expected, strict=True):
         assert np.abs(np.array(outcome.probabilities) - np.array(reference.probabilities)).max() <= 1e-6
+
+
+def test_actors_serve_the_graph_the_driver_kept_and_recorded_and_export_none_themselves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Actors have no database to record an export in: each actor of each run exported the graph
+    again (tens of seconds for a DenseNet-121). The driver exports it once and records its hash;
+    the actors are handed the hashes and serve the graph kept."""
+    from meddaemon.engine import onnx_backend
+    from meddaemon.engine.inference import pick_device
+    from meddaemon.engine.serving import serve_version
+    from meddaemon.evaluate.ray_workers import ModelActor
+    from model_factory import registered_folder
+
+    folder = write_model(tmp_path / "model", version="v1")
+    registered, record = registered_folder(folder)
+    driver = serve_version(folder, 1, pick_device("cpu"), heatmaps=False, batch=8, choose=False,
+                           registered=registered, record_graph=record)  # fmt: skip
+    driver.keep_graph()
+    assert driver.graphs is not None and len(driver.graphs.recorded) == 1
+
+    def exported(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("an actor exported the graph again")
+
+    monkeypatch.setattr(onnx_backend, "_export", exported)
+    actor = ModelActor(str(folder), 1, "cpu", sha256=registered.sha256, manifest=dict(registered.manifest),
+                       graphs=dict(driver.graphs.recorded), threads=1, batch=8)  # fmt: skip
+    assert actor.model.backend in ("onnx", "eager") and actor.model.measured

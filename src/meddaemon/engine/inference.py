@@ -148,6 +148,18 @@ class ServedModel:
             cache.put(key, choice)
         return self.backend
 
+    def keep_graph(self) -> None:
+        """Export this version's ONNX graph now and keep it with the version, its hash recorded
+        (``graphs``), as a first ``choose_backend`` on the CPU would: for processes that serve the
+        version with no database to record their own export (Ray's actors), which then serve the
+        graph kept rather than each exporting it again at every run. Nothing for a graph already kept
+        or served, an imported ONNX graph, or another device."""
+        if self.imported_onnx or self.onnx is not None or self.graphs is None or self.device.type != "cpu":
+            return
+        if self.heatmaps and self.model.cam_linear is None:  # served eager: its heatmaps need the gradient
+            return
+        self._onnx_runner(self_test_input(self.contract, seed=0, batch=2))
+
     def backend_key(self, batch: int) -> BackendKey:
         return backend_key(self.manifest.sha256, self.device, batch, self.heatmaps, self._onnx_lanes)
 

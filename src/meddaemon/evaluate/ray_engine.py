@@ -168,6 +168,8 @@ def _run(
     contract = prepared.model.contract
     nodes = _alive_nodes(ray)
     plan = plan_actors(ray.cluster_resources(), nodes, request.device)
+    if not plan.gpu:  # the actors serve the graph kept with the version, exported and recorded here once
+        prepared.model.keep_graph()
     executors = new_data_context(ray)
     items = [{"path": p} for p in paths]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items) // DECODE_BATCH))
