@@ -4,6 +4,7 @@ disk, a crash and a stop leave no partial PDF and no doubled row."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -102,6 +103,32 @@ def test_a_study_report_that_could_not_be_written_is_tried_again_while_the_daemo
     reporter.round()
 
     assert target.is_file() and reporter.stats.studies == 1
+
+
+def test_an_archive_whose_moves_fail_is_not_logged_as_done(
+    make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+):
+    """'archived 8 reported scans' was logged when none of the eight files had moved (a full disk):
+    the log now counts the files moved and says how many are held back."""
+    import errno
+
+    from meddaemon.daemon import filing
+
+    daemon = inferred_daemon(make_settings, tmp_path)
+    real_move = filing.finish_move
+
+    def archive_full(source, target, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(target).is_relative_to(daemon.settings.archive_dir):
+            raise OSError(errno.ENOSPC, "SYNTHETIC: no room", str(target))
+        return real_move(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(filing, "finish_move", archive_full)
+    caplog.set_level(logging.INFO, logger="meddaemon")
+    Daemon(make_settings(max_wait_ms=10, reports=True)).run(once=True)  # reports, then archives
+
+    reported = [s for s in scan_states(daemon).values() if s in ("reported", "archived")]
+    assert reported and "archived 0 reported scans" in caplog.text
+    assert f"{len(reported)} held back" in caplog.text
 
 
 def test_once_reports_every_inferred_scan_and_the_study_of_two_then_archives_them(

@@ -34,7 +34,7 @@ class ArchiveStage(Stage):
         destinations: Destinations,
         batch_size: int,
         commit: Commit,
-        carry_out: Callable[[list[PlannedMove]], None],
+        carry_out: Callable[[list[PlannedMove]], int],
         daemon_id: int | None,
         poll_seconds: float,
         after_reports: bool,
@@ -72,6 +72,7 @@ class ArchiveStage(Stage):
 
         moves = self.commit(claim)
         if moves:
-            self.carry_out(moves)
-            log.info("archived %d reported scans", len(moves))
+            moved = self.carry_out(moves)
+            held_back = f"; {len(moves) - moved} held back (each named above, tried again at each rescan)"
+            log.info("archived %d reported scans%s", moved, held_back if moved < len(moves) else "")
         return len(moves)

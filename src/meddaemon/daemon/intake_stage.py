@@ -121,7 +121,7 @@ class IntakeStage(Stage):
         outage: OutageGuard,
         should_stop: Callable[[], bool],
         commit: Commit,
-        carry_out: Callable[[list[PlannedMove]], None],
+        carry_out: Callable[[list[PlannedMove]], int],
         recover: Callable[[], None],
         metrics: DaemonMetrics,
     ) -> None:

@@ -456,11 +456,12 @@ class Daemon:
                 log.info("recovery: removed %s, a copy a killed daemon left half made", unfinished)
             self._carry_out(moves)
 
-    def _carry_out(self, moves: list[PlannedMove]) -> None:
+    def _carry_out(self, moves: list[PlannedMove]) -> int:
         """Carry out committed moves, then mark them done; only those still due and this daemon's
-        (``bookkeeper.moves_still_due``): one declared lost that wakes up moves nothing another took over."""
+        (``bookkeeper.moves_still_due``): one declared lost that wakes up moves nothing another took
+        over. Returns how many files were moved (others are held back, or were gone)."""
         if not moves:
-            return
+            return 0
         me = self.member.daemon_id if self.member else None
         due = self._commit(lambda session: bookkeeper.moves_still_due(session, moves, self.destinations, me))
         for move in moves:
@@ -523,6 +524,7 @@ class Daemon:
 
             for scan_id in self.guarded(clear):
                 log.error("scan %d failed as vanished: its file left the inbox before its copy was kept", scan_id)
+        return len(done) - len(not_kept)
 
     def _after_store(self, record: BatchRecord) -> None:
         self._carry_out(record.moves)
