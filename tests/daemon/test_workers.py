@@ -357,3 +357,20 @@ def test_a_read_again_alone_keeps_the_daemon_alive_and_a_stop_ends_it(make_setti
     assert 2.5 < took < 10 and len(alive) >= 2 and path.is_file()
     with daemon.sessions() as session:
         assert session.scalars(select(InboxClaim).where(InboxClaim.done_at.is_(None))).all() == []
+
+
+def test_a_task_s_own_timeout_error_is_raised_at_once_not_waited_on_as_the_read_s():
+    """A task that ended in its own TimeoutError (an ETIMEDOUT from a share) was taken for a slice of
+    the wait running out: the loop spun, the daemon alive, until the 300 s timeout, then called it
+    the read's."""
+    from concurrent.futures import Future
+
+    from meddaemon.daemon.workers import wait_for
+
+    future: Future = Future()
+    future.set_exception(TimeoutError(110, "SYNTHETIC: the share timed out"))
+    calls = []
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match="the share timed out"):
+        wait_for(future, 30.0, keep_alive=lambda: calls.append(1))
+    assert time.monotonic() - began < 1 and not calls

@@ -874,8 +874,54 @@ def test_a_deflated_dataset_that_inflates_past_what_max_pixels_allows_is_refused
         assert failed_scan_metadata(data, options) is None
 
     assert peak_python_memory(decode_and_keep_its_header) < 16 << 20
+    without_preamble = data[132:]  # read too, as a file that begins with its File Meta
+    with pytest.raises(ScanFailure) as refused:
+        decode_bytes(without_preamble, options)
+    assert refused.value.reason is FailureReason.TOO_MANY_PIXELS
     small = write_deflate_bomb(tmp_path / "small.dcm", declared_bytes=64 * 64 * 2)  # a dataset that is what it says
     assert decode_bytes(small.read_bytes(), options).frames.shape == (1, 64, 64)
+
+
+def test_a_deflated_dataset_over_the_counting_chunk_with_bytes_after_its_stream_decodes(tmp_path):
+    """The count looped for ever where a stream over 1 MiB inflated was followed by any byte (the NUL
+    pydicom pads an odd stream with): the worker spun until its read timed out, the receiver's
+    association for good. Decoded in a child, so that a loop cannot hold the test run."""
+    pixels = np.zeros((1024, 1024), np.uint16)
+    pixels[256:768, 256:768] = gradient(512, 512)  # SYNTHETIC: a square of tissue in air
+    path = write_dicom(tmp_path / "deflated.dcm", pixels=pixels, transfer_syntax=DeflatedExplicitVRLittleEndian)
+    for trailer in (b"\0", b"\0\0"):  # an odd and an even count of bytes after the stream
+        padded = tmp_path / f"padded_{len(trailer)}.dcm"
+        padded.write_bytes(path.read_bytes() + trailer)
+
+        child = subprocess.run(
+            [sys.executable, "-c", DECODE_IN_A_CHILD, str(padded)], capture_output=True, text=True, timeout=120
+        )
+
+        assert (child.returncode, child.stdout.strip()) == (0, ""), child.stderr[-2000:]
+
+
+def test_a_jpeg_whose_height_a_dnl_segment_gives_is_decoded(tmp_path):
+    """A JPEG may give its height after the first scan (a DNL segment, the frame header saying 0):
+    the size check refused it as a codestream of no rows."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+
+    picture = io.BytesIO()
+    Image.fromarray(gradient(96, 128, dtype=np.uint8, top=255)).save(picture, "JPEG", quality=95)
+    stream = bytearray(picture.getvalue())
+    sof = stream.find(b"\xff\xc0")
+    stream[sof + 5 : sof + 7] = (0).to_bytes(2, "big")  # the height left to the DNL segment
+    stream[-2:-2] = b"\xff\xdc\x00\x04" + (96).to_bytes(2, "big")  # DNL, before EOI
+    path = write_dicom(tmp_path / "dnl.dcm", pixels=np.zeros((96, 128), np.uint8), modality="SC")
+    ds = dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([bytes(stream)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+
+    assert decode(path).frames.shape == (1, 96, 128)
 
 
 @pytest.mark.parametrize("transfer_syntax", [JPEGBaseline8Bit, JPEG2000], ids=["jpeg", "jpeg2000"])

@@ -529,6 +529,12 @@ class IntakeStage(Stage):
         self.workers.replace()
         timeout = self.settings.read_timeout_seconds
         try:
+            if (started := self.workers.started()) is not None:
+                self._wait(started)
+        except (BrokenProcessPool, TimeoutError):  # no worker starts: the host's trouble, not the file's
+            self.workers.replace(kill=True)
+            return Intake(path, changed=True, read_later="no decoding worker could be started")
+        try:
             return self._wait(self.workers.submit(read_file, path, name, expected, self.intake_context()))
         except BrokenProcessPool:
             self.workers.replace()

@@ -90,6 +90,12 @@ class DecodingPool:
         future.set_result(fn(*args))
         return future
 
+    def started(self) -> Future | None:
+        """A task that ends once a worker has started (None without workers): waited for before a
+        file is read alone, so that a fresh worker's start (its imports: seconds on a busy machine)
+        does not count against the file's ``read_timeout_seconds``."""
+        return self.submit(_started) if self.executor is not None else None
+
     def replace(self, kill: bool = False) -> None:
         """A fresh pool (after a worker died); the work queued in the old one is cancelled. ``kill``:
         its processes are killed first (a read that does not end), and the work in hand there fails."""
@@ -145,7 +151,7 @@ def wait_for(
         try:
             return future.result(timeout=max(0.0, min(WAIT_SLICE_SECONDS, deadline - time.monotonic())))
         except TimeoutError:
-            if time.monotonic() >= deadline:
+            if future.done() or time.monotonic() >= deadline:  # done: the task's own TimeoutError (ETIMEDOUT)
                 raise
         keep_alive()
         if should_stop():
@@ -154,9 +160,10 @@ def wait_for(
 
 class RunningSince:
     """When each task of a pool began to run, as far as the daemon can tell: when it was first seen
-    ``running()`` (handed to the pool's queue of calls, which holds a task or so per worker beyond
-    those they run), or done. A read's timeout counts from there, not from its submission: a batch
-    queued behind others' reads was declared timed out, and the workers killed under healthy reads."""
+    ``running()``, that is handed to the pool's queue of calls, which holds one task more than the
+    workers run (so a task's time may include one other task's). A read's timeout counts from there,
+    not from its submission: a batch queued behind others' reads was declared timed out, and the
+    workers killed under healthy reads."""
 
     def __init__(self) -> None:
         self._since: dict[Future, float] = {}

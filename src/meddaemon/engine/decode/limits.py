@@ -35,7 +35,7 @@ def check_inflated_size(data: bytes, limit: int) -> None:
     deflate's) is left for pydicom to read and say what is wrong."""
     stream = io.BytesIO(data)
     try:
-        read_preamble(stream, force=False)
+        read_preamble(stream, force=True)  # as the file is read: without its preamble too
         meta = _read_file_meta_info(stream)
     except Exception:
         return
@@ -54,11 +54,11 @@ def check_inflated_size(data: bytes, limit: int) -> None:
                         FailureReason.TOO_MANY_PIXELS,
                         f"its Deflated dataset inflates to more than {limit} bytes, more than max_pixels allows",
                     )
+                if inflater.eof:  # what follows the stream (a NUL padding it to even length) is not deflate's
+                    return
                 pending = inflater.unconsumed_tail
                 if not pending and inflated < _CHUNK:
                     break
-            if inflater.eof:
-                return
     except zlib.error:  # not deflate's: pydicom's read names it
         return
 
@@ -92,7 +92,7 @@ def _jpeg_size(frame: bytes) -> tuple[int, int] | None:
             continue
         if marker in _SOF:
             height, width = struct.unpack(">HH", frame[offset + 5 : offset + 9])
-            return height, width
+            return (height, width) if height else None  # 0: a DNL segment after the first scan says it
         (length,) = struct.unpack(">H", frame[offset + 2 : offset + 4])
         offset += 2 + length
     return None
