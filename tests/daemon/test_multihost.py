@@ -122,12 +122,15 @@ def kill_while_holding_work(victim: RunningDaemon, sessions: sessionmaker[Sessio
             family = [victim.pid, *(p.pid for p in psutil.Process(victim.pid).children(recursive=True))]
             names = [f"meddaemon[{pid}]" for pid in family]
             busy = running_statements.bindparams(names=names)
-            wait_until(
-                lambda busy=busy: scalar(sessions, busy) == 0,
-                10,
-                "the frozen victim's statements to finish at the server",
-                victim,
-            )
+            try:
+                wait_until(
+                    lambda busy=busy: scalar(sessions, busy) == 0,
+                    30,
+                    "the frozen victim's statements to finish at the server",
+                    victim,
+                )
+            except pytest.fail.Exception as failed:
+                pytest.fail(f"{failed.msg}\nstill active there: {active_statements(sessions, names)}")
             if held_work(sessions, daemon_id) != (set(), set()):
                 victim.kill_hard()
                 gone = any_session.bindparams(names=names)
@@ -141,6 +144,17 @@ def kill_while_holding_work(victim: RunningDaemon, sessions: sessionmaker[Sessio
             os.killpg(victim.pid, signal.SIGCONT)
         time.sleep(0.01)
     pytest.fail(f"the victim never held work; its log ends:\n{victim.tail()}")
+
+
+def active_statements(sessions: sessionmaker[Session], names: list[str]) -> list[tuple[str, str, str]]:
+    """What the sessions of these application names are running at the server, and waiting for: a
+    failed wait says which statement a frozen daemon left running (one CI run timed out after 10 s)."""
+    query = text(
+        "SELECT left(query, 160), coalesce(wait_event_type, '') || ':' || coalesce(wait_event, ''), "
+        "(now() - query_start)::text FROM pg_stat_activity WHERE application_name = ANY(:names) AND state = 'active'"
+    ).bindparams(names=names)
+    with sessions() as session:
+        return [tuple(row) for row in session.execute(query)]  # type: ignore[misc]
 
 
 def held_work(sessions: sessionmaker[Session], daemon_id: int) -> tuple[set[str], set[int]]:

@@ -919,7 +919,9 @@ def graph_recorder(sessions: sessionmaker[Session], version_id: int) -> Callable
             with transaction(sessions) as session:
                 session.merge(ModelGraph(model_version_id=version_id, name=name, sha256=sha256, created_at=utcnow()))
 
-        with_unique_retry(lambda: with_lock_retry(write))  # two daemons recording the same graph at once
+        # two daemons recording the same graph at once: the second sees the first's row; one frozen
+        # while recording it is not waited for past the lock timeout (the graph is exported again next time)
+        with_unique_retry(lambda: with_lock_retry(write, retry_lock_timeouts=False))
 
     return record
 
