@@ -605,12 +605,14 @@ def _checked(data: bytes, event: Any, max_inflated_bytes: int) -> tuple[bytes, I
     Deflated dataset that would inflate to more than ``max_inflated_bytes`` is refused (0xA700)
     before it is inflated: 1 MB of deflate holds 1 GiB."""
     request = event.request
+    syntax = UID(str(event.context.transfer_syntax))  # the File Meta pynetdicom wrote says the same
+    if syntax == DeflatedExplicitVRLittleEndian:
+        try:
+            check_inflated_size(data, max_inflated_bytes)
+        except ScanFailure as failure:
+            raise Refused(OUT_OF_RESOURCES, failure.message) from None
     try:
-        check_inflated_size(data, max_inflated_bytes)
-    except ScanFailure as failure:
-        raise Refused(OUT_OF_RESOURCES, failure.message) from None
-    try:
-        walk = _read_to_the_end(data, UID(str(event.context.transfer_syntax)))
+        walk = _read_to_the_end(data, syntax)
     except Exception as exc:
         raise Refused(CANNOT_UNDERSTAND, f"its dataset does not parse ({type(exc).__name__})") from exc
     uids = walk.uids

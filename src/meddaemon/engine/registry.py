@@ -899,9 +899,8 @@ class Registered:
     graphs: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def of(cls, row: ModelVersion, session: Session | None = None) -> Registered:
-        """The row's hash and manifest; with ``session``, its kept graphs' hashes too."""
-        return cls(row.sha256, dict(row.manifest or {}), kept_graphs(session, row.id) if session else {})
+    def of(cls, row: ModelVersion) -> Registered:
+        return cls(row.sha256, dict(row.manifest or {}))
 
 
 def kept_graphs(session: Session, version_id: int) -> dict[str, str]:

@@ -411,18 +411,19 @@ def default_name(session: Session, path: Path, cohort: Cohort, version: ModelVer
     hex digits of the path's SHA-256 join it. A dataset name too long for the column is cut."""
     suffix = f"-{version.task_name}-{version.version}"
 
+    def named(dataset: str, suffix: str = suffix) -> str:
+        return dataset[: MAX_NAME - len(suffix)] + suffix
+
     def holder(name: str) -> str | None:
         return session.scalars(select(Evaluation.dataset_path).where(Evaluation.name == name)).one_or_none()
 
-    if path.is_file() and holder(by_folder := cohort.root.name[: MAX_NAME - len(suffix)] + suffix) == str(path):
+    if path.is_file() and holder(by_folder := named(cohort.root.name)) == str(path):
         return by_folder  # a manifest's run begun by an earlier release, which named it by its folder
     dataset = path.stem if path.is_file() else cohort.root.name
-    name = dataset[: MAX_NAME - len(suffix)] + suffix
-    taken = holder(name)
+    taken = holder(name := named(dataset))
     if taken is None or taken == str(path):
         return name
-    suffix = f"-{hashlib.sha256(os.fsencode(path)).hexdigest()[:8]}{suffix}"
-    return dataset[: MAX_NAME - len(suffix)] + suffix
+    return named(dataset, f"-{hashlib.sha256(os.fsencode(path)).hexdigest()[:8]}{suffix}")
 
 
 class Writer:
