@@ -7,7 +7,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import signal
 import stat
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +39,27 @@ class World:
 
     def engine(self):  # type: ignore[no-untyped-def]
         return create_db_engine(self.db_url)
+
+
+def read_chunk_harming_decoders(paths, contract, options, scored=None):  # type: ignore[no-untyped-def]
+    """``evaluate.reading.read_chunk`` in a decoding process whose decoder harms it on some files, by
+    their names: ``crash*`` kills the process (SIGKILL, as a segfault in a native decoder ends it),
+    ``crash_once*`` kills it the first time only (the kernel's OOM killer under a healthy read: a
+    SYNTHETIC marker ``<name>.killed`` is left beside it), ``stall*`` never ends (a decoder caught in a
+    loop)."""
+    from meddaemon.evaluate.reading import read_chunk
+
+    for path in map(Path, paths):
+        killed_once = path.with_name(path.name + ".killed")
+        if path.name.startswith("crash_once") and not killed_once.exists():
+            killed_once.write_text("SYNTHETIC marker: this file's first read was killed\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif path.name.startswith("crash") and not path.name.startswith("crash_once"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif path.name.startswith("stall"):
+            while True:
+                time.sleep(1)
+    return read_chunk(paths, contract, options, scored)
 
 
 def files_written(db_url: str) -> int:

@@ -154,9 +154,9 @@ def test_a_group_of_reads_goes_to_the_workers_a_few_files_a_task_and_each_file_k
 
 FORKSERVER_PROBE = """
 import os, sys, time
-from meddaemon.daemon.workers import DecodingPool
+from meddaemon.daemon.workers import FORKSERVER_PRELOAD, DecodingPool
 
-pool = DecodingPool(1, preload=sys.argv[1] == "preload")
+pool = DecodingPool(1, preload=FORKSERVER_PRELOAD if sys.argv[1] == "preload" else ())
 pool.start(warm_up=True)
 returned = not pool.warm
 deadline = time.monotonic() + 120

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from unittest.mock import patch
 
@@ -13,7 +14,7 @@ import pytest
 from dicom_factory import write_dicom, write_png, write_structured_report
 from sqlalchemy import func, select
 
-from evaluate_factory import World, listing, read_only
+from evaluate_factory import World, listing, read_chunk_harming_decoders, read_only
 from meddaemon.db.engine import session_factory, transaction
 from meddaemon.db.models import Evaluation, EvaluationFile, Heatmap, Result, Scan
 from meddaemon.engine.heatmap_grid import read_map
@@ -270,6 +271,37 @@ def test_unreadable_files_are_listed_with_reasons_and_the_run_goes_on(world, tmp
     assert outcome.summary["scored"] == 40 and outcome.summary["failed"] == 1
     [bad] = outcome.summary["unreadable"]
     assert bad["path"] == "broken.png" and bad["reason"] in ("corrupt_image", "truncated_image")
+
+
+@pytest.mark.parametrize(
+    ("harmful", "reason"), [("crash.png", "decoder_crashed"), ("stall.png", "decode_timeout"), ("crash_once.png", None)]
+)
+def test_a_file_that_kills_or_stalls_its_decoding_process_is_listed_and_the_run_goes_on(
+    world, tmp_path: Path, harmful: str, reason: str | None
+) -> None:
+    """A native decoder that dies on a file (a segfault) or never ends on it, or a decoding process
+    the kernel kills under a healthy read: the files in hand are read again one at a time, each in
+    a process of its own; the one that harms its process again fails with the daemon's reason, every
+    other file is scored once, and the run completes. A dead process stopped the run (BrokenProcessPool)
+    and one that never ended held it for ever."""
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(5)
+    for i in range(40):
+        write_png(folder / f"ok_{i:02}.png", rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    write_png(folder / harmful, rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    world.settings = replace(world.settings, read_timeout_seconds=3.0)
+    with patch("meddaemon.evaluate.pipeline.read_chunk", read_chunk_harming_decoders):
+        outcome = evaluate(world, folder, workers=2)
+    assert outcome.state == "completed"
+    scored = stored(world)
+    if reason is None:
+        assert sorted(scored) == sorted([f"ok_{i:02}.png" for i in range(40)] + [harmful])
+        assert outcome.summary["failed"] == 0
+        return
+    assert sorted(scored) == [f"ok_{i:02}.png" for i in range(40)]
+    assert outcome.summary["scored"] == 40 and outcome.summary["failed"] == 1
+    [bad] = outcome.summary["unreadable"]
+    assert (bad["path"], bad["reason"]) == (harmful, reason)
 
 
 def test_a_file_over_max_file_bytes_is_listed_too_large_unread_and_the_run_goes_on(world, tmp_path: Path) -> None:

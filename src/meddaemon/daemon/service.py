@@ -47,7 +47,7 @@ from meddaemon.daemon.serving import ModelStage
 from meddaemon.daemon.stability import StableFile
 from meddaemon.daemon.stages import ChildProcess, Stage, log_lock_wait
 from meddaemon.daemon.watcher import WatcherStage
-from meddaemon.daemon.workers import DecodingPool, wait_for
+from meddaemon.daemon.workers import FORKSERVER_PRELOAD, DecodingPool, wait_for
 from meddaemon.db.engine import (
     create_db_engine,
     is_lock_error,
@@ -101,7 +101,8 @@ class Daemon:
         self.sessions: sessionmaker[Session] = session_factory(self.engine)
         #: the decoding workers (started by ``run``; until then reads are done in this process), forked
         #: with torch already imported unless the receiver's or the sender's process waits to be forked
-        self.workers = DecodingPool(settings.workers, preload=not settings.dicom_port and not settings.destination)
+        preload = FORKSERVER_PRELOAD if not settings.dicom_port and not settings.destination else ()
+        self.workers = DecodingPool(settings.workers, preload=preload)
         #: this daemon's place among those sharing the database (registered by ``prepare``)
         self.member: lease.Member | None = None
         self.lease: lease.LeaseKeeper | None = None

@@ -9,7 +9,7 @@ import fcntl
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -25,7 +25,7 @@ log = logging.getLogger("meddaemon.daemon")
 #: results takes the GIL back once a result instead of once a 64 KiB; 1 MiB is the most an
 #: unprivileged process may ask (``/proc/sys/fs/pipe-max-size``)
 RESULT_PIPE_BYTES = 1 << 20
-#: what the forkserver imports once, before it forks the first worker (``DecodingPool(preload=True)``):
+#: what the daemon's forkserver imports once, before it forks the first worker (``DecodingPool``'s ``preload``):
 #: the workers then start with torch, the decoders and preprocessing already in memory, shared,
 #: rather than each importing them (2 to 3 s of CPU a worker on a small machine, beside the daemon's
 #: own import of torch)
@@ -33,13 +33,21 @@ FORKSERVER_PRELOAD = ("meddaemon.daemon.intake", "meddaemon.engine.preprocess")
 
 
 class DecodingPool:
-    def __init__(self, workers: int, preload: bool = False) -> None:
-        """``preload``: the process's forkserver imports ``FORKSERVER_PRELOAD`` before its first fork,
-        when this pool is the first to start it. Every child forked from it waits for that, which
-        the pool's own start does in a thread (``warm_up``); a process that starts other children
-        at once (the DICOM receiver, the outbox sender) should not ask for it."""
+    def __init__(
+        self,
+        workers: int,
+        preload: Sequence[str] = (),
+        initializer: Callable[..., None] = init_worker,
+        initargs: tuple[Any, ...] = (),
+    ) -> None:
+        """``preload``: the modules the process's forkserver imports before its first fork, when this
+        pool is the first to start it (the daemon's ``FORKSERVER_PRELOAD``). Every child forked from
+        it waits for that, which the pool's own start does in a thread (``warm_up``); a process that
+        starts other children at once (the DICOM receiver, the outbox sender) should not ask for it.
+        ``initializer(*initargs)`` runs in each worker first (every fresh pool's too)."""
         self.workers = workers
-        self.preload = preload
+        self.preload = tuple(preload)
+        self.initializer, self.initargs = initializer, initargs
         self.executor: Executor | None = None
         #: whether the current pool's workers are started: they answered ``warm_up``, or a read came back
         self.warm = False
@@ -101,27 +109,33 @@ class DecodingPool:
         its processes are killed first (a read that does not end), and the work in hand there fails."""
         if self.executor is not None:
             if kill:
-                for process in list(getattr(self.executor, "_processes", {}).values()):
-                    with contextlib.suppress(OSError):
-                        process.kill()
+                self._kill_processes()
             self.executor.shutdown(wait=False, cancel_futures=True)
         self.executor = self._make()
         self.warm = False
 
-    def shutdown(self) -> None:
+    def shutdown(self, kill: bool = False) -> None:
+        """``kill``: the processes are killed first, so that a read that does not end is not waited for."""
         if self.executor is not None:
+            if kill:
+                self._kill_processes()
             self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def _kill_processes(self) -> None:
+        for process in list(getattr(self.executor, "_processes", {}).values()):
+            with contextlib.suppress(OSError):
+                process.kill()
 
     def _make(self) -> Executor | None:
         if self.workers == 0:
             return None
-        context = forkserver_context(FORKSERVER_PRELOAD if self.preload else ())
         executor = ProcessPoolExecutor(
             # no max_tasks_per_child: on Python 3.11 a retired worker is not replaced while work is
             # queued (CPython gh-115634), and the pool stalls after workers x limit files
             self.workers,
-            mp_context=context,
-            initializer=init_worker,
+            mp_context=forkserver_context(self.preload),
+            initializer=self.initializer,
+            initargs=self.initargs,
         )
         widen_result_pipe(executor)
         return executor

@@ -19,7 +19,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from meddaemon.config import Settings
+from meddaemon.daemon.workers import DecodingPool, wait_for
 from meddaemon.db.engine import session_factory, transaction, with_unique_retry
 from meddaemon.db.models import Evaluation, ModelVersion
 from meddaemon.engine import registry
@@ -43,8 +45,8 @@ from meddaemon.evaluate.cohort import Cohort, read_cohort
 from meddaemon.evaluate.reading import FileRead, init_reader, prefixes, read_chunk, read_file
 from meddaemon.evaluate.scoring import outcomes_of, stack
 from meddaemon.evaluate.store import FileOutcome
+from meddaemon.failures import FailureReason, ScanFailure
 from meddaemon.names import is_utf8, shown_name, utf8_name
-from meddaemon.processes import forkserver_context
 from meddaemon.training.datasets import DEFAULT_MAX_BAD_FRACTION
 
 log = logging.getLogger("meddaemon.evaluate")
@@ -168,7 +170,10 @@ def run_evaluation(
         if request.engine == "local":
             # started first: their start-up (torch, the decoders) overlaps the model's verification
             contract = InputContract.from_dict(version.manifest["input_contract"])
-            decoders = Decoders(cohort.files, contract, options, scored, request.workers, request.batch_size)
+            decoders = Decoders(
+                cohort.files, contract, options, scored, request.workers, request.batch_size,
+                settings.read_timeout_seconds,
+            )  # fmt: skip
         try:
             model = _serve(settings, request, version, graphs, registry.graph_recorder(sessions, version.id))
             prepared = Prepared(request, settings, cohort, version, model, scored, 0, options)
@@ -529,7 +534,7 @@ def score_in_driver(prepared: Prepared, reads: Sequence[FileRead]) -> list[tuple
     return failed + outcomes_of(prepared.model, ready, prepared.model.predict(stack(ready)))
 
 
-#: what the decoding processes' forkserver imports once, before its first fork (``forkserver_context``)
+#: what the decoding processes' forkserver imports once, before its first fork (``DecodingPool``'s ``preload``)
 DECODERS_PRELOAD = ("meddaemon.evaluate.reading",)
 
 
@@ -540,7 +545,13 @@ class Decoders:
 
     The processes fork from a forkserver that imported the readers (torch, the decoders) once, and
     the first chunks are handed to them from a thread of their own, which waits for that import, so
-    that the driver meanwhile loads and verifies the model."""
+    that the driver meanwhile loads and verifies the model.
+
+    A process that dies (a native decoder's segfault, the kernel's OOM killer) or a chunk not read
+    after ``read_timeout`` seconds (a decoder caught in a loop) costs the run nothing but time: the
+    chunks in hand are read again one file at a time, and the file that harms its process again
+    fails with the daemon's reason (``decoder_crashed``, ``decode_timeout``). Either stopped the run,
+    or held it for ever."""
 
     def __init__(
         self,
@@ -550,19 +561,21 @@ class Decoders:
         scored: np.ndarray,
         workers: int,
         batch_size: int,
+        read_timeout: float,
     ) -> None:
         per_task = max(4, min(32, batch_size // max(1, workers)))
         paths = [str(p) for p in files]
         self.chunks = iter([paths[i : i + per_task] for i in range(0, len(paths), per_task)])
         self.contract, self.options, self.scored = contract, options, scored
-        self.window: deque[Future] = deque()
+        self.read_timeout = read_timeout
+        self.window: deque[tuple[list[str], Future]] = deque()
         self.limit = 2 * workers
-        self.pool: ProcessPoolExecutor | None = None
+        self.pool: DecodingPool | None = None
         #: done once the first chunks are handed out, with what stopped that if anything did
         self.started: Future[None] = Future()
         if workers:
-            context = forkserver_context(DECODERS_PRELOAD)
-            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=init_reader, initargs=(scored,))
+            self.pool = DecodingPool(workers, preload=DECODERS_PRELOAD, initializer=init_reader, initargs=(scored,))
+            self.pool.start()
             threading.Thread(target=self._first_fill, name="decoders-start", daemon=True).start()
 
     def __iter__(self) -> Iterator[list[FileRead]]:
@@ -572,9 +585,14 @@ class Decoders:
             return
         self.started.result()
         while self.window:
-            reads = self.window.popleft().result()
+            try:
+                reads = wait_for(self.window[0][1], self.read_timeout)
+            except (BrokenProcessPool, TimeoutError) as exc:
+                yield from self._read_again_alone(timed_out=isinstance(exc, TimeoutError))
+            else:
+                self.window.popleft()
+                yield reads
             self._fill()
-            yield reads
 
     def _fill(self) -> None:
         assert self.pool is not None
@@ -582,7 +600,7 @@ class Decoders:
             chunk = next(self.chunks, None)
             if chunk is None:
                 return
-            self.window.append(self.pool.submit(read_chunk, chunk, self.contract, self.options))
+            self.window.append((chunk, self.pool.submit(read_chunk, chunk, self.contract, self.options)))
 
     def _first_fill(self) -> None:
         try:
@@ -592,14 +610,61 @@ class Decoders:
         else:
             self.started.set_result(None)
 
+    def _read_again_alone(self, timed_out: bool) -> Iterator[list[FileRead]]:
+        """The chunks in hand after a process died or a read did not end: those read whole as they
+        were, the others one file at a time in fresh processes."""
+        assert self.pool is not None
+        in_hand = list(self.window)
+        self.window.clear()
+        log.warning(
+            "a decoding process %s; reading the %d files in hand again one at a time",
+            f"had not ended a read after {self.read_timeout:.0f} s" if timed_out else "died",
+            sum(len(chunk) for chunk, _ in in_hand),
+        )
+        self._fresh_pool()
+        for chunk, future in in_hand:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                yield future.result()
+            else:
+                yield [self._read_alone(path) for path in chunk]
+
+    def _read_alone(self, path: str) -> FileRead:
+        assert self.pool is not None
+        try:
+            [read] = wait_for(self.pool.submit(read_chunk, [path], self.contract, self.options), self.read_timeout)
+            return read
+        except BrokenProcessPool:
+            failure = ScanFailure(FailureReason.DECODER_CRASHED, "the decoder crashed on this file")
+        except TimeoutError:
+            why = (
+                f"its read had not ended after {self.read_timeout:.0f} s (read_timeout_seconds); its process was killed"
+            )
+            failure = ScanFailure(FailureReason.DECODE_TIMEOUT, why)
+        log.warning("%s: %s: %s", shown_name(path), failure.reason.value, failure)
+        self._fresh_pool()
+        return FileRead(path, failure=failure)
+
+    def _fresh_pool(self) -> None:
+        """New processes in place of the old, killed, and one of them started, so that its start (its
+        imports: seconds on a busy machine) does not count against the next file's timeout."""
+        assert self.pool is not None
+        self.pool.replace(kill=True)
+        started = self.pool.started()
+        assert started is not None
+        try:
+            wait_for(started, self.read_timeout)
+        except (BrokenProcessPool, TimeoutError):
+            raise RuntimeError("no decoding process could be started") from None
+
     def close(self) -> None:
         if self.pool is not None:
             self.started.exception()  # waits for the start; what stopped it, if anything, matters no more
-        for future in self.window:
+        unfinished = any(not future.done() for _, future in self.window)
+        for _, future in self.window:
             future.cancel()
         self.window.clear()
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown(kill=unfinished)  # a read that does not end is not waited for
             self.pool = None
 
 
