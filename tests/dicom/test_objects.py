@@ -1341,3 +1341,84 @@ def test_a_copied_sequence_whose_every_item_is_left_out_is_left_out_too(
     back = built_and_checked(facts, tmp_path, ("sr", "pmap", "sc", "pdf"))
 
     assert all(keyword not in written for written in back.values())
+
+
+@pytest.mark.parametrize(
+    ("values", "written"),
+    [
+        ({"StudyDate": "2024.01.05", "StudyTime": "12:30:00"}, {"StudyDate": "20240105", "StudyTime": "123000"}),
+        ({"StudyTime": "123000.123456789"}, {"StudyTime": "123000.123456"}),
+        ({"PatientBirthDate": "19801301"}, {"PatientBirthDate": ""}),
+        ({"StudyTime": "25:61"}, {"StudyTime": ""}),
+        ({"PatientAge": "45"}, {"PatientAge": None}),
+        ({"ReferringPhysicianName": "A^B^C^D^E^F"}, {"ReferringPhysicianName": "A^B^C^D^E F"}),
+    ],
+    ids=[
+        "acr-nema date and time",
+        "time fraction of nine digits",
+        "no such month",
+        "no such time",
+        "age without unit",
+        "six name components",
+    ],
+)
+def test_a_date_time_age_or_name_written_as_no_reader_takes_it_gives_all_four_objects_valid(
+    tmp_path: Path, label_files: LabelResult, values: dict[str, str], written: dict[str, str | None]
+):
+    """Values vendors write (SYNTHETIC ones here): the ACR-NEMA forms PS3.5 asks readers to accept
+    (``2024.01.05``, ``12:30:00``), a fraction of more than six digits, a month 13, an age without its
+    unit, a name of six components. highdicom refused the first four, and the SR, the map and the
+    capture were dead for good (``build_failed``, a row with no object to send again); the other two
+    made every object fail dciodvfy. A value that means something is written in the form the standard
+    takes; one that means nothing is left empty (type 2) or out."""
+    path = write_dicom(tmp_path / "source.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+
+    back = built_and_checked(facts, tmp_path, ("sr", "pmap", "sc", "pdf"))
+
+    for kind, obj in back.items():
+        for keyword, value in written.items():
+            assert (obj[keyword].value if keyword in obj else None) == value, (kind, keyword)
+
+
+@pytest.mark.parametrize(
+    "sop_class",
+    ["1.3.6.1.4.1.9590.100.1.2.1", "1.2.840.10008.5.1.4.1.1.77.1.5.1"],
+    ids=["private class", "ophthalmic photography 8 bit"],
+)
+def test_a_source_of_a_class_highdicom_cannot_copy_from_gets_all_four_objects_referencing_its_own_class(
+    tmp_path: Path, label_files: LabelResult, sop_class: str
+):
+    """highdicom copies the patient and study modules by the source's IOD: a private SOP class
+    (a vendor's) stopped the SR and the map with a ``KeyError``, and Ophthalmic Photography, a
+    multi-frame IOD without functional groups, the map with an ``AttributeError``: dead for good as
+    ``build_failed``. Their references still name the source's own class."""
+    path = write_dicom(tmp_path / "source.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.save_as(path)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+
+    back = built_and_checked(facts, tmp_path, ("sr", "pmap", "sc", "pdf"))
+
+    references = [
+        (str(item.ReferencedSOPClassUID), str(item.ReferencedSOPInstanceUID))
+        for kind in ("sr", "pmap")
+        for item in _items_with(back[kind], "ReferencedSOPClassUID")
+    ]
+    assert references and set(references) == {(sop_class, str(ds.SOPInstanceUID))}
+    assert back["sr"].PatientID == ds.PatientID and back["pmap"].StudyInstanceUID == ds.StudyInstanceUID
+
+
+def _items_with(ds: pydicom.Dataset, keyword: str) -> Iterator[pydicom.Dataset]:
+    """Every dataset at any depth of ``ds`` holding ``keyword``."""
+    if keyword in ds:
+        yield ds
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                yield from _items_with(item, keyword)

@@ -24,7 +24,7 @@ from meddaemon import __version__
 from meddaemon.daemon.filing import view_path
 from meddaemon.db.models import Heatmap, ModelVersion, Result, Scan
 from meddaemon.db.queries import newest_version_of
-from meddaemon.dicom import encoding
+from meddaemon.dicom import encoding, value_forms
 from meddaemon.dicom.uids import uid_like
 from meddaemon.engine.decode.types import DecodeOptions
 from meddaemon.engine.heatmap_grid import read_map
@@ -105,6 +105,38 @@ def _multiframe_iod(source: Dataset) -> bool:
         return bool(is_multiframe_image(source))
     except Exception:  # a SOP class highdicom does not know: referenced whole, as dciodvfy expects
         return False
+
+
+#: the class highdicom is told a source is of where it cannot build from the source's own (its IOD
+#: has the patient and study modules every image's has, and its geometry at the top level)
+STAND_IN_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def as_highdicom_reads_it(source: Dataset, geometry: bool = False) -> Dataset:
+    """``source``, or a sibling of it of ``STAND_IN_CLASS`` where highdicom cannot build from it:
+    highdicom copies the patient and study modules by the source's IOD, which a private SOP class
+    has none of (the SR and the map failed with a ``KeyError``), and, with ``geometry`` (the map),
+    reads a multi-frame IOD's geometry from functional groups, which Ophthalmic Photography has none
+    of. ``own_class_referenced`` puts the source's class back in what the object references."""
+    from highdicom._standard_utils import get_sop_class_iod_map
+
+    known = str(source.SOPClassUID) in get_sop_class_iod_map()
+    without_groups = geometry and _multiframe_iod(source) and "SharedFunctionalGroupsSequence" not in source
+    return sibling(source, SOPClassUID=STAND_IN_CLASS) if not known or without_groups else source
+
+
+def own_class_referenced(ds: Dataset, source: Dataset) -> None:
+    """Every reference in ``ds`` to ``source`` naming its class as ``STAND_IN_CLASS`` (built from
+    ``as_highdicom_reads_it``) names the source's own class."""
+    uid, own_class = str(source.SOPInstanceUID), str(source.SOPClassUID)
+    if own_class == STAND_IN_CLASS:
+        return
+    for element in ds.iterall():
+        if element.VR != "SQ":
+            continue
+        for item in element.value:
+            if item.get("ReferencedSOPInstanceUID") == uid and item.get("ReferencedSOPClassUID") == STAND_IN_CLASS:
+                item.ReferencedSOPClassUID = own_class
 
 
 def classified_frame(source: Dataset, frame_policy: str) -> int | None:
@@ -239,7 +271,8 @@ def _clip_text(ds: Dataset, encodings: list[str] | None = None, top: bool = True
     names its own) a code is never cut into another code: a Code Value over 16 characters becomes
     the item's Long Code Value, and an item holding another code or term too long for its VR
     (a coding scheme's name, a CS value) is left out. A decimal string written longer than its 16
-    characters (``70.12345678901234567``) is written again in 16. A sequence left with no item is
+    characters (``70.12345678901234567``) is written again in 16, and a date, time, age or name in
+    the form the standard gives it (``value_forms``). A sequence left with no item is
     removed at the top level; below, its item goes too (False: an item that must not be kept), as
     an empty sequence fails where one item is required."""
     if "SpecificCharacterSet" in ds or encodings is None:
@@ -263,8 +296,30 @@ def _clip_text(ds: Dataset, encodings: list[str] | None = None, top: bool = True
         if vr == "DS":
             _shorten_decimals(ds, element)
             continue
+        if vr in value_forms.BY_VR:
+            _in_standard_form(ds, element)
+            continue
         _clip_element(element, encodings)
     return True
+
+
+def _in_standard_form(ds: Dataset, element: Any) -> None:
+    """A date, time, date-time or age in the form PS3.5 gives it (``value_forms``); one that means
+    nothing written empty where the objects need the attribute (type 2), left out elsewhere."""
+    if element.value is None or element.value == "":
+        return
+    values = [str(v) for v in _values(element.value)]
+    form = value_forms.BY_VR[str(element.VR)]
+    written = [w for w in (form(v) if v else "" for v in values) if w is not None]
+    if written == values:
+        return
+    if not written:
+        if element.keyword in TYPE2_PATIENT_STUDY:
+            element.value = None
+        else:
+            del ds[element.tag]
+        return
+    element.value = written if len(written) > 1 else written[0]
 
 
 def _values(value: Any) -> list[Any]:
@@ -278,7 +333,10 @@ def _clip_element(element: Any, encodings: list[str]) -> None:
         return
     values = _values(element.value)
     if element.VR == "PN":  # each component group (alphabetic, ideographic, phonetic) holds 64 characters
-        clipped = ["=".join(encoding.clipped(g, limit, encodings) for g in str(v).split("=")) for v in values]
+        clipped = [
+            "=".join(encoding.clipped(value_forms.person_name(g), limit, encodings) for g in str(v).split("="))
+            for v in values
+        ]
     elif all(isinstance(v, str) for v in values):
         clipped = [encoding.clipped(v, limit, encodings) for v in values]
     else:

@@ -26,7 +26,15 @@ from pydicom.valuerep import format_number_as_ds
 
 from meddaemon import MANUFACTURER
 from meddaemon.dicom import uids
-from meddaemon.dicom.content import OutputRefused, ScanFacts, load_heatmap, per_label, sibling
+from meddaemon.dicom.content import (
+    OutputRefused,
+    ScanFacts,
+    as_highdicom_reads_it,
+    load_heatmap,
+    own_class_referenced,
+    per_label,
+    sibling,
+)
 from meddaemon.dicom.encoding import clipped
 from meddaemon.dicom.equipment import SCHEME, code_value, contributing_equipment, copy_laterality
 from meddaemon.label_results import LabelResult
@@ -57,7 +65,7 @@ def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Da
     heatmap = load_heatmap(result)
     rows, columns = int(source.Rows), int(source.Columns)
     spacing = _source_spacing(source)
-    placed = _with_frame_of_reference(source, facts, spacing)
+    placed = _with_frame_of_reference(as_highdicom_reads_it(source, geometry=True), facts, spacing)
     contract = facts.view.contract
     window = contract.shown_window(rows, columns) if contract else (0.0, 0.0, float(rows), float(columns))
     pixel_spacing, origin = _laid_over(placed, spacing, window, heatmap.shape)
@@ -84,6 +92,7 @@ def build(facts: ScanFacts, result: LabelResult, instance_number: int = 1) -> Da
         content_label="HEATMAP",
         contributing_equipment=[contributing_equipment(facts)],
     )
+    own_class_referenced(pmap, source)
     copy_laterality(source, pmap)
     return pmap
 

@@ -18,7 +18,13 @@ from pydicom.valuerep import DS
 
 from meddaemon import MANUFACTURER
 from meddaemon.dicom import encoding, uids
-from meddaemon.dicom.content import ScanFacts, classified_frame, sibling
+from meddaemon.dicom.content import (
+    ScanFacts,
+    as_highdicom_reads_it,
+    classified_frame,
+    own_class_referenced,
+    sibling,
+)
 from meddaemon.dicom.encoding import clipped
 from meddaemon.dicom.equipment import SCHEME, code_value, contributing_equipment
 from meddaemon.label_results import LabelResult
@@ -54,7 +60,9 @@ def build(facts: ScanFacts) -> Dataset:
         if element.keyword != "ContentSequence":
             shell.add(element)
     shell.ContentSequence = Sequence()
-    sr = hd.sr.ComprehensiveSR(evidence=[facts.source], content=shell, **document_attributes(facts))
+    evidence = as_highdicom_reads_it(facts.source)
+    sr = hd.sr.ComprehensiveSR(evidence=[evidence], content=shell, **document_attributes(facts))
+    own_class_referenced(sr, facts.source)
     sr.ContentSequence = root.ContentSequence
     return sr
 
