@@ -26,9 +26,10 @@ from daemon_rows import add_scan
 from meddaemon.config import load_settings
 from meddaemon.daemon import bookkeeper
 from meddaemon.daemon.bookkeeper import HeatmapFile
-from meddaemon.daemon.inference import write_heatmap_files
+from meddaemon.daemon.inference import InferenceStage, write_heatmap_files
 from meddaemon.daemon.intake import IntakeContext
 from meddaemon.daemon.service import Daemon
+from meddaemon.daemon.serving import ModelStage
 from meddaemon.db.engine import transaction
 from meddaemon.db.models import Heatmap, Result, Scan, ScanEvent
 from meddaemon.db.queries import tasks_without_model
@@ -597,3 +598,35 @@ def test_routed_scans_of_a_task_with_an_active_version_are_left_to_whoever_serve
         assert bookkeeper.wait_for_a_model(session, served_tasks=set(), daemon_id=None) == 0
     with daemon.sessions() as session:
         assert session.get(Scan, queued).state == "routed"
+
+
+def test_a_version_retired_while_it_loads_is_never_served(make_settings, tmp_path: Path, monkeypatch):
+    """The finished load was checked against the active versions read at the last poll (up to
+    ``model_poll_seconds`` before): a version retired while it loaded was served all the same, and
+    scans stored under it until the next poll, each result dated after its retirement."""
+    loading, go_on = threading.Event(), threading.Event()
+    load = InferenceStage._load
+
+    def held(self, request):  # type: ignore[no-untyped-def]
+        loading.set()
+        assert go_on.wait(60)
+        return load(self, request)
+
+    monkeypatch.setattr(InferenceStage, "_load", held)
+    daemon = Daemon(make_settings(max_wait_ms=10, reports=False))
+    daemon.prepare()
+    models = ModelStage(daemon.stage, daemon.sessions, daemon.guarded, lambda: False, poll_seconds=60, once=False)
+    promote(daemon, write_model(tmp_path / "v1"))
+    models.recover()
+    models.tick(time.monotonic(), flush=False)  # the first poll: the next is a minute away
+    assert loading.wait(60)
+    with transaction(daemon.sessions) as session:
+        registry.retire(session, "busi", "v1")
+    go_on.set()
+    deadline = time.monotonic() + 60
+    while daemon.stage.loader.busy():  # the daemon's turns between two polls
+        assert time.monotonic() < deadline
+        models.tick(time.monotonic(), flush=False)
+        time.sleep(0.05)
+    models.tick(time.monotonic(), flush=False)
+    assert "busi" not in daemon.stage.served

@@ -162,6 +162,8 @@ class InferenceStage(Stage):
         #: why a version's load failed, as its scans' waiting detail says
         self.load_errors: dict[int, str] = {}
         self.loader = model_loader.ModelLoader(self._load)
+        #: loads finished and not yet adopted (``collect_loads``)
+        self.loaded: list[model_loader.LoadResult] = []
         self.queue: BatchQueue[int] = BatchQueue(settings.max_batch, settings.max_wait_ms / 1000)
         self.preparing: list[_Preparing] = []
         self.forwarding: list[_Forwarding] = []
@@ -279,7 +281,8 @@ class InferenceStage(Stage):
         """Ask the loader for each task's active version; stop serving tasks without one.
 
         A task keeps being served by the version it has until the newly promoted one is loaded
-        (:meth:`adopt_loaded`); a task without an active version stops being served at once."""
+        (:meth:`collect_loads`) and, the active versions read here again, adopted if it is still
+        the active one; a task without an active version stops being served at once."""
         with self.sessions() as session:
             self.wanted = {
                 row.task_name: row
@@ -292,6 +295,7 @@ class InferenceStage(Stage):
                 )
             )
             idle = self._tasks_without_work(session) if self.files_waiting is not None else set()
+        self._adopt_loaded()
         stopped: list[str] = []
         for task, model in list(self.served.items()):
             if task not in self.wanted:
@@ -321,7 +325,6 @@ class InferenceStage(Stage):
             self.loader.request(
                 model_loader.LoadRequest(task, row.version, row.id, folder, row.sha256, dict(row.manifest or {}))
             )
-        self.adopt_loaded()
 
     def _tasks_without_work(self, session: Session) -> set[str]:
         """Tasks with an active version and nothing for it to do (``load_when``)."""
@@ -338,10 +341,19 @@ class InferenceStage(Stage):
         )
         return unserved - waiting
 
-    def adopt_loaded(self, timeout: float = 0.0) -> int:
-        """Serve the versions whose load finished (if they are still the active ones); returns how many."""
-        adopted = 0
-        for result in self.loader.finished(timeout):
+    def collect_loads(self, timeout: float = 0.0) -> bool:
+        """Take the loads that finished (waiting up to ``timeout`` for one); whether there were any.
+        They are adopted by the next :meth:`refresh_models`, against the active versions it reads:
+        checked against those of the last poll, a version retired while it loaded was served until
+        the next poll."""
+        finished = self.loader.finished(timeout)
+        self.loaded.extend(finished)
+        return bool(finished)
+
+    def _adopt_loaded(self) -> None:
+        """Serve the versions whose load finished if they are still the active ones (``self.wanted``)."""
+        loaded, self.loaded = self.loaded, []
+        for result in loaded:
             request = result.request
             row = self.wanted.get(request.task)
             current = self.served.get(request.task)
@@ -358,7 +370,6 @@ class InferenceStage(Stage):
             model = result.model
             self.served[request.task] = model
             self.rows[row.id] = row
-            adopted += 1
             log.info(
                 "serving %s/%s (%s, sha256 %s) on %s with %s (loaded in %.1f s)",
                 request.task,
@@ -369,12 +380,12 @@ class InferenceStage(Stage):
                 model.backend,
                 result.seconds,
             )
-        return adopted
 
     def wait_for_loads(self, stop: Callable[[], bool] = lambda: False) -> None:
-        """Wait until every requested load has finished and been adopted (``--once`` at start)."""
+        """Wait until every requested load has finished, then adopt them (``--once`` at start)."""
         while self.loader.busy() and not stop():
-            self.adopt_loaded(timeout=0.2)
+            self.collect_loads(timeout=0.2)
+        self.refresh_models()
 
     def _stop_serving(self, task: str) -> None:
         model = self.served.pop(task)

@@ -2,7 +2,8 @@
 
 Claims nothing itself. Cadence: the active versions are read every ``model_poll_seconds``; a version
 not served yet is loaded in the loader's thread (``daemon/loader.py``) while the one it replaces
-keeps serving, and swapped in at the first turn after its load finished. Each poll, and each
+keeps serving, and swapped in at the first turn after its load finished, if the database, read
+again then, still says it is the active version. Each poll, and each
 swap, sweeps the database for scans the inference stage can now run (``InferenceStage.sweep``:
 scans left ``routed`` by a previous run, ``waiting_model`` scans of a task just served). Recovery:
 the first poll, before the first turn; with ``--once`` the loads are waited for then (nothing is
@@ -49,12 +50,10 @@ class ModelStage(Stage):
         self._log_tasks_without_model()
         self.guarded(self.inference.refresh_models)
         if self.once:
-            self.inference.wait_for_loads(self.should_stop)
+            self.guarded(lambda: self.inference.wait_for_loads(self.should_stop))
 
     def tick(self, now: float, flush: bool) -> bool:
-        if self.inference.adopt_loaded():
-            self.inference.sweep()
-        if self.polls.due(now):
+        if self.inference.collect_loads() or self.polls.due(now):  # a finished load is adopted on a fresh read
             self.guarded(self.inference.refresh_models)
             self.inference.sweep()
             self.polls.done(now)
