@@ -27,6 +27,7 @@ from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.training.datasets import load_dataset
 from meddaemon.training.figures import FIGURES
 from meddaemon.training.phantoms import write_phantoms
+from meddaemon.training.pipeline import one_run_in
 from meddaemon.training.splits import SplitConfig, load_split, make_split
 
 #: on these phantoms (count 12, size 48, seed 5) two or three epochs give a model that calls 'benign'
@@ -185,6 +186,25 @@ def test_a_version_name_whose_folder_exists_exits_2_before_training(busi: Path, 
     assert result.exit_code == EXIT_USAGE, result.output
     assert "already holds a version named 'old'; choose another --version" in result.output
     assert "epoch" not in result.output
+
+
+def test_a_second_run_in_the_folder_of_one_running_is_refused_before_it_reads_the_dataset(
+    busi: Path, tmp_path: Path
+) -> None:
+    """Two runs of a task in its default folder wrote one ``split.json`` and one checkpoint: each read
+    the other's back, and a version was registered with the other run's seed, split and
+    training-data fingerprint. The folder is held while a run works in it."""
+    state = upgraded(tmp_path / "state")
+    workdir = tmp_path / "state" / "training" / "busi"
+    args = ["retrain", "busi", "--data", str(busi), *state, *FAST, "--version", "second"]
+    with one_run_in(workdir):  # a run working there (this process holds the lock)
+        refused = CliRunner().invoke(medcli, args)
+    assert refused.exit_code == EXIT_USAGE, refused.output
+    assert f"error: another medcli retrain (process {os.getpid()}) is working in {workdir}" in refused.output
+    assert "epoch" not in refused.output and not (workdir / "split.json").exists()
+
+    after = CliRunner().invoke(medcli, args)  # the run has ended: the folder is free
+    assert after.exit_code == 0, after.output
 
 
 @pytest.mark.parametrize(
@@ -501,8 +521,8 @@ def test_ctrl_c_exits_130_and_prints_the_command_that_resumes(busi: Path, tmp_pa
     assert process.stdout is not None
     deadline = time.monotonic() + 120
     for line in process.stdout:
-        if line.startswith("epoch 2/500:") or time.monotonic() > deadline:
-            break  # epoch 1's checkpoint is written before epoch 2 starts
+        if line.startswith("epoch 1/500:") or time.monotonic() > deadline:
+            break  # said once its checkpoint is written: a Ctrl-C just after it was told "nothing to resume"
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stdout + stderr

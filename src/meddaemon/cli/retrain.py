@@ -9,6 +9,7 @@ train their shard and then wait at a barrier for it.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 from pathlib import Path
@@ -138,8 +139,8 @@ def retrain(
     from meddaemon.training import distributed
     from meddaemon.training.datasets import DatasetError
     from meddaemon.training.evaluate import promotion_blockers
+    from meddaemon.training.pipeline import WorkdirBusy, one_run_in, split_dataset
     from meddaemon.training.pipeline import retrain as run_retrain
-    from meddaemon.training.pipeline import split_dataset
     from meddaemon.training.train import TrainConfig
 
     settings = build_settings(config_file, **flags)
@@ -170,10 +171,15 @@ def retrain(
         )
     except ValueError as exc:  # checked before the dataset is read
         raise click.UsageError(str(exc)) from None
-    with distributed.joined(config.device):  # under torchrun: the process group (a no-op otherwise)
+    with distributed.joined(config.device), contextlib.ExitStack() as held:  # joined: under torchrun, the group
         if not distributed.is_main():
             _follow_rank_0(spec, data, config, workdir, resume, max(1, workers // distributed.world_size()), parent)
             return
+        try:
+            held.enter_context(one_run_in(workdir))
+        except WorkdirBusy as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
         say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
         ctx = click.get_current_context()
         try:

@@ -8,11 +8,13 @@ A run works in ``workdir`` (checkpoints, so ``--resume`` finds them); the versio
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,6 +78,37 @@ class RetrainOutcome:
 
 def default_version() -> str:
     return datetime.now(UTC).strftime("r%Y%m%d-%H%M%S")
+
+
+#: the file a run locks in its work folder for as long as it runs
+WORKDIR_LOCK = ".retrain.lock"
+
+
+class WorkdirBusy(Exception):
+    """Another run works in the same folder."""
+
+
+@contextmanager
+def one_run_in(workdir: Path) -> Iterator[None]:
+    """Hold ``workdir`` for this run alone (an exclusive ``flock``, released with the process however it
+    ends); ``WorkdirBusy`` when another run holds it. Two runs of a task in its default folder wrote
+    one ``split.json`` and one checkpoint: each read the other's back, and a version was registered
+    with the other run's seed, split and training-data fingerprint."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / WORKDIR_LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            raise WorkdirBusy(
+                f"another medcli retrain{f' (process {holder})' if holder.isdigit() else ''} is working in "
+                f"{shown_name(workdir)}; wait for it to end, or give this one its own --out"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 def version_folder(workdir: Path, version: str) -> Path:

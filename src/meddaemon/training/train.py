@@ -548,16 +548,18 @@ def train(
                 {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val.loss, "val_auc": val.auc,
                  "lr": optimizer.param_groups[0]["lr"]}
             )  # fmt: skip
+            state.epoch = epoch + 1
+            if config.patience is not None and state.since_best >= config.patience:
+                state.stopped_early = True
+            if main:
+                save_checkpoint(workdir, model, best_weights, optimizer, scheduler, config, state)
+            # said once its checkpoint is written: a Ctrl-C right after the line was told "nothing to resume"
             log(
                 f"epoch {epoch + 1}/{config.epochs}: train loss {train_loss:.4f}  val loss {val.loss:.4f}  "
                 f"val ROC-AUC {val.auc:.4f}{'  (best)' if improved else ''}"
             )
-            state.epoch = epoch + 1
-            if config.patience is not None and state.since_best >= config.patience:
-                state.stopped_early = True
+            if state.stopped_early:
                 log(f"early stop: no better validation metric for {config.patience} epochs")
-            if main:
-                save_checkpoint(workdir, model, best_weights, optimizer, scheduler, config, state)
             if stop_after is not None and state.epoch >= stop_after:
                 break
 
