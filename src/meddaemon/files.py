@@ -7,6 +7,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,9 +43,10 @@ def final_path(tmp: Path) -> Path:
 
 
 def remove_stale_temporaries(folder: Path, recursive: bool = True) -> list[Path]:
-    """Delete the temporaries (``temporary_path``'s names) that writers of this host, killed while
-    writing, left in ``folder`` (and below it, with ``recursive``); those of live writers, here or on
-    other hosts sharing the folder, stay. Returns the ones removed."""
+    """Delete the temporaries (``temporary_path``'s names: files, or folders filled before their
+    rename) that writers of this host, killed while writing, left in ``folder`` (and below it, with
+    ``recursive``); those of live writers, here or on other hosts sharing the folder, stay. Returns
+    the ones removed."""
     if not folder.is_dir():
         return []
     pattern = f".*{TMP_SUFFIX}"
@@ -52,7 +54,10 @@ def remove_stale_temporaries(folder: Path, recursive: bool = True) -> list[Path]
     for tmp in folder.rglob(pattern) if recursive else folder.glob(pattern):
         if left_by_dead_writer(tmp):
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
                 removed.append(tmp)
     return removed
 

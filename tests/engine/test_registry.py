@@ -454,6 +454,46 @@ def test_a_refused_model_is_never_registered(factory, tmp_path: Path):  # type: 
     assert not (root / "busi" / "bad").exists()
 
 
+KILLED_MID_COPY = """
+import os, shutil, signal, sys
+from pathlib import Path
+from meddaemon.db.engine import create_db_engine, session_factory, transaction
+from meddaemon.engine import registry
+
+copy = shutil.copyfile
+
+def copy_then_die(source, target, *args, **kwargs):
+    copy(source, target, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)  # the kernel's OOM killer, a kill -9, a power cut
+
+shutil.copyfile = copy_then_die
+with transaction(session_factory(create_db_engine(sys.argv[1]))) as session:
+    registry.import_version(session, Path(sys.argv[2]), Path(sys.argv[3]))
+"""
+
+
+def test_an_import_killed_mid_copy_leaves_nothing_the_next_import_does_not_remove(factory, db_url, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Its staging folder (a whole copy of the weights) was named like no temporary a sweep knows:
+    each import killed while copying left one in the registry for good."""
+    root = tmp_path / "registry"
+    for version, seed in (("v1", 1), ("v2", 2)):
+        save_small(tmp_path / "src" / version, version=version, seed=seed)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_COPY, db_url, str(tmp_path / "src" / "v1"), str(root)],
+        capture_output=True,
+        timeout=120,
+    )
+    assert killed.returncode == -9, killed.stderr
+    assert [p.name for p in (root / "busi").iterdir()] != []  # the killed copy is there
+
+    with transaction(factory) as session:
+        import_version(session, tmp_path / "src" / "v2", root)
+
+    assert sorted(p.name for p in (root / "busi").iterdir()) == ["v2"]
+    with factory() as session:
+        assert [r.version for r in list_versions(session, "busi")] == ["v2"]
+
+
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # SQLite's BEGIN IMMEDIATE serialises them
 def test_two_first_imports_of_a_task_at_once_both_register(factory, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Neither saw the task's row and each inserted it: the second failed on the primary key (a

@@ -35,7 +35,6 @@ import re
 import shutil
 import stat
 import struct
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,7 +55,14 @@ from meddaemon.engine.architectures import ARCHITECTURES, build_model
 from meddaemon.engine.card import card_files
 from meddaemon.engine.preprocess import normalise
 from meddaemon.engine.tasks import BUILTIN_TASKS, KINDS, InputContract, TaskSpec
-from meddaemon.files import PASSING_ERRNOS, fsync_dir, make_folders, write_atomically
+from meddaemon.files import (
+    PASSING_ERRNOS,
+    fsync_dir,
+    make_folders,
+    remove_stale_temporaries,
+    temporary_path,
+    write_atomically,
+)
 from meddaemon.stored_paths import stored_file, stored_name
 
 log = logging.getLogger(__name__)
@@ -862,7 +868,8 @@ def import_version(
 
 def _copy_into_registry(source: Path, target: Path, manifest: Manifest) -> None:
     make_folders(target.parent, durable=True)
-    staging = target.parent / f".staging-{manifest.version}-{uuid.uuid4().hex[:8]}"
+    remove_stale_temporaries(target.parent, recursive=False)  # copies of imports killed before their rename
+    staging = temporary_path(target)
     staging.mkdir()
     try:
         for name in (manifest.weights_file, MANIFEST_FILE, *card_files(source)):
