@@ -51,3 +51,44 @@ def test_a_cohort_two_of_whose_files_would_be_stored_under_one_name_is_refused(t
     with pytest.raises(DatasetError, match=r"would both be stored as '\w+/synthetic_%E9.png'") as caught:
         read_cohort(root, BUILTIN_TASKS["busi"])
     assert "synthetic_\\xe9.png" in str(caught.value) and "rename one" in str(caught.value)
+
+
+@pytest.mark.parametrize("added", ["__MACOSX", "$RECYCLE.BIN", "System Volume Information"])
+def test_a_folder_an_operating_system_added_beside_a_dataset_is_not_part_of_it(tmp_path: Path, added: str) -> None:
+    """BUSI unzipped from an archive made on macOS holds ``__MACOSX/`` beside its classes (the
+    resource forks, ``._benign (1).png`` files): the folder was taken for a class, training refused
+    the dataset, and an evaluation read it as a folder of images and scored its masks as scans."""
+    root = write_phantoms("busi", tmp_path / "Dataset_BUSI_with_GT", count=3, size=32, seed=2).root
+    images = sorted(p for p in root.rglob("*.png") if "_mask" not in p.name)
+    forks = root / added / "benign"
+    forks.mkdir(parents=True)
+    (forks / "._benign (1).png").write_bytes(b"\x00\x05\x16\x07SYNTHETIC resource fork")
+    (forks / "benign (1).png").write_bytes(images[0].read_bytes())
+
+    cohort = read_cohort(root, BUILTIN_TASKS["busi"])
+
+    assert cohort.layout == "busi" and sorted(cohort.files) == images
+
+
+def test_a_folder_of_images_leaves_segmentation_masks_out_and_says_so(tmp_path: Path) -> None:
+    """The COVID-19 Radiography Database's four folders (not the covid task's two labels) each hold
+    ``images/`` and ``masks/``: read as a folder of images, the masks were scored as scans, and
+    BUSI-named masks (``x_mask.png``) too."""
+    phantoms = sorted(write_phantoms("busi", tmp_path / "busi_SYNTHETIC", count=2, size=32).root.glob("benign/*).png"))
+    root = tmp_path / "COVID-19_Radiography_Dataset"
+    for folder in ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"):
+        for sub in ("images", "masks"):
+            (root / folder / sub).mkdir(parents=True)
+            shutil.copy(phantoms[0], root / folder / sub / f"{folder}-1.png")
+    shutil.copy(phantoms[1], root / "Normal" / "images" / "Normal-2_mask.png")
+
+    cohort = read_cohort(root, BUILTIN_TASKS["covid"])
+
+    assert cohort.layout == "images"
+    assert [cohort.relative(f) for f in cohort.files] == [
+        "COVID/images/COVID-1.png",
+        "Lung_Opacity/images/Lung_Opacity-1.png",
+        "Normal/images/Normal-1.png",
+        "Viral Pneumonia/images/Viral Pneumonia-1.png",
+    ]
+    assert cohort.warnings == ("5 segmentation mask(s) left out (in masks/ folders, or named *_mask.png): not inputs",)

@@ -581,3 +581,45 @@ def test_an_nih_row_repeated_is_one_image_and_a_repeat_with_other_findings_is_re
     (tmp_path / "Data_Entry_2017.csv").write_text(ENTRY_HEADER + rows + "00000001_000.png,Effusion,0,1,58,M,PA\n")
     with pytest.raises(DatasetError, match=r"rows 2 and 4 list 00000001_000\.png with different findings"):
         load_dataset(tmp_path, BUILTIN_TASKS["chestxray14"])
+
+
+def _covid_collection(root: Path, findings: list[str]) -> Path:
+    """A SYNTHETIC covid-chestxray-dataset: one frontal X-ray per finding, a patient each."""
+    rows = ["patientid,finding,view,modality,folder,filename"]
+    for n, finding in enumerate(findings):
+        write_png(root / "images" / f"synthetic_{n}.png", pixels(n))
+        rows.append(f'{n},"{finding}",PA,X-ray,images,synthetic_{n}.png')
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_a_covid_finding_listed_with_another_is_covid_as_the_2020_releases_write_it(tmp_path: Path) -> None:
+    """The 2020 releases of the collection (seed 004's) write flat findings such as ``COVID-19, ARDS``:
+    those rows were left out as "neither COVID-19 nor No Finding", COVID cases lost."""
+    root = _covid_collection(
+        tmp_path / "covid", ["COVID-19, ARDS", "Pneumonia/Viral/COVID-19", "COVID-19", "No Finding", "SARS"]
+    )
+    index = load_dataset(root, BUILTIN_TASKS["covid"], check_images=False)
+    assert [(s.path.name, s.labels) for s in index.samples] == [
+        ("synthetic_0.png", ("covid",)),
+        ("synthetic_1.png", ("covid",)),
+        ("synthetic_2.png", ("covid",)),
+        ("synthetic_3.png", ("normal",)),
+    ]
+    assert [s.path.name for s in index.skipped] == ["synthetic_4.png"]
+
+
+@pytest.mark.parametrize("folder", ["normal", "NORMAL", "Normal"])
+def test_a_folder_of_normal_images_beside_the_collection_is_read_whatever_its_case(tmp_path: Path, folder: str) -> None:
+    """Kaggle's chest-xray-pneumonia, where seed 004's normals come from, names it ``NORMAL/``: its
+    images were neither read nor said to be left out."""
+    root = _covid_collection(tmp_path / "covid", ["COVID-19", "No Finding"])
+    for n in range(3):
+        write_png(root / folder / f"synthetic_normal_{n}.png", pixels(10 + n))
+    index = load_dataset(root, BUILTIN_TASKS["covid"], check_images=False)
+    assert sorted(s.path.name for s in index.samples if s.labels == ("normal",)) == [
+        "synthetic_1.png",
+        "synthetic_normal_0.png",
+        "synthetic_normal_1.png",
+        "synthetic_normal_2.png",
+    ]

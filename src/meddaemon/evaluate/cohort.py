@@ -20,6 +20,7 @@ from meddaemon.training.datasets import (
     detect_layout,
     load_dataset,
 )
+from meddaemon.training.datasets.folders import is_segmentation_mask
 from meddaemon.training.images import image_files
 
 #: The layout name of a folder of images that carries no labels.
@@ -37,6 +38,8 @@ class Cohort:
     index: DatasetIndex | None
     #: why the folder carries no labels (the adapter's message), when ``index`` is None
     unlabelled_because: str | None = None
+    #: what reading a folder of images left out, when ``index`` is None (a layout's are in its index)
+    warnings: tuple[str, ...] = ()
 
     def unlabelled(self) -> str:
         """Why this cohort cannot be audited against its own labels, and what to do instead."""
@@ -71,10 +74,17 @@ def read_cohort(path: Path, task: TaskSpec) -> Cohort:
         if not path.is_dir() or layout not in (None, "folder-per-class"):
             raise
         with access_errors_named(path):
-            files = list(image_files(path))
+            found = list(image_files(path))
+        files = [f for f in found if not is_segmentation_mask(f, path)]
         if not files:
             raise DatasetError(path, "holds no image files", "a dataset layout or a folder of images") from None
-        return _one_stored_name_each(Cohort(path, PLAIN_IMAGES, files, None, str(exc)))
+        masks = len(found) - len(files)
+        warnings = (
+            (f"{masks} segmentation mask(s) left out (in masks/ folders, or named *_mask.png): not inputs",)
+            if masks
+            else ()
+        )
+        return _one_stored_name_each(Cohort(path, PLAIN_IMAGES, files, None, str(exc), warnings))
     root = path.parent if path.is_file() else path
     files = list(dict.fromkeys(sample.path.absolute() for sample in index.samples))
     return _one_stored_name_each(Cohort(root, layout, files, index))

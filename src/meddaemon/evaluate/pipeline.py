@@ -363,7 +363,7 @@ def layout_notes(cohort: Cohort) -> dict[str, Any]:
     skipped = index.skipped if index is not None else []
     return {
         "left_out": [{"path": cohort.relative(s.path), "message": s.reason} for s in skipped],
-        "warnings": list(index.warnings) if index is not None else [],
+        "warnings": list(index.warnings) if index is not None else list(cohort.warnings),
     }
 
 

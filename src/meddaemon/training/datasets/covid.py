@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from meddaemon.engine.tasks import TaskSpec
+from meddaemon.training.datasets.folders import class_folders
 from meddaemon.training.datasets.index import (
     DatasetError,
     DatasetIndex,
@@ -35,14 +36,14 @@ def read_covid_metadata(root: Path, task: TaskSpec | None = None) -> DatasetInde
         if why_not:
             index.skipped.append(Skipped(path, why_not))
             continue
-        label = positive if row["finding"].endswith("COVID-19") else negative
+        label = positive if is_covid(row["finding"]) else negative
         extra = {k: v for k, v in row.items() if k not in REQUIRED}
         index.samples.append(Sample(path, (label,), row["patientid"] or None, extra=extra))
         named.append((row_number, path))
     require_existing(table, named)
-    extra_normals = root / negative
-    if extra_normals.is_dir():
-        index.samples.extend(Sample(p, (negative,)) for p in image_files(extra_normals))
+    for extra_normals in class_folders(root):  # normal/, or NORMAL/ as Kaggle's chest-xray-pneumonia names it
+        if extra_normals.name.lower() == negative.lower():
+            index.samples.extend(Sample(p, (negative,)) for p in image_files(extra_normals))
     require_every_label(index, root, f"rows with finding 'No Finding' (or a {negative}/ folder) and COVID-19 rows")
     return index
 
@@ -55,9 +56,15 @@ def _labels(root: Path, task: TaskSpec | None) -> tuple[str, str]:
     return task.labels[0], task.labels[1]
 
 
+def is_covid(finding: str) -> bool:
+    """A finding that names COVID-19: alone, at the end of a path (``Pneumonia/Viral/COVID-19``) or
+    beside another, as the 2020 releases write it (``COVID-19, ARDS``)."""
+    return "COVID-19" in (part.strip() for part in finding.replace(",", "/").split("/"))
+
+
 def _why_left_out(row: dict[str, str]) -> str | None:
     finding = row["finding"]
-    if not (finding.endswith("COVID-19") or finding == "No Finding"):
+    if not (is_covid(finding) or finding.strip() == "No Finding"):
         return f"finding {finding!r} is neither COVID-19 nor No Finding"
     modality = row.get("modality", "")
     if modality and modality.lower() != "x-ray":

@@ -8,7 +8,7 @@ from pathlib import Path
 from meddaemon.engine.tasks import TaskSpec
 from meddaemon.files import folder_paths
 from meddaemon.training.datasets.index import DatasetError, DatasetIndex, Sample, kind_for, require_every_label
-from meddaemon.training.images import image_files
+from meddaemon.training.images import image_files, left_out_name
 
 BUSI_CLASSES = ("benign", "malignant", "normal")
 #: ``benign (1)_mask.png``, ``benign (1)_mask_1.png``: BUSI's masks, named after their image.
@@ -16,7 +16,7 @@ BUSI_MASK = re.compile(r"^(?P<image>.+)_mask(?:_\d+)?\.png$", re.IGNORECASE)
 
 
 def class_folders(root: Path) -> list[Path]:
-    return sorted(p for p in folder_paths(root) if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in folder_paths(root) if p.is_dir() and not left_out_name(p.name))
 
 
 def read_folder_per_class(root: Path, task: TaskSpec | None = None, layout: str = "folder-per-class") -> DatasetIndex:
@@ -59,6 +59,12 @@ def _class_images(folder: Path, warnings: list[str]) -> list[Path]:
 
 def _under_masks(path: Path, folder: Path) -> bool:
     return any(part.lower() in MASK_FOLDERS for part in path.relative_to(folder).parts[:-1])
+
+
+def is_segmentation_mask(path: Path, root: Path) -> bool:
+    """Whether an image under ``root`` is a segmentation mask, by where it lies or its name: in a
+    masks/ folder (the COVID-19 Radiography Database's), or named as BUSI names its masks."""
+    return _under_masks(path, root) or BUSI_MASK.match(path.name) is not None
 
 
 def read_busi(root: Path, task: TaskSpec | None = None) -> DatasetIndex:
