@@ -228,3 +228,24 @@ def test_copies_of_a_multilabel_image_with_its_labels_in_another_order_are_one_l
     split = make_split(load_dataset(tmp_path / "labels.csv", BUILTIN_TASKS["chestxray14"], check_images=False))
 
     assert [(d.path, d.cause) for d in split.report.dropped] == [("img/copy.png", "identical-copy")]
+
+
+def test_rows_the_covid_layout_leaves_out_by_its_rules_are_not_counted_as_dropped_images(tmp_path: Path) -> None:
+    """The collection is mostly other findings, CT slices and lateral views, which the layout leaves
+    out as documented: counted as dropped images, every split of it warned "more than 5% dropped",
+    burying a warning that means something. They are listed, not counted."""
+    rng = np.random.default_rng(7)
+    rows = ["patientid,finding,view,modality,folder,filename"]
+    kept = [("COVID-19", "PA", "X-ray")] * 6 + [("No Finding", "PA", "X-ray")] * 6
+    left_out = [("COVID-19", "L", "X-ray"), ("COVID-19", "Axial", "CT"), ("Pneumonia/Bacterial", "PA", "X-ray")] * 2
+    for n, (finding, view, modality) in enumerate(kept + left_out):
+        write_png(tmp_path / "images" / f"synthetic_{n:02}.png", rng.integers(0, 255, (32, 32), dtype=np.uint8))
+        rows.append(f"{n},{finding},{view},{modality},images,synthetic_{n:02}.png")
+    (tmp_path / "metadata.csv").write_text("\n".join(rows) + "\n")
+    index = load_dataset(tmp_path, BUILTIN_TASKS["covid"], check_images=False)
+
+    split = make_split(index, SplitConfig(seed=1))
+
+    assert len(split.report.dropped) == 6  # listed, with the layout's reasons
+    assert split.report.dropped_by_cause() == {"left out by the layout's rules, or no image": 6}
+    assert not [w for w in split.report.warnings if "dropped" in w]

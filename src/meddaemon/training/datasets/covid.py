@@ -34,7 +34,7 @@ def read_covid_metadata(root: Path, task: TaskSpec | None = None) -> DatasetInde
         path = root / (row.get("folder") or "images") / row["filename"]
         why_not = _why_left_out(row)
         if why_not:
-            index.skipped.append(Skipped(path, why_not))
+            index.skipped.append(Skipped(path, why_not, by_rule=True))
             continue
         label = positive if is_covid(row["finding"]) else negative
         extra = {k: v for k, v in row.items() if k not in REQUIRED}

@@ -106,6 +106,9 @@ class Skipped:
 
     path: Path
     reason: str
+    #: left out by the layout's own rules (another finding, a CT slice, a lateral view), or no image at
+    #: all: not the dataset at fault, so not counted among its dropped images
+    by_rule: bool = False
 
 
 @dataclass
@@ -172,7 +175,9 @@ def drop_unreadable(
     for sample in index.samples:
         failure = _decode_failure(sample.path) if failures is None else failures.get(sample.path)
         if failure is not None and failure.reason in NOT_AN_IMAGE:
-            not_images.append(Skipped(sample.path, f"not an image ({failure.reason.value}: {failure.message})"))
+            not_images.append(
+                Skipped(sample.path, f"not an image ({failure.reason.value}: {failure.message})", by_rule=True)
+            )
         elif failure is not None:
             refused = failure.reason == FailureReason.CONTRACT_MISMATCH
             why = "not what the model takes" if refused else "unreadable image"
