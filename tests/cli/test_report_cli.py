@@ -54,6 +54,20 @@ def test_a_scan_report_is_rebuilt_by_id_or_sha256_in_place_with_its_row_updated(
     assert len(rows) == 1 and rows[0].sha256 == hashlib.sha256(Path(by_id["path"]).read_bytes()).hexdigest()
 
 
+def test_options_before_the_scan_are_taken_as_after_it(state: Daemon, tmp_path: Path):
+    """``medcli report --json 42`` was "No such option: --json" (exit 2): the scan, or the report's
+    kind, was looked for only in the first place."""
+    scan = a_scan(state, "synthetic_study_0.dcm")
+    out = tmp_path / "before.pdf"
+    state_dir = str(state.settings.state_dir)
+    result = CliRunner().invoke(medcli, ["report", "--state-dir", state_dir, "--json", "--out", str(out), str(scan.id)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["scan_id"] == scan.id and out.is_file()
+    summary = CliRunner().invoke(medcli, ["report", "--state-dir", state_dir, "--json", "summary"])
+    assert summary.exit_code == 0, summary.output
+    assert "scans" in json.loads(summary.stdout)
+
+
 def test_with_phi_and_out_write_elsewhere_with_the_patient_fields(state: Daemon, tmp_path: Path):
     scan = a_scan(state, "synthetic_study_1.dcm")
     out = tmp_path / "with_phi.pdf"

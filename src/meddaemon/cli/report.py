@@ -36,9 +36,34 @@ class _ScanByDefault(click.Group):
     """A group whose first argument, when it is not a subcommand, is a scan: ``report 42``."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and not args[0].startswith("-") and args[0] not in self.commands:
-            args = ["scan", *args]
+        """Options may come first (``report --json 42``, ``report --state-dir S summary``): the
+        subcommand, or ``scan``, goes before them (the group itself has none but ``--help``)."""
+        at = self._first_argument(ctx, args)
+        if at is not None:
+            command = args[at] if args[at] in self.commands else "scan"
+            args = [command, *args[:at], *args[at + (command == args[at]) :]]
         return super().parse_args(ctx, args)
+
+    def _first_argument(self, ctx: click.Context, args: list[str]) -> int | None:
+        """Where the first of ``args`` is that is neither an option nor an option's value (the
+        subcommands share their options' names)."""
+        taking_values = {
+            name
+            for param in self.commands["scan"].get_params(ctx)
+            if isinstance(param, click.Option) and not param.is_flag
+            for name in param.opts
+        }
+        pending_value = False
+        for at, arg in enumerate(args):
+            if pending_value:
+                pending_value = False
+            elif arg == "--":
+                return None
+            elif arg.startswith("-"):
+                pending_value = arg in taking_values
+            else:
+                return at
+        return None
 
 
 def _report_options(func: F) -> F:
