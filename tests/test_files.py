@@ -126,3 +126,13 @@ def test_a_new_folder_whose_parent_cannot_be_fsynced_raises_unless_the_filesyste
     fsynced_folders(monkeypatch, fail_with=errno.EINVAL)
     make_folders(tmp_path / "studies" / "4567", durable=True)
     assert (tmp_path / "studies" / "4567").is_dir()
+
+
+def test_a_file_where_a_folder_is_to_be_made_is_named_as_no_folder(tmp_path: Path):
+    """``mkdir`` said "File exists", naming neither the file nor that it is no folder: ``medcli synth
+    --out /etc/passwd/x`` printed "cannot write /etc/passwd/x: File exists"."""
+    (tmp_path / "notes").write_text("SYNTHETIC")
+    with pytest.raises(NotADirectoryError) as raised:
+        make_folders(tmp_path / "notes" / "reports" / "2026")
+    assert raised.value.strerror == f"{tmp_path / 'notes'} is a file, not a folder"
+    assert raised.value.filename == str(tmp_path / "notes")

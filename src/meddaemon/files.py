@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from meddaemon.failures import FailureReason, ReadLater, ScanFailure
-from meddaemon.names import fitted
+from meddaemon.names import fitted, shown_name
 from meddaemon.processes import process_alive
 
 #: what ``write_atomically`` writes: bytes or any object exposing its memory (a numpy array's)
@@ -155,7 +155,10 @@ def make_folders(folder: Path, durable: bool = False) -> None:
         missing.append(folder)
         folder = folder.parent
     for new in reversed(missing):
-        new.mkdir(exist_ok=True)  # made meanwhile by another writer: its entry is made durable here too
+        try:
+            new.mkdir(exist_ok=True)  # made meanwhile by another writer: its entry is made durable here too
+        except FileExistsError:  # a file there: "File exists" said nothing of which, or that it is no folder
+            raise NotADirectoryError(errno.ENOTDIR, f"{shown_name(new)} is a file, not a folder", str(new)) from None
         if durable:
             fsync_dir(new.parent, strict=True)
 

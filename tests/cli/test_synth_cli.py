@@ -113,3 +113,13 @@ def test_synth_interrupted_in_a_folder_it_was_given_removes_what_it_wrote_and_no
     out.mkdir()
     interrupted_synth(out, out, lambda: (out / "colleague-notes.txt").write_text("SYNTHETIC: not synth's"))
     assert [p.name for p in out.iterdir()] == ["colleague-notes.txt"]
+
+
+def test_an_output_under_a_file_says_which_file_is_no_folder(tmp_path: Path) -> None:
+    (tmp_path / "notes").write_text("SYNTHETIC")
+    result = CliRunner().invoke(medcli, ["synth", "busi", "--out", str(tmp_path / "notes" / "busi")])
+    assert result.exit_code == 1
+    assert (
+        result.output
+        == f"error: cannot write {tmp_path / 'notes' / 'busi'}: {tmp_path / 'notes'} is a file, not a folder\n"
+    )

@@ -35,6 +35,7 @@ from PIL.PngImagePlugin import PngInfo
 from scipy.ndimage import gaussian_filter
 
 from meddaemon.engine.tasks import BUILTIN_TASKS, NIH_FINDINGS, TaskSpec
+from meddaemon.files import make_folders
 
 SYNTHETIC_NOTE = "SYNTHETIC phantom written by meddaemon (medcli synth); not patient data"
 
@@ -121,7 +122,7 @@ def write_phantoms(
     # then moved into place; on failure that folder goes, and nothing else
     given = out.is_dir()
     if not given:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(out.parent)
     partial = (out if given else out.parent) / f".{out.name or 'synth'}.{uuid.uuid4().hex[:12]}.partial"
     partial.mkdir()  # not mkdtemp, whose folder is its owner's alone
     try:
@@ -165,7 +166,7 @@ def _save_png(path: Path, pixels: np.ndarray) -> None:
     """Write a uint8 grey or RGB array as PNG with the SYNTHETIC comment in a text chunk."""
     info = PngInfo()
     info.add_text("Comment", SYNTHETIC_NOTE)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(path.parent)
     Image.fromarray(np.ascontiguousarray(pixels)).save(path, format="PNG", pnginfo=info)
 
 
