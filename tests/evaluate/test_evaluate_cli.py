@@ -525,6 +525,23 @@ def test_a_manifest_s_repeated_row_is_read_once_and_the_run_says_so(world, busi_
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_conflict_in_a_folder_layout_is_named_by_its_images(world, busi_phantoms: Path, tmp_path: Path) -> None:
+    """The same bytes filed under two classes: the conflict named "lines" 1 and 13, the images' ranks
+    in a listing no user sees, where a folder layout has no lines to name."""
+    dataset = tmp_path / "Dataset_BUSI_with_GT"
+    shutil.copytree(busi_phantoms, dataset)
+    first = sorted(dataset.glob("benign/* (?).png"))[0]
+    shutil.copyfile(first, dataset / "malignant" / "malignant (99).png")  # SYNTHETIC: filed twice
+    args = ["evaluate", str(dataset), "--task", "busi", "--workers", "0", "--audit", "--json", *state_flags(world)]
+
+    result = CliRunner().invoke(medcli, args)
+
+    assert result.exit_code == 0, result.output
+    [conflict] = json.loads(result.stdout)["audit"]["join"]["conflicts"]
+    assert conflict["files"] == [f"benign/{first.name}", "malignant/malignant (99).png"] and conflict["lines"] == []
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_conflict_in_a_manifest_is_named_by_the_lines_of_the_manifest(
     world, busi_phantoms: Path, tmp_path: Path
 ) -> None:

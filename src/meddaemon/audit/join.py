@@ -10,7 +10,7 @@ of the same key (or the same scan) with different labels are conflicts and are l
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -25,8 +25,16 @@ EXAMPLES = 20
 @dataclass(frozen=True)
 class Conflict:
     key: str
+    #: the label file's lines that name it
     lines: tuple[int, ...]
     detail: str
+    #: the images that label it where the labels are folders, not lines (``LabelRow.source``)
+    files: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, key: str, rows: list[LabelRow], detail: str) -> Conflict:
+        lines = tuple(sorted({r.line for r in rows if r.source is None}))
+        return cls(key, lines, detail, tuple(sorted({r.source for r in rows if r.source is not None})))
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,10 @@ class JoinReport:
             "labels_without_prediction_examples": self.labels_without_prediction[:EXAMPLES],
             "predictions_without_label": self.predictions_without_label,
             "predictions_without_label_examples": self.predictions_without_label_examples,
-            "conflicts": [{"key": c.key, "lines": list(c.lines), "detail": c.detail} for c in self.conflicts],
+            "conflicts": [
+                {"key": c.key, "lines": list(c.lines), "files": list(c.files), "detail": c.detail}
+                for c in self.conflicts
+            ],
             "identical_duplicates": self.identical_duplicates,
             "ambiguous_keys": self.ambiguous[:EXAMPLES],
             "incomplete_predictions": self.incomplete_predictions,
@@ -184,31 +195,31 @@ def join(predictions: Predictions, table: LabelTable) -> tuple[Cohort, JoinRepor
     for row in table.rows:
         by_key[row.key].append(row)
     index = _Index(predictions, table.key_kind)
-    conflicts: list[Conflict] = []
+    #: each conflict's key, detail and rows (lines and files are drawn from the rows at the end)
+    conflicting: list[tuple[str, str, list[LabelRow]]] = []
     without: list[str] = []
     ambiguous: list[str] = []
     chosen: dict[int, LabelRow] = {}
-    #: the lines of every row naming a chosen scan: a scan left out later takes them into its conflict
-    lines_of: dict[int, list[int]] = defaultdict(list)
+    #: every row naming a chosen scan: a scan left out later takes them into its conflict
+    rows_of: dict[int, list[LabelRow]] = defaultdict(list)
     #: scans left out for labels that contradict each other -> the index of their conflict
     excluded: dict[int, int] = {}
     unmatched_duplicates = 0
     for key, rows in by_key.items():
         first = rows[0]
-        lines = [r.line for r in rows]
         found = index.find(key) or (index.by_sha.get(first.sha256, []) if first.sha256 else [])
         scan = found[0] if len(found) == 1 else None
         if any(not _same(first, r) for r in rows[1:]):  # the scan it names is left out, whatever other keys say
+            named = list(rows)
             if scan is not None and scan in chosen:
                 del chosen[scan]
-                lines += lines_of.pop(scan)
-            conflicts.append(Conflict(key, tuple(sorted(lines)), "the same key with different labels"))
+                named += rows_of.pop(scan)
+            conflicting.append((key, "the same key with different labels", named))
             if scan is not None:
-                excluded.setdefault(scan, len(conflicts) - 1)
+                excluded.setdefault(scan, len(conflicting) - 1)
             continue
         if scan is not None and scan in excluded:  # its rows are counted in the scan's conflict
-            at = excluded[scan]
-            conflicts[at] = replace(conflicts[at], lines=tuple(sorted({*conflicts[at].lines, *lines})))
+            conflicting[excluded[scan]][2].extend(rows)
             continue
         if scan is None:
             (ambiguous if found else without).append(key)
@@ -216,13 +227,13 @@ def join(predictions: Predictions, table: LabelTable) -> tuple[Cohort, JoinRepor
             continue
         if scan in chosen and not _same(chosen[scan], first):
             other = chosen.pop(scan)
-            both = tuple(sorted([*lines_of.pop(scan), *lines]))
-            conflicts.append(Conflict(key, both, f"{other.key!r} and {key!r} are the same scan"))
-            excluded[scan] = len(conflicts) - 1
+            conflicting.append((key, f"{other.key!r} and {key!r} are the same scan", [*rows_of.pop(scan), *rows]))
+            excluded[scan] = len(conflicting) - 1
             continue
         chosen.setdefault(scan, first)
-        lines_of[scan] += lines
-    duplicates = unmatched_duplicates + sum(len(lines) - 1 for lines in lines_of.values())
+        rows_of[scan] += rows
+    conflicts = [Conflict.of(key, rows, detail) for key, detail, rows in conflicting]
+    duplicates = unmatched_duplicates + sum(len(rows) - 1 for rows in rows_of.values())
     if not chosen:
         raise AuditInputError(
             f"no label row of {table.path} matched a stored prediction of {predictions.task}/"

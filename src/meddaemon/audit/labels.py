@@ -61,6 +61,9 @@ class LabelRow:
     #: the SHA-256 of the labelled file, where the truth is a file here (``--labels-from-folders``):
     #: a scan of those bytes first seen under another name is found by it
     sha256: str | None = None
+    #: where the truth is an image's folder, not a line of a file: the image, as its dataset names it
+    #: (``line`` is then only its place in the listing)
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -410,7 +413,7 @@ def _read_label_folders(root: Path, wanted: set[str]) -> LabelTable:
             # keyed with its class folder: keyed by its name alone, a name both classes reuse was
             # one key with two labels, a conflict, and the audit ran on a fraction of the cohort
             key = utf8_name(f"{folder.name}/{image.name}")
-            rows.append(LabelRow(key, len(rows) + 1, frozenset({label}), None, {}, sha))
+            rows.append(LabelRow(key, len(rows) + 1, frozenset({label}), None, {}, sha, source=key))
     if not rows:
         raise LabelFileError(root, "no images in the class folders")
     notes = tuple(f"{f.name}/: not a class of the task, left out" for f in left_out)

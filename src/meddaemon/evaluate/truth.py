@@ -59,9 +59,9 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
         if sample.patient_id is not None:
             attributes["patient_id"] = sample.patient_id
         attribute_columns.update(dict.fromkeys(attributes))
-        # the label table's line, as medcli audit --labels names it; a folder layout's sample number
-        line = sample.line if sample.line is not None else number
-        rows.append(LabelRow(sha, line, frozenset(sample.labels), None, attributes))
+        # the label table's line, as medcli audit --labels names it; a folder layout's images by their names
+        line, source = (sample.line, None) if sample.line is not None else (number, cohort.relative(sample.path))
+        rows.append(LabelRow(sha, line, frozenset(sample.labels), None, attributes, source=source))
     if not rows:
         raise AuditInputError(f"evaluation {evaluation.name!r} has no scored file with a label")
     return LabelTable(
