@@ -46,7 +46,7 @@ def read_chunk_harming_decoders(paths, contract, options, scored=None):  # type:
     their names: ``crash*`` kills the process (SIGKILL, as a segfault in a native decoder ends it),
     ``crash_once*`` kills it the first time only (the kernel's OOM killer under a healthy read: a
     SYNTHETIC marker ``<name>.killed`` is left beside it), ``stall*`` never ends (a decoder caught in a
-    loop)."""
+    loop; a marker ``<name>.reading`` says it began)."""
     from meddaemon.evaluate.reading import read_chunk
 
     for path in map(Path, paths):
@@ -57,6 +57,7 @@ def read_chunk_harming_decoders(paths, contract, options, scored=None):  # type:
         elif path.name.startswith("crash") and not path.name.startswith("crash_once"):
             os.kill(os.getpid(), signal.SIGKILL)
         elif path.name.startswith("stall"):
+            path.with_name(path.name + ".reading").write_text("SYNTHETIC marker: its read has begun\n")
             while True:
                 time.sleep(1)
     return read_chunk(paths, contract, options, scored)

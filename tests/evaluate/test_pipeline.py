@@ -3,8 +3,13 @@ them, bad files listed with the daemon's reason codes, reruns and resumed runs c
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
+import os
 import shutil
+import signal
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from unittest.mock import patch
@@ -302,6 +307,40 @@ def test_a_file_that_kills_or_stalls_its_decoding_process_is_listed_and_the_run_
     assert outcome.summary["scored"] == 40 and outcome.summary["failed"] == 1
     [bad] = outcome.summary["unreadable"]
     assert (bad["path"], bad["reason"]) == (harmful, reason)
+
+
+def test_ctrl_c_while_a_file_that_never_ends_is_read_alone_stops_the_run_at_once(world, tmp_path: Path) -> None:
+    """After a process died, the files in hand are read one at a time: Ctrl-C during the lone read of
+    a file that never ends waited for it for ever (the close waited for the processes to finish)."""
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(6)
+    for name in ("crash_once.png", "ok_00.png", "ok_01.png", "stall.png"):
+        write_png(folder / name, rng.integers(0, 255, (40, 48), dtype=np.uint8))
+    world.settings = replace(world.settings, read_timeout_seconds=120.0)
+
+    def ctrl_c_once_the_stalled_read_began() -> None:
+        deadline = time.monotonic() + 60
+        while not (folder / "stall.png.reading").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_once_the_stalled_read_began, daemon=True).start()
+    faulthandler.dump_traceback_later(90, exit=True)  # a hang ends the test process, loudly, not the suite's time
+    began = time.monotonic()
+    try:
+        with (
+            patch("meddaemon.evaluate.pipeline.read_chunk", read_chunk_harming_decoders),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            evaluate(world, folder, workers=2)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert time.monotonic() - began < 60
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        [row] = session.scalars(select(Evaluation)).all()
+        assert row.state == "interrupted"
+    engine.dispose()
 
 
 def test_a_file_over_max_file_bytes_is_listed_too_large_unread_and_the_run_goes_on(world, tmp_path: Path) -> None:

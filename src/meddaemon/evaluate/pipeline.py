@@ -569,6 +569,9 @@ class Decoders:
         self.contract, self.options, self.scored = contract, options, scored
         self.read_timeout = read_timeout
         self.window: deque[tuple[list[str], Future]] = deque()
+        #: the read of one file alone (``_read_alone``): a close while it runs kills the processes too
+        self.alone: Future = Future()
+        self.alone.set_result([])
         self.limit = 2 * workers
         self.pool: DecodingPool | None = None
         #: done once the first chunks are handed out, with what stopped that if anything did
@@ -630,8 +633,9 @@ class Decoders:
 
     def _read_alone(self, path: str) -> FileRead:
         assert self.pool is not None
+        self.alone = self.pool.submit(read_chunk, [path], self.contract, self.options)
         try:
-            [read] = wait_for(self.pool.submit(read_chunk, [path], self.contract, self.options), self.read_timeout)
+            [read] = wait_for(self.alone, self.read_timeout)
             return read
         except BrokenProcessPool:
             failure = ScanFailure(FailureReason.DECODER_CRASHED, "the decoder crashed on this file")
@@ -659,7 +663,7 @@ class Decoders:
     def close(self) -> None:
         if self.pool is not None:
             self.started.exception()  # waits for the start; what stopped it, if anything, matters no more
-        unfinished = any(not future.done() for _, future in self.window)
+        unfinished = any(not future.done() for _, future in self.window) or not self.alone.done()
         for _, future in self.window:
             future.cancel()
         self.window.clear()
