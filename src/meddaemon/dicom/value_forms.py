@@ -13,8 +13,8 @@ import datetime
 import re
 
 _DATE = re.compile(r"(\d{4})[.-]?(\d{2})[.-]?(\d{2})")
-_TIME = re.compile(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d+))?)?)?")
-_DATETIME = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d+))?([+-]\d{4})?")
+_TIME = re.compile(r"(\d{2})(?::?(\d{2})(?::?(\d{2})(?:\.(\d*))?)?)?")
+_DATETIME = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d*))?([+-]\d{4})?")
 _AGE = re.compile(r"\d{3}[DWMY]")
 #: the components of a person's name in each of its groups: family, given, middle, prefix, suffix
 NAME_COMPONENTS = 5
@@ -29,8 +29,9 @@ def date(value: str) -> str | None:
 
 
 def time(value: str) -> str | None:
-    """``HH[MM[SS[.F]]]`` of a time written so or with colons, its fraction cut to six digits; a leap
-    second (60, which Python's times and highdicom refuse) as the second before it."""
+    """``HH[MM[SS[.F]]]`` of a time written so or with colons, its fraction cut to six digits (a dot
+    without one dropped); a leap second (60, which Python's times and highdicom refuse) as the second
+    before it."""
     found = _TIME.fullmatch(value.strip())
     if found is None:
         return None
@@ -53,6 +54,8 @@ def datetime_value(value: str) -> str | None:
         return None
     if int(hours or 0) > 23 or int(minutes or 0) > 59 or int(seconds or 0) > 60:
         return None
+    if seconds == "60":  # as ``time`` writes a leap second
+        seconds = "59"
     written = "".join(part or "" for part in (year, month, day, hours, minutes, seconds))
     return written + (f".{fraction[:6]}" if fraction and seconds else "") + (offset or "")
 
