@@ -63,7 +63,7 @@ def test_options_before_the_scan_are_taken_as_after_it(state: Daemon, tmp_path: 
     result = CliRunner().invoke(medcli, ["report", "--state-dir", state_dir, "--json", "--out", str(out), str(scan.id)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["scan_id"] == scan.id and out.is_file()
-    summary = CliRunner().invoke(medcli, ["report", "--state-dir", state_dir, "--json", "summary"])
+    summary = CliRunner().invoke(medcli, ["report", "--state-dir", state_dir, "--since", "7d", "--json", "summary"])
     assert summary.exit_code == 0, summary.output
     assert "scans" in json.loads(summary.stdout)
 

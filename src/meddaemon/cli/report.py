@@ -45,11 +45,12 @@ class _ScanByDefault(click.Group):
         return super().parse_args(ctx, args)
 
     def _first_argument(self, ctx: click.Context, args: list[str]) -> int | None:
-        """Where the first of ``args`` is that is neither an option nor an option's value (the
-        subcommands share their options' names)."""
+        """Where the first of ``args`` is that is neither an option nor an option's value (any
+        subcommand's: ``report --since 7d summary``)."""
         taking_values = {
             name
-            for param in self.commands["scan"].get_params(ctx)
+            for command in self.commands.values()
+            for param in command.get_params(ctx)
             if isinstance(param, click.Option) and not param.is_flag
             for name in param.opts
         }
