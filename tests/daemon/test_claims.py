@@ -430,3 +430,25 @@ def test_the_database_refuses_two_scans_filed_under_one_path(sessions):
     with pytest.raises(IntegrityError), transaction(sessions) as session:
         add_scan(session, 1, stored_path="/synthetic/archive/one.png")
         add_scan(session, 2, stored_path="/synthetic/archive/one.png")
+
+
+def test_a_daemon_drops_only_its_own_claims_on_files_that_changed_while_it_read_them(make_settings):
+    """A file that changed while it was read stays in the inbox and its claim ends: held past
+    ``claim_unread_seconds``, that claim may be another daemon's by then, and recording the batch
+    deleted it, leaving the file to a third reader while the second still read it."""
+    from meddaemon.daemon.service import Daemon
+
+    daemon = Daemon(make_settings())
+    daemon.prepare()
+    a, b = join(daemon.sessions, "node-a"), join(daemon.sessions, "node-b")
+    daemon.intake.daemon_id = a.daemon_id
+    changed = inbox_file(daemon.settings.watch / "busi" / "synthetic_changed.png")
+    with transaction(daemon.sessions) as session:
+        claims.claim_inbox_files(session, b.daemon_id, [changed])  # taken over from a, which was slow
+
+    daemon.intake._record([], changed=[changed.path])
+
+    with daemon.sessions() as session:
+        assert session.execute(select(InboxClaim.path, InboxClaim.daemon_id)).all() == [
+            (str(changed.path), b.daemon_id)
+        ]

@@ -487,9 +487,8 @@ class IntakeStage(Stage):
                 session, kept, self.destinations, served, claimed_by=me, why_waiting=why_waiting
             )
             leaving = {str(move.source) for move in record_.moves}
-            claims.release_inbox_files(
-                session, [*changed, *(stable.path for stable, _, _ in kept if str(stable.path) not in leaving)]
-            )
+            staying = [*changed, *(stable.path for stable, _, _ in kept if str(stable.path) not in leaving)]
+            claims.release_inbox_files(session, staying, held_by=me)  # a changed file may be another's by now
             return record_
 
         return record
