@@ -3,6 +3,7 @@ disk, a crash and a stop leave no partial PDF and no doubled row."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -176,6 +177,35 @@ def test_the_study_report_names_a_scan_of_the_study_that_has_no_result_but_not_a
     text = " ".join(read_pdf(settings.stored_file(study.path))[0].split())
     assert "2 scans of this study have a result" in text
     assert f"Not in this report: 1 scans of this study without a result: {cut.id} (truncated_pixel_data)." in text
+
+
+def test_an_image_of_the_study_that_fails_after_its_report_is_named_in_the_report_written_again(tmp_path: Path):
+    """The study report names the study's images without a result, so that none vanishes: one that
+    failed after the report was written (arriving late, an image the model cannot take) was never
+    added, nor its Encapsulated PDF written again, while the daemon ran."""
+    settings = reported_settings(tmp_path)
+    daemon = Daemon(settings)
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "busi_model"))
+    drop_study(settings.watch)
+    daemon.run(once=True)
+    reporter = Reporter(settings, daemon.sessions)
+    reporter.start()
+    reporter.round()  # the running daemon's reporter: every study looked at once, nothing to do
+    whole = write_dicom(tmp_path / "whole.dcm", pixels=np.zeros((64, 64), np.uint16), modality="US",
+                        body_part="BREAST", extra={"StudyInstanceUID": STUDY_UID})  # fmt: skip
+    truncate_pixel_data(whole, settings.watch / "synthetic_study_late.dcm")
+    late = Daemon(dataclasses.replace(settings, reports=False))  # its intake alone: the reporter above reports
+    late.prepare()
+    late.run(once=True)
+
+    reporter.round()
+
+    with daemon.sessions() as session:
+        failed = session.scalars(select(Scan).where(Scan.source_name == "synthetic_study_late.dcm")).one()
+        study = session.scalars(select(Report).where(Report.kind == "study")).one()
+    text = " ".join(read_pdf(settings.stored_file(study.path))[0].split())
+    assert f"Not in this report: 1 scans of this study without a result: {failed.id} (truncated_pixel_data)." in text
 
 
 def test_the_study_report_counts_an_image_once_whatever_its_attempts(tmp_path: Path):

@@ -95,6 +95,8 @@ class Reporter:
         #: scan id -> monotonic time before which it is not tried again
         self.retry_after: dict[int, float] = {}
         self.studies_checked = False
+        #: the highest id of a failed scan looked at (``_of_new_failures``)
+        self.failures_seen = 0
         #: study UID -> monotonic time to look again: studies whose instances are still arriving,
         #: and those whose report failed
         self.studies_arriving: dict[str, float] = {}
@@ -138,7 +140,7 @@ class Reporter:
         ids = self._claim(set(self.retry_after))
         studies = self._report_scans(ids) | self.studies_owed
         self.studies_owed = set()
-        studies |= self._quiet_now(now)
+        studies |= self._quiet_now(now) | self._of_new_failures()
         attempted = len(ids)
         if self.share is not None and self.share[0] != 0:
             return attempted
@@ -155,6 +157,23 @@ class Reporter:
                 self._report_study(uid)
             self.studies_checked = True
         return attempted
+
+    def _of_new_failures(self) -> set[str]:
+        """The studies of the scans that failed since the last look (by id: a failure is recorded
+        with its file): a study report names its images without a result, and one that failed after
+        the report was written (arriving late, an image the model cannot take) was never added."""
+
+        def read() -> list[tuple[int, str | None]]:
+            failing = Scan.state == ScanState.FAILED
+            with self.sessions() as session:
+                if not self.studies_checked:  # the first round looks at every study: from here on
+                    return [(session.scalar(select(func.max(Scan.id)).where(failing)) or 0, None)]
+                query = select(Scan.id, Scan.study_instance_uid).where(failing, Scan.id > self.failures_seen)
+                return list(session.execute(query).tuples())
+
+        failed = with_lock_retry(read)
+        self.failures_seen = max([self.failures_seen, *(scan_id for scan_id, _ in failed)])
+        return {uid for _, uid in failed if uid}
 
     def _quiet_now(self, now: float) -> set[str]:
         """The studies that were still arriving and whose quiet time has passed since."""
@@ -308,7 +327,7 @@ class Reporter:
 
     def _stale_studies(self, among: set[str] | None) -> list[str]:
         """Studies (all, or those ``among``) of 2+ reported scans whose study report is missing or
-        older than one of their scan reports."""
+        older than one of their scan reports or failed scans."""
         phi = self.settings.reports_with_phi
 
         def read() -> list[str]:
@@ -323,14 +342,23 @@ class Reporter:
                 ).all()
                 if not scans:
                     return []
+                uids = [uid for uid, _ in scans]
                 studies = dict(
                     session.execute(
                         select(Report.study_instance_uid, Report.created_at)
                         .where(Report.kind == "study", Report.with_phi == phi)
-                        .where(Report.study_instance_uid.in_([uid for uid, _ in scans]))
+                        .where(Report.study_instance_uid.in_(uids))
                     ).all()
                 )
-            return [uid for uid, latest in scans if uid and (uid not in studies or _utc(studies[uid]) < _utc(latest))]
+                failed = dict(
+                    session.execute(
+                        select(Scan.study_instance_uid, func.max(Scan.updated_at))
+                        .where(Scan.state == ScanState.FAILED, Scan.study_instance_uid.in_(uids))
+                        .group_by(Scan.study_instance_uid)
+                    ).all()
+                )
+            latest = {uid: max(_utc(at), _utc(failed.get(uid) or at)) for uid, at in scans if uid}
+            return [uid for uid, at in latest.items() if uid not in studies or _utc(studies[uid]) < at]
 
         return with_lock_retry(read)
 
