@@ -1422,3 +1422,23 @@ def _items_with(ds: pydicom.Dataset, keyword: str) -> Iterator[pydicom.Dataset]:
         if element.VR == "SQ":
             for item in element.value:
                 yield from _items_with(item, keyword)
+
+
+def test_a_study_report_references_an_instance_received_in_two_versions_once(tmp_path: Path, label_files: LabelResult):
+    """A corrected instance (the same SOP Instance UID, other bytes) is a second scan of the study:
+    the study's Encapsulated PDF listed the instance twice among its sources."""
+    first = write_dicom(tmp_path / "first.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    corrected = pydicom.dcmread(first)
+    corrected.PixelData = np.full((40, 40), 9, np.uint8).tobytes()
+    corrected.save_as(tmp_path / "corrected.dcm")
+    other = write_dicom(tmp_path / "other.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US",
+                        body_part="BREAST", extra={"StudyInstanceUID": corrected.StudyInstanceUID})  # fmt: skip
+    scans = [
+        ScanFacts(n, f"{n:02}" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+        for n, path in enumerate((first, tmp_path / "corrected.dcm", other), 1)
+    ]
+
+    study = pdf.build_study(scans, b"%PDF-1.4\n%%EOF\n", False)
+
+    referenced = [str(item.ReferencedSOPInstanceUID) for item in study.SourceInstanceSequence]
+    assert referenced == [str(corrected.SOPInstanceUID), str(pydicom.dcmread(other).SOPInstanceUID)]

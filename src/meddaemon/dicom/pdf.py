@@ -140,7 +140,7 @@ def _encapsulate(
     ds.EncapsulatedDocument = pdf + (b"\x00" if len(pdf) % 2 else b"")
     ds.EncapsulatedDocumentLength = len(pdf)
     references = []
-    for each in sources:
+    for each in {str(instance.SOPInstanceUID): instance for instance in sources}.values():  # two versions: one
         reference = Dataset()
         reference.ReferencedSOPClassUID = each.SOPClassUID
         reference.ReferencedSOPInstanceUID = each.SOPInstanceUID
