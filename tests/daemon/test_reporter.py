@@ -150,15 +150,21 @@ def test_once_reports_every_inferred_scan_and_the_study_of_two_then_archives_the
     assert all(r.path.startswith("reports/") for r in rows)  # relative to the state dir
 
 
+def study_dropped(tmp_path: Path) -> Daemon:
+    """A daemon reporting, a busi model promoted, and two scans of one study in its inbox."""
+    daemon = Daemon(reported_settings(tmp_path))
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "busi_model"))
+    drop_study(daemon.settings.watch)
+    return daemon
+
+
 def test_the_study_report_names_a_scan_of_the_study_that_has_no_result_but_not_a_report_object(tmp_path: Path):
     """A third image of the study whose pixel data is cut: it failed, and the study's summary said
     "2 scans of this study have a result" without a word of it (its header was not even kept, so it
     belonged to no study). An SR of the same study is no image: it is not listed."""
-    settings = reported_settings(tmp_path)
-    daemon = Daemon(settings)
-    daemon.prepare()
-    promote(daemon, write_model(tmp_path / "busi_model"))
-    drop_study(settings.watch)
+    daemon = study_dropped(tmp_path)
+    settings = daemon.settings
     same_study = {"StudyInstanceUID": STUDY_UID}
     whole = write_dicom(tmp_path / "whole.dcm", pixels=np.zeros((64, 64), np.uint16), modality="US",
                         body_part="BREAST", extra=same_study)  # fmt: skip
@@ -183,11 +189,8 @@ def test_an_image_of_the_study_that_fails_after_its_report_is_named_in_the_repor
     """The study report names the study's images without a result, so that none vanishes: one that
     failed after the report was written (arriving late, an image the model cannot take) was never
     added, nor its Encapsulated PDF written again, while the daemon ran."""
-    settings = reported_settings(tmp_path)
-    daemon = Daemon(settings)
-    daemon.prepare()
-    promote(daemon, write_model(tmp_path / "busi_model"))
-    drop_study(settings.watch)
+    daemon = study_dropped(tmp_path)
+    settings = daemon.settings
     daemon.run(once=True)
     reporter = Reporter(settings, daemon.sessions)
     reporter.start()
@@ -215,11 +218,8 @@ def test_the_study_report_counts_an_image_once_whatever_its_attempts(tmp_path: P
     each by its latest attempt."""
     from meddaemon.report.content import study_report_data
 
-    settings = reported_settings(tmp_path)
-    daemon = Daemon(settings)
-    daemon.prepare()
-    promote(daemon, write_model(tmp_path / "busi_model"))
-    drop_study(settings.watch)
+    daemon = study_dropped(tmp_path)
+    settings = daemon.settings
     daemon.run(once=True)
     with transaction(daemon.sessions) as session:
         reported = session.scalars(select(Scan).where(Scan.study_instance_uid == STUDY_UID).order_by(Scan.id)).all()
