@@ -592,10 +592,11 @@ class Decoders:
                 reads = wait_for(self.window[0][1], self.read_timeout)
             except (BrokenProcessPool, TimeoutError) as exc:
                 yield from self._read_again_alone(timed_out=isinstance(exc, TimeoutError))
-            else:
-                self.window.popleft()
-                yield reads
-            self._fill()
+                self._fill()
+                continue
+            self.window.popleft()
+            self._fill()  # before the model takes these: the processes read on meanwhile
+            yield reads
 
     def _fill(self) -> None:
         assert self.pool is not None
