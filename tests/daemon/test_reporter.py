@@ -211,6 +211,44 @@ def test_an_image_of_the_study_that_fails_after_its_report_is_named_in_the_repor
     assert f"Not in this report: 1 scans of this study without a result: {failed.id} (truncated_pixel_data)." in text
 
 
+def test_an_image_of_the_study_that_fails_while_its_report_is_rendered_is_named_in_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The report's row was dated when it was recorded, after its render: an image of the study that
+    failed during the render was older than the report, and never named in it, even after a restart."""
+    from meddaemon.daemon import reporter as reporting
+    from meddaemon.report import builder
+
+    daemon = study_dropped(tmp_path)
+    settings = daemon.settings
+    unreported = Daemon(dataclasses.replace(settings, reports=False))
+    unreported.prepare()
+    unreported.run(once=True)  # the study's two scans inferred: the reporter below reports them
+    whole = write_dicom(tmp_path / "whole.dcm", pixels=np.zeros((64, 64), np.uint16), modality="US",
+                        body_part="BREAST", extra={"StudyInstanceUID": STUDY_UID})  # fmt: skip
+    render = builder.render_study
+
+    def failing_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if not (settings.failed_dir / "synthetic_study_late.dcm").exists():
+            truncate_pixel_data(whole, settings.watch / "synthetic_study_late.dcm")
+            unreported.run(once=True)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(builder, "render_study", failing_meanwhile)
+    monkeypatch.setattr(reporting, "LATE_FAILURE_SECONDS", 0.0)
+    reporter = Reporter(settings, daemon.sessions)
+    reporter.start()
+
+    reporter.round()  # the two scans and their study, while the late image fails
+    reporter.round()
+
+    with daemon.sessions() as session:
+        failed = session.scalars(select(Scan).where(Scan.source_name == "synthetic_study_late.dcm")).one()
+        study = session.scalars(select(Report).where(Report.kind == "study")).one()
+    text = " ".join(read_pdf(settings.stored_file(study.path))[0].split())
+    assert f"Not in this report: 1 scans of this study without a result: {failed.id} (truncated_pixel_data)." in text
+
+
 def test_the_study_report_counts_an_image_once_whatever_its_attempts(tmp_path: Path):
     """An image failed, retried and then reported was also listed "without a result" (its failed
     attempt), as was an instance that arrived truncated before it arrived whole; an image that failed

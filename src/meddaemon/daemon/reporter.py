@@ -46,7 +46,7 @@ from meddaemon.config import Settings
 from meddaemon.daemon import claims
 from meddaemon.daemon.lease import connection_limits
 from meddaemon.daemon.outage import OutageGuard, is_outage
-from meddaemon.daemon.stages import ChildProcessStage
+from meddaemon.daemon.stages import Cadence, ChildProcessStage
 from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
 from meddaemon.db.models import Report, Scan
 from meddaemon.dicom.completeness import studies_still_arriving
@@ -66,6 +66,8 @@ ERROR_RETRY_SECONDS = 300.0
 #: Scans claimed per round; between rounds a stop request is honoured.
 CLAIM = 16
 POLL_SECONDS = 0.5
+#: how often the studies with a scan failed after their report are looked for (a join over the failed scans)
+LATE_FAILURE_SECONDS = 30.0
 
 
 @dataclass
@@ -95,8 +97,8 @@ class Reporter:
         #: scan id -> monotonic time before which it is not tried again
         self.retry_after: dict[int, float] = {}
         self.studies_checked = False
-        #: the highest id of a failed scan looked at (``_of_new_failures``)
-        self.failures_seen = 0
+        #: when to look for studies with a scan that failed after their report (``_with_late_failures``)
+        self.late_failure_looks = Cadence(LATE_FAILURE_SECONDS)
         #: study UID -> monotonic time to look again: studies whose instances are still arriving,
         #: and those whose report failed
         self.studies_arriving: dict[str, float] = {}
@@ -140,7 +142,10 @@ class Reporter:
         ids = self._claim(set(self.retry_after))
         studies = self._report_scans(ids) | self.studies_owed
         self.studies_owed = set()
-        studies |= self._quiet_now(now) | self._of_new_failures()
+        studies |= self._quiet_now(now)
+        if self.studies_checked and self.late_failure_looks.due(now):
+            studies |= self._with_late_failures()
+            self.late_failure_looks.done(now)
         attempted = len(ids)
         if self.share is not None and self.share[0] != 0:
             return attempted
@@ -158,22 +163,26 @@ class Reporter:
             self.studies_checked = True
         return attempted
 
-    def _of_new_failures(self) -> set[str]:
-        """The studies of the scans that failed since the last look (by id: a failure is recorded
-        with its file): a study report names its images without a result, and one that failed after
-        the report was written (arriving late, an image the model cannot take) was never added."""
+    def _with_late_failures(self) -> set[str]:
+        """The studies whose study report is older than one of their failed scans: a study report
+        names its images without a result, and one that failed after the report's data was read (an
+        image arriving late that the model cannot take; one failing at inference after waiting) was
+        never added while the daemon ran."""
+        phi = self.settings.reports_with_phi
 
-        def read() -> list[tuple[int, str | None]]:
-            failing = Scan.state == ScanState.FAILED
+        def read() -> set[str]:
             with self.sessions() as session:
-                if not self.studies_checked:  # the first round looks at every study: from here on
-                    return [(session.scalar(select(func.max(Scan.id)).where(failing)) or 0, None)]
-                query = select(Scan.id, Scan.study_instance_uid).where(failing, Scan.id > self.failures_seen)
-                return list(session.execute(query).tuples())
+                return set(
+                    session.scalars(
+                        select(Scan.study_instance_uid)
+                        .join(Report, Report.study_instance_uid == Scan.study_instance_uid)
+                        .where(Report.kind == "study", Report.with_phi == phi, Scan.state == ScanState.FAILED)
+                        .where(Scan.updated_at > Report.created_at)
+                        .distinct()
+                    )
+                )
 
-        failed = with_lock_retry(read)
-        self.failures_seen = max([self.failures_seen, *(scan_id for scan_id, _ in failed)])
-        return {uid for _, uid in failed if uid}
+        return with_lock_retry(read)
 
     def _quiet_now(self, now: float) -> set[str]:
         """The studies that were still arriving and whose quiet time has passed since."""

@@ -210,6 +210,7 @@ class ReportBuilder:
         self, study_instance_uid: str, with_phi: bool | None = None, out: Path | None = None
     ) -> WrittenReport:
         phi = self.settings.reports_with_phi if with_phi is None else with_phi
+        as_of = utcnow()
         with self.sessions() as session:
             data = study_report_data(
                 session, study_instance_uid, self.settings.task_specs, phi, state_dir=self.settings.state_dir
@@ -219,7 +220,14 @@ class ReportBuilder:
         )
         path = (out or output.study_report_path(self.settings.reports_dir, data.study_key, phi)).absolute()
         written = WrittenReport(
-            "study", path, "", rendered.pages, len(rendered.data), phi, study_instance_uid=study_instance_uid
+            "study",
+            path,
+            "",
+            rendered.pages,
+            len(rendered.data),
+            phi,
+            study_instance_uid=study_instance_uid,
+            as_of=as_of,
         )
         # the study's Encapsulated PDF (issue 14), queued with the study report's row
         standard = out is None and phi == self.settings.reports_with_phi

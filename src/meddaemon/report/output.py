@@ -101,6 +101,9 @@ class WrittenReport:
     with_phi: bool
     scan_id: int | None = None
     study_instance_uid: str | None = None
+    #: when the data it shows were read, its row's ``created_at`` (a study report: before it is
+    #: rendered, so that a scan of the study changed meanwhile makes it stale); None: when recorded
+    as_of: datetime | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -154,7 +157,7 @@ def record_reports(session: Session, records: Sequence[WrittenReport], state_dir
             "size_bytes": record.size_bytes,
             "pages": record.pages,
             "with_phi": record.with_phi,
-            "created_at": now,
+            "created_at": record.as_of or now,
         }
         row_id = next((known[spelling] for spelling in spellings[record.path] if spelling in known), None)
         if row_id is not None:
