@@ -249,6 +249,35 @@ def test_an_image_of_the_study_that_fails_while_its_report_is_rendered_is_named_
     assert f"Not in this report: 1 scans of this study without a result: {failed.id} (truncated_pixel_data)." in text
 
 
+def test_a_study_report_written_elsewhere_by_hand_never_makes_the_daemon_s_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``medcli report study UID --out FILE`` records a study report of its own: older than a scan of
+    the study that failed later, it made the daemon write the study's report again at every look
+    (every 30 s), for ever. The daemon's staleness is that of its own study report."""
+    from meddaemon.daemon import reporter as reporting
+    from meddaemon.report.builder import ReportBuilder
+
+    daemon = study_dropped(tmp_path)
+    settings = daemon.settings
+    daemon.run(once=True)
+    ReportBuilder(settings, daemon.sessions).study_report(STUDY_UID, None, tmp_path / "by_hand.pdf")
+    whole = write_dicom(tmp_path / "whole.dcm", pixels=np.zeros((64, 64), np.uint16), modality="US",
+                        body_part="BREAST", extra={"StudyInstanceUID": STUDY_UID})  # fmt: skip
+    truncate_pixel_data(whole, settings.watch / "synthetic_study_late.dcm")
+    late = Daemon(dataclasses.replace(settings, reports=False))
+    late.prepare()
+    late.run(once=True)
+    monkeypatch.setattr(reporting, "LATE_FAILURE_SECONDS", 0.0)  # every round a look, as every 30 s
+    reporter = Reporter(settings, daemon.sessions)
+    reporter.start()
+
+    for _ in range(5):
+        reporter.round()
+
+    assert reporter.stats.studies == 1  # the late failure named once, then nothing new
+
+
 def test_the_study_report_counts_an_image_once_whatever_its_attempts(tmp_path: Path):
     """An image failed, retried and then reported was also listed "without a result" (its failed
     attempt), as was an instance that arrived truncated before it arrived whole; an image that failed

@@ -53,6 +53,7 @@ from meddaemon.dicom.completeness import studies_still_arriving
 from meddaemon.files import remove_stale_temporaries
 from meddaemon.processes import leave_stopping_to_the_parent
 from meddaemon.states import ScanState
+from meddaemon.stored_paths import stored_spellings
 
 if TYPE_CHECKING:
     from meddaemon.report.builder import ReportBuilder, ReportOutcome
@@ -172,17 +173,27 @@ class Reporter:
 
         def read() -> set[str]:
             with self.sessions() as session:
-                return set(
-                    session.scalars(
-                        select(Scan.study_instance_uid)
-                        .join(Report, Report.study_instance_uid == Scan.study_instance_uid)
-                        .where(Report.kind == "study", Report.with_phi == phi, Scan.state == ScanState.FAILED)
-                        .where(Scan.updated_at > Report.created_at)
-                        .distinct()
-                    )
-                )
+                late = session.execute(
+                    select(Scan.study_instance_uid, Report.path)
+                    .join(Report, Report.study_instance_uid == Scan.study_instance_uid)
+                    .where(Report.kind == "study", Report.with_phi == phi, Scan.state == ScanState.FAILED)
+                    .where(Scan.updated_at > Report.created_at)
+                    .distinct()
+                ).all()
+            return {uid for uid, path in late if uid and self._own_study_report(uid, path)}
 
         return with_lock_retry(read)
+
+    def _own_study_report(self, uid: str, path: str) -> bool:
+        """Whether the study report recorded at ``path`` is the one this stage keeps for the study:
+        one written elsewhere by hand (``medcli report study UID --out FILE``) is never written
+        again, and, older than a scan failed later, made the study look stale at every look."""
+        from meddaemon.report.content import study_key
+        from meddaemon.report.output import study_report_path
+
+        phi = self.settings.reports_with_phi
+        own = study_report_path(self.settings.reports_dir, study_key(uid), phi)
+        return path in stored_spellings(own, self.settings.state_dir)
 
     def _quiet_now(self, now: float) -> set[str]:
         """The studies that were still arriving and whose quiet time has passed since."""
@@ -352,13 +363,15 @@ class Reporter:
                 if not scans:
                     return []
                 uids = [uid for uid, _ in scans]
-                studies = dict(
-                    session.execute(
-                        select(Report.study_instance_uid, Report.created_at)
+                studies = {
+                    uid: at
+                    for uid, path, at in session.execute(
+                        select(Report.study_instance_uid, Report.path, Report.created_at)
                         .where(Report.kind == "study", Report.with_phi == phi)
                         .where(Report.study_instance_uid.in_(uids))
                     ).all()
-                )
+                    if self._own_study_report(uid, path)
+                }
                 failed = dict(
                     session.execute(
                         select(Scan.study_instance_uid, func.max(Scan.updated_at))
