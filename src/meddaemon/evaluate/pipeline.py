@@ -536,6 +536,8 @@ def score_in_driver(prepared: Prepared, reads: Sequence[FileRead]) -> list[tuple
 
 #: what the decoding processes' forkserver imports once, before its first fork (``DecodingPool``'s ``preload``)
 DECODERS_PRELOAD = ("meddaemon.evaluate.reading",)
+#: the longest a decoding process is waited for to start (its imports), where ``read_timeout`` is shorter
+PROCESS_START_SECONDS = 120.0
 
 
 class Decoders:
@@ -576,6 +578,8 @@ class Decoders:
         self.pool: DecodingPool | None = None
         #: done once the first chunks are handed out, with what stopped that if anything did
         self.started: Future[None] = Future()
+        #: a task ahead of the chunks, done once a process of the current pool has started
+        self.first_process: Future | None = None
         if workers:
             self.pool = DecodingPool(workers, preload=DECODERS_PRELOAD, initializer=init_reader, initargs=(scored,))
             self.pool.start()
@@ -587,6 +591,7 @@ class Decoders:
                 yield read_chunk(chunk, self.contract, self.options, self.scored)
             return
         self.started.result()
+        self._wait_for_a_process()
         while self.window:
             try:
                 reads = wait_for(self.window[0][1], self.read_timeout)
@@ -608,6 +613,7 @@ class Decoders:
 
     def _first_fill(self) -> None:
         try:
+            self.first_process = self.pool.started() if self.pool is not None else None
             self._fill()
         except BaseException as exc:  # raised in the driver, by ``__iter__``
             self.started.set_exception(exc)
@@ -654,10 +660,17 @@ class Decoders:
         imports: seconds on a busy machine) does not count against the next file's timeout."""
         assert self.pool is not None
         self.pool.replace(kill=True)
-        started = self.pool.started()
-        assert started is not None
+        self.first_process = self.pool.started()
+        self._wait_for_a_process()
+
+    def _wait_for_a_process(self) -> None:
+        """Wait until a process of the pool has started (``first_process``, ahead of the chunks in its
+        queue): a read's timeout counts from there. Counted from the wait for the first chunk, a
+        process's start on a busy machine (its imports: seconds) timed healthy reads out."""
+        if self.first_process is None:
+            return
         try:
-            wait_for(started, self.read_timeout)
+            wait_for(self.first_process, max(self.read_timeout, PROCESS_START_SECONDS))
         except (BrokenProcessPool, TimeoutError):
             raise RuntimeError("no decoding process could be started") from None
 
