@@ -185,6 +185,15 @@ def test_the_study_report_names_a_scan_of_the_study_that_has_no_result_but_not_a
     assert f"Not in this report: 1 scans of this study without a result: {cut.id} (truncated_pixel_data)." in text
 
 
+def assert_the_study_report_names_the_late_image(daemon: Daemon) -> None:
+    """The study's report names ``synthetic_study_late.dcm`` among its images without a result."""
+    with daemon.sessions() as session:
+        failed = session.scalars(select(Scan).where(Scan.source_name == "synthetic_study_late.dcm")).one()
+        study = session.scalars(select(Report).where(Report.kind == "study")).one()
+    text = " ".join(read_pdf(daemon.settings.stored_file(study.path))[0].split())
+    assert f"Not in this report: 1 scans of this study without a result: {failed.id} (truncated_pixel_data)." in text
+
+
 def test_an_image_of_the_study_that_fails_after_its_report_is_named_in_the_report_written_again(tmp_path: Path):
     """The study report names the study's images without a result, so that none vanishes: one that
     failed after the report was written (arriving late, an image the model cannot take) was never
@@ -204,11 +213,7 @@ def test_an_image_of_the_study_that_fails_after_its_report_is_named_in_the_repor
 
     reporter.round()
 
-    with daemon.sessions() as session:
-        failed = session.scalars(select(Scan).where(Scan.source_name == "synthetic_study_late.dcm")).one()
-        study = session.scalars(select(Report).where(Report.kind == "study")).one()
-    text = " ".join(read_pdf(settings.stored_file(study.path))[0].split())
-    assert f"Not in this report: 1 scans of this study without a result: {failed.id} (truncated_pixel_data)." in text
+    assert_the_study_report_names_the_late_image(daemon)
 
 
 def test_an_image_of_the_study_that_fails_while_its_report_is_rendered_is_named_in_the_next(
@@ -242,11 +247,7 @@ def test_an_image_of_the_study_that_fails_while_its_report_is_rendered_is_named_
     reporter.round()  # the two scans and their study, while the late image fails
     reporter.round()
 
-    with daemon.sessions() as session:
-        failed = session.scalars(select(Scan).where(Scan.source_name == "synthetic_study_late.dcm")).one()
-        study = session.scalars(select(Report).where(Report.kind == "study")).one()
-    text = " ".join(read_pdf(settings.stored_file(study.path))[0].split())
-    assert f"Not in this report: 1 scans of this study without a result: {failed.id} (truncated_pixel_data)." in text
+    assert_the_study_report_names_the_late_image(daemon)
 
 
 def test_a_study_report_written_elsewhere_by_hand_never_makes_the_daemon_s_stale(
