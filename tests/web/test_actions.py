@@ -304,15 +304,45 @@ def hold_sqlite_write_lock(root: Path, seconds: float):  # type: ignore[no-untyp
     return timer
 
 
-def test_a_retry_that_failed_on_a_lock_is_recorded_without_the_statement(fresh_root):
-    """The record kept SQLAlchemy's whole text, '[SQL: BEGIN IMMEDIATE]' and a web address with it:
-    the statement and its parameters are never kept."""
+def test_a_retry_waits_for_a_writer_holding_sqlite_past_the_busy_timeout_and_is_done(fresh_root):
+    """The retry read the failed scans through a writing session, tried once: a writer holding the
+    lock for 1.5 s failed it after one busy timeout (0.3 s here, 5 s by default), though an action
+    waits 10 s."""
     [failed] = rows(fresh_root, select(Scan).where(Scan.source_name == UNROUTABLE))
     client, csrf = admin(fresh_root, busy_timeout=0.3)
-    holder = hold_sqlite_write_lock(fresh_root, 3.0)  # past the retry's busy timeout, short of the record's wait
+    holder = hold_sqlite_write_lock(fresh_root, 1.5)
     try:
         response = client.post("/failures/retry", data={"scan": str(failed.id), "csrf": csrf})
     finally:
+        holder.join()
+    assert response.status_code == 200
+    [action] = rows(fresh_root, select(WebAction))
+    assert (action.outcome, action.detail) == ("done", f"sent back 1 scan(s): {failed.id}")
+    [again] = rows(fresh_root, select(Scan).where(Scan.id == failed.id))
+    assert again.retried_at is not None
+
+
+def test_a_retry_that_failed_on_a_lock_is_recorded_without_the_statement(fresh_root, monkeypatch):
+    """The record kept SQLAlchemy's whole text, '[SQL: BEGIN IMMEDIATE]' and a web address with it:
+    the statement and its parameters are never kept."""
+    from meddaemon.web import actions
+
+    monkeypatch.setattr(actions, "LOCK_WAIT_SECONDS", 1.0)
+    [failed] = rows(fresh_root, select(Scan).where(Scan.source_name == UNROUTABLE))
+    client, csrf = admin(fresh_root, busy_timeout=0.3)
+    holder = hold_sqlite_write_lock(fresh_root, 60.0)
+    record = actions.record
+
+    def record_once_the_writer_is_done(*args, **kwargs):  # type: ignore[no-untyped-def]
+        holder.cancel()
+        holder.function()
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(actions, "record", record_once_the_writer_is_done)
+    try:
+        response = client.post("/failures/retry", data={"scan": str(failed.id), "csrf": csrf})
+    finally:
+        holder.cancel()
         holder.join()
     assert response.status_code == 200
     [action] = rows(fresh_root, select(WebAction))

@@ -137,15 +137,21 @@ def retry_failed(
     stop waiting for another writer's lock (the lock error is raised then)."""
     result = RetryResult(dry_run=dry_run)
     if not dry_run:
-        finish_interrupted_retries(sessions, settings)
-    with sessions() as session:
-        scan_ids = _select(session, selector, result)
+        with_lock_retry(lambda: finish_interrupted_retries(sessions, settings), should_stop=should_stop)
+    scan_ids = with_lock_retry(lambda: _selected(sessions, selector, result), should_stop=should_stop)
     for scan_id in scan_ids:
         outcome = with_lock_retry(
             lambda scan_id=scan_id: _requeue(sessions, settings, scan_id, dry_run), should_stop=should_stop
         )
         (result.requeued if isinstance(outcome, Requeued) else result.refused).append(outcome)  # type: ignore[arg-type]
     return result
+
+
+def _selected(sessions: sessionmaker[Session], selector: Selector, result: RetryResult) -> list[int]:
+    """``_select`` in a session of its own, to be tried again past a lock (a refusal is added only
+    after the reads)."""
+    with sessions() as session:
+        return _select(session, selector, result)
 
 
 def _select(session: Session, selector: Selector, result: RetryResult) -> list[int]:
