@@ -170,6 +170,21 @@ def test_keras3s_own_formats_of_the_same_weights_import_the_same(
     assert float(np.abs(got - expected).max()) <= TOLERANCE
 
 
+@pytest.mark.parametrize("name", ["densenet.keras", "nested.keras", "nested.h5"])
+def test_a_keras_model_saved_for_another_input_size_is_refused_naming_both(
+    keras3_files: Path, tmp_path: Path, name: str
+):
+    """The saved model's input size was never read: a DenseNet saved for 64 px imported for
+    chestxray14 (320 px) and was served at 320 without a word, as an ONNX graph's fixed size is not."""
+    with pytest.raises(ModelRefused) as refused:
+        convert_file(keras3_files / name, ImportOptions(task="chestxray14"), tmp_path / "version")
+
+    assert refused.value.reason == "contract_conflict", refused.value.message
+    assert f"height {SIZE} but the input contract (task 'chestxray14') has 320" in refused.value.message
+    assert f"pass --image-size {SIZE}" in refused.value.message
+    assert not (tmp_path / "version").exists()
+
+
 def test_damaged_or_foreign_keras3_files_are_refused_by_name(keras3_files: Path, tmp_path: Path):
     archive = (keras3_files / "densenet.keras").read_bytes()
     cut = tmp_path / "cut.keras"

@@ -75,7 +75,7 @@ def _convert(source: Source, spec: TaskSpec, options: ImportOptions, out: Path) 
     if source.format == "keras-h5":
         from meddaemon.engine.importers import keras_h5
 
-        converted = keras_h5.convert(source.path, architecture_for(spec, options), spec.kind)
+        converted = keras_h5.convert(source.path, architecture_for(spec, options), spec.kind, contract, spec.name)
     else:
         from meddaemon.engine.importers import torch_checkpoint
 

@@ -28,13 +28,16 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from meddaemon.engine.importers.base import KERAS_ARCHIVE_WEIGHTS, ConvertedWeights
 from meddaemon.engine.registry import ModelRefused
+
+if TYPE_CHECKING:
+    from meddaemon.engine.tasks import InputContract
 
 #: the most weight values a file may declare: DenseNet-121 and its Dense head hold about 7 million;
 #: an HDF5 file of a few kilobytes can declare gigabytes (chunks never written read as zeros)
@@ -283,6 +286,26 @@ def check_config(config: dict[str, Any], kind: str) -> None:
             )
 
 
+def check_input_size(config: dict[str, Any], contract: InputContract, task: str) -> None:
+    """Refuse a model saved for a fixed input size other than the contract's (``contract_conflict``,
+    naming both), as an ONNX graph's is: Keras keeps it as an input's ``batch_shape`` (Keras 3) or
+    ``batch_input_shape`` (Keras 2), channels last. A DenseNet's weights fit any size, so the file
+    imported and was served at the task's size, not the one it was trained at."""
+    for layer in _config_layers(config):
+        settings = layer.get("config") if isinstance(layer.get("config"), dict) else {}
+        for key in ("batch_shape", "batch_input_shape"):
+            shape = settings.get(key)
+            if not (isinstance(shape, list) and len(shape) == 4):
+                continue
+            for what, have, want in (("height", shape[1], contract.height), ("width", shape[2], contract.width)):
+                if isinstance(have, int) and have > 0 and have != want:
+                    raise ModelRefused(
+                        "contract_conflict",
+                        f"layer {settings.get('name', '?')!r} takes images of {what} {have} but the input contract "
+                        f"(task {task!r}) has {want}; pass --image-size {have} if the model was trained so",
+                    )
+
+
 def _config_layers(config: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Every layer of a model's configuration, those of the models nested in it too."""
     pending: list[Any] = [config]
@@ -298,7 +321,7 @@ def _config_layers(config: dict[str, Any]) -> Iterator[dict[str, Any]]:
             pending.extend(layers if isinstance(layers, list) else [])
 
 
-def convert(path: Path, architecture: str, kind: str) -> ConvertedWeights:
+def convert(path: Path, architecture: str, kind: str, contract: InputContract, task: str) -> ConvertedWeights:
     import h5py
 
     if not (h5py.is_hdf5(path) or zipfile.is_zipfile(path)):  # only named .h5: not "the wrong architecture"
@@ -313,6 +336,7 @@ def convert(path: Path, architecture: str, kind: str) -> ConvertedWeights:
     config = model_config(path)
     if config is not None:
         check_config(config, kind)
+        check_input_size(config, contract, task)
     found = read_layers(path)
     layers = densenet121_by_rank(found.layers) if found.by_rank else found.layers
     try:
