@@ -109,7 +109,8 @@ def save_as(model: nn.Module, path: Path, how: str) -> Path:
     (the Hugging Face hub's), ``torchvision reference`` (``references/classification/train.py``'s
     checkpoint: ``model`` beside the optimizer's and scheduler's state, the epoch and the command
     line's ``argparse.Namespace``), ``torch.compile``
-    (a compiled model's state dict, every key under ``_orig_mod.``)."""
+    (a compiled model's state dict, every key under ``_orig_mod.``), ``torch.compile of DataParallel``
+    (PyTorch's order for a compiled data-parallel model: every key under ``_orig_mod.module.``)."""
     state = model.state_dict()
     if how == "safetensors":
         from safetensors.torch import save_file
@@ -123,6 +124,8 @@ def save_as(model: nn.Module, path: Path, how: str) -> Path:
         state |= {"epoch": 89, "args": argparse.Namespace(model="resnet18", lr=0.5, weights=None, amp=True)}
     elif how == "torch.compile":
         state = torch.compile(model).state_dict()
+    elif how == "torch.compile of DataParallel":
+        state = torch.compile(nn.DataParallel(model)).state_dict()
     elif how == "module.":
         state = {f"module.{k}": v for k, v in state.items()}
     elif how == "state_dict":

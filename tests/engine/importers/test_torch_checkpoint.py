@@ -46,6 +46,7 @@ def inputs(channels: int, batch: int = 3, seed: int = 0) -> torch.Tensor:
         ("resnet18", "safetensors"),
         ("resnet18", "torchvision reference"),
         ("vgg16", "torch.compile"),
+        ("resnet18", "torch.compile of DataParallel"),
     ],
 )
 def test_seed001_checkpoints_give_the_original_probabilities_and_gradcam_maps(

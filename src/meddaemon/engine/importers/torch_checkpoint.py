@@ -168,10 +168,10 @@ def unwrap(loaded: Any, name: str) -> tuple[dict[str, Tensor], list[str]]:
             f"weights under {' or '.join(repr(k) for k in WRAPPER_KEYS)})",
         )
     state = {str(k): v for k, v in loaded.items()}
-    for prefix in WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-            steps.append(f"{prefix!r} prefix stripped")
+    # wrappers nest in any order (torch.compile of a DataParallel: '_orig_mod.module.'): strip until none is left
+    while prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None):
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+        steps.append(f"{prefix!r} prefix stripped")
     return state, steps
 
 
