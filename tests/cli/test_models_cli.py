@@ -212,6 +212,13 @@ def test_an_onnx_model_without_a_cam_tensor_says_it_has_no_heatmaps(run, tmp_pat
     assert "eager" not in shown
     assert as_json(run("show", "busi", "tiny", "--json"))["backend"] == "onnx (ONNX Runtime, CPUExecutionProvider)"
 
+    # a --cam-tensor given and found wanting: the note said to pass the flag passed, not why it failed
+    args = ("--task", "busi", "--image-size", "40", "--version", "misspelt", "--cam-tensor", "conv_outptu")
+    out = run("import", str(graph), *args).stdout
+    why = "heatmaps: none - --cam-tensor conv_outptu gave no CAM: the graph has no tensor 'conv_outptu'"
+    assert why in out and "import it with --cam-tensor" not in out
+    assert why in run("show", "busi", "misspelt").stdout
+
 
 def test_file_options_on_a_version_folder_are_a_usage_error(run, tmp_path: Path):  # type: ignore[no-untyped-def]
     folder = save(tmp_path / "src" / "v1", "v1", 1)

@@ -350,6 +350,13 @@ def _heatmap_note(manifest: dict[str, Any]) -> str | None:
     if manifest.get("heatmaps", True):
         return None
     if manifest.get("architecture") == "onnx":
+        provenance = manifest.get("provenance") or {}
+        if provenance.get("cam_tensor"):  # given, and found wanting: say why
+            why = str(provenance.get("heatmaps", "")).removeprefix("none: ")
+            return (
+                f"heatmaps: none - --cam-tensor {provenance['cam_tensor']} gave no CAM: {why}; its results and "
+                "reports have no heatmap"
+            )
         return (
             "heatmaps: none - this ONNX model exposes no feature map for CAM (import it with --cam-tensor "
             "naming the last feature map before global pooling); its results and reports have no heatmap"

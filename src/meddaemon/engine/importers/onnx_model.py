@@ -402,6 +402,7 @@ def convert(source: Source, spec: TaskSpec, options: ImportOptions, out_dir: Pat
             options,
             ["ONNX graph served as it is by ONNX Runtime", *mapping.conversion(labels_in_file, spec)],
             heatmaps=heatmaps_note,
+            cam_tensor=options.cam_tensor,
             labels_in_file=labels_in_file,
         ),
     )
