@@ -50,11 +50,11 @@ def test_the_constants_are_the_documented_codes():
     codes = (common.EXIT_OK, common.EXIT_FAILURE, common.EXIT_USAGE, common.EXIT_DATABASE)
     assert codes == (0, 1, 2, 3)
     assert (common.EXIT_LEASE_LOST, common.EXIT_CRITERIA_FAILED, common.EXIT_SCHEMA_AHEAD) == (4, 5, 6)
-    assert common.EXIT_INTERRUPTED == 130
+    assert (common.EXIT_INTERRUPTED, common.EXIT_TERMINATED) == (130, 143)
     section = (Path(__file__).parents[2] / "README.md").read_text().split("### Exit codes", 1)[1].split("\n#", 1)[0]
     cells = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")]
     documented = [int(cell) for cell in cells if cell.isdigit()]
-    assert documented == [0, 1, 2, 3, 4, 5, 6, 130]
+    assert documented == [0, 1, 2, 3, 4, 5, 6, 130, 143]
 
 
 def test_0_done(db_url: str, migrated_engine: Engine):

@@ -251,15 +251,21 @@ def test_a_ray_address_nothing_answers_at_is_refused_before_a_run_starts(address
     assert time.monotonic() - started < 10
 
 
-def test_a_ray_address_something_answers_at_passes_the_check() -> None:
+def test_a_ray_address_where_another_service_listens_is_refused_before_a_run_starts() -> None:
+    """Only a connection was made: ray.init then waited for ever on PostgreSQL's port (a Ray head is
+    a gRPC server, which answers HTTP/2's preface; the real heads of the cluster tests pass)."""
     import socket
 
     from meddaemon.evaluate.pipeline import check_request
+    from meddaemon.evaluate.store import EvaluationError
 
-    with socket.create_server(("127.0.0.1", 0)) as head:
-        port = head.getsockname()[1]
-        for address in (f"127.0.0.1:{port}", "auto"):
-            check_request(EvaluationRequest(Path("cohort"), "busi", engine="ray", ray_address=address))
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        for address in ("127.0.0.1:5432", f"127.0.0.1:{silent.getsockname()[1]}"):
+            started = time.monotonic()
+            with pytest.raises(EvaluationError, match=r"--ray-address .*: what answers there is no Ray head"):
+                check_request(EvaluationRequest(Path("cohort"), "busi", engine="ray", ray_address=address))
+            assert time.monotonic() - started < 10
+    check_request(EvaluationRequest(Path("cohort"), "busi", engine="ray", ray_address="auto"))  # Ray's to resolve
 
 
 def test_a_ray_client_address_without_ray_client_installed_is_refused_before_a_run_starts() -> None:
@@ -348,6 +354,109 @@ def test_a_cluster_of_one_cpu_scores_the_cohort_and_json_is_the_summary_alone(wo
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout)
     assert summary["state"] == "completed" and summary["scored"] == 24
+
+
+def medcli_evaluate(world, path: Path, *options: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """The ``medcli evaluate`` of ``path`` into ``world`` with ``options``, as a user runs it."""
+    args = [str(Path(sys.executable).parent / "medcli"), "evaluate", str(path), "--task", "busi", *options]
+    return [*args, "--state-dir", str(world.settings.state_dir), "--db", world.db_url]
+
+
+def medcli_env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
+    return env | {"PYTHONPATH": str(SRC), "RAY_AUTH_MODE": "disabled", "TMPDIR": str(tmp)}
+
+
+def evaluation_row(db_url: str, name: str) -> tuple[str, int]:
+    engine = create_db_engine(db_url)
+    try:
+        with session_factory(engine)() as session:
+            row = session.scalars(select(Evaluation).where(Evaluation.name == name)).one()
+            return row.state, row.scored
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_request_the_cluster_cannot_serve_leaves_a_completed_evaluation_as_it_was(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """--device cuda on a cluster without a GPU is refused once Ray has started (exit 2): the
+    refusal turned the completed evaluation of the same name into 'stopped, 0 of 24 scored', its
+    audit refused, and kept the local Ray's session folder as if Ray had failed."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine's local Ray has a GPU: --device cuda is served")
+    done = evaluate_into(world.db_url, world.settings, busi_phantoms, workers=1, name="cohort")
+    assert (done.state, done.summary["scored"]) == ("completed", 24)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    args = medcli_evaluate(world, busi_phantoms, "--engine", "ray", "--device", "cuda", "--name", "cohort")
+    run = subprocess.run(args, env=medcli_env(tmp), capture_output=True, text=True, timeout=150)
+
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "--device cuda: the Ray cluster has no GPU" in run.stderr
+    assert evaluation_row(world.db_url, "cohort") == ("completed", 24)
+    assert list(tmp.glob("mdray-*")) == [], "the local Ray's folder goes with a refused run"
+    audit = subprocess.run(
+        [str(Path(sys.executable).parent / "medcli"), "audit", "--evaluation", "cohort", "--json",
+         "--state-dir", str(world.settings.state_dir), "--db", world.db_url],
+        env=medcli_env(tmp), capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert audit.returncode == 0, audit.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_ray_run_stopped_by_sigterm_is_recorded_interrupted_and_exits_143(
+    world, many_images: Path, tmp_path: Path
+) -> None:
+    """Ray's driver turns SIGTERM into sys.exit(15): the run exited 15, an exit code meddaemon has
+    not, and without saying how to resume."""
+    import signal
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    args = medcli_evaluate(world, many_images, "--engine", "ray", "--batch-size", "16", "--name", "big")
+    run = subprocess.Popen(args, env=medcli_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and run.poll() is None and not files_written(world.db_url):
+            time.sleep(0.1)
+        assert run.poll() is None, "the run must still be going when it is stopped"
+        run.send_signal(signal.SIGTERM)
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+    assert run.returncode == 143, stderr[-3000:]
+    assert "stopped by SIGTERM: what was scored is stored; run the same command again to resume" in stderr
+    state, scored = evaluation_row(world.db_url, "big")
+    assert state == "interrupted" and 0 < scored < FILES
+
+
+def test_a_cluster_ray_cannot_join_is_refused_as_usage_not_a_traceback() -> None:
+    """ray.init's ConnectionError ('auto' with no cluster running) or AuthenticationError (a head
+    whose token this process lacks) ended the run in a traceback, exit 1, nothing on stdout for --json."""
+    from types import SimpleNamespace
+
+    from meddaemon.evaluate import ray_engine
+    from meddaemon.evaluate.store import EvaluationError
+
+    def no_cluster(**_options):  # type: ignore[no-untyped-def]
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
+
+    stand_in = SimpleNamespace(is_initialized=lambda: False, init=no_cluster, shutdown=lambda: None)
+    with pytest.raises(EvaluationError) as refused, ray_engine.ray_session(stand_in, "auto"):
+        pytest.fail("no session without a cluster")
+    assert str(refused.value).startswith(
+        "--ray-address auto: Ray could not join the cluster (ConnectionError: Could not find any running Ray "
+        "instance. Please specify the one to connect to.)"
+    )
 
 
 @pytest.mark.parametrize("failure", ["ray gave up", "stalled"])

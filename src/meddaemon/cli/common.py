@@ -48,6 +48,9 @@ EXIT_CRITERIA_FAILED = 5
 EXIT_SCHEMA_AHEAD = 6
 #: stopped by Ctrl-C (128 + SIGINT, the shell's convention): `medcli retrain` says how to --resume
 EXIT_INTERRUPTED = 130
+#: stopped by SIGTERM where the command caught it (128 + SIGTERM, as a process it ends has): ``medcli
+#: evaluate --engine ray``, whose driver Ray makes catch it, records its run interrupted first
+EXIT_TERMINATED = 143
 
 #: The configuration both ``meddaemon`` and ``medcli`` read when neither ``--config`` nor
 #: ``$MEDDAEMON_CONFIG`` names one, if it exists: the commands find the daemon's database with no flags.

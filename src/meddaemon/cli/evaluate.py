@@ -12,6 +12,7 @@ criterion fails, 130 Ctrl-C (run it again to resume). A run that stops prints wh
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from meddaemon.cli.common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     build_settings,
     echo_json,
@@ -134,6 +136,13 @@ def evaluate(
             except KeyboardInterrupt:
                 click.echo("interrupted: what was scored is stored; run the same command again to resume", err=True)
                 sys.exit(EXIT_INTERRUPTED)
+            except SystemExit as exc:  # Ray's driver turns SIGTERM into sys.exit(15)
+                if exc.code != signal.SIGTERM:
+                    raise
+                click.echo(
+                    "stopped by SIGTERM: what was scored is stored; run the same command again to resume", err=True
+                )
+                sys.exit(EXIT_TERMINATED)
         audit, audit_id, refused = _audit(db, settings, outcome.name, require) if with_audit else (None, None, None)
     finally:
         db.dispose()

@@ -187,24 +187,50 @@ def run_evaluation(
 MAX_NAME = 255
 
 
-#: how long the head at ``--ray-address`` may take to accept a connection before the run is refused
+#: how long the head at ``--ray-address`` may take to accept a connection, and to answer as a gRPC
+#: server does, before the run is refused
 RAY_CONNECT_SECONDS = 5.0
+#: HTTP/2's client connection preface and an empty SETTINGS frame: a gRPC server (Ray's GCS, Ray
+#: Client's server) answers with a SETTINGS frame of its own (RFC 9113, 3.4)
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS = 4
 
 
 def ray_address_unreachable(address: str) -> str | None:
-    """Why nothing answers at the Ray head ``address`` names, or None. ``ray.init`` retries an
-    address nothing answers at for ever (a wrong port, a typo), printing only its own warnings;
-    'auto' and 'local' are Ray's own to resolve."""
+    """Why no Ray head answers at ``address`` (or this process cannot talk to one), or None.
+    ``ray.init`` retries for ever an address nothing answers at (a wrong port, a typo) or where
+    another service listens (a database's port), printing only its own warnings; 'auto' and 'local'
+    are Ray's own to resolve. A cluster whose
+    gRPC is TLS (``RAY_USE_TLS``) is only connected to."""
     if address in ("auto", "local"):
         return None
     host, colon, port = address.removeprefix("ray://").rpartition(":")
     if not colon or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         return "not HOST:PORT (or ray://HOST:PORT, 'auto', 'local')"
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_SECONDS):
-            return None
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_SECONDS) as connection:
+            if address.startswith("ray://") and not _has_ray_client():
+                return "a ray:// address needs Ray Client (pip install 'ray[client]'), not installed here"
+            if os.environ.get("RAY_USE_TLS", "").lower() in ("1", "true"):
+                return None
+            connection.sendall(HTTP2_PREFACE)
+            answer = _read_up_to(connection, 9)
     except OSError as exc:
         return f"nothing answers there ({exc.strerror or type(exc).__name__})"
+    if len(answer) < 9 or answer[3] != HTTP2_SETTINGS:
+        return "what answers there is no Ray head (no gRPC server: another service's port?)"
+    return None
+
+
+def _read_up_to(connection: socket.socket, size: int) -> bytes:
+    """Up to ``size`` bytes, fewer where the peer closes or is silent for ``RAY_CONNECT_SECONDS``."""
+    data = b""
+    try:
+        while len(data) < size and (chunk := connection.recv(size - len(data))):
+            data += chunk
+    except TimeoutError:
+        pass
+    return data
 
 
 def _has_ray_client() -> bool:
@@ -226,8 +252,6 @@ def check_request(request: EvaluationRequest) -> None:
         except ImportError:
             raise store.EvaluationError("the Ray engine needs Ray: pip install 'meddaemon[ray]'") from None
         why = ray_address_unreachable(request.ray_address) if request.ray_address else None
-        if why is None and (request.ray_address or "").startswith("ray://") and not _has_ray_client():
-            why = "a ray:// address needs Ray Client (pip install 'ray[client]'), not installed here"
         if why is not None:
             raise store.EvaluationError(
                 f"--ray-address {request.ray_address}: {why}; start the cluster (ray start --head) or give its "
@@ -288,6 +312,7 @@ def _run(
 ) -> EvaluationOutcome:
     request, cohort, version = prepared.request, prepared.cohort, prepared.version
     with transaction(sessions) as session:
+        earlier = store.evaluation_values(session, name)
         evaluation = store.open_evaluation(
             session, name=name, version=version, dataset_path=request.path, layout=cohort.layout,
             engine=request.engine, files_total=len(cohort.files), parameters=request.parameters(),
@@ -302,6 +327,7 @@ def _run(
     state: str = store.INTERRUPTED
     message: str | None = None
     outcomes: Iterator[tuple[FileOutcome, Future | None] | None] | None = None
+    received = refused = False
     try:
         with ctrl_c_noted() as interrupted:
             if decoders is None:
@@ -316,6 +342,7 @@ def _run(
                 if item is None:  # the engine waits (a Ray run stalled): what came back is written meanwhile
                     writer.flush_when_due()
                     continue
+                received = True
                 writer.add(*item)
             writer.flush(final=True)
         state = store.COMPLETED
@@ -324,6 +351,10 @@ def _run(
         exc.evaluation_id = evaluation_id
         exc.layout_notes = layout_notes(prepared.cohort)
         writer.flush(final=True, check=False)
+        raise
+    except store.EvaluationError as exc:  # the engine refused the request (a cluster without GPUs, or unreachable)
+        refused = not received
+        state, message = store.STOPPED, str(exc)
         raise
     except Exception as exc:
         state, message = store.STOPPED, f"{type(exc).__name__}: {exc}"
@@ -342,12 +373,15 @@ def _run(
         with transaction(sessions) as session:
             row = session.get(Evaluation, evaluation_id)
             assert row is not None
-            if state == store.COMPLETED and (left := store.left_to_daemon(session, evaluation_id)):
-                message = (
-                    f"{left} files left to the daemon, which is still working on the same bytes; "
-                    "run the same command again once it has scored them"
-                )
-            store.finish_evaluation(session, row, state, message, writer.images_per_second())
+            if refused:  # nothing was run: the evaluation stays as it was (the refusal is raised)
+                store.put_back(session, evaluation_id, earlier)
+            else:
+                if state == store.COMPLETED and (left := store.left_to_daemon(session, evaluation_id)):
+                    message = (
+                        f"{left} files left to the daemon, which is still working on the same bytes; "
+                        "run the same command again once it has scored them"
+                    )
+                store.finish_evaluation(session, row, state, message, writer.images_per_second())
     with sessions() as session:
         row = session.get(Evaluation, evaluation_id)
         assert row is not None

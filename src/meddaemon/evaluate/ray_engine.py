@@ -109,12 +109,12 @@ def ray_session(ray: Any, address: str | None) -> Iterator[None]:
     local = None if address else local_ray_folder()
     try:
         if local is None:
-            ray.init(address=address, **quiet)
+            _join(ray, address, quiet)
         else:
             ray.init(address="local", include_dashboard=False, _temp_dir=str(local), **quiet)
         yield
-    except EvaluationStopped:
-        raise  # the run's own refusal (too many unreadable files): not Ray's to explain
+    except (EvaluationStopped, EvaluationError):
+        raise  # the run's own refusal (too many unreadable files, no GPU): not Ray's to explain
     except Exception:
         if local is not None:
             log.warning("the local Ray's logs of this run are kept in %s", local)
@@ -125,6 +125,19 @@ def ray_session(ray: Any, address: str | None) -> Iterator[None]:
         _restore_auth_mode(auth_mode)
         if local is not None:
             shutil.rmtree(local, ignore_errors=True)
+
+
+def _join(ray: Any, address: str | None, quiet: dict[str, Any]) -> None:
+    """Join the cluster at ``address``; one Ray cannot join ('auto' with none running, a head whose
+    token this process lacks) is refused (``EvaluationError``, exit 2), not Ray's traceback."""
+    try:
+        ray.init(address=address, **quiet)
+    except Exception as exc:
+        first_line = next(iter(str(exc).splitlines()), "")
+        raise EvaluationError(
+            f"--ray-address {address}: Ray could not join the cluster ({type(exc).__name__}: {first_line}); start "
+            "it (ray start --head) or give its head's address"
+        ) from None
 
 
 #: the longest folder a local Ray's session may be made in: its socket paths must fit in 107 bytes

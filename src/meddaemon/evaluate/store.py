@@ -150,6 +150,28 @@ def open_evaluation(
     return row
 
 
+def evaluation_values(session: Session, name: str) -> dict[str, Any] | None:
+    """The row of the evaluation ``name`` as it stands (its columns' values), or None: what
+    ``put_back`` restores."""
+    row = session.scalars(select(Evaluation).where(Evaluation.name == name)).one_or_none()
+    return None if row is None else {c.key: getattr(row, c.key) for c in Evaluation.__table__.columns}
+
+
+def put_back(session: Session, evaluation_id: int, values: dict[str, Any] | None) -> None:
+    """The evaluation as it was before a run whose request was refused before it scored a file
+    (``values``; None: it did not exist, and goes): a completed run stays completed, its audit
+    possible."""
+    row = session.get(Evaluation, evaluation_id)
+    if row is None:
+        return
+    if values is None:
+        session.delete(row)
+    else:
+        for key, value in values.items():
+            setattr(row, key, value)
+    session.flush()
+
+
 def forget_files_gone(session: Session, evaluation_id: int, present: Iterable[str]) -> int:
     """Remove the rows of files no longer in the cohort (deleted or renamed since an earlier run of
     the evaluation): kept, they stayed in a rerun's lists, its fingerprint and its audit. ``present``
