@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import ssl
 import tempfile
 import tomllib
 from collections.abc import Mapping
@@ -885,6 +886,50 @@ def _validate_dicom_in(s: Settings, fail: Any) -> None:
         path = getattr(s, key)
         if path and not Path(path).is_file():
             fail(key, f"{path} is not a file")
+
+
+def _no_pass_phrase() -> bytes:
+    """What OpenSSL is told when a key is encrypted: no pass phrase (it asked for one on the
+    terminal, and a daemon's receiver waited there for ever, never listening)."""
+    return b""
+
+
+def load_tls_identity(context: ssl.SSLContext, settings: Settings) -> None:
+    """``dicom_tls_cert`` and ``dicom_tls_key`` into ``context``; an encrypted key is refused
+    (``ssl.SSLError``), never a pass phrase asked for."""
+    context.load_cert_chain(settings.dicom_tls_cert, settings.dicom_tls_key, password=_no_pass_phrase)
+
+
+def check_tls_identity(settings: Settings) -> None:
+    """Refuse, before a DICOM node starts, TLS files it cannot use (a ``ConfigError`` naming them): a
+    key that is encrypted or not the certificate's, a file that is no PEM, a CA file without one. The
+    receiver's process found them out only as it started, and was restarted every few seconds, for
+    ever. Checked at the daemon's start only: other commands may run as users who cannot read the key."""
+    if not (settings.dicom_port and settings.dicom_tls_cert and settings.dicom_tls_key):
+        return
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        load_tls_identity(context, settings)
+    except (ssl.SSLError, OSError) as exc:
+        key_text = Path(settings.dicom_tls_key).read_bytes() if os.access(settings.dicom_tls_key, os.R_OK) else b""
+        why = (
+            "the key is encrypted, and a daemon is asked no pass phrase: store it decrypted, readable by the "
+            "daemon's user alone (openssl pkey -in KEY -out KEY.plain)"
+            if b"ENCRYPTED" in key_text
+            else f"the certificate and key cannot be used together ({exc.strerror or exc})"
+        )
+        raise ConfigError(
+            f"settings 'dicom_tls_cert' and 'dicom_tls_key' from {settings.sources.get('dicom_tls_key')}: "
+            f"{settings.dicom_tls_cert}, {settings.dicom_tls_key}: {why}"
+        ) from None
+    if settings.dicom_tls_ca:
+        try:
+            context.load_verify_locations(settings.dicom_tls_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"setting 'dicom_tls_ca' from {settings.sources.get('dicom_tls_ca')}: {settings.dicom_tls_ca} "
+                f"holds no CA certificate it can use ({exc.strerror or exc})"
+            ) from None
 
 
 def prepare_state_dir(settings: Settings) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import shlex
 import ssl
 import subprocess
 import sys
@@ -812,6 +813,73 @@ def signed_pair(folder: Path, name: str, ca: tuple[Path, Path] | None, usage: st
             "-CAcreateserial", "-days", "1", "-extfile", str(extensions), "-out", str(cert)]  # fmt: skip
     subprocess.run(sign, check=True, capture_output=True, timeout=60)
     return cert, key
+
+
+def unusable_tls_files(folder: Path, fault: str) -> dict[str, str]:
+    """The TLS settings of a node whose files are wrong in the way ``fault`` says (SYNTHETIC)."""
+    cert, key = signed_pair(folder, "node", None, "serverAuth")
+    files = {"dicom_tls_cert": str(cert), "dicom_tls_key": str(key)}
+    if fault == "an encrypted key":
+        encrypted = folder / "node-encrypted.key"
+        subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:synthetic", "-out",
+                        str(encrypted)], check=True, capture_output=True, timeout=60)  # fmt: skip
+        files["dicom_tls_key"] = str(encrypted)
+    elif fault == "another certificate's key":
+        files["dicom_tls_key"] = str(signed_pair(folder, "other", None, "serverAuth")[1])
+    else:
+        ca = folder / "callers-ca.pem"
+        ca.write_text("SYNTHETIC: no certificate in here\n")
+        files["dicom_tls_ca"] = str(ca)
+    return files
+
+
+@pytest.mark.parametrize(
+    ("fault", "named"),
+    [
+        ("an encrypted key", "the key is encrypted, and a daemon is asked no pass phrase"),
+        ("another certificate's key", "the certificate and key cannot be used together"),
+        ("a CA file without a certificate", "setting 'dicom_tls_ca' from env"),
+    ],
+)
+def test_tls_files_the_receiver_cannot_use_stop_the_daemon_at_its_start_naming_them(
+    tmp_path: Path, fault: str, named: str
+):
+    """They were only found out by the receiver's process as it started: the daemon ran on, its
+    receiver restarted every few seconds for ever (and an encrypted key had it wait at a pass-phrase
+    prompt on the terminal, never listening)."""
+    from daemon_harness import MEDDAEMON, daemon_env
+    from ports import free_port
+
+    env = {f"MEDDAEMON_{k.upper()}": v for k, v in unusable_tls_files(tmp_path, fault).items()}
+    (tmp_path / "inbox").mkdir()
+    command = [str(MEDDAEMON), "start", "--watch", str(tmp_path / "inbox"), "--state-dir", str(tmp_path / "state"),
+               "--dicom-port", str(free_port()), "--once"]  # fmt: skip
+    run = subprocess.run(command, env={**daemon_env(), **env}, stdin=subprocess.DEVNULL, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert named in run.stderr and "Traceback" not in run.stderr
+    assert "DICOM receiver" not in run.stderr
+
+
+def test_an_encrypted_key_is_refused_by_the_receiver_not_asked_for_on_the_terminal(tmp_path: Path):
+    """OpenSSL asked for the key's pass phrase on the controlling terminal, and the receiver waited
+    there for ever (a daemon started by hand), never listening."""
+    files = unusable_tls_files(tmp_path, "an encrypted key")
+    code = (
+        "import sys\nfrom meddaemon.config import load_settings\nfrom meddaemon.dicom.receiver import server_tls\n"
+        f"settings = load_settings(env={{}}, flags={files!r})\n"
+        "try:\n    server_tls(settings)\nexcept Exception as exc:\n    sys.exit(f'refused: {type(exc).__name__}')\n"
+    )
+    # script(1) gives the process a terminal whose input stays open, as a person's does
+    terminal = subprocess.Popen(["script", "-qec", f"{sys.executable} -c {shlex.quote(code)}", "/dev/null"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        output, _ = terminal.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        terminal.kill()
+        output, _ = terminal.communicate()
+        pytest.fail(f"the receiver waits at a prompt: {output.decode(errors='replace')[-500:]}")
+    assert b"refused: SSLError" in output and b"pass phrase" not in output
 
 
 def test_health_finds_a_tls_receiver_that_checks_its_callers_answering(receive: StartReceiver, tmp_path: Path):

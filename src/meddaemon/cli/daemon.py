@@ -32,7 +32,13 @@ from meddaemon.cli.common import (
 from meddaemon.cli.health import health
 from meddaemon.cli.starting import STOP_REQUESTED
 from meddaemon.cli.web import web
-from meddaemon.config import Settings, default_config_text, prepare_state_dir, require_inbox_apart
+from meddaemon.config import (
+    Settings,
+    check_tls_identity,
+    default_config_text,
+    prepare_state_dir,
+    require_inbox_apart,
+)
 from meddaemon.daemon.inbox import WatchFolderMissing, ensure_watch_folder
 from meddaemon.daemon.outage import DatabaseUnavailable
 from meddaemon.daemon.progress import ProgressLines
@@ -106,6 +112,7 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     prepare_state_dir(settings)
+    check_tls_identity(settings)
     setup_logging(settings.log_level)
     _dump_stacks_on_sigusr1()
     progress = ProgressLines(sys.stderr) if once else None

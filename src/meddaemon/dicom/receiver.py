@@ -76,7 +76,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from meddaemon.config import Settings
+from meddaemon.config import Settings, load_tls_identity
 from meddaemon.db.clock import db_clock
 from meddaemon.db.engine import ConnectionLimits, transaction, with_lock_retry
 from meddaemon.db.models import ReceivedInstance, utcnow
@@ -846,7 +846,7 @@ def server_tls(settings: Settings) -> ssl.SSLContext | None:
     if not settings.dicom_tls_cert:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.dicom_tls_cert, settings.dicom_tls_key)
+    load_tls_identity(context, settings)
     if settings.dicom_tls_ca:
         context.load_verify_locations(settings.dicom_tls_ca)
         context.verify_mode = ssl.CERT_REQUIRED
@@ -914,7 +914,7 @@ def _probe_tls(settings: Settings) -> ssl.SSLContext:
     tls.check_hostname = False
     tls.verify_mode = ssl.CERT_NONE
     if settings.dicom_tls_ca:
-        tls.load_cert_chain(settings.dicom_tls_cert, settings.dicom_tls_key)
+        load_tls_identity(tls, settings)
     return tls
 
 
