@@ -180,9 +180,53 @@ def test_a_keras_model_saved_for_another_input_size_is_refused_naming_both(
         convert_file(keras3_files / name, ImportOptions(task="chestxray14"), tmp_path / "version")
 
     assert refused.value.reason == "contract_conflict", refused.value.message
-    assert f"height {SIZE} but the input contract (task 'chestxray14') has 320" in refused.value.message
+    assert f"{SIZE}x{SIZE} (height x width) but the input contract (task 'chestxray14') has 320x320" in (
+        refused.value.message
+    )
     assert f"pass --image-size {SIZE}" in refused.value.message
     assert not (tmp_path / "version").exists()
+
+
+def keras2_config(shape: list[int | None], data_format: str) -> dict[str, Any]:
+    """A saved model's configuration as Keras 2 writes it (the parts the size check reads)."""
+    return {
+        "class_name": "Functional",
+        "config": {
+            "layers": [
+                {"class_name": "InputLayer", "config": {"name": "input_1", "batch_input_shape": shape}},
+                {"class_name": "Conv2D", "config": {"name": "conv1/conv", "data_format": data_format}},
+            ]
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("shape", "data_format", "refusal"),
+    [
+        ([None, 3, 64, 64], "channels_first", None),
+        ([None, 64, 64, 3], "channels_last", None),
+        ([None, None, None, 3], "channels_last", None),
+        ([None, 64, None, 3], "channels_last", None),
+        ([None, 3, 32, 32], "channels_first", "32x32 (height x width) but the input contract (task 'chestxray14') "
+                                              "has 64x64; pass --image-size 32"),
+        ([None, 64, 96, 3], "channels_last", "64x96 (height x width) but the input contract (task 'chestxray14') "
+                                             "has 64x64; a contract here is square"),
+    ],
+)  # fmt: skip
+def test_the_saved_input_size_is_read_where_the_data_format_puts_it(
+    shape: list[int | None], data_format: str, refusal: str | None
+):
+    """Keras 2's DenseNet saved channels first ([None, 3, 64, 64]) was refused as 'height 3'; a
+    model of 64x96 was told to pass --image-size 64, then 96, then 64: no square contract serves it."""
+    from meddaemon.engine.importers.keras_h5 import check_input_size
+
+    contract = type(BUILTIN_TASKS["chestxray14"].contract)(3, SIZE, SIZE, (0, 0, 0), (1, 1, 1))
+    if refusal is None:
+        check_input_size(keras2_config(shape, data_format), contract, "chestxray14")
+        return
+    with pytest.raises(ModelRefused) as refused:
+        check_input_size(keras2_config(shape, data_format), contract, "chestxray14")
+    assert refused.value.reason == "contract_conflict" and refusal in refused.value.message, refused.value.message
 
 
 def test_damaged_or_foreign_keras3_files_are_refused_by_name(keras3_files: Path, tmp_path: Path):

@@ -289,21 +289,34 @@ def check_config(config: dict[str, Any], kind: str) -> None:
 def check_input_size(config: dict[str, Any], contract: InputContract, task: str) -> None:
     """Refuse a model saved for a fixed input size other than the contract's (``contract_conflict``,
     naming both), as an ONNX graph's is: Keras keeps it as an input's ``batch_shape`` (Keras 3) or
-    ``batch_input_shape`` (Keras 2), channels last. A DenseNet's weights fit any size, so the file
-    imported and was served at the task's size, not the one it was trained at."""
-    for layer in _config_layers(config):
-        settings = layer.get("config") if isinstance(layer.get("config"), dict) else {}
+    ``batch_input_shape`` (Keras 2), channels last unless its layers say ``channels_first``. A
+    DenseNet's weights fit any size, so the file imported and was served at the task's size, not the
+    one it was trained at."""
+    layers = [layer["config"] for layer in _config_layers(config) if isinstance(layer.get("config"), dict)]
+    channels_first = any(settings.get("data_format") == "channels_first" for settings in layers)
+    for settings in layers:
         for key in ("batch_shape", "batch_input_shape"):
             shape = settings.get(key)
             if not (isinstance(shape, list) and len(shape) == 4):
                 continue
-            for what, have, want in (("height", shape[1], contract.height), ("width", shape[2], contract.width)):
-                if isinstance(have, int) and have > 0 and have != want:
-                    raise ModelRefused(
-                        "contract_conflict",
-                        f"layer {settings.get('name', '?')!r} takes images of {what} {have} but the input contract "
-                        f"(task {task!r}) has {want}; pass --image-size {have} if the model was trained so",
-                    )
+            height, width = shape[2:4] if channels_first else shape[1:3]
+            fixed = [(d, want) for d, want in ((height, contract.height), (width, contract.width)) if _fixed(d)]
+            if all(d == want for d, want in fixed):
+                continue
+            if _fixed(height) and _fixed(width) and height != width:
+                advice = "a contract here is square (--image-size N): resize the model's input to a square first"
+            else:
+                advice = f"pass --image-size {fixed[0][0]} if the model was trained so"
+            raise ModelRefused(
+                "contract_conflict",
+                f"layer {settings.get('name', '?')!r} takes images of {height}x{width} (height x width) but the "
+                f"input contract (task {task!r}) has {contract.height}x{contract.width}; {advice}",
+            )
+
+
+def _fixed(dimension: Any) -> bool:
+    """A size the saved model fixed (None, or -1, is any)."""
+    return isinstance(dimension, int) and dimension > 0
 
 
 def _config_layers(config: dict[str, Any]) -> Iterator[dict[str, Any]]:
