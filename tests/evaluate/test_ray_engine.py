@@ -384,21 +384,28 @@ def test_a_request_the_cluster_cannot_serve_leaves_a_completed_evaluation_as_it_
 ) -> None:
     """--device cuda on a cluster without a GPU is refused once Ray has started (exit 2): the
     refusal turned the completed evaluation of the same name into 'stopped, 0 of 24 scored', its
-    audit refused, and kept the local Ray's session folder as if Ray had failed."""
+    audit refused, and kept the local Ray's session folder as if Ray had failed. A file deleted
+    since the completed run stays in it too (its row was forgotten as the refused run opened)."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine's local Ray has a GPU: --device cuda is served")
-    done = evaluate_into(world.db_url, world.settings, busi_phantoms, workers=1, name="cohort")
+    cohort = shutil.copytree(busi_phantoms, tmp_path / "Dataset_BUSI_with_GT")
+    done = evaluate_into(world.db_url, world.settings, cohort, workers=1, name="cohort")
     assert (done.state, done.summary["scored"]) == ("completed", 24)
+    next(cohort.glob("benign/*.png")).unlink()
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    args = medcli_evaluate(world, busi_phantoms, "--engine", "ray", "--device", "cuda", "--name", "cohort")
+    args = medcli_evaluate(world, cohort, "--engine", "ray", "--device", "cuda", "--name", "cohort")
     run = subprocess.run(args, env=medcli_env(tmp), capture_output=True, text=True, timeout=150)
 
     assert run.returncode == 2, run.stderr[-3000:]
     assert "--device cuda: the Ray cluster has no GPU" in run.stderr
     assert evaluation_row(world.db_url, "cohort") == ("completed", 24)
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        assert session.scalar(select(func.count()).select_from(EvaluationFile)) == 24
+    engine.dispose()
     assert list(tmp.glob("mdray-*")) == [], "the local Ray's folder goes with a refused run"
     audit = subprocess.run(
         [str(Path(sys.executable).parent / "medcli"), "audit", "--evaluation", "cohort", "--json",

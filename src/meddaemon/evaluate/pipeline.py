@@ -318,7 +318,6 @@ def _run(
             engine=request.engine, files_total=len(cohort.files), parameters=request.parameters(),
         )  # fmt: skip
         prepared.evaluation_id = evaluation_id = evaluation.id
-        store.forget_files_gone(session, evaluation_id, (utf8_name(cohort.relative(f)) for f in cohort.files))
     log.info(
         "evaluation %d (%s): %d files of %s, model %s",
         evaluation_id, name, len(cohort.files), cohort.root, prepared.model.name,
@@ -353,9 +352,15 @@ def _run(
         writer.flush(final=True, check=False)
         raise
     except store.EvaluationError as exc:  # the engine refused the request (a cluster without GPUs, or unreachable)
-        refused = not received
         state, message = store.STOPPED, str(exc)
-        raise
+        if not received:
+            refused = True
+            raise
+        # refused by a retry, with files written (the cluster lost mid-run): the run stopped, not a usage error
+        stopped = EvaluationStopped(message)
+        stopped.evaluation_id, stopped.layout_notes = evaluation_id, layout_notes(prepared.cohort)
+        writer.flush(final=True, check=False)
+        raise stopped from exc
     except Exception as exc:
         state, message = store.STOPPED, f"{type(exc).__name__}: {exc}"
         raise
@@ -376,6 +381,7 @@ def _run(
             if refused:  # nothing was run: the evaluation stays as it was (the refusal is raised)
                 store.put_back(session, evaluation_id, earlier)
             else:
+                store.forget_files_gone(session, evaluation_id, (utf8_name(cohort.relative(f)) for f in cohort.files))
                 if state == store.COMPLETED and (left := store.left_to_daemon(session, evaluation_id)):
                     message = (
                         f"{left} files left to the daemon, which is still working on the same bytes; "
