@@ -466,6 +466,35 @@ def test_a_cluster_ray_cannot_join_is_refused_as_usage_not_a_traceback() -> None
     )
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_refusal_after_files_came_back_stops_the_run_rather_than_calling_it_usage(
+    world, busi_phantoms: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry that cannot join the cluster again (its head lost mid-run) is no bad usage: the run
+    stopped with files written (exit 1, its summary shown), where the refusal read 'start the cluster'."""
+    from meddaemon.evaluate import ray_engine
+    from meddaemon.evaluate.pipeline import EvaluationStopped
+    from meddaemon.evaluate.reading import FileRead
+    from meddaemon.evaluate.store import EvaluationError, FileOutcome
+    from meddaemon.failures import FailureReason, ScanFailure
+
+    def head_lost_after_one_file(prepared):  # type: ignore[no-untyped-def]
+        failure = ScanFailure(FailureReason.CORRUPT_IMAGE, "SYNTHETIC: read as damaged")
+        yield FileOutcome(FileRead(prepared.cohort.relative(prepared.cohort.files[0]), failure=failure)), None
+        raise EvaluationError("--ray-address 127.0.0.1:6379: Ray could not join the cluster (ConnectionError: gone)")
+
+    monkeypatch.setattr(ray_engine, "ray_outcomes", head_lost_after_one_file)
+    with pytest.raises(EvaluationStopped, match="Ray could not join the cluster") as stopped:
+        evaluate_into(world.db_url, world.settings, busi_phantoms, engine="ray", name="lost")
+    assert stopped.value.evaluation_id is not None
+    state, _ = evaluation_row(world.db_url, "lost")
+    assert state == "stopped"
+    engine = world.engine()
+    with session_factory(engine)() as session:
+        assert session.scalar(select(func.count()).select_from(EvaluationFile)) == 1
+    engine.dispose()
+
+
 @pytest.mark.parametrize("failure", ["ray gave up", "stalled"])
 def test_a_ray_run_that_fails_is_run_again_over_the_files_not_yet_returned(tmp_path: Path, failure: str) -> None:
     """Ray Data can give up on a run (an actor lost with its node before it started), or wait for
