@@ -28,8 +28,8 @@ def test_the_join_report_counts_every_kind_of_mismatch():
     assert [c.key for c in report.conflicts] == ["b.png"] and report.conflicts[0].lines == (4, 5)
     assert report.ambiguous == ["d.png"]
     assert report.labels_without_prediction == ["zzz.png"]
-    assert report.predictions_without_label == 4
-    assert set(report.predictions_without_label_examples) == {"busi/b.png", "x/d.png", "y/d.png", "busi/e.png"}
+    assert report.predictions_without_label == 3  # b.png has labels: it is counted among the conflicts alone
+    assert set(report.predictions_without_label_examples) == {"x/d.png", "y/d.png", "busi/e.png"}
     assert cohort.truth_class.tolist() == [0, 2]  # benign, normal
 
 
@@ -128,6 +128,17 @@ def test_multilabel_unknown_values_stay_unknown():
     cohort, _ = join(preds, t)
     row = dict(zip(cohort.labels, cohort.y[0].tolist(), strict=True))
     assert row["Mass"] == 1 and row["Effusion"] == 0 and row["Hernia"] == -1
+
+
+def test_a_multiclass_row_of_0_1_columns_with_blank_cells_knows_every_class():
+    """One column per class with the true class's cell set to 1 and the others blank: its one class
+    known, the others are not it. Left unknown, every class lost its negatives (n = its positives,
+    AUC undefined) while the confusion matrix counted every row."""
+    preds = predictions("busi", ["a.png", "b.png"])
+    t = table([("a.png", {"benign"}, frozenset({"benign"}), {}), ("b.png", {"normal"}, frozenset({"normal"}), {})])
+    cohort, _ = join(preds, t)
+    assert cohort.labels == ("benign", "malignant", "normal")
+    assert cohort.y.tolist() == [[1, 0, 0], [0, 0, 1]]
 
 
 def test_a_multiclass_row_without_exactly_one_class_names_its_line():

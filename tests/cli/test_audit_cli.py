@@ -195,7 +195,7 @@ def test_conflicts_and_missing_predictions_are_reported_not_fatal(busi, tmp_path
     result = run("--db", db_url, "--labels", str(path), "--bootstrap", "0", "--json")
     assert result.exit_code == 0, result.output
     join = json.loads(result.stdout)["join"]
-    assert join["matched"] == 239 and join["predictions_without_label"] == 1
+    assert join["matched"] == 239 and join["predictions_without_label"] == 0  # synthetic_0's labels conflict
     assert join["labels_without_prediction_examples"] == ["ghost.png"]
     assert join["conflicts"][0]["key"] == "synthetic_0.png" and join["conflicts"][0]["lines"] == [2, 242]
 
@@ -206,6 +206,27 @@ def test_unknown_group_column_and_bad_criteria_exit_2(busi):
     assert result.exit_code == 2 and "no column 'scanner'" in result.stderr
     result = run("--db", db_url, "--labels", str(labels), "--require", "auc=0.9")
     assert result.exit_code == 2 and "cannot read criterion" in result.stderr
+
+
+def test_an_empty_require_is_refused_not_passed(busi):
+    """`--require "$CRITERIA"` with the variable unset passed, exit 0, as if no criterion had been
+    asked (one space, or `medcli evaluate --audit --require ""`, were refused)."""
+    db_url, labels, _, _ = busi
+    result = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--require", "")
+    assert result.exit_code == 2 and "--require is empty" in result.stderr
+
+
+def test_a_multiclass_audit_says_its_calls_are_the_argmax_not_a_threshold(busi):
+    """The stored 0.5 of each class was shown as the calls' threshold, beside calls of the argmax
+    that no probability reached 0.5 for."""
+    db_url, labels, _, _ = busi
+    data = json.loads(run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--json").stdout)
+    assert [(m["label"], m["threshold"]) for m in data["labels"]] == [
+        ("benign", None), ("malignant", None), ("normal", None)
+    ]  # fmt: skip
+    table = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0").stdout
+    metrics = table.split("Metrics", 1)[1].split("Multiclass", 1)[0]
+    assert metrics.count("argmax") == 3 and "0.50 " not in metrics
 
 
 def test_compare_and_time_windows(busi):

@@ -140,7 +140,7 @@ def shift(cohort: Cohort, days: np.ndarray, a: Window, b: Window, at_sensitivity
             parts.append(
                 label_metrics(
                     label, cohort.y[rows, j], cohort.probabilities[rows, j], cohort.calls[rows, j],
-                    float(cohort.thresholds[j]), at_sensitivity=at_sensitivity, with_curves=False,
+                    cohort.threshold(j), at_sensitivity=at_sensitivity, with_curves=False,
                 )
             )  # fmt: skip
         ma, mb = parts

@@ -102,6 +102,11 @@ class Cohort:
     def n_clusters(self) -> int:
         return int(self.clusters.max()) + 1 if self.n else 0
 
+    def threshold(self, j: int) -> float | None:
+        """The threshold of label ``j``'s calls; None for a multiclass model, whose call is the argmax
+        (a stored 0.5 shown beside calls no probability reached 0.5 misled)."""
+        return None if self.kind == "multiclass" else float(self.thresholds[j])
+
     def subset(self, rows: np.ndarray) -> Cohort:
         return Cohort(
             task=self.task,
@@ -243,7 +248,9 @@ def join(predictions: Predictions, table: LabelTable) -> tuple[Cohort, JoinRepor
     rows_idx = np.array(sorted(chosen), dtype=np.int64)
     matched = [chosen[i] for i in rows_idx]
     cohort = _cohort(predictions, table, rows_idx, matched)
-    unlabelled = np.setdiff1d(np.arange(len(predictions.scan_ids)), rows_idx)
+    # a scan left out for conflicting labels has labels: it is counted among the conflicts alone
+    labelled = np.union1d(rows_idx, np.array(sorted(excluded), dtype=np.int64))
+    unlabelled = np.setdiff1d(np.arange(len(predictions.scan_ids)), labelled)
     report = JoinReport(
         label_rows=len(table.rows),
         predictions=len(predictions.scan_ids),
@@ -281,13 +288,16 @@ def _truth(task_labels: tuple[str, ...], kind: str, row: LabelRow, path: str) ->
         if known(negative):
             return np.array([negative not in row.positives], dtype=np.int8)
         return np.array([-1], dtype=np.int8)
-    if kind == "multiclass" and (len(row.positives) != 1):
-        raise LabelFileError(
-            path,
-            f"a multiclass scan has exactly one class ({', '.join(task_labels)}); this row has "
-            f"{sorted(row.positives) or 'none'}",
-            row.line,
-        )
+    if kind == "multiclass":
+        if len(row.positives) != 1:
+            raise LabelFileError(
+                path,
+                f"a multiclass scan has exactly one class ({', '.join(task_labels)}); this row has "
+                f"{sorted(row.positives) or 'none'}",
+                row.line,
+            )
+        # its one class known, the others are known too: not it (blank cells of 0/1 columns included)
+        return np.array([lab in row.positives for lab in task_labels], dtype=np.int8)
     return np.array([(lab in row.positives) if known(lab) else -1 for lab in task_labels], dtype=np.int8)
 
 

@@ -90,7 +90,7 @@ def analyse(
         overall.append(
             label_metrics(
                 label, cohort.y[rows, j], cohort.probabilities[rows, j], cohort.calls[rows, j],
-                float(cohort.thresholds[j]), at_sensitivity=at_sensitivity,
+                cohort.threshold(j), at_sensitivity=at_sensitivity,
             )
         )  # fmt: skip
         if len(rows) < cohort.n:
@@ -280,7 +280,7 @@ def run_audit(
     on_bootstrap_start: Callable[[int], None] | None = None,
 ) -> AuditResult:
     """Read the labels, join them to the stored predictions of the task's model, and compute the audit."""
-    criteria = parse_criteria(request.require) if request.require else []
+    criteria = parse_criteria(request.require) if request.require is not None else []
     windows = _windows(request)
     table, spec = read_truth(request, tasks)
     version = find_version(session, spec.name, request.model_version)
@@ -313,7 +313,7 @@ def audit_predictions(
     """The audit of ``predictions`` against the truth ``table`` (from a labels file, or from the
     dataset layout of an evaluation: ``evaluate/truth.py``)."""
     if criteria is None:
-        criteria = parse_criteria(request.require) if request.require else []
+        criteria = parse_criteria(request.require) if request.require is not None else []
         windows = _windows(request)
     cohort, report = join(predictions, table)
     if criteria:

@@ -146,7 +146,7 @@ def subgroups(cohort: Cohort, by: list[str], min_n: int = 30, at_sensitivity: fl
                     y,
                     cohort.probabilities[rows, j],
                     cohort.calls[rows, j],
-                    float(cohort.thresholds[j]),
+                    cohort.threshold(j),
                     at_sensitivity=at_sensitivity,
                     with_curves=False,
                     order=_sub_order(orders[j], rows, position),

@@ -44,7 +44,11 @@ def render(result: AuditResult) -> Group:
     for name in ("label", "n", "pos", "thr", *HEADLINE):
         metrics.add_column(name, overflow="fold")
     for m in result.analysis.overall:
-        thr = f"{m.threshold:.2f}" if m.threshold is not None else "-"
+        thr = (
+            f"{m.threshold:.2f}"
+            if m.threshold is not None
+            else ("argmax" if result.cohort.kind == "multiclass" else "-")
+        )
         _row(metrics, m.label, str(m.n), str(m.positives), thr, *(cell(m.scalar(k)) for k in HEADLINE))
     parts.append(metrics)
     if result.analysis.multiclass is not None:
