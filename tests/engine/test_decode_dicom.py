@@ -984,6 +984,44 @@ def test_transfer_syntax_without_decoder_is_named_and_named_in_the_message(tmp_p
     assert "1.2.840.10008.1.2.4.100" in caught.message and "MPEG2" in caught.message
 
 
+def test_a_transfer_syntax_uid_of_two_values_is_named_not_a_bug(tmp_path):
+    """A backslash in (0002,0010) (one flipped byte) made pydicom read two values: UID() raised a
+    TypeError, recorded as internal_error, the reason kept for meddaemon's own bugs."""
+    path = write_dicom(tmp_path / "two_syntaxes.dcm")
+    data = path.read_bytes()
+    assert data.count(b"1.2.840.10008.1.2.1\x00") == 1
+    path.write_bytes(data.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2\\.1"))
+
+    caught = failure(path)
+
+    assert caught.reason is FailureReason.UNSUPPORTED_TRANSFER_SYNTAX
+    assert caught.message == "the Transfer Syntax UID holds 2 values, not one UID"
+
+
+def test_twelve_bit_colour_jpeg_is_converted_to_rgb_beyond_pydicom_s_eight_bits(tmp_path):
+    """dcmtk's JPEG Extended (12-bit) of a 12-bit RGB image is YBR_FULL_422: pydicom converts YBR to
+    RGB in 8 bits only, and the scan failed as pixel_decode_error ("Invalid ndarray.dtype 'uint16'
+    for color space conversion"). SYNTHETIC smooth colour ramps, so the lossy codec stays close."""
+    from dicom_senders import dcmtk
+
+    ramp = np.linspace(0, 4095, 48)
+    rgb = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], 4095 - ramp[:, None]), axis=-1)
+    rgb = rgb.round().astype(np.uint16)
+    source = write_dicom(tmp_path / "rgb12.dcm", pixels=rgb, photometric="RGB", bits_stored=12)
+    path = tmp_path / "rgb12_jpeg_extended.dcm"
+    subprocess.run([dcmtk("dcmcjpeg"), "+ee", str(source), str(path)], check=True, capture_output=True, timeout=60)
+    written = dcmread(path)
+    assert (written.file_meta.TransferSyntaxUID, written.PhotometricInterpretation) == (
+        "1.2.840.10008.1.2.4.51", "YBR_FULL_422"
+    )  # fmt: skip
+
+    decoded = decode(path)
+
+    assert decoded.frames.shape == (1, 48, 48, 3)
+    error = np.abs(decoded.frames[0] - rgb / 4095.0)
+    assert float(error.mean()) < 0.005 and float(error.max()) < 0.05, (error.mean(), error.max())
+
+
 def test_unsupported_photometric_is_named(tmp_path):
     path = write_dicom(tmp_path / "hsv.dcm", extra={"PhotometricInterpretation": "HSV"})
 

@@ -361,6 +361,11 @@ def _transfer_syntax(ds: Dataset, pixel_keyword: str, notes: list[str]) -> UID:
     if getattr(ds, "file_meta", None) is None:
         ds.file_meta = FileMetaDataset()
     declared = ds.file_meta.get("TransferSyntaxUID")
+    if isinstance(declared, MultiValue):  # a backslash in the value: no UID can be read from it
+        raise ScanFailure(
+            FailureReason.UNSUPPORTED_TRANSFER_SYNTAX,
+            f"the Transfer Syntax UID holds {len(declared)} values, not one UID",
+        )
     if declared:
         return UID(declared)
     if ds[pixel_keyword].is_undefined_length:
@@ -484,9 +489,12 @@ def _decode_pixels(decoder: Any, ds: Dataset, index: int | None, transfer_syntax
     """Decode with pydicom's own colour handling: YBR_FULL(_422) comes back as RGB whether the
     codec (JPEG baseline) or pydicom converted it; the returned dict says what the array holds."""
     first_error: BaseException | None = None
+    # pydicom converts YBR to RGB in 8 bits only: deeper YBR (12-bit colour JPEG) comes back as it is,
+    # converted by ``_to_unit``
+    as_rgb = not (str(ds.get("PhotometricInterpretation", "")).upper() in _YBR and int(ds.get("BitsStored", 8)) > 8)
     for plugin in _plugins(decoder, transfer_syntax):
         try:
-            return decoder.as_array(ds, index=index, raw=False, as_rgb=True, decoding_plugin=plugin)  # type: ignore[no-any-return]
+            return decoder.as_array(ds, index=index, raw=False, as_rgb=as_rgb, decoding_plugin=plugin)  # type: ignore[no-any-return]
         except (MemoryError, *STOPPING):
             raise
         except BaseException as exc:  # a Rust codec's panic too (pyo3's PanicException): it took the daemon down
@@ -511,16 +519,29 @@ def _to_unit(
         return grey_to_unit(arr, ds, little_endian, notes)
     if decoded_photometric == "PALETTE COLOR":
         return _palette_to_unit(arr, ds, little_endian)
-    if decoded_photometric in _YBR:
-        arr = convert_color_space(arr, decoded_photometric, "RGB", per_frame=True)
-        notes.append(f"{decoded_photometric} converted to RGB")
     if decoded_photometric in _YBR or decoded_photometric == "RGB":
         bits = int(decoded_as.get("bits_stored") or 8 * arr.dtype.itemsize)
+        if decoded_photometric in _YBR:
+            arr = (
+                convert_color_space(arr, decoded_photometric, "RGB", per_frame=True)
+                if bits <= 8
+                else ybr_to_rgb(arr, bits)
+            )
+            notes.append(f"{decoded_photometric} converted to RGB")
         return unit_range(arr, 0.0, float(2**bits - 1))
     raise ScanFailure(
         FailureReason.UNSUPPORTED_PHOTOMETRIC,
         f"decoded pixel data is {decoded_photometric}, which cannot be shown as grey or RGB",
     )
+
+
+def ybr_to_rgb(arr: np.ndarray, bits: int) -> np.ndarray:
+    """YBR_FULL of ``bits`` bits to RGB (float64, in [0, 2**bits - 1]): PS3.3 C.7.6.3.1.2's
+    full-range BT.601 conversion, whose chroma is centred on 2**(bits - 1); pydicom's takes 8 bits only."""
+    ybr = arr.astype(np.float64)
+    y, cb, cr = ybr[..., 0], ybr[..., 1] - 2 ** (bits - 1), ybr[..., 2] - 2 ** (bits - 1)
+    rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
+    return np.clip(rgb, 0.0, float(2**bits - 1))
 
 
 def grey_to_unit(arr: np.ndarray, ds: Dataset, little_endian: bool, notes: list[str]) -> np.ndarray:
