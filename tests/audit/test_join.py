@@ -141,6 +141,23 @@ def test_a_multiclass_row_of_0_1_columns_with_blank_cells_knows_every_class():
     assert cohort.y.tolist() == [[1, 0, 0], [0, 0, 1]]
 
 
+def test_a_multiclass_row_with_blank_cells_and_one_with_zeros_for_one_scan_are_duplicates_not_a_conflict():
+    preds = predictions("busi", ["busi/a.png"])
+    every_class = frozenset({"benign", "malignant", "normal"})
+    t = table([("a.png", {"benign"}, frozenset({"benign"}), {}), ("a.png", {"benign"}, every_class, {}),
+               ("busi/a.png", {"benign"}, every_class, {})])  # fmt: skip
+    cohort, report = join(preds, t)
+    assert report.conflicts == [] and report.matched == 1 and cohort.y.tolist() == [[1, 0, 0]]
+
+
+def test_a_multilabel_row_with_blank_cells_and_one_with_zeros_still_conflict():
+    preds = predictions("chestxray14", ["a.png", "b.png"])
+    t = table([("a.png", {"Mass"}, frozenset({"Mass"}), {}), ("a.png", {"Mass"}, frozenset({"Mass", "Effusion"}), {}),
+               ("b.png", set(), None, {})])  # fmt: skip
+    _, report = join(preds, t)
+    assert [c.key for c in report.conflicts] == ["a.png"]
+
+
 def test_a_multiclass_row_without_exactly_one_class_names_its_line():
     preds = predictions("busi", ["a.png"])
     with pytest.raises(LabelFileError, match=r"labels.csv, line 2: a multiclass scan has exactly one class"):

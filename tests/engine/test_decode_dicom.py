@@ -1022,6 +1022,28 @@ def test_twelve_bit_colour_jpeg_is_converted_to_rgb_beyond_pydicom_s_eight_bits(
     assert float(error.mean()) < 0.005 and float(error.max()) < 0.05, (error.mean(), error.max())
 
 
+def test_ybr_of_8_bits_stored_in_16_is_converted_to_rgb(tmp_path):
+    """pydicom converts YBR in uint8 only: 8 bits stored in 16 allocated failed as pixel_decode_error."""
+    rgb = np.random.default_rng(5).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    ybr = convert_color_space(rgb, "RGB", "YBR_FULL")
+    wide = ybr.astype(np.uint16)
+    path = write_dicom(tmp_path / "ybr_8_in_16.dcm", pixels=wide, photometric="YBR_FULL", bits_stored=8)
+
+    decoded = decode(path)
+
+    assert_close(decoded.frames, (convert_color_space(ybr, "YBR_FULL", "RGB") / 255.0)[np.newaxis], atol=1 / 255)
+
+
+@pytest.mark.parametrize("bits_stored", ["", [12, 12]], ids=["empty", "two values"])
+def test_a_ybr_file_with_an_empty_or_double_bits_stored_fails_by_name(tmp_path, bits_stored):
+    path = write_dicom(tmp_path / "ybr.dcm", pixels=np.zeros((8, 8, 3), np.uint8), photometric="YBR_FULL")
+    ds = dcmread(path)
+    ds.BitsStored = bits_stored
+    ds.save_as(path)
+
+    assert failure(path).reason is not FailureReason.INTERNAL_ERROR
+
+
 def test_unsupported_photometric_is_named(tmp_path):
     path = write_dicom(tmp_path / "hsv.dcm", extra={"PhotometricInterpretation": "HSV"})
 

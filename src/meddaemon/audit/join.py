@@ -127,8 +127,10 @@ class Cohort:
         )
 
 
-def _same(a: LabelRow, b: LabelRow) -> bool:
-    return a.positives == b.positives and a.known == b.known
+def _same(a: LabelRow, b: LabelRow, multiclass: bool) -> bool:
+    """Whether two rows say the same of a scan: a multiclass row's one class says everything (its
+    other cells, blank or 0, are the same truth: ``_truth``)."""
+    return a.positives == b.positives and (multiclass or a.known == b.known)
 
 
 class _Index:
@@ -200,6 +202,7 @@ def join(predictions: Predictions, table: LabelTable) -> tuple[Cohort, JoinRepor
     for row in table.rows:
         by_key[row.key].append(row)
     index = _Index(predictions, table.key_kind)
+    multiclass = predictions.kind == "multiclass"
     #: each conflict's key, detail and rows (lines and files are drawn from the rows at the end)
     conflicting: list[tuple[str, str, list[LabelRow]]] = []
     without: list[str] = []
@@ -214,7 +217,8 @@ def join(predictions: Predictions, table: LabelTable) -> tuple[Cohort, JoinRepor
         first = rows[0]
         found = index.find(key) or (index.by_sha.get(first.sha256, []) if first.sha256 else [])
         scan = found[0] if len(found) == 1 else None
-        if any(not _same(first, r) for r in rows[1:]):  # the scan it names is left out, whatever other keys say
+        # the scan it names is left out, whatever other keys say
+        if any(not _same(first, r, multiclass) for r in rows[1:]):
             named = list(rows)
             if scan is not None and scan in chosen:
                 del chosen[scan]
@@ -230,7 +234,7 @@ def join(predictions: Predictions, table: LabelTable) -> tuple[Cohort, JoinRepor
             (ambiguous if found else without).append(key)
             unmatched_duplicates += len(rows) - 1
             continue
-        if scan in chosen and not _same(chosen[scan], first):
+        if scan in chosen and not _same(chosen[scan], first, multiclass):
             other = chosen.pop(scan)
             conflicting.append((key, f"{other.key!r} and {key!r} are the same scan", [*rows_of.pop(scan), *rows]))
             excluded[scan] = len(conflicting) - 1

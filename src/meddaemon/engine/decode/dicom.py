@@ -489,9 +489,9 @@ def _decode_pixels(decoder: Any, ds: Dataset, index: int | None, transfer_syntax
     """Decode with pydicom's own colour handling: YBR_FULL(_422) comes back as RGB whether the
     codec (JPEG baseline) or pydicom converted it; the returned dict says what the array holds."""
     first_error: BaseException | None = None
-    # pydicom converts YBR to RGB in 8 bits only: deeper YBR (12-bit colour JPEG) comes back as it is,
+    # pydicom converts YBR to RGB in uint8 only: wider YBR (12-bit colour JPEG) comes back as it is,
     # converted by ``_to_unit``
-    as_rgb = not (str(ds.get("PhotometricInterpretation", "")).upper() in _YBR and int(ds.get("BitsStored", 8)) > 8)
+    as_rgb = not (str(ds.get("PhotometricInterpretation", "")).upper() in _YBR and _int(ds, "BitsAllocated", 8) > 8)
     for plugin in _plugins(decoder, transfer_syntax):
         try:
             return decoder.as_array(ds, index=index, raw=False, as_rgb=as_rgb, decoding_plugin=plugin)  # type: ignore[no-any-return]
@@ -524,7 +524,7 @@ def _to_unit(
         if decoded_photometric in _YBR:
             arr = (
                 convert_color_space(arr, decoded_photometric, "RGB", per_frame=True)
-                if bits <= 8
+                if arr.dtype == np.uint8
                 else ybr_to_rgb(arr, bits)
             )
             notes.append(f"{decoded_photometric} converted to RGB")
@@ -537,7 +537,7 @@ def _to_unit(
 
 def ybr_to_rgb(arr: np.ndarray, bits: int) -> np.ndarray:
     """YBR_FULL of ``bits`` bits to RGB (float64, in [0, 2**bits - 1]): PS3.3 C.7.6.3.1.2's
-    full-range BT.601 conversion, whose chroma is centred on 2**(bits - 1); pydicom's takes 8 bits only."""
+    full-range BT.601 conversion, whose chroma is centred on 2**(bits - 1); pydicom's takes uint8 only."""
     ybr = arr.astype(np.float64)
     y, cb, cr = ybr[..., 0], ybr[..., 1] - 2 ** (bits - 1), ybr[..., 2] - 2 ** (bits - 1)
     rgb = np.stack([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], axis=-1)
