@@ -198,12 +198,23 @@ def test_a_sender_whose_daemon_is_declared_lost_mid_round_sends_no_other_object(
     assert rows == {"sc:0": (DELIVERED, None), **{f"sc:{i}": (PENDING, other) for i in (1, 2, 3)}}
 
 
-def test_rows_for_a_destination_no_longer_configured_are_dead_not_stuck(make_settings, tmp_path: Path):
+def test_a_sender_leaves_the_rows_of_a_destination_another_daemon_configures_alone(make_settings, tmp_path: Path):
+    """Daemons sharing a database may configure different destinations (one host sending for all):
+    a sender claimed every destination's rows and made those of the other's dead ("not configured"),
+    their outputs never sent. Rows no running daemon configures are settled at a daemon's start
+    (``test_rows_queued_for_destinations_none_of_which_is_configured_any_more_are_dead_at_the_daemon_s_start``)."""
     (tmp_path / "share").mkdir()
     settings = make_settings(destination=[{"name": "share", "kind": "folder", "path": str(tmp_path / "share")}])
-    sessions, _ = queued(settings, 1, ["share", "gone"])
-    drain(OutboxSender(settings, sessions, None))
-    assert statuses(sessions) == {("sc:0", "share"): DELIVERED, ("sc:0", "gone"): DEAD}
+    sessions, _ = queued(settings, 1, ["share", "pacs"])
+    join(sessions, "node-b")  # the daemon that sends to "pacs"
+    me = join(sessions, "node-a")
+    sender = OutboxSender(settings, sessions, me.daemon_id)
+    for _ in range(3):
+        sender.round()
+    assert statuses(sessions) == {("sc:0", "share"): DELIVERED, ("sc:0", "pacs"): PENDING}
+    with sessions() as session:
+        pacs = session.scalars(select(OutboxItem).where(OutboxItem.destination == "pacs")).one()
+    assert (pacs.claimed_by, pacs.attempts, pacs.last_error) == (None, 0, None)
 
 
 def test_each_acknowledgement_is_recorded_before_the_next_object_is_sent(make_settings):

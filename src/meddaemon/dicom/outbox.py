@@ -413,8 +413,12 @@ class OutboxSender:
         me = self.daemon_id
 
         def claim() -> list[Claimed]:
+            # the destinations configured here only: another daemon sharing the database may send to
+            # others (one host sending for all); rows no daemon configures are settled at a start
+            # (``settle_unconfigured``). They were claimed and made dead here, the other's outputs lost.
+            configured, takeover = list(self.destinations), self.takeover_seconds
             with transaction(self.sessions) as session:
-                return claim_due(session, me, self.batch, takeover_seconds=self.takeover_seconds)
+                return claim_due(session, me, self.batch, destinations=configured, takeover_seconds=takeover)
 
         claimed = with_lock_retry(claim)
         groups: dict[str, list[Claimed]] = {}
@@ -428,39 +432,36 @@ class OutboxSender:
         return len(claimed)
 
     def _deliver(self, name: str, items: list[Claimed]) -> None:
-        destination = self.destinations.get(name)
+        destination = self.destinations[name]  # only configured destinations are claimed
         answers: list[Delivery]
         stored: dict[int, Delivery] = {}  # the answers of the objects acknowledged, by item id
         recorded: set[int] = set()  # of those, the ones recorded at once
-        if destination is None:
-            answers = [Delivery(False, _not_configured(name), True)] * len(items)
-        else:
-            paths = [stored_file(i.path, self.settings.state_dir) for i in items]
-            by_path = dict(zip(paths, items, strict=True))
+        paths = [stored_file(i.path, self.settings.state_dir) for i in items]
+        by_path = dict(zip(paths, items, strict=True))
 
-            def record_acknowledged(path: Path, answer: Delivery) -> None:
-                """Recorded at once: the daemon killed before the send's end, its successor does not
-                send an object the peer already has. A database that fails it (a dropped connection)
-                fails neither the send nor the other objects: it is recorded with the round's answers."""
-                item = by_path[path]
-                stored[item.id] = answer
-                try:
-                    self._commit(lambda session: record_delivered(session, [item.id], answer.detail or None))
-                except SQLAlchemyError as exc:
-                    key, why = item.object_key, type(exc).__name__
-                    log.warning("scan %d: %s delivered, to be recorded with the round (%s)", item.scan_id, key, why)
-                else:
-                    recorded.add(item.id)
+        def record_acknowledged(path: Path, answer: Delivery) -> None:
+            """Recorded at once: the daemon killed before the send's end, its successor does not
+            send an object the peer already has. A database that fails it (a dropped connection)
+            fails neither the send nor the other objects: it is recorded with the round's answers."""
+            item = by_path[path]
+            stored[item.id] = answer
+            try:
+                self._commit(lambda session: record_delivered(session, [item.id], answer.detail or None))
+            except SQLAlchemyError as exc:
+                key, why = item.object_key, type(exc).__name__
+                log.warning("scan %d: %s delivered, to be recorded with the round (%s)", item.scan_id, key, why)
+            else:
+                recorded.add(item.id)
 
-            try:  # a sender that cannot be made (a client refusing its URL) fails its objects too
-                sender = self.senders.get(name)
-                if sender is None:
-                    sender = self.senders[name] = make_sender(destination)
-                answers = sender.send(paths, self._should_stop, record_acknowledged)
-            except Exception as exc:  # a bug (each object's own failure is its answer)
-                log.exception("sending to %s failed", name)
-                failed = Delivery(False, f"{type(exc).__name__} in the sender")
-                answers = [stored.get(item.id, failed) for item in items]
+        try:  # a sender that cannot be made (a client refusing its URL) fails its objects too
+            sender = self.senders.get(name)
+            if sender is None:
+                sender = self.senders[name] = make_sender(destination)
+            answers = sender.send(paths, self._should_stop, record_acknowledged)
+        except Exception as exc:  # a bug (each object's own failure is its answer)
+            log.exception("sending to %s failed", name)
+            failed = Delivery(False, f"{type(exc).__name__} in the sender")
+            answers = [stored.get(item.id, failed) for item in items]
 
         def record(session: Session) -> list[str | None]:
             acknowledged: dict[str, list[int]] = {}  # by the peer's warning, if any: a statement each
