@@ -7,6 +7,7 @@ sends until it has been idle for ``keep_open_seconds``."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 import threading
@@ -366,6 +367,20 @@ def test_a_stow_rs_redirect_is_a_failure_retried_not_a_delivery(objects: list[Pa
     assert first.acknowledged is False and first.permanent is False
     assert first.detail.startswith(f"STOW-RS HTTP {status}, a redirect: not followed")
     assert stow.gets == 0 and stow.requests == 2 and stow.stored == 1
+    assert second.acknowledged
+
+
+@pytest.mark.parametrize("content_type", ["application/dicom+json", "application/dicom+json; charset=utf-8"])
+def test_a_stow_rs_success_status_naming_a_failed_sop_is_not_a_delivery_whatever_its_media_type_s_parameters(
+    objects: list[Path], content_type: str
+):
+    """dicomweb-client reads a body whose Content-Type is exactly application/dicom+json: with
+    '; charset=utf-8' its Failed SOP Sequence went unread, and the object was recorded delivered,
+    never sent again, though the server had refused it (out of resources)."""
+    failed = {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [0xA700]}}]}}
+    refused = HttpAnswer(202, content_type=content_type, body=json.dumps(failed).encode())
+    (first, second), _ = sent_over_stow_rs([refused], objects[:2])
+    assert first == Delivery(False, "STOW-RS failed SOP, failure reason 0xA700", False)
     assert second.acknowledged
 
 

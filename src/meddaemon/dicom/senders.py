@@ -358,6 +358,14 @@ def _failure_reasons(response: Any) -> list[int]:
         return []
 
 
+def _has_failed_sops(response: Any) -> bool:
+    """Whether a STOW-RS answer's DICOM JSON holds a Failed SOP Sequence (0008,1198) with an item."""
+    try:
+        return bool(response.json()["00081198"]["Value"])
+    except (AttributeError, ValueError, KeyError, IndexError, TypeError):
+        return False
+
+
 def _base_and_query(url: str) -> tuple[str, dict[str, list[str]]]:
     """A DICOMweb URL without its query and fragment, and its query's parameters (a token, say),
     which go with every request: each key with all its values, in order (``requests`` merges a
@@ -376,6 +384,10 @@ class StowSender:
         self.heard: int | None = None
         #: that answer's media type (``text/html``), without its parameters
         self.heard_type = ""
+        #: the Failure Reasons of a Failed SOP Sequence in that answer's DICOM JSON (None: no such
+        #: sequence), read here: dicomweb-client reads a body whose media type is exactly
+        #: application/dicom+json, and took ``application/dicom+json; charset=utf-8`` for no failure
+        self.heard_failed: list[int] | None = None
         base_url, query = _base_and_query(destination.url)
         session = requests.Session()
         session.params = query  # dicomweb-client appends its resource to the URL it is given, query and all
@@ -389,6 +401,8 @@ class StowSender:
     def _heard(self, response: Any, *args: Any, **kwargs: Any) -> None:
         self.heard = response.status_code
         self.heard_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        failed = self.heard_type in ("application/dicom+json", "application/json") and _has_failed_sops(response)
+        self.heard_failed = _failure_reasons(response) if failed else None
 
     def send(
         self, objects: Sequence[Path], should_stop: Callable[[], bool] = never, acknowledged: Acknowledged = not_told
@@ -405,9 +419,9 @@ class StowSender:
             except UNREADABLE_OBJECT as exc:
                 answers.append(cannot_read(exc))
                 continue
-            self.heard = None
+            self.heard, self.heard_failed = None, None
             try:
-                answer = self.client.store_instances(datasets=[ds])
+                self.client.store_instances(datasets=[ds])
             except requests.exceptions.HTTPError as exc:
                 code = exc.response.status_code if exc.response is not None else 0
                 reasons = _failure_reasons(exc.response)
@@ -424,9 +438,8 @@ class StowSender:
             except Exception as exc:  # dicomweb-client could not read the answer's body, or failed itself
                 answers.append(self._unreadable_answer(exc))
             else:
-                failed = answer.get("FailedSOPSequence") if answer is not None else None
-                if failed:
-                    reasons = [int(item.FailureReason) for item in failed if "FailureReason" in item]
+                if self.heard_failed is not None:
+                    reasons = self.heard_failed
                     detail = "STOW-RS failed SOP" + "".join(f", failure reason 0x{r:04X}" for r in reasons)
                     answers.append(Delivery(False, detail, _refused_for_good(reasons)))
                 elif self.heard_type == "text/html":  # no DICOMweb server answers so: a proxy's login page, say
