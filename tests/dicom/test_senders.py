@@ -27,7 +27,7 @@ from dicom_peers import DROP, HttpAnswer, ScriptedScp, ScriptedStow
 from fake_clock import FakeClock
 from meddaemon.config import DestinationConfig
 from meddaemon.dicom import encoding, sc
-from meddaemon.dicom.senders import Delivery, DimseSender, FolderSender, StowSender
+from meddaemon.dicom.senders import NO_ANSWER, Delivery, DimseSender, FolderSender, StowSender
 from orthanc import Orthanc
 
 
@@ -178,6 +178,31 @@ def test_a_kept_association_dropped_at_its_first_object_is_tried_once_more_on_a_
     assert third == [Delivery(True)]
     assert scp.associations == 3
     assert scp.received == uids(objects[:1]) + uids(objects[1:2]) * 2 + uids(objects[2:])
+
+
+def test_a_request_a_slow_peer_does_not_answer_in_time_on_a_kept_association_is_not_sent_again_at_once(
+    objects: list[Path],
+):
+    """A DIMSE timeout was taken for a kept association the peer had closed: the object went again
+    at once on a new one, a slow archive receiving each object twice and the send held twice its
+    timeout. It is one failed attempt, left to the outbox's backoff."""
+    scp = ScriptedScp()
+    try:
+        destination = DestinationConfig(**{**scp.destination(), "timeout_seconds": 1.0})  # type: ignore[arg-type]
+        sender = DimseSender(destination)
+        assert sender.send(objects[:1]) == [Delivery(True)]
+        scp.delay = 2.5  # the archive slows down
+        arrivals: list[float] = []
+        scp.on_store = lambda: arrivals.append(time.monotonic())
+        began = time.monotonic()
+        [second] = sender.send(objects[1:2])
+        took = time.monotonic() - began
+        sender.close()
+    finally:
+        scp.stop()
+    assert second == NO_ANSWER
+    assert len(arrivals) == 1 and scp.associations == 1
+    assert took < 2.0, took
 
 
 def test_an_object_goes_as_written_or_in_the_one_syntax_the_peer_accepts(tmp_path: Path, objects: list[Path]):

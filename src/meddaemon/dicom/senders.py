@@ -186,8 +186,12 @@ class DimseSender:
         contexts = set().union(*(f.contexts() for f in files))
         if self._kept_for(contexts):
             associations.wake(self.assoc)
+            started = time.monotonic()
             answers = self._store(files, should_stop, acknowledged)
-            if answers[0] not in (DROPPED, NO_ANSWER):  # (then nothing was stored, nor acknowledged)
+            # no answer as long as the timeout: the peer had the request and is slow, not gone (sent
+            # again at once, a slow archive had each object twice); the backoff tries it again
+            timed_out = answers[0] == NO_ANSWER and time.monotonic() - started >= 0.9 * self.destination.timeout_seconds
+            if answers[0] not in (DROPPED, NO_ANSWER) or timed_out:  # (else nothing was stored, nor acknowledged)
                 return self._done(answers)
             self._release()  # the peer let the kept association go before the first answer
         refusal = self._open(contexts)
