@@ -395,15 +395,41 @@ def test_a_stow_rs_redirect_is_a_failure_retried_not_a_delivery(objects: list[Pa
     assert second.acknowledged
 
 
-@pytest.mark.parametrize("content_type", ["application/dicom+json", "application/dicom+json; charset=utf-8"])
+FAILED_SOP_JSON = {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [0xA700]}}]}}
+#: the same, beside an element pydicom's reader refuses ("Value": null): dicomweb-client fails to read it
+FAILED_SOP_ODD_JSON = {
+    "00081198": {
+        "vr": "SQ",
+        "Value": [{"00081197": {"vr": "US", "Value": [0xA700]}, "00081196": {"vr": "US", "Value": None}}],
+    }
+}
+FAILED_SOP_XML = (
+    b'<?xml version="1.0" encoding="UTF-8"?><NativeDicomModel>'
+    b'<DicomAttribute tag="00081198" vr="SQ" keyword="FailedSOPSequence"><Item number="1">'
+    b'<DicomAttribute tag="00081197" vr="US" keyword="FailureReason"><Value number="1">42752</Value>'
+    b"</DicomAttribute></Item></DicomAttribute></NativeDicomModel>"
+)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/dicom+json", json.dumps(FAILED_SOP_JSON).encode()),
+        ("application/dicom+json; charset=utf-8", json.dumps(FAILED_SOP_JSON).encode()),
+        ("application/dicom+json", json.dumps(FAILED_SOP_ODD_JSON).encode()),
+        ("application/dicom+json; charset=utf-8", json.dumps(FAILED_SOP_ODD_JSON).encode()),
+        ("application/dicom+xml", FAILED_SOP_XML),
+    ],
+    ids=["json", "json with charset", "odd json", "odd json with charset", "xml"],
+)
 def test_a_stow_rs_success_status_naming_a_failed_sop_is_not_a_delivery_whatever_its_media_type_s_parameters(
-    objects: list[Path], content_type: str
+    objects: list[Path], content_type: str, body: bytes
 ):
-    """dicomweb-client reads a body whose Content-Type is exactly application/dicom+json: with
-    '; charset=utf-8' its Failed SOP Sequence went unread, and the object was recorded delivered,
-    never sent again, though the server had refused it (out of resources)."""
-    failed = {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [0xA700]}}]}}
-    refused = HttpAnswer(202, content_type=content_type, body=json.dumps(failed).encode())
+    """dicomweb-client reads a body whose Content-Type is exactly application/dicom+json (or XML):
+    with '; charset=utf-8' its Failed SOP Sequence went unread, and the object was recorded
+    delivered, never sent again, though the server had refused it (out of resources); a body it
+    could not read was a delivery too, though its failure had been read."""
+    refused = HttpAnswer(202, content_type=content_type, body=body)
     (first, second), _ = sent_over_stow_rs([refused], objects[:2])
     assert first == Delivery(False, "STOW-RS failed SOP, failure reason 0xA700", False)
     assert second.acknowledged

@@ -362,6 +362,12 @@ def _failure_reasons(response: Any) -> list[int]:
         return []
 
 
+def _failed_sop(reasons: list[int]) -> Delivery:
+    """A STOW-RS answer naming the object in its Failed SOP Sequence, for ``reasons``."""
+    detail = "STOW-RS failed SOP" + "".join(f", failure reason 0x{r:04X}" for r in reasons)
+    return Delivery(False, detail, _refused_for_good(reasons))
+
+
 def _has_failed_sops(response: Any) -> bool:
     """Whether a STOW-RS answer's DICOM JSON holds a Failed SOP Sequence (0008,1198) with an item."""
     try:
@@ -425,7 +431,7 @@ class StowSender:
                 continue
             self.heard, self.heard_failed = None, None
             try:
-                self.client.store_instances(datasets=[ds])
+                answer = self.client.store_instances(datasets=[ds])
             except requests.exceptions.HTTPError as exc:
                 code = exc.response.status_code if exc.response is not None else 0
                 reasons = _failure_reasons(exc.response)
@@ -440,12 +446,14 @@ class StowSender:
             except requests.exceptions.RequestException as exc:
                 answers.append(Delivery(False, f"STOW-RS {type(exc).__name__}"))
             except Exception as exc:  # dicomweb-client could not read the answer's body, or failed itself
-                answers.append(self._unreadable_answer(exc))
+                refused = self.heard_failed is not None  # read here all the same
+                answers.append(_failed_sop(self.heard_failed or []) if refused else self._unreadable_answer(exc))
             else:
-                if self.heard_failed is not None:
-                    reasons = self.heard_failed
-                    detail = "STOW-RS failed SOP" + "".join(f", failure reason 0x{r:04X}" for r in reasons)
-                    answers.append(Delivery(False, detail, _refused_for_good(reasons)))
+                # read here from DICOM JSON, whatever its media type's parameters; from XML, by dicomweb-client
+                failed = answer.get("FailedSOPSequence") if answer is not None else None
+                if self.heard_failed is not None or failed:
+                    reasons = self.heard_failed or [int(i.FailureReason) for i in failed or [] if "FailureReason" in i]
+                    answers.append(_failed_sop(reasons))
                 elif self.heard_type == "text/html":  # no DICOMweb server answers so: a proxy's login page, say
                     answers.append(Delivery(False, f"STOW-RS HTTP {self.heard} with a web page, not a STOW-RS answer"))
                 else:
