@@ -250,3 +250,35 @@ def test_files_a_frozen_daemon_claimed_and_never_read_are_taken_over_by_a_peer_a
     assert [frozen.wait(60), peer.wait(60)] == [0, 0]
 
     assert_processed_exactly_once(sessions, layout, names)
+
+
+@pytest.mark.parametrize("how", ["left to wait", "asked to stop"])
+def test_a_server_that_acknowledges_but_never_answers_is_an_outage_not_a_hang(
+    layout: Layout, daemons: Daemons, shared_db: sessionmaker[Session], postgres_url: str, how: str
+):
+    """A server frozen with its host up (a paused VM, a hung pooler) acknowledges every packet:
+    neither keepalives, the TCP user timeout nor its own timeouts end a wait on it. The daemon hung
+    for as long as it lasted: no "database unreachable", no exit 3 past db_outage_seconds, deaf to
+    SIGTERM and its watchdog. A round trip unanswered for 6 x db_keepalive_seconds fails now."""
+    from sqlalchemy.engine import make_url
+
+    from tcp_proxy import tcp_proxy
+
+    where = make_url(postgres_url)
+    with tcp_proxy((where.host or "127.0.0.1", where.port or 5432)) as frozen:
+        through = where.set(host="127.0.0.1", port=frozen.port).render_as_string(hide_password=False)
+        daemon = start(daemons, through, workers=0, MEDDAEMON_DB_OUTAGE_SECONDS="4", MEDDAEMON_DB_KEEPALIVE_SECONDS="1")
+        daemon.wait_ready(60)
+        frozen.freeze()
+        frozen_at = time.monotonic()
+        if how == "asked to stop":
+            time.sleep(1.0)
+            daemon.signal(signal.SIGTERM)
+        code = daemon.wait(60)
+        took = time.monotonic() - frozen_at
+    log = daemon.log_text()
+    assert code == (3 if how == "left to wait" else 0), daemon.tail()
+    assert took < 40, took
+    if how == "left to wait":
+        assert "database unreachable: " in log and "longer than db_outage_seconds (4 s)" in log
+    assert "Traceback" not in log

@@ -106,10 +106,14 @@ def running_daemons(session: Session) -> list[RunningDaemon]:
 
 def connection_limits(settings: Settings) -> ConnectionLimits:
     """The bounds on the waits of a daemon's PostgreSQL connections (``db_*_seconds`` settings)."""
+    keepalive = settings.db_keepalive_seconds
     return ConnectionLimits(
         lock_timeout=settings.db_lock_timeout_seconds,
         idle_in_transaction=settings.db_idle_in_transaction_seconds,
-        keepalive=settings.db_keepalive_seconds,
+        keepalive=keepalive,
+        # a silent server is given up on as the keepalives give up on a vanished one, with room to spare
+        connect_timeout=2 * keepalive,
+        answer_timeout=6 * keepalive,
     )
 
 

@@ -14,6 +14,7 @@ request, and the wait for file events between turns.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import signal
@@ -172,7 +173,7 @@ class Daemon:
         ):
             folder.mkdir(parents=True, exist_ok=True)
         quiet_value_quoting_libraries()
-        self._past_locks(lambda: upgrade(self.engine))
+        self._past_locks(self._upgrade_schema)
         self._past_locks(self._ensure_tasks)
         self.state_paths = self._state_paths()
         self.state_identity = self._state_identity()
@@ -573,6 +574,16 @@ class Daemon:
     def _pending_moves(self) -> list[PlannedMove]:
         with transaction(self.sessions) as session:
             return bookkeeper.pending_moves(session, self.destinations, self.member.daemon_id if self.member else None)
+
+    def _upgrade_schema(self) -> None:
+        """The schema upgraded on connections whose answers are not timed (``answer_timeout``): a
+        migration's statement (an index built over millions of rows) may run for minutes."""
+        limits = dataclasses.replace(lease.connection_limits(self.settings), answer_timeout=0.0)
+        engine = create_db_engine(self.settings.db_url, self.settings.busy_timeout, limits)
+        try:
+            upgrade(engine)
+        finally:
+            engine.dispose()
 
     def _ensure_tasks(self) -> None:
         with transaction(self.sessions) as session:

@@ -49,7 +49,13 @@ class ConnectionLimits:
       transaction longer than this (a SIGSTOPped or frozen daemon), which frees its locks;
     - ``keepalive``: TCP keepalives on both ends (idle this long, then three probes a third of it
       apart) and a TCP user timeout of twice it, so a host that vanished without a reset is dropped
-      in about twice this, not after the kernel's two hours.
+      in about twice this, not after the kernel's two hours;
+    - ``connect_timeout``: a connection not made in this long fails (libpq's default: none; psycopg's
+      130 s);
+    - ``answer_timeout``: a round trip the server does not answer in this long fails, and its
+      connection is closed (``AnsweringConnection``): a server frozen with its host still up (a
+      paused VM, a hung pooler) acknowledges every packet, so neither keepalives, the user timeout
+      nor its own timeouts ever end the wait, and the daemon hung, deaf to SIGTERM and its watchdog.
     """
 
     lock_timeout: float = 5.0
@@ -58,6 +64,8 @@ class ConnectionLimits:
     application_name: str = "meddaemon"
     #: any statement running longer than this fails (0: no limit); the observers' (``db.readonly``)
     statement_timeout: float = 0.0
+    connect_timeout: float = 0.0
+    answer_timeout: float = 0.0
 
     def connect_args(self) -> dict[str, object]:
         """libpq parameters (psycopg passes them through) and server settings (``options``)."""
@@ -66,6 +74,8 @@ class ConnectionLimits:
             server["statement_timeout"] = self.statement_timeout
         options = [f"-c {name}={int(seconds * 1000)}" for name, seconds in server.items()]
         args: dict[str, object] = {"application_name": f"{self.application_name}[{os.getpid()}]"}
+        if self.connect_timeout > 0:
+            args["connect_timeout"] = max(2, round(self.connect_timeout))  # libpq takes whole seconds, 2 at least
         if self.keepalive > 0:
             idle, interval = max(1, round(self.keepalive)), max(1, round(self.keepalive / 3))
             user_timeout_ms = int(2 * self.keepalive * 1000)
@@ -92,9 +102,17 @@ def create_db_engine(url: str, busy_timeout: float = 5.0, limits: ConnectionLimi
     ``hide_parameters``: an error's text never quotes its statement's values. They are DICOM header
     values (patient names, IDs, birth dates), and an error reaches the log, its traceback the journal."""
     if not is_sqlite(url):
-        return create_engine(
+        engine = create_engine(
             url, pool_pre_ping=True, hide_parameters=True, connect_args=limits.connect_args() if limits else {}
         )
+        if limits is not None and limits.answer_timeout > 0 and make_url(url).get_driver_name() == "psycopg":
+            answering = answering_connection(limits.answer_timeout)
+
+            @event.listens_for(engine, "do_connect")
+            def _connect(dialect, conn_rec, cargs, cparams):  # type: ignore[no-untyped-def]
+                return answering.connect(*cargs, **cparams)
+
+        return engine
     database = make_url(url).database
     if database and database != ":memory:":
         _make_folder_of(Path(database))
@@ -118,6 +136,26 @@ def create_db_engine(url: str, busy_timeout: float = 5.0, limits: ConnectionLimi
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def answering_connection(seconds: float) -> type:
+    """A psycopg connection class each of whose round trips fails after ``seconds`` without an
+    answer (``ConnectionLimits.answer_timeout``), closing the connection: left open mid-exchange,
+    its rollback would wait as long again. The error is psycopg's ``OperationalError``, as a
+    dropped connection's: the daemon's outage handling takes it from there."""
+    import psycopg
+
+    class AnsweringConnection(psycopg.Connection):  # type: ignore[type-arg]
+        def wait(self, gen, interval=0.1, timeout=None):  # type: ignore[no-untyped-def]
+            try:
+                return super().wait(gen, interval, seconds if timeout is None else timeout)
+            except psycopg.OperationalError as exc:
+                if type(exc).__name__ != "_WaitTimeout":
+                    raise
+                self.close()
+                raise psycopg.OperationalError(f"the server did not answer within {seconds:g} s") from None
+
+    return AnsweringConnection
 
 
 def enter_wal(cursor: sqlite3.Cursor, busy_timeout: float) -> None:
