@@ -194,6 +194,35 @@ def test_a_file_renamed_over_one_whose_move_was_blocked_is_taken_as_a_new_arriva
     assert any("was replaced by other bytes before it could be moved" in r.getMessage() for r in caplog.records)
 
 
+def test_a_folder_made_at_the_name_of_a_file_whose_move_a_crash_left_is_not_filed_as_that_scan(
+    make_settings, tmp_path: Path
+):
+    """After a restart, recovery knows only the row: whatever held the name was moved, a folder too.
+    A folder made at a killed daemon's file's name (holding another scan) went to work/, then to
+    archive/, as the first scan's file, and the image inside it never had a scan of its own."""
+    from meddaemon.files import file_sha256
+
+    path = write_png(tmp_path / "inbox" / "busi" / "synthetic_scan.png", np.zeros((8, 8), np.uint8))
+    crashed = Daemon(make_settings())
+    crashed.prepare()
+    commit_without_moving(crashed, [path])
+    path.unlink()
+    inner = write_png(path / "synthetic_inner.png", np.full((8, 8), 200, np.uint8))
+    inner_sha = file_sha256(inner)
+
+    restarted = Daemon(crashed.settings)
+    restarted.run(once=True)
+
+    with restarted.sessions() as session:
+        scans = {s.source_name: s for s in session.scalars(select(Scan))}
+    assert sorted(scans) == ["busi/synthetic_scan.png", "busi/synthetic_scan.png/synthetic_inner.png"]
+    first, arrival = scans["busi/synthetic_scan.png"], scans["busi/synthetic_scan.png/synthetic_inner.png"]
+    assert (first.state, first.failure_reason) == ("failed", "vanished")  # its file is gone
+    assert arrival.sha256 == inner_sha and restarted.settings.stored_file(arrival.stored_path).is_file()
+    state_dir = restarted.settings.state_dir
+    assert [p for p in state_dir.rglob("*") if p.is_dir() and p.name.startswith(first.sha256[:16])] == []
+
+
 def test_a_failed_file_replaced_before_its_move_leaves_no_reason_without_a_file(make_settings, tmp_path: Path):
     """The reason document is written beside the failed file's target before the move: a file
     renamed over the one read left ``failed/`` a reason for a file that never came."""

@@ -173,6 +173,10 @@ def finish_move(
         return MoveOutcome.LOST
     if read_as is not None and not target_there and not _still_as_read(source, read_as):
         return MoveOutcome.REPLACED
+    if not target_there and source.is_dir() and not source.is_symlink():
+        # a folder made at the name since (a restart's recovery knows the row only): its files are
+        # arrivals of their own, never filed under the scan of the file it replaced
+        return MoveOutcome.REPLACED
     if target_there:
         # a cross-device copy that completed its rename but not the unlink of its source
         if _same_bytes(source, target):
