@@ -164,6 +164,17 @@ def test_a_move_that_keeps_failing_is_logged_as_an_error_once_and_its_success_on
     assert any("moved synthetic_c.png" in m and "blocked before" in m for _, m in said), said
 
 
+def test_a_once_run_that_could_not_move_a_file_out_of_the_inbox_is_not_drained(
+    make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A move that fails is retried at each rescan, and --once has none: it said "drained": true,
+    "left": 0 and exited 0 with the file read and inferred still in the inbox, never reported."""
+    path = write_png(tmp_path / "inbox" / "busi" / "synthetic_held.png", np.zeros((8, 8), np.uint8))
+    moves_fail_for_want_of_room(monkeypatch, times=1000)
+    stats = Daemon(make_settings()).run(once=True)
+    assert (stats.drained, stats.left, stats.held) == (False, 1, 1) and path.exists()
+
+
 def test_a_file_renamed_over_one_whose_move_was_blocked_is_taken_as_a_new_arrival(
     make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):

@@ -139,11 +139,17 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
             web_console.stop()
     if progress is not None:
         progress.finish(stats.files, stats.files + stats.left)
-    if not stats.drained:
+    if stats.held:
+        click.echo(
+            f"error: {stats.held} files could not be moved out of the inbox (each named in the log; "
+            f"{stats.left} files left in it): run again once they can",
+            err=True,
+        )
+    elif not stats.drained:
         click.echo(f"stopped before the inbox was drained: {stats.left} files left in it", err=True)
     if once and as_json:
         echo_json({k: v for k, v in dataclasses.asdict(stats).items() if k != "started"})
-    _exit(daemon, EXIT_OK)
+    _exit(daemon, EXIT_FAILURE if stats.held else EXIT_OK)
 
 
 def _exit(daemon: Daemon, code: int) -> NoReturn:

@@ -65,9 +65,12 @@ class RunStats:
     inferred: int = 0
     duplicates: int = 0
     failed: int = 0
-    #: ``--once``: whether the run emptied the inbox (False: a stop came first) and the files left in it
+    #: ``--once``: whether the run emptied the inbox (False: a stop came first, or files could not be
+    #: moved out of it) and the files left in it
     drained: bool = True
     left: int = 0
+    #: ``--once``: files recorded whose move out of the inbox failed (each logged), left in it
+    held: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property

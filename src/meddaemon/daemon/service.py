@@ -182,9 +182,12 @@ class Daemon:
         self._log_decoders()
 
     def _count_what_is_left(self, once: bool) -> None:
-        """A ``--once`` run a stop cut short is not drained: a script must not read it as if it were."""
-        if once and self.stop_requested.is_set():
+        """A ``--once`` run a stop cut short, or that could not move files out of the inbox (a folder
+        it may not write: a move is retried at a rescan, and ``--once`` has no other), is not
+        drained: a script must not read it as if it were."""
+        if once and (self.stop_requested.is_set() or self.blocked):
             self.stats.drained, self.stats.left = False, sum(1 for _ in self.inbox.scan())
+            self.stats.held = len(self.blocked)
 
     def _state_paths(self) -> tuple[Path, ...]:
         """The state directory, and its SQLite database when it has one."""
