@@ -351,29 +351,22 @@ def _refused_for_good(reasons: list[int]) -> bool:
     return bool(reasons) and all(dimse_status_is_permanent(r) or r in STOW_REFUSED_FOR_GOOD for r in reasons)
 
 
-def _failure_reasons(response: Any) -> list[int]:
+def _failed_sops(response: Any) -> list[int] | None:
     """The Failure Reasons (0008,1197) of the Failed SOP Sequence (0008,1198) in a STOW-RS answer's
-    DICOM JSON (a 409's body); none for another body or none at all."""
+    DICOM JSON (a 409's body, or a success status's); None where it names no failed SOP."""
     try:
-        body = response.json()
-        items = body["00081198"]["Value"]
+        items = response.json()["00081198"]["Value"]
+        if not items:
+            return None
         return [int(item["00081197"]["Value"][0]) for item in items if "00081197" in item]
     except (AttributeError, ValueError, KeyError, IndexError, TypeError):
-        return []
+        return None
 
 
 def _failed_sop(reasons: list[int]) -> Delivery:
     """A STOW-RS answer naming the object in its Failed SOP Sequence, for ``reasons``."""
     detail = "STOW-RS failed SOP" + "".join(f", failure reason 0x{r:04X}" for r in reasons)
     return Delivery(False, detail, _refused_for_good(reasons))
-
-
-def _has_failed_sops(response: Any) -> bool:
-    """Whether a STOW-RS answer's DICOM JSON holds a Failed SOP Sequence (0008,1198) with an item."""
-    try:
-        return bool(response.json()["00081198"]["Value"])
-    except (AttributeError, ValueError, KeyError, IndexError, TypeError):
-        return False
 
 
 def _base_and_query(url: str) -> tuple[str, dict[str, list[str]]]:
@@ -411,8 +404,8 @@ class StowSender:
     def _heard(self, response: Any, *args: Any, **kwargs: Any) -> None:
         self.heard = response.status_code
         self.heard_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        failed = self.heard_type in ("application/dicom+json", "application/json") and _has_failed_sops(response)
-        self.heard_failed = _failure_reasons(response) if failed else None
+        json_answer = self.heard_type in ("application/dicom+json", "application/json")
+        self.heard_failed = _failed_sops(response) if json_answer else None
 
     def send(
         self, objects: Sequence[Path], should_stop: Callable[[], bool] = never, acknowledged: Acknowledged = not_told
@@ -434,7 +427,7 @@ class StowSender:
                 answer = self.client.store_instances(datasets=[ds])
             except requests.exceptions.HTTPError as exc:
                 code = exc.response.status_code if exc.response is not None else 0
-                reasons = _failure_reasons(exc.response)
+                reasons = _failed_sops(exc.response) or []
                 permanent = (code < 500 and code not in RETRYABLE_HTTP) or _refused_for_good(reasons)
                 detail = f"STOW-RS HTTP {code}" + "".join(f", failure reason 0x{r:04X}" for r in reasons)
                 answers.append(Delivery(False, detail, permanent and code != 0))

@@ -200,8 +200,7 @@ def ray_address_unreachable(address: str) -> str | None:
     """Why no Ray head answers at ``address`` (or this process cannot talk to one), or None.
     ``ray.init`` retries for ever an address nothing answers at (a wrong port, a typo) or where
     another service listens (a database's port), printing only its own warnings; 'auto' and 'local'
-    are Ray's own to resolve. A cluster whose
-    gRPC is TLS (``RAY_USE_TLS``) is only connected to."""
+    are Ray's own to resolve. A cluster whose gRPC is TLS (``RAY_USE_TLS``) is only connected to."""
     if address in ("auto", "local"):
         return None
     host, colon, port = address.removeprefix("ray://").rpartition(":")
