@@ -75,6 +75,30 @@ def test_a_restart_finishes_committed_moves_and_reads_nothing_twice(make_setting
     assert (settings.failed_dir / "busi" / "synthetic_bad.png.reason.json").exists()
 
 
+def test_a_batch_recorded_again_after_a_commit_whose_answer_never_came_is_the_same_scans_not_duplicates(
+    make_settings, tmp_path: Path
+):
+    """A commit can reach the server and its answer not the daemon (the connection lost, or a server
+    that did not answer in time): the transaction is run again and found its own scan, and filed the
+    file as a duplicate of itself: the scan pointed at a file in work/ that never came."""
+    path = write_png(tmp_path / "inbox" / "busi" / "synthetic_once.png", np.zeros((8, 8), np.uint8))
+    daemon = Daemon(make_settings())
+    daemon.prepare()
+    first = commit_without_moving(daemon, [path])  # committed, its answer lost
+    again = commit_without_moving(daemon, [path])  # the transaction run again
+
+    assert [(m.kind, m.row_id, m.source, m.target) for m in again.moves] == [
+        (m.kind, m.row_id, m.source, m.target) for m in first.moves
+    ]
+    assert [(o.state, o.scan_id) for o in again.outcomes] == [(o.state, o.scan_id) for o in first.outcomes]
+    daemon.run(once=True)
+    with daemon.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(DuplicateArrival)) == 0
+        [scan] = session.scalars(select(Scan)).all()
+    assert scan.pending_move_from is None and daemon.settings.stored_file(scan.stored_path).is_file()
+    assert not path.exists()
+
+
 def test_a_move_already_done_before_the_crash_is_only_marked_done(make_settings, tmp_path: Path):
     path = write_png(tmp_path / "inbox" / "busi" / "synthetic_b.png", np.zeros((8, 8), np.uint8))
     settings = make_settings()

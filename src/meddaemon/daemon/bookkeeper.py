@@ -118,13 +118,18 @@ def record_batch(
     """
     known, failed_before = _scans_of(session, {intake.sha256 for _, _, intake in files if intake.sha256})
     failed_taken: set[Path] = set()
-    entries: list[_NewScan | _NewArrival] = []
+    entries: list[_NewScan | _NewArrival | _Registered] = []
     fresh: dict[str, _NewScan] = {}
     now = utcnow()
 
     for stable, name, intake in files:
         sha = intake.sha256
         original = (known.get(sha) or fresh.get(sha)) if sha else None
+        if isinstance(original, _KnownScan) and original.pending_move_from == destinations.stored(stable.path):
+            # this very file, registered by an attempt whose commit's answer never came (the
+            # connection lost or timed out after the server had it): that scan, not its duplicate
+            entries.append(_Registered(original, stable, name, intake, destinations))
+            continue
         if original is not None:
             entries.append(_arrival(stable, name, intake, original, destinations, now))
             continue
@@ -163,6 +168,9 @@ class _KnownScan:
     source_name: str
     task_name: str | None
     failure_reason: str | None
+    state: str = ""
+    stored_path: str | None = None
+    pending_move_from: str | None = None
 
 
 @dataclass
@@ -230,6 +238,32 @@ class _NewArrival:
         return self.outcome
 
 
+class _Registered:
+    """A file already registered as ``scan`` by an earlier attempt of this transaction whose commit
+    went through unanswered: its row stands, and its move is the one that row plans."""
+
+    def __init__(
+        self, scan: _KnownScan, stable: StableFile, name: PurePosixPath, intake: Intake, destinations: Destinations
+    ) -> None:
+        assert scan.stored_path is not None
+        self.scan = scan
+        self.source = stable.path
+        self.target: Path | None = destinations.file(scan.stored_path)
+        self.read_as = filing.AsRead(stable.signature, intake.sha256)
+        detail = "registered by an attempt whose commit was not answered"
+        self.outcome = IntakeOutcome(
+            str(name), scan.state, intake.sha256, intake.size, scan.task_name, detail, target=self.target
+        )
+
+    def planned_move(self) -> PlannedMove:
+        assert self.target is not None
+        return PlannedMove("scan", self.scan.id, self.source, self.target, None, self.read_as)
+
+    def finished_outcome(self) -> IntakeOutcome:
+        self.outcome.scan_id = self.scan.id
+        return self.outcome
+
+
 def _scans_of(session: Session, shas: Collection[str]) -> tuple[dict[str, _KnownScan], dict[str, _KnownScan]]:
     """The scans of these contents: the one a new arrival is a duplicate of (not failed; at most one,
     ``uq_scans_sha256_live``), and the latest failed attempt, which a new arrival tries again."""
@@ -238,12 +272,18 @@ def _scans_of(session: Session, shas: Collection[str]) -> tuple[dict[str, _Known
     live: dict[str, _KnownScan] = {}
     failed: dict[str, _KnownScan] = {}
     query = (
-        select(Scan.id, Scan.sha256, Scan.state, Scan.source_name, Scan.task_name, Scan.failure_reason)
+        select(
+            Scan.id, Scan.sha256, Scan.state, Scan.source_name, Scan.task_name, Scan.failure_reason,
+            Scan.stored_path, Scan.pending_move_from,
+        )
         .where(Scan.sha256.in_(shas))
         .order_by(Scan.id)
-    )
+    )  # fmt: skip
     for row in session.execute(query):
-        known = _KnownScan(row.id, row.source_name, row.task_name, row.failure_reason)
+        known = _KnownScan(
+            row.id, row.source_name, row.task_name, row.failure_reason, row.state, row.stored_path,
+            row.pending_move_from,
+        )  # fmt: skip
         (failed if row.state == ScanState.FAILED else live)[row.sha256] = known
     return live, failed
 
