@@ -143,3 +143,43 @@ def test_an_action_when_the_database_is_gone_is_a_503_not_a_server_error(postgre
     finally:
         with postgres_admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+
+
+@pytest.mark.postgres
+def test_an_action_over_a_link_that_stops_answering_is_a_503_in_bounded_time(postgres_url, tmp_path):
+    """The actions' engine had none of the daemon's bounds: over a link that acknowledges and never
+    answers (a paused server, a hung pooler), a Retry held its thread for as long as it lasted."""
+    import threading
+    import time
+
+    from sqlalchemy.engine import make_url
+
+    from meddaemon.web import auth
+    from tcp_proxy import tcp_proxy
+
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    engine.dispose()
+    where = make_url(postgres_url)
+    with tcp_proxy((where.host or "127.0.0.1", where.port or 5432)) as frozen:
+        through = where.set(host="127.0.0.1", port=frozen.port).render_as_string(hide_password=False)
+        settings = load_settings(
+            env={}, flags={"db": through, "state_dir": tmp_path, "watch": tmp_path / "inbox", "db_keepalive_seconds": 1}
+        )
+        client = TestClient(create_app(settings), base_url="http://127.0.0.1", raise_server_exceptions=False)
+        client.get("/failures")
+        csrf = client.app.state.console.signer.load(client.cookies[auth.COOKIE]).csrf
+        assert client.post("/failures/retry", data={"scan": "1", "csrf": csrf}).status_code == 200  # the writer made
+        frozen.freeze()
+        answered: list[int] = []
+        began = time.monotonic()
+
+        def retry() -> None:
+            answered.append(client.post("/failures/retry", data={"scan": "1", "csrf": csrf}).status_code)
+
+        action = threading.Thread(target=retry, daemon=True)
+        action.start()
+        action.join(60)
+        took = time.monotonic() - began
+        frozen.thaw()
+    assert answered == [503], f"no answer within {took:.0f} s"

@@ -626,7 +626,10 @@ def _process_main(settings: Settings, stop: Any, daemon_id: int | None) -> None:
     setup_logging(settings.log_level)
     with contextlib.suppress(OSError):
         os.nice(settings.reports_nice)
-    engine = create_db_engine(settings.db_url, settings.busy_timeout)
+    from meddaemon.daemon.lease import connection_limits
+
+    # the daemon's bounds: a frozen link hung the sender, and its watch on the daemon, for as long as it lasted
+    engine = create_db_engine(settings.db_url, settings.busy_timeout, connection_limits(settings))
     sender = OutboxSender(settings, session_factory(engine), daemon_id)
 
     served = threading.Event()

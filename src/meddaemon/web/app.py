@@ -95,11 +95,13 @@ class Console:
 
     def writer(self) -> sessionmaker[Session]:
         """Sessions that may write, for the actions only (the daemon's engine, with its lock handling)."""
+        from meddaemon.daemon.lease import connection_limits
         from meddaemon.db.engine import create_db_engine, session_factory
 
         with self._lock:
-            if self._writer is None:
-                self._writer = create_db_engine(self.settings.db_url, self.settings.busy_timeout)
+            if self._writer is None:  # bounded as the daemon's: a frozen link held a click's thread for ever
+                limits = connection_limits(self.settings)
+                self._writer = create_db_engine(self.settings.db_url, self.settings.busy_timeout, limits)
             return session_factory(self._writer)
 
     def dispose(self) -> None:
