@@ -382,6 +382,15 @@ def test_a_stow_rs_conflict_is_refused_for_good_when_its_failure_reason_is(
     assert second.acknowledged
 
 
+def test_a_stow_rs_conflict_answered_in_xml_is_refused_for_good_when_its_failure_reason_is(objects: list[Path]):
+    """Its reasons were read from JSON only: a 409 in XML naming 0xC122 was retried for an hour."""
+    body = FAILED_SOP_XML.replace(b">42752<", b">49442<")  # 0xC122: the transfer syntax is not taken
+    conflict = HttpAnswer(409, content_type="application/dicom+xml", body=body)
+    (first, second), _ = sent_over_stow_rs([conflict], objects[:2])
+    assert first == Delivery(False, "STOW-RS HTTP 409, failure reason 0xC122", True)
+    assert second.acknowledged
+
+
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_a_stow_rs_redirect_is_a_failure_retried_not_a_delivery(objects: list[Path], status: int):
     """requests followed a 301, 302 or 303 with a GET, without the instance, and the page found
@@ -419,8 +428,25 @@ FAILED_SOP_XML = (
         ("application/dicom+json", json.dumps(FAILED_SOP_ODD_JSON).encode()),
         ("application/dicom+json; charset=utf-8", json.dumps(FAILED_SOP_ODD_JSON).encode()),
         ("application/dicom+xml", FAILED_SOP_XML),
+        ("application/dicom+xml; charset=utf-8", FAILED_SOP_XML),
+        ("application/xml; charset=UTF-8", FAILED_SOP_XML),
+        (
+            "application/dicom+xml",
+            FAILED_SOP_XML.replace(
+                b"<NativeDicomModel>", b'<NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">'
+            ),
+        ),
     ],
-    ids=["json", "json with charset", "odd json", "odd json with charset", "xml"],
+    ids=[
+        "json",
+        "json with charset",
+        "odd json",
+        "odd json with charset",
+        "xml",
+        "xml with charset",
+        "plain xml",
+        "xml with its namespace",
+    ],
 )
 def test_a_stow_rs_success_status_naming_a_failed_sop_is_not_a_delivery_whatever_its_media_type_s_parameters(
     objects: list[Path], content_type: str, body: bytes

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit, urlunsplit
+from xml.etree import ElementTree
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -352,15 +353,30 @@ def _refused_for_good(reasons: list[int]) -> bool:
 
 
 def _failed_sops(response: Any) -> list[int] | None:
-    """The Failure Reasons (0008,1197) of the Failed SOP Sequence (0008,1198) in a STOW-RS answer's
-    DICOM JSON (a 409's body, or a success status's); None where it names no failed SOP."""
+    """The Failure Reasons (0008,1197) of the Failed SOP Sequence (0008,1198) in a STOW-RS answer (a
+    409's body, or a success status's), DICOM JSON or XML whatever its media type's parameters
+    (dicomweb-client reads a body whose type is exactly theirs); None where it names no failed SOP."""
+    media_type = _media_type(response)
     try:
-        items = response.json()["00081198"]["Value"]
-        if not items:
+        if media_type in ("application/dicom+json", "application/json"):
+            items = response.json()["00081198"]["Value"]
+            reasons = [int(item["00081197"]["Value"][0]) for item in items if "00081197" in item]
+        elif media_type in ("application/dicom+xml", "application/xml"):
+            # the Native DICOM Model, with its namespace or without
+            failed = ElementTree.fromstring(response.content).find("{*}DicomAttribute[@tag='00081198']")
+            items = failed.findall("{*}Item") if failed is not None else []
+            found = (item.find("{*}DicomAttribute[@tag='00081197']/{*}Value") for item in items)
+            reasons = [int(value.text or "") for value in found if value is not None]
+        else:
             return None
-        return [int(item["00081197"]["Value"][0]) for item in items if "00081197" in item]
-    except (AttributeError, ValueError, KeyError, IndexError, TypeError):
+    except (AttributeError, ValueError, KeyError, IndexError, TypeError, ElementTree.ParseError):
         return None
+    return reasons if items else None
+
+
+def _media_type(response: Any) -> str:
+    """An HTTP answer's media type, without its parameters (``text/html``)."""
+    return str(response.headers.get("Content-Type", "")).split(";")[0].strip().lower()
 
 
 def _failed_sop(reasons: list[int]) -> Delivery:
@@ -387,9 +403,9 @@ class StowSender:
         self.heard: int | None = None
         #: that answer's media type (``text/html``), without its parameters
         self.heard_type = ""
-        #: the Failure Reasons of a Failed SOP Sequence in that answer's DICOM JSON (None: no such
-        #: sequence), read here: dicomweb-client reads a body whose media type is exactly
-        #: application/dicom+json, and took ``application/dicom+json; charset=utf-8`` for no failure
+        #: the Failure Reasons of a Failed SOP Sequence in that answer (None: no such sequence), read
+        #: here: dicomweb-client reads a body whose media type is exactly application/dicom+json (or
+        #: +xml), and took ``application/dicom+json; charset=utf-8`` for no failure
         self.heard_failed: list[int] | None = None
         base_url, query = _base_and_query(destination.url)
         session = requests.Session()
@@ -403,9 +419,8 @@ class StowSender:
 
     def _heard(self, response: Any, *args: Any, **kwargs: Any) -> None:
         self.heard = response.status_code
-        self.heard_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        json_answer = self.heard_type in ("application/dicom+json", "application/json")
-        self.heard_failed = _failed_sops(response) if json_answer else None
+        self.heard_type = _media_type(response)
+        self.heard_failed = _failed_sops(response)
 
     def send(
         self, objects: Sequence[Path], should_stop: Callable[[], bool] = never, acknowledged: Acknowledged = not_told
@@ -424,7 +439,7 @@ class StowSender:
                 continue
             self.heard, self.heard_failed = None, None
             try:
-                answer = self.client.store_instances(datasets=[ds])
+                self.client.store_instances(datasets=[ds])
             except requests.exceptions.HTTPError as exc:
                 code = exc.response.status_code if exc.response is not None else 0
                 reasons = _failed_sops(exc.response) or []
@@ -442,11 +457,8 @@ class StowSender:
                 refused = self.heard_failed is not None  # read here all the same
                 answers.append(_failed_sop(self.heard_failed or []) if refused else self._unreadable_answer(exc))
             else:
-                # read here from DICOM JSON, whatever its media type's parameters; from XML, by dicomweb-client
-                failed = answer.get("FailedSOPSequence") if answer is not None else None
-                if self.heard_failed is not None or failed:
-                    reasons = self.heard_failed or [int(i.FailureReason) for i in failed or [] if "FailureReason" in i]
-                    answers.append(_failed_sop(reasons))
+                if self.heard_failed is not None:
+                    answers.append(_failed_sop(self.heard_failed))
                 elif self.heard_type == "text/html":  # no DICOMweb server answers so: a proxy's login page, say
                     answers.append(Delivery(False, f"STOW-RS HTTP {self.heard} with a web page, not a STOW-RS answer"))
                 else:
