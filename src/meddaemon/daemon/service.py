@@ -185,9 +185,9 @@ class Daemon:
         """A ``--once`` run a stop cut short, or that could not move files out of the inbox (a folder
         it may not write: a move is retried at a rescan, and ``--once`` has no other), is not
         drained: a script must not read it as if it were."""
-        if once and (self.stop_requested.is_set() or self.blocked):
-            self.stats.drained, self.stats.left = False, sum(1 for _ in self.inbox.scan())
-            self.stats.held = len(self.blocked)
+        held = sum(1 for path in self.blocked if not path.is_relative_to(self.settings.state_dir))  # not work/'s
+        if once and (self.stop_requested.is_set() or held):
+            self.stats.drained, self.stats.left, self.stats.held = False, sum(1 for _ in self.inbox.scan()), held
 
     def _state_paths(self) -> tuple[Path, ...]:
         """The state directory, and its SQLite database when it has one."""
