@@ -111,9 +111,10 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
         lock_timeout=settings.db_lock_timeout_seconds,
         idle_in_transaction=settings.db_idle_in_transaction_seconds,
         keepalive=keepalive,
-        # a silent server is given up on as the keepalives give up on a vanished one, with room to spare
+        # a silent server is given up on as the keepalives give up on a vanished one, with room to
+        # spare, and never before a statement's lock wait is over (that is a lock error, retried)
         connect_timeout=2 * keepalive,
-        answer_timeout=6 * keepalive,
+        answer_timeout=max(6 * keepalive, 2 * settings.db_lock_timeout_seconds) if keepalive > 0 else 0.0,
     )
 
 
