@@ -347,43 +347,6 @@ def test_rows_queued_for_destinations_none_of_which_is_configured_any_more_are_d
     assert {(r.last_error, r.claimed_by) for r in rows} == {("destination 'pacs' is not configured", None)}
 
 
-def test_rows_of_a_destination_no_running_daemon_configures_are_settled_while_the_daemon_runs(
-    make_settings, tmp_path: Path
-):
-    """A sender claims its own destinations only: a row of another sent back by `medcli outbox retry
-    --all-dead` (as the start's warning advises), or left by a daemon that stopped since, stayed
-    pending until a restart, its scan never archived. The archive stage settles them every
-    ``SETTLE_SECONDS`` where no other daemon runs; where one does, they are its to send."""
-    from meddaemon.daemon.archiving import ArchiveStage
-    from meddaemon.daemon.bookkeeper import Destinations
-
-    settings = make_settings()
-    sessions, _ = queued(settings, 1, ["old"])
-    me = join(sessions, "node-a")
-
-    def commit(work):  # type: ignore[no-untyped-def]
-        with transaction(sessions) as session:
-            return work(session)
-
-    stage = ArchiveStage(
-        Destinations(tmp_path / "work", tmp_path / "archive", tmp_path / "failed"), 8, commit, len, me.daemon_id,
-        2.0, after_reports=True, configured=["share"],
-    )  # fmt: skip
-    stage.tick(0.0, flush=False)
-    assert statuses(sessions) == {("sc:0", "old"): DEAD}
-    with transaction(sessions) as session:
-        assert outbox.retry(session, all_dead=True) == 1
-    stage.tick(outbox.SETTLE_SECONDS / 2, flush=False)
-    assert statuses(sessions) == {("sc:0", "old"): PENDING}  # not every turn
-    other = join(sessions, "node-b")
-    stage.tick(outbox.SETTLE_SECONDS + 1, flush=False)
-    assert statuses(sessions) == {("sc:0", "old"): PENDING}  # another daemon runs: its to send
-    with transaction(sessions) as session:
-        session.execute(update(DaemonInstance).where(DaemonInstance.id == other.daemon_id).values(state="stopped"))
-    stage.tick(2 * outbox.SETTLE_SECONDS + 2, flush=False)
-    assert statuses(sessions) == {("sc:0", "old"): DEAD}
-
-
 def test_a_sender_that_cannot_be_made_fails_its_objects_as_attempts_not_the_round(
     make_settings, tmp_path: Path, monkeypatch
 ):

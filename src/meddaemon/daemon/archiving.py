@@ -3,9 +3,7 @@
 Claims: the reported scans of a batch (``bookkeeper.claim_for_archive``, under this daemon's id),
 from the commit that says ``archived`` until their move is carried out. Cadence: every
 ``model_poll_seconds``, up to ``ARCHIVE_BATCHES_PER_POLL`` batches, before the loop turns to new
-files again; with ``--once``, everything reported once the reports are drained. Every
-``outbox.SETTLE_SECONDS``, the DICOM outputs a scan waits for whose destination no running daemon
-configures are made dead (``outbox.settle_unconfigured``): its sender claims its own destinations only. Recovery: a move
+files again; with ``--once``, everything reported once the reports are drained. Recovery: a move
 committed and not carried out (a crash, a failed move) is finished by ``Daemon.recover`` with the
 other committed moves. Stop: nothing in hand between turns.
 """
@@ -21,7 +19,6 @@ from meddaemon.daemon import bookkeeper
 from meddaemon.daemon.bookkeeper import Destinations, PlannedMove
 from meddaemon.daemon.inference import Commit
 from meddaemon.daemon.stages import Cadence, Stage
-from meddaemon.dicom import outbox
 
 log = logging.getLogger("meddaemon.daemon")
 
@@ -41,7 +38,6 @@ class ArchiveStage(Stage):
         daemon_id: int | None,
         poll_seconds: float,
         after_reports: bool,
-        configured: list[str] | None = None,
     ) -> None:
         self.destinations = destinations
         self.batch_size = batch_size
@@ -51,15 +47,8 @@ class ArchiveStage(Stage):
         self.polls = Cadence(poll_seconds)
         #: ``--once`` archives everything at the end only after a drain of the reports
         self.after_reports = after_reports
-        #: the destinations this daemon configures (None: outputs are not settled here)
-        self.configured = configured
-        self.settles = Cadence(outbox.SETTLE_SECONDS)
 
     def tick(self, now: float, flush: bool) -> bool:
-        if self.configured is not None and self.daemon_id is not None and self.settles.due(now):
-            self.settles.done(now)
-            me, configured = self.daemon_id, self.configured
-            outbox.log_settled(self.commit(lambda session: outbox.settle_unconfigured(session, configured, me)))
         if self.polls.due(now):
             self.polls.done(now)
             for _ in range(ARCHIVE_BATCHES_PER_POLL):
@@ -68,7 +57,7 @@ class ArchiveStage(Stage):
         return False
 
     def next_deadline(self) -> float | None:
-        return min(self.polls.next, self.settles.next) if self.configured is not None else self.polls.next
+        return self.polls.next
 
     def drain(self) -> None:
         if self.after_reports:

@@ -264,7 +264,6 @@ class Daemon:
                 me,
                 settings.model_poll_seconds,
                 after_reports=settings.reports,
-                configured=[d.name for d in settings.destination],
             ),
         ]
         overflow = [] if watcher is None else [RescanTrigger(watcher.alarm.raised, logging.WARNING, OVERFLOW_RESCAN)]
@@ -598,7 +597,14 @@ class Daemon:
         assert self.member is not None
         configured = [d.name for d in self.settings.destination]
         with transaction(self.sessions) as session:
-            outbox.log_settled(outbox.settle_unconfigured(session, configured, self.member.daemon_id))
+            settled = outbox.settle_unconfigured(session, configured, self.member.daemon_id)
+        for name, count in settled.items():
+            log.warning(
+                "%d DICOM output(s) queued for destination %r, which is not configured, are dead "
+                "(`medcli outbox retry --all-dead` sends them once it is configured again)",
+                count,
+                name,
+            )
 
     def _declared_lost(self) -> bool:
         """Whether another daemon declared this one lost: what a database error met on waking up

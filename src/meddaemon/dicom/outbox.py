@@ -232,18 +232,13 @@ def record_failure(
     return row.status
 
 
-#: how often a running daemon settles the rows of destinations no running daemon configures
-SETTLE_SECONDS = 60.0
-
-
 def settle_unconfigured(session: Session, configured: Collection[str], daemon_id: int) -> dict[str, int]:
-    """Pending rows for a destination these settings do not configure: ``dead`` ("not configured"),
-    also where no destination is configured and no sender runs, so that their scans are archived
-    instead of waiting for ever. Called once ``daemon_id`` has registered (and found the daemons of
-    its node that are gone), then every ``SETTLE_SECONDS`` (rows sent back by ``medcli outbox
-    retry``, or left by a daemon that stopped since), and only where no other daemon runs: daemons
-    sharing a database may configure different destinations (one host sending for all), and
-    another's rows are its to send. The rows of a gone daemon are settled too: making
+    """Pending rows for a destination these settings do not configure: ``dead``, as a sender does
+    with those it claims ("not configured"), also where no destination is configured and no sender
+    runs, so that their scans are archived instead of waiting for ever. Called once ``daemon_id``
+    has registered (and found the daemons of its node that are gone), and only where no other
+    daemon runs: daemons sharing a database may configure different destinations (one host sending
+    for all), and another's rows are its to send. The rows of a gone daemon are settled too: making
     a row dead sends nothing (a sender of it still finishing an object records nothing on a row no
     longer pending). Returns the rows made dead, by destination."""
     if session.get_bind().dialect.name == "postgresql":
@@ -264,17 +259,6 @@ def settle_unconfigured(session: Session, configured: Collection[str], daemon_id
             .values(status=DEAD, claimed_by=None, last_error=_not_configured(name))
         )
     return settled
-
-
-def log_settled(settled: dict[str, int]) -> None:
-    """Say which outputs ``settle_unconfigured`` made dead, and how to send them once configured."""
-    for name, count in settled.items():
-        log.warning(
-            "%d DICOM output(s) queued for destination %r, which is not configured, are dead "
-            "(`medcli outbox retry --all-dead` sends them once it is configured again)",
-            count,
-            name,
-        )
 
 
 def _not_configured(destination: str) -> str:
