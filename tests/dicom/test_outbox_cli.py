@@ -62,6 +62,8 @@ def test_list_shows_each_item_with_the_peers_answer_retry_revives_the_dead_and_p
     assert delivered.exit_code == 0 and f"item {sr.id} is delivered, not dead: left as it is" in delivered.stdout
     revived = runner.invoke(medcli, ["outbox", "retry", "--all-dead", *dirs])
     assert revived.exit_code == 0 and "1 item(s) pending again" in revived.stdout
+    # a sender claims its own destinations only: one this configuration does not name waits for its daemon
+    assert "1 item(s) pending for destination 'pacs', which this configuration does not name" in revived.stdout
     purged = runner.invoke(medcli, ["outbox", "purge", *dirs])
     assert purged.exit_code == 0 and "purged 1 item(s) (delivered); 1 object file(s) removed" in purged.stdout
     assert not (state / "dicom" / "sr.dcm").exists()

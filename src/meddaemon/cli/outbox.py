@@ -98,11 +98,17 @@ def retry(config_file: Path | None, ids: tuple[int, ...], all_dead: bool, **flag
                 )
             left = box.left_as_they_are(session, ids)
             count = box.retry(session, ids, all_dead)
+            waiting = box.pending_unconfigured(session, [d.name for d in settings.destination])
     finally:
         engine.dispose()
     for item_id, why in left:
         click.echo(f"item {item_id} {escape_controls(why)}: left as it is")
     click.echo(f"{count} item(s) pending again")
+    for name, pending in waiting.items():
+        click.echo(
+            f"{pending} item(s) pending for destination {escape_controls(repr(name))}, which this configuration does "
+            "not name: only a daemon configuring it sends them (their scans are archived once they are sent or dead)"
+        )
 
 
 @outbox.command()

@@ -349,6 +349,18 @@ def left_as_they_are(session: Session, ids: Collection[int]) -> list[tuple[int, 
     ]
 
 
+def pending_unconfigured(session: Session, configured: Collection[str]) -> dict[str, int]:
+    """Pending rows by destination, of the destinations these settings do not configure: a daemon
+    sends them only where it configures them (another sharing the database, or this one once its
+    configuration names them again); until then their scans are not archived."""
+    query = (
+        select(OutboxItem.destination, func.count())
+        .where(OutboxItem.status == PENDING, OutboxItem.destination.not_in(list(configured)))
+        .group_by(OutboxItem.destination)
+    )
+    return {str(name): int(n) for name, n in session.execute(query)}
+
+
 def unknown_items(session: Session, ids: Collection[int]) -> list[int]:
     """Of ``ids``, those no outbox row has."""
     known = set(session.scalars(select(OutboxItem.id).where(OutboxItem.id.in_(list(ids))))) if ids else set()
