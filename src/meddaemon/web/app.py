@@ -9,6 +9,7 @@ says so and reloads itself every few seconds, so it comes back on its own when t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -99,8 +100,10 @@ class Console:
         from meddaemon.db.engine import create_db_engine, session_factory
 
         with self._lock:
-            if self._writer is None:  # bounded as the daemon's: a frozen link held a click's thread for ever
-                limits = connection_limits(self.settings)
+            if self._writer is None:
+                # a frozen link held a click's thread for ever: bounded as the daemon's, but for its lock
+                # waits, which an action times itself (``actions.lock_wait_over``)
+                limits = dataclasses.replace(connection_limits(self.settings), lock_timeout=0.0)
                 self._writer = create_db_engine(self.settings.db_url, self.settings.busy_timeout, limits)
             return session_factory(self._writer)
 
