@@ -248,7 +248,7 @@ class _Registered:
         assert scan.stored_path is not None
         self.scan = scan
         self.source = stable.path
-        self.target: Path | None = destinations.file(scan.stored_path)
+        self.target = destinations.file(scan.stored_path)
         self.read_as = filing.AsRead(stable.signature, intake.sha256)
         detail = "registered by an attempt whose commit was not answered"
         self.outcome = IntakeOutcome(
@@ -256,7 +256,6 @@ class _Registered:
         )
 
     def planned_move(self) -> PlannedMove:
-        assert self.target is not None
         return PlannedMove("scan", self.scan.id, self.source, self.target, None, self.read_as)
 
     def finished_outcome(self) -> IntakeOutcome:
