@@ -288,6 +288,23 @@ def test_bad_data_exits_2_with_a_message(tmp_path: Path) -> None:
     assert "bad dataset" in result.output and "matches no dataset layout" in result.output
 
 
+def test_a_class_whose_every_image_is_unreadable_exits_2_naming_it_before_training(tmp_path: Path) -> None:
+    """The classes were checked as the layout was read, before any image was decoded: a class
+    whose images were all skipped later (under the 5 % of unreadable images a dataset may hold) was
+    trained without, and the model calling it for everything was registered and promoted."""
+    data = write_phantoms("busi", tmp_path / "busi", count=12, size=48, seed=5).root
+    malignant = [p for p in (data / "malignant").glob("*.png") if "_mask" not in p.name]
+    for extra in malignant[1:]:
+        extra.unlink()
+    malignant[0].write_bytes(malignant[0].read_bytes()[:60])
+    state = upgraded(tmp_path / "s")
+    result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--promote"])
+    assert result.exit_code == 2, result.output
+    assert "class 'malignant' has no readable images: all 1 were skipped" in result.output
+    assert f"malignant/{malignant[0].name}: unreadable image" in result.output
+    assert not (tmp_path / "s" / "training").exists() or not any((tmp_path / "s" / "training").rglob("*.safetensors"))
+
+
 def test_no_database_exits_3_before_training_and_creates_none(busi: Path, tmp_path: Path) -> None:
     typo = tmp_path / "stat"
     result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(busi), "--state-dir", str(typo), *FAST])

@@ -192,9 +192,33 @@ def drop_unreadable(
             f"{len(bad)} of {total} images cannot be read ({shown}{'; ...' if len(bad) > 5 else ''})",
             f"at most {max_bad_fraction:.0%} unreadable images",
         )
+    before, samples = index.counts(), index.samples
     index.samples = readable
     index.skipped.extend(not_images + bad)
+    _require_labels_still_held(index, before, samples, {s.path: s.reason for s in not_images + bad})
     return index
+
+
+def _require_labels_still_held(
+    index: DatasetIndex, before: Mapping[str, int], samples: list[Sample], reasons: Mapping[Path, str]
+) -> None:
+    """A class whose every image was skipped is as empty as one with no files: an error for a
+    single-label task (a model trained without it calls it for nothing, or for everything), a
+    warning for a multilabel one. The layout readers check the classes before anything is decoded."""
+    after = index.counts()
+    for label, count in before.items():
+        if not count or after.get(label) or label == NO_FINDING:
+            continue
+        if index.kind == "multilabel":
+            index.warnings.append(f"no readable image is labelled {label}: all {count} were skipped")
+            continue
+        why = [f"{index.relative(s.path)}: {reasons[s.path]}" for s in samples if label in s.labels]
+        shown = "; ".join(why[:3]) + ("; ..." if len(why) > 3 else "")
+        raise DatasetError(
+            index.root,
+            f"class {label!r} has no readable images: all {count} were skipped ({shown})",
+            "readable images of every class",
+        )
 
 
 def _decode_failure(path: Path) -> ScanFailure | None:
