@@ -695,6 +695,34 @@ def test_connections_that_have_not_asked_for_an_association_hold_no_place(receiv
     assert receiver.stats.snapshot()["rejected_limit"] == 0
 
 
+def test_past_the_connections_let_in_at_once_a_caller_is_refused_saying_so_not_that_places_are_taken(
+    receive: StartReceiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """Silent connections hold no place, but pynetdicom lets in at most ``dicom_max_associations``
+    + 64 connections at once: past that, with no association open, the refusal said "1
+    associations are open already"."""
+    import socket
+
+    from meddaemon.dicom.receiver import UNADMITTED_CONNECTIONS
+
+    receiver = receive(dicom_max_associations=1)
+    [sent] = synthetic_instances(tmp_path / "sent", 1, seed=11)
+    silent = [
+        socket.create_connection(("127.0.0.1", port(receiver)), timeout=10) for _ in range(1 + UNADMITTED_CONNECTIONS)
+    ]
+    try:
+        _wait(lambda: len(receiver._acceptors()) == len(silent), "the silent connections' threads")
+        assert pynetdicom_send(port(receiver), [sent]) == [None]
+    finally:
+        for connection in silent:
+            connection.close()
+    [refusal] = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert "associations are open already" not in refusal
+    assert f"rejected: {len(silent)} other connections are open, over the {len(silent)} let in at once" in refusal
+    assert "one that asks nothing is closed after 30 s" in refusal
+    assert receiver.stats.snapshot()["accepted"] == 0
+
+
 def test_the_limit_holds_for_ae_titles_configured_with_spaces_as_pynetdicom_compares_them(
     receive: StartReceiver, tmp_path: Path
 ):

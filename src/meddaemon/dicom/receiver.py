@@ -364,7 +364,7 @@ class Receiver:
                 self._admitted.add(assoc)
                 return
         assoc.acse.send_reject(0x02, 0x03, 0x02)
-        self._rejected(event)
+        self._rejected(event, places_taken=True)
         assoc.kill()
 
     def _refused_by_title(self, calling: str, called: str) -> tuple[str, str] | None:
@@ -396,15 +396,23 @@ class Receiver:
         self.stats.add("active")
         log.info("association from %s at %s:%d", caller.ae_title, caller.address, caller.port)
 
-    def _rejected(self, event: Any) -> None:
+    def _rejected(self, event: Any, places_taken: bool = False) -> None:
+        """Count and log a refused association: for its AE titles, because every place is taken
+        (``_admit``), or (pynetdicom's own refusal past ``maximum_associations``) because the
+        connections open, most of them yet to ask for anything, are more than it lets in at once."""
         assoc = event.assoc
         request = assoc.requestor.primitive
         calling = str(request.calling_ae_title if request else assoc.requestor.ae_title).strip()
         called = str(request.called_ae_title).strip() if request else ""
-        stat, why = self._refused_by_title(calling, called) or (
-            "rejected_limit",
-            f"{self.settings.dicom_max_associations} associations are open already",
-        )
+        if places_taken:
+            limit = f"{self.settings.dicom_max_associations} associations are open already"
+        else:
+            limit = (
+                f"{len(self._acceptors()) - 1} other connections are open, over the "
+                f"{self.ae.maximum_associations} let in at once, most of them yet to ask for an "
+                f"association (one that asks nothing is closed after {self.ae.acse_timeout:.0f} s)"
+            )
+        stat, why = self._refused_by_title(calling, called) or ("rejected_limit", limit)
         self.stats.add(stat)
         log.warning(
             "association from %s at %s:%s rejected: %s", calling, assoc.requestor.address, assoc.requestor.port, why
