@@ -32,10 +32,10 @@ def test_synth_help_names_the_layouts_and_the_defaults() -> None:
         assert words in result.output
 
 
-def test_synth_refuses_a_folder_that_holds_files(tmp_path: Path) -> None:
+def test_synth_refuses_a_folder_that_holds_files_as_bad_usage(tmp_path: Path) -> None:
     (tmp_path / "mine.txt").write_text("keep")
     result = CliRunner().invoke(medcli, ["synth", "covid", "--out", str(tmp_path)])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # --out must be new or empty: bad usage, not a file that cannot be written
     assert "is not empty" in result.output
 
 

@@ -41,10 +41,10 @@ def synth(task: str, out: Path, count: int | None, size: int | None, seed: int) 
     """
     try:
         written = write_phantoms(task, out, count=count, size=size, seed=seed)
-    except ValueError as exc:  # an option value this task's phantoms cannot take
+    except (ValueError, FileExistsError) as exc:  # an option value this task's phantoms cannot take, an --out not empty
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_USAGE) from None
-    except OSError as exc:  # a folder that is not empty (its own words), or one it cannot write in
+    except OSError as exc:  # a folder it cannot write in
         click.echo(f"error: {exc}" if exc.errno is None else f"error: cannot write {out}: {exc.strerror}", err=True)
         raise SystemExit(EXIT_FAILURE) from None
     counts = ", ".join(f"{label} {n}" for label, n in written.per_label.items() if n)
