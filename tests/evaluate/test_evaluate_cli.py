@@ -40,6 +40,8 @@ def test_one_command_from_a_busi_dataset_to_metrics_with_confidence_intervals(wo
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["state"] == "completed" and report["scored"] == 24 and report["failed"] == 0
+    # off a terminal (a log file, a CI job) the run is seen to move: no bar, a plain count (stdout the JSON alone)
+    assert result.stderr.splitlines()[-1] == "24 of 24 files"
     audit = report["audit"]
     assert audit["join"]["matched"] == 24 and audit["join"]["predictions_without_label"] == 0
     assert audit["inputs"]["labels_format"] == "layout:busi" and audit["inputs"]["key"] == "sha256"

@@ -32,7 +32,11 @@ from meddaemon.cli.common import (
     open_database,
     settings_options,
 )
+from meddaemon.daemon.progress import ProgressLines
 from meddaemon.names import shown_name
+
+#: how often a run off a terminal writes its "N of M files" line
+PROGRESS_LINE_SECONDS = 30.0
 
 
 @click.command()
@@ -121,7 +125,7 @@ def evaluate(
     err = Console(stderr=True)
     db = open_database(settings)
     try:
-        with _progress_bar(err, disable=as_json or not err.is_terminal) as progress:
+        with _progress_bar(err, as_json) as progress:
             try:
                 # Ray's driver prints its workers' errors to stdout: with --json, stdout is the JSON alone
                 with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
@@ -216,16 +220,20 @@ def _audit(db: Any, settings: Any, name: str, require: str | None) -> tuple[Any,
 
 
 class _progress_bar:
-    """A rich progress bar fed by the pipeline's progress callback (images/s and ETA)."""
+    """The pipeline's progress callback shown on stderr: a rich bar (images/s and ETA) on a terminal,
+    unless ``--json``; elsewhere (a log file, a CI job) "N of M files" every ``PROGRESS_LINE_SECONDS``
+    and at the end, so a long run is seen to move."""
 
-    def __init__(self, console: Any, disable: bool) -> None:
+    def __init__(self, console: Any, as_json: bool) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
             TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} images/s"),
-            TimeRemainingColumn(), console=console, transient=True, disable=disable,
+            TimeRemainingColumn(), console=console, transient=True, disable=as_json or not console.is_terminal,
         )  # fmt: skip
         self.task = self.bar.add_task("evaluate", total=None, rate="-")
+        self.lines = None if console.is_terminal else ProgressLines(sys.stderr, every=PROGRESS_LINE_SECONDS)
+        self.last: tuple[int, int] | None = None
 
     def __enter__(self) -> Any:
         self.bar.__enter__()
@@ -233,11 +241,16 @@ class _progress_bar:
         def update(progress: Any) -> None:
             rate = f"{progress.images_per_second:.0f}"
             self.bar.update(self.task, completed=progress.done, total=progress.total, rate=rate)
+            self.last = (progress.done, progress.total)
+            if self.lines is not None:
+                self.lines.update(*self.last)
 
         return update
 
     def __exit__(self, *exc: object) -> None:
         self.bar.__exit__(*exc)  # type: ignore[arg-type]
+        if self.lines is not None and self.last is not None:
+            self.lines.finish(*self.last)
 
 
 def _print(summary: dict[str, Any]) -> None:
