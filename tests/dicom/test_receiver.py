@@ -696,20 +696,19 @@ def test_connections_that_have_not_asked_for_an_association_hold_no_place(receiv
 
 
 def test_past_the_connections_let_in_at_once_a_caller_is_refused_saying_so_not_that_places_are_taken(
-    receive: StartReceiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    receive: StartReceiver, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ):
     """Silent connections hold no place, but pynetdicom lets in at most ``dicom_max_associations``
-    + 64 connections at once: past that, with no association open, the refusal said "1
-    associations are open already"."""
+    + ``UNADMITTED_CONNECTIONS`` (64; 3 here) connections at once: past that, with no association
+    open, the refusal said "1 associations are open already"."""
     import socket
 
-    from meddaemon.dicom.receiver import UNADMITTED_CONNECTIONS
+    from meddaemon.dicom import receiver as receiver_module
 
+    monkeypatch.setattr(receiver_module, "UNADMITTED_CONNECTIONS", 3)
     receiver = receive(dicom_max_associations=1)
     [sent] = synthetic_instances(tmp_path / "sent", 1, seed=11)
-    silent = [
-        socket.create_connection(("127.0.0.1", port(receiver)), timeout=10) for _ in range(1 + UNADMITTED_CONNECTIONS)
-    ]
+    silent = [socket.create_connection(("127.0.0.1", port(receiver)), timeout=10) for _ in range(1 + 3)]
     try:
         _wait(lambda: len(receiver._acceptors()) == len(silent), "the silent connections' threads")
         assert pynetdicom_send(port(receiver), [sent]) == [None]
