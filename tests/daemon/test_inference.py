@@ -239,11 +239,16 @@ def test_a_scan_outside_the_models_contract_fails_with_contract_mismatch(daemon:
     write_dicom(daemon.settings.watch / "busi" / "synthetic_ct.dcm", modality="CT", body_part="CHEST")
     daemon.run(once=True)
     with daemon.sessions() as session:
-        reasons = {s.source_name: (s.state, s.failure_reason) for s in session.scalars(select(Scan))}
+        scans = session.scalars(select(Scan)).all()
+        reasons = {s.source_name: (s.state, s.failure_reason, s.task_name) for s in scans}
+        events = select(ScanEvent.state).order_by(ScanEvent.id)
+        steps = {s.source_name: list(session.scalars(events.where(ScanEvent.scan_id == s.id))) for s in scans}
+    # routed to busi, refused by busi's contract: the task is kept, as for a scan that waited for the model
     assert reasons == {
-        "busi/synthetic_tiny.png": ("failed", "contract_mismatch"),
-        "busi/synthetic_ct.dcm": ("failed", "contract_mismatch"),
+        "busi/synthetic_tiny.png": ("failed", "contract_mismatch", "busi"),
+        "busi/synthetic_ct.dcm": ("failed", "contract_mismatch", "busi"),
     }
+    assert steps["busi/synthetic_tiny.png"] == ["registered", "routed", "failed"]
     assert (daemon.settings.failed_dir / "busi" / "synthetic_tiny.png.reason.json").exists()
 
 

@@ -135,14 +135,15 @@ def record_batch(
             continue
         scan = _new_scan(stable, name, intake, now, failed_before.get(sha or ""))
         entries.append(scan)
+        route = intake.route
+        if route is not None and route.task is not None:  # refused by its task's input contract too
+            scan.values.update(task_name=route.task, routed_at=now)
+            scan.step(ScanState.ROUTED, f"{route.task} ({route.why})")
         if intake.failure is not None:
             _fail_new(session, scan, name, intake.failure, destinations, failed_taken)
             continue
-        route = intake.route
         assert route is not None and route.task is not None and sha
         fresh[sha] = scan
-        scan.values.update(task_name=route.task, routed_at=now)
-        scan.step(ScanState.ROUTED, f"{route.task} ({route.why})")
         if route.task in served_tasks:
             scan.values["claimed_by"] = claimed_by
         else:
@@ -341,7 +342,7 @@ def _fail_new(
         ScanState.FAILED,
         v["sha256"],  # type: ignore[arg-type]
         v["size_bytes"] or 0,  # type: ignore[arg-type]
-        None,
+        v.get("task_name"),  # type: ignore[arg-type]
         failure.message,
         failure.reason.value,
         scan.target,
