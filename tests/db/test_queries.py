@@ -54,6 +54,29 @@ def test_status_counts_states_reasons_duplicates_and_recent_throughput(migrated_
     assert summary.as_dict()["total"] == 6
 
 
+def test_the_latest_failures_leave_out_the_ones_retried_whose_retry_rewrote_their_time(migrated_engine):
+    """A retry stamps the failed row (``retried_at``, a ``failed`` step "sent for retry"): it was
+    listed first, at the retry's time, though its new attempt had been scored."""
+    factory = session_factory(migrated_engine)
+    now = utcnow()
+    with transaction(factory) as s:
+        s.add(_scan(1, "failed", failure_reason="contract_mismatch", failure_message="colour", updated_at=now))
+        s.add(
+            _scan(
+                2,
+                "failed",
+                failure_reason="contract_mismatch",
+                failure_message="colour",
+                retried_at=now + timedelta(minutes=1),
+                updated_at=now + timedelta(minutes=1),
+            )
+        )
+    with factory() as s:
+        summary = status_summary(s)
+    assert [f.source_name for f in summary.last_failures] == ["synthetic_1.png"]
+    assert summary.failures_by_reason == {"contract_mismatch": 2}
+
+
 def test_status_of_an_empty_database_is_all_zero(migrated_engine):
     with session_factory(migrated_engine)() as s:
         summary = status_summary(s)

@@ -183,7 +183,7 @@ def _start_web_console(settings: Settings) -> WebServer:
     type=click.IntRange(min=0),
     default=10,
     show_default=True,
-    help="How many of the latest failures to list (0: none).",
+    help="How many of the latest failures not yet retried to list (0: none).",
 )
 @handle_errors
 def status(config_file: Path | None, as_json: bool, recent: int, **flags: object) -> None:

@@ -69,7 +69,10 @@ def status_summary(session: Session, recent: int = 10, now: datetime | None = No
     failures = [
         RecentFailure(s.updated_at, s.source_name, s.failure_reason or "", s.failure_message or "", s.id)
         for s in session.scalars(
-            select(Scan).where(Scan.state == "failed").order_by(Scan.updated_at.desc(), Scan.id.desc()).limit(recent)
+            select(Scan)
+            .where(Scan.state == "failed", Scan.retried_at.is_(None))  # a retried one is another scan's now
+            .order_by(Scan.updated_at.desc(), Scan.id.desc())
+            .limit(recent)
         )
     ]
     first, last = session.execute(select(func.min(Scan.registered_at), func.max(Scan.registered_at))).one()
