@@ -40,6 +40,33 @@ def test_a_folder_of_folders_that_are_not_the_task_s_classes_is_a_folder_of_imag
     assert (cohort.layout, len(cohort.files), cohort.index) == ("images", 2, None)
 
 
+@pytest.mark.parametrize("inner", [("2024", "jan", "feb"), ("STUDY1", "SERIES0", "SERIES1")])
+def test_one_folder_of_folders_that_are_not_the_task_s_classes_is_a_folder_of_images(
+    tmp_path: Path, inner: tuple[str, str, str]
+) -> None:
+    """``archive/2024/{jan,feb}/``, a one-study export's ``STUDY1/SERIES*/``: refused as a folder
+    holding a dataset, ``2024``, though a folder per class only when its folders are the classes."""
+    phantoms = write_phantoms("busi", tmp_path / "busi_SYNTHETIC", count=2, size=32).root
+    root = tmp_path / "archive"
+    top, *folders = inner
+    for folder, image in zip(folders, sorted(phantoms.glob("benign/*).png")), strict=True):
+        (root / top / folder).mkdir(parents=True)
+        shutil.copy(image, root / top / folder / image.name)
+    cohort = read_cohort(root, BUILTIN_TASKS["busi"])
+    assert (cohort.layout, len(cohort.files), cohort.index) == ("images", 2, None)
+    assert cohort.unlabelled_because == f"the folders of {top} are not labels of task 'busi'"
+
+
+def test_one_folder_holding_the_task_s_classes_is_still_refused_naming_the_dataset(tmp_path: Path) -> None:
+    phantoms = write_phantoms("busi", tmp_path / "busi_SYNTHETIC", count=2, size=32).root
+    root = tmp_path / "Downloads"
+    (root / "mine").mkdir(parents=True)
+    for label in ("benign", "malignant"):
+        shutil.copytree(phantoms / label, root / "mine" / label.upper(), ignore=shutil.ignore_patterns("*_mask*"))
+    with pytest.raises(DatasetError, match="holds one folder, mine, which is a folder-per-class dataset"):
+        read_cohort(root, BUILTIN_TASKS["busi"])
+
+
 def test_a_cohort_two_of_whose_files_would_be_stored_under_one_name_is_refused(tmp_path: Path) -> None:
     """A Latin-1 name is stored with its byte written %XX: ``synthetic_\\xe9.png`` and a file really
     named ``synthetic_%E9.png`` were one name to the database, and the run stopped on its unique key

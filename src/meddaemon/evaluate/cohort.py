@@ -20,7 +20,7 @@ from meddaemon.training.datasets import (
     detect_layout,
     load_dataset,
 )
-from meddaemon.training.datasets.folders import is_segmentation_mask
+from meddaemon.training.datasets.folders import class_folders, is_segmentation_mask
 from meddaemon.training.images import image_files
 
 #: The layout name of a folder of images that carries no labels.
@@ -66,28 +66,42 @@ def read_cohort(path: Path, task: TaskSpec) -> Cohort:
     try:
         layout = detect_layout(path)
         index = load_dataset(path, task, layout=layout, check_images=False)
-    except (NestedDataset, UnreadableDataset):
+    except UnreadableDataset:
         raise
+    except NestedDataset as exc:
+        # one folder of folders that are not the task's classes (``archive/2024/{jan,feb}/``, a
+        # study's series) holds images, not a dataset of this task
+        if exc.layout != "folder-per-class" or _are_labels(class_folders(exc.inner), task):
+            raise
+        return _folder_of_images(path, f"the folders of {exc.inner.name} are not labels of task {task.name!r}")
     except DatasetError as exc:
         # a layout its own files tell (a label table, BUSI's classes, IDC's patients): a fault in
         # them is the dataset's, not a folder of images (an archive filed by date is a folder per class)
         if not path.is_dir() or layout not in (None, "folder-per-class"):
             raise
-        with access_errors_named(path):
-            found = list(image_files(path))
-        files = [f for f in found if not is_segmentation_mask(f, path)]
-        if not files:
-            raise DatasetError(path, "holds no image files", "a dataset layout or a folder of images") from None
-        masks = len(found) - len(files)
-        warnings = (
-            (f"{masks} segmentation mask(s) left out (in masks/ folders, or named *_mask.png): not inputs",)
-            if masks
-            else ()
-        )
-        return _one_stored_name_each(Cohort(path, PLAIN_IMAGES, files, None, str(exc), warnings))
+        return _folder_of_images(path, str(exc))
     root = path.parent if path.is_file() else path
     files = list(dict.fromkeys(sample.path.absolute() for sample in index.samples))
     return _one_stored_name_each(Cohort(root, layout, files, index))
+
+
+def _folder_of_images(path: Path, unlabelled_because: str) -> Cohort:
+    """Every image under ``path``, its segmentation masks left out (no inputs), without labels."""
+    with access_errors_named(path):
+        found = list(image_files(path))
+    files = [f for f in found if not is_segmentation_mask(f, path)]
+    if not files:
+        raise DatasetError(path, "holds no image files", "a dataset layout or a folder of images") from None
+    masks = len(found) - len(files)
+    left_out = f"{masks} segmentation mask(s) left out (in masks/ folders, or named *_mask.png): not inputs"
+    warnings = (left_out,) if masks else ()
+    return _one_stored_name_each(Cohort(path, PLAIN_IMAGES, files, None, unlabelled_because, warnings))
+
+
+def _are_labels(folders: list[Path], task: TaskSpec) -> bool:
+    """Whether every folder is named for a label of ``task`` (any case, as a folder per class reads them)."""
+    labels = {label.lower() for label in task.labels}
+    return all(folder.name.lower() in labels for folder in folders)
 
 
 def _one_stored_name_each(cohort: Cohort) -> Cohort:

@@ -60,7 +60,13 @@ EXPECTED = (
 
 class NestedDataset(DatasetError):
     """``path`` holds nothing but a dataset one level down (``Downloads/Dataset_BUSI_with_GT/``):
-    the user meant that dataset, not a folder of images holding it."""
+    the user meant that dataset (``inner``, read as ``layout``), not a folder of images holding it."""
+
+    def __init__(self, path: Path, inner: Path, layout: str) -> None:
+        problem = f"holds one folder, {inner.name}, which is a {layout} dataset"
+        super().__init__(path, problem, f"the dataset root {inner}")
+        self.inner = inner
+        self.layout = layout
 
 
 def detect_layout(path: Path) -> str:
@@ -104,7 +110,7 @@ def _refuse_wrapper_folder(path: Path, only: Path) -> None:
         return
     if inner == "folder-per-class" and len(class_folders(only)) < 2:
         return
-    raise NestedDataset(path, f"holds one folder, {only.name}, which is a {inner} dataset", f"the dataset root {only}")
+    raise NestedDataset(path, only, inner)
 
 
 def _is_busi(folders: list[Path]) -> bool:
