@@ -371,6 +371,41 @@ def test_the_claim_on_a_file_whose_move_is_committed_outlives_its_lost_daemon(se
         assert claim.done_at is not None and claim.daemon_id is None
 
 
+def test_on_postgresql_claims_whose_move_commits_while_their_daemon_is_released_are_kept(postgres_url, tmp_path):
+    """The lost daemon's record (its claims locked, its scans' moves planned) was frozen on its way
+    to the server and committed as another daemon released it: the release waited for the claims,
+    re-read them but not the moves pending, which its statement had read before the commit, and
+    dropped the claims, so the files were claimed again as they moved and failed as vanished."""
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    factory = session_factory(engine)
+    with transaction(factory) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    frozen = join(factory, "node-frozen", lease_seconds=1.0)
+    sources = [tmp_path / "inbox" / "busi" / f"synthetic_{n}.png" for n in range(3)]
+    with transaction(factory) as session:
+        assert claims.claim_inbox_files(session, frozen.daemon_id, [inbox_file(p) for p in sources])
+    recording = factory()
+    recording.begin()
+    assert claims.held_inbox_files(recording, frozen.daemon_id, sources) == {str(p) for p in sources}
+    for n, source in enumerate(sources):
+        add_scan(recording, n, pending_move_from=str(source), claimed_by=frozen.daemon_id)
+    time.sleep(1.3)
+    other = join(factory, "node-b")
+    released: list[claims.Released] = []
+    releasing = threading.Thread(target=lambda: released.extend(x.released for x in look_for_lost(factory, other)))
+    releasing.start()
+    time.sleep(0.5)  # the release is waiting for the record's locks
+    assert releasing.is_alive()
+    recording.commit()
+    recording.close()
+    releasing.join(30)
+    assert released == [claims.Released(scans=3, inbox_files=0, kept_for_moves=3)]
+    with factory() as session:
+        assert session.scalar(select(func.count()).select_from(InboxClaim).where(InboxClaim.daemon_id.is_(None))) == 3
+    engine.dispose()
+
+
 def test_two_scans_of_one_name_are_archived_under_two_names_before_either_file_moved(sessions, tmp_path, monkeypatch):
     """The archive's day is fixed: on the real clock, midnight between the two claims would file the
     second scan under the next day's folder, by its own name."""

@@ -214,6 +214,14 @@ def release_daemons(session: Session, daemon_ids: Collection[int]) -> Released:
     ids = list(daemon_ids)
     if not ids:
         return Released()
+    # First wait for a transaction of theirs still holding their claims (a record frozen on its way
+    # to the server): under READ COMMITTED a statement that waited for a row re-reads that row but
+    # not its subqueries, and the claims of moves committed meanwhile were dropped as though none
+    # were pending (a file moved, then claimed again and failed as vanished). The statements after
+    # this one see what that transaction committed.
+    session.execute(
+        select(InboxClaim.path).where(InboxClaim.daemon_id.in_(ids), InboxClaim.done_at.is_(None)).with_for_update()
+    )
     scans = session.execute(update(Scan).where(Scan.claimed_by.in_(ids)).values(claimed_by=None))
     moving = union(
         select(Scan.pending_move_from).where(Scan.pending_move_from.is_not(None)),
