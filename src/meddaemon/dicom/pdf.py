@@ -113,7 +113,6 @@ def _encapsulate(
     ds.SOPClassUID = ENCAPSULATED_PDF_STORAGE
     ds.SOPInstanceUID = instance_uid
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.SpecificCharacterSet = source.get("SpecificCharacterSet", "ISO_IR 192")
     copy_patient_and_study(source, ds)  # with every type-2 one, empty where the source had none (read_source)
     ds.StudyInstanceUID = source.StudyInstanceUID
     # Encapsulated Document Series
@@ -148,4 +147,8 @@ def _encapsulate(
     ds.SourceInstanceSequence = DicomSequence(references)
     ds.ContributingEquipmentSequence = DicomSequence(list(equipment))
     ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
+    if "SpecificCharacterSet" in source:
+        ds.SpecificCharacterSet = source.SpecificCharacterSet
+    elif not all(not isinstance(element.value, str) or element.value.isascii() for element in ds.iterall()):
+        ds.SpecificCharacterSet = "ISO_IR 192"  # its own text outside the default repertoire (a custom task's name)
     return ds
