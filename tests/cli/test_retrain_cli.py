@@ -300,7 +300,7 @@ def test_a_class_whose_every_image_is_unreadable_exits_2_naming_it_before_traini
     state = upgraded(tmp_path / "s")
     result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--promote"])
     assert result.exit_code == 2, result.output
-    assert "class 'malignant' has no readable images: all 1 were skipped" in result.output
+    assert "class 'malignant' has no usable images: all 1 were skipped" in result.output
     assert f"malignant/{malignant[0].name}: unreadable image" in result.output
     assert not (tmp_path / "s" / "training").exists() or not any((tmp_path / "s" / "training").rglob("*.safetensors"))
 

@@ -406,6 +406,43 @@ def test_on_postgresql_claims_whose_move_commits_while_their_daemon_is_released_
     engine.dispose()
 
 
+def test_on_postgresql_a_release_locks_scans_then_claims_as_a_daemon_finishing_its_moves_does(postgres_url, tmp_path):
+    """A lost daemon woken in ``clear_pending`` (its scan updated, its claim next) while another
+    released it: the release, locking the claims before the scans, met it in a deadlock."""
+    engine = create_db_engine(postgres_url)
+    upgrade(engine)
+    factory = session_factory(engine)
+    with transaction(factory) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    woken = join(factory, "node-woken", lease_seconds=1.0)
+    source = tmp_path / "inbox" / "busi" / "synthetic_1.png"
+    with transaction(factory) as session:
+        claims.claim_inbox_files(session, woken.daemon_id, [inbox_file(source)])
+        scan = add_scan(session, 1, ScanState.ARCHIVED, pending_move_from=str(source), claimed_by=woken.daemon_id)
+    time.sleep(1.3)
+    finishing = factory()
+    finishing.begin()
+    finishing.execute(update(Scan).where(Scan.id == scan.id).values(pending_move_from=None))
+    other = join(factory, "node-b")
+    errors: list[Exception] = []
+
+    def release() -> None:
+        try:
+            look_for_lost(factory, other)
+        except Exception as exc:
+            errors.append(exc)
+
+    releasing = threading.Thread(target=release)
+    releasing.start()
+    time.sleep(0.5)  # the release is waiting for the scan's lock
+    claims.finish_inbox_files(finishing, [source])
+    finishing.commit()
+    finishing.close()
+    releasing.join(30)
+    assert errors == []
+    engine.dispose()
+
+
 def test_two_scans_of_one_name_are_archived_under_two_names_before_either_file_moved(sessions, tmp_path, monkeypatch):
     """The archive's day is fixed: on the real clock, midnight between the two claims would file the
     second scan under the next day's folder, by its own name."""

@@ -697,6 +697,25 @@ def test_every_object_keeps_the_patient_s_name_in_its_character_set_and_a_sex_on
         ), key
 
 
+def test_the_pdf_of_a_source_with_an_undeclared_accented_name_declares_utf_8_and_stays_valid(
+    tmp_path: Path, label_files: LabelResult
+):
+    """Declaring its source's set, none here, the PDF wrote the name's bytes undeclared (a name is
+    no ``str`` to a check of its text) and dciodvfy refused the name's characters."""
+    path = write_dicom(tmp_path / "source.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    ds.pop("SpecificCharacterSet", None)
+    ds.PatientName = "SYNTHETIC M\u00fcller^J\u00fcrgen"
+    ds.save_as(path)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+    [(_, built)] = build_objects(facts, ("pdf",), b"%PDF-1.4\n%%EOF\n", False)
+    written = tmp_path / "pdf.dcm"
+    built.save_as(written, enforce_file_format=True)
+    back = pydicom.dcmread(written)
+    assert (back.SpecificCharacterSet, str(back.PatientName)) == ("ISO_IR 192", "SYNTHETIC M\u00fcller^J\u00fcrgen")
+    assert dciodvfy_errors(written) == []
+
+
 @pytest.mark.parametrize(
     ("charset", "labels"),
     [

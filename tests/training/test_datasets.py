@@ -503,10 +503,10 @@ def test_a_class_whose_every_image_is_unreadable_is_an_empty_class_naming_them(t
         write_png(tmp_path / "covid" / f"{n}.png", pixels(n))
     (tmp_path / "normal").mkdir()
     (tmp_path / "normal" / "only.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    with pytest.raises(DatasetError, match="class 'normal' has no readable images: all 1 were skipped") as caught:
+    with pytest.raises(DatasetError, match="class 'normal' has no usable images: all 1 were skipped") as caught:
         load_dataset(tmp_path, BUILTIN_TASKS["covid"])
     assert "normal/only.png: unreadable image" in str(caught.value)
-    assert caught.value.expected == "readable images of every class"
+    assert caught.value.expected == "usable images of every class"
 
 
 def test_a_multilabel_finding_whose_every_image_is_unreadable_is_warned_about(tmp_path: Path) -> None:
@@ -516,7 +516,7 @@ def test_a_multilabel_finding_whose_every_image_is_unreadable_is_warned_about(tm
     (tmp_path / "images" / "00000099_000.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (tmp_path / "Data_Entry_2017.csv").write_text(ENTRY_HEADER + "\n".join(rows) + "\n")
     index = load_dataset(tmp_path, BUILTIN_TASKS["chestxray14"])
-    assert "no readable image is labelled Hernia: all 1 were skipped" in index.warnings
+    assert "no usable image is labelled Hernia: all 1 were skipped" in index.warnings
 
 
 def test_objects_that_are_no_images_are_listed_apart_and_never_refuse_the_dataset(tmp_path: Path) -> None:

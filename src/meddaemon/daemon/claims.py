@@ -214,15 +214,18 @@ def release_daemons(session: Session, daemon_ids: Collection[int]) -> Released:
     ids = list(daemon_ids)
     if not ids:
         return Released()
-    # First wait for a transaction of theirs still holding their claims (a record frozen on its way
+    release_scans = update(Scan).where(Scan.claimed_by.in_(ids)).values(claimed_by=None)
+    scans = session.execute(release_scans).rowcount  # type: ignore[attr-defined]
+    # Then wait for a transaction of theirs still holding their claims (a record frozen on its way
     # to the server): under READ COMMITTED a statement that waited for a row re-reads that row but
     # not its subqueries, and the claims of moves committed meanwhile were dropped as though none
     # were pending (a file moved, then claimed again and failed as vanished). The statements after
-    # this one see what that transaction committed.
+    # this one see what that transaction committed: its scans are released too. Scans before
+    # claims, the order in which a daemon's own transactions lock them (``clear_pending``).
     session.execute(
         select(InboxClaim.path).where(InboxClaim.daemon_id.in_(ids), InboxClaim.done_at.is_(None)).with_for_update()
     )
-    scans = session.execute(update(Scan).where(Scan.claimed_by.in_(ids)).values(claimed_by=None))
+    scans += session.execute(release_scans).rowcount  # type: ignore[attr-defined]
     moving = union(
         select(Scan.pending_move_from).where(Scan.pending_move_from.is_not(None)),
         select(DuplicateArrival.pending_move_from).where(DuplicateArrival.pending_move_from.is_not(None)),
@@ -233,4 +236,4 @@ def release_daemons(session: Session, daemon_ids: Collection[int]) -> Released:
         .values(daemon_id=None)
     )
     dropped = session.execute(delete(InboxClaim).where(InboxClaim.daemon_id.in_(ids), InboxClaim.done_at.is_(None)))
-    return Released(scans.rowcount, dropped.rowcount, kept.rowcount)  # type: ignore[attr-defined]
+    return Released(scans, dropped.rowcount, kept.rowcount)  # type: ignore[attr-defined]

@@ -18,8 +18,10 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
+from pydicom.valuerep import PersonName
 
 from meddaemon import MANUFACTURER
 from meddaemon.dicom import uids
@@ -149,6 +151,15 @@ def _encapsulate(
     ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
     if "SpecificCharacterSet" in source:
         ds.SpecificCharacterSet = source.SpecificCharacterSet
-    elif not all(not isinstance(element.value, str) or element.value.isascii() for element in ds.iterall()):
-        ds.SpecificCharacterSet = "ISO_IR 192"  # its own text outside the default repertoire (a custom task's name)
+    elif not _in_default_repertoire(ds):  # a custom task's name, a source's undeclared accented name
+        ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
+
+
+def _in_default_repertoire(ds: Dataset) -> bool:
+    """Whether every text value of ``ds`` (names and each of several values too) is ASCII."""
+    for element in ds.iterall():
+        values = element.value if isinstance(element.value, (list, MultiValue)) else [element.value]
+        if any(isinstance(value, (str, PersonName)) and not str(value).isascii() for value in values):
+            return False
+    return True

@@ -210,14 +210,14 @@ def _require_labels_still_held(
         if not count or after.get(label) or label == NO_FINDING:
             continue
         if index.kind == "multilabel":
-            index.warnings.append(f"no readable image is labelled {label}: all {count} were skipped")
+            index.warnings.append(f"no usable image is labelled {label}: all {count} were skipped")
             continue
         why = [f"{index.relative(s.path)}: {reasons[s.path]}" for s in samples if label in s.labels]
         shown = "; ".join(why[:3]) + ("; ..." if len(why) > 3 else "")
         raise DatasetError(
             index.root,
-            f"class {label!r} has no readable images: all {count} were skipped ({shown})",
-            "readable images of every class",
+            f"class {label!r} has no usable images: all {count} were skipped ({shown})",
+            "usable images of every class",
         )
 
 
