@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+from subprocess import PIPE
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -223,7 +224,7 @@ from meddaemon.db.migrate import upgrade
 engine = create_db_engine(sys.argv[1])
 while not Path(sys.argv[2]).exists():
     time.sleep(0.005)
-upgrade(engine)
+print(upgrade(engine))
 """
 
 
@@ -232,13 +233,16 @@ def test_daemons_starting_together_on_a_new_database_upgrade_it_once_and_all_go_
     on PostgreSQL all but one failed on the objects the first had just created (a traceback, exit 1)."""
     go = tmp_path / "go"
     daemons = [
-        subprocess.Popen([sys.executable, "-c", UPGRADING, db_url, str(go)], stderr=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", UPGRADING, db_url, str(go)], stdout=PIPE, stderr=PIPE, text=True)
         for _ in range(3)
     ]
     time.sleep(3)  # each has imported meddaemon and waits
     go.touch()
-    errors = [daemon.communicate(timeout=120)[1] for daemon in daemons]
-    assert [daemon.returncode for daemon in daemons] == [0, 0, 0], errors
+    outputs = [daemon.communicate(timeout=120) for daemon in daemons]
+    assert [daemon.returncode for daemon in daemons] == [0, 0, 0], [err for _, err in outputs]
+    # each returns the revision it found under the lock, `medcli db upgrade`'s "was": one found none
+    # (the command read it before the lock, and all three said "was empty")
+    assert sorted(out.strip() for out, _ in outputs) == sorted(["None", head_revision(), head_revision()])
     engine = create_db_engine(db_url)
     require_current(engine)
     engine.dispose()

@@ -28,7 +28,7 @@ from meddaemon.cli.retry import retry
 from meddaemon.cli.synth import synth
 from meddaemon.config import prepare_state_dir
 from meddaemon.db.engine import create_db_engine, session_factory
-from meddaemon.db.migrate import current_revision, head_revision, upgrade
+from meddaemon.db.migrate import head_revision, upgrade
 from meddaemon.db.models import Scan
 from meddaemon.names import shown_name
 from meddaemon.states import PERSISTED
@@ -54,8 +54,7 @@ def db_upgrade(config_file: Path | None, **flags: object) -> None:
     if not settings.db:  # the database in the state folder: one it cannot keep its state in is exit 2, as `start`
         prepare_state_dir(settings)
     engine = create_db_engine(settings.db_url, settings.busy_timeout)
-    before = current_revision(engine)
-    upgrade(engine)
+    before = upgrade(engine)
     click.echo(f"schema at revision {head_revision()} (was {before or 'empty'})")
 
 

@@ -94,8 +94,9 @@ def current_revision(engine: Engine) -> str | None:
 UPGRADE_LOCK = 0x6D6564_6462  # "meddb"
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision``; refuse a database that is ahead of this code.
+def upgrade(engine: Engine, revision: str = "head") -> str | None:
+    """Bring the schema to ``revision``; refuse a database that is ahead of this code. Returns the
+    revision it was at (None: empty), read under the lock: another upgrade may have done the work.
 
     One upgrade at a time: daemons started together on several hosts each upgraded a new
     PostgreSQL database, and all but the first failed on the objects it had just created. The
@@ -114,6 +115,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
             )
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+    return current
 
 
 def database_location(url: str) -> str:
