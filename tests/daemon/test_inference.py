@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 
 from daemon_rows import add_scan
 from meddaemon.config import load_settings
-from meddaemon.daemon import bookkeeper
+from meddaemon.daemon import bookkeeper, filing
 from meddaemon.daemon.bookkeeper import HeatmapFile
 from meddaemon.daemon.inference import InferenceStage, write_heatmap_files
 from meddaemon.daemon.intake import IntakeContext
@@ -250,6 +250,26 @@ def test_a_scan_outside_the_models_contract_fails_with_contract_mismatch(daemon:
     }
     assert steps["busi/synthetic_tiny.png"] == ["registered", "routed", "failed"]
     assert (daemon.settings.failed_dir / "busi" / "synthetic_tiny.png.reason.json").exists()
+
+
+def test_each_file_s_line_is_logged_as_its_row_is_committed_before_its_move(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """A daemon killed while it moved a batch out of the inbox (a long copy to another file system)
+    had logged nothing of it: the lines came after the moves, and recovery finishes them unnamed."""
+
+    class Killed(BaseException):
+        pass
+
+    def killed_mid_move(*args: object, **kwargs: object) -> None:
+        raise Killed
+
+    monkeypatch.setattr(filing, "finish_move", killed_mid_move)
+    (daemon.settings.watch / "busi").mkdir(parents=True, exist_ok=True)
+    (daemon.settings.watch / "busi" / "synthetic_junk.png").write_bytes(b"SYNTHETIC, no image")
+    with caplog.at_level(logging.INFO), pytest.raises(Killed):
+        daemon.run(once=True)
+    assert "busi/synthetic_junk.png -> failed: unrecognised_format" in caplog.text
 
 
 def test_a_model_damaged_after_promotion_is_refused_and_its_scans_wait(daemon: Daemon, tmp_path: Path, caplog):

@@ -430,13 +430,16 @@ class IntakeStage(Stage):
             self.tracker.observe(path)
         for path in left_alone:
             self.tracker.forget(path)
+        # each file's line as its row is committed: a daemon killed in a long move (a copy to another
+        # file system) had said nothing of the batch, and recovery finishes the moves without names
+        for outcome in record_.outcomes:
+            log_outcome(outcome)
         self.carry_out(record_.moves)
         self.stats.count(record_)
         for outcome in record_.outcomes:
             self.metrics.files_recorded(outcome.state, outcome.reason)
         by_name = {str(name): (stable, intake) for stable, name, intake in batch}
         for outcome in record_.outcomes:
-            log_outcome(outcome)
             stable, intake = by_name[outcome.source_name]
             if outcome.state == "routed" and outcome.scan_id is not None and intake.model_input is not None:
                 self.inference.enqueue(

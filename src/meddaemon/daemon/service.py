@@ -63,6 +63,7 @@ from meddaemon.db.migrate import upgrade
 from meddaemon.engine.decode import decodable_transfer_syntaxes
 from meddaemon.files import file_identity
 from meddaemon.logs import quiet_value_quoting_libraries
+from meddaemon.names import shown_name
 
 __all__ = ["Daemon", "LeaseLost", "RunStats"]
 
@@ -471,7 +472,8 @@ class Daemon:
         due = self._commit(lambda session: bookkeeper.moves_still_due(session, moves, self.destinations, me))
         for move in moves:
             if move not in due:
-                log.info("move of %s to %s: no longer this daemon's to make; skipped", move.source.name, move.target)
+                skipped = "move of %s to %s: no longer this daemon's to make; skipped"
+                log.info(skipped, shown_name(move.source), move.target)
                 self.tracker.forget(move.source)
                 self.read_as.pop(move.source, None)
         done: list[PlannedMove] = []
@@ -496,7 +498,7 @@ class Daemon:
                     self.read_as[move.source] = move.read_as
                 continue
             if move.source in self.blocked:
-                log.info("moved %s to %s, blocked before", move.source.name, move.target)
+                log.info("moved %s to %s, blocked before", shown_name(move.source), move.target)
             if outcome in (filing.MoveOutcome.LOST, filing.MoveOutcome.REPLACED):
                 not_kept.append(move)
                 if move.reason_document is not None:  # written for a file that is not coming
