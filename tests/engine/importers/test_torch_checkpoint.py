@@ -45,7 +45,7 @@ def inputs(channels: int, batch: int = 3, seed: int = 0) -> torch.Tensor:
         ("vgg16", "model_state_dict"),
         ("resnet18", "safetensors"),
         ("resnet18", "torchvision reference"),
-        ("vgg16", "torch.compile"),
+        ("resnet18", "torch.compile"),
         ("resnet18", "torch.compile of DataParallel"),
     ],
 )
