@@ -371,29 +371,25 @@ def test_the_claim_on_a_file_whose_move_is_committed_outlives_its_lost_daemon(se
         assert claim.done_at is not None and claim.daemon_id is None
 
 
-def test_on_postgresql_claims_whose_move_commits_while_their_daemon_is_released_are_kept(postgres_url, tmp_path):
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_on_postgresql_claims_whose_move_commits_while_their_daemon_is_released_are_kept(sessions, tmp_path):
     """The lost daemon's record (its claims locked, its scans' moves planned) was frozen on its way
     to the server and committed as another daemon released it: the release waited for the claims,
     re-read them but not the moves pending, which its statement had read before the commit, and
     dropped the claims, so the files were claimed again as they moved and failed as vanished."""
-    engine = create_db_engine(postgres_url)
-    upgrade(engine)
-    factory = session_factory(engine)
-    with transaction(factory) as session:
-        bookkeeper.ensure_tasks(session, all_tasks({}))
-    frozen = join(factory, "node-frozen", lease_seconds=1.0)
+    frozen = join(sessions, "node-frozen", lease_seconds=1.0)
     sources = [tmp_path / "inbox" / "busi" / f"synthetic_{n}.png" for n in range(3)]
-    with transaction(factory) as session:
+    with transaction(sessions) as session:
         assert claims.claim_inbox_files(session, frozen.daemon_id, [inbox_file(p) for p in sources])
-    recording = factory()
+    recording = sessions()
     recording.begin()
     assert claims.held_inbox_files(recording, frozen.daemon_id, sources) == {str(p) for p in sources}
     for n, source in enumerate(sources):
         add_scan(recording, n, pending_move_from=str(source), claimed_by=frozen.daemon_id)
     time.sleep(1.3)
-    other = join(factory, "node-b")
+    other = join(sessions, "node-b")
     released: list[claims.Released] = []
-    releasing = threading.Thread(target=lambda: released.extend(x.released for x in look_for_lost(factory, other)))
+    releasing = threading.Thread(target=lambda: released.extend(x.released for x in look_for_lost(sessions, other)))
     releasing.start()
     time.sleep(0.5)  # the release is waiting for the record's locks
     assert releasing.is_alive()
@@ -401,34 +397,29 @@ def test_on_postgresql_claims_whose_move_commits_while_their_daemon_is_released_
     recording.close()
     releasing.join(30)
     assert released == [claims.Released(scans=3, inbox_files=0, kept_for_moves=3)]
-    with factory() as session:
+    with sessions() as session:
         assert session.scalar(select(func.count()).select_from(InboxClaim).where(InboxClaim.daemon_id.is_(None))) == 3
-    engine.dispose()
 
 
-def test_on_postgresql_a_release_locks_scans_then_claims_as_a_daemon_finishing_its_moves_does(postgres_url, tmp_path):
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_on_postgresql_a_release_locks_scans_then_claims_as_a_daemon_finishing_its_moves_does(sessions, tmp_path):
     """A lost daemon woken in ``clear_pending`` (its scan updated, its claim next) while another
     released it: the release, locking the claims before the scans, met it in a deadlock."""
-    engine = create_db_engine(postgres_url)
-    upgrade(engine)
-    factory = session_factory(engine)
-    with transaction(factory) as session:
-        bookkeeper.ensure_tasks(session, all_tasks({}))
-    woken = join(factory, "node-woken", lease_seconds=1.0)
+    woken = join(sessions, "node-woken", lease_seconds=1.0)
     source = tmp_path / "inbox" / "busi" / "synthetic_1.png"
-    with transaction(factory) as session:
+    with transaction(sessions) as session:
         claims.claim_inbox_files(session, woken.daemon_id, [inbox_file(source)])
         scan = add_scan(session, 1, ScanState.ARCHIVED, pending_move_from=str(source), claimed_by=woken.daemon_id)
     time.sleep(1.3)
-    finishing = factory()
+    finishing = sessions()
     finishing.begin()
     finishing.execute(update(Scan).where(Scan.id == scan.id).values(pending_move_from=None))
-    other = join(factory, "node-b")
+    other = join(sessions, "node-b")
     errors: list[Exception] = []
 
     def release() -> None:
         try:
-            look_for_lost(factory, other)
+            look_for_lost(sessions, other)
         except Exception as exc:
             errors.append(exc)
 
@@ -440,7 +431,6 @@ def test_on_postgresql_a_release_locks_scans_then_claims_as_a_daemon_finishing_i
     finishing.close()
     releasing.join(30)
     assert errors == []
-    engine.dispose()
 
 
 def test_two_scans_of_one_name_are_archived_under_two_names_before_either_file_moved(sessions, tmp_path, monkeypatch):

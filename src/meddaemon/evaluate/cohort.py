@@ -91,7 +91,7 @@ def _folder_of_images(path: Path, unlabelled_because: str) -> Cohort:
         found = list(image_files(path))
     files = [f for f in found if not is_segmentation_mask(f, path)]
     if not files:
-        raise DatasetError(path, "holds no image files", "a dataset layout or a folder of images") from None
+        raise DatasetError(path, "holds no image files", "a dataset layout or a folder of images")
     masks = len(found) - len(files)
     left_out = f"{masks} segmentation mask(s) left out (in masks/ folders, or named *_mask.png): not inputs"
     warnings = (left_out,) if masks else ()
