@@ -263,8 +263,12 @@ def test_a_promote_from_the_console_waits_for_a_cli_holding_the_task_and_is_done
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
         )
         deadline = time.monotonic() + 30
-        while conn.execute(text(waiting)).scalar() == 0 and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            with cli.connect() as probe:  # pg_stat_activity is a snapshot per transaction: not conn's
+                if probe.execute(text(waiting)).scalar():
+                    break
             time.sleep(0.05)
+        assert posted.is_alive(), "the console's promote ended while the CLI held the task"
         try:
             conn.execute(text("SELECT id FROM model_versions WHERE version = 'v2' FOR UPDATE"))  # as a retire would
             transaction_.commit()
