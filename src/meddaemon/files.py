@@ -108,6 +108,40 @@ def write_atomically(
         fsync_dir(path.parent)
 
 
+def write_named_output(path: Path, data: bytes) -> None:
+    """Write a file a user named on the command line (``--csv``, ``--pdf``, ``--out``): through a
+    symbolic link (the link stays, its target is written), into a pipe or a device as it stands
+    (a FIFO, ``/dev/stdout``), otherwise whole or not at all. Renamed over, a link or a pipe was
+    replaced by a regular file and what was written never reached its reader."""
+    target = output_target(path)
+    if target.exists() and not target.is_file():
+        with target.open("wb") as out:
+            out.write(data)
+        return
+    write_atomically(target, data, durable=True)
+
+
+def check_named_output(path: Path) -> None:
+    """Raise the OSError that writing ``path`` with ``write_named_output`` would meet at its start:
+    its folder made, a temporary of this process's own created and removed beside it (never a
+    name a user's file may hold); a pipe or device only checked for write permission (opening a
+    pipe would wait for its reader)."""
+    target = output_target(path)
+    if target.exists() and not target.is_file():
+        if not os.access(target, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+        return
+    make_folders(target.parent)
+    probe = temporary_path(target)
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    probe.unlink()
+
+
+def output_target(path: Path) -> Path:
+    """The file ``path`` names: the end of its chain of symbolic links (a dangling link's target)."""
+    return path.resolve() if path.is_symlink() else path
+
+
 def _write_all(fd: int, buffers: Sequence[Buffer]) -> None:
     """Every byte of ``buffers``, in order, with ``writev`` (again from where a short write stopped)."""
     views = [_bytes_view(memoryview(buffer)) for buffer in buffers]

@@ -451,3 +451,88 @@ def test_a_subgroup_level_is_shown_as_written_in_the_table_and_the_pdf(busi, tmp
     forest = next(p.extract_text() for p in PdfReader(str(pdf)).pages if "Subgroup forest plot" in p.extract_text())
     assert f"benign: site={level}" in forest
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_outputs_named_through_a_link_are_written_to_its_target_and_the_link_stays(busi, tmp_path):
+    """They were written under a temporary name renamed over the link: the link became a file of its
+    own and the file it pointed at kept its old contents."""
+    db_url, labels, _, _ = busi
+    (tmp_path / "runs").mkdir()
+    named = {}
+    for option, name in (("--csv", "latest.csv"), ("--pdf", "latest.pdf")):
+        target = tmp_path / "runs" / name
+        target.write_bytes(b"old")
+        link = tmp_path / name
+        link.symlink_to(target)
+        named[option] = (link, target)
+    outputs = [part for option, (link, _) in named.items() for part in (option, str(link))]
+    result = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", *outputs)
+    assert result.exit_code == 0, result.output
+    for link, target in named.values():
+        assert link.is_symlink() and link.resolve() == target
+    assert next(csv.DictReader(named["--csv"][1].open()))["scope"] == "overall"
+    assert named["--pdf"][1].read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_csv_named_as_a_pipe_is_written_into_it(busi, tmp_path):
+    """Renamed over the pipe, the CSV became a regular file there, its reader got nothing, and the
+    audit said it had written it (exit 0)."""
+    import os
+    import stat
+    import threading
+
+    db_url, labels, _, _ = busi
+    pipe = tmp_path / "audit.csv"
+    os.mkfifo(pipe)
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append(pipe.read_text()), daemon=True)
+    reader.start()
+    result = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--csv", str(pipe))
+    reader.join(30)
+    assert result.exit_code == 0, result.output
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    assert read and next(csv.DictReader(read[0].splitlines()))["scope"] == "overall"
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_file_of_the_user_s_named_as_an_output_plus_tmp_is_kept(busi, tmp_path):
+    """The check that an output can be written truncated and removed ``<output>.tmp``."""
+    db_url, labels, _, _ = busi
+    notes = [tmp_path / "audit.csv.tmp", tmp_path / "audit.pdf.tmp"]
+    for note in notes:
+        note.write_text("my notes")
+    outputs = ["--csv", str(tmp_path / "audit.csv"), "--pdf", str(tmp_path / "audit.pdf")]
+    result = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", *outputs)
+    assert result.exit_code == 0, result.output
+    assert [note.read_text() for note in notes] == ["my notes", "my notes"]
+    assert sorted(p.name for p in tmp_path.glob("audit.*")) == [
+        "audit.csv",
+        "audit.csv.tmp",
+        "audit.pdf",
+        "audit.pdf.tmp",
+    ]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_finding_no_scan_is_labelled_for_is_undefined_in_the_pdf_as_in_the_json_never_nan(
+    migrated_engine, db_url, tmp_path
+):
+    """A labels file without one finding's column: the PDF printed its AUPRC baseline as "nan"."""
+    cohort = synthetic_cohort(migrated_engine, "chestxray14", 120, seed=2)
+    kept = [label for label in cohort.labels if label != "Atelectasis"]
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", *kept])
+        for i, name in enumerate(cohort.names):
+            w.writerow([name.split("/")[-1], *(int(cohort.truth[i, cohort.labels.index(k)]) for k in kept)])
+    pdf = tmp_path / "audit.pdf"
+    result = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--json", "--pdf", str(pdf))
+    assert result.exit_code == 0, result.output
+    atelectasis = next(entry for entry in json.loads(result.stdout)["labels"] if entry["label"] == "Atelectasis")
+    assert atelectasis["auprc"]["value"] is None
+    text = "\n".join(page.extract_text() for page in PdfReader(str(pdf)).pages)
+    assert "Atelectasis" in text
+    assert not re.search(r"\bnan\b", text, re.IGNORECASE), text[:2000]

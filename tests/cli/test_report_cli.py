@@ -116,3 +116,23 @@ def test_a_de_identified_study_report_still_says_its_scans_name_different_patien
     assert "The scans of this study name 2 different patients (left out of this de-identified report)" in text
     assert "SYNTHETIC^OTHER" not in text and "SYNTH-OTHER-ID" not in text
     assert not any(phi in text for phi in PHI_STRINGS)
+
+
+def test_reports_written_out_through_a_link_reach_its_target_and_the_link_stays(state: Daemon, tmp_path: Path):
+    """Each was written under a temporary name renamed over the link: the link became a file of its
+    own and the file it pointed at kept its old contents."""
+    scan = a_scan(state, "synthetic_study_0.dcm")
+    (tmp_path / "kept").mkdir()
+    commands = {
+        "scan": ["report", str(scan.id)],
+        "study": ["report", "study", STUDY_UID],
+        "summary": ["report", "summary", "--since", "7d"],
+    }
+    for kind, command in commands.items():
+        target = tmp_path / "kept" / f"{kind}.pdf"
+        target.write_bytes(b"old")
+        link = tmp_path / f"latest-{kind}.pdf"
+        link.symlink_to(target)
+        run(state, *command, "--out", str(link))
+        assert link.is_symlink() and link.resolve() == target, kind
+        assert read_pdf(target)[1] >= 1, kind

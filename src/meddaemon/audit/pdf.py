@@ -7,6 +7,7 @@ fonts are embedded as TrueType so the text can be searched and extracted.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,10 +107,10 @@ def _summary(result: AuditResult, lines: list[str]) -> Figure:
     header = ["label", "n", "pos", "AUC", "sensitivity", "specificity", "PPV", "NPV", "AUPRC (base)", "Brier", "ECE"]
     body = []
     for m in result.analysis.overall:
-        base = m.prevalence.value if isinstance(m.prevalence, Estimate) else float("nan")
+        base = f"{m.prevalence.value:.3f}" if isinstance(m.prevalence, Estimate) else "undefined"
         body.append([
             m.label, str(m.n), str(m.positives), _fmt(m.auc), _fmt(m.sensitivity), _fmt(m.specificity),
-            _fmt(m.ppv), _fmt(m.npv), f"{_fmt(m.auprc)} ({base:.3f})", _fmt(m.brier), _fmt(m.ece),
+            _fmt(m.ppv), _fmt(m.npv), f"{_fmt(m.auprc)} ({base})", _fmt(m.brier), _fmt(m.ece),
         ])  # fmt: skip
     table = ax.table(cellText=body, colLabels=header, loc="upper center", cellLoc="center")
     table.auto_set_font_size(False)
@@ -260,22 +261,12 @@ def _matrix(ax: Axes, matrix: np.ndarray, names: list[str]) -> None:
     ax.set_ylabel("truth", fontsize=7)
 
 
-def write_pdf(result: AuditResult, path: Path) -> int:
-    """Write the audit PDF (to a temporary name, then renamed); returns the number of pages."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        pages = _write_pages(result, tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
-    return pages
-
-
-def _write_pages(result: AuditResult, tmp: Path) -> int:
+def render_pdf(result: AuditResult) -> tuple[bytes, int]:
+    """The audit PDF's bytes and its number of pages."""
+    out = io.BytesIO()
     pages = 0
     # labels, file names and subgroup levels are data: a pair of ``$`` in them is not mathematics
-    with rc_context({"pdf.fonttype": 42, "font.size": 8, "text.parse_math": False}), PdfPages(tmp) as pdf:
+    with rc_context({"pdf.fonttype": 42, "font.size": 8, "text.parse_math": False}), PdfPages(out) as pdf:
         metadata = pdf.infodict()
         metadata["Title"] = f"meddaemon audit: {result.task} {result.model_version}"
         lines = _summary_lines(result)
@@ -294,4 +285,4 @@ def _write_pages(result: AuditResult, tmp: Path) -> int:
         for fig in figures:
             pdf.savefig(fig)
             pages += 1
-    return pages
+    return out.getvalue(), pages

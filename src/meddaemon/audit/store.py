@@ -46,7 +46,7 @@ def save_audit(session: Session, result: AuditResult) -> Audit:
 
 
 def save_pdf(session: Session, audit_id: int, data: bytes, pages: int) -> AuditPdf:
-    """Keep the PDF of audit ``audit_id`` (written by ``audit.pdf.write_pdf``) with it; a second one replaces it."""
+    """Keep the PDF of audit ``audit_id`` (drawn by ``audit.pdf.render_pdf``) with it; a second one replaces it."""
     row = session.get(AuditPdf, audit_id) or AuditPdf(audit_id=audit_id)
     row.data, row.pages = data, pages
     row.sha256, row.size_bytes = hashlib.sha256(data).hexdigest(), len(data)
@@ -58,9 +58,11 @@ def save_pdf(session: Session, audit_id: int, data: bytes, pages: int) -> AuditP
 def write_and_keep_pdf(sessions: sessionmaker[Session], audit_id: int, result: AuditResult, path: Path) -> int:
     """Write the audit's PDF to ``path``, then keep it with audit ``audit_id`` in a transaction of its
     own (the drawing takes seconds: no transaction is held open meanwhile); returns its pages."""
-    from meddaemon.audit.pdf import write_pdf
+    from meddaemon.audit.pdf import render_pdf
+    from meddaemon.files import write_named_output
 
-    pages = write_pdf(result, path)
+    data, pages = render_pdf(result)
+    write_named_output(path, data)
     with transaction(sessions) as session:
-        save_pdf(session, audit_id, path.read_bytes(), pages)
+        save_pdf(session, audit_id, data, pages)
     return pages

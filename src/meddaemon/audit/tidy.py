@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
 from meddaemon.audit.metrics import SCALARS, Agreement, LabelMetrics
 from meddaemon.audit.run import AuditResult
 from meddaemon.audit.values import Estimate, Undefined, Value
+from meddaemon.files import write_named_output
 
 COLUMNS = (
     "scope", "by", "level", "label", "metric", "value", "lower", "upper", "ci_method",
@@ -64,9 +66,8 @@ def tidy_rows(result: AuditResult) -> list[dict[str, Any]]:
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_named_output(path, text.getvalue().encode("utf-8"))

@@ -12,7 +12,6 @@ Exit codes: 0 every ``--require`` criterion holds (or none given), 5 a criterion
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -228,13 +227,10 @@ def _check_writable(option: str, path: Path | None) -> None:
     the audit was stored without the file asked for, and a traceback hid ``--require``'s verdict."""
     if path is None:
         return
-    from meddaemon.files import make_folders
+    from meddaemon.files import check_named_output
 
-    probe = path.with_name(path.name + ".tmp")  # the name the file is written under first
     try:
-        make_folders(path.parent)
-        probe.open("wb").close()
-        os.unlink(probe)
+        check_named_output(path)
     except OSError as exc:
         click.echo(f"error: {option} {path} cannot be written: {exc.strerror}", err=True)
         sys.exit(EXIT_FAILURE)

@@ -7,6 +7,7 @@ that cannot be written 1; a database problem 3.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -177,6 +178,7 @@ def summary_cmd(
     """The period's cohort: scans per task and state, calls per label, failures by reason, latency
     percentiles and a histogram of probabilities per label. No patient data."""
     from meddaemon.db.engine import transaction, with_lock_retry
+    from meddaemon.files import write_named_output
     from meddaemon.report import output
     from meddaemon.report.fonts import report_fonts
     from meddaemon.report.summary import parse_since, render_summary, summarise
@@ -199,7 +201,11 @@ def summary_cmd(
             path = (out or output.summary_report_path(settings.reports_dir, figures.since, figures.until)).absolute()
             rendered = render_summary(figures, report_fonts(settings.reports_font))
             try:
-                sha = output.write_pdf(path, rendered.data)
+                if out is None:
+                    sha = output.write_pdf(path, rendered.data)
+                else:  # a file the user named: through its link, into a pipe as it stands
+                    write_named_output(path, rendered.data)
+                    sha = hashlib.sha256(rendered.data).hexdigest()
             except OSError as exc:
                 _fail(f"could not write the report: {exc.strerror or exc}")
 
