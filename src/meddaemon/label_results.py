@@ -3,6 +3,7 @@ and where its heatmap's files are kept when it has one."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,3 +58,17 @@ def shown_against(
             if order(*(float(s.rstrip("%")) for s in shown)) == order(probability, threshold):
                 return shown
     return text(probability, places), text(threshold, places)
+
+
+def places_ranking_the_call(results: Sequence[LabelResult], places: int) -> int:
+    """The decimals, from ``places`` up to ``MORE_PLACES`` more, at which a multiclass call (the top
+    class) reads above every other class: at 3, 0.45049 called and 0.45041 not both read "0.450"."""
+    called = [r.probability for r in results if r.positive]
+    others = [r.probability for r in results if not r.positive]
+    if len(called) != 1 or not others:
+        return places
+    top, runner_up = called[0], max(others)
+    for digits in range(places, places + MORE_PLACES + 1):
+        if float(f"{top:.{digits}f}") > float(f"{runner_up:.{digits}f}"):
+            return digits
+    return places + MORE_PLACES

@@ -421,6 +421,20 @@ def test_a_probability_and_its_threshold_are_shown_to_the_digits_that_compare_as
     assert finding in flat, flat
 
 
+def test_a_multiclass_top_class_is_shown_to_the_digits_that_rank_it_above_the_runner_up():
+    """At 3 decimals the called class and the next read "0.450" and "0.450": two equal numbers, one called."""
+    data = scan_data("busi")
+    probabilities = {"benign": 0.45041, "malignant": 0.45049, "normal": 0.0991}
+    data = replace(
+        data,
+        results=[replace(r, probability=probabilities[r.label], positive=r.label == "malignant") for r in data.results],
+    )
+    flat = " ".join(render(data)[0].split())
+    assert "Benign lesion 0.4504 top class" in flat, flat
+    assert "Malignant lesion 0.4505 top class called" in flat, flat
+    assert "Normal tissue 0.0991 top class" in flat, flat
+
+
 def rendered_in_india(monkeypatch: pytest.MonkeyPatch, **env: str) -> bytes:
     """A scan report's PDF rendered with TZ=Asia/Kolkata (UTC+05:30) and ``env`` set, then both unset."""
     import time

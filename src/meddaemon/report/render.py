@@ -38,7 +38,7 @@ from reportlab.platypus import (
 )
 
 from meddaemon import __version__
-from meddaemon.label_results import LabelResult
+from meddaemon.label_results import LabelResult, places_ranking_the_call
 from meddaemon.report.content import PatientInfo, ScanReportData, StudyReportData
 from meddaemon.report.fonts import Fonts, drawable
 from meddaemon.report.templates import ReportTemplate
@@ -338,6 +338,7 @@ def labels_section(data: ScanReportData, template: ReportTemplate, st: Styles) -
         ("TOPPADDING", (0, 0), (-1, -1), 1.2),
         ("BOTTOMPADDING", (0, 0), (-1, -1), 1.2),
     ]
+    places = places_ranking_the_call(data.results, 3) if multiclass else 3
     for row, r in enumerate(data.results, start=1):
         if multiclass:  # the top class is bold, in black, as the finding above it: "Normal tissue" is no alarm
             style = st.cell_bold if r.positive else st.cell
@@ -345,7 +346,7 @@ def labels_section(data: ScanReportData, template: ReportTemplate, st: Styles) -
         else:
             style = st.cell_positive if r.positive else st.cell
             call = template.word("positive") if r.positive else template.word("negative")
-        probability, threshold = r.shown(3)
+        probability, threshold = r.shown(places)
         rows.append(
             [
                 _wrapped(_v(template.label(r.label), style, 60), 70 * mm, style),
