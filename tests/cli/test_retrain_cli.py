@@ -161,9 +161,14 @@ def test_dropping_more_than_five_percent_is_warned_about_on_stderr_before_traini
     assert f"WARNING: {saved}\n" in result.stderr and saved.endswith("listed in the split report")
 
 
-def test_the_split_trained_on_is_the_one_an_image_by_image_read_gives(tmp_path: Path) -> None:
+def test_the_split_trained_on_is_the_one_an_image_by_image_read_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Decoding each image once, in worker processes, changes nothing: the same images, the same
     split as checking the images first and hashing them one at a time; and no warning under 5%."""
+    from meddaemon.training import nearduplicates
+
+    monkeypatch.setattr(nearduplicates, "MIN_IMAGES_PER_WORKER", 8)  # two workers for these 60 images
     data = write_phantoms("busi", tmp_path / "busi", count=20, size=48, seed=5).root
     result = CliRunner().invoke(
         medcli, ["retrain", "busi", "--data", str(data), *upgraded(tmp_path / "state"), *FAST, "--workers", "2"]

@@ -311,7 +311,7 @@ def test_a_worker_node_lost_mid_run_still_scores_every_file_exactly_once(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEDDAEMON_")}
     env |= {"PYTHONPATH": str(SRC), "RAY_AUTH_MODE": "disabled"}
     # Ray Data may wait for ever after the loss: the run is given up sooner than the default minute
-    env |= {"MEDDAEMON_RAY_STALL_SECONDS": "10"}
+    env |= {"MEDDAEMON_RAY_STALL_SECONDS": "3"}
     args = [str(Path(sys.executable).parent / "medcli"), "evaluate", str(many_images), "--task", "busi"]
     args += ["--engine", "ray", "--ray-address", two_node_cluster.address, "--batch-size", "16", "--json"]
     args += ["--state-dir", str(world.settings.state_dir), "--db", world.db_url]

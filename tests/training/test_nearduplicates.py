@@ -111,8 +111,9 @@ def test_grouping_three_thousand_images_takes_seconds() -> None:
 
 
 def test_hashing_in_worker_processes_gives_what_hashing_one_by_one_gives(
-    phantoms: dict[str, PhantomSet], tmp_path: Path
+    phantoms: dict[str, PhantomSet], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(nearduplicates, "MIN_IMAGES_PER_WORKER", 8)  # the phantoms are a few dozen images
     root = shutil.copytree(phantoms["busi"].root, tmp_path / "busi")
     broken = root / "benign" / "synthetic_broken.png"
     broken.write_bytes(b"not a png")
