@@ -1,5 +1,7 @@
 """``medcli audit`` end to end: SYNTHETIC stored predictions in a real SQLite/PostgreSQL database,
-label files written by the test, the CLI through click's CliRunner, the PDF read back with pypdf."""
+label files written by the test, the CLI through click's CliRunner, the PDF read back with pypdf.
+What is read and stored runs on both databases; what is only written out (tables, PDFs, CSVs, outputs
+that cannot be written) on SQLite alone."""
 
 import csv
 import hashlib
@@ -114,6 +116,7 @@ def test_require_exits_5_when_a_lower_bound_fails_and_0_when_all_hold(busi):
         assert [a.passed for a in session.scalars(select(Audit).order_by(Audit.id))] == [True, False]
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_the_pdf_shows_every_verdict_however_many_and_page_1_says_how_many_failed_past_it(busi, tmp_path):
     """Five criteria on three classes: fifteen verdicts. Page 1 had room for 14 summary lines and
     the rest were dropped without a word, failures among them."""
@@ -132,6 +135,7 @@ def test_the_pdf_shows_every_verdict_however_many_and_page_1_says_how_many_faile
     assert f"more lines on the next page ({past_page_1} FAIL)" in pages[0]
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("option", ["--pdf", "--csv"])
 def test_an_output_that_cannot_be_written_exits_1_before_any_audit_is_stored(busi, tmp_path, option):
     """Found after the audit ran, it was a traceback (exit 1 whatever --require said) and an audit
@@ -245,6 +249,7 @@ def test_compare_and_time_windows(busi):
     assert data["shift"]["labels"][0]["a"]["n"] + data["shift"]["labels"][0]["b"]["n"] == 240
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_nih_data_entry_with_an_undefined_label(migrated_engine, db_url, tmp_path):
     n = 150
     truth, probs, calls = synthetic_scores("chestxray14", n, seed=4)
@@ -334,6 +339,7 @@ def test_a_labelled_image_whose_bytes_arrived_under_another_name_is_found_by_the
     assert data["join"]["matched"] == 20 and data["join"]["labels_without_prediction"] == 0
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_class_folder_this_user_cannot_list_is_named(migrated_engine, db_url, tmp_path):
     """Read past, its images would be missing from the truth: exit 2, the folder named."""
     root = tmp_path / "Dataset_BUSI_with_GT"
@@ -362,6 +368,7 @@ def test_help_explains_every_option():
         assert option in result.output
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_ece_brier_and_auprc_are_said_to_have_no_interval_everywhere(busi, tmp_path):
     db_url, labels, _, _ = busi
     pdf, tidy = tmp_path / "audit.pdf", tmp_path / "audit.csv"
@@ -399,6 +406,7 @@ def test_by_takes_a_column_as_spelt_in_the_file(busi, tmp_path):
     assert {g["level"] for g in json.loads(result.stdout)["subgroups"]} == {"F", "M"}
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_standard_output_that_cannot_be_written_is_named_so(busi):
     """A full disk or a closed pipe behind stdout has no file name: 'audit 16 is stored, but None'."""
     db_url, labels, _, _ = busi
@@ -431,6 +439,7 @@ def test_a_csv_that_cannot_be_written_is_named_not_standard_output(busi, tmp_pat
     assert re.search(rf"audit \d+ is stored, but {re.escape(str(out))}: File too large", done.stderr), done.stderr
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("level", ["Ward $A_$", "Cost $5 and $10", "Ward [/]", "Ward [red]A", "Ward [bold]B"])
 def test_a_subgroup_level_is_shown_as_written_in_the_table_and_the_pdf(busi, tmp_path, level):
     """Text from a labels file is data: a pair of ``$`` was typeset as mathematics (``$A_$`` stopped

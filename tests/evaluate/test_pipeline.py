@@ -278,6 +278,7 @@ def test_unreadable_files_are_listed_with_reasons_and_the_run_goes_on(world, tmp
     assert bad["path"] == "broken.png" and bad["reason"] in ("corrupt_image", "truncated_image")
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the decoding processes' work: one backend
 @pytest.mark.parametrize(
     ("harmful", "reason"), [("crash.png", "decoder_crashed"), ("stall.png", "decode_timeout"), ("crash_once.png", None)]
 )
