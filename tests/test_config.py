@@ -200,6 +200,36 @@ def test_database_defaults_to_sqlite_in_the_state_dir(tmp_path: Path):
         # a traceback (a port SQLAlchemy cannot read), or accepted and never working
         ('db = "postgresql+psycopg://med:S3CRET@db.example:5432x/med"\n', "'db' from file .*: not a database URL"),
         ("metrics_port = 9100\nweb_port = 9100\n", "'web_port' from file .*: 9100 is metrics_port too"),
+        # PostgreSQL refused these at every connection: exit 3, "database unavailable", restarted by
+        # systemd for ever; and 0.0004 was sent as 0, no limit at all
+        ("db_lock_timeout_seconds = 3000000\n", "'db_lock_timeout_seconds' from file .*: must be 0 \\(no limit\\)"),
+        ("db_lock_timeout_seconds = 0.0004\n", "'db_lock_timeout_seconds' from file .*: must be 0 \\(no limit\\)"),
+        ("db_idle_in_transaction_seconds = 3000000\n", "'db_idle_in_transaction_seconds' from file .*: must be 0"),
+        (
+            "db_keepalive_seconds = 32768\n",
+            "'db_keepalive_seconds' from file .*: must be 0 \\(no keepalives\\) to 32767",
+        ),
+        # named neither the field nor the destination: "True is not a whole number"
+        (
+            '[[destination]]\nname = "pacs"\nkind = "dicom"\nae_title = "PACS"\nhost = "h"\nport = true\n',
+            "destination 'pacs': port: True is not a whole number",
+        ),
+        (
+            '[[destination]]\nname = "pacs"\nkind = "dicom"\nae_title = "PACS"\nhost = "h"\nport = 104\n'
+            'timeout_seconds = "x"\n',
+            "destination 'pacs': timeout_seconds: 'x' is not a number",
+        ),
+        # taken as the folder "5", and not relative to the config file as a text path is
+        ('[[destination]]\nname = "out"\nkind = "folder"\npath = 5\n', "destination 'out': path: 5 is not text"),
+        # a password in clear, or the template's example, let nobody sign in, and said nothing
+        (
+            '[web_users.alice]\nrole = "admin"\npassword_hash = "secret"\n',
+            "web_users.alice: password_hash is not a hash from `meddaemon web --hash-password`",
+        ),
+        (
+            '[web_users.alice]\nrole = "admin"\npassword_hash = "scrypt$16384$8$1$..."\n',
+            "web_users.alice: password_hash is not a hash",
+        ),
         (
             'metrics_port = 9100\nweb_port = 9100\nweb_host = "0.0.0.0"\n',
             "'web_port' from file .*: 9100 is metrics_port too, on 127.0.0.1",
@@ -397,6 +427,24 @@ def test_a_custom_task_s_whole_numbers_may_be_written_as_floats_that_are_whole(t
             "channels must be 1",
         ),
         ('default_task = "nonexistent"\n', "unknown task 'nonexistent'"),
+        # the folder the receiver writes into: a task of that name took every instance received
+        (
+            '[tasks.DICOM]\nlabels = ["a", "b"]\nkind = "binary"\n'
+            "contract = { channels = 1, height = 64, width = 64 }\n",
+            "tasks.DICOM: 'dicom' is the folder the DICOM receiver writes into",
+        ),
+        # a text was read as its letters: a 6-class task of 'n', 'o', 'r', 'm', 'a', 'l'
+        (
+            '[tasks.knee]\nlabels = "normal"\nkind = "multiclass"\n'
+            "contract = { channels = 1, height = 64, width = 64 }\n",
+            "task 'knee': a task needs at least two labels",
+        ),
+        # a binary model has one output, for the last label: a third label was never scored
+        (
+            '[tasks.knee]\nlabels = ["a", "b", "c"]\nkind = "binary"\n'
+            "contract = { channels = 1, height = 64, width = 64 }\n",
+            "task 'knee': a binary task has two labels, the negative then the positive, not 3",
+        ),
         # each was a traceback ('int' object has no attribute 'get'), a Python error text, or taken
         # until `medcli retrain` refused it as if a flag had given it
         ('[tasks.knee]\nlabels = ["a", "b"]\nkind = "binary"\ncontract = 5\n', "task 'knee': contract must be a table"),
@@ -550,3 +598,21 @@ def test_a_database_password_in_the_url_s_query_is_hidden_as_the_one_before_the_
     )
     shown = settings.public_dict()  # what config show prints
     assert "S3CRET" not in str(shown) and "sslmode=require" in str(shown)
+
+
+def test_a_config_file_starting_with_a_byte_order_mark_is_read(tmp_path: Path):
+    """As Notepad saves UTF-8: "not valid TOML: Invalid statement (at line 1, column 1)"."""
+    config = tmp_path / "c.toml"
+    config.write_bytes(b"\xef\xbb\xbfworkers = 3\n")
+    assert load_settings(config, env={}).workers == 3
+
+
+def test_a_password_hash_from_hash_password_is_accepted(tmp_path: Path):
+    from meddaemon.web.auth import hash_password, verify_password
+
+    stored = hash_password("correct horse")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[web_users.alice]\nrole = "admin"\npassword_hash = "{stored}"\n')
+    users = load_settings(config, env={}).web_users
+    assert users == {"alice": {"role": "admin", "password_hash": stored}}
+    assert verify_password("correct horse", users["alice"]["password_hash"])

@@ -16,7 +16,7 @@ import re
 import ssl
 import tempfile
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -61,6 +61,12 @@ class RouteRule:
 
 #: the inbox folder the DICOM receiver writes to (``Settings.received_dir``)
 RECEIVED_FOLDER = "dicom"
+#: the longest PostgreSQL time setting, in seconds (milliseconds in a 32-bit integer)
+POSTGRES_MAX_SECONDS = 2_147_483
+#: the longest idle time Linux's TCP keepalives take (TCP_KEEPIDLE)
+TCP_KEEPALIVE_MAX_SECONDS = 32_767
+#: what ``meddaemon web --hash-password`` prints (``web.auth.hash_password``)
+PASSWORD_HASH = re.compile(r"scrypt\$[0-9]+\$[0-9]+\$[0-9]+\$(?:[0-9a-f]{2})+\$[0-9a-f]{64}")
 #: an AE title: 1 to 16 characters of the default repertoire (printable ASCII), no backslash, not
 #: only spaces (pynetdicom refuses the rest: a receiver so named restarted every 2 s, for ever)
 _AE_TITLE = re.compile(r"(?=.*[^ ])[\x20-\x5b\x5d-\x7e]{1,16}")
@@ -408,7 +414,7 @@ def _relative_to_file(key: str, value: Any, folder: Path) -> Any:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text("utf-8"))
+        data = tomllib.loads(path.read_text("utf-8-sig"))  # a byte-order mark, as Notepad writes, is no TOML
     except FileNotFoundError as exc:
         raise ConfigError(f"config file {path} does not exist") from exc
     except UnicodeDecodeError as exc:
@@ -504,6 +510,9 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "tasks":
         if not isinstance(value, Mapping):
             raise ValueError("tasks must be a table of [tasks.NAME] tables")
+        reserved = [task for task in value if str(task).casefold() == RECEIVED_FOLDER]
+        if reserved:  # the receiver's folder of the inbox: a task of that name took every instance received
+            raise ValueError(f"tasks.{reserved[0]}: {RECEIVED_FOLDER!r} is the folder the DICOM receiver writes into")
         return {task: task_from_dict(task, spec) for task, spec in value.items()}
     if name == "destination":
         return tuple(_destination_from_dict(d) for d in _tables(value, "destination"))
@@ -610,7 +619,14 @@ def _web_users(value: Any) -> dict[str, dict[str, str]]:
         role = str(user.get("role", ""))
         if role not in WEB_ROLES:
             raise ValueError(f"web_users.{name}: role {role!r} is not one of {list(WEB_ROLES)}")
-        users[str(name)] = {"role": role, "password_hash": str(user.get("password_hash", ""))}
+        password_hash = user.get("password_hash", "")
+        if password_hash != "" and not (isinstance(password_hash, str) and PASSWORD_HASH.fullmatch(password_hash)):
+            # a password written in clear, or the template's "scrypt$16384$8$1$...", let nobody sign in
+            raise ValueError(
+                f"web_users.{name}: password_hash is not a hash from `meddaemon web --hash-password` "
+                "(scrypt$N$r$p$SALT$HASH)"
+            )
+        users[str(name)] = {"role": role, "password_hash": password_hash}
     return users
 
 
@@ -645,7 +661,15 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
             f"destination {name!r}: url {web_url_without_password(str(data['url']))!r} is not an http(s) URL "
             "with a host (https://HOST/dicom-web)"
         )
-    if kind == "dicom" and not 1 <= _parse_int(data["port"]) <= 65535:
+
+    def field(key: str, parse: Callable[[Any], Any], default: Any) -> Any:
+        try:
+            return parse(data.get(key, default))
+        except ValueError as exc:  # "True is not a whole number" named neither the key nor the destination
+            raise ValueError(f"destination {name!r}: {key}: {exc}") from None
+
+    port: int = field("port", _parse_int, 0)
+    if kind == "dicom" and not 1 <= port <= 65535:
         raise ValueError(f"destination {name!r}: port {data['port']} is not a TCP port (1-65535)")
     for key in ("ae_title", "calling_ae_title") if kind == "dicom" else ():
         if key in data and not (isinstance(data[key], str) and _AE_TITLE.fullmatch(data[key])):
@@ -657,16 +681,16 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
     return DestinationConfig(
         name=name,
         kind=kind,
-        ae_title=str(data.get("ae_title", "")),
-        host=str(data.get("host", "")),
-        port=_parse_int(data.get("port", 0)),
-        calling_ae_title=str(data.get("calling_ae_title", "MEDDAEMON")),
-        url=str(data.get("url", "")),
-        path=str(data.get("path", "")),
+        ae_title=field("ae_title", _text, ""),
+        host=field("host", _text, ""),
+        port=port,
+        calling_ae_title=field("calling_ae_title", _text, "MEDDAEMON"),
+        url=field("url", _text, ""),
+        path=field("path", _text, ""),
         tasks=text_values(tasks, f"destination {name!r}: tasks"),
         outputs=_dicom_kinds(data.get("outputs", ())),
-        timeout_seconds=_parse_float(data.get("timeout_seconds", 30.0)),
-        keep_open_seconds=_parse_float(data.get("keep_open_seconds", 5.0)),
+        timeout_seconds=field("timeout_seconds", _parse_float, 30.0),
+        keep_open_seconds=field("keep_open_seconds", _parse_float, 5.0),
     )
 
 
@@ -764,9 +788,13 @@ def _validate(s: Settings) -> None:
         fail("ray_stall_seconds", "must be > 0")
     if not 1 <= s.lease_seconds <= 86400:
         fail("lease_seconds", "must be >= 1 (heartbeats go every quarter of it) and <= 86400 (a day)")
-    for key in ("db_lock_timeout_seconds", "db_idle_in_transaction_seconds", "db_keepalive_seconds"):
-        if getattr(s, key) < 0:
-            fail(key, "must be >= 0 (0: no limit)")
+    for key in ("db_lock_timeout_seconds", "db_idle_in_transaction_seconds"):
+        if not (getattr(s, key) == 0 or 0.001 <= getattr(s, key) <= POSTGRES_MAX_SECONDS):
+            # PostgreSQL takes whole milliseconds that fit 32 bits: 0.0004 was 0, no limit at all, and
+            # 3000000 refused at every connection, a "database unavailable" that systemd restarts
+            fail(key, f"must be 0 (no limit) or from 0.001 to {POSTGRES_MAX_SECONDS} (PostgreSQL's limit)")
+    if not 0 <= s.db_keepalive_seconds <= TCP_KEEPALIVE_MAX_SECONDS:
+        fail("db_keepalive_seconds", f"must be 0 (no keepalives) to {TCP_KEEPALIVE_MAX_SECONDS} (the kernel's limit)")
     if s.db_outage_seconds < 0:
         fail("db_outage_seconds", "must be >= 0 (0: exit at the first failed connection)")
     if s.claim_unread_seconds <= 0:

@@ -401,9 +401,11 @@ def task_from_dict(name: str, data: Mapping[str, Any]) -> TaskSpec:
         architecture = str(data.get("architecture", "resnet18"))
         if architecture not in ARCHITECTURES:
             raise TaskError(f"architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
-        labels = tuple(str(x) for x in data["labels"])
+        labels = text_values(data["labels"], "labels")
         if len(labels) < 2:
             raise TaskError("a task needs at least two labels")
+        if kind == "binary" and len(labels) != 2:
+            raise TaskError(f"a binary task has two labels, the negative then the positive, not {len(labels)}")
         if len(set(labels)) != len(labels) or not all(0 < len(label) <= MAX_NAME for label in labels):
             raise TaskError(f"its labels must be distinct, each 1 to {MAX_NAME} characters")
         contract = data["contract"]
