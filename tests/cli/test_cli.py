@@ -97,6 +97,16 @@ def test_start_refuses_a_missing_watch_folder_with_exit_2_naming_it(runner: CliR
     assert result.exit_code == 2, result.output
     assert f"the watch folder {(tmp_path / 'inbox').resolve()} does not exist" in result.output
     assert "--create-watch" in result.output and not (tmp_path / "inbox").exists()
+    assert "setting 'watch' from flag" in result.output  # where the path came from, as every bad setting says
+
+
+def test_a_watch_folder_that_is_a_file_is_refused_naming_the_config_file_it_came_from(tmp_path: Path):
+    (tmp_path / "afile").touch()
+    config = tmp_path / "c.toml"
+    config.write_text('watch = "afile"\nstate_dir = "state"\n')
+    result = CliRunner().invoke(meddaemon, ["start", "--config", str(config), "--once", "--workers", "0"])
+    assert result.exit_code == 2, result.output
+    assert f"setting 'watch' from file {config}: the watch folder {tmp_path / 'afile'} is not a folder" in result.output
 
 
 def test_start_creates_a_missing_watch_folder_when_asked(runner: CliRunner, dirs: list[str], tmp_path: Path):

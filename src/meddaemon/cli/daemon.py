@@ -108,8 +108,8 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
     require_inbox_apart(settings)
     try:  # before the state folder is made: a mistyped --watch leaves nothing behind
         ensure_watch_folder(settings.watch, settings.create_watch)
-    except WatchFolderMissing as exc:
-        click.echo(f"error: {exc}", err=True)
+    except WatchFolderMissing as exc:  # a bad setting: named with where it came from, as the others
+        click.echo(f"error: setting 'watch' from {settings.sources.get('watch')}: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     prepare_state_dir(settings)
     check_tls_identity(settings)
