@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -60,15 +61,22 @@ def shown_against(
     return text(probability, places), text(threshold, places)
 
 
-def places_ranking_the_call(results: Sequence[LabelResult], places: int) -> int:
+class Call(Protocol):
+    probability: float
+    positive: bool
+
+
+def places_ranking_the_call(results: Sequence[Call], places: int, percent: bool = False) -> int:
     """The decimals, from ``places`` up to ``MORE_PLACES`` more, at which a multiclass call (the top
-    class) reads above every other class: at 3, 0.45049 called and 0.45041 not both read "0.450"."""
+    class) reads above every other class: at 3, 0.45049 called and 0.45041 not both read "0.450"
+    (``percent``: the decimals of percentages, 45.0% and 45.0% at 1)."""
     called = [r.probability for r in results if r.positive]
     others = [r.probability for r in results if not r.positive]
     if len(called) != 1 or not others:
         return places
     top, runner_up = called[0], max(others)
+    shift = 2 if percent else 0
     for digits in range(places, places + MORE_PLACES + 1):
-        if float(f"{top:.{digits}f}") > float(f"{runner_up:.{digits}f}"):
+        if float(f"{top:.{digits + shift}f}") > float(f"{runner_up:.{digits + shift}f}"):
             return digits
     return places + MORE_PLACES

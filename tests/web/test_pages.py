@@ -349,6 +349,27 @@ def test_a_probability_and_its_threshold_are_shown_to_the_digits_that_compare_as
     assert rows[labels[1]] == ["34.8%", "34.7%", "positive"]
 
 
+def test_a_multiclass_call_is_shown_to_the_digits_that_rank_it_above_the_runner_up(fresh_root):
+    """At one decimal the called class and the next read "45.0%" and "45.0%": two equal numbers, one called."""
+    scan = next(s for s in stored_scans(fresh_root) if s.state == "archived" and s.task_name == "busi")
+    probabilities = {"benign": 0.45041, "malignant": 0.45049, "normal": 0.0991}
+    engine = create_db_engine(web_settings(fresh_root).db_url)
+    with transaction(session_factory(engine)) as session:
+        for result in session.scalars(select(Result).where(Result.scan_id == scan.id)):
+            result.probability, result.positive = probabilities[result.label], result.label == "malignant"
+    engine.dispose()
+    app = create_app(web_settings(fresh_root))
+    try:
+        html = signed_in(app, "viewer").get(f"/scans/{scan.id}").text
+    finally:
+        app.state.console.dispose()
+    shown = {
+        label: re.sub(r"<[^>]+>", " ", html.split(f"<tr><td>{label}</td>", 1)[1].split("</tr>", 1)[0]).split()[0]
+        for label in probabilities
+    }
+    assert shown == {"benign": "45.04%", "malignant": "45.05%", "normal": "9.91%"}
+
+
 def test_a_report_written_before_the_newest_version_s_results_says_so_beside_them(fresh_root):
     """The page showed busi/v2's calls beside the daemon's PDF of v1's, without a word."""
     scan = next(s for s in stored_scans(fresh_root) if s.state == "archived" and s.task_name == "busi")

@@ -8,6 +8,7 @@ caller asks for them (``with_phi``): a viewer's pages never hold them, not even 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from meddaemon.db.models import (
 )
 from meddaemon.db.queries import newest_version_of
 from meddaemon.failures import HARMS_ITS_DECODER
-from meddaemon.label_results import shown_against
+from meddaemon.label_results import places_ranking_the_call, shown_against
 from meddaemon.states import ScanState
 
 #: States a scan waits in for a daemon (or a model) to act on it.
@@ -336,11 +337,13 @@ class LabelCall:
     threshold: float
     positive: bool
     heatmap_id: int | None
+    #: decimals of the percentages: more where a multiclass call would read as its runner-up
+    places: int = 1
 
     @property
     def shown(self) -> tuple[str, str]:
         """The probability and the threshold as percentages that compare as the call does."""
-        return shown_against(self.probability, self.threshold, self.positive, 1, percent=True)
+        return shown_against(self.probability, self.threshold, self.positive, self.places, percent=True)
 
 
 @dataclass
@@ -440,6 +443,7 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
         .order_by(Result.model_version_id.desc(), Result.id)
     ).all()
     by_version: dict[int, VersionResults] = {}
+    multiclass: set[int] = set()
     for result, task, version, manifest, heatmap_id in rows:
         group = by_version.setdefault(
             result.model_version_id,
@@ -454,6 +458,12 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
             ),
         )
         group.calls.append(LabelCall(result.label, result.probability, result.threshold, result.positive, heatmap_id))
+        if (manifest or {}).get("kind") == "multiclass":
+            multiclass.add(result.model_version_id)
+    for version_id in multiclass:  # the top class is the call: shown above its runner-up, not equal to it
+        group = by_version[version_id]
+        places = places_ranking_the_call(group.calls, 1, percent=True)
+        group.calls = [dataclasses.replace(call, places=places) for call in group.calls]
     events = session.scalars(select(ScanEvent).where(ScanEvent.scan_id == scan_id).order_by(ScanEvent.id)).all()
     reports = session.scalars(
         select(Report).where(Report.scan_id == scan_id, Report.kind == "scan").order_by(Report.id)
