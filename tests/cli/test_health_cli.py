@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.db.clock import read_db_clock
 from meddaemon.db.models import DaemonInstance
+from permissions import held_to_file_modes
+
+MEDDAEMON = Path(sys.executable).parent / "meddaemon"
 
 
 def add_daemon(engine, node: str, age: float, state: str = "running", stopped_ago: float | None = None) -> None:
@@ -142,3 +150,36 @@ def test_health_while_a_table_is_locked_on_postgresql_ends_in_bounded_time(
     report = json.loads(result.output)
     assert result.exit_code in (1, 2) and report["status"] != "ok"
     assert any("could not be checked" in check["message"] for check in report["checks"])
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_database_on_a_file_system_it_cannot_write_to_is_read_not_called_unreachable(
+    migrated_engine, db_url, tmp_path
+):
+    """Reading a WAL database makes its index file beside it: on a file system remounted read-only
+    (here: a folder held to mode 555), health said "the database is unreachable: unable to open
+    database file" and status failed (exit 3) with the database intact."""
+    add_daemon(migrated_engine, "node-a", age=1)
+    migrated_engine.dispose()  # the last connection closes: its -wal and -shm files go with it
+    folder = Path(make_url(db_url).database).parent
+    assert not list(folder.glob("*-shm")) and not list(folder.glob("*-wal"))
+    state = tmp_path / "state"
+    state.mkdir()
+    where = ["--db", db_url, "--state-dir", str(state)]
+    folder.chmod(0o555)
+    try:
+        checked = subprocess.run(
+            held_to_file_modes([str(MEDDAEMON), "health", *where, "--min-free-mb", "0", "--json"]),
+            capture_output=True, text=True, timeout=120, env={**os.environ, "MEDDAEMON_CONFIG": ""},
+        )  # fmt: skip
+        status = subprocess.run(
+            held_to_file_modes([str(MEDDAEMON), "status", *where, "--json"]),
+            capture_output=True, text=True, timeout=120, env={**os.environ, "MEDDAEMON_CONFIG": ""},
+        )  # fmt: skip
+    finally:
+        folder.chmod(0o755)
+    report = json.loads(checked.stdout)
+    database = next(check for check in report["checks"] if check["name"] == "database")
+    assert database["status"] == "ok", checked.stdout + checked.stderr
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["total"] == 0

@@ -63,10 +63,20 @@ def _sqlite_read_only(url: URL, busy_timeout: float) -> Engine:
     database = url.database
     if not database or database == ":memory:":
         raise ValueError("an in-memory SQLite database cannot be observed from another connection")
-    uri = Path(database).resolve().as_uri() + "?mode=ro"
+    path = Path(database).resolve()
+    uri = path.as_uri() + "?mode=ro"
 
     def connect() -> sqlite3.Connection:
-        return sqlite3.connect(uri, uri=True, timeout=busy_timeout, check_same_thread=False)
+        connection = sqlite3.connect(uri, uri=True, timeout=busy_timeout, check_same_thread=False)
+        try:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        except sqlite3.OperationalError as exc:
+            connection.close()
+            if not getattr(exc, "sqlite_errorname", "").startswith(WAL_INDEX_ERRORS) or not _without_wal_index(path):
+                raise
+            # a read-only or full file system, no writer: the file itself, which then holds every commit
+            return sqlite3.connect(path.as_uri() + "?immutable=1", uri=True, check_same_thread=False)
+        return connection
 
     # a plain pool: SQLAlchemy could pick SingletonThreadPool, which closes the connections of
     # other threads once more than five threads have used it (the web console's thread pool does),
@@ -91,3 +101,27 @@ def _sqlite_read_only(url: URL, busy_timeout: float) -> Engine:
         connection.exec_driver_sql("BEGIN")  # deferred: a snapshot for reading, no write lock
 
     return engine
+
+
+#: SQLite's errors when a WAL database's index cannot be made: a read-only mount ("unable to open
+#: database file"), a folder the reader may not write to ("attempt to write a readonly database"),
+#: a full file system ("disk I/O error")
+WAL_INDEX_ERRORS = ("SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_IOERR")
+
+
+def _without_wal_index(path: Path) -> bool:
+    """Whether a WAL database failed to open because its index (``-shm``) cannot be made beside it.
+
+    Reading a WAL database makes that file unless it is there: on a file system remounted read-only
+    after an I/O error, or full, every reader failed ("unable to open database file", "disk I/O
+    error") and ``meddaemon health`` called an intact database unreachable. With neither ``-shm``
+    nor ``-wal`` there, no connection is open and the last one checkpointed every commit into the
+    file, which SQLite then reads as immutable."""
+    if any(path.with_name(path.name + suffix).exists() for suffix in ("-shm", "-wal")):
+        return False
+    try:
+        with path.open("rb") as database:
+            header = database.read(20)
+    except OSError:
+        return False
+    return len(header) == 20 and header[18:20] == b"\x02\x02"  # file format 2 for reading and writing: WAL
