@@ -207,8 +207,9 @@ def test_database_defaults_to_sqlite_in_the_state_dir(tmp_path: Path):
         ("db_idle_in_transaction_seconds = 3000000\n", "'db_idle_in_transaction_seconds' from file .*: must be 0"),
         (
             "db_keepalive_seconds = 32768\n",
-            "'db_keepalive_seconds' from file .*: must be 0 \\(no keepalives\\) to 32767",
+            "'db_keepalive_seconds' from file .*: must be 0 \\(no keepalives\\) or from 0.001 to 32767",
         ),
+        ("db_keepalive_seconds = 0.0004\n", "'db_keepalive_seconds' from file .*: must be 0 \\(no keepalives\\)"),
         # named neither the field nor the destination: "True is not a whole number"
         (
             '[[destination]]\nname = "pacs"\nkind = "dicom"\nae_title = "PACS"\nhost = "h"\nport = true\n',

@@ -793,8 +793,12 @@ def _validate(s: Settings) -> None:
             # PostgreSQL takes whole milliseconds that fit 32 bits: 0.0004 was 0, no limit at all, and
             # 3000000 refused at every connection, a "database unavailable" that systemd restarts
             fail(key, f"must be 0 (no limit) or from 0.001 to {POSTGRES_MAX_SECONDS} (PostgreSQL's limit)")
-    if not 0 <= s.db_keepalive_seconds <= TCP_KEEPALIVE_MAX_SECONDS:
-        fail("db_keepalive_seconds", f"must be 0 (no keepalives) to {TCP_KEEPALIVE_MAX_SECONDS} (the kernel's limit)")
+    if not (s.db_keepalive_seconds == 0 or 0.001 <= s.db_keepalive_seconds <= TCP_KEEPALIVE_MAX_SECONDS):
+        # its user timeout, twice it in whole milliseconds, was 0 below 0.0005: the system's, none
+        fail(
+            "db_keepalive_seconds",
+            f"must be 0 (no keepalives) or from 0.001 to {TCP_KEEPALIVE_MAX_SECONDS} (the kernel's limit)",
+        )
     if s.db_outage_seconds < 0:
         fail("db_outage_seconds", "must be >= 0 (0: exit at the first failed connection)")
     if s.claim_unread_seconds <= 0:

@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 import socket
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -109,10 +110,18 @@ def write_atomically(
 
 
 def write_named_output(path: Path, data: bytes) -> None:
-    """Write a file a user named on the command line (``--csv``, ``--pdf``, ``--out``): through a
-    symbolic link (the link stays, its target is written), into a pipe or a device as it stands
-    (a FIFO, ``/dev/stdout``), otherwise whole or not at all. Renamed over, a link or a pipe was
-    replaced by a regular file and what was written never reached its reader."""
+    """Write a file a user named on the command line (``--csv``, ``--pdf``): through a symbolic link
+    (the link stays, its target is written), into a pipe or a device as it stands (a FIFO,
+    ``/dev/null``), into this process's own stream for ``/dev/stdout`` (``/dev/stderr``,
+    ``/dev/fd/N``), otherwise whole or not at all. Renamed over, a link or a pipe was replaced by a
+    regular file and what was written never reached its reader; ``/dev/stdout`` followed to the
+    file a shell appends to was renamed over that file."""
+    descriptor = named_descriptor(path)
+    if descriptor is not None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()  # what was printed before comes before
+        _write_all(descriptor, [data])
+        return
     target = output_target(path)
     if target.exists() and not target.is_file():
         with target.open("wb") as out:
@@ -125,7 +134,11 @@ def check_named_output(path: Path) -> None:
     """Raise the OSError that writing ``path`` with ``write_named_output`` would meet at its start:
     its folder made, a temporary of this process's own created and removed beside it (never a
     name a user's file may hold); a pipe or device only checked for write permission (opening a
-    pipe would wait for its reader)."""
+    pipe would wait for its reader), a stream of this process for being open."""
+    descriptor = named_descriptor(path)
+    if descriptor is not None:
+        os.fstat(descriptor)
+        return
     target = output_target(path)
     if target.exists() and not target.is_file():
         if not os.access(target, os.W_OK):
@@ -138,8 +151,27 @@ def check_named_output(path: Path) -> None:
 
 
 def output_target(path: Path) -> Path:
-    """The file ``path`` names: the end of its chain of symbolic links (a dangling link's target)."""
-    return path.resolve() if path.is_symlink() else path
+    """The file ``path`` names: the end of its chain of symbolic links (a dangling link's target);
+    an OSError (ELOOP) for links in a loop."""
+    if not path.is_symlink():
+        return path
+    target = Path(os.path.realpath(path))
+    if target.is_symlink():  # realpath stops inside a loop
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+    return target
+
+
+_DESCRIPTOR_NAMES = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+
+
+def named_descriptor(path: Path) -> int | None:
+    """The file descriptor of this process that ``path`` names (``/dev/stdout``, ``/dev/fd/3``,
+    ``/proc/self/fd/3``), or None."""
+    name = os.path.abspath(path)
+    if name in _DESCRIPTOR_NAMES:
+        return _DESCRIPTOR_NAMES[name]
+    folder, _, number = name.rpartition("/")
+    return int(number) if folder in ("/dev/fd", "/proc/self/fd") and number.isdigit() else None
 
 
 def _write_all(fd: int, buffers: Sequence[Buffer]) -> None:

@@ -545,3 +545,36 @@ def test_a_finding_no_scan_is_labelled_for_is_undefined_in_the_pdf_as_in_the_jso
     text = "\n".join(page.extract_text() for page in PdfReader(str(pdf)).pages)
     assert "Atelectasis" in text
     assert not re.search(r"\bnan\b", text, re.IGNORECASE), text[:2000]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_csv_written_to_dev_stdout_goes_where_standard_output_goes(busi, tmp_path):
+    """Followed as a link to the file a shell appended to, it was renamed over that file (its
+    earlier lines lost, the summary line printed into the unlinked one); into a pipe it failed
+    ("No such file or directory")."""
+    db_url, labels, _, _ = busi
+    medcli = Path(sys.executable).parent / "medcli"
+    command = f"{medcli} audit --db {db_url} --labels {labels} --bootstrap 0 --csv /dev/stdout"
+    log = tmp_path / "log.txt"
+    log.write_text("an earlier line\n")
+    appended = subprocess.run(f"{command} >> {log}", shell=True, capture_output=True, text=True, timeout=300)
+    assert appended.returncode == 0, appended.stderr
+    lines = log.read_text().splitlines()
+    assert lines[0] == "an earlier line" and lines[1].startswith("scope,by,level,label,metric")
+    assert re.fullmatch(r"audit \d+ stored; wrote CSV /dev/stdout", lines[-1]), lines[-1]
+    piped = subprocess.run(f"{command} | cat", shell=True, capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.startswith("scope,by,level,label,metric")
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_output_named_by_a_loop_of_links_cannot_be_written_and_says_so(busi, tmp_path):
+    """Path.resolve raised RuntimeError ("Symlink loop"): a traceback, exit 1."""
+    db_url, labels, _, _ = busi
+    (tmp_path / "a.csv").symlink_to(tmp_path / "b.csv")
+    (tmp_path / "b.csv").symlink_to(tmp_path / "a.csv")
+    result = CliRunner().invoke(
+        cli, ["audit", "--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--csv", str(tmp_path / "a.csv")]
+    )
+    assert result.exit_code == 1 and f"--csv {tmp_path / 'a.csv'} cannot be written" in result.stderr, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,23 @@ def test_reports_written_out_through_a_link_reach_its_target_and_the_link_stays(
         run(state, *command, "--out", str(link))
         assert link.is_symlink() and link.resolve() == target, kind
         assert read_pdf(target)[1] >= 1, kind
+
+
+def test_a_report_out_to_a_pipe_a_device_or_a_stream_is_refused_as_usage(state: Daemon, tmp_path: Path):
+    """A report is recorded with its file: renamed over, the pipe became a regular file, its reader got
+    nothing, and the command said it had written it (exit 0)."""
+    import os
+
+    pipe = tmp_path / "report.fifo"
+    os.mkfifo(pipe)
+    scan = a_scan(state, "synthetic_study_0.dcm")
+    commands = (["report", str(scan.id)], ["report", "study", STUDY_UID], ["report", "summary", "--since", "7d"])
+    for command in commands:
+        for out in (pipe, Path("/dev/null"), Path("/dev/stdout")):
+            refused = run(state, *command, "--out", str(out), code=2)
+            assert f"{out} is not a regular file" in refused, refused
+    assert stat.S_ISFIFO(pipe.stat().st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    (tmp_path / "a.pdf").symlink_to(tmp_path / "b.pdf")
+    (tmp_path / "b.pdf").symlink_to(tmp_path / "a.pdf")
+    looped = run(state, "report", str(scan.id), "--out", str(tmp_path / "a.pdf"), code=2)
+    assert "cannot be written: Too many levels of symbolic links" in looped, looped

@@ -7,7 +7,6 @@ that cannot be written 1; a database problem 3.
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -68,10 +67,32 @@ class _ScanByDefault(click.Group):
         return None
 
 
+def _report_file(_ctx: click.Context, _param: click.Parameter, out: Path | None) -> Path | None:
+    """``--out`` as the file a report is written to and recorded at: a symbolic link followed (its
+    target written, the link kept), a pipe, a device or a stream of this process refused (renamed
+    over, a pipe became a regular file and its reader got nothing)."""
+    from meddaemon.files import named_descriptor, output_target
+
+    if out is None:
+        return None
+    try:
+        target = output_target(out)
+    except OSError as exc:
+        raise click.BadParameter(f"{out} cannot be written: {exc.strerror}", param_hint="--out") from None
+    if named_descriptor(out) is not None or (target.exists() and not target.is_file()):
+        raise click.BadParameter(
+            f"{out} is not a regular file: a report is recorded with the file it is written to", param_hint="--out"
+        )
+    return target
+
+
 def _report_options(func: F) -> F:
     func = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(func)
     func = click.option(
-        "--out", type=click.Path(path_type=Path, dir_okay=False), help="Write the PDF here instead of reports/."
+        "--out",
+        type=click.Path(path_type=Path, dir_okay=False),
+        callback=_report_file,
+        help="Write the PDF here instead of reports/ (a file: it is recorded with the report).",
     )(func)
     func = click.option(
         "--with-phi/--without-phi",
@@ -168,7 +189,12 @@ def study_cmd(
 @report.command("summary")
 @click.option("--since", default="24h", show_default=True, help="A duration (24h, 7d, 90m) or an ISO date/time.")
 @click.option("--until", "until_text", help="End of the period (ISO date/time; default: now).")
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Write the PDF here.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    callback=_report_file,
+    help="Write the PDF here (a file: it is recorded with the report).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (a PDF is written only with --out).")
 @settings_options
 @handle_errors
@@ -178,7 +204,6 @@ def summary_cmd(
     """The period's cohort: scans per task and state, calls per label, failures by reason, latency
     percentiles and a histogram of probabilities per label. No patient data."""
     from meddaemon.db.engine import transaction, with_lock_retry
-    from meddaemon.files import write_named_output
     from meddaemon.report import output
     from meddaemon.report.fonts import report_fonts
     from meddaemon.report.summary import parse_since, render_summary, summarise
@@ -201,11 +226,7 @@ def summary_cmd(
             path = (out or output.summary_report_path(settings.reports_dir, figures.since, figures.until)).absolute()
             rendered = render_summary(figures, report_fonts(settings.reports_font))
             try:
-                if out is None:
-                    sha = output.write_pdf(path, rendered.data)
-                else:  # a file the user named: through its link, into a pipe as it stands
-                    write_named_output(path, rendered.data)
-                    sha = hashlib.sha256(rendered.data).hexdigest()
+                sha = output.write_pdf(path, rendered.data)
             except OSError as exc:
                 _fail(f"could not write the report: {exc.strerror or exc}")
 

@@ -24,7 +24,6 @@ from meddaemon.daemon.bookkeeper import advance
 from meddaemon.db.bulk import insert_rows
 from meddaemon.db.engine import transaction, with_lock_retry
 from meddaemon.db.models import Scan, ScanEvent, utcnow
-from meddaemon.files import output_target
 from meddaemon.overlays import ViewSource, overlay_jpeg, read_jpeg
 from meddaemon.report import images as pictures
 from meddaemon.report import output
@@ -122,8 +121,7 @@ class ReportBuilder:
         phi = self.settings.reports_with_phi if with_phi is None else with_phi
         data = self.scan_data(scan_id, phi)
         rendered = self.render_scan(data)
-        default = output.scan_report_path(self.settings.reports_dir, data.sha256, phi)
-        path = (output_target(out) if out else default).absolute()  # a link named by --out stays a link
+        path = (out or output.scan_report_path(self.settings.reports_dir, data.sha256, phi)).absolute()
         written = WrittenReport(
             "scan", path, "", rendered.pages, len(rendered.data), phi, scan_id, data.study_instance_uid
         )
@@ -220,8 +218,7 @@ class ReportBuilder:
         rendered = render_study(
             data, [self.images(s) for s in data.scans], load_template, report_fonts(self.settings.reports_font)
         )
-        default = output.study_report_path(self.settings.reports_dir, data.study_key, phi)
-        path = (output_target(out) if out else default).absolute()
+        path = (out or output.study_report_path(self.settings.reports_dir, data.study_key, phi)).absolute()
         written = WrittenReport(
             "study",
             path,
