@@ -662,13 +662,13 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
             "with a host (https://HOST/dicom-web)"
         )
 
-    def field(key: str, parse: Callable[[Any], Any], default: Any) -> Any:
+    def parsed(key: str, parse: Callable[[Any], Any], default: Any) -> Any:
         try:
             return parse(data.get(key, default))
         except ValueError as exc:  # "True is not a whole number" named neither the key nor the destination
             raise ValueError(f"destination {name!r}: {key}: {exc}") from None
 
-    port: int = field("port", _parse_int, 0)
+    port: int = parsed("port", _parse_int, 0)
     if kind == "dicom" and not 1 <= port <= 65535:
         raise ValueError(f"destination {name!r}: port {data['port']} is not a TCP port (1-65535)")
     for key in ("ae_title", "calling_ae_title") if kind == "dicom" else ():
@@ -681,16 +681,16 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
     return DestinationConfig(
         name=name,
         kind=kind,
-        ae_title=field("ae_title", _text, ""),
-        host=field("host", _text, ""),
+        ae_title=parsed("ae_title", _text, ""),
+        host=parsed("host", _text, ""),
         port=port,
-        calling_ae_title=field("calling_ae_title", _text, "MEDDAEMON"),
-        url=field("url", _text, ""),
-        path=field("path", _text, ""),
+        calling_ae_title=parsed("calling_ae_title", _text, "MEDDAEMON"),
+        url=parsed("url", _text, ""),
+        path=parsed("path", _text, ""),
         tasks=text_values(tasks, f"destination {name!r}: tasks"),
         outputs=_dicom_kinds(data.get("outputs", ())),
-        timeout_seconds=field("timeout_seconds", _parse_float, 30.0),
-        keep_open_seconds=field("keep_open_seconds", _parse_float, 5.0),
+        timeout_seconds=parsed("timeout_seconds", _parse_float, 30.0),
+        keep_open_seconds=parsed("keep_open_seconds", _parse_float, 5.0),
     )
 
 
