@@ -4,6 +4,8 @@ fixed, the daemon records a new attempt, and the failed scan keeps its history (
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import threading
 from pathlib import Path
 
@@ -102,6 +104,28 @@ def test_a_retried_scan_is_a_new_attempt_that_gets_inferred_and_the_failed_scan_
     with daemon.sessions() as session:
         assert session.scalar(select(DuplicateArrival.id)) is None
     assert not back.exists()
+
+
+def test_a_file_sent_back_keeps_the_mode_of_the_original_whatever_the_retrying_user_s_umask(
+    daemon: Daemon, make_settings
+):
+    """Copied under medcli's umask (0o007 added), the file came back at 0640, its retrying user's: a
+    daemon running as another user failed the new attempt as unreadable."""
+    [failed] = scans_by_id(daemon)
+    kept = daemon.settings.stored_file(failed.stored_path)
+    kept.chmod(0o644)
+    owner = (12345, 12345) if os.geteuid() == 0 else (os.getuid(), os.getgid())  # root gives it back its owner
+    os.chown(kept, *owner)
+    settings = make_settings(max_wait_ms=10, reports=False, default_task="busi")
+    before = os.umask(0o077)
+    try:
+        result = retry_failed(daemon.sessions, settings, Selector(scan=str(failed.id)))
+    finally:
+        os.umask(before)
+    assert result.ok
+    back = result.requeued[0].inbox_path
+    assert stat.S_IMODE(back.stat().st_mode) == 0o644
+    assert (back.stat().st_uid, back.stat().st_gid) == owner
 
 
 def test_bytes_of_a_failed_scan_moved_back_by_hand_are_a_new_attempt_not_a_duplicate(daemon: Daemon):
