@@ -55,6 +55,10 @@ def test_retry_sends_the_file_back_and_the_daemon_records_a_new_attempt(
         (unroutable + 1, "waiting_model", "busi"),
         (unroutable, "failed", None),
     ]
+    # still failed, as it did fail; said to be retried (it read as a failure left to deal with)
+    assert [bool(s["retried_at"]) for s in scans] == [False, True]
+    listed = runner.invoke(medcli, ["scans", "--state", "failed", *dirs[2:]]).stdout.splitlines()
+    assert [line.endswith("(retried)") for line in listed] == [True]
 
 
 def test_a_refused_retry_exits_2_and_names_why(runner: CliRunner, dirs: list[str], unroutable: int):

@@ -69,7 +69,8 @@ def db_upgrade(config_file: Path | None, **flags: object) -> None:
 def scans(config_file: Path | None, state: str | None, limit: int, as_json: bool, **flags: object) -> None:
     """List the latest scans: id, state, task, reason, name as received (no patient data), and for
     scans received over DICOM the sender (calling AE @ address) and, when an instance was received
-    with different contents, which version of it the scan is."""
+    with different contents, which version of it the scan is. A failure `medcli retry` sent back
+    says "(retried)": its new attempt is a scan of its own."""
     from meddaemon.dicom.provenance import provenance
 
     settings = build_settings(config_file, **flags)
@@ -94,6 +95,8 @@ def scans(config_file: Path | None, state: str | None, limit: int, as_json: bool
                     "registered_at": s.registered_at,
                     "stored_path": str(settings.stored_file(s.stored_path)) if s.stored_path else None,
                     "received": senders[s.sha256].as_dict() if s.sha256 in senders else None,
+                    # a failure sent back by `medcli retry`: its new attempt is a scan of its own
+                    "retried_at": s.retried_at,
                 }
                 for s in found
             ]
@@ -106,7 +109,7 @@ def scans(config_file: Path | None, state: str | None, limit: int, as_json: bool
         sender = f"  {senders[r['sha256']].describe()}" if r["sha256"] in senders else ""
         name = shown_name(r["source_name"])
         line = f"{r['id']:>6}  {r['state']:<14} {r['task'] or '-':<15} {r['reason'] or '':<24} {name}"
-        click.echo(line + sender)
+        click.echo(line + sender + ("  (retried)" if r["retried_at"] else ""))
 
 
 @cli.command()
