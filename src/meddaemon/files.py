@@ -162,16 +162,25 @@ def output_target(path: Path) -> Path:
 
 
 _DESCRIPTOR_NAMES = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+#: the links followed before a name is taken for a loop (Linux's own limit)
+MAX_LINKS = 40
 
 
 def named_descriptor(path: Path) -> int | None:
     """The file descriptor of this process that ``path`` names (``/dev/stdout``, ``/dev/fd/3``,
-    ``/proc/self/fd/3``), or None."""
+    ``/proc/self/fd/3``), itself or through symbolic links, or None."""
     name = os.path.abspath(path)
-    if name in _DESCRIPTOR_NAMES:
-        return _DESCRIPTOR_NAMES[name]
-    folder, _, number = name.rpartition("/")
-    return int(number) if folder in ("/dev/fd", "/proc/self/fd") and number.isdigit() else None
+    for _ in range(MAX_LINKS):
+        name = "/" + name.lstrip("/")  # "//dev/stdout" is "/dev/stdout"
+        if name in _DESCRIPTOR_NAMES:
+            return _DESCRIPTOR_NAMES[name]
+        folder, _, number = name.rpartition("/")
+        if folder in ("/dev/fd", "/proc/self/fd", f"/proc/{os.getpid()}/fd") and number.isdigit():
+            return int(number)
+        if not os.path.islink(name):
+            return None
+        name = os.path.abspath(os.path.join(os.path.dirname(name), os.readlink(name)))
+    return None
 
 
 def _write_all(fd: int, buffers: Sequence[Buffer]) -> None:

@@ -565,6 +565,16 @@ def test_a_csv_written_to_dev_stdout_goes_where_standard_output_goes(busi, tmp_p
     piped = subprocess.run(f"{command} | cat", shell=True, capture_output=True, text=True, timeout=300)
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout.startswith("scope,by,level,label,metric")
+    # through a link, or spelt with two slashes: the same stream
+    (tmp_path / "out.csv").symlink_to("/dev/stdout")
+    for named in (tmp_path / "out.csv", "//dev/stdout"):
+        log.write_text("an earlier line\n")
+        other = command.replace("--csv /dev/stdout", f"--csv {named}")
+        appended = subprocess.run(f"{other} >> {log}", shell=True, capture_output=True, text=True, timeout=300)
+        assert appended.returncode == 0, appended.stderr
+        lines = log.read_text().splitlines()
+        assert lines[0] == "an earlier line" and lines[1].startswith("scope,by,level,label,metric"), named
+        assert re.fullmatch(r"audit \d+ stored; wrote CSV .*", lines[-1]), lines[-1]
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

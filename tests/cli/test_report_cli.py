@@ -148,8 +148,9 @@ def test_a_report_out_to_a_pipe_a_device_or_a_stream_is_refused_as_usage(state: 
     os.mkfifo(pipe)
     scan = a_scan(state, "synthetic_study_0.dcm")
     commands = (["report", str(scan.id)], ["report", "study", STUDY_UID], ["report", "summary", "--since", "7d"])
+    (tmp_path / "to-stdout.pdf").symlink_to("/dev/stdout")
     for command in commands:
-        for out in (pipe, Path("/dev/null"), Path("/dev/stdout")):
+        for out in (pipe, Path("/dev/null"), Path("/dev/stdout"), Path("//dev/stdout"), tmp_path / "to-stdout.pdf"):
             refused = run(state, *command, "--out", str(out), code=2)
             assert f"{out} is not a regular file" in refused, refused
     assert stat.S_ISFIFO(pipe.stat().st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)

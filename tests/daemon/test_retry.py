@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import threading
 from pathlib import Path
@@ -126,6 +127,33 @@ def test_a_file_sent_back_keeps_the_mode_of_the_original_whatever_the_retrying_u
     back = result.requeued[0].inbox_path
     assert stat.S_IMODE(back.stat().st_mode) == 0o644
     assert (back.stat().st_uid, back.stat().st_gid) == owner
+
+
+def test_a_file_sent_back_never_carries_set_user_id_or_set_group_id_bits(daemon: Daemon):
+    """A file dropped set-user-ID by another user came back, through a retrying user who may not give
+    it back its owner (the daemon's service user), set-user-ID and owned by that user: for the one
+    who dropped it to run as the daemon's user. Here root without CAP_CHOWN is that user."""
+    import subprocess
+    import sys
+
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root with util-linux's setpriv: this test needs both")
+        pytest.skip("needs root (to give the kept file another owner) and setpriv (to take CAP_CHOWN away)")
+    [failed] = scans_by_id(daemon)
+    kept = daemon.settings.stored_file(failed.stored_path)
+    os.chown(kept, 12345, 12345)
+    kept.chmod(0o6755)
+    medcli = Path(sys.executable).parent / "medcli"
+    where = ["--state-dir", str(daemon.settings.state_dir), "--watch", str(daemon.settings.watch)]
+    retried = subprocess.run(
+        [setpriv, "--bounding-set", "-chown", str(medcli), "retry", str(failed.id), *where, "--json"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "MEDDAEMON_CONFIG": ""},
+    )  # fmt: skip
+    assert retried.returncode == 0, retried.stderr
+    back = daemon.settings.watch / UNROUTABLE
+    assert stat.S_IMODE(back.stat().st_mode) == 0o755
 
 
 def test_bytes_of_a_failed_scan_moved_back_by_hand_are_a_new_attempt_not_a_duplicate(daemon: Daemon):

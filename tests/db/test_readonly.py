@@ -78,3 +78,60 @@ def test_many_threads_share_a_sqlite_read_only_engine_safely(tmp_path: Path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["QueuePool", "0"]
+
+
+READ_TWICE = """
+import sys
+from pathlib import Path
+from sqlalchemy import text
+from meddaemon.db.readonly import read_only_engine
+path, written = sys.argv[1], Path(sys.argv[2])
+engine = read_only_engine(f"sqlite:///{path}")
+with engine.connect() as conn:
+    print(conn.execute(text("SELECT count(*) FROM t")).scalar(), flush=True)
+while not written.exists():
+    pass
+with engine.connect() as conn:
+    print(conn.execute(text("SELECT count(*) FROM t")).scalar(), flush=True)
+"""
+
+
+def test_a_wal_database_its_reader_cannot_make_an_index_for_is_read_and_read_again_after_a_write(tmp_path: Path):
+    """Reading a WAL database makes its -shm file: in a folder the reader may not write to (a file
+    system remounted read-only, a full one) every read failed, and `meddaemon health` called the
+    database unreachable. Read as the file holds it, it must not stay as it was then: a console kept
+    its connection and showed the database as it opened, whatever a daemon wrote since."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from permissions import held_to_file_modes
+
+    folder = tmp_path / "state"
+    folder.mkdir()
+    path = folder / "m.db"
+    writer = sqlite3.connect(path)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("INSERT INTO t VALUES (1)")
+    writer.commit()
+    writer.close()  # the last connection: -wal and -shm go, every commit in the file
+    written = tmp_path / "written"
+    folder.chmod(0o555)
+    try:
+        reader = subprocess.Popen(
+            held_to_file_modes([sys.executable, "-c", READ_TWICE, str(path), str(written)]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert reader.stdout is not None
+        first = reader.stdout.readline().strip()
+        writer = sqlite3.connect(path)  # this test's process is not held to the folder's mode: a daemon's
+        writer.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(7)])
+        writer.commit()
+        writer.close()
+        written.touch()
+        out, err = reader.communicate(timeout=60)
+    finally:
+        folder.chmod(0o755)
+    assert reader.returncode == 0, err[-2000:]
+    assert [first, out.strip()] == ["1", "8"]

@@ -124,17 +124,19 @@ def inbox_return_path(watch: Path, source_name: PurePosixPath, scan_id: int, att
 def place_new_file(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target`` as a new file (new inode, mtime now: no inbox claim's tombstone
     mistakes it for the file that left), written under a dot name and linked into place whole; never
-    replaces a file already at ``target`` (``FileExistsError``). The copy keeps the source's mode,
-    and its owner where this user may give it (root): made by ``medcli retry`` under another user's
-    umask, it was that user's at 0640, and the daemon's next attempt failed as ``unreadable``."""
+    replaces a file already at ``target`` (``FileExistsError``). The copy keeps the source's read,
+    write and execute bits, and its owner where this user may give it (root): made by ``medcli
+    retry`` under another user's umask, it was that user's at 0640, and the daemon's next attempt
+    failed as ``unreadable``. Set-user-ID and set-group-ID bits are never copied: a file dropped
+    with them would come back owned by the retrying user (the daemon's), theirs to run as."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(fitted(f".{target.name}", f".{os.getpid()}.retry"))
     try:
         shutil.copyfile(source, tmp)
-        shutil.copymode(source, tmp)
         kept = os.stat(source)
         with contextlib.suppress(PermissionError):
             os.chown(tmp, kept.st_uid, kept.st_gid)
+        os.chmod(tmp, stat.S_IMODE(kept.st_mode) & 0o777)  # never set-user-ID: its owner may be another's
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         try:

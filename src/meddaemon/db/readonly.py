@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import QueuePool
 
 from meddaemon.db.engine import ConnectionLimits
@@ -75,7 +76,9 @@ def _sqlite_read_only(url: URL, busy_timeout: float) -> Engine:
             if not getattr(exc, "sqlite_errorname", "").startswith(WAL_INDEX_ERRORS) or not _without_wal_index(path):
                 raise
             # a read-only or full file system, no writer: the file itself, which then holds every commit
-            return sqlite3.connect(path.as_uri() + "?immutable=1", uri=True, check_same_thread=False)
+            return sqlite3.connect(
+                path.as_uri() + "?immutable=1", uri=True, check_same_thread=False, factory=_ImmutableConnection
+            )
         return connection
 
     # a plain pool: SQLAlchemy could pick SingletonThreadPool, which closes the connections of
@@ -96,11 +99,25 @@ def _sqlite_read_only(url: URL, busy_timeout: float) -> Engine:
         dbapi_connection.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         dbapi_connection.execute("PRAGMA query_only=ON")
 
+    @event.listens_for(engine, "checkout")
+    def _once_if_immutable(dbapi_connection, record, _proxy) -> None:  # type: ignore[no-untyped-def]
+        """An immutable connection never reads the file again: kept in the pool, a console or a
+        scrape showed the database as it was when it opened, however much a daemon wrote since. It
+        serves one checkout; the next makes a connection again (``mode=ro`` once it can)."""
+        if isinstance(dbapi_connection, _ImmutableConnection):
+            if record.info.get("served"):
+                raise DisconnectionError("an immutable SQLite connection serves one checkout")
+            record.info["served"] = True
+
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
         connection.exec_driver_sql("BEGIN")  # deferred: a snapshot for reading, no write lock
 
     return engine
+
+
+class _ImmutableConnection(sqlite3.Connection):
+    """A connection opened with ``immutable=1`` (``_without_wal_index``)."""
 
 
 #: SQLite's errors when a WAL database's index cannot be made: a read-only mount ("unable to open
