@@ -336,15 +336,7 @@ def test_a_probability_and_its_threshold_are_shown_to_the_digits_that_compare_as
         over.probability, over.threshold, over.positive = 0.348, 0.3468, True
         labels = under.label, over.label
     engine.dispose()
-    app = create_app(web_settings(fresh_root))
-    try:
-        html = signed_in(app, "viewer").get(f"/scans/{scan.id}").text
-    finally:
-        app.state.console.dispose()
-    rows = {
-        label: re.sub(r"<[^>]+>", " ", html.split(f"<tr><td>{label}</td>", 1)[1].split("</tr>", 1)[0]).split()
-        for label in labels
-    }
+    rows = call_rows(fresh_root, scan.id, labels)
     assert rows[labels[0]] == ["49.96%", "50.00%", "negative"]
     assert rows[labels[1]] == ["34.8%", "34.7%", "positive"]
 
@@ -358,16 +350,21 @@ def test_a_multiclass_call_is_shown_to_the_digits_that_rank_it_above_the_runner_
         for result in session.scalars(select(Result).where(Result.scan_id == scan.id)):
             result.probability, result.positive = probabilities[result.label], result.label == "malignant"
     engine.dispose()
-    app = create_app(web_settings(fresh_root))
+    shown = {label: row[0] for label, row in call_rows(fresh_root, scan.id, probabilities).items()}
+    assert shown == {"benign": "45.04%", "malignant": "45.05%", "normal": "9.91%"}
+
+
+def call_rows(root, scan_id: int, labels) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
+    """The words of each label's row of the calls table on the scan's page, as a viewer sees it."""
+    app = create_app(web_settings(root))
     try:
-        html = signed_in(app, "viewer").get(f"/scans/{scan.id}").text
+        html = signed_in(app, "viewer").get(f"/scans/{scan_id}").text
     finally:
         app.state.console.dispose()
-    shown = {
-        label: re.sub(r"<[^>]+>", " ", html.split(f"<tr><td>{label}</td>", 1)[1].split("</tr>", 1)[0]).split()[0]
-        for label in probabilities
+    return {
+        label: re.sub(r"<[^>]+>", " ", html.split(f"<tr><td>{label}</td>", 1)[1].split("</tr>", 1)[0]).split()
+        for label in labels
     }
-    assert shown == {"benign": "45.04%", "malignant": "45.05%", "normal": "9.91%"}
 
 
 def test_a_report_written_before_the_newest_version_s_results_says_so_beside_them(fresh_root):
