@@ -212,6 +212,35 @@ def test_truncated_weights_are_refused(v1: Path):
     assert refused.reason == "unreadable_weights" and str(weights) in refused.message
 
 
+LOAD_AND_MEASURE = """
+import resource, sys
+from meddaemon.engine.registry import ModelRefused, load_version
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_version(sys.argv[1])
+except ModelRefused as refused:
+    print(refused.reason, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+def test_weights_swapped_for_a_huge_file_are_refused_without_reading_it_into_memory(v1: Path):
+    """The file was read whole, then hashed: a 3 GB file in its place took 4 GB of the daemon's memory
+    (a MemoryError, which the daemon took for passing trouble and tried again, for ever)."""
+    import subprocess
+    import sys
+
+    weights = v1 / "model.safetensors"
+    with weights.open("r+b") as file:
+        file.truncate(1 << 30)  # sparse: a gigabyte of zeros that takes no disk
+    measured = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_MEASURE, str(v1)], capture_output=True, text=True, timeout=300
+    )
+    assert measured.returncode == 0, measured.stderr[-2000:]
+    reason, grown_mb = measured.stdout.split()
+    assert reason == "hash_mismatch"
+    assert int(grown_mb) < 256, f"{grown_mb} MB more to refuse a 1 GB file"
+
+
 def test_a_flipped_bit_is_refused_even_when_the_hash_is_updated(v1: Path):
     weights = v1 / "model.safetensors"
     data = bytearray(weights.read_bytes())

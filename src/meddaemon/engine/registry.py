@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from sqlalchemy import select
@@ -570,17 +570,22 @@ def _regular_file_bytes(path: Path, most: int | None = None) -> bytes:
     """The bytes of the regular file at ``path`` (a symbolic link followed), at most ``most`` + 1
     (to tell a file over ``most``). A device, a FIFO or a socket in its place is refused unread: a
     link to /dev/zero was read until memory ran out, a FIFO waited for a writer for ever."""
+    with _open_regular_file(path) as file:
+        return file.read() if most is None else file.read(most + 1)
+
+
+def _open_regular_file(path: Path) -> BinaryIO:
+    """The regular file at ``path`` open for reading (a symbolic link followed); a device, a FIFO or a
+    socket in its place refused (``missing_file``) before anything is read."""
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO's open waits without it
     try:
         mode = os.fstat(descriptor).st_mode
         if not stat.S_ISREG(mode):
             raise ModelRefused("missing_file", f"{path} is not a regular file ({_file_kind(mode)})")
-        file = os.fdopen(descriptor, "rb")
+        return os.fdopen(descriptor, "rb")
     except BaseException:
         os.close(descriptor)
         raise
-    with file:
-        return file.read() if most is None else file.read(most + 1)
 
 
 def _file_kind(mode: int) -> str:
@@ -657,18 +662,34 @@ def _unless_passing(exc: OSError) -> None:
         raise exc
 
 
+#: what the weights' hash is computed over at a time, before the file is held whole
+HASH_CHUNK_BYTES = 1 << 20
+
+
 def _verified_bytes(path: Path, manifest: Manifest, folder: Path) -> bytes:
-    """The file's bytes, once their SHA-256 is the manifest's (before anything parses them)."""
+    """The file's bytes, once their SHA-256 is the manifest's (before anything parses them). The file
+    is hashed as it is read, a chunk at a time, before it is held whole: a weights file swapped for a
+    3 GB one was read into memory first (4 GB of a daemon's, a MemoryError it retried for ever)."""
+    data = b""
     try:
-        data = _regular_file_bytes(path)
+        with _open_regular_file(path) as file:
+            digest, size = hashlib.sha256(), 0
+            for chunk in iter(lambda: file.read(HASH_CHUNK_BYTES), b""):
+                digest.update(chunk)
+                size += len(chunk)
+            if digest.hexdigest() == manifest.sha256:
+                file.seek(0)
+                data = file.read()
     except OSError as exc:
         _unless_passing(exc)
         raise ModelRefused("missing_file", f"{path} cannot be read: {exc.strerror or exc}") from None
-    actual = sha256_bytes(data)
+    actual = digest.hexdigest()
+    if actual == manifest.sha256 and sha256_bytes(data) != actual:
+        actual, size = sha256_bytes(data), len(data)  # changed between the two reads
     if actual != manifest.sha256:
         raise ModelRefused(
             "hash_mismatch",
-            f"{path} has SHA-256 {actual} ({len(data)} bytes) but {folder / MANIFEST_FILE} says "
+            f"{path} has SHA-256 {actual} ({size} bytes) but {folder / MANIFEST_FILE} says "
             f"{manifest.sha256}: the file is damaged, truncated or not the one the manifest describes",
         )
     return data

@@ -351,6 +351,8 @@ def test_two_layers_whose_names_are_one_key_are_refused_not_one_dropped(tmp_path
         ("a Lambda after the pooling", "needs_code", "layer 'flip' is a Lambda"),
         ("max pooling", "wrong_architecture", "is a GlobalMaxPooling2D"),
         ("a softmax head", "wrong_architecture", "ends with 'softmax'; a multilabel task's ends with linear or"),
+        # "unhashable type: 'dict'" called it unreadable weights
+        ("a function as the head's activation", "needs_code", "activation is code in the file"),
     ],
 )
 @pytest.mark.parametrize("suffix", [".h5", ".keras"])
@@ -366,7 +368,8 @@ def test_a_model_that_computes_other_than_densenet_121_and_its_head_is_refused_b
     pooled = pooling()(base.output)
     if variant.startswith("a Lambda"):
         pooled = keras.layers.Lambda(lambda t: -10.0 * t, name="flip")(pooled)
-    head = keras.layers.Dense(FINDINGS, activation="softmax" if variant == "a softmax head" else "sigmoid")
+    activation = {"a softmax head": "softmax", "a function as the head's activation": lambda t: 1 / (1 + t * t)}
+    head = keras.layers.Dense(FINDINGS, activation=activation.get(variant, "sigmoid"))
     path = tmp_path / f"synthetic_model{suffix}"
     keras.Model(base.input, head(pooled)).save(str(path))
 

@@ -268,6 +268,10 @@ def check_config(config: dict[str, Any], kind: str) -> None:
             raise ModelRefused(
                 "needs_code", f"layer {name!r} is a {kind_of}: its computation is code in the file, which is never run"
             )
+        if activation is not None and not isinstance(activation, str):
+            # a function saved with the model (its bytecode): "unhashable type: 'dict'" called the weights
+            # unreadable, or the refusal printed the bytecode
+            raise ModelRefused("needs_code", f"layer {name!r}'s activation is code in the file, which is never run")
         if kind_of not in DENSENET121_CLASSES:
             raise ModelRefused(
                 "wrong_architecture", f"layer {name!r} is a {kind_of}, not part of Keras's DenseNet-121 + Dense"
