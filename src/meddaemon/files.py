@@ -162,24 +162,27 @@ def output_target(path: Path) -> Path:
 
 
 _DESCRIPTOR_NAMES = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
-#: the links followed before a name is taken for a loop (Linux's own limit)
-MAX_LINKS = 40
 
 
 def named_descriptor(path: Path) -> int | None:
-    """The file descriptor of this process that ``path`` names (``/dev/stdout``, ``/dev/fd/3``,
-    ``/proc/self/fd/3``), itself or through symbolic links, or None."""
-    name = os.path.abspath(path)
-    for _ in range(MAX_LINKS):
-        name = "/" + name.lstrip("/")  # "//dev/stdout" is "/dev/stdout"
-        if name in _DESCRIPTOR_NAMES:
-            return _DESCRIPTOR_NAMES[name]
-        folder, _, number = name.rpartition("/")
-        if folder in ("/dev/fd", "/proc/self/fd", f"/proc/{os.getpid()}/fd") and number.isdigit():
-            return int(number)
-        if not os.path.islink(name):
-            return None
-        name = os.path.abspath(os.path.join(os.path.dirname(name), os.readlink(name)))
+    """The file descriptor of this process that ``path`` names, or None: standard output or error
+    by any name of the file they are open on (``/dev/stdout``, a link to it, ``/proc/thread-self/fd/1``,
+    a link to ``/dev/fd``, the file a shell redirected them to), or ``/dev/fd/N``, ``/proc/self/fd/N``."""
+    with contextlib.suppress(OSError):
+        named = os.stat(path)
+        for descriptor in (1, 2):
+            with contextlib.suppress(OSError):
+                stream = os.fstat(descriptor)
+                if (named.st_dev, named.st_ino) == (stream.st_dev, stream.st_ino):
+                    return descriptor
+    if not path.is_absolute() or ".." in path.parts:  # "/dev/fd/../stdout" names nothing
+        return None
+    name = "/" + str(path).lstrip("/")  # "//dev/stdout" is "/dev/stdout"
+    if name in _DESCRIPTOR_NAMES:  # a stream that is closed: its write fails with EBADF, said as such
+        return _DESCRIPTOR_NAMES[name]
+    folder, _, number = name.rpartition("/")
+    if folder in ("/dev/fd", "/proc/self/fd", f"/proc/{os.getpid()}/fd") and number.isdigit():
+        return int(number)
     return None
 
 

@@ -565,9 +565,10 @@ def test_a_csv_written_to_dev_stdout_goes_where_standard_output_goes(busi, tmp_p
     piped = subprocess.run(f"{command} | cat", shell=True, capture_output=True, text=True, timeout=300)
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout.startswith("scope,by,level,label,metric")
-    # through a link, or spelt with two slashes: the same stream
+    # through a link, a link to /dev/fd, spelt with two slashes or through this thread: the same stream
     (tmp_path / "out.csv").symlink_to("/dev/stdout")
-    for named in (tmp_path / "out.csv", "//dev/stdout"):
+    (tmp_path / "fd").symlink_to("/dev/fd")
+    for named in (tmp_path / "out.csv", "//dev/stdout", tmp_path / "fd" / "1", "/proc/thread-self/fd/1"):
         log.write_text("an earlier line\n")
         other = command.replace("--csv /dev/stdout", f"--csv {named}")
         appended = subprocess.run(f"{other} >> {log}", shell=True, capture_output=True, text=True, timeout=300)

@@ -11,12 +11,12 @@ which gives each session one consistent snapshot without the write lock; Postgre
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.pool import QueuePool
 
 from meddaemon.db.engine import ConnectionLimits
@@ -68,18 +68,24 @@ def _sqlite_read_only(url: URL, busy_timeout: float) -> Engine:
     uri = path.as_uri() + "?mode=ro"
 
     def connect() -> sqlite3.Connection:
-        connection = sqlite3.connect(uri, uri=True, timeout=busy_timeout, check_same_thread=False)
-        try:
-            connection.execute("SELECT count(*) FROM sqlite_master").fetchall()
-        except sqlite3.OperationalError as exc:
-            connection.close()
-            if not getattr(exc, "sqlite_errorname", "").startswith(WAL_INDEX_ERRORS) or not _without_wal_index(path):
-                raise
-            # a read-only or full file system, no writer: the file itself, which then holds every commit
-            return sqlite3.connect(
-                path.as_uri() + "?immutable=1", uri=True, check_same_thread=False, factory=_ImmutableConnection
-            )
-        return connection
+        for attempt in range(WAL_INDEX_ATTEMPTS):
+            connection = sqlite3.connect(uri, uri=True, timeout=busy_timeout, check_same_thread=False)
+            try:
+                connection.execute("SELECT count(*) FROM sqlite_master").fetchall()
+                return connection
+            except sqlite3.OperationalError as exc:
+                connection.close()
+                if not getattr(exc, "sqlite_errorname", "").startswith(WAL_INDEX_ERRORS):
+                    raise
+                if _without_wal_index(path):
+                    # a read-only or full file system, no writer: the file itself, holding every commit
+                    return sqlite3.connect(
+                        path.as_uri() + "?immutable=1", uri=True, check_same_thread=False, factory=_ImmutableConnection
+                    )
+                if attempt == WAL_INDEX_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05)  # a writer making or removing its index files: there in a moment, or gone
+        raise AssertionError("unreachable")
 
     # a plain pool: SQLAlchemy could pick SingletonThreadPool, which closes the connections of
     # other threads once more than five threads have used it (the web console's thread pool does),
@@ -99,15 +105,13 @@ def _sqlite_read_only(url: URL, busy_timeout: float) -> Engine:
         dbapi_connection.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         dbapi_connection.execute("PRAGMA query_only=ON")
 
-    @event.listens_for(engine, "checkout")
-    def _once_if_immutable(dbapi_connection, record, _proxy) -> None:  # type: ignore[no-untyped-def]
+    @event.listens_for(engine, "checkin")
+    def _once_if_immutable(dbapi_connection, record) -> None:  # type: ignore[no-untyped-def]
         """An immutable connection never reads the file again: kept in the pool, a console or a
         scrape showed the database as it was when it opened, however much a daemon wrote since. It
-        serves one checkout; the next makes a connection again (``mode=ro`` once it can)."""
+        serves once; its next checkout makes a connection again (``mode=ro`` once it can)."""
         if isinstance(dbapi_connection, _ImmutableConnection):
-            if record.info.get("served"):
-                raise DisconnectionError("an immutable SQLite connection serves one checkout")
-            record.info["served"] = True
+            record.invalidate(soft=True)
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
@@ -118,6 +122,10 @@ def _sqlite_read_only(url: URL, busy_timeout: float) -> Engine:
 
 class _ImmutableConnection(sqlite3.Connection):
     """A connection opened with ``immutable=1`` (``_without_wal_index``)."""
+
+
+#: how often a connection is tried while a writer makes or removes the WAL index
+WAL_INDEX_ATTEMPTS = 20
 
 
 #: SQLite's errors when a WAL database's index cannot be made: a read-only mount ("unable to open

@@ -57,6 +57,7 @@ from meddaemon.engine.preprocess import normalise
 from meddaemon.engine.tasks import BUILTIN_TASKS, KINDS, InputContract, TaskSpec
 from meddaemon.files import (
     PASSING_ERRNOS,
+    file_sha256,
     fsync_dir,
     make_folders,
     remove_stale_temporaries,
@@ -897,7 +898,7 @@ def _copy_into_registry(source: Path, target: Path, manifest: Manifest) -> None:
             shutil.copyfile(source / name, staging / name)
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
-        copied = sha256_bytes((staging / manifest.weights_file).read_bytes())
+        copied = file_sha256(staging / manifest.weights_file)  # a file swapped for a huge one: never held whole
         if copied != manifest.sha256:
             raise ModelRefused(
                 "hash_mismatch",
