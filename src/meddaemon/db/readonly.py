@@ -68,7 +68,8 @@ def _sqlite_read_only(url: URL, busy_timeout: float) -> Engine:
     uri = path.as_uri() + "?mode=ro"
 
     def connect() -> sqlite3.Connection:
-        for attempt in range(WAL_INDEX_ATTEMPTS):
+        attempts_left = WAL_INDEX_ATTEMPTS
+        while True:
             connection = sqlite3.connect(uri, uri=True, timeout=busy_timeout, check_same_thread=False)
             try:
                 connection.execute("SELECT count(*) FROM sqlite_master").fetchall()
@@ -82,10 +83,10 @@ def _sqlite_read_only(url: URL, busy_timeout: float) -> Engine:
                     return sqlite3.connect(
                         path.as_uri() + "?immutable=1", uri=True, check_same_thread=False, factory=_ImmutableConnection
                     )
-                if attempt == WAL_INDEX_ATTEMPTS - 1:
+                attempts_left -= 1
+                if attempts_left == 0:
                     raise
                 time.sleep(0.05)  # a writer making or removing its index files: there in a moment, or gone
-        raise AssertionError("unreachable")
 
     # a plain pool: SQLAlchemy could pick SingletonThreadPool, which closes the connections of
     # other threads once more than five threads have used it (the web console's thread pool does),

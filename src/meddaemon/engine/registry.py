@@ -685,8 +685,8 @@ def _verified_bytes(path: Path, manifest: Manifest, folder: Path) -> bytes:
         _unless_passing(exc)
         raise ModelRefused("missing_file", f"{path} cannot be read: {exc.strerror or exc}") from None
     actual = digest.hexdigest()
-    if actual == manifest.sha256 and sha256_bytes(data) != actual:
-        actual, size = sha256_bytes(data), len(data)  # changed between the two reads
+    if actual == manifest.sha256:
+        actual, size = sha256_bytes(data), len(data)  # what is returned: changed since it was hashed?
     if actual != manifest.sha256:
         raise ModelRefused(
             "hash_mismatch",
