@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from daemon_harness import SQLITE_LOCKER, TASK, Daemons, Layout, drop, files_under, sha, synthetic_png, wait_until
+from model_factory import promote_into, write_model
 
 pytestmark = pytest.mark.slow
 
@@ -403,6 +404,34 @@ def test_waiting_for_a_lock_held_elsewhere_the_daemon_keeps_systemd_s_watchdog_f
     assert time.monotonic() - asked < 15 and locker.poll() is None, "stopped while the lock was still held"
     assert "stopping as asked while the database was locked by another process" in daemon.log_text()
     assert len(layout.inbox_files()) == 4, "the files not recorded wait in the inbox"
+    locker.kill()
+
+
+def test_a_daemon_serving_a_model_stops_at_once_while_another_process_holds_the_lock(
+    layout: Layout, daemons: Daemons, tmp_path: Path
+):
+    """With a model served, its report process looked for work under a lock held elsewhere in a
+    retry that never asked whether to stop, and so did the claim of inbox files: SIGTERM took 39 s
+    (the daemon's 30 s wait for the report process, then its heartbeat's and sign-off's waits for the
+    lock), or never ended while the lock was held, past Docker's 10 s before it kills. A statement
+    already waiting for the lock finishes its wait (``busy_timeout``, 2 s here) first."""
+    promote_into(f"sqlite:///{layout.db}", layout.state / "models", write_model(tmp_path / "model"))
+    daemon = daemons.start(stable=0.3, rescan=1.0, env={"MEDDAEMON_BUSY_TIMEOUT": "2"})
+    wait_until(lambda: "report process started" in daemon.log_text(), 60, "the report process", daemon)
+    locker = daemons.helper("-c", SQLITE_LOCKER, str(layout.db), "120")
+    assert locker.stdout is not None and locker.stdout.readline().strip() == b"locked"
+    drop(layout.inbox / TASK, "synthetic_0000.png", synthetic_png(tmp_path / "made", 0), rename=True)
+    wait_until(lambda: "database is locked by another process" in daemon.log_text(), 30, "the lock met", daemon)
+    time.sleep(1.0)  # the report process's claim waits on the lock too
+    daemon.signal(signal.SIGTERM)
+    asked = time.monotonic()
+    assert daemon.wait(60) == 0, daemon.tail()
+    took = time.monotonic() - asked
+    assert took < 8, f"stopping took {took:.1f} s while the lock was held"
+    assert locker.poll() is None, "stopped while the lock was still held"
+    assert "did not stop within" not in daemon.log_text()
+    assert "not signing off (the database was locked by another process)" in daemon.log_text()
+    assert len(layout.inbox_files()) == 1, "the file not recorded waits in the inbox"
     locker.kill()
 
 

@@ -36,13 +36,13 @@ from meddaemon.daemon.inbox import Inbox, folder_words, is_folder, rename_to_utf
 from meddaemon.daemon.inference import Commit, InferenceStage
 from meddaemon.daemon.intake import Intake, IntakeContext, read_file, read_files
 from meddaemon.daemon.metrics import DaemonMetrics
-from meddaemon.daemon.outage import OutageGuard
+from meddaemon.daemon.outage import OutageGuard, StoppedWhileWaiting
 from meddaemon.daemon.router import RoutingPolicy
 from meddaemon.daemon.stability import Signature, StabilityTracker, StableFile, signature
 from meddaemon.daemon.stages import BUSY_POLL, STOP_READ_WAIT_SECONDS, Cadence, Stage, log_lock_wait
 from meddaemon.daemon.watcher import Hint
 from meddaemon.daemon.workers import DecodingPool, RunningSince, StopWaiting, wait_for
-from meddaemon.db.engine import is_lock_timeout, transaction, with_lock_retry
+from meddaemon.db.engine import is_lock_error, is_lock_timeout, transaction, with_lock_retry
 from meddaemon.engine.decode import DecodeOptions
 from meddaemon.failures import FailureReason, ScanFailure
 from meddaemon.names import is_utf8, shown_name
@@ -357,11 +357,13 @@ class IntakeStage(Stage):
                 return claims.claim_inbox_files(session, me, files, unread_after)
 
         def claim_without_waiting() -> set[Path]:
-            return with_lock_retry(claim, log_lock_wait, lambda: False, retry_lock_timeouts=False)
+            return with_lock_retry(claim, log_lock_wait, self.should_stop, retry_lock_timeouts=False)
 
         try:
             return self.outage.run(claim_without_waiting, self.should_stop)
         except OperationalError as exc:
+            if self.should_stop() and is_lock_error(exc):
+                raise StoppedWhileWaiting("the database was locked by another process") from exc
             if not is_lock_timeout(exc):
                 raise
             log.info("claiming %d inbox files waited past the lock timeout; trying again later", len(files))

@@ -278,9 +278,11 @@ class LeaseKeeper:
     def tick(self) -> None:
         self.last_tick = time.monotonic()
 
-    def stop(self) -> None:
+    def stop(self, wait_seconds: float = 10.0) -> None:
+        """Stop the heartbeats, waiting up to ``wait_seconds`` for one in progress (the thread is a
+        daemon thread: one still waiting on the database then ends with the process)."""
         self.stop_requested.set()
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=wait_seconds)
 
     def beat(self) -> None:
         """One heartbeat and one look for lost daemons (the thread's step; tests call it directly)."""

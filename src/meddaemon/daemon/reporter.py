@@ -47,7 +47,7 @@ from meddaemon.daemon import claims
 from meddaemon.daemon.lease import connection_limits
 from meddaemon.daemon.outage import OutageGuard, is_outage
 from meddaemon.daemon.stages import Cadence, ChildProcessStage
-from meddaemon.db.engine import create_db_engine, session_factory, transaction, with_lock_retry
+from meddaemon.db.engine import create_db_engine, is_lock_error, session_factory, transaction, with_lock_retry
 from meddaemon.db.models import Report, Scan
 from meddaemon.dicom.completeness import studies_still_arriving
 from meddaemon.files import remove_stale_temporaries
@@ -106,6 +106,9 @@ class Reporter:
         self.started = False
         #: studies of scans reported in a round an outage cut short: their study reports are due
         self.studies_owed: set[str] = set()
+        #: whether the process is asked to stop (``serve``, ``drain``): a wait for a lock held by another
+        #: process then ends (the round's transaction never committed, so nothing is half-done)
+        self.should_stop: Callable[[], bool] = lambda: False
 
     @functools.cached_property
     def builder(self) -> ReportBuilder:
@@ -113,7 +116,7 @@ class Reporter:
         that has something to report (``--once`` on an empty inbox does not)."""
         from meddaemon.report.builder import ReportBuilder
 
-        return ReportBuilder(self.settings, self.sessions)
+        return ReportBuilder(self.settings, self.sessions, should_stop=lambda: self.should_stop())
 
     def start(self) -> None:
         """Once per reporter: remove the temporaries that writers of this host, killed while writing,
@@ -182,7 +185,7 @@ class Reporter:
                 ).all()
             return {uid for uid, path in late if uid and self._own_study_report(uid, path)}
 
-        return with_lock_retry(read)
+        return with_lock_retry(read, should_stop=self.should_stop)
 
     def _own_study_report(self, uid: str, path: str) -> bool:
         """Whether the study report recorded at ``path`` is the one this stage keeps for the study:
@@ -211,7 +214,7 @@ class Reporter:
             with self.sessions() as session:
                 return studies_still_arriving(session, studies, self.settings.series_quiet_seconds)
 
-        arriving = with_lock_retry(read)
+        arriving = with_lock_retry(read, should_stop=self.should_stop)
         for uid, wait in arriving.items():
             if uid not in self.studies_arriving:
                 log.info("a study report waits: its series are still arriving (%.0f s more at least)", wait)
@@ -221,24 +224,35 @@ class Reporter:
         """Report until nothing is left but scans waiting to be retried (``--once``); an outage is
         waited out as in ``serve``."""
         self.start()
+        self.should_stop = should_stop
         outage = OutageGuard(self.settings.db_outage_seconds, logger=log)
-        while not should_stop() and outage.run(self.round, should_stop):
-            pass
+        try:
+            while not should_stop() and outage.run(self.round, should_stop):
+                pass
+        except Exception as exc:
+            if not self._stopped_while_waiting(exc):
+                raise
 
     def serve(self, stop: threading.Event | EventType) -> None:
         """Report until ``stop`` is set: the loop of the report process. A database outage is
         waited out as the daemon waits it out (``daemon.outage``), for up to ``db_outage_seconds``."""
         self.start()
+        self.should_stop = stop.is_set
         outage = OutageGuard(self.settings.db_outage_seconds, sleep=stop.wait, logger=log)
         while not stop.is_set():
             try:
                 reported = outage.run(self.round, stop.is_set)
             except Exception as exc:
-                if stop.is_set() and is_outage(exc):
-                    return  # asked to stop while the database is away: nothing is half-done
+                if self._stopped_while_waiting(exc):
+                    return
                 raise
             if not reported:
                 stop.wait(POLL_SECONDS)
+
+    def _stopped_while_waiting(self, exc: BaseException) -> bool:
+        """Whether ``exc`` ended a wait for the database (away, or locked by another process) that a
+        stop cut short: nothing of the round was committed, so nothing is half-done."""
+        return self.should_stop() and (is_outage(exc) or is_lock_error(exc))
 
     # -- one report ----------------------------------------------------------------------------
 
@@ -251,13 +265,14 @@ class Reporter:
         studies: set[str] = set()
         lost: Exception | None = None
         for scan_id, outcome in outcomes.items():
-            if isinstance(outcome, Exception) and is_outage(outcome):
+            if isinstance(outcome, Exception) and (is_outage(outcome) or self._stopped_while_waiting(outcome)):
                 lost = outcome
             elif uid := self._reported(scan_id, outcome):
                 studies.add(uid)
         if lost is not None:
-            # the database dropped the connection: not the report's fault, to be retried in 5 minutes
-            # with its scans held, but an outage, waited out and the round run again once it answers
+            # the database dropped the connection (or a stop ended a wait for a lock): not the report's
+            # fault, to be retried in 5 minutes with its scans held, but an outage, waited out and the
+            # round run again once it answers
             self.studies_owed |= studies
             raise lost
         return studies
@@ -300,7 +315,7 @@ class Reporter:
         try:
             written = self.builder.study_report(uid)
         except Exception as exc:
-            if is_outage(exc):
+            if is_outage(exc) or self._stopped_while_waiting(exc):
                 raise
             self._study_failed(uid, exc)
         else:
@@ -343,7 +358,7 @@ class Reporter:
                     session.execute(update(Scan).where(Scan.id.in_(ids)).values(claimed_by=self.daemon_id))
                 return ids
 
-        return with_lock_retry(claim)
+        return with_lock_retry(claim, should_stop=self.should_stop)
 
     def _stale_studies(self, among: set[str] | None) -> list[str]:
         """Studies (all, or those ``among``) of 2+ reported scans whose study report is missing or
@@ -382,7 +397,7 @@ class Reporter:
             latest = {uid: max(_utc(at), _utc(failed.get(uid) or at)) for uid, at in scans if uid}
             return [uid for uid, at in latest.items() if uid not in studies or _utc(studies[uid]) < at]
 
-        return with_lock_retry(read)
+        return with_lock_retry(read, should_stop=self.should_stop)
 
 
 def _where(exc: BaseException) -> str:

@@ -305,6 +305,7 @@ class Daemon:
         self.intake.progress = progress
         if once:
             self.stage.load_when(files_waiting)
+        waiting_when_stopped: StoppedWhileWaiting | None = None
         try:
             for stage in self.stages:
                 stage.start()
@@ -326,6 +327,7 @@ class Daemon:
                 for stage in self.stages:
                     stage.drain()
         except StoppedWhileWaiting as exc:
+            waiting_when_stopped = exc
             self.watchdog.stopping()
             log.warning(
                 "stopping as asked while %s: the work in hand was not recorded; its files stay and are taken "
@@ -342,9 +344,13 @@ class Daemon:
             raise
         finally:
             self._close_stages()
-            self.lease.stop()
+            # stopped while waiting for the database: its heartbeat may be waiting too, and a sign-off
+            # would wait as long (a lock held elsewhere, busy_timeout) to fail; the lease runs out instead
+            self.lease.stop(wait_seconds=1.0 if waiting_when_stopped else 10.0)
             self.workers.shutdown()
-            if not self.lease.lost.is_set():
+            if waiting_when_stopped:
+                log.warning("not signing off (%s); the other daemons take over after the lease", waiting_when_stopped)
+            elif not self.lease.lost.is_set():
                 self._sign_off()
             self.engine.dispose()
             self._restore_signal_handlers(previous_handlers)

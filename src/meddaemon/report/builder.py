@@ -55,9 +55,13 @@ class _WrittenAside:
 
 
 class ReportBuilder:
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], should_stop: Callable[[], bool] = lambda: False
+    ) -> None:
         self.settings = settings
         self.sessions = sessions
+        #: a stop asked for ends a wait for a lock held by another process (``commit``)
+        self.should_stop = should_stop
         self.decode_options = settings.decode_options
         #: DICOM results out (issue 14): the scan's objects, written with its report, queued with its step
         self.dicom: DicomOutputs | None = None
@@ -274,9 +278,9 @@ class ReportBuilder:
                 return work(session)
 
         try:
-            return with_lock_retry(attempt)
+            return with_lock_retry(attempt, should_stop=self.should_stop)
         except IntegrityError:
-            return with_lock_retry(attempt)
+            return with_lock_retry(attempt, should_stop=self.should_stop)
 
 
 def reports_held(session: Session, paths: Mapping[int, Path], daemon_id: int | None) -> list[int]:
