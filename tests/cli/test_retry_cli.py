@@ -71,6 +71,31 @@ def test_a_refused_retry_exits_2_and_names_why(runner: CliRunner, dirs: list[str
     assert reason.exit_code == 2 and json.loads(reason.stdout)["refused"][0]["code"] == "unknown_reason"
 
 
+def test_a_bulk_retry_leaves_alone_what_no_retry_can_send_back_and_exits_0(
+    runner: CliRunner, dirs: list[str], tmp_path: Path
+):
+    """A scheduled `--all-failed` exited 2 at every run, for ever, once one kept original had been
+    changed by hand (or was a link, or gone): each is named and left alone; the others go back."""
+    for i in range(2):
+        write_png(tmp_path / "inbox" / f"synthetic_{i}.png", np.full((40, 40), 90 + i, np.uint8))
+    start_once(runner, dirs)
+    edited = sorted((tmp_path / "state" / "failed").rglob("synthetic_0.png"))[0]
+    edited.write_bytes(b"SYNTHETIC bytes edited by hand")
+    ids = {Path(s["source_name"]).name: s["id"] for s in failed_scans(runner, dirs)}
+    first, second = ids["synthetic_0.png"], ids["synthetic_1.png"]
+
+    result = retry(runner, dirs, "--all-failed", "--json")
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["ok"] and [r["scan_id"] for r in data["requeued"]] == [second] and data["refused"] == []
+    assert [(r["scan_id"], r["code"]) for r in data["left_alone"]] == [(first, "original_changed")]
+    again = retry(runner, dirs, "--reason", "unroutable")
+    assert again.exit_code == 0 and f"left alone (original_changed): scan {first}" in again.output
+    named = retry(runner, dirs, str(first))
+    assert named.exit_code == 2 and "refused (original_changed)" in named.output
+
+
 def test_reason_all_failed_and_dry_run(runner: CliRunner, dirs: list[str], tmp_path: Path, unroutable: int):
     dry = retry(runner, dirs, "--all-failed", "--dry-run")
     assert dry.exit_code == 0 and "would send back" in dry.output

@@ -99,9 +99,10 @@ def test_retry_of_a_reason_sends_back_every_kept_scan_of_it_and_refusals_are_sho
     assert "no failed scan of reason unroutable waits for a retry" in stale.text
 
 
-def test_a_bulk_retry_says_how_many_were_refused_and_why_before_naming_a_few(fresh_root):
+def test_a_bulk_retry_says_how_many_were_left_alone_and_why_before_naming_a_few(fresh_root):
     """It named the first 20 refusals, cut at 4000 characters mid-sentence, and never said how many
-    of the reason stayed failed."""
+    of the reason stayed failed. Originals changed by hand are left alone by a bulk retry (as by
+    ``medcli retry --reason``), and said to be."""
     engine = create_db_engine(web_settings(fresh_root).db_url)
     with transaction(session_factory(engine)) as session:
         for i in range(12):
@@ -119,9 +120,10 @@ def test_a_bulk_retry_says_how_many_were_refused_and_why_before_naming_a_few(fre
     response = client.post("/failures/retry", data={"reason": "unroutable", "csrf": csrf})
 
     [action] = rows(fresh_root, select(WebAction))
-    assert action.detail.startswith("sent back 1 scan(s)") and "; refused 12: 12 original_changed; " in action.detail
-    assert action.detail.count("refused (original_changed)") == 8 and action.detail.endswith("; and 4 more")
-    assert "refused 12: 12 original_changed" in response.text
+    assert action.detail.startswith("sent back 1 scan(s)") and "; left alone 12: 12 original_changed; " in action.detail
+    assert action.detail.count("left alone (original_changed)") == 8 and action.detail.endswith("; and 4 more")
+    assert "refused" not in action.detail and action.outcome == "done"
+    assert "left alone 12: 12 original_changed" in response.text
 
 
 def test_promote_after_its_confirmation_switches_the_active_model(fresh_root):

@@ -45,7 +45,9 @@ def retry(
     """Send failed scans back through the inbox, once their cause is fixed (a default task set, a
     model promoted...). Each kept original leaves failed/ for the watch folder, under the name (and
     task folder) it arrived with; the failed scan keeps its history, and the daemon records a new
-    attempt. Exit 0 when everything selected was sent back, 2 when something was refused."""
+    attempt. Exit 0 when everything selected was sent back, 2 when something was refused. With
+    --reason or --all-failed, scans whose kept original no retry can send back (a link, gone, or
+    changed by hand) are left alone, each named, and do not make the exit code 2."""
     from meddaemon.daemon.retry import Selector, retry_failed
 
     try:
@@ -68,8 +70,10 @@ def retry(
                 click.echo(f"warning: {escape_controls(r.left_in_failed)}; the next retry removes it", err=True)
         for refused in result.refused:
             click.echo(f"refused ({refused.code.value}): {escape_controls(refused.message)}", err=True)
+        for alone in result.left_alone:
+            click.echo(f"left alone ({alone.code.value}): {escape_controls(alone.message)}", err=True)
         if result.without_original:
             click.echo(f"{result.without_original} failed scans kept no file (vanished) and are left alone")
-        if not result.requeued and not result.refused:
+        if not result.requeued and not result.refused and not result.left_alone:
             click.echo("no failed scans to retry")
     sys.exit(EXIT_OK if result.ok else EXIT_USAGE)

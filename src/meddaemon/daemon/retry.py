@@ -57,6 +57,11 @@ class Refusal(StrEnum):
     INBOX_UNWRITABLE = "inbox_unwritable"
 
 
+#: refusals no later retry can overcome by itself: the kept original is a link, gone or changed
+#: (``Selector.bulk`` leaves such scans alone rather than failing every scheduled run on them)
+LASTING_REFUSALS = frozenset({Refusal.ORIGINAL_IS_A_LINK, Refusal.ORIGINAL_GONE, Refusal.ORIGINAL_CHANGED})
+
+
 @dataclass(frozen=True)
 class Selector:
     """Which failed scans to retry: one scan (``scan``: its id or SHA-256), those that failed with one
@@ -70,6 +75,11 @@ class Selector:
         given = (self.scan is not None) + (self.reason is not None) + self.all_failed
         if given != 1:
             raise ValueError("give exactly one of a scan (id or SHA-256), a reason code, or all_failed")
+
+    @property
+    def bulk(self) -> bool:
+        """Every failed scan, or those of a reason code: what a scheduled retry selects."""
+        return self.scan is None
 
 
 @dataclass(frozen=True)
@@ -97,11 +107,14 @@ class RetryResult:
     refused: list[Refused] = field(default_factory=list)
     #: failed scans a bulk selection left alone: their file was never kept (``vanished``)
     without_original: int = 0
+    #: failed scans a bulk selection left alone as no retry can send them back (``LASTING_REFUSALS``):
+    #: a scheduled ``--all-failed`` exited 2 at every run once there was one, for ever
+    left_alone: list[Refused] = field(default_factory=list)
     dry_run: bool = False
 
     @property
     def ok(self) -> bool:
-        """Everything selected was requeued (or, with ``dry_run``, would be)."""
+        """Everything selected was requeued (or, with ``dry_run``, would be), or left alone."""
         return not self.refused
 
     def as_dict(self) -> dict[str, object]:
@@ -120,6 +133,7 @@ class RetryResult:
                 for r in self.requeued
             ],
             "refused": [{"scan_id": r.scan_id, "code": r.code.value, "message": r.message} for r in self.refused],
+            "left_alone": [{"scan_id": r.scan_id, "code": r.code.value, "message": r.message} for r in self.left_alone],
             "without_original": self.without_original,
         }
 
@@ -132,7 +146,8 @@ def retry_failed(
     should_stop: Callable[[], bool] = lambda: False,
 ) -> RetryResult:
     """Send the failed scans ``selector`` names back into ``settings.watch``; with ``dry_run``, only
-    say what would happen. Scans that cannot be retried are refused with a named reason. Unless
+    say what would happen. Scans that cannot be retried are refused with a named reason; a bulk
+    selection leaves those no retry can send back alone (``LASTING_REFUSALS``), named. Unless
     ``dry_run``, the removals a killed retry left unfinished are done first. ``should_stop``: when to
     stop waiting for another writer's lock (the lock error is raised then)."""
     result = RetryResult(dry_run=dry_run)
@@ -143,7 +158,12 @@ def retry_failed(
         outcome = with_lock_retry(
             lambda scan_id=scan_id: _requeue(sessions, settings, scan_id, dry_run), should_stop=should_stop
         )
-        (result.requeued if isinstance(outcome, Requeued) else result.refused).append(outcome)  # type: ignore[arg-type]
+        if isinstance(outcome, Requeued):
+            result.requeued.append(outcome)
+        elif selector.bulk and outcome.code in LASTING_REFUSALS:
+            result.left_alone.append(outcome)
+        else:
+            result.refused.append(outcome)
     return result
 
 

@@ -60,10 +60,11 @@ async def retry(request: Request) -> Response:
             ": " + ", ".join(str(r.scan_id) for r in result.requeued[:50]) if result.requeued else "")]  # fmt: skip
         left = [r for r in result.requeued if r.left_in_failed]
         parts += [f"scan {r.scan_id}: {r.left_in_failed}; the next retry removes it" for r in left[:REFUSALS_NAMED]]
-        parts += _refusals(result.refused)
+        parts += _refusals(result.refused, result.left_alone)
         if result.without_original:
             parts.append(f"{result.without_original} kept no file (vanished)")
-        if not result.requeued and not result.refused:  # a stale page: retried meanwhile, or none left
+        # a stale page: retried meanwhile, or none left
+        if not result.requeued and not result.refused and not result.left_alone:
             parts.append(f"no failed scan of {target} waits for a retry (sent back already, or none kept its file)")
         outcome = actions.DONE if result.ok and result.requeued else actions.REFUSED
         return actions.record(request, user, "retry", target, outcome, "; ".join(parts))
@@ -82,13 +83,14 @@ routes = [
 REFUSALS_NAMED = 8
 
 
-def _refusals(refused: list[Refused]) -> list[str]:
-    """How many were refused and why, then the first few, then how many more: the record was cut
-    at 4000 characters mid-sentence and never said how many of the reason stayed failed."""
-    if not refused:
-        return []
-    by_code = Counter(r.code.value for r in refused)
-    summary = f"refused {len(refused)}: " + ", ".join(f"{n} {code}" for code, n in by_code.most_common())
-    named = [f"refused ({r.code.value}): {r.message[:300]}" for r in refused[:REFUSALS_NAMED]]
-    more = [f"and {len(refused) - REFUSALS_NAMED} more"] if len(refused) > REFUSALS_NAMED else []
-    return [summary, *named, *more]
+def _refusals(refused: list[Refused], left_alone: list[Refused]) -> list[str]:
+    """How many were refused, and left alone (no retry can send them back), and why, then the
+    first few, then how many more: the record was cut at 4000 characters mid-sentence and never
+    said how many of the reason stayed failed."""
+    kinds = [(verb, some) for verb, some in (("refused", refused), ("left alone", left_alone)) if some]
+    said = [(verb, r) for verb, some in kinds for r in some]
+    counts = [(verb, len(some), Counter(r.code.value for r in some)) for verb, some in kinds]
+    summaries = [f"{verb} {n}: " + ", ".join(f"{k} {code}" for code, k in by.most_common()) for verb, n, by in counts]
+    named = [f"{verb} ({r.code.value}): {r.message[:300]}" for verb, r in said[:REFUSALS_NAMED]]
+    more = [f"and {len(said) - REFUSALS_NAMED} more"] if len(said) > REFUSALS_NAMED else []
+    return [*summaries, *named, *more]
