@@ -50,6 +50,28 @@ NOT_AN_IMAGE = frozenset({FailureReason.DICOMDIR, FailureReason.NO_PIXEL_DATA, F
 #: in a process that matters (the console shows no picture of it).
 HARMS_ITS_DECODER = frozenset({FailureReason.DECODER_CRASHED, FailureReason.DECODE_TIMEOUT})
 
+#: Reasons that say the daemon could not decode the file into an image, under the limits and with the
+#: decoders the console has too: the console shows no picture of it (it showed a broken image).
+#: Not ``unreadable`` (permissions may have been mended since) nor ``own_output`` (an image meddaemon wrote).
+NEVER_DECODED = frozenset(
+    {
+        FailureReason.EMPTY_FILE,
+        FailureReason.VANISHED,
+        FailureReason.SYMLINK_NOT_FOLLOWED,
+        FailureReason.TOO_LARGE,
+        FailureReason.UNRECOGNISED_FORMAT,
+        FailureReason.CORRUPT_IMAGE,
+        FailureReason.TRUNCATED_IMAGE,
+        FailureReason.TOO_MANY_PIXELS,
+        FailureReason.DICOMDIR,
+        FailureReason.NO_PIXEL_DATA,
+        FailureReason.TRUNCATED_PIXEL_DATA,
+        FailureReason.UNSUPPORTED_TRANSFER_SYNTAX,
+        FailureReason.UNSUPPORTED_PHOTOMETRIC,
+        FailureReason.PIXEL_DECODE_ERROR,
+    }
+)
+
 #: the BaseExceptions that stop a process on purpose. Any other that is no Exception came from a
 #: native decoder (pyo3's PanicException, a Rust codec's panic on corrupt RLE): that file's failure.
 STOPPING = (KeyboardInterrupt, SystemExit, GeneratorExit)

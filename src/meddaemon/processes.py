@@ -1,17 +1,23 @@
 """Processes of this host: whether one is still running (the one test behind the lease, a daemon
 killed on this node is released at once, and the sweep of temporaries, what a killed writer left),
-the forkserver that the package's process pools start from, and the signals their children leave
-to their parent."""
+the forkserver that the package's process pools start from, the signals their children leave
+to their parent, and how the daemon starts and stops its long-lived children."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import multiprocessing
 import multiprocessing.context
 import os
 import signal
 import threading
+import time
+import weakref
 from collections.abc import Sequence
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 #: how much later than ``since`` a process must have started to be judged a later holder of its pid:
@@ -99,3 +105,50 @@ def forkserver_context(preload: Sequence[str] = ()) -> multiprocessing.context.F
     if preload:
         context.set_forkserver_preload(["__main__", *preload])
     return context
+
+
+#: when each child started with ``start_child`` started (``/proc``): its pid names it while that holds
+_child_starts: weakref.WeakKeyDictionary[BaseProcess, float] = weakref.WeakKeyDictionary()
+
+
+def start_child(process: BaseProcess) -> None:
+    """Start a long-lived child of the daemon (the report process, the outbox sender, the DICOM
+    receiver), noting when it started, for ``child_runs``."""
+    process.start()
+    status = _proc_status(process.pid) if process.pid is not None else None
+    if status is not None:
+        _child_starts[process] = status[1]
+
+
+def child_runs(process: BaseProcess) -> bool:
+    """Whether ``process``, started with ``start_child`` from the forkserver, still runs.
+
+    ``is_alive`` asks the forkserver, which a SIGTERM to the whole process group ends (``timeout``,
+    ``kill -- -PGID``, a unit's ``KillMode=control-group``): then it answers at once, exit code 255,
+    while the child, which ignores SIGTERM to finish the work in hand, runs on (a DICOM receiver went
+    on answering C-STOREs for 10 s after its daemon had said it stopped). The child is then looked
+    for by its pid and when it started (not a later process given the same pid)."""
+    if process.is_alive():
+        return True
+    if process.pid is None or process.exitcode != 255:
+        return False
+    status = _proc_status(process.pid)
+    return status is not None and status[0] not in ("Z", "X") and status[1] == _child_starts.get(process)
+
+
+def stop_child(process: BaseProcess, stop: Event, timeout: float, label: str, logger: logging.Logger) -> None:
+    """Ask ``process`` (started with ``start_child``) to finish the work in hand and exit, by setting
+    ``stop``; kill it if it still runs after ``timeout`` seconds (a killed writer leaves at most a
+    temporary file, removed at the next start). ``label`` names it in the log ("the report process")."""
+    if process.pid is None:
+        return
+    stop.set()
+    deadline = time.monotonic() + timeout
+    process.join(timeout)
+    while child_runs(process) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if child_runs(process):
+        logger.warning("%s did not stop within %.0f s; killing it", label, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+        process.join()

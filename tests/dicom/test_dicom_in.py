@@ -14,6 +14,8 @@ Every instance sent is SYNTHETIC (``dicom_senders``).
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import sqlite3
 import threading
@@ -25,12 +27,14 @@ import click
 import pytest
 from click.testing import CliRunner
 from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
 
 from daemon_harness import Daemons, Layout, RunningDaemon, one, scrape, wait_until
 from dicom_senders import dataset_bytes, pynetdicom_send, storescu, synthetic_instances
 from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.dicom.associations import keep_answers
+from meddaemon.processes import process_alive
 from orthanc import Orthanc, require_orthanc
 from ports import free_port
 
@@ -155,6 +159,31 @@ def test_pushed_instances_become_one_scan_each_with_their_sender_and_versions(
     assert daemon.wait(60) == 0
     assert pynetdicom_send(port, sent[:1]) == [None]  # stopped with the daemon
     assert left_in_the_receivers_folder(layout) == []
+
+
+def test_a_sigterm_to_the_whole_process_group_stops_the_receiver_before_the_daemon_exits(
+    layout: Layout, daemons: Daemons, tmp_path: Path
+):
+    """The group's SIGTERM (``timeout``, ``kill -- -PGID``) ended the forkserver the receiver was
+    started from: the daemon took the receiver for stopped at once and exited, while the receiver,
+    which leaves SIGTERM to the daemon, went on answering an open association for 10 s."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+    port = free_port()
+    daemon = start_receiving(daemons, port)
+    receiver = int(re.search(r"DICOM receiver process started \(pid (\d+)\)", daemon.log_text())[1])  # type: ignore[index]
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(SecondaryCaptureImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MEDDAEMON")
+    try:
+        assert assoc.is_established
+        os.killpg(daemon.pid, signal.SIGTERM)
+        assert daemon.wait(60) == 0, daemon.tail()
+        assert not process_alive(receiver), "the receiver outlived the daemon"
+        assert assoc.is_aborted or not assoc.is_established
+    finally:
+        ae.shutdown()
 
 
 def test_a_sigkill_during_a_send_loses_nothing_the_sender_was_told_was_stored(

@@ -8,8 +8,10 @@ screenshots in docs/ are made this way).
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -294,6 +296,62 @@ def test_next_page_rows_are_appended_in_place_by_htmx(browser, server, browser_r
     ids = listed_ids(browser)
     assert ids == sorted(ids, reverse=True) and len(set(ids)) == total
     assert browser.current_url == server.url + "worklist"  # swapped into the page, not a new one
+
+
+def test_a_link_from_another_site_opens_the_page_signed_in_and_a_sign_in_returns_to_it(browser, server, browser_root):
+    """With SameSite=Strict a link on another site (here a page of localhost, another site than
+    127.0.0.1) brought no cookie: the console set a new session over the signed-in one, and every
+    tab was signed out; signed in again, the browser landed on the overview, not the scan."""
+    from selenium.webdriver.common.by import By
+
+    scan = next(s for s in stored_scans(browser_root) if s.task_name == "busi" and s.state == "archived")
+    target = server.url + f"scans/{scan.id}"
+    elsewhere = LinkPage(f'<a id="go" href="{target}">scan</a>')
+    try:
+        sign_in(browser, server, "viewer")
+        browser.get(elsewhere.url)
+        browser.find_element(By.ID, "go").click()
+        wait_for(browser, lambda d: d.current_url == target)
+        assert browser.find_elements(By.CSS_SELECTOR, ".overlay img.base"), "the scan page, signed in"
+        browser.get(server.url + "worklist")
+        assert browser.current_url == server.url + "worklist", "still signed in"
+
+        browser.delete_all_cookies()
+        browser.get(elsewhere.url)
+        browser.find_element(By.ID, "go").click()
+        wait_for(browser, lambda d: d.current_url.startswith(server.url + "login"))
+        browser.find_element(By.ID, "user").send_keys("viewer")
+        browser.find_element(By.ID, "password").send_keys(PASSWORD)
+        browser.find_element(By.ID, "sign-in").click()
+        wait_for(browser, lambda d: d.current_url == target)
+    finally:
+        elsewhere.stop()
+
+
+class LinkPage:
+    """A page of another site (``localhost``, where the console is at 127.0.0.1) holding ``html``."""
+
+    def __init__(self, html: str) -> None:
+        body = f"<!doctype html><title>elsewhere</title>{html}".encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://localhost:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def test_a_session_that_ends_under_an_open_overview_takes_the_browser_to_sign_in(browser, server):

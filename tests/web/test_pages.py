@@ -201,6 +201,20 @@ def test_a_stored_scan_over_the_daemon_s_limits_is_no_picture_rather_than_the_co
         app.state.console.dispose()
 
 
+def test_a_scan_the_daemon_could_not_decode_shows_why_not_a_broken_image(console, filled_root):
+    """An empty or corrupt file failed at decoding showed a broken image (a 404 the page asked for)
+    captioned "no result yet", and the worklist asked for its thumbnail at every load."""
+    empty = next(s for s in stored_scans(filled_root) if s.failure_reason == "empty_file")
+    client = console("viewer")
+    page = client.get(f"/scans/{empty.id}").text
+    assert 'id="no-picture">No picture: the daemon could not decode this file (empty_file)' in page
+    assert f"/scans/{empty.id}/image.png" not in page and "no result yet" not in page
+    image = client.get(f"/scans/{empty.id}/image.png")
+    assert image.status_code == 404 and "could not decode its file" in image.text
+    worklist = client.get("/worklist").text
+    assert f'data-id="{empty.id}"' in worklist and f"/scans/{empty.id}/thumb.jpg" not in worklist
+
+
 def synthetic_jpeg(side: int = 64) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(5).integers(0, 255, (side, side), dtype=np.uint8)).save(buffer, "JPEG")
@@ -352,6 +366,34 @@ def test_a_multiclass_call_is_shown_to_the_digits_that_rank_it_above_the_runner_
     engine.dispose()
     shown = {label: row[0] for label, row in call_rows(fresh_root, scan.id, probabilities).items()}
     assert shown == {"benign": "45.04%", "malignant": "45.05%", "normal": "9.91%"}
+
+
+def test_a_multiclass_top_class_is_called_as_in_the_report_never_positive_against_a_threshold(fresh_root):
+    """A busi scan's top class at 34% read "34.0% 50.0% positive" in red, and "normal" was red in the
+    worklist: an alarm below its own threshold, where the PDF says "top class" and "called" in black."""
+    scan = next(s for s in stored_scans(fresh_root) if s.state == "archived" and s.task_name == "busi")
+    probabilities = {"benign": 0.33, "malignant": 0.33, "normal": 0.34}
+    engine = create_db_engine(web_settings(fresh_root).db_url)
+    with transaction(session_factory(engine)) as session:
+        for result in session.scalars(select(Result).where(Result.scan_id == scan.id)):
+            result.probability, result.positive = probabilities[result.label], result.label == "normal"
+    engine.dispose()
+    rows = call_rows(fresh_root, scan.id, probabilities)
+    assert rows == {
+        "benign": ["33.0%", "top", "class"],
+        "malignant": ["33.0%", "top", "class"],
+        "normal": ["34.0%", "top", "class", "called"],
+    }
+    app = create_app(web_settings(fresh_root))
+    try:
+        client = signed_in(app, "viewer")
+        page = client.get(f"/scans/{scan.id}").text
+        worklist = client.get("/worklist").text
+    finally:
+        app.state.console.dispose()
+    assert "<th>call rule</th>" in page and 'class="pos"' not in page
+    row = worklist.split(f'<tr class="scan" data-id="{scan.id}">', 1)[1].split("</tr>", 1)[0]
+    assert '<span class="called">normal</span> 34.0%' in row
 
 
 def call_rows(root, scan_id: int, labels) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]

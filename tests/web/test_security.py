@@ -82,14 +82,55 @@ def test_on_loopback_without_users_the_operator_is_admin(filled_root):
 
 def test_with_users_every_page_needs_a_sign_in(filled_root):
     client = TestClient(create_app(web_settings(filled_root)), base_url="http://127.0.0.1")
-    for url in ("/", "/worklist", "/scans/1", "/failures", "/models", "/audits", "/heatmaps/1.png"):
+    for url, sign_in in (
+        ("/", "/login"),
+        ("/worklist", "/login?next=/worklist"),
+        ("/scans/1", "/login?next=/scans/1"),
+        ("/failures", "/login?next=/failures"),
+        ("/models", "/login?next=/models"),
+        ("/audits", "/login?next=/audits"),
+        ("/heatmaps/1.png", "/login?next=/heatmaps/1.png"),
+    ):
         response = client.get(url, follow_redirects=False)
-        assert response.status_code == 303 and response.headers["location"] == "/login", url
+        assert response.status_code == 303 and response.headers["location"] == sign_in, url
     login = client.get("/login")
     wrong = client.post("/login", data={"user": "admin", "password": "nope", "csrf": csrf_of(login.text)})
     assert wrong.status_code == 401 and "wrong password" in wrong.text
     no_token = client.post("/login", data={"user": "admin", "password": PASSWORD})
     assert no_token.status_code == 403
+
+
+def test_a_request_without_the_cookie_leaves_the_session_signed_in_and_sign_in_returns_to_the_page(filled_root):
+    """A link from another site brought no cookie (SameSite=Strict): the console set a new session
+    over the signed-in one, signing the person out in every tab, and after signing in again showed
+    the overview, not the page the link named."""
+    app = create_app(web_settings(filled_root))
+    client = signed_in(app, "viewer")
+    session_cookie = client.cookies[auth.COOKIE]
+    from_elsewhere = TestClient(app, base_url="http://127.0.0.1").get("/scans/1?x=1", follow_redirects=False)
+    assert from_elsewhere.headers["location"] == "/login?next=/scans/1%3Fx%3D1"
+    assert "set-cookie" not in from_elsewhere.headers
+    assert (
+        client.get("/worklist", follow_redirects=False).status_code == 200
+        and client.cookies[auth.COOKIE] == session_cookie
+    )
+
+    anonymous = TestClient(app, base_url="http://127.0.0.1")
+    login = anonymous.get("/login?next=/scans/1%3Fx%3D1")
+    assert "samesite=lax" in login.headers["set-cookie"].lower() and 'name="next" value="/scans/1?x=1"' in login.text
+    wrong = anonymous.post(
+        "/login", data={"user": "viewer", "password": "nope", "next": "/scans/1", "csrf": csrf_of(login.text)}
+    )
+    assert 'value="viewer"' in wrong.text and 'name="next" value="/scans/1"' in wrong.text  # the name typed stays
+    signed = anonymous.post(
+        "/login",
+        data={"user": "viewer", "password": PASSWORD, "next": "/scans/1?x=1", "csrf": csrf_of(login.text)},
+        follow_redirects=False,
+    )
+    assert signed.status_code == 303 and signed.headers["location"] == "/scans/1?x=1"
+    assert "samesite=lax" in signed.headers["set-cookie"].lower()
+    for elsewhere in ("//evil.example/", "/\\evil.example", "https://evil.example/", "/login", "/\nx", ""):
+        assert auth.page_after_sign_in(elsewhere) == "/", elsewhere
 
 
 def test_a_part_of_a_page_asked_for_without_a_sign_in_sends_the_whole_page_to_sign_in(filled_root):
@@ -265,7 +306,7 @@ def test_a_session_signed_out_is_refused_even_from_a_copy_of_its_cookie(filled_r
     replay = TestClient(app, base_url="http://127.0.0.1")
     replay.cookies.set(auth.COOKIE, copied)
     response = replay.get("/scans/1", follow_redirects=False)
-    assert response.status_code == 303 and response.headers["location"] == "/login"
+    assert response.status_code == 303 and response.headers["location"] == "/login?next=/scans/1"
     assert signed_in(app, "admin").get("/scans/1").status_code == 200  # a new sign-in works
     app.state.console.dispose()
 

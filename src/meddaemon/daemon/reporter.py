@@ -51,7 +51,7 @@ from meddaemon.db.engine import create_db_engine, is_lock_error, session_factory
 from meddaemon.db.models import Report, Scan
 from meddaemon.dicom.completeness import studies_still_arriving
 from meddaemon.files import remove_stale_temporaries
-from meddaemon.processes import leave_stopping_to_the_parent
+from meddaemon.processes import child_runs, leave_stopping_to_the_parent, start_child, stop_child
 from meddaemon.states import ScanState
 from meddaemon.stored_paths import stored_spellings
 
@@ -480,23 +480,15 @@ class ReporterProcess:
         )
 
     def start(self) -> None:
-        self.process.start()
+        start_child(self.process)
         log.info("report process started (pid %s, nice %d)", self.process.pid, self.settings.reports_nice)
 
     def alive(self) -> bool:
-        return self.process.is_alive()
+        return child_runs(self.process)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Ask it to finish the report in hand and exit; kill it if it does not within ``timeout``
-        (a killed writer leaves at most a temporary file, removed at the next start)."""
-        if self.process.pid is None:
-            return
-        self.stop_event.set()
-        self.process.join(timeout)
-        if self.process.is_alive():
-            log.warning("the report process did not stop within %.0f s; killing it", timeout)
-            self.process.kill()
-            self.process.join()
+        """Ask it to finish the report in hand and exit; kill it if it does not within ``timeout``."""
+        stop_child(self.process, self.stop_event, timeout, "the report process", log)
 
 
 class ReportStage(ChildProcessStage):

@@ -37,7 +37,7 @@ from meddaemon.db.clock import db_clock, read_db_clock
 from meddaemon.db.engine import transaction, with_lock_retry
 from meddaemon.db.models import DaemonInstance, OutboxItem
 from meddaemon.dicom.senders import NOT_SENT, Delivery, Sender, make_sender
-from meddaemon.processes import leave_stopping_to_the_parent
+from meddaemon.processes import child_runs, leave_stopping_to_the_parent, start_child, stop_child
 from meddaemon.stored_paths import stored_file
 
 log = logging.getLogger("meddaemon.outbox")
@@ -592,7 +592,7 @@ class OutboxProcess:
         )
 
     def start(self) -> None:
-        self.process.start()
+        start_child(self.process)
         log.info(
             "outbox sender process started (pid %s): %s",
             self.process.pid,
@@ -600,17 +600,10 @@ class OutboxProcess:
         )
 
     def alive(self) -> bool:
-        return self.process.is_alive()
+        return child_runs(self.process)
 
     def stop(self, timeout: float = 60.0) -> None:
-        if self.process.pid is None:
-            return
-        self.stop_event.set()
-        self.process.join(timeout)
-        if self.process.is_alive():
-            log.warning("the outbox sender did not stop within %.0f s; killing it", timeout)
-            self.process.kill()
-            self.process.join()
+        stop_child(self.process, self.stop_event, timeout, "the outbox sender", log)
 
 
 def _process_main(settings: Settings, stop: Any, daemon_id: int | None) -> None:

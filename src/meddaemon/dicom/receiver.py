@@ -84,7 +84,7 @@ from meddaemon.dicom import associations
 from meddaemon.engine.decode.limits import check_inflated_size
 from meddaemon.failures import ScanFailure
 from meddaemon.files import CANNOT_FSYNC_FOLDERS, final_path, make_folders, remove_stale_temporaries, temporary_path
-from meddaemon.processes import leave_stopping_to_the_parent
+from meddaemon.processes import child_runs, leave_stopping_to_the_parent, start_child, stop_child
 
 log = logging.getLogger("meddaemon.receiver")
 # pynetdicom logs every association at INFO and whole PDUs at DEBUG; the receiver logs what matters
@@ -969,11 +969,11 @@ class ReceiverProcess:
             name="meddaemon-receiver",
             daemon=False,
         )
-        self.process.start()
+        start_child(self.process)
         log.info("DICOM receiver process started (pid %s)", self.process.pid)
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.is_alive()
+        return self.process is not None and child_runs(self.process)
 
     def keep(self) -> None:
         """Restart the process if it died: at once the first time, then after a doubling wait."""
@@ -987,14 +987,9 @@ class ReceiverProcess:
         self.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.process is None or self.process.pid is None:
+        if self.process is None:
             return
-        self.stop_event.set()
-        self.process.join(timeout)
-        if self.process.is_alive():
-            log.warning("the DICOM receiver did not stop within %.0f s; killing it", timeout)
-            self.process.kill()
-            self.process.join()
+        stop_child(self.process, self.stop_event, timeout, "the DICOM receiver", log)
         self.stats.set("up", 0)
 
 

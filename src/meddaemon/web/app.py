@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -225,10 +226,13 @@ class SessionMiddleware(BaseHTTPMiddleware):
             if session is None:
                 session, fresh = signer.new(None), True
             if session.user is None and not path.startswith(PUBLIC_PATHS):
-                response: Response = RedirectResponse("/login", status_code=303)
+                # no cookie set here: the sign-in page sets its own, and one set over a session the
+                # browser did not send (a request from another site) signed the person out
+                asked = path + (f"?{request.url.query}" if request.url.query else "")
+                after = f"/login?next={quote(asked, safe='/')}" if request.method == "GET" and path != "/" else "/login"
+                response: Response = RedirectResponse(after, status_code=303)
                 if _from_htmx(request):  # its request follows a redirect unseen: the sign-in page went into this one
                     response = Response(status_code=204, headers={"HX-Redirect": "/login"})
-                response.set_cookie(auth.COOKIE, signer.dump(session), httponly=True, samesite="strict")
                 return _headers(request, response)
         request.state.session = session
         started = time.perf_counter()
@@ -238,7 +242,7 @@ class SessionMiddleware(BaseHTTPMiddleware):
             response = await _server_error(request, exc)
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
         if fresh:
-            response.set_cookie(auth.COOKIE, signer.dump(session), httponly=True, samesite="strict")
+            auth.set_session_cookie(response, signer.dump(session))
         return _headers(request, response)
 
 

@@ -25,9 +25,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from starlette.responses import Response
+
 from meddaemon.config import WEB_ROLES, ConfigError, Settings
 
 COOKIE = "meddaemon_session"
+#: Lax, not Strict: a browser sends no Strict cookie when a link on another site (a chat, a RIS page)
+#: leads here, and the console, seeing nobody, set a new session over the one signed in, in every
+#: tab. Forms carry a CSRF token, and no GET changes anything.
+COOKIE_SAME_SITE = "lax"
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "x-csrf-token"
 #: a session lasts this long after sign-in (seconds)
@@ -256,3 +262,22 @@ def _same(a: str, b: str) -> bool:
     """Constant-time equality of two strings, whatever characters a client sent (``compare_digest``
     refuses ``str`` outside ASCII)."""
     return hmac.compare_digest(a.encode("utf-8", "surrogateescape"), b.encode("utf-8", "surrogateescape"))
+
+
+def set_session_cookie(response: Response, value: str) -> None:
+    """The session's signed cookie on ``response``: HttpOnly, ``COOKIE_SAME_SITE``."""
+    response.set_cookie(COOKIE, value, httponly=True, samesite=COOKIE_SAME_SITE)
+
+
+def page_after_sign_in(asked: str | None) -> str:
+    """Where to go once signed in: the page asked for when the sign-in page was shown, if it is a
+    page of this console (a path: never another site, ``//host`` or ``/\\host``); else the overview."""
+    if (
+        not asked
+        or not asked.startswith("/")
+        or asked.startswith(("//", "/\\"))
+        or asked.startswith("/login")
+        or any(ord(c) < 0x20 or c == "\x7f" for c in asked)
+    ):
+        return "/"
+    return asked

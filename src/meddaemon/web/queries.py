@@ -34,7 +34,7 @@ from meddaemon.db.models import (
     utcnow,
 )
 from meddaemon.db.queries import newest_version_of
-from meddaemon.failures import HARMS_ITS_DECODER
+from meddaemon.failures import HARMS_ITS_DECODER, NEVER_DECODED
 from meddaemon.label_results import places_ranking_the_call, shown_against
 from meddaemon.states import ScanState
 
@@ -187,6 +187,8 @@ class TopCall:
     label: str
     probability: float
     positive: bool
+    #: a multiclass model's call is its top class: a class, not an alarm (shown in black, as in the report)
+    multiclass: bool = False
 
 
 @dataclass(frozen=True)
@@ -307,7 +309,16 @@ def top_calls(session: Session, scan_ids: Sequence[int]) -> dict[int, tuple[TopC
     if not scan_ids:
         return {}
     rows = session.execute(
-        select(Result.scan_id, Result.model_version_id, Result.label, Result.probability, Result.positive, Heatmap.id)
+        select(
+            Result.scan_id,
+            Result.model_version_id,
+            Result.label,
+            Result.probability,
+            Result.positive,
+            Heatmap.id,
+            ModelVersion.manifest,
+        )
+        .join(ModelVersion, ModelVersion.id == Result.model_version_id)
         .outerjoin(Heatmap, Heatmap.result_id == Result.id)
         .where(Result.scan_id.in_(scan_ids))
     ).all()
@@ -323,7 +334,8 @@ def top_calls(session: Session, scan_ids: Sequence[int]) -> dict[int, tuple[TopC
             any_map.setdefault(r.scan_id, r.id)
         rank = (bool(r.positive), float(r.probability))
         if r.scan_id not in best or rank > best[r.scan_id][0]:
-            best[r.scan_id] = (rank, TopCall(r.label, float(r.probability), bool(r.positive)), r.id)
+            multiclass = (r.manifest or {}).get("kind") == "multiclass"
+            best[r.scan_id] = (rank, TopCall(r.label, float(r.probability), bool(r.positive), multiclass), r.id)
     return {sid: (top, heatmap or any_map.get(sid)) for sid, (_, top, heatmap) in best.items()}
 
 
@@ -356,6 +368,8 @@ class VersionResults:
     calls: list[LabelCall]
     #: False for a version that makes none (an ONNX graph imported without a CAM feature map)
     makes_heatmaps: bool = True
+    #: its call is the top class (no threshold applies): ``called``, in black, as in the PDF report
+    multiclass: bool = False
 
     @property
     def maps(self) -> list[LabelCall]:
@@ -400,6 +414,11 @@ class ScanDetail:
     reports: list[ReportFile]
     duplicates: int
     patient: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def never_decoded(self) -> bool:
+        """The daemon could not decode its file (``NEVER_DECODED``): no picture, and no result to wait for."""
+        return self.failure_reason in NEVER_DECODED
 
 
 #: DICOM metadata shown to every role, (label, column)
@@ -462,6 +481,7 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
             multiclass.add(result.model_version_id)
     for version_id in multiclass:  # the top class is the call: shown above its runner-up, not equal to it
         group = by_version[version_id]
+        group.multiclass = True
         places = places_ranking_the_call(group.calls, 1, percent=True)
         group.calls = [dataclasses.replace(call, places=places) for call in group.calls]
     events = session.scalars(select(ScanEvent).where(ScanEvent.scan_id == scan_id).order_by(ScanEvent.id)).all()
@@ -500,8 +520,8 @@ def picture_file(
     """Where a scan's picture is: the file kept of it, or, for a scan evaluated in place (nothing of
     it is kept: ``medcli evaluate``), the dataset's file where it lies. A file that crashed a decoding
     worker, or whose read never ended, has none: the console decodes in its own process, the
-    daemon's when it serves it."""
-    if failure_reason in HARMS_ITS_DECODER:
+    daemon's when it serves it. Nor has one the daemon could not decode (``NEVER_DECODED``)."""
+    if failure_reason in HARMS_ITS_DECODER or failure_reason in NEVER_DECODED:
         return None
     if stored_path is not None:
         return stored_path
@@ -516,6 +536,8 @@ class ScanPicture:
     sha256: str | None
     #: the file crashed a decoding worker or never ended (``HARMS_ITS_DECODER``): kept, never decoded here
     crashed_a_decoder: bool = False
+    #: the daemon could not decode the file (``NEVER_DECODED``)
+    never_decoded: bool = False
 
 
 def scan_picture(session: Session, scan_id: int) -> ScanPicture | None:
@@ -529,7 +551,8 @@ def scan_picture(session: Session, scan_id: int) -> ScanPicture | None:
         return None
     path = picture_file(row.stored_path, row.source_path, row.state, row.failure_reason)
     crashed = row.failure_reason in HARMS_ITS_DECODER
-    return ScanPicture(path, row.sha256 if row.stored_path is None else None, crashed)
+    never = row.failure_reason in NEVER_DECODED
+    return ScanPicture(path, row.sha256 if row.stored_path is None else None, crashed, never)
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,15 @@ async def login_page(request: Request) -> Response:
     if not console.policy.uses_login:
         return RedirectResponse("/", status_code=303)
     if request.method == "GET":
-        return render(request, "login.html", title="Sign in", error="")
+        after = auth.page_after_sign_in(request.query_params.get("next"))
+        return render(request, "login.html", title="Sign in", error="", after=after, typed_user="")
     form = await request.form()
     session: auth.Session | None = request.state.session
     sent = form.get(auth.CSRF_FIELD)
     if not auth.csrf_ok(session, sent if isinstance(sent, str) else None):
         raise HTTPException(403, "This form is out of date (CSRF check failed): load the sign-in page again.")
     name, password = str(form.get("user", "")), str(form.get("password", ""))
+    after = auth.page_after_sign_in(str(form.get("next", "")))
     # by the name, and by the address unless it is loopback: behind a proxy on this host every
     # client has the proxy's address, and one guesser would lock everyone out
     peer = request.client.host if request.client else ""
@@ -36,15 +38,16 @@ async def login_page(request: Request) -> Response:
     if wait > 0:
         log.warning("a sign-in refused: too many failed ones")
         error = f"Too many failed sign-ins: try again in {max(1, round(wait))} s."
-        return render(request, "login.html", 429, title="Sign in", error=error)
+        return render(request, "login.html", 429, title="Sign in", error=error, after=after, typed_user=name)
     user = await run_in_threadpool(console.policy.login, name, password)
     if user is None:  # counted as failed when it began
         log.warning("a sign-in failed")  # the name typed may be anything: not logged
-        return render(request, "login.html", 401, title="Sign in", error="Unknown user or wrong password.")
+        error = "Unknown user or wrong password."
+        return render(request, "login.html", 401, title="Sign in", error=error, after=after, typed_user=name)
     console.throttle.succeeded(*keys)
     log.info("%s signed in (%s)", user.name, user.role)
-    response = RedirectResponse("/", status_code=303)
-    response.set_cookie(auth.COOKIE, console.signer.dump(console.signer.new(user)), httponly=True, samesite="strict")
+    response = RedirectResponse(after, status_code=303)
+    auth.set_session_cookie(response, console.signer.dump(console.signer.new(user)))
     return response
 
 

@@ -55,6 +55,8 @@ def scan_image(request: Request) -> Response:
         raise HTTPException(404, NOT_FOUND.format(id=scan_id))
     if found.crashed_a_decoder:
         raise HTTPException(404, f"Scan {scan_id} is not shown: its file crashed a decoding worker.")
+    if found.never_decoded:
+        raise HTTPException(404, f"Scan {scan_id} has no picture: the daemon could not decode its file.")
     if found.path is None:
         raise HTTPException(404, f"No file of scan {scan_id} was kept.")
     size, contract = None, None
