@@ -148,3 +148,22 @@ def test_a_kept_original_that_cannot_be_read_is_named_not_the_inbox(
     [refused] = json.loads(done.stdout)["refused"]
     assert refused["code"] == "original_unreadable" and f"{original} cannot be read" in refused["message"]
     assert list((tmp_path / "inbox").rglob("*.png")) == []
+
+
+def test_a_bulk_retry_that_cannot_reach_failed_says_so_and_does_not_leave_the_files_alone(
+    runner: CliRunner, dirs: list[str], tmp_path: Path, unroutable: int
+):
+    """A failed/ folder this user may not search (it is the daemon's) made every kept original look
+    gone: a bulk retry left them all alone as original_gone, exit 0, run after run, the files intact."""
+    failed = tmp_path / "state" / "failed"
+    failed.chmod(0o600)
+    try:
+        command = [str(Path(sys.executable).parent / "medcli"), "retry", "--all-failed", *dirs, "--json"]
+        done = subprocess.run(held_to_file_modes(command), capture_output=True, text=True)
+    finally:
+        failed.chmod(0o700)
+    assert done.returncode == 2, done.stdout + done.stderr
+    data = json.loads(done.stdout)
+    assert data["left_alone"] == [] and [r["code"] for r in data["refused"]] == ["original_unreadable"]
+    assert "cannot be reached: Permission denied" in data["refused"][0]["message"]
+    assert len(list(failed.glob("*.png"))) == 1

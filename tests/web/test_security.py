@@ -114,6 +114,9 @@ def test_a_request_without_the_cookie_leaves_the_session_signed_in_and_sign_in_r
         client.get("/worklist", follow_redirects=False).status_code == 200
         and client.cookies[auth.COOKIE] == session_cookie
     )
+    for url in ("/login", "/logout", "/failures/retry"):  # a form on another site, posted here without the cookie
+        posted = TestClient(app, base_url="http://127.0.0.1").post(url, data={"user": "x"}, follow_redirects=False)
+        assert posted.status_code in (303, 403) and "set-cookie" not in posted.headers, url
 
     anonymous = TestClient(app, base_url="http://127.0.0.1")
     login = anonymous.get("/login?next=/scans/1%3Fx%3D1")

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -226,15 +227,8 @@ def _requeue(sessions: sessionmaker[Session], settings: Settings, scan_id: int, 
             if refusal is not None:
                 return refusal
             original = _kept_original(scan, settings)
-            if os.path.islink(original):  # a symlink_not_followed scan keeps the link: copied, its target would be read
-                return Refused(
-                    Refusal.ORIGINAL_IS_A_LINK,
-                    f"scan {scan.id}: its kept original {original} is a symbolic link, which the inbox never follows; "
-                    "put the file itself in the inbox",
-                    scan.id,
-                )
-            if not os.path.isfile(original):
-                return Refused(Refusal.ORIGINAL_GONE, f"scan {scan.id}: its kept original {original} is gone", scan.id)
+            if (refusal := _not_a_kept_file(scan.id, original)) is not None:
+                return refusal
             if not watch.is_dir():  # an unmounted share: never made up here
                 return Refused(Refusal.INBOX_MISSING, f"the watch folder {watch} does not exist", scan.id)
             if (refusal := _not_the_file_that_failed(scan, original)) is not None:
@@ -271,6 +265,32 @@ def _requeue(sessions: sessionmaker[Session], settings: Settings, scan_id: int, 
         raise
     left = _remove_original(sessions, scan_id, original)
     return requeued if left is None else dataclasses.replace(requeued, left_in_failed=left)
+
+
+def _not_a_kept_file(scan_id: int, original: Path) -> Refused | None:
+    """Why the kept original at ``original`` cannot go back as it is, or None. One this user cannot
+    reach (``failed/`` is the daemon's and may not be searched) is unreadable, not gone: a bulk retry
+    leaves a gone one alone, and told every run that intact files were gone, exit 0."""
+    try:
+        kept = os.lstat(original)
+    except (FileNotFoundError, NotADirectoryError):
+        return Refused(Refusal.ORIGINAL_GONE, f"scan {scan_id}: its kept original {original} is gone", scan_id)
+    except OSError as exc:
+        return Refused(
+            Refusal.ORIGINAL_UNREADABLE,
+            f"scan {scan_id}: its kept original {original} cannot be reached: {exc.strerror or exc}",
+            scan_id,
+        )
+    if stat.S_ISLNK(kept.st_mode):  # a symlink_not_followed scan keeps the link: copied, its target would be read
+        return Refused(
+            Refusal.ORIGINAL_IS_A_LINK,
+            f"scan {scan_id}: its kept original {original} is a symbolic link, which the inbox never follows; "
+            "put the file itself in the inbox",
+            scan_id,
+        )
+    if not stat.S_ISREG(kept.st_mode):
+        return Refused(Refusal.ORIGINAL_GONE, f"scan {scan_id}: its kept original {original} is gone", scan_id)
+    return None
 
 
 def _not_the_file_that_failed(scan: Scan, original: Path) -> Refused | None:

@@ -241,7 +241,9 @@ class SessionMiddleware(BaseHTTPMiddleware):
         except Exception as exc:  # Starlette's handler of last resort answers outside this middleware
             response = await _server_error(request, exc)
         response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
-        if fresh:
+        if fresh and request.method in ("GET", "HEAD"):
+            # a POST without the cookie is one from another site (SameSite=Lax sends none): its CSRF
+            # check fails, and a new session set on its answer signed the person out
             auth.set_session_cookie(response, signer.dump(session))
         return _headers(request, response)
 
