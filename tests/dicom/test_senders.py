@@ -257,7 +257,10 @@ def jpeg_capture(path: Path) -> tuple[Path, np.ndarray]:
 
 
 def test_a_jpeg_capture_goes_as_written_where_the_peer_takes_jpeg_and_decompressed_where_it_does_not(tmp_path: Path):
+    """Decompressed, it went with a new SOP Instance UID each time (pydicom's default): every resend
+    was another image in the study, under a UID the outbox never recorded."""
     capture, picture = jpeg_capture(tmp_path / "synthetic_sc.dcm")
+    written = pydicom.dcmread(capture, stop_before_pixels=True).SOPInstanceUID
     for accepts, expected in (([JPEGBaseline8Bit], JPEGBaseline8Bit), (None, ExplicitVRLittleEndian)):
         scp = ScriptedScp(accepts=accepts)  # None: pynetdicom's four uncompressed syntaxes
         try:
@@ -268,6 +271,7 @@ def test_a_jpeg_capture_goes_as_written_where_the_peer_takes_jpeg_and_decompress
             scp.stop()
         assert scp.syntaxes == [expected]
         (received,) = scp.datasets
+        assert received.SOPInstanceUID == written, expected
         if expected == ExplicitVRLittleEndian:
             assert received.PhotometricInterpretation == "RGB"  # decoded, as pydicom gives it
         assert np.abs(received.pixel_array.astype(int) - picture).mean() < 2.0

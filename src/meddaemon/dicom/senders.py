@@ -309,11 +309,13 @@ def _uncompressed(path: Path) -> Dataset | Delivery:
     """The object at ``path`` read, its pixel data decompressed if it was compressed (a Secondary
     Capture's JPEG, for a peer that accepts only uncompressed syntaxes); a refusal for good when it
     cannot be (no decoder here, or a decoder's error: trying again will not help, and the other
-    objects of the send go on)."""
+    objects of the send go on). Decompressed, it keeps its SOP Instance UID."""
     ds = dcmread(path)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         try:
-            ds.decompress()
+            # the same instance in another transfer syntax: pydicom would give it a new SOP Instance
+            # UID, and every resend of a capture was one more image in the patient's study
+            ds.decompress(generate_instance_uid=False)
         except Exception as exc:  # whichever decoder pydicom picked, however it fails
             why = f"{type(exc).__name__}: {exc}"
             return Delivery(
