@@ -144,14 +144,20 @@ def test_a_duplicate_an_unknown_version_and_an_unknown_task_are_usage_errors(run
 def test_a_file_s_version_or_threshold_no_version_can_have_is_a_usage_error_before_the_file_is_read(
     run, tmp_path: Path
 ):  # type: ignore[no-untyped-def]
-    """They were the manifest's refusal (bad_manifest), exit 1, after the whole conversion."""
+    """They were the manifest's refusal (bad_manifest), exit 1, after the whole conversion. An image
+    size of 100000 was "unreadable_weights", one of 2240 (for 224) a self-test of two minutes and
+    3.4 GB; a --cam-tensor given for a file that is no ONNX graph was ignored without a word."""
     checkpoint = tmp_path / "model.pth"
     torch.save(build_model("small_cnn", 1, 3).state_dict(), checkpoint)
     as_file = ("import", str(checkpoint), "--task", "busi", "--arch", "small_cnn")
     for option, value, said in (
         ("--version", "bad name!", "must be 1-64 letters"),
+        ("--version", "-dash", "not starting with '.', '_' or '-'"),
         ("--threshold", "nolabel=0.5", "not a label of task busi"),
         ("--threshold", "benign=1.5", "a probability is in [0, 1]"),
+        ("--image-size", "100000", "--image-size 100000: from 8 to 1024 pixels"),
+        ("--image-size", "2240", "--image-size 2240: from 8 to 1024 pixels"),
+        ("--cam-tensor", "features", "--cam-tensor names a tensor of an ONNX graph; model.pth is torch"),
     ):
         refused = run(*as_file, option, value, code=2)
         assert "refused (bad_option)" in refused.stderr and said in refused.stderr, (option, value)

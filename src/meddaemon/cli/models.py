@@ -212,7 +212,7 @@ def _thresholds(values: tuple[str, ...]) -> dict[str, float] | None:
 )
 @click.option("--version", "version", help="Version name (default: the file's name and SHA-256 prefix).")
 @click.option("--labels", help="The file's outputs in order, comma-separated, when not the task's order.")
-@click.option("--image-size", type=click.IntRange(min=8), help="Input height and width in pixels.")
+@click.option("--image-size", type=int, help="Input height and width in pixels (8 to 1024).")
 @click.option("--channels", type=click.Choice(["1", "3"]), help="Input channels (default: the task's).")
 @click.option("--mean", help="Per-channel normalisation mean, comma-separated.")
 @click.option("--std", help="Per-channel normalisation std, comma-separated.")

@@ -47,6 +47,9 @@ def convert_file(
         raise ModelRefused("unknown_task", f"task {options.task!r} is not configured; known tasks: {sorted(specs)}")
     check_options(options, spec)
     source = read_source(Path(path), options.format)
+    if options.cam_tensor and source.format != "onnx":  # it was ignored, without a word
+        why = f"--cam-tensor names a tensor of an ONNX graph; {source.path.name} is {source.format}"
+        raise ModelRefused("bad_option", why)
     out = Path(out_dir)
     existed = out.exists()
     try:

@@ -25,6 +25,9 @@ from meddaemon.engine.tasks import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_
 from meddaemon.files import file_sha256
 
 FORMATS = ("auto", "torch", "safetensors", "keras-h5", "onnx")
+#: --image-size's bounds: the self-test runs the model on a batch of that size (at 2240, a typo for
+#: 224, it took 2 minutes and 3.4 GB; at 100000 it failed to allocate, called unreadable weights)
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
 #: safetensors refuses a header over 100 MB
 SAFETENSORS_MAX_HEADER = 100_000_000
 #: the file inside a ``.keras`` archive (Keras 3's ``model.save``) that holds the weights
@@ -333,7 +336,16 @@ def check_options(options: ImportOptions, spec: TaskSpec) -> None:
     a bad --version or --threshold was refused as the manifest's (``bad_manifest``, exit 1) after
     the conversion."""
     if options.version is not None and not NAME_PATTERN.match(options.version):
-        raise ModelRefused("bad_option", f"--version {options.version!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        raise ModelRefused(
+            "bad_option",
+            f"--version {options.version!r} must be 1-64 letters, digits, '.', '_' or '-', not starting with '.', "
+            "'_' or '-'",
+        )
+    if options.image_size is not None and not MIN_IMAGE_SIZE <= options.image_size <= MAX_IMAGE_SIZE:
+        # a typo (2240 for 224) ran the self-test for minutes on gigabytes; 100000 was "unreadable_weights"
+        raise ModelRefused(
+            "bad_option", f"--image-size {options.image_size}: from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels"
+        )
     for label, value in (options.thresholds or {}).items():
         if label not in spec.labels:
             raise ModelRefused(
