@@ -14,6 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+from html_pages import send_html
+
 #: an answer of the scripted SCP that aborts the association instead of answering
 DROP = -1
 
@@ -154,12 +156,7 @@ class _StowHandler(BaseHTTPRequestHandler):
         stow: ScriptedStow = self.server.stow  # type: ignore[attr-defined]
         with stow.lock:
             stow.gets += 1
-        body = b"<html><body>SYNTHETIC page</body></html>"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_html(self, b"<html><body>SYNTHETIC page</body></html>")
 
     def log_message(self, *args: object) -> None:
         pass

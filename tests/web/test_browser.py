@@ -8,10 +8,8 @@ screenshots in docs/ are made this way).
 
 from __future__ import annotations
 
-import http.server
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from html_pages import LinkPage
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
 from meddaemon.db.models import ModelVersion, Scan
 from meddaemon.engine import registry
@@ -326,32 +325,6 @@ def test_a_link_from_another_site_opens_the_page_signed_in_and_a_sign_in_returns
         wait_for(browser, lambda d: d.current_url == target)
     finally:
         elsewhere.stop()
-
-
-class LinkPage:
-    """A page of another site (``localhost``, where the console is at 127.0.0.1) holding ``html``."""
-
-    def __init__(self, html: str) -> None:
-        body = f"<!doctype html><title>elsewhere</title>{html}".encode()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://localhost:{self.httpd.server_address[1]}/"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def test_a_session_that_ends_under_an_open_overview_takes_the_browser_to_sign_in(browser, server):

@@ -357,13 +357,8 @@ def test_a_probability_and_its_threshold_are_shown_to_the_digits_that_compare_as
 
 def test_a_multiclass_call_is_shown_to_the_digits_that_rank_it_above_the_runner_up(fresh_root):
     """At one decimal the called class and the next read "45.0%" and "45.0%": two equal numbers, one called."""
-    scan = next(s for s in stored_scans(fresh_root) if s.state == "archived" and s.task_name == "busi")
     probabilities = {"benign": 0.45041, "malignant": 0.45049, "normal": 0.0991}
-    engine = create_db_engine(web_settings(fresh_root).db_url)
-    with transaction(session_factory(engine)) as session:
-        for result in session.scalars(select(Result).where(Result.scan_id == scan.id)):
-            result.probability, result.positive = probabilities[result.label], result.label == "malignant"
-    engine.dispose()
+    scan = busi_scan_called(fresh_root, probabilities, "malignant")
     shown = {label: row[0] for label, row in call_rows(fresh_root, scan.id, probabilities).items()}
     assert shown == {"benign": "45.04%", "malignant": "45.05%", "normal": "9.91%"}
 
@@ -371,13 +366,8 @@ def test_a_multiclass_call_is_shown_to_the_digits_that_rank_it_above_the_runner_
 def test_a_multiclass_top_class_is_called_as_in_the_report_never_positive_against_a_threshold(fresh_root):
     """A busi scan's top class at 34% read "34.0% 50.0% positive" in red, and "normal" was red in the
     worklist: an alarm below its own threshold, where the PDF says "top class" and "called" in black."""
-    scan = next(s for s in stored_scans(fresh_root) if s.state == "archived" and s.task_name == "busi")
     probabilities = {"benign": 0.33, "malignant": 0.33, "normal": 0.34}
-    engine = create_db_engine(web_settings(fresh_root).db_url)
-    with transaction(session_factory(engine)) as session:
-        for result in session.scalars(select(Result).where(Result.scan_id == scan.id)):
-            result.probability, result.positive = probabilities[result.label], result.label == "normal"
-    engine.dispose()
+    scan = busi_scan_called(fresh_root, probabilities, "normal")
     rows = call_rows(fresh_root, scan.id, probabilities)
     assert rows == {
         "benign": ["33.0%", "top", "class"],
@@ -394,6 +384,17 @@ def test_a_multiclass_top_class_is_called_as_in_the_report_never_positive_agains
     assert "<th>call rule</th>" in page and 'class="pos"' not in page
     row = worklist.split(f'<tr class="scan" data-id="{scan.id}">', 1)[1].split("</tr>", 1)[0]
     assert '<span class="called">normal</span> 34.0%' in row
+
+
+def busi_scan_called(root, probabilities: dict[str, float], called: str):  # type: ignore[no-untyped-def]
+    """A reported busi scan of the state, its results set to these probabilities, ``called`` its call."""
+    scan = next(s for s in stored_scans(root) if s.state == "archived" and s.task_name == "busi")
+    engine = create_db_engine(web_settings(root).db_url)
+    with transaction(session_factory(engine)) as session:
+        for result in session.scalars(select(Result).where(Result.scan_id == scan.id)):
+            result.probability, result.positive = probabilities[result.label], result.label == called
+    engine.dispose()
+    return scan
 
 
 def call_rows(root, scan_id: int, labels) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
