@@ -29,6 +29,7 @@ from meddaemon.training.figures import FIGURES
 from meddaemon.training.phantoms import write_phantoms
 from meddaemon.training.pipeline import one_run_in
 from meddaemon.training.splits import SplitConfig, load_split, make_split
+from meddaemon.training.train import checkpoint_epoch
 
 #: on these phantoms (count 12, size 48, seed 5) two or three epochs give a model that calls 'benign'
 #: for every validation image: flagged COLLAPSE
@@ -670,3 +671,21 @@ def test_a_database_removed_while_the_model_trained_says_how_to_register_the_tra
     assert "no meddaemon database" in gone.stderr and "nothing was registered" in gone.stderr
     assert "register it with: medcli models import " in gone.stderr
     assert (tmp_path / "state" / "training" / "busi" / "versions" / "g1" / "manifest.json").is_file()
+
+
+def test_ctrl_c_before_training_starts_offers_no_earlier_run_s_checkpoint(
+    busi: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped while it hashed its dataset, a run offered to resume the checkpoint an earlier run had
+    left, and the command it printed, with this run's settings, was then refused ("made with other
+    settings"); with the same settings it would have gone on with the other run."""
+    state = upgraded(tmp_path / "state")
+    first = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(busi), *state, *FAST, "--version", "e1"])
+    assert first.exit_code == 0, first.output
+    assert checkpoint_epoch(tmp_path / "state" / "training" / "busi") == 2
+    with monkeypatch.context() as patched:
+        patched.setattr("meddaemon.training.pipeline.split_dataset", _interrupt)
+        again = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(busi), *state, *FAST, "--lr", "1e-2"])
+    assert again.exit_code == 130, again.output
+    assert "interrupted before the first epoch finished: nothing to resume" in again.stderr
+    assert "--resume" not in again.stderr

@@ -123,6 +123,38 @@ def test_the_official_nih_test_list_is_the_test_set(phantoms: dict[str, PhantomS
     assert split.names("train") and split.names("val")
 
 
+def test_a_training_image_identical_to_an_official_test_image_never_keeps_its_patient_in_training(
+    phantoms: dict[str, PhantomSet], tmp_path: Path
+) -> None:
+    """The first of identical files was kept: a copy of an official test image listed earlier, under
+    a training patient, stayed in training and the test image was dropped (the test set one short,
+    the patient's own picture trained on)."""
+    root = shutil.copytree(phantoms["chestxray14"].root, tmp_path / "nih")
+    index = load_dataset(root, BUILTIN_TASKS["chestxray14"], check_images=False)
+    official = {index.relative(p) for p in index.official_test or ()}
+    by_name = {index.relative(s.path): s for s in index.samples}
+    tested = next(by_name[n] for n in sorted(official))
+    copy = next(s for n, s in sorted(by_name.items()) if n not in official and s.patient_id != tested.patient_id)
+    shutil.copy(tested.path, copy.path)
+    entries = root / "Data_Entry_2017.csv"
+    lines = entries.read_text().splitlines()
+    labels = "|".join(tested.labels) or "No Finding"
+    lines = [
+        ",".join([parts[0], labels, *parts[2:]]) if (parts := line.split(","))[0] == copy.path.name else line
+        for line in lines
+    ]
+    entries.write_text("\n".join(lines) + "\n")
+
+    reloaded = load_dataset(root, BUILTIN_TASKS["chestxray14"], check_images=False)
+    split = make_split(reloaded)
+
+    assert set(split.names("test")) == official
+    dropped = {d.path: d.reason for d in split.report.dropped}
+    assert dropped[index.relative(copy.path)] == f"the same bytes as {index.relative(tested.path)}"
+    copied_patient = {index.relative(s.path) for s in reloaded.samples if s.patient_id == copy.patient_id}
+    assert copied_patient.isdisjoint(split.names("train")) and copied_patient.isdisjoint(split.names("val"))
+
+
 def test_the_report_counts_images_per_side_not_labels(phantoms: dict[str, PhantomSet]) -> None:
     split = make_split(load(phantoms, "chestxray14"))  # multilabel: an image may carry several labels
     images = {side: len(split.names(side)) for side in SPLITS}

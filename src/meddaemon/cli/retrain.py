@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,7 @@ def retrain(
             sys.exit(EXIT_USAGE)
         say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
         ctx = click.get_current_context()
+        started = time.time()
         try:
             with hashing_progress(disable=not _wants_bar(as_json)) as progress:
                 split_data = split_dataset(
@@ -206,7 +208,8 @@ def retrain(
                 parent=parent,
             )
         except KeyboardInterrupt:
-            click.echo(_how_to_resume(ctx, task, workdir, config.processes), err=True)
+            since = None if resume else started  # an earlier run's checkpoint is not this run's to resume
+            click.echo(_how_to_resume(ctx, task, workdir, config.processes, since), err=True)
             sys.exit(EXIT_INTERRUPTED)
         except DatasetError as exc:
             click.echo(f"error: bad dataset: {exc}", err=True)
@@ -357,13 +360,17 @@ def _not_registered(ctx: click.Context, version_dir: Path, why: str) -> None:
     )
 
 
-def _how_to_resume(ctx: click.Context, task: str, workdir: Path, processes: int) -> str:
+def _how_to_resume(
+    ctx: click.Context, task: str, workdir: Path, processes: int, written_since: float | None = None
+) -> str:
     """After Ctrl-C: the epoch the checkpoint holds and the command that continues from it (under
-    torchrun with as many processes: their count is part of the recipe, the global batch)."""
+    torchrun with as many processes: their count is part of the recipe, the global batch). A run
+    stopped before its training started offered an earlier run's checkpoint, which its command,
+    given other settings, then refused."""
     from meddaemon.training import distributed
     from meddaemon.training.train import checkpoint_epoch
 
-    epoch = checkpoint_epoch(workdir)
+    epoch = checkpoint_epoch(workdir, written_since)
     again = given_options(ctx, drop=("resume",))
 
     def launched(*words: str) -> str:

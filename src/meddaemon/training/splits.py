@@ -185,11 +185,11 @@ def make_split(
             Dropped(index.relative(s.path), s.reason, "left-out" if s.by_rule else "skipped") for s in index.skipped
         ]
     )
-    samples, digests = _without_identical_files(index, report)
+    samples, digests, copies = _without_identical_files(index, report)
     if hashes is None:
         hashes, samples = _hash_readable(index, samples, report)
     samples, near_duplicates = _merge_near_duplicates(index, samples, hashes, config.max_hash_distance, report)
-    groups = _groups(index, samples, near_duplicates, report)
+    groups = _groups(index, samples, near_duplicates, report, copies)
     assignments = _assign(index, groups, config, report)
     report.groups = len(groups)
     report.counts = _counts(index, samples, assignments)
@@ -204,17 +204,25 @@ def _check_fractions(fractions: tuple[float, float, float]) -> None:
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, not {fractions}")
 
 
-def _without_identical_files(index: DatasetIndex, report: SplitReport) -> tuple[list[Sample], dict[str, str]]:
-    """Byte-identical files: the first is kept, the copies are dropped (all, if labelled differently).
-    Returns the samples kept and every image's SHA-256 by its relative name."""
+def _without_identical_files(
+    index: DatasetIndex, report: SplitReport
+) -> tuple[list[Sample], dict[str, str], dict[Path, list[Sample]]]:
+    """Byte-identical files: one is kept (the official test image, if one of them is; else the first)
+    and the copies are dropped (all, if labelled differently). Returns the samples kept, every
+    image's SHA-256 by its relative name, and the copies dropped for each image kept: their patients
+    go with it (``_groups``). A copy of an official test image in another patient's training images
+    was kept in training and the test image dropped: a patient's own image trained on and its
+    other images tested."""
+    official = index.official_test or frozenset()
     by_digest: dict[str, list[Sample]] = {}
     digests: dict[str, str] = {}
     for sample in index.samples:
         digest = digests[index.relative(sample.path)] = file_sha256(sample.path)
         by_digest.setdefault(digest, []).append(sample)
     kept: set[int] = set()  # the samples, not their paths: a manifest may list one path twice
+    dropped_copies: dict[Path, list[Sample]] = {}
     for copies in by_digest.values():
-        first = copies[0]
+        first = next((c for c in copies if c.path in official), copies[0])
         if len({frozenset(c.labels) for c in copies}) > 1:  # a|b and b|a are one labelling
             names = ", ".join(index.relative(c.path) for c in copies)
             report.dropped.extend(
@@ -223,11 +231,14 @@ def _without_identical_files(index: DatasetIndex, report: SplitReport) -> tuple[
             )
             continue
         kept.add(id(first))
+        others = [c for c in copies if c is not first]
+        if others:
+            dropped_copies[first.path] = others
         report.dropped.extend(
             Dropped(index.relative(c.path), f"the same bytes as {index.relative(first.path)}", "identical-copy")
-            for c in copies[1:]
+            for c in others
         )
-    return [s for s in index.samples if id(s) in kept], digests
+    return [s for s in index.samples if id(s) in kept], digests, dropped_copies
 
 
 def _hash_readable(
@@ -263,9 +274,14 @@ def _merge_near_duplicates(
 
 
 def _groups(
-    index: DatasetIndex, samples: list[Sample], near_duplicates: list[tuple[Path, ...]], report: SplitReport
+    index: DatasetIndex,
+    samples: list[Sample],
+    near_duplicates: list[tuple[Path, ...]],
+    report: SplitReport,
+    copies: Mapping[Path, list[Sample]] | None = None,
 ) -> list[list[Sample]]:
-    """Union-find over "same patient" and "near-duplicates": the units a split may not cut."""
+    """Union-find over "same patient" and "near-duplicates": the units a split may not cut. An image
+    kept of identical copies joins the patients of the copies dropped (``copies``): they are its patients too."""
     position = {s.path: i for i, s in enumerate(samples)}
     sets = DisjointSets(len(samples))
     by_patient: dict[str, list[int]] = {}
@@ -278,6 +294,12 @@ def _groups(
             report.merged.append(Merged("patient", tuple(index.relative(samples[i].path) for i in patient_members)))
     for members in near_duplicates:
         sets.union(position[path] for path in members)
+    for path, dropped in (copies or {}).items():
+        if path not in position:
+            continue
+        patients = {c.patient_id for c in dropped if c.patient_id is not None} - {samples[position[path]].patient_id}
+        for patient in sorted(patients):
+            sets.union([position[path], *by_patient.get(patient, [])])
     return [[samples[i] for i in members] for members in sets.groups()]
 
 

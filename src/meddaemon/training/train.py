@@ -696,12 +696,16 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def checkpoint_epoch(workdir: Path) -> int | None:
-    """The epoch the checkpoint in ``workdir`` was written after (``--resume`` continues from it), or None."""
+def checkpoint_epoch(workdir: Path, written_since: float | None = None) -> int | None:
+    """The epoch the checkpoint in ``workdir`` was written after (``--resume`` continues from it), or
+    None; with ``written_since`` (a ``time.time()``), None for a checkpoint written before it (an
+    earlier run's, which a run without ``--resume`` removes only once its training starts)."""
     state_file = workdir / CHECKPOINT_STATE
     if not (workdir / CHECKPOINT_WEIGHTS).is_file() or not state_file.is_file():
         return None
     try:
+        if written_since is not None and state_file.stat().st_mtime < written_since:
+            return None
         epoch = int(json.loads(state_file.read_text(encoding="utf-8"))["epoch"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
