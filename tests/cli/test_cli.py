@@ -153,6 +153,23 @@ def test_start_once_then_status_report_the_same_counts(runner: CliRunner, dirs: 
     assert [s["reason"] for s in scans] == ["empty_file"]
 
 
+def test_status_without_a_watch_folder_given_counts_no_inbox_and_warns_of_none(
+    runner: CliRunner, dirs: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """As the README prints it, `meddaemon status` (no --watch) looked for ./inbox: "files waiting
+    in the inbox: 0", then that the watch folder was gone, its share unmounted."""
+    assert runner.invoke(meddaemon, ["start", *dirs, "--create-watch", "--once", "--workers", "0"]).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    data = json.loads(runner.invoke(meddaemon, ["status", *dirs[2:], "--json"]).stdout)
+    assert data["extra"]["inbox_waiting"] is None and data["extra"]["inbox_unlisted"] == {}
+    text = runner.invoke(meddaemon, ["status", *dirs[2:]]).output
+    assert "inbox: not counted (give --watch)" in text and "cannot list" not in text and "waiting in the" not in text
+    given = runner.invoke(meddaemon, ["status", *dirs, "--json"]).stdout  # given and there: counted
+    assert json.loads(given)["extra"]["inbox_waiting"] == 0
+
+
 def test_a_database_from_a_newer_version_exits_6(runner: CliRunner, dirs: list[str], tmp_path: Path):
     """Not 3, which a supervisor restarts (a database that does not answer may come back): only an
     upgrade of meddaemon helps, and systemd restarted it every 5 s, for good."""

@@ -333,6 +333,16 @@ def test_busi_as_published_is_read_for_the_binary_task_without_its_normal_folder
     assert "normal/: not a class of task 'busi_binary', left out" in index.warnings
 
 
+def test_busi_read_for_a_task_of_other_classes_names_its_folders_and_the_task(phantoms: dict[str, PhantomSet]) -> None:
+    """`medcli evaluate Dataset_BUSI_with_GT --task chestxray14` said the dataset "has no class
+    folders": BUSI's three were left out as not the task's, then none was left."""
+    with pytest.raises(DatasetError) as refused:
+        load_dataset(phantoms["busi"].root, BUILTIN_TASKS["chestxray14"], check_images=False)
+    message = str(refused.value)
+    assert "its class folders benign/, malignant/, normal/ are not classes of task 'chestxray14'" in message
+    assert "--task busi or busi_binary" in message and "has no class folders" not in message
+
+
 def test_a_link_in_a_loop_is_no_image_and_the_rest_is_read(tmp_path: Path) -> None:
     """``is_file`` raised ELOOP on it, and the whole folder was refused as unreadable."""
     from meddaemon.training.images import image_files

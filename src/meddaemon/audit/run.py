@@ -249,7 +249,7 @@ def resolve_task(table: LabelTable, tasks: Mapping[str, TaskSpec], requested: st
 
 def read_truth(request: AuditRequest, tasks: Mapping[str, TaskSpec]) -> tuple[LabelTable, TaskSpec]:
     if (request.labels is None) == (request.labels_from_folders is None):
-        raise AuditInputError("give exactly one of --labels FILE and --labels-from-folders DIR")
+        raise AuditInputError("give exactly one of --labels FILE, --labels-from-folders DIR and --evaluation RUN")
     if request.labels_from_folders is not None:
         spec = tasks.get(request.task or "busi")
         if spec is None:

@@ -197,16 +197,23 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
             summary = status_summary(session, recent=recent)
     finally:
         engine.dispose()
-    inbox = Inbox(settings.watch, settings.ignore, exclude=[settings.state_dir])
-    summary.extra["inbox_waiting"] = sum(1 for _ in inbox.scan())  # a watch folder gone is an unlisted one
-    unlisted = sorted(inbox.unlisted.items())
+    unlisted: list[tuple[str, str]] = []
+    # no watch folder given and none in the default place (./inbox): nothing to count, nor to warn of
+    # (it said "files waiting: 0" and that the watch folder was gone, its share unmounted)
+    if settings.sources.get("watch") == "default" and not settings.watch.exists():
+        summary.extra["inbox_waiting"] = None
+    else:
+        inbox = Inbox(settings.watch, settings.ignore, exclude=[settings.state_dir])
+        summary.extra["inbox_waiting"] = sum(1 for _ in inbox.scan())  # a watch folder gone is an unlisted one
+        unlisted = sorted(inbox.unlisted.items())
     summary.extra["inbox_unlisted"] = {shown_name(name): why for name, why in unlisted}
     if as_json:
         echo_json(summary.as_dict())
         return
+    waiting = summary.extra["inbox_waiting"]
     click.echo(
         f"scans: {summary.total}   duplicates: {summary.duplicates}   "
-        f"files waiting in the inbox: {summary.extra['inbox_waiting']}"
+        + (f"files waiting in the inbox: {waiting}" if waiting is not None else "inbox: not counted (give --watch)")
     )
     for state, count in sorted(summary.states.items()):
         click.echo(f"  {state:<14} {count}")

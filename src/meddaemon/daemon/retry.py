@@ -230,7 +230,12 @@ def _requeue(sessions: sessionmaker[Session], settings: Settings, scan_id: int, 
             if (refusal := _not_a_kept_file(scan.id, original)) is not None:
                 return refusal
             if not watch.is_dir():  # an unmounted share: never made up here
-                return Refused(Refusal.INBOX_MISSING, f"the watch folder {watch} does not exist", scan.id)
+                return Refused(
+                    Refusal.INBOX_MISSING,
+                    f"the watch folder {watch} does not exist (the daemon's inbox: give --watch, or set watch in "
+                    "the config)",
+                    scan.id,
+                )
             if (refusal := _not_the_file_that_failed(scan, original)) is not None:
                 return refusal
             name = PurePosixPath(scan.source_name)

@@ -76,6 +76,13 @@ def read_busi(root: Path, task: TaskSpec | None = None) -> DatasetIndex:
     if task is not None:
         known = {label.lower() for label in task.labels}
         left_out = [f for f in folders if f.name.lower() in BUSI_CLASSES and f.name.lower() not in known]
+        if left_out and len(left_out) == len(folders):  # it said "has no class folders", of BUSI's own
+            names = ", ".join(f"{f.name}/" for f in left_out)
+            raise DatasetError(
+                root,
+                f"its class folders {names} are not classes of task {task.name!r} ({', '.join(task.labels)})",
+                "the task these folders are for (--task busi or busi_binary)",
+            )
         folders = [f for f in folders if f not in left_out]
     present = tuple(c for c in BUSI_CLASSES if any(f.name.lower() == c for f in folders))
     labels = _labels(root, folders, task, default=present)
