@@ -245,7 +245,10 @@ def log_lost(found: list[LostDaemon]) -> None:
 
 class LeaseKeeper:
     """The heartbeat thread: renews the lease every ``lease / BEATS_PER_LEASE`` seconds while the
-    main loop shows it is alive (``tick``), and releases the claims of lost daemons.
+    main loop shows it is alive (``tick``); beside it, a thread that looks for lost daemons as often
+    and releases their claims. Two threads: a look waits on other processes' locks (each statement up
+    to the lock timeout, and a look has several), and one heartbeat thread doing both went a whole
+    10 s lease without renewing under a DBA's table lock on scans: a live daemon declared lost.
 
     A main loop that stops ticking for ``stall_seconds`` (stuck: a hung mount, a deadlock) stops the
     heartbeats too: its work is then taken over instead of being held forever. The heartbeats are
@@ -270,10 +273,14 @@ class LeaseKeeper:
         self.inbox_released = threading.Event()
         self.stop_requested = threading.Event()
         self.last_tick = time.monotonic()
-        self.thread = threading.Thread(target=self._run, name="meddaemon-lease", daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(self.renew,), name="meddaemon-lease", daemon=True)
+        self.looker = threading.Thread(
+            target=self._run, args=(self.look_for_lost,), name="meddaemon-lost-daemons", daemon=True
+        )
 
     def start(self) -> None:
         self.thread.start()
+        self.looker.start()
 
     def tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -282,11 +289,23 @@ class LeaseKeeper:
         """Stop the heartbeats, waiting up to ``wait_seconds`` for one in progress (the thread is a
         daemon thread: one still waiting on the database then ends with the process)."""
         self.stop_requested.set()
-        self.thread.join(timeout=wait_seconds)
+        deadline = time.monotonic() + wait_seconds
+        for thread in (self.thread, self.looker):
+            if thread.ident is not None:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def beat(self) -> None:
-        """One heartbeat and one look for lost daemons (the thread's step; tests call it directly)."""
-        if time.monotonic() - self.last_tick > self.stall_seconds:
+        """One heartbeat, then one look for lost daemons (the threads' steps, in turn; tests call it)."""
+        self.renew()
+        if not self.lost.is_set():
+            self.look_for_lost()
+
+    def _stalled(self) -> bool:
+        return time.monotonic() - self.last_tick > self.stall_seconds
+
+    def renew(self) -> None:
+        """One heartbeat, unless the main loop has stalled; a lease found taken sets ``lost``."""
+        if self._stalled():
             log.error("the main loop has not moved for %.0f s: heartbeats paused", self.stall_seconds)
             return
 
@@ -294,23 +313,26 @@ class LeaseKeeper:
             with transaction(self.sessions) as session:
                 return heartbeat(session, self.member)
 
-        def look_for_lost() -> list[LostDaemon]:
-            with transaction(self.sessions) as session:
-                claims.forget_finished(session)
-                return release_lost(session, self.member)
-
-        # two transactions: a release that waits on the rows of a peer frozen mid-transaction (until
-        # the lock timeout, again at each beat until the server cuts that peer off) never holds
-        # back this daemon's own heartbeat
         if not with_lock_retry(renew, should_stop=self.stop_requested.is_set):
             log.error(
                 "this daemon (%d) was declared lost by another: its claims are gone; stopping",
                 self.member.daemon_id,
             )
             self.lost.set()
+
+    def look_for_lost(self) -> None:
+        """One look for lost daemons, releasing their claims (not while the main loop has stalled:
+        its own work is then about to be taken over)."""
+        if self._stalled():
             return
+
+        def look() -> list[LostDaemon]:
+            with transaction(self.sessions) as session:
+                claims.forget_finished(session)
+                return release_lost(session, self.member)
+
         try:
-            found = look_for_lost()
+            found = look()
         except OperationalError as exc:
             if not is_lock_error(exc):
                 raise
@@ -320,22 +342,21 @@ class LeaseKeeper:
         if any(d.released.inbox_files for d in found):
             self.inbox_released.set()
 
-    def _run(self) -> None:
-        """Beats ``interval`` apart from start to start: a look for lost daemons that waits on a lock
-        (up to the lock timeout) delays the next heartbeat by that wait, not by the wait and a whole
-        interval more (with a 2 s lease and 1 s lock waits, 1.5 s between heartbeats: a live
-        daemon a moment of load away from being declared lost)."""
+    def _run(self, step: Callable[[], None]) -> None:
+        """``step`` (``renew`` or ``look_for_lost``) ``interval`` apart from start to start: a step
+        that waits on a lock delays the next by that wait, not by the wait and a whole interval more."""
         interval = self.member.lease_seconds / BEATS_PER_LEASE
         pause = interval
         while not self.stop_requested.wait(pause) and not self.lost.is_set():
             started = time.monotonic()
             try:
-                self.beat()
+                step()
             except Exception as exc:  # the database away for a moment: try again at the next beat
                 if self.outage is not None and is_outage(exc):
                     self.outage.failed(exc)
                 else:
-                    log.warning("heartbeat failed (%s); retrying in %.1f s", type(exc).__name__, interval)
+                    what = "heartbeat" if step == self.renew else "looking for lost daemons"
+                    log.warning("%s failed (%s); retrying in %.1f s", what, type(exc).__name__, interval)
             else:
                 if self.outage is not None:
                     self.outage.succeeded()
