@@ -13,7 +13,7 @@ from sqlalchemy import inspect
 
 from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.cli.medcli import cli as medcli
-from meddaemon.db.engine import create_db_engine, is_sqlite
+from meddaemon.db.engine import create_db_engine, is_sqlite, shown_url
 from meddaemon.db.migrate import current_revision, database_location, head_revision, upgrade
 
 #: the commands that read (or add rows to) an existing database, with their arguments
@@ -97,7 +97,7 @@ def test_a_file_that_is_no_database_exits_3_in_one_line(group, args, tmp_path: P
     junk.write_bytes(b"SYNTHETIC: not a database\n" * 200)
     result = invoke(group, args, f"sqlite:///{junk}", tmp_path, labels)
     assert result.exit_code == 3, result.output
-    assert "database unusable: file is not a database" in result.stderr
+    assert f"database unusable at {junk}: file is not a database" in result.stderr  # it named no file
     assert junk.read_bytes() == b"SYNTHETIC: not a database\n" * 200
 
 
@@ -194,4 +194,4 @@ def test_a_read_only_postgresql_server_is_a_database_unusable_not_a_traceback(po
     url = read_only.render_as_string(hide_password=False)
     result = CliRunner().invoke(medcli, ["outbox", "retry", "--all-dead", "--db", url])
     assert result.exit_code == 3, result.output
-    assert "database unusable: cannot execute UPDATE in a read-only transaction" in result.stderr
+    assert f"database unusable at {shown_url(url)}: cannot execute UPDATE in a read-only transaction" in result.stderr

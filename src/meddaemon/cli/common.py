@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -24,7 +25,7 @@ from sqlalchemy.exc import DatabaseError, InternalError, OperationalError, Progr
 from meddaemon import heap
 from meddaemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from meddaemon.db.engine import is_lock_error
-from meddaemon.db.migrate import SchemaError, SchemaTooNew, open_current
+from meddaemon.db.migrate import SchemaError, SchemaTooNew, database_location, open_current
 
 if TYPE_CHECKING:
     from meddaemon.training.nearduplicates import HashProgress
@@ -85,12 +86,24 @@ def config_file_to_read(given: Path | None, env: Mapping[str, str] | None = None
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
 
 
+#: where the running command's database is (``build_settings`` notes it), for its errors' messages:
+#: "database unusable: file is not a database" did not say which file
+_DATABASE_AT: ContextVar[str | None] = ContextVar("database_at", default=None)
+
+
 def build_settings(config_file: Path | None, **flags: Any) -> Settings:
     """The effective settings; a bad one is a one-line error and exit 2."""
     try:
-        return load_settings(config_file_to_read(config_file), flags=flags)
+        settings = load_settings(config_file_to_read(config_file), flags=flags)
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
+    _DATABASE_AT.set(database_location(settings.db_url))
+    return settings
+
+
+def _database_named() -> str:
+    where = _DATABASE_AT.get()
+    return f" at {where}" if where else ""
 
 
 def open_database(settings: Settings, read_only: bool = False) -> Engine:
@@ -177,6 +190,7 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _DATABASE_AT.set(None)  # not a database an earlier command in this process named
         try:
             return func(*args, **kwargs)
         except ConfigError as exc:
@@ -191,11 +205,11 @@ def handle_errors(func: F) -> F:
                     f"database busy: another process held its lock past the wait allowed ({exc.orig}); try again",
                     EXIT_DATABASE,
                 )
-            _fail(f"database unavailable: {exc.orig}", EXIT_DATABASE)
+            _fail(f"database unavailable{_database_named()}: {exc.orig}", EXIT_DATABASE)
         except DatabaseError as exc:
             if _a_bug(exc):
                 raise
-            _fail(f"database unusable: {exc.orig}", EXIT_DATABASE)
+            _fail(f"database unusable{_database_named()}: {exc.orig}", EXIT_DATABASE)
         except KeyboardInterrupt:  # click's own answer is "Aborted!", exit 1
             _fail("interrupted (Ctrl-C)", EXIT_INTERRUPTED)
 
