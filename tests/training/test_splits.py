@@ -155,6 +155,22 @@ def test_a_training_image_identical_to_an_official_test_image_never_keeps_its_pa
     assert copied_patient.isdisjoint(split.names("train")) and copied_patient.isdisjoint(split.names("val"))
 
 
+def test_a_blank_patch_repeated_in_every_patient_joins_them_and_the_report_says_so(tmp_path: Path) -> None:
+    """Byte-identical copies join their patients (above); one content-free patch in every patient's
+    folder chained them all into one group, the validation side came out empty, and the report
+    said nothing of it (no merge listed, no warning of a group too large)."""
+    written = write_phantoms("histopathology", tmp_path / "idc", count=16, size=50)  # SYNTHETIC patches
+    blank = np.full((50, 50, 3), 243, np.uint8)
+    patients = sorted(p.name for p in written.root.iterdir() if p.is_dir())
+    for patient in patients:
+        write_png(written.root / patient / "0" / f"{patient}_idx5_x950_y950_class0.png", blank)
+    split = make_split(load_dataset(written.root, BUILTIN_TASKS["histopathology"], check_images=False))
+    lines = split.report.lines()
+    assert split.report.groups == 1
+    assert any(line.startswith("  identical copies, their patients kept together: ") for line in lines)
+    assert any(w.startswith("one group holds ") for w in split.report.warnings)
+
+
 def test_the_report_counts_images_per_side_not_labels(phantoms: dict[str, PhantomSet]) -> None:
     split = make_split(load(phantoms, "chestxray14"))  # multilabel: an image may carry several labels
     images = {side: len(split.names(side)) for side in SPLITS}

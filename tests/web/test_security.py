@@ -119,6 +119,7 @@ def test_a_request_without_the_cookie_leaves_the_session_signed_in_and_sign_in_r
         assert posted.status_code in (303, 403) and "set-cookie" not in posted.headers, url
 
     anonymous = TestClient(app, base_url="http://127.0.0.1")
+    assert TestClient(app, base_url="http://127.0.0.1").head("/login").status_code == 200  # it was a form posted: 403
     login = anonymous.get("/login?next=/scans/1%3Fx%3D1")
     assert "samesite=lax" in login.headers["set-cookie"].lower() and 'name="next" value="/scans/1?x=1"' in login.text
     wrong = anonymous.post(

@@ -68,7 +68,8 @@ DROP_CAUSES = {
 
 @dataclass(frozen=True)
 class Merged:
-    """Images kept on one side together: one patient's, or a near-duplicate group's."""
+    """Images kept on one side together: one patient's, a near-duplicate group's, or an image kept of
+    identical copies with the patients of the copies dropped (``identical-copy``)."""
 
     why: str
     members: tuple[str, ...]
@@ -92,8 +93,13 @@ class SplitReport:
             out.append(f"  {split:<5} " + "  ".join(f"{label} {n}" for label, n in counts.items()))
         patients = sum(1 for m in self.merged if m.why == "patient")
         near = [m for m in self.merged if m.why == "near-duplicate"]
-        out.append(f"merged: {patients} patients with several images, {len(near)} near-duplicate groups")
+        copies = [m for m in self.merged if m.why == "identical-copy"]
+        out.append(
+            f"merged: {patients} patients with several images, {len(near)} near-duplicate groups"
+            + (f", {len(copies)} images whose identical copies joined their patients" if copies else "")
+        )
         out.extend(f"  near-duplicates kept together: {', '.join(m.members)}" for m in near)
+        out.extend(f"  identical copies, their patients kept together: {', '.join(m.members)}" for m in copies)
         out.append(
             f"dropped: {len(self.dropped)}" + "".join(f"; {n} {why}" for why, n in self.dropped_by_cause().items())
         )
@@ -194,7 +200,7 @@ def make_split(
     report.groups = len(groups)
     report.counts = _counts(index, samples, assignments)
     report.images = {side: sum(1 for s in assignments.values() if s == side) for side in SPLITS}
-    _warn_about(report, index)
+    _warn_about(report, index, max((len(g) for g in groups), default=0))
     _warn_about_dropped(report, len(index.samples) + len(index.skipped))
     return DatasetSplit(index.layout, index.labels, config, assignments, report, digests)
 
@@ -298,8 +304,11 @@ def _groups(
         if path not in position:
             continue
         patients = {c.patient_id for c in dropped if c.patient_id is not None} - {samples[position[path]].patient_id}
-        for patient in sorted(patients):
-            sets.union([position[path], *by_patient.get(patient, [])])
+        joined = [i for patient in sorted(patients) for i in by_patient.get(patient, [])]
+        if joined:
+            sets.union([position[path], *joined])
+            names = (index.relative(path), *(index.relative(c.path) for c in dropped))
+            report.merged.append(Merged("identical-copy", names))
     return [[samples[i] for i in members] for members in sets.groups()]
 
 
@@ -381,14 +390,15 @@ def _counts(index: DatasetIndex, samples: list[Sample], assignments: dict[str, s
     return counts
 
 
-def _warn_about(report: SplitReport, index: DatasetIndex) -> None:
+def _warn_about(report: SplitReport, index: DatasetIndex, largest: int) -> None:
+    """Labels missing from a side, and a group too large to balance (``largest``: its images, after
+    every join: patients, near-duplicates and identical copies chained; one merge alone undercounted)."""
     total = sum(sum(c.values()) for c in report.counts.values()) or 1
     for label in index.labels:
         everywhere = sum(c.get(label, 0) for c in report.counts.values())
         missing = [s for s in SPLITS if everywhere >= 3 and report.counts[s].get(label, 0) == 0]
         if missing:
             report.warnings.append(f"no {label} image in {', '.join(missing)} ({everywhere} in all)")
-    largest = max((len(m.members) for m in report.merged), default=0)
     if largest > 0.2 * total:
         report.warnings.append(f"one group holds {largest} of {total} images; the split cannot be balanced well")
 

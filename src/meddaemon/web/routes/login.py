@@ -20,7 +20,7 @@ async def login_page(request: Request) -> Response:
     console: Console = request.app.state.console
     if not console.policy.uses_login:
         return RedirectResponse("/", status_code=303)
-    if request.method == "GET":
+    if request.method in ("GET", "HEAD"):  # a HEAD was taken for a form posted: a 403
         after = auth.page_after_sign_in(request.query_params.get("next"))
         return render(request, "login.html", title="Sign in", error="", after=after, typed_user="")
     form = await request.form()
