@@ -26,6 +26,7 @@ from dicom_factory import (
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import (
     apply_color_lut,
     apply_modality_lut,
@@ -831,6 +832,26 @@ def test_compressed_pixel_data_cut_short_is_named_truncated_pixel_data(tmp_path,
     caught = failure(truncate_pixel_data(whole, tmp_path / "cut.dcm", keep_fraction=0.5))
 
     assert caught.reason is FailureReason.TRUNCATED_PIXEL_DATA
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["SC_rgb_jpeg_dcmtk.dcm", "JPGExtended.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEGLSNearLossless_08.dcm"],
+)
+def test_a_jpeg_codestream_cut_short_inside_a_whole_fragment_is_a_pixel_decode_error(tmp_path, name: str):
+    """The plugins that refuse such a stream were followed by libjpeg, which decoded it without a
+    word: the rest of the image garbage, scored by the model. (The file itself is whole: only the
+    stream in its fragment ends early, as a broken encoder or a gateway re-wrapping streams leaves it.)"""
+    ds = dcmread(get_testdata_file(name))
+    [frame] = generate_frames(ds.PixelData, number_of_frames=1)
+    ds.PixelData = encapsulate([frame[: int(len(frame) * 0.9)]])
+    path = tmp_path / name
+    ds.save_as(path)
+
+    caught = failure(path)
+
+    assert caught.reason is FailureReason.PIXEL_DECODE_ERROR and "end-of-image marker" in caught.message
+    assert decode_bytes(Path(get_testdata_file(name)).read_bytes()).frames.size  # the whole stream decodes
 
 
 def test_corrupt_compressed_stream_is_named_pixel_decode_error(tmp_path):

@@ -36,6 +36,12 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     MediaStorageDirectoryStorage,
 )
 from pydicom.valuerep import VR
@@ -140,7 +146,7 @@ def decode_dicom(data: bytes, options: DecodeOptions = DecodeOptions()) -> Decod
     decoder = _decoder_for(transfer_syntax)
     photometric = _photometric(ds, metadata, notes)
     if transfer_syntax.is_encapsulated:
-        _check_codestream_sizes(ds, metadata)
+        _check_codestreams(ds, metadata, transfer_syntax)
     else:
         _check_native_length(ds, pixel_keyword, transfer_syntax)
         _check_high_bit(ds, pixel_keyword)
@@ -337,15 +343,31 @@ def _check_pixel_count(metadata: ScanMetadata, options: DecodeOptions) -> None:
         )
 
 
-def _check_codestream_sizes(ds: Dataset, metadata: ScanMetadata) -> None:
+#: JPEG and JPEG-LS codestreams end with the end-of-image marker. One cut short inside a whole DICOM
+#: fragment was decoded without a word by libjpeg, the plugin pydicom tries last once the others
+#: refuse it: the rest of the image came out garbage, and the model scored it.
+_ENDS_WITH_EOI = frozenset(
+    {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless}
+)
+
+
+def _check_codestreams(ds: Dataset, metadata: ScanMetadata, transfer_syntax: UID) -> None:
     """Each frame's codestream must declare the header's Rows and Columns (``limits``): a codec
-    decodes the size its stream declares, which ``max_pixels`` never saw. A framing pydicom cannot
-    split is left to the decode, which names it."""
+    decodes the size its stream declares, which ``max_pixels`` never saw; and a JPEG one must end
+    with its end-of-image marker (``_ENDS_WITH_EOI``). A framing pydicom cannot split is left to the
+    decode, which names it."""
     try:
         frames = list(generate_frames(ds.PixelData, number_of_frames=metadata.frames))
     except Exception:
         return
     for number, frame in enumerate(frames, 1):
+        # after the marker, encoders pad with 0x00 or 0xFF (pydicom's JPGExtended.dcm: ``ffd9ff``)
+        if transfer_syntax in _ENDS_WITH_EOI and not frame.rstrip(b"\x00\xff").endswith(b"\xff\xd9"):
+            raise ScanFailure(
+                FailureReason.PIXEL_DECODE_ERROR,
+                f"frame {number}'s {transfer_syntax.name} codestream ends before its end-of-image marker "
+                "(cut short): not decoded",
+            )
         size = codestream_size(frame)
         if size is None or size == (metadata.rows, metadata.columns):
             continue
