@@ -327,6 +327,21 @@ def test_a_link_from_another_site_opens_the_page_signed_in_and_a_sign_in_returns
         elsewhere.stop()
 
 
+def test_on_a_narrow_screen_no_page_scrolls_sideways(browser, server, browser_root):
+    """At 500 px the worklist's table pushed the whole page sideways (its call, state and times off
+    screen), and at 360 px the scan's picture did."""
+    scan = next(s for s in stored_scans(browser_root) if s.task_name == "busi" and s.state == "archived")
+    sign_in(browser, server, "clinician")
+    wide = "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    try:
+        for width, page in ((500, "worklist"), (360, f"scans/{scan.id}"), (360, "worklist")):
+            browser.set_window_size(width, 900)
+            browser.get(server.url + page)
+            assert browser.execute_script(wide) <= 0, (width, page)
+    finally:
+        browser.set_window_size(1360, 1000)
+
+
 def test_a_session_that_ends_under_an_open_overview_takes_the_browser_to_sign_in(browser, server):
     from selenium.webdriver.common.by import By
 
