@@ -663,10 +663,6 @@ def _unless_passing(exc: OSError) -> None:
         raise exc
 
 
-#: what the weights' hash is computed over at a time, before the file is held whole
-HASH_CHUNK_BYTES = 1 << 20
-
-
 def _verified_bytes(path: Path, manifest: Manifest, folder: Path) -> bytes:
     """The file's bytes, once their SHA-256 is the manifest's (before anything parses them). The file
     is hashed as it is read, a chunk at a time, before it is held whole: a weights file swapped for a
@@ -674,10 +670,8 @@ def _verified_bytes(path: Path, manifest: Manifest, folder: Path) -> bytes:
     data = b""
     try:
         with _open_regular_file(path) as file:
-            digest, size = hashlib.sha256(), 0
-            for chunk in iter(lambda: file.read(HASH_CHUNK_BYTES), b""):
-                digest.update(chunk)
-                size += len(chunk)
+            digest = hashlib.file_digest(file, "sha256")  # a chunk at a time
+            size = file.tell()
             if digest.hexdigest() == manifest.sha256:
                 file.seek(0)
                 data = file.read()

@@ -334,8 +334,8 @@ def top_calls(session: Session, scan_ids: Sequence[int]) -> dict[int, tuple[TopC
             any_map.setdefault(r.scan_id, r.id)
         rank = (bool(r.positive), float(r.probability))
         if r.scan_id not in best or rank > best[r.scan_id][0]:
-            multiclass = (r.manifest or {}).get("kind") == "multiclass"
-            best[r.scan_id] = (rank, TopCall(r.label, float(r.probability), bool(r.positive), multiclass), r.id)
+            call = TopCall(r.label, float(r.probability), bool(r.positive), _multiclass(r.manifest))
+            best[r.scan_id] = (rank, call, r.id)
     return {sid: (top, heatmap or any_map.get(sid)) for sid, (_, top, heatmap) in best.items()}
 
 
@@ -477,7 +477,7 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
             ),
         )
         group.calls.append(LabelCall(result.label, result.probability, result.threshold, result.positive, heatmap_id))
-        if (manifest or {}).get("kind") == "multiclass":
+        if _multiclass(manifest):
             multiclass.add(result.model_version_id)
     for version_id in multiclass:  # the top class is the call: shown above its runner-up, not equal to it
         group = by_version[version_id]
@@ -512,6 +512,11 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
         duplicates=int(duplicates),
         patient=patient,
     )
+
+
+def _multiclass(manifest: dict[str, Any] | None) -> bool:
+    """Whether a version's manifest says its call is the top class."""
+    return (manifest or {}).get("kind") == "multiclass"
 
 
 def picture_file(
