@@ -275,7 +275,8 @@ def test_the_audits_page_in_the_browser(browser, server, browser_root):
     shoot(browser, "audit")
 
 
-def test_next_page_rows_are_appended_in_place_by_htmx(browser, server, browser_root):
+def test_next_page_rows_are_appended_in_place_and_back_from_a_scan_shows_them_all(browser, server, browser_root):
+    """The address once said nothing of the appended rows: Back from a scan showed the first 50 alone."""
     from selenium.webdriver.common.by import By
 
     from daemon_rows import add_scan
@@ -294,7 +295,13 @@ def test_next_page_rows_are_appended_in_place_by_htmx(browser, server, browser_r
     wait_for(browser, lambda d: len(listed_ids(d)) == total)
     ids = listed_ids(browser)
     assert ids == sorted(ids, reverse=True) and len(set(ids)) == total
-    assert browser.current_url == server.url + "worklist"  # swapped into the page, not a new one
+    wait_for(browser, lambda d: d.current_url == server.url + f"worklist?through={ids[-1]}")
+    browser.find_element(By.CSS_SELECTOR, f'tr.scan[data-id="{ids[-1]}"] a').click()
+    wait_for(browser, lambda d: d.current_url == server.url + f"scans/{ids[-1]}")
+    browser.back()
+    wait_for(browser, lambda d: d.current_url == server.url + f"worklist?through={ids[-1]}")
+    assert listed_ids(browser) == ids
+    assert not browser.execute_script("return window.sessionStorage.getItem('htmx-history-cache')")
 
 
 def test_a_link_from_another_site_opens_the_page_signed_in_and_a_sign_in_returns_to_it(browser, server, browser_root):

@@ -98,6 +98,25 @@ def test_the_pages_link_to_the_next_one_through_http(migrated_engine, db_url, tm
     app.state.console.dispose()
 
 
+def test_appended_rows_give_the_address_that_shows_them_all_again(migrated_engine, db_url, tmp_path):
+    fill(migrated_engine, 440)  # 110 archived: pages of 50, 50 and 10
+    settings = load_settings(env={}, flags={"db": db_url, "state_dir": tmp_path, "watch": tmp_path / "inbox"})
+    app = create_app(settings, reader=read_only_engine(db_url))
+    client = TestClient(app, base_url="http://127.0.0.1")
+    first = client.get("/worklist?state=archived&q=")
+    next_url = first.text.split('id="next-page" hx-get="')[1].split('"')[0].replace("&amp;", "&")
+    appended = client.get(next_url, headers={"HX-Request": "true"})
+    last = [int(part.split('"')[0]) for part in appended.text.split('<tr class="scan" data-id="')[1:]][-1]
+    assert appended.headers["HX-Replace-Url"] == f"/worklist?state=archived&through={last}"
+    shown = client.get(appended.headers["HX-Replace-Url"]).text
+    ids = [int(part.split('"')[0]) for part in shown.split('<tr class="scan" data-id="')[1:]]
+    assert len(ids) == 100 and ids[-1] == last and ids == sorted(ids, reverse=True)
+    assert 'id="next-page"' in shown and 'id="newest"' not in shown  # the third page is still to come
+    assert client.get("/worklist?through=x").status_code == 400
+    assert client.get(f"/worklist?through={'9' * 5000}").status_code == 400
+    app.state.console.dispose()
+
+
 def test_a_state_filter_pages_on_its_index_on_sqlite(tmp_path):
     plan = sqlite_query_plan(
         tmp_path / "m.db", "SELECT id FROM scans WHERE state = 'failed' AND id < 500 ORDER BY id DESC LIMIT 51"

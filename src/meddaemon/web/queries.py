@@ -42,6 +42,7 @@ from meddaemon.states import ScanState
 WAITING_STATES = (ScanState.ROUTED, ScanState.WAITING_MODEL, ScanState.INFERRED)
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+MAX_RESTORED_ROWS = 1000
 CALLS = ("positive", "negative")
 _HEX = re.compile(r"^[0-9a-f]{6,64}$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
@@ -260,10 +261,22 @@ def _search(q: str) -> Any:
 
 
 def worklist(
-    session: Session, f: WorklistFilter, after: int | None = None, limit: int = PAGE_SIZE, with_phi: bool = False
+    session: Session,
+    f: WorklistFilter,
+    after: int | None = None,
+    limit: int = PAGE_SIZE,
+    with_phi: bool = False,
+    through: int | None = None,
 ) -> WorklistPage:
-    """A page of scans, newest first, after the scan id ``after`` (keyset: as fast on page 1,000 as on page 1)."""
+    """A page of scans, newest first, after the scan id ``after`` (keyset: as fast on page 1,000 as on page 1).
+
+    ``through``: the pages the browser had loaded, from the newest down to that scan id (at most
+    ``MAX_RESTORED_ROWS``), as the address says once "Next" has appended rows; Back and reload show them again.
+    """
     limit = max(1, min(limit, MAX_PAGE_SIZE))
+    if through is not None and after is None:
+        loaded = session.scalar(select(func.count()).select_from(Scan).where(*_filtered(f), Scan.id >= through))
+        limit = max(limit, min(loaded or 0, MAX_RESTORED_ROWS))
     columns = [
         Scan.id,
         Scan.source_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date
 from urllib.parse import urlencode
 
+from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,8 +18,9 @@ from meddaemon.web import queries
 from meddaemon.web.app import Console, render
 
 
-def parse_filter(request: Request) -> tuple[queries.WorklistFilter, int | None]:
-    """The filters and the keyset position of the query string; a value that makes no sense is a 400."""
+def parse_filter(request: Request) -> tuple[queries.WorklistFilter, int | None, int | None]:
+    """The filters, the keyset position (``after``) and how far down the rows were loaded (``through``)
+    of the query string; a value that makes no sense is a 400."""
     params = request.query_params
 
     def day(name: str) -> date | None:
@@ -39,10 +41,7 @@ def parse_filter(request: Request) -> tuple[queries.WorklistFilter, int | None]:
     reason = params.get("reason", "").strip()
     if reason and reason not in {r.value for r in FailureReason}:
         raise HTTPException(400, f"there is no failure reason {reason!r}")
-    after_text = params.get("after", "").strip()
-    after = row_id(after_text) if after_text else None
-    if after_text and after is None:
-        raise HTTPException(400, "after must be a scan id")
+    after, through = scan_id_param(params, "after"), scan_id_param(params, "through")
     f = queries.WorklistFilter(
         state=state,
         task=params.get("task", "").strip()[:64],
@@ -53,26 +52,40 @@ def parse_filter(request: Request) -> tuple[queries.WorklistFilter, int | None]:
         q=params.get("q", "").strip()[:200],
         reason=reason,
     )
-    return f, after
+    return f, after, through
+
+
+def scan_id_param(params: QueryParams, name: str) -> int | None:
+    text = params.get(name, "").strip()
+    value = row_id(text) if text else None
+    if text and value is None:
+        raise HTTPException(400, f"{name} must be a scan id")
+    return value
 
 
 def worklist(request: Request) -> Response:
     console: Console = request.app.state.console
-    f, after = parse_filter(request)
+    f, after, through = parse_filter(request)
     user = request.state.session.user
     with_phi = bool(user and user.sees_patient_data)
 
     def read(session):  # type: ignore[no-untyped-def]
-        page = queries.worklist(session, f, after, with_phi=with_phi)
+        page = queries.worklist(session, f, after, with_phi=with_phi, through=through)
         return page, queries.overview_choices(session)
 
     page, choices = console.read(read)
     base = f.query_params()
     next_url = f"/worklist?{urlencode({**base, 'after': page.next_after})}" if page.next_after else None
-    template = "worklist_rows.html" if request.headers.get("hx-request") and after else "worklist.html"
+    if request.headers.get("hx-request") and after:
+        # rows appended below the loaded ones: the address then says how far down they go, so that
+        # Back from a scan, or a reload, shows them all again (not the first page alone)
+        response = render(request, "worklist_rows.html", page=page, next_url=next_url, with_phi=with_phi)
+        if page.rows:
+            response.headers["HX-Replace-Url"] = f"/worklist?{urlencode({**base, 'through': page.rows[-1].id})}"
+        return response
     return render(
         request,
-        template,
+        "worklist.html",
         title="Worklist",
         page=page,
         f=f,
