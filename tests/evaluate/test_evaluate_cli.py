@@ -68,6 +68,20 @@ def test_one_command_from_a_busi_dataset_to_metrics_with_confidence_intervals(wo
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_rerun_that_adds_heatmaps_says_so_and_one_that_only_hashes_gives_no_images_per_second(
+    world, busi_phantoms: Path
+) -> None:
+    """It said "0 scored, N already scored" while it stored N maps, and a hashing rerun's images/s."""
+    args = ["evaluate", str(busi_phantoms), "--task", "busi", "--workers", "0", "--name", "r", *state_flags(world)]
+    files = len([p for p in busi_phantoms.rglob("*.png") if "_mask" not in p.name])
+    assert "images/s" in CliRunner().invoke(medcli, args).stdout
+    with_maps = CliRunner().invoke(medcli, [*args, "--heatmaps"]).stdout
+    assert f"0 scored, {files} already scored ({files} given their heatmaps now)" in with_maps
+    hashed = CliRunner().invoke(medcli, [*args, "--heatmaps"]).stdout
+    assert f"0 scored, {files} already scored, 0 unreadable" in hashed and "images/s" not in hashed
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_auditing_an_evaluation_whose_dataset_has_moved_says_so_and_exits_2(
     world, busi_phantoms: Path, tmp_path: Path
 ) -> None:

@@ -124,14 +124,18 @@ def test_a_second_run_scores_nothing_again(world, busi_phantoms: Path) -> None:
 def test_a_rerun_with_heatmaps_after_one_without_adds_the_maps_to_the_results_it_keeps(
     world, busi_phantoms: Path
 ) -> None:
-    """It said "already scored" for every file and wrote no map; a third run only hashes."""
+    """It said "already scored" for every file and wrote no map; a third run only hashes. The run
+    that adds the maps says so, and only the files run through the model count in images/s."""
     first = evaluate(world, busi_phantoms)
     before = stored(world)
     with_maps = evaluate(world, busi_phantoms, heatmaps=True)
     again = evaluate(world, busi_phantoms, heatmaps=True)
 
     assert with_maps.summary["scored"] == 0 and with_maps.summary["reused"] == first.summary["files"]
+    assert with_maps.summary["heatmaps_added"] == first.summary["files"] and with_maps.summary["images_per_second"]
     assert again.summary["reused"] == first.summary["files"]
+    assert again.summary["heatmaps_added"] == 0 and again.summary["images_per_second"] is None  # hashed only
+    assert first.summary["heatmaps_added"] == 0 and first.summary["images_per_second"] > 0
     engine = world.engine()
     with session_factory(engine)() as session:
         mapped = session.scalars(select(Result.scan_id).join(Heatmap, Heatmap.result_id == Result.id)).all()

@@ -256,7 +256,9 @@ class _progress_bar:
 def _print(summary: dict[str, Any]) -> None:
     click.echo(
         f"evaluation {summary['evaluation_id']} ({summary['name']}): {summary['state']}; "
-        f"{summary['files']} files: {summary['scored']} scored, {summary['reused']} already scored, "
+        f"{summary['files']} files: {summary['scored']} scored, {summary['reused']} already scored"
+        + (f" ({summary['heatmaps_added']} given their heatmaps now)" if summary.get("heatmaps_added") else "")
+        + ", "
         f"{summary['failed']} unreadable"
         + (f", {len(summary['not_images'])} not images" if summary["not_images"] else "")
         + (f", {len(summary['left_to_daemon'])} left to the daemon" if summary["left_to_daemon"] else "")

@@ -481,6 +481,9 @@ class Writer:
         self.total = len(prepared.cohort.files)
         self.pending: list[tuple[FileOutcome, Future | None]] = []
         self.done = 0
+        #: files decoded and run through the model (scored, or given the heatmaps they lacked): the
+        #: files only hashed (already scored) would make a rerun's images/s that of hashing
+        self.forwarded = 0
         self.failed = 0
         self.not_images = 0
         self.started = time.monotonic()
@@ -502,6 +505,7 @@ class Writer:
             outcomes = [o for o, _ in batch if o.read.path not in unwritten]
             counts = with_unique_retry(lambda outcomes=outcomes: self._record(outcomes), _log_recorded_first)
             self.done += len(outcomes) - len(counts.redo)
+            self.forwarded += counts.scored + counts.mapped
             self.failed += counts.failed
             self.not_images += counts.not_images
             self.last_flush = time.monotonic()
@@ -527,8 +531,13 @@ class Writer:
             self.ended = time.monotonic()
 
     def images_per_second(self) -> float | None:
+        """The run's rate of images through the model; None when none went through it."""
         seconds = (self.ended or time.monotonic()) - self.started
-        return self.done / seconds if seconds > 0 else None
+        return self.forwarded / seconds if seconds > 0 and self.forwarded else None
+
+    def _files_per_second(self) -> float:
+        seconds = time.monotonic() - self.started
+        return self.done / seconds if seconds > 0 else 0.0
 
     def _unwritten(self, batch: Sequence[tuple[FileOutcome, Future | None]]) -> set[str]:
         """Files whose heatmaps could not be written (a full disk): left out, scored again next run."""
@@ -555,7 +564,7 @@ class Writer:
 
     def _report(self) -> None:
         if self.progress is not None:
-            self.progress(Progress(self.done, self.total, self.images_per_second() or 0.0))
+            self.progress(Progress(self.done, self.total, self._files_per_second()))
 
 
 def score_in_driver(prepared: Prepared, reads: Sequence[FileRead]) -> list[tuple[FileOutcome, Future | None]]:

@@ -114,6 +114,8 @@ class ChunkCounts:
     #: of ``skipped``, the files that are no image at all (``NOT_AN_IMAGE``)
     not_images: int = 0
     failures: Counter[str] = field(default_factory=Counter)
+    #: of ``reused``, the scans given now the heatmaps a run without ``--heatmaps`` left out
+    mapped: int = 0
     #: known bytes whose scan holds no results of the version after all (a 64-bit prefix collision,
     #: or the scan was deleted): not written, to be decoded and scored
     redo: list[FileRead] = field(default_factory=list)
@@ -295,6 +297,7 @@ def record_chunk(
     ids |= _insert_scans(session, evaluation, list(new_scans.values()), now)
     _insert_results(session, version, [(ids[sha], o) for sha, o in result_for.items()], now, state_dir)
     _insert_heatmaps(session, version, [(ids[sha], o) for sha, o in maps_for.items()], now, state_dir)
+    counts.mapped = len(maps_for)
     for row, sha in zip(file_rows, scan_of_file, strict=True):
         row["scan_id"] = ids.get(sha) if sha else None
     paths = [r["path"] for r in file_rows]
@@ -327,6 +330,24 @@ def left_to_daemon(session: Session, evaluation_id: int) -> int:
         EvaluationFile.evaluation_id == evaluation_id,
         EvaluationFile.outcome == SKIPPED,
         EvaluationFile.failure_reason.is_(None),
+    )
+    return session.scalar(query) or 0
+
+
+def heatmaps_added(session: Session, evaluation: Evaluation) -> int:
+    """The scans of the run's reused files whose results, stored before the run began, were given
+    heatmaps in it."""
+    query = (
+        select(func.count(func.distinct(Result.scan_id)))
+        .join(Heatmap, Heatmap.result_id == Result.id)
+        .join(EvaluationFile, EvaluationFile.scan_id == Result.scan_id)
+        .where(
+            EvaluationFile.evaluation_id == evaluation.id,
+            EvaluationFile.outcome == REUSED,
+            Result.model_version_id == evaluation.model_version_id,
+            Result.created_at < evaluation.started_at,
+            Heatmap.created_at >= evaluation.started_at,
+        )
     )
     return session.scalar(query) or 0
 
@@ -386,6 +407,8 @@ def evaluation_summary(session: Session, evaluation: Evaluation) -> dict[str, An
         "files": evaluation.files_total,
         "scored": evaluation.scored,
         "reused": evaluation.reused,
+        #: of ``reused``, the scans given their heatmaps in this run (scored before by a run without them)
+        "heatmaps_added": heatmaps_added(session, evaluation),
         "failed": evaluation.failed,
         #: files left out: no image at all (``not_images``), or bytes the daemon is still working on
         #: (``left_to_daemon``, scored by a later run)
