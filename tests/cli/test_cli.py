@@ -176,7 +176,7 @@ def test_a_database_from_a_newer_version_exits_6(runner: CliRunner, dirs: list[s
     assert runner.invoke(medcli, ["db", "upgrade", "--state-dir", dirs[3]]).exit_code == 0
     engine = create_db_engine(f"sqlite:///{tmp_path / 'state' / 'meddaemon.db'}")
     with engine.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = 'ffff'"))
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     engine.dispose()
     result = runner.invoke(meddaemon, ["status", *dirs])
     assert result.exit_code == 6 and "upgrade meddaemon" in result.output

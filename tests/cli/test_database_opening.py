@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.cli.medcli import cli as medcli
@@ -119,6 +119,36 @@ def test_db_upgrade_creates_and_upgrades_and_then_the_commands_work(db_url: str,
     engine.dispose()
     assert invoke(medcli, ["scans"], db_url, tmp_path, labels).exit_code == 0
     assert invoke(meddaemon, ["status"], db_url, tmp_path, labels).exit_code == 0
+
+
+def test_db_upgrade_and_start_refuse_another_application_s_database_and_add_nothing_to_it(db_url: str, tmp_path: Path):
+    engine = create_db_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE customers (id INTEGER)"))
+    (tmp_path / "inbox").mkdir()
+    start = ["start", "--once", "--watch", str(tmp_path / "inbox"), "--state-dir", str(tmp_path / "state")]
+    for group, args in ((medcli, ["db", "upgrade"]), (meddaemon, start)):
+        result = CliRunner().invoke(group, [*args, "--db", db_url])
+        assert result.exit_code == 2, result.output  # a bad setting: a supervisor does not restart it
+        assert f"the database at {database_location(db_url)} holds tables of another application" in result.stderr
+    assert set(inspect(engine).get_table_names()) == {"customers"}
+    engine.dispose()
+
+
+def test_a_daemon_that_creates_or_upgrades_the_schema_logs_it(db_url: str, tmp_path: Path):
+    """The schema moved under the daemons of an older meddaemon (they refuse it from their next
+    start) and no log said when, nor which daemon did it."""
+    (tmp_path / "inbox").mkdir()
+    start = ["start", "--once", "--watch", str(tmp_path / "inbox"), "--state-dir", str(tmp_path / "state")]
+    start += ["--db", db_url]
+    engine = create_db_engine(db_url)
+    upgrade(engine, "0015")
+    upgraded = CliRunner().invoke(meddaemon, start)
+    assert upgraded.exit_code == 0, upgraded.output
+    assert f"database schema upgraded from revision 0015 to {head_revision()}" in upgraded.stderr
+    again = CliRunner().invoke(meddaemon, start)
+    assert again.exit_code == 0 and "database schema" not in again.stderr
+    engine.dispose()
 
 
 def test_db_upgrade_creates_a_new_sqlite_database(tmp_path: Path):

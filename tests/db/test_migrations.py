@@ -1,5 +1,6 @@
 """The schema is created and upgraded by Alembic, identically to the models, on SQLite and PostgreSQL."""
 
+import re
 import subprocess
 import sys
 import time
@@ -14,9 +15,11 @@ from sqlalchemy.exc import IntegrityError
 from meddaemon.db.engine import create_db_engine
 from meddaemon.db.migrate import (
     DatabaseMissing,
+    ForeignDatabase,
     SchemaTooNew,
     SchemaTooOld,
     current_revision,
+    database_location,
     head_revision,
     open_current,
     require_current,
@@ -42,10 +45,11 @@ def test_upgrade_twice_is_harmless(migrated_engine):
     assert current_revision(migrated_engine) == head_revision()
 
 
-def test_a_database_from_a_newer_meddaemon_is_refused(migrated_engine):
+def test_a_database_from_a_newer_meddaemon_is_refused_naming_it(migrated_engine, db_url):
     with migrated_engine.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = 'from_the_future'"))
-    with pytest.raises(SchemaTooNew, match="from_the_future"):
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    where = re.escape(database_location(db_url))
+    with pytest.raises(SchemaTooNew, match=f"at {where} is at revision 9999, which this meddaemon does not know"):
         upgrade(migrated_engine)
 
 
@@ -82,13 +86,37 @@ def test_open_current_never_creates_a_sqlite_file_nor_its_folder(tmp_path):
 def test_a_database_without_a_schema_is_missing_and_stays_empty(db_url):
     engine = create_db_engine(db_url)
     with engine.begin() as conn:  # the file (SQLite) or the database (PostgreSQL) exists, empty
-        conn.execute(text("CREATE TABLE unrelated (id INTEGER)"))
+        conn.execute(text("SELECT 1"))
     engine.dispose()
     with pytest.raises(DatabaseMissing, match="run `medcli db upgrade` or start the daemon"):
         open_current(db_url)
     engine = create_db_engine(db_url)
-    assert set(inspect(engine).get_table_names()) == {"unrelated"}
+    assert set(inspect(engine).get_table_names()) == set()
     engine.dispose()
+
+
+def test_a_database_holding_another_application_s_tables_is_refused_and_left_as_it_is(db_url):
+    """A mistyped --db put meddaemon's tables among another application's, and said it "was empty"."""
+    engine = create_db_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE customers (id INTEGER)"))
+        conn.execute(text("INSERT INTO customers VALUES (1)"))
+    where = re.escape(database_location(db_url))
+    with pytest.raises(ForeignDatabase, match=f"the database at {where} holds tables of another application"):
+        upgrade(engine)
+    with pytest.raises(ForeignDatabase, match=r"\(customers\) and no meddaemon schema"):
+        open_current(db_url)
+    assert set(inspect(engine).get_table_names()) == {"customers"}
+    engine.dispose()
+
+
+def test_an_alembic_revision_of_another_application_is_its_database_not_a_newer_meddaemon(migrated_engine, db_url):
+    """It was "upgrade meddaemon before using this database", exit 6 (a supervisor never restarts)."""
+    with migrated_engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'ae1027a6acf'"))
+    for check in (upgrade, require_current):
+        with pytest.raises(ForeignDatabase, match=f"at {re.escape(database_location(db_url))} is another application"):
+            check(migrated_engine)
 
 
 def test_an_older_schema_is_refused_and_left_as_it_is(db_url):
@@ -104,7 +132,7 @@ def test_an_older_schema_is_refused_and_left_as_it_is(db_url):
 
 def test_a_newer_schema_is_refused_by_require_current(migrated_engine):
     with migrated_engine.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = 'from_the_future'"))
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     with pytest.raises(SchemaTooNew, match="upgrade meddaemon"):
         require_current(migrated_engine)
 

@@ -25,7 +25,7 @@ from sqlalchemy.exc import DatabaseError, InternalError, OperationalError, Progr
 from meddaemon import heap
 from meddaemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from meddaemon.db.engine import is_lock_error
-from meddaemon.db.migrate import SchemaError, SchemaTooNew, database_location, open_current
+from meddaemon.db.migrate import ForeignDatabase, SchemaError, SchemaTooNew, database_location, open_current
 
 if TYPE_CHECKING:
     from meddaemon.training.nearduplicates import HashProgress
@@ -197,6 +197,8 @@ def handle_errors(func: F) -> F:
             _fail(str(exc), EXIT_USAGE)
         except SchemaTooNew as exc:
             _fail(str(exc), EXIT_SCHEMA_AHEAD)
+        except ForeignDatabase as exc:  # a setting pointing at the wrong database: restarting never helps
+            _fail(str(exc), EXIT_USAGE)
         except SchemaError as exc:
             _fail(str(exc), EXIT_DATABASE)
         except OperationalError as exc:

@@ -59,7 +59,7 @@ from meddaemon.db.engine import (
     with_lock_retry,
     with_unique_retry,
 )
-from meddaemon.db.migrate import upgrade
+from meddaemon.db.migrate import head_revision, upgrade
 from meddaemon.engine.decode import decodable_transfer_syntaxes
 from meddaemon.files import file_identity
 from meddaemon.logs import quiet_value_quoting_libraries
@@ -591,9 +591,18 @@ class Daemon:
         limits = dataclasses.replace(lease.connection_limits(self.settings), answer_timeout=0.0)
         engine = create_db_engine(self.settings.db_url, self.settings.busy_timeout, limits)
         try:
-            upgrade(engine)
+            before = upgrade(engine)
         finally:
             engine.dispose()
+        head = head_revision()
+        if before is None:
+            log.info("database schema created at revision %s", head)
+        elif before != head:
+            log.info(
+                "database schema upgraded from revision %s to %s (an older meddaemon refuses it from its next start)",
+                before,
+                head,
+            )
 
     def _ensure_tasks(self) -> None:
         with transaction(self.sessions) as session:

@@ -7,6 +7,7 @@ new empty database behind, and a newer ``medcli`` must not upgrade a database un
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +39,16 @@ class DatabaseMissing(SchemaError):
 
 class SchemaTooOld(SchemaError):
     """The schema is behind this meddaemon's: it needs ``medcli db upgrade`` (or a daemon start)."""
+
+
+class ForeignDatabase(SchemaError):
+    """The settings point at another application's database: tables and no meddaemon schema, or an
+    Alembic revision of another application's. meddaemon never puts its tables among them."""
+
+
+#: the form of every meddaemon revision, past and future ("0016"): a revision of another form is
+#: another application's, however new this meddaemon is
+OUR_REVISION = re.compile(r"[0-9]{4}")
 
 
 def alembic_config(url: str) -> Config:
@@ -103,16 +114,16 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
     revision is read under the lock (SQLite's BEGIN IMMEDIATE, PostgreSQL's advisory lock), so
     the others find the schema done."""
     script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
-    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    url = engine.url.render_as_string(hide_password=False)
+    cfg = alembic_config(url)
     with engine.connect() as conn, foreign_keys_off(conn), conn.begin():
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK})
         current = MigrationContext.configure(conn).get_current_revision()
         if current is not None and not _known(script, current):
-            raise SchemaTooNew(
-                f"database schema is at revision {current}, which this meddaemon does not know; "
-                "upgrade meddaemon before using this database"
-            )
+            raise _unknown_revision(url, current)
+        if current is None:
+            _refuse_others_tables(conn, url)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     return current
@@ -150,6 +161,7 @@ def require_current(engine: Engine) -> None:
     url = engine.url.render_as_string(hide_password=False)
     with engine.connect() as conn:
         if not inspect(conn).has_table("alembic_version"):
+            _refuse_others_tables(conn, url)
             raise _missing(url)
         current = MigrationContext.configure(conn).get_current_revision()
     head = head_revision()
@@ -159,14 +171,35 @@ def require_current(engine: Engine) -> None:
     if current is None:
         raise _missing(url)
     if not _known(script, current):
-        raise SchemaTooNew(
-            f"database schema at {database_location(url)} is at revision {current}, which this meddaemon "
-            "does not know; upgrade meddaemon before using this database"
-        )
+        raise _unknown_revision(url, current)
     raise SchemaTooOld(
         f"schema is older than this meddaemon: the database at {database_location(url)} is at revision "
         f"{current}, this meddaemon needs {head}; run `medcli db upgrade` or start the daemon"
     )
+
+
+def _unknown_revision(url: str, revision: str) -> SchemaError:
+    if not OUR_REVISION.fullmatch(revision):
+        return ForeignDatabase(
+            f"the database at {database_location(url)} is another application's (its Alembic revision "
+            f"{revision} is none of meddaemon's); point the settings (--db, MEDDAEMON_DB) at meddaemon's database"
+        )
+    return SchemaTooNew(
+        f"database schema at {database_location(url)} is at revision {revision}, which this meddaemon "
+        "does not know; upgrade meddaemon before using this database"
+    )
+
+
+def _refuse_others_tables(conn: Connection, url: str) -> None:
+    """A database without meddaemon's schema gets it only when it holds no table: a mistyped
+    ``--db`` put meddaemon's tables among another application's, and said the database "was empty"."""
+    tables = sorted(inspect(conn).get_table_names())
+    if tables:
+        shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
+        raise ForeignDatabase(
+            f"the database at {database_location(url)} holds tables of another application ({shown}) and no "
+            "meddaemon schema; give meddaemon a database of its own (--db, MEDDAEMON_DB)"
+        )
 
 
 def _missing(url: str) -> DatabaseMissing:
