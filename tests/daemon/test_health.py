@@ -10,16 +10,18 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from audit_factory import add_version
 from daemon_rows import dead_pid
+from meddaemon.config import load_settings
 from meddaemon.daemon.health import HealthLimits, HealthReport, check_health, this_node
 from meddaemon.daemon.lease import pid_namespace
 from meddaemon.db.clock import read_db_clock
 from meddaemon.db.engine import create_db_engine
 from meddaemon.db.migrate import current_revision, head_revision, upgrade
-from meddaemon.db.models import DaemonInstance, Scan, Task, utcnow
+from meddaemon.db.models import DaemonInstance, Scan, ScanEvent, Task, utcnow
 from meddaemon.db.readonly import read_only_engine
 
 #: the real disk under tmp_path, with no minimum: disk space is tested on its own
@@ -81,8 +83,9 @@ def statuses(report: HealthReport) -> dict[str, str]:
     return {c.name: c.status for c in report.checks}
 
 
-def test_one_daemon_with_a_fresh_heartbeat_is_healthy(migrated_engine, reader, db_url, make_settings):
+def test_one_daemon_with_a_fresh_heartbeat_is_healthy(migrated_engine, reader, db_url, make_settings, tmp_path):
     add_daemon(migrated_engine, "node-a", age=2)
+    (tmp_path / "inbox").mkdir()
     report = check(reader, make_settings(db=db_url))
     assert statuses(report) == {
         "database": "ok",
@@ -91,6 +94,7 @@ def test_one_daemon_with_a_fresh_heartbeat_is_healthy(migrated_engine, reader, d
         "queue": "ok",
         "failures": "ok",
         "outbox": "ok",
+        "inbox": "ok",
         "disk": "ok",
     }
     assert (report.status, report.exit_code) == ("ok", 0)
@@ -181,6 +185,58 @@ def test_a_scan_waiting_too_long_while_daemons_run_is_a_stuck_queue(migrated_eng
     assert queue.status == "degraded"
     assert queue.message.startswith("stuck: the oldest routed scan has waited 20 min (limit 10 min)")
     assert queue.details["waiting"] == {"routed": 3}
+
+
+def add_waiting(engine: Engine, state: str, n: int, entered_ago: timedelta, start: int = 100) -> None:
+    """``n`` scans that entered ``state`` ``entered_ago``, each touched a moment ago (a claim)."""
+    add_scans(engine, state, n, start=start, updated_at=utcnow())
+    with Session(engine) as s, s.begin():
+        ids = s.scalars(select(Scan.id).where(Scan.sha256.in_([f"{start + i:064x}" for i in range(n)]))).all()
+        s.add_all(ScanEvent(scan_id=i, state=state, at=utcnow() - entered_ago) for i in ids)
+
+
+def test_a_scan_whose_report_keeps_failing_is_stuck_though_each_new_claim_touches_it(
+    migrated_engine, reader, db_url, make_settings
+):
+    """Every claim of the report stage moved ``updated_at``: a report failing every 30 s (its folder
+    unwritable) left the scan 30 s old for ever, and health said ok."""
+    add_daemon(migrated_engine, "node-a", age=1)
+    add_waiting(migrated_engine, "inferred", 3, entered_ago=timedelta(minutes=20))
+    queue = check(reader, make_settings(db=db_url, reports=True), stuck_seconds=600).check("queue")
+    assert queue.status == "degraded"
+    assert queue.message.startswith("stuck: the oldest inferred scan has waited 20 min (limit 10 min)")
+
+
+def test_scans_waiting_for_an_active_model_no_daemon_serves_are_a_stuck_queue(
+    migrated_engine, reader, db_url, make_settings
+):
+    """A refused active version (its weights changed on disk) left health ok: only the log said it."""
+    add_daemon(migrated_engine, "node-a", age=1)
+    add_waiting(migrated_engine, "waiting_model", 3, entered_ago=timedelta(minutes=20))
+    settings = make_settings(db=db_url)
+    assert check(reader, settings, stuck_seconds=600).check("queue").status == "ok"  # no model: none to serve
+    add_version(migrated_engine, "busi", "v1")
+    queue = check(reader, settings, stuck_seconds=600).check("queue")
+    assert queue.status == "degraded"
+    assert queue.message.startswith("stuck: scans wait for the active model of busi (3 scans, the oldest for 20 min)")
+    assert "refused or failing to load" in queue.message
+    assert check(reader, settings, stuck_seconds=3600).check("queue").status == "ok"  # a model loading is no fault
+
+
+def test_a_watch_folder_gone_degrades_and_one_never_given_is_not_checked(
+    migrated_engine, reader, db_url, make_settings, tmp_path, monkeypatch
+):
+    """The daemon waits for its inbox to come back, logging it; health said ok all the while."""
+    add_daemon(migrated_engine, "node-a", age=1)
+    inbox = check(reader, make_settings(db=db_url)).check("inbox")
+    assert inbox.status == "degraded"
+    assert inbox.message == f"the watch folder {tmp_path / 'inbox'} is gone: removed, or its share unmounted; " \
+        "nothing dropped there is read"  # fmt: skip
+    (tmp_path / "inbox").mkdir()
+    assert check(reader, make_settings(db=db_url)).check("inbox").status == "ok"
+    monkeypatch.chdir(tmp_path / "inbox")  # no ./inbox here: the default watch folder, never given
+    settings = load_settings(env={}, flags={"db": db_url, "state_dir": tmp_path / "state"})
+    assert "inbox" not in statuses(check(reader, settings))
 
 
 def test_inferred_scans_are_a_queue_only_when_reports_are_on(migrated_engine, reader, db_url, make_settings):
@@ -281,7 +337,7 @@ def test_a_database_that_cannot_be_reached_is_down(make_settings, tmp_path: Path
         report = check_health(engine, make_settings(db=url), NO_DISK_LIMIT)
     finally:
         engine.dispose()
-    assert statuses(report) == {"database": "down", "daemons": "down", "disk": "ok"}
+    assert statuses(report) == {"database": "down", "daemons": "down", "inbox": "degraded", "disk": "ok"}
     assert report.check("database").message.startswith("the database is unreachable:")
     assert report.exit_code == 2
     assert report.as_dict()["status"] == "down"

@@ -12,12 +12,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
 from daemon_harness import one, scrape
+from daemon_rows import add_scan
 from meddaemon.daemon import metrics as metrics_module
 from meddaemon.daemon.metrics import DaemonMetrics, quantile, start_metrics_server
 from meddaemon.db.clock import read_db_clock
-from meddaemon.db.engine import create_db_engine
+from meddaemon.db.engine import create_db_engine, session_factory, transaction
 from meddaemon.db.migrate import upgrade
-from meddaemon.db.models import DaemonInstance, InboxClaim, ModelVersion, Result, Scan, Task, utcnow
+from meddaemon.db.models import DaemonInstance, InboxClaim, ModelVersion, Result, Scan, ScanEvent, Task, utcnow
+from meddaemon.states import ScanState
 
 
 def _scan(n: int, state: str, **kw) -> Scan:
@@ -132,6 +134,18 @@ def test_a_scrape_reports_what_the_database_holds(migrated_engine, server):
     assert one(m, "meddaemon_recent_latency_seconds", quantile="0.9") == pytest.approx(0.28)
     assert 0 <= one(m, "meddaemon_oldest_waiting_seconds", state="routed") < 60
     assert one(m, "meddaemon_oldest_waiting_seconds", state="reported") == 0
+    assert one(m, "meddaemon_oldest_waiting_seconds", state="waiting_model") == 0  # a refused model shows here
+
+
+def test_the_age_of_a_waiting_scan_counts_from_its_entering_the_state_not_its_last_claim(migrated_engine, server):
+    """A report failing every 30 s had its scan claimed again each time: its age never passed 30 s."""
+    handle, _ = server
+    with transaction(session_factory(migrated_engine)) as session:
+        session.add(Task(name="busi", description=""))
+        session.flush()
+        scan = add_scan(session, 1, ScanState.INFERRED, updated_at=utcnow())
+        session.add(ScanEvent(scan_id=scan.id, state="inferred", at=utcnow() - timedelta(minutes=20)))
+    assert 1195 <= one(scrape(handle.url), "meddaemon_oldest_waiting_seconds", state="inferred") < 1260
 
 
 def test_the_daemons_own_counters_are_served_beside_the_database(migrated_engine, server):

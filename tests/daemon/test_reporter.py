@@ -322,7 +322,9 @@ def test_reported_scans_move_from_work_to_the_archive_under_their_received_names
     assert [p for p in daemon.settings.work_dir.rglob("*") if p.is_file()] == []
 
 
-def test_a_full_disk_leaves_no_partial_pdf_and_the_scan_inferred_until_a_retry(make_settings, tmp_path: Path):
+def test_a_full_disk_leaves_no_partial_pdf_and_the_scan_inferred_until_a_retry(
+    make_settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     daemon = inferred_daemon(make_settings, tmp_path)
     with daemon.sessions() as session:
         victim = session.scalars(select(Scan).order_by(Scan.id)).first()
@@ -333,8 +335,11 @@ def test_a_full_disk_leaves_no_partial_pdf_and_the_scan_inferred_until_a_retry(m
     target.parent.mkdir(parents=True)
     temporary_path(target).symlink_to("/dev/full")  # this scan's report meets ENOSPC, a real one
 
-    reporter.drain()
+    with caplog.at_level(logging.ERROR, logger="meddaemon"):
+        reporter.drain()
 
+    # it named no file: the folder to fix was anyone's guess
+    assert f"scan {victim.id}: could not write its report (No space left on device: {target});" in caplog.text
     states = scan_states(daemon)
     assert states.pop(victim.source_name) == "inferred"
     assert set(states.values()) == {"reported"}

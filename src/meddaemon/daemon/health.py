@@ -27,6 +27,7 @@ from meddaemon.daemon.lease import RunningDaemon, node_name, pid_namespace, runn
 from meddaemon.db.clock import db_clock
 from meddaemon.db.migrate import alembic_config, current_revision, head_revision
 from meddaemon.db.models import DaemonInstance, Scan, utcnow
+from meddaemon.db.queries import waiting_for_an_active_model, waiting_since
 from meddaemon.failures import NOT_AN_IMAGE
 from meddaemon.logs import error_line
 from meddaemon.processes import process_alive
@@ -116,8 +117,21 @@ def check_health(
         ]
     if settings.dicom_port:
         checks.append(_dicom(engine, settings, echo, disk_usage))
+    if settings.sources.get("watch") != "default" or settings.watch.exists():
+        checks.append(_inbox(settings.watch))
     checks.append(_disk(settings.state_dir, limits.min_free_bytes, disk_usage))
     return HealthReport(checks)
+
+
+def _inbox(watch: Path) -> Check:
+    """The watch folder, as the daemons of this node see it: gone (removed, a share unmounted),
+    nothing dropped there is read until it is back, and the daemons wait for it without a word in the
+    database."""
+    details = {"watch": str(watch)}
+    if not watch.is_dir():
+        why = "is not a folder" if watch.exists() else "is gone: removed, or its share unmounted"
+        return Check("inbox", DEGRADED, f"the watch folder {watch} {why}; nothing dropped there is read", details)
+    return Check("inbox", OK, f"the watch folder {watch} is there", details)
 
 
 def _guarded(name: str, engine: Engine, check: Callable[[Session], Check]) -> Check:
@@ -257,13 +271,31 @@ def _lost(session: Session, limits: HealthLimits) -> Check:
 def _queue(session: Session, settings: Settings, limits: HealthLimits, alive: int) -> Check:
     # with reports off, inferred is where scans rest: only routed is a queue then
     states: Sequence[str] = ("routed", "inferred") if settings.reports else ("routed",)
-    rows = session.execute(
-        select(Scan.state, func.count(), func.min(Scan.updated_at)).where(Scan.state.in_(states)).group_by(Scan.state)
-    ).all()
+    rows = session.execute(select(Scan.state, func.count()).where(Scan.state.in_(states)).group_by(Scan.state)).all()
     now = utcnow()
-    waiting = {str(state): int(count) for state, count, _ in rows}
-    oldest = {str(state): (now - _aware(first)).total_seconds() for state, _, first in rows if first is not None}
-    details: dict[str, Any] = {"waiting": waiting, "oldest_seconds": {k: round(v, 1) for k, v in oldest.items()}}
+    waiting = {str(state): int(count) for state, count in rows}
+    oldest = {state: (now - _aware(at)).total_seconds() for state, at in waiting_since(session, states).items()}
+    unserved = {
+        task: (count, (now - _aware(at)).total_seconds())
+        for task, (count, at) in waiting_for_an_active_model(session).items()
+    }
+    details: dict[str, Any] = {
+        "waiting": waiting,
+        "oldest_seconds": {k: round(v, 1) for k, v in oldest.items()},
+        "waiting_for_active_model": {t: {"scans": n, "oldest_seconds": round(a, 1)} for t, (n, a) in unserved.items()},
+    }
+    limit = _duration(limits.stuck_seconds)
+    stuck_models = sorted(t for t, (_, age) in unserved.items() if age > limits.stuck_seconds)
+    if stuck_models and alive:
+        named = ", ".join(f"{t} ({_plural(unserved[t][0], 'scan')}, the oldest for {_duration(unserved[t][1])})"
+                          for t in stuck_models)  # fmt: skip
+        return Check(
+            "queue",
+            DEGRADED,
+            f"stuck: scans wait for the active model of {named} (limit {limit}), which no daemon serves: "
+            "refused or failing to load (the daemon's log says why; a refused version is tried again at a restart)",
+            details,
+        )
     if not oldest:
         return Check("queue", OK, "nothing waiting for inference or a report", details)
     state, age = max(oldest.items(), key=lambda kv: kv[1])
@@ -272,7 +304,7 @@ def _queue(session: Session, settings: Settings, limits: HealthLimits, alive: in
         return Check(
             "queue",
             DEGRADED,
-            f"stuck: the oldest {state} scan has waited {_duration(age)} (limit {_duration(limits.stuck_seconds)}) "
+            f"stuck: the oldest {state} scan has waited {_duration(age)} (limit {limit}) "
             f"with {_plural(alive, 'daemon')} alive",
             details,
         )

@@ -35,6 +35,7 @@ from meddaemon.config import ConfigError
 from meddaemon.daemon.lease import RunningDaemon, running_daemons
 from meddaemon.daemon.stages import Stage
 from meddaemon.db.models import DaemonInstance, InboxClaim, ModelVersion, Report, Result, Scan, utcnow
+from meddaemon.db.queries import waiting_since
 from meddaemon.db.readonly import OBSERVER_STATEMENT_SECONDS, read_only_engine
 from meddaemon.dicom.outbox import QueueSummary
 from meddaemon.dicom.outbox import summary as outbox_summary
@@ -49,7 +50,7 @@ log = logging.getLogger("meddaemon.metrics")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 QUANTILES = (0.5, 0.9, 0.99)
 #: States a scan waits in for a daemon to act on it; their oldest member's age shows a stuck stage.
-WAITING_STATES = ("registered", "routed", "inferred", "reported")
+WAITING_STATES = ("registered", "waiting_model", "routed", "inferred", "reported")
 #: Time windows over results and reports look at most this many of their latest rows (by id): neither
 #: table has an index on ``created_at``, and a scrape must not scan them whole. 200,000 result rows
 #: are over 14,000 scans of the 14-label task, far more than a minute's work.
@@ -250,12 +251,10 @@ def read_snapshot(
             .limit(latency_limit)
         )
     ]
-    oldest: dict[str, float] = {}
-    for state, first in session.execute(
-        select(Scan.state, func.min(Scan.updated_at)).where(Scan.state.in_(WAITING_STATES)).group_by(Scan.state)
-    ):
-        if first is not None:
-            oldest[str(state)] = max(0.0, (now - _aware(first)).total_seconds())
+    oldest = {
+        state: max(0.0, (now - _aware(at)).total_seconds())
+        for state, at in waiting_since(session, WAITING_STATES).items()
+    }
     return DatabaseSnapshot(
         states=states,
         failures_by_reason=failures,
@@ -444,7 +443,8 @@ class DatabaseCollector(Collector):
 
         oldest = GaugeMetricFamily(
             "meddaemon_oldest_waiting_seconds",
-            "Age of the oldest scan waiting in each stage's input state (a growing value: a stuck stage).",
+            "Age of the oldest scan in each state a scan waits in, since it entered it (a growing value: a stuck "
+            "stage; waiting_model: no active model, or one no daemon could load).",
             labels=["state"],
         )
         for state in WAITING_STATES:

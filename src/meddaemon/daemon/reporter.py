@@ -287,10 +287,13 @@ class Reporter:
             self._retry(scan_id, ERROR_RETRY_SECONDS)
         elif isinstance(outcome, OSError):
             self.stats.errors += 1
+            # the path is the report's (named by the scan's hash) or its folder's: the one to fix
+            where = f": {outcome.filename}" if outcome.filename else ""
             log.error(
-                "scan %d: could not write its report (%s); it stays inferred and is retried in %.0f s",
+                "scan %d: could not write its report (%s%s); it stays inferred and is retried in %.0f s",
                 scan_id,
                 outcome.strerror or type(outcome).__name__,
+                where,
                 RETRY_SECONDS,
             )
             self._retry(scan_id, RETRY_SECONDS)

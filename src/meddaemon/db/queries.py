@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from sqlalchemy import ScalarSelect, func, select
 from sqlalchemy.orm import Session, aliased
 
-from meddaemon.db.models import DuplicateArrival, ModelVersion, Result, Scan, Task, utcnow
+from meddaemon.db.models import DuplicateArrival, ModelVersion, Result, Scan, ScanEvent, Task, utcnow
 
 
 def newest_version_of(scan_id: Any) -> ScalarSelect[Any]:
@@ -95,6 +96,58 @@ def status_summary(session: Session, recent: int = 10, now: datetime | None = No
         last_registered_at=last,
         waiting_model=tasks_without_model(session),
     )
+
+
+def waiting_since(session: Session, states: Sequence[str]) -> dict[str, datetime]:
+    """For each of ``states``, when its longest-waiting scan entered it: that scan's latest event
+    into the state (``updated_at`` moves with every claim: a report failing and tried again every
+    30 s kept its scan 30 s old for ever, and health never called the queue stuck)."""
+    entered = (
+        select(ScanEvent.scan_id, func.max(ScanEvent.at).label("at"))
+        .join(Scan, Scan.id == ScanEvent.scan_id)
+        .where(Scan.state.in_(states), ScanEvent.state == Scan.state)
+        .group_by(ScanEvent.scan_id)
+        .subquery()
+    )
+    since = func.min(func.coalesce(entered.c.at, Scan.updated_at))
+    rows = session.execute(
+        select(Scan.state, since)
+        .outerjoin(entered, entered.c.scan_id == Scan.id)
+        .where(Scan.state.in_(states))
+        .group_by(Scan.state)
+    )
+    return {str(state): at for state, at in rows if at is not None}
+
+
+def waiting_for_an_active_model(session: Session) -> dict[str, tuple[int, datetime]]:
+    """Tasks whose scans wait in ``waiting_model`` though the task has an active version (none
+    of the daemons could load it: refused, or failing to load), with how many and since when."""
+    active = select(ModelVersion.task_name).where(ModelVersion.status == "active")
+    counts = dict(
+        session.execute(
+            select(Scan.task_name, func.count())
+            .where(Scan.state == "waiting_model", Scan.task_name.in_(active))
+            .group_by(Scan.task_name)
+        ).all()
+    )
+    if not counts:
+        return {}
+    entered = (
+        select(ScanEvent.scan_id, func.max(ScanEvent.at).label("at"))
+        .join(Scan, Scan.id == ScanEvent.scan_id)
+        .where(Scan.state == "waiting_model", ScanEvent.state == "waiting_model", Scan.task_name.in_(active))
+        .group_by(ScanEvent.scan_id)
+        .subquery()
+    )
+    since = dict(
+        session.execute(
+            select(Scan.task_name, func.min(func.coalesce(entered.c.at, Scan.updated_at)))
+            .outerjoin(entered, entered.c.scan_id == Scan.id)
+            .where(Scan.state == "waiting_model", Scan.task_name.in_(active))
+            .group_by(Scan.task_name)
+        ).all()
+    )
+    return {str(task): (int(n), since[task]) for task, n in counts.items()}
 
 
 def tasks_without_model(session: Session) -> dict[str, int]:

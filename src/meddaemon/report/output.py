@@ -82,9 +82,11 @@ def write_pdf_aside(path: Path, data: bytes) -> PdfAside:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None:  # a failed write names no file: the log must
+            exc.filename = str(path)
         raise
     return PdfAside(tmp, path, hashlib.sha256(data).hexdigest())
 
