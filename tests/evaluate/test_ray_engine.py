@@ -680,3 +680,14 @@ def test_device_cuda_on_a_ray_cluster_without_a_gpu_is_refused_rather_than_waite
     assert on_gpus.gpu and on_gpus.actors == 4
     on_cpus = plan_actors({"CPU": 4.0}, 2, "auto")
     assert not on_cpus.gpu and on_cpus.actors == 2 and on_cpus.threads == 2
+
+
+def test_a_ray_cluster_left_without_a_cpu_is_refused_rather_than_waited_for() -> None:
+    """A head started with --num-cpus 0 whose worker node was lost: the retry waited for ever, silent."""
+    from meddaemon.evaluate.ray_engine import plan_actors
+    from meddaemon.evaluate.store import EvaluationError
+
+    for resources in ({}, {"CPU": 0.0}, {"CPU": 0.0, "GPU": 1.0}):
+        with pytest.raises(EvaluationError, match="the Ray cluster has no CPU to decode on"):
+            plan_actors(resources, 1, "auto")
+    assert plan_actors({"CPU": 1.0}, 1, "auto").task_cpus == 0.5

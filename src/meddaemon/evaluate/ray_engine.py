@@ -136,7 +136,8 @@ def _join(ray: Any, address: str | None, quiet: dict[str, Any]) -> None:
         first_line = next(iter(str(exc).splitlines()), "")
         raise EvaluationError(
             f"--ray-address {address}: Ray could not join the cluster ({type(exc).__name__}: {first_line}); start "
-            "it (ray start --head) or give its head's address"
+            "it (ray start --head), give its head's address, or, where the head asks for a token, give its token "
+            "(RAY_AUTH_TOKEN, or the file RAY_AUTH_TOKEN_PATH names, by default ~/.ray/auth_token)"
         ) from None
 
 
@@ -343,10 +344,16 @@ class ActorPlan:
 
 def plan_actors(resources: Mapping[str, float], nodes: int, device: str) -> ActorPlan:
     """The model actors for a cluster of ``resources`` over ``nodes`` live nodes. ``--device cuda``
-    on a cluster without a GPU is refused (Ray would wait for one forever)."""
-    gpus, cpus, nodes = int(resources.get("GPU", 0)), int(resources.get("CPU", 1)), max(1, nodes)
+    on a cluster without a GPU, and a cluster without a CPU (the head's alone, started with
+    ``--num-cpus 0``, once its worker nodes are gone), are refused: Ray would wait for them forever."""
+    gpus, cpus, nodes = int(resources.get("GPU", 0)), int(resources.get("CPU", 0)), max(1, nodes)
     if device == "cuda" and not gpus:
         raise EvaluationError("--device cuda: the Ray cluster has no GPU; use --device cpu or auto")
+    if resources.get("CPU", 0) < 0.5:  # the decoding tasks ask for half a CPU at least: Ray would wait for ever
+        raise EvaluationError(
+            "the Ray cluster has no CPU to decode on: a head started with --num-cpus 0 and no worker node, "
+            "or its last worker node lost; add one (ray start --address HEAD) and run the same command again"
+        )
     gpu = device == "cuda" or (device == "auto" and gpus > 0)
     actors = max(1, gpus) if gpu else max(1, cpus // 2)
     task_cpus = 1.0 if cpus >= 2 else 0.5
