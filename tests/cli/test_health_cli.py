@@ -66,6 +66,7 @@ def test_a_live_daemon_exits_0_with_a_line_per_check(runner, migrated_engine, db
         ["ok", "queue"],
         ["ok", "failures"],
         ["ok", "outbox"],
+        ["ok", "moves"],
         ["ok", "disk"],
     ]
     assert lines[-1] == "health: ok"

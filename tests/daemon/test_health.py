@@ -94,6 +94,7 @@ def test_one_daemon_with_a_fresh_heartbeat_is_healthy(migrated_engine, reader, d
         "queue": "ok",
         "failures": "ok",
         "outbox": "ok",
+        "moves": "ok",
         "inbox": "ok",
         "disk": "ok",
     }
@@ -237,6 +238,21 @@ def test_a_watch_folder_gone_degrades_and_one_never_given_is_not_checked(
     monkeypatch.chdir(tmp_path / "inbox")  # no ./inbox here: the default watch folder, never given
     settings = load_settings(env={}, flags={"db": db_url, "state_dir": tmp_path / "state"})
     assert "inbox" not in statuses(check(reader, settings))
+
+
+def test_file_moves_held_back_past_the_limit_degrade(migrated_engine, reader, db_url, make_settings):
+    """archive/ or failed/ unwritable: the daemon logs each file and tries again at each rescan, and
+    health said ok (the moves were seen by `status` alone)."""
+    add_daemon(migrated_engine, "node-a", age=1)
+    add_scans(migrated_engine, "archived", 2, pending_move_from="work/ab/synthetic.png", updated_at=utcnow())
+    settings = make_settings(db=db_url)
+    moves = check(reader, settings, stuck_seconds=600).check("moves")
+    assert (moves.status, moves.message) == ("ok", "2 file moves waiting, the oldest for 0 s")
+    add_scans(migrated_engine, "failed", 1, start=5, pending_move_from="inbox/busi/x.png",
+              updated_at=utcnow() - timedelta(minutes=20))  # fmt: skip
+    moves = check(reader, settings, stuck_seconds=600).check("moves")
+    assert moves.status == "degraded" and moves.details["waiting"] == 3
+    assert moves.message.startswith("3 file moves held back, the oldest for 20 min (limit 10 min)")
 
 
 def test_inferred_scans_are_a_queue_only_when_reports_are_on(migrated_engine, reader, db_url, make_settings):

@@ -146,6 +146,10 @@ def test_the_age_of_a_waiting_scan_counts_from_its_entering_the_state_not_its_la
         scan = add_scan(session, 1, ScanState.INFERRED, updated_at=utcnow())
         session.add(ScanEvent(scan_id=scan.id, state="inferred", at=utcnow() - timedelta(minutes=20)))
     assert 1195 <= one(scrape(handle.url), "meddaemon_oldest_waiting_seconds", state="inferred") < 1260
+    assert one(scrape(handle.url), "meddaemon_moves_waiting") == 0
+    with transaction(session_factory(migrated_engine)) as session:
+        add_scan(session, 2, ScanState.ARCHIVED, pending_move_from="work/ab/synthetic_2.png")  # archive/ unwritable
+    assert one(scrape(handle.url), "meddaemon_moves_waiting") == 1
 
 
 def test_the_daemons_own_counters_are_served_beside_the_database(migrated_engine, server):

@@ -27,7 +27,7 @@ from meddaemon.daemon.lease import RunningDaemon, node_name, pid_namespace, runn
 from meddaemon.db.clock import db_clock
 from meddaemon.db.migrate import alembic_config, current_revision, head_revision
 from meddaemon.db.models import DaemonInstance, Scan, utcnow
-from meddaemon.db.queries import waiting_for_an_active_model, waiting_since
+from meddaemon.db.queries import moves_waiting, waiting_for_an_active_model, waiting_since
 from meddaemon.failures import NOT_AN_IMAGE
 from meddaemon.logs import error_line
 from meddaemon.processes import process_alive
@@ -114,6 +114,7 @@ def check_health(
             _guarded("queue", engine, lambda s: _queue(s, settings, limits, daemons.details.get("alive", 0))),
             _guarded("failures", engine, lambda s: _failures(s, limits)),
             _guarded("outbox", engine, lambda s: _outbox(s, limits)),
+            _guarded("moves", engine, lambda s: _moves(s, limits, daemons.details.get("alive", 0))),
         ]
     if settings.dicom_port:
         checks.append(_dicom(engine, settings, echo, disk_usage))
@@ -309,6 +310,27 @@ def _queue(session: Session, settings: Settings, limits: HealthLimits, alive: in
             details,
         )
     return Check("queue", OK, f"{_plural(total, 'scan')} waiting, the oldest for {_duration(age)}", details)
+
+
+def _moves(session: Session, limits: HealthLimits, alive: int) -> Check:
+    """Files whose move the daemons committed and could not carry out (the log names each): degraded
+    once the oldest has waited past ``stuck_seconds`` while a daemon is alive to try again."""
+    count, since = moves_waiting(session)
+    details: dict[str, Any] = {"waiting": count}
+    if not count or since is None:
+        return Check("moves", OK, "no file move waiting", details)
+    age = (utcnow() - _aware(since)).total_seconds()
+    details["oldest_seconds"] = round(age, 1)
+    if age > limits.stuck_seconds and alive:
+        return Check(
+            "moves",
+            DEGRADED,
+            f"{_plural(count, 'file move')} held back, the oldest for {_duration(age)} (limit "
+            f"{_duration(limits.stuck_seconds)}): a folder the daemons cannot write (archive/, failed/) or a disk "
+            "below its reserve; the daemon's log names each file, and each is tried again at every rescan",
+            details,
+        )
+    return Check("moves", OK, f"{_plural(count, 'file move')} waiting, the oldest for {_duration(age)}", details)
 
 
 def _outbox(session: Session, limits: HealthLimits) -> Check:

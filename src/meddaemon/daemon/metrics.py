@@ -35,7 +35,7 @@ from meddaemon.config import ConfigError
 from meddaemon.daemon.lease import RunningDaemon, running_daemons
 from meddaemon.daemon.stages import Stage
 from meddaemon.db.models import DaemonInstance, InboxClaim, ModelVersion, Report, Result, Scan, utcnow
-from meddaemon.db.queries import waiting_since
+from meddaemon.db.queries import moves_waiting, waiting_since
 from meddaemon.db.readonly import OBSERVER_STATEMENT_SECONDS, read_only_engine
 from meddaemon.dicom.outbox import QueueSummary
 from meddaemon.dicom.outbox import summary as outbox_summary
@@ -181,6 +181,8 @@ class DatabaseSnapshot:
     latency_quantiles: dict[float, float]
     latency_sample: int
     oldest_waiting: dict[str, float] = field(default_factory=dict)
+    #: files whose move is committed and not carried out (``db.queries.moves_waiting``)
+    moves_waiting: int = 0
     #: the DICOM outbox (issue 14): items per status and the oldest pending one's age
     outbox: QueueSummary | None = None
 
@@ -266,6 +268,7 @@ def read_snapshot(
         latency_quantiles={q: quantile(latencies, q) / 1000.0 for q in QUANTILES} if latencies else {},
         latency_sample=len(latencies),
         oldest_waiting=oldest,
+        moves_waiting=moves_waiting(session)[0],
         outbox=outbox_summary(session),
     )
 
@@ -415,6 +418,14 @@ class DatabaseCollector(Collector):
         )
         claims.add_metric([], snap.inbox_claims)
         yield claims
+
+        moves = GaugeMetricFamily(
+            "meddaemon_moves_waiting",
+            "Files whose move (into archive/ or failed/) is committed and not yet done: more than a moment, a folder "
+            "the daemons cannot write or a disk below its reserve (each is tried again at every rescan).",
+        )
+        moves.add_metric([], snap.moves_waiting)
+        yield moves
 
         throughput = GaugeMetricFamily(
             "meddaemon_throughput_scans_per_second",

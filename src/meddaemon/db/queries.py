@@ -81,9 +81,7 @@ def status_summary(session: Session, recent: int = 10, now: datetime | None = No
     def registered_since(delta: timedelta) -> int:
         return session.scalar(select(func.count()).where(Scan.registered_at >= now - delta)) or 0
 
-    pending = (session.scalar(select(func.count()).where(Scan.pending_move_from.is_not(None))) or 0) + (
-        session.scalar(select(func.count()).where(DuplicateArrival.pending_move_from.is_not(None))) or 0
-    )
+    pending, _ = moves_waiting(session)
     return StatusSummary(
         states={str(k): int(v) for k, v in states.items()},
         duplicates=session.scalar(select(func.count()).select_from(DuplicateArrival)) or 0,
@@ -96,6 +94,21 @@ def status_summary(session: Session, recent: int = 10, now: datetime | None = No
         last_registered_at=last,
         waiting_model=tasks_without_model(session),
     )
+
+
+def moves_waiting(session: Session) -> tuple[int, datetime | None]:
+    """Files whose move is committed and not yet carried out (into archive/ or failed/, or out of the
+    inbox), and since when the oldest has waited: held back by a folder the daemons cannot write or a
+    disk below its reserve, they are tried again at each rescan."""
+    scans, scans_since = session.execute(
+        select(func.count(), func.min(Scan.updated_at)).where(Scan.pending_move_from.is_not(None))
+    ).one()
+    duplicate = DuplicateArrival
+    duplicates, duplicates_since = session.execute(
+        select(func.count(), func.min(duplicate.arrived_at)).where(duplicate.pending_move_from.is_not(None))
+    ).one()
+    since = [t for t in (scans_since, duplicates_since) if t is not None]
+    return int(scans or 0) + int(duplicates or 0), min(since) if since else None
 
 
 def waiting_since(session: Session, states: Sequence[str]) -> dict[str, datetime]:
