@@ -8,6 +8,8 @@ untrained small CNN).
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import socket
 import time
@@ -85,6 +87,23 @@ def test_the_daemon_notifies_systemd_and_serves_its_metrics_while_it_works(
         routed = sum(recorded.get((("outcome", state), ("reason", "")), 0) for state in ("routed", "waiting_model"))
         assert routed == SCANS
         assert metrics["meddaemon_inference_latency_seconds_count"][()] == SCANS
+
+        assert "meddaemon_child_process_restarts_total" not in metrics  # none yet
+        # a report process killed (the OOM killer's SIGKILL) is started again, and counted
+        started = re.compile(r"report process started \(pid (\d+)")
+        wait_until(lambda: notify.drain() is not None and started.search(daemon.log_text()), 60, "a report process",
+                   daemon)  # fmt: skip
+        os.kill(int(started.findall(daemon.log_text())[0]), signal.SIGKILL)
+
+        def restarted() -> bool:
+            notify.drain()
+            try:
+                return one(scrape(url), "meddaemon_child_process_restarts_total", process="report") == 1
+            except KeyError:
+                return False
+
+        wait_until(restarted, 60, "the report process to be restarted and counted", daemon)
+        assert "the report process exited (code -9); restarting it" in daemon.log_text()
 
         ready_at = next(t for t, m in notify.messages if m.startswith("READY=1"))
         time.sleep(1.5)

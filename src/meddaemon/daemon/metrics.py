@@ -92,6 +92,13 @@ class DaemonMetrics:
             "Folders of the inbox this daemon's last full scan could not list (their files wait unread).",
             registry=self.registry,
         )
+        self._restarts = Counter(
+            "meddaemon_child_process_restarts",
+            "Child processes of this daemon (report, outbox) that died and were started again: a crash loop "
+            "shows here as well as in the log.",
+            ["process"],
+            registry=self.registry,
+        )
         self._receiver = ReceiverCollector()
         self.registry.register(self._receiver)
 
@@ -109,6 +116,9 @@ class DaemonMetrics:
         for latency in latencies_ms:
             if latency is not None:
                 self._latency.observe(latency / 1000.0)
+
+    def child_restarted(self, kind: str) -> None:
+        self._restarts.labels(process=kind).inc()
 
     def inbox_waiting(self, n: int) -> None:
         self._waiting.set(n)

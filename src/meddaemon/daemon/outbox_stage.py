@@ -18,6 +18,7 @@ from meddaemon.dicom.outbox import OutboxProcess, OutboxSender
 class OutboxStage(ChildProcessStage):
     name = "outbox"
     label = "the outbox sender"
+    kind = "outbox"
 
     def make_child(self) -> OutboxProcess:
         return OutboxProcess(self.settings, self.daemon_id)

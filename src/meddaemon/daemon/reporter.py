@@ -504,6 +504,7 @@ class ReportStage(ChildProcessStage):
 
     name = "reports"
     label = "the report process"
+    kind = "report"
 
     def __init__(
         self,

@@ -246,6 +246,10 @@ class Daemon:
             return bool(self.stage.served)
 
         self.reports = ReportStage(settings, self.sessions, me, stop, once, served) if settings.reports else None
+        outbox = OutboxStage(settings, self.sessions, me, stop, once) if settings.destination else None
+        for child in (self.reports, outbox):
+            if child is not None:
+                child.restarted = self.metrics.child_restarted
         stages = [
             MetricsStage(settings.metrics_host, settings.metrics_port, self.engine, self.metrics, settings.busy_timeout)
             if settings.metrics_port and live
@@ -256,7 +260,7 @@ class Daemon:
             self.intake,
             self.stage,
             self.reports,
-            OutboxStage(settings, self.sessions, me, stop, once) if settings.destination else None,
+            outbox,
             ArchiveStage(
                 self.destinations,
                 settings.batch_size,

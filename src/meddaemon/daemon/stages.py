@@ -123,8 +123,9 @@ class ChildProcessStage(Stage):
     the inbox is drained. The cadence is ``model_poll_seconds``.
     """
 
-    #: how the log names the child ("the report process")
+    #: how the log names the child ("the report process"), and how the metrics do ("report")
     label: ClassVar[str] = "the child process"
+    kind: ClassVar[str] = "child"
 
     def __init__(
         self,
@@ -141,6 +142,8 @@ class ChildProcessStage(Stage):
         self.once = once
         self.cadence = Cadence(settings.model_poll_seconds)
         self.child: ChildProcess | None = None
+        #: told of each restart of a child that died (the daemon's metrics count them)
+        self.restarted: Callable[[str], None] = lambda kind: None
 
     def wanted(self) -> bool:
         """Whether to start the child (looked at until it is started; from then on it is kept)."""
@@ -174,6 +177,7 @@ class ChildProcessStage(Stage):
             if self.child.alive():
                 return
             log.error("%s exited (code %s); restarting it", self.label, self.child.process.exitcode)
+            self.restarted(self.kind)
         self.child = self.make_child()
         self.child.start()
 
