@@ -220,6 +220,18 @@ def test_bytes_that_are_no_pickle_are_damage_not_code_needed(tmp_path: Path, how
     assert error.reason == "unreadable_weights", error.message
 
 
+def test_the_refusal_of_damaged_bytes_gives_the_unpickler_s_reason_never_torch_s_advice_to_unpickle(tmp_path: Path):
+    """torch's message begins by advising ``weights_only=False`` (running the file's code), and was
+    cut at 200 characters just before its warning that this can run arbitrary code."""
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"SYNTHETIC: not a model")
+    error = refused(path, tmp_path, architecture="small_cnn", format="torch")
+    assert error.reason == "unreadable_weights"
+    assert error.message.endswith("is truncated, damaged or not a PyTorch checkpoint (UnpicklingError: "
+                                  "Unsupported operand 83)")  # fmt: skip
+    assert "weights_only" not in error.message
+
+
 @pytest.mark.parametrize("how", ["plain", "safetensors"])
 def test_a_truncated_checkpoint_is_refused(tmp_path: Path, how: str):
     model, _ = seed001("resnet18")

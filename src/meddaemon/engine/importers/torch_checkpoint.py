@@ -96,7 +96,7 @@ def read_state_dict(path: Path, fmt: str = "torch") -> tuple[dict[str, Tensor], 
             raise ModelRefused(
                 "unreadable_weights",
                 f"{path.name} is truncated, damaged or not a PyTorch checkpoint (UnpicklingError: "
-                f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
+                f"{_unpickler_reason(str(exc))})",
             ) from None
         raise ModelRefused(
             "needs_code",
@@ -122,6 +122,16 @@ _REFUSED_GLOBAL = (
 
 #: the weights-only unpickler's answer to pickle's FRAME opcode (protocols 4 and 5)
 FRAME_REFUSED = "Unsupported operand 149"
+
+
+def _unpickler_reason(message: str) -> str:
+    """What the weights-only unpickler met, without torch's prose around it: that prose advises
+    loading with ``weights_only=False``, which runs the file's code (never done here)."""
+    _, marker, after = message.partition("WeightsUnpickler error:")
+    detail = " ".join(after.split("Check the documentation")[0].split()) if marker else message.splitlines()[0]
+    if "weights_only" in detail:
+        return "no detail"
+    return detail[:200] or "no detail"
 
 
 def _needing_code(message: str) -> str | None:
