@@ -110,6 +110,9 @@ class Shift:
     b: LabelMetrics
     auc_change: Estimate | Undefined
     p_value: float | None
+    #: what the change was tested with: DeLong's variances, or where a window's AUC interval is not
+    #: DeLong's own (the count bound, its union with it under 30 cases, or capped), that interval's
+    test: str = "unpaired DeLong (independent windows), two-sided"
 
     def as_dict(self) -> dict[str, Any]:
         def brief(m: LabelMetrics) -> dict[str, Any]:
@@ -125,7 +128,7 @@ class Shift:
             "b": brief(self.b),
             "auc_change": self.auc_change.as_dict(),
             "p_value": self.p_value,
-            "test": "unpaired DeLong (independent windows), two-sided",
+            "test": self.test,
         }
 
 
@@ -146,20 +149,24 @@ def shift(cohort: Cohort, days: np.ndarray, a: Window, b: Window, at_sensitivity
         ma, mb = parts
         change: Estimate | Undefined
         p = None
+        test = Shift.test
         if isinstance(ma.auc, Estimate) and isinstance(mb.auc, Estimate):
             assert ma.auc_variance is not None and mb.auc_variance is not None
             d = mb.auc.value - ma.auc.value
-            se = float(
-                np.sqrt(
-                    comparable_variance(ma.auc.value, ma.auc_variance, ma.positives, ma.negatives)
-                    + comparable_variance(mb.auc.value, mb.auc_variance, mb.positives, mb.negatives)
-                )
-            )
-            change = Estimate(d, d - Z95 * se, d + Z95 * se, "delong-unpaired")
+            va, a_delong = comparable_variance(ma.auc.value, ma.auc_variance, ma.positives, ma.negatives)
+            vb, b_delong = comparable_variance(mb.auc.value, mb.auc_variance, mb.positives, mb.negatives)
+            se = float(np.sqrt(va + vb))
+            method = "delong-unpaired" if a_delong and b_delong else "interval-unpaired"
+            change = Estimate(d, d - Z95 * se, d + Z95 * se, method)
             p = float(2 * norm.sf(abs(d) / se)) if se > 0 else (1.0 if d == 0 else 0.0)
+            if method == "interval-unpaired":
+                test = (
+                    "unpaired z-test (independent windows), two-sided: DeLong's variance where a window's AUC "
+                    "interval is DeLong's, else the variance that window's interval implies (few cases)"
+                )
         else:
             bad = ma.auc if not isinstance(ma.auc, Estimate) else mb.auc
             assert isinstance(bad, Undefined)
             change = Undefined(f"AUC undefined in a window: {bad.reason}", bad.counts)
-        out.append(Shift(label, ma, mb, change, p))
+        out.append(Shift(label, ma, mb, change, p, test))
     return out

@@ -131,15 +131,16 @@ def auc_interval(
     return d_lower, d_upper, DELONG_LOGIT
 
 
-def comparable_variance(auc: float, variance: float, positives: int, negatives: int) -> float:
-    """The variance a comparison of this AUC with another may use: DeLong's where its own interval
-    is DeLong's, else the one its reported interval implies (its width over 2 z, squared). A window
-    at AUC 1 has a DeLong variance of 0: its change to another window was called certain (p 1e-22)
-    although its own interval, 0.158-1, held the other's."""
+def comparable_variance(auc: float, variance: float, positives: int, negatives: int) -> tuple[float, bool]:
+    """The variance a comparison of this AUC with another may use, and whether it is DeLong's:
+    DeLong's where its own interval is DeLong's, else the one its reported interval implies (its
+    width over 2 z, squared, when larger). A window at AUC 1 has a DeLong variance of 0: its change
+    to another window was called certain (p 1e-22) although its own interval, 0.158-1, held the other's."""
     lower, upper, method = auc_interval(auc, variance, positives, negatives)
     if method == DELONG_LOGIT:
-        return variance
-    return max(variance, ((upper - lower) / (2 * Z95)) ** 2)
+        return variance, True
+    implied = ((upper - lower) / (2 * Z95)) ** 2
+    return max(variance, implied), implied <= variance
 
 
 def count_interval(auc: float, k: int, z: float = Z95) -> tuple[float, float]:
