@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from audit_factory import add_version
@@ -332,6 +332,23 @@ def test_a_schema_behind_this_meddaemon_is_reported_and_left_alone(db_url, reade
         assert current_revision(engine) == "0004"  # not upgraded
     finally:
         engine.dispose()
+
+
+def test_another_application_s_database_is_down_and_named_so_not_upgrade_advice(db_url, reader, make_settings):
+    """It said "unknown to this meddaemon: upgrade meddaemon", or "no daemon ever started on it",
+    where `start` refuses the database as another application's."""
+    engine = create_db_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE customers (id INTEGER)"))
+    database = check(reader, make_settings(db=db_url)).check("database")
+    assert database.status == "down" and "holds tables of another application (customers)" in database.message
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)"))
+        conn.execute(text("INSERT INTO alembic_version VALUES ('ae1027a6acf')"))
+    engine.dispose()
+    database = check(reader, make_settings(db=db_url)).check("database")
+    assert database.status == "down"
+    assert database.message.startswith("the database is another application's (its Alembic revision ae1027a6acf")
 
 
 def test_a_database_without_the_schema_is_down_and_is_not_created(db_url, reader, make_settings):

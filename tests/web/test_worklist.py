@@ -112,6 +112,7 @@ def test_appended_rows_give_the_address_that_shows_them_all_again(migrated_engin
     ids = [int(part.split('"')[0]) for part in shown.split('<tr class="scan" data-id="')[1:]]
     assert len(ids) == 100 and ids[-1] == last and ids == sorted(ids, reverse=True)
     assert 'id="next-page"' in shown and 'id="newest"' not in shown  # the third page is still to come
+    assert ">Next 50</a>" in shown  # the next page's size, not the 100 rows shown (it said "Next 100")
     assert client.get("/worklist?through=x").status_code == 400
     assert client.get(f"/worklist?through={'9' * 5000}").status_code == 400
     app.state.console.dispose()

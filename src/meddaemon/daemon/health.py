@@ -25,7 +25,14 @@ from sqlalchemy.orm import Session
 from meddaemon.config import Settings
 from meddaemon.daemon.lease import RunningDaemon, node_name, pid_namespace, running_daemons
 from meddaemon.db.clock import db_clock
-from meddaemon.db.migrate import alembic_config, current_revision, head_revision
+from meddaemon.db.migrate import (
+    OUR_REVISION,
+    ForeignDatabase,
+    alembic_config,
+    current_revision,
+    head_revision,
+    refuse_others_tables,
+)
 from meddaemon.db.models import DaemonInstance, Scan, utcnow
 from meddaemon.db.queries import moves_waiting, waiting_for_an_active_model, waiting_since
 from meddaemon.failures import NOT_AN_IMAGE
@@ -156,7 +163,18 @@ def _database(engine: Engine) -> Check:
         return Check("database", DOWN, f"the database is unreachable: {error_line(exc)}", {"head": head})
     details = {"revision": current, "head": head}
     if current is None:
+        foreign = _others_tables(engine)
+        if foreign:
+            return Check("database", DOWN, foreign, details)
         return Check("database", DOWN, "the database has no meddaemon schema (no daemon ever started on it)", details)
+    if not OUR_REVISION.fullmatch(current):
+        return Check(
+            "database",
+            DOWN,
+            f"the database is another application's (its Alembic revision {current} is none of meddaemon's); "
+            "point the settings (--db, MEDDAEMON_DB) at meddaemon's database",
+            details,
+        )
     if current == head:
         return Check("database", OK, f"reachable, schema at {head} (this meddaemon's head)", details)
     if _is_older(current, head):
@@ -172,6 +190,16 @@ def _database(engine: Engine) -> Check:
         f"schema at {current}, unknown to this meddaemon ({head}): upgrade meddaemon",
         details,
     )
+
+
+def _others_tables(engine: Engine) -> str | None:
+    """Why a database without meddaemon's schema is another application's (it holds tables), or None."""
+    try:
+        with engine.connect() as conn:
+            refuse_others_tables(conn, engine.url.render_as_string(hide_password=False))
+    except ForeignDatabase as exc:
+        return str(exc)
+    return None
 
 
 def _is_older(current: str, head: str) -> bool:

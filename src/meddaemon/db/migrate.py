@@ -123,7 +123,7 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
         if current is not None and not _known(script, current):
             raise _unknown_revision(url, current)
         if current is None:
-            _refuse_others_tables(conn, url)
+            refuse_others_tables(conn, url)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     return current
@@ -161,7 +161,7 @@ def require_current(engine: Engine) -> None:
     url = engine.url.render_as_string(hide_password=False)
     with engine.connect() as conn:
         if not inspect(conn).has_table("alembic_version"):
-            _refuse_others_tables(conn, url)
+            refuse_others_tables(conn, url)
             raise _missing(url)
         current = MigrationContext.configure(conn).get_current_revision()
     head = head_revision()
@@ -190,7 +190,7 @@ def _unknown_revision(url: str, revision: str) -> SchemaError:
     )
 
 
-def _refuse_others_tables(conn: Connection, url: str) -> None:
+def refuse_others_tables(conn: Connection, url: str) -> None:
     """A database without meddaemon's schema gets it only when it holds no table: a mistyped
     ``--db`` put meddaemon's tables among another application's, and said the database "was empty"."""
     tables = sorted(inspect(conn).get_table_names())

@@ -79,7 +79,9 @@ def worklist(request: Request) -> Response:
     if request.headers.get("hx-request") and after:
         # rows appended below the loaded ones: the address then says how far down they go, so that
         # Back from a scan, or a reload, shows them all again (not the first page alone)
-        response = render(request, "worklist_rows.html", page=page, next_url=next_url, with_phi=with_phi)
+        response = render(
+            request, "worklist_rows.html", page=page, next_url=next_url, with_phi=with_phi, page_size=queries.PAGE_SIZE
+        )
         if page.rows:
             response.headers["HX-Replace-Url"] = f"/worklist?{urlencode({**base, 'through': page.rows[-1].id})}"
         return response
@@ -94,6 +96,7 @@ def worklist(request: Request) -> Response:
         first_url=f"/worklist?{urlencode(base)}" if after else None,
         next_url=next_url,
         with_phi=with_phi,
+        page_size=queries.PAGE_SIZE,
     )
 
 
