@@ -110,6 +110,21 @@ def test_a_database_holding_another_application_s_tables_is_refused_and_left_as_
     engine.dispose()
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_table_an_extension_owns_is_not_another_application_s(db_url):
+    """PostGIS keeps ``spatial_ref_sys`` in the public schema: a database with the extension is empty
+    of any application. (hstore stands in for PostGIS, which is not installed here: a table made a
+    member of it is owned by the extension, as PostGIS's is.)"""
+    engine = create_db_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE EXTENSION hstore"))
+        conn.execute(text("CREATE TABLE spatial_ref_sys (srid INTEGER PRIMARY KEY)"))
+        conn.execute(text("ALTER EXTENSION hstore ADD TABLE spatial_ref_sys"))
+    assert upgrade(engine) is None
+    assert current_revision(engine) == head_revision()
+    engine.dispose()
+
+
 def test_an_alembic_revision_of_another_application_is_its_database_not_a_newer_meddaemon(migrated_engine, db_url):
     """It was "upgrade meddaemon before using this database", exit 6 (a supervisor never restarts)."""
     with migrated_engine.begin() as conn:

@@ -192,14 +192,29 @@ def _unknown_revision(url: str, revision: str) -> SchemaError:
 
 def refuse_others_tables(conn: Connection, url: str) -> None:
     """A database without meddaemon's schema gets it only when it holds no table: a mistyped
-    ``--db`` put meddaemon's tables among another application's, and said the database "was empty"."""
-    tables = sorted(inspect(conn).get_table_names())
+    ``--db`` put meddaemon's tables among another application's, and said the database "was empty".
+    On PostgreSQL the tables of an extension (PostGIS's ``spatial_ref_sys``) are not another application's."""
+    tables = sorted(_own_tables(conn))
     if tables:
         shown = ", ".join(tables[:5]) + (f" and {len(tables) - 5} more" if len(tables) > 5 else "")
         raise ForeignDatabase(
             f"the database at {database_location(url)} holds tables of another application ({shown}) and no "
             "meddaemon schema; give meddaemon a database of its own (--db, MEDDAEMON_DB)"
         )
+
+
+#: the tables of the schema meddaemon would create its own in, less those an extension owns
+_POSTGRESQL_TABLES = text(
+    "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') AND NOT EXISTS "
+    "(SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')"
+)
+
+
+def _own_tables(conn: Connection) -> list[str]:
+    if conn.dialect.name == "postgresql":
+        return [str(name) for name in conn.scalars(_POSTGRESQL_TABLES)]
+    return inspect(conn).get_table_names()
 
 
 def _missing(url: str) -> DatabaseMissing:
