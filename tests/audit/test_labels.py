@@ -152,6 +152,8 @@ def test_busi_folders_must_be_classes(tmp_path):
         ("file,colour\na.png,red\n", 1, None, "no label column: expected a 'label' column"),
         ("file,label\na.png,benign\nb.png,cancerous\n", 3, "label", "unknown label 'cancerous'; expected one of"),
         ("file,Effusion\na.png,1\nb.png,maybe\n", 3, "Effusion", "'maybe' is not 0/1"),
+        # read as {Effusion}: the row's truth changed without a word
+        ("file,label\na.png,No Finding|Effusion\n", 2, "label", "says 'No Finding' and Effusion; give one or"),
         ("file,label\n,benign\n", 2, "file", "empty file"),
         ("file,label\na.png,benign,extra\n", 2, None, "3 values but the header has 2 columns"),
         ("file,label,label\na.png,benign,normal\n", 1, "label", "duplicate column name"),

@@ -48,6 +48,21 @@ def busi(migrated_engine, db_url, tmp_path):
     return db_url, busi_labels(tmp_path, cohort), cohort, migrated_engine
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_stored_probabilities_outside_0_to_1_are_refused_by_name_not_a_traceback(migrated_engine, db_url, tmp_path):
+    """A database written by another route held -0.2: np.bincount's ValueError, exit 1, a traceback."""
+    version = add_version(migrated_engine, "covid", "v1")
+    probabilities = np.array([[0.7, 0.3], [1.2, -0.2], [0.1, 0.9]])  # SYNTHETIC, the second row impossible
+    ids = write_predictions(migrated_engine, "covid", version, ["a.png", "b.png", "c.png"], probabilities,
+                            probabilities >= 0.5)  # fmt: skip
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\na.png,normal\nb.png,covid\nc.png,covid\n")
+    result = CliRunner().invoke(cli, ["audit", "--db", db_url, "--labels", str(labels)])
+    assert result.exit_code == 2, result.output
+    assert "model version covid/v1 has 2 stored probabilities outside 0 to 1" in result.stderr
+    assert f"(scan {ids[1]}, " in result.stderr and "Traceback" not in result.output
+
+
 def test_audit_json_csv_pdf_and_the_stored_row(busi, tmp_path):
     db_url, labels, cohort, engine = busi
     pdf, tidy = tmp_path / "audit.pdf", tmp_path / "audit.csv"

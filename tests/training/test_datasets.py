@@ -78,6 +78,10 @@ def test_nih_labels_are_split_on_bars_and_no_finding_has_none(tmp_path: Path) ->
     assert index.samples[0].extra["View Position"] == "PA"
     assert index.official_test is None
     assert "no image is labelled Mass" in index.warnings
+    entry = (tmp_path / "Data_Entry_2017.csv").read_text().replace(",No Finding,", ",No Finding|Hernia,")
+    (tmp_path / "Data_Entry_2017.csv").write_text(entry)  # was read as Hernia, without a word
+    with pytest.raises(DatasetError, match=r"row 3 \(00000001_001.png\) says 'No Finding' and Hernia"):
+        load_dataset(tmp_path, BUILTIN_TASKS["chestxray14"])
 
 
 def test_a_folder_of_dicom_files_per_class_is_read(tmp_path: Path) -> None:
@@ -256,6 +260,9 @@ def test_a_multilabel_manifest_reads_no_finding_as_nih_writes_it_and_says_so_whe
     with pytest.raises(
         DatasetError, match=r"row 2 has label 'Effusion\|Nodules'.*or 'No Finding' \(or nothing\) for none"
     ):
+        load_dataset(manifest, BUILTIN_TASKS["chestxray14"], check_images=False)
+    manifest.write_text("path,label\nimg/0.png,No Finding|Effusion\n")  # was read as Effusion, without a word
+    with pytest.raises(DatasetError, match="row 2 says 'No Finding' and Effusion"):
         load_dataset(manifest, BUILTIN_TASKS["chestxray14"], check_images=False)
 
 

@@ -292,7 +292,12 @@ def _cells(path: Path, header: list[str], line: int, row: list[str]) -> dict[str
 
 
 def _split_labels(path: Path, value: str, words: set[str], line: int, column: str) -> frozenset[str]:
-    names = {v.strip() for v in value.split("|") if v.strip()} - {NO_FINDING}
+    said = {v.strip() for v in value.split("|") if v.strip()}
+    names = said - {NO_FINDING}
+    if NO_FINDING in said and names:  # read as the findings alone, the row's truth was changed without a word
+        raise LabelFileError(
+            path, f"says {NO_FINDING!r} and {', '.join(sorted(names))}; give one or the other", line, column
+        )
     unknown = sorted(names - words)
     if unknown:
         raise LabelFileError(

@@ -92,6 +92,14 @@ def load_predictions(
     thr_col = np.fromiter((r[3] for r in rows), dtype=np.float64, count=len(rows))
     pos_col = np.fromiter((r[4] for r in rows), dtype=bool, count=len(rows))
     keep = lab_col >= 0
+    outside = keep & ~((prob_col >= 0.0) & (prob_col <= 1.0))
+    if outside.any():  # the engine stores softmax or sigmoid outputs: another writer put these here
+        first = int(np.flatnonzero(outside)[0])
+        raise AuditInputError(
+            f"model version {version.task_name}/{version.version} has {int(outside.sum())} stored probabilities "
+            f"outside 0 to 1 (scan {int(scan_col[first])}, {labels[lab_col[first]]}: {prob_col[first]:g}); "
+            "they were not written by meddaemon's engine, and no metric of them would mean anything"
+        )
     scan_ids, row_of = np.unique(scan_col[keep], return_inverse=True)
     probs = np.full((len(scan_ids), len(labels)), np.nan)
     calls = np.zeros((len(scan_ids), len(labels)), dtype=bool)

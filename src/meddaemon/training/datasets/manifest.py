@@ -43,6 +43,9 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
     by_file: dict[object, tuple[frozenset[str], str | None]] = {}
     repeated: list[int] = []
     for row_number, (row, row_labels) in enumerate(zip(rows, parsed, strict=True), start=2):
+        if multilabel and row_labels and NO_FINDING in row["label"].split("|"):
+            raise DatasetError(table, f"row {row_number} says '{NO_FINDING}' and {', '.join(row_labels)}",
+                               f"'{NO_FINDING}' alone, or the labels alone")  # fmt: skip
         strangers = [x for x in row_labels if x not in labels]
         if strangers or (not multilabel and not row_labels[0]):
             expected = (

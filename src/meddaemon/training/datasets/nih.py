@@ -53,7 +53,11 @@ def read_nih(root: Path, task: TaskSpec | None = None) -> DatasetIndex:
         if path is None:  # not listed in an image folder: a missing image, named below
             path = missing_folder / name
             named.append((row_number, path))
-        findings = tuple(f for f in row["Finding Labels"].split("|") if f and f != NO_FINDING)
+        said = [f for f in row["Finding Labels"].split("|") if f]
+        findings = tuple(f for f in said if f != NO_FINDING)
+        if NO_FINDING in said and findings:  # read as the findings alone, the image's truth changed silently
+            raise DatasetError(table, f"row {row_number} ({name}) says '{NO_FINDING}' and {', '.join(findings)}",
+                               f"'{NO_FINDING}' alone, or the findings alone")  # fmt: skip
         strangers = [f for f in findings if f not in labels]
         if strangers:
             raise DatasetError(table, f"row {row_number} ({name}) has finding(s) {', '.join(strangers)}",
