@@ -51,6 +51,10 @@ def test_start_help_documents_every_option(runner: CliRunner):
     out = runner.invoke(meddaemon, ["start", "--help"]).output
     for option in ("--watch", "--once", "--stable-seconds", "--workers", "--db", "--config", "--json"):
         assert option in out
+    # the built-in defaults, which `meddaemon config default` alone gave
+    flat = " ".join(out.split())
+    for said in ("(default: 2.0)", "(default: 30.0)", "default: 2)", "(default: 64)", "(default: native)"):
+        assert said in flat, said
 
 
 def test_config_show_says_where_each_value_comes_from(runner: CliRunner, tmp_path: Path):

@@ -52,6 +52,12 @@ if TYPE_CHECKING:
     from meddaemon.web.server import WebServer
 
 
+def _default(key: str) -> str:
+    """A setting's built-in default, for --help: the options themselves default to nothing, so that
+    the config file and the environment come before it (``meddaemon config show`` gives the values in force)."""
+    return str(next(f.default for f in dataclasses.fields(Settings) if f.name == key))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="meddaemon")
 def cli() -> None:
@@ -73,12 +79,26 @@ def cli() -> None:
 )
 @settings_options
 @click.option("--once", is_flag=True, help="Process what is in the inbox, wait for it to settle, and exit.")
-@click.option("--stable-seconds", type=float, help="How long size and mtime must hold still before a file is read.")
-@click.option("--rescan-seconds", type=float, help="Interval of the full inbox rescan.")
-@click.option("--workers", type=int, help="Decoding processes (0: decode in the daemon process).")
-@click.option("--batch-size", type=int, help="Files per database transaction.")
-@click.option("--default-task", help="Task for scans no folder or rule routes.")
-@click.option("--observer", type=click.Choice(["native", "polling"]), help="Event source; polling for network shares.")
+@click.option(
+    "--stable-seconds",
+    type=float,
+    help=f"How long size and mtime must hold still before a file is read (default: {_default('stable_seconds')}).",
+)
+@click.option(
+    "--rescan-seconds", type=float, help=f"Interval of the full inbox rescan (default: {_default('rescan_seconds')})."
+)
+@click.option(
+    "--workers", type=int, help=f"Decoding processes (0: decode in the daemon process; default: {_default('workers')})."
+)
+@click.option("--batch-size", type=int, help=f"Files per database transaction (default: {_default('batch_size')}).")
+@click.option(
+    "--default-task", help="Task for scans no folder or rule routes (default: none, such scans fail as unroutable)."
+)
+@click.option(
+    "--observer",
+    type=click.Choice(["native", "polling"]),
+    help=f"Event source; polling for network shares (default: {_default('observer')}).",
+)
 @click.option(
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
