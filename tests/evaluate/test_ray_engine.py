@@ -251,6 +251,21 @@ def test_a_ray_address_nothing_answers_at_is_refused_before_a_run_starts(address
     assert time.monotonic() - started < 10
 
 
+def test_a_ray_address_that_is_empty_or_given_to_a_local_run_is_refused_not_ignored() -> None:
+    """`--ray-address "$RAY_HEAD"` with the variable unset started a local Ray, and an address given
+    without --engine ray ran locally: both exit 0 on this machine alone where a cluster was meant."""
+    from meddaemon.evaluate.pipeline import check_request
+    from meddaemon.evaluate.store import EvaluationError
+
+    with pytest.raises(EvaluationError, match="--ray-address is empty"):
+        check_request(EvaluationRequest(Path("cohort"), "busi", engine="ray", ray_address=" "))
+    with pytest.raises(EvaluationError, match="--ray-address is for --engine ray, not --engine local"):
+        check_request(EvaluationRequest(Path("cohort"), "busi", engine="local", ray_address="auto"))
+    # the dashboard's address: said as a host that does not resolve ("Name or service not known")
+    with pytest.raises(EvaluationError, match=r"--ray-address http://127.0.0.1:8265: not HOST:PORT"):
+        check_request(EvaluationRequest(Path("cohort"), "busi", engine="ray", ray_address="http://127.0.0.1:8265"))
+
+
 def test_a_ray_address_where_another_service_listens_is_refused_before_a_run_starts() -> None:
     """Only a connection was made: ray.init then waited for ever on PostgreSQL's port (a Ray head is
     a gRPC server, which answers HTTP/2's preface; the real heads of the cluster tests pass)."""

@@ -203,6 +203,8 @@ def ray_address_unreachable(address: str) -> str | None:
     are Ray's own to resolve. A cluster whose gRPC is TLS (``RAY_USE_TLS``) is only connected to."""
     if address in ("auto", "local"):
         return None
+    if "://" in address.removeprefix("ray://"):  # http://HOST:PORT, a dashboard's address: said as a DNS failure
+        return "not HOST:PORT (or ray://HOST:PORT, 'auto', 'local')"
     host, colon, port = address.removeprefix("ray://").rpartition(":")
     if not colon or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         return "not HOST:PORT (or ray://HOST:PORT, 'auto', 'local')"
@@ -245,6 +247,10 @@ def check_request(request: EvaluationRequest) -> None:
         raise store.EvaluationError(f"--name is at most {MAX_NAME} characters, not {len(request.name)}")
     if request.engine not in ENGINES:
         raise store.EvaluationError(f"unknown engine {request.engine!r}; one of {', '.join(ENGINES)}")
+    if request.ray_address is not None and request.engine != "ray":  # a local run, where a cluster was meant
+        raise store.EvaluationError(f"--ray-address is for --engine ray, not --engine {request.engine}")
+    if request.ray_address is not None and not request.ray_address.strip():  # "$RAY_HEAD" unset: a local Ray
+        raise store.EvaluationError("--ray-address is empty; give the head's HOST:PORT, 'auto' or 'local'")
     if request.engine == "ray":
         try:
             import ray  # noqa: F401
