@@ -270,6 +270,8 @@ def test_each_file_s_line_is_logged_as_its_row_is_committed_before_its_move(
     with caplog.at_level(logging.INFO), pytest.raises(Killed):
         daemon.run(once=True)
     assert "busi/synthetic_junk.png -> failed: unrecognised_format" in caplog.text
+    # the move never came: the line says where the file goes, not that it is kept there
+    assert "; its file goes to " in caplog.text and "kept at" not in caplog.text
 
 
 def test_a_model_damaged_after_promotion_is_refused_and_its_scans_wait(daemon: Daemon, tmp_path: Path, caplog):

@@ -560,10 +560,12 @@ def _why(exc: DataError) -> str:
 
 
 def log_outcome(outcome: bookkeeper.IntakeOutcome) -> None:
+    """A file's line, logged as its row is committed: before its move, which the line therefore
+    names as to come (a move that fails is an error line of its own)."""
     sha = (outcome.sha256 or "-")[:12]
     if outcome.state == "failed":
         log.warning(
-            "%s -> failed: %s (%s); kept at %s",
+            "%s -> failed: %s (%s); its file goes to %s",
             outcome.source_name,
             outcome.reason,
             outcome.detail,
@@ -571,7 +573,11 @@ def log_outcome(outcome: bookkeeper.IntakeOutcome) -> None:
         )
     elif outcome.state == "duplicate":
         log.info(
-            "%s (sha256 %s) -> duplicate: %s; kept at %s", outcome.source_name, sha, outcome.detail, outcome.target
+            "%s (sha256 %s) -> duplicate: %s; its file goes to %s",
+            outcome.source_name,
+            sha,
+            outcome.detail,
+            outcome.target,
         )
     elif outcome.state == "inferred":
         log.info(
