@@ -136,3 +136,19 @@ def test_a_file_where_a_folder_is_to_be_made_is_named_as_no_folder(tmp_path: Pat
         make_folders(tmp_path / "notes" / "reports" / "2026")
     assert raised.value.strerror == f"{tmp_path / 'notes'} is a file, not a folder"
     assert raised.value.filename == str(tmp_path / "notes")
+
+
+@pytest.mark.parametrize("link", ["loop", "dangling"])
+def test_a_link_that_leads_to_no_folder_is_named_so_not_as_a_file(tmp_path: Path, link: str):
+    """A loop of links in an --out path was said to be "a file, not a folder"."""
+    if link == "loop":
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+    else:
+        (tmp_path / "a").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(NotADirectoryError) as raised:
+        make_folders(tmp_path / "a" / "reports")
+    assert (
+        raised.value.strerror
+        == f"{tmp_path / 'a'} is a link that leads to no folder (to nothing, or round a loop of links)"
+    )

@@ -236,7 +236,10 @@ def make_folders(folder: Path, durable: bool = False) -> None:
         try:
             new.mkdir(exist_ok=True)  # made meanwhile by another writer: its entry is made durable here too
         except FileExistsError:  # a file there: "File exists" said nothing of which, or that it is no folder
-            raise NotADirectoryError(errno.ENOTDIR, f"{shown_name(new)} is a file, not a folder", str(new)) from None
+            what = "a file, not a folder"
+            if new.is_symlink() and not new.exists():  # a loop of links, or one to nothing, was "a file"
+                what = "a link that leads to no folder (to nothing, or round a loop of links)"
+            raise NotADirectoryError(errno.ENOTDIR, f"{shown_name(new)} is {what}", str(new)) from None
         if durable:
             fsync_dir(new.parent, strict=True)
 
