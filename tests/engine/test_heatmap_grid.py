@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meddaemon.engine.heatmap_grid import expand, expand_one, grid_bytes, read_map
+from meddaemon.engine.heatmap_grid import expand, expand_one, grid_bytes, map_is_flat, read_map
 
 
 def torch_expand(grids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -42,6 +42,19 @@ def test_a_map_already_at_the_size_is_returned_as_it_is() -> None:
 
 def test_an_empty_map_stays_empty() -> None:
     assert not expand_one(np.zeros((7, 7), np.float32), (224, 224)).any()
+
+
+def test_a_map_that_marks_no_part_of_the_image_is_flat_and_one_that_marks_some_is_not(tmp_path: Path) -> None:
+    """Zero everywhere (Grad-CAM's ReLU of negative evidence) or one value: read, it is all zeros."""
+    flat = [np.zeros((7, 7), np.float32), np.full((7, 7), 0.4, np.float32), -np.ones((7, 7), np.float32)]
+    for grid in flat:
+        assert map_is_flat(grid_bytes(grid)) and not expand_one(grid, (64, 64)).any()
+    marked = np.zeros((7, 7), np.float32)
+    marked[3, 4] = 0.01
+    assert not map_is_flat(grid_bytes(marked)) and expand_one(marked, (64, 64)).any()
+    np.save(tmp_path / "older.npy", np.zeros((224, 224), np.float32))  # an older version's whole map, a file
+    assert map_is_flat(tmp_path / "older.npy")
+    assert not map_is_flat(b"SYNTHETIC: not a .npy") and not map_is_flat(tmp_path / "gone.npy")
 
 
 def test_a_grid_is_kept_as_the_bytes_np_save_writes(tmp_path: Path) -> None:

@@ -185,6 +185,29 @@ def test_multilabel_has_one_overlay_per_positive_label():
     assert len(NIH_FINDINGS) == 14
 
 
+def test_a_map_that_marks_nothing_says_so_under_its_overlay():
+    """Its overlay is the bare scan, which read as "where the model looked" without a word."""
+    data = scan_data("chestxray14", {"Effusion", "Mass"})
+    images = images_for(data)
+    images.flat_maps.add("Mass")
+    text = " ".join(render(data, images)[0].split())
+    assert "Where the model looked for Mass. The map is flat: it marks no part of the image over another" in text
+    assert text.count("The map is flat") == 1  # Effusion's map marks something
+
+
+def test_the_builder_finds_the_flat_maps_among_the_stored_grids(make_settings, tmp_path):
+    from meddaemon.engine.heatmap_grid import grid_bytes
+    from meddaemon.report.builder import ReportBuilder
+
+    marked = np.zeros((7, 7), np.float32)
+    marked[2, 2] = 1.0
+    data = scan_data("chestxray14", {"Effusion", "Mass"})
+    grids = {"Effusion": grid_bytes(marked), "Mass": grid_bytes(np.zeros((7, 7), np.float32))}
+    results = [replace(r, grid=grids.get(r.label), map_size=(64, 64)) for r in data.results]
+    images = ReportBuilder(make_settings(), sessions=None).images(replace(data, results=results))
+    assert images.flat_maps == {"Mass"}
+
+
 def test_a_result_without_a_heatmap_says_so_and_has_no_overlay():
     text, _, images, _ = render(scan_data(heatmaps=False))
     assert images == 1  # the model's view only: no overlay, no colour scale

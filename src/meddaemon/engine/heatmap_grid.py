@@ -75,6 +75,19 @@ def _npy_header(shape: tuple[int, ...]) -> bytes:
     return buffer.getvalue()
 
 
+def map_is_flat(stored: bytes | Path) -> bool:
+    """Whether a stored map marks no part of the image over another once read (``expand``'s ReLU
+    and min-max): zero everywhere, as Grad-CAM gives a class no part of the image raised, or one
+    value. Its overlay is the bare scan, which read as a map without a word. A map that cannot be
+    read is not called flat (its overlay is said to be missing)."""
+    try:
+        grid = np.load(io.BytesIO(stored) if isinstance(stored, bytes) else stored, allow_pickle=False)
+    except (OSError, ValueError):
+        return False
+    kept = np.clip(grid, 0.0, None)
+    return bool(kept.size) and bool(np.all(np.isfinite(kept))) and float(kept.max()) <= float(kept.min())
+
+
 def read_map(stored: bytes | Path, size: tuple[int, int]) -> np.ndarray:
     """A stored map at ``size`` (H, W), float32: ``stored`` is the heatmap row's grid (``.npy``
     bytes), or the ``.npy`` file of a row an earlier version wrote (its grid, or the whole map).

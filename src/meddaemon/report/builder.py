@@ -24,6 +24,7 @@ from meddaemon.daemon.bookkeeper import advance
 from meddaemon.db.bulk import insert_rows
 from meddaemon.db.engine import transaction, with_lock_retry
 from meddaemon.db.models import Scan, ScanEvent, utcnow
+from meddaemon.engine.heatmap_grid import map_is_flat
 from meddaemon.overlays import ViewSource, overlay_jpeg, read_jpeg
 from meddaemon.report import images as pictures
 from meddaemon.report import output
@@ -79,7 +80,8 @@ class ReportBuilder:
             for r in data.heatmaps
             if r.overlay_path
         }
-        return ScanImages(self.model_view(data), overlays, pictures.colour_scale_jpeg())
+        flat = {r.label for r in data.heatmaps if r.stored_map is not None and map_is_flat(r.stored_map)}
+        return ScanImages(self.model_view(data), overlays, pictures.colour_scale_jpeg(), flat)
 
     def view_source(self, data: ScanReportData) -> ViewSource:
         """Where the overlays drawn for this report find the scan as the model saw it."""

@@ -91,6 +91,9 @@ class ScanImages:
     model_view: bytes | None
     overlays: dict[str, bytes | None] = field(default_factory=dict)
     colour_scale: bytes | None = None
+    #: the labels whose map marks no part of the image (``map_is_flat``): their overlay is the bare
+    #: scan, and says so
+    flat_maps: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -294,14 +297,10 @@ def images_section(data: ScanReportData, images: ScanImages, template: ReportTem
     ]
     for result in data.heatmaps:
         label = template.label(result.label)
-        cells.append(
-            _figure(
-                images.overlays.get(result.label),
-                template.word("overlay", label=label),
-                template.word("missing_overlay"),
-                st,
-            )
-        )
+        caption = template.word("overlay", label=label)
+        if result.label in images.flat_maps:
+            caption += ". " + template.word("flat_map")
+        cells.append(_figure(images.overlays.get(result.label), caption, template.word("missing_overlay"), st))
     out: list[Flowable] = []
     note = heatmap_note(data, template)
     if len(cells) == 1:
