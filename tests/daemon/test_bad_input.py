@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -424,3 +424,30 @@ def test_every_scan_keeps_the_history_of_its_states(make_settings, tmp_path: Pat
         "busi/synthetic_ok.png": ["registered", "routed", "waiting_model"],
         "busi/synthetic_empty.png": ["registered", "failed"],
     }
+
+
+def test_a_failed_read_keeps_none_of_the_file_once_its_result_is_dropped(make_settings, tmp_path: Path):
+    """The failure's traceback held the read's frames, the bytes and dataset in them, in a cycle with
+    the result: a worker kept 2.9 GB after a 700 KB deflated file failed, until a full collection."""
+    import gc
+    import tracemalloc
+
+    from meddaemon.daemon.intake import read_file
+
+    daemon = Daemon(make_settings())
+    daemon.prepare()
+    pixels = np.zeros((2048, 2048), np.uint16)  # 8 MB of SYNTHETIC pixels whose High Bit lies
+    path = write_dicom(tmp_path / "high_bit.dcm", pixels=pixels, bits_stored=12, extra={"HighBit": 15})
+    context = daemon.intake_context()
+    gc.collect()
+    gc.disable()
+    try:
+        tracemalloc.start()
+        result = read_file(path, PurePosixPath("busi/high_bit.dcm"), None, context)
+        assert result.failure is not None, "the High Bit lie is a failure"
+        del result
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert held < 2_000_000, f"{held} bytes still held"

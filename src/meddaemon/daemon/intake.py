@@ -22,7 +22,7 @@ from meddaemon.daemon.stability import Signature
 from meddaemon.engine.decode import DecodeOptions, decode_bytes, failed_scan_metadata
 from meddaemon.engine.decode.types import DecodedScan, ScanMetadata
 from meddaemon.engine.tasks import InputContract
-from meddaemon.failures import FailureReason, ReadLater, ScanFailure
+from meddaemon.failures import FailureReason, ReadLater, ScanFailure, kept
 from meddaemon.files import read_whole, unreadable
 from meddaemon.logs import quiet_value_quoting_libraries
 from meddaemon.processes import end_with_the_parent, leave_stopping_to_the_parent
@@ -69,7 +69,7 @@ def read_file(path: Path, name: PurePosixPath, expected: Signature | None, conte
     except ReadLater as later:
         return Intake(path, changed=True, read_later=later.message)
     except ScanFailure as failure:
-        return Intake(path, failure=failure)
+        return Intake(path, failure=kept(failure))
     if intake.failure is None and intake.metadata is not None and intake.decoded is not None:
         _route_and_prepare(intake, name, intake.decoded, context)
     intake.decoded = None  # pixels stay in the worker; only the model input travels
@@ -101,7 +101,7 @@ def prepare_stored(
             )
         return _to_model_input(decode_bytes(data, options), contract)
     except ScanFailure as failure:
-        return failure
+        return kept(failure)
     except FileNotFoundError:
         return ScanFailure(FailureReason.VANISHED, f"the registered copy {path.name} is missing")
     except OSError as exc:
@@ -123,7 +123,7 @@ def _route_and_prepare(intake: Intake, name: PurePosixPath, decoded: DecodedScan
             intake.model_input = _to_model_input(decoded, contract)
             intake.prepared_for = contract
         except ScanFailure as failure:
-            intake.failure = failure
+            intake.failure = kept(failure)
 
 
 def _to_model_input(decoded: DecodedScan, contract: InputContract) -> np.ndarray:
@@ -163,7 +163,7 @@ def _read(path: Path, expected: Signature | None, options: DecodeOptions) -> Int
         intake.decoded = decode_bytes(data, options)
         intake.metadata = intake.decoded.metadata
     except ScanFailure as failure:
-        intake.failure = failure
+        intake.failure = kept(failure)
         intake.metadata = failed_scan_metadata(data, options)
     except MemoryError:
         intake.failure = ScanFailure(FailureReason.TOO_MANY_PIXELS, "decoding ran out of memory")

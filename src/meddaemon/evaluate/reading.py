@@ -19,7 +19,7 @@ from meddaemon.engine.decode import DecodeOptions, decode_bytes
 from meddaemon.engine.decode.types import ScanMetadata
 from meddaemon.engine.preprocess import to_model_input
 from meddaemon.engine.tasks import InputContract
-from meddaemon.failures import FailureReason, ScanFailure
+from meddaemon.failures import FailureReason, ScanFailure, kept
 from meddaemon.files import read_whole
 
 
@@ -63,7 +63,7 @@ def read_file(
     try:
         data, _ = read_whole(path, follow_symlinks=True, keep_atime=True, max_bytes=options.max_file_bytes)
     except ScanFailure as failure:
-        return FileRead(path, failure=failure)
+        return FileRead(path, failure=kept(failure))
     if not data:
         return FileRead(path, failure=ScanFailure(FailureReason.EMPTY_FILE, "the file is empty (0 bytes)"))
     read = FileRead(path, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
@@ -77,7 +77,7 @@ def read_file(
         read.metadata = decoded.metadata
         read.inputs = to_model_input(decoded, contract)
     except ScanFailure as failure:
-        read.failure = failure
+        read.failure = kept(failure)
     except MemoryError:
         read.failure = ScanFailure(FailureReason.TOO_MANY_PIXELS, "decoding ran out of memory")
     except Exception as exc:  # a decoder bug must not stop the run

@@ -25,7 +25,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import squareform
 
 from meddaemon.engine.tasks import InputContract
-from meddaemon.failures import ScanFailure
+from meddaemon.failures import ScanFailure, kept
 from meddaemon.processes import leave_stopping_to_the_parent
 from meddaemon.training.images import decode_file, key_frame, read_image
 
@@ -120,7 +120,7 @@ def _hash_or_failure(path: Path, contract: InputContract | None = None) -> tuple
             check_contract(scan, contract)
         return perceptual_hash(key_frame(scan)), None
     except ScanFailure as failure:
-        return None, failure
+        return None, kept(failure)
 
 
 def _init_worker() -> None:

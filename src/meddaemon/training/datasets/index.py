@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from meddaemon.failures import NOT_AN_IMAGE, FailureReason, ScanFailure
+from meddaemon.failures import NOT_AN_IMAGE, FailureReason, ScanFailure, kept
 from meddaemon.training.images import read_image
 
 #: Above this fraction of unreadable images the dataset is refused rather than trained on.
@@ -225,7 +225,7 @@ def _decode_failure(path: Path) -> ScanFailure | None:
     try:
         read_image(path)
     except ScanFailure as failure:
-        return failure
+        return kept(failure)
     return None
 
 
