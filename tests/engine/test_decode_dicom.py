@@ -445,6 +445,14 @@ def test_float_pixels_holding_one_value_that_is_not_finite_keep_the_range_of_the
     assert_close(frames, expected[np.newaxis])
 
 
+@pytest.mark.parametrize("odd", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_float_pixels_of_which_none_is_finite_are_no_image(tmp_path, odd):
+    """Every value NaN or infinite came out a black image, inferred and reported."""
+    with pytest.raises(ScanFailure, match="the float pixel data holds no finite number") as failed:
+        decode(float_pixels(tmp_path / "float.dcm", np.full((8, 8), odd, np.float32)))
+    assert failed.value.reason == FailureReason.CORRUPT_IMAGE
+
+
 def test_a_window_on_float_pixels_is_applied(tmp_path):
     """The Floating Point Image Pixel module has no Bits Stored, which pydicom's windowing reads:
     the window was dropped for min-max ("VOI transform unusable (AttributeError)")."""

@@ -568,6 +568,10 @@ def ybr_to_rgb(arr: np.ndarray, bits: int) -> np.ndarray:
 
 def grey_to_unit(arr: np.ndarray, ds: Dataset, little_endian: bool, notes: list[str]) -> np.ndarray:
     """Modality LUT -> VOI LUT or first window (else min-max) -> [0, 1] -> MONOCHROME1 inversion."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).any():  # a black image, inferred and reported
+        raise ScanFailure(
+            FailureReason.CORRUPT_IMAGE, "the float pixel data holds no finite number (every value NaN or infinite)"
+        )
     padding = _some_padding(_padding(arr, ds))
     values = _apply_modality(arr, ds, little_endian)
     windowed, low, high = _apply_voi(values, ds, little_endian, notes, padding)
