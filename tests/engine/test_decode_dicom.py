@@ -326,6 +326,21 @@ def test_voi_lut_sequence_is_applied_and_spans_its_table(tmp_path):
     assert_close(decode(path).frames, (table[pixels] / 255.0)[np.newaxis])
 
 
+def test_a_16_bit_voi_lut_shorter_than_its_descriptor_is_not_read_as_packed_bytes(tmp_path):
+    """40,000 entries said, 30,000 words given: the words were read as 60,000 8-bit entries, and the
+    image came out as the noise of their bytes (0 and 1), inferred."""
+    pixels = gradient(top=4095).astype(np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [40000, 0, 16]
+    item.LUTData = np.ones(30000, "<u2").tobytes()
+    path = write_dicom(tmp_path / "lut.dcm", pixels=pixels, bits_stored=12, extra={"VOILUTSequence": Sequence([item])})
+
+    decoded = decode(path)
+
+    assert "VOI transform unusable (ValueError): min-max used instead" in decoded.notes
+    assert_close(decoded.frames, ((pixels - pixels.min()) / float(pixels.max() - pixels.min()))[np.newaxis])
+
+
 def lut_item(first: int, table: np.ndarray) -> Dataset:
     """A Modality or VOI LUT Sequence item of 16-bit entries, its LUT Data as little-endian OW
     bytes (the factory swaps them for a big-endian file)."""

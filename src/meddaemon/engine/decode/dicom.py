@@ -624,7 +624,8 @@ def read_lut(item: Dataset, little_endian: bool) -> tuple[int, np.ndarray]:
         first -= 2**16
     value = item["LUTData"].value
     if isinstance(value, bytes | bytearray):  # OW: one entry per word, or 8-bit entries two to a word
-        table = _lut_entries(bytes(value), entries, little_endian)
+        bits = int(item.LUTDescriptor[2]) if len(item.LUTDescriptor) > 2 else 16
+        table = _lut_entries(bytes(value), entries, little_endian, bits)
     else:  # US, read by pydicom in the file's byte order
         table = np.atleast_1d(np.asarray(value, dtype=np.int64))
     if len(table) < entries:
@@ -741,7 +742,7 @@ def read_palette(ds: Dataset, *, little_endian: bool) -> PaletteTables:
     entries, first, bits = descriptor[0] or 2**16, descriptor[1], descriptor[2]
     if "RedPaletteColorLookupTableData" in ds:
         channels = [
-            _lut_entries(bytes(ds[f"{colour}PaletteColorLookupTableData"].value), entries, little_endian)
+            _lut_entries(bytes(ds[f"{colour}PaletteColorLookupTableData"].value), entries, little_endian, bits)
             for colour in ("Red", "Green", "Blue")
         ]
         tables = np.stack(channels, axis=-1)
@@ -756,16 +757,18 @@ def read_palette(ds: Dataset, *, little_endian: bool) -> PaletteTables:
     return PaletteTables(first=first, tables=tables, full_scale=float(full_scale))
 
 
-def _lut_entries(data: bytes, entries: int, little_endian: bool) -> np.ndarray:
-    """One LUT's entries from its OW value: one entry per 16-bit word, or 8-bit entries packed
-    two to a word (the first entry in the low byte, as dcmtk reads them)."""
+def _lut_entries(data: bytes, entries: int, little_endian: bool, bits: int = 16) -> np.ndarray:
+    """One LUT's entries from its OW value: one entry per 16-bit word, or, where the descriptor says
+    8 bits, 8-bit entries packed two to a word (the first entry in the low byte, as dcmtk reads
+    them). A 16-bit table too short for its descriptor was read as packed bytes: noise applied."""
     words = np.frombuffer(data[: len(data) - len(data) % 2], dtype="<u2" if little_endian else ">u2")
     if len(words) >= entries:
         return words[:entries]
-    packed = np.stack([words & 0xFF, words >> 8], axis=-1).reshape(-1)
-    if len(packed) >= entries:
-        return packed[:entries]
-    raise ValueError(f"a LUT of {entries} entries holds {len(data)} bytes")
+    if bits <= 8:
+        packed = np.stack([words & 0xFF, words >> 8], axis=-1).reshape(-1)
+        if len(packed) >= entries:
+            return packed[:entries]
+    raise ValueError(f"a LUT of {entries} entries of {bits} bits holds {len(data)} bytes")
 
 
 def read_metadata(ds: Dataset) -> ScanMetadata:
