@@ -386,6 +386,25 @@ def test_a_multiclass_top_class_is_called_as_in_the_report_never_positive_agains
     assert '<span class="called">normal</span> 34.0%' in row
 
 
+def test_a_map_that_marks_no_part_of_the_image_is_said_flat_under_its_overlay(fresh_root):
+    """As the PDF says it: the overlay of a map zero everywhere is the bare scan."""
+    from meddaemon.engine.heatmap_grid import grid_bytes
+
+    scan = next(s for s in stored_scans(fresh_root) if s.state == "archived" and s.task_name == "busi")
+    engine = create_db_engine(web_settings(fresh_root).db_url)
+    with transaction(session_factory(engine)) as session:
+        maps = session.scalars(select(Heatmap).join(Result).where(Result.scan_id == scan.id)).all()
+        assert maps, "the scan has a heatmap"
+        maps[0].grid = grid_bytes(np.zeros((7, 7), np.float32))
+    engine.dispose()
+    app = create_app(web_settings(fresh_root))
+    try:
+        page = signed_in(app, "viewer").get(f"/scans/{scan.id}").text
+    finally:
+        app.state.console.dispose()
+    assert page.count("the map is flat: it marks no part of the image over another") == 1
+
+
 def busi_scan_called(root, probabilities: dict[str, float], called: str):  # type: ignore[no-untyped-def]
     """A reported busi scan of the state, its results set to these probabilities, ``called`` its call."""
     scan = next(s for s in stored_scans(root) if s.state == "archived" and s.task_name == "busi")

@@ -34,6 +34,7 @@ from meddaemon.db.models import (
     utcnow,
 )
 from meddaemon.db.queries import newest_version_of
+from meddaemon.engine.heatmap_grid import map_is_flat
 from meddaemon.failures import HARMS_ITS_DECODER, NEVER_DECODED
 from meddaemon.label_results import places_ranking_the_call, shown_against
 from meddaemon.states import ScanState
@@ -364,6 +365,8 @@ class LabelCall:
     heatmap_id: int | None
     #: decimals of the percentages: more where a multiclass call would read as its runner-up
     places: int = 1
+    #: its map marks no part of the image (``map_is_flat``): the overlay is the bare scan, as the PDF says
+    flat: bool = False
 
     @property
     def shown(self) -> tuple[str, str]:
@@ -468,7 +471,7 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
     if scan is None:
         return None
     rows = session.execute(
-        select(Result, ModelVersion.task_name, ModelVersion.version, ModelVersion.manifest, Heatmap.id)
+        select(Result, ModelVersion.task_name, ModelVersion.version, ModelVersion.manifest, Heatmap.id, Heatmap.grid)
         .join(ModelVersion, ModelVersion.id == Result.model_version_id)
         .outerjoin(Heatmap, Heatmap.result_id == Result.id)
         .where(Result.scan_id == scan_id)
@@ -476,7 +479,7 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
     ).all()
     by_version: dict[int, VersionResults] = {}
     multiclass: set[int] = set()
-    for result, task, version, manifest, heatmap_id in rows:
+    for result, task, version, manifest, heatmap_id, grid in rows:
         group = by_version.setdefault(
             result.model_version_id,
             VersionResults(
@@ -489,7 +492,9 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
                 makes_heatmaps=bool((manifest or {}).get("heatmaps", True)),
             ),
         )
-        group.calls.append(LabelCall(result.label, result.probability, result.threshold, result.positive, heatmap_id))
+        flat = grid is not None and map_is_flat(grid)
+        call = LabelCall(result.label, result.probability, result.threshold, result.positive, heatmap_id, flat=flat)
+        group.calls.append(call)
         if _multiclass(manifest):
             multiclass.add(result.model_version_id)
     for version_id in multiclass:  # the top class is the call: shown above its runner-up, not equal to it
