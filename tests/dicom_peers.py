@@ -5,11 +5,13 @@ statuses are scripted. Both are real servers on loopback; every request they rec
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -127,6 +129,8 @@ class _StowHandler(BaseHTTPRequestHandler):
                 body = json.dumps(failed).encode() if reason is not None else b"{}"
             if status == 200 and not isinstance(answer, HttpAnswer):
                 stow.stored += 1
+        if isinstance(answer, HttpAnswer) and answer.delay and stow.stopping.wait(answer.delay):
+            return
         if isinstance(answer, HttpAnswer) and answer.trickle:
             self._trickle(stow, status, content_type, body, answer.trickle)
             return
@@ -173,6 +177,8 @@ class HttpAnswer:
     #: seconds between the answer's bytes (0: all at once): each read of the client's is answered
     #: within its timeout, the whole answer takes as long as this makes it
     trickle: float = 0.0
+    #: seconds of silence before the answer (a server that hangs, past the client's timeout)
+    delay: float = 0.0
 
 
 @dataclass
@@ -189,18 +195,25 @@ class ScriptedStow:
     gets: int = 0
     #: each request's path and query, as the server heard it
     paths: list[str] = field(default_factory=list)
+    #: (certificate, key) PEM files: the server speaks https with them
+    tls: tuple[Path, Path] | None = None
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _StowHandler)
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(self.tls[0]), str(self.tls[1]))
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.httpd.stow = self  # type: ignore[attr-defined]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/dicom-web"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/dicom-web"
 
     def destination(self, name: str = "stow") -> dict[str, object]:
         return {"name": name, "kind": "dicomweb", "url": self.url}

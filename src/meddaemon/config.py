@@ -98,6 +98,9 @@ class DestinationConfig:
     timeout_seconds: float = 30.0
     #: ``dicom``: an association is kept open this long after its last C-STORE (0: one per round)
     keep_open_seconds: float = 5.0
+    #: ``dicomweb`` over https: the CA certificate(s), PEM, its certificate is checked against (a
+    #: hospital's own CA); empty: the certificates of the public CAs (certifi's)
+    ca_file: str = ""
 
     def receives(self, task: str, kind: str) -> bool:
         return (not self.tasks or task in self.tasks) and (not self.outputs or kind in self.outputs)
@@ -403,13 +406,19 @@ def _relative_to_file(key: str, value: Any, folder: Path) -> Any:
     if isinstance(value, str) and value.strip() and (key in _PATH_KEYS or key in _FILE_KEYS):
         return str(folder / Path(value).expanduser())
     if key == "destination" and isinstance(value, list):
-        return [
-            {**d, "path": str(folder / Path(d["path"]).expanduser())}
-            if isinstance(d, dict) and d.get("kind") == "folder" and isinstance(d.get("path"), str) and d["path"]
-            else d
-            for d in value
-        ]
+        return [_destination_relative_to_file(d, folder) if isinstance(d, dict) else d for d in value]
     return value
+
+
+def _destination_relative_to_file(destination: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A folder destination's ``path`` and a destination's ``ca_file``, relative to the config file."""
+    keys = ("path", "ca_file") if destination.get("kind") == "folder" else ("ca_file",)
+    anchored = dict(destination)
+    for key in keys:
+        value = destination.get(key)
+        if isinstance(value, str) and value:
+            anchored[key] = str(folder / Path(value).expanduser())
+    return anchored
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -691,6 +700,7 @@ def _destination_from_dict(data: Mapping[str, Any]) -> DestinationConfig:
         outputs=_dicom_kinds(data.get("outputs", ())),
         timeout_seconds=parsed("timeout_seconds", _parse_float, 30.0),
         keep_open_seconds=parsed("keep_open_seconds", _parse_float, 5.0),
+        ca_file=parsed("ca_file", _text, ""),
     )
 
 
@@ -892,6 +902,9 @@ def _validate_dicom_out(s: Settings, known: Mapping[str, TaskSpec], fail: Any) -
                 fail("destination", f"destination {d.name!r} names unknown task {task!r}; known: {sorted(known)}")
         if d.timeout_seconds <= 0 or d.keep_open_seconds < 0:
             fail("destination", f"destination {d.name!r}: timeout_seconds must be > 0 and keep_open_seconds >= 0")
+        if d.ca_file and (d.kind != "dicomweb" or not Path(d.ca_file).is_file()):
+            why = "is for a dicomweb destination" if d.kind != "dicomweb" else f"{d.ca_file} is not a file"
+            fail("destination", f"destination {d.name!r}: ca_file {why}")
 
 
 def _validate_dicom_in(s: Settings, fail: Any) -> None:

@@ -65,9 +65,12 @@ def test_a_relative_folder_destination_and_tls_files_are_relative_to_the_config_
         f'dicom_tls_cert = "tls/node.pem"\ndicom_tls_key = "{keys / "node.key"}"\ndicom_tls_ca = ""\n'
         '[[destination]]\nname = "share"\nkind = "folder"\npath = "pacs-share"\n'
         '[[destination]]\nname = "archive"\nkind = "folder"\npath = "/mnt/archive"\n'
+        '[[destination]]\nname = "web"\nkind = "dicomweb"\nurl = "https://pacs/dicom-web"\nca_file = "tls/ca.pem"\n'
     )
+    (etc / "tls" / "ca.pem").write_text("SYNTHETIC, not a certificate")
     s = settings_from(etc, text)
-    assert [d.path for d in s.destination] == [str(etc / "pacs-share"), "/mnt/archive"]
+    assert [d.path for d in s.destination] == [str(etc / "pacs-share"), "/mnt/archive", ""]
+    assert s.destination[2].ca_file == str(etc / "tls" / "ca.pem")
     assert (s.dicom_tls_cert, s.dicom_tls_key) == (str(etc / "tls" / "node.pem"), str(keys / "node.key"))
     assert s.dicom_tls_ca == ""
     (tmp_path / "tls").mkdir()
@@ -94,6 +97,14 @@ def test_the_defaults_write_every_output_and_send_nowhere():
             "names must differ",
         ),
         ('dicom_outputs = ["sr", "seg"]\n', "unknown DICOM outputs \\['seg'\\]"),
+        (
+            '[[destination]]\nname = "x"\nkind = "dicomweb"\nurl = "https://h/"\nca_file = "/nowhere.pem"\n',
+            "ca_file /nowhere.pem is not a file",
+        ),
+        (
+            '[[destination]]\nname = "x"\nkind = "folder"\npath = "/p"\nca_file = "/etc/hostname"\n',
+            "ca_file is for a dicomweb destination",
+        ),
         ('[task_dicom_outputs]\nknee = ["sr"]\n', "unknown task 'knee'"),
         ('dicom_uid_root = "1.2.x"\n', "is not a UID root"),
         # accepted, then every object of every scan failed to build (pydicom refuses the prefix)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from sqlalchemy import select, text, update
 
 from daemon_harness import wait_until
 from daemon_rows import add_scan, dead_pid, join
-from dicom_peers import DROP, ScriptedScp, ScriptedStow
+from dicom_peers import DROP, HttpAnswer, ScriptedScp, ScriptedStow
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.config import Settings
 from meddaemon.daemon import bookkeeper, lease
@@ -98,6 +99,39 @@ def test_refusals_and_drops_are_retried_until_each_object_is_stored_once_and_sho
     with sessions() as session:
         attempts = {(r.object_key, r.destination): r.attempts for r in session.scalars(select(OutboxItem))}
     assert sum(attempts.values()) == 6 + 3 + 2  # one success each, plus every refusal
+
+
+def test_a_destination_that_hangs_holds_up_no_other_and_costs_one_timeout(make_settings):
+    """The destinations of a round were sent one after another, each object of one that hangs after
+    its timeout: results for a PACS that answered waited 4 x 5 s behind a hung one."""
+    hung, fine = ScriptedStow([HttpAnswer(200, delay=10.0)]), ScriptedStow()
+    try:
+        settings = make_settings(
+            destination=[{**hung.destination("hung"), "timeout_seconds": 3.0}, fine.destination("fine")],
+            outbox_retry_seconds=30.0,
+        )
+        sessions, _ = queued(settings, 4, ["hung", "fine"])
+        sender = OutboxSender(settings, sessions, None)
+        started = time.monotonic()
+        stored_at: list[float] = []
+
+        def watch() -> None:
+            wait_until(lambda: fine.stored == 4, 30, "the fine destination's objects", every=0.02)
+            stored_at.append(time.monotonic() - started)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        sender.round()
+        took = time.monotonic() - started
+        watcher.join()
+    finally:
+        hung.stop()
+        fine.stop()
+    assert stored_at[0] < 2.0, f"the fine destination's objects were stored {stored_at[0]:.1f} s in"
+    assert took < 6.0 and hung.requests == 1  # one timeout for the hung one, its other objects untried
+    rows = statuses(sessions)
+    assert {rows[(f"sc:{i}", "fine")] for i in range(4)} == {DELIVERED}
+    assert {rows[(f"sc:{i}", "hung")] for i in range(4)} == {PENDING}
 
 
 def test_a_permanent_refusal_is_dead_at_once_with_the_peers_status(make_settings):

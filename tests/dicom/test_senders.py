@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -361,6 +362,50 @@ def sent_over_stow_rs(script: list[int | tuple[int, int]], objects: list[Path]) 
         return StowSender(DestinationConfig(**stow.destination())).send(objects), stow  # type: ignore[arg-type]
     finally:
         stow.stop()
+
+
+def test_a_stow_rs_server_that_hangs_costs_one_timeout_and_the_rest_of_the_send_fails_untried(objects: list[Path]):
+    """Each object waited the whole timeout in turn (4 x 5 s), and every destination behind it."""
+    stow = ScriptedStow([HttpAnswer(200, delay=10.0)])
+    try:
+        sender = StowSender(DestinationConfig(**{**stow.destination(), "timeout_seconds": 1.0}))  # type: ignore[arg-type]
+        started = time.monotonic()
+        answers = sender.send(objects)
+        took = time.monotonic() - started
+    finally:
+        stow.stop()
+    assert stow.requests == 1 and took < 3.0
+    assert answers[0] == Delivery(False, "STOW-RS ReadTimeout: no answer within 1 s")
+    assert answers[1:] == [
+        Delivery(False, "STOW-RS ReadTimeout: no answer within 1 s (not tried: the one before it had no answer)")
+    ] * (len(objects) - 1)
+
+
+def test_stow_rs_transport_failures_say_why_in_words(objects: list[Path], tmp_path: Path):
+    """A mistyped host, a server down and an untrusted certificate all read "ConnectionError" or
+    "SSLError", and a hospital's own CA could not be given (only through REQUESTS_CA_BUNDLE)."""
+    from ports import free_port
+
+    nowhere = DestinationConfig(name="down", kind="dicomweb", url=f"http://127.0.0.1:{free_port()}/dicom-web")
+    [refused] = StowSender(nowhere).send(objects[:1])
+    assert refused == Delivery(False, "STOW-RS ConnectionError: the connection was refused (nothing listens there)")
+
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"  # SYNTHETIC, self-signed, for 127.0.0.1
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)  # fmt: skip
+    stow = ScriptedStow(tls=(cert, key))
+    try:
+        [untrusted] = StowSender(DestinationConfig(**stow.destination())).send(objects[:1])  # type: ignore[arg-type]
+        trusted = StowSender(DestinationConfig(**stow.destination(), ca_file=str(cert)))  # type: ignore[arg-type]
+        [delivered] = trusted.send(objects[:1])
+    finally:
+        stow.stop()
+    assert untrusted.detail == "STOW-RS SSLError: its TLS certificate is not trusted " + (
+        "(a hospital's own CA: give it as the destination's ca_file)"
+    )
+    assert delivered.acknowledged and stow.stored == 1
 
 
 @pytest.mark.parametrize(

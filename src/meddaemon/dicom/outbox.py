@@ -23,6 +23,7 @@ import os
 import random
 import threading
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -400,8 +401,9 @@ class OutboxSender:
     """Empties the outbox: a thread of the daemon (``start``/``stop``), or ``drain`` for ``--once``.
 
     Each round claims up to ``batch`` due rows, sends them grouped by destination (a sender per
-    destination, kept between rounds: a C-STORE association stays open while objects keep coming),
-    and records every answer in one transaction per group.
+    destination, kept between rounds: a C-STORE association stays open while objects keep coming;
+    the destinations at once, each in a thread, so that one that hangs holds up no other), and
+    records every answer in one transaction per group.
     """
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], daemon_id: int | None, batch: int = 32):
@@ -419,6 +421,7 @@ class OutboxSender:
         self.thread: threading.Thread | None = None
         self.delivered = 0
         self.failed = 0
+        self._counting = threading.Lock()
 
     def round(self) -> int:
         """One claim, send, record; returns the rows attempted."""
@@ -436,11 +439,20 @@ class OutboxSender:
         groups: dict[str, list[Claimed]] = {}
         for item in claimed:
             groups.setdefault(item.destination, []).append(item)
-        for name, items in groups.items():
+
+        def deliver(name: str, items: list[Claimed]) -> None:
             if self.stop_event.is_set():
-                self._commit(lambda session, ids=[i.id for i in items]: release(session, ids, me))
-                continue
+                self._commit(lambda session: release(session, [i.id for i in items], me))
+                return
             self._deliver(name, items)
+
+        if len(groups) <= 1:
+            for name, items in groups.items():
+                deliver(name, items)
+        else:  # each destination in a thread of its own: one that hangs delays none of the others
+            with ThreadPoolExecutor(len(groups), thread_name_prefix="outbox-destination") as destinations:
+                for done in [destinations.submit(deliver, name, items) for name, items in groups.items()]:
+                    done.result()
         return len(claimed)
 
     def _deliver(self, name: str, items: list[Claimed]) -> None:
@@ -500,10 +512,12 @@ class OutboxSender:
             if answer == NOT_SENT:
                 continue
             if answer.acknowledged:
-                self.delivered += 1
+                with self._counting:
+                    self.delivered += 1
                 log.info("scan %d: %s delivered to %s", item.scan_id, item.object_key, name)
             else:
-                self.failed += 1
+                with self._counting:
+                    self.failed += 1
                 log.warning(
                     "scan %d: %s not delivered to %s (attempt %d): %s%s",
                     item.scan_id,

@@ -395,6 +395,21 @@ def _base_and_query(url: str) -> tuple[str, dict[str, list[str]]]:
     return urlunsplit(parts._replace(query="", fragment="")), parse_qs(parts.query, keep_blank_values=True)
 
 
+def trusting_adapter(ca_file: str) -> Any:
+    """An HTTPS adapter (made on first use: requests is imported late) that checks certificates
+    against ``ca_file`` whatever the environment says:
+    ``session.verify`` loses to ``REQUESTS_CA_BUNDLE`` (requests merges the environment's bundle
+    into each request), and a host that sets it for all its programs ignored the destination's CA."""
+    from requests.adapters import HTTPAdapter
+
+    class TrustingAdapter(HTTPAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            kwargs["verify"] = ca_file
+            return super().send(request, **kwargs)
+
+    return TrustingAdapter()
+
+
 class StowSender:
     def __init__(self, destination: DestinationConfig) -> None:
         import requests
@@ -414,10 +429,37 @@ class StowSender:
         session.params = query  # dicomweb-client appends its resource to the URL it is given, query and all
         # a 301/302/303 is followed by a GET without the instance, whose 200 read as the POST's success
         session.max_redirects = 0
+        if destination.ca_file:  # a hospital's own CA: its servers' certificates failed as "SSLError"
+            session.mount("https://", trusting_adapter(destination.ca_file))
         self.client = DICOMwebClient(
             url=base_url, session=session, timeout=destination.timeout_seconds, callback=self._heard
         )
         self.client.set_http_retry_params(retry=False)  # the outbox retries, with its own backoff
+
+    def _transport_reason(self, exc: Exception) -> str:
+        """Why no answer came, in words: requests' own message names the URL with its query, which
+        may hold a token; a mistyped host and a server down both read "ConnectionError"."""
+        import requests
+
+        timeout = self.destination.timeout_seconds
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            return f"no connection within {timeout:g} s"
+        if isinstance(exc, requests.exceptions.Timeout):
+            return f"no answer within {timeout:g} s"
+        cause = exc.args[0] if exc.args else None
+        root = getattr(cause, "reason", cause)
+        text = f"{type(root).__name__}: {root}"
+        if isinstance(exc, requests.exceptions.SSLError):
+            if "CERTIFICATE_VERIFY_FAILED" in text:
+                return "its TLS certificate is not trusted (a hospital's own CA: give it as the destination's ca_file)"
+            return "the TLS handshake failed"
+        if "NameResolution" in text or "Name or service not known" in text or "Failed to resolve" in text:
+            return f"its host name does not resolve ({urlsplit(self.destination.url).hostname})"
+        if "Connection refused" in text or "ConnectionRefused" in text:
+            return "the connection was refused (nothing listens there)"
+        if "Connection reset" in text or "RemoteDisconnected" in text or "closed connection" in text:
+            return "the server closed the connection without an answer"
+        return "no connection"
 
     def _heard(self, response: Any, *args: Any, **kwargs: Any) -> None:
         self.heard = response.status_code
@@ -430,9 +472,13 @@ class StowSender:
         import requests
 
         answers: list[Delivery] = []
+        unreachable: Delivery | None = None
         for path in objects:
             if should_stop():
                 answers.append(NOT_SENT)
+                continue
+            if unreachable is not None:  # each would wait the timeout again, and every destination behind it
+                answers.append(unreachable)
                 continue
             try:
                 ds = read_object(path)
@@ -453,6 +499,9 @@ class StowSender:
                     f"STOW-RS HTTP {self.heard}, a redirect: not followed (the destination's url must be the server's)"
                 )
                 answers.append(Delivery(False, detail))
+            except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+                answers.append(Delivery(False, f"STOW-RS {type(exc).__name__}: {self._transport_reason(exc)}"))
+                unreachable = Delivery(False, f"{answers[-1].detail} (not tried: the one before it had no answer)")
             except requests.exceptions.RequestException as exc:
                 answers.append(Delivery(False, f"STOW-RS {type(exc).__name__}"))
             except Exception as exc:  # dicomweb-client could not read the answer's body, or failed itself
