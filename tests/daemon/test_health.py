@@ -188,9 +188,9 @@ def test_a_scan_waiting_too_long_while_daemons_run_is_a_stuck_queue(migrated_eng
     assert queue.details["waiting"] == {"routed": 3}
 
 
-def add_waiting(engine: Engine, state: str, n: int, entered_ago: timedelta, start: int = 100) -> None:
+def add_waiting(engine: Engine, state: str, n: int, entered_ago: timedelta, start: int = 100, **columns) -> None:
     """``n`` scans that entered ``state`` ``entered_ago``, each touched a moment ago (a claim)."""
-    add_scans(engine, state, n, start=start, updated_at=utcnow())
+    add_scans(engine, state, n, start=start, updated_at=utcnow(), **columns)
     with Session(engine) as s, s.begin():
         ids = s.scalars(select(Scan.id).where(Scan.sha256.in_([f"{start + i:064x}" for i in range(n)]))).all()
         s.add_all(ScanEvent(scan_id=i, state=state, at=utcnow() - entered_ago) for i in ids)
@@ -253,6 +253,10 @@ def test_file_moves_held_back_past_the_limit_degrade(migrated_engine, reader, db
     moves = check(reader, settings, stuck_seconds=600).check("moves")
     assert moves.status == "degraded" and moves.details["waiting"] == 3
     assert moves.message.startswith("3 file moves held back, the oldest for 20 min (limit 10 min)")
+    # archived 30 min ago, touched since (a daemon's stop gave back its claims): still 30 min held back
+    add_waiting(migrated_engine, "archived", 1, timedelta(minutes=30), start=9, pending_move_from="work/cd/y.png")
+    moves = check(reader, settings, stuck_seconds=600).check("moves")
+    assert moves.message.startswith("4 file moves held back, the oldest for 30 min")
 
 
 def test_inferred_scans_are_a_queue_only_when_reports_are_on(migrated_engine, reader, db_url, make_settings):

@@ -28,7 +28,8 @@ _MARKS = {"ok": "ok", "degraded": "DEGRADED", "down": "DOWN"}
     type=click.FloatRange(min=0),
     default=10.0,
     show_default=True,
-    help="A scan waiting for inference or its report longer than this, while daemons run, is a stuck queue.",
+    help="A scan waiting for inference, its report or its active model, a file move held back, or a DICOM "
+    "output waiting, longer than this while daemons run: degraded.",
 )
 @click.option(
     "--min-free-mb",

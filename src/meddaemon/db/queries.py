@@ -100,8 +100,19 @@ def moves_waiting(session: Session) -> tuple[int, datetime | None]:
     """Files whose move is committed and not yet carried out (into archive/ or failed/, or out of the
     inbox), and since when the oldest has waited: held back by a folder the daemons cannot write or a
     disk below its reserve, they are tried again at each rescan."""
+    # since the scan entered its state, the step that committed its move: ``updated_at`` moved with
+    # every later write (a daemon's stop gave back its claims), and a restart made the moves new
+    entered = (
+        select(ScanEvent.scan_id, func.max(ScanEvent.at).label("at"))
+        .join(Scan, Scan.id == ScanEvent.scan_id)
+        .where(Scan.pending_move_from.is_not(None), ScanEvent.state == Scan.state)
+        .group_by(ScanEvent.scan_id)
+        .subquery()
+    )
     scans, scans_since = session.execute(
-        select(func.count(), func.min(Scan.updated_at)).where(Scan.pending_move_from.is_not(None))
+        select(func.count(), func.min(func.coalesce(entered.c.at, Scan.updated_at)))
+        .outerjoin(entered, entered.c.scan_id == Scan.id)
+        .where(Scan.pending_move_from.is_not(None))
     ).one()
     duplicate = DuplicateArrival
     duplicates, duplicates_since = session.execute(
