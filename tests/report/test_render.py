@@ -193,6 +193,9 @@ def test_a_map_that_marks_nothing_says_so_under_its_overlay():
     text = " ".join(render(data, images)[0].split())
     assert "Where the model looked for Mass. The map is flat: it marks no part of the image over another" in text
     assert text.count("The map is flat") == 1  # Effusion's map marks something
+    images.overlays["Mass"] = None  # no picture: nothing shows through
+    text = " ".join(render(data, images)[0].split())
+    assert "The map is flat" not in text and "The heatmap overlay file is missing" in text
 
 
 def test_the_builder_finds_the_flat_maps_among_the_stored_grids(make_settings, tmp_path):

@@ -297,10 +297,11 @@ def images_section(data: ScanReportData, images: ScanImages, template: ReportTem
     ]
     for result in data.heatmaps:
         label = template.label(result.label)
+        overlay = images.overlays.get(result.label)
         caption = template.word("overlay", label=label)
-        if result.label in images.flat_maps:
+        if overlay is not None and result.label in images.flat_maps:  # said of the picture shown
             caption += ". " + template.word("flat_map")
-        cells.append(_figure(images.overlays.get(result.label), caption, template.word("missing_overlay"), st))
+        cells.append(_figure(overlay, caption, template.word("missing_overlay"), st))
     out: list[Flowable] = []
     note = heatmap_note(data, template)
     if len(cells) == 1:
