@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,24 @@ def test_a_whole_pickled_model_is_refused_with_how_to_save_a_state_dict(tmp_path
     error = refused(path, tmp_path, architecture="mobilenet_v2")
     assert error.reason == "needs_code"
     assert "MobileNetV2" in error.message and "torch.save(model.state_dict()" in error.message
+
+
+def test_a_global_name_damaged_in_place_is_damage_not_code_needed_and_prints_no_raw_bytes(tmp_path: Path):
+    """Bytes flipped inside ``torch._utils._rebuild_tensor_v2`` read "holds an object of
+    torch._utils._reSSSS...X\x07\x00...": control bytes on the terminal, and the wrong reason."""
+    path = tmp_path / "flipped.pth"
+    torch.save(small_cnn_state(3), path)
+    with zipfile.ZipFile(path) as original:
+        members = [(info, original.read(info)) for info in original.infolist()]
+    with zipfile.ZipFile(path, "w") as damaged:
+        for info, data in members:
+            if info.filename.endswith("data.pkl"):
+                at = data.index(b"_rebuild_tensor_v2") + 3
+                data = data[:at] + b"S" * 20 + data[at + 20 :]
+            damaged.writestr(info, data)
+    error = refused(path, tmp_path, architecture="small_cnn", format="torch")
+    assert error.reason == "unreadable_weights", error.message
+    assert error.message.isprintable() and "a global name that no Python code has" in error.message
 
 
 @pytest.mark.parametrize("how", ["legacy", "hdf5"])

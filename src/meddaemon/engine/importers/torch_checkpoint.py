@@ -129,20 +129,26 @@ def _unpickler_reason(message: str) -> str:
     loading with ``weights_only=False``, which runs the file's code (never done here)."""
     _, marker, after = message.partition("WeightsUnpickler error:")
     detail = " ".join(after.split("Check the documentation")[0].split()) if marker else message.splitlines()[0]
+    if any(pattern.search(detail) for pattern in _REFUSED_GLOBAL):  # named by bytes damaged in place
+        return "a global name that no Python code has: bytes damaged inside the pickle"
     if "weights_only" in detail:
         return "no detail"
-    return detail[:200] or "no detail"
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in detail[:200]) or "no detail"
 
 
 def _needing_code(message: str) -> str | None:
     """What the weights-only unpickler refused that would need code to unpickle, or None (damage)."""
     for pattern in _REFUSED_GLOBAL:
         found = pattern.search(message)
-        if found is not None:
-            return f"an object of {found.group(1)}"
+        if found is not None:  # a name no Python code has is bytes damaged inside a real global's
+            return f"an object of {found.group(1)}" if _PYTHON_NAME.fullmatch(found.group(1)) else None
     if FRAME_REFUSED in message:  # not in torch.save's zip: a pickle.dump at protocol 4 or 5
-        return "a pickle written by pickle.dump, not torch.save, which only a full unpickler reads"
+        return "a pickle written by pickle.dump (not torch.save)"
     return None
+
+
+#: a global as Python code names it: ``module.sub.Name``
+_PYTHON_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
