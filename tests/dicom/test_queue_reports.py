@@ -47,6 +47,29 @@ def test_health_degrades_when_the_oldest_pending_object_waits_past_the_limit(ses
     assert stuck.details["counts"] == {"pending": 1, "delivered": 0, "dead": 1}
 
 
+def test_objects_refused_for_good_lately_degrade_health_though_nothing_is_pending(sessions, db_url, make_settings):
+    """A password changed at the PACS: every object dead at its first attempt (HTTP 401), nothing
+    ever pending, and health stayed ok while every result went nowhere."""
+    from meddaemon.dicom.outbox import Backoff, claim_due, record_failure
+
+    queue_one_waiting_for(sessions, 60)
+    with transaction(sessions) as session:
+        [item] = claim_due(session, None, 10)
+        assert record_failure(session, item.id, "STOW-RS HTTP 401", True, Backoff(1, 2, 3), None) == outbox.DEAD
+    reader = read_only_engine(db_url)
+    try:
+        settings = make_settings(db=db_url)
+        lately = check_health(reader, settings, HealthLimits(min_free_bytes=0)).check("outbox")
+        with transaction(sessions) as session:  # the same, two hours on
+            session.execute(update(OutboxItem).values(next_attempt_at=read_db_clock(session) - 7200))
+        later = check_health(reader, settings, HealthLimits(min_free_bytes=0)).check("outbox")
+    finally:
+        reader.dispose()
+    assert lately.status == "degraded"
+    assert lately.message.startswith("1 DICOM output went dead in the last 15 min: pacs: 1 (STOW-RS HTTP 401)")
+    assert later.status == "ok"  # the born-dead PDF (no study) never counts: it was never sent
+
+
 def test_an_item_dead_for_days_and_retried_waits_from_its_retry_not_from_its_creation(sessions, db_url, make_settings):
     """``medcli outbox retry`` of an output dead for two days made health ``degraded`` at once, the
     queue's oldest pending age taken from the row's creation."""

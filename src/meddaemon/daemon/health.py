@@ -364,12 +364,23 @@ def _moves(session: Session, limits: HealthLimits, alive: int) -> Check:
 def _outbox(session: Session, limits: HealthLimits) -> Check:
     """The DICOM outputs waiting for their destinations (issue 14): degraded when the oldest has
     waited past ``stuck_seconds`` (a destination down for that long)."""
-    from meddaemon.dicom.outbox import summary
+    from meddaemon.dicom.outbox import recently_dead, summary
 
     queue = summary(session)
     details: dict[str, Any] = queue.as_dict()
     counts, oldest = queue.counts, queue.oldest_pending_seconds
     dead = f"; {_plural(counts['dead'], 'object')} dead (medcli outbox list --status dead)" if counts["dead"] else ""
+    lately = recently_dead(session, limits.failure_window_seconds)
+    details["dead_lately"] = [asdict(d) for d in lately]
+    if lately:  # refused for good (a password changed: 401): dead at once, nothing ever pending
+        named = "; ".join(f"{d.destination}: {d.count} ({d.last_error})" for d in lately)
+        return Check(
+            "outbox",
+            DEGRADED,
+            f"{_plural(sum(d.count for d in lately), 'DICOM output')} went dead in the last "
+            f"{_duration(limits.failure_window_seconds)}: {named}; once fixed, medcli outbox retry --all-dead",
+            details,
+        )
     if oldest is None:
         return Check("outbox", OK, f"no DICOM output waiting{dead}", details)
     if oldest > limits.stuck_seconds:

@@ -228,6 +228,7 @@ def record_failure(
     row.claimed_by = None
     if permanent or row.attempts >= backoff.max_attempts:
         row.status = DEAD
+        row.next_attempt_at = read_db_clock(session)  # a dead row's says when it went dead (``recently_dead``)
     else:
         row.next_attempt_at = read_db_clock(session) + backoff.delay(row.attempts, rng)
     return row.status
@@ -314,6 +315,33 @@ def summary(session: Session) -> QueueSummary:
         None if oldest is None else max(0.0, now - oldest),
         None if due is None else due - now,
     )
+
+
+@dataclass(frozen=True)
+class DeadLately:
+    """A destination's objects that went dead lately: refused for good, or out of attempts."""
+
+    destination: str
+    count: int
+    #: the latest one's answer from the destination
+    last_error: str | None
+
+
+def recently_dead(session: Session, seconds: float) -> list[DeadLately]:
+    """The objects sent and refused that went dead in the last ``seconds``, by destination (those
+    that could not be made are left out: dead from their creation, the report says why)."""
+    since = read_db_clock(session) - seconds
+    went = and_(
+        OutboxItem.status == DEAD,
+        OutboxItem.path.is_not(None),
+        OutboxItem.attempts > 0,
+        OutboxItem.next_attempt_at >= since,
+    )
+    by_destination = select(OutboxItem.destination, func.count(), func.max(OutboxItem.id)).where(went)
+    counts = session.execute(by_destination.group_by(OutboxItem.destination)).all()
+    latest = select(OutboxItem.id, OutboxItem.last_error).where(OutboxItem.id.in_([c[2] for c in counts]))
+    errors = {row_id: error for row_id, error in session.execute(latest)}
+    return [DeadLately(str(name), int(n), errors.get(last)) for name, n, last in sorted(counts)]
 
 
 def list_items(session: Session, status: str | None = None, limit: int = 100) -> list[OutboxItem]:
