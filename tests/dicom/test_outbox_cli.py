@@ -103,3 +103,29 @@ def test_a_dead_item_with_no_object_is_named_by_retry_and_purge_counts_the_items
     assert "item 1 is dead with no object to send (source_without_study: SYNTHETIC): left as it is" in retried.stdout
     purged = runner.invoke(medcli, ["outbox", "purge", "--status", "dead", *dirs])
     assert purged.exit_code == 0 and "purged 1 item(s) (dead); 0 object file(s) removed" in purged.stdout
+
+
+def test_retry_and_purge_answer_in_json_for_scripts(tmp_path: Path):
+    """Their --json was "No such option", exit 2, where `medcli retry` and `outbox list` had one."""
+    dirs = ["--state-dir", str(tmp_path / "state")]
+    runner = CliRunner()
+    assert runner.invoke(medcli, ["db", "upgrade", *dirs]).exit_code == 0
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'state' / 'meddaemon.db'}")
+    from meddaemon.daemon.bookkeeper import ensure_tasks
+    from meddaemon.engine.tasks import all_tasks
+
+    with transaction(session_factory(engine)) as session:
+        ensure_tasks(session, all_tasks({}))
+    with transaction(session_factory(engine)) as session:
+        scan = add_scan(session, 1, ScanState.REPORTED, format="dicom")
+        outbox.enqueue(session, scan.id, [NewItem("sr", "pacs", error="source_without_study: SYNTHETIC")])
+    engine.dispose()
+    retried = runner.invoke(medcli, ["outbox", "retry", "1", "--json", *dirs])
+    assert retried.exit_code == 0, retried.output
+    assert json.loads(retried.stdout) == {
+        "pending_again": 0,
+        "left_alone": [{"id": 1, "why": "is dead with no object to send (source_without_study: SYNTHETIC)"}],
+        "pending_unconfigured": {},
+    }
+    purged = runner.invoke(medcli, ["outbox", "purge", "--status", "dead", "--json", *dirs])
+    assert json.loads(purged.stdout) == {"purged": 1, "statuses": ["dead"], "files_removed": 0}

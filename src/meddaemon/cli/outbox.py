@@ -80,8 +80,9 @@ def list_(config_file: Path | None, status: str | None, limit: int, as_json: boo
 @settings_options
 @click.argument("ids", nargs=-1, type=int)
 @click.option("--all-dead", is_flag=True, help="Every dead item (whose object was written).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def retry(config_file: Path | None, ids: tuple[int, ...], all_dead: bool, **flags: object) -> None:
+def retry(config_file: Path | None, ids: tuple[int, ...], all_dead: bool, as_json: bool, **flags: object) -> None:
     """Dead items pending again, due now, their attempts counted afresh (the daemon sends them)."""
     from meddaemon.dicom import outbox as box
 
@@ -101,6 +102,10 @@ def retry(config_file: Path | None, ids: tuple[int, ...], all_dead: bool, **flag
             waiting = box.pending_unconfigured(session, [d.name for d in settings.destination])
     finally:
         engine.dispose()
+    if as_json:
+        left_alone = [{"id": item_id, "why": why} for item_id, why in left]
+        echo_json({"pending_again": count, "left_alone": left_alone, "pending_unconfigured": waiting})
+        return
     for item_id, why in left:
         click.echo(f"item {item_id} {escape_controls(why)}: left as it is")
     click.echo(f"{count} item(s) pending again")
@@ -129,8 +134,11 @@ def retry(config_file: Path | None, ids: tuple[int, ...], all_dead: bool, **flag
     show_default=True,
     help="Only items created more than N days ago (0: all of them).",
 )
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def purge(config_file: Path | None, statuses: tuple[str, ...], older_than_days: float, **flags: object) -> None:
+def purge(
+    config_file: Path | None, statuses: tuple[str, ...], older_than_days: float, as_json: bool, **flags: object
+) -> None:
     """Forget delivered (or dead) items and remove their object files; pending ones are never purged."""
     from meddaemon.dicom import outbox as box
 
@@ -144,6 +152,9 @@ def purge(config_file: Path | None, statuses: tuple[str, ...], older_than_days: 
     for stored in purged.unreferenced:
         with contextlib.suppress(FileNotFoundError):
             settings.stored_file(stored).unlink()
+    if as_json:
+        echo_json({"purged": purged.items, "statuses": list(statuses), "files_removed": len(purged.unreferenced)})
+        return
     click.echo(
         f"purged {purged.items} item(s) ({', '.join(statuses)}); {len(purged.unreferenced)} object file(s) removed"
     )
