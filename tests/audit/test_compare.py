@@ -72,6 +72,12 @@ def test_shift_compares_each_window_and_says_when_a_window_has_one_class():
     expected = roc_auc_score(y[200:], probs[200:, 1]) - roc_auc_score(y[:200], probs[:200, 1])
     assert s.auc_change.value == pytest.approx(expected)
     assert 0 <= s.p_value <= 1
+    # both windows' intervals DeLong's own: DeLong's variances, and the test named so
+    assert min(s.a.positives, s.a.negatives, s.b.positives, s.b.negatives) >= 30
+    se = np.sqrt(s.a.auc_variance + s.b.auc_variance)
+    assert s.auc_change.upper - s.auc_change.value == pytest.approx(1.959964 * se, rel=1e-5)
+    assert s.auc_change.method == "delong-unpaired"
+    assert s.as_dict()["test"] == "unpaired DeLong (independent windows), two-sided"
     [empty] = shift(cohort, days, Window.parse("2026-01-01..2026-01-31"), Window.parse("2027-01-01..2027-01-31"))
     assert isinstance(empty.auc_change, Undefined) and "no labelled scans" in empty.auc_change.reason
 
@@ -112,19 +118,3 @@ def test_a_window_at_auc_1_weighs_as_much_as_its_own_interval_says():
     assert s.p_value > 0.05
     # not DeLong's test, and said so (it was named "unpaired DeLong" whatever variance it used)
     assert s.auc_change.method == "interval-unpaired" and s.as_dict()["test"].startswith("unpaired z-test")
-
-
-def test_two_large_windows_are_compared_with_delong_s_variances_and_named_so():
-    y, probs = covid(n=400, seed=3)
-    names = [f"s{i}.png" for i in range(400)]
-    cohort, _ = join(
-        stored_predictions("covid", names, probs=probs),
-        label_table([(nm, {"covid" if t else "normal"}, None, {}) for nm, t in zip(names, y, strict=True)]),
-    )
-    days = np.array(["2026-01-15" if i < 200 else "2026-05-15" for i in range(400)], dtype=object)
-    [s] = shift(cohort, days, Window.parse("2026-01-01..2026-01-31"), Window.parse("2026-05-01..2026-05-31"))
-    assert min(s.a.positives, s.a.negatives, s.b.positives, s.b.negatives) >= 30  # DeLong's own intervals
-    se = np.sqrt(s.a.auc_variance + s.b.auc_variance)
-    assert s.auc_change.upper - s.auc_change.value == pytest.approx(1.959964 * se, rel=1e-5)
-    assert s.auc_change.method == "delong-unpaired"
-    assert s.as_dict()["test"] == "unpaired DeLong (independent windows), two-sided"

@@ -84,20 +84,7 @@ def test_a_dead_item_with_no_object_is_named_by_retry_and_purge_counts_the_items
     """Retrying an item born dead (its object could not be made: no file) said "0 item(s) pending
     again" and nothing else; purging dead items said "purged; 0 object file(s) removed" after
     forgetting them."""
-    state = tmp_path / "state"
-    dirs = ["--state-dir", str(state)]
-    runner = CliRunner()
-    assert runner.invoke(medcli, ["db", "upgrade", *dirs]).exit_code == 0
-    engine = create_db_engine(f"sqlite:///{state / 'meddaemon.db'}")
-    from meddaemon.daemon.bookkeeper import ensure_tasks
-    from meddaemon.engine.tasks import all_tasks
-
-    with transaction(session_factory(engine)) as session:
-        ensure_tasks(session, all_tasks({}))
-    with transaction(session_factory(engine)) as session:
-        scan = add_scan(session, 1, ScanState.REPORTED, format="dicom")
-        assert outbox.enqueue(session, scan.id, [NewItem("sr", "pacs", error="source_without_study: SYNTHETIC")]) == 1
-    engine.dispose()
+    dirs, runner = one_item_born_dead(tmp_path), CliRunner()
     retried = runner.invoke(medcli, ["outbox", "retry", "1", *dirs])
     assert retried.exit_code == 0, retried.output
     assert "item 1 is dead with no object to send (source_without_study: SYNTHETIC): left as it is" in retried.stdout
@@ -107,19 +94,7 @@ def test_a_dead_item_with_no_object_is_named_by_retry_and_purge_counts_the_items
 
 def test_retry_and_purge_answer_in_json_for_scripts(tmp_path: Path):
     """Their --json was "No such option", exit 2, where `medcli retry` and `outbox list` had one."""
-    dirs = ["--state-dir", str(tmp_path / "state")]
-    runner = CliRunner()
-    assert runner.invoke(medcli, ["db", "upgrade", *dirs]).exit_code == 0
-    engine = create_db_engine(f"sqlite:///{tmp_path / 'state' / 'meddaemon.db'}")
-    from meddaemon.daemon.bookkeeper import ensure_tasks
-    from meddaemon.engine.tasks import all_tasks
-
-    with transaction(session_factory(engine)) as session:
-        ensure_tasks(session, all_tasks({}))
-    with transaction(session_factory(engine)) as session:
-        scan = add_scan(session, 1, ScanState.REPORTED, format="dicom")
-        outbox.enqueue(session, scan.id, [NewItem("sr", "pacs", error="source_without_study: SYNTHETIC")])
-    engine.dispose()
+    dirs, runner = one_item_born_dead(tmp_path), CliRunner()
     retried = runner.invoke(medcli, ["outbox", "retry", "1", "--json", *dirs])
     assert retried.exit_code == 0, retried.output
     assert json.loads(retried.stdout) == {
@@ -129,3 +104,21 @@ def test_retry_and_purge_answer_in_json_for_scripts(tmp_path: Path):
     }
     purged = runner.invoke(medcli, ["outbox", "purge", "--status", "dead", "--json", *dirs])
     assert json.loads(purged.stdout) == {"purged": 1, "statuses": ["dead"], "files_removed": 0}
+
+
+def one_item_born_dead(tmp_path: Path) -> list[str]:
+    """A database with one SYNTHETIC scan whose one outbox item could not be made (no study): its
+    state directory's flags."""
+    from meddaemon.daemon.bookkeeper import ensure_tasks
+    from meddaemon.engine.tasks import all_tasks
+
+    dirs = ["--state-dir", str(tmp_path / "state")]
+    assert CliRunner().invoke(medcli, ["db", "upgrade", *dirs]).exit_code == 0
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'state' / 'meddaemon.db'}")
+    with transaction(session_factory(engine)) as session:
+        ensure_tasks(session, all_tasks({}))
+    with transaction(session_factory(engine)) as session:
+        scan = add_scan(session, 1, ScanState.REPORTED, format="dicom")
+        assert outbox.enqueue(session, scan.id, [NewItem("sr", "pacs", error="source_without_study: SYNTHETIC")]) == 1
+    engine.dispose()
+    return dirs

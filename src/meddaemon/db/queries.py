@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ScalarSelect, func, select
+from sqlalchemy import ScalarSelect, and_, func, outerjoin, select
 from sqlalchemy.orm import Session, aliased
 
 from meddaemon.db.models import DuplicateArrival, ModelVersion, Result, Scan, ScanEvent, Task, utcnow
@@ -98,21 +98,13 @@ def status_summary(session: Session, recent: int = 10, now: datetime | None = No
 
 def moves_waiting(session: Session) -> tuple[int, datetime | None]:
     """Files whose move is committed and not yet carried out (into archive/ or failed/, or out of the
-    inbox), and since when the oldest has waited: held back by a folder the daemons cannot write or a
-    disk below its reserve, they are tried again at each rescan."""
-    # since the scan entered its state, the step that committed its move: ``updated_at`` moved with
-    # every later write (a daemon's stop gave back its claims), and a restart made the moves new
-    entered = (
-        select(ScanEvent.scan_id, func.max(ScanEvent.at).label("at"))
-        .join(Scan, Scan.id == ScanEvent.scan_id)
-        .where(Scan.pending_move_from.is_not(None), ScanEvent.state == Scan.state)
-        .group_by(ScanEvent.scan_id)
-        .subquery()
-    )
+    inbox), and since when the oldest has waited (since its scan entered its state: the step that
+    committed the move): held back by a folder the daemons cannot write or a disk below its reserve,
+    they are tried again at each rescan."""
+    held = Scan.pending_move_from.is_not(None)
+    entered, scans_with_it = _entered_state(held)
     scans, scans_since = session.execute(
-        select(func.count(), func.min(func.coalesce(entered.c.at, Scan.updated_at)))
-        .outerjoin(entered, entered.c.scan_id == Scan.id)
-        .where(Scan.pending_move_from.is_not(None))
+        select(func.count(), func.min(entered)).select_from(scans_with_it).where(held)
     ).one()
     duplicate = DuplicateArrival
     duplicates, duplicates_since = session.execute(
@@ -123,22 +115,12 @@ def moves_waiting(session: Session) -> tuple[int, datetime | None]:
 
 
 def waiting_since(session: Session, states: Sequence[str]) -> dict[str, datetime]:
-    """For each of ``states``, when its longest-waiting scan entered it: that scan's latest event
-    into the state (``updated_at`` moves with every claim: a report failing and tried again every
-    30 s kept its scan 30 s old for ever, and health never called the queue stuck)."""
-    entered = (
-        select(ScanEvent.scan_id, func.max(ScanEvent.at).label("at"))
-        .join(Scan, Scan.id == ScanEvent.scan_id)
-        .where(Scan.state.in_(states), ScanEvent.state == Scan.state)
-        .group_by(ScanEvent.scan_id)
-        .subquery()
-    )
-    since = func.min(func.coalesce(entered.c.at, Scan.updated_at))
+    """For each of ``states``, when its longest-waiting scan entered it (a report failing and tried
+    again every 30 s kept its scan 30 s old for ever, and health never called the queue stuck)."""
+    waiting = Scan.state.in_(states)
+    entered, scans_with_it = _entered_state(waiting)
     rows = session.execute(
-        select(Scan.state, since)
-        .outerjoin(entered, entered.c.scan_id == Scan.id)
-        .where(Scan.state.in_(states))
-        .group_by(Scan.state)
+        select(Scan.state, func.min(entered)).select_from(scans_with_it).where(waiting).group_by(Scan.state)
     )
     return {str(state): at for state, at in rows if at is not None}
 
@@ -147,31 +129,29 @@ def waiting_for_an_active_model(session: Session) -> dict[str, tuple[int, dateti
     """Tasks whose scans wait in ``waiting_model`` though the task has an active version (none
     of the daemons could load it: refused, or failing to load), with how many and since when."""
     active = select(ModelVersion.task_name).where(ModelVersion.status == "active")
-    counts = dict(
-        session.execute(
-            select(Scan.task_name, func.count())
-            .where(Scan.state == "waiting_model", Scan.task_name.in_(active))
-            .group_by(Scan.task_name)
-        ).all()
+    waiting = and_(Scan.state == "waiting_model", Scan.task_name.in_(active))
+    entered, scans_with_it = _entered_state(waiting)
+    rows = session.execute(
+        select(Scan.task_name, func.count(), func.min(entered))
+        .select_from(scans_with_it)
+        .where(waiting)
+        .group_by(Scan.task_name)
     )
-    if not counts:
-        return {}
+    return {str(task): (int(n), at) for task, n, at in rows}
+
+
+def _entered_state(*where: Any) -> tuple[Any, Any]:
+    """For the scans ``where`` selects: when each entered its current state (its latest event into
+    it, ``updated_at`` where it has none), and the scans joined to what gives it. ``updated_at``
+    itself moves with every later write: each claim, a daemon's stop giving its claims back."""
     entered = (
         select(ScanEvent.scan_id, func.max(ScanEvent.at).label("at"))
         .join(Scan, Scan.id == ScanEvent.scan_id)
-        .where(Scan.state == "waiting_model", ScanEvent.state == "waiting_model", Scan.task_name.in_(active))
+        .where(*where, ScanEvent.state == Scan.state)
         .group_by(ScanEvent.scan_id)
         .subquery()
     )
-    since = dict(
-        session.execute(
-            select(Scan.task_name, func.min(func.coalesce(entered.c.at, Scan.updated_at)))
-            .outerjoin(entered, entered.c.scan_id == Scan.id)
-            .where(Scan.state == "waiting_model", Scan.task_name.in_(active))
-            .group_by(Scan.task_name)
-        ).all()
-    )
-    return {str(task): (int(n), since[task]) for task, n in counts.items()}
+    return func.coalesce(entered.c.at, Scan.updated_at), outerjoin(Scan, entered, entered.c.scan_id == Scan.id)
 
 
 def tasks_without_model(session: Session) -> dict[str, int]:
