@@ -902,9 +902,23 @@ def _validate_dicom_out(s: Settings, known: Mapping[str, TaskSpec], fail: Any) -
                 fail("destination", f"destination {d.name!r} names unknown task {task!r}; known: {sorted(known)}")
         if d.timeout_seconds <= 0 or d.keep_open_seconds < 0:
             fail("destination", f"destination {d.name!r}: timeout_seconds must be > 0 and keep_open_seconds >= 0")
-        if d.ca_file and (d.kind != "dicomweb" or not Path(d.ca_file).is_file()):
-            why = "is for a dicomweb destination" if d.kind != "dicomweb" else f"{d.ca_file} is not a file"
-            fail("destination", f"destination {d.name!r}: ca_file {why}")
+        if d.ca_file:
+            why = _ca_file_unusable(d)
+            if why:
+                fail("destination", f"destination {d.name!r}: ca_file {why}")
+
+
+def _ca_file_unusable(d: DestinationConfig) -> str | None:
+    """Why a destination's ``ca_file`` cannot be used, or None: each send failed as a TLS handshake."""
+    if d.kind != "dicomweb" or not d.url.lower().startswith("https://"):
+        return "is for a dicomweb destination whose url is https"
+    try:
+        text = Path(d.ca_file).read_bytes()
+    except OSError as exc:
+        return f"{d.ca_file} cannot be read ({exc.strerror or type(exc).__name__})"
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        return f"{d.ca_file} holds no certificate in PEM (-----BEGIN CERTIFICATE-----)"
+    return None
 
 
 def _validate_dicom_in(s: Settings, fail: Any) -> None:

@@ -67,7 +67,7 @@ def test_a_relative_folder_destination_and_tls_files_are_relative_to_the_config_
         '[[destination]]\nname = "archive"\nkind = "folder"\npath = "/mnt/archive"\n'
         '[[destination]]\nname = "web"\nkind = "dicomweb"\nurl = "https://pacs/dicom-web"\nca_file = "tls/ca.pem"\n'
     )
-    (etc / "tls" / "ca.pem").write_text("SYNTHETIC, not a certificate")
+    (etc / "tls" / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\nSYNTHETIC\n-----END CERTIFICATE-----\n")
     s = settings_from(etc, text)
     assert [d.path for d in s.destination] == [str(etc / "pacs-share"), "/mnt/archive", ""]
     assert s.destination[2].ca_file == str(etc / "tls" / "ca.pem")
@@ -99,11 +99,19 @@ def test_the_defaults_write_every_output_and_send_nowhere():
         ('dicom_outputs = ["sr", "seg"]\n', "unknown DICOM outputs \\['seg'\\]"),
         (
             '[[destination]]\nname = "x"\nkind = "dicomweb"\nurl = "https://h/"\nca_file = "/nowhere.pem"\n',
-            "ca_file /nowhere.pem is not a file",
+            "ca_file /nowhere.pem cannot be read",
         ),
         (
-            '[[destination]]\nname = "x"\nkind = "folder"\npath = "/p"\nca_file = "/etc/hostname"\n',
-            "ca_file is for a dicomweb destination",
+            '[[destination]]\nname = "x"\nkind = "dicomweb"\nurl = "https://h/"\nca_file = "/proc/version"\n',
+            "ca_file /proc/version holds no certificate in PEM",
+        ),
+        (
+            '[[destination]]\nname = "x"\nkind = "dicomweb"\nurl = "http://h/"\nca_file = "/proc/version"\n',
+            "ca_file is for a dicomweb destination whose url is https",
+        ),
+        (
+            '[[destination]]\nname = "x"\nkind = "folder"\npath = "/p"\nca_file = "/proc/version"\n',
+            "ca_file is for a dicomweb destination whose url is https",
         ),
         ('[task_dicom_outputs]\nknee = ["sr"]\n', "unknown task 'knee'"),
         ('dicom_uid_root = "1.2.x"\n', "is not a UID root"),

@@ -70,6 +70,25 @@ def test_objects_refused_for_good_lately_degrade_health_though_nothing_is_pendin
     assert later.status == "ok"  # the born-dead PDF (no study) never counts: it was never sent
 
 
+def test_objects_settled_dead_for_a_destination_taken_out_of_the_configuration_do_not_degrade_health(
+    sessions, db_url, make_settings
+):
+    """Nothing was refused: the destination was removed on purpose, and `retry --all-dead`, the
+    advice given, could not end the alarm."""
+    from meddaemon.dicom.outbox import settle_unconfigured
+
+    queue_one_waiting_for(sessions, 60)
+    with transaction(sessions) as session:  # backing off after an outage when the destination was removed
+        session.execute(update(OutboxItem).values(attempts=2, next_attempt_at=read_db_clock(session) + 3600))
+        assert settle_unconfigured(session, ["new"], 999) == {"pacs": 1}
+    reader = read_only_engine(db_url)
+    try:
+        health = check_health(reader, make_settings(db=db_url), HealthLimits(min_free_bytes=0)).check("outbox")
+    finally:
+        reader.dispose()
+    assert health.status == "ok", health.message
+
+
 def test_an_item_dead_for_days_and_retried_waits_from_its_retry_not_from_its_creation(sessions, db_url, make_settings):
     """``medcli outbox retry`` of an output dead for two days made health ``degraded`` at once, the
     queue's oldest pending age taken from the row's creation."""

@@ -395,13 +395,26 @@ def test_stow_rs_transport_failures_say_why_in_words(objects: list[Path], tmp_pa
                     "-nodes", "-keyout", str(key), "-days", "1", "-subj", "/CN=127.0.0.1",
                     "-addext", "subjectAltName=IP:127.0.0.1", "-out", str(cert)],
                    check=True, capture_output=True, timeout=60)  # fmt: skip
+    other, _ = tmp_path / "other.pem", tmp_path / "other.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(tmp_path / "other.key"), "-days", "1", "-subj", "/CN=other",
+                    "-out", str(other)], check=True, capture_output=True, timeout=60)  # fmt: skip
     stow = ScriptedStow(tls=(cert, key))
     try:
         [untrusted] = StowSender(DestinationConfig(**stow.destination())).send(objects[:1])  # type: ignore[arg-type]
+        wrong_ca = StowSender(DestinationConfig(**stow.destination(), ca_file=str(other)))  # type: ignore[arg-type]
+        [not_signed] = wrong_ca.send(objects[:1])
+        by_name = {**stow.destination(), "url": stow.url.replace("127.0.0.1", "localhost"), "ca_file": str(cert)}
+        [other_name] = StowSender(DestinationConfig(**by_name)).send(objects[:1])  # type: ignore[arg-type]
         trusted = StowSender(DestinationConfig(**stow.destination(), ca_file=str(cert)))  # type: ignore[arg-type]
         [delivered] = trusted.send(objects[:1])
     finally:
         stow.stop()
+    assert (
+        not_signed.detail
+        == f"STOW-RS SSLError: its TLS certificate is not signed by the destination's ca_file ({other})"
+    )
+    assert other_name.detail == "STOW-RS SSLError: its TLS certificate is for another host name than the URL's"
     assert untrusted.detail == "STOW-RS SSLError: its TLS certificate is not trusted " + (
         "(a hospital's own CA: give it as the destination's ca_file)"
     )

@@ -55,6 +55,8 @@ def test_a_map_that_marks_no_part_of_the_image_is_flat_and_one_that_marks_some_i
     np.save(tmp_path / "older.npy", np.zeros((224, 224), np.float32))  # an older version's whole map, a file
     assert map_is_flat(tmp_path / "older.npy")
     assert not map_is_flat(b"SYNTHETIC: not a .npy") and not map_is_flat(tmp_path / "gone.npy")
+    np.save(tmp_path / "text.npy", np.array(["SYNTHETIC"]), allow_pickle=False)
+    assert not map_is_flat(b"") and not map_is_flat(tmp_path / "text.npy")  # damage: EOFError, a type error
 
 
 def test_a_grid_is_kept_as_the_bytes_np_save_writes(tmp_path: Path) -> None:

@@ -336,6 +336,8 @@ def recently_dead(session: Session, seconds: float) -> list[DeadLately]:
         OutboxItem.path.is_not(None),
         OutboxItem.attempts > 0,
         OutboxItem.next_attempt_at >= since,
+        # a destination taken out of the configuration refused nothing: its rows are settled dead
+        or_(OutboxItem.last_error.is_(None), OutboxItem.last_error.not_like(_not_configured("%"))),
     )
     by_destination = select(OutboxItem.destination, func.count(), func.max(OutboxItem.id)).where(went)
     counts = session.execute(by_destination.group_by(OutboxItem.destination)).all()

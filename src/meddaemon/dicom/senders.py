@@ -450,6 +450,10 @@ class StowSender:
         root = getattr(cause, "reason", cause)
         text = f"{type(root).__name__}: {root}"
         if isinstance(exc, requests.exceptions.SSLError):
+            if "mismatch" in text or "doesn't match" in text:
+                return "its TLS certificate is for another host name than the URL's"
+            if "CERTIFICATE_VERIFY_FAILED" in text and self.destination.ca_file:
+                return f"its TLS certificate is not signed by the destination's ca_file ({self.destination.ca_file})"
             if "CERTIFICATE_VERIFY_FAILED" in text:
                 return "its TLS certificate is not trusted (a hospital's own CA: give it as the destination's ca_file)"
             return "the TLS handshake failed"

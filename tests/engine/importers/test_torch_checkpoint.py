@@ -207,7 +207,10 @@ def test_a_whole_pickled_model_is_refused_with_how_to_save_a_state_dict(tmp_path
     assert "MobileNetV2" in error.message and "torch.save(model.state_dict()" in error.message
 
 
-def test_a_global_name_damaged_in_place_is_damage_not_code_needed_and_prints_no_raw_bytes(tmp_path: Path):
+@pytest.mark.parametrize("damage", [b"S" * 20, b" "], ids=["bytes", "a space"])
+def test_a_global_name_damaged_in_place_is_damage_not_code_needed_and_prints_no_raw_bytes(
+    tmp_path: Path, damage: bytes
+):
     """Bytes flipped inside ``torch._utils._rebuild_tensor_v2`` read "holds an object of
     torch._utils._reSSSS...X\x07\x00...": control bytes on the terminal, and the wrong reason."""
     path = tmp_path / "flipped.pth"
@@ -218,7 +221,7 @@ def test_a_global_name_damaged_in_place_is_damage_not_code_needed_and_prints_no_
         for info, data in members:
             if info.filename.endswith("data.pkl"):
                 at = data.index(b"_rebuild_tensor_v2") + 3
-                data = data[:at] + b"S" * 20 + data[at + 20 :]
+                data = data[:at] + damage + data[at + len(damage) :]
             damaged.writestr(info, data)
     error = refused(path, tmp_path, architecture="small_cnn", format="torch")
     assert error.reason == "unreadable_weights", error.message

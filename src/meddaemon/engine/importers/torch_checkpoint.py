@@ -114,9 +114,10 @@ def read_state_dict(path: Path, fmt: str = "torch") -> tuple[dict[str, Tensor], 
 
 #: how torch's weights-only unpickler names what it refused to build: a class or function of a module
 #: it allows none of, or of a module it blocks outright (``os``, ``posix``)
-_REFUSED_GLOBAL = (
+_REFUSED_GLOBAL = (  # the name up to torch's words after it: damage may have put a space inside it
+    re.compile(r"Unsupported global: GLOBAL (.+?) was not an allowed global"),
     re.compile(r"Unsupported global: GLOBAL (\S+)"),
-    re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked"),
+    re.compile(r"unsupported GLOBAL (.+?) whose module \S+ is blocked"),
 )
 
 
