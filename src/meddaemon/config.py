@@ -99,7 +99,8 @@ class DestinationConfig:
     #: ``dicom``: an association is kept open this long after its last C-STORE (0: one per round)
     keep_open_seconds: float = 5.0
     #: ``dicomweb`` over https: the CA certificate(s), PEM, its certificate is checked against (a
-    #: hospital's own CA); empty: the certificates of the public CAs (certifi's)
+    #: hospital's own CA), whatever ``REQUESTS_CA_BUNDLE`` says; empty: requests' own choice (that
+    #: variable where set, else the public CAs', certifi's)
     ca_file: str = ""
 
     def receives(self, task: str, kind: str) -> bool:
