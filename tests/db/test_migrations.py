@@ -110,6 +110,42 @@ def test_a_database_holding_another_application_s_tables_is_refused_and_left_as_
     engine.dispose()
 
 
+@pytest.mark.parametrize("revision", ["0005", "0016"])
+def test_another_application_numbering_its_revisions_as_meddaemon_does_is_still_another_application(db_url, revision):
+    """Its `0005` read as "schema older than this meddaemon", and the upgrade advised ended in a
+    traceback (no table scans); its `0016` as "database unavailable: no such table"."""
+    engine = create_db_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE patients (id INTEGER)"))
+        conn.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)"))
+        conn.execute(text(f"INSERT INTO alembic_version VALUES ('{revision}')"))
+    for check in (upgrade, require_current):
+        with pytest.raises(ForeignDatabase, match=f"at Alembic revision {revision} and holds none of meddaemon's"):
+            check(engine)
+    assert set(inspect(engine).get_table_names()) == {"patients", "alembic_version"}
+    engine.dispose()
+
+
+def test_another_application_s_sqlite_file_is_not_switched_to_wal(tmp_path):
+    """Write-ahead logging persists in the file: it was switched before the file was refused."""
+    import sqlite3
+
+    path = tmp_path / "theirs.db"
+    with sqlite3.connect(path) as theirs:
+        theirs.execute("CREATE TABLE patients (id INTEGER)")
+    engine = create_db_engine(f"sqlite:///{path}")
+    with pytest.raises(ForeignDatabase):
+        upgrade(engine)
+    engine.dispose()
+    with sqlite3.connect(path) as theirs:
+        assert theirs.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    ours = create_db_engine(f"sqlite:///{tmp_path / 'ours.db'}")
+    upgrade(ours)
+    with ours.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    ours.dispose()
+
+
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_table_an_extension_owns_is_not_another_application_s(db_url):
     """PostGIS keeps ``spatial_ref_sys`` in the public schema: a database with the extension is empty

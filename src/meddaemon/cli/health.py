@@ -65,13 +65,16 @@ def health(
     as_json: bool,
     **flags: object,
 ) -> None:
-    """Check the database, the daemons' heartbeats, the queue, failures, the DICOM receiver (a C-ECHO,
-    when dicom_port is set) and disk space; writes nothing.
+    """Check the database, the daemons' heartbeats, the queue, failures, the DICOM outbox, file
+    moves, the DICOM receiver (a C-ECHO, when dicom_port is set), the watch folder and disk space;
+    writes nothing.
 
     Exit code 0: healthy; 1: degraded (a daemon past its lease or, on this node, whose process is
-    gone, a daemon lost lately, a stuck queue, many failures, low disk, a schema behind, a DICOM
-    receiver refusing every instance for want of disk); 2: down
-    (database unreachable, no daemon alive, or the DICOM receiver does not answer) or bad usage.
+    gone, a daemon lost lately, a stuck queue or an active model no daemon serves, many failures,
+    DICOM outputs stuck or gone dead lately, file moves held back, the watch folder gone, low disk,
+    a schema behind, a DICOM receiver refusing every instance for want of disk); 2: down (database
+    unreachable, another application's or newer than this meddaemon, no daemon alive, or the DICOM
+    receiver does not answer) or bad usage.
     """
     settings = build_settings(config_file, **flags)
     if this_node_flag:

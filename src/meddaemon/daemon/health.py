@@ -31,6 +31,7 @@ from meddaemon.db.migrate import (
     alembic_config,
     current_revision,
     head_revision,
+    refuse_a_revision_without_our_tables,
     refuse_others_tables,
 )
 from meddaemon.db.models import DaemonInstance, Scan, utcnow
@@ -163,10 +164,13 @@ def _database(engine: Engine) -> Check:
         return Check("database", DOWN, f"the database is unreachable: {error_line(exc)}", {"head": head})
     details = {"revision": current, "head": head}
     if current is None:
-        foreign = _others_tables(engine)
+        foreign = _others_tables(engine, None)
         if foreign:
             return Check("database", DOWN, foreign, details)
         return Check("database", DOWN, "the database has no meddaemon schema (no daemon ever started on it)", details)
+    foreign = _others_tables(engine, current)
+    if foreign:
+        return Check("database", DOWN, foreign, details)
     if not OUR_REVISION.fullmatch(current):
         return Check(
             "database",
@@ -192,11 +196,16 @@ def _database(engine: Engine) -> Check:
     )
 
 
-def _others_tables(engine: Engine) -> str | None:
-    """Why a database without meddaemon's schema is another application's (it holds tables), or None."""
+def _others_tables(engine: Engine, revision: str | None) -> str | None:
+    """Why the database is another application's, or None: tables and no meddaemon schema, or a
+    revision numbered as meddaemon's without meddaemon's tables."""
+    url = engine.url.render_as_string(hide_password=False)
     try:
         with engine.connect() as conn:
-            refuse_others_tables(conn, engine.url.render_as_string(hide_password=False))
+            if revision is None:
+                refuse_others_tables(conn, url)
+            elif OUR_REVISION.fullmatch(revision):
+                refuse_a_revision_without_our_tables(conn, url, revision)
     except ForeignDatabase as exc:
         return str(exc)
     return None

@@ -125,7 +125,8 @@ def create_db_engine(url: str, busy_timeout: float = 5.0, limits: ConnectionLimi
     def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
         cursor = dbapi_connection.cursor()
-        enter_wal(cursor, busy_timeout)
+        if _meddaemons_or_empty(cursor):  # WAL persists in the file: another application's is left as it is
+            enter_wal(cursor, busy_timeout)
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
@@ -156,6 +157,13 @@ def answering_connection(seconds: float) -> type:
                 raise psycopg.OperationalError(f"the server did not answer within {seconds:g} s") from None
 
     return AnsweringConnection
+
+
+def _meddaemons_or_empty(cursor: sqlite3.Cursor) -> bool:
+    """Whether a SQLite file holds no table, or meddaemon's (its schema is then made or upgraded):
+    another application's file, which the schema code refuses, was switched to WAL first."""
+    tables = {row[0] for row in cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return not tables or {"alembic_version", "scans"} <= tables
 
 
 def enter_wal(cursor: sqlite3.Cursor, busy_timeout: float) -> None:

@@ -124,6 +124,8 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
             raise _unknown_revision(url, current)
         if current is None:
             refuse_others_tables(conn, url)
+        else:
+            refuse_a_revision_without_our_tables(conn, url, current)
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     return current
@@ -164,6 +166,8 @@ def require_current(engine: Engine) -> None:
             refuse_others_tables(conn, url)
             raise _missing(url)
         current = MigrationContext.configure(conn).get_current_revision()
+        if current is not None and OUR_REVISION.fullmatch(current):
+            refuse_a_revision_without_our_tables(conn, url, current)
     head = head_revision()
     if current == head:
         return
@@ -200,6 +204,18 @@ def refuse_others_tables(conn: Connection, url: str) -> None:
         raise ForeignDatabase(
             f"the database at {database_location(url)} holds tables of another application ({shown}) and no "
             "meddaemon schema; give meddaemon a database of its own (--db, MEDDAEMON_DB)"
+        )
+
+
+def refuse_a_revision_without_our_tables(conn: Connection, url: str, revision: str) -> None:
+    """Another application's Alembic may number its revisions as meddaemon does (``0005``): its
+    database read as meddaemon's "schema older than this meddaemon", and the upgrade advised ended in a
+    traceback (no table ``scans``). Every revision of meddaemon's has ``scans``."""
+    if not inspect(conn).has_table("scans"):
+        raise ForeignDatabase(
+            f"the database at {database_location(url)} is another application's (it is at Alembic revision "
+            f"{revision} and holds none of meddaemon's tables); point the settings (--db, MEDDAEMON_DB) at "
+            "meddaemon's database"
         )
 
 
