@@ -148,6 +148,26 @@ def test_a_rerun_with_heatmaps_after_one_without_adds_the_maps_to_the_results_it
     assert all(np.array_equal(stored(world)[name], p) for name, p in before.items())
 
 
+def test_copies_count_as_files_in_the_maps_added_and_in_images_per_second_and_a_run_without_maps_adds_none(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """Two copies of one image read "N already scored (N - 1 given their heatmaps now)", the copy
+    decoded but left out of images/s; a run without --heatmaps claimed maps another run wrote."""
+    import shutil
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(busi_phantoms, cohort)
+    image = next(p for p in sorted(cohort.rglob("*.png")) if "_mask" not in p.name)
+    shutil.copy(image, image.with_name(f"copy of {image.name}"))  # the same bytes under a second name
+    first = evaluate(world, cohort, workers=0)
+    files = first.summary["files"]
+    with_maps = evaluate(world, cohort, workers=0, heatmaps=True)
+    assert with_maps.summary["heatmaps_added"] == files  # every file has its map now, the copy too
+    other = evaluate(world, busi_phantoms, workers=0, name="other")  # no --heatmaps: maps are not its own
+    assert other.summary["heatmaps_added"] == 0 and other.summary["images_per_second"] is None
+    assert first.summary["scored"] == files - 1 and first.summary["reused"] == 1  # the copy, decoded all the same
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_reruns_with_heatmaps_of_a_version_that_makes_none_score_nothing_again(
     world, busi_phantoms: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -414,7 +434,7 @@ def test_more_than_five_percent_unreadable_stops_with_a_message(world, tmp_path:
     engine.dispose()
 
 
-def test_progress_is_reported_with_images_per_second_up_to_the_whole_cohort(world, busi_phantoms: Path) -> None:
+def test_progress_is_reported_with_files_per_second_up_to_the_whole_cohort(world, busi_phantoms: Path) -> None:
     seen: list[Progress] = []
     engine = world.engine()
     request = EvaluationRequest(path=busi_phantoms, task="busi", workers=0, batch_size=4)
@@ -423,7 +443,7 @@ def test_progress_is_reported_with_images_per_second_up_to_the_whole_cohort(worl
     engine.dispose()
     done = [p.done for p in seen]
     assert len(seen) > 2 and done == sorted(done) and done[-1] == seen[-1].total == 24
-    assert all(p.images_per_second > 0 for p in seen)
+    assert all(p.files_per_second > 0 for p in seen)
 
 
 def test_scans_the_daemon_is_still_working_on_are_left_to_it(world, busi_phantoms: Path) -> None:

@@ -220,7 +220,7 @@ def _audit(db: Any, settings: Any, name: str, require: str | None) -> tuple[Any,
 
 
 class _progress_bar:
-    """The pipeline's progress callback shown on stderr: a rich bar (images/s and ETA) on a terminal,
+    """The pipeline's progress callback shown on stderr: a rich bar (files/s and ETA) on a terminal,
     unless ``--json``; elsewhere (a log file, a CI job) "N of M files" every ``PROGRESS_LINE_SECONDS``
     and at the end, so a long run is seen to move."""
 
@@ -228,7 +228,7 @@ class _progress_bar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(
-            TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} images/s"),
+            TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]} files/s"),
             TimeRemainingColumn(), console=console, transient=True, disable=as_json or not console.is_terminal,
         )  # fmt: skip
         self.task = self.bar.add_task("evaluate", total=None, rate="-")
@@ -239,7 +239,7 @@ class _progress_bar:
         self.bar.__enter__()
 
         def update(progress: Any) -> None:
-            rate = f"{progress.images_per_second:.0f}"
+            rate = f"{progress.files_per_second:.0f}"
             self.bar.update(self.task, completed=progress.done, total=progress.total, rate=rate)
             self.last = (progress.done, progress.total)
             if self.lines is not None:

@@ -94,7 +94,8 @@ class EvaluationRequest:
 class Progress:
     done: int
     total: int
-    images_per_second: float
+    #: files done a second, those only hashed (already scored) among them
+    files_per_second: float
 
 
 ProgressFn = Callable[[Progress], None]
@@ -487,8 +488,8 @@ class Writer:
         self.total = len(prepared.cohort.files)
         self.pending: list[tuple[FileOutcome, Future | None]] = []
         self.done = 0
-        #: files decoded and run through the model (scored, or given the heatmaps they lacked): the
-        #: files only hashed (already scored) would make a rerun's images/s that of hashing
+        #: files decoded and run through the model (scored, a copy of a file scored in the run, or
+        #: given the heatmaps they lacked): the files only hashed would make a rerun's images/s that of hashing
         self.forwarded = 0
         self.failed = 0
         self.not_images = 0
@@ -511,7 +512,7 @@ class Writer:
             outcomes = [o for o, _ in batch if o.read.path not in unwritten]
             counts = with_unique_retry(lambda outcomes=outcomes: self._record(outcomes), _log_recorded_first)
             self.done += len(outcomes) - len(counts.redo)
-            self.forwarded += counts.scored + counts.mapped
+            self.forwarded += counts.forwarded
             self.failed += counts.failed
             self.not_images += counts.not_images
             self.last_flush = time.monotonic()

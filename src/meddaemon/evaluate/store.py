@@ -114,8 +114,9 @@ class ChunkCounts:
     #: of ``skipped``, the files that are no image at all (``NOT_AN_IMAGE``)
     not_images: int = 0
     failures: Counter[str] = field(default_factory=Counter)
-    #: of ``reused``, the scans given now the heatmaps a run without ``--heatmaps`` left out
-    mapped: int = 0
+    #: files decoded and run through the model in this run (scored, a copy of a file scored in it,
+    #: or given the heatmaps a run without ``--heatmaps`` left out): images/s counts these
+    forwarded: int = 0
     #: known bytes whose scan holds no results of the version after all (a 64-bit prefix collision,
     #: or the scan was deleted): not written, to be decoded and scored
     redo: list[FileRead] = field(default_factory=list)
@@ -297,7 +298,7 @@ def record_chunk(
     ids |= _insert_scans(session, evaluation, list(new_scans.values()), now)
     _insert_results(session, version, [(ids[sha], o) for sha, o in result_for.items()], now, state_dir)
     _insert_heatmaps(session, version, [(ids[sha], o) for sha, o in maps_for.items()], now, state_dir)
-    counts.mapped = len(maps_for)
+    counts.forwarded = sum(1 for o in outcomes if o.probabilities is not None and o.read.failure is None)
     for row, sha in zip(file_rows, scan_of_file, strict=True):
         row["scan_id"] = ids.get(sha) if sha else None
     paths = [r["path"] for r in file_rows]
@@ -335,10 +336,14 @@ def left_to_daemon(session: Session, evaluation_id: int) -> int:
 
 
 def heatmaps_added(session: Session, evaluation: Evaluation) -> int:
-    """The scans of the run's reused files whose results, stored before the run began, were given
-    heatmaps in it."""
+    """The run's reused files whose results, stored before the run began, were given heatmaps in it
+    (files, as "already scored" counts them: two copies of one image are two). A run without
+    ``--heatmaps`` gave none, whatever another run wrote meanwhile."""
+    if not (evaluation.parameters or {}).get("heatmaps"):
+        return 0
     query = (
-        select(func.count(func.distinct(Result.scan_id)))
+        select(func.count(func.distinct(EvaluationFile.id)))
+        .select_from(Result)
         .join(Heatmap, Heatmap.result_id == Result.id)
         .join(EvaluationFile, EvaluationFile.scan_id == Result.scan_id)
         .where(
