@@ -77,6 +77,44 @@ def write_cff_font(path: Path) -> Path:
     return path
 
 
+def write_truetype_font(path: Path, characters: str) -> Path:
+    """A SYNTHETIC TrueType font whose every glyph, one for each of ``characters``, is a triangle."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    names = [f"g{ord(char):04x}" for char in characters]
+    pen = TTGlyphPen(None)
+    pen.moveTo((0, 0))
+    pen.lineTo((500, 0))
+    pen.lineTo((250, 700))
+    pen.closePath()
+    triangle = pen.glyph()
+    builder = FontBuilder(1000, isTTF=True)
+    builder.setupGlyphOrder([".notdef", *names])
+    builder.setupCharacterMap({ord(char): name for char, name in zip(characters, names, strict=True)})
+    builder.setupGlyf({".notdef": TTGlyphPen(None).glyph(), **{name: triangle for name in names}})
+    builder.setupHorizontalMetrics({name: (500, 0) for name in [".notdef", *names]})
+    builder.setupHorizontalHeader(ascent=800, descent=-200)
+    builder.setupNameTable({"familyName": "Synthetic TT", "styleName": "Regular"})
+    builder.setupOS2()
+    builder.setupPost()
+    builder.save(str(path))
+    return path
+
+
+def test_a_report_font_without_the_latin_letters_of_the_report_s_own_words_is_refused(tmp_path: Path):
+    """A CJK font (Droid Sans Fallback has no "A" nor "0") was taken: every report's title, finding
+    and numbers came out blank, only the patient's name drawn, and no "[?]" said so (text in ASCII
+    was never checked). A font that has Latin as well as the script needed is taken."""
+    cjk_only = write_truetype_font(tmp_path / "synthetic-cjk.ttf", "山田太郎やまだ")
+    env = {"MEDDAEMON_STATE_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError, match=r"reports_font.*no glyph for 72 .*'a'.*blank.*Latin as well"):
+        load_settings(env={**env, "MEDDAEMON_REPORTS_FONT": str(cjk_only)})
+    printable = "".join(chr(code) for code in range(0x20, 0x7F))
+    both = write_truetype_font(tmp_path / "synthetic-latin-cjk.ttf", printable + "山田太郎やまだ")
+    assert load_settings(env={**env, "MEDDAEMON_REPORTS_FONT": str(both)}).reports_font == str(both)
+
+
 def test_a_report_font_reportlab_cannot_draw_with_is_refused_with_the_settings(tmp_path: Path):
     """Only the file's existence was checked: with an OpenType font of PostScript outlines every
     report failed (TTFError), the daemon's scans never left inferred, medcli report printed a traceback."""

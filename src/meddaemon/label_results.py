@@ -35,6 +35,14 @@ class LabelResult:
         return self.grid if self.grid is not None else self.array_path
 
 
+def names_a_class(kind: str, labels: Sequence[str], label: str) -> bool:
+    """Whether a positive call of ``label`` names a class rather than raises a finding: every class
+    of a multiclass model, and a binary model's negative class (its first label: "No IDC",
+    "Normal"), called exactly when its finding is not. Such a call reads "called", in black, never a
+    red "positive" beside a negative finding."""
+    return kind == "multiclass" or (kind == "binary" and len(labels) == 2 and label == labels[0])
+
+
 #: the most decimals ``shown_against`` adds to tell a probability from its threshold
 MORE_PLACES = 4
 

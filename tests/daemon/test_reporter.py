@@ -279,6 +279,39 @@ def test_a_study_report_written_elsewhere_by_hand_never_makes_the_daemon_s_stale
     assert reporter.stats.studies == 1  # the late failure named once, then nothing new
 
 
+def test_a_corrected_instance_sent_again_replaces_its_first_version_in_the_study_report(tmp_path: Path):
+    """A PACS sends a study again, its patient's name corrected: the study report listed both
+    versions of each instance, counted four images where the study has two, and warned that its
+    scans name two patients. The latest version is the study's image; the one it replaced is named,
+    not shown."""
+    daemon = study_dropped(tmp_path)
+    settings = daemon.settings
+    instances = [dcmread(settings.watch / f"synthetic_study_{i}.dcm") for i in (0, 1)]
+    daemon.run(once=True)
+    for i, corrected in enumerate(instances):
+        corrected.PatientName = "SYNTHETIC^Corrected^Name"
+        corrected.save_as(settings.watch / f"synthetic_study_{i}_corrected.dcm")
+    again = Daemon(settings)
+    again.prepare()
+
+    again.run(once=True)
+
+    with daemon.sessions() as session:
+        versions = [
+            session.scalars(select(Scan).where(Scan.sop_instance_uid == each.SOPInstanceUID).order_by(Scan.id)).all()
+            for each in instances
+        ]
+        study = session.scalars(select(Report).where(Report.kind == "study")).one()
+    assert [[scan.state for scan in scans] for scans in versions] == [["archived", "archived"]] * 2
+    text = " ".join(read_pdf(settings.stored_file(study.path))[0].split())
+    assert "2 scans of this study have a result" in text
+    replaced = ", ".join(f"{first.id} (replaced by {latest.id})" for first, latest in versions)
+    assert f"2 earlier versions of instances sent again with other contents: {replaced}." in text
+    for first, latest in versions:
+        assert f"Scan {latest.id}:" in text and f"Scan {first.id}:" not in text
+    assert "different patients" not in text
+
+
 def test_the_study_report_counts_an_image_once_whatever_its_attempts(tmp_path: Path):
     """An image failed, retried and then reported was also listed "without a result" (its failed
     attempt), as was an instance that arrived truncated before it arrived whole; an image that failed

@@ -175,6 +175,23 @@ def test_a_multiclass_top_class_is_called_in_black_not_highlighted_as_a_positive
     assert "positive" in text_drawn_in(pdf, alarm)
 
 
+def test_a_binary_model_s_negative_class_is_called_in_black_never_a_red_positive():
+    """A negative histopathology scan's table read "No IDC 0.502 0.500 positive" in red, under the
+    finding "Invasive ductal carcinoma: negative": the engine calls the negative class when the
+    finding is not, and the table styled that call as an alarm. Only the finding is one."""
+    alarm = tuple(round(c, 3) for c in POSITIVE.rgb())
+    negative = scan_data("histopathology", positives={"idc_negative"})
+    pdf = render_scan(negative, images_for(negative), load_template("histopathology"), report_fonts()).data
+    text = " ".join(read_pdf(pdf)[0].split())
+    assert text_drawn_in(pdf, alarm) == []
+    assert "No IDC 0.900 0.500 called IDC 0.100 0.500 negative" in text
+    positive = scan_data("covid", positives={"covid"})
+    pdf = render_scan(positive, images_for(positive), load_template("covid"), report_fonts()).data
+    text = " ".join(read_pdf(pdf)[0].split())
+    assert "Normal 0.100 0.500 COVID-19 0.900 0.500 positive" in text
+    assert text_drawn_in(pdf, alarm).count("positive") == 1
+
+
 def test_multilabel_has_one_overlay_per_positive_label():
     positives = {"Effusion", "Mass", "Hernia"}
     text, _, images, _ = render(scan_data("chestxray14", positives))

@@ -386,6 +386,38 @@ def test_a_multiclass_top_class_is_called_as_in_the_report_never_positive_agains
     assert '<span class="called">normal</span> 34.0%' in row
 
 
+def test_a_binary_model_s_negative_class_is_called_in_black_never_a_red_positive(fresh_root):
+    """A negative histopathology scan read "No IDC 50.2% 50.0% positive" in red on its page, and red
+    in the worklist: the engine calls the negative class when the finding is not, and the console
+    showed that call as an alarm. As in the PDF: "called", in black; the finding alone is red."""
+    scan = next(s for s in stored_scans(fresh_root) if s.state == "archived" and s.task_name == "busi")
+    engine = create_db_engine(web_settings(fresh_root).db_url)
+    with transaction(session_factory(engine)) as session:
+        binary = ModelVersion(task_name="busi_binary", version="v1", architecture="small_cnn", sha256="ef" * 32,
+                              path="models/busi_binary/v1", status="registered",
+                              manifest={"kind": "binary", "labels": ["benign", "malignant"]})  # fmt: skip
+        session.add(binary)
+        session.flush()
+        for label, probability, positive in (("benign", 0.502, True), ("malignant", 0.498, False)):
+            session.add(Result(scan_id=scan.id, model_version_id=binary.id, label=label, probability=probability,
+                               threshold=0.5, positive=positive))  # fmt: skip
+    engine.dispose()
+    assert call_rows(fresh_root, scan.id, ["benign", "malignant"]) == {
+        "benign": ["50.2%", "50.0%", "called"],
+        "malignant": ["49.8%", "50.0%", "negative"],
+    }
+    app = create_app(web_settings(fresh_root))
+    try:
+        client = signed_in(app, "viewer")
+        page = client.get(f"/scans/{scan.id}").text
+        worklist = client.get("/worklist").text
+    finally:
+        app.state.console.dispose()
+    assert 'class="pos"' not in page
+    row = worklist.split(f'<tr class="scan" data-id="{scan.id}">', 1)[1].split("</tr>", 1)[0]
+    assert '<span class="called">benign</span> 50.2%' in row
+
+
 def test_a_map_that_marks_no_part_of_the_image_is_said_flat_under_its_overlay(fresh_root):
     """As the PDF says it: the overlay of a map zero everywhere is the bare scan."""
     from meddaemon.engine.heatmap_grid import grid_bytes

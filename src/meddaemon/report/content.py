@@ -93,6 +93,8 @@ class StudyReportData:
     extra: Mapping[str, str] = field(default_factory=dict)
     #: the study's scans without a result, as (scan id, why: the failure reason or the state)
     without_result: tuple[tuple[int, str], ...] = ()
+    #: earlier versions of the study's instances, left out, as (scan id, the scan that replaced it)
+    replaced: tuple[tuple[int, int], ...] = ()
     #: how many patients its scans name (name, ID and birth date), counted with PHI or without: a
     #: de-identified report says nothing of who they are, but must still say they are not one
     patients_named: int = 1
@@ -311,12 +313,21 @@ def _metadata(scan: Scan) -> list[tuple[str, str]]:
     return [(name, value or "-") for name, value in pairs]
 
 
-def reportable_study_scans(session: Session, study_instance_uid: str) -> list[Scan]:
-    """The scans of a study that have a result, oldest first."""
+def reportable_study_scans(session: Session, study_instance_uid: str) -> tuple[list[Scan], tuple[tuple[int, int], ...]]:
+    """The scans of a study that have a result, oldest first, one per instance, and the scans left
+    out as (scan id, the scan that replaced it). Of the versions of one instance (a correction a PACS
+    sent again under its SOP Instance UID, with other bytes) the latest is the study's image, as the
+    PACS shows it; listing each would count the image twice and take a corrected name for a second
+    patient."""
     has_result = select(Result.id).where(Result.scan_id == Scan.id).exists()
-    return list(
-        session.scalars(select(Scan).where(Scan.study_instance_uid == study_instance_uid, has_result).order_by(Scan.id))
+    scans = session.scalars(
+        select(Scan).where(Scan.study_instance_uid == study_instance_uid, has_result).order_by(Scan.id)
+    ).all()
+    latest = {scan.sop_instance_uid or scan.sha256: scan for scan in scans}  # a later version replaces one
+    replaced = tuple(
+        (scan.id, later.id) for scan in scans if (later := latest[scan.sop_instance_uid or scan.sha256]) is not scan
     )
+    return [scan for scan in scans if scan.id not in dict(replaced)], replaced
 
 
 def study_report_data(
@@ -327,7 +338,7 @@ def study_report_data(
     *,
     state_dir: Path,
 ) -> StudyReportData:
-    scans = reportable_study_scans(session, study_instance_uid)
+    scans, replaced = reportable_study_scans(session, study_instance_uid)
     if not scans:
         raise NoResult("no scan of this study has a result")
     found = scans_report_data(session, scans, specs, with_phi, state_dir=state_dir)
@@ -340,7 +351,8 @@ def study_report_data(
     no_image = sorted(reason.value for reason in NOT_AN_IMAGE)  # an SR, a DICOMDIR, meddaemon's own objects
     others = session.execute(
         select(Scan.id, Scan.sha256, Scan.sop_instance_uid, Scan.failure_reason, Scan.state)
-        .where(Scan.study_instance_uid == study_instance_uid, Scan.id.not_in([scan.id for scan in scans]))
+        .where(Scan.study_instance_uid == study_instance_uid)
+        .where(Scan.id.not_in([scan.id for scan in scans] + [scan_id for scan_id, _ in replaced]))
         .where(Scan.failure_reason.is_(None) | Scan.failure_reason.not_in(no_image))
         .order_by(Scan.id)
     ).all()
@@ -358,5 +370,6 @@ def study_report_data(
         data,
         patient_info(scans[0]) if with_phi else None,
         without_result=tuple(sorted(latest.values())),
+        replaced=replaced,
         patients_named=len({(s.patient_name, s.patient_id, s.patient_birth_date) for s in scans}),
     )

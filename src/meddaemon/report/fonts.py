@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import string
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,10 +45,22 @@ def unusable_font(path: str) -> str | None:
     settings: an OpenType font with PostScript (CFF) outlines, as Noto Sans CJK ships, passed a check
     that the file exists, and then every report failed (the daemon's scans never left ``inferred``)."""
     try:
-        TTFont("ReportFontProbe", path)
+        font = TTFont("ReportFontProbe", path)
     except Exception as exc:  # reportlab raises TTFError, and struct or index errors on a damaged file
         return f"{path} cannot be used by reportlab: {exc} (a TrueType .ttf font is needed)"
+    missing = [char for char in REPORT_WORDS if ord(char) not in font.face.charToGlyph]
+    if missing:  # a CJK-only font: every report would be blank but for the patient's name
+        shown = ", ".join(repr(char) for char in missing[:5])
+        return (
+            f"{path} has no glyph for {len(missing)} of the Latin letters, digits and signs the report's own "
+            f"words are written in ({shown}...): every report's text would be blank; a TrueType font "
+            "with Latin as well as the script needed is required"
+        )
     return None
+
+
+#: the characters of the report's own words and numbers, which a font must draw (``unusable_font``)
+REPORT_WORDS = string.ascii_letters + string.digits + " .,:;%()-/"
 
 
 @functools.lru_cache(maxsize=4)

@@ -38,7 +38,7 @@ from reportlab.platypus import (
 )
 
 from meddaemon import __version__
-from meddaemon.label_results import LabelResult, places_ranking_the_call
+from meddaemon.label_results import LabelResult, names_a_class, places_ranking_the_call
 from meddaemon.report.content import PatientInfo, ScanReportData, StudyReportData
 from meddaemon.report.fonts import Fonts, drawable
 from meddaemon.report.templates import ReportTemplate
@@ -339,8 +339,10 @@ def labels_section(data: ScanReportData, template: ReportTemplate, st: Styles) -
         ("BOTTOMPADDING", (0, 0), (-1, -1), 1.2),
     ]
     places = places_ranking_the_call(data.results, 3) if multiclass else 3
+    labels = [r.label for r in data.results]
     for row, r in enumerate(data.results, start=1):
-        if multiclass:  # the top class is bold, in black, as the finding above it: "Normal tissue" is no alarm
+        a_class = names_a_class(data.model.kind, labels, r.label)
+        if a_class:  # bold, in black, as the finding above it: "Normal tissue" or "No IDC" is no alarm
             style = st.cell_bold if r.positive else st.cell
             call = template.word("called") if r.positive else ""
         else:
@@ -357,7 +359,7 @@ def labels_section(data: ScanReportData, template: ReportTemplate, st: Styles) -
         )
         if r.positive:
             commands += [("FONT", (0, row), (-1, row), st.fonts.bold, 9)]
-            if not multiclass:
+            if not a_class:
                 commands += [("TEXTCOLOR", (0, row), (-1, row), POSITIVE)]
     table = Table(rows, colWidths=[70 * mm, 35 * mm, 35 * mm, BODY_WIDTH - 140 * mm], repeatRows=1)
     table.setStyle(TableStyle(commands))
@@ -572,6 +574,9 @@ def render_study(
     if data.without_result:  # a scan the model never read must not vanish from the study's summary
         scans = ", ".join(f"{scan_id} ({why})" for scan_id, why in data.without_result)
         story.append(_p(words["without_result"].format(count=len(data.without_result), scans=scans), st.cell_bold))
+    if data.replaced:  # a version left out must be findable: its own report still stands
+        scans = ", ".join(words["replaced_by"].format(scan=old, later=new) for old, new in data.replaced)
+        story.append(_p(words["replaced"].format(count=len(data.replaced), scans=scans), st.cell))
     rows: list[list[Flowable]] = [[_p(h, st.cell_bold) for h in ("Scan", "Task", "Model", "Top finding")]]
     for scan in data.scans:
         sentence, positive = top_finding(scan, templates(scan.task))

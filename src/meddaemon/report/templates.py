@@ -29,6 +29,8 @@ _SAMPLE = {
     "since": "s",
     "until": "u",
     "scans": "3 (corrupt_image)",
+    "scan": 2,
+    "later": 3,
 }
 
 

@@ -36,7 +36,7 @@ from meddaemon.db.models import (
 from meddaemon.db.queries import newest_version_of
 from meddaemon.engine.heatmap_grid import map_is_flat
 from meddaemon.failures import HARMS_ITS_DECODER, NEVER_DECODED
-from meddaemon.label_results import places_ranking_the_call, shown_against
+from meddaemon.label_results import names_a_class, places_ranking_the_call, shown_against
 from meddaemon.states import ScanState
 
 #: States a scan waits in for a daemon (or a model) to act on it.
@@ -189,8 +189,9 @@ class TopCall:
     label: str
     probability: float
     positive: bool
-    #: a multiclass model's call is its top class: a class, not an alarm (shown in black, as in the report)
-    multiclass: bool = False
+    #: its call names a class, not a finding (a multiclass model's top class, a binary model's
+    #: negative class): no alarm, shown in black, as in the report (``names_a_class``)
+    names_a_class: bool = False
 
 
 @dataclass(frozen=True)
@@ -348,7 +349,7 @@ def top_calls(session: Session, scan_ids: Sequence[int]) -> dict[int, tuple[TopC
             any_map.setdefault(r.scan_id, r.id)
         rank = (bool(r.positive), float(r.probability))
         if r.scan_id not in best or rank > best[r.scan_id][0]:
-            call = TopCall(r.label, float(r.probability), bool(r.positive), _multiclass(r.manifest))
+            call = TopCall(r.label, float(r.probability), bool(r.positive), _names_a_class(r.manifest, r.label))
             best[r.scan_id] = (rank, call, r.id)
     return {sid: (top, heatmap or any_map.get(sid)) for sid, (_, top, heatmap) in best.items()}
 
@@ -367,6 +368,8 @@ class LabelCall:
     places: int = 1
     #: its map marks no part of the image (``map_is_flat``): the overlay is the bare scan, as the PDF says
     flat: bool = False
+    #: a positive call of it names a class, not a finding (``names_a_class``): "called", in black
+    names_a_class: bool = False
 
     @property
     def shown(self) -> tuple[str, str]:
@@ -493,7 +496,9 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
             ),
         )
         flat = grid is not None and map_is_flat(grid)
-        call = LabelCall(result.label, result.probability, result.threshold, result.positive, heatmap_id, flat=flat)
+        a_class = _names_a_class(manifest, result.label)
+        values = (result.label, result.probability, result.threshold, result.positive, heatmap_id)
+        call = LabelCall(*values, flat=flat, names_a_class=a_class)
         group.calls.append(call)
         if _multiclass(manifest):
             multiclass.add(result.model_version_id)
@@ -535,6 +540,12 @@ def scan_detail(session: Session, scan_id: int, with_phi: bool = False) -> ScanD
 def _multiclass(manifest: dict[str, Any] | None) -> bool:
     """Whether a version's manifest says its call is the top class."""
     return (manifest or {}).get("kind") == "multiclass"
+
+
+def _names_a_class(manifest: dict[str, Any] | None, label: str) -> bool:
+    """Whether a version's positive call of ``label`` names a class, not a finding (``names_a_class``)."""
+    manifest = manifest or {}
+    return names_a_class(str(manifest.get("kind", "")), list(manifest.get("labels") or []), label)
 
 
 def picture_file(
