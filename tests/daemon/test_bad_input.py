@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from dicom_factory import (
     write_png,
     write_structured_report,
 )
+from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import RLELossless
 from sqlalchemy import create_engine, select, text
@@ -29,7 +31,7 @@ from sqlalchemy import create_engine, select, text
 from meddaemon.daemon.service import Daemon
 from meddaemon.daemon.stability import StableFile, signature
 from meddaemon.db.models import Scan, utcnow
-from meddaemon.names import is_utf8
+from meddaemon.names import fitted, is_utf8
 
 
 def synthetic_png(path: Path, seed: int = 0) -> Path:
@@ -261,6 +263,48 @@ def test_a_file_whose_folder_is_named_like_a_file_failed_before_reaches_failed(m
     assert kept.read_bytes() == b"SYNTHETIC, still not an image" and kept.parent.name == "scanA__2"
     assert scans["scanA/x.png"].pending_move_from is None
     assert settings.stored_file(scans["scanA"].stored_path).read_bytes() == b"SYNTHETIC, not an image"
+
+
+def test_files_too_long_a_path_for_failed_or_archive_are_filed_and_the_daemon_goes_on(make_settings, tmp_path: Path):
+    """Two files the inbox could hold but ``failed/`` and ``archive/`` could not, as named: one 4,090
+    bytes deep, and a copy in a folder of 255 bytes named like a copy filed before (numbered ``__2``:
+    258 bytes). Each raised ``File name too long`` inside the commit: the daemon exited, at every
+    start, and every other file waited. Both are filed, their rows keep their names whole."""
+    inbox = tmp_path / "inbox"
+    settings = make_settings(default_task="busi")  # no model: the first stays waiting, its copies archived
+    inbox.mkdir(parents=True, exist_ok=True)
+    png = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 7, np.uint8)).save(png, format="PNG")  # SYNTHETIC
+    content = png.getvalue()
+    (inbox / "first.png").write_bytes(content)
+    run_once(settings)
+    longest = "synthetic_" + "x" * 245
+    (inbox / longest).write_bytes(content)  # a copy: archive/duplicates/<day>/<longest>
+    run_once(settings)
+    (inbox / longest).mkdir()
+    (inbox / longest / "x.png").write_bytes(content)  # a copy in a folder of that name: <longest>__2/
+    deep = inbox
+    while len(os.fsencode(str(deep))) + 1 + 250 + len("/y.png") < 4090:
+        deep = deep / f"{len(deep.parts):02d}{'d' * 248}"
+    deep = deep / ("e" * (4090 - len(os.fsencode(str(deep))) - 1 - len("/y.png")))
+    deep.mkdir(parents=True)
+    (deep / "y.png").write_bytes(b"SYNTHETIC, not an image either")
+    name_of_deep = (deep / "y.png").relative_to(inbox).as_posix()
+
+    scans = scans_by_name(run_once(settings))
+
+    assert [p for p in inbox.rglob("*") if p.is_file()] == []
+    deep_scan = scans[name_of_deep]
+    assert (deep_scan.state, deep_scan.pending_move_from) == ("failed", None)
+    kept = settings.stored_file(deep_scan.stored_path)
+    assert kept.read_bytes() == b"SYNTHETIC, not an image either"
+    assert json.loads(kept.with_name(kept.name + ".reason.json").read_text())["source_name"] == name_of_deep
+    engine = create_engine(settings.db_url)
+    with engine.connect() as connection:
+        copies = dict(connection.execute(text("select source_name, stored_path from duplicate_arrivals")).all())
+    engine.dispose()
+    assert settings.stored_file(copies[f"{longest}/x.png"]).read_bytes() == content
+    assert settings.stored_file(copies[f"{longest}/x.png"]).parent.name == fitted(longest, "__2")
 
 
 def test_a_symlink_out_of_the_inbox_is_not_followed(make_settings, tmp_path: Path):

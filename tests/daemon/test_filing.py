@@ -102,6 +102,42 @@ SECOND_FILESYSTEM = pytest.mark.skipif(
 )
 
 
+def test_a_numbered_folder_of_a_name_already_at_its_longest_is_cut_to_fit(tmp_path: Path):
+    """A folder of 255 bytes, numbered ``__2`` because a file took its name earlier that day, was 258
+    bytes: ``File name too long`` inside the commit, and the daemon exited at every start."""
+    folder = "synthetic_" + "x" * (NAME_MAX - len("synthetic_"))
+    day = datetime(2026, 12, 7)
+    (tmp_path / "2026-12-07").mkdir()
+    (tmp_path / "2026-12-07" / folder).write_bytes(b"SYNTHETIC")
+    target = filing.archive_path(tmp_path, PurePosixPath(folder) / "scan.png", "ab" * 32, day)
+    assert target.parent.name.endswith("x__2") and len(os.fsencode(target.parent.name)) == NAME_MAX
+    target.parent.mkdir()
+    target.write_bytes(b"SYNTHETIC")
+
+
+def test_a_file_too_deep_for_the_archive_or_failed_is_filed_with_its_deepest_folders_joined(tmp_path: Path):
+    """16 folders of 250 bytes fit in the inbox (4,089 bytes to the file) but not under
+    ``archive/<day>/`` nor ``failed/``: the move raised ``File name too long`` inside the commit.
+    The folders that fit are kept, the rest joined into one name, and the file, its reason and the
+    temporary copy a move makes beside it all fit."""
+    parts = [f"{n:02d}" + "d" * 248 for n in range(16)]
+    source = PurePosixPath(*parts, "synthetic.png")
+    assert len(os.fsencode(str(source))) < filing.PATH_MAX
+    day = datetime(2026, 12, 7)
+    archived = filing.archive_path(tmp_path / "archive", source, "ab" * 32, day)
+    failed = filing.failed_path(tmp_path / "failed", source, set())
+    for target in (archived, failed):
+        folders = target.relative_to(tmp_path).parts[:-1]
+        assert all(len(os.fsencode(part)) <= NAME_MAX for part in folders)
+        assert len(os.fsencode(str(target.parent))) + 1 + NAME_MAX < filing.PATH_MAX
+        kept = len(folders) - (3 if target is archived else 2)  # below archive/<day>/ or failed/
+        assert list(folders[-1 - kept : -1]) == parts[:kept] and folders[-1].startswith(parts[kept])
+        assert target.name == "synthetic.png"
+        target.parent.mkdir(parents=True)
+        target.write_bytes(b"SYNTHETIC")
+        filing.write_reason(target, {"synthetic": True})
+
+
 @SECOND_FILESYSTEM
 @pytest.mark.parametrize("kind", ["fifo", "socket", "character device"])
 def test_a_special_file_moved_across_filesystems_is_made_again_not_read(tmp_path: Path, kind: str):

@@ -99,15 +99,36 @@ def failed_path(failed_dir: Path, source_name: PurePosixPath, taken: set[Path]) 
 def free_folder(base: Path, parts: Sequence[str], taken: set[Path]) -> Path:
     """``base/<parts>``, each part a folder there or not there yet. A part that is a file (an earlier
     file named like this folder: ``studyA``, then ``studyA/x.png``), or the target of another move of
-    the transaction, is numbered (``studyA__2``): its files could never be moved into it, and stayed
-    in the inbox for good, their rows saying they were filed."""
+    the transaction, is numbered (``studyA__2``, cut to fit as a name): its files could never be
+    moved into it, and stayed in the inbox for good, their rows saying they were filed."""
     folder = base
-    for part in parts:
+    for part in _parts_that_fit(base, parts):
         candidate, n = folder / part, 2
         while candidate in taken or candidate.is_symlink() or (candidate.exists() and not candidate.is_dir()):
-            candidate, n = folder / f"{part}__{n}", n + 1
+            candidate, n = folder / fitted(part, f"__{n}"), n + 1
         folder = candidate
     return folder
+
+
+#: the most bytes a path may take on Linux, its terminating NUL counted
+PATH_MAX = 4096
+
+
+def _parts_that_fit(base: Path, parts: Sequence[str]) -> Sequence[str]:
+    """``parts``, or where ``base/<parts>/<a name of NAME_MAX bytes>`` would be longer than a path may
+    be, the leading parts that fit and the rest joined into one folder name (``a__b__c``, cut to
+    fit). A file that fitted in the inbox can be too deep for ``archive/<day>/`` or ``failed/``: its
+    move raised ``File name too long`` inside the commit, and the daemon exited at every start."""
+    room = PATH_MAX - 1 - len(os.fsencode(str(base))) - (1 + NAME_MAX)
+    if sum(1 + len(os.fsencode(part)) for part in parts) <= room:
+        return parts
+    kept: list[str] = []
+    for part in parts:
+        if sum(1 + len(os.fsencode(each)) for each in [*kept, part]) + 1 + NAME_MAX > room:
+            break
+        kept.append(part)
+    rest = "__".join(parts[len(kept) :])
+    return [*kept, fitted(rest, "", NAME_MAX - len("__99"))]
 
 
 def inbox_return_path(watch: Path, source_name: PurePosixPath, scan_id: int, attempt: int = 1) -> Path:
