@@ -138,6 +138,46 @@ def test_a_file_too_deep_for_the_archive_or_failed_is_filed_with_its_deepest_fol
         filing.write_reason(target, {"synthetic": True})
 
 
+def deep_folder(base: Path, length: int) -> Path:
+    """A folder under ``base`` whose path is ``length`` bytes, made of folders of at most 250 bytes."""
+    folder = base
+    while len(os.fsencode(str(folder))) + 1 + 250 < length:
+        folder = folder / f"{len(folder.parts):02d}{'d' * 248}"
+    return folder / ("e" * (length - len(os.fsencode(str(folder))) - 1))
+
+
+def test_a_folder_numbered_near_the_longest_path_still_leaves_room_for_the_file_and_its_reason(tmp_path: Path):
+    """The room of a path was measured with the folders as named: numbered ``__2`` (a file took the
+    first folder's name), a path within 3 bytes of the limit was past it, and the daemon exited."""
+    failed = tmp_path / "failed"
+    failed.mkdir()
+    first = "p" * 243
+    (failed / first).write_bytes(b"SYNTHETIC")  # an earlier failed file of that name
+    for end in range(filing.PATH_MAX - 1 - NAME_MAX - 8, filing.PATH_MAX - NAME_MAX + 8):
+        inbox = tmp_path / "inbox"
+        folder = deep_folder(inbox / first, end - len(os.fsencode(str(failed))) + len(os.fsencode(str(inbox))))
+        source = PurePosixPath(folder.relative_to(inbox).as_posix()) / ("n" * 239 + ".png")
+        target = filing.failed_path(failed, source, set())
+        assert target.relative_to(failed).parts[0].startswith(f"{first}__2")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"SYNTHETIC")
+        filing.write_reason(target, {"synthetic": True})
+
+
+def test_a_file_within_a_few_bytes_of_the_longest_path_goes_back_under_its_name(tmp_path: Path):
+    """``medcli retry`` sends a failed file back to the inbox under the name it arrived with: its
+    temporary copy, named longer beside it, was past the longest path ("cannot write into the inbox")."""
+    source = tmp_path / "kept.png"
+    source.write_bytes(b"SYNTHETIC")
+    folder = deep_folder(tmp_path / "inbox", filing.PATH_MAX - 1 - len("/y.png"))
+    target = folder / "y.png"
+    assert len(os.fsencode(str(target))) == filing.PATH_MAX - 1
+    filing.place_new_file(source, target)
+    assert target.read_bytes() == b"SYNTHETIC"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["y.png"]
+    assert not [p for p in (tmp_path / "inbox").rglob(".*")]
+
+
 @SECOND_FILESYSTEM
 @pytest.mark.parametrize("kind", ["fifo", "socket", "character device"])
 def test_a_special_file_moved_across_filesystems_is_made_again_not_read(tmp_path: Path, kind: str):

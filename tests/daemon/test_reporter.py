@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -326,14 +327,36 @@ def test_the_study_report_counts_an_image_once_whatever_its_attempts(tmp_path: P
         reported = session.scalars(select(Scan).where(Scan.study_instance_uid == STUDY_UID).order_by(Scan.id)).all()
         failed = {"state": "failed", "study_instance_uid": STUDY_UID, "stored_path": None}
         add_scan(session, 901, sha256=reported[0].sha256, failure_reason="contract_mismatch", **failed)
-        uid = reported[1].sop_instance_uid  # a truncated copy of an instance reported whole
-        add_scan(session, 904, sop_instance_uid=uid, failure_reason="truncated_pixel_data", **failed)
+        uid = reported[1].sop_instance_uid  # a truncated copy of an instance, before it was reported whole
+        earlier = reported[1].registered_at - timedelta(minutes=1)
+        add_scan(session, 904, sop_instance_uid=uid, failure_reason="truncated_pixel_data", registered_at=earlier,
+                 **failed)  # fmt: skip
         add_scan(session, 902, sha256="ab" * 32, failure_reason="contract_mismatch", **failed)
         again = add_scan(session, 903, sha256="ab" * 32, failure_reason="pixel_decode_error", **failed)
         data = study_report_data(session, STUDY_UID, settings.task_specs, state_dir=settings.state_dir)
 
     assert len(data.scans) == len(reported) == 2
     assert data.without_result == ((again.id, "pixel_decode_error"),)
+
+
+def test_a_correction_that_failed_after_the_version_shown_is_named_without_a_result(tmp_path: Path):
+    """An instance sent again corrected, whose new version failed: the report showed the version it
+    had, uncorrected, without a word of the newer one."""
+    from meddaemon.report.content import study_report_data
+
+    daemon = study_dropped(tmp_path)
+    settings = daemon.settings
+    daemon.run(once=True)
+    with transaction(daemon.sessions) as session:
+        shown = session.scalars(select(Scan).where(Scan.study_instance_uid == STUDY_UID).order_by(Scan.id)).all()
+        later = shown[0].registered_at + timedelta(minutes=1)
+        correction = add_scan(session, 905, state="failed", study_instance_uid=STUDY_UID, stored_path=None,
+                              sop_instance_uid=shown[0].sop_instance_uid, registered_at=later,
+                              failure_reason="truncated_pixel_data")  # fmt: skip
+        data = study_report_data(session, STUDY_UID, settings.task_specs, state_dir=settings.state_dir)
+
+    assert [scan.scan_id for scan in data.scans] == [scan.id for scan in shown]
+    assert data.without_result == ((correction.id, "truncated_pixel_data"),)
 
 
 def test_reported_scans_move_from_work_to_the_archive_under_their_received_names(

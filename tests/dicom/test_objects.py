@@ -38,6 +38,7 @@ from meddaemon.engine.heatmap_grid import grid_bytes, read_map
 from meddaemon.engine.tasks import InputContract, all_tasks
 from meddaemon.label_results import LabelResult
 from meddaemon.overlays import ViewSource
+from model_factory import STUDY_UID, drop_study, promote, reported_settings, write_model
 
 PROBABILITY_OF = "Probability of "
 #: the outbox rows of a scan's own objects (the study report's rows belong to the study's first scan)
@@ -231,6 +232,35 @@ def test_the_complete_study_gets_its_study_report_as_an_encapsulated_pdf(deliver
     assert ds.SeriesInstanceUID not in scan_series
     share = delivered.settings.watch.parent / "share"
     assert any(p.read_bytes() == path.read_bytes() for p in share.rglob("*.dcm"))
+
+
+def test_the_study_s_encapsulated_pdf_names_the_patient_of_the_corrected_versions_its_pages_show(tmp_path: Path):
+    """A study sent again with its patient's name corrected: the study report's pages show the latest
+    versions and the corrected name, but its Encapsulated PDF took its patient module and references
+    from the replaced versions: the PACS filed a report whose header named the old name."""
+    share = tmp_path / "share"
+    share.mkdir()
+    settings = reported_settings(tmp_path, destination=[{"name": "share", "kind": "folder", "path": str(share)}])
+    daemon = Daemon(settings)
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "busi_model"))
+    drop_study(settings.watch)
+    instances = [pydicom.dcmread(settings.watch / f"synthetic_study_{i}.dcm") for i in (0, 1)]
+    daemon.run(once=True)
+    for i, corrected in enumerate(instances):
+        corrected.PatientName = "SYNTHETIC^Corrected^Name"
+        corrected.save_as(settings.watch / f"synthetic_study_{i}_corrected.dcm")
+    again = Daemon(settings)
+    again.prepare()
+
+    again.run(once=True)
+
+    with again.sessions() as session:
+        study = session.scalars(select(OutboxItem).where(OutboxItem.object_key.like(f"{pdf.STUDY_KIND}:%"))).all()
+        latest = session.scalars(select(Scan.id).where(Scan.study_instance_uid == STUDY_UID).order_by(Scan.id)).all()
+    ds = pydicom.dcmread(settings.stored_file(max(study, key=lambda item: item.id).path or ""))
+    assert str(ds.PatientName) == "SYNTHETIC^Corrected^Name" and len(latest) == 4
+    assert [r.ReferencedSOPInstanceUID for r in ds.SourceInstanceSequence] == [i.SOPInstanceUID for i in instances]
 
 
 def study_report_and_facts(delivered: Daemon) -> tuple[Report, list[ScanFacts]]:

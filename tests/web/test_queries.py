@@ -103,6 +103,33 @@ def test_the_hourly_inferred_count_reads_only_its_index_on_sqlite(tmp_path):
     assert "COVERING INDEX ix_scan_events_state_at" in plan
 
 
+def test_a_binary_scan_whose_finding_is_not_called_is_negative_though_its_negative_class_is(migrated_engine):
+    """A binary model calls its negative class ("benign" of busi_binary, shown "called" in black) when
+    its finding is not: "positive" listed every binary scan, and "negative" none."""
+    sessions = session_factory(migrated_engine)
+    with transaction(sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(sessions) as session:
+        binary = ModelVersion(task_name="busi_binary", version="v1", architecture="onnx", sha256="0" * 64,
+                              path="/synthetic/models/busi_binary/v1",
+                              manifest={"kind": "binary", "labels": ["benign", "malignant"]})  # fmt: skip
+        session.add(binary)
+        session.flush()
+        negative, positive = add_scan(session, 1, ScanState.ARCHIVED).id, add_scan(session, 2, ScanState.ARCHIVED).id
+        for scan, malignant in ((negative, 0.3), (positive, 0.8)):
+            for label, probability in (("benign", 1 - malignant), ("malignant", malignant)):
+                session.add(Result(scan_id=scan, model_version_id=binary.id, label=label, probability=probability,
+                                   threshold=0.5, positive=probability >= 0.5))  # fmt: skip
+
+    def listed(**f: str) -> list[int]:
+        with sessions() as session:
+            return [row.id for row in queries.worklist(session, queries.WorklistFilter(**f)).rows]
+
+    assert listed(call="positive") == [positive] and listed(call="negative") == [negative]
+    assert listed(label="benign", call="positive") == [negative]  # a label named: that label's call
+    assert listed(label="malignant", call="positive") == [positive]
+
+
 def test_the_call_filter_matches_the_call_each_row_shows_its_latest_versions(migrated_engine):
     """A scan called benign by v1 and negative on every label by v2 shows v2's call: it is listed by
     "negative", not by "positive", as its row says."""

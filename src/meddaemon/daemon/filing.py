@@ -120,15 +120,22 @@ def _parts_that_fit(base: Path, parts: Sequence[str]) -> Sequence[str]:
     fit). A file that fitted in the inbox can be too deep for ``archive/<day>/`` or ``failed/``: its
     move raised ``File name too long`` inside the commit, and the daemon exited at every start."""
     room = PATH_MAX - 1 - len(os.fsencode(str(base))) - (1 + NAME_MAX)
-    if sum(1 + len(os.fsencode(part)) for part in parts) <= room:
+
+    def length(folders: Sequence[str]) -> int:  # each with room for the number free_folder may give it
+        return sum(1 + len(os.fsencode(part)) + len(NUMBERED) for part in folders)
+
+    if length(parts) <= room:
         return parts
     kept: list[str] = []
     for part in parts:
-        if sum(1 + len(os.fsencode(each)) for each in [*kept, part]) + 1 + NAME_MAX > room:
+        if length([*kept, part]) + 1 + NAME_MAX > room:
             break
         kept.append(part)
-    rest = "__".join(parts[len(kept) :])
-    return [*kept, fitted(rest, "", NAME_MAX - len("__99"))]
+    return [*kept, fitted("__".join(parts[len(kept) :]), "", NAME_MAX - len(NUMBERED))]
+
+
+#: the longest number ``free_folder`` gives a folder, counted in the room of a path
+NUMBERED = "__99"
 
 
 def inbox_return_path(watch: Path, source_name: PurePosixPath, scan_id: int, attempt: int = 1) -> Path:
@@ -151,7 +158,7 @@ def place_new_file(source: Path, target: Path) -> None:
     failed as ``unreadable``. Set-user-ID and set-group-ID bits are never copied: a file dropped
     with them would come back owned by the retrying user (the daemon's), theirs to run as."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(fitted(f".{target.name}", f".{os.getpid()}.retry"))
+    tmp = _temporary_beside(target, fitted(f".{target.name}", f".{os.getpid()}.retry"))
     try:
         shutil.copyfile(source, tmp)
         kept = os.stat(source)
@@ -171,6 +178,16 @@ def place_new_file(source: Path, target: Path) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _temporary_beside(target: Path, name: str) -> Path:
+    """``name`` in ``target``'s folder, or in the nearest folder above it where the path fits: a file
+    the inbox held within a few bytes of the longest path could not go back under its name (the
+    temporary name beside it is longer)."""
+    folder = target.parent
+    while len(os.fsencode(str(folder / name))) >= PATH_MAX and folder.parent != folder:
+        folder = folder.parent
+    return folder / name
 
 
 def reason_path(failed_file: Path) -> Path:

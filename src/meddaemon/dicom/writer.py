@@ -22,17 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from meddaemon import heap
 from meddaemon.config import DestinationConfig, Settings
-from meddaemon.db.models import Result, Scan
+from meddaemon.db.models import Scan
 from meddaemon.dicom import hot_paths, outbox, pdf, pmap, sc, sr
 from meddaemon.dicom.content import OutputRefused, ScanFacts, declaring_its_text, scan_facts
 from meddaemon.dicom.encoding import encode
 from meddaemon.files import fsync_dir, write_atomically
 from meddaemon.names import label_file_part
+from meddaemon.report.content import reportable_study_scans
 from meddaemon.states import ScanState
 from meddaemon.stored_paths import stored_name
 
@@ -183,12 +183,8 @@ class DicomOutputs:
         destination receives it or the study has no DICOM scan whose results can join it. Raises only
         for a disk that cannot take it (``OSError``: the study report is retried)."""
         with session_factory() as session:
-            rows = session.execute(
-                select(Scan.id, Scan.task_name)
-                .where(Scan.study_instance_uid == study_instance_uid, Scan.format == "dicom")
-                .where(select(Result.id).where(Result.scan_id == Scan.id).exists())
-                .order_by(Scan.id)
-            ).all()
+            latest, _ = reportable_study_scans(session, study_instance_uid)  # the versions the PDF shows
+            rows = [(scan.id, scan.task_name) for scan in latest if scan.format == "dicom"]
             tasks = tuple(dict.fromkeys(str(task) for _, task in rows if task))
             if not self.receivers(tasks, pdf.KIND):
                 return None

@@ -350,20 +350,26 @@ def study_report_data(
         data.append(each)
     no_image = sorted(reason.value for reason in NOT_AN_IMAGE)  # an SR, a DICOMDIR, meddaemon's own objects
     others = session.execute(
-        select(Scan.id, Scan.sha256, Scan.sop_instance_uid, Scan.failure_reason, Scan.state)
+        select(Scan.id, Scan.sha256, Scan.sop_instance_uid, Scan.failure_reason, Scan.state, Scan.registered_at)
         .where(Scan.study_instance_uid == study_instance_uid)
         .where(Scan.id.not_in([scan.id for scan in scans] + [scan_id for scan_id, _ in replaced]))
         .where(Scan.failure_reason.is_(None) | Scan.failure_reason.not_in(no_image))
         .order_by(Scan.id)
     ).all()
     # an image is its instance (its SOP Instance UID, else its bytes): an attempt that failed before the
-    # one reported (a truncated copy, then the whole one) is not another image, and of several failed
-    # attempts the latest says why
-    reported = {scan.sha256 for scan in scans} | {scan.sop_instance_uid for scan in scans if scan.sop_instance_uid}
+    # one reported (a truncated copy, then the whole one) is not another image, one that came after it
+    # (a correction that failed) must be named, and of several failed attempts the latest says why
+    reported_bytes = {scan.sha256 for scan in scans}
+    shown = {scan.sop_instance_uid: scan.registered_at for scan in scans if scan.sop_instance_uid}
+
+    def before_the_one_shown(uid: str | None, registered_at: datetime | None) -> bool:
+        arrived = shown.get(uid) if uid else None
+        return arrived is not None and (registered_at is None or registered_at <= arrived)
+
     latest = {
         uid or sha: (scan_id, reason or state)
-        for scan_id, sha, uid, reason, state in others
-        if sha not in reported and uid not in reported
+        for scan_id, sha, uid, reason, state, registered_at in others
+        if sha not in reported_bytes and not before_the_one_shown(uid, registered_at)
     }
     return StudyReportData(
         study_instance_uid,

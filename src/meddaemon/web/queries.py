@@ -236,9 +236,12 @@ def _filtered(f: WorklistFilter) -> list[Any]:
         )
         if f.label:
             result = result.where(Result.label == f.label)
-        if f.call == "negative" and not f.label:  # results, none of them positive
+        finding = result.where(Result.positive.is_(True), not_(_binary_negative_class()))
+        if f.call == "negative" and not f.label:  # results, no finding among them
             conditions.append(exists(result))
-            conditions.append(not_(exists(result.where(Result.positive.is_(True)))))
+            conditions.append(not_(exists(finding)))
+        elif f.call == "positive" and not f.label:
+            conditions.append(exists(finding))
         else:
             if f.call:
                 result = result.where(Result.positive.is_(f.call == "positive"))
@@ -246,6 +249,18 @@ def _filtered(f: WorklistFilter) -> list[Any]:
     if f.q:
         conditions.append(_search(f.q.strip()))
     return conditions
+
+
+def _binary_negative_class() -> Any:
+    """Whether a result is its binary model's negative class (the first of its labels: "No IDC"),
+    called exactly when the finding is not (``names_a_class``): no positive finding, as its row shows."""
+    return exists(
+        select(ModelVersion.id).where(
+            ModelVersion.id == Result.model_version_id,
+            ModelVersion.manifest["kind"].as_string() == "binary",
+            ModelVersion.manifest[("labels", 0)].as_string() == Result.label,
+        )
+    )
 
 
 def _search(q: str) -> Any:
