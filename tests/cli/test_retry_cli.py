@@ -96,6 +96,35 @@ def test_a_bulk_retry_leaves_alone_what_no_retry_can_send_back_and_exits_0(
     assert named.exit_code == 2 and "refused (original_changed)" in named.output
 
 
+def test_a_schedule_sends_a_file_that_failed_the_same_way_after_a_retry_back_only_with_again(
+    runner: CliRunner, dirs: list[str], tmp_path: Path, unroutable: int
+):
+    """A scheduled --all-failed sent a file that can never pass back at every run, each run adding a
+    failed row (and a failure to health's rate). Once its bytes failed the same way after a retry,
+    a bulk run leaves it alone, named, exit 0; --again, or its id, sends it back."""
+    assert retry(runner, dirs, "--all-failed").exit_code == 0
+    start_once(runner, dirs)  # still no default task: unroutable again
+    [again] = [s for s in failed_scans(runner, dirs) if s["id"] != unroutable]
+
+    scheduled = retry(runner, dirs, "--all-failed", "--json")
+
+    assert scheduled.exit_code == 0, scheduled.output
+    data = json.loads(scheduled.stdout)
+    assert data["ok"] and data["requeued"] == [] and [r["code"] for r in data["left_alone"]] == ["failed_again"]
+    assert f"scan {again['id']} failed as unroutable again after scan {unroutable}" in data["left_alone"][0]["message"]
+    assert not (tmp_path / "inbox" / "synthetic.png").exists()
+    assert retry(runner, dirs, "1", "--again").exit_code == 2  # --again goes with a bulk selection
+    forced = retry(runner, dirs, "--reason", "unroutable", "--again")
+    assert forced.exit_code == 0 and f"scan {again['id']} (unroutable): sent back as" in forced.output
+    assert (tmp_path / "inbox" / "synthetic.png").exists()
+
+
+def test_a_retry_of_vanished_scans_leaves_them_alone_and_exits_0(runner: CliRunner, dirs: list[str], unroutable: int):
+    """A bulk selection of a reason whose scans keep no file was refused, exit 2."""
+    result = retry(runner, dirs, "--reason", "vanished")
+    assert result.exit_code == 0 and result.output.strip() == "no failed scans to retry"
+
+
 def test_reason_all_failed_and_dry_run(runner: CliRunner, dirs: list[str], tmp_path: Path, unroutable: int):
     dry = retry(runner, dirs, "--all-failed", "--dry-run")
     assert dry.exit_code == 0 and "would send back" in dry.output

@@ -107,6 +107,26 @@ def test_a_retried_scan_is_a_new_attempt_that_gets_inferred_and_the_failed_scan_
     assert not back.exists()
 
 
+def test_each_new_attempt_names_the_failed_scan_whose_retry_sent_it_back_among_copies(daemon: Daemon, make_settings):
+    """Two files of the same bytes failed, were sent back and failed again: both new attempts said
+    they tried the later failed scan again, and the earlier one's retry was in no history."""
+    [first] = scans_by_id(daemon)
+    settings = daemon.settings
+    twin = "synthetic_twin.dcm"
+    shutil.copy(settings.stored_file(first.stored_path), settings.watch / twin)
+    Daemon(settings).run(once=True)
+
+    result = retry_failed(daemon.sessions, settings, Selector(all_failed=True))
+    Daemon(settings).run(once=True)  # still no default task: both fail again, each a new attempt
+
+    assert result.ok and len(result.requeued) == 2
+    scans = scans_by_id(daemon)
+    by_name = {name: [s for s in scans if s.source_name == name] for name in (UNROUTABLE, twin)}
+    for name, (earlier, again) in by_name.items():
+        assert history(again)[0] == ("registered", f"a new attempt: scan {earlier.id} of the same bytes failed "
+                                                   "(unroutable)"), name  # fmt: skip
+
+
 def test_a_file_sent_back_keeps_the_mode_of_the_original_whatever_the_retrying_user_s_umask(
     daemon: Daemon, make_settings
 ):
@@ -273,7 +293,8 @@ def test_what_cannot_be_retried_is_refused_with_a_named_reason(daemon: Daemon, m
     assert refusal(retry(scan="ab" * 32)) is Refusal.UNKNOWN_SCAN
     assert refusal(retry(scan="not-a-scan")) is Refusal.UNKNOWN_SCAN
     assert refusal(retry(reason="no_such_reason")) is Refusal.UNKNOWN_REASON
-    assert refusal(retry(reason="vanished")) is Refusal.ORIGINAL_GONE
+    vanished = retry(reason="vanished")  # a bulk selection: what kept no file is left alone, counted
+    assert vanished.ok and (vanished.requeued, vanished.refused, vanished.without_original) == ([], [], 0)
 
     assert retry(scan=str(failed.id)).ok
     assert refusal(retry(scan=str(failed.id))) is Refusal.ALREADY_RETRIED
@@ -292,6 +313,48 @@ def test_a_failed_scan_whose_kept_file_was_deleted_is_refused(daemon: Daemon):
     assert refusal(result) is Refusal.ORIGINAL_GONE
     [after] = scans_by_id(daemon)
     assert after.retried_at is None and len(after.events) == len(failed.events)
+
+
+def test_a_kept_fifo_is_named_no_regular_file_not_gone(daemon: Daemon):
+    """A FIFO dropped in the inbox fails as unreadable and is kept in failed/: a retry said it was
+    gone, while it stayed there, with its reason, for good."""
+    [failed] = scans_by_id(daemon)
+    kept = daemon.settings.stored_file(failed.stored_path)
+    kept.unlink()
+    os.mkfifo(kept)
+
+    result = retry_failed(daemon.sessions, daemon.settings, Selector(scan=str(failed.id)))
+
+    assert refusal(result) is Refusal.ORIGINAL_NOT_A_FILE
+    assert "is no regular file (a FIFO)" in result.refused[0].message and "remove it" in result.refused[0].message
+    bulk = retry_failed(daemon.sessions, daemon.settings, Selector(all_failed=True))
+    assert bulk.ok and [r.code for r in bulk.left_alone] == [Refusal.ORIGINAL_NOT_A_FILE]
+
+
+def test_a_scan_another_retry_sends_back_during_a_bulk_run_is_left_alone_not_refused(
+    daemon: Daemon, make_settings, monkeypatch: pytest.MonkeyPatch
+):
+    """Two scheduled runs (or a run and a click in the console) at once: each counted the scans the
+    other had sent back since its selection as refused, and both exited 2, though every scan went
+    back once."""
+    from meddaemon.daemon import retry as retrying
+
+    [failed] = scans_by_id(daemon)
+    settings = make_settings(max_wait_ms=10, reports=False, default_task="busi")
+    select = retrying._selected
+
+    def another_retry_meanwhile(*args: object) -> list[int]:
+        selected = select(*args)  # type: ignore[arg-type]
+        monkeypatch.setattr(retrying, "_selected", select)  # the other run selects as it would
+        assert retry_failed(daemon.sessions, settings, Selector(scan=str(failed.id))).ok
+        return selected
+
+    monkeypatch.setattr(retrying, "_selected", another_retry_meanwhile)
+    result = retry_failed(daemon.sessions, settings, Selector(all_failed=True))
+
+    assert result.ok and result.requeued == [] and result.refused == []
+    assert [(r.code, r.scan_id) for r in result.left_alone] == [(Refusal.ALREADY_RETRIED, failed.id)]
+    assert len(list(settings.watch.rglob("*.dcm"))) == 1
 
 
 def test_a_kept_original_changed_by_hand_is_refused_as_not_the_file_that_failed(daemon: Daemon):

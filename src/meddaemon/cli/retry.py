@@ -26,6 +26,12 @@ from meddaemon.names import escape_controls, shown_name
 @click.option("--reason", help="Every failed scan with this reason code (e.g. unroutable, contract_mismatch).")
 @click.option("--all-failed", is_flag=True, help="Every failed scan not yet retried whose file was kept.")
 @click.option(
+    "--again",
+    is_flag=True,
+    help="With --reason or --all-failed: also the scans whose bytes already failed the same way after a "
+    "retry (left alone otherwise, so that a schedule does not send a corrupt file back at every run).",
+)
+@click.option(
     "--watch",
     type=click.Path(path_type=Path, file_okay=False),
     help="The inbox to send the files back to (default: the configured watch folder).",
@@ -38,6 +44,7 @@ def retry(
     scan: str | None,
     reason: str | None,
     all_failed: bool,
+    again: bool,
     dry_run: bool,
     as_json: bool,
     **flags: object,
@@ -46,12 +53,16 @@ def retry(
     model promoted...). Each kept original leaves failed/ for the watch folder, under the name (and
     task folder) it arrived with; the failed scan keeps its history, and the daemon records a new
     attempt. Exit 0 when everything selected was sent back, 2 when something was refused. With
-    --reason or --all-failed, scans whose kept original no retry can send back (a link, gone, or
-    changed by hand) are left alone, each named, and do not make the exit code 2."""
+    --reason or --all-failed, scans whose kept original no retry can send back (a link, gone, no
+    regular file, or changed by hand), scans another retry sent back meanwhile, and scans whose
+    bytes already failed the same way after a retry (unless --again) are left alone, each named,
+    and do not make the exit code 2."""
     from meddaemon.daemon.retry import Selector, retry_failed
 
+    if again and (reason is None and not all_failed):
+        raise click.UsageError("--again goes with --reason or --all-failed: a scan named is sent back whatever it did")
     try:
-        selector = Selector(scan, reason, all_failed)
+        selector = Selector(scan, reason, all_failed, again)
     except ValueError:  # said in the options' names, not the library's
         raise click.UsageError("give exactly one of SCAN (an id or a SHA-256), --reason CODE or --all-failed") from None
     settings = build_settings(config_file, **{k: v for k, v in flags.items() if v is not None})

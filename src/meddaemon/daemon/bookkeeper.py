@@ -133,7 +133,7 @@ def record_batch(
         if original is not None:
             entries.append(_arrival(stable, name, intake, original, destinations, now))
             continue
-        scan = _new_scan(stable, name, intake, now, failed_before.get(sha or ""))
+        scan = _new_scan(stable, name, intake, now, _attempt_tried_again(failed_before.get(sha or "", []), name))
         entries.append(scan)
         route = intake.route
         if route is not None and route.task is not None:  # refused by its task's input contract too
@@ -172,6 +172,7 @@ class _KnownScan:
     state: str = ""
     stored_path: str | None = None
     pending_move_from: str | None = None
+    retried: bool = False
 
 
 @dataclass
@@ -264,17 +265,17 @@ class _Registered:
         return self.outcome
 
 
-def _scans_of(session: Session, shas: Collection[str]) -> tuple[dict[str, _KnownScan], dict[str, _KnownScan]]:
+def _scans_of(session: Session, shas: Collection[str]) -> tuple[dict[str, _KnownScan], dict[str, list[_KnownScan]]]:
     """The scans of these contents: the one a new arrival is a duplicate of (not failed; at most one,
-    ``uq_scans_sha256_live``), and the latest failed attempt, which a new arrival tries again."""
+    ``uq_scans_sha256_live``), and the failed attempts, oldest first, which a new arrival tries again."""
     if not shas:
         return {}, {}
     live: dict[str, _KnownScan] = {}
-    failed: dict[str, _KnownScan] = {}
+    failed: dict[str, list[_KnownScan]] = {}
     query = (
         select(
             Scan.id, Scan.sha256, Scan.state, Scan.source_name, Scan.task_name, Scan.failure_reason,
-            Scan.stored_path, Scan.pending_move_from,
+            Scan.stored_path, Scan.pending_move_from, Scan.retried_at,
         )
         .where(Scan.sha256.in_(shas))
         .order_by(Scan.id)
@@ -282,10 +283,29 @@ def _scans_of(session: Session, shas: Collection[str]) -> tuple[dict[str, _Known
     for row in session.execute(query):
         known = _KnownScan(
             row.id, row.source_name, row.task_name, row.failure_reason, row.state, row.stored_path,
-            row.pending_move_from,
+            row.pending_move_from, row.retried_at is not None,
         )  # fmt: skip
-        (failed if row.state == ScanState.FAILED else live)[row.sha256] = known
+        if row.state == ScanState.FAILED:
+            failed.setdefault(row.sha256, []).append(known)
+        else:
+            live[row.sha256] = known
     return live, failed
+
+
+def _attempt_tried_again(attempts: list[_KnownScan], name: PurePosixPath) -> _KnownScan | None:
+    """Of the failed attempts at a new arrival's bytes, the one it tries again: the latest sent back
+    for retry under this name (as it arrived, or ``__retry<id>``), else the latest. Two files of the
+    same bytes failed and retried were both said to try the later one again."""
+    sent_back = [
+        known
+        for known in attempts
+        if known.retried and filing.is_return_path(name, known.source_name, known.id, RETURN_NAMES)
+    ]
+    return (sent_back or attempts or [None])[-1]
+
+
+#: the names a retry tries in the inbox (``retry.NAME_ATTEMPTS``)
+RETURN_NAMES = 100
 
 
 def _new_scan(

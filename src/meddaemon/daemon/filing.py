@@ -149,6 +149,16 @@ def inbox_return_path(watch: Path, source_name: PurePosixPath, scan_id: int, att
     return watch / relative.parent / fitted(_stem(relative), f"__retry{scan_id}{number}{_suffix(relative)}")
 
 
+def is_return_path(name: PurePosixPath, source_name: str, scan_id: int, attempts: int) -> bool:
+    """Whether an inbox file named ``name`` (relative to the inbox) is one of the first ``attempts``
+    names ``inbox_return_path`` gives the failed scan ``scan_id`` that arrived as ``source_name``."""
+    root = Path("/")
+    return any(
+        inbox_return_path(root, PurePosixPath(source_name), scan_id, attempt) == root / name
+        for attempt in range(1, attempts + 1)
+    )
+
+
 def place_new_file(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target`` as a new file (new inode, mtime now: no inbox claim's tombstone
     mistakes it for the file that left), written under a dot name and linked into place whole; never

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from meddaemon.config import Settings
-from meddaemon.daemon import filing
+from meddaemon.daemon import bookkeeper, filing
 from meddaemon.db.engine import transaction, with_lock_retry
 from meddaemon.db.models import Scan, ScanEvent, row_id, utcnow
 from meddaemon.failures import FailureReason
@@ -41,7 +41,7 @@ from meddaemon.states import ScanState
 log = logging.getLogger("meddaemon.daemon")
 
 #: names tried in the inbox before giving up (the name it arrived with, then ``__retry<id>[_n]``)
-NAME_ATTEMPTS = 100
+NAME_ATTEMPTS = bookkeeper.RETURN_NAMES
 
 
 class Refusal(StrEnum):
@@ -51,6 +51,8 @@ class Refusal(StrEnum):
     ALREADY_RETRIED = "already_retried"
     ORIGINAL_GONE = "original_gone"
     ORIGINAL_IS_A_LINK = "original_is_a_link"
+    ORIGINAL_NOT_A_FILE = "original_not_a_file"
+    FAILED_AGAIN = "failed_again"
     ORIGINAL_UNREADABLE = "original_unreadable"
     ORIGINAL_CHANGED = "original_changed"
     MOVE_PENDING = "move_pending"
@@ -58,9 +60,15 @@ class Refusal(StrEnum):
     INBOX_UNWRITABLE = "inbox_unwritable"
 
 
-#: refusals no later retry can overcome by itself: the kept original is a link, gone or changed
-#: (``Selector.bulk`` leaves such scans alone rather than failing every scheduled run on them)
-LASTING_REFUSALS = frozenset({Refusal.ORIGINAL_IS_A_LINK, Refusal.ORIGINAL_GONE, Refusal.ORIGINAL_CHANGED})
+#: refusals no later retry can overcome by itself: the kept original is a link, gone, no regular
+#: file (a FIFO) or changed (``Selector.bulk`` leaves such scans alone rather than failing every
+#: scheduled run on them)
+LASTING_REFUSALS = frozenset(
+    {Refusal.ORIGINAL_IS_A_LINK, Refusal.ORIGINAL_GONE, Refusal.ORIGINAL_NOT_A_FILE, Refusal.ORIGINAL_CHANGED}
+)
+#: what a bulk selection leaves alone: those, and a scan another retry sent back since it was
+#: selected (two scheduled runs, or a run and a click in the console, at once: both exited 2)
+LEFT_ALONE_IN_BULK = LASTING_REFUSALS | {Refusal.ALREADY_RETRIED}
 
 
 @dataclass(frozen=True)
@@ -71,11 +79,16 @@ class Selector:
     scan: str | None = None
     reason: str | None = None
     all_failed: bool = False
+    #: a bulk selection also takes the scans whose bytes already failed the same way after a retry
+    #: (left alone otherwise: a schedule sent a corrupt file back at every run, a new failed row each time)
+    again: bool = False
 
     def __post_init__(self) -> None:
         given = (self.scan is not None) + (self.reason is not None) + self.all_failed
         if given != 1:
             raise ValueError("give exactly one of a scan (id or SHA-256), a reason code, or all_failed")
+        if self.again and not self.bulk:
+            raise ValueError("again is for a reason code or all_failed: a scan named is retried whatever it did before")
 
     @property
     def bulk(self) -> bool:
@@ -161,7 +174,7 @@ def retry_failed(
         )
         if isinstance(outcome, Requeued):
             result.requeued.append(outcome)
-        elif selector.bulk and outcome.code in LASTING_REFUSALS:
+        elif selector.bulk and outcome.code in LEFT_ALONE_IN_BULK:
             result.left_alone.append(outcome)
         else:
             result.refused.append(outcome)
@@ -186,15 +199,25 @@ def _select(session: Session, selector: Selector, result: RetryResult) -> list[i
                 Refused(Refusal.UNKNOWN_REASON, f"no failure reason {selector.reason!r} (see `meddaemon status`)")
             )
             return []
-        if selector.reason == FailureReason.VANISHED:
-            result.refused.append(
-                Refused(Refusal.ORIGINAL_GONE, "scans that failed as vanished keep no file to send back")
-            )
-            return []
         bulk = bulk.where(Scan.failure_reason == selector.reason)
-    rows = session.execute(bulk.order_by(Scan.id)).all()
-    result.without_original = sum(1 for _, stored in rows if stored is None)
-    return [scan_id for scan_id, stored in rows if stored is not None]
+    tried = aliased(Scan)
+    retried_before = (  # the latest earlier attempt at the same bytes that failed the same way, sent back
+        select(func.max(tried.id))
+        .where(tried.sha256 == Scan.sha256, tried.id < Scan.id, tried.state == ScanState.FAILED)
+        .where(tried.failure_reason == Scan.failure_reason, tried.retried_at.is_not(None))
+        .scalar_subquery()
+    )
+    rows = session.execute(bulk.add_columns(Scan.failure_reason, retried_before).order_by(Scan.id)).all()
+    result.without_original = sum(1 for _, stored, _, _ in rows if stored is None)
+    for scan_id, stored, reason, before in rows:
+        if stored is not None and before is not None and not selector.again:
+            message = (
+                f"scan {scan_id} failed as {reason} again after scan {before} of the same bytes was sent back; "
+                "retry it by its id (or medcli retry --again) once its cause is fixed"
+            )
+            result.left_alone.append(Refused(Refusal.FAILED_AGAIN, message, scan_id))
+    left = {alone.scan_id for alone in result.left_alone}
+    return [scan_id for scan_id, stored, _, _ in rows if stored is not None and scan_id not in left]
 
 
 def _select_scan(session: Session, key: str, result: RetryResult) -> list[int]:
@@ -293,9 +316,20 @@ def _not_a_kept_file(scan_id: int, original: Path) -> Refused | None:
             "put the file itself in the inbox",
             scan_id,
         )
-    if not stat.S_ISREG(kept.st_mode):
-        return Refused(Refusal.ORIGINAL_GONE, f"scan {scan_id}: its kept original {original} is gone", scan_id)
+    if not stat.S_ISREG(kept.st_mode):  # a FIFO or a device an unreadable scan kept: no bytes to send back
+        return Refused(
+            Refusal.ORIGINAL_NOT_A_FILE,
+            f"scan {scan_id}: its kept original {original} is no regular file ({_kind(kept.st_mode)}), which no "
+            "retry can send back; remove it and its .reason.json from failed/",
+            scan_id,
+        )
     return None
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "a special file")
 
 
 def _not_the_file_that_failed(scan: Scan, original: Path) -> Refused | None:
