@@ -246,9 +246,16 @@ class OnceTimeline:
     last_result: float
 
     @property
-    def streaming(self) -> float:
-        """Images/s from the first result to the last: the pipeline's pace once it runs."""
-        return (self.files - 1) / (self.last_result - self.first_result)
+    def streaming(self) -> float | None:
+        """Images/s from the first result to the last: the pipeline's pace once it runs; None for a run
+        whose results all came at once (one batch: ``--files`` up to ``max_batch``)."""
+        span = self.last_result - self.first_result
+        return (self.files - 1) / span if span > 0 else None
+
+
+def streaming_paces(runs: list[OnceTimeline]) -> list[float]:
+    """The streaming pace of each run that has one (more than one batch of results)."""
+    return [pace for run in runs if (pace := run.streaming) is not None]
 
 
 def once_timeline(template: StateTemplate, files: list[Path], dest: Path, stable_seconds: float) -> OnceTimeline:
@@ -309,7 +316,8 @@ def timelines(template: StateTemplate, pngs: list[Path], base: Path, forwards: F
           "| streaming images/s | run / raw forward |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
     for run in sorted(runs, key=lambda r: -r.stable_seconds):
         stamps = [run.seen, run.stable, run.registered, run.first_result, run.last_result, run.wall]
-        cells = [f"{run.stable_seconds:g}", *(f"{t:.2f}" for t in stamps), f"{run.streaming:.1f}"]
+        pace = "-" if run.streaming is None else f"{run.streaming:.1f}"
+        cells = [f"{run.stable_seconds:g}", *(f"{t:.2f}" for t in stamps), pace]
         print("| " + " | ".join([*cells, f"{len(pngs) / run.wall / limit:.2f}"]) + " |")
     print(f"\nload average at the end: {load_average()}")
 
@@ -541,8 +549,8 @@ def main() -> None:
             ("--once with PDF reports and archive / without", f"{on / off:.2f}", ">= 0.5"),
             (
                 f"(--once, reports off, from its first result to its last / {limit_name})",
-                f"{statistics.median(run.streaming for run in once_runs) / limit:.2f}",
-                "(the pace once it runs; the 0.6 above is of the whole run)",
+                f"{statistics.median(paces) / limit:.2f}" if (paces := streaming_paces(once_runs)) else "-",
+                "(the pace once it runs; the 0.6 above is of the whole run; - for runs of one batch)",
             ),
         ]
         if args.profile_files:

@@ -64,3 +64,16 @@ def test_the_heatmap_benchmark_runs_a_round_of_each_path():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith(("| mobilenet_v2", "| vgg16"))]
     assert len(rows) == 2, done.stdout
+
+
+def test_a_once_run_whose_results_came_in_one_batch_has_no_streaming_pace(monkeypatch: pytest.MonkeyPatch):
+    """`speed.py --files 16` (one batch: every result stamped at once) ended in a ZeroDivisionError
+    after its table, its summary lost."""
+    import runpy
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    speed = runpy.run_path(str(BENCHMARKS / "speed.py"))
+    one_batch = speed["OnceTimeline"](2.0, 16, 4.0, 1.0, 3.0, 3.1, 3.5, 3.5)
+    two_batches = speed["OnceTimeline"](2.0, 17, 4.0, 1.0, 3.0, 3.1, 3.5, 3.9)
+    assert one_batch.streaming is None and two_batches.streaming == pytest.approx(40.0)
+    assert speed["streaming_paces"]([one_batch, two_batches]) == [pytest.approx(40.0)]
