@@ -119,6 +119,29 @@ def test_a_schedule_sends_a_file_that_failed_the_same_way_after_a_retry_back_onl
     assert (tmp_path / "inbox" / "synthetic.png").exists()
 
 
+def test_a_file_too_large_to_read_that_failed_again_after_a_retry_is_left_alone_by_its_name(
+    runner: CliRunner, dirs: list[str], tmp_path: Path
+):
+    """A file over max_file_bytes is never read: with no SHA-256 it never matched its earlier
+    attempt, and a schedule sent it back at every run. A file never read is known by its name."""
+    limit = {"MEDDAEMON_MAX_FILE_BYTES": "100"}
+    write_png(
+        tmp_path / "inbox" / "busi" / "synthetic_large.png",
+        np.random.default_rng(3).integers(0, 255, (40, 40), np.uint8),
+    )
+    start_once(runner, dirs, **limit)
+    assert retry(runner, dirs, "--all-failed").exit_code == 0
+    start_once(runner, dirs, **limit)
+    [first, again] = sorted(failed_scans(runner, dirs), key=lambda s: s["id"])
+    assert (first["reason"], again["reason"]) == ("too_large", "too_large")
+
+    scheduled = runner.invoke(medcli, ["retry", *dirs, "--all-failed", "--json"], env=limit)
+
+    data = json.loads(scheduled.stdout)
+    assert scheduled.exit_code == 0 and data["requeued"] == []
+    assert [(r["scan_id"], r["code"]) for r in data["left_alone"]] == [(again["id"], "failed_again")]
+
+
 def test_a_retry_of_vanished_scans_leaves_them_alone_and_exits_0(runner: CliRunner, dirs: list[str], unroutable: int):
     """A bulk selection of a reason whose scans keep no file was refused, exit 2."""
     result = retry(runner, dirs, "--reason", "vanished")

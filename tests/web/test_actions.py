@@ -99,6 +99,23 @@ def test_retry_of_a_reason_sends_back_every_kept_scan_of_it_and_refusals_are_sho
     assert "no failed scan of reason unroutable waits for a retry" in stale.text
 
 
+def test_retry_all_of_a_reason_sends_back_scans_that_failed_again_after_a_retry(fresh_root):
+    """A bulk retry leaves alone the scans whose bytes failed the same way after a retry, so that a
+    schedule does not send a corrupt file back at every run: the console's "Retry all" became a click
+    that did nothing, its count unchanged, once a cause was fixed only after a second failure. A
+    person's click sends them back, as naming each would."""
+    client, csrf = admin(fresh_root)
+    client.post("/failures/retry", data={"reason": "unroutable", "csrf": csrf})
+    rerun(fresh_root, reports=False)  # the cause not fixed yet: unroutable again
+    [_, again] = rows(fresh_root, select(Scan).where(Scan.source_name == UNROUTABLE).order_by(Scan.id))
+    assert again.failure_reason == "unroutable" and again.retried_at is None
+
+    response = client.post("/failures/retry", data={"reason": "unroutable", "csrf": csrf})
+
+    assert f"sent back 1 scan(s): {again.id}" in response.text and "failed_again" not in response.text
+    assert (fresh_root / "inbox" / UNROUTABLE).is_file()
+
+
 def test_a_bulk_retry_says_how_many_were_left_alone_and_why_before_naming_a_few(fresh_root):
     """It named the first 20 refusals, cut at 4000 characters mid-sentence, and never said how many
     of the reason stayed failed. Originals changed by hand are left alone by a bulk retry (as by

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from meddaemon.config import Settings
@@ -201,10 +201,15 @@ def _select(session: Session, selector: Selector, result: RetryResult) -> list[i
             return []
         bulk = bulk.where(Scan.failure_reason == selector.reason)
     tried = aliased(Scan)
-    retried_before = (  # the latest earlier attempt at the same bytes that failed the same way, sent back
+    # a file never read (too_large, unreadable: no SHA-256) is known by its name
+    same_file = or_(
+        tried.sha256 == Scan.sha256,
+        and_(Scan.sha256.is_(None), tried.sha256.is_(None), tried.source_name == Scan.source_name),
+    )
+    retried_before = (  # the latest earlier attempt at the same file that failed the same way, sent back before
         select(func.max(tried.id))
-        .where(tried.sha256 == Scan.sha256, tried.id < Scan.id, tried.state == ScanState.FAILED)
-        .where(tried.failure_reason == Scan.failure_reason, tried.retried_at.is_not(None))
+        .where(same_file, tried.id < Scan.id, tried.state == ScanState.FAILED)
+        .where(tried.failure_reason == Scan.failure_reason, tried.retried_at <= Scan.registered_at)
         .scalar_subquery()
     )
     rows = session.execute(bulk.add_columns(Scan.failure_reason, retried_before).order_by(Scan.id)).all()

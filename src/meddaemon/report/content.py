@@ -360,16 +360,21 @@ def study_report_data(
     # one reported (a truncated copy, then the whole one) is not another image, one that came after it
     # (a correction that failed) must be named, and of several failed attempts the latest says why
     reported_bytes = {scan.sha256 for scan in scans}
-    shown = {scan.sop_instance_uid: scan.registered_at for scan in scans if scan.sop_instance_uid}
+    shown = {scan.sop_instance_uid: scan for scan in scans if scan.sop_instance_uid}
 
-    def before_the_one_shown(uid: str | None, registered_at: datetime | None) -> bool:
-        arrived = shown.get(uid) if uid else None
-        return arrived is not None and (registered_at is None or registered_at <= arrived)
+    def before_the_one_shown(uid: str | None, scan_id: int, registered_at: datetime | None) -> bool:
+        """Registered before it (by the ids of one batch, which share its time)."""
+        one = shown.get(uid) if uid else None
+        if one is None:
+            return False
+        if registered_at is None or one.registered_at is None or registered_at == one.registered_at:
+            return scan_id < one.id
+        return registered_at < one.registered_at
 
     latest = {
         uid or sha: (scan_id, reason or state)
         for scan_id, sha, uid, reason, state, registered_at in others
-        if sha not in reported_bytes and not before_the_one_shown(uid, registered_at)
+        if sha not in reported_bytes and not before_the_one_shown(uid, scan_id, registered_at)
     }
     return StudyReportData(
         study_instance_uid,

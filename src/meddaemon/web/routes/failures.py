@@ -49,7 +49,9 @@ async def retry(request: Request) -> Response:
 
         target = f"scan {scan}" if scan else f"reason {reason}"
         try:
-            selector = Selector(scan=scan or None, reason=reason or None)
+            # a person's click sends back every scan of the reason, as naming each would: also those
+            # whose bytes failed the same way after a retry, which a schedule leaves alone
+            selector = Selector(scan=scan or None, reason=reason or None, again=bool(reason))
             result = retry_failed(
                 console.writer(), console.settings, selector, should_stop=actions.lock_wait_over(console)
             )
