@@ -39,6 +39,14 @@ def test_a_name_made_longer_than_received_is_cut_at_a_character_to_fit():
 
 def test_control_characters_are_escaped_for_a_log_line_or_a_terminal_and_the_rest_left_alone():
     assert escape_controls("a\nb\tc\x1b[2J\x85d é 医") == "a\\nb\\tc\\x1b[2J\\x85d é 医"
+
+
+def test_bidirectional_overrides_are_escaped_so_a_name_cannot_turn_what_follows_it_around():
+    """Drawn by a browser, "rtl\u202egnp.exe.png" read "rtlgnp.exe.png" backwards, and the task and the
+    hash after it on the console's scan page too. Letters of right-to-left scripts are left alone."""
+    assert escape_controls("rtl\u202egnp.exe.png") == "rtl\\u202egnp.exe.png"
+    assert escape_controls("a\u2066b\u2069c\u202ad") == "a\\u2066b\\u2069c\\u202ad"
+    assert escape_controls("مرحبا שלום") == "مرحبا שלום"
     assert shown_name(os.fsdecode(b"new\nline \xe9.png")) == "new\\nline \\xe9.png"
 
 

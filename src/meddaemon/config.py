@@ -162,6 +162,8 @@ class Settings:
     web_port: int = 0
     #: a header set by a trusted reverse proxy that names the signed-in user ("" : none is trusted)
     web_proxy_header: str = ""
+    #: the session cookie is Secure (sent over HTTPS only): for a console reached through a TLS proxy
+    web_secure_cookie: bool = False
     #: [web_users.NAME] tables: role (viewer, clinician, admin) and password_hash (``meddaemon web --hash-password``)
     web_users: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     route: tuple[RouteRule, ...] = ()
@@ -334,7 +336,7 @@ _FLOAT_KEYS = {
     "outbox_max_retry_seconds",
     "ray_stall_seconds",
 }
-_BOOL_KEYS = {"heatmaps", "reports", "reports_with_phi", "create_watch"}
+_BOOL_KEYS = {"heatmaps", "reports", "reports_with_phi", "create_watch", "web_secure_cookie"}
 _FLOAT_KEYS |= {"db_lock_timeout_seconds", "db_idle_in_transaction_seconds", "db_keepalive_seconds"}
 _FLOAT_KEYS |= {"db_outage_seconds", "claim_unread_seconds", "series_quiet_seconds", "read_timeout_seconds"}
 #: lists: a TOML list, or comma-separated text (environment, flags)

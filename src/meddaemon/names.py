@@ -47,12 +47,15 @@ def shown_name(name: str | PurePath) -> str:
     return escape_controls(os.fsencode(str(name)).decode("utf-8", "backslashreplace"))
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: control characters, and the bidirectional embeddings, overrides and isolates: drawn by a browser
+#: (or a log viewer), "rtl\u202egnp.exe.png" read "rtlgnp.exe.png" backwards, and the hash after it
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def escape_controls(text: str) -> str:
-    """``text`` with its control characters written as escapes (``\\n``, ``\\x1b``): on one line,
-    and with nothing a terminal obeys (a name may hold any byte but ``/`` and NUL)."""
+    """``text`` with its control characters written as escapes (``\\n``, ``\\x1b``, ``\\u202e``): on
+    one line, and with nothing a terminal or a browser obeys (a name may hold any byte but ``/`` and
+    NUL)."""
     return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 

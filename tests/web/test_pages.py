@@ -386,6 +386,27 @@ def test_a_multiclass_top_class_is_called_as_in_the_report_never_positive_agains
     assert '<span class="called">normal</span> 34.0%' in row
 
 
+def test_a_file_name_s_bidirectional_override_is_shown_escaped_never_obeyed(fresh_root):
+    """A file dropped as "rtl\u202egnp.exe.png" drew the rest of the scan page's line backwards: its
+    task "isub ksat" and its SHA-256 reversed, the hash a user compares with the PDF's and medcli's."""
+    scans = stored_scans(fresh_root)
+    archived = next(s for s in scans if s.state == "archived")
+    failed = next(s for s in scans if s.state == "failed")
+    engine = create_db_engine(web_settings(fresh_root).db_url)
+    with transaction(session_factory(engine)) as session:
+        for scan in (archived, failed):
+            session.get(Scan, scan.id).source_name = f"busi/rtl\u202egnp{scan.id}.exe.png"
+    engine.dispose()
+    app = create_app(web_settings(fresh_root))
+    try:
+        client = signed_in(app, "admin")
+        pages = [client.get(f"/scans/{archived.id}").text, client.get("/worklist").text, client.get("/failures").text]
+    finally:
+        app.state.console.dispose()
+    for page, scan in zip(pages, (archived, archived, failed), strict=True):
+        assert "\u202e" not in page and f"busi/rtl\\u202egnp{scan.id}.exe.png" in page
+
+
 def test_a_binary_model_s_negative_class_is_called_in_black_never_a_red_positive(fresh_root):
     """A negative histopathology scan read "No IDC 50.2% 50.0% positive" in red on its page, and red
     in the worklist: the engine calls the negative class when the finding is not, and the console

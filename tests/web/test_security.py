@@ -369,6 +369,34 @@ def test_wrong_passwords_sent_at_once_are_checked_no_more_than_the_throttle_allo
     app.state.console.dispose()
 
 
+def test_a_name_typed_at_sign_in_is_kept_by_the_throttle_as_its_hash_whatever_its_length(filled_root):
+    """The throttle kept each typed name as it came (up to the form's 1 MB a field), names of no user
+    included, 10,000 of them before forgetting any: a way to fill the console's memory without a
+    sign-in."""
+    app = create_app(web_settings(filled_root))
+    client = TestClient(app, base_url="http://127.0.0.1")
+    token = csrf_of(client.get("/login").text)
+    for i in range(3):
+        client.post("/login", data={"user": f"{i}" + "A" * 100_000, "password": "nope", "csrf": token})
+    kept = [key for key in app.state.console.throttle._failures if key.startswith("user:")]
+    assert len(kept) == 3 and all(len(key) == len("user:") + 64 for key in kept)
+    app.state.console.dispose()
+
+
+def test_the_session_cookie_is_secure_when_the_console_is_reached_through_https(filled_root):
+    """Behind a TLS proxy the browser sent the session cookie over plain http:// too: the console,
+    speaking HTTP on its own port, cannot tell; ``web_secure_cookie`` says so."""
+    for secure in (False, True):
+        app = create_app(web_settings(filled_root, web_secure_cookie=secure))
+        client = TestClient(app, base_url="https://127.0.0.1")  # as the TLS proxy's clients see it
+        page = client.get("/login")
+        response = client.post("/login", data={"user": "admin", "password": PASSWORD, "csrf": csrf_of(page.text)},
+                               follow_redirects=False)  # fmt: skip
+        cookie = response.headers["set-cookie"]
+        assert "HttpOnly" in cookie and ("; Secure" in cookie) is secure, cookie
+        app.state.console.dispose()
+
+
 def test_the_sign_in_page_refuses_to_try_a_password_while_its_name_waits(filled_root):
     app = create_app(web_settings(filled_root))
     client = TestClient(app, base_url="http://127.0.0.1")

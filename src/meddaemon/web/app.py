@@ -40,6 +40,7 @@ from meddaemon import __version__
 from meddaemon.config import Settings
 from meddaemon.db.models import MAX_ROW_ID
 from meddaemon.db.readonly import read_only_engine
+from meddaemon.names import escape_controls
 from meddaemon.web import auth
 
 log = logging.getLogger("meddaemon.web")
@@ -125,6 +126,7 @@ def templates() -> Jinja2Templates:
     folder = Path(str(resources.files("meddaemon.web").joinpath("templates")))
     t = Jinja2Templates(directory=str(folder))
     t.env.filters["when"] = _when
+    t.env.filters["name"] = escape_controls  # a file's name as a sender chose it: no control obeyed
     t.env.filters["ago"] = _ago
     t.env.filters["pct"] = lambda v: "" if v is None else f"{100 * float(v):.1f}%"
     t.env.filters["num"] = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
@@ -244,7 +246,7 @@ class SessionMiddleware(BaseHTTPMiddleware):
         if fresh and request.method in ("GET", "HEAD"):
             # a POST without the cookie is one from another site (SameSite=Lax sends none): its CSRF
             # check fails, and a new session set on its answer signed the person out
-            auth.set_session_cookie(response, signer.dump(session))
+            auth.set_session_cookie(response, signer.dump(session), console.settings.web_secure_cookie)
         return _headers(request, response)
 
 

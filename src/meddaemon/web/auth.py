@@ -264,9 +264,17 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8", "surrogateescape"), b.encode("utf-8", "surrogateescape"))
 
 
-def set_session_cookie(response: Response, value: str) -> None:
-    """The session's signed cookie on ``response``: HttpOnly, ``COOKIE_SAME_SITE``."""
-    response.set_cookie(COOKIE, value, httponly=True, samesite=COOKIE_SAME_SITE)
+def set_session_cookie(response: Response, value: str, secure: bool = False) -> None:
+    """The session's signed cookie on ``response``: HttpOnly, ``COOKIE_SAME_SITE``, and Secure (sent
+    over HTTPS only) with ``web_secure_cookie``, for a console reached through a TLS proxy, which the
+    console itself cannot tell from plain HTTP."""
+    response.set_cookie(COOKIE, value, httponly=True, samesite=COOKIE_SAME_SITE, secure=secure)
+
+
+def throttle_key_of_name(name: str) -> str:
+    """The sign-in throttle's key for a typed user name: its hash, whatever its length (the name as
+    typed, up to the form's 1 MB a field, was kept: 10,000 of them before any was forgotten)."""
+    return "user:" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def page_after_sign_in(asked: str | None) -> str:

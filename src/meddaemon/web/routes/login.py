@@ -33,7 +33,7 @@ async def login_page(request: Request) -> Response:
     # by the name, and by the address unless it is loopback: behind a proxy on this host every
     # client has the proxy's address, and one guesser would lock everyone out
     peer = request.client.host if request.client else ""
-    keys = (f"user:{name}", *((f"from:{peer}",) if peer and not auth.is_loopback(peer) else ()))
+    keys = (auth.throttle_key_of_name(name), *((f"from:{peer}",) if peer and not auth.is_loopback(peer) else ()))
     wait = console.throttle.begin(*keys)
     if wait > 0:
         log.warning("a sign-in refused: too many failed ones")
@@ -47,7 +47,7 @@ async def login_page(request: Request) -> Response:
     console.throttle.succeeded(*keys)
     log.info("%s signed in (%s)", user.name, user.role)
     response = RedirectResponse(after, status_code=303)
-    auth.set_session_cookie(response, console.signer.dump(console.signer.new(user)))
+    auth.set_session_cookie(response, console.signer.dump(console.signer.new(user)), console.settings.web_secure_cookie)
     return response
 
 
