@@ -18,6 +18,7 @@ Every instance sent is SYNTHETIC (``dicom_senders``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -1034,3 +1035,38 @@ def test_a_failed_folder_fsync_fails_every_caller_it_was_to_cover_and_no_other(t
     assert outcomes == ["durable"] + ["failed: Input/output error (injected)"] * 11
     rename_made()
     assert outcomes[-1] == "durable" and len(sync.runs) == 3
+
+
+def test_a_caller_that_sends_a_byte_at_a_time_is_let_go_and_frees_its_place(receive: StartReceiver, tmp_path: Path):
+    """pynetdicom's socket timeout never trips for a caller that sends a byte a second: past its ACSE
+    or network timeout pynetdicom waited, to end the association, for the whole PDU (hours), and the
+    association kept its place: two such callers locked every other sender out of a receiver of two.
+    Here one trickles its association request, one a C-STORE's data once associated (timeouts of 2 s)."""
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    receiver = receive(dicom_max_associations=2)
+    receiver.ae.acse_timeout = receiver.ae.network_timeout = 2
+    [sent] = synthetic_instances(tmp_path / "sent", 1, seed=12)
+    request = socket.create_connection(("127.0.0.1", port(receiver)), timeout=30)
+    request.sendall(b"\x01\x00\x00\x00\x10\x00")  # an A-ASSOCIATE-RQ of 4,096 bytes, begun
+    caller = AE(ae_title="TRICKLE")
+    caller.add_requested_context(Verification)
+    assoc = caller.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON")
+    assert assoc.is_established
+    data = assoc.dul.socket.socket
+    data.sendall(b"\x04\x00\x00\x00\x10\x00")  # a P-DATA-TF of 4,096 bytes, begun
+    try:
+        deadline = time.monotonic() + 20
+        while receiver._acceptors() and time.monotonic() < deadline:
+            for connection in (request, data):
+                with contextlib.suppress(OSError):
+                    connection.send(b"\x00")  # a byte at a time, as long as the connection is open
+            time.sleep(0.5)
+        assert receiver._acceptors() == []
+        assert pynetdicom_send(port(receiver), [sent]) == [0x0000]  # a place for the next sender
+    finally:
+        request.close()
+        caller.shutdown()

@@ -23,12 +23,13 @@ from typing import Any
 TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
-def _raw_socket(assoc: Any) -> socket.socket | None:
+def raw_socket(assoc: Any) -> socket.socket | None:
+    """The association's TCP socket (None: not connected)."""
     return getattr(getattr(assoc.dul, "socket", None), "socket", None)
 
 
 def _acknowledge_at_once(event: Any) -> None:
-    raw = _raw_socket(event.assoc)
+    raw = raw_socket(event.assoc)
     if raw is not None and TCP_QUICKACK is not None:
         with contextlib.suppress(OSError):
             raw.setsockopt(socket.IPPROTO_TCP, TCP_QUICKACK, 1)
@@ -48,7 +49,7 @@ def prompt(assoc: Any, timeout: float | None = None) -> None:
     which pynetdicom makes blocking once connected: a peer that stopped reading (a frozen switch, no
     reset) held the write of a large object, and the sender with it, for good; timed out, the write
     closes the connection (pynetdicom's Evt17) and the send fails, to be tried again."""
-    raw = _raw_socket(assoc)
+    raw = raw_socket(assoc)
     if raw is None:
         return
     with contextlib.suppress(OSError):

@@ -115,6 +115,9 @@ RECORD_SECONDS = 10.0
 STOP_GRACE_SECONDS = 10.0
 #: connections let in past ``dicom_max_associations`` to ask for an association or hear a refusal
 UNADMITTED_CONNECTIONS = 64
+#: how long an association pynetdicom is ending (its ACSE or network timeout passed, an abort) may
+#: keep its connection before it is closed under the thread still reading a PDU (``_close_stuck``)
+ENDING_SECONDS = 2.0
 #: how long a caller has to finish its TLS handshake, in its connection's own thread
 TLS_HANDSHAKE_SECONDS = 10.0
 #: how long a starting receiver tries to bind a port still held (by a killed daemon's receiver)
@@ -248,6 +251,9 @@ class Receiver:
         self.ae = self._application_entity()
         self.folder_sync = FolderSync(self.root)
         self._datasyncs = self._datasync_pool()
+        #: when each association was first seen ending (``_close_stuck``)
+        self._ending_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._stopping = threading.Event()
 
     def _datasync_pool(self) -> futures.ThreadPoolExecutor:
         """Threads for the files' fdatasyncs, run beside the handlers' row commits (one an association)."""
@@ -311,6 +317,8 @@ class Receiver:
                 time.sleep(0.25)
         # as the AE's start_server(block=False) does, with the acceptor above
         threading.Thread(target=self.server.serve_forever, name="DICOM acceptor", daemon=True).start()
+        self._stopping.clear()
+        threading.Thread(target=self._close_stuck_connections, name="DICOM stuck reads", daemon=True).start()
         self.ae._servers.append(self.server)  # the server's shutdown takes itself out of the AE's list
         self.stats.set("up", 1)
         host, port = self.address
@@ -331,6 +339,7 @@ class Receiver:
         if self.server is None:
             return
         self.server.shutdown()
+        self._stopping.set()
         deadline = time.monotonic() + grace
         while self._acceptors() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -346,6 +355,30 @@ class Receiver:
 
     def _acceptors(self) -> list[Any]:
         return [a for a in self.ae.active_associations if a.is_acceptor]
+
+    def _close_stuck_connections(self) -> None:
+        """Close the connection of an association that pynetdicom has been ending for
+        ``ENDING_SECONDS`` while its thread still lives. A caller that sends a PDU a byte a second
+        never trips pynetdicom's socket timeout: once its ACSE or network timeout passed, pynetdicom
+        waits, to end the association, for the reading thread, which waits for the whole PDU (hours
+        for 16 KB), and the association kept its place under ``dicom_max_associations``: ten such
+        callers locked every other sender out until the daemon restarted."""
+        while not self._stopping.wait(0.5):
+            now = time.monotonic()
+            for assoc in self._acceptors():
+                if not getattr(assoc, "_kill", False) or not assoc.is_alive():
+                    continue
+                since = self._ending_since.setdefault(assoc, now)
+                if now - since >= ENDING_SECONDS:
+                    raw = associations.raw_socket(assoc)
+                    if raw is not None:
+                        log.warning(
+                            "a DICOM connection from %s:%s still sending after its association ended: closed",
+                            assoc.requestor.address,
+                            assoc.requestor.port,
+                        )
+                        with contextlib.suppress(OSError):
+                            raw.shutdown(socket.SHUT_RDWR)
 
     # -- association events ----------------------------------------------------------------------
 
