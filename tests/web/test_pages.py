@@ -16,7 +16,7 @@ from sqlalchemy import delete, select, update
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.daemon import filing
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
-from meddaemon.db.models import AuditPdf, Heatmap, ModelVersion, Report, Result, Scan
+from meddaemon.db.models import AuditPdf, Heatmap, ModelVersion, Report, Result, Scan, ScanEvent
 from meddaemon.engine import registry
 from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.evaluate.pipeline import EvaluationRequest, run_evaluation
@@ -396,6 +396,9 @@ def test_a_file_name_s_bidirectional_override_is_shown_escaped_never_obeyed(fres
     with transaction(session_factory(engine)) as session:
         for scan in (archived, failed):
             session.get(Scan, scan.id).source_name = f"busi/rtl\u202egnp{scan.id}.exe.png"
+        # where its name is quoted: its history (a retry's "copied back ... as NAME") and why it failed
+        session.add(ScanEvent(scan_id=archived.id, state="failed", detail=f"busi/rtl\u202egnp{archived.id}.exe.png"))
+        session.get(Scan, failed.id).failure_message = f"busi/rtl\u202egnp{failed.id}.exe.png"
     engine.dispose()
     app = create_app(web_settings(fresh_root))
     try:
@@ -405,6 +408,8 @@ def test_a_file_name_s_bidirectional_override_is_shown_escaped_never_obeyed(fres
         app.state.console.dispose()
     for page, scan in zip(pages, (archived, archived, failed), strict=True):
         assert "\u202e" not in page and f"busi/rtl\\u202egnp{scan.id}.exe.png" in page
+    assert pages[0].count(f"busi/rtl\\u202egnp{archived.id}.exe.png") == 2  # the name, and the step quoting it
+    assert pages[2].count(f"busi/rtl\\u202egnp{failed.id}.exe.png") == 3  # its name, why it failed, its reason's
 
 
 def test_a_binary_model_s_negative_class_is_called_in_black_never_a_red_positive(fresh_root):

@@ -126,7 +126,8 @@ def templates() -> Jinja2Templates:
     folder = Path(str(resources.files("meddaemon.web").joinpath("templates")))
     t = Jinja2Templates(directory=str(folder))
     t.env.filters["when"] = _when
-    t.env.filters["name"] = escape_controls  # a file's name as a sender chose it: no control obeyed
+    # a file's name as a sender chose it, or a text quoting one: no control character obeyed
+    t.env.filters["name"] = lambda v: "" if v is None else escape_controls(str(v))
     t.env.filters["ago"] = _ago
     t.env.filters["pct"] = lambda v: "" if v is None else f"{100 * float(v):.1f}%"
     t.env.filters["num"] = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
