@@ -180,6 +180,24 @@ def drop_study(inbox: Path, count: int = 2, study_uid: str = STUDY_UID) -> None:
         )
 
 
+def run_then_resend_corrected(daemon: Daemon, count: int = 2) -> tuple[Daemon, list[Any]]:
+    """Run ``daemon`` once over the study ``drop_study`` dropped, then send its ``count`` instances
+    again with the patient's name corrected (the same SOP Instance UIDs, other bytes), run by a new
+    daemon: that daemon, and the instances as corrected."""
+    from pydicom import dcmread
+
+    watch = daemon.settings.watch
+    instances = [dcmread(watch / f"synthetic_study_{i}.dcm") for i in range(count)]
+    daemon.run(once=True)
+    for i, corrected in enumerate(instances):
+        corrected.PatientName = "SYNTHETIC^Corrected^Name"
+        corrected.save_as(watch / f"synthetic_study_{i}_corrected.dcm")
+    again = Daemon(daemon.settings)
+    again.prepare()
+    again.run(once=True)
+    return again, instances
+
+
 def reported_settings(root: Path, **flags: object) -> Settings:
     """The settings ``reported_state`` runs its daemon with: inbox and state dir under ``root``."""
     return load_settings(

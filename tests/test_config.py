@@ -69,8 +69,13 @@ def write_cff_font(path: Path) -> Path:
     glyphs = {".notdef": T2CharStringPen(500, None).getCharString(), "A": triangle.getCharString()}
     builder.setupCFF("SyntheticCFF", {"FullName": "Synthetic CFF"}, glyphs, {})
     builder.setupHorizontalMetrics({".notdef": (500, 0), "A": (500, 0)})
+    return saved_font(builder, "Synthetic CFF", path)
+
+
+def saved_font(builder, family: str, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """The tables every font needs, then the font of ``builder`` written to ``path``."""
     builder.setupHorizontalHeader(ascent=800, descent=-200)
-    builder.setupNameTable({"familyName": "Synthetic CFF", "styleName": "Regular"})
+    builder.setupNameTable({"familyName": family, "styleName": "Regular"})
     builder.setupOS2()
     builder.setupPost()
     builder.save(str(path))
@@ -94,12 +99,7 @@ def write_truetype_font(path: Path, characters: str) -> Path:
     builder.setupCharacterMap({ord(char): name for char, name in zip(characters, names, strict=True)})
     builder.setupGlyf({".notdef": TTGlyphPen(None).glyph(), **{name: triangle for name in names}})
     builder.setupHorizontalMetrics({name: (500, 0) for name in [".notdef", *names]})
-    builder.setupHorizontalHeader(ascent=800, descent=-200)
-    builder.setupNameTable({"familyName": "Synthetic TT", "styleName": "Regular"})
-    builder.setupOS2()
-    builder.setupPost()
-    builder.save(str(path))
-    return path
+    return saved_font(builder, "Synthetic TT", path)
 
 
 def test_a_report_font_without_the_latin_letters_of_the_report_s_own_words_is_refused(tmp_path: Path):

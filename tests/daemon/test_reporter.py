@@ -39,6 +39,7 @@ from model_factory import (
     promote,
     read_pdf,
     reported_settings,
+    run_then_resend_corrected,
     write_model,
 )
 from sql_statements import recorded_statements
@@ -287,15 +288,8 @@ def test_a_corrected_instance_sent_again_replaces_its_first_version_in_the_study
     not shown."""
     daemon = study_dropped(tmp_path)
     settings = daemon.settings
-    instances = [dcmread(settings.watch / f"synthetic_study_{i}.dcm") for i in (0, 1)]
-    daemon.run(once=True)
-    for i, corrected in enumerate(instances):
-        corrected.PatientName = "SYNTHETIC^Corrected^Name"
-        corrected.save_as(settings.watch / f"synthetic_study_{i}_corrected.dcm")
-    again = Daemon(settings)
-    again.prepare()
 
-    again.run(once=True)
+    _, instances = run_then_resend_corrected(daemon)
 
     with daemon.sessions() as session:
         versions = [

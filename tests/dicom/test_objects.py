@@ -38,7 +38,7 @@ from meddaemon.engine.heatmap_grid import grid_bytes, read_map
 from meddaemon.engine.tasks import InputContract, all_tasks
 from meddaemon.label_results import LabelResult
 from meddaemon.overlays import ViewSource
-from model_factory import STUDY_UID, drop_study, promote, reported_settings, write_model
+from model_factory import STUDY_UID, drop_study, promote, reported_settings, run_then_resend_corrected, write_model
 
 PROBABILITY_OF = "Probability of "
 #: the outbox rows of a scan's own objects (the study report's rows belong to the study's first scan)
@@ -245,15 +245,8 @@ def test_the_study_s_encapsulated_pdf_names_the_patient_of_the_corrected_version
     daemon.prepare()
     promote(daemon, write_model(tmp_path / "busi_model"))
     drop_study(settings.watch)
-    instances = [pydicom.dcmread(settings.watch / f"synthetic_study_{i}.dcm") for i in (0, 1)]
-    daemon.run(once=True)
-    for i, corrected in enumerate(instances):
-        corrected.PatientName = "SYNTHETIC^Corrected^Name"
-        corrected.save_as(settings.watch / f"synthetic_study_{i}_corrected.dcm")
-    again = Daemon(settings)
-    again.prepare()
 
-    again.run(once=True)
+    again, instances = run_then_resend_corrected(daemon)
 
     with again.sessions() as session:
         study = session.scalars(select(OutboxItem).where(OutboxItem.object_key.like(f"{pdf.STUDY_KIND}:%"))).all()

@@ -374,15 +374,8 @@ def test_a_multiclass_top_class_is_called_as_in_the_report_never_positive_agains
         "malignant": ["33.0%", "top", "class"],
         "normal": ["34.0%", "top", "class", "called"],
     }
-    app = create_app(web_settings(fresh_root))
-    try:
-        client = signed_in(app, "viewer")
-        page = client.get(f"/scans/{scan.id}").text
-        worklist = client.get("/worklist").text
-    finally:
-        app.state.console.dispose()
+    page, row = scan_page_and_worklist_row(fresh_root, scan.id)
     assert "<th>call rule</th>" in page and 'class="pos"' not in page
-    row = worklist.split(f'<tr class="scan" data-id="{scan.id}">', 1)[1].split("</tr>", 1)[0]
     assert '<span class="called">normal</span> 34.0%' in row
 
 
@@ -432,15 +425,8 @@ def test_a_binary_model_s_negative_class_is_called_in_black_never_a_red_positive
         "benign": ["50.2%", "50.0%", "called"],
         "malignant": ["49.8%", "50.0%", "negative"],
     }
-    app = create_app(web_settings(fresh_root))
-    try:
-        client = signed_in(app, "viewer")
-        page = client.get(f"/scans/{scan.id}").text
-        worklist = client.get("/worklist").text
-    finally:
-        app.state.console.dispose()
+    page, row = scan_page_and_worklist_row(fresh_root, scan.id)
     assert 'class="pos"' not in page
-    row = worklist.split(f'<tr class="scan" data-id="{scan.id}">', 1)[1].split("</tr>", 1)[0]
     assert '<span class="called">benign</span> 50.2%' in row
 
 
@@ -472,6 +458,18 @@ def busi_scan_called(root, probabilities: dict[str, float], called: str):  # typ
             result.probability, result.positive = probabilities[result.label], result.label == called
     engine.dispose()
     return scan
+
+
+def scan_page_and_worklist_row(root, scan_id: int) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """The scan's page and its row of the worklist, as a viewer sees them."""
+    app = create_app(web_settings(root))
+    try:
+        client = signed_in(app, "viewer")
+        page = client.get(f"/scans/{scan_id}").text
+        worklist = client.get("/worklist").text
+    finally:
+        app.state.console.dispose()
+    return page, worklist.split(f'<tr class="scan" data-id="{scan_id}">', 1)[1].split("</tr>", 1)[0]
 
 
 def call_rows(root, scan_id: int, labels) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
