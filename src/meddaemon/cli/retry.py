@@ -28,7 +28,7 @@ from meddaemon.names import escape_controls, shown_name
 @click.option(
     "--again",
     is_flag=True,
-    help="With --reason or --all-failed: also the scans whose bytes already failed the same way after a "
+    help="With --reason or --all-failed: also the scans whose file already failed the same way after a "
     "retry (left alone otherwise, so that a schedule does not send a corrupt file back at every run).",
 )
 @click.option(
@@ -55,7 +55,7 @@ def retry(
     attempt. Exit 0 when everything selected was sent back, 2 when something was refused. With
     --reason or --all-failed, scans whose kept original no retry can send back (a link, gone, no
     regular file, or changed by hand), scans another retry sent back meanwhile, and scans whose
-    bytes already failed the same way after a retry (unless --again) are left alone, each named,
+    file already failed the same way after a retry (unless --again) are left alone, each named,
     and do not make the exit code 2."""
     from meddaemon.daemon.retry import Selector, retry_failed
 

@@ -79,7 +79,8 @@ class Selector:
     scan: str | None = None
     reason: str | None = None
     all_failed: bool = False
-    #: a bulk selection also takes the scans whose bytes already failed the same way after a retry
+    #: a bulk selection also takes the scans whose file (its bytes; by name, one never read) already
+    #: failed the same way after a retry
     #: (left alone otherwise: a schedule sent a corrupt file back at every run, a new failed row each time)
     again: bool = False
 
@@ -217,7 +218,7 @@ def _select(session: Session, selector: Selector, result: RetryResult) -> list[i
     for scan_id, stored, reason, before in rows:
         if stored is not None and before is not None and not selector.again:
             message = (
-                f"scan {scan_id} failed as {reason} again after scan {before} of the same bytes was sent back; "
+                f"scan {scan_id} failed as {reason} again after scan {before} of the same file was sent back; "
                 "retry it by its id (or medcli retry --again) once its cause is fixed"
             )
             result.left_alone.append(Refused(Refusal.FAILED_AGAIN, message, scan_id))

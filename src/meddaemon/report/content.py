@@ -327,7 +327,8 @@ def reportable_study_scans(session: Session, study_instance_uid: str) -> tuple[l
     replaced = tuple(
         (scan.id, later.id) for scan in scans if (later := latest[scan.sop_instance_uid or scan.sha256]) is not scan
     )
-    return [scan for scan in scans if scan.id not in dict(replaced)], replaced
+    left_out = {scan_id for scan_id, _ in replaced}
+    return [scan for scan in scans if scan.id not in left_out], replaced
 
 
 def study_report_data(
