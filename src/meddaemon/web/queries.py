@@ -234,18 +234,17 @@ def _filtered(session: Session, f: WorklistFilter) -> list[Any]:
         result = select(Result.id).where(
             Result.scan_id == Scan.id, Result.model_version_id == newest_version_of(Result.scan_id)
         )
-        if f.label:
+        if f.label:  # that label's call
             result = result.where(Result.label == f.label)
-        finding = result.where(Result.positive.is_(True), not_(_binary_negative_class(session)))
-        if f.call == "negative" and not f.label:  # results, no finding among them
-            conditions.append(exists(result))
-            conditions.append(not_(exists(finding)))
-        elif f.call == "positive" and not f.label:
-            conditions.append(exists(finding))
-        else:
             if f.call:
                 result = result.where(Result.positive.is_(f.call == "positive"))
             conditions.append(exists(result))
+        else:  # a finding called, or results without one
+            finding = result.where(Result.positive.is_(True), not_(_binary_negative_class(session)))
+            if f.call == "positive":
+                conditions.append(exists(finding))
+            else:
+                conditions += [exists(result), not_(exists(finding))]
     if f.q:
         conditions.append(_search(f.q.strip()))
     return conditions
