@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -194,6 +195,24 @@ def test_a_version_name_whose_folder_exists_exits_2_before_training(busi: Path, 
     assert "epoch" not in result.output
 
 
+def test_an_out_folder_inside_the_dataset_exits_2_and_leaves_the_dataset_as_it_was(busi: Path, tmp_path: Path) -> None:
+    """The folder and its lock were made before the dataset was read, and read as a class of BUSI:
+    "folder(s) run are not labels of task 'busi'", about a folder the command made itself."""
+    import shutil
+
+    data = tmp_path / "busi"
+    shutil.copytree(busi, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    state = upgraded(tmp_path / "state")
+    result = CliRunner().invoke(
+        medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--out", str(data / "run")]
+    )
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert f"--out {data / 'run'} is inside the dataset {data}" in result.output
+    assert "epoch" not in result.output
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
 def test_a_second_run_in_the_folder_of_one_running_is_refused_before_it_reads_the_dataset(
     busi: Path, tmp_path: Path
 ) -> None:
@@ -349,6 +368,30 @@ def test_resume_refuses_a_dataset_that_changed(busi: Path, tmp_path: Path) -> No
     assert "changed since the checkpoint" in again.output
 
 
+def test_resume_with_nothing_to_resume_or_other_settings_is_refused_before_the_dataset_is_read(
+    busi: Path, tmp_path: Path
+) -> None:
+    """The checkpoint was looked at only once the whole dataset had been decoded and hashed (hours on
+    ChestX-ray14), and the split written, to say there was nothing to resume."""
+    data, state = trained_on_a_copy(busi, tmp_path)
+    runner = CliRunner()
+    empty = tmp_path / "elsewhere"
+    nothing = runner.invoke(
+        medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--resume", "--out", str(empty)]
+    )
+    assert nothing.exit_code == 1, nothing.output
+    assert f"no checkpoint to resume from in {empty}" in nothing.output
+    assert "busi dataset:" not in nothing.output and not (empty / "split.json").exists()
+    split = tmp_path / "state" / "training" / "busi" / "split.json"
+    written = split.stat().st_mtime_ns
+    other_lr = runner.invoke(
+        medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--resume", "--lr", "0.01"]
+    )
+    assert other_lr.exit_code == 1, other_lr.output
+    assert "was made with other settings (lr); cannot resume" in other_lr.output
+    assert "busi dataset:" not in other_lr.output and split.stat().st_mtime_ns == written
+
+
 def same_pixels_other_bytes(png: Path) -> None:
     """Save ``png`` again with a text chunk: the image the split and the pHash see is the same."""
     from PIL import Image, PngImagePlugin
@@ -401,6 +444,37 @@ def test_an_image_changed_while_the_model_trains_stops_the_run_before_anything_i
     assert result.exit_code == EXIT_USAGE, result.output
     assert "1 image(s) changed or vanished while the model trained: malignant/malignant (2).png" in result.output
     assert "Traceback" not in result.output
+    listed = CliRunner().invoke(medcli, ["models", "list", *state, "--json"])
+    assert json.loads(listed.output) == [], listed.output
+
+
+def test_an_image_removed_before_training_reads_it_exits_2_naming_it_and_registers_nothing(
+    busi: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images are read again at every epoch where the set is over the cache (ChestX-ray14, IDC): one
+    removed after the split (a network share synced half-way) ended the run in a ScanFailure's
+    traceback, exit 1, not the exit 2 of a dataset changed while the model trained."""
+    import shutil
+
+    from meddaemon.training import pipeline
+
+    data = tmp_path / "busi"
+    shutil.copytree(busi, data)
+    real_train = pipeline.train
+    removed: list[Path] = []
+
+    def remove_then_train(spec: object, train_samples: list[Any], *args: object, **kwargs: object) -> object:
+        removed.append(train_samples[0].path)
+        removed[0].unlink()
+        return real_train(spec, train_samples, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline, "train", remove_then_train)
+    state = upgraded(tmp_path / "state")
+    result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--epochs", "1"])
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert f"{removed[0]}: vanished while the model trained" in result.output
+    assert "nothing was registered: train again" in result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # said and exited, not raised
     listed = CliRunner().invoke(medcli, ["models", "list", *state, "--json"])
     assert json.loads(listed.output) == [], listed.output
 

@@ -523,6 +523,32 @@ def test_an_import_killed_mid_copy_leaves_nothing_the_next_import_does_not_remov
         assert [r.version for r in list_versions(session, "busi")] == ["v2"]
 
 
+def test_an_import_replaces_a_folder_of_its_own_uncommitted_import_never_another_database_s_model(
+    factory, tmp_path: Path
+):  # type: ignore[no-untyped-def]
+    """The registry folder is the state directory's, not the database's: an import into another
+    database (a staging one, SQLite beside PostgreSQL) took a version folder no row of it had for one
+    left by an import that never committed, deleted it, and the database that served it refused it."""
+    root = tmp_path / "registry"
+    save_small(tmp_path / "served", version="v1", seed=1)
+    save_small(tmp_path / "other", version="v1", seed=2)
+    shutil.copytree(tmp_path / "served", root / "busi" / "v1")  # registered by another database
+    served = (root / "busi" / "v1" / "model.safetensors").read_bytes()
+
+    with pytest.raises(RegistryError) as refused, transaction(factory) as session:
+        import_version(session, tmp_path / "other", root)
+    assert refused.value.reason == "duplicate_version"
+    assert "holds another model" in refused.value.message and "nothing was replaced" in refused.value.message
+    assert (root / "busi" / "v1" / "model.safetensors").read_bytes() == served
+
+    with transaction(factory) as session:  # the same model, left by an import of it that did not commit
+        import_version(session, tmp_path / "served", root)
+    with factory() as session:
+        assert [(r.version, r.sha256) for r in list_versions(session, "busi")] == [
+            ("v1", hashlib.sha256(served).hexdigest())
+        ]
+
+
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # SQLite's BEGIN IMMEDIATE serialises them
 def test_two_first_imports_of_a_task_at_once_both_register(factory, tmp_path: Path):  # type: ignore[no-untyped-def]
     """Neither saw the task's row and each inserted it: the second failed on the primary key (a

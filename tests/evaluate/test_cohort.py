@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from evaluate_factory import LAYOUT_CASES
 from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.evaluate.cohort import read_cohort
 from meddaemon.training.datasets import DatasetError
@@ -119,3 +120,30 @@ def test_a_folder_of_images_leaves_segmentation_masks_out_and_says_so(tmp_path: 
         "Viral Pneumonia/images/Viral Pneumonia-1.png",
     ]
     assert cohort.warnings == ("5 segmentation mask(s) left out (in masks/ folders, or named *_mask.png): not inputs",)
+
+
+@pytest.mark.parametrize("layout", ["busi", "idc", "folder-per-class"])
+def test_an_image_where_a_folder_layout_reads_none_is_named_as_left_out_never_dropped_unsaid(
+    tmp_path: Path, layout: str
+) -> None:
+    """An image at the dataset's top, or in an IDC patient's folder beside 0/ and 1/, was scored by no
+    run and named in no summary: the cohort shrank, its audit's n with it, without a word."""
+    case = LAYOUT_CASES[layout](tmp_path / "data")
+    some_image = case.path / sorted(case.files)[0]
+    strays = [case.path / "stray.png"]
+    if layout == "idc":
+        patient = some_image.parent.parent
+        strays += [patient / "stray.png", patient / "2" / "x1_y1_class2.png"]
+    for stray in strays:
+        stray.parent.mkdir(exist_ok=True)
+        shutil.copyfile(some_image, stray)
+
+    cohort = read_cohort(case.path, BUILTIN_TASKS[case.task])
+
+    assert cohort.layout == layout
+    assert {cohort.relative(f) for f in cohort.files} == case.files
+    assert cohort.index is not None
+    left_out = {cohort.relative(s.path): s.reason for s in cohort.index.skipped}
+    assert set(left_out) == {cohort.relative(s) for s in strays}
+    assert all(f"not read as part of the {layout} dataset" in why for why in left_out.values())
+    assert all(s.by_rule for s in cohort.index.skipped)  # not the dataset's fault: no share of its 5%

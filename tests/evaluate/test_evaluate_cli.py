@@ -13,16 +13,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from sqlalchemy import Engine, event, select, update
 
 from evaluate_factory import LAYOUT_CASES, listing, read_only
 from meddaemon.cli.common import EXIT_USAGE
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.db.engine import session_factory
-from meddaemon.db.models import Scan
+from meddaemon.db.models import Evaluation, Scan
 from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.names import is_utf8
 from model_factory import CONTRACT, promote_into, write_model
@@ -112,6 +114,78 @@ def test_an_audit_of_an_evaluation_records_the_hash_of_the_truth_it_read_now(
     moved.rename(dataset / "malignant" / moved.name)
     after = json.loads(CliRunner().invoke(medcli, audit).stdout)["inputs"]["labels_sha256"]
     assert before == again != after
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_audit_after_the_dataset_changed_keeps_moved_images_with_their_new_label_and_names_the_rest(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """The truth was looked up by the names the evaluation read: images moved to another class folder
+    (their truth corrected) lost their label and left the audit, as did the images added, and the
+    audit said nothing (200 of 1,500 gone from a stored audit, "matched 1300 of 1300 label rows")."""
+    dataset = shutil.copytree(busi_phantoms, tmp_path / "Dataset_BUSI_with_GT")
+    args = ["evaluate", str(dataset), "--task", "busi", "--workers", "1", "--name", "run1", "--json"]
+    assert CliRunner().invoke(medcli, [*args, *state_flags(world)]).exit_code == 0
+    truth = {label: len(list((dataset / label).glob("*).png"))) for label in ("benign", "malignant", "normal")}
+    for moved in sorted((dataset / "benign").glob("*).png"))[:2]:
+        moved.rename(dataset / "malignant" / moved.name)
+    removed = sorted((dataset / "normal").glob("*).png"))[0]
+    removed.unlink()
+    removed.with_name(removed.stem + "_mask.png").unlink()
+    noise = np.random.default_rng(900).integers(0, 255, (48, 48), dtype=np.uint8)  # SYNTHETIC
+    Image.fromarray(noise).save(dataset / "benign" / "benign (900).png")
+
+    result = CliRunner().invoke(
+        medcli, ["audit", "--evaluation", "run1", "--bootstrap", "0", "--json", *state_flags(world)]
+    )
+
+    assert result.exit_code == 0, result.output
+    audit = json.loads(result.stdout)
+    images = sum(truth.values())
+    assert (audit["join"]["matched"], audit["join"]["predictions_without_label"]) == (images - 1, 1)
+    by_truth = [sum(row) for row in audit["multiclass"]["confusion_matrix"]]
+    assert by_truth == [truth["benign"] - 2, truth["malignant"] + 2, truth["normal"] - 1]
+    assert "1 labelled file(s) added to the dataset since the evaluation ran are not in it" in " ".join(audit["notes"])
+    assert "1 file(s) the evaluation scored are no longer in the dataset" in " ".join(audit["notes"])
+
+
+HOLD_THE_EVALUATION = """
+import sys, time
+from meddaemon.db.engine import create_db_engine
+from meddaemon.evaluate.store import one_run_at_a_time
+with one_run_at_a_time(create_db_engine(sys.argv[1]), sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_an_evaluation_no_process_runs_any_more_is_called_interrupted_not_running(
+    world, busi_phantoms: Path, db_url: str
+) -> None:
+    """A run killed (SIGKILL, a power cut) leaves its row running: its audit said "is running" for good,
+    and the user waited for a run that no longer was."""
+    args = ["evaluate", str(busi_phantoms), "--task", "busi", "--workers", "0", "--name", "killed", "--json"]
+    assert CliRunner().invoke(medcli, [*args, *state_flags(world)]).exit_code == 0
+    engine = world.engine()
+    with engine.begin() as conn:  # the row as a run killed mid-way leaves it
+        conn.execute(update(Evaluation).where(Evaluation.name == "killed").values(state="running"))
+    engine.dispose()
+    audit = ["audit", "--evaluation", "killed", *state_flags(world)]
+
+    gone = CliRunner().invoke(medcli, audit)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_EVALUATION, db_url, "killed"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        running = CliRunner().invoke(medcli, audit)
+    finally:
+        holder.kill()
+        holder.wait()
+
+    assert gone.exit_code == EXIT_USAGE and "is interrupted: no process runs it now" in gone.stderr, gone.output
+    assert running.exit_code == EXIT_USAGE and "'killed' is running (" in running.stderr, running.output
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -360,6 +434,9 @@ def test_a_run_stopped_for_unreadable_files_lists_them_and_json_says_stopped(
     assert result.exit_code == EXIT_USAGE and "cannot be read" in result.stderr
     summary = json.loads(result.stdout)
     assert summary["state"] == "stopped" and summary["audit"] is None
+    # the files read when it stopped are counted last (the count before them was the last said)
+    read = summary["scored"] + summary["reused"] + summary["failed"]
+    assert f"{read} of {summary['files']} files\nerror: 2 of 26 images cannot be read" in result.stderr
     assert {(u["path"], u["reason"]) for u in summary["unreadable"]} == {
         ("benign/benign (90).png", "empty_file"),
         ("benign/benign (91).png", "empty_file"),

@@ -140,7 +140,7 @@ def retrain(
     from meddaemon.training import distributed
     from meddaemon.training.datasets import DatasetError
     from meddaemon.training.evaluate import promotion_blockers
-    from meddaemon.training.pipeline import WorkdirBusy, one_run_in, split_dataset
+    from meddaemon.training.pipeline import WorkdirRefused, check_resumable, one_run_in, split_dataset
     from meddaemon.training.pipeline import retrain as run_retrain
     from meddaemon.training.train import TrainConfig
 
@@ -177,14 +177,16 @@ def retrain(
             _follow_rank_0(spec, data, config, workdir, resume, max(1, workers // distributed.world_size()), parent)
             return
         try:
-            held.enter_context(one_run_in(workdir))
-        except WorkdirBusy as exc:
+            held.enter_context(one_run_in(workdir, data))
+        except WorkdirRefused as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_USAGE)
         say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
         ctx = click.get_current_context()
         started = time.time()
         try:
+            if resume:
+                check_resumable(workdir, config, parent)
             with hashing_progress(disable=not _wants_bar(as_json)) as progress:
                 split_data = split_dataset(
                     spec,

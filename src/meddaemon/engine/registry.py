@@ -822,7 +822,8 @@ def import_version(
     the weights, ``manifest.json`` and, when there, the model card with the figures it links
     (``engine/card.py``) are copied (to a staging folder, hash-checked, then renamed into place);
     nothing else of the folder. The Task row is created if needed; the new row is ``registered`` and
-    flushed, and the caller commits. A folder left by an import whose transaction did not commit is replaced.
+    flushed, and the caller commits. A folder left by an import of the same model whose transaction did
+    not commit is replaced; one holding another model (another database's version) is refused.
     """
     source = Path(source_folder)
     loaded = load_version(source)
@@ -857,6 +858,7 @@ def import_version(
 
     unresolved = version_dir(registry_root, manifest.task, manifest.version)  # under state_dir as given
     target = unresolved.resolve()
+    _refuse_another_model_there(target, manifest)
     try:
         _copy_into_registry(source, target, manifest)
     except OSError as exc:  # a full disk, a registry folder this user cannot write
@@ -882,6 +884,26 @@ def import_version(
     return row
 
 
+def _refuse_another_model_there(target: Path, manifest: Manifest) -> None:
+    """A version folder no row of this database has is replaced only where it holds this model (an
+    import of it whose transaction did not commit) or none (no manifest that reads). One holding
+    another model is another database's version in the same state directory (a staging database, a
+    SQLite file beside PostgreSQL), served by its daemons: it was deleted, and their model refused."""
+    if not target.exists():
+        return
+    try:
+        there = read_manifest(target)
+    except ModelRefused:
+        return
+    if there.sha256 != manifest.sha256:
+        raise RegistryError(
+            "duplicate_version",
+            f"{target} holds another model (sha256 {there.sha256[:12]}) this database has not registered: another "
+            "database with the same state directory may serve it; nothing was replaced (remove the folder if "
+            "none does)",
+        )
+
+
 def _copy_into_registry(source: Path, target: Path, manifest: Manifest) -> None:
     make_folders(target.parent, durable=True)
     remove_stale_temporaries(target.parent, recursive=False)  # copies of imports killed before their rename
@@ -901,7 +923,7 @@ def _copy_into_registry(source: Path, target: Path, manifest: Manifest) -> None:
         copied_manifest = read_manifest(staging)
         if copied_manifest != manifest:
             raise ModelRefused("bad_manifest", f"{source / MANIFEST_FILE} changed while it was imported")
-        if target.exists():  # left by an import that never committed (no row has this version)
+        if target.exists():  # left by an import of it that never committed (``_refuse_another_model_there``)
             log.warning("replacing %s, left by an import that did not commit", target)
             shutil.rmtree(target)
         os.rename(staging, target)

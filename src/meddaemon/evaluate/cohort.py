@@ -15,6 +15,7 @@ from meddaemon.training.datasets import (
     DatasetError,
     DatasetIndex,
     NestedDataset,
+    Skipped,
     UnreadableDataset,
     access_errors_named,
     detect_layout,
@@ -81,8 +82,30 @@ def read_cohort(path: Path, task: TaskSpec) -> Cohort:
             raise
         return _folder_of_images(path, str(exc))
     root = path.parent if path.is_file() else path
+    if layout in READ_WHERE:
+        _name_images_outside_the_layout(root, index)
     files = list(dict.fromkeys(sample.path.absolute() for sample in index.samples))
     return _one_stored_name_each(Cohort(root, layout, files, index))
+
+
+#: where each layout whose folders (not a table) say which files are the dataset's reads its images
+READ_WHERE = {
+    "busi": "the task's class folders",
+    "idc": "a patient's 0/ or 1/ folder",
+    "folder-per-class": "a folder named for a label of the task",
+}
+
+
+def _name_images_outside_the_layout(root: Path, index: DatasetIndex) -> None:
+    """Add the images under ``root`` the layout reads nowhere (at its top, in a folder not of a class,
+    in an IDC patient's folder beside 0/ and 1/) to the index's left-out files: they were scored by
+    no run and named in no summary, and the cohort's counts shrank without a word."""
+    known = {p.absolute() for s in index.samples for p in (s.path, *s.masks)}
+    known.update(s.path.absolute() for s in index.skipped)
+    why = f"not in {READ_WHERE[index.layout]}: not read as part of the {index.layout} dataset"
+    with access_errors_named(root):
+        outside = [p for p in image_files(root) if p.absolute() not in known and not is_segmentation_mask(p, root)]
+    index.skipped.extend(Skipped(p, why, by_rule=True) for p in outside)
 
 
 def _folder_of_images(path: Path, unlabelled_because: str) -> Cohort:

@@ -518,9 +518,9 @@ class Writer:
             self.last_flush = time.monotonic()
             if counts.redo:
                 self.pending += score_in_driver(self.prepared, counts.redo)
+            self._report()  # before a stop for unreadable files: the count of the files it read
             if check:
                 self._check_unreadable()
-            self._report()
             if not final:
                 break
         if final:

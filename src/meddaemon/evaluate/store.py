@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, delete, exists, func, select, text
+from sqlalchemy import Connection, Engine, delete, exists, func, select, text
 from sqlalchemy.orm import Session
 
 from meddaemon import __version__
@@ -93,6 +93,18 @@ def one_run_at_a_time(engine: Engine, name: str) -> Iterator[None]:
         except OSError:
             raise busy from None
         yield
+
+
+def is_being_run(bind: Engine | Connection, name: str) -> bool:
+    """Whether a process holds evaluation ``name`` (:func:`one_run_at_a_time`) now: a row a killed
+    run left ``running`` (SIGKILL, a power cut) has none, and was said to be running for good. Not
+    for a process that holds an evaluation itself: its lock file's byte ranges are released with
+    any descriptor of it that it closes (POSIX record locks)."""
+    try:
+        with one_run_at_a_time(bind if isinstance(bind, Engine) else bind.engine, name):
+            return False
+    except EvaluationError:
+        return True
 
 
 @dataclass

@@ -18,7 +18,18 @@ from meddaemon.audit.run import AuditRequest, AuditResult, audit_predictions
 from meddaemon.db.models import Evaluation, EvaluationFile, ModelVersion
 from meddaemon.engine.tasks import TaskSpec
 from meddaemon.evaluate.cohort import read_cohort
-from meddaemon.evaluate.store import COMPLETED, FAILED, STOPPED, find_evaluation, left_to_daemon
+from meddaemon.evaluate.store import (
+    COMPLETED,
+    FAILED,
+    REUSED,
+    RUNNING,
+    SCORED,
+    STOPPED,
+    find_evaluation,
+    is_being_run,
+    left_to_daemon,
+)
+from meddaemon.files import file_sha256
 from meddaemon.names import utf8_name
 
 
@@ -46,11 +57,15 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
             )
         )
     }
+    scored = {sha for outcome, sha in outcome_of.values() if sha and outcome in (SCORED, REUSED)}
     rows: list[LabelRow] = []
     attribute_columns: dict[str, None] = {}
-    unreadable = 0
+    unreadable = added = 0
     for number, sample in enumerate(cohort.index.samples, start=1):
-        outcome, sha = outcome_of.get(utf8_name(cohort.relative(sample.path.absolute())), (None, None))
+        name = utf8_name(cohort.relative(sample.path.absolute()))
+        outcome, sha = outcome_of[name] if name in outcome_of else (None, _moved_here(sample.path, scored))
+        if name not in outcome_of and sha is None:
+            added += 1
         if outcome == FAILED:
             unreadable += 1
         if not sha or outcome == FAILED:
@@ -64,6 +79,13 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
         rows.append(LabelRow(sha, line, frozenset(sample.labels), None, attributes, source=source))
     if not rows:
         raise AuditInputError(f"evaluation {evaluation.name!r} has no scored file with a label")
+    removed = len(scored - {row.key for row in rows})
+    counted = (
+        (unreadable, "labelled file(s) could not be read and are left out (the evaluation lists them)"),
+        (added, "labelled file(s) added to the dataset since the evaluation ran are not in it: run medcli "
+                "evaluate again to score them"),
+        (removed, "file(s) the evaluation scored are no longer in the dataset (removed since it ran)"),
+    )  # fmt: skip
     return LabelTable(
         path=evaluation.dataset_path,
         sha256=truth_digest(rows),
@@ -73,12 +95,19 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
         label_columns=(),
         attribute_columns=tuple(attribute_columns),
         task_hint=spec.name,
-        notes=(
-            (f"{unreadable} labelled file(s) could not be read and are left out (the evaluation lists them)",)
-            if unreadable
-            else ()
-        ),
+        notes=tuple(f"{count} {what}" for count, what in counted if count),
     )
+
+
+def _moved_here(path: Path, scored: set[str]) -> str | None:
+    """The SHA-256 of a labelled file the evaluation did not read under this name, when it scored
+    those bytes: moved since (to another class folder, its truth corrected). Looked up by name only,
+    such a file lost its label, and the audit its share of the dataset, without a word."""
+    try:
+        sha = file_sha256(path)
+    except OSError:
+        return None
+    return sha if sha in scored else None
 
 
 def audit_evaluation(
@@ -97,8 +126,11 @@ def audit_evaluation(
     if spec is None:
         raise AuditInputError(f"evaluation {name!r} is of task {evaluation.task_name!r}, which is not configured")
     if evaluation.state != COMPLETED:
+        state = evaluation.state
+        if state == RUNNING and not is_being_run(session.get_bind(), evaluation.name):
+            state = "interrupted: no process runs it now (killed, or its machine stopped)"
         raise AuditInputError(
-            f"evaluation {evaluation.name!r} is {evaluation.state} ({evaluation.scored + evaluation.reused} of "
+            f"evaluation {evaluation.name!r} is {state} ({evaluation.scored + evaluation.reused} of "
             f"{evaluation.files_total} files scored): its audit would judge the model on part of the dataset; "
             + (
                 "fix the dataset and run medcli evaluate again"

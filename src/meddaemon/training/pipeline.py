@@ -44,7 +44,17 @@ from meddaemon.training.splits import (
     make_split,
     save_split,
 )
-from meddaemon.training.train import ScanDataset, TrainConfig, TrainResult, evaluate, make_loader, make_loss, train
+from meddaemon.training.train import (
+    UNTOUCHED_UNTIL_THE_END,
+    ScanDataset,
+    TrainConfig,
+    TrainResult,
+    evaluate,
+    make_loader,
+    make_loss,
+    resumable_checkpoint,
+    train,
+)
 
 MODEL_CARD = CARD_FILE
 
@@ -84,16 +94,26 @@ def default_version() -> str:
 WORKDIR_LOCK = ".retrain.lock"
 
 
-class WorkdirBusy(Exception):
+class WorkdirRefused(Exception):
+    """A folder a run cannot work in."""
+
+
+class WorkdirBusy(WorkdirRefused):
     """Another run works in the same folder."""
 
 
 @contextmanager
-def one_run_in(workdir: Path) -> Iterator[None]:
+def one_run_in(workdir: Path, dataset: Path | None = None) -> Iterator[None]:
     """Hold ``workdir`` for this run alone (an exclusive ``flock``, released with the process however it
     ends); ``WorkdirBusy`` when another run holds it. Two runs of a task in its default folder wrote
     one ``split.json`` and one checkpoint: each read the other's back, and a version was registered
-    with the other run's seed, split and training-data fingerprint."""
+    with the other run's seed, split and training-data fingerprint. A ``workdir`` inside ``dataset`` is
+    refused (``WorkdirRefused``) before it is made: made there, it was read as a folder of the dataset."""
+    if dataset is not None and workdir.resolve().is_relative_to(dataset.resolve()):
+        raise WorkdirRefused(
+            f"--out {shown_name(workdir)} is inside the dataset {shown_name(dataset)}: its files would be read "
+            "as the dataset's; give a folder outside it"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / WORKDIR_LOCK, "a+") as lock:
         try:
@@ -109,6 +129,13 @@ def one_run_in(workdir: Path) -> Iterator[None]:
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         yield
+
+
+def check_resumable(workdir: Path, config: TrainConfig, parent: ParentVersion | None = None) -> None:
+    """``--resume`` refused before the dataset is read, where its checkpoint cannot be resumed by
+    ``config`` (``--from`` ``parent``'s architecture and contract applied, as :func:`retrain` does):
+    none there, a torn one, one of other settings (``FileNotFoundError``, ``ValueError``)."""
+    resumable_checkpoint(workdir, config if parent is None else parent.apply(config))
 
 
 def version_folder(workdir: Path, version: str) -> Path:
@@ -306,7 +333,7 @@ def check_unchanged(data: Path, index: DatasetIndex, split: DatasetSplit) -> Non
             data,
             f"{len(changed)} image(s) changed or vanished while the model trained: {', '.join(changed[:5])}"
             + (", ..." if len(changed) > 5 else ""),
-            "the dataset left as it is until training ends; nothing was registered: train again",
+            UNTOUCHED_UNTIL_THE_END,
         )
 
 

@@ -46,9 +46,10 @@ from meddaemon.engine.architectures import ARCHITECTURES, Init, build_model, ima
 from meddaemon.engine.preprocess import to_model_input
 from meddaemon.engine.registry import probabilities
 from meddaemon.engine.tasks import InputContract, TaskSpec
+from meddaemon.failures import ScanFailure
 from meddaemon.files import write_atomically
 from meddaemon.training import MAX_SEED, distributed
-from meddaemon.training.datasets import Sample
+from meddaemon.training.datasets import DatasetError, Sample
 from meddaemon.training.images import decode_file
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
@@ -57,6 +58,9 @@ OPTIMIZERS = ("adam", "adamw", "nadam", "sgd")
 SCHEDULERS = ("none", "step", "plateau", "cosine")
 #: the smallest square input a model is trained at (as ``medcli models import --image-size`` takes)
 MIN_IMAGE_SIZE = 8
+#: what a run whose images changed while it trained says to do
+UNTOUCHED_UNTIL_THE_END = "the dataset left as it is until training ends; nothing was registered: train again"
+
 #: Preprocessed images are kept in memory when the whole set fits in this (small datasets).
 CACHE_LIMIT_BYTES = 1 << 30
 
@@ -221,7 +225,13 @@ class ScanDataset(Dataset[tuple[Tensor, Tensor]]):
     def image(self, i: int) -> Tensor:
         if i in self._cache:
             return self._cache[i]
-        scan = decode_file(self.samples[i].path)
+        path = self.samples[i].path
+        try:
+            scan = decode_file(path)
+        except ScanFailure as failure:  # read whole when the dataset was split: changed or removed since
+            raise DatasetError(
+                path, f"{failure.reason.value} while the model trained ({failure.message})", UNTOUCHED_UNTIL_THE_END
+            ) from None
         x = torch.from_numpy(to_model_input(scan, self.contract)[0])
         if self.cache:
             self._cache[i] = x
@@ -733,33 +743,8 @@ def load_checkpoint(
     """Restore what :func:`save_checkpoint` wrote; a checkpoint of another configuration is refused."""
     from safetensors.torch import load_file
 
-    weights, state_file = workdir / CHECKPOINT_WEIGHTS, workdir / CHECKPOINT_STATE
-    if not weights.is_file() or not state_file.is_file():
-        raise FileNotFoundError(
-            f"no checkpoint to resume from in {workdir} ({CHECKPOINT_WEIGHTS} + {CHECKPOINT_STATE})"
-        )
-    meta = json.loads(state_file.read_text(encoding="utf-8"))
-    weights_epoch = _weights_epoch(weights)
-    if weights_epoch != meta.get("epoch"):  # stopped between the two files: neither epoch is whole
-        raise ValueError(
-            f"the checkpoint in {workdir} is torn: its weights are of epoch {weights_epoch}, its state "
-            f"of epoch {meta.get('epoch')} (stopped while it was written); train again without --resume"
-        )
-    tensors = load_file(str(weights))
-    saved = {k: v for k, v in meta["config"].items() if k not in ("epochs", "patience", "device", "num_workers")}
-    current = {k: v for k, v in config.as_dict().items() if k in saved}
-    if saved.get("processes", config.processes) != config.processes:
-        made_by = saved["processes"]
-        raise ValueError(
-            f"the checkpoint in {workdir} was made by {made_by} process(es) (a global batch of "
-            f"{made_by * config.batch_size}), this run has {config.processes}: resume it as it was launched"
-            + (f", under torchrun --nproc-per-node {made_by}" if made_by > 1 else ", without torchrun")
-        )
-    if json.loads(json.dumps(current)) != saved:
-        changed = sorted(k for k in saved if json.loads(json.dumps(current.get(k))) != saved[k])
-        raise ValueError(
-            f"the checkpoint in {workdir} was made with other settings ({', '.join(changed)}); cannot resume"
-        )
+    meta = resumable_checkpoint(workdir, config)
+    tensors = load_file(str(workdir / CHECKPOINT_WEIGHTS))
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     best = {k[len("best.") :]: v for k, v in tensors.items() if k.startswith("best.")}
     per_param: dict[int, dict[str, Any]] = {}
@@ -783,3 +768,41 @@ def load_checkpoint(
         history=meta["history"],
     )
     return state, best
+
+
+def resumable_checkpoint(workdir: Path, config: TrainConfig) -> dict[str, Any]:
+    """The state of the checkpoint in ``workdir`` (``checkpoint.json``), when ``config`` can resume
+    it; read before the dataset is, so that a ``--resume`` with nothing to resume, or with other
+    settings, is refused before the hours of hashing ChestX-ray14, not after them. Raises
+    ``FileNotFoundError`` (no checkpoint) or ``ValueError`` (a torn one, one of other settings)."""
+    weights, state_file = workdir / CHECKPOINT_WEIGHTS, workdir / CHECKPOINT_STATE
+    if not weights.is_file() or not state_file.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint to resume from in {workdir} ({CHECKPOINT_WEIGHTS} + {CHECKPOINT_STATE})"
+        )
+    meta: dict[str, Any] = json.loads(state_file.read_text(encoding="utf-8"))
+    weights_epoch = _weights_epoch(weights)
+    if weights_epoch != meta.get("epoch"):  # stopped between the two files: neither epoch is whole
+        raise ValueError(
+            f"the checkpoint in {workdir} is torn: its weights are of epoch {weights_epoch}, its state "
+            f"of epoch {meta.get('epoch')} (stopped while it was written); train again without --resume"
+        )
+    saved = {k: v for k, v in meta["config"].items() if k not in ("epochs", "patience", "device", "num_workers")}
+    if saved.get("seed", config.seed) != config.seed:  # another seed gives another split: say which
+        raise ValueError(
+            f"the checkpoint in {workdir} was made with --seed {saved['seed']}, not {config.seed}; cannot resume"
+        )
+    current = {k: v for k, v in config.as_dict().items() if k in saved}
+    if saved.get("processes", config.processes) != config.processes:
+        made_by = saved["processes"]
+        raise ValueError(
+            f"the checkpoint in {workdir} was made by {made_by} process(es) (a global batch of "
+            f"{made_by * config.batch_size}), this run has {config.processes}: resume it as it was launched"
+            + (f", under torchrun --nproc-per-node {made_by}" if made_by > 1 else ", without torchrun")
+        )
+    if json.loads(json.dumps(current)) != saved:
+        changed = sorted(k for k in saved if json.loads(json.dumps(current.get(k))) != saved[k])
+        raise ValueError(
+            f"the checkpoint in {workdir} was made with other settings ({', '.join(changed)}); cannot resume"
+        )
+    return meta
