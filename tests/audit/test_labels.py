@@ -50,6 +50,11 @@ def test_one_column_per_label_as_pandas_writes_it_with_gaps_reads_as_0_1(tmp_pat
     assert t.label_columns == ("Effusion", "Mass")
     assert [r.positives for r in t.rows] == [{"Effusion"}, {"Mass"}]
     assert [r.known for r in t.rows] == [{"Effusion"}, {"Effusion", "Mass"}]
+    # as pandas writes it with sep=";" and decimal=",", for a decimal-comma locale: refused before
+    with_commas = read_labels(write(tmp_path, "file;Effusion;Mass\na.png;1,0;\nb.png;0,0;1,0\n"), VOCABULARY)
+    assert [r.positives for r in with_commas.rows] == [{"Effusion"}, {"Mass"}]
+    with pytest.raises(LabelFileError, match="'0,5' is not 0/1"):
+        read_labels(write(tmp_path, "file;Effusion\na.png;0,5\n"), VOCABULARY)
     for cell in ("0.5", "0.99999999999999999", "1e0", "01", "+1", "\u0661"):  # the last: an Arabic-Indic 1
         with pytest.raises(LabelFileError, match="is not 0/1"):
             read_labels(write(tmp_path, f"file,Effusion\na.png,{cell}\n"), VOCABULARY)
@@ -158,6 +163,25 @@ def test_busi_folders_must_be_classes(tmp_path):
         ("file,label\na.png,benign,extra\n", 2, None, "3 values but the header has 2 columns"),
         ("file,label,label\na.png,benign,normal\n", 1, "label", "duplicate column name"),
         ("", None, None, "the file is empty"),
+        # a stray quote in a comment: every row after it was one cell, dropped from the truth, exit 0
+        (
+            'file,label,note\na.png,benign,"5 mm, irregular\nb.png,malignant,\nc.png,normal,lesion 5"\nd.png,benign,\n',
+            2,
+            "note",
+            "a quoted value runs over 3 lines that read as rows (a stray '\"'?)",
+        ),
+        (
+            'file,label,note\na.png,benign,\nb.png,malignant,"5 mm, irregular\nc.png,normal,\n',
+            3,
+            None,
+            "a quote opened on this line is never closed",
+        ),
+        (
+            'file,label,note\na.png,benign,"5 mm\nb.png,normal,see "prior" scan\nc.png,normal,\n',
+            2,
+            None,
+            "not a readable CSV: ',' expected after '\"'",
+        ),
     ],
 )
 def test_bad_files_are_refused_with_where_and_what(tmp_path, text, line, column, expected):

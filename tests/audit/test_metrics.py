@@ -108,6 +108,17 @@ def test_no_positives_gives_undefined_auprc_where_scikit_learn_gives_zero():
     assert isinstance(m.auprc, Undefined) and m.auprc.reason == "no positives"
 
 
+def test_no_negatives_gives_undefined_auprc_where_scikit_learn_gives_one_that_any_model_earns():
+    """1.000 passed ``--require auprc>=0.95`` on a cohort that cannot test discrimination, beside an
+    AUC, a specificity and an MCC each undefined for the one class."""
+    y = np.ones(20, dtype=int)
+    p = np.random.default_rng(0).random(20)  # SYNTHETIC scores, a random model's
+    assert average_precision_score(y, p) == pytest.approx(1)
+    m = label_metrics("finding", y, p, p >= 0.5, 0.5)
+    assert isinstance(m.auprc, Undefined) and m.auprc.reason == "one class only: no negatives"
+    assert m.auprc.counts == {"n": 20, "positives": 20, "negatives": 0}
+
+
 def test_a_constant_call_gives_undefined_mcc_and_ppv_where_scikit_learn_gives_zero():
     y, p, _ = binary_case(6, n=200)
     never = np.zeros(200, dtype=bool)

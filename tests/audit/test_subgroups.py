@@ -14,9 +14,12 @@ from meddaemon.audit.values import Undefined
 @pytest.mark.parametrize(
     ("value", "band"),
     [("58", "40-59"), ("058Y", "40-59"), ("006M", "0-17"), ("17", "0-17"), ("18", "18-39"), ("080Y", "80+"),
-     ("", "(missing)"), (None, "(missing)"), ("old", "(missing)")],
+     ("0,5", "0-17"), ("45,5", "40-59"), ("", "(missing)"), (" ", "(missing)"), (None, "(missing)"),
+     ("old", "(unreadable)"), ("61 years", "(unreadable)"), ("-3", "(unreadable)"), ("250", "(unreadable)")],
 )  # fmt: skip
 def test_age_bands_from_years_or_dicom_ages(value, band):
+    """An age given but unreadable, and a decimal comma's (``45,5``: a semicolon file of a
+    decimal-comma locale), were counted among the ages not given, "(missing)", without a word."""
     assert age_band(value) == band
 
 

@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -537,6 +538,22 @@ def test_a_file_of_the_user_s_named_as_an_output_plus_tmp_is_kept(busi, tmp_path
         "audit.pdf",
         "audit.pdf.tmp",
     ]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_pdf_of_a_cohort_of_one_class_is_drawn_without_a_warning_on_stderr(migrated_engine, db_url, tmp_path):
+    """No curve has a label to show: matplotlib's "No artists with labels found to put in legend"
+    was printed on stderr, on every such audit."""
+    cohort = synthetic_cohort(migrated_engine, "covid", 40, seed=3)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\n" + "".join(f"{name.split('/')[-1]},covid\n" for name in cohort.names))
+    pdf = tmp_path / "audit.pdf"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run("--db", db_url, "--labels", str(labels), "--bootstrap", "0", "--pdf", str(pdf))
+    assert result.exit_code == 0, result.output
+    assert [str(w.message) for w in caught if "legend" in str(w.message)] == []
+    assert "covid" in "\n".join(page.extract_text() for page in PdfReader(str(pdf)).pages)
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

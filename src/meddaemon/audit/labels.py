@@ -94,21 +94,53 @@ def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
     except OSError as exc:
         raise LabelFileError(path, f"cannot be read: {exc.strerror}") from None
     text = _decode(path, raw)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
+    delimiter = csv_delimiter(text)
+    # strict: a quote left open to the end of the file, or closed before more of its cell, is an error
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    first_line = 1  # of the record being read: where a quote that swallows lines was opened
     try:
         try:
             header = [h.strip() for h in next(reader)]
         except StopIteration:
             raise LabelFileError(path, "the file is empty; expected a header line") from None
-        records = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+        records = []
+        first_line = reader.line_num + 1
+        for row in reader:
+            _refuse_rows_in_a_cell(path, header, row, first_line, delimiter)
+            if any(cell.strip() for cell in row):
+                records.append((reader.line_num, row))
+            first_line = reader.line_num + 1
     except csv.Error as exc:
-        raise LabelFileError(path, f"not a readable CSV: {exc}", reader.line_num) from None
+        if "unexpected end of data" in str(exc):
+            raise LabelFileError(
+                path, "a quote opened on this line is never closed (a stray '\"'?)", first_line
+            ) from None
+        raise LabelFileError(path, f"not a readable CSV: {exc}", first_line) from None
     sha = hashlib.sha256(raw).hexdigest()
     if "Image Index" in header and "Finding Labels" in header:
         _refuse_misspelt_labels(path, header, records, words, ("Image Index", "Finding Labels"))
         return _nih(path, sha, header, records, words)
     _refuse_misspelt_labels(path, header, records, words, (*KEY_COLUMNS, "label", "task"))
     return _simple(path, sha, header, records, words)
+
+
+def _refuse_rows_in_a_cell(path: Path, header: list[str], row: list[str], line: int, delimiter: str) -> None:
+    """A quoted cell whose later lines hold a row's worth of delimiters is rows swallowed by a stray
+    quote (``"5 mm, irregular`` in a comment): read as one cell, every row up to the next quote
+    was dropped from the truth, and the audit ran on what was left, exit 0, its join saying "40 of
+    40 label rows" of a file of 300."""
+    if len(header) < 2:
+        return
+    for column, cell in zip(header, row, strict=False):
+        lines = cell.splitlines()
+        if any(later.count(delimiter) >= len(header) - 1 for later in lines[1:]):
+            raise LabelFileError(
+                path,
+                f"a quoted value runs over {len(lines)} lines that read as rows (a stray '\"'?); close the quote "
+                "where the value ends, or write a quote inside a quoted value as two ('\"\"')",
+                line,
+                column or None,
+            )
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -246,7 +278,8 @@ def _read_0_1(value: str) -> bool | None:
     return None if written is None else written[1] == "1"
 
 
-_ZERO_OR_ONE = re.compile(r"([01])\.0*", re.ASCII)
+#: ``1``, ``1.0`` (pandas' float column), ``1,0`` (the same with ``decimal=","``, in a semicolon file)
+_ZERO_OR_ONE = re.compile(r"([01])(?:[.,]0*)?", re.ASCII)
 
 
 def check_label_columns(table: LabelTable, task: str, task_labels: Iterable[str]) -> None:

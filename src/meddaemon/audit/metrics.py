@@ -268,7 +268,8 @@ def label_metrics(
     if pos == 0 or neg == 0:
         reason = f"{ONE_CLASS}: no {'positives' if pos == 0 else 'negatives'}"
         auc = Undefined(reason, counts)
-        auprc = Undefined("no positives", counts) if pos == 0 else Estimate(1.0)
+        # no negatives: every ranking has precision 1 (scikit-learn's 1.0), a gate any model passes
+        auprc = Undefined("no positives" if pos == 0 else reason, counts)
         youden = at_sens = Undefined(reason, counts)
     else:
         if order is None:

@@ -151,7 +151,8 @@ def _overview(fig: Figure, metrics: list[LabelMetrics]) -> None:
     _square(roc, "1 - specificity", "sensitivity")
     _square(rel, "mean predicted probability", "observed rate")
     for ax in (roc, rel):
-        ax.legend(fontsize=6, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:  # none on a cohort of one class: matplotlib warned on stderr
+            ax.legend(fontsize=6, loc="lower right")
 
 
 def _label_pages(

@@ -25,18 +25,24 @@ from meddaemon.audit.predictions import AuditInputError
 from meddaemon.audit.values import Undefined
 
 MISSING = "(missing)"
+#: the band of an age given but not readable as one (``unknown``, ``61 years``): kept apart from the
+#: ages not given, which it was counted among without a word
+UNREADABLE_AGE = "(unreadable)"
 AGE_BANDS = ((0, 18, "0-17"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 200, "80+"))
-_DICOM_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([YMWD]?)\s*$", re.IGNORECASE)
+_DICOM_AGE = re.compile(r"^\s*(\d+(?:[.,]\d+)?)\s*([YMWD]?)\s*$", re.IGNORECASE)
 _AGE_UNIT_YEARS = {"": 1.0, "Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
 
 
 def age_band(value: str | None) -> str:
-    """The band of an age in years (``58``) or in DICOM's AS form (``058Y``, ``006M``)."""
+    """The band of an age in years (``58``, ``0.5``, or with a decimal comma as a semicolon file of a
+    decimal-comma locale writes it, ``0,5``) or in DICOM's AS form (``058Y``, ``006M``)."""
+    if not (value or "").strip():
+        return MISSING
     match = _DICOM_AGE.match(value or "")
     if not match:
-        return MISSING
-    years = float(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).upper()]
-    return next((name for lo, hi, name in AGE_BANDS if lo <= years < hi), MISSING)
+        return UNREADABLE_AGE
+    years = float(match.group(1).replace(",", ".")) * _AGE_UNIT_YEARS[match.group(2).upper()]
+    return next((name for lo, hi, name in AGE_BANDS if lo <= years < hi), UNREADABLE_AGE)
 
 
 def available_columns(cohort: Cohort) -> list[str]:
