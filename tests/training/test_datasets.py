@@ -15,7 +15,7 @@ from dicom_factory import write_dicom, write_png, write_structured_report
 
 from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.training.datasets import DatasetError, detect_layout, load_dataset
-from meddaemon.training.phantoms import PhantomSet
+from meddaemon.training.phantoms import PhantomSet, write_phantoms
 from permissions import held_to_file_modes, unlistable
 
 ENTRY_HEADER = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n"
@@ -661,3 +661,18 @@ def test_a_folder_of_normal_images_beside_the_collection_is_read_whatever_its_ca
         "synthetic_normal_1.png",
         "synthetic_normal_2.png",
     ]
+
+
+def test_a_label_table_whose_stray_quote_swallows_rows_is_refused_naming_its_line_and_column(tmp_path: Path) -> None:
+    """``"5 mm`` opening a free-text note made the rows after it part of that note, up to the next
+    quote: their images were left out of the dataset (and of an evaluation's cohort) without a word."""
+    root = write_phantoms("covid", tmp_path / "covid", count=2, size=32).root
+    lines = (root / "metadata.csv").read_text().splitlines(keepends=True)
+    lines[2] = lines[2].replace("CC0,SYNTHETIC phantom,", 'CC0,"SYNTHETIC phantom 5 mm,', 1)
+    lines[4] = lines[4].replace("CC0,SYNTHETIC phantom,", 'CC0,SYNTHETIC phantom 5",', 1)
+    (root / "metadata.csv").write_text("".join(lines))
+    with pytest.raises(DatasetError, match="line 3, column 'clinical_notes': a quoted value runs over 3 lines"):
+        load_dataset(root, BUILTIN_TASKS["covid"])
+    (root / "metadata.csv").write_text("".join(lines[:4]))  # the quote never closed
+    with pytest.raises(DatasetError, match="line 3: a quote opened on this line is never closed"):
+        load_dataset(root, BUILTIN_TASKS["covid"])

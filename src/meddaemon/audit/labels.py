@@ -15,10 +15,8 @@ label with 0/1 (also true/false, yes/no, positive/negative; empty means not know
 from __future__ import annotations
 
 import codecs
-import csv
 import difflib
 import hashlib
-import io
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -27,7 +25,7 @@ from pathlib import Path
 
 from meddaemon.names import utf8_name
 from meddaemon.training.datasets.folders import BUSI_CLASSES, BUSI_MASK
-from meddaemon.training.datasets.tables import csv_delimiter
+from meddaemon.training.datasets.tables import CsvFault, csv_records
 from meddaemon.training.images import is_image_file
 
 KEY_COLUMNS = ("file", "sop_instance_uid", "sha256")
@@ -94,53 +92,20 @@ def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
     except OSError as exc:
         raise LabelFileError(path, f"cannot be read: {exc.strerror}") from None
     text = _decode(path, raw)
-    delimiter = csv_delimiter(text)
-    # strict: a quote left open to the end of the file, or closed before more of its cell, is an error
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    first_line = 1  # of the record being read: where a quote that swallows lines was opened
     try:
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise LabelFileError(path, "the file is empty; expected a header line") from None
-        records = []
-        first_line = reader.line_num + 1
-        for row in reader:
-            _refuse_rows_in_a_cell(path, header, row, first_line, delimiter)
-            if any(cell.strip() for cell in row):
-                records.append((reader.line_num, row))
-            first_line = reader.line_num + 1
-    except csv.Error as exc:
-        if "unexpected end of data" in str(exc):
-            raise LabelFileError(
-                path, "a quote opened on this line is never closed (a stray '\"'?)", first_line
-            ) from None
-        raise LabelFileError(path, f"not a readable CSV: {exc}", first_line) from None
+        names, rows = csv_records(text)
+    except CsvFault as fault:
+        raise LabelFileError(path, fault.message, fault.line, fault.column) from None
+    if not names:
+        raise LabelFileError(path, "the file is empty; expected a header line")
+    header = [h.strip() for h in names]
+    records = [(line, row) for line, row in rows if any(cell.strip() for cell in row)]
     sha = hashlib.sha256(raw).hexdigest()
     if "Image Index" in header and "Finding Labels" in header:
         _refuse_misspelt_labels(path, header, records, words, ("Image Index", "Finding Labels"))
         return _nih(path, sha, header, records, words)
     _refuse_misspelt_labels(path, header, records, words, (*KEY_COLUMNS, "label", "task"))
     return _simple(path, sha, header, records, words)
-
-
-def _refuse_rows_in_a_cell(path: Path, header: list[str], row: list[str], line: int, delimiter: str) -> None:
-    """A quoted cell whose later lines hold a row's worth of delimiters is rows swallowed by a stray
-    quote (``"5 mm, irregular`` in a comment): read as one cell, every row up to the next quote
-    was dropped from the truth, and the audit ran on what was left, exit 0, its join saying "40 of
-    40 label rows" of a file of 300."""
-    if len(header) < 2:
-        return
-    for column, cell in zip(header, row, strict=False):
-        lines = cell.splitlines()
-        if any(later.count(delimiter) >= len(header) - 1 for later in lines[1:]):
-            raise LabelFileError(
-                path,
-                f"a quoted value runs over {len(lines)} lines that read as rows (a stray '\"'?); close the quote "
-                "where the value ends, or write a quote inside a quoted value as two ('\"\"')",
-                line,
-                column or None,
-            )
 
 
 def _decode(path: Path, raw: bytes) -> str:
