@@ -84,11 +84,12 @@ def rerun(root: Path, **flags: Any) -> None:
     Daemon(web_settings(root, max_wait_ms=10, **flags)).run(once=True)
 
 
-def store_audit(root: Path, pdf: str | None = None) -> int:
+def store_audit(root: Path, pdf: str | None = None, compare: str | None = None) -> int:
     """A real ``medcli audit`` of the busi scans of the state, stored; the truth is SYNTHETIC (by name).
 
     ``pdf``: none kept with it (None), a one-page SYNTHETIC stand-in kept as ``--pdf`` keeps the real
-    one ("plain"), or the real audit PDF (``write_and_keep_pdf``, "drawn": seconds more, for screenshots)."""
+    one ("plain"), or the real audit PDF (``write_and_keep_pdf``, "drawn": seconds more, for screenshots);
+    ``compare``: the version it is compared with (``--compare``)."""
     from sqlalchemy import select
 
     from meddaemon.audit.run import AuditRequest, run_audit
@@ -109,7 +110,9 @@ def store_audit(root: Path, pdf: str | None = None) -> int:
         labels.write_text("file,label\n" + "".join(f"{n},{classes[i % 3]}\n" for i, n in enumerate(names)), "utf-8")
         with transaction(sessions) as session:
             result = run_audit(
-                session, AuditRequest(labels=labels, task="busi", model_version="v1", bootstrap=0), all_tasks({})
+                session,
+                AuditRequest(labels=labels, task="busi", model_version="v1", bootstrap=0, compare=compare),
+                all_tasks({}),
             )
             audit_id = save_audit(session, result).id
         if pdf == "drawn":

@@ -30,19 +30,22 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    quiet_value_quoting_libraries()
+    quiet_libraries()
 
 
-def quiet_value_quoting_libraries() -> None:
+def quiet_libraries() -> None:
     """pydicom's and highdicom's warnings and log lines quote element values (highdicom quotes a
     patient's name of one component): PHI stays out of the log. pydicom is imported first, because
-    its import sets its logger's level again."""
+    its import sets its logger's level again. Pillow's warning of a "decompression bomb" over 89 M
+    pixels says what ``max_pixels`` decides, in two raw lines outside the log's format."""
     import pydicom  # noqa: F401
+    from PIL import Image
 
     for name in VALUE_QUOTING_LIBRARIES:
         warnings.filterwarnings("ignore", module=rf"{name}(\..*)?")
         logging.getLogger(name).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=UserWarning, message=r".*(VR|value|Invalid|Expected).*")
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def error_line(exc: BaseException) -> str:

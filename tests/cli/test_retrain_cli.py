@@ -211,6 +211,11 @@ def test_an_out_folder_inside_the_dataset_exits_2_and_leaves_the_dataset_as_it_w
     assert f"--out {data / 'run'} is inside the dataset {data}" in result.output
     assert "epoch" not in result.output
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+    hidden = ["--out", str(data / ".runs" / "busi")]  # never read as the dataset's: trained in
+    trained = CliRunner().invoke(
+        medcli, ["retrain", "busi", "--data", str(data), *state, *FAST, "--epochs", "1", *hidden]
+    )
+    assert trained.exit_code == 0, trained.output
 
 
 def test_a_second_run_in_the_folder_of_one_running_is_refused_before_it_reads_the_dataset(
@@ -763,3 +768,23 @@ def test_ctrl_c_before_training_starts_offers_no_earlier_run_s_checkpoint(
     assert again.exit_code == 130, again.output
     assert "interrupted before the first epoch finished: nothing to resume" in again.stderr
     assert "--resume" not in again.stderr
+
+
+def test_another_rank_names_an_image_of_its_shard_gone_while_it_trained(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Under torchrun an image read by rank 1 alone was named by no rank: rank 1 exited 2 without a
+    word (rank 0, which says the dataset's faults, never read it) and rank 0 died on gloo."""
+    from meddaemon.cli import retrain as retrain_cli
+    from meddaemon.training.train import ChangedWhileTraining
+
+    gone = tmp_path / "benign (3).png"
+
+    def shard_reads_a_vanished_image(*_: object) -> None:
+        raise ChangedWhileTraining(gone, "vanished while the model trained (the file was deleted)", "")
+
+    monkeypatch.setattr(retrain_cli, "_train_shard", shard_reads_a_vanished_image)
+    with pytest.raises(SystemExit) as exited:
+        retrain_cli._follow_rank_0(None, tmp_path, None, tmp_path, False, 1)
+    assert exited.value.code == EXIT_USAGE
+    assert f"bad dataset: {gone}: vanished while the model trained" in capsys.readouterr().err

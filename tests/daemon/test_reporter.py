@@ -398,6 +398,16 @@ def test_a_full_disk_leaves_no_partial_pdf_and_the_scan_inferred_until_a_retry(
     assert sorted(target.parent.glob(f"*{target.name}*")) == []
     with daemon.sessions() as session:
         assert session.scalar(select(func.count()).where(Report.scan_id == victim.id)) == 0
+    reporter.retry_after[victim.id] = 0  # its retry due, the disk still full: said once, not every 30 s
+    temporary_path(target).symlink_to("/dev/full")
+    with caplog.at_level(logging.ERROR, logger="meddaemon"):
+        reporter.drain()
+    assert caplog.text.count(f"scan {victim.id}: could not write its report") == 1
+    assert scan_states(daemon)[victim.source_name] == "inferred"
+    reporter.retry_after[victim.id] = 0
+    with caplog.at_level(logging.INFO, logger="meddaemon"):
+        reporter.drain()
+    assert f"scan {victim.id}: report written (after failing to be written)" in caplog.text
 
     Reporter(daemon.settings, daemon.sessions).drain()  # the disk has room again: retried
     assert set(scan_states(daemon).values()) == {"reported"}

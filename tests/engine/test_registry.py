@@ -535,10 +535,20 @@ def test_an_import_replaces_a_folder_of_its_own_uncommitted_import_never_another
     shutil.copytree(tmp_path / "served", root / "busi" / "v1")  # registered by another database
     served = (root / "busi" / "v1" / "model.safetensors").read_bytes()
 
-    with pytest.raises(RegistryError) as refused, transaction(factory) as session:
+    shutil.copytree(tmp_path / "served", tmp_path / "retuned")  # the same weights, other thresholds
+    manifest = json.loads((tmp_path / "retuned" / "manifest.json").read_text())
+    manifest["thresholds"] = dict.fromkeys(manifest["thresholds"], 0.9)
+    (tmp_path / "retuned" / "manifest.json").write_text(json.dumps(manifest))
+    for other in ("other", "retuned"):
+        with pytest.raises(RegistryError) as refused, transaction(factory) as session:
+            import_version(session, tmp_path / other, root)
+        assert refused.value.reason == "duplicate_version"
+        assert "holds another version" in refused.value.message and "nothing was replaced" in refused.value.message
+    newer = json.loads((root / "busi" / "v1" / "manifest.json").read_text())
+    (root / "busi" / "v1" / "manifest.json").write_text(json.dumps({**newer, "written_by": "a newer meddaemon"}))
+    with pytest.raises(RegistryError, match="holds another version"), transaction(factory) as session:
         import_version(session, tmp_path / "other", root)
-    assert refused.value.reason == "duplicate_version"
-    assert "holds another model" in refused.value.message and "nothing was replaced" in refused.value.message
+    (root / "busi" / "v1" / "manifest.json").write_text(json.dumps(newer))
     assert (root / "busi" / "v1" / "model.safetensors").read_bytes() == served
 
     with transaction(factory) as session:  # the same model, left by an import of it that did not commit

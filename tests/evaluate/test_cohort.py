@@ -131,9 +131,11 @@ def test_an_image_where_a_folder_layout_reads_none_is_named_as_left_out_never_dr
     case = LAYOUT_CASES[layout](tmp_path / "data")
     some_image = case.path / sorted(case.files)[0]
     strays = [case.path / "stray.png"]
+    copied = case.path / "copy_of_the_dataset"  # IDC's archive holds one: named once, by its folder
     if layout == "idc":
         patient = some_image.parent.parent
         strays += [patient / "stray.png", patient / "2" / "x1_y1_class2.png"]
+        shutil.copytree(patient, copied / patient.name)
     for stray in strays:
         stray.parent.mkdir(exist_ok=True)
         shutil.copyfile(some_image, stray)
@@ -144,6 +146,10 @@ def test_an_image_where_a_folder_layout_reads_none_is_named_as_left_out_never_dr
     assert {cohort.relative(f) for f in cohort.files} == case.files
     assert cohort.index is not None
     left_out = {cohort.relative(s.path): s.reason for s in cohort.index.skipped}
-    assert set(left_out) == {cohort.relative(s) for s in strays}
+    folders = {cohort.relative(copied)} if layout == "idc" else set()
+    assert set(left_out) == {cohort.relative(s) for s in strays} | folders
     assert all(f"not read as part of the {layout} dataset" in why for why in left_out.values())
+    for folder in folders:
+        patches = len(list(copied.rglob("*.png")))
+        assert left_out[folder].startswith(f"a folder of {patches} images, none in a patient's 0/ or 1/ folder")
     assert all(s.by_rule for s in cohort.index.skipped)  # not the dataset's fault: no share of its 5%

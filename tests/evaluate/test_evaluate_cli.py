@@ -134,6 +134,8 @@ def test_an_audit_after_the_dataset_changed_keeps_moved_images_with_their_new_la
     removed.with_name(removed.stem + "_mask.png").unlink()
     noise = np.random.default_rng(900).integers(0, 255, (48, 48), dtype=np.uint8)  # SYNTHETIC
     Image.fromarray(noise).save(dataset / "benign" / "benign (900).png")
+    kept = sorted((dataset / "normal").glob("*).png"))[0]  # a copy, its original still there: added
+    shutil.copyfile(kept, dataset / "malignant" / "malignant (901).png")
 
     result = CliRunner().invoke(
         medcli, ["audit", "--evaluation", "run1", "--bootstrap", "0", "--json", *state_flags(world)]
@@ -145,8 +147,9 @@ def test_an_audit_after_the_dataset_changed_keeps_moved_images_with_their_new_la
     assert (audit["join"]["matched"], audit["join"]["predictions_without_label"]) == (images - 1, 1)
     by_truth = [sum(row) for row in audit["multiclass"]["confusion_matrix"]]
     assert by_truth == [truth["benign"] - 2, truth["malignant"] + 2, truth["normal"] - 1]
-    assert "1 labelled file(s) added to the dataset since the evaluation ran are not in it" in " ".join(audit["notes"])
+    assert "2 labelled file(s) added to the dataset since the evaluation ran are not in it" in " ".join(audit["notes"])
     assert "1 file(s) the evaluation scored are no longer in the dataset" in " ".join(audit["notes"])
+    assert audit["join"].get("conflicts", []) == []
 
 
 HOLD_THE_EVALUATION = """

@@ -663,16 +663,22 @@ def test_a_folder_of_normal_images_beside_the_collection_is_read_whatever_its_ca
     ]
 
 
-def test_a_label_table_whose_stray_quote_swallows_rows_is_refused_naming_its_line_and_column(tmp_path: Path) -> None:
+def test_a_label_table_whose_stray_quote_swallows_rows_is_refused_naming_its_line(tmp_path: Path) -> None:
     """``"5 mm`` opening a free-text note made the rows after it part of that note, up to the next
-    quote: their images were left out of the dataset (and of an evaluation's cohort) without a word."""
+    quote: their images were left out of the dataset (and of an evaluation's cohort) without a word.
+    A note over several lines, as pandas writes one, is read."""
     root = write_phantoms("covid", tmp_path / "covid", count=2, size=32).root
-    lines = (root / "metadata.csv").read_text().splitlines(keepends=True)
-    lines[2] = lines[2].replace("CC0,SYNTHETIC phantom,", 'CC0,"SYNTHETIC phantom 5 mm,', 1)
-    lines[4] = lines[4].replace("CC0,SYNTHETIC phantom,", 'CC0,SYNTHETIC phantom 5",', 1)
-    (root / "metadata.csv").write_text("".join(lines))
-    with pytest.raises(DatasetError, match="line 3, column 'clinical_notes': a quoted value runs over 3 lines"):
+    table = root / "metadata.csv"
+    lines = table.read_text().splitlines(keepends=True)
+    read_before = len(load_dataset(root, BUILTIN_TASKS["covid"]).samples)
+    noted = lines[2].replace("CC0,SYNTHETIC phantom,", 'CC0,"Fever.\nBilateral, patchy, opacities",', 1)
+    table.write_text("".join([*lines[:2], noted, *lines[3:]]))
+    assert len(load_dataset(root, BUILTIN_TASKS["covid"]).samples) == read_before
+    stray = [*lines[:2], lines[2].replace("CC0,SYNTHETIC phantom,", 'CC0,"SYNTHETIC phantom 5 mm,', 1), *lines[3:]]
+    stray[4] = stray[4].replace("CC0,SYNTHETIC phantom,", 'CC0,see "prior" scan,', 1)
+    table.write_text("".join(stray))
+    with pytest.raises(DatasetError, match="line 3: not a readable CSV: ',' expected after"):
         load_dataset(root, BUILTIN_TASKS["covid"])
-    (root / "metadata.csv").write_text("".join(lines[:4]))  # the quote never closed
+    table.write_text("".join(stray[:4]))  # the quote never closed
     with pytest.raises(DatasetError, match="line 3: a quote opened on this line is never closed"):
         load_dataset(root, BUILTIN_TASKS["covid"])

@@ -299,6 +299,19 @@ def test_the_models_page_shows_each_version_with_its_card_and_the_card_s_figures
     assert client.get("/models/busi/v9/card/roc.png").status_code == 404
 
 
+def test_an_audit_run_with_compare_shows_the_comparison_it_says_it_made(console, filled_root):
+    """The page said "compared with v1" and showed none of it: AUCs, their difference, its CI, p."""
+    audit_id = store_audit(filled_root, compare="v1")
+    stored = json.loads(console("viewer").get(f"/audits/{audit_id}.json").text)["results"]["comparison"]
+    page = console("viewer").get(f"/audits/{audit_id}").text
+    assert "compared with v1" in page and 'id="comparison"' in page
+    table = page.split('id="comparison"', 1)[1].split("</table>", 1)[0]
+    for entry in stored:
+        assert f"<td>{entry['label']}</td>" in table and f'<td class="n">{entry["n"]}</td>' in table
+        if entry["auc_a"] is not None:
+            assert f"{entry['auc_a']:.3f}" in table
+
+
 def test_the_audits_page_lists_stored_audits_with_tables_figures_and_downloads(console, filled_root):
     audit_id = store_audit(filled_root, pdf="plain")
     client = console("viewer")
@@ -338,6 +351,23 @@ def test_a_viewer_never_sees_patient_data_a_clinician_does(console, filled_root)
         assert not any(phi in html for phi in PHI_STRINGS), url
     assert "PHIFAMILY" in clinician.get(f"/scans/{study_scan.id}").text
     assert "PHIFAMILY" in clinician.get("/worklist").text
+
+
+def test_a_scan_whose_file_was_not_kept_says_so_for_its_thumbnail_as_for_its_picture(fresh_root):
+    """The thumbnail said "There is no scan N." of a scan that is there, its file not kept."""
+    scan = next(s for s in stored_scans(fresh_root) if s.state == "archived" and s.task_name == "busi")
+    engine = create_db_engine(web_settings(fresh_root).db_url)
+    with transaction(session_factory(engine)) as session:
+        session.execute(update(Scan).where(Scan.id == scan.id).values(stored_path=None, source_path=None))
+    engine.dispose()
+    app = create_app(web_settings(fresh_root))
+    try:
+        client = signed_in(app, "viewer")
+        for url in (f"/scans/{scan.id}/image.png", f"/scans/{scan.id}/thumb.jpg"):
+            page = client.get(url)
+            assert page.status_code == 404 and f"No file of scan {scan.id} was kept." in page.text, url
+    finally:
+        app.state.console.dispose()
 
 
 def test_a_probability_and_its_threshold_are_shown_to_the_digits_that_compare_as_the_call(fresh_root):

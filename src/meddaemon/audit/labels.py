@@ -95,7 +95,7 @@ def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
     try:
         names, rows = csv_records(text)
     except CsvFault as fault:
-        raise LabelFileError(path, fault.message, fault.line, fault.column) from None
+        raise LabelFileError(path, fault.message, fault.line) from None
     if not names:
         raise LabelFileError(path, "the file is empty; expected a header line")
     header = [h.strip() for h in names]

@@ -399,14 +399,19 @@ def _follow_rank_0(
 ) -> None:
     """Another rank's part: its shard of the training, then the wait while rank 0 evaluates, writes and
     registers the version. A refusal rank 0 meets too (the dataset, Ctrl-C) ends it with rank 0's
-    exit code and no word: rank 0 says it, where this rank printed it again as a traceback."""
+    exit code and no word: rank 0 says it, where this rank printed it again as a traceback. An image
+    of this rank's shard gone while it trained is this rank's to name: rank 0 never reads it."""
     from meddaemon.training import distributed
     from meddaemon.training.datasets import DatasetError
+    from meddaemon.training.train import ChangedWhileTraining
 
     try:
         _train_shard(spec, data, config, workdir, resume, workers, parent)
     except KeyboardInterrupt:
         sys.exit(EXIT_INTERRUPTED)
+    except ChangedWhileTraining as exc:
+        click.echo(f"error (rank {distributed.rank()}): bad dataset: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
     except DatasetError:
         sys.exit(EXIT_USAGE)
     except (ValueError, FileNotFoundError) as exc:

@@ -24,7 +24,7 @@ from meddaemon.engine.decode.types import DecodedScan, ScanMetadata
 from meddaemon.engine.tasks import InputContract
 from meddaemon.failures import FailureReason, ReadLater, ScanFailure, kept
 from meddaemon.files import read_whole, unreadable
-from meddaemon.logs import quiet_value_quoting_libraries
+from meddaemon.logs import quiet_libraries
 from meddaemon.processes import end_with_the_parent, leave_stopping_to_the_parent
 
 
@@ -199,7 +199,7 @@ def init_worker() -> None:
     """
     leave_stopping_to_the_parent()
     end_with_the_parent()
-    quiet_value_quoting_libraries()
+    quiet_libraries()
     import torch
 
     torch.set_num_threads(1)

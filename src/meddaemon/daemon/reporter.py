@@ -97,6 +97,9 @@ class Reporter:
         self.stats = ReportStats()
         #: scan id -> monotonic time before which it is not tried again
         self.retry_after: dict[int, float] = {}
+        #: scans whose report could not be written, each logged once while the fault lasts (a full or
+        #: read-only reports folder logged every pending scan again every 30 s, with no end)
+        self.write_failed: set[int] = set()
         self.studies_checked = False
         #: when to look for studies with a scan that failed after their report (``_with_late_failures``)
         self.late_failure_looks = Cadence(LATE_FAILURE_SECONDS)
@@ -289,13 +292,15 @@ class Reporter:
             self.stats.errors += 1
             # the path is the report's (named by the scan's hash) or its folder's: the one to fix
             where = f": {outcome.filename}" if outcome.filename else ""
-            log.error(
-                "scan %d: could not write its report (%s%s); it stays inferred and is retried in %.0f s",
+            log.log(
+                logging.DEBUG if scan_id in self.write_failed else logging.ERROR,
+                "scan %d: could not write its report (%s%s); it stays inferred and is retried every %.0f s",
                 scan_id,
                 outcome.strerror or type(outcome).__name__,
                 where,
                 RETRY_SECONDS,
             )
+            self.write_failed.add(scan_id)
             self._retry(scan_id, RETRY_SECONDS)
         elif isinstance(outcome, Exception):
             self.stats.errors += 1
@@ -310,7 +315,11 @@ class Reporter:
             log.warning("scan %d: no longer this daemon's to report (taken over); its report discarded", scan_id)
         else:
             self.stats.scans += 1
-            log.info("scan %d: report written, %d page(s), sha256 %s", scan_id, outcome.pages, outcome.sha256[:12])
+            after = " (after failing to be written)" if scan_id in self.write_failed else ""
+            self.write_failed.discard(scan_id)
+            log.info(
+                "scan %d: report written%s, %d page(s), sha256 %s", scan_id, after, outcome.pages, outcome.sha256[:12]
+            )
             return outcome.study_instance_uid
         return None
 

@@ -62,7 +62,7 @@ from meddaemon.db.engine import (
 from meddaemon.db.migrate import head_revision, upgrade
 from meddaemon.engine.decode import decodable_transfer_syntaxes
 from meddaemon.files import file_identity
-from meddaemon.logs import quiet_value_quoting_libraries
+from meddaemon.logs import quiet_libraries
 from meddaemon.names import shown_name
 
 __all__ = ["Daemon", "LeaseLost", "RunStats"]
@@ -173,7 +173,7 @@ class Daemon:
             destinations.failed_dir,
         ):
             folder.mkdir(parents=True, exist_ok=True)
-        quiet_value_quoting_libraries()
+        quiet_libraries()
         self._past_locks(self._upgrade_schema)
         self._past_locks(self._ensure_tasks)
         self.state_paths = self._state_paths()

@@ -822,8 +822,8 @@ def import_version(
     the weights, ``manifest.json`` and, when there, the model card with the figures it links
     (``engine/card.py``) are copied (to a staging folder, hash-checked, then renamed into place);
     nothing else of the folder. The Task row is created if needed; the new row is ``registered`` and
-    flushed, and the caller commits. A folder left by an import of the same model whose transaction did
-    not commit is replaced; one holding another model (another database's version) is refused.
+    flushed, and the caller commits. A folder left by an import of the same version whose transaction did
+    not commit is replaced; any other (another database's version) is refused.
     """
     source = Path(source_folder)
     loaded = load_version(source)
@@ -885,22 +885,22 @@ def import_version(
 
 
 def _refuse_another_model_there(target: Path, manifest: Manifest) -> None:
-    """A version folder no row of this database has is replaced only where it holds this model (an
-    import of it whose transaction did not commit) or none (no manifest that reads). One holding
-    another model is another database's version in the same state directory (a staging database, a
-    SQLite file beside PostgreSQL), served by its daemons: it was deleted, and their model refused."""
+    """A version folder no row of this database has is replaced only where it holds this very version
+    (its manifest equal: an import of it whose transaction did not commit). Any other is another
+    database's version in the same state directory (a staging database, a SQLite file beside
+    PostgreSQL; a manifest a newer meddaemon wrote), served by its daemons: it was deleted, and their
+    model refused."""
     if not target.exists():
         return
     try:
-        there = read_manifest(target)
+        same = read_manifest(target) == manifest
     except ModelRefused:
-        return
-    if there.sha256 != manifest.sha256:
+        same = False
+    if not same:
         raise RegistryError(
             "duplicate_version",
-            f"{target} holds another model (sha256 {there.sha256[:12]}) this database has not registered: another "
-            "database with the same state directory may serve it; nothing was replaced (remove the folder if "
-            "none does)",
+            f"{target} holds another version this database has not registered: another database with the same "
+            "state directory may serve it; nothing was replaced (remove the folder if none does)",
         )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from meddaemon.engine.tasks import TaskSpec
 from meddaemon.names import shown_name, utf8_name
 from meddaemon.training.datasets import (
+    FOLDER_LAYOUTS,
     DatasetError,
     DatasetIndex,
     NestedDataset,
@@ -82,30 +83,36 @@ def read_cohort(path: Path, task: TaskSpec) -> Cohort:
             raise
         return _folder_of_images(path, str(exc))
     root = path.parent if path.is_file() else path
-    if layout in READ_WHERE:
+    if layout in FOLDER_LAYOUTS:
         _name_images_outside_the_layout(root, index)
     files = list(dict.fromkeys(sample.path.absolute() for sample in index.samples))
     return _one_stored_name_each(Cohort(root, layout, files, index))
 
 
-#: where each layout whose folders (not a table) say which files are the dataset's reads its images
-READ_WHERE = {
-    "busi": "the task's class folders",
-    "idc": "a patient's 0/ or 1/ folder",
-    "folder-per-class": "a folder named for a label of the task",
-}
-
-
 def _name_images_outside_the_layout(root: Path, index: DatasetIndex) -> None:
     """Add the images under ``root`` the layout reads nowhere (at its top, in a folder not of a class,
     in an IDC patient's folder beside 0/ and 1/) to the index's left-out files: they were scored by
-    no run and named in no summary, and the cohort's counts shrank without a word."""
+    no run and named in no summary, and the cohort's counts shrank without a word. The images of a
+    folder holding none the layout reads are named once, by that folder (a copy of the whole dataset
+    inside it, as IDC's archive holds, is one entry, not 277,000)."""
     known = {p.absolute() for s in index.samples for p in (s.path, *s.masks)}
     known.update(s.path.absolute() for s in index.skipped)
-    why = f"not in {READ_WHERE[index.layout]}: not read as part of the {index.layout} dataset"
+    read_in = {folder for path in known for folder in path.parents}
+    where = FOLDER_LAYOUTS[index.layout]
     with access_errors_named(root):
         outside = [p for p in image_files(root) if p.absolute() not in known and not is_segmentation_mask(p, root)]
-    index.skipped.extend(Skipped(p, why, by_rule=True) for p in outside)
+    by_folder: dict[Path, list[Path]] = {}
+    for path in outside:
+        folder = next((f for f in reversed(path.absolute().parents) if f not in read_in), None)
+        by_folder.setdefault(folder or path, []).append(path)
+    unread = f"not read as part of the {index.layout} dataset"
+    for place, images in by_folder.items():
+        why = (
+            f"not in {where}: {unread}"
+            if len(images) == 1
+            else f"a folder of {len(images)} images, none in {where}: {unread}"
+        )
+        index.skipped.append(Skipped(images[0] if len(images) == 1 else place, why, by_rule=True))
 
 
 def _folder_of_images(path: Path, unlabelled_because: str) -> Cohort:

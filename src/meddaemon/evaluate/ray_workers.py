@@ -21,7 +21,7 @@ import numpy as np
 from meddaemon.engine.decode import DecodeOptions
 from meddaemon.engine.tasks import InputContract
 from meddaemon.evaluate.reading import read_file
-from meddaemon.logs import quiet_value_quoting_libraries
+from meddaemon.logs import quiet_libraries
 
 if TYPE_CHECKING:
     from meddaemon.engine.inference import Prediction
@@ -34,7 +34,7 @@ def decode_batch(
     batch: dict[str, np.ndarray], contract: dict[str, Any], options: dict[str, Any], scored: np.ndarray
 ) -> dict[str, np.ndarray]:
     """A Ray task: read, hash and decode a batch of files (``reading.read_file``) into plain columns."""
-    quiet_value_quoting_libraries()
+    quiet_libraries()
     terms = InputContract.from_dict(contract)
     decode = DecodeOptions(**options)
     reads = [read_file(str(p), terms, decode, scored) for p in batch["path"]]

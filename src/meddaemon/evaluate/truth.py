@@ -57,13 +57,16 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
             )
         )
     }
+    names = [utf8_name(cohort.relative(sample.path.absolute())) for sample in cohort.index.samples]
     scored = {sha for outcome, sha in outcome_of.values() if sha and outcome in (SCORED, REUSED)}
+    # bytes scored under names the dataset no longer has: an image found under another name holding
+    # them was moved there (a copy, its original still read, is an image added)
+    moved_away = scored - {outcome_of[name][1] for name in names if name in outcome_of}
     rows: list[LabelRow] = []
     attribute_columns: dict[str, None] = {}
     unreadable = added = 0
-    for number, sample in enumerate(cohort.index.samples, start=1):
-        name = utf8_name(cohort.relative(sample.path.absolute()))
-        outcome, sha = outcome_of[name] if name in outcome_of else (None, _moved_here(sample.path, scored))
+    for number, (sample, name) in enumerate(zip(cohort.index.samples, names, strict=True), start=1):
+        outcome, sha = outcome_of[name] if name in outcome_of else (None, _moved_here(sample.path, moved_away))
         if name not in outcome_of and sha is None:
             added += 1
         if outcome == FAILED:
@@ -84,7 +87,8 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
         (unreadable, "labelled file(s) could not be read and are left out (the evaluation lists them)"),
         (added, "labelled file(s) added to the dataset since the evaluation ran are not in it: run medcli "
                 "evaluate again to score them"),
-        (removed, "file(s) the evaluation scored are no longer in the dataset (removed since it ran)"),
+        (removed, "file(s) the evaluation scored are no longer in the dataset as its layout reads it now (removed "
+                  "or left out since it ran)"),
     )  # fmt: skip
     return LabelTable(
         path=evaluation.dataset_path,
@@ -99,15 +103,16 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
     )
 
 
-def _moved_here(path: Path, scored: set[str]) -> str | None:
-    """The SHA-256 of a labelled file the evaluation did not read under this name, when it scored
-    those bytes: moved since (to another class folder, its truth corrected). Looked up by name only,
-    such a file lost its label, and the audit its share of the dataset, without a word."""
+def _moved_here(path: Path, moved_away: set[str]) -> str | None:
+    """The SHA-256 of a labelled file the evaluation did not read under this name, when it holds bytes
+    the evaluation scored under a name now gone: moved since (to another class folder, its truth
+    corrected). Looked up by name only, such a file lost its label, and the audit its share of the
+    dataset, without a word."""
     try:
         sha = file_sha256(path)
     except OSError:
         return None
-    return sha if sha in scored else None
+    return sha if sha in moved_away else None
 
 
 def audit_evaluation(

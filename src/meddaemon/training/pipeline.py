@@ -30,9 +30,10 @@ from meddaemon.engine.registry import Manifest, save_version
 from meddaemon.engine.tasks import InputContract, TaskSpec
 from meddaemon.files import file_sha256
 from meddaemon.names import shown_name
-from meddaemon.training.datasets import DatasetError, DatasetIndex
+from meddaemon.training.datasets import FOLDER_LAYOUTS, DatasetError, DatasetIndex, detect_layout
 from meddaemon.training.evaluate import choose_thresholds, flags_for, score_test_set
 from meddaemon.training.figures import GRID_IMAGES, write_figures
+from meddaemon.training.images import left_out_name
 from meddaemon.training.nearduplicates import HashProgress
 from meddaemon.training.parent import ParentVersion
 from meddaemon.training.splits import (
@@ -107,9 +108,10 @@ def one_run_in(workdir: Path, dataset: Path | None = None) -> Iterator[None]:
     """Hold ``workdir`` for this run alone (an exclusive ``flock``, released with the process however it
     ends); ``WorkdirBusy`` when another run holds it. Two runs of a task in its default folder wrote
     one ``split.json`` and one checkpoint: each read the other's back, and a version was registered
-    with the other run's seed, split and training-data fingerprint. A ``workdir`` inside ``dataset`` is
-    refused (``WorkdirRefused``) before it is made: made there, it was read as a folder of the dataset."""
-    if dataset is not None and workdir.resolve().is_relative_to(dataset.resolve()):
+    with the other run's seed, split and training-data fingerprint. A ``workdir`` where the dataset's
+    layout would read it is refused (``WorkdirRefused``) before it is made: made there, it was read as
+    a folder of the dataset."""
+    if dataset is not None and _read_as_part_of(dataset, workdir):
         raise WorkdirRefused(
             f"--out {shown_name(workdir)} is inside the dataset {shown_name(dataset)}: its files would be read "
             "as the dataset's; give a folder outside it"
@@ -129,6 +131,18 @@ def one_run_in(workdir: Path, dataset: Path | None = None) -> Iterator[None]:
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         yield
+
+
+def _read_as_part_of(dataset: Path, workdir: Path) -> bool:
+    """Whether ``workdir`` lies where ``dataset``'s layout reads folders: inside a dataset whose folders
+    say what it holds (BUSI, IDC, a folder per class), not in a hidden folder (``.state/``), which no
+    layout reads, nor in a dataset a table lists (NIH, COVID, a manifest)."""
+    try:
+        inside = workdir.resolve().relative_to(dataset.resolve())
+        hidden = bool(inside.parts) and left_out_name(inside.parts[0])
+        return not hidden and detect_layout(dataset) in FOLDER_LAYOUTS
+    except (ValueError, DatasetError):  # not inside; a dataset its reading refuses, later, for what it is
+        return False
 
 
 def check_resumable(workdir: Path, config: TrainConfig, parent: ParentVersion | None = None) -> None:

@@ -61,6 +61,11 @@ MIN_IMAGE_SIZE = 8
 #: what a run whose images changed while it trained says to do
 UNTOUCHED_UNTIL_THE_END = "the dataset left as it is until training ends; nothing was registered: train again"
 
+
+class ChangedWhileTraining(DatasetError):
+    """An image that no longer reads as it did when the dataset was split (removed, rewritten)."""
+
+
 #: Preprocessed images are kept in memory when the whole set fits in this (small datasets).
 CACHE_LIMIT_BYTES = 1 << 30
 
@@ -229,7 +234,7 @@ class ScanDataset(Dataset[tuple[Tensor, Tensor]]):
         try:
             scan = decode_file(path)
         except ScanFailure as failure:  # read whole when the dataset was split: changed or removed since
-            raise DatasetError(
+            raise ChangedWhileTraining(
                 path, f"{failure.reason.value} while the model trained ({failure.message})", UNTOUCHED_UNTIL_THE_END
             ) from None
         x = torch.from_numpy(to_model_input(scan, self.contract)[0])

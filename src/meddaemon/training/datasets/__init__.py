@@ -27,6 +27,7 @@ from meddaemon.training.datasets.nih import entry_file, read_nih
 from meddaemon.training.images import image_files, is_image_file
 
 __all__ = [
+    "FOLDER_LAYOUTS",
     "LAYOUTS",
     "DatasetError",
     "DatasetIndex",
@@ -50,6 +51,12 @@ LAYOUTS: dict[str, Reader] = {
     "idc": read_idc,
     "folder-per-class": read_folder_per_class,
     "manifest": read_manifest,
+}
+#: the layouts whose folders, not a table, say which files are the dataset's: where each reads images
+FOLDER_LAYOUTS: dict[str, str] = {
+    "busi": "the task's class folders",
+    "idc": "a patient's 0/ or 1/ folder",
+    "folder-per-class": "a folder named for a label of the task",
 }
 EXPECTED = (
     "a CSV manifest (path,label[,patient_id]); a folder with Data_Entry_2017.csv (ChestX-ray14), "

@@ -23,26 +23,22 @@ def csv_delimiter(text: str) -> str:
 
 
 class CsvFault(ValueError):
-    """A CSV that does not read as its rows: what, on which line (and, where one cell is at fault, in
-    which column)."""
+    """A CSV that does not read as its rows: what, and on which line."""
 
-    def __init__(self, message: str, line: int, column: str | None = None) -> None:
+    def __init__(self, message: str, line: int) -> None:
         super().__init__(message)
         self.message = message
         self.line = line
-        self.column = column
 
 
 def csv_records(text: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """The header of a CSV (its columns separated as ``csv_delimiter`` finds) and its other records,
-    each with the line it starts on; ``CsvFault`` when a quote would make rows disappear. A stray
-    quote (``"5 mm, irregular`` in a comment) made every line after it one cell, up to the next
-    quote or the end of the file: read leniently, those rows were gone without a word (a labels file
-    of 300 rows audited on 40, a manifest's cohort cut short). So the file is read strictly (a quote
-    never closed, or closed before more of its cell, is an error), and a quoted cell whose later
-    lines hold a row's worth of delimiters is one too; a note running over lines is not."""
-    delimiter = csv_delimiter(text)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    each with the line it starts on; ``CsvFault`` where a quote makes it unreadable. A stray quote
+    (``"5 mm, irregular`` in a comment) made every line after it one cell, up to the next quote or
+    the end of the file: read leniently, those rows were gone without a word (a labels file of 300
+    rows audited on 40, a COVID table's images left out). Read strictly, a quote never closed, or
+    closed before more of its cell, is an error; a quoted note running over lines stays one."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text), strict=True)
     line = 1
     try:
         header = next(reader, [])
@@ -50,7 +46,6 @@ def csv_records(text: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
         line = reader.line_num + 1
         for row in reader:
             if row:
-                _refuse_rows_in_a_cell(header, row, line, delimiter)
                 records.append((line, row))
             line = reader.line_num + 1
     except csv.Error as exc:
@@ -58,20 +53,6 @@ def csv_records(text: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
             raise CsvFault("a quote opened on this line is never closed (a stray '\"'?)", line) from None
         raise CsvFault(f"not a readable CSV: {exc}", line) from None
     return header, records
-
-
-def _refuse_rows_in_a_cell(header: list[str], row: list[str], line: int, delimiter: str) -> None:
-    if len(header) < 2:
-        return
-    for column, cell in zip(header, row, strict=False):
-        lines = cell.splitlines()
-        if any(later.count(delimiter) >= len(header) - 1 for later in lines[1:]):
-            raise CsvFault(
-                f"a quoted value runs over {len(lines)} lines that read as rows (a stray '\"'?); close the quote "
-                "where the value ends, or write a quote inside a quoted value as two ('\"\"')",
-                line,
-                column.strip() or None,
-            )
 
 
 def read_table(path: Path, required: Iterable[str], allowed: Iterable[str] | None = None) -> list[Row]:
@@ -84,8 +65,7 @@ def read_table(path: Path, required: Iterable[str], allowed: Iterable[str] | Non
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(path, f"cannot be read as CSV ({exc})", "a UTF-8 CSV file with a header row") from None
     except CsvFault as fault:
-        where = f"line {fault.line}" + (f", column {fault.column!r}" if fault.column else "")
-        raise DatasetError(path, f"{where}: {fault.message}", "a UTF-8 CSV file with a header row") from None
+        raise DatasetError(path, f"line {fault.line}: {fault.message}", "a UTF-8 CSV file with a header row") from None
     header = [name.strip() for name in names]
     rows = [
         {name: (row[i] if i < len(row) else "").strip() for i, name in enumerate(header) if name} for _, row in records

@@ -49,16 +49,7 @@ def _jpeg(data: bytes) -> Response:
 def scan_image(request: Request) -> Response:
     """The stored scan; with ``?map=ID`` resized to that heatmap's size, so the layer lies over it exactly."""
     console: Console = request.app.state.console
-    scan_id = path_row_id(request, "scan_id", NOT_FOUND)
-    found = console.read(lambda s: queries.scan_picture(s, scan_id))
-    if found is None:
-        raise HTTPException(404, NOT_FOUND.format(id=scan_id))
-    if found.crashed_a_decoder:
-        raise HTTPException(404, f"Scan {scan_id} is not shown: its file crashed a decoding worker.")
-    if found.never_decoded:
-        raise HTTPException(404, f"Scan {scan_id} has no picture: the daemon could not decode its file.")
-    if found.path is None:
-        raise HTTPException(404, f"No file of scan {scan_id} was kept.")
+    scan_id, found = _picture_of(request)
     size, contract = None, None
     map_id = request.query_params.get("map", "")
     heatmap_id = row_id(map_id)
@@ -75,12 +66,26 @@ def scan_image(request: Request) -> Response:
         raise HTTPException(404, str(exc)) from None
 
 
-def scan_thumbnail(request: Request) -> Response:
+def _picture_of(request: Request) -> tuple[int, queries.ScanPicture]:
+    """The scan of the request's path and its kept file; a 404 saying why it has no picture (the
+    thumbnail said "There is no scan N." of a scan whose file was not kept)."""
     console: Console = request.app.state.console
     scan_id = path_row_id(request, "scan_id", NOT_FOUND)
     found = console.read(lambda s: queries.scan_picture(s, scan_id))
-    if found is None or found.path is None:
+    if found is None:
         raise HTTPException(404, NOT_FOUND.format(id=scan_id))
+    if found.crashed_a_decoder:
+        raise HTTPException(404, f"Scan {scan_id} is not shown: its file crashed a decoding worker.")
+    if found.never_decoded:
+        raise HTTPException(404, f"Scan {scan_id} has no picture: the daemon could not decode its file.")
+    if found.path is None:
+        raise HTTPException(404, f"No file of scan {scan_id} was kept.")
+    return scan_id, found
+
+
+def scan_thumbnail(request: Request) -> Response:
+    console: Console = request.app.state.console
+    _, found = _picture_of(request)
     try:
         path = console.settings.stored_file(found.path)
         return _jpeg(images.thumbnail_jpeg(path, console.settings.decode_options, sha256=found.sha256))
