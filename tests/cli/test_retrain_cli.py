@@ -218,6 +218,19 @@ def test_an_out_folder_inside_the_dataset_exits_2_and_leaves_the_dataset_as_it_w
     assert trained.exit_code == 0, trained.output
 
 
+def test_an_out_folder_is_refused_wherever_the_layout_may_read_images_and_only_there(tmp_path: Path) -> None:
+    """COVID's layout reads its optional normal/ folder: a run's figures made there were read as
+    normal X-rays by the next retrain. NIH's images are those its table names: a folder in it is not."""
+    from meddaemon.training.pipeline import WorkdirRefused
+
+    covid = write_phantoms("covid", tmp_path / "covid", count=2, size=32).root
+    with pytest.raises(WorkdirRefused, match="is inside the dataset"), one_run_in(covid / "normal" / "run", covid):
+        pass
+    nih = write_phantoms("chestxray14", tmp_path / "nih", count=4, size=32).root
+    with one_run_in(nih / "runs", nih):
+        assert (nih / "runs").is_dir()
+
+
 def test_a_second_run_in_the_folder_of_one_running_is_refused_before_it_reads_the_dataset(
     busi: Path, tmp_path: Path
 ) -> None:

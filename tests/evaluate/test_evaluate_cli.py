@@ -152,6 +152,30 @@ def test_an_audit_after_the_dataset_changed_keeps_moved_images_with_their_new_la
     assert audit["join"].get("conflicts", []) == []
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_moved_image_whose_twin_stays_is_audited_under_its_new_label_not_counted_as_added(
+    world, busi_phantoms: Path, tmp_path: Path
+) -> None:
+    """Its bytes were still read under the twin's name, so it was taken for an image added since
+    (whose advice, to evaluate again, changes nothing: the bytes are scored)."""
+    dataset = shutil.copytree(busi_phantoms, tmp_path / "Dataset_BUSI_with_GT")
+    twin = sorted((dataset / "benign").glob("*).png"))[0]
+    shutil.copyfile(twin, dataset / "benign" / "benign (950).png")
+    args = ["evaluate", str(dataset), "--task", "busi", "--workers", "1", "--name", "run1", "--json"]
+    assert CliRunner().invoke(medcli, [*args, *state_flags(world)]).exit_code == 0
+    (dataset / "benign" / "benign (950).png").rename(dataset / "normal" / "benign (950).png")
+
+    result = CliRunner().invoke(
+        medcli, ["audit", "--evaluation", "run1", "--bootstrap", "0", "--json", *state_flags(world)]
+    )
+
+    assert result.exit_code == 0, result.output
+    audit = json.loads(result.stdout)
+    assert not any("added" in note for note in audit["notes"]), audit["notes"]
+    [conflict] = audit["join"]["conflicts"]  # the same bytes, labelled benign and normal: named, not guessed
+    assert set(conflict["files"]) == {f"benign/{twin.name}", "normal/benign (950).png"}, conflict
+
+
 HOLD_THE_EVALUATION = """
 import sys, time
 from meddaemon.db.engine import create_db_engine

@@ -16,7 +16,7 @@ from sqlalchemy import delete, select, update
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.daemon import filing
 from meddaemon.db.engine import create_db_engine, session_factory, transaction
-from meddaemon.db.models import AuditPdf, Heatmap, ModelVersion, Report, Result, Scan, ScanEvent
+from meddaemon.db.models import Audit, AuditPdf, Heatmap, ModelVersion, Report, Result, Scan, ScanEvent
 from meddaemon.engine import registry
 from meddaemon.engine.heatmap_grid import read_map
 from meddaemon.evaluate.pipeline import EvaluationRequest, run_evaluation
@@ -310,6 +310,18 @@ def test_an_audit_run_with_compare_shows_the_comparison_it_says_it_made(console,
         assert f"<td>{entry['label']}</td>" in table and f'<td class="n">{entry["n"]}</td>' in table
         if entry["auc_a"] is not None:
             assert f"{entry['auc_a']:.3f}" in table
+    # an undefined difference shows no interval, and a small p its digits, not "0.000"
+    engine = create_db_engine(web_settings(filled_root).db_url)
+    with transaction(session_factory(engine)) as session:
+        audit = session.get(Audit, audit_id)
+        results = json.loads(json.dumps(audit.results))
+        results["comparison"][0]["difference"] = {"value": None, "undefined": "one class only", "counts": {}}
+        results["comparison"][0]["p_value"] = 0.00012
+        audit.results = results
+    engine.dispose()
+    page = console("viewer").get(f"/audits/{audit_id}").text
+    first = page.split('id="comparison"', 1)[1].split("</tr>", 2)[1]
+    assert "undefined" in first and "–" not in first and "0.00012" in first, first
 
 
 def test_the_audits_page_lists_stored_audits_with_tables_figures_and_downloads(console, filled_root):

@@ -61,7 +61,8 @@ def truth_of(session: Session, evaluation: Evaluation, spec: TaskSpec) -> LabelT
     scored = {sha for outcome, sha in outcome_of.values() if sha and outcome in (SCORED, REUSED)}
     # bytes scored under names the dataset no longer has: an image found under another name holding
     # them was moved there (a copy, its original still read, is an image added)
-    moved_away = scored - {outcome_of[name][1] for name in names if name in outcome_of}
+    present = set(names)
+    moved_away = {sha for name, (outcome, sha) in outcome_of.items() if name not in present and sha in scored}
     rows: list[LabelRow] = []
     attribute_columns: dict[str, None] = {}
     unreadable = added = 0

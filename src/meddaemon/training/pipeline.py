@@ -30,7 +30,7 @@ from meddaemon.engine.registry import Manifest, save_version
 from meddaemon.engine.tasks import InputContract, TaskSpec
 from meddaemon.files import file_sha256
 from meddaemon.names import shown_name
-from meddaemon.training.datasets import FOLDER_LAYOUTS, DatasetError, DatasetIndex, detect_layout
+from meddaemon.training.datasets import DatasetError, DatasetIndex, detect_layout
 from meddaemon.training.evaluate import choose_thresholds, flags_for, score_test_set
 from meddaemon.training.figures import GRID_IMAGES, write_figures
 from meddaemon.training.images import left_out_name
@@ -133,14 +133,18 @@ def one_run_in(workdir: Path, dataset: Path | None = None) -> Iterator[None]:
         yield
 
 
+#: layouts whose images a table names, none read for lying in a folder (COVID's is read from its
+#: optional ``normal/`` folder too: a run's figures made there were read as normal X-rays)
+TABLE_ONLY_LAYOUTS = frozenset({"nih-chestxray14", "manifest"})
+
+
 def _read_as_part_of(dataset: Path, workdir: Path) -> bool:
-    """Whether ``workdir`` lies where ``dataset``'s layout reads folders: inside a dataset whose folders
-    say what it holds (BUSI, IDC, a folder per class), not in a hidden folder (``.state/``), which no
-    layout reads, nor in a dataset a table lists (NIH, COVID, a manifest)."""
+    """Whether ``workdir`` lies where ``dataset``'s layout may read images: inside it, not in a hidden
+    folder (``.state/``), which no layout reads, nor in a dataset only a table lists (NIH's)."""
     try:
         inside = workdir.resolve().relative_to(dataset.resolve())
         hidden = bool(inside.parts) and left_out_name(inside.parts[0])
-        return not hidden and detect_layout(dataset) in FOLDER_LAYOUTS
+        return not hidden and detect_layout(dataset) not in TABLE_ONLY_LAYOUTS
     except (ValueError, DatasetError):  # not inside; a dataset its reading refuses, later, for what it is
         return False
 
