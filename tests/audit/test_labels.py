@@ -35,6 +35,14 @@ def test_a_label_column_with_one_class_or_pipe_joined_findings(tmp_path):
     assert len(t.sha256) == 64
 
 
+def test_a_label_written_in_another_case_is_read_as_the_task_spells_it(tmp_path):
+    """A spreadsheet's "Benign" was refused as an unknown label, where an evaluation reads a class
+    folder ``BENIGN/`` as benign."""
+    text = "file,label\na.png,Benign\nb.png,EFFUSION|mass\nc.png,no finding\n"
+    t = read_labels(write(tmp_path, text), VOCABULARY)
+    assert [r.positives for r in t.rows] == [{"benign"}, {"Effusion", "Mass"}, set()]
+
+
 def test_one_column_per_label_with_unknown_values_left_unknown(tmp_path):
     t = read_labels(write(tmp_path, "sop_instance_uid,Effusion,Mass,sex\n1.2.3,1,,F\n1.2.4,no,yes,M\n"), VOCABULARY)
     assert t.format == "csv-columns" and t.key_kind == "sop_instance_uid"

@@ -290,7 +290,13 @@ def _cells(path: Path, header: list[str], line: int, row: list[str]) -> dict[str
 
 
 def _split_labels(path: Path, value: str, words: set[str], line: int, column: str) -> frozenset[str]:
-    said = {v.strip() for v in value.split("|") if v.strip()}
+    """The labels of a label cell (``|`` between several), each in the task's spelling when written in
+    another case (``Benign``, ``EFFUSION``: a spreadsheet's capitals were refused as unknown labels, where
+    an evaluation reads class folders in any case); a case two labels share is left as written."""
+    spelt: dict[str, list[str]] = {}
+    for word in (*words, NO_FINDING):
+        spelt.setdefault(word.lower(), []).append(word)
+    said = {_as_spelt(v.strip(), spelt) for v in value.split("|") if v.strip()}
     names = said - {NO_FINDING}
     if NO_FINDING in said and names:  # read as the findings alone, the row's truth was changed without a word
         raise LabelFileError(
@@ -302,6 +308,11 @@ def _split_labels(path: Path, value: str, words: set[str], line: int, column: st
             path, f"unknown label {unknown[0]!r}; expected one of: {', '.join(sorted(words))}", line, column
         )
     return frozenset(names)
+
+
+def _as_spelt(name: str, spelt: dict[str, list[str]]) -> str:
+    same = spelt.get(name.lower(), [])
+    return same[0] if len(same) == 1 else name
 
 
 def _simple(
