@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import functools
 import hashlib
 import os
 import re
@@ -86,7 +87,7 @@ class LabelTable:
 
 def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
     """Read a labels CSV (simple or NIH); ``vocabulary``: every label name of every task."""
-    words = set(vocabulary)
+    words = frozenset(vocabulary)
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -212,7 +213,7 @@ def closest_name(name: str, names: Iterable[str]) -> str | None:
 
 
 def _refuse_misspelt_labels(
-    path: Path, header: list[str], records: list[tuple[int, list[str]]], words: set[str], reserved: Iterable[str]
+    path: Path, header: list[str], records: list[tuple[int, list[str]]], words: frozenset[str], reserved: Iterable[str]
 ) -> None:
     """A 0/1 column whose name is close to a label but is not one (``Pneumothoraxx``) would be taken
     for an attribute and the label it meant left unknown: refuse it, naming the label it is close to."""
@@ -289,14 +290,12 @@ def _cells(path: Path, header: list[str], line: int, row: list[str]) -> dict[str
     return {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header) if h}
 
 
-def _split_labels(path: Path, value: str, words: set[str], line: int, column: str) -> frozenset[str]:
+def _split_labels(path: Path, value: str, words: frozenset[str], line: int, column: str) -> frozenset[str]:
     """The labels of a label cell (``|`` between several), each in the task's spelling when written in
     another case (``Benign``, ``EFFUSION``: a spreadsheet's capitals were refused as unknown labels, where
     an evaluation reads class folders in any case); a case two labels share is left as written."""
-    spelt: dict[str, list[str]] = {}
-    for word in (*words, NO_FINDING):
-        spelt.setdefault(word.lower(), []).append(word)
-    said = {_as_spelt(v.strip(), spelt) for v in value.split("|") if v.strip()}
+    spelt = _spellings(words)
+    said = {spelt.get(v.strip().lower(), v.strip()) for v in value.split("|") if v.strip()}
     names = said - {NO_FINDING}
     if NO_FINDING in said and names:  # read as the findings alone, the row's truth was changed without a word
         raise LabelFileError(
@@ -310,13 +309,17 @@ def _split_labels(path: Path, value: str, words: set[str], line: int, column: st
     return frozenset(names)
 
 
-def _as_spelt(name: str, spelt: dict[str, list[str]]) -> str:
-    same = spelt.get(name.lower(), [])
-    return same[0] if len(same) == 1 else name
+@functools.cache
+def _spellings(words: frozenset[str]) -> dict[str, str]:
+    """Each label (and "No Finding") by its lower case, where no other label has that case."""
+    by_case: dict[str, list[str]] = {}
+    for word in (*words, NO_FINDING):
+        by_case.setdefault(word.lower(), []).append(word)
+    return {case: same[0] for case, same in by_case.items() if len(same) == 1}
 
 
 def _simple(
-    path: Path, sha: str, header: list[str], records: list[tuple[int, list[str]]], words: set[str]
+    path: Path, sha: str, header: list[str], records: list[tuple[int, list[str]]], words: frozenset[str]
 ) -> LabelTable:
     named = [h for h in header if h]  # columns without a name (a spreadsheet's trailing ",,") are not read
     if len(set(named)) != len(named):
@@ -376,7 +379,9 @@ def _simple(
     )
 
 
-def _nih(path: Path, sha: str, header: list[str], records: list[tuple[int, list[str]]], words: set[str]) -> LabelTable:
+def _nih(
+    path: Path, sha: str, header: list[str], records: list[tuple[int, list[str]]], words: frozenset[str]
+) -> LabelTable:
     passed = tuple(NIH_ATTRIBUTES.get(h, h) for h in header if h and h not in ("Image Index", "Finding Labels"))
     rows = []
     for line, raw in records:

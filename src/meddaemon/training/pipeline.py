@@ -247,12 +247,7 @@ def retrain(
             raise DatasetError(data, f"the {side} split is empty ({len(index.samples)} images)", "more images")
     workdir.mkdir(parents=True, exist_ok=True)
     if resume and (workdir / SPLIT_FILE).is_file():
-        saved = load_split(workdir)
-        if saved.config.seed != split.config.seed:  # another seed gives another split: say which
-            raise ValueError(
-                f"the checkpoint in {workdir} was made with --seed {saved.config.seed}, not {split.config.seed}; "
-                "cannot resume"
-            )
+        saved = load_split(workdir)  # (another --seed is refused with the checkpoint: ``resumable_checkpoint``)
         if _changed_since(saved, split):
             raise ValueError(f"the dataset or its split changed since the checkpoint in {workdir}; cannot resume")
     split_path = save_split(split, workdir / SPLIT_FILE)
