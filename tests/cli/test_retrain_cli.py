@@ -265,6 +265,7 @@ def test_a_second_run_in_the_folder_of_one_running_is_refused_before_it_reads_th
         ("--patience", "-2", "Invalid value for '--patience': -2 is not in the range x>=1"),
         ("--device", "foo", "unknown device 'foo'; choose cpu or cuda"),
         ("--device", "meta", "the device must be cpu or cuda (cuda:N), not 'meta'"),
+        ("--arch", "mobilenet_v2 --batch-size 1", "a batch size of 1 cannot train mobilenet_v2 at 32 x 32 pixels"),
         pytest.param(
             "--device",
             "cuda",
@@ -280,9 +281,11 @@ def test_an_option_no_training_can_run_with_exits_2_before_the_dataset_is_read(
     hashed (an hour, on ChestX-ray14); a bad --version name, exit 1 after the whole training; a
     negative seed, exit 1 once decoded, and a huge one an overflow; a negative patience stopped
     training after one epoch; a --device torch does not know, or cuda without a GPU, a traceback
-    once the dataset was read."""
+    once the dataset was read; --batch-size 1 where batch normalisation has one value per channel,
+    PyTorch's "Expected more than 1 value per channel" once the images were hashed."""
     state = upgraded(tmp_path / "state")
-    result = CliRunner().invoke(medcli, ["retrain", "busi", "--data", str(busi), *state, *FAST, option, value])
+    args = ["retrain", "busi", "--data", str(busi), *state, *FAST, option, *value.split(" ")]
+    result = CliRunner().invoke(medcli, args)
     assert result.exit_code == EXIT_USAGE and message in result.output, result.output
     assert "images" not in result.output and "Traceback" not in result.output
 

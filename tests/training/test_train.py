@@ -323,6 +323,28 @@ def test_batchnorm_is_recalibrated_without_a_last_batch_of_one_image(tmp_path: P
     assert int(first.num_batches_tracked) == 6
 
 
+@pytest.mark.parametrize(
+    ("architecture", "batch_size", "image_size", "trains"),
+    [
+        ("mobilenet_v2", 1, 32, False),  # a 1 x 1 last map
+        ("resnet18", 1, 32, False),
+        ("mobilenet_v2", 1, 64, True),  # 2 x 2
+        ("small_cnn", 1, 32, True),  # 4 x 4
+        ("vgg16", 1, 32, True),  # no batch normalisation
+        ("mobilenet_v2", 2, 32, True),
+    ],
+)
+def test_batches_of_one_image_are_refused_only_where_batch_normalisation_cannot_train_them(
+    architecture: str, batch_size: int, image_size: int, trains: bool
+) -> None:
+    config = TrainConfig.from_task(BUSI, architecture=architecture, batch_size=batch_size, image_size=image_size)
+    if trains:
+        config.check_one_image_batches_train(BUSI)
+    else:
+        with pytest.raises(ValueError, match=f"a batch size of 1 cannot train {architecture} at 32 x 32 pixels"):
+            config.check_one_image_batches_train(BUSI)
+
+
 def test_brightness_and_contrast_stay_within_their_bounds() -> None:
     x = torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(0))
     for seed in range(32):
