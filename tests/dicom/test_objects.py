@@ -1428,6 +1428,55 @@ def test_a_date_time_age_or_name_written_as_no_reader_takes_it_gives_all_four_ob
 
 
 @pytest.mark.parametrize(
+    ("keyword", "given", "written"),
+    [
+        ("PatientName", "SYNTHETIC^ONE\\SYNTHETIC^TWO", "SYNTHETIC^ONE"),
+        ("ReferringPhysicianName", "SYNTH^DOC\\SYNTH^OTHER", "SYNTH^DOC"),
+        ("StudyDescription", "US BREAST\\LEFT", "US BREAST LEFT"),
+        ("StudyDate", "20240105\\20240106", "20240105"),
+    ],
+)
+def test_an_attribute_of_one_value_the_source_gives_several_is_written_as_one_in_all_four_objects(
+    tmp_path: Path, label_files: LabelResult, keyword: str, given: str, written: str
+):
+    """A backslash where the standard allows one value (a modality's SYNTHETIC names here): highdicom
+    refused a name of two values, the SR, the map and the capture dead as ``build_failed``, and every
+    object that was built failed dciodvfy on the attribute's value multiplicity."""
+    path = write_dicom(tmp_path / "source.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    setattr(ds, keyword, given)
+    ds.save_as(path)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+
+    back = built_and_checked(facts, tmp_path, ("sr", "pmap", "sc", "pdf"))
+
+    assert {kind: str(obj[keyword].value) for kind, obj in back.items()} == dict.fromkeys(back, written)
+
+
+def test_an_identifier_the_study_is_filed_under_is_copied_as_the_source_wrote_it_even_of_two_values(
+    tmp_path: Path, label_files: LabelResult
+):
+    """A PACS files the results under the source's Patient ID (Orthanc's study is its Patient ID and
+    Study Instance UID): one of two values cut to one would put them in a study of their own. The
+    value multiplicity is the only fault dciodvfy finds, as it finds it in the source."""
+    path = write_dicom(tmp_path / "source.dcm", pixels=np.zeros((40, 40), np.uint8), modality="US", body_part="BREAST")
+    ds = pydicom.dcmread(path)
+    ds.PatientID = "SYNTH-1\\SYNTH-2"
+    ds.save_as(path)
+    facts = ScanFacts(1, "ab" * 32, "busi", "v1", "small_cnn", (label_files,), read_source(path), "1.2.3.")
+
+    built = dict(build_objects(facts, ("sr", "pmap", "sc", "pdf"), b"%PDF-1.4\n%%EOF\n", False))
+
+    assert {key.split(":")[0] for key in built} == {"sr", "pmap", "sc", "pdf"}
+    for key, dataset in built.items():
+        assert list(dataset.PatientID) == ["SYNTH-1", "SYNTH-2"], key
+        written = tmp_path / f"{key.replace(':', '_')}.dcm"
+        dataset.save_as(written, enforce_file_format=True)
+        errors = dciodvfy_errors(written)
+        assert errors and all("Value Multiplicity" in e and "PatientID" in e for e in errors), (key, errors)
+
+
+@pytest.mark.parametrize(
     "sop_class",
     ["1.3.6.1.4.1.9590.100.1.2.1", "1.2.840.10008.5.1.4.1.1.77.1.5.1"],
     ids=["private class", "ophthalmic photography 8 bit"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -61,6 +62,22 @@ def test_a_stopped_pacs_is_a_failure_worth_retrying(orthanc: Orthanc, objects: l
     stow = StowSender(DestinationConfig(**orthanc.destination("web", "dicomweb")))  # type: ignore[arg-type]
     for answer in [*dimse.send(objects[:1]), *stow.send(objects[:1])]:
         assert not answer.acknowledged and not answer.permanent, answer
+
+
+def test_a_c_store_peer_that_is_down_is_one_answer_and_no_error_line_of_pynetdicom(
+    objects: list[Path], caplog: pytest.LogCaptureFixture
+):
+    """pynetdicom logged two ERROR lines ("Association request failed", "TCP Initialisation
+    Error") at every retry against a peer that is down, which log alerting took for faults: the
+    outbox logs the answer, a warning, once per attempt, and it says why there is no connection."""
+    from ports import free_port
+
+    nowhere = DestinationConfig(name="down", kind="dicom", ae_title="NOWHERE", host="127.0.0.1", port=free_port())
+    caplog.set_level(logging.DEBUG)
+    [answer] = DimseSender(nowhere).send(objects[:1])
+    assert not answer.acknowledged and not answer.permanent, answer
+    assert answer.detail == f"no connection: [Errno 111] Connection refused (127.0.0.1:{nowhere.port} NOWHERE)"
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("pynetdicom")] == []
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 from pydicom.charset import convert_encodings, python_encoding
+from pydicom.datadict import dictionary_VM
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import format_number_as_ds
@@ -293,6 +294,7 @@ def _clip_text(ds: Dataset, encodings: list[str] | None = None, top: bool = True
             elif len(kept) != len(items):
                 element.value = kept
             continue
+        _one_value(element)
         if vr == "DS":
             _shorten_decimals(ds, element)
             continue
@@ -301,6 +303,30 @@ def _clip_text(ds: Dataset, encodings: list[str] | None = None, top: bool = True
             continue
         _clip_element(element, encodings)
     return True
+
+
+#: the identifiers a PACS files a study under (Orthanc's study is its Patient ID and Study Instance
+#: UID): copied as the source wrote them, even several values where the standard allows one, so the
+#: results join the study the source is in rather than a study of their own
+FILED_UNDER = ("PatientID", "IssuerOfPatientID", "AccessionNumber", "StudyID")
+#: the text VRs whose values ``_one_value`` joins; of the others (names, codes, dates) it keeps the first
+_JOINED_VRS = ("SH", "LO", "ST", "LT", "UT", "UC")
+
+
+def _one_value(element: Any) -> None:
+    """An attribute of one value (its dictionary's VM) that the source gave several (a backslash in
+    ``SYNTHETIC^ONE\\SYNTHETIC^TWO``, ``US BREAST\\LEFT``) in one: a text's values joined by a space,
+    a name's, date's or code's first. highdicom refused a name of two values (the SR, the map and
+    the capture were dead as ``build_failed``) and dciodvfy every such object."""
+    if element.keyword in FILED_UNDER or not isinstance(element.value, MultiValue) or len(element.value) < 2:
+        return
+    try:
+        if dictionary_VM(element.tag) != "1":
+            return
+    except KeyError:  # a private or unknown tag: not copied
+        return
+    values = [str(v) for v in element.value]
+    element.value = " ".join(v for v in values if v) if str(element.VR) in _JOINED_VRS else values[0]
 
 
 def _in_standard_form(ds: Dataset, element: Any) -> None:

@@ -31,6 +31,35 @@ for _noisy in ("pynetdicom", "dicomweb_client"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
+class _ConnectFailures(logging.Filter):
+    """pynetdicom says why it could not connect only in two ERROR lines of its log, at every retry
+    against a peer that is down (log alerting took them for faults): kept here, by the thread that
+    tried (the association's DUL thread), for the sender's answer, and not logged."""
+
+    PREFIX = "TCP Initialisation Error: "
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.why: dict[int | None, str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX):
+            if len(self.why) > 64:  # tries no sender asked about (a C-ECHO of the health check)
+                self.why.clear()
+            self.why[record.thread] = message.removeprefix(self.PREFIX)
+            return False
+        return message != "Association request failed: unable to connect to remote"
+
+    def pop(self, assoc: Any) -> str | None:
+        dul = getattr(assoc, "dul", None)
+        return self.why.pop(getattr(dul, "ident", None), None)
+
+
+_CONNECT_FAILURES = _ConnectFailures()
+logging.getLogger("pynetdicom.transport").addFilter(_CONNECT_FAILURES)
+
+
 @dataclass(frozen=True)
 class Delivery:
     acknowledged: bool
@@ -235,7 +264,11 @@ class DimseSender:
                 return Delivery(
                     False, f"refused: the peer accepts no presentation context of {', '.join(refused)} {where}", True
                 )
-            why = "association rejected" if self.assoc.is_rejected else "association aborted or no connection"
+            cannot_connect = _CONNECT_FAILURES.pop(self.assoc)
+            if cannot_connect is not None:
+                why = f"no connection: {cannot_connect}"
+            else:
+                why = "association rejected" if self.assoc.is_rejected else "association aborted or no connection"
             self._release()
             return Delivery(False, f"{why} {where}")
         associations.prompt(self.assoc, timeout=d.timeout_seconds)
