@@ -378,3 +378,87 @@ def test_a_model_that_computes_other_than_densenet_121_and_its_head_is_refused_b
 
     assert refused.value.reason == reason and named in refused.value.message, refused.value.message
     assert not (tmp_path / "version").exists()
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, Any, Path]:
+    """(keras, the DenseNet-121 base, its pooled output, a folder) for models of other heads (SYNTHETIC
+    weights: the base's as Keras initialises them, each head's drawn)."""
+    keras = keras_module()
+    keras.utils.set_random_seed(11)
+    base = keras.applications.DenseNet121(weights=None, include_top=False, input_shape=(SIZE, SIZE, 3))
+    return keras, base, keras.layers.GlobalAveragePooling2D()(base.output), tmp_path_factory.mktemp("heads")
+
+
+def _saved(keras: Any, base: Any, output: Any, path: Path) -> tuple[Path, Any]:
+    model = keras.Model(base.input, output)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Dense):
+            rows = np.random.default_rng(5).normal(0, 0.5, layer.kernel.shape).astype(np.float32)
+            layer.set_weights([rows, np.linspace(-1, 1, layer.kernel.shape[1]).astype(np.float32)])
+    model.save(str(path))
+    return path, model
+
+
+@pytest.mark.parametrize(
+    ("head", "task", "column"),
+    [
+        ("Dense(2, sigmoid)", "covid", 1),  # folded as a softmax's: a 0.188 was served as 0.086
+        ("Dense(2, softmax)", "covid", 1),  # refused: a binary head was sigmoid or linear
+        ("Dense(14) then Activation(sigmoid)", "chestxray14", None),  # refused: an Activation was ReLU only
+    ],
+)
+def test_a_head_keras_writes_for_the_task_is_served_with_the_probabilities_keras_gives(
+    keras_file: tuple[Path, np.ndarray, np.ndarray],
+    heads: tuple[Any, Any, Any, Path],
+    tmp_path: Path,
+    head: str,
+    task: str,
+    column: int | None,
+):
+    """Two sigmoids of a binary task, the two-column softmax Keras users train a binary task with,
+    and a linear Dense followed by its activation as a layer of its own (Keras's mixed-precision
+    guide writes the head so, in float32)."""
+    keras, base, pooled, folder = heads
+    _, x, _ = keras_file
+    if head.startswith("Dense(14)"):
+        output = keras.layers.Activation("sigmoid", dtype="float32")(keras.layers.Dense(FINDINGS)(pooled))
+    else:
+        output = keras.layers.Dense(2, activation=head[9:-1])(pooled)
+    path, model = _saved(keras, base, output, folder / f"{head[:8].replace('(', '')}_{task}.keras")
+    expected = np.asarray(model.predict(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), verbose=0))
+
+    convert_file(path, ImportOptions(task=task, image_size=SIZE, architecture="densenet121"), tmp_path / "version")
+    kind = BUILTIN_TASKS[task].kind
+    with torch.no_grad():
+        got = probabilities(load_version(tmp_path / "version").model(torch.from_numpy(x)), kind).numpy()
+
+    want = expected if column is None else expected[:, column]
+    assert float(np.abs((got if column is None else got[:, 1]) - want).max()) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("head", "named"),
+    [
+        ("Dense(1, softmax)", "the head 'dense_1' is a softmax of 1 outputs; a binary task's has 2"),
+        ("Dense(2, sigmoid) then Activation(sigmoid)", "the head applies 'sigmoid' then 'sigmoid'"),
+        ("Activation(sigmoid) before Dense(2)", "(Activation) applies 'sigmoid', which DenseNet-121 does not"),
+    ],
+)
+def test_a_head_that_is_not_one_activation_after_its_dense_layer_is_refused_by_name(
+    heads: tuple[Any, Any, Any, Path], tmp_path: Path, head: str, named: str
+):
+    """A softmax of one output is 1 whatever the image; an activation twice, or one inside the
+    network, is not what the task's head computes."""
+    keras, base, pooled, folder = heads
+    if head == "Dense(1, softmax)":
+        output = keras.layers.Dense(1, activation="softmax", name="dense_1")(pooled)
+    elif head.startswith("Dense(2, sigmoid) then"):
+        output = keras.layers.Activation("sigmoid")(keras.layers.Dense(2, activation="sigmoid")(pooled))
+    else:
+        output = keras.layers.Dense(2)(keras.layers.Activation("sigmoid")(pooled))
+    path, _ = _saved(keras, base, output, folder / f"refused_{len(head)}.keras")
+
+    error = refused(path, tmp_path, task="covid", architecture="densenet121")
+
+    assert error.reason == "wrong_architecture" and named in error.message, error.message

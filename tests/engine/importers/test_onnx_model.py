@@ -250,13 +250,14 @@ def test_an_onnx_graph_in_another_label_order_gives_each_label_its_own_probabili
     assert float(np.abs(ours_maps - reference).max()) <= TOLERANCE
 
 
-@pytest.mark.parametrize("head", ["one logit of the negative class", "two-column softmax"])
+@pytest.mark.parametrize("head", ["one logit of the negative class", "two-column softmax", "two sigmoids"])
 def test_a_binary_graph_of_the_other_label_order_is_served_as_the_tasks_positive_class(tmp_path: Path, head: str):
     """covid's labels are (normal, covid); the file's are (covid, normal), as seed 004's: its single
-    sigmoid is P(normal), or its softmax columns are (P(covid), P(normal))."""
-    two = head == "two-column softmax"
+    sigmoid is P(normal), or its softmax columns are (P(covid), P(normal)), or its two sigmoids are
+    P(covid) and P(normal) each (folded as a softmax's, a 0.190 was served as 0.204)."""
+    two = head != "one logit of the negative class"
     logits = TinyNet(2 if two else 1, seed=9).eval()
-    activation = nn.Softmax(dim=1) if two else nn.Sigmoid()
+    activation = nn.Softmax(dim=1) if head == "two-column softmax" else nn.Sigmoid()
     path = export(nn.Sequential(logits, activation).eval(), tmp_path / "binary.onnx", 1)
     options = ImportOptions(task="covid", image_size=SIZE, labels=("covid", "normal"), outputs="probabilities")
 
@@ -268,7 +269,8 @@ def test_a_binary_graph_of_the_other_label_order_is_served_as_the_tasks_positive
     p_covid = theirs[:, 0] if two else 1 - theirs[:, 0]
     assert manifest.labels == ["normal", "covid"]
     assert float((got[:, 1] - p_covid).abs().max()) <= TOLERANCE
-    assert ("folded" if two else "negated") in manifest.provenance["conversion"]
+    said = {"two-column softmax": "folded", "two sigmoids": "that of 'covid' kept"}.get(head, "negated")
+    assert said in manifest.provenance["conversion"]
 
 
 # ------------------------------------------------------------------------------------------ providers

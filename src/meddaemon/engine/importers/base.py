@@ -70,6 +70,9 @@ class ConvertedWeights:
     conversion: list[str] = field(default_factory=list)
     #: what the format module suspects, added to a refusal for wrong keys
     hints: list[str] = field(default_factory=list)
+    #: the activation the file says its head ends with (a Keras model's configuration), None where it
+    #: does not say: two outputs of a binary task are then taken for a softmax's
+    head_activation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,9 @@ def fit_head_to_task(converted: ConvertedWeights, spec: TaskSpec, labels_in_file
     multiclass/multilabel: rows permuted from the file's label order. binary: one logit is the
     sigmoid of ``labels[1]``; a file whose single logit is the other class is negated
     (``sigmoid(-z) = 1 - sigmoid(z)``); a two-logit softmax head is folded into one logit,
-    ``z_pos - z_neg`` (``softmax(z)[pos] = sigmoid(z_pos - z_neg)``). Any other count contradicts the task.
+    ``z_pos - z_neg`` (``softmax(z)[pos] = sigmoid(z_pos - z_neg)``), and a head of two sigmoids
+    (``head_activation``) keeps the positive class's (folded, its probabilities were served changed:
+    0.086 for 0.188). Any other count contradicts the task.
     """
     weight_key, bias_key = f"{head}.weight", f"{head}.bias"
     weight = converted.state.get(weight_key)
@@ -238,6 +243,12 @@ def fit_head_to_task(converted: ConvertedWeights, spec: TaskSpec, labels_in_file
             weight, bias = -weight, None if bias is None else -bias
             converted.conversion.append(
                 f"single logit of {spec.labels[0]!r} negated into the logit of {spec.labels[1]!r}"
+            )
+        elif rows == 2 and converted.head_activation == "sigmoid":
+            weight = weight[positive].unsqueeze(0)
+            bias = None if bias is None else bias[positive].unsqueeze(0)
+            converted.conversion.append(
+                f"head of two sigmoids: the logit of {spec.labels[1]!r} kept, that of {spec.labels[0]!r} left out"
             )
         elif rows == 2:
             weight = (weight[positive] - weight[negative]).unsqueeze(0)

@@ -222,7 +222,7 @@ CODE_LAYERS = frozenset({"Lambda", "TFOpLambda", "SlicingOpLambda"})
 HEAD_ACTIVATIONS = {
     "multiclass": {"softmax", "linear"},
     "multilabel": {"sigmoid", "linear"},
-    "binary": {"sigmoid", "linear"},
+    "binary": {"sigmoid", "linear", "softmax"},  # softmax: of two outputs, folded into one logit
 }
 MODELS = {"Functional", "Model", "Sequential"}
 
@@ -254,12 +254,17 @@ def model_config(path: Path) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
-def check_config(config: dict[str, Any], kind: str) -> None:
+def check_config(config: dict[str, Any], kind: str) -> str:
     """Refuse a model whose configuration holds what meddaemon's DenseNet-121 + Dense would not
     compute: a Lambda or another layer of code (``needs_code``: it is never run), a layer of another
     class, a convolution or activation other than DenseNet-121's, or a head whose activation is not
     the task's (``wrong_architecture``). Only its weights are read otherwise: such a model was
-    imported and served as a plain DenseNet-121, its outputs not the ones it was trained to give."""
+    imported and served as a plain DenseNet-121, its outputs not the ones it was trained to give.
+
+    Returns the activation the head ends with: the Dense layer's, or that of an ``Activation`` layer
+    the model outputs after a linear Dense (as Keras's mixed-precision guide writes a head)."""
+    head_activations = _output_activations(config)
+    denses = []
     for layer in _config_layers(config):
         kind_of, name = str(layer.get("class_name")), str((layer.get("config") or {}).get("name", "?"))
         settings = layer.get("config") if isinstance(layer.get("config"), dict) else {}
@@ -276,18 +281,65 @@ def check_config(config: dict[str, Any], kind: str) -> None:
             raise ModelRefused(
                 "wrong_architecture", f"layer {name!r} is a {kind_of}, not part of Keras's DenseNet-121 + Dense"
             )
-        if (kind_of == "Activation" and activation != "relu") or (
+        if (kind_of == "Activation" and activation != "relu" and (name, activation) not in head_activations) or (
             kind_of == "Conv2D" and activation not in (None, "linear")
         ):
             raise ModelRefused(
                 "wrong_architecture", f"layer {name!r} ({kind_of}) applies {activation!r}, which DenseNet-121 does not"
             )
-        if kind_of == "Dense" and activation not in HEAD_ACTIVATIONS.get(kind, {"linear"}):
+        if kind_of == "Dense":
+            denses.append((name, str(activation or "linear"), settings.get("units")))
+    units = denses[-1][2] if denses else None
+    for name, activation in [(name, activation) for name, activation, _ in denses] + head_activations:
+        if activation not in HEAD_ACTIVATIONS.get(kind, {"linear"}):
             raise ModelRefused(
                 "wrong_architecture",
                 f"the head {name!r} ends with {activation!r}; a {kind} task's ends with "
                 f"{' or '.join(sorted(HEAD_ACTIVATIONS.get(kind, {'linear'})))}",
             )
+        if kind == "binary" and activation == "softmax" and units != 2:
+            raise ModelRefused(
+                "wrong_architecture", f"the head {name!r} is a softmax of {units} outputs; a binary task's has 2"
+            )
+    if head_activations:
+        stacked = [(name, activation) for name, activation, _ in denses if activation != "linear"]
+        if len(head_activations) > 1 or stacked:
+            twice = [*stacked, *head_activations]
+            raise ModelRefused(
+                "wrong_architecture",
+                f"the head applies {' then '.join(repr(a) for _, a in twice)} (layers "
+                f"{', '.join(repr(n) for n, _ in twice)}); a Dense head ends with one activation",
+            )
+        return head_activations[0][1]
+    return denses[-1][1] if denses else "linear"
+
+
+def _output_activations(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(name, activation) of each ``Activation`` layer other than a ReLU that the model outputs."""
+    outputs = _output_names(config)
+    found = []
+    for layer in _config_layers(config):
+        settings = layer.get("config")
+        if layer.get("class_name") != "Activation" or not isinstance(settings, dict):
+            continue
+        if settings.get("activation") != "relu" and settings.get("name") in outputs:
+            found.append((str(settings.get("name")), str(settings.get("activation"))))
+    return found
+
+
+def _output_names(config: dict[str, Any]) -> set[str]:
+    """The names of the layers a saved model outputs: a functional model's ``output_layers``
+    (``["name", 0, 0]``, or a list of them), a Sequential's last layer."""
+    settings = config.get("config")
+    if isinstance(settings, dict) and "output_layers" in settings:
+        found: list[Any] = settings["output_layers"] or []
+        entries = [found] if found and isinstance(found[0], str) else found
+        return {str(entry[0]) for entry in entries if isinstance(entry, list) and entry}
+    layers = settings.get("layers") if isinstance(settings, dict) else settings  # Keras 2's Sequential: a list
+    if isinstance(layers, list) and layers and isinstance(layers[-1], dict):
+        last = layers[-1].get("config")
+        return {str(last.get("name"))} if isinstance(last, dict) else set()
+    return set()
 
 
 def check_input_size(config: dict[str, Any], contract: InputContract, task: str) -> None:
@@ -351,8 +403,9 @@ def convert(path: Path, architecture: str, kind: str, contract: InputContract, t
             f"Keras .h5 weights are imported for DenseNet-121 (--arch densenet121), not {architecture}",
         )
     config = model_config(path)
+    head_activation = None
     if config is not None:
-        check_config(config, kind)
+        head_activation = check_config(config, kind)
         check_input_size(config, contract, task)
     found = read_layers(path)
     layers = densenet121_by_rank(found.layers) if found.by_rank else found.layers
@@ -360,6 +413,7 @@ def convert(path: Path, architecture: str, kind: str, contract: InputContract, t
         converted = densenet121(layers)
     except KeyError as exc:
         raise ModelRefused("wrong_architecture", f"a DenseNet-121 layer lacks its weight {exc}") from None
+    converted.head_activation = head_activation
     if config is None:
         converted.conversion.append(
             "weights alone (no model configuration in the file): the network is taken to be DenseNet-121 + "

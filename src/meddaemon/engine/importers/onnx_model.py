@@ -140,18 +140,26 @@ class OutputMap:
             return [f"two-column softmax folded into one logit ({spec.labels[1]!r} minus {spec.labels[0]!r})"]
         if self.negate:
             return [f"single output of {spec.labels[0]!r} negated into the logit of {spec.labels[1]!r}"]
+        if spec.kind == "binary" and self.width == 2:
+            return [f"two sigmoid columns: that of {spec.labels[1]!r} kept, that of {spec.labels[0]!r} left out"]
         if list(self.columns) != list(range(self.width)):
             return [f"outputs reordered from the file's {list(labels_in_file)} to the task's"]
         return []
 
 
-def output_map(spec: TaskSpec, labels_in_file: Sequence[str], width: int, where: str) -> OutputMap:
+def output_map(
+    spec: TaskSpec, labels_in_file: Sequence[str], width: int, where: str, sigmoids: bool = False
+) -> OutputMap:
     """The map from a graph with ``width`` output columns in ``labels_in_file`` order to ``spec``'s logits;
-    a width the task cannot take is ``class_count_mismatch`` naming both."""
+    a width the task cannot take is ``class_count_mismatch`` naming both. A binary task's two columns
+    are a softmax's, folded into one logit, unless a Sigmoid makes them (``sigmoids``): then the
+    positive class's column is the one (folded, a 0.190 was served as 0.204)."""
     if spec.kind == "binary":
         positive, negative = labels_in_file.index(spec.labels[1]), labels_in_file.index(spec.labels[0])
         if width == 1:
             return OutputMap(1, (0,), negate=positive != 1)
+        if width == 2 and sigmoids:
+            return OutputMap(2, (positive,))
         if width == 2:
             return OutputMap(2, (positive, negative), fold=True)
         needs: object = "1 (binary: the sigmoid of the positive class) or 2 (softmax)"
@@ -363,8 +371,9 @@ def convert(source: Source, spec: TaskSpec, options: ImportOptions, out_dir: Pat
     _check_finite(graph)
     input_name, single_image = _check_input(graph, contract, spec)
     logits_name, width = _check_output(graph)
-    _check_outputs_option(graph, logits_name, options.outputs)
-    mapping = output_map(spec, labels_in_file, spec.num_outputs if width is None else width, logits_name)
+    activation = _check_outputs_option(graph, logits_name, options.outputs)
+    width = spec.num_outputs if width is None else width
+    mapping = output_map(spec, labels_in_file, width, logits_name, sigmoids=activation == "Sigmoid")
     info: dict[str, Any] = {
         "input": input_name,
         "logits": logits_name,
@@ -408,9 +417,10 @@ def convert(source: Source, spec: TaskSpec, options: ImportOptions, out_dir: Pat
     )
 
 
-def _check_outputs_option(graph: Any, output: str, outputs: str) -> None:
+def _check_outputs_option(graph: Any, output: str, outputs: str) -> str | None:
     """A graph whose output a Softmax or Sigmoid makes gives probabilities: read as logits, the task's
-    activation went over them a second time (a 0.97 served as 0.58) without a word."""
+    activation went over them a second time (a 0.97 served as 0.58) without a word. Returns that
+    activation's op type (None where another node makes the output)."""
     producers = {name: node for node in graph.node for name in node.output}
     last = producers.get(output)
     while last is not None and last.op_type in (*_PASSTHROUGH, "Unsqueeze", "Cast") and last.input:
@@ -421,6 +431,7 @@ def _check_outputs_option(graph: Any, output: str, outputs: str) -> None:
             f"output {output!r} comes from a {last.op_type}: the graph gives probabilities, not logits; "
             "pass --outputs probabilities",
         )
+    return None if last is None or last.op_type not in ("Softmax", "Sigmoid") else str(last.op_type)
 
 
 def _type_name(kind: int) -> str:
