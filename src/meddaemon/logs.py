@@ -30,6 +30,10 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # at DEBUG, urllib3 logs each request's line: a DICOMweb destination's query, its token with it
+    # (and requests' charset_normalizer a guess at each answer's encoding)
+    for library in ("urllib3", "charset_normalizer"):
+        logging.getLogger(library).setLevel(logging.WARNING)
     quiet_libraries()
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -379,6 +380,30 @@ def sent_over_stow_rs(script: list[int | tuple[int, int]], objects: list[Path]) 
         return StowSender(DestinationConfig(**stow.destination())).send(objects), stow  # type: ignore[arg-type]
     finally:
         stow.stop()
+
+
+def test_a_process_logging_at_debug_never_logs_a_stow_rs_destination_s_query_where_a_token_may_be(
+    objects: list[Path],
+):
+    """urllib3 logged every request's line at DEBUG, ``POST /dicom-web/studies?token=...``: turning
+    DEBUG on to troubleshoot put the PACS's token in the journal."""
+    stow = ScriptedStow()
+    url = f"{stow.destination()['url']}?token=SYNTHETIC-SECRET"
+    script = (
+        "import sys; from pathlib import Path; from meddaemon.logs import setup_logging; setup_logging('DEBUG'); "
+        "from meddaemon.config import DestinationConfig; from meddaemon.dicom.senders import StowSender; "
+        "destination = DestinationConfig(name='web', kind='dicomweb', url=sys.argv[1]); "
+        "[answer] = StowSender(destination).send([Path(sys.argv[2])]); "
+        "print(answer.acknowledged)"
+    )
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", script, url, str(objects[0])], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        stow.stop()
+    assert run.stdout.strip() == "True" and stow.stored == 1, run.stderr
+    assert "SYNTHETIC-SECRET" in stow.paths[0] and "SYNTHETIC-SECRET" not in run.stderr, run.stderr
 
 
 def test_a_stow_rs_server_that_hangs_costs_one_timeout_and_the_rest_of_the_send_fails_untried(objects: list[Path]):

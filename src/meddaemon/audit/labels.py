@@ -194,9 +194,41 @@ def identifies_patients(name: str) -> bool:
 
 
 def is_personal(name: str) -> bool:
-    """A column of patient data (an identifier, a name, a birth date...): never a subgroup."""
+    """A column of patient data (an identifier, a name, a birth date...): never a subgroup. Its
+    spellings in ``PERSONAL``, and any header whose words say so (``_says_personal``)."""
     key = compact(name)
-    return identifies_patients(name) or any(key.removeprefix(p) in _PERSONAL_KEYS for p in ("", "patient", "patients"))
+    return (
+        identifies_patients(name)
+        or any(key.removeprefix(p) in _PERSONAL_KEYS for p in ("", "patient", "patients"))
+        or _says_personal(name)
+    )
+
+
+#: a word that makes a column patient data wherever it stands in its header
+_PERSONAL_WORDS = frozenset(
+    {"mrn", "dob", "ssn", "birthdate", "birthday", "accession", "telephone", "phone", "tel", "email", "mail",
+     "surname", "forename", "firstname", "lastname", "fullname", "givenname", "familyname"}
+)  # fmt: skip
+#: whose identifier, number or name a column holds, when its header says so
+_WHOSE = frozenset({"patient", "patients", "subject", "subjects", "person", "record", "medical", "case"})
+_IDENTIFIER_WORDS = frozenset({"id", "ids", "identifier", "identifiers", "number", "no", "nr", "num"})
+#: the words a header of names, or of addresses, is made of besides ``name``/``address`` itself
+_NAME_WORDS = frozenset({"patient", "patients", "s", "full", "first", "last", "given", "family", "middle", "maiden"})
+_ADDRESS_WORDS = frozenset({"patient", "patients", "s", "home", "street", "postal", "mailing"})
+
+
+def _says_personal(name: str) -> bool:
+    """Whether a header's words name patient data in a spelling ``PERSONAL`` lacks (``Patient
+    Identifier``, ``MRN Number``, ``Birthdate (YYYY-MM-DD)``, ``Tel`` printed an audit's levels, each
+    a patient's, for every viewer of the console)."""
+    words = set(re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).lower())) - {""}
+    return bool(
+        words & _PERSONAL_WORDS
+        or (words & _WHOSE and words & _IDENTIFIER_WORDS)
+        or ("birth" in words and words & {"date", "day", "of"})
+        or ("name" in words and words - {"name", "names"} <= _NAME_WORDS)
+        or ("address" in words and words - {"address", "addresses"} <= _ADDRESS_WORDS)
+    )
 
 
 def patient_column(columns: Iterable[str]) -> str | None:
