@@ -144,7 +144,8 @@ def test_a_duplicate_an_unknown_version_and_an_unknown_task_are_usage_errors(run
 def test_a_file_s_version_or_threshold_no_version_can_have_is_a_usage_error_before_the_file_is_read(
     run, tmp_path: Path
 ):  # type: ignore[no-untyped-def]
-    """They were the manifest's refusal (bad_manifest), exit 1, after the whole conversion. An image
+    """They were the manifest's refusal (bad_manifest), exit 1, after the whole conversion (a --std of
+    0 or a NaN --mean too, named as the manifest's "input_contract"). An image
     size of 100000 was "unreadable_weights", one of 2240 (for 224) a self-test of two minutes and
     3.4 GB; a --cam-tensor given for a file that is no ONNX graph was ignored without a word."""
     checkpoint = tmp_path / "model.pth"
@@ -155,13 +156,28 @@ def test_a_file_s_version_or_threshold_no_version_can_have_is_a_usage_error_befo
         ("--version", "-dash", "not starting with '.', '_' or '-'"),
         ("--threshold", "nolabel=0.5", "not a label of task busi"),
         ("--threshold", "benign=1.5", "a probability is in [0, 1]"),
+        # stored and shown beside each result, never applied: busi calls its top class
+        ("--threshold", "malignant=0.3", "task busi is multiclass and calls its top class; no threshold is applied"),
         ("--image-size", "100000", "--image-size 100000: from 8 to 1024 pixels"),
         ("--image-size", "2240", "--image-size 2240: from 8 to 1024 pixels"),
         ("--cam-tensor", "features", "--cam-tensor names a tensor of an ONNX graph; model.pth is torch"),
+        ("--std", "0", "--std 0.0: each value is a finite number above 0"),  # bad_manifest, exit 1, after it all
+        ("--mean", "nan", "--mean nan: each value is a finite number"),
     ):
         refused = run(*as_file, option, value, code=2)
         assert "refused (bad_option)" in refused.stderr and said in refused.stderr, (option, value)
     assert "no model versions registered" in run("list").stdout
+    dense = tmp_path / "densenet.pth"  # its pooling leaves nothing of 16 pixels: called damaged, "unreadable_weights"
+    torch.save(build_model("densenet121", 1, 3).state_dict(), dense)
+    refused = run("import", str(dense), "--task", "busi", "--arch", "densenet121", "--image-size", "16", code=2)
+    assert "refused (bad_option): --image-size 16: densenet121 cannot run at 16 x 16 pixels" in refused.stderr
+    binary = tmp_path / "binary.pth"
+    torch.save(build_model("small_cnn", 1, 1).state_dict(), binary)
+    as_binary = ("import", str(binary), "--task", "busi_binary", "--image-size", "32", "--version", "b1")
+    refused = run(*as_binary, "--threshold", "benign=0.3", code=2)
+    assert "calls malignant at its threshold and benign below it; give --threshold malignant=P" in refused.stderr
+    run(*as_binary, "--threshold", "malignant=0.3")
+    assert as_json(run("show", "busi_binary", "b1", "--json"))["manifest"]["thresholds"]["malignant"] == 0.3
 
 
 def test_a_model_file_is_converted_and_registered_with_its_provenance(run, tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -173,13 +189,13 @@ def test_a_model_file_is_converted_and_registered_with_its_provenance(run, tmp_p
     data = as_json(
         run(
             "import", str(checkpoint), "--task", "busi", "--arch", "small_cnn", "--image-size", "48",
-            "--version", "seed000", "--threshold", "malignant=0.3", "--json",
+            "--version", "seed000", "--json",
         )
     )  # fmt: skip
     assert (data["task"], data["version"], data["architecture"]) == ("busi", "seed000", "small_cnn")
     assert data["provenance"]["source_file"] == "best_model.pth" and data["provenance"]["format"] == "torch"
     manifest = as_json(run("show", "busi", "seed000", "--json"))["manifest"]
-    assert manifest["input_contract"]["height"] == 48 and manifest["thresholds"]["malignant"] == 0.3
+    assert manifest["input_contract"]["height"] == 48
     assert "'module.' prefix stripped" in manifest["provenance"]["conversion"]
 
 

@@ -228,14 +228,13 @@ def test_an_onnx_graph_in_another_label_order_gives_each_label_its_own_probabili
     file_order = ["malignant", "normal", "benign"]
     options = ImportOptions(
         task="busi", image_size=SIZE, labels=tuple(file_order), outputs="probabilities",
-        cam_tensor=pooled_tensor(path), thresholds={"malignant": 0.3},
+        cam_tensor=pooled_tensor(path),
     )  # fmt: skip
 
     manifest = convert_file(path, options, tmp_path / "version")
     loaded = load_version(tmp_path / "version")
 
     assert "reordered from the file's ['malignant', 'normal', 'benign']" in manifest.provenance["conversion"]
-    assert manifest.thresholds["malignant"] == 0.3  # thresholds are by label name: they follow
     x = inputs(1)
     with torch.no_grad():
         theirs = torch.softmax(logits(x), dim=1)

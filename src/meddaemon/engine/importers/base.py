@@ -9,6 +9,7 @@ verifies the weights strictly and records the self-test, exactly as for a model 
 
 from __future__ import annotations
 
+import math
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -344,8 +345,9 @@ def check_first_conv(converted: ConvertedWeights, model: nn.Module, contract: In
 
 def check_options(options: ImportOptions, spec: TaskSpec) -> None:
     """The command's own values, refused (``bad_option``, a usage error) before the file is read:
-    a bad --version or --threshold was refused as the manifest's (``bad_manifest``, exit 1) after
-    the conversion."""
+    a bad --version, --threshold, --mean or --std was refused as the manifest's (``bad_manifest``,
+    exit 1) after the conversion, and a threshold no call applies (a multiclass task's, a binary
+    task's negative label's) was registered and shown beside results it never decided."""
     if options.version is not None and not NAME_PATTERN.match(options.version):
         raise ModelRefused(
             "bad_option",
@@ -364,6 +366,24 @@ def check_options(options: ImportOptions, spec: TaskSpec) -> None:
             )
         if not 0 <= value <= 1:
             raise ModelRefused("bad_option", f"--threshold {label}={value}: a probability is in [0, 1]")
+        # registered and shown, it was never applied: the calls below take no threshold of it
+        if spec.kind == "multiclass":
+            raise ModelRefused(
+                "bad_option",
+                f"--threshold {label}: task {spec.name} is multiclass and calls its top class; no threshold is applied",
+            )
+        if spec.kind == "binary" and label != spec.labels[1]:
+            raise ModelRefused(
+                "bad_option",
+                f"--threshold {label}: task {spec.name} calls {spec.labels[1]} at its threshold and {label} "
+                f"below it; give --threshold {spec.labels[1]}=P",
+            )
+    for option, values in (("--mean", options.mean), ("--std", options.std)):
+        for value in values or ():
+            # a zero --std, or a NaN, was refused as the manifest's (exit 1) after the whole conversion
+            if not math.isfinite(value) or (option == "--std" and value <= 0):
+                above = " above 0 (the image is divided by it)" if option == "--std" else ""
+                raise ModelRefused("bad_option", f"{option} {value}: each value is a finite number{above}")
 
 
 def version_name(source: Source, options: ImportOptions) -> str:
@@ -399,6 +419,8 @@ def write_converted(
     check_first_conv(converted, model, contract, spec)
     fit_head_to_task(converted, spec, labels_in_file, final_linear(model))
     _load_strictly(model, converted)
+    if options.image_size is not None:
+        _check_runs_at(model, converted.architecture, contract)
     if options.outputs not in OUTPUTS:
         raise ModelRefused("bad_manifest", f"--outputs must be one of {list(OUTPUTS)}, not {options.outputs!r}")
     if options.outputs == "probabilities":
@@ -423,6 +445,22 @@ def write_converted(
         raise ModelRefused("non_finite_output", str(exc)) from None
     except ValueError as exc:
         raise ModelRefused("bad_manifest", str(exc)) from None
+
+
+def _check_runs_at(model: nn.Module, architecture: str, contract: InputContract) -> None:
+    """An ``--image-size`` the network cannot take (densenet121 or vgg16 at 8 or 16 pixels, whose
+    pooling leaves nothing) is the option's fault (``bad_option``): the self-test's error called the
+    file "unreadable_weights", damaged."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, contract.channels, contract.height, contract.width))
+    except RuntimeError as exc:
+        why = " ".join(str(exc).split())[:200]
+        raise ModelRefused(
+            "bad_option",
+            f"--image-size {contract.height}: {architecture} cannot run at {contract.height} x {contract.width} "
+            f"pixels ({why}); give a larger one",
+        ) from None
 
 
 def _load_strictly(model: nn.Module, converted: ConvertedWeights) -> None:
