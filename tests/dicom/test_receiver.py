@@ -803,6 +803,40 @@ def test_health_reports_the_receiver_down_when_nothing_answers_its_c_echo(receiv
     assert "does not answer" in check.message or "no DICOM answer" in check.message
 
 
+def test_health_reports_the_receiver_down_when_another_program_answers_on_its_port(
+    receive: StartReceiver, tmp_path: Path
+):
+    """A leftover dcmtk storescp on the port: the daemon's receiver could not listen and was restarted
+    again and again, senders stored into storescp with success, and health said "dicom ok"."""
+    import dataclasses
+
+    from meddaemon.daemon.health import DOWN, HealthLimits, check_health
+    from ports import free_port
+
+    require_dcmtk()
+    receiver = receive()
+    taken = free_port()
+    (tmp_path / "storescp").mkdir()
+    foreign = subprocess.Popen(
+        [dcmtk("storescp"), "-aet", "STORESCP", "-od", str(tmp_path / "storescp"), str(taken)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    settings = dataclasses.replace(receiver.settings, dicom_port=taken)
+    engine = create_db_engine(settings.db_url)
+    try:
+        echo = [dcmtk("echoscu"), "127.0.0.1", str(taken)]
+        _wait(lambda: subprocess.run(echo, capture_output=True).returncode == 0, "storescp")
+        check = check_health(engine, settings, HealthLimits(min_free_bytes=0)).check("dicom")
+    finally:
+        foreign.terminate()
+        foreign.wait(10)
+        engine.dispose()
+    assert (check.status, check.details["probe"]) == (DOWN, "foreign"), check
+    assert "is answered by another program (implementation OFFIS_DCMTK" in check.message
+    assert "not this daemon's receiver" in check.message
+
+
 def test_health_reports_a_receiver_that_answers_but_refuses_every_instance_for_want_of_disk(
     receive: StartReceiver, tmp_path: Path
 ):

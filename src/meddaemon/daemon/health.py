@@ -411,7 +411,8 @@ def _outbox(session: Session, limits: HealthLimits) -> Check:
 def _dicom(
     engine: Engine, settings: Settings, echo: Callable[[Settings], Any] | None, disk_usage: Callable[[Path], Any]
 ) -> Check:
-    """The DICOM receiver (issue 18): down when nothing answers a C-ECHO on its port; degraded when
+    """The DICOM receiver (issue 18): down when nothing answers a C-ECHO on its port, or another
+    program than the daemon's receiver does (``receiver.implementation_version_name``); degraded when
     it answers but refuses every instance for want of disk (``dicom_min_free_bytes``); what it
     received lately, and the studies still arriving, in the details."""
     from meddaemon.dicom.completeness import arrival_summary
@@ -436,6 +437,8 @@ def _dicom(
         details["received"] = f"could not be read: {error_line(exc)}"
     if answer.outcome == "none":
         return Check("dicom", DOWN, f"{answer.message}: is the daemon's DICOM receiver running?{received}", details)
+    if answer.outcome == "foreign":
+        return Check("dicom", DOWN, f"{answer.message}{received}", details)
     inbox = _existing(settings.received_dir)
     with contextlib.suppress(OSError):  # the disk check says why the free space cannot be read
         free = int(disk_usage(inbox).free)

@@ -267,6 +267,7 @@ class Receiver:
 
         s = self.settings
         ae = AE(ae_title=s.ae_title)
+        ae.implementation_version_name = implementation_version_name(s)
         # The limit is ours (``_admit``); pynetdicom's counts every acceptor thread alive, the ones
         # being refused and the connections yet to ask included, so it only bounds the threads.
         ae.maximum_associations = s.dicom_max_associations + UNADMITTED_CONNECTIONS
@@ -897,10 +898,20 @@ def server_tls(settings: Settings) -> ssl.SSLContext | None:
 # -- the probe -------------------------------------------------------------------------------------
 
 
+def implementation_version_name(settings: Settings) -> str:
+    """The name this daemon's receiver gives in each association it accepts (PS3.7 D.3.3.2.3):
+    ``MEDDAEMON_`` and six hex digits of its state directory, so that the probe of ``meddaemon
+    health`` tells it from another program answering on its port (a leftover storescp, an Orthanc,
+    another meddaemon), which took the senders' instances while the daemon's receiver, unable to
+    listen, was restarted again and again, and health said "dicom ok"."""
+    digest = hashlib.sha256(str(Path(settings.state_dir).resolve()).encode()).hexdigest()
+    return f"MEDDAEMON_{digest[:6].upper()}"
+
+
 @dataclass(frozen=True)
 class EchoAnswer:
     """What a C-ECHO to the receiver found: ``echoed``, ``refused`` (it answered with a rejection,
-    so it listens) or ``none`` (no DICOM answer)."""
+    so it listens), ``foreign`` (another program answers on its port) or ``none`` (no DICOM answer)."""
 
     outcome: str
     message: str
@@ -937,6 +948,15 @@ def echo(settings: Settings, timeout: float = 5.0) -> EchoAnswer:
                     "the receiver's own, which is no caller's unless the CA of dicom_tls_ca signed it for clients",
                 )
             return EchoAnswer("none", f"no DICOM answer from {where}")
+        theirs = str(assoc.acceptor.implementation_version_name or "").strip()
+        if theirs != implementation_version_name(settings):
+            assoc.release()
+            program = f"implementation {theirs or 'unnamed'}, class {assoc.acceptor.implementation_class_uid}"
+            return EchoAnswer(
+                "foreign",
+                f"{where} is answered by another program ({program}), not this daemon's receiver, which "
+                "cannot listen there: senders' instances go to it",
+            )
         associations.keep_answers(assoc)
         status = assoc.send_c_echo()
         assoc.release()
