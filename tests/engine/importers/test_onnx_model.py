@@ -389,17 +389,35 @@ class ChannelsLast(nn.Module):
         return self.net(x.permute(0, 3, 1, 2))
 
 
+@pytest.mark.parametrize("sides", ["fixed", "dynamic"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_a_channels_last_input_is_refused_naming_the_layout_not_a_channel_count(tmp_path: Path, channels: int):
-    """(N, 64, 64, 1) was told to "pass --channels 64", which --channels refuses (1 or 3)."""
+def test_a_channels_last_input_is_refused_naming_the_layout_not_a_channel_count(
+    tmp_path: Path, channels: int, sides: str
+):
+    """(N, 64, 64, 1) was told to "pass --channels 64", which --channels refuses (1 or 3); tf2onnx's
+    (N, H, W, 1) was "a dynamic channel axis 'H'"."""
     path = tmp_path / "nhwc.onnx"
+    dynamic = {0: "N", 1: "H", 2: "W"} if sides == "dynamic" else {0: "N"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(ChannelsLast(channels).eval(), (torch.zeros(1, SIZE, SIZE, channels),), str(path),
-                          dynamo=False, opset_version=17, input_names=["image"], output_names=["scores"])  # fmt: skip
+                          dynamo=False, opset_version=17, input_names=["image"], output_names=["scores"],
+                          dynamic_axes={"image": dynamic, "scores": {0: "N"}})  # fmt: skip
     error = refused(path, tmp_path, channels=channels)
     assert error.reason == "contract_conflict" and "channels last (NHWC" in error.message
     assert "--channels" not in error.message
+
+
+def test_a_fixed_input_that_is_not_square_is_refused_as_such_not_sent_from_one_side_to_the_other(tmp_path: Path):
+    """224 x 256: "pass --image-size 256", and then with it, "pass --image-size 224"."""
+    path = export(TinyNet(3, seed=1).eval(), tmp_path / "oblong.onnx", 1, dynamic={0: "batch"})
+    graph = onnx.load(str(path))
+    graph.graph.input[0].type.tensor_type.shape.dim[3].dim_value = SIZE + 8
+    onnx.save(graph, str(path))
+    for size in (SIZE, SIZE + 8):
+        error = refused(path, tmp_path, image_size=size)
+        assert error.reason == "contract_conflict", error.message
+        assert f"takes images of {SIZE}x{SIZE + 8} (height x width) but a contract here is square" in error.message
 
 
 def test_an_empty_file_is_refused_as_no_graph_not_for_its_opset(tmp_path: Path):

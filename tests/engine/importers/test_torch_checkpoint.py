@@ -120,6 +120,60 @@ def test_two_logit_softmax_binary_head_is_folded_into_one(tmp_path: Path):
     assert float((ours - theirs).abs().max()) <= PROBABILITY_TOLERANCE
 
 
+@pytest.mark.parametrize(
+    ("architecture", "head", "outputs"),
+    [
+        ("resnet18", "Sequential(Dropout, Linear)", "logits"),  # seed 004's ResNet heads: refused, no way in
+        ("densenet121", "Sequential(Linear, Sigmoid)", "probabilities"),  # CheXNet's: refused, even so
+    ],
+)
+def test_a_head_sequential_of_one_linear_and_a_weightless_layer_gives_the_original_probabilities(
+    tmp_path: Path, architecture: str, head: str, outputs: str
+):
+    torch.manual_seed(7)
+    task = "busi" if outputs == "logits" else "chestxray14"
+    original = getattr(models, architecture)(weights=None)
+    last = "fc" if architecture == "resnet18" else "classifier"
+    linear = nn.Linear(getattr(original, last).in_features, 3 if task == "busi" else 14)
+    parts = [nn.Dropout(0.3), linear] if head.startswith("Sequential(Dropout") else [linear, nn.Sigmoid()]
+    setattr(original, last, nn.Sequential(*parts))
+    original = settle_batchnorm(original, 3)
+    path = save_as(original, tmp_path / "headed.pt", "plain")
+    options = ImportOptions(task=task, architecture=architecture, channels=3, image_size=SIZE, outputs=outputs)
+
+    manifest = convert_file(path, options, tmp_path / "version")
+
+    x = inputs(3)
+    kind = "multiclass" if task == "busi" else "multilabel"
+    with torch.no_grad():
+        theirs = original.eval()(x)
+        theirs = torch.softmax(theirs, dim=1) if outputs == "logits" else theirs
+        ours = probabilities(load_version(tmp_path / "version").model(x), kind)
+    assert float((ours - theirs).abs().max()) <= PROBABILITY_TOLERANCE
+    assert f"taken as {architecture}'s" in manifest.provenance["conversion"]
+
+
+def test_a_lightning_checkpoint_whose_loss_holds_class_weights_is_read_as_its_network(tmp_path: Path):
+    """The loss's ``criterion.weight`` beside the ``model.`` keys kept the prefix on, and the refusal
+    named the network's 315 keys unmatched."""
+    torch.manual_seed(9)
+    original = settle_batchnorm(models.resnet18(weights=None, num_classes=3), 3)
+    state = {f"model.{k}": v for k, v in original.state_dict().items()}
+    state["criterion.weight"] = torch.tensor([1.0, 2.5, 0.7])
+    path = tmp_path / "epoch=9-step=420.ckpt"
+    torch.save({"epoch": 9, "state_dict": state}, path)
+    options = ImportOptions(task="busi", architecture="resnet18", channels=3, image_size=SIZE, format="torch")
+
+    manifest = convert_file(path, options, tmp_path / "version")
+
+    x = inputs(3)
+    with torch.no_grad():
+        theirs = torch.softmax(original.eval()(x), dim=1)
+        ours = probabilities(load_version(tmp_path / "version").model(x), "multiclass")
+    assert float((ours - theirs).abs().max()) <= PROBABILITY_TOLERANCE
+    assert "the training loss's criterion.weight left out" in manifest.provenance["conversion"]
+
+
 # ------------------------------------------------------------------------------------------ refusals
 
 

@@ -329,9 +329,10 @@ def check_parsed(model: Any) -> Any:
 
 def _channels_last(dims: list[Any]) -> bool:
     """An image input laid out (batch, height, width, channels): its last axis a channel count and its
-    first two alike, an image's sides."""
+    first two an image's sides, fixed or dynamic (tf2onnx's ``['N', 'H', 'W', 1]`` was refused for a
+    dynamic channel axis ``'H'``)."""
     _, a, b, c = dims
-    return c in (1, 3) and isinstance(a, int) and a > 3 and (a == b or not isinstance(b, int) or b > 3)
+    return c in (1, 3) and all(not isinstance(side, int) or side > 3 for side in (a, b))
 
 
 def _parse(data: bytes) -> Any:
@@ -523,6 +524,14 @@ def _check_input(graph: Any, contract: InputContract, spec: TaskSpec) -> tuple[s
             f"input {value.name!r} has shape {dims}: channels last (NHWC, as Keras and TensorFlow export), "
             "while meddaemon feeds (batch, channels, height, width); export the model with its input in that "
             "order (tf2onnx --inputs-as-nchw), or with a Transpose in front of it",
+        )
+    height, width = dims[2:]
+    if isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0 and height != width:
+        # the advice for each side in turn went in a circle: --image-size 256, then --image-size 224
+        raise ModelRefused(
+            "contract_conflict",
+            f"input {value.name!r} takes images of {height}x{width} (height x width) but a contract here is "
+            "square (--image-size N): export the model for a square input",
         )
     for axis, (have, want) in enumerate(zip(dims[1:], wanted, strict=True), start=1):
         what = ("channels", "height", "width")[axis - 1]

@@ -31,6 +31,9 @@ from meddaemon.engine.registry import ModelRefused
 
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+#: the attributes a training module (PyTorch Lightning's) keeps its loss under: a class-weighted
+#: loss's ``weight`` buffer sits in its state dict beside the network's ``model.`` keys
+LOSS_PREFIXES = ("criterion.", "loss_fn.", "loss_func.", "loss.", "loss_function.")
 
 _RESNET = (
     ("conv1.", "features.0."),
@@ -185,6 +188,12 @@ def unwrap(loaded: Any, name: str) -> tuple[dict[str, Tensor], list[str]]:
             f"weights under {' or '.join(repr(k) for k in WRAPPER_KEYS)})",
         )
     state = {str(k): v for k, v in loaded.items()}
+    loss = sorted(k for k in state if k.startswith(LOSS_PREFIXES))
+    network = [k for k in state if k not in loss]
+    if loss and network and any(all(k.startswith(p) for k in network) for p in WRAPPER_PREFIXES):
+        # the 315 keys of the network were named unmatched, its prefix kept for the one key of the loss
+        state = {k: v for k, v in state.items() if k not in loss}
+        steps.append(f"the training loss's {', '.join(loss)} left out (not the network's)")
     # wrappers nest in any order (torch.compile of a DataParallel: '_orig_mod.module.'): strip until none is left
     while prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None):
         state = {k[len(prefix) :]: v for k, v in state.items()}
@@ -198,8 +207,9 @@ def to_meddaemon_layout(
     """Rename ``state`` from torchvision's layout (or meddaemon's own) to ``architecture``'s keys.
 
     Keys that match nothing stay as they are, to be named by the strict load. The one Linear of a
-    single-Linear head is found under any of :data:`HEAD_PREFIXES` whatever its index (seed heads
-    are often ``Sequential(Dropout, Linear)`` or ``Sequential(Dropout, SELU, Linear)``).
+    single-Linear head is found under any of :data:`HEAD_PREFIXES` where ``_misplaced_head`` allows
+    it (seed heads are often ``Sequential(Dropout, Linear)``, and CheXNet's ``Sequential(Linear,
+    Sigmoid)``; ``Sequential(Dropout, SELU, Linear)`` is ``efficientnet_v2_s_selu``'s).
     """
     expected = build_model(architecture, channels, outputs).state_dict()
     if set(state) <= set(expected):
@@ -216,27 +226,39 @@ def to_meddaemon_layout(
         else:
             out[key], source[key] = value, key
     hints: list[str] = []
+    conversion = [f"torchvision {architecture} layout mapped onto meddaemon's"]
     if f"{SINGLE_LINEAR_HEAD}.weight" in expected:
         linears = [k[: -len(".weight")] for k, v in head.items() if k.endswith(".weight") and v.ndim == 2]
         misplaced = _misplaced_head(linears[0], architecture) if len(linears) == 1 else None
         if misplaced:
             hints.append(misplaced)
         elif len(linears) == 1:
+            if linears[0] not in HEAD_LINEAR_AT.get(architecture, (linears[0],)):
+                conversion.append(
+                    f"head Linear {linears[0]} taken as {architecture}'s: a layer before it, without weights, taken "
+                    "for a Dropout (nothing at inference), one after it for the activation --outputs names"
+                )
             for part in ("weight", "bias"):
                 key = f"{linears[0]}.{part}"
                 if key in head:
                     out[f"{SINGLE_LINEAR_HEAD}.{part}"], source[f"{SINGLE_LINEAR_HEAD}.{part}"] = head.pop(key), key
     for key, value in head.items():  # not a head meddaemon has: reported as unmatched
         out[key], source[key] = value, key
-    conversion = [f"torchvision {architecture} layout mapped onto meddaemon's"]
     return ConvertedWeights(architecture, out, source, conversion, hints)
 
 
 def _misplaced_head(linear: str, architecture: str) -> str | None:
     """Why the file's one head Linear is not where ``architecture`` has it (a head with other layers
-    before it, which would be silently left out), or None."""
+    before it, which would be silently left out), or None. A ``Sequential`` in place of a plain
+    Linear may hold it first (``Sequential(Linear, Sigmoid)``, CheXNet's) or second (``Sequential(Dropout,
+    Linear)``, as torchvision's own MobileNetV2 head): the weightless layer beside it is taken for
+    the activation ``--outputs`` names, or a Dropout (ResNet and DenseNet features are pooled after
+    a ReLU, so a ReLU there is nothing either)."""
     expected = HEAD_LINEAR_AT.get(architecture)
     if expected is None or linear in expected:
+        return None
+    plain = [name for name in expected if not name.rsplit(".", 1)[-1].isdigit()]
+    if any(linear in (f"{name}.0", f"{name}.1") for name in plain):
         return None
     hint = ""
     if architecture == "efficientnet_v2_s" and linear == "classifier.2":
