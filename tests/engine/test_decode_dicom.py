@@ -315,6 +315,32 @@ def test_a_voi_lut_mapping_from_a_negative_value_in_an_implicit_vr_file_is_read_
     assert_close(decode(path).frames, ((stored.astype(np.float64)) / 4095.0)[np.newaxis])
 
 
+def test_a_voi_lut_lying_wholly_below_zero_in_an_implicit_vr_file_is_read_as_signed(tmp_path):
+    """-1000 HU read as 64536 with 400 entries did not run past 65535, so it stayed unsigned: every
+    pixel fell below the table and the image came out black, noted "VOI LUT applied"."""
+    stored = gradient(top=423)  # -1024 .. -601 HU
+    table = np.linspace(0, 65535, 400).astype(np.uint16)  # a lung window from -1000 HU
+    extra = {"VOILUTSequence": Sequence([lut_item(2**16 - 1000, table)])}
+    path = write_dicom(
+        tmp_path / "lut.dcm", pixels=stored, rescale=(1.0, -1024.0), transfer_syntax=ImplicitVRLittleEndian, extra=extra
+    )
+    assert dcmread(path).VOILUTSequence[0].LUTDescriptor[1] == 64536  # as pydicom reads it
+
+    expected = through_luts(stored.astype(np.int64) - 1024, {"VOILUTSequence": (-1000, table)})
+    assert_close(decode(path).frames, expected, atol=1e-5)
+
+
+def test_a_voi_lut_from_above_32767_over_unsigned_values_that_reach_it_stays_unsigned(tmp_path):
+    """A 16-bit mammogram's table from 40000: its values reach it, so it is no signed one."""
+    stored = (gradient(top=30000).astype(np.int64) + 30000).astype(np.uint16)  # 30000 .. 60000
+    table = np.linspace(0, 65535, 20000).astype(np.uint16)
+    extra = {"VOILUTSequence": Sequence([lut_item(40000, table)])}
+    path = write_dicom(tmp_path / "lut.dcm", pixels=stored, transfer_syntax=ImplicitVRLittleEndian, extra=extra)
+
+    expected = through_luts(stored, {"VOILUTSequence": (40000, table)})
+    assert_close(decode(path).frames, expected, atol=1e-5)
+
+
 def test_voi_lut_sequence_is_applied_and_spans_its_table(tmp_path):
     pixels = gradient(top=255).astype(np.uint16)
     table = (255 - np.arange(256)).astype(np.uint16)  # an inverting 256-entry LUT, 8-bit output

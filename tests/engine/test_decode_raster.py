@@ -219,12 +219,16 @@ def test_png_claiming_30000_squared_pixels_is_refused_fast_without_allocating(tm
     assert peak < 50 * 2**20
 
 
-def test_pillows_own_bomb_refusal_is_still_named_too_many_pixels(tmp_path):
-    """With our limit raised above it, Pillow's DecompressionBombError (2 x MAX_IMAGE_PIXELS)
-    still comes out as a ScanFailure, never as Pillow's exception."""
-    data = write_blank_png(tmp_path / "bomb.png", 30000, 30000, bit_depth=1).read_bytes()
+def test_a_max_pixels_above_pillows_own_limit_is_the_limit(tmp_path):
+    """Pillow refused a header over twice its MAX_IMAGE_PIXELS (179 M pixels) before ``max_pixels``
+    was asked: a site's 10**9 could not take a 196 M-pixel slide. The header of one (its pixels cut
+    off, so nothing is allocated) passes the limit now and fails for what it is, cut short."""
+    whole = write_blank_png(tmp_path / "slide.png", 14000, 14000, bit_depth=1).read_bytes()
+    header_only = whole[: 8 + 25] + whole[-12:]  # the signature, IHDR and IEND: no IDAT
 
-    assert failure(data, max_pixels=10**12).reason is FailureReason.TOO_MANY_PIXELS
+    assert failure(header_only, max_pixels=10**9).reason is not FailureReason.TOO_MANY_PIXELS
+    too_many = failure(header_only, max_pixels=150_000_000)
+    assert too_many.reason is FailureReason.TOO_MANY_PIXELS and "exceeds the limit of 150000000" in too_many.message
 
 
 def test_pixel_limit_is_our_own_and_not_pillows(tmp_path):

@@ -588,7 +588,7 @@ def _apply_modality(arr: np.ndarray, ds: Dataset, little_endian: bool) -> np.nda
     if not items:
         return apply_modality_lut(arr, ds) if _has_rescale(ds) else arr
     try:
-        first, table = read_lut(items[0], little_endian)
+        first, table = read_lut(items[0], little_endian, _extent(arr))
     except Exception as exc:
         raise ScanFailure(
             FailureReason.PIXEL_DECODE_ERROR, f"the Modality LUT is missing or invalid ({type(exc).__name__})"
@@ -614,14 +614,22 @@ def _has_rescale(ds: Dataset) -> bool:
     return True
 
 
-def read_lut(item: Dataset, little_endian: bool) -> tuple[int, np.ndarray]:
+def read_lut(
+    item: Dataset, little_endian: bool, looked_up: tuple[float, float] | None = None
+) -> tuple[int, np.ndarray]:
     """A Modality or VOI LUT item's first mapped value and its entries, int64. The standard allows
-    8 to 16 bits per entry and any number of entries (PS3.3 C.11.1.1.1, C.11.2.1.1)."""
+    8 to 16 bits per entry and any number of entries (PS3.3 C.11.1.1.1, C.11.2.1.1).
+
+    A first value of 32768 or more not written SS may be a signed one read as US (Implicit VR leaves
+    the VR to guess; -1024 read as 64512: all black). It is taken back as signed where an unsigned
+    table would run past 65535, or where the values ``looked_up`` (their lowest and highest) hold
+    negatives and none reaches it (a CT's VOI LUT from -1000 HU, 400 entries, read from 64536:
+    every pixel below it, the image black)."""
     entries, first = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
-    if item["LUTDescriptor"].VR != "SS" and first >= 2**15 and first + entries > 2**16:
-        # a signed first value read as US (Implicit VR leaves the VR to guess): an unsigned table
-        # cannot run past 65535, so it maps from a negative value (-1024 read as 64512: all black)
-        first -= 2**16
+    if item["LUTDescriptor"].VR != "SS" and first >= 2**15:
+        lowest, highest = looked_up if looked_up is not None else (0.0, float(first))
+        if first + entries > 2**16 or (lowest < 0 and highest < first):
+            first -= 2**16
     value = item["LUTData"].value
     if isinstance(value, bytes | bytearray):  # OW: one entry per word, or 8-bit entries two to a word
         bits = int(item.LUTDescriptor[2]) if len(item.LUTDescriptor) > 2 else 16
@@ -631,6 +639,12 @@ def read_lut(item: Dataset, little_endian: bool) -> tuple[int, np.ndarray]:
     if len(table) < entries:
         raise ValueError(f"a LUT of {entries} entries holds {len(table)}")
     return first, table[:entries].astype(np.int64)
+
+
+def _extent(values: np.ndarray) -> tuple[float, float] | None:
+    """The lowest and highest finite values a LUT looks up (None when there are none)."""
+    finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+    return (float(finite.min()), float(finite.max())) if finite.size else None
 
 
 def _as_integer_pixels(ds: Dataset) -> Dataset:
@@ -684,7 +698,7 @@ def _apply_voi(
     """
     try:
         if _has_voi_lut(ds):
-            first, table = read_lut(ds.VOILUTSequence[0], little_endian)
+            first, table = read_lut(ds.VOILUTSequence[0], little_endian, _extent(values))
             notes.append("VOI LUT applied")
             return look_up(values, first, table), float(table.min()), float(table.max())
         if _has_window(ds):

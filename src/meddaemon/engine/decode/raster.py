@@ -37,7 +37,7 @@ def sniff_raster(head: bytes) -> ImageFormat | None:
 
 def decode_raster(data: bytes, fmt: ImageFormat, options: DecodeOptions = DecodeOptions()) -> DecodedScan:
     """Decode a PNG/JPEG/TIFF held in ``data``; raise :class:`ScanFailure` with a named reason."""
-    image = _open(data, fmt)
+    image = _open(data, fmt, options.max_pixels)
     with image:
         _check_pixel_count(image, options)
         read_as = _raw_mode(image)
@@ -54,8 +54,12 @@ def decode_raster(data: bytes, fmt: ImageFormat, options: DecodeOptions = Decode
     return DecodedScan(frames=frame[np.newaxis], metadata=metadata, notes=notes)
 
 
-def _open(data: bytes, fmt: ImageFormat) -> Image.Image:
-    """Open the header only; the pixels are not read yet."""
+def _open(data: bytes, fmt: ImageFormat, max_pixels: int) -> Image.Image:
+    """Open the header only; the pixels are not read yet. The limit is ``max_pixels``: Pillow's own
+    (``Image.MAX_IMAGE_PIXELS``, refusing at twice its 89 M) is raised to it, never lowered, or a
+    site's larger setting was overruled at 179 M pixels by a limit it cannot configure."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         return Image.open(io.BytesIO(data), formats=[_PILLOW_FORMAT[fmt]])
     except Image.DecompressionBombError as exc:
