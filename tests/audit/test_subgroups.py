@@ -139,6 +139,8 @@ def test_a_column_is_found_by_its_name_in_the_file_or_its_normalised_name(name):
         "Patient No.",
         "medicalRecordNo",
         "Name",
+        "Mobile Phone",
+        "Patient Email Address",
     ],
 )
 def test_no_subgroup_by_a_column_of_patient_names_birth_dates_or_accessions(column):
@@ -157,8 +159,12 @@ def test_no_subgroup_by_a_column_of_patient_names_birth_dates_or_accessions(colu
 
 @pytest.mark.parametrize(
     "column",
-    ["site", "site_name", "Station Name", "Patient Gender", "View Position", "Manufacturer Model Name", "Birth Weight"],
-)
+    [
+        "site", "site_name", "Station Name", "Patient Gender", "View Position", "Manufacturer Model Name",
+        "Birth Weight", "Medical Center ID", "Medical Centre No", "Country of Birth", "Place of Birth", "Phone Model",
+        "Medical history (yes/no)", "Patient smoker (yes/no)", "Case Number of lesions", "Number of Patients in Study",
+    ],
+)  # fmt: skip
 def test_columns_patients_share_still_group(column):
     names = [f"s{i}.png" for i in range(60)]
     preds = predictions("covid", names, probs=np.tile([0.7, 0.3], (60, 1)))

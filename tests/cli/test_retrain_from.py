@@ -117,6 +117,12 @@ def test_a_version_that_cannot_be_trained_from_is_refused_by_name_before_trainin
     assert "error (wrong_architecture)" in message and "ONNX graph" in message
     message = refused("--from", "seed000", "--image-size", "64")
     assert "error (contract_conflict)" in message and "40x40" in message
+    small = tmp_path / "mobilenet.pt"  # trained at 32 pixels: a batch of one ends in a 1 x 1 map
+    torch.save(build_model("mobilenet_v2", 1, 3).state_dict(), small)
+    medcli_json(state, "models", "import", str(small), "--task", "busi", "--arch", "mobilenet_v2",
+                "--image-size", "32", "--version", "m32")  # fmt: skip
+    message = refused("--from", "m32", "--batch-size", "1")  # the preset's 224 was checked, then PyTorch's error
+    assert "a batch size of 1 cannot train mobilenet_v2 at 32 x 32 pixels" in message
 
     weights = tmp_path / "state" / "models" / "busi" / "seed000" / "model.safetensors"
     damaged = bytearray(weights.read_bytes())

@@ -1434,6 +1434,7 @@ def test_a_date_time_age_or_name_written_as_no_reader_takes_it_gives_all_four_ob
         ("ReferringPhysicianName", "SYNTH^DOC\\SYNTH^OTHER", "SYNTH^DOC"),
         ("StudyDescription", "US BREAST\\LEFT", "US BREAST LEFT"),
         ("StudyDate", "20240105\\20240106", "20240105"),
+        ("PatientName", "\\SYNTHETIC^TWO", "SYNTHETIC^TWO"),  # the first given: an empty first was written
     ],
 )
 def test_an_attribute_of_one_value_the_source_gives_several_is_written_as_one_in_all_four_objects(

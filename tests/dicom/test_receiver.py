@@ -837,6 +837,33 @@ def test_health_reports_the_receiver_down_when_another_program_answers_on_its_po
     assert "not this daemon's receiver" in check.message
 
 
+def test_health_takes_a_receiver_that_does_not_name_itself_for_a_daemon_started_before_the_upgrade(
+    receive: StartReceiver,
+):
+    """A daemon started before its receiver named itself answers as pynetdicom does by default: health
+    called it another program, down, until the daemon was restarted."""
+    import dataclasses
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from meddaemon.daemon.health import OK, HealthLimits, check_health
+
+    receiver = receive()
+    older = AE(ae_title=receiver.settings.ae_title)
+    older.add_supported_context(Verification)
+    server = older.start_server(("127.0.0.1", 0), block=False)
+    settings = dataclasses.replace(receiver.settings, dicom_port=server.server_address[1])
+    engine = create_db_engine(settings.db_url)
+    try:
+        check = check_health(engine, settings, HealthLimits(min_free_bytes=0)).check("dicom")
+    finally:
+        server.shutdown()
+        engine.dispose()
+    assert (check.status, check.details["probe"]) == (OK, "echoed"), check
+    assert "without naming itself as this daemon's receiver" in check.message
+
+
 def test_health_reports_a_receiver_that_answers_but_refuses_every_instance_for_want_of_disk(
     receive: StartReceiver, tmp_path: Path
 ):

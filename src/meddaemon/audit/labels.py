@@ -18,6 +18,7 @@ import codecs
 import difflib
 import functools
 import hashlib
+import itertools
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -206,28 +207,36 @@ def is_personal(name: str) -> bool:
 
 #: a word that makes a column patient data wherever it stands in its header
 _PERSONAL_WORDS = frozenset(
-    {"mrn", "dob", "ssn", "birthdate", "birthday", "accession", "telephone", "phone", "tel", "email", "mail",
-     "surname", "forename", "firstname", "lastname", "fullname", "givenname", "familyname"}
+    {"mrn", "dob", "ssn", "birthdate", "birthday", "accession", "email", "surname", "forename", "firstname",
+     "lastname", "fullname", "givenname", "familyname"}
 )  # fmt: skip
-#: whose identifier, number or name a column holds, when its header says so
-_WHOSE = frozenset({"patient", "patients", "subject", "subjects", "person", "record", "medical", "case"})
+#: whose identifier or number a column holds when the identifier's word follows it (``Patient ID``,
+#: ``Subject No``, ``Medical Record Number``; not ``Number of Patients``, ``Medical Center ID``)
+_WHOSE = frozenset({"patient", "patients", "subject", "subjects", "record"})
 _IDENTIFIER_WORDS = frozenset({"id", "ids", "identifier", "identifiers", "number", "no", "nr", "num"})
-#: the words a header of names, or of addresses, is made of besides ``name``/``address`` itself
-_NAME_WORDS = frozenset({"patient", "patients", "s", "full", "first", "last", "given", "family", "middle", "maiden"})
-_ADDRESS_WORDS = frozenset({"patient", "patients", "s", "home", "street", "postal", "mailing"})
+#: the words a header of names, addresses or telephones is made of besides the thing itself
+_WHOSE_OR_KIND = frozenset({"patient", "patients", "s", "home", "work", "mobile", "cell", "contact"})
+_NAME_WORDS = _WHOSE_OR_KIND | {"full", "first", "last", "given", "family", "middle", "maiden"}
+_ADDRESS_WORDS = _WHOSE_OR_KIND | {"street", "postal", "mailing"}
+_PHONE_WORDS = _WHOSE_OR_KIND | {"number", "numbers", "no", "nr"}
 
 
 def _says_personal(name: str) -> bool:
     """Whether a header's words name patient data in a spelling ``PERSONAL`` lacks (``Patient
     Identifier``, ``MRN Number``, ``Birthdate (YYYY-MM-DD)``, ``Tel`` printed an audit's levels, each
-    a patient's, for every viewer of the console)."""
-    words = set(re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).lower())) - {""}
+    a patient's, for every viewer of the console), and not a column patients share (``Medical
+    Center ID``, ``Country of Birth``, ``Phone Model``, ``Smoker (yes/no)``)."""
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).lower()
+    order = [w for w in re.split(r"[^a-z0-9]+", spaced) if w]
+    words = set(order)
     return bool(
         words & _PERSONAL_WORDS
-        or (words & _WHOSE and words & _IDENTIFIER_WORDS)
-        or ("birth" in words and words & {"date", "day", "of"})
+        or "email" in re.sub(r"[^a-z]", "", spaced)
+        or any(a in _WHOSE and b in _IDENTIFIER_WORDS for a, b in itertools.pairwise(order))
+        or ("birth" in words and words & {"date", "day"})
         or ("name" in words and words - {"name", "names"} <= _NAME_WORDS)
         or ("address" in words and words - {"address", "addresses"} <= _ADDRESS_WORDS)
+        or (words & {"phone", "telephone", "tel"} and words - {"phone", "telephone", "tel"} <= _PHONE_WORDS)
     )
 
 

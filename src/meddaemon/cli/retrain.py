@@ -170,7 +170,7 @@ def retrain(
             device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
             processes=distributed.requested_size(),
         )
-        config.check_one_image_batches_train(spec)
+        (config if parent is None else parent.apply(config)).check_trainable(spec)
     except ValueError as exc:  # checked before the dataset is read
         raise click.UsageError(str(exc)) from None
     with distributed.joined(config.device), contextlib.ExitStack() as held:  # joined: under torchrun, the group

@@ -316,8 +316,9 @@ _JOINED_VRS = ("SH", "LO", "ST", "LT", "UT", "UC")
 def _one_value(element: Any) -> None:
     """An attribute of one value (its dictionary's VM) that the source gave several (a backslash in
     ``SYNTHETIC^ONE\\SYNTHETIC^TWO``, ``US BREAST\\LEFT``) in one: a text's values joined by a space,
-    a name's, date's or code's first. highdicom refused a name of two values (the SR, the map and
-    the capture were dead as ``build_failed``) and dciodvfy every such object."""
+    a name's, date's or code's first given (an empty first one is none). highdicom refused a name of
+    two values (the SR, the map and the capture were dead as ``build_failed``) and dciodvfy every
+    such object."""
     if element.keyword in FILED_UNDER or not isinstance(element.value, MultiValue) or len(element.value) < 2:
         return
     try:
@@ -325,8 +326,8 @@ def _one_value(element: Any) -> None:
             return
     except KeyError:  # a private or unknown tag: not copied
         return
-    values = [str(v) for v in element.value]
-    element.value = " ".join(v for v in values if v) if str(element.VR) in _JOINED_VRS else values[0]
+    values = [str(v) for v in element.value if str(v)]
+    element.value = (" ".join(values) if str(element.VR) in _JOINED_VRS else values[0]) if values else None
 
 
 def _in_standard_form(ds: Dataset, element: Any) -> None:

@@ -898,6 +898,11 @@ def server_tls(settings: Settings) -> ssl.SSLContext | None:
 # -- the probe -------------------------------------------------------------------------------------
 
 
+#: how pynetdicom names an association's end by default (``PYNETDICOM_304``): a receiver of a
+#: meddaemon from before ``implementation_version_name``, which ``echo`` does not call foreign
+PYNETDICOM_NAME = "PYNETDICOM"
+
+
 def implementation_version_name(settings: Settings) -> str:
     """The name this daemon's receiver gives in each association it accepts (PS3.7 D.3.3.2.3):
     ``MEDDAEMON_`` and six hex digits of its state directory, so that the probe of ``meddaemon
@@ -949,7 +954,8 @@ def echo(settings: Settings, timeout: float = 5.0) -> EchoAnswer:
                 )
             return EchoAnswer("none", f"no DICOM answer from {where}")
         theirs = str(assoc.acceptor.implementation_version_name or "").strip()
-        if theirs != implementation_version_name(settings):
+        unnamed = theirs.startswith(PYNETDICOM_NAME)  # a meddaemon started before its receiver named itself
+        if theirs != implementation_version_name(settings) and not unnamed:
             assoc.release()
             program = f"implementation {theirs or 'unnamed'}, class {assoc.acceptor.implementation_class_uid}"
             return EchoAnswer(
@@ -963,6 +969,12 @@ def echo(settings: Settings, timeout: float = 5.0) -> EchoAnswer:
     finally:
         ae.shutdown()
     if "Status" in status and int(status.Status) == SUCCESS:
+        if unnamed:
+            return EchoAnswer(
+                "echoed",
+                f"{where} answers C-ECHO, without naming itself as this daemon's receiver (a daemon started "
+                "before an upgrade: restart it to have it named)",
+            )
         return EchoAnswer("echoed", f"{where} answers C-ECHO")
     return EchoAnswer("none", f"{where} accepted the association but did not answer the C-ECHO")
 

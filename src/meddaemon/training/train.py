@@ -158,24 +158,32 @@ class TrainConfig:
             return base
         return replace(base, height=self.image_size, width=self.image_size)
 
-    def check_one_image_batches_train(self, spec: TaskSpec) -> None:
-        """``--batch-size 1`` trains only where the network's batch normalisation has more than one
-        value per channel for one image: refused here, before the dataset is read, where its last
-        feature map is 1 x 1 (mobilenet_v2 at 32 pixels ended in PyTorch's "Expected more than 1
-        value per channel when training" once the images were hashed)."""
-        if self.batch_size != 1:
-            return
+    def check_trainable(self, spec: TaskSpec) -> None:
+        """The network runs at this run's input size, and, with ``--batch-size 1``, trains on one
+        image: refused here, before the dataset is read. densenet121 at 16 pixels ended in a
+        traceback ("Output size is too small") once the images were hashed; a batch of one image
+        where the last feature map is 1 x 1 (mobilenet_v2 at 32 pixels) in PyTorch's "Expected more
+        than 1 value per channel when training", batch normalisation having one value per channel."""
         contract = self.contract(spec)
-        model = build_model(self.architecture, contract.channels, spec.num_outputs).train()
-        try:
-            with torch.no_grad():
-                model(torch.zeros(1, contract.channels, contract.height, contract.width))
-        except ValueError:
-            raise ValueError(
-                f"a batch size of 1 cannot train {self.architecture} at {contract.height} x {contract.width} "
-                "pixels: its last feature map is 1 x 1, and batch normalisation needs more than one value "
-                "per channel; use --batch-size 2 or more, or a larger --image-size"
-            ) from None
+        size = f"{contract.height} x {contract.width} pixels"
+        model = build_model(self.architecture, contract.channels, spec.num_outputs)
+        one = torch.zeros(1, contract.channels, contract.height, contract.width)
+        with torch.no_grad():
+            try:
+                model.eval()(one)
+            except RuntimeError as exc:
+                why = " ".join(str(exc).split())[:200]
+                too_small = f"{self.architecture} cannot run at {size} ({why}); use a larger --image-size"
+                raise ValueError(too_small) from None
+            if self.batch_size == 1:
+                try:
+                    model.train()(one)
+                except ValueError:
+                    raise ValueError(
+                        f"a batch size of 1 cannot train {self.architecture} at {size}: its last feature map "
+                        "is 1 x 1, and batch normalisation needs more than one value per channel; use "
+                        "--batch-size 2 or more, or a larger --image-size"
+                    ) from None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
