@@ -104,7 +104,26 @@ def forkserver_context(preload: Sequence[str] = ()) -> multiprocessing.context.F
     context = multiprocessing.get_context("forkserver")
     if preload:
         context.set_forkserver_preload(["__main__", *preload])
+    _start_forkserver_deaf_to_ctrl_c()
     return context
+
+
+def _start_forkserver_deaf_to_ctrl_c() -> None:
+    """Start the forkserver (when it is not yet running) with SIGINT blocked, which it keeps across
+    its exec: Python's forkserver ignores Ctrl-C only once its preload imports are done, and a Ctrl-C
+    in their 2 to 4 s printed its ``KeyboardInterrupt`` traceback, and the daemon's thread waiting
+    for it a second one. Blocked, not ignored, here: a Ctrl-C meanwhile is this process's once the
+    mask is back."""
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+
+    # the forkserver starts the resource tracker first, which unblocks SIGINT whatever the mask was
+    multiprocessing.resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 #: when each child started with ``start_child`` started (``/proc``): its pid names it while that holds

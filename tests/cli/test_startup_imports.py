@@ -45,3 +45,28 @@ def test_health_does_not_import_torch(tmp_path: Path):
     engine.dispose()
     report = imported("daemon", ["health", "--state-dir", str(tmp_path)])
     assert report == {"code": 2, "heavy": []}  # down: no daemon runs on this database
+
+
+@pytest.mark.parametrize("command", [["medcli", "models", "list"], ["meddaemon", "status"]])
+def test_a_ctrl_c_while_a_command_is_imported_is_an_interruption_not_a_traceback(command: list[str], tmp_path: Path):
+    """Importing the command line takes most of a second: a Ctrl-C then printed a KeyboardInterrupt
+    traceback through every import under way, where once the command runs it says "interrupted"."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    script = shutil.which(command[0], path=str(Path(sys.executable).parent))
+    assert script is not None, f"{command[0]} is not installed beside {sys.executable}"
+    run = subprocess.Popen(
+        [script, *command[1:], "--state-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    time.sleep(0.3)  # the imports take 0.8 s here
+    os.killpg(run.pid, signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 130 and "error: interrupted (Ctrl-C)" in err, err
+    assert "Traceback" not in err, err

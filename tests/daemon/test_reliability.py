@@ -508,6 +508,18 @@ def test_sigterm_while_the_daemon_is_still_starting_exits_0(daemons: Daemons, af
     assert "stopped:" in daemon.log_text()
 
 
+@pytest.mark.parametrize("after", [1.0, 2.0])
+def test_ctrl_c_while_the_decoding_workers_start_exits_0_without_a_traceback(daemons: Daemons, after: float):
+    """Ctrl-C reaches the whole process group: the workers' forkserver, still importing torch (Python's
+    forkserver ignores SIGINT only after), printed its KeyboardInterrupt traceback, and the daemon's
+    thread starting the workers an EOFError one, about 50 lines under a clean "stopped"."""
+    daemon = daemons.start(workers=1)
+    time.sleep(after)
+    os.killpg(daemon.pid, signal.SIGINT)
+    assert daemon.wait(60) == 0, daemon.tail()
+    assert "stopped:" in daemon.log_text() and "Traceback" not in daemon.log_text(), daemon.tail(80)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_sigterm_mid_stream_exits_0_with_nothing_half_done(
     layout: Layout, daemons: Daemons, tmp_path: Path, signum: int

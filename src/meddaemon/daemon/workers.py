@@ -71,7 +71,7 @@ class DecodingPool:
     def _start_workers(self, executor: Executor) -> None:
         try:
             started = [executor.submit(_started) for _ in range(self.workers)]
-        except RuntimeError:  # shut down or broken meanwhile: that pool stays cold
+        except (RuntimeError, OSError, EOFError):  # shut down or broken meanwhile (its forkserver gone): cold
             return
 
         def answered(_: Future) -> None:
