@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -327,6 +328,36 @@ def test_a_study_report_lists_every_scan_then_each_scans_sections():
     assert "Malignant lesion" in text and "Normal tissue" in text
     assert "1.2.3" not in text.replace(study.study_key, "")  # de-identified: named by a hash of its UID
     assert study.study_key in metadata["/Title"]
+
+
+def test_a_study_report_keeps_each_heading_with_what_it_heads_and_names_the_scan_on_every_page_it_spans():
+    """A heading was left alone at a page's foot ("Probabilities", its table overleaf), a scan's
+    table was cut between its rows (the called class alone on the next page), and pages of overlays
+    and tables named no scan. Three chestxray14 scans of 14 findings, several called (SYNTHETIC)."""
+    from io import BytesIO
+
+    from pypdf import PdfReader
+
+    called = [set(NIH_FINDINGS[n : n + 6]) for n in range(3)]
+    scans = [
+        scan_data("chestxray14", called[n], scan_id=n + 1, sha256=f"{n:02}" * 32, study_instance_uid="1.2.3")
+        for n in range(3)
+    ]
+    study = StudyReportData("1.2.3", scans)
+    rendered = render_study(study, [images_for(s) for s in scans], load_template, report_fonts())
+    pages = [" ".join((page.extract_text() or "").split()) for page in PdfReader(BytesIO(rendered.data)).pages]
+
+    assert len(pages) > 3
+    for n, page in enumerate(pages, 1):
+        for heading in ("Image and heatmap", "Probabilities"):
+            for found in re.finditer(rf"{heading} \(scan (\d+)\)", page):
+                rest = page[found.end() :].replace("meddaemon study", "").strip()
+                assert len(rest) > 40, f"page {n} ends with the heading {found.group(0)!r}"
+    for scan in scans:
+        tables = [page for page in pages if f"Probabilities (scan {scan.scan_id})" in page]
+        assert len(tables) == 1, scan.scan_id
+        labels = [page for page in pages if "Pneumothorax" in page and f"(scan {scan.scan_id})" in page]
+        assert tables[0] in labels  # the last finding on the page of its table's heading
 
 
 def test_a_study_report_with_phi_whose_scans_name_different_patients_shows_each_and_says_so():

@@ -418,8 +418,14 @@ def patient_section(patient: PatientInfo, st: Styles) -> list[Flowable]:
     ]
 
 
-def scan_body(data: ScanReportData, images: ScanImages, template: ReportTemplate, st: Styles) -> list[Flowable]:
-    """The sections of one scan, in the template's order (the study report reuses them).
+def scan_body(
+    data: ScanReportData, images: ScanImages, template: ReportTemplate, st: Styles, of_scan: str = ""
+) -> list[Flowable]:
+    """The sections of one scan, in the template's order (the study report reuses them, naming the
+    scan, ``of_scan``, in the headings of its pictures and its probabilities, which may start a page).
+    A heading is kept on the page of what it heads, and the probabilities' table whole: a study
+    report left "Probabilities" alone at a page's foot, and a scan's called class overleaf from its
+    other two.
 
     Consecutive key-value sections (model, scan, times, patient) share two columns: the first,
     third... on the left, the second, fourth... on the right; where the two columns would be taller
@@ -466,10 +472,14 @@ def scan_body(data: ScanReportData, images: ScanImages, template: ReportTemplate
         if section == "finding":
             sentence, positive = top_finding(data, template)
             story.append(KeepTogether([heading, _p(sentence, st.finding_positive if positive else st.finding)]))
-        elif section == "images":
-            story += [heading, *images_section(data, images, template, st)]
-        elif section == "labels":
-            story += [heading, *labels_section(data, template, st)]
+        elif section in ("images", "labels"):
+            if of_scan:
+                heading = _p(f"{template.word(f'heading_{section}')} ({of_scan})", st.heading)
+            if section == "images":
+                first, *rest = images_section(data, images, template, st)
+                story += [KeepTogether([heading, first]), *rest]
+            else:
+                story.append(KeepTogether([heading, *labels_section(data, template, st)]))
     flush()
     return story
 
@@ -616,7 +626,7 @@ def render_study(
         else:
             shown, body = _without_patient(scan), [s for s in template.sections if s != "patient"]
         story += [CondPageBreak(90 * mm), _p(f"Scan {scan.scan_id}: {template.title}", st.heading)]
-        story += scan_body(shown, scan_images, _with_sections(template, body), st)
+        story += scan_body(shown, scan_images, _with_sections(template, body), st, f"scan {scan.scan_id}")
     footer = f"meddaemon study report - {name}"[:150] if data.with_phi else f"meddaemon study {data.study_key}"
     return build(story, f"Study report {data.study_key}", f"{len(data.scans)} scans", footer, st)
 
