@@ -192,6 +192,10 @@ def test_the_terminal_table_and_the_patient_note(busi):
             "line 3, column 'label': unknown label 'tumour'",
         ),
         ("file,label\nnot_stored.png,benign\n", "no label row of"),
+        (  # it listed every task's labels, 14 findings among them, and meant none
+            "file,label\nsynthetic_0.png,bengin\n",
+            "unknown label 'bengin'; did you mean 'benign'? expected one of: benign, malignant, normal\n",
+        ),
     ],
 )
 def test_a_bad_labels_file_exits_2_naming_the_file_and_line(busi, tmp_path, text, expected):

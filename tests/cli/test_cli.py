@@ -215,3 +215,24 @@ def test_tasks_lists_the_seed_presets_with_their_contracts(runner: CliRunner):
     assert tasks["covid"]["architecture"] == "mobilenet_v2"
     human = runner.invoke(medcli, ["tasks"]).output
     assert "densenet121" in human and "1x320x320" in human
+
+
+def test_a_once_run_cut_short_says_what_it_left_undone_files_in_the_inbox_or_the_work_on_its_scans():
+    """A stop once every file was taken in, its reports still being written, said "stopped before
+    the inbox was drained: 0 files left in it"."""
+    from meddaemon.cli.daemon import cut_short
+    from meddaemon.daemon.intake_stage import RunStats
+
+    assert cut_short(RunStats(drained=False, left=3)) == "stopped before the inbox was drained: 3 files left in it"
+    taken_in = cut_short(RunStats(routed=180, inferred=180, drained=False, left=0))
+    assert "0 files" not in taken_in and "every file was taken in from the inbox" in taken_in
+    assert "(inference, reports, DICOM outputs) was cut short" in taken_in
+
+
+def test_start_with_json_but_not_once_is_a_usage_error(runner: CliRunner, tmp_path: Path):
+    """Accepted, it printed nothing: --json is --once's summary."""
+    (tmp_path / "inbox").mkdir()
+    args = ["start", "--json", "--watch", str(tmp_path / "inbox"), "--state-dir", str(tmp_path / "state")]
+    result = runner.invoke(meddaemon, args)
+    assert result.exit_code == 2 and "--json goes with --once" in result.output, result.output
+    assert not (tmp_path / "state").exists()

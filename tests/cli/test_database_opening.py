@@ -225,3 +225,16 @@ def test_a_read_only_postgresql_server_is_a_database_unusable_not_a_traceback(po
     result = CliRunner().invoke(medcli, ["outbox", "retry", "--all-dead", "--db", url])
     assert result.exit_code == 3, result.output
     assert f"database unusable at {shown_url(url)}: cannot execute UPDATE in a read-only transaction" in result.stderr
+
+
+def test_a_postgresql_server_that_refuses_the_connection_is_said_on_one_line():
+    """psycopg's message holds a line break and a tab ("Is the server running on that host..."):
+    the error came out on two lines, as `meddaemon health` does not print it."""
+    from ports import free_port
+
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/synthetic"
+    result = CliRunner().invoke(medcli, ["scans", "--db", url])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: database unavailable at "), result.stderr
+    assert "Connection refused Is the server running" in lines[0]

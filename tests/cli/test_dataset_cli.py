@@ -75,3 +75,24 @@ def test_inspect_warns_on_stderr_when_more_than_five_percent_is_dropped(tmp_path
     assert result.exit_code == 0, result.output
     assert "WARNING: 2 of 21 images (9.5%) are dropped, more than 5%" in result.stderr
     assert "b/copy_of_a_0.png: near-duplicates labelled differently" in result.stdout
+
+
+def test_inspect_reads_a_custom_task_of_the_config_as_retrain_does(tmp_path: Path) -> None:
+    """--task took the five presets only: `medcli tasks` listed knee and `retrain knee` trained it,
+    while `dataset inspect --task knee` was "'knee' is not one of 'busi', ..."."""
+    config = tmp_path / "meddaemon.toml"
+    config.write_text(
+        '[tasks.knee]\ndescription = "knee (SYNTHETIC)"\nlabels = ["ok", "torn"]\nkind = "binary"\n'
+        'architecture = "small_cnn"\n[tasks.knee.contract]\nchannels = 1\nheight = 64\nwidth = 64\n'
+    )
+    rng = np.random.default_rng(4)
+    for label in ("ok", "torn"):
+        for n in range(6):
+            write_png(tmp_path / "knee" / label / f"synthetic_{n}.png", rng.integers(0, 255, (40, 40), dtype=np.uint8))
+    args = ["dataset", "inspect", str(tmp_path / "knee"), "--config", str(config), "--no-split", "--json"]
+
+    result = CliRunner().invoke(medcli, [*args, "--task", "knee"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["counts"] == {"ok": 6, "torn": 6}
+    unknown = CliRunner().invoke(medcli, [*args, "--task", "knees"])
+    assert unknown.exit_code == 2 and "unknown task 'knees'; known: busi, busi_binary" in unknown.output

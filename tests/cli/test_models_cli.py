@@ -135,6 +135,10 @@ def test_a_duplicate_an_unknown_version_and_an_unknown_task_are_usage_errors(run
     assert "refused (unknown_task)" in run("import", str(checkpoint), "--task", "nope", code=2).stderr
     mislabelled = run("import", str(checkpoint), "--task", "busi", "--labels", "benign,malignnt,normal", code=2)
     assert "refused (task_mismatch)" in mislabelled.stderr
+    damaged = tmp_path / "damaged.pth"  # the file was read first: "unreadable_weights", exit 1
+    damaged.write_bytes(b"SYNTHETIC: no model")
+    wrong_labels = run("import", str(damaged), "--task", "busi", "--labels", "a,b,c", code=2)
+    assert "refused (task_mismatch)" in wrong_labels.stderr
     assert "unknown_version" in run("show", "busi", "nope", code=2).stderr
     assert "unknown_version" in run("promote", "busi", "nope", code=2).stderr
     assert "unknown_version" in run("retire", "busi", "nope", code=2).stderr
@@ -163,6 +167,7 @@ def test_a_file_s_version_or_threshold_no_version_can_have_is_a_usage_error_befo
         ("--cam-tensor", "features", "--cam-tensor names a tensor of an ONNX graph; model.pth is torch"),
         ("--std", "0", "--std 0.0: each value is a finite number above 0"),  # bad_manifest, exit 1, after it all
         ("--mean", "nan", "--mean nan: each value is a finite number"),
+        ("--arch", "resnet99", "--arch 'resnet99' is not one of small_cnn, resnet18"),  # the file's fault, exit 1
     ):
         refused = run(*as_file, option, value, code=2)
         assert "refused (bad_option)" in refused.stderr and said in refused.stderr, (option, value)

@@ -344,8 +344,10 @@ def _split_labels(path: Path, value: str, words: frozenset[str], line: int, colu
         )
     unknown = sorted(names - words)
     if unknown:
+        meant = closest_name(unknown[0], words)
+        hint = f"did you mean {meant!r}? " if meant else ""
         raise LabelFileError(
-            path, f"unknown label {unknown[0]!r}; expected one of: {', '.join(sorted(words))}", line, column
+            path, f"unknown label {unknown[0]!r}; {hint}expected one of: {', '.join(sorted(words))}", line, column
         )
     return frozenset(names)
 

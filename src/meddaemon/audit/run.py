@@ -257,7 +257,8 @@ def read_truth(request: AuditRequest, tasks: Mapping[str, TaskSpec]) -> tuple[La
         table = read_label_folders(request.labels_from_folders, spec.labels)
         return table, spec
     assert request.labels is not None
-    vocabulary = {label for t in tasks.values() for label in t.labels}
+    given = tasks.get(request.task) if request.task else None  # an unknown one: resolve_task says so
+    vocabulary = set(given.labels) if given else {label for t in tasks.values() for label in t.labels}
     table = read_labels(request.labels, vocabulary)
     spec = resolve_task(table, tasks, request.task)
     check_label_columns(table, spec.name, spec.labels)

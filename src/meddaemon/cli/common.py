@@ -26,6 +26,7 @@ from meddaemon import heap
 from meddaemon.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from meddaemon.db.engine import is_lock_error
 from meddaemon.db.migrate import ForeignDatabase, SchemaError, SchemaTooNew, database_location, open_current
+from meddaemon.logs import error_line
 
 if TYPE_CHECKING:
     from meddaemon.training.nearduplicates import HashProgress
@@ -204,14 +205,15 @@ def handle_errors(func: F) -> F:
         except OperationalError as exc:
             if is_lock_error(exc):
                 _fail(
-                    f"database busy: another process held its lock past the wait allowed ({exc.orig}); try again",
+                    f"database busy: another process held its lock past the wait allowed ({error_line(exc)}); "
+                    "try again",
                     EXIT_DATABASE,
                 )
-            _fail(f"database unavailable{_database_named()}: {exc.orig}", EXIT_DATABASE)
+            _fail(f"database unavailable{_database_named()}: {error_line(exc)}", EXIT_DATABASE)
         except DatabaseError as exc:
             if _a_bug(exc):
                 raise
-            _fail(f"database unusable{_database_named()}: {exc.orig}", EXIT_DATABASE)
+            _fail(f"database unusable{_database_named()}: {error_line(exc)}", EXIT_DATABASE)
         except KeyboardInterrupt:  # click's own answer is "Aborted!", exit 1
             _fail("interrupted (Ctrl-C)", EXIT_INTERRUPTED)
 

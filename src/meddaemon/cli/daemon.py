@@ -48,6 +48,7 @@ from meddaemon.logs import setup_logging
 from meddaemon.names import shown_name
 
 if TYPE_CHECKING:
+    from meddaemon.daemon.intake_stage import RunStats
     from meddaemon.daemon.service import Daemon
     from meddaemon.web.server import WebServer
 
@@ -124,6 +125,8 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
     """
     from meddaemon.daemon.service import Daemon, LeaseLost, StateDirectoryGone
 
+    if as_json and not once:  # accepted, it printed nothing: a daemon that runs on has no summary
+        raise click.UsageError("--json goes with --once: the summary of a run that ends")
     settings = build_settings(config_file, **flags)
     require_inbox_apart(settings)
     try:  # before the state folder is made: a mistyped --watch leaves nothing behind
@@ -166,10 +169,21 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
             err=True,
         )
     elif not stats.drained:
-        click.echo(f"stopped before the inbox was drained: {stats.left} files left in it", err=True)
+        click.echo(cut_short(stats), err=True)
     if once and as_json:
         echo_json({k: v for k, v in dataclasses.asdict(stats).items() if k != "started"})
     _exit(daemon, EXIT_FAILURE if stats.held else EXIT_OK)
+
+
+def cut_short(stats: RunStats) -> str:
+    """What a ``--once`` run a stop cut short left undone: files in the inbox, or, the inbox taken in
+    ("0 files left in it" said of an empty inbox), the work on its scans."""
+    if stats.left:
+        return f"stopped before the inbox was drained: {stats.left} files left in it"
+    return (
+        "stopped before the run was done: every file was taken in from the inbox, but the work on its scans "
+        "(inference, reports, DICOM outputs) was cut short; the daemon, or another --once run, finishes it"
+    )
 
 
 def _exit(daemon: Daemon, code: int) -> NoReturn:

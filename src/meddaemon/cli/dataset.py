@@ -11,13 +11,14 @@ import click
 
 from meddaemon.cli.common import (
     EXIT_USAGE,
+    build_settings,
     echo_json,
     echo_warning,
     handle_errors,
     hash_workers_option,
     hashing_progress,
+    settings_options,
 )
-from meddaemon.engine.tasks import BUILTIN_TASKS
 from meddaemon.training import MAX_SEED
 
 if TYPE_CHECKING:
@@ -31,21 +32,38 @@ def dataset() -> None:
 
 @dataset.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path, exists=True))
-@click.option("--task", type=click.Choice(sorted(BUILTIN_TASKS)), help="Label the images with this task's labels.")
+@click.option(
+    "--task", help="Label the images with this task's labels and split them by its recipe (a custom task's too)."
+)
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Seed of the split.")
 @click.option("--no-split", is_flag=True, help="Only read the dataset (no perceptual hashing, no split).")
 @hash_workers_option
+@settings_options
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def inspect(path: Path, task: str | None, seed: int, no_split: bool, workers: int, as_json: bool) -> None:
+def inspect(
+    path: Path,
+    task: str | None,
+    seed: int,
+    no_split: bool,
+    workers: int,
+    config_file: Path | None,
+    as_json: bool,
+    **flags: object,
+) -> None:
     """Detect the layout of PATH (a folder, or a CSV manifest), count images per label and
     patients, list what was skipped and why, and show the split: what was merged (a patient, a
     group of near-duplicate images) and what was dropped. A progress bar on stderr counts the
-    images decoded and hashed."""
+    images decoded and hashed. --task takes the tasks of the config (`medcli tasks`) as retrain does."""
     from meddaemon.training.datasets import DatasetError
     from meddaemon.training.splits import SplitConfig, load_hashed_dataset, make_split
 
-    spec = BUILTIN_TASKS[task] if task else None
+    spec = None
+    if task is not None:
+        specs = build_settings(config_file, **flags).task_specs
+        spec = specs.get(task)
+        if spec is None:
+            raise click.BadParameter(f"unknown task {task!r}; known: {', '.join(sorted(specs))}", param_hint="--task")
     try:
         with hashing_progress(disable=as_json) as progress:
             loaded = load_hashed_dataset(path, spec, workers=workers, progress=progress)

@@ -378,6 +378,10 @@ def check_options(options: ImportOptions, spec: TaskSpec) -> None:
                 f"--threshold {label}: task {spec.name} calls {spec.labels[1]} at its threshold and {label} "
                 f"below it; give --threshold {spec.labels[1]}=P",
             )
+    if options.architecture is not None and options.architecture not in ARCHITECTURES:
+        # a typo was "wrong_architecture", exit 1, the file's fault, after the file was read
+        raise ModelRefused("bad_option", f"--arch {options.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+    file_labels(spec, options)  # --labels that are not the task's: refused before the file is read too
     for option, values in (("--mean", options.mean), ("--std", options.std)):
         for value in values or ():
             # a zero --std, or a NaN, was refused as the manifest's (exit 1) after the whole conversion
