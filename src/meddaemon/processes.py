@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event
 from pathlib import Path
@@ -104,24 +104,23 @@ def forkserver_context(preload: Sequence[str] = ()) -> multiprocessing.context.F
     context = multiprocessing.get_context("forkserver")
     if preload:
         context.set_forkserver_preload(["__main__", *preload])
-    _start_forkserver_deaf_to_ctrl_c()
     return context
 
 
-def _start_forkserver_deaf_to_ctrl_c() -> None:
-    """Start the forkserver (when it is not yet running) with SIGINT blocked, which it keeps across
-    its exec: Python's forkserver ignores Ctrl-C only once its preload imports are done, and a Ctrl-C
-    in their 2 to 4 s printed its ``KeyboardInterrupt`` traceback, and the daemon's thread waiting
-    for it a second one. Blocked, not ignored, here: a Ctrl-C meanwhile is this process's once the
-    mask is back."""
-    import multiprocessing.forkserver
+@contextlib.contextmanager
+def forkserver_deaf_to_ctrl_c() -> Iterator[None]:
+    """Around what may start the forkserver (a pool's submit, which spawns its workers): SIGINT
+    blocked in this thread, which the forkserver keeps across its exec. Python's forkserver ignores
+    Ctrl-C only once its preload imports are done, and a Ctrl-C in their 2 to 4 s printed its
+    ``KeyboardInterrupt`` traceback, and the daemon's thread waiting for it a second one. Blocked,
+    not ignored, here: a Ctrl-C meanwhile is this thread's once the mask is back. The resource
+    tracker, which the forkserver starts first, unblocks SIGINT whatever the mask: started before."""
     import multiprocessing.resource_tracker
 
-    # the forkserver starts the resource tracker first, which unblocks SIGINT whatever the mask was
     multiprocessing.resource_tracker.ensure_running()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        multiprocessing.forkserver.ensure_running()
+        yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 

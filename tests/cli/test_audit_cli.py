@@ -207,6 +207,19 @@ def test_a_bad_labels_file_exits_2_naming_the_file_and_line(busi, tmp_path, text
     assert str(path) in result.stderr and expected in result.stderr
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_labels_file_of_several_tasks_is_audited_for_the_task_given(busi, tmp_path):
+    """A site's one labels file for its tasks: rows of another task's labels, with no prediction of
+    this one, are read and left unjoined (they were, until an unknown label was named against the
+    given task's labels only)."""
+    db_url, labels, _, _ = busi
+    shared = tmp_path / "shared.csv"
+    shared.write_text(labels.read_text() + "covid_0001.png,covid,F,PC1,north\ncovid_0002.png,normal,M,PC2,south\n")
+    result = run("--db", db_url, "--labels", str(shared), "--task", "busi", "--bootstrap", "0")
+    assert result.exit_code == 0, result.output
+    assert "240 matched" in result.stdout
+
+
 def test_conflicts_and_missing_predictions_are_reported_not_fatal(busi, tmp_path):
     db_url, labels, _, _ = busi
     path = tmp_path / "messy.csv"

@@ -227,6 +227,8 @@ def test_a_once_run_cut_short_says_what_it_left_undone_files_in_the_inbox_or_the
     taken_in = cut_short(RunStats(routed=180, inferred=180, drained=False, left=0))
     assert "0 files" not in taken_in and "every file was taken in from the inbox" in taken_in
     assert "(inference, reports, DICOM outputs) was cut short" in taken_in
+    nothing = cut_short(RunStats(drained=False, left=0))  # a stop on an empty inbox: nothing to finish
+    assert nothing == "stopped as asked before the run ended: no file was taken from the inbox, which holds none"
 
 
 def test_start_with_json_but_not_once_is_a_usage_error(runner: CliRunner, tmp_path: Path):

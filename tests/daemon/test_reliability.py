@@ -520,6 +520,27 @@ def test_ctrl_c_while_the_decoding_workers_start_exits_0_without_a_traceback(dae
     assert "stopped:" in daemon.log_text() and "Traceback" not in daemon.log_text(), daemon.tail(80)
 
 
+def test_a_once_run_on_an_empty_inbox_starts_no_worker_and_leaves_no_process_behind(daemons: Daemons):
+    """The workers' forkserver was started with the pool: it imported torch for 3 s of CPU and lived
+    on for as long after the command had exited 0, at every poll of a timer running --once."""
+    daemon = daemons.start(once=True, workers=2)
+    assert daemon.wait(60) == 0, daemon.tail()
+
+    def group_gone() -> bool:
+        """No process of the daemon's group left but zombies (its resource tracker, ended, waits for
+        init to reap it)."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[2]) == daemon.pid and fields[0] != "Z":  # fields[2]: pgrp, fields[0]: state
+                return False
+        return True
+
+    wait_until(group_gone, 1.0, "every process of the daemon's group to be gone")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_sigterm_mid_stream_exits_0_with_nothing_half_done(
     layout: Layout, daemons: Daemons, tmp_path: Path, signum: int

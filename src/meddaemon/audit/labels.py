@@ -86,9 +86,11 @@ class LabelTable:
         return seen
 
 
-def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
-    """Read a labels CSV (simple or NIH); ``vocabulary``: every label name of every task."""
+def read_labels(path: Path, vocabulary: Iterable[str], expected: Iterable[str] | None = None) -> LabelTable:
+    """Read a labels CSV (simple or NIH); ``vocabulary``: every label name of every task; ``expected``:
+    the labels an unknown one is named against (the audited task's; it listed every task's 23)."""
     words = frozenset(vocabulary)
+    shown = frozenset(expected) if expected is not None else words
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -105,9 +107,9 @@ def read_labels(path: Path, vocabulary: Iterable[str]) -> LabelTable:
     sha = hashlib.sha256(raw).hexdigest()
     if "Image Index" in header and "Finding Labels" in header:
         _refuse_misspelt_labels(path, header, records, words, ("Image Index", "Finding Labels"))
-        return _nih(path, sha, header, records, words)
+        return _nih(path, sha, header, records, words, shown)
     _refuse_misspelt_labels(path, header, records, words, (*KEY_COLUMNS, "label", "task"))
-    return _simple(path, sha, header, records, words)
+    return _simple(path, sha, header, records, words, shown)
 
 
 def _decode(path: Path, raw: bytes) -> str:
@@ -331,7 +333,9 @@ def _cells(path: Path, header: list[str], line: int, row: list[str]) -> dict[str
     return {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header) if h}
 
 
-def _split_labels(path: Path, value: str, words: frozenset[str], line: int, column: str) -> frozenset[str]:
+def _split_labels(
+    path: Path, value: str, words: frozenset[str], line: int, column: str, shown: frozenset[str]
+) -> frozenset[str]:
     """The labels of a label cell (``|`` between several), each in the task's spelling when written in
     another case (``Benign``, ``EFFUSION``: a spreadsheet's capitals were refused as unknown labels, where
     an evaluation reads class folders in any case); a case two labels share is left as written."""
@@ -344,10 +348,10 @@ def _split_labels(path: Path, value: str, words: frozenset[str], line: int, colu
         )
     unknown = sorted(names - words)
     if unknown:
-        meant = closest_name(unknown[0], words)
+        meant = closest_name(unknown[0], shown)
         hint = f"did you mean {meant!r}? " if meant else ""
         raise LabelFileError(
-            path, f"unknown label {unknown[0]!r}; {hint}expected one of: {', '.join(sorted(words))}", line, column
+            path, f"unknown label {unknown[0]!r}; {hint}expected one of: {', '.join(sorted(shown))}", line, column
         )
     return frozenset(names)
 
@@ -362,7 +366,12 @@ def _spellings(words: frozenset[str]) -> dict[str, str]:
 
 
 def _simple(
-    path: Path, sha: str, header: list[str], records: list[tuple[int, list[str]]], words: frozenset[str]
+    path: Path,
+    sha: str,
+    header: list[str],
+    records: list[tuple[int, list[str]]],
+    words: frozenset[str],
+    shown: frozenset[str],
 ) -> LabelTable:
     named = [h for h in header if h]  # columns without a name (a spreadsheet's trailing ",,") are not read
     if len(set(named)) != len(named):
@@ -399,7 +408,7 @@ def _simple(
         if fmt == "csv-label":
             if not cells["label"]:
                 raise LabelFileError(path, "empty label (write 'No Finding' for none)", line, "label")
-            positives = _split_labels(path, cells["label"], words, line, "label")
+            positives = _split_labels(path, cells["label"], words, line, "label", shown)
             known: frozenset[str] | None = None
         else:
             pos: set[str] = set()
@@ -423,7 +432,12 @@ def _simple(
 
 
 def _nih(
-    path: Path, sha: str, header: list[str], records: list[tuple[int, list[str]]], words: frozenset[str]
+    path: Path,
+    sha: str,
+    header: list[str],
+    records: list[tuple[int, list[str]]],
+    words: frozenset[str],
+    shown: frozenset[str],
 ) -> LabelTable:
     passed = tuple(NIH_ATTRIBUTES.get(h, h) for h in header if h and h not in ("Image Index", "Finding Labels"))
     rows = []
@@ -431,7 +445,7 @@ def _nih(
         cells = _cells(path, header, line, raw)
         if not cells["Image Index"]:
             raise LabelFileError(path, "empty Image Index", line, "Image Index")
-        positives = _split_labels(path, cells["Finding Labels"], words, line, "Finding Labels")
+        positives = _split_labels(path, cells["Finding Labels"], words, line, "Finding Labels", shown)
         attrs = {NIH_ATTRIBUTES.get(h, h): v for h, v in cells.items() if h not in ("Image Index", "Finding Labels")}
         rows.append(LabelRow(cells["Image Index"], line, positives, None, attrs))
     return LabelTable(str(path), sha, "nih", "file", rows, (), passed, task_hint="chestxray14")

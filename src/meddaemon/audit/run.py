@@ -257,9 +257,10 @@ def read_truth(request: AuditRequest, tasks: Mapping[str, TaskSpec]) -> tuple[La
         table = read_label_folders(request.labels_from_folders, spec.labels)
         return table, spec
     assert request.labels is not None
+    vocabulary = {label for t in tasks.values() for label in t.labels}
     given = tasks.get(request.task) if request.task else None  # an unknown one: resolve_task says so
-    vocabulary = set(given.labels) if given else {label for t in tasks.values() for label in t.labels}
-    table = read_labels(request.labels, vocabulary)
+    # a file of several tasks' rows is read whole; an unknown label is named against the task's labels
+    table = read_labels(request.labels, vocabulary, expected=given.labels if given else None)
     spec = resolve_task(table, tasks, request.task)
     check_label_columns(table, spec.name, spec.labels)
     check_columns_beside_the_truth(table, spec.labels)

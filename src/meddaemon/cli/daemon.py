@@ -180,6 +180,8 @@ def cut_short(stats: RunStats) -> str:
     ("0 files left in it" said of an empty inbox), the work on its scans."""
     if stats.left:
         return f"stopped before the inbox was drained: {stats.left} files left in it"
+    if not stats.files:  # a stop at start, or on an empty inbox: nothing of this run's was cut short
+        return "stopped as asked before the run ended: no file was taken from the inbox, which holds none"
     return (
         "stopped before the run was done: every file was taken in from the inbox, but the work on its scans "
         "(inference, reports, DICOM outputs) was cut short; the daemon, or another --once run, finishes it"

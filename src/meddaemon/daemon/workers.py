@@ -15,7 +15,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from meddaemon.daemon.intake import init_worker
-from meddaemon.processes import forkserver_context
+from meddaemon.processes import forkserver_context, forkserver_deaf_to_ctrl_c
 
 log = logging.getLogger("meddaemon.daemon")
 
@@ -70,7 +70,8 @@ class DecodingPool:
 
     def _start_workers(self, executor: Executor) -> None:
         try:
-            started = [executor.submit(_started) for _ in range(self.workers)]
+            with forkserver_deaf_to_ctrl_c():
+                started = [executor.submit(_started) for _ in range(self.workers)]
         except (RuntimeError, OSError, EOFError):  # shut down or broken meanwhile (its forkserver gone): cold
             return
 
@@ -88,12 +89,14 @@ class DecodingPool:
         its submit raised, and the daemon stopped."""
         if self.executor is not None:
             try:
-                return self.executor.submit(fn, *args)
+                with forkserver_deaf_to_ctrl_c():
+                    return self.executor.submit(fn, *args)
             except BrokenProcessPool:
                 log.error("a decoding worker died while idle; starting the workers again")
                 self.replace()
                 assert self.executor is not None
-                return self.executor.submit(fn, *args)
+                with forkserver_deaf_to_ctrl_c():
+                    return self.executor.submit(fn, *args)
         future: Future = Future()
         future.set_result(fn(*args))
         return future

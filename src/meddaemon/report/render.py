@@ -423,9 +423,9 @@ def scan_body(
 ) -> list[Flowable]:
     """The sections of one scan, in the template's order (the study report reuses them, naming the
     scan, ``of_scan``, in the headings of its pictures and its probabilities, which may start a page).
-    A heading is kept on the page of what it heads, and the probabilities' table whole: a study
-    report left "Probabilities" alone at a page's foot, and a scan's called class overleaf from its
-    other two.
+    A heading starts a page only with room for its first row beneath it, and the probabilities'
+    table with room for a third of a page of it (all of a short one): a study report left
+    "Probabilities" alone at a page's foot, and a scan's called class overleaf from its other two.
 
     Consecutive key-value sections (model, scan, times, patient) share two columns: the first,
     third... on the left, the second, fourth... on the right; where the two columns would be taller
@@ -475,13 +475,25 @@ def scan_body(
         elif section in ("images", "labels"):
             if of_scan:
                 heading = _p(f"{template.word(f'heading_{section}')} ({of_scan})", st.heading)
-            if section == "images":
-                first, *rest = images_section(data, images, template, st)
-                story += [KeepTogether([heading, first]), *rest]
-            else:
-                story.append(KeepTogether([heading, *labels_section(data, template, st)]))
+            parts = (
+                images_section(data, images, template, st)
+                if section == "images"
+                else labels_section(data, template, st)
+            )
+            story += [_room_for(heading, parts[0], section == "labels"), heading, *parts]
     flush()
     return story
+
+
+def _room_for(heading: Paragraph, table: Flowable, whole_if_short: bool) -> CondPageBreak:
+    """A page break unless the page has room for ``heading`` and the first row of ``table`` (a grid
+    of pictures), or, ``whole_if_short``, as much of it as a third of a page holds. Not KeepTogether:
+    a grid taller than what is left was moved whole to the next page, half a page left blank above."""
+    _, heading_height = heading.wrap(BODY_WIDTH, BODY_HEIGHT)
+    _, height = table.wrap(BODY_WIDTH, BODY_HEIGHT)
+    rows = getattr(table, "_rowHeights", None) or [height]
+    needed = min(height, BODY_HEIGHT / 3) if whole_if_short else rows[0]
+    return CondPageBreak(heading_height + needed + 2 * mm)
 
 
 def _disclaimer(template: ReportTemplate, st: Styles) -> Table:

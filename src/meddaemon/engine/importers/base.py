@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from meddaemon.engine.architectures import ARCHITECTURES, build_model
-from meddaemon.engine.registry import NAME_PATTERN, Manifest, ModelRefused, NonFiniteOutputs, save_version
+from meddaemon.engine.registry import (
+    NAME_PATTERN,
+    ONNX_ARCHITECTURE,
+    Manifest,
+    ModelRefused,
+    NonFiniteOutputs,
+    save_version,
+)
 from meddaemon.engine.tasks import GREY_MEAN, GREY_STD, IMAGENET_MEAN, IMAGENET_STD, InputContract, TaskSpec
 from meddaemon.files import file_sha256
 
@@ -378,9 +385,10 @@ def check_options(options: ImportOptions, spec: TaskSpec) -> None:
                 f"--threshold {label}: task {spec.name} calls {spec.labels[1]} at its threshold and {label} "
                 f"below it; give --threshold {spec.labels[1]}=P",
             )
-    if options.architecture is not None and options.architecture not in ARCHITECTURES:
+    if options.architecture is not None and options.architecture not in (*ARCHITECTURES, ONNX_ARCHITECTURE):
         # a typo was "wrong_architecture", exit 1, the file's fault, after the file was read
-        raise ModelRefused("bad_option", f"--arch {options.architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+        known = ", ".join((*ARCHITECTURES, ONNX_ARCHITECTURE))
+        raise ModelRefused("bad_option", f"--arch {options.architecture!r} is not one of {known}")
     file_labels(spec, options)  # --labels that are not the task's: refused before the file is read too
     for option, values in (("--mean", options.mean), ("--std", options.std)):
         for value in values or ():
