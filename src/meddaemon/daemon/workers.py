@@ -83,19 +83,24 @@ class DecodingPool:
         for future in started:
             future.add_done_callback(answered)
 
+    def _spawning(self) -> contextlib.AbstractContextManager[None]:
+        """Around a submit: ``forkserver_deaf_to_ctrl_c`` while the pool may still start workers (a
+        submit spawns them, and the first the forkserver); once warm, nothing (a submit a file)."""
+        return contextlib.nullcontext() if self.warm else forkserver_deaf_to_ctrl_c()
+
     def submit(self, fn: Callable[..., object], *args: object) -> Future:
         """Run ``fn`` in a worker, or right here (as a finished future) without workers. A pool a
         worker left while it was idle (the kernel's OOM killer, a kill by hand) is replaced first:
         its submit raised, and the daemon stopped."""
         if self.executor is not None:
             try:
-                with forkserver_deaf_to_ctrl_c():
+                with self._spawning():
                     return self.executor.submit(fn, *args)
             except BrokenProcessPool:
                 log.error("a decoding worker died while idle; starting the workers again")
                 self.replace()
                 assert self.executor is not None
-                with forkserver_deaf_to_ctrl_c():
+                with self._spawning():
                     return self.executor.submit(fn, *args)
         future: Future = Future()
         future.set_result(fn(*args))

@@ -135,6 +135,20 @@ _TORCHVISION = {
 }
 
 
+def check_runs_at(model: nn.Module, architecture: str, channels: int, height: int, width: int) -> None:
+    """``ValueError`` ("densenet121 cannot run at 16 x 16 pixels (...)") where ``model`` cannot take
+    one image of that size: its pooling leaves nothing of a small one. Asked before a model is
+    imported or trained at an image size of the user's, where PyTorch's error came after the file
+    was converted (called damaged) or the dataset hashed (a traceback)."""
+    from meddaemon.logs import error_line
+
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, height, width))
+    except RuntimeError as exc:
+        raise ValueError(f"{architecture} cannot run at {height} x {width} pixels ({error_line(exc)})") from None
+
+
 def _torchvision_builder(architecture: str) -> Any:
     from torchvision import models
 

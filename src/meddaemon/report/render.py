@@ -463,7 +463,8 @@ def scan_body(
     for section in template.sections:
         if section == "patient" and data.patient is None:
             continue
-        heading = _p(template.word(f"heading_{section}"), st.heading)
+        named = f" ({of_scan})" if of_scan and section in ("images", "labels") else ""
+        heading = _p(template.word(f"heading_{section}") + named, st.heading)
         if section in blocks or section == "patient":
             body = patient_section(data.patient, st) if data.patient is not None and section == "patient" else None
             pending.append([heading, *(body or blocks[section]())])
@@ -473,8 +474,6 @@ def scan_body(
             sentence, positive = top_finding(data, template)
             story.append(KeepTogether([heading, _p(sentence, st.finding_positive if positive else st.finding)]))
         elif section in ("images", "labels"):
-            if of_scan:
-                heading = _p(f"{template.word(f'heading_{section}')} ({of_scan})", st.heading)
             parts = (
                 images_section(data, images, template, st)
                 if section == "images"

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from meddaemon.engine.architectures import ARCHITECTURES, Init, build_model, imagenet_cache_path
+from meddaemon.engine.architectures import ARCHITECTURES, Init, build_model, check_runs_at, imagenet_cache_path
 from meddaemon.engine.preprocess import to_model_input
 from meddaemon.engine.registry import probabilities
 from meddaemon.engine.tasks import InputContract, TaskSpec
@@ -165,25 +165,21 @@ class TrainConfig:
         where the last feature map is 1 x 1 (mobilenet_v2 at 32 pixels) in PyTorch's "Expected more
         than 1 value per channel when training", batch normalisation having one value per channel."""
         contract = self.contract(spec)
-        size = f"{contract.height} x {contract.width} pixels"
         model = build_model(self.architecture, contract.channels, spec.num_outputs)
-        one = torch.zeros(1, contract.channels, contract.height, contract.width)
-        with torch.no_grad():
+        try:
+            check_runs_at(model, self.architecture, contract.channels, contract.height, contract.width)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; use a larger --image-size") from None
+        if self.batch_size == 1:
             try:
-                model.eval()(one)
-            except RuntimeError as exc:
-                why = " ".join(str(exc).split())[:200]
-                too_small = f"{self.architecture} cannot run at {size} ({why}); use a larger --image-size"
-                raise ValueError(too_small) from None
-            if self.batch_size == 1:
-                try:
-                    model.train()(one)
-                except ValueError:
-                    raise ValueError(
-                        f"a batch size of 1 cannot train {self.architecture} at {size}: its last feature map "
-                        "is 1 x 1, and batch normalisation needs more than one value per channel; use "
-                        "--batch-size 2 or more, or a larger --image-size"
-                    ) from None
+                with torch.no_grad():
+                    model.train()(torch.zeros(1, contract.channels, contract.height, contract.width))
+            except ValueError:
+                raise ValueError(
+                    f"a batch size of 1 cannot train {self.architecture} at {contract.height} x {contract.width} "
+                    "pixels: its last feature map is 1 x 1, and batch normalisation needs more than one value per "
+                    "channel; use --batch-size 2 or more, or a larger --image-size"
+                ) from None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

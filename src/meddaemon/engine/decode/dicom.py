@@ -588,7 +588,7 @@ def _apply_modality(arr: np.ndarray, ds: Dataset, little_endian: bool) -> np.nda
     if not items:
         return apply_modality_lut(arr, ds) if _has_rescale(ds) else arr
     try:
-        first, table = read_lut(items[0], little_endian, _extent(arr))
+        first, table = read_lut(items[0], little_endian, arr)
     except Exception as exc:
         raise ScanFailure(
             FailureReason.PIXEL_DECODE_ERROR, f"the Modality LUT is missing or invalid ({type(exc).__name__})"
@@ -614,21 +614,20 @@ def _has_rescale(ds: Dataset) -> bool:
     return True
 
 
-def read_lut(
-    item: Dataset, little_endian: bool, looked_up: tuple[float, float] | None = None
-) -> tuple[int, np.ndarray]:
+def read_lut(item: Dataset, little_endian: bool, looked_up: np.ndarray | None = None) -> tuple[int, np.ndarray]:
     """A Modality or VOI LUT item's first mapped value and its entries, int64. The standard allows
     8 to 16 bits per entry and any number of entries (PS3.3 C.11.1.1.1, C.11.2.1.1).
 
     A first value of 32768 or more not written SS may be a signed one read as US (Implicit VR leaves
     the VR to guess; -1024 read as 64512: all black). It is taken back as signed where an unsigned
-    table would run past 65535, or where the values ``looked_up`` (their lowest and highest) hold
-    negatives and none reaches it (a CT's VOI LUT from -1000 HU, 400 entries, read from 64536:
-    every pixel below it, the image black)."""
+    table would run past 65535, or where the values ``looked_up`` hold negatives and none reaches it
+    (a CT's VOI LUT from -1000 HU, 400 entries, read from 64536: every pixel below it, the image
+    black). Their extent is only taken where that decides."""
     entries, first = int(item.LUTDescriptor[0]) or 2**16, int(item.LUTDescriptor[1])
     if item["LUTDescriptor"].VR != "SS" and first >= 2**15:
-        lowest, highest = looked_up if looked_up is not None else (0.0, float(first))
-        if first + entries > 2**16 or (lowest < 0 and highest < first):
+        wraps = first + entries > 2**16
+        extent = None if wraps or looked_up is None else _extent(looked_up)
+        if wraps or (extent is not None and extent[0] < 0 and extent[1] < first):
             first -= 2**16
     value = item["LUTData"].value
     if isinstance(value, bytes | bytearray):  # OW: one entry per word, or 8-bit entries two to a word
@@ -698,7 +697,7 @@ def _apply_voi(
     """
     try:
         if _has_voi_lut(ds):
-            first, table = read_lut(ds.VOILUTSequence[0], little_endian, _extent(values))
+            first, table = read_lut(ds.VOILUTSequence[0], little_endian, values)
             notes.append("VOI LUT applied")
             return look_up(values, first, table), float(table.min()), float(table.max())
         if _has_window(ds):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from meddaemon.engine.architectures import ARCHITECTURES, build_model
+from meddaemon.engine.architectures import ARCHITECTURES, build_model, check_runs_at
 from meddaemon.engine.registry import (
     NAME_PATTERN,
     ONNX_ARCHITECTURE,
@@ -431,8 +431,11 @@ def write_converted(
     check_first_conv(converted, model, contract, spec)
     fit_head_to_task(converted, spec, labels_in_file, final_linear(model))
     _load_strictly(model, converted)
-    if options.image_size is not None:
-        _check_runs_at(model, converted.architecture, contract)
+    if options.image_size is not None:  # the option's fault: the self-test's error called the file damaged
+        try:
+            check_runs_at(model, converted.architecture, contract.channels, contract.height, contract.width)
+        except ValueError as exc:
+            raise ModelRefused("bad_option", f"--image-size {contract.height}: {exc}; give a larger one") from None
     if options.outputs not in OUTPUTS:
         raise ModelRefused("bad_manifest", f"--outputs must be one of {list(OUTPUTS)}, not {options.outputs!r}")
     if options.outputs == "probabilities":
@@ -457,22 +460,6 @@ def write_converted(
         raise ModelRefused("non_finite_output", str(exc)) from None
     except ValueError as exc:
         raise ModelRefused("bad_manifest", str(exc)) from None
-
-
-def _check_runs_at(model: nn.Module, architecture: str, contract: InputContract) -> None:
-    """An ``--image-size`` the network cannot take (densenet121 or vgg16 at 8 or 16 pixels, whose
-    pooling leaves nothing) is the option's fault (``bad_option``): the self-test's error called the
-    file "unreadable_weights", damaged."""
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, contract.channels, contract.height, contract.width))
-    except RuntimeError as exc:
-        why = " ".join(str(exc).split())[:200]
-        raise ModelRefused(
-            "bad_option",
-            f"--image-size {contract.height}: {architecture} cannot run at {contract.height} x {contract.width} "
-            f"pixels ({why}); give a larger one",
-        ) from None
 
 
 def _load_strictly(model: nn.Module, converted: ConvertedWeights) -> None:
