@@ -353,6 +353,38 @@ def test_a_correction_that_failed_after_the_version_shown_is_named_without_a_res
     assert data.without_result == ((correction.id, "truncated_pixel_data"),)
 
 
+@pytest.mark.parametrize(
+    ("frame_policy", "representative", "said"),
+    [
+        ("key", 2, "Frames frame 2 of 4 classified and shown (the frame the scan names representative)"),
+        ("key", None, "Frames frame 3 of 4 classified and shown (the middle one)"),
+        ("all", 2, "Frames all 4 classified, the probabilities their mean; frame 3 shown"),
+    ],
+)
+def test_a_multi_frame_scan_s_report_says_which_frames_were_classified_and_which_is_shown(
+    tmp_path: Path, frame_policy: str, representative: int | None, said: str
+):
+    """A cine loop's report pictures one frame: a reader must not take a call that is the mean over
+    every frame (``frame_policy = "all"``) for that frame's alone, nor guess which frame was read.
+    The picture is the frame the engine mapped: the key frame, or the middle one where all ran."""
+    daemon = Daemon(reported_settings(tmp_path, frame_policy=frame_policy))
+    daemon.prepare()
+    promote(daemon, write_model(tmp_path / "busi_model"))
+    named = {"RepresentativeFrameNumber": representative} if representative else {}
+    write_dicom(daemon.settings.watch / "synthetic_cine.dcm", modality="US", body_part="BREAST", frames=4, extra=named)
+    single = np.zeros((64, 64), np.uint16)
+    write_dicom(daemon.settings.watch / "synthetic_one.dcm", pixels=single, modality="US", body_part="BREAST")
+
+    daemon.run(once=True)
+
+    texts = {}
+    with daemon.sessions() as session:
+        for scan, report in session.execute(select(Scan, Report).join(Report, Report.scan_id == Scan.id)):
+            texts[scan.source_name] = " ".join(read_pdf(daemon.settings.stored_file(report.path))[0].split())
+    assert said in texts["synthetic_cine.dcm"] and "Size 32 x 32 px, 4 frames" in texts["synthetic_cine.dcm"]
+    assert "Frames" not in texts["synthetic_one.dcm"]
+
+
 def test_reported_scans_move_from_work_to_the_archive_under_their_received_names(
     tmp_path: Path, reported_states: ReportedStates
 ):

@@ -114,7 +114,12 @@ class ReportBuilder:
         with self.sessions() as session:
             scans = session.scalars(select(Scan).where(Scan.id.in_(scan_ids))).all()
             found = scans_report_data(
-                session, scans, self.settings.task_specs, with_phi, state_dir=self.settings.state_dir
+                session,
+                scans,
+                self.settings.task_specs,
+                with_phi,
+                state_dir=self.settings.state_dir,
+                frame_policy=self.settings.frame_policy,
             )
         return {scan_id: found.get(scan_id) or LookupError(f"no scan {scan_id}") for scan_id in scan_ids}
 
@@ -219,7 +224,12 @@ class ReportBuilder:
         as_of = utcnow()
         with self.sessions() as session:
             data = study_report_data(
-                session, study_instance_uid, self.settings.task_specs, phi, state_dir=self.settings.state_dir
+                session,
+                study_instance_uid,
+                self.settings.task_specs,
+                phi,
+                state_dir=self.settings.state_dir,
+                frame_policy=self.settings.frame_policy,
             )
         rendered = render_study(
             data, [self.images(s) for s in data.scans], load_template, report_fonts(self.settings.reports_font)

@@ -165,18 +165,31 @@ def find_scan(session: Session, key: str) -> Scan | None:
 
 
 def scan_report_data(
-    session: Session, scan: Scan, specs: Mapping[str, TaskSpec], with_phi: bool = False, *, state_dir: Path
+    session: Session,
+    scan: Scan,
+    specs: Mapping[str, TaskSpec],
+    with_phi: bool = False,
+    *,
+    state_dir: Path,
+    frame_policy: str = "key",
 ) -> ScanReportData:
     """Everything a scan report shows, from the results of the latest model version that ran on it;
-    the stored files (scan, overlays) found under ``state_dir`` wherever this process runs."""
-    data = scans_report_data(session, [scan], specs, with_phi, state_dir=state_dir)[scan.id]
+    the stored files (scan, overlays) found under ``state_dir`` wherever this process runs, its
+    frames read under ``frame_policy``."""
+    data = scans_report_data(session, [scan], specs, with_phi, state_dir=state_dir, frame_policy=frame_policy)[scan.id]
     if isinstance(data, NoResult):
         raise data
     return data
 
 
 def scans_report_data(
-    session: Session, scans: Sequence[Scan], specs: Mapping[str, TaskSpec], with_phi: bool = False, *, state_dir: Path
+    session: Session,
+    scans: Sequence[Scan],
+    specs: Mapping[str, TaskSpec],
+    with_phi: bool = False,
+    *,
+    state_dir: Path,
+    frame_policy: str = "key",
 ) -> dict[int, ScanReportData | NoResult]:
     """``scan_report_data`` of several scans (a report round's, a study's) in two queries whatever
     their number: every result of the scans with its heatmap's files, in plain rows, then the model
@@ -222,7 +235,8 @@ def scans_report_data(
         if model is None or scan.sha256 is None:
             found[scan.id] = NoResult(f"scan {scan.id} has no result to report (state {scan.state})")
         else:
-            found[scan.id] = _scan_report_data(scan, model, scan_rows[scan.id], specs, with_phi, state_dir)
+            shown = _scan_report_data(scan, model, scan_rows[scan.id], specs, with_phi, state_dir, frame_policy)
+            found[scan.id] = shown
     return found
 
 
@@ -249,8 +263,10 @@ def _scan_report_data(
     specs: Mapping[str, TaskSpec],
     with_phi: bool,
     state_dir: Path,
+    frame_policy: str,
 ) -> ScanReportData:
     spec = specs.get(model.task)
+    stored = stored_file(scan.stored_path, state_dir) if scan.stored_path else None
     results = [
         LabelResult(
             r.label,
@@ -272,13 +288,13 @@ def _scan_report_data(
         source_name=scan.source_name,
         model=model,
         results=results,
-        metadata=_metadata(scan),
+        metadata=_metadata(scan, stored, frame_policy),
         discovered_at=scan.discovered_at,
         registered_at=scan.registered_at,
         result_at=max((r.created_at for r in rows), default=None),
         latency_ms=next((r.latency_ms for r in rows if r.latency_ms is not None), None),
         study_instance_uid=scan.study_instance_uid,
-        stored_path=stored_file(scan.stored_path, state_dir) if scan.stored_path else None,
+        stored_path=stored,
         patient=patient_info(scan) if with_phi else None,
     )
 
@@ -294,7 +310,7 @@ def patient_info(scan: Scan) -> PatientInfo:
     )
 
 
-def _metadata(scan: Scan) -> list[tuple[str, str]]:
+def _metadata(scan: Scan, stored: Path | None, frame_policy: str) -> list[tuple[str, str]]:
     size = ""
     if scan.columns and scan.rows:
         size = f"{scan.columns} x {scan.rows} px"
@@ -306,11 +322,34 @@ def _metadata(scan: Scan) -> list[tuple[str, str]]:
         ("View", scan.view_position or ""),
         ("Manufacturer", scan.manufacturer or ""),
         ("Size", size),
+        *([("Frames", frames_read)] if (frames_read := _frames_read(scan.frames or 1, stored, frame_policy)) else []),
         ("Format", (scan.format or "").upper()),
         ("Transfer syntax", transfer_syntax_name(scan.transfer_syntax_uid)),
         ("Photometric", scan.photometric_interpretation or ""),
     ]
     return [(name, value or "-") for name, value in pairs]
+
+
+def _frames_read(frames: int, stored: Path | None, frame_policy: str) -> str:
+    """Which frames of a multi-frame scan the model classified and which one the report pictures (the
+    engine maps the key frame, or the middle one where every frame ran); "" for a single frame. A
+    reader must not take a call that averages frames for the picture's alone."""
+    if frames <= 1:
+        return ""
+    if frame_policy == "all":
+        return f"all {frames} classified, the probabilities their mean; frame {frames // 2 + 1} shown"
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from meddaemon.engine.decode.dicom import key_frame_index
+
+    try:
+        header = dcmread(stored, stop_before_pixels=True, specific_tags=["RepresentativeFrameNumber"])
+    except (OSError, InvalidDicomError, TypeError, ValueError):  # no stored file (purged), or not DICOM
+        return f"one of {frames} classified and shown"
+    index, why = key_frame_index(header, frames)
+    named = "the frame the scan names representative" if why == "RepresentativeFrameNumber" else "the middle one"
+    return f"frame {index + 1} of {frames} classified and shown ({named})"
 
 
 def reportable_study_scans(session: Session, study_instance_uid: str) -> tuple[list[Scan], tuple[tuple[int, int], ...]]:
@@ -338,11 +377,12 @@ def study_report_data(
     with_phi: bool = False,
     *,
     state_dir: Path,
+    frame_policy: str = "key",
 ) -> StudyReportData:
     scans, replaced = reportable_study_scans(session, study_instance_uid)
     if not scans:
         raise NoResult("no scan of this study has a result")
-    found = scans_report_data(session, scans, specs, with_phi, state_dir=state_dir)
+    found = scans_report_data(session, scans, specs, with_phi, state_dir=state_dir, frame_policy=frame_policy)
     data: list[ScanReportData] = []
     for scan in scans:
         each = found[scan.id]
