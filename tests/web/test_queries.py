@@ -130,6 +130,37 @@ def test_a_binary_scan_whose_finding_is_not_called_is_negative_though_its_negati
     assert listed(label="malignant", call="positive") == [positive]
 
 
+def test_a_multiclass_top_class_names_a_class_not_a_finding_called_as_its_row_shows(migrated_engine):
+    """A multiclass model's call is its top class, shown "called" in black: "positive" listed every
+    busi scan ("normal" ones too) and "negative" none. A finding of such a task is asked for by its
+    label and call."""
+    sessions = session_factory(migrated_engine)
+    with transaction(sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    with transaction(sessions) as session:
+        busi = ModelVersion(task_name="busi", version="v1", architecture="onnx", sha256="0" * 64,
+                            path="/synthetic/models/busi/v1",
+                            manifest={"kind": "multiclass", "labels": ["benign", "malignant", "normal"]})  # fmt: skip
+        session.add(busi)
+        session.flush()
+        normal, malignant = add_scan(session, 1, ScanState.ARCHIVED).id, add_scan(session, 2, ScanState.ARCHIVED).id
+        for scan, called in ((normal, "normal"), (malignant, "malignant")):
+            for label in ("benign", "malignant", "normal"):
+                session.add(Result(scan_id=scan, model_version_id=busi.id, label=label,
+                                   probability=0.8 if label == called else 0.1, threshold=0.5,
+                                   positive=label == called))  # fmt: skip
+
+    def rows(**f: str) -> list[queries.WorklistRow]:
+        with sessions() as session:
+            return queries.worklist(session, queries.WorklistFilter(**f)).rows
+
+    assert all(row.top is not None and row.top.names_a_class for row in rows())
+    assert [row.id for row in rows(call="positive")] == []
+    assert [row.id for row in rows(call="negative")] == [malignant, normal]
+    assert [row.id for row in rows(label="malignant", call="positive")] == [malignant]
+    assert [row.id for row in rows(label="normal", call="positive")] == [normal]
+
+
 def test_the_call_filter_matches_the_call_each_row_shows_its_latest_versions(migrated_engine):
     """A scan called benign by v1 and negative on every label by v2 shows v2's call: it is listed by
     "negative", not by "positive", as its row says."""

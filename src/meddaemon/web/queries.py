@@ -240,7 +240,7 @@ def _filtered(session: Session, f: WorklistFilter) -> list[Any]:
                 result = result.where(Result.positive.is_(f.call == "positive"))
             conditions.append(exists(result))
         else:  # a finding called, or results without one
-            finding = result.where(Result.positive.is_(True), not_(_binary_negative_class(session)))
+            finding = result.where(Result.positive.is_(True), not_(_calls_naming_a_class(session)))
             if f.call == "positive":
                 conditions.append(exists(finding))
             else:
@@ -250,17 +250,18 @@ def _filtered(session: Session, f: WorklistFilter) -> list[Any]:
     return conditions
 
 
-def _binary_negative_class(session: Session) -> Any:
-    """Whether a result is its binary model's negative class (the first of its labels: "No IDC"),
-    called exactly when the finding is not (``names_a_class``): no positive finding, as its row shows.
-    The versions' manifests are read here, a row each: read in the query, each result's row parsed
-    its version's manifest again (seconds for a rare finding over 20,000 scans on PostgreSQL)."""
-    negatives: list[tuple[int, str]] = []
+def _calls_naming_a_class(session: Session) -> Any:
+    """Whether a result's positive call names a class, not a finding (``names_a_class``), as its row
+    shows it: a multiclass model's top class ("normal" of busi listed every busi scan as a finding
+    called), or a binary model's negative class ("No IDC"). The versions' manifests are read here, a
+    row each: read in the query, each result's row parsed its version's manifest again (seconds for
+    a rare finding over 20,000 scans on PostgreSQL)."""
+    naming: list[tuple[int, str]] = []
     for version_id, manifest in session.execute(select(ModelVersion.id, ModelVersion.manifest)):
         labels = (manifest or {}).get("labels")
-        if (manifest or {}).get("kind") == "binary" and isinstance(labels, list) and len(labels) == 2:
-            negatives.append((version_id, str(labels[0])))
-    return tuple_(Result.model_version_id, Result.label).in_(negatives)
+        if isinstance(labels, list):
+            naming += [(version_id, str(label)) for label in labels if _names_a_class(manifest, str(label))]
+    return tuple_(Result.model_version_id, Result.label).in_(naming)
 
 
 def _search(q: str) -> Any:
