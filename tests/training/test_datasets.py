@@ -43,6 +43,26 @@ def test_busi_names_with_spaces_and_parentheses_keep_their_masks_and_second_mask
     assert len(index.samples) == 4
 
 
+@pytest.mark.parametrize("copy", ["benign (1)_mask (1).png", "benign (1)_mask(2).png", "benign (1)_mask_1 (1).png",
+                                  "benign (1)_mask - Copy.png", "benign (1)_mask - Copy (2).png"])  # fmt: skip
+def test_a_copy_of_a_mask_named_by_a_browser_or_a_file_manager_is_a_mask_never_an_image(
+    tmp_path: Path, copy: str
+) -> None:
+    """A second download or a copy names a mask ``benign (1)_mask (1).png``: it was read as an image
+    of its class, a lesion's black and white outline trained on and tested as a benign scan."""
+    for cls in ("benign", "malignant"):
+        for n in (1, 2):
+            write_png(tmp_path / cls / f"{cls} ({n}).png", pixels(n))
+            write_png(tmp_path / cls / f"{cls} ({n})_mask.png", pixels(9))
+    write_png(tmp_path / "benign" / copy, pixels(9))
+    index = load_dataset(tmp_path, check_images=False)
+    assert sorted(s.path.name for s in index.samples) == [
+        "benign (1).png", "benign (2).png", "malignant (1).png", "malignant (2).png"
+    ]  # fmt: skip
+    first = next(s for s in index.samples if s.path.name == "benign (1).png")
+    assert [m.name for m in first.masks] == sorted(["benign (1)_mask.png", copy])
+
+
 def test_busi_images_in_a_class_s_subfolder_are_read_with_their_masks_as_a_folder_per_class_s_are(
     tmp_path: Path,
 ) -> None:

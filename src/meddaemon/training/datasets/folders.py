@@ -11,8 +11,9 @@ from meddaemon.training.datasets.index import DatasetError, DatasetIndex, Sample
 from meddaemon.training.images import image_files, left_out_name
 
 BUSI_CLASSES = ("benign", "malignant", "normal")
-#: ``benign (1)_mask.png``, ``benign (1)_mask_1.png``: BUSI's masks, named after their image.
-BUSI_MASK = re.compile(r"^(?P<image>.+)_mask(?:_\d+)?\.png$", re.IGNORECASE)
+#: ``benign (1)_mask.png``, ``benign (1)_mask_1.png``: BUSI's masks, named after their image; and
+#: their copies as a browser (``_mask (1).png``) or a file manager (``_mask - Copy.png``) names them.
+BUSI_MASK = re.compile(r"^(?P<image>.+)_mask(?:_\d+)?(?: ?\(\d+\)| - Copy(?: \(\d+\))?)?\.png$", re.IGNORECASE)
 
 
 def class_folders(root: Path) -> list[Path]:
