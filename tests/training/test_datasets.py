@@ -683,6 +683,30 @@ def test_a_folder_of_normal_images_beside_the_collection_is_read_whatever_its_ca
     ]
 
 
+def test_a_table_row_of_more_values_than_its_header_is_refused_naming_its_line(tmp_path: Path) -> None:
+    """An unquoted comma in a value (``COVID-19, ARDS`` typed into a spreadsheet's CSV) shifted the
+    row's cells: its image was looked for in a "modality" PA, and left out by the layout's rules
+    without a word. The same row's values quoted is read; trailing empty cells are no values."""
+    root = write_phantoms("covid", tmp_path / "covid", count=2, size=32).root
+    table = root / "metadata.csv"
+    lines = table.read_text().splitlines(keepends=True)
+    header = lines[0].rstrip("\r\n").split(",")
+    finding = header.index("finding")
+    cells = lines[2].rstrip("\r\n").split(",")
+    read_before = len(load_dataset(root, BUILTIN_TASKS["covid"]).samples)
+    quoted = ",".join([*cells[:finding], f'"{cells[finding]}, ARDS"', *cells[finding + 1 :]]) + ",,\n"
+    table.write_text("".join([*lines[:2], quoted, *lines[3:]]))
+    assert len(load_dataset(root, BUILTIN_TASKS["covid"]).samples) == read_before
+    unquoted = ",".join([*cells[:finding], f"{cells[finding]}, ARDS", *cells[finding + 1 :]]) + "\n"
+    table.write_text("".join([*lines[:2], unquoted, *lines[3:]]))
+    with pytest.raises(DatasetError, match=f"line 3: {len(header) + 1} values but the header has {len(header)}"):
+        load_dataset(root, BUILTIN_TASKS["covid"])
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\na.png,benign,extra,cells\n")
+    with pytest.raises(DatasetError, match="line 2: 4 values but the header has 2"):
+        load_dataset(manifest)
+
+
 def test_a_label_table_whose_stray_quote_swallows_rows_is_refused_naming_its_line(tmp_path: Path) -> None:
     """``"5 mm`` opening a free-text note made the rows after it part of that note, up to the next
     quote: their images were left out of the dataset (and of an evaluation's cohort) without a word.

@@ -67,6 +67,14 @@ def read_table(path: Path, required: Iterable[str], allowed: Iterable[str] | Non
     except CsvFault as fault:
         raise DatasetError(path, f"line {fault.line}: {fault.message}", "a UTF-8 CSV file with a header row") from None
     header = [name.strip() for name in names]
+    for line, row in records:
+        if len(row) > len(header) and any(cell.strip() for cell in row[len(header) :]):
+            raise DatasetError(
+                path,
+                f"line {line}: {len(row)} values but the header has {len(header)} columns "
+                "(a value holding the separator, unquoted?)",
+                "a UTF-8 CSV file with a header row; a value holding the separator in quotes",
+            )
     rows = [
         {name: (row[i] if i < len(row) else "").strip() for i, name in enumerate(header) if name} for _, row in records
     ]
