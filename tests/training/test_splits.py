@@ -179,6 +179,19 @@ def test_the_report_counts_images_per_side_not_labels(phantoms: dict[str, Phanto
     assert split.report.lines()[0].endswith(", ".join(f"{side}: {n}" for side, n in images.items()))
 
 
+def test_every_side_of_a_multilabel_split_counts_no_finding_even_where_it_is_zero(
+    phantoms: dict[str, PhantomSet],
+) -> None:
+    """A side without an image of no finding had no "No Finding" count at all, where the others had
+    one: the manifest's ``split_counts`` and ``dataset inspect`` read a missing key for a zero."""
+    index = load(phantoms, "chestxray14")
+    index.samples = [s for s in index.samples if s.labels]
+    index.official_test = None
+    split = make_split(index)
+    assert [list(split.report.counts[side]) for side in SPLITS] == [[*index.labels, "No Finding"]] * len(SPLITS)
+    assert all(split.report.counts[side]["No Finding"] == 0 for side in SPLITS)
+
+
 def test_a_split_is_saved_next_to_a_model_and_loaded_back(phantoms: dict[str, PhantomSet], tmp_path: Path) -> None:
     index = load(phantoms, "histopathology")
     split = make_split(index, SplitConfig(seed=5))

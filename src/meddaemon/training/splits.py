@@ -378,7 +378,8 @@ def _honour_official_test(
 
 
 def _counts(index: DatasetIndex, samples: list[Sample], assignments: dict[str, str]) -> dict[str, dict[str, int]]:
-    counts = {split: dict.fromkeys(index.labels, 0) for split in SPLITS}
+    names = [*index.labels, "No Finding"] if index.kind == "multilabel" else index.labels
+    counts = {split: dict.fromkeys(names, 0) for split in SPLITS}
     for sample in samples:
         side = assignments.get(index.relative(sample.path))
         if side is None:
@@ -386,7 +387,7 @@ def _counts(index: DatasetIndex, samples: list[Sample], assignments: dict[str, s
         for label in sample.labels:
             counts[side][label] += 1
         if index.kind == "multilabel" and not sample.labels:
-            counts[side]["No Finding"] = counts[side].get("No Finding", 0) + 1
+            counts[side]["No Finding"] += 1
     return counts
 
 
