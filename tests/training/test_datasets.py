@@ -127,6 +127,23 @@ def test_a_csv_manifest_reads_paths_labels_and_patients(tmp_path: Path) -> None:
     assert [s.patient_id for s in index.samples] == ["p1", "p1", "p2", None]
 
 
+def test_a_manifest_written_on_windows_reads_its_backslashed_paths_and_says_so_where_they_lead_nowhere(
+    tmp_path: Path,
+) -> None:
+    """``img\\0.png`` rows, as a manifest saved on Windows writes them, each failed as an image that
+    does not exist, the advice a partial download's."""
+    for n in range(2):
+        write_png(tmp_path / "img" / "sub" / f"{n}.png", pixels(n))
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\nimg\\sub\\0.png,a\nimg\\sub\\1.png,b\n")
+    index = load_dataset(manifest)
+    assert [s.path for s in index.samples] == [tmp_path / "img" / "sub" / "0.png", tmp_path / "img" / "sub" / "1.png"]
+    manifest.write_text("path,label\nC:\\data\\img\\0.png,a\nimg\\sub\\1.png,b\n")
+    with pytest.raises(DatasetError, match=r"1 row.* do not exist") as caught:
+        load_dataset(manifest)
+    assert "'/' between folders" in caught.value.expected
+
+
 def test_a_manifest_reached_through_a_link_names_its_files_as_given_and_one_file_once(tmp_path: Path) -> None:
     """A relative row was resolved through the link (an absolute one was not): every file was named
     by the link's target, and one file named both ways, or twice, became two images."""

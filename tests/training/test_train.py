@@ -222,6 +222,26 @@ def test_collapse_and_implausible_scores_block_promotion_a_class_never_called_do
     assert promotion_blockers([]) == []
 
 
+@pytest.mark.parametrize(
+    ("kind", "labels", "truth"),
+    [("multiclass", ("a", "b", "c"), [0, 1, 2, 0, 1, 2]), ("binary", ("normal", "covid"), [0, 1, 0, 1, 0, 1])],
+)
+def test_a_model_calling_one_class_for_every_test_image_is_flagged_collapse_though_it_varied_on_validation(
+    kind: str, labels: tuple[str, ...], truth: list[int]
+) -> None:
+    """Every test image called benign (accuracy 0.0 on the test set) was flagged only NEVER CALLED,
+    which does not stop a promotion, where the README says a model calling one class for everything
+    is flagged loudly."""
+    hot = np.eye(len(labels))[truth]
+    varied = hot * 0.8 + 0.1 / len(labels)
+    test = score_test_set(kind, labels, np.tile(np.eye(len(labels))[0] * 0.8 + 0.1, (6, 1)), hot, None)
+    flags = flags_for(kind, labels, varied, hot, None, {**test, "n": 500})
+    assert flags == [f"COLLAPSE: the model predicts {labels[0]!r} for every test image; it has learnt nothing useful"]
+    assert promotion_blockers(flags) == flags
+    test_varied = score_test_set(kind, labels, varied, hot, None)
+    assert flags_for(kind, labels, varied, hot, None, {**test_varied, "n": 500}) == []
+
+
 def test_a_class_the_model_never_calls_is_flagged_even_when_its_ranking_is_perfect() -> None:
     """The trap of a partial collapse: every 'c' image scores higher on c than the others do (AUC 1.0),
     yet b always wins the argmax for it, so 'c' is never the call."""

@@ -131,6 +131,8 @@ def flags_for(
             flags.append("COLLAPSE: every label gets the same call on every validation image")
     if len(val_probs) > 1 and float(np.ptp(val_probs, axis=0).max()) < 1e-3:
         flags.append("COLLAPSE: the model gives (nearly) the same probabilities for every validation image")
+    if not any(flag.startswith("COLLAPSE") for flag in flags) and (only := _only_test_call(kind, labels, test)):
+        flags.append(f"COLLAPSE: the model predicts {only!r} for every test image; it has learnt nothing useful")
     n = test["n"]
     if n < SMALL_TEST_SET:
         if test["roc_auc"] is not None and test["roc_auc"] >= 1.0:
@@ -144,6 +146,17 @@ def flags_for(
                 "data too easy before trusting it"
             )
     return flags
+
+
+def _only_test_call(kind: str, labels: Sequence[str], test: dict[str, Any]) -> str | None:
+    """The one class a single-label model called for every test image of several classes, if it did
+    (read from the test set's confusion matrix: a model varied on validation may not be on test)."""
+    matrix = test.get("confusion_matrix")
+    if kind == "multilabel" or not matrix:
+        return None
+    called = [j for j in range(len(labels)) if any(row[j] for row in matrix)]
+    present = [i for i, row in enumerate(matrix) if any(row)]
+    return labels[called[0]] if len(called) == 1 and len(present) > 1 else None
 
 
 def promotion_blockers(flags: Sequence[str]) -> list[str]:

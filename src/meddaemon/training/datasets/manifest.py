@@ -25,6 +25,18 @@ from meddaemon.training.datasets.tables import read_table, require_existing
 COLUMNS = ("path", "label", "patient_id")
 
 
+def _row_path(root: Path, written: str) -> Path:
+    """The image a row names, relative to the manifest's folder (an absolute path stays itself). A
+    manifest made on Windows writes ``imgs\\benign\\a.png``: where no file has that name and the
+    path with ``/`` is one, it is that one."""
+    path = as_given(root / written, root)
+    if "\\" in written and not path.exists():
+        forward = as_given(root / written.replace("\\", "/"), root)
+        if forward.exists():
+            return forward
+    return path
+
+
 def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
     rows = read_table(table, COLUMNS[:2], allowed=COLUMNS)
     if not rows:
@@ -54,7 +66,7 @@ def read_manifest(table: Path, task: TaskSpec | None = None) -> DatasetIndex:
                 else f"one of {', '.join(labels)}"
             )
             raise DatasetError(table, f"row {row_number} has label {row['label']!r}", expected)
-        path = as_given(root / row["path"], root)  # an absolute row's path stays itself
+        path = _row_path(root, row["path"])
         patient = row.get("patient_id") or None
         labelling = (frozenset(row_labels), patient)  # a|b and b|a are one
         if path in by_path:

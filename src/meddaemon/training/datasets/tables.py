@@ -101,8 +101,10 @@ def require_existing(table: Path, named: list[tuple[int, Path]]) -> None:
     if not missing:
         return
     shown = ", ".join(f"row {row}: {path}" for row, path in missing[:5])
+    windows = any("\\" in str(path) for _, path in missing)
     raise DatasetError(
         table,
         f"{len(missing)} row(s) name images that do not exist ({shown}{', ...' if len(missing) > 5 else ''})",
-        "an image file for every row (a partial download needs its label file cut to the images present)",
+        "an image file for every row (a partial download needs its label file cut to the images present)"
+        + ("; paths written with '/' between folders ('\\' is no separator here)" if windows else ""),
     )
