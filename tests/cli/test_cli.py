@@ -16,6 +16,7 @@ from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.db.engine import create_db_engine
 from meddaemon.engine.tasks import BUILTIN_TASKS
+from model_factory import promote_into, write_model
 
 
 def test_the_console_scripts_are_installed_and_explain_themselves():
@@ -113,6 +114,23 @@ def test_a_watch_folder_that_is_a_file_is_refused_naming_the_config_file_it_came
     assert f"setting 'watch' from file {config}: the watch folder {tmp_path / 'afile'} is not a folder" in result.output
 
 
+def test_status_names_a_task_whose_active_model_no_daemon_serves(runner: CliRunner, dirs: list[str], tmp_path: Path):
+    """An active version refused (its weights changed on disk): its scans wait in ``waiting_model``,
+    and status listed only the tasks without a model, which busi is not: nothing said why they wait."""
+    for i in range(2):
+        write_png(tmp_path / "inbox" / "busi" / f"synthetic_{i}.png", np.full((8, 8), i, np.uint8))
+    once = runner.invoke(meddaemon, ["start", *dirs, "--once", "--stable-seconds", "0", "--workers", "0"])
+    assert once.exit_code == 0, once.output
+    state = tmp_path / "state"
+    promote_into(f"sqlite:///{state / 'meddaemon.db'}", state / "models", write_model(tmp_path / "model"))
+
+    status = json.loads(runner.invoke(meddaemon, ["status", *dirs, "--json"]).stdout)
+    assert status["waiting_active_model"] == {"busi": 2} and "busi" not in status["waiting_model"]
+    human = runner.invoke(meddaemon, ["status", *dirs]).output
+    said = "tasks whose active model no daemon serves (refused or failing to load: the log says why):\n"
+    assert said + "  busi           2\n" in human
+
+
 def test_start_creates_a_missing_watch_folder_when_asked(runner: CliRunner, dirs: list[str], tmp_path: Path):
     result = runner.invoke(meddaemon, ["start", *dirs, "--create-watch", "--once", "--workers", "0"])
     assert result.exit_code == 0, result.output
@@ -133,6 +151,7 @@ def test_start_once_then_status_report_the_same_counts(runner: CliRunner, dirs: 
     # no model: the routed scans wait for one, none got a result (the log said so, the JSON did not)
     assert json.loads(result.stdout) == {
         "routed": 3, "inferred": 0, "duplicates": 0, "failed": 1, "drained": True, "left": 0, "held": 0,
+        "unlisted": 0,
     }  # fmt: skip
     assert "4 of 4 files" in result.stderr
     assert f"no active model for {len(BUILTIN_TASKS)} task(s)" in result.output and "busi (0 waiting)" in result.output

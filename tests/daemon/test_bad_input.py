@@ -432,6 +432,37 @@ def test_a_file_deleted_between_discovery_and_reading_is_recorded_as_vanished(ma
     assert (scan.state, scan.failure_reason, scan.stored_path) == ("failed", "vanished", None)
 
 
+def test_a_file_removed_after_its_row_and_before_its_move_is_counted_failed_not_routed(
+    make_settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """Its scan fails as vanished at the move; the run's counts (a ``--once`` run's summary and
+    JSON) kept it routed, "0 failed", and an alert on failures never fired. The error names it as
+    every other line does, by its name in the inbox, escaped (it said ``x.png``, its folder left
+    out, and wrote a line break of its name into the log)."""
+    settings = make_settings()
+    gone = synthetic_png(tmp_path / "inbox" / "busi" / "sub" / "synthetic_gone\nlater.png", 1)
+    kept = synthetic_png(tmp_path / "inbox" / "busi" / "synthetic_kept.png", 2)
+    daemon = Daemon(settings)
+    daemon.prepare()
+    record = daemon.intake._record
+
+    def record_then_remove(*args: object, **kwargs: object) -> object:
+        recorded = record(*args, **kwargs)
+        gone.unlink()  # someone removes it between its commit and its move
+        return recorded
+
+    daemon.intake._record = record_then_remove  # type: ignore[method-assign]
+    daemon.process([StableFile(p, signature(p), utcnow(), utcnow()) for p in (gone, kept)])
+
+    scans = scans_by_name(daemon)
+    removed = scans["busi/sub/synthetic_gone\nlater.png"]
+    assert (removed.state, removed.failure_reason) == ("failed", "vanished")
+    assert scans["busi/synthetic_kept.png"].state != "failed"
+    assert (daemon.stats.routed, daemon.stats.failed) == (1, 1)
+    [lost] = [r.getMessage() for r in caplog.records if "removed by someone else" in r.getMessage()]
+    assert lost.startswith("busi/sub/synthetic_gone\\nlater.png is neither at ") and "\n" not in lost
+
+
 def test_the_same_bytes_under_two_names_are_processed_once_and_recorded_as_a_duplicate(make_settings, tmp_path: Path):
     first = synthetic_png(tmp_path / "inbox" / "busi" / "synthetic_a.png")
     (tmp_path / "inbox" / "busi" / "copy of a.png").write_bytes(first.read_bytes())

@@ -170,6 +170,23 @@ def test_a_folder_the_daemon_cannot_list_is_named_once_and_its_files_are_read_on
     assert files_under(inbox) == []
 
 
+def test_a_once_run_that_could_not_list_a_folder_is_not_drained_and_exits_1(daemons: Daemons):
+    """Its JSON said ``"drained": true``, exit 0, while the folder's files waited unread: a script
+    took the inbox for empty."""
+    inbox = daemons.layout.inbox
+    drop(inbox, f"{TASK}/beside.png", synthetic_png(daemons.layout.root, 1), rename=False)
+    drop(inbox, f"{TASK}/locked/inside.png", synthetic_png(daemons.layout.root, 2), rename=False)
+    with unlistable(inbox / TASK / "locked"):
+        daemon = daemons.start(once=True, extra=("--json",), wrap=held_to_file_modes)
+        assert daemon.wait(90) == 1, daemon.tail()
+    text = daemon.log_text()
+    summary = json.loads(text[text.index("\n{\n") : text.rindex("\n}") + 2])  # stdout's, amid the log
+    assert (summary["routed"], summary["drained"], summary["unlisted"], summary["held"]) == (1, False, 1, 0)
+    assert "error: 1 inbox folders could not be listed (each named in the log): their files were not read" in text
+    assert "stopped before" not in text
+    assert files_under(inbox) == [inbox / TASK / "locked" / "inside.png"]
+
+
 def test_a_folder_listed_but_not_searchable_is_named_and_never_stops_the_daemon(daemons: Daemons):
     """A folder that can be listed but not entered (mode 0444): the daemon saw its files' names and
     died on looking at them, at start (every restart the same) and when a folder was locked while a

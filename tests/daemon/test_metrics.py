@@ -108,6 +108,7 @@ def test_a_scrape_reports_what_the_database_holds(migrated_engine, server):
     assert one(m, "meddaemon_scans", state="archived") == 0  # every state is there, zero or not
     assert one(m, "meddaemon_scans_failed_total", reason="truncated_image") == 2
     assert one(m, "meddaemon_scans_failed_total", reason="empty_file") == 1
+    assert one(m, "meddaemon_scans_failed_total", reason="vanished") == 0  # every reason, zero or not
     assert m["meddaemon_model_info"] == {
         (("architecture", "resnet18"), ("sha256", "b" * 64), ("task", "busi"), ("version", "v3")): 1.0,
         (("architecture", "densenet121"), ("sha256", "c" * 64), ("task", "covid"), ("version", "v1")): 1.0,

@@ -220,3 +220,41 @@ def test_a_sqlite_database_that_cannot_be_written_is_named_so_not_unreachable(tm
     assert caplog.records[0].getMessage().startswith("database unwritable (disk full): database or disk is full")
     assert str(gave_up.value).startswith("the database has been unwritable (disk full) for 10 s")
     engine.dispose()
+
+
+def test_an_unwritable_database_is_back_only_once_a_write_goes_through_not_at_a_read(tmp_path: Path, caplog):
+    """The daemon's loop reads on a SQLite file that takes no write: each read ended the outage its
+    heartbeat's write had begun ("database back after 0.0 s" every beat), and the clock towards the
+    limit started again. A write reported ends it; past the limit the guard has given up, though no
+    transaction of its own failed. An unreachable database is back at any answer, as before."""
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'small.db'}")
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE t (x BLOB)"))
+        connection.execute(text("PRAGMA max_page_count = 8"))
+    with pytest.raises(OperationalError) as full, engine.begin() as connection:
+        connection.execute(text("PRAGMA max_page_count = 8"))
+        connection.execute(text("INSERT INTO t VALUES (zeroblob(100000))"))
+
+    def read() -> int:
+        with engine.connect() as connection:
+            return int(connection.execute(text("SELECT count(*) FROM t")).scalar_one())
+
+    fake = FakeTime()
+    g = guard(fake, limit=10, writes_reported=True)
+    with caplog.at_level(logging.INFO, logger="meddaemon.daemon"):
+        g.failed(full.value)  # the heartbeat's write
+        assert g.run(read) == 0 and not g.up and not g.given_up()
+        fake.now += 10
+        assert g.run(read) == 0 and g.given_up()
+        assert str(g.unavailable()).startswith("the database has been unwritable (disk full) for 10 s, longer than")
+        g.succeeded(wrote=True)
+        assert g.up and not g.given_up()
+        g.failed(refused())
+        assert g.run(read) == 0 and g.up
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "database unwritable (disk full)",
+        "database back after 10.0 s",
+        "database unreachable",
+        "database back after 0.0 s",
+    ]
+    engine.dispose()

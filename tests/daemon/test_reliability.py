@@ -444,7 +444,8 @@ def test_a_daemon_starting_while_another_process_holds_the_lock_waits_for_it_or_
     a loop), and a SIGTERM meanwhile ended it with 3 too."""
     daemons.run_once()  # the database exists
     drop(layout.inbox / TASK, "synthetic_0000.png", synthetic_png(tmp_path / "made", 0), rename=True)
-    locker = daemons.helper("-c", SQLITE_LOCKER, str(layout.db), "60" if stop else "4")
+    # held 8 s: a daemon starting on a loaded machine (importing torch) took more than 4 and never met it
+    locker = daemons.helper("-c", SQLITE_LOCKER, str(layout.db), "60" if stop else "8")
     assert locker.stdout is not None and locker.stdout.readline().strip() == b"locked"
     daemon = daemons.start(once=True, env={"MEDDAEMON_BUSY_TIMEOUT": "1"}, extra=("--json",))
     wait_until(lambda: "database is locked by another process" in daemon.log_text(), 30, "the lock met", daemon)

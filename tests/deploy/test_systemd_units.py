@@ -80,6 +80,16 @@ def test_the_health_units_run_the_health_command_every_minute(real_command):
     assert timer["OnUnitActiveSec"] == "1min"
 
 
+def test_the_health_check_reads_the_settings_the_daemon_runs_with():
+    """Run from / (no working directory), the check looked for a state directory the config leaves
+    out (``./.meddaemon``) in /.meddaemon, the daemon's in /var/lib/meddaemon: "down" every minute."""
+    daemon, health = read_unit("meddaemon.service")["Service"], read_unit("meddaemon-health.service")["Service"]
+    for key in ("WorkingDirectory", "EnvironmentFile", "User", "Group"):
+        assert health[key] == daemon[key], key
+    config = shlex.split(daemon["ExecStart"])[2:]
+    assert shlex.split(health["ExecStart"])[2:4] == config
+
+
 def test_the_executable_is_the_console_script_pyproject_installs():
     scripts = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())["project"]["scripts"]
     for name in ("meddaemon.service", "meddaemon-health.service"):

@@ -168,11 +168,17 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
             f"{stats.left} files left in it): run again once they can",
             err=True,
         )
-    elif not stats.drained:
+    if stats.unlisted:
+        click.echo(
+            f"error: {stats.unlisted} inbox folders could not be listed (each named in the log): their files "
+            "were not read; run again once they can",
+            err=True,
+        )
+    if not (stats.drained or stats.held or stats.unlisted):
         click.echo(cut_short(stats), err=True)
     if once and as_json:
         echo_json({k: v for k, v in dataclasses.asdict(stats).items() if k != "started"})
-    _exit(daemon, EXIT_FAILURE if stats.held else EXIT_OK)
+    _exit(daemon, EXIT_FAILURE if stats.held or stats.unlisted else EXIT_OK)
 
 
 def cut_short(stats: RunStats) -> str:
@@ -267,6 +273,10 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
     if summary.waiting_model:
         click.echo("tasks without an active model (scans waiting for one):")
         for task, count in summary.waiting_model.items():
+            click.echo(f"  {task:<14} {count}")
+    if summary.waiting_active_model:
+        click.echo("tasks whose active model no daemon serves (refused or failing to load: the log says why):")
+        for task, count in summary.waiting_active_model.items():
             click.echo(f"  {task:<14} {count}")
     if summary.failures_by_reason:
         click.echo("failures by reason:")

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from meddaemon.daemon import bookkeeper
 from meddaemon.daemon.bookkeeper import Destinations, PlannedMove
+from meddaemon.daemon.filing import CarriedOut
 from meddaemon.daemon.inference import Commit
 from meddaemon.daemon.stages import Cadence, Stage
 
@@ -34,7 +35,7 @@ class ArchiveStage(Stage):
         destinations: Destinations,
         batch_size: int,
         commit: Commit,
-        carry_out: Callable[[list[PlannedMove]], int],
+        carry_out: Callable[[list[PlannedMove]], CarriedOut],
         daemon_id: int | None,
         poll_seconds: float,
         after_reports: bool,
@@ -72,7 +73,7 @@ class ArchiveStage(Stage):
 
         moves = self.commit(claim)
         if moves:
-            moved = self.carry_out(moves)
+            moved = self.carry_out(moves).moved
             held_back = f"; {len(moves) - moved} held back (each named above, tried again at each rescan)"
             log.info("archived %d reported scans%s", moved, held_back if moved < len(moves) else "")
         return len(moves)

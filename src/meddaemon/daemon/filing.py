@@ -40,6 +40,16 @@ class MoveOutcome(StrEnum):
 
 
 @dataclass(frozen=True)
+class CarriedOut:
+    """What carrying out committed moves came to (``Daemon._carry_out``)."""
+
+    #: files moved (the others held back, or gone)
+    moved: int
+    #: scans failed as ``vanished`` by it: their file left the inbox before its move
+    vanished: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
 class AsRead:
     """An inbox file as it was read: its size, mtime and inode, and the SHA-256 of its bytes."""
 

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from meddaemon.config import Settings
 from meddaemon.daemon import bookkeeper, claims
 from meddaemon.daemon.bookkeeper import BatchRecord, Destinations, PlannedMove
+from meddaemon.daemon.filing import CarriedOut
 from meddaemon.daemon.inbox import Inbox, folder_words, is_folder, rename_to_utf8
 from meddaemon.daemon.inference import Commit, InferenceStage
 from meddaemon.daemon.intake import Intake, IntakeContext, read_file, read_files
@@ -71,6 +72,8 @@ class RunStats:
     left: int = 0
     #: ``--once``: files recorded whose move out of the inbox failed (each logged), left in it
     held: int = 0
+    #: ``--once``: inbox folders it could not list (each logged), their files left unread
+    unlisted: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -124,7 +127,7 @@ class IntakeStage(Stage):
         outage: OutageGuard,
         should_stop: Callable[[], bool],
         commit: Commit,
-        carry_out: Callable[[list[PlannedMove]], int],
+        carry_out: Callable[[list[PlannedMove]], CarriedOut],
         recover: Callable[[], None],
         metrics: DaemonMetrics,
     ) -> None:
@@ -436,7 +439,8 @@ class IntakeStage(Stage):
         # file system) had said nothing of the batch, and recovery finishes the moves without names
         for outcome in record_.outcomes:
             log_outcome(outcome)
-        self.carry_out(record_.moves)
+        vanished = self.carry_out(record_.moves).vanished
+        record_.outcomes = [_as_vanished(o) if o.scan_id in vanished else o for o in record_.outcomes]
         self.stats.count(record_)
         for outcome in record_.outcomes:
             self.metrics.files_recorded(outcome.state, outcome.reason)
@@ -550,6 +554,12 @@ class IntakeStage(Stage):
             self.workers.replace(kill=True)
             why = f"its read had not ended after {timeout:.0f} s (read_timeout_seconds); its decoding worker was killed"
             return Intake(path, failure=ScanFailure(FailureReason.DECODE_TIMEOUT, why))
+
+
+def _as_vanished(outcome: bookkeeper.IntakeOutcome) -> bookkeeper.IntakeOutcome:
+    """A routed file's outcome once its move found it gone (``bookkeeper.forget_files_not_kept``):
+    failed, as its scan is; counted routed, a ``--once`` run's summary said 0 failed."""
+    return replace(outcome, state="failed", reason=FailureReason.VANISHED.value, detail="gone before its move")
 
 
 def _why(exc: DataError) -> str:

@@ -359,5 +359,5 @@ class LeaseKeeper:
                     log.warning("%s failed (%s); retrying in %.1f s", what, type(exc).__name__, interval)
             else:
                 if self.outage is not None:
-                    self.outage.succeeded()
+                    self.outage.succeeded(wrote=step == self.renew)
             pause = max(0.0, interval - (time.monotonic() - started))

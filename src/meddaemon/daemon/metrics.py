@@ -40,6 +40,7 @@ from meddaemon.db.readonly import OBSERVER_STATEMENT_SECONDS, read_only_engine
 from meddaemon.dicom.outbox import QueueSummary
 from meddaemon.dicom.outbox import summary as outbox_summary
 from meddaemon.dicom.receiver import ReceiverStats
+from meddaemon.failures import FailureReason
 from meddaemon.logs import error_line
 from meddaemon.states import PERSISTED
 
@@ -116,6 +117,12 @@ class DaemonMetrics:
         for latency in latencies_ms:
             if latency is not None:
                 self._latency.observe(latency / 1000.0)
+
+    def watch_child(self, kind: str) -> None:
+        """A child process (``report``, ``outbox``) this daemon starts again if it dies: its restarts
+        are counted from 0 (a series that appeared only at the first restart was "no data" to a rule
+        or a dashboard until then)."""
+        self._restarts.labels(process=kind)
 
     def child_restarted(self, kind: str) -> None:
         self._restarts.labels(process=kind).inc()
@@ -377,7 +384,8 @@ class DatabaseCollector(Collector):
             "Failed scans in the database by reason code (failed is final: this only grows).",
             labels=["reason"],
         )
-        for reason, count in sorted(snap.failures_by_reason.items()):
+        every_reason = dict.fromkeys((reason.value for reason in FailureReason), 0)  # 0 until one fails so
+        for reason, count in sorted({**every_reason, **snap.failures_by_reason}.items()):
             failed.add_metric([reason], count)
         yield failed
 

@@ -90,6 +90,12 @@ class OutageGuard:
     change of state (the metrics' ``database_up``), ``while_waiting()`` between two tries (the
     daemon keeps its lease and systemd's watchdog fed there); ``logger`` names the process that
     waits (the daemon, its report process).
+
+    ``writes_reported``: another thread reports its writes (``succeeded(wrote=True)``: the daemon's
+    heartbeat). A SQLite file that cannot be written still answers reads, so a transaction of
+    ``run`` that succeeded, which may have read alone, does not end an outage found ``unwritable``;
+    only a write does (it said "database back" every few seconds while every write failed, the
+    metric read up, and the clock towards ``limit_seconds`` started again each time).
     """
 
     def __init__(
@@ -102,8 +108,10 @@ class OutageGuard:
         on_change: Callable[[bool], None] = lambda up: None,
         while_waiting: Callable[[], None] = lambda: None,
         logger: logging.Logger = log,
+        writes_reported: bool = False,
     ) -> None:
         self.log = logger
+        self.writes_reported = writes_reported
         self.limit_seconds = limit_seconds
         self.clock = clock
         self.sleep = sleep
@@ -136,13 +144,16 @@ class OutageGuard:
         )
         self.on_change(False)
 
-    def succeeded(self) -> None:
-        """The database answered: back up (logged once) if it was down."""
+    def succeeded(self, wrote: bool = True) -> None:
+        """The database answered (``wrote``: a write went through): back up (logged once) if it was
+        down, unless it was found unwritable and this proves nothing of writing."""
         with self._lock:
-            down, self.down = self.down, None
-        if down is not None:
-            self.log.warning("database back after %.1f s", self.clock() - down.since)
-            self.on_change(True)
+            down = self.down
+            if down is None or (not wrote and down.what != "unreachable"):
+                return
+            self.down = None
+        self.log.warning("database back after %.1f s", self.clock() - down.since)
+        self.on_change(True)
 
     def delay(self, attempt: int) -> float:
         """The wait before try ``attempt + 1``: doubling from ``BACKOFF_FIRST``, capped at
@@ -169,15 +180,25 @@ class OutageGuard:
                 self.failed(exc)
                 if should_stop():
                     raise
-                outage = self.down_for()
-                if outage >= self.limit_seconds:
-                    raise DatabaseUnavailable(
-                        f"the database has been {what_failed(exc)} for {outage:.0f} s, longer than "
-                        f"db_outage_seconds ({self.limit_seconds:g} s): {error_line(exc)}"
-                    ) from exc
+                if self.given_up():
+                    raise self.unavailable() from exc
                 attempt += 1
                 self.while_waiting()
                 self.sleep(self.delay(attempt))
                 continue
-            self.succeeded()
+            self.succeeded(wrote=not self.writes_reported)
             return result
+
+    def given_up(self) -> bool:
+        """Whether the outage has lasted ``limit_seconds``: seen by the heartbeat alone too (a daemon
+        whose SQLite file cannot be written reads on, idle, and never met a failure of its own)."""
+        return self.down is not None and self.down_for() >= self.limit_seconds
+
+    def unavailable(self) -> DatabaseUnavailable:
+        """The error the daemon gives up with, naming the outage and its limit."""
+        down = self.down
+        what, error = (down.what, down.error) if down is not None else ("unreachable", "")
+        return DatabaseUnavailable(
+            f"the database has been {what} for {self.down_for():.0f} s, longer than "
+            f"db_outage_seconds ({self.limit_seconds:g} s): {error}"
+        )

@@ -113,7 +113,10 @@ class Daemon:
         self.watchdog = Watchdog()
         #: the database's reachability: every transaction of the loop waits out an outage through it
         self.outage = OutageGuard(
-            settings.db_outage_seconds, on_change=self._database_changed, while_waiting=self._keep_alive
+            settings.db_outage_seconds,
+            on_change=self._database_changed,
+            while_waiting=self._keep_alive,
+            writes_reported=True,  # the heartbeat's
         )
         self.stage = InferenceStage(
             settings,
@@ -183,12 +186,15 @@ class Daemon:
         self._log_decoders()
 
     def _count_what_is_left(self, once: bool) -> None:
-        """A ``--once`` run a stop cut short, or that could not move files out of the inbox (a folder
-        it may not write: a move is retried at a rescan, and ``--once`` has no other), is not
-        drained: a script must not read it as if it were."""
+        """A ``--once`` run a stop cut short, that could not move files out of the inbox (a folder
+        it may not write: a move is retried at a rescan, and ``--once`` has no other), or that could
+        not list a folder of it (its files unread), is not drained: a script must not read it as if
+        it were."""
         held = sum(1 for path in self.blocked if not path.is_relative_to(self.settings.state_dir))  # not work/'s
-        if once and (self.stop_requested.is_set() or held):
-            self.stats.drained, self.stats.left, self.stats.held = False, sum(1 for _ in self.inbox.scan()), held
+        unlisted = len(self.inbox.unlisted)
+        if once and (self.stop_requested.is_set() or held or unlisted):
+            self.stats.drained, self.stats.left = False, sum(1 for _ in self.inbox.scan())
+            self.stats.held, self.stats.unlisted = held, len(self.inbox.unlisted)
 
     def _state_paths(self) -> tuple[Path, ...]:
         """The state directory, and its SQLite database when it has one."""
@@ -250,6 +256,7 @@ class Daemon:
         for child in (self.reports, outbox):
             if child is not None:
                 child.restarted = self.metrics.child_restarted
+                self.metrics.watch_child(child.kind)
         stages = [
             MetricsStage(settings.metrics_host, settings.metrics_port, self.engine, self.metrics, settings.busy_timeout)
             if settings.metrics_port and live
@@ -381,6 +388,8 @@ class Daemon:
             self._keep_alive()
             if self.lease.lost.is_set():
                 raise LeaseLost(f"daemon {self.member.daemon_id} was declared lost by another daemon")
+            if self.outage.given_up():  # the heartbeat's writes failing that long, the loop's reads not
+                raise self.outage.unavailable()
             if self._state_identity() != self.state_identity:
                 raise StateDirectoryGone(
                     f"the state directory {self.settings.state_dir} (or its database) was removed or replaced "
@@ -472,18 +481,19 @@ class Daemon:
                 log.info("recovery: removed %s, a copy a killed daemon left half made", unfinished)
             self._carry_out(moves)
 
-    def _carry_out(self, moves: list[PlannedMove]) -> int:
+    def _carry_out(self, moves: list[PlannedMove]) -> filing.CarriedOut:
         """Carry out committed moves, then mark them done; only those still due and this daemon's
         (``bookkeeper.moves_still_due``): one declared lost that wakes up moves nothing another took
-        over. Returns how many files were moved (others are held back, or were gone)."""
+        over. Returns how many files were moved (others are held back, or were gone) and the scans
+        failed because their file was gone."""
         if not moves:
-            return 0
+            return filing.CarriedOut(0)
         me = self.member.daemon_id if self.member else None
         due = self._commit(lambda session: bookkeeper.moves_still_due(session, moves, self.destinations, me))
         for move in moves:
             if move not in due:
                 skipped = "move of %s to %s: no longer this daemon's to make; skipped"
-                log.info(skipped, shown_name(move.source), move.target)
+                log.info(skipped, shown_name(move.source), shown_name(move.target))
                 self.tracker.forget(move.source)
                 self.read_as.pop(move.source, None)
         done: list[PlannedMove] = []
@@ -499,8 +509,8 @@ class Daemon:
                 log.log(
                     logging.DEBUG if move.source in self.blocked else logging.ERROR,
                     "could not move %s to %s (%s); will retry at each rescan",
-                    move.source,
-                    move.target,
+                    shown_name(move.source),
+                    shown_name(move.target),
                     exc.strerror or exc,
                 )
                 self.blocked.add(move.source)
@@ -508,7 +518,7 @@ class Daemon:
                     self.read_as[move.source] = move.read_as
                 continue
             if move.source in self.blocked:
-                log.info("moved %s to %s, blocked before", shown_name(move.source), move.target)
+                log.info("moved %s to %s, blocked before", shown_name(move.source), shown_name(move.target))
             if outcome in (filing.MoveOutcome.LOST, filing.MoveOutcome.REPLACED):
                 not_kept.append(move)
                 if move.reason_document is not None:  # written for a file that is not coming
@@ -516,16 +526,16 @@ class Daemon:
             if outcome is filing.MoveOutcome.LOST:
                 log.error(
                     "%s is neither at %s nor at %s: it was removed by someone else",
-                    move.source.name,
-                    move.source,
-                    move.target,
+                    self._shown(move.source),
+                    shown_name(move.source),
+                    shown_name(move.target),
                 )
             if outcome is filing.MoveOutcome.REPLACED:
                 log.error(
                     "%s was replaced by other bytes before it could be moved to %s: the file read is "
                     "gone, and the new one is taken as a new arrival",
-                    move.source.name,
-                    move.target,
+                    self._shown(move.source),
+                    shown_name(move.target),
                 )
             self.blocked.discard(move.source)
             self.read_as.pop(move.source, None)
@@ -539,9 +549,17 @@ class Daemon:
                     bookkeeper.clear_pending(session, done, me)
                     return bookkeeper.forget_files_not_kept(session, not_kept, me)
 
-            for scan_id in self.guarded(clear):
+            vanished = frozenset(self.guarded(clear))
+            for scan_id in sorted(vanished):
                 log.error("scan %d failed as vanished: its file left the inbox before its copy was kept", scan_id)
-        return len(done) - len(not_kept)
+            return filing.CarriedOut(len(done) - len(not_kept), vanished)
+        return filing.CarriedOut(0)
+
+    def _shown(self, path: Path) -> str:
+        """A moved file as the log names it: an inbox file by its name in the inbox, as its other
+        lines do (``busi/scan.png``, not ``scan.png``), any other by its path; escaped."""
+        watch = self.settings.watch
+        return shown_name(path.relative_to(watch).as_posix() if path.is_relative_to(watch) else path)
 
     def _after_store(self, record: BatchRecord) -> None:
         self._carry_out(record.moves)

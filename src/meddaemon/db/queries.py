@@ -45,6 +45,9 @@ class StatusSummary:
     last_registered_at: datetime | None = None
     #: the tasks without an active model version, each with how many scans wait for one
     waiting_model: dict[str, int] = field(default_factory=dict)
+    #: the tasks whose scans wait though they have an active version (refused, or failing to load
+    #: wherever a daemon runs: the log says why), with how many wait
+    waiting_active_model: dict[str, int] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -93,6 +96,7 @@ def status_summary(session: Session, recent: int = 10, now: datetime | None = No
         first_registered_at=first,
         last_registered_at=last,
         waiting_model=tasks_without_model(session),
+        waiting_active_model={task: count for task, (count, _) in waiting_for_an_active_model(session).items()},
     )
 
 

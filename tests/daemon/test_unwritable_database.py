@@ -1,0 +1,65 @@
+"""A real daemon whose SQLite database stops taking writes while it runs: the file made immutable
+(``chattr +i``), as a failing disk or a file system remounted read-only leaves it. Reads still
+answer, so the daemon must not take one for the database back: one outage, logged once, the metric
+down all along, and exit 3 past ``db_outage_seconds`` though the idle daemon's own loop only reads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from daemon_harness import Daemons, Layout, one, scrape, wait_until
+from ports import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@contextmanager
+def immutable(*paths: Path) -> Iterator[None]:
+    """``paths`` refused every write, even root's and even through descriptors already open."""
+    chattr = shutil.which("chattr")
+    why = "needs root and chattr (e2fsprogs) on a file system with the immutable flag"
+    if os.geteuid() != 0 or chattr is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"this test {why}; CI runs as root")
+        pytest.skip(f"this test {why}")
+    made = subprocess.run([chattr, "+i", *map(str, paths)], capture_output=True, text=True)
+    try:
+        if made.returncode != 0:
+            pytest.skip(f"chattr +i refused here ({made.stderr.strip()}): this test {why}")
+        yield
+    finally:
+        subprocess.run([chattr, "-i", *map(str, paths)], capture_output=True)
+
+
+def test_an_unwritable_sqlite_database_is_one_outage_metric_down_then_exit_3(daemons: Daemons, layout: Layout):
+    """It logged "database back after 0.0 s" every heartbeat (a read had succeeded), the metric read
+    up, and an idle daemon never gave up: its clock towards the limit started again each time."""
+    port = free_port()
+    env = {"MEDDAEMON_METRICS_PORT": str(port), "MEDDAEMON_DB_OUTAGE_SECONDS": "8", "MEDDAEMON_LEASE_SECONDS": "2"}
+    daemon = daemons.start(env=env)
+    daemon.wait_ready(60)
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    database = [p for p in (layout.db, layout.db.with_name("meddaemon.db-wal")) if p.exists()]
+    with immutable(*database):
+        wait_until(lambda: "meddaemon.daemon: database unwritable" in daemon.log_text(), 20, "the outage", daemon)
+        assert one(scrape(metrics), "meddaemon_database_up") == 0
+        code = daemon.wait(60)
+    log = daemon.log_text()
+    assert code == 3, daemon.tail()
+    assert log.count("meddaemon.daemon: database unwritable") == 1 and "meddaemon.daemon: database back" not in log
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.match(
+        r"error: the database has been unwritable \((read-only|disk I/O error)\) for \d+ s, "
+        r"longer than db_outage_seconds \(8 s\)",
+        errors[0],
+    ), errors
+    assert "Traceback" not in log
