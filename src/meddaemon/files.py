@@ -261,6 +261,8 @@ def read_whole(
     try:
         fd = open_keeping_atime(path, flags) if keep_atime else os.open(path, flags)
     except FileNotFoundError:
+        if follow_symlinks and os.path.islink(path):  # a dataset's link whose target is not there
+            raise ScanFailure(FailureReason.UNREADABLE, "a symbolic link to a file that does not exist") from None
         raise ScanFailure(FailureReason.VANISHED, "the file was deleted before it could be read") from None
     except PermissionError:
         raise ScanFailure(FailureReason.UNREADABLE, "permission denied") from None

@@ -170,21 +170,39 @@ def test_a_folder_the_daemon_cannot_list_is_named_once_and_its_files_are_read_on
     assert files_under(inbox) == []
 
 
-def test_a_once_run_that_could_not_list_a_folder_is_not_drained_and_exits_1(daemons: Daemons):
+@pytest.mark.parametrize("beside", [True, False], ids=["a file beside it", "nothing else"])
+def test_a_once_run_that_could_not_list_a_folder_is_not_drained_names_it_and_exits_1(daemons: Daemons, beside: bool):
     """Its JSON said ``"drained": true``, exit 0, while the folder's files waited unread: a script
-    took the inbox for empty."""
+    took the inbox for empty. The folder is named in the log: its first look at the inbox (whether
+    to start workers) met it first, and the warning, kept for a folder new to the scan, never came."""
     inbox = daemons.layout.inbox
-    drop(inbox, f"{TASK}/beside.png", synthetic_png(daemons.layout.root, 1), rename=False)
+    if beside:
+        drop(inbox, f"{TASK}/beside.png", synthetic_png(daemons.layout.root, 1), rename=False)
     drop(inbox, f"{TASK}/locked/inside.png", synthetic_png(daemons.layout.root, 2), rename=False)
     with unlistable(inbox / TASK / "locked"):
         daemon = daemons.start(once=True, extra=("--json",), wrap=held_to_file_modes)
         assert daemon.wait(90) == 1, daemon.tail()
     text = daemon.log_text()
     summary = json.loads(text[text.index("\n{\n") : text.rindex("\n}") + 2])  # stdout's, amid the log
-    assert (summary["routed"], summary["drained"], summary["unlisted"], summary["held"]) == (1, False, 1, 0)
+    assert (summary["routed"], summary["drained"], summary["unlisted"], summary["held"]) == (int(beside), False, 1, 0)
     assert "error: 1 inbox folders could not be listed (each named in the log): their files were not read" in text
+    assert text.count(f"cannot list inbox folder {TASK}/locked (Permission denied): its files wait there") == 1
     assert "stopped before" not in text
     assert files_under(inbox) == [inbox / TASK / "locked" / "inside.png"]
+
+
+def test_lost_and_found_at_the_root_of_an_inbox_that_is_a_mount_point_is_never_read(daemons: Daemons):
+    """Root's alone to list: every ``--once`` of the daemon's user said the inbox was not drained."""
+    inbox = daemons.layout.inbox
+    drop(inbox, f"{TASK}/scan.png", synthetic_png(daemons.layout.root, 1), rename=False)
+    drop(inbox, "lost+found/#1234", b"SYNTHETIC fsck fragment", rename=False)
+    with unlistable(inbox / "lost+found"):
+        daemon = daemons.start(once=True, extra=("--json",), wrap=held_to_file_modes)
+        assert daemon.wait(90) == 0, daemon.tail()
+    text = daemon.log_text()
+    summary = json.loads(text[text.index("\n{\n") : text.rindex("\n}") + 2])
+    assert (summary["routed"], summary["drained"], summary["unlisted"]) == (1, True, 0)
+    assert "lost+found" not in text
 
 
 def test_a_folder_listed_but_not_searchable_is_named_and_never_stops_the_daemon(daemons: Daemons):

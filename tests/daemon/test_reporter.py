@@ -354,15 +354,16 @@ def test_a_correction_that_failed_after_the_version_shown_is_named_without_a_res
 
 
 @pytest.mark.parametrize(
-    ("frame_policy", "representative", "said"),
+    ("frame_policy", "representative", "preamble", "said"),
     [
-        ("key", 2, "Frames frame 2 of 4 classified and shown (the frame the scan names representative)"),
-        ("key", None, "Frames frame 3 of 4 classified and shown (the middle one)"),
-        ("all", 2, "Frames all 4 classified, the probabilities their mean; frame 3 shown"),
+        ("key", 2, True, "Frames frame 2 of 4 classified and shown (the frame the scan names representative)"),
+        ("key", 2, False, "Frames frame 2 of 4 classified and shown (the frame the scan names representative)"),
+        ("key", None, True, "Frames frame 3 of 4 classified and shown (the middle one)"),
+        ("all", 2, True, "Frames all 4 classified, the probabilities their mean; frame 3 shown"),
     ],
 )
 def test_a_multi_frame_scan_s_report_says_which_frames_were_classified_and_which_is_shown(
-    tmp_path: Path, frame_policy: str, representative: int | None, said: str
+    tmp_path: Path, frame_policy: str, representative: int | None, preamble: bool, said: str
 ):
     """A cine loop's report pictures one frame: a reader must not take a call that is the mean over
     every frame (``frame_policy = "all"``) for that frame's alone, nor guess which frame was read.
@@ -371,7 +372,8 @@ def test_a_multi_frame_scan_s_report_says_which_frames_were_classified_and_which
     daemon.prepare()
     promote(daemon, write_model(tmp_path / "busi_model"))
     named = {"RepresentativeFrameNumber": representative} if representative else {}
-    write_dicom(daemon.settings.watch / "synthetic_cine.dcm", modality="US", body_part="BREAST", frames=4, extra=named)
+    write_dicom(daemon.settings.watch / "synthetic_cine.dcm", modality="US", body_part="BREAST", frames=4, extra=named,
+                preamble=preamble)  # fmt: skip
     single = np.zeros((64, 64), np.uint16)
     write_dicom(daemon.settings.watch / "synthetic_one.dcm", pixels=single, modality="US", body_part="BREAST")
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from daemon_harness import Daemons, Layout, one, scrape, wait_until
+from daemon_harness import TASK, Daemons, Layout, drop, one, scrape, synthetic_png, wait_until
 from ports import free_port
 
 pytestmark = pytest.mark.slow
@@ -63,3 +65,24 @@ def test_an_unwritable_sqlite_database_is_one_outage_metric_down_then_exit_3(dae
         errors[0],
     ), errors
     assert "Traceback" not in log
+
+
+def test_a_brief_unwritable_spell_is_over_at_the_first_write_that_goes_through_whatever_the_lease(
+    daemons: Daemons, layout: Layout
+):
+    """Only a write ends an unwritable outage, and the heartbeat's came a quarter lease apart: with a
+    200 s lease, a 2 s spell long over outlasted ``db_outage_seconds`` and the daemon exited 3 on a
+    database that took its writes. The loop tries a write itself while the database is unwritable."""
+    daemon = daemons.start(env={"MEDDAEMON_DB_OUTAGE_SECONDS": "6", "MEDDAEMON_LEASE_SECONDS": "200"})
+    daemon.wait_ready(60)
+    database = [p for p in (layout.db, layout.db.with_name("meddaemon.db-wal")) if p.exists()]
+    with immutable(*database):
+        drop(layout.inbox / TASK, "synthetic_0000.png", synthetic_png(layout.root, 0), rename=True)  # a write
+        wait_until(lambda: "meddaemon.daemon: database unwritable" in daemon.log_text(), 20, "the outage", daemon)
+        time.sleep(2.0)
+    wait_until(lambda: "meddaemon.daemon: database back after" in daemon.log_text(), 10, "the way back", daemon)
+    wait_until(lambda: "synthetic_0000.png (sha256" in daemon.log_text(), 10, "the file recorded", daemon)
+    time.sleep(6.0)  # past db_outage_seconds from the spell's start
+    assert daemon.alive(), daemon.tail()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(30) == 0, daemon.tail()

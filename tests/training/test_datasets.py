@@ -44,7 +44,9 @@ def test_busi_names_with_spaces_and_parentheses_keep_their_masks_and_second_mask
 
 
 @pytest.mark.parametrize("copy", ["benign (1)_mask (1).png", "benign (1)_mask(2).png", "benign (1)_mask_1 (1).png",
-                                  "benign (1)_mask - Copy.png", "benign (1)_mask - Copy (2).png"])  # fmt: skip
+                                  "benign (1)_mask - Copy.png", "benign (1)_mask - Copy (2).png",
+                                  "benign (1)_mask (1) (1).png", "benign (1)_mask - Copy - Copy.png",
+                                  "benign (1)_mask copy.png", "benign (1)_mask copy 2.png"])  # fmt: skip
 def test_a_copy_of_a_mask_named_by_a_browser_or_a_file_manager_is_a_mask_never_an_image(
     tmp_path: Path, copy: str
 ) -> None:
@@ -550,6 +552,28 @@ def test_corrupt_images_over_the_threshold_refuse_the_dataset(phantoms: dict[str
     with pytest.raises(DatasetError, match="cannot be read") as caught:
         load_dataset(root, BUILTIN_TASKS["busi"], max_bad_fraction=0.05)
     assert "at most 5% unreadable" in str(caught.value)
+
+
+def test_a_link_named_as_an_image_that_leads_nowhere_is_an_unreadable_image_counted_not_left_out(
+    tmp_path: Path,
+) -> None:
+    """A cohort linked into shared storage, one share unmounted: its links were passed over without a
+    word, the counts and the 5% stop blind to them. Each is an image that cannot be read, named."""
+    from meddaemon.training.datasets.index import drop_unreadable
+
+    for label in ("covid", "normal"):
+        for n in range(30):
+            write_png(tmp_path / label / f"{n}.png", pixels(n))
+    (tmp_path / "covid" / "gone.png").symlink_to("/nonexistent/share/gone.png")
+    (tmp_path / "normal" / "loop_a.png").symlink_to("loop_b.png")
+    (tmp_path / "normal" / "loop_b.png").symlink_to("loop_a.png")
+    index = load_dataset(tmp_path, BUILTIN_TASKS["covid"], check_images=False)
+    assert len(index.samples) == 63
+    kept = drop_unreadable(index, max_bad_fraction=0.05)
+    said = {s.path.name: s.reason for s in kept.skipped}
+    assert said["gone.png"] == "unreadable image (unreadable: a symbolic link to a file that does not exist)"
+    assert said["loop_a.png"].startswith("unreadable image (unreadable: cannot open the file")
+    assert len(kept.samples) == 60
 
 
 def test_a_class_whose_every_image_is_unreadable_is_an_empty_class_naming_them(tmp_path: Path) -> None:

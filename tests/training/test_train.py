@@ -226,18 +226,20 @@ def test_collapse_and_implausible_scores_block_promotion_a_class_never_called_do
     ("kind", "labels", "truth"),
     [("multiclass", ("a", "b", "c"), [0, 1, 2, 0, 1, 2]), ("binary", ("normal", "covid"), [0, 1, 0, 1, 0, 1])],
 )
-def test_a_model_calling_one_class_for_every_test_image_is_flagged_collapse_though_it_varied_on_validation(
+def test_a_model_calling_one_class_for_every_test_image_is_flagged_though_it_varied_on_validation(
     kind: str, labels: tuple[str, ...], truth: list[int]
 ) -> None:
-    """Every test image called benign (accuracy 0.0 on the test set) was flagged only NEVER CALLED,
-    which does not stop a promotion, where the README says a model calling one class for everything
-    is flagged loudly."""
+    """Every test image called benign (accuracy 0.0 on the test set) was flagged only NEVER CALLED
+    (of validation), where the README says a model calling one class for everything is flagged
+    loudly. Its ranking of the test set may still hold (a threshold off on a shifted test set): the
+    flag says so, and, as NEVER CALLED, leaves promotion to the user."""
     hot = np.eye(len(labels))[truth]
     varied = hot * 0.8 + 0.1 / len(labels)
     test = score_test_set(kind, labels, np.tile(np.eye(len(labels))[0] * 0.8 + 0.1, (6, 1)), hot, None)
     flags = flags_for(kind, labels, varied, hot, None, {**test, "n": 500})
-    assert flags == [f"COLLAPSE: the model predicts {labels[0]!r} for every test image; it has learnt nothing useful"]
-    assert promotion_blockers(flags) == flags
+    said = f"ONE CALL ON TEST: the model calls {labels[0]!r} for every test image"
+    assert len(flags) == 1 and flags[0].startswith(said)
+    assert "check the thresholds" in flags[0] and promotion_blockers(flags) == []
     test_varied = score_test_set(kind, labels, varied, hot, None)
     assert flags_for(kind, labels, varied, hot, None, {**test_varied, "n": 500}) == []
 

@@ -220,7 +220,7 @@ class AuditResult:
             "join": self.join.as_dict(),
             "patients": self.cohort.n_clusters,
             "labels": [m.as_dict() for m in a.overall],
-            "multiclass": a.multiclass.as_dict() if a.multiclass else None,
+            "multiclass": {**a.multiclass.as_dict(), "n": self.cohort.n} if a.multiclass else None,
             "subgroups": [g.as_dict() for g in a.subgroups],
             "bootstrap_resamples": a.resamples,
             "comparison": [c.as_dict() for c in self.comparison],

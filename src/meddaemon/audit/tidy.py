@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from meddaemon.audit.metrics import SCALARS, Agreement, LabelMetrics
-from meddaemon.audit.run import AuditResult
-from meddaemon.audit.values import Estimate, Undefined, Value
+from meddaemon.audit.metrics import SCALARS
 from meddaemon.files import write_named_output
+
+if TYPE_CHECKING:
+    from meddaemon.audit.run import AuditResult
 
 COLUMNS = (
     "scope", "by", "level", "label", "metric", "value", "lower", "upper", "ci_method",
@@ -18,56 +20,67 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def _row(scope: str, by: str, level: str, label: str, metric: str, value: Value, counts: dict[str, int]) -> dict:
+def _row(scope: str, by: str, level: str, label: str, metric: str, value: Mapping[str, Any], counts: dict) -> dict:
+    """One row from a value as the audit stores it (``Estimate.as_dict`` or ``Undefined.as_dict``)."""
     out: dict[str, Any] = {"scope": scope, "by": by, "level": level, "label": label, "metric": metric, **counts}
-    if isinstance(value, Estimate):
-        out.update(value=value.value, lower=value.lower, upper=value.upper)
-        if value.has_interval:
-            out["ci_method"] = value.method
+    if value.get("value") is not None:
+        out.update(value=value["value"], lower=value.get("lower"), upper=value.get("upper"))
+        if value.get("lower") is not None:
+            out["ci_method"] = value.get("ci_method")
     else:
-        out["undefined_reason"] = value.reason
+        out["undefined_reason"] = value.get("undefined")
     return out
 
 
-def _metric_rows(scope: str, by: str, level: str, m: LabelMetrics) -> list[dict]:
-    counts = {"n": m.n, "positives": m.positives, "negatives": m.negatives}
-    return [_row(scope, by, level, m.label, name, m.scalar(name), counts) for name in SCALARS]
-
-
-def _agreement_rows(a: Agreement, n: int) -> list[dict]:
-    return [
-        _row("multiclass", "", "", "(all classes)", name, getattr(a, name), {"n": n})
-        for name in ("balanced_accuracy", "f1_macro", "mcc", "kappa")
-    ]
+def _metric_rows(scope: str, by: str, level: str, m: Mapping[str, Any]) -> list[dict]:
+    counts = {"n": m.get("n"), "positives": m.get("positives"), "negatives": m.get("negatives")}
+    return [_row(scope, by, level, m.get("label", ""), name, m[name], counts) for name in SCALARS if name in m]
 
 
 def tidy_rows(result: AuditResult) -> list[dict[str, Any]]:
-    analysis = result.analysis
+    return stored_rows(result.as_dict())
+
+
+def stored_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The tidy rows of an audit's results as ``AuditResult.as_dict`` gives them and the database keeps
+    them: what ``medcli audit --csv`` writes and the console shows and serves for a stored audit (it
+    had rows of its own, a subgroup too small to judge left out, and other columns)."""
     rows: list[dict[str, Any]] = []
-    for m in analysis.overall:
+    labels = results.get("labels") or []
+    for m in labels:
         rows += _metric_rows("overall", "", "", m)
-    if analysis.multiclass is not None:
-        rows += _agreement_rows(analysis.multiclass, result.cohort.n)
-    for g in analysis.subgroups:
-        if g.metrics is not None:
-            rows += _metric_rows("subgroup", g.by, g.level, g.metrics)
+    multiclass = results.get("multiclass")
+    if multiclass:
+        counts = {"n": multiclass.get("n", max((m.get("n", 0) for m in labels), default=0))}
+        for name in ("balanced_accuracy", "f1_macro", "mcc", "kappa"):
+            rows.append(_row("multiclass", "", "", "(all classes)", name, multiclass[name], counts))
+    for g in results.get("subgroups") or []:
+        by, level = str(g.get("by", "")), str(g.get("level", ""))
+        if isinstance(g.get("metrics"), dict):
+            rows += _metric_rows("subgroup", by, level, {**g["metrics"], "n": g.get("n")})
         else:
-            assert isinstance(g.insufficient, Undefined)
-            counts = {"n": g.n, "positives": g.positives, "negatives": g.negatives}
-            rows += [_row("subgroup", g.by, g.level, g.label, name, g.insufficient, counts) for name in SCALARS]
-    for c in result.comparison:
-        counts = {"n": c.n, "positives": c.positives, "negatives": c.n - c.positives}
-        rows.append(_row("comparison", "model_version", str(result.request.compare), c.label, "auc_difference",
-                         c.difference, counts))  # fmt: skip
-    for s in result.shift:
-        counts = {"n": s.a.n + s.b.n, "positives": s.a.positives + s.b.positives}
-        rows.append(_row("shift", "window", "b-a", s.label, "auc_change", s.auc_change, counts))
+            counts = {"n": g.get("n"), "positives": g.get("positives"), "negatives": g.get("negatives")}
+            insufficient = g.get("insufficient") or {"value": None, "undefined": "not computed"}
+            rows += [_row("subgroup", by, level, g.get("label", ""), name, insufficient, counts) for name in SCALARS]
+    compared = str((results.get("parameters") or {}).get("compare"))
+    for c in results.get("comparison") or []:
+        counts = {"n": c.get("n"), "positives": c.get("positives"), "negatives": c.get("n", 0) - c.get("positives", 0)}
+        rows.append(_row("comparison", "model_version", compared, c.get("label", ""), "auc_difference",
+                         c["difference"], counts))  # fmt: skip
+    for s in (results.get("shift") or {}).get("labels") or []:
+        a, b = s.get("a") or {}, s.get("b") or {}
+        counts = {"n": a.get("n", 0) + b.get("n", 0), "positives": a.get("positives", 0) + b.get("positives", 0)}
+        rows.append(_row("shift", "window", "b-a", s.get("label", ""), "auc_change", s["auc_change"], counts))
     return rows
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+def csv_text(rows: list[dict[str, Any]]) -> str:
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=COLUMNS, restval="")
     writer.writeheader()
     writer.writerows(rows)
-    write_named_output(path, text.getvalue().encode("utf-8"))
+    return text.getvalue()
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    write_named_output(path, csv_text(rows).encode("utf-8"))

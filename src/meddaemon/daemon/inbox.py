@@ -15,6 +15,10 @@ from pathlib import Path, PurePosixPath
 
 from meddaemon.names import fitted, is_utf8, shown_name, split_extension, utf8_name
 
+#: what fsck keeps at the root of a file system: an inbox that is a mount point has it, root's alone
+#: (every --once run of the daemon's user could not list it, and said the inbox was not drained)
+LOST_AND_FOUND = "lost+found"
+
 
 class Inbox:
     def __init__(self, root: Path, ignore: Iterable[str], exclude: Iterable[Path] = ()) -> None:
@@ -56,7 +60,7 @@ class Inbox:
         absolute = self.root / rel
         if any(absolute == ex or ex in absolute.parents for ex in self._exclude):
             return False
-        if any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") for part in rel.parts) or rel.parts[0] == LOST_AND_FOUND:
             return False
         return not any(fnmatch.fnmatchcase(rel.name, pattern) for pattern in self.ignore)
 

@@ -133,6 +133,8 @@ class IntakeStage(Stage):
     ) -> None:
         self.settings = settings
         self.inbox = Inbox(settings.watch, settings.ignore, exclude=[settings.state_dir])
+        #: the folders it could not list that the log has named (each once, until it can list it)
+        self.unlisted_named: set[PurePosixPath] = set()
         self.tracker = StabilityTracker(settings.stable_seconds)
         # queue.Queue, not SimpleQueue: on CPython 3.11 a SimpleQueue.get(timeout) that a signal
         # interrupts near its deadline blocks until the next put (the loop then missed SIGTERM)
@@ -233,21 +235,23 @@ class IntakeStage(Stage):
     def rescan(self) -> int:
         """Find every candidate file; returns how many are new to the tracker."""
         new = 0
-        unlisted_before = self.inbox.unlisted
         for path in self.inbox.scan():
             if path not in self.tracker and path not in self.blocked and path not in self.unrenamed:
                 self.tracker.observe(path)
                 new += path in self.tracker
-        self._note_unlisted(unlisted_before)
+        self._note_unlisted()
         return new
 
-    def _note_unlisted(self, before: dict[PurePosixPath, str]) -> None:
-        """A folder the scan could not list: a warning when it first could not, once; a line when it can again."""
+    def _note_unlisted(self) -> None:
+        """A folder the scan could not list: a warning when it first could not, once; a line when it
+        can again. Kept by what the log has said, not by the scan before: a ``--once`` run's first
+        look at the inbox (whether to start workers) met the folder first, and it was never named."""
         for name, why in self.inbox.unlisted.items():
-            if name not in before:
+            if name not in self.unlisted_named:
                 log.warning("cannot list %s (%s): its files wait there, unread", folder_words(name), why)
-        for name in sorted(self.inbox.relisted):
+        for name in sorted(self.inbox.relisted & self.unlisted_named):
             log.info("%s can be listed again: its files will be read", folder_words(name))
+        self.unlisted_named = set(self.inbox.unlisted)
         self.metrics.inbox_unlisted(len(self.inbox.unlisted))
 
     def files_in_hand(self) -> int:

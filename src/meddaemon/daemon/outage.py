@@ -125,6 +125,12 @@ class OutageGuard:
     def up(self) -> bool:
         return self.down is None
 
+    @property
+    def unwritable(self) -> bool:
+        """Down, the database found answering but refusing writes (a SQLite file: ``what_failed``)."""
+        down = self.down
+        return down is not None and down.what != "unreachable"
+
     def down_for(self) -> float:
         """Seconds since the database stopped answering; 0 while it answers."""
         down = self.down
@@ -149,7 +155,7 @@ class OutageGuard:
         down, unless it was found unwritable and this proves nothing of writing."""
         with self._lock:
             down = self.down
-            if down is None or (not wrote and down.what != "unreachable"):
+            if down is None or (not wrote and self.unwritable):
                 return
             self.down = None
         self.log.warning("database back after %.1f s", self.clock() - down.since)

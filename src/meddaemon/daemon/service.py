@@ -83,6 +83,8 @@ T = TypeVar("T")
 #: the longest wait for a file event between two turns of the loop (s)
 IDLE_WAIT = 0.5
 OVERFLOW_RESCAN = "watch events were lost (queue overflow): rescanning the inbox"
+#: while the database is found unwritable, the loop tries a write (a heartbeat) this often
+WRITE_PROBE_SECONDS = 1.0
 RELEASED_RESCAN = "a lost daemon's inbox files were released: rescanning the inbox now"
 
 
@@ -116,8 +118,9 @@ class Daemon:
             settings.db_outage_seconds,
             on_change=self._database_changed,
             while_waiting=self._keep_alive,
-            writes_reported=True,  # the heartbeat's
+            writes_reported=True,  # the heartbeat's, and the loop's probes (``_probe_a_write``)
         )
+        self._write_probed_at = 0.0
         self.stage = InferenceStage(
             settings,
             self.sessions,
@@ -388,6 +391,8 @@ class Daemon:
             self._keep_alive()
             if self.lease.lost.is_set():
                 raise LeaseLost(f"daemon {self.member.daemon_id} was declared lost by another daemon")
+            if self.outage.unwritable:
+                self._probe_a_write()
             if self.outage.given_up():  # the heartbeat's writes failing that long, the loop's reads not
                 raise self.outage.unavailable()
             if self._state_identity() != self.state_identity:
@@ -595,6 +600,24 @@ class Daemon:
                 why = "locked by another process" if is_lock_error(exc) else "unreachable"
                 raise StoppedWhileWaiting(f"the database was {why}") from exc
             raise
+
+    def _probe_a_write(self) -> None:
+        """While the database is found unwritable, a heartbeat from the loop, at most every
+        ``WRITE_PROBE_SECONDS``: a write that goes through ends the outage at once. The lease's own
+        beats come a quarter of a lease apart: with a long lease, a brief outage long over outlasted
+        ``db_outage_seconds`` and the daemon gave up on a database that took its writes."""
+        assert self.lease is not None
+        if time.monotonic() - self._write_probed_at < WRITE_PROBE_SECONDS:
+            return
+        self._write_probed_at = time.monotonic()
+        try:
+            self.lease.renew()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self.outage.failed(exc)
+        else:
+            self.outage.succeeded(wrote=True)
 
     def _keep_alive(self) -> None:
         """While the loop waits out a database outage, or moves files (a copy to another file system

@@ -344,7 +344,7 @@ def _frames_read(frames: int, stored: Path | None, frame_policy: str) -> str:
     from meddaemon.engine.decode.dicom import key_frame_index
 
     try:
-        header = dcmread(stored, stop_before_pixels=True, specific_tags=["RepresentativeFrameNumber"])
+        header = dcmread(stored, stop_before_pixels=True, specific_tags=["RepresentativeFrameNumber"], force=True)
     except (OSError, InvalidDicomError, TypeError, ValueError):  # no stored file (purged), or not DICOM
         return f"one of {frames} classified and shown"
     index, why = key_frame_index(header, frames)

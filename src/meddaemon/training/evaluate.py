@@ -132,7 +132,12 @@ def flags_for(
     if len(val_probs) > 1 and float(np.ptp(val_probs, axis=0).max()) < 1e-3:
         flags.append("COLLAPSE: the model gives (nearly) the same probabilities for every validation image")
     if not any(flag.startswith("COLLAPSE") for flag in flags) and (only := _only_test_call(kind, labels, test)):
-        flags.append(f"COLLAPSE: the model predicts {only!r} for every test image; it has learnt nothing useful")
+        auc = test.get("roc_auc")
+        ranking = f" (its test ROC-AUC {auc:.3f}: the ranking may hold)" if auc is not None else ""
+        flags.append(
+            f"ONE CALL ON TEST: the model calls {only!r} for every test image{ranking}; at its thresholds it tells "
+            "the test set's classes apart not at all: check the thresholds, and the test set against validation"
+        )
     n = test["n"]
     if n < SMALL_TEST_SET:
         if test["roc_auc"] is not None and test["roc_auc"] >= 1.0:

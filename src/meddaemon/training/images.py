@@ -60,21 +60,27 @@ def image_files(folder: Path) -> Iterator[Path]:
     each, and hidden folders never entered: 0.28 s for 40,000 files, where ``rglob``, sorting the
     paths and ``is_file`` on each took 1.24 s (``benchmarks/cohort_listing.py``).
     Symbolic links to files count as files; those to folders are not followed, as ``rglob`` does not.
+    A link named as an image that leads nowhere (its target gone, a share unmounted, a loop) is one,
+    left for its reading to fail by name and be counted: skipped, a cohort lost it without a word.
     A folder gone meanwhile holds nothing; one that cannot be listed (its permissions, a failing share)
     raises its OSError, where ``rglob`` left its images out without a word."""
     try:
         with folder_entries(folder) as listing:
             entries = sorted(
-                (e.name, e.is_dir(follow_symlinks=False), _is_file(e)) for e in listing if not left_out_name(e.name)
+                (e.name, e.is_dir(follow_symlinks=False), _is_file(e), e.is_symlink())
+                for e in listing
+                if not left_out_name(e.name)
             )
     except (FileNotFoundError, NotADirectoryError):
         return
-    for name, is_dir, is_file in entries:
+    for name, is_dir, is_file, is_link in entries:
         path = folder / name
         if is_dir:
             yield from image_files(path)
         elif is_file and _is_image(path):
             yield path
+        elif is_link and not is_file and path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir():
+            yield path  # a link to nothing
 
 
 def _is_file(entry: os.DirEntry[str]) -> bool:

@@ -853,45 +853,6 @@ def _audit_row(session: Session, a: Audit) -> AuditRow:
 
 
 #: the scalar metrics of a stored audit's per-label tables, in the order the CLI prints them
-AUDIT_METRICS = (
-    "auc", "auprc", "sensitivity", "specificity", "ppv", "npv", "prevalence",
-    "balanced_accuracy", "f1_macro", "mcc", "kappa", "brier", "ece",
-)  # fmt: skip
-
-
-def audit_table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The tidy rows (scope, by, level, label, metric, value, lower, upper, ci_method, undefined) of a stored audit."""
-    rows: list[dict[str, Any]] = []
-
-    def add(scope: str, by: str, level: str, metrics: dict[str, Any]) -> None:
-        for name in AUDIT_METRICS:
-            value = metrics.get(name)
-            if not isinstance(value, dict):
-                continue
-            rows.append(
-                {
-                    "scope": scope,
-                    "by": by,
-                    "level": level,
-                    "label": metrics.get("label", ""),
-                    "metric": name,
-                    "value": value.get("value"),
-                    "lower": value.get("lower"),
-                    "upper": value.get("upper"),
-                    "ci_method": value.get("ci_method") or "",
-                    "undefined": value.get("undefined") or "",
-                    "n": metrics.get("n"),
-                }
-            )
-
-    for m in results.get("labels") or []:
-        add("overall", "", "", m)
-    for g in results.get("subgroups") or []:
-        if isinstance(g.get("metrics"), dict):
-            add("subgroup", str(g.get("by", "")), str(g.get("level", "")), {**g["metrics"], "n": g.get("n")})
-    return rows
-
-
 # -- actions --------------------------------------------------------------------------------------
 
 

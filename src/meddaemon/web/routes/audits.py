@@ -3,8 +3,6 @@ download), and the results as JSON and tidy CSV."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 
 from starlette.exceptions import HTTPException
@@ -15,7 +13,6 @@ from starlette.routing import Route
 from meddaemon.web import queries
 from meddaemon.web.app import Console, path_row_id, render
 
-CSV_COLUMNS = ("scope", "by", "level", "label", "metric", "value", "lower", "upper", "ci_method", "undefined", "n")
 NO_AUDIT = "There is no audit {id}."
 
 
@@ -34,10 +31,12 @@ def _audit(request: Request) -> queries.AuditRow:
 
 
 def audit_page(request: Request) -> Response:
+    from meddaemon.audit.tidy import stored_rows  # the audit's code, on the first audit asked for
+
     row = _audit(request)
-    rows = queries.audit_table_rows(row.results)
+    rows = stored_rows(row.results)
     return render(request, "audit.html", title=f"Audit {row.id}", audit=row,
-                  overall=[r for r in rows if r["scope"] == "overall"],
+                  overall=[r for r in rows if r["scope"] in ("overall", "multiclass")],
                   subgroups=[r for r in rows if r["scope"] == "subgroup"])  # fmt: skip
 
 
@@ -49,12 +48,11 @@ def audit_json(request: Request) -> Response:
 
 
 def audit_csv(request: Request) -> Response:
+    """The tidy CSV ``medcli audit --csv`` wrote for it, row for row."""
+    from meddaemon.audit.tidy import csv_text, stored_rows
+
     row = _audit(request)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(queries.audit_table_rows(row.results))
-    return Response(buffer.getvalue(), media_type="text/csv",
+    return Response(csv_text(stored_rows(row.results)), media_type="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="audit-{row.id}.csv"'})  # fmt: skip
 
 
