@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,3 +41,21 @@ def unlistable(folder: Path) -> Iterator[Path]:
         yield folder
     finally:
         folder.chmod(0o755)
+
+
+@contextmanager
+def immutable(*paths: Path) -> Iterator[None]:
+    """``paths`` refused every write, even root's and even through descriptors already open."""
+    chattr = shutil.which("chattr")
+    why = "needs root and chattr (e2fsprogs) on a file system with the immutable flag"
+    if os.geteuid() != 0 or chattr is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"this test {why}; CI runs as root")
+        pytest.skip(f"this test {why}")
+    made = subprocess.run([chattr, "+i", *map(str, paths)], capture_output=True, text=True)
+    try:
+        if made.returncode != 0:
+            pytest.skip(f"chattr +i refused here ({made.stderr.strip()}): this test {why}")
+        yield
+    finally:
+        subprocess.run([chattr, "-i", *map(str, paths)], capture_output=True)

@@ -283,3 +283,30 @@ def test_a_daemon_holding_a_claim_transaction_open_is_still_judged_by_its_lease(
         stuck.rollback()
         stuck.close()
         engine.dispose()
+
+
+def test_a_beat_tried_from_the_loop_gives_way_to_a_lock_held_elsewhere_instead_of_waiting_for_it(tmp_path: Path):
+    """The loop's probe of an unwritable database beat through the lease's own retry, which waits on
+    a lock for as long as it is held: the loop froze, deaf to a stop, its watchdog unfed. A try
+    gives way after the database's busy timeout, and beats once the lock is gone."""
+    import sqlite3
+
+    engine = create_db_engine(f"sqlite:///{tmp_path / 'meddaemon.db'}", busy_timeout=0.3)
+    upgrade(engine)
+    sessions = session_factory(engine)
+    with transaction(sessions) as session:
+        bookkeeper.ensure_tasks(session, all_tasks({}))
+    member = join(sessions, "node-a")
+    keeper = lease.LeaseKeeper(sessions, member)
+    beaten = daemon_row(sessions, member).heartbeat_at
+    holder = sqlite3.connect(tmp_path / "meddaemon.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    assert keeper.try_a_beat() is False
+    assert time.monotonic() - started < 3.0 and not keeper.lost.is_set()
+    holder.execute("ROLLBACK")
+    holder.close()
+    time.sleep(0.01)
+    assert keeper.try_a_beat() is True
+    assert daemon_row(sessions, member).heartbeat_at > beaten
+    engine.dispose()

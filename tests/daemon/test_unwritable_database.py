@@ -6,40 +6,17 @@ down all along, and exit 3 past ``db_outage_seconds`` though the idle daemon's o
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 
 from daemon_harness import TASK, Daemons, Layout, drop, one, scrape, synthetic_png, wait_until
+from permissions import immutable
 from ports import free_port
 
 pytestmark = pytest.mark.slow
-
-
-@contextmanager
-def immutable(*paths: Path) -> Iterator[None]:
-    """``paths`` refused every write, even root's and even through descriptors already open."""
-    chattr = shutil.which("chattr")
-    why = "needs root and chattr (e2fsprogs) on a file system with the immutable flag"
-    if os.geteuid() != 0 or chattr is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"this test {why}; CI runs as root")
-        pytest.skip(f"this test {why}")
-    made = subprocess.run([chattr, "+i", *map(str, paths)], capture_output=True, text=True)
-    try:
-        if made.returncode != 0:
-            pytest.skip(f"chattr +i refused here ({made.stderr.strip()}): this test {why}")
-        yield
-    finally:
-        subprocess.run([chattr, "-i", *map(str, paths)], capture_output=True)
 
 
 def test_an_unwritable_sqlite_database_is_one_outage_metric_down_then_exit_3(daemons: Daemons, layout: Layout):

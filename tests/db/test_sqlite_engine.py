@@ -14,6 +14,7 @@ from meddaemon.config import ConfigError
 from meddaemon.db import engine as engine_module
 from meddaemon.db.engine import create_db_engine, filesystem_type, is_lock_error, with_lock_retry
 from meddaemon.db.migrate import upgrade
+from permissions import immutable
 
 
 @pytest.fixture
@@ -135,3 +136,22 @@ def test_a_sqlite_database_on_a_network_file_system_is_refused_before_it_is_open
         create_db_engine(f"sqlite:///{local / 'meddaemon.db'}")
     assert not (local / "meddaemon.db").exists()
     create_db_engine(f"sqlite:///{tmp_path / 'elsewhere' / 'meddaemon.db'}").dispose()  # a local disk
+
+
+def test_a_connection_opened_while_the_file_took_no_writes_is_not_kept_once_it_does(tmp_path: Path):
+    """SQLite opens a file it cannot write read-only, and such a connection stays read-only: kept in
+    the pool, every write that met it after a brief read-only spell failed again ("attempt to write
+    a readonly database"), and the daemon went down and back every second for as long as it ran."""
+    database = tmp_path / "meddaemon.db"
+    engine = create_db_engine(f"sqlite:///{database}")
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE t (x INTEGER)"))
+    engine.dispose()  # the next connection is opened during the spell
+    spell = [p for p in (database, database.with_name("meddaemon.db-wal")) if p.exists()]
+    with immutable(*spell), pytest.raises(OperationalError, match="readonly"), engine.begin() as connection:
+        connection.execute(text("INSERT INTO t VALUES (1)"))
+    with engine.begin() as connection:  # the file takes writes again
+        connection.execute(text("INSERT INTO t VALUES (2)"))
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT x FROM t")).scalars().all() == [2]
+    engine.dispose()

@@ -62,3 +62,14 @@ def test_a_dicomdir_is_not_an_image_whatever_its_case(tmp_path: Path) -> None:
     files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     assert listed == files - {"patient_1/DICOMDIR", "patient_2/DICOMDIR", "patient_3/dicomdir"}
     assert {"patient_1/IM0001", "patient_2/IM0001", "patient_1/PT000000/ST000000/SE000000/IM000000"} <= listed
+
+
+def test_a_link_named_as_an_image_is_listed_only_where_it_leads_nowhere_never_to_a_device(tmp_path: Path) -> None:
+    """A link to nothing is an image its reading will name unreadable; one to a device (``/dev/zero``,
+    read without end) or a folder is no image."""
+    root = tmp_path / "dataset"
+    write_png(root / "a.png", np.zeros((8, 8), np.uint8))
+    (root / "gone.png").symlink_to(tmp_path / "elsewhere" / "gone.png")
+    (root / "zero.png").symlink_to("/dev/zero")
+    (root / "folder.png").symlink_to(tmp_path)
+    assert [p.name for p in image_files(root)] == ["a.png", "gone.png"]

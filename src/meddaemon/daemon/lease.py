@@ -320,6 +320,22 @@ class LeaseKeeper:
             )
             self.lost.set()
 
+    def try_a_beat(self) -> bool:
+        """One heartbeat, not waiting past the database's own busy timeout for a lock held
+        elsewhere (the loop's probe of an unwritable database: ``Daemon._probe_a_write``, which must
+        neither hang on a lock nor keep a stop waiting); True when it was written. A lease found
+        taken sets ``lost``. Raises the database's error (an outage), lock errors aside."""
+        try:
+            with transaction(self.sessions) as session:
+                renewed = heartbeat(session, self.member)
+        except OperationalError as exc:
+            if is_lock_error(exc):
+                return False
+            raise
+        if not renewed:
+            self.lost.set()
+        return renewed
+
     def look_for_lost(self) -> None:
         """One look for lost daemons, releasing their claims (not while the main loop has stalled:
         its own work is then about to be taken over)."""

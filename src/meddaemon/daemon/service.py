@@ -611,13 +611,14 @@ class Daemon:
             return
         self._write_probed_at = time.monotonic()
         try:
-            self.lease.renew()
+            wrote = self.lease.try_a_beat()
         except Exception as exc:
             if not is_outage(exc):
                 raise
             self.outage.failed(exc)
         else:
-            self.outage.succeeded(wrote=True)
+            if wrote:
+                self.outage.succeeded(wrote=True)
 
     def _keep_alive(self) -> None:
         """While the loop waits out a database outage, or moves files (a copy to another file system

@@ -96,6 +96,10 @@ class ConnectionLimits:
         return args
 
 
+#: SQLite's primary result code for a write refused by a read-only database or connection
+SQLITE_READONLY = 8
+
+
 def create_db_engine(url: str, busy_timeout: float = 5.0, limits: ConnectionLimits | None = None) -> Engine:
     """``limits`` apply to PostgreSQL only (SQLite's waits are bounded by ``busy_timeout``).
 
@@ -135,6 +139,16 @@ def create_db_engine(url: str, busy_timeout: float = 5.0, limits: ConnectionLimi
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    @event.listens_for(engine, "handle_error")
+    def _read_only_connection(context) -> None:  # type: ignore[no-untyped-def]
+        """A connection SQLite opened while the file could not be written (a failing disk, a
+        read-only spell) stays read-only for life: kept in the pool, each write that met it put the
+        daemon down again, every second, long after the file took writes. Such an error drops the
+        pool's connections, as a lost connection does."""
+        code = getattr(context.original_exception, "sqlite_errorcode", None)
+        if isinstance(code, int) and code & 0xFF == SQLITE_READONLY:
+            context.is_disconnect = True
 
     return engine
 

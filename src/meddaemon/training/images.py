@@ -79,8 +79,8 @@ def image_files(folder: Path) -> Iterator[Path]:
             yield from image_files(path)
         elif is_file and _is_image(path):
             yield path
-        elif is_link and not is_file and path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir():
-            yield path  # a link to nothing
+        elif is_link and path.suffix.lower() in IMAGE_SUFFIXES and not os.path.exists(path):
+            yield path  # a link to nothing (or one it may not follow): its reading says which
 
 
 def _is_file(entry: os.DirEntry[str]) -> bool:

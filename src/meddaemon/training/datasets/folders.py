@@ -14,9 +14,7 @@ BUSI_CLASSES = ("benign", "malignant", "normal")
 #: ``benign (1)_mask.png``, ``benign (1)_mask_1.png``: BUSI's masks, named after their image; and
 #: their copies as a browser (``_mask (1).png``, ``_mask (1) (1).png``) or a file manager
 #: (``_mask - Copy.png``, macOS's ``_mask copy 2.png``) names them.
-BUSI_MASK = re.compile(
-    r"^(?P<image>.+)_mask(?:_\d+)?(?: ?\(\d+\)| - Copy(?: \(\d+\))?| copy(?: \d+)?)*\.png$", re.IGNORECASE
-)
+BUSI_MASK = re.compile(r"^(?P<image>.+)_mask(?:_\d+)?(?: ?\(\d+\)| - Copy| copy(?: \d+)?)*\.png$", re.IGNORECASE)
 
 
 def class_folders(root: Path) -> list[Path]:
