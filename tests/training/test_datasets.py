@@ -389,15 +389,17 @@ def test_busi_read_for_a_task_of_other_classes_names_its_folders_and_the_task(ph
     assert "--task busi or busi_binary" in message and "has no class folders" not in message
 
 
-def test_a_link_in_a_loop_is_no_image_and_the_rest_is_read(tmp_path: Path) -> None:
-    """``is_file`` raised ELOOP on it, and the whole folder was refused as unreadable."""
+def test_a_link_in_a_loop_is_an_image_its_reading_names_and_the_rest_is_read(tmp_path: Path) -> None:
+    """``is_file`` raised ELOOP on it, and the whole folder was refused as unreadable; then it was
+    passed over without a word. Each link is listed, for its reading to fail by name and be counted
+    (``test_a_link_named_as_an_image_that_leads_nowhere_is_an_unreadable_image_counted_not_left_out``)."""
     from meddaemon.training.images import image_files
 
     for i in range(3):
         write_png(tmp_path / f"ok_{i}.png", pixels(i))
     (tmp_path / "loop_a.png").symlink_to(tmp_path / "loop_b.png")
     (tmp_path / "loop_b.png").symlink_to(tmp_path / "loop_a.png")
-    assert [p.name for p in image_files(tmp_path)] == ["ok_0.png", "ok_1.png", "ok_2.png"]
+    assert [p.name for p in image_files(tmp_path)] == ["loop_a.png", "loop_b.png", "ok_0.png", "ok_1.png", "ok_2.png"]
 
 
 def test_reading_a_dataset_leaves_the_access_times_of_its_files_as_they_were(tmp_path: Path) -> None:

@@ -303,11 +303,12 @@ class LeaseKeeper:
     def _stalled(self) -> bool:
         return time.monotonic() - self.last_tick > self.stall_seconds
 
-    def renew(self) -> None:
-        """One heartbeat, unless the main loop has stalled; a lease found taken sets ``lost``."""
+    def renew(self) -> bool:
+        """One heartbeat, unless the main loop has stalled; True when it was written. A lease found
+        taken sets ``lost``."""
         if self._stalled():
             log.error("the main loop has not moved for %.0f s: heartbeats paused", self.stall_seconds)
-            return
+            return False
 
         def renew() -> bool:
             with transaction(self.sessions) as session:
@@ -319,6 +320,8 @@ class LeaseKeeper:
                 self.member.daemon_id,
             )
             self.lost.set()
+            return False
+        return True
 
     def try_a_beat(self) -> bool:
         """One heartbeat, not waiting past the database's own busy timeout for a lock held
@@ -358,7 +361,7 @@ class LeaseKeeper:
         if any(d.released.inbox_files for d in found):
             self.inbox_released.set()
 
-    def _run(self, step: Callable[[], None]) -> None:
+    def _run(self, step: Callable[[], object]) -> None:
         """``step`` (``renew`` or ``look_for_lost``) ``interval`` apart from start to start: a step
         that waits on a lock delays the next by that wait, not by the wait and a whole interval more."""
         interval = self.member.lease_seconds / BEATS_PER_LEASE
@@ -366,7 +369,7 @@ class LeaseKeeper:
         while not self.stop_requested.wait(pause) and not self.lost.is_set():
             started = time.monotonic()
             try:
-                step()
+                wrote = step() is True  # a heartbeat written (``renew``), not a look (``look_for_lost``)
             except Exception as exc:  # the database away for a moment: try again at the next beat
                 if self.outage is not None and is_outage(exc):
                     self.outage.failed(exc)
@@ -375,5 +378,5 @@ class LeaseKeeper:
                     log.warning("%s failed (%s); retrying in %.1f s", what, type(exc).__name__, interval)
             else:
                 if self.outage is not None:
-                    self.outage.succeeded(wrote=step == self.renew)
+                    self.outage.succeeded(wrote=wrote)
             pause = max(0.0, interval - (time.monotonic() - started))

@@ -384,7 +384,7 @@ class DatabaseCollector(Collector):
             "Failed scans in the database by reason code (failed is final: this only grows).",
             labels=["reason"],
         )
-        every_reason = dict.fromkeys((reason.value for reason in FailureReason), 0)  # 0 until one fails so
+        every_reason = dict.fromkeys((reason.value for reason in FailureReason), 0)  # a series from the start
         for reason, count in sorted({**every_reason, **snap.failures_by_reason}.items()):
             failed.add_metric([reason], count)
         yield failed

@@ -194,9 +194,8 @@ class Daemon:
         not list a folder of it (its files unread), is not drained: a script must not read it as if
         it were."""
         held = sum(1 for path in self.blocked if not path.is_relative_to(self.settings.state_dir))  # not work/'s
-        unlisted = len(self.inbox.unlisted)
-        if once and (self.stop_requested.is_set() or held or unlisted):
-            self.stats.drained, self.stats.left = False, sum(1 for _ in self.inbox.scan())
+        if once and (self.stop_requested.is_set() or held or self.inbox.unlisted):
+            self.stats.drained, self.stats.left = False, sum(1 for _ in self.inbox.scan())  # its scan lists again
             self.stats.held, self.stats.unlisted = held, len(self.inbox.unlisted)
 
     def _state_paths(self) -> tuple[Path, ...]:
