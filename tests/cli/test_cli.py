@@ -131,6 +131,33 @@ def test_status_names_a_task_whose_active_model_no_daemon_serves(runner: CliRunn
     assert said + "  busi           2\n" in human
 
 
+def test_a_once_run_whose_reports_could_not_be_written_says_so_and_exits_1(
+    runner: CliRunner, dirs: list[str], tmp_path: Path
+):
+    """A cron job's ``--once`` whose reports folder could not be written: the scans stayed inferred in
+    work/, and the run said nothing of it (exit 0, the log promising a retry every 30 s by a process
+    that had exited)."""
+    for i in range(2):
+        write_png(tmp_path / "inbox" / "busi" / f"synthetic_{i}.png", np.full((32, 32), i, np.uint8))
+    state = tmp_path / "state"
+    promote_into(f"sqlite:///{state / 'meddaemon.db'}", state / "models", write_model(tmp_path / "model"))
+    (state / "reports").mkdir()
+    (state / "reports" / "scans").write_text("a file where the reports folder should be")
+    once = [*dirs, "--once", "--stable-seconds", "0", "--workers", "0", "--json"]
+
+    failed = runner.invoke(meddaemon, ["start", *once])
+    assert failed.exit_code == 1, failed.output
+    assert json.loads(failed.stdout)["unreported"] == 2
+    assert "error: the reports of 2 scans and 0 studies could not be written" in failed.stderr
+    assert "it stays inferred and is left to the next run" in failed.stderr and "retried every" not in failed.stderr
+
+    (state / "reports" / "scans").unlink()
+    again = runner.invoke(meddaemon, ["start", *once])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["unreported"] == 0
+    assert len(list((state / "reports" / "scans").rglob("*.pdf"))) == 2
+
+
 def test_start_creates_a_missing_watch_folder_when_asked(runner: CliRunner, dirs: list[str], tmp_path: Path):
     result = runner.invoke(meddaemon, ["start", *dirs, "--create-watch", "--once", "--workers", "0"])
     assert result.exit_code == 0, result.output
@@ -151,7 +178,7 @@ def test_start_once_then_status_report_the_same_counts(runner: CliRunner, dirs: 
     # no model: the routed scans wait for one, none got a result (the log said so, the JSON did not)
     assert json.loads(result.stdout) == {
         "routed": 3, "inferred": 0, "duplicates": 0, "failed": 1, "drained": True, "left": 0, "held": 0,
-        "unlisted": 0,
+        "unlisted": 0, "unreported": 0, "unreported_studies": 0,
     }  # fmt: skip
     assert "4 of 4 files" in result.stderr
     assert f"no active model for {len(BUILTIN_TASKS)} task(s)" in result.output and "busi (0 waiting)" in result.output

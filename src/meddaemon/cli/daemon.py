@@ -174,11 +174,18 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
             "were not read; run again once they can",
             err=True,
         )
+    if stats.unreported or stats.unreported_studies:
+        click.echo(
+            f"error: the reports of {stats.unreported} scans and {stats.unreported_studies} studies could not be "
+            "written (each named in the log): those scans stay inferred in work/; run again once they can",
+            err=True,
+        )
     if not (stats.drained or stats.held or stats.unlisted):
         click.echo(cut_short(stats), err=True)
     if once and as_json:
         echo_json({k: v for k, v in dataclasses.asdict(stats).items() if k != "started"})
-    _exit(daemon, EXIT_FAILURE if stats.held or stats.unlisted else EXIT_OK)
+    undone = stats.held or stats.unlisted or stats.unreported or stats.unreported_studies
+    _exit(daemon, EXIT_FAILURE if undone else EXIT_OK)
 
 
 def cut_short(stats: RunStats) -> str:

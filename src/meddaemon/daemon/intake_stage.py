@@ -74,6 +74,10 @@ class RunStats:
     held: int = 0
     #: ``--once``: inbox folders it could not list (each logged), their files left unread
     unlisted: int = 0
+    #: ``--once``: scans, and studies, whose report could not be written or built (each logged), left
+    #: ``inferred`` for a later run
+    unreported: int = 0
+    unreported_studies: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property

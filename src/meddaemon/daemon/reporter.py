@@ -106,12 +106,16 @@ class Reporter:
         #: study UID -> monotonic time to look again: studies whose instances are still arriving,
         #: and those whose report failed
         self.studies_arriving: dict[str, float] = {}
+        #: studies whose report failed and is not written since
+        self.studies_failed: set[str] = set()
         self.started = False
         #: studies of scans reported in a round an outage cut short: their study reports are due
         self.studies_owed: set[str] = set()
         #: whether the process is asked to stop (``serve``, ``drain``): a wait for a lock held by another
         #: process then ends (the round's transaction never committed, so nothing is half-done)
         self.should_stop: Callable[[], bool] = lambda: False
+        #: ``--once``'s drain: a failed report is left to a later run, not retried by this reporter
+        self.draining = False
 
     @functools.cached_property
     def builder(self) -> ReportBuilder:
@@ -223,11 +227,12 @@ class Reporter:
                 log.info("a study report waits: its series are still arriving (%.0f s more at least)", wait)
         return arriving
 
-    def drain(self, should_stop: Any = lambda: False) -> None:
+    def drain(self, should_stop: Any = lambda: False) -> tuple[int, int]:
         """Report until nothing is left but scans waiting to be retried (``--once``); an outage is
-        waited out as in ``serve``."""
+        waited out as in ``serve``. Returns what is left unreported (``unfinished``)."""
         self.start()
         self.should_stop = should_stop
+        self.draining = True
         outage = OutageGuard(self.settings.db_outage_seconds, logger=log)
         try:
             while not should_stop() and outage.run(self.round, should_stop):
@@ -235,6 +240,7 @@ class Reporter:
         except Exception as exc:
             if not self._stopped_while_waiting(exc):
                 raise
+        return self.unfinished()
 
     def serve(self, stop: threading.Event | EventType) -> None:
         """Report until ``stop`` is set: the loop of the report process. A database outage is
@@ -286,7 +292,7 @@ class Reporter:
         from meddaemon.report.content import NoResult
 
         if isinstance(outcome, NoResult):
-            log.error("scan %d: %s; not reported", scan_id, outcome)
+            log.error("scan %d: %s; not reported%s", scan_id, outcome, self._again(ERROR_RETRY_SECONDS, ", "))
             self._retry(scan_id, ERROR_RETRY_SECONDS)
         elif isinstance(outcome, OSError):
             self.stats.errors += 1
@@ -294,21 +300,21 @@ class Reporter:
             where = f": {outcome.filename}" if outcome.filename else ""
             log.log(
                 logging.DEBUG if scan_id in self.write_failed else logging.ERROR,
-                "scan %d: could not write its report (%s%s); it stays inferred and is retried every %.0f s",
+                "scan %d: could not write its report (%s%s); it stays inferred and is %s",
                 scan_id,
                 outcome.strerror or type(outcome).__name__,
                 where,
-                RETRY_SECONDS,
+                self._again(RETRY_SECONDS),
             )
             self.write_failed.add(scan_id)
             self._retry(scan_id, RETRY_SECONDS)
         elif isinstance(outcome, Exception):
             self.stats.errors += 1
             log.error(
-                "scan %d: building its report failed (%s); retried in %.0f s",
+                "scan %d: building its report failed (%s); %s",
                 scan_id,
                 _where(outcome),
-                ERROR_RETRY_SECONDS,
+                self._again(ERROR_RETRY_SECONDS),
             )
             self._retry(scan_id, ERROR_RETRY_SECONDS)
         elif outcome is None:
@@ -332,22 +338,35 @@ class Reporter:
             self._study_failed(uid, exc)
         else:
             self.stats.studies += 1
+            self.studies_failed.discard(uid)
             log.info("study report %s, %d page(s)", written.path.name, written.pages)
 
     def _study_failed(self, uid: str, exc: Exception) -> None:
         """Logged, and looked at again after ``RETRY_SECONDS`` (a disk error) or ``ERROR_RETRY_SECONDS``:
         nothing else brings a study back before another of its scans is reported."""
         self.stats.errors += 1
+        self.studies_failed.add(uid)
         seconds = RETRY_SECONDS if isinstance(exc, OSError) else ERROR_RETRY_SECONDS
         self.studies_arriving[uid] = time.monotonic() + seconds
         if isinstance(exc, OSError):
             why = exc.strerror or type(exc).__name__
-            log.error("a study report could not be written (%s); retried in %.0f s", why, seconds)
+            log.error("a study report could not be written (%s); %s", why, self._again(seconds))
         else:
-            log.error("building a study report failed (%s); retried in %.0f s", _where(exc), seconds)
+            log.error("building a study report failed (%s); %s", _where(exc), self._again(seconds))
 
     def _retry(self, scan_id: int, seconds: float) -> None:
         self.retry_after[scan_id] = time.monotonic() + seconds
+
+    def _again(self, seconds: float, before: str = "") -> str:
+        """When a failed report is tried again: by this reporter, or (``--once``) by a later run."""
+        if self.draining:
+            return f"{before}left to the next run (the daemon, or --once again)"
+        return f"{before}retried in {seconds:.0f} s"
+
+    def unfinished(self) -> tuple[int, int]:
+        """The scans and the studies whose report failed and is not yet written (``--once``: left
+        to a later run, each logged)."""
+        return len(self.retry_after), len(self.studies_failed)
 
     # -- the database --------------------------------------------------------------------------
 
@@ -429,16 +448,16 @@ def _utc(moment: datetime) -> datetime:
 
 def drain(
     settings: Settings, sessions: sessionmaker[Session], daemon_id: int | None, should_stop: Any = lambda: False
-) -> None:
+) -> tuple[int, int]:
     """Write every report ``--once`` leaves after its drain: in ``report_workers`` processes (one per
     core by default) when there are several rounds' worth, as the cores are idle then; a few in this
-    process (starting a process costs more than a few reports)."""
+    process (starting a process costs more than a few reports). Returns the scans and studies left
+    unreported (their reports failed, each logged), for a later run."""
     with sessions() as session:
         waiting = session.scalar(select(func.count()).where(Scan.state == ScanState.INFERRED)) or 0
     workers = min(settings.report_workers or os.cpu_count() or 1, waiting // CLAIM)
     if workers < 2:
-        Reporter(settings, sessions, daemon_id).drain(should_stop)
-        return
+        return Reporter(settings, sessions, daemon_id).drain(should_stop)
     context = multiprocessing.get_context("forkserver")
     processes = [
         context.Process(target=_drain_main, args=(settings, daemon_id, (k, workers)), name=f"meddaemon-report-{k}")
@@ -455,7 +474,7 @@ def drain(
         if process.exitcode not in (0, -signal.SIGTERM):
             log.error("report process %s exited with code %s", process.name, process.exitcode)
     # what a process could not finish (it died, or a scan failed): here, as without processes
-    Reporter(settings, sessions, daemon_id).drain(should_stop)
+    return Reporter(settings, sessions, daemon_id).drain(should_stop)
 
 
 def _drain_main(settings: Settings, daemon_id: int | None, share: tuple[int, int]) -> None:
@@ -527,6 +546,8 @@ class ReportStage(ChildProcessStage):
         super().__init__(settings, sessions, daemon_id, should_stop, once)
         #: whether a model is served: the process is started only then
         self.served = served
+        #: after ``drain``: the scans and studies whose reports failed, left to a later run
+        self.unreported: tuple[int, int] = (0, 0)
 
     def wanted(self) -> bool:
         return self.served()
@@ -535,7 +556,7 @@ class ReportStage(ChildProcessStage):
         return ReporterProcess(self.settings, self.daemon_id)
 
     def drain(self) -> None:
-        drain(self.settings, self.sessions, self.daemon_id, self.should_stop)
+        self.unreported = drain(self.settings, self.sessions, self.daemon_id, self.should_stop)
 
 
 def _process_main(settings: Settings, stop: EventType, daemon_id: int | None) -> None:

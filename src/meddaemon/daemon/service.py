@@ -339,6 +339,8 @@ class Daemon:
             if once and not self.stop_requested.is_set():
                 for stage in self.stages:
                     stage.drain()
+                if self.reports is not None:
+                    self.stats.unreported, self.stats.unreported_studies = self.reports.unreported
         except StoppedWhileWaiting as exc:
             waiting_when_stopped = exc
             self.watchdog.stopping()
