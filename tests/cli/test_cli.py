@@ -178,7 +178,7 @@ def test_start_once_then_status_report_the_same_counts(runner: CliRunner, dirs: 
     # no model: the routed scans wait for one, none got a result (the log said so, the JSON did not)
     assert json.loads(result.stdout) == {
         "routed": 3, "inferred": 0, "duplicates": 0, "failed": 1, "drained": True, "left": 0, "held": 0,
-        "unlisted": 0, "unreported": 0, "unreported_studies": 0,
+        "unlisted": 0, "unreported": 0, "unreported_studies": 0, "refused_models": [],
     }  # fmt: skip
     assert "4 of 4 files" in result.stderr
     assert f"no active model for {len(BUILTIN_TASKS)} task(s)" in result.output and "busi (0 waiting)" in result.output

@@ -64,6 +64,7 @@ def test_a_live_daemon_exits_0_with_a_line_per_check(runner, migrated_engine, db
         ["ok", "daemons"],
         ["ok", "lost_daemons"],
         ["ok", "queue"],
+        ["ok", "models"],
         ["ok", "failures"],
         ["ok", "outbox"],
         ["ok", "moves"],

@@ -10,11 +10,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from dicom_factory import write_png
 from sqlalchemy import Engine, create_engine, text
 
+from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.engine.architectures import build_model
 from meddaemon.engine.registry import save_version
@@ -335,3 +338,55 @@ def test_two_promotions_at_once_each_name_the_version_they_demoted(tmp_path: Pat
     last = next(v for v, status in statuses.items() if status == "active")
     first = "v2" if last == "v3" else "v3"
     assert by_version == {first: "v1", last: first}
+
+
+def knee_config(folder: Path, labels: str, kind: str) -> Path:
+    config = folder / f"knee-{kind}.toml"
+    config.write_text(
+        f'[tasks.knee]\ndescription = "knee (SYNTHETIC)"\nlabels = {labels}\nkind = "{kind}"\n'
+        'architecture = "small_cnn"\n[tasks.knee.contract]\nchannels = 1\nheight = 32\nwidth = 32\n'
+    )
+    return config
+
+
+def test_a_version_whose_task_changed_its_labels_since_the_import_is_refused_at_promotion(
+    tmp_path: Path, db_url: str, migrated_engine: Engine
+):
+    """A custom task's labels changed in the config after its version was imported: promote made it
+    active, and the daemon stored results under labels the task no longer has."""
+    torch.manual_seed(0)
+    save_version(
+        build_model("small_cnn", 1, 1), task="knee", version="k1", labels=["normal", "osteoarthritis"],
+        kind="binary", architecture="small_cnn", input_contract=CONTRACT, out_dir=tmp_path / "k1",
+    )  # fmt: skip
+    where = ["--state-dir", str(tmp_path / "state"), "--db", db_url]
+    imported_under = knee_config(tmp_path, '["normal", "osteoarthritis"]', "binary")
+    runner = CliRunner()
+    imported = runner.invoke(
+        medcli, ["models", "import", str(tmp_path / "k1"), "--config", str(imported_under), *where]
+    )
+    assert imported.exit_code == 0, imported.output
+
+    changed = knee_config(tmp_path, '["normal", "oa", "other"]', "multiclass")
+    promoted = runner.invoke(medcli, ["models", "promote", "knee", "k1", "--config", str(changed), *where])
+    assert promoted.exit_code == 1, promoted.output
+    assert "task_mismatch" in promoted.output and "['normal', 'oa', 'other']" in promoted.output
+
+    listed = runner.invoke(medcli, ["models", "list", "--task", "knee", "--json", *where])  # a task the config left
+    assert listed.exit_code == 0, listed.output
+    assert [(v["version"], v["status"]) for v in as_json(listed)] == [("k1", "registered")]
+    unknown = runner.invoke(medcli, ["models", "list", "--task", "nothing", *where])
+    assert unknown.exit_code == 2 and "unknown task 'nothing'" in unknown.output
+
+    # promoted while the labels were the task's, then changed: the daemon refuses it, and says so
+    again = runner.invoke(medcli, ["models", "promote", "knee", "k1", "--config", str(imported_under), *where])
+    assert again.exit_code == 0, again.output
+    write_png(tmp_path / "inbox" / "knee" / "synthetic_0.png", np.full((32, 32), 7, np.uint8))
+    once = ["start", "--once", "--json", "--stable-seconds", "0", "--workers", "0", "--watch", str(tmp_path / "inbox")]
+    started = runner.invoke(meddaemon, [*once, "--config", str(changed), *where])
+    assert started.exit_code == 1, started.output
+    assert json.loads(started.stdout)["refused_models"] == ["knee/k1"]
+    assert "refusing model knee/k1: task_mismatch" in started.stderr
+    assert "error: the active models knee/k1 were refused" in started.stderr
+    [row] = as_json(runner.invoke(medcli, ["models", "list", "--json", "--config", str(changed), *where]))
+    assert row["status"] == "active" and row["refusal"].startswith("task_mismatch: knee/k1 has binary labels")

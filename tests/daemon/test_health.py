@@ -92,6 +92,7 @@ def test_one_daemon_with_a_fresh_heartbeat_is_healthy(migrated_engine, reader, d
         "daemons": "ok",
         "lost_daemons": "ok",
         "queue": "ok",
+        "models": "ok",
         "failures": "ok",
         "outbox": "ok",
         "moves": "ok",

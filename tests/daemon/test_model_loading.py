@@ -270,6 +270,52 @@ def test_a_version_retired_while_its_refused_successor_is_active_stops_serving(m
     assert v2 not in daemon.stage.served.values()
 
 
+def test_an_active_version_refused_while_its_predecessor_serves_is_named_and_tried_again_once_promoted_again(
+    make_settings, tmp_path, caplog
+):
+    """v2 refused (damaged after its promotion), v1 serving on: ``models list`` named v2 active,
+    ``status`` and ``health`` saw nothing (no scan waited), and promoting v2 again once mended
+    changed nothing, as promoting the active version did, until the daemon restarted."""
+    from meddaemon.daemon.health import check_health
+    from meddaemon.db.queries import status_summary
+
+    caplog.set_level(logging.INFO, logger="meddaemon")
+    daemon = Daemon(make_settings(**LIVE))
+    daemon.prepare()
+    import_version(daemon, write_model(tmp_path / "busi_v1", version="v1"))
+
+    with running(daemon):
+        until(lambda: "busi" in daemon.stage.served, what="v1 served")
+        v2 = import_version(daemon, write_model(tmp_path / "busi_v2", version="v2"), promote=False)
+        stored = daemon.settings.models_dir / "busi" / "v2" / "model.safetensors"
+        whole = stored.read_bytes()
+        stored.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0x01]))
+        with transaction(daemon.sessions) as session:
+            registry.promote(session, "busi", "v2")  # unverified: damaged after its check, say
+        until(lambda: "refusing model busi/v2" in caplog.text, what="v2 refused")
+
+        def refusal() -> str | None:
+            with daemon.sessions() as session:
+                return session.get(ModelVersion, v2).refusal
+
+        until(lambda: refusal() is not None, what="the refusal recorded")
+        assert refusal().startswith("hash_mismatch: ")
+        models = check_health(daemon.engine, daemon.settings).check("models")
+        assert models.status == "degraded" and "busi/v2 (hash_mismatch: " in models.message
+        with daemon.sessions() as session:
+            assert status_summary(session).refused_active_model["busi"]["version"] == "v2"
+        assert daemon.stage.served["busi"].version_id != v2  # v1 serves on
+
+        stored.write_bytes(whole)  # mended, and promoted again
+        verified = registry.verify_registered_copy(daemon.sessions, "busi", "v2", daemon.settings.state_dir)
+        with transaction(daemon.sessions) as session:
+            registry.promote(session, "busi", "v2", verified=verified)
+        until(lambda: daemon.stage.served["busi"].version_id == v2, what="v2 served once promoted again")
+        assert "model busi/v2 was promoted again since it was refused: trying it again" in caplog.text
+        assert refusal() is None
+        assert check_health(daemon.engine, daemon.settings).check("models").status == "ok"
+
+
 def test_a_load_that_breaks_is_logged_once_and_not_retried_at_once(make_settings, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="meddaemon")
     attempts: list[str] = []

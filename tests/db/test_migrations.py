@@ -383,3 +383,23 @@ def test_outbox_rows_of_a_0013_database_wait_from_their_creation_after_the_upgra
             )
         )
     engine.dispose()
+
+
+def test_an_older_sqlite_database_that_cannot_be_written_is_an_unwritable_database_not_a_traceback(tmp_path):
+    """Upgraded by a user who may read it and not write it (or on a read-only mount): the error that
+    dropped the connection was hidden by the switch of foreign keys back on, on that closed
+    connection ("Cannot operate on a closed database"), and the CLI printed a traceback, exit 1."""
+    from click.testing import CliRunner
+
+    from meddaemon.cli.medcli import cli as medcli
+    from permissions import immutable
+
+    path = tmp_path / "meddaemon.db"
+    older = create_db_engine(f"sqlite:///{path}")
+    upgrade(older, "0010")
+    older.dispose()
+    with immutable(path):
+        result = CliRunner().invoke(medcli, ["db", "upgrade", "--db", f"sqlite:///{path}"])
+    assert result.exit_code == 3, result.output
+    assert "attempt to write a readonly database" in result.output and "Traceback" not in result.output
+    assert current_revision(create_db_engine(f"sqlite:///{path}")) == "0010"

@@ -180,11 +180,17 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
             "written (each named in the log): those scans stay inferred in work/; run again once they can",
             err=True,
         )
+    if stats.refused_models:
+        click.echo(
+            f"error: the active models {', '.join(stats.refused_models)} were refused (the log says why): "
+            "their scans wait for them, or the version before served them",
+            err=True,
+        )
     if not (stats.drained or stats.held or stats.unlisted):
         click.echo(cut_short(stats), err=True)
     if once and as_json:
         echo_json({k: v for k, v in dataclasses.asdict(stats).items() if k != "started"})
-    undone = stats.held or stats.unlisted or stats.unreported or stats.unreported_studies
+    undone = stats.held or stats.unlisted or stats.unreported or stats.unreported_studies or stats.refused_models
     _exit(daemon, EXIT_FAILURE if undone else EXIT_OK)
 
 
@@ -285,6 +291,10 @@ def status(config_file: Path | None, as_json: bool, recent: int, **flags: object
         click.echo("tasks whose active model no daemon serves (refused or failing to load: the log says why):")
         for task, count in summary.waiting_active_model.items():
             click.echo(f"  {task:<14} {count}")
+    if summary.refused_active_model:
+        click.echo("active models a daemon refused (mend the files and promote them again, or promote another):")
+        for task, refused in summary.refused_active_model.items():
+            click.echo(f"  {task}/{refused['version']}: {refused['refusal']}")
     if summary.failures_by_reason:
         click.echo("failures by reason:")
         for reason, count in sorted(summary.failures_by_reason.items(), key=lambda kv: -kv[1]):

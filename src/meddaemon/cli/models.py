@@ -95,9 +95,9 @@ def _in_sessions(
 
 
 def _line(s: dict[str, Any]) -> str:
-    return (
-        f"{s['task']:<15} {s['version']:<20} {s['status']:<10} {s['architecture']:<17} {s['sha256'][:12]}  {s['path']}"
-    )
+    line = f"{s['task']:<15} {s['version']:<20} {s['status']:<10} {s['architecture']:<17} {s['sha256'][:12]}"
+    line += f"  {s['path']}"
+    return line + (f"\n{'':<15} refused by a daemon: {s['refusal']}" if s.get("refusal") else "")
 
 
 @models.command("list")
@@ -108,16 +108,16 @@ def _line(s: dict[str, Any]) -> str:
 def list_cmd(config_file: Path | None, task: str | None, as_json: bool, **flags: object) -> None:
     """Every registered version: task, version, status, architecture, SHA-256, folder."""
     settings = build_settings(config_file, **flags)
-    if task is not None and task not in settings.task_specs:
-        raise click.BadParameter(
-            f"unknown task {task!r}; known: {', '.join(sorted(settings.task_specs))}", param_hint="--task"
-        )
     registry = _registry()
 
     def summaries(session: Session) -> list[dict[str, Any]]:
         return [registry.version_summary(r, settings.state_dir) for r in registry.list_versions(session, task)]
 
     rows = _in_transaction(settings, summaries)
+    if task is not None and task not in settings.task_specs and not rows:  # a task the config left has versions still
+        raise click.BadParameter(
+            f"unknown task {task!r}; known: {', '.join(sorted(settings.task_specs))}", param_hint="--task"
+        )
     if as_json:
         echo_json(rows)
         return
@@ -376,7 +376,9 @@ def promote_cmd(config_file: Path | None, task: str, version: str, as_json: bool
     registry = _registry()
     verified = _in_sessions(
         settings,
-        lambda sessions: registry.verify_registered_copy(sessions, task, version, settings.state_dir),
+        lambda sessions: registry.verify_registered_copy(
+            sessions, task, version, settings.state_dir, settings.task_specs
+        ),
         read_only=True,  # a writer's BEGIN IMMEDIATE would wait for (or fail on) a daemon's lock
     )
 
@@ -384,8 +386,10 @@ def promote_cmd(config_file: Path | None, task: str, version: str, as_json: bool
         registry.lock_task(session, task)  # the version active now is the one this promotion demotes
         before = registry.active_versions(session).get(task)
         previous = before.version if before is not None and before.version != version else None
+        refused = registry.get_version(session, task, version).refusal
         promoted = registry.promote(session, task, version, verified=verified)
-        return {**registry.version_summary(promoted, settings.state_dir), "previous_active": previous}
+        summary = registry.version_summary(promoted, settings.state_dir)
+        return {**summary, "previous_active": previous, "cleared_refusal": refused}
 
     data = _in_transaction(settings, work)
     if as_json:
@@ -393,6 +397,8 @@ def promote_cmd(config_file: Path | None, task: str, version: str, as_json: bool
         return
     was = f" (was {data['previous_active']}, now registered)" if data["previous_active"] else ""
     click.echo(f"{task}/{version} is active{was}")
+    if data["cleared_refusal"] is not None:
+        click.echo(f"a daemon's refusal of it ({data['cleared_refusal']}) is cleared: they try it again")
 
 
 @models.command("retire")

@@ -36,7 +36,7 @@ from meddaemon.db.migrate import (
     refuse_others_tables,
 )
 from meddaemon.db.models import DaemonInstance, Scan, utcnow
-from meddaemon.db.queries import moves_waiting, waiting_for_an_active_model, waiting_since
+from meddaemon.db.queries import moves_waiting, refused_active_versions, waiting_for_an_active_model, waiting_since
 from meddaemon.failures import NOT_AN_IMAGE
 from meddaemon.logs import error_line
 from meddaemon.processes import process_alive
@@ -133,6 +133,7 @@ def check_health(
             daemons,
             guarded("lost_daemons", lambda s: _lost(s, limits)),
             guarded("queue", lambda s: _queue(s, settings, limits, daemons.details.get("alive", 0))),
+            guarded("models", _models),
             guarded("failures", lambda s: _failures(s, limits)),
             guarded("outbox", lambda s: _outbox(s, limits)),
             guarded("moves", lambda s: _moves(s, limits, daemons.details.get("alive", 0))),
@@ -344,7 +345,8 @@ def _queue(session: Session, settings: Settings, limits: HealthLimits, alive: in
             "queue",
             DEGRADED,
             f"stuck: scans wait for the active model of {named} (limit {limit}), which no daemon serves: "
-            "refused or failing to load (the daemon's log says why; a refused version is tried again at a restart)",
+            "refused or failing to load (the daemon's log says why; a refused version is tried again once "
+            "promoted again, or at a restart)",
             details,
         )
     if not oldest:
@@ -360,6 +362,23 @@ def _queue(session: Session, settings: Settings, limits: HealthLimits, alive: in
             details,
         )
     return Check("queue", OK, f"{_plural(total, 'scan')} waiting, the oldest for {_duration(age)}", details)
+
+
+def _models(session: Session) -> Check:
+    """An active version a daemon refused: the registry names it active while its predecessor
+    serves, or its scans wait; nothing else would tell while the predecessor keeps the queue moving."""
+    refused = refused_active_versions(session)
+    details = {"refused": {r.task_name: {"version": r.version, "refusal": r.refusal} for r in refused}}
+    if refused:
+        named = "; ".join(f"{r.task_name}/{r.version} ({r.refusal})" for r in refused)
+        return Check(
+            "models",
+            DEGRADED,
+            f"an active model was refused by a daemon: {named}; mend its files and promote it again, or promote "
+            "another",
+            details,
+        )
+    return Check("models", OK, "no active model refused", details)
 
 
 def _moves(session: Session, limits: HealthLimits, alive: int) -> Check:

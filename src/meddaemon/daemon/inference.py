@@ -161,6 +161,8 @@ class InferenceStage(Stage):
         self.failed_loads: dict[int, float] = {}
         #: why a version's load failed, as its scans' waiting detail says
         self.load_errors: dict[int, str] = {}
+        #: versions refused -> their ``promoted_at`` then: promoted again since, they are tried again
+        self.refused_promotions: dict[int, datetime | None] = {}
         self.loader = model_loader.ModelLoader(self._load)
         #: loads finished and not yet adopted (``collect_loads``)
         self.loaded: list[model_loader.LoadResult] = []
@@ -242,6 +244,10 @@ class InferenceStage(Stage):
         from meddaemon.engine import registry
 
         assert self.device is not None
+        if (spec := self.settings.task_specs.get(request.task)) is not None:
+            manifest = request.manifest or {}
+            where = f"{request.task}/{request.version}"
+            registry.check_task_matches(spec, manifest.get("labels", []), manifest.get("kind", ""), where)
 
         def recorded_graphs() -> dict[str, str]:
             with self.sessions() as session:
@@ -318,6 +324,9 @@ class InferenceStage(Stage):
             model = self.served.get(task)
             if (model is not None and model.version_id == row.id) or row.id in pending:
                 continue
+            if row.id in self.refused_promotions and self.refused_promotions[row.id] != row.promoted_at:
+                log.info("model %s/%s was promoted again since it was refused: trying it again", task, row.version)
+                del self.refused_promotions[row.id], self.failed_loads[row.id], self.load_errors[row.id]
             if self.failed_loads.get(row.id, 0.0) > now or task in idle:
                 continue
             self._engine()
@@ -397,6 +406,7 @@ class InferenceStage(Stage):
         if result.refusal is not None:
             self.failed_loads[request.version_id] = float("inf")
             self.load_errors[request.version_id] = f"refused, {result.refusal.reason}"
+            self._record_refusal(request, f"{result.refusal.reason}: {result.refusal.message}")
             log.error(
                 "refusing model %s: %s (%s); %s",
                 request.name,
@@ -414,6 +424,21 @@ class InferenceStage(Stage):
             keeps,
             LOAD_RETRY_SECONDS,
         )
+
+    def refused_active(self) -> set[str]:
+        """The active versions (``task/version``) this daemon refused, as last read."""
+        return {f"{task}/{row.version}" for task, row in self.wanted.items() if row.id in self.refused_promotions}
+
+    def _record_refusal(self, request: model_loader.LoadRequest, refusal: str) -> None:
+        """Record the refusal on the version while it is the active one (``models list``, ``status``
+        and ``health`` show it), and remember its promotion: promoted again, it is tried again."""
+        row = self.wanted.get(request.task)
+        promoted_at = row.promoted_at if row is not None and row.id == request.version_id else None
+        self.refused_promotions[request.version_id] = promoted_at
+        if promoted_at is not None:
+            from meddaemon.engine import registry
+
+            self.commit(lambda session: registry.record_refusal(session, request.version_id, promoted_at, refusal))
 
     # -- feeding the queues --------------------------------------------------------------------
 

@@ -78,6 +78,9 @@ class RunStats:
     #: ``inferred`` for a later run
     unreported: int = 0
     unreported_studies: int = 0
+    #: the active model versions (``task/version``) this run refused (each logged with its reason):
+    #: their tasks' scans wait, or a predecessor served them
+    refused_models: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
     @property

@@ -370,6 +370,7 @@ class Daemon:
             self.engine.dispose()
             self._restore_signal_handlers(previous_handlers)
         self.stats.inferred = self.stage.inferred
+        self.stats.refused_models = sorted(self.stage.refused_active())
         self._count_what_is_left(once)
         log.info(
             "stopped: %d routed, %d inferred, %d duplicates, %d failed in %.1f s",

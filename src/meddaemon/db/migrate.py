@@ -83,7 +83,10 @@ def foreign_keys_off(connection: Connection) -> Iterator[None]:
     finally:
         if connection.in_transaction():
             connection.rollback()
-        driver.execute("PRAGMA foreign_keys=ON")
+        # an error that dropped the connection (the file unwritable: ``db.engine``) closed it: the
+        # pragma there would hide that error under "Cannot operate on a closed database"
+        if not connection.invalidated:
+            driver.execute("PRAGMA foreign_keys=ON")
 
 
 def check_foreign_keys(connection: Connection) -> None:

@@ -68,6 +68,10 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     promoted_at: Mapped[datetime | None]
     retired_at: Mapped[datetime | None]
+    #: why a daemon refused to serve this version (its reason code and message), and when; cleared
+    #: by a promotion, after which daemons that refused it try it again
+    refusal: Mapped[str | None] = mapped_column(Text)
+    refused_at: Mapped[datetime | None]
 
 
 class ModelGraph(Base):

@@ -48,6 +48,9 @@ class StatusSummary:
     #: the tasks whose scans wait though they have an active version (refused, or failing to load
     #: wherever a daemon runs: the log says why), with how many wait
     waiting_active_model: dict[str, int] = field(default_factory=dict)
+    #: the tasks whose active version a daemon refused (``refused_active_versions``): task ->
+    #: version, refusal and when
+    refused_active_model: dict[str, dict[str, object]] = field(default_factory=dict)
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -97,6 +100,10 @@ def status_summary(session: Session, recent: int = 10, now: datetime | None = No
         last_registered_at=last,
         waiting_model=tasks_without_model(session),
         waiting_active_model={task: count for task, (count, _) in waiting_for_an_active_model(session).items()},
+        refused_active_model={
+            row.task_name: {"version": row.version, "refusal": row.refusal, "refused_at": row.refused_at}
+            for row in refused_active_versions(session)
+        },
     )
 
 
@@ -156,6 +163,13 @@ def _entered_state(*where: Any) -> tuple[Any, Any]:
         .subquery()
     )
     return func.coalesce(entered.c.at, Scan.updated_at), outerjoin(Scan, entered, entered.c.scan_id == Scan.id)
+
+
+def refused_active_versions(session: Session) -> list[ModelVersion]:
+    """The active versions a daemon refused to serve since their promotion (its predecessor serves
+    meanwhile, or the task's scans wait): ``registry.record_refusal``."""
+    query = select(ModelVersion).where(ModelVersion.status == "active", ModelVersion.refusal.is_not(None))
+    return list(session.scalars(query.order_by(ModelVersion.task_name)))
 
 
 def tasks_without_model(session: Session) -> dict[str, int]:

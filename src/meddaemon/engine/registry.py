@@ -837,12 +837,8 @@ def import_version(
             f"{source / MANIFEST_FILE} is for task {manifest.task!r}, which is not configured; "
             f"known tasks: {sorted(tasks)} (custom tasks go in [tasks.NAME] of the config)",
         )
-    if spec is not None and (list(spec.labels) != manifest.labels or spec.kind != manifest.kind):
-        raise ModelRefused(
-            "task_mismatch",
-            f"{source / MANIFEST_FILE} has {manifest.kind} labels {manifest.labels} but task {spec.name!r} "
-            f"is {spec.kind} with labels {list(spec.labels)} (same labels in the same order are needed)",
-        )
+    if spec is not None:
+        check_task_matches(spec, manifest.labels, manifest.kind, str(source / MANIFEST_FILE))
 
     insert_missing(session, Task, [{"name": manifest.task, "description": spec.description if spec else ""}])
     session.get(Task, manifest.task, with_for_update=True)  # one import of a task at a time
@@ -1009,13 +1005,30 @@ def lock_task(session: Session, task: str) -> None:
     session.get(Task, task, with_for_update=True)
 
 
+def check_task_matches(spec: TaskSpec, labels: Sequence[str], kind: str, where: str) -> None:
+    """Refuse (``task_mismatch``) a version whose labels or kind are not its task's as configured
+    now: at import, and again at promotion and load, since a task's labels can change in the config
+    after its versions were imported (results stored under labels the task no longer has)."""
+    if list(spec.labels) != list(labels) or spec.kind != kind:
+        raise ModelRefused(
+            "task_mismatch",
+            f"{where} has {kind} labels {list(labels)} but task {spec.name!r} "
+            f"is {spec.kind} with labels {list(spec.labels)} (same labels in the same order are needed)",
+        )
+
+
 def verify_registered_copy(
-    sessions: sessionmaker[Session], task: str, version: str, state_dir: Path | None = None
+    sessions: sessionmaker[Session],
+    task: str,
+    version: str,
+    state_dir: Path | None = None,
+    tasks: Mapping[str, TaskSpec] | None = None,
 ) -> Registered:
     """Load and self-test the registered copy of ``task/version`` (:class:`ModelRefused` if it was
-    damaged since the import), outside any transaction: verified inside the promotion's, it held
-    SQLite's write lock (the task's row on PostgreSQL) for the seconds a DenseNet's self-test takes,
-    and every other writer waited, past its busy timeout. What it returns goes to :func:`promote`."""
+    damaged since the import, or no longer fits its task in ``tasks``, the configured ones),
+    outside any transaction: verified inside the promotion's, it held SQLite's write lock (the
+    task's row on PostgreSQL) for the seconds a DenseNet's self-test takes, and every other writer
+    waited, past its busy timeout. What it returns goes to :func:`promote`."""
     with sessions() as session:
         row = get_version(session, task, version)
         if row.status == "retired":
@@ -1025,6 +1038,8 @@ def verify_registered_copy(
         registered, folder = Registered.of(row), model_folder(row, state_dir)
     loaded = load_version(folder)
     check_registered(loaded.manifest, folder, registered)
+    if tasks is not None and (spec := tasks.get(task)) is not None:
+        check_task_matches(spec, loaded.manifest.labels, loaded.manifest.kind, f"{task}/{version}")
     return registered
 
 
@@ -1034,9 +1049,10 @@ def promote(session: Session, task: str, version: str, *, verified: Registered |
     The previously active version of the task goes back to ``registered`` (not ``retired``): it can
     be promoted again to roll back. ``verified``: what :func:`verify_registered_copy` found, before
     this transaction; None promotes unverified (an import in this same transaction verified it).
-    Promoting the active version changes nothing; a retired version cannot be promoted
-    (:class:`RegistryError` ``retired``). The task's row is locked for the update, so concurrent
-    promotions cannot leave two active.
+    Promoting the active version changes nothing, unless a daemon refused it (``refusal``): then
+    the refusal is cleared and ``promoted_at`` renewed, which tells the daemons that refused it to
+    try it again. A retired version cannot be promoted (:class:`RegistryError` ``retired``). The
+    task's row is locked for the update, so concurrent promotions cannot leave two active.
     """
     lock_task(session, task)
     row = get_version(session, task, version, for_update=True)
@@ -1047,6 +1063,9 @@ def promote(session: Session, task: str, version: str, *, verified: Registered |
     if verified is not None and Registered.of(row) != verified:
         raise RegistryError("changed", f"{task}/{version} was registered again while it was verified; try again")
     if row.status == "active":
+        if row.refusal is not None:
+            row.promoted_at, row.refusal, row.refused_at = utcnow(), None, None
+            log.info("model %s/%s promoted again: its refusal cleared, daemons try it again", task, version)
         return row
     now = utcnow()
     previous = session.scalars(
@@ -1059,10 +1078,21 @@ def promote(session: Session, task: str, version: str, *, verified: Registered |
         other.status = "registered"
         log.info("model %s/%s is no longer active (back to registered)", task, other.version)
     session.flush()  # the old active row is demoted before the new one is marked
-    row.status, row.promoted_at = "active", now
+    row.status, row.promoted_at, row.refusal, row.refused_at = "active", now, None, None
     session.flush()
     log.info("model %s/%s promoted (active)", task, version)
     return row
+
+
+def record_refusal(session: Session, version_id: int, promoted_at: datetime | None, refusal: str) -> bool:
+    """Record that a daemon refused to serve this version (``reason: message``), unless it was
+    promoted since the daemon read it (``promoted_at``: a promotion clears refusals); whether it
+    was recorded."""
+    row = session.get(ModelVersion, version_id, with_for_update=True)
+    if row is None or row.promoted_at != promoted_at:
+        return False
+    row.refusal, row.refused_at = refusal, utcnow()
+    return True
 
 
 def retire(session: Session, task: str, version: str) -> ModelVersion:
@@ -1109,4 +1139,6 @@ def version_summary(row: ModelVersion, state_dir: Path | None = None) -> dict[st
         "created_at": row.created_at,
         "promoted_at": row.promoted_at,
         "retired_at": row.retired_at,
+        "refusal": row.refusal,
+        "refused_at": row.refused_at,
     }

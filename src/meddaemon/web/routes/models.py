@@ -115,8 +115,9 @@ async def act(request: Request) -> Response:
 
         try:
             if verb == "promote":  # before its transaction (the self-test takes seconds), read as the pages read
+                settings = console.settings
                 verified = registry.verify_registered_copy(
-                    session_factory(console.reader), task, version, console.settings.state_dir
+                    session_factory(console.reader), task, version, settings.state_dir, settings.task_specs
                 )
             detail, done_before = actions.past_other_writers(console, transact)
         except registry.RegistryError as exc:  # ModelRefused too: verification failed
