@@ -21,6 +21,14 @@ def test_parse_metrics_labels_and_operators():
     ]  # fmt: skip
 
 
+def test_a_label_in_another_case_is_the_reported_label_as_labels_files_are_read():
+    """``auc[effusion]`` was refused (exit 2) though the labels file's ``effusion`` is read as Effusion."""
+    [criterion] = parse_criteria("auc[effusion]>0.8", ("Effusion", "Mass"))
+    assert criterion.label == "Effusion"
+    [verdict] = evaluate([criterion], [metrics("Effusion"), metrics("Mass", seed=1)])
+    assert verdict.label == "Effusion"
+
+
 @pytest.mark.parametrize(("text", "match"), [("auc=0.9", "cannot read"), ("accuracy>=0.9", "unknown metric"),
                                               ("", "empty"), ("auc[Foo]>=0.5", "unknown label")])  # fmt: skip
 def test_bad_criteria_are_refused(text, match):

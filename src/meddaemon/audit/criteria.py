@@ -72,11 +72,20 @@ def parse_criteria(text: str, labels: tuple[str, ...] | None = None) -> list[Cri
         if metric not in SCALARS:
             raise CriteriaError(f"unknown metric {metric!r} in {part.strip()!r}; known: {', '.join(SCALARS)}")
         if labels is not None and label is not None and label not in labels:
-            raise CriteriaError(f"unknown label {label!r} in {part.strip()!r}; reported labels: {', '.join(labels)}")
+            label = _spelled_as_reported(label, labels, part.strip())
         out.append(Criterion(metric, label, op, float(limit)))
     if not out:
         raise CriteriaError("--require is empty")
     return out
+
+
+def _spelled_as_reported(label: str, labels: tuple[str, ...], criterion: str) -> str:
+    """The reported label ``label`` names in another case (``effusion`` for ``Effusion``), as a
+    labels file's labels are read in any case; an unknown label otherwise."""
+    same = [known for known in labels if known.casefold() == label.casefold()]
+    if len(same) != 1:
+        raise CriteriaError(f"unknown label {label!r} in {criterion!r}; reported labels: {', '.join(labels)}")
+    return same[0]
 
 
 def evaluate(criteria: list[Criterion], metrics: list[LabelMetrics]) -> list[Verdict]:
