@@ -1,4 +1,4 @@
-"""The suite's own scheduling: ``scripts/test.sh`` runs the tests in two pytest-xdist workers with
+"""The suite's own scheduling: ``scripts/test.sh`` runs the tests in three pytest-xdist workers with
 ``--dist loadgroup``, and the tests that share an expensive set-up or must not run beside each other
 (a Ray cluster, the served seed models, BUSI training) carry an ``xdist_group`` mark. The mark must
 keep them on one worker. pytest 9.2 broke that without an error (every grouped test went wherever,
