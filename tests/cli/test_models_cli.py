@@ -390,3 +390,10 @@ def test_a_version_whose_task_changed_its_labels_since_the_import_is_refused_at_
     assert "error: the active models knee/k1 were refused" in started.stderr
     [row] = as_json(runner.invoke(medcli, ["models", "list", "--json", "--config", str(changed), *where]))
     assert row["status"] == "active" and row["refusal"].startswith("task_mismatch: knee/k1 has binary labels")
+
+    # the config set back (a restart, or the next --once): the version is served, its refusal cleared
+    served = runner.invoke(meddaemon, [*once, "--config", str(imported_under), *where])
+    assert served.exit_code == 0, served.output
+    assert json.loads(served.stdout)["inferred"] == 1 and "the refusal cleared" in served.stderr
+    [row] = as_json(runner.invoke(medcli, ["models", "list", "--json", "--config", str(imported_under), *where]))
+    assert row["refusal"] is None

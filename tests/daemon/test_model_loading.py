@@ -316,6 +316,47 @@ def test_an_active_version_refused_while_its_predecessor_serves_is_named_and_tri
         assert check_health(daemon.engine, daemon.settings).check("models").status == "ok"
 
 
+def test_a_version_promoted_again_while_its_refused_load_was_in_flight_is_tried_again(
+    make_settings, tmp_path, monkeypatch, caplog
+):
+    """The refusal, found seconds into a load, was recorded against the promotion read when the
+    load ended, a later one that had mended it: the daemon never tried it again."""
+    caplog.set_level(logging.INFO, logger="meddaemon")
+    refusing, let_go = threading.Event(), threading.Event()
+    original = loader.load_and_time
+
+    def refused_late(request, **options):  # type: ignore[no-untyped-def]
+        try:
+            return original(request, **options)
+        except registry.ModelRefused:
+            if request.version == "v2":
+                refusing.set()
+                let_go.wait(30)  # a refusal found late in a slow load (a DenseNet's self-test)
+            raise
+
+    monkeypatch.setattr(loader, "load_and_time", refused_late)
+    daemon = Daemon(make_settings(**LIVE))
+    daemon.prepare()
+    import_version(daemon, write_model(tmp_path / "busi_v1", version="v1"))
+    with running(daemon):
+        until(lambda: "busi" in daemon.stage.served, what="v1 served")
+        v2 = import_version(daemon, write_model(tmp_path / "busi_v2", version="v2"), promote=False)
+        stored = daemon.settings.models_dir / "busi" / "v2" / "model.safetensors"
+        whole = stored.read_bytes()
+        stored.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0x01]))
+        with transaction(daemon.sessions) as session:
+            registry.promote(session, "busi", "v2")
+        assert refusing.wait(30)
+        stored.write_bytes(whole)  # mended and promoted again while the refused load is in flight
+        verified = registry.verify_registered_copy(daemon.sessions, "busi", "v2", daemon.settings.state_dir)
+        with transaction(daemon.sessions) as session:
+            registry.promote(session, "busi", "v2", verified=verified)
+        let_go.set()
+        until(lambda: daemon.stage.served["busi"].version_id == v2, what="v2 tried again and served")
+        with daemon.sessions() as session:
+            assert session.get(ModelVersion, v2).refusal is None
+
+
 def test_a_load_that_breaks_is_logged_once_and_not_retried_at_once(make_settings, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="meddaemon")
     attempts: list[str] = []

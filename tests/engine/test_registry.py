@@ -629,7 +629,7 @@ def test_import_promote_retire(factory, tmp_path: Path):  # type: ignore[no-unty
 
     with transaction(factory) as session:  # roll back: promote v1 again
         promote(session, "busi", "v1")
-        promote(session, "busi", "v1")  # promoting the active version changes nothing
+        promote(session, "busi", "v1")  # promoting the active version again changes no status
     assert statuses() == {"v1": "active", "v2": "registered"}
 
     with transaction(factory) as session:

@@ -163,6 +163,31 @@ def test_promote_after_its_confirmation_switches_the_active_model(fresh_root):
     assert (action.action, action.target, action.outcome) == ("promote", "busi/v2", "done")
 
 
+def test_an_active_version_a_daemon_refused_is_shown_so_and_promoted_again_from_the_console(fresh_root):
+    """The console showed a refused active version as any active one, offered no promote, and a
+    promote posted said "active already: nothing done", its refusal left in place."""
+    register(fresh_root, "v2")
+    client, csrf = admin(fresh_root)
+    assert (
+        "busi/v2 is the active model of busi"
+        in client.post("/models/busi/v2/promote", data={"csrf": csrf, "confirm": "busi/v2"}).text
+    )
+    engine = create_db_engine(web_settings(fresh_root).db_url)
+    with transaction(session_factory(engine)) as session:  # as a daemon records it (SYNTHETIC reason)
+        row = registry.get_version(session, "busi", "v2")
+        assert registry.record_refusal(session, row.id, row.promoted_at, "hash_mismatch: SYNTHETIC")
+    engine.dispose()
+    page = client.get("/models").text
+    assert 'id="refusal-busi-v2"' in page and "hash_mismatch: SYNTHETIC" in page and 'id="promote-busi-v2"' in page
+
+    again = client.post("/models/busi/v2/promote", data={"csrf": csrf, "confirm": "busi/v2"})
+
+    assert "refusal of it is cleared: the daemons try it again" in again.text
+    [v2] = rows(fresh_root, select(ModelVersion).where(ModelVersion.version == "v2"))
+    assert v2.status == "active" and v2.refusal is None
+    assert 'id="refusal-busi-v2"' not in client.get("/models").text
+
+
 def test_a_promote_from_the_console_waits_for_a_writer_holding_sqlite_and_is_done(fresh_root):
     """The copy's check before the promotion read through a writing session, whose BEGIN IMMEDIATE
     asked for the write lock: a daemon holding it past the busy timeout made the promotion fail

@@ -174,10 +174,16 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
             "were not read; run again once they can",
             err=True,
         )
-    if stats.unreported or stats.unreported_studies:
+    if stats.unreported:
         click.echo(
-            f"error: the reports of {stats.unreported} scans and {stats.unreported_studies} studies could not be "
-            "written (each named in the log): those scans stay inferred in work/; run again once they can",
+            f"error: the reports of {stats.unreported} scans could not be written or built (each named in the "
+            "log): those scans stay inferred in work/; run again once they can",
+            err=True,
+        )
+    if stats.unreported_studies:
+        click.echo(
+            f"error: the reports of {stats.unreported_studies} studies could not be written or built (each named "
+            "in the log): run again once they can",
             err=True,
         )
     if stats.refused_models:

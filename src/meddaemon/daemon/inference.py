@@ -331,8 +331,9 @@ class InferenceStage(Stage):
                 continue
             self._engine()
             folder = self.settings.stored_file(row.path)
+            manifest = dict(row.manifest or {})
             self.loader.request(
-                model_loader.LoadRequest(task, row.version, row.id, folder, row.sha256, dict(row.manifest or {}))
+                model_loader.LoadRequest(task, row.version, row.id, folder, row.sha256, manifest, row.promoted_at)
             )
 
     def _tasks_without_work(self, session: Session) -> set[str]:
@@ -379,6 +380,11 @@ class InferenceStage(Stage):
             model = result.model
             self.served[request.task] = model
             self.rows[row.id] = row
+            if row.refusal is not None:  # refused before (by this daemon or another), served now: mended
+                from meddaemon.engine import registry
+
+                self.commit(lambda session, version_id=row.id: registry.clear_refusal(session, version_id))
+                log.info("model %s was refused before (%s): served now, the refusal cleared", request.name, row.refusal)
             log.info(
                 "serving %s/%s (%s, sha256 %s) on %s with %s (loaded in %.1f s)",
                 request.task,
@@ -430,15 +436,16 @@ class InferenceStage(Stage):
         return {f"{task}/{row.version}" for task, row in self.wanted.items() if row.id in self.refused_promotions}
 
     def _record_refusal(self, request: model_loader.LoadRequest, refusal: str) -> None:
-        """Record the refusal on the version while it is the active one (``models list``, ``status``
-        and ``health`` show it), and remember its promotion: promoted again, it is tried again."""
-        row = self.wanted.get(request.task)
-        promoted_at = row.promoted_at if row is not None and row.id == request.version_id else None
-        self.refused_promotions[request.version_id] = promoted_at
-        if promoted_at is not None:
-            from meddaemon.engine import registry
+        """Record the refusal on the version unless it was promoted again since the load was asked
+        for (``models list``, ``status`` and ``health`` show it), and remember the promotion refused:
+        promoted again, even while it loaded, it is tried again."""
+        from meddaemon.engine import registry
 
-            self.commit(lambda session: registry.record_refusal(session, request.version_id, promoted_at, refusal))
+        self.refused_promotions[request.version_id] = request.promoted_at
+        if request.promoted_at is not None:
+            self.commit(
+                lambda session: registry.record_refusal(session, request.version_id, request.promoted_at, refusal)
+            )
 
     # -- feeding the queues --------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -44,6 +45,8 @@ class LoadRequest:
     #: what the database registered (the row's hash and manifest): the folder must still hold it
     sha256: str | None = None
     manifest: dict | None = None
+    #: the promotion the load was asked for (a refusal is recorded against it, not a later one)
+    promoted_at: datetime | None = None
 
     @property
     def name(self) -> str:

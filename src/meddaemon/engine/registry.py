@@ -1049,9 +1049,9 @@ def promote(session: Session, task: str, version: str, *, verified: Registered |
     The previously active version of the task goes back to ``registered`` (not ``retired``): it can
     be promoted again to roll back. ``verified``: what :func:`verify_registered_copy` found, before
     this transaction; None promotes unverified (an import in this same transaction verified it).
-    Promoting the active version changes nothing, unless a daemon refused it (``refusal``): then
-    the refusal is cleared and ``promoted_at`` renewed, which tells the daemons that refused it to
-    try it again. A retired version cannot be promoted (:class:`RegistryError` ``retired``). The
+    Promoting the active version again renews ``promoted_at`` and clears a daemon's refusal of it
+    (``refusal``), nothing else: the daemons that refused it, even while its load was in flight,
+    try it again (``daemon.inference``). A retired version cannot be promoted (:class:`RegistryError` ``retired``). The
     task's row is locked for the update, so concurrent promotions cannot leave two active.
     """
     lock_task(session, task)
@@ -1063,8 +1063,9 @@ def promote(session: Session, task: str, version: str, *, verified: Registered |
     if verified is not None and Registered.of(row) != verified:
         raise RegistryError("changed", f"{task}/{version} was registered again while it was verified; try again")
     if row.status == "active":
-        if row.refusal is not None:
-            row.promoted_at, row.refusal, row.refused_at = utcnow(), None, None
+        refused = row.refusal is not None
+        row.promoted_at, row.refusal, row.refused_at = utcnow(), None, None
+        if refused:
             log.info("model %s/%s promoted again: its refusal cleared, daemons try it again", task, version)
         return row
     now = utcnow()
@@ -1093,6 +1094,14 @@ def record_refusal(session: Session, version_id: int, promoted_at: datetime | No
         return False
     row.refusal, row.refused_at = refusal, utcnow()
     return True
+
+
+def clear_refusal(session: Session, version_id: int) -> None:
+    """A daemon serves the version a refusal was recorded on (its files mended, another daemon's
+    copy fine): the refusal no longer holds."""
+    row = session.get(ModelVersion, version_id, with_for_update=True)
+    if row is not None:
+        row.refusal, row.refused_at = None, None
 
 
 def retire(session: Session, task: str, version: str) -> ModelVersion:

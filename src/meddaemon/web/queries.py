@@ -746,6 +746,9 @@ class ModelRow:
     results: int
     #: the version's folder in the registry, as stored (its card and figures are there)
     path: str = ""
+    #: a daemon's refusal of it, and when (``registry.record_refusal``)
+    refusal: str | None = None
+    refused_at: datetime | None = None
 
     @property
     def metrics(self) -> list[tuple[str, str]]:
@@ -789,6 +792,8 @@ def model_versions(session: Session) -> dict[str, list[ModelRow]]:
                 dict(row.manifest or {}),
                 int(counts.get(row.id, 0)),
                 row.path,
+                row.refusal,
+                aware(row.refused_at),
             )
         )
     return out

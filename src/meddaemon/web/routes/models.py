@@ -104,12 +104,15 @@ async def act(request: Request) -> Response:
                 # order deadlocked with a medcli promote or retire of the same version
                 registry.lock_task(session, task)
                 # a stale page, a second tab, a double submit: recorded as what it did, nothing
-                status = registry.get_version(session, task, version, for_update=True).status
-                if status == {"promote": "active", "retire": "retired"}[verb]:
+                row = registry.get_version(session, task, version, for_update=True)
+                status = row.status
+                refused = verb == "promote" and row.refusal is not None  # promoted again: its refusal cleared
+                if status == {"promote": "active", "retire": "retired"}[verb] and not refused:
                     return "", f"{target} is {status} already: nothing done"
                 if verb == "promote":
                     registry.promote(session, task, version, verified=verified)
-                    return f"{target} is the active model of {task}", ""
+                    cleared = "; a daemon's refusal of it is cleared: the daemons try it again" if refused else ""
+                    return f"{target} is the active model of {task}{cleared}", ""
                 registry.retire(session, task, version)
                 return f"{target} is retired", ""
 
