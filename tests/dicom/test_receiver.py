@@ -22,6 +22,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import logging
 import shlex
 import ssl
 import subprocess
@@ -152,6 +153,36 @@ def test_instances_from_pynetdicom_are_written_as_received_behind_their_file_met
     assert (row.study_instance_uid, row.series_instance_uid) == (source.StudyInstanceUID, source.SeriesInstanceUID)
     stored = receiver.settings.watch / row.file_name
     assert row.sha256 == hashlib.sha256(stored.read_bytes()).hexdigest() and row.size_bytes == stored.stat().st_size
+
+
+def test_presentation_contexts_refused_to_a_sender_are_logged_and_counted(
+    receive: StartReceiver, caplog: pytest.LogCaptureFixture
+):
+    """A sender proposing a class or a syntax this side refuses (MPEG-2, a private SOP class) was
+    told "no presentation context" and kept its images, while this side logged an association of
+    0 instances: nothing said why its images never arrived."""
+    from pydicom.uid import MPEG2MPML
+    from pynetdicom import AE
+
+    receiver = receive()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", MPEG2MPML)  # CT Image Storage
+    ae.add_requested_context("1.2.826.0.1.3680043.10.543.1", ExplicitVRLittleEndian)  # SYNTHETIC private class
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ExplicitVRLittleEndian)  # MR Image Storage: taken
+    with caplog.at_level(logging.INFO, logger="meddaemon"):
+        assoc = ae.associate("127.0.0.1", port(receiver), ae_title="MEDDAEMON")
+        try:
+            assert assoc.is_established and len(assoc.rejected_contexts) == 2
+            assoc.release()
+        finally:
+            ae.shutdown()
+        _wait(lambda: "presentation contexts refused" in caplog.text, "the refusal logged")
+    assert (
+        "association from MODALITY: 2 of its presentation contexts refused, the instances they would carry cannot "
+        "be sent here: CT Image Storage in MPEG2 Main Profile / Main Level (transfer syntax not decodable here); "
+        "1.2.826.0.1.3680043.10.543.1 in Explicit VR Little Endian (SOP class not accepted)"
+    ) in caplog.text
+    assert receiver.stats.snapshot()["contexts_rejected"] == 2
 
 
 def test_storescu_one_association_per_file_and_many_files_per_association(receive: StartReceiver, tmp_path: Path):

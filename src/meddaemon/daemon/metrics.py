@@ -182,6 +182,13 @@ class ReceiverCollector(Collector):
         )
         received.add_metric([], s["bytes"])
         yield received
+        contexts = CounterMetricFamily(
+            "meddaemon_dicom_presentation_contexts_rejected",
+            "Presentation contexts refused to senders (a SOP class not accepted, or only transfer syntaxes not "
+            "decodable here proposed): the instances they would carry cannot be sent; the log names each.",
+        )
+        contexts.add_metric([], s["contexts_rejected"])
+        yield contexts
 
 
 @dataclass

@@ -140,6 +140,35 @@ def accepted_transfer_syntaxes(decodable: Iterable[str] | None = None) -> list[U
     return [*lossless, *UNCOMPRESSED, *lossy]
 
 
+def rejected_contexts(assoc: Any) -> list[str]:
+    """The presentation contexts refused to an association, each as its SOP class, the transfer
+    syntaxes proposed and why: a sender whose images never arrive (JPEG 2000 Part 2, MPEG, a
+    private class) was otherwise told "no presentation context" while this side logged nothing."""
+    request = assoc.requestor.primitive
+    proposed = {cx.context_id: cx for cx in (request.presentation_context_definition_list if request else [])}
+    out = []
+    for context in assoc.rejected_contexts:
+        asked = proposed.get(context.context_id, context)
+        syntaxes = ", ".join(_uid_name(uid) for uid in asked.transfer_syntax) or "no syntax"
+        why = _CONTEXT_REFUSALS.get(context.result, f"result {context.result}")
+        out.append(f"{_uid_name(asked.abstract_syntax)} in {syntaxes} ({why})")
+    return out
+
+
+#: a refused presentation context's result (PS3.8 9.3.3.2)
+_CONTEXT_REFUSALS = {
+    0x01: "refused",
+    0x02: "no reason given",
+    0x03: "SOP class not accepted",
+    0x04: "transfer syntax not decodable here",
+}
+
+
+def _uid_name(uid: Any) -> str:
+    name = UID(str(uid)).name
+    return name if name and name != str(uid) else str(uid)
+
+
 # -- counters shared with the daemon -------------------------------------------------------------
 
 #: what the receiver counts; ``active`` and ``up`` are levels, the others only grow
@@ -157,6 +186,7 @@ STAT_NAMES = (
     "cannot_understand",
     "processing_failure",
     "bytes",
+    "contexts_rejected",
 )
 _REFUSAL_STATS = {
     OUT_OF_RESOURCES: "out_of_resources",
@@ -429,6 +459,15 @@ class Receiver:
         self.stats.add("accepted")
         self.stats.add("active")
         log.info("association from %s at %s:%d", caller.ae_title, caller.address, caller.port)
+        if refused := rejected_contexts(event.assoc):
+            self.stats.add("contexts_rejected", len(refused))
+            log.warning(
+                "association from %s: %d of its presentation contexts refused, the instances they would carry "
+                "cannot be sent here: %s",
+                caller.ae_title,
+                len(refused),
+                "; ".join(refused),
+            )
 
     def _rejected(self, event: Any, places_taken: bool = False) -> None:
         """Count and log a refused association: for its AE titles, because every place is taken
