@@ -16,7 +16,7 @@ from meddaemon.cli.daemon import cli as meddaemon
 from meddaemon.cli.medcli import cli as medcli
 from meddaemon.db.engine import create_db_engine
 from meddaemon.engine.tasks import BUILTIN_TASKS
-from model_factory import promote_into, write_model
+from model_factory import drop_study, promote_into, write_model
 
 
 def test_the_console_scripts_are_installed_and_explain_themselves():
@@ -158,6 +158,26 @@ def test_a_once_run_whose_reports_could_not_be_written_says_so_and_exits_1(
     assert len(list((state / "reports" / "scans").rglob("*.pdf"))) == 2
 
 
+def test_a_once_run_whose_dicom_outputs_wait_for_their_destination_says_so(runner: CliRunner, tmp_path: Path):
+    """A destination down (its share unmounted): the outputs waited in the outbox, and the run's
+    summary and JSON said nothing of them, only a warning per object in the log."""
+    state = tmp_path / "state"
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'watch = "{tmp_path / "inbox"}"\nstate_dir = "{state}"\ndicom_outputs = ["sr"]\n'
+        f'[[destination]]\nname = "share"\nkind = "folder"\npath = "{tmp_path / "unmounted"}"\n'
+    )
+    promote_into(f"sqlite:///{state / 'meddaemon.db'}", state / "models", write_model(tmp_path / "model"))
+    drop_study(tmp_path / "inbox" / "busi", count=1)
+    once = ["start", "--config", str(config), "--once", "--json", "--stable-seconds", "0", "--workers", "0"]
+
+    result = runner.invoke(meddaemon, once)
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["outputs_waiting"] == 1
+    assert "1 DICOM outputs wait in the outbox for their destinations" in result.stderr
+
+
 def test_start_creates_a_missing_watch_folder_when_asked(runner: CliRunner, dirs: list[str], tmp_path: Path):
     result = runner.invoke(meddaemon, ["start", *dirs, "--create-watch", "--once", "--workers", "0"])
     assert result.exit_code == 0, result.output
@@ -178,7 +198,7 @@ def test_start_once_then_status_report_the_same_counts(runner: CliRunner, dirs: 
     # no model: the routed scans wait for one, none got a result (the log said so, the JSON did not)
     assert json.loads(result.stdout) == {
         "routed": 3, "inferred": 0, "duplicates": 0, "failed": 1, "drained": True, "left": 0, "held": 0,
-        "unlisted": 0, "unreported": 0, "unreported_studies": 0, "refused_models": [],
+        "unlisted": 0, "unreported": 0, "unreported_studies": 0, "refused_models": [], "outputs_waiting": 0,
     }  # fmt: skip
     assert "4 of 4 files" in result.stderr
     assert f"no active model for {len(BUILTIN_TASKS)} task(s)" in result.output and "busi (0 waiting)" in result.output

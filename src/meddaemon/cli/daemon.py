@@ -192,6 +192,12 @@ def start(config_file: Path | None, once: bool, as_json: bool, **flags: object) 
             "their scans wait for them, or the version before served them",
             err=True,
         )
+    if stats.outputs_waiting:
+        click.echo(
+            f"{stats.outputs_waiting} DICOM outputs wait in the outbox for their destinations (medcli outbox list "
+            "says why): the daemon, or the next --once, sends them",
+            err=True,
+        )
     if not (stats.drained or stats.held or stats.unlisted):
         click.echo(cut_short(stats), err=True)
     if once and as_json:

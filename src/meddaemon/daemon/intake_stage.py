@@ -81,6 +81,9 @@ class RunStats:
     #: the active model versions (``task/version``) this run refused (each logged with its reason):
     #: their tasks' scans wait, or a predecessor served them
     refused_models: list[str] = field(default_factory=list)
+    #: ``--once``: DICOM outputs still pending in the outbox at its end (a destination down or
+    #: refusing for now: retried by the daemon or the next run; not a failure)
+    outputs_waiting: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property

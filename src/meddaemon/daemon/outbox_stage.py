@@ -12,13 +12,16 @@ finished (``OutboxProcess.stop``). With ``--once`` and reports on: sent here aft
 from __future__ import annotations
 
 from meddaemon.daemon.stages import ChildProcessStage
-from meddaemon.dicom.outbox import OutboxProcess, OutboxSender
+from meddaemon.db.engine import with_lock_retry
+from meddaemon.dicom.outbox import PENDING, OutboxProcess, OutboxSender, summary
 
 
 class OutboxStage(ChildProcessStage):
     name = "outbox"
     label = "the outbox sender"
     kind = "outbox"
+    #: after ``drain``: the objects still pending in the outbox (a destination down, backing off)
+    waiting = 0
 
     def make_child(self) -> OutboxProcess:
         return OutboxProcess(self.settings, self.daemon_id)
@@ -26,3 +29,9 @@ class OutboxStage(ChildProcessStage):
     def drain(self) -> None:
         if self.settings.reports:  # the objects are queued with the reports
             OutboxSender(self.settings, self.sessions, self.daemon_id).drain(self.should_stop)
+
+        def pending() -> int:
+            with self.sessions() as session:
+                return summary(session).counts[PENDING]
+
+        self.waiting = with_lock_retry(pending, should_stop=self.should_stop)

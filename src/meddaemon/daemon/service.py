@@ -160,6 +160,7 @@ class Daemon:
         #: the stages of the current (or last) run, in the order they turn
         self.stages: list[Stage] = []
         self.reports: ReportStage | None = None
+        self.outbox: OutboxStage | None = None
 
     @property
     def reporter(self) -> ChildProcess | None:
@@ -254,7 +255,7 @@ class Daemon:
             return bool(self.stage.served)
 
         self.reports = ReportStage(settings, self.sessions, me, stop, once, served) if settings.reports else None
-        outbox = OutboxStage(settings, self.sessions, me, stop, once) if settings.destination else None
+        self.outbox = outbox = OutboxStage(settings, self.sessions, me, stop, once) if settings.destination else None
         for child in (self.reports, outbox):
             if child is not None:
                 child.restarted = self.metrics.child_restarted
@@ -341,6 +342,8 @@ class Daemon:
                     stage.drain()
                 if self.reports is not None:
                     self.stats.unreported, self.stats.unreported_studies = self.reports.unreported
+                if self.outbox is not None:
+                    self.stats.outputs_waiting = self.outbox.waiting
         except StoppedWhileWaiting as exc:
             waiting_when_stopped = exc
             self.watchdog.stopping()
