@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,33 @@ def import_version(daemon: Daemon, folder: Path, promote: bool = True) -> int:
         if promote:
             registry.promote(session, row.task_name, row.version)
         return row.id
+
+
+@dataclass
+class DamagedVersion:
+    """busi/v2, imported whole, one byte of its weights changed since, promoted unverified (damaged
+    after its check, say): a daemon refuses it (``hash_mismatch``)."""
+
+    id: int
+    weights: Path
+    whole: bytes
+
+    def mend_and_promote_again(self, daemon: Daemon) -> None:
+        """Its weights as imported, verified and promoted again, as ``medcli models promote`` does."""
+        self.weights.write_bytes(self.whole)
+        verified = registry.verify_registered_copy(daemon.sessions, "busi", "v2", daemon.settings.state_dir)
+        with transaction(daemon.sessions) as session:
+            registry.promote(session, "busi", "v2", verified=verified)
+
+
+def promote_damaged_v2(daemon: Daemon, tmp_path: Path) -> DamagedVersion:
+    version_id = import_version(daemon, write_model(tmp_path / "busi_v2", version="v2"), promote=False)
+    weights = daemon.settings.models_dir / "busi" / "v2" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0x01]))
+    with transaction(daemon.sessions) as session:
+        registry.promote(session, "busi", "v2")
+    return DamagedVersion(version_id, weights, whole)
 
 
 def drop(inbox: Path, first: int, count: int, task: str = "busi") -> None:
@@ -255,11 +283,7 @@ def test_a_version_retired_while_its_refused_successor_is_active_stops_serving(m
 
     with running(daemon):
         until(lambda: "busi" in daemon.stage.served, what="v1 served")
-        v2 = import_version(daemon, write_model(tmp_path / "busi_v2", version="v2"), promote=False)
-        stored = daemon.settings.models_dir / "busi" / "v2" / "model.safetensors"
-        stored.write_bytes(stored.read_bytes()[:-1] + bytes([stored.read_bytes()[-1] ^ 0x01]))
-        with transaction(daemon.sessions) as session:
-            registry.promote(session, "busi", "v2")  # unverified: damaged after its check, say
+        v2 = promote_damaged_v2(daemon, tmp_path).id
         until(lambda: "refusing model busi/v2" in caplog.text, what="v2 refused")
         with transaction(daemon.sessions) as session:
             registry.retire(session, "busi", "v1")
@@ -286,12 +310,8 @@ def test_an_active_version_refused_while_its_predecessor_serves_is_named_and_tri
 
     with running(daemon):
         until(lambda: "busi" in daemon.stage.served, what="v1 served")
-        v2 = import_version(daemon, write_model(tmp_path / "busi_v2", version="v2"), promote=False)
-        stored = daemon.settings.models_dir / "busi" / "v2" / "model.safetensors"
-        whole = stored.read_bytes()
-        stored.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0x01]))
-        with transaction(daemon.sessions) as session:
-            registry.promote(session, "busi", "v2")  # unverified: damaged after its check, say
+        damaged = promote_damaged_v2(daemon, tmp_path)
+        v2 = damaged.id
         until(lambda: "refusing model busi/v2" in caplog.text, what="v2 refused")
 
         def refusal() -> str | None:
@@ -306,10 +326,7 @@ def test_an_active_version_refused_while_its_predecessor_serves_is_named_and_tri
             assert status_summary(session).refused_active_model["busi"]["version"] == "v2"
         assert daemon.stage.served["busi"].version_id != v2  # v1 serves on
 
-        stored.write_bytes(whole)  # mended, and promoted again
-        verified = registry.verify_registered_copy(daemon.sessions, "busi", "v2", daemon.settings.state_dir)
-        with transaction(daemon.sessions) as session:
-            registry.promote(session, "busi", "v2", verified=verified)
+        damaged.mend_and_promote_again(daemon)
         until(lambda: daemon.stage.served["busi"].version_id == v2, what="v2 served once promoted again")
         assert "model busi/v2 was promoted again since it was refused: trying it again" in caplog.text
         assert refusal() is None
@@ -340,17 +357,10 @@ def test_a_version_promoted_again_while_its_refused_load_was_in_flight_is_tried_
     import_version(daemon, write_model(tmp_path / "busi_v1", version="v1"))
     with running(daemon):
         until(lambda: "busi" in daemon.stage.served, what="v1 served")
-        v2 = import_version(daemon, write_model(tmp_path / "busi_v2", version="v2"), promote=False)
-        stored = daemon.settings.models_dir / "busi" / "v2" / "model.safetensors"
-        whole = stored.read_bytes()
-        stored.write_bytes(whole[:-1] + bytes([whole[-1] ^ 0x01]))
-        with transaction(daemon.sessions) as session:
-            registry.promote(session, "busi", "v2")
+        damaged = promote_damaged_v2(daemon, tmp_path)
+        v2 = damaged.id
         assert refusing.wait(30)
-        stored.write_bytes(whole)  # mended and promoted again while the refused load is in flight
-        verified = registry.verify_registered_copy(daemon.sessions, "busi", "v2", daemon.settings.state_dir)
-        with transaction(daemon.sessions) as session:
-            registry.promote(session, "busi", "v2", verified=verified)
+        damaged.mend_and_promote_again(daemon)  # while the refused load is in flight
         let_go.set()
         until(lambda: daemon.stage.served["busi"].version_id == v2, what="v2 tried again and served")
         with daemon.sessions() as session:
