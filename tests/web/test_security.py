@@ -394,6 +394,12 @@ def test_the_session_cookie_is_secure_when_the_console_is_reached_through_https(
                                follow_redirects=False)  # fmt: skip
         cookie = response.headers["set-cookie"]
         assert "HttpOnly" in cookie and ("; Secure" in cookie) is secure, cookie
+        # __Host-: kept to this host and scheme; a page on another port of the host cannot set it
+        assert cookie.startswith("__Host-meddaemon_session=" if secure else "meddaemon_session="), cookie
+        assert "Path=/" in cookie and "Domain" not in cookie, cookie
+        assert client.get("/models").url.path == "/models"  # signed in by it
+        signed_out = client.post("/logout", data={"csrf": csrf_of(client.get("/models").text)}, follow_redirects=False)
+        assert signed_out.headers["set-cookie"].startswith(cookie.split("=", 1)[0] + '=""'), signed_out.headers
         app.state.console.dispose()
 
 

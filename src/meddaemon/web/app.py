@@ -210,7 +210,7 @@ class SessionMiddleware(BaseHTTPMiddleware):
             request.state.session = None
             message = "Without users this console answers to loopback names only (localhost, 127.0.0.1, [::1])."
             return _headers(request, render(request, "error.html", 421, title="Wrong host", message=message))
-        session = signer.load(request.cookies.get(auth.COOKIE))
+        session = signer.load(request.cookies.get(auth.cookie_name(console.settings.web_secure_cookie)))
         fresh = False
         if policy.open_local:
             operator = auth.User(auth.LOCAL_OPERATOR, "admin")

@@ -264,11 +264,23 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8", "surrogateescape"), b.encode("utf-8", "surrogateescape"))
 
 
+def cookie_name(secure: bool) -> str:
+    """The session cookie's name: with ``web_secure_cookie``, ``__Host-`` first, which a browser
+    keeps to this host and scheme and never lets a page of another port of the host (whose http://
+    cookies it shares, ports aside) set or overwrite; without it, a cookie over plain HTTP can have no
+    such guard."""
+    return f"__Host-{COOKIE}" if secure else COOKIE
+
+
 def set_session_cookie(response: Response, value: str, secure: bool = False) -> None:
     """The session's signed cookie on ``response``: HttpOnly, ``COOKIE_SAME_SITE``, and Secure (sent
     over HTTPS only) with ``web_secure_cookie``, for a console reached through a TLS proxy, which the
     console itself cannot tell from plain HTTP."""
-    response.set_cookie(COOKIE, value, httponly=True, samesite=COOKIE_SAME_SITE, secure=secure)
+    response.set_cookie(cookie_name(secure), value, httponly=True, samesite=COOKIE_SAME_SITE, secure=secure, path="/")
+
+
+def delete_session_cookie(response: Response, secure: bool = False) -> None:
+    response.delete_cookie(cookie_name(secure), httponly=True, samesite=COOKIE_SAME_SITE, secure=secure, path="/")
 
 
 def throttle_key_of_name(name: str) -> str:

@@ -59,7 +59,7 @@ async def logout(request: Request) -> Response:
         raise HTTPException(403, "This form is out of date (CSRF check failed).")
     console.signer.end(request.state.session)
     response = RedirectResponse("/login" if console.policy.uses_login else "/", status_code=303)
-    response.delete_cookie(auth.COOKIE)
+    auth.delete_session_cookie(response, console.settings.web_secure_cookie)
     return response
 
 
