@@ -266,9 +266,8 @@ def _same(a: str, b: str) -> bool:
 
 def cookie_name(secure: bool) -> str:
     """The session cookie's name: with ``web_secure_cookie``, ``__Host-`` first, which a browser
-    keeps to this host and scheme and never lets a page of another port of the host (whose http://
-    cookies it shares, ports aside) set or overwrite; without it, a cookie over plain HTTP can have no
-    such guard."""
+    accepts only Secure, for this host alone and never set over plain HTTP, so that no http:// page
+    of another port of the host (browsers share cookies across ports) can set or overwrite it."""
     return f"__Host-{COOKIE}" if secure else COOKIE
 
 
