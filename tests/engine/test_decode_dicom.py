@@ -1040,6 +1040,21 @@ def test_a_jpeg2000_stream_that_aborts_gdcm_is_a_decode_error_and_the_process_li
     assert (child.returncode, child.stdout.strip()) == (0, "pixel_decode_error"), child.stderr[-2000:]
 
 
+def test_a_jpeg_baseline_stream_that_aborts_gdcm_is_a_decode_error_and_the_process_lives_on(tmp_path):
+    """One byte of pydicom's bundled JPEG baseline changed (the JFIF header's length): gdcm, tried
+    first for every syntax but JPEG 2000, aborted the daemon with ``workers = 0`` and ``medcli
+    dataset inspect`` (SIGABRT, exit 134)."""
+    raw = bytearray(Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")).read_bytes())  # type: ignore[arg-type]
+    start_of_image = raw.index(b"\xff\xd8\xff\xe0")
+    raw[start_of_image + 5] = 0x66  # the APP0 segment's length, 0x10
+    path = tmp_path / "damaged_jpeg.dcm"
+    path.write_bytes(bytes(raw))
+
+    child = subprocess.run([sys.executable, "-c", DECODE_IN_A_CHILD, str(path)], capture_output=True, text=True)
+
+    assert (child.returncode, child.stdout.strip()) == (0, "pixel_decode_error"), child.stderr[-2000:]
+
+
 def test_transfer_syntax_without_decoder_is_named_and_named_in_the_message(tmp_path):
     path = write_dicom(tmp_path / "mpeg.dcm")
     ds = dcmread(path)

@@ -35,7 +35,6 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000TransferSyntaxes,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLossless,
@@ -492,19 +491,19 @@ def _frame_index(ds: Dataset, frames: int, options: DecodeOptions, notes: list[s
     return index
 
 
-#: the plugins tried for JPEG 2000, in this order. gdcm, pydicom's first, is left out: on some damaged
-#: codestreams it throws a C++ exception nothing catches and the process aborts (the daemon itself
-#: where it decodes in its own process: ``workers = 0``, the console), where these two raise.
-_JPEG2000_PLUGINS = ("pylibjpeg", "pillow")
+#: the plugins tried, in this order, of those pydicom has for a transfer syntax. gdcm, pydicom's
+#: first, is left out: on some damaged codestreams (JPEG 2000, and a JPEG baseline whose one header
+#: byte is wrong) it throws a C++ exception nothing catches and the process aborts (the daemon itself
+#: where it decodes in its own process: ``workers = 0``, ``dataset inspect``, the console), where
+#: these raise. Pillow last: pylibjpeg's codecs are those pydicom's own tests hold it to.
+_PLUGINS = ("pylibjpeg", "pyjpegls", "pydicom", "pillow")
 
 
 def _plugins(decoder: Any, transfer_syntax: UID) -> list[str]:
-    """The plugins to try one after the other; ``""`` is pydicom's own choice among all it has."""
-    if transfer_syntax in JPEG2000TransferSyntaxes:
-        available = [p for p in _JPEG2000_PLUGINS if p in decoder.available_plugins]
-        if available:
-            return available
-    return [""]
+    """The plugins to try one after the other; ``""`` is pydicom's own choice, for a transfer syntax
+    none of ``_PLUGINS`` decodes (an uncompressed one, or a codec only gdcm has here)."""
+    available = [p for p in _PLUGINS if p in decoder.available_plugins]
+    return available or [""]
 
 
 def _decode_pixels(decoder: Any, ds: Dataset, index: int | None, transfer_syntax: UID) -> tuple[np.ndarray, dict]:
