@@ -367,6 +367,20 @@ def test_a_16_bit_voi_lut_shorter_than_its_descriptor_is_not_read_as_packed_byte
     assert_close(decoded.frames, ((pixels - pixels.min()) / float(pixels.max() - pixels.min()))[np.newaxis])
 
 
+def test_a_voi_lut_of_one_value_is_passed_over_for_min_max_as_a_window_of_width_0_is(tmp_path):
+    """Every entry equal: every pixel came out 0, and the scan was inferred on a black image."""
+    pixels = gradient(top=4095).astype(np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.LUTData = np.full(4096, 1234, "<u2").tobytes()
+    path = write_dicom(tmp_path / "lut.dcm", pixels=pixels, bits_stored=12, extra={"VOILUTSequence": Sequence([item])})
+
+    decoded = decode(path)
+
+    assert "VOI LUT unusable (every entry 1234): min-max used instead" in decoded.notes
+    assert_close(decoded.frames, ((pixels - pixels.min()) / float(pixels.max() - pixels.min()))[np.newaxis])
+
+
 def lut_item(first: int, table: np.ndarray) -> Dataset:
     """A Modality or VOI LUT Sequence item of 16-bit entries, its LUT Data as little-endian OW
     bytes (the factory swaps them for a big-endian file)."""

@@ -697,8 +697,12 @@ def _apply_voi(
     try:
         if _has_voi_lut(ds):
             first, table = read_lut(ds.VOILUTSequence[0], little_endian, values)
-            notes.append("VOI LUT applied")
-            return look_up(values, first, table), float(table.min()), float(table.max())
+            if table.min() != table.max():
+                notes.append("VOI LUT applied")
+                return look_up(values, first, table), float(table.min()), float(table.max())
+            # one value for every pixel: a black image, scored as a scan (as a window of width 0 is)
+            notes.append(f"VOI LUT unusable (every entry {table.min():g}): min-max used instead")
+            return _min_max(values, notes, padding)
         if _has_window(ds):
             windowing = _as_integer_pixels(ds)
             ends = apply_voi_lut(np.array([-np.inf, np.inf]), windowing, index=0)
@@ -709,6 +713,10 @@ def _apply_voi(
         notes.append(f"VOI transform unusable ({type(exc).__name__}): min-max used instead")
     else:
         notes.append("no VOI LUT or window: min-max used")
+    return _min_max(values, notes, padding)
+
+
+def _min_max(values: np.ndarray, notes: list[str], padding: np.ndarray | None) -> tuple[np.ndarray, float, float]:
     if padding is not None:
         notes.append("pixel padding left out of the min-max")
         return values, *finite_range(values[~padding])
