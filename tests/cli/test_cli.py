@@ -177,6 +177,12 @@ def test_a_once_run_whose_dicom_outputs_wait_for_their_destination_says_so(runne
     assert json.loads(result.stdout)["outputs_waiting"] == 1
     assert "1 DICOM outputs wait in the outbox for their destinations" in result.stderr
 
+    # with reports off a --once sends nothing (the outputs go with the reports): it says nothing of them either
+    config.write_text("reports = false\n" + config.read_text())
+    quiet = runner.invoke(meddaemon, once)
+    assert quiet.exit_code == 0, quiet.output
+    assert json.loads(quiet.stdout)["outputs_waiting"] == 0 and "wait in the outbox" not in quiet.stderr
+
 
 def test_start_creates_a_missing_watch_folder_when_asked(runner: CliRunner, dirs: list[str], tmp_path: Path):
     result = runner.invoke(meddaemon, ["start", *dirs, "--create-watch", "--once", "--workers", "0"])

@@ -179,6 +179,9 @@ def test_an_active_version_a_daemon_refused_is_shown_so_and_promoted_again_from_
     engine.dispose()
     page = client.get("/models").text
     assert 'id="refusal-busi-v2"' in page and "hash_mismatch: SYNTHETIC" in page and 'id="promote-busi-v2"' in page
+    confirm = client.get("/models/busi/v2/promote").text
+    assert "busi/v2 stays the active model of busi: a daemon refused it (hash_mismatch: SYNTHETIC)" in confirm
+    assert "goes back to registered" not in confirm
 
     again = client.post("/models/busi/v2/promote", data={"csrf": csrf, "confirm": "busi/v2"})
 

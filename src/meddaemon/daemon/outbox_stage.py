@@ -27,8 +27,9 @@ class OutboxStage(ChildProcessStage):
         return OutboxProcess(self.settings, self.daemon_id)
 
     def drain(self) -> None:
-        if self.settings.reports:  # the objects are queued with the reports
-            OutboxSender(self.settings, self.sessions, self.daemon_id).drain(self.should_stop)
+        if not self.settings.reports:  # the objects are queued with the reports: none sent here
+            return
+        OutboxSender(self.settings, self.sessions, self.daemon_id).drain(self.should_stop)
 
         def pending() -> int:
             with self.sessions() as session:
