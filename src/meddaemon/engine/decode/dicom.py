@@ -495,7 +495,7 @@ def _frame_index(ds: Dataset, frames: int, options: DecodeOptions, notes: list[s
 #: first, is left out: on some damaged codestreams (JPEG 2000, and a JPEG baseline whose one header
 #: byte is wrong) it throws a C++ exception nothing catches and the process aborts (the daemon itself
 #: where it decodes in its own process: ``workers = 0``, ``dataset inspect``, the console), where
-#: these raise. Pillow last: pylibjpeg's codecs are those pydicom's own tests hold it to.
+#: these raise. Otherwise pydicom's own order: each plugin tried after the one before raised.
 _PLUGINS = ("pylibjpeg", "pyjpegls", "pydicom", "pillow")
 
 
@@ -520,6 +520,11 @@ def _decode_pixels(decoder: Any, ds: Dataset, index: int | None, transfer_syntax
             raise
         except BaseException as exc:  # a Rust codec's panic too (pyo3's PanicException): it took the daemon down
             first_error = first_error or exc
+            if not isinstance(exc, Exception):
+                # a codec that panics met data its header contradicts (RLE segments longer than its
+                # rows): a laxer decoder after it would read part of them as the image, as pydicom's
+                # own choice, which stops at a panic, never did
+                break
     assert first_error is not None
     detail = " ".join(str(first_error).split())[:_MAX_ERROR_CHARS]
     raise ScanFailure(
